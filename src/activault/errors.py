@@ -1,0 +1,17 @@
+"""Errors a user can cause, each with a message that names the problem and the fix."""
+
+
+class ActivaultError(Exception):
+    """Base for every error that the CLI reports as one clear line (no traceback)."""
+
+
+class ConfigError(ActivaultError, ValueError):
+    """The configuration is invalid; the message names the field and the accepted values."""
+
+
+class StorageError(ActivaultError):
+    """The store cannot be reached, read or written; the message names the URI and the fix."""
+
+
+class FormatError(ActivaultError):
+    """A stored file is missing, truncated or corrupted; the message names the file."""
