@@ -15,3 +15,7 @@ class StorageError(ActivaultError):
 
 class FormatError(ActivaultError):
     """A stored file is missing, truncated or corrupted; the message names the file."""
+
+
+class NotFoundError(StorageError, FileNotFoundError):
+    """A key, file or folder does not exist in the store."""

@@ -1,0 +1,314 @@
+"""Hook names resolved against the model's own modules, capture of module inputs/outputs, and
+attention inputs that isolate the documents packed into one row."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from activault.errors import ConfigError
+
+# Per-block aliases: (module receiving the input, module producing the output), relative to the block.
+# BERT's feed-forward is split: `intermediate` (dense + act) then `output.dense` (before dropout,
+# residual and LayerNorm), so its MLP is "input of intermediate" -> "output of output.dense".
+_ALIASES: dict[str, list[tuple[str, str]]] = {
+    "attn": [
+        ("self_attn", "self_attn"),
+        ("attn", "attn"),
+        ("attention", "attention"),
+        ("self_attention", "self_attention"),
+    ],
+    "mlp": [
+        ("mlp", "mlp"),
+        ("feed_forward", "feed_forward"),
+        ("ffn", "ffn"),
+        ("intermediate", "output.dense"),
+    ],
+}
+_ALIAS_WORDS = {"self_attn": "attn", "attn": "attn", "attention": "attn", "mlp": "mlp"}
+_BLOCK_NAME = re.compile(r"^models\.layers\.(-?\d+)(?:\.(self_attn|attn|attention|mlp))?\.(pre|post)$")
+
+
+@dataclass(frozen=True)
+class HookSpec:
+    """One hook: where it attaches and what it records."""
+
+    name: str  # as the user wrote it; also the storage folder name
+    module: str  # resolved module path in model.named_modules()
+    kind: Literal["pre", "post"]  # module input or output
+    block: int | None  # index of the block it lives in (for truncation); None outside the blocks
+
+
+def n_layers(config: Any) -> int | None:
+    """Number of blocks the config declares (text config for multimodal models)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "num_hidden_layers", None)
+    return int(n) if n is not None else None
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of decoder/encoder blocks: its length is the config's layer count.
+
+    Among candidates of that length, the one with the most parameters wins (a list of per-layer
+    norms has the same length); without a layer count, the longest ModuleList.
+    """
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    n = n_layers(getattr(model, "config", None)) if hasattr(model, "config") else None
+    matching = [(name, m) for name, m in lists if len(m) == n] or lists
+    if not matching:
+        raise ConfigError(f"{type(model).__name__} has no ModuleList of blocks to hook")
+    return max(matching, key=lambda nm: (len(nm[1]), sum(p.numel() for p in nm[1].parameters())))
+
+
+def _block_index(i: int, n: int, name: str) -> int:
+    if not -n <= i < n:
+        raise ConfigError(f"hook {name!r}: layer {i} out of range, the model has {n} layers (0..{n - 1}, or -1 for the last)")
+    return i % n
+
+
+def _alias(block: nn.Module, word: str, kind: str) -> str | None:
+    """Path (relative to the block) of the module an alias names, or None."""
+    modules = dict(block.named_modules())
+    for pre, post in _ALIASES[_ALIAS_WORDS[word]]:
+        if pre in modules and post in modules:
+            return pre if kind == "pre" else post
+    return None
+
+
+def _normalize_path(path: str, blocks_path: str, n: int, name: str) -> tuple[str, int | None]:
+    """Rewrite a negative block index in a module path; return it with its block index."""
+    prefix = blocks_path + "."
+    if not path.startswith(prefix):
+        return path, None
+    head, _, rest = path[len(prefix) :].partition(".")
+    if not re.fullmatch(r"-?\d+", head):
+        return path, None
+    i = _block_index(int(head), n, name)
+    return prefix + str(i) + ("." + rest if rest else ""), i
+
+
+def example_names(model: nn.Module) -> list[str]:
+    """A few valid hook names for this model, for error messages and help."""
+    blocks_path, blocks = find_blocks(model)
+    last = len(blocks) - 1
+    out = [f"models.layers.{last}.post", "models.layers.0.pre"]
+    for word in ("self_attn", "mlp"):
+        if _alias(blocks[0], word, "post") is not None:
+            out += [f"models.layers.{last}.{word}.pre", f"models.layers.{last}.{word}.post"]
+    children = [c for c, _ in blocks[0].named_modules() if c][:4]
+    out += [f"{blocks_path}.{last}.{c}.post" for c in children]
+    return out
+
+
+def _unknown(model: nn.Module, name: str, why: str) -> ConfigError:
+    blocks_path, _ = find_blocks(model)
+    examples = ", ".join(example_names(model))
+    return ConfigError(
+        f"unknown hook {name!r}: {why}. Valid forms: 'models.layers.{{i}}.pre|post' (block input/output, "
+        f"the residual stream), 'models.layers.{{i}}.self_attn|mlp.pre|post' (attention / MLP input/output), "
+        f"or any module path of the model + '.pre|.post' (blocks are under {blocks_path!r}; list them with "
+        f"`model.named_modules()`); i may be negative. Examples for this model: {examples}"
+    )
+
+
+def resolve_hooks(model: nn.Module, names: list[str]) -> list[HookSpec]:
+    """Resolve user hook names to module paths of `model` (a skeleton is enough)."""
+    blocks_path, blocks = find_blocks(model)
+    n = len(blocks)
+    modules = dict(model.named_modules())
+    specs: list[HookSpec] = []
+    for name in names:
+        kind: Literal["pre", "post"]
+        m = _BLOCK_NAME.match(name)
+        if m:
+            i = _block_index(int(m.group(1)), n, name)
+            kind = "pre" if m.group(3) == "pre" else "post"
+            path = f"{blocks_path}.{i}"
+            if m.group(2):
+                rel = _alias(blocks[i], m.group(2), kind)
+                if rel is None:
+                    raise _unknown(model, name, f"block {path} has no {m.group(2)} module")
+                path += "." + rel
+            specs.append(HookSpec(name, path, kind, i))
+            continue
+        path, dot, suffix = name.rpartition(".")
+        if not dot or suffix not in ("pre", "post"):
+            raise _unknown(model, name, "a hook name ends in '.pre' (module input) or '.post' (module output)")
+        kind = "pre" if suffix == "pre" else "post"
+        path, block = _normalize_path(path, blocks_path, n, name)
+        if path not in modules:
+            raise _unknown(model, name, f"the model has no module {path!r}")
+        specs.append(HookSpec(name, path, kind, block))
+    if len({s.name for s in specs}) != len(specs):
+        raise ConfigError(f"hook names must be unique, got {names}")
+    return specs
+
+
+class _StopForward(Exception):
+    """Raised by the last needed hook: the rest of the forward (final norm, LM head) is skipped."""
+
+
+def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a
+    if isinstance(kwargs.get("hidden_states"), torch.Tensor):
+        return kwargs["hidden_states"]
+    for v in kwargs.values():
+        if isinstance(v, torch.Tensor):
+            return v
+    raise RuntimeError("hooked module received no tensor input")
+
+
+def _output_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) or hasattr(output, "to_tuple"):
+        return output[0]
+    raise RuntimeError(f"hooked module returned {type(output).__name__}, not a tensor")
+
+
+def is_causal_model(config: Any) -> bool:
+    """Decoder (causal attention) or encoder (bidirectional): decides the packed mask."""
+    from activault.model import is_causal_lm
+
+    return is_causal_lm(config)
+
+
+def _windows(config: Any) -> dict[str, int | None]:
+    """Sliding window per attention layer type of the model (None = full attention)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not types:
+        # Mistral-style: no layer types, every layer slides when sliding_window is set.
+        return {"sliding_attention" if window else "full_attention": window}
+    return {t: (window if t == "sliding_attention" else None) for t in dict.fromkeys(types)}
+
+
+def packed_attention_mask(
+    segment_ids: torch.Tensor, causal: bool, dtype: torch.dtype, window: int | None = None
+) -> torch.Tensor:
+    """Additive mask [B, 1, L, L] (0 = attend, dtype min = blocked) isolating packed documents.
+
+    A token attends to tokens of its own segment (causally for decoders, within `window` tokens
+    when sliding). Padding (segment 0) attends only to itself, so no query row is fully masked
+    and SDPA/softmax never produce NaN. Eager attention adds it to the scores; SDPA takes it as
+    a float `attn_mask`; transformers passes a 4D mask through unchanged.
+    """
+    L = segment_ids.shape[-1]
+    seg = segment_ids.long()
+    q = torch.arange(L, device=seg.device)
+    allowed = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] > 0)  # [B, Lq, Lk]
+    if causal:
+        allowed &= q[:, None] >= q[None, :]
+    if window is not None:
+        allowed &= (q[:, None] - q[None, :]).abs() < window
+    allowed |= torch.eye(L, dtype=torch.bool, device=seg.device)
+    zero = torch.zeros((), dtype=dtype, device=seg.device)
+    blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=seg.device)
+    return torch.where(allowed, zero, blocked)[:, None]
+
+
+def attention_inputs(model: nn.Module, segment_ids: torch.Tensor) -> Any:
+    """The `attention_mask` argument that isolates packed documents for this model.
+
+    eager / sdpa: a 4D additive mask (a dict per layer type for models that mix full and sliding
+    layers, e.g. Gemma2 and Qwen2, whose forward accepts such a mapping). flash_attention_2 and
+    other kernels: None; transformers then detects the packing from the position_ids restarts
+    and runs varlen attention per document (not testable on CPU).
+    """
+    config = model.config
+    if getattr(config, "_attn_implementation", "eager") not in ("eager", "sdpa"):
+        return None
+    dtype = model.get_input_embeddings().weight.dtype
+    causal = is_causal_model(config)
+    masks = {t: packed_attention_mask(segment_ids, causal, dtype, w) for t, w in _windows(config).items()}
+    return next(iter(masks.values())) if len(masks) == 1 else masks
+
+
+class Capture:
+    """Records the hooked modules' inputs/outputs during one forward; stops after the last one."""
+
+    def __init__(self, model: nn.Module, specs: list[HookSpec]):
+        self.model = model
+        self.specs = list(specs)
+        self._out: dict[str, torch.Tensor] = {}
+        self._handles: list[Any] = []
+        modules = dict(model.named_modules())
+        for spec in self.specs:
+            module = modules[spec.module]
+            if spec.kind == "pre":
+                h = module.register_forward_pre_hook(self._pre(spec.name), with_kwargs=True)
+            else:
+                h = module.register_forward_hook(self._post(spec.name))
+            self._handles.append(h)
+
+    def _store(self, name: str, t: torch.Tensor) -> None:
+        # Detached, not cloned: the models we run never modify a block's input or output in place
+        # (tests compare against cloned copies for every supported architecture), and the forward
+        # stops right after the last hook anyway.
+        if name not in self._out:
+            self._out[name] = t.detach()
+        if len(self._out) == len(self.specs):
+            raise _StopForward
+
+    def _pre(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self._store(name, _first_tensor(args, kwargs))
+
+        return hook
+
+    def _post(self, name: str) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            self._store(name, _output_tensor(output))
+
+        return hook
+
+    def __call__(
+        self, input_ids: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Activations [B, L, d] per hook name for a packed batch (segment 0 = padding)."""
+        device = self.model.get_input_embeddings().weight.device
+        input_ids, position_ids, segment_ids = (t.to(device) for t in (input_ids, position_ids, segment_ids))
+        self._out = {}
+        with torch.inference_mode():
+            mask = attention_inputs(self.model, segment_ids)
+            try:
+                self.model(
+                    input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False
+                )
+            except _StopForward:
+                pass
+        out, self._out = self._out, {}
+        missing = [s.name for s in self.specs if s.name not in out]
+        if missing:
+            raise RuntimeError(f"hooks {missing} did not fire during the forward pass")
+        return {s.name: out[s.name] for s in self.specs}
+
+    def close(self) -> None:
+        """Remove the torch hooks."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def __enter__(self) -> Capture:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def hook_dims(skeleton: nn.Module, specs: list[HookSpec], seq_len: int = 4) -> dict[str, int]:
+    """Last dimension of each hook's activation, from a forward on the meta device."""
+    device = skeleton.get_input_embeddings().weight.device
+    ids = torch.zeros(1, seq_len, dtype=torch.long, device=device)
+    pos = torch.arange(seq_len, device=device)[None]
+    seg = torch.ones(1, seq_len, dtype=torch.int32, device=device)
+    with Capture(skeleton, specs) as cap:
+        out = cap(ids, pos, seg)
+    return {name: int(t.shape[-1]) for name, t in out.items()}

@@ -1,0 +1,204 @@
+"""Loading the tokenizer and model (dtype, device map, memory caps), a weightless skeleton for
+validation, and truncation after the last hooked block."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from activault.errors import ConfigError
+from activault.hooks import HookSpec, find_blocks
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+DTYPES: dict[str, torch.dtype | str] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "auto": "auto",
+}
+# Families whose checkpoints are encoders (bidirectional attention) unless config.is_decoder.
+ENCODER_TYPES = {
+    "bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "distilbert", "albert", "electra", "camembert",
+    "deberta", "deberta-v2", "mpnet", "modernbert", "ernie", "nomic_bert", "megatron-bert", "esm",
+}  # fmt: skip
+
+
+def _opts(tcfg: Any) -> dict[str, Any]:
+    return {
+        "cache_dir": getattr(tcfg, "cache_dir", None),
+        **(getattr(tcfg, "kwargs", None) or {}),
+    }
+
+
+def _not_found(tcfg: Any, what: str, err: Exception) -> ConfigError:
+    return ConfigError(
+        f"model.model_name={tcfg.model_name!r}: cannot load the {what} ({type(err).__name__}: {err}). "
+        "Fix: give an existing local folder holding config.json and weights, or a hub id that is "
+        "already in model.cache_dir (or the Hugging Face cache), or download it first with "
+        "`hf download <id>`; pass trust_remote_code via model.kwargs if the model needs it."
+    )
+
+
+def _dtype(tcfg: Any) -> torch.dtype | str:
+    name = getattr(tcfg, "dtype", "auto") or "auto"
+    if name not in DTYPES:
+        raise ConfigError(f"model.dtype={name!r} is not supported; choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def load_tokenizer(tcfg: Any) -> PreTrainedTokenizerBase:
+    """The model's tokenizer (from model_name)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(tcfg.model_name, **_opts(tcfg))
+    except (OSError, ValueError) as err:
+        raise _not_found(tcfg, "tokenizer", err) from err
+
+
+def load_config(tcfg: Any) -> Any:
+    """The model's transformers config, with the requested attention implementation."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(tcfg.model_name, **_opts(tcfg))
+    except (OSError, ValueError) as err:
+        raise _not_found(tcfg, "config", err) from err
+    config._attn_implementation = getattr(tcfg, "attn_implementation", "sdpa") or "sdpa"
+    return config
+
+
+def is_causal_lm(config: Any) -> bool:
+    """True for decoders (AutoModelForCausalLM), False for encoders such as BERT (AutoModel)."""
+    if getattr(config, "is_decoder", False):
+        return True
+    archs = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return True
+    return getattr(config, "model_type", "") not in ENCODER_TYPES
+
+
+def _auto_class(config: Any) -> Any:
+    from transformers import AutoModel, AutoModelForCausalLM
+
+    return AutoModelForCausalLM if is_causal_lm(config) else AutoModel
+
+
+def _torch_dtype(tcfg: Any, config: Any) -> torch.dtype:
+    dtype = _dtype(tcfg)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(found, str):
+        found = getattr(torch, found, None)
+    return found if isinstance(found, torch.dtype) else torch.float32
+
+
+def load_skeleton(tcfg: Any) -> nn.Module:
+    """The model built from its config on the meta device (no weights): for hook names and dims."""
+    config = load_config(tcfg)
+    cls = _auto_class(config)
+    with torch.device("meta"):
+        model = cls.from_config(config, dtype=_torch_dtype(tcfg, config), **(getattr(tcfg, "kwargs", None) or {}))
+    return model.eval()
+
+
+def _device_map(tcfg: Any) -> dict[str, Any]:
+    device = getattr(tcfg, "device", "auto") or "auto"
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return {}
+    if device == "auto":
+        cap = getattr(tcfg, "max_per_device_memory", None)
+        out: dict[str, Any] = {"device_map": "auto"}
+        if cap:
+            out["max_memory"] = {i: cap for i in range(torch.cuda.device_count())}
+        return out
+    if device == "cuda" or device.startswith("cuda:"):
+        return {"device_map": {"": device}}
+    raise ConfigError(f"model.device={device!r}; choose 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+def keep_layers(specs: list[HookSpec], n: int) -> int:
+    """Blocks needed by the hooks: all of them when a hook is outside the blocks (e.g. final norm)."""
+    if not specs or any(s.block is None for s in specs):
+        return n
+    return max(s.block for s in specs if s.block is not None) + 1
+
+
+def _truncate_config(config: Any, keep: int) -> None:
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text.num_hidden_layers = keep
+    if getattr(text, "layer_types", None):
+        text.layer_types = list(text.layer_types[:keep])
+
+
+def truncate(model: nn.Module, specs: list[HookSpec]) -> nn.Module:
+    """Drop the blocks after the last hooked one and the LM head when no hook needs them."""
+    blocks_path, blocks = find_blocks(model)
+    n = len(blocks)
+    keep = keep_layers(specs, n)
+    if keep < n:
+        parent_path, _, attr = blocks_path.rpartition(".")
+        parent = model.get_submodule(parent_path)
+        setattr(parent, attr, nn.ModuleList(list(blocks)[:keep]))
+        _truncate_config(model.config, keep)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    hooked = [s.module for s in specs]
+    if head is not None and not isinstance(head, nn.Identity):
+        name = next(n for n, m in model.named_modules() if m is head)
+        if not any(h == name or h.startswith(name + ".") or name.startswith(h + ".") for h in hooked):
+            # With tied embeddings the weight stays alive through the input embedding: only the
+            # head module goes, the shared Parameter is untouched.
+            parent_path, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_path), attr, nn.Identity())
+    model.activault_layers = {"kept": min(keep, n), "of": n}  # type: ignore[assignment]
+    return model
+
+
+def load_model(tcfg: Any, hooks: list[HookSpec]) -> nn.Module:
+    """The model, eval and without grads, truncated after the last hooked block.
+
+    The config is truncated before loading, so weights of dropped blocks are never read or placed
+    on a device (transformers logs them as unused keys).
+    """
+    config = load_config(tcfg)
+    n = getattr(config.get_text_config(), "num_hidden_layers", None)
+    keep = keep_layers(hooks, n) if n is not None else None
+    if n is not None and keep is not None and keep < n:
+        _truncate_config(config, keep)
+    try:
+        model = _auto_class(config).from_pretrained(
+            tcfg.model_name, config=config, dtype=_dtype(tcfg), **_device_map(tcfg), **_opts(tcfg)
+        )
+    except OSError as err:
+        raise _not_found(tcfg, "model", err) from err
+    model.eval().requires_grad_(False)
+    truncate(model, hooks)
+    if n is not None:
+        model.activault_layers = {"kept": keep, "of": n}  # type: ignore[assignment]
+    return model
+
+
+def model_info(model: nn.Module) -> dict[str, Any]:
+    """Facts about the model stored with the run: name, architecture, dims, dtype."""
+    config: Any = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    _, blocks = find_blocks(model)
+    layers = getattr(model, "activault_layers", {"kept": len(blocks), "of": len(blocks)})
+    emb = model.get_input_embeddings()  # type: ignore[operator]
+    return {
+        "name": getattr(config, "_name_or_path", "") or type(model).__name__,
+        "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
+        "model_type": getattr(config, "model_type", ""),
+        "d_model": int(getattr(text, "hidden_size")),
+        "n_layers": int(layers["of"]),
+        "n_layers_kept": int(layers["kept"]),
+        "vocab_size": int(getattr(text, "vocab_size", 0) or 0),
+        "causal": is_causal_lm(config),
+        "attn_implementation": getattr(config, "_attn_implementation", None),
+        "dtype": str(emb.weight.dtype).removeprefix("torch."),
+    }
