@@ -1,0 +1,26 @@
+"""activault: collect, store and stream LLM activations for interpretability research."""
+
+__version__ = "0.2.0"
+
+__all__ = ["Config", "RCache", "S3RCache", "TokenLoader", "__version__", "collect", "load_config", "open_store"]
+
+
+def __getattr__(name: str):
+    # Lazy: `import activault` stays cheap (no torch or transformers until something is used).
+    if name in ("Config", "load_config"):
+        from . import config
+
+        return getattr(config, name)
+    if name == "collect":
+        from .collect import collect
+
+        return collect
+    if name == "open_store":
+        from .store import open_store
+
+        return open_store
+    if name in ("RCache", "S3RCache", "TokenLoader"):
+        from . import reader
+
+        return getattr(reader, name)
+    raise AttributeError(f"module 'activault' has no attribute {name!r}")

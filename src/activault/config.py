@@ -1,0 +1,225 @@
+"""The collection config: one typed tree, validated on construction. YAML is only its serialization.
+
+The original project's schema is accepted unchanged; fields added here all have defaults.
+Secrets never live in the config: credentials come from the environment at run time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+DTYPE_ALIASES = {
+    "float32": "float32", "fp32": "float32", "torch.float32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16", "torch.float16": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16", "torch.bfloat16": "bfloat16",
+    "auto": "auto",
+}  # fmt: skip
+MEMORY_RE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.IGNORECASE)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class TransformerConfig(_Section):
+    model_name: str = Field(min_length=1)
+    """Hub id or local folder of a `transformers` model (its tokenizer is loaded from the same place)."""
+    dtype: str = "bfloat16"
+    """Weights and stored activations: float32, float16, bfloat16 or auto (the checkpoint's)."""
+    cache_dir: str | None = None
+    """Where `transformers` caches downloaded weights."""
+    max_per_device_memory: str | None = None
+    """Cap on weights per GPU for the device map, e.g. "70GiB"; None lets transformers decide."""
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Passed to `from_pretrained` as they are (e.g. trust_remote_code, revision)."""
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
+    """Attention kernel; packed documents are isolated on each of them."""
+    device: str = "auto"
+    """auto (every visible GPU, else the CPU), cpu, cuda or cuda:N."""
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        key = str(v).strip().lower()
+        if key not in DTYPE_ALIASES:
+            raise ValueError(f"unknown dtype {v!r}; use one of float32, float16, bfloat16, auto")
+        return DTYPE_ALIASES[key]
+
+    @field_validator("max_per_device_memory")
+    @classmethod
+    def _memory(cls, v: str | None) -> str | None:
+        if v is not None and not MEMORY_RE.match(str(v)):
+            raise ValueError(f"{v!r} is not a memory size; write e.g. 70GiB or 80GB")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+            raise ValueError(f"unknown device {v!r}; use auto, cpu, cuda or cuda:N")
+        return v
+
+
+class DataConfig(_Section):
+    data_key: str = Field(min_length=1)
+    """A key of the dataset registry (datasets.json) or a local file/glob (.jsonl, .json, .parquet, .txt)."""
+    n_batches: int = Field(gt=0)
+    """Batches for the whole run; with num_runs machines, each collects its share."""
+    seq_length: int = Field(gt=0, le=1 << 20)
+    """Stored tokens per row."""
+    batch_size: int = Field(gt=0)
+    """Rows per forward pass."""
+    bucket_name: str | None = None
+    """S3 bucket used when `storage` is not given and S3 credentials are in the environment."""
+    seed: int = 42
+    """Seed of the document shuffle (with shuffle_buffer > 0)."""
+    skip_cache: bool = False
+    """Run the model and compute statistics but store no megabatches (a dry run of throughput)."""
+    start_batch: int = Field(default=0, ge=0)
+    """Batches of this machine's data to skip before collecting."""
+    clean_added_tokens: bool = False
+    """Drop BOS/EOS/pad and added special tokens from what is stored (they are still forwarded)."""
+    clean_default_system_prompt: bool = False
+    """Drop the system turn that the chat template inserts when a conversation has none."""
+    shuffle_buffer: int = Field(default=0, ge=0)
+    """Documents in the streaming shuffle buffer; 0 keeps the dataset's order."""
+    registry: str | None = None
+    """Path of a dataset registry JSON to use instead of the packaged datasets.json."""
+
+
+class UploadConfig(_Section):
+    batches_per_upload: int = Field(gt=0)
+    """Batches per megabatch file."""
+    hooks: list[str] = Field(min_length=1)
+    """Where to capture: `models.layers.{i}.{self_attn|mlp}.{pre|post}`, `models.layers.{i}.{pre|post}`
+    (residual stream), or any module path of the model with `.pre` (input) / `.post` (output)."""
+    max_pending: int = Field(default=2, ge=1)
+    """Megabatches per hook held in memory while they are written (the writer's queue bound)."""
+    write_threads: int = Field(default=4, ge=1)
+    """Concurrent file writes/uploads."""
+    price_per_gb_month: float = Field(default=0.023, ge=0)
+    """Storage price for the cost estimate (S3 Standard's first tier, USD)."""
+
+    @field_validator("hooks")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        dup = sorted({h for h in v if v.count(h) > 1})
+        if dup:
+            raise ValueError(f"hooks listed twice: {dup}")
+        bad = [h for h in v if not h or "/" in h or h.startswith(".")]
+        if bad:
+            raise ValueError(f"invalid hook names {bad}: no '/', no leading '.'")
+        return v
+
+
+class Config(_Section):
+    run_name: str = Field(min_length=1)
+    """Folder of this run under the storage root."""
+    num_runs: int = Field(default=1, ge=1)
+    """Machines sharing the collection; each runs with --machine i, 0 <= i < num_runs."""
+    storage: str | None = None
+    """Where to store: a path or file:// (local), or s3://bucket[/prefix]. See `resolve_storage`."""
+    transformer_config: TransformerConfig
+    data_config: DataConfig
+    upload_config: UploadConfig
+
+    @field_validator("run_name")
+    @classmethod
+    def _run_name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=-]*", v):
+            raise ValueError("use letters, digits, '.', '_', '=' and '-' (it becomes a folder name)")
+        return v
+
+    @model_validator(mode="after")
+    def _sizes(self) -> Config:
+        d = self.data_config
+        if d.n_batches < self.num_runs:
+            raise ValueError(
+                f"data_config.n_batches ({d.n_batches}) is less than num_runs ({self.num_runs}): "
+                "some machines would collect nothing"
+            )
+        return self
+
+    @property
+    def rows_per_file(self) -> int:
+        return self.data_config.batch_size * self.upload_config.batches_per_upload
+
+    def machine_batches(self, machine: int) -> int:
+        """Batches machine `machine` collects: n_batches split as evenly as possible."""
+        n, k = self.data_config.n_batches, self.num_runs
+        return n // k + (1 if machine < n % k else 0)
+
+    def machine_files(self, machine: int) -> int:
+        b = self.machine_batches(machine)
+        return -(-b // self.upload_config.batches_per_upload)
+
+    def to_public_dict(self) -> dict[str, Any]:
+        """The config as stored in cfg.json (no secrets are in the config by construction)."""
+        return self.model_dump(mode="json")
+
+
+def _format_error(e: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for err in e.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            msg = "unknown key; remove it or check its spelling (see configs/README.md)"
+        elif kind == "missing":
+            msg = "required key is missing"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            if "input" in err and kind not in ("value_error",):
+                msg += f" (got {err['input']!r})"
+        lines.append(f"  {loc}: {msg}")
+    return ConfigError(f"invalid config {source}:\n" + "\n".join(lines))
+
+
+def parse_config(data: dict[str, Any], source: str = "") -> Config:
+    """Validate a config mapping; any problem becomes one ConfigError listing every bad field."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config {source} must be a mapping of keys to values, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise _format_error(e, source) from None
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Config:
+    """Read and validate a YAML config file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist; pass an existing YAML file with --config (see configs/)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    for key, value in (overrides or {}).items():
+        data[key] = value
+    return parse_config(data, str(p))
+
+
+def resolve_storage(cfg: Config, override: str | None = None, env: dict[str, str] | None = None) -> str:
+    """Where a run is stored: --storage, then `storage`, then s3://{bucket} with S3 env, else ./vault."""
+    env = dict(os.environ if env is None else env)
+    if override:
+        return override
+    if cfg.storage:
+        return cfg.storage
+    if env.get("S3_ENDPOINT_URL") or env.get("AWS_ACCESS_KEY_ID"):
+        bucket = cfg.data_config.bucket_name or env.get("S3_BUCKET_NAME")
+        if not bucket:
+            raise ConfigError(
+                "S3 credentials are set but no bucket is named: set data_config.bucket_name or S3_BUCKET_NAME, "
+                "or pass --storage PATH for the local store"
+            )
+        return f"s3://{bucket}"
+    return "./vault"

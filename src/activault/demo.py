@@ -1,0 +1,76 @@
+"""`activault demo`: an offline, self-contained collection on a laptop CPU, then a look at the data."""
+
+from __future__ import annotations
+
+import logging
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from .config import Config, parse_config
+
+log = logging.getLogger(__name__)
+
+HOOKS = ["models.layers.1.post", "models.layers.2.mlp.post", "models.layers.3.self_attn.pre"]
+
+
+def demo_config(model_dir: Path, storage: str, run_name: str = "demo") -> Config:
+    corpus = resources.files("activault").joinpath("demo_corpus.jsonl")
+    return parse_config(
+        {
+            "run_name": run_name,
+            "num_runs": 1,
+            "storage": storage,
+            "transformer_config": {"model_name": str(model_dir), "dtype": "float32", "device": "cpu"},
+            "data_config": {
+                "data_key": str(corpus),
+                "n_batches": 12,
+                "seq_length": 128,
+                "batch_size": 8,
+                "seed": 0,
+                "clean_added_tokens": True,
+                "clean_default_system_prompt": True,
+            },
+            "upload_config": {"batches_per_upload": 4, "hooks": HOOKS},
+        },
+        "(demo)",
+    )
+
+
+def run_demo(storage: str = "./vault", workdir: str | None = None) -> None:
+    """Build a tiny model, collect into `storage`, read a megabatch back and print what it holds."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from .collect import collect
+    from .reader import RCache
+    from .tiny import build_tiny
+
+    model_dir = Path(workdir or Path(storage).expanduser() / ".demo-model")
+    if not (model_dir / "config.json").exists():
+        log.info("building a tiny Llama-style model and tokenizer in %s (no download)", model_dir)
+        build_tiny(model_dir, "llama", layers=4, d=64)
+    cfg = demo_config(model_dir, storage)
+    cfg_path = model_dir / "demo.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    log.info("config written to %s (run it yourself with: activault collect --config %s)", cfg_path, cfg_path)
+
+    result = collect(cfg)
+    hook = HOOKS[0]
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    with RCache(f"{result.destination}/{hook}", return_ids=True, shuffle=False) as cache:
+        batch = next(iter(cache))
+    states, ids, pos = batch["states"], batch["input_ids"], batch["positions"]
+    stats = result.stats[hook]
+    print(f"\nread back one megabatch of {result.destination}/{hook}")
+    print(f"  states     {list(states.shape)} {str(states.dtype).removeprefix('torch.')}")
+    print(f"  input_ids  {list(ids.shape)}")
+    print(f"  positions  {list(pos.shape)} (index of each token in its document)")
+    text = tok.decode(ids[0][pos[0] >= 0].tolist())
+    print(f"  row 0 text {text[:300]!r}{'...' if len(text) > 300 else ''}")
+    print(f"statistics of {hook} over {stats.count:,} tokens:")
+    print(f"  mean norm {stats.mean_norm:.4f}; |mean| {float(stats.mean.norm()):.4f}; mean std {float(stats.std.mean()):.4f}")
+    print(f"  value range in this megabatch [{float(states.min()):.3f}, {float(states.max()):.3f}], "
+          f"finite: {bool(torch.isfinite(states).all())}")
+    print(f"\n{result.files} files, {result.tokens:,} tokens, {result.bytes_written / 1e6:.1f} MB in {result.seconds:.1f}s")

@@ -1,0 +1,124 @@
+"""Background writing behind a bounded queue, with errors re-raised to the caller.
+
+The forward loop hands finished megabatches to `Writer.write` and goes on; threads write them
+to the store. Memory is bounded by `BufferPool`: the loop cannot fill a new megabatch buffer
+until a written one comes back, so when storage is slower than the model the model waits,
+and when it is faster nothing waits. A failed write is raised at the next `write`, `commit`,
+`flush` or `close`: the run stops with the error instead of losing data.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+
+import torch
+
+from .store import Buffer, Store
+
+
+class BufferPool:
+    """A fixed set of reusable host buffers; `acquire` blocks until one is free."""
+
+    def __init__(self, shape: Sequence[int], dtype: torch.dtype, count: int, pin: bool = False):
+        self._free: queue.Queue[torch.Tensor] = queue.Queue()
+        for _ in range(count):
+            self._free.put(torch.empty(tuple(shape), dtype=dtype, pin_memory=pin))
+        self.shape = tuple(shape)
+        self.dtype = dtype
+
+    def acquire(self, check: Callable[[], None] | None = None) -> torch.Tensor:
+        while True:
+            try:
+                return self._free.get(timeout=0.5)
+            except queue.Empty:
+                if check is not None:
+                    check()  # a failed write would otherwise leave us waiting for a buffer forever
+
+    def release(self, buf: torch.Tensor) -> None:
+        self._free.put(buf)
+
+
+class Writer:
+    """Writes objects on a thread pool and runs commit callbacks in submission order."""
+
+    def __init__(self, store: Store, threads: int = 4):
+        self.store = store
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="activault-write")
+        # One thread: commits (progress records) land in order, each after the data it counts.
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="activault-commit")
+        self._pending: set[Future[None]] = set()
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self.bytes_written = 0
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _track(self, fut: Future[None]) -> Future[None]:
+        with self._lock:
+            self._pending.add(fut)
+
+        def done(f: Future[None]) -> None:
+            with self._lock:
+                self._pending.discard(f)
+                if f.exception() is not None and self._error is None:
+                    self._error = f.exception()
+
+        fut.add_done_callback(done)
+        return fut
+
+    def write(self, key: str, parts: Sequence[Buffer], on_done: Callable[[], None] | None = None) -> Future[None]:
+        """Queue one object; `on_done` runs after it is written or has failed (e.g. to free a buffer)."""
+        self._check()
+
+        def run() -> None:
+            try:
+                self.store.put(key, parts)
+                with self._lock:
+                    self.bytes_written += sum(memoryview(p).nbytes for p in parts)
+            finally:
+                if on_done is not None:
+                    on_done()
+
+        return self._track(self._pool.submit(run))
+
+    def commit(self, after: Sequence[Future[None]], fn: Callable[[], None]) -> Future[None]:
+        """Run `fn` once every future in `after` succeeded and every earlier commit ran."""
+        self._check()
+
+        def run() -> None:
+            wait(after)
+            for f in after:
+                if f.exception() is not None:
+                    return  # the write's own error is what the caller sees
+            if self._error is None:
+                fn()
+
+        return self._track(self._committer.submit(run))
+
+    def flush(self) -> None:
+        """Wait for everything queued so far; raise the first error."""
+        while True:
+            with self._lock:
+                pending = list(self._pending)
+            if not pending:
+                break
+            wait(pending)
+        self._check()
+
+    def close(self) -> None:
+        """Finish queued work and stop the threads; raise the first error."""
+        try:
+            self.flush()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._committer.shutdown(wait=True, cancel_futures=True)
+
+    def abort(self) -> None:
+        """Stop without raising: drop queued work, wait for running writes to end."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._committer.shutdown(wait=True, cancel_futures=True)
