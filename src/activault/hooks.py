@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
@@ -31,7 +31,9 @@ _ALIASES: dict[str, list[tuple[str, str]]] = {
     ],
 }
 _ALIAS_WORDS = {"self_attn": "attn", "attn": "attn", "attention": "attn", "mlp": "mlp"}
-_BLOCK_NAME = re.compile(r"^models\.layers\.(-?\d+)(?:\.(self_attn|attn|attention|mlp))?\.(pre|post)$")
+_BLOCK_NAME = re.compile(
+    r"^models\.layers\.(-?\d+)(?:\.(self_attn|attn|attention|mlp))?\.(pre|post)$"
+)
 
 
 @dataclass(frozen=True)
@@ -67,7 +69,9 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 def _block_index(i: int, n: int, name: str) -> int:
     if not -n <= i < n:
-        raise ConfigError(f"hook {name!r}: layer {i} out of range, the model has {n} layers (0..{n - 1}, or -1 for the last)")
+        raise ConfigError(
+            f"hook {name!r}: layer {i} out of range, the model has {n} layers (0..{n - 1}, or -1 for the last)"
+        )
     return i % n
 
 
@@ -138,7 +142,9 @@ def resolve_hooks(model: nn.Module, names: list[str]) -> list[HookSpec]:
             continue
         path, dot, suffix = name.rpartition(".")
         if not dot or suffix not in ("pre", "post"):
-            raise _unknown(model, name, "a hook name ends in '.pre' (module input) or '.post' (module output)")
+            raise _unknown(
+                model, name, "a hook name ends in '.pre' (module input) or '.post' (module output)"
+            )
         kind = "pre" if suffix == "pre" else "post"
         path, block = _normalize_path(path, blocks_path, n, name)
         if path not in modules:
@@ -147,6 +153,11 @@ def resolve_hooks(model: nn.Module, names: list[str]) -> list[HookSpec]:
     if len({s.name for s in specs}) != len(specs):
         raise ConfigError(f"hook names must be unique, got {names}")
     return specs
+
+
+def _input_weight(model: nn.Module) -> torch.Tensor:
+    """The input embedding matrix: its device receives the inputs, its dtype is the model's."""
+    return cast(Any, model).get_input_embeddings().weight
 
 
 class _StopForward(Exception):
@@ -225,9 +236,11 @@ def attention_inputs(model: nn.Module, segment_ids: torch.Tensor) -> Any:
     config = model.config
     if getattr(config, "_attn_implementation", "eager") not in ("eager", "sdpa"):
         return None
-    dtype = model.get_input_embeddings().weight.dtype
+    dtype = _input_weight(model).dtype
     causal = is_causal_model(config)
-    masks = {t: packed_attention_mask(segment_ids, causal, dtype, w) for t, w in _windows(config).items()}
+    masks = {
+        t: packed_attention_mask(segment_ids, causal, dtype, w) for t, w in _windows(config).items()
+    }
     return next(iter(masks.values())) if len(masks) == 1 else masks
 
 
@@ -273,14 +286,19 @@ class Capture:
         self, input_ids: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         """Activations [B, L, d] per hook name for a packed batch (segment 0 = padding)."""
-        device = self.model.get_input_embeddings().weight.device
-        input_ids, position_ids, segment_ids = (t.to(device) for t in (input_ids, position_ids, segment_ids))
+        device = _input_weight(self.model).device
+        input_ids, position_ids, segment_ids = (
+            t.to(device) for t in (input_ids, position_ids, segment_ids)
+        )
         self._out = {}
         with torch.inference_mode():
             mask = attention_inputs(self.model, segment_ids)
             try:
                 self.model(
-                    input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False
+                    input_ids=input_ids,
+                    position_ids=position_ids,
+                    attention_mask=mask,
+                    use_cache=False,
                 )
             except _StopForward:
                 pass
@@ -305,7 +323,7 @@ class Capture:
 
 def hook_dims(skeleton: nn.Module, specs: list[HookSpec], seq_len: int = 4) -> dict[str, int]:
     """Last dimension of each hook's activation, from a forward on the meta device."""
-    device = skeleton.get_input_embeddings().weight.device
+    device = _input_weight(skeleton).device
     ids = torch.zeros(1, seq_len, dtype=torch.long, device=device)
     pos = torch.arange(seq_len, device=device)[None]
     seg = torch.ones(1, seq_len, dtype=torch.int32, device=device)

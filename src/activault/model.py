@@ -3,6 +3,9 @@ validation, and truncation after the last hooked block."""
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -14,6 +17,7 @@ from activault.hooks import HookSpec, find_blocks
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+_UNSET = object()
 DTYPES: dict[str, torch.dtype | str] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -103,7 +107,9 @@ def load_skeleton(tcfg: Any) -> nn.Module:
     config = load_config(tcfg)
     cls = _auto_class(config)
     with torch.device("meta"):
-        model = cls.from_config(config, dtype=_torch_dtype(tcfg, config), **(getattr(tcfg, "kwargs", None) or {}))
+        model = cls.from_config(
+            config, dtype=_torch_dtype(tcfg, config), **(getattr(tcfg, "kwargs", None) or {})
+        )
     return model.eval()
 
 
@@ -146,17 +152,46 @@ def truncate(model: nn.Module, specs: list[HookSpec]) -> nn.Module:
         parent = model.get_submodule(parent_path)
         setattr(parent, attr, nn.ModuleList(list(blocks)[:keep]))
         _truncate_config(model.config, keep)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if get_head is not None else None
     hooked = [s.module for s in specs]
     if head is not None and not isinstance(head, nn.Identity):
         name = next(n for n, m in model.named_modules() if m is head)
-        if not any(h == name or h.startswith(name + ".") or name.startswith(h + ".") for h in hooked):
+        if not any(
+            h == name or h.startswith(name + ".") or name.startswith(h + ".") for h in hooked
+        ):
             # With tied embeddings the weight stays alive through the input embedding: only the
             # head module goes, the shared Parameter is untouched.
             parent_path, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent_path), attr, nn.Identity())
     model.activault_layers = {"kept": min(keep, n), "of": n}  # type: ignore[assignment]
     return model
+
+
+@contextmanager
+def _ignoring_dropped_blocks(cls: Any, hooks: list[HookSpec], keep: int, n: int) -> Iterator[None]:
+    """Weights of dropped blocks load silently instead of being reported as "UNEXPECTED".
+
+    transformers reads the class attribute once per instance (in post_init), so it is set for
+    this load only; a subclass would lose the class's checkpoint key conversions.
+    """
+    spec = next(h for h in hooks if h.block is not None)
+    parts = spec.module.split(".")
+    blocks_path = ".".join(parts[: parts.index(str(spec.block))])
+    dropped = "|".join(str(i) for i in range(keep, n))
+    pattern = rf"(^|\.){re.escape(blocks_path)}\.({dropped})\."
+    before = cls.__dict__.get("_keys_to_ignore_on_load_unexpected", _UNSET)
+    cls._keys_to_ignore_on_load_unexpected = [
+        *(getattr(cls, "_keys_to_ignore_on_load_unexpected", None) or []),
+        pattern,
+    ]
+    try:
+        yield
+    finally:
+        if before is _UNSET:
+            del cls._keys_to_ignore_on_load_unexpected
+        else:
+            cls._keys_to_ignore_on_load_unexpected = before
 
 
 def load_model(tcfg: Any, hooks: list[HookSpec]) -> nn.Module:
@@ -170,12 +205,26 @@ def load_model(tcfg: Any, hooks: list[HookSpec]) -> nn.Module:
     keep = keep_layers(hooks, n) if n is not None else None
     if n is not None and keep is not None and keep < n:
         _truncate_config(config, keep)
+    auto = _auto_class(config)
+    quiet: Any = nullcontext()
+    if n is not None and keep is not None and keep < n and type(config) in auto._model_mapping:
+        quiet = _ignoring_dropped_blocks(auto._model_mapping[type(config)], hooks, keep, n)
     try:
-        model = _auto_class(config).from_pretrained(
-            tcfg.model_name, config=config, dtype=_dtype(tcfg), **_device_map(tcfg), **_opts(tcfg)
-        )
+        with quiet:
+            model = auto.from_pretrained(
+                tcfg.model_name,
+                config=config,
+                dtype=_dtype(tcfg),
+                **_device_map(tcfg),
+                **_opts(tcfg),
+            )
     except OSError as err:
         raise _not_found(tcfg, "model", err) from err
+    except ValueError as err:  # e.g. an attention implementation the architecture lacks
+        raise ConfigError(
+            f"model {tcfg.model_name!r} with attn_implementation={config._attn_implementation!r}: {err}. "
+            "Fix: choose another model.attn_implementation ('eager' works for every model)."
+        ) from err
     model.eval().requires_grad_(False)
     truncate(model, hooks)
     if n is not None:
@@ -194,7 +243,7 @@ def model_info(model: nn.Module) -> dict[str, Any]:
         "name": getattr(config, "_name_or_path", "") or type(model).__name__,
         "architecture": (getattr(config, "architectures", None) or [type(model).__name__])[0],
         "model_type": getattr(config, "model_type", ""),
-        "d_model": int(getattr(text, "hidden_size")),
+        "d_model": int(text.hidden_size),
         "n_layers": int(layers["of"]),
         "n_layers_kept": int(layers["kept"]),
         "vocab_size": int(getattr(text, "vocab_size", 0) or 0),

@@ -1,0 +1,315 @@
+"""End-to-end collection on the local store: stored data equals the model's, statistics are exact,
+runs are deterministic and resume byte-for-byte after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from activault.collect import collect
+from activault.config import parse_config
+from activault.data import encode_document, iter_documents, resolve_source
+from activault.format import decode
+
+CORPUS = str(resources.files("activault").joinpath("demo_corpus.jsonl"))
+
+
+def make_cfg(model: Path, storage: Path, **over):
+    data = {
+        "data_key": CORPUS,
+        "n_batches": 6,
+        "seq_length": 64,
+        "batch_size": 4,
+        "clean_added_tokens": True,
+        "clean_default_system_prompt": True,
+    }
+    data.update(over.pop("data", {}))
+    upload = {"batches_per_upload": 2, "hooks": ["models.layers.1.post", "models.layers.0.mlp.post"]}
+    upload.update(over.pop("upload", {}))
+    raw = {
+        "run_name": "run",
+        "storage": str(storage),
+        "transformer_config": {"model_name": str(model), "dtype": "float32", "device": "cpu"},
+        "data_config": data,
+        "upload_config": upload,
+    }
+    raw.update(over)
+    return parse_config(raw)
+
+
+def load_hook(root: Path, hook: str) -> dict[str, torch.Tensor]:
+    files = sorted((root / hook).glob("*.safetensors"))
+    parts = [decode((f).read_bytes(), f.name)[0] for f in files]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    """Every file of a run; cfg.json without its `storage` (the one thing that differs between copies)."""
+    out = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    if "cfg.json" in out:
+        rec = json.loads(out["cfg.json"])
+        rec["config"].pop("storage")
+        out["cfg.json"] = json.dumps(rec).encode()
+    return out
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model_dir):
+    return tiny_model_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def run(llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("vault")
+    cfg = make_cfg(llama, out)
+    result = collect(cfg, show_progress=False)
+    return cfg, out / "run", result
+
+
+def test_layout_and_shapes(run):
+    cfg, root, result = run
+    assert (root / "cfg.json").exists()
+    rec = json.loads((root / "cfg.json").read_text())
+    assert rec["num_runs"] == 1 and rec["hooks"] == cfg.upload_config.hooks
+    names = None
+    for hook in cfg.upload_config.hooks:
+        meta = json.loads((root / hook / "metadata.json").read_text())
+        assert meta["shape"] == [8, 64, 64] and meta["dtype"] == "float32"
+        files = sorted(p.name for p in (root / hook).glob("*.safetensors"))
+        assert names is None or files == names  # same file names in every hook folder
+        names = files
+        t = load_hook(root, hook)
+        assert t["states"].shape == (24, 64, 64)
+        assert t["input_ids"].shape == t["positions"].shape == (24, 64)
+    assert names == ["m00000-000000.safetensors", "m00000-000001.safetensors", "m00000-000002.safetensors"]
+    a, b = (load_hook(root, h) for h in cfg.upload_config.hooks)
+    assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["positions"], b["positions"])
+
+
+def _documents(cfg, tokenizer):
+    spec = resolve_source(CORPUS)
+    for doc in iter_documents(spec):
+        ids, keep = encode_document(doc, tokenizer, clean_added_tokens=True, clean_default_system_prompt=True)
+        if any(keep):
+            yield ids, keep
+
+
+def test_stored_states_equal_model_on_each_document_alone(run, llama):
+    """Invariants 1 and 2: each stored residual equals the block's output for its piece of document run
+    alone (a document split across rows continues in the next row with the context starting there)."""
+    cfg, root, _ = run
+    tok = AutoTokenizer.from_pretrained(llama)
+    model = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32).eval()
+    stored = load_hook(root, "models.layers.1.post")
+    S = cfg.data_config.seq_length
+    docs = _documents(cfg, tok)
+    doc_ids: list[int] = []
+    kept: list[int] = []
+    j, checked = 0, 0
+    for r in range(stored["positions"].shape[0]):
+        pos, ids, states = stored["positions"][r], stored["input_ids"][r], stored["states"][r]
+        t = 0
+        while t < S and pos[t] >= 0:
+            if j == len(kept):
+                doc_ids, keep = next(docs)
+                kept, j = [p for p, k in enumerate(keep) if k], 0
+            n = 0
+            while t + n < S and j + n < len(kept) and pos[t + n] == kept[j + n]:
+                n += 1
+            assert n > 0, f"row {r} token {t}: position {int(pos[t])} does not continue the document"
+            want_ids = torch.tensor([doc_ids[p] for p in kept[j : j + n]], dtype=torch.int32)
+            assert torch.equal(ids[t : t + n], want_ids)
+            start = 0 if j == 0 else kept[j]
+            with torch.no_grad():
+                inp = torch.tensor([doc_ids[start : kept[j + n - 1] + 1]])
+                hs = model(inp, output_hidden_states=True).hidden_states[2][0]
+            want = hs[[p - start for p in kept[j : j + n]]]
+            assert (states[t : t + n] - want).abs().max() < 1e-4, (r, t)
+            checked += 1
+            j, t = j + n, t + n
+    assert checked >= 10
+
+
+def test_statistics_equal_numpy_float64(run):
+    cfg, root, _ = run
+    for hook in cfg.upload_config.hooks:
+        t = load_hook(root, hook)
+        real = t["positions"].reshape(-1) >= 0
+        x = t["states"].reshape(-1, t["states"].shape[-1])[real].double().numpy()
+        st = json.loads((root / hook / "statistics.json").read_text())
+        assert st["count"] == len(x)
+        np.testing.assert_allclose(st["mean"], x.mean(0), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(st["std"], x.std(0), rtol=1e-6)
+        np.testing.assert_allclose(st["norm"], np.linalg.norm(x, axis=1).mean(), rtol=1e-6)
+        assert st["machines"] == [0]
+
+
+def test_cleaning_removes_special_tokens(run, llama):
+    _, root, _ = run
+    tok = AutoTokenizer.from_pretrained(llama)
+    ids = load_hook(root, "models.layers.1.post")["input_ids"]
+    assert not set(ids.unique().tolist()) & set(tok.all_special_ids)
+
+
+def test_same_config_gives_byte_identical_files(run, llama, tmp_path):
+    cfg, root, _ = run
+    collect(make_cfg(llama, tmp_path), show_progress=False)
+    assert tree_bytes(tmp_path / "run") == tree_bytes(root)
+
+
+def test_final_partial_megabatch_is_written(llama, tmp_path):
+    cfg = make_cfg(llama, tmp_path, data={"n_batches": 5})
+    r = collect(cfg, show_progress=False)
+    t = load_hook(tmp_path / "run", "models.layers.1.post")
+    assert r.files == 3 and t["states"].shape[0] == 20
+
+
+def test_data_running_out_ends_cleanly_with_padding(llama, tmp_path):
+    cfg = make_cfg(llama, tmp_path, data={"n_batches": 10_000, "seq_length": 256, "batch_size": 8},
+                   upload={"batches_per_upload": 4})
+    collect(cfg, show_progress=False)
+    t = load_hook(tmp_path / "run", "models.layers.1.post")
+    pos = t["positions"]
+    assert (pos[:-1] >= 0).all()  # only the last row may hold padding
+    pad = pos[-1] < 0
+    assert pad.any() and (t["states"][-1][pad] == 0).all()
+    st = json.loads((tmp_path / "run/models.layers.1.post/statistics.json").read_text())
+    assert st["count"] == int((pos >= 0).sum())
+
+
+def test_skip_cache_stores_no_megabatches(llama, tmp_path):
+    collect(make_cfg(llama, tmp_path, data={"skip_cache": True}), show_progress=False)
+    assert not list((tmp_path / "run").rglob("*.safetensors"))
+    assert (tmp_path / "run/models.layers.1.post/statistics.json").exists()
+
+
+def _cli(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "activault", *args], capture_output=True, text=True, **kw)
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_byte_identical(tiny_model_dir, tmp_path):
+    model = tiny_model_dir("llama")
+    over = {"data": {"n_batches": 24, "seq_length": 128, "batch_size": 8}, "upload": {"batches_per_upload": 1}}
+    ref = make_cfg(model, tmp_path / "ref", **over)
+    collect(ref, show_progress=False)
+    want = tree_bytes(tmp_path / "ref/run")
+
+    killed = make_cfg(model, tmp_path / "killed", **over)
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(killed.model_dump(mode="json")))
+    progress = tmp_path / "killed/run/progress/machine-00000.json"
+    kills = 0
+    for target in (2, 5, 9, 14):  # kill after this many files, then resume
+        proc = subprocess.Popen([sys.executable, "-m", "activault", "collect", "--config", str(path), "--quiet"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if json.loads(progress.read_text())["files_done"] >= target:
+                    break
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                pass
+            time.sleep(0.005)
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    assert kills >= 2, "the run finished before it could be killed; make it longer"
+    done = _cli("collect", "--config", str(path), "--quiet")
+    assert done.returncode == 0, done.stderr
+    got = tree_bytes(tmp_path / "killed/run")
+    assert sorted(got) == sorted(want)
+    assert [k for k in want if got[k] != want[k]] == []
+
+
+BAD = [
+    ({"run_name": "x", "bogus": 1}, "bogus: unknown key"),
+    ({"data_config": {"seq_length": -1}}, "data_config.seq_length"),
+    ({"data_config": {"batch_size": "many"}}, "data_config.batch_size"),
+    ({"transformer_config": {"dtype": "float8"}}, "unknown dtype 'float8'; use one of float32, float16, bfloat16, auto"),
+    ({"upload_config": {"hooks": []}}, "upload_config.hooks"),
+    ({"transformer_config": {"max_per_device_memory": "lots"}}, "is not a memory size"),
+    ({"num_runs": 4, "data_config": {"n_batches": 2}}, "less than num_runs"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD)
+def test_bad_config_gives_one_clear_message(llama, tmp_path, change, message):
+    raw = make_cfg(llama, tmp_path).model_dump(mode="json")
+    for k, v in change.items():
+        if isinstance(v, dict):
+            raw[k].update(v)
+        else:
+            raw[k] = v
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = _cli("collect", "--config", str(path))
+    assert out.returncode == 2
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_unknown_hook_lists_valid_names_before_loading_weights(llama, tmp_path):
+    cfg = make_cfg(llama, tmp_path, upload={"hooks": ["models.layers.99.mlp.post"]})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    out = _cli("collect", "--config", str(path))
+    assert out.returncode == 2 and "models.layers.99.mlp.post" in out.stderr
+    assert "models.layers.0.mlp.post" in out.stderr  # a valid example is offered
+    assert "Loading weights" not in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["collect", "--config", "/nonexistent.yaml"], "does not exist"),
+        (["collect", "--config", "{cfg}", "--machine", "3"], "--machine 3 is out of range"),
+        (["collect", "--config", "{cfg}", "--storage", "ftp://x/y"], "unsupported storage scheme"),
+    ],
+)
+def test_bad_invocation_messages(llama, tmp_path, args, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(make_cfg(llama, tmp_path).model_dump(mode="json")))
+    out = _cli(*[a.format(cfg=path) for a in args])
+    assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_bad_data_key(llama, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(make_cfg(llama, tmp_path, data={"data_key": "no-such-dataset"}).model_dump(mode="json")))
+    out = _cli("collect", "--config", str(path))
+    assert out.returncode == 2 and "no-such-dataset" in out.stderr and "edu" in out.stderr
+
+
+def test_shipped_configs_are_valid():
+    for p in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")):
+        parse_config(yaml.safe_load(p.read_text()), str(p))
+
+
+def test_configs_readme_documents_every_field():
+    from activault.config import Config, DataConfig, TransformerConfig, UploadConfig
+
+    text = Path(__file__).parent.parent.joinpath("configs/README.md").read_text()
+    for cls in (Config, TransformerConfig, DataConfig, UploadConfig):
+        for name, f in cls.model_fields.items():
+            assert f"`{name}`" in text or name.endswith("_config"), name
+            assert f.description, f"{cls.__name__}.{name} has no docstring"
+
+
+def test_demo_runs(tmp_path):
+    out = _cli("demo", "--storage", str(tmp_path / "vault"), timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "states" in out.stdout and "row 0 text" in out.stdout
+    assert (tmp_path / "vault/demo/models.layers.1.post/statistics.json").exists()

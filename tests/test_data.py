@@ -1,0 +1,555 @@
+"""Sources, chat repair, cleaning and packing: every property that a wrong batch would break."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections import Counter
+from importlib import resources
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from activault.data import (
+    Batch,
+    DataState,
+    encode_document,
+    iter_batches,
+    iter_documents,
+    repair_messages,
+    resolve_source,
+)
+from activault.errors import ConfigError
+from activault.tiny import build_tokenizer, demo_texts
+
+CORPUS = str(resources.files("activault").joinpath("demo_corpus.jsonl"))
+DEFAULT_SYSTEM = "<|im_start|>system\nYou are a tiny helpful model.<|im_end|>\n"
+CHAT = [
+    {"role": "user", "content": "What is a hook?"},
+    {"role": "assistant", "content": "A callback."},
+]
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tok")
+    build_tokenizer(path)
+    return path
+
+
+@pytest.fixture
+def tok(tok_dir):
+    return AutoTokenizer.from_pretrained(tok_dir)  # fresh per test: some tests change its template
+
+
+def cfg(data_key: str = CORPUS, **kw) -> SimpleNamespace:
+    base = dict(data_key=data_key, seq_length=48, batch_size=4, seed=0, shuffle_buffer=0)
+    return SimpleNamespace(**{**base, **kw})
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def corpus_rows() -> list[dict]:
+    return [json.loads(line) for line in Path(CORPUS).read_text().splitlines()]
+
+
+def doc_key(doc) -> str:
+    return json.dumps(doc, sort_keys=True)
+
+
+def reassemble(batches: list[Batch], seq_length: int) -> list[tuple[list[int], list[bool]]]:
+    """Documents rebuilt from the packed rows, checking the row invariants on the way."""
+    docs: list[tuple[list[int], list[bool]]] = []
+    for b in batches:
+        assert b.input_ids.dtype == torch.int64 and b.position_ids.dtype == torch.int64
+        assert b.segment_ids.dtype == torch.int32 and b.doc_positions.dtype == torch.int32
+        assert b.keep.dtype == torch.bool
+        for r in range(b.input_ids.shape[0]):
+            seg, keep, dpos = b.segment_ids[r], b.keep[r], b.doc_positions[r]
+            pos, ids = b.position_ids[r], b.input_ids[r]
+            assert int(keep.sum()) == seq_length
+            n = int((seg > 0).sum())
+            assert (seg[:n] > 0).all() and (seg[n:] == 0).all(), "padding only at the row's end"
+            assert (dpos[n:] == -1).all() and (pos[n:] == 0).all()
+            assert n > 0, "rows without a real token are not emitted"
+            n_seg = int(seg.max())
+            assert seg[:n].tolist() == sorted(seg[:n].tolist())
+            assert set(seg[:n].tolist()) == set(range(1, n_seg + 1))
+            for s in range(1, n_seg + 1):
+                m = seg == s
+                d = dpos[m].tolist()
+                assert pos[m].tolist() == list(range(len(d))), "positions restart per segment"
+                assert d == list(range(d[0], d[0] + len(d))), "doc positions are contiguous"
+                if d[0] == 0:
+                    docs.append(([], []))
+                else:  # a split document continues as the first segment of the next row
+                    assert s == 1
+                    assert d[0] == len(docs[-1][0])
+                assert keep[m][0] or d[0] == 0, "a continued piece starts with a stored token"
+                docs[-1][0].extend(ids[m].tolist())
+                docs[-1][1].extend(keep[m].tolist())
+    return docs
+
+
+def expected_docs(tok, data_cfg, **doc_kw) -> list[tuple[list[int], list[bool]]]:
+    spec = resolve_source(data_cfg.data_key)
+    clean = dict(
+        clean_added_tokens=getattr(data_cfg, "clean_added_tokens", True),
+        clean_default_system_prompt=getattr(data_cfg, "clean_default_system_prompt", True),
+    )
+    out = []
+    for doc in iter_documents(
+        spec, seed=data_cfg.seed, shuffle_buffer=data_cfg.shuffle_buffer, **doc_kw
+    ):
+        ids, keep = encode_document(doc, tok, **clean)
+        if any(keep):
+            out.append((ids, keep))
+    return out
+
+
+# ---------------------------------------------------------------- packing
+
+
+@pytest.mark.parametrize(
+    "clean,seq_length",
+    [(True, 48), (False, 48), (True, 7), (True, 400)],
+    ids=["clean", "raw", "short", "long"],
+)
+def test_packing_reproduces_every_document(tok, clean, seq_length):
+    c = cfg(seq_length=seq_length, clean_added_tokens=clean, clean_default_system_prompt=clean)
+    batches = list(iter_batches(c, tok))
+    docs = reassemble(batches, seq_length)
+    assert docs == expected_docs(tok, c)
+    assert all(len(b.keep) == 4 for b in batches[:-1])
+    width = [
+        int((~b.keep[r] & (b.segment_ids[r] > 0)).sum()) + seq_length
+        for b in batches
+        for r in range(len(b.keep))
+    ]
+    assert [b.input_ids.shape[1] for b in batches] == [
+        max(width[i : i + 4]) for i in range(0, len(width), 4)
+    ], "forward length is seq_length plus the row's cleaned tokens"
+    if not clean:
+        assert all(b.input_ids.shape[1] == seq_length for b in batches)
+
+
+def test_split_documents_and_padding_at_the_end(tok):
+    c = cfg(seq_length=16, batch_size=3)
+    batches = list(iter_batches(c, tok))
+    assert any(b.state.token_offset > 0 for b in batches), "some documents are split across batches"
+    continued = [b.doc_positions[r, 0] > 0 for b in batches for r in range(len(b.keep))]
+    assert sum(continued) > 10
+    last = batches[-1]
+    assert last.state.exhausted and not any(b.state.exhausted for b in batches[:-1])
+    assert last.state.docs_done == len(list(iter_documents(resolve_source(CORPUS))))
+    row = last.keep.shape[0] - 1
+    stored_pad = last.keep[row] & (last.doc_positions[row] == -1)
+    assert int(last.keep[row].sum()) == 16
+    assert (last.input_ids[row][stored_pad] == tok.pad_token_id).all()
+    assert (last.segment_ids[row][stored_pad] == 0).all()
+    assert list(iter_batches(c, tok, state=last.state)) == []
+
+
+def test_last_batch_may_be_short_and_padding_is_stored(tmp_path, tok):
+    path = write_jsonl(tmp_path / "few.jsonl", [{"text": "one two three"}, {"text": "four"}])
+    batches = list(iter_batches(cfg(str(path), seq_length=64, batch_size=4), tok))
+    assert len(batches) == 1 and batches[0].keep.shape == (1, 66), "64 stored + 2 cleaned BOS"
+    b = batches[0]
+    real = int((b.segment_ids[0] > 0).sum())
+    assert int(b.keep[0].sum()) == 64 and (b.doc_positions[0, real:] == -1).all()
+    assert b.state == DataState(2, 0, True)
+
+
+def test_empty_documents_are_skipped_but_counted(tmp_path, tok):
+    rows: list[dict] = [
+        {"text": ""},
+        {"text": "alpha beta"},
+        {"text": ""},
+        {"messages": []},
+        {"text": "gamma"},
+        {"text": ""},
+    ]
+    path = write_jsonl(tmp_path / "e.jsonl", rows)
+    assert len(list(iter_documents(resolve_source(str(path))))) == 5, "an empty chat is no document"
+    batches = list(iter_batches(cfg(str(path), seq_length=4, batch_size=1), tok))
+    assert batches[-1].state == DataState(5, 0, True)
+    assert len(reassemble(batches, 4)) == 2
+
+
+def test_resume_from_every_batch_is_bitwise_equal(tmp_path, tok):
+    rows = corpus_rows()
+    path = write_jsonl(tmp_path / "small.jsonl", rows[:40] + [r for r in rows if "messages" in r])
+    c = cfg(str(path), seq_length=40, batch_size=3, shuffle_buffer=20, seed=3)
+    batches = list(iter_batches(c, tok))
+    assert any(b.state.token_offset > 0 for b in batches)
+
+    def same(a: Batch, b: Batch) -> bool:
+        keys = ("input_ids", "position_ids", "segment_ids", "keep", "doc_positions")
+        return a.state == b.state and all(torch.equal(getattr(a, k), getattr(b, k)) for k in keys)
+
+    for i, b in enumerate(batches):
+        state = DataState.from_dict(json.loads(json.dumps(b.state.to_dict())))
+        resumed = list(itertools.islice(iter_batches(c, tok, state=state), 2))
+        assert len(resumed) == len(batches[i + 1 : i + 3])
+        assert all(same(x, y) for x, y in zip(resumed, batches[i + 1 : i + 3], strict=True))
+    for i in (0, len(batches) // 2):
+        rest = list(iter_batches(c, tok, state=batches[i].state))
+        assert len(rest) == len(batches) - i - 1 and all(map(same, rest, batches[i + 1 :]))
+
+
+def test_deterministic_and_seeded(tok):
+    a = list(iter_batches(cfg(shuffle_buffer=64, seed=1), tok))
+    b = list(iter_batches(cfg(shuffle_buffer=64, seed=1), tok))
+    c = list(iter_batches(cfg(shuffle_buffer=64, seed=2), tok))
+    assert all(torch.equal(x.input_ids, y.input_ids) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x.input_ids, y.input_ids) for x, y in zip(a, c, strict=False))
+
+
+# ---------------------------------------------------------------- sharding by machine
+
+
+@pytest.fixture
+def three_files(tmp_path) -> str:
+    rows = corpus_rows()
+    for i in range(3):
+        write_jsonl(tmp_path / f"part-{i}.jsonl", rows[i::3])
+    return str(tmp_path / "part-*.jsonl")
+
+
+@pytest.mark.parametrize("source", ["one_file", "three_files"])
+@pytest.mark.parametrize("num_runs", [1, 2, 3])
+def test_machines_cover_every_document_once(request, tok, source, num_runs):
+    key = CORPUS if source == "one_file" else request.getfixturevalue("three_files")
+    spec = resolve_source(key)
+    everything = Counter(doc_key(d) for d in iter_documents(spec))
+    shares = [
+        Counter(
+            doc_key(d)
+            for d in iter_documents(spec, machine=m, num_runs=num_runs, shuffle_buffer=16)
+        )
+        for m in range(num_runs)
+    ]
+    assert sum(shares, Counter()) == everything
+    assert all(shares), "every machine gets documents"
+    c = cfg(key, shuffle_buffer=16)
+    packed = []
+    for m in range(num_runs):
+        batches = list(iter_batches(c, tok, machine=m, num_runs=num_runs))
+        packed += reassemble(batches, c.seq_length)
+        assert batches[-1].state.exhausted
+    assert Counter(doc_key(d) for d in packed) == Counter(doc_key(d) for d in expected_docs(tok, c))
+
+
+def test_three_files_on_three_machines_split_by_file(tok, three_files):
+    spec = resolve_source(three_files)
+    files = sorted(Path(three_files).parent.glob("part-*.jsonl"))
+    for m, f in enumerate(files):
+        mine = list(iter_documents(spec, machine=m, num_runs=3))
+        assert mine == list(iter_documents(resolve_source(str(f))))
+
+
+def test_machine_out_of_range(tok):
+    with pytest.raises(ConfigError, match="machine 3"):
+        iter_documents(resolve_source(CORPUS), machine=3, num_runs=3)
+
+
+# ---------------------------------------------------------------- cleaning
+
+
+def kept_text(tok, ids, keep) -> str:
+    return tok.decode([i for i, k in zip(ids, keep, strict=True) if k])
+
+
+def test_plain_text_bos_is_cleaned(tok):
+    text = demo_texts()[0]
+    ids, keep = encode_document(
+        text, tok, clean_added_tokens=True, clean_default_system_prompt=True
+    )
+    assert ids[0] == tok.bos_token_id and keep == [False] + [True] * (len(ids) - 1)
+    assert kept_text(tok, ids, keep) == text
+    _, keep = encode_document(text, tok, clean_added_tokens=False, clean_default_system_prompt=True)
+    assert all(keep)
+
+
+def test_default_system_prompt_is_cleaned_exactly(tok):
+    rendered = tok.apply_chat_template(CHAT, tokenize=False)
+    assert DEFAULT_SYSTEM in rendered
+    ids, keep = encode_document(
+        CHAT, tok, clean_added_tokens=False, clean_default_system_prompt=True
+    )
+    assert ids == tok(rendered, add_special_tokens=False)["input_ids"]
+    assert kept_text(tok, ids, keep) == rendered.replace(DEFAULT_SYSTEM, "")
+    ids, keep = encode_document(
+        CHAT, tok, clean_added_tokens=True, clean_default_system_prompt=True
+    )
+    assert kept_text(tok, ids, keep) == "user\nWhat is a hook?\nassistant\nA callback.\n"
+    ids, keep = encode_document(
+        CHAT, tok, clean_added_tokens=False, clean_default_system_prompt=False
+    )
+    assert all(keep)
+
+
+def test_explicit_system_prompt_is_kept(tok):
+    chat = [{"role": "system", "content": "Be brief."}, *CHAT]
+    ids, keep = encode_document(
+        chat, tok, clean_added_tokens=False, clean_default_system_prompt=True
+    )
+    assert all(keep) and "Be brief." in kept_text(tok, ids, keep)
+    ids, keep = encode_document(
+        chat, tok, clean_added_tokens=True, clean_default_system_prompt=True
+    )
+    assert kept_text(tok, ids, keep).startswith("system\nBe brief.\nuser\n")
+
+
+def test_llama3_style_default_system_prompt(tok):
+    tok.add_special_tokens(
+        {"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
+    )
+    block = "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n\n<|eot_id|>"
+    tok.chat_template = (
+        "{{ bos_token }}{% if messages[0]['role'] != 'system' %}"
+        + block.replace("\n", "\\n").join(["{{ '", "' }}"])
+        + "{% endif %}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+        "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    )
+    rendered = tok.apply_chat_template(CHAT, tokenize=False)
+    assert rendered.startswith("<s>" + block)
+    ids, keep = encode_document(
+        CHAT, tok, clean_added_tokens=False, clean_default_system_prompt=True
+    )
+    assert kept_text(tok, ids, keep) == rendered.replace(block, "")
+    chat = [{"role": "system", "content": "Be brief."}, *CHAT]
+    _, keep = encode_document(chat, tok, clean_added_tokens=False, clean_default_system_prompt=True)
+    assert all(keep)
+
+
+def test_template_without_default_system_is_untouched(tok):
+    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    _, keep = encode_document(CHAT, tok, clean_added_tokens=False, clean_default_system_prompt=True)
+    assert all(keep)
+
+
+def test_failing_template_falls_back_with_a_warning(tok, caplog):
+    tok.chat_template = "{{ raise_exception('no chats here') }}"
+    with caplog.at_level(logging.WARNING, logger="activault.data"):
+        ids, keep = encode_document(
+            CHAT, tok, clean_added_tokens=True, clean_default_system_prompt=True
+        )
+    assert "no chats here" in caplog.text
+    assert kept_text(tok, ids, keep) == "user: What is a hook?\n\nassistant: A callback."
+
+
+# ---------------------------------------------------------------- chat repair
+
+
+@pytest.mark.parametrize(
+    "raw,expected",
+    [
+        (
+            [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}],
+            [("user", "hi"), ("assistant", "hello")],
+        ),
+        (
+            [
+                {"role": "assistant", "content": "a"},
+                {"role": "user", "content": "b"},
+                {"role": "user", "content": "c"},
+            ],
+            [("user", "b\n\nc")],
+        ),
+        (
+            [
+                {"role": "user", "content": None},
+                {"role": "user", "content": [{"type": "text", "text": "x"}, "y"]},
+            ],
+            [("user", "x\ny")],
+        ),
+        (
+            [
+                {"role": "system", "content": "s"},
+                {"role": "assistant", "content": "a"},
+                {"role": "user", "content": "u"},
+                {"role": "system", "content": "late"},
+                {"role": "tool", "content": "t"},
+                {"role": "assistant", "content": 3},
+            ],
+            [("system", "s"), ("user", "u")],
+        ),
+        ([{"role": "system", "content": "only"}], []),
+        ("not a list", []),
+        ([None, 5, {"role": "user"}], []),
+    ],
+)
+def test_repair_messages(raw, expected):
+    assert [(m["role"], m["content"]) for m in repair_messages(raw)] == expected
+
+
+def test_malformed_chats_do_not_crash(tmp_path, tok):
+    rows: list[dict] = [
+        {
+            "conversations": [
+                {"from": "gpt", "value": "first"},
+                {"from": "human", "value": "q"},
+                {"from": "gpt", "value": "a"},
+            ]
+        },
+        {"conversations": [{"from": "human", "value": None}]},
+        {"conversations": [{"from": "human", "value": "q1"}, {"from": "human", "value": "q2"}]},
+        {
+            "conversations": [
+                {"from": "system", "value": "s"},
+                {"from": "gpt", "value": "a"},
+                {"from": "human", "value": "q"},
+            ]
+        },
+    ]
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    docs = list(iter_documents(resolve_source(str(path))))
+    assert len(docs) == 3
+    batches = list(iter_batches(cfg(str(path), seq_length=8), tok))
+    assert len(reassemble(batches, 8)) == 3 and batches[-1].state == DataState(3, 0, True)
+
+
+# ---------------------------------------------------------------- sources
+
+
+def test_local_sources(tmp_path):
+    (tmp_path / "a.txt").write_text("first paragraph\nstill first\n\nsecond\n\n\nthird\n")
+    assert list(iter_documents(resolve_source(str(tmp_path / "a.txt")))) == [
+        "first paragraph\nstill first",
+        "second",
+        "third",
+    ]
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = corpus_rows()
+    columns = {k: [r.get(k) for r in rows] for k in ("text", "messages")}
+    pq.write_table(pa.Table.from_pydict(columns), tmp_path / "c.parquet")
+    from_jsonl = list(iter_documents(resolve_source(CORPUS)))
+    assert list(iter_documents(resolve_source(str(tmp_path / "c.parquet")))) == from_jsonl
+    texts = [d for d in from_jsonl if isinstance(d, str)]
+    assert texts == demo_texts() and len(from_jsonl) - len(texts) == 4
+
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for i in range(2):
+        write_jsonl(parts / f"p{i}.jsonl", rows[i * 10 : i * 10 + 10])
+    for key in (str(parts / "p*.jsonl"), str(parts)):
+        spec = resolve_source(key)
+        assert spec.data_files is not None and len(spec.data_files) == 2
+        assert list(iter_documents(spec)) == from_jsonl[:20]
+    (parts / "x.txt").write_text("mixed")
+    with pytest.raises(ConfigError, match="mixed"):
+        resolve_source(str(parts))
+
+
+def test_unknown_key_and_missing_file_are_config_errors():
+    with pytest.raises(ConfigError) as e:
+        resolve_source("fineweb-typo")
+    assert "'fineweb-typo'" in str(e.value) and "edu" in str(e.value) and "smoltalk" in str(e.value)
+    assert "registry" in str(e.value)
+    with pytest.raises(ConfigError, match="nope.jsonl"):
+        resolve_source("/nonexistent/nope.jsonl")
+    with pytest.raises(ConfigError, match="registry"):
+        resolve_source("edu", registry="/nonexistent/registry.json")
+
+
+def test_packaged_registry():
+    reg = json.loads(resources.files("activault").joinpath("datasets.json").read_text())
+    assert set(reg) == {
+        "edu",
+        "web-instruct",
+        "infinity-instruct",
+        "lmsys",
+        "smoltalk",
+        "s1.1",
+        "qwq_cot",
+    }
+    specs = {k: resolve_source(k) for k in reg}
+    assert specs["edu"].kind == "text" and specs["edu"].name == "sample-100BT"
+    assert all(s.kind == "chat" for k, s in specs.items() if k != "edu")
+    assert specs["lmsys"].filters == {"language": "English"}
+    assert (
+        specs["infinity-instruct"].name == "0625"
+        and specs["infinity-instruct"].messages == "conversations"
+    )
+
+
+def test_custom_registry_columns_templates_and_filters(tmp_path, tok):
+    qa = write_jsonl(
+        tmp_path / "qa.jsonl",
+        [
+            {"question": "q1", "answer": "a1", "lang": "en"},
+            {"question": "q2", "answer": None, "lang": "fr"},
+        ],
+    )
+    chats = write_jsonl(
+        tmp_path / "chats.jsonl",
+        [
+            {"conversation": [{"role": "user", "content": "hi"}], "language": lang}
+            for lang in ("English", "German", "English")
+        ],
+    )
+    registry = {
+        "qa": {
+            "path": "json",
+            "data_files": str(qa),
+            "kind": "chat",
+            "turns": [["user", "{question}"], ["assistant", "{answer}"]],
+        },
+        "qa-text": {
+            "path": "json",
+            "data_files": [str(qa)],
+            "kind": "text",
+            "template": "Q: {question}\nA: {answer}",
+        },
+        "en": {
+            "path": "json",
+            "data_files": str(chats),
+            "kind": "chat",
+            "messages": "conversation",
+            "filters": {"language": "English"},
+        },
+        "bad": {"path": "json", "colour": "blue"},
+    }
+    reg = write_jsonl(tmp_path / "reg.json", [])
+    reg.write_text(json.dumps(registry))
+    docs = list(iter_documents(resolve_source("qa", registry=str(reg))))
+    assert docs == [
+        [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"}],
+        [{"role": "user", "content": "q2"}],
+    ]
+    assert list(iter_documents(resolve_source("qa-text", registry=str(reg)))) == ["Q: q1\nA: a1"]
+    assert len(list(iter_documents(resolve_source("en", registry=str(reg))))) == 2
+    en = resolve_source("en", registry=str(reg))
+    assert sum(len(list(iter_documents(en, machine=m, num_runs=2))) for m in range(2)) == 2
+    with pytest.raises(ConfigError, match="colour"):
+        resolve_source("bad", registry=str(reg))
+    batches = list(iter_batches(cfg("qa", registry=str(reg), seq_length=8), tok))
+    assert batches[-1].state.exhausted
+
+
+def test_data_state_round_trip():
+    s = DataState(docs_done=7, token_offset=3)
+    assert DataState.from_dict(s.to_dict()) == s and DataState.from_dict({}) == DataState()
+
+
+def test_encode_document_repairs_raw_chats(tok):
+    raw = [{"from": "gpt", "value": "x"}, {"from": "human", "value": "What is a hook?"}]
+    raw += [{"from": "gpt", "value": "A callback."}]
+    assert encode_document(raw, tok, clean_added_tokens=True, clean_default_system_prompt=True) == (
+        encode_document(CHAT, tok, clean_added_tokens=True, clean_default_system_prompt=True)
+    )
+    assert encode_document([], tok, clean_added_tokens=True, clean_default_system_prompt=True) == (
+        [],
+        [],
+    )
