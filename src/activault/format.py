@@ -71,7 +71,7 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     flat = t.reshape(-1)
     if flat.dtype == torch.bool:
         flat = flat.view(torch.uint8)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
 def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> list[memoryview]:
@@ -98,7 +98,7 @@ def encoded_size(parts: list[memoryview]) -> int:
     return sum(p.nbytes for p in parts)
 
 
-def read_header(buf: bytes | memoryview, name: str) -> tuple[dict[str, Any], int]:
+def read_header(buf: bytes | bytearray | memoryview, name: str) -> tuple[dict[str, Any], int]:
     """The parsed header and the offset where tensor data starts; validates sizes."""
     mv = memoryview(buf)
     if mv.nbytes < 8:

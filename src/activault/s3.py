@@ -1,10 +1,19 @@
-"""S3-compatible object storage through obstore (Rust `object_store`: releases the GIL, parallel parts)."""
+"""S3-compatible object storage through obstore (Rust `object_store`: releases the GIL, parallel parts).
+
+Every request is retried by object_store on 5xx, 429 (throttling), timeouts and connection resets,
+with exponential backoff and jitter; this covers single PUTs and each part of a multipart upload
+(tests/test_s3.py proves it through a fault-injecting proxy). A multipart upload that still fails
+is aborted by object_store (DELETE ?uploadId) before the error reaches us. Secrets never leave the
+client: messages name the endpoint, bucket and key only.
+"""
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlparse
 
 import obstore
 from obstore.exceptions import BaseError
@@ -15,13 +24,62 @@ from .errors import NotFoundError, StorageError
 from .store import Buffer, Entry, Store, _as_parts, _join, parse_s3_uri, s3_settings
 
 # Parts of 16 MiB: one connection to AWS moves ~90 MB/s, so 8 parts in flight fill a 5 Gbit/s NIC.
+# Memory per upload is bounded by PART_CONCURRENCY parts in flight (128 MiB) besides the object.
 PART_SIZE = 16 << 20
 PART_CONCURRENCY = 8
 MULTIPART_THRESHOLD = 32 << 20
+# Data requests: a 16 MiB part at a slow 2 MB/s still finishes in 8 s; 10 retries with backoff
+# capped at 15 s ride out a server restart or a minute of throttling before the run stops.
+TIMEOUT = "120s"
+CONNECT_TIMEOUT = "5s"
+MAX_RETRIES = 10
+RETRY_TIMEOUT = timedelta(minutes=5)
+# check() must answer in seconds: an unreachable endpoint is a configuration error, not an outage.
+CHECK_TIMEOUT = "10s"
+CHECK_CONNECT_TIMEOUT = "2s"
+CHECK_RETRIES = 1
+# AWS charges for data leaving a region (internet egress, first tier, USD per GB).
+AWS_EGRESS_PER_GB = 0.09
+
+
+def _retry(max_retries: int, total: timedelta) -> dict[str, Any]:
+    # object_store's backoff is "decorrelated jitter" (AWS's recommendation): random in [init, last*base].
+    return {
+        "max_retries": max_retries,
+        "retry_timeout": total,
+        "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=15), "base": 2},
+    }
+
+
+def is_local_endpoint(endpoint: str) -> bool:
+    """Whether an endpoint is this machine or a private network (no transfer costs, no egress)."""
+    if not endpoint:
+        return False
+    host = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}").hostname or ""
+    if host == "localhost" or host.endswith(".localhost") or host.endswith(".local") or host.endswith(".internal"):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_private or ip.is_link_local
+
+
+def is_aws_endpoint(endpoint: str) -> bool:
+    host = urlparse(endpoint).hostname or "" if endpoint else ""
+    return not endpoint or host.endswith(".amazonaws.com")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0] if text else type(e).__name__
+    for noise in ("Generic S3 error: ", "Generic S3 error:"):
+        line = line.replace(noise, "")
+    return line.strip()
 
 
 class S3Store(Store):
-    """`s3://bucket/prefix` on any S3-compatible endpoint (AWS, R2, MinIO, Ceph, moto, ...)."""
+    """`s3://bucket/prefix` on any S3-compatible endpoint (AWS, R2, MinIO, Ceph, moto, s3rver, ...)."""
 
     def __init__(
         self,
@@ -29,82 +87,139 @@ class S3Store(Store):
         *,
         env: dict[str, str] | None = None,
         unsigned: bool | None = None,
-        max_retries: int = 10,
-        timeout: str = "120s",
+        max_retries: int | None = None,
+        timeout: str | None = None,
+        part_size: int | None = None,
+        multipart_threshold: int | None = None,
+        part_concurrency: int | None = None,
         **_: Any,
     ):
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.uri = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
         settings = s3_settings(env)
         self.endpoint = settings.get("endpoint", "")
+        self.region = settings.get("region", "us-east-1")
+        self._has_key = "access_key_id" in settings
+        self._has_secret = "secret_access_key" in settings
         if unsigned is None:
-            unsigned = "access_key_id" not in settings
+            unsigned = not self._has_key
         self.unsigned = unsigned
-        config: dict[str, Any] = {k: v for k, v in settings.items()}
-        config.setdefault("region", "us-east-1")
+        # Module constants are read here, not as defaults, so tests and benchmarks can tune them.
+        self.part_size = part_size or PART_SIZE
+        self.multipart_threshold = multipart_threshold or MULTIPART_THRESHOLD
+        self.part_concurrency = part_concurrency or PART_CONCURRENCY
+        self._config: dict[str, Any] = dict(settings)
+        self._config["region"] = self.region
         if unsigned:
-            config = {k: v for k, v in config.items() if k in ("endpoint", "region")}
-            config["skip_signature"] = True
-        client: dict[str, Any] = {"timeout": timeout, "connect_timeout": "10s"}
+            self._config = {k: v for k, v in self._config.items() if k in ("endpoint", "region")}
+            self._config["skip_signature"] = True
+        self._store = self._client(timeout or TIMEOUT, CONNECT_TIMEOUT, _retry(max_retries if max_retries is not None else MAX_RETRIES, RETRY_TIMEOUT))
+
+    def _client(self, timeout: str, connect_timeout: str, retry: dict[str, Any]) -> _ObS3Store:
+        client: dict[str, Any] = {"timeout": timeout, "connect_timeout": connect_timeout}
         if self.endpoint.startswith("http://"):
             client["allow_http"] = True
-        retry = {
-            "max_retries": max_retries,
-            "retry_timeout": timedelta(minutes=5),
-            "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=15), "base": 2},
-        }
-        self._store = _ObS3Store(
+        return _ObS3Store(
             self.bucket,
             prefix=self.prefix or None,
             client_options=client,
             retry_config=retry,  # type: ignore[arg-type]
-            **config,
+            **self._config,
         )
+
+    def __repr__(self) -> str:  # never the credentials
+        return f"S3Store({self.uri!r}, endpoint={self.endpoint or 'AWS'!r})"
+
+    @property
+    def where(self) -> str:
+        return self.endpoint or f"AWS ({self.region})"
 
     def _err(self, e: Exception, key: str, action: str) -> StorageError:
         where = self.url(key)
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if isinstance(e, _ObNotFound, FileNotFoundError):
+        if isinstance(e, (_ObNotFound, FileNotFoundError)):
             return NotFoundError(f"{where} does not exist")
-        return StorageError(f"cannot {action} {where}: {msg}")
+        return StorageError(f"cannot {action} {where} at {self.where}: {_first_line(e)}")
 
-    def check(self) -> None:
-        try:
-            obstore.list_with_delimiter(self._store, None)
-        except (BaseError, OSError) as e:
-            text = str(e)
-            if "NoSuchBucket" in text or "bucket does not exist" in text.lower():
-                raise StorageError(
-                    f"bucket {self.bucket!r} does not exist at {self.endpoint or 'AWS'}; create it or set S3_BUCKET_NAME / --storage"
-                ) from None
-            if any(s in text for s in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403")):
-                raise StorageError(
-                    f"access to s3://{self.bucket} was refused: check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
-                ) from None
+    def check(self, write: bool = False) -> None:
+        """Fail in seconds with one precise message: credentials, endpoint, bucket, write access."""
+        if self._has_key and not self._has_secret:
+            raise StorageError("AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not: set both (or neither, to read a public bucket)")
+        if self._has_secret and not self._has_key:
+            raise StorageError("AWS_SECRET_ACCESS_KEY is set but AWS_ACCESS_KEY_ID is not: set both")
+        if write and self.unsigned:
             raise StorageError(
-                f"cannot reach s3://{self.bucket} at {self.endpoint or 'AWS'}: {text.splitlines()[0]}; "
-                "check S3_ENDPOINT_URL and the network"
-            ) from None
+                f"no S3 credentials for writing to {self.uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(and S3_ENDPOINT_URL for a non-AWS endpoint), or pass --storage PATH for the local store"
+            )
+        fast = self._client(CHECK_TIMEOUT, CHECK_CONNECT_TIMEOUT, _retry(CHECK_RETRIES, timedelta(seconds=10)))
+        probe = ".activault-write-check"
+        try:
+            obstore.list_with_delimiter(fast, None)
+            if write:
+                obstore.put(fast, probe, b"ok", use_multipart=False)
+                obstore.delete(fast, probe)
+        except (BaseError, OSError) as e:
+            raise self._check_error(e, write) from None
+
+    def _check_error(self, e: BaseException, write: bool) -> StorageError:
+        text = str(e)
+        low = text.lower()
+        if "NoSuchBucket" in text or "bucket does not exist" in low or "specified bucket" in low:
+            return StorageError(
+                f"bucket {self.bucket!r} does not exist at {self.where}: create it, or name an existing one "
+                "with S3_BUCKET_NAME, data_config.bucket_name or --storage s3://BUCKET"
+            )
+        if any(s in text for s in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "401")):
+            what = "writing to" if write else "reading"
+            return StorageError(
+                f"{self.where} refused {what} s3://{self.bucket} with these credentials: check AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary credentials)"
+            )
+        if any(s in low for s in ("connect", "dns", "timed out", "timeout", "reset", "refused", "error sending request")):
+            return StorageError(
+                f"cannot reach the S3 endpoint {self.where}: {_first_line(e)}; check S3_ENDPOINT_URL "
+                "(http:// or https://, host and port) and the network"
+            )
+        return StorageError(f"cannot use s3://{self.bucket} at {self.where}: {_first_line(e)}")
+
+    def cost_notes(self, nbytes: int) -> list[str]:
+        """Warnings for the job summary: data leaves this machine (and, read back from AWS, the region)."""
+        if is_local_endpoint(self.endpoint):
+            return []
+        gb = nbytes / 1e9
+        if is_aws_endpoint(self.endpoint):
+            return [
+                f"uploading {gb:,.1f} GB to AWS S3 ({self.region}) over the network; uploads are free, but reading "
+                f"it back outside {self.region} costs egress (~${AWS_EGRESS_PER_GB}/GB: ~${gb * AWS_EGRESS_PER_GB:,.2f} "
+                "per full read); train in the same region to avoid it"
+            ]
+        host = urlparse(self.endpoint).hostname or self.endpoint
+        return [
+            f"uploading {gb:,.1f} GB to the remote endpoint {host}; check its transfer, request and egress "
+            "prices, and its bandwidth from here"
+        ]
 
     def put(self, key: str, data: Buffer | Sequence[Buffer]) -> None:
         parts = _as_parts(data)
         total = sum(p.nbytes for p in parts)
         try:
-            if total <= MULTIPART_THRESHOLD:
+            if total <= self.multipart_threshold:
                 body = parts[0] if len(parts) == 1 else b"".join(parts)
                 obstore.put(self._store, key, body, use_multipart=False)
             else:
-                # Multipart: parts upload in parallel; a failed upload is aborted by object_store.
+                # Parts upload in parallel, each retried on its own; on failure object_store aborts
+                # the upload, so no hidden parts are left to pay for.
                 obstore.put(
                     self._store,
                     key,
                     iter(parts),
                     use_multipart=True,
-                    chunk_size=PART_SIZE,
-                    max_concurrency=PART_CONCURRENCY,
+                    chunk_size=self.part_size,
+                    max_concurrency=self.part_concurrency,
                 )
         except (BaseError, OSError) as e:
-            raise self._err(e, key, "upload") from None
+            err = self._err(e, key, "upload")
+            raise StorageError(f"{err}; fix the cause and run the same command again to resume") from None
 
     def get(self, key: str) -> memoryview:
         try:
@@ -142,7 +257,7 @@ class S3Store(Store):
             raise self._err(e, prefix, "list") from None
         return sorted(out, key=lambda e: e.key)
 
-    def list_dir(self, prefix: str = "") -> tuple[list[str], list[Entry]]:
+    def list_dir(self, prefix: str = "") -> tuple[builtins.list[str], builtins.list[Entry]]:
         try:
             res = obstore.list_with_delimiter(self._store, prefix.strip("/") or None)
         except (BaseError, OSError) as e:

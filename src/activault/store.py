@@ -8,6 +8,7 @@ multipart upload).
 
 from __future__ import annotations
 
+import builtins
 import os
 import uuid
 from abc import ABC, abstractmethod
@@ -59,15 +60,20 @@ class Store(ABC):
         """Every object under `prefix` (recursive), sorted by key."""
 
     @abstractmethod
-    def list_dir(self, prefix: str = "") -> tuple[list[str], list[Entry]]:
+    def list_dir(self, prefix: str = "") -> tuple[builtins.list[str], builtins.list[Entry]]:
         """Immediate sub-folders (names) and objects directly under `prefix`."""
 
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove one object (no error if it is already gone)."""
 
-    def check(self) -> None:
-        """Fail now, with a clear message, if the store cannot be reached or written."""
+    @abstractmethod
+    def check(self, write: bool = False) -> None:
+        """Fail now, with a clear message, if the store cannot be reached (or, with `write`, written)."""
+
+    def cost_notes(self, nbytes: int) -> list[str]:
+        """Warnings about moving `nbytes` to this store (remote endpoints, egress); none for local."""
+        return []
 
     def url(self, key: str = "") -> str:
         return f"{self.uri.rstrip('/')}/{key}" if key else self.uri
@@ -106,7 +112,7 @@ class LocalStore(Store):
             raise StorageError(f"key {key!r} escapes the store root {self.root}")
         return self.root / key if key else self.root
 
-    def check(self) -> None:
+    def check(self, write: bool = False) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -191,7 +197,7 @@ class LocalStore(Store):
                     continue
         return sorted(out, key=lambda e: e.key)
 
-    def list_dir(self, prefix: str = "") -> tuple[list[str], list[Entry]]:
+    def list_dir(self, prefix: str = "") -> tuple[builtins.list[str], builtins.list[Entry]]:
         base = self._path(prefix)
         dirs, files = [], []
         try:

@@ -1,0 +1,136 @@
+"""Collection throughput against its limits, measured in one run on one machine.
+
+1. tokens/s of the hooked forward pass alone (same batches, same truncated model) vs a full
+   collection to the local store (data, capture, cleaning, statistics, background writes): goal >= 0.95.
+2. The writer alone (synthetic megabatches through Writer + format.encode) vs plain sequential
+   writes of the same bytes to the same disk (same fsync + rename per file): goal >= 0.9.
+
+Usage: python bench/collect.py [--out bench/out/collect.json] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from activault.collect import collect
+from activault.config import parse_config
+from activault.data import iter_batches
+from activault.format import encode, file_name
+from activault.hooks import Capture, resolve_hooks
+from activault.model import load_model, load_skeleton, load_tokenizer
+from activault.store import LocalStore
+from activault.tiny import build_tiny
+from activault.writer import BufferPool, Writer
+
+HOOKS = ["models.layers.3.post", "models.layers.5.mlp.post"]
+
+
+def forward_alone(cfg, batches) -> float:
+    """Tokens/s of the hooked, truncated forward over pre-built batches."""
+    tc = cfg.transformer_config
+    specs = resolve_hooks(load_skeleton(tc), cfg.upload_config.hooks)
+    model = load_model(tc, specs)
+    with Capture(model, specs) as cap:
+        cap(batches[0].input_ids, batches[0].position_ids, batches[0].segment_ids)  # warm-up
+        t0 = time.perf_counter()
+        for b in batches:
+            cap(b.input_ids, b.position_ids, b.segment_ids)
+        dt = time.perf_counter() - t0
+    return sum(int(b.keep.sum()) for b in batches) / dt
+
+
+def bench_collect(work: Path, quick: bool) -> dict:
+    model_dir = work / "model"
+    build_tiny(model_dir, "llama", layers=8, d=512)
+    corpus = str(resources.files("activault").joinpath("demo_corpus.jsonl"))
+    n = 8 if quick else 24
+    raw = {
+        "run_name": "bench",
+        "transformer_config": {"model_name": str(model_dir), "dtype": "float32", "device": "cpu"},
+        "data_config": {"data_key": corpus, "n_batches": n, "seq_length": 256, "batch_size": 8},
+        "upload_config": {"batches_per_upload": 2, "hooks": HOOKS},
+    }
+    cfg = parse_config(raw)
+    tok = load_tokenizer(cfg.transformer_config)
+    batches = list(iter_batches(cfg.data_config, tok))[:n]
+    alone, full = [], []
+    for i in range(2):  # interleaved, so drift on a shared machine hits both sides
+        alone.append(forward_alone(cfg, batches))
+        r = collect(cfg, storage=str(work / f"vault{i}"), show_progress=False)
+        full.append(r.tokens / r.seconds)
+    a, b = statistics.median(alone), statistics.median(full)
+    return {"forward_tok_s": a, "collect_tok_s": b, "ratio": b / a, "tokens": n * 8 * 256,
+            "model": "llama d=512, 8 layers (2 hooks, truncated after block 5), fp32, CPU"}
+
+
+def bench_writer(work: Path, quick: bool) -> dict:
+    files, rows, seq, d = (6 if quick else 16), 16, 256, 4096  # 32 MiB of bf16 states per file
+    states = torch.randn(rows, seq, d).to(torch.bfloat16)
+    ids = torch.randint(0, 50000, (rows, seq), dtype=torch.int32)
+    pos = torch.arange(seq, dtype=torch.int32).repeat(rows, 1)
+    parts = encode({"states": states, "input_ids": ids, "positions": pos}, {"format": "activault"})
+    blob = b"".join(parts)
+    nbytes = len(blob) * files
+
+    def plain(root: Path) -> float:
+        root.mkdir(parents=True)
+        t0 = time.perf_counter()
+        for k in range(files):
+            tmp, dst = root / f".{k}.tmp", root / f"{k}.bin"
+            with open(tmp, "wb") as f:
+                f.write(blob)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dst)
+        return nbytes / (time.perf_counter() - t0)
+
+    def through_writer(root: Path) -> float:
+        store = LocalStore(root)
+        writer = Writer(store, threads=4)
+        pool = BufferPool(states.shape, states.dtype, count=3)
+        t0 = time.perf_counter()
+        for k in range(files):
+            buf = pool.acquire(writer._check)
+            buf.copy_(states)  # the collect loop's copy into a host buffer
+            p = encode({"states": buf, "input_ids": ids, "positions": pos}, {"format": "activault"})
+            writer.write(f"run/h/{file_name(0, k)}", p, on_done=lambda b=buf: pool.release(b))
+        writer.close()
+        return nbytes / (time.perf_counter() - t0)
+
+    plain_r, writer_r = [], []
+    for i in range(2):
+        plain_r.append(plain(work / f"plain{i}"))
+        writer_r.append(through_writer(work / f"writer{i}"))
+    a, b = statistics.median(plain_r), statistics.median(writer_r)
+    return {"plain_MB_s": a / 1e6, "writer_MB_s": b / 1e6, "ratio": b / a, "bytes": nbytes}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/out/collect.json")
+    ap.add_argument("--quick", action="store_true", help="fewer batches and files")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
+        work = Path(tmp)
+        c = bench_collect(work, args.quick)
+        w = bench_writer(work, args.quick)
+    print(f"forward alone     {c['forward_tok_s']:>10,.0f} tok/s")
+    print(f"full collection   {c['collect_tok_s']:>10,.0f} tok/s   ratio {c['ratio']:.3f} (goal >= 0.95)")
+    print(f"plain writes      {w['plain_MB_s']:>10,.0f} MB/s")
+    print(f"writer            {w['writer_MB_s']:>10,.0f} MB/s   ratio {w['ratio']:.3f} (goal >= 0.9)")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"collect": c, "writer": w}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

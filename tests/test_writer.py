@@ -1,0 +1,84 @@
+"""The writer: bounded memory, errors surfaced to the caller, commits after the data they count."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from activault.errors import StorageError
+from activault.store import LocalStore
+from activault.writer import BufferPool, Writer
+
+
+class SlowStore(LocalStore):
+    def __init__(self, root, delay=0.05, fail_on: str | None = None):
+        super().__init__(root, fsync=False)
+        self.delay, self.fail_on = delay, fail_on
+        self.order: list[str] = []
+        self.lock = threading.Lock()
+
+    def put(self, key, data):
+        time.sleep(self.delay)
+        if self.fail_on and self.fail_on in key:
+            raise StorageError(f"cannot write {key}: disk full")
+        super().put(key, data)
+        with self.lock:
+            self.order.append(key)
+
+
+def test_pool_bounds_memory_and_blocks_producer(tmp_path):
+    store = SlowStore(tmp_path, delay=0.1)
+    writer = Writer(store, threads=4)
+    pool = BufferPool((4, 4), torch.float32, count=2)
+    t0 = time.perf_counter()
+    for i in range(6):
+        buf = pool.acquire(writer._check)
+        buf.fill_(i)
+        writer.write(f"f{i}", [memoryview(buf.numpy()).cast("B")], on_done=lambda b=buf: pool.release(b))
+    writer.close()
+    # 6 writes through 2 buffers take at least 3 rounds of the store's delay; unbounded would take ~1.
+    assert time.perf_counter() - t0 >= 0.28
+    for i in range(6):
+        assert torch.equal(torch.frombuffer(bytearray((tmp_path / f"f{i}").read_bytes()), dtype=torch.float32),
+                           torch.full((16,), float(i)))
+
+
+def test_failed_write_is_raised_and_commit_skipped(tmp_path):
+    store = SlowStore(tmp_path, delay=0.0, fail_on="bad")
+    writer = Writer(store, threads=2)
+    committed = []
+    f1 = writer.write("good", [b"x"])
+    f2 = writer.write("bad", [b"y"])
+    writer.commit([f1, f2], lambda: committed.append(1))
+    with pytest.raises(StorageError, match="disk full"):
+        writer.flush()
+    assert committed == []
+    with pytest.raises(StorageError):
+        writer.write("later", [b"z"])
+    writer.abort()
+
+
+def test_commits_run_in_order_after_their_data(tmp_path):
+    store = SlowStore(tmp_path, delay=0.02)
+    writer = Writer(store, threads=4)
+    for k in range(5):
+        futs = [writer.write(f"d{k}-{h}", [b"x" * 10]) for h in range(3)]
+        writer.commit(futs, lambda k=k: store.put(f"progress{k}", b"p"))
+    writer.close()
+    pos = {key: i for i, key in enumerate(store.order)}
+    for k in range(5):
+        assert all(pos[f"d{k}-{h}"] < pos[f"progress{k}"] for h in range(3))
+        if k:
+            assert pos[f"progress{k - 1}"] < pos[f"progress{k}"]
+
+
+def test_no_threads_left_after_close(tmp_path):
+    before = set(threading.enumerate())
+    writer = Writer(LocalStore(tmp_path), threads=3)
+    for i in range(5):
+        writer.write(f"x{i}", [b"abc"])
+    writer.close()
+    assert [t for t in threading.enumerate() if t not in before and t.name.startswith("activault")] == []
