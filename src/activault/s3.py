@@ -9,6 +9,7 @@ client: messages name the endpoint, bucket and key only.
 
 from __future__ import annotations
 
+import builtins
 import ipaddress
 from collections.abc import Sequence
 from datetime import timedelta
@@ -122,7 +123,7 @@ class S3Store(Store):
         return _ObS3Store(
             self.bucket,
             prefix=self.prefix or None,
-            client_options=client,
+            client_options=client,  # type: ignore[arg-type]
             retry_config=retry,  # type: ignore[arg-type]
             **self._config,
         )
@@ -182,7 +183,7 @@ class S3Store(Store):
             )
         return StorageError(f"cannot use s3://{self.bucket} at {self.where}: {_first_line(e)}")
 
-    def cost_notes(self, nbytes: int) -> list[str]:
+    def cost_notes(self, nbytes: int) -> builtins.list[str]:
         """Warnings for the job summary: data leaves this machine (and, read back from AWS, the region)."""
         if is_local_endpoint(self.endpoint):
             return []

@@ -1,0 +1,160 @@
+"""Synthetic runs written exactly as `collect` writes them, and a moto S3 server, for reader tests."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+import torch
+
+from activault import format as fmt
+from activault.stats import RunningStats, merge_all
+from activault.store import Store
+
+
+@dataclass
+class SynthRun:
+    """What `write_synthetic_run` wrote: tensors per hook and file name, in sorted name order."""
+
+    run: str
+    hooks: list[str]
+    names: list[str]  # file names, sorted (machine, then index)
+    files: dict[str, dict[str, dict[str, torch.Tensor]]]  # hook -> name -> states/input_ids/positions
+    stats: dict[str, RunningStats] = field(default_factory=dict)
+
+    def tensor(self, hook: str, key: str = "states", names: list[str] | None = None) -> torch.Tensor:
+        """`key` of the given files (default all, in name order) concatenated along rows."""
+        return torch.cat([self.files[hook][n][key] for n in (names or self.names)])
+
+
+def write_synthetic_run(
+    store: Store,
+    run: str,
+    hooks: list[str],
+    *,
+    machines: int = 1,
+    files: int = 3,
+    rows: int = 4,
+    seq: int = 16,
+    d: int = 8,
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+    pad: int = 3,
+) -> SynthRun:
+    """cfg.json, progress, metadata.json, statistics.json and megabatches of `run`, as collect writes them.
+
+    Documents are packed into rows (positions restart at 0); the last row of each machine ends
+    with `pad` padding tokens (position -1, zero states, not in the statistics).
+    """
+    g = torch.Generator().manual_seed(seed)
+    out = SynthRun(run, list(hooks), [], {h: {} for h in hooks})
+    partial: dict[int, dict[str, RunningStats]] = {}
+    for m in range(machines):
+        partial[m] = {h: RunningStats(d) for h in hooks}
+        for k in range(files):
+            name = fmt.file_name(m, k)
+            out.names.append(name)
+            ids = torch.randint(0, 1000, (rows, seq), generator=g, dtype=torch.int32)
+            # Documents of random lengths packed back to back: position restarts at each start.
+            starts = torch.rand(rows * seq, generator=g) < 0.15
+            starts[0] = True
+            idx = torch.arange(rows * seq)
+            last_start = torch.cummax(torch.where(starts, idx, 0), 0).values
+            pos = (idx - last_start).to(torch.int32).view(rows, seq)
+            if k == files - 1 and pad:
+                pos[-1, -pad:] = -1
+            for hi, h in enumerate(hooks):
+                states = (torch.randn(rows, seq, d, generator=g) * (1 + hi) + 0.5 * (hi + 1)).to(dtype)
+                states[pos == -1] = 0
+                tensors = {"states": states, "input_ids": ids, "positions": pos}
+                meta = {"format": fmt.FORMAT, "format_version": str(fmt.FORMAT_VERSION), "run_name": run,
+                        "hook": h, "machine": str(m), "file_index": str(k), "model": "synthetic"}
+                store.put(f"{run}/{h}/{name}", fmt.encode(tensors, meta))
+                out.files[h][name] = tensors
+                partial[m][h].update(states[pos != -1])
+        store.put_text(f"{run}/progress/machine-{m:05d}.json", json.dumps({
+            "machine": m, "num_runs": machines, "files_done": files, "rows_done": files * rows,
+            "tokens_done": files * rows * seq, "data_state": {}, "finished": True,
+            "stats": {h: partial[m][h].to_dict() for h in hooks},
+        }))
+    for h in hooks:
+        md = fmt.hook_metadata(run_name=run, hook=h, d_model=d, dtype=dtype, seq_length=seq, rows_per_file=rows,
+                               batch_size=rows, batches_per_upload=1, model="synthetic")
+        store.put_text(f"{run}/{h}/metadata.json", json.dumps(md))
+        total = merge_all(partial[m][h] for m in range(machines))
+        assert total is not None
+        out.stats[h] = total
+        store.put_text(f"{run}/{h}/statistics.json", json.dumps({**total.to_dict(), "machines": list(range(machines))}))
+    store.put_text(f"{run}/cfg.json", json.dumps({
+        "format": fmt.FORMAT, "format_version": fmt.FORMAT_VERSION, "run_name": run, "config": {},
+        "model": {"name": "synthetic", "architecture": "none", "model_type": "none", "d_model": d,
+                  "n_layers": 1, "dtype": fmt.dtype_name(dtype)},
+        "tokenizer": "synthetic", "hooks": list(hooks), "num_runs": machines, "created": "1970-01-01T00:00:00Z",
+        "activault_version": "test",
+    }))
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_moto(timeout: float = 30.0) -> tuple[str, subprocess.Popen[bytes]]:
+    """Start `moto_server` on a free local port; returns (endpoint URL, process). Stop it with stop_moto."""
+    port = free_port()
+    proc = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
+            return url, proc
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop_moto(proc)
+                raise RuntimeError(f"moto_server did not start on port {port}") from None
+            time.sleep(0.1)
+
+
+def stop_moto(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+MOTO_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+
+
+def create_bucket(url: str, bucket: str) -> None:
+    """Create `bucket` on the S3 server at `url` (boto3, test credentials)."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").create_bucket(Bucket=bucket)
+
+
+def make_public(url: str, bucket: str) -> None:
+    """Let anonymous (unsigned) requests list and read `bucket`, like a public dataset bucket."""
+    import boto3
+
+    policy = {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Principal": "*", "Action": ["s3:GetObject"], "Resource": f"arn:aws:s3:::{bucket}/*"},
+        {"Effect": "Allow", "Principal": "*", "Action": ["s3:ListBucket"], "Resource": f"arn:aws:s3:::{bucket}"},
+    ]}
+    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
+                 aws_secret_access_key="testing").put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
+
+
+def s3_env(url: str) -> dict[str, str]:
+    """Environment for activault's S3Store against the server at `url`."""
+    return {**MOTO_ENV, "S3_ENDPOINT_URL": url}

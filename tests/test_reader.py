@@ -1,0 +1,353 @@
+"""RCache, TokenLoader and ActivationDataset against synthetic runs (local folders and a moto S3 server)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from synth import (
+    SynthRun,
+    create_bucket,
+    make_public,
+    s3_env,
+    start_moto,
+    stop_moto,
+    write_synthetic_run,
+)
+from torch.utils.data import DataLoader
+
+from activault import format as fmt
+from activault import reader
+from activault.errors import ConfigError, FormatError, NotFoundError
+from activault.reader import ActivationDataset, RCache, S3RCache, TokenLoader
+from activault.s3 import S3Store
+from activault.store import LocalStore
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> LocalStore:
+    return LocalStore(tmp_path, fsync=False)
+
+
+@pytest.fixture
+def run(local: LocalStore) -> SynthRun:
+    return write_synthetic_run(local, "run", ["h1", "h2"], machines=2, files=3)
+
+
+@pytest.fixture
+def small_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Files here are a few KiB: 1 KiB ranges exercise the parallel ranged reads.
+    monkeypatch.setattr(reader, "RANGE_SIZE", 1024)
+
+
+def rows(t: torch.Tensor) -> Counter[bytes]:
+    """Multiset of the rows of `t: [n, ...]`, as bytes."""
+    flat = t.reshape(t.shape[0], -1).contiguous()
+    return Counter(bytes(r.view(torch.uint8).numpy()) for r in flat)
+
+
+def tokens(run: SynthRun, hook: str, names: list[str] | None = None) -> Counter[bytes]:
+    """Multiset of (state, input_id, position) of every non-padding token."""
+    s, i, p = (run.tensor(hook, k, names) for k in ("states", "input_ids", "positions"))
+    keep = p.reshape(-1) >= 0
+    return triples(s.reshape(-1, s.shape[-1])[keep], i.reshape(-1)[keep], p.reshape(-1)[keep])
+
+
+def triples(s: torch.Tensor, i: torch.Tensor, p: torch.Tensor) -> Counter[bytes]:
+    both = torch.cat([s.reshape(s.shape[0], -1).view(torch.uint8), i.to(torch.int64).view(-1, 1).view(torch.uint8),
+                      p.to(torch.int32).view(-1, 1).view(torch.uint8)], 1)
+    return rows(both)
+
+
+def active_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("activault")]
+
+
+def test_round_trip(run: SynthRun, tmp_path: Path, small_ranges: None) -> None:
+    with RCache(tmp_path / "run/h1", return_ids=True) as cache:
+        out = list(cache)
+    assert len(out) == len(run.names) == 6
+    for name, b in zip(run.names, out, strict=True):
+        assert torch.equal(b["states"], run.files["h1"][name]["states"])
+        assert b["input_ids"].dtype == torch.int64 and b["positions"].dtype == torch.int32
+        assert torch.equal(b["input_ids"], run.files["h1"][name]["input_ids"].long())
+        assert torch.equal(b["positions"], run.files["h1"][name]["positions"])
+    states = torch.cat(list(RCache(str(tmp_path / "run/h2"))))
+    assert torch.equal(states, run.tensor("h2"))
+
+
+def test_shuffle_keeps_ids_and_positions_with_states(run: SynthRun, tmp_path: Path) -> None:
+    cache = RCache(tmp_path / "run/h1", return_ids=True, shuffle=True, preserve_file_order=False, seed=3)
+    out = list(cache)
+    assert [b["states"].shape for b in out] == [(4, 16, 8)] * 6
+    assert not torch.equal(torch.cat([b["states"] for b in out]), run.tensor("h1"))
+    got = sum((triples(b["states"].reshape(-1, 8), b["input_ids"].reshape(-1), b["positions"].reshape(-1)) for b in out), Counter())
+    s, i, p = (run.tensor("h1", k) for k in ("states", "input_ids", "positions"))
+    assert got == triples(s.reshape(-1, 8), i.reshape(-1), p.reshape(-1))
+    again = list(RCache(tmp_path / "run/h1", return_ids=True, shuffle=True, preserve_file_order=False, seed=3))
+    assert all(torch.equal(a["states"], b["states"]) for a, b in zip(out, again, strict=True))
+
+
+def test_several_prefixes_and_incompatible(local: LocalStore, tmp_path: Path) -> None:
+    a = write_synthetic_run(local, "a", ["h"], files=2, seed=1)
+    b = write_synthetic_run(local, "b", ["h"], files=3, seed=2)
+    out = torch.cat(list(RCache([tmp_path / "a/h", tmp_path / "b/h"])))
+    assert torch.equal(out, torch.cat([a.tensor("h"), b.tensor("h")]))
+    write_synthetic_run(local, "c", ["h"], files=1, d=16)
+    with pytest.raises(ConfigError, match="d_model=16") as e:
+        RCache([tmp_path / "a/h", tmp_path / "c/h"])
+    assert "a/h" in str(e.value) and "c/h" in str(e.value)
+
+
+def test_resume_rcache(run: SynthRun, tmp_path: Path) -> None:
+    opts = dict(return_ids=True, shuffle=True, preserve_file_order=False, seed=5)
+    full = [b["states"] for b in RCache(tmp_path / "run/h1", **opts)]
+    cache = RCache(tmp_path / "run/h1", **opts)
+    for k, _ in enumerate(cache):
+        if k == 1:
+            break
+    state = cache.state_dict()
+    assert cache.current_file_index == 2
+    cache.finalize()
+    again = RCache(tmp_path / "run/h1", **opts)
+    again.load_state_dict(state)
+    rest = [b["states"] for b in again]
+    assert len(rest) == 4 and all(torch.equal(x, y) for x, y in zip(rest, full[2:], strict=True))
+    third = RCache(tmp_path / "run/h1", **opts)
+    third.set_file_index(5)
+    assert torch.equal(next(iter(third))["states"], full[5])
+    third.finalize()
+    # A finished epoch starts the next one, in a new order.
+    assert again.epoch == 1 and again.current_file_index == 0
+
+
+@pytest.mark.parametrize("stop_after", [1, 5, 9])
+def test_resume_token_loader(run: SynthRun, tmp_path: Path, stop_after: int) -> None:
+    # 20-token batches straddle windows of 2 files (128 tokens minus padding): resumes land mid-window.
+    opts = dict(batch_tokens=20, window=2, return_ids=True, seed=7, drop_positions_below=1)
+    full = list(TokenLoader(tmp_path / "run/h1", **opts))
+    loader = TokenLoader(tmp_path / "run/h1", **opts)
+    with loader:
+        for k, _ in enumerate(loader):
+            if k + 1 == stop_after:
+                break
+        state = loader.state_dict()
+    again = TokenLoader(tmp_path / "run/h1", **opts)
+    again.load_state_dict(state)
+    rest = list(again)
+    assert len(rest) == len(full) - stop_after
+    for x, y in zip(rest, full[stop_after:], strict=True):
+        assert torch.equal(x["states"], y["states"]) and torch.equal(x["input_ids"], y["input_ids"])
+
+
+def test_token_loader_covers_kept_tokens(run: SynthRun, tmp_path: Path) -> None:
+    out = list(TokenLoader(tmp_path / "run/h1", batch_tokens=32, window=3, return_ids=True, drop_last=False, drop_positions_below=2))
+    assert all(b["states"].shape == (32, 8) for b in out[:-1])
+    s, i, p = (torch.cat([b[k] for b in out]) for k in ("states", "input_ids", "positions"))
+    assert p.min() >= 2
+    want = tokens(run, "h1")
+    assert triples(s, i, p) == Counter({k: v for k, v in want.items() if int.from_bytes(k[-4:], "little", signed=True) >= 2})
+    full = list(TokenLoader(tmp_path / "run/h1", batch_tokens=32, window=3, drop_positions_below=2))
+    assert len(full) == len(out) - 1  # drop_last
+
+
+def test_ddp_shards_are_disjoint_and_cover(run: SynthRun, tmp_path: Path) -> None:
+    names_by_first_row = {bytes(run.files["h1"][n]["states"][0, 0].view(torch.uint8).numpy()): n for n in run.names}
+    seen: list[str] = []
+    for rank in range(4):
+        for b in RCache(tmp_path / "run/h1", rank=rank, world_size=4, preserve_file_order=False, seed=1):
+            seen.append(names_by_first_row[bytes(b[0, 0].view(torch.uint8).numpy())])
+    assert sorted(seen) == run.names
+    got: Counter[bytes] = Counter()
+    for rank in range(3):
+        for b in TokenLoader(tmp_path / "run/h1", batch_tokens=16, window=1, rank=rank, world_size=3, drop_last=False, return_ids=True):
+            got += triples(b["states"], b["input_ids"], b["positions"])
+    assert got == tokens(run, "h1")
+
+
+def test_dataloader_workers(run: SynthRun, tmp_path: Path) -> None:
+    ds = ActivationDataset(str(tmp_path / "run/h1"))
+    got = sum((rows(b) for b in DataLoader(ds, batch_size=None, num_workers=2)), Counter())
+    assert got == rows(run.tensor("h1"))
+    ds = ActivationDataset(str(tmp_path / "run/h1"), batch_tokens=24, drop_last=False, return_ids=True)
+    batches = list(DataLoader(ds, batch_size=None, num_workers=2))
+    got = sum((triples(b["states"], b["input_ids"], b["positions"]) for b in batches), Counter())
+    assert got == tokens(run, "h1")
+
+
+def test_aligned_hooks(run: SynthRun, tmp_path: Path, local: LocalStore) -> None:
+    out = list(RCache(tmp_path / "run", hooks=["h1", "h2"], return_ids=True, shuffle=True))
+    for h in ("h1", "h2"):
+        assert rows(torch.cat([b["states"][h] for b in out]).reshape(-1, 8)) == rows(run.tensor(h).reshape(-1, 8))
+    pair = {bytes(a.view(torch.uint8).numpy()): bytes(b.view(torch.uint8).numpy())
+            for a, b in zip(run.tensor("h1").reshape(-1, 8), run.tensor("h2").reshape(-1, 8), strict=True)}
+    for b in TokenLoader(tmp_path / "run", hooks=["h1", "h2"], batch_tokens=40, window=2):
+        assert b["h1"].shape == b["h2"].shape == (40, 8)
+        assert all(pair[bytes(x.view(torch.uint8).numpy())] == bytes(y.view(torch.uint8).numpy()) for x, y in zip(b["h1"], b["h2"], strict=True))
+    # A file whose tokens differ between hooks is an error naming it.
+    name = run.names[1]
+    t = dict(run.files["h2"][name])
+    t["input_ids"] = t["input_ids"] + 1
+    local.put(f"run/h2/{name}", fmt.encode(t, {}))
+    with pytest.raises(FormatError, match=f"h2/{name}.*input_ids differ"):
+        list(RCache(tmp_path / "run", hooks=["h1", "h2"]))
+
+
+def test_bad_files_raise_with_name_or_are_skipped(run: SynthRun, tmp_path: Path, small_ranges: None) -> None:
+    folder = tmp_path / "run/h1"
+    truncated, corrupted = folder / run.names[2], folder / run.names[4]
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    data = bytearray(corrupted.read_bytes())
+    data[8:40] = b"\xff" * 32
+    corrupted.write_bytes(bytes(data))
+    with pytest.raises(FormatError, match=f"{run.names[2]}: truncated"):
+        list(RCache(folder))
+    cache = RCache(folder, preserve_file_order=True)
+    cache.set_file_index(3)
+    with pytest.raises(FormatError, match=f"{run.names[4]}: corrupted"):
+        list(cache)
+    with pytest.warns(UserWarning, match="skipping a bad file"):
+        cache = RCache(folder, skip_bad_files=True)
+        out = list(cache)
+    assert cache.bad_files == 2 and len(out) == 4
+    assert torch.equal(torch.cat(out), run.tensor("h1", names=[n for i, n in enumerate(run.names) if i not in (2, 4)]))
+    # Deleted after listing: a missing file is an error, not a shorter stream.
+    cache = RCache(folder, skip_bad_files=False)
+    (folder / run.names[0]).unlink()
+    with pytest.raises(NotFoundError, match=run.names[0]):
+        list(cache)
+
+
+def test_background_work_stops(run: SynthRun, tmp_path: Path) -> None:
+    cache = RCache(tmp_path / "run/h1", buffer_size=3)
+    it = iter(cache)
+    next(it)
+    assert active_threads()
+    cache.finalize()
+    assert active_threads() == []
+    with pytest.raises(RuntimeError, match="consumer"), RCache(tmp_path / "run/h1") as cache:
+        for _ in cache:
+            raise RuntimeError("consumer failed")
+    assert active_threads() == []
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C in the consumer, no `with`, no finalize()
+        for _ in RCache(tmp_path / "run/h1", buffer_size=4):
+            raise KeyboardInterrupt
+    assert active_threads() == []
+    loader = TokenLoader(tmp_path / "run/h1", batch_tokens=8)
+    for _ in loader:
+        break
+    loader.finalize()
+    assert active_threads() == []
+
+
+def test_legacy_pt(tmp_path: Path) -> None:
+    folder = tmp_path / "old/hook"
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    saved = []
+    for n in range(2):
+        mb = {"states": torch.randn(3, 5, 4, generator=g).to(torch.bfloat16), "input_ids": torch.randint(0, 9, (3, 5), generator=g)}
+        torch.save(mb, folder / f"{uuid.UUID(int=n)}--{n}.pt")
+        saved.append(mb)
+    out = list(RCache(folder, return_ids=True))
+    for b, mb in zip(out, saved, strict=True):
+        assert torch.equal(b["states"], mb["states"]) and torch.equal(b["input_ids"], mb["input_ids"])
+        assert torch.equal(b["positions"][1], torch.arange(5, dtype=torch.int32))
+
+
+def test_normalisation_matches_statistics(run: SynthRun, tmp_path: Path) -> None:
+    target = 8**0.5
+    out = torch.cat(list(TokenLoader(tmp_path / "run/h2", batch_tokens=50, center=True, norm_target=target, drop_last=False)))
+    assert out.dtype == torch.float32
+    raw = run.tensor("h2").reshape(-1, 8)[run.tensor("h2", "positions").reshape(-1) >= 0].double()
+    assert torch.allclose(out.double().mean(0), torch.zeros(8, dtype=torch.float64), atol=1e-5)
+    assert out.double().pow(2).sum(1).mean().sqrt().item() == pytest.approx(target, rel=1e-5)
+    centred = raw - raw.mean(0)
+    want = centred * (target / centred.pow(2).sum(1).mean().sqrt())
+    assert torch.allclose(out.double().sort(0).values, want.sort(0).values, atol=1e-5)
+    plain = torch.cat(list(TokenLoader(tmp_path / "run/h2", batch_tokens=50, norm_target=target, drop_last=False)))
+    assert plain.double().norm(dim=1).mean().item() == pytest.approx(target, rel=1e-5)
+
+
+def test_sync_picks_up_new_files(local: LocalStore, tmp_path: Path) -> None:
+    first = write_synthetic_run(local, "live", ["h"], files=2)
+    cache = RCache(tmp_path / "live/h")
+    assert len(cache) == 2
+    extra = write_synthetic_run(local, "more", ["h"], files=1, seed=9)
+    local.put(f"live/h/{fmt.file_name(1, 0)}", fmt.encode(extra.files["h"][extra.names[0]], {}))
+    assert cache.sync() == 1 and len(cache) == 3
+    assert torch.equal(torch.cat(list(cache)), torch.cat([first.tensor("h"), extra.tensor("h")]))
+
+
+# -- S3 (moto server) ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def moto_url() -> Iterator[str]:
+    url, proc = start_moto()
+    yield url
+    stop_moto(proc)
+
+
+@pytest.fixture
+def bucket(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    create_bucket(moto_url, name)
+    for k, v in s3_env(moto_url).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("S3_BUCKET_NAME", name)
+    return name
+
+
+@pytest.mark.s3
+def test_quick_usage_on_s3(bucket: str, small_ranges: None) -> None:
+    run = write_synthetic_run(S3Store(f"s3://{bucket}"), "run_name", ["hook_name"], files=2)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # The README's snippet, as written (the device falls back to the CPU here).
+    cache = S3RCache.from_credentials(
+        aws_access_key_id=os.environ["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+        s3_prefix="run_name/hook_name", device=device, return_ids=True)
+    got = []
+    for batch in cache:
+        batch["states"]     # [n, seq_len, d_model]
+        batch["input_ids"]  # [n, seq_len]
+        got.append(batch)
+    cache.finalize()
+    assert torch.equal(torch.cat([b["states"].cpu() for b in got]), run.tensor("hook_name"))
+    assert torch.equal(torch.cat([b["input_ids"].cpu() for b in got]), run.tensor("hook_name", "input_ids").long())
+    assert active_threads() == []
+
+
+@pytest.mark.s3
+def test_s3_unsigned_uri_and_errors(bucket: str, small_ranges: None) -> None:
+    store = S3Store(f"s3://{bucket}")
+    run = write_synthetic_run(store, "r", ["a", "b"], files=2)
+    make_public(os.environ["S3_ENDPOINT_URL"], bucket)
+    with RCache(f"s3://{bucket}/r", hooks=["a", "b"], store_options={"unsigned": True}) as cache:
+        out = list(cache)
+    assert torch.equal(torch.cat([b["b"] for b in out]), run.tensor("b"))
+    tl = TokenLoader(f"s3://{bucket}/r/a", batch_tokens=16, drop_last=False, return_ids=True)
+    got = sum((triples(b["states"], b["input_ids"], b["positions"]) for b in tl), Counter())
+    assert got == tokens(run, "a")
+    raw = bytes(store.get(f"r/a/{run.names[1]}"))
+    store.put(f"r/a/{run.names[1]}", raw[: len(raw) // 2])
+    with pytest.raises(FormatError, match=f"s3://{bucket}/r/a/{run.names[1]}"):
+        list(RCache(f"s3://{bucket}/r/a"))
+
+
+@pytest.mark.s3
+def test_s3_dataloader_workers(bucket: str) -> None:
+    run = write_synthetic_run(S3Store(f"s3://{bucket}"), "r", ["h"], files=4)
+    ds = ActivationDataset(f"s3://{bucket}/r/h")
+    # This process has used S3: forked workers would hang in obstore, so they fail with the fix instead.
+    with pytest.raises(ConfigError, match="spawn"):
+        list(DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork"))
+    out = list(DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn", timeout=60))
+    assert rows(torch.cat(out)) == rows(run.tensor("h"))
