@@ -311,5 +311,5 @@ def test_configs_readme_documents_every_field():
 def test_demo_runs(tmp_path):
     out = _cli("demo", "--storage", str(tmp_path / "vault"), timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "states" in out.stdout and "row 0 text" in out.stdout
+    assert "states" in out.stdout and "row 0 holds" in out.stdout
     assert (tmp_path / "vault/demo/models.layers.1.post/statistics.json").exists()

@@ -25,6 +25,106 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shell(args: argparse.Namespace) -> int:
+    from .shell import run_shell
+
+    return run_shell(args.root)
+
+
+def _ls(args: argparse.Namespace) -> int:
+    from .inspect import run_ls
+
+    return run_ls(args.uri, files=args.files)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .inspect import run_inspect
+
+    return run_inspect(args.uri, as_json=args.json)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .inspect import run_verify
+
+    return run_verify(args.uri)
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from .inspect import run_stats
+
+    return run_stats(args.uri, plot=args.plot, sample_files=args.sample_files)
+
+
+def _estimate(args: argparse.Namespace) -> int:
+    from .inspect import run_estimate
+
+    return run_estimate(args.config, price=args.price, bandwidth=args.bandwidth)
+
+
+def _end(args: argparse.Namespace) -> int:
+    return args.n - 1 if args.end is None else int(args.end)
+
+
+def _launch_ray(args: argparse.Namespace) -> int:
+    from .launch import launch_ray, parse_env, parse_resources
+
+    results = launch_ray(args.config, args.n, args.start, _end(args), address=args.address,
+                         resources=parse_resources(args.resources), env=parse_env(args.env),
+                         storage=args.storage, wait=args.wait, results_path=args.results)  # fmt: skip
+    return 1 if any(r["status"] == "failed" for r in results) else 0
+
+
+def _launch_slurm(args: argparse.Namespace) -> int:
+    from .launch import submit_slurm, wait_slurm
+
+    jobs = submit_slurm(args.config, args.n, args.start, _end(args), script=args.script, array=args.array,
+                        max_parallel=args.max_parallel, sbatch_args=args.sbatch_arg, log_dir=args.log_dir)  # fmt: skip
+    for m, j in jobs.items():
+        print(f"{m} | {j}")
+    if args.wait:
+        states = wait_slurm(jobs)
+        for m, st in states.items():
+            print(f"machine {m}: {st}")
+        return 0 if all(st == "COMPLETED" for st in states.values()) else 1
+    return 0
+
+
+def _merge_stats(args: argparse.Namespace) -> int:
+    from .launch import merge_run_statistics
+
+    machines = merge_run_statistics(args.run_uri)
+    print(f"statistics merged over finished machines {machines}")
+    return 0
+
+
+def _add_launch(sub: argparse._SubParsersAction) -> None:
+    la = sub.add_parser("launch", help="run machines START..END of N on Slurm or Ray (N must equal num_runs)")
+    kinds = la.add_subparsers(dest="launcher", required=True)
+    for name in ("ray", "slurm"):
+        k = kinds.add_parser(name, help=f"one {name} worker per machine, each running `activault collect`")
+        k.add_argument("config", help="YAML config (the same path must be readable by the workers)")
+        k.add_argument("n", type=int, help="machines in the run: must equal the config's num_runs")
+        k.add_argument("start", type=int, nargs="?", default=0, help="first machine (default 0)")
+        k.add_argument("end", type=int, nargs="?", default=None, help="last machine, inclusive (default N-1)")
+        k.add_argument("--wait", action="store_true", help="wait for the machines and report each one's result")
+        if name == "ray":
+            k.add_argument("--address", default=None, help="Ray cluster address (default: auto-detect or start local)")
+            k.add_argument("--resources", default=None, help='per-worker resources as JSON, e.g. \'{"CPU": 8, "GPU": 1}\'')
+            k.add_argument("--env", action="append", default=None, metavar="NAME[=VALUE]",
+                           help="environment variable for the workers (NAME alone passes this one's value)")
+            k.add_argument("--storage", default=None, help="override the destination (as for collect)")
+            k.add_argument("--results", default=None, help="results JSON (default logs/ray_results_TIME.json)")
+            k.set_defaults(func=_launch_ray)
+        else:
+            k.add_argument("--script", default="scripts/collect.slurm", help="the batch script (default scripts/collect.slurm)")
+            k.add_argument("--array", action="store_true", help="submit one job array instead of one job per machine")
+            k.add_argument("--max-parallel", type=int, default=None, help="with --array: at most this many at once")
+            k.add_argument("--sbatch-arg", action="append", default=None, metavar="ARG",
+                           help="extra sbatch option, e.g. --sbatch-arg=--partition=gpu (repeatable)")
+            k.add_argument("--log-dir", default="logs", help="job output and machine -> job id log (default logs)")
+            k.set_defaults(func=_launch_slurm)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="activault", description="Collect, store and stream LLM activations.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -40,6 +140,40 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="offline demo: tiny model, local store, read back")
     d.add_argument("--storage", default="./vault", help="local store folder (default ./vault)")
     d.set_defaults(func=_demo)
+    sh = sub.add_parser("s3", help="interactive shell on the bucket $S3_BUCKET_NAME, or on --root")
+    sh.add_argument("--root", default=None, help="s3://BUCKET[/PREFIX] or a local store folder (default s3://$S3_BUCKET_NAME)")
+    sh.set_defaults(func=_shell)
+
+    ls = sub.add_parser("ls", help="list runs, hooks and files under a URI")
+    ls.add_argument("uri", help="PATH, file://PATH or s3://BUCKET[/PREFIX]")
+    ls.add_argument("--files", action="store_true", help="list every megabatch, not only counts per hook")
+    ls.set_defaults(func=_ls)
+
+    ins = sub.add_parser("inspect", help="describe one megabatch: shapes, NaN/Inf checks, range, rows as text")
+    ins.add_argument("uri", help="a megabatch file: PATH or s3://BUCKET/RUN/HOOK/FILE.safetensors")
+    ins.add_argument("--json", action="store_true", help="print JSON")
+    ins.set_defaults(func=_inspect)
+
+    ver = sub.add_parser("verify", help="check a stored run; exits 1 and lists the problems if any")
+    ver.add_argument("uri", help="the run folder: PATH/RUN or s3://BUCKET[/PREFIX]/RUN")
+    ver.set_defaults(func=_verify)
+
+    st = sub.add_parser("stats", help="a hook's statistics; --plot draws mean, std and token norms")
+    st.add_argument("uri", help="the hook folder: PATH/RUN/HOOK or s3://BUCKET/RUN/HOOK")
+    st.add_argument("--plot", default=None, help="write a PNG here")
+    st.add_argument("--sample-files", type=int, default=4, help="megabatches read for the norm histogram")
+    st.set_defaults(func=_stats)
+
+    est = sub.add_parser("estimate", help="tokens, bytes, files, cost and upload time of a config (no weights load)")
+    est.add_argument("--config", required=True, help="YAML config")
+    est.add_argument("--price", type=float, default=None, help="USD per GB-month (default: the config's)")
+    est.add_argument("--bandwidth", default="1Gbps", help="upload bandwidth, e.g. 1Gbps, 500Mbps, 100MB/s")
+    est.set_defaults(func=_estimate)
+
+    _add_launch(sub)
+    ms = sub.add_parser("merge-stats", help="recompute a run's statistics.json from its finished machines")
+    ms.add_argument("run_uri", help="the run folder: PATH/RUN or s3://BUCKET[/PREFIX]/RUN")
+    ms.set_defaults(func=_merge_stats)
     return p
 
 

@@ -212,7 +212,7 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
     # Everything that can be wrong is checked before any weights load.
     dest = resolve_storage(cfg, storage)
     store = open_store(dest)
-    store.check()
+    store.check(write=True)
     resolve_source(dc.data_key, dc.registry)
     skeleton = load_skeleton(tc)
     specs = resolve_hooks(skeleton, uc.hooks)
@@ -231,6 +231,8 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
     plan = make_plan(cfg, dims, itemsize, machine)
     for line in summary_lines(cfg, plan, dims, info, store.uri, machine):
         log.info(line)
+    for note in store.cost_notes(0 if dc.skip_cache else plan.total_bytes):
+        log.warning("note: %s", note)
 
     result = Result(destination=store.url(run))
     if progress.finished:
@@ -264,6 +266,7 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
     t0 = time.perf_counter()
     bar = _bar(show_progress, total=n_batches, initial=files * uc.batches_per_upload)
     capture = Capture(model, specs)
+    used_devices: set[torch.device] = set()
     try:
         for k in range(progress.files_done, n_files):
             n_here = min(uc.batches_per_upload, n_batches - k * uc.batches_per_upload)
@@ -283,9 +286,13 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
                 doc_pos = batch.doc_positions.reshape(-1)[flat].view(B, S)
                 pos[rows : rows + B] = doc_pos
                 real = (doc_pos >= 0).reshape(-1)
-                flat_d, real_d = flat.to(device, non_blocking=True), real.to(device, non_blocking=True)
+                on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # hooks may sit on several GPUs
                 for h in uc.hooks:
                     a = acts[h]
+                    if a.device not in on:
+                        on[a.device] = (flat.to(a.device, non_blocking=True), real.to(a.device, non_blocking=True))
+                        used_devices.add(a.device)
+                    flat_d, real_d = on[a.device]
                     kept = a.reshape(-1, a.shape[-1]).index_select(0, flat_d)  # [B*S, d]
                     if not bool(real.all()):
                         kept = torch.where(real_d.unsqueeze(1), kept, 0)  # padding stored as zeros
@@ -303,8 +310,9 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
                 tokens_total += int(real.sum())
                 bar.update(1)
                 bar.set_postfix_str(_rate(tokens_total - progress.tokens_done, writer.bytes_written, t0))
-            if pin:
-                torch.cuda.current_stream(device).synchronize()
+            for dev in used_devices:
+                if dev.type == "cuda":
+                    torch.cuda.current_stream(dev).synchronize()  # the async copies into host buffers are done
             if rows == 0:
                 for h, b in bufs.items():
                     pools[h].release(b)

@@ -67,8 +67,12 @@ def run_demo(storage: str = "./vault", workdir: str | None = None) -> None:
     print(f"  states     {list(states.shape)} {str(states.dtype).removeprefix('torch.')}")
     print(f"  input_ids  {list(ids.shape)}")
     print(f"  positions  {list(pos.shape)} (index of each token in its document)")
-    text = tok.decode(ids[0][pos[0] >= 0].tolist())
-    print(f"  row 0 text {text[:300]!r}{'...' if len(text) > 300 else ''}")
+    # A new document starts wherever the position does not follow the previous one.
+    row_ids, row_pos = ids[0].tolist(), pos[0].tolist()
+    starts = [i for i in range(len(row_pos)) if row_pos[i] >= 0 and (i == 0 or row_pos[i] != row_pos[i - 1] + 1)]
+    docs = [tok.decode(row_ids[a:b]) for a, b in zip(starts, starts[1:] + [len(row_ids)], strict=True)]
+    print(f"  row 0 holds {len(docs)} documents; the first:")
+    print(f"    {docs[0][:300]!r}{'...' if len(docs[0]) > 300 else ''}")
     print(f"statistics of {hook} over {stats.count:,} tokens:")
     print(f"  mean norm {stats.mean_norm:.4f}; |mean| {float(stats.mean.norm()):.4f}; mean std {float(stats.std.mean()):.4f}")
     print(f"  value range in this megabatch [{float(states.min()):.3f}, {float(states.max()):.3f}], "

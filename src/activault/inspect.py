@@ -1,0 +1,546 @@
+"""Looking at stored activations: inspect a megabatch, list a store, verify a run, hook statistics, estimates.
+
+The shell (`shell.py`) and the scriptable commands (`activault ls|inspect|verify|stats|estimate`)
+share these functions; each takes a `Store` and keys relative to it, and raises ActivaultError
+subclasses for anything a user can get wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .collect import human_bytes
+from .errors import ConfigError, FormatError, NotFoundError
+from .format import (
+    decode,
+    dtype_name,
+    header_length,
+    is_megabatch,
+    parse_file_name,
+    read_header,
+    tensor_specs,
+)
+from .store import Entry, LocalStore, Store, open_store, parse_s3_uri
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+PREVIEW_ROWS = 4
+PREVIEW_CHARS = 250
+
+
+def locate(uri: str) -> tuple[Store, str]:
+    """(store, key) for a URI naming an object or folder: the bucket (S3) or `/` (local) and the rest."""
+    uri = str(uri)
+    if uri.startswith("s3://"):
+        bucket, prefix = parse_s3_uri(uri)
+        return open_store(f"s3://{bucket}"), prefix
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    if "://" in uri:
+        open_store(uri)  # raises the unsupported-scheme error
+    path = Path(uri).expanduser().absolute()
+    return LocalStore("/"), path.as_posix().lstrip("/")
+
+
+def parent(key: str, levels: int = 1) -> str:
+    for _ in range(levels):
+        key = key.rsplit("/", 1)[0] if "/" in key else ""
+    return key
+
+
+def join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p.strip("/"))
+
+
+def list_dir(store: Store, key: str) -> tuple[list[str], list[Entry]]:
+    """`Store.list_dir` with its types spelled out (inside `Store`, `list` names the method)."""
+    dirs, files = store.list_dir(key)
+    return dirs, files
+
+
+def read_json(store: Store, key: str) -> dict[str, Any] | None:
+    """A JSON object, or None if missing; FormatError if it is not JSON."""
+    try:
+        obj = json.loads(store.get_text(key))
+    except NotFoundError:
+        return None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FormatError(f"{store.url(key)} is not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise FormatError(f"{store.url(key)} is not a JSON object")
+    return obj
+
+
+# ---- tokenizers ---------------------------------------------------------------------------------
+
+
+class Tokenizers:
+    """Tokenizers by name, loaded on first use (from a local folder or the local HF cache first)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[Any, str]] = {}
+
+    def get(self, name: str | None) -> tuple[Any, str]:
+        """(tokenizer or None, why not)."""
+        if not name:
+            return None, "the run names no tokenizer"
+        if name not in self._cache:
+            self._cache[name] = self._load(name)
+        return self._cache[name]
+
+    @staticmethod
+    def _load(name: str) -> tuple[Any, str]:
+        try:
+            from transformers import AutoTokenizer
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            try:
+                return AutoTokenizer.from_pretrained(name, local_files_only=True), ""
+            except Exception:  # noqa: BLE001 - not local: try the hub unless offline
+                if os.environ.get("HF_HUB_OFFLINE") or Path(name).is_absolute():
+                    raise
+                return AutoTokenizer.from_pretrained(name), ""
+        except Exception as e:  # noqa: BLE001 - any failure: show ids instead
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            return None, f"cannot load tokenizer {name!r} ({msg[:160]})"
+
+
+# ---- inspect ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Inspection:
+    """What one megabatch holds: tensors, checks, and its rows as text (or ids)."""
+
+    url: str
+    model: str
+    tokenizer: str | None
+    tensors: dict[str, dict[str, Any]]
+    metadata: dict[str, str]
+    checks: dict[str, Any]
+    rows: list[list[int]] = field(repr=False)
+    decoded: bool = False
+    decode_note: str = ""
+    _decode: Callable[[list[int]], str] | None = field(default=None, repr=False)
+
+    def row_text(self, i: int) -> str:
+        if not 0 <= i < len(self.rows):
+            raise IndexError(i)
+        if self._decode is not None:
+            return self._decode(self.rows[i])
+        return " ".join(map(str, self.rows[i]))
+
+    def preview(self, n: int = PREVIEW_ROWS, width: int = PREVIEW_CHARS) -> list[str]:
+        out = []
+        for i in range(min(n, len(self.rows))):
+            text = self.row_text(i).replace("\n", "\\n")
+            out.append(text[:width] + ("... (truncated)" if len(text) > width else ""))
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.url, "model": self.model, "tokenizer": self.tokenizer, "tensors": self.tensors,
+            "metadata": self.metadata, "checks": self.checks, "rows": len(self.rows),
+            "decoded": self.decoded, "decode_note": self.decode_note, "preview": self.preview(),
+        }  # fmt: skip
+
+    def lines(self) -> list[str]:
+        def mark(ok: bool) -> str:
+            return "✅" if ok else "❌"
+
+        c = self.checks
+        out = [f"Inspecting file: {self.url}", "-" * 40, f"Model: {self.model}", "", "Tensor Shapes:"]
+        out += [f"  {k}: {v['shape']} {v['dtype']}" for k, v in self.tensors.items()]
+        out += ["", "States Tensor Check:", f"  No NaNs: {mark(not c['nan'])}", f"  No Infs: {mark(not c['inf'])}"]
+        if c["min"] is not None:
+            out.append(f"  Value range: [{c['min']:.3f}, {c['max']:.3f}]")
+        n = min(PREVIEW_ROWS, len(self.rows))
+        what = "text" if self.decoded else "token ids"
+        out += ["", f"First {n} rows as {what} (first {PREVIEW_CHARS} chars each):", "-" * 40]
+        if not self.decoded:
+            out.append(f"  ({self.decode_note}; showing ids)")
+        out += [f"Row {i}: {t}" for i, t in enumerate(self.preview())]
+        return out
+
+
+def inspect_file(store: Store, key: str, tokenizers: Tokenizers | None = None) -> Inspection:
+    """Read one megabatch whole and describe it."""
+    name = store.url(key)
+    if not is_megabatch(key):
+        raise FormatError(f"{name} is not a megabatch (.safetensors or .pt); inspect a file inside a hook folder")
+    if store.size(key) is None:
+        dirs, files = list_dir(store, key)
+        if dirs or files:
+            raise FormatError(f"{name} is a folder; inspect a megabatch file inside it")
+        raise NotFoundError(f"{name} does not exist; list the folder with `activault ls`")
+    tensors, meta = decode(store.get(key), name)
+    if "states" not in tensors:
+        raise FormatError(f"{name} has no 'states' tensor; not an activault megabatch")
+    states = tensors["states"]
+    finite = states.float() if states.dtype in (torch.float16, torch.bfloat16) else states
+    nan, inf = bool(torch.isnan(finite).any()), bool(torch.isinf(finite).any())
+    ok = finite[torch.isfinite(finite)]
+    checks = {
+        "nan": nan, "inf": inf,
+        "min": float(ok.min()) if ok.numel() else None, "max": float(ok.max()) if ok.numel() else None,
+    }  # fmt: skip
+    ids = tensors.get("input_ids")
+    pos = tensors.get("positions")
+    rows: list[list[int]] = []
+    if ids is not None:
+        ids2 = ids.reshape(ids.shape[0], -1)
+        for i in range(ids2.shape[0]):
+            row = ids2[i] if pos is None else ids2[i][pos.reshape(ids2.shape)[i] >= 0]
+            rows.append([int(t) for t in row.tolist()])
+    cfg = read_json(store, join(parent(key, 2), "cfg.json")) if "/" in key else None
+    tok_name = (cfg or {}).get("tokenizer") or meta.get("model")
+    model = meta.get("model") or ((cfg or {}).get("model") or {}).get("name") or "(unknown)"
+    insp = Inspection(
+        url=name, model=model, tokenizer=tok_name,
+        tensors={k: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for k, t in tensors.items()},
+        metadata=meta, checks=checks, rows=rows,
+    )  # fmt: skip
+    if ids is None:
+        insp.decode_note = "the file has no input_ids"
+        return insp
+    tok, why = (tokenizers or Tokenizers()).get(tok_name)
+    if tok is None:
+        insp.decode_note = why
+    else:
+        insp.decoded = True
+        insp._decode = lambda r: str(tok.decode(r))
+    return insp
+
+
+# ---- ls -----------------------------------------------------------------------------------------
+
+
+def list_lines(store: Store, key: str, files: bool = False) -> list[str]:
+    """Runs, hooks (file counts and sizes) and other files under `key`; every file with `files`."""
+    size = store.size(key) if key else None
+    if size is not None:
+        return [f"{store.url(key)}  {human_bytes(size)}"]
+    entries = store.list(key)
+    if not entries:
+        raise NotFoundError(f"{store.url(key)} is empty or does not exist")
+    by_dir: dict[str, list[Any]] = {}
+    for e in entries:
+        rel = e.key[len(key) :].strip("/") if key else e.key
+        by_dir.setdefault(parent(rel), []).append((rel, e.size))
+    hooks = {d for d, fs in by_dir.items() if any(is_megabatch(r) or r.endswith("/metadata.json") or r == "metadata.json" for r, _ in fs)}
+    out = [f"{store.url(key)}"]
+    for d in sorted(by_dir):
+        fs = by_dir[d]
+        if d in hooks:
+            mb = [s for r, s in fs if is_megabatch(r)]
+            out.append(f"  {d or '.'}/  {len(mb)} files  {human_bytes(sum(mb))}")
+            shown = fs if files else [(r, s) for r, s in fs if not is_megabatch(r)]
+        else:
+            shown = fs
+        out += [f"    {r}  {human_bytes(s)}" if d in hooks else f"  {r}  {human_bytes(s)}" for r, s in shown]
+    return out
+
+
+# ---- verify -------------------------------------------------------------------------------------
+
+
+def _header(store: Store, key: str, size: int) -> tuple[dict[str, Any], int, dict[str, Any]]:
+    """(header, data start, tensor specs) from two ranged reads; FormatError if truncated."""
+    name = store.url(key)
+    first = bytes(store.get_range(key, 0, min(size, 8)))
+    n = header_length(first, name)
+    head = store.get_range(key, 0, min(size, n))
+    header, start = read_header(head, name)
+    return header, start, tensor_specs(header, size - start, name)
+
+
+def _check_file(store: Store, run: str, hook: str, fname: str, size: int, meta: dict[str, Any]) -> tuple[list[str], bytes | None, int]:
+    """Problems of one file, its ids+positions bytes, and its count of non-padding tokens."""
+    key, where = join(run, hook, fname), f"{hook}/{fname}"
+    try:
+        header, start, specs = _header(store, key, size)
+    except FormatError as e:
+        return [f"{where}: {str(e).split(': ', 1)[-1]}"], None, 0
+    problems = []
+    if "states" not in specs:
+        return [f"{where}: no 'states' tensor"], None, 0
+    dtype, shape, _, _ = specs["states"]
+    rows = shape[0] if shape else 0
+    want = [meta.get("seq_length"), meta.get("d_model")]
+    if len(shape) != 3 or shape[1:] != want or rows > int(meta.get("rows_per_file", rows)):
+        problems.append(f"{where}: states shape {shape} does not match metadata.json (rows<={meta.get('rows_per_file')}, {want[0]}, {want[1]})")
+    if dtype_name(dtype) != meta.get("dtype"):
+        problems.append(f"{where}: states dtype {dtype_name(dtype)} but metadata.json says {meta.get('dtype')}")
+    fmeta = header.get("__metadata__") or {}
+    if fmeta.get("hook", hook) != hook:
+        problems.append(f"{where}: header says hook {fmeta.get('hook')!r}")
+    blob, real = b"", 0
+    for t in ("input_ids", "positions"):
+        if t not in specs:
+            problems.append(f"{where}: no {t!r} tensor")
+            continue
+        tdtype, tshape, s, end = specs[t]
+        if tshape != shape[:2] or tdtype != torch.int32:
+            problems.append(f"{where}: {t} is {tshape} {dtype_name(tdtype)}, expected {shape[:2]} int32")
+            continue
+        raw = bytes(store.get_range(key, start + s, start + end))
+        blob += raw
+        if t == "positions":
+            real = int((torch.frombuffer(bytearray(raw), dtype=torch.int32) >= 0).sum()) if raw else 0
+    return problems, blob, real
+
+
+def verify_run(store: Store, run: str = "", threads: int = 8) -> tuple[list[str], dict[str, Any]]:
+    """Problems of a stored run (empty when clean) and a summary."""
+    cfg = read_json(store, join(run, "cfg.json"))
+    problems: list[str] = []
+    dirs, _ = list_dir(store, run)
+    if cfg is None:
+        if not dirs:
+            raise NotFoundError(f"{store.url(run)} holds no run (no cfg.json, no hook folders)")
+        problems.append("cfg.json is missing")
+        hooks = [d for d in dirs if store.exists(join(run, d, "metadata.json"))]
+    else:
+        hooks = list(cfg.get("hooks") or [])
+    metas: dict[str, dict[str, Any]] = {}
+    names: dict[str, dict[str, int]] = {}
+    for h in hooks:
+        if h not in dirs:
+            problems.append(f"{h}: hook folder is missing")
+            continue
+        metas[h] = read_json(store, join(run, h, "metadata.json")) or {}
+        if not metas[h]:
+            problems.append(f"{h}: metadata.json is missing")
+        _, files = list_dir(store, join(run, h))
+        names[h] = {e.key.rsplit("/", 1)[-1]: e.size for e in files if is_megabatch(e.key)}
+    every = sorted(set().union(*names.values())) if names else []
+    for h, fs in names.items():
+        missing = [n for n in every if n not in fs]
+        if missing:
+            problems.append(f"{h}: {len(missing)} file(s) missing that other hooks have: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    jobs = [(h, n) for h in names for n in sorted(names[h])]
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(lambda j: _check_file(store, run, j[0], j[1], names[j[0]][j[1]], metas[j[0]]), jobs))
+    ref: dict[str, tuple[str, bytes]] = {}
+    tokens: dict[str, int] = {}
+    for (h, n), (probs, blob, real) in zip(jobs, results, strict=True):
+        problems += probs
+        if blob is None:
+            continue
+        if n not in ref:
+            ref[n], tokens[n] = (h, blob), real
+        elif ref[n][1] != blob:
+            problems.append(f"{h}/{n}: token ids or positions differ from {ref[n][0]}/{n}")
+    total = sum(tokens.values())
+    machines = sorted({m[0] for n in every if (m := parse_file_name(n))})
+    want_machines = list(range(int(cfg["num_runs"]))) if cfg and "num_runs" in cfg else machines
+    for h in names:
+        stats = read_json(store, join(run, h, "statistics.json"))
+        if stats is None:
+            problems.append(f"{h}: statistics.json is missing")
+            continue
+        if int(stats.get("count", -1)) != total:
+            problems.append(f"{h}: statistics.json counts {stats.get('count')} tokens, the files hold {total} non-padding tokens")
+        if "machines" not in stats:
+            problems.append(f"{h}: statistics.json lists no machines")
+        elif sorted(stats["machines"]) != want_machines:
+            problems.append(f"{h}: statistics.json covers machines {stats['machines']}, expected {want_machines}")
+    summary = {"run": store.url(run), "hooks": len(hooks), "files": len(every), "tokens": total,
+               "bytes": sum(sum(fs.values()) for fs in names.values()), "machines": machines}  # fmt: skip
+    return problems, summary
+
+
+# ---- stats --------------------------------------------------------------------------------------
+
+
+def hook_statistics(store: Store, hook: str) -> dict[str, Any]:
+    stats = read_json(store, join(hook, "statistics.json"))
+    if stats is None:
+        raise NotFoundError(
+            f"{store.url(join(hook, 'statistics.json'))} does not exist; give RUN/HOOK of a finished run "
+            "(statistics are written when a machine finishes)"
+        )
+    return stats
+
+
+def stats_lines(stats: dict[str, Any], where: str) -> list[str]:
+    mean, std = torch.tensor(stats["mean"]), torch.tensor(stats["std"])
+    return [
+        f"statistics of {where}",
+        f"  count       {int(stats['count']):,} tokens",
+        f"  d_model     {mean.numel()}",
+        f"  mean norm   {float(stats['norm']):.4f}",
+        f"  mean range  [{float(mean.min()):.4f}, {float(mean.max()):.4f}]  (|mean| {float(mean.norm()):.4f})",
+        f"  std range   [{float(std.min()):.4f}, {float(std.max()):.4f}]  (average {float(std.mean()):.4f})",
+        f"  machines    {stats.get('machines', '(not listed)')}",
+    ]
+
+
+def sample_norms(store: Store, hook: str, files: int = 4) -> torch.Tensor:
+    """L2 norms of the non-padding tokens of up to `files` megabatches spread over the hook folder."""
+    _, entries = list_dir(store, hook)
+    keys = [e.key for e in entries if is_megabatch(e.key)]
+    if not keys:
+        return torch.empty(0)
+    step = max(1, len(keys) // files)
+    norms = []
+    for key in keys[::step][:files]:
+        tensors, _ = decode(store.get(key), store.url(key))
+        s = tensors["states"].float().reshape(-1, tensors["states"].shape[-1])
+        if "positions" in tensors:
+            s = s[tensors["positions"].reshape(-1) >= 0]
+        norms.append(torch.linalg.vector_norm(s, dim=1))
+    return torch.cat(norms)
+
+
+def stats_figure(stats: dict[str, Any], norms: torch.Tensor, title: str = "") -> Figure:
+    """Per-dimension mean and std, and a histogram of token norms (Agg backend, no display)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 8), layout="constrained")
+    ax_mean, ax_std, ax_norm = fig.subplots(3, 1)
+    ax_mean.plot(stats["mean"], lw=0.8)
+    ax_mean.set(title="mean per dimension", xlabel="dimension", ylabel="mean")
+    ax_std.plot(stats["std"], lw=0.8, color="tab:orange")
+    ax_std.set(title="std per dimension", xlabel="dimension", ylabel="std")
+    ax_norm.hist(norms.numpy(), bins=min(100, max(10, norms.numel() // 20)), color="tab:green")
+    ax_norm.set(title=f"token L2 norms ({norms.numel():,} sampled tokens)", xlabel="L2 norm", ylabel="tokens")
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+# ---- estimate -----------------------------------------------------------------------------------
+
+_RATE = re.compile(r"^\s*([\d.]+)\s*([kmgt]?)(bps|bit/s|b/s|B/s|Bps)\s*$", re.IGNORECASE)
+
+
+def parse_bandwidth(text: str) -> float:
+    """Bytes per second of "1Gbps", "500 Mbit/s", "100MB/s" (bits unless the B is upper case)."""
+    m = _RATE.match(text)
+    if not m:
+        raise ConfigError(f"bandwidth {text!r} not understood; write e.g. 1Gbps, 500Mbps or 100MB/s")
+    value = float(m.group(1)) * 1000 ** " kmgt".index((m.group(2) or " ").lower())
+    unit = m.group(3)
+    return value if unit in ("B/s", "Bps") else value / 8
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def estimate_lines(cfg: Any, price: float | None = None, bandwidth: str = "1Gbps") -> list[str]:
+    """What a config would store and cost, from the model's config alone (no weights load)."""
+    from dataclasses import replace
+
+    from .collect import make_plan
+    from .hooks import hook_dims, resolve_hooks
+    from .model import load_skeleton
+
+    rate = parse_bandwidth(bandwidth)
+    skeleton = load_skeleton(cfg.transformer_config)
+    dims = hook_dims(skeleton, resolve_hooks(skeleton, cfg.upload_config.hooks))
+    itemsize = next(skeleton.parameters()).element_size()
+    plan = make_plan(cfg, dims, itemsize)
+    if price is not None:
+        plan = replace(plan, price_per_gb_month=price)
+    d = cfg.data_config
+    lines = [
+        f"model        {cfg.transformer_config.model_name}  ({dtype_name(next(skeleton.parameters()).dtype)})",
+        f"tokens       {plan.tokens:,}  ({d.n_batches} batches x {d.batch_size} rows x {d.seq_length})",
+        f"files        {plan.files} per hook, {plan.files * len(dims)} in total "
+        f"({plan.rows_per_file} rows each, {cfg.num_runs} machine(s))",
+    ]
+    lines += [f"hook         {h}  d={dims[h]}  {human_bytes(b)}" for h, b in plan.bytes_per_hook.items()]
+    lines += [
+        f"total        {human_bytes(plan.total_bytes)}",
+        f"cost         ${plan.monthly_cost:,.2f}/month at ${plan.price_per_gb_month}/GB-month",
+        f"upload time  {duration(plan.total_bytes / rate)} at {bandwidth.strip()}"
+        + (f" ({duration(plan.total_bytes / rate / cfg.num_runs)} per machine in parallel)" if cfg.num_runs > 1 else ""),
+    ]
+    return lines
+
+
+def megabatch_sizes(entries: list[Any]) -> tuple[int | None, list[tuple[str, int, str]]]:
+    """The common size of megabatches and those that differ: (name, size, why)."""
+    mb = [(e.key.rsplit("/", 1)[-1], e.size) for e in entries if is_megabatch(e.key)]
+    if not mb:
+        return None, []
+    common = Counter(s for _, s in mb).most_common(1)[0][0]
+    last: dict[int, str] = {}
+    for n, _ in mb:
+        p = parse_file_name(n)
+        if p:
+            last[p[0]] = max(last.get(p[0], n), n)
+    odd = []
+    for n, s in mb:
+        if s == common:
+            continue
+        p = parse_file_name(n)
+        partial = s < common and p is not None and last.get(p[0]) == n
+        odd.append((n, s, "last file of its machine (partial)" if partial else "odd size"))
+    return common, odd
+
+
+# ---- commands (called by cli.py) -----------------------------------------------------------------
+
+
+def run_ls(uri: str, files: bool = False) -> int:
+    store, key = locate(uri)
+    print("\n".join(list_lines(store, key, files)))
+    return 0
+
+
+def run_inspect(uri: str, as_json: bool = False) -> int:
+    store, key = locate(uri)
+    insp = inspect_file(store, key)
+    print(json.dumps(insp.to_dict(), indent=1, ensure_ascii=False) if as_json else "\n".join(insp.lines()))
+    return 0
+
+
+def run_verify(uri: str) -> int:
+    store, key = locate(uri)
+    problems, s = verify_run(store, key)
+    if problems:
+        print(f"{s['run']}: {len(problems)} problem(s)")
+        print("\n".join(f"  - {p}" for p in problems))
+        return 1
+    print(f"OK  {s['run']}: {s['hooks']} hooks, {s['files']} files per hook, {s['tokens']:,} tokens, "
+          f"{human_bytes(s['bytes'])}, machines {s['machines']}")
+    return 0
+
+
+def run_stats(uri: str, plot: str | None = None, sample_files: int = 4) -> int:
+    store, key = locate(uri)
+    stats = hook_statistics(store, key)
+    print("\n".join(stats_lines(stats, store.url(key))))
+    if plot:
+        fig = stats_figure(stats, sample_norms(store, key, sample_files), title=store.url(key))
+        fig.savefig(plot, dpi=100)
+        print(f"plot written to {plot}")
+    return 0
+
+
+def run_estimate(config: str, price: float | None = None, bandwidth: str = "1Gbps") -> int:
+    from .config import load_config
+
+    print("\n".join(estimate_lines(load_config(config), price, bandwidth)))
+    return 0

@@ -1,0 +1,378 @@
+"""`activault s3`: an interactive shell over a store (S3 bucket, prefix, or local folder).
+
+Navigation by number or name, `cat`, `rm` with confirmation, `filecount`, `sizecheck`,
+`inspect`; readline history across sessions; `> file` after a command writes its output there.
+Every store access goes through `Store`; a bad command prints a one-line hint, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+from .errors import ActivaultError, ConfigError
+from .format import is_megabatch
+from .inspect import Tokenizers, human_bytes, inspect_file, join, megabatch_sizes, parent
+from .store import Entry, Store, open_store
+
+CAT_LIMIT = 1 << 20  # `cat` refuses files above 1 MB: megabatches are for `inspect`
+HELP = {  # command: (usage, what it does)
+    "ls": ("ls", "list folders (numbered first) and files with sizes"),
+    "cd": ("cd N|NAME|..|A/B", "enter a folder by number, name or path; bare `cd` goes to the root"),
+    "cat": ("cat N|NAME", "print a small text or JSON file"),
+    "rm": ("rm N|NAME ...", "delete files or folders (asks first)"),
+    "filecount": ("filecount", "files per subfolder, flagging folders that differ"),
+    "sizecheck": ("sizecheck", "megabatch sizes here and one level down, flagging odd sizes"),
+    "inspect": ("inspect N|NAME", "a megabatch: model, shapes, NaN/Inf checks, range, rows as text"),
+    "help": ("help", "this list"),
+    "exit": ("exit", "leave (or Ctrl-D)"),
+}
+_REDIRECT = re.compile(r"^(.*?)\s*>\s*(\S+)\s*$")
+
+
+class UsageError(ActivaultError):
+    """A bad command or argument in the shell: printed as a one-line hint."""
+
+
+def history_path() -> Path:
+    return Path(os.environ.get("ACTIVAULT_HISTORY") or Path.home() / ".activault_history").expanduser()
+
+
+def default_root(env: dict[str, str] | None = None) -> str:
+    env = dict(os.environ if env is None else env)
+    bucket = env.get("S3_BUCKET_NAME")
+    if not bucket:
+        raise ConfigError("S3_BUCKET_NAME is not set; export it, or pass --root URI (s3://BUCKET[/PREFIX] or a local folder)")
+    return bucket if bucket.startswith("s3://") else f"s3://{bucket}"
+
+
+class Shell:
+    """The shell's state (store, folder, last listing) and its commands."""
+
+    def __init__(self, store: Store, out: IO[str] | None = None, ask: Callable[[str], str] = input):
+        self.store = store
+        self.cwd = ""
+        self.out: IO[str] = out or sys.stdout
+        self.ask = ask
+        self.tokenizers = Tokenizers()
+        self._listing: tuple[list[str], list[Entry]] | None = None
+        self.commands: dict[str, Callable[[list[str]], None]] = {
+            "ls": self.do_ls, "cd": self.do_cd, "cat": self.do_cat, "rm": self.do_rm,
+            "filecount": self.do_filecount, "sizecheck": self.do_sizecheck, "inspect": self.do_inspect,
+            "help": self.do_help, "?": self.do_help,
+        }  # fmt: skip
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.store.url(self.cwd)}> "
+
+    def say(self, text: str = "") -> None:
+        print(text, file=self.out, flush=True)
+
+    # ---- dispatch ----
+
+    def run_line(self, line: str) -> bool:
+        """Run one command line; False when the shell should exit."""
+        line = line.strip()
+        if not line:
+            return True
+        target = None
+        m = _REDIRECT.match(line)
+        if m:
+            line, target = m.group(1), m.group(2)
+        try:
+            words = shlex.split(line)
+        except ValueError as e:
+            self.say(f"cannot parse the line ({e}); type `help` for the commands")
+            return True
+        if not words:
+            self.say("nothing to run before '>'; write e.g. `ls > listing.txt`")
+            return True
+        cmd, args = words[0], words[1:]
+        if cmd in ("exit", "quit", "q"):
+            return False
+        func = self.commands.get(cmd)
+        if func is None:
+            self.say(f"unknown command {cmd!r}; type `help` for the commands")
+            return True
+        saved = self.out
+        try:
+            if target:
+                self.out = open(Path(target).expanduser(), "w")  # noqa: SIM115 - closed below
+            func(args)
+        except KeyboardInterrupt:
+            print("\ncancelled", file=saved, flush=True)
+        except ActivaultError as e:
+            print(str(e).splitlines()[0], file=saved, flush=True)
+        except OSError as e:
+            print(f"{cmd}: {e.strerror or e}", file=saved, flush=True)
+        except Exception as e:  # noqa: BLE001 - a shell never shows a traceback
+            print(f"{cmd} failed: {type(e).__name__}: {e}", file=saved, flush=True)
+        finally:
+            if self.out is not saved:
+                self.out.close()
+                self.out = saved
+                print(f"output written to {target}", file=saved, flush=True)
+        return True
+
+    # ---- helpers ----
+
+    def listing(self) -> tuple[list[str], list[Entry]]:
+        if self._listing is None:
+            self._listing = self.store.list_dir(self.cwd)
+        return self._listing
+
+    def pick(self, arg: str) -> tuple[str, str]:
+        """('dir' | 'file', key) of a listing number or a name in the current folder."""
+        dirs, files = self.listing()
+        names = [e.key.rsplit("/", 1)[-1] for e in files]
+        if arg.isdigit():
+            i = int(arg)
+            if i < len(dirs):
+                return "dir", join(self.cwd, dirs[i])
+            if i < len(dirs) + len(files):
+                return "file", files[i - len(dirs)].key
+            total = len(dirs) + len(files)
+            raise UsageError(f"no entry {i} here (0..{total - 1}); type `ls` to see the numbers" if total else f"no entry {i}: this folder is empty")
+        name = arg.rstrip("/")
+        if name in dirs:
+            return "dir", join(self.cwd, name)
+        if name in names:
+            return "file", files[names.index(name)].key
+        raise UsageError(f"{arg!r} is not here; type `ls` to see the folders and files")
+
+    def confirm(self, question: str) -> str:
+        try:
+            return self.ask(question)
+        except EOFError:
+            return ""
+
+    def need(self, args: list[str], usage: str) -> str:
+        if len(args) != 1:
+            raise UsageError(f"usage: {usage}")
+        return args[0]
+
+    # ---- commands ----
+
+    def do_ls(self, args: list[str]) -> None:
+        self._listing = None
+        dirs, files = self.listing()
+        if not dirs and not files:
+            self.say("(empty)")
+        for i, d in enumerate(dirs):
+            self.say(f"{i:>4}  {d}/")
+        for i, e in enumerate(files, len(dirs)):
+            self.say(f"{i:>4}  {e.key.rsplit('/', 1)[-1]:<40} {human_bytes(e.size):>10}")
+
+    def do_cd(self, args: list[str]) -> None:
+        if not args:
+            self.cwd = ""
+        elif len(args) > 1:
+            raise UsageError("usage: cd N|NAME|..")
+        elif args[0] == "..":
+            self.cwd = parent(self.cwd)
+        else:
+            self.cwd = self._walk(args[0])
+        self._listing = None
+
+    def _walk(self, path: str) -> str:
+        """The folder that `path` (a number, a name, or names joined by `/`; `/` first = from the root) names."""
+        start, self.cwd = self.cwd, "" if path.startswith("/") else self.cwd
+        try:
+            for part in [p for p in path.split("/") if p and p != "."]:
+                if part == "..":
+                    self.cwd = parent(self.cwd)
+                else:
+                    kind, key = self.pick(part)
+                    if kind == "file":
+                        raise UsageError(f"{key.rsplit('/', 1)[-1]} is a file, not a folder; use `cat` or `inspect`")
+                    self.cwd = key
+                self._listing = None
+            return self.cwd
+        finally:
+            self.cwd, self._listing = start, None
+
+    def do_cat(self, args: list[str]) -> None:
+        kind, key = self.pick(self.need(args, "cat N|NAME"))
+        if kind == "dir":
+            raise UsageError(f"{key.rsplit('/', 1)[-1]} is a folder; `cd` into it")
+        if is_megabatch(key):
+            raise UsageError("that is a megabatch; use `inspect` to look inside it")
+        size = self.store.size(key) or 0
+        if size > CAT_LIMIT:
+            raise UsageError(f"{human_bytes(size)} is too large to print; cat shows files up to {human_bytes(CAT_LIMIT)}")
+        try:
+            text = bytes(self.store.get(key)).decode()
+        except UnicodeDecodeError:
+            raise UsageError("not a text file") from None
+        self.say(text.rstrip("\n"))
+
+    def do_rm(self, args: list[str]) -> None:
+        if not args:
+            raise UsageError("usage: rm N|NAME ... (numbers from `ls`)")
+        targets = [self.pick(a) for a in args]
+        entries: list[Entry] = []
+        for kind, key in targets:
+            entries += self.store.list(key + "/") if kind == "dir" else [Entry(key, self.store.size(key) or 0)]
+        names = ", ".join(k.rsplit("/", 1)[-1] + ("/" if kind == "dir" else "") for kind, k in targets)
+        answer = self.confirm(f"delete {names} ({len(entries)} files, {human_bytes(sum(e.size for e in entries))})? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            self.say("nothing deleted")
+            return
+        self._listing = None
+        for i, e in enumerate(entries, 1):
+            self.store.delete(e.key)
+            if i % 10 == 0 or i == len(entries):
+                print(f"\rdeleted {i}/{len(entries)}", end="", file=sys.stdout, flush=True)
+        print(file=sys.stdout)
+        self.say(f"deleted {len(entries)} files")
+
+    def do_filecount(self, args: list[str]) -> None:
+        dirs, files = self.listing()
+        if not dirs:
+            self.say(f"no subfolders; {len(files)} files here")
+            return
+        counts: dict[str, tuple[int, int, set[str]]] = {}
+        for d in dirs:
+            entries = self.store.list(join(self.cwd, d) + "/")
+            names = {e.key.rsplit("/", 1)[-1] for e in entries if is_megabatch(e.key)}
+            counts[d] = (len(entries), len(names), names)
+        compared = {d: c for d, c in counts.items() if c[1]}
+        common = Counter(c[1] for c in compared.values()).most_common(1)[0][0] if compared else 0
+        union = set().union(*(c[2] for c in compared.values())) if compared else set()
+        for d, (n_all, n_mb, names) in counts.items():
+            line = f"{d + '/':<40} {n_all:>6} files  {n_mb:>6} megabatches"
+            if d in compared and (n_mb != common or names != union):
+                missing = sorted(union - names)
+                line += f"  ❌ differs (expected {common})"
+                if missing:
+                    line += f"; missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else "")
+            self.say(line)
+
+    def do_sizecheck(self, args: list[str]) -> None:
+        dirs, files = self.listing()
+        folders = [(self.cwd, files)] + [(join(self.cwd, d), self.store.list_dir(join(self.cwd, d))[1]) for d in dirs]
+        found = False
+        for key, entries in folders:
+            common, odd = megabatch_sizes(entries)
+            if common is None:
+                continue
+            found = True
+            n = sum(1 for e in entries if is_megabatch(e.key))
+            where = key[len(self.cwd) :].strip("/") or "."
+            self.say(f"{where + '/':<40} {n:>6} megabatches of {human_bytes(common)}" + ("" if not odd else f"  ({len(odd)} differ)"))
+            for name, size, why in odd:
+                mark = "⚠️ " if why.startswith("last") else "❌"
+                self.say(f"    {mark} {name}  {human_bytes(size)}  {why}")
+        if not found:
+            self.say("no megabatches here or one level down")
+
+    def do_inspect(self, args: list[str]) -> None:
+        kind, key = self.pick(self.need(args, "inspect N|NAME"))
+        if kind == "dir":
+            raise UsageError(f"{key.rsplit('/', 1)[-1]} is a folder; `cd` into it and inspect a megabatch")
+        insp = inspect_file(self.store, key, self.tokenizers)
+        for line in insp.lines():
+            self.say(line)
+        if not insp.rows:
+            return
+        last = len(insp.rows) - 1
+        while True:
+            try:
+                answer = self.ask(f"\nEnter row number (0-{last}) to view full text, or 'q' to quit: ").strip()
+            except EOFError:
+                print(file=sys.stdout)
+                return
+            if answer in ("", "q", "quit", "exit"):
+                return
+            if not answer.isdigit() or int(answer) > last:
+                print(f"enter a number from 0 to {last}, or q", file=sys.stdout, flush=True)
+                continue
+            self.say(f"Row {answer}:\n{insp.row_text(int(answer))}")
+
+    def do_help(self, args: list[str]) -> None:
+        self.say("commands (numbers come from `ls`; append `> FILE` to write the output to a file):")
+        for usage, text in HELP.values():
+            self.say(f"  {usage:<20} {text}")
+
+
+def _completer(shell: Shell) -> Callable[[str, int], str | None]:
+    def complete(text: str, state: int) -> str | None:
+        import readline
+
+        line = readline.get_line_buffer()
+        if " " not in line.lstrip():
+            options = [c for c in [*HELP, "exit"] if c.startswith(text)]
+        else:
+            try:
+                dirs, files = shell.listing()
+            except ActivaultError:
+                return None
+            names = [d + "/" for d in dirs] + [e.key.rsplit("/", 1)[-1] for e in files]
+            options = [n for n in names if n.startswith(text)]
+        return options[state] if state < len(options) else None
+
+    return complete
+
+
+def _setup_readline(shell: Shell) -> Any:
+    try:
+        import readline
+    except ImportError:  # e.g. Windows without pyreadline: no history, still a shell
+        return None
+    path = history_path()
+    try:
+        readline.read_history_file(path)
+    except (FileNotFoundError, OSError):
+        pass
+    readline.set_history_length(2000)
+    readline.set_completer_delims(" \t")
+    readline.set_completer(_completer(shell))
+    readline.parse_and_bind("tab: complete")
+    return readline
+
+
+def _save_history(readline: Any) -> None:
+    if readline is None:
+        return
+    path = history_path()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        readline.write_history_file(path)
+    except OSError:
+        pass
+
+
+def run_shell(root: str | None = None) -> int:
+    """Open the shell on `root` (default: s3://$S3_BUCKET_NAME) and run it until exit or Ctrl-D."""
+    uri = str(root or default_root())
+    store = open_store(uri)
+    if uri.startswith("s3://"):
+        store.check()
+    elif not Path(store.uri).is_dir():
+        raise ConfigError(f"{store.uri} is not a folder; pass --root an existing local store or s3://BUCKET[/PREFIX]")
+    shell = Shell(store)
+    rl = _setup_readline(shell)
+    print(f"activault shell on {store.uri}; type `help` for the commands, Ctrl-D to leave", flush=True)
+    try:
+        while True:
+            try:
+                line = input(shell.prompt)
+            except KeyboardInterrupt:
+                print("^C", flush=True)
+                continue
+            except EOFError:
+                print(flush=True)
+                break
+            if not shell.run_line(line):
+                break
+            _save_history(rl)
+    finally:
+        _save_history(rl)
+    return 0

@@ -1,0 +1,320 @@
+"""`activault ls|inspect|verify|stats|estimate` against synthetic runs: output, planted faults, exit codes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from synth import SynthRun, write_synthetic_run
+
+from activault import format as fmt
+from activault.cli import main
+from activault.inspect import (
+    inspect_file,
+    parse_bandwidth,
+    sample_norms,
+    stats_figure,
+    verify_run,
+)
+from activault.store import LocalStore, Store
+from activault.tiny import demo_texts
+
+HOOKS = ["models.layers.0.post", "models.layers.1.mlp.post"]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def retokenize(store: Store, run: SynthRun, tokenizer_dir: Path) -> list[list[int]]:
+    """Give the synthetic run real token ids (same in every hook) and name a real tokenizer in cfg.json."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    stream = [t for text in demo_texts() for t in tok(text)["input_ids"]]
+    offset = 0
+    for name in run.names:
+        ref = run.files[run.hooks[0]][name]
+        n = ref["input_ids"].numel()
+        ids = torch.tensor(stream[offset : offset + n], dtype=torch.int32).view_as(ref["input_ids"])
+        offset += n
+        for h in run.hooks:
+            t = run.files[h][name]
+            t["input_ids"] = ids
+            store.put(f"{run.run}/{h}/{name}", fmt.encode(t, {"format": "activault", "hook": h, "model": "tiny"}))
+    cfg = json.loads(store.get_text(f"{run.run}/cfg.json"))
+    cfg["tokenizer"] = str(tokenizer_dir)
+    store.put_text(f"{run.run}/cfg.json", json.dumps(cfg))
+    first = run.files[run.hooks[0]][run.names[0]]
+    return [r[p >= 0].tolist() for r, p in zip(first["input_ids"], first["positions"], strict=True)]
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture
+def vault(tmp_path: Path) -> tuple[LocalStore, SynthRun]:
+    store = LocalStore(tmp_path / "vault", fsync=False)
+    return store, write_synthetic_run(store, "run", HOOKS, machines=2, files=2)
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    rc = main(args)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ---- inspect ----
+
+
+def test_inspect_decodes_rows_with_the_runs_tokenizer(vault, tiny_model_dir: Callable[[str], Path], capsys) -> None:
+    store, run = vault
+    from transformers import AutoTokenizer
+
+    model_dir = tiny_model_dir("llama")
+    rows = retokenize(store, run, model_dir)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    key = f"run/{HOOKS[0]}/{run.names[0]}"
+    insp = inspect_file(store, key)
+    assert insp.decoded and insp.row_text(1) == tok.decode(rows[1])
+    assert insp.tensors["states"] == {"shape": [4, 16, 8], "dtype": "bfloat16"}
+    states = run.files[HOOKS[0]][run.names[0]]["states"].float()
+    assert insp.checks["min"] == pytest.approx(float(states.min())) and not insp.checks["nan"]
+
+    rc, out, _ = run_cli(["inspect", str(store.root / key)], capsys)
+    assert rc == 0
+    for text in ("Model: tiny", "states: [4, 16, 8] bfloat16", "No NaNs: ✅", "No Infs: ✅", "Value range: ["):
+        assert text in out
+    assert str(tok.decode(rows[0]))[:40].replace("\n", "\\n") in out
+
+    rc, out, _ = run_cli(["inspect", str(store.root / key), "--json"], capsys)
+    report = json.loads(out)
+    assert rc == 0 and report["decoded"] and report["rows"] == 4 and report["tensors"]["input_ids"]["shape"] == [4, 16]
+
+
+def test_inspect_flags_nan_and_inf_and_shows_ids_without_tokenizer(vault, capsys) -> None:
+    store, run = vault
+    t = dict(run.files[HOOKS[0]][run.names[0]])
+    t["states"] = t["states"].clone()
+    t["states"][0, 0, 0] = float("nan")
+    t["states"][0, 0, 1] = float("inf")
+    store.put(f"run/{HOOKS[0]}/bad.safetensors", fmt.encode(t, {}))
+    rc, out, _ = run_cli(["inspect", str(store.root / "run" / HOOKS[0] / "bad.safetensors")], capsys)
+    assert rc == 0 and "No NaNs: ❌" in out and "No Infs: ❌" in out
+    assert "cannot load tokenizer 'synthetic'" in out and "showing ids" in out
+    ids = run.files[HOOKS[0]][run.names[0]]["input_ids"][0][:5].tolist()
+    assert "Row 0: " + " ".join(map(str, ids)) in out
+
+
+@pytest.mark.parametrize(
+    "target, message",
+    [
+        ("run/models.layers.0.post/m00099-000000.safetensors", "does not exist"),
+        ("run/cfg.json", "is not a megabatch"),
+        ("run/models.layers.0.post", "is not a megabatch"),
+        ("run/garbage.safetensors", "corrupted or truncated header"),
+    ],
+)
+def test_inspect_user_errors_are_one_line_exit_2(vault, capsys, target: str, message: str) -> None:
+    store, _ = vault
+    store.put("run/garbage.safetensors", b"\xff" * 64)
+    rc, out, err = run_cli(["inspect", str(store.root / target)], capsys)
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_bad_uri_scheme_exits_2(capsys) -> None:
+    rc, _, err = run_cli(["ls", "gs://bucket/run"], capsys)
+    assert rc == 2 and "unsupported storage scheme" in err
+
+
+# ---- ls ----
+
+
+def test_ls_lists_runs_hooks_and_files(vault, capsys) -> None:
+    store, run = vault
+    rc, out, _ = run_cli(["ls", str(store.root)], capsys)
+    assert rc == 0
+    assert "run/cfg.json" in out and f"run/{HOOKS[0]}/  4 files" in out and f"run/{HOOKS[1]}/  4 files" in out
+    assert run.names[0] not in out
+    rc, out, _ = run_cli(["ls", str(store.root / "run" / HOOKS[0]), "--files"], capsys)
+    assert rc == 0 and all(n in out for n in run.names)
+    rc, _, err = run_cli(["ls", str(store.root / "nope")], capsys)
+    assert rc == 2 and "does not exist" in err
+
+
+# ---- verify ----
+
+
+def test_verify_clean_run_is_ok(vault, capsys) -> None:
+    store, run = vault
+    rc, out, _ = run_cli(["verify", str(store.root / "run")], capsys)
+    assert rc == 0 and out.startswith("OK") and "2 hooks, 4 files" in out and "machines [0, 1]" in out
+    assert f"{run.stats[HOOKS[0]].count:,} tokens" in out
+
+
+def problems_of(store: LocalStore) -> list[str]:
+    problems, _ = verify_run(store, "run")
+    return problems
+
+
+def test_verify_finds_a_file_deleted_in_one_hook(vault, capsys) -> None:
+    store, run = vault
+    store.delete(f"run/{HOOKS[1]}/{run.names[2]}")
+    problems = problems_of(store)
+    assert any(HOOKS[1] in p and "missing" in p and run.names[2] in p for p in problems)
+    rc, out, _ = run_cli(["verify", str(store.root / "run")], capsys)
+    assert rc == 1 and run.names[2] in out and "problem" in out
+
+
+def test_verify_finds_a_truncated_file(vault) -> None:
+    store, run = vault
+    key = f"run/{HOOKS[0]}/{run.names[1]}"
+    store.put(key, bytes(store.get(key))[:-100])
+    problems = problems_of(store)
+    assert any(f"{HOOKS[0]}/{run.names[1]}" in p and "truncated" in p for p in problems), problems
+
+
+def test_verify_finds_mismatched_ids(vault) -> None:
+    store, run = vault
+    t = dict(run.files[HOOKS[1]][run.names[3]])
+    t["input_ids"] = t["input_ids"].clone()
+    t["input_ids"][0, 0] += 1
+    store.put(f"run/{HOOKS[1]}/{run.names[3]}", fmt.encode(t, {"hook": HOOKS[1]}))
+    problems = problems_of(store)
+    assert problems == [f"{HOOKS[1]}/{run.names[3]}: token ids or positions differ from {HOOKS[0]}/{run.names[3]}"]
+
+
+def test_verify_finds_missing_or_wrong_statistics(vault) -> None:
+    store, _ = vault
+    store.delete(f"run/{HOOKS[0]}/statistics.json")
+    assert problems_of(store) == [f"{HOOKS[0]}: statistics.json is missing"]
+    stats = json.loads(store.get_text(f"run/{HOOKS[1]}/statistics.json"))
+    stats["count"] -= 1
+    stats["machines"] = [0]
+    store.put_text(f"run/{HOOKS[1]}/statistics.json", json.dumps(stats))
+    problems = problems_of(store)
+    assert any("statistics.json counts" in p for p in problems) and any("covers machines [0]" in p for p in problems)
+
+
+def test_verify_finds_shape_and_dtype_mismatch(vault) -> None:
+    store, run = vault
+    t = dict(run.files[HOOKS[0]][run.names[0]])
+    t["states"] = t["states"].float()
+    store.put(f"run/{HOOKS[0]}/{run.names[0]}", fmt.encode(t, {}))
+    meta = json.loads(store.get_text(f"run/{HOOKS[1]}/metadata.json"))
+    meta["d_model"] = 9
+    store.put_text(f"run/{HOOKS[1]}/metadata.json", json.dumps(meta))
+    problems = problems_of(store)
+    assert any("dtype float32" in p and "bfloat16" in p for p in problems)
+    assert sum("does not match metadata.json" in p and HOOKS[1] in p for p in problems) == 4
+
+
+# ---- stats ----
+
+
+def test_stats_table_and_plot(vault, tmp_path: Path, capsys) -> None:
+    store, run = vault
+    out_png = tmp_path / "stats.png"
+    rc, out, _ = run_cli(["stats", str(store.root / "run" / HOOKS[1]), "--plot", str(out_png)], capsys)
+    s = run.stats[HOOKS[1]]
+    assert rc == 0 and f"{s.count:,} tokens" in out and f"{s.mean_norm:.4f}" in out and "machines    [0, 1]" in out
+    assert f"[{float(s.mean.min()):.4f}, {float(s.mean.max()):.4f}]" in out
+    assert out_png.read_bytes()[:8] == PNG_SIGNATURE
+
+    stats = json.loads(store.get_text(f"run/{HOOKS[1]}/statistics.json"))
+    norms = sample_norms(store, f"run/{HOOKS[1]}", files=2)
+    fig = stats_figure(stats, norms)
+    axes = fig.get_axes()
+    assert len(axes) == 3 and [a.get_xlabel() for a in axes] == ["dimension", "dimension", "L2 norm"]
+    assert np.asarray(axes[0].get_lines()[0].get_ydata()).shape == (8,) and norms.numel() > 0
+    rc, _, err = run_cli(["stats", str(store.root / "run" / "nohook")], capsys)
+    assert rc == 2 and "statistics.json does not exist" in err
+
+
+# ---- estimate ----
+
+
+def test_parse_bandwidth() -> None:
+    assert parse_bandwidth("1Gbps") == 125e6 and parse_bandwidth("100MB/s") == 100e6
+    assert parse_bandwidth("500 Mbit/s") == 62.5e6
+
+
+def test_estimate_from_config_without_weights(tiny_model_dir, tmp_path: Path, capsys) -> None:
+    from activault.demo import demo_config
+
+    cfg = demo_config(tiny_model_dir("llama"), str(tmp_path / "vault")).model_dump(mode="json")
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    rc, out, _ = run_cli(["estimate", "--config", str(path), "--price", "1.0", "--bandwidth", "8Mbps"], capsys)
+    assert rc == 0
+    tokens = 12 * 8 * 128
+    per_hook = tokens * (64 * 4 + 8)  # float32 states of d=64 + int32 id and position
+    assert f"{tokens:,}" in out and "3 per hook" in out and out.count("d=64") == 3
+    total = 3 * per_hook
+    assert f"${total / 1e9:,.2f}/month at $1.0/GB-month" in out
+    assert f"{total / 1e6:.0f} s at 8Mbps" in out or "min at 8Mbps" in out
+    rc, _, err = run_cli(["estimate", "--config", str(path), "--bandwidth", "fast"], capsys)
+    assert rc == 2 and "bandwidth 'fast'" in err
+
+
+# ---- a real collection, and S3 ----
+
+
+def test_verify_inspect_and_stats_on_a_collected_run(tiny_model_dir, tmp_path: Path, capsys) -> None:
+    from activault.collect import collect
+    from activault.demo import HOOKS as DEMO_HOOKS
+    from activault.demo import demo_config
+
+    cfg = demo_config(tiny_model_dir("llama"), str(tmp_path / "vault"))
+    cfg.data_config.n_batches = 6
+    collect(cfg, show_progress=False)
+    run_dir = tmp_path / "vault" / "demo"
+    rc, out, _ = run_cli(["verify", str(run_dir)], capsys)
+    assert rc == 0 and out.startswith("OK") and f"3 hooks, 2 files per hook, {6 * 8 * 128:,} tokens" in out
+    rc, out, _ = run_cli(["inspect", str(run_dir / DEMO_HOOKS[0] / fmt.file_name(0, 0))], capsys)
+    assert rc == 0 and "First 4 rows as text" in out and "JSON" in out
+    rc, out, _ = run_cli(["stats", str(run_dir / DEMO_HOOKS[1])], capsys)
+    assert rc == 0 and "d_model     64" in out and "machines    [0]" in out
+
+
+@pytest.fixture(scope="module")
+def moto_url():
+    from synth import start_moto, stop_moto
+
+    url, proc = start_moto()
+    try:
+        yield url
+    finally:
+        stop_moto(proc)
+
+
+@pytest.mark.s3
+def test_commands_on_s3(moto_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys) -> None:
+    from synth import create_bucket, s3_env
+
+    from activault.store import open_store
+
+    create_bucket(moto_url, "inspect-cmds")
+    for k, v in s3_env(moto_url).items():
+        monkeypatch.setenv(k, v)
+    store = open_store("s3://inspect-cmds/prefix")
+    run = write_synthetic_run(store, "run", HOOKS, machines=2, files=2)
+    base = "s3://inspect-cmds/prefix/run"
+    rc, out, _ = run_cli(["verify", base], capsys)
+    assert rc == 0 and out.startswith(f"OK  {base}: 2 hooks, 4 files")
+    rc, out, _ = run_cli(["ls", "s3://inspect-cmds"], capsys)
+    assert rc == 0 and f"prefix/run/{HOOKS[0]}/  4 files" in out
+    rc, out, _ = run_cli(["inspect", f"{base}/{HOOKS[0]}/{run.names[1]}", "--json"], capsys)
+    assert rc == 0 and json.loads(out)["tensors"]["states"]["shape"] == [4, 16, 8]
+    rc, out, _ = run_cli(["stats", f"{base}/{HOOKS[0]}", "--plot", str(tmp_path / "s.png")], capsys)
+    assert rc == 0 and (tmp_path / "s.png").read_bytes()[:8] == PNG_SIGNATURE
+    store.delete(f"run/{HOOKS[0]}/{run.names[0]}")
+    store.put(f"run/{HOOKS[1]}/{run.names[1]}", bytes(store.get(f"run/{HOOKS[1]}/{run.names[1]}"))[:100])
+    rc, out, _ = run_cli(["verify", base], capsys)
+    assert rc == 1 and f"{HOOKS[0]}: 1 file(s) missing" in out and f"{HOOKS[1]}/{run.names[1]}: corrupted or truncated" in out
+    rc, _, err = run_cli(["inspect", f"{base}/{HOOKS[0]}/{run.names[0]}"], capsys)
+    assert rc == 2 and "does not exist" in err

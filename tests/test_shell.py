@@ -1,0 +1,291 @@
+"""`activault s3`: the interactive shell driven through a pseudo-terminal, on a local store and on moto S3."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pexpect
+import pytest
+from synth import SynthRun, create_bucket, s3_env, start_moto, stop_moto, write_synthetic_run
+from test_inspect import retokenize
+
+from activault.store import LocalStore, Store, open_store
+
+HOOKS = ["models.layers.0.post", "models.layers.1.mlp.post"]
+TIMEOUT = 30
+
+
+def spawn(args: list[str], env: dict[str, str], cwd: Path) -> pexpect.spawn:
+    full = {**os.environ, **env, "TERM": "dumb", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    child = pexpect.spawn(sys.executable, ["-m", "activault", "s3", *args], env=full, cwd=str(cwd),
+                          encoding="utf-8", timeout=TIMEOUT, dimensions=(50, 250))
+    return child
+
+
+class Session:
+    """A shell child and the prompt of the folder it is in."""
+
+    def __init__(self, child: pexpect.spawn, root: str):
+        self.child, self.root = child, root.rstrip("/")
+
+    def prompt(self, where: str = "") -> str:
+        return f"{self.root}/{where}> " if where else f"{self.root}> "
+
+    def run(self, line: str, where: str = "") -> str:
+        """Send a command and return what it printed before the next prompt (at `where`)."""
+        self.child.sendline(line)
+        self.child.expect_exact(self.prompt(where))
+        out = self.child.before or ""
+        # The terminal echoes the line first.
+        return out.split("\n", 1)[1] if "\n" in out else ""
+
+    def close(self) -> None:
+        if self.child.isalive():
+            self.child.sendline("exit")
+            self.child.expect(pexpect.EOF)
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> tuple[LocalStore, SynthRun]:
+    store = LocalStore(tmp_path / "vault", fsync=False)
+    return store, write_synthetic_run(store, "run", HOOKS, machines=2, files=2)
+
+
+@pytest.fixture
+def history(tmp_path: Path) -> Path:
+    return tmp_path / "hist" / "history"
+
+
+def open_shell(root: str, tmp_path: Path, history: Path, env: dict[str, str] | None = None, args: list[str] | None = None) -> Session:
+    child = spawn(["--root", root] if args is None else args, {"ACTIVAULT_HISTORY": str(history), **(env or {})}, tmp_path)
+    s = Session(child, root)
+    child.expect_exact(s.prompt())
+    return s
+
+
+def test_navigation_listing_cat_help_and_history(local, tmp_path: Path, history: Path) -> None:
+    store, run = local
+    root = str(store.root)
+    s = open_shell(root, tmp_path, history)
+    out = s.run("ls")
+    assert re.search(r"^\s+0\s+run/\s*$", out, re.M)
+    assert s.run("cd 0", "run") == ""
+    out = s.run("ls", "run")
+    # folders first (numbered), then files with sizes
+    assert re.search(rf"^\s+0\s+{re.escape(HOOKS[0])}/", out, re.M) and re.search(r"^\s+2\s+progress/", out, re.M)
+    assert re.search(r"^\s+3\s+cfg\.json\s+\d+ B", out, re.M)
+    out = s.run("cat 3", "run")
+    assert '"tokenizer": "synthetic"' in out
+    s.run(f"cd {HOOKS[1]}", f"run/{HOOKS[1]}")
+    out = s.run("ls", f"run/{HOOKS[1]}")
+    assert all(n in out for n in run.names) and re.search(r"\d\.\d KB", out)
+    s.run("cd ..", "run")
+    s.run("cd 0", f"run/{HOOKS[0]}")
+    s.run("cd", "")
+    s.run(f"cd /run/{HOOKS[0]}", f"run/{HOOKS[0]}")
+    s.run(f"cd ../{HOOKS[1]}", f"run/{HOOKS[1]}")
+    assert "is a file" in s.run("cd ../cfg.json/x", f"run/{HOOKS[1]}")
+    s.run("cd /", "")
+    out = s.run("help")
+    assert all(c in out for c in ("ls", "cd", "cat", "rm", "filecount", "sizecheck", "inspect", "exit"))
+    s.close()
+    assert "cd 0" in history.read_text() and "help" in history.read_text()
+    # history is read back by the next session: Ctrl-P (previous line) recalls earlier commands
+    s = open_shell(root, tmp_path, history)
+    s.child.send("\x10\x10\r")  # Ctrl-P twice: past `exit` to `help`
+    s.child.expect_exact(s.prompt())
+    assert "help" in (s.child.before or "") and "commands" in (s.child.before or "")
+    s.close()
+
+
+def test_bad_input_prints_one_line_hints(local, tmp_path: Path, history: Path) -> None:
+    store, run = local
+    s = open_shell(str(store.root), tmp_path, history)
+    assert "unknown command 'frobnicate'" in s.run("frobnicate")
+    assert "no entry 7 here" in s.run("cd 7")
+    s.run("cd run", "run")
+    out = s.run("cd 3", "run")
+    assert "cfg.json is a file, not a folder" in out
+    out = s.run("rm", "run")
+    assert "usage: rm" in out
+    assert "is not here" in s.run("cat nothing.json", "run")
+    assert "is a folder" in s.run("inspect 0", "run")
+    assert "usage: inspect" in s.run("inspect", "run")
+    for out in (s.run(c, "run") for c in ("frobnicate", "cd 7", "cd 3", "rm", "cat 1 2")):
+        assert "Traceback" not in out and len(out.strip().splitlines()) == 1
+    s.child.sendintr()  # Ctrl-C at the prompt: a fresh prompt, still running
+    s.child.expect_exact(s.prompt("run"))
+    s.child.sendeof()  # Ctrl-D leaves
+    s.child.expect(pexpect.EOF)
+    s.child.close()
+    assert s.child.exitstatus == 0
+
+
+def test_redirect_filecount_and_sizecheck(local, tmp_path: Path, history: Path) -> None:
+    store, run = local
+    store.delete(f"run/{HOOKS[1]}/{run.names[1]}")  # a hook with a missing file
+    key = f"run/{HOOKS[0]}/{run.names[2]}"
+    store.put(key, bytes(store.get(key)) + b"extra")  # an odd size
+    s = open_shell(str(store.root), tmp_path, history)
+    s.run("cd 0", "run")
+    out = s.run("filecount", "run")
+    line1 = next(ln for ln in out.splitlines() if HOOKS[1] in ln)
+    assert "3 megabatches" in line1 and "❌" in line1 and run.names[1] in line1
+    assert "❌" not in next(ln for ln in out.splitlines() if HOOKS[0] in ln)
+    out = s.run("sizecheck", "run")
+    assert re.search(rf"❌ {run.names[2]}.*odd size", out)
+    assert f"{HOOKS[1]}/" in out and "4 megabatches" in out
+    out = s.run("ls > listing.txt", "run")
+    assert "output written to listing.txt" in out and "cfg.json" not in out
+    text = (tmp_path / "listing.txt").read_text()
+    assert "cfg.json" in text and HOOKS[0] in text
+    s.run("filecount > counts.txt", "run")
+    assert "❌" in (tmp_path / "counts.txt").read_text()
+    s.close()
+
+
+def test_inspect_in_the_shell_shows_rows_and_full_text(local, tmp_path: Path, history: Path, tiny_model_dir) -> None:
+    from transformers import AutoTokenizer
+
+    store, run = local
+    model_dir = tiny_model_dir("llama")
+    rows = retokenize(store, run, model_dir)
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    s = open_shell(str(store.root), tmp_path, history)
+    s.run("cd run", "run")
+    s.run(f"cd {HOOKS[0]}", f"run/{HOOKS[0]}")
+    s.child.sendline(f"inspect {run.names[0]}")
+    s.child.expect_exact("to view full text, or 'q' to quit: ")
+    out = s.child.before or ""
+    for text in ("Model: tiny", "states: [4, 16, 8] bfloat16", "No NaNs: ✅", "No Infs: ✅", "Row 3: "):
+        assert text in out
+    assert str(tok.decode(rows[0]))[:30].replace("\n", "\\n") in out
+    s.child.sendline("2")
+    s.child.expect_exact("'q' to quit: ")
+    assert str(tok.decode(rows[2])).splitlines()[0] in (s.child.before or "")
+    s.child.sendline("99")
+    s.child.expect_exact("'q' to quit: ")
+    assert "enter a number from 0 to 3" in (s.child.before or "")
+    s.child.sendline("q")
+    s.child.expect_exact(s.prompt(f"run/{HOOKS[0]}"))
+    s.child.sendline("inspect 1")
+    s.child.expect_exact("'q' to quit: ")
+    s.child.sendintr()  # Ctrl-C cancels the command, not the shell
+    s.child.expect_exact(s.prompt(f"run/{HOOKS[0]}"))
+    assert "cancelled" in (s.child.before or "")
+    s.close()
+
+
+def test_rm_asks_first_then_deletes(local, tmp_path: Path, history: Path) -> None:
+    store, run = local
+    s = open_shell(str(store.root), tmp_path, history)
+    s.run("cd run", "run")
+    s.run(f"cd {HOOKS[0]}", f"run/{HOOKS[0]}")
+    s.child.sendline("rm 0 1")
+    s.child.expect(r"delete .*\(2 files, .*\)\? \[y/N\] ")
+    s.child.sendline("n")
+    s.child.expect_exact(s.prompt(f"run/{HOOKS[0]}"))
+    assert "nothing deleted" in (s.child.before or "")
+    assert store.exists(f"run/{HOOKS[0]}/{run.names[0]}")
+    s.child.sendline("rm 0 1")
+    s.child.expect_exact("[y/N] ")
+    s.child.sendline("y")
+    s.child.expect_exact(s.prompt(f"run/{HOOKS[0]}"))
+    assert "deleted 2/2" in (s.child.before or "")
+    assert not store.exists(f"run/{HOOKS[0]}/{run.names[0]}") and store.exists(f"run/{HOOKS[0]}/{run.names[2]}")
+    s.run("cd ..", "run")
+    s.child.sendline(f"rm {HOOKS[1]}")  # a folder
+    s.child.expect_exact("[y/N] ")
+    s.child.sendline("yes")
+    s.child.expect_exact(s.prompt("run"))
+    assert not store.list(f"run/{HOOKS[1]}/")
+    assert f"{HOOKS[1]}/" not in s.run("ls", "run")
+    s.close()
+
+
+def test_missing_root_and_bucket_are_one_line_errors(tmp_path: Path, history: Path) -> None:
+    child = spawn(["--root", str(tmp_path / "nope")], {"ACTIVAULT_HISTORY": str(history)}, tmp_path)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 2 and "is not a folder" in (child.before or "")
+    env = {k: "" for k in ("S3_BUCKET_NAME",)}
+    child = spawn([], {"ACTIVAULT_HISTORY": str(history), **env}, tmp_path)
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 2 and "S3_BUCKET_NAME is not set" in (child.before or "")
+    assert "Traceback" not in (child.before or "")
+
+
+# ---- S3 (moto) ----
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[str]:
+    url, proc = start_moto()
+    try:
+        yield url
+    finally:
+        stop_moto(proc)
+
+
+@pytest.fixture
+def s3(moto: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> tuple[Store, SynthRun, dict[str, str]]:
+    bucket = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-")
+    create_bucket(moto, bucket)
+    env = s3_env(moto)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    store = open_store(f"s3://{bucket}")
+    return store, write_synthetic_run(store, "run", HOOKS, machines=1, files=2), {**env, "S3_BUCKET_NAME": bucket}
+
+
+@pytest.mark.s3
+def test_s3_shell_on_the_default_bucket(s3, tmp_path: Path, history: Path) -> None:
+    store, run, env = s3
+    s = open_shell(store.uri, tmp_path, history, env=env, args=[])  # no --root: s3://$S3_BUCKET_NAME
+    assert re.search(r"^\s+0\s+run/", s.run("ls"), re.M)
+    s.run("cd run", "run")
+    assert "2 megabatches" in s.run("filecount", "run")
+    s.run(f"cd {HOOKS[0]}", f"run/{HOOKS[0]}")
+    out = s.run("sizecheck", f"run/{HOOKS[0]}")
+    assert "2 megabatches" in out and "❌" not in out
+    out = s.run("cat metadata.json", f"run/{HOOKS[0]}")
+    assert '"d_model": 8' in out
+    s.child.sendline("inspect 0")
+    s.child.expect_exact("'q' to quit: ")
+    out = s.child.before or ""
+    assert "No NaNs: ✅" in out and "states: [4, 16, 8] bfloat16" in out and "showing ids" in out
+    s.child.sendline("q")
+    s.child.expect_exact(s.prompt(f"run/{HOOKS[0]}"))
+    assert "is a file, not a folder" in s.run("cd 0", f"run/{HOOKS[0]}")
+    s.close()
+
+
+@pytest.mark.s3
+def test_s3_shell_rm_and_prefix_root(s3, tmp_path: Path, history: Path) -> None:
+    store, run, env = s3
+    s = open_shell(store.url("run"), tmp_path, history, env=env)
+    s.run(f"cd {HOOKS[1]}", HOOKS[1])
+    s.child.sendline("rm 0")
+    s.child.expect_exact("[y/N] ")
+    s.child.sendline("")
+    s.child.expect_exact(s.prompt(HOOKS[1]))
+    assert store.exists(f"run/{HOOKS[1]}/{run.names[0]}")
+    s.child.sendline(f"rm {run.names[0]}")
+    s.child.expect_exact("[y/N] ")
+    s.child.sendline("y")
+    s.child.expect_exact(s.prompt(HOOKS[1]))
+    assert not store.exists(f"run/{HOOKS[1]}/{run.names[0]}")
+    s.run("cd ..")
+    out = s.run("filecount")
+    assert "❌" in next(ln for ln in out.splitlines() if HOOKS[1] in ln)
+    s.close()
+    bad = spawn(["--root", "s3://no-such-bucket-here"], {**env, "ACTIVAULT_HISTORY": str(history)}, tmp_path)
+    bad.expect(pexpect.EOF)
+    bad.close()
+    assert bad.exitstatus == 2 and "does not exist" in (bad.before or "")
+
