@@ -241,6 +241,10 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
         return result
 
     write_json(store, f"{run}/cfg.json", record)
+    # Only this machine writes these names, and its previous process is gone: its temp files are stale.
+    for h in uc.hooks:
+        store.clear_partial(f"{run}/{h}", f"m{machine:05d}-")
+    store.clear_partial(f"{run}/progress", f"machine-{machine:05d}")
     model = load_model(tc, specs)
     device = next(model.parameters()).device
     stats = {h: RunningStats(dims[h], device) for h in uc.hooks}

@@ -71,7 +71,7 @@ class Store(ABC):
     def check(self, write: bool = False) -> None:
         """Fail now, with a clear message, if the store cannot be reached (or, with `write`, written)."""
 
-    def cost_notes(self, nbytes: int) -> list[str]:
+    def cost_notes(self, nbytes: int) -> builtins.list[str]:
         """Warnings about moving `nbytes` to this store (remote endpoints, egress); none for local."""
         return []
 
@@ -86,6 +86,10 @@ class Store(ABC):
 
     def put_text(self, key: str, text: str) -> None:
         self.put(key, text.encode())
+
+    def clear_partial(self, folder: str, name_prefix: str) -> int:
+        """Remove leftovers of writes that were killed mid-way (only the local store has any)."""
+        return 0
 
     def delete_prefix(self, prefix: str) -> int:
         entries = self.list(prefix)
@@ -224,6 +228,15 @@ class LocalStore(Store):
             except OSError:
                 break
             parent = parent.parent
+
+
+    def clear_partial(self, folder: str, name_prefix: str) -> int:
+        # Temp files are `.{name}.{random}.tmp` (see put); a killed writer leaves its own behind.
+        base = self._path(folder)
+        stale = list(base.glob(f".{name_prefix}*.tmp")) if base.is_dir() else []
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return len(stale)
 
 
 def s3_settings(env: dict[str, str] | None = None) -> dict[str, str]:
