@@ -50,10 +50,10 @@ def test_failed_write_is_raised_and_commit_skipped(tmp_path):
     store = SlowStore(tmp_path, delay=0.0, fail_on="bad")
     writer = Writer(store, threads=2)
     committed = []
-    f1 = writer.write("good", [b"x"])
-    f2 = writer.write("bad", [b"y"])
-    writer.commit([f1, f2], lambda: committed.append(1))
     with pytest.raises(StorageError, match="disk full"):
+        f1 = writer.write("good", [b"x"])
+        f2 = writer.write("bad", [b"y"])
+        writer.commit([f1, f2], lambda: committed.append(1))  # raises here if the failure came first
         writer.flush()
     assert committed == []
     with pytest.raises(StorageError):

@@ -128,8 +128,11 @@ class Config(_Section):
     storage: str | None = None
     """Where to store: a path or file:// (local), or s3://bucket[/prefix]. See `resolve_storage`."""
     transformer_config: TransformerConfig
+    """The model: which, in what dtype, on which devices."""
     data_config: DataConfig
+    """The text: which dataset, how many tokens, how rows are packed and cleaned."""
     upload_config: UploadConfig
+    """What is captured and how it is written."""
 
     @field_validator("run_name")
     @classmethod

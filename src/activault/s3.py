@@ -29,11 +29,12 @@ from .store import Buffer, Entry, Store, _as_parts, _join, parse_s3_uri, s3_sett
 PART_SIZE = 16 << 20
 PART_CONCURRENCY = 8
 MULTIPART_THRESHOLD = 32 << 20
-# Data requests: a 16 MiB part at a slow 2 MB/s still finishes in 8 s; 10 retries with backoff
-# capped at 15 s ride out a server restart or a minute of throttling before the run stops.
+# Data requests: a 16 MiB part at a slow 2 MB/s still finishes in 8 s. object_store's backoff is
+# random in [init, last * base] (decorrelated jitter), so 10 retries can pass in 2 s; 30 retries
+# capped at 15 s each and 5 minutes in all ride out a server restart or a minute of throttling.
 TIMEOUT = "120s"
 CONNECT_TIMEOUT = "5s"
-MAX_RETRIES = 10
+MAX_RETRIES = 30
 RETRY_TIMEOUT = timedelta(minutes=5)
 # check() must answer in seconds: an unreachable endpoint is a configuration error, not an outage.
 CHECK_TIMEOUT = "10s"
@@ -160,9 +161,9 @@ class S3Store(Store):
                 obstore.put(fast, probe, b"ok", use_multipart=False)
                 obstore.delete(fast, probe)
         except (BaseError, OSError) as e:
-            raise self._check_error(e, write) from None
+            raise self._check_error(e) from None
 
-    def _check_error(self, e: BaseException, write: bool) -> StorageError:
+    def _check_error(self, e: BaseException) -> StorageError:
         text = str(e)
         low = text.lower()
         if "NoSuchBucket" in text or "bucket does not exist" in low or "specified bucket" in low:
@@ -171,9 +172,8 @@ class S3Store(Store):
                 "with S3_BUCKET_NAME, data_config.bucket_name or --storage s3://BUCKET"
             )
         if any(s in text for s in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "401")):
-            what = "writing to" if write else "reading"
             return StorageError(
-                f"{self.where} refused {what} s3://{self.bucket} with these credentials: check AWS_ACCESS_KEY_ID and "
+                f"{self.where} refused access to s3://{self.bucket} with these credentials: check AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary credentials)"
             )
         if any(s in low for s in ("connect", "dns", "timed out", "timeout", "reset", "refused", "error sending request")):

@@ -1,0 +1,298 @@
+"""Real S3 servers on 127.0.0.1 for tests and benchmarks: moto, s3rver (npm), and a fault-injecting proxy.
+
+Every server listens on a free loopback port; `stop()` and `start()` keep the port, so a client
+configured with the endpoint sees an outage and a recovery. A missing server raises (a test that
+needs it fails, it is not skipped): install s3rver with `scripts/install_s3rver.sh`.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import random
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+S3RVER_BIN = REPO / ".ci" / "node_modules" / ".bin" / "s3rver"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return  # any HTTP answer means it is listening
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not start at {url}") from None
+            time.sleep(0.1)
+
+
+class S3Server:
+    """One S3 server process on a fixed loopback port; `env` is what activault's S3Store needs."""
+
+    name = ""
+    access_key = ""
+    secret_key = ""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def ready_url(self) -> str:
+        return self.url + "/"
+
+    def start(self, timeout: float = 30.0) -> S3Server:
+        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            _wait_http(self.ready_url(), self.proc, timeout, self.name)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def env(self, url: str | None = None) -> dict[str, str]:
+        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
+                "AWS_REGION": "us-east-1", "S3_ENDPOINT_URL": url or self.url}
+
+    def client(self) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
+                            config=Config(retries={"max_attempts": 2}, s3={"addressing_style": "path"}))
+
+    def create_bucket(self, bucket: str) -> None:
+        self.client().create_bucket(Bucket=bucket)
+
+    def objects(self, bucket: str) -> dict[str, bytes]:
+        """Every object of `bucket`: key -> bytes."""
+        c = self.client()
+        out = {}
+        for page in c.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for o in page.get("Contents", []):
+                out[o["Key"]] = c.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+        return out
+
+    def multipart_uploads(self, bucket: str) -> list[dict[str, Any]]:
+        return list(self.client().list_multipart_uploads(Bucket=bucket).get("Uploads", []))
+
+
+class MotoServer(S3Server):
+    """`moto_server` (in memory: a restart loses every object)."""
+
+    name = "moto"
+    access_key = "AKIAMOTOTESTKEY"
+    secret_key = "moto-secret-7f3b9c2e-never-logged"
+
+    def command(self) -> list[str]:
+        exe = shutil.which("moto_server")
+        if exe is None:
+            raise RuntimeError("moto_server is not installed: pip install 'moto[server]'")
+        return [exe, "-H", "127.0.0.1", "-p", str(self.port)]
+
+    def ready_url(self) -> str:
+        return self.url + "/moto-api/"
+
+
+class S3rverServer(S3Server):
+    """s3rver from npm, objects in a folder (kept across restarts), credentials S3RVER/S3RVER."""
+
+    name = "s3rver"
+    access_key = "S3RVER"
+    secret_key = "S3RVER"
+
+    def __init__(self, directory: Path):
+        super().__init__()
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+
+    def command(self) -> list[str]:
+        exe = str(S3RVER_BIN) if S3RVER_BIN.exists() else shutil.which("s3rver")
+        if exe is None:
+            raise RuntimeError("s3rver is not installed: run scripts/install_s3rver.sh (npm install into .ci/)")
+        return [exe, "--directory", str(self.directory), "--address", "127.0.0.1", "--port", str(self.port), "--silent"]
+
+
+def start_server(kind: str, directory: Path) -> S3Server:
+    """A started server of `kind` ("moto" or "s3rver")."""
+    server: S3Server = MotoServer() if kind == "moto" else S3rverServer(directory)
+    return server.start()
+
+
+# -- fault-injecting proxy -----------------------------------------------------------------------
+
+FAULTS = ("503", "reset", "stall")
+_HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
+
+
+class FaultProxy:
+    """An HTTP proxy on 127.0.0.1 in front of an S3 server that breaks a seeded fraction of requests.
+
+    Each request, after its body is read, is (with probability `rate`, kinds in turn): forward it; answer 503 SlowDown; reset the
+    connection (RST, no answer); or stall `stall_s` seconds (past the client's timeout) and close.
+    `down = True` resets every connection (an outage). `counts` tallies what happened. Only requests
+    for which `when(method, path)` holds draw faults; `on_request(method, path)` sees every request.
+    """
+
+    def __init__(self, upstream: str, *, rate: float = 0.0, faults: tuple[str, ...] = FAULTS, seed: int = 0,
+                 stall_s: float = 3.0, skip: int = 0, when: Callable[[str, str], bool] | None = None,
+                 on_request: Callable[[str, str], None] | None = None):
+        self.upstream = upstream.removeprefix("http://")
+        self.rate, self.faults, self.stall_s = rate, faults, stall_s
+        self.skip = skip  # requests forwarded untouched before faults start (e.g. the bucket check)
+        self.when, self.on_request = when, on_request
+        self.down = False
+        self.counts: Counter[str] = Counter()
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _handle(self) -> None:
+                body = self._body()
+                if proxy.on_request is not None:
+                    proxy.on_request(self.command, self.path)
+                fault = proxy._draw(self.command, self.path)
+                if fault == "reset" or proxy.down:
+                    _reset(self.connection)
+                    self.close_connection = True
+                    return
+                if fault == "stall":
+                    time.sleep(proxy.stall_s)
+                    self.close_connection = True
+                    return
+                if fault == "503":
+                    msg = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(msg)))
+                    self.end_headers()
+                    self.wfile.write(msg)
+                    return
+                self._forward(body)
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks: list[bytes] = []
+                    while True:
+                        n = int(self.rfile.readline().split(b";")[0], 16)
+                        data = self.rfile.read(n + 2)[:n]
+                        if n == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            return b"".join(chunks)
+                        chunks.append(data)
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _forward(self, body: bytes) -> None:
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP and k.lower() != "content-length"}
+                    if body or self.command in ("PUT", "POST"):
+                        headers["Content-Length"] = str(len(body))
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    data = resp.read()
+                except OSError:
+                    _reset(self.connection)  # upstream down: the client sees a reset
+                    self.close_connection = True
+                    return
+                finally:
+                    conn.close()
+                with proxy._lock:
+                    proxy.counts["forwarded"] += 1
+                self.send_response_only(resp.status, resp.reason)
+                for k, v in resp.getheaders():
+                    if k.lower() not in _HOP and k.lower() != "content-length":
+                        self.send_header(k, v)
+                if self.command != "HEAD":
+                    self.send_header("Content-Length", str(len(data)))
+                elif resp.getheader("Content-Length"):
+                    self.send_header("Content-Length", resp.getheader("Content-Length") or "0")
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def _draw(self, method: str, path: str) -> str | None:
+        with self._lock:
+            self.counts["requests"] += 1
+            if self.when is not None and not self.when(method, path):
+                return None
+            if self.counts["requests"] <= self.skip or self._rng.random() >= self.rate:
+                return None
+            # Which requests fail is seeded; their kinds take turns, so every kind happens.
+            fault = self.faults[self.counts["faults"] % len(self.faults)]
+            self.counts["faults"] += 1
+            self.counts[fault] += 1
+            return fault
+
+    def __enter__(self) -> FaultProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _reset(sock: socket.socket) -> None:
+    """Close with RST instead of FIN: the client sees 'connection reset by peer'."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    except OSError:
+        pass
+
+
+def environ_without_s3() -> dict[str, str]:
+    """os.environ minus every S3/AWS setting (so a test's env is the only one in effect)."""
+    return {k: v for k, v in os.environ.items() if not (k.startswith("AWS_") or k.startswith("S3_"))}

@@ -1,0 +1,269 @@
+"""Collection to and reading from real S3 servers (moto, s3rver) equals the local store byte for byte,
+through outages, a fault-injecting proxy and permanent errors; bad settings give one clear message."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from s3servers import FaultProxy, S3Server, free_port, start_server
+from test_collect import make_cfg, tree_bytes
+
+from activault import cli
+from activault import s3 as s3mod
+from activault.collect import collect
+from activault.errors import StorageError
+from activault.format import decode
+from activault.reader import RCache
+from activault.s3 import S3Store, is_local_endpoint
+
+pytestmark = pytest.mark.s3
+HOOKS = ["models.layers.1.post", "models.layers.0.mlp.post"]
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model_dir):
+    return tiny_model_dir("llama")
+
+
+@pytest.fixture(scope="module")
+def reference(llama, tmp_path_factory) -> dict[str, bytes]:
+    """Every file of the same config collected to the local store."""
+    out = tmp_path_factory.mktemp("local")
+    collect(make_cfg(llama, out), show_progress=False)
+    return tree_bytes(out / "run")
+
+
+@pytest.fixture(scope="module", params=["moto", "s3rver"])
+def server(request, tmp_path_factory) -> Iterator[S3Server]:
+    srv = start_server(request.param, tmp_path_factory.mktemp(f"{request.param}-data"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory) -> Iterator[S3Server]:
+    """A moto server of its own, for the tests that need moto's ListMultipartUploads."""
+    srv = start_server("moto", tmp_path_factory.mktemp("moto-only"))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def moto_bucket(moto: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    moto.create_bucket(name)
+    use_env(monkeypatch, moto.env())
+    return name
+
+
+def use_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:
+    for k in list(os.environ):
+        if k.startswith("AWS_") or k.startswith("S3_"):
+            monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+
+
+@pytest.fixture
+def bucket(server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    server.create_bucket(name)
+    use_env(monkeypatch, server.env())
+    return name
+
+
+@pytest.fixture
+def fast_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Short timeouts so stalls and outages are seen in seconds (production waits minutes)."""
+    monkeypatch.setattr(s3mod, "TIMEOUT", "1500ms")
+    monkeypatch.setattr(s3mod, "CONNECT_TIMEOUT", "1s")
+    monkeypatch.setattr(s3mod, "RETRY_TIMEOUT", timedelta(seconds=40))
+
+
+def s3_cfg(llama: Path, storage: str | None, **over):
+    cfg = make_cfg(llama, Path("unused"), **over)
+    cfg.storage = storage
+    return cfg
+
+
+def stored(server: S3Server, bucket: str) -> dict[str, bytes]:
+    """The run's objects keyed like tree_bytes (cfg.json without `storage`)."""
+    out = {k.removeprefix("run/"): v for k, v in sorted(server.objects(bucket).items()) if k.startswith("run/")}
+    rec = json.loads(out["cfg.json"])
+    rec["config"].pop("storage")
+    rec["config"]["data_config"]["bucket_name"] = None
+    out["cfg.json"] = json.dumps(rec).encode()
+    return out
+
+
+def assert_same(server: S3Server, bucket: str, reference: dict[str, bytes]) -> None:
+    got = stored(server, bucket)
+    assert sorted(got) == sorted(reference)
+    for k in reference:
+        assert got[k] == reference[k], k
+    if server.name == "moto":  # s3rver has no ListMultipartUploads
+        assert server.multipart_uploads(bucket) == []
+
+
+def is_megabatch_put(method: str, path: str) -> bool:
+    return method == "PUT" and ".safetensors" in path
+
+
+def test_collect_then_read_equals_local(server, bucket, llama, reference, caplog, capsys) -> None:
+    """Bucket from data_config.bucket_name (no storage): objects equal the local run's bytes."""
+    caplog.set_level(logging.INFO)
+    cfg = s3_cfg(llama, None, data={"bucket_name": bucket})
+    result = collect(cfg, show_progress=False)
+    assert result.destination == f"s3://{bucket}/run"
+    assert_same(server, bucket, reference)
+    # Read back through the reader: the same tensors as the local files.
+    with RCache(f"s3://{bucket}/run", hooks=HOOKS, return_ids=True) as cache:
+        got = list(cache)
+    for h in HOOKS:
+        names = sorted(k for k in reference if k.startswith(h + "/") and k.endswith(".safetensors"))
+        want = [decode(reference[n], n)[0] for n in names]
+        assert torch.equal(torch.cat([b["states"][h] for b in got]), torch.cat([w["states"] for w in want]))
+        assert torch.equal(torch.cat([b["input_ids"] for b in got]), torch.cat([w["input_ids"] for w in want]).long())
+    # A second run of the same command finds the machine finished and changes nothing.
+    collect(cfg, show_progress=False)
+    assert_same(server, bucket, reference)
+    out = caplog.text + capsys.readouterr().err
+    assert "s3://" + bucket in out and "note:" not in out  # loopback: no cost warning
+    assert server.secret_key not in out
+    if server.name == "moto":  # s3rver's secret is its (public) key name
+        assert all(server.secret_key.encode() not in v for v in server.objects(bucket).values())
+
+
+def test_server_restart_during_collection(server, bucket, llama, reference, fast_retries) -> None:
+    """The server goes away after the second megabatch upload starts and comes back 2 s later."""
+    puts = []
+
+    def outage(method: str, path: str) -> None:
+        if is_megabatch_put(method, path):
+            puts.append(path)
+            if len(puts) == 2:
+                if server.name == "s3rver":  # keeps its objects on disk: a real stop and start
+                    server.stop()
+                    threading.Timer(2.0, server.start).start()
+                else:  # moto keeps objects in memory only: the proxy plays the outage
+                    proxy.down = True
+                    threading.Timer(2.0, lambda: setattr(proxy, "down", False)).start()
+
+    with FaultProxy(server.url, on_request=outage) as proxy:
+        os.environ["S3_ENDPOINT_URL"] = proxy.url
+        collect(s3_cfg(llama, f"s3://{bucket}"), show_progress=False)
+    time.sleep(0.1)
+    assert len(puts) >= 2
+    assert_same(server, bucket, reference)
+
+
+def test_permanent_error_stops_and_same_command_resumes(server, bucket, llama, reference, fast_retries,
+                                                        monkeypatch) -> None:
+    monkeypatch.setattr(s3mod, "MAX_RETRIES", 2)
+    monkeypatch.setattr(s3mod, "RETRY_TIMEOUT", timedelta(seconds=3))
+    puts = []
+
+    def fail_from_third(method: str, path: str) -> None:
+        if is_megabatch_put(method, path):
+            puts.append(path)
+            if len(puts) == 3:
+                proxy.down = True
+
+    cfg = s3_cfg(llama, f"s3://{bucket}")
+    with FaultProxy(server.url, on_request=fail_from_third) as proxy:
+        os.environ["S3_ENDPOINT_URL"] = proxy.url
+        with pytest.raises(StorageError, match="run the same command again"):
+            collect(cfg, show_progress=False)
+        # Whatever reached the store is consistent: no record, or one that is not finished.
+        rec = server.objects(bucket).get("run/progress/machine-00000.json")
+        assert rec is None or not json.loads(rec)["finished"]
+        proxy.down = False
+        collect(cfg, show_progress=False)
+    assert_same(server, bucket, reference)
+
+
+def test_fault_proxy_everything_retried(moto, moto_bucket, llama, reference, fast_retries) -> None:
+    """503 SlowDown, connection resets and stalls past the timeout on a quarter of the requests."""
+    with FaultProxy(moto.url, rate=0.25, seed=3, stall_s=2.0, skip=3) as proxy:
+        os.environ["S3_ENDPOINT_URL"] = proxy.url
+        collect(s3_cfg(llama, f"s3://{moto_bucket}"), show_progress=False)
+    assert all(proxy.counts[f] > 0 for f in ("503", "reset", "stall")), proxy.counts
+    assert_same(moto, moto_bucket, reference)
+
+
+def test_multipart_parts_retried_and_failed_upload_aborted(moto, moto_bucket, fast_retries, monkeypatch) -> None:
+    data = os.urandom(13 << 20)
+    opts: dict[str, Any] = {"part_size": 5 << 20, "multipart_threshold": 6 << 20, "part_concurrency": 3}
+    with FaultProxy(moto.url, rate=0.5, faults=("503", "reset"), seed=1) as proxy:
+        store = S3Store(f"s3://{moto_bucket}/p", env=moto.env(proxy.url), **opts)
+        store.put("big", [memoryview(data[:100]), memoryview(data[100:])])
+    assert proxy.counts["503"] + proxy.counts["reset"] > 0
+    assert bytes(S3Store(f"s3://{moto_bucket}/p", env=moto.env()).get("big")) == data
+    # Every part upload fails: the run gets the error, and the upload is aborted (no hidden parts).
+    monkeypatch.setattr(s3mod, "MAX_RETRIES", 1)
+    with FaultProxy(moto.url, rate=1.0, faults=("503",), when=lambda m, p: m == "PUT" and "partNumber" in p) as proxy:
+        store = S3Store(f"s3://{moto_bucket}/p", env=moto.env(proxy.url), **opts)
+        with pytest.raises(StorageError, match="cannot upload s3://.*/p/big2"):
+            store.put("big2", [memoryview(data)])
+    assert moto.multipart_uploads(moto_bucket) == []
+    assert S3Store(f"s3://{moto_bucket}/p", env=moto.env()).size("big2") is None
+
+
+def _cli_collect(tmp_path: Path, llama: Path, storage: str, monkeypatch, capsys) -> tuple[int, str, float]:
+    import activault.model
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights loaded before the storage check")
+
+    monkeypatch.setattr(activault.model, "load_model", no_weights)
+    raw = s3_cfg(llama, storage).to_public_dict()
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    t0 = time.monotonic()
+    rc = cli.main(["collect", "--config", str(path), "--quiet"])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return rc, err, time.monotonic() - t0
+
+
+def test_bad_settings_give_one_clear_message(server, bucket, llama, tmp_path, monkeypatch, capsys) -> None:
+    secret = server.secret_key
+    rc, err, _ = _cli_collect(tmp_path, llama, "s3://no-such-bucket-x1", monkeypatch, capsys)
+    assert rc == 2 and "bucket 'no-such-bucket-x1' does not exist" in err, err
+    if server.name == "s3rver":  # moto accepts any credentials; s3rver checks the key id
+        use_env(monkeypatch, {**server.env(), "AWS_ACCESS_KEY_ID": "WRONGKEY", "AWS_SECRET_ACCESS_KEY": "wrong-secret-5a1e"})
+        rc, err, _ = _cli_collect(tmp_path, llama, f"s3://{bucket}", monkeypatch, capsys)
+        assert rc == 2 and "refused" in err and "AWS_SECRET_ACCESS_KEY" in err, err
+        assert "wrong-secret-5a1e" not in err
+    use_env(monkeypatch, {"S3_ENDPOINT_URL": server.url})
+    rc, err, _ = _cli_collect(tmp_path, llama, f"s3://{bucket}", monkeypatch, capsys)
+    assert rc == 2 and "no S3 credentials" in err, err
+    use_env(monkeypatch, {**server.env(), "S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"})
+    rc, err, seconds = _cli_collect(tmp_path, llama, f"s3://{bucket}", monkeypatch, capsys)
+    assert rc == 2 and "cannot reach the S3 endpoint" in err and seconds < 15, (err, seconds)
+    if server.name == "moto":
+        assert secret not in err
+
+
+def test_cost_notes() -> None:
+    assert is_local_endpoint("http://127.0.0.1:9000") and is_local_endpoint("http://localhost")
+    assert is_local_endpoint("http://10.1.2.3:9000") and is_local_endpoint("http://192.168.0.5")
+    assert not is_local_endpoint("https://s3.us-east-1.amazonaws.com") and not is_local_endpoint("")
+    env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "eu-west-1"}
+    assert "egress" in S3Store("s3://bkt", env=env).cost_notes(10**10)[0]
+    remote = S3Store("s3://bkt", env={**env, "S3_ENDPOINT_URL": "https://acct.r2.cloudflarestorage.com"})
+    assert "remote endpoint acct.r2.cloudflarestorage.com" in remote.cost_notes(10**10)[0]
+    assert S3Store("s3://bkt", env={**env, "S3_ENDPOINT_URL": "http://127.0.0.1:1"}).cost_notes(10**10) == []
+    assert "s" not in repr(S3Store("s3://bkt", env={**env, "AWS_SECRET_ACCESS_KEY": "zzsecret"})).split("zz")[1:]
