@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from activault.collect import collect
 from activault.config import parse_config
@@ -98,7 +98,7 @@ def test_layout_and_shapes(run):
     assert torch.equal(a["input_ids"], b["input_ids"]) and torch.equal(a["positions"], b["positions"])
 
 
-def _documents(cfg, tokenizer):
+def _documents(tokenizer):
     spec = resolve_source(CORPUS)
     for doc in iter_documents(spec):
         ids, keep = encode_document(doc, tokenizer, clean_added_tokens=True, clean_default_system_prompt=True)
@@ -106,15 +106,14 @@ def _documents(cfg, tokenizer):
             yield ids, keep
 
 
-def test_stored_states_equal_model_on_each_document_alone(run, llama):
-    """Invariants 1 and 2: each stored residual equals the block's output for its piece of document run
-    alone (a document split across rows continues in the next row with the context starting there)."""
-    cfg, root, _ = run
-    tok = AutoTokenizer.from_pretrained(llama)
-    model = AutoModelForCausalLM.from_pretrained(llama, dtype=torch.float32).eval()
-    stored = load_hook(root, "models.layers.1.post")
-    S = cfg.data_config.seq_length
-    docs = _documents(cfg, tok)
+def assert_states_equal_model(root: Path, model_dir: Path, hook: str, layer: int, S: int) -> int:
+    """Each stored residual equals the block's output for its piece of document run alone (a document
+    split across rows continues in the next row, with its context starting there). Returns pieces checked."""
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    cls = AutoModel if "bert" in str(model_dir) else AutoModelForCausalLM
+    model = cls.from_pretrained(model_dir, dtype=torch.float32).eval()
+    stored = load_hook(root, hook)
+    docs = _documents(tok)
     doc_ids: list[int] = []
     kept: list[int] = []
     j, checked = 0, 0
@@ -134,12 +133,26 @@ def test_stored_states_equal_model_on_each_document_alone(run, llama):
             start = 0 if j == 0 else kept[j]
             with torch.no_grad():
                 inp = torch.tensor([doc_ids[start : kept[j + n - 1] + 1]])
-                hs = model(inp, output_hidden_states=True).hidden_states[2][0]
+                hs = model(inp, output_hidden_states=True).hidden_states[layer + 1][0]
             want = hs[[p - start for p in kept[j : j + n]]]
             assert (states[t : t + n] - want).abs().max() < 1e-4, (r, t)
             checked += 1
             j, t = j + n, t + n
-    assert checked >= 10
+    return checked
+
+
+def test_stored_states_equal_model_on_each_document_alone(run, llama):
+    """Invariants 1 and 2 on the stored files: packed, cleaned, split documents all match."""
+    cfg, root, _ = run
+    assert assert_states_equal_model(root, llama, "models.layers.1.post", 1, cfg.data_config.seq_length) >= 10
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_other_architectures_store_what_the_model_computes(tiny_model_dir, tmp_path, arch):
+    model = tiny_model_dir(arch)
+    cfg = make_cfg(model, tmp_path, data={"n_batches": 4})
+    collect(cfg, show_progress=False)
+    assert assert_states_equal_model(tmp_path / "run", model, "models.layers.1.post", 1, 64) >= 5
 
 
 def test_statistics_equal_numpy_float64(run):

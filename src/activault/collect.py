@@ -18,7 +18,7 @@ import torch
 
 from . import __version__
 from .config import Config, resolve_storage
-from .errors import ConfigError, NotFoundError
+from .errors import ConfigError, FormatError, NotFoundError
 from .format import encode, file_name, hook_metadata
 from .stats import RunningStats, merge_all
 from .store import Store, open_store
@@ -34,10 +34,15 @@ def progress_key(run: str, machine: int) -> str:
 
 
 def read_json(store: Store, key: str) -> dict[str, Any] | None:
+    """A JSON record, or None if absent; a damaged one raises FormatError naming it."""
     try:
         return json.loads(store.get_text(key))
     except NotFoundError:
         return None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError(
+            f"{store.url(key)} is not valid JSON ({e}); delete it and run the same command again to rewrite it"
+        ) from None
 
 
 def write_json(store: Store, key: str, obj: Any) -> None:
@@ -180,7 +185,12 @@ def merge_statistics(store: Store, run: str, hooks: list[str], num_runs: int) ->
     while True:
         records = {}
         for m in range(num_runs):
-            rec = read_json(store, progress_key(run, m))
+            try:
+                rec = read_json(store, progress_key(run, m))
+            except FormatError:  # another machine's broken record must not stop this one finishing
+                log.warning("skipping %s: not valid JSON; rerun machine %d to rewrite it",
+                            store.url(progress_key(run, m)), m)
+                continue
             if rec and rec.get("finished"):
                 records[m] = rec
         machines = sorted(records)
