@@ -256,15 +256,8 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
         store.clear_partial(f"{run}/{h}", f"m{machine:05d}-")
     store.clear_partial(f"{run}/progress", f"machine-{machine:05d}")
     model = load_model(tc, specs)
-    device = next(model.parameters()).device
-    stats = {h: RunningStats(dims[h], device) for h in uc.hooks}
-    for h, d in progress.stats.items():
-        stats[h] = RunningStats.from_dict(d, device)
     if progress.files_done:
         log.info("resuming machine %d after %d files", machine, progress.files_done)
-
-    n_batches = cfg.machine_batches(machine)
-    n_files = cfg.machine_files(machine)
     state = DataState.from_dict(progress.data_state) if progress.data_state else None
     batches = iter_batches(dc, tokenizer, machine=machine, num_runs=cfg.num_runs, state=state)
     if state is None:
@@ -272,104 +265,154 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
             if next(batches, None) is None:
                 break
 
-    writer = Writer(store, threads=uc.write_threads)
-    pools: dict[str, BufferPool] = {}
-    pin = device.type == "cuda"
-    rows_per_file, S = cfg.rows_per_file, dc.seq_length
-    files, rows_total, tokens_total = progress.files_done, progress.rows_done, progress.tokens_done
+    loop = _Collector(cfg, machine, store, Capture(model, specs), dims, progress)
     t0 = time.perf_counter()
-    bar = _bar(show_progress, total=n_batches, initial=files * uc.batches_per_upload)
-    capture = Capture(model, specs)
-    used_devices: set[torch.device] = set()
-    try:
-        for k in range(progress.files_done, n_files):
-            n_here = min(uc.batches_per_upload, n_batches - k * uc.batches_per_upload)
-            ids = torch.empty(rows_per_file, S, dtype=torch.int32)
-            pos = torch.empty(rows_per_file, S, dtype=torch.int32)
-            bufs: dict[str, torch.Tensor] = {}
-            rows = 0
-            data_state = None
-            for _ in range(n_here):
-                batch = next(batches, None)
-                if batch is None:
-                    break
-                B = batch.input_ids.shape[0]
-                acts = capture(batch.input_ids.to(device), batch.position_ids.to(device), batch.segment_ids.to(device))
-                flat = batch.keep.reshape(-1).nonzero().squeeze(1)  # [B*S] positions of stored tokens
-                ids[rows : rows + B] = batch.input_ids.reshape(-1)[flat].view(B, S)
-                doc_pos = batch.doc_positions.reshape(-1)[flat].view(B, S)
-                pos[rows : rows + B] = doc_pos
-                real = (doc_pos >= 0).reshape(-1)
-                on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}  # hooks may sit on several GPUs
-                for h in uc.hooks:
-                    a = acts[h]
-                    if a.device not in on:
-                        on[a.device] = (flat.to(a.device, non_blocking=True), real.to(a.device, non_blocking=True))
-                        used_devices.add(a.device)
-                    flat_d, real_d = on[a.device]
-                    kept = a.reshape(-1, a.shape[-1]).index_select(0, flat_d)  # [B*S, d]
-                    if not bool(real.all()):
-                        kept = torch.where(real_d.unsqueeze(1), kept, 0)  # padding stored as zeros
-                        stats[h].update(kept[real_d])
-                    else:
-                        stats[h].update(kept)
-                    if h not in bufs:
-                        if h not in pools:
-                            pools[h] = BufferPool((rows_per_file, S, kept.shape[-1]), kept.dtype, uc.max_pending + 1, pin)
-                        bufs[h] = pools[h].acquire(writer._check)
-                    # Pinned host buffer, async copy; synchronised below before the writer reads it.
-                    bufs[h][rows : rows + B].copy_(kept.view(B, S, -1), non_blocking=pin)
-                rows += B
-                data_state = batch.state.to_dict()
-                tokens_total += int(real.sum())
-                bar.update(1)
-                bar.set_postfix_str(_rate(tokens_total - progress.tokens_done, writer.bytes_written, t0))
-            for dev in used_devices:
-                if dev.type == "cuda":
-                    torch.cuda.current_stream(dev).synchronize()  # the async copies into host buffers are done
-            if rows == 0:
-                for h, b in bufs.items():
-                    pools[h].release(b)
-                break
-            futures = []
-            if not dc.skip_cache:
-                for h in uc.hooks:
-                    meta = {"format": "activault", "format_version": "1", "run_name": run, "hook": h,
-                            "machine": str(machine), "file_index": str(k), "model": tc.model_name}  # fmt: skip
-                    parts = encode({"states": bufs[h][:rows], "input_ids": ids[:rows], "positions": pos[:rows]}, meta)
-                    futures.append(writer.write(f"{run}/{h}/{file_name(machine, k)}", parts,
-                                                on_done=_releaser(pools[h], bufs[h])))
-            else:
-                for h, b in bufs.items():
-                    pools[h].release(b)
-            files, rows_total = k + 1, rows_total + rows
-            snapshot = {h: s.to_dict() for h, s in stats.items()}
-            rec = progress.record(files, rows_total, tokens_total, data_state, snapshot, finished=False)
-            first = k == progress.files_done
-            metas = {h: hook_metadata(run_name=run, hook=h, d_model=pools[h].shape[-1], dtype=pools[h].dtype,
-                                      seq_length=S, rows_per_file=rows_per_file, batch_size=dc.batch_size,
-                                      batches_per_upload=uc.batches_per_upload, model=tc.model_name)
-                     for h in uc.hooks} if first else {}  # fmt: skip
-            writer.commit(futures, _committer(store, run, progress.key, rec, metas))
-            if rows < rows_per_file and k < n_files - 1:
-                break  # the data ran out: this partial megabatch is the last
-        writer.flush()
-        final = progress.record(files, rows_total, tokens_total, None, {h: s.to_dict() for h, s in stats.items()}, True)
-        write_json(store, progress.key, final)
-        writer.close()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        capture.close()
-        bar.close()
+    loop.run(batches, show_progress)
     merged = merge_statistics(store, run, uc.hooks, cfg.num_runs)
-    result.files, result.rows, result.tokens = files, rows_total, tokens_total
-    result.bytes_written, result.seconds = writer.bytes_written, time.perf_counter() - t0
-    result.stats = stats
-    log.info("wrote %d files (%s) to %s in %.1fs; statistics cover machines %s", files - progress.files_done,
-             human_bytes(writer.bytes_written), result.destination, result.seconds, merged)
+    result.files, result.rows, result.tokens = loop.files, loop.rows, loop.tokens
+    result.bytes_written, result.seconds = loop.writer.bytes_written, time.perf_counter() - t0
+    result.stats = loop.stats
+    log.info("wrote %d files (%s) to %s in %.1fs; statistics cover machines %s", loop.files - progress.files_done,
+             human_bytes(result.bytes_written), result.destination, result.seconds, merged)
     return result
+
+
+@dataclass
+class _Megabatch:
+    """One file's rows, for every hook, filled batch by batch."""
+
+    ids: torch.Tensor  # [rows_per_file, S] int32
+    pos: torch.Tensor  # [rows_per_file, S] int32, index in document, -1 = padding
+    states: dict[str, torch.Tensor] = field(default_factory=dict)  # hook -> pooled [rows_per_file, S, d]
+    rows: int = 0
+    data_state: dict[str, Any] | None = None  # the data cursor after its last batch
+
+
+class _Collector:
+    """Runs the model over batches, keeps statistics, fills megabatches and hands them to the writer."""
+
+    def __init__(self, cfg: Config, machine: int, store: Store, capture: Any, dims: dict[str, int], progress: _Progress):
+        self.cfg, self.machine, self.store, self.capture, self.progress = cfg, machine, store, capture, progress
+        self.hooks = cfg.upload_config.hooks
+        self.device = next(capture.model.parameters()).device
+        self.stats = {
+            h: RunningStats.from_dict(progress.stats[h], self.device) if h in progress.stats
+            else RunningStats(dims[h], self.device)
+            for h in self.hooks
+        }  # fmt: skip
+        self.writer = Writer(store, threads=cfg.upload_config.write_threads)
+        self.pools: dict[str, BufferPool] = {}
+        self.devices: set[torch.device] = set()  # where activations came from (several GPUs with a device map)
+        self.files, self.rows, self.tokens = progress.files_done, progress.rows_done, progress.tokens_done
+
+    def run(self, batches: Any, show_progress: bool) -> None:
+        """Collect the remaining files of this machine, then write the final progress record."""
+        cfg, uc = self.cfg, self.cfg.upload_config
+        n_batches, n_files = cfg.machine_batches(self.machine), cfg.machine_files(self.machine)
+        bar = _bar(show_progress, total=n_batches, initial=self.files * uc.batches_per_upload)
+        t0, tokens0 = time.perf_counter(), self.tokens
+        try:
+            for k in range(self.progress.files_done, n_files):
+                mb = _Megabatch(self._rows_buffer(), self._rows_buffer())
+                for _ in range(min(uc.batches_per_upload, n_batches - k * uc.batches_per_upload)):
+                    batch = next(batches, None)
+                    if batch is None:
+                        break
+                    self._add(mb, batch)
+                    bar.update(1)
+                    bar.set_postfix_str(_rate(self.tokens - tokens0, self.writer.bytes_written, t0))
+                if mb.rows == 0:
+                    self._release(mb)
+                    break
+                self._submit(k, mb)
+                if mb.rows < cfg.rows_per_file and k < n_files - 1:
+                    break  # the data ran out: this partial megabatch is the last
+            self.writer.flush()
+            write_json(self.store, self.progress.key, self._record(None, finished=True))
+            self.writer.close()
+        except BaseException:
+            self.writer.abort()
+            raise
+        finally:
+            self.capture.close()
+            bar.close()
+
+    def _rows_buffer(self) -> torch.Tensor:
+        return torch.empty(self.cfg.rows_per_file, self.cfg.data_config.seq_length, dtype=torch.int32)
+
+    def _add(self, mb: _Megabatch, batch: Any) -> None:
+        """Forward one batch and append its stored tokens to the megabatch."""
+        B, S, r = batch.input_ids.shape[0], self.cfg.data_config.seq_length, mb.rows
+        acts = self.capture(batch.input_ids, batch.position_ids, batch.segment_ids)
+        flat = batch.keep.reshape(-1).nonzero().squeeze(1)  # [B*S] forward positions of stored tokens
+        mb.ids[r : r + B] = batch.input_ids.reshape(-1)[flat].view(B, S)
+        doc_pos = batch.doc_positions.reshape(-1)[flat].view(B, S)
+        mb.pos[r : r + B] = doc_pos
+        real = (doc_pos >= 0).reshape(-1)
+        padded = not bool(real.all())
+        on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        for h in self.hooks:
+            a = acts[h]
+            if a.device not in on:
+                on[a.device] = (flat.to(a.device, non_blocking=True), real.to(a.device, non_blocking=True))
+                self.devices.add(a.device)
+            flat_d, real_d = on[a.device]
+            kept = a.reshape(-1, a.shape[-1]).index_select(0, flat_d)  # [B*S, d]
+            if padded:
+                kept = torch.where(real_d.unsqueeze(1), kept, 0)  # padding is stored as zeros
+            self.stats[h].update(kept[real_d] if padded else kept)
+            if h not in mb.states:
+                mb.states[h] = self._pool(h, kept).acquire(self.writer._check)
+            # Pinned host buffer and an async copy on CUDA; synchronised in _submit before any write.
+            mb.states[h][r : r + B].copy_(kept.view(B, S, -1), non_blocking=self.device.type == "cuda")
+        mb.rows += B
+        mb.data_state = batch.state.to_dict()
+        self.tokens += int(real.sum())
+
+    def _pool(self, hook: str, kept: torch.Tensor) -> BufferPool:
+        if hook not in self.pools:
+            shape = (self.cfg.rows_per_file, self.cfg.data_config.seq_length, kept.shape[-1])
+            count = self.cfg.upload_config.max_pending + 1
+            self.pools[hook] = BufferPool(shape, kept.dtype, count, pin=self.device.type == "cuda")
+        return self.pools[hook]
+
+    def _release(self, mb: _Megabatch) -> None:
+        for h, buf in mb.states.items():
+            self.pools[h].release(buf)
+
+    def _submit(self, k: int, mb: _Megabatch) -> None:
+        """Queue file k of every hook, then the progress record that counts it."""
+        for dev in self.devices:
+            if dev.type == "cuda":
+                torch.cuda.current_stream(dev).synchronize()  # the async copies into host buffers are done
+        run, rows, tc = self.cfg.run_name, mb.rows, self.cfg.transformer_config
+        futures = []
+        if self.cfg.data_config.skip_cache:
+            self._release(mb)
+        else:
+            for h in self.hooks:
+                meta = {"format": "activault", "format_version": "1", "run_name": run, "hook": h,
+                        "machine": str(self.machine), "file_index": str(k), "model": tc.model_name}  # fmt: skip
+                parts = encode({"states": mb.states[h][:rows], "input_ids": mb.ids[:rows], "positions": mb.pos[:rows]}, meta)
+                release = _releaser(self.pools[h], mb.states[h])
+                futures.append(self.writer.write(f"{run}/{h}/{file_name(self.machine, k)}", parts, on_done=release))
+        self.files, self.rows = k + 1, self.rows + rows
+        metas = self._metadata() if k == self.progress.files_done else {}
+        self.writer.commit(futures, _committer(self.store, run, self.progress.key, self._record(mb.data_state), metas))
+
+    def _record(self, data_state: dict[str, Any] | None, finished: bool = False) -> dict[str, Any]:
+        stats = {h: s.to_dict() for h, s in self.stats.items()}
+        return self.progress.record(self.files, self.rows, self.tokens, data_state, stats, finished)
+
+    def _metadata(self) -> dict[str, dict[str, Any]]:
+        dc, uc = self.cfg.data_config, self.cfg.upload_config
+        return {
+            h: hook_metadata(run_name=self.cfg.run_name, hook=h, d_model=p.shape[-1], dtype=p.dtype,
+                             seq_length=dc.seq_length, rows_per_file=self.cfg.rows_per_file,
+                             batch_size=dc.batch_size, batches_per_upload=uc.batches_per_upload,
+                             model=self.cfg.transformer_config.model_name)
+            for h, p in self.pools.items()
+        }  # fmt: skip
 
 
 def _committer(store: Store, run: str, key: str, rec: dict[str, Any], metas: dict[str, dict[str, Any]]):
