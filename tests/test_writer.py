@@ -82,3 +82,24 @@ def test_no_threads_left_after_close(tmp_path):
         writer.write(f"x{i}", [b"abc"])
     writer.close()
     assert [t for t in threading.enumerate() if t not in before and t.name.startswith("activault")] == []
+
+
+def test_prefetch_keeps_order_raises_errors_and_stops_its_thread():
+    from activault.collect import prefetch
+
+    assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise ValueError("bad document")
+
+    got = []
+    with pytest.raises(ValueError, match="bad document"):
+        for x in prefetch(broken()):
+            got.append(x)
+    assert got == [1]
+
+    gen = prefetch(iter(range(1000)), depth=2)
+    assert next(gen) == 0
+    gen.close()  # the consumer stops early: the producer thread must end, not hang
+    assert not [t for t in threading.enumerate() if t.name == "activault-data"]

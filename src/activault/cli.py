@@ -44,7 +44,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .inspect import run_verify
+    from .verify import run_verify
 
     return run_verify(args.uri)
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
 import time
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -267,7 +270,11 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
 
     loop = _Collector(cfg, machine, store, Capture(model, specs), dims, progress)
     t0 = time.perf_counter()
-    loop.run(batches, show_progress)
+    ahead = prefetch(batches)
+    try:
+        loop.run(ahead, show_progress)
+    finally:
+        ahead.close()
     merged = merge_statistics(store, run, uc.hooks, cfg.num_runs)
     result.files, result.rows, result.tokens = loop.files, loop.rows, loop.tokens
     result.bytes_written, result.seconds = loop.writer.bytes_written, time.perf_counter() - t0
@@ -275,6 +282,50 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
     log.info("wrote %d files (%s) to %s in %.1fs; statistics cover machines %s", loop.files - progress.files_done,
              human_bytes(result.bytes_written), result.destination, result.seconds, merged)
     return result
+
+
+T = TypeVar("T")
+
+
+def prefetch(items: Iterator[T], depth: int = 2) -> Generator[T, None, None]:
+    """Produce `items` on a background thread, `depth` ahead: tokenizing and packing the next
+    batches overlaps the forward pass. An error in the producer is raised here, in order."""
+    q: queue.Queue[tuple[str, Any]] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("end", None))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            q.put(("error", e))
+
+    thread = threading.Thread(target=produce, name="activault-data", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = q.get()
+            if kind == "end":
+                return
+            if kind == "error":
+                raise value
+            yield value
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        thread.join()
 
 
 @dataclass

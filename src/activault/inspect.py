@@ -1,7 +1,7 @@
-"""Looking at stored activations: inspect a megabatch, list a store, verify a run, hook statistics, estimates.
+"""Looking at stored activations: inspect a megabatch, list a store, hook statistics, estimates.
 
-The shell (`shell.py`) and the scriptable commands (`activault ls|inspect|verify|stats|estimate`)
-share these functions; each takes a `Store` and keys relative to it, and raises ActivaultError
+The shell (`shell.py`), the scriptable commands (`activault ls|inspect|stats|estimate`) and the run
+checker (`verify.py`) share these functions; each takes a `Store` and keys relative to it, and raises ActivaultError
 subclasses for anything a user can get wrong.
 """
 
@@ -10,26 +10,16 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections import Counter
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .collect import human_bytes
+from .collect import human_bytes, read_json
 from .errors import ConfigError, FormatError, NotFoundError
-from .format import (
-    decode,
-    dtype_name,
-    header_length,
-    is_megabatch,
-    parse_file_name,
-    read_header,
-    tensor_specs,
-)
+from .format import decode, dtype_name, is_megabatch
 from .store import Entry, LocalStore, Store, open_store, parse_s3_uri
 
 if TYPE_CHECKING:
@@ -69,17 +59,17 @@ def list_dir(store: Store, key: str) -> tuple[list[str], list[Entry]]:
     return dirs, files
 
 
-def read_json(store: Store, key: str) -> dict[str, Any] | None:
-    """A JSON object, or None if missing; FormatError if it is not JSON."""
-    try:
-        obj = json.loads(store.get_text(key))
-    except NotFoundError:
-        return None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{store.url(key)} is not valid JSON ({e})") from None
-    if not isinstance(obj, dict):
+def read_object(store: Store, key: str) -> dict[str, Any] | None:
+    """A JSON object (`collect.read_json`), or None if missing; FormatError if it is not an object."""
+    obj = read_json(store, key)
+    if obj is not None and not isinstance(obj, dict):
         raise FormatError(f"{store.url(key)} is not a JSON object")
     return obj
+
+
+def megabatch_files(entries: list[Entry]) -> dict[str, int]:
+    """Megabatch file name -> size of a folder's files, in listing order."""
+    return {e.key.rsplit("/", 1)[-1]: e.size for e in entries if is_megabatch(e.key)}
 
 
 # ---- tokenizers ---------------------------------------------------------------------------------
@@ -175,8 +165,8 @@ class Inspection:
         return out
 
 
-def inspect_file(store: Store, key: str, tokenizers: Tokenizers | None = None) -> Inspection:
-    """Read one megabatch whole and describe it."""
+def _read_megabatch(store: Store, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of a whole megabatch; a one-line error for anything else."""
     name = store.url(key)
     if not is_megabatch(key):
         raise FormatError(f"{name} is not a megabatch (.safetensors or .pt); inspect a file inside a hook folder")
@@ -188,29 +178,42 @@ def inspect_file(store: Store, key: str, tokenizers: Tokenizers | None = None) -
     tensors, meta = decode(store.get(key), name)
     if "states" not in tensors:
         raise FormatError(f"{name} has no 'states' tensor; not an activault megabatch")
-    states = tensors["states"]
+    return tensors, meta
+
+
+def _value_checks(states: torch.Tensor) -> dict[str, Any]:
+    """NaN and Inf flags and the range of the finite values."""
     finite = states.float() if states.dtype in (torch.float16, torch.bfloat16) else states
     nan, inf = bool(torch.isnan(finite).any()), bool(torch.isinf(finite).any())
     ok = finite[torch.isfinite(finite)]
-    checks = {
+    return {
         "nan": nan, "inf": inf,
         "min": float(ok.min()) if ok.numel() else None, "max": float(ok.max()) if ok.numel() else None,
     }  # fmt: skip
+
+
+def _token_rows(ids: torch.Tensor, pos: torch.Tensor | None) -> list[list[int]]:
+    """The non-padding token ids of each row (ids, positions: [rows, seq])."""
+    ids2 = ids.reshape(ids.shape[0], -1)
+    rows = []
+    for i in range(ids2.shape[0]):
+        row = ids2[i] if pos is None else ids2[i][pos.reshape(ids2.shape)[i] >= 0]
+        rows.append([int(t) for t in row.tolist()])
+    return rows
+
+
+def inspect_file(store: Store, key: str, tokenizers: Tokenizers | None = None) -> Inspection:
+    """Read one megabatch whole and describe it."""
+    tensors, meta = _read_megabatch(store, key)
     ids = tensors.get("input_ids")
-    pos = tensors.get("positions")
-    rows: list[list[int]] = []
-    if ids is not None:
-        ids2 = ids.reshape(ids.shape[0], -1)
-        for i in range(ids2.shape[0]):
-            row = ids2[i] if pos is None else ids2[i][pos.reshape(ids2.shape)[i] >= 0]
-            rows.append([int(t) for t in row.tolist()])
-    cfg = read_json(store, join(parent(key, 2), "cfg.json")) if "/" in key else None
+    cfg = read_object(store, join(parent(key, 2), "cfg.json")) if "/" in key else None
     tok_name = (cfg or {}).get("tokenizer") or meta.get("model")
     model = meta.get("model") or ((cfg or {}).get("model") or {}).get("name") or "(unknown)"
     insp = Inspection(
-        url=name, model=model, tokenizer=tok_name,
+        url=store.url(key), model=model, tokenizer=tok_name,
         tensors={k: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for k, t in tensors.items()},
-        metadata=meta, checks=checks, rows=rows,
+        metadata=meta, checks=_value_checks(tensors["states"]),
+        rows=[] if ids is None else _token_rows(ids, tensors.get("positions")),
     )  # fmt: skip
     if ids is None:
         insp.decode_note = "the file has no input_ids"
@@ -253,120 +256,11 @@ def list_lines(store: Store, key: str, files: bool = False) -> list[str]:
     return out
 
 
-# ---- verify -------------------------------------------------------------------------------------
-
-
-def _header(store: Store, key: str, size: int) -> tuple[dict[str, Any], int, dict[str, Any]]:
-    """(header, data start, tensor specs) from two ranged reads; FormatError if truncated."""
-    name = store.url(key)
-    first = bytes(store.get_range(key, 0, min(size, 8)))
-    n = header_length(first, name)
-    head = store.get_range(key, 0, min(size, n))
-    header, start = read_header(head, name)
-    return header, start, tensor_specs(header, size - start, name)
-
-
-def _check_file(store: Store, run: str, hook: str, fname: str, size: int, meta: dict[str, Any]) -> tuple[list[str], bytes | None, int]:
-    """Problems of one file, its ids+positions bytes, and its count of non-padding tokens."""
-    key, where = join(run, hook, fname), f"{hook}/{fname}"
-    try:
-        header, start, specs = _header(store, key, size)
-    except FormatError as e:
-        return [f"{where}: {str(e).split(': ', 1)[-1]}"], None, 0
-    problems = []
-    if "states" not in specs:
-        return [f"{where}: no 'states' tensor"], None, 0
-    dtype, shape, _, _ = specs["states"]
-    rows = shape[0] if shape else 0
-    want = [meta.get("seq_length"), meta.get("d_model")]
-    if len(shape) != 3 or shape[1:] != want or rows > int(meta.get("rows_per_file", rows)):
-        problems.append(f"{where}: states shape {shape} does not match metadata.json (rows<={meta.get('rows_per_file')}, {want[0]}, {want[1]})")
-    if dtype_name(dtype) != meta.get("dtype"):
-        problems.append(f"{where}: states dtype {dtype_name(dtype)} but metadata.json says {meta.get('dtype')}")
-    fmeta = header.get("__metadata__") or {}
-    if fmeta.get("hook", hook) != hook:
-        problems.append(f"{where}: header says hook {fmeta.get('hook')!r}")
-    blob, real = b"", 0
-    for t in ("input_ids", "positions"):
-        if t not in specs:
-            problems.append(f"{where}: no {t!r} tensor")
-            continue
-        tdtype, tshape, s, end = specs[t]
-        if tshape != shape[:2] or tdtype != torch.int32:
-            problems.append(f"{where}: {t} is {tshape} {dtype_name(tdtype)}, expected {shape[:2]} int32")
-            continue
-        raw = bytes(store.get_range(key, start + s, start + end))
-        blob += raw
-        if t == "positions":
-            real = int((torch.frombuffer(bytearray(raw), dtype=torch.int32) >= 0).sum()) if raw else 0
-    return problems, blob, real
-
-
-def verify_run(store: Store, run: str = "", threads: int = 8) -> tuple[list[str], dict[str, Any]]:
-    """Problems of a stored run (empty when clean) and a summary."""
-    cfg = read_json(store, join(run, "cfg.json"))
-    problems: list[str] = []
-    dirs, _ = list_dir(store, run)
-    if cfg is None:
-        if not dirs:
-            raise NotFoundError(f"{store.url(run)} holds no run (no cfg.json, no hook folders)")
-        problems.append("cfg.json is missing")
-        hooks = [d for d in dirs if store.exists(join(run, d, "metadata.json"))]
-    else:
-        hooks = list(cfg.get("hooks") or [])
-    metas: dict[str, dict[str, Any]] = {}
-    names: dict[str, dict[str, int]] = {}
-    for h in hooks:
-        if h not in dirs:
-            problems.append(f"{h}: hook folder is missing")
-            continue
-        metas[h] = read_json(store, join(run, h, "metadata.json")) or {}
-        if not metas[h]:
-            problems.append(f"{h}: metadata.json is missing")
-        _, files = list_dir(store, join(run, h))
-        names[h] = {e.key.rsplit("/", 1)[-1]: e.size for e in files if is_megabatch(e.key)}
-    every = sorted(set().union(*names.values())) if names else []
-    for h, fs in names.items():
-        missing = [n for n in every if n not in fs]
-        if missing:
-            problems.append(f"{h}: {len(missing)} file(s) missing that other hooks have: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-    jobs = [(h, n) for h in names for n in sorted(names[h])]
-    with ThreadPoolExecutor(threads) as pool:
-        results = list(pool.map(lambda j: _check_file(store, run, j[0], j[1], names[j[0]][j[1]], metas[j[0]]), jobs))
-    ref: dict[str, tuple[str, bytes]] = {}
-    tokens: dict[str, int] = {}
-    for (h, n), (probs, blob, real) in zip(jobs, results, strict=True):
-        problems += probs
-        if blob is None:
-            continue
-        if n not in ref:
-            ref[n], tokens[n] = (h, blob), real
-        elif ref[n][1] != blob:
-            problems.append(f"{h}/{n}: token ids or positions differ from {ref[n][0]}/{n}")
-    total = sum(tokens.values())
-    machines = sorted({m[0] for n in every if (m := parse_file_name(n))})
-    want_machines = list(range(int(cfg["num_runs"]))) if cfg and "num_runs" in cfg else machines
-    for h in names:
-        stats = read_json(store, join(run, h, "statistics.json"))
-        if stats is None:
-            problems.append(f"{h}: statistics.json is missing")
-            continue
-        if int(stats.get("count", -1)) != total:
-            problems.append(f"{h}: statistics.json counts {stats.get('count')} tokens, the files hold {total} non-padding tokens")
-        if "machines" not in stats:
-            problems.append(f"{h}: statistics.json lists no machines")
-        elif sorted(stats["machines"]) != want_machines:
-            problems.append(f"{h}: statistics.json covers machines {stats['machines']}, expected {want_machines}")
-    summary = {"run": store.url(run), "hooks": len(hooks), "files": len(every), "tokens": total,
-               "bytes": sum(sum(fs.values()) for fs in names.values()), "machines": machines}  # fmt: skip
-    return problems, summary
-
-
 # ---- stats --------------------------------------------------------------------------------------
 
 
 def hook_statistics(store: Store, hook: str) -> dict[str, Any]:
-    stats = read_json(store, join(hook, "statistics.json"))
+    stats = read_object(store, join(hook, "statistics.json"))
     if stats is None:
         raise NotFoundError(
             f"{store.url(join(hook, 'statistics.json'))} does not exist; give RUN/HOOK of a finished run "
@@ -391,7 +285,7 @@ def stats_lines(stats: dict[str, Any], where: str) -> list[str]:
 def sample_norms(store: Store, hook: str, files: int = 4) -> torch.Tensor:
     """L2 norms of the non-padding tokens of up to `files` megabatches spread over the hook folder."""
     _, entries = list_dir(store, hook)
-    keys = [e.key for e in entries if is_megabatch(e.key)]
+    keys = [join(hook, n) for n in megabatch_files(entries)]
     if not keys:
         return torch.empty(0)
     step = max(1, len(keys) // files)
@@ -479,27 +373,6 @@ def estimate_lines(cfg: Any, price: float | None = None, bandwidth: str = "1Gbps
     return lines
 
 
-def megabatch_sizes(entries: list[Any]) -> tuple[int | None, list[tuple[str, int, str]]]:
-    """The common size of megabatches and those that differ: (name, size, why)."""
-    mb = [(e.key.rsplit("/", 1)[-1], e.size) for e in entries if is_megabatch(e.key)]
-    if not mb:
-        return None, []
-    common = Counter(s for _, s in mb).most_common(1)[0][0]
-    last: dict[int, str] = {}
-    for n, _ in mb:
-        p = parse_file_name(n)
-        if p:
-            last[p[0]] = max(last.get(p[0], n), n)
-    odd = []
-    for n, s in mb:
-        if s == common:
-            continue
-        p = parse_file_name(n)
-        partial = s < common and p is not None and last.get(p[0]) == n
-        odd.append((n, s, "last file of its machine (partial)" if partial else "odd size"))
-    return common, odd
-
-
 # ---- commands (called by cli.py) -----------------------------------------------------------------
 
 
@@ -513,18 +386,6 @@ def run_inspect(uri: str, as_json: bool = False) -> int:
     store, key = locate(uri)
     insp = inspect_file(store, key)
     print(json.dumps(insp.to_dict(), indent=1, ensure_ascii=False) if as_json else "\n".join(insp.lines()))
-    return 0
-
-
-def run_verify(uri: str) -> int:
-    store, key = locate(uri)
-    problems, s = verify_run(store, key)
-    if problems:
-        print(f"{s['run']}: {len(problems)} problem(s)")
-        print("\n".join(f"  - {p}" for p in problems))
-        return 1
-    print(f"OK  {s['run']}: {s['hooks']} hooks, {s['files']} files per hook, {s['tokens']:,} tokens, "
-          f"{human_bytes(s['bytes'])}, machines {s['machines']}")
     return 0
 
 

@@ -16,9 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from .collect import human_bytes
 from .errors import ActivaultError, ConfigError
-from .format import is_megabatch
-from .inspect import Tokenizers, human_bytes, inspect_file, join, megabatch_sizes, parent
+from .format import is_megabatch, parse_file_name
+from .inspect import Tokenizers, inspect_file, join, megabatch_files, parent
 from .store import Entry, Store, open_store
 
 CAT_LIMIT = 1 << 20  # `cat` refuses files above 1 MB: megabatches are for `inspect`
@@ -50,6 +51,27 @@ def default_root(env: dict[str, str] | None = None) -> str:
     if not bucket:
         raise ConfigError("S3_BUCKET_NAME is not set; export it, or pass --root URI (s3://BUCKET[/PREFIX] or a local folder)")
     return bucket if bucket.startswith("s3://") else f"s3://{bucket}"
+
+
+def megabatch_sizes(entries: list[Entry]) -> tuple[int | None, list[tuple[str, int, str]]]:
+    """The common size of megabatches and those that differ: (name, size, why)."""
+    mb = megabatch_files(entries)
+    if not mb:
+        return None, []
+    common = Counter(mb.values()).most_common(1)[0][0]
+    last: dict[int, str] = {}
+    for n in mb:
+        p = parse_file_name(n)
+        if p:
+            last[p[0]] = max(last.get(p[0], n), n)
+    odd = []
+    for n, s in mb.items():
+        if s == common:
+            continue
+        p = parse_file_name(n)
+        partial = s < common and p is not None and last.get(p[0]) == n
+        odd.append((n, s, "last file of its machine (partial)" if partial else "odd size"))
+    return common, odd
 
 
 class Shell:
@@ -241,7 +263,7 @@ class Shell:
         counts: dict[str, tuple[int, int, set[str]]] = {}
         for d in dirs:
             entries = self.store.list(join(self.cwd, d) + "/")
-            names = {e.key.rsplit("/", 1)[-1] for e in entries if is_megabatch(e.key)}
+            names = set(megabatch_files(entries))
             counts[d] = (len(entries), len(names), names)
         compared = {d: c for d, c in counts.items() if c[1]}
         common = Counter(c[1] for c in compared.values()).most_common(1)[0][0] if compared else 0
@@ -264,7 +286,7 @@ class Shell:
             if common is None:
                 continue
             found = True
-            n = sum(1 for e in entries if is_megabatch(e.key))
+            n = len(megabatch_files(entries))
             where = key[len(self.cwd) :].strip("/") or "."
             self.say(f"{where + '/':<40} {n:>6} megabatches of {human_bytes(common)}" + ("" if not odd else f"  ({len(odd)} differ)"))
             for name, size, why in odd:
