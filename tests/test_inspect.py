@@ -17,7 +17,8 @@ from synth import SynthRun, write_synthetic_run
 
 from activault import format as fmt
 from activault.cli import main
-from activault.inspect import inspect_file, parse_bandwidth, sample_norms, stats_figure
+from activault.inspect import inspect_file, sample_norms, stats_figure
+from activault.plan import parse_bandwidth
 from activault.store import LocalStore, Store
 from activault.tiny import demo_texts
 

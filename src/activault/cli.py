@@ -56,7 +56,7 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    from .inspect import run_estimate
+    from .plan import run_estimate
 
     return run_estimate(args.config, price=args.price, bandwidth=args.bandwidth)
 

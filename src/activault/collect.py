@@ -8,7 +8,6 @@ statistics, so a run killed at any point and resumed ends with the same bytes as
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
 import threading
@@ -21,120 +20,16 @@ import torch
 
 from . import __version__
 from .config import Config, resolve_storage
-from .errors import ConfigError, FormatError, NotFoundError
+from .errors import ConfigError
 from .format import encode, file_name, hook_metadata
-from .stats import RunningStats, merge_all
+from .plan import human_bytes, make_plan, summary_lines
+from .records import Progress, check_run_record, merge_statistics, progress_key, write_json
+from .stats import RunningStats
 from .store import Store, open_store
 from .writer import BufferPool, Writer
 
 log = logging.getLogger(__name__)
 
-GB = 1e9
-
-
-def progress_key(run: str, machine: int) -> str:
-    return f"{run}/progress/machine-{machine:05d}.json"
-
-
-def read_json(store: Store, key: str) -> dict[str, Any] | None:
-    """A JSON record, or None if absent; a damaged one raises FormatError naming it."""
-    try:
-        return json.loads(store.get_text(key))
-    except NotFoundError:
-        return None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise FormatError(
-            f"{store.url(key)} is not valid JSON ({e}); delete it and run the same command again to rewrite it"
-        ) from None
-
-
-def write_json(store: Store, key: str, obj: Any) -> None:
-    store.put_text(key, json.dumps(obj, indent=1, sort_keys=True) + "\n")
-
-
-@dataclass
-class Plan:
-    """What a collection will produce, known before any weights load."""
-
-    tokens: int
-    files: int
-    rows_per_file: int
-    bytes_per_hook: dict[str, int]
-    price_per_gb_month: float
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(self.bytes_per_hook.values())
-
-    @property
-    def monthly_cost(self) -> float:
-        return self.total_bytes / GB * self.price_per_gb_month
-
-
-def make_plan(cfg: Config, dims: dict[str, int], itemsize: int, machine: int | None = None) -> Plan:
-    """Tokens, files and bytes for one machine (or the whole run when machine is None)."""
-    d = cfg.data_config
-    batches = d.n_batches if machine is None else cfg.machine_batches(machine)
-    machines = range(cfg.num_runs) if machine is None else [machine]
-    files = sum(cfg.machine_files(m) for m in machines)
-    tokens = batches * d.batch_size * d.seq_length
-    per_token = {h: dim * itemsize + 8 for h, dim in dims.items()}  # + int32 id and int32 position
-    return Plan(tokens, files, cfg.rows_per_file, {h: tokens * b for h, b in per_token.items()},
-                cfg.upload_config.price_per_gb_month)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if abs(n) < 1000 or unit == "PB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} PB"
-
-
-def summary_lines(cfg: Config, plan: Plan, dims: dict[str, int], info: dict[str, Any], dest: str, machine: int) -> list[str]:
-    lines = [
-        f"model        {cfg.transformer_config.model_name} ({info.get('model_type', '?')}, "
-        f"{info.get('n_layers', '?')} layers, d_model {info.get('d_model', '?')})",
-        f"machine      {machine} of {cfg.num_runs}",
-        f"tokens       {plan.tokens:,} in {plan.files} files of {plan.rows_per_file} rows x {cfg.data_config.seq_length}",
-    ]
-    for h, b in plan.bytes_per_hook.items():
-        lines.append(f"hook         {h}  d={dims[h]}  {human_bytes(b)}")
-    lines += [
-        f"total        {human_bytes(plan.total_bytes)}  (~${plan.monthly_cost:,.2f}/month at "
-        f"${plan.price_per_gb_month}/GB-month)",
-        f"destination  {dest}/{cfg.run_name}",
-    ]
-    return lines
-
-
-def check_run_record(store: Store, cfg: Config, record: dict[str, Any]) -> None:
-    """Refuse to join a run whose stored config differs in what shapes the data."""
-    key = f"{cfg.run_name}/cfg.json"
-    old = read_json(store, key)
-    if old is None:
-        return
-    if old.get("num_runs") != cfg.num_runs:
-        raise ConfigError(
-            f"run {cfg.run_name!r} at {store.url(key)} was started with num_runs={old.get('num_runs')}, "
-            f"this config says num_runs={cfg.num_runs}: machines would collect overlapping data. "
-            "Use the same num_runs, or a new run_name"
-        )
-    for field_name in ("hooks", "tokenizer"):
-        if old.get(field_name) != record.get(field_name):
-            raise ConfigError(
-                f"run {cfg.run_name!r} was started with {field_name}={old.get(field_name)!r}, this config has "
-                f"{record.get(field_name)!r}; use the same config, or a new run_name"
-            )
-    old_data = dict(old.get("config", {}).get("data_config", {}))
-    new_data = record["config"]["data_config"]
-    for k in ("data_key", "seq_length", "batch_size", "seed", "shuffle_buffer", "clean_added_tokens",
-              "clean_default_system_prompt", "start_batch"):
-        if k in old_data and old_data[k] != new_data.get(k):
-            raise ConfigError(
-                f"run {cfg.run_name!r} was started with data_config.{k}={old_data[k]!r}, this config has "
-                f"{new_data.get(k)!r}; resuming would mix different data. Use the same config, or a new run_name"
-            )
 
 
 @dataclass
@@ -148,67 +43,6 @@ class Result:
     bytes_written: int = 0
     seconds: float = 0.0
     stats: dict[str, RunningStats] = field(default_factory=dict)
-
-
-class _Progress:
-    """The per-machine progress record."""
-
-    def __init__(self, store: Store, run: str, machine: int, num_runs: int):
-        self.store, self.key = store, progress_key(run, machine)
-        self.machine, self.num_runs = machine, num_runs
-        rec = read_json(store, self.key) or {}
-        if rec and rec.get("num_runs") != num_runs:
-            raise ConfigError(
-                f"{store.url(self.key)} was written with num_runs={rec.get('num_runs')}, not {num_runs}; "
-                "use the run's num_runs or a new run_name"
-            )
-        self.files_done: int = rec.get("files_done", 0)
-        self.rows_done: int = rec.get("rows_done", 0)
-        self.tokens_done: int = rec.get("tokens_done", 0)
-        self.data_state: dict[str, Any] | None = rec.get("data_state")
-        self.finished: bool = rec.get("finished", False)
-        self.stats: dict[str, dict[str, Any]] = rec.get("stats", {})
-
-    def record(self, files: int, rows: int, tokens: int, data_state: dict[str, Any] | None,
-               stats: dict[str, dict[str, Any]], finished: bool) -> dict[str, Any]:
-        return {
-            "machine": self.machine, "num_runs": self.num_runs, "files_done": files, "rows_done": rows,
-            "tokens_done": tokens, "data_state": data_state, "finished": finished, "stats": stats,
-        }  # fmt: skip
-
-
-def merge_statistics(store: Store, run: str, hooks: list[str], num_runs: int) -> list[int]:
-    """Write each hook's statistics.json as the exact merge over finished machines; return them.
-
-    Machines finishing together may race: each re-lists after writing and rewrites while the set
-    of finished machines grew, so the last writer always covers every finished machine, and the
-    sorted merge order makes every writer's bytes the same.
-    """
-    written: list[int] | None = None
-    while True:
-        records = {}
-        for m in range(num_runs):
-            try:
-                rec = read_json(store, progress_key(run, m))
-            except FormatError:  # another machine's broken record must not stop this one finishing
-                log.warning("skipping %s: not valid JSON; rerun machine %d to rewrite it",
-                            store.url(progress_key(run, m)), m)
-                continue
-            if rec and rec.get("finished"):
-                records[m] = rec
-        machines = sorted(records)
-        if machines == written:
-            return machines
-        for h in hooks:
-            parts = [RunningStats.from_dict(records[m]["stats"][h]) for m in machines if h in records[m]["stats"]]
-            total = merge_all(parts)
-            if total is None:
-                continue
-            out = total.to_dict()
-            out["machines"] = machines
-            out["num_runs"] = num_runs
-            write_json(store, f"{run}/{h}/statistics.json", out)
-        written = machines
 
 
 def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_progress: bool = True) -> Result:
@@ -240,7 +74,7 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
         "progress": [progress_key(run, m).split("/", 1)[1] for m in range(cfg.num_runs)],
     }  # fmt: skip
     check_run_record(store, cfg, record)
-    progress = _Progress(store, run, machine, cfg.num_runs)
+    progress = Progress(store, run, machine, cfg.num_runs)
     plan = make_plan(cfg, dims, itemsize, machine)
     for line in summary_lines(cfg, plan, dims, info, store.uri, machine):
         log.info(line)
@@ -342,7 +176,7 @@ class _Megabatch:
 class _Collector:
     """Runs the model over batches, keeps statistics, fills megabatches and hands them to the writer."""
 
-    def __init__(self, cfg: Config, machine: int, store: Store, capture: Any, dims: dict[str, int], progress: _Progress):
+    def __init__(self, cfg: Config, machine: int, store: Store, capture: Any, dims: dict[str, int], progress: Progress):
         self.cfg, self.machine, self.store, self.capture, self.progress = cfg, machine, store, capture, progress
         self.hooks = cfg.upload_config.hooks
         self.device = next(capture.model.parameters()).device

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .collect import human_bytes, read_json
-from .errors import ConfigError, FormatError, NotFoundError
+from .errors import FormatError, NotFoundError
 from .format import decode, dtype_name, is_megabatch
+from .plan import human_bytes
+from .records import RECOLLECT, REMERGE, read_json
 from .store import Entry, LocalStore, Store, open_store, parse_s3_uri
 
 if TYPE_CHECKING:
@@ -57,14 +57,6 @@ def list_dir(store: Store, key: str) -> tuple[list[str], list[Entry]]:
     """`Store.list_dir` with its types spelled out (inside `Store`, `list` names the method)."""
     dirs, files = store.list_dir(key)
     return dirs, files
-
-
-def read_object(store: Store, key: str) -> dict[str, Any] | None:
-    """A JSON object (`collect.read_json`), or None if missing; FormatError if it is not an object."""
-    obj = read_json(store, key)
-    if obj is not None and not isinstance(obj, dict):
-        raise FormatError(f"{store.url(key)} is not a JSON object")
-    return obj
 
 
 def megabatch_files(entries: list[Entry]) -> dict[str, int]:
@@ -206,7 +198,7 @@ def inspect_file(store: Store, key: str, tokenizers: Tokenizers | None = None) -
     """Read one megabatch whole and describe it."""
     tensors, meta = _read_megabatch(store, key)
     ids = tensors.get("input_ids")
-    cfg = read_object(store, join(parent(key, 2), "cfg.json")) if "/" in key else None
+    cfg = read_json(store, join(parent(key, 2), "cfg.json"), RECOLLECT) if "/" in key else None
     tok_name = (cfg or {}).get("tokenizer") or meta.get("model")
     model = meta.get("model") or ((cfg or {}).get("model") or {}).get("name") or "(unknown)"
     insp = Inspection(
@@ -260,7 +252,7 @@ def list_lines(store: Store, key: str, files: bool = False) -> list[str]:
 
 
 def hook_statistics(store: Store, hook: str) -> dict[str, Any]:
-    stats = read_object(store, join(hook, "statistics.json"))
+    stats = read_json(store, join(hook, "statistics.json"), REMERGE)
     if stats is None:
         raise NotFoundError(
             f"{store.url(join(hook, 'statistics.json'))} does not exist; give RUN/HOOK of a finished run "
@@ -316,63 +308,6 @@ def stats_figure(stats: dict[str, Any], norms: torch.Tensor, title: str = "") ->
     return fig
 
 
-# ---- estimate -----------------------------------------------------------------------------------
-
-_RATE = re.compile(r"^\s*([\d.]+)\s*([kmgt]?)(bps|bit/s|b/s|B/s|Bps)\s*$", re.IGNORECASE)
-
-
-def parse_bandwidth(text: str) -> float:
-    """Bytes per second of "1Gbps", "500 Mbit/s", "100MB/s" (bits unless the B is upper case)."""
-    m = _RATE.match(text)
-    if not m:
-        raise ConfigError(f"bandwidth {text!r} not understood; write e.g. 1Gbps, 500Mbps or 100MB/s")
-    value = float(m.group(1)) * 1000 ** " kmgt".index((m.group(2) or " ").lower())
-    unit = m.group(3)
-    return value if unit in ("B/s", "Bps") else value / 8
-
-
-def duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
-
-
-def estimate_lines(cfg: Any, price: float | None = None, bandwidth: str = "1Gbps") -> list[str]:
-    """What a config would store and cost, from the model's config alone (no weights load)."""
-    from dataclasses import replace
-
-    from .collect import make_plan
-    from .hooks import hook_dims, resolve_hooks
-    from .model import load_skeleton
-
-    rate = parse_bandwidth(bandwidth)
-    skeleton = load_skeleton(cfg.transformer_config)
-    dims = hook_dims(skeleton, resolve_hooks(skeleton, cfg.upload_config.hooks))
-    itemsize = next(skeleton.parameters()).element_size()
-    plan = make_plan(cfg, dims, itemsize)
-    if price is not None:
-        plan = replace(plan, price_per_gb_month=price)
-    d = cfg.data_config
-    lines = [
-        f"model        {cfg.transformer_config.model_name}  ({dtype_name(next(skeleton.parameters()).dtype)})",
-        f"tokens       {plan.tokens:,}  ({d.n_batches} batches x {d.batch_size} rows x {d.seq_length})",
-        f"files        {plan.files} per hook, {plan.files * len(dims)} in total "
-        f"({plan.rows_per_file} rows each, {cfg.num_runs} machine(s))",
-    ]
-    lines += [f"hook         {h}  d={dims[h]}  {human_bytes(b)}" for h, b in plan.bytes_per_hook.items()]
-    lines += [
-        f"total        {human_bytes(plan.total_bytes)}",
-        f"cost         ${plan.monthly_cost:,.2f}/month at ${plan.price_per_gb_month}/GB-month",
-        f"upload time  {duration(plan.total_bytes / rate)} at {bandwidth.strip()}"
-        + (f" ({duration(plan.total_bytes / rate / cfg.num_runs)} per machine in parallel)" if cfg.num_runs > 1 else ""),
-    ]
-    return lines
-
-
 # ---- commands (called by cli.py) -----------------------------------------------------------------
 
 
@@ -397,11 +332,4 @@ def run_stats(uri: str, plot: str | None = None, sample_files: int = 4) -> int:
         fig = stats_figure(stats, sample_norms(store, key, sample_files), title=store.url(key))
         fig.savefig(plot, dpi=100)
         print(f"plot written to {plot}")
-    return 0
-
-
-def run_estimate(config: str, price: float | None = None, bandwidth: str = "1Gbps") -> int:
-    from .config import load_config
-
-    print("\n".join(estimate_lines(load_config(config), price, bandwidth)))
     return 0

@@ -20,9 +20,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .collect import merge_statistics, progress_key, read_json
 from .config import Config, load_config, resolve_storage
 from .errors import ConfigError, NotFoundError
+from .records import merge_statistics, progress_key, read_json
 from .store import Store, open_store
 
 log = logging.getLogger(__name__)

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from .collect import human_bytes
 from .errors import ActivaultError, ConfigError
 from .format import is_megabatch, parse_file_name
 from .inspect import Tokenizers, inspect_file, join, megabatch_files, parent
+from .plan import human_bytes
 from .store import Entry, Store, open_store
 
 CAT_LIMIT = 1 << 20  # `cat` refuses files above 1 MB: megabatches are for `inspect`

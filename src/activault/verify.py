@@ -12,10 +12,11 @@ from typing import Any
 
 import torch
 
-from .collect import human_bytes
 from .errors import FormatError, NotFoundError
 from .format import dtype_name, header_length, parse_file_name, read_header, tensor_specs
-from .inspect import join, list_dir, locate, megabatch_files, read_object
+from .inspect import join, list_dir, locate, megabatch_files
+from .plan import human_bytes
+from .records import RECOLLECT, REMERGE, read_json
 from .store import Store
 
 # (problems, ids + positions bytes or None when unreadable, non-padding tokens) of one file
@@ -89,7 +90,7 @@ def _hook_files(
         if h not in dirs:
             problems.append(f"{h}: hook folder is missing")
             continue
-        metas[h] = read_object(store, join(run, h, "metadata.json")) or {}
+        metas[h] = read_json(store, join(run, h, "metadata.json"), RECOLLECT) or {}
         if not metas[h]:
             problems.append(f"{h}: metadata.json is missing")
         _, files = list_dir(store, join(run, h))
@@ -132,7 +133,7 @@ def _check_statistics(store: Store, run: str, hooks: list[str], total: int, want
     """statistics.json of each hook: present, counting `total` tokens, covering `want_machines`."""
     problems = []
     for h in hooks:
-        stats = read_object(store, join(run, h, "statistics.json"))
+        stats = read_json(store, join(run, h, "statistics.json"), REMERGE)
         if stats is None:
             problems.append(f"{h}: statistics.json is missing")
             continue
@@ -147,7 +148,7 @@ def _check_statistics(store: Store, run: str, hooks: list[str], total: int, want
 
 def verify_run(store: Store, run: str = "", threads: int = 8) -> tuple[list[str], dict[str, Any]]:
     """Problems of a stored run (empty when clean) and a summary."""
-    cfg = read_object(store, join(run, "cfg.json"))
+    cfg = read_json(store, join(run, "cfg.json"), RECOLLECT)
     hooks, dirs, problems = _run_hooks(store, run, cfg)
     metas, names, hook_problems = _hook_files(store, run, hooks, dirs)
     every = sorted(set().union(*names.values())) if names else []

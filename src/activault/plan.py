@@ -1,0 +1,128 @@
+"""What a collection will store and cost, known from the config and the model's shape alone."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, replace
+from typing import Any
+
+from .config import Config
+from .errors import ConfigError
+from .format import dtype_name
+
+GB = 1e9
+
+
+@dataclass
+class Plan:
+    """What a collection will produce, known before any weights load."""
+
+    tokens: int
+    files: int
+    rows_per_file: int
+    bytes_per_hook: dict[str, int]
+    price_per_gb_month: float
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_per_hook.values())
+
+    @property
+    def monthly_cost(self) -> float:
+        return self.total_bytes / GB * self.price_per_gb_month
+
+
+def make_plan(cfg: Config, dims: dict[str, int], itemsize: int, machine: int | None = None) -> Plan:
+    """Tokens, files and bytes for one machine (or the whole run when machine is None)."""
+    d = cfg.data_config
+    batches = d.n_batches if machine is None else cfg.machine_batches(machine)
+    machines = range(cfg.num_runs) if machine is None else [machine]
+    files = sum(cfg.machine_files(m) for m in machines)
+    tokens = batches * d.batch_size * d.seq_length
+    per_token = {h: dim * itemsize + 8 for h, dim in dims.items()}  # + int32 id and int32 position
+    return Plan(tokens, files, cfg.rows_per_file, {h: tokens * b for h, b in per_token.items()},
+                cfg.upload_config.price_per_gb_month)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if abs(n) < 1000 or unit == "PB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} PB"
+
+
+def summary_lines(cfg: Config, plan: Plan, dims: dict[str, int], info: dict[str, Any], dest: str, machine: int) -> list[str]:
+    lines = [
+        f"model        {cfg.transformer_config.model_name} ({info.get('model_type', '?')}, "
+        f"{info.get('n_layers', '?')} layers, d_model {info.get('d_model', '?')})",
+        f"machine      {machine} of {cfg.num_runs}",
+        f"tokens       {plan.tokens:,} in {plan.files} files of {plan.rows_per_file} rows x {cfg.data_config.seq_length}",
+    ]
+    for h, b in plan.bytes_per_hook.items():
+        lines.append(f"hook         {h}  d={dims[h]}  {human_bytes(b)}")
+    lines += [
+        f"total        {human_bytes(plan.total_bytes)}  (~${plan.monthly_cost:,.2f}/month at "
+        f"${plan.price_per_gb_month}/GB-month)",
+        f"destination  {dest}/{cfg.run_name}",
+    ]
+    return lines
+
+
+_RATE = re.compile(r"^\s*([\d.]+)\s*([kmgt]?)(bps|bit/s|b/s|B/s|Bps)\s*$", re.IGNORECASE)
+
+
+def parse_bandwidth(text: str) -> float:
+    """Bytes per second of "1Gbps", "500 Mbit/s", "100MB/s" (bits unless the B is upper case)."""
+    m = _RATE.match(text)
+    if not m:
+        raise ConfigError(f"bandwidth {text!r} not understood; write e.g. 1Gbps, 500Mbps or 100MB/s")
+    value = float(m.group(1)) * 1000 ** " kmgt".index((m.group(2) or " ").lower())
+    unit = m.group(3)
+    return value if unit in ("B/s", "Bps") else value / 8
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 172800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def estimate_lines(cfg: Any, price: float | None = None, bandwidth: str = "1Gbps") -> list[str]:
+    """What a config would store and cost, from the model's config alone (no weights load)."""
+    from .hooks import hook_dims, resolve_hooks
+    from .model import load_skeleton
+
+    rate = parse_bandwidth(bandwidth)
+    skeleton = load_skeleton(cfg.transformer_config)
+    dims = hook_dims(skeleton, resolve_hooks(skeleton, cfg.upload_config.hooks))
+    itemsize = next(skeleton.parameters()).element_size()
+    plan = make_plan(cfg, dims, itemsize)
+    if price is not None:
+        plan = replace(plan, price_per_gb_month=price)
+    d = cfg.data_config
+    lines = [
+        f"model        {cfg.transformer_config.model_name}  ({dtype_name(next(skeleton.parameters()).dtype)})",
+        f"tokens       {plan.tokens:,}  ({d.n_batches} batches x {d.batch_size} rows x {d.seq_length})",
+        f"files        {plan.files} per hook, {plan.files * len(dims)} in total "
+        f"({plan.rows_per_file} rows each, {cfg.num_runs} machine(s))",
+    ]
+    lines += [f"hook         {h}  d={dims[h]}  {human_bytes(b)}" for h, b in plan.bytes_per_hook.items()]
+    lines += [
+        f"total        {human_bytes(plan.total_bytes)}",
+        f"cost         ${plan.monthly_cost:,.2f}/month at ${plan.price_per_gb_month}/GB-month",
+        f"upload time  {duration(plan.total_bytes / rate)} at {bandwidth.strip()}"
+        + (f" ({duration(plan.total_bytes / rate / cfg.num_runs)} per machine in parallel)" if cfg.num_runs > 1 else ""),
+    ]
+    return lines
+
+
+def run_estimate(config: str, price: float | None = None, bandwidth: str = "1Gbps") -> int:
+    from .config import load_config
+
+    print("\n".join(estimate_lines(load_config(config), price, bandwidth)))
+    return 0
