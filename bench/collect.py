@@ -23,10 +23,10 @@ import torch
 
 from activault.collect import collect
 from activault.config import parse_config
-from activault.data import iter_batches
 from activault.format import encode, file_name
 from activault.hooks import Capture, resolve_hooks
 from activault.model import load_model, load_skeleton, load_tokenizer
+from activault.pack import iter_batches
 from activault.store import LocalStore
 from activault.tiny import build_tiny
 from activault.writer import BufferPool, Writer

@@ -20,8 +20,9 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from activault.collect import collect
 from activault.config import parse_config
-from activault.data import encode_document, iter_documents, resolve_source
+from activault.data import iter_documents, resolve_source
 from activault.format import decode
+from activault.pack import encode_document
 
 CORPUS = str(resources.files("activault").joinpath("demo_corpus.jsonl"))
 

@@ -14,16 +14,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from activault.data import (
-    Batch,
-    DataState,
-    encode_document,
-    iter_batches,
-    iter_documents,
-    repair_messages,
-    resolve_source,
-)
+from activault.data import iter_documents, repair_messages, resolve_source
 from activault.errors import ConfigError
+from activault.pack import Batch, DataState, encode_document, iter_batches
 from activault.tiny import build_tokenizer, demo_texts
 
 CORPUS = str(resources.files("activault").joinpath("demo_corpus.jsonl"))
@@ -338,7 +331,7 @@ def test_template_without_default_system_is_untouched(tok):
 
 def test_failing_template_falls_back_with_a_warning(tok, caplog):
     tok.chat_template = "{{ raise_exception('no chats here') }}"
-    with caplog.at_level(logging.WARNING, logger="activault.data"):
+    with caplog.at_level(logging.WARNING, logger="activault.pack"):
         ids, keep = encode_document(
             CHAT, tok, clean_added_tokens=True, clean_default_system_prompt=True
         )

@@ -22,8 +22,8 @@ from transformers import AutoTokenizer
 
 from activault.collect import collect
 from activault.config import parse_config
-from activault.data import encode_document
 from activault.format import decode
+from activault.pack import encode_document
 from activault.tiny import demo_texts
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -47,9 +47,10 @@ class Result:
 
 def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_progress: bool = True) -> Result:
     """Collect this machine's share of the run; resumes from its progress record."""
-    from .data import DataState, iter_batches, resolve_source
+    from .data import resolve_source
     from .hooks import Capture, hook_dims, resolve_hooks
     from .model import load_model, load_skeleton, load_tokenizer, model_info
+    from .pack import DataState, iter_batches
 
     if not 0 <= machine < cfg.num_runs:
         raise ConfigError(f"--machine {machine} is out of range: num_runs is {cfg.num_runs}, so use 0..{cfg.num_runs - 1}")

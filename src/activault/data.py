@@ -1,4 +1,4 @@
-"""Documents -> tokens -> packed batches: sources, chat repair, cleaning masks, packing, resume.
+"""Documents from a dataset: the registry, local files, sharding by machine, chat repair.
 
 Sources. A data key is a key of the registry (the packaged ``datasets.json`` or another JSON file)
 or a local file / directory / glob of ``.jsonl``/``.json``/``.parquet``/``.txt`` files. A registry
@@ -16,15 +16,6 @@ entry is a small JSON object::
 Local files are read as kind "auto": a row with a string "text" is plain text, otherwise its
 "messages"/"conversation"/"conversations" column is a chat. ``.txt`` files hold one document per
 blank-line-separated paragraph. Everything, hub or local, streams through ``datasets``.
-
-Packing. Every row stores exactly ``seq_length`` kept tokens; tokens that cleaning drops (BOS, chat
-specials, the template's default system prompt) are still forwarded, so a row is longer by its
-cleaned count. Documents are packed greedily, each as its own segment (``segment_ids`` 1, 2, ...,
-``position_ids`` restarting at 0). A document that does not fit is split just before the first
-kept token that does not fit; its remainder opens the next row as a new segment whose model
-positions restart at 0 (the model sees it without its earlier context, as a fresh document would
-be seen), while ``doc_positions`` keep counting so the document can be reassembled. When the data
-runs out, the last row is completed with kept padding (``doc_positions == -1``).
 """
 
 from __future__ import annotations
@@ -34,14 +25,11 @@ import itertools
 import json
 import logging
 import string
-from bisect import bisect_left
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
-
-import torch
 
 from activault.errors import ConfigError
 
@@ -49,7 +37,6 @@ log = logging.getLogger(__name__)
 
 Doc = str | list[dict[str, str]]
 
-ENCODE_CHUNK = 64  # documents per fast-tokenizer call
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 CHAT_COLUMNS = ("messages", "conversation", "conversations")
 USER, ASSISTANT = ("user", "human", "prompter"), ("assistant", "gpt", "bot", "model", "chatgpt")
@@ -57,36 +44,6 @@ ROLES = {"system": "system", **dict.fromkeys(USER, "user"), **dict.fromkeys(ASSI
 ENTRY_KEYS = set(
     "path name split kind data_files text template messages turns roles filters".split()
 )
-
-
-@dataclass(frozen=True)
-class DataState:
-    """Resumable cursor over one machine's share of documents."""
-
-    docs_done: int = 0  # documents of this machine's share fully consumed
-    token_offset: int = 0  # tokens of the next document already consumed (split across rows)
-    exhausted: bool = False
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DataState:
-        return cls(
-            int(d.get("docs_done", 0)),
-            int(d.get("token_offset", 0)),
-            bool(d.get("exhausted", False)),
-        )
-
-
-@dataclass
-class Batch:
-    input_ids: torch.Tensor  # [B, L] int64; L >= seq_length (cleaned tokens are forwarded)
-    position_ids: torch.Tensor  # [B, L] int64; restarts at 0 for each segment
-    segment_ids: torch.Tensor  # [B, L] int32; 1, 2, ... per segment, 0 = padding
-    keep: torch.Tensor  # [B, L] bool; exactly seq_length True per row
-    doc_positions: torch.Tensor  # [B, L] int32; index in the document's token list, -1 = padding
-    state: DataState  # cursor after this batch
 
 
 @dataclass(frozen=True)
@@ -285,229 +242,3 @@ def repair_messages(raw: Any, roles: Mapping[str, str] = ROLES) -> list[dict[str
     if not any(m["role"] == "user" for m in out):
         return []
     return out
-
-
-# ---------------------------------------------------------------- tokenization and cleaning
-
-
-def _default_system_span(tokenizer) -> tuple[str, int, int] | None:
-    """(prefix, start, end): the characters [start, end) of `prefix` are the default system turn.
-
-    Found by rendering probe conversations with sentinels: what precedes the first user message,
-    less the BOS and less the user-turn header (read off a later user turn), is template-inserted.
-    """
-    u1, a1, u2, a2 = (
-        "AVPROBEUSERONE",
-        "AVPROBEASSISTANTONE",
-        "AVPROBEUSERTWO",
-        "AVPROBEASSISTANTTWO",
-    )
-    conv = [
-        {"role": r, "content": c}
-        for r, c in zip(["user", "assistant"] * 2, [u1, a1, u2, a2], strict=True)
-    ]
-    try:
-        full = tokenizer.apply_chat_template(conv, tokenize=False)
-        short = tokenizer.apply_chat_template(conv[:2], tokenize=False)
-        prefix = full[: full.index(u1)]
-        end_marker = short[short.index(a1) + len(a1) :]
-        between = full[full.index(a1) + len(a1) : full.index(u2)]
-    except Exception as e:  # no template, or one that rejects the probe: nothing to clean
-        log.debug("no default system prompt detected: %s", e)
-        return None
-    header = between[len(end_marker) :] if between.startswith(end_marker) else between
-    if not prefix.endswith(header):
-        return None
-    end = len(prefix) - len(header)
-    bos = tokenizer.bos_token or ""
-    start = len(bos) if bos and prefix.startswith(bos) else 0
-    return (prefix[:end], start, end) if end > start else None
-
-
-class _Encoder:
-    """Renders and tokenizes documents and marks which tokens are stored."""
-
-    def __init__(self, tokenizer, *, clean_added_tokens: bool, clean_default_system_prompt: bool):
-        self.tok = tokenizer
-        self.specials: set[int] = set()
-        if clean_added_tokens:
-            self.specials = set(tokenizer.all_special_ids)
-            self.specials |= {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
-        self.system = _default_system_span(tokenizer) if clean_default_system_prompt else None
-        if self.system and not tokenizer.is_fast:
-            log.warning("default system prompt not cleaned: needs a fast tokenizer for offsets")
-            self.system = None
-        self.warned = False
-
-    def _render(self, doc: Doc) -> tuple[str | None, bool, bool]:
-        """(text, None for an empty chat; rendered by the template; has its own system message)."""
-        if isinstance(doc, str):
-            return doc, False, False
-        msgs = repair_messages(doc)  # idempotent on repaired chats
-        if not msgs:
-            return None, False, False
-        try:
-            text = self.tok.apply_chat_template(msgs, tokenize=False)
-            return text, True, msgs[0]["role"] == "system"
-        except Exception as e:
-            if not self.warned:
-                log.warning("chat template failed (%s); rendering chats as 'role: content'", e)
-                self.warned = True
-            return "\n\n".join(f"{m['role']}: {m['content']}" for m in msgs), False, False
-
-    def encode(self, docs: list[Doc]) -> list[tuple[list[int], list[bool]]]:
-        rendered = [self._render(d) for d in docs]
-        out: list[tuple[list[int], list[bool]]] = [([], [])] * len(docs)
-        plain = [i for i, (text, chat, _) in enumerate(rendered) if text is not None and not chat]
-        chats = [i for i, (_, chat, _) in enumerate(rendered) if chat]
-        if plain:
-            enc = self.tok([rendered[i][0] for i in plain])
-            for i, ids in zip(plain, enc["input_ids"], strict=True):
-                out[i] = ids, [t not in self.specials for t in ids]
-        if chats:
-            texts = [rendered[i][0] or "" for i in chats]
-            offsets = self.system is not None
-            enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=offsets)
-            for n, i in enumerate(chats):
-                ids = enc["input_ids"][n]
-                keep = [t not in self.specials for t in ids]
-                if self.system and not rendered[i][2] and texts[n].startswith(self.system[0]):
-                    _, s, e = self.system
-                    spans = enc["offset_mapping"][n]
-                    keep = [k and not s <= a < e for k, (a, _) in zip(keep, spans, strict=True)]
-                out[i] = ids, keep
-        return out
-
-
-def encode_document(
-    doc: Doc, tokenizer, *, clean_added_tokens: bool, clean_default_system_prompt: bool
-) -> tuple[list[int], list[bool]]:
-    """Token ids of `doc` as the model sees it, and per token whether it is stored."""
-    enc = _Encoder(
-        tokenizer,
-        clean_added_tokens=clean_added_tokens,
-        clean_default_system_prompt=clean_default_system_prompt,
-    )
-    return enc.encode([doc])[0]
-
-
-# ---------------------------------------------------------------- packing
-
-
-_Encoded = tuple[int, list[int], list[bool], list[int]]  # doc index, ids, keep, kept indices
-
-
-class _Packer:
-    """Cuts rows of exactly `seq_length` kept tokens out of a stream of encoded documents."""
-
-    def __init__(self, docs: Iterable[Doc], encoder: _Encoder, first: int, offset: int):
-        self.docs_seen = first  # documents pulled from the stream, empty ones included
-        self.stream = self._encoded(iter(docs), encoder)
-        self.cur = next(self.stream, None)  # None once the documents run out
-        self.offset = offset if self.cur is not None and self.cur[0] == first else 0
-
-    def _encoded(self, docs: Iterator[Doc], encoder: _Encoder) -> Iterator[_Encoded]:
-        while chunk := list(itertools.islice(docs, ENCODE_CHUNK)):
-            for ids, keep in encoder.encode(chunk):
-                self.docs_seen += 1
-                kept = [i for i, k in enumerate(keep) if k]
-                if kept:  # a document with no stored token is skipped but counted
-                    yield self.docs_seen - 1, ids, keep, kept
-
-    def state(self) -> DataState:
-        if self.cur is None:
-            return DataState(self.docs_seen, 0, True)
-        return DataState(self.cur[0], self.offset, False)
-
-    def row(self, seq_length: int, pad_id: int) -> dict[str, list[int]]:
-        r: dict[str, list[int]] = {k: [] for k in ("ids", "pos", "seg", "keep", "dpos")}
-        n_kept = segment = 0
-        while n_kept < seq_length and self.cur is not None:
-            _, ids, keep, kept = self.cur
-            first = bisect_left(kept, self.offset)  # kept tokens of this document already stored
-            room = seq_length - n_kept
-            # the piece ends just before the first kept token that does not fit
-            end = kept[first + room] if first + room < len(kept) else len(ids)
-            segment += 1
-            r["ids"] += ids[self.offset : end]
-            r["pos"] += range(end - self.offset)
-            r["seg"] += [segment] * (end - self.offset)
-            r["keep"] += keep[self.offset : end]
-            r["dpos"] += range(self.offset, end)
-            n_kept += min(room, len(kept) - first)
-            if end == len(ids):
-                self.cur, self.offset = next(self.stream, None), 0
-            else:
-                self.offset = end
-        pad = seq_length - n_kept  # data ran out: stored padding completes the row
-        r["ids"] += [pad_id] * pad
-        r["pos"] += [0] * pad
-        r["seg"] += [0] * pad
-        r["keep"] += [True] * pad
-        r["dpos"] += [-1] * pad
-        return r
-
-
-def _collate(rows: list[dict[str, list[int]]], pad_id: int, state: DataState) -> Batch:
-    width = max(len(r["ids"]) for r in rows)
-
-    def stack(key: str, fill: int, dtype: torch.dtype) -> torch.Tensor:
-        out = torch.full((len(rows), width), fill, dtype=dtype)
-        for i, r in enumerate(rows):
-            out[i, : len(r[key])] = torch.tensor(r[key], dtype=dtype)
-        return out
-
-    return Batch(
-        input_ids=stack("ids", pad_id, torch.int64),
-        position_ids=stack("pos", 0, torch.int64),
-        segment_ids=stack("seg", 0, torch.int32),
-        keep=stack("keep", 0, torch.bool),
-        doc_positions=stack("dpos", -1, torch.int32),
-        state=state,
-    )
-
-
-def pad_token_id(tokenizer) -> int:
-    """The id that pads rows: the tokenizer's pad, else its EOS, else 0."""
-    for t in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if isinstance(t, int):
-            return t
-    return 0
-
-
-def iter_batches(
-    data_cfg, tokenizer, *, machine: int = 0, num_runs: int = 1, state: DataState | None = None
-) -> Iterator[Batch]:
-    """Packed batches of this machine's share, resumable from any batch's `state`."""
-    state = state or DataState()
-    if int(data_cfg.seq_length) < 1 or int(data_cfg.batch_size) < 1:
-        raise ConfigError("data.seq_length and data.batch_size must be positive integers")
-    spec = resolve_source(data_cfg.data_key, getattr(data_cfg, "registry", None))  # fail early
-    encoder = _Encoder(
-        tokenizer,
-        clean_added_tokens=getattr(data_cfg, "clean_added_tokens", True),
-        clean_default_system_prompt=getattr(data_cfg, "clean_default_system_prompt", True),
-    )
-    docs = iter_documents(
-        spec,
-        machine=machine,
-        num_runs=num_runs,
-        seed=data_cfg.seed,
-        shuffle_buffer=int(getattr(data_cfg, "shuffle_buffer", 0) or 0),
-        skip=state.docs_done,
-    )
-    return _batches(docs, encoder, state, int(data_cfg.seq_length), int(data_cfg.batch_size))
-
-
-def _batches(
-    docs: Iterator[Doc], encoder: _Encoder, state: DataState, seq_length: int, batch_size: int
-) -> Iterator[Batch]:
-    if state.exhausted:
-        return
-    packer = _Packer(docs, encoder, state.docs_done, state.token_offset)
-    pad_id = pad_token_id(encoder.tok)
-    while packer.cur is not None:
-        rows: list[dict[str, list[int]]] = []
-        while len(rows) < batch_size and packer.cur is not None:
-            rows.append(packer.row(seq_length, pad_id))
-        yield _collate(rows, pad_id, packer.state())
