@@ -26,7 +26,8 @@ import torch
 
 from activault import format as fmt
 from activault import reader
-from activault.reader import RCache, TokenLoader
+from activault.loader import TokenLoader
+from activault.reader import RCache
 from activault.store import LocalStore, Store, open_store
 
 OUT = Path(__file__).parent / "out" / "read.json"

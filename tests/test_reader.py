@@ -1,4 +1,4 @@
-"""RCache, TokenLoader and ActivationDataset against synthetic runs (local folders and a moto S3 server)."""
+"""RCache (and TokenLoader alongside it) against synthetic runs (local folders and a moto S3 server)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader
 from activault import format as fmt
 from activault import reader
 from activault.errors import ConfigError, FormatError, NotFoundError
-from activault.reader import ActivationDataset, RCache, S3RCache, TokenLoader
+from activault.loader import ActivationDataset, TokenLoader
+from activault.reader import RCache, S3RCache
 from activault.s3 import S3Store
 from activault.store import LocalStore
 
@@ -127,36 +128,6 @@ def test_resume_rcache(run: SynthRun, tmp_path: Path) -> None:
     assert again.epoch == 1 and again.current_file_index == 0
 
 
-@pytest.mark.parametrize("stop_after", [1, 5, 9])
-def test_resume_token_loader(run: SynthRun, tmp_path: Path, stop_after: int) -> None:
-    # 20-token batches straddle windows of 2 files (128 tokens minus padding): resumes land mid-window.
-    opts = dict(batch_tokens=20, window=2, return_ids=True, seed=7, drop_positions_below=1)
-    full = list(TokenLoader(tmp_path / "run/h1", **opts))
-    loader = TokenLoader(tmp_path / "run/h1", **opts)
-    with loader:
-        for k, _ in enumerate(loader):
-            if k + 1 == stop_after:
-                break
-        state = loader.state_dict()
-    again = TokenLoader(tmp_path / "run/h1", **opts)
-    again.load_state_dict(state)
-    rest = list(again)
-    assert len(rest) == len(full) - stop_after
-    for x, y in zip(rest, full[stop_after:], strict=True):
-        assert torch.equal(x["states"], y["states"]) and torch.equal(x["input_ids"], y["input_ids"])
-
-
-def test_token_loader_covers_kept_tokens(run: SynthRun, tmp_path: Path) -> None:
-    out = list(TokenLoader(tmp_path / "run/h1", batch_tokens=32, window=3, return_ids=True, drop_last=False, drop_positions_below=2))
-    assert all(b["states"].shape == (32, 8) for b in out[:-1])
-    s, i, p = (torch.cat([b[k] for b in out]) for k in ("states", "input_ids", "positions"))
-    assert p.min() >= 2
-    want = tokens(run, "h1")
-    assert triples(s, i, p) == Counter({k: v for k, v in want.items() if int.from_bytes(k[-4:], "little", signed=True) >= 2})
-    full = list(TokenLoader(tmp_path / "run/h1", batch_tokens=32, window=3, drop_positions_below=2))
-    assert len(full) == len(out) - 1  # drop_last
-
-
 def test_ddp_shards_are_disjoint_and_cover(run: SynthRun, tmp_path: Path) -> None:
     names_by_first_row = {bytes(run.files["h1"][n]["states"][0, 0].view(torch.uint8).numpy()): n for n in run.names}
     seen: list[str] = []
@@ -168,16 +139,6 @@ def test_ddp_shards_are_disjoint_and_cover(run: SynthRun, tmp_path: Path) -> Non
     for rank in range(3):
         for b in TokenLoader(tmp_path / "run/h1", batch_tokens=16, window=1, rank=rank, world_size=3, drop_last=False, return_ids=True):
             got += triples(b["states"], b["input_ids"], b["positions"])
-    assert got == tokens(run, "h1")
-
-
-def test_dataloader_workers(run: SynthRun, tmp_path: Path) -> None:
-    ds = ActivationDataset(str(tmp_path / "run/h1"))
-    got = sum((rows(b) for b in DataLoader(ds, batch_size=None, num_workers=2)), Counter())
-    assert got == rows(run.tensor("h1"))
-    ds = ActivationDataset(str(tmp_path / "run/h1"), batch_tokens=24, drop_last=False, return_ids=True)
-    batches = list(DataLoader(ds, batch_size=None, num_workers=2))
-    got = sum((triples(b["states"], b["input_ids"], b["positions"]) for b in batches), Counter())
     assert got == tokens(run, "h1")
 
 
@@ -259,20 +220,6 @@ def test_legacy_pt(tmp_path: Path) -> None:
     for b, mb in zip(out, saved, strict=True):
         assert torch.equal(b["states"], mb["states"]) and torch.equal(b["input_ids"], mb["input_ids"])
         assert torch.equal(b["positions"][1], torch.arange(5, dtype=torch.int32))
-
-
-def test_normalisation_matches_statistics(run: SynthRun, tmp_path: Path) -> None:
-    target = 8**0.5
-    out = torch.cat(list(TokenLoader(tmp_path / "run/h2", batch_tokens=50, center=True, norm_target=target, drop_last=False)))
-    assert out.dtype == torch.float32
-    raw = run.tensor("h2").reshape(-1, 8)[run.tensor("h2", "positions").reshape(-1) >= 0].double()
-    assert torch.allclose(out.double().mean(0), torch.zeros(8, dtype=torch.float64), atol=1e-5)
-    assert out.double().pow(2).sum(1).mean().sqrt().item() == pytest.approx(target, rel=1e-5)
-    centred = raw - raw.mean(0)
-    want = centred * (target / centred.pow(2).sum(1).mean().sqrt())
-    assert torch.allclose(out.double().sort(0).values, want.sort(0).values, atol=1e-5)
-    plain = torch.cat(list(TokenLoader(tmp_path / "run/h2", batch_tokens=50, norm_target=target, drop_last=False)))
-    assert plain.double().norm(dim=1).mean().item() == pytest.approx(target, rel=1e-5)
 
 
 def test_sync_picks_up_new_files(local: LocalStore, tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 __version__ = "0.2.0"
 
-__all__ = ["Config", "RCache", "S3RCache", "TokenLoader", "__version__", "collect", "load_config", "open_store"]
+__all__ = ["ActivationDataset", "Config", "RCache", "S3RCache", "TokenLoader", "__version__", "collect", "load_config", "open_store"]
 
 
 def __getattr__(name: str):
@@ -19,8 +19,12 @@ def __getattr__(name: str):
         from .store import open_store
 
         return open_store
-    if name in ("RCache", "S3RCache", "TokenLoader"):
+    if name in ("RCache", "S3RCache"):
         from . import reader
 
         return getattr(reader, name)
+    if name in ("TokenLoader", "ActivationDataset"):
+        from . import loader
+
+        return getattr(loader, name)
     raise AttributeError(f"module 'activault' has no attribute {name!r}")

@@ -1,4 +1,4 @@
-"""Streaming stored activations: RCache (megabatches), TokenLoader (shuffled token batches), ActivationDataset.
+"""Streaming stored activations: RCache yields megabatches `[rows, seq, d]` (token batches: loader.py).
 
 Files are read ahead in a thread pool, each with parallel ranged reads into one preallocated
 buffer (pinned when the device is CUDA) and parsed in place: the tensors are views of that buffer.
@@ -10,10 +10,8 @@ nor skips data.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
-import sys
 import threading
 import warnings
 import weakref
@@ -26,11 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
 
 from . import format as fmt
 from .errors import ConfigError, FormatError, NotFoundError, StorageError
-from .stats import RunningStats, merge_all
 from .store import Entry, LocalStore, Store, open_store
 
 # 16 MiB ranges: one connection to AWS moves ~90 MB/s, so 8 in flight fill a 5 Gbit/s NIC.
@@ -329,19 +325,30 @@ class RCache:
             ids, pos = ids.reshape(-1)[perm].view(rows, seq), pos.reshape(-1)[perm].view(rows, seq)
         return _Item(states, ids, pos)
 
-    def _stream(self, start: int) -> Generator[tuple[int, _Item], None, None]:
-        """(index in this shard's order, item) from file `start` on, `buffer_size` files read ahead."""
+    def _stream(self, start: int, eager: bool = False) -> Generator[tuple[int, _Item], None, None]:
+        """(index in this shard's order, item) from file `start` on, `buffer_size` files read ahead.
+
+        Args:
+            eager: start the next reads before yielding, so `buffer_size` files are in flight while
+                the consumer works (TokenLoader holds a whole window); else one of them starts on
+                the next request, and a consumer holds buffer_size files at most (RCache).
+        """
         stop = threading.Event()
         files = ThreadPoolExecutor(self.buffer_size, thread_name_prefix="activault-read")
         ranges = ThreadPoolExecutor(RANGE_WORKERS, thread_name_prefix="activault-range")
         pending: deque[tuple[int, Future[_Item]]] = deque()
         i = start
+
+        def refill() -> None:
+            nonlocal i
+            order = self._order()  # re-read: sync() may have appended files
+            while len(pending) < self.buffer_size and i < len(order):
+                pending.append((i, files.submit(self._load, order[i], stop, ranges)))
+                i += 1
+
         try:
             while True:
-                order = self._order()  # re-read: sync() may have appended files
-                while len(pending) < self.buffer_size and i < len(order):
-                    pending.append((i, files.submit(self._load, order[i], stop, ranges)))
-                    i += 1
+                refill()
                 if not pending:
                     return
                 index, future = pending.popleft()
@@ -353,7 +360,10 @@ class RCache:
                     self.bad_files += 1
                     warnings.warn(f"skipping a bad file: {e}", stacklevel=2)
                     continue
+                if eager:
+                    refill()
                 yield index, item
+                del item  # not held while waiting for the next file
         finally:
             stop.set()
             for _, future in pending:
@@ -454,279 +464,3 @@ class S3RCache(RCache):
     @classmethod
     def from_credentials(cls, aws_access_key_id: str, aws_secret_access_key: str, *args: Any, **kwargs: Any) -> S3RCache:
         return cls(*args, aws_access_key_id=aws_access_key_id, aws_secret_access_key=aws_secret_access_key, **kwargs)
-
-
-@dataclass
-class _Batch:
-    states: list[torch.Tensor]  # per hook [batch_tokens, d]
-    input_ids: torch.Tensor  # [batch_tokens] int32
-    positions: torch.Tensor  # [batch_tokens] int32
-    filled: int = 0
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """`x: [n, d]` viewed as rows of 8-byte words when possible: index_select copies those twice as fast."""
-    if (x.shape[-1] * x.element_size()) % 8 == 0:
-        try:
-            return x.view(torch.int64)
-        except RuntimeError:  # storage offset not 8-aligned
-            pass
-    return x
-
-
-class _Window:
-    """The kept tokens of a window of megabatches, indexed 0..n-1 without copying them together."""
-
-    def __init__(self, items: list[_Item], drop_below: int):
-        self.states: list[list[torch.Tensor]] = [[] for _ in items[0].states]  # per hook, per file: [tokens, d]
-        self.ids, self.pos, self.kept = [], [], []
-        counts = []
-        for item in items:
-            p = item.positions.reshape(-1)
-            keep = p >= drop_below
-            kept = None if bool(keep.all()) else keep.nonzero().squeeze(1)  # padding and dropped positions
-            counts.append(p.numel() if kept is None else kept.numel())
-            self.kept.append(kept)
-            self.ids.append(item.input_ids.reshape(-1))
-            self.pos.append(p)
-            for h, s in enumerate(item.states):
-                self.states[h].append(s.reshape(p.numel(), -1))
-        self.offsets = torch.tensor([0, *counts]).cumsum(0)
-        self.n = int(self.offsets[-1])
-
-    def gather(self, index: torch.Tensor, batch: _Batch) -> None:
-        """Append tokens `index` to the batch: one copy, file by file (so in storage order within a batch)."""
-        index = index.sort().values
-        bounds = torch.searchsorted(index, self.offsets).tolist()
-        start = batch.filled
-        for f, kept in enumerate(self.kept):
-            lo, hi = bounds[f], bounds[f + 1]
-            if lo == hi:
-                continue
-            local = index[lo:hi] - self.offsets[f]
-            if kept is not None:
-                local = kept[local]
-            for h, per_file in enumerate(self.states):
-                out = _rows(batch.states[h][start + lo : start + hi])
-                torch.index_select(_rows(per_file[f]), 0, local, out=out)
-            torch.index_select(self.ids[f], 0, local, out=batch.input_ids[start + lo : start + hi])
-            torch.index_select(self.pos[f], 0, local, out=batch.positions[start + lo : start + hi])
-        batch.filled += index.numel()
-
-
-class TokenLoader:
-    """Fixed-size batches of tokens `[batch_tokens, d]`, shuffled across a window of megabatches.
-
-    Files are grouped in windows of `window` consecutive files (in the reader's order); a window's
-    kept tokens are permuted with a seed, and batches are cut from the concatenation of permuted
-    windows, so the stream is the same whether read in one go or resumed from `state_dict()`.
-    Which tokens form a batch is random; within a batch they come in storage order (the gather
-    is then one sequential copy).
-
-    Args:
-        drop_positions_below: drop tokens whose position in their document is below this (e.g. 1
-            drops each document's first token); padding (position -1) is always dropped.
-        center: subtract the per-dimension mean from `statistics.json`.
-        norm_target: scale so the tokens' mean L2 norm equals this (e.g. `d ** 0.5`): from the
-            exact mean norm in `statistics.json`, or, with `center`, the RMS norm of centred tokens
-            (sqrt of the total variance, exact for the mean squared norm).
-        dtype: output dtype; default the stored one, or float32 when normalising.
-        Other options as RCache (preserve_file_order defaults to False here).
-    """
-
-    def __init__(
-        self,
-        uri: Source | Sequence[Source],
-        *,
-        batch_tokens: int,
-        hooks: Sequence[str] | None = None,
-        window: int = 4,
-        return_ids: bool = False,
-        seed: int = 0,
-        preserve_file_order: bool = False,
-        drop_positions_below: int = 0,
-        center: bool = False,
-        norm_target: float | None = None,
-        drop_last: bool = True,
-        dtype: torch.dtype | None = None,
-        device: str | torch.device = "cpu",
-        **options: Any,
-    ):
-        if batch_tokens < 1 or window < 1:
-            raise ConfigError(f"batch_tokens and window must be >= 1, got {batch_tokens} and {window}")
-        self.cache = RCache(uri, hooks=hooks, return_ids=True, seed=seed, preserve_file_order=preserve_file_order, **options)
-        self.hooks = self.cache.hooks
-        self.batch_tokens, self.window, self.return_ids = batch_tokens, window, return_ids
-        self.drop_below, self.drop_last = max(drop_positions_below, 0), drop_last
-        self.device = torch.device(device)
-        self._pin = self.device.type == "cuda" and torch.cuda.is_available()
-        self.seed = seed
-        self.epoch = 0
-        self._window = self._offset = 0
-        self._norm = [self._norm_params(h, center, norm_target) for h in range(len(self.hooks or [""]))]
-        self.dtype = dtype if dtype is not None else (torch.float32 if center or norm_target else None)
-        self._active: weakref.WeakSet[Generator[Any, None, None]] = weakref.WeakSet()
-
-    def _norm_params(self, h: int, center: bool, target: float | None) -> tuple[torch.Tensor | None, float]:
-        if not center and target is None:
-            return None, 1.0
-        parts = []
-        for src in self.cache._sources:
-            key = src.key(h, "statistics.json")
-            try:
-                parts.append(RunningStats.from_dict(json.loads(src.store.get_text(key))))
-            except NotFoundError:
-                raise NotFoundError(f"{src.store.url(key)} does not exist; normalisation needs the run's statistics") from None
-        stats = merge_all(parts)
-        assert stats is not None
-        mean = stats.mean.to(torch.float32) if center else None
-        if target is None:
-            return mean, 1.0
-        ref = math.sqrt(float(stats.var.sum())) if center else stats.mean_norm
-        return mean, target / ref
-
-    def _batch(self, states: list[torch.Tensor]) -> _Batch:
-        # Staged in pinned memory for CUDA unless normalisation makes a new tensor anyway.
-        pin = self._pin and self._norm[0] == (None, 1.0) and self.dtype is None
-        B = self.batch_tokens
-        return _Batch([torch.empty((B, s.shape[-1]), dtype=s.dtype, pin_memory=pin) for s in states],
-                      torch.empty(B, dtype=torch.int32), torch.empty(B, dtype=torch.int32))
-
-    def _deliver(self, batch: _Batch) -> Any:
-        out = []
-        for s, (mean, scale) in zip(batch.states, self._norm, strict=True):
-            s = s[: batch.filled]
-            if mean is not None or scale != 1.0:
-                s = s.to(torch.float32)
-                if mean is not None:
-                    s -= mean
-                if scale != 1.0:
-                    s *= scale
-            if self.dtype is not None:
-                s = s.to(self.dtype)
-            if self._pin and not s.is_pinned():
-                s = s.pin_memory()
-            out.append(s.to(self.device, non_blocking=self._pin))
-        st: Any = dict(zip(self.hooks, out, strict=True)) if self.hooks else out[0]
-        if not self.return_ids:
-            return st
-        ids, pos = batch.input_ids[: batch.filled].to(torch.int64), batch.positions[: batch.filled]
-        return {"states": st, "input_ids": ids.to(self.device), "positions": pos.to(self.device)}
-
-    def _iterate(self) -> Generator[Any, None, None]:
-        W, B = self.window, self.batch_tokens
-        self.cache.epoch = self.epoch
-        stream = self.cache._stream(self._window * W)
-        skip = self._offset
-        batch: _Batch | None = None  # filled across windows: tokens carried over stay in place
-        pending: tuple[int, _Item] | None = None
-        try:
-            while True:
-                if pending is None:
-                    pending = next(stream, None)
-                    if pending is None:
-                        break
-                w = pending[0] // W
-                items = []
-                while pending is not None and pending[0] // W == w:
-                    items.append(pending[1])
-                    pending = next(stream, None)
-                win = _Window(items, self.drop_below)
-                del items
-                gen = torch.Generator().manual_seed(_mix(self.seed, self.epoch, "window", w))
-                perm = torch.randperm(win.n, generator=gen)
-                a, skip = skip, 0
-                while a < win.n:
-                    if batch is None:
-                        batch = self._batch([per_file[0] for per_file in win.states])
-                    take = min(B - batch.filled, win.n - a)
-                    win.gather(perm[a : a + take], batch)
-                    a += take
-                    if batch.filled == B:
-                        self._window, self._offset = (w, a) if a < win.n else (w + 1, 0)
-                        full, batch = batch, None
-                        yield self._deliver(full)
-                del win, perm  # free this window before the next one is assembled
-                if pending is None:
-                    break
-        finally:
-            stream.close()
-        if batch is not None and not self.drop_last:
-            yield self._deliver(batch)
-        self.epoch += 1
-        self._window = self._offset = 0
-
-    def __iter__(self) -> Iterator[Any]:
-        gen = self._iterate()
-        self._active.add(gen)
-        return gen
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "window": self._window, "offset": self._offset, "seed": self.seed,
-                "window_files": self.window, "batch_tokens": self.batch_tokens}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k, mine in (("seed", self.seed), ("window_files", self.window), ("batch_tokens", self.batch_tokens)):
-            if state[k] != mine:
-                raise ConfigError(f"state was saved with {k}={state[k]}, this loader has {mine}")
-        self.epoch, self._window, self._offset = int(state["epoch"]), int(state["window"]), int(state["offset"])
-
-    @property
-    def bad_files(self) -> int:
-        return self.cache.bad_files
-
-    def finalize(self) -> None:
-        for gen in list(self._active):
-            gen.close()
-        self.cache.finalize()
-
-    def __enter__(self) -> TokenLoader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.finalize()
-
-
-class ActivationDataset(IterableDataset):
-    """RCache megabatches, or TokenLoader batches with `batch_tokens`, for DataLoader(batch_size=None).
-
-    Each DataLoader worker reads its own files: shard `rank * num_workers + worker` of
-    `world_size * num_workers`. Call `set_epoch` before each epoch for a new file order.
-    With S3, a process that already used S3 must start workers with
-    `DataLoader(..., multiprocessing_context="spawn")`: obstore's I/O runtime does not survive fork.
-    """
-
-    def __init__(self, uri: Source | Sequence[Source], *, batch_tokens: int | None = None, rank: int = 0, world_size: int = 1, **options: Any):
-        self.uri, self.batch_tokens, self.rank, self.world_size, self.options = uri, batch_tokens, rank, world_size, options
-        self.epoch = 0
-        self._pickled = False  # False in a forked worker: it shares the parent's memory
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _pickled=True)
-
-    def _check_fork(self) -> None:
-        uris = [self.uri] if isinstance(self.uri, str | Path | Store) else list(self.uri)
-        s3 = any(str(u).startswith("s3://") or type(u).__module__ == "activault.s3" for u in uris)
-        if s3 and not self._pickled and "activault.s3" in sys.modules:
-            raise ConfigError(
-                "DataLoader workers were forked from a process that already used S3, and obstore's I/O runtime "
-                "does not survive fork (reads would hang): pass multiprocessing_context='spawn' to DataLoader"
-            )
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[Any]:
-        info = get_worker_info()
-        n, i = (info.num_workers, info.id) if info is not None else (1, 0)
-        if info is not None:
-            self._check_fork()
-        rank, world_size = self.rank * n + i, self.world_size * n
-        reader: RCache | TokenLoader
-        if self.batch_tokens is None:
-            reader = RCache(self.uri, rank=rank, world_size=world_size, **self.options)
-        else:
-            reader = TokenLoader(self.uri, batch_tokens=self.batch_tokens, rank=rank, world_size=world_size, **self.options)
-        reader.epoch = self.epoch
-        with reader:
-            yield from reader

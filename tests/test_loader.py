@@ -1,0 +1,79 @@
+"""TokenLoader and ActivationDataset against synthetic runs in a local folder."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from synth import SynthRun, write_synthetic_run
+from test_reader import rows, tokens, triples
+from torch.utils.data import DataLoader
+
+from activault.loader import ActivationDataset, TokenLoader
+from activault.store import LocalStore
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> LocalStore:
+    return LocalStore(tmp_path, fsync=False)
+
+
+@pytest.fixture
+def run(local: LocalStore) -> SynthRun:
+    return write_synthetic_run(local, "run", ["h1", "h2"], machines=2, files=3)
+
+
+@pytest.mark.parametrize("stop_after", [1, 5, 9])
+def test_resume_token_loader(run: SynthRun, tmp_path: Path, stop_after: int) -> None:
+    # 20-token batches straddle windows of 2 files (128 tokens minus padding): resumes land mid-window.
+    opts = dict(batch_tokens=20, window=2, return_ids=True, seed=7, drop_positions_below=1)
+    full = list(TokenLoader(tmp_path / "run/h1", **opts))
+    loader = TokenLoader(tmp_path / "run/h1", **opts)
+    with loader:
+        for k, _ in enumerate(loader):
+            if k + 1 == stop_after:
+                break
+        state = loader.state_dict()
+    again = TokenLoader(tmp_path / "run/h1", **opts)
+    again.load_state_dict(state)
+    rest = list(again)
+    assert len(rest) == len(full) - stop_after
+    for x, y in zip(rest, full[stop_after:], strict=True):
+        assert torch.equal(x["states"], y["states"]) and torch.equal(x["input_ids"], y["input_ids"])
+
+
+def test_token_loader_covers_kept_tokens(run: SynthRun, tmp_path: Path) -> None:
+    out = list(TokenLoader(tmp_path / "run/h1", batch_tokens=32, window=3, return_ids=True, drop_last=False, drop_positions_below=2))
+    assert all(b["states"].shape == (32, 8) for b in out[:-1])
+    s, i, p = (torch.cat([b[k] for b in out]) for k in ("states", "input_ids", "positions"))
+    assert p.min() >= 2
+    want = tokens(run, "h1")
+    assert triples(s, i, p) == Counter({k: v for k, v in want.items() if int.from_bytes(k[-4:], "little", signed=True) >= 2})
+    full = list(TokenLoader(tmp_path / "run/h1", batch_tokens=32, window=3, drop_positions_below=2))
+    assert len(full) == len(out) - 1  # drop_last
+
+
+def test_dataloader_workers(run: SynthRun, tmp_path: Path) -> None:
+    ds = ActivationDataset(str(tmp_path / "run/h1"))
+    got = sum((rows(b) for b in DataLoader(ds, batch_size=None, num_workers=2)), Counter())
+    assert got == rows(run.tensor("h1"))
+    ds = ActivationDataset(str(tmp_path / "run/h1"), batch_tokens=24, drop_last=False, return_ids=True)
+    batches = list(DataLoader(ds, batch_size=None, num_workers=2))
+    got = sum((triples(b["states"], b["input_ids"], b["positions"]) for b in batches), Counter())
+    assert got == tokens(run, "h1")
+
+
+def test_normalisation_matches_statistics(run: SynthRun, tmp_path: Path) -> None:
+    target = 8**0.5
+    out = torch.cat(list(TokenLoader(tmp_path / "run/h2", batch_tokens=50, center=True, norm_target=target, drop_last=False)))
+    assert out.dtype == torch.float32
+    raw = run.tensor("h2").reshape(-1, 8)[run.tensor("h2", "positions").reshape(-1) >= 0].double()
+    assert torch.allclose(out.double().mean(0), torch.zeros(8, dtype=torch.float64), atol=1e-5)
+    assert out.double().pow(2).sum(1).mean().sqrt().item() == pytest.approx(target, rel=1e-5)
+    centred = raw - raw.mean(0)
+    want = centred * (target / centred.pow(2).sum(1).mean().sqrt())
+    assert torch.allclose(out.double().sort(0).values, want.sort(0).values, atol=1e-5)
+    plain = torch.cat(list(TokenLoader(tmp_path / "run/h2", batch_tokens=50, norm_target=target, drop_last=False)))
+    assert plain.double().norm(dim=1).mean().item() == pytest.approx(target, rel=1e-5)
