@@ -5,7 +5,7 @@
 2. The writer alone (synthetic megabatches through Writer + format.encode) vs plain sequential
    writes of the same bytes to the same disk (same fsync + rename per file): goal >= 0.9.
 
-Usage: python bench/collect.py [--out bench/out/collect.json] [--quick]
+Usage: python -m bench.collect [--out bench/out/collect.json] [--quick]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Read throughput: raw bytes (the limit) vs RCache, an original-style torch.load baseline, TokenLoader.
 
 Same files on a local folder and on a moto S3 server. Prints a table and writes bench/out/read.json.
-    python bench/read.py [--files 8] [--mib 64] [--d 2048]
+    python -m bench.read [--files 8] [--mib 64] [--d 2048]
 """
 
 from __future__ import annotations
@@ -11,12 +11,10 @@ import io
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,6 +27,7 @@ from activault import reader
 from activault.loader import TokenLoader
 from activault.reader import RCache
 from activault.store import LocalStore, Store, open_store
+from tests.s3servers import MotoServer
 
 OUT = Path(__file__).parent / "out" / "read.json"
 SEQ = 1024
@@ -134,24 +133,6 @@ def bench_store(label: str, uri: str, options: dict[str, Any], args: argparse.Na
     return results
 
 
-def start_moto() -> tuple[str, subprocess.Popen[bytes]]:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
-            return url, proc
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("moto_server did not start")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--files", type=int, default=8)
@@ -164,24 +145,20 @@ def main() -> None:
     rows = max(1, (args.mib << 20) // (SEQ * args.d * 2))
     tmp = Path(tempfile.mkdtemp(prefix="activault-bench-"))
     results: list[dict[str, Any]] = []
-    proc = None
+    server = None
     try:
         write_files(LocalStore(tmp, fsync=False), args.files, rows, args.d)
         results += bench_store("local", str(tmp), {}, args, [reader.RANGE_SIZE])
         if not args.no_s3:
-            import boto3
-
-            url, proc = start_moto()
-            env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "S3_ENDPOINT_URL": url, "AWS_REGION": "us-east-1"}
-            boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="bench",
-                         aws_secret_access_key="bench").create_bucket(Bucket="bench")
+            server = MotoServer().start()
+            server.create_bucket("bench")
+            env = server.env()
             write_files(open_store("s3://bench", env=env), args.files, rows, args.d)
             results += bench_store("moto S3", "s3://bench", {"env": env}, args, [reader.RANGE_SIZE, 1 << 40])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if proc is not None:
-            proc.terminate()
-            proc.wait()
+        if server is not None:
+            server.stop()
     file_mib = rows * SEQ * args.d * 2 / 2**20
     print(f"{args.files} files x {file_mib:.0f} MiB bf16 [{rows}, {SEQ}, {args.d}], buffer_size={args.buffer_size}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}")

@@ -2,7 +2,7 @@
 the same bytes with the same client; and a tiny model's collection tokens/s on S3 vs the local store.
 
 Prints a table and writes bench/out/storage.json.
-    python bench/storage.py [--files 6] [--mib 64]
+    python -m bench.storage [--files 6] [--mib 64]
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,9 +26,7 @@ from activault.config import parse_config
 from activault.s3 import PART_CONCURRENCY, PART_SIZE, S3Store
 from activault.tiny import build_tiny
 from activault.writer import Writer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from s3servers import MotoServer  # noqa: E402
+from tests.s3servers import MotoServer
 
 OUT = Path(__file__).parent / "out" / "storage.json"
 SEQ, D = 1024, 2048

@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import time
-import urllib.request
 from dataclasses import dataclass, field
 
 import torch
+from s3servers import MotoServer
 
 from activault import format as fmt
 from activault.stats import RunningStats, merge_all
@@ -99,37 +96,14 @@ def write_synthetic_run(
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def start_moto() -> tuple[str, MotoServer]:
+    """A moto S3 server on a free loopback port: (endpoint URL, server). Stop it with stop_moto."""
+    server = MotoServer().start()
+    return server.url, server
 
 
-def start_moto(timeout: float = 30.0) -> tuple[str, subprocess.Popen[bytes]]:
-    """Start `moto_server` on a free local port; returns (endpoint URL, process). Stop it with stop_moto."""
-    port = free_port()
-    proc = subprocess.Popen(["moto_server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
-            return url, proc
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stop_moto(proc)
-                raise RuntimeError(f"moto_server did not start on port {port}") from None
-            time.sleep(0.1)
-
-
-def stop_moto(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def stop_moto(server: MotoServer) -> None:
+    server.stop()
 
 
 MOTO_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
