@@ -307,6 +307,21 @@ def test_bad_invocation_messages(llama, tmp_path, args, message):
     assert out.returncode == 2 and message in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize(
+    "over,message",
+    [
+        ({"data": {"seq_length": 4096}}, "exceeds the model's max_position_embeddings (2048)"),
+        ({"data": {"seq_length": 2048, "batch_size": 4096}}, "lower upload_config.batches_per_upload"),
+    ],
+)
+def test_sizes_this_machine_or_model_cannot_run_are_refused_before_weights_load(llama, tmp_path, over, message):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(make_cfg(llama, tmp_path, **over).model_dump(mode="json")))
+    out = _cli("collect", "--config", str(path))
+    assert out.returncode == 2 and message in out.stderr
+    assert "Loading weights" not in out.stderr and "Traceback" not in out.stderr
+
+
 def test_bad_data_key(llama, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(make_cfg(llama, tmp_path, data={"data_key": "no-such-dataset"}).model_dump(mode="json")))

@@ -22,7 +22,7 @@ from . import __version__
 from .config import Config, resolve_storage
 from .errors import ConfigError
 from .format import encode, file_name, hook_metadata
-from .plan import human_bytes, make_plan, summary_lines
+from .plan import available_memory, check_feasible, human_bytes, make_plan, summary_lines
 from .records import Progress, check_run_record, merge_statistics, progress_key, write_json
 from .stats import RunningStats
 from .store import Store, open_store
@@ -68,6 +68,8 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
     info = model_info(skeleton)
     tokenizer = load_tokenizer(tc)
     itemsize = torch.empty((), dtype=_torch_dtype(tc.dtype, skeleton)).element_size()
+    model_config: Any = skeleton.config
+    check_feasible(cfg, dims, itemsize, model_config.get_text_config(), available_memory())
     record = {
         "format": "activault", "format_version": 1, "activault_version": __version__, "run_name": run,
         "config": cfg.to_public_dict(), "model": info, "tokenizer": tc.model_name, "hooks": uc.hooks,

@@ -22,6 +22,7 @@ class Plan:
     rows_per_file: int
     bytes_per_hook: dict[str, int]
     price_per_gb_month: float
+    buffer_bytes: int
 
     @property
     def total_bytes(self) -> int:
@@ -41,7 +42,42 @@ def make_plan(cfg: Config, dims: dict[str, int], itemsize: int, machine: int | N
     tokens = batches * d.batch_size * d.seq_length
     per_token = {h: dim * itemsize + 8 for h, dim in dims.items()}  # + int32 id and int32 position
     return Plan(tokens, files, cfg.rows_per_file, {h: tokens * b for h, b in per_token.items()},
-                cfg.upload_config.price_per_gb_month)
+                cfg.upload_config.price_per_gb_month, buffer_bytes(cfg, dims, itemsize))
+
+
+def buffer_bytes(cfg: Config, dims: dict[str, int], itemsize: int) -> int:
+    """Host memory for megabatch buffers: max_pending + 1 per hook, each a whole file of states."""
+    rows, seq = cfg.rows_per_file, cfg.data_config.seq_length
+    return (cfg.upload_config.max_pending + 1) * sum(rows * seq * d * itemsize for d in dims.values())
+
+
+def check_feasible(cfg: Config, dims: dict[str, int], itemsize: int, model_config: Any, memory: int | None) -> None:
+    """Refuse sizes this machine or model cannot run, before any weights load."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    if isinstance(limit, int) and cfg.data_config.seq_length > limit:
+        raise ConfigError(
+            f"data_config.seq_length={cfg.data_config.seq_length} exceeds the model's max_position_embeddings "
+            f"({limit}); use seq_length <= {limit}"
+        )
+    need = buffer_bytes(cfg, dims, itemsize)
+    if memory is not None and need > 0.8 * memory:
+        raise ConfigError(
+            f"megabatch buffers need {human_bytes(need)} of host memory ((max_pending + 1) x {len(dims)} hooks x "
+            f"{cfg.rows_per_file} rows x {cfg.data_config.seq_length} tokens), but {human_bytes(memory)} is "
+            "available: lower upload_config.batches_per_upload, data_config.batch_size or upload_config.max_pending"
+        )
+
+
+def available_memory() -> int | None:
+    """Physical memory available now (Linux), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def human_bytes(n: float) -> str:
@@ -64,6 +100,7 @@ def summary_lines(cfg: Config, plan: Plan, dims: dict[str, int], info: dict[str,
     lines += [
         f"total        {human_bytes(plan.total_bytes)}  (~${plan.monthly_cost:,.2f}/month at "
         f"${plan.price_per_gb_month}/GB-month)",
+        f"buffers      {human_bytes(plan.buffer_bytes)} of host memory for megabatches in flight",
         f"destination  {dest}/{cfg.run_name}",
     ]
     return lines
@@ -115,6 +152,7 @@ def estimate_lines(cfg: Any, price: float | None = None, bandwidth: str = "1Gbps
     lines += [
         f"total        {human_bytes(plan.total_bytes)}",
         f"cost         ${plan.monthly_cost:,.2f}/month at ${plan.price_per_gb_month}/GB-month",
+        f"buffers      {human_bytes(plan.buffer_bytes)} of host memory per machine for megabatches in flight",
         f"upload time  {duration(plan.total_bytes / rate)} at {bandwidth.strip()}"
         + (f" ({duration(plan.total_bytes / rate / cfg.num_runs)} per machine in parallel)" if cfg.num_runs > 1 else ""),
     ]

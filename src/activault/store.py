@@ -144,7 +144,10 @@ class LocalStore(Store):
             os.replace(tmp, path)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            raise StorageError(f"cannot write {path}: {e.strerror or e}") from e
+            raise StorageError(
+                f"cannot write {path}: {e.strerror or e}; free space or fix permissions (or choose another "
+                "--storage), then run the same command again to resume"
+            ) from e
 
     def get(self, key: str) -> memoryview:
         path = self._path(key)
