@@ -7,7 +7,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from synth import SynthRun, write_synthetic_run
 
+from activault.store import LocalStore
 from activault.tiny import build_tiny
 
 # Hermetic: nothing from a hub, and Ray binds to loopback (by default it advertises the machine's
@@ -28,3 +30,13 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], 
         return built[arch]
 
     return get
+
+
+@pytest.fixture
+def local(tmp_path: Path) -> LocalStore:
+    return LocalStore(tmp_path, fsync=False)
+
+
+@pytest.fixture
+def run(local: LocalStore) -> SynthRun:
+    return write_synthetic_run(local, "run", ["h1", "h2"], machines=2, files=3)

@@ -72,15 +72,15 @@ def llama(tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def run(llama, tmp_path_factory):
+def collected(llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("vault")
     cfg = make_cfg(llama, out)
     result = collect(cfg, show_progress=False)
     return cfg, out / "run", result
 
 
-def test_layout_and_shapes(run):
-    cfg, root, result = run
+def test_layout_and_shapes(collected):
+    cfg, root, result = collected
     assert (root / "cfg.json").exists()
     rec = json.loads((root / "cfg.json").read_text())
     assert rec["num_runs"] == 1 and rec["hooks"] == cfg.upload_config.hooks
@@ -142,9 +142,9 @@ def assert_states_equal_model(root: Path, model_dir: Path, hook: str, layer: int
     return checked
 
 
-def test_stored_states_equal_model_on_each_document_alone(run, llama):
+def test_stored_states_equal_model_on_each_document_alone(collected, llama):
     """Invariants 1 and 2 on the stored files: packed, cleaned, split documents all match."""
-    cfg, root, _ = run
+    cfg, root, _ = collected
     assert assert_states_equal_model(root, llama, "models.layers.1.post", 1, cfg.data_config.seq_length) >= 10
 
 
@@ -156,8 +156,8 @@ def test_other_architectures_store_what_the_model_computes(tiny_model_dir, tmp_p
     assert assert_states_equal_model(tmp_path / "run", model, "models.layers.1.post", 1, 64) >= 5
 
 
-def test_statistics_equal_numpy_float64(run):
-    cfg, root, _ = run
+def test_statistics_equal_numpy_float64(collected):
+    cfg, root, _ = collected
     for hook in cfg.upload_config.hooks:
         t = load_hook(root, hook)
         real = t["positions"].reshape(-1) >= 0
@@ -170,15 +170,15 @@ def test_statistics_equal_numpy_float64(run):
         assert st["machines"] == [0]
 
 
-def test_cleaning_removes_special_tokens(run, llama):
-    _, root, _ = run
+def test_cleaning_removes_special_tokens(collected, llama):
+    _, root, _ = collected
     tok = AutoTokenizer.from_pretrained(llama)
     ids = load_hook(root, "models.layers.1.post")["input_ids"]
     assert not set(ids.unique().tolist()) & set(tok.all_special_ids)
 
 
-def test_same_config_gives_byte_identical_files(run, llama, tmp_path):
-    cfg, root, _ = run
+def test_same_config_gives_byte_identical_files(collected, llama, tmp_path):
+    cfg, root, _ = collected
     collect(make_cfg(llama, tmp_path), show_progress=False)
     assert tree_bytes(tmp_path / "run") == tree_bytes(root)
 

@@ -7,22 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from synth import SynthRun, write_synthetic_run
+from synth import SynthRun
 from test_reader import rows, tokens, triples
 from torch.utils.data import DataLoader
 
 from activault.loader import ActivationDataset, TokenLoader
-from activault.store import LocalStore
-
-
-@pytest.fixture
-def local(tmp_path: Path) -> LocalStore:
-    return LocalStore(tmp_path, fsync=False)
-
-
-@pytest.fixture
-def run(local: LocalStore) -> SynthRun:
-    return write_synthetic_run(local, "run", ["h1", "h2"], machines=2, files=3)
 
 
 @pytest.mark.parametrize("stop_after", [1, 5, 9])

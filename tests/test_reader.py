@@ -32,16 +32,6 @@ from activault.store import LocalStore
 
 
 @pytest.fixture
-def local(tmp_path: Path) -> LocalStore:
-    return LocalStore(tmp_path, fsync=False)
-
-
-@pytest.fixture
-def run(local: LocalStore) -> SynthRun:
-    return write_synthetic_run(local, "run", ["h1", "h2"], machines=2, files=3)
-
-
-@pytest.fixture
 def small_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
     # Files here are a few KiB: 1 KiB ranges exercise the parallel ranged reads.
     monkeypatch.setattr(reader, "RANGE_SIZE", 1024)
