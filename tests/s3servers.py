@@ -14,6 +14,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -121,10 +122,8 @@ class MotoServer(S3Server):
     secret_key = "moto-secret-7f3b9c2e-never-logged"
 
     def command(self) -> list[str]:
-        exe = shutil.which("moto_server")
-        if exe is None:
-            raise RuntimeError("moto_server is not installed: pip install 'moto[server]'")
-        return [exe, "-H", "127.0.0.1", "-p", str(self.port)]
+        # The module, not the `moto_server` script: the script may be off PATH (pyenv shims, venvs).
+        return [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)]
 
     def ready_url(self) -> str:
         return self.url + "/moto-api/"
