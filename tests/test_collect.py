@@ -344,8 +344,11 @@ def test_configs_readme_documents_every_field():
             assert f.description, f"{cls.__name__}.{name} has no docstring"
 
 
-def test_demo_runs(tmp_path):
-    out = _cli("demo", "--storage", str(tmp_path / "vault"), timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert "states" in out.stdout and "row 0 holds" in out.stdout
+def test_demo_runs_and_runs_again(tmp_path):
+    first = _cli("demo", "--storage", "vault", timeout=300, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "states" in first.stdout and "row 0 holds" in first.stdout
     assert (tmp_path / "vault/demo/models.layers.1.post/statistics.json").exists()
+    again = _cli("demo", "--storage", str(tmp_path / "vault"), timeout=300)  # the same store, spelled otherwise
+    assert again.returncode == 0, again.stderr
+    assert "already finished" in again.stderr and "12,288 tokens" in again.stdout

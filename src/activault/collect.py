@@ -88,6 +88,8 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
     if progress.finished:
         log.info("machine %d already finished (%d files); refreshing statistics", machine, progress.files_done)
         merge_statistics(store, run, uc.hooks, cfg.num_runs)
+        result.files, result.rows, result.tokens = progress.files_done, progress.rows_done, progress.tokens_done
+        result.stats = {h: RunningStats.from_dict(d) for h, d in progress.stats.items()}
         return result
 
     write_json(store, f"{run}/cfg.json", record)

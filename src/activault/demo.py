@@ -47,7 +47,8 @@ def run_demo(storage: str = "./vault", workdir: str | None = None) -> None:
     from .reader import RCache
     from .tiny import build_tiny
 
-    model_dir = Path(workdir or Path(storage).expanduser() / ".demo-model")
+    # Absolute, so the run's record names the same tokenizer whichever way the storage path is written.
+    model_dir = Path(workdir or Path(storage).expanduser() / ".demo-model").absolute()
     if not (model_dir / "config.json").exists():
         log.info("building a tiny Llama-style model and tokenizer in %s (no download)", model_dir)
         build_tiny(model_dir, "llama", layers=4, d=64)
