@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
@@ -72,7 +73,7 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
     check_feasible(cfg, dims, itemsize, model_config.get_text_config(), available_memory())
     record = {
         "format": "activault", "format_version": 1, "activault_version": __version__, "run_name": run,
-        "config": cfg.to_public_dict(), "model": info, "tokenizer": tc.model_name, "hooks": uc.hooks,
+        "config": cfg.to_public_dict(), "model": info, "tokenizer": _tokenizer_ref(tc.model_name), "hooks": uc.hooks,
         "hook_dims": dims, "num_runs": cfg.num_runs,
         "progress": [progress_key(run, m).split("/", 1)[1] for m in range(cfg.num_runs)],
     }  # fmt: skip
@@ -303,6 +304,12 @@ class _Collector:
                              model=self.cfg.transformer_config.model_name)
             for h, p in self.pools.items()
         }  # fmt: skip
+
+
+def _tokenizer_ref(model_name: str) -> str:
+    """How cfg.json names the tokenizer: a local folder absolutely (readers run from anywhere), else the hub id."""
+    path = Path(model_name).expanduser()
+    return str(path.resolve()) if path.is_dir() else model_name
 
 
 def _committer(store: Store, run: str, key: str, rec: dict[str, Any], metas: dict[str, dict[str, Any]]):
