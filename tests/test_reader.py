@@ -288,3 +288,9 @@ def test_s3_dataloader_workers(bucket: str) -> None:
         list(DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork"))
     out = list(DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn", timeout=60))
     assert rows(torch.cat(out)) == rows(run.tensor("h"))
+
+
+def test_cuda_device_without_cuda_is_one_clear_error(run: SynthRun, local: LocalStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on any machine
+    with pytest.raises(ConfigError, match="no usable CUDA device; use device='cpu'"):
+        RCache(local.url("run/h1"), device="cuda")

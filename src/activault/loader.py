@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from .errors import ConfigError, NotFoundError
-from .reader import RCache, Source, _Item, _mix
+from .reader import RCache, Source, _Item, _mix, check_device
 from .stats import RunningStats, merge_all
 from .store import Store
 
@@ -155,7 +155,7 @@ class TokenLoader:
         self.hooks = self.cache.hooks
         self.batch_tokens, self.window, self.return_ids = batch_tokens, window, return_ids
         self.drop_below, self.drop_last = max(drop_positions_below, 0), drop_last
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
         self.seed = seed
         self.epoch = 0

@@ -64,6 +64,14 @@ class _Stopped(Exception):
     """Background work cancelled because the reader was closed."""
 
 
+def check_device(device: str | torch.device) -> torch.device:
+    """The device to deliver tensors on; a CUDA device on a machine without one is refused now."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={str(device)!r} but this machine has no usable CUDA device; use device='cpu'")
+    return dev
+
+
 def _mix(*parts: int | str) -> int:
     """A stable 63-bit seed from several parts (Python's hash() of a str is salted per process)."""
     return zlib.crc32(":".join(map(str, parts)).encode()) | (zlib.adler32(repr(parts).encode()) << 32)
@@ -179,7 +187,7 @@ class RCache:
         self._sources = [
             _Source(u if isinstance(u, Store) else open_store(u, **(store_options or {})), folders) for u in uris
         ]
-        self.device = torch.device(device)
+        self.device = check_device(device)
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
         self.return_ids = return_ids
         self.buffer_size = buffer_size
