@@ -13,12 +13,15 @@ import json
 import math
 import struct
 import warnings
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .errors import FormatError
+
+if TYPE_CHECKING:
+    from .store import Entry, Store
 
 FORMAT = "activault"
 FORMAT_VERSION = 1
@@ -94,10 +97,6 @@ def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> 
     return [memoryview(struct.pack("<Q", len(raw)) + raw)] + [tensor_bytes(tensors[n]) for n in names]
 
 
-def encoded_size(parts: list[memoryview]) -> int:
-    return sum(p.nbytes for p in parts)
-
-
 def read_header(buf: bytes | bytearray | memoryview, name: str) -> tuple[dict[str, Any], int]:
     """The parsed header and the offset where tensor data starts; validates sizes."""
     mv = memoryview(buf)
@@ -126,6 +125,19 @@ def header_length(first8: bytes, name: str) -> int:
     if n > MAX_HEADER:
         raise FormatError(f"{name}: corrupted header length {n}")
     return 8 + n
+
+
+def fetch_header(store: Store, key: str, size: int | None = None) -> tuple[dict[str, Any], int]:
+    """A stored file's header and data offset from two ranged reads (no tensor bytes fetched)."""
+    name = store.url(key)
+    first = bytes(store.get_range(key, 0, 8 if size is None else min(size, 8)))
+    n = header_length(first, name)
+    return read_header(store.get_range(key, 0, n if size is None else min(size, n)), name)
+
+
+def megabatch_files(entries: Iterable[Entry]) -> dict[str, int]:
+    """Megabatch file name -> size, from a folder's listing (in listing order)."""
+    return {e.key.rsplit("/", 1)[-1]: e.size for e in entries if is_megabatch(e.key)}
 
 
 def tensor_specs(header: Mapping[str, Any], data_len: int, name: str) -> dict[str, tuple[torch.dtype, list[int], int, int]]:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .errors import FormatError, NotFoundError
-from .format import decode, dtype_name, is_megabatch
+from .format import decode, dtype_name, is_megabatch, megabatch_files
 from .plan import human_bytes
 from .records import RECOLLECT, REMERGE, read_json
 from .store import Entry, LocalStore, Store, open_store, parse_s3_uri
@@ -57,11 +57,6 @@ def list_dir(store: Store, key: str) -> tuple[list[str], list[Entry]]:
     """`Store.list_dir` with its types spelled out (inside `Store`, `list` names the method)."""
     dirs, files = store.list_dir(key)
     return dirs, files
-
-
-def megabatch_files(entries: list[Entry]) -> dict[str, int]:
-    """Megabatch file name -> size of a folder's files, in listing order."""
-    return {e.key.rsplit("/", 1)[-1]: e.size for e in entries if is_megabatch(e.key)}
 
 
 # ---- tokenizers ---------------------------------------------------------------------------------

@@ -219,7 +219,7 @@ class RCache:
             per_hook = []
             for folder in src.folders:
                 entries: Sequence[Entry] = src.store.list_dir(folder)[1]  # type: ignore[assignment]
-                per_hook.append({e.key.rsplit("/", 1)[-1]: e.size for e in entries if fmt.is_megabatch(e.key)})
+                per_hook.append(fmt.megabatch_files(entries))
             complete = set.intersection(*(set(p) for p in per_hook))
             partial = set.union(*(set(p) for p in per_hook)) - complete
             if partial:
@@ -249,8 +249,7 @@ class RCache:
         if first is None:
             return None  # legacy .pt only: the first decoded file sets the spec
         key, url = src.key(h, first.name), src.store.url(src.key(h, first.name))
-        n = fmt.header_length(bytes(src.store.get_range(key, 0, 8)), url)
-        header, _ = fmt.read_header(src.store.get_range(key, 0, n), url)
+        header, _ = fmt.fetch_header(src.store, key)
         try:
             seq, d = header["states"]["shape"][1:]
             return int(seq), int(d), fmt.DTYPES[header["states"]["dtype"]]

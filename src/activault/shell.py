@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import ActivaultError, ConfigError
-from .format import is_megabatch, parse_file_name
-from .inspect import Tokenizers, inspect_file, join, megabatch_files, parent
+from .format import is_megabatch, megabatch_files, parse_file_name
+from .inspect import Tokenizers, inspect_file, join, parent
 from .plan import human_bytes
 from .store import Entry, Store, open_store
 

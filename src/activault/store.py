@@ -91,12 +91,6 @@ class Store(ABC):
         """Remove leftovers of writes that were killed mid-way (only the local store has any)."""
         return 0
 
-    def delete_prefix(self, prefix: str) -> int:
-        entries = self.list(prefix)
-        for e in entries:
-            self.delete(e.key)
-        return len(entries)
-
 
 def _join(*parts: str) -> str:
     return "/".join(p.strip("/") for p in parts if p.strip("/"))

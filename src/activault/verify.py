@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from .errors import FormatError, NotFoundError
-from .format import dtype_name, header_length, parse_file_name, read_header, tensor_specs
-from .inspect import join, list_dir, locate, megabatch_files
+from .format import dtype_name, fetch_header, megabatch_files, parse_file_name, tensor_specs
+from .inspect import join, list_dir, locate
 from .plan import human_bytes
 from .records import RECOLLECT, REMERGE, read_json
 from .store import Store
@@ -24,13 +24,9 @@ FileCheck = tuple[list[str], bytes | None, int]
 
 
 def _read_specs(store: Store, key: str, size: int) -> tuple[dict[str, Any], int, dict[str, Any]]:
-    """(header, data start, tensor specs) from two ranged reads; FormatError if truncated."""
-    name = store.url(key)
-    first = bytes(store.get_range(key, 0, min(size, 8)))
-    n = header_length(first, name)
-    head = store.get_range(key, 0, min(size, n))
-    header, start = read_header(head, name)
-    return header, start, tensor_specs(header, size - start, name)
+    """(header, data start, tensor specs) without fetching tensors; FormatError if truncated."""
+    header, start = fetch_header(store, key, size)
+    return header, start, tensor_specs(header, size - start, store.url(key))
 
 
 def _check_file(store: Store, run: str, hook: str, fname: str, size: int, meta: dict[str, Any]) -> FileCheck:
