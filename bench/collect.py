@@ -21,15 +21,15 @@ from pathlib import Path
 
 import torch
 
-from activault.collect import collect
+from activault.collection.hooks import Capture, resolve_hooks
+from activault.collection.model import load_model, load_skeleton, load_tokenizer
+from activault.collection.packing import iter_batches
+from activault.collection.pipeline import collect
+from activault.collection.writer import BufferPool, Writer
 from activault.config import parse_config
-from activault.format import encode, file_name
-from activault.hooks import Capture, resolve_hooks
-from activault.model import load_model, load_skeleton, load_tokenizer
-from activault.pack import iter_batches
-from activault.store import LocalStore
-from activault.tiny import build_tiny
-from activault.writer import BufferPool, Writer
+from activault.storage import LocalStore
+from activault.tools.tiny import build_tiny
+from activault.vault.megabatch import encode, file_name
 
 HOOKS = ["models.layers.3.post", "models.layers.5.mlp.post"]
 

@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from activault import format as fmt
-from activault import reader
-from activault.loader import TokenLoader
-from activault.reader import RCache
-from activault.store import LocalStore, Store, open_store
+from activault.reading import rcache as reader
+from activault.reading.rcache import RCache
+from activault.reading.tokens import TokenLoader
+from activault.storage import LocalStore, Store, open_store
+from activault.vault import megabatch as fmt
 from tests.s3servers import MotoServer
 
 OUT = Path(__file__).parent / "out" / "read.json"

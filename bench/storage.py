@@ -20,12 +20,12 @@ from typing import Any
 import obstore
 import torch
 
-from activault import format as fmt
-from activault.collect import collect
+from activault.collection.pipeline import collect
+from activault.collection.writer import Writer
 from activault.config import parse_config
-from activault.s3 import PART_CONCURRENCY, PART_SIZE, S3Store
-from activault.tiny import build_tiny
-from activault.writer import Writer
+from activault.storage.s3 import PART_CONCURRENCY, PART_SIZE, S3Store
+from activault.tools.tiny import build_tiny
+from activault.vault import megabatch as fmt
 from tests.s3servers import MotoServer
 
 OUT = Path(__file__).parent / "out" / "storage.json"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from synth import SynthRun, write_synthetic_run
 
-from activault.store import LocalStore
-from activault.tiny import build_tiny
+from activault.storage import LocalStore
+from activault.tools.tiny import build_tiny
 
 # Hermetic: nothing from a hub, and Ray binds to loopback (by default it advertises the machine's
 # interface address; ray reads this when it is imported, so it is set before any test imports it).

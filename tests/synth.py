@@ -8,9 +8,9 @@ from dataclasses import dataclass, field
 import torch
 from s3servers import MotoServer
 
-from activault import format as fmt
-from activault.stats import RunningStats, merge_all
-from activault.store import Store
+from activault.storage import Store
+from activault.vault import megabatch as fmt
+from activault.vault.stats import RunningStats, merge_all
 
 
 @dataclass

@@ -18,11 +18,11 @@ import torch
 import yaml
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from activault.collect import collect
+from activault.collection.packing import encode_document
+from activault.collection.pipeline import collect
+from activault.collection.sources import iter_documents, resolve_source
 from activault.config import parse_config
-from activault.data import iter_documents, resolve_source
-from activault.format import decode
-from activault.pack import encode_document
+from activault.vault.megabatch import decode
 
 CORPUS = str(resources.files("activault").joinpath("demo_corpus.jsonl"))
 

@@ -14,10 +14,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from activault.data import iter_documents, repair_messages, resolve_source
+from activault.collection.packing import Batch, DataState, encode_document, iter_batches
+from activault.collection.sources import iter_documents, repair_messages, resolve_source
 from activault.errors import ConfigError
-from activault.pack import Batch, DataState, encode_document, iter_batches
-from activault.tiny import build_tokenizer, demo_texts
+from activault.tools.tiny import build_tokenizer, demo_texts
 
 CORPUS = str(resources.files("activault").joinpath("demo_corpus.jsonl"))
 DEFAULT_SYSTEM = "<|im_start|>system\nYou are a tiny helpful model.<|im_end|>\n"
@@ -331,7 +331,7 @@ def test_template_without_default_system_is_untouched(tok):
 
 def test_failing_template_falls_back_with_a_warning(tok, caplog):
     tok.chat_template = "{{ raise_exception('no chats here') }}"
-    with caplog.at_level(logging.WARNING, logger="activault.pack"):
+    with caplog.at_level(logging.WARNING, logger="activault.collection.packing"):
         ids, keep = encode_document(
             CHAT, tok, clean_added_tokens=True, clean_default_system_prompt=True
         )

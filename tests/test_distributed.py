@@ -20,11 +20,11 @@ import yaml
 from synth import create_bucket, s3_env, start_moto, stop_moto
 from transformers import AutoTokenizer
 
-from activault.collect import collect
+from activault.collection.packing import encode_document
+from activault.collection.pipeline import collect
 from activault.config import parse_config
-from activault.format import decode
-from activault.pack import encode_document
-from activault.tiny import demo_texts
+from activault.tools.tiny import demo_texts
+from activault.vault.megabatch import decode
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
@@ -318,7 +318,7 @@ def moto():
 @pytest.mark.s3
 @pytest.mark.slow
 def test_ray_to_s3(ray_address, moto, three, llama, corpus, tmp_path):
-    from activault.launch import launch_ray
+    from activault.tools.launch import launch_ray
 
     create_bucket(moto, "ray-run")
     path = write_config(raw_config(llama, corpus, "s3://ray-run"), tmp_path / "c.yaml")
@@ -346,7 +346,7 @@ SBATCH_LOCAL = ["--sbatch-arg=--gres=none", "--sbatch-arg=--mem=2G", "--sbatch-a
 
 
 def run_slurm(path: Path, cwd: Path, *extra: str, env: dict[str, str] | None = None) -> dict[int, str]:
-    from activault.launch import wait_slurm
+    from activault.tools.launch import wait_slurm
 
     out = subprocess.run([str(SCRIPTS / "run_slurm_jobs.sh"), str(path), "3", "0", "2", *SBATCH_LOCAL, *extra],
                          capture_output=True, text=True, cwd=cwd,

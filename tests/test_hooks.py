@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM
 
+from activault.collection.hooks import Capture, find_blocks, hook_dims, resolve_hooks
+from activault.collection.model import load_model, load_skeleton, load_tokenizer, model_info
 from activault.errors import ConfigError
-from activault.hooks import Capture, find_blocks, hook_dims, resolve_hooks
-from activault.model import load_model, load_skeleton, load_tokenizer, model_info
 
 CAUSAL = ["llama", "gpt2", "gemma2", "qwen2", "mistral", "gpt_neox"]
 # An arbitrary module path (not a block, attention or MLP) for each architecture.

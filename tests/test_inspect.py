@@ -15,12 +15,12 @@ import torch
 import yaml
 from synth import SynthRun, write_synthetic_run
 
-from activault import format as fmt
 from activault.cli import main
-from activault.inspect import inspect_file, sample_norms, stats_figure
-from activault.plan import parse_bandwidth
-from activault.store import LocalStore, Store
-from activault.tiny import demo_texts
+from activault.storage import LocalStore, Store
+from activault.tools.inspection import inspect_file, sample_norms, stats_figure
+from activault.tools.tiny import demo_texts
+from activault.units import parse_bandwidth
+from activault.vault import megabatch as fmt
 
 HOOKS = ["models.layers.0.post", "models.layers.1.mlp.post"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -175,7 +175,7 @@ def test_parse_bandwidth() -> None:
 
 
 def test_estimate_from_config_without_weights(tiny_model_dir, tmp_path: Path, capsys) -> None:
-    from activault.demo import demo_config
+    from activault.tools.demo import demo_config
 
     cfg = demo_config(tiny_model_dir("llama"), str(tmp_path / "vault")).model_dump(mode="json")
     path = tmp_path / "cfg.yaml"
@@ -196,9 +196,9 @@ def test_estimate_from_config_without_weights(tiny_model_dir, tmp_path: Path, ca
 
 
 def test_verify_inspect_and_stats_on_a_collected_run(tiny_model_dir, tmp_path: Path, capsys) -> None:
-    from activault.collect import collect
-    from activault.demo import HOOKS as DEMO_HOOKS
-    from activault.demo import demo_config
+    from activault.collection.pipeline import collect
+    from activault.tools.demo import HOOKS as DEMO_HOOKS
+    from activault.tools.demo import demo_config
 
     cfg = demo_config(tiny_model_dir("llama"), str(tmp_path / "vault"))
     cfg.data_config.n_batches = 6
@@ -227,7 +227,7 @@ def moto_url():
 def test_commands_on_s3(moto_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys) -> None:
     from synth import create_bucket, s3_env
 
-    from activault.store import open_store
+    from activault.storage import open_store
 
     create_bucket(moto_url, "inspect-cmds")
     for k, v in s3_env(moto_url).items():

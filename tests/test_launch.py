@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from activault.errors import ConfigError
-from activault.launch import (
+from activault.tools.launch import (
     _run_worker,
     check_launch,
     collect_command,

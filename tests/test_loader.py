@@ -11,7 +11,7 @@ from synth import SynthRun
 from test_reader import rows, tokens, triples
 from torch.utils.data import DataLoader
 
-from activault.loader import ActivationDataset, TokenLoader
+from activault.reading.tokens import ActivationDataset, TokenLoader
 
 
 @pytest.mark.parametrize("stop_after", [1, 5, 9])

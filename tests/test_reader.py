@@ -22,13 +22,13 @@ from synth import (
 )
 from torch.utils.data import DataLoader
 
-from activault import format as fmt
-from activault import reader
 from activault.errors import ConfigError, FormatError, NotFoundError
-from activault.loader import ActivationDataset, TokenLoader
-from activault.reader import RCache, S3RCache
-from activault.s3 import S3Store
-from activault.store import LocalStore
+from activault.reading import rcache as reader
+from activault.reading.rcache import RCache, S3RCache
+from activault.reading.tokens import ActivationDataset, TokenLoader
+from activault.storage import LocalStore
+from activault.storage.s3 import S3Store
+from activault.vault import megabatch as fmt
 
 
 @pytest.fixture

@@ -21,12 +21,13 @@ from s3servers import FaultProxy, S3Server, free_port, start_server
 from test_collect import make_cfg, tree_bytes
 
 from activault import cli
-from activault import s3 as s3mod
-from activault.collect import collect
+from activault.collection.pipeline import collect
+from activault.collection.plan import cost_notes, is_local_endpoint
 from activault.errors import StorageError
-from activault.format import decode
-from activault.reader import RCache
-from activault.s3 import S3Store, is_local_endpoint
+from activault.reading.rcache import RCache
+from activault.storage import s3 as s3mod
+from activault.storage.s3 import S3Store
+from activault.vault.megabatch import decode
 
 pytestmark = pytest.mark.s3
 HOOKS = ["models.layers.1.post", "models.layers.0.mlp.post"]
@@ -222,12 +223,12 @@ def test_multipart_parts_retried_and_failed_upload_aborted(moto, moto_bucket, fa
 
 
 def _cli_collect(tmp_path: Path, llama: Path, storage: str, monkeypatch, capsys) -> tuple[int, str, float]:
-    import activault.model
+    import activault.collection.model
 
     def no_weights(*a, **k):
         raise AssertionError("weights loaded before the storage check")
 
-    monkeypatch.setattr(activault.model, "load_model", no_weights)
+    monkeypatch.setattr(activault.collection.model, "load_model", no_weights)
     raw = s3_cfg(llama, storage).to_public_dict()
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(raw))
@@ -262,8 +263,8 @@ def test_cost_notes() -> None:
     assert is_local_endpoint("http://10.1.2.3:9000") and is_local_endpoint("http://192.168.0.5")
     assert not is_local_endpoint("https://s3.us-east-1.amazonaws.com") and not is_local_endpoint("")
     env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s", "AWS_REGION": "eu-west-1"}
-    assert "egress" in S3Store("s3://bkt", env=env).cost_notes(10**10)[0]
+    assert "egress" in cost_notes(S3Store("s3://bkt", env=env), 10**10)[0]
     remote = S3Store("s3://bkt", env={**env, "S3_ENDPOINT_URL": "https://acct.r2.cloudflarestorage.com"})
-    assert "remote endpoint acct.r2.cloudflarestorage.com" in remote.cost_notes(10**10)[0]
-    assert S3Store("s3://bkt", env={**env, "S3_ENDPOINT_URL": "http://127.0.0.1:1"}).cost_notes(10**10) == []
+    assert "remote endpoint acct.r2.cloudflarestorage.com" in cost_notes(remote, 10**10)[0]
+    assert cost_notes(S3Store("s3://bkt", env={**env, "S3_ENDPOINT_URL": "http://127.0.0.1:1"}), 10**10) == []
     assert "s" not in repr(S3Store("s3://bkt", env={**env, "AWS_SECRET_ACCESS_KEY": "zzsecret"})).split("zz")[1:]

@@ -13,7 +13,7 @@ import pytest
 from synth import SynthRun, create_bucket, s3_env, start_moto, stop_moto, write_synthetic_run
 from test_inspect import retokenize
 
-from activault.store import LocalStore, Store, open_store
+from activault.storage import LocalStore, Store, open_store
 
 HOOKS = ["models.layers.0.post", "models.layers.1.mlp.post"]
 TIMEOUT = 30

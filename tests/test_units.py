@@ -10,9 +10,9 @@ import torch
 from safetensors import safe_open
 
 from activault.errors import FormatError, NotFoundError, StorageError
-from activault.format import decode, encode, file_name, parse_file_name
-from activault.stats import RunningStats, merge_all
-from activault.store import LocalStore, open_store
+from activault.storage import LocalStore, open_store
+from activault.vault.megabatch import decode, encode, file_name, parse_file_name
+from activault.vault.stats import RunningStats, merge_all
 
 
 def megabatch(dtype=torch.bfloat16, rows=3, seq=5, d=4):

@@ -9,9 +9,9 @@ import pytest
 from synth import SynthRun, write_synthetic_run
 from test_inspect import HOOKS, run_cli
 
-from activault import format as fmt
-from activault.store import LocalStore
-from activault.verify import verify_run
+from activault.storage import LocalStore
+from activault.tools.verify import verify_run
+from activault.vault import megabatch as fmt
 
 
 @pytest.fixture

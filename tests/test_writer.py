@@ -8,9 +8,9 @@ import time
 import pytest
 import torch
 
+from activault.collection.writer import BufferPool, Writer
 from activault.errors import StorageError
-from activault.store import LocalStore
-from activault.writer import BufferPool, Writer
+from activault.storage import LocalStore
 
 
 class SlowStore(LocalStore):
@@ -85,7 +85,7 @@ def test_no_threads_left_after_close(tmp_path):
 
 
 def test_prefetch_keeps_order_raises_errors_and_stops_its_thread():
-    from activault.collect import prefetch
+    from activault.background import prefetch
 
     assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
 

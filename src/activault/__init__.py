@@ -8,23 +8,23 @@ __all__ = ["ActivationDataset", "Config", "RCache", "S3RCache", "TokenLoader", "
 def __getattr__(name: str):
     # Lazy: `import activault` stays cheap (no torch or transformers until something is used).
     if name in ("Config", "load_config"):
-        from . import config
+        import activault.config as config
 
         return getattr(config, name)
     if name == "collect":
-        from .collect import collect
+        from activault.collection.pipeline import collect
 
         return collect
     if name == "open_store":
-        from .store import open_store
+        from activault.storage import open_store
 
         return open_store
     if name in ("RCache", "S3RCache"):
-        from . import reader
+        import activault.reading.rcache as reader
 
         return getattr(reader, name)
     if name in ("TokenLoader", "ActivationDataset"):
-        from . import loader
+        import activault.reading.tokens as loader
 
         return getattr(loader, name)
     raise AttributeError(f"module 'activault' has no attribute {name!r}")

@@ -6,12 +6,12 @@ import argparse
 import logging
 import sys
 
-from .errors import ActivaultError
+from activault.errors import ActivaultError
 
 
 def _collect(args: argparse.Namespace) -> int:
-    from .collect import collect
-    from .config import load_config
+    from activault.collection.pipeline import collect
+    from activault.config import load_config
 
     cfg = load_config(args.config)
     collect(cfg, machine=args.machine, storage=args.storage, show_progress=not args.quiet)
@@ -19,44 +19,44 @@ def _collect(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from activault.tools.demo import run_demo
 
     run_demo(storage=args.storage)
     return 0
 
 
 def _shell(args: argparse.Namespace) -> int:
-    from .shell import run_shell
+    from activault.tools.shell import run_shell
 
     return run_shell(args.root)
 
 
 def _ls(args: argparse.Namespace) -> int:
-    from .inspect import run_ls
+    from activault.tools.inspection import run_ls
 
     return run_ls(args.uri, files=args.files)
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .inspect import run_inspect
+    from activault.tools.inspection import run_inspect
 
     return run_inspect(args.uri, as_json=args.json)
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .verify import run_verify
+    from activault.tools.verify import run_verify
 
     return run_verify(args.uri)
 
 
 def _stats(args: argparse.Namespace) -> int:
-    from .inspect import run_stats
+    from activault.tools.inspection import run_stats
 
     return run_stats(args.uri, plot=args.plot, sample_files=args.sample_files)
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    from .plan import run_estimate
+    from activault.collection.plan import run_estimate
 
     return run_estimate(args.config, price=args.price, bandwidth=args.bandwidth)
 
@@ -66,7 +66,7 @@ def _end(args: argparse.Namespace) -> int:
 
 
 def _launch_ray(args: argparse.Namespace) -> int:
-    from .launch import launch_ray, parse_env, parse_resources
+    from activault.tools.launch import launch_ray, parse_env, parse_resources
 
     results = launch_ray(args.config, args.n, args.start, _end(args), address=args.address,
                          resources=parse_resources(args.resources), env=parse_env(args.env),
@@ -75,7 +75,7 @@ def _launch_ray(args: argparse.Namespace) -> int:
 
 
 def _launch_slurm(args: argparse.Namespace) -> int:
-    from .launch import submit_slurm, wait_slurm
+    from activault.tools.launch import submit_slurm, wait_slurm
 
     jobs = submit_slurm(args.config, args.n, args.start, _end(args), script=args.script, array=args.array,
                         max_parallel=args.max_parallel, sbatch_args=args.sbatch_arg, log_dir=args.log_dir)  # fmt: skip
@@ -90,7 +90,7 @@ def _launch_slurm(args: argparse.Namespace) -> int:
 
 
 def _merge_stats(args: argparse.Namespace) -> int:
-    from .launch import merge_run_statistics
+    from activault.tools.launch import merge_run_statistics
 
     machines = merge_run_statistics(args.run_uri)
     print(f"statistics merged over finished machines {machines}")

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError
+from activault.errors import ConfigError
 
 DTYPE_ALIASES = {
     "float32": "float32", "fp32": "float32", "torch.float32": "float32", "float": "float32",

@@ -20,10 +20,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .config import Config, load_config, resolve_storage
-from .errors import ConfigError, NotFoundError
-from .records import merge_statistics, progress_key, read_json
-from .store import Store, open_store
+from activault.config import Config, load_config, resolve_storage
+from activault.errors import ConfigError, NotFoundError
+from activault.storage import Store, locate, open_store
+from activault.vault.records import merge_statistics, progress_key, read_json
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,6 @@ def machine_progress(store: Store, cfg: Config, machine: int) -> str:
 
 def locate_run(run_uri: str) -> tuple[Store, str]:
     """(store, run key) for `PATH/RUN` or `s3://BUCKET[/PREFIX]/RUN`."""
-    from .inspect import locate
 
     store, key = locate(run_uri)
     if read_json(store, f"{key}/cfg.json") is None:

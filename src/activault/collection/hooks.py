@@ -186,7 +186,7 @@ def _output_tensor(output: Any) -> torch.Tensor:
 
 def is_causal_model(config: Any) -> bool:
     """Decoder (causal attention) or encoder (bidirectional): decides the packed mask."""
-    from activault.model import is_causal_lm
+    from activault.collection.model import is_causal_lm
 
     return is_causal_lm(config)
 

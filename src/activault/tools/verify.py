@@ -12,12 +12,18 @@ from typing import Any
 
 import torch
 
-from .errors import FormatError, NotFoundError
-from .format import dtype_name, fetch_header, megabatch_files, parse_file_name, tensor_specs
-from .inspect import join, list_dir, locate
-from .plan import human_bytes
-from .records import RECOLLECT, REMERGE, read_json
-from .store import Store
+from activault.errors import FormatError, NotFoundError
+from activault.storage import Store, locate
+from activault.tools.inspection import join, list_dir
+from activault.units import human_bytes
+from activault.vault.megabatch import (
+    dtype_name,
+    fetch_header,
+    megabatch_files,
+    parse_file_name,
+    tensor_specs,
+)
+from activault.vault.records import RECOLLECT, REMERGE, read_json
 
 # (problems, ids + positions bytes or None when unreadable, non-padding tokens) of one file
 FileCheck = tuple[list[str], bytes | None, int]

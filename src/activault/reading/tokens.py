@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .errors import ConfigError, NotFoundError
-from .reader import RCache, Source, _Item, _mix, check_device
-from .stats import RunningStats, merge_all
-from .store import Store
+from activault.errors import ConfigError, NotFoundError
+from activault.reading.rcache import RCache, Source, _Item, _mix, check_device
+from activault.storage import Store
+from activault.vault.stats import RunningStats, merge_all
 
 
 @dataclass
@@ -316,8 +316,8 @@ class ActivationDataset(IterableDataset):
 
     def _check_fork(self) -> None:
         uris = [self.uri] if isinstance(self.uri, str | Path | Store) else list(self.uri)
-        s3 = any(str(u).startswith("s3://") or type(u).__module__ == "activault.s3" for u in uris)
-        if s3 and not self._pickled and "activault.s3" in sys.modules:
+        s3 = any(str(u).startswith("s3://") or type(u).__module__ == "activault.storage.s3" for u in uris)
+        if s3 and not self._pickled and "activault.storage.s3" in sys.modules:
             raise ConfigError(
                 "DataLoader workers were forked from a process that already used S3, and obstore's I/O runtime "
                 "does not survive fork (reads would hang): pass multiprocessing_context='spawn' to DataLoader"

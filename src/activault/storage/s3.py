@@ -10,19 +10,20 @@ client: messages name the endpoint, bucket and key only.
 from __future__ import annotations
 
 import builtins
-import ipaddress
+import os
+import re
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
-from urllib.parse import urlparse
 
 import obstore
 from obstore.exceptions import BaseError
 from obstore.exceptions import NotFoundError as _ObNotFound
 from obstore.store import S3Store as _ObS3Store
 
-from .errors import NotFoundError, StorageError
-from .store import Buffer, Entry, Store, _as_parts, _join, parse_s3_uri, s3_settings
+from activault.errors import ConfigError, NotFoundError, StorageError
+from activault.storage.base import Buffer, Entry, Store, as_parts, join
+from activault.storage.uri import parse_uri
 
 # Parts of 16 MiB: one connection to AWS moves ~90 MB/s, so 8 parts in flight fill a 5 Gbit/s NIC.
 # Memory per upload is bounded by PART_CONCURRENCY parts in flight (128 MiB) besides the object.
@@ -40,8 +41,26 @@ RETRY_TIMEOUT = timedelta(minutes=5)
 CHECK_TIMEOUT = "10s"
 CHECK_CONNECT_TIMEOUT = "2s"
 CHECK_RETRIES = 1
-# AWS charges for data leaving a region (internet egress, first tier, USD per GB).
-AWS_EGRESS_PER_GB = 0.09
+
+def s3_settings(env: dict[str, str] | None = None) -> dict[str, str]:
+    """S3 connection settings from the environment (the original's names and the standard AWS_* ones)."""
+    env = dict(os.environ if env is None else env)
+    out = {}
+    endpoint = env.get("S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        out["endpoint"] = endpoint
+    for key, names in {
+        "access_key_id": ("AWS_ACCESS_KEY_ID",),
+        "secret_access_key": ("AWS_SECRET_ACCESS_KEY",),
+        "session_token": ("AWS_SESSION_TOKEN",),
+        "region": ("AWS_REGION", "AWS_DEFAULT_REGION"),
+    }.items():
+        for n in names:
+            if env.get(n):
+                out[key] = env[n]
+                break
+    return out
+
 
 
 def _retry(max_retries: int, total: timedelta) -> dict[str, Any]:
@@ -51,25 +70,6 @@ def _retry(max_retries: int, total: timedelta) -> dict[str, Any]:
         "retry_timeout": total,
         "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=15), "base": 2},
     }
-
-
-def is_local_endpoint(endpoint: str) -> bool:
-    """Whether an endpoint is this machine or a private network (no transfer costs, no egress)."""
-    if not endpoint:
-        return False
-    host = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}").hostname or ""
-    if host == "localhost" or host.endswith(".localhost") or host.endswith(".local") or host.endswith(".internal"):
-        return True
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return ip.is_loopback or ip.is_private or ip.is_link_local
-
-
-def is_aws_endpoint(endpoint: str) -> bool:
-    host = urlparse(endpoint).hostname or "" if endpoint else ""
-    return not endpoint or host.endswith(".amazonaws.com")
 
 
 def _first_line(e: BaseException) -> str:
@@ -96,7 +96,10 @@ class S3Store(Store):
         part_concurrency: int | None = None,
         **_: Any,
     ):
-        self.bucket, self.prefix = parse_s3_uri(uri)
+        parsed = parse_uri(uri)
+        if parsed.scheme != "s3":
+            raise ConfigError(f"{uri!r} is not an s3://BUCKET[/PREFIX] URI")
+        self.bucket, self.prefix = parsed.bucket, parsed.path
         self.uri = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
         settings = s3_settings(env)
         self.endpoint = settings.get("endpoint", "")
@@ -171,7 +174,10 @@ class S3Store(Store):
                 f"bucket {self.bucket!r} does not exist at {self.where}: create it, or name an existing one "
                 "with S3_BUCKET_NAME, data_config.bucket_name or --storage s3://BUCKET"
             )
-        if any(s in text for s in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "401")):
+        # Status codes as whole words: a port such as 41403 in the message is not a 403.
+        if any(s in text for s in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied")) or re.search(
+            r"\b(401|403)\b(?!\.)", re.sub(r"https?://\S+", "", text)
+        ):
             return StorageError(
                 f"{self.where} refused access to s3://{self.bucket} with these credentials: check AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary credentials)"
@@ -183,25 +189,8 @@ class S3Store(Store):
             )
         return StorageError(f"cannot use s3://{self.bucket} at {self.where}: {_first_line(e)}")
 
-    def cost_notes(self, nbytes: int) -> builtins.list[str]:
-        """Warnings for the job summary: data leaves this machine (and, read back from AWS, the region)."""
-        if is_local_endpoint(self.endpoint):
-            return []
-        gb = nbytes / 1e9
-        if is_aws_endpoint(self.endpoint):
-            return [
-                f"uploading {gb:,.1f} GB to AWS S3 ({self.region}) over the network; uploads are free, but reading "
-                f"it back outside {self.region} costs egress (~${AWS_EGRESS_PER_GB}/GB: ~${gb * AWS_EGRESS_PER_GB:,.2f} "
-                "per full read); train in the same region to avoid it"
-            ]
-        host = urlparse(self.endpoint).hostname or self.endpoint
-        return [
-            f"uploading {gb:,.1f} GB to the remote endpoint {host}; check its transfer, request and egress "
-            "prices, and its bandwidth from here"
-        ]
-
     def put(self, key: str, data: Buffer | Sequence[Buffer]) -> None:
-        parts = _as_parts(data)
+        parts = as_parts(data)
         total = sum(p.nbytes for p in parts)
         try:
             if total <= self.multipart_threshold:
@@ -276,4 +265,4 @@ class S3Store(Store):
             raise self._err(e, key, "delete") from None
 
     def url(self, key: str = "") -> str:
-        return f"s3://{_join(self.bucket, self.prefix, key)}"
+        return f"s3://{join(self.bucket, self.prefix, key)}"

@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from . import format as fmt
-from .errors import ConfigError, FormatError, NotFoundError, StorageError
-from .store import Entry, LocalStore, Store, open_store
+from activault.errors import ConfigError, FormatError, NotFoundError, StorageError
+from activault.storage import Entry, Store, open_store
+from activault.vault import megabatch as fmt
 
 # 16 MiB ranges: one connection to AWS moves ~90 MB/s, so 8 in flight fill a 5 Gbit/s NIC.
 RANGE_SIZE = 16 << 20
@@ -81,28 +81,11 @@ def _read_range(store: Store, key: str, start: int, out: memoryview, url: str, s
     """Fill `out` with bytes [start, start + len(out)) of an object; a short read means a truncated file."""
     if stop.is_set():
         raise _Stopped
-    want, got = out.nbytes, 0
-    if isinstance(store, LocalStore):
-        # Read straight into the buffer (os.preadv releases the GIL): no intermediate copy.
-        try:
-            fd = os.open(store.root / key, os.O_RDONLY)
-        except FileNotFoundError:
-            raise NotFoundError(f"{url} does not exist (it was listed: deleted since?)") from None
-        try:
-            while got < want:
-                n = os.preadv(fd, [out[got:]], start + got)
-                if n == 0:
-                    break
-                got += n
-        finally:
-            os.close(fd)
-    else:
-        try:
-            data = store.get_range(key, start, start + want)
-        except NotFoundError:
-            raise NotFoundError(f"{url} does not exist (it was listed: deleted since?)") from None
-        got = min(data.nbytes, want)
-        out[:got] = data[:got]
+    want = out.nbytes
+    try:
+        got = store.read_into(key, start, out)
+    except NotFoundError:
+        raise NotFoundError(f"{url} does not exist (it was listed: deleted since?)") from None
     if got < want:
         raise FormatError(f"{url}: truncated file (ends at byte {start + got}, listed with more); delete it and collect again")
 

@@ -1,99 +1,15 @@
-"""One storage interface: the local filesystem (the default) and S3-compatible object storage.
-
-"Local or S3" is just a URI: a plain path or `file://...` is a `LocalStore`, `s3://bucket/prefix`
-is an `S3Store`. Keys are `/`-separated and relative to the store's root. `put` is atomic in both:
-a reader sees the whole object or none of it (local: temp name + rename; S3: a PUT or a completed
-multipart upload).
-"""
+"""The local filesystem store: files appear only when complete (temp name, fsync, rename)."""
 
 from __future__ import annotations
 
 import builtins
 import os
 import uuid
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from .errors import ConfigError, NotFoundError, StorageError
-
-Buffer = bytes | bytearray | memoryview
-
-
-@dataclass(frozen=True)
-class Entry:
-    key: str
-    size: int
-
-
-def _as_parts(data: Buffer | Sequence[Buffer]) -> list[memoryview]:
-    if isinstance(data, bytes | bytearray | memoryview):
-        return [memoryview(data)]
-    return [memoryview(p) for p in data]
-
-
-class Store(ABC):
-    """Objects under one root, addressed by `/`-separated keys."""
-
-    uri: str
-
-    @abstractmethod
-    def put(self, key: str, data: Buffer | Sequence[Buffer]) -> None:
-        """Write an object atomically from one buffer or several (concatenated, not copied first)."""
-
-    @abstractmethod
-    def get(self, key: str) -> memoryview:
-        """The whole object; raises NotFoundError if missing."""
-
-    @abstractmethod
-    def get_range(self, key: str, start: int, end: int) -> memoryview:
-        """Bytes [start, end) of an object."""
-
-    @abstractmethod
-    def size(self, key: str) -> int | None:
-        """Size in bytes, or None if the object does not exist."""
-
-    @abstractmethod
-    def list(self, prefix: str = "") -> list[Entry]:
-        """Every object under `prefix` (recursive), sorted by key."""
-
-    @abstractmethod
-    def list_dir(self, prefix: str = "") -> tuple[builtins.list[str], builtins.list[Entry]]:
-        """Immediate sub-folders (names) and objects directly under `prefix`."""
-
-    @abstractmethod
-    def delete(self, key: str) -> None:
-        """Remove one object (no error if it is already gone)."""
-
-    @abstractmethod
-    def check(self, write: bool = False) -> None:
-        """Fail now, with a clear message, if the store cannot be reached (or, with `write`, written)."""
-
-    def cost_notes(self, nbytes: int) -> builtins.list[str]:
-        """Warnings about moving `nbytes` to this store (remote endpoints, egress); none for local."""
-        return []
-
-    def url(self, key: str = "") -> str:
-        return f"{self.uri.rstrip('/')}/{key}" if key else self.uri
-
-    def exists(self, key: str) -> bool:
-        return self.size(key) is not None
-
-    def get_text(self, key: str) -> str:
-        return bytes(self.get(key)).decode()
-
-    def put_text(self, key: str, text: str) -> None:
-        self.put(key, text.encode())
-
-    def clear_partial(self, folder: str, name_prefix: str) -> int:
-        """Remove leftovers of writes that were killed mid-way (only the local store has any)."""
-        return 0
-
-
-def _join(*parts: str) -> str:
-    return "/".join(p.strip("/") for p in parts if p.strip("/"))
+from activault.errors import NotFoundError, StorageError
+from activault.storage.base import Buffer, Entry, Store, as_parts, join
 
 
 class LocalStore(Store):
@@ -126,7 +42,7 @@ class LocalStore(Store):
             path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                for part in _as_parts(data):
+                for part in as_parts(data):
                     view = part.cast("B") if part.format != "B" or part.ndim != 1 else part
                     while view.nbytes:
                         n = os.write(fd, view)
@@ -174,6 +90,26 @@ class LocalStore(Store):
         except FileNotFoundError:
             raise NotFoundError(f"{path} does not exist") from None
 
+    def read_into(self, key: str, offset: int, out: memoryview) -> int:
+        # Straight into the caller's buffer (os.preadv releases the GIL): no intermediate copy.
+        path = self._path(key)
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            raise NotFoundError(f"{path} does not exist") from None
+        except OSError as e:
+            raise StorageError(f"cannot read {path}: {e.strerror or e}") from e
+        try:
+            got = 0
+            while got < out.nbytes:
+                n = os.preadv(fd, [out[got:]], offset + got)
+                if n == 0:
+                    break
+                got += n
+            return got
+        finally:
+            os.close(fd)
+
     def size(self, key: str) -> int | None:
         try:
             st = self._path(key).stat()
@@ -209,7 +145,7 @@ class LocalStore(Store):
                     if e.is_dir():
                         dirs.append(e.name)
                     else:
-                        files.append(Entry(_join(prefix, e.name), e.stat().st_size))
+                        files.append(Entry(join(prefix, e.name), e.stat().st_size))
         except (FileNotFoundError, NotADirectoryError):
             return [], []
         return sorted(dirs), sorted(files, key=lambda e: e.key)
@@ -226,7 +162,6 @@ class LocalStore(Store):
                 break
             parent = parent.parent
 
-
     def clear_partial(self, folder: str, name_prefix: str) -> int:
         # Temp files are `.{name}.{random}.tmp` (see put); a killed writer leaves its own behind.
         base = self._path(folder)
@@ -234,47 +169,3 @@ class LocalStore(Store):
         for p in stale:
             p.unlink(missing_ok=True)
         return len(stale)
-
-
-def s3_settings(env: dict[str, str] | None = None) -> dict[str, str]:
-    """S3 connection settings from the environment (the original's names and the standard AWS_* ones)."""
-    env = dict(os.environ if env is None else env)
-    out = {}
-    endpoint = env.get("S3_ENDPOINT_URL") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
-    if endpoint:
-        out["endpoint"] = endpoint
-    for key, names in {
-        "access_key_id": ("AWS_ACCESS_KEY_ID",),
-        "secret_access_key": ("AWS_SECRET_ACCESS_KEY",),
-        "session_token": ("AWS_SESSION_TOKEN",),
-        "region": ("AWS_REGION", "AWS_DEFAULT_REGION"),
-    }.items():
-        for n in names:
-            if env.get(n):
-                out[key] = env[n]
-                break
-    return out
-
-
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """(bucket, prefix) of `s3://bucket/prefix`."""
-    rest = uri[len("s3://") :]
-    bucket, _, prefix = rest.partition("/")
-    if not bucket:
-        raise ConfigError(f"storage URI {uri!r} names no bucket; write s3://BUCKET[/PREFIX]")
-    return bucket, prefix.strip("/")
-
-
-def open_store(uri: str | Path, **options: Any) -> Store:
-    """The store for a URI: a path or file:// (local) or s3://bucket/prefix (object storage)."""
-    uri = str(uri)
-    if uri.startswith("s3://"):
-        from .s3 import S3Store
-
-        return S3Store(uri, **options)
-    if uri.startswith("file://"):
-        uri = uri[len("file://") :]
-    if "://" in uri:
-        scheme = uri.split("://", 1)[0]
-        raise ConfigError(f"unsupported storage scheme {scheme!r} in {uri!r}; use a local path, file://PATH or s3://BUCKET/PREFIX")
-    return LocalStore(uri, **{k: v for k, v in options.items() if k == "fsync"})

@@ -9,25 +9,36 @@ statistics, so a run killed at any point and resumed ends with the same bytes as
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 import time
-from collections.abc import Generator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 
-from . import __version__
-from .config import Config, resolve_storage
-from .errors import ConfigError
-from .format import encode, file_name, hook_metadata
-from .plan import available_memory, check_feasible, human_bytes, make_plan, summary_lines
-from .records import Progress, check_run_record, merge_statistics, progress_key, write_json
-from .stats import RunningStats
-from .store import Store, open_store
-from .writer import BufferPool, Writer
+from activault import __version__
+from activault.background import prefetch
+from activault.collection.plan import (
+    available_memory,
+    check_feasible,
+    cost_notes,
+    make_plan,
+    summary_lines,
+)
+from activault.collection.writer import BufferPool, Writer
+from activault.config import Config, resolve_storage
+from activault.errors import ConfigError
+from activault.storage import Store, open_store
+from activault.units import human_bytes
+from activault.vault.megabatch import encode, file_name, hook_metadata
+from activault.vault.records import (
+    Progress,
+    check_run_record,
+    merge_statistics,
+    progress_key,
+    write_json,
+)
+from activault.vault.stats import RunningStats
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +59,10 @@ class Result:
 
 def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_progress: bool = True) -> Result:
     """Collect this machine's share of the run; resumes from its progress record."""
-    from .data import resolve_source
-    from .hooks import Capture, hook_dims, resolve_hooks
-    from .model import load_model, load_skeleton, load_tokenizer, model_info
-    from .pack import DataState, iter_batches
+    from activault.collection.hooks import Capture, hook_dims, resolve_hooks
+    from activault.collection.model import load_model, load_skeleton, load_tokenizer, model_info
+    from activault.collection.packing import DataState, iter_batches
+    from activault.collection.sources import resolve_source
 
     if not 0 <= machine < cfg.num_runs:
         raise ConfigError(f"--machine {machine} is out of range: num_runs is {cfg.num_runs}, so use 0..{cfg.num_runs - 1}")
@@ -82,7 +93,7 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
     plan = make_plan(cfg, dims, itemsize, machine)
     for line in summary_lines(cfg, plan, dims, info, store.uri, machine):
         log.info(line)
-    for note in store.cost_notes(0 if dc.skip_cache else plan.total_bytes):
+    for note in cost_notes(store, 0 if dc.skip_cache else plan.total_bytes):
         log.warning("note: %s", note)
 
     result = Result(destination=store.url(run))
@@ -122,50 +133,6 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
     log.info("wrote %d files (%s) to %s in %.1fs; statistics cover machines %s", loop.files - progress.files_done,
              human_bytes(result.bytes_written), result.destination, result.seconds, merged)
     return result
-
-
-T = TypeVar("T")
-
-
-def prefetch(items: Iterator[T], depth: int = 2) -> Generator[T, None, None]:
-    """Produce `items` on a background thread, `depth` ahead: tokenizing and packing the next
-    batches overlaps the forward pass. An error in the producer is raised here, in order."""
-    q: queue.Queue[tuple[str, Any]] = queue.Queue(depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        q.put(("item", item), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(("end", None))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
-            q.put(("error", e))
-
-    thread = threading.Thread(target=produce, name="activault-data", daemon=True)
-    thread.start()
-    try:
-        while True:
-            kind, value = q.get()
-            if kind == "end":
-                return
-            if kind == "error":
-                raise value
-            yield value
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                q.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        thread.join()
 
 
 @dataclass

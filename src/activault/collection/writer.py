@@ -16,7 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 
 import torch
 
-from .store import Buffer, Store
+from activault.storage.base import Buffer, Store
 
 
 class BufferPool:

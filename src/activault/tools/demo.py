@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from .config import Config, parse_config
+from activault.config import Config, parse_config
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,9 @@ def run_demo(storage: str = "./vault", workdir: str | None = None) -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from .collect import collect
-    from .reader import RCache
-    from .tiny import build_tiny
+    from activault.collection.pipeline import collect
+    from activault.reading.rcache import RCache
+    from activault.tools.tiny import build_tiny
 
     # Absolute, so the run's record names the same tokenizer whichever way the storage path is written.
     model_dir = Path(workdir or Path(storage).expanduser() / ".demo-model").absolute()

@@ -16,31 +16,17 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import FormatError, NotFoundError
-from .format import decode, dtype_name, is_megabatch, megabatch_files
-from .plan import human_bytes
-from .records import RECOLLECT, REMERGE, read_json
-from .store import Entry, LocalStore, Store, open_store, parse_s3_uri
+from activault.errors import FormatError, NotFoundError
+from activault.storage import Entry, Store, locate
+from activault.units import human_bytes
+from activault.vault.megabatch import decode, dtype_name, is_megabatch, megabatch_files
+from activault.vault.records import RECOLLECT, REMERGE, read_json
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 PREVIEW_ROWS = 4
 PREVIEW_CHARS = 250
-
-
-def locate(uri: str) -> tuple[Store, str]:
-    """(store, key) for a URI naming an object or folder: the bucket (S3) or `/` (local) and the rest."""
-    uri = str(uri)
-    if uri.startswith("s3://"):
-        bucket, prefix = parse_s3_uri(uri)
-        return open_store(f"s3://{bucket}"), prefix
-    if uri.startswith("file://"):
-        uri = uri[len("file://") :]
-    if "://" in uri:
-        open_store(uri)  # raises the unsupported-scheme error
-    path = Path(uri).expanduser().absolute()
-    return LocalStore("/"), path.as_posix().lstrip("/")
 
 
 def parent(key: str, levels: int = 1) -> str:

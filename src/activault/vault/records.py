@@ -10,10 +10,10 @@ import json
 import logging
 from typing import Any
 
-from .config import Config
-from .errors import ConfigError, FormatError, NotFoundError
-from .stats import RunningStats, merge_all
-from .store import Store
+from activault.config import Config
+from activault.errors import ConfigError, FormatError, NotFoundError
+from activault.storage import Store
+from activault.vault.stats import RunningStats, merge_all
 
 log = logging.getLogger(__name__)
 

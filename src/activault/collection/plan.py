@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-import re
+import ipaddress
 from dataclasses import dataclass, replace
 from typing import Any
+from urllib.parse import urlparse
 
-from .config import Config
-from .errors import ConfigError
-from .format import dtype_name
+from activault.config import Config
+from activault.errors import ConfigError
+from activault.storage import Store
+from activault.units import duration, human_bytes, parse_bandwidth
+from activault.vault.megabatch import dtype_name
 
 GB = 1e9
 
@@ -80,14 +83,6 @@ def available_memory() -> int | None:
     return None
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
-        if abs(n) < 1000 or unit == "PB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} PB"
-
-
 def summary_lines(cfg: Config, plan: Plan, dims: dict[str, int], info: dict[str, Any], dest: str, machine: int) -> list[str]:
     lines = [
         f"model        {cfg.transformer_config.model_name} ({info.get('model_type', '?')}, "
@@ -106,33 +101,10 @@ def summary_lines(cfg: Config, plan: Plan, dims: dict[str, int], info: dict[str,
     return lines
 
 
-_RATE = re.compile(r"^\s*([\d.]+)\s*([kmgt]?)(bps|bit/s|b/s|B/s|Bps)\s*$", re.IGNORECASE)
-
-
-def parse_bandwidth(text: str) -> float:
-    """Bytes per second of "1Gbps", "500 Mbit/s", "100MB/s" (bits unless the B is upper case)."""
-    m = _RATE.match(text)
-    if not m:
-        raise ConfigError(f"bandwidth {text!r} not understood; write e.g. 1Gbps, 500Mbps or 100MB/s")
-    value = float(m.group(1)) * 1000 ** " kmgt".index((m.group(2) or " ").lower())
-    unit = m.group(3)
-    return value if unit in ("B/s", "Bps") else value / 8
-
-
-def duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    if seconds < 172800:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
-
-
 def estimate_lines(cfg: Any, price: float | None = None, bandwidth: str = "1Gbps") -> list[str]:
     """What a config would store and cost, from the model's config alone (no weights load)."""
-    from .hooks import hook_dims, resolve_hooks
-    from .model import load_skeleton
+    from activault.collection.hooks import hook_dims, resolve_hooks
+    from activault.collection.model import load_skeleton
 
     rate = parse_bandwidth(bandwidth)
     skeleton = load_skeleton(cfg.transformer_config)
@@ -160,7 +132,45 @@ def estimate_lines(cfg: Any, price: float | None = None, bandwidth: str = "1Gbps
 
 
 def run_estimate(config: str, price: float | None = None, bandwidth: str = "1Gbps") -> int:
-    from .config import load_config
+    from activault.config import load_config
 
     print("\n".join(estimate_lines(load_config(config), price, bandwidth)))
     return 0
+
+
+# AWS charges for data leaving a region (internet egress, first tier, USD per GB).
+AWS_EGRESS_PER_GB = 0.09
+
+
+def is_local_endpoint(endpoint: str) -> bool:
+    """Whether an endpoint is this machine or a private network (no transfer costs, no egress)."""
+    if not endpoint:
+        return False
+    host = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}").hostname or ""
+    if host == "localhost" or host.endswith((".localhost", ".local", ".internal")):
+        return True
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return ip.is_loopback or ip.is_private or ip.is_link_local
+
+
+def cost_notes(store: Store, nbytes: int) -> list[str]:
+    """Warnings for the job summary: data leaves this machine (and, read back from AWS, the region)."""
+    endpoint: str | None = getattr(store, "endpoint", None)  # only object stores have one
+    if endpoint is None or is_local_endpoint(endpoint):
+        return []
+    gb = nbytes / 1e9
+    host = urlparse(endpoint).hostname or endpoint
+    if not endpoint or host.endswith(".amazonaws.com"):
+        region = getattr(store, "region", "us-east-1")
+        return [
+            f"uploading {gb:,.1f} GB to AWS S3 ({region}) over the network; uploads are free, but "
+            f"reading it back outside {region} costs egress (~${AWS_EGRESS_PER_GB}/GB: "
+            f"~${gb * AWS_EGRESS_PER_GB:,.2f} per full read); train in the same region to avoid it"
+        ]
+    return [
+        f"uploading {gb:,.1f} GB to the remote endpoint {host}; check its transfer, request and "
+        "egress prices, and its bandwidth from here"
+    ]

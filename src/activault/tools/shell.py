@@ -16,11 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import ActivaultError, ConfigError
-from .format import is_megabatch, megabatch_files, parse_file_name
-from .inspect import Tokenizers, inspect_file, join, parent
-from .plan import human_bytes
-from .store import Entry, Store, open_store
+from activault.errors import ActivaultError, ConfigError
+from activault.storage import Entry, Store, open_store
+from activault.tools.inspection import Tokenizers, inspect_file, join, parent
+from activault.units import human_bytes
+from activault.vault.megabatch import is_megabatch, megabatch_files, parse_file_name
 
 CAT_LIMIT = 1 << 20  # `cat` refuses files above 1 MB: megabatches are for `inspect`
 HELP = {  # command: (usage, what it does)

@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .data import Doc, iter_documents, repair_messages, resolve_source
-from .errors import ConfigError
+from activault.collection.sources import Doc, iter_documents, repair_messages, resolve_source
+from activault.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

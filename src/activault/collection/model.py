@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from activault.collection.hooks import HookSpec, find_blocks
 from activault.errors import ConfigError
-from activault.hooks import HookSpec, find_blocks
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

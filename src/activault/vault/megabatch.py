@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .errors import FormatError
+from activault.errors import FormatError
 
 if TYPE_CHECKING:
-    from .store import Entry, Store
+    from activault.storage.base import Entry, Store
 
 FORMAT = "activault"
 FORMAT_VERSION = 1

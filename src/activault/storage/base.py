@@ -1,0 +1,90 @@
+"""The store interface every byte goes through: objects under one root, `/`-separated keys.
+
+Backends: `LocalStore` (storage/local.py, the default) and `S3Store` (storage/s3.py); a URI picks
+one (storage/uri.py). `put` is atomic in both: a reader sees the whole object or none of it.
+"""
+
+from __future__ import annotations
+
+import builtins
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+Buffer = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    size: int
+
+
+def as_parts(data: Buffer | Sequence[Buffer]) -> list[memoryview]:
+    if isinstance(data, bytes | bytearray | memoryview):
+        return [memoryview(data)]
+    return [memoryview(p) for p in data]
+
+
+class Store(ABC):
+    """Objects under one root, addressed by `/`-separated keys."""
+
+    uri: str
+
+    @abstractmethod
+    def put(self, key: str, data: Buffer | Sequence[Buffer]) -> None:
+        """Write an object atomically from one buffer or several (concatenated, not copied first)."""
+
+    @abstractmethod
+    def get(self, key: str) -> memoryview:
+        """The whole object; raises NotFoundError if missing."""
+
+    @abstractmethod
+    def get_range(self, key: str, start: int, end: int) -> memoryview:
+        """Bytes [start, end) of an object."""
+
+    def read_into(self, key: str, offset: int, out: memoryview) -> int:
+        """Fill `out` with the object's bytes from `offset`; return how many were read (short at EOF)."""
+        data = self.get_range(key, offset, offset + out.nbytes)
+        out[: data.nbytes] = data
+        return data.nbytes
+
+    @abstractmethod
+    def size(self, key: str) -> int | None:
+        """Size in bytes, or None if the object does not exist."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[Entry]:
+        """Every object under `prefix` (recursive), sorted by key."""
+
+    @abstractmethod
+    def list_dir(self, prefix: str = "") -> tuple[builtins.list[str], builtins.list[Entry]]:
+        """Immediate sub-folders (names) and objects directly under `prefix`."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove one object (no error if it is already gone)."""
+
+    @abstractmethod
+    def check(self, write: bool = False) -> None:
+        """Fail now, with a clear message, if the store cannot be reached (or, with `write`, written)."""
+
+    def url(self, key: str = "") -> str:
+        return f"{self.uri.rstrip('/')}/{key}" if key else self.uri
+
+    def exists(self, key: str) -> bool:
+        return self.size(key) is not None
+
+    def get_text(self, key: str) -> str:
+        return bytes(self.get(key)).decode()
+
+    def put_text(self, key: str, text: str) -> None:
+        self.put(key, text.encode())
+
+    def clear_partial(self, folder: str, name_prefix: str) -> int:
+        """Remove leftovers of writes that were killed mid-way (only the local store has any)."""
+        return 0
+
+
+def join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p.strip("/"))
