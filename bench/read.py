@@ -27,7 +27,7 @@ from activault.reading.rcache import RCache
 from activault.reading.tokens import TokenLoader
 from activault.storage import LocalStore, Store, open_store
 from activault.vault import megabatch as fmt
-from tests.s3servers import MotoServer
+from support.s3servers import MotoServer
 
 OUT = Path(__file__).parent / "out" / "read.json"
 SEQ = 1024

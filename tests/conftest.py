@@ -7,10 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from synth import SynthRun, write_synthetic_run
 
 from activault.storage import LocalStore
 from activault.tools.tiny import build_tiny
+from support.synth import SynthRun, write_synthetic_run
 
 # Hermetic: nothing from a hub, and Ray binds to loopback (by default it advertises the machine's
 # interface address; ray reads this when it is imported, so it is set before any test imports it).

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from synth import create_bucket, s3_env, start_moto, stop_moto
 from transformers import AutoTokenizer
 
 from activault.collection.packing import encode_document
@@ -25,6 +24,7 @@ from activault.collection.pipeline import collect
 from activault.config import parse_config
 from activault.tools.tiny import demo_texts
 from activault.vault.megabatch import decode
+from support.synth import create_bucket, s3_env, start_moto, stop_moto
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"

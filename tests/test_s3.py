@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from s3servers import FaultProxy, S3Server, free_port, start_server
 from test_collect import make_cfg, tree_bytes
 
 from activault import cli
@@ -28,6 +27,7 @@ from activault.reading.rcache import RCache
 from activault.storage import s3 as s3mod
 from activault.storage.s3 import S3Store
 from activault.vault.megabatch import decode
+from support.s3servers import FaultProxy, S3Server, free_port, start_server
 
 pytestmark = pytest.mark.s3
 HOOKS = ["models.layers.1.post", "models.layers.0.mlp.post"]

@@ -10,10 +10,17 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from synth import SynthRun, create_bucket, s3_env, start_moto, stop_moto, write_synthetic_run
 from test_inspect import retokenize
 
 from activault.storage import LocalStore, Store, open_store
+from support.synth import (
+    SynthRun,
+    create_bucket,
+    s3_env,
+    start_moto,
+    stop_moto,
+    write_synthetic_run,
+)
 
 HOOKS = ["models.layers.0.post", "models.layers.1.mlp.post"]
 TIMEOUT = 30

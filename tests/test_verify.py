@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from synth import SynthRun, write_synthetic_run
 from test_inspect import HOOKS, run_cli
 
 from activault.storage import LocalStore
 from activault.tools.verify import verify_run
 from activault.vault import megabatch as fmt
+from support.synth import SynthRun, write_synthetic_run
 
 
 @pytest.fixture

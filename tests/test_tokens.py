@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from synth import SynthRun
 from test_reader import rows, tokens, triples
 from torch.utils.data import DataLoader
 
 from activault.reading.tokens import ActivationDataset, TokenLoader
+from support.synth import SynthRun
 
 
 @pytest.mark.parametrize("stop_after", [1, 5, 9])

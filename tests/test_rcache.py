@@ -11,15 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from synth import (
-    SynthRun,
-    create_bucket,
-    make_public,
-    s3_env,
-    start_moto,
-    stop_moto,
-    write_synthetic_run,
-)
 from torch.utils.data import DataLoader
 
 from activault.errors import ConfigError, FormatError, NotFoundError
@@ -29,6 +20,15 @@ from activault.reading.tokens import ActivationDataset, TokenLoader
 from activault.storage import LocalStore
 from activault.storage.s3 import S3Store
 from activault.vault import megabatch as fmt
+from support.synth import (
+    SynthRun,
+    create_bucket,
+    make_public,
+    s3_env,
+    start_moto,
+    stop_moto,
+    write_synthetic_run,
+)
 
 
 @pytest.fixture

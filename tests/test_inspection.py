@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from synth import SynthRun, write_synthetic_run
 
 from activault.cli import main
 from activault.storage import LocalStore, Store
@@ -21,6 +20,7 @@ from activault.tools.inspection import inspect_file, sample_norms, stats_figure
 from activault.tools.tiny import demo_texts
 from activault.units import parse_bandwidth
 from activault.vault import megabatch as fmt
+from support.synth import SynthRun, write_synthetic_run
 
 HOOKS = ["models.layers.0.post", "models.layers.1.mlp.post"]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -214,7 +214,7 @@ def test_verify_inspect_and_stats_on_a_collected_run(tiny_model_dir, tmp_path: P
 
 @pytest.fixture(scope="module")
 def moto_url():
-    from synth import start_moto, stop_moto
+    from support.synth import start_moto, stop_moto
 
     url, proc = start_moto()
     try:
@@ -225,9 +225,8 @@ def moto_url():
 
 @pytest.mark.s3
 def test_commands_on_s3(moto_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys) -> None:
-    from synth import create_bucket, s3_env
-
     from activault.storage import open_store
+    from support.synth import create_bucket, s3_env
 
     create_bucket(moto_url, "inspect-cmds")
     for k, v in s3_env(moto_url).items():

@@ -6,11 +6,11 @@ import json
 from dataclasses import dataclass, field
 
 import torch
-from s3servers import MotoServer
 
 from activault.storage import Store
 from activault.vault import megabatch as fmt
 from activault.vault.stats import RunningStats, merge_all
+from support.s3servers import MotoServer
 
 
 @dataclass
