@@ -1,0 +1,124 @@
+"""dictionary_learning from a vault: a drop-in for its `ActivationBuffer`.
+
+`dictionary_learning.training.trainSAE(data, ...)` only iterates `data` for `[batch, d]` tensors;
+its `ActivationBuffer` fills that stream by running an nnsight model. `VaultBuffer` fills it from
+stored activations instead, endless and resumable:
+
+```python
+from dictionary_learning.trainers import TopKTrainer
+from dictionary_learning.training import trainSAE
+from activault.integrations.dictionary_learning import VaultBuffer
+
+buffer = VaultBuffer("./vault/run", "models.layers.6.post", out_batch_size=4096)
+trainSAE(data=buffer, trainer_configs=[{"trainer": TopKTrainer, ...}], steps=10_000, device="cpu")
+```
+
+`trainSAE(normalize_activations=True)` estimates its norm factor from 100 batches; the exact one
+is `buffer.norm_factor` (from `statistics.json`). To use it, pass `normalize=True` here (batches
+come divided by it), keep `normalize_activations=False`, and after training call
+`trainer.ae.scale_biases(buffer.norm_factor)`, which is what trainSAE does with its estimate.
+Its `evaluation.evaluate` needs a live nnsight model and has no counterpart here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+
+from activault.integrations._vault import Source, dist_rank, endless, run_statistics
+
+
+class VaultBuffer(Iterator[torch.Tensor]):
+    """Endless batches `[out_batch_size, d]` of one hook, shuffled across files, for `trainSAE`.
+
+    Args:
+        normalize: divide by `norm_factor` so tokens have unit mean squared norm (the paper's
+            convention that trainSAE follows).
+        Other options as `TokenLoader` (seed, window, drop_positions_below, ...); rank and
+        world_size default to torch.distributed's.
+    """
+
+    def __init__(
+        self,
+        uri: Source | Sequence[Source],
+        hook: str,
+        *,
+        out_batch_size: int = 8192,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        normalize: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        **options: Any,
+    ):
+        from activault import TokenLoader
+
+        self.uri, self.hook, self.out_batch_size, self.device = (
+            uri,
+            hook,
+            out_batch_size,
+            str(device),
+        )
+        stats = run_statistics(uri, hook)
+        self.d_submodule = stats.d
+        # sqrt(E ||x||^2) over every stored token: trainSAE's `get_norm_factor`, exactly.
+        self.norm_factor = math.sqrt(float(stats.norm_sq_sum) / stats.count)
+        self.normalize = normalize
+        rank, world_size = dist_rank(rank, world_size)
+        self.loader = TokenLoader(
+            uri,
+            hooks=[hook],
+            batch_tokens=out_batch_size,
+            dtype=dtype,
+            device=device,
+            norm_target=stats.mean_norm / self.norm_factor if normalize else None,
+            rank=rank,
+            world_size=world_size,
+            **options,
+        )
+        self._it: Iterator[Any] | None = None
+
+    def __iter__(self) -> VaultBuffer:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._it is None:
+            self._it = endless(self.loader)
+        return next(self._it)[self.hook]
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """What trainSAE saves next to each trainer's config (as ActivationBuffer.config)."""
+        return {
+            "source": str(self.uri),
+            "hook": self.hook,
+            "d_submodule": self.d_submodule,
+            "out_batch_size": self.out_batch_size,
+            "device": self.device,
+            "normalize": self.normalize,
+            "norm_factor": self.norm_factor,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader": self.loader.state_dict(), "hook": self.hook}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self._it is not None:
+            self._it.close()  # type: ignore[attr-defined]
+            self._it = None
+        self.loader.load_state_dict(state["loader"])
+
+    def close(self) -> None:
+        if self._it is not None:
+            self._it.close()  # type: ignore[attr-defined]
+            self._it = None
+        self.loader.finalize()
+
+    def __enter__(self) -> VaultBuffer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,251 @@
+"""SAELens from a vault: endless data providers, the exact norm scaling factor, held-out metrics.
+
+```python
+from activault.integrations.saelens import VaultProvider, set_scaling_factor
+
+provider = VaultProvider("./vault/run", "models.layers.6.post", batch_tokens=4096)
+trainer = SAETrainer(cfg=trainer_cfg, sae=sae, data_provider=provider)
+set_scaling_factor(trainer, "./vault/run", "models.layers.6.post")  # no estimation pass
+trainer.fit()
+```
+
+`SAETrainer` calls `next()` on its provider forever: `VaultProvider` runs the loader's epochs one
+after another, each reshuffled, and `state_dict()` says exactly where it is (save it with the
+trainer's checkpoint; `load_state_dict` resumes at the next batch).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from activault.errors import ConfigError
+from activault.integrations._vault import Source, dist_rank, endless, run_statistics
+
+Hooks = str | Sequence[str] | Mapping[str, tuple[str, str]]
+
+
+def _parse_hooks(hooks: Hooks) -> tuple[list[str], str]:
+    """(the distinct hooks to read, the output kind: tensor, dict or pairs)."""
+    if isinstance(hooks, str):
+        return [hooks], "tensor"
+    if isinstance(hooks, Mapping):
+        if not hooks:
+            raise ConfigError("no transcoder pairs given: pass {name: (input_hook, output_hook)}")
+        read: list[str] = []
+        for name, pair in hooks.items():
+            if not (
+                isinstance(pair, tuple | list)
+                and len(pair) == 2
+                and all(isinstance(h, str) for h in pair)
+            ):
+                raise ConfigError(
+                    f"transcoder {name!r}: expected (input_hook, output_hook), got {pair!r}"
+                )
+            read += [h for h in pair if h not in read]
+        return read, "pairs"
+    names = list(hooks)
+    if not names or not all(isinstance(h, str) for h in names):
+        raise ConfigError(
+            f"hooks must be a hook name, a list of them or {{name: (in, out)}}, got {hooks!r}"
+        )
+    if len(set(names)) != len(names):
+        raise ConfigError(f"hooks listed twice: {sorted({h for h in names if names.count(h) > 1})}")
+    return names, "dict"
+
+
+class VaultProvider(Iterator[Any]):
+    """Endless token batches of a stored run, for SAELens's `data_provider`.
+
+    What `next()` returns depends on `hooks`:
+    - one hook name: `[batch_tokens, d]` (`SAETrainer`);
+    - a list of hooks: `{hook: [batch_tokens, d]}`, the same tokens in each (`MultiSAETrainer`),
+      or with `concat=True` one `[batch_tokens, sum of d]` (a crosscoder over those hooks);
+    - `{name: (input_hook, output_hook)}`: `{name: (x [batch_tokens, d_in], y [batch_tokens, d_out])}`,
+      aligned token for token (transcoders).
+
+    Args:
+        uri: the run folder (`PATH/RUN`, `s3://BUCKET/RUN`), a Store, or a list of runs.
+        rank, world_size: disjoint files per DDP rank; default torch.distributed's, if initialised.
+        dtype: delivered dtype (SAELens SAEs default to float32).
+        Other options as `TokenLoader` (window, seed, drop_positions_below, center, norm_target, ...).
+    """
+
+    def __init__(
+        self,
+        uri: Source | Sequence[Source],
+        hooks: Hooks,
+        *,
+        batch_tokens: int,
+        concat: bool = False,
+        rank: int | None = None,
+        world_size: int | None = None,
+        dtype: torch.dtype | None = torch.float32,
+        **options: Any,
+    ):
+        from activault import TokenLoader
+
+        self.uri = uri
+        self.read, self.kind = _parse_hooks(hooks)
+        self.pairs = dict(hooks) if isinstance(hooks, Mapping) else {}
+        if concat and self.kind != "dict":
+            raise ConfigError(
+                "concat=True needs a list of hooks (their states are concatenated per token)"
+            )
+        self.concat = concat
+        self.rank, self.world_size = dist_rank(rank, world_size)
+        self.loader = TokenLoader(
+            uri,
+            hooks=self.read,
+            batch_tokens=batch_tokens,
+            dtype=dtype,
+            rank=self.rank,
+            world_size=self.world_size,
+            **options,
+        )
+        self._it: Iterator[Any] | None = None
+        self.batches = 0  # delivered since construction or the last load_state_dict
+
+    @property
+    def hook(self) -> str | None:
+        """The hook, when the provider reads exactly one."""
+        return self.read[0] if self.kind == "tensor" else None
+
+    def __iter__(self) -> VaultProvider:
+        return self
+
+    def __next__(self) -> Any:
+        if self._it is None:
+            self._it = endless(self.loader)
+        batch: dict[str, torch.Tensor] = next(self._it)
+        self.batches += 1
+        if self.kind == "tensor":
+            return batch[self.read[0]]
+        if self.kind == "pairs":
+            return {name: (batch[a], batch[b]) for name, (a, b) in self.pairs.items()}
+        if self.concat:
+            return torch.cat([batch[h] for h in self.read], dim=1)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the stream is: resuming from it yields the batch after the last one delivered."""
+        return {
+            "loader": self.loader.state_dict(),
+            "hooks": list(self.read),
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key, mine in (
+            ("hooks", self.read),
+            ("rank", self.rank),
+            ("world_size", self.world_size),
+        ):
+            if state.get(key) != mine:
+                raise ConfigError(
+                    f"state was saved with {key}={state.get(key)!r}, this provider has {mine!r}"
+                )
+        self._close_stream()
+        self.loader.load_state_dict(state["loader"])
+        self.batches = 0
+
+    def _close_stream(self) -> None:
+        if self._it is not None:
+            self._it.close()  # type: ignore[attr-defined]
+            self._it = None
+
+    def close(self) -> None:
+        """Stop reading ahead now (also on leaving `with`)."""
+        self._close_stream()
+        self.loader.finalize()
+
+    def __enter__(self) -> VaultProvider:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def scaling_factor(uri: Source | Sequence[Source], hook: str) -> float:
+    """SAELens's `expected_average_only_in` factor, `sqrt(d_in) / mean token norm`, from exact statistics.
+
+    SAELens estimates the mean norm from `n_batches_for_norm_estimate` batches; `statistics.json`
+    holds it over every stored token (float64, merged over machines), so nothing is read.
+    """
+    stats = run_statistics(uri, hook)
+    if stats.mean_norm <= 0:
+        raise ConfigError(
+            f"the mean norm of {hook!r} is {stats.mean_norm}: its activations are all zero"
+        )
+    return math.sqrt(stats.d) / stats.mean_norm
+
+
+def set_scaling_factor(
+    trainer: Any, uri: Source | Sequence[Source] | VaultProvider, hook: str | None = None
+) -> None:
+    """Set a trainer's norm scaling factor from the run's statistics, so `fit()` skips its estimate.
+
+    `trainer` is an `SAETrainer` (the hook defaults to the provider's, when `uri` is a
+    one-hook `VaultProvider`) or a `MultiSAETrainer` (each SAE gets its own hook's factor).
+    `fit()` folds the factor into the SAE's weights at the end, as it does with its estimate.
+    """
+    if isinstance(uri, VaultProvider):
+        hook = hook or uri.hook
+        uri = uri.uri
+    per_sae = getattr(trainer, "trainers", None)
+    if per_sae is not None:  # MultiSAETrainer: one SAETrainer per SAE, hooks in `hook_names`
+        for name, sub in per_sae.items():
+            _set_one(sub, uri, trainer.hook_names[name])
+        return
+    if hook is None:
+        raise ConfigError("which hook's statistics? pass hook=, or a VaultProvider of one hook")
+    _set_one(trainer, uri, hook)
+
+
+def _set_one(trainer: Any, uri: Source | Sequence[Source], hook: str) -> None:
+    d_in = int(trainer.sae.cfg.d_in)
+    stats_d = run_statistics(uri, hook).d
+    if d_in != stats_d:
+        raise ConfigError(
+            f"the SAE has d_in={d_in} but hook {hook!r} is {stats_d} wide: wrong hook?"
+        )
+    trainer.activation_scaler.scaling_factor = scaling_factor(uri, hook)
+
+
+@torch.no_grad()
+def evaluate(sae: Any, batches: Iterable[torch.Tensor], scaler: Any = None) -> dict[str, float]:
+    """Explained variance and L0 of a SAELens SAE on batches `[tokens, d]`, with SAELens's own code.
+
+    The explained variance is SAELens's `ExplainedVarianceCalculator` (streamed, float64), L0 is
+    counted as its `get_sparsity_and_variance_metrics` counts it (non-zero latents per token).
+    For held-out tokens, pass one epoch of a `TokenLoader` over a run the SAE never saw.
+    `scaler`: the trainer's `activation_scaler` while it is still unfolded (before `fit()` ends).
+    """
+    from sae_lens.evals import ExplainedVarianceCalculator
+
+    calc = ExplainedVarianceCalculator()
+    l0_sum, tokens = 0.0, 0
+    was_training = sae.training
+    sae.eval()
+    try:
+        for x in batches:
+            x = x.to(sae.device, sae.dtype)
+            x_in = scaler.scale(x) if scaler is not None else x
+            feats = sae.encode(x_in)
+            out = sae.decode(feats)
+            if scaler is not None:
+                out = scaler.unscale(out)
+            if feats.is_sparse:
+                feats = feats.to_dense()
+            calc.add_batch(out, x)
+            l0_sum += float((feats != 0).sum())
+            tokens += x.shape[0]
+    finally:
+        sae.train(was_training)
+    if tokens == 0:
+        raise ConfigError("no batches to evaluate on: the held-out loader yielded nothing")
+    return {"explained_variance": calc.compute(), "l0": l0_sum / tokens, "tokens": float(tokens)}

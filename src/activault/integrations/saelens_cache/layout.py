@@ -1,0 +1,213 @@
+"""SAELens's cached-activation layout, as its `CacheActivationsRunner` writes it, read and written.
+
+An HF `datasets` folder (`datasets.load_from_disk` reads it): one row per sequence, one
+`Array2D((context_size, d_in), dtype)` column per hook, named by the hook, and `token_ids` as a
+fixed-length list of int32; `data-{i:05d}-of-{n:05d}.arrow` files (Arrow IPC streams),
+`dataset_info.json`, and `state.json` with the dataset's fingerprint. `activault.json` beside them
+(ignored by SAELens and datasets) records what an export came from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from activault.errors import ConfigError, FormatError, NotFoundError
+
+SIDECAR = "activault.json"
+TOKEN_IDS, POSITIONS = "token_ids", "positions"
+ARROW_DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.float64: "float64"}
+
+
+def features(
+    columns: Mapping[str, str],
+    seq: int,
+    d: Mapping[str, int],
+    dtypes: Mapping[str, str],
+    positions: bool,
+):
+    from datasets import Array2D, Features, Sequence, Value
+
+    feats: dict[str, Any] = {
+        columns[h]: Array2D(shape=(seq, d[h]), dtype=dtypes[h]) for h in columns
+    }
+    feats[TOKEN_IDS] = Sequence(Value(dtype="int32"), length=seq)
+    if positions:
+        feats[POSITIONS] = Sequence(Value(dtype="int32"), length=seq)
+    return Features(feats)
+
+
+def arrow_2d(ftype: Any, x: torch.Tensor) -> Any:
+    """`x: [rows, seq, d]` as an Array2D extension array, sharing x's memory (no copy)."""
+    import pyarrow as pa
+
+    rows, seq, d = x.shape
+    values = pa.array(x.reshape(-1).numpy())
+    inner = pa.ListArray.from_arrays(
+        pa.array(np.arange(0, rows * seq * d + 1, d, dtype=np.int32)), values
+    )
+    outer = pa.ListArray.from_arrays(
+        pa.array(np.arange(0, rows * seq + 1, seq, dtype=np.int32)), inner
+    )
+    return pa.ExtensionArray.from_storage(ftype, outer)
+
+
+def arrow_ids(x: torch.Tensor) -> Any:
+    import pyarrow as pa
+
+    return pa.FixedSizeListArray.from_arrays(
+        pa.array(x.reshape(-1).to(torch.int32).numpy()), x.shape[1]
+    )
+
+
+def finish_dataset(tmp: Path, files: list[str], feats: Any) -> None:
+    """Name the Arrow files and write state.json and dataset_info.json as SAELens's consolidation does."""
+    from datasets import Dataset, DatasetInfo
+    from datasets.fingerprint import generate_fingerprint
+    from datasets.utils.py_utils import asdict
+
+    n = len(files)
+    final = [f"data-{i:05d}-of-{n:05d}.arrow" for i in range(n)]
+    for a, b in zip(files, final, strict=True):
+        os.rename(tmp / a, tmp / b)
+    info = asdict(DatasetInfo(features=feats))
+    (tmp / "dataset_info.json").write_text(json.dumps({k: info[k] for k in sorted(info)}, indent=2))
+    state: dict[str, Any] = {
+        "_data_files": [{"filename": f} for f in final],
+        "_fingerprint": None,
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+    state["_fingerprint"] = generate_fingerprint(Dataset.load_from_disk(str(tmp)))
+    (tmp / "state.json").write_text(json.dumps(state, indent=2))
+
+
+@dataclass
+class CachedActivations:
+    """A SAELens cache opened for import: its table, columns -> hooks, widths and dtypes."""
+
+    path: Path
+    table: Any  # pyarrow Table, memory-mapped
+    fingerprint: str
+    hooks: dict[str, str]  # column -> hook
+    dims: dict[str, int]  # column -> d
+    source_dtypes: dict[str, torch.dtype]  # column -> dtype in the cache
+    stored_dtypes: dict[str, torch.dtype]  # column -> dtype to store
+    seq: int
+    positions: bool
+
+
+def open_cache(
+    cache_dir: str | Path,
+    hooks: Sequence[str] | Mapping[str, str] | None,
+    dtype: str | torch.dtype | None,
+) -> CachedActivations:
+    from datasets import Array2D, Dataset, load_from_disk
+
+    path = Path(cache_dir).expanduser().absolute()
+    if not (path / "state.json").is_file():
+        raise NotFoundError(
+            f"{path} is not a saved HF dataset (no state.json): pass the folder SAELens's "
+            "CacheActivationsRunner wrote (its cached_activations_path)"
+        )
+    try:
+        ds = load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001 - datasets raises many kinds for a damaged folder
+        raise FormatError(
+            f"{path}: cannot be loaded with datasets.load_from_disk ({type(e).__name__}: {e})"
+        ) from None
+    if not isinstance(ds, Dataset):
+        raise ConfigError(f"{path} holds several splits ({list(ds)}): pass one split's folder")
+    arrays = {c: f for c, f in ds.features.items() if isinstance(f, Array2D)}
+    if TOKEN_IDS not in ds.features:
+        raise FormatError(
+            f"{path} has no {TOKEN_IDS!r} column: a vault keeps every token's id; re-cache it with a "
+            "SAELens version that writes token ids"
+        )
+    side = json.loads((path / SIDECAR).read_text()) if (path / SIDECAR).is_file() else {}
+    side_cols = side.get("columns", {})
+    if hooks is None:
+        mapping = {c: side_cols.get(c, {}).get("hook", c) for c in arrays}
+    elif isinstance(hooks, Mapping):
+        mapping = dict(hooks)
+    else:
+        mapping = {c: side_cols.get(c, {}).get("hook", c) for c in hooks}
+    missing = [c for c in mapping if c not in arrays]
+    if missing or not mapping:
+        raise ConfigError(
+            f"{path}: no activation column {missing or ''}; its activation columns are {sorted(arrays)}"
+        )
+    shapes = {tuple(arrays[c].shape) for c in mapping}
+    seq = next(iter(shapes))[0]
+    if len({s[0] for s in shapes}) != 1 or list_length(ds.features[TOKEN_IDS]) != seq:
+        raise FormatError(
+            f"{path}: columns disagree on the context size ({sorted(shapes)}, token_ids "
+            f"{list_length(ds.features[TOKEN_IDS])})"
+        )
+    source = {c: torch_dtype(arrays[c].dtype, path) for c in mapping}
+    stored = {}
+    for c in mapping:
+        want = dtype or side_cols.get(c, {}).get("dtype") or source[c]
+        stored[c] = torch_dtype(want, path) if isinstance(want, str) else want
+    fingerprint = str(json.loads((path / "state.json").read_text()).get("_fingerprint"))
+    return CachedActivations(
+        path,
+        ds.data.table,
+        fingerprint,
+        mapping,
+        {c: int(arrays[c].shape[1]) for c in mapping},
+        source,
+        stored,
+        int(seq),
+        POSITIONS in ds.features and list_length(ds.features[POSITIONS]) == seq,
+    )
+
+
+def list_length(feature: Any) -> int | None:
+    return getattr(feature, "length", None)
+
+
+def torch_dtype(name: str, where: Path) -> torch.dtype:
+    dt = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise ConfigError(
+            f"{where}: activation dtype {name!r} is not a float type activault stores"
+        )
+    return dt
+
+
+def read_column(table: Any, name: str, rows: slice) -> torch.Tensor:
+    """Rows of a fixed-shape column as a flat tensor over the memory-mapped buffer (no copy)."""
+    col = table.column(name).slice(rows.start, rows.stop - rows.start).combine_chunks()
+    if hasattr(col, "storage"):
+        col = col.storage
+    while hasattr(col, "flatten"):
+        col = col.flatten()
+    with warnings.catch_warnings():
+        warnings.simplefilter(
+            "ignore", UserWarning
+        )  # a read-only mapping: these tensors are only read
+        return torch.from_numpy(col.to_numpy(zero_copy_only=False))
+
+
+def chunks(
+    cache: CachedActivations, start: int, rows_per_file: int
+) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(first row, {column: tensor}) per megabatch, from row `start` on."""
+    n = cache.table.num_rows
+    cols = [*cache.hooks, TOKEN_IDS] + ([POSITIONS] if cache.positions else [])
+    for a in range(start, n, rows_per_file):
+        b = min(a + rows_per_file, n)
+        yield a, {c: read_column(cache.table, c, slice(a, b)) for c in cols}

@@ -1,0 +1,278 @@
+"""EleutherAI sparsify from a vault: a replay model and a token dataset for its `Trainer`.
+
+sparsify's `Trainer` only trains from a live model: it registers forward hooks on the model's
+modules and runs the model over batches of `input_ids`. There is no entry point for stored
+activations, so this module gives it the nearest thing: a model whose hooked modules *replay* the
+stored activations of exactly the tokens the dataset handed out. sparsify's own training loop then
+runs unchanged (initialisation, optimizers, dead-latent tracking, checkpoints, `exclude_tokens`).
+
+```python
+from sparsify import SaeConfig, TrainConfig, Trainer
+from activault.integrations.sparsify import replay
+
+model, dataset = replay("./vault/run", ["models.layers.6.post"], num_tokens=2_000_000)
+cfg = TrainConfig(SaeConfig(k=32), batch_size=16, hookpoints=model.hookpoints, log_to_wandb=False)
+Trainer(cfg, dataset, model).fit()
+```
+
+Transcoders: `replay(uri, {"models.layers.6.mlp": ("models.layers.6.mlp.pre", "models.layers.6.mlp.post")})`
+and `TranscoderConfig(...)`: the module named by the key receives the input hook's states and
+returns the output hook's. Only `loss_fn="fvu"` (the default) works: a vault holds no logits.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from activault.errors import ActivaultError, ConfigError
+from activault.integrations._vault import Source, dist_rank, endless
+
+Row = tuple[torch.Tensor, dict[str, torch.Tensor]]  # ids [seq], {hook: states [seq, d]}
+
+
+class _Point(nn.Module):
+    """A hooked module that 'computes' stored activations: input `x`, output `y` (or `x` for an SAE)."""
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return x if y is None else y
+
+
+class VaultReplay(nn.Module):
+    """The model sparsify's `Trainer` hooks: each hookpoint replays the stored states of the rows
+    the paired `VaultTokens` handed out, in order, and checks their token ids."""
+
+    def __init__(
+        self,
+        points: Mapping[str, tuple[str, str | None]],
+        dims: Mapping[str, int],
+        rows: deque[Row],
+        device: str | torch.device = "cpu",
+    ):
+        super().__init__()
+        self.points = dict(points)
+        self.dims = dict(dims)
+        self._rows = rows
+        self._device = torch.device(device)
+        for name in self.points:
+            parent: nn.Module = self
+            *path, leaf = name.split(".")
+            for part in path:
+                child = parent._modules.get(part)
+                if child is None:
+                    child = nn.Module()
+                    parent.add_module(part, child)
+                elif isinstance(child, _Point):
+                    raise ConfigError(
+                        f"hookpoint {name!r} lies under hookpoint {part!r}: rename one of them"
+                    )
+                parent = child
+            if leaf in parent._modules:
+                raise ConfigError(f"hookpoint {name!r} is given twice or has hookpoints under it")
+            parent.add_module(leaf, _Point())
+
+    @property
+    def hookpoints(self) -> list[str]:
+        """The names to pass as `TrainConfig(hookpoints=...)`."""
+        return list(self.points)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def base_model(self) -> VaultReplay:
+        return self
+
+    @property
+    def dummy_inputs(self) -> dict[str, Any]:
+        # sparsify runs the model once on these to learn each hookpoint's width.
+        return {"input_ids": torch.zeros(1, 1, dtype=torch.long), "dummy": True}
+
+    def forward(self, input_ids: torch.Tensor, dummy: bool = False) -> None:
+        """Run each hookpoint on the states of these rows: `input_ids [rows, seq]`."""
+        if dummy:
+            states = {h: torch.zeros(1, 1, d, device=self._device) for h, d in self.dims.items()}
+        else:
+            states = self._take(input_ids)
+        for name, (src, dst) in self.points.items():
+            point = self.get_submodule(name)
+            point(states[src]) if dst is None else point(states[src], states[dst])
+
+    def _take(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        n = input_ids.shape[0]
+        if len(self._rows) < n:
+            raise ActivaultError(
+                f"the replay model was asked for {n} rows but the dataset handed out {len(self._rows)}: "
+                "pass the dataset from the same replay() call, unshuffled (sparsify's DataLoader does not shuffle)"
+            )
+        rows = [self._rows.popleft() for _ in range(n)]
+        ids = torch.stack([r[0] for r in rows])
+        if not torch.equal(ids, input_ids.to(ids.device, ids.dtype)):
+            raise ActivaultError(
+                "the token ids given to the replay model are not the ones the dataset handed out"
+            )
+        return {h: torch.stack([r[1][h] for r in rows]).to(self._device) for h in self.dims}
+
+
+class VaultTokens(Dataset):
+    """Rows of `tokens_per_row` stored tokens (shuffled across files), read in order.
+
+    Item `i` is `{"input_ids": [tokens_per_row]}`; fetching it queues the row's states for the
+    replay model. Rows follow an endless, reshuffled-per-epoch stream, so any `num_tokens` works.
+    `select(range(n, len))`, which sparsify calls when resuming, moves to row `n`: instantly
+    after `load_state_dict`, else by reading forward.
+    """
+
+    def __init__(
+        self, batches: Any, loader: Any, length: int, tokens_per_row: int, rows: deque[Row]
+    ):
+        self._batches, self.loader = batches, loader
+        self.length, self.tokens_per_row = length, tokens_per_row
+        self._rows = rows
+        self._chunk: tuple[torch.Tensor, dict[str, torch.Tensor]] | None = None
+        self._chunk_state: dict[str, Any] = loader.state_dict()
+        self._in_chunk = 0  # rows of the current chunk handed out
+        self._skip = 0  # rows of the next chunk to skip (after load_state_dict)
+        self.position = 0  # rows handed out
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if index < self.position:
+            raise ActivaultError(
+                f"row {index} was already read (next is {self.position}): rows are read in order only"
+            )
+        while self.position < index:  # resuming without a saved state: read forward
+            self._next_row()
+            self._rows.pop()
+        return {"input_ids": self._next_row()[0]}
+
+    def _next_row(self) -> Row:
+        if self._chunk is None or self._in_chunk == self._chunk[0].shape[0]:
+            self._chunk_state = self.loader.state_dict()
+            batch = next(self._batches)
+            S = self.tokens_per_row
+            ids = batch["input_ids"].view(-1, S)
+            self._chunk = ids, {h: s.view(ids.shape[0], S, -1) for h, s in batch["states"].items()}
+            self._in_chunk, self._skip = self._skip, 0
+        ids_all, states_all = self._chunk
+        i = self._in_chunk
+        row = (ids_all[i], {h: s[i] for h, s in states_all.items()})
+        self._in_chunk += 1
+        self.position += 1
+        self._rows.append(row)
+        return row
+
+    def select(self, rows: range) -> Dataset:
+        """Rows `rows.start` on (sparsify resumes with `select(range(step * batch_size, len))`)."""
+        if rows.step != 1 or rows.stop > self.length:
+            raise ConfigError(
+                f"select({rows}) is not a contiguous range of this dataset's {self.length} rows"
+            )
+        return _From(self, rows.start, len(rows))
+
+    def state_dict(self) -> dict[str, Any]:
+        """Exact position: the loader's state before the current chunk and the rows read from it."""
+        return {
+            "loader": self._chunk_state,
+            "in_chunk": self._in_chunk,
+            "position": self.position,
+            "tokens_per_row": self.tokens_per_row,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["tokens_per_row"] != self.tokens_per_row:
+            raise ConfigError(
+                f"state was saved with tokens_per_row={state['tokens_per_row']}, not {self.tokens_per_row}"
+            )
+        self._batches.close()
+        self.loader.load_state_dict(state["loader"])
+        self._batches = endless(self.loader)
+        self._chunk, self._skip = None, int(state["in_chunk"])
+        self.position = int(state["position"])
+        self._rows.clear()
+
+    def close(self) -> None:
+        self._batches.close()
+        self.loader.finalize()
+
+
+class _From(Dataset):
+    """Rows `start, start + 1, ...` of a VaultTokens, indexed from 0."""
+
+    def __init__(self, base: VaultTokens, start: int, length: int):
+        self.base, self.start, self.length = base, start, length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.base[self.start + index]
+
+
+def replay(
+    uri: Source | Sequence[Source],
+    hookpoints: Sequence[str] | Mapping[str, tuple[str, str]],
+    *,
+    num_tokens: int,
+    tokens_per_row: int = 256,
+    rows_per_read: int = 16,
+    device: str | torch.device = "cpu",
+    rank: int | None = None,
+    world_size: int | None = None,
+    **options: Any,
+) -> tuple[VaultReplay, VaultTokens]:
+    """(model, dataset) for `sparsify.Trainer(cfg, dataset, model)`, training on `num_tokens` tokens.
+
+    Args:
+        hookpoints: hook names (one SAE each), or `{name: (input_hook, output_hook)}` (transcoders).
+        tokens_per_row: tokens per dataset row; sparsify's `batch_size` counts rows, so a step
+            trains on `batch_size * tokens_per_row` tokens.
+        rows_per_read: rows gathered per loader batch.
+        Other options as `TokenLoader` (seed, window, drop_positions_below, ...); rank and
+        world_size default to torch.distributed's.
+    """
+    from activault import TokenLoader
+
+    if isinstance(hookpoints, Mapping):
+        points: dict[str, tuple[str, str | None]] = {n: (a, b) for n, (a, b) in hookpoints.items()}
+    else:
+        points = {h: (h, None) for h in hookpoints}
+    if not points:
+        raise ConfigError("no hookpoints given")
+    read = list(dict.fromkeys(h for pair in points.values() for h in pair if h is not None))
+    if tokens_per_row < 1 or rows_per_read < 1 or num_tokens < tokens_per_row:
+        raise ConfigError(
+            f"need tokens_per_row >= 1, rows_per_read >= 1, num_tokens >= tokens_per_row; got "
+            f"{tokens_per_row}, {rows_per_read}, {num_tokens}"
+        )
+    rank, world_size = dist_rank(rank, world_size)
+    loader = TokenLoader(
+        uri,
+        hooks=read,
+        batch_tokens=tokens_per_row * rows_per_read,
+        return_ids=True,
+        dtype=torch.float32,
+        rank=rank,
+        world_size=world_size,
+        **options,
+    )
+    dims = {
+        h: spec[1] for h, spec in zip(read, loader.cache.specs, strict=True) if spec is not None
+    }
+    if len(dims) != len(read):
+        raise ConfigError(
+            f"cannot tell the width of {read} before reading (legacy .pt files): use a run with metadata.json"
+        )
+    rows: deque[Row] = deque()
+    dataset = VaultTokens(
+        endless(loader), loader, num_tokens // tokens_per_row, tokens_per_row, rows
+    )
+    return VaultReplay(points, dims, rows, device), dataset
