@@ -11,8 +11,11 @@ import pytest
 import torch
 
 from activault import TokenLoader
+from activault.integrations._vault import run_statistics
 
-pytestmark = pytest.mark.slow  # a collection and three short trainings: about two minutes on 2 cores
+pytestmark = (
+    pytest.mark.slow
+)  # a collection and three short trainings: about two minutes on 2 cores
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -38,10 +41,10 @@ def runs(workdir: Path) -> tuple[str, str]:
 
 
 def tokens(uri: str, hook: str, **norm: float) -> torch.Tensor:
-    with TokenLoader(
-        uri, hooks=[hook], batch_tokens=1 << 20, drop_last=False, dtype=torch.float64, **norm
-    ) as loader:
-        return torch.cat([b[hook].double() for b in loader])
+    """Every stored token of a hook, float64 (one batch: the count is in statistics.json)."""
+    n = run_statistics(uri, hook).count
+    with TokenLoader(uri, hooks=[hook], batch_tokens=n, dtype=torch.float64, **norm) as loader:
+        return next(iter(loader))[hook]
 
 
 def pca_ev(train: torch.Tensor, held: torch.Tensor, k: int) -> float:

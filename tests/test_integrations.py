@@ -524,11 +524,10 @@ def test_import_resumes_after_a_crash_to_the_same_bytes(
     with pytest.raises(OSError):
         import_saelens(tmp_path / "cache", str(tmp_path / "b/run"), rows_per_file=3)
     monkeypatch.setattr(v, "encode", real)
-    assert (
-        json.loads((tmp_path / "b/run/progress/machine-00000.json").read_text())["files_done"] == 2
-    )
+    done = json.loads((tmp_path / "b/run/progress/machine-00000.json").read_text())["files_done"]
+    assert done in (1, 2)  # file 1's record may or may not have landed before the failure
     res = import_saelens(tmp_path / "cache", str(tmp_path / "b/run"), rows_per_file=3)
-    assert res.resumed_at_row == 6
+    assert res.resumed_at_row == 3 * done
 
     def tree(root):
         return {
@@ -562,6 +561,9 @@ def test_bad_inputs_say_what_to_do(run: SynthRun, tmp_path: Path) -> None:
         )  # a collected run is never overwritten
     with pytest.raises(ConfigError, match="run_name"):
         import_saelens(tmp_path / "c", LocalStore(tmp_path / "v"))
+    import_saelens(tmp_path / "c", str(tmp_path / "v/r2"), rows_per_file=2)
+    with pytest.raises(ConfigError, match="other options"):
+        import_saelens(tmp_path / "c", str(tmp_path / "v/r2"), rows_per_file=3)
     with pytest.raises(ConfigError, match="no activation column"):
         import_saelens(tmp_path / "c", str(tmp_path / "v/r"), hooks=["h9"])
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,64 +64,73 @@ def import_saelens(
         rows_per_file: rows per megabatch file (default: about 256 MiB per file).
         model: the model's name or path, recorded in cfg.json (a cache does not say).
     """
-    from activault import __version__
-    from activault.config import parse_config
-
     store, run = _destination(dest, run_name)
     cache = open_cache(cache_dir, hooks, dtype)
-    n = cache.table.num_rows
-    if n == 0:
+    if cache.table.num_rows == 0:
         raise ConfigError(f"{cache.path} holds no rows")
-    itemsize = max(cache.stored_dtypes[c].itemsize * cache.dims[c] for c in cache.hooks)
-    rpf = rows_per_file or max(1, FILE_BYTES // (cache.seq * itemsize))
-    n_files = math.ceil(n / rpf)
-    hook_names = list(cache.hooks.values())
-    first = next(iter(cache.hooks))
-    cfg = parse_config({
-        "run_name": run, "num_runs": 1,
-        "transformer_config": {"model_name": model or "unknown", "dtype": v.dtype_name(cache.stored_dtypes[first])},
-        "data_config": {"data_key": str(cache.path), "n_batches": n_files, "seq_length": cache.seq, "batch_size": rpf},
-        "upload_config": {"batches_per_upload": 1, "hooks": hook_names},
-    }, f"(import of {cache.path})")  # fmt: skip
     source = {
         "format": "saelens-cached-activations",
         "path": str(cache.path),
         "fingerprint": cache.fingerprint,
-        "rows": n,
+        "rows": cache.table.num_rows,
         "documents": "positions column" if cache.positions else "one per row",
     }
-    record = {
-        "format": "activault", "format_version": 1, "activault_version": __version__, "run_name": run,
-        "config": cfg.to_public_dict(), "hooks": hook_names, "num_runs": 1, "tokenizer": model,
-        "model": {"name": model or "unknown", "d_model": max(cache.dims.values()),
-                  "dtype": v.dtype_name(cache.stored_dtypes[first])},
-        "hook_dims": {cache.hooks[c]: d for c, d in cache.dims.items()}, "imported_from": source,
-        "progress": [v.progress_key(run, 0).split("/", 1)[1]],
-    }  # fmt: skip
     old = v.read_json(store, f"{run}/cfg.json")
     if old is not None and old.get("imported_from") != source:
         raise ConfigError(
             f"{store.url(run)} already holds a run (not an import of this cache): choose a new run name"
+        )
+    if old is not None and rows_per_file is None:  # resuming: the files already written fix it
+        rows_per_file = int(old["config"]["data_config"]["batch_size"])
+    itemsize = max(cache.stored_dtypes[c].itemsize * cache.dims[c] for c in cache.hooks)
+    rpf = rows_per_file or max(1, FILE_BYTES // (cache.seq * itemsize))
+    record = _run_record(run, cache, rpf, model, source)
+    if old is not None and old != record:
+        raise ConfigError(
+            f"{store.url(run)} was imported with other options (hooks, dtype, rows_per_file or model): "
+            "run the same import again to resume it, or choose a new run name"
         )
     progress = v.read_json(store, v.progress_key(run, 0)) or {}
     result = ImportResult(
         store.url(run), resumed_at_row=int((progress.get("data_state") or {}).get("row", 0))
     )
     if progress.get("finished"):
-        result.rows, result.tokens, result.files = (
-            n,
-            int(progress["tokens_done"]),
-            int(progress["files_done"]),
-        )
+        result.rows, result.tokens = cache.table.num_rows, int(progress["tokens_done"])
+        result.files = int(progress["files_done"])
         return result
     v.write_json(store, f"{run}/cfg.json", record)
-    for h in hook_names:
+    for h in record["hooks"]:
         store.clear_partial(f"{run}/{h}", "m00000-")
     t0 = time.perf_counter()
     _import_files(store, run, cache, rpf, progress, result)
-    v.merge_statistics(store, run, hook_names, 1)
+    v.merge_statistics(store, run, record["hooks"], 1)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _run_record(
+    run: str, cache: CachedActivations, rpf: int, model: str | None, source: dict[str, Any]
+) -> dict[str, Any]:
+    """cfg.json of the imported run: a valid config describing the files, and where they came from."""
+    from activault import __version__
+    from activault.config import parse_config
+
+    hooks, first = list(cache.hooks.values()), next(iter(cache.hooks))
+    dtype = v.dtype_name(cache.stored_dtypes[first])
+    cfg = parse_config({
+        "run_name": run, "num_runs": 1,
+        "transformer_config": {"model_name": model or "unknown", "dtype": dtype},
+        "data_config": {"data_key": str(cache.path), "n_batches": math.ceil(cache.table.num_rows / rpf),
+                        "seq_length": cache.seq, "batch_size": rpf},
+        "upload_config": {"batches_per_upload": 1, "hooks": hooks},
+    }, f"(import of {cache.path})")  # fmt: skip
+    return {
+        "format": "activault", "format_version": 1, "activault_version": __version__, "run_name": run,
+        "config": cfg.to_public_dict(), "hooks": hooks, "num_runs": 1, "tokenizer": model,
+        "model": {"name": model or "unknown", "d_model": max(cache.dims.values()), "dtype": dtype},
+        "hook_dims": {cache.hooks[c]: d for c, d in cache.dims.items()}, "imported_from": source,
+        "progress": [v.progress_key(run, 0).split("/", 1)[1]],
+    }  # fmt: skip
 
 
 def _destination(dest: str | v.Store, run_name: str | None) -> tuple[v.Store, str]:
@@ -152,6 +163,7 @@ def _import_files(
     k0, start = int(progress.get("files_done", 0)), result.resumed_at_row
     tokens, rows_done = int(progress.get("tokens_done", 0)), int(progress.get("rows_done", 0))
     writer = v.Writer(store, threads=4)
+    inflight: deque[Future[None]] = deque()
     S = cache.seq
     try:
         for k, (a, cols) in enumerate(chunks(cache, start, rpf), start=k0):
@@ -163,23 +175,25 @@ def _import_files(
                 else torch.arange(S, dtype=torch.int32).expand(rows, S).contiguous()
             )
             real = (pos >= 0).reshape(-1)
-            futures = []
+            futures, states = [], {}
             for c, h in cache.hooks.items():
-                x = cols[c].view(rows, S, cache.dims[c]).to(cache.stored_dtypes[c])
-                flat = x.view(rows * S, -1)
-                stats[h].update(flat if bool(real.all()) else flat[real])
+                states[h] = x = cols[c].view(rows, S, cache.dims[c]).to(cache.stored_dtypes[c])
                 meta = {"format": "activault", "format_version": "1", "run_name": run, "hook": h, "machine": "0",
                         "file_index": str(k), "model": "imported from SAELens cache"}  # fmt: skip
                 parts = v.encode({"states": x, "input_ids": ids, "positions": pos}, meta)
                 futures.append(writer.write(f"{run}/{h}/{v.file_name(0, k)}", parts))
+            for h, x in states.items():  # while the files are written
+                flat = x.view(rows * S, -1)
+                stats[h].update(flat if bool(real.all()) else flat[real])
             tokens += int(real.sum())
             rows_done += rows
             rec = {"machine": 0, "num_runs": 1, "files_done": k + 1, "rows_done": rows_done, "tokens_done": tokens,
                    "data_state": {"row": a + rows}, "finished": False,
                    "stats": {h: s.to_dict() for h, s in stats.items()}}  # fmt: skip
             metas = _metadata(run, cache, rpf) if k == 0 else {}
-            writer.commit(futures, _committer(store, run, rec, metas))
-            writer.flush()  # bounded memory: one megabatch in flight per hook
+            inflight.append(writer.commit(futures, _committer(store, run, rec, metas)))
+            while len(inflight) > 1:  # bounded memory: this file and the one before it in flight
+                inflight.popleft().result()
             result.files, result.rows = k + 1, rows_done
         rec = {"machine": 0, "num_runs": 1, "files_done": result.files or k0, "rows_done": rows_done,
                "tokens_done": tokens, "data_state": {"row": cache.table.num_rows}, "finished": True,
