@@ -124,7 +124,7 @@ def make_trainer(
     torch.manual_seed(seed)
     sae = TopKTrainingSAE(
         TopKTrainingSAEConfig(
-            d_in=384, d_sae=384 * 8, k=32, normalize_activations="expected_average_only_in"
+            d_in=384, d_sae=384 * 4, k=32, normalize_activations="expected_average_only_in"
         )
     )
     cfg = SAETrainerConfig(

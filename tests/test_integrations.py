@@ -581,3 +581,27 @@ def test_cli_subcommands(run: SynthRun, tmp_path: Path, capsys: pytest.CaptureFi
     assert args.func(args) == 0
     assert "imported 22 rows" in capsys.readouterr().out
     assert sorted(json.loads((tmp_path / "v/back/cfg.json").read_text())["hooks"]) == HOOKS
+
+
+def test_abandoned_providers_exit_silently(run: SynthRun, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = f"""
+from activault.integrations.saelens import VaultProvider
+from activault.integrations.dictionary_learning import VaultBuffer
+p = VaultProvider({str(tmp_path / "run")!r}, ["h1", "h2"], batch_tokens=8, window=1)
+b = VaultBuffer({str(tmp_path / "run")!r}, "h1", out_batch_size=8)
+for _ in range(3):
+    next(p), next(b)
+def gen():
+    yield from VaultProvider({str(tmp_path / "run")!r}, "h1", batch_tokens=8)
+g = gen()
+next(g)
+print("left mid-epoch")
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "PYTHONPATH": ":".join(sys.path)})  # fmt: skip
+    assert out.returncode == 0 and out.stdout.strip() == "left mid-epoch" and out.stderr == "", (
+        out.stderr
+    )
