@@ -11,6 +11,7 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
+from activault.collection.arch import attention_windows, is_causal_lm, n_layers
 from activault.errors import ConfigError
 
 # Per-block aliases: (module receiving the input, module producing the output), relative to the block.
@@ -44,13 +45,6 @@ class HookSpec:
     module: str  # resolved module path in model.named_modules()
     kind: Literal["pre", "post"]  # module input or output
     block: int | None  # index of the block it lives in (for truncation); None outside the blocks
-
-
-def n_layers(config: Any) -> int | None:
-    """Number of blocks the config declares (text config for multimodal models)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    n = getattr(text, "num_hidden_layers", None)
-    return int(n) if n is not None else None
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -184,23 +178,6 @@ def _output_tensor(output: Any) -> torch.Tensor:
     raise RuntimeError(f"hooked module returned {type(output).__name__}, not a tensor")
 
 
-def is_causal_model(config: Any) -> bool:
-    """Decoder (causal attention) or encoder (bidirectional): decides the packed mask."""
-    from activault.collection.model import is_causal_lm
-
-    return is_causal_lm(config)
-
-
-def _windows(config: Any) -> dict[str, int | None]:
-    """Sliding window per attention layer type of the model (None = full attention)."""
-    window = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None)
-    if not types:
-        # Mistral-style: no layer types, every layer slides when sliding_window is set.
-        return {"sliding_attention" if window else "full_attention": window}
-    return {t: (window if t == "sliding_attention" else None) for t in dict.fromkeys(types)}
-
-
 def packed_attention_mask(
     segment_ids: torch.Tensor, causal: bool, dtype: torch.dtype, window: int | None = None
 ) -> torch.Tensor:
@@ -237,9 +214,9 @@ def attention_inputs(model: nn.Module, segment_ids: torch.Tensor) -> Any:
     if getattr(config, "_attn_implementation", "eager") not in ("eager", "sdpa"):
         return None
     dtype = _input_weight(model).dtype
-    causal = is_causal_model(config)
+    causal = is_causal_lm(config)
     masks = {
-        t: packed_attention_mask(segment_ids, causal, dtype, w) for t, w in _windows(config).items()
+        t: packed_attention_mask(segment_ids, causal, dtype, w) for t, w in attention_windows(config).items()
     }
     return next(iter(masks.values())) if len(masks) == 1 else masks
 

@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from activault.collection.sources import Doc, iter_documents, repair_messages, resolve_source
-from activault.errors import ConfigError
+from activault.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -244,27 +244,25 @@ def pad_token_id(tokenizer) -> int:
 
 
 def iter_batches(
-    data_cfg, tokenizer, *, machine: int = 0, num_runs: int = 1, state: DataState | None = None
+    data_cfg: DataConfig, tokenizer, *, machine: int = 0, num_runs: int = 1, state: DataState | None = None
 ) -> Iterator[Batch]:
     """Packed batches of this machine's share, resumable from any batch's `state`."""
     state = state or DataState()
-    if int(data_cfg.seq_length) < 1 or int(data_cfg.batch_size) < 1:
-        raise ConfigError("data.seq_length and data.batch_size must be positive integers")
-    spec = resolve_source(data_cfg.data_key, getattr(data_cfg, "registry", None))  # fail early
+    spec = resolve_source(data_cfg.data_key, data_cfg.registry)  # fail early
     encoder = _Encoder(
         tokenizer,
-        clean_added_tokens=getattr(data_cfg, "clean_added_tokens", True),
-        clean_default_system_prompt=getattr(data_cfg, "clean_default_system_prompt", True),
+        clean_added_tokens=data_cfg.clean_added_tokens,
+        clean_default_system_prompt=data_cfg.clean_default_system_prompt,
     )
     docs = iter_documents(
         spec,
         machine=machine,
         num_runs=num_runs,
         seed=data_cfg.seed,
-        shuffle_buffer=int(getattr(data_cfg, "shuffle_buffer", 0) or 0),
+        shuffle_buffer=data_cfg.shuffle_buffer,
         skip=state.docs_done,
     )
-    return _batches(docs, encoder, state, int(data_cfg.seq_length), int(data_cfg.batch_size))
+    return _batches(docs, encoder, state, data_cfg.seq_length, data_cfg.batch_size)
 
 
 def _batches(

@@ -31,6 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from activault.config import check_machine
 from activault.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def resolve_source(data_key: str, registry: str | None = None) -> SourceSpec:
             f"data_key {data_key!r} is neither a key of the dataset registry "
             f"({registry or 'activault/datasets.json'}: {', '.join(sorted(entries))}) nor an existing "
             f"local file, directory or glob; use one of those keys, add an entry to a registry JSON "
-            f"passed as data.registry, or point data_key at .jsonl/.json/.parquet/.txt files"
+            f"passed as data_config.registry, or point data_key at .jsonl/.json/.parquet/.txt files"
         )
     builders = {BUILDERS.get(Path(f).suffix) for f in files}
     if None in builders or len(builders) > 1:
@@ -163,10 +164,7 @@ def iter_documents(
     """Yield this machine's documents (a str, or a list of role/content messages), deterministically."""
     from datasets.distributed import split_dataset_by_node
 
-    if not 0 <= machine < num_runs:
-        raise ConfigError(
-            f"machine {machine} is out of range for num_runs={num_runs}; use 0..{num_runs - 1}"
-        )
+    check_machine(machine, num_runs, "machine")
     ds = _load(spec)
     if num_runs > 1:  # before filtering and shuffling: each document goes to exactly one machine
         ds = split_dataset_by_node(ds, rank=machine, world_size=num_runs)
