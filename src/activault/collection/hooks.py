@@ -38,7 +38,7 @@ _BLOCK_NAME = re.compile(
 
 
 @dataclass(frozen=True)
-class HookSpec:
+class HookPoint:
     """One hook: where it attaches and what it records."""
 
     name: str  # as the user wrote it; also the storage folder name
@@ -114,12 +114,12 @@ def _unknown(model: nn.Module, name: str, why: str) -> ConfigError:
     )
 
 
-def resolve_hooks(model: nn.Module, names: list[str]) -> list[HookSpec]:
+def resolve_hooks(model: nn.Module, names: list[str]) -> list[HookPoint]:
     """Resolve user hook names to module paths of `model` (a skeleton is enough)."""
     blocks_path, blocks = find_blocks(model)
     n = len(blocks)
     modules = dict(model.named_modules())
-    specs: list[HookSpec] = []
+    specs: list[HookPoint] = []
     for name in names:
         kind: Literal["pre", "post"]
         m = _BLOCK_NAME.match(name)
@@ -132,7 +132,7 @@ def resolve_hooks(model: nn.Module, names: list[str]) -> list[HookSpec]:
                 if rel is None:
                     raise _unknown(model, name, f"block {path} has no {m.group(2)} module")
                 path += "." + rel
-            specs.append(HookSpec(name, path, kind, i))
+            specs.append(HookPoint(name, path, kind, i))
             continue
         path, dot, suffix = name.rpartition(".")
         if not dot or suffix not in ("pre", "post"):
@@ -143,7 +143,7 @@ def resolve_hooks(model: nn.Module, names: list[str]) -> list[HookSpec]:
         path, block = _normalize_path(path, blocks_path, n, name)
         if path not in modules:
             raise _unknown(model, name, f"the model has no module {path!r}")
-        specs.append(HookSpec(name, path, kind, block))
+        specs.append(HookPoint(name, path, kind, block))
     if len({s.name for s in specs}) != len(specs):
         raise ConfigError(f"hook names must be unique, got {names}")
     return specs
@@ -224,7 +224,7 @@ def attention_inputs(model: nn.Module, segment_ids: torch.Tensor) -> Any:
 class Capture:
     """Records the hooked modules' inputs/outputs during one forward; stops after the last one."""
 
-    def __init__(self, model: nn.Module, specs: list[HookSpec]):
+    def __init__(self, model: nn.Module, specs: list[HookPoint]):
         self.model = model
         self.specs = list(specs)
         self._out: dict[str, torch.Tensor] = {}
@@ -298,7 +298,7 @@ class Capture:
         self.close()
 
 
-def hook_dims(skeleton: nn.Module, specs: list[HookSpec], seq_len: int = 4) -> dict[str, int]:
+def hook_dims(skeleton: nn.Module, specs: list[HookPoint], seq_len: int = 4) -> dict[str, int]:
     """Last dimension of each hook's activation, from a forward on the meta device."""
     device = _input_weight(skeleton).device
     ids = torch.zeros(1, seq_len, dtype=torch.long, device=device)

@@ -13,7 +13,7 @@ from torch import nn
 
 from activault import dtypes
 from activault.collection.arch import is_causal_lm, n_layers, text_config
-from activault.collection.hooks import HookSpec, find_blocks
+from activault.collection.hooks import HookPoint, find_blocks
 from activault.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -105,7 +105,7 @@ def _device_map(tcfg: TransformerConfig) -> dict[str, Any]:
     return {"device_map": {"": device}}
 
 
-def keep_layers(specs: list[HookSpec], n: int) -> int:
+def keep_layers(specs: list[HookPoint], n: int) -> int:
     """Blocks needed by the hooks: all of them when a hook is outside the blocks (e.g. final norm)."""
     if not specs or any(s.block is None for s in specs):
         return n
@@ -119,7 +119,7 @@ def _truncate_config(config: Any, keep: int) -> None:
         text.layer_types = list(text.layer_types[:keep])
 
 
-def truncate(model: nn.Module, specs: list[HookSpec]) -> nn.Module:
+def truncate(model: nn.Module, specs: list[HookPoint]) -> nn.Module:
     """Drop the blocks after the last hooked one and the LM head when no hook needs them."""
     blocks_path, blocks = find_blocks(model)
     n = len(blocks)
@@ -146,7 +146,7 @@ def truncate(model: nn.Module, specs: list[HookSpec]) -> nn.Module:
 
 
 @contextmanager
-def _ignoring_dropped_blocks(cls: Any, hooks: list[HookSpec], keep: int, n: int) -> Iterator[None]:
+def _ignoring_dropped_blocks(cls: Any, hooks: list[HookPoint], keep: int, n: int) -> Iterator[None]:
     """Weights of dropped blocks load silently instead of being reported as "UNEXPECTED".
 
     transformers reads the class attribute once per instance (in post_init), so it is set for
@@ -171,7 +171,7 @@ def _ignoring_dropped_blocks(cls: Any, hooks: list[HookSpec], keep: int, n: int)
             cls._keys_to_ignore_on_load_unexpected = before
 
 
-def load_model(tcfg: TransformerConfig, hooks: list[HookSpec]) -> nn.Module:
+def load_model(tcfg: TransformerConfig, hooks: list[HookPoint]) -> nn.Module:
     """The model, eval and without grads, truncated after the last hooked block.
 
     The config is truncated before loading, so weights of dropped blocks are never read or placed

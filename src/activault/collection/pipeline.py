@@ -16,7 +16,6 @@ from typing import Any
 
 import torch
 
-from activault import __version__
 from activault.background import prefetch
 from activault.collection.plan import (
     available_memory,
@@ -38,6 +37,7 @@ from activault.vault.records import (
     write_json,
 )
 from activault.vault.stats import RunningStats
+from activault.version import __version__
 
 log = logging.getLogger(__name__)
 

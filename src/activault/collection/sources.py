@@ -48,7 +48,7 @@ ENTRY_KEYS = set(
 
 
 @dataclass(frozen=True)
-class SourceSpec:
+class DataSource:
     """What a registry entry or a local path resolved to."""
 
     path: str  # HF dataset id or builder name
@@ -80,7 +80,7 @@ def _load_registry(registry: str | None) -> dict[str, dict]:
         ) from e
 
 
-def _spec_from_entry(key: str, e: dict) -> SourceSpec:
+def _spec_from_entry(key: str, e: dict) -> DataSource:
     unknown = set(e) - ENTRY_KEYS
     if unknown or "path" not in e or e.get("kind", "auto") not in ("text", "chat", "auto"):
         raise ConfigError(
@@ -88,7 +88,7 @@ def _spec_from_entry(key: str, e: dict) -> SourceSpec:
             f"not text/chat/auto); accepted keys: {sorted(ENTRY_KEYS)}"
         )
     files = e.get("data_files")
-    return SourceSpec(
+    return DataSource(
         path=e["path"],
         name=e.get("name"),
         split=e.get("split", "train"),
@@ -112,8 +112,8 @@ def _local_files(data_key: str) -> list[str]:
     return sorted(f for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
 
 
-def resolve_source(data_key: str, registry: str | None = None) -> SourceSpec:
-    """Resolve a registry key or a local path/glob to a SourceSpec."""
+def resolve_source(data_key: str, registry: str | None = None) -> DataSource:
+    """Resolve a registry key or a local path/glob to a DataSource."""
     entries = _load_registry(registry)
     if data_key in entries:
         return _spec_from_entry(data_key, entries[data_key])
@@ -131,10 +131,10 @@ def resolve_source(data_key: str, registry: str | None = None) -> SourceSpec:
             f"data_key {data_key!r} matches files of unsupported or mixed types "
             f"({sorted({Path(f).suffix for f in files})}); use only one of {sorted(BUILDERS)}"
         )
-    return SourceSpec(path=builders.pop() or "json", kind="auto", data_files=tuple(files))
+    return DataSource(path=builders.pop() or "json", kind="auto", data_files=tuple(files))
 
 
-def _load(spec: SourceSpec):
+def _load(spec: DataSource):
     import datasets
 
     kwargs: dict[str, Any] = {"split": spec.split, "streaming": True}
@@ -153,7 +153,7 @@ def _matches(row: dict, filters: Mapping[str, Any]) -> bool:
 
 
 def iter_documents(
-    spec: SourceSpec,
+    spec: DataSource,
     *,
     machine: int = 0,
     num_runs: int = 1,
@@ -184,7 +184,7 @@ def _fill(template: str, row: dict) -> str | None:
     return template.format_map(row)
 
 
-def _row_to_doc(row: dict, spec: SourceSpec) -> Doc | None:
+def _row_to_doc(row: dict, spec: DataSource) -> Doc | None:
     roles = {**ROLES, **{k.lower(): v for k, v in spec.roles.items()}}
     kind = spec.kind
     if kind == "auto":
