@@ -14,7 +14,7 @@ import torch
 from transformers import AutoTokenizer
 
 from activault.collection.packing import Batch, DataState, encode_document, iter_batches
-from activault.collection.sources import iter_documents, repair_messages, resolve_source
+from activault.collection.sources import iter_documents, repair_messages, resolve_source, source_for
 from activault.config import DataConfig
 from activault.errors import ConfigError
 from activault.tools.tiny import build_tokenizer, demo_texts
@@ -546,3 +546,11 @@ def test_encode_document_repairs_raw_chats(tok):
         [],
         [],
     )
+
+
+def test_text_and_messages_fields_name_other_columns(tmp_path, tok):
+    path = write_jsonl(tmp_path / "own.jsonl", [{"body": "first document"}, {"body": "second one"}])
+    assert list(iter_documents(source_for(cfg(str(path), text_field="body")))) == ["first document", "second one"]
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"dialog": chat}])
+    assert list(iter_documents(source_for(cfg(str(path), messages_field="dialog")))) == [chat]

@@ -88,6 +88,11 @@ class DataConfig(_Section):
     """Documents in the streaming shuffle buffer; 0 keeps the dataset's order."""
     registry: str | None = None
     """Path of a dataset registry JSON to use instead of the packaged datasets.json."""
+    text_field: str | None = None
+    """Local files: the field holding plain text (default `text`)."""
+    messages_field: str | None = None
+    """Local files: the field holding a conversation, a list of {role, content} (default: the first
+    of `messages`, `conversation`, `conversations` present)."""
 
 
 class UploadConfig(_Section):

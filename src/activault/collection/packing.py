@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from activault.collection.sources import Doc, iter_documents, repair_messages, resolve_source
+from activault.collection.sources import Doc, iter_documents, repair_messages, source_for
 from activault.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -254,7 +254,7 @@ def iter_batches(
 ) -> Iterator[Batch]:
     """Packed batches of this machine's share, resumable from any batch's `state`."""
     state = state or DataState()
-    spec = resolve_source(data_cfg.data_key, data_cfg.registry)  # fail early
+    spec = source_for(data_cfg)  # fail early
     encoder = _Encoder(
         tokenizer,
         clean_added_tokens=data_cfg.clean_added_tokens,

@@ -68,7 +68,7 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
         stored_dtype,
     )
     from activault.collection.packing import DataState, iter_batches
-    from activault.collection.sources import resolve_source
+    from activault.collection.sources import source_for
 
     cfg.check_machine(machine)
     tc, dc, uc = cfg.transformer_config, cfg.data_config, cfg.upload_config
@@ -78,7 +78,7 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
     dest = resolve_storage(cfg, storage)
     store = open_store(dest)
     store.check(write=True)
-    resolve_source(dc.data_key, dc.registry)
+    source_for(dc)
     skeleton = load_skeleton(tc)
     specs = resolve_hooks(skeleton, uc.hooks)
     dims = hook_dims(skeleton, specs)

@@ -31,7 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from activault.config import check_machine
+from activault.config import DataConfig, check_machine
 from activault.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -112,8 +112,10 @@ def _local_files(data_key: str) -> list[str]:
     return sorted(f for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
 
 
-def resolve_source(data_key: str, registry: str | None = None) -> DataSource:
-    """Resolve a registry key or a local path/glob to a DataSource."""
+def resolve_source(
+    data_key: str, registry: str | None = None, text_field: str | None = None, messages_field: str | None = None
+) -> DataSource:
+    """Resolve a registry key or a local path/glob to a DataSource (fields name local files' columns)."""
     entries = _load_registry(registry)
     if data_key in entries:
         return _spec_from_entry(data_key, entries[data_key])
@@ -131,7 +133,15 @@ def resolve_source(data_key: str, registry: str | None = None) -> DataSource:
             f"data_key {data_key!r} matches files of unsupported or mixed types "
             f"({sorted({Path(f).suffix for f in files})}); use only one of {sorted(BUILDERS)}"
         )
-    return DataSource(path=builders.pop() or "json", kind="auto", data_files=tuple(files))
+    return DataSource(
+        path=builders.pop() or "json", kind="auto", data_files=tuple(files), text=text_field or "text",
+        messages=messages_field,
+    )
+
+
+def source_for(data_cfg: DataConfig) -> DataSource:
+    """The source a config's data section names."""
+    return resolve_source(data_cfg.data_key, data_cfg.registry, data_cfg.text_field, data_cfg.messages_field)
 
 
 def _load(spec: DataSource):
