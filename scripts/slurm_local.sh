@@ -25,12 +25,12 @@ die() { echo "slurm_local.sh: $*" >&2; exit 1; }
 
 install_packages() {
     if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
-        && command -v sbatch >/dev/null; then
+        && command -v sbatch >/dev/null && command -v pgrep >/dev/null; then
         return
     fi
-    echo "installing slurm-wlm and munge (apt-get)"
+    echo "installing slurm-wlm, munge and procps (apt-get)"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq && apt-get install -y -qq slurm-wlm munge >/dev/null
+    apt-get update -qq && apt-get install -y -qq slurm-wlm munge procps >/dev/null
 }
 
 start_munge() {
