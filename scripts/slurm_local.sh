@@ -166,20 +166,27 @@ start() {
     die "node not idle after ${TIMEOUT}s (state '${state}'); logs above"
 }
 
-# Cancel every job, then stop slurmd, slurmctld and slurmctld's slurmscriptd.
+live() {  # pids of the running processes named NAME (a regex: a|b), zombies left out
+    local p
+    for p in $(pgrep -x "$1" 2>/dev/null || true); do
+        if alive "$p"; then echo "$p"; fi
+    done
+}
+
+# Cancel every job, then stop slurmd (and the job steps' slurmstepd), slurmctld and its slurmscriptd.
 stop_slurm() {
-    local ctld d steps
+    local ctld d
     ctld=$(pid_of "$RUN/slurmctld.pid" || true)
     d=$(pid_of "$RUN/slurmd.pid" || true)
     if [ -n "$ctld" ]; then
         squeue -h -o %A 2>/dev/null | sort -u | xargs -r scancel 2>/dev/null || true
     fi
-    # A job step's slurmstepd outlives slurmd by design: wait for the cancelled ones, then end them.
-    for _ in $(seq 100); do pgrep -x slurmstepd >/dev/null || break; sleep 0.1; done
-    steps=$(pgrep -x slurmstepd || true)
-    # shellcheck disable=SC2086
-    end_pids $steps
-    [ -z "$d" ] || end_pids "$d"
+    if [ -n "$d" ]; then
+        # A slurmstepd outlives slurmd by design: give the cancelled ones 10 s, then end them.
+        for _ in $(seq 100); do [ -n "$(live slurmstepd)" ] || break; sleep 0.1; done
+        # shellcheck disable=SC2046
+        end_pids $(live slurmstepd) "$d"
+    fi
     if [ -n "$ctld" ]; then
         # shellcheck disable=SC2046
         end_pids "$ctld" $(pgrep -P "$ctld" || true)
@@ -188,17 +195,14 @@ stop_slurm() {
 }
 
 stop() {
-    stop_slurm
-    local m
+    local m names='slurmctld|slurmd|slurmscriptd|slurmstepd' left
     m=$(pid_of "$MUNGED_PID" || true)
+    stop_slurm
     [ -z "$m" ] || end_pids "$m"
     rm -f "$MUNGED_PID"
-    local names='slurmctld|slurmd|slurmscriptd|slurmstepd' left p
     [ -z "$m" ] || names+='|munged'
-    for p in $(pgrep -x "$names" || true); do
-        alive "$p" && left+=" $p ($(cat "/proc/$p/comm"))"
-    done
-    [ -z "${left:-}" ] || die "still running after stop:$left"
+    left=$(live "$names" | tr '\n' ' ')
+    [ -z "$left" ] || die "still running after stop (pids): $left"
 }
 
 case "${1:-}" in
