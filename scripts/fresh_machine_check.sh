@@ -10,7 +10,9 @@
 # used). Results: DIR/timings.txt, DIR/{debootstrap,packages,demo,test}.log; the root is DIR/root
 # (DIR is emptied first). Settings from the environment: SUITE (bookworm), MIRROR
 # (http://deb.debian.org/debian), TORCH and TORCH_INDEX_URL (passed to scripts/setup.sh),
-# PYTEST_ARGS (passed to scripts/test.sh, default none), KEEP=1 keeps the root afterwards.
+# PYTEST_ARGS (passed to scripts/test.sh, default none), KEEP=1 keeps the root afterwards, and
+# CA_BUNDLE=FILE for a network behind a TLS-inspecting proxy: the certificates are copied into the
+# root and pip, npm and Python are told to trust them (PIP_CERT, NODE_EXTRA_CA_CERTS, SSL_CERT_FILE).
 #
 # As in Debian's container images, a policy-rc.d stops apt from starting services (munge) inside the
 # root: there is no init in a chroot, and a daemon started by apt would outlive the check.
@@ -97,6 +99,13 @@ printf '#!/bin/sh\nexit 101\n' >"$ROOT/usr/sbin/policy-rc.d"
 chmod +x "$ROOT/usr/sbin/policy-rc.d"
 cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
 [ -s "$ROOT/etc/hosts" ] || printf '127.0.0.1 localhost\n::1 localhost\n' >"$ROOT/etc/hosts"
+CA_ENV=()
+if [ -n "${CA_BUNDLE:-}" ]; then
+    cp "$CA_BUNDLE" "$ROOT/etc/ssl/extra-ca.pem"
+    for v in PIP_CERT REQUESTS_CA_BUNDLE SSL_CERT_FILE NODE_EXTRA_CA_CERTS npm_config_cafile; do
+        CA_ENV+=("$v=/etc/ssl/extra-ca.pem")
+    done
+fi
 mount -t proc proc "$ROOT/proc"
 mount -t sysfs sysfs "$ROOT/sys"
 mount --rbind /dev "$ROOT/dev"
@@ -106,12 +115,13 @@ mount --make-rslave "$ROOT/dev"
 inside() {
     chroot "$ROOT" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM=dumb \
         PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive \
-        ${TORCH:+TORCH=$TORCH} ${TORCH_INDEX_URL:+TORCH_INDEX_URL=$TORCH_INDEX_URL} \
+        ${TORCH:+TORCH=$TORCH} ${TORCH_INDEX_URL:+TORCH_INDEX_URL=$TORCH_INDEX_URL} "${CA_ENV[@]}" \
         bash -c "$1"
 }
 # shellcheck disable=SC2016
 step packages inside "apt-get update -qq && apt-get install -y -qq --no-install-recommends $PACKAGES"
 step clone git clone -q --no-local "$REPO" "$ROOT/root/activault"
+echo "cloned $(git -C "$ROOT/root/activault" log -1 --format='%h %s')" | tee -a "$TIMINGS"
 step demo inside 'cd /root/activault && bash scripts/demo.sh'
 # shellcheck disable=SC2086
 step test inside "cd /root/activault && bash scripts/test.sh ${PYTEST_ARGS:-}"
