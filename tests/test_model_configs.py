@@ -14,7 +14,7 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from activault.hooks import find_blocks, hook_dims, resolve_hooks
+from activault.collection.hooks import find_blocks, hook_dims, resolve_hooks
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 YAMLS = sorted(CONFIGS.glob("*.yaml"))
@@ -68,3 +68,25 @@ def test_model_builds_on_meta_and_the_hooks_resolve(path: Path) -> None:
         assert layer < d["num_hidden_layers"], name
     specs = resolve_hooks(model, hooks)
     assert hook_dims(model, specs) == dict.fromkeys(hooks, d["hidden_size"])
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=[p.stem for p in YAMLS])
+def test_estimate_runs_offline_and_matches_a_hand_computation(path: Path, monkeypatch, capsys) -> None:
+    from activault.cli import main
+    from activault.collection.model import hub_offline
+    from activault.units import human_bytes
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    hub_offline.cache_clear()
+    cfg = yaml.safe_load(path.read_text())
+    d = shipped(cfg["transformer_config"]["model_name"])["hidden_size"]
+    data, hooks = cfg["data_config"], cfg["upload_config"]["hooks"]
+    # Every shipped hook is a residual, attention or MLP input/output: d_model wide, bf16 (2 bytes),
+    # plus an int32 token id and an int32 position per token.
+    assert cfg["transformer_config"]["dtype"] == "bfloat16"
+    tokens = data["n_batches"] * data["batch_size"] * data["seq_length"]
+    want = tokens * len(hooks) * (d * 2 + 4 + 4)
+    assert main(["estimate", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"total        {human_bytes(want)}" in out, out
+    assert f"{tokens:,}" in out

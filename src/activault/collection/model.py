@@ -138,11 +138,20 @@ def load_skeleton(tcfg: TransformerConfig) -> nn.Module:
     """The model built from its config on the meta device (no weights): for hook names and dims."""
     config = load_config(tcfg)
     cls = _auto_class(config)
-    with torch.device("meta"):
-        model = cls.from_config(
-            config, dtype=stored_dtype(tcfg, config), **tcfg.kwargs
-        )
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(config, dtype=stored_dtype(tcfg, config), **tcfg.kwargs)
+    except ValueError as err:  # e.g. an attention implementation the architecture lacks
+        raise _attention_error(tcfg, config, err) from None
     return model.eval()
+
+
+def _attention_error(tcfg: TransformerConfig, config: Any, err: Exception) -> ConfigError:
+    return ConfigError(
+        f"model {tcfg.model_name!r} with attn_implementation={config._attn_implementation!r}: "
+        f"{str(err).splitlines()[0]} Fix: choose another transformer_config.attn_implementation "
+        "('eager' works for every model)."
+    )
 
 
 def _device_map(tcfg: TransformerConfig) -> dict[str, Any]:
@@ -250,10 +259,7 @@ def load_model(tcfg: TransformerConfig, hooks: list[HookPoint]) -> nn.Module:
     except OSError as err:
         raise _not_found(tcfg, "model", err) from err
     except ValueError as err:  # e.g. an attention implementation the architecture lacks
-        raise ConfigError(
-            f"model {tcfg.model_name!r} with attn_implementation={config._attn_implementation!r}: {err}. "
-            "Fix: choose another transformer_config.attn_implementation ('eager' works for every model)."
-        ) from err
+        raise _attention_error(tcfg, config, err) from None
     model.eval().requires_grad_(False)
     truncate(model, hooks)
     if n is not None:
