@@ -4,10 +4,12 @@
 # huggingface-hub < 2), safetensors, numpy, pyyaml, tqdm and pyarrow, but not obstore, pydantic,
 # datasets and their small dependencies.
 #   scripts/gpu_wheels.sh [DEST]      # default .gpu_wheels (git-ignored); prints what it fetched
+# PY_VERSION=3.11 fetches for another Python (to rehearse the install where there is no 3.12).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=${1:-.gpu_wheels}
 PY=${PYTHON:-python3}
+PY_VERSION=${PY_VERSION:-3.12}
 # datasets 5.0.1 is the newest that accepts huggingface-hub < 2 (transformers 5.17's bound) and
 # pyarrow >= 21; pandas < 3 accepts numpy >= 1.26, so the image's numpy is never replaced.
 PACKAGES=(obstore pydantic "datasets==5.0.1" "pandas<3")
@@ -16,8 +18,8 @@ PACKAGES=(obstore pydantic "datasets==5.0.1" "pandas<3")
 IMAGE_HAS=(numpy pyarrow)
 rm -rf "$DEST"
 mkdir -p "$DEST"
-"$PY" -m pip download --quiet --only-binary=:all: --implementation cp --python-version 3.12 \
-  --abi cp312 --abi abi3 --abi none \
+"$PY" -m pip download --quiet --only-binary=:all: --implementation cp --python-version "$PY_VERSION" \
+  --abi "cp${PY_VERSION/./}" --abi abi3 --abi none \
   --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64 \
   -d "$DEST" "${PACKAGES[@]}"
 for name in "${IMAGE_HAS[@]}"; do
