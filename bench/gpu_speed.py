@@ -32,9 +32,9 @@ def speed(report: Report, ctx: Context) -> None:
     entries: list[tuple[str, Callable[[], tuple[str, str, dict]], bool, str | None]] = [
         ("disk_write", partial(disk_write, ctx), False, None),
         ("collection_vs_forward", partial(collection_vs_forward, ctx, [last], False), False, None),
-        ("collection_without_writes_vs_forward", partial(collection_vs_forward, ctx, [last], True), False, None),
-        ("d2h_copies_vs_plain_copy", partial(d2h_copies, ctx, last), True, no_cuda),
         ("rcache_vs_read_plus_copy", partial(rcache_vs_raw, ctx, run / last), False, None),
+        ("d2h_copies_vs_plain_copy", partial(d2h_copies, ctx, last), True, no_cuda),
+        ("collection_without_writes_vs_forward", partial(collection_vs_forward, ctx, [last], True), False, None),
     ]
     for name, fn, gpu_only, skip in entries:
         if skip is None and time.monotonic() > ctx.deadline:
