@@ -79,12 +79,9 @@ def module_path(hook: str) -> tuple[str, str]:
     return ".".join(parts[:-1]), parts[-1]
 
 
-def tiny():
-    """activault's tiny-model helpers, wherever the restructure put them."""
-    try:
-        return importlib.import_module("activault.tools.tiny")
-    except ModuleNotFoundError:
-        return importlib.import_module("activault.tiny")
+def tiny() -> Any:
+    """activault's tiny-model helpers (activault.tools.tiny; activault.tiny before the restructure)."""
+    return internal("activault.tools.tiny", "activault.tiny")
 
 
 def internal(new: str, old: str) -> Any:
@@ -96,12 +93,12 @@ def internal(new: str, old: str) -> Any:
 
 
 def collect(cfg: Config) -> Any:
-    """`activault.collect.collect(cfg)`, quietly.
+    """activault's `collect(cfg)`, quietly.
 
-    Not `from activault import collect`: once the module (or, after the restructure, the package)
-    `activault.collect` is imported, that name is the module, not the function.
+    Reached through its module: before the restructure, `from activault import collect` gave the
+    module `activault.collect`, not the function, once that module had been imported.
     """
-    return importlib.import_module("activault.collect").collect(cfg, show_progress=False)
+    return internal("activault.collection.pipeline", "activault.collect").collect(cfg, show_progress=False)
 
 
 def mount_of(path: Path) -> dict[str, str]:

@@ -84,8 +84,8 @@ def disk_write(ctx: Context) -> tuple[str, str, dict]:
 
 def forward_alone(ctx: Context, cfg: Any, batches: list) -> float:
     """Tokens/s of the collector's own hooked, truncated forward over pre-built packed batches."""
-    model_mod = internal("activault.collect.model", "activault.model")
-    hooks_mod = internal("activault.collect.hooks", "activault.hooks")
+    model_mod = internal("activault.collection.model", "activault.model")
+    hooks_mod = internal("activault.collection.hooks", "activault.hooks")
     tc = cfg.transformer_config
     specs = hooks_mod.resolve_hooks(model_mod.load_skeleton(tc), cfg.upload_config.hooks)
     model = model_mod.load_model(tc, specs)
@@ -109,8 +109,8 @@ def collection_vs_forward(ctx: Context, hooks: list[str], skip_cache: bool) -> t
     store = ctx.work / ("speed" if not skip_cache else "speed-no-writes")
     cfg = ctx.config(RUN, shape=ctx.sz.speed, storage=store, hooks=hooks, batches_per_upload=2,
                      skip_cache=skip_cache)
-    packing = internal("activault.collect.packing", "activault.pack")
-    model_mod = internal("activault.collect.model", "activault.model")
+    packing = internal("activault.collection.packing", "activault.pack")
+    model_mod = internal("activault.collection.model", "activault.model")
     batches = list(itertools.islice(packing.iter_batches(cfg.data_config, model_mod.load_tokenizer(cfg.transformer_config)), n))
     alone, full, produced = [], [], []
     for _ in range(2):
