@@ -138,7 +138,8 @@ class Report:
     """Entries written to OUTDIR/gpu_check.json after each one, and summary.md at the end."""
 
     def __init__(self, out: Path, info: dict[str, Any]):
-        self.out, self.info, self.entries = out, info, []
+        self.out, self.info = out, info
+        self.entries: list[Entry] = []
         self.t0 = time.monotonic()
         out.mkdir(parents=True, exist_ok=True)
 

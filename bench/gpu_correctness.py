@@ -89,7 +89,7 @@ class Taps:
 def load_reference(ctx: Context, dtype: torch.dtype, attn: str) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(ctx.model_dir), dtype=dtype, attn_implementation=attn)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(ctx.model_dir), dtype=dtype, attn_implementation=attn)
     return model.to(ctx.sz.device).eval()
 
 
@@ -340,7 +340,8 @@ def check_loader_files(ctx: Context, stored: dict) -> tuple[str, str, dict]:
 def check_loader_cuda(ctx: Context) -> tuple[str, str, dict]:
     """TokenLoader with device="cuda" (stream kept busy) equals the same loader on the CPU, raw and normalised."""
     busy, bad, n = Busy(ctx.sz.busy_ms), [], 0
-    for label, opts in (("raw", {}), ("normalised", {"center": True, "norm_target": 1.0})):
+    variants: list[tuple[str, dict[str, Any]]] = [("raw", {}), ("normalised", {"center": True, "norm_target": 1.0})]
+    for label, opts in variants:
         got, want = _loader_batches(ctx, "cuda", busy, **opts), _loader_batches(ctx, "cpu", **opts)
         n += len(got)
         if len(got) != len(want):

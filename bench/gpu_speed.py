@@ -62,7 +62,7 @@ def _file_bytes(ctx: Context) -> tuple[int, int]:
 def disk_write(ctx: Context) -> tuple[str, str, dict]:
     """Plain sequential writes of the speed run's file sizes, each fsynced and renamed into place."""
     files, size = _file_bytes(ctx)
-    blob = memoryview(torch.randint(0, 256, (size,), dtype=torch.uint8).numpy())
+    blob = torch.randint(0, 256, (size,), dtype=torch.uint8).numpy().data
     root = ctx.work / "disk"
     root.mkdir()
     t0 = time.perf_counter()
@@ -158,15 +158,26 @@ def _gb_s(copies: list[dict[str, Any]]) -> float:
     return sum(int(e["args"]["bytes"]) for e in copies) / max(sum(float(e["dur"]) for e in copies), 1e-9) / 1e3
 
 
-def _overlap(copies: list[dict[str, Any]], kernels: list[dict[str, Any]]) -> float:
-    """Fraction of the copies' time during which some kernel ran on the GPU."""
-    spans = sorted((float(k["ts"]), float(k["ts"]) + float(k["dur"])) for k in kernels)
+def _union(events: list[dict[str, Any]]) -> list[list[float]]:
+    """The time intervals [start, end] (microseconds) covered by some event, merged."""
     merged: list[list[float]] = []
-    for a, b in spans:
+    for a, b in sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events):
         if merged and a <= merged[-1][1]:
             merged[-1][1] = max(merged[-1][1], b)
         else:
             merged.append([a, b])
+    return merged
+
+
+def _busy(events: list[dict[str, Any]], start: float, end: float) -> float:
+    """Fraction of [start, end] during which the GPU ran a kernel or a copy: the rest it waited on the host."""
+    hit = sum(max(0.0, min(end, b) - max(start, a)) for a, b in _union(events))
+    return hit / (end - start) if end > start else 0.0
+
+
+def _overlap(copies: list[dict[str, Any]], kernels: list[dict[str, Any]]) -> float:
+    """Fraction of the copies' time during which some kernel ran on the GPU."""
+    merged = _union(kernels)
     total = sum(float(c["dur"]) for c in copies)
     hit = 0.0
     for c in copies:
@@ -203,7 +214,12 @@ def d2h_copies(ctx: Context, hook: str) -> tuple[str, str, dict]:
     streams = sorted({(e.get("args") or {}).get("stream") for e in copies}, key=str)
     kernel_streams = sorted({(e.get("args") or {}).get("stream") for e in kernels}, key=str)
     busy = sum(float(e["dur"]) for e in kernels) + sum(float(e["dur"]) for e in copies)
+    # From the first batch's copy to the last one's: forward passes of the later batches, and the
+    # host work between them (inputs, masks, statistics) during which the GPU may wait.
+    first, last = min(float(e["ts"]) for e in copies), max(float(e["ts"]) + float(e["dur"]) for e in copies)
+    gpu = [e for e in events if str(e.get("cat", "")).lower() in ("kernel", "gpu_memcpy", "gpu_memset")]
     values.update({"collector_gb_s": col_gb, "plain_gb_s": ref_gb, "ratio": col_gb / ref_gb,
+                   "gpu_busy_between_batches": _busy(gpu, first, last),
                    "overlap_with_kernels": _overlap(copies, kernels), "copy_streams": streams,
                    "kernel_streams": kernel_streams,
                    "copy_share_of_gpu_time": sum(float(e["dur"]) for e in copies) / max(busy, 1e-9),
@@ -212,7 +228,8 @@ def d2h_copies(ctx: Context, hook: str) -> tuple[str, str, dict]:
     return "measured", (
         f"{col_gb:.1f} / {ref_gb:.1f} GB/s = {col_gb / ref_gb:.2f} (goal >= 0.9); {len(copies)} copies, "
         f"{values['overlap_with_kernels']:.0%} overlapped with kernels, "
-        f"{values['copy_share_of_gpu_time']:.1%} of GPU time; {waits}; destinations {names}"), values
+        f"{values['copy_share_of_gpu_time']:.1%} of GPU time; {waits}; GPU busy "
+        f"{values['gpu_busy_between_batches']:.0%} between batches; destinations {names}"), values
 
 
 def rcache_vs_raw(ctx: Context, folder: Path) -> tuple[str, str, dict]:
@@ -223,7 +240,7 @@ def rcache_vs_raw(ctx: Context, folder: Path) -> tuple[str, str, dict]:
     total = sum(f.stat().st_size for f in files)
     dev = ctx.sz.device
     buf = torch.empty(max(f.stat().st_size for f in files), dtype=torch.uint8, pin_memory=ctx.cuda)
-    view = memoryview(buf.numpy())
+    view = buf.numpy().data
     dst = torch.empty_like(buf, device=dev) if ctx.cuda else None
 
     def raw() -> float:

@@ -14,7 +14,7 @@ import torch
 
 from bench.gpu_common import hook_names, module_path
 from bench.gpu_correctness import segments
-from bench.gpu_speed import _copies, _gb_s, _overlap
+from bench.gpu_speed import _busy, _copies, _gb_s, _overlap
 
 ROOT = Path(__file__).resolve().parent.parent
 CORRECTNESS = {"bytes_identical_across_runs", "packed_equals_alone", "hooks_equal_independent_fp32",
@@ -64,6 +64,7 @@ def test_trace_helpers_read_profiler_events():
     assert _gb_s(copies) == pytest.approx((4 << 20) / 100e-6 / 1e9)  # bytes per microsecond -> GB/s
     assert _overlap(copies, [kernel]) == pytest.approx(0.5)
     assert _overlap(copies, []) == 0.0
+    assert _busy([kernel, copy], 0.0, 300.0) == pytest.approx(0.5)  # busy 0-150 of 0-300
 
 
 def test_segments_and_hook_paths():
