@@ -376,7 +376,8 @@ def check_flash(ctx: Context, stored: dict, segs: list) -> tuple[str, str, dict]
 def check_device_map(ctx: Context, stored: dict, segs: list) -> tuple[str, str, dict]:
     """The model split over every GPU stores what one GPU stored, with exact statistics."""
     weights = sum(f.stat().st_size for f in ctx.model_dir.glob("*.safetensors"))
-    cap = f"{max(1, weights // torch.cuda.device_count() // 2**20 + 64)}MiB"
+    # 1.3x an even share: room for the largest block, so the weights spread over the GPUs, not the CPU
+    cap = f"{int(1.3 * weights / torch.cuda.device_count() / 2**20) + 64}MiB"
     cfg = ctx.config(RUN, shape=ctx.sz.check, device="auto", storage=ctx.work / "split")
     cfg.transformer_config.max_per_device_memory = cap
     collect(cfg)

@@ -33,7 +33,7 @@ def speed(report: Report, ctx: Context) -> None:
         ("disk_write", partial(disk_write, ctx), False, None),
         ("collection_vs_forward", partial(collection_vs_forward, ctx, [last], False), False, None),
         ("rcache_vs_read_plus_copy", partial(rcache_vs_raw, ctx, run / last), False, None),
-        ("d2h_copies_vs_plain_copy", partial(d2h_copies, ctx, last), True, no_cuda),
+        ("d2h_copies_vs_plain_copy", partial(d2h_vs_plain_copy, ctx, last), True, no_cuda),
         ("collection_without_writes_vs_forward", partial(collection_vs_forward, ctx, [last], True), False, None),
     ]
     for name, fn, gpu_only, skip in entries:
@@ -135,7 +135,7 @@ def collection_vs_forward(ctx: Context, hooks: list[str], skip_cache: bool) -> t
                         f"{act / 1e9:.2f} GB/s{note}"), values
 
 
-def _trace(ctx: Context, fn: Callable[[], Any], name: str) -> list[dict[str, Any]]:
+def cuda_trace(ctx: Context, fn: Callable[[], Any], name: str) -> list[dict[str, Any]]:
     """The CUDA profiler's events (kernels, memcpys) while `fn` runs."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -149,16 +149,16 @@ def _trace(ctx: Context, fn: Callable[[], Any], name: str) -> list[dict[str, Any
     return [e for e in events if isinstance(e, dict) and "dur" in e and "ts" in e]
 
 
-def _copies(events: list[dict[str, Any]], min_bytes: int = 1 << 20) -> list[dict[str, Any]]:
+def dtoh_copies(events: list[dict[str, Any]], min_bytes: int = 1 << 20) -> list[dict[str, Any]]:
     return [e for e in events if "memcpy" in str(e.get("cat", "")).lower() and "DtoH" in str(e.get("name", ""))
             and int((e.get("args") or {}).get("bytes", 0)) >= min_bytes]
 
 
-def _gb_s(copies: list[dict[str, Any]]) -> float:
+def gb_per_s(copies: list[dict[str, Any]]) -> float:
     return sum(int(e["args"]["bytes"]) for e in copies) / max(sum(float(e["dur"]) for e in copies), 1e-9) / 1e3
 
 
-def _union(events: list[dict[str, Any]]) -> list[list[float]]:
+def merged_intervals(events: list[dict[str, Any]]) -> list[list[float]]:
     """The time intervals [start, end] (microseconds) covered by some event, merged."""
     merged: list[list[float]] = []
     for a, b in sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in events):
@@ -169,15 +169,15 @@ def _union(events: list[dict[str, Any]]) -> list[list[float]]:
     return merged
 
 
-def _busy(events: list[dict[str, Any]], start: float, end: float) -> float:
+def busy_fraction(events: list[dict[str, Any]], start: float, end: float) -> float:
     """Fraction of [start, end] during which the GPU ran a kernel or a copy: the rest it waited on the host."""
-    hit = sum(max(0.0, min(end, b) - max(start, a)) for a, b in _union(events))
+    hit = sum(max(0.0, min(end, b) - max(start, a)) for a, b in merged_intervals(events))
     return hit / (end - start) if end > start else 0.0
 
 
-def _overlap(copies: list[dict[str, Any]], kernels: list[dict[str, Any]]) -> float:
+def overlap_fraction(copies: list[dict[str, Any]], kernels: list[dict[str, Any]]) -> float:
     """Fraction of the copies' time during which some kernel ran on the GPU."""
-    merged = _union(kernels)
+    merged = merged_intervals(kernels)
     total = sum(float(c["dur"]) for c in copies)
     hit = 0.0
     for c in copies:
@@ -186,15 +186,15 @@ def _overlap(copies: list[dict[str, Any]], kernels: list[dict[str, Any]]) -> flo
     return hit / total if total else 0.0
 
 
-def d2h_copies(ctx: Context, hook: str) -> tuple[str, str, dict]:
+def d2h_vs_plain_copy(ctx: Context, hook: str) -> tuple[str, str, dict]:
     """The collector's device-to-host copies, as the CUDA profiler saw them in a real collection
     (without writes), against plain pinned non-blocking copies of the same size."""
     seq, batch, _ = ctx.sz.speed
     cfg = ctx.config(RUN, shape=(seq, batch, 4), storage=ctx.work / "d2h", hooks=[hook],
                      batches_per_upload=2, skip_cache=True)
-    events = _trace(ctx, lambda: collect(cfg), "collect")
+    events = cuda_trace(ctx, lambda: collect(cfg), "collect")
     shutil.rmtree(ctx.work / "d2h", ignore_errors=True)
-    copies = _copies(events)
+    copies = dtoh_copies(events)
     kernels = [e for e in events if str(e.get("cat", "")).lower() == "kernel"]
     size = batch * seq * ctx.sz.d * _itemsize(ctx)
     src = torch.randn(batch, seq, ctx.sz.d, device="cuda").to(ctx.sz.torch_dtype)
@@ -204,13 +204,13 @@ def d2h_copies(ctx: Context, hook: str) -> tuple[str, str, dict]:
         for i in range(8):
             dst[(i % 2) * batch : (i % 2 + 1) * batch].copy_(src, non_blocking=True)
 
-    ref = _copies(_trace(ctx, plain, "plain"))
+    ref = dtoh_copies(cuda_trace(ctx, plain, "plain"))
     names = sorted({str(e.get("name")) for e in copies})
     values: dict[str, Any] = {"copies": len(copies), "copy_names": names, "bytes_per_copy": size,
                               "reference_copies": len(ref), "goal": 0.9}
     if not copies or not ref:
         return "error", f"the profiler saw {len(copies)} collector and {len(ref)} reference copies of >= 1 MiB", values
-    col_gb, ref_gb = _gb_s(copies), _gb_s(ref)
+    col_gb, ref_gb = gb_per_s(copies), gb_per_s(ref)
     streams = sorted({(e.get("args") or {}).get("stream") for e in copies}, key=str)
     kernel_streams = sorted({(e.get("args") or {}).get("stream") for e in kernels}, key=str)
     busy = sum(float(e["dur"]) for e in kernels) + sum(float(e["dur"]) for e in copies)
@@ -219,8 +219,8 @@ def d2h_copies(ctx: Context, hook: str) -> tuple[str, str, dict]:
     first, last = min(float(e["ts"]) for e in copies), max(float(e["ts"]) + float(e["dur"]) for e in copies)
     gpu = [e for e in events if str(e.get("cat", "")).lower() in ("kernel", "gpu_memcpy", "gpu_memset")]
     values.update({"collector_gb_s": col_gb, "plain_gb_s": ref_gb, "ratio": col_gb / ref_gb,
-                   "gpu_busy_between_batches": _busy(gpu, first, last),
-                   "overlap_with_kernels": _overlap(copies, kernels), "copy_streams": streams,
+                   "gpu_busy_between_batches": busy_fraction(gpu, first, last),
+                   "overlap_with_kernels": overlap_fraction(copies, kernels), "copy_streams": streams,
                    "kernel_streams": kernel_streams,
                    "copy_share_of_gpu_time": sum(float(e["dur"]) for e in copies) / max(busy, 1e-9),
                    "pageable_destination": any("Pageable" in n for n in names)})

@@ -14,7 +14,7 @@ import torch
 
 from bench.gpu_common import hook_names, module_path
 from bench.gpu_correctness import segments
-from bench.gpu_speed import _busy, _copies, _gb_s, _overlap
+from bench.gpu_speed import busy_fraction, dtoh_copies, gb_per_s, overlap_fraction
 
 ROOT = Path(__file__).resolve().parent.parent
 CORRECTNESS = {"bytes_identical_across_runs", "packed_equals_alone", "hooks_equal_independent_fp32",
@@ -59,12 +59,12 @@ def test_trace_helpers_read_profiler_events():
             "args": {"stream": 7, "bytes": 4 << 20}}
     small = {**copy, "args": {"stream": 7, "bytes": 16}}
     h2d = {**copy, "name": "Memcpy HtoD (Pinned -> Device)"}
-    copies = _copies([kernel, copy, small, h2d])
+    copies = dtoh_copies([kernel, copy, small, h2d])
     assert copies == [copy]
-    assert _gb_s(copies) == pytest.approx((4 << 20) / 100e-6 / 1e9)  # bytes per microsecond -> GB/s
-    assert _overlap(copies, [kernel]) == pytest.approx(0.5)
-    assert _overlap(copies, []) == 0.0
-    assert _busy([kernel, copy], 0.0, 300.0) == pytest.approx(0.5)  # busy 0-150 of 0-300
+    assert gb_per_s(copies) == pytest.approx((4 << 20) / 100e-6 / 1e9)  # bytes per microsecond -> GB/s
+    assert overlap_fraction(copies, [kernel]) == pytest.approx(0.5)
+    assert overlap_fraction(copies, []) == 0.0
+    assert busy_fraction([kernel, copy], 0.0, 300.0) == pytest.approx(0.5)  # busy 0-150 of 0-300
 
 
 def test_segments_and_hook_paths():
