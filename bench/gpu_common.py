@@ -93,12 +93,10 @@ def internal(new: str, old: str) -> Any:
 
 
 def collect(cfg: Config) -> Any:
-    """activault's `collect(cfg)`, quietly.
+    """activault's public `collect(cfg)`, without a progress bar."""
+    from activault import collect as run
 
-    Reached through its module: before the restructure, `from activault import collect` gave the
-    module `activault.collect`, not the function, once that module had been imported.
-    """
-    return internal("activault.collection.pipeline", "activault.collect").collect(cfg, show_progress=False)
+    return run(cfg, show_progress=False)
 
 
 def mount_of(path: Path) -> dict[str, str]:
