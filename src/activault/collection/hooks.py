@@ -211,7 +211,8 @@ def packed_attention_mask(
         allowed &= (q[:, None] - q[None, :]).abs() < window
     allowed |= torch.eye(L, dtype=torch.bool, device=seg.device)
     zero = torch.zeros((), dtype=dtype, device=seg.device)
-    blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=seg.device)
+    # torch.full, not torch.tensor: a Python scalar copied to the GPU would wait for queued work.
+    blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=seg.device)
     return torch.where(allowed, zero, blocked)[:, None]
 
 
@@ -277,8 +278,9 @@ class Capture:
     ) -> dict[str, torch.Tensor]:
         """Activations [B, L, d] per hook name for a packed batch (segment 0 = padding)."""
         device = _input_weight(self.model).device
+        # Pinned batches (see Batch.pin) copy without stalling the host behind the GPU.
         input_ids, position_ids, segment_ids = (
-            t.to(device) for t in (input_ids, position_ids, segment_ids)
+            t.to(device, non_blocking=t.is_pinned()) for t in (input_ids, position_ids, segment_ids)
         )
         self._out = {}
         with torch.inference_mode():

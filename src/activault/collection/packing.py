@@ -16,7 +16,7 @@ import itertools
 import logging
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
@@ -56,6 +56,13 @@ class Batch:
     keep: torch.Tensor  # [B, L] bool; exactly seq_length True per row
     doc_positions: torch.Tensor  # [B, L] int32; index in the document's token list, -1 = padding
     state: DataState  # cursor after this batch
+
+    def pin(self) -> Batch:
+        """The same batch in pinned host memory, for asynchronous copies to a GPU."""
+        return replace(self, **{f: getattr(self, f).pin_memory() for f in _TENSOR_FIELDS})
+
+
+_TENSOR_FIELDS = ("input_ids", "position_ids", "segment_ids", "keep", "doc_positions")
 
 
 def _default_system_span(tokenizer) -> tuple[str, int, int] | None:

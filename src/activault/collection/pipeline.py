@@ -22,6 +22,7 @@ from activault.collection.plan import (
     check_feasible,
     cost_notes,
     make_plan,
+    pinned_limit,
     summary_lines,
 )
 from activault.collection.writer import BufferPool, Writer
@@ -85,7 +86,8 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
     info = model_info(skeleton)
     tokenizer = load_tokenizer(tc)
     itemsize = stored_dtype(tc, skeleton.config).itemsize
-    check_feasible(cfg, dims, itemsize, text_config(skeleton.config), available_memory())
+    pinned = pinned_limit() if tc.device != "cpu" else None
+    check_feasible(cfg, dims, itemsize, text_config(skeleton.config), available_memory(), pinned)
     record = {
         "format": "activault", "format_version": 1, "activault_version": __version__, "run_name": run,
         "config": cfg.to_public_dict(), "model": info, "tokenizer": _tokenizer_ref(tc.model_name), "hooks": uc.hooks,
@@ -125,7 +127,8 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
 
     loop = _Collector(cfg, machine, store, Capture(model, specs), dims, progress)
     t0 = time.perf_counter()
-    ahead = prefetch(batches)
+    # Pinned in the data thread, so the model's thread copies batches to the GPU without waiting.
+    ahead = prefetch((b.pin() for b in batches) if loop.cuda else batches)
     try:
         loop.run(ahead, show_progress)
     finally:
@@ -157,6 +160,9 @@ class _Collector:
         self.cfg, self.machine, self.store, self.capture, self.progress = cfg, machine, store, capture, progress
         self.hooks = cfg.upload_config.hooks
         self.device = next(capture.model.parameters()).device
+        # With a device map the first parameter may sit on the CPU while hooks fire on GPUs.
+        self.cuda = any(p.device.type == "cuda" for p in capture.model.parameters())
+        self.copy_streams: dict[torch.device, Any] = {}  # one D2H stream per GPU, off the compute stream
         self.stats = {
             h: RunningStats.from_dict(progress.stats[h], self.device) if h in progress.stats
             else RunningStats(dims[h], self.device)
@@ -164,7 +170,6 @@ class _Collector:
         }  # fmt: skip
         self.writer = Writer(store, threads=cfg.upload_config.write_threads)
         self.pools: dict[str, BufferPool] = {}
-        self.devices: set[torch.device] = set()  # where activations came from (several GPUs with a device map)
         self.files, self.rows, self.tokens = progress.files_done, progress.rows_done, progress.tokens_done
 
     def run(self, batches: Any, show_progress: bool) -> None:
@@ -216,8 +221,10 @@ class _Collector:
         for h in self.hooks:
             a = acts[h]
             if a.device not in on:
-                on[a.device] = (flat.to(a.device, non_blocking=True), real.to(a.device, non_blocking=True))
-                self.devices.add(a.device)
+                cuda = a.device.type == "cuda"  # pinned first: the index copies must not block the host
+                on[a.device] = tuple(  # type: ignore[assignment]
+                    (x.pin_memory() if cuda else x).to(a.device, non_blocking=cuda) for x in (flat, real)
+                )
             flat_d, real_d = on[a.device]
             kept = a.reshape(-1, a.shape[-1]).index_select(0, flat_d)  # [B*S, d]
             if padded:
@@ -225,17 +232,30 @@ class _Collector:
             self.stats[h].update(kept[real_d] if padded else kept)
             if h not in mb.states:
                 mb.states[h] = self._pool(h, kept).acquire(self.writer._check)
-            # Pinned host buffer and an async copy on CUDA; synchronised in _submit before any write.
-            mb.states[h][r : r + B].copy_(kept.view(B, S, -1), non_blocking=self.device.type == "cuda")
+            self._copy(mb.states[h][r : r + B], kept.view(B, S, -1))
         mb.rows += B
         mb.data_state = batch.state.to_dict()
         self.tokens += int(real.sum())
+
+    def _copy(self, host: torch.Tensor, acts: torch.Tensor) -> None:
+        """Device to host: on CUDA, asynchronous on a copy stream into pinned memory, so the next
+        forward pass does not queue behind it; synchronised in _submit before any write."""
+        if acts.device.type != "cuda":
+            host.copy_(acts)
+            return
+        stream = self.copy_streams.get(acts.device)
+        if stream is None:
+            stream = self.copy_streams[acts.device] = torch.cuda.Stream(acts.device)
+        stream.wait_stream(torch.cuda.current_stream(acts.device))
+        with torch.cuda.stream(stream):
+            host.copy_(acts, non_blocking=True)
+        acts.record_stream(stream)  # not reused by the allocator before the copy is done
 
     def _pool(self, hook: str, kept: torch.Tensor) -> BufferPool:
         if hook not in self.pools:
             shape = (self.cfg.rows_per_file, self.cfg.data_config.seq_length, kept.shape[-1])
             count = self.cfg.upload_config.max_pending + 1
-            self.pools[hook] = BufferPool(shape, kept.dtype, count, pin=self.device.type == "cuda")
+            self.pools[hook] = BufferPool(shape, kept.dtype, count, pin=self.cuda)
         return self.pools[hook]
 
     def _release(self, mb: _Megabatch) -> None:
@@ -244,9 +264,8 @@ class _Collector:
 
     def _submit(self, k: int, mb: _Megabatch) -> None:
         """Queue file k of every hook, then the progress record that counts it."""
-        for dev in self.devices:
-            if dev.type == "cuda":
-                torch.cuda.current_stream(dev).synchronize()  # the async copies into host buffers are done
+        for stream in self.copy_streams.values():
+            stream.synchronize()  # the async copies into host buffers are done
         run, rows, tc = self.cfg.run_name, mb.rows, self.cfg.transformer_config
         futures = []
         if self.cfg.data_config.skip_cache:
