@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_inspect import HOOKS, run_cli
+from test_inspection import HOOKS, run_cli
 
 from activault.storage import LocalStore
 from activault.tools.verify import verify_run
