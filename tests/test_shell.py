@@ -214,6 +214,62 @@ def test_rm_asks_first_then_deletes(local, tmp_path: Path, history: Path) -> Non
     s.close()
 
 
+def test_links_fifos_and_devices_reach_nothing_outside_the_root(local, tmp_path: Path, history: Path) -> None:
+    store, run = local
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.json").write_text('{"secret": 1}')
+    hook = store.root / "run" / HOOKS[0]
+    os.symlink(outside, hook / "out")  # a folder outside the root
+    os.symlink(outside / "secret.json", hook / "file.json")  # a file outside
+    os.symlink(store.root / "run", hook / "loop")  # the run itself
+    os.mkfifo(hook / "fifo")
+    before = {e.key for e in store.list()}
+    s = open_shell(str(store.root), tmp_path, history)
+    s.run(f"cd run/{HOOKS[0]}", f"run/{HOOKS[0]}")
+    out = s.run("ls", f"run/{HOOKS[0]}")
+    assert re.search(r"out@\s+link, not followed", out) and re.search(r"fifo\s+FIFO/device", out)
+    for line, why in [("cat file.json", "symbolic link"), ("cat fifo", "FIFO"), ("cd out", "symbolic link"),
+                      ("cd loop", "symbolic link"), ("inspect loop", "symbolic link"), ("cd out/x", "symbolic link")]:
+        got = s.run(line, f"run/{HOOKS[0]}")
+        assert why in got and "secret" not in got and len(got.strip().splitlines()) == 1, (line, got)
+    s.child.sendline("rm out loop file.json fifo")
+    s.child.expect_exact("(4 files, 0 B)? [y/N] ")
+    s.child.sendline("y")
+    s.child.expect_exact(s.prompt(f"run/{HOOKS[0]}"))
+    assert (outside / "secret.json").read_text() == '{"secret": 1}'
+    assert {e.key for e in store.list()} == before - {f"run/{HOOKS[0]}/{n}" for n in ("out", "loop", "file.json", "fifo")}
+    # A folder holding a link to the run: `rm` of the folder deletes the link, not the run.
+    os.symlink(store.root / "run", store.root / "run" / HOOKS[1] / "loop")
+    s.run("cd ..", "run")
+    s.child.sendline(f"rm {HOOKS[1]}")
+    s.child.expect_exact("[y/N] ")
+    s.child.sendline("y")
+    s.child.expect_exact(s.prompt("run"))
+    assert store.exists("run/cfg.json") and all(store.exists(f"run/{HOOKS[0]}/{n}") for n in run.names)
+    assert store.list(f"run/{HOOKS[1]}/") == [] and (outside / "secret.json").exists()
+    s.close()
+
+
+def test_redirect_keeps_the_target_when_a_command_fails(local, tmp_path: Path, history: Path) -> None:
+    store, _ = local
+    s = open_shell(str(store.root), tmp_path, history)
+    assert "output written to out.txt" in s.run("ls > out.txt")
+    before = (tmp_path / "out.txt").read_text()
+    assert "run/" in before
+    out = s.run("cat nothing.json > out.txt")
+    assert "is not here" in out and "out.txt left unchanged" in out and "output written" not in out
+    assert (tmp_path / "out.txt").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp left
+    out = s.run("ls > /dev/full")  # the write fails: one line, and the shell goes on
+    assert out.strip().splitlines() == ["cannot write /dev/full: No space left on device; /dev/full left unchanged"]
+    assert "output written to /dev/null" in s.run("ls > /dev/null")
+    out = s.run("ls > no/such/folder.txt")
+    assert "cannot write no/such/folder.txt" in out and "nothing run" in out
+    assert re.search(r"^\s+0\s+run/", s.run("ls"), re.M)
+    s.close()
+
+
 def test_missing_root_and_bucket_are_one_line_errors(tmp_path: Path, history: Path) -> None:
     child = spawn(["--root", str(tmp_path / "nope")], {"ACTIVAULT_HISTORY": str(history)}, tmp_path)
     child.expect(pexpect.EOF)
