@@ -352,3 +352,54 @@ def test_s3_shell_rm_and_prefix_root(s3, tmp_path: Path, history: Path) -> None:
     bad.close()
     assert bad.exitstatus == 2 and "does not exist" in (bad.before or "")
 
+
+
+@pytest.mark.s3
+def test_s3_shell_names_foreign_keys_and_rm_deletes_them(s3, moto: str, tmp_path: Path, history: Path) -> None:
+    """Keys with `..` or an empty part (object_store refuses them) and a zero-byte megabatch: listed,
+    never read, and deleted with the run."""
+    import boto3
+
+    store, run, env = s3
+    client = boto3.client("s3", endpoint_url=moto, region_name="us-east-1", aws_access_key_id="testing",
+                          aws_secret_access_key="testing")
+    bucket = store.uri.removeprefix("s3://")
+    for key in (f"run/{HOOKS[0]}/../x", f"run/{HOOKS[0]}//y"):
+        client.put_object(Bucket=bucket, Key=key, Body=b"odd")
+    store.put(f"run/{HOOKS[0]}/m00009-000000.safetensors", b"")
+    s = open_shell(store.uri, tmp_path, history, env=env)
+    s.run(f"cd run/{HOOKS[0]}", f"run/{HOOKS[0]}")
+    out = s.run("ls", f"run/{HOOKS[0]}")
+    assert re.search(r"\.\./x\s+foreign key", out) and re.search(r" /y\s+foreign key", out), out
+    assert re.search(r"m00009-000000.safetensors\s+0 B  ⚠️ foreign: 0 bytes", out), out
+    assert "foreign object" in s.run("cat ../x", f"run/{HOOKS[0]}")
+    out = s.run("inspect m00009-000000.safetensors", f"run/{HOOKS[0]}")
+    assert "truncated file (0 bytes)" in out and len(out.strip().splitlines()) == 1
+    s.run("cd /", "")
+    s.child.sendline("rm run")
+    s.child.expect_exact("[y/N] ")
+    s.child.sendline("y")
+    s.child.expect_exact(s.prompt())
+    assert "(empty)" in s.run("ls")
+    assert "Contents" not in client.list_objects_v2(Bucket=bucket)
+    s.close()
+
+
+@pytest.mark.s3
+def test_s3_shell_says_it_is_retrying_then_gives_one_line(s3, moto: str, tmp_path: Path, history: Path) -> None:
+    from support.s3servers import FaultProxy
+
+    store, run, env = s3
+    with FaultProxy(moto) as proxy:
+        s = open_shell(store.uri, tmp_path, history, env={**env, "S3_ENDPOINT_URL": proxy.url,
+                                                          "ACTIVAULT_S3_RETRY_TIMEOUT": "8"})
+        proxy.rate, proxy.faults = 1.0, ("503",)
+        out = s.run("ls")
+        lines = [ln for ln in out.strip().splitlines() if ln.strip()]
+        assert len(lines) >= 2 and "Traceback" not in out, out
+        assert all(f"S3 at {proxy.url}: list {store.uri}" in ln and "retrying for up to" in ln for ln in lines[:-1]), out
+        assert lines[-1].startswith(f"cannot list {store.uri}: the S3 endpoint {proxy.url} failed"), out
+        assert "last with: 503 Service Unavailable (SlowDown)" in lines[-1]
+        proxy.rate = 0.0  # the store is back: the same shell goes on
+        assert re.search(r"^\s+0\s+run/", s.run("ls"), re.M)
+        s.close()

@@ -239,8 +239,7 @@ class S3Store(Store):
                 if not _transient(e):
                     raise self._err(e, key, action) from None
                 elapsed = time.monotonic() - start
-                delay = min(MAX_BACKOFF_S, 0.25 * 2 ** min(attempt - 1, 6)) * random.uniform(0.5, 1.0)
-                if attempt > self.max_retries or elapsed + delay > self.retry_timeout:
+                if attempt > self.max_retries or elapsed >= self.retry_timeout:
                     raise StorageError(
                         f"cannot {action} {self.url(key)}: the S3 endpoint {self.where} failed {attempt} "
                         f"attempt(s) in {elapsed:.0f} s, last with: {_cause(e)}; check the endpoint and the network "
@@ -248,7 +247,9 @@ class S3Store(Store):
                         f"{self.max_retries} set how long to retry)"
                     ) from None
                 self._notice(f"{action} {self.url(key)}", attempt, elapsed, e)
-                time.sleep(delay)
+                # Backoff doubling from 0.25 s, with jitter; the last attempt comes at the deadline.
+                delay = min(MAX_BACKOFF_S, 0.25 * 2 ** min(attempt - 1, 6)) * random.uniform(0.5, 1.0)
+                time.sleep(min(delay, self.retry_timeout - elapsed))
 
     def _notice(self, what: str, attempt: int, elapsed: float, e: BaseException) -> None:
         """Log a retry once retrying has lasted NOTICE_AFTER_S, at most every NOTICE_EVERY_S per store."""
@@ -366,23 +367,23 @@ class S3Store(Store):
         try:
             if delimiter:
                 res = obstore.list_with_delimiter(self._store, prefix or None)
-                return res["common_prefixes"], [Entry(m["path"], int(m["size"])) for m in res["objects"]]
+                return list(res["common_prefixes"]), [Entry(m["path"], int(m["size"])) for m in res["objects"]]
             return [], [Entry(m["path"], int(m["size"])) for chunk in obstore.list(self._store, prefix or None) for m in chunk]
         except InvalidPathError:
             pass
         base = join(self.prefix, prefix)
-        raw_prefixes, objects = self._raw.list(base + "/" if base else "", delimiter)
+        raw_prefixes, objects = self._raw.list_keys(base + "/" if base else "", delimiter)
         if delimiter:  # a sub-folder with a bad name is shown as the objects it holds
-            for p in [p for p in raw_prefixes if bad_key(p.rstrip("/"))]:
+            for p in [p for p in raw_prefixes if bad_key(p.removesuffix("/"))]:
                 raw_prefixes.remove(p)
-                objects += self._raw.list(p, False)[1]
+                objects += self._raw.list_keys(p, False)[1]
         cut = len(self.prefix) + 1 if self.prefix else 0
         entries = [Entry(k[cut:], size, "badkey" if bad_key(k[cut:]) else "file") for k, size in objects]
         return [p[cut:] for p in raw_prefixes], entries
 
     def delete(self, key: str) -> None:
         if bad_key(key):  # object_store refuses the key; a plain DeleteObjects names it in the body
-            self._call("delete", key, lambda: self._raw.delete([f"{self.prefix}/{key}" if self.prefix else key]))
+            self._call("delete", key, lambda: self._raw.delete_keys([f"{self.prefix}/{key}" if self.prefix else key]))
             return
         try:
             self._call("delete", key, lambda: obstore.delete(self._store, key))

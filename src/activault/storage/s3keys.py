@@ -50,7 +50,7 @@ class RawS3:
             return self.endpoint.rstrip("/"), "/" + urllib.parse.quote(self.bucket)
         return f"https://{self.bucket}.s3.{self.region}.amazonaws.com", ""
 
-    def list(self, prefix: str, delimiter: bool) -> tuple[list[str], list[tuple[str, int]]]:
+    def list_keys(self, prefix: str, delimiter: bool) -> tuple[list[str], list[tuple[str, int]]]:
         """(common prefixes, [(key, size)]) of every key under `prefix`, all pages."""
         prefixes: list[str] = []
         objects: list[tuple[str, int]] = []
@@ -72,7 +72,7 @@ class RawS3:
                 return prefixes, objects
             token = _text(root, "NextContinuationToken")
 
-    def delete(self, keys: list[str]) -> None:
+    def delete_keys(self, keys: list[str]) -> None:
         """Delete keys (1000 per request, the S3 limit); an error names the first key that failed."""
         for i in range(0, len(keys), 1000):
             objs = "".join(f"<Object><Key>{escape(k)}</Key></Object>" for k in keys[i : i + 1000])

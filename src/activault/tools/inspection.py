@@ -247,7 +247,7 @@ def list_lines(store: Store, key: str, files: bool = False) -> list[str]:
             shown = fs
         out += [f"    {r}  {human_bytes(s)}" if d in hooks else f"  {r}  {human_bytes(s)}" for r, s in shown]
     if strange:
-        out += [f"  foreign objects, skipped (activault never writes these; delete them with `rm` in `activault s3`):",
+        out += ["  foreign objects, skipped (activault never writes these; delete them with `rm` in `activault s3`):",
                 *strange]
     return out
 

@@ -22,7 +22,7 @@ from typing import IO, Any
 
 from activault.errors import ActivaultError, ConfigError
 from activault.storage import Entry, Store, open_store
-from activault.tools.inspection import Tokenizers, inspect_file, join, parent
+from activault.tools.inspection import Tokenizers, foreign, inspect_file, join, parent
 from activault.units import human_bytes
 from activault.vault.megabatch import is_megabatch, megabatch_files, parse_file_name
 
@@ -222,7 +222,7 @@ class Shell:
     def name(self, e: Entry) -> str:
         """An entry's name as listed: its key below the current folder (more than one part for a
         key with a `..` segment on S3)."""
-        return e.key[len(self.cwd) :].lstrip("/") if self.cwd else e.key
+        return e.key[len(self.cwd) :].removeprefix("/") if self.cwd else e.key
 
     def pick(self, arg: str) -> tuple[str, str]:
         """(kind, key) of a listing number or a name here; kind is 'dir' or an `Entry.kind`."""
@@ -276,7 +276,8 @@ class Shell:
         for i, e in enumerate(files, len(dirs)):
             what = human_bytes(e.size) if e.kind == "file" else _MARK[e.kind]
             name = self.name(e) + ("@" if e.kind == "link" else "")
-            self.say(f"{i:>4}  {name:<40} {what:>10}")
+            odd = f"  ⚠️ foreign: {why}" if e.kind == "file" and (why := foreign(e)) else ""
+            self.say(f"{i:>4}  {name:<40} {what:>10}{odd}")
 
     def do_cd(self, args: list[str]) -> None:
         if not args:
