@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -403,3 +404,18 @@ def test_s3_shell_says_it_is_retrying_then_gives_one_line(s3, moto: str, tmp_pat
         proxy.rate = 0.0  # the store is back: the same shell goes on
         assert re.search(r"^\s+0\s+run/", s.run("ls"), re.M)
         s.close()
+
+
+def test_write_whole_never_blocks_on_a_fifo_and_keeps_the_mode(tmp_path: Path) -> None:
+    from activault.tools.output import write_whole
+
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(OSError) as e:  # nobody reads it: ENXIO at once, not a hang
+        write_whole(str(tmp_path / "pipe"), "x")
+    assert e.value.errno == errno.ENXIO
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    target.chmod(0o600)
+    write_whole(str(target), "new")
+    assert target.read_text() == "new" and (target.stat().st_mode & 0o777) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt", "pipe"]  # no temp file left

@@ -7,14 +7,11 @@ Every store access goes through `Store`; a bad command prints a one-line hint, n
 
 from __future__ import annotations
 
-import errno
 import io
 import os
 import re
 import shlex
-import stat
 import sys
-import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +20,7 @@ from typing import IO, Any
 from activault.errors import ActivaultError, ConfigError
 from activault.storage import Entry, Store, open_store
 from activault.tools.inspection import Tokenizers, foreign, inspect_file, join, parent
+from activault.tools.output import unwritable, write_whole
 from activault.units import human_bytes
 from activault.vault.megabatch import is_megabatch, megabatch_files, parse_file_name
 
@@ -45,52 +43,6 @@ _NOT_READ = {  # why an Entry of this kind is listed but never read
 }
 _MARK = {"link": "link, not followed", "special": "FIFO/device, not read", "badkey": "foreign key"}
 _REDIRECT = re.compile(r"^(.*?)\s*>\s*(\S+)\s*$")
-
-
-def _unwritable(target: str) -> str | None:
-    """Why `target` cannot be written (checked before the command runs), or None."""
-    folder = Path(os.path.realpath(Path(target).expanduser())).parent
-    if not folder.is_dir():
-        return f"{folder} is not a folder"
-    return None if os.access(folder, os.W_OK) or Path(target).exists() else f"{folder} is not writable"
-
-
-def write_whole(target: str, text: str) -> None:
-    """Write `text` to `target` all or nothing: a regular file is replaced by a renamed temp file, so a
-    failure leaves it as it was; a device or FIFO (/dev/null, a pipe) is written in place."""
-    path = Path(os.path.realpath(Path(target).expanduser()))
-    data = memoryview(text.encode())
-    try:
-        st: os.stat_result | None = os.stat(path)
-    except FileNotFoundError:
-        st = None
-    if st is not None and stat.S_ISDIR(st.st_mode):
-        raise IsADirectoryError(errno.EISDIR, "it is a folder")
-    if st is not None and not stat.S_ISREG(st.st_mode):
-        fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # a FIFO nobody reads: ENXIO, not a hang
-        try:
-            _write_all(fd, data)
-        finally:
-            os.close(fd)
-        return
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        try:
-            _write_all(fd, data)
-            if st is not None:
-                os.fchmod(fd, stat.S_IMODE(st.st_mode))
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    while data.nbytes:
-        data = data[os.write(fd, data) :]
 
 
 class UsageError(ActivaultError):
@@ -181,7 +133,7 @@ class Shell:
             return True
         saved = self.out
         if target:
-            if (why := _unwritable(target)) is not None:
+            if (why := unwritable(target)) is not None:
                 self.say(f"cannot write {target}: {why}; nothing run")
                 return True
             self.out = io.StringIO()
