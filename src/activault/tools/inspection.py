@@ -202,6 +202,22 @@ def inspect_file(store: Store, key: str, tokenizers: Tokenizers | None = None) -
 
 # ---- ls -----------------------------------------------------------------------------------------
 
+_FOREIGN_KINDS = {
+    "link": "a symbolic link, never followed",
+    "special": "a FIFO, device or socket",
+    "badkey": "its key has an empty, '.' or '..' part",
+}
+
+
+def foreign(e: Entry) -> str | None:
+    """Why a listed object is none of activault's (never read, never counted), or None if it may be."""
+    if e.kind != "file":
+        return _FOREIGN_KINDS[e.kind]
+    if is_megabatch(e.key) and e.size < 8:  # every write is whole, so this is not a partial one of ours
+        return f"{e.size} bytes, too short for a megabatch"
+    return None
+
+
 
 def list_lines(store: Store, key: str, files: bool = False) -> list[str]:
     """Runs, hooks (file counts and sizes) and other files under `key`; every file with `files`."""
@@ -212,9 +228,13 @@ def list_lines(store: Store, key: str, files: bool = False) -> list[str]:
     if not entries:
         raise NotFoundError(f"{store.url(key)} is empty or does not exist")
     by_dir: dict[str, list[Any]] = {}
+    strange = []
     for e in entries:
         rel = e.key[len(key) :].strip("/") if key else e.key
-        by_dir.setdefault(parent(rel), []).append((rel, e.size))
+        if (why := foreign(e)) is not None:
+            strange.append(f"    {rel}  ({why})")
+        else:
+            by_dir.setdefault(parent(rel), []).append((rel, e.size))
     hooks = {d for d, fs in by_dir.items() if any(is_megabatch(r) or r.endswith("/metadata.json") or r == "metadata.json" for r, _ in fs)}
     out = [f"{store.url(key)}"]
     for d in sorted(by_dir):
@@ -226,6 +246,9 @@ def list_lines(store: Store, key: str, files: bool = False) -> list[str]:
         else:
             shown = fs
         out += [f"    {r}  {human_bytes(s)}" if d in hooks else f"  {r}  {human_bytes(s)}" for r, s in shown]
+    if strange:
+        out += ["  foreign objects, skipped (activault never writes these; delete them with `rm` in `activault s3`):",
+                *strange]
     return out
 
 
