@@ -11,6 +11,7 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
+from activault.collection.arch import attention_windows, is_causal_lm, n_layers
 from activault.errors import ConfigError
 
 # Per-block aliases: (module receiving the input, module producing the output), relative to the block.
@@ -37,20 +38,13 @@ _BLOCK_NAME = re.compile(
 
 
 @dataclass(frozen=True)
-class HookSpec:
+class HookPoint:
     """One hook: where it attaches and what it records."""
 
     name: str  # as the user wrote it; also the storage folder name
     module: str  # resolved module path in model.named_modules()
     kind: Literal["pre", "post"]  # module input or output
     block: int | None  # index of the block it lives in (for truncation); None outside the blocks
-
-
-def n_layers(config: Any) -> int | None:
-    """Number of blocks the config declares (text config for multimodal models)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    n = getattr(text, "num_hidden_layers", None)
-    return int(n) if n is not None else None
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -120,12 +114,12 @@ def _unknown(model: nn.Module, name: str, why: str) -> ConfigError:
     )
 
 
-def resolve_hooks(model: nn.Module, names: list[str]) -> list[HookSpec]:
+def resolve_hooks(model: nn.Module, names: list[str]) -> list[HookPoint]:
     """Resolve user hook names to module paths of `model` (a skeleton is enough)."""
     blocks_path, blocks = find_blocks(model)
     n = len(blocks)
     modules = dict(model.named_modules())
-    specs: list[HookSpec] = []
+    specs: list[HookPoint] = []
     for name in names:
         kind: Literal["pre", "post"]
         m = _BLOCK_NAME.match(name)
@@ -138,7 +132,7 @@ def resolve_hooks(model: nn.Module, names: list[str]) -> list[HookSpec]:
                 if rel is None:
                     raise _unknown(model, name, f"block {path} has no {m.group(2)} module")
                 path += "." + rel
-            specs.append(HookSpec(name, path, kind, i))
+            specs.append(HookPoint(name, path, kind, i))
             continue
         path, dot, suffix = name.rpartition(".")
         if not dot or suffix not in ("pre", "post"):
@@ -149,7 +143,7 @@ def resolve_hooks(model: nn.Module, names: list[str]) -> list[HookSpec]:
         path, block = _normalize_path(path, blocks_path, n, name)
         if path not in modules:
             raise _unknown(model, name, f"the model has no module {path!r}")
-        specs.append(HookSpec(name, path, kind, block))
+        specs.append(HookPoint(name, path, kind, block))
     if len({s.name for s in specs}) != len(specs):
         raise ConfigError(f"hook names must be unique, got {names}")
     return specs
@@ -182,23 +176,6 @@ def _output_tensor(output: Any) -> torch.Tensor:
     if isinstance(output, (tuple, list)) or hasattr(output, "to_tuple"):
         return output[0]
     raise RuntimeError(f"hooked module returned {type(output).__name__}, not a tensor")
-
-
-def is_causal_model(config: Any) -> bool:
-    """Decoder (causal attention) or encoder (bidirectional): decides the packed mask."""
-    from activault.collection.model import is_causal_lm
-
-    return is_causal_lm(config)
-
-
-def _windows(config: Any) -> dict[str, int | None]:
-    """Sliding window per attention layer type of the model (None = full attention)."""
-    window = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None)
-    if not types:
-        # Mistral-style: no layer types, every layer slides when sliding_window is set.
-        return {"sliding_attention" if window else "full_attention": window}
-    return {t: (window if t == "sliding_attention" else None) for t in dict.fromkeys(types)}
 
 
 def packed_attention_mask(
@@ -237,9 +214,9 @@ def attention_inputs(model: nn.Module, segment_ids: torch.Tensor) -> Any:
     if getattr(config, "_attn_implementation", "eager") not in ("eager", "sdpa"):
         return None
     dtype = _input_weight(model).dtype
-    causal = is_causal_model(config)
+    causal = is_causal_lm(config)
     masks = {
-        t: packed_attention_mask(segment_ids, causal, dtype, w) for t, w in _windows(config).items()
+        t: packed_attention_mask(segment_ids, causal, dtype, w) for t, w in attention_windows(config).items()
     }
     return next(iter(masks.values())) if len(masks) == 1 else masks
 
@@ -247,7 +224,7 @@ def attention_inputs(model: nn.Module, segment_ids: torch.Tensor) -> Any:
 class Capture:
     """Records the hooked modules' inputs/outputs during one forward; stops after the last one."""
 
-    def __init__(self, model: nn.Module, specs: list[HookSpec]):
+    def __init__(self, model: nn.Module, specs: list[HookPoint]):
         self.model = model
         self.specs = list(specs)
         self._out: dict[str, torch.Tensor] = {}
@@ -321,7 +298,7 @@ class Capture:
         self.close()
 
 
-def hook_dims(skeleton: nn.Module, specs: list[HookSpec], seq_len: int = 4) -> dict[str, int]:
+def hook_dims(skeleton: nn.Module, specs: list[HookPoint], seq_len: int = 4) -> dict[str, int]:
     """Last dimension of each hook's activation, from a forward on the meta device."""
     device = _input_weight(skeleton).device
     ids = torch.zeros(1, seq_len, dtype=torch.long, device=device)

@@ -11,50 +11,39 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from activault.collection.hooks import HookSpec, find_blocks
+from activault import dtypes
+from activault.collection.arch import is_causal_lm, n_layers, text_config
+from activault.collection.hooks import HookPoint, find_blocks
 from activault.errors import ConfigError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from activault.config import TransformerConfig
+
 _UNSET = object()
-DTYPES: dict[str, torch.dtype | str] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "auto": "auto",
-}
-# Families whose checkpoints are encoders (bidirectional attention) unless config.is_decoder.
-ENCODER_TYPES = {
-    "bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "distilbert", "albert", "electra", "camembert",
-    "deberta", "deberta-v2", "mpnet", "modernbert", "ernie", "nomic_bert", "megatron-bert", "esm",
-}  # fmt: skip
 
 
-def _opts(tcfg: Any) -> dict[str, Any]:
-    return {
-        "cache_dir": getattr(tcfg, "cache_dir", None),
-        **(getattr(tcfg, "kwargs", None) or {}),
-    }
+def _opts(tcfg: TransformerConfig) -> dict[str, Any]:
+    return {"cache_dir": tcfg.cache_dir, **tcfg.kwargs}
 
 
-def _not_found(tcfg: Any, what: str, err: Exception) -> ConfigError:
+def _not_found(tcfg: TransformerConfig, what: str, err: Exception) -> ConfigError:
     return ConfigError(
-        f"model.model_name={tcfg.model_name!r}: cannot load the {what} ({type(err).__name__}: {err}). "
-        "Fix: give an existing local folder holding config.json and weights, or a hub id that is "
-        "already in model.cache_dir (or the Hugging Face cache), or download it first with "
-        "`hf download <id>`; pass trust_remote_code via model.kwargs if the model needs it."
+        f"transformer_config.model_name={tcfg.model_name!r}: cannot load the {what} "
+        f"({type(err).__name__}: {err}). Fix: give an existing local folder holding config.json and "
+        "weights, or a hub id that is already in transformer_config.cache_dir (or the Hugging Face "
+        "cache), or download it first with `hf download <id>`; pass trust_remote_code via "
+        "transformer_config.kwargs if the model needs it."
     )
 
 
-def _dtype(tcfg: Any) -> torch.dtype | str:
-    name = getattr(tcfg, "dtype", "auto") or "auto"
-    if name not in DTYPES:
-        raise ConfigError(f"model.dtype={name!r} is not supported; choose one of {sorted(DTYPES)}")
-    return DTYPES[name]
+def _dtype(tcfg: TransformerConfig) -> torch.dtype | str:
+    # The config validated the name already; "auto" is passed through to transformers.
+    return "auto" if tcfg.dtype == "auto" else dtypes.to_torch(tcfg.dtype)
 
 
-def load_tokenizer(tcfg: Any) -> PreTrainedTokenizerBase:
+def load_tokenizer(tcfg: TransformerConfig) -> PreTrainedTokenizerBase:
     """The model's tokenizer (from model_name)."""
     from transformers import AutoTokenizer
 
@@ -64,7 +53,7 @@ def load_tokenizer(tcfg: Any) -> PreTrainedTokenizerBase:
         raise _not_found(tcfg, "tokenizer", err) from err
 
 
-def load_config(tcfg: Any) -> Any:
+def load_config(tcfg: TransformerConfig) -> Any:
     """The model's transformers config, with the requested attention implementation."""
     from transformers import AutoConfig
 
@@ -72,18 +61,8 @@ def load_config(tcfg: Any) -> Any:
         config = AutoConfig.from_pretrained(tcfg.model_name, **_opts(tcfg))
     except (OSError, ValueError) as err:
         raise _not_found(tcfg, "config", err) from err
-    config._attn_implementation = getattr(tcfg, "attn_implementation", "sdpa") or "sdpa"
+    config._attn_implementation = tcfg.attn_implementation
     return config
-
-
-def is_causal_lm(config: Any) -> bool:
-    """True for decoders (AutoModelForCausalLM), False for encoders such as BERT (AutoModel)."""
-    if getattr(config, "is_decoder", False):
-        return True
-    archs = getattr(config, "architectures", None) or []
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return True
-    return getattr(config, "model_type", "") not in ENCODER_TYPES
 
 
 def _auto_class(config: Any) -> Any:
@@ -92,7 +71,8 @@ def _auto_class(config: Any) -> Any:
     return AutoModelForCausalLM if is_causal_lm(config) else AutoModel
 
 
-def _torch_dtype(tcfg: Any, config: Any) -> torch.dtype:
+def stored_dtype(tcfg: TransformerConfig, config: Any) -> torch.dtype:
+    """The dtype of weights and stored activations: the configured one, or the checkpoint's for auto."""
     dtype = _dtype(tcfg)
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -102,33 +82,30 @@ def _torch_dtype(tcfg: Any, config: Any) -> torch.dtype:
     return found if isinstance(found, torch.dtype) else torch.float32
 
 
-def load_skeleton(tcfg: Any) -> nn.Module:
+def load_skeleton(tcfg: TransformerConfig) -> nn.Module:
     """The model built from its config on the meta device (no weights): for hook names and dims."""
     config = load_config(tcfg)
     cls = _auto_class(config)
     with torch.device("meta"):
         model = cls.from_config(
-            config, dtype=_torch_dtype(tcfg, config), **(getattr(tcfg, "kwargs", None) or {})
+            config, dtype=stored_dtype(tcfg, config), **tcfg.kwargs
         )
     return model.eval()
 
 
-def _device_map(tcfg: Any) -> dict[str, Any]:
-    device = getattr(tcfg, "device", "auto") or "auto"
+def _device_map(tcfg: TransformerConfig) -> dict[str, Any]:
+    device = tcfg.device  # validated by the config: auto, cpu, mps, cuda or cuda:N
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return {}
     if device == "auto":
-        cap = getattr(tcfg, "max_per_device_memory", None)
         out: dict[str, Any] = {"device_map": "auto"}
-        if cap:
-            out["max_memory"] = {i: cap for i in range(torch.cuda.device_count())}
+        if tcfg.max_per_device_memory:
+            out["max_memory"] = {i: tcfg.max_per_device_memory for i in range(torch.cuda.device_count())}
         return out
-    if device == "cuda" or device.startswith("cuda:"):
-        return {"device_map": {"": device}}
-    raise ConfigError(f"model.device={device!r}; choose 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    return {"device_map": {"": device}}
 
 
-def keep_layers(specs: list[HookSpec], n: int) -> int:
+def keep_layers(specs: list[HookPoint], n: int) -> int:
     """Blocks needed by the hooks: all of them when a hook is outside the blocks (e.g. final norm)."""
     if not specs or any(s.block is None for s in specs):
         return n
@@ -136,13 +113,13 @@ def keep_layers(specs: list[HookSpec], n: int) -> int:
 
 
 def _truncate_config(config: Any, keep: int) -> None:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     text.num_hidden_layers = keep
     if getattr(text, "layer_types", None):
         text.layer_types = list(text.layer_types[:keep])
 
 
-def truncate(model: nn.Module, specs: list[HookSpec]) -> nn.Module:
+def truncate(model: nn.Module, specs: list[HookPoint]) -> nn.Module:
     """Drop the blocks after the last hooked one and the LM head when no hook needs them."""
     blocks_path, blocks = find_blocks(model)
     n = len(blocks)
@@ -169,7 +146,7 @@ def truncate(model: nn.Module, specs: list[HookSpec]) -> nn.Module:
 
 
 @contextmanager
-def _ignoring_dropped_blocks(cls: Any, hooks: list[HookSpec], keep: int, n: int) -> Iterator[None]:
+def _ignoring_dropped_blocks(cls: Any, hooks: list[HookPoint], keep: int, n: int) -> Iterator[None]:
     """Weights of dropped blocks load silently instead of being reported as "UNEXPECTED".
 
     transformers reads the class attribute once per instance (in post_init), so it is set for
@@ -194,14 +171,14 @@ def _ignoring_dropped_blocks(cls: Any, hooks: list[HookSpec], keep: int, n: int)
             cls._keys_to_ignore_on_load_unexpected = before
 
 
-def load_model(tcfg: Any, hooks: list[HookSpec]) -> nn.Module:
+def load_model(tcfg: TransformerConfig, hooks: list[HookPoint]) -> nn.Module:
     """The model, eval and without grads, truncated after the last hooked block.
 
     The config is truncated before loading, so weights of dropped blocks are never read or placed
     on a device (transformers logs them as unused keys).
     """
     config = load_config(tcfg)
-    n = getattr(config.get_text_config(), "num_hidden_layers", None)
+    n = n_layers(config)
     keep = keep_layers(hooks, n) if n is not None else None
     if n is not None and keep is not None and keep < n:
         _truncate_config(config, keep)
@@ -223,7 +200,7 @@ def load_model(tcfg: Any, hooks: list[HookSpec]) -> nn.Module:
     except ValueError as err:  # e.g. an attention implementation the architecture lacks
         raise ConfigError(
             f"model {tcfg.model_name!r} with attn_implementation={config._attn_implementation!r}: {err}. "
-            "Fix: choose another model.attn_implementation ('eager' works for every model)."
+            "Fix: choose another transformer_config.attn_implementation ('eager' works for every model)."
         ) from err
     model.eval().requires_grad_(False)
     truncate(model, hooks)
@@ -235,7 +212,7 @@ def load_model(tcfg: Any, hooks: list[HookSpec]) -> nn.Module:
 def model_info(model: nn.Module) -> dict[str, Any]:
     """Facts about the model stored with the run: name, architecture, dims, dtype."""
     config: Any = model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     _, blocks = find_blocks(model)
     layers = getattr(model, "activault_layers", {"kept": len(blocks), "of": len(blocks)})
     emb = model.get_input_embeddings()  # type: ignore[operator]

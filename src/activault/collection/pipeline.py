@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from activault import __version__
 from activault.background import prefetch
 from activault.collection.plan import (
     MeasuredRatio,
@@ -29,7 +28,6 @@ from activault.collection.plan import (
 )
 from activault.collection.writer import BufferPool, Writer
 from activault.config import Config, resolve_storage
-from activault.errors import ConfigError
 from activault.storage import Store, open_store
 from activault.units import human_bytes
 from activault.vault import codec as codecs
@@ -42,6 +40,7 @@ from activault.vault.records import (
     write_json,
 )
 from activault.vault.stats import RunningStats
+from activault.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +61,19 @@ class Result:
 
 def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_progress: bool = True) -> Result:
     """Collect this machine's share of the run; resumes from its progress record."""
+    from activault.collection.arch import text_config
     from activault.collection.hooks import Capture, hook_dims, resolve_hooks
-    from activault.collection.model import load_model, load_skeleton, load_tokenizer, model_info
+    from activault.collection.model import (
+        load_model,
+        load_skeleton,
+        load_tokenizer,
+        model_info,
+        stored_dtype,
+    )
     from activault.collection.packing import DataState, iter_batches
     from activault.collection.sources import resolve_source
 
-    if not 0 <= machine < cfg.num_runs:
-        raise ConfigError(f"--machine {machine} is out of range: num_runs is {cfg.num_runs}, so use 0..{cfg.num_runs - 1}")
+    cfg.check_machine(machine)
     tc, dc, uc = cfg.transformer_config, cfg.data_config, cfg.upload_config
     run = cfg.run_name
 
@@ -82,10 +87,9 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
     dims = hook_dims(skeleton, specs)
     info = model_info(skeleton)
     tokenizer = load_tokenizer(tc)
-    dtype = _torch_dtype(tc.dtype, skeleton)
+    dtype = stored_dtype(tc, skeleton.config)
     itemsize = dtype.itemsize
-    model_config: Any = skeleton.config
-    check_feasible(cfg, dims, itemsize, model_config.get_text_config(), available_memory())
+    check_feasible(cfg, dims, itemsize, text_config(skeleton.config), available_memory())
     record = {
         "format": "activault", "format_version": 1, "activault_version": __version__, "run_name": run,
         "config": cfg.to_public_dict(), "model": info, "tokenizer": _tokenizer_ref(tc.model_name), "hooks": uc.hooks,
@@ -313,15 +317,6 @@ def _committer(store: Store, run: str, key: str, rec: dict[str, Any], metas: dic
 
 def _releaser(pool: BufferPool, buf: torch.Tensor):
     return lambda: pool.release(buf)
-
-
-def _torch_dtype(name: str, skeleton: torch.nn.Module) -> torch.dtype:
-    if name == "auto":
-        try:
-            return next(skeleton.parameters()).dtype
-        except StopIteration:
-            return torch.float32
-    return getattr(torch, name)
 
 
 def _rate(tokens: int, nbytes: int, t0: float) -> str:

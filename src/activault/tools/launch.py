@@ -38,8 +38,10 @@ def check_launch(config: str | Path, n: int, start: int, end: int) -> Config:
             f"N={n} machines, but {config} has num_runs={cfg.num_runs}: each machine's share depends on "
             f"num_runs, so set num_runs: {n} in the config (or pass N={cfg.num_runs})"
         )
-    if not 0 <= start <= end < n:
-        raise ConfigError(f"machines {start}..{end} are not within 0..{n - 1}; pass 0 <= START <= END < N")
+    if start > end:
+        raise ConfigError(f"START={start} is after END={end}; pass 0 <= START <= END < N")
+    cfg.check_machine(start, "START")
+    cfg.check_machine(end, "END")
     return cfg
 
 
