@@ -22,7 +22,15 @@ from activault.storage import Store, locate
 from activault.tools.inspection import join, list_dir
 from activault.units import human_bytes
 from activault.vault import codec as codecs
-from activault.vault.megabatch import CODECS_KEY, SUFFIX, decode, encode, fetch_header, megabatch_files, packed_specs
+from activault.vault.megabatch import (
+    CODECS_KEY,
+    SUFFIX,
+    decode,
+    encode,
+    fetch_header,
+    megabatch_files,
+    packed_specs,
+)
 from activault.vault.records import RECOLLECT, progress_key, read_json, write_json
 
 

@@ -115,13 +115,11 @@ def _merge(planes: np.ndarray, k: int, out: np.ndarray) -> None:
     n, u = out.size // k, UINTS[k]
     x = out.view(u)
     np.left_shift(planes[(k - 1) * n :], 8 * (k - 1), out=x, dtype=u)
-    tmp = np.empty(n, u) if k > 2 else None
-    for p in range(k - 2, -1, -1):
-        if p == 0:
-            np.bitwise_or(x, planes[:n], out=x)
-        else:
-            np.left_shift(planes[p * n : (p + 1) * n], 8 * p, out=tmp, dtype=u)
-            np.bitwise_or(x, tmp, out=x)
+    tmp = np.empty(n if k > 2 else 0, u)
+    for p in range(k - 2, 0, -1):
+        np.left_shift(planes[p * n : (p + 1) * n], 8 * p, out=tmp, dtype=u)
+        np.bitwise_or(x, tmp, out=x)
+    np.bitwise_or(x, planes[:n], out=x)
 
 
 def _fp8_payload(x: torch.Tensor) -> np.ndarray:
@@ -148,7 +146,7 @@ def token_errors(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def _compress_chunk(x: torch.Tensor, codec: Codec) -> bytes:
     payload = _fp8_payload(x) if codec.name == "fp8" else _split(_bytes(x), x.element_size())
     # A checksum per frame: a flipped bit is an error naming the chunk, never wrong numbers.
-    return zstandard.ZstdCompressor(level=codec.level, write_checksum=True).compress(payload)
+    return zstandard.ZstdCompressor(level=codec.level, write_checksum=True).compress(payload.data)
 
 
 def _map(fn: Callable[[int], object], n: int, threads: int | None) -> list[object]:
