@@ -4,6 +4,7 @@ compression (off the model's thread, statistics unchanged, resume byte-identical
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -279,3 +280,19 @@ def test_config_and_estimate_name_the_codec(tiny_model_dir, tmp_path: Path) -> N
     assert "assumed 0.8" in note and "float32" in note and not any(x.startswith("compression") for x in raw)
     total = {line.split()[0]: line for line in lines}["total"]
     assert total != {line.split()[0]: line for line in raw}["total"]
+
+
+def test_inspect_and_shell_describe_compressed_files(run: SynthRun, local: LocalStore, tmp_path: Path, capsys) -> None:
+    from test_inspection import run_cli
+
+    from activault.tools.shell import Shell
+
+    recompress_run(local, "run", ZSTD_SMALL)
+    rc, out, _ = run_cli(["inspect", str(tmp_path / "run/h1" / run.names[0])], capsys)
+    assert rc == 0 and "states: [4, 16, 8] bfloat16  (stored zstd level 1," in out
+    out_file = io.StringIO()
+    shell = Shell(local, out=out_file)
+    shell.run_line("cd run")
+    shell.run_line("sizecheck")
+    text = out_file.getvalue()
+    assert "zstd-compressed: sizes vary" in text and "odd size" not in text

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -95,12 +96,23 @@ def _bytes(t: torch.Tensor) -> np.ndarray:
 UINTS = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
-def _split(raw: np.ndarray, k: int) -> np.ndarray:
+class _Scratch(threading.local):
+    """One reusable buffer per thread: a fresh 4 MiB per chunk costs as much in page faults as zstd."""
+
+    buf: np.ndarray | None = None
+
+    def get(self, n: int) -> np.ndarray:
+        if self.buf is None or self.buf.size < n:
+            self.buf = np.empty(n, np.uint8)
+        return self.buf[:n]
+
+
+def _split(raw: np.ndarray, k: int, scratch: _Scratch) -> np.ndarray:
     """Bytes of `n` elements of `k` bytes regrouped into `k` planes: `[k * n]`, plane p = byte p of each."""
     if k == 1:
         return raw
     n = raw.size // k
-    x, planes = raw.view(UINTS[k]), np.empty(raw.size, np.uint8)
+    x, planes = raw.view(UINTS[k]), scratch.get(raw.size)
     # Shift and truncate: vectorised, ~4x faster than byte-strided copies.
     for p in range(k):
         np.right_shift(x, 8 * p, out=planes[p * n : (p + 1) * n], casting="unsafe")
@@ -122,7 +134,7 @@ def _merge(planes: np.ndarray, k: int, out: np.ndarray) -> None:
     np.bitwise_or(x, planes[:n], out=x)
 
 
-def _fp8_payload(x: torch.Tensor) -> np.ndarray:
+def _fp8_payload(x: torch.Tensor, scratch: _Scratch) -> np.ndarray:
     """`x: [n, d]` as fp8 bytes: planes of the n float32 scales, then the n*d e4m3 values."""
     x = x.float()
     if x.shape[1] == 0:
@@ -132,7 +144,11 @@ def _fp8_payload(x: torch.Tensor) -> np.ndarray:
     safe = torch.where(scale > 0, scale, 1).unsqueeze(1)
     # clamp: x / scale can round just above 448, which e4m3fn would turn into NaN.
     q = (x / safe).clamp_(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return np.concatenate([_split(_bytes(scale), 4), _bytes(q)])
+    n = x.shape[0]
+    payload = scratch.get(n * (4 + x.shape[1]))
+    payload[: 4 * n] = _split(_bytes(scale), 4, _Scratch())
+    payload[4 * n :] = _bytes(q)
+    return payload
 
 
 def token_errors(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -143,8 +159,8 @@ def token_errors(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return torch.where(norm > 0, err / norm.clamp_min(1e-300), err)
 
 
-def _compress_chunk(x: torch.Tensor, codec: Codec) -> bytes:
-    payload = _fp8_payload(x) if codec.name == "fp8" else _split(_bytes(x), x.element_size())
+def _compress_chunk(x: torch.Tensor, codec: Codec, scratch: _Scratch) -> bytes:
+    payload = _fp8_payload(x, scratch) if codec.name == "fp8" else _split(_bytes(x), x.element_size(), scratch)
     # A checksum per frame: a flipped bit is an error naming the chunk, never wrong numbers.
     return zstandard.ZstdCompressor(level=codec.level, write_checksum=True).compress(payload.data)
 
@@ -167,7 +183,8 @@ def compress(t: torch.Tensor, codec: Codec, threads: int | None = None) -> tuple
     tokens, width = _rows(t)
     flat = t.reshape(tokens, width)  # [tokens, d]
     per = codec.chunk_tokens(width, t.element_size())
-    frames = _map(lambda i: _compress_chunk(flat[i * per : (i + 1) * per], codec), -(-tokens // per), threads)
+    scratch = _Scratch()
+    frames = _map(lambda i: _compress_chunk(flat[i * per : (i + 1) * per], codec, scratch), -(-tokens // per), threads)
     return frames, per  # type: ignore[return-value]
 
 
@@ -195,12 +212,13 @@ def decompress_into(
     k = out.element_size()
     starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
     mv = memoryview(blob).cast("B")
+    scratch = _Scratch()
 
     def chunk(i: int) -> None:
         rows = flat[i * chunk_tokens : (i + 1) * chunk_tokens]
         n = rows.shape[0]
         want = payload_size(codec, n, width, k)
-        payload = np.empty(want, np.uint8)
+        payload = scratch.get(want)
         try:
             with zstandard.ZstdDecompressor().stream_reader(mv[starts[i] : starts[i + 1]]) as r:
                 got = r.readinto(payload)
