@@ -207,7 +207,9 @@ def test_writer_runs_a_builder_on_its_own_threads(local: LocalStore) -> None:
     assert where and where[0].startswith("activault-write") and local.get("x/one") == b"abc"
 
 
-def test_collect_with_compression_matches_raw(tiny_model_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_collect_with_compression_matches_raw(
+    tiny_model_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     model = tiny_model_dir("llama")
     compressing: list[str] = []
     real_pack = codecs.pack
@@ -219,7 +221,10 @@ def test_collect_with_compression_matches_raw(tiny_model_dir, tmp_path: Path, mo
     monkeypatch.setattr(codecs, "pack", spy)
     raw = collect(make_cfg(model, tmp_path / "raw"), show_progress=False)
     up = {"compression": "zstd", "compression_chunk_kib": 8}
-    packed = collect(make_cfg(model, tmp_path / "zstd", upload=up), show_progress=False)
+    with caplog.at_level("INFO", logger="activault"):
+        packed = collect(make_cfg(model, tmp_path / "zstd", upload=up), show_progress=False)
+    assert "compression  zstd: assumed 0.84 of raw bytes for float32" in caplog.text  # the job summary
+    assert "compression  measured on the first file: models.layers.1.post 0." in caplog.text
     assert compressing and all(n.startswith("activault-write") for n in compressing)  # never the model's thread
     assert packed.bytes_written < raw.bytes_written and packed.tokens == raw.tokens
     for hook in ("models.layers.1.post", "models.layers.0.mlp.post"):
@@ -287,7 +292,8 @@ def test_inspect_and_shell_describe_compressed_files(run: SynthRun, local: Local
 
     from activault.tools.shell import Shell
 
-    recompress_run(local, "run", ZSTD_SMALL)
+    rc, out, _ = run_cli(["recompress", str(tmp_path / "run"), "--compression", "zstd", "--chunk-kib", "1"], capsys)
+    assert rc == 0 and f"{len(run.names) * 2} file(s) converted, 0 already zstd" in out
     rc, out, _ = run_cli(["inspect", str(tmp_path / "run/h1" / run.names[0])], capsys)
     assert rc == 0 and "states: [4, 16, 8] bfloat16  (stored zstd level 1," in out
     out_file = io.StringIO()
@@ -296,3 +302,18 @@ def test_inspect_and_shell_describe_compressed_files(run: SynthRun, local: Local
     shell.run_line("sizecheck")
     text = out_file.getvalue()
     assert "zstd-compressed: sizes vary" in text and "odd size" not in text
+
+
+def test_the_documented_layout_decodes_without_activault(tmp_path: Path) -> None:
+    import re
+
+    states = special_values((5, 16, 40), torch.bfloat16)
+    tensors = {"states": states, "input_ids": torch.zeros(5, 16, dtype=torch.int32)}
+    path = tmp_path / "f.safetensors"
+    path.write_bytes(b"".join(fmt.encode(tensors, {}, codecs.Codec("zstd", chunk_bytes=1000))))
+    doc = (Path(__file__).parent.parent / "docs/format.md").read_text()
+    snippet = re.search(r"```python\n(.*?)```", doc[doc.index("## Compressed states") :], re.S)
+    assert snippet is not None
+    scope: dict = {"path": str(path)}
+    exec(snippet.group(1), scope)  # the docs' reader: safetensors, numpy and zstandard only
+    assert torch.equal(torch.from_numpy(scope["raw"]), bits(states))

@@ -108,7 +108,7 @@ class MeasuredRatio:
             if len(self.ratios) < len(self.plan.raw_bytes_per_hook):
                 return
         total = sum(b * self.ratios[h] for h, b in self.plan.raw_bytes_per_hook.items())
-        each = ", ".join(f"{h} {r:.3f}" for h, r in self.ratios.items())
+        each = ", ".join(f"{h} {self.ratios[h]:.3f}" for h in self.plan.raw_bytes_per_hook)
         self.log.info("compression  measured on the first file: %s of raw bytes; this machine will store ~%s "
                       "(~$%.2f/month)", each, human_bytes(total), total / GB * self.plan.price_per_gb_month)  # fmt: skip
 
