@@ -23,6 +23,7 @@ from activault.tools.inspection import Tokenizers, foreign, inspect_file, join, 
 from activault.tools.output import unwritable, write_whole
 from activault.units import human_bytes
 from activault.vault.megabatch import is_megabatch, megabatch_files, parse_file_name
+from activault.vault.records import read_json
 
 CAT_LIMIT = 1 << 20  # `cat` refuses files above 1 MB: megabatches are for `inspect`
 HELP = {  # command: (usage, what it does)
@@ -330,6 +331,12 @@ class Shell:
             found = True
             n = len(megabatch_files(entries))
             where = key[len(self.cwd) :].strip("/") or "."
+            codec = ((read_json(self.store, join(key, "metadata.json")) or {}).get("compression") or {}).get("codec", "none")
+            if codec != "none":  # compressed files differ in size by nature
+                sizes = megabatch_files(entries).values()
+                self.say(f"{where + '/':<40} {n:>6} megabatches of {human_bytes(min(sizes))} to {human_bytes(max(sizes))} "
+                         f"({codec}-compressed: sizes vary; `activault verify` checks them)")  # fmt: skip
+                continue
             self.say(f"{where + '/':<40} {n:>6} megabatches of {human_bytes(common)}" + ("" if not odd else f"  ({len(odd)} differ)"))
             for name, size, why in odd:
                 mark = "⚠️ " if why.startswith("last") else "❌"

@@ -19,6 +19,7 @@ from activault.units import human_bytes
 from activault.vault.megabatch import (
     dtype_name,
     fetch_header,
+    logical_specs,
     megabatch_files,
     parse_file_name,
     tensor_specs,
@@ -29,23 +30,24 @@ from activault.vault.records import RECOLLECT, REMERGE, read_json
 FileCheck = tuple[list[str], bytes | None, int]
 
 
-def _read_specs(store: Store, key: str, size: int) -> tuple[dict[str, Any], int, dict[str, Any]]:
-    """(header, data start, tensor specs) without fetching tensors; FormatError if truncated."""
+def _read_specs(store: Store, key: str, size: int) -> tuple[dict[str, Any], int, dict[str, Any], dict[str, Any]]:
+    """(header, data start, tensor specs, decoded dtype and shape of each) without fetching tensors."""
     header, start = fetch_header(store, key, size)
-    return header, start, tensor_specs(header, size - start, store.url(key))
+    specs = tensor_specs(header, size - start, store.url(key))
+    return header, start, specs, logical_specs(header, store.url(key))
 
 
 def _check_file(store: Store, run: str, hook: str, fname: str, size: int, meta: dict[str, Any]) -> FileCheck:
     """Problems of one file, its ids+positions bytes, and its count of non-padding tokens."""
     key, where = join(run, hook, fname), f"{hook}/{fname}"
     try:
-        header, start, specs = _read_specs(store, key, size)
+        header, start, specs, logical = _read_specs(store, key, size)
     except FormatError as e:
         return [f"{where}: {str(e).split(': ', 1)[-1]}"], None, 0
     problems = []
     if "states" not in specs:
         return [f"{where}: no 'states' tensor"], None, 0
-    dtype, shape, _, _ = specs["states"]
+    dtype, shape = logical["states"]
     rows = shape[0] if shape else 0
     want = [meta.get("seq_length"), meta.get("d_model")]
     if len(shape) != 3 or shape[1:] != want or rows > int(meta.get("rows_per_file", rows)):
