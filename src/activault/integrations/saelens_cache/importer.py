@@ -195,6 +195,7 @@ def _import_files(
             while len(inflight) > 1:  # bounded memory: this file and the one before it in flight
                 inflight.popleft().result()
             result.files, result.rows = k + 1, rows_done
+        writer.flush()  # every file and its record written: the finished record comes last
         rec = {"machine": 0, "num_runs": 1, "files_done": result.files or k0, "rows_done": rows_done,
                "tokens_done": tokens, "data_state": {"row": cache.table.num_rows}, "finished": True,
                "stats": {h: s.to_dict() for h, s in stats.items()}}  # fmt: skip

@@ -189,17 +189,21 @@ def torch_dtype(name: str, where: Path) -> torch.dtype:
 
 
 def read_column(table: Any, name: str, rows: slice) -> torch.Tensor:
-    """Rows of a fixed-shape column as a flat tensor over the memory-mapped buffer (no copy)."""
-    col = table.column(name).slice(rows.start, rows.stop - rows.start).combine_chunks()
-    if hasattr(col, "storage"):
-        col = col.storage
-    while hasattr(col, "flatten"):
-        col = col.flatten()
+    """Rows of a fixed-shape column as one flat tensor: a view of the memory-mapped file when the
+    rows lie in one record batch, else one copy of each batch's values (Arrow lists are flattened
+    without copying)."""
+    parts = []
+    for chunk in table.column(name).slice(rows.start, rows.stop - rows.start).chunks:
+        values = chunk.storage if hasattr(chunk, "storage") else chunk
+        while hasattr(values, "flatten"):
+            values = values.flatten()
+        parts.append(values.to_numpy(zero_copy_only=True))
+    flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
     with warnings.catch_warnings():
         warnings.simplefilter(
             "ignore", UserWarning
         )  # a read-only mapping: these tensors are only read
-        return torch.from_numpy(col.to_numpy(zero_copy_only=False))
+        return torch.from_numpy(flat)
 
 
 def chunks(
