@@ -79,17 +79,7 @@ def export_saelens(
     from activault import RCache
 
     hooks = [hooks] if isinstance(hooks, str) else list(hooks)
-    names = {h: (columns or {}).get(h, h) for h in hooks}
-    clash = {TOKEN_IDS, POSITIONS} & set(names.values())
-    if clash or len(set(names.values())) != len(names):
-        raise ConfigError(
-            f"column names {sorted(names.values())} repeat or use the reserved {sorted(clash)}: pass columns="
-        )
-    out = Path(out_dir).expanduser().absolute()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(
-            f"{out} exists and is not an empty folder: SAELens caches are written to a new folder"
-        )
+    names, out = _destination(hooks, columns, out_dir)
     cache = RCache(
         run_uri, hooks=hooks, return_ids=True, preserve_file_order=True, store_options=store_options
     )
@@ -111,12 +101,8 @@ def export_saelens(
         files = _write_shards(cache, tmp, hooks, names, want, feats, positions, shard_bytes, result)
         finish_dataset(tmp, files, feats)
         result.arrow_files = len(files)
-        sidecar = {"format": "activault-saelens-cache", "format_version": 1, "source": str(run_uri),
-                   "columns": {names[h]: {"hook": h, "dtype": v.dtype_name(stored[h])} for h in hooks},
-                   "rows": result.rows, "tokens": result.tokens, "positions": positions,
-                   "padding_rows_dropped": result.padding_rows_dropped,
-                   "real_tokens_dropped": result.real_tokens_dropped}  # fmt: skip
-        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1) + "\n")
+        columns_info = {names[h]: {"hook": h, "dtype": v.dtype_name(stored[h])} for h in hooks}
+        _write_sidecar(tmp, run_uri, columns_info, positions, result)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.rename(tmp, out)
@@ -133,6 +119,42 @@ def export_saelens(
             result.real_tokens_dropped,
         )
     return result
+
+
+def _destination(
+    hooks: list[str], columns: Mapping[str, str] | None, out_dir: str | Path
+) -> tuple[dict[str, str], Path]:
+    """(column name per hook, the absolute output folder), checked before anything is read."""
+    names = {h: (columns or {}).get(h, h) for h in hooks}
+    clash = {TOKEN_IDS, POSITIONS} & set(names.values())
+    if clash or len(set(names.values())) != len(names):
+        raise ConfigError(
+            f"column names {sorted(names.values())} repeat or use the reserved {sorted(clash)}: pass columns="
+        )
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(
+            f"{out} exists and is not an empty folder: SAELens caches are written to a new folder"
+        )
+    return names, out
+
+
+def _write_sidecar(
+    tmp: Path, run_uri: str, columns: dict[str, Any], positions: bool, result: ExportResult
+) -> None:
+    """activault.json: where the cache came from, each column's hook and stored dtype, what was dropped."""
+    sidecar = {
+        "format": "activault-saelens-cache",
+        "format_version": 1,
+        "source": str(run_uri),
+        "columns": columns,
+        "rows": result.rows,
+        "tokens": result.tokens,
+        "positions": positions,
+        "padding_rows_dropped": result.padding_rows_dropped,
+        "real_tokens_dropped": result.real_tokens_dropped,
+    }
+    (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1) + "\n")
 
 
 def _export_dtype(stored: torch.dtype, dtype: str | torch.dtype | None) -> torch.dtype:
