@@ -8,12 +8,28 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING, Any
 
 from activault.errors import ConfigError
-from activault.integrations.saelens_cache.exporter import SHARD_BYTES, ExportResult, export_saelens
-from activault.integrations.saelens_cache.importer import ImportResult, import_saelens
+
+if TYPE_CHECKING:
+    from activault.integrations.saelens_cache.exporter import ExportResult, export_saelens
+    from activault.integrations.saelens_cache.importer import ImportResult, import_saelens
 
 __all__ = ["ExportResult", "ImportResult", "add_subcommands", "export_saelens", "import_saelens"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy: the CLI builds its parser with add_subcommands without importing torch or datasets.
+    if name in ("ExportResult", "export_saelens"):
+        from activault.integrations.saelens_cache import exporter
+
+        return getattr(exporter, name)
+    if name in ("ImportResult", "import_saelens"):
+        from activault.integrations.saelens_cache import importer
+
+        return getattr(importer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
@@ -49,9 +65,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="add a positions column (keeps document boundaries)",
     )
-    ex.add_argument(
-        "--shard-mb", type=int, default=SHARD_BYTES >> 20, help="MiB per Arrow file (default 500)"
-    )
+    ex.add_argument("--shard-mb", type=int, default=500, help="MiB per Arrow file (default 500)")
     ex.set_defaults(func=_export_cmd)
 
     im = sub.add_parser(
@@ -90,6 +104,8 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
 
 
 def _export_cmd(args: argparse.Namespace) -> int:
+    from activault.integrations.saelens_cache.exporter import export_saelens
+
     r = export_saelens(
         args.run_uri,
         args.hook,
@@ -108,6 +124,8 @@ def _export_cmd(args: argparse.Namespace) -> int:
 
 
 def _import_cmd(args: argparse.Namespace) -> int:
+    from activault.integrations.saelens_cache.importer import import_saelens
+
     hooks = _pairs(args.hook, "--hook") if args.hook else None
     r = import_saelens(
         args.cache_dir,
