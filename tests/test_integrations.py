@@ -154,6 +154,33 @@ def test_scaling_factor_is_exact_and_set_on_trainers(run: SynthRun, tmp_path: Pa
             scaling_factor(root, "h1"), scaling_factor(root, "h2")]  # fmt: skip
 
 
+def test_saelens_checkpoints_hold_the_provider_position(run: SynthRun, tmp_path: Path) -> None:
+    from sae_lens import SAETrainer
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    root = tmp_path / "run"
+    cfg = SAETrainerConfig(total_training_samples=9 * 16, train_batch_size_samples=16, lr=1e-3, lr_end=1e-3,
+                           n_checkpoints=2, checkpoint_path=str(tmp_path / "ckpt"))  # fmt: skip
+    with VaultProvider(root, "h1", batch_tokens=16, seed=2) as provider:
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=8, d_sae=16, k=2))
+        SAETrainer(
+            cfg=cfg, sae=sae, data_provider=provider, save_checkpoint_fn=provider.save_to
+        ).fit()
+    with VaultProvider(root, "h1", batch_tokens=16, seed=2) as reference:
+        stream = [next(reference) for _ in range(12)]
+    checkpoints = sorted((tmp_path / "ckpt").iterdir(), key=lambda p: int(p.name))
+    assert [int(p.name) for p in checkpoints] == [64, 112]  # SAELens names them by samples seen
+    for ckpt in checkpoints:
+        with VaultProvider(root, "h1", batch_tokens=16, seed=2) as again:
+            again.load_from(ckpt)
+            assert torch.equal(
+                next(again), stream[int(ckpt.name) // 16]
+            )  # the batch after the checkpoint
+    with pytest.raises(NotFoundError, match="save_checkpoint_fn"):
+        VaultProvider(root, "h1", batch_tokens=16).load_from(tmp_path)
+
+
 # ---- training from structured activations --------------------------------------------------------
 
 

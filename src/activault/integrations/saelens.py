@@ -10,22 +10,26 @@ trainer.fit()
 ```
 
 `SAETrainer` calls `next()` on its provider forever: `VaultProvider` runs the loader's epochs one
-after another, each reshuffled, and `state_dict()` says exactly where it is (save it with the
-trainer's checkpoint; `load_state_dict` resumes at the next batch).
+after another, each reshuffled, and `state_dict()` says exactly where it is
+(`SAETrainer(..., save_checkpoint_fn=provider.save_to)` puts it in each checkpoint;
+`provider.load_from(checkpoint)` resumes at the next batch).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from activault.errors import ConfigError
+from activault.errors import ConfigError, NotFoundError
 from activault.integrations._vault import Source, dist_rank, endless, run_statistics
 
 Hooks = str | Sequence[str] | Mapping[str, tuple[str, str]]
+STATE_FILE = "activault_provider.json"  # in a SAELens checkpoint folder
 
 
 def _parse_hooks(hooks: Hooks) -> tuple[list[str], str]:
@@ -152,6 +156,24 @@ class VaultProvider(Iterator[Any]):
         self._close_stream()
         self.loader.load_state_dict(state["loader"])
         self.batches = 0
+
+    def save_to(self, checkpoint_path: str | Path | None) -> None:
+        """Write `state_dict()` into a SAELens checkpoint folder.
+
+        Pass it as `SAETrainer(..., save_checkpoint_fn=provider.save_to)`: each checkpoint then
+        holds the provider's position next to the trainer's state; `load_from` resumes from it.
+        """
+        if checkpoint_path is not None:
+            (Path(checkpoint_path) / STATE_FILE).write_text(json.dumps(self.state_dict()) + "\n")
+
+    def load_from(self, checkpoint_path: str | Path) -> None:
+        """Resume at the position saved in a checkpoint folder by `save_to`."""
+        path = Path(checkpoint_path) / STATE_FILE
+        if not path.is_file():
+            raise NotFoundError(
+                f"{path} does not exist: was the trainer given save_checkpoint_fn=provider.save_to?"
+            )
+        self.load_state_dict(json.loads(path.read_text()))
 
     def _close_stream(self) -> None:
         if self._it is not None:
