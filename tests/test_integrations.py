@@ -301,6 +301,7 @@ def test_sparsify_dataset_resumes_by_state_or_by_reading_forward(tmp_path: Path)
     state = first.state_dict()
     model, again = make()
     again.load_state_dict(state)
+    assert again.state_dict() == state  # saved again before reading: the same position
     assert all(torch.equal(again[i]["input_ids"], want[i]) for i in range(17, 50))
     model, forward = make()
     rest = forward.select(

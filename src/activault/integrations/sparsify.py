@@ -195,7 +195,8 @@ class VaultTokens(Dataset):
         self._batches.close()
         self.loader.load_state_dict(state["loader"])
         self._batches = endless(self.loader)
-        self._chunk, self._skip = None, int(state["in_chunk"])
+        self._chunk, self._chunk_state = None, dict(state["loader"])
+        self._in_chunk = self._skip = int(state["in_chunk"])
         self.position = int(state["position"])
         self._rows.clear()
 
