@@ -17,5 +17,13 @@ class FormatError(ActivaultError):
     """A stored file is missing, truncated or corrupted; the message names the file."""
 
 
+class LockedError(StorageError):
+    """Another collector holds this run and machine index; the message names it (host, pid, since)."""
+
+
+class DataError(ActivaultError):
+    """The input text cannot be used: a bad record, or no documents; the message names file, line or field."""
+
+
 class NotFoundError(StorageError, FileNotFoundError):
     """A key, file or folder does not exist in the store."""

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 Buffer = bytes | bytearray | memoryview
+# The store's own bookkeeping inside a run (collector locks): never listed, as local dot-files are not.
+LOCKS = ".locks"
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,13 @@ class Store(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove one object (no error if it is already gone)."""
+
+    @abstractmethod
+    def swap(self, key: str, data: bytes, expect: bytes | None) -> bool:
+        """Write a small object only if it now holds exactly `expect` (None: only if it is absent).
+
+        Atomic against every other `swap` of the key (a conditional write); returns whether it wrote.
+        """
 
     @abstractmethod
     def check(self, write: bool = False) -> None:

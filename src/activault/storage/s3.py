@@ -17,12 +17,12 @@ from datetime import timedelta
 from typing import Any
 
 import obstore
-from obstore.exceptions import BaseError
+from obstore.exceptions import AlreadyExistsError, BaseError, PreconditionError
 from obstore.exceptions import NotFoundError as _ObNotFound
 from obstore.store import S3Store as _ObS3Store
 
 from activault.errors import ConfigError, NotFoundError, StorageError
-from activault.storage.base import Buffer, Entry, Store, as_parts, join
+from activault.storage.base import LOCKS, Buffer, Entry, Store, as_parts, join
 from activault.storage.uri import parse_uri
 
 # Parts of 16 MiB: one connection to AWS moves ~90 MB/s, so 8 parts in flight fill a 5 Gbit/s NIC.
@@ -211,6 +211,25 @@ class S3Store(Store):
             err = self._err(e, key, "upload")
             raise StorageError(f"{err}; fix the cause and run the same command again to resume") from None
 
+    def swap(self, key: str, data: bytes, expect: bytes | None) -> bool:
+        # If-None-Match: * to create, If-Match: {the ETag read} to replace (object_store's
+        # conditional_put="etag", its default). A store that ignores these headers (old MinIO,
+        # Ceph before Squid) cannot give this guarantee.
+        try:
+            if expect is None:
+                obstore.put(self._store, key, data, mode="create", use_multipart=False)
+                return True
+            current = obstore.get(self._store, key)
+            if bytes(current.bytes()) != expect:
+                return False
+            version = {"e_tag": current.meta["e_tag"], "version": current.meta["version"]}
+            obstore.put(self._store, key, data, mode=version, use_multipart=False)  # type: ignore[arg-type]
+            return True
+        except (AlreadyExistsError, PreconditionError, _ObNotFound, FileNotFoundError):
+            return False
+        except (BaseError, OSError) as e:
+            raise self._err(e, key, "conditionally write") from None
+
     def get(self, key: str) -> memoryview:
         try:
             return memoryview(obstore.get(self._store, key).bytes())
@@ -242,7 +261,8 @@ class S3Store(Store):
         try:
             for chunk in obstore.list(self._store, prefix.strip("/") or None):
                 for meta in chunk:
-                    out.append(Entry(meta["path"], int(meta["size"])))
+                    if LOCKS not in meta["path"].split("/"):
+                        out.append(Entry(meta["path"], int(meta["size"])))
         except (BaseError, OSError) as e:
             raise self._err(e, prefix, "list") from None
         return sorted(out, key=lambda e: e.key)
@@ -252,7 +272,7 @@ class S3Store(Store):
             res = obstore.list_with_delimiter(self._store, prefix.strip("/") or None)
         except (BaseError, OSError) as e:
             raise self._err(e, prefix, "list") from None
-        dirs = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in res["common_prefixes"])
+        dirs = sorted(d for p in res["common_prefixes"] if (d := p.rstrip("/").rsplit("/", 1)[-1]) != LOCKS)
         files = sorted((Entry(m["path"], int(m["size"])) for m in res["objects"]), key=lambda e: e.key)
         return dirs, files
 
