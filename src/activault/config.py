@@ -93,6 +93,9 @@ class DataConfig(_Section):
     """Documents in the streaming shuffle buffer; 0 keeps the dataset's order."""
     registry: str | None = None
     """Path of a dataset registry JSON to use instead of the packaged datasets.json."""
+    on_bad_record: Literal["skip", "error"] = "skip"
+    """A local JSON line that is not UTF-8, not JSON or not an object: skip it (counted, and logged
+    with its file and line), or stop the run naming them."""
 
 
 class UploadConfig(_Section):
@@ -107,6 +110,9 @@ class UploadConfig(_Section):
     """Concurrent file writes/uploads."""
     price_per_gb_month: float = Field(default=0.023, ge=0)
     """Storage price for the cost estimate (S3 Standard's first tier, USD)."""
+    lease_seconds: float = Field(default=120, ge=1)
+    """On object storage, a collector's claim on its machine index lapses this long after its last
+    renewal (renewed every quarter of it); then another collector may take the machine over."""
 
     @field_validator("hooks")
     @classmethod

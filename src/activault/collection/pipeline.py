@@ -25,17 +25,19 @@ from activault.collection.plan import (
     make_plan,
     summary_lines,
 )
+from activault.collection.resume import check_resume
 from activault.collection.writer import BufferPool, Writer
 from activault.config import Config, resolve_storage
 from activault.errors import ConfigError
 from activault.storage import Store, open_store
+from activault.storage.lock import MachineLock, hold
 from activault.units import human_bytes
 from activault.vault.megabatch import encode, file_name, hook_metadata
 from activault.vault.records import (
     Progress,
-    check_run_record,
     merge_statistics,
     progress_key,
+    read_json,
     write_json,
 )
 from activault.vault.stats import RunningStats
@@ -55,13 +57,23 @@ class Result:
     bytes_written: int = 0
     seconds: float = 0.0
     stats: dict[str, RunningStats] = field(default_factory=dict)
+    files_planned: int = 0
+    bad_records: int = 0  # skipped input records (data_config.on_bad_record: skip)
+
+    def outcome(self) -> str:
+        """One line: files written against the plan, and the bad records skipped."""
+        line = f"machine files: {self.files} of {self.files_planned} planned"
+        if self.files < self.files_planned:
+            line += " (the data ran out first; every document was collected)"
+        if self.bad_records:
+            line += f"; {self.bad_records} bad input record(s) skipped (logged above with file and line)"
+        return line
 
 
 def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_progress: bool = True) -> Result:
     """Collect this machine's share of the run; resumes from its progress record."""
-    from activault.collection.hooks import Capture, hook_dims, resolve_hooks
-    from activault.collection.model import load_model, load_skeleton, load_tokenizer, model_info
-    from activault.collection.packing import DataState, iter_batches
+    from activault.collection.hooks import hook_dims, resolve_hooks
+    from activault.collection.model import load_skeleton, load_tokenizer, model_info
     from activault.collection.sources import resolve_source
 
     if not 0 <= machine < cfg.num_runs:
@@ -78,7 +90,6 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
     specs = resolve_hooks(skeleton, uc.hooks)
     dims = hook_dims(skeleton, specs)
     info = model_info(skeleton)
-    tokenizer = load_tokenizer(tc)
     itemsize = torch.empty((), dtype=_torch_dtype(tc.dtype, skeleton)).element_size()
     model_config: Any = skeleton.config
     check_feasible(cfg, dims, itemsize, model_config.get_text_config(), available_memory())
@@ -88,51 +99,91 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
         "hook_dims": dims, "num_runs": cfg.num_runs,
         "progress": [progress_key(run, m).split("/", 1)[1] for m in range(cfg.num_runs)],
     }  # fmt: skip
-    check_run_record(store, cfg, record)
-    progress = Progress(store, run, machine, cfg.num_runs)
-    plan = make_plan(cfg, dims, itemsize, machine)
-    for line in summary_lines(cfg, plan, dims, info, store.uri, machine):
-        log.info(line)
-    for note in cost_notes(store, 0 if dc.skip_cache else plan.total_bytes):
-        log.warning("note: %s", note)
+    cfg_key = f"{run}/cfg.json"
+    check_resume(read_json(store, cfg_key), record, store.url(cfg_key))
+    with hold(store, run, machine, uc.lease_seconds) as claim:  # one collector per (run, machine)
+        job = _Job(cfg, machine, store, record, specs, dims, load_tokenizer(tc), itemsize, claim)
+        return job.run(show_progress)
 
-    result = Result(destination=store.url(run))
-    if progress.finished:
-        log.info("machine %d already finished (%d files); refreshing statistics", machine, progress.files_done)
-        merge_statistics(store, run, uc.hooks, cfg.num_runs)
-        result.files, result.rows, result.tokens = progress.files_done, progress.rows_done, progress.tokens_done
-        result.stats = {h: RunningStats.from_dict(d) for h, d in progress.stats.items()}
+
+@dataclass
+class _Job:
+    """A validated collection of one machine, run while holding its claim."""
+
+    cfg: Config
+    machine: int
+    store: Store
+    record: dict[str, Any]
+    specs: Any
+    dims: dict[str, int]
+    tokenizer: Any
+    itemsize: int
+    claim: MachineLock
+
+    def run(self, show_progress: bool) -> Result:
+        from activault.collection.hooks import Capture
+        from activault.collection.model import load_model
+        from activault.collection.packing import DataState, iter_batches
+
+        cfg, machine, store, dims = self.cfg, self.machine, self.store, self.dims
+        tc, dc, uc, run = cfg.transformer_config, cfg.data_config, cfg.upload_config, cfg.run_name
+        progress = Progress(store, run, machine, cfg.num_runs)
+        plan = make_plan(cfg, dims, self.itemsize, machine)
+        for line in summary_lines(cfg, plan, dims, self.record["model"], store.uri, machine):
+            log.info(line)
+        for note in cost_notes(store, 0 if dc.skip_cache else plan.total_bytes):
+            log.warning("note: %s", note)
+
+        result = Result(destination=store.url(run), files_planned=plan.files)
+        if progress.finished:
+            log.info("machine %d already finished (%d files); refreshing statistics", machine, progress.files_done)
+            merge_statistics(store, run, uc.hooks, cfg.num_runs)
+            result.files, result.rows, result.tokens = progress.files_done, progress.rows_done, progress.tokens_done
+            result.bad_records = int((progress.data_state or {}).get("bad_records", 0))
+            result.stats = {h: RunningStats.from_dict(d) for h, d in progress.stats.items()}
+            return result
+        if not progress.files_done:
+            _require_documents(cfg, machine)
+
+        write_json(store, f"{run}/cfg.json", self.record)
+        # Only this machine writes these names, and its previous process is gone: its temp files are stale.
+        for h in uc.hooks:
+            store.clear_partial(f"{run}/{h}", f"m{machine:05d}-")
+        store.clear_partial(f"{run}/progress", f"machine-{machine:05d}")
+        model = load_model(tc, self.specs)
+        if progress.files_done:
+            log.info("resuming machine %d after %d files", machine, progress.files_done)
+        state = DataState.from_dict(progress.data_state) if progress.data_state else None
+        batches = iter_batches(dc, self.tokenizer, machine=machine, num_runs=cfg.num_runs, state=state)
+        if state is None:
+            for _ in range(dc.start_batch):
+                if next(batches, None) is None:
+                    break
+
+        loop = _Collector(cfg, machine, store, Capture(model, self.specs), dims, progress, self.claim.check)
+        t0 = time.perf_counter()
+        ahead = prefetch(batches)
+        try:
+            loop.run(ahead, show_progress)
+        finally:
+            ahead.close()
+        merged = merge_statistics(store, run, uc.hooks, cfg.num_runs)
+        result.files, result.rows, result.tokens = loop.files, loop.rows, loop.tokens
+        result.bytes_written, result.seconds = loop.writer.bytes_written, time.perf_counter() - t0
+        result.stats, result.bad_records = loop.stats, loop.bad_records
+        log.info("wrote %d files (%s) to %s in %.1fs; statistics cover machines %s", loop.files - progress.files_done,
+                 human_bytes(result.bytes_written), result.destination, result.seconds, merged)
+        log.info("%s", result.outcome())
         return result
 
-    write_json(store, f"{run}/cfg.json", record)
-    # Only this machine writes these names, and its previous process is gone: its temp files are stale.
-    for h in uc.hooks:
-        store.clear_partial(f"{run}/{h}", f"m{machine:05d}-")
-    store.clear_partial(f"{run}/progress", f"machine-{machine:05d}")
-    model = load_model(tc, specs)
-    if progress.files_done:
-        log.info("resuming machine %d after %d files", machine, progress.files_done)
-    state = DataState.from_dict(progress.data_state) if progress.data_state else None
-    batches = iter_batches(dc, tokenizer, machine=machine, num_runs=cfg.num_runs, state=state)
-    if state is None:
-        for _ in range(dc.start_batch):
-            if next(batches, None) is None:
-                break
 
-    loop = _Collector(cfg, machine, store, Capture(model, specs), dims, progress)
-    t0 = time.perf_counter()
-    ahead = prefetch(batches)
-    try:
-        loop.run(ahead, show_progress)
-    finally:
-        ahead.close()
-    merged = merge_statistics(store, run, uc.hooks, cfg.num_runs)
-    result.files, result.rows, result.tokens = loop.files, loop.rows, loop.tokens
-    result.bytes_written, result.seconds = loop.writer.bytes_written, time.perf_counter() - t0
-    result.stats = loop.stats
-    log.info("wrote %d files (%s) to %s in %.1fs; statistics cover machines %s", loop.files - progress.files_done,
-             human_bytes(result.bytes_written), result.destination, result.seconds, merged)
-    return result
+def _require_documents(cfg: Config, machine: int) -> None:
+    """A source that yields nothing is an error now, before weights load, not an empty finished run."""
+    from activault.collection.sources import require_documents, resolve_source
+
+    dc = cfg.data_config
+    spec = resolve_source(dc.data_key, dc.registry)
+    require_documents(spec, f"data_key {dc.data_key!r}", machine=machine, num_runs=cfg.num_runs)
 
 
 @dataclass
@@ -149,8 +200,11 @@ class _Megabatch:
 class _Collector:
     """Runs the model over batches, keeps statistics, fills megabatches and hands them to the writer."""
 
-    def __init__(self, cfg: Config, machine: int, store: Store, capture: Any, dims: dict[str, int], progress: Progress):
+    def __init__(self, cfg: Config, machine: int, store: Store, capture: Any, dims: dict[str, int], progress: Progress,
+                 check_claim: Any = None):
         self.cfg, self.machine, self.store, self.capture, self.progress = cfg, machine, store, capture, progress
+        self.check_claim = check_claim or (lambda: None)  # raises once another collector may hold this machine
+        self.data_state = progress.data_state  # the cursor after the last batch collected
         self.hooks = cfg.upload_config.hooks
         self.device = next(capture.model.parameters()).device
         self.stats = {
@@ -182,11 +236,13 @@ class _Collector:
                 if mb.rows == 0:
                     self._release(mb)
                     break
+                self.check_claim()
                 self._submit(k, mb)
                 if mb.rows < cfg.rows_per_file and k < n_files - 1:
                     break  # the data ran out: this partial megabatch is the last
             self.writer.flush()
-            write_json(self.store, self.progress.key, self._record(None, finished=True))
+            self.check_claim()
+            write_json(self.store, self.progress.key, self._record(self.data_state, finished=True))
             self.writer.close()
         except BaseException:
             self.writer.abort()
@@ -194,6 +250,10 @@ class _Collector:
         finally:
             self.capture.close()
             bar.close()
+
+    @property
+    def bad_records(self) -> int:
+        return int((self.data_state or {}).get("bad_records", 0))
 
     def _rows_buffer(self) -> torch.Tensor:
         return torch.empty(self.cfg.rows_per_file, self.cfg.data_config.seq_length, dtype=torch.int32)
@@ -224,7 +284,7 @@ class _Collector:
             # Pinned host buffer and an async copy on CUDA; synchronised in _submit before any write.
             mb.states[h][r : r + B].copy_(kept.view(B, S, -1), non_blocking=self.device.type == "cuda")
         mb.rows += B
-        mb.data_state = batch.state.to_dict()
+        mb.data_state = self.data_state = batch.state.to_dict()
         self.tokens += int(real.sum())
 
     def _pool(self, hook: str, kept: torch.Tensor) -> BufferPool:
