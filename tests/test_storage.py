@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
+from pathlib import Path
+
 import pytest
 
 from activault.errors import NotFoundError, StorageError
@@ -41,3 +45,23 @@ def test_open_store_by_uri(tmp_path):
     assert open_store("s3://bucket/some/prefix").url("k") == "s3://bucket/some/prefix/k"
 
 
+
+
+def test_read_only_filesystem_is_one_message_from_every_cleanup(tmp_path, monkeypatch):
+    """Once the filesystem turns read-only, the cleanup of a failed write fails too: the write's
+    error is reported, and clearing the leftovers later is a StorageError, never a raw OSError."""
+    store = LocalStore(tmp_path, fsync=False)
+    (tmp_path / "run/h").mkdir(parents=True)
+    (tmp_path / "run/h/.m00000-000001.safetensors.1234.tmp").write_bytes(b"half")
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(os, "replace", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(StorageError, match="cannot write .*Read-only file system.*run the same command again"):
+        store.put("run/h/m00000-000002.safetensors", b"data")
+    with pytest.raises(StorageError, match="cannot remove the unfinished file .*Read-only file system"):
+        store.clear_partial("run/h", "m00000-")
+    with pytest.raises(StorageError, match="cannot delete .*Read-only file system"):
+        store.delete("run/h/.m00000-000001.safetensors.1234.tmp")

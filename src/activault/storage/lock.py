@@ -191,7 +191,7 @@ class Lease(MachineLock):
                     self.body, self.expires = body, expires
                     continue
                 current = _parse(bytes(self.store.get(self.key)))
-            except StorageError as e:  # transient: retried next period; `check` fails once it expires
+            except Exception as e:  # noqa: BLE001 - retried next period; `check` fails once it expires
                 log.warning("could not renew the lease on %s: %s", self.what, e)
                 continue
             if current == json.loads(body):

@@ -222,7 +222,9 @@ class S3Store(Store):
             current = obstore.get(self._store, key)
             if bytes(current.bytes()) != expect:
                 return False
-            version = {"e_tag": current.meta["e_tag"], "version": current.meta["version"]}
+            version = {k: v for k in ("e_tag", "version") if (v := current.meta[k]) is not None}  # type: ignore[literal-required]
+            if not version:
+                raise StorageError(f"{self.where} gives objects no ETag, so {self.url(key)} cannot be updated conditionally")
             obstore.put(self._store, key, data, mode=version, use_multipart=False)  # type: ignore[arg-type]
             return True
         except (AlreadyExistsError, PreconditionError, _ObNotFound, FileNotFoundError):
