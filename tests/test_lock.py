@@ -4,6 +4,7 @@ conditional write the lease is built on."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -104,21 +105,33 @@ def test_s3_lease_is_renewed_while_its_holder_lives(s3: S3Store) -> None:
             hold(s3, "run", 0, lease_seconds=2.5)
 
 
-def test_s3_lease_of_a_killed_holder_is_taken_over_once_expired(s3: S3Store, moto_url: str) -> None:
-    proc = holder_process(s3, moto_url, lease=2)
+def test_s3_lease_of_a_killed_holder_on_this_machine_is_taken_over_at_once(s3: S3Store, moto_url: str) -> None:
+    proc = holder_process(s3, moto_url)
     with pytest.raises(LockedError) as e:
-        hold(s3, "run", 0, lease_seconds=2)
+        hold(s3, "run", 0)
     assert f"pid {proc.pid}" in str(e.value) and "expires at" in str(e.value)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    with hold(s3, "run", 0) as claim:  # its pid is gone from this machine: no need to wait for expiry
+        claim.check()
+
+
+def test_s3_lease_of_another_machine_is_taken_over_once_expired(s3: S3Store) -> None:
+    now = time.time()
+    other = {"host": "node-17", "pid": 4242, "started": "earlier", "token": "t", "pids": "another-boot/1",
+             "renewed": "just now", "renewed_at": now, "expires_at": now + 2}
+    s3.put(lock_key("run", 0), json.dumps(other).encode())
+    with pytest.raises(LockedError, match="host node-17, pid 4242, running since earlier"):
+        hold(s3, "run", 0)
     deadline = time.monotonic() + 60
     while True:  # refused until its last renewal is 2 s old, then taken over
         try:
-            claim = hold(s3, "run", 0, lease_seconds=2)
+            claim = hold(s3, "run", 0)
             break
         except LockedError:
-            assert time.monotonic() < deadline, "the dead holder's lease was never taken over"
+            assert time.monotonic() < deadline, "the expired lease was never taken over"
             time.sleep(0.2)
+    assert time.time() > other["expires_at"]
     claim.check()
     claim.release()
 

@@ -5,8 +5,9 @@ process ends, however it ends, so a stale lock never blocks a resume.
 
 Object stores have no such lock. There the claim is a lease object at the same key, written only
 if absent (If-None-Match), renewed by a background thread every quarter of `lease_seconds`, and
-taken over once its holder has not renewed it for `lease_seconds` (If-Match on the version read,
-so of two collectors taking over, one wins). Expiry compares the holder's clock with the taker's:
+taken over once its holder has not renewed it for `lease_seconds`, or at once when the holder was a
+process of this machine that no longer exists (If-Match on the version read, so of two collectors
+taking over, one wins). Expiry compares the holder's clock with the taker's:
 machines are assumed to agree to within a small part of `lease_seconds` (NTP does). The holder
 stops before its own lease could have expired (`check`, called before each file); a write already
 in flight when a stalled holder (a paused VM) wakes may still land after a takeover. It writes
@@ -66,7 +67,37 @@ class MachineLock:
 
 
 def _holder() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _iso(time.time()), "token": uuid.uuid4().hex}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _iso(time.time()),
+            "token": uuid.uuid4().hex, "pids": _pid_space()}  # fmt: skip
+
+
+def _pid_space() -> str | None:
+    """This boot and PID namespace (Linux): where a pid names one process, or None where unknown."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
+_LIVE: set[str] = set()  # tokens of the leases this process holds now
+
+
+def _is_dead(holder: dict[str, Any]) -> bool:
+    """Whether a lease's holder is certainly gone: a process of this very machine and PID namespace
+    that no longer exists (or this process, which no longer holds it). Else only expiry tells."""
+    here = _pid_space()
+    if here is None or holder.get("pids") != here or not isinstance(holder.get("pid"), int):
+        return False
+    if holder["pid"] == os.getpid():
+        return holder.get("token") not in _LIVE
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        pass  # alive, another user's
+    return False
 
 
 def _iso(t: float) -> str:
@@ -147,6 +178,7 @@ class Lease(MachineLock):
         self.lost: str | None = None
         self._stop = threading.Event()
         self._acquire()
+        _LIVE.add(self.holder["token"])
         self._thread = threading.Thread(target=self._renew, name="activault-lease", daemon=True)
         self._thread.start()
 
@@ -170,7 +202,7 @@ class Lease(MachineLock):
                 self.body, self.expires = current, float(other["expires_at"])
                 return
             deadline = other.get("expires_at") if other else None
-            if isinstance(deadline, int | float) and time.time() <= deadline:
+            if isinstance(deadline, int | float) and time.time() <= deadline and not (other and _is_dead(other)):
                 raise LockedError(
                     f"{self.what} is being collected by {_describe(other)} (lease {self.store.url(self.key)}, "
                     f"renewed {other.get('renewed', '?')}); wait for it to finish or stop it. If that process is "
@@ -178,7 +210,7 @@ class Lease(MachineLock):
                 )
             body, expires = self._new_body()
             if self.store.swap(self.key, body, current):
-                log.warning("took over %s from %s: its lease expired unrenewed", self.what, _describe(other))
+                log.warning("took over %s from %s, which is gone", self.what, _describe(other))
                 self.body, self.expires = body, expires
                 return
         raise LockedError(f"{self.what}: several collectors are claiming {self.store.url(self.key)} at once; run one")
@@ -213,6 +245,7 @@ class Lease(MachineLock):
         if self._stop.is_set():
             return
         self._stop.set()
+        _LIVE.discard(self.holder["token"])
         self._thread.join(timeout=self.seconds)  # a renewal may be retrying a slow store
         if self.lost is not None or self._thread.is_alive():
             return  # not ours any more, or about to expire by itself
