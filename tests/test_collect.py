@@ -200,7 +200,9 @@ def test_data_running_out_ends_cleanly_with_padding(llama, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="activault.collection.pipeline"):
         r = collect(cfg, show_progress=False)
     assert 0 < r.files < r.files_planned == 2500
-    assert f"files: {r.files} of 2500 planned (the data ran out first" in caplog.records[-1].getMessage()
+    last = caplog.records[-1].getMessage()
+    assert last == (f"machine 0: {r.files} of 2500 planned files written; "
+                    "the data ran out first (every document was collected)")
     t = load_hook(tmp_path / "run", "models.layers.1.post")
     pos = t["positions"]
     assert (pos[:-1] >= 0).all()  # only the last row may hold padding
@@ -365,7 +367,7 @@ def test_demo_runs_and_runs_again(tmp_path):
 
 
 def test_every_config_field_is_classified_for_resume():
-    assert sorted(FIELDS) == sorted(config_fields()), "classify each new Config field in collection/resume.py"
+    assert sorted(FIELDS) == sorted(config_fields()), "classify it in collection/resume.py"
 
 
 def changed(cfg, path: str, value):
@@ -414,10 +416,12 @@ def test_another_data_source_or_model_is_refused(collected, tiny_model_dir, tmp_
     cfg, root, _ = collected
     copy = tmp_path / "copy.jsonl"
     copy.write_bytes(Path(CORPUS).read_bytes())
-    with pytest.raises(ConfigError, match=r"data_config\.data_key: stored '.*demo_corpus.jsonl', this config '.*copy.jsonl'"):
+    message = r"data_config\.data_key: stored '.*demo_corpus.jsonl', this config '.*copy.jsonl'"
+    with pytest.raises(ConfigError, match=message):
         collect(changed(cfg, "data_config.data_key", str(copy)), show_progress=False)
+    gpt2 = str(tiny_model_dir("gpt2"))
     with pytest.raises(ConfigError) as e:
-        collect(changed(cfg, "transformer_config.model_name", str(tiny_model_dir("gpt2"))), show_progress=False)
+        collect(changed(cfg, "transformer_config.model_name", gpt2), show_progress=False)
     assert "transformer_config.model_name" in str(e.value) and "model.architecture" in str(e.value)
 
 
@@ -444,10 +448,16 @@ def test_changes_that_store_nothing_different_are_allowed(collected):
 
 @pytest.mark.parametrize(
     "content,message",
-    [(b"", "has no rows"), (b'{"body": "x"}\n' * 5, "their fields are 'body'"), (b'{"text": ""}\n' * 5, "no non-empty")],
+    [
+        (b"", "has no rows"),
+        (b'{"body": "x"}\n' * 5, "their fields are 'body'"),
+        (b'{"text": ""}\n' * 5, "no non-empty"),
+    ],
     ids=["empty-file", "wrong-field", "empty-strings"],
 )
-def test_a_source_without_documents_fails_before_weights_load(llama, tmp_path, monkeypatch, content, message):
+def test_a_source_without_documents_fails_before_weights_load(
+    llama, tmp_path, monkeypatch, content, message
+):
     import activault.collection.model as model_module
 
     def no_weights(*a, **k):
@@ -457,7 +467,8 @@ def test_a_source_without_documents_fails_before_weights_load(llama, tmp_path, m
     data = tmp_path / "d.jsonl"
     data.write_bytes(content)
     with pytest.raises(DataError) as e:
-        collect(make_cfg(llama, tmp_path / "vault", data={"data_key": str(data)}), show_progress=False)
+        collect(make_cfg(llama, tmp_path / "vault", data={"data_key": str(data)}),
+                show_progress=False)
     assert message in str(e.value) and str(data) in str(e.value)
     assert not (tmp_path / "vault/run").exists(), "nothing written, no empty run folder left"
 
@@ -465,14 +476,18 @@ def test_a_source_without_documents_fails_before_weights_load(llama, tmp_path, m
 def test_bad_record_error_stops_the_run_naming_file_and_line(llama, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_bytes(Path(CORPUS).read_bytes() + b'{"text": "cut\n')
-    cfg = make_cfg(llama, tmp_path, data={"data_key": str(data), "n_batches": 10_000, "on_bad_record": "error"})
+    data_over = {"data_key": str(data), "n_batches": 10_000, "on_bad_record": "error"}
+    cfg = make_cfg(llama, tmp_path, data=data_over)
     with pytest.raises(DataError, match=f"bad record at {data}:297: not JSON"):
         collect(cfg, show_progress=False)
-    done = collect(changed(cfg, "data_config.on_bad_record", "skip"), show_progress=False)  # resumes
+    skip = changed(cfg, "data_config.on_bad_record", "skip")
+    done = collect(skip, show_progress=False)  # resumes after the files written before the error
     assert done.bad_records == 1
 
 
-def test_filesystem_turning_read_only_is_one_message_then_resume_is_identical(collected, llama, tmp_path, monkeypatch):
+def test_filesystem_turning_read_only_is_one_message_then_resume_is_identical(
+    collected, llama, tmp_path, monkeypatch
+):
     _, ref, _ = collected
     real_replace, real_unlink = os.replace, Path.unlink
     state = {"files": 0, "read_only": False}
@@ -500,20 +515,23 @@ def test_filesystem_turning_read_only_is_one_message_then_resume_is_identical(co
     for _ in range(2):  # mid-run, then again while it is still read-only
         with pytest.raises(StorageError) as e:
             collect(cfg, show_progress=False)
-        assert "Read-only file system" in str(e.value) and "run the same command again" in str(e.value)
-    assert list((tmp_path / "run").rglob(".*.tmp")), "the failed write's temp file could not be removed"
+        assert "Read-only file system" in str(e.value)
+        assert "run the same command again" in str(e.value)
+    assert list((tmp_path / "run").rglob(".*.tmp")), "the failed write's temp file stayed"
     state["read_only"], state["files"] = False, -(10**6)
     collect(cfg, show_progress=False)
     got = tree_bytes(tmp_path / "run")
     # This machine's own leftovers are cleared; a temp file of a record every machine writes
     # (cfg.json here) is not, since another machine may be writing it: it stays hidden.
     hidden = sorted(k for k in got if Path(k).name.startswith("."))
-    assert all(Path(k).name.startswith((".cfg.json.", ".metadata.json.", ".statistics.json.")) for k in hidden)
+    shared = (".cfg.json.", ".metadata.json.", ".statistics.json.")
+    assert all(Path(k).name.startswith(shared) for k in hidden)
     assert {k: v for k, v in got.items() if k not in hidden} == tree_bytes(ref)
 
 
 def hostile_copy(path: Path, every: int = 9, first: int = 120) -> Path:
-    """The demo corpus with a bad line (not UTF-8, not JSON, not an object) after every `every`-th of its first rows."""
+    """The demo corpus with a bad line (not UTF-8, not JSON, not an object) after every
+    `every`-th of its `first` rows."""
     bad = [b'\xff{"text": "x"}\n', b'{"text": "cut\n', b"[1, 2]\n"]
     lines = Path(CORPUS).read_bytes().splitlines(keepends=True)
     out = []
@@ -526,9 +544,11 @@ def hostile_copy(path: Path, every: int = 9, first: int = 120) -> Path:
 
 
 @pytest.mark.slow
-def test_killed_run_with_bad_records_admits_one_collector_refuses_a_changed_config_and_resumes_identically(
+def test_killed_run_admits_one_collector_refuses_a_changed_config_resumes_identically(
     tiny_model_dir, tmp_path
 ):
+    """With bad records in the data: killed after its first file, the run refuses a second
+    collector while it lives and a changed dtype after, then resumes to the same bytes."""
     model = tiny_model_dir("llama")
     data = hostile_copy(tmp_path / "hostile.jsonl")
     over = {"data": {"data_key": str(data), "n_batches": 24, "seq_length": 128, "batch_size": 8},
@@ -542,8 +562,8 @@ def test_killed_run_with_bad_records_admits_one_collector_refuses_a_changed_conf
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     progress = tmp_path / "killed/run/progress/machine-00000.json"
-    proc = subprocess.Popen([sys.executable, "-m", "activault", "collect", "--config", str(path), "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = [sys.executable, "-m", "activault", "collect", "--config", str(path), "--quiet"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 300
         while time.time() < deadline and proc.poll() is None:
@@ -561,7 +581,8 @@ def test_killed_run_with_bad_records_admits_one_collector_refuses_a_changed_conf
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    with pytest.raises(ConfigError, match="transformer_config.dtype: stored 'float32', this config 'bfloat16'"):
+    message = "transformer_config.dtype: stored 'float32', this config 'bfloat16'"
+    with pytest.raises(ConfigError, match=message):
         collect(changed(cfg, "transformer_config.dtype", "bfloat16"), show_progress=False)
     done = collect(cfg, show_progress=False)
     assert done.bad_records == ref.bad_records

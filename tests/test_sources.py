@@ -566,7 +566,7 @@ BAD_LINES = [
 
 
 def write_hostile(path: Path, rows: list[dict], every: int = 7) -> tuple[Path, list[str]]:
-    """`rows` as JSON lines with a bad line after every `every`-th row; returns the bad lines' `file:line`."""
+    """`rows` as JSON lines, a bad line after every `every`-th; returns bad lines' `file:line`."""
     out, where, n = [], [], 0
     for i, r in enumerate(rows):
         out.append(json.dumps(r).encode() + b"\n")
@@ -606,7 +606,8 @@ def test_bad_record_error_names_file_and_line(tmp_path, tok):
 def test_bad_record_count_is_in_the_resumable_state(tmp_path, tok):
     """The count in each batch's state is the same however the stream was read (resumed or not)."""
     rows = corpus_rows()
-    path, where = write_hostile(tmp_path / "h.jsonl", rows[:40] + [r for r in rows if "messages" in r], every=5)
+    chats = [r for r in rows if "messages" in r]
+    path, where = write_hostile(tmp_path / "h.jsonl", rows[:40] + chats, every=5)
     c = cfg(str(path), seq_length=40, batch_size=3, shuffle_buffer=20, seed=3)
     batches = list(iter_batches(c, tok))
     counts = [b.state.bad_records for b in batches]
@@ -614,7 +615,8 @@ def test_bad_record_count_is_in_the_resumable_state(tmp_path, tok):
     for i in range(0, len(batches) - 1, 3):
         resumed = list(iter_batches(c, tok, state=batches[i].state))
         assert [b.state for b in resumed] == [b.state for b in batches[i + 1 :]]
-        assert all(torch.equal(x.input_ids, y.input_ids) for x, y in zip(resumed, batches[i + 1 :], strict=True))
+        pairs = zip(resumed, batches[i + 1 :], strict=True)
+        assert all(torch.equal(x.input_ids, y.input_ids) for x, y in pairs)
 
 
 @pytest.mark.parametrize("files", [1, 2])
@@ -624,7 +626,8 @@ def test_each_bad_record_belongs_to_one_machine(tmp_path, tok, files):
     for f in range(files):
         where += write_hostile(tmp_path / f"p{f}.jsonl", rows[f::files], every=4)[1]
     c = cfg(str(tmp_path / "p*.jsonl"))
-    total = sum(list(iter_batches(c, tok, machine=m, num_runs=2))[-1].state.bad_records for m in range(2))
+    last = [list(iter_batches(c, tok, machine=m, num_runs=2))[-1] for m in range(2)]
+    total = sum(b.state.bad_records for b in last)
     assert total == len(where)
 
 
@@ -633,7 +636,8 @@ def test_json_array_files(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(rows + [7]))
     bad = BadRecords()
     docs = list(iter_documents(resolve_source(str(tmp_path / "a.json")), bad=bad))
-    assert docs == list(iter_documents(resolve_source(str(write_jsonl(tmp_path / "a.jsonl", rows)))))
+    jsonl = write_jsonl(tmp_path / "a.jsonl", rows)
+    assert docs == list(iter_documents(resolve_source(str(jsonl))))
     assert bad.count == 1, "an item that is not an object"
     (tmp_path / "b.json").write_text(json.dumps(rows)[:-20])
     bad = BadRecords()
@@ -646,7 +650,7 @@ def test_json_array_files(tmp_path):
     [
         (b"", "has no rows"),
         (b"\n\n", "has no rows"),
-        (b'{"body": "x", "id": 1}\n' * 3, "no non-empty string field 'text' or chat field 'messages'"),
+        (b'{"body": "x", "id": 1}\n' * 3, "no non-empty string field 'text' or chat field"),
         (b'{"text": ""}\n{"text": "   "}\n', "fields are 'text'"),
         (b"not json\n" * 3, "are bad records (the first: "),
     ],
@@ -665,8 +669,10 @@ def test_a_source_without_documents_is_an_error(tmp_path, content, message):
 def test_require_documents_names_the_registry_field_and_machine(tmp_path):
     rows = write_jsonl(tmp_path / "r.jsonl", [{"question": "q", "answer": "a"}])
     reg = tmp_path / "reg.json"
-    reg.write_text(json.dumps({"qa": {"path": "json", "data_files": str(rows), "kind": "text", "text": "prompt"}}))
-    with pytest.raises(DataError, match="string field 'prompt'; their fields are 'question', 'answer'"):
+    entry = {"path": "json", "data_files": str(rows), "kind": "text", "text": "prompt"}
+    reg.write_text(json.dumps({"qa": entry}))
+    message = "string field 'prompt'; their fields are 'question', 'answer'"
+    with pytest.raises(DataError, match=message):
         require_documents(resolve_source("qa", str(reg)), "data_key 'qa'")
     require_documents(resolve_source(CORPUS), "corpus")  # a good source passes
     one = write_jsonl(tmp_path / "one.jsonl", [{"text": "only one"}])

@@ -59,9 +59,11 @@ def test_read_only_filesystem_is_one_message_from_every_cleanup(tmp_path, monkey
 
     monkeypatch.setattr(os, "replace", read_only)
     monkeypatch.setattr(Path, "unlink", read_only)
-    with pytest.raises(StorageError, match="cannot write .*Read-only file system.*run the same command again"):
+    message = "cannot write .*Read-only file system.*run the same command again"
+    with pytest.raises(StorageError, match=message):
         store.put("run/h/m00000-000002.safetensors", b"data")
-    with pytest.raises(StorageError, match="cannot remove the unfinished file .*Read-only file system"):
+    message = "cannot remove the unfinished file .*Read-only file system"
+    with pytest.raises(StorageError, match=message):
         store.clear_partial("run/h", "m00000-")
     with pytest.raises(StorageError, match="cannot delete .*Read-only file system"):
         store.delete("run/h/.m00000-000001.safetensors.1234.tmp")

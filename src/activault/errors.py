@@ -18,11 +18,11 @@ class FormatError(ActivaultError):
 
 
 class LockedError(StorageError):
-    """Another collector holds this run and machine index; the message names it (host, pid, since)."""
+    """Another collector holds this run and machine index; the message names it."""
 
 
 class DataError(ActivaultError):
-    """The input text cannot be used: a bad record, or no documents; the message names file, line or field."""
+    """The input text cannot be used (a bad record, no documents); the message says where."""
 
 
 class NotFoundError(StorageError, FileNotFoundError):

@@ -41,7 +41,7 @@ class DataState:
     docs_done: int = 0  # documents of this machine's share fully consumed
     token_offset: int = 0  # tokens of the next document already consumed (split across rows)
     exhausted: bool = False
-    bad_records: int = 0  # bad records skipped before the next document (all of them, once exhausted)
+    bad_records: int = 0  # bad records before the next document (all of them once exhausted)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -177,7 +177,9 @@ _Encoded = tuple[int, list[int], list[bool], list[int], int]
 class _Packer:
     """Cuts rows of exactly `seq_length` kept tokens out of a stream of encoded documents."""
 
-    def __init__(self, docs: Iterable[Doc], encoder: _Encoder, first: int, offset: int, bad: BadRecords):
+    def __init__(
+        self, docs: Iterable[Doc], encoder: _Encoder, first: int, offset: int, bad: BadRecords
+    ):
         self.docs_seen = first  # documents pulled from the stream, empty ones included
         self.bad = bad
         self.stream = self._encoded(iter(docs), encoder)
@@ -189,7 +191,8 @@ class _Packer:
         # depend on how far ahead the stream was read (a resume reads it in other chunks).
         counted = ((d, self.bad.count) for d in docs)
         while chunk := list(itertools.islice(counted, ENCODE_CHUNK)):
-            for (ids, keep), (_, bad) in zip(encoder.encode([d for d, _ in chunk]), chunk, strict=True):
+            encoded = encoder.encode([d for d, _ in chunk])
+            for (ids, keep), (_, bad) in zip(encoded, chunk, strict=True):
                 self.docs_seen += 1
                 kept = [i for i, k in enumerate(keep) if k]
                 if kept:  # a document with no stored token is skipped but counted

@@ -62,11 +62,11 @@ class Result:
 
     def outcome(self) -> str:
         """One line: files written against the plan, and the bad records skipped."""
-        line = f"machine files: {self.files} of {self.files_planned} planned"
+        line = f"{self.files} of {self.files_planned} planned files written"
         if self.files < self.files_planned:
-            line += " (the data ran out first; every document was collected)"
+            line += "; the data ran out first (every document was collected)"
         if self.bad_records:
-            line += f"; {self.bad_records} bad input record(s) skipped (logged above with file and line)"
+            line += f"; {self.bad_records} bad input record(s) skipped (logged with file and line)"
         return line
 
 
@@ -136,17 +136,20 @@ class _Job:
 
         result = Result(destination=store.url(run), files_planned=plan.files)
         if progress.finished:
-            log.info("machine %d already finished (%d files); refreshing statistics", machine, progress.files_done)
+            log.info("machine %d already finished (%d files); refreshing statistics",
+                     machine, progress.files_done)
             merge_statistics(store, run, uc.hooks, cfg.num_runs)
-            result.files, result.rows, result.tokens = progress.files_done, progress.rows_done, progress.tokens_done
+            result.files, result.rows = progress.files_done, progress.rows_done
+            result.tokens = progress.tokens_done
             result.bad_records = int((progress.data_state or {}).get("bad_records", 0))
             result.stats = {h: RunningStats.from_dict(d) for h, d in progress.stats.items()}
+            log.info("machine %d: %s", machine, result.outcome())
             return result
         if not progress.files_done:
             _require_documents(cfg, machine)
 
         write_json(store, f"{run}/cfg.json", self.record)
-        # Only this machine writes these names, and its previous process is gone: its temp files are stale.
+        # Only this machine writes these names, and it holds the machine: leftover temps are stale.
         for h in uc.hooks:
             store.clear_partial(f"{run}/{h}", f"m{machine:05d}-")
         store.clear_partial(f"{run}/progress", f"machine-{machine:05d}")
@@ -154,13 +157,15 @@ class _Job:
         if progress.files_done:
             log.info("resuming machine %d after %d files", machine, progress.files_done)
         state = DataState.from_dict(progress.data_state) if progress.data_state else None
-        batches = iter_batches(dc, self.tokenizer, machine=machine, num_runs=cfg.num_runs, state=state)
+        batches = iter_batches(dc, self.tokenizer, machine=machine, num_runs=cfg.num_runs,
+                               state=state)
         if state is None:
             for _ in range(dc.start_batch):
                 if next(batches, None) is None:
                     break
 
-        loop = _Collector(cfg, machine, store, Capture(model, self.specs), dims, progress, self.claim.check)
+        capture = Capture(model, self.specs)
+        loop = _Collector(cfg, machine, store, capture, dims, progress, self.claim.check)
         t0 = time.perf_counter()
         ahead = prefetch(batches)
         try:
@@ -171,14 +176,15 @@ class _Job:
         result.files, result.rows, result.tokens = loop.files, loop.rows, loop.tokens
         result.bytes_written, result.seconds = loop.writer.bytes_written, time.perf_counter() - t0
         result.stats, result.bad_records = loop.stats, loop.bad_records
-        log.info("wrote %d files (%s) to %s in %.1fs; statistics cover machines %s", loop.files - progress.files_done,
-                 human_bytes(result.bytes_written), result.destination, result.seconds, merged)
-        log.info("%s", result.outcome())
+        log.info("wrote %d files (%s) to %s in %.1fs; statistics cover machines %s",
+                 loop.files - progress.files_done, human_bytes(result.bytes_written),
+                 result.destination, result.seconds, merged)
+        log.info("machine %d: %s", machine, result.outcome())
         return result
 
 
 def _require_documents(cfg: Config, machine: int) -> None:
-    """A source that yields nothing is an error now, before weights load, not an empty finished run."""
+    """A source that yields nothing is an error now, before weights load, not an empty run."""
     from activault.collection.sources import require_documents, resolve_source
 
     dc = cfg.data_config
@@ -200,10 +206,11 @@ class _Megabatch:
 class _Collector:
     """Runs the model over batches, keeps statistics, fills megabatches and hands them to the writer."""
 
-    def __init__(self, cfg: Config, machine: int, store: Store, capture: Any, dims: dict[str, int], progress: Progress,
-                 check_claim: Any = None):
+    def __init__(self, cfg: Config, machine: int, store: Store, capture: Any, dims: dict[str, int],
+                 progress: Progress, check_claim: Any = None):
         self.cfg, self.machine, self.store, self.capture, self.progress = cfg, machine, store, capture, progress
-        self.check_claim = check_claim or (lambda: None)  # raises once another collector may hold this machine
+        # Raises once another collector may hold this machine (an expired lease).
+        self.check_claim = check_claim or (lambda: None)
         self.data_state = progress.data_state  # the cursor after the last batch collected
         self.hooks = cfg.upload_config.hooks
         self.device = next(capture.model.parameters()).device

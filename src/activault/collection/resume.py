@@ -97,8 +97,10 @@ def _lookup(tree: Mapping[str, Any], path: str) -> Any:
     return node
 
 
-def changed_fields(stored: Mapping[str, Any], record: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
-    """(field, stored value, new value) for each data-shaping difference between two cfg.json records."""
+def changed_fields(
+    stored: Mapping[str, Any], record: Mapping[str, Any]
+) -> list[tuple[str, Any, Any]]:
+    """(field, stored value, new value) for each data-shaping difference of two cfg.json records."""
     old_cfg, new_cfg = stored.get("config"), record.get("config", {})
     diffs = []
     if isinstance(old_cfg, Mapping) and old_cfg:
@@ -110,12 +112,13 @@ def changed_fields(stored: Mapping[str, Any], record: Mapping[str, Any]) -> list
     if isinstance(old_model, Mapping):
         for fact in MODEL_FACTS:
             if fact in old_model and old_model[fact] != new_model.get(fact):
-                diffs.append((f"model.{fact} (read from the checkpoint)", old_model[fact], new_model.get(fact)))
+                name = f"model.{fact} (read from the checkpoint)"
+                diffs.append((name, old_model[fact], new_model.get(fact)))
     return diffs
 
 
 def check_resume(stored: Mapping[str, Any] | None, record: Mapping[str, Any], where: str) -> None:
-    """Refuse to continue the run recorded in `stored` (its cfg.json at `where`) with `record`'s config.
+    """Refuse to continue the run of `stored` (its cfg.json, at `where`) with `record`'s config.
 
     Raises ConfigError naming every field that shapes the data and differs, with both values.
     """
@@ -127,7 +130,7 @@ def check_resume(stored: Mapping[str, Any] | None, record: Mapping[str, Any], wh
     run = record.get("run_name", "?")
     lines = [f"  {path}: stored {old!r}, this config {new!r}" for path, old, new in diffs]
     raise ConfigError(
-        f"run {run!r} at {where} was collected with another config; resuming would mix two kinds of "
-        "data in one run:\n" + "\n".join(lines) + "\nrestore the stored value(s) to continue this run, "
-        "or set a new run_name to collect a separate run"
+        f"run {run!r} at {where} was collected with another config; resuming would mix two kinds "
+        "of data in one run:\n" + "\n".join(lines) + "\nrestore the stored value(s) to continue "
+        "this run, or set a new run_name to collect a separate run"
     )

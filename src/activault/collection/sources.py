@@ -146,7 +146,7 @@ def resolve_source(data_key: str, registry: str | None = None) -> SourceSpec:
 
 
 def _local_json(spec: SourceSpec) -> list[str] | None:
-    """The files of a JSON source that lives on this machine, else None (hub data stays on datasets)."""
+    """The files of a JSON source on this machine, else None (hub data stays on datasets)."""
     if spec.path != "json" or not spec.data_files:
         return None
     files = [f for pattern in spec.data_files for f in _local_files(pattern)]
@@ -177,10 +177,14 @@ def _json_lines(name: str, f: IO[bytes]) -> Iterator[dict[str, Any]]:
             yield {BAD: f"{name}:{n}: not UTF-8 (byte {e.start + 1} of the line)"}
             continue
         except (ValueError, RecursionError) as e:
-            why = f"{e.msg} at column {e.colno}" if isinstance(e, json.JSONDecodeError) else "nested too deeply"
+            why = "nested too deeply"
+            if isinstance(e, json.JSONDecodeError):
+                why = f"{e.msg} at column {e.colno}"
             yield {BAD: f"{name}:{n}: not JSON ({why})"}
             continue
-        yield row if isinstance(row, dict) else {BAD: f"{name}:{n}: a JSON {type(row).__name__}, not an object"}
+        if not isinstance(row, dict):
+            row = {BAD: f"{name}:{n}: a JSON {type(row).__name__}, not an object"}
+        yield row
 
 
 def _json_array(name: str, data: bytes) -> Iterator[dict[str, Any]]:
@@ -198,7 +202,7 @@ def _json_array(name: str, data: bytes) -> Iterator[dict[str, Any]]:
 
 
 class BadRecords:
-    """Counts the bad records of one pass over the data; logs the first few, or stops at the first."""
+    """Counts the bad records of one pass over the data; logs the first few, or stops at one."""
 
     def __init__(self, policy: Literal["skip", "error"] = "skip", log_them: bool = True):
         self.policy, self.log_them, self.count = policy, log_them, 0
@@ -206,8 +210,8 @@ class BadRecords:
     def add(self, where: str) -> None:
         if self.policy == "error":
             raise DataError(
-                f"bad record at {where}; fix or remove it, or set data_config.on_bad_record: skip to skip "
-                "such records (each is counted and logged)"
+                f"bad record at {where}; fix or remove it, or set data_config.on_bad_record: skip "
+                "to skip such records (each is counted and logged)"
             )
         self.count += 1
         if self.log_them and self.count <= LOGGED_BAD:
@@ -247,7 +251,7 @@ def iter_documents(
     skip: int = 0,
     bad: BadRecords | None = None,
 ) -> Iterator[Doc]:
-    """Yield this machine's documents (a str, or a list of role/content messages), deterministically.
+    """This machine's documents (a str, or a list of role/content messages), deterministically.
 
     Bad records are counted in `bad` as they are passed (its count, read when a document arrives,
     is the number of bad records before that document).
@@ -283,7 +287,9 @@ def _documents(rows: Iterable[dict], spec: SourceSpec, bad: BadRecords) -> Itera
             yield doc
 
 
-def require_documents(spec: SourceSpec, source: str, *, machine: int = 0, num_runs: int = 1) -> None:
+def require_documents(
+    spec: SourceSpec, source: str, *, machine: int = 0, num_runs: int = 1
+) -> None:
     """Fail before any work unless this machine's share yields a non-empty document.
 
     Reads at most PROBE_ROWS rows; the error names the field looked for and the fields found.
@@ -305,15 +311,19 @@ def require_documents(spec: SourceSpec, source: str, *, machine: int = 0, num_ru
     read = f"the first {n:,} rows" if n == PROBE_ROWS else f"all {n:,} rows"
     share = f" for machine {machine} of {num_runs}" if num_runs > 1 else ""
     if n == 0:
-        hint = "fewer files or rows than num_runs: lower num_runs" if num_runs > 1 else "it is empty"
+        hint = "it is empty"
+        if num_runs > 1:
+            hint = "fewer files or rows than num_runs: lower num_runs"
         raise DataError(f"{source} has no rows{share}: {hint}")
     if bad == n:
-        raise DataError(f"{source}: {read}{share} are bad records (the first: {first_bad}); check the files")
+        raise DataError(
+            f"{source}: {read}{share} are bad records (the first: {first_bad}); check the files"
+        )
     fields = ", ".join(repr(f) for f in found) or "none"
     raise DataError(
-        f"{source} yields no documents{share}: {read} have no non-empty {_looked_for(spec)}; their fields "
-        f"are {fields}. Point data_key at text data, or name the field in a registry entry "
-        "(\"text\", \"messages\", \"template\" or \"turns\")"
+        f"{source} yields no documents{share}: {read} have no non-empty {_looked_for(spec)}; "
+        f"their fields are {fields}. Point data_key at text data, or name the field in a "
+        'registry entry ("text", "messages", "template" or "turns")'
         + (f"; its filters {dict(spec.filters)} may exclude every row" if spec.filters else "")
     )
 

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 Buffer = bytes | bytearray | memoryview
-# The store's own bookkeeping inside a run (collector locks): never listed, as local dot-files are not.
+# The store's own bookkeeping in a run (collector locks): never listed, like local dot-files.
 LOCKS = ".locks"
 
 
@@ -71,7 +71,7 @@ class Store(ABC):
     def swap(self, key: str, data: bytes, expect: bytes | None) -> bool:
         """Write a small object only if it now holds exactly `expect` (None: only if it is absent).
 
-        Atomic against every other `swap` of the key (a conditional write); returns whether it wrote.
+        Atomic against every other `swap` of the key (a conditional write); says whether it wrote.
         """
 
     @abstractmethod

@@ -66,11 +66,13 @@ class LocalStore(Store):
     def swap(self, key: str, data: bytes, expect: bytes | None) -> bool:
         path = self._path(key)
         try:
-            return self._create(key, path, data) if expect is None else self._replace(key, path, data, expect)
+            if expect is None:
+                return self._create(path, data)
+            return self._replace(key, path, data, expect)
         except OSError as e:
-            raise StorageError(f"cannot write {path}: {e.strerror or e}; fix the cause and run again") from e
+            raise StorageError(f"cannot write {path}: {e.strerror or e}; fix it, run again") from e
 
-    def _create(self, key: str, path: Path, data: bytes) -> bool:
+    def _create(self, path: Path, data: bytes) -> bool:
         # link() of a complete temp file fails if the name exists: create-if-absent, never partial.
         tmp = _temp_name(path)
         try:
@@ -218,8 +220,9 @@ class LocalStore(Store):
                 p.unlink(missing_ok=True)
         except OSError as e:
             raise StorageError(
-                f"cannot remove the unfinished file {p} left by an earlier attempt: {e.strerror or e}; "
-                "make the filesystem writable (or choose another --storage), then run the same command again"
+                f"cannot remove the unfinished file {p} left by an earlier attempt: "
+                f"{e.strerror or e}; make the filesystem writable (or choose another --storage), "
+                "then run the same command again"
             ) from e
         return len(stale)
 

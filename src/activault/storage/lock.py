@@ -62,7 +62,9 @@ class MachineLock:
     def __enter__(self) -> MachineLock:
         return self
 
-    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.release()
 
 
@@ -107,7 +109,8 @@ def _iso(t: float) -> str:
 def _describe(holder: dict[str, Any] | None) -> str:
     if not holder:
         return "a collector whose details are not readable yet"
-    return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, running since {holder.get('started', '?')}"
+    host, pid, since = (holder.get(k, "?") for k in ("host", "pid", "started"))
+    return f"host {host}, pid {pid}, running since {since}"
 
 
 def _parse(raw: bytes) -> dict[str, Any] | None:
@@ -131,7 +134,8 @@ class FileLock(MachineLock):
             os.pwrite(self.fd, info, 0)
         except OSError as e:
             raise StorageError(
-                f"cannot create the lock file {path}: {e.strerror or e}; make the store writable and run again"
+                f"cannot create the lock file {path}: {e.strerror or e}; "
+                "make the store writable and run again"
             ) from e
 
     def _lock(self) -> int:
@@ -143,8 +147,8 @@ class FileLock(MachineLock):
                 holder = _parse(os.pread(fd, 4096, 0))
                 os.close(fd)
                 raise LockedError(
-                    f"{self.what} is being collected by {_describe(holder)} (lock {self.path}); wait for it "
-                    "to finish, or stop it, then run the same command again to resume"
+                    f"{self.what} is being collected by {_describe(holder)} (lock {self.path}); "
+                    "wait for it to finish, or stop it, then run the same command again to resume"
                 ) from None
             try:
                 if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
@@ -159,7 +163,7 @@ class FileLock(MachineLock):
         try:
             self.path.unlink(missing_ok=True)  # while still locked: see _lock's inode check
             self.path.parent.rmdir()
-            self.path.parent.parent.rmdir()  # a run that stopped before writing anything leaves no folder
+            self.path.parent.parent.rmdir()  # a run stopped before writing anything: no folder
         except OSError:
             pass  # other machines' locks remain, or the filesystem turned read-only
         finally:
@@ -184,8 +188,9 @@ class Lease(MachineLock):
 
     def _new_body(self) -> tuple[bytes, float]:
         now = time.time()
-        body = {**self.holder, "renewed": _iso(now), "renewed_at": now, "expires_at": now + self.seconds}
-        return json.dumps(body).encode(), now + self.seconds
+        expires = now + self.seconds
+        body = {**self.holder, "renewed": _iso(now), "renewed_at": now, "expires_at": expires}
+        return json.dumps(body).encode(), expires
 
     def _acquire(self) -> None:
         for _ in range(5):  # the lease changed while we looked: look again
@@ -197,23 +202,28 @@ class Lease(MachineLock):
                 current = bytes(self.store.get(self.key))
             except NotFoundError:
                 continue
-            other = _parse(current)
-            if other and other.get("token") == self.holder["token"]:  # our create, its reply lost and retried
+            other = _parse(current) or {}  # an unreadable lease protects nothing: taken over
+            if other.get("token") == self.holder["token"]:  # our create, its reply lost and retried
                 self.body, self.expires = current, float(other["expires_at"])
                 return
-            deadline = other.get("expires_at") if other else None
-            if isinstance(deadline, int | float) and time.time() <= deadline and not (other and _is_dead(other)):
+            deadline = other.get("expires_at")
+            deadline = float(deadline) if isinstance(deadline, int | float) else 0.0
+            if time.time() <= deadline and not _is_dead(other):
+                renewed = other.get("renewed", "?")
                 raise LockedError(
-                    f"{self.what} is being collected by {_describe(other)} (lease {self.store.url(self.key)}, "
-                    f"renewed {other.get('renewed', '?')}); wait for it to finish or stop it. If that process is "
-                    f"dead, its lease expires at {_iso(deadline)}: run the same command again after that"
+                    f"{self.what} is being collected by {_describe(other)} "
+                    f"(lease {self.store.url(self.key)}, renewed {renewed}); wait "
+                    "for it to finish or stop it. If that process is dead, its lease expires at "
+                    f"{_iso(deadline)}: run the same command again after that"
                 )
             body, expires = self._new_body()
             if self.store.swap(self.key, body, current):
-                log.warning("took over %s from %s, which is gone", self.what, _describe(other))
+                what, holder = self.what, _describe(other)
+                log.warning("took over %s from %s: it is gone or its lease expired", what, holder)
                 self.body, self.expires = body, expires
                 return
-        raise LockedError(f"{self.what}: several collectors are claiming {self.store.url(self.key)} at once; run one")
+        url = self.store.url(self.key)
+        raise LockedError(f"{self.what}: several collectors are claiming {url} at once; run one")
 
     def _renew(self) -> None:
         while not self._stop.wait(self.seconds / 4):
@@ -223,13 +233,13 @@ class Lease(MachineLock):
                     self.body, self.expires = body, expires
                     continue
                 current = _parse(bytes(self.store.get(self.key)))
-            except Exception as e:  # noqa: BLE001 - retried next period; `check` fails once it expires
+            except Exception as e:  # noqa: BLE001 - retried next period; `check` fails at expiry
                 log.warning("could not renew the lease on %s: %s", self.what, e)
                 continue
-            if current == json.loads(body):
-                self.body, self.expires = body, expires  # ours: the reply was lost and the retry refused
+            if current == json.loads(body):  # ours: the reply was lost and the retry refused
+                self.body, self.expires = body, expires
                 continue
-            self.lost = _describe(current) if current else "another collector (the lease was removed)"
+            self.lost = _describe(current) if current else "another collector (lease removed)"
             return
 
     def check(self) -> None:
@@ -237,8 +247,9 @@ class Lease(MachineLock):
             raise LockedError(f"{self.what} was taken over by {self.lost}; this collector stopped")
         if time.time() > self.expires:
             raise LockedError(
-                f"the lease on {self.what} ({self.store.url(self.key)}) could not be renewed for {self.seconds:g}s, "
-                "so another collector may have taken over; this one stopped. Run the same command again to resume"
+                f"the lease on {self.what} ({self.store.url(self.key)}) could not be renewed for "
+                f"{self.seconds:g}s, so another collector may have taken over; this one stopped. "
+                "Run the same command again to resume"
             )
 
     def release(self) -> None:
@@ -253,4 +264,8 @@ class Lease(MachineLock):
             if bytes(self.store.get(self.key)) == self.body:
                 self.store.delete(self.key)
         except StorageError as e:
-            log.warning("could not remove the lease %s (it expires by itself): %s", self.store.url(self.key), e)
+            log.warning(
+                "could not remove the lease %s (it expires by itself): %s",
+                self.store.url(self.key),
+                e,
+            )

@@ -222,10 +222,13 @@ class S3Store(Store):
             current = obstore.get(self._store, key)
             if bytes(current.bytes()) != expect:
                 return False
-            version = {k: v for k in ("e_tag", "version") if (v := current.meta[k]) is not None}  # type: ignore[literal-required]
+            meta: dict[str, Any] = dict(current.meta)
+            version = {k: meta[k] for k in ("e_tag", "version") if meta.get(k) is not None}
             if not version:
-                raise StorageError(f"{self.where} gives objects no ETag, so {self.url(key)} cannot be updated conditionally")
-            obstore.put(self._store, key, data, mode=version, use_multipart=False)  # type: ignore[arg-type]
+                url = self.url(key)
+                raise StorageError(f"{self.where} sends no ETag: cannot swap {url} conditionally")
+            mode: Any = version  # an UpdateVersion
+            obstore.put(self._store, key, data, mode=mode, use_multipart=False)
             return True
         except (AlreadyExistsError, PreconditionError, _ObNotFound, FileNotFoundError):
             return False
@@ -274,7 +277,8 @@ class S3Store(Store):
             res = obstore.list_with_delimiter(self._store, prefix.strip("/") or None)
         except (BaseError, OSError) as e:
             raise self._err(e, prefix, "list") from None
-        dirs = sorted(d for p in res["common_prefixes"] if (d := p.rstrip("/").rsplit("/", 1)[-1]) != LOCKS)
+        names = (p.rstrip("/").rsplit("/", 1)[-1] for p in res["common_prefixes"])
+        dirs = sorted(d for d in names if d != LOCKS)
         files = sorted((Entry(m["path"], int(m["size"])) for m in res["objects"]), key=lambda e: e.key)
         return dirs, files
 
