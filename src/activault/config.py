@@ -14,14 +14,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from activault import dtypes
 from activault.errors import ConfigError
 
-DTYPE_ALIASES = {
-    "float32": "float32", "fp32": "float32", "torch.float32": "float32", "float": "float32",
-    "float16": "float16", "fp16": "float16", "half": "float16", "torch.float16": "float16",
-    "bfloat16": "bfloat16", "bf16": "bfloat16", "torch.bfloat16": "bfloat16",
-    "auto": "auto",
-}  # fmt: skip
 MEMORY_RE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.IGNORECASE)
 
 
@@ -48,10 +43,10 @@ class TransformerConfig(_Section):
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, v: str) -> str:
-        key = str(v).strip().lower()
-        if key not in DTYPE_ALIASES:
+        name = dtypes.canonical(v)
+        if name is None:
             raise ValueError(f"unknown dtype {v!r}; use one of float32, float16, bfloat16, auto")
-        return DTYPE_ALIASES[key]
+        return name
 
     @field_validator("max_per_device_memory")
     @classmethod
@@ -96,6 +91,11 @@ class DataConfig(_Section):
     on_bad_record: Literal["skip", "error"] = "skip"
     """A local JSON line that is not UTF-8, not JSON or not an object: skip it (counted, and logged
     with its file and line), or stop the run naming them."""
+    text_field: str | None = None
+    """Local files: the field holding plain text (default `text`)."""
+    messages_field: str | None = None
+    """Local files: the field holding a conversation, a list of {role, content} (default: the first
+    of `messages`, `conversation`, `conversations` present)."""
 
 
 class UploadConfig(_Section):
@@ -113,6 +113,15 @@ class UploadConfig(_Section):
     lease_seconds: float = Field(default=120, ge=1)
     """On object storage, a collector's claim on its machine index lapses this long after its last
     renewal (renewed every quarter of it); then another collector may take the machine over."""
+    compression: Literal["none", "zstd", "fp8"] = "none"
+    """How `states` are stored: none (raw); zstd (lossless: byte planes + zstd, ~0.69 of bf16's bytes
+    on real activations); fp8 (LOSSY, opt-in: float8 e4m3 with a float32 scale per token, ~0.45 of
+    bf16's bytes, ~3% relative error per token). Each file's header records its own codec, so a
+    run's files may differ (e.g. after `activault recompress`)."""
+    compression_level: int = Field(default=1, ge=-7, le=22)
+    """zstd level; 1 stores the fewest bytes on activations' byte planes (bench/compression.py)."""
+    compression_chunk_kib: int = Field(default=4096, ge=1, le=1 << 20)
+    """Raw KiB of states per independently compressed chunk (rounded to whole tokens)."""
 
     @field_validator("hooks")
     @classmethod
@@ -161,6 +170,10 @@ class Config(_Section):
     def rows_per_file(self) -> int:
         return self.data_config.batch_size * self.upload_config.batches_per_upload
 
+    def check_machine(self, machine: int, flag: str = "--machine") -> None:
+        """The one check of a machine index: 0 <= machine < num_runs."""
+        check_machine(machine, self.num_runs, flag)
+
     def machine_batches(self, machine: int) -> int:
         """Batches machine `machine` collects: n_batches split as evenly as possible."""
         n, k = self.data_config.n_batches, self.num_runs
@@ -173,6 +186,14 @@ class Config(_Section):
     def to_public_dict(self) -> dict[str, Any]:
         """The config as stored in cfg.json (no secrets are in the config by construction)."""
         return self.model_dump(mode="json")
+
+
+def check_machine(machine: int, num_runs: int, flag: str = "--machine") -> None:
+    """Refuse a machine index outside 0..num_runs-1, naming the range."""
+    if not 0 <= machine < num_runs:
+        raise ConfigError(
+            f"{flag} {machine} is out of range: num_runs is {num_runs}, so use 0..{num_runs - 1}"
+        )
 
 
 def _format_error(e: ValidationError, source: str) -> ConfigError:

@@ -10,28 +10,30 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from activault import __version__
 from activault.background import prefetch
 from activault.collection.plan import (
+    MeasuredRatio,
     available_memory,
     check_feasible,
     cost_notes,
     make_plan,
+    pinned_limit,
     summary_lines,
 )
 from activault.collection.resume import check_resume
 from activault.collection.writer import BufferPool, Writer
 from activault.config import Config, resolve_storage
-from activault.errors import ConfigError
 from activault.storage import Store, open_store
 from activault.storage.lock import MachineLock, hold
 from activault.units import human_bytes
+from activault.vault import codec as codecs
 from activault.vault.megabatch import encode, file_name, hook_metadata
 from activault.vault.records import (
     Progress,
@@ -41,6 +43,7 @@ from activault.vault.records import (
     write_json,
 )
 from activault.vault.stats import RunningStats
+from activault.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +75,12 @@ class Result:
 
 def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_progress: bool = True) -> Result:
     """Collect this machine's share of the run; resumes from its progress record."""
+    from activault.collection.arch import text_config
     from activault.collection.hooks import hook_dims, resolve_hooks
-    from activault.collection.model import load_skeleton, load_tokenizer, model_info
-    from activault.collection.sources import resolve_source
+    from activault.collection.model import load_skeleton, load_tokenizer, model_info, stored_dtype
+    from activault.collection.sources import source_for
 
-    if not 0 <= machine < cfg.num_runs:
-        raise ConfigError(f"--machine {machine} is out of range: num_runs is {cfg.num_runs}, so use 0..{cfg.num_runs - 1}")
+    cfg.check_machine(machine)
     tc, dc, uc = cfg.transformer_config, cfg.data_config, cfg.upload_config
     run = cfg.run_name
 
@@ -85,14 +88,16 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
     dest = resolve_storage(cfg, storage)
     store = open_store(dest)
     store.check(write=True)
-    resolve_source(dc.data_key, dc.registry)
+    source_for(dc)
     skeleton = load_skeleton(tc)
     specs = resolve_hooks(skeleton, uc.hooks)
     dims = hook_dims(skeleton, specs)
     info = model_info(skeleton)
-    itemsize = torch.empty((), dtype=_torch_dtype(tc.dtype, skeleton)).element_size()
-    model_config: Any = skeleton.config
-    check_feasible(cfg, dims, itemsize, model_config.get_text_config(), available_memory())
+    tokenizer = load_tokenizer(tc)
+    dtype = stored_dtype(tc, skeleton.config)
+    itemsize = dtype.itemsize
+    pinned = pinned_limit() if tc.device != "cpu" else None
+    check_feasible(cfg, dims, itemsize, text_config(skeleton.config), available_memory(), pinned)
     record = {
         "format": "activault", "format_version": 1, "activault_version": __version__, "run_name": run,
         "config": cfg.to_public_dict(), "model": info, "tokenizer": _tokenizer_ref(tc.model_name), "hooks": uc.hooks,
@@ -102,7 +107,7 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
     cfg_key = f"{run}/cfg.json"
     check_resume(read_json(store, cfg_key), record, store.url(cfg_key))
     with hold(store, run, machine, uc.lease_seconds) as claim:  # one collector per (run, machine)
-        job = _Job(cfg, machine, store, record, specs, dims, load_tokenizer(tc), itemsize, claim)
+        job = _Job(cfg, machine, store, record, specs, dims, tokenizer, dtype, claim)
         return job.run(show_progress)
 
 
@@ -117,7 +122,7 @@ class _Job:
     specs: Any
     dims: dict[str, int]
     tokenizer: Any
-    itemsize: int
+    dtype: torch.dtype
     claim: MachineLock
 
     def run(self, show_progress: bool) -> Result:
@@ -128,7 +133,7 @@ class _Job:
         cfg, machine, store, dims = self.cfg, self.machine, self.store, self.dims
         tc, dc, uc, run = cfg.transformer_config, cfg.data_config, cfg.upload_config, cfg.run_name
         progress = Progress(store, run, machine, cfg.num_runs)
-        plan = make_plan(cfg, dims, self.itemsize, machine)
+        plan = make_plan(cfg, dims, self.dtype.itemsize, machine, self.dtype)
         for line in summary_lines(cfg, plan, dims, self.record["model"], store.uri, machine):
             log.info(line)
         for note in cost_notes(store, 0 if dc.skip_cache else plan.total_bytes):
@@ -164,10 +169,11 @@ class _Job:
                 if next(batches, None) is None:
                     break
 
-        capture = Capture(model, self.specs)
-        loop = _Collector(cfg, machine, store, capture, dims, progress, self.claim.check)
+        loop = _Collector(cfg, machine, store, Capture(model, self.specs), dims, progress,
+                          MeasuredRatio(plan, log), self.claim.check)
         t0 = time.perf_counter()
-        ahead = prefetch(batches)
+        # Pinned in the data thread, so the model's thread copies batches to the GPU without waiting.
+        ahead = prefetch((b.pin() for b in batches) if loop.cuda else batches)
         try:
             loop.run(ahead, show_progress)
         finally:
@@ -185,11 +191,10 @@ class _Job:
 
 def _require_documents(cfg: Config, machine: int) -> None:
     """A source that yields nothing is an error now, before weights load, not an empty run."""
-    from activault.collection.sources import require_documents, resolve_source
+    from activault.collection.sources import require_documents, source_for
 
-    dc = cfg.data_config
-    spec = resolve_source(dc.data_key, dc.registry)
-    require_documents(spec, f"data_key {dc.data_key!r}", machine=machine, num_runs=cfg.num_runs)
+    source = f"data_key {cfg.data_config.data_key!r}"
+    require_documents(source_for(cfg.data_config), source, machine=machine, num_runs=cfg.num_runs)
 
 
 @dataclass
@@ -206,14 +211,22 @@ class _Megabatch:
 class _Collector:
     """Runs the model over batches, keeps statistics, fills megabatches and hands them to the writer."""
 
-    def __init__(self, cfg: Config, machine: int, store: Store, capture: Any, dims: dict[str, int],
-                 progress: Progress, check_claim: Any = None):
+    def __init__(
+        self, cfg: Config, machine: int, store: Store, capture: Any, dims: dict[str, int], progress: Progress,
+        measured: Callable[[str, int, int], None] | None = None, check_claim: Callable[[], None] | None = None,
+    ):  # fmt: skip
         self.cfg, self.machine, self.store, self.capture, self.progress = cfg, machine, store, capture, progress
         # Raises once another collector may hold this machine (an expired lease).
         self.check_claim = check_claim or (lambda: None)
         self.data_state = progress.data_state  # the cursor after the last batch collected
         self.hooks = cfg.upload_config.hooks
+        uc = cfg.upload_config
+        self.codec = codecs.from_config(uc.compression, uc.compression_level, uc.compression_chunk_kib << 10)
+        self.measured = measured  # told (hook, raw, stored bytes) of the first compressed file
         self.device = next(capture.model.parameters()).device
+        # With a device map the first parameter may sit on the CPU while hooks fire on GPUs.
+        self.cuda = any(p.device.type == "cuda" for p in capture.model.parameters())
+        self.copy_streams: dict[torch.device, Any] = {}  # one D2H stream per GPU, off the compute stream
         self.stats = {
             h: RunningStats.from_dict(progress.stats[h], self.device) if h in progress.stats
             else RunningStats(dims[h], self.device)
@@ -221,7 +234,6 @@ class _Collector:
         }  # fmt: skip
         self.writer = Writer(store, threads=cfg.upload_config.write_threads)
         self.pools: dict[str, BufferPool] = {}
-        self.devices: set[torch.device] = set()  # where activations came from (several GPUs with a device map)
         self.files, self.rows, self.tokens = progress.files_done, progress.rows_done, progress.tokens_done
 
     def run(self, batches: Any, show_progress: bool) -> None:
@@ -279,8 +291,10 @@ class _Collector:
         for h in self.hooks:
             a = acts[h]
             if a.device not in on:
-                on[a.device] = (flat.to(a.device, non_blocking=True), real.to(a.device, non_blocking=True))
-                self.devices.add(a.device)
+                cuda = a.device.type == "cuda"  # pinned first: the index copies must not block the host
+                on[a.device] = tuple(  # type: ignore[assignment]
+                    (x.pin_memory() if cuda else x).to(a.device, non_blocking=cuda) for x in (flat, real)
+                )
             flat_d, real_d = on[a.device]
             kept = a.reshape(-1, a.shape[-1]).index_select(0, flat_d)  # [B*S, d]
             if padded:
@@ -288,17 +302,30 @@ class _Collector:
             self.stats[h].update(kept[real_d] if padded else kept)
             if h not in mb.states:
                 mb.states[h] = self._pool(h, kept).acquire(self.writer._check)
-            # Pinned host buffer and an async copy on CUDA; synchronised in _submit before any write.
-            mb.states[h][r : r + B].copy_(kept.view(B, S, -1), non_blocking=self.device.type == "cuda")
+            self._copy(mb.states[h][r : r + B], kept.view(B, S, -1))
         mb.rows += B
         mb.data_state = self.data_state = batch.state.to_dict()
         self.tokens += int(real.sum())
+
+    def _copy(self, host: torch.Tensor, acts: torch.Tensor) -> None:
+        """Device to host: on CUDA, asynchronous on a copy stream into pinned memory, so the next
+        forward pass does not queue behind it; synchronised in _submit before any write."""
+        if acts.device.type != "cuda":
+            host.copy_(acts)
+            return
+        stream = self.copy_streams.get(acts.device)
+        if stream is None:
+            stream = self.copy_streams[acts.device] = torch.cuda.Stream(acts.device)
+        stream.wait_stream(torch.cuda.current_stream(acts.device))
+        with torch.cuda.stream(stream):
+            host.copy_(acts, non_blocking=True)
+        acts.record_stream(stream)  # not reused by the allocator before the copy is done
 
     def _pool(self, hook: str, kept: torch.Tensor) -> BufferPool:
         if hook not in self.pools:
             shape = (self.cfg.rows_per_file, self.cfg.data_config.seq_length, kept.shape[-1])
             count = self.cfg.upload_config.max_pending + 1
-            self.pools[hook] = BufferPool(shape, kept.dtype, count, pin=self.device.type == "cuda")
+            self.pools[hook] = BufferPool(shape, kept.dtype, count, pin=self.cuda)
         return self.pools[hook]
 
     def _release(self, mb: _Megabatch) -> None:
@@ -307,9 +334,8 @@ class _Collector:
 
     def _submit(self, k: int, mb: _Megabatch) -> None:
         """Queue file k of every hook, then the progress record that counts it."""
-        for dev in self.devices:
-            if dev.type == "cuda":
-                torch.cuda.current_stream(dev).synchronize()  # the async copies into host buffers are done
+        for stream in self.copy_streams.values():
+            stream.synchronize()  # the async copies into host buffers are done
         run, rows, tc = self.cfg.run_name, mb.rows, self.cfg.transformer_config
         futures = []
         if self.cfg.data_config.skip_cache:
@@ -318,12 +344,25 @@ class _Collector:
             for h in self.hooks:
                 meta = {"format": "activault", "format_version": "1", "run_name": run, "hook": h,
                         "machine": str(self.machine), "file_index": str(k), "model": tc.model_name}  # fmt: skip
-                parts = encode({"states": mb.states[h][:rows], "input_ids": mb.ids[:rows], "positions": mb.pos[:rows]}, meta)
+                tensors = {"states": mb.states[h][:rows], "input_ids": mb.ids[:rows], "positions": mb.pos[:rows]}
+                parts = encode(tensors, meta) if self.codec is None else self._compressing(h, tensors, meta, k)
                 release = _releaser(self.pools[h], mb.states[h])
                 futures.append(self.writer.write(f"{run}/{h}/{file_name(self.machine, k)}", parts, on_done=release))
         self.files, self.rows = k + 1, self.rows + rows
         metas = self._metadata() if k == self.progress.files_done else {}
         self.writer.commit(futures, _committer(self.store, run, self.progress.key, self._record(mb.data_state), metas))
+
+    def _compressing(self, hook: str, tensors: dict[str, torch.Tensor], meta: dict[str, str], k: int):
+        """The file's parts as a function: the writer thread compresses, never the model's thread."""
+
+        def build() -> list[memoryview]:
+            parts = encode(tensors, meta, self.codec)
+            if self.measured is not None and k == self.progress.files_done:
+                raw = sum(t.numel() * t.element_size() for t in tensors.values())
+                self.measured(hook, raw, sum(p.nbytes for p in parts))
+            return parts
+
+        return build
 
     def _record(self, data_state: dict[str, Any] | None, finished: bool = False) -> dict[str, Any]:
         stats = {h: s.to_dict() for h, s in self.stats.items()}
@@ -335,7 +374,7 @@ class _Collector:
             h: hook_metadata(run_name=self.cfg.run_name, hook=h, d_model=p.shape[-1], dtype=p.dtype,
                              seq_length=dc.seq_length, rows_per_file=self.cfg.rows_per_file,
                              batch_size=dc.batch_size, batches_per_upload=uc.batches_per_upload,
-                             model=self.cfg.transformer_config.model_name)
+                             model=self.cfg.transformer_config.model_name, compression=self.codec)
             for h, p in self.pools.items()
         }  # fmt: skip
 
@@ -357,15 +396,6 @@ def _committer(store: Store, run: str, key: str, rec: dict[str, Any], metas: dic
 
 def _releaser(pool: BufferPool, buf: torch.Tensor):
     return lambda: pool.release(buf)
-
-
-def _torch_dtype(name: str, skeleton: torch.nn.Module) -> torch.dtype:
-    if name == "auto":
-        try:
-            return next(skeleton.parameters()).dtype
-        except StopIteration:
-            return torch.float32
-    return getattr(torch, name)
 
 
 def _rate(tokens: int, nbytes: int, t0: float) -> str:

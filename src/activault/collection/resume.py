@@ -35,6 +35,8 @@ FIELDS: dict[str, Kind] = {
     "transformer_config.device": "runtime",
     "data_config.data_key": "data",
     "data_config.registry": "data",  # the entry it names picks columns, templates and filters
+    "data_config.text_field": "data",
+    "data_config.messages_field": "data",
     "data_config.n_batches": "data",  # files per machine, and where the last (partial) one ends
     "data_config.seq_length": "data",
     "data_config.batch_size": "data",  # rows per file
@@ -54,6 +56,11 @@ FIELDS: dict[str, Kind] = {
     "upload_config.write_threads": "runtime",
     "upload_config.price_per_gb_month": "runtime",
     "upload_config.lease_seconds": "runtime",
+    # fp8 is lossy: one run must not hold two precisions (`activault recompress` converts a whole
+    # run). The zstd level and chunk size change only how bytes are packed: decoded bit for bit.
+    "upload_config.compression": "data",
+    "upload_config.compression_level": "runtime",
+    "upload_config.compression_chunk_kib": "runtime",
 }
 
 # Facts cfg.json records about the model: another checkpoint at the same path changes them.

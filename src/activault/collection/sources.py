@@ -35,6 +35,7 @@ from importlib import resources
 from pathlib import Path
 from typing import IO, Any, Literal
 
+from activault.config import DataConfig, check_machine
 from activault.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ PROBE_ROWS = 10_000  # rows read before weights load to prove the data yields do
 
 
 @dataclass(frozen=True)
-class SourceSpec:
+class DataSource:
     """What a registry entry or a local path resolved to."""
 
     path: str  # HF dataset id or builder name
@@ -88,7 +89,7 @@ def _load_registry(registry: str | None) -> dict[str, dict]:
         ) from e
 
 
-def _spec_from_entry(key: str, e: dict) -> SourceSpec:
+def _spec_from_entry(key: str, e: dict) -> DataSource:
     unknown = set(e) - ENTRY_KEYS
     if unknown or "path" not in e or e.get("kind", "auto") not in ("text", "chat", "auto"):
         raise ConfigError(
@@ -96,7 +97,7 @@ def _spec_from_entry(key: str, e: dict) -> SourceSpec:
             f"not text/chat/auto); accepted keys: {sorted(ENTRY_KEYS)}"
         )
     files = e.get("data_files")
-    return SourceSpec(
+    return DataSource(
         path=e["path"],
         name=e.get("name"),
         split=e.get("split", "train"),
@@ -120,8 +121,10 @@ def _local_files(data_key: str) -> list[str]:
     return sorted(f for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
 
 
-def resolve_source(data_key: str, registry: str | None = None) -> SourceSpec:
-    """Resolve a registry key or a local path/glob to a SourceSpec."""
+def resolve_source(
+    data_key: str, registry: str | None = None, text_field: str | None = None, messages_field: str | None = None
+) -> DataSource:
+    """Resolve a registry key or a local path/glob to a DataSource (fields name local files' columns)."""
     entries = _load_registry(registry)
     if data_key in entries:
         return _spec_from_entry(data_key, entries[data_key])
@@ -131,7 +134,7 @@ def resolve_source(data_key: str, registry: str | None = None) -> SourceSpec:
             f"data_key {data_key!r} is neither a key of the dataset registry "
             f"({registry or 'activault/datasets.json'}: {', '.join(sorted(entries))}) nor an existing "
             f"local file, directory or glob; use one of those keys, add an entry to a registry JSON "
-            f"passed as data.registry, or point data_key at .jsonl/.json/.parquet/.txt files"
+            f"passed as data_config.registry, or point data_key at .jsonl/.json/.parquet/.txt files"
         )
     builders = {BUILDERS.get(Path(f).suffix) for f in files}
     if None in builders or len(builders) > 1:
@@ -139,13 +142,21 @@ def resolve_source(data_key: str, registry: str | None = None) -> SourceSpec:
             f"data_key {data_key!r} matches files of unsupported or mixed types "
             f"({sorted({Path(f).suffix for f in files})}); use only one of {sorted(BUILDERS)}"
         )
-    return SourceSpec(path=builders.pop() or "json", kind="auto", data_files=tuple(files))
+    return DataSource(
+        path=builders.pop() or "json", kind="auto", data_files=tuple(files), text=text_field or "text",
+        messages=messages_field,
+    )
+
+
+def source_for(data_cfg: DataConfig) -> DataSource:
+    """The source a config's data section names."""
+    return resolve_source(data_cfg.data_key, data_cfg.registry, data_cfg.text_field, data_cfg.messages_field)
 
 
 # ---------------------------------------------------------------- local JSON, record by record
 
 
-def _local_json(spec: SourceSpec) -> list[str] | None:
+def _local_json(spec: DataSource) -> list[str] | None:
     """The files of a JSON source on this machine, else None (hub data stays on datasets)."""
     if spec.path != "json" or not spec.data_files:
         return None
@@ -219,7 +230,7 @@ class BadRecords:
             log.warning("skipped bad record %s%s", where, more)
 
 
-def _load(spec: SourceSpec):
+def _load(spec: DataSource):
     import datasets
 
     files = _local_json(spec)
@@ -242,7 +253,7 @@ def _matches(row: dict, filters: Mapping[str, Any]) -> bool:
 
 
 def iter_documents(
-    spec: SourceSpec,
+    spec: DataSource,
     *,
     machine: int = 0,
     num_runs: int = 1,
@@ -262,14 +273,11 @@ def iter_documents(
     return itertools.islice(_documents(rows, spec, bad or BadRecords()), skip, None)
 
 
-def _rows(spec: SourceSpec, machine: int, num_runs: int):
+def _rows(spec: DataSource, machine: int, num_runs: int):
     """This machine's rows, filtered, in the dataset's order."""
     from datasets.distributed import split_dataset_by_node
 
-    if not 0 <= machine < num_runs:
-        raise ConfigError(
-            f"machine {machine} is out of range for num_runs={num_runs}; use 0..{num_runs - 1}"
-        )
+    check_machine(machine, num_runs, "machine")
     ds = _load(spec)
     if num_runs > 1:  # before filtering and shuffling: each document goes to exactly one machine
         ds = split_dataset_by_node(ds, rank=machine, world_size=num_runs)
@@ -279,7 +287,7 @@ def _rows(spec: SourceSpec, machine: int, num_runs: int):
     return ds
 
 
-def _documents(rows: Iterable[dict], spec: SourceSpec, bad: BadRecords) -> Iterator[Doc]:
+def _documents(rows: Iterable[dict], spec: DataSource, bad: BadRecords) -> Iterator[Doc]:
     for row in rows:
         if BAD in row:
             bad.add(row[BAD])
@@ -288,7 +296,7 @@ def _documents(rows: Iterable[dict], spec: SourceSpec, bad: BadRecords) -> Itera
 
 
 def require_documents(
-    spec: SourceSpec, source: str, *, machine: int = 0, num_runs: int = 1
+    spec: DataSource, source: str, *, machine: int = 0, num_runs: int = 1
 ) -> None:
     """Fail before any work unless this machine's share yields a non-empty document.
 
@@ -322,13 +330,14 @@ def require_documents(
     fields = ", ".join(repr(f) for f in found) or "none"
     raise DataError(
         f"{source} yields no documents{share}: {read} have no non-empty {_looked_for(spec)}; "
-        f"their fields are {fields}. Point data_key at text data, or name the field in a "
-        'registry entry ("text", "messages", "template" or "turns")'
+        f"their fields are {fields}. Name the field with data_config.text_field or "
+        "messages_field (a registry entry: text, messages, template or turns), or point data_key "
+        "at other data"
         + (f"; its filters {dict(spec.filters)} may exclude every row" if spec.filters else "")
     )
 
 
-def _looked_for(spec: SourceSpec) -> str:
+def _looked_for(spec: DataSource) -> str:
     text = (
         f"template {spec.template!r}" if spec.template else f"string field {spec.text!r}"
     )
@@ -347,7 +356,7 @@ def _fill(template: str, row: dict) -> str | None:
     return template.format_map(row)
 
 
-def _row_to_doc(row: dict, spec: SourceSpec) -> Doc | None:
+def _row_to_doc(row: dict, spec: DataSource) -> Doc | None:
     roles = {**ROLES, **{k.lower(): v for k, v in spec.roles.items()}}
     kind = spec.kind
     if kind == "auto":

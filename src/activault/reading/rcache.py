@@ -234,8 +234,9 @@ class RCache:
         key, url = src.key(h, first.name), src.store.url(src.key(h, first.name))
         header, _ = fmt.fetch_header(src.store, key)
         try:
-            seq, d = header["states"]["shape"][1:]
-            return int(seq), int(d), fmt.DTYPES[header["states"]["dtype"]]
+            dtype, shape = fmt.logical_specs(header, url)["states"]
+            seq, d = shape[1:]
+            return int(seq), int(d), dtype
         except (KeyError, ValueError, TypeError):
             raise FormatError(f"{url}: no 'states' tensor of shape [rows, seq, d] in the header") from None
 

@@ -47,7 +47,7 @@ def hold(store: Store, run: str, machine: int, lease_seconds: float = LEASE_SECO
     """Claim machine `machine` of `run`, or raise LockedError naming the collector that holds it."""
     key = lock_key(run, machine)
     if isinstance(store, LocalStore):
-        return FileLock(store.root / key, f"run {run!r} machine {machine}")
+        return FileLock(store.path_of(key), f"run {run!r} machine {machine}")
     return Lease(store, key, f"run {run!r} machine {machine}", lease_seconds)
 
 
@@ -140,7 +140,7 @@ class FileLock(MachineLock):
 
     def _lock(self) -> int:
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
