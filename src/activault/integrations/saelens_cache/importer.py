@@ -29,6 +29,7 @@ from activault.integrations.saelens_cache.layout import (
     chunks,
     open_cache,
 )
+from activault.storage.lock import MachineLock, hold
 
 FILE_BYTES = 256 << 20  # megabatch files written by import
 
@@ -90,21 +91,22 @@ def import_saelens(
             f"{store.url(run)} was imported with other options (hooks, dtype, rows_per_file or model): "
             "run the same import again to resume it, or choose a new run name"
         )
-    progress = v.read_json(store, v.progress_key(run, 0)) or {}
-    result = ImportResult(
-        store.url(run), resumed_at_row=int((progress.get("data_state") or {}).get("row", 0))
-    )
-    if progress.get("finished"):
-        result.rows, result.tokens = cache.table.num_rows, int(progress["tokens_done"])
-        result.files = int(progress["files_done"])
-        return result
-    v.write_json(store, f"{run}/cfg.json", record)
-    for h in record["hooks"]:
-        store.clear_partial(f"{run}/{h}", "m00000-")
-    t0 = time.perf_counter()
-    _import_files(store, run, cache, rpf, progress, result)
-    v.merge_statistics(store, run, record["hooks"], 1)
-    result.seconds = time.perf_counter() - t0
+    with hold(store, run, 0) as claim:  # one writer per run, as collect holds one per machine
+        progress = v.read_json(store, v.progress_key(run, 0)) or {}
+        result = ImportResult(
+            store.url(run), resumed_at_row=int((progress.get("data_state") or {}).get("row", 0))
+        )
+        if progress.get("finished"):
+            result.rows, result.tokens = cache.table.num_rows, int(progress["tokens_done"])
+            result.files = int(progress["files_done"])
+            return result
+        v.write_json(store, f"{run}/cfg.json", record)
+        for h in record["hooks"]:
+            store.clear_partial(f"{run}/{h}", "m00000-")
+        t0 = time.perf_counter()
+        _import_files(store, run, cache, rpf, progress, result, claim)
+        v.merge_statistics(store, run, record["hooks"], 1)
+        result.seconds = time.perf_counter() - t0
     return result
 
 
@@ -156,6 +158,7 @@ def _import_files(
     rpf: int,
     progress: dict[str, Any],
     result: ImportResult,
+    claim: MachineLock,
 ) -> None:
     """Write megabatch k of every hook, then the progress record counting it (collect's protocol)."""
     stats = {h: v.RunningStats.from_dict(progress["stats"][h]) if h in progress.get("stats", {})
@@ -167,6 +170,7 @@ def _import_files(
     S = cache.seq
     try:
         for k, (a, cols) in enumerate(chunks(cache, start, rpf), start=k0):
+            claim.check()  # stop before writing if another importer took the run over
             rows = cols[TOKEN_IDS].numel() // S
             ids = cols[TOKEN_IDS].to(torch.int32).view(rows, S)
             pos = (
