@@ -35,9 +35,9 @@ import torch
 
 from activault import RCache, TokenLoader, collect
 from activault.config import parse_config
-from activault.integrations._vault import run_statistics
 from activault.integrations.saelens import VaultProvider, evaluate, scaling_factor
 from activault.integrations.saelens_cache import export_saelens, import_saelens
+from activault.integrations.shared import run_statistics
 
 OUT = Path(__file__).parent / "out" / "train.json"
 HOOK = "models.layers.3.post"

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from activault import TokenLoader
-from activault.integrations._vault import run_statistics
+from activault.integrations.shared import run_statistics
 
 pytestmark = (
     pytest.mark.slow

@@ -15,7 +15,7 @@ import torch
 
 from activault import TokenLoader
 from activault.errors import ActivaultError, ConfigError, FormatError, NotFoundError
-from activault.integrations import _vault as v
+from activault.integrations import shared as v
 from activault.integrations.dictionary_learning import VaultBuffer
 from activault.integrations.saelens import (
     VaultProvider,

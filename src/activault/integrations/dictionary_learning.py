@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from activault.integrations._vault import Source, dist_rank, endless, run_statistics
+from activault.integrations.shared import Source, dist_rank, endless, run_statistics
 
 
 class VaultBuffer(Iterator[torch.Tensor]):

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from activault.errors import ConfigError, NotFoundError
-from activault.integrations._vault import Source, dist_rank, endless, run_statistics
+from activault.integrations.shared import Source, dist_rank, endless, run_statistics
 
 Hooks = str | Sequence[str] | Mapping[str, tuple[str, str]]
 STATE_FILE = "activault_provider.json"  # in a SAELens checkpoint folder

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from activault.errors import ActivaultError, ConfigError
-from activault.integrations._vault import Source, dist_rank, endless
+from activault.integrations.shared import Source, dist_rank, endless
 
 Row = tuple[torch.Tensor, dict[str, torch.Tensor]]  # ids [seq], {hook: states [seq, d]}
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from activault.errors import ConfigError, FormatError
-from activault.integrations import _vault as v
+from activault.integrations import shared as v
 from activault.integrations.saelens_cache.layout import (
     ARROW_DTYPES,
     POSITIONS,

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from activault.errors import ConfigError
-from activault.integrations import _vault as v
+from activault.integrations import shared as v
 from activault.integrations.saelens_cache.layout import (
     POSITIONS,
     TOKEN_IDS,
