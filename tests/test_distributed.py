@@ -331,16 +331,6 @@ def test_ray_to_s3(ray_address, moto, three, llama, corpus, tmp_path):
 # ---------------------------------------------------------------- Slurm
 
 
-@pytest.fixture(scope="session")
-def slurm() -> None:
-    """The local Slurm cluster: started by scripts/slurm_local.sh when `sinfo` does not answer; never skipped."""
-    if subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0:
-        return
-    out = subprocess.run([str(SCRIPTS / "slurm_local.sh"), "start"], capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
-        pytest.fail(f"could not start the local Slurm cluster:\n{out.stdout}\n{out.stderr}")
-
-
 SBATCH_LOCAL = ["--sbatch-arg=--gres=none", "--sbatch-arg=--mem=2G", "--sbatch-arg=--cpus-per-task=1",
                 "--sbatch-arg=--time=20"]  # fmt: skip
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 from torch import nn
@@ -11,6 +9,7 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 from activault.collection.hooks import Capture, find_blocks, hook_dims, resolve_hooks
 from activault.collection.model import load_model, load_skeleton, load_tokenizer, model_info
+from activault.config import TransformerConfig, parse_config
 from activault.errors import ConfigError
 
 CAUSAL = ["llama", "gpt2", "gemma2", "qwen2", "mistral", "gpt_neox"]
@@ -31,7 +30,7 @@ STANDARD = [
 
 
 def tcfg(path, attn="eager", **kw):
-    return SimpleNamespace(
+    return TransformerConfig(
         model_name=str(path), dtype="float32", attn_implementation=attn, device="cpu", **kw
     )
 
@@ -266,7 +265,11 @@ def test_config_errors_name_the_fix(tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match="model_name"):
         load_tokenizer(tcfg(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="float8"):
-        load_model(SimpleNamespace(model_name=str(tiny_model_dir("llama")), dtype="float8"), [])
+        parse_config(
+            {"run_name": "r", "transformer_config": {"model_name": "m", "dtype": "float8"},
+             "data_config": {"data_key": "x", "n_batches": 1, "seq_length": 8, "batch_size": 1},
+             "upload_config": {"batches_per_upload": 1, "hooks": ["models.layers.0.post"]}}
+        )  # fmt: skip
     with pytest.raises(ConfigError, match="attn_implementation"):
         load_model(tcfg(tiny_model_dir("gemma2"), "sdpa"), [])  # Gemma2 has no SDPA in transformers
     assert len(load_tokenizer(tcfg(tiny_model_dir("llama")))) == 512

@@ -34,7 +34,7 @@ def test_check_launch(config):
     with pytest.raises(ConfigError, match=r"N=3 machines, but .* has num_runs=4: .*set num_runs: 3"):
         check_launch(config, 3, 0, 2)
     for start, end in ((2, 1), (0, 4), (-1, 0)):
-        with pytest.raises(ConfigError, match=r"not within 0..3"):
+        with pytest.raises(ConfigError, match=r"is after END|out of range: num_runs is 4, so use 0..3"):
             check_launch(config, 4, start, end)
 
 

@@ -18,3 +18,53 @@ def test_ruff():
 def test_mypy():
     out = subprocess.run([sys.executable, "-m", "mypy", "src/activault"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def _import_graph() -> tuple[dict[str, set[str]], list[str]]:
+    """Every activault module -> the activault modules it imports (anywhere in the file), and
+    every `from x import _private` across modules."""
+    import ast
+
+    src = ROOT / "src"
+    graph: dict[str, set[str]] = {}
+    private: list[str] = []
+    modules = {
+        ".".join(p.relative_to(src).with_suffix("").parts).removesuffix(".__init__"): p
+        for p in (src / "activault").rglob("*.py")
+    }
+    for name, path in modules.items():
+        graph[name] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                for a in node.names:  # `from pkg import module` is an edge to the module only
+                    sub = f"{node.module}.{a.name}"
+                    target = sub if sub in modules else node.module
+                    if target in modules and target != name:
+                        graph[name].add(target)
+                private += [f"{name}: from {node.module} import {a.name}" for a in node.names
+                            if a.name.startswith("_") and not a.name.startswith("__")
+                            and node.module.startswith("activault")]  # fmt: skip
+            elif isinstance(node, ast.Import):
+                graph[name] |= {a.name for a in node.names if a.name in modules and a.name != name}
+    return graph, private
+
+
+def test_no_import_cycles_and_no_private_imports():
+    graph, private = _import_graph()
+    assert not private, private
+    state: dict[str, int] = {}
+    cycles: list[list[str]] = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, cycles

@@ -8,14 +8,14 @@ import logging
 from collections import Counter
 from importlib import resources
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import AutoTokenizer
 
 from activault.collection.packing import Batch, DataState, encode_document, iter_batches
-from activault.collection.sources import iter_documents, repair_messages, resolve_source
+from activault.collection.sources import iter_documents, repair_messages, resolve_source, source_for
+from activault.config import DataConfig
 from activault.errors import ConfigError
 from activault.tools.tiny import build_tokenizer, demo_texts
 
@@ -39,9 +39,9 @@ def tok(tok_dir):
     return AutoTokenizer.from_pretrained(tok_dir)  # fresh per test: some tests change its template
 
 
-def cfg(data_key: str = CORPUS, **kw) -> SimpleNamespace:
-    base = dict(data_key=data_key, seq_length=48, batch_size=4, seed=0, shuffle_buffer=0)
-    return SimpleNamespace(**{**base, **kw})
+def cfg(data_key: str = CORPUS, **kw) -> DataConfig:
+    base = dict(data_key=data_key, n_batches=1, seq_length=48, batch_size=4, seed=0, shuffle_buffer=0)
+    return DataConfig(**{**base, **kw})
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -152,7 +152,7 @@ def test_split_documents_and_padding_at_the_end(tok):
 
 def test_last_batch_may_be_short_and_padding_is_stored(tmp_path, tok):
     path = write_jsonl(tmp_path / "few.jsonl", [{"text": "one two three"}, {"text": "four"}])
-    batches = list(iter_batches(cfg(str(path), seq_length=64, batch_size=4), tok))
+    batches = list(iter_batches(cfg(str(path), seq_length=64, batch_size=4, clean_added_tokens=True), tok))
     assert len(batches) == 1 and batches[0].keep.shape == (1, 66), "64 stored + 2 cleaned BOS"
     b = batches[0]
     real = int((b.segment_ids[0] > 0).sum())
@@ -171,7 +171,7 @@ def test_empty_documents_are_skipped_but_counted(tmp_path, tok):
     ]
     path = write_jsonl(tmp_path / "e.jsonl", rows)
     assert len(list(iter_documents(resolve_source(str(path))))) == 5, "an empty chat is no document"
-    batches = list(iter_batches(cfg(str(path), seq_length=4, batch_size=1), tok))
+    batches = list(iter_batches(cfg(str(path), seq_length=4, batch_size=1, clean_added_tokens=True), tok))
     assert batches[-1].state == DataState(5, 0, True)
     assert len(reassemble(batches, 4)) == 2
 
@@ -546,3 +546,11 @@ def test_encode_document_repairs_raw_chats(tok):
         [],
         [],
     )
+
+
+def test_text_and_messages_fields_name_other_columns(tmp_path, tok):
+    path = write_jsonl(tmp_path / "own.jsonl", [{"body": "first document"}, {"body": "second one"}])
+    assert list(iter_documents(source_for(cfg(str(path), text_field="body")))) == ["first document", "second one"]
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"dialog": chat}])
+    assert list(iter_documents(source_for(cfg(str(path), messages_field="dialog")))) == [chat]

@@ -1,6 +1,6 @@
 """activault: collect, store and stream LLM activations for interpretability research."""
 
-__version__ = "0.2.0"
+from activault.version import __version__
 
 __all__ = ["ActivationDataset", "Config", "RCache", "S3RCache", "TokenLoader", "__version__", "collect", "load_config", "open_store"]
 

@@ -14,14 +14,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from activault import dtypes
 from activault.errors import ConfigError
 
-DTYPE_ALIASES = {
-    "float32": "float32", "fp32": "float32", "torch.float32": "float32", "float": "float32",
-    "float16": "float16", "fp16": "float16", "half": "float16", "torch.float16": "float16",
-    "bfloat16": "bfloat16", "bf16": "bfloat16", "torch.bfloat16": "bfloat16",
-    "auto": "auto",
-}  # fmt: skip
 MEMORY_RE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.IGNORECASE)
 
 
@@ -48,10 +43,10 @@ class TransformerConfig(_Section):
     @field_validator("dtype")
     @classmethod
     def _dtype(cls, v: str) -> str:
-        key = str(v).strip().lower()
-        if key not in DTYPE_ALIASES:
+        name = dtypes.canonical(v)
+        if name is None:
             raise ValueError(f"unknown dtype {v!r}; use one of float32, float16, bfloat16, auto")
-        return DTYPE_ALIASES[key]
+        return name
 
     @field_validator("max_per_device_memory")
     @classmethod
@@ -93,6 +88,11 @@ class DataConfig(_Section):
     """Documents in the streaming shuffle buffer; 0 keeps the dataset's order."""
     registry: str | None = None
     """Path of a dataset registry JSON to use instead of the packaged datasets.json."""
+    text_field: str | None = None
+    """Local files: the field holding plain text (default `text`)."""
+    messages_field: str | None = None
+    """Local files: the field holding a conversation, a list of {role, content} (default: the first
+    of `messages`, `conversation`, `conversations` present)."""
 
 
 class UploadConfig(_Section):
@@ -155,6 +155,10 @@ class Config(_Section):
     def rows_per_file(self) -> int:
         return self.data_config.batch_size * self.upload_config.batches_per_upload
 
+    def check_machine(self, machine: int, flag: str = "--machine") -> None:
+        """The one check of a machine index: 0 <= machine < num_runs."""
+        check_machine(machine, self.num_runs, flag)
+
     def machine_batches(self, machine: int) -> int:
         """Batches machine `machine` collects: n_batches split as evenly as possible."""
         n, k = self.data_config.n_batches, self.num_runs
@@ -167,6 +171,14 @@ class Config(_Section):
     def to_public_dict(self) -> dict[str, Any]:
         """The config as stored in cfg.json (no secrets are in the config by construction)."""
         return self.model_dump(mode="json")
+
+
+def check_machine(machine: int, num_runs: int, flag: str = "--machine") -> None:
+    """Refuse a machine index outside 0..num_runs-1, naming the range."""
+    if not 0 <= machine < num_runs:
+        raise ConfigError(
+            f"{flag} {machine} is out of range: num_runs is {num_runs}, so use 0..{num_runs - 1}"
+        )
 
 
 def _format_error(e: ValidationError, source: str) -> ConfigError:

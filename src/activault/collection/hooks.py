@@ -3,6 +3,7 @@ attention inputs that isolate the documents packed into one row."""
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from typing import Any, Literal, cast
 import torch
 from torch import nn
 
+from activault.collection.arch import attention_windows, is_causal_lm, n_layers
 from activault.errors import ConfigError
 
 # Per-block aliases: (module receiving the input, module producing the output), relative to the block.
@@ -37,20 +39,13 @@ _BLOCK_NAME = re.compile(
 
 
 @dataclass(frozen=True)
-class HookSpec:
+class HookPoint:
     """One hook: where it attaches and what it records."""
 
     name: str  # as the user wrote it; also the storage folder name
     module: str  # resolved module path in model.named_modules()
     kind: Literal["pre", "post"]  # module input or output
     block: int | None  # index of the block it lives in (for truncation); None outside the blocks
-
-
-def n_layers(config: Any) -> int | None:
-    """Number of blocks the config declares (text config for multimodal models)."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    n = getattr(text, "num_hidden_layers", None)
-    return int(n) if n is not None else None
 
 
 def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -109,23 +104,35 @@ def example_names(model: nn.Module) -> list[str]:
     return out
 
 
+def closest_names(model: nn.Module, name: str, n: int = 3) -> list[str]:
+    """The valid hook names nearest to a mistyped one (our block names and every module path)."""
+    blocks_path, blocks = find_blocks(model)
+    words = [w for w in ("self_attn", "mlp") if _alias(blocks[0], w, "post") is not None]
+    ours = [f"models.layers.{i}.{w}{k}" for i in range(len(blocks)) for w in ["", *(x + "." for x in words)]
+            for k in ("pre", "post")]  # fmt: skip
+    paths = [f"{m}.{k}" for m, _ in model.named_modules() if m for k in ("pre", "post")]
+    return difflib.get_close_matches(name, ours + paths, n=n, cutoff=0.6)
+
+
 def _unknown(model: nn.Module, name: str, why: str) -> ConfigError:
     blocks_path, _ = find_blocks(model)
     examples = ", ".join(example_names(model))
+    near = closest_names(model, name)
+    hint = f"Did you mean {' or '.join(repr(c) for c in near)}? " if near else ""
     return ConfigError(
-        f"unknown hook {name!r}: {why}. Valid forms: 'models.layers.{{i}}.pre|post' (block input/output, "
+        f"unknown hook {name!r}: {why}. {hint}Valid forms: 'models.layers.{{i}}.pre|post' (block input/output, "
         f"the residual stream), 'models.layers.{{i}}.self_attn|mlp.pre|post' (attention / MLP input/output), "
         f"or any module path of the model + '.pre|.post' (blocks are under {blocks_path!r}; list them with "
         f"`model.named_modules()`); i may be negative. Examples for this model: {examples}"
     )
 
 
-def resolve_hooks(model: nn.Module, names: list[str]) -> list[HookSpec]:
+def resolve_hooks(model: nn.Module, names: list[str]) -> list[HookPoint]:
     """Resolve user hook names to module paths of `model` (a skeleton is enough)."""
     blocks_path, blocks = find_blocks(model)
     n = len(blocks)
     modules = dict(model.named_modules())
-    specs: list[HookSpec] = []
+    specs: list[HookPoint] = []
     for name in names:
         kind: Literal["pre", "post"]
         m = _BLOCK_NAME.match(name)
@@ -138,7 +145,7 @@ def resolve_hooks(model: nn.Module, names: list[str]) -> list[HookSpec]:
                 if rel is None:
                     raise _unknown(model, name, f"block {path} has no {m.group(2)} module")
                 path += "." + rel
-            specs.append(HookSpec(name, path, kind, i))
+            specs.append(HookPoint(name, path, kind, i))
             continue
         path, dot, suffix = name.rpartition(".")
         if not dot or suffix not in ("pre", "post"):
@@ -149,7 +156,7 @@ def resolve_hooks(model: nn.Module, names: list[str]) -> list[HookSpec]:
         path, block = _normalize_path(path, blocks_path, n, name)
         if path not in modules:
             raise _unknown(model, name, f"the model has no module {path!r}")
-        specs.append(HookSpec(name, path, kind, block))
+        specs.append(HookPoint(name, path, kind, block))
     if len({s.name for s in specs}) != len(specs):
         raise ConfigError(f"hook names must be unique, got {names}")
     return specs
@@ -184,23 +191,6 @@ def _output_tensor(output: Any) -> torch.Tensor:
     raise RuntimeError(f"hooked module returned {type(output).__name__}, not a tensor")
 
 
-def is_causal_model(config: Any) -> bool:
-    """Decoder (causal attention) or encoder (bidirectional): decides the packed mask."""
-    from activault.collection.model import is_causal_lm
-
-    return is_causal_lm(config)
-
-
-def _windows(config: Any) -> dict[str, int | None]:
-    """Sliding window per attention layer type of the model (None = full attention)."""
-    window = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None)
-    if not types:
-        # Mistral-style: no layer types, every layer slides when sliding_window is set.
-        return {"sliding_attention" if window else "full_attention": window}
-    return {t: (window if t == "sliding_attention" else None) for t in dict.fromkeys(types)}
-
-
 def packed_attention_mask(
     segment_ids: torch.Tensor, causal: bool, dtype: torch.dtype, window: int | None = None
 ) -> torch.Tensor:
@@ -221,7 +211,8 @@ def packed_attention_mask(
         allowed &= (q[:, None] - q[None, :]).abs() < window
     allowed |= torch.eye(L, dtype=torch.bool, device=seg.device)
     zero = torch.zeros((), dtype=dtype, device=seg.device)
-    blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=seg.device)
+    # torch.full, not torch.tensor: a Python scalar copied to the GPU would wait for queued work.
+    blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=seg.device)
     return torch.where(allowed, zero, blocked)[:, None]
 
 
@@ -237,9 +228,9 @@ def attention_inputs(model: nn.Module, segment_ids: torch.Tensor) -> Any:
     if getattr(config, "_attn_implementation", "eager") not in ("eager", "sdpa"):
         return None
     dtype = _input_weight(model).dtype
-    causal = is_causal_model(config)
+    causal = is_causal_lm(config)
     masks = {
-        t: packed_attention_mask(segment_ids, causal, dtype, w) for t, w in _windows(config).items()
+        t: packed_attention_mask(segment_ids, causal, dtype, w) for t, w in attention_windows(config).items()
     }
     return next(iter(masks.values())) if len(masks) == 1 else masks
 
@@ -247,7 +238,7 @@ def attention_inputs(model: nn.Module, segment_ids: torch.Tensor) -> Any:
 class Capture:
     """Records the hooked modules' inputs/outputs during one forward; stops after the last one."""
 
-    def __init__(self, model: nn.Module, specs: list[HookSpec]):
+    def __init__(self, model: nn.Module, specs: list[HookPoint]):
         self.model = model
         self.specs = list(specs)
         self._out: dict[str, torch.Tensor] = {}
@@ -287,8 +278,9 @@ class Capture:
     ) -> dict[str, torch.Tensor]:
         """Activations [B, L, d] per hook name for a packed batch (segment 0 = padding)."""
         device = _input_weight(self.model).device
+        # Pinned batches (see Batch.pin) copy without stalling the host behind the GPU.
         input_ids, position_ids, segment_ids = (
-            t.to(device) for t in (input_ids, position_ids, segment_ids)
+            t.to(device, non_blocking=t.is_pinned()) for t in (input_ids, position_ids, segment_ids)
         )
         self._out = {}
         with torch.inference_mode():
@@ -321,7 +313,7 @@ class Capture:
         self.close()
 
 
-def hook_dims(skeleton: nn.Module, specs: list[HookSpec], seq_len: int = 4) -> dict[str, int]:
+def hook_dims(skeleton: nn.Module, specs: list[HookPoint], seq_len: int = 4) -> dict[str, int]:
     """Last dimension of each hook's activation, from a forward on the meta device."""
     device = _input_weight(skeleton).device
     ids = torch.zeros(1, seq_len, dtype=torch.long, device=device)

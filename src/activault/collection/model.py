@@ -3,58 +3,93 @@ validation, and truncation after the last hooked block."""
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
+import os
 import re
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
 
-from activault.collection.hooks import HookSpec, find_blocks
+from activault import dtypes
+from activault.collection.arch import is_causal_lm, n_layers, text_config
+from activault.collection.hooks import HookPoint, find_blocks
 from activault.errors import ConfigError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+    from activault.config import TransformerConfig
+
+log = logging.getLogger(__name__)
 _UNSET = object()
-DTYPES: dict[str, torch.dtype | str] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "auto": "auto",
-}
-# Families whose checkpoints are encoders (bidirectional attention) unless config.is_decoder.
-ENCODER_TYPES = {
-    "bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "distilbert", "albert", "electra", "camembert",
-    "deberta", "deberta-v2", "mpnet", "modernbert", "ernie", "nomic_bert", "megatron-bert", "esm",
-}  # fmt: skip
 
 
-def _opts(tcfg: Any) -> dict[str, Any]:
-    return {
-        "cache_dir": getattr(tcfg, "cache_dir", None),
-        **(getattr(tcfg, "kwargs", None) or {}),
-    }
+def _opts(tcfg: TransformerConfig) -> dict[str, Any]:
+    opts: dict[str, Any] = {"cache_dir": tcfg.cache_dir, **tcfg.kwargs}
+    if not Path(tcfg.model_name).is_dir() and hub_offline():
+        opts["local_files_only"] = True  # the cache or nothing: no minute of retries
+    return opts
 
 
-def _not_found(tcfg: Any, what: str, err: Exception) -> ConfigError:
+def _hub_host() -> str:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    return urlparse(endpoint).hostname or "huggingface.co"
+
+
+@functools.cache
+def hub_offline() -> bool:
+    """Whether the Hugging Face Hub is off limits: HF_HUB_OFFLINE set, or no connection in 2 s."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return True
+    try:
+        socket.create_connection((_hub_host(), 443), timeout=2).close()
+    except OSError:
+        log.info("the Hugging Face Hub (%s) is unreachable: using local files only", _hub_host())
+        return True
+    return False
+
+
+def shipped_config(model_name: str) -> dict[str, Any] | None:
+    """The config.json shipped with activault for a model of the shipped configs (numbers, no weights)."""
+    entry = resources.files("activault").joinpath("model_configs", model_name.replace("/", "--") + ".json")
+    if "/" not in model_name or not entry.is_file():
+        return None
+    data: dict[str, Any] = json.loads(entry.read_text())
+    return data
+
+
+def _not_found(tcfg: TransformerConfig, what: str, err: Exception) -> ConfigError:
+    if not Path(tcfg.model_name).is_dir() and hub_offline():
+        return ConfigError(
+            f"transformer_config.model_name={tcfg.model_name!r}: the {what} is not in the local "
+            "Hugging Face cache and the Hub is unreachable (or HF_HUB_OFFLINE is set). Fix: download it "
+            "on a connected machine (`hf download <id>`) into the cache or a folder, and point "
+            "model_name (or transformer_config.cache_dir) at it."
+        )
     return ConfigError(
-        f"model.model_name={tcfg.model_name!r}: cannot load the {what} ({type(err).__name__}: {err}). "
-        "Fix: give an existing local folder holding config.json and weights, or a hub id that is "
-        "already in model.cache_dir (or the Hugging Face cache), or download it first with "
-        "`hf download <id>`; pass trust_remote_code via model.kwargs if the model needs it."
+        f"transformer_config.model_name={tcfg.model_name!r}: cannot load the {what} "
+        f"({type(err).__name__}: {err}). Fix: give an existing local folder holding config.json and "
+        "weights, or a hub id that is already in transformer_config.cache_dir (or the Hugging Face "
+        "cache), or download it first with `hf download <id>`; pass trust_remote_code via "
+        "transformer_config.kwargs if the model needs it."
     )
 
 
-def _dtype(tcfg: Any) -> torch.dtype | str:
-    name = getattr(tcfg, "dtype", "auto") or "auto"
-    if name not in DTYPES:
-        raise ConfigError(f"model.dtype={name!r} is not supported; choose one of {sorted(DTYPES)}")
-    return DTYPES[name]
+def _dtype(tcfg: TransformerConfig) -> torch.dtype | str:
+    # The config validated the name already; "auto" is passed through to transformers.
+    return "auto" if tcfg.dtype == "auto" else dtypes.to_torch(tcfg.dtype)
 
 
-def load_tokenizer(tcfg: Any) -> PreTrainedTokenizerBase:
+def load_tokenizer(tcfg: TransformerConfig) -> PreTrainedTokenizerBase:
     """The model's tokenizer (from model_name)."""
     from transformers import AutoTokenizer
 
@@ -64,26 +99,22 @@ def load_tokenizer(tcfg: Any) -> PreTrainedTokenizerBase:
         raise _not_found(tcfg, "tokenizer", err) from err
 
 
-def load_config(tcfg: Any) -> Any:
+def load_config(tcfg: TransformerConfig) -> Any:
     """The model's transformers config, with the requested attention implementation."""
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(tcfg.model_name, **_opts(tcfg))
     except (OSError, ValueError) as err:
-        raise _not_found(tcfg, "config", err) from err
-    config._attn_implementation = getattr(tcfg, "attn_implementation", "sdpa") or "sdpa"
+        shipped = shipped_config(tcfg.model_name)
+        if shipped is None or Path(tcfg.model_name).is_dir():
+            raise _not_found(tcfg, "config", err) from err
+        # Enough for hook names, widths and the estimate; the weights still need the Hub or a cache.
+        fields = {k: v for k, v in shipped.items() if k != "model_type"}
+        config = AutoConfig.for_model(shipped["model_type"], **fields)
+        config._name_or_path = tcfg.model_name
+    config._attn_implementation = tcfg.attn_implementation
     return config
-
-
-def is_causal_lm(config: Any) -> bool:
-    """True for decoders (AutoModelForCausalLM), False for encoders such as BERT (AutoModel)."""
-    if getattr(config, "is_decoder", False):
-        return True
-    archs = getattr(config, "architectures", None) or []
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
-        return True
-    return getattr(config, "model_type", "") not in ENCODER_TYPES
 
 
 def _auto_class(config: Any) -> Any:
@@ -92,7 +123,8 @@ def _auto_class(config: Any) -> Any:
     return AutoModelForCausalLM if is_causal_lm(config) else AutoModel
 
 
-def _torch_dtype(tcfg: Any, config: Any) -> torch.dtype:
+def stored_dtype(tcfg: TransformerConfig, config: Any) -> torch.dtype:
+    """The dtype of weights and stored activations: the configured one, or the checkpoint's for auto."""
     dtype = _dtype(tcfg)
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -102,33 +134,39 @@ def _torch_dtype(tcfg: Any, config: Any) -> torch.dtype:
     return found if isinstance(found, torch.dtype) else torch.float32
 
 
-def load_skeleton(tcfg: Any) -> nn.Module:
+def load_skeleton(tcfg: TransformerConfig) -> nn.Module:
     """The model built from its config on the meta device (no weights): for hook names and dims."""
     config = load_config(tcfg)
     cls = _auto_class(config)
-    with torch.device("meta"):
-        model = cls.from_config(
-            config, dtype=_torch_dtype(tcfg, config), **(getattr(tcfg, "kwargs", None) or {})
-        )
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(config, dtype=stored_dtype(tcfg, config), **tcfg.kwargs)
+    except ValueError as err:  # e.g. an attention implementation the architecture lacks
+        raise _attention_error(tcfg, config, err) from None
     return model.eval()
 
 
-def _device_map(tcfg: Any) -> dict[str, Any]:
-    device = getattr(tcfg, "device", "auto") or "auto"
+def _attention_error(tcfg: TransformerConfig, config: Any, err: Exception) -> ConfigError:
+    return ConfigError(
+        f"model {tcfg.model_name!r} with attn_implementation={config._attn_implementation!r}: "
+        f"{str(err).splitlines()[0]} Fix: choose another transformer_config.attn_implementation "
+        "('eager' works for every model)."
+    )
+
+
+def _device_map(tcfg: TransformerConfig) -> dict[str, Any]:
+    device = tcfg.device  # validated by the config: auto, cpu, mps, cuda or cuda:N
     if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
         return {}
     if device == "auto":
-        cap = getattr(tcfg, "max_per_device_memory", None)
         out: dict[str, Any] = {"device_map": "auto"}
-        if cap:
-            out["max_memory"] = {i: cap for i in range(torch.cuda.device_count())}
+        if tcfg.max_per_device_memory:
+            out["max_memory"] = {i: tcfg.max_per_device_memory for i in range(torch.cuda.device_count())}
         return out
-    if device == "cuda" or device.startswith("cuda:"):
-        return {"device_map": {"": device}}
-    raise ConfigError(f"model.device={device!r}; choose 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    return {"device_map": {"": device}}
 
 
-def keep_layers(specs: list[HookSpec], n: int) -> int:
+def keep_layers(specs: list[HookPoint], n: int) -> int:
     """Blocks needed by the hooks: all of them when a hook is outside the blocks (e.g. final norm)."""
     if not specs or any(s.block is None for s in specs):
         return n
@@ -136,13 +174,13 @@ def keep_layers(specs: list[HookSpec], n: int) -> int:
 
 
 def _truncate_config(config: Any, keep: int) -> None:
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     text.num_hidden_layers = keep
     if getattr(text, "layer_types", None):
         text.layer_types = list(text.layer_types[:keep])
 
 
-def truncate(model: nn.Module, specs: list[HookSpec]) -> nn.Module:
+def truncate(model: nn.Module, specs: list[HookPoint]) -> nn.Module:
     """Drop the blocks after the last hooked one and the LM head when no hook needs them."""
     blocks_path, blocks = find_blocks(model)
     n = len(blocks)
@@ -169,7 +207,7 @@ def truncate(model: nn.Module, specs: list[HookSpec]) -> nn.Module:
 
 
 @contextmanager
-def _ignoring_dropped_blocks(cls: Any, hooks: list[HookSpec], keep: int, n: int) -> Iterator[None]:
+def _ignoring_dropped_blocks(cls: Any, hooks: list[HookPoint], keep: int, n: int) -> Iterator[None]:
     """Weights of dropped blocks load silently instead of being reported as "UNEXPECTED".
 
     transformers reads the class attribute once per instance (in post_init), so it is set for
@@ -194,14 +232,14 @@ def _ignoring_dropped_blocks(cls: Any, hooks: list[HookSpec], keep: int, n: int)
             cls._keys_to_ignore_on_load_unexpected = before
 
 
-def load_model(tcfg: Any, hooks: list[HookSpec]) -> nn.Module:
+def load_model(tcfg: TransformerConfig, hooks: list[HookPoint]) -> nn.Module:
     """The model, eval and without grads, truncated after the last hooked block.
 
     The config is truncated before loading, so weights of dropped blocks are never read or placed
     on a device (transformers logs them as unused keys).
     """
     config = load_config(tcfg)
-    n = getattr(config.get_text_config(), "num_hidden_layers", None)
+    n = n_layers(config)
     keep = keep_layers(hooks, n) if n is not None else None
     if n is not None and keep is not None and keep < n:
         _truncate_config(config, keep)
@@ -221,10 +259,7 @@ def load_model(tcfg: Any, hooks: list[HookSpec]) -> nn.Module:
     except OSError as err:
         raise _not_found(tcfg, "model", err) from err
     except ValueError as err:  # e.g. an attention implementation the architecture lacks
-        raise ConfigError(
-            f"model {tcfg.model_name!r} with attn_implementation={config._attn_implementation!r}: {err}. "
-            "Fix: choose another model.attn_implementation ('eager' works for every model)."
-        ) from err
+        raise _attention_error(tcfg, config, err) from None
     model.eval().requires_grad_(False)
     truncate(model, hooks)
     if n is not None:
@@ -235,7 +270,7 @@ def load_model(tcfg: Any, hooks: list[HookSpec]) -> nn.Module:
 def model_info(model: nn.Module) -> dict[str, Any]:
     """Facts about the model stored with the run: name, architecture, dims, dtype."""
     config: Any = model.config
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     _, blocks = find_blocks(model)
     layers = getattr(model, "activault_layers", {"kept": len(blocks), "of": len(blocks)})
     emb = model.get_input_embeddings()  # type: ignore[operator]

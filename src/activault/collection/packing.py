@@ -16,12 +16,12 @@ import itertools
 import logging
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from activault.collection.sources import Doc, iter_documents, repair_messages, resolve_source
-from activault.errors import ConfigError
+from activault.collection.sources import Doc, iter_documents, repair_messages, source_for
+from activault.config import DataConfig
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,13 @@ class Batch:
     keep: torch.Tensor  # [B, L] bool; exactly seq_length True per row
     doc_positions: torch.Tensor  # [B, L] int32; index in the document's token list, -1 = padding
     state: DataState  # cursor after this batch
+
+    def pin(self) -> Batch:
+        """The same batch in pinned host memory, for asynchronous copies to a GPU."""
+        return replace(self, **{f: getattr(self, f).pin_memory() for f in _TENSOR_FIELDS})
+
+
+_TENSOR_FIELDS = ("input_ids", "position_ids", "segment_ids", "keep", "doc_positions")
 
 
 def _default_system_span(tokenizer) -> tuple[str, int, int] | None:
@@ -92,6 +99,13 @@ def _default_system_span(tokenizer) -> tuple[str, int, int] | None:
     return (prefix[:end], start, end) if end > start else None
 
 
+@dataclass(frozen=True)
+class _Rendered:
+    text: str | None  # None for an empty chat
+    chat: bool = False  # rendered by the chat template
+    own_system: bool = False  # the chat has its own system message (no default one to clean)
+
+
 class _Encoder:
     """Renders and tokenizes documents and marks which tokens are stored."""
 
@@ -107,39 +121,38 @@ class _Encoder:
             self.system = None
         self.warned = False
 
-    def _render(self, doc: Doc) -> tuple[str | None, bool, bool]:
-        """(text, None for an empty chat; rendered by the template; has its own system message)."""
+    def _render(self, doc: Doc) -> _Rendered:
         if isinstance(doc, str):
-            return doc, False, False
+            return _Rendered(doc)
         msgs = repair_messages(doc)  # idempotent on repaired chats
         if not msgs:
-            return None, False, False
+            return _Rendered(None)
         try:
             text = self.tok.apply_chat_template(msgs, tokenize=False)
-            return text, True, msgs[0]["role"] == "system"
+            return _Rendered(text, chat=True, own_system=msgs[0]["role"] == "system")
         except Exception as e:
             if not self.warned:
                 log.warning("chat template failed (%s); rendering chats as 'role: content'", e)
                 self.warned = True
-            return "\n\n".join(f"{m['role']}: {m['content']}" for m in msgs), False, False
+            return _Rendered("\n\n".join(f"{m['role']}: {m['content']}" for m in msgs))
 
     def encode(self, docs: list[Doc]) -> list[tuple[list[int], list[bool]]]:
         rendered = [self._render(d) for d in docs]
         out: list[tuple[list[int], list[bool]]] = [([], [])] * len(docs)
-        plain = [i for i, (text, chat, _) in enumerate(rendered) if text is not None and not chat]
-        chats = [i for i, (_, chat, _) in enumerate(rendered) if chat]
+        plain = [i for i, r in enumerate(rendered) if r.text is not None and not r.chat]
+        chats = [i for i, r in enumerate(rendered) if r.chat]
         if plain:
-            enc = self.tok([rendered[i][0] for i in plain])
+            enc = self.tok([rendered[i].text for i in plain])
             for i, ids in zip(plain, enc["input_ids"], strict=True):
                 out[i] = ids, [t not in self.specials for t in ids]
         if chats:
-            texts = [rendered[i][0] or "" for i in chats]
+            texts = [rendered[i].text or "" for i in chats]
             offsets = self.system is not None
             enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=offsets)
             for n, i in enumerate(chats):
                 ids = enc["input_ids"][n]
                 keep = [t not in self.specials for t in ids]
-                if self.system and not rendered[i][2] and texts[n].startswith(self.system[0]):
+                if self.system and not rendered[i].own_system and texts[n].startswith(self.system[0]):
                     _, s, e = self.system
                     spans = enc["offset_mapping"][n]
                     keep = [k and not s <= a < e for k, (a, _) in zip(keep, spans, strict=True)]
@@ -244,27 +257,25 @@ def pad_token_id(tokenizer) -> int:
 
 
 def iter_batches(
-    data_cfg, tokenizer, *, machine: int = 0, num_runs: int = 1, state: DataState | None = None
+    data_cfg: DataConfig, tokenizer, *, machine: int = 0, num_runs: int = 1, state: DataState | None = None
 ) -> Iterator[Batch]:
     """Packed batches of this machine's share, resumable from any batch's `state`."""
     state = state or DataState()
-    if int(data_cfg.seq_length) < 1 or int(data_cfg.batch_size) < 1:
-        raise ConfigError("data.seq_length and data.batch_size must be positive integers")
-    spec = resolve_source(data_cfg.data_key, getattr(data_cfg, "registry", None))  # fail early
+    spec = source_for(data_cfg)  # fail early
     encoder = _Encoder(
         tokenizer,
-        clean_added_tokens=getattr(data_cfg, "clean_added_tokens", True),
-        clean_default_system_prompt=getattr(data_cfg, "clean_default_system_prompt", True),
+        clean_added_tokens=data_cfg.clean_added_tokens,
+        clean_default_system_prompt=data_cfg.clean_default_system_prompt,
     )
     docs = iter_documents(
         spec,
         machine=machine,
         num_runs=num_runs,
         seed=data_cfg.seed,
-        shuffle_buffer=int(getattr(data_cfg, "shuffle_buffer", 0) or 0),
+        shuffle_buffer=data_cfg.shuffle_buffer,
         skip=state.docs_done,
     )
-    return _batches(docs, encoder, state, int(data_cfg.seq_length), int(data_cfg.batch_size))
+    return _batches(docs, encoder, state, data_cfg.seq_length, data_cfg.batch_size)
 
 
 def _batches(

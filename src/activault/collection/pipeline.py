@@ -16,18 +16,17 @@ from typing import Any
 
 import torch
 
-from activault import __version__
 from activault.background import prefetch
 from activault.collection.plan import (
     available_memory,
     check_feasible,
     cost_notes,
     make_plan,
+    pinned_limit,
     summary_lines,
 )
 from activault.collection.writer import BufferPool, Writer
 from activault.config import Config, resolve_storage
-from activault.errors import ConfigError
 from activault.storage import Store, open_store
 from activault.units import human_bytes
 from activault.vault.megabatch import encode, file_name, hook_metadata
@@ -39,6 +38,7 @@ from activault.vault.records import (
     write_json,
 )
 from activault.vault.stats import RunningStats
+from activault.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +59,19 @@ class Result:
 
 def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_progress: bool = True) -> Result:
     """Collect this machine's share of the run; resumes from its progress record."""
+    from activault.collection.arch import text_config
     from activault.collection.hooks import Capture, hook_dims, resolve_hooks
-    from activault.collection.model import load_model, load_skeleton, load_tokenizer, model_info
+    from activault.collection.model import (
+        load_model,
+        load_skeleton,
+        load_tokenizer,
+        model_info,
+        stored_dtype,
+    )
     from activault.collection.packing import DataState, iter_batches
-    from activault.collection.sources import resolve_source
+    from activault.collection.sources import source_for
 
-    if not 0 <= machine < cfg.num_runs:
-        raise ConfigError(f"--machine {machine} is out of range: num_runs is {cfg.num_runs}, so use 0..{cfg.num_runs - 1}")
+    cfg.check_machine(machine)
     tc, dc, uc = cfg.transformer_config, cfg.data_config, cfg.upload_config
     run = cfg.run_name
 
@@ -73,15 +79,15 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
     dest = resolve_storage(cfg, storage)
     store = open_store(dest)
     store.check(write=True)
-    resolve_source(dc.data_key, dc.registry)
+    source_for(dc)
     skeleton = load_skeleton(tc)
     specs = resolve_hooks(skeleton, uc.hooks)
     dims = hook_dims(skeleton, specs)
     info = model_info(skeleton)
     tokenizer = load_tokenizer(tc)
-    itemsize = torch.empty((), dtype=_torch_dtype(tc.dtype, skeleton)).element_size()
-    model_config: Any = skeleton.config
-    check_feasible(cfg, dims, itemsize, model_config.get_text_config(), available_memory())
+    itemsize = stored_dtype(tc, skeleton.config).itemsize
+    pinned = pinned_limit() if tc.device != "cpu" else None
+    check_feasible(cfg, dims, itemsize, text_config(skeleton.config), available_memory(), pinned)
     record = {
         "format": "activault", "format_version": 1, "activault_version": __version__, "run_name": run,
         "config": cfg.to_public_dict(), "model": info, "tokenizer": _tokenizer_ref(tc.model_name), "hooks": uc.hooks,
@@ -121,7 +127,8 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
 
     loop = _Collector(cfg, machine, store, Capture(model, specs), dims, progress)
     t0 = time.perf_counter()
-    ahead = prefetch(batches)
+    # Pinned in the data thread, so the model's thread copies batches to the GPU without waiting.
+    ahead = prefetch((b.pin() for b in batches) if loop.cuda else batches)
     try:
         loop.run(ahead, show_progress)
     finally:
@@ -153,6 +160,9 @@ class _Collector:
         self.cfg, self.machine, self.store, self.capture, self.progress = cfg, machine, store, capture, progress
         self.hooks = cfg.upload_config.hooks
         self.device = next(capture.model.parameters()).device
+        # With a device map the first parameter may sit on the CPU while hooks fire on GPUs.
+        self.cuda = any(p.device.type == "cuda" for p in capture.model.parameters())
+        self.copy_streams: dict[torch.device, Any] = {}  # one D2H stream per GPU, off the compute stream
         self.stats = {
             h: RunningStats.from_dict(progress.stats[h], self.device) if h in progress.stats
             else RunningStats(dims[h], self.device)
@@ -160,7 +170,6 @@ class _Collector:
         }  # fmt: skip
         self.writer = Writer(store, threads=cfg.upload_config.write_threads)
         self.pools: dict[str, BufferPool] = {}
-        self.devices: set[torch.device] = set()  # where activations came from (several GPUs with a device map)
         self.files, self.rows, self.tokens = progress.files_done, progress.rows_done, progress.tokens_done
 
     def run(self, batches: Any, show_progress: bool) -> None:
@@ -212,8 +221,10 @@ class _Collector:
         for h in self.hooks:
             a = acts[h]
             if a.device not in on:
-                on[a.device] = (flat.to(a.device, non_blocking=True), real.to(a.device, non_blocking=True))
-                self.devices.add(a.device)
+                cuda = a.device.type == "cuda"  # pinned first: the index copies must not block the host
+                on[a.device] = tuple(  # type: ignore[assignment]
+                    (x.pin_memory() if cuda else x).to(a.device, non_blocking=cuda) for x in (flat, real)
+                )
             flat_d, real_d = on[a.device]
             kept = a.reshape(-1, a.shape[-1]).index_select(0, flat_d)  # [B*S, d]
             if padded:
@@ -221,17 +232,30 @@ class _Collector:
             self.stats[h].update(kept[real_d] if padded else kept)
             if h not in mb.states:
                 mb.states[h] = self._pool(h, kept).acquire(self.writer._check)
-            # Pinned host buffer and an async copy on CUDA; synchronised in _submit before any write.
-            mb.states[h][r : r + B].copy_(kept.view(B, S, -1), non_blocking=self.device.type == "cuda")
+            self._copy(mb.states[h][r : r + B], kept.view(B, S, -1))
         mb.rows += B
         mb.data_state = batch.state.to_dict()
         self.tokens += int(real.sum())
+
+    def _copy(self, host: torch.Tensor, acts: torch.Tensor) -> None:
+        """Device to host: on CUDA, asynchronous on a copy stream into pinned memory, so the next
+        forward pass does not queue behind it; synchronised in _submit before any write."""
+        if acts.device.type != "cuda":
+            host.copy_(acts)
+            return
+        stream = self.copy_streams.get(acts.device)
+        if stream is None:
+            stream = self.copy_streams[acts.device] = torch.cuda.Stream(acts.device)
+        stream.wait_stream(torch.cuda.current_stream(acts.device))
+        with torch.cuda.stream(stream):
+            host.copy_(acts, non_blocking=True)
+        acts.record_stream(stream)  # not reused by the allocator before the copy is done
 
     def _pool(self, hook: str, kept: torch.Tensor) -> BufferPool:
         if hook not in self.pools:
             shape = (self.cfg.rows_per_file, self.cfg.data_config.seq_length, kept.shape[-1])
             count = self.cfg.upload_config.max_pending + 1
-            self.pools[hook] = BufferPool(shape, kept.dtype, count, pin=self.device.type == "cuda")
+            self.pools[hook] = BufferPool(shape, kept.dtype, count, pin=self.cuda)
         return self.pools[hook]
 
     def _release(self, mb: _Megabatch) -> None:
@@ -240,9 +264,8 @@ class _Collector:
 
     def _submit(self, k: int, mb: _Megabatch) -> None:
         """Queue file k of every hook, then the progress record that counts it."""
-        for dev in self.devices:
-            if dev.type == "cuda":
-                torch.cuda.current_stream(dev).synchronize()  # the async copies into host buffers are done
+        for stream in self.copy_streams.values():
+            stream.synchronize()  # the async copies into host buffers are done
         run, rows, tc = self.cfg.run_name, mb.rows, self.cfg.transformer_config
         futures = []
         if self.cfg.data_config.skip_cache:
@@ -290,15 +313,6 @@ def _committer(store: Store, run: str, key: str, rec: dict[str, Any], metas: dic
 
 def _releaser(pool: BufferPool, buf: torch.Tensor):
     return lambda: pool.release(buf)
-
-
-def _torch_dtype(name: str, skeleton: torch.nn.Module) -> torch.dtype:
-    if name == "auto":
-        try:
-            return next(skeleton.parameters()).dtype
-        except StopIteration:
-            return torch.float32
-    return getattr(torch, name)
 
 
 def _rate(tokens: int, nbytes: int, t0: float) -> str:

@@ -31,6 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from activault.config import DataConfig, check_machine
 from activault.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ ENTRY_KEYS = set(
 
 
 @dataclass(frozen=True)
-class SourceSpec:
+class DataSource:
     """What a registry entry or a local path resolved to."""
 
     path: str  # HF dataset id or builder name
@@ -79,7 +80,7 @@ def _load_registry(registry: str | None) -> dict[str, dict]:
         ) from e
 
 
-def _spec_from_entry(key: str, e: dict) -> SourceSpec:
+def _spec_from_entry(key: str, e: dict) -> DataSource:
     unknown = set(e) - ENTRY_KEYS
     if unknown or "path" not in e or e.get("kind", "auto") not in ("text", "chat", "auto"):
         raise ConfigError(
@@ -87,7 +88,7 @@ def _spec_from_entry(key: str, e: dict) -> SourceSpec:
             f"not text/chat/auto); accepted keys: {sorted(ENTRY_KEYS)}"
         )
     files = e.get("data_files")
-    return SourceSpec(
+    return DataSource(
         path=e["path"],
         name=e.get("name"),
         split=e.get("split", "train"),
@@ -111,8 +112,10 @@ def _local_files(data_key: str) -> list[str]:
     return sorted(f for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
 
 
-def resolve_source(data_key: str, registry: str | None = None) -> SourceSpec:
-    """Resolve a registry key or a local path/glob to a SourceSpec."""
+def resolve_source(
+    data_key: str, registry: str | None = None, text_field: str | None = None, messages_field: str | None = None
+) -> DataSource:
+    """Resolve a registry key or a local path/glob to a DataSource (fields name local files' columns)."""
     entries = _load_registry(registry)
     if data_key in entries:
         return _spec_from_entry(data_key, entries[data_key])
@@ -122,7 +125,7 @@ def resolve_source(data_key: str, registry: str | None = None) -> SourceSpec:
             f"data_key {data_key!r} is neither a key of the dataset registry "
             f"({registry or 'activault/datasets.json'}: {', '.join(sorted(entries))}) nor an existing "
             f"local file, directory or glob; use one of those keys, add an entry to a registry JSON "
-            f"passed as data.registry, or point data_key at .jsonl/.json/.parquet/.txt files"
+            f"passed as data_config.registry, or point data_key at .jsonl/.json/.parquet/.txt files"
         )
     builders = {BUILDERS.get(Path(f).suffix) for f in files}
     if None in builders or len(builders) > 1:
@@ -130,10 +133,18 @@ def resolve_source(data_key: str, registry: str | None = None) -> SourceSpec:
             f"data_key {data_key!r} matches files of unsupported or mixed types "
             f"({sorted({Path(f).suffix for f in files})}); use only one of {sorted(BUILDERS)}"
         )
-    return SourceSpec(path=builders.pop() or "json", kind="auto", data_files=tuple(files))
+    return DataSource(
+        path=builders.pop() or "json", kind="auto", data_files=tuple(files), text=text_field or "text",
+        messages=messages_field,
+    )
 
 
-def _load(spec: SourceSpec):
+def source_for(data_cfg: DataConfig) -> DataSource:
+    """The source a config's data section names."""
+    return resolve_source(data_cfg.data_key, data_cfg.registry, data_cfg.text_field, data_cfg.messages_field)
+
+
+def _load(spec: DataSource):
     import datasets
 
     kwargs: dict[str, Any] = {"split": spec.split, "streaming": True}
@@ -152,7 +163,7 @@ def _matches(row: dict, filters: Mapping[str, Any]) -> bool:
 
 
 def iter_documents(
-    spec: SourceSpec,
+    spec: DataSource,
     *,
     machine: int = 0,
     num_runs: int = 1,
@@ -163,10 +174,7 @@ def iter_documents(
     """Yield this machine's documents (a str, or a list of role/content messages), deterministically."""
     from datasets.distributed import split_dataset_by_node
 
-    if not 0 <= machine < num_runs:
-        raise ConfigError(
-            f"machine {machine} is out of range for num_runs={num_runs}; use 0..{num_runs - 1}"
-        )
+    check_machine(machine, num_runs, "machine")
     ds = _load(spec)
     if num_runs > 1:  # before filtering and shuffling: each document goes to exactly one machine
         ds = split_dataset_by_node(ds, rank=machine, world_size=num_runs)
@@ -186,7 +194,7 @@ def _fill(template: str, row: dict) -> str | None:
     return template.format_map(row)
 
 
-def _row_to_doc(row: dict, spec: SourceSpec) -> Doc | None:
+def _row_to_doc(row: dict, spec: DataSource) -> Doc | None:
     roles = {**ROLES, **{k.lower(): v for k, v in spec.roles.items()}}
     kind = spec.kind
     if kind == "auto":

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from activault.errors import FormatError, NotFoundError
+from activault.errors import ConfigError, FormatError, NotFoundError
 from activault.storage import Entry, Store, locate
 from activault.units import human_bytes
 from activault.vault.megabatch import decode, dtype_name, is_megabatch, megabatch_files
@@ -274,7 +274,13 @@ def sample_norms(store: Store, hook: str, files: int = 4) -> torch.Tensor:
 
 def stats_figure(stats: dict[str, Any], norms: torch.Tensor, title: str = "") -> Figure:
     """Per-dimension mean and std, and a histogram of token norms (Agg backend, no display)."""
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ConfigError(
+            "--plot needs matplotlib, which is not installed: pip install 'activault[plot]' "
+            "(or pip install matplotlib)"
+        ) from None
 
     fig = Figure(figsize=(10, 8), layout="constrained")
     ax_mean, ax_std, ax_norm = fig.subplots(3, 1)
