@@ -8,9 +8,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
-from activault.reading.stream import BufferPool, FileStream
+from activault.reading.stream import FileStream
 from support.synth import SynthRun
 
 ABANDON = """
@@ -45,23 +44,6 @@ def test_abandoned_readers_exit_silently(run: SynthRun, tmp_path: Path, how: str
     )
     assert out.returncode == (3 if how == "raise" else 0)
     assert out.stderr == ""
-
-
-def test_buffer_pool_hands_out_memory_again_only_once_unused() -> None:
-    pool = BufferPool(keep=2)
-    a = pool.empty((4, 8), torch.float32)
-    view = a[1:3]  # a view keeps the buffer in use
-    del a
-    b = pool.empty((4, 8), torch.float32)
-    assert b.data_ptr() != view.data_ptr() - 32
-    first = view.data_ptr() - 32
-    del view
-    c = pool.empty((4, 8), torch.float32)
-    assert c.data_ptr() == first
-    assert pool.empty((2, 8), torch.float32).data_ptr() not in (
-        first,
-        b.data_ptr(),
-    )  # other sizes: new
 
 
 def test_order_per_epoch_and_rank(run: SynthRun, tmp_path: Path) -> None:

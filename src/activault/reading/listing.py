@@ -11,9 +11,15 @@ from typing import Any
 
 import torch
 
+from activault import dtypes
 from activault.errors import ConfigError, FormatError, NotFoundError
+from activault.reading.fetch import RETRY_SECONDS, STORE_RETRIES, Retry
 from activault.storage import Entry, Store, open_store
 from activault.vault import megabatch as fmt
+from activault.vault import records
+
+# Records kept beside the megabatches in a hook folder.
+RECORDS = ("metadata.json", "statistics.json")
 
 
 @dataclass(frozen=True)
@@ -25,7 +31,7 @@ class StatesShape:
     dtype: torch.dtype
 
     def __str__(self) -> str:
-        return f"[rows, {self.seq_len}, {self.d_model}] {fmt.dtype_name(self.dtype)}"
+        return f"[rows, {self.seq_len}, {self.d_model}] {dtypes.name(self.dtype)}"
 
 
 @dataclass(frozen=True)
@@ -52,18 +58,25 @@ class FileRef:
 
 
 def _dtype(name: str) -> torch.dtype:
-    dt = getattr(torch, name, None)
-    if not isinstance(dt, torch.dtype):
-        raise FormatError(f"unknown dtype {name!r} in metadata.json")
-    return dt
+    try:
+        return dtypes.to_torch(name)
+    except KeyError:
+        raise FormatError(f"unknown dtype {name!r} in metadata.json") from None
 
 
 class Catalog:
     """The megabatch files of one or more sources, in blocks: `sync()` appends, never reorders.
 
+    A file must be in every hook: one missing from some hooks is an error naming it and them
+    (with `skip_bad_files`, it is skipped, counted in `incomplete` and warned about), unless its
+    machine's progress record says it is still being written (then a later `sync()` adds it).
+    Objects that are not megabatches (other names, empty objects) are skipped and listed in
+    `foreign`, with a warning.
+
     Args:
         uri: a hook folder, a Store, or a list of them (concatenated in order; they must agree on
             d_model, dtype and seq_len). With `hooks`, the run folder(s) instead.
+        store_options: for `open_store`, plus `retry_timeout` (seconds) for Retry.
     """
 
     def __init__(
@@ -72,22 +85,31 @@ class Catalog:
         *,
         hooks: Sequence[str] | None = None,
         store_options: dict[str, Any] | None = None,
+        skip_bad_files: bool = False,
     ):
         uris = [uri] if isinstance(uri, str | Path | Store) else list(uri)
         if not uris:
             raise ConfigError("a reader needs at least one URI")
+        options = dict(store_options or {})
+        self.retry = Retry(float(options.pop("retry_timeout", RETRY_SECONDS)))
+        options.setdefault("max_retries", STORE_RETRIES)  # failures surface to Retry, which says so
         self.hooks = [h.strip("/") for h in hooks] if hooks else None
+        self.skip_bad_files = skip_bad_files
         folders = tuple(self.hooks) if self.hooks else ("",)
         self.prefixes = [
-            Prefix(u if isinstance(u, Store) else open_store(u, **(store_options or {})), folders)
-            for u in uris
+            Prefix(u if isinstance(u, Store) else open_store(u, **options), folders) for u in uris
         ]
         self.blocks: list[list[FileRef]] = []
+        self.incomplete: dict[str, list[str]] = {}  # url of a file -> hooks that lack it (skipped)
+        self.foreign: dict[
+            str, str
+        ] = {}  # url of an object that is not a megabatch -> why (skipped)
         self._seen: set[tuple[int, str]] = set()
         if not self.sync():
             where = ", ".join(p.store.url(p.folders[0]) for p in self.prefixes)
             raise NotFoundError(
-                f"no megabatch files under {where}; the URI should name a hook folder (run/hook), or pass hooks="
+                f"no megabatch files under {where}; the URI should name a hook folder (run/hook), "
+                "or pass hooks="
             )
         self.shapes: list[StatesShape | None] = self._check_compatible()
 
@@ -95,18 +117,9 @@ class Catalog:
         """List again; files not seen before are appended as a new block. Returns how many."""
         new: list[FileRef] = []
         for si, prefix in enumerate(self.prefixes):
-            per_hook = []
-            for folder in prefix.folders:
-                entries: Sequence[Entry] = prefix.store.list_dir(folder)[1]  # type: ignore[assignment]
-                per_hook.append(fmt.megabatch_files(entries))
+            per_hook = [self._list(prefix, folder) for folder in prefix.folders]
             complete = set.intersection(*(set(p) for p in per_hook))
-            partial = set.union(*(set(p) for p in per_hook)) - complete
-            if partial:
-                warnings.warn(
-                    f"{len(partial)} file(s) under {prefix.store.uri} are not yet in every hook "
-                    f"(e.g. {min(partial)}); sync() picks them up once written",
-                    stacklevel=3,
-                )
+            self._partial(si, prefix, per_hook, set.union(*(set(p) for p in per_hook)) - complete)
             for name in sorted(complete):
                 if (si, name) not in self._seen:
                     self._seen.add((si, name))
@@ -115,12 +128,81 @@ class Catalog:
             self.blocks.append(new)
         return len(new)
 
+    def _list(self, prefix: Prefix, folder: str) -> dict[str, int]:
+        """Megabatch name -> size in one hook folder; anything else is reported once as foreign."""
+        what = f"listing {prefix.store.url(folder)}"
+        entries: list[Entry] = self.retry(what, prefix.store.list_dir, folder)[1]
+        files, odd = {}, []
+        for e in entries:
+            name = e.key.rsplit("/", 1)[-1]
+            if name in RECORDS:
+                continue
+            if fmt.is_megabatch(name) and e.size > 0 and ".." not in e.key.split("/"):
+                files[name] = e.size
+            elif (url := prefix.store.url(e.key)) not in self.foreign:
+                self.foreign[url] = "empty" if e.size == 0 else "not a megabatch"
+                odd.append(f"{url} ({self.foreign[url]})")
+        if odd:
+            warnings.warn(
+                f"skipping {len(odd)} object(s) that are not megabatch files: {', '.join(odd[:3])}"
+                + (", ..." if len(odd) > 3 else ""),
+                stacklevel=4,
+            )
+        return files
+
+    def _partial(
+        self, si: int, prefix: Prefix, per_hook: list[dict[str, int]], names: set[str]
+    ) -> None:
+        """Files in some hooks only: written right now (wait), else an error or skipped and counted."""
+        hooks = self.hooks or [""]
+        missing = {}
+        for name in sorted(names):
+            if (si, name) in self._seen or self._in_flight(prefix, name):
+                continue
+            self._seen.add((si, name))  # decided once: skipped, or the error below
+            missing[name] = [h for h, p in zip(hooks, per_hook, strict=True) if name not in p]
+        if not missing:
+            return
+        lines = "; ".join(f"{n} lacks {', '.join(h)}" for n, h in list(missing.items())[:3])
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        if not self.skip_bad_files:
+            raise FormatError(
+                f"{len(missing)} file(s) under {prefix.store.uri} are not in every hook: {lines}{more}. "
+                "Their tokens would be missing from the other hooks: restore them, or pass "
+                "skip_bad_files=True to skip them"
+            )
+        for name, lacking in missing.items():
+            self.incomplete[prefix.store.url(name)] = lacking
+        warnings.warn(
+            f"skipping {len(missing)} file(s) not in every hook: {lines}{more}", stacklevel=4
+        )
+
+    def _in_flight(self, prefix: Prefix, name: str) -> bool:
+        """Whether the file's machine is still writing it (after it, its progress record counts it)."""
+        parsed = fmt.parse_file_name(name)
+        if parsed is None or not self.hooks:
+            return False
+        machine, index = parsed
+        # The prefix is the run folder: its progress records sit beside the hook folders.
+        key = records.progress_key("", machine).lstrip("/")
+        try:
+            rec = self.retry(
+                f"reading {prefix.store.url(key)}", records.read_json, prefix.store, key
+            )
+        except FormatError:
+            return False
+        if not rec:
+            return False
+        return not rec.get("finished") and int(rec.get("files_done", 0)) <= index
+
     def _shape(self, si: int, h: int) -> StatesShape | None:
         """From metadata.json, else the first file's header; None for legacy `.pt` only."""
         prefix = self.prefixes[si]
         key = prefix.key(h, "metadata.json")
         try:
-            meta = json.loads(prefix.store.get_text(key))
+            meta = json.loads(
+                self.retry(f"reading {prefix.store.url(key)}", prefix.store.get_text, key)
+            )
             return StatesShape(int(meta["seq_length"]), int(meta["d_model"]), _dtype(meta["dtype"]))
         except NotFoundError:
             pass
@@ -132,7 +214,10 @@ class Catalog:
         )
         if first is None:
             return None  # legacy .pt only: the first decoded file sets the shape
-        header, _ = fmt.fetch_header(prefix.store, prefix.key(h, first.name))
+        key = prefix.key(h, first.name)
+        header, _ = self.retry(
+            f"reading {prefix.store.url(key)}", fmt.fetch_header, prefix.store, key
+        )
         try:
             seq, d = header["states"]["shape"][1:]
             return StatesShape(int(seq), int(d), fmt.DTYPES[header["states"]["dtype"]])
@@ -152,7 +237,7 @@ class Catalog:
             known = [(u, s) for u, s in found if s is not None]
             if len({s for _, s in known}) > 1:
                 lines = "; ".join(
-                    f"{u}: seq_len={s.seq_len}, d_model={s.d_model}, dtype={fmt.dtype_name(s.dtype)}"
+                    f"{u}: seq_len={s.seq_len}, d_model={s.d_model}, dtype={dtypes.name(s.dtype)}"
                     for u, s in known
                 )
                 raise ConfigError(

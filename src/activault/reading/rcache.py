@@ -95,16 +95,21 @@ class RCache(Reader):
         return Megabatch(states, ids.view(rows, seq), pos.view(rows, seq))
 
     def _deliver(self, item: Megabatch) -> Any:
-        nb = self._pin
-        states = [s.to(self.device, non_blocking=nb) for s in item.states]
+        if self.device.type == "cpu":
+            states, ids, pos = item.states, item.input_ids.to(torch.int64), item.positions
+        else:  # from pinned buffers, asynchronously; ids widened on the device
+            nb = self._pin
+            states = [s.to(self.device, non_blocking=nb) for s in item.states]
+            ids = item.input_ids.to(self.device, non_blocking=nb).to(torch.int64)
+            pos = item.positions.to(self.device, non_blocking=nb)
+            if nb:  # the buffers are reused only once these copies are done
+                done = torch.cuda.Event()
+                done.record()
+                self.files.buffers.copied([*item.states, item.input_ids, item.positions], done)
         out: Any = dict(zip(self.hooks, states, strict=True)) if self.hooks else states[0]
         if not self.return_ids:
             return out
-        return {
-            "states": out,
-            "input_ids": item.input_ids.to(torch.int64).to(self.device, non_blocking=nb),
-            "positions": item.positions.to(self.device, non_blocking=nb),
-        }
+        return {"states": out, "input_ids": ids, "positions": pos}
 
     def _iterate(self) -> Generator[Any, None, None]:
         with self.files.prefetch(self.epoch, self._next) as files:

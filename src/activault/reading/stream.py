@@ -1,16 +1,14 @@
 """The streaming layer under RCache and TokenLoader: which files, in which order, read how.
 
-`FileStream` lists the megabatch files of one or more sources (present in every hook), orders
-them per epoch, seed and rank, and reads them ahead: each file's header first (one small read,
-checked before any tensor byte is fetched), then its body by parallel ranged reads straight into a
-recycled buffer, decoded in place (the tensors are views of that buffer). `Prefetch` is the
-bounded read-ahead; its threads stop on `close()`, when it is dropped, and at interpreter exit.
+`FileStream` lists the megabatch files of one or more sources (listing.py: present in every
+hook), orders them per epoch, seed and rank, and reads them (fetch.py): each file's header first,
+checked before any tensor byte is fetched, then its body by parallel ranged reads into a recycled
+buffer, decoded in place (the tensors are views of that buffer). `Prefetch` is the bounded
+read-ahead; its threads stop on `close()`, when it is dropped, and at interpreter exit.
 """
 
 from __future__ import annotations
 
-import itertools
-import queue
 import random
 import threading
 import warnings
@@ -23,28 +21,26 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from activault.errors import ConfigError, FormatError, NotFoundError, StorageError
+from activault.errors import ConfigError, FormatError, StorageError
+from activault.reading.fetch import (
+    RANGE_SIZE,
+    RANGE_WORKERS,
+    BufferPool,
+    ObjectReader,
+    Workers,
+    tensors_of,
+)
 from activault.reading.listing import Catalog, FileRef, Prefix, StatesShape
 from activault.storage import Store
 from activault.vault import megabatch as fmt
 
-# 16 MiB ranges: one connection to AWS moves ~90 MB/s, so 8 in flight fill a 5 Gbit/s NIC.
-RANGE_SIZE = 16 << 20
-RANGE_WORKERS = 8
-# The header (a few hundred bytes) comes first in one small read: a junk multi-GB object in a hook
-# folder costs this much before it is refused, never its size.
-HEAD_BYTES = 64 << 10
-# Recycle read and batch buffers (BufferPool); bench/read.py measures it off.
-RECYCLE_BUFFERS = True
-
 Source = str | Path | Store
 
 __all__ = [
-    "RANGE_SIZE", "BufferPool", "Catalog", "FileRef", "FileStream", "Megabatch", "Prefetch", "Prefix",
-    "Reader", "Source", "StatesShape", "check_device", "mix_seed",
+    "BufferPool", "Catalog", "FileRef", "FileStream", "Megabatch", "Prefetch", "Prefix", "Reader",
+    "Source", "StatesShape", "check_device", "mix_seed",
 ]  # fmt: skip
 
 
@@ -55,10 +51,6 @@ class Megabatch:
     states: list[torch.Tensor]  # per hook: [rows, seq, d]
     input_ids: torch.Tensor  # [rows, seq] (int32 as stored)
     positions: torch.Tensor  # [rows, seq] int32, -1 = padding
-
-
-class Stopped(Exception):
-    """Background work cancelled because the stream was closed."""
 
 
 def check_device(device: str | torch.device) -> torch.device:
@@ -77,104 +69,7 @@ def mix_seed(*parts: int | str) -> int:
     return zlib.crc32(text) | (zlib.adler32(repr(parts).encode()) << 32)
 
 
-class BufferPool:
-    """Byte buffers handed out as tensors and handed out again once nothing uses them.
-
-    A fresh buffer costs a page fault per page on first touch: on this project's VM, filling a
-    fresh 64 MiB buffer took 26 ms median (numpy, huge pages) to 136 ms (torch, 4 KiB pages).
-    Measured by bench/read.py (16 files of 64 MiB, local store, 5 reps, medians): RCache reads at
-    0.85x raw with recycled buffers, 0.39x with a fresh buffer per file (warm cache; cold: 0.88x
-    vs 0.51x). A tensor made from a numpy array keeps that array alive, so once the weak
-    reference to the array given out is dead, no tensor (or view of one) uses the memory any more.
-    Pinned buffers come from CUDA's caching host allocator, which already reuses blocks.
-    """
-
-    def __init__(self, pin: bool = False, keep: int = 4, recycle: bool | None = None):
-        self.pin, self.keep = pin, keep
-        self.recycle = RECYCLE_BUFFERS if recycle is None else recycle
-        self._slots: list[tuple[np.ndarray, weakref.ref[np.ndarray]]] = []
-        self._lock = threading.Lock()
-
-    def bytes(self, nbytes: int) -> torch.Tensor:
-        """A uint8 tensor of `nbytes`, contents undefined."""
-        if self.pin:
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        if not self.recycle:
-            return torch.empty(nbytes, dtype=torch.uint8)
-        with self._lock:
-            mem = next((m for m, ref in self._slots if ref() is None and m.nbytes == nbytes), None)
-            if mem is not None:
-                self._slots = [s for s in self._slots if s[0] is not mem]
-            else:
-                mem = np.empty(nbytes, np.uint8)
-                if len(self._slots) >= self.keep:
-                    self._slots.pop(0)  # still in use: the consumer's tensors keep it alive
-            given = mem[:]
-            self._slots.append((mem, weakref.ref(given)))
-        return torch.from_numpy(given)
-
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        n = 1
-        for s in shape:
-            n *= s
-        return self.bytes(n * dtype.itemsize).view(dtype).view(shape)
-
-
-class _Pool:
-    """Daemon threads running submitted calls, lowest priority first; close() cancels the rest."""
-
-    def __init__(self, workers: int, name: str):
-        self._queue: queue.PriorityQueue[tuple[tuple[int, ...], int, Any]] = queue.PriorityQueue()
-        self._count = itertools.count()
-        self._lock = threading.Lock()
-        self._closed = False
-        self._threads = [
-            threading.Thread(target=_work, args=(self._queue,), name=f"{name}-{i}", daemon=True)
-            for i in range(workers)
-        ]
-        for t in self._threads:
-            t.start()
-
-    def submit(self, priority: tuple[int, ...], fn: Callable[..., Any], *args: Any) -> Future[Any]:
-        future: Future[Any] = Future()
-        with self._lock:
-            if self._closed:
-                future.cancel()
-            else:
-                self._queue.put((priority, next(self._count), (future, fn, args)))
-        return future
-
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            while True:  # cancel what has not started: its waiters wake up with CancelledError
-                try:
-                    self._queue.get_nowait()[2][0].cancel()
-                except queue.Empty:
-                    break
-            for _ in self._threads:
-                self._queue.put(((-1,), next(self._count), None))
-        for t in self._threads:
-            if t is not threading.current_thread():
-                t.join()
-
-
-def _work(jobs: queue.PriorityQueue[tuple[tuple[int, ...], int, Any]]) -> None:
-    while True:
-        job = jobs.get()[2]
-        if job is None:
-            return
-        future, fn, args = job
-        if not future.set_running_or_notify_cancel():
-            continue
-        try:
-            future.set_result(fn(*args))
-        except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
-            future.set_exception(e)
-        del job, future, fn, args  # the result (a file's buffers) is the waiter's alone
-
-
-def _close_pools(stop: threading.Event, pools: list[_Pool]) -> None:
+def _close(stop: threading.Event, pools: list[Workers]) -> None:
     stop.set()
     for p in pools:
         p.close()
@@ -184,9 +79,9 @@ class FileStream:
     """Megabatch files of one or more sources, listed, ordered and read: what RCache and TokenLoader share.
 
     Args: as RCache (`uri`, `hooks`, `buffer_size`, `preserve_file_order`, `seed`, `rank`,
-        `world_size`, `skip_bad_files`, `store_options`, `range_size`); `pin`: read into pinned
-        memory (for CUDA); `transform`: applied to each megabatch on the reading thread;
-        `held`: files the consumer holds at once (their buffers are kept for reuse).
+        `world_size`, `skip_bad_files`, `store_options` (with `retry_timeout`), `range_size`);
+        `pin`: read into pinned memory (for CUDA); `transform`: applied to each megabatch on the
+        reading thread; `held`: files the consumer holds at once (their buffers are kept for reuse).
     """
 
     def __init__(
@@ -211,19 +106,26 @@ class FileStream:
             raise ConfigError(f"buffer_size must be >= 1, got {buffer_size}")
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        self.catalog = Catalog(uri, hooks=hooks, store_options=store_options)
+        self.catalog = Catalog(
+            uri, hooks=hooks, store_options=store_options, skip_bad_files=skip_bad_files
+        )
         self.hooks = self.catalog.hooks
         self.buffer_size = buffer_size
         self.preserve_file_order = preserve_file_order
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.skip_bad_files = skip_bad_files
-        self.bad_files = 0
+        self.unreadable = 0  # files skipped while reading (skip_bad_files)
         self.range_size = range_size
         self.pin = pin
         self.transform = transform
         self.buffers = BufferPool(pin, keep=buffer_size + held + 1)
         self._shape_lock = threading.Lock()
         self._order_cache: tuple[tuple[int, int], list[FileRef]] | None = None
+
+    @property
+    def bad_files(self) -> int:
+        """Files skipped (skip_bad_files): unreadable ones, and those missing from some hooks."""
+        return self.unreadable + len(self.catalog.incomplete)
 
     @property
     def shapes(self) -> list[StatesShape | None]:
@@ -254,95 +156,57 @@ class FileStream:
     # -- one file ----------------------------------------------------------------------------------
 
     def load(
-        self, f: FileRef, epoch: int, seq: int, ranges: _Pool, stop: threading.Event
+        self, f: FileRef, epoch: int, seq: int, ranges: Workers, stop: threading.Event
     ) -> Megabatch:
-        """Every hook's file `f.name` of source `f.source`, decoded and checked against the others."""
+        """Every hook's file `f.name` of source `f.source`, decoded and checked against the others.
+
+        Every hook's header is read and checked before any body is requested; then all bodies
+        are read at once (ranges of this file before those of later files).
+        """
         prefix = self.catalog.prefixes[f.source]
-        parts = [
-            self._fetch(prefix, h, f.name, size, (seq, h), ranges, stop)
+        step = self.range_size or RANGE_SIZE
+        readers = [
+            ObjectReader(
+                prefix.store,
+                prefix.key(h, f.name),
+                size,
+                retry=self.catalog.retry,
+                stop=stop,
+                range_size=step,
+            )
             for h, size in enumerate(f.sizes)
+        ]
+        heads = [r.head() for r in readers]
+        for h, (r, (_, header, start)) in enumerate(zip(readers, heads, strict=True)):
+            if header is not None:
+                self._check_header(header, r.size - start, r.url, h)
+        bodies = [
+            r.body(head, self.buffers, ranges, (seq, h))
+            for h, (r, (head, _, _)) in enumerate(zip(readers, heads, strict=True))
         ]
         states: list[torch.Tensor] = []
         ids = pos = None
-        first_url = ""
-        for h, part in enumerate(parts):
-            url = prefix.url(h, f.name)
-            tensors, _ = fmt.decode(part(), url)
-            s, i, p = self._check(tensors, url, h)
+        for h, (r, (_, header, start), body) in enumerate(zip(readers, heads, bodies, strict=True)):
+            buf = body()
+            if header is None:
+                tensors = fmt.decode_legacy(buf.numpy().data, r.url)
+            else:
+                tensors = tensors_of(buf, header, start, r.url)
+            s, i, p = self._check(tensors, r.url, h)
             if ids is None:
-                ids, pos, first_url = i, p, url
+                ids, pos = i, p
             elif not torch.equal(ids, i):
                 raise FormatError(
-                    f"{url}: input_ids differ from {first_url}: these hooks do not hold the same tokens"
+                    f"{r.url}: input_ids differ from {readers[0].url}: these hooks do not hold the same tokens"
                 )
             states.append(s)
         assert ids is not None and pos is not None
         item = Megabatch(states, ids, pos)
         return self.transform(f, epoch, item) if self.transform is not None else item
 
-    def _fetch(
-        self,
-        prefix: Prefix,
-        h: int,
-        name: str,
-        size: int,
-        priority: tuple[int, int],
-        ranges: _Pool,
-        stop: threading.Event,
-    ) -> Callable[[], memoryview]:
-        """Start reading one object; returns a call that waits for its bytes.
-
-        The header is read and checked first, so the body's ranges are only requested for a file
-        that fits its listed size; each range goes to `ranges` with `priority` (file, hook) first,
-        so an earlier file is never starved by a later one.
-        """
-        store, key, url = prefix.store, prefix.key(h, name), prefix.url(h, name)
-        if stop.is_set():
-            raise Stopped
-        if size == 0:
-            raise FormatError(f"{url}: empty file (0 bytes); delete it and collect again")
-        legacy = name.endswith(fmt.LEGACY_SUFFIX)
-        step = self.range_size or RANGE_SIZE
-        head = bytearray(min(size, HEAD_BYTES, step))
-        _read(store, key, 0, memoryview(head), url)
-        if not legacy:
-            self._check_header(store, key, head, size, url, h)
-        buf = self.buffers.bytes(size)
-        view = buf.numpy().data.cast("B")
-        view[: len(head)] = head
-        futures = [
-            ranges.submit(
-                (*priority, s), _read_checked, store, key, s, view[s : s + step], url, stop
-            )
-            for s in range(len(head), size, step)
-        ]
-
-        def wait() -> memoryview:
-            try:
-                for fut in futures:
-                    fut.result()
-            finally:
-                for fut in futures:
-                    fut.cancel()
-            return view
-
-        return wait
-
-    def _check_header(
-        self, store: Store, key: str, head: bytearray, size: int, url: str, h: int
-    ) -> None:
+    def _check_header(self, header: dict[str, Any], data_len: int, url: str, h: int) -> None:
         """The header's tensors fit the listed size exactly and `states` has this hook's shape."""
-        n = fmt.header_length(bytes(head[:8]), url)
-        if n > size:
-            raise FormatError(
-                f"{url}: corrupted header (declares {n - 8} bytes, file has {size}); delete it and collect again"
-            )
-        if n > len(head):  # a header over HEAD_BYTES: read the rest of it, still no tensor bytes
-            more = bytearray(n - len(head))
-            _read(store, key, len(head), memoryview(more), url)
-            head += more
-        header, start = fmt.read_header(head, url)
-        specs = fmt.tensor_specs(header, size - start, url)
+        specs = fmt.tensor_specs(header, data_len, url)
         states = specs.get("states")
         if states is None or len(states[1]) != 3:
             raise FormatError(f"{url}: no 'states' tensor of shape [rows, seq, d]")
@@ -376,27 +240,6 @@ class FileStream:
         return states, ids, pos
 
 
-def _read(store: Store, key: str, start: int, out: memoryview, url: str) -> None:
-    """Fill `out` with bytes [start, start + len(out)) of an object; a short read means a truncated file."""
-    want = out.nbytes
-    try:
-        got = store.read_into(key, start, out)
-    except NotFoundError:
-        raise NotFoundError(f"{url} does not exist (it was listed: deleted since?)") from None
-    if got < want:
-        raise FormatError(
-            f"{url}: truncated file (ends at byte {start + got}, listed with more); delete it and collect again"
-        )
-
-
-def _read_checked(
-    store: Store, key: str, start: int, out: memoryview, url: str, stop: threading.Event
-) -> None:
-    if stop.is_set():
-        raise Stopped
-    _read(store, key, start, out, url)
-
-
 class Prefetch(Iterator[tuple[int, Megabatch]]):
     """(index in the epoch's order, megabatch) from file `start` on, `buffer_size` files read ahead.
 
@@ -415,9 +258,9 @@ class Prefetch(Iterator[tuple[int, Megabatch]]):
         self._next = start
         self._pending: deque[tuple[int, Future[Megabatch]]] = deque()
         self._stop = threading.Event()
-        self._files = _Pool(stream.buffer_size, "activault-read")
-        self._ranges = _Pool(RANGE_WORKERS, "activault-range")
-        self._closer = weakref.finalize(self, _close_pools, self._stop, [self._files, self._ranges])
+        self._files = Workers(stream.buffer_size, "activault-read")
+        self._ranges = Workers(RANGE_WORKERS, "activault-range")
+        self._closer = weakref.finalize(self, _close, self._stop, [self._files, self._ranges])
 
     def _refill(self) -> None:
         order = self.stream.order(self.epoch)  # re-read: sync() may have appended files
@@ -442,7 +285,7 @@ class Prefetch(Iterator[tuple[int, Megabatch]]):
                 if not self.stream.skip_bad_files:
                     self.close()
                     raise
-                self.stream.bad_files += 1
+                self.stream.unreadable += 1
                 warnings.warn(f"skipping a bad file: {e}", stacklevel=2)
                 continue
             if self.eager:
@@ -498,8 +341,18 @@ class Reader:
 
     @property
     def bad_files(self) -> int:
-        """Files skipped as unreadable (with `skip_bad_files=True`)."""
+        """Files skipped with `skip_bad_files=True`: unreadable, or missing from some hooks."""
         return self.files.bad_files
+
+    @property
+    def incomplete_files(self) -> dict[str, list[str]]:
+        """Files skipped because some hooks lack them: url -> those hooks."""
+        return dict(self.files.catalog.incomplete)
+
+    @property
+    def foreign_objects(self) -> dict[str, str]:
+        """Objects in the hook folders that are not megabatch files (skipped): url -> why."""
+        return dict(self.files.catalog.foreign)
 
     def sync(self) -> int:
         """Pick up files written since the last listing (appended after the known ones); returns how many."""

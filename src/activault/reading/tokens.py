@@ -162,7 +162,12 @@ class TokenLoader(Reader):
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
         # The window's files and those read ahead are held at once: their buffers are reused.
         files = FileStream(
-            uri, hooks=hooks, seed=seed, preserve_file_order=preserve_file_order, held=window, **options
+            uri,
+            hooks=hooks,
+            seed=seed,
+            preserve_file_order=preserve_file_order,
+            held=window,
+            **options,
         )
         super().__init__(files)
         self.batch_tokens, self.window, self.return_ids = batch_tokens, window, return_ids
@@ -170,9 +175,8 @@ class TokenLoader(Reader):
         self.epoch = 0
         self.dropped_tokens = 0  # the last epoch's short final batch, dropped (drop_last)
         self._window = self._offset = 0
-        self._norm = [
-            self._norm_params(h, center, norm_target) for h in range(len(self.hooks or [""]))
-        ]
+        norm = [self._norm_params(h, center, norm_target) for h in range(len(self.hooks or [""]))]
+        self._norm = [(None if m is None else m.to(self.device), scale) for m, scale in norm]
         self.dtype = (
             dtype if dtype is not None else (torch.float32 if center or norm_target else None)
         )
@@ -202,22 +206,27 @@ class TokenLoader(Reader):
     def _batch(self, states: list[torch.Tensor], buffers: BufferPool) -> _Batch:
         B = self.batch_tokens
         ids = (
-            [torch.empty(B, dtype=torch.int32) for _ in range(2)]
+            [buffers.empty((B,), torch.int32) for _ in range(2)]
             if self.return_ids
             else [None, None]
         )
         return _Batch([buffers.empty((B, s.shape[-1]), s.dtype) for s in states], *ids)
 
-    def _normalise(self, s: torch.Tensor, h: int, buffers: BufferPool) -> torch.Tensor:
-        """`s: [tokens, d]` centred, scaled and cast as asked, in as few passes as give the same float32 values."""
+    def _normalise(self, s: torch.Tensor, h: int, buffers: BufferPool | None) -> torch.Tensor:
+        """`s: [tokens, d]` centred, scaled and cast as asked, in as few passes as give the same
+        float32 values (into recycled CPU buffers, or new tensors on the device)."""
         mean, scale = self._norm[h]
         if mean is None and scale == 1.0:
+            if self.dtype is None or self.dtype == s.dtype:
+                return s
             return (
-                s
-                if self.dtype is None or self.dtype == s.dtype
-                else buffers.empty(s.shape, self.dtype).copy_(s)
+                s.to(self.dtype) if buffers is None else buffers.empty(s.shape, self.dtype).copy_(s)
             )
-        out = buffers.empty(s.shape, torch.float32)
+        out = (
+            torch.empty(s.shape, dtype=torch.float32, device=s.device)
+            if buffers is None
+            else buffers.empty(s.shape, torch.float32)
+        )
         if mean is not None:
             torch.sub(s, mean, out=out)  # bf16 - float32: promoted exactly, one pass
         else:
@@ -227,17 +236,36 @@ class TokenLoader(Reader):
         return out if self.dtype in (None, torch.float32) else out.to(self.dtype)
 
     def _deliver(self, batch: _Batch, buffers: BufferPool) -> Any:
-        out = []
-        for h, s in enumerate(batch.states):
-            s = self._normalise(s[: batch.filled], h, buffers)
-            if self._pin and not s.is_pinned():
-                s = s.pin_memory()
-            out.append(s.to(self.device, non_blocking=self._pin))
+        n = batch.filled
+        if self.device.type == "cpu":
+            out = [self._normalise(s[:n], h, buffers) for h, s in enumerate(batch.states)]
+            ids = None if batch.input_ids is None else batch.input_ids[:n].to(torch.int64)
+            pos = None if batch.positions is None else batch.positions[:n]
+        else:  # the stored dtype goes through the pinned batch buffer; the device normalises
+            nb = self._pin
+            out = [
+                self._normalise(s[:n].to(self.device, non_blocking=nb), h, None)
+                for h, s in enumerate(batch.states)
+            ]
+            ids = (
+                None
+                if batch.input_ids is None
+                else batch.input_ids[:n].to(self.device, non_blocking=nb).to(torch.int64)
+            )
+            pos = (
+                None
+                if batch.positions is None
+                else batch.positions[:n].to(self.device, non_blocking=nb)
+            )
+            if nb:  # the batch buffers are reused only once these copies are done
+                done = torch.cuda.Event()
+                done.record()
+                kept = [t for t in (batch.input_ids, batch.positions) if t is not None]
+                buffers.copied([*batch.states, *kept], done)
         st: Any = dict(zip(self.hooks, out, strict=True)) if self.hooks else out[0]
-        if batch.input_ids is None or batch.positions is None:
+        if ids is None or pos is None:
             return st
-        ids, pos = batch.input_ids[: batch.filled].to(torch.int64), batch.positions[: batch.filled]
-        return {"states": st, "input_ids": ids.to(self.device), "positions": pos.to(self.device)}
+        return {"states": st, "input_ids": ids, "positions": pos}
 
     def _windows(
         self, files: Iterator[tuple[int, Megabatch]]
@@ -261,8 +289,9 @@ class TokenLoader(Reader):
 
     def _iterate(self) -> Generator[Any, None, None]:
         B = self.batch_tokens
-        # Staged in pinned memory for CUDA unless normalisation makes a new tensor anyway.
-        buffers = BufferPool(self._pin and self._norm[0] == (None, 1.0) and self.dtype is None)
+        # Staged in pinned memory for CUDA (the device normalises); 4: a consumer may hold the last
+        # batch while the next is gathered.
+        buffers = BufferPool(self._pin, keep=4 * (2 + len(self._norm)))
         epoch, start, skip = self.epoch, self._window, self._offset
         batch: _Batch | None = (
             None  # filled across windows (and epochs, with loop): tokens stay in place
