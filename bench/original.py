@@ -37,12 +37,16 @@ def _download(
     client = _client(env, concurrency)
 
     def get(key: str, start: int, end: int) -> bytes:
-        return client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")["Body"].read()
+        return client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")[
+            "Body"
+        ].read()
 
     with ThreadPoolExecutor(concurrency) as pool:
         for key, size in files:
             starts = range(0, size, CHUNK)
-            parts = pool.map(lambda s, key=key, size=size: get(key, s, min(s + CHUNK, size)), starts)
+            parts = pool.map(
+                lambda s, key=key, size=size: get(key, s, min(s + CHUNK, size)), starts
+            )
             mb = torch.load(io.BytesIO(b"".join(parts)), weights_only=True)
             i = free.get()
             if i is None:
@@ -62,7 +66,9 @@ def original_reader(
     free, ready = ctx.Queue(), ctx.Queue()
     for i in range(buffer_size):
         free.put(i)
-    worker = ctx.Process(target=_download, args=(env, bucket, files, concurrency, slots, free, ready))
+    worker = ctx.Process(
+        target=_download, args=(env, bucket, files, concurrency, slots, free, ready)
+    )
     worker.start()
     try:
         while (i := ready.get()) is not None:

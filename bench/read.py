@@ -65,12 +65,16 @@ def drop_cache(root: Path) -> None:
                 os.close(fd)
 
 
-def raw(store: Any, folder: str, files: int | None, buffer_size: int, range_size: int, size: int) -> Iterator[memoryview]:
+def raw(
+    store: Any, folder: str, files: int | None, buffer_size: int, range_size: int, size: int
+) -> Iterator[memoryview]:
     """Each file's bytes, `buffer_size` files ahead, each as parallel ranged reads into a reused buffer."""
     from activault.reading.stream import RANGE_WORKERS
     from activault.vault import megabatch as fmt
 
-    bufs = [bytearray(size) for _ in range(buffer_size + 1)]  # touched before the clock starts, then reused
+    bufs = [
+        bytearray(size) for _ in range(buffer_size + 1)
+    ]  # touched before the clock starts, then reused
     yield memoryview(bufs[0])[:0]
     keys = [(e.key, e.size) for e in store.list_dir(folder)[1] if fmt.is_megabatch(e.key)][:files]
 
@@ -119,8 +123,13 @@ def reader(case: dict[str, Any]) -> Iterable[Any]:
         from bench.original import original_reader
 
         meta = json.loads(store.get_text("run/hook/metadata.json"))
-        files = [(f"legacy/hook/{e.key.rsplit('/', 1)[-1]}", e.size) for e in store.list_dir("legacy/hook")[1]]
-        return original_reader(case["env"], "bench", files, meta["shape"], torch.bfloat16, buffer_size)
+        files = [
+            (f"legacy/hook/{e.key.rsplit('/', 1)[-1]}", e.size)
+            for e in store.list_dir("legacy/hook")[1]
+        ]
+        return original_reader(
+            case["env"], "bench", files, meta["shape"], torch.bfloat16, buffer_size
+        )
     keys = [e.key for e in store.list_dir("legacy/hook")[1]]
     return (torch.load(io.BytesIO(bytes(store.get(k))), weights_only=True)["states"] for k in keys)
 
@@ -175,8 +184,17 @@ def write_files(store: Any, n: int, rows: int, d: int) -> None:
         buf = io.BytesIO()
         torch.save({"states": states, "input_ids": ids.long()}, buf)
         store.put(f"legacy/hook/{k:04d}--{k}.pt", buf.getbuffer())
-    md = fmt.hook_metadata(run_name="run", hook="hook", d_model=d, dtype=torch.bfloat16, seq_length=SEQ,
-                           rows_per_file=rows, batch_size=rows, batches_per_upload=1, model="bench")
+    md = fmt.hook_metadata(
+        run_name="run",
+        hook="hook",
+        d_model=d,
+        dtype=torch.bfloat16,
+        seq_length=SEQ,
+        rows_per_file=rows,
+        batch_size=rows,
+        batches_per_upload=1,
+        model="bench",
+    )
     store.put_text("run/hook/metadata.json", json.dumps(md))
 
 
@@ -184,7 +202,9 @@ def spread(xs: list[float]) -> str:
     return f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
 
 
-def summarise(runs: list[dict[str, Any]], file_bytes: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+def summarise(
+    runs: list[dict[str, Any]], file_bytes: int, args: argparse.Namespace
+) -> list[dict[str, Any]]:
     """Per case: median and range of GB/s, of the ratio to raw in the same repetition, first batch, RSS."""
     by: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for r in runs:
@@ -195,7 +215,11 @@ def summarise(runs: list[dict[str, Any]], file_bytes: int, args: argparse.Namesp
         base = "raw-1get" if name.endswith("-1get") else "raw"
         if name == "raw-one":
             base = ""  # one file alone: the first-batch reference, not a throughput
-        ratios = [r["gb_s"] / ref[(store, cache, r["rep"], base)]["gb_s"] for r in rs if (store, cache, r["rep"], base) in ref]
+        ratios = [
+            r["gb_s"] / ref[(store, cache, r["rep"], base)]["gb_s"]
+            for r in rs
+            if (store, cache, r["rep"], base) in ref
+        ]
         firsts = [r["first_s"] / ref[(store, cache, r["rep"], "raw-one")]["seconds"] for r in rs
                   if (store, cache, r["rep"], "raw-one") in ref]  # fmt: skip
         bound = None
@@ -220,12 +244,17 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         ratio = spread(r["ratio_to_raw"]) if r["ratio_to_raw"] else "-"
         first = spread(r["first_to_one_file"]) if r["first_to_one_file"] else "-"
         bound = f"{r['rss_bound_mib']:.0f}" if r["rss_bound_mib"] else ""
-        print(f"{r['store']:6} {r['cache']:5} {r['reader']:13} {spread(r['gb_s']):>17} {ratio:>17} "
-              f"{spread(r['first_s']):>17} {first:>17} {statistics.median(r['peak_rss_mib']):13.0f} {bound:>6}")
+        print(
+            f"{r['store']:6} {r['cache']:5} {r['reader']:13} {spread(r['gb_s']):>17} {ratio:>17} "
+            f"{spread(r['first_s']):>17} {first:>17} {statistics.median(r['peak_rss_mib']):13.0f} {bound:>6}"
+        )
 
 
 def run_child(case: dict[str, Any]) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), *sys.path])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), *sys.path]),
+    }
     out = subprocess.run([sys.executable, "-m", "bench.read", "--child", json.dumps(case)],
                          capture_output=True, text=True, env=env, timeout=900)  # fmt: skip
     if out.returncode != 0:
@@ -234,7 +263,9 @@ def run_child(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--files", type=int, default=8)
     ap.add_argument("--mib", type=int, default=64, help="states per file")
     ap.add_argument("--d", type=int, default=2048)
@@ -243,7 +274,9 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=4)
     ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument("--stores", default="local,moto,proxy")
-    ap.add_argument("--readers", default="", help="comma-separated subset of: " + ", ".join(READERS["local"]))
+    ap.add_argument(
+        "--readers", default="", help="comma-separated subset of: " + ", ".join(READERS["local"])
+    )
     ap.add_argument("--cache", default="warm,cold", help="local store page cache states")
     ap.add_argument("--rate-mb", type=float, default=90, help="proxy: MB/s per connection")
     ap.add_argument("--latency-ms", type=float, default=30, help="proxy: first-byte latency")
@@ -280,14 +313,18 @@ def main() -> None:
                 cases += [{"store": "moto", "cache": "-", "cold": False, "root": "s3://bench", "env": server.env(),
                            "reader": r, **common} for r in READERS["moto"]]  # fmt: skip
             if "proxy" in stores:
-                proxy = ThrottleProxy(server.url, rate=args.rate_mb * 1e6, latency_s=args.latency_ms / 1e3).__enter__()
+                proxy = ThrottleProxy(
+                    server.url, rate=args.rate_mb * 1e6, latency_s=args.latency_ms / 1e3
+                ).__enter__()
                 cases += [{"store": "proxy", "cache": "-", "cold": False, "root": "s3://bench",
                            "env": server.env(proxy.url), "reader": r, **common} for r in READERS["proxy"]]  # fmt: skip
         if wanted:
             cases = [c for c in cases if c["reader"] in wanted or c["reader"] in ("raw", "raw-one")]
         runs = []
         for rep in range(args.reps):
-            random.Random(rep).shuffle(cases)  # interleaved: no reader always runs first or after another
+            random.Random(rep).shuffle(
+                cases
+            )  # interleaved: no reader always runs first or after another
             for case in cases:
                 runs.append({**run_child(case), "rep": rep})
                 print(f"rep {rep} {case['store']:5} {case['cache']:4} {case['reader']:13} "
@@ -304,7 +341,11 @@ def main() -> None:
           "median (min-max)")  # fmt: skip
     print_table(table)
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"args": vars(args), "file_bytes": file_bytes, "rows": table, "runs": runs}, indent=1))
+    OUT.write_text(
+        json.dumps(
+            {"args": vars(args), "file_bytes": file_bytes, "rows": table, "runs": runs}, indent=1
+        )
+    )
     print(f"wrote {OUT}", file=sys.stderr)
 
 

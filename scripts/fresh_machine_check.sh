@@ -101,7 +101,7 @@ cp /etc/resolv.conf "$ROOT/etc/resolv.conf"
 [ -s "$ROOT/etc/hosts" ] || printf '127.0.0.1 localhost\n::1 localhost\n' >"$ROOT/etc/hosts"
 CA_ENV=()
 if [ -n "${CA_BUNDLE:-}" ]; then
-    cp "$CA_BUNDLE" "$ROOT/etc/ssl/extra-ca.pem"
+    install -D -m 0644 "$CA_BUNDLE" "$ROOT/etc/ssl/extra-ca.pem"
     for v in PIP_CERT REQUESTS_CA_BUNDLE SSL_CERT_FILE NODE_EXTRA_CA_CERTS npm_config_cafile; do
         CA_ENV+=("$v=/etc/ssl/extra-ca.pem")
     done

@@ -7,10 +7,10 @@
 #   EXTRAS="[test]" bash scripts/setup.sh  # adds the test tools
 #   PYTHON=/path/to/python bash scripts/setup.sh   # install into that interpreter's environment instead
 #
-# torch: on Linux x86_64 the PyPI wheel is the CUDA build and pulls ~3 GB of nvidia-* libraries; that
-# is the one to collect with on GPUs. TORCH=cpu takes the CPU-only wheel (~200 MB) from PyTorch's index
-# (TORCH_INDEX_URL overrides it, e.g. https://download.pytorch.org/whl/cu126 for another CUDA). A torch
-# already importable is kept.
+# torch: on Linux x86_64 the PyPI wheel is the CUDA build; with the nvidia-* libraries and triton it
+# pulls ~4.5 GB installed. That is the one to collect with on GPUs. TORCH=cpu takes the CPU-only wheel
+# (190 MB, 750 MB installed) from PyTorch's index (TORCH_INDEX_URL overrides it, e.g.
+# https://download.pytorch.org/whl/cu126 for another CUDA). A torch already importable is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

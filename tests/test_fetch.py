@@ -107,7 +107,7 @@ def test_tensors_are_views_of_the_file_buffer(tmp_path: Path) -> None:
     raw = (tmp_path / "r/h" / run.names[0]).read_bytes()
     buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     header, start = fmt.read_header(raw, "f")
-    tensors = fetch.tensors_of(buf, header, start, "f")
+    tensors = fetch.tensors_of(buf, header, start, "f", BufferPool())
     for name, t in tensors.items():
         assert torch.equal(t, run.files["h"][run.names[0]][name])
         assert t.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()  # same allocation

@@ -62,6 +62,12 @@ def _estimate(args: argparse.Namespace) -> int:
     return run_estimate(args.config, price=args.price, bandwidth=args.bandwidth)
 
 
+def _recompress(args: argparse.Namespace) -> int:
+    from activault.tools.recompress import run_recompress
+
+    return run_recompress(args.run_uri, args.compression, args.level, args.chunk_kib, args.threads, args.force)
+
+
 def _end(args: argparse.Namespace) -> int:
     return args.n - 1 if args.end is None else int(args.end)
 
@@ -178,6 +184,16 @@ def build_parser() -> argparse.ArgumentParser:
     ms = sub.add_parser("merge-stats", help="recompute a run's statistics.json from its finished machines")
     ms.add_argument("run_uri", help="the run folder: PATH/RUN or s3://BUCKET[/PREFIX]/RUN")
     ms.set_defaults(func=_merge_stats)
+
+    rc = sub.add_parser("recompress", help="store a run's files with another codec, in place, verified, resumable")
+    rc.add_argument("run_uri", help="the run folder: PATH/RUN or s3://BUCKET[/PREFIX]/RUN")
+    rc.add_argument("--compression", required=True, choices=["none", "zstd", "fp8"],
+                    help="zstd: lossless; fp8: LOSSY (e4m3, a scale per token); none: back to raw")
+    rc.add_argument("--level", type=int, default=None, help="zstd level (default 1, as for collect)")
+    rc.add_argument("--chunk-kib", type=int, default=None, help="raw KiB per compressed chunk (default 4096)")
+    rc.add_argument("--threads", type=int, default=2, help="files converted at once (default 2)")
+    rc.add_argument("--force", action="store_true", help="convert even while machines are still collecting")
+    rc.set_defaults(func=_recompress)
     return p
 
 

@@ -107,6 +107,15 @@ class UploadConfig(_Section):
     """Concurrent file writes/uploads."""
     price_per_gb_month: float = Field(default=0.023, ge=0)
     """Storage price for the cost estimate (S3 Standard's first tier, USD)."""
+    compression: Literal["none", "zstd", "fp8"] = "none"
+    """How `states` are stored: none (raw); zstd (lossless: byte planes + zstd, ~0.69 of bf16's bytes
+    on real activations); fp8 (LOSSY, opt-in: float8 e4m3 with a float32 scale per token, ~0.45 of
+    bf16's bytes, ~3% relative error per token). Each file's header records its own codec, so a
+    run's files may differ (e.g. after `activault recompress`)."""
+    compression_level: int = Field(default=1, ge=-7, le=22)
+    """zstd level; 1 stores the fewest bytes on activations' byte planes (bench/compression.py)."""
+    compression_chunk_kib: int = Field(default=4096, ge=1, le=1 << 20)
+    """Raw KiB of states per independently compressed chunk (rounded to whole tokens)."""
 
     @field_validator("hooks")
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 
 from activault.background import prefetch
 from activault.collection.plan import (
+    MeasuredRatio,
     available_memory,
     check_feasible,
     cost_notes,
@@ -29,6 +31,7 @@ from activault.collection.writer import BufferPool, Writer
 from activault.config import Config, resolve_storage
 from activault.storage import Store, open_store
 from activault.units import human_bytes
+from activault.vault import codec as codecs
 from activault.vault.megabatch import encode, file_name, hook_metadata
 from activault.vault.records import (
     Progress,
@@ -85,7 +88,8 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
     dims = hook_dims(skeleton, specs)
     info = model_info(skeleton)
     tokenizer = load_tokenizer(tc)
-    itemsize = stored_dtype(tc, skeleton.config).itemsize
+    dtype = stored_dtype(tc, skeleton.config)
+    itemsize = dtype.itemsize
     pinned = pinned_limit() if tc.device != "cpu" else None
     check_feasible(cfg, dims, itemsize, text_config(skeleton.config), available_memory(), pinned)
     record = {
@@ -96,7 +100,7 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
     }  # fmt: skip
     check_run_record(store, cfg, record)
     progress = Progress(store, run, machine, cfg.num_runs)
-    plan = make_plan(cfg, dims, itemsize, machine)
+    plan = make_plan(cfg, dims, itemsize, machine, dtype)
     for line in summary_lines(cfg, plan, dims, info, store.uri, machine):
         log.info(line)
     for note in cost_notes(store, 0 if dc.skip_cache else plan.total_bytes):
@@ -125,7 +129,7 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
             if next(batches, None) is None:
                 break
 
-    loop = _Collector(cfg, machine, store, Capture(model, specs), dims, progress)
+    loop = _Collector(cfg, machine, store, Capture(model, specs), dims, progress, MeasuredRatio(plan, log))
     t0 = time.perf_counter()
     # Pinned in the data thread, so the model's thread copies batches to the GPU without waiting.
     ahead = prefetch((b.pin() for b in batches) if loop.cuda else batches)
@@ -156,9 +160,15 @@ class _Megabatch:
 class _Collector:
     """Runs the model over batches, keeps statistics, fills megabatches and hands them to the writer."""
 
-    def __init__(self, cfg: Config, machine: int, store: Store, capture: Any, dims: dict[str, int], progress: Progress):
+    def __init__(
+        self, cfg: Config, machine: int, store: Store, capture: Any, dims: dict[str, int], progress: Progress,
+        measured: Callable[[str, int, int], None] | None = None,
+    ):  # fmt: skip
         self.cfg, self.machine, self.store, self.capture, self.progress = cfg, machine, store, capture, progress
         self.hooks = cfg.upload_config.hooks
+        uc = cfg.upload_config
+        self.codec = codecs.from_config(uc.compression, uc.compression_level, uc.compression_chunk_kib << 10)
+        self.measured = measured  # told (hook, raw, stored bytes) of the first compressed file
         self.device = next(capture.model.parameters()).device
         # With a device map the first parameter may sit on the CPU while hooks fire on GPUs.
         self.cuda = any(p.device.type == "cuda" for p in capture.model.parameters())
@@ -274,12 +284,25 @@ class _Collector:
             for h in self.hooks:
                 meta = {"format": "activault", "format_version": "1", "run_name": run, "hook": h,
                         "machine": str(self.machine), "file_index": str(k), "model": tc.model_name}  # fmt: skip
-                parts = encode({"states": mb.states[h][:rows], "input_ids": mb.ids[:rows], "positions": mb.pos[:rows]}, meta)
+                tensors = {"states": mb.states[h][:rows], "input_ids": mb.ids[:rows], "positions": mb.pos[:rows]}
+                parts = encode(tensors, meta) if self.codec is None else self._compressing(h, tensors, meta, k)
                 release = _releaser(self.pools[h], mb.states[h])
                 futures.append(self.writer.write(f"{run}/{h}/{file_name(self.machine, k)}", parts, on_done=release))
         self.files, self.rows = k + 1, self.rows + rows
         metas = self._metadata() if k == self.progress.files_done else {}
         self.writer.commit(futures, _committer(self.store, run, self.progress.key, self._record(mb.data_state), metas))
+
+    def _compressing(self, hook: str, tensors: dict[str, torch.Tensor], meta: dict[str, str], k: int):
+        """The file's parts as a function: the writer thread compresses, never the model's thread."""
+
+        def build() -> list[memoryview]:
+            parts = encode(tensors, meta, self.codec)
+            if self.measured is not None and k == self.progress.files_done:
+                raw = sum(t.numel() * t.element_size() for t in tensors.values())
+                self.measured(hook, raw, sum(p.nbytes for p in parts))
+            return parts
+
+        return build
 
     def _record(self, data_state: dict[str, Any] | None, finished: bool = False) -> dict[str, Any]:
         stats = {h: s.to_dict() for h, s in self.stats.items()}
@@ -291,7 +314,7 @@ class _Collector:
             h: hook_metadata(run_name=self.cfg.run_name, hook=h, d_model=p.shape[-1], dtype=p.dtype,
                              seq_length=dc.seq_length, rows_per_file=self.cfg.rows_per_file,
                              batch_size=dc.batch_size, batches_per_upload=uc.batches_per_upload,
-                             model=self.cfg.transformer_config.model_name)
+                             model=self.cfg.transformer_config.model_name, compression=self.codec)
             for h, p in self.pools.items()
         }  # fmt: skip
 

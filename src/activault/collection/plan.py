@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, replace
+import logging
+import threading
+from dataclasses import dataclass, field, replace
 from typing import Any
 from urllib.parse import urlparse
+
+import torch
 
 from activault.config import Config
 from activault.errors import ConfigError
@@ -14,6 +18,12 @@ from activault.units import duration, human_bytes, parse_bandwidth
 from activault.vault.megabatch import dtype_name
 
 GB = 1e9
+# Stored ÷ raw bytes of states before a run's first file is measured: bench/compression.py on real
+# activations (all-MiniLM-L6-v2, layer 3 residual and MLP output, Debian licence texts).
+# Smaller models and sparser hooks compress more; random weights compress very differently.
+ASSUMED_RATIO = {"bfloat16": 0.69, "float16": 0.84, "float32": 0.84}
+# fp8 stores 1 byte per value plus a float32 scale per token; zstd then keeps this much of it.
+ASSUMED_FP8_ZSTD = 0.90
 
 
 @dataclass
@@ -26,26 +36,81 @@ class Plan:
     bytes_per_hook: dict[str, int]
     price_per_gb_month: float
     buffer_bytes: int
+    raw_bytes_per_hook: dict[str, int] = field(default_factory=dict)  # as if uncompressed
+    compression: str = "none"
+    dtype: str = ""  # of states
 
     @property
     def total_bytes(self) -> int:
+        """Bytes stored (with compression: assumed until measured)."""
         return sum(self.bytes_per_hook.values())
+
+    @property
+    def raw_bytes(self) -> int:
+        return sum(self.raw_bytes_per_hook.values()) or self.total_bytes
+
+    def compression_line(self) -> str | None:
+        """How the compressed size was estimated, labelled as assumed; None without compression."""
+        if self.compression == "none":
+            return None
+        ratio = self.total_bytes / max(self.raw_bytes, 1)
+        return (f"compression  {self.compression}: assumed {ratio:.2f} of raw bytes for {self.dtype} "
+                f"(measured on real activations; the run logs its own ratio after the first file); "
+                f"raw {human_bytes(self.raw_bytes)}")  # fmt: skip
 
     @property
     def monthly_cost(self) -> float:
         return self.total_bytes / GB * self.price_per_gb_month
 
 
-def make_plan(cfg: Config, dims: dict[str, int], itemsize: int, machine: int | None = None) -> Plan:
+def states_ratio(compression: str, dtype: torch.dtype, d: int) -> float:
+    """Assumed stored ÷ raw bytes of `states` [.., d] of `dtype` under a codec."""
+    if compression == "zstd":
+        return ASSUMED_RATIO.get(dtype_name(dtype), 1.0)
+    if compression == "fp8":
+        return (1 + 4 / max(d, 1)) / dtype.itemsize * ASSUMED_FP8_ZSTD
+    return 1.0
+
+
+def make_plan(
+    cfg: Config, dims: dict[str, int], itemsize: int, machine: int | None = None, dtype: torch.dtype | None = None
+) -> Plan:
     """Tokens, files and bytes for one machine (or the whole run when machine is None)."""
     d = cfg.data_config
     batches = d.n_batches if machine is None else cfg.machine_batches(machine)
     machines = range(cfg.num_runs) if machine is None else [machine]
     files = sum(cfg.machine_files(m) for m in machines)
     tokens = batches * d.batch_size * d.seq_length
-    per_token = {h: dim * itemsize + 8 for h, dim in dims.items()}  # + int32 id and int32 position
-    return Plan(tokens, files, cfg.rows_per_file, {h: tokens * b for h, b in per_token.items()},
-                cfg.upload_config.price_per_gb_month, buffer_bytes(cfg, dims, itemsize))
+    codec = cfg.upload_config.compression
+    dtype = dtype or (torch.float32 if itemsize == 4 else torch.bfloat16)
+    raw = {h: tokens * (dim * itemsize + 8) for h, dim in dims.items()}  # + int32 id and int32 position
+    stored = {h: round(tokens * (dim * itemsize * states_ratio(codec, dtype, dim) + 8)) for h, dim in dims.items()}
+    return Plan(tokens, files, cfg.rows_per_file, stored, cfg.upload_config.price_per_gb_month,
+                buffer_bytes(cfg, dims, itemsize), raw, codec, dtype_name(dtype))
+
+
+class MeasuredRatio:
+    """Logs the run's stored bytes and cost projected from each hook's first compressed file.
+
+    Called from writer threads with (hook, raw bytes, stored bytes) of a file.
+    """
+
+    def __init__(self, plan: Plan, log: logging.Logger):
+        self.plan, self.log = plan, log
+        self.ratios: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, hook: str, raw: int, stored: int) -> None:
+        with self._lock:
+            if hook in self.ratios:
+                return
+            self.ratios[hook] = stored / max(raw, 1)
+            if len(self.ratios) < len(self.plan.raw_bytes_per_hook):
+                return
+        total = sum(b * self.ratios[h] for h, b in self.plan.raw_bytes_per_hook.items())
+        each = ", ".join(f"{h} {self.ratios[h]:.3f}" for h in self.plan.raw_bytes_per_hook)
+        self.log.info("compression  measured on the first file: %s of raw bytes; this machine will store ~%s "
+                      "(~$%.2f/month)", each, human_bytes(total), total / GB * self.plan.price_per_gb_month)  # fmt: skip
 
 
 def buffer_bytes(cfg: Config, dims: dict[str, int], itemsize: int) -> int:
@@ -119,6 +184,7 @@ def summary_lines(cfg: Config, plan: Plan, dims: dict[str, int], info: dict[str,
     ]
     for h, b in plan.bytes_per_hook.items():
         lines.append(f"hook         {h}  d={dims[h]}  {human_bytes(b)}")
+    lines += [note] if (note := plan.compression_line()) else []
     lines += [
         f"total        {human_bytes(plan.total_bytes)}  (~${plan.monthly_cost:,.2f}/month at "
         f"${plan.price_per_gb_month}/GB-month)",
@@ -137,7 +203,7 @@ def estimate_lines(cfg: Any, price: float | None = None, bandwidth: str = "1Gbps
     skeleton = load_skeleton(cfg.transformer_config)
     dims = hook_dims(skeleton, resolve_hooks(skeleton, cfg.upload_config.hooks))
     itemsize = next(skeleton.parameters()).element_size()
-    plan = make_plan(cfg, dims, itemsize)
+    plan = make_plan(cfg, dims, itemsize, dtype=next(skeleton.parameters()).dtype)
     if price is not None:
         plan = replace(plan, price_per_gb_month=price)
     d = cfg.data_config
@@ -148,6 +214,7 @@ def estimate_lines(cfg: Any, price: float | None = None, bandwidth: str = "1Gbps
         f"({plan.rows_per_file} rows each, {cfg.num_runs} machine(s))",
     ]
     lines += [f"hook         {h}  d={dims[h]}  {human_bytes(b)}" for h, b in plan.bytes_per_hook.items()]
+    lines += [note] if (note := plan.compression_line()) else []
     lines += [
         f"total        {human_bytes(plan.total_bytes)}",
         f"cost         ${plan.monthly_cost:,.2f}/month at ${plan.price_per_gb_month}/GB-month",

@@ -71,15 +71,22 @@ class Writer:
         fut.add_done_callback(done)
         return fut
 
-    def write(self, key: str, parts: Sequence[Buffer], on_done: Callable[[], None] | None = None) -> Future[None]:
-        """Queue one object; `on_done` runs after it is written or has failed (e.g. to free a buffer)."""
+    def write(
+        self, key: str, parts: Sequence[Buffer] | Callable[[], Sequence[Buffer]], on_done: Callable[[], None] | None = None
+    ) -> Future[None]:
+        """Queue one object; `on_done` runs after it is written or has failed (e.g. to free a buffer).
+
+        `parts` may be a function that builds them: it runs on a writer thread (compression), never
+        on the caller's.
+        """
         self._check()
 
         def run() -> None:
             try:
-                self.store.put(key, parts)
+                data = parts() if callable(parts) else parts
+                self.store.put(key, data)
                 with self._lock:
-                    self.bytes_written += sum(memoryview(p).nbytes for p in parts)
+                    self.bytes_written += sum(memoryview(p).nbytes for p in data)
             finally:
                 if on_done is not None:
                     on_done()

@@ -24,6 +24,7 @@ import torch
 
 from activault.errors import FormatError, NotFoundError, StorageError
 from activault.storage import Store
+from activault.vault import codec as codecs
 from activault.vault import megabatch as fmt
 
 log = logging.getLogger("activault.reading")
@@ -323,17 +324,28 @@ class ObjectReader:
 
 
 def tensors_of(
-    buf: torch.Tensor, header: dict[str, Any], start: int, url: str
+    buf: torch.Tensor, header: dict[str, Any], start: int, url: str, buffers: BufferPool
 ) -> dict[str, torch.Tensor]:
-    """The header's tensors as views of the file's bytes `buf: [size] uint8` (no copy).
+    """The header's tensors as views of the file's bytes `buf: [size] uint8` (no copy); compressed
+    ones (vault/codec.py) decoded into a recycled buffer.
 
     Slices of the tensor itself, not of a buffer protocol view: a non_blocking copy from pinned
     memory then keeps that memory's allocation alive until the copy is done.
     """
     specs = fmt.tensor_specs(header, buf.numel() - start, url)
+    packed = fmt.packed_specs(header, url)
     out = {}
     for name, (dtype, shape, s, e) in specs.items():
         raw = buf[start + s : start + e]
+        if name in packed:
+            blob = raw.numpy().data
+            out[name] = codecs.unpack(
+                blob,
+                packed[name],
+                f"{url} {name!r}",
+                lambda shape, dtype: buffers.empty(tuple(shape), dtype),
+            )
+            continue
         if (start + s) % dtype.itemsize:  # not aligned (not written by activault): one copy
             raw = raw.clone()
         out[name] = raw.view(dtype).view(shape)

@@ -137,10 +137,18 @@ class Catalog:
             name = e.key.rsplit("/", 1)[-1]
             if name in RECORDS:
                 continue
-            if fmt.is_megabatch(name) and e.size > 0 and ".." not in e.key.split("/"):
+            ok_key = e.kind == "file" and ".." not in e.key.split("/")
+            if fmt.is_megabatch(name) and e.size > 0 and ok_key:
                 files[name] = e.size
             elif (url := prefix.store.url(e.key)) not in self.foreign:
-                self.foreign[url] = "empty" if e.size == 0 else "not a megabatch"
+                why = "empty" if e.size == 0 else "not a megabatch"
+                self.foreign[url] = (
+                    why
+                    if e.kind == "file"
+                    else {"badkey": "a key with an empty, . or .. segment"}.get(
+                        e.kind, f"a {e.kind}"
+                    )
+                )
                 odd.append(f"{url} ({self.foreign[url]})")
         if odd:
             warnings.warn(
@@ -219,8 +227,11 @@ class Catalog:
             f"reading {prefix.store.url(key)}", fmt.fetch_header, prefix.store, key
         )
         try:
-            seq, d = header["states"]["shape"][1:]
-            return StatesShape(int(seq), int(d), fmt.DTYPES[header["states"]["dtype"]])
+            dtype, shape = fmt.logical_specs(header, prefix.url(h, first.name))[
+                "states"
+            ]  # compressed too
+            seq, d = shape[1:]
+            return StatesShape(int(seq), int(d), dtype)
         except (KeyError, ValueError, TypeError):
             url = prefix.url(h, first.name)
             raise FormatError(

@@ -191,7 +191,7 @@ class FileStream:
             if header is None:
                 tensors = fmt.decode_legacy(buf.numpy().data, r.url)
             else:
-                tensors = tensors_of(buf, header, start, r.url)
+                tensors = tensors_of(buf, header, start, r.url, self.buffers)
             s, i, p = self._check(tensors, r.url, h)
             if ids is None:
                 ids, pos = i, p
@@ -206,11 +206,13 @@ class FileStream:
 
     def _check_header(self, header: dict[str, Any], data_len: int, url: str, h: int) -> None:
         """The header's tensors fit the listed size exactly and `states` has this hook's shape."""
-        specs = fmt.tensor_specs(header, data_len, url)
-        states = specs.get("states")
-        if states is None or len(states[1]) != 3:
+        fmt.tensor_specs(header, data_len, url)
+        dtype, shape = fmt.logical_specs(header, url).get(
+            "states", (None, [])
+        )  # decoded, if compressed
+        if dtype is None or len(shape) != 3:
             raise FormatError(f"{url}: no 'states' tensor of shape [rows, seq, d]")
-        self._expect(StatesShape(states[1][1], states[1][2], states[0]), url, h)
+        self._expect(StatesShape(shape[1], shape[2], dtype), url, h)
 
     def _expect(self, shape: StatesShape, url: str, h: int) -> None:
         with self._shape_lock:

@@ -10,14 +10,22 @@ import builtins
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 Buffer = bytes | bytearray | memoryview
+EntryKind = Literal["file", "link", "special", "badkey"]
 
 
 @dataclass(frozen=True)
 class Entry:
+    """One listed object. Only a "file" is ever read; the other kinds are listed so that tools can
+    name and delete them: "link" a symbolic link (local; never followed), "special" a FIFO, device
+    or socket (local), "badkey" an S3 key with an empty, `.` or `..` segment (activault never writes one).
+    """
+
     key: str
     size: int
+    kind: EntryKind = "file"
 
 
 def as_parts(data: Buffer | Sequence[Buffer]) -> list[memoryview]:

