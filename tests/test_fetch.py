@@ -139,7 +139,7 @@ def hook_store(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Store, S
 
 
 def junk(store: Store, hook: Store, name: str, size: int) -> None:
-    """A big object under a megabatch name: a header length prefix, then garbage (sparse when local)."""
+    """A big object under a megabatch name: a header length, then garbage (sparse when local)."""
     head = struct.pack("<Q", 100) + b"\xff" * 100
     if isinstance(hook, LocalStore):
         with open(hook.root / name, "wb") as f:

@@ -1,4 +1,4 @@
-"""Which files a reader reads: every hook must hold each file; foreign objects are skipped and named."""
+"""Which files a reader reads: every hook holds each file; foreign objects are skipped, named."""
 
 from __future__ import annotations
 

@@ -93,8 +93,9 @@ class Retry:
         spent = now - start
         if spent >= self.budget:
             raise StorageError(
-                f"gave up {what} after {attempt} attempts in {spent:.0f} s; last error: {e}. Check the "
-                "endpoint and the network, or allow longer with store_options={'retry_timeout': SECONDS}"
+                f"gave up {what} after {attempt} attempts in {spent:.0f} s; last error: {e}. "
+                "Check the endpoint and the network, or allow longer with "
+                "store_options={'retry_timeout': SECONDS}"
             ) from None
         with self._lock:
             self._failed += 1
@@ -176,7 +177,7 @@ class BufferPool:
         return self.bytes(n * dtype.itemsize).view(dtype).view(shape)
 
     def copied(self, tensors: list[torch.Tensor], event: Any) -> None:
-        """Non_blocking copies from these tensors were queued before `event`: wait for it before reuse."""
+        """Non_blocking copies from these tensors were queued before `event`: reuse after it."""
         with self._lock:
             for t in tensors:
                 ptr = t.data_ptr()
@@ -269,12 +270,13 @@ class ObjectReader:
             ) from None
         if got < want:
             raise FormatError(
-                f"{self.url}: truncated file (ends at byte {start + got}, listed with {self.size}); "
+                f"{self.url}: truncated file (ends at byte {start + got}, listed with "
+                f"{self.size}); "
                 "delete it and collect again"
             )
 
     def head(self) -> tuple[bytearray, dict[str, Any] | None, int]:
-        """The file's first bytes, its parsed header and where the data starts (no header: legacy)."""
+        """The first bytes, the parsed header and where the data starts (header None: legacy)."""
         if self.size == 0:
             raise FormatError(f"{self.url}: empty file (0 bytes); delete it and collect again")
         head = bytearray(min(self.size, HEAD_BYTES, self.step))

@@ -1,4 +1,4 @@
-"""Which megabatch files a reader reads: every source's files, present in every hook, with their shape."""
+"""Which megabatch files a reader reads: each source's files (in every hook) and their shape."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ class StatesShape:
 
 @dataclass(frozen=True)
 class Prefix:
-    """One source: a store, and per hook the folder of that hook's files ("" when the URI is one)."""
+    """One source: a store, and per hook the folder of its files ("" when the URI is one)."""
 
     store: Store
     folders: tuple[str, ...]
@@ -161,7 +161,7 @@ class Catalog:
     def _partial(
         self, si: int, prefix: Prefix, per_hook: list[dict[str, int]], names: set[str]
     ) -> None:
-        """Files in some hooks only: written right now (wait), else an error or skipped and counted."""
+        """Files in some hooks only: being written (wait), else an error, or skipped and counted."""
         hooks = self.hooks or [""]
         missing = {}
         for name in sorted(names):
@@ -175,7 +175,8 @@ class Catalog:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         if not self.skip_bad_files:
             raise FormatError(
-                f"{len(missing)} file(s) under {prefix.store.uri} are not in every hook: {lines}{more}. "
+                f"{len(missing)} file(s) under {prefix.store.uri} are not in every hook: "
+                f"{lines}{more}. "
                 "Their tokens would be missing from the other hooks: restore them, or pass "
                 "skip_bad_files=True to skip them"
             )
@@ -186,7 +187,7 @@ class Catalog:
         )
 
     def _in_flight(self, prefix: Prefix, name: str) -> bool:
-        """Whether the file's machine is still writing it (after it, its progress record counts it)."""
+        """Whether its machine is still writing the file (its progress record does not count it)."""
         parsed = fmt.parse_file_name(name)
         if parsed is None or not self.hooks:
             return False

@@ -1,4 +1,4 @@
-"""Streaming stored activations: RCache yields megabatches `[rows, seq, d]` (token batches: tokens.py).
+"""Streaming stored activations: RCache yields megabatches `[rows, seq, d]` (tokens.py: batches).
 
 Files are read ahead in background threads, each with parallel ranged reads into one recycled
 buffer (pinned when the device is CUDA) and parsed in place: the tensors are views of that buffer
@@ -39,9 +39,10 @@ class RCache(Reader):
         shuffle: permute tokens within each megabatch (seeded; ids and positions move along).
         preserve_file_order: False shuffles the file order with the seed (and the epoch).
         rank, world_size: read every world_size-th file from `rank` (DDP; disjoint, covering).
-        skip_bad_files: warn about, count (`bad_files`) and skip unreadable files instead of raising.
+        skip_bad_files: warn about, count (`bad_files`) and skip unreadable files, and files some
+            hooks lack, instead of raising.
         store_options: passed to `open_store` (e.g. `{"unsigned": True}` for a public bucket).
-        range_size: bytes per ranged read (default RANGE_SIZE, 16 MiB); larger than any file = one GET each.
+        range_size: bytes per ranged read (default 16 MiB); larger than any file: one GET each.
     """
 
     def __init__(
@@ -63,13 +64,13 @@ class RCache(Reader):
     ):
         self.device = check_device(device)
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
-        super().__init__(
-            FileStream(
-                uri, hooks=hooks, buffer_size=buffer_size, preserve_file_order=preserve_file_order, seed=seed,
-                rank=rank, world_size=world_size, skip_bad_files=skip_bad_files, store_options=store_options,
-                range_size=range_size, pin=self._pin, transform=self._shuffle,
-            )
+        files = FileStream(
+            uri, hooks=hooks, buffer_size=buffer_size, preserve_file_order=preserve_file_order,
+            seed=seed, rank=rank, world_size=world_size, skip_bad_files=skip_bad_files,
+            store_options=store_options, range_size=range_size, pin=self._pin,
+            transform=self._shuffle,
         )  # fmt: skip
+        super().__init__(files)
         self.return_ids = return_ids
         self.shuffle = shuffle
         self.epoch = 0
@@ -80,7 +81,7 @@ class RCache(Reader):
         return len(self.files.order(self.epoch))
 
     def _shuffle(self, f: FileRef, epoch: int, item: Megabatch) -> Megabatch:
-        """Tokens permuted within the megabatch (on the reading thread), seeded by file and epoch."""
+        """Tokens permuted within the megabatch (on the reading thread), seeded by file, epoch."""
         if not self.shuffle:
             return item
         rows, seq = item.input_ids.shape

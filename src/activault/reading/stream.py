@@ -76,7 +76,7 @@ def _close(stop: threading.Event, pools: list[Workers]) -> None:
 
 
 class FileStream:
-    """Megabatch files of one or more sources, listed, ordered and read: what RCache and TokenLoader share.
+    """Megabatch files of one or more sources, listed, ordered and read (RCache and TokenLoader).
 
     Args: as RCache (`uri`, `hooks`, `buffer_size`, `preserve_file_order`, `seed`, `rank`,
         `world_size`, `skip_bad_files`, `store_options` (with `retry_timeout`), `range_size`);
@@ -133,7 +133,7 @@ class FileStream:
         return self.catalog.shapes
 
     def sync(self) -> int:
-        """Pick up files written since the last listing (appended after the known ones); returns how many."""
+        """Pick up files written since the last listing (appended after the others); how many."""
         return self.catalog.sync()
 
     def order(self, epoch: int) -> list[FileRef]:
@@ -197,7 +197,8 @@ class FileStream:
                 ids, pos = i, p
             elif not torch.equal(ids, i):
                 raise FormatError(
-                    f"{r.url}: input_ids differ from {readers[0].url}: these hooks do not hold the same tokens"
+                    f"{r.url}: input_ids differ from {readers[0].url}: these hooks do not hold "
+                    "the same tokens"
                 )
             states.append(s)
         assert ids is not None and pos is not None
@@ -357,7 +358,7 @@ class Reader:
         return dict(self.files.catalog.foreign)
 
     def sync(self) -> int:
-        """Pick up files written since the last listing (appended after the known ones); returns how many."""
+        """Pick up files written since the last listing (appended after the others); how many."""
         return self.files.sync()
 
     def finalize(self) -> None:

@@ -1,4 +1,4 @@
-"""Token batches for training: TokenLoader (shuffled fixed-size batches) and ActivationDataset (DataLoader).
+"""Token batches for training: TokenLoader (shuffled fixed-size batches), ActivationDataset.
 
 Built on the megabatch stream (stream.py): a window of files is permuted with a seed and batches
 are gathered from it with one copy, so a restarted loader resumes at the exact token.
@@ -78,7 +78,7 @@ class _Window:
         self.n = int(self.offsets[-1])
 
     def gather(self, index: torch.Tensor, batch: _Batch) -> None:
-        """Append tokens `index` to the batch: one copy, file by file (so in storage order within a batch)."""
+        """Append tokens `index` to the batch: one copy, file by file (in storage order)."""
         index = index.sort().values
         bounds = torch.searchsorted(index, self.offsets).tolist()
         start = batch.filled
@@ -89,8 +89,9 @@ class _Window:
             local = index[lo:hi] - self.offsets[f]
             if kept is not None:
                 local = kept[local]
-            # np.take: one thread, GIL released. index_select's OpenMP team contended with the reader
-            # threads and gathered at a third of the speed on 2 cores. mode="clip": "raise" buffers `out`.
+            # np.take: one thread, GIL released. index_select's OpenMP team contended with the
+            # reader threads and gathered at a third of the speed on 2 cores. mode="clip": "raise"
+            # buffers `out`.
             rows = local.numpy()
             for h, per_file in enumerate(self.rows):
                 np.take(
@@ -193,7 +194,8 @@ class TokenLoader(Reader):
                 parts.append(RunningStats.from_dict(json.loads(prefix.store.get_text(key))))
             except NotFoundError:
                 raise NotFoundError(
-                    f"{prefix.store.url(key)} does not exist; normalisation needs the run's statistics"
+                    f"{prefix.store.url(key)} does not exist; normalisation needs the run's "
+                    "statistics"
                 ) from None
         stats = merge_all(parts)
         assert stats is not None
@@ -270,7 +272,7 @@ class TokenLoader(Reader):
     def _windows(
         self, files: Iterator[tuple[int, Megabatch]]
     ) -> Iterator[tuple[int, list[Megabatch]]]:
-        """(window index, its items): a window is complete at its last file, without waiting for the next one."""
+        """(window index, its items): a window is complete at its last file (not the next one's)."""
         W = self.window
         items: list[Megabatch] = []
         w = -1
@@ -332,8 +334,9 @@ class TokenLoader(Reader):
                 break
             if taken == 0 and fresh:
                 raise ConfigError(
-                    f"an epoch of this loader holds no tokens (rank {self.rank} of {self.world_size}): "
-                    "loop=True would wait forever; use a smaller world_size or a run with more files"
+                    f"an epoch of this loader holds no tokens (rank {self.rank} of "
+                    f"{self.world_size}): loop=True would wait forever; use a smaller "
+                    "world_size or a run with more files"
                 )
         self.epoch, self._window, self._offset = epoch, 0, 0
         self.dropped_tokens = 0
@@ -341,12 +344,16 @@ class TokenLoader(Reader):
             yield self._deliver(batch, buffers)
         elif batch is not None:
             self.dropped_tokens = batch.filled
-            log.info("dropped the last %d tokens of epoch %d (fewer than batch_tokens=%d); drop_last=False "
-                     "yields them as a short batch", batch.filled, epoch - 1, B)  # fmt: skip
+            log.info(
+                "dropped the last %d tokens of epoch %d (fewer than batch_tokens=%d); "
+                "drop_last=False yields them as a short batch", batch.filled, epoch - 1, B,
+            )  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "window": self._window, "offset": self._offset, "seed": self.seed,
-                "window_files": self.window, "batch_tokens": self.batch_tokens}  # fmt: skip
+        return {
+            "epoch": self.epoch, "window": self._window, "offset": self._offset,
+            "seed": self.seed, "window_files": self.window, "batch_tokens": self.batch_tokens,
+        }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, mine in (
@@ -367,7 +374,7 @@ class TokenLoader(Reader):
 
 
 class ActivationDataset(IterableDataset):
-    """RCache megabatches, or TokenLoader batches with `batch_tokens`, for DataLoader(batch_size=None).
+    """RCache megabatches, or TokenLoader batches with `batch_tokens`, for a DataLoader.
 
     Each DataLoader worker reads its own files: shard `rank * num_workers + worker` of
     `world_size * num_workers`. Call `set_epoch` before each epoch for a new file order.
@@ -404,8 +411,9 @@ class ActivationDataset(IterableDataset):
         )
         if s3 and not self._pickled and "activault.storage.s3" in sys.modules:
             raise ConfigError(
-                "DataLoader workers were forked from a process that already used S3, and obstore's I/O runtime "
-                "does not survive fork (reads would hang): pass multiprocessing_context='spawn' to DataLoader"
+                "DataLoader workers were forked from a process that already used S3, and "
+                "obstore's I/O runtime does not survive fork (reads would hang): pass "
+                "multiprocessing_context='spawn' to DataLoader"
             )
 
     def set_epoch(self, epoch: int) -> None:
