@@ -107,9 +107,11 @@ if [ -n "${CA_BUNDLE:-}" ]; then
     done
 fi
 mount -t proc proc "$ROOT/proc"
-mount -t sysfs sysfs "$ROOT/sys"
-mount --rbind /dev "$ROOT/dev"
-mount --make-rslave "$ROOT/dev"
+# /sys with what lies under it, as a booted machine has it: slurmd needs /sys/fs/cgroup.
+for d in sys dev; do
+    mount --rbind "/$d" "$ROOT/$d"
+    mount --make-rslave "$ROOT/$d"
+done
 
 # A clean environment: nothing of the host's (pip find-links, caches, PATH) leaks in.
 inside() {
@@ -129,9 +131,8 @@ grep -E '^=+ .*(passed|failed).* =+$' "$DIR/test.log" | tail -n 1 | tee -a "$TIM
 
 left=$(in_root)
 if [ -n "$left" ]; then
-    # shellcheck disable=SC2086
-    echo "LEFT RUNNING after the two commands: $(ps -o pid=,comm= -p $(echo $left | tr ' ' ,) | tr '\n' ' ')" \
-        | tee -a "$TIMINGS"
+    echo "LEFT RUNNING after the two commands: $(ps -o pid=,comm= -p "$(echo "$left" | paste -sd,)" \
+        | tr '\n' ' ')" | tee -a "$TIMINGS"
     exit 1
 fi
 echo "no process left running in the root" | tee -a "$TIMINGS"

@@ -107,7 +107,7 @@ EOF
 # stdout and stderr appended to LOG, every other inherited descriptor closed. A caller's pipe or lock
 # file kept open by a daemon blocks the caller long after this script has ended.
 detached() {
-    local log=$1 fd
+    local log=$1 fd rc=0
     shift
     (
         for fd in /proc/self/fd/*; do
@@ -115,7 +115,9 @@ detached() {
             if [ "$fd" -gt 2 ]; then eval "exec $fd>&-"; fi
         done
         exec setsid "$@" </dev/null >>"$log" 2>&1
-    )
+    ) || rc=$?
+    [ "$rc" = 0 ] || die "'$*' failed (exit $rc); its output, from $log:
+$(tail -n 20 "$log")"
 }
 
 alive() {  # any of the pids still running (a zombie counts as gone)
@@ -152,7 +154,8 @@ start() {
     fi
     start_munge
     running "$RUN/slurmctld.pid" || detached "$LOGS/slurmctld.out" slurmctld
-    running "$RUN/slurmd.pid" || detached "$LOGS/slurmd.out" slurmd
+    # -N: the node is "localhost" whether or not the machine's own hostname resolves (containers).
+    running "$RUN/slurmd.pid" || detached "$LOGS/slurmd.out" slurmd -N localhost
     local deadline=$((SECONDS + TIMEOUT)) state=""
     while [ $SECONDS -lt $deadline ]; do
         state=$(node_state || true)

@@ -248,8 +248,8 @@ def test_joining_a_run_with_another_num_runs_is_refused(three, llama, corpus, tm
     path = write_config(raw_config(llama, corpus, str(three.parent), num_runs=2), tmp_path / "c.yaml")
     out = cli("collect", "--config", str(path), "--machine", "1")
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "was started with num_runs=3, this config says num_runs=2" in out.stderr
-    assert "Use the same num_runs, or a new run_name" in out.stderr
+    assert "num_runs: stored 3, this config 2" in out.stderr
+    assert "restore the stored value(s) to continue this run, or set a new run_name" in out.stderr
     assert local_tree(three) == before
 
 

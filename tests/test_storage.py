@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -137,3 +138,26 @@ def test_locate_roots_local_paths_at_the_store_of_the_nearest_run(hostile, tmp_p
     found, k = locate(store.root / "run/h/out/secret.json")
     with pytest.raises(StorageError, match="symbolic link"):
         found.get(k)
+
+
+def test_read_only_filesystem_is_one_message_from_every_cleanup(tmp_path, monkeypatch):
+    """Once the filesystem turns read-only, the cleanup of a failed write fails too: the write's
+    error is reported, and clearing the leftovers later is a StorageError, never a raw OSError."""
+    store = LocalStore(tmp_path, fsync=False)
+    (tmp_path / "run/h").mkdir(parents=True)
+    (tmp_path / "run/h/.m00000-000001.safetensors.1234.tmp").write_bytes(b"half")
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(os, "replace", read_only)
+    monkeypatch.setattr(os, "unlink", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    message = "cannot write .*Read-only file system.*run the same command again"
+    with pytest.raises(StorageError, match=message):
+        store.put("run/h/m00000-000002.safetensors", b"data")
+    message = "cannot remove the unfinished file .*Read-only file system"
+    with pytest.raises(StorageError, match=message):
+        store.clear_partial("run/h", "m00000-")
+    with pytest.raises(StorageError, match="cannot delete .*Read-only file system"):
+        store.delete("run/h/.m00000-000001.safetensors.1234.tmp")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 Buffer = bytes | bytearray | memoryview
+# The store's own bookkeeping in a run (collector locks): never listed, like local dot-files.
+LOCKS = ".locks"
 EntryKind = Literal["file", "link", "special", "badkey"]
 
 
@@ -72,6 +74,13 @@ class Store(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove one object (no error if it is already gone)."""
+
+    @abstractmethod
+    def swap(self, key: str, data: bytes, expect: bytes | None) -> bool:
+        """Write a small object only if it now holds exactly `expect` (None: only if it is absent).
+
+        Atomic against every other `swap` of the key (a conditional write); says whether it wrote.
+        """
 
     @abstractmethod
     def check(self, write: bool = False) -> None:

@@ -11,6 +11,7 @@ itself may be a link: it is the user's choice of folder.
 from __future__ import annotations
 
 import builtins
+import fcntl
 import os
 import stat
 import uuid
@@ -101,6 +102,10 @@ class LocalStore(Store):
             raise err
         return path, fd
 
+    def path_of(self, key: str) -> Path:
+        """The filesystem path of `key`, through the guard (no `..`, no link on the way)."""
+        return self._path(key)
+
     # ---- the store ----
 
     def check(self, write: bool = False) -> None:
@@ -115,27 +120,72 @@ class LocalStore(Store):
         path = self._path(key)
         # Hidden temp names are skipped by list(): a reader never sees a partial file. The rename
         # replaces a link at `path` rather than writing through it.
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp = _temp_name(path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            try:
-                for part in as_parts(data):
-                    view = part.cast("B") if part.format != "B" or part.ndim != 1 else part
-                    while view.nbytes:
-                        n = os.write(fd, view)
-                        view = view[n:]
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
+            self._write(tmp, data)
             os.replace(tmp, path)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            _discard(tmp)
             raise StorageError(
                 f"cannot write {path}: {e.strerror or e}; free space or fix permissions (or choose another "
                 "--storage), then run the same command again to resume"
             ) from e
+
+    def _write(self, path: Path, data: Buffer | Sequence[Buffer]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # a new name: never a link
+        try:
+            for part in as_parts(data):
+                view = part.cast("B") if part.format != "B" or part.ndim != 1 else part
+                while view.nbytes:
+                    n = os.write(fd, view)
+                    view = view[n:]
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def swap(self, key: str, data: bytes, expect: bytes | None) -> bool:
+        path = self._path(key)
+        try:
+            if expect is None:
+                return self._create(path, data)
+            return self._replace(key, path, data, expect)
+        except OSError as e:
+            raise StorageError(f"cannot write {path}: {e.strerror or e}; fix it, run again") from e
+
+    def _create(self, path: Path, data: bytes) -> bool:
+        # link() of a complete temp file fails if the name exists: create-if-absent, never partial.
+        tmp = _temp_name(path)
+        try:
+            self._write(tmp, data)
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            _discard(tmp)
+
+    def _replace(self, key: str, path: Path, data: bytes, expect: bytes) -> bool:
+        while True:
+            try:
+                _, fd = self._open(key)  # a regular file, never through a link
+            except NotFoundError:
+                return False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    if os.lstat(path).st_ino != os.fstat(fd).st_ino:
+                        continue  # replaced while we waited: compare with the new one
+                except FileNotFoundError:
+                    return False
+                with open(fd, "rb", closefd=False) as f:
+                    if f.read() != expect:
+                        return False
+                self.put(key, data)  # a new inode renamed in place, while the old one is locked
+                return True
+            finally:
+                os.close(fd)
 
     def get(self, key: str) -> memoryview:
         path, fd = self._open(key)
@@ -261,6 +311,25 @@ class LocalStore(Store):
         if st is None or not stat.S_ISDIR(st.st_mode):
             return 0
         stale = list(base.glob(f".{name_prefix}*.tmp"))
-        for p in stale:
-            p.unlink(missing_ok=True)
+        try:
+            for p in stale:
+                p.unlink(missing_ok=True)
+        except OSError as e:
+            raise StorageError(
+                f"cannot remove the unfinished file {p} left by an earlier attempt: "
+                f"{e.strerror or e}; make the filesystem writable (or choose another --storage), "
+                "then run the same command again"
+            ) from e
         return len(stale)
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a temp file after a failed write; the write's error is the one worth reporting."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass  # e.g. the filesystem turned read-only: the next run's clear_partial retries it

@@ -28,12 +28,12 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 import obstore
-from obstore.exceptions import BaseError, InvalidPathError
+from obstore.exceptions import AlreadyExistsError, BaseError, InvalidPathError, PreconditionError
 from obstore.exceptions import NotFoundError as _ObNotFound
 from obstore.store import S3Store as _ObS3Store
 
 from activault.errors import ConfigError, NotFoundError, StorageError
-from activault.storage.base import Buffer, Entry, Store, as_parts, join
+from activault.storage.base import LOCKS, Buffer, Entry, Store, as_parts, join
 from activault.storage.s3keys import RawS3, RawS3Error, bad_key
 from activault.storage.uri import parse_uri
 
@@ -329,6 +329,30 @@ class S3Store(Store):
         except StorageError as e:
             raise StorageError(f"{e}; fix the cause and run the same command again to resume") from None
 
+    def swap(self, key: str, data: bytes, expect: bytes | None) -> bool:
+        # If-None-Match: * to create, If-Match: {the ETag read} to replace (object_store's
+        # conditional_put="etag", its default). A store that ignores these headers (old MinIO,
+        # Ceph before Squid) cannot give this guarantee.
+        def attempt() -> bool:
+            try:
+                if expect is None:
+                    obstore.put(self._store, key, data, mode="create", use_multipart=False)
+                    return True
+                current = obstore.get(self._store, key)
+                if bytes(current.bytes()) != expect:
+                    return False
+                meta: dict[str, Any] = dict(current.meta)
+                version = {k: meta[k] for k in ("e_tag", "version") if meta.get(k) is not None}
+                if not version:
+                    raise StorageError(f"{self.where} sends no ETag, so no conditional replace")
+                mode: Any = version  # an UpdateVersion
+                obstore.put(self._store, key, data, mode=mode, use_multipart=False)
+                return True
+            except (AlreadyExistsError, PreconditionError, _ObNotFound, FileNotFoundError):
+                return False
+
+        return self._call("conditionally write", key, attempt)
+
     def get(self, key: str) -> memoryview:
         return self._call("download", key, lambda: memoryview(obstore.get(self._store, key).bytes()))
 
@@ -354,11 +378,11 @@ class S3Store(Store):
 
     def list(self, prefix: str = "") -> list[Entry]:
         _, entries = self._call("list", prefix, lambda: self._listing(prefix.strip("/"), delimiter=False))
-        return sorted(entries, key=lambda e: e.key)
+        return sorted((e for e in entries if LOCKS not in e.key.split("/")), key=lambda e: e.key)
 
     def list_dir(self, prefix: str = "") -> tuple[builtins.list[str], builtins.list[Entry]]:
         prefixes, entries = self._call("list", prefix, lambda: self._listing(prefix.strip("/"), delimiter=True))
-        dirs = sorted({p.rstrip("/").rsplit("/", 1)[-1] for p in prefixes})
+        dirs = sorted({p.rstrip("/").rsplit("/", 1)[-1] for p in prefixes} - {LOCKS})
         return dirs, sorted(entries, key=lambda e: e.key)
 
     def _listing(self, prefix: str, delimiter: bool) -> tuple[builtins.list[str], builtins.list[Entry]]:
