@@ -22,6 +22,7 @@ from activault.errors import FormatError, StorageError
 from activault.reading import fetch
 from activault.reading.fetch import BufferPool
 from activault.storage import Buffer, Entry, LocalStore, Store
+from activault.storage import s3 as s3mod
 from activault.storage.s3 import S3Store
 from activault.vault import megabatch as fmt
 from support.s3servers import FaultProxy, free_port
@@ -64,6 +65,9 @@ class Counting(Store):
 
     def check(self, write: bool = False) -> None:
         self.inner.check(write)
+
+    def swap(self, key: str, data: bytes, expect: bytes | None) -> bool:
+        return self.inner.swap(key, data, expect)
 
     def url(self, key: str = "") -> str:
         return self.inner.url(key)
@@ -194,8 +198,8 @@ def test_junk_and_misfit_headers_cost_one_small_read(hook_store: tuple[Store, St
 
 @pytest.fixture
 def fast_reports(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(fetch, "REPORT_AFTER", 0.3)
-    monkeypatch.setattr(fetch, "REPORT_EVERY", 0.5)
+    monkeypatch.setattr(s3mod, "NOTICE_AFTER_S", 0.3)
+    monkeypatch.setattr(s3mod, "NOTICE_EVERY_S", 0.5)
 
 
 @pytest.mark.s3
@@ -204,12 +208,10 @@ def test_unreachable_endpoint_is_retried_visibly_then_named(
 ) -> None:
     endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     env = {**s3_env(endpoint), "S3_ENDPOINT_URL": endpoint}
-    with caplog.at_level(logging.WARNING, logger="activault.reading"):
-        with pytest.raises(
-            StorageError, match=f"gave up listing s3://bkt/r/h after \\d+ attempts.*{endpoint}"
-        ):
+    with caplog.at_level(logging.WARNING, logger="activault.storage.s3"):
+        with pytest.raises(StorageError, match=f"s3://bkt/r/h: the S3 endpoint {endpoint} failed"):
             RCache("s3://bkt/r/h", store_options={"env": env, "retry_timeout": 2})
-    assert "still retrying listing s3://bkt/r/h: attempt" in caplog.text
+    assert re.search(f"S3 at {endpoint}: list s3://bkt/r/h failed \\d+ time", caplog.text)
 
 
 @pytest.mark.s3
@@ -224,14 +226,21 @@ def test_repeated_5xx_is_retried_visibly_then_named(
     ) as proxy:
         options: dict[str, Any] = {"env": s3_env(proxy.url), "retry_timeout": 2}
         cache = RCache(f"s3://{bucket}/r/h", store_options=options)
-        with caplog.at_level(logging.WARNING, logger="activault.reading"):
+        with caplog.at_level(logging.WARNING, logger="activault.storage.s3"):
+            name = f"s3://{bucket}/r/h/m00000-00000[01].safetensors"
             with pytest.raises(
-                StorageError,
-                match=f"gave up reading s3://{bucket}/r/h/m00000-00000[01].*{proxy.url}.*503",
+                StorageError, match=f"{name}: the S3 endpoint {proxy.url} failed .*503"
             ):
                 list(cache)
     assert re.search(
-        f"still retrying reading s3://{bucket}/r/h/m00000-00000[01].safetensors: attempt \\d",
-        caplog.text,
+        f"S3 at {proxy.url}: .* s3://{bucket}/r/h/m00000-00000[01].safetensors failed", caplog.text
     )
     assert proxy.counts["503"] >= 3
+
+
+def test_pool_forgets_a_free_buffer_beyond_keep() -> None:
+    pool = BufferPool(keep=2)
+    a, b = pool.bytes(64), pool.bytes(64)
+    del b  # free, but too small for the next request: forgotten to stay within `keep`
+    c = pool.bytes(128)
+    assert c.data_ptr() != a.data_ptr() and c.numel() == 128

@@ -1,34 +1,27 @@
 """How a megabatch file's bytes are read: header first, then parallel ranges into a recycled buffer.
 
-Every call to the store goes through `Retry`: transient failures (5xx, throttling, connection
-errors) are retried with backoff, said out loud once they last a few seconds, and end in one
-error naming the object, the endpoint and the last error when the budget is spent.
+Transient storage failures are retried by the store itself (S3Store: visibly, within the budget
+of its `retry_timeout` / `max_retries` options, then one error naming the endpoint).
 """
 
 from __future__ import annotations
 
 import itertools
-import logging
 import queue
-import re
 import threading
-import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
 
-from activault.errors import FormatError, NotFoundError, StorageError
+from activault.errors import FormatError, NotFoundError
 from activault.storage import Store
 from activault.vault import codec as codecs
 from activault.vault import megabatch as fmt
-
-log = logging.getLogger("activault.reading")
-T = TypeVar("T")
 
 # 16 MiB ranges: one connection to AWS moves ~90 MB/s, so 8 in flight fill a 5 Gbit/s NIC.
 RANGE_SIZE = 16 << 20
@@ -38,79 +31,13 @@ RANGE_WORKERS = 8
 HEAD_BYTES = 64 << 10
 # Recycle read and batch buffers (BufferPool); bench/read.py measures it off.
 RECYCLE_BUFFERS = True
-# Retries: the store client retries a failed request this many times itself (quickly, silently);
-# after that Retry takes over, visibly, for RETRY_SECONDS (store_options={"retry_timeout": s}).
-STORE_RETRIES = 2
-RETRY_SECONDS = 120.0
-REPORT_AFTER = 3.0  # seconds of failures before saying what is retried
-REPORT_EVERY = 10.0
-_TRANSIENT = re.compile(
-    r"status code: (5\d\d|429|408)|error sending request|connect|timed out|timeout|reset|refused|"
-    r"broken pipe|temporarily|unavailable|dns",
-    re.IGNORECASE,
-)
 
 
 class Stopped(Exception):
     """Background work cancelled because the stream was closed."""
 
 
-class Retry:
-    """Runs store calls, retrying transient failures with backoff within a time budget (seconds)."""
-
-    def __init__(self, budget: float = RETRY_SECONDS):
-        self.budget = budget
-        self._lock = threading.Lock()
-        self._failed = 0  # failed attempts since the last success, across threads
-        self._reported = 0.0
-
-    def __call__(
-        self, what: str, fn: Callable[..., T], *args: Any, stop: threading.Event | None = None
-    ) -> T:
-        start, delay, attempt = time.monotonic(), 0.25, 0
-        while True:
-            attempt += 1
-            try:
-                out = fn(*args)
-            except NotFoundError:
-                raise
-            except StorageError as e:
-                if not _TRANSIENT.search(str(e)):
-                    raise
-                self._wait(what, e, attempt, start, delay, stop)
-                delay = min(delay * 2, 5.0)
-                continue
-            if self._failed:
-                with self._lock:
-                    self._failed = 0
-            return out
-
-    def _wait(
-        self, what: str, e: StorageError, attempt: int, start: float, delay: float,
-        stop: threading.Event | None,
-    ) -> None:  # fmt: skip
-        now = time.monotonic()
-        spent = now - start
-        if spent >= self.budget:
-            raise StorageError(
-                f"gave up {what} after {attempt} attempts in {spent:.0f} s; last error: {e}. "
-                "Check the endpoint and the network, or allow longer with "
-                "store_options={'retry_timeout': SECONDS}"
-            ) from None
-        with self._lock:
-            self._failed += 1
-            report = spent >= REPORT_AFTER and now - self._reported >= REPORT_EVERY
-            if report:
-                self._reported = now
-            failed = self._failed
-        if report:
-            log.warning("still retrying %s: attempt %d, %.0f s so far (%d failed requests in all); "
-                        "last error: %s", what, attempt, spent, failed, e)  # fmt: skip
-        if (stop or threading.Event()).wait(min(delay, self.budget - spent)):
-            raise Stopped
-
-
-@dataclass
+@dataclass(eq=False)  # slots are compared by identity (list.remove), never by their arrays
 class _Slot:
     mem: np.ndarray
     given: weakref.ref[np.ndarray] | None = None  # the array handed out; dead = free
@@ -248,12 +175,11 @@ class ObjectReader:
     """Reads one stored object for a FileStream: `head()` (checked by the caller), then `body()`."""
 
     def __init__(
-        self, store: Store, key: str, size: int, *, retry: Retry, stop: threading.Event,
-        range_size: int,
+        self, store: Store, key: str, size: int, *, stop: threading.Event, range_size: int,
     ):  # fmt: skip
         self.store, self.key, self.size = store, key, size
         self.url = store.url(key)
-        self.retry, self.stop, self.step = retry, stop, range_size
+        self.stop, self.step = stop, range_size
 
     def read(self, start: int, out: memoryview) -> None:
         """Fill `out` with bytes [start, start + len(out)); a short read means a truncated file."""
@@ -261,9 +187,7 @@ class ObjectReader:
             raise Stopped
         want = out.nbytes
         try:
-            got = self.retry(
-                f"reading {self.url}", self.store.read_into, self.key, start, out, stop=self.stop
-            )
+            got = self.store.read_into(self.key, start, out)
         except NotFoundError:
             raise NotFoundError(
                 f"{self.url} does not exist (it was listed: deleted since?)"

@@ -13,7 +13,6 @@ import torch
 
 from activault import dtypes
 from activault.errors import ConfigError, FormatError, NotFoundError
-from activault.reading.fetch import RETRY_SECONDS, STORE_RETRIES, Retry
 from activault.storage import Entry, Store, open_store
 from activault.vault import megabatch as fmt
 from activault.vault import records
@@ -76,7 +75,7 @@ class Catalog:
     Args:
         uri: a hook folder, a Store, or a list of them (concatenated in order; they must agree on
             d_model, dtype and seq_len). With `hooks`, the run folder(s) instead.
-        store_options: for `open_store`, plus `retry_timeout` (seconds) for Retry.
+        store_options: for `open_store` (S3: `retry_timeout`, `max_retries` bound the retries).
     """
 
     def __init__(
@@ -91,8 +90,6 @@ class Catalog:
         if not uris:
             raise ConfigError("a reader needs at least one URI")
         options = dict(store_options or {})
-        self.retry = Retry(float(options.pop("retry_timeout", RETRY_SECONDS)))
-        options.setdefault("max_retries", STORE_RETRIES)  # failures surface to Retry, which says so
         self.hooks = [h.strip("/") for h in hooks] if hooks else None
         self.skip_bad_files = skip_bad_files
         folders = tuple(self.hooks) if self.hooks else ("",)
@@ -130,8 +127,7 @@ class Catalog:
 
     def _list(self, prefix: Prefix, folder: str) -> dict[str, int]:
         """Megabatch name -> size in one hook folder; anything else is reported once as foreign."""
-        what = f"listing {prefix.store.url(folder)}"
-        entries: list[Entry] = self.retry(what, prefix.store.list_dir, folder)[1]
+        entries: list[Entry] = prefix.store.list_dir(folder)[1]
         files, odd = {}, []
         for e in entries:
             name = e.key.rsplit("/", 1)[-1]
@@ -195,9 +191,7 @@ class Catalog:
         # The prefix is the run folder: its progress records sit beside the hook folders.
         key = records.progress_key("", machine).lstrip("/")
         try:
-            rec = self.retry(
-                f"reading {prefix.store.url(key)}", records.read_json, prefix.store, key
-            )
+            rec = records.read_json(prefix.store, key)
         except FormatError:
             return False
         if not rec:
@@ -209,9 +203,7 @@ class Catalog:
         prefix = self.prefixes[si]
         key = prefix.key(h, "metadata.json")
         try:
-            meta = json.loads(
-                self.retry(f"reading {prefix.store.url(key)}", prefix.store.get_text, key)
-            )
+            meta = json.loads(prefix.store.get_text(key))
             return StatesShape(int(meta["seq_length"]), int(meta["d_model"]), _dtype(meta["dtype"]))
         except NotFoundError:
             pass
@@ -224,9 +216,7 @@ class Catalog:
         if first is None:
             return None  # legacy .pt only: the first decoded file sets the shape
         key = prefix.key(h, first.name)
-        header, _ = self.retry(
-            f"reading {prefix.store.url(key)}", fmt.fetch_header, prefix.store, key
-        )
+        header, _ = fmt.fetch_header(prefix.store, key)
         try:
             dtype, shape = fmt.logical_specs(header, prefix.url(h, first.name))[
                 "states"

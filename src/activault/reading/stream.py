@@ -79,7 +79,7 @@ class FileStream:
     """Megabatch files of one or more sources, listed, ordered and read (RCache and TokenLoader).
 
     Args: as RCache (`uri`, `hooks`, `buffer_size`, `preserve_file_order`, `seed`, `rank`,
-        `world_size`, `skip_bad_files`, `store_options` (with `retry_timeout`), `range_size`);
+        `world_size`, `skip_bad_files`, `store_options`, `range_size`);
         `pin`: read into pinned memory (for CUDA); `transform`: applied to each megabatch on the
         reading thread; `held`: files the consumer holds at once (their buffers are kept for reuse).
     """
@@ -170,7 +170,6 @@ class FileStream:
                 prefix.store,
                 prefix.key(h, f.name),
                 size,
-                retry=self.catalog.retry,
                 stop=stop,
                 range_size=step,
             )
