@@ -1,12 +1,14 @@
-#!/usr/bin/env bash
+#!/bin/bash
 # A single-node Slurm cluster on localhost, for tests and CI. Run as root.
 #
 #   scripts/slurm_local.sh start    # install if missing, write configs, start munged/slurmctld/slurmd,
 #                                   # wait until `sinfo` shows the node idle (idempotent)
-#   scripts/slurm_local.sh stop     # stop the daemons this script started
+#   scripts/slurm_local.sh stop     # cancel its jobs, stop the daemons it started, check none is left
 #   scripts/slurm_local.sh status   # sinfo
 #
-# No cgroups (proctrack/linuxproc, task/none), so it runs in an unprivileged container.
+# No cgroups (proctrack/linuxproc, task/none), so it runs in an unprivileged container. Daemons start
+# in their own session with stdin from /dev/null, output to /var/log/slurm/*.out and no other
+# descriptor of the caller. munged is started (and later stopped) only when none answers already.
 # Writes /etc/slurm/slurm.conf (the default location, so sinfo/sbatch need no SLURM_CONF).
 set -euo pipefail
 
@@ -16,18 +18,19 @@ STATE=/var/spool/slurmctld
 SPOOL=/var/spool/slurmd
 LOGS=/var/log/slurm
 RUN=/run/slurm
+MUNGED_PID=$RUN/munged.pid  # exists only while a munged started by this script runs
 TIMEOUT=${SLURM_LOCAL_TIMEOUT:-90}
 
 die() { echo "slurm_local.sh: $*" >&2; exit 1; }
 
 install_packages() {
     if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
-        && command -v sbatch >/dev/null; then
+        && command -v sbatch >/dev/null && command -v pgrep >/dev/null; then
         return
     fi
-    echo "installing slurm-wlm and munge (apt-get)"
+    echo "installing slurm-wlm, munge and procps (apt-get)"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq && apt-get install -y -qq slurm-wlm munge >/dev/null
+    apt-get update -qq && apt-get install -y -qq slurm-wlm munge procps >/dev/null
 }
 
 start_munge() {
@@ -45,12 +48,16 @@ start_munge() {
     if munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
         return
     fi
-    runuser -u munge -- /usr/sbin/munged
+    install -d -m 0755 "$RUN" "$LOGS"
+    detached "$LOGS/munged.out" runuser -u munge -- /usr/sbin/munged
     for _ in $(seq 50); do
-        munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1 && return
+        if munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
+            cp /run/munge/munged.pid "$MUNGED_PID"
+            return
+        fi
         sleep 0.1
     done
-    die "munged did not start (see /var/log/munge/munged.log)"
+    die "munged did not start (see /var/log/munge/munged.log and $LOGS/munged.out)"
 }
 
 write_conf() {
@@ -96,21 +103,59 @@ EOF
     return 1
 }
 
-running() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# Run "$@" (a daemon that forks) holding nothing of the caller: its own session, stdin /dev/null,
+# stdout and stderr appended to LOG, every other inherited descriptor closed. A caller's pipe or lock
+# file kept open by a daemon blocks the caller long after this script has ended.
+detached() {
+    local log=$1 fd rc=0
+    shift
+    (
+        for fd in /proc/self/fd/*; do
+            fd=${fd##*/}
+            if [ "$fd" -gt 2 ]; then eval "exec $fd>&-"; fi
+        done
+        exec setsid "$@" </dev/null >>"$log" 2>&1
+    ) || rc=$?
+    [ "$rc" = 0 ] || die "'$*' failed (exit $rc); its output, from $log:
+$(tail -n 20 "$log")"
+}
+
+alive() {  # any of the pids still running (a zombie counts as gone)
+    local p st
+    for p; do
+        st=$(awk '{print $3}' "/proc/$p/stat" 2>/dev/null || true)
+        if [ -n "$st" ] && [ "$st" != Z ]; then return 0; fi
+    done
+    return 1
+}
+
+end_pids() {  # TERM the pids, wait up to 10 s, then KILL what is left
+    [ $# -gt 0 ] || return 0
+    kill -TERM "$@" 2>/dev/null || true
+    for _ in $(seq 100); do
+        alive "$@" || return 0
+        sleep 0.1
+    done
+    echo "slurm_local.sh: killing $* (still running 10 s after SIGTERM)" >&2
+    kill -KILL "$@" 2>/dev/null || true
+}
+
+pid_of() { [ -s "$1" ] && alive "$(cat "$1")" && cat "$1"; }
+
+running() { pid_of "$1" >/dev/null; }
 
 node_state() { sinfo -h -N -n localhost -o '%t' 2>/dev/null | head -n1; }
 
 start() {
     [ "$(id -u)" = 0 ] || die "run as root (it writes /etc/slurm and starts daemons)"
     install_packages
-    start_munge
-    local changed=0
-    write_conf && changed=1
-    if [ "$changed" = 1 ]; then
-        stop_daemons  # restart on a new config
+    if write_conf; then
+        stop_slurm  # restart on a new config
     fi
-    running "$RUN/slurmctld.pid" || slurmctld
-    running "$RUN/slurmd.pid" || slurmd
+    start_munge
+    running "$RUN/slurmctld.pid" || detached "$LOGS/slurmctld.out" slurmctld
+    # -N: the node is "localhost" whether or not the machine's own hostname resolves (containers).
+    running "$RUN/slurmd.pid" || detached "$LOGS/slurmd.out" slurmd -N localhost
     local deadline=$((SECONDS + TIMEOUT)) state=""
     while [ $SECONDS -lt $deadline ]; do
         state=$(node_state || true)
@@ -124,21 +169,48 @@ start() {
     die "node not idle after ${TIMEOUT}s (state '${state}'); logs above"
 }
 
-stop_daemons() {
-    local f pid
-    for f in "$RUN/slurmd.pid" "$RUN/slurmctld.pid"; do
-        if running "$f"; then
-            pid=$(cat "$f")
-            kill "$pid"
-            for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        fi
-        rm -f "$f"
+live() {  # pids of the running processes named NAME (a regex: a|b), zombies left out
+    local p
+    for p in $(pgrep -x "$1" 2>/dev/null || true); do
+        if alive "$p"; then echo "$p"; fi
     done
+}
+
+# Cancel every job, then stop slurmd (and the job steps' slurmstepd), slurmctld and its slurmscriptd.
+stop_slurm() {
+    local ctld d
+    ctld=$(pid_of "$RUN/slurmctld.pid" || true)
+    d=$(pid_of "$RUN/slurmd.pid" || true)
+    if [ -n "$ctld" ]; then
+        squeue -h -o %A 2>/dev/null | sort -u | xargs -r scancel 2>/dev/null || true
+    fi
+    if [ -n "$d" ]; then
+        # A slurmstepd outlives slurmd by design: give the cancelled ones 10 s, then end them.
+        for _ in $(seq 100); do [ -n "$(live slurmstepd)" ] || break; sleep 0.1; done
+        # shellcheck disable=SC2046
+        end_pids $(live slurmstepd) "$d"
+    fi
+    if [ -n "$ctld" ]; then
+        # shellcheck disable=SC2046
+        end_pids "$ctld" $(pgrep -P "$ctld" || true)
+    fi
+    rm -f "$RUN/slurmd.pid" "$RUN/slurmctld.pid"
+}
+
+stop() {
+    local m names='slurmctld|slurmd|slurmscriptd|slurmstepd' left
+    m=$(pid_of "$MUNGED_PID" || true)
+    stop_slurm
+    [ -z "$m" ] || end_pids "$m"
+    rm -f "$MUNGED_PID"
+    [ -z "$m" ] || names+='|munged'
+    left=$(live "$names" | tr '\n' ' ')
+    [ -z "$left" ] || die "still running after stop (pids): $left"
 }
 
 case "${1:-}" in
     start) start ;;
-    stop) stop_daemons ;;
+    stop) stop ;;
     status) sinfo ;;
     *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
 esac

@@ -3,7 +3,9 @@ runs are deterministic and resume byte-for-byte after SIGKILL."""
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -20,8 +22,10 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from activault.collection.packing import encode_document
 from activault.collection.pipeline import collect
+from activault.collection.resume import FIELDS, config_fields
 from activault.collection.sources import iter_documents, resolve_source
 from activault.config import parse_config
+from activault.errors import ConfigError, DataError, LockedError, StorageError
 from activault.vault.megabatch import decode
 
 CORPUS = str(resources.files("activault").joinpath("demo_corpus.jsonl"))
@@ -190,10 +194,15 @@ def test_final_partial_megabatch_is_written(llama, tmp_path):
     assert r.files == 3 and t["states"].shape[0] == 20
 
 
-def test_data_running_out_ends_cleanly_with_padding(llama, tmp_path):
+def test_data_running_out_ends_cleanly_with_padding(llama, tmp_path, caplog):
     cfg = make_cfg(llama, tmp_path, data={"n_batches": 10_000, "seq_length": 256, "batch_size": 8},
                    upload={"batches_per_upload": 4})
-    collect(cfg, show_progress=False)
+    with caplog.at_level(logging.INFO, logger="activault.collection.pipeline"):
+        r = collect(cfg, show_progress=False)
+    assert 0 < r.files < r.files_planned == 2500
+    last = caplog.records[-1].getMessage()
+    assert last == (f"machine 0: {r.files} of 2500 planned files written; "
+                    "the data ran out first (every document was collected)")
     t = load_hook(tmp_path / "run", "models.layers.1.post")
     pos = t["positions"]
     assert (pos[:-1] >= 0).all()  # only the last row may hold padding
@@ -352,3 +361,229 @@ def test_demo_runs_and_runs_again(tmp_path):
     again = _cli("demo", "--storage", str(tmp_path / "vault"), timeout=300)  # the same store, spelled otherwise
     assert again.returncode == 0, again.stderr
     assert "already finished" in again.stderr and "12,288 tokens" in again.stdout
+
+
+# ---------------------------------------------------------------- resuming safely
+
+
+def test_every_config_field_is_classified_for_resume():
+    assert sorted(FIELDS) == sorted(config_fields()), "classify it in collection/resume.py"
+
+
+def changed(cfg, path: str, value):
+    """A copy of `cfg` with the field at dotted `path` set to `value` (validated)."""
+    raw = cfg.model_dump(mode="json")
+    node = raw
+    *sections, leaf = path.split(".")
+    for s in sections:
+        node = node[s]
+    node[leaf] = value
+    return parse_config(raw)
+
+
+DATA_CHANGES = [
+    ("transformer_config.dtype", "bfloat16"),
+    ("upload_config.batches_per_upload", 3),
+    ("upload_config.hooks", ["models.layers.1.post"]),
+    ("data_config.seq_length", 32),
+    ("data_config.batch_size", 2),
+    ("data_config.seed", 7),
+    ("data_config.clean_added_tokens", False),
+    ("data_config.shuffle_buffer", 8),
+    ("data_config.start_batch", 1),
+    ("data_config.n_batches", 8),
+    ("num_runs", 2),
+    ("transformer_config.kwargs", {"trust_remote_code": True}),
+]
+
+
+@pytest.mark.parametrize("path,value", DATA_CHANGES, ids=[p for p, _ in DATA_CHANGES])
+def test_resuming_with_a_field_that_shapes_the_data_is_refused(collected, path, value):
+    cfg, root, _ = collected
+    before = tree_bytes(root)
+    old = cfg.model_dump(mode="json")
+    for part in path.split("."):
+        old = old[part]
+    with pytest.raises(ConfigError) as e:
+        collect(changed(cfg, path, value), show_progress=False)
+    msg = str(e.value)
+    assert f"{path}: stored {old!r}, this config {value!r}" in msg
+    assert "restore the stored value" in msg and "new run_name" in msg
+    assert tree_bytes(root) == before, "nothing written"
+
+
+def test_another_data_source_or_model_is_refused(collected, tiny_model_dir, tmp_path):
+    cfg, root, _ = collected
+    copy = tmp_path / "copy.jsonl"
+    copy.write_bytes(Path(CORPUS).read_bytes())
+    message = r"data_config\.data_key: stored '.*demo_corpus.jsonl', this config '.*copy.jsonl'"
+    with pytest.raises(ConfigError, match=message):
+        collect(changed(cfg, "data_config.data_key", str(copy)), show_progress=False)
+    gpt2 = str(tiny_model_dir("gpt2"))
+    with pytest.raises(ConfigError) as e:
+        collect(changed(cfg, "transformer_config.model_name", gpt2), show_progress=False)
+    assert "transformer_config.model_name" in str(e.value) and "model.architecture" in str(e.value)
+
+
+RUNTIME_CHANGES = [
+    ("upload_config.write_threads", 1),
+    ("upload_config.max_pending", 3),
+    ("upload_config.price_per_gb_month", 0.1),
+    ("upload_config.lease_seconds", 30),
+    ("transformer_config.attn_implementation", "eager"),
+    ("transformer_config.device", "auto"),
+    ("data_config.on_bad_record", "error"),
+]
+
+
+def test_changes_that_store_nothing_different_are_allowed(collected):
+    cfg, root, result = collected
+    before = tree_bytes(root)
+    for path, value in RUNTIME_CHANGES:
+        again = collect(changed(cfg, path, value), show_progress=False)
+        assert again.files == result.files
+    again = collect(changed(cfg, "storage", str(root.parent) + "/./"), show_progress=False)
+    assert again.files == result.files and tree_bytes(root) == before
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"", "has no rows"),
+        (b'{"body": "x"}\n' * 5, "their fields are 'body'"),
+        (b'{"text": ""}\n' * 5, "no non-empty"),
+    ],
+    ids=["empty-file", "wrong-field", "empty-strings"],
+)
+def test_a_source_without_documents_fails_before_weights_load(
+    llama, tmp_path, monkeypatch, content, message
+):
+    import activault.collection.model as model_module
+
+    def no_weights(*a, **k):
+        raise AssertionError("weights loaded for a source without documents")
+
+    monkeypatch.setattr(model_module, "load_model", no_weights)
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(content)
+    with pytest.raises(DataError) as e:
+        collect(make_cfg(llama, tmp_path / "vault", data={"data_key": str(data)}),
+                show_progress=False)
+    assert message in str(e.value) and str(data) in str(e.value)
+    assert not (tmp_path / "vault/run").exists(), "nothing written, no empty run folder left"
+
+
+def test_bad_record_error_stops_the_run_naming_file_and_line(llama, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(Path(CORPUS).read_bytes() + b'{"text": "cut\n')
+    data_over = {"data_key": str(data), "n_batches": 10_000, "on_bad_record": "error"}
+    cfg = make_cfg(llama, tmp_path, data=data_over)
+    with pytest.raises(DataError, match=f"bad record at {data}:297: not JSON"):
+        collect(cfg, show_progress=False)
+    skip = changed(cfg, "data_config.on_bad_record", "skip")
+    done = collect(skip, show_progress=False)  # resumes after the files written before the error
+    assert done.bad_records == 1
+
+
+def test_filesystem_turning_read_only_is_one_message_then_resume_is_identical(
+    collected, llama, tmp_path, monkeypatch
+):
+    _, ref, _ = collected
+    real_replace, real_unlink = os.replace, Path.unlink
+    state = {"files": 0, "read_only": False}
+
+    def erofs(path) -> OSError:
+        return OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    def replace(src, dst, *a, **k):
+        if str(tmp_path) in str(dst):
+            if str(dst).endswith(".safetensors"):
+                state["files"] += 1
+                state["read_only"] |= state["files"] > 3
+            if state["read_only"]:
+                raise erofs(dst)
+        return real_replace(src, dst, *a, **k)
+
+    def unlink(self, missing_ok=False):
+        if state["read_only"] and str(tmp_path) in str(self):
+            raise erofs(self)
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(Path, "unlink", unlink)
+    cfg = make_cfg(llama, tmp_path)
+    for _ in range(2):  # mid-run, then again while it is still read-only
+        with pytest.raises(StorageError) as e:
+            collect(cfg, show_progress=False)
+        assert "Read-only file system" in str(e.value)
+        assert "run the same command again" in str(e.value)
+    assert list((tmp_path / "run").rglob(".*.tmp")), "the failed write's temp file stayed"
+    state["read_only"], state["files"] = False, -(10**6)
+    collect(cfg, show_progress=False)
+    got = tree_bytes(tmp_path / "run")
+    # This machine's own leftovers are cleared; a temp file of a record every machine writes
+    # (cfg.json here) is not, since another machine may be writing it: it stays hidden.
+    hidden = sorted(k for k in got if Path(k).name.startswith("."))
+    shared = (".cfg.json.", ".metadata.json.", ".statistics.json.")
+    assert all(Path(k).name.startswith(shared) for k in hidden)
+    assert {k: v for k, v in got.items() if k not in hidden} == tree_bytes(ref)
+
+
+def hostile_copy(path: Path, every: int = 9, first: int = 120) -> Path:
+    """The demo corpus with a bad line (not UTF-8, not JSON, not an object) after every
+    `every`-th of its `first` rows."""
+    bad = [b'\xff{"text": "x"}\n', b'{"text": "cut\n', b"[1, 2]\n"]
+    lines = Path(CORPUS).read_bytes().splitlines(keepends=True)
+    out = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        if i < first and i % every == every - 1:
+            out.append(bad[(i // every) % len(bad)])
+    path.write_bytes(b"".join(out))
+    return path
+
+
+@pytest.mark.slow
+def test_killed_run_admits_one_collector_refuses_a_changed_config_resumes_identically(
+    tiny_model_dir, tmp_path
+):
+    """With bad records in the data: killed after its first file, the run refuses a second
+    collector while it lives and a changed dtype after, then resumes to the same bytes."""
+    model = tiny_model_dir("llama")
+    data = hostile_copy(tmp_path / "hostile.jsonl")
+    over = {"data": {"data_key": str(data), "n_batches": 24, "seq_length": 128, "batch_size": 8},
+            "upload": {"batches_per_upload": 1}}
+    ref = collect(make_cfg(model, tmp_path / "ref", **over), show_progress=False)
+    assert ref.bad_records > 0
+    record = json.loads((tmp_path / "ref/run/progress/machine-00000.json").read_text())
+    assert record["data_state"]["bad_records"] == ref.bad_records
+
+    cfg = make_cfg(model, tmp_path / "killed", **over)
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    progress = tmp_path / "killed/run/progress/machine-00000.json"
+    command = [sys.executable, "-m", "activault", "collect", "--config", str(path), "--quiet"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                if json.loads(progress.read_text())["files_done"] >= 1:
+                    break
+            except (FileNotFoundError, json.JSONDecodeError, KeyError):
+                pass
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGSTOP)  # alive and holding its machine, after its first file
+        assert proc.poll() is None, "the run ended before it could be stopped"
+        with pytest.raises(LockedError) as e:
+            collect(cfg, show_progress=False)
+        assert f"pid {proc.pid}" in str(e.value) and "running since" in str(e.value)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    message = "transformer_config.dtype: stored 'float32', this config 'bfloat16'"
+    with pytest.raises(ConfigError, match=message):
+        collect(changed(cfg, "transformer_config.dtype", "bfloat16"), show_progress=False)
+    done = collect(cfg, show_progress=False)
+    assert done.bad_records == ref.bad_records
+    assert tree_bytes(tmp_path / "killed/run") == tree_bytes(tmp_path / "ref/run")

@@ -248,8 +248,8 @@ def test_joining_a_run_with_another_num_runs_is_refused(three, llama, corpus, tm
     path = write_config(raw_config(llama, corpus, str(three.parent), num_runs=2), tmp_path / "c.yaml")
     out = cli("collect", "--config", str(path), "--machine", "1")
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "was started with num_runs=3, this config says num_runs=2" in out.stderr
-    assert "Use the same num_runs, or a new run_name" in out.stderr
+    assert "num_runs: stored 3, this config 2" in out.stderr
+    assert "restore the stored value(s) to continue this run, or set a new run_name" in out.stderr
     assert local_tree(three) == before
 
 
@@ -329,16 +329,6 @@ def test_ray_to_s3(ray_address, moto, three, llama, corpus, tmp_path):
 
 
 # ---------------------------------------------------------------- Slurm
-
-
-@pytest.fixture(scope="session")
-def slurm() -> None:
-    """The local Slurm cluster: started by scripts/slurm_local.sh when `sinfo` does not answer; never skipped."""
-    if subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0:
-        return
-    out = subprocess.run([str(SCRIPTS / "slurm_local.sh"), "start"], capture_output=True, text=True, timeout=600)
-    if out.returncode != 0:
-        pytest.fail(f"could not start the local Slurm cluster:\n{out.stdout}\n{out.stderr}")
 
 
 SBATCH_LOCAL = ["--sbatch-arg=--gres=none", "--sbatch-arg=--mem=2G", "--sbatch-arg=--cpus-per-task=1",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import threading
 import time
 import uuid
@@ -22,12 +23,13 @@ from test_collect import make_cfg, tree_bytes
 from activault import cli
 from activault.collection.pipeline import collect
 from activault.collection.plan import cost_notes, is_local_endpoint
-from activault.errors import StorageError
+from activault.errors import ConfigError, NotFoundError, StorageError
 from activault.reading.rcache import RCache
 from activault.storage import s3 as s3mod
 from activault.storage.s3 import S3Store
 from activault.vault.megabatch import decode
 from support.s3servers import FaultProxy, S3Server, free_port, start_server
+from support.synth import write_synthetic_run
 
 pytestmark = pytest.mark.s3
 HOOKS = ["models.layers.1.post", "models.layers.0.mlp.post"]
@@ -268,3 +270,102 @@ def test_cost_notes() -> None:
     assert "remote endpoint acct.r2.cloudflarestorage.com" in cost_notes(remote, 10**10)[0]
     assert cost_notes(S3Store("s3://bkt", env={**env, "S3_ENDPOINT_URL": "http://127.0.0.1:1"}), 10**10) == []
     assert "s" not in repr(S3Store("s3://bkt", env={**env, "AWS_SECRET_ACCESS_KEY": "zzsecret"})).split("zz")[1:]
+
+
+# ---- the tools against faults and foreign objects ----
+
+TOOL_HOOKS = ["h1", "h2"]
+
+
+@pytest.fixture
+def moto_run(moto: S3Server, moto_bucket: str) -> tuple[S3Store, Any]:
+    store = S3Store(f"s3://{moto_bucket}", env=moto.env())
+    return store, write_synthetic_run(store, "run", TOOL_HOOKS, machines=1, files=2)
+
+
+@pytest.mark.parametrize("fault", ["503", "unreachable"])
+def test_tools_say_they_are_retrying_then_end_in_one_message(moto, moto_bucket, moto_run, fault, monkeypatch,
+                                                             caplog, capsys) -> None:
+    """ls, verify and inspect against repeated 503s or a closed port: a retry notice naming what and how
+    many attempts, then one error naming the endpoint and the last error, within the env's budget."""
+    store, run = moto_run
+    monkeypatch.setattr(s3mod, "NOTICE_AFTER_S", 0.5)
+    monkeypatch.setattr(s3mod, "NOTICE_EVERY_S", 0.0)
+    monkeypatch.setenv("ACTIVAULT_S3_RETRY_TIMEOUT", "2")
+    monkeypatch.setenv("ACTIVAULT_S3_MAX_RETRIES", "50")
+    with FaultProxy(moto.url, rate=1.0, faults=("503",)) as proxy:
+        endpoint = proxy.url if fault == "503" else f"http://127.0.0.1:{free_port()}"
+        monkeypatch.setenv("S3_ENDPOINT_URL", endpoint)
+        last = "503 Service Unavailable" if fault == "503" else "Connection refused"
+        for args in (["ls", f"s3://{moto_bucket}/run"], ["verify", f"s3://{moto_bucket}/run"],
+                     ["inspect", f"s3://{moto_bucket}/run/h1/{run.names[0]}"]):
+            caplog.clear()
+            rc = cli.main(args)
+            err = capsys.readouterr().err
+            # The notices are log lines (on stderr through the CLI's handler); the error is one line.
+            errors = [line for line in err.splitlines() if line.startswith("activault: error:")]
+            assert rc == 2 and "Traceback" not in err and len(errors) == 1, err
+            err = errors[0]
+            what = re.match(rf"activault: error: cannot (\w+ s3://{moto_bucket}/run\S*): ", err)
+            assert what and f"the S3 endpoint {endpoint} failed" in err and f"last with: {last}" in err, err
+            assert "ACTIVAULT_S3_RETRY_TIMEOUT=2 " in err and "ACTIVAULT_S3_MAX_RETRIES=50" in err
+            notices = [r.getMessage() for r in caplog.records if "retrying for up to" in r.getMessage()]
+            assert notices and all(endpoint in n and what.group(1) in n for n in notices), notices
+            counts = [int(n.split(" failed ")[1].split(" ")[0]) for n in notices]
+            assert counts == sorted(counts) and counts[-1] >= 2  # attempts so far, growing
+    if fault == "503":
+        assert proxy.counts["503"] > 3 and "moto-secret" not in caplog.text
+
+
+def test_retry_budget_from_options_then_env_then_defaults(monkeypatch) -> None:
+    env = {"ACTIVAULT_S3_MAX_RETRIES": "4", "ACTIVAULT_S3_RETRY_TIMEOUT": "7.5"}
+    assert s3mod.retry_budget(env) == (4, 7.5)
+    assert s3mod.retry_budget(env, max_retries=1, retry_timeout=timedelta(seconds=3)) == (1, 3.0)
+    assert s3mod.retry_budget({}) == (s3mod.MAX_RETRIES, s3mod.RETRY_TIMEOUT.total_seconds())
+    store = S3Store("s3://bkt", env={**env, "S3_ENDPOINT_URL": "http://127.0.0.1:1"}, retry_timeout=9)
+    assert (store.max_retries, store.retry_timeout) == (4, 9.0)
+    for bad in ({"ACTIVAULT_S3_MAX_RETRIES": "many"}, {"ACTIVAULT_S3_RETRY_TIMEOUT": "-1"}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            s3mod.retry_budget(bad)
+
+
+def test_permanent_errors_are_not_retried(moto, moto_bucket, moto_run, monkeypatch) -> None:
+    """A 404 or a range past the end fails at once: the proxy sees one request each."""
+    store, run = moto_run
+    with FaultProxy(moto.url) as proxy:
+        s = S3Store(f"s3://{moto_bucket}", env=moto.env(proxy.url))
+        with pytest.raises(NotFoundError):
+            s.get("run/none")
+        assert s.size("run/none") is None
+        with pytest.raises(StorageError, match="416"):
+            s.get_range("run/cfg.json", 10**6, 10**6 + 8)
+        assert bytes(s.get_range("run/cfg.json", 5, 5)) == b"" and proxy.counts["requests"] == 3
+
+
+def test_foreign_keys_and_empty_megabatches_are_named_and_deletable(moto, moto_bucket, moto_run, capsys) -> None:
+    """Keys object_store refuses (`..`, `.`, empty parts; made with boto3) and a zero-byte megabatch under a run:
+    listed as foreign, skipped by ls and verify, and deleted like any object."""
+    store, run = moto_run
+    odd = ["run/h1/../x", "run/h1//y", "run/h2/./z.safetensors", "run/../escape"]
+    for k in odd:
+        moto.client().put_object(Bucket=moto_bucket, Key=k, Body=b"odd")
+    store.put("run/h1/m00009-000000.safetensors", b"")
+    kinds = {e.key: e.kind for e in store.list("run")}
+    assert {k for k, v in kinds.items() if v == "badkey"} == set(odd)  # S3 keys are text: all under run/
+    sub = S3Store(f"s3://{moto_bucket}/run", env=moto.env())
+    dirs, files = sub.list_dir("h1")
+    assert dirs == [] and [e.key for e in files if e.kind == "badkey"] == ["h1/../x", "h1//y"]
+    assert sub.list_dir("")[0] == ["h1", "h2", "progress"]
+    rc = cli.main(["ls", f"s3://{moto_bucket}/run"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "foreign objects, skipped" in out and "h1/../x  (its key has an empty, '.' or '..' part)" in out
+    assert "h1/m00009-000000.safetensors  (0 bytes, too short for a megabatch)" in out and "h1/  2 files" in out
+    rc = cli.main(["verify", f"s3://{moto_bucket}/run"])
+    out = capsys.readouterr().out
+    problems = [ln for ln in out.splitlines() if ln.startswith("  - ")]
+    assert rc == 1 and len(problems) == 5 and all("foreign object" in p for p in problems), out
+    sub.delete("../escape")  # through a prefixed store: the literal key run/../escape
+    assert "run/../escape" not in moto.objects(moto_bucket) and "escape" not in moto.objects(moto_bucket)
+    for e in store.list("run"):
+        store.delete(e.key)
+    assert moto.objects(moto_bucket) == {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from test_inspect import retokenize
+from test_inspection import retokenize
 
 from activault.storage import LocalStore, Store, open_store
 from support.synth import (
@@ -214,6 +215,62 @@ def test_rm_asks_first_then_deletes(local, tmp_path: Path, history: Path) -> Non
     s.close()
 
 
+def test_links_fifos_and_devices_reach_nothing_outside_the_root(local, tmp_path: Path, history: Path) -> None:
+    store, run = local
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.json").write_text('{"secret": 1}')
+    hook = store.root / "run" / HOOKS[0]
+    os.symlink(outside, hook / "out")  # a folder outside the root
+    os.symlink(outside / "secret.json", hook / "file.json")  # a file outside
+    os.symlink(store.root / "run", hook / "loop")  # the run itself
+    os.mkfifo(hook / "fifo")
+    before = {e.key for e in store.list()}
+    s = open_shell(str(store.root), tmp_path, history)
+    s.run(f"cd run/{HOOKS[0]}", f"run/{HOOKS[0]}")
+    out = s.run("ls", f"run/{HOOKS[0]}")
+    assert re.search(r"out@\s+link, not followed", out) and re.search(r"fifo\s+FIFO/device", out)
+    for line, why in [("cat file.json", "symbolic link"), ("cat fifo", "FIFO"), ("cd out", "symbolic link"),
+                      ("cd loop", "symbolic link"), ("inspect loop", "symbolic link"), ("cd out/x", "symbolic link")]:
+        got = s.run(line, f"run/{HOOKS[0]}")
+        assert why in got and "secret" not in got and len(got.strip().splitlines()) == 1, (line, got)
+    s.child.sendline("rm out loop file.json fifo")
+    s.child.expect_exact("(4 files, 0 B)? [y/N] ")
+    s.child.sendline("y")
+    s.child.expect_exact(s.prompt(f"run/{HOOKS[0]}"))
+    assert (outside / "secret.json").read_text() == '{"secret": 1}'
+    assert {e.key for e in store.list()} == before - {f"run/{HOOKS[0]}/{n}" for n in ("out", "loop", "file.json", "fifo")}
+    # A folder holding a link to the run: `rm` of the folder deletes the link, not the run.
+    os.symlink(store.root / "run", store.root / "run" / HOOKS[1] / "loop")
+    s.run("cd ..", "run")
+    s.child.sendline(f"rm {HOOKS[1]}")
+    s.child.expect_exact("[y/N] ")
+    s.child.sendline("y")
+    s.child.expect_exact(s.prompt("run"))
+    assert store.exists("run/cfg.json") and all(store.exists(f"run/{HOOKS[0]}/{n}") for n in run.names)
+    assert store.list(f"run/{HOOKS[1]}/") == [] and (outside / "secret.json").exists()
+    s.close()
+
+
+def test_redirect_keeps_the_target_when_a_command_fails(local, tmp_path: Path, history: Path) -> None:
+    store, _ = local
+    s = open_shell(str(store.root), tmp_path, history)
+    assert "output written to out.txt" in s.run("ls > out.txt")
+    before = (tmp_path / "out.txt").read_text()
+    assert "run/" in before
+    out = s.run("cat nothing.json > out.txt")
+    assert "is not here" in out and "out.txt left unchanged" in out and "output written" not in out
+    assert (tmp_path / "out.txt").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp left
+    out = s.run("ls > /dev/full")  # the write fails: one line, and the shell goes on
+    assert out.strip().splitlines() == ["cannot write /dev/full: No space left on device; /dev/full left unchanged"]
+    assert "output written to /dev/null" in s.run("ls > /dev/null")
+    out = s.run("ls > no/such/folder.txt")
+    assert "cannot write no/such/folder.txt" in out and "nothing run" in out
+    assert re.search(r"^\s+0\s+run/", s.run("ls"), re.M)
+    s.close()
+
+
 def test_missing_root_and_bucket_are_one_line_errors(tmp_path: Path, history: Path) -> None:
     child = spawn(["--root", str(tmp_path / "nope")], {"ACTIVAULT_HISTORY": str(history)}, tmp_path)
     child.expect(pexpect.EOF)
@@ -296,3 +353,69 @@ def test_s3_shell_rm_and_prefix_root(s3, tmp_path: Path, history: Path) -> None:
     bad.close()
     assert bad.exitstatus == 2 and "does not exist" in (bad.before or "")
 
+
+
+@pytest.mark.s3
+def test_s3_shell_names_foreign_keys_and_rm_deletes_them(s3, moto: str, tmp_path: Path, history: Path) -> None:
+    """Keys with `..` or an empty part (object_store refuses them) and a zero-byte megabatch: listed,
+    never read, and deleted with the run."""
+    import boto3
+
+    store, run, env = s3
+    client = boto3.client("s3", endpoint_url=moto, region_name="us-east-1", aws_access_key_id="testing",
+                          aws_secret_access_key="testing")
+    bucket = store.uri.removeprefix("s3://")
+    for key in (f"run/{HOOKS[0]}/../x", f"run/{HOOKS[0]}//y"):
+        client.put_object(Bucket=bucket, Key=key, Body=b"odd")
+    store.put(f"run/{HOOKS[0]}/m00009-000000.safetensors", b"")
+    s = open_shell(store.uri, tmp_path, history, env=env)
+    s.run(f"cd run/{HOOKS[0]}", f"run/{HOOKS[0]}")
+    out = s.run("ls", f"run/{HOOKS[0]}")
+    assert re.search(r"\.\./x\s+foreign key", out) and re.search(r" /y\s+foreign key", out), out
+    assert re.search(r"m00009-000000.safetensors\s+0 B  ⚠️ foreign: 0 bytes", out), out
+    assert "foreign object" in s.run("cat ../x", f"run/{HOOKS[0]}")
+    out = s.run("inspect m00009-000000.safetensors", f"run/{HOOKS[0]}")
+    assert "truncated file (0 bytes)" in out and len(out.strip().splitlines()) == 1
+    s.run("cd /", "")
+    s.child.sendline("rm run")
+    s.child.expect_exact("[y/N] ")
+    s.child.sendline("y")
+    s.child.expect_exact(s.prompt())
+    assert "(empty)" in s.run("ls")
+    assert "Contents" not in client.list_objects_v2(Bucket=bucket)
+    s.close()
+
+
+@pytest.mark.s3
+def test_s3_shell_says_it_is_retrying_then_gives_one_line(s3, moto: str, tmp_path: Path, history: Path) -> None:
+    from support.s3servers import FaultProxy
+
+    store, run, env = s3
+    with FaultProxy(moto) as proxy:
+        s = open_shell(store.uri, tmp_path, history, env={**env, "S3_ENDPOINT_URL": proxy.url,
+                                                          "ACTIVAULT_S3_RETRY_TIMEOUT": "8"})
+        proxy.rate, proxy.faults = 1.0, ("503",)
+        out = s.run("ls")
+        lines = [ln for ln in out.strip().splitlines() if ln.strip()]
+        assert len(lines) >= 2 and "Traceback" not in out, out
+        assert all(f"S3 at {proxy.url}: list {store.uri}" in ln and "retrying for up to" in ln for ln in lines[:-1]), out
+        assert lines[-1].startswith(f"cannot list {store.uri}: the S3 endpoint {proxy.url} failed"), out
+        assert "last with: 503 Service Unavailable (SlowDown)" in lines[-1]
+        proxy.rate = 0.0  # the store is back: the same shell goes on
+        assert re.search(r"^\s+0\s+run/", s.run("ls"), re.M)
+        s.close()
+
+
+def test_write_whole_never_blocks_on_a_fifo_and_keeps_the_mode(tmp_path: Path) -> None:
+    from activault.tools.output import write_whole
+
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(OSError) as e:  # nobody reads it: ENXIO at once, not a hang
+        write_whole(str(tmp_path / "pipe"), "x")
+    assert e.value.errno == errno.ENXIO
+    target = tmp_path / "out.txt"
+    target.write_text("old")
+    target.chmod(0o600)
+    write_whole(str(target), "new")
+    assert target.read_text() == "new" and (target.stat().st_mode & 0o777) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt", "pipe"]  # no temp file left

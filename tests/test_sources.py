@@ -14,9 +14,16 @@ import torch
 from transformers import AutoTokenizer
 
 from activault.collection.packing import Batch, DataState, encode_document, iter_batches
-from activault.collection.sources import iter_documents, repair_messages, resolve_source
+from activault.collection.sources import (
+    BadRecords,
+    iter_documents,
+    repair_messages,
+    require_documents,
+    resolve_source,
+    source_for,
+)
 from activault.config import DataConfig
-from activault.errors import ConfigError
+from activault.errors import ConfigError, DataError
 from activault.tools.tiny import build_tokenizer, demo_texts
 
 CORPUS = str(resources.files("activault").joinpath("demo_corpus.jsonl"))
@@ -546,3 +553,138 @@ def test_encode_document_repairs_raw_chats(tok):
         [],
         [],
     )
+
+
+def test_text_and_messages_fields_name_other_columns(tmp_path, tok):
+    path = write_jsonl(tmp_path / "own.jsonl", [{"body": "first document"}, {"body": "second one"}])
+    assert list(iter_documents(source_for(cfg(str(path), text_field="body")))) == ["first document", "second one"]
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"dialog": chat}])
+    assert list(iter_documents(source_for(cfg(str(path), messages_field="dialog")))) == [chat]
+
+
+# ---------------------------------------------------------------- hostile text
+
+
+BAD_LINES = [
+    b'\xff\xfe{"text": "latin-1 bytes \xe9t\xe9"}\n',  # not UTF-8
+    b'{"text": "unterminated\n',  # not JSON
+    b"[1, 2, 3]\n",  # JSON, not an object
+    b"\n",  # blank: not a record at all
+]
+
+
+def write_hostile(path: Path, rows: list[dict], every: int = 7) -> tuple[Path, list[str]]:
+    """`rows` as JSON lines, a bad line after every `every`-th; returns bad lines' `file:line`."""
+    out, where, n = [], [], 0
+    for i, r in enumerate(rows):
+        out.append(json.dumps(r).encode() + b"\n")
+        n += 1
+        if i % every == every - 1:
+            bad = BAD_LINES[(i // every) % len(BAD_LINES)]
+            out.append(bad)
+            n += 1
+            if bad.strip():
+                where.append(f"{path}:{n}")
+    path.write_bytes(b"".join(out))
+    return path, where
+
+
+def test_bad_lines_are_skipped_counted_and_named(tmp_path, caplog):
+    rows = corpus_rows()[:60]
+    path, where = write_hostile(tmp_path / "h.jsonl", rows)
+    clean = write_jsonl(tmp_path / "clean.jsonl", rows)
+    bad = BadRecords()
+    with caplog.at_level(logging.WARNING, logger="activault.collection.sources"):
+        docs = list(iter_documents(resolve_source(str(path)), bad=bad))
+    assert docs == list(iter_documents(resolve_source(str(clean)))), "every good record, in order"
+    assert bad.count == len(where) == 6
+    logged = [r.getMessage() for r in caplog.records]
+    assert all(any(w + ":" in m for m in logged) for w in where), "each bad record's file and line"
+    assert any("not UTF-8" in m for m in logged) and any("not JSON" in m for m in logged)
+    assert any("not an object" in m for m in logged)
+
+
+def test_bad_record_error_names_file_and_line(tmp_path, tok):
+    path, where = write_hostile(tmp_path / "h.jsonl", corpus_rows()[:30])
+    with pytest.raises(DataError) as e:
+        list(iter_batches(cfg(str(path), on_bad_record="error"), tok))
+    assert where[0] in str(e.value) and "on_bad_record: skip" in str(e.value)
+
+
+def test_bad_record_count_is_in_the_resumable_state(tmp_path, tok):
+    """The count in each batch's state is the same however the stream was read (resumed or not)."""
+    rows = corpus_rows()
+    chats = [r for r in rows if "messages" in r]
+    path, where = write_hostile(tmp_path / "h.jsonl", rows[:40] + chats, every=5)
+    c = cfg(str(path), seq_length=40, batch_size=3, shuffle_buffer=20, seed=3)
+    batches = list(iter_batches(c, tok))
+    counts = [b.state.bad_records for b in batches]
+    assert counts == sorted(counts) and counts[0] < counts[-1] == len(where)
+    for i in range(0, len(batches) - 1, 3):
+        resumed = list(iter_batches(c, tok, state=batches[i].state))
+        assert [b.state for b in resumed] == [b.state for b in batches[i + 1 :]]
+        pairs = zip(resumed, batches[i + 1 :], strict=True)
+        assert all(torch.equal(x.input_ids, y.input_ids) for x, y in pairs)
+
+
+@pytest.mark.parametrize("files", [1, 2])
+def test_each_bad_record_belongs_to_one_machine(tmp_path, tok, files):
+    rows = corpus_rows()
+    where = []
+    for f in range(files):
+        where += write_hostile(tmp_path / f"p{f}.jsonl", rows[f::files], every=4)[1]
+    c = cfg(str(tmp_path / "p*.jsonl"))
+    last = [list(iter_batches(c, tok, machine=m, num_runs=2))[-1] for m in range(2)]
+    total = sum(b.state.bad_records for b in last)
+    assert total == len(where)
+
+
+def test_json_array_files(tmp_path):
+    rows = corpus_rows()[:5]
+    (tmp_path / "a.json").write_text(json.dumps(rows + [7]))
+    bad = BadRecords()
+    docs = list(iter_documents(resolve_source(str(tmp_path / "a.json")), bad=bad))
+    jsonl = write_jsonl(tmp_path / "a.jsonl", rows)
+    assert docs == list(iter_documents(resolve_source(str(jsonl))))
+    assert bad.count == 1, "an item that is not an object"
+    (tmp_path / "b.json").write_text(json.dumps(rows)[:-20])
+    bad = BadRecords()
+    assert list(iter_documents(resolve_source(str(tmp_path / "b.json")), bad=bad)) == []
+    assert bad.count == 1, "a broken array is one bad record: the file"
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"", "has no rows"),
+        (b"\n\n", "has no rows"),
+        (b'{"body": "x", "id": 1}\n' * 3, "no non-empty string field 'text' or chat field"),
+        (b'{"text": ""}\n{"text": "   "}\n', "fields are 'text'"),
+        (b"not json\n" * 3, "are bad records (the first: "),
+    ],
+    ids=["empty", "blank", "wrong-field", "empty-strings", "all-bad"],
+)
+def test_a_source_without_documents_is_an_error(tmp_path, content, message):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError) as e:
+        require_documents(resolve_source(str(path)), f"data_key {str(path)!r}")
+    assert message in str(e.value) and str(path) in str(e.value)
+    if "wrong" in message:
+        assert "'body', 'id'" in str(e.value)
+
+
+def test_require_documents_names_the_registry_field_and_machine(tmp_path):
+    rows = write_jsonl(tmp_path / "r.jsonl", [{"question": "q", "answer": "a"}])
+    reg = tmp_path / "reg.json"
+    entry = {"path": "json", "data_files": str(rows), "kind": "text", "text": "prompt"}
+    reg.write_text(json.dumps({"qa": entry}))
+    message = "string field 'prompt'; their fields are 'question', 'answer'"
+    with pytest.raises(DataError, match=message):
+        require_documents(resolve_source("qa", str(reg)), "data_key 'qa'")
+    require_documents(resolve_source(CORPUS), "corpus")  # a good source passes
+    one = write_jsonl(tmp_path / "one.jsonl", [{"text": "only one"}])
+    require_documents(resolve_source(str(one)), "one", machine=0, num_runs=2)
+    with pytest.raises(DataError, match="for machine 1 of 2: .*lower num_runs"):
+        require_documents(resolve_source(str(one)), "one", machine=1, num_runs=2)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
-from test_inspect import HOOKS, run_cli
+from test_inspection import HOOKS, run_cli
 
 from activault.storage import LocalStore
 from activault.tools.verify import verify_run
@@ -82,3 +83,37 @@ def test_verify_finds_shape_and_dtype_mismatch(vault) -> None:
     problems = problems_of(store)
     assert any("dtype float32" in p and "bfloat16" in p for p in problems)
     assert sum("does not match metadata.json" in p and HOOKS[1] in p for p in problems) == 4
+
+
+def test_verify_names_foreign_objects_and_checks_the_rest(vault, tmp_path: Path, capsys) -> None:
+    """A zero-byte megabatch, a link (out of the root, and to the run itself) and a FIFO in a hook
+    folder: each is named once as a foreign object, none is read, and no hook is said to miss it."""
+    store, run = vault
+    hook = store.root / "run" / HOOKS[0]
+    store.put(f"run/{HOOKS[0]}/m00009-000000.safetensors", b"")
+    (tmp_path / "elsewhere.safetensors").write_bytes(b"not ours")
+    os.symlink(tmp_path / "elsewhere.safetensors", hook / "m00009-000001.safetensors")
+    os.symlink(store.root / "run", hook / "loop")
+    os.mkfifo(hook / "fifo")
+    problems = problems_of(store)
+    assert sorted(problems) == [
+        f"{HOOKS[0]}/fifo: foreign object (a FIFO, device or socket), skipped; delete it (`rm` in `activault s3`)",
+        f"{HOOKS[0]}/loop: foreign object (a symbolic link, never followed), skipped; delete it (`rm` in `activault s3`)",
+        f"{HOOKS[0]}/m00009-000000.safetensors: foreign object (0 bytes, too short for a megabatch), skipped; "
+        "delete it (`rm` in `activault s3`)",
+        f"{HOOKS[0]}/m00009-000001.safetensors: foreign object (a symbolic link, never followed), skipped; "
+        "delete it (`rm` in `activault s3`)",
+    ]
+    rc, out, _ = run_cli(["ls", str(store.root / "run")], capsys)
+    assert rc == 0 and "foreign objects, skipped" in out and f"{HOOKS[0]}/loop  (a symbolic link" in out
+    assert f"{HOOKS[0]}/  {len(run.names)} files" in out  # the foreign ones are not counted
+
+
+def test_verify_on_a_store_root_lists_its_runs(vault, capsys) -> None:
+    store, _ = vault
+    write_synthetic_run(store, "other", HOOKS, machines=1, files=1)
+    rc, out, err = run_cli(["verify", str(store.root)], capsys)
+    assert rc == 2 and f"{store.root} is a store, not a run; verify one of its 2 run(s):" in out
+    assert f"activault verify {store.root}/run\n" in out and f"activault verify {store.root}/other" in out
+    rc, out, _ = run_cli(["verify", str(store.root / "other")], capsys)
+    assert rc == 0 and out.startswith("OK")

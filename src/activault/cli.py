@@ -7,6 +7,7 @@ import logging
 import sys
 
 from activault.errors import ActivaultError
+from activault.version import __version__
 
 
 def _collect(args: argparse.Namespace) -> int:
@@ -21,7 +22,7 @@ def _collect(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from activault.tools.demo import run_demo
 
-    run_demo(storage=args.storage)
+    run_demo(storage=args.storage, keep=args.keep)
     return 0
 
 
@@ -122,7 +123,7 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
             k.add_argument("--results", default=None, help="results JSON (default logs/ray_results_TIME.json)")
             k.set_defaults(func=_launch_ray)
         else:
-            k.add_argument("--script", default="scripts/collect.slurm", help="the batch script (default scripts/collect.slurm)")
+            k.add_argument("--script", default=None, help="the batch script (default: the packaged collect.slurm)")
             k.add_argument("--array", action="store_true", help="submit one job array instead of one job per machine")
             k.add_argument("--max-parallel", type=int, default=None, help="with --array: at most this many at once")
             k.add_argument("--sbatch-arg", action="append", default=None, metavar="ARG",
@@ -134,6 +135,7 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="activault", description="Collect, store and stream LLM activations.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"activault {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("collect", help="collect activations as a config says")
@@ -145,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="offline demo: tiny model, local store, read back")
     d.add_argument("--storage", default="./vault", help="local store folder (default ./vault)")
+    d.add_argument("--keep", default=None, metavar="DIR",
+                   help="leave the tiny model, tokenizer, corpus and a config in DIR to start your own run from")
     d.set_defaults(func=_demo)
     sh = sub.add_parser("s3", help="interactive shell on the bucket $S3_BUCKET_NAME, or on --root")
     sh.add_argument("--root", default=None, help="s3://BUCKET[/PREFIX] or a local store folder (default s3://$S3_BUCKET_NAME)")
@@ -193,15 +197,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _setup_logging(verbose: bool) -> None:
+    """Our messages through one handler on the `activault` logger; libraries keep their own.
+
+    A handler on the root logger would print a second copy of every message from libraries that
+    install their own handler and propagate (huggingface_hub's retries were printed twice). Ours
+    still propagates, to no handler, so test and embedding tools that listen on the root see it.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s" if verbose else "%(message)s"))
+    ours = logging.getLogger("activault")
+    ours.handlers = [handler]
+    ours.setLevel(logging.DEBUG if verbose else logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(message)s" if args.verbose else "%(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("urllib3", "datasets", "httpx", "filelock", "fsspec"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    _setup_logging(args.verbose)
     try:
         return int(args.func(args) or 0)
     except ActivaultError as e:

@@ -88,6 +88,14 @@ class DataConfig(_Section):
     """Documents in the streaming shuffle buffer; 0 keeps the dataset's order."""
     registry: str | None = None
     """Path of a dataset registry JSON to use instead of the packaged datasets.json."""
+    on_bad_record: Literal["skip", "error"] = "skip"
+    """A local JSON line that is not UTF-8, not JSON or not an object: skip it (counted, and logged
+    with its file and line), or stop the run naming them."""
+    text_field: str | None = None
+    """Local files: the field holding plain text (default `text`)."""
+    messages_field: str | None = None
+    """Local files: the field holding a conversation, a list of {role, content} (default: the first
+    of `messages`, `conversation`, `conversations` present)."""
 
 
 class UploadConfig(_Section):
@@ -102,6 +110,9 @@ class UploadConfig(_Section):
     """Concurrent file writes/uploads."""
     price_per_gb_month: float = Field(default=0.023, ge=0)
     """Storage price for the cost estimate (S3 Standard's first tier, USD)."""
+    lease_seconds: float = Field(default=120, ge=1)
+    """On object storage, a collector's claim on its machine index lapses this long after its last
+    renewal (renewed every quarter of it); then another collector may take the machine over."""
     compression: Literal["none", "zstd", "fp8"] = "none"
     """How `states` are stored: none (raw); zstd (lossless: byte planes + zstd, ~0.69 of bf16's bytes
     on real activations); fp8 (LOSSY, opt-in: float8 e4m3 with a float32 scale per token, ~0.45 of

@@ -17,5 +17,13 @@ class FormatError(ActivaultError):
     """A stored file is missing, truncated or corrupted; the message names the file."""
 
 
+class LockedError(StorageError):
+    """Another collector holds this run and machine index; the message names it."""
+
+
+class DataError(ActivaultError):
+    """The input text cannot be used (a bad record, no documents); the message says where."""
+
+
 class NotFoundError(StorageError, FileNotFoundError):
     """A key, file or folder does not exist in the store."""

@@ -3,6 +3,7 @@ attention inputs that isolate the documents packed into one row."""
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -103,11 +104,23 @@ def example_names(model: nn.Module) -> list[str]:
     return out
 
 
+def closest_names(model: nn.Module, name: str, n: int = 3) -> list[str]:
+    """The valid hook names nearest to a mistyped one (our block names and every module path)."""
+    blocks_path, blocks = find_blocks(model)
+    words = [w for w in ("self_attn", "mlp") if _alias(blocks[0], w, "post") is not None]
+    ours = [f"models.layers.{i}.{w}{k}" for i in range(len(blocks)) for w in ["", *(x + "." for x in words)]
+            for k in ("pre", "post")]  # fmt: skip
+    paths = [f"{m}.{k}" for m, _ in model.named_modules() if m for k in ("pre", "post")]
+    return difflib.get_close_matches(name, ours + paths, n=n, cutoff=0.6)
+
+
 def _unknown(model: nn.Module, name: str, why: str) -> ConfigError:
     blocks_path, _ = find_blocks(model)
     examples = ", ".join(example_names(model))
+    near = closest_names(model, name)
+    hint = f"Did you mean {' or '.join(repr(c) for c in near)}? " if near else ""
     return ConfigError(
-        f"unknown hook {name!r}: {why}. Valid forms: 'models.layers.{{i}}.pre|post' (block input/output, "
+        f"unknown hook {name!r}: {why}. {hint}Valid forms: 'models.layers.{{i}}.pre|post' (block input/output, "
         f"the residual stream), 'models.layers.{{i}}.self_attn|mlp.pre|post' (attention / MLP input/output), "
         f"or any module path of the model + '.pre|.post' (blocks are under {blocks_path!r}; list them with "
         f"`model.named_modules()`); i may be negative. Examples for this model: {examples}"
@@ -198,7 +211,8 @@ def packed_attention_mask(
         allowed &= (q[:, None] - q[None, :]).abs() < window
     allowed |= torch.eye(L, dtype=torch.bool, device=seg.device)
     zero = torch.zeros((), dtype=dtype, device=seg.device)
-    blocked = torch.tensor(torch.finfo(dtype).min, dtype=dtype, device=seg.device)
+    # torch.full, not torch.tensor: a Python scalar copied to the GPU would wait for queued work.
+    blocked = torch.full((), torch.finfo(dtype).min, dtype=dtype, device=seg.device)
     return torch.where(allowed, zero, blocked)[:, None]
 
 
@@ -264,8 +278,9 @@ class Capture:
     ) -> dict[str, torch.Tensor]:
         """Activations [B, L, d] per hook name for a packed batch (segment 0 = padding)."""
         device = _input_weight(self.model).device
+        # Pinned batches (see Batch.pin) copy without stalling the host behind the GPU.
         input_ids, position_ids, segment_ids = (
-            t.to(device) for t in (input_ids, position_ids, segment_ids)
+            t.to(device, non_blocking=t.is_pinned()) for t in (input_ids, position_ids, segment_ids)
         )
         self._out = {}
         with torch.inference_mode():

@@ -3,10 +3,18 @@ validation, and truncation after the last hooked block."""
 
 from __future__ import annotations
 
+import functools
+import json
+import logging
+import os
 import re
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
+from importlib import resources
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -21,14 +29,52 @@ if TYPE_CHECKING:
 
     from activault.config import TransformerConfig
 
+log = logging.getLogger(__name__)
 _UNSET = object()
 
 
 def _opts(tcfg: TransformerConfig) -> dict[str, Any]:
-    return {"cache_dir": tcfg.cache_dir, **tcfg.kwargs}
+    opts: dict[str, Any] = {"cache_dir": tcfg.cache_dir, **tcfg.kwargs}
+    if not Path(tcfg.model_name).is_dir() and hub_offline():
+        opts["local_files_only"] = True  # the cache or nothing: no minute of retries
+    return opts
+
+
+def _hub_host() -> str:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    return urlparse(endpoint).hostname or "huggingface.co"
+
+
+@functools.cache
+def hub_offline() -> bool:
+    """Whether the Hugging Face Hub is off limits: HF_HUB_OFFLINE set, or no connection in 2 s."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return True
+    try:
+        socket.create_connection((_hub_host(), 443), timeout=2).close()
+    except OSError:
+        log.info("the Hugging Face Hub (%s) is unreachable: using local files only", _hub_host())
+        return True
+    return False
+
+
+def shipped_config(model_name: str) -> dict[str, Any] | None:
+    """The config.json shipped with activault for a model of the shipped configs (numbers, no weights)."""
+    entry = resources.files("activault").joinpath("model_configs", model_name.replace("/", "--") + ".json")
+    if "/" not in model_name or not entry.is_file():
+        return None
+    data: dict[str, Any] = json.loads(entry.read_text())
+    return data
 
 
 def _not_found(tcfg: TransformerConfig, what: str, err: Exception) -> ConfigError:
+    if not Path(tcfg.model_name).is_dir() and hub_offline():
+        return ConfigError(
+            f"transformer_config.model_name={tcfg.model_name!r}: the {what} is not in the local "
+            "Hugging Face cache and the Hub is unreachable (or HF_HUB_OFFLINE is set). Fix: download it "
+            "on a connected machine (`hf download <id>`) into the cache or a folder, and point "
+            "model_name (or transformer_config.cache_dir) at it."
+        )
     return ConfigError(
         f"transformer_config.model_name={tcfg.model_name!r}: cannot load the {what} "
         f"({type(err).__name__}: {err}). Fix: give an existing local folder holding config.json and "
@@ -60,7 +106,13 @@ def load_config(tcfg: TransformerConfig) -> Any:
     try:
         config = AutoConfig.from_pretrained(tcfg.model_name, **_opts(tcfg))
     except (OSError, ValueError) as err:
-        raise _not_found(tcfg, "config", err) from err
+        shipped = shipped_config(tcfg.model_name)
+        if shipped is None or Path(tcfg.model_name).is_dir():
+            raise _not_found(tcfg, "config", err) from err
+        # Enough for hook names, widths and the estimate; the weights still need the Hub or a cache.
+        fields = {k: v for k, v in shipped.items() if k != "model_type"}
+        config = AutoConfig.for_model(shipped["model_type"], **fields)
+        config._name_or_path = tcfg.model_name
     config._attn_implementation = tcfg.attn_implementation
     return config
 
@@ -86,11 +138,20 @@ def load_skeleton(tcfg: TransformerConfig) -> nn.Module:
     """The model built from its config on the meta device (no weights): for hook names and dims."""
     config = load_config(tcfg)
     cls = _auto_class(config)
-    with torch.device("meta"):
-        model = cls.from_config(
-            config, dtype=stored_dtype(tcfg, config), **tcfg.kwargs
-        )
+    try:
+        with torch.device("meta"):
+            model = cls.from_config(config, dtype=stored_dtype(tcfg, config), **tcfg.kwargs)
+    except ValueError as err:  # e.g. an attention implementation the architecture lacks
+        raise _attention_error(tcfg, config, err) from None
     return model.eval()
+
+
+def _attention_error(tcfg: TransformerConfig, config: Any, err: Exception) -> ConfigError:
+    return ConfigError(
+        f"model {tcfg.model_name!r} with attn_implementation={config._attn_implementation!r}: "
+        f"{str(err).splitlines()[0]} Fix: choose another transformer_config.attn_implementation "
+        "('eager' works for every model)."
+    )
 
 
 def _device_map(tcfg: TransformerConfig) -> dict[str, Any]:
@@ -198,10 +259,7 @@ def load_model(tcfg: TransformerConfig, hooks: list[HookPoint]) -> nn.Module:
     except OSError as err:
         raise _not_found(tcfg, "model", err) from err
     except ValueError as err:  # e.g. an attention implementation the architecture lacks
-        raise ConfigError(
-            f"model {tcfg.model_name!r} with attn_implementation={config._attn_implementation!r}: {err}. "
-            "Fix: choose another transformer_config.attn_implementation ('eager' works for every model)."
-        ) from err
+        raise _attention_error(tcfg, config, err) from None
     model.eval().requires_grad_(False)
     truncate(model, hooks)
     if n is not None:

@@ -16,11 +16,17 @@ import itertools
 import logging
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from activault.collection.sources import Doc, iter_documents, repair_messages, resolve_source
+from activault.collection.sources import (
+    BadRecords,
+    Doc,
+    iter_documents,
+    repair_messages,
+    source_for,
+)
 from activault.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -35,6 +41,7 @@ class DataState:
     docs_done: int = 0  # documents of this machine's share fully consumed
     token_offset: int = 0  # tokens of the next document already consumed (split across rows)
     exhausted: bool = False
+    bad_records: int = 0  # bad records before the next document (all of them once exhausted)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,6 +52,7 @@ class DataState:
             int(d.get("docs_done", 0)),
             int(d.get("token_offset", 0)),
             bool(d.get("exhausted", False)),
+            int(d.get("bad_records", 0)),
         )
 
 
@@ -56,6 +64,13 @@ class Batch:
     keep: torch.Tensor  # [B, L] bool; exactly seq_length True per row
     doc_positions: torch.Tensor  # [B, L] int32; index in the document's token list, -1 = padding
     state: DataState  # cursor after this batch
+
+    def pin(self) -> Batch:
+        """The same batch in pinned host memory, for asynchronous copies to a GPU."""
+        return replace(self, **{f: getattr(self, f).pin_memory() for f in _TENSOR_FIELDS})
+
+
+_TENSOR_FIELDS = ("input_ids", "position_ids", "segment_ids", "keep", "doc_positions")
 
 
 def _default_system_span(tokenizer) -> tuple[str, int, int] | None:
@@ -168,36 +183,44 @@ def encode_document(
 # ---------------------------------------------------------------- packing
 
 
-_Encoded = tuple[int, list[int], list[bool], list[int]]  # doc index, ids, keep, kept indices
+# doc index, ids, keep, kept indices, bad records before the document
+_Encoded = tuple[int, list[int], list[bool], list[int], int]
 
 
 class _Packer:
     """Cuts rows of exactly `seq_length` kept tokens out of a stream of encoded documents."""
 
-    def __init__(self, docs: Iterable[Doc], encoder: _Encoder, first: int, offset: int):
+    def __init__(
+        self, docs: Iterable[Doc], encoder: _Encoder, first: int, offset: int, bad: BadRecords
+    ):
         self.docs_seen = first  # documents pulled from the stream, empty ones included
+        self.bad = bad
         self.stream = self._encoded(iter(docs), encoder)
         self.cur = next(self.stream, None)  # None once the documents run out
         self.offset = offset if self.cur is not None and self.cur[0] == first else 0
 
     def _encoded(self, docs: Iterator[Doc], encoder: _Encoder) -> Iterator[_Encoded]:
-        while chunk := list(itertools.islice(docs, ENCODE_CHUNK)):
-            for ids, keep in encoder.encode(chunk):
+        # The bad count as each document arrives, not as the chunk ends: the state must not
+        # depend on how far ahead the stream was read (a resume reads it in other chunks).
+        counted = ((d, self.bad.count) for d in docs)
+        while chunk := list(itertools.islice(counted, ENCODE_CHUNK)):
+            encoded = encoder.encode([d for d, _ in chunk])
+            for (ids, keep), (_, bad) in zip(encoded, chunk, strict=True):
                 self.docs_seen += 1
                 kept = [i for i, k in enumerate(keep) if k]
                 if kept:  # a document with no stored token is skipped but counted
-                    yield self.docs_seen - 1, ids, keep, kept
+                    yield self.docs_seen - 1, ids, keep, kept, bad
 
     def state(self) -> DataState:
         if self.cur is None:
-            return DataState(self.docs_seen, 0, True)
-        return DataState(self.cur[0], self.offset, False)
+            return DataState(self.docs_seen, 0, True, self.bad.count)
+        return DataState(self.cur[0], self.offset, False, self.cur[4])
 
     def row(self, seq_length: int, pad_id: int) -> dict[str, list[int]]:
         r: dict[str, list[int]] = {k: [] for k in ("ids", "pos", "seg", "keep", "dpos")}
         n_kept = segment = 0
         while n_kept < seq_length and self.cur is not None:
-            _, ids, keep, kept = self.cur
+            _, ids, keep, kept, _ = self.cur
             first = bisect_left(kept, self.offset)  # kept tokens of this document already stored
             room = seq_length - n_kept
             # the piece ends just before the first kept token that does not fit
@@ -254,12 +277,13 @@ def iter_batches(
 ) -> Iterator[Batch]:
     """Packed batches of this machine's share, resumable from any batch's `state`."""
     state = state or DataState()
-    spec = resolve_source(data_cfg.data_key, data_cfg.registry)  # fail early
+    spec = source_for(data_cfg)  # fail early
     encoder = _Encoder(
         tokenizer,
         clean_added_tokens=data_cfg.clean_added_tokens,
         clean_default_system_prompt=data_cfg.clean_default_system_prompt,
     )
+    bad = BadRecords(data_cfg.on_bad_record)
     docs = iter_documents(
         spec,
         machine=machine,
@@ -267,16 +291,18 @@ def iter_batches(
         seed=data_cfg.seed,
         shuffle_buffer=data_cfg.shuffle_buffer,
         skip=state.docs_done,
+        bad=bad,
     )
-    return _batches(docs, encoder, state, data_cfg.seq_length, data_cfg.batch_size)
+    return _batches(docs, encoder, state, data_cfg.seq_length, data_cfg.batch_size, bad)
 
 
 def _batches(
-    docs: Iterator[Doc], encoder: _Encoder, state: DataState, seq_length: int, batch_size: int
+    docs: Iterator[Doc], encoder: _Encoder, state: DataState, seq_length: int, batch_size: int,
+    bad: BadRecords,
 ) -> Iterator[Batch]:
     if state.exhausted:
         return
-    packer = _Packer(docs, encoder, state.docs_done, state.token_offset)
+    packer = _Packer(docs, encoder, state.docs_done, state.token_offset, bad)
     pad_id = pad_token_id(encoder.tok)
     while packer.cur is not None:
         rows: list[dict[str, list[int]]] = []

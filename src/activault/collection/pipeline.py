@@ -24,19 +24,22 @@ from activault.collection.plan import (
     check_feasible,
     cost_notes,
     make_plan,
+    pinned_limit,
     summary_lines,
 )
+from activault.collection.resume import check_resume
 from activault.collection.writer import BufferPool, Writer
 from activault.config import Config, resolve_storage
 from activault.storage import Store, open_store
+from activault.storage.lock import MachineLock, hold
 from activault.units import human_bytes
 from activault.vault import codec as codecs
 from activault.vault.megabatch import encode, file_name, hook_metadata
 from activault.vault.records import (
     Progress,
-    check_run_record,
     merge_statistics,
     progress_key,
+    read_json,
     write_json,
 )
 from activault.vault.stats import RunningStats
@@ -57,21 +60,25 @@ class Result:
     bytes_written: int = 0
     seconds: float = 0.0
     stats: dict[str, RunningStats] = field(default_factory=dict)
+    files_planned: int = 0
+    bad_records: int = 0  # skipped input records (data_config.on_bad_record: skip)
+
+    def outcome(self) -> str:
+        """One line: files written against the plan, and the bad records skipped."""
+        line = f"{self.files} of {self.files_planned} planned files written"
+        if self.files < self.files_planned:
+            line += "; the data ran out first (every document was collected)"
+        if self.bad_records:
+            line += f"; {self.bad_records} bad input record(s) skipped (logged with file and line)"
+        return line
 
 
 def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_progress: bool = True) -> Result:
     """Collect this machine's share of the run; resumes from its progress record."""
     from activault.collection.arch import text_config
-    from activault.collection.hooks import Capture, hook_dims, resolve_hooks
-    from activault.collection.model import (
-        load_model,
-        load_skeleton,
-        load_tokenizer,
-        model_info,
-        stored_dtype,
-    )
-    from activault.collection.packing import DataState, iter_batches
-    from activault.collection.sources import resolve_source
+    from activault.collection.hooks import hook_dims, resolve_hooks
+    from activault.collection.model import load_skeleton, load_tokenizer, model_info, stored_dtype
+    from activault.collection.sources import source_for
 
     cfg.check_machine(machine)
     tc, dc, uc = cfg.transformer_config, cfg.data_config, cfg.upload_config
@@ -81,7 +88,7 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
     dest = resolve_storage(cfg, storage)
     store = open_store(dest)
     store.check(write=True)
-    resolve_source(dc.data_key, dc.registry)
+    source_for(dc)
     skeleton = load_skeleton(tc)
     specs = resolve_hooks(skeleton, uc.hooks)
     dims = hook_dims(skeleton, specs)
@@ -89,58 +96,105 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
     tokenizer = load_tokenizer(tc)
     dtype = stored_dtype(tc, skeleton.config)
     itemsize = dtype.itemsize
-    check_feasible(cfg, dims, itemsize, text_config(skeleton.config), available_memory())
+    pinned = pinned_limit() if tc.device != "cpu" else None
+    check_feasible(cfg, dims, itemsize, text_config(skeleton.config), available_memory(), pinned)
     record = {
         "format": "activault", "format_version": 1, "activault_version": __version__, "run_name": run,
         "config": cfg.to_public_dict(), "model": info, "tokenizer": _tokenizer_ref(tc.model_name), "hooks": uc.hooks,
         "hook_dims": dims, "num_runs": cfg.num_runs,
         "progress": [progress_key(run, m).split("/", 1)[1] for m in range(cfg.num_runs)],
     }  # fmt: skip
-    check_run_record(store, cfg, record)
-    progress = Progress(store, run, machine, cfg.num_runs)
-    plan = make_plan(cfg, dims, itemsize, machine, dtype)
-    for line in summary_lines(cfg, plan, dims, info, store.uri, machine):
-        log.info(line)
-    for note in cost_notes(store, 0 if dc.skip_cache else plan.total_bytes):
-        log.warning("note: %s", note)
+    cfg_key = f"{run}/cfg.json"
+    check_resume(read_json(store, cfg_key), record, store.url(cfg_key))
+    with hold(store, run, machine, uc.lease_seconds) as claim:  # one collector per (run, machine)
+        job = _Job(cfg, machine, store, record, specs, dims, tokenizer, dtype, claim)
+        return job.run(show_progress)
 
-    result = Result(destination=store.url(run))
-    if progress.finished:
-        log.info("machine %d already finished (%d files); refreshing statistics", machine, progress.files_done)
-        merge_statistics(store, run, uc.hooks, cfg.num_runs)
-        result.files, result.rows, result.tokens = progress.files_done, progress.rows_done, progress.tokens_done
-        result.stats = {h: RunningStats.from_dict(d) for h, d in progress.stats.items()}
+
+@dataclass
+class _Job:
+    """A validated collection of one machine, run while holding its claim."""
+
+    cfg: Config
+    machine: int
+    store: Store
+    record: dict[str, Any]
+    specs: Any
+    dims: dict[str, int]
+    tokenizer: Any
+    dtype: torch.dtype
+    claim: MachineLock
+
+    def run(self, show_progress: bool) -> Result:
+        from activault.collection.hooks import Capture
+        from activault.collection.model import load_model
+        from activault.collection.packing import DataState, iter_batches
+
+        cfg, machine, store, dims = self.cfg, self.machine, self.store, self.dims
+        tc, dc, uc, run = cfg.transformer_config, cfg.data_config, cfg.upload_config, cfg.run_name
+        progress = Progress(store, run, machine, cfg.num_runs)
+        plan = make_plan(cfg, dims, self.dtype.itemsize, machine, self.dtype)
+        for line in summary_lines(cfg, plan, dims, self.record["model"], store.uri, machine):
+            log.info(line)
+        for note in cost_notes(store, 0 if dc.skip_cache else plan.total_bytes):
+            log.warning("note: %s", note)
+
+        result = Result(destination=store.url(run), files_planned=plan.files)
+        if progress.finished:
+            log.info("machine %d already finished (%d files); refreshing statistics",
+                     machine, progress.files_done)
+            merge_statistics(store, run, uc.hooks, cfg.num_runs)
+            result.files, result.rows = progress.files_done, progress.rows_done
+            result.tokens = progress.tokens_done
+            result.bad_records = int((progress.data_state or {}).get("bad_records", 0))
+            result.stats = {h: RunningStats.from_dict(d) for h, d in progress.stats.items()}
+            log.info("machine %d: %s", machine, result.outcome())
+            return result
+        if not progress.files_done:
+            _require_documents(cfg, machine)
+
+        write_json(store, f"{run}/cfg.json", self.record)
+        # Only this machine writes these names, and it holds the machine: leftover temps are stale.
+        for h in uc.hooks:
+            store.clear_partial(f"{run}/{h}", f"m{machine:05d}-")
+        store.clear_partial(f"{run}/progress", f"machine-{machine:05d}")
+        model = load_model(tc, self.specs)
+        if progress.files_done:
+            log.info("resuming machine %d after %d files", machine, progress.files_done)
+        state = DataState.from_dict(progress.data_state) if progress.data_state else None
+        batches = iter_batches(dc, self.tokenizer, machine=machine, num_runs=cfg.num_runs,
+                               state=state)
+        if state is None:
+            for _ in range(dc.start_batch):
+                if next(batches, None) is None:
+                    break
+
+        loop = _Collector(cfg, machine, store, Capture(model, self.specs), dims, progress,
+                          MeasuredRatio(plan, log), self.claim.check)
+        t0 = time.perf_counter()
+        # Pinned in the data thread, so the model's thread copies batches to the GPU without waiting.
+        ahead = prefetch((b.pin() for b in batches) if loop.cuda else batches)
+        try:
+            loop.run(ahead, show_progress)
+        finally:
+            ahead.close()
+        merged = merge_statistics(store, run, uc.hooks, cfg.num_runs)
+        result.files, result.rows, result.tokens = loop.files, loop.rows, loop.tokens
+        result.bytes_written, result.seconds = loop.writer.bytes_written, time.perf_counter() - t0
+        result.stats, result.bad_records = loop.stats, loop.bad_records
+        log.info("wrote %d files (%s) to %s in %.1fs; statistics cover machines %s",
+                 loop.files - progress.files_done, human_bytes(result.bytes_written),
+                 result.destination, result.seconds, merged)
+        log.info("machine %d: %s", machine, result.outcome())
         return result
 
-    write_json(store, f"{run}/cfg.json", record)
-    # Only this machine writes these names, and its previous process is gone: its temp files are stale.
-    for h in uc.hooks:
-        store.clear_partial(f"{run}/{h}", f"m{machine:05d}-")
-    store.clear_partial(f"{run}/progress", f"machine-{machine:05d}")
-    model = load_model(tc, specs)
-    if progress.files_done:
-        log.info("resuming machine %d after %d files", machine, progress.files_done)
-    state = DataState.from_dict(progress.data_state) if progress.data_state else None
-    batches = iter_batches(dc, tokenizer, machine=machine, num_runs=cfg.num_runs, state=state)
-    if state is None:
-        for _ in range(dc.start_batch):
-            if next(batches, None) is None:
-                break
 
-    loop = _Collector(cfg, machine, store, Capture(model, specs), dims, progress, MeasuredRatio(plan, log))
-    t0 = time.perf_counter()
-    ahead = prefetch(batches)
-    try:
-        loop.run(ahead, show_progress)
-    finally:
-        ahead.close()
-    merged = merge_statistics(store, run, uc.hooks, cfg.num_runs)
-    result.files, result.rows, result.tokens = loop.files, loop.rows, loop.tokens
-    result.bytes_written, result.seconds = loop.writer.bytes_written, time.perf_counter() - t0
-    result.stats = loop.stats
-    log.info("wrote %d files (%s) to %s in %.1fs; statistics cover machines %s", loop.files - progress.files_done,
-             human_bytes(result.bytes_written), result.destination, result.seconds, merged)
-    return result
+def _require_documents(cfg: Config, machine: int) -> None:
+    """A source that yields nothing is an error now, before weights load, not an empty run."""
+    from activault.collection.sources import require_documents, source_for
+
+    source = f"data_key {cfg.data_config.data_key!r}"
+    require_documents(source_for(cfg.data_config), source, machine=machine, num_runs=cfg.num_runs)
 
 
 @dataclass
@@ -159,14 +213,20 @@ class _Collector:
 
     def __init__(
         self, cfg: Config, machine: int, store: Store, capture: Any, dims: dict[str, int], progress: Progress,
-        measured: Callable[[str, int, int], None] | None = None,
+        measured: Callable[[str, int, int], None] | None = None, check_claim: Callable[[], None] | None = None,
     ):  # fmt: skip
         self.cfg, self.machine, self.store, self.capture, self.progress = cfg, machine, store, capture, progress
+        # Raises once another collector may hold this machine (an expired lease).
+        self.check_claim = check_claim or (lambda: None)
+        self.data_state = progress.data_state  # the cursor after the last batch collected
         self.hooks = cfg.upload_config.hooks
         uc = cfg.upload_config
         self.codec = codecs.from_config(uc.compression, uc.compression_level, uc.compression_chunk_kib << 10)
         self.measured = measured  # told (hook, raw, stored bytes) of the first compressed file
         self.device = next(capture.model.parameters()).device
+        # With a device map the first parameter may sit on the CPU while hooks fire on GPUs.
+        self.cuda = any(p.device.type == "cuda" for p in capture.model.parameters())
+        self.copy_streams: dict[torch.device, Any] = {}  # one D2H stream per GPU, off the compute stream
         self.stats = {
             h: RunningStats.from_dict(progress.stats[h], self.device) if h in progress.stats
             else RunningStats(dims[h], self.device)
@@ -174,7 +234,6 @@ class _Collector:
         }  # fmt: skip
         self.writer = Writer(store, threads=cfg.upload_config.write_threads)
         self.pools: dict[str, BufferPool] = {}
-        self.devices: set[torch.device] = set()  # where activations came from (several GPUs with a device map)
         self.files, self.rows, self.tokens = progress.files_done, progress.rows_done, progress.tokens_done
 
     def run(self, batches: Any, show_progress: bool) -> None:
@@ -196,11 +255,13 @@ class _Collector:
                 if mb.rows == 0:
                     self._release(mb)
                     break
+                self.check_claim()
                 self._submit(k, mb)
                 if mb.rows < cfg.rows_per_file and k < n_files - 1:
                     break  # the data ran out: this partial megabatch is the last
             self.writer.flush()
-            write_json(self.store, self.progress.key, self._record(None, finished=True))
+            self.check_claim()
+            write_json(self.store, self.progress.key, self._record(self.data_state, finished=True))
             self.writer.close()
         except BaseException:
             self.writer.abort()
@@ -208,6 +269,10 @@ class _Collector:
         finally:
             self.capture.close()
             bar.close()
+
+    @property
+    def bad_records(self) -> int:
+        return int((self.data_state or {}).get("bad_records", 0))
 
     def _rows_buffer(self) -> torch.Tensor:
         return torch.empty(self.cfg.rows_per_file, self.cfg.data_config.seq_length, dtype=torch.int32)
@@ -226,8 +291,10 @@ class _Collector:
         for h in self.hooks:
             a = acts[h]
             if a.device not in on:
-                on[a.device] = (flat.to(a.device, non_blocking=True), real.to(a.device, non_blocking=True))
-                self.devices.add(a.device)
+                cuda = a.device.type == "cuda"  # pinned first: the index copies must not block the host
+                on[a.device] = tuple(  # type: ignore[assignment]
+                    (x.pin_memory() if cuda else x).to(a.device, non_blocking=cuda) for x in (flat, real)
+                )
             flat_d, real_d = on[a.device]
             kept = a.reshape(-1, a.shape[-1]).index_select(0, flat_d)  # [B*S, d]
             if padded:
@@ -235,17 +302,30 @@ class _Collector:
             self.stats[h].update(kept[real_d] if padded else kept)
             if h not in mb.states:
                 mb.states[h] = self._pool(h, kept).acquire(self.writer._check)
-            # Pinned host buffer and an async copy on CUDA; synchronised in _submit before any write.
-            mb.states[h][r : r + B].copy_(kept.view(B, S, -1), non_blocking=self.device.type == "cuda")
+            self._copy(mb.states[h][r : r + B], kept.view(B, S, -1))
         mb.rows += B
-        mb.data_state = batch.state.to_dict()
+        mb.data_state = self.data_state = batch.state.to_dict()
         self.tokens += int(real.sum())
+
+    def _copy(self, host: torch.Tensor, acts: torch.Tensor) -> None:
+        """Device to host: on CUDA, asynchronous on a copy stream into pinned memory, so the next
+        forward pass does not queue behind it; synchronised in _submit before any write."""
+        if acts.device.type != "cuda":
+            host.copy_(acts)
+            return
+        stream = self.copy_streams.get(acts.device)
+        if stream is None:
+            stream = self.copy_streams[acts.device] = torch.cuda.Stream(acts.device)
+        stream.wait_stream(torch.cuda.current_stream(acts.device))
+        with torch.cuda.stream(stream):
+            host.copy_(acts, non_blocking=True)
+        acts.record_stream(stream)  # not reused by the allocator before the copy is done
 
     def _pool(self, hook: str, kept: torch.Tensor) -> BufferPool:
         if hook not in self.pools:
             shape = (self.cfg.rows_per_file, self.cfg.data_config.seq_length, kept.shape[-1])
             count = self.cfg.upload_config.max_pending + 1
-            self.pools[hook] = BufferPool(shape, kept.dtype, count, pin=self.device.type == "cuda")
+            self.pools[hook] = BufferPool(shape, kept.dtype, count, pin=self.cuda)
         return self.pools[hook]
 
     def _release(self, mb: _Megabatch) -> None:
@@ -254,9 +334,8 @@ class _Collector:
 
     def _submit(self, k: int, mb: _Megabatch) -> None:
         """Queue file k of every hook, then the progress record that counts it."""
-        for dev in self.devices:
-            if dev.type == "cuda":
-                torch.cuda.current_stream(dev).synchronize()  # the async copies into host buffers are done
+        for stream in self.copy_streams.values():
+            stream.synchronize()  # the async copies into host buffers are done
         run, rows, tc = self.cfg.run_name, mb.rows, self.cfg.transformer_config
         futures = []
         if self.cfg.data_config.skip_cache:

@@ -119,8 +119,15 @@ def buffer_bytes(cfg: Config, dims: dict[str, int], itemsize: int) -> int:
     return (cfg.upload_config.max_pending + 1) * sum(rows * seq * d * itemsize for d in dims.values())
 
 
-def check_feasible(cfg: Config, dims: dict[str, int], itemsize: int, model_config: Any, memory: int | None) -> None:
-    """Refuse sizes this machine or model cannot run, before any weights load."""
+def check_feasible(
+    cfg: Config, dims: dict[str, int], itemsize: int, model_config: Any, memory: int | None,
+    pinned_limit: int | None = None,
+) -> None:
+    """Refuse sizes this machine or model cannot run, before any weights load.
+
+    Args:
+        pinned_limit: on CUDA the buffers are pinned (never swapped): at most this many bytes.
+    """
     limit = getattr(model_config, "max_position_embeddings", None)
     if isinstance(limit, int) and cfg.data_config.seq_length > limit:
         raise ConfigError(
@@ -134,6 +141,26 @@ def check_feasible(cfg: Config, dims: dict[str, int], itemsize: int, model_confi
             f"{cfg.rows_per_file} rows x {cfg.data_config.seq_length} tokens), but {human_bytes(memory)} is "
             "available: lower upload_config.batches_per_upload, data_config.batch_size or upload_config.max_pending"
         )
+    if pinned_limit is not None and need > pinned_limit:
+        raise ConfigError(
+            f"megabatch buffers need {human_bytes(need)} of pinned host memory (page-locked for GPU copies), "
+            f"more than half of this machine's RAM ({human_bytes(2 * pinned_limit)}) would starve the "
+            "system: lower upload_config.batches_per_upload, data_config.batch_size or upload_config.max_pending"
+        )
+
+
+def pinned_limit() -> int | None:
+    """Page-locked bytes a collection may hold: half the machine's RAM (Linux), None without CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    except (OSError, StopIteration):
+        return None
+    return total // 2
 
 
 def available_memory() -> int | None:

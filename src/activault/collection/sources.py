@@ -15,24 +15,28 @@ entry is a small JSON object::
 
 Local files are read as kind "auto": a row with a string "text" is plain text, otherwise its
 "messages"/"conversation"/"conversations" column is a chat. ``.txt`` files hold one document per
-blank-line-separated paragraph. Everything, hub or local, streams through ``datasets``.
+blank-line-separated paragraph. Everything, hub or local, streams through ``datasets``; local JSON
+files are parsed here, line by line, so that one bad line (not UTF-8, not JSON, not an object) is
+a bad record named by file and line, skipped and counted (or an error, `on_bad_record: error`),
+instead of a parser error that names neither and stops the run.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
 import itertools
 import json
 import logging
 import string
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
-from activault.config import check_machine
-from activault.errors import ConfigError
+from activault.config import DataConfig, check_machine
+from activault.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,11 @@ ROLES = {"system": "system", **dict.fromkeys(USER, "user"), **dict.fromkeys(ASSI
 ENTRY_KEYS = set(
     "path name split kind data_files text template messages turns roles filters".split()
 )
+# A bad record travels through sharding and shuffling as a row of its own (so it belongs to one
+# machine and keeps its place in the order): {BAD: "file:line: why"}.
+BAD = "__activault_bad_record__"
+LOGGED_BAD = 10  # bad records logged one by one; later ones are only counted
+PROBE_ROWS = 10_000  # rows read before weights load to prove the data yields documents
 
 
 @dataclass(frozen=True)
@@ -112,8 +121,10 @@ def _local_files(data_key: str) -> list[str]:
     return sorted(f for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
 
 
-def resolve_source(data_key: str, registry: str | None = None) -> DataSource:
-    """Resolve a registry key or a local path/glob to a DataSource."""
+def resolve_source(
+    data_key: str, registry: str | None = None, text_field: str | None = None, messages_field: str | None = None
+) -> DataSource:
+    """Resolve a registry key or a local path/glob to a DataSource (fields name local files' columns)."""
     entries = _load_registry(registry)
     if data_key in entries:
         return _spec_from_entry(data_key, entries[data_key])
@@ -131,12 +142,101 @@ def resolve_source(data_key: str, registry: str | None = None) -> DataSource:
             f"data_key {data_key!r} matches files of unsupported or mixed types "
             f"({sorted({Path(f).suffix for f in files})}); use only one of {sorted(BUILDERS)}"
         )
-    return DataSource(path=builders.pop() or "json", kind="auto", data_files=tuple(files))
+    return DataSource(
+        path=builders.pop() or "json", kind="auto", data_files=tuple(files), text=text_field or "text",
+        messages=messages_field,
+    )
+
+
+def source_for(data_cfg: DataConfig) -> DataSource:
+    """The source a config's data section names."""
+    return resolve_source(data_cfg.data_key, data_cfg.registry, data_cfg.text_field, data_cfg.messages_field)
+
+
+# ---------------------------------------------------------------- local JSON, record by record
+
+
+def _local_json(spec: DataSource) -> list[str] | None:
+    """The files of a JSON source on this machine, else None (hub data stays on datasets)."""
+    if spec.path != "json" or not spec.data_files:
+        return None
+    files = [f for pattern in spec.data_files for f in _local_files(pattern)]
+    return files or None
+
+
+def json_rows(files: list[str]) -> Iterator[dict[str, Any]]:
+    """Rows of JSON Lines files (or `.json` files holding one array); a bad record is a BAD row."""
+    for name in files:
+        with open(name, "rb") as f:
+            head = f.read(64).removeprefix(codecs.BOM_UTF8).lstrip()
+            f.seek(0)
+            if name.endswith(".json") and head.startswith(b"["):
+                yield from _json_array(name, f.read())
+            else:
+                yield from _json_lines(name, f)
+
+
+def _json_lines(name: str, f: IO[bytes]) -> Iterator[dict[str, Any]]:
+    for n, raw in enumerate(f, 1):
+        if n == 1:
+            raw = raw.removeprefix(codecs.BOM_UTF8)
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            yield {BAD: f"{name}:{n}: not UTF-8 (byte {e.start + 1} of the line)"}
+            continue
+        except (ValueError, RecursionError) as e:
+            why = "nested too deeply"
+            if isinstance(e, json.JSONDecodeError):
+                why = f"{e.msg} at column {e.colno}"
+            yield {BAD: f"{name}:{n}: not JSON ({why})"}
+            continue
+        if not isinstance(row, dict):
+            row = {BAD: f"{name}:{n}: a JSON {type(row).__name__}, not an object"}
+        yield row
+
+
+def _json_array(name: str, data: bytes) -> Iterator[dict[str, Any]]:
+    try:
+        rows = json.loads(data.decode("utf-8-sig"))
+    except UnicodeDecodeError as e:
+        yield {BAD: f"{name}: not UTF-8 (byte {e.start + 1}); the whole file is skipped"}
+        return
+    except (ValueError, RecursionError) as e:
+        where = f"{name}:{e.lineno}" if isinstance(e, json.JSONDecodeError) else name
+        yield {BAD: f"{where}: not JSON; the whole file (one array) is skipped"}
+        return
+    for i, row in enumerate(rows):
+        yield row if isinstance(row, dict) else {BAD: f"{name}: item {i} is not an object"}
+
+
+class BadRecords:
+    """Counts the bad records of one pass over the data; logs the first few, or stops at one."""
+
+    def __init__(self, policy: Literal["skip", "error"] = "skip", log_them: bool = True):
+        self.policy, self.log_them, self.count = policy, log_them, 0
+
+    def add(self, where: str) -> None:
+        if self.policy == "error":
+            raise DataError(
+                f"bad record at {where}; fix or remove it, or set data_config.on_bad_record: skip "
+                "to skip such records (each is counted and logged)"
+            )
+        self.count += 1
+        if self.log_them and self.count <= LOGGED_BAD:
+            more = "; later ones are counted, not logged" if self.count == LOGGED_BAD else ""
+            log.warning("skipped bad record %s%s", where, more)
 
 
 def _load(spec: DataSource):
     import datasets
 
+    files = _local_json(spec)
+    if files is not None:
+        # Sharded by file (a list in gen_kwargs), like the json builder: machines split by file.
+        return datasets.IterableDataset.from_generator(json_rows, gen_kwargs={"files": files})
     kwargs: dict[str, Any] = {"split": spec.split, "streaming": True}
     if spec.data_files:
         kwargs["data_files"] = list(spec.data_files)
@@ -160,8 +260,21 @@ def iter_documents(
     seed: int = 42,
     shuffle_buffer: int = 0,
     skip: int = 0,
+    bad: BadRecords | None = None,
 ) -> Iterator[Doc]:
-    """Yield this machine's documents (a str, or a list of role/content messages), deterministically."""
+    """This machine's documents (a str, or a list of role/content messages), deterministically.
+
+    Bad records are counted in `bad` as they are passed (its count, read when a document arrives,
+    is the number of bad records before that document).
+    """
+    rows = _rows(spec, machine, num_runs)
+    if shuffle_buffer > 0:
+        rows = rows.shuffle(seed=seed, buffer_size=shuffle_buffer)
+    return itertools.islice(_documents(rows, spec, bad or BadRecords()), skip, None)
+
+
+def _rows(spec: DataSource, machine: int, num_runs: int):
+    """This machine's rows, filtered, in the dataset's order."""
     from datasets.distributed import split_dataset_by_node
 
     check_machine(machine, num_runs, "machine")
@@ -170,11 +283,70 @@ def iter_documents(
         ds = split_dataset_by_node(ds, rank=machine, world_size=num_runs)
     if spec.filters:
         filters = dict(spec.filters)
-        ds = ds.filter(lambda row: _matches(row, filters))
-    if shuffle_buffer > 0:
-        ds = ds.shuffle(seed=seed, buffer_size=shuffle_buffer)
-    docs = (d for d in (_row_to_doc(row, spec) for row in ds) if d is not None)
-    return itertools.islice(docs, skip, None)
+        ds = ds.filter(lambda row: BAD in row or _matches(row, filters))
+    return ds
+
+
+def _documents(rows: Iterable[dict], spec: DataSource, bad: BadRecords) -> Iterator[Doc]:
+    for row in rows:
+        if BAD in row:
+            bad.add(row[BAD])
+        elif (doc := _row_to_doc(row, spec)) is not None:
+            yield doc
+
+
+def require_documents(
+    spec: DataSource, source: str, *, machine: int = 0, num_runs: int = 1
+) -> None:
+    """Fail before any work unless this machine's share yields a non-empty document.
+
+    Reads at most PROBE_ROWS rows; the error names the field looked for and the fields found.
+    """
+    rows = itertools.islice(_rows(spec, machine, num_runs), PROBE_ROWS)
+    found: dict[str, None] = {}  # field names in first-seen order
+    n = bad = 0
+    first_bad = ""
+    for row in rows:
+        n += 1
+        if BAD in row:
+            bad += 1
+            first_bad = first_bad or row[BAD]
+            continue
+        doc = _row_to_doc(row, spec)
+        if doc and (not isinstance(doc, str) or doc.strip()):
+            return
+        found.update(dict.fromkeys(row))
+    read = f"the first {n:,} rows" if n == PROBE_ROWS else f"all {n:,} rows"
+    share = f" for machine {machine} of {num_runs}" if num_runs > 1 else ""
+    if n == 0:
+        hint = "it is empty"
+        if num_runs > 1:
+            hint = "fewer files or rows than num_runs: lower num_runs"
+        raise DataError(f"{source} has no rows{share}: {hint}")
+    if bad == n:
+        raise DataError(
+            f"{source}: {read}{share} are bad records (the first: {first_bad}); check the files"
+        )
+    fields = ", ".join(repr(f) for f in found) or "none"
+    raise DataError(
+        f"{source} yields no documents{share}: {read} have no non-empty {_looked_for(spec)}; "
+        f"their fields are {fields}. Name the field with data_config.text_field or "
+        "messages_field (a registry entry: text, messages, template or turns), or point data_key "
+        "at other data"
+        + (f"; its filters {dict(spec.filters)} may exclude every row" if spec.filters else "")
+    )
+
+
+def _looked_for(spec: DataSource) -> str:
+    text = (
+        f"template {spec.template!r}" if spec.template else f"string field {spec.text!r}"
+    )
+    if spec.turns:
+        chat = f"turns {[t for _, t in spec.turns]}"
+    else:
+        cols = (spec.messages,) if spec.messages else CHAT_COLUMNS
+        chat = "chat field " + " / ".join(repr(c) for c in cols)
+    return {"text": text, "chat": chat}.get(spec.kind, f"{text} or {chat}")
 
 
 def _fill(template: str, row: dict) -> str | None:

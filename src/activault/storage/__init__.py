@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,22 @@ def open_store(uri: str | Path, **options: Any) -> Store:
 
 
 def locate(uri: str | Path) -> tuple[Store, str]:
-    """(store, key) for a URI naming an object or folder: the bucket (S3) or `/` (local) and the rest."""
+    """(store, key) for a URI naming an object or folder inside a store.
+
+    S3: the bucket and the rest. Local: the store is the folder holding the nearest run at or above
+    the path (a folder with cfg.json or progress/), else the path itself (its folder, for a file),
+    so the store's guard keeps every read below it (links under the root are never followed).
+    """
     parsed = parse_uri(uri)
     if parsed.scheme == "s3":
         return open_store(f"s3://{parsed.bucket}"), parsed.path
-    return LocalStore("/"), parsed.path.lstrip("/")
+    path = Path(os.path.normpath(parsed.path))
+    root = next((p.parent for p in (path, *path.parents) if _is_run(p)), None)
+    if root is None:
+        root = path if path.is_dir() or not path.exists() else path.parent
+    key = path.relative_to(root).as_posix()
+    return LocalStore(root), "" if key == "." else key
+
+
+def _is_run(folder: Path) -> bool:
+    return folder != folder.parent and ((folder / "cfg.json").is_file() or (folder / "progress").is_dir())

@@ -10,14 +10,24 @@ import builtins
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 Buffer = bytes | bytearray | memoryview
+# The store's own bookkeeping in a run (collector locks): never listed, like local dot-files.
+LOCKS = ".locks"
+EntryKind = Literal["file", "link", "special", "badkey"]
 
 
 @dataclass(frozen=True)
 class Entry:
+    """One listed object. Only a "file" is ever read; the other kinds are listed so that tools can
+    name and delete them: "link" a symbolic link (local; never followed), "special" a FIFO, device
+    or socket (local), "badkey" an S3 key with an empty, `.` or `..` segment (activault never writes one).
+    """
+
     key: str
     size: int
+    kind: EntryKind = "file"
 
 
 def as_parts(data: Buffer | Sequence[Buffer]) -> list[memoryview]:
@@ -64,6 +74,13 @@ class Store(ABC):
     @abstractmethod
     def delete(self, key: str) -> None:
         """Remove one object (no error if it is already gone)."""
+
+    @abstractmethod
+    def swap(self, key: str, data: bytes, expect: bytes | None) -> bool:
+        """Write a small object only if it now holds exactly `expect` (None: only if it is absent).
+
+        Atomic against every other `swap` of the key (a conditional write); says whether it wrote.
+        """
 
     @abstractmethod
     def check(self, write: bool = False) -> None:

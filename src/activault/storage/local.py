@@ -1,15 +1,36 @@
-"""The local filesystem store: files appear only when complete (temp name, fsync, rename)."""
+"""The local filesystem store: files appear only when complete (temp name, fsync, rename).
+
+Nothing outside the root is read, listed or deleted. Every method finds its path through one guard,
+`_path`, which refuses `..` and any symbolic link between the root and the key's last part; the last
+part is examined with `lstat`, so a link is never followed: it is listed as a link, reads of it are
+refused, and `delete` removes the link itself. Only regular files are opened (a FIFO or a device
+would block or never end), with O_NOFOLLOW and O_NONBLOCK, and checked again once open. The root
+itself may be a link: it is the user's choice of folder.
+"""
 
 from __future__ import annotations
 
 import builtins
+import fcntl
 import os
+import stat
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from activault.errors import NotFoundError, StorageError
-from activault.storage.base import Buffer, Entry, Store, as_parts, join
+from activault.storage.base import Buffer, Entry, EntryKind, Store, as_parts, join
+
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def _kind(mode: int) -> EntryKind | None:
+    """What a listing calls a path of this mode; None for a folder."""
+    if stat.S_ISDIR(mode):
+        return None
+    if stat.S_ISREG(mode):
+        return "file"
+    return "link" if stat.S_ISLNK(mode) else "special"
 
 
 class LocalStore(Store):
@@ -20,11 +41,72 @@ class LocalStore(Store):
         self.uri = str(self.root)
         self.fsync = fsync
 
+    # ---- the guard ----
+
     def _path(self, key: str) -> Path:
-        key = key.strip("/")
-        if ".." in key.split("/"):
+        """The path of `key`; StorageError for `..` or a symbolic link on the way to its last part."""
+        parts = [p for p in key.split("/") if p not in ("", ".")]
+        if ".." in parts:
             raise StorageError(f"key {key!r} escapes the store root {self.root}")
-        return self.root / key if key else self.root
+        path = self.root
+        for part in parts[:-1]:
+            path = path / part
+            try:
+                mode = os.lstat(path).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                break  # the rest does not exist, so it holds no link
+            if stat.S_ISLNK(mode):
+                raise self._link_error(path)
+        return self.root.joinpath(*parts)
+
+    def _lstat(self, key: str) -> tuple[Path, os.stat_result | None]:
+        path = self._path(key)
+        try:
+            # The root is stat'ed through: it may be a link the user chose.
+            return path, os.stat(path) if path == self.root else os.lstat(path)
+        except (FileNotFoundError, NotADirectoryError):
+            return path, None
+
+    def _link_error(self, path: Path) -> StorageError:
+        return StorageError(
+            f"{path} is a symbolic link; the store never follows links, so nothing outside {self.root} is "
+            "reachable: put the real file or folder there, or delete the link (`rm` deletes the link itself)"
+        )
+
+    def _not_a_file(self, path: Path, st: os.stat_result | None) -> StorageError | None:
+        """Why `path` cannot be read as a file, or None if it can."""
+        if st is None:
+            return NotFoundError(f"{path} does not exist")
+        kind = _kind(st.st_mode)
+        if kind is None:
+            return NotFoundError(f"{path} is a folder, not a file")
+        if kind == "link":
+            return self._link_error(path)
+        if kind == "special":
+            return StorageError(f"{path} is not a regular file (a FIFO, device or socket); activault reads only files")
+        return None
+
+    def _open(self, key: str) -> tuple[Path, int]:
+        """(path, read-only descriptor) of a regular file: never a link, FIFO or device."""
+        path, st = self._lstat(key)
+        if (err := self._not_a_file(path, st)) is not None:
+            raise err
+        try:
+            fd = os.open(path, _OPEN_FLAGS)
+        except FileNotFoundError:
+            raise NotFoundError(f"{path} does not exist") from None
+        except OSError as e:  # e.g. ELOOP: replaced by a link since the lstat
+            raise StorageError(f"cannot read {path}: {e.strerror or e}") from e
+        if (err := self._not_a_file(path, os.fstat(fd))) is not None:
+            os.close(fd)
+            raise err
+        return path, fd
+
+    def path_of(self, key: str) -> Path:
+        """The filesystem path of `key`, through the guard (no `..`, no link on the way)."""
+        return self._path(key)
+
+    # ---- the store ----
 
     def check(self, write: bool = False) -> None:
         try:
@@ -36,126 +118,187 @@ class LocalStore(Store):
 
     def put(self, key: str, data: Buffer | Sequence[Buffer]) -> None:
         path = self._path(key)
-        # Hidden temp names are skipped by list(): a reader never sees a partial file.
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        # Hidden temp names are skipped by list(): a reader never sees a partial file. The rename
+        # replaces a link at `path` rather than writing through it.
+        tmp = _temp_name(path)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                for part in as_parts(data):
-                    view = part.cast("B") if part.format != "B" or part.ndim != 1 else part
-                    while view.nbytes:
-                        n = os.write(fd, view)
-                        view = view[n:]
-                if self.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
+            self._write(tmp, data)
             os.replace(tmp, path)
         except OSError as e:
-            tmp.unlink(missing_ok=True)
+            _discard(tmp)
             raise StorageError(
                 f"cannot write {path}: {e.strerror or e}; free space or fix permissions (or choose another "
                 "--storage), then run the same command again to resume"
             ) from e
 
-    def get(self, key: str) -> memoryview:
+    def _write(self, path: Path, data: Buffer | Sequence[Buffer]) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)  # a new name: never a link
+        try:
+            for part in as_parts(data):
+                view = part.cast("B") if part.format != "B" or part.ndim != 1 else part
+                while view.nbytes:
+                    n = os.write(fd, view)
+                    view = view[n:]
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def swap(self, key: str, data: bytes, expect: bytes | None) -> bool:
         path = self._path(key)
         try:
-            with open(path, "rb", buffering=0) as f:
-                size = os.fstat(f.fileno()).st_size
-                buf = bytearray(size)
-                view = memoryview(buf)
-                got = 0
-                while got < size:
-                    n = f.readinto(view[got:])
-                    if not n:
-                        break
-                    got += n
-                return view[:got]
-        except FileNotFoundError:
-            raise NotFoundError(f"{path} does not exist") from None
-        except IsADirectoryError:
-            raise NotFoundError(f"{path} is a folder, not a file") from None
+            if expect is None:
+                return self._create(path, data)
+            return self._replace(key, path, data, expect)
         except OSError as e:
-            raise StorageError(f"cannot read {path}: {e.strerror or e}") from e
+            raise StorageError(f"cannot write {path}: {e.strerror or e}; fix it, run again") from e
+
+    def _create(self, path: Path, data: bytes) -> bool:
+        # link() of a complete temp file fails if the name exists: create-if-absent, never partial.
+        tmp = _temp_name(path)
+        try:
+            self._write(tmp, data)
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            _discard(tmp)
+
+    def _replace(self, key: str, path: Path, data: bytes, expect: bytes) -> bool:
+        while True:
+            try:
+                _, fd = self._open(key)  # a regular file, never through a link
+            except NotFoundError:
+                return False
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    if os.lstat(path).st_ino != os.fstat(fd).st_ino:
+                        continue  # replaced while we waited: compare with the new one
+                except FileNotFoundError:
+                    return False
+                with open(fd, "rb", closefd=False) as f:
+                    if f.read() != expect:
+                        return False
+                self.put(key, data)  # a new inode renamed in place, while the old one is locked
+                return True
+            finally:
+                os.close(fd)
+
+    def get(self, key: str) -> memoryview:
+        path, fd = self._open(key)
+        try:
+            view = memoryview(bytearray(os.fstat(fd).st_size))
+            return view[: self._read(path, fd, 0, view)]
+        finally:
+            os.close(fd)
 
     def get_range(self, key: str, start: int, end: int) -> memoryview:
-        path = self._path(key)
-        try:
-            with open(path, "rb", buffering=0) as f:
-                buf = bytearray(max(0, end - start))
-                n = os.preadv(f.fileno(), [buf], start)
-                return memoryview(buf)[:n]
-        except FileNotFoundError:
-            raise NotFoundError(f"{path} does not exist") from None
+        view = memoryview(bytearray(max(0, end - start)))
+        return view[: self.read_into(key, start, view)]
 
     def read_into(self, key: str, offset: int, out: memoryview) -> int:
         # Straight into the caller's buffer (os.preadv releases the GIL): no intermediate copy.
-        path = self._path(key)
+        path, fd = self._open(key)
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-        except FileNotFoundError:
-            raise NotFoundError(f"{path} does not exist") from None
-        except OSError as e:
-            raise StorageError(f"cannot read {path}: {e.strerror or e}") from e
+            return self._read(path, fd, offset, out)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _read(path: Path, fd: int, offset: int, out: memoryview) -> int:
+        got = 0
         try:
-            got = 0
             while got < out.nbytes:
                 n = os.preadv(fd, [out[got:]], offset + got)
                 if n == 0:
                     break
                 got += n
-            return got
-        finally:
-            os.close(fd)
+        except OSError as e:
+            raise StorageError(f"cannot read {path}: {e.strerror or e}") from e
+        return got
 
     def size(self, key: str) -> int | None:
-        try:
-            st = self._path(key).stat()
-        except (FileNotFoundError, NotADirectoryError):
+        path, st = self._lstat(key)
+        if st is None or stat.S_ISDIR(st.st_mode):
             return None
-        return st.st_size if not os.path.isdir(self._path(key)) else None
+        if (err := self._not_a_file(path, st)) is not None:
+            raise err
+        return st.st_size
 
     def list(self, prefix: str = "") -> list[Entry]:
-        base = self._path(prefix)
-        out = []
-        if base.is_file():
-            return [Entry(prefix.strip("/"), base.stat().st_size)]
-        for dirpath, dirnames, filenames in os.walk(base):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            for f in filenames:
-                if f.startswith("."):
-                    continue
-                p = Path(dirpath) / f
-                try:
-                    out.append(Entry(p.relative_to(self.root).as_posix(), p.stat().st_size))
-                except FileNotFoundError:  # removed while listing
-                    continue
-        return sorted(out, key=lambda e: e.key)
+        path, st = self._lstat(prefix)
+        if st is None:
+            return []
+        key = "/".join(path.relative_to(self.root).parts)
+        kind = _kind(st.st_mode)
+        if kind is not None:
+            return [Entry(key, st.st_size if kind == "file" else 0, kind)]
+        return sorted(self._walk(path, key), key=lambda e: e.key)
 
-    def list_dir(self, prefix: str = "") -> tuple[builtins.list[str], builtins.list[Entry]]:
-        base = self._path(prefix)
-        dirs, files = [], []
+    def _walk(self, folder: Path, key: str) -> Iterator[Entry]:
+        """Every entry below `folder`, without entering linked folders; hidden names (temp files) skipped."""
+        subfolders = []
         try:
-            with os.scandir(base) as it:
+            with os.scandir(folder) as it:
                 for e in it:
                     if e.name.startswith("."):
                         continue
-                    if e.is_dir():
-                        dirs.append(e.name)
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except FileNotFoundError:  # removed while listing
+                        continue
+                    kind = _kind(st.st_mode)
+                    if kind is None:
+                        subfolders.append(e.name)
                     else:
-                        files.append(Entry(join(prefix, e.name), e.stat().st_size))
+                        yield Entry(join(key, e.name), st.st_size if kind == "file" else 0, kind)
         except (FileNotFoundError, NotADirectoryError):
+            return
+        for name in subfolders:
+            yield from self._walk(folder / name, join(key, name))
+
+    def list_dir(self, prefix: str = "") -> tuple[builtins.list[str], builtins.list[Entry]]:
+        path, st = self._lstat(prefix)
+        if st is not None and stat.S_ISLNK(st.st_mode):
+            raise self._link_error(path)
+        if st is None or not stat.S_ISDIR(st.st_mode):
             return [], []
+        key = "/".join(path.relative_to(self.root).parts)
+        dirs, files = [], []
+        for e in os.scandir(path):
+            if e.name.startswith("."):
+                continue
+            try:
+                st = e.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            kind = _kind(st.st_mode)
+            if kind is None:
+                dirs.append(e.name)
+            else:
+                files.append(Entry(join(key, e.name), st.st_size if kind == "file" else 0, kind))
         return sorted(dirs), sorted(files, key=lambda e: e.key)
 
     def delete(self, key: str) -> None:
-        path = self._path(key)
-        path.unlink(missing_ok=True)
-        # Drop folders left empty, up to the root, so deleted runs vanish from listings.
+        """Remove a file, link (not its target), FIFO or device; a folder is an error."""
+        path, st = self._lstat(key)
+        if st is None:
+            return
+        if stat.S_ISDIR(st.st_mode):
+            raise StorageError(f"{path} is a folder; delete the files in it (empty folders then go)")
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise StorageError(f"cannot delete {path}: {e.strerror or e}") from e
+        # Drop folders left empty, up to the root, so deleted runs vanish from listings. The guard
+        # checked that none of them is a link.
         parent = path.parent
-        while parent != self.root and parent.is_dir():
+        while parent != self.root and parent.is_relative_to(self.root):
             try:
                 parent.rmdir()
             except OSError:
@@ -164,8 +307,29 @@ class LocalStore(Store):
 
     def clear_partial(self, folder: str, name_prefix: str) -> int:
         # Temp files are `.{name}.{random}.tmp` (see put); a killed writer leaves its own behind.
-        base = self._path(folder)
-        stale = list(base.glob(f".{name_prefix}*.tmp")) if base.is_dir() else []
-        for p in stale:
-            p.unlink(missing_ok=True)
+        base, st = self._lstat(folder)
+        if st is None or not stat.S_ISDIR(st.st_mode):
+            return 0
+        stale = list(base.glob(f".{name_prefix}*.tmp"))
+        try:
+            for p in stale:
+                p.unlink(missing_ok=True)
+        except OSError as e:
+            raise StorageError(
+                f"cannot remove the unfinished file {p} left by an earlier attempt: "
+                f"{e.strerror or e}; make the filesystem writable (or choose another --storage), "
+                "then run the same command again"
+            ) from e
         return len(stale)
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def _discard(tmp: Path) -> None:
+    """Remove a temp file after a failed write; the write's error is the one worth reporting."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass  # e.g. the filesystem turned read-only: the next run's clear_partial retries it

@@ -1,42 +1,63 @@
 """S3-compatible object storage through obstore (Rust `object_store`: releases the GIL, parallel parts).
 
-Every request is retried by object_store on 5xx, 429 (throttling), timeouts and connection resets,
-with exponential backoff and jitter; this covers single PUTs and each part of a multipart upload
-(tests/test_s3.py proves it through a fault-injecting proxy). A multipart upload that still fails
-is aborted by object_store (DELETE ?uploadId) before the error reaches us. Secrets never leave the
-client: messages name the endpoint, bucket and key only.
+Retries come in two layers. object_store retries each request (a single PUT, each part of a multipart
+upload) a couple of times within a second on 5xx, 429, timeouts and connection resets: a blip passes
+unseen. Anything longer comes back to `S3Store._call`, the one loop every operation goes through: it
+retries with backoff within a budget (ACTIVAULT_S3_MAX_RETRIES attempts, ACTIVAULT_S3_RETRY_TIMEOUT
+seconds, or the store options `max_retries` and `retry_timeout`), logs what it is retrying and how
+many attempts failed once that has lasted a few seconds, and ends with one message naming the
+endpoint and the last error. tests/test_s3.py proves both through a fault-injecting proxy. A
+multipart upload that fails is aborted by object_store (DELETE ?uploadId) before it comes back.
+
+Keys that object_store cannot name (`..`, `.` or empty segments; activault never writes them) are
+listed and deleted through plain signed requests (storage/s3keys.py) as "badkey" entries.
+Secrets never leave the client: messages name the endpoint, bucket and key only.
 """
 
 from __future__ import annotations
 
 import builtins
+import logging
 import os
+import random
 import re
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 import obstore
-from obstore.exceptions import BaseError
+from obstore.exceptions import AlreadyExistsError, BaseError, InvalidPathError, PreconditionError
 from obstore.exceptions import NotFoundError as _ObNotFound
 from obstore.store import S3Store as _ObS3Store
 
 from activault.errors import ConfigError, NotFoundError, StorageError
-from activault.storage.base import Buffer, Entry, Store, as_parts, join
+from activault.storage.base import LOCKS, Buffer, Entry, Store, as_parts, join
+from activault.storage.s3keys import RawS3, RawS3Error, bad_key
 from activault.storage.uri import parse_uri
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Parts of 16 MiB: one connection to AWS moves ~90 MB/s, so 8 parts in flight fill a 5 Gbit/s NIC.
 # Memory per upload is bounded by PART_CONCURRENCY parts in flight (128 MiB) besides the object.
 PART_SIZE = 16 << 20
 PART_CONCURRENCY = 8
 MULTIPART_THRESHOLD = 32 << 20
-# Data requests: a 16 MiB part at a slow 2 MB/s still finishes in 8 s. object_store's backoff is
-# random in [init, last * base] (decorrelated jitter), so 10 retries can pass in 2 s; 30 retries
-# capped at 15 s each and 5 minutes in all ride out a server restart or a minute of throttling.
+# Data requests: a 16 MiB part at a slow 2 MB/s still finishes in 8 s.
 TIMEOUT = "120s"
 CONNECT_TIMEOUT = "5s"
+# object_store's own retries of one request: 2 within ~1 s absorb a dropped connection quietly.
+INNER_RETRIES = 2
+# Then _call's: 30 attempts, backoff doubling from 0.25 s up to 15 s, 5 minutes in all, ride out a
+# server restart or a minute of throttling. Defaults for ACTIVAULT_S3_MAX_RETRIES / _RETRY_TIMEOUT.
 MAX_RETRIES = 30
 RETRY_TIMEOUT = timedelta(minutes=5)
+MAX_BACKOFF_S = 15.0
+# Say that we are retrying once it has lasted this long, then at most every NOTICE_EVERY_S.
+NOTICE_AFTER_S = 3.0
+NOTICE_EVERY_S = 5.0
 # check() must answer in seconds: an unreachable endpoint is a configuration error, not an outage.
 CHECK_TIMEOUT = "10s"
 CHECK_CONNECT_TIMEOUT = "2s"
@@ -68,8 +89,36 @@ def _retry(max_retries: int, total: timedelta) -> dict[str, Any]:
     return {
         "max_retries": max_retries,
         "retry_timeout": total,
-        "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=15), "base": 2},
+        "backoff": {"init_backoff": timedelta(milliseconds=100), "max_backoff": timedelta(seconds=1), "base": 2},
     }
+
+
+def retry_budget(env: dict[str, str] | None = None, max_retries: int | None = None,
+                 retry_timeout: float | timedelta | None = None) -> tuple[int, float]:
+    """(attempts after the first, seconds) of `_call`: the options, else the environment, else the defaults."""
+    env = dict(os.environ if env is None else env)
+    if max_retries is None:
+        max_retries = int(_env_number(env, "ACTIVAULT_S3_MAX_RETRIES", MAX_RETRIES, integer=True))
+    if retry_timeout is None:
+        retry_timeout = _env_number(env, "ACTIVAULT_S3_RETRY_TIMEOUT", RETRY_TIMEOUT.total_seconds())
+    seconds = retry_timeout.total_seconds() if isinstance(retry_timeout, timedelta) else float(retry_timeout)
+    if max_retries < 0 or seconds < 0:
+        raise ConfigError(f"S3 retry budget must not be negative (max_retries={max_retries}, retry_timeout={seconds})")
+    return max_retries, seconds
+
+
+def _env_number(env: dict[str, str], name: str, default: float, integer: bool = False) -> float:
+    text = env.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text) if integer else float(text.removesuffix("s"))
+    except ValueError:
+        raise ConfigError(f"{name}={text!r} is not {'a whole number' if integer else 'a number of seconds'}; "
+                          f"set e.g. {name}={int(default)} or unset it") from None
+    if value < 0:
+        raise ConfigError(f"{name}={text!r} is negative; set e.g. {name}={int(default)} or unset it")
+    return value
 
 
 def _first_line(e: BaseException) -> str:
@@ -78,6 +127,33 @@ def _first_line(e: BaseException) -> str:
     for noise in ("Generic S3 error: ", "Generic S3 error:"):
         line = line.replace(noise, "")
     return line.strip()
+
+
+def _transient(e: BaseException) -> bool:
+    """Whether a request that failed may succeed if sent again: 5xx, 408, 429, or no answer."""
+    if isinstance(e, (_ObNotFound, FileNotFoundError, InvalidPathError, ValueError, TypeError)):
+        return False
+    text = str(e)
+    status = e.status if isinstance(e, RawS3Error) and e.status else None
+    if status is None and (m := re.search(r"status code: (\d{3})", text)):
+        status = int(m.group(1))
+    if status is not None:
+        return status >= 500 or status in (408, 429)
+    low = text.lower()
+    return any(s in low for s in ("error sending request", "timed out", "timedout", "connection", "reset", "broken pipe"))
+
+
+def _cause(e: BaseException) -> str:
+    """The short reason of a failed request: '503 Service Unavailable (SlowDown)', 'Connection refused'."""
+    text = str(e)
+    if m := re.search(r"status code: (\d{3}[^:<\n]*)", text):
+        code = re.search(r"<Code>([^<]+)</Code>", text)
+        return m.group(1).strip() + (f" ({code.group(1)})" if code else "")
+    if m := re.search(r'message: "([^"]+)"', text):
+        return m.group(1)
+    if "TimedOut" in text or "timed out" in text.lower():
+        return "no answer in time (timed out)"
+    return _first_line(e)
 
 
 class S3Store(Store):
@@ -90,6 +166,7 @@ class S3Store(Store):
         env: dict[str, str] | None = None,
         unsigned: bool | None = None,
         max_retries: int | None = None,
+        retry_timeout: float | timedelta | None = None,
         timeout: str | None = None,
         part_size: int | None = None,
         multipart_threshold: int | None = None,
@@ -118,7 +195,12 @@ class S3Store(Store):
         if unsigned:
             self._config = {k: v for k, v in self._config.items() if k in ("endpoint", "region")}
             self._config["skip_signature"] = True
-        self._store = self._client(timeout or TIMEOUT, CONNECT_TIMEOUT, _retry(max_retries if max_retries is not None else MAX_RETRIES, RETRY_TIMEOUT))
+        self.max_retries, self.retry_timeout = retry_budget(env, max_retries, retry_timeout)
+        self._store = self._client(timeout or TIMEOUT, CONNECT_TIMEOUT, _retry(INNER_RETRIES, timedelta(seconds=5)))
+        creds = {} if unsigned else {k: settings.get(k) for k in ("access_key_id", "secret_access_key", "session_token")}
+        self._raw = RawS3(self.endpoint, self.region, self.bucket, **creds)
+        self._notice_lock = threading.Lock()
+        self._last_notice = -NOTICE_EVERY_S
 
     def _client(self, timeout: str, connect_timeout: str, retry: dict[str, Any]) -> _ObS3Store:
         client: dict[str, Any] = {"timeout": timeout, "connect_timeout": connect_timeout}
@@ -145,6 +227,42 @@ class S3Store(Store):
             return NotFoundError(f"{where} does not exist")
         return StorageError(f"cannot {action} {where} at {self.where}: {_first_line(e)}")
 
+    def _call(self, action: str, key: str, fn: Callable[[], T]) -> T:
+        """`fn()`, retried on transient errors within the budget; every store operation goes through here."""
+        start = time.monotonic()
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return fn()
+            except Exception as e:  # noqa: BLE001 - classified, then re-raised as a StorageError
+                if not _transient(e):
+                    raise self._err(e, key, action) from None
+                elapsed = time.monotonic() - start
+                if attempt > self.max_retries or elapsed >= self.retry_timeout:
+                    raise StorageError(
+                        f"cannot {action} {self.url(key)}: the S3 endpoint {self.where} failed {attempt} "
+                        f"attempt(s) in {elapsed:.0f} s, last with: {_cause(e)}; check the endpoint and the network "
+                        f"(ACTIVAULT_S3_RETRY_TIMEOUT={self.retry_timeout:g} and ACTIVAULT_S3_MAX_RETRIES="
+                        f"{self.max_retries} set how long to retry)"
+                    ) from None
+                self._notice(f"{action} {self.url(key)}", attempt, elapsed, e)
+                # Backoff doubling from 0.25 s, with jitter; the last attempt comes at the deadline.
+                delay = min(MAX_BACKOFF_S, 0.25 * 2 ** min(attempt - 1, 6)) * random.uniform(0.5, 1.0)
+                time.sleep(min(delay, self.retry_timeout - elapsed))
+
+    def _notice(self, what: str, attempt: int, elapsed: float, e: BaseException) -> None:
+        """Log a retry once retrying has lasted NOTICE_AFTER_S, at most every NOTICE_EVERY_S per store."""
+        now = time.monotonic()
+        with self._notice_lock:
+            if elapsed < NOTICE_AFTER_S or now - self._last_notice < NOTICE_EVERY_S:
+                return
+            self._last_notice = now
+        log.warning(
+            "S3 at %s: %s failed %d time(s) in %.0f s (last: %s); retrying for up to %.0f s more (Ctrl-C to stop)",
+            self.where, what, attempt, elapsed, _cause(e), max(0.0, self.retry_timeout - elapsed),
+        )
+
     def check(self, write: bool = False) -> None:
         """Fail in seconds with one precise message: credentials, endpoint, bucket, write access."""
         if self._has_key and not self._has_secret:
@@ -159,7 +277,10 @@ class S3Store(Store):
         fast = self._client(CHECK_TIMEOUT, CHECK_CONNECT_TIMEOUT, _retry(CHECK_RETRIES, timedelta(seconds=10)))
         probe = ".activault-write-check"
         try:
-            obstore.list_with_delimiter(fast, None)
+            try:
+                obstore.list_with_delimiter(fast, None)
+            except InvalidPathError:  # the server answered; a foreign key at the top is listed elsewhere
+                pass
             if write:
                 obstore.put(fast, probe, b"ok", use_multipart=False)
                 obstore.delete(fast, probe)
@@ -192,77 +313,106 @@ class S3Store(Store):
     def put(self, key: str, data: Buffer | Sequence[Buffer]) -> None:
         parts = as_parts(data)
         total = sum(p.nbytes for p in parts)
-        try:
+
+        def send() -> None:
             if total <= self.multipart_threshold:
                 body = parts[0] if len(parts) == 1 else b"".join(parts)
                 obstore.put(self._store, key, body, use_multipart=False)
             else:
                 # Parts upload in parallel, each retried on its own; on failure object_store aborts
-                # the upload, so no hidden parts are left to pay for.
-                obstore.put(
-                    self._store,
-                    key,
-                    iter(parts),
-                    use_multipart=True,
-                    chunk_size=self.part_size,
-                    max_concurrency=self.part_concurrency,
-                )
-        except (BaseError, OSError) as e:
-            err = self._err(e, key, "upload")
-            raise StorageError(f"{err}; fix the cause and run the same command again to resume") from None
+                # the upload, so no hidden parts are left to pay for (and _call starts it again).
+                obstore.put(self._store, key, iter(parts), use_multipart=True, chunk_size=self.part_size,
+                            max_concurrency=self.part_concurrency)  # fmt: skip
+
+        try:
+            self._call("upload", key, send)
+        except StorageError as e:
+            raise StorageError(f"{e}; fix the cause and run the same command again to resume") from None
+
+    def swap(self, key: str, data: bytes, expect: bytes | None) -> bool:
+        # If-None-Match: * to create, If-Match: {the ETag read} to replace (object_store's
+        # conditional_put="etag", its default). A store that ignores these headers (old MinIO,
+        # Ceph before Squid) cannot give this guarantee.
+        def attempt() -> bool:
+            try:
+                if expect is None:
+                    obstore.put(self._store, key, data, mode="create", use_multipart=False)
+                    return True
+                current = obstore.get(self._store, key)
+                if bytes(current.bytes()) != expect:
+                    return False
+                meta: dict[str, Any] = dict(current.meta)
+                version = {k: meta[k] for k in ("e_tag", "version") if meta.get(k) is not None}
+                if not version:
+                    raise StorageError(f"{self.where} sends no ETag, so no conditional replace")
+                mode: Any = version  # an UpdateVersion
+                obstore.put(self._store, key, data, mode=mode, use_multipart=False)
+                return True
+            except (AlreadyExistsError, PreconditionError, _ObNotFound, FileNotFoundError):
+                return False
+
+        return self._call("conditionally write", key, attempt)
 
     def get(self, key: str) -> memoryview:
-        try:
-            return memoryview(obstore.get(self._store, key).bytes())
-        except (BaseError, OSError) as e:
-            raise self._err(e, key, "download") from None
+        return self._call("download", key, lambda: memoryview(obstore.get(self._store, key).bytes()))
 
     def get_range(self, key: str, start: int, end: int) -> memoryview:
-        try:
-            return memoryview(obstore.get_range(self._store, key, start=start, end=end))
-        except (BaseError, OSError) as e:
-            raise self._err(e, key, "download") from None
+        if end <= start:  # S3 has no empty range (416): nothing to fetch
+            return memoryview(b"")
+        return self._call("download", key, lambda: memoryview(obstore.get_range(self._store, key, start=start, end=end)))
 
     def get_ranges(self, key: str, starts: list[int], ends: list[int]) -> list[memoryview]:
-        try:
-            return [memoryview(b) for b in obstore.get_ranges(self._store, key, starts=starts, ends=ends)]
-        except (BaseError, OSError) as e:
-            raise self._err(e, key, "download") from None
+        want = [i for i, (s, e) in enumerate(zip(starts, ends, strict=True)) if e > s]
+        got = self._call("download", key, lambda: obstore.get_ranges(
+            self._store, key, starts=[starts[i] for i in want], ends=[ends[i] for i in want]))  # fmt: skip
+        out = [memoryview(b"")] * len(starts)
+        for i, b in zip(want, got, strict=True):
+            out[i] = memoryview(b)
+        return out
 
     def size(self, key: str) -> int | None:
         try:
-            return int(obstore.head(self._store, key)["size"])
-        except (_ObNotFound, FileNotFoundError):
+            return int(self._call("stat", key, lambda: obstore.head(self._store, key))["size"])
+        except NotFoundError:
             return None
-        except (BaseError, OSError) as e:
-            raise self._err(e, key, "stat") from None
 
     def list(self, prefix: str = "") -> list[Entry]:
-        out = []
-        try:
-            for chunk in obstore.list(self._store, prefix.strip("/") or None):
-                for meta in chunk:
-                    out.append(Entry(meta["path"], int(meta["size"])))
-        except (BaseError, OSError) as e:
-            raise self._err(e, prefix, "list") from None
-        return sorted(out, key=lambda e: e.key)
+        _, entries = self._call("list", prefix, lambda: self._listing(prefix.strip("/"), delimiter=False))
+        return sorted((e for e in entries if LOCKS not in e.key.split("/")), key=lambda e: e.key)
 
     def list_dir(self, prefix: str = "") -> tuple[builtins.list[str], builtins.list[Entry]]:
+        prefixes, entries = self._call("list", prefix, lambda: self._listing(prefix.strip("/"), delimiter=True))
+        dirs = sorted({p.rstrip("/").rsplit("/", 1)[-1] for p in prefixes} - {LOCKS})
+        return dirs, sorted(entries, key=lambda e: e.key)
+
+    def _listing(self, prefix: str, delimiter: bool) -> tuple[builtins.list[str], builtins.list[Entry]]:
+        """(sub-folder prefixes, entries) under `prefix`: object_store's, or, when a key it cannot
+        name is there (its listing then fails whole), a plain listing with such keys as "badkey"."""
         try:
-            res = obstore.list_with_delimiter(self._store, prefix.strip("/") or None)
-        except (BaseError, OSError) as e:
-            raise self._err(e, prefix, "list") from None
-        dirs = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in res["common_prefixes"])
-        files = sorted((Entry(m["path"], int(m["size"])) for m in res["objects"]), key=lambda e: e.key)
-        return dirs, files
+            if delimiter:
+                res = obstore.list_with_delimiter(self._store, prefix or None)
+                return list(res["common_prefixes"]), [Entry(m["path"], int(m["size"])) for m in res["objects"]]
+            return [], [Entry(m["path"], int(m["size"])) for chunk in obstore.list(self._store, prefix or None) for m in chunk]
+        except InvalidPathError:
+            pass
+        base = join(self.prefix, prefix)
+        raw_prefixes, objects = self._raw.list_keys(base + "/" if base else "", delimiter)
+        if delimiter:  # a sub-folder with a bad name is shown as the objects it holds
+            for p in [p for p in raw_prefixes if bad_key(p.removesuffix("/"))]:
+                raw_prefixes.remove(p)
+                objects += self._raw.list_keys(p, False)[1]
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        entries = [Entry(k[cut:], size, "badkey" if bad_key(k[cut:]) else "file") for k, size in objects]
+        return [p[cut:] for p in raw_prefixes], entries
 
     def delete(self, key: str) -> None:
+        if bad_key(key):  # object_store refuses the key; a plain DeleteObjects names it in the body
+            self._call("delete", key, lambda: self._raw.delete_keys([f"{self.prefix}/{key}" if self.prefix else key]))
+            return
         try:
-            obstore.delete(self._store, key)
-        except (_ObNotFound, FileNotFoundError):
+            self._call("delete", key, lambda: obstore.delete(self._store, key))
+        except NotFoundError:
             pass
-        except (BaseError, OSError) as e:
-            raise self._err(e, key, "delete") from None
 
     def url(self, key: str = "") -> str:
         return f"s3://{join(self.bucket, self.prefix, key)}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from importlib import resources
 from pathlib import Path
 
@@ -15,8 +16,8 @@ log = logging.getLogger(__name__)
 HOOKS = ["models.layers.1.post", "models.layers.2.mlp.post", "models.layers.3.self_attn.pre"]
 
 
-def demo_config(model_dir: Path, storage: str, run_name: str = "demo") -> Config:
-    corpus = resources.files("activault").joinpath("demo_corpus.jsonl")
+def demo_config(model_dir: Path, storage: str, run_name: str = "demo", corpus: str | None = None) -> Config:
+    corpus = corpus or str(resources.files("activault").joinpath("demo_corpus.jsonl"))
     return parse_config(
         {
             "run_name": run_name,
@@ -24,7 +25,7 @@ def demo_config(model_dir: Path, storage: str, run_name: str = "demo") -> Config
             "storage": storage,
             "transformer_config": {"model_name": str(model_dir), "dtype": "float32", "device": "cpu"},
             "data_config": {
-                "data_key": str(corpus),
+                "data_key": corpus,
                 "n_batches": 12,
                 "seq_length": 128,
                 "batch_size": 8,
@@ -38,25 +39,37 @@ def demo_config(model_dir: Path, storage: str, run_name: str = "demo") -> Config
     )
 
 
-def run_demo(storage: str = "./vault", workdir: str | None = None) -> None:
+def prepare(storage: str, keep: str | None = None) -> tuple[Config, Path]:
+    """The demo's model, tokenizer and config; with `keep`, all of it (and the corpus) in that folder."""
+    from activault.tools.tiny import build_tiny
+
+    # Absolute, so the run's record names the same tokenizer whichever way the storage path is written.
+    home = Path(keep).expanduser().absolute() if keep else None
+    model_dir = (home / "model") if home else (Path(storage).expanduser() / ".demo-model").absolute()
+    if not (model_dir / "config.json").exists():
+        log.info("building a tiny Llama-style model and tokenizer in %s (no download)", model_dir)
+        build_tiny(model_dir, "llama", layers=4, d=64)
+    corpus = None
+    if home:
+        corpus = str(home / "corpus.jsonl")
+        shutil.copyfile(str(resources.files("activault").joinpath("demo_corpus.jsonl")), corpus)
+    cfg = demo_config(model_dir, storage if not home else str(home / "vault"), corpus=corpus)
+    cfg_path = (home / "config.yaml") if home else model_dir / "demo.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    log.info("config written to %s (run it yourself with: activault collect --config %s)", cfg_path, cfg_path)
+    return cfg, cfg_path
+
+
+def run_demo(storage: str = "./vault", keep: str | None = None) -> None:
     """Build a tiny model, collect into `storage`, read a megabatch back and print what it holds."""
     import torch
     from transformers import AutoTokenizer
 
     from activault.collection.pipeline import collect
     from activault.reading.rcache import RCache
-    from activault.tools.tiny import build_tiny
 
-    # Absolute, so the run's record names the same tokenizer whichever way the storage path is written.
-    model_dir = Path(workdir or Path(storage).expanduser() / ".demo-model").absolute()
-    if not (model_dir / "config.json").exists():
-        log.info("building a tiny Llama-style model and tokenizer in %s (no download)", model_dir)
-        build_tiny(model_dir, "llama", layers=4, d=64)
-    cfg = demo_config(model_dir, storage)
-    cfg_path = model_dir / "demo.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    log.info("config written to %s (run it yourself with: activault collect --config %s)", cfg_path, cfg_path)
-
+    cfg, cfg_path = prepare(storage, keep)
+    model_dir = Path(cfg.transformer_config.model_name)
     result = collect(cfg)
     hook = HOOKS[0]
     tok = AutoTokenizer.from_pretrained(str(model_dir))
@@ -79,3 +92,6 @@ def run_demo(storage: str = "./vault", workdir: str | None = None) -> None:
     print(f"  value range in this megabatch [{float(states.min()):.3f}, {float(states.max()):.3f}], "
           f"finite: {bool(torch.isfinite(states).all())}")
     print(f"\n{result.files} files, {result.tokens:,} tokens, {result.bytes_written / 1e6:.1f} MB in {result.seconds:.1f}s")
+    if keep:
+        print(f"\nkept in {keep}: model/ (weights and tokenizer), corpus.jsonl, config.yaml and vault/.")
+        print(f"Edit {cfg_path} (hooks, data_key, sizes, run_name) and run: activault collect --config {cfg_path}")

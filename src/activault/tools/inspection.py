@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from activault.errors import FormatError, NotFoundError
+from activault.errors import ConfigError, FormatError, NotFoundError
 from activault.storage import Entry, Store, locate
 from activault.units import human_bytes
 from activault.vault.megabatch import (
@@ -221,6 +221,22 @@ def inspect_file(store: Store, key: str, tokenizers: Tokenizers | None = None) -
 
 # ---- ls -----------------------------------------------------------------------------------------
 
+_FOREIGN_KINDS = {
+    "link": "a symbolic link, never followed",
+    "special": "a FIFO, device or socket",
+    "badkey": "its key has an empty, '.' or '..' part",
+}
+
+
+def foreign(e: Entry) -> str | None:
+    """Why a listed object is none of activault's (never read, never counted), or None if it may be."""
+    if e.kind != "file":
+        return _FOREIGN_KINDS[e.kind]
+    if is_megabatch(e.key) and e.size < 8:  # every write is whole, so this is not a partial one of ours
+        return f"{e.size} bytes, too short for a megabatch"
+    return None
+
+
 
 def list_lines(store: Store, key: str, files: bool = False) -> list[str]:
     """Runs, hooks (file counts and sizes) and other files under `key`; every file with `files`."""
@@ -231,9 +247,13 @@ def list_lines(store: Store, key: str, files: bool = False) -> list[str]:
     if not entries:
         raise NotFoundError(f"{store.url(key)} is empty or does not exist")
     by_dir: dict[str, list[Any]] = {}
+    strange = []
     for e in entries:
         rel = e.key[len(key) :].strip("/") if key else e.key
-        by_dir.setdefault(parent(rel), []).append((rel, e.size))
+        if (why := foreign(e)) is not None:
+            strange.append(f"    {rel}  ({why})")
+        else:
+            by_dir.setdefault(parent(rel), []).append((rel, e.size))
     hooks = {d for d, fs in by_dir.items() if any(is_megabatch(r) or r.endswith("/metadata.json") or r == "metadata.json" for r, _ in fs)}
     out = [f"{store.url(key)}"]
     for d in sorted(by_dir):
@@ -245,6 +265,9 @@ def list_lines(store: Store, key: str, files: bool = False) -> list[str]:
         else:
             shown = fs
         out += [f"    {r}  {human_bytes(s)}" if d in hooks else f"  {r}  {human_bytes(s)}" for r, s in shown]
+    if strange:
+        out += ["  foreign objects, skipped (activault never writes these; delete them with `rm` in `activault s3`):",
+                *strange]
     return out
 
 
@@ -293,7 +316,13 @@ def sample_norms(store: Store, hook: str, files: int = 4) -> torch.Tensor:
 
 def stats_figure(stats: dict[str, Any], norms: torch.Tensor, title: str = "") -> Figure:
     """Per-dimension mean and std, and a histogram of token norms (Agg backend, no display)."""
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ConfigError(
+            "--plot needs matplotlib, which is not installed: pip install 'activault[plot]' "
+            "(or pip install matplotlib)"
+        ) from None
 
     fig = Figure(figsize=(10, 8), layout="constrained")
     ax_mean, ax_std, ax_norm = fig.subplots(3, 1)

@@ -17,6 +17,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,11 @@ def check_launch(config: str | Path, n: int, start: int, end: int) -> Config:
     cfg.check_machine(start, "START")
     cfg.check_machine(end, "END")
     return cfg
+
+
+def default_slurm_script() -> Path:
+    """The batch script shipped with the package, found wherever activault is run from."""
+    return Path(str(resources.files("activault").joinpath("tools/collect.slurm")))
 
 
 def collect_command(config: str | Path, machine: int, storage: str | None = None) -> list[str]:
@@ -96,7 +102,7 @@ def submit_slurm(
     start: int,
     end: int,
     *,
-    script: str | Path = "scripts/collect.slurm",
+    script: str | Path | None = None,
     array: bool = False,
     max_parallel: int | None = None,
     sbatch_args: list[str] | None = None,
@@ -108,9 +114,9 @@ def submit_slurm(
     `{log_dir}/activault-{job}.out`.
     """
     check_launch(config, n, start, end)
-    script = Path(script)
+    script = Path(script) if script is not None else default_slurm_script()
     if not script.is_file():
-        raise ConfigError(f"Slurm script {script} does not exist; pass --script PATH (see scripts/collect.slurm)")
+        raise ConfigError(f"Slurm script {script} does not exist; pass --script PATH, or leave it out for the packaged one")
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     config = str(Path(config).absolute())

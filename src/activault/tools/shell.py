@@ -7,6 +7,7 @@ Every store access goes through `Store`; a bad command prints a one-line hint, n
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shlex
@@ -18,7 +19,8 @@ from typing import IO, Any
 
 from activault.errors import ActivaultError, ConfigError
 from activault.storage import Entry, Store, open_store
-from activault.tools.inspection import Tokenizers, inspect_file, join, parent
+from activault.tools.inspection import Tokenizers, foreign, inspect_file, join, parent
+from activault.tools.output import unwritable, write_whole
 from activault.units import human_bytes
 from activault.vault.megabatch import is_megabatch, megabatch_files, parse_file_name
 from activault.vault.records import read_json
@@ -35,6 +37,12 @@ HELP = {  # command: (usage, what it does)
     "help": ("help", "this list"),
     "exit": ("exit", "leave (or Ctrl-D)"),
 }
+_NOT_READ = {  # why an Entry of this kind is listed but never read
+    "link": "is a symbolic link; the shell never follows links (`rm` deletes the link, not its target)",
+    "special": "is a FIFO, device or socket, not a file; it is never read",
+    "badkey": "is a foreign object (its key has an empty, `.` or `..` part; activault never writes one); `rm` it",
+}
+_MARK = {"link": "link, not followed", "special": "FIFO/device, not read", "badkey": "foreign key"}
 _REDIRECT = re.compile(r"^(.*?)\s*>\s*(\S+)\s*$")
 
 
@@ -125,10 +133,15 @@ class Shell:
             self.say(f"unknown command {cmd!r}; type `help` for the commands")
             return True
         saved = self.out
+        if target:
+            if (why := unwritable(target)) is not None:
+                self.say(f"cannot write {target}: {why}; nothing run")
+                return True
+            self.out = io.StringIO()
+        ok = False
         try:
-            if target:
-                self.out = open(Path(target).expanduser(), "w")  # noqa: SIM115 - closed below
             func(args)
+            ok = True
         except KeyboardInterrupt:
             print("\ncancelled", file=saved, flush=True)
         except ActivaultError as e:
@@ -138,11 +151,19 @@ class Shell:
         except Exception as e:  # noqa: BLE001 - a shell never shows a traceback
             print(f"{cmd} failed: {type(e).__name__}: {e}", file=saved, flush=True)
         finally:
-            if self.out is not saved:
-                self.out.close()
-                self.out = saved
-                print(f"output written to {target}", file=saved, flush=True)
+            out, self.out = self.out, saved
+        if isinstance(out, io.StringIO) and target:
+            self.say(self._save_output(target, out.getvalue()) if ok else f"{target} left unchanged")
         return True
+
+    @staticmethod
+    def _save_output(target: str, text: str) -> str:
+        """Write a command's output to `target`; the one line that says how it went."""
+        try:
+            write_whole(target, text)
+        except OSError as e:
+            return f"cannot write {target}: {e.strerror or e}; {target} left unchanged"
+        return f"output written to {target}"
 
     # ---- helpers ----
 
@@ -151,24 +172,39 @@ class Shell:
             self._listing = self.store.list_dir(self.cwd)
         return self._listing
 
+    def name(self, e: Entry) -> str:
+        """An entry's name as listed: its key below the current folder (more than one part for a
+        key with a `..` segment on S3)."""
+        return e.key[len(self.cwd) :].removeprefix("/") if self.cwd else e.key
+
     def pick(self, arg: str) -> tuple[str, str]:
-        """('dir' | 'file', key) of a listing number or a name in the current folder."""
+        """(kind, key) of a listing number or a name here; kind is 'dir' or an `Entry.kind`."""
         dirs, files = self.listing()
-        names = [e.key.rsplit("/", 1)[-1] for e in files]
+        names = [self.name(e) for e in files]
         if arg.isdigit():
             i = int(arg)
             if i < len(dirs):
                 return "dir", join(self.cwd, dirs[i])
             if i < len(dirs) + len(files):
-                return "file", files[i - len(dirs)].key
+                e = files[i - len(dirs)]
+                return e.kind, e.key
             total = len(dirs) + len(files)
             raise UsageError(f"no entry {i} here (0..{total - 1}); type `ls` to see the numbers" if total else f"no entry {i}: this folder is empty")
         name = arg.rstrip("/")
         if name in dirs:
             return "dir", join(self.cwd, name)
-        if name in names:
-            return "file", files[names.index(name)].key
+        if arg in names or name in names:
+            e = files[names.index(arg if arg in names else name)]
+            return e.kind, e.key
         raise UsageError(f"{arg!r} is not here; type `ls` to see the folders and files")
+
+    def readable(self, kind: str, key: str, then: str) -> None:
+        """UsageError unless `key` is a file that can be read (not a folder, link, device or bad key)."""
+        name = key.rsplit("/", 1)[-1]
+        if kind == "dir":
+            raise UsageError(f"{name} is a folder; {then}")
+        if kind != "file":
+            raise UsageError(f"{name} {_NOT_READ[kind]}")
 
     def confirm(self, question: str) -> str:
         try:
@@ -191,7 +227,10 @@ class Shell:
         for i, d in enumerate(dirs):
             self.say(f"{i:>4}  {d}/")
         for i, e in enumerate(files, len(dirs)):
-            self.say(f"{i:>4}  {e.key.rsplit('/', 1)[-1]:<40} {human_bytes(e.size):>10}")
+            what = human_bytes(e.size) if e.kind == "file" else _MARK[e.kind]
+            name = self.name(e) + ("@" if e.kind == "link" else "")
+            odd = f"  ⚠️ foreign: {why}" if e.kind == "file" and (why := foreign(e)) else ""
+            self.say(f"{i:>4}  {name:<40} {what:>10}{odd}")
 
     def do_cd(self, args: list[str]) -> None:
         if not args:
@@ -215,6 +254,8 @@ class Shell:
                     kind, key = self.pick(part)
                     if kind == "file":
                         raise UsageError(f"{key.rsplit('/', 1)[-1]} is a file, not a folder; use `cat` or `inspect`")
+                    if kind != "dir":
+                        raise UsageError(f"{key.rsplit('/', 1)[-1]} {_NOT_READ[kind]}")
                     self.cwd = key
                 self._listing = None
             return self.cwd
@@ -223,8 +264,7 @@ class Shell:
 
     def do_cat(self, args: list[str]) -> None:
         kind, key = self.pick(self.need(args, "cat N|NAME"))
-        if kind == "dir":
-            raise UsageError(f"{key.rsplit('/', 1)[-1]} is a folder; `cd` into it")
+        self.readable(kind, key, "`cd` into it")
         if is_megabatch(key):
             raise UsageError("that is a megabatch; use `inspect` to look inside it")
         size = self.store.size(key) or 0
@@ -240,9 +280,11 @@ class Shell:
         if not args:
             raise UsageError("usage: rm N|NAME ... (numbers from `ls`)")
         targets = [self.pick(a) for a in args]
+        here = {e.key: e for e in self.listing()[1]}
         entries: list[Entry] = []
         for kind, key in targets:
-            entries += self.store.list(key + "/") if kind == "dir" else [Entry(key, self.store.size(key) or 0)]
+            # A link is deleted itself (the store never follows it), like a file.
+            entries += self.store.list(key + "/") if kind == "dir" else [here[key]]
         names = ", ".join(k.rsplit("/", 1)[-1] + ("/" if kind == "dir" else "") for kind, k in targets)
         answer = self.confirm(f"delete {names} ({len(entries)} files, {human_bytes(sum(e.size for e in entries))})? [y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
@@ -304,8 +346,7 @@ class Shell:
 
     def do_inspect(self, args: list[str]) -> None:
         kind, key = self.pick(self.need(args, "inspect N|NAME"))
-        if kind == "dir":
-            raise UsageError(f"{key.rsplit('/', 1)[-1]} is a folder; `cd` into it and inspect a megabatch")
+        self.readable(kind, key, "`cd` into it and inspect a megabatch")
         insp = inspect_file(self.store, key, self.tokenizers)
         for line in insp.lines():
             self.say(line)
@@ -343,7 +384,7 @@ def _completer(shell: Shell) -> Callable[[str, int], str | None]:
                 dirs, files = shell.listing()
             except ActivaultError:
                 return None
-            names = [d + "/" for d in dirs] + [e.key.rsplit("/", 1)[-1] for e in files]
+            names = [d + "/" for d in dirs] + [shell.name(e) for e in files]
             options = [n for n in names if n.startswith(text)]
         return options[state] if state < len(options) else None
 

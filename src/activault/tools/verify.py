@@ -14,7 +14,7 @@ import torch
 
 from activault.errors import FormatError, NotFoundError
 from activault.storage import Store, locate
-from activault.tools.inspection import join, list_dir
+from activault.tools.inspection import foreign, join, list_dir
 from activault.units import human_bytes
 from activault.vault.megabatch import (
     dtype_name,
@@ -98,7 +98,7 @@ def _hook_files(
         if not metas[h]:
             problems.append(f"{h}: metadata.json is missing")
         _, files = list_dir(store, join(run, h))
-        names[h] = megabatch_files(files)
+        names[h] = megabatch_files(f for f in files if foreign(f) is None)
     return metas, names, problems
 
 
@@ -161,14 +161,40 @@ def verify_run(store: Store, run: str = "", threads: int = 8) -> tuple[list[str]
     want_machines = list(range(int(cfg["num_runs"]))) if cfg and "num_runs" in cfg else machines
     problems += hook_problems + _missing_files(names, every) + file_problems
     problems += _check_statistics(store, run, list(names), total, want_machines)
+    problems += foreign_objects(store, run)
     summary = {"run": store.url(run), "hooks": len(hooks), "files": len(every), "tokens": total,
                "bytes": sum(sum(fs.values()) for fs in names.values()), "machines": machines}  # fmt: skip
     return problems, summary
 
 
+def foreign_objects(store: Store, run: str) -> list[str]:
+    """The run's objects that activault never writes (links, devices, bad keys, empty megabatches)."""
+    out = []
+    for e in store.list(run):
+        if (why := foreign(e)) is not None:
+            rel = e.key[len(run) :].lstrip("/") if run else e.key
+            out.append(f"{rel}: foreign object ({why}), skipped; delete it (`rm` in `activault s3`)")
+    return out
+
+
+def store_runs(store: Store, key: str) -> list[str]:
+    """The runs directly under `key` if it is a store's root (or a folder of runs), else []."""
+    if store.exists(join(key, "cfg.json")):
+        return []
+    dirs, _ = list_dir(store, key)
+    if any(store.exists(join(key, d, "metadata.json")) for d in dirs):
+        return []  # a run whose cfg.json is missing
+    return [d for d in dirs if store.exists(join(key, d, "cfg.json")) or list_dir(store, join(key, d, "progress"))[1]]
+
+
 def run_verify(uri: str) -> int:
-    """`activault verify`: print the problems (exit 1) or a one-line summary (exit 0)."""
+    """`activault verify`: print the problems (exit 1) or a one-line summary (exit 0); on a store's
+    root, its runs (exit 2)."""
     store, key = locate(uri)
+    if runs := store_runs(store, key):
+        print(f"{store.url(key)} is a store, not a run; verify one of its {len(runs)} run(s):")
+        print("\n".join(f"  activault verify {store.url(join(key, r))}" for r in runs))
+        return 2
     problems, s = verify_run(store, key)
     if problems:
         print(f"{s['run']}: {len(problems)} problem(s)")

@@ -10,7 +10,6 @@ import json
 import logging
 from typing import Any
 
-from activault.config import Config
 from activault.errors import ConfigError, FormatError, NotFoundError
 from activault.storage import Store
 from activault.vault.stats import RunningStats, merge_all
@@ -41,35 +40,6 @@ def read_json(store: Store, key: str, fix: str = "delete it and run the same com
 
 def write_json(store: Store, key: str, obj: Any) -> None:
     store.put_text(key, json.dumps(obj, indent=1, sort_keys=True) + "\n")
-
-
-def check_run_record(store: Store, cfg: Config, record: dict[str, Any]) -> None:
-    """Refuse to join a run whose stored config differs in what shapes the data."""
-    key = f"{cfg.run_name}/cfg.json"
-    old = read_json(store, key)
-    if old is None:
-        return
-    if old.get("num_runs") != cfg.num_runs:
-        raise ConfigError(
-            f"run {cfg.run_name!r} at {store.url(key)} was started with num_runs={old.get('num_runs')}, "
-            f"this config says num_runs={cfg.num_runs}: machines would collect overlapping data. "
-            "Use the same num_runs, or a new run_name"
-        )
-    for field_name in ("hooks", "tokenizer"):
-        if old.get(field_name) != record.get(field_name):
-            raise ConfigError(
-                f"run {cfg.run_name!r} was started with {field_name}={old.get(field_name)!r}, this config has "
-                f"{record.get(field_name)!r}; use the same config, or a new run_name"
-            )
-    old_data = dict(old.get("config", {}).get("data_config", {}))
-    new_data = record["config"]["data_config"]
-    for k in ("data_key", "seq_length", "batch_size", "seed", "shuffle_buffer", "clean_added_tokens",
-              "clean_default_system_prompt", "start_batch"):
-        if k in old_data and old_data[k] != new_data.get(k):
-            raise ConfigError(
-                f"run {cfg.run_name!r} was started with data_config.{k}={old_data[k]!r}, this config has "
-                f"{new_data.get(k)!r}; resuming would mix different data. Use the same config, or a new run_name"
-            )
 
 
 class Progress:

@@ -1,0 +1,143 @@
+"""Refuse to continue a run with a config that would change what it stores.
+
+Every config field is classified once, here. A field that *shapes the data* decides the stored
+bytes or which tokens come next: resuming with another value would put two datasets under one
+run name (float32 and bfloat16 files in one hook folder, a second tokenizer's ids, rows of another
+length). A *runtime* field only changes how the work is done, so it may differ between attempts.
+tests/test_collect.py asserts every Config field is in `FIELDS`: a new field cannot be forgotten.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from activault.config import Config
+from activault.errors import ConfigError
+
+Kind = Literal["data", "runtime"]
+
+FIELDS: dict[str, Kind] = {
+    "run_name": "data",
+    "num_runs": "data",  # how documents are shared among machines
+    "storage": "runtime",  # where the run lives, not what it holds (a copied run resumes there)
+    "transformer_config.model_name": "data",
+    "transformer_config.dtype": "data",
+    "transformer_config.cache_dir": "runtime",
+    "transformer_config.kwargs": "data",  # revision, trust_remote_code, ...: which weights load
+    # Placement and kernels change floating-point rounding only, as moving to another GPU does:
+    # the same tokens, shapes, dtype and quantity are stored, and every kernel isolates packed
+    # documents. Refusing them would forbid resuming on another machine or without flash-attn.
+    "transformer_config.max_per_device_memory": "runtime",
+    "transformer_config.attn_implementation": "runtime",
+    "transformer_config.device": "runtime",
+    "data_config.data_key": "data",
+    "data_config.registry": "data",  # the entry it names picks columns, templates and filters
+    "data_config.text_field": "data",
+    "data_config.messages_field": "data",
+    "data_config.n_batches": "data",  # files per machine, and where the last (partial) one ends
+    "data_config.seq_length": "data",
+    "data_config.batch_size": "data",  # rows per file
+    "data_config.bucket_name": "runtime",  # a location, like storage
+    "data_config.seed": "data",
+    "data_config.skip_cache": "data",  # a run that stored nothing cannot grow files midway
+    "data_config.start_batch": "data",
+    "data_config.clean_added_tokens": "data",
+    "data_config.clean_default_system_prompt": "data",
+    "data_config.shuffle_buffer": "data",
+    # Skipping or stopping at a bad record never changes what a good record becomes: a run
+    # stopped by `error` continues with `skip` exactly as if it had skipped from the start.
+    "data_config.on_bad_record": "runtime",
+    "upload_config.batches_per_upload": "data",
+    "upload_config.hooks": "data",
+    "upload_config.max_pending": "runtime",
+    "upload_config.write_threads": "runtime",
+    "upload_config.price_per_gb_month": "runtime",
+    "upload_config.lease_seconds": "runtime",
+    # fp8 is lossy: one run must not hold two precisions (`activault recompress` converts a whole
+    # run). The zstd level and chunk size change only how bytes are packed: decoded bit for bit.
+    "upload_config.compression": "data",
+    "upload_config.compression_level": "runtime",
+    "upload_config.compression_chunk_kib": "runtime",
+}
+
+# Facts cfg.json records about the model: another checkpoint at the same path changes them.
+MODEL_FACTS = ("architecture", "model_type", "d_model", "n_layers", "vocab_size")
+
+
+def config_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """Dotted paths of every leaf field of the config tree."""
+    out = []
+    for name, info in model.model_fields.items():
+        sub = info.annotation
+        if isinstance(sub, type) and issubclass(sub, BaseModel):
+            out += config_fields(sub, f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
+    return out
+
+
+_MISSING = object()
+
+
+def _default(path: str) -> Any:
+    """The field's default (what a config written before the field existed meant), or _MISSING."""
+    model: type[BaseModel] = Config
+    *sections, leaf = path.split(".")
+    for s in sections:
+        model = model.model_fields[s].annotation  # type: ignore[assignment]
+    info = model.model_fields[leaf]
+    if info.is_required():
+        return _MISSING
+    value = info.get_default(call_default_factory=True)
+    return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
+
+
+def _lookup(tree: Mapping[str, Any], path: str) -> Any:
+    node: Any = tree
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return _default(path)
+        node = node[part]
+    return node
+
+
+def changed_fields(
+    stored: Mapping[str, Any], record: Mapping[str, Any]
+) -> list[tuple[str, Any, Any]]:
+    """(field, stored value, new value) for each data-shaping difference of two cfg.json records."""
+    old_cfg, new_cfg = stored.get("config"), record.get("config", {})
+    diffs = []
+    if isinstance(old_cfg, Mapping) and old_cfg:
+        for path, kind in FIELDS.items():
+            old, new = _lookup(old_cfg, path), _lookup(new_cfg, path)
+            if kind == "data" and old is not _MISSING and old != new:
+                diffs.append((path, old, new))
+    old_model, new_model = stored.get("model"), record.get("model", {})
+    if isinstance(old_model, Mapping):
+        for fact in MODEL_FACTS:
+            if fact in old_model and old_model[fact] != new_model.get(fact):
+                name = f"model.{fact} (read from the checkpoint)"
+                diffs.append((name, old_model[fact], new_model.get(fact)))
+    return diffs
+
+
+def check_resume(stored: Mapping[str, Any] | None, record: Mapping[str, Any], where: str) -> None:
+    """Refuse to continue the run of `stored` (its cfg.json, at `where`) with `record`'s config.
+
+    Raises ConfigError naming every field that shapes the data and differs, with both values.
+    """
+    if not stored:
+        return
+    diffs = changed_fields(stored, record)
+    if not diffs:
+        return
+    run = record.get("run_name", "?")
+    lines = [f"  {path}: stored {old!r}, this config {new!r}" for path, old, new in diffs]
+    raise ConfigError(
+        f"run {run!r} at {where} was collected with another config; resuming would mix two kinds "
+        "of data in one run:\n" + "\n".join(lines) + "\nrestore the stored value(s) to continue "
+        "this run, or set a new run_name to collect a separate run"
+    )

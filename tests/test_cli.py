@@ -1,0 +1,81 @@
+"""The command line: version, logging, the packaged Slurm script, demo --keep, helpful errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from activault.cli import main
+from activault.collection.hooks import resolve_hooks
+from activault.collection.model import load_skeleton
+from activault.config import TransformerConfig, load_config
+from activault.errors import ConfigError
+from activault.tools.launch import default_slurm_script
+from activault.version import __version__
+from support.synth import write_synthetic_run
+
+
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"activault {__version__}"
+
+
+def test_library_messages_are_printed_once() -> None:
+    # huggingface_hub installs its own handler and propagates: a root handler printed each line twice.
+    code = (
+        "import logging, sys\n"
+        "from activault import cli\n"
+        "from huggingface_hub.utils import logging as hf\n"
+        "hf.get_logger('huggingface_hub.test')\n"
+        "cli._setup_logging(False)\n"
+        "logging.getLogger('huggingface_hub.test').warning('retrying once')\n"
+        "logging.getLogger('activault.test').info('ours once')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stderr.count("retrying once") == 1 and out.stderr.count("ours once") == 1, out.stderr
+
+
+def test_packaged_slurm_script_is_found_from_anywhere(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    script = default_slurm_script()
+    assert script.is_file() and "activault collect" in script.read_text()
+
+
+def test_stats_plot_without_matplotlib_names_the_extra(tmp_path, monkeypatch, capsys) -> None:
+    from activault.storage import LocalStore
+
+    store = LocalStore(tmp_path / "vault", fsync=False)
+    write_synthetic_run(store, "run", ["h"], machines=1, files=1)
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
+    rc = main(["stats", str(tmp_path / "vault" / "run" / "h"), "--plot", str(tmp_path / "p.png")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "activault[plot]" in err, err
+
+
+def test_unknown_hook_suggests_the_closest_names(tiny_model_dir) -> None:
+    skeleton = load_skeleton(TransformerConfig(model_name=str(tiny_model_dir("llama")), device="cpu"))
+    with pytest.raises(ConfigError, match=r"Did you mean 'models.layers.1.mlp.post'"):
+        resolve_hooks(skeleton, ["models.layers.1.mlpp.post"])
+    # The model's own module path is a valid hook too, and resolves to the same module.
+    ours, theirs = resolve_hooks(skeleton, ["models.layers.1.post", "model.layers.1.post"])
+    assert ours.module == theirs.module and ours.kind == theirs.kind
+
+
+def test_demo_keep_leaves_a_runnable_first_own_run(tmp_path, capsys) -> None:
+    keep = tmp_path / "mine"
+    assert main(["demo", "--keep", str(keep)]) == 0
+    assert {"model", "corpus.jsonl", "config.yaml", "vault"} <= {p.name for p in keep.iterdir()}
+    cfg = load_config(keep / "config.yaml")
+    assert cfg.data_config.data_key == str(keep / "corpus.jsonl")
+    assert cfg.transformer_config.model_name == str(keep / "model")
+    raw = yaml.safe_load((keep / "config.yaml").read_text())
+    raw["run_name"] = "mine"
+    (keep / "config.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["collect", "--config", str(keep / "config.yaml"), "--quiet"]) == 0
+    assert Path(keep / "vault" / "mine" / "cfg.json").is_file()
+    assert "activault collect --config" in capsys.readouterr().out
