@@ -9,6 +9,7 @@ nor skips data.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -300,7 +301,9 @@ class RCache:
         for h, size in enumerate(f.sizes):
             key = src.key(h, f.name)
             url = src.store.url(key)
-            tensors, _ = fmt.decode(_fetch(src.store, key, size, url, stop, ranges, self._pin, self.range_size), url)
+            buf = _fetch(src.store, key, size, url, stop, ranges, self._pin, self.range_size)
+            # Compressed states decode into new memory: pinned too, for the copy to the GPU.
+            tensors, _ = fmt.decode(buf, url, functools.partial(torch.empty, pin_memory=self._pin))
             s, i, p = self._validate(tensors, url, h)
             if ids is None:
                 ids, pos, first_url = i, p, url
