@@ -240,7 +240,7 @@ def test_machine_index_out_of_range_is_refused(llama, corpus, tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert "--machine 3 is out of range: num_runs is 3, so use 0..2" in out.stderr
     out = cli("launch", "ray", str(path), "3", "0", "3")
-    assert out.returncode == 2 and "machines 0..3 are not within 0..2" in out.stderr
+    assert out.returncode == 2 and "END 3 is out of range: num_runs is 3, so use 0..2" in out.stderr
 
 
 def test_joining_a_run_with_another_num_runs_is_refused(three, llama, corpus, tmp_path):

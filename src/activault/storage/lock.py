@@ -7,12 +7,12 @@ Object stores have no such lock. There the claim is a lease object at the same k
 if absent (If-None-Match), renewed by a background thread every quarter of `lease_seconds`, and
 taken over once its holder has not renewed it for `lease_seconds`, or at once when the holder was a
 process of this machine that no longer exists (If-Match on the version read, so of two collectors
-taking over, one wins). Expiry compares the holder's clock with the taker's:
-machines are assumed to agree to within a small part of `lease_seconds` (NTP does). The holder
-stops before its own lease could have expired (`check`, called before each file); a write already
-in flight when a stalled holder (a paused VM) wakes may still land after a takeover. It writes
-the same bytes under the same name as the taker (collection is deterministic), and the taker
-rewrites the progress record after its next file.
+taking over, one wins). Expiry compares the holder's clock with the taker's: machines are assumed
+to agree to within a small part of `lease_seconds` (NTP does). The holder stops before its own
+lease could have expired (`check`, called before each file); a write already in flight when a
+stalled holder (a paused VM) wakes may still land after a takeover. It writes the same bytes under
+the same name as the taker (collection is deterministic), and the taker rewrites the progress
+record after its next file.
 """
 
 from __future__ import annotations
