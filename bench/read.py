@@ -1,7 +1,17 @@
-"""Read throughput: raw bytes (the limit) vs RCache, an original-style torch.load baseline, TokenLoader.
+"""Read throughput against the storage limit: raw reads vs RCache, TokenLoader and the original's reader.
 
-Same files on a local folder and on a moto S3 server. Prints a table and writes bench/out/read.json.
-    python -m bench.read [--files 8] [--mib 64] [--d 2048]
+Every measurement runs in its own process (peak RSS is that process's), cases are interleaved in
+a new order each repetition, and each figure is the median over `--reps` with its range. Ratios
+compare a reader with the raw read of the same repetition, store and cache state.
+
+- raw: the files' bytes at the reader's concurrency (`buffer_size` files ahead, RANGE_WORKERS
+  ranged reads each) into reused buffers, through the same Store; `raw-one`: one file alone.
+- stores: local (warm page cache, and cold: posix_fadvise DONTNEED before each run), a moto S3
+  server, and moto behind a proxy that paces each connection like AWS (~90 MB/s, first-byte latency).
+- original: the original project's reader (bench/original.py: boto3 ranged GETs, a prefetch
+  worker process, its torch.load, copy and clone); on the local store a whole-file torch.load.
+
+    python -m bench.read [--files 8] [--mib 64] [--reps 5] [--stores local,moto,proxy]
 """
 
 from __future__ import annotations
@@ -10,164 +20,332 @@ import argparse
 import io
 import json
 import os
+import random
+import resource
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from activault.reading import rcache as reader
-from activault.reading.rcache import RCache
-from activault.reading.tokens import TokenLoader
-from activault.storage import LocalStore, Store, open_store
-from activault.vault import megabatch as fmt
-from support.s3servers import MotoServer
-
 OUT = Path(__file__).parent / "out" / "read.json"
 SEQ = 1024
+READERS = {
+    "local": ["raw-one", "raw", "rcache", "rcache-fresh", "tokens", "tokens-fresh", "original"],
+    "moto": ["raw-one", "raw", "rcache", "tokens", "raw-1get", "rcache-1get"],
+    "proxy": ["raw-one", "raw", "rcache", "tokens", "original"],
+}
 
 
-class PeakRSS:
-    """Peak resident memory above the level at start, sampled every 2 ms."""
-
-    def __enter__(self) -> PeakRSS:
-        self.base = self.peak = self._rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    @staticmethod
-    def _rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, self._rss())
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._rss())
-
-    @property
-    def mib(self) -> float:
-        return (self.peak - self.base) / 2**20
+# -- the child: one reader, one run --------------------------------------------------------------
 
 
-def write_files(store: Store, n: int, rows: int, d: int) -> None:
+def rss(field: str = "VmRSS") -> int:
+    """This process's resident memory now (VmRSS) or at its peak (VmHWM), in bytes.
+
+    Not getrusage's ru_maxrss: Linux carries it across exec, so a child reports its parent's peak.
+    """
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) << 10 for line in f if line.startswith(field + ":"))
+
+
+def drop_cache(root: Path) -> None:
+    """Evict the files under `root` from the page cache (clean pages; no root needed)."""
+    for p in root.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def raw(
+    store: Any, folder: str, files: int | None, buffer_size: int, range_size: int, size: int
+) -> Iterator[memoryview]:
+    """Each file's bytes, `buffer_size` files ahead, each as parallel ranged reads into a reused buffer."""
+    from activault.reading.stream import RANGE_WORKERS
+    from activault.vault import megabatch as fmt
+
+    bufs = [
+        bytearray(size) for _ in range(buffer_size + 1)
+    ]  # touched before the clock starts, then reused
+    yield memoryview(bufs[0])[:0]
+    keys = [(e.key, e.size) for e in store.list_dir(folder)[1] if fmt.is_megabatch(e.key)][:files]
+
+    def fetch(key: str, n: int, buf: bytearray) -> memoryview:
+        view = memoryview(buf)[:n]
+        starts = range(0, n, range_size)
+        list(ranges.map(lambda s: store.read_into(key, s, view[s : s + range_size]), starts))
+        return view
+
+    with ThreadPoolExecutor(buffer_size) as pool, ThreadPoolExecutor(RANGE_WORKERS) as ranges:
+        pending = [pool.submit(fetch, k, n, bufs[i]) for i, (k, n) in enumerate(keys[:buffer_size])]
+        for i in range(len(keys)):
+            view = pending[i].result()
+            if i + buffer_size < len(keys):
+                k, n = keys[i + buffer_size]
+                pending.append(pool.submit(fetch, k, n, bufs[(i + buffer_size) % len(bufs)]))
+            yield view
+
+
+def reader(case: dict[str, Any]) -> Iterable[Any]:
+    import torch
+
+    from activault import RCache, TokenLoader
+    from activault.reading import stream
+    from activault.storage import open_store
+
+    options = {"env": case["env"]} if case["env"] else {}
+    store = open_store(case["root"], **options)
+    name, range_size, buffer_size = case["reader"], case["range_size"], case["buffer_size"]
+    if name.endswith("-fresh"):  # buffers allocated per file and batch instead of recycled
+        stream.RECYCLE_BUFFERS = False
+    if name.endswith("-1get"):
+        range_size = 1 << 40
+    common = {"buffer_size": buffer_size, "store_options": options, "range_size": range_size}
+    uri = f"{case['root'].rstrip('/')}/run/hook"
+    if name.startswith("raw"):
+        files = 1 if name == "raw-one" else None
+        it = raw(store, "run/hook", files, buffer_size, range_size, case["file_bytes"] + (1 << 20))
+        next(it)  # its buffers: allocated and touched outside the timed part
+        return it
+    if name.startswith("rcache"):
+        return RCache(uri, **common)
+    if name.startswith("tokens"):
+        return TokenLoader(uri, batch_tokens=case["batch_tokens"], window=case["window"], **common)
+    if name == "original" and case["env"]:
+        from bench.original import original_reader
+
+        meta = json.loads(store.get_text("run/hook/metadata.json"))
+        files = [
+            (f"legacy/hook/{e.key.rsplit('/', 1)[-1]}", e.size)
+            for e in store.list_dir("legacy/hook")[1]
+        ]
+        return original_reader(
+            case["env"], "bench", files, meta["shape"], torch.bfloat16, buffer_size
+        )
+    keys = [e.key for e in store.list_dir("legacy/hook")[1]]
+    return (torch.load(io.BytesIO(bytes(store.get(k))), weights_only=True)["states"] for k in keys)
+
+
+def nbytes(item: Any) -> int:
+    if isinstance(item, memoryview):
+        return item.nbytes
+    return int(item.numel() * item.element_size())
+
+
+def child(case: dict[str, Any]) -> dict[str, Any]:
+    import activault.reading.rcache  # noqa: F401 - imports are not timed
+    import activault.reading.tokens  # noqa: F401
+
+    if case["cold"]:
+        drop_cache(Path(case["root"]))
+    base = rss()
+    t0 = time.perf_counter()
+    if case["reader"].startswith("raw"):
+        items = reader(case)  # its buffers are set up before the clock starts
+        t0 = time.perf_counter()
+    else:
+        items = reader(case)  # construction (listing, metadata) is timed
+    first, total = None, 0
+    for item in items:
+        if first is None:
+            first = time.perf_counter() - t0
+        total += nbytes(item)
+        del item
+    seconds = time.perf_counter() - t0
+    peak = rss("VmHWM")
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the original's worker
+    return {"bytes": total, "seconds": seconds, "gb_s": total / seconds / 1e9, "first_s": first,
+            "base_rss": base, "peak_rss": peak, "worker_peak_rss": workers}  # fmt: skip
+
+
+# -- the parent: data, servers, interleaved runs, the table --------------------------------------
+
+
+def write_files(store: Any, n: int, rows: int, d: int) -> None:
+    import torch
+
+    from activault.vault import megabatch as fmt
+
     g = torch.Generator().manual_seed(0)
     states = torch.randn(rows, SEQ, d, generator=g).to(torch.bfloat16)
     for k in range(n):
         ids = torch.randint(0, 50_000, (rows, SEQ), generator=g, dtype=torch.int32)
         pos = torch.arange(SEQ, dtype=torch.int32).expand(rows, SEQ).contiguous()
-        store.put(f"run/hook/{fmt.file_name(0, k)}", fmt.encode({"states": states, "input_ids": ids, "positions": pos}, {}))
+        tensors = {"states": states, "input_ids": ids, "positions": pos}
+        store.put(f"run/hook/{fmt.file_name(0, k)}", fmt.encode(tensors, {}))
         buf = io.BytesIO()
         torch.save({"states": states, "input_ids": ids.long()}, buf)
         store.put(f"legacy/hook/{k:04d}--{k}.pt", buf.getbuffer())
-    md = fmt.hook_metadata(run_name="run", hook="hook", d_model=d, dtype=torch.bfloat16, seq_length=SEQ,
-                           rows_per_file=rows, batch_size=rows, batches_per_upload=1, model="bench")
+    md = fmt.hook_metadata(
+        run_name="run",
+        hook="hook",
+        d_model=d,
+        dtype=torch.bfloat16,
+        seq_length=SEQ,
+        rows_per_file=rows,
+        batch_size=rows,
+        batches_per_upload=1,
+        model="bench",
+    )
     store.put_text("run/hook/metadata.json", json.dumps(md))
 
 
-def measure(name: str, make: Callable[[], Iterable[Any]], count: Callable[[Any], int]) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    first, nbytes = None, 0
-    with PeakRSS() as rss:
-        for item in make():
-            if first is None:
-                first = time.perf_counter() - t0
-            nbytes += count(item)
-    total = time.perf_counter() - t0
-    return {"name": name, "bytes": nbytes, "seconds": total, "gb_s": nbytes / total / 1e9,
-            "first_batch_s": first, "peak_rss_mib": rss.mib}
+def spread(xs: list[float]) -> str:
+    return f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
 
 
-def raw_ranged(store: Store, keys: list[tuple[str, int]], buffer_size: int, range_size: int) -> Iterable[memoryview]:
-    """The files' bytes with the reader's own client: parallel ranges, `buffer_size` files ahead."""
-    stop = threading.Event()
-    with ThreadPoolExecutor(buffer_size) as files, ThreadPoolExecutor(reader.RANGE_WORKERS) as ranges:
-        futures = [files.submit(reader._fetch, store, k, size, k, stop, ranges, False, range_size) for k, size in keys[:buffer_size]]
-        for i in range(len(keys)):
-            if i + buffer_size < len(keys):
-                k, size = keys[i + buffer_size]
-                futures.append(files.submit(reader._fetch, store, k, size, k, stop, ranges, False, range_size))
-            yield futures[i].result()
-            futures[i] = None  # type: ignore[call-overload]
+def summarise(
+    runs: list[dict[str, Any]], file_bytes: int, args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Per case: median and range of GB/s, of the ratio to raw in the same repetition, first batch, RSS."""
+    by: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for r in runs:
+        by.setdefault((r["store"], r["cache"], r["reader"]), []).append(r)
+    ref = {(r["store"], r["cache"], r["rep"], r["reader"]): r for r in runs}
+    rows = []
+    for (store, cache, name), rs in by.items():
+        base = "raw-1get" if name.endswith("-1get") else "raw"
+        if name == "raw-one":
+            base = ""  # one file alone: the first-batch reference, not a throughput
+        ratios = [
+            r["gb_s"] / ref[(store, cache, r["rep"], base)]["gb_s"]
+            for r in rs
+            if (store, cache, r["rep"], base) in ref
+        ]
+        firsts = [r["first_s"] / ref[(store, cache, r["rep"], "raw-one")]["seconds"] for r in rs
+                  if (store, cache, r["rep"], "raw-one") in ref]  # fmt: skip
+        bound = None
+        if name.startswith("tokens"):
+            bound = (args.window + args.buffer_size + 1) * file_bytes + (512 << 20)
+        rows.append({
+            "store": store, "cache": cache, "reader": name, "reps": len(rs),
+            "gb_s": [r["gb_s"] for r in rs], "ratio_to_raw": ratios, "first_s": [r["first_s"] for r in rs],
+            "first_to_one_file": firsts, "peak_rss_mib": [r["peak_rss"] / 2**20 for r in rs],
+            "base_rss_mib": [r["base_rss"] / 2**20 for r in rs],
+            "worker_peak_rss_mib": [r["worker_peak_rss"] / 2**20 for r in rs],
+            "rss_bound_mib": bound / 2**20 if bound else None,
+        })  # fmt: skip
+    order = [*READERS["local"], *READERS["moto"], *READERS["proxy"]]
+    return sorted(rows, key=lambda r: (r["store"], r["cache"] != "warm", order.index(r["reader"])))
 
 
-def original_style(store: Store, keys: list[str]) -> Iterable[dict[str, torch.Tensor]]:
-    """The original's loop: download a whole torch.save'd megabatch, then torch.load it."""
-    for k in keys:
-        yield torch.load(io.BytesIO(bytes(store.get(k))), weights_only=True)
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print(f"{'store':6} {'cache':5} {'reader':13} {'GB/s':>17} {'x raw':>17} {'first (s)':>17} "
+          f"{'first/1 file':>17} {'peak RSS MiB':>13} {'bound':>6}")  # fmt: skip
+    for r in rows:
+        ratio = spread(r["ratio_to_raw"]) if r["ratio_to_raw"] else "-"
+        first = spread(r["first_to_one_file"]) if r["first_to_one_file"] else "-"
+        bound = f"{r['rss_bound_mib']:.0f}" if r["rss_bound_mib"] else ""
+        print(
+            f"{r['store']:6} {r['cache']:5} {r['reader']:13} {spread(r['gb_s']):>17} {ratio:>17} "
+            f"{spread(r['first_s']):>17} {first:>17} {statistics.median(r['peak_rss_mib']):13.0f} {bound:>6}"
+        )
 
 
-def bench_store(label: str, uri: str, options: dict[str, Any], args: argparse.Namespace, ranges: list[int]) -> list[dict[str, Any]]:
-    store = open_store(uri, **options)
-    keys = [(e.key, e.size) for e in store.list("run/hook") if e.key.endswith(fmt.SUFFIX)]
-    legacy = [e.key for e in store.list("legacy/hook")]
-    hook_uri = f"{uri.rstrip('/')}/run/hook"
-    nbytes: Callable[[torch.Tensor], int] = lambda t: t.numel() * t.element_size()  # noqa: E731
-    results = []
-    for rs in ranges:
-        how = f"{rs >> 20} MiB ranges" if rs < 1 << 40 else "1 GET/file"
-        raw = measure(f"raw bytes, {how} (limit)", lambda rs=rs: raw_ranged(store, keys, args.buffer_size, rs), lambda b: b.nbytes)
-        results.append(raw)
-        common = {"buffer_size": args.buffer_size, "store_options": options, "range_size": rs}
-        results.append(measure(f"RCache, {how}", lambda c=common: RCache(hook_uri, **c), nbytes))
-        results.append(measure(f"TokenLoader, {how}", lambda c=common: TokenLoader(hook_uri, batch_tokens=args.batch_tokens, window=2, **c), nbytes))
-        for r in results[-3:]:
-            r["ratio_to_raw"] = r["gb_s"] / raw["gb_s"]
-    results.append(measure("original-style torch.load", lambda: original_style(store, legacy), lambda b: nbytes(b["states"])))
-    best = max(r["gb_s"] for r in results if r["name"].startswith("raw"))
-    results[-1]["ratio_to_raw"] = results[-1]["gb_s"] / best
-    for r in results:
-        r["store"] = label
-    return results
+def run_child(case: dict[str, Any]) -> dict[str, Any]:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), *sys.path]),
+    }
+    out = subprocess.run([sys.executable, "-m", "bench.read", "--child", json.dumps(case)],
+                         capture_output=True, text=True, env=env, timeout=900)  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"{case['store']}/{case['reader']} failed:\n{out.stderr[-3000:]}")
+    return {**case, **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--files", type=int, default=8)
     ap.add_argument("--mib", type=int, default=64, help="states per file")
     ap.add_argument("--d", type=int, default=2048)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--buffer-size", type=int, default=2)
+    ap.add_argument("--window", type=int, default=4)
     ap.add_argument("--batch-tokens", type=int, default=4096)
-    ap.add_argument("--no-s3", action="store_true")
+    ap.add_argument("--stores", default="local,moto,proxy")
+    ap.add_argument(
+        "--readers", default="", help="comma-separated subset of: " + ", ".join(READERS["local"])
+    )
+    ap.add_argument("--cache", default="warm,cold", help="local store page cache states")
+    ap.add_argument("--rate-mb", type=float, default=90, help="proxy: MB/s per connection")
+    ap.add_argument("--latency-ms", type=float, default=30, help="proxy: first-byte latency")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+
+    from activault.reading.stream import RANGE_SIZE
+    from activault.storage import LocalStore, open_store
+    from support.s3servers import MotoServer, ThrottleProxy
+
     rows = max(1, (args.mib << 20) // (SEQ * args.d * 2))
+    file_bytes = rows * SEQ * (args.d * 2 + 8)
+    wanted = set(args.readers.split(",")) if args.readers else None
     tmp = Path(tempfile.mkdtemp(prefix="activault-bench-"))
-    results: list[dict[str, Any]] = []
-    server = None
+    server, proxy = None, None
+    common = {"range_size": RANGE_SIZE, "buffer_size": args.buffer_size, "window": args.window,
+              "batch_tokens": args.batch_tokens, "file_bytes": file_bytes}  # fmt: skip
+    cases: list[dict[str, Any]] = []
     try:
-        write_files(LocalStore(tmp, fsync=False), args.files, rows, args.d)
-        results += bench_store("local", str(tmp), {}, args, [reader.RANGE_SIZE])
-        if not args.no_s3:
+        stores = args.stores.split(",")
+        if "local" in stores:
+            write_files(LocalStore(tmp, fsync=False), args.files, rows, args.d)
+            for cache in args.cache.split(","):
+                cases += [{"store": "local", "cache": cache, "cold": cache == "cold", "root": str(tmp), "env": None,
+                           "reader": r, **common} for r in READERS["local"]]  # fmt: skip
+        if "moto" in stores or "proxy" in stores:
             server = MotoServer().start()
             server.create_bucket("bench")
-            env = server.env()
-            write_files(open_store("s3://bench", env=env), args.files, rows, args.d)
-            results += bench_store("moto S3", "s3://bench", {"env": env}, args, [reader.RANGE_SIZE, 1 << 40])
+            write_files(open_store("s3://bench", env=server.env()), args.files, rows, args.d)
+            if "moto" in stores:
+                cases += [{"store": "moto", "cache": "-", "cold": False, "root": "s3://bench", "env": server.env(),
+                           "reader": r, **common} for r in READERS["moto"]]  # fmt: skip
+            if "proxy" in stores:
+                proxy = ThrottleProxy(
+                    server.url, rate=args.rate_mb * 1e6, latency_s=args.latency_ms / 1e3
+                ).__enter__()
+                cases += [{"store": "proxy", "cache": "-", "cold": False, "root": "s3://bench",
+                           "env": server.env(proxy.url), "reader": r, **common} for r in READERS["proxy"]]  # fmt: skip
+        if wanted:
+            cases = [c for c in cases if c["reader"] in wanted or c["reader"] in ("raw", "raw-one")]
+        runs = []
+        for rep in range(args.reps):
+            random.Random(rep).shuffle(
+                cases
+            )  # interleaved: no reader always runs first or after another
+            for case in cases:
+                runs.append({**run_child(case), "rep": rep})
+                print(f"rep {rep} {case['store']:5} {case['cache']:4} {case['reader']:13} "
+                      f"{runs[-1]['gb_s']:.2f} GB/s", file=sys.stderr, flush=True)  # fmt: skip
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        if proxy is not None:
+            proxy.__exit__()
         if server is not None:
             server.stop()
-    file_mib = rows * SEQ * args.d * 2 / 2**20
-    print(f"{args.files} files x {file_mib:.0f} MiB bf16 [{rows}, {SEQ}, {args.d}], buffer_size={args.buffer_size}, "
-          f"{os.cpu_count()} CPUs, torch {torch.__version__}")
-    print(f"{'store':8} {'reader':34} {'GB/s':>6} {'x raw':>6} {'first (s)':>9} {'peak RSS (MiB)':>14}")
-    for r in results:
-        print(f"{r['store']:8} {r['name']:34} {r['gb_s']:6.2f} {r['ratio_to_raw']:6.2f} {r['first_batch_s']:9.3f} {r['peak_rss_mib']:14.0f}")
+    table = summarise(runs, file_bytes, args)
+    print(f"{args.files} files x {file_bytes / 2**20:.0f} MiB (bf16 [{rows}, {SEQ}, {args.d}] + ids, positions), "
+          f"buffer_size={args.buffer_size}, window={args.window}, {args.reps} reps, {os.cpu_count()} CPUs; "
+          "median (min-max)")  # fmt: skip
+    print_table(table)
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"files": args.files, "file_mib": file_mib, "shape": [rows, SEQ, args.d],
-                               "buffer_size": args.buffer_size, "cpus": os.cpu_count(), "results": results}, indent=1))
+    OUT.write_text(
+        json.dumps(
+            {"args": vars(args), "file_bytes": file_bytes, "rows": table, "runs": runs}, indent=1
+        )
+    )
     print(f"wrote {OUT}", file=sys.stderr)
 
 

@@ -283,6 +283,70 @@ class FaultProxy:
         self._server.server_close()
 
 
+class ThrottleProxy:
+    """An HTTP proxy on 127.0.0.1 in front of an S3 server that paces answers like a real endpoint.
+
+    Each response starts after `latency_s` (first-byte latency) and its body streams at most
+    `rate` bytes/s, per request and so per connection (AWS serves ~90 MB/s per connection).
+    moto reads a whole object for every ranged GET; this proxy makes the client's request pattern,
+    not moto's copies, the limit.
+    """
+
+    def __init__(self, upstream: str, *, rate: float = 90e6, latency_s: float = 0.03, chunk: int = 256 << 10):
+        self.upstream = upstream.removeprefix("http://")
+        self.rate, self.latency_s, self.chunk = rate, latency_s, chunk
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _handle(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                conn = http.client.HTTPConnection(proxy.upstream, timeout=120)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    resp = conn.getresponse()
+                    time.sleep(proxy.latency_s)
+                    self.send_response_only(resp.status, resp.reason)
+                    for k, v in resp.getheaders():
+                        if k.lower() not in _HOP:
+                            self.send_header(k, v)
+                    self.end_headers()
+                    if self.command == "HEAD":
+                        return
+                    start, sent = time.monotonic(), 0
+                    while data := resp.read(proxy.chunk):
+                        self.wfile.write(data)
+                        sent += len(data)
+                        ahead = start + sent / proxy.rate - time.monotonic()
+                        if ahead > 0:
+                            time.sleep(ahead)
+                except OSError:
+                    self.close_connection = True
+                finally:
+                    conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> ThrottleProxy:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
 def _reset(sock: socket.socket) -> None:
     """Close with RST instead of FIN: the client sees 'connection reset by peer'."""
     try:

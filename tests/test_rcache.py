@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from activault.errors import ConfigError, FormatError, NotFoundError
-from activault.reading import rcache as reader
+from activault.reading import stream as reader
 from activault.reading.rcache import RCache, S3RCache
 from activault.reading.tokens import ActivationDataset, TokenLoader
 from activault.storage import LocalStore

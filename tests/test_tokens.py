@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
+from itertools import islice
 from pathlib import Path
 
 import pytest
 import torch
-from test_reader import rows, tokens, triples
+from test_rcache import rows, tokens, triples
 from torch.utils.data import DataLoader
 
+from activault.errors import ConfigError
 from activault.reading.tokens import ActivationDataset, TokenLoader
 from support.synth import SynthRun
 
@@ -66,3 +69,65 @@ def test_normalisation_matches_statistics(run: SynthRun, tmp_path: Path) -> None
     assert torch.allclose(out.double().sort(0).values, want.sort(0).values, atol=1e-5)
     plain = torch.cat(list(TokenLoader(tmp_path / "run/h2", batch_tokens=50, norm_target=target, drop_last=False)))
     assert plain.double().norm(dim=1).mean().item() == pytest.approx(target, rel=1e-5)
+
+
+def flat_tokens(batches: list[dict[str, torch.Tensor]]) -> list[bytes]:
+    """Each token of the batches as bytes (state, id, position), in stream order."""
+    s, i, p = (torch.cat([b[k] for b in batches]) for k in ("states", "input_ids", "positions"))
+    both = torch.cat(
+        [s.view(torch.uint8), i.view(-1, 1).view(torch.uint8), p.view(-1, 1).view(torch.uint8)], 1
+    )
+    return [bytes(r.numpy()) for r in both]
+
+
+def test_loop_runs_epochs_back_to_back_and_resumes_exactly(run: SynthRun, tmp_path: Path) -> None:
+    opts = dict(window=2, return_ids=True, seed=3, drop_positions_below=1)
+    # One token per batch: the stream in its shuffled order (larger batches sort their tokens).
+    one = TokenLoader(tmp_path / "run/h1", batch_tokens=1, **opts)
+    epochs = [flat_tokens(list(one)) for _ in range(3)]  # each epoch in its own order
+    assert len({tuple(e) for e in epochs}) == 3 and all(
+        Counter(e) == Counter(epochs[0]) for e in epochs
+    )
+    per_epoch = len(epochs[0])
+    assert per_epoch % 20 != 0  # so batches straddle epoch boundaries
+    n = 3 * per_epoch // 20
+    looped = TokenLoader(tmp_path / "run/h1", batch_tokens=20, loop=True, **opts)
+    stream = list(islice(looped, n))
+    looped.finalize()
+    assert all(b["states"].shape == (20, 8) for b in stream)
+    order = sum(epochs, [])
+    for k, b in enumerate(stream):
+        assert Counter(flat_tokens([b])) == Counter(order[20 * k : 20 * k + 20])
+    opts["batch_tokens"] = 20
+    # Resumed at every batch around the first epoch boundary: the same continuation.
+    for k in range(per_epoch // 20 - 1, per_epoch // 20 + 2):
+        first = TokenLoader(tmp_path / "run/h1", loop=True, **opts)
+        for _ in islice(first, k):
+            pass
+        state = first.state_dict()
+        first.finalize()
+        again = TokenLoader(tmp_path / "run/h1", loop=True, **opts)
+        again.load_state_dict(state)
+        rest = list(islice(again, 4))
+        again.finalize()
+        assert flat_tokens(rest) == flat_tokens(stream[k : k + 4])
+
+
+def test_loop_without_tokens_is_an_error(run: SynthRun, tmp_path: Path) -> None:
+    # 6 files, 8 ranks: rank 7 reads none, and an endless loop over nothing would hang.
+    loader = TokenLoader(tmp_path / "run/h1", batch_tokens=8, rank=7, world_size=8, loop=True)
+    with pytest.raises(ConfigError, match="holds no tokens"):
+        next(iter(loader))
+
+
+def test_dropped_tail_is_counted_and_logged(
+    run: SynthRun, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    kept = sum(tokens(run, "h1").values())
+    with caplog.at_level(logging.INFO, logger="activault.reading.tokens"):
+        loader = TokenLoader(tmp_path / "run/h1", batch_tokens=32, window=3)
+        batches = list(loader)
+    assert loader.dropped_tokens == kept - 32 * len(batches) > 0
+    assert f"dropped the last {loader.dropped_tokens} tokens" in caplog.text
+    tail = list(TokenLoader(tmp_path / "run/h1", batch_tokens=32, window=3, drop_last=False))
+    assert len(tail) == len(batches) + 1 and tail[-1].shape == (loader.dropped_tokens, 8)

@@ -1,15 +1,15 @@
-"""Token batches for training: TokenLoader (shuffled fixed-size batches) and ActivationDataset (DataLoader).
+"""Token batches for training: TokenLoader (shuffled fixed-size batches), ActivationDataset.
 
-Built on RCache's megabatch stream: a window of files is permuted with a seed and batches are
-gathered from it with one copy, so a restarted loader resumes at the exact token.
+Built on the megabatch stream (stream.py): a window of files is permuted with a seed and batches
+are gathered from it with one copy, so a restarted loader resumes at the exact token.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
-import weakref
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +20,20 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from activault.errors import ConfigError, NotFoundError
-from activault.reading.rcache import RCache, Source, _Item, _mix, check_device
+from activault.reading.rcache import RCache
+from activault.reading.stream import (
+    BufferPool,
+    FileStream,
+    Megabatch,
+    Reader,
+    Source,
+    check_device,
+    mix_seed,
+)
 from activault.storage import Store
 from activault.vault.stats import RunningStats, merge_all
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,34 +44,6 @@ class _Batch:
     filled: int = 0
 
 
-class _Buffers:
-    """Batch buffers, handed out again once the consumer has dropped every tensor on them.
-
-    A fresh 16 MiB buffer costs 4096 page faults, which made the gather into it 3x slower. A
-    tensor from `torch.from_numpy` keeps its array alive, so once the weak reference to the array
-    given out is dead, no tensor (or view of one) uses that memory any more.
-    """
-
-    def __init__(self, pin: bool, keep: int = 4):
-        self.pin, self.keep = pin, keep  # 4: a consumer may hold the last batch while normalising the next
-        self._slots: list[tuple[np.ndarray, weakref.ref[np.ndarray]]] = []
-
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        if self.pin:  # CUDA's caching host allocator already reuses pinned blocks once their copies are done
-            return torch.empty(shape, dtype=dtype, pin_memory=True)
-        nbytes = math.prod(shape) * dtype.itemsize
-        free = [i for i, (mem, ref) in enumerate(self._slots) if ref() is None and mem.nbytes == nbytes]
-        if free:
-            mem = self._slots.pop(free[0])[0]
-        else:
-            mem = np.empty(nbytes, np.uint8)
-            if len(self._slots) >= self.keep:
-                self._slots.pop(0)  # still in use: the consumer's tensors keep it alive
-        given = mem[:]
-        self._slots.append((mem, weakref.ref(given)))
-        return torch.from_numpy(given).view(dtype).view(shape)
-
-
 def _bytes(x: torch.Tensor) -> np.ndarray:
     """`x: [n, ...]` as a numpy view `[n, row_bytes]` of uint8 (numpy has no bfloat16)."""
     return x.reshape(x.shape[0], -1).view(torch.uint8).numpy()
@@ -69,15 +52,21 @@ def _bytes(x: torch.Tensor) -> np.ndarray:
 class _Window:
     """The kept tokens of a window of megabatches, indexed 0..n-1 without copying them together."""
 
-    def __init__(self, items: list[_Item], drop_below: int):
-        self.states: list[list[torch.Tensor]] = [[] for _ in items[0].states]  # per hook, per file: [tokens, d]
-        self.rows: list[list[np.ndarray]] = [[] for _ in items[0].states]  # the same as [tokens, row_bytes] uint8
+    def __init__(self, items: list[Megabatch], drop_below: int):
+        self.states: list[list[torch.Tensor]] = [
+            [] for _ in items[0].states
+        ]  # per hook, per file: [tokens, d]
+        self.rows: list[list[np.ndarray]] = [
+            [] for _ in items[0].states
+        ]  # the same as [tokens, row_bytes] uint8
         self.ids, self.pos, self.kept = [], [], []
         counts = []
         for item in items:
             p = item.positions.reshape(-1)
             keep = p >= drop_below
-            kept = None if bool(keep.all()) else keep.nonzero().squeeze(1)  # padding and dropped positions
+            kept = (
+                None if bool(keep.all()) else keep.nonzero().squeeze(1)
+            )  # padding and dropped positions
             counts.append(p.numel() if kept is None else kept.numel())
             self.kept.append(kept)
             self.ids.append(item.input_ids.reshape(-1))
@@ -89,7 +78,7 @@ class _Window:
         self.n = int(self.offsets[-1])
 
     def gather(self, index: torch.Tensor, batch: _Batch) -> None:
-        """Append tokens `index` to the batch: one copy, file by file (so in storage order within a batch)."""
+        """Append tokens `index` to the batch: one copy, file by file (in storage order)."""
         index = index.sort().values
         bounds = torch.searchsorted(index, self.offsets).tolist()
         start = batch.filled
@@ -100,18 +89,29 @@ class _Window:
             local = index[lo:hi] - self.offsets[f]
             if kept is not None:
                 local = kept[local]
-            # np.take: one thread, GIL released. index_select's OpenMP team contended with the reader
-            # threads and gathered at a third of the speed on 2 cores. mode="clip": "raise" buffers `out`.
+            # np.take: one thread, GIL released. index_select's OpenMP team contended with the
+            # reader threads and gathered at a third of the speed on 2 cores. mode="clip": "raise"
+            # buffers `out`.
             rows = local.numpy()
             for h, per_file in enumerate(self.rows):
-                np.take(per_file[f], rows, axis=0, out=_bytes(batch.states[h][start + lo : start + hi]), mode="clip")
+                np.take(
+                    per_file[f],
+                    rows,
+                    axis=0,
+                    out=_bytes(batch.states[h][start + lo : start + hi]),
+                    mode="clip",
+                )
             if batch.input_ids is not None and batch.positions is not None:
-                torch.index_select(self.ids[f], 0, local, out=batch.input_ids[start + lo : start + hi])
-                torch.index_select(self.pos[f], 0, local, out=batch.positions[start + lo : start + hi])
+                torch.index_select(
+                    self.ids[f], 0, local, out=batch.input_ids[start + lo : start + hi]
+                )
+                torch.index_select(
+                    self.pos[f], 0, local, out=batch.positions[start + lo : start + hi]
+                )
         batch.filled += index.numel()
 
 
-class TokenLoader:
+class TokenLoader(Reader):
     """Fixed-size batches of tokens `[batch_tokens, d]`, shuffled across a window of megabatches.
 
     Files are grouped in windows of `window` consecutive files (in the reader's order); a window's
@@ -127,8 +127,13 @@ class TokenLoader:
         norm_target: scale so the tokens' mean L2 norm equals this (e.g. `d ** 0.5`): from the
             exact mean norm in `statistics.json`, or, with `center`, the RMS norm of centred tokens
             (sqrt of the total variance, exact for the mean squared norm).
+        drop_last: drop an epoch's last batch when it is short (`dropped_tokens` counts them);
+            False yields it.
+        loop: epochs without end, each in a new order (file order and windows seeded with the
+            epoch); batches run across epoch boundaries and `state_dict()` stays exact.
         dtype: output dtype; default the stored one, or float32 when normalising.
-        Other options as RCache (preserve_file_order defaults to False here).
+        Other options as RCache (buffer_size, rank, world_size, skip_bad_files, store_options,
+        range_size); preserve_file_order defaults to False here.
     """
 
     def __init__(
@@ -145,35 +150,53 @@ class TokenLoader:
         center: bool = False,
         norm_target: float | None = None,
         drop_last: bool = True,
+        loop: bool = False,
         dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
         **options: Any,
     ):
         if batch_tokens < 1 or window < 1:
-            raise ConfigError(f"batch_tokens and window must be >= 1, got {batch_tokens} and {window}")
-        self.cache = RCache(uri, hooks=hooks, return_ids=True, seed=seed, preserve_file_order=preserve_file_order, **options)
-        self.hooks = self.cache.hooks
-        self.batch_tokens, self.window, self.return_ids = batch_tokens, window, return_ids
-        self.drop_below, self.drop_last = max(drop_positions_below, 0), drop_last
+            raise ConfigError(
+                f"batch_tokens and window must be >= 1, got {batch_tokens} and {window}"
+            )
         self.device = check_device(device)
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
-        self.seed = seed
+        # The window's files and those read ahead are held at once: their buffers are reused.
+        files = FileStream(
+            uri,
+            hooks=hooks,
+            seed=seed,
+            preserve_file_order=preserve_file_order,
+            held=window,
+            **options,
+        )
+        super().__init__(files)
+        self.batch_tokens, self.window, self.return_ids = batch_tokens, window, return_ids
+        self.drop_below, self.drop_last, self.loop = max(drop_positions_below, 0), drop_last, loop
         self.epoch = 0
+        self.dropped_tokens = 0  # the last epoch's short final batch, dropped (drop_last)
         self._window = self._offset = 0
-        self._norm = [self._norm_params(h, center, norm_target) for h in range(len(self.hooks or [""]))]
-        self.dtype = dtype if dtype is not None else (torch.float32 if center or norm_target else None)
-        self._active: weakref.WeakSet[Generator[Any, None, None]] = weakref.WeakSet()
+        norm = [self._norm_params(h, center, norm_target) for h in range(len(self.hooks or [""]))]
+        self._norm = [(None if m is None else m.to(self.device), scale) for m, scale in norm]
+        self.dtype = (
+            dtype if dtype is not None else (torch.float32 if center or norm_target else None)
+        )
 
-    def _norm_params(self, h: int, center: bool, target: float | None) -> tuple[torch.Tensor | None, float]:
+    def _norm_params(
+        self, h: int, center: bool, target: float | None
+    ) -> tuple[torch.Tensor | None, float]:
         if not center and target is None:
             return None, 1.0
         parts = []
-        for src in self.cache._sources:
-            key = src.key(h, "statistics.json")
+        for prefix in self.files.catalog.prefixes:
+            key = prefix.key(h, "statistics.json")
             try:
-                parts.append(RunningStats.from_dict(json.loads(src.store.get_text(key))))
+                parts.append(RunningStats.from_dict(json.loads(prefix.store.get_text(key))))
             except NotFoundError:
-                raise NotFoundError(f"{src.store.url(key)} does not exist; normalisation needs the run's statistics") from None
+                raise NotFoundError(
+                    f"{prefix.store.url(key)} does not exist; normalisation needs the run's "
+                    "statistics"
+                ) from None
         stats = merge_all(parts)
         assert stats is not None
         mean = stats.mean.to(torch.float32) if center else None
@@ -182,17 +205,30 @@ class TokenLoader:
         ref = math.sqrt(float(stats.var.sum())) if center else stats.mean_norm
         return mean, target / ref
 
-    def _batch(self, states: list[torch.Tensor], buffers: _Buffers) -> _Batch:
+    def _batch(self, states: list[torch.Tensor], buffers: BufferPool) -> _Batch:
         B = self.batch_tokens
-        ids = [torch.empty(B, dtype=torch.int32) for _ in range(2)] if self.return_ids else [None, None]
+        ids = (
+            [buffers.empty((B,), torch.int32) for _ in range(2)]
+            if self.return_ids
+            else [None, None]
+        )
         return _Batch([buffers.empty((B, s.shape[-1]), s.dtype) for s in states], *ids)
 
-    def _normalise(self, s: torch.Tensor, h: int, buffers: _Buffers) -> torch.Tensor:
-        """`s: [tokens, d]` centred, scaled and cast as asked, in as few passes as give the same float32 values."""
+    def _normalise(self, s: torch.Tensor, h: int, buffers: BufferPool | None) -> torch.Tensor:
+        """`s: [tokens, d]` centred, scaled and cast as asked, in as few passes as give the same
+        float32 values (into recycled CPU buffers, or new tensors on the device)."""
         mean, scale = self._norm[h]
         if mean is None and scale == 1.0:
-            return s if self.dtype is None or self.dtype == s.dtype else buffers.empty(s.shape, self.dtype).copy_(s)
-        out = buffers.empty(s.shape, torch.float32)
+            if self.dtype is None or self.dtype == s.dtype:
+                return s
+            return (
+                s.to(self.dtype) if buffers is None else buffers.empty(s.shape, self.dtype).copy_(s)
+            )
+        out = (
+            torch.empty(s.shape, dtype=torch.float32, device=s.device)
+            if buffers is None
+            else buffers.empty(s.shape, torch.float32)
+        )
         if mean is not None:
             torch.sub(s, mean, out=out)  # bf16 - float32: promoted exactly, one pass
         else:
@@ -201,25 +237,46 @@ class TokenLoader:
             out.mul_(scale)
         return out if self.dtype in (None, torch.float32) else out.to(self.dtype)
 
-    def _deliver(self, batch: _Batch, buffers: _Buffers) -> Any:
-        out = []
-        for h, s in enumerate(batch.states):
-            s = self._normalise(s[: batch.filled], h, buffers)
-            if self._pin and not s.is_pinned():
-                s = s.pin_memory()
-            out.append(s.to(self.device, non_blocking=self._pin))
+    def _deliver(self, batch: _Batch, buffers: BufferPool) -> Any:
+        n = batch.filled
+        if self.device.type == "cpu":
+            out = [self._normalise(s[:n], h, buffers) for h, s in enumerate(batch.states)]
+            ids = None if batch.input_ids is None else batch.input_ids[:n].to(torch.int64)
+            pos = None if batch.positions is None else batch.positions[:n]
+        else:  # the stored dtype goes through the pinned batch buffer; the device normalises
+            nb = self._pin
+            out = [
+                self._normalise(s[:n].to(self.device, non_blocking=nb), h, None)
+                for h, s in enumerate(batch.states)
+            ]
+            ids = (
+                None
+                if batch.input_ids is None
+                else batch.input_ids[:n].to(self.device, non_blocking=nb).to(torch.int64)
+            )
+            pos = (
+                None
+                if batch.positions is None
+                else batch.positions[:n].to(self.device, non_blocking=nb)
+            )
+            if nb:  # the batch buffers are reused only once these copies are done
+                done = torch.cuda.Event()
+                done.record()
+                kept = [t for t in (batch.input_ids, batch.positions) if t is not None]
+                buffers.copied([*batch.states, *kept], done)
         st: Any = dict(zip(self.hooks, out, strict=True)) if self.hooks else out[0]
-        if batch.input_ids is None or batch.positions is None:
+        if ids is None or pos is None:
             return st
-        ids, pos = batch.input_ids[: batch.filled].to(torch.int64), batch.positions[: batch.filled]
-        return {"states": st, "input_ids": ids.to(self.device), "positions": pos.to(self.device)}
+        return {"states": st, "input_ids": ids, "positions": pos}
 
-    def _windows(self, stream: Iterator[tuple[int, _Item]]) -> Iterator[tuple[int, list[_Item]]]:
-        """(window index, its items): a window is complete at its last file, without waiting for the next one."""
+    def _windows(
+        self, files: Iterator[tuple[int, Megabatch]]
+    ) -> Iterator[tuple[int, list[Megabatch]]]:
+        """(window index, its items): a window is complete at its last file (not the next one's)."""
         W = self.window
-        items: list[_Item] = []
+        items: list[Megabatch] = []
         w = -1
-        for index, item in stream:
+        for index, item in files:
             if items and index // W != w:  # the window's last file was skipped as bad
                 yield w, items
                 items = []
@@ -234,71 +291,90 @@ class TokenLoader:
 
     def _iterate(self) -> Generator[Any, None, None]:
         B = self.batch_tokens
-        self.cache.epoch = self.epoch
-        stream = self.cache._stream(self._window * self.window, eager=True)
-        # Staged in pinned memory for CUDA unless normalisation makes a new tensor anyway.
-        buffers = _Buffers(self._pin and self._norm[0] == (None, 1.0) and self.dtype is None)
-        skip = self._offset
-        batch: _Batch | None = None  # filled across windows: tokens carried over stay in place
-        try:
-            for w, items in self._windows(stream):
-                win = _Window(items, self.drop_below)
-                del items
-                gen = torch.Generator().manual_seed(_mix(self.seed, self.epoch, "window", w))
-                perm = torch.randperm(win.n, generator=gen)
-                a, skip = skip, 0
-                while a < win.n:
-                    if batch is None:
-                        batch = self._batch([per_file[0] for per_file in win.states], buffers)
-                    take = min(B - batch.filled, win.n - a)
-                    win.gather(perm[a : a + take], batch)
-                    a += take
-                    if batch.filled == B:
-                        self._window, self._offset = (w, a) if a < win.n else (w + 1, 0)
-                        full, batch = batch, None
-                        yield self._deliver(full, buffers)
-                        del full
-                del win, perm  # free this window before the next one is assembled
-        finally:
-            stream.close()
+        # Staged in pinned memory for CUDA (the device normalises); 4: a consumer may hold the last
+        # batch while the next is gathered.
+        buffers = BufferPool(self._pin, keep=4 * (2 + len(self._norm)))
+        epoch, start, skip = self.epoch, self._window, self._offset
+        batch: _Batch | None = (
+            None  # filled across windows (and epochs, with loop): tokens stay in place
+        )
+        while True:
+            taken = 0
+            with self.files.prefetch(epoch, start * self.window, eager=True) as files:
+                for w, items in self._windows(files):
+                    win = _Window(items, self.drop_below)
+                    del items
+                    perm = torch.randperm(
+                        win.n,
+                        generator=torch.Generator().manual_seed(
+                            mix_seed(self.seed, epoch, "window", w)
+                        ),
+                    )
+                    a, skip = skip, 0
+                    taken += win.n - a
+                    while a < win.n:
+                        if batch is None:
+                            batch = self._batch([per_file[0] for per_file in win.states], buffers)
+                        take = min(B - batch.filled, win.n - a)
+                        win.gather(perm[a : a + take], batch)
+                        a += take
+                        if batch.filled == B:
+                            # The position of the next token: what state_dict() resumes from.
+                            self.epoch, (self._window, self._offset) = (
+                                epoch,
+                                ((w, a) if a < win.n else (w + 1, 0)),
+                            )
+                            full, batch = batch, None
+                            yield self._deliver(full, buffers)
+                            del full
+                    del win, perm  # free this window before the next one is assembled
+            fresh = start == 0 and skip == 0
+            epoch, start = epoch + 1, 0
+            if not self.loop:
+                break
+            if taken == 0 and fresh:
+                raise ConfigError(
+                    f"an epoch of this loader holds no tokens (rank {self.rank} of "
+                    f"{self.world_size}): loop=True would wait forever; use a smaller "
+                    "world_size or a run with more files"
+                )
+        self.epoch, self._window, self._offset = epoch, 0, 0
+        self.dropped_tokens = 0
         if batch is not None and not self.drop_last:
             yield self._deliver(batch, buffers)
-        self.epoch += 1
-        self._window = self._offset = 0
-
-    def __iter__(self) -> Iterator[Any]:
-        gen = self._iterate()
-        self._active.add(gen)
-        return gen
+        elif batch is not None:
+            self.dropped_tokens = batch.filled
+            log.info(
+                "dropped the last %d tokens of epoch %d (fewer than batch_tokens=%d); "
+                "drop_last=False yields them as a short batch", batch.filled, epoch - 1, B,
+            )  # fmt: skip
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "window": self._window, "offset": self._offset, "seed": self.seed,
-                "window_files": self.window, "batch_tokens": self.batch_tokens}
+        return {
+            "epoch": self.epoch, "window": self._window, "offset": self._offset,
+            "seed": self.seed, "window_files": self.window, "batch_tokens": self.batch_tokens,
+        }  # fmt: skip
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k, mine in (("seed", self.seed), ("window_files", self.window), ("batch_tokens", self.batch_tokens)):
+        for k, mine in (
+            ("seed", self.seed),
+            ("window_files", self.window),
+            ("batch_tokens", self.batch_tokens),
+        ):
             if state[k] != mine:
                 raise ConfigError(f"state was saved with {k}={state[k]}, this loader has {mine}")
-        self.epoch, self._window, self._offset = int(state["epoch"]), int(state["window"]), int(state["offset"])
-
-    @property
-    def bad_files(self) -> int:
-        return self.cache.bad_files
-
-    def finalize(self) -> None:
-        for gen in list(self._active):
-            gen.close()
-        self.cache.finalize()
+        self.epoch, self._window, self._offset = (
+            int(state["epoch"]),
+            int(state["window"]),
+            int(state["offset"]),
+        )
 
     def __enter__(self) -> TokenLoader:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.finalize()
-
 
 class ActivationDataset(IterableDataset):
-    """RCache megabatches, or TokenLoader batches with `batch_tokens`, for DataLoader(batch_size=None).
+    """RCache megabatches, or TokenLoader batches with `batch_tokens`, for a DataLoader.
 
     Each DataLoader worker reads its own files: shard `rank * num_workers + worker` of
     `world_size * num_workers`. Call `set_epoch` before each epoch for a new file order.
@@ -306,8 +382,22 @@ class ActivationDataset(IterableDataset):
     `DataLoader(..., multiprocessing_context="spawn")`: obstore's I/O runtime does not survive fork.
     """
 
-    def __init__(self, uri: Source | Sequence[Source], *, batch_tokens: int | None = None, rank: int = 0, world_size: int = 1, **options: Any):
-        self.uri, self.batch_tokens, self.rank, self.world_size, self.options = uri, batch_tokens, rank, world_size, options
+    def __init__(
+        self,
+        uri: Source | Sequence[Source],
+        *,
+        batch_tokens: int | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        **options: Any,
+    ):
+        self.uri, self.batch_tokens, self.rank, self.world_size, self.options = (
+            uri,
+            batch_tokens,
+            rank,
+            world_size,
+            options,
+        )
         self.epoch = 0
         self._pickled = False  # False in a forked worker: it shares the parent's memory
 
@@ -316,11 +406,14 @@ class ActivationDataset(IterableDataset):
 
     def _check_fork(self) -> None:
         uris = [self.uri] if isinstance(self.uri, str | Path | Store) else list(self.uri)
-        s3 = any(str(u).startswith("s3://") or type(u).__module__ == "activault.storage.s3" for u in uris)
+        s3 = any(
+            str(u).startswith("s3://") or type(u).__module__ == "activault.storage.s3" for u in uris
+        )
         if s3 and not self._pickled and "activault.storage.s3" in sys.modules:
             raise ConfigError(
-                "DataLoader workers were forked from a process that already used S3, and obstore's I/O runtime "
-                "does not survive fork (reads would hang): pass multiprocessing_context='spawn' to DataLoader"
+                "DataLoader workers were forked from a process that already used S3, and "
+                "obstore's I/O runtime does not survive fork (reads would hang): pass "
+                "multiprocessing_context='spawn' to DataLoader"
             )
 
     def set_epoch(self, epoch: int) -> None:
@@ -336,7 +429,13 @@ class ActivationDataset(IterableDataset):
         if self.batch_tokens is None:
             reader = RCache(self.uri, rank=rank, world_size=world_size, **self.options)
         else:
-            reader = TokenLoader(self.uri, batch_tokens=self.batch_tokens, rank=rank, world_size=world_size, **self.options)
+            reader = TokenLoader(
+                self.uri,
+                batch_tokens=self.batch_tokens,
+                rank=rank,
+                world_size=world_size,
+                **self.options,
+            )
         reader.epoch = self.epoch
         with reader:
             yield from reader

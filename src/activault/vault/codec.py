@@ -9,8 +9,10 @@ bf16 (sign, exponent) is very redundant and the low byte nearly random; apart th
 
 - `zstd`: lossless; decoding gives back the same bits.
 - `fp8`: lossy and opt-in: each token is scaled by its largest finite magnitude / 448 (a float32
-  per token) and rounded to float8 e4m3, then stored as above. About half of bf16's bytes; the
-  relative error per token is at most ~3% (bench/compression.py measures it).
+  per token) and rounded to float8 e4m3, then stored as above: ~0.43 of bf16's bytes, a relative
+  error per token of 2.5% on average and 3.2% at most on real activations (bench/compression.py).
+  e4m3 rather than int8: its error is relative to each value, not to the token's largest one, so
+  the massive dimensions of large models' residual streams do not flush the others to zero.
 
 This module turns tensor memory into frames and frames back into a caller's tensor; what the
 file header says about them (dtype, shape, chunk table) is the megabatch format's business.

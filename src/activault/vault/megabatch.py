@@ -13,7 +13,7 @@ import json
 import math
 import struct
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -188,7 +188,7 @@ def tensor_specs(header: Mapping[str, Any], data_len: int, name: str) -> dict[st
 
 
 def decode(
-    buf: bytes | bytearray | memoryview, name: str, empty: Any = torch.empty
+    buf: bytes | bytearray | memoryview, name: str, empty: Callable[..., torch.Tensor] = torch.empty
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors (views of `buf`, no copy) and header metadata of one megabatch file.
 

@@ -1,0 +1,249 @@
+"""Which megabatch files a reader reads: each source's files (in every hook) and their shape."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from activault import dtypes
+from activault.errors import ConfigError, FormatError, NotFoundError
+from activault.storage import Entry, Store, open_store
+from activault.vault import megabatch as fmt
+from activault.vault import records
+
+# Records kept beside the megabatches in a hook folder.
+RECORDS = ("metadata.json", "statistics.json")
+
+
+@dataclass(frozen=True)
+class StatesShape:
+    """What each row of a hook's files holds: `states: [rows, seq_len, d_model]` of `dtype`."""
+
+    seq_len: int
+    d_model: int
+    dtype: torch.dtype
+
+    def __str__(self) -> str:
+        return f"[rows, {self.seq_len}, {self.d_model}] {dtypes.name(self.dtype)}"
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """One source: a store, and per hook the folder of its files ("" when the URI is one)."""
+
+    store: Store
+    folders: tuple[str, ...]
+
+    def key(self, h: int, name: str) -> str:
+        return f"{self.folders[h]}/{name}" if self.folders[h] else name
+
+    def url(self, h: int, name: str) -> str:
+        return self.store.url(self.key(h, name))
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """A megabatch file, the same name in every hook folder of one source."""
+
+    source: int  # index into Catalog.prefixes
+    name: str
+    sizes: tuple[int, ...]  # bytes, one per hook
+
+
+def _dtype(name: str) -> torch.dtype:
+    try:
+        return dtypes.to_torch(name)
+    except KeyError:
+        raise FormatError(f"unknown dtype {name!r} in metadata.json") from None
+
+
+class Catalog:
+    """The megabatch files of one or more sources, in blocks: `sync()` appends, never reorders.
+
+    A file must be in every hook: one missing from some hooks is an error naming it and them
+    (with `skip_bad_files`, it is skipped, counted in `incomplete` and warned about), unless its
+    machine's progress record says it is still being written (then a later `sync()` adds it).
+    Objects that are not megabatches (other names, empty objects) are skipped and listed in
+    `foreign`, with a warning.
+
+    Args:
+        uri: a hook folder, a Store, or a list of them (concatenated in order; they must agree on
+            d_model, dtype and seq_len). With `hooks`, the run folder(s) instead.
+        store_options: for `open_store` (S3: `retry_timeout`, `max_retries` bound the retries).
+    """
+
+    def __init__(
+        self,
+        uri: str | Path | Store | Sequence[str | Path | Store],
+        *,
+        hooks: Sequence[str] | None = None,
+        store_options: dict[str, Any] | None = None,
+        skip_bad_files: bool = False,
+    ):
+        uris = [uri] if isinstance(uri, str | Path | Store) else list(uri)
+        if not uris:
+            raise ConfigError("a reader needs at least one URI")
+        options = dict(store_options or {})
+        self.hooks = [h.strip("/") for h in hooks] if hooks else None
+        self.skip_bad_files = skip_bad_files
+        folders = tuple(self.hooks) if self.hooks else ("",)
+        self.prefixes = [
+            Prefix(u if isinstance(u, Store) else open_store(u, **options), folders) for u in uris
+        ]
+        self.blocks: list[list[FileRef]] = []
+        self.incomplete: dict[str, list[str]] = {}  # url of a file -> hooks that lack it (skipped)
+        self.foreign: dict[
+            str, str
+        ] = {}  # url of an object that is not a megabatch -> why (skipped)
+        self._seen: set[tuple[int, str]] = set()
+        if not self.sync():
+            where = ", ".join(p.store.url(p.folders[0]) for p in self.prefixes)
+            raise NotFoundError(
+                f"no megabatch files under {where}; the URI should name a hook folder (run/hook), "
+                "or pass hooks="
+            )
+        self.shapes: list[StatesShape | None] = self._check_compatible()
+
+    def sync(self) -> int:
+        """List again; files not seen before are appended as a new block. Returns how many."""
+        new: list[FileRef] = []
+        for si, prefix in enumerate(self.prefixes):
+            per_hook = [self._list(prefix, folder) for folder in prefix.folders]
+            complete = set.intersection(*(set(p) for p in per_hook))
+            self._partial(si, prefix, per_hook, set.union(*(set(p) for p in per_hook)) - complete)
+            for name in sorted(complete):
+                if (si, name) not in self._seen:
+                    self._seen.add((si, name))
+                    new.append(FileRef(si, name, tuple(p[name] for p in per_hook)))
+        if new:
+            self.blocks.append(new)
+        return len(new)
+
+    def _list(self, prefix: Prefix, folder: str) -> dict[str, int]:
+        """Megabatch name -> size in one hook folder; anything else is reported once as foreign."""
+        entries: list[Entry] = prefix.store.list_dir(folder)[1]
+        files, odd = {}, []
+        for e in entries:
+            name = e.key.rsplit("/", 1)[-1]
+            if name in RECORDS:
+                continue
+            ok_key = e.kind == "file" and ".." not in e.key.split("/")
+            if fmt.is_megabatch(name) and e.size > 0 and ok_key:
+                files[name] = e.size
+            elif (url := prefix.store.url(e.key)) not in self.foreign:
+                why = "empty" if e.size == 0 else "not a megabatch"
+                self.foreign[url] = (
+                    why
+                    if e.kind == "file"
+                    else {"badkey": "a key with an empty, . or .. segment"}.get(
+                        e.kind, f"a {e.kind}"
+                    )
+                )
+                odd.append(f"{url} ({self.foreign[url]})")
+        if odd:
+            warnings.warn(
+                f"skipping {len(odd)} object(s) that are not megabatch files: {', '.join(odd[:3])}"
+                + (", ..." if len(odd) > 3 else ""),
+                stacklevel=4,
+            )
+        return files
+
+    def _partial(
+        self, si: int, prefix: Prefix, per_hook: list[dict[str, int]], names: set[str]
+    ) -> None:
+        """Files in some hooks only: being written (wait), else an error, or skipped and counted."""
+        hooks = self.hooks or [""]
+        missing = {}
+        for name in sorted(names):
+            if (si, name) in self._seen or self._in_flight(prefix, name):
+                continue
+            self._seen.add((si, name))  # decided once: skipped, or the error below
+            missing[name] = [h for h, p in zip(hooks, per_hook, strict=True) if name not in p]
+        if not missing:
+            return
+        lines = "; ".join(f"{n} lacks {', '.join(h)}" for n, h in list(missing.items())[:3])
+        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        if not self.skip_bad_files:
+            raise FormatError(
+                f"{len(missing)} file(s) under {prefix.store.uri} are not in every hook: "
+                f"{lines}{more}. "
+                "Their tokens would be missing from the other hooks: restore them, or pass "
+                "skip_bad_files=True to skip them"
+            )
+        for name, lacking in missing.items():
+            self.incomplete[prefix.store.url(name)] = lacking
+        warnings.warn(
+            f"skipping {len(missing)} file(s) not in every hook: {lines}{more}", stacklevel=4
+        )
+
+    def _in_flight(self, prefix: Prefix, name: str) -> bool:
+        """Whether its machine is still writing the file (its progress record does not count it)."""
+        parsed = fmt.parse_file_name(name)
+        if parsed is None or not self.hooks:
+            return False
+        machine, index = parsed
+        # The prefix is the run folder: its progress records sit beside the hook folders.
+        key = records.progress_key("", machine).lstrip("/")
+        try:
+            rec = records.read_json(prefix.store, key)
+        except FormatError:
+            return False
+        if not rec:
+            return False
+        return not rec.get("finished") and int(rec.get("files_done", 0)) <= index
+
+    def _shape(self, si: int, h: int) -> StatesShape | None:
+        """From metadata.json, else the first file's header; None for legacy `.pt` only."""
+        prefix = self.prefixes[si]
+        key = prefix.key(h, "metadata.json")
+        try:
+            meta = json.loads(prefix.store.get_text(key))
+            return StatesShape(int(meta["seq_length"]), int(meta["d_model"]), _dtype(meta["dtype"]))
+        except NotFoundError:
+            pass
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
+            raise FormatError(f"{prefix.store.url(key)}: unreadable ({e})") from None
+        first = next(
+            (f for b in self.blocks for f in b if f.source == si and f.name.endswith(fmt.SUFFIX)),
+            None,
+        )
+        if first is None:
+            return None  # legacy .pt only: the first decoded file sets the shape
+        key = prefix.key(h, first.name)
+        header, _ = fmt.fetch_header(prefix.store, key)
+        try:
+            dtype, shape = fmt.logical_specs(header, prefix.url(h, first.name))[
+                "states"
+            ]  # compressed too
+            seq, d = shape[1:]
+            return StatesShape(int(seq), int(d), dtype)
+        except (KeyError, ValueError, TypeError):
+            url = prefix.url(h, first.name)
+            raise FormatError(
+                f"{url}: no 'states' tensor of shape [rows, seq, d] in the header"
+            ) from None
+
+    def _check_compatible(self) -> list[StatesShape | None]:
+        shapes: list[StatesShape | None] = []
+        for h in range(len(self.prefixes[0].folders)):
+            found = [
+                (p.store.url(p.folders[h]), self._shape(si, h))
+                for si, p in enumerate(self.prefixes)
+            ]
+            known = [(u, s) for u, s in found if s is not None]
+            if len({s for _, s in known}) > 1:
+                lines = "; ".join(
+                    f"{u}: seq_len={s.seq_len}, d_model={s.d_model}, dtype={dtypes.name(s.dtype)}"
+                    for u, s in known
+                )
+                raise ConfigError(
+                    f"cannot read these prefixes together, their activations differ: {lines}"
+                )
+            shapes.append(known[0][1] if known else None)
+        return shapes

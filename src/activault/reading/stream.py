@@ -1,0 +1,372 @@
+"""The streaming layer under RCache and TokenLoader: which files, in which order, read how.
+
+`FileStream` lists the megabatch files of one or more sources (listing.py: present in every
+hook), orders them per epoch, seed and rank, and reads them (fetch.py): each file's header first,
+checked before any tensor byte is fetched, then its body by parallel ranged reads into a recycled
+buffer, decoded in place (the tensors are views of that buffer). `Prefetch` is the bounded
+read-ahead; its threads stop on `close()`, when it is dropped, and at interpreter exit.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import warnings
+import weakref
+import zlib
+from collections import deque
+from collections.abc import Callable, Generator, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from activault.errors import ConfigError, FormatError, StorageError
+from activault.reading.fetch import (
+    RANGE_SIZE,
+    RANGE_WORKERS,
+    BufferPool,
+    ObjectReader,
+    Workers,
+    tensors_of,
+)
+from activault.reading.listing import Catalog, FileRef, Prefix, StatesShape
+from activault.storage import Store
+from activault.vault import megabatch as fmt
+
+Source = str | Path | Store
+
+__all__ = [
+    "BufferPool", "Catalog", "FileRef", "FileStream", "Megabatch", "Prefetch", "Prefix", "Reader",
+    "Source", "StatesShape", "check_device", "mix_seed",
+]  # fmt: skip
+
+
+@dataclass
+class Megabatch:
+    """One file's tensors, every hook's states for the same tokens."""
+
+    states: list[torch.Tensor]  # per hook: [rows, seq, d]
+    input_ids: torch.Tensor  # [rows, seq] (int32 as stored)
+    positions: torch.Tensor  # [rows, seq] int32, -1 = padding
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """The device to deliver tensors on; a CUDA device on a machine without one is refused now."""
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device={str(device)!r} but this machine has no usable CUDA device; use device='cpu'"
+        )
+    return dev
+
+
+def mix_seed(*parts: int | str) -> int:
+    """A stable 63-bit seed from several parts (Python's hash() of a str is salted per process)."""
+    text = ":".join(map(str, parts)).encode()
+    return zlib.crc32(text) | (zlib.adler32(repr(parts).encode()) << 32)
+
+
+def _close(stop: threading.Event, pools: list[Workers]) -> None:
+    stop.set()
+    for p in pools:
+        p.close()
+
+
+class FileStream:
+    """Megabatch files of one or more sources, listed, ordered and read (RCache and TokenLoader).
+
+    Args: as RCache (`uri`, `hooks`, `buffer_size`, `preserve_file_order`, `seed`, `rank`,
+        `world_size`, `skip_bad_files`, `store_options`, `range_size`);
+        `pin`: read into pinned memory (for CUDA); `transform`: applied to each megabatch on the
+        reading thread; `held`: files the consumer holds at once (their buffers are kept for reuse).
+    """
+
+    def __init__(
+        self,
+        uri: Source | Sequence[Source],
+        *,
+        hooks: Sequence[str] | None = None,
+        buffer_size: int = 2,
+        preserve_file_order: bool = True,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        skip_bad_files: bool = False,
+        store_options: dict[str, Any] | None = None,
+        range_size: int | None = None,
+        pin: bool = False,
+        held: int = 1,
+        transform: Callable[[FileRef, int, Megabatch], Megabatch]
+        | None = None,  # (file, epoch, item)
+    ):
+        if buffer_size < 1:
+            raise ConfigError(f"buffer_size must be >= 1, got {buffer_size}")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        self.catalog = Catalog(
+            uri, hooks=hooks, store_options=store_options, skip_bad_files=skip_bad_files
+        )
+        self.hooks = self.catalog.hooks
+        self.buffer_size = buffer_size
+        self.preserve_file_order = preserve_file_order
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.skip_bad_files = skip_bad_files
+        self.unreadable = 0  # files skipped while reading (skip_bad_files)
+        self.range_size = range_size
+        self.pin = pin
+        self.transform = transform
+        self.buffers = BufferPool(pin, keep=buffer_size + held + 1)
+        self._shape_lock = threading.Lock()
+        self._order_cache: tuple[tuple[int, int], list[FileRef]] | None = None
+
+    @property
+    def bad_files(self) -> int:
+        """Files skipped (skip_bad_files): unreadable ones, and those missing from some hooks."""
+        return self.unreadable + len(self.catalog.incomplete)
+
+    @property
+    def shapes(self) -> list[StatesShape | None]:
+        """Per hook, the shape every file's states must have (None until known: legacy files)."""
+        return self.catalog.shapes
+
+    def sync(self) -> int:
+        """Pick up files written since the last listing (appended after the others); how many."""
+        return self.catalog.sync()
+
+    def order(self, epoch: int) -> list[FileRef]:
+        """This rank's files in reading order for `epoch`."""
+        key = (epoch, len(self.catalog.blocks))
+        if self._order_cache is None or self._order_cache[0] != key:
+            out: list[FileRef] = []
+            for b, block in enumerate(self.catalog.blocks):
+                block = list(block)
+                if not self.preserve_file_order:
+                    random.Random(mix_seed(self.seed, epoch, b)).shuffle(block)
+                out += block
+            self._order_cache = (key, out[self.rank :: self.world_size])
+        return self._order_cache[1]
+
+    def prefetch(self, epoch: int, start: int = 0, eager: bool = False) -> Prefetch:
+        """The files of `epoch` from index `start` on, read ahead (see Prefetch)."""
+        return Prefetch(self, epoch, start, eager)
+
+    # -- one file ----------------------------------------------------------------------------------
+
+    def load(
+        self, f: FileRef, epoch: int, seq: int, ranges: Workers, stop: threading.Event
+    ) -> Megabatch:
+        """Every hook's file `f.name` of source `f.source`, decoded and checked against the others.
+
+        Every hook's header is read and checked before any body is requested; then all bodies
+        are read at once (ranges of this file before those of later files).
+        """
+        prefix = self.catalog.prefixes[f.source]
+        step = self.range_size or RANGE_SIZE
+        readers = [
+            ObjectReader(
+                prefix.store,
+                prefix.key(h, f.name),
+                size,
+                stop=stop,
+                range_size=step,
+            )
+            for h, size in enumerate(f.sizes)
+        ]
+        heads = [r.head() for r in readers]
+        for h, (r, (_, header, start)) in enumerate(zip(readers, heads, strict=True)):
+            if header is not None:
+                self._check_header(header, r.size - start, r.url, h)
+        bodies = [
+            r.body(head, self.buffers, ranges, (seq, h))
+            for h, (r, (head, _, _)) in enumerate(zip(readers, heads, strict=True))
+        ]
+        states: list[torch.Tensor] = []
+        ids = pos = None
+        for h, (r, (_, header, start), body) in enumerate(zip(readers, heads, bodies, strict=True)):
+            buf = body()
+            if header is None:
+                tensors = fmt.decode_legacy(buf.numpy().data, r.url)
+            else:
+                tensors = tensors_of(buf, header, start, r.url, self.buffers)
+            s, i, p = self._check(tensors, r.url, h)
+            if ids is None:
+                ids, pos = i, p
+            elif not torch.equal(ids, i):
+                raise FormatError(
+                    f"{r.url}: input_ids differ from {readers[0].url}: these hooks do not hold "
+                    "the same tokens"
+                )
+            states.append(s)
+        assert ids is not None and pos is not None
+        item = Megabatch(states, ids, pos)
+        return self.transform(f, epoch, item) if self.transform is not None else item
+
+    def _check_header(self, header: dict[str, Any], data_len: int, url: str, h: int) -> None:
+        """The header's tensors fit the listed size exactly and `states` has this hook's shape."""
+        fmt.tensor_specs(header, data_len, url)
+        dtype, shape = fmt.logical_specs(header, url).get(
+            "states", (None, [])
+        )  # decoded, if compressed
+        if dtype is None or len(shape) != 3:
+            raise FormatError(f"{url}: no 'states' tensor of shape [rows, seq, d]")
+        self._expect(StatesShape(shape[1], shape[2], dtype), url, h)
+
+    def _expect(self, shape: StatesShape, url: str, h: int) -> None:
+        with self._shape_lock:
+            expected = self.catalog.shapes[h] = self.catalog.shapes[h] or shape
+        if shape != expected:
+            raise FormatError(
+                f"{url}: states are {shape}, the other files {expected}: it does not belong here"
+            )
+
+    def _check(
+        self, tensors: dict[str, torch.Tensor], url: str, h: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        states = tensors.get("states")
+        if states is None or states.dim() != 3:
+            raise FormatError(f"{url}: no 'states' tensor of shape [rows, seq, d]")
+        self._expect(StatesShape(states.shape[1], states.shape[2], states.dtype), url, h)
+        ids = tensors.get("input_ids")
+        if ids is None or ids.shape != states.shape[:2]:
+            raise FormatError(f"{url}: no 'input_ids' tensor of shape {list(states.shape[:2])}")
+        pos = tensors.get("positions")
+        if pos is None:  # legacy files: position within the row
+            pos = torch.arange(states.shape[1], dtype=torch.int32).expand(states.shape[0], -1)
+        elif pos.shape != states.shape[:2]:
+            raise FormatError(
+                f"{url}: 'positions' has shape {list(pos.shape)}, expected {list(states.shape[:2])}"
+            )
+        return states, ids, pos
+
+
+class Prefetch(Iterator[tuple[int, Megabatch]]):
+    """(index in the epoch's order, megabatch) from file `start` on, `buffer_size` files read ahead.
+
+    Args:
+        eager: start the next reads before returning a file, so `buffer_size` files are in flight
+            while the consumer works (TokenLoader holds a whole window); else one of them starts on
+            the next request, and a consumer holds buffer_size files at most (RCache).
+
+    A bad file raises (FormatError or StorageError naming it) unless the stream skips bad files.
+    `close()` stops the threads; so does dropping the iterator, and interpreter exit (the threads
+    are stopped before modules are torn down, so an abandoned iterator never prints at exit).
+    """
+
+    def __init__(self, stream: FileStream, epoch: int, start: int, eager: bool):
+        self.stream, self.epoch, self.eager = stream, epoch, eager
+        self._next = start
+        self._pending: deque[tuple[int, Future[Megabatch]]] = deque()
+        self._stop = threading.Event()
+        self._files = Workers(stream.buffer_size, "activault-read")
+        self._ranges = Workers(RANGE_WORKERS, "activault-range")
+        self._closer = weakref.finalize(self, _close, self._stop, [self._files, self._ranges])
+
+    def _refill(self) -> None:
+        order = self.stream.order(self.epoch)  # re-read: sync() may have appended files
+        while len(self._pending) < self.stream.buffer_size and self._next < len(order):
+            i = self._next
+            fut = self._files.submit(
+                (i,), self.stream.load, order[i], self.epoch, i, self._ranges, self._stop
+            )
+            self._pending.append((i, fut))
+            self._next += 1
+
+    def __next__(self) -> tuple[int, Megabatch]:
+        while True:
+            self._refill()
+            if not self._pending:
+                self.close()
+                raise StopIteration
+            index, future = self._pending.popleft()
+            try:
+                item = future.result()
+            except (FormatError, StorageError) as e:
+                if not self.stream.skip_bad_files:
+                    self.close()
+                    raise
+                self.stream.unreadable += 1
+                warnings.warn(f"skipping a bad file: {e}", stacklevel=2)
+                continue
+            if self.eager:
+                self._refill()
+            return index, item
+
+    def close(self) -> None:
+        """Stop reading ahead now and wait for the threads to end."""
+        self._closer()
+
+    def __enter__(self) -> Prefetch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Reader:
+    """Iteration over a FileStream: each iterator registered, `finalize()` stops them all."""
+
+    def __init__(self, files: FileStream):
+        self.files = files
+        self._active: weakref.WeakSet[Generator[Any, None, None]] = weakref.WeakSet()
+
+    def _iterate(self) -> Generator[Any, None, None]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Any]:
+        gen = self._iterate()
+        self._active.add(gen)
+        return gen
+
+    @property
+    def hooks(self) -> list[str] | None:
+        return self.files.hooks
+
+    @property
+    def seed(self) -> int:
+        return self.files.seed
+
+    @property
+    def rank(self) -> int:
+        return self.files.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.files.world_size
+
+    @property
+    def shapes(self) -> list[StatesShape | None]:
+        """Per hook, `states`' shape and dtype (None until the first file of legacy `.pt` runs)."""
+        return self.files.shapes
+
+    @property
+    def bad_files(self) -> int:
+        """Files skipped with `skip_bad_files=True`: unreadable, or missing from some hooks."""
+        return self.files.bad_files
+
+    @property
+    def incomplete_files(self) -> dict[str, list[str]]:
+        """Files skipped because some hooks lack them: url -> those hooks."""
+        return dict(self.files.catalog.incomplete)
+
+    @property
+    def foreign_objects(self) -> dict[str, str]:
+        """Objects in the hook folders that are not megabatch files (skipped): url -> why."""
+        return dict(self.files.catalog.foreign)
+
+    def sync(self) -> int:
+        """Pick up files written since the last listing (appended after the others); how many."""
+        return self.files.sync()
+
+    def finalize(self) -> None:
+        """Stop background reading now (also done on leaving `with`)."""
+        for gen in list(self._active):
+            gen.close()
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.finalize()

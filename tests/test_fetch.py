@@ -1,0 +1,246 @@
+"""How a file is read: header before body, and storage faults retried visibly then named."""
+
+from __future__ import annotations
+
+import builtins
+import json
+import logging
+import os
+import re
+import struct
+import uuid
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from activault import RCache, TokenLoader
+from activault.errors import FormatError, StorageError
+from activault.reading import fetch
+from activault.reading.fetch import BufferPool
+from activault.storage import Buffer, Entry, LocalStore, Store
+from activault.storage import s3 as s3mod
+from activault.storage.s3 import S3Store
+from activault.vault import megabatch as fmt
+from support.s3servers import FaultProxy, free_port
+from support.synth import create_bucket, s3_env, start_moto, stop_moto, write_synthetic_run
+
+
+class Counting(Store):
+    """A store that counts the bytes asked of each key (reads go through `read_into` or `get*`)."""
+
+    def __init__(self, inner: Store):
+        self.inner, self.uri = inner, inner.uri
+        self.asked: Counter[str] = Counter()
+
+    def read_into(self, key: str, offset: int, out: memoryview) -> int:
+        self.asked[key] += out.nbytes
+        return self.inner.read_into(key, offset, out)
+
+    def get_range(self, key: str, start: int, end: int) -> memoryview:
+        self.asked[key] += end - start
+        return self.inner.get_range(key, start, end)
+
+    def get(self, key: str) -> memoryview:
+        self.asked[key] += self.inner.size(key) or 0
+        return self.inner.get(key)
+
+    def put(self, key: str, data: Buffer | Sequence[Buffer]) -> None:
+        self.inner.put(key, data)
+
+    def size(self, key: str) -> int | None:
+        return self.inner.size(key)
+
+    def list(self, prefix: str = "") -> list[Entry]:
+        return self.inner.list(prefix)
+
+    def list_dir(self, prefix: str = "") -> tuple[builtins.list[str], builtins.list[Entry]]:
+        return self.inner.list_dir(prefix)
+
+    def delete(self, key: str) -> None:
+        self.inner.delete(key)
+
+    def check(self, write: bool = False) -> None:
+        self.inner.check(write)
+
+    def swap(self, key: str, data: bytes, expect: bytes | None) -> bool:
+        return self.inner.swap(key, data, expect)
+
+    def url(self, key: str = "") -> str:
+        return self.inner.url(key)
+
+
+def test_buffer_pool_hands_out_memory_again_only_once_unused() -> None:
+    pool = BufferPool(keep=2)
+    a = pool.empty((4, 8), torch.float32)
+    view = a[1:3]  # a view keeps the buffer in use
+    del a
+    b = pool.empty((4, 8), torch.float32)
+    assert b.data_ptr() != view.data_ptr() - 32
+    first = view.data_ptr() - 32
+    del view
+    c = pool.empty((4, 8), torch.float32)
+    assert c.data_ptr() == first
+    assert pool.empty((2, 8), torch.float32).data_ptr() not in (
+        first,
+        b.data_ptr(),
+    )  # other sizes: new
+
+
+def test_a_buffer_is_reused_only_after_its_recorded_copy() -> None:
+    class Event:
+        synced = 0
+
+        def synchronize(self) -> None:
+            Event.synced += 1
+
+    pool = BufferPool(keep=2)
+    a = pool.bytes(64)
+    ptr = a.data_ptr()
+    pool.copied([a[8:16]], Event())  # a view inside the buffer names it
+    del a
+    b = pool.bytes(48)  # a smaller request reuses the free buffer, after its copy is done
+    assert b.data_ptr() == ptr and Event.synced == 1
+
+
+def test_tensors_are_views_of_the_file_buffer(tmp_path: Path) -> None:
+    run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=1)
+    raw = (tmp_path / "r/h" / run.names[0]).read_bytes()
+    buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    header, start = fmt.read_header(raw, "f")
+    tensors = fetch.tensors_of(buf, header, start, "f", BufferPool())
+    for name, t in tensors.items():
+        assert torch.equal(t, run.files["h"][run.names[0]][name])
+        assert t.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()  # same allocation
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    url, server = start_moto()
+    yield url
+    stop_moto(server)
+
+
+def moto_bucket(url: str) -> str:
+    bucket = f"b-{uuid.uuid4().hex[:12]}"
+    create_bucket(url, bucket)
+    return bucket
+
+
+@pytest.fixture(params=["local", pytest.param("moto", marks=pytest.mark.s3)])
+def hook_store(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Store, Store]:
+    """(the store rooted at the run, the same rooted at hook folder `h`), local and on moto."""
+    if request.param == "local":
+        return LocalStore(tmp_path, fsync=False), LocalStore(tmp_path / "r/h", fsync=False)
+    bucket, env = (
+        moto_bucket(request.getfixturevalue("moto_url")),
+        s3_env(request.getfixturevalue("moto_url")),
+    )
+    return S3Store(f"s3://{bucket}", env=env), S3Store(f"s3://{bucket}/r/h", env=env)
+
+
+def junk(store: Store, hook: Store, name: str, size: int) -> None:
+    """A big object under a megabatch name: a header length, then garbage (sparse when local)."""
+    head = struct.pack("<Q", 100) + b"\xff" * 100
+    if isinstance(hook, LocalStore):
+        with open(hook.root / name, "wb") as f:
+            f.write(head)
+            f.truncate(size)
+    else:
+        store.put(f"r/h/{name}", head + os.urandom(size - len(head)))
+
+
+def misfit_header(rows: int, seq: int, d: int) -> bytes:
+    """A valid header for `rows` rows of bf16 states, ids and positions (the data not included)."""
+    sizes = {
+        "states": ("BF16", [rows, seq, d], rows * seq * d * 2),
+        "input_ids": ("I32", [rows, seq], rows * seq * 4),
+        "positions": ("I32", [rows, seq], rows * seq * 4),
+    }
+    header, offset = {}, 0
+    for name, (code, shape, n) in sizes.items():
+        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def test_junk_and_misfit_headers_cost_one_small_read(hook_store: tuple[Store, Store]) -> None:
+    store, hook = hook_store
+    run = write_synthetic_run(store, "r", ["h"], files=2)
+    local = isinstance(hook, LocalStore)
+    junk(store, hook, "m00000-000090.safetensors", (4 << 30) if local else (16 << 20))
+    # A well-formed header whose tensors need 10^5 rows: it does not fit the listed size.
+    store.put("r/h/m00000-000091.safetensors", misfit_header(100_000, 16, 8) + bytes(4 << 20))
+    counting = Counting(hook)
+    cache = RCache(counting, buffer_size=1)
+    for index, name, error in (
+        (2, "m00000-000090", "corrupted header"),
+        (3, "m00000-000091", "truncated file"),
+    ):
+        counting.asked.clear()
+        cache.set_file_index(index)
+        with pytest.raises(FormatError, match=f"{name}.safetensors: {error}"):
+            list(cache)
+        assert 0 < counting.asked[f"{name}.safetensors"] <= fetch.HEAD_BYTES
+    with pytest.warns(UserWarning, match="skipping a bad file"):
+        skipping = RCache(counting, skip_bad_files=True)
+        out = list(skipping)
+    assert skipping.bad_files == 2 and torch.equal(torch.cat(out), run.tensor("h"))
+    with pytest.warns(UserWarning, match="skipping a bad file"):
+        loader = TokenLoader(counting, batch_tokens=8, skip_bad_files=True, drop_last=False)
+        assert sum(b.shape[0] for b in loader) == int((run.tensor("h", "positions") >= 0).sum())
+
+
+@pytest.fixture
+def fast_reports(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(s3mod, "NOTICE_AFTER_S", 0.3)
+    monkeypatch.setattr(s3mod, "NOTICE_EVERY_S", 0.5)
+
+
+@pytest.mark.s3
+def test_unreachable_endpoint_is_retried_visibly_then_named(
+    fast_reports: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = {**s3_env(endpoint), "S3_ENDPOINT_URL": endpoint}
+    with caplog.at_level(logging.WARNING, logger="activault.storage.s3"):
+        with pytest.raises(StorageError, match=f"s3://bkt/r/h: the S3 endpoint {endpoint} failed"):
+            RCache("s3://bkt/r/h", store_options={"env": env, "retry_timeout": 2})
+    assert re.search(f"S3 at {endpoint}: list s3://bkt/r/h failed \\d+ time", caplog.text)
+
+
+@pytest.mark.s3
+def test_repeated_5xx_is_retried_visibly_then_named(
+    moto_url: str, fast_reports: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    bucket = moto_bucket(moto_url)
+    write_synthetic_run(S3Store(f"s3://{bucket}", env=s3_env(moto_url)), "r", ["h"], files=2)
+    # Listing works; every read of a megabatch is answered 503 SlowDown.
+    with FaultProxy(
+        moto_url, rate=1.0, faults=("503",), when=lambda method, path: ".safetensors" in path
+    ) as proxy:
+        options: dict[str, Any] = {"env": s3_env(proxy.url), "retry_timeout": 2}
+        cache = RCache(f"s3://{bucket}/r/h", store_options=options)
+        with caplog.at_level(logging.WARNING, logger="activault.storage.s3"):
+            name = f"s3://{bucket}/r/h/m00000-00000[01].safetensors"
+            with pytest.raises(
+                StorageError, match=f"{name}: the S3 endpoint {proxy.url} failed .*503"
+            ):
+                list(cache)
+    assert re.search(
+        f"S3 at {proxy.url}: .* s3://{bucket}/r/h/m00000-00000[01].safetensors failed", caplog.text
+    )
+    assert proxy.counts["503"] >= 3
+
+
+def test_pool_forgets_a_free_buffer_beyond_keep() -> None:
+    pool = BufferPool(keep=2)
+    a, b = pool.bytes(64), pool.bytes(64)
+    del b  # free, but too small for the next request: forgotten to stay within `keep`
+    c = pool.bytes(128)
+    assert c.data_ptr() != a.data_ptr() and c.numel() == 128

@@ -1,0 +1,104 @@
+"""Which files a reader reads: every hook holds each file; foreign objects are skipped, named."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from activault import RCache, TokenLoader
+from activault.errors import FormatError
+from activault.storage import LocalStore, Store
+from activault.storage.s3 import S3Store
+from activault.vault import megabatch as fmt
+from support.synth import create_bucket, s3_env, start_moto, stop_moto, write_synthetic_run
+
+
+@pytest.fixture(scope="module")
+def moto_url() -> Iterator[str]:
+    url, server = start_moto()
+    yield url
+    stop_moto(server)
+
+
+@pytest.fixture(params=["local", pytest.param("moto", marks=pytest.mark.s3)])
+def where(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Store, str, dict[str, Any]]:
+    """(store, its URI, store_options) on the local store and on a fresh moto bucket."""
+    if request.param == "local":
+        return LocalStore(tmp_path, fsync=False), str(tmp_path), {}
+    url = request.getfixturevalue("moto_url")
+    bucket = f"b-{uuid.uuid4().hex[:12]}"
+    create_bucket(url, bucket)
+    env = s3_env(url)
+    return S3Store(f"s3://{bucket}", env=env), f"s3://{bucket}", {"env": env}
+
+
+def test_file_missing_from_a_hook_is_named_or_skipped(
+    where: tuple[Store, str, dict[str, Any]],
+) -> None:
+    store, root, options = where
+    run = write_synthetic_run(store, "run", ["h1", "h2"], machines=2, files=3)
+    gone = run.names[1]
+    store.delete(f"run/h2/{gone}")
+    opts: dict[str, Any] = {"hooks": ["h1", "h2"], "store_options": options}
+    for make in (
+        lambda **kw: RCache(f"{root}/run", **kw),
+        lambda **kw: TokenLoader(f"{root}/run", batch_tokens=8, **kw),
+    ):
+        with pytest.raises(FormatError, match=f"{gone} lacks h2.*skip_bad_files=True"):
+            make(**opts)
+    with pytest.warns(UserWarning, match=f"skipping 1 file.*{gone} lacks h2"):
+        cache = RCache(f"{root}/run", skip_bad_files=True, **opts)
+    kept = [n for n in run.names if n != gone]
+    out = list(cache)
+    assert cache.bad_files == 1 and list(cache.incomplete_files.values()) == [["h2"]]
+    assert gone in next(iter(cache.incomplete_files))
+    for h in ("h1", "h2"):
+        assert torch.equal(torch.cat([b[h] for b in out]), run.tensor(h, names=kept))
+
+
+def test_file_being_written_waits_for_sync(where: tuple[Store, str, dict[str, Any]]) -> None:
+    store, root, options = where
+    run = write_synthetic_run(store, "run", ["h1", "h2"], files=3)
+    # Machine 0 is writing its third file: in h1 already, not yet in h2 nor counted by its record.
+    last = run.names[-1]
+    store.delete(f"run/h2/{last}")
+    record = json.loads(store.get_text("run/progress/machine-00000.json"))
+    store.put_text(
+        "run/progress/machine-00000.json",
+        json.dumps({**record, "files_done": 2, "finished": False}),
+    )
+    cache = RCache(f"{root}/run", hooks=["h1", "h2"], store_options=options)
+    assert len(cache) == 2 and cache.bad_files == 0
+    store.put(f"run/h2/{last}", fmt.encode(run.files["h2"][last], {}))
+    assert cache.sync() == 1
+    assert torch.equal(torch.cat([b["h2"] for b in cache]), run.tensor("h2"))
+
+
+def test_foreign_objects_are_skipped_and_named(where: tuple[Store, str, dict[str, Any]]) -> None:
+    store, root, options = where
+    run = write_synthetic_run(store, "run", ["h"], files=3)
+    store.put("run/h/m00000-000099.safetensors", b"")  # empty
+    store.put("run/h/notes.txt", b"not a megabatch")
+    store.put("run/h/.DS_Store" if isinstance(store, S3Store) else "run/h/Icon", b"\0" * 10)
+    with pytest.warns(UserWarning, match="skipping 3 object"):
+        cache = RCache(f"{root}/run/h", store_options=options)
+    assert torch.equal(torch.cat(list(cache)), run.tensor("h"))
+    reasons = {url.rsplit("/", 1)[-1]: why for url, why in cache.foreign_objects.items()}
+    assert (
+        reasons["m00000-000099.safetensors"] == "empty"
+        and reasons["notes.txt"] == "not a megabatch"
+    )
+    assert cache.bad_files == 0
+    with pytest.warns(UserWarning, match="skipping 3 object"):  # TokenLoader: the same listing
+        tokens = torch.cat(
+            list(
+                TokenLoader(f"{root}/run/h", batch_tokens=8, drop_last=False, store_options=options)
+            )
+        )
+    assert tokens.shape[0] == int((run.tensor("h", "positions") >= 0).sum())
