@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from activault.integrations.shared import Source, dist_rank, endless, run_statistics
+from activault.integrations.shared import Source, dist_rank, run_statistics
 
 
 class VaultBuffer(Iterator[torch.Tensor]):
@@ -70,6 +70,7 @@ class VaultBuffer(Iterator[torch.Tensor]):
         rank, world_size = dist_rank(rank, world_size)
         self.loader = TokenLoader(
             uri,
+            loop=True,
             hooks=[hook],
             batch_tokens=out_batch_size,
             dtype=dtype,
@@ -86,7 +87,7 @@ class VaultBuffer(Iterator[torch.Tensor]):
 
     def __next__(self) -> torch.Tensor:
         if self._it is None:
-            self._it = endless(self.loader)
+            self._it = iter(self.loader)
         return next(self._it)[self.hook]
 
     @property

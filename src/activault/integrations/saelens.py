@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from activault.errors import ConfigError, NotFoundError
-from activault.integrations.shared import Source, dist_rank, endless, run_statistics
+from activault.integrations.shared import Source, dist_rank, run_statistics
 
 Hooks = str | Sequence[str] | Mapping[str, tuple[str, str]]
 STATE_FILE = "activault_provider.json"  # in a SAELens checkpoint folder
@@ -103,6 +103,7 @@ class VaultProvider(Iterator[Any]):
         self.rank, self.world_size = dist_rank(rank, world_size)
         self.loader = TokenLoader(
             uri,
+            loop=True,
             hooks=self.read,
             batch_tokens=batch_tokens,
             dtype=dtype,
@@ -123,7 +124,7 @@ class VaultProvider(Iterator[Any]):
 
     def __next__(self) -> Any:
         if self._it is None:
-            self._it = endless(self.loader)
+            self._it = iter(self.loader)
         batch: dict[str, torch.Tensor] = next(self._it)
         self.batches += 1
         if self.kind == "tensor":

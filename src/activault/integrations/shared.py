@@ -1,4 +1,4 @@
-"""What the integrations share: a run's exact statistics, endless epochs, the DDP rank.
+"""What the integrations share: a run's exact statistics and the DDP rank.
 
 Also the one place they import activault's internals from (records, megabatch format, writer).
 """
@@ -6,9 +6,8 @@ Also the one place they import activault's internals from (records, megabatch fo
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from activault.collection.writer import Writer
 from activault.errors import ConfigError, FormatError, NotFoundError
@@ -17,11 +16,8 @@ from activault.vault.megabatch import dtype_name, encode, file_name, hook_metada
 from activault.vault.records import merge_statistics, progress_key, read_json, write_json
 from activault.vault.stats import RunningStats, merge_all
 
-if TYPE_CHECKING:
-    from activault import TokenLoader
-
 __all__ = [
-    "RunningStats", "Store", "Writer", "dtype_name", "encode", "endless", "file_name", "hook_metadata",
+    "RunningStats", "Store", "Writer", "dtype_name", "encode", "file_name", "hook_metadata",
     "merge_statistics", "open_store", "progress_key", "read_json", "run_statistics", "write_json",
     "dist_rank",
 ]  # fmt: skip
@@ -56,32 +52,6 @@ def run_statistics(uri: Source | Sequence[Source], hook: str) -> RunningStats:
             f"the statistics of {hook!r} count no tokens: the run holds no data for it"
         )
     return stats
-
-
-def endless(loader: TokenLoader) -> Iterator[Any]:
-    """The loader's epochs one after another, without end.
-
-    Each epoch is reshuffled: the loader seeds its file order and its window permutations with
-    (seed, epoch) and counts epochs itself, so `loader.state_dict()` stays exact across epochs.
-    Stand-in for `TokenLoader(..., loop=True)`: once the loader has it, this is `iter(loader)`.
-    """
-    while True:
-        state = loader.state_dict()
-        fresh = state["window"] == 0 and state["offset"] == 0
-        batches = iter(loader)
-        got = False
-        try:
-            for batch in batches:
-                got = True
-                yield batch
-        finally:
-            batches.close()  # type: ignore[attr-defined]  # stops the reader's threads now, also when abandoned
-        if fresh and not got:
-            raise ConfigError(
-                f"an epoch of this loader yields no batch of {loader.batch_tokens} tokens (rank "
-                f"{loader.cache.rank} of {loader.cache.world_size}): use a smaller batch_tokens or "
-                "world_size, or a run with more tokens"
-            )
 
 
 def dist_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from activault.errors import ActivaultError, ConfigError
-from activault.integrations.shared import Source, dist_rank, endless
+from activault.integrations.shared import Source, dist_rank
 
 Row = tuple[torch.Tensor, dict[str, torch.Tensor]]  # ids [seq], {hook: states [seq, d]}
 
@@ -194,7 +194,7 @@ class VaultTokens(Dataset):
             )
         self._batches.close()
         self.loader.load_state_dict(state["loader"])
-        self._batches = endless(self.loader)
+        self._batches = iter(self.loader)
         self._chunk, self._chunk_state = None, dict(state["loader"])
         self._in_chunk = self._skip = int(state["in_chunk"])
         self.position = int(state["position"])
@@ -257,6 +257,7 @@ def replay(
     rank, world_size = dist_rank(rank, world_size)
     loader = TokenLoader(
         uri,
+        loop=True,
         hooks=read,
         batch_tokens=tokens_per_row * rows_per_read,
         return_ids=True,
@@ -266,14 +267,12 @@ def replay(
         **options,
     )
     dims = {
-        h: spec[1] for h, spec in zip(read, loader.cache.specs, strict=True) if spec is not None
+        h: shape.d_model for h, shape in zip(read, loader.shapes, strict=True) if shape is not None
     }
     if len(dims) != len(read):
         raise ConfigError(
             f"cannot tell the width of {read} before reading (legacy .pt files): use a run with metadata.json"
         )
     rows: deque[Row] = deque()
-    dataset = VaultTokens(
-        endless(loader), loader, num_tokens // tokens_per_row, tokens_per_row, rows
-    )
+    dataset = VaultTokens(iter(loader), loader, num_tokens // tokens_per_row, tokens_per_row, rows)
     return VaultReplay(points, dims, rows, device), dataset

@@ -83,14 +83,14 @@ def export_saelens(
     cache = RCache(
         run_uri, hooks=hooks, return_ids=True, preserve_file_order=True, store_options=store_options
     )
-    specs = cache.specs
-    if any(s is None for s in specs):
+    shapes = cache.shapes
+    if any(s is None for s in shapes):
         raise FormatError(
             f"{run_uri}: no metadata.json for {hooks}; export reads runs written by collect or import"
         )
-    seq = specs[0][0]  # type: ignore[index]
-    d = {h: s[1] for h, s in zip(hooks, specs, strict=True)}  # type: ignore[index]
-    stored = {h: s[2] for h, s in zip(hooks, specs, strict=True)}  # type: ignore[index]
+    seq = shapes[0].seq_len  # type: ignore[union-attr]
+    d = {h: s.d_model for h, s in zip(hooks, shapes, strict=True)}  # type: ignore[union-attr]
+    stored = {h: s.dtype for h, s in zip(hooks, shapes, strict=True)}  # type: ignore[union-attr]
     want = {h: _export_dtype(stored[h], dtype) for h in hooks}
     feats = features(names, seq, d, {h: ARROW_DTYPES[want[h]] for h in hooks}, positions)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -99,6 +99,10 @@ def export_saelens(
     try:
         tmp.mkdir(parents=True)
         files = _write_shards(cache, tmp, hooks, names, want, feats, positions, shard_bytes, result)
+        if not files:
+            raise ConfigError(
+                f"{run_uri}: no rows to export (every row holds padding, or the run is empty)"
+            )
         finish_dataset(tmp, files, feats)
         result.arrow_files = len(files)
         columns_info = {names[h]: {"hook": h, "dtype": v.dtype_name(stored[h])} for h in hooks}
@@ -225,8 +229,4 @@ def _write_shards(
     finally:
         if writer is not None:
             writer.finalize()
-    if not files:
-        raise ConfigError(
-            f"{cache._sources[0].store.uri}: no rows to export (every row holds padding, or the run is empty)"
-        )
     return files
