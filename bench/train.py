@@ -216,6 +216,8 @@ def bench_cache(run: str, work: Path, rounds: int) -> dict[str, Any]:
         raw.append(nbytes / dt)
         copy.append(nbytes / raw_copy(Path(run), work / "copy"))
         cache = work / f"cache{r}"
+        shutil.rmtree(cache, ignore_errors=True)  # from an earlier run in the same workdir
+        shutil.rmtree(work / "back" / f"r{r}", ignore_errors=True)
         res = export_saelens(run, HOOK, cache)
         export.append(res.bytes_read / res.seconds)
         back = import_saelens(cache, str(work / "back" / f"r{r}"))
