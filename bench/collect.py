@@ -4,6 +4,8 @@
    collection to the local store (data, capture, cleaning, statistics, background writes): goal >= 0.95.
 2. The writer alone (synthetic megabatches through Writer + format.encode) vs plain sequential
    writes of the same bytes to the same disk (same fsync + rename per file): goal >= 0.9.
+3. Checksums at write: encode + store.put of the same megabatches with and without a checksum of
+   each tensor in the header: goal >= 0.95 (checksums cost <= 5%).
 
 Usage: python -m bench.collect [--out bench/out/collect.json] [--quick]
 """
@@ -29,7 +31,8 @@ from activault.collection.writer import BufferPool, Writer
 from activault.config import parse_config
 from activault.storage import LocalStore
 from activault.tools.tiny import build_tiny
-from activault.vault.megabatch import encode, file_name
+from activault.vault.megabatch import encode
+from activault.vault.records import file_name
 
 HOOKS = ["models.layers.3.post", "models.layers.5.mlp.post"]
 
@@ -114,6 +117,39 @@ def bench_writer(work: Path, quick: bool) -> dict:
     return {"plain_MB_s": a / 1e6, "writer_MB_s": b / 1e6, "ratio": b / a, "bytes": nbytes}
 
 
+def bench_checksums(work: Path, quick: bool) -> dict:
+    """Megabatches written (encode + atomic put, fsync) with and without checksums, interleaved."""
+    files, rows, seq, d = (6 if quick else 16), 16, 256, 4096  # 32 MiB of bf16 states per file
+    tensors = {
+        "states": torch.randn(rows, seq, d).to(torch.bfloat16),
+        "input_ids": torch.randint(0, 50000, (rows, seq), dtype=torch.int32),
+        "positions": torch.arange(seq, dtype=torch.int32).repeat(rows, 1),
+    }
+    nbytes = sum(p.nbytes for p in encode(tensors, {})) * files
+
+    def write(root: Path, checksums: bool) -> float:
+        store = LocalStore(root)
+        t0 = time.perf_counter()
+        for k in range(files):
+            store.put(f"run/h/{file_name(0, k)}", encode(tensors, {}, checksums=checksums))
+        return nbytes / (time.perf_counter() - t0)
+
+    def encode_only(checksums: bool) -> float:
+        t0 = time.perf_counter()
+        for _ in range(files):
+            encode(tensors, {}, checksums=checksums)
+        return nbytes / (time.perf_counter() - t0)
+
+    with_r, without_r = [], []
+    for i in range(3):
+        without_r.append(write(work / f"plain-sums{i}", False))
+        with_r.append(write(work / f"with-sums{i}", True))
+    a, b = statistics.median(without_r), statistics.median(with_r)
+    hash_s = (1 / encode_only(True) - 1 / encode_only(False)) * nbytes  # seconds spent hashing
+    return {"without_MB_s": a / 1e6, "with_MB_s": b / 1e6, "ratio": b / a, "bytes": nbytes,
+            "hash_GB_s": nbytes / max(hash_s, 1e-9) / 1e9}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/out/collect.json")
@@ -124,12 +160,16 @@ def main() -> None:
         work = Path(tmp)
         c = bench_collect(work, args.quick)
         w = bench_writer(work, args.quick)
+        s = bench_checksums(work, args.quick)
     print(f"forward alone     {c['forward_tok_s']:>10,.0f} tok/s")
     print(f"full collection   {c['collect_tok_s']:>10,.0f} tok/s   ratio {c['ratio']:.3f} (goal >= 0.95)")
     print(f"plain writes      {w['plain_MB_s']:>10,.0f} MB/s")
     print(f"writer            {w['writer_MB_s']:>10,.0f} MB/s   ratio {w['ratio']:.3f} (goal >= 0.9)")
+    print(f"writes, no sums   {s['without_MB_s']:>10,.0f} MB/s")
+    print(f"writes, checksums {s['with_MB_s']:>10,.0f} MB/s   ratio {s['ratio']:.3f} (goal >= 0.95; "
+          f"xxh3 hashes {s['hash_GB_s']:.1f} GB/s)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"collect": c, "writer": w}, indent=1))
+    Path(args.out).write_text(json.dumps({"collect": c, "writer": w, "checksums": s}, indent=1))
 
 
 if __name__ == "__main__":

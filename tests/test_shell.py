@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pexpect
 import pytest
-from test_inspect import retokenize
+from test_inspection import retokenize
 
 from activault.storage import LocalStore, Store, open_store
 from support.synth import (

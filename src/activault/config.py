@@ -107,6 +107,9 @@ class UploadConfig(_Section):
     """Concurrent file writes/uploads."""
     price_per_gb_month: float = Field(default=0.023, ge=0)
     """Storage price for the cost estimate (S3 Standard's first tier, USD)."""
+    on_nonfinite: Literal["error", "warn"] = "warn"
+    """Tokens whose activations hold NaN or Inf: `warn` stores them and counts them (progress record,
+    statistics.json, the final log line); `error` stops before the file that would hold them."""
 
     @field_validator("hooks")
     @classmethod

@@ -27,17 +27,20 @@ from activault.collection.plan import (
 )
 from activault.collection.writer import BufferPool, Writer
 from activault.config import Config, resolve_storage
-from activault.errors import ConfigError
+from activault.errors import ActivaultError, ConfigError
 from activault.storage import Store, open_store
 from activault.units import human_bytes
-from activault.vault.megabatch import encode, file_name, hook_metadata
+from activault.vault.megabatch import encode
 from activault.vault.records import (
-    Progress,
-    check_run_record,
-    merge_statistics,
-    progress_key,
-    write_json,
+    HookMetadata,
+    ProgressRecord,
+    file_name,
+    header_metadata,
+    hook_metadata,
+    metadata_key,
+    write_record,
 )
+from activault.vault.runs import Progress, join_run, merge_statistics, rebuild_metadata, run_record
 from activault.vault.stats import RunningStats
 
 log = logging.getLogger(__name__)
@@ -55,6 +58,7 @@ class Result:
     bytes_written: int = 0
     seconds: float = 0.0
     stats: dict[str, RunningStats] = field(default_factory=dict)
+    nonfinite: dict[str, int] = field(default_factory=dict)  # hook -> stored tokens with NaN/Inf
 
 
 def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_progress: bool = True) -> Result:
@@ -82,13 +86,8 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
     itemsize = torch.empty((), dtype=_torch_dtype(tc.dtype, skeleton)).element_size()
     model_config: Any = skeleton.config
     check_feasible(cfg, dims, itemsize, model_config.get_text_config(), available_memory())
-    record = {
-        "format": "activault", "format_version": 1, "activault_version": __version__, "run_name": run,
-        "config": cfg.to_public_dict(), "model": info, "tokenizer": _tokenizer_ref(tc.model_name), "hooks": uc.hooks,
-        "hook_dims": dims, "num_runs": cfg.num_runs,
-        "progress": [progress_key(run, m).split("/", 1)[1] for m in range(cfg.num_runs)],
-    }  # fmt: skip
-    check_run_record(store, cfg, record)
+    # Checked against the stored cfg.json, then written: a missing or damaged one is rebuilt.
+    join_run(store, run_record(cfg, info, _tokenizer_ref(tc.model_name), dims, __version__))
     progress = Progress(store, run, machine, cfg.num_runs)
     plan = make_plan(cfg, dims, itemsize, machine)
     for line in summary_lines(cfg, plan, dims, info, store.uri, machine):
@@ -97,14 +96,16 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
         log.warning("note: %s", note)
 
     result = Result(destination=store.url(run))
+    # Records derived from what is stored: rebuilt here when missing, damaged or out of date.
+    rebuild_metadata(store, cfg, machine, progress.files_done)
     if progress.finished:
-        log.info("machine %d already finished (%d files); refreshing statistics", machine, progress.files_done)
+        log.info("machine %d already finished (%d files); its records are checked and statistics merged",
+                 machine, progress.files_done)  # fmt: skip
         merge_statistics(store, run, uc.hooks, cfg.num_runs)
         result.files, result.rows, result.tokens = progress.files_done, progress.rows_done, progress.tokens_done
-        result.stats = {h: RunningStats.from_dict(d) for h, d in progress.stats.items()}
+        result.stats = {h: s.running() for h, s in progress.stats.items()}
+        result.nonfinite = {h: s.nonfinite for h, s in progress.stats.items()}
         return result
-
-    write_json(store, f"{run}/cfg.json", record)
     # Only this machine writes these names, and its previous process is gone: its temp files are stale.
     for h in uc.hooks:
         store.clear_partial(f"{run}/{h}", f"m{machine:05d}-")
@@ -130,8 +131,11 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
     result.files, result.rows, result.tokens = loop.files, loop.rows, loop.tokens
     result.bytes_written, result.seconds = loop.writer.bytes_written, time.perf_counter() - t0
     result.stats = loop.stats
+    result.nonfinite = {h: s.nonfinite_tokens for h, s in loop.stats.items()}
     log.info("wrote %d files (%s) to %s in %.1fs; statistics cover machines %s", loop.files - progress.files_done,
              human_bytes(result.bytes_written), result.destination, result.seconds, merged)
+    if any(result.nonfinite.values()):
+        log.warning("tokens with NaN or Inf stored (upload_config.on_nonfinite: warn): %s", result.nonfinite)
     return result
 
 
@@ -154,10 +158,11 @@ class _Collector:
         self.hooks = cfg.upload_config.hooks
         self.device = next(capture.model.parameters()).device
         self.stats = {
-            h: RunningStats.from_dict(progress.stats[h], self.device) if h in progress.stats
+            h: progress.stats[h].running(self.device) if h in progress.stats
             else RunningStats(dims[h], self.device)
             for h in self.hooks
         }  # fmt: skip
+        self.nonfinite = {h: s.nonfinite for h, s in progress.stats.items()}  # as of the last file
         self.writer = Writer(store, threads=cfg.upload_config.write_threads)
         self.pools: dict[str, BufferPool] = {}
         self.devices: set[torch.device] = set()  # where activations came from (several GPUs with a device map)
@@ -186,7 +191,7 @@ class _Collector:
                 if mb.rows < cfg.rows_per_file and k < n_files - 1:
                     break  # the data ran out: this partial megabatch is the last
             self.writer.flush()
-            write_json(self.store, self.progress.key, self._record(None, finished=True))
+            self.progress.write(self._record(None, finished=True))
             self.writer.close()
         except BaseException:
             self.writer.abort()
@@ -244,25 +249,40 @@ class _Collector:
             if dev.type == "cuda":
                 torch.cuda.current_stream(dev).synchronize()  # the async copies into host buffers are done
         run, rows, tc = self.cfg.run_name, mb.rows, self.cfg.transformer_config
+        self._check_nonfinite(k)
         futures = []
         if self.cfg.data_config.skip_cache:
             self._release(mb)
         else:
             for h in self.hooks:
-                meta = {"format": "activault", "format_version": "1", "run_name": run, "hook": h,
-                        "machine": str(self.machine), "file_index": str(k), "model": tc.model_name}  # fmt: skip
+                meta = header_metadata(run, h, self.machine, k, tc.model_name)
                 parts = encode({"states": mb.states[h][:rows], "input_ids": mb.ids[:rows], "positions": mb.pos[:rows]}, meta)
                 release = _releaser(self.pools[h], mb.states[h])
                 futures.append(self.writer.write(f"{run}/{h}/{file_name(self.machine, k)}", parts, on_done=release))
         self.files, self.rows = k + 1, self.rows + rows
         metas = self._metadata() if k == self.progress.files_done else {}
-        self.writer.commit(futures, _committer(self.store, run, self.progress.key, self._record(mb.data_state), metas))
+        self.writer.commit(futures, _committer(self.store, run, self.progress, self._record(mb.data_state), metas))
 
-    def _record(self, data_state: dict[str, Any] | None, finished: bool = False) -> dict[str, Any]:
-        stats = {h: s.to_dict() for h, s in self.stats.items()}
-        return self.progress.record(self.files, self.rows, self.tokens, data_state, stats, finished)
+    def _check_nonfinite(self, k: int) -> None:
+        """Refuse (on_nonfinite: error) or report tokens with NaN/Inf that file k would store."""
+        for h, s in self.stats.items():
+            n = s.nonfinite_tokens - self.nonfinite.get(h, 0)  # read once per file: a GPU sync
+            if not n:
+                continue
+            where = f"machine {self.machine}, file {k}, hook {h}: {n} token(s) hold NaN or Inf"
+            if self.cfg.upload_config.on_nonfinite == "error":
+                raise ActivaultError(
+                    f"{where}; nothing of this file was stored. The activations overflow or the "
+                    "model is broken: try transformer_config.dtype bfloat16 or float32, or set "
+                    "upload_config.on_nonfinite: warn to store them and count them"
+                )
+            log.warning("%s (stored; counted in the progress record and statistics.json)", where)
+            self.nonfinite[h] = s.nonfinite_tokens
 
-    def _metadata(self) -> dict[str, dict[str, Any]]:
+    def _record(self, data_state: dict[str, Any] | None, finished: bool = False) -> ProgressRecord:
+        return self.progress.record(self.files, self.rows, self.tokens, data_state, self.stats, finished)
+
+    def _metadata(self) -> dict[str, HookMetadata]:
         dc, uc = self.cfg.data_config, self.cfg.upload_config
         return {
             h: hook_metadata(run_name=self.cfg.run_name, hook=h, d_model=p.shape[-1], dtype=p.dtype,
@@ -279,11 +299,11 @@ def _tokenizer_ref(model_name: str) -> str:
     return str(path.resolve()) if path.is_dir() else model_name
 
 
-def _committer(store: Store, run: str, key: str, rec: dict[str, Any], metas: dict[str, dict[str, Any]]):
+def _committer(store: Store, run: str, progress: Progress, rec: ProgressRecord, metas: dict[str, HookMetadata]):
     def commit() -> None:
         for h, meta in metas.items():
-            write_json(store, f"{run}/{h}/metadata.json", meta)
-        write_json(store, key, rec)
+            write_record(store, metadata_key(f"{run}/{h}"), meta)
+        progress.write(rec)
 
     return commit
 

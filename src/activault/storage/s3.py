@@ -41,6 +41,11 @@ RETRY_TIMEOUT = timedelta(minutes=5)
 CHECK_TIMEOUT = "10s"
 CHECK_CONNECT_TIMEOUT = "2s"
 CHECK_RETRIES = 1
+# Signed PUTs already carry the body's SHA-256 (x-amz-content-sha256: S3 refuses a body that does
+# not match it); naming the algorithm also stores it with the object (x-amz-checksum-sha256) from
+# the same digest, so it costs no second hash. AWS_CHECKSUM_ALGORITHM=none turns it off for an
+# endpoint that refuses the header.
+CHECKSUM = "sha256"
 
 def s3_settings(env: dict[str, str] | None = None) -> dict[str, str]:
     """S3 connection settings from the environment (the original's names and the standard AWS_* ones)."""
@@ -54,6 +59,7 @@ def s3_settings(env: dict[str, str] | None = None) -> dict[str, str]:
         "secret_access_key": ("AWS_SECRET_ACCESS_KEY",),
         "session_token": ("AWS_SESSION_TOKEN",),
         "region": ("AWS_REGION", "AWS_DEFAULT_REGION"),
+        "checksum_algorithm": ("AWS_CHECKSUM_ALGORITHM",),
     }.items():
         for n in names:
             if env.get(n):
@@ -118,6 +124,8 @@ class S3Store(Store):
         if unsigned:
             self._config = {k: v for k, v in self._config.items() if k in ("endpoint", "region")}
             self._config["skip_signature"] = True
+        elif self._config.setdefault("checksum_algorithm", CHECKSUM).lower() == "none":
+            del self._config["checksum_algorithm"]
         self._store = self._client(timeout or TIMEOUT, CONNECT_TIMEOUT, _retry(max_retries if max_retries is not None else MAX_RETRIES, RETRY_TIMEOUT))
 
     def _client(self, timeout: str, connect_timeout: str, retry: dict[str, Any]) -> _ObS3Store:

@@ -20,7 +20,8 @@ from activault.errors import ActivaultError, ConfigError
 from activault.storage import Entry, Store, open_store
 from activault.tools.inspection import Tokenizers, inspect_file, join, parent
 from activault.units import human_bytes
-from activault.vault.megabatch import is_megabatch, megabatch_files, parse_file_name
+from activault.vault.megabatch import is_megabatch, megabatch_files
+from activault.vault.records import parse_file_name
 
 CAT_LIMIT = 1 << 20  # `cat` refuses files above 1 MB: megabatches are for `inspect`
 HELP = {  # command: (usage, what it does)
