@@ -315,3 +315,11 @@ def test_mutated_headers_decode_to_the_stored_data_or_a_format_error(entry, fiel
     elif isinstance(raw.get(entry), dict):
         raw[entry][field] = value
     decodes_to_the_stored_data_or_names_the_file(with_header(raw, body))
+
+
+def test_an_empty_object_is_named_without_a_ranged_read(tmp_path: Path):
+    store = CountingStore(tmp_path)
+    store.put(f"h/{NAME}", b"")
+    with pytest.raises(FormatError, match=f"{NAME}: truncated file .0 bytes"):
+        fetch_header(store, f"h/{NAME}")
+    assert store.read == 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -256,7 +257,7 @@ class _Collector:
         else:
             for h in self.hooks:
                 meta = header_metadata(run, h, self.machine, k, tc.model_name)
-                parts = encode({"states": mb.states[h][:rows], "input_ids": mb.ids[:rows], "positions": mb.pos[:rows]}, meta)
+                parts = _Encoded({"states": mb.states[h][:rows], "input_ids": mb.ids[:rows], "positions": mb.pos[:rows]}, meta)
                 release = _releaser(self.pools[h], mb.states[h])
                 futures.append(self.writer.write(f"{run}/{h}/{file_name(self.machine, k)}", parts, on_done=release))
         self.files, self.rows = k + 1, self.rows + rows
@@ -297,6 +298,26 @@ def _tokenizer_ref(model_name: str) -> str:
     """How cfg.json names the tokenizer: a local folder absolutely (readers run from anywhere), else the hub id."""
     path = Path(model_name).expanduser()
     return str(path.resolve()) if path.is_dir() else model_name
+
+
+class _Encoded(Sequence[memoryview]):
+    """A megabatch file's buffers, encoded on first use: on a writer thread, so its checksums
+    (xxh3 releases the GIL, ~2 ms per 64 MiB) never hold up the forward loop."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], metadata: dict[str, str]):
+        self._args: tuple[dict[str, torch.Tensor], dict[str, str]] | None = (tensors, metadata)
+        self._parts: list[memoryview] = []
+
+    def _get(self) -> list[memoryview]:
+        if self._args is not None:
+            self._parts, self._args = encode(*self._args), None
+        return self._parts
+
+    def __getitem__(self, i: Any) -> Any:
+        return self._get()[i]
+
+    def __len__(self) -> int:
+        return len(self._get())
 
 
 def _committer(store: Store, run: str, progress: Progress, rec: ProgressRecord, metas: dict[str, HookMetadata]):

@@ -27,6 +27,7 @@ from activault.vault.records import (
     REMERGE,
     HookMetadata,
     RunRecord,
+    file_repair,
     metadata_key,
     parse_file_name,
     parse_progress_name,
@@ -66,14 +67,6 @@ class Verification:
     tokens: int = 0
     bytes: int = 0
     machines: list[int] = field(default_factory=list)
-
-
-def file_repair(run_url: str, name: str) -> str:
-    """How to get a good copy of file `name` back."""
-    parsed = parse_file_name(name)
-    if parsed is None:
-        return "not an activault file name: delete it if it does not belong to the run"
-    return redo_machine(run_url, parsed[0])
 
 
 def _check_file(store: Store, run: str, hook: str, name: str, size: int, deep: bool) -> FileCheck:

@@ -318,6 +318,8 @@ def fetch_header(store: Store, key: str, size: int | None = None) -> Header:
         size = store.size(key)
         if size is None:
             raise NotFoundError(f"{url} does not exist")
+    if size < 8:  # also spares the store an empty ranged read, which S3 refuses
+        raise FormatError(f"{url}: truncated file ({size} bytes, not even a header length)")
     head = store.get_range(key, 0, min(size, HEAD_READ))
     n = header_length(head[:8], url)
     if n > head.nbytes and n <= size:

@@ -54,6 +54,14 @@ def redo_machine(run_url: str, machine: int) -> str:
     )
 
 
+def file_repair(run_url: str, name: str) -> str:
+    """The repair of a damaged or missing megabatch `name`: collect its machine's share again."""
+    parsed = parse_file_name(name)
+    if parsed is None:
+        return "not an activault file name: delete it if it does not belong to the run"
+    return redo_machine(run_url, parsed[0])
+
+
 # ---- keys ----------------------------------------------------------------------------------------
 
 
