@@ -71,7 +71,7 @@ def test_compressed_file_is_valid_safetensors_and_decodes_exactly(tmp_path: Path
     ids = torch.randint(0, 1000, (6, 16), dtype=torch.int32)
     pos = torch.arange(16, dtype=torch.int32).repeat(6, 1)
     meta = {"format": "activault", "hook": "h"}
-    data = b"".join(fmt.encode({"states": states, "input_ids": ids, "positions": pos}, meta, ZSTD_SMALL))
+    data = b"".join(fmt.encode({"states": states, "input_ids": ids, "positions": pos}, meta, compression=ZSTD_SMALL))
     path = tmp_path / "m00000-000000.safetensors"
     path.write_bytes(data)
     with safe_open(str(path), "pt") as f:  # the reference reader: a uint8 blob plus raw ids and positions
@@ -155,7 +155,7 @@ def test_mixed_run_reads_as_uncompressed(run: SynthRun, local: LocalStore, tmp_p
     with TokenLoader(tmp_path / "run", hooks=["h1", "h2"], batch_tokens=16, seed=3, center=True) as loader:
         got = [dict(b) for b in loader]
     assert len(got) == len(want) and all(torch.equal(g[h], w[h]) for g, w in zip(got, want, strict=True) for h in g)
-    problems, _ = verify_run(local, "run")
+    problems = verify_run(local, "run", deep=True).problems
     assert problems == []
 
 
@@ -185,7 +185,7 @@ def test_recompress_in_place_is_verified_resumable_and_reversible(
     assert all(fmt.CODECS_KEY.encode() in p.read_bytes()[:4096] for p in original)
     meta = json.loads((tmp_path / "run/h1/metadata.json").read_text())
     assert meta["compression"]["codec"] == "zstd"
-    assert verify_run(local, "run")[0] == []
+    assert verify_run(local, "run", deep=True).problems == []
     assert recompress_run(local, "run", ZSTD_SMALL).skipped == len(original)
     recompress_run(local, "run", None)  # back to raw: the very bytes collect wrote
     assert {p: p.read_bytes() for p in original} == original
@@ -240,7 +240,7 @@ def test_collect_with_compression_matches_raw(
             mb = fmt.decode((b / f.name).read_bytes(), f.name)
             y, meta = mb.tensors, mb.metadata
             assert fmt.CODECS_KEY in meta and all(torch.equal(bits(x[k]), bits(y[k])) for k in x)
-    assert verify_run(LocalStore(tmp_path / "zstd"), "run")[0] == []
+    assert verify_run(LocalStore(tmp_path / "zstd"), "run", deep=True).problems == []
 
 
 @pytest.mark.slow

@@ -302,17 +302,17 @@ def read_record(
         size: the object's size from a listing (else the store is asked first).
     """
     url = store.url(key)
-    if size is None:
-        size = store.size(key)
-        if size is None:
-            return None
-    if size > MAX_RECORD_BYTES:
+    if size is not None and size > MAX_RECORD_BYTES:
         raise FormatError(f"{url} is {size} bytes, far more than a record holds; {fix}")
     try:
-        text = bytes(store.get(key))
+        # One bounded ranged read, not a HEAD first: public buckets refuse HEAD of a missing key
+        # (403) where GET says 404, and a huge object costs no more than the bound.
+        data = store.get_range(key, 0, MAX_RECORD_BYTES + 1) if size is None else store.get(key)
     except NotFoundError:
         return None
-    return parse_record(text, model, url, fix)
+    if data.nbytes > MAX_RECORD_BYTES:
+        raise FormatError(f"{url} is over {MAX_RECORD_BYTES} bytes, far more than a record holds; {fix}")
+    return parse_record(bytes(data), model, url, fix)
 
 
 def write_record(store: Store, key: str, record: Record) -> None:
