@@ -4,6 +4,8 @@
    collection to the local store (data, capture, cleaning, statistics, background writes): goal >= 0.95.
 2. The writer alone (synthetic megabatches through Writer + format.encode) vs plain sequential
    writes of the same bytes to the same disk (same fsync + rename per file): goal >= 0.9.
+3. Checksums at write: encode + store.put of the same megabatches with and without a checksum of
+   each tensor in the header: goal >= 0.95 (checksums cost <= 5%).
 
 Usage: python -m bench.collect [--out bench/out/collect.json] [--quick]
 """
@@ -11,6 +13,7 @@ Usage: python -m bench.collect [--out bench/out/collect.json] [--quick]
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from activault.collection import pipeline
 from activault.collection.hooks import Capture, resolve_hooks
 from activault.collection.model import load_model, load_skeleton, load_tokenizer
 from activault.collection.packing import iter_batches
@@ -29,7 +33,8 @@ from activault.collection.writer import BufferPool, Writer
 from activault.config import parse_config
 from activault.storage import LocalStore
 from activault.tools.tiny import build_tiny
-from activault.vault.megabatch import encode, file_name
+from activault.vault.megabatch import encode
+from activault.vault.records import file_name
 
 HOOKS = ["models.layers.3.post", "models.layers.5.mlp.post"]
 
@@ -62,13 +67,22 @@ def bench_collect(work: Path, quick: bool) -> dict:
     cfg = parse_config(raw)
     tok = load_tokenizer(cfg.transformer_config)
     batches = list(iter_batches(cfg.data_config, tok))[:n]
-    alone, full = [], []
+    alone, full, nosums = [], [], []
     for i in range(2):  # interleaved, so drift on a shared machine hits both sides
         alone.append(forward_alone(cfg, batches))
         r = collect(cfg, storage=str(work / f"vault{i}"), show_progress=False)
         full.append(r.tokens / r.seconds)
-    a, b = statistics.median(alone), statistics.median(full)
+        # The same collection writing no checksums: what they cost the whole pipeline.
+        pipeline.encode = functools.partial(encode, checksums=False)
+        try:
+            r = collect(cfg, storage=str(work / f"nosums{i}"), show_progress=False)
+        finally:
+            pipeline.encode = encode
+        nosums.append(r.tokens / r.seconds)
+    a, b, c = statistics.median(alone), statistics.median(full), statistics.median(nosums)
+    paired = statistics.median(f / x for f, x in zip(full, nosums, strict=True))  # run back to back
     return {"forward_tok_s": a, "collect_tok_s": b, "ratio": b / a, "tokens": n * 8 * 256,
+            "collect_no_checksums_tok_s": c, "checksum_ratio": paired,
             "model": "llama d=512, 8 layers (2 hooks, truncated after block 5), fp32, CPU"}
 
 
@@ -114,6 +128,43 @@ def bench_writer(work: Path, quick: bool) -> dict:
     return {"plain_MB_s": a / 1e6, "writer_MB_s": b / 1e6, "ratio": b / a, "bytes": nbytes}
 
 
+def bench_checksums(work: Path, quick: bool) -> dict:
+    """Megabatches written (encode + atomic put, fsync) with and without checksums, interleaved."""
+    files, rows, seq, d = (6 if quick else 16), 16, 256, 4096  # 32 MiB of bf16 states per file
+    tensors = {
+        "states": torch.randn(rows, seq, d).to(torch.bfloat16),
+        "input_ids": torch.randint(0, 50000, (rows, seq), dtype=torch.int32),
+        "positions": torch.arange(seq, dtype=torch.int32).repeat(rows, 1),
+    }
+    nbytes = sum(p.nbytes for p in encode(tensors, {})) * files
+
+    def write(root: Path, checksums: bool) -> float:
+        store = LocalStore(root)
+        t0 = time.perf_counter()
+        for k in range(files):
+            store.put(f"run/h/{file_name(0, k)}", encode(tensors, {}, checksums=checksums))
+        return nbytes / (time.perf_counter() - t0)
+
+    def encode_only(checksums: bool) -> float:
+        t0 = time.perf_counter()
+        for _ in range(files):
+            encode(tensors, {}, checksums=checksums)
+        return nbytes / (time.perf_counter() - t0)
+
+    with_r, without_r, ratios = [], [], []
+    for i in range(5):  # pairs, alternating which goes first: disk drift hits both sides
+        order = (False, True) if i % 2 == 0 else (True, False)
+        got = {c: write(work / f"sums-{c}-{i}", c) for c in order}
+        without_r.append(got[False])
+        with_r.append(got[True])
+        ratios.append(got[True] / got[False])
+    hash_s = (1 / encode_only(True) - 1 / encode_only(False)) * nbytes  # seconds spent hashing
+    a, b = statistics.median(without_r), statistics.median(with_r)
+    return {"without_MB_s": a / 1e6, "with_MB_s": b / 1e6, "ratio": statistics.median(ratios),
+            "bytes": nbytes, "hash_GB_s": nbytes / max(hash_s, 1e-9) / 1e9,
+            "hash_share_of_write": hash_s / (nbytes / a)}  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/out/collect.json")
@@ -124,12 +175,18 @@ def main() -> None:
         work = Path(tmp)
         c = bench_collect(work, args.quick)
         w = bench_writer(work, args.quick)
+        s = bench_checksums(work, args.quick)
     print(f"forward alone     {c['forward_tok_s']:>10,.0f} tok/s")
     print(f"full collection   {c['collect_tok_s']:>10,.0f} tok/s   ratio {c['ratio']:.3f} (goal >= 0.95)")
+    print(f"  no checksums    {c['collect_no_checksums_tok_s']:>10,.0f} tok/s   with/without {c['checksum_ratio']:.3f} "
+          "(goal >= 0.95)")
     print(f"plain writes      {w['plain_MB_s']:>10,.0f} MB/s")
     print(f"writer            {w['writer_MB_s']:>10,.0f} MB/s   ratio {w['ratio']:.3f} (goal >= 0.9)")
+    print(f"writes, no sums   {s['without_MB_s']:>10,.0f} MB/s")
+    print(f"writes, checksums {s['with_MB_s']:>10,.0f} MB/s   ratio {s['ratio']:.3f} (goal >= 0.95; "
+          f"xxh3 {s['hash_GB_s']:.1f} GB/s = {s['hash_share_of_write']:.1%} of the write time)")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"collect": c, "writer": w}, indent=1))
+    Path(args.out).write_text(json.dumps({"collect": c, "writer": w, "checksums": s}, indent=1))
 
 
 if __name__ == "__main__":

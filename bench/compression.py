@@ -39,6 +39,7 @@ from activault.config import parse_config
 from activault.storage import LocalStore, Store, open_store
 from activault.vault import codec as codecs
 from activault.vault import megabatch as fmt
+from activault.vault import records
 from support.s3servers import MotoServer
 
 HOOKS = ["models.layers.3.post", "models.layers.3.mlp.post"]
@@ -81,7 +82,7 @@ def load_states(folder: Path) -> list[torch.Tensor]:
     """Each file's decoded states `[tokens, d]`, in file order."""
     out = []
     for f in sorted(folder.glob("*.safetensors")):
-        t, _ = fmt.decode(f.read_bytes(), str(f))
+        t = fmt.decode(f.read_bytes(), str(f)).tensors
         out.append(t["states"].reshape(-1, t["states"].shape[-1]).contiguous())
     return out
 
@@ -218,9 +219,10 @@ def copies(store: Store, sources: list[Path], n: int, codec: codecs.Codec | None
     """n megabatches cycled from `sources` (real files), written raw or with `codec`, plus metadata."""
     for i in range(n):
         src = sources[i % len(sources)]
-        tensors, meta = fmt.decode(src.read_bytes(), str(src))
-        meta.pop(fmt.CODECS_KEY, None)
-        store.put(f"{prefix}/{fmt.file_name(0, i)}", fmt.encode(tensors, meta, codec))
+        mb = fmt.decode(src.read_bytes(), str(src))
+        tensors, meta = mb.tensors, dict(mb.metadata)
+        meta = {k: v for k, v in meta.items() if k not in (fmt.CODECS_KEY, "checksum") and not k.startswith(fmt.CHECKSUM_KEY)}
+        store.put(f"{prefix}/{records.file_name(0, i)}", fmt.encode(tensors, meta, compression=codec))
     store.put(f"{prefix}/metadata.json", (sources[0].parent / "metadata.json").read_bytes())
     store.put(f"{prefix}/statistics.json", (sources[0].parent / "statistics.json").read_bytes())
 

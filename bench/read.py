@@ -173,6 +173,7 @@ def write_files(store: Any, n: int, rows: int, d: int) -> None:
     import torch
 
     from activault.vault import megabatch as fmt
+    from activault.vault import records
 
     g = torch.Generator().manual_seed(0)
     states = torch.randn(rows, SEQ, d, generator=g).to(torch.bfloat16)
@@ -180,7 +181,7 @@ def write_files(store: Any, n: int, rows: int, d: int) -> None:
         ids = torch.randint(0, 50_000, (rows, SEQ), generator=g, dtype=torch.int32)
         pos = torch.arange(SEQ, dtype=torch.int32).expand(rows, SEQ).contiguous()
         tensors = {"states": states, "input_ids": ids, "positions": pos}
-        store.put(f"run/hook/{fmt.file_name(0, k)}", fmt.encode(tensors, {}))
+        store.put(f"run/hook/{records.file_name(0, k)}", fmt.encode(tensors, {}))
         buf = io.BytesIO()
         torch.save({"states": states, "input_ids": ids.long()}, buf)
         store.put(f"legacy/hook/{k:04d}--{k}.pt", buf.getbuffer())

@@ -42,7 +42,7 @@ def megabatches(n: int, mib: int) -> list[dict[str, torch.Tensor]]:
 
 
 def bench_upload(store: S3Store, batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
-    encoded = [fmt.encode(t, {"format": "activault", "format_version": "1"}) for t in batches]
+    encoded = [fmt.encode(t, {"format": fmt.FORMAT, "format_version": str(fmt.FORMAT_VERSION)}) for t in batches]
     raw = [b"".join(p) for p in encoded]
     total = sum(len(r) for r in raw)
     out: dict[str, Any] = {"files": len(raw), "bytes": total}

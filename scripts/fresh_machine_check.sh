@@ -52,9 +52,14 @@ cleanup() {
     trap - EXIT INT TERM
     pids=$(in_root)
     if [ -n "$pids" ]; then
+        echo "LEFT RUNNING in the root: $(ps -o pid=,args= -p "$(echo "$pids" | paste -sd,)" \
+            | tr '\n' ';')" | tee -a "$TIMINGS"
         # shellcheck disable=SC2086
         kill -KILL $pids 2>/dev/null
         sleep 1
+        rc=1
+    elif [ -d "$ROOT/root/activault" ]; then
+        echo "no process left running in the root" | tee -a "$TIMINGS"
     fi
     unmount_all
     [ -z "$(mounts_under "$ROOT")" ] || echo "fresh_machine_check.sh: still mounted under $ROOT" >&2
@@ -73,6 +78,7 @@ step() {  # step NAME COMMAND...: run it with its output in DIR/NAME.log, record
     t0=$(now)
     "$@" >"$DIR/$name.log" 2>&1 || rc=$?
     printf '%-12s %5ds  exit %d\n' "$name" $(($(now) - t0)) "$rc" | tee -a "$TIMINGS"
+    grep -E '^=+ .*(passed|failed).* in .* =+$' "$DIR/$name.log" | tail -n 1 | tee -a "$TIMINGS"
     if [ "$rc" != 0 ]; then
         tail -n 30 "$DIR/$name.log" >&2
         die "$name failed (exit $rc); see $DIR/$name.log"
@@ -127,12 +133,4 @@ echo "cloned $(git -C "$ROOT/root/activault" log -1 --format='%h %s')" | tee -a 
 step demo inside 'cd /root/activault && bash scripts/demo.sh'
 # shellcheck disable=SC2086
 step test inside "cd /root/activault && bash scripts/test.sh ${PYTEST_ARGS:-}"
-grep -E '^=+ .*(passed|failed).* =+$' "$DIR/test.log" | tail -n 1 | tee -a "$TIMINGS"
 
-left=$(in_root)
-if [ -n "$left" ]; then
-    echo "LEFT RUNNING after the two commands: $(ps -o pid=,comm= -p "$(echo "$left" | paste -sd,)" \
-        | tr '\n' ' ')" | tee -a "$TIMINGS"
-    exit 1
-fi
-echo "no process left running in the root" | tee -a "$TIMINGS"

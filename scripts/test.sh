@@ -60,8 +60,8 @@ if ! sinfo -h >/dev/null 2>&1; then
     SLURM_STARTED=1
     bash scripts/slurm_local.sh start
 fi
-# In the background so that a signal reaches the traps at once; tests/conftest.py turns SIGTERM into
-# KeyboardInterrupt, so pytest still stops its servers and prints its summary.
+# In the background, so that a signal runs the traps at once (bash runs them only after a foreground
+# command ends). tests/conftest.py makes SIGTERM and SIGINT a Ctrl-C: the fixtures' teardown runs.
 "$PY" -m pytest "$@" &
 PYTEST_PID=$!
 rc=0

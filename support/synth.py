@@ -9,6 +9,7 @@ import torch
 
 from activault.storage import Store
 from activault.vault import megabatch as fmt
+from activault.vault import records
 from activault.vault.stats import RunningStats, merge_all
 from support.s3servers import MotoServer
 
@@ -53,7 +54,7 @@ def write_synthetic_run(
     for m in range(machines):
         partial[m] = {h: RunningStats(d) for h in hooks}
         for k in range(files):
-            name = fmt.file_name(m, k)
+            name = records.file_name(m, k)
             out.names.append(name)
             ids = torch.randint(0, 1000, (rows, seq), generator=g, dtype=torch.int32)
             # Documents of random lengths packed back to back: position restarts at each start.
@@ -68,31 +69,31 @@ def write_synthetic_run(
                 states = (torch.randn(rows, seq, d, generator=g) * (1 + hi) + 0.5 * (hi + 1)).to(dtype)
                 states[pos == -1] = 0
                 tensors = {"states": states, "input_ids": ids, "positions": pos}
-                meta = {"format": fmt.FORMAT, "format_version": str(fmt.FORMAT_VERSION), "run_name": run,
-                        "hook": h, "machine": str(m), "file_index": str(k), "model": "synthetic"}
+                meta = records.header_metadata(run, h, m, k, "synthetic")
                 store.put(f"{run}/{h}/{name}", fmt.encode(tensors, meta))
                 out.files[h][name] = tensors
                 partial[m][h].update(states[pos != -1])
-        store.put_text(f"{run}/progress/machine-{m:05d}.json", json.dumps({
-            "machine": m, "num_runs": machines, "files_done": files, "rows_done": files * rows,
-            "tokens_done": files * rows * seq, "data_state": {}, "finished": True,
-            "stats": {h: partial[m][h].to_dict() for h in hooks},
-        }))
+        progress = records.ProgressRecord(
+            machine=m, num_runs=machines, files_done=files, rows_done=files * rows,
+            tokens_done=files * rows * seq, data_state={}, finished=True,
+            stats={h: records.StatsRecord(**partial[m][h].to_dict()) for h in hooks},
+        )
+        records.write_record(store, records.progress_key(run, m), progress)
     for h in hooks:
-        md = fmt.hook_metadata(run_name=run, hook=h, d_model=d, dtype=dtype, seq_length=seq, rows_per_file=rows,
-                               batch_size=rows, batches_per_upload=1, model="synthetic")
-        store.put_text(f"{run}/{h}/metadata.json", json.dumps(md))
+        md = records.hook_metadata(run_name=run, hook=h, d_model=d, dtype=dtype, seq_length=seq, rows_per_file=rows,
+                                   batch_size=rows, batches_per_upload=1, model="synthetic")
+        records.write_record(store, records.metadata_key(f"{run}/{h}"), md)
         total = merge_all(partial[m][h] for m in range(machines))
         assert total is not None
         out.stats[h] = total
-        store.put_text(f"{run}/{h}/statistics.json", json.dumps({**total.to_dict(), "machines": list(range(machines))}))
-    store.put_text(f"{run}/cfg.json", json.dumps({
-        "format": fmt.FORMAT, "format_version": fmt.FORMAT_VERSION, "run_name": run, "config": {},
-        "model": {"name": "synthetic", "architecture": "none", "model_type": "none", "d_model": d,
-                  "n_layers": 1, "dtype": fmt.dtype_name(dtype)},
-        "tokenizer": "synthetic", "hooks": list(hooks), "num_runs": machines, "created": "1970-01-01T00:00:00Z",
-        "activault_version": "test",
-    }))
+        stats = records.statistics_record(total, list(range(machines)), machines)
+        records.write_record(store, records.statistics_key(f"{run}/{h}"), stats)
+    cfg = records.RunRecord(
+        run_name=run, tokenizer="synthetic", hooks=list(hooks), num_runs=machines, activault_version="test",
+        model={"name": "synthetic", "architecture": "none", "model_type": "none", "d_model": d,
+               "n_layers": 1, "dtype": fmt.dtype_name(dtype)},
+    )
+    records.write_record(store, records.cfg_key(run), cfg)
     return out
 
 

@@ -24,17 +24,24 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """SIGTERM ends the session like Ctrl-C, so the fixtures' teardown stops the servers.
+    """SIGINT and SIGTERM end the session like Ctrl-C, once: the fixtures' teardown stops the servers.
 
-    scripts/test.sh runs pytest in the background (where SIGINT is ignored) and stops it with SIGTERM.
+    scripts/test.sh runs pytest in the background (so that its traps run at once), where SIGINT starts
+    out ignored, and would stay ignored in every process a test starts; it stops pytest with SIGTERM.
     """
     main = os.getpid()
+    stopping = False
 
     def interrupt(signum: int, frame: object) -> None:
-        if os.getpid() != main:  # a forked worker inherited this handler: end as SIGTERM would
+        nonlocal stopping
+        if os.getpid() != main:  # a forked worker inherited this handler: end as the signal would
             os._exit(128 + signum)
+        if stopping:  # Ctrl-C reaches pytest and test.sh, which forwards it: one must not cut teardown
+            return
+        stopping = True
         raise KeyboardInterrupt
 
+    signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
 
 

@@ -71,7 +71,7 @@ def test_compressed_file_is_valid_safetensors_and_decodes_exactly(tmp_path: Path
     ids = torch.randint(0, 1000, (6, 16), dtype=torch.int32)
     pos = torch.arange(16, dtype=torch.int32).repeat(6, 1)
     meta = {"format": "activault", "hook": "h"}
-    data = b"".join(fmt.encode({"states": states, "input_ids": ids, "positions": pos}, meta, ZSTD_SMALL))
+    data = b"".join(fmt.encode({"states": states, "input_ids": ids, "positions": pos}, meta, compression=ZSTD_SMALL))
     path = tmp_path / "m00000-000000.safetensors"
     path.write_bytes(data)
     with safe_open(str(path), "pt") as f:  # the reference reader: a uint8 blob plus raw ids and positions
@@ -81,11 +81,12 @@ def test_compressed_file_is_valid_safetensors_and_decodes_exactly(tmp_path: Path
         described = json.loads(f.metadata()[fmt.CODECS_KEY])["states"]
     assert described["dtype"] == "BF16" and described["shape"] == [6, 16, 24] and described["codec"] == "zstd"
     assert sum(described["chunks"]) == blob.numel() and len(described["chunks"]) > 3
-    tensors, got_meta = fmt.decode(data, str(path))
+    mb = fmt.decode(data, str(path), verify_checksums=True)
+    tensors, got_meta = mb.tensors, mb.metadata
     assert torch.equal(bits(tensors["states"]), bits(states)) and tensors["states"].shape == states.shape
     assert torch.equal(tensors["input_ids"], ids) and got_meta["hook"] == "h"
-    header, _ = fmt.read_header(data, "x")
-    assert fmt.logical_specs(header, "x")["states"] == (torch.bfloat16, [6, 16, 24])
+    header = fmt.parse_header(data, "x")
+    assert header.logical("states") == (torch.bfloat16, (6, 16, 24)) and header.d_model == 24
 
 
 def test_fp8_error_is_bounded_and_bytes_halved() -> None:
@@ -117,9 +118,9 @@ def test_corrupt_chunk_is_an_error_naming_file_and_chunk(run: SynthRun, local: L
     key = f"run/h1/{run.names[0]}"
     convert_file(local, key, ZSTD_SMALL)
     data = bytes(local.get(key))
-    header, start = fmt.read_header(data, key)
-    described = json.loads(header["__metadata__"][fmt.CODECS_KEY])["states"]
-    bad = corrupt(data, described, 2, start, header["states"]["data_offsets"][0])
+    header = fmt.parse_header(data, key)
+    described = json.loads(header.metadata[fmt.CODECS_KEY])["states"]
+    bad = corrupt(data, described, 2, header.data_offset, header.tensors["states"].start)
     with pytest.raises(FormatError, match=r"m00000-000000\.safetensors 'states': chunk 2 \(bytes \d+\.\.\d+\) is corrupted"):
         fmt.decode(bad, key)
     local.put(key, bad)
@@ -127,9 +128,12 @@ def test_corrupt_chunk_is_an_error_naming_file_and_chunk(run: SynthRun, local: L
         list(cache)
     assert str(tmp_path / "run/h1/m00000-000000.safetensors") in str(e.value)
     # A chunk table that does not cover the stored bytes is caught from the header alone (verify).
-    header["__metadata__"][fmt.CODECS_KEY] = json.dumps({"states": {**described, "chunks": described["chunks"][:-1]}})
+    short = {**described, "chunks": described["chunks"][:-1]}
     with pytest.raises(FormatError, match="inconsistent shape and chunk table"):
-        fmt.logical_specs(header, key)
+        codecs.parse(short, header.tensors["states"].nbytes, fmt.DTYPES, key)
+    # and the checksum finds the flipped byte even before the chunk is decoded
+    with pytest.raises(FormatError, match="checksum"):
+        fmt.decode(bad, key, verify_checksums=True)
 
 
 def read_all(uri: Path, **kw) -> dict[str, torch.Tensor]:
@@ -151,7 +155,7 @@ def test_mixed_run_reads_as_uncompressed(run: SynthRun, local: LocalStore, tmp_p
     with TokenLoader(tmp_path / "run", hooks=["h1", "h2"], batch_tokens=16, seed=3, center=True) as loader:
         got = [dict(b) for b in loader]
     assert len(got) == len(want) and all(torch.equal(g[h], w[h]) for g, w in zip(got, want, strict=True) for h in g)
-    problems, _ = verify_run(local, "run")
+    problems = verify_run(local, "run", deep=True).problems
     assert problems == []
 
 
@@ -181,7 +185,7 @@ def test_recompress_in_place_is_verified_resumable_and_reversible(
     assert all(fmt.CODECS_KEY.encode() in p.read_bytes()[:4096] for p in original)
     meta = json.loads((tmp_path / "run/h1/metadata.json").read_text())
     assert meta["compression"]["codec"] == "zstd"
-    assert verify_run(local, "run")[0] == []
+    assert verify_run(local, "run", deep=True).problems == []
     assert recompress_run(local, "run", ZSTD_SMALL).skipped == len(original)
     recompress_run(local, "run", None)  # back to raw: the very bytes collect wrote
     assert {p: p.read_bytes() for p in original} == original
@@ -232,10 +236,11 @@ def test_collect_with_compression_matches_raw(
         assert (a / "statistics.json").read_text() == (b / "statistics.json").read_text()
         assert json.loads((b / "metadata.json").read_text())["compression"]["codec"] == "zstd"
         for f in sorted(a.glob("*.safetensors")):
-            x, _ = fmt.decode(f.read_bytes(), f.name)
-            y, meta = fmt.decode((b / f.name).read_bytes(), f.name)
+            x = fmt.decode(f.read_bytes(), f.name).tensors
+            mb = fmt.decode((b / f.name).read_bytes(), f.name)
+            y, meta = mb.tensors, mb.metadata
             assert fmt.CODECS_KEY in meta and all(torch.equal(bits(x[k]), bits(y[k])) for k in x)
-    assert verify_run(LocalStore(tmp_path / "zstd"), "run")[0] == []
+    assert verify_run(LocalStore(tmp_path / "zstd"), "run", deep=True).problems == []
 
 
 @pytest.mark.slow
@@ -310,7 +315,7 @@ def test_the_documented_layout_decodes_without_activault(tmp_path: Path) -> None
     states = special_values((5, 16, 40), torch.bfloat16)
     tensors = {"states": states, "input_ids": torch.zeros(5, 16, dtype=torch.int32)}
     path = tmp_path / "f.safetensors"
-    path.write_bytes(b"".join(fmt.encode(tensors, {}, codecs.Codec("zstd", chunk_bytes=1000))))
+    path.write_bytes(b"".join(fmt.encode(tensors, {}, compression=codecs.Codec("zstd", chunk_bytes=1000))))
     doc = (Path(__file__).parent.parent / "docs/format.md").read_text()
     snippet = re.search(r"```python\n(.*?)```", doc[doc.index("## Compressed states") :], re.S)
     assert snippet is not None

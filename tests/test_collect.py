@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,8 +26,18 @@ from activault.collection.pipeline import collect
 from activault.collection.resume import FIELDS, config_fields
 from activault.collection.sources import iter_documents, resolve_source
 from activault.config import parse_config
-from activault.errors import ConfigError, DataError, LockedError, StorageError
+from activault.errors import (
+    ActivaultError,
+    ConfigError,
+    DataError,
+    FormatError,
+    LockedError,
+    StorageError,
+)
+from activault.storage import LocalStore
+from activault.tools.verify import verify_run
 from activault.vault.megabatch import decode
+from activault.vault.records import REBUILD
 
 CORPUS = str(resources.files("activault").joinpath("demo_corpus.jsonl"))
 
@@ -56,7 +67,7 @@ def make_cfg(model: Path, storage: Path, **over):
 
 def load_hook(root: Path, hook: str) -> dict[str, torch.Tensor]:
     files = sorted((root / hook).glob("*.safetensors"))
-    parts = [decode((f).read_bytes(), f.name)[0] for f in files]
+    parts = [decode(f.read_bytes(), f.name, verify_checksums=True).tensors for f in files]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -256,6 +267,96 @@ def test_resume_after_sigkill_is_byte_identical(tiny_model_dir, tmp_path):
     got = tree_bytes(tmp_path / "killed/run")
     assert sorted(got) == sorted(want)
     assert [k for k in want if got[k] != want[k]] == []
+
+
+# ---- records rebuilt from what is stored, without collecting again ----
+
+
+def copy_run(root: Path, dest: Path) -> Path:
+    shutil.copytree(root, dest / "run")
+    return dest / "run"
+
+
+def megabatch_mtimes(run: Path) -> dict[str, int]:
+    return {str(p.relative_to(run)): p.stat().st_mtime_ns for p in sorted(run.rglob("*.safetensors"))}
+
+
+def test_rerunning_collect_rebuilds_every_damaged_record_without_collecting(collected, llama, tmp_path):
+    cfg, root, _ = collected
+    run = copy_run(root, tmp_path)
+    h0, h1 = cfg.upload_config.hooks
+    (run / "cfg.json").unlink()
+    (run / h0 / "metadata.json").write_text('{"format": "activault", "dtype": ')
+    meta = json.loads((run / h1 / "metadata.json").read_text())
+    meta["dtype"] = "bfloat16"  # parses, but contradicts every file
+    (run / h1 / "metadata.json").write_text(json.dumps(meta))
+    (run / h0 / "statistics.json").unlink()
+    (run / h1 / "statistics.json").write_text('{"count": 0}')
+    problems = verify_run(LocalStore(tmp_path), "run").problems
+    assert len(problems) == 5 and all(REBUILD in p for p in problems), problems
+    assert any(p.startswith(f"{h1}/metadata.json says") and "not the files" in p for p in problems)
+    before = megabatch_mtimes(run)
+
+    collect(make_cfg(llama, tmp_path), show_progress=False)  # what the advice says
+    assert tree_bytes(run) == tree_bytes(root)  # every record as first written
+    assert megabatch_mtimes(run) == before  # and nothing collected again
+    assert verify_run(LocalStore(tmp_path), "run").problems == []
+
+
+def test_a_damaged_progress_record_names_a_repair_that_works(collected, llama, tmp_path):
+    _, root, _ = collected
+    run = copy_run(root, tmp_path)
+    (run / "progress/machine-00000.json").write_text('{"machine": 0, "num_runs": 1, "files_done": "3"}')
+    (problem,) = verify_run(LocalStore(tmp_path), "run").problems
+    with pytest.raises(FormatError, match="field 'files_done'.*delete .*machine-00000.json and rerun machine 0") as e:
+        collect(make_cfg(llama, tmp_path), show_progress=False)
+    assert str(e.value) == problem  # collect and verify give the same advice
+    (run / "progress/machine-00000.json").unlink()
+    collect(make_cfg(llama, tmp_path), show_progress=False)
+    assert tree_bytes(run) == tree_bytes(root)
+
+
+@pytest.fixture
+def nan_in_first_batch(monkeypatch):
+    """Every activation of the first hook's first forward pass becomes NaN."""
+    from activault.collection import hooks
+
+    calls = []
+
+    class Poisoned(hooks.Capture):
+        def __call__(self, *args, **kwargs):
+            acts = super().__call__(*args, **kwargs)
+            h = next(iter(acts))
+            if acts[h].device.type == "meta":  # hook_dims' forward on the weightless skeleton
+                return acts
+            if not calls:
+                acts[h] = torch.full_like(acts[h], float("nan"))
+            calls.append(1)
+            return acts
+
+    monkeypatch.setattr(hooks, "Capture", Poisoned)
+
+
+def test_nonfinite_activations_are_counted_with_warn(llama, tmp_path, nan_in_first_batch, caplog):
+    cfg = make_cfg(llama, tmp_path)
+    h0, h1 = cfg.upload_config.hooks
+    with caplog.at_level(logging.WARNING):
+        result = collect(cfg, show_progress=False)
+    n = int((load_hook(tmp_path / "run", h0)["states"].isnan().any(-1)).sum())
+    assert n > 0 and result.nonfinite == {h0: n, h1: 0}
+    assert f"machine 0, file 0, hook {h0}: {n} token(s) hold NaN or Inf" in caplog.text
+    assert json.loads((tmp_path / f"run/{h0}/statistics.json").read_text())["nonfinite"] == n
+    progress = json.loads((tmp_path / "run/progress/machine-00000.json").read_text())
+    assert progress["stats"][h0]["nonfinite"] == n and progress["stats"][h1]["nonfinite"] == 0
+    notes = verify_run(LocalStore(tmp_path), "run", deep=True).notes
+    assert any(note.startswith(f"{h0}: {n} token(s) with NaN or Inf in 1 file(s)") for note in notes)
+
+
+def test_nonfinite_activations_stop_the_run_with_error(llama, tmp_path, nan_in_first_batch):
+    cfg = make_cfg(llama, tmp_path, upload={"on_nonfinite": "error"})
+    with pytest.raises(ActivaultError, match="machine 0, file 0, hook .*hold NaN or Inf; nothing of this file"):
+        collect(cfg, show_progress=False)
+    assert list((tmp_path / "run").rglob("*.safetensors")) == []
 
 
 BAD = [

@@ -87,7 +87,7 @@ def assert_same_run(got: dict[str, bytes], want: dict[str, bytes]) -> None:
 
 def machine_tensors(root: Path, hook: str, machine: int) -> dict[str, torch.Tensor]:
     files = sorted((root / hook).glob(f"m{machine:05d}-*.safetensors"))
-    parts = [decode(f.read_bytes(), f.name)[0] for f in files]
+    parts = [decode(f.read_bytes(), f.name, verify_checksums=True).tensors for f in files]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 

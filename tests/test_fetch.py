@@ -110,8 +110,8 @@ def test_tensors_are_views_of_the_file_buffer(tmp_path: Path) -> None:
     run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=1)
     raw = (tmp_path / "r/h" / run.names[0]).read_bytes()
     buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-    header, start = fmt.read_header(raw, "f")
-    tensors = fetch.tensors_of(buf, header, start, "f", BufferPool())
+    header = fmt.parse_header(raw, "f")
+    tensors = fetch.tensors_of(buf, header, "f", BufferPool(), verify_checksums=True)
     for name, t in tensors.items():
         assert torch.equal(t, run.files["h"][run.names[0]][name])
         assert t.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()  # same allocation

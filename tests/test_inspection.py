@@ -20,6 +20,7 @@ from activault.tools.inspection import inspect_file, sample_norms, stats_figure
 from activault.tools.tiny import demo_texts
 from activault.units import parse_bandwidth
 from activault.vault import megabatch as fmt
+from activault.vault.records import file_name, read_statistics
 from support.synth import SynthRun, write_synthetic_run
 
 HOOKS = ["models.layers.0.post", "models.layers.1.mlp.post"]
@@ -156,7 +157,7 @@ def test_stats_table_and_plot(vault, tmp_path: Path, capsys) -> None:
     assert f"[{float(s.mean.min()):.4f}, {float(s.mean.max()):.4f}]" in out
     assert out_png.read_bytes()[:8] == PNG_SIGNATURE
 
-    stats = json.loads(store.get_text(f"run/{HOOKS[1]}/statistics.json"))
+    stats = read_statistics(store, f"run/{HOOKS[1]}")
     norms = sample_norms(store, f"run/{HOOKS[1]}", files=2)
     fig = stats_figure(stats, norms)
     axes = fig.get_axes()
@@ -206,7 +207,7 @@ def test_verify_inspect_and_stats_on_a_collected_run(tiny_model_dir, tmp_path: P
     run_dir = tmp_path / "vault" / "demo"
     rc, out, _ = run_cli(["verify", str(run_dir)], capsys)
     assert rc == 0 and out.startswith("OK") and f"3 hooks, 2 files per hook, {6 * 8 * 128:,} tokens" in out
-    rc, out, _ = run_cli(["inspect", str(run_dir / DEMO_HOOKS[0] / fmt.file_name(0, 0))], capsys)
+    rc, out, _ = run_cli(["inspect", str(run_dir / DEMO_HOOKS[0] / file_name(0, 0))], capsys)
     assert rc == 0 and "First 4 rows as text" in out and "JSON" in out
     rc, out, _ = run_cli(["stats", str(run_dir / DEMO_HOOKS[1])], capsys)
     assert rc == 0 and "d_model     64" in out and "machines    [0]" in out
@@ -245,6 +246,6 @@ def test_commands_on_s3(moto_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path
     store.delete(f"run/{HOOKS[0]}/{run.names[0]}")
     store.put(f"run/{HOOKS[1]}/{run.names[1]}", bytes(store.get(f"run/{HOOKS[1]}/{run.names[1]}"))[:100])
     rc, out, _ = run_cli(["verify", base], capsys)
-    assert rc == 1 and f"{HOOKS[0]}: 1 file(s) missing" in out and f"{HOOKS[1]}/{run.names[1]}: corrupted or truncated" in out
+    assert rc == 1 and f"{HOOKS[0]}: 1 file(s) missing" in out and f"{HOOKS[1]}/{run.names[1]}: truncated file" in out
     rc, _, err = run_cli(["inspect", f"{base}/{HOOKS[0]}/{run.names[0]}"], capsys)
     assert rc == 2 and "does not exist" in err

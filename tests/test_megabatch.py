@@ -1,15 +1,33 @@
-"""Megabatch format: round trip, safetensors compatibility, zero copy, damage named."""
-
+"""Megabatch format: round trip, safetensors compatibility, zero copy, one validator, checksums."""
 
 from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 
 from activault.errors import FormatError
-from activault.vault.megabatch import decode, encode, file_name, parse_file_name
+from activault.storage import LocalStore
+from activault.vault.megabatch import (
+    FORMAT_VERSION,
+    HEAD_READ,
+    Header,
+    check_checksums,
+    decode,
+    encode,
+    fetch_header,
+    parse_header,
+)
+
+NAME = "m00001-000002.safetensors"
 
 
 def megabatch(dtype=torch.bfloat16, rows=3, seq=5, d=4):
@@ -21,18 +39,40 @@ def megabatch(dtype=torch.bfloat16, rows=3, seq=5, d=4):
     }
 
 
+def blob(tensors=None, meta=None, checksums=True) -> bytes:
+    meta = {"format": "activault", "format_version": str(FORMAT_VERSION)} if meta is None else meta
+    return b"".join(encode(tensors or megabatch(), meta, checksums=checksums))
+
+
+def with_header(raw: dict, body: bytes) -> bytes:
+    """A file from a header object and a body (the length prefix recomputed)."""
+    h = json.dumps(raw).encode()
+    return struct.pack("<Q", len(h)) + h + body
+
+
+def split(b: bytes) -> tuple[dict, bytes]:
+    (n,) = struct.unpack_from("<Q", b)
+    return json.loads(b[8 : 8 + n]), b[8 + n :]
+
+
+def equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> bool:
+    return got.keys() == want.keys() and all(
+        got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]) for k in want
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_format_round_trip_and_safetensors_compatibility(tmp_path, dtype):
     tensors = megabatch(dtype)
     parts = encode(tensors, {"hook": "h", "file_index": "7"})
     path = tmp_path / "f.safetensors"
     path.write_bytes(b"".join(parts))
-    got, meta = decode(path.read_bytes(), "f.safetensors")
-    assert meta == {"hook": "h", "file_index": "7"}
-    for k, t in tensors.items():
-        assert got[k].dtype == t.dtype and torch.equal(got[k], t)
+    mb = decode(path.read_bytes(), "f.safetensors", verify_checksums=True)
+    assert {"hook": "h", "file_index": "7"}.items() <= mb.metadata.items()
+    assert set(mb.header.checksums) == set(tensors)
+    assert equal(mb.tensors, tensors) and mb.positions is mb.tensors["positions"]
     with safe_open(str(path), "pt") as f:  # the reference implementation reads our files
-        assert f.metadata() == meta
+        assert f.metadata() == mb.metadata
         for k, t in tensors.items():
             assert torch.equal(f.get_tensor(k), t)
 
@@ -56,15 +96,230 @@ def test_encode_does_not_copy_the_states():
     ],
 )
 def test_damaged_files_raise_naming_the_file(damage, message):
-    blob = b"".join(encode(megabatch(), {}))
-    with pytest.raises(FormatError, match=f"m00001-000002.safetensors: .*{message}"):
-        decode(damage(blob), "m00001-000002.safetensors")
+    with pytest.raises(FormatError, match=f"{NAME}: .*{message}"):
+        decode(damage(blob()), NAME)
 
 
-def test_file_names_sort_by_machine_then_index_and_parse_back():
-    names = [file_name(m, k) for m in (0, 1, 12) for k in (0, 1, 100)]
-    assert names == sorted(names)
-    assert [parse_file_name(n) for n in names] == [(m, k) for m in (0, 1, 12) for k in (0, 1, 100)]
-    assert parse_file_name("statistics.json") is None and parse_file_name("abc--1.pt") is None
+def edit(entry: str, **change):
+    """A file (header, body) with some fields of one header entry changed."""
+
+    def apply() -> tuple[dict, bytes]:
+        raw, body = split(blob(meta={}, checksums=False))
+        raw[entry] = {**raw[entry], **change}
+        return raw, body
+
+    return apply
 
 
+def drop(entry: str):
+    """A file (header, body) written without `entry`."""
+
+    def apply() -> tuple[dict, bytes]:
+        tensors = megabatch()
+        del tensors[entry]
+        return split(blob(tensors, meta={}, checksums=False))
+
+    return apply
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (drop("positions"), "no 'positions' tensor"),
+        (drop("states"), "no 'states' tensor"),
+        (edit("positions", dtype="I64", shape=[3, 5 // 2]), "does not fill bytes"),
+        (edit("positions", dtype="F32"), "'positions' is [3, 5] float32, expected [3, 5] int32"),
+        (edit("input_ids", shape=[5, 3]), "'input_ids' is [5, 3] int32, expected [3, 5] int32"),
+        (edit("states", shape=[3, 20]), "'states' is [3, 20] bfloat16, expected [rows, seq, d]"),
+        (edit("states", shape=[3, 5, 4.0]), "shape must be at most 8 non-negative integers"),
+        (edit("states", shape=[3, True, 20]), "shape must be at most 8 non-negative integers"),
+        (edit("states", dtype="Q8"), "unknown dtype"),
+        (edit("states", data_offsets=[0]), "data_offsets must be two"),
+        (edit("positions", data_offsets=[0, 60]), "overlaps the tensor before it"),
+        (edit("states", extra=1), "needs exactly dtype, shape, data_offsets"),
+    ],
+)
+def test_the_validator_names_each_inconsistency(change, message):
+    raw, body = change()  # no checksums: each case reaches the check it is about
+    with pytest.raises(
+        FormatError, match=f"{NAME}: .*{message.replace('[', '.').replace(']', '.')}"
+    ):
+        parse_header(with_header(raw, body), NAME)
+
+
+def test_tensors_must_cover_the_data_exactly_without_gaps():
+    raw, body = split(blob(meta={}, checksums=False))
+    s, e = raw["positions"]["data_offsets"]
+    raw["positions"]["data_offsets"] = [
+        s + 4,
+        e + 4,
+    ]  # a 4-byte gap before positions, data 4 longer
+    with pytest.raises(FormatError, match="leaves a gap"):
+        parse_header(with_header(raw, body + b"\0" * 4), NAME)
+
+
+def test_zero_row_files_are_an_error_not_a_crash():
+    empty = megabatch(rows=0)
+    with pytest.raises(FormatError, match=f"{NAME}: holds no data"):
+        decode(blob(empty), NAME)
+
+
+def test_duplicate_keys_and_deep_nesting_are_refused():
+    raw, body = split(blob(meta={}, checksums=False))
+    text = json.dumps(raw)[:-1] + ', "states": ' + json.dumps(raw["states"]) + "}"
+    h = text.encode()
+    with pytest.raises(FormatError, match="corrupted header"):
+        parse_header(struct.pack("<Q", len(h)) + h + body, NAME)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(FormatError, match="corrupted header"):
+        parse_header(struct.pack("<Q", len(deep)) + deep, NAME)
+
+
+def test_a_newer_format_version_asks_for_an_upgrade():
+    with pytest.raises(FormatError, match="newer activault .format version 99"):
+        decode(blob(meta={"format_version": "99"}), NAME)
+
+
+# ---- checksums ----
+
+
+def test_a_flipped_bit_in_any_tensor_is_found_naming_file_and_tensor():
+    b = blob()
+    header = parse_header(b, NAME)
+    assert check_checksums(header, b) is True
+    for name in ("states", "input_ids", "positions"):
+        start, end = header.byte_range(name)
+        for at in (start, (start + end) // 2, end - 1):
+            bad = bytearray(b)
+            bad[at] ^= 0x10
+            with pytest.raises(
+                FormatError, match=f"{NAME}: the bytes of tensor '{name}' do not match"
+            ):
+                check_checksums(header, bad)
+            with pytest.raises(FormatError, match=f"tensor '{name}'"):
+                decode(bad, NAME, verify_checksums=True)
+            decode(bad, NAME)  # unverified reads do not hash (the header is still valid)
+
+
+def test_reading_the_same_bytes_as_another_dtype_fails_the_checksum():
+    raw, body = split(blob())
+    raw["states"]["dtype"] = "F16"  # same size as bf16: the layout stays valid
+    with pytest.raises(FormatError, match="tensor 'states' do not match"):
+        decode(with_header(raw, body), NAME, verify_checksums=True)
+
+
+def test_files_without_checksums_still_read():
+    v1 = blob(meta={"format": "activault", "format_version": "1"}, checksums=False)
+    mb = decode(v1, NAME, verify_checksums=True)
+    assert mb.header.checksums == {} and check_checksums(mb.header, v1) is False
+    assert equal(mb.tensors, megabatch())
+
+
+def test_checksums_cannot_be_stripped_from_a_version_2_file():
+    raw, body = split(blob())
+    raw["__metadata__"] = {k: v for k, v in raw["__metadata__"].items() if k != "checksum.states"}
+    with pytest.raises(FormatError, match="no valid checksum for tensor 'states'"):
+        parse_header(with_header(raw, body), NAME)
+
+
+# ---- header before body ----
+
+
+class CountingStore(LocalStore):
+    """A local store that counts the bytes handed out."""
+
+    read = 0
+
+    def get_range(self, key, start, end):
+        out = super().get_range(key, start, end)
+        self.read += out.nbytes
+        return out
+
+    def get(self, key):
+        out = super().get(key)
+        self.read += out.nbytes
+        return out
+
+
+@pytest.mark.parametrize("prefix", ["valid", "junk"])
+def test_a_junk_multi_gigabyte_file_costs_one_small_read(tmp_path: Path, prefix: str):
+    store = CountingStore(tmp_path)
+    path = tmp_path / "h" / NAME
+    path.parent.mkdir()
+    path.write_bytes(blob() if prefix == "valid" else os.urandom(64))
+    os.truncate(path, 3 << 30)  # sparse: 3 GiB on paper, nothing on disk
+    with pytest.raises(FormatError, match=f"{NAME}: "):
+        fetch_header(store, f"h/{NAME}", 3 << 30)
+    assert store.read <= HEAD_READ
+
+
+def test_fetch_header_is_the_header_parse_header_gives(tmp_path: Path):
+    store = CountingStore(tmp_path)
+    b = blob()
+    store.put(f"h/{NAME}", b)
+    got = fetch_header(store, f"h/{NAME}")
+    assert isinstance(got, Header) and got == parse_header(b, store.url(f"h/{NAME}"))
+    assert got.size == len(b) and (got.rows, got.seq_len, got.d_model) == (3, 5, 4)
+    assert store.read < 1024
+
+
+# ---- anything at all: a Header or a FormatError naming the file ----
+
+FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+def decodes_to_the_stored_data_or_names_the_file(b: bytes) -> None:
+    try:
+        mb = decode(b, NAME, verify_checksums=True)
+    except FormatError as e:
+        assert str(e).startswith(NAME)
+        return
+    assert equal(mb.tensors, megabatch())
+
+
+@FAST
+@given(st.binary(max_size=3000))
+def test_random_bytes_give_a_header_or_a_format_error(b: bytes):
+    try:
+        parse_header(b, NAME)
+    except FormatError as e:
+        assert str(e).startswith(NAME)
+
+
+@FAST
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4),
+       st.integers(-64, 64))  # fmt: skip
+def test_mutated_bytes_decode_to_the_stored_data_or_a_format_error(edits, resize: int):
+    b = bytearray(blob())
+    for at, value in edits:
+        b[at % len(b)] = value
+    b = b[:resize] if resize < 0 else b + bytes(resize)
+    decodes_to_the_stored_data_or_names_the_file(bytes(b))
+
+
+@FAST
+@given(st.sampled_from(["states", "input_ids", "positions", "__metadata__", "other"]),
+       st.sampled_from(["dtype", "shape", "data_offsets", "checksum.states", "format_version", None]),
+       json_values)  # fmt: skip
+def test_mutated_headers_decode_to_the_stored_data_or_a_format_error(entry, field, value):
+    raw, body = split(blob())
+    if field is None:
+        raw[entry] = value
+    elif isinstance(raw.get(entry), dict):
+        raw[entry][field] = value
+    decodes_to_the_stored_data_or_names_the_file(with_header(raw, body))
+
+
+def test_an_empty_object_is_named_without_a_ranged_read(tmp_path: Path):
+    store = CountingStore(tmp_path)
+    store.put(f"h/{NAME}", b"")
+    with pytest.raises(FormatError, match=f"{NAME}: truncated file .0 bytes"):
+        fetch_header(store, f"h/{NAME}")
+    assert store.read == 0

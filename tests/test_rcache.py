@@ -20,6 +20,7 @@ from activault.reading.tokens import ActivationDataset, TokenLoader
 from activault.storage import LocalStore
 from activault.storage.s3 import S3Store
 from activault.vault import megabatch as fmt
+from activault.vault import records
 from support.synth import (
     SynthRun,
     create_bucket,
@@ -217,7 +218,7 @@ def test_sync_picks_up_new_files(local: LocalStore, tmp_path: Path) -> None:
     cache = RCache(tmp_path / "live/h")
     assert len(cache) == 2
     extra = write_synthetic_run(local, "more", ["h"], files=1, seed=9)
-    local.put(f"live/h/{fmt.file_name(1, 0)}", fmt.encode(extra.files["h"][extra.names[0]], {}))
+    local.put(f"live/h/{records.file_name(1, 0)}", fmt.encode(extra.files["h"][extra.names[0]], {}))
     assert cache.sync() == 1 and len(cache) == 3
     assert torch.equal(torch.cat(list(cache)), torch.cat([first.tensor("h"), extra.tensor("h")]))
 

@@ -136,7 +136,7 @@ def test_collect_then_read_equals_local(server, bucket, llama, reference, caplog
         got = list(cache)
     for h in HOOKS:
         names = sorted(k for k in reference if k.startswith(h + "/") and k.endswith(".safetensors"))
-        want = [decode(reference[n], n)[0] for n in names]
+        want = [decode(reference[n], n).tensors for n in names]
         assert torch.equal(torch.cat([b["states"][h] for b in got]), torch.cat([w["states"] for w in want]))
         assert torch.equal(torch.cat([b["input_ids"] for b in got]), torch.cat([w["input_ids"] for w in want]).long())
     # A second run of the same command finds the machine finished and changes nothing.
@@ -369,3 +369,44 @@ def test_foreign_keys_and_empty_megabatches_are_named_and_deletable(moto, moto_b
     for e in store.list("run"):
         store.delete(e.key)
     assert moto.objects(moto_bucket) == {}
+def test_uploads_send_the_object_checksum(moto, moto_bucket) -> None:
+    """Each PUT names its body's SHA-256 (x-amz-checksum-sha256): S3 refuses a body that differs."""
+    import base64
+    import hashlib
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    headers: list[dict[str, str]] = []
+
+    class Recorder(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_PUT(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            headers.append({k.lower(): v for k, v in self.headers.items()})
+            self.send_response(200)
+            self.send_header("ETag", '"e"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        env = {**moto.env(f"http://127.0.0.1:{server.server_address[1]}")}
+        S3Store("s3://bkt", env=env).put("k", b"a megabatch")
+        S3Store("s3://bkt", env={**env, "AWS_CHECKSUM_ALGORITHM": "none"}).put("k", b"a megabatch")
+    finally:
+        server.shutdown()
+        server.server_close()
+    want = base64.b64encode(hashlib.sha256(b"a megabatch").digest()).decode()
+    assert headers[0]["x-amz-checksum-sha256"] == want
+    assert "x-amz-checksum-sha256" not in headers[1] and "x-amz-content-sha256" in headers[1]
+    # Multipart: each part carries its checksum, and the object keeps one (composite) checksum.
+    data = os.urandom(13 << 20)
+    store = S3Store(f"s3://{moto_bucket}/p", env=moto.env(), part_size=5 << 20, multipart_threshold=6 << 20)
+    store.put("big", [memoryview(data)])
+    head = moto.client().head_object(Bucket=moto_bucket, Key="p/big", ChecksumMode="ENABLED")
+    assert head.get("ChecksumSHA256")

@@ -7,11 +7,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 from test_inspection import HOOKS, run_cli
 
 from activault.storage import LocalStore
 from activault.tools.verify import verify_run
 from activault.vault import megabatch as fmt
+from activault.vault.records import REBUILD, header_metadata
 from support.synth import SynthRun, write_synthetic_run
 
 
@@ -24,20 +26,33 @@ def vault(tmp_path: Path) -> tuple[LocalStore, SynthRun]:
 def test_verify_clean_run_is_ok(vault, capsys) -> None:
     store, run = vault
     rc, out, _ = run_cli(["verify", str(store.root / "run")], capsys)
-    assert rc == 0 and out.startswith("OK") and "2 hooks, 4 files" in out and "machines [0, 1]" in out
-    assert f"{run.stats[HOOKS[0]].count:,} tokens" in out
+    assert (
+        rc == 0 and out.startswith("OK") and "2 hooks, 4 files" in out and "machines [0, 1]" in out
+    )
+    assert f"{run.stats[HOOKS[0]].count:,} tokens" in out and "verify --deep" in out
+    rc, out, _ = run_cli(["verify", "--deep", str(store.root / "run")], capsys)
+    assert (
+        rc == 0
+        and "checksums checked" in out
+        and "checksums verified in 8 of 8 readable files" in out
+    )
 
 
-def problems_of(store: LocalStore) -> list[str]:
-    problems, _ = verify_run(store, "run")
-    return problems
+def problems_of(store: LocalStore, deep: bool = False) -> list[str]:
+    return verify_run(store, "run", deep=deep).problems
+
+
+def redo(machine: int) -> str:
+    return f"rerun machine {machine}'s collect command"
 
 
 def test_verify_finds_a_file_deleted_in_one_hook(vault, capsys) -> None:
     store, run = vault
     store.delete(f"run/{HOOKS[1]}/{run.names[2]}")
     problems = problems_of(store)
-    assert any(HOOKS[1] in p and "missing" in p and run.names[2] in p for p in problems)
+    assert any(
+        HOOKS[1] in p and "missing" in p and run.names[2] in p and redo(1) in p for p in problems
+    )
     rc, out, _ = run_cli(["verify", str(store.root / "run")], capsys)
     assert rc == 1 and run.names[2] in out and "problem" in out
 
@@ -47,7 +62,9 @@ def test_verify_finds_a_truncated_file(vault) -> None:
     key = f"run/{HOOKS[0]}/{run.names[1]}"
     store.put(key, bytes(store.get(key))[:-100])
     problems = problems_of(store)
-    assert any(f"{HOOKS[0]}/{run.names[1]}" in p and "truncated" in p for p in problems), problems
+    assert any(
+        f"{HOOKS[0]}/{run.names[1]}" in p and "truncated" in p and redo(0) in p for p in problems
+    ), problems
 
 
 def test_verify_finds_mismatched_ids(vault) -> None:
@@ -56,33 +73,134 @@ def test_verify_finds_mismatched_ids(vault) -> None:
     t["input_ids"] = t["input_ids"].clone()
     t["input_ids"][0, 0] += 1
     store.put(f"run/{HOOKS[1]}/{run.names[3]}", fmt.encode(t, {"hook": HOOKS[1]}))
-    problems = problems_of(store)
-    assert problems == [f"{HOOKS[1]}/{run.names[3]}: token ids or positions differ from {HOOKS[0]}/{run.names[3]}"]
+    (problem,) = problems_of(store)
+    assert (
+        problem.startswith(
+            f"{HOOKS[1]}/{run.names[3]}: token ids or positions differ from {HOOKS[0]}/{run.names[3]}; "
+        )
+        and redo(1) in problem
+    )
 
 
 def test_verify_finds_missing_or_wrong_statistics(vault) -> None:
     store, _ = vault
     store.delete(f"run/{HOOKS[0]}/statistics.json")
-    assert problems_of(store) == [f"{HOOKS[0]}: statistics.json is missing"]
+    (problem,) = problems_of(store)
+    assert problem.startswith(f"{HOOKS[0]}: statistics.json is missing; {REBUILD}")
     stats = json.loads(store.get_text(f"run/{HOOKS[1]}/statistics.json"))
     stats["count"] -= 1
     stats["machines"] = [0]
     store.put_text(f"run/{HOOKS[1]}/statistics.json", json.dumps(stats))
     problems = problems_of(store)
-    assert any("statistics.json counts" in p for p in problems) and any("covers machines [0]" in p for p in problems)
+    assert any("statistics.json counts" in p for p in problems) and any(
+        "covers machines [0]" in p for p in problems
+    )
 
 
-def test_verify_finds_shape_and_dtype_mismatch(vault) -> None:
+def test_a_file_of_another_dtype_is_named_not_metadata(vault) -> None:
     store, run = vault
     t = dict(run.files[HOOKS[0]][run.names[0]])
     t["states"] = t["states"].float()
     store.put(f"run/{HOOKS[0]}/{run.names[0]}", fmt.encode(t, {}))
+    (problem,) = problems_of(store)
+    assert problem.startswith(
+        f"{HOOKS[0]}/{run.names[0]}: states are [rows, 16, 8] float32, most files"
+    )
+    assert redo(0) in problem
+
+
+def test_metadata_that_disagrees_with_every_file_is_named_as_the_broken_part(vault) -> None:
+    store, _ = vault
     meta = json.loads(store.get_text(f"run/{HOOKS[1]}/metadata.json"))
     meta["d_model"] = 9
+    meta["shape"][2] = 9
     store.put_text(f"run/{HOOKS[1]}/metadata.json", json.dumps(meta))
+    (problem,) = problems_of(store)
+    assert problem.startswith(
+        f"{HOOKS[1]}/metadata.json says [rows, 16, 9] bfloat16, the files hold [rows, 16, 8]"
+    )
+    assert "metadata.json is out of date, not the files" in problem and REBUILD in problem
+
+
+@pytest.mark.parametrize(
+    "record, text, message",
+    [
+        ("cfg.json", "{not json", "cfg.json is not valid JSON"),
+        (
+            "cfg.json",
+            '{"run_name": "run", "hooks": ["a"], "num_runs": 10000000000}',
+            "field 'num_runs'",
+        ),
+        (f"{HOOKS[0]}/metadata.json", "[1, 2]", "metadata.json is not a JSON object"),
+        (f"{HOOKS[0]}/statistics.json", '{"count": 0}', "statistics.json: field 'count'"),
+        (
+            "progress/machine-00001.json",
+            '{"machine": 1, "num_runs": 2, "files_done": -3}',
+            "field 'files_done'",
+        ),
+    ],
+)
+def test_damaged_records_are_named_with_file_field_and_repair(
+    vault, capsys, record, text, message
+) -> None:
+    store, _ = vault
+    store.put_text(f"run/{record}", text)
     problems = problems_of(store)
-    assert any("dtype float32" in p and "bfloat16" in p for p in problems)
-    assert sum("does not match metadata.json" in p and HOOKS[1] in p for p in problems) == 4
+    hit = [p for p in problems if message in p]
+    assert hit and str(store.root / "run" / record) in hit[0], problems
+    want = redo(1) if record.startswith("progress") else REBUILD
+    assert want in hit[0]
+    rc, out, err = run_cli(["verify", str(store.root / "run")], capsys)
+    assert rc == 1 and "Traceback" not in out + err
+
+
+# ---- --deep: checksums and NaN/Inf ----
+
+
+def test_deep_verify_finds_a_single_flipped_bit_in_states(vault, capsys) -> None:
+    store, run = vault
+    key = f"run/{HOOKS[1]}/{run.names[2]}"
+    b = bytearray(store.get(key))
+    start, end = fmt.parse_header(b, key).byte_range("states")
+    b[(start + end) // 2] ^= 0x01
+    store.put(key, bytes(b))
+    assert problems_of(store) == []  # headers, ids and positions are intact
+    (problem,) = problems_of(store, deep=True)
+    assert problem.startswith(
+        f"{HOOKS[1]}/{run.names[2]}: the bytes of tensor 'states' do not match"
+    )
+    assert redo(1) in problem
+    rc, out, _ = run_cli(["verify", "--deep", str(store.root / "run")], capsys)
+    assert rc == 1 and "checksums verified in 7 of 7 readable files" in out
+
+
+def test_deep_verify_reads_old_files_without_checksums_and_says_so(vault, capsys) -> None:
+    store, run = vault
+    for h in HOOKS:
+        t = run.files[h][run.names[0]]
+        meta = {**header_metadata("run", h, 0, 0, "synthetic"), "format_version": "1"}
+        store.put(f"run/{h}/{run.names[0]}", fmt.encode(t, meta, checksums=False))
+    rc, out, _ = run_cli(["verify", "--deep", str(store.root / "run")], capsys)
+    assert rc == 0 and "checksums verified in 6 of 8 readable files" in out
+    assert "2 file(s) have no checksums (format version 1, written before checksums)" in out
+
+
+def test_deep_verify_counts_tokens_with_nan_or_inf_per_hook(vault, capsys) -> None:
+    store, run = vault
+    t = {k: v.clone() for k, v in run.files[HOOKS[0]][run.names[1]].items()}
+    t["states"][0, 0, 0] = float("nan")
+    t["states"][0, 0, 1] = float("inf")  # the same token: counted once
+    t["states"][1, 2, 3] = float("-inf")
+    store.put(
+        f"run/{HOOKS[0]}/{run.names[1]}", fmt.encode(t, header_metadata("run", HOOKS[0], 0, 1, "s"))
+    )
+    v = verify_run(store, "run", deep=True)
+    assert (
+        v.problems == []
+        and f"{HOOKS[0]}: 2 token(s) with NaN or Inf in 1 file(s), e.g. {run.names[1]}" in v.notes
+    )
+    assert not any(HOOKS[1] in n and "NaN" in n for n in v.notes)
+    assert torch.isnan(t["states"]).any()  # (the file really holds them)
 
 
 def test_verify_names_foreign_objects_and_checks_the_rest(vault, tmp_path: Path, capsys) -> None:

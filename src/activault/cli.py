@@ -47,7 +47,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from activault.tools.verify import run_verify
 
-    return run_verify(args.uri)
+    return run_verify(args.uri, deep=args.deep)
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -97,7 +97,7 @@ def _launch_slurm(args: argparse.Namespace) -> int:
 
 
 def _merge_stats(args: argparse.Namespace) -> int:
-    from activault.tools.launch import merge_run_statistics
+    from activault.vault.runs import merge_run_statistics
 
     machines = merge_run_statistics(args.run_uri)
     print(f"statistics merged over finished machines {machines}")
@@ -166,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     ver = sub.add_parser("verify", help="check a stored run; exits 1 and lists the problems if any")
     ver.add_argument("uri", help="the run folder: PATH/RUN or s3://BUCKET[/PREFIX]/RUN")
+    ver.add_argument("--deep", action="store_true",
+                     help="read every file whole: check each tensor's checksum, count NaN/Inf per hook")
     ver.set_defaults(func=_verify)
 
     st = sub.add_parser("stats", help="a hook's statistics; --plot draws mean, std and token norms")

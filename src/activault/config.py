@@ -122,6 +122,9 @@ class UploadConfig(_Section):
     """zstd level; 1 stores the fewest bytes on activations' byte planes (bench/compression.py)."""
     compression_chunk_kib: int = Field(default=4096, ge=1, le=1 << 20)
     """Raw KiB of states per independently compressed chunk (rounded to whole tokens)."""
+    on_nonfinite: Literal["error", "warn"] = "warn"
+    """Tokens whose activations hold NaN or Inf: `warn` stores them and counts them (progress record,
+    statistics.json, the final log line); `error` stops before the file that would hold them."""
 
     @field_validator("hooks")
     @classmethod

@@ -30,18 +30,25 @@ from activault.collection.plan import (
 from activault.collection.resume import check_resume
 from activault.collection.writer import BufferPool, Writer
 from activault.config import Config, resolve_storage
+from activault.errors import ActivaultError, FormatError
 from activault.storage import Store, open_store
 from activault.storage.lock import MachineLock, hold
 from activault.units import human_bytes
 from activault.vault import codec as codecs
-from activault.vault.megabatch import encode, file_name, hook_metadata
+from activault.vault.megabatch import encode
 from activault.vault.records import (
-    Progress,
-    merge_statistics,
-    progress_key,
-    read_json,
-    write_json,
+    HookMetadata,
+    ProgressRecord,
+    RunRecord,
+    cfg_key,
+    file_name,
+    header_metadata,
+    hook_metadata,
+    metadata_key,
+    read_run,
+    write_record,
 )
+from activault.vault.runs import Progress, join_run, merge_statistics, rebuild_metadata, run_record
 from activault.vault.stats import RunningStats
 from activault.version import __version__
 
@@ -62,6 +69,7 @@ class Result:
     stats: dict[str, RunningStats] = field(default_factory=dict)
     files_planned: int = 0
     bad_records: int = 0  # skipped input records (data_config.on_bad_record: skip)
+    nonfinite: dict[str, int] = field(default_factory=dict)  # hook -> stored tokens with NaN/Inf
 
     def outcome(self) -> str:
         """One line: files written against the plan, and the bad records skipped."""
@@ -98,14 +106,8 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
     itemsize = dtype.itemsize
     pinned = pinned_limit() if tc.device != "cpu" else None
     check_feasible(cfg, dims, itemsize, text_config(skeleton.config), available_memory(), pinned)
-    record = {
-        "format": "activault", "format_version": 1, "activault_version": __version__, "run_name": run,
-        "config": cfg.to_public_dict(), "model": info, "tokenizer": _tokenizer_ref(tc.model_name), "hooks": uc.hooks,
-        "hook_dims": dims, "num_runs": cfg.num_runs,
-        "progress": [progress_key(run, m).split("/", 1)[1] for m in range(cfg.num_runs)],
-    }  # fmt: skip
-    cfg_key = f"{run}/cfg.json"
-    check_resume(read_json(store, cfg_key), record, store.url(cfg_key))
+    record = run_record(cfg, info, _tokenizer_ref(tc.model_name), dims, __version__)
+    check_resume(_stored_run(store, run), record.model_dump(mode="json"), store.url(cfg_key(run)))
     with hold(store, run, machine, uc.lease_seconds) as claim:  # one collector per (run, machine)
         job = _Job(cfg, machine, store, record, specs, dims, tokenizer, dtype, claim)
         return job.run(show_progress)
@@ -118,7 +120,7 @@ class _Job:
     cfg: Config
     machine: int
     store: Store
-    record: dict[str, Any]
+    record: RunRecord
     specs: Any
     dims: dict[str, int]
     tokenizer: Any
@@ -134,26 +136,30 @@ class _Job:
         tc, dc, uc, run = cfg.transformer_config, cfg.data_config, cfg.upload_config, cfg.run_name
         progress = Progress(store, run, machine, cfg.num_runs)
         plan = make_plan(cfg, dims, self.dtype.itemsize, machine, self.dtype)
-        for line in summary_lines(cfg, plan, dims, self.record["model"], store.uri, machine):
+        for line in summary_lines(cfg, plan, dims, self.record.model, store.uri, machine):
             log.info(line)
         for note in cost_notes(store, 0 if dc.skip_cache else plan.total_bytes):
             log.warning("note: %s", note)
 
         result = Result(destination=store.url(run), files_planned=plan.files)
+        # cfg.json (checked against this config above) and metadata.json are derived records:
+        # rebuilt here when missing, damaged or out of date, without collecting again.
+        join_run(store, self.record)
+        rebuild_metadata(store, cfg, machine, progress.files_done)
         if progress.finished:
-            log.info("machine %d already finished (%d files); refreshing statistics",
-                     machine, progress.files_done)
+            log.info("machine %d already finished (%d files); its records are checked and "
+                     "statistics merged", machine, progress.files_done)
             merge_statistics(store, run, uc.hooks, cfg.num_runs)
             result.files, result.rows = progress.files_done, progress.rows_done
             result.tokens = progress.tokens_done
             result.bad_records = int((progress.data_state or {}).get("bad_records", 0))
-            result.stats = {h: RunningStats.from_dict(d) for h, d in progress.stats.items()}
+            result.stats = {h: s.running() for h, s in progress.stats.items()}
+            result.nonfinite = {h: s.nonfinite for h, s in progress.stats.items()}
             log.info("machine %d: %s", machine, result.outcome())
             return result
         if not progress.files_done:
             _require_documents(cfg, machine)
 
-        write_json(store, f"{run}/cfg.json", self.record)
         # Only this machine writes these names, and it holds the machine: leftover temps are stale.
         for h in uc.hooks:
             store.clear_partial(f"{run}/{h}", f"m{machine:05d}-")
@@ -182,11 +188,25 @@ class _Job:
         result.files, result.rows, result.tokens = loop.files, loop.rows, loop.tokens
         result.bytes_written, result.seconds = loop.writer.bytes_written, time.perf_counter() - t0
         result.stats, result.bad_records = loop.stats, loop.bad_records
+        result.nonfinite = {h: s.nonfinite_tokens for h, s in loop.stats.items()}
+        if any(result.nonfinite.values()):
+            log.warning("tokens with NaN or Inf stored (upload_config.on_nonfinite: warn): %s",
+                        result.nonfinite)
         log.info("wrote %d files (%s) to %s in %.1fs; statistics cover machines %s",
                  loop.files - progress.files_done, human_bytes(result.bytes_written),
                  result.destination, result.seconds, merged)
         log.info("machine %d: %s", machine, result.outcome())
         return result
+
+
+def _stored_run(store: Store, run: str) -> dict[str, Any] | None:
+    """The stored cfg.json to check a rerun against; a damaged one is rebuilt later, not checked."""
+    try:
+        stored = read_run(store, run)
+    except FormatError as e:
+        log.warning("%s: rebuilding it from this config", str(e).split("; ")[0])
+        return None
+    return stored.model_dump(mode="json") if stored is not None else None
 
 
 def _require_documents(cfg: Config, machine: int) -> None:
@@ -228,10 +248,11 @@ class _Collector:
         self.cuda = any(p.device.type == "cuda" for p in capture.model.parameters())
         self.copy_streams: dict[torch.device, Any] = {}  # one D2H stream per GPU, off the compute stream
         self.stats = {
-            h: RunningStats.from_dict(progress.stats[h], self.device) if h in progress.stats
+            h: progress.stats[h].running(self.device) if h in progress.stats
             else RunningStats(dims[h], self.device)
             for h in self.hooks
         }  # fmt: skip
+        self.nonfinite = {h: s.nonfinite for h, s in progress.stats.items()}  # as of the last file
         self.writer = Writer(store, threads=cfg.upload_config.write_threads)
         self.pools: dict[str, BufferPool] = {}
         self.files, self.rows, self.tokens = progress.files_done, progress.rows_done, progress.tokens_done
@@ -261,7 +282,7 @@ class _Collector:
                     break  # the data ran out: this partial megabatch is the last
             self.writer.flush()
             self.check_claim()
-            write_json(self.store, self.progress.key, self._record(self.data_state, finished=True))
+            self.progress.write(self._record(self.data_state, finished=True))
             self.writer.close()
         except BaseException:
             self.writer.abort()
@@ -337,38 +358,54 @@ class _Collector:
         for stream in self.copy_streams.values():
             stream.synchronize()  # the async copies into host buffers are done
         run, rows, tc = self.cfg.run_name, mb.rows, self.cfg.transformer_config
+        self._check_nonfinite(k)
         futures = []
         if self.cfg.data_config.skip_cache:
             self._release(mb)
         else:
             for h in self.hooks:
-                meta = {"format": "activault", "format_version": "1", "run_name": run, "hook": h,
-                        "machine": str(self.machine), "file_index": str(k), "model": tc.model_name}  # fmt: skip
+                meta = header_metadata(run, h, self.machine, k, tc.model_name)
                 tensors = {"states": mb.states[h][:rows], "input_ids": mb.ids[:rows], "positions": mb.pos[:rows]}
-                parts = encode(tensors, meta) if self.codec is None else self._compressing(h, tensors, meta, k)
+                parts = self._encoding(h, tensors, meta, k)
                 release = _releaser(self.pools[h], mb.states[h])
                 futures.append(self.writer.write(f"{run}/{h}/{file_name(self.machine, k)}", parts, on_done=release))
         self.files, self.rows = k + 1, self.rows + rows
         metas = self._metadata() if k == self.progress.files_done else {}
-        self.writer.commit(futures, _committer(self.store, run, self.progress.key, self._record(mb.data_state), metas))
+        self.writer.commit(futures, _committer(self.store, run, self.progress, self._record(mb.data_state), metas))
 
-    def _compressing(self, hook: str, tensors: dict[str, torch.Tensor], meta: dict[str, str], k: int):
-        """The file's parts as a function: the writer thread compresses, never the model's thread."""
+    def _check_nonfinite(self, k: int) -> None:
+        """Refuse (on_nonfinite: error) or report tokens with NaN/Inf that file k would store."""
+        for h, s in self.stats.items():
+            n = s.nonfinite_tokens - self.nonfinite.get(h, 0)  # read once per file: a GPU sync
+            if not n:
+                continue
+            where = f"machine {self.machine}, file {k}, hook {h}: {n} token(s) hold NaN or Inf"
+            if self.cfg.upload_config.on_nonfinite == "error":
+                raise ActivaultError(
+                    f"{where}; nothing of this file was stored. The activations overflow or the "
+                    "model is broken: try transformer_config.dtype bfloat16 or float32, or set "
+                    "upload_config.on_nonfinite: warn to store them and count them"
+                )
+            log.warning("%s (stored; counted in the progress record and statistics.json)", where)
+            self.nonfinite[h] = s.nonfinite_tokens
+
+    def _encoding(self, hook: str, tensors: dict[str, torch.Tensor], meta: dict[str, str], k: int):
+        """The file's parts as a function: a writer thread hashes (checksums) and compresses, never
+        the model's thread (xxh3 and zstd release the GIL)."""
 
         def build() -> list[memoryview]:
-            parts = encode(tensors, meta, self.codec)
-            if self.measured is not None and k == self.progress.files_done:
+            parts = encode(tensors, meta, compression=self.codec)
+            if self.codec is not None and self.measured is not None and k == self.progress.files_done:
                 raw = sum(t.numel() * t.element_size() for t in tensors.values())
                 self.measured(hook, raw, sum(p.nbytes for p in parts))
             return parts
 
         return build
 
-    def _record(self, data_state: dict[str, Any] | None, finished: bool = False) -> dict[str, Any]:
-        stats = {h: s.to_dict() for h, s in self.stats.items()}
-        return self.progress.record(self.files, self.rows, self.tokens, data_state, stats, finished)
+    def _record(self, data_state: dict[str, Any] | None, finished: bool = False) -> ProgressRecord:
+        return self.progress.record(self.files, self.rows, self.tokens, data_state, self.stats, finished)
 
-    def _metadata(self) -> dict[str, dict[str, Any]]:
+    def _metadata(self) -> dict[str, HookMetadata]:
         dc, uc = self.cfg.data_config, self.cfg.upload_config
         return {
             h: hook_metadata(run_name=self.cfg.run_name, hook=h, d_model=p.shape[-1], dtype=p.dtype,
@@ -385,11 +422,11 @@ def _tokenizer_ref(model_name: str) -> str:
     return str(path.resolve()) if path.is_dir() else model_name
 
 
-def _committer(store: Store, run: str, key: str, rec: dict[str, Any], metas: dict[str, dict[str, Any]]):
+def _committer(store: Store, run: str, progress: Progress, rec: ProgressRecord, metas: dict[str, HookMetadata]):
     def commit() -> None:
         for h, meta in metas.items():
-            write_json(store, f"{run}/{h}/metadata.json", meta)
-        write_json(store, key, rec)
+            write_record(store, metadata_key(f"{run}/{h}"), meta)
+        progress.write(rec)
 
     return commit
 

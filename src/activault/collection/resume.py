@@ -56,6 +56,7 @@ FIELDS: dict[str, Kind] = {
     "upload_config.write_threads": "runtime",
     "upload_config.price_per_gb_month": "runtime",
     "upload_config.lease_seconds": "runtime",
+    "upload_config.on_nonfinite": "runtime",  # warn stores and counts, error stops: never different bytes
     # fp8 is lossy: one run must not hold two precisions (`activault recompress` converts a whole
     # run). The zstd level and chunk size change only how bytes are packed: decoded bit for bit.
     "upload_config.compression": "data",

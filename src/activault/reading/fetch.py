@@ -199,8 +199,12 @@ class ObjectReader:
                 "delete it and collect again"
             )
 
-    def head(self) -> tuple[bytearray, dict[str, Any] | None, int]:
-        """The first bytes, the parsed header and where the data starts (header None: legacy)."""
+    def head(self) -> tuple[bytearray, fmt.Header | None, int]:
+        """The first bytes, the validated header and where the data starts (header None: legacy).
+
+        The header is checked (`megabatch.parse_header`, every reader's one validator) against
+        the listed size before any tensor byte is requested.
+        """
         if self.size == 0:
             raise FormatError(f"{self.url}: empty file (0 bytes); delete it and collect again")
         head = bytearray(min(self.size, HEAD_BYTES, self.step))
@@ -217,8 +221,8 @@ class ObjectReader:
             more = bytearray(n - len(head))
             self.read(len(head), memoryview(more))
             head += more
-        header, start = fmt.read_header(head, self.url)
-        return head, header, start
+        header = fmt.parse_header(head, self.url, self.size)
+        return head, header, header.data_offset
 
     def body(
         self, head: bytearray, buffers: BufferPool, ranges: Workers, priority: tuple[int, ...]
@@ -250,7 +254,7 @@ class ObjectReader:
 
 
 def tensors_of(
-    buf: torch.Tensor, header: dict[str, Any], start: int, url: str, buffers: BufferPool
+    buf: torch.Tensor, header: fmt.Header, url: str, buffers: BufferPool, verify_checksums: bool = False
 ) -> dict[str, torch.Tensor]:
     """The header's tensors as views of the file's bytes `buf: [size] uint8` (no copy); compressed
     ones (vault/codec.py) decoded into a recycled buffer.
@@ -258,21 +262,21 @@ def tensors_of(
     Slices of the tensor itself, not of a buffer protocol view: a non_blocking copy from pinned
     memory then keeps that memory's allocation alive until the copy is done.
     """
-    specs = fmt.tensor_specs(header, buf.numel() - start, url)
-    packed = fmt.packed_specs(header, url)
+    if verify_checksums:
+        fmt.check_checksums(header, buf.numpy().data, url)
     out = {}
-    for name, (dtype, shape, s, e) in specs.items():
-        raw = buf[start + s : start + e]
-        if name in packed:
-            blob = raw.numpy().data
+    for name, info in header.tensors.items():
+        a, b = header.byte_range(name)
+        raw = buf[a:b]
+        if name in header.packed:
             out[name] = codecs.unpack(
-                blob,
-                packed[name],
+                raw.numpy().data,
+                header.packed[name],
                 f"{url} {name!r}",
                 lambda shape, dtype: buffers.empty(tuple(shape), dtype),
             )
             continue
-        if (start + s) % dtype.itemsize:  # not aligned (not written by activault): one copy
+        if a % info.dtype.itemsize:  # not aligned (not written by activault): one copy
             raw = raw.clone()
-        out[name] = raw.view(dtype).view(shape)
+        out[name] = raw.view(info.dtype).view(info.shape)
     return out

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -184,31 +183,23 @@ class Catalog:
 
     def _in_flight(self, prefix: Prefix, name: str) -> bool:
         """Whether its machine is still writing the file (its progress record does not count it)."""
-        parsed = fmt.parse_file_name(name)
+        parsed = records.parse_file_name(name)
         if parsed is None or not self.hooks:
             return False
         machine, index = parsed
         # The prefix is the run folder: its progress records sit beside the hook folders.
-        key = records.progress_key("", machine).lstrip("/")
         try:
-            rec = records.read_json(prefix.store, key)
+            rec = records.read_progress(prefix.store, "", machine)
         except FormatError:
             return False
-        if not rec:
-            return False
-        return not rec.get("finished") and int(rec.get("files_done", 0)) <= index
+        return rec is not None and not rec.finished and rec.files_done <= index
 
     def _shape(self, si: int, h: int) -> StatesShape | None:
         """From metadata.json, else the first file's header; None for legacy `.pt` only."""
         prefix = self.prefixes[si]
-        key = prefix.key(h, "metadata.json")
-        try:
-            meta = json.loads(prefix.store.get_text(key))
-            return StatesShape(int(meta["seq_length"]), int(meta["d_model"]), _dtype(meta["dtype"]))
-        except NotFoundError:
-            pass
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as e:
-            raise FormatError(f"{prefix.store.url(key)}: unreadable ({e})") from None
+        meta = records.read_metadata(prefix.store, prefix.folders[h])
+        if meta is not None:
+            return StatesShape(meta.seq_length, meta.d_model, dtypes.to_torch(meta.dtype))
         first = next(
             (f for b in self.blocks for f in b if f.source == si and f.name.endswith(fmt.SUFFIX)),
             None,
@@ -216,18 +207,8 @@ class Catalog:
         if first is None:
             return None  # legacy .pt only: the first decoded file sets the shape
         key = prefix.key(h, first.name)
-        header, _ = fmt.fetch_header(prefix.store, key)
-        try:
-            dtype, shape = fmt.logical_specs(header, prefix.url(h, first.name))[
-                "states"
-            ]  # compressed too
-            seq, d = shape[1:]
-            return StatesShape(int(seq), int(d), dtype)
-        except (KeyError, ValueError, TypeError):
-            url = prefix.url(h, first.name)
-            raise FormatError(
-                f"{url}: no 'states' tensor of shape [rows, seq, d] in the header"
-            ) from None
+        header = fmt.fetch_header(prefix.store, key)  # validated: states [rows, seq, d], compressed too
+        return StatesShape(header.seq_len, header.d_model, header.dtype)
 
     def _check_compatible(self) -> list[StatesShape | None]:
         shapes: list[StatesShape | None] = []

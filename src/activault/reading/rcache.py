@@ -43,6 +43,8 @@ class RCache(Reader):
             hooks lack, instead of raising.
         store_options: passed to `open_store` (e.g. `{"unsigned": True}` for a public bucket).
         range_size: bytes per ranged read (default 16 MiB); larger than any file: one GET each.
+        verify_checksums: check every file's bytes against the checksums in its header (a
+            FormatError names the file and tensor); costs a hash pass (README: Benchmarks).
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class RCache(Reader):
         skip_bad_files: bool = False,
         store_options: dict[str, Any] | None = None,
         range_size: int | None = None,
+        verify_checksums: bool = False,
     ):
         self.device = check_device(device)
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
@@ -68,7 +71,7 @@ class RCache(Reader):
             uri, hooks=hooks, buffer_size=buffer_size, preserve_file_order=preserve_file_order,
             seed=seed, rank=rank, world_size=world_size, skip_bad_files=skip_bad_files,
             store_options=store_options, range_size=range_size, pin=self._pin,
-            transform=self._shuffle,
+            verify_checksums=verify_checksums, transform=self._shuffle,
         )  # fmt: skip
         super().__init__(files)
         self.return_ids = return_ids

@@ -99,6 +99,7 @@ class FileStream:
         range_size: int | None = None,
         pin: bool = False,
         held: int = 1,
+        verify_checksums: bool = False,
         transform: Callable[[FileRef, int, Megabatch], Megabatch]
         | None = None,  # (file, epoch, item)
     ):
@@ -117,6 +118,7 @@ class FileStream:
         self.unreadable = 0  # files skipped while reading (skip_bad_files)
         self.range_size = range_size
         self.pin = pin
+        self.verify_checksums = verify_checksums  # each file's bytes against its header's checksums
         self.transform = transform
         self.buffers = BufferPool(pin, keep=buffer_size + held + 1)
         self._shape_lock = threading.Lock()
@@ -176,21 +178,21 @@ class FileStream:
             for h, size in enumerate(f.sizes)
         ]
         heads = [r.head() for r in readers]
-        for h, (r, (_, header, start)) in enumerate(zip(readers, heads, strict=True)):
+        for h, (r, (_, header, _)) in enumerate(zip(readers, heads, strict=True)):
             if header is not None:
-                self._check_header(header, r.size - start, r.url, h)
+                self._expect(StatesShape(header.seq_len, header.d_model, header.dtype), r.url, h)
         bodies = [
             r.body(head, self.buffers, ranges, (seq, h))
             for h, (r, (head, _, _)) in enumerate(zip(readers, heads, strict=True))
         ]
         states: list[torch.Tensor] = []
         ids = pos = None
-        for h, (r, (_, header, start), body) in enumerate(zip(readers, heads, bodies, strict=True)):
+        for h, (r, (_, header, _), body) in enumerate(zip(readers, heads, bodies, strict=True)):
             buf = body()
             if header is None:
-                tensors = fmt.decode_legacy(buf.numpy().data, r.url)
+                tensors = fmt.decode_legacy(buf.numpy().data, r.url).tensors
             else:
-                tensors = tensors_of(buf, header, start, r.url, self.buffers)
+                tensors = tensors_of(buf, header, r.url, self.buffers, self.verify_checksums)
             s, i, p = self._check(tensors, r.url, h)
             if ids is None:
                 ids, pos = i, p
@@ -203,16 +205,6 @@ class FileStream:
         assert ids is not None and pos is not None
         item = Megabatch(states, ids, pos)
         return self.transform(f, epoch, item) if self.transform is not None else item
-
-    def _check_header(self, header: dict[str, Any], data_len: int, url: str, h: int) -> None:
-        """The header's tensors fit the listed size exactly and `states` has this hook's shape."""
-        fmt.tensor_specs(header, data_len, url)
-        dtype, shape = fmt.logical_specs(header, url).get(
-            "states", (None, [])
-        )  # decoded, if compressed
-        if dtype is None or len(shape) != 3:
-            raise FormatError(f"{url}: no 'states' tensor of shape [rows, seq, d]")
-        self._expect(StatesShape(shape[1], shape[2], dtype), url, h)
 
     def _expect(self, shape: StatesShape, url: str, h: int) -> None:
         with self._shape_lock:

@@ -6,7 +6,6 @@ are gathered from it with one copy, so a restarted loader resumes at the exact t
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -31,7 +30,8 @@ from activault.reading.stream import (
     mix_seed,
 )
 from activault.storage import Store
-from activault.vault.stats import RunningStats, merge_all
+from activault.vault import records
+from activault.vault.stats import merge_all
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class TokenLoader(Reader):
             epoch); batches run across epoch boundaries and `state_dict()` stays exact.
         dtype: output dtype; default the stored one, or float32 when normalising.
         Other options as RCache (buffer_size, rank, world_size, skip_bad_files, store_options,
-        range_size); preserve_file_order defaults to False here.
+        range_size, verify_checksums); preserve_file_order defaults to False here.
     """
 
     def __init__(
@@ -189,14 +189,13 @@ class TokenLoader(Reader):
             return None, 1.0
         parts = []
         for prefix in self.files.catalog.prefixes:
-            key = prefix.key(h, "statistics.json")
-            try:
-                parts.append(RunningStats.from_dict(json.loads(prefix.store.get_text(key))))
-            except NotFoundError:
+            found = records.read_statistics(prefix.store, prefix.folders[h])  # typed, errors named
+            if found is None:
+                url = prefix.store.url(records.statistics_key(prefix.folders[h]))
                 raise NotFoundError(
-                    f"{prefix.store.url(key)} does not exist; normalisation needs the run's "
-                    "statistics"
-                ) from None
+                    f"{url} does not exist; normalisation needs the run's statistics ({records.REMERGE})"
+                )
+            parts.append(found.running())
         stats = merge_all(parts)
         assert stats is not None
         mean = stats.mean.to(torch.float32) if center else None

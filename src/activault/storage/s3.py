@@ -62,6 +62,11 @@ NOTICE_EVERY_S = 5.0
 CHECK_TIMEOUT = "10s"
 CHECK_CONNECT_TIMEOUT = "2s"
 CHECK_RETRIES = 1
+# Signed PUTs already carry the body's SHA-256 (x-amz-content-sha256: S3 refuses a body that does
+# not match it); naming the algorithm also stores it with the object (x-amz-checksum-sha256) from
+# the same digest, so it costs no second hash. AWS_CHECKSUM_ALGORITHM=none turns it off for an
+# endpoint that refuses the header.
+CHECKSUM = "sha256"
 
 def s3_settings(env: dict[str, str] | None = None) -> dict[str, str]:
     """S3 connection settings from the environment (the original's names and the standard AWS_* ones)."""
@@ -75,6 +80,7 @@ def s3_settings(env: dict[str, str] | None = None) -> dict[str, str]:
         "secret_access_key": ("AWS_SECRET_ACCESS_KEY",),
         "session_token": ("AWS_SESSION_TOKEN",),
         "region": ("AWS_REGION", "AWS_DEFAULT_REGION"),
+        "checksum_algorithm": ("AWS_CHECKSUM_ALGORITHM",),
     }.items():
         for n in names:
             if env.get(n):
@@ -195,6 +201,8 @@ class S3Store(Store):
         if unsigned:
             self._config = {k: v for k, v in self._config.items() if k in ("endpoint", "region")}
             self._config["skip_signature"] = True
+        elif self._config.setdefault("checksum_algorithm", CHECKSUM).lower() == "none":
+            del self._config["checksum_algorithm"]
         self.max_retries, self.retry_timeout = retry_budget(env, max_retries, retry_timeout)
         self._store = self._client(timeout or TIMEOUT, CONNECT_TIMEOUT, _retry(INNER_RETRIES, timedelta(seconds=5)))
         creds = {} if unsigned else {k: settings.get(k) for k in ("access_key_id", "secret_access_key", "session_token")}

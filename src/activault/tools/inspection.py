@@ -23,12 +23,18 @@ from activault.units import human_bytes
 from activault.vault.megabatch import (
     CODECS_KEY,
     DTYPES,
+    Megabatch,
     decode,
     dtype_name,
+    fetch_header,
     is_megabatch,
     megabatch_files,
 )
-from activault.vault.records import RECOLLECT, REMERGE, read_json
+from activault.vault.records import (
+    HookStatistics,
+    read_run,
+    read_statistics,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -136,6 +142,9 @@ class Inspection:
         out += [f"  {k}: {v['shape']} {v['dtype']}" + (f"  (stored {v['stored']})" if "stored" in v else "")
                 for k, v in self.tensors.items()]  # fmt: skip
         out += ["", "States Tensor Check:", f"  No NaNs: {mark(not c['nan'])}", f"  No Infs: {mark(not c['inf'])}"]
+        if c["nonfinite_tokens"]:
+            out.append(f"  Tokens with NaN/Inf: {c['nonfinite_tokens']:,}")
+        out.append(f"  Checksums: {c['checksums']}")
         if c["min"] is not None:
             out.append(f"  Value range: [{c['min']:.3f}, {c['max']:.3f}]")
         n = min(PREVIEW_ROWS, len(self.rows))
@@ -147,29 +156,33 @@ class Inspection:
         return out
 
 
-def _read_megabatch(store: Store, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and header metadata of a whole megabatch; a one-line error for anything else."""
+def read_megabatch(store: Store, key: str, size: int | None = None, verify: bool = True) -> Megabatch:
+    """A whole megabatch, its header validated before the body is fetched, checksums checked."""
     name = store.url(key)
     if not is_megabatch(key):
         raise FormatError(f"{name} is not a megabatch (.safetensors or .pt); inspect a file inside a hook folder")
-    if store.size(key) is None:
+    size = store.size(key) if size is None else size
+    if size is None:
         dirs, files = list_dir(store, key)
         if dirs or files:
             raise FormatError(f"{name} is a folder; inspect a megabatch file inside it")
         raise NotFoundError(f"{name} does not exist; list the folder with `activault ls`")
-    tensors, meta = decode(store.get(key), name)
-    if "states" not in tensors:
-        raise FormatError(f"{name} has no 'states' tensor; not an activault megabatch")
-    return tensors, meta
+    header = None if key.endswith(".pt") else fetch_header(store, key, size)
+    return decode(store.get(key), name, header, verify_checksums=verify)
+
+
+def nonfinite_tokens(states: torch.Tensor) -> int:
+    """Tokens of `states: [..., d]` with a NaN or Inf in any dimension."""
+    return int((~torch.isfinite(states.reshape(-1, states.shape[-1]))).any(1).sum())
 
 
 def _value_checks(states: torch.Tensor) -> dict[str, Any]:
-    """NaN and Inf flags and the range of the finite values."""
+    """NaN and Inf flags, tokens holding them, and the range of the finite values."""
     finite = states.float() if states.dtype in (torch.float16, torch.bfloat16) else states
     nan, inf = bool(torch.isnan(finite).any()), bool(torch.isinf(finite).any())
     ok = finite[torch.isfinite(finite)]
     return {
-        "nan": nan, "inf": inf,
+        "nan": nan, "inf": inf, "nonfinite_tokens": nonfinite_tokens(states),
         "min": float(ok.min()) if ok.numel() else None, "max": float(ok.max()) if ok.numel() else None,
     }  # fmt: skip
 
@@ -196,20 +209,18 @@ def _stored(meta: dict[str, str], key: str) -> dict[str, str]:
 
 def inspect_file(store: Store, key: str, tokenizers: Tokenizers | None = None) -> Inspection:
     """Read one megabatch whole and describe it."""
-    tensors, meta = _read_megabatch(store, key)
-    ids = tensors.get("input_ids")
-    cfg = read_json(store, join(parent(key, 2), "cfg.json"), RECOLLECT) if "/" in key else None
-    tok_name = (cfg or {}).get("tokenizer") or meta.get("model")
-    model = meta.get("model") or ((cfg or {}).get("model") or {}).get("name") or "(unknown)"
+    mb = read_megabatch(store, key)
+    meta = mb.metadata
+    cfg = read_run(store, parent(key, 2)) if "/" in key else None
+    tok_name = (cfg.tokenizer if cfg else None) or meta.get("model")
+    model = meta.get("model") or (cfg.model.get("name") if cfg else None) or "(unknown)"
+    checks = _value_checks(mb.states)
+    checks["checksums"] = "verified" if mb.header and mb.header.checksums else "none (written before checksums)"
     insp = Inspection(
         url=store.url(key), model=model, tokenizer=tok_name,
-        tensors={k: {"shape": list(t.shape), "dtype": dtype_name(t.dtype), **_stored(meta, k)} for k, t in tensors.items()},
-        metadata=meta, checks=_value_checks(tensors["states"]),
-        rows=[] if ids is None else _token_rows(ids, tensors.get("positions")),
+        tensors={k: {"shape": list(t.shape), "dtype": dtype_name(t.dtype), **_stored(meta, k)} for k, t in mb.tensors.items()},
+        metadata=meta, checks=checks, rows=_token_rows(mb.input_ids, mb.positions),
     )  # fmt: skip
-    if ids is None:
-        insp.decode_note = "the file has no input_ids"
-        return insp
     tok, why = (tokenizers or Tokenizers()).get(tok_name)
     if tok is None:
         insp.decode_note = why
@@ -274,8 +285,8 @@ def list_lines(store: Store, key: str, files: bool = False) -> list[str]:
 # ---- stats --------------------------------------------------------------------------------------
 
 
-def hook_statistics(store: Store, hook: str) -> dict[str, Any]:
-    stats = read_json(store, join(hook, "statistics.json"), REMERGE)
+def hook_statistics(store: Store, hook: str) -> HookStatistics:
+    stats = read_statistics(store, hook)
     if stats is None:
         raise NotFoundError(
             f"{store.url(join(hook, 'statistics.json'))} does not exist; give RUN/HOOK of a finished run "
@@ -284,37 +295,41 @@ def hook_statistics(store: Store, hook: str) -> dict[str, Any]:
     return stats
 
 
-def stats_lines(stats: dict[str, Any], where: str) -> list[str]:
-    mean, std = torch.tensor(stats["mean"]), torch.tensor(stats["std"])
-    return [
+def stats_lines(stats: HookStatistics, where: str) -> list[str]:
+    mean, std = torch.tensor(stats.mean), torch.tensor(stats.std)
+    lines = [
         f"statistics of {where}",
-        f"  count       {int(stats['count']):,} tokens",
+        f"  count       {stats.count:,} tokens",
         f"  d_model     {mean.numel()}",
-        f"  mean norm   {float(stats['norm']):.4f}",
+        f"  mean norm   {stats.norm:.4f}",
         f"  mean range  [{float(mean.min()):.4f}, {float(mean.max()):.4f}]  (|mean| {float(mean.norm()):.4f})",
         f"  std range   [{float(std.min()):.4f}, {float(std.max()):.4f}]  (average {float(std.mean()):.4f})",
-        f"  machines    {stats.get('machines', '(not listed)')}",
+        f"  machines    {stats.machines}",
     ]
+    if stats.nonfinite:
+        lines.append(f"  NaN/Inf     {stats.nonfinite:,} tokens (the statistics include them)")
+    return lines
 
 
 def sample_norms(store: Store, hook: str, files: int = 4) -> torch.Tensor:
     """L2 norms of the non-padding tokens of up to `files` megabatches spread over the hook folder."""
     _, entries = list_dir(store, hook)
-    keys = [join(hook, n) for n in megabatch_files(entries)]
+    sizes = {join(hook, n): size for n, size in megabatch_files(entries).items()}
+    keys = list(sizes)
     if not keys:
         return torch.empty(0)
     step = max(1, len(keys) // files)
     norms = []
     for key in keys[::step][:files]:
-        tensors, _ = decode(store.get(key), store.url(key))
-        s = tensors["states"].float().reshape(-1, tensors["states"].shape[-1])
-        if "positions" in tensors:
-            s = s[tensors["positions"].reshape(-1) >= 0]
+        mb = read_megabatch(store, key, sizes[key], verify=False)
+        s = mb.states.float().reshape(-1, mb.states.shape[-1])
+        if mb.positions is not None:
+            s = s[mb.positions.reshape(-1) >= 0]
         norms.append(torch.linalg.vector_norm(s, dim=1))
     return torch.cat(norms)
 
 
-def stats_figure(stats: dict[str, Any], norms: torch.Tensor, title: str = "") -> Figure:
+def stats_figure(stats: HookStatistics, norms: torch.Tensor, title: str = "") -> Figure:
     """Per-dimension mean and std, and a histogram of token norms (Agg backend, no display)."""
     try:
         from matplotlib.figure import Figure
@@ -326,9 +341,9 @@ def stats_figure(stats: dict[str, Any], norms: torch.Tensor, title: str = "") ->
 
     fig = Figure(figsize=(10, 8), layout="constrained")
     ax_mean, ax_std, ax_norm = fig.subplots(3, 1)
-    ax_mean.plot(stats["mean"], lw=0.8)
+    ax_mean.plot(stats.mean, lw=0.8)
     ax_mean.set(title="mean per dimension", xlabel="dimension", ylabel="mean")
-    ax_std.plot(stats["std"], lw=0.8, color="tab:orange")
+    ax_std.plot(stats.std, lw=0.8, color="tab:orange")
     ax_std.set(title="std per dimension", xlabel="dimension", ylabel="std")
     ax_norm.hist(norms.numpy(), bins=min(100, max(10, norms.numel() // 20)), color="tab:green")
     ax_norm.set(title=f"token L2 norms ({norms.numel():,} sampled tokens)", xlabel="L2 norm", ylabel="tokens")

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from activault.config import Config, load_config, resolve_storage
-from activault.errors import ConfigError, NotFoundError
-from activault.storage import Store, locate, open_store
-from activault.vault.records import merge_statistics, progress_key, read_json
+from activault.errors import ActivaultError, ConfigError
+from activault.storage import Store, open_store
+from activault.vault.records import read_progress
 
 log = logging.getLogger(__name__)
 
@@ -65,28 +65,12 @@ def run_store(cfg: Config, storage: str | None = None) -> Store:
 def machine_progress(store: Store, cfg: Config, machine: int) -> str:
     """`files k/n` (or `finished`) from machine's progress record; never raises (it only informs)."""
     try:
-        rec = read_json(store, progress_key(cfg.run_name, machine)) or {}
-    except Exception as e:
-        return f"progress unreadable ({type(e).__name__})"
-    if rec.get("finished"):
-        return f"finished ({rec.get('files_done', 0)} files)"
-    return f"files {rec.get('files_done', 0)}/{cfg.machine_files(machine)}"
-
-
-def locate_run(run_uri: str) -> tuple[Store, str]:
-    """(store, run key) for `PATH/RUN` or `s3://BUCKET[/PREFIX]/RUN`."""
-
-    store, key = locate(run_uri)
-    if read_json(store, f"{key}/cfg.json") is None:
-        raise NotFoundError(f"{run_uri} holds no cfg.json: pass a run folder, e.g. ./vault/RUN or s3://BUCKET/RUN")
-    return store, key
-
-
-def merge_run_statistics(run_uri: str) -> list[int]:
-    """Rewrite every hook's statistics.json of a stored run from its finished machines' records."""
-    store, run = locate_run(run_uri)
-    rec = read_json(store, f"{run}/cfg.json") or {}
-    return merge_statistics(store, run, list(rec.get("hooks", [])), int(rec.get("num_runs", 1)))
+        rec = read_progress(store, cfg.run_name, machine)
+    except ActivaultError as e:  # a damaged record, or the store unreachable for a moment
+        return f"progress unreadable ({str(e).split('; ')[0]})"
+    if rec is not None and rec.finished:
+        return f"finished ({rec.files_done} files)"
+    return f"files {rec.files_done if rec else 0}/{cfg.machine_files(machine)}"
 
 
 def _stamp() -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -23,15 +22,21 @@ from activault.tools.inspection import join, list_dir
 from activault.units import human_bytes
 from activault.vault import codec as codecs
 from activault.vault.megabatch import (
+    CHECKSUM_KEY,
     CODECS_KEY,
     SUFFIX,
     decode,
     encode,
     fetch_header,
     megabatch_files,
-    packed_specs,
 )
-from activault.vault.records import RECOLLECT, progress_key, read_json, write_json
+from activault.vault.records import (
+    metadata_key,
+    read_metadata,
+    read_progress,
+    read_run,
+    write_record,
+)
 
 
 @dataclass
@@ -46,8 +51,7 @@ class Summary:
 
 
 def _is_stored_as(store: Store, key: str, size: int, codec: codecs.Codec | None) -> bool:
-    header, _ = fetch_header(store, key, size)
-    packed = packed_specs(header, store.url(key))
+    packed = fetch_header(store, key, size).packed
     if codec is None:
         return not packed
     return "states" in packed and packed["states"].matches(codec)
@@ -75,12 +79,12 @@ def convert_file(store: Store, key: str, codec: codecs.Codec | None) -> tuple[in
     """Convert one megabatch in place, verified before it is replaced; (bytes before, bytes after)."""
     url = store.url(key)
     buf = store.get(key)
-    tensors, meta = decode(buf, url)
-    meta.pop(CODECS_KEY, None)
-    parts = encode({k: t.contiguous() for k, t in tensors.items()}, meta, codec)
+    old = decode(buf, url, verify_checksums=True)  # never convert a file that is already damaged
+    tensors, meta = old.tensors, _described(old.metadata)
+    parts = encode({k: t.contiguous() for k, t in tensors.items()}, meta, compression=codec)
     data = b"".join(parts)  # the exact bytes written, decoded once more to check them
-    again, again_meta = decode(data, url)
-    again_meta.pop(CODECS_KEY, None)
+    new = decode(data, url, verify_checksums=True)
+    again, again_meta = new.tensors, _described(new.metadata)
     if again_meta != meta:
         raise FormatError(f"{url}: conversion changed the header metadata; file left as it was")
     _check(tensors, again, codec, url)
@@ -88,11 +92,15 @@ def convert_file(store: Store, key: str, codec: codecs.Codec | None) -> tuple[in
     return buf.nbytes, len(data)
 
 
-def _unfinished(store: Store, run: str, cfg: dict[str, Any] | None) -> list[int]:
-    if not cfg or "num_runs" not in cfg:
+def _described(meta: dict[str, str]) -> dict[str, str]:
+    """What a file's header says of it, without how it is stored (codec and checksums are rewritten)."""
+    return {k: v for k, v in meta.items() if k not in (CODECS_KEY, "checksum") and not k.startswith(CHECKSUM_KEY)}
+
+
+def _unfinished(store: Store, run: str, num_runs: int | None) -> list[int]:
+    if num_runs is None:
         return []
-    machines = range(int(cfg["num_runs"]))
-    return [m for m in machines if not (read_json(store, progress_key(run, m), RECOLLECT) or {}).get("finished")]
+    return [m for m in range(num_runs) if not ((rec := read_progress(store, run, m)) and rec.finished)]
 
 
 def recompress_run(
@@ -111,12 +119,12 @@ def recompress_run(
             raw by a resumed collection; running this again converts them).
         on_file: told (file, "converted" or "skipped") after each file.
     """
-    cfg = read_json(store, join(run, "cfg.json"), RECOLLECT)
+    cfg = read_run(store, run)
     dirs, _ = list_dir(store, run)
-    hooks = list(cfg.get("hooks") or []) if cfg else [d for d in dirs if store.exists(join(run, d, "metadata.json"))]
+    hooks = list(cfg.hooks) if cfg else [d for d in dirs if store.exists(join(run, d, "metadata.json"))]
     if not hooks:
         raise ConfigError(f"{store.url(run)} holds no run (no cfg.json, no hook folder with a metadata.json)")
-    if (waiting := _unfinished(store, run, cfg)) and not force:
+    if (waiting := _unfinished(store, run, cfg.num_runs if cfg else None)) and not force:
         raise ConfigError(f"machines {waiting} of {store.url(run)} have not finished collecting; recompress once "
                           "collection has ended (or pass --force)")  # fmt: skip
     summary = Summary()
@@ -140,10 +148,9 @@ def recompress_run(
                 summary.bytes_after += after
                 if on_file is not None:
                     on_file(f"{h}/{name}", "converted" if converted else "skipped")
-        meta = read_json(store, join(run, h, "metadata.json"), RECOLLECT)
+        meta = read_metadata(store, join(run, h))
         if meta is not None:
-            meta["compression"] = codecs.describe(codec)
-            write_json(store, join(run, h, "metadata.json"), meta)
+            write_record(store, metadata_key(join(run, h)), meta.model_copy(update={"compression": codecs.describe(codec)}))
     return summary
 
 

@@ -22,8 +22,8 @@ from activault.storage import Entry, Store, open_store
 from activault.tools.inspection import Tokenizers, foreign, inspect_file, join, parent
 from activault.tools.output import unwritable, write_whole
 from activault.units import human_bytes
-from activault.vault.megabatch import is_megabatch, megabatch_files, parse_file_name
-from activault.vault.records import read_json
+from activault.vault.megabatch import is_megabatch, megabatch_files
+from activault.vault.records import parse_file_name, read_metadata
 
 CAT_LIMIT = 1 << 20  # `cat` refuses files above 1 MB: megabatches are for `inspect`
 HELP = {  # command: (usage, what it does)
@@ -331,7 +331,11 @@ class Shell:
             found = True
             n = len(megabatch_files(entries))
             where = key[len(self.cwd) :].strip("/") or "."
-            codec = ((read_json(self.store, join(key, "metadata.json")) or {}).get("compression") or {}).get("codec", "none")
+            try:
+                meta = read_metadata(self.store, key)
+            except ActivaultError:
+                meta = None
+            codec = meta.compression.get("codec", "none") if meta else "none"
             if codec != "none":  # compressed files differ in size by nature
                 sizes = megabatch_files(entries).values()
                 self.say(f"{where + '/':<40} {n:>6} megabatches of {human_bytes(min(sizes))} to {human_bytes(max(sizes))} "

@@ -1,170 +1,278 @@
-"""`activault verify`: whether a stored run is complete and consistent.
+"""`activault verify`: whether a stored run is complete, consistent and, with `--deep`, intact.
 
-Every hook holds the same files; shapes and dtypes match `metadata.json`; token ids and positions
-are equal across hooks; `statistics.json` counts the files' tokens and covers every machine.
-Only headers, ids and positions are read (ranged reads), never the states.
+Every record parses; every hook holds the same files; each file's header passes the format's
+validator and agrees with metadata.json (when only metadata.json disagrees, it is named, not the
+files); token ids and positions are equal across hooks; statistics.json counts the files' tokens
+and covers every machine. Only headers, ids and positions are read (ranged reads), unless `deep`:
+then every file is read whole, each tensor's bytes are checked against its checksum, and tokens
+with NaN or Inf are counted per hook. Each problem names its repair.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
+import xxhash
 
 from activault.errors import FormatError, NotFoundError
 from activault.storage import Store, locate
-from activault.tools.inspection import foreign, join, list_dir
+from activault.tools.inspection import foreign, join, list_dir, nonfinite_tokens
 from activault.units import human_bytes
-from activault.vault.megabatch import (
-    dtype_name,
-    fetch_header,
-    logical_specs,
-    megabatch_files,
+from activault.vault.megabatch import Header, decode, dtype_name, fetch_header, megabatch_files
+from activault.vault.records import (
+    REBUILD,
+    REMERGE,
+    HookMetadata,
+    RunRecord,
+    file_repair,
+    metadata_key,
     parse_file_name,
-    tensor_specs,
+    parse_progress_name,
+    read_metadata,
+    read_progress,
+    read_run,
+    read_statistics,
+    redo_machine,
 )
-from activault.vault.records import RECOLLECT, REMERGE, read_json
 
-# (problems, ids + positions bytes or None when unreadable, non-padding tokens) of one file
-FileCheck = tuple[list[str], bytes | None, int]
+DEEP_THREADS = 4  # whole files in flight at once with --deep (memory: 4 files)
 
 
-def _read_specs(store: Store, key: str, size: int) -> tuple[dict[str, Any], int, dict[str, Any], dict[str, Any]]:
-    """(header, data start, tensor specs, decoded dtype and shape of each) without fetching tensors."""
-    header, start = fetch_header(store, key, size)
-    specs = tensor_specs(header, size - start, store.url(key))
-    return header, start, specs, logical_specs(header, store.url(key))
+@dataclass
+class FileCheck:
+    """What one file holds, as far as verify read it."""
+
+    hook: str
+    name: str
+    problems: list[str] = field(default_factory=list)
+    header: Header | None = None
+    tokens: bytes | None = None  # digest of input_ids and positions, compared across hooks
+    real: int = 0  # non-padding tokens
+    checksummed: bool = False  # (deep) its checksums were checked
+    nonfinite: int = 0  # (deep) tokens with NaN or Inf
 
 
-def _check_file(store: Store, run: str, hook: str, fname: str, size: int, meta: dict[str, Any]) -> FileCheck:
-    """Problems of one file, its ids+positions bytes, and its count of non-padding tokens."""
-    key, where = join(run, hook, fname), f"{hook}/{fname}"
+@dataclass
+class Verification:
+    """verify's findings: problems (the run is not sound) and notes (worth knowing)."""
+
+    run: str
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    hooks: int = 0
+    files: int = 0
+    tokens: int = 0
+    bytes: int = 0
+    machines: list[int] = field(default_factory=list)
+
+
+def _check_file(store: Store, run: str, hook: str, name: str, size: int, deep: bool) -> FileCheck:
+    key, check = join(run, hook, name), FileCheck(hook, name)
     try:
-        header, start, specs, logical = _read_specs(store, key, size)
+        check.header = h = fetch_header(store, key, size)
+        if deep:
+            mb = decode(store.get(key), store.url(key), h, verify_checksums=True)
+            check.checksummed = bool(h.checksums)
+            check.nonfinite = nonfinite_tokens(mb.states)
+            ids, pos = (
+                bytes(mb.tensors["input_ids"].numpy()),
+                bytes(mb.tensors["positions"].numpy()),
+            )
+        else:
+            ids, pos = (
+                bytes(store.get_range(key, *h.byte_range(t))) for t in ("input_ids", "positions")
+            )
     except FormatError as e:
-        return [f"{where}: {str(e).split(': ', 1)[-1]}"], None, 0
-    problems = []
-    if "states" not in specs:
-        return [f"{where}: no 'states' tensor"], None, 0
-    dtype, shape = logical["states"]
-    rows = shape[0] if shape else 0
-    want = [meta.get("seq_length"), meta.get("d_model")]
-    if len(shape) != 3 or shape[1:] != want or rows > int(meta.get("rows_per_file", rows)):
-        problems.append(f"{where}: states shape {shape} does not match metadata.json (rows<={meta.get('rows_per_file')}, {want[0]}, {want[1]})")
-    if dtype_name(dtype) != meta.get("dtype"):
-        problems.append(f"{where}: states dtype {dtype_name(dtype)} but metadata.json says {meta.get('dtype')}")
-    fmeta = header.get("__metadata__") or {}
+        check.problems.append(
+            f"{hook}/{name}: {str(e).split(': ', 1)[-1]}; {file_repair(store.url(run), name)}"
+        )
+        return check
+    fmeta = h.metadata
     if fmeta.get("hook", hook) != hook:
-        problems.append(f"{where}: header says hook {fmeta.get('hook')!r}")
-    blob, real = b"", 0
-    for t in ("input_ids", "positions"):
-        if t not in specs:
-            problems.append(f"{where}: no {t!r} tensor")
-            continue
-        tdtype, tshape, s, end = specs[t]
-        if tshape != shape[:2] or tdtype != torch.int32:
-            problems.append(f"{where}: {t} is {tshape} {dtype_name(tdtype)}, expected {shape[:2]} int32")
-            continue
-        raw = bytes(store.get_range(key, start + s, start + end))
-        blob += raw
-        if t == "positions":
-            real = int((torch.frombuffer(bytearray(raw), dtype=torch.int32) >= 0).sum()) if raw else 0
-    return problems, blob, real
+        check.problems.append(f"{hook}/{name}: its header says hook {fmeta.get('hook')!r}")
+    check.tokens = xxhash.xxh3_128_digest(ids + pos)
+    check.real = int((torch.frombuffer(bytearray(pos), dtype=torch.int32) >= 0).sum())
+    return check
 
 
-def _run_hooks(store: Store, run: str, cfg: dict[str, Any] | None) -> tuple[list[str], list[str], list[str]]:
-    """(hooks: from cfg.json, else the folders with a metadata.json; the run's folders; problems)."""
-    dirs, _ = list_dir(store, run)
+def _spec(h: Header) -> tuple[int, int, str]:
+    return h.seq_len, h.d_model, dtype_name(h.dtype)
+
+
+def _against_metadata(
+    hook: str, meta: HookMetadata | None, checks: list[FileCheck], run_url: str
+) -> list[str]:
+    """Files that differ from most files of their hook; metadata.json when it is what differs."""
+    headers = [(c.name, c.header) for c in checks if c.header is not None]
+    if not headers:
+        return []
+    common = Counter(_spec(h) for _, h in headers).most_common(1)[0][0]
+    seq, d, dtype = common
+    problems = [
+        f"{hook}/{n}: states are [rows, {h.seq_len}, {h.d_model}] {dtype_name(h.dtype)}, most files of "
+        f"this hook [rows, {seq}, {d}] {dtype}: it does not belong here; {file_repair(run_url, n)}"
+        for n, h in headers
+        if _spec(h) != common
+    ]
+    if meta is None:
+        return problems
+    if (meta.seq_length, meta.d_model, meta.dtype) != common:
+        problems.append(
+            f"{hook}/metadata.json says [rows, {meta.seq_length}, {meta.d_model}] {meta.dtype}, the files "
+            f"hold [rows, {seq}, {d}] {dtype}: metadata.json is out of date, not the files; {REBUILD}"
+        )
+        return problems
+    problems += [
+        f"{hook}/{n}: {h.rows} rows, more than metadata.json's rows_per_file {meta.rows_per_file}; "
+        f"{file_repair(run_url, n)}"
+        for n, h in headers
+        if h.rows > meta.rows_per_file and _spec(h) == common
+    ]
+    return problems
+
+
+def _run_record(store: Store, run: str, out: Verification) -> RunRecord | None:
+    try:
+        cfg = read_run(store, run)
+    except FormatError as e:
+        out.problems.append(str(e))
+        return None
+    if cfg is None:
+        out.problems.append(f"cfg.json is missing; {REBUILD}")
+    return cfg
+
+
+def _hooks(store: Store, run: str, cfg: RunRecord | None, dirs: list[str]) -> list[str]:
     if cfg is not None:
-        return list(cfg.get("hooks") or []), dirs, []
+        return list(cfg.hooks)
     if not dirs:
         raise NotFoundError(f"{store.url(run)} holds no run (no cfg.json, no hook folders)")
-    return [d for d in dirs if store.exists(join(run, d, "metadata.json"))], dirs, ["cfg.json is missing"]
+    return [d for d in dirs if store.exists(metadata_key(join(run, d)))]
 
 
-def _hook_files(
-    store: Store, run: str, hooks: list[str], dirs: list[str]
-) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, int]], list[str]]:
-    """(metadata.json and megabatch name -> size of every hook folder present; problems)."""
-    metas: dict[str, dict[str, Any]] = {}
+def _progress(store: Store, run: str, num_runs: int | None, out: Verification) -> None:
+    """Every progress record parses; machines that have not finished are noted."""
+    _, entries = list_dir(store, join(run, "progress"))
+    for e in entries:
+        m = parse_progress_name(e.key)
+        if m is None:
+            continue
+        try:
+            rec = read_progress(store, run, m, e.size)
+        except FormatError as err:
+            out.problems.append(str(err))
+            continue
+        if rec is not None and num_runs is not None and rec.num_runs != num_runs:
+            out.problems.append(f"progress/{e.key.rsplit('/', 1)[-1]}: num_runs {rec.num_runs}, cfg.json "
+                                f"says {num_runs}; {redo_machine(store.url(run), m)}")  # fmt: skip
+        elif rec is not None and not rec.finished:
+            out.notes.append(f"machine {m} has not finished ({rec.files_done} files so far): run its "
+                             "collect command to finish it")  # fmt: skip
+
+
+def _statistics(store: Store, run: str, hooks: list[str], total: int, want: list[int]) -> list[str]:
+    """statistics.json of each hook: parses, counts `total` tokens, covers machines `want`."""
+    problems = []
+    for h in hooks:
+        try:
+            stats = read_statistics(store, join(run, h))
+        except FormatError as e:
+            problems.append(str(e))
+            continue
+        if stats is None:
+            problems.append(f"{h}: statistics.json is missing; {REBUILD}, {REMERGE}")
+            continue
+        if stats.count != total:
+            problems.append(f"{h}: statistics.json counts {stats.count} tokens, the files hold {total} "
+                            f"non-padding tokens; {REBUILD}, {REMERGE}")  # fmt: skip
+        if stats.machines != want:
+            problems.append(f"{h}: statistics.json covers machines {stats.machines}, expected {want}; "
+                            f"finish the missing machines, then {REMERGE.removeprefix('or ')}")  # fmt: skip
+    return problems
+
+
+def verify_run(store: Store, run: str = "", threads: int = 8, deep: bool = False) -> Verification:
+    """Problems and notes of a stored run (no problems: it is sound) and a summary."""
+    out = Verification(store.url(run))
+    cfg = _run_record(store, run, out)
+    dirs, _ = list_dir(store, run)
+    hooks = _hooks(store, run, cfg, dirs)
+    metas: dict[str, HookMetadata | None] = {}
     names: dict[str, dict[str, int]] = {}
-    problems: list[str] = []
     for h in hooks:
         if h not in dirs:
-            problems.append(f"{h}: hook folder is missing")
+            out.problems.append(f"{h}: hook folder is missing")
             continue
-        metas[h] = read_json(store, join(run, h, "metadata.json"), RECOLLECT) or {}
-        if not metas[h]:
-            problems.append(f"{h}: metadata.json is missing")
-        _, files = list_dir(store, join(run, h))
-        names[h] = megabatch_files(f for f in files if foreign(f) is None)
-    return metas, names, problems
-
-
-def _missing_files(names: dict[str, dict[str, int]], every: list[str]) -> list[str]:
-    """Files that some hook lacks but another has."""
-    problems = []
+        try:
+            metas[h] = read_metadata(store, join(run, h))
+        except FormatError as e:
+            metas[h] = None
+            out.problems.append(str(e))
+        else:
+            if metas[h] is None:
+                out.problems.append(f"{h}: metadata.json is missing; {REBUILD}")
+        names[h] = megabatch_files(f for f in list_dir(store, join(run, h))[1] if foreign(f) is None)
+    every = sorted(set().union(*names.values())) if names else []
     for h, fs in names.items():
         missing = [n for n in every if n not in fs]
         if missing:
-            problems.append(f"{h}: {len(missing)} file(s) missing that other hooks have: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-    return problems
-
-
-def _check_files(
-    store: Store, run: str, metas: dict[str, dict[str, Any]], names: dict[str, dict[str, int]], threads: int
-) -> tuple[list[str], int]:
-    """Problems of every file (ids and positions compared across hooks) and the run's non-padding tokens."""
+            out.problems.append(
+                f"{h}: {len(missing)} file(s) missing that other hooks have: {', '.join(missing[:5])}"
+                + (" ..." if len(missing) > 5 else "")
+                + f"; {file_repair(out.run, missing[0])}"
+            )
     jobs = [(h, n) for h in names for n in sorted(names[h])]
-    with ThreadPoolExecutor(threads) as pool:
-        results = list(pool.map(lambda j: _check_file(store, run, j[0], j[1], names[j[0]][j[1]], metas[j[0]]), jobs))
-    problems: list[str] = []
-    ref: dict[str, tuple[str, bytes]] = {}
-    tokens: dict[str, int] = {}  # per file name: the same tokens in every hook count once
-    for (h, n), (probs, blob, real) in zip(jobs, results, strict=True):
-        problems += probs
-        if blob is None:
+    with ThreadPoolExecutor(min(threads, DEEP_THREADS) if deep else threads) as pool:
+        checks = list(
+            pool.map(lambda j: _check_file(store, run, j[0], j[1], names[j[0]][j[1]], deep), jobs)
+        )
+    ref: dict[str, FileCheck] = {}
+    for c in checks:
+        out.problems += c.problems
+        if c.tokens is None:
             continue
-        if n not in ref:
-            ref[n], tokens[n] = (h, blob), real
-        elif ref[n][1] != blob:
-            problems.append(f"{h}/{n}: token ids or positions differ from {ref[n][0]}/{n}")
-    return problems, sum(tokens.values())
+        first = ref.setdefault(c.name, c)
+        if first.tokens != c.tokens:
+            out.problems.append(f"{c.hook}/{c.name}: token ids or positions differ from "
+                                f"{first.hook}/{c.name}; {file_repair(out.run, c.name)}")  # fmt: skip
+    for h in names:
+        out.problems += _against_metadata(
+            h, metas.get(h), [c for c in checks if c.hook == h], out.run
+        )
+    out.tokens = sum(c.real for c in ref.values())  # the same tokens in every hook count once
+    out.machines = sorted({m[0] for n in every if (m := parse_file_name(n))})
+    want = list(range(cfg.num_runs)) if cfg else out.machines
+    _progress(store, run, cfg.num_runs if cfg else None, out)
+    out.problems += _statistics(store, run, list(names), out.tokens, want)
+    out.notes += _integrity_notes(checks, list(names), deep)
+    out.problems += foreign_objects(store, run)
+    out.hooks, out.files = len(hooks), len(every)
+    out.bytes = sum(sum(fs.values()) for fs in names.values())
+    return out
 
 
-def _check_statistics(store: Store, run: str, hooks: list[str], total: int, want_machines: list[int]) -> list[str]:
-    """statistics.json of each hook: present, counting `total` tokens, covering `want_machines`."""
-    problems = []
+def _integrity_notes(checks: list[FileCheck], hooks: list[str], deep: bool) -> list[str]:
+    if not deep:
+        return [
+            "checksums and NaN/Inf not checked: `activault verify --deep` reads every file whole"
+        ]
+    read = [c for c in checks if c.header is not None and not c.problems]
+    notes = [
+        f"checksums verified in {sum(c.checksummed for c in read)} of {len(read)} readable files"
+    ]
+    unsummed = sum(not c.checksummed for c in read)
+    if unsummed:
+        notes.append(f"{unsummed} file(s) have no checksums (format version 1, written before "
+                     "checksums): their bytes could not be checked")  # fmt: skip
     for h in hooks:
-        stats = read_json(store, join(run, h, "statistics.json"), REMERGE)
-        if stats is None:
-            problems.append(f"{h}: statistics.json is missing")
-            continue
-        if int(stats.get("count", -1)) != total:
-            problems.append(f"{h}: statistics.json counts {stats.get('count')} tokens, the files hold {total} non-padding tokens")
-        if "machines" not in stats:
-            problems.append(f"{h}: statistics.json lists no machines")
-        elif sorted(stats["machines"]) != want_machines:
-            problems.append(f"{h}: statistics.json covers machines {stats['machines']}, expected {want_machines}")
-    return problems
-
-
-def verify_run(store: Store, run: str = "", threads: int = 8) -> tuple[list[str], dict[str, Any]]:
-    """Problems of a stored run (empty when clean) and a summary."""
-    cfg = read_json(store, join(run, "cfg.json"), RECOLLECT)
-    hooks, dirs, problems = _run_hooks(store, run, cfg)
-    metas, names, hook_problems = _hook_files(store, run, hooks, dirs)
-    every = sorted(set().union(*names.values())) if names else []
-    file_problems, total = _check_files(store, run, metas, names, threads)
-    machines = sorted({m[0] for n in every if (m := parse_file_name(n))})
-    want_machines = list(range(int(cfg["num_runs"]))) if cfg and "num_runs" in cfg else machines
-    problems += hook_problems + _missing_files(names, every) + file_problems
-    problems += _check_statistics(store, run, list(names), total, want_machines)
-    problems += foreign_objects(store, run)
-    summary = {"run": store.url(run), "hooks": len(hooks), "files": len(every), "tokens": total,
-               "bytes": sum(sum(fs.values()) for fs in names.values()), "machines": machines}  # fmt: skip
-    return problems, summary
+        bad = [c for c in read if c.hook == h and c.nonfinite]
+        if bad:
+            notes.append(f"{h}: {sum(c.nonfinite for c in bad):,} token(s) with NaN or Inf in "
+                         f"{len(bad)} file(s), e.g. {bad[0].name}")  # fmt: skip
+    return notes
 
 
 def foreign_objects(store: Store, run: str) -> list[str]:
@@ -187,19 +295,21 @@ def store_runs(store: Store, key: str) -> list[str]:
     return [d for d in dirs if store.exists(join(key, d, "cfg.json")) or list_dir(store, join(key, d, "progress"))[1]]
 
 
-def run_verify(uri: str) -> int:
-    """`activault verify`: print the problems (exit 1) or a one-line summary (exit 0); on a store's
-    root, its runs (exit 2)."""
+def run_verify(uri: str, deep: bool = False) -> int:
+    """`activault verify`: print the problems (exit 1) or a one-line summary (exit 0), then notes;
+    on a store's root, its runs (exit 2)."""
     store, key = locate(uri)
     if runs := store_runs(store, key):
         print(f"{store.url(key)} is a store, not a run; verify one of its {len(runs)} run(s):")
         print("\n".join(f"  activault verify {store.url(join(key, r))}" for r in runs))
         return 2
-    problems, s = verify_run(store, key)
-    if problems:
-        print(f"{s['run']}: {len(problems)} problem(s)")
-        print("\n".join(f"  - {p}" for p in problems))
-        return 1
-    print(f"OK  {s['run']}: {s['hooks']} hooks, {s['files']} files per hook, {s['tokens']:,} tokens, "
-          f"{human_bytes(s['bytes'])}, machines {s['machines']}")
-    return 0
+    v = verify_run(store, key, deep=deep)
+    if v.problems:
+        print(f"{v.run}: {len(v.problems)} problem(s)")
+        print("\n".join(f"  - {p}" for p in v.problems))
+    else:
+        print(f"OK  {v.run}: {v.hooks} hooks, {v.files} files per hook, {v.tokens:,} tokens, "
+              f"{human_bytes(v.bytes)}, machines {v.machines}" + (", checksums checked" if deep else ""))  # fmt: skip
+    for n in v.notes:
+        print(f"  note: {n}")
+    return 1 if v.problems else 0

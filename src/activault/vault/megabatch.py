@@ -1,35 +1,53 @@
-"""The megabatch file format: safetensors, written from tensor memory without copies.
+"""The megabatch file format: safetensors, written from tensor memory without copies, validated on read.
 
 A file is `u64 header length | JSON header | raw tensor bytes`, the safetensors layout, so
-`safetensors.safe_open` reads our files and we read theirs. The header's `__metadata__` says
-what the file is (format, version, run, hook, machine, file index). Nothing is ever unpickled:
-legacy `.pt` files of the original project load with `torch.load(weights_only=True)`.
+`safetensors.safe_open` reads our files and we read theirs. The header's `__metadata__` says what
+the file is (format, version, run, hook, machine, file index) and holds a checksum of each
+tensor's stored bytes; a compressed `states` is a uint8 tensor described under `codecs` (vault/codec.py). `parse_header` is the one validator every reader uses, on the header alone, before
+any tensor byte is fetched. Nothing is ever unpickled: legacy `.pt` files of the original project
+load with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import struct
 import warnings
-from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
 
 import torch
+import xxhash
 
-from activault.errors import FormatError
+from activault.errors import FormatError, NotFoundError
 from activault.vault import codec as codecs
 
 if TYPE_CHECKING:
     from activault.storage.base import Entry, Store
 
-FORMAT = "activault"
-FORMAT_VERSION = 1
+Buffer = bytes | bytearray | memoryview
+
+FORMAT: Final = "activault"
+# 1: states, input_ids, positions. 2: plus a checksum of each tensor in the header metadata.
+FORMAT_VERSION = 2
 SUFFIX = ".safetensors"
 LEGACY_SUFFIX = ".pt"
-# Headers above this are not ours (the three tensors' header is a few hundred bytes).
-MAX_HEADER = 1 << 24
+# Our headers are under 1 KiB; a larger one is not ours and is refused before the body is read.
+MAX_HEADER = 1 << 20
+# The first read of a file: its length prefix and, for our files, the whole header.
+HEAD_READ = 4096
+# xxh3_64 hashes ~30 GB/s on one core here (google-crc32c 8-17, zlib.crc32 4.5, memcpy 2.2),
+# so checking a 64 MiB file costs ~2 ms; it reads the tensor's memory without copying it.
+CHECKSUM = "xxh3_64"
+CHECKSUM_KEY = "checksum."  # metadata key prefix: `checksum.states` = 16 hex digits
+# Bounds that keep a hostile header from costing time or memory before it is rejected.
+MAX_DIMS = 8
+MAX_DIM = 1 << 48
+REQUIRED = ("states", "input_ids", "positions")
 # Header metadata key: JSON {tensor: codec description} of the compressed tensors (docs/format.md).
 CODECS_KEY = "codecs"
 # Tensors a codec applies to; ids and positions stay raw (verify reads them by range; 1% of bytes).
@@ -48,28 +66,296 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
 }
 CODES = {v: k for k, v in DTYPES.items()}
+STATE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+ITEMSIZE = {code: torch.empty((), dtype=dt).element_size() for code, dt in DTYPES.items()}
 
 
-def file_name(machine: int, index: int) -> str:
-    """Megabatch file name; the same in every hook folder for the same tokens."""
-    return f"m{machine:05d}-{index:06d}{SUFFIX}"
-
-
-def parse_file_name(name: str) -> tuple[int, int] | None:
-    """(machine, index) of one of our file names, else None."""
-    base = name.rsplit("/", 1)[-1]
-    if not (base.startswith("m") and base.endswith(SUFFIX)):
-        return None
-    stem = base[1 : -len(SUFFIX)]
-    machine, _, index = stem.partition("-")
-    if not (machine.isdigit() and index.isdigit()):
-        return None
-    return int(machine), int(index)
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def is_megabatch(name: str) -> bool:
     """Whether a key names a megabatch file (ours, or the original's `.pt`)."""
     return name.endswith(SUFFIX) or name.endswith(LEGACY_SUFFIX)
+
+
+def megabatch_files(entries: Iterable[Entry]) -> dict[str, int]:
+    """Megabatch file name -> size, from a folder's listing (in listing order)."""
+    return {e.key.rsplit("/", 1)[-1]: e.size for e in entries if is_megabatch(e.key)}
+
+
+# ---- the header ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of a file: dtype, shape and its bytes [start, end) counted from the data start."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+@dataclass(frozen=True)
+class Header:
+    """A validated megabatch header: `states [rows, seq, d]`, `input_ids` and `positions [rows, seq]`."""
+
+    url: str
+    tensors: dict[str, TensorInfo]  # as stored (a compressed tensor: uint8 [bytes])
+    metadata: dict[str, str]
+    data_offset: int  # bytes before the first tensor: 8 + the JSON header
+    packed: dict[str, codecs.Packed] = field(default_factory=dict)  # the compressed tensors
+
+    def logical(self, name: str) -> tuple[torch.dtype, tuple[int, ...]]:
+        """A tensor's dtype and shape once decoded (a compressed one's original dtype and shape)."""
+        p = self.packed.get(name)
+        if p is not None:
+            return p.dtype, tuple(p.shape)
+        return self.tensors[name].dtype, self.tensors[name].shape
+
+    @property
+    def size(self) -> int:
+        """The file's length in bytes."""
+        return self.data_offset + max((t.end for t in self.tensors.values()), default=0)
+
+    @property
+    def rows(self) -> int:
+        return self.logical("states")[1][0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.logical("states")[1][1]
+
+    @property
+    def d_model(self) -> int:
+        return self.logical("states")[1][2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of `states` (decoded)."""
+        return self.logical("states")[0]
+
+    @property
+    def version(self) -> int | None:
+        """The activault format version, None for a safetensors file from elsewhere."""
+        v = self.metadata.get("format_version")
+        return int(v) if v is not None else None
+
+    @property
+    def checksums(self) -> dict[str, str]:
+        """Tensor name -> stored checksum (hex); empty for files written before checksums."""
+        n = len(CHECKSUM_KEY)
+        return {k[n:]: v for k, v in self.metadata.items() if k.startswith(CHECKSUM_KEY)}
+
+    def byte_range(self, name: str) -> tuple[int, int]:
+        """Where tensor `name` lies in the file: [start, end)."""
+        t = self.tensors[name]
+        return self.data_offset + t.start, self.data_offset + t.end
+
+
+def header_length(first8: bytes | bytearray | memoryview, url: str) -> int:
+    """Bytes of length prefix plus JSON header, from the file's first 8 bytes."""
+    if len(first8) < 8:
+        raise FormatError(f"{url}: truncated file ({len(first8)} bytes, not even a header length)")
+    (n,) = struct.unpack_from("<Q", first8, 0)
+    if not 2 <= n <= MAX_HEADER:
+        raise FormatError(
+            f"{url}: not a megabatch: corrupted or truncated header (it declares {n} bytes; "
+            "ours are under 1 KiB)"
+        )
+    return 8 + n
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key")
+    return out
+
+
+def _tensor_info(name: str, entry: Any, url: str) -> TensorInfo:
+    """One header entry, checked for types and bounds before any arithmetic on it."""
+    bad = f"{url}: corrupted header entry for tensor {name!r}"
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        raise FormatError(f"{bad} (needs exactly dtype, shape, data_offsets)")
+    code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(code, str) or code not in DTYPES:
+        raise FormatError(f"{bad} (unknown dtype {str(code)[:20]!r})")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(_is_int(s, MAX_DIM) for s in shape)
+    ):
+        raise FormatError(f"{bad} (shape must be at most {MAX_DIMS} non-negative integers)")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(_is_int(o, 1 << 62) for o in offsets)
+    ):
+        raise FormatError(f"{bad} (data_offsets must be two non-negative integers)")
+    start, end = offsets
+    if end - start != math.prod(shape) * ITEMSIZE[code]:
+        raise FormatError(f"{bad} (shape {shape} {code} does not fill bytes [{start}, {end}))")
+    return TensorInfo(DTYPES[code], tuple(shape), start, end)
+
+
+def _is_int(x: Any, bound: int) -> bool:
+    return type(x) is int and 0 <= x < bound
+
+
+def _check_layout(tensors: dict[str, TensorInfo], data_len: int, url: str) -> None:
+    """Tensors lie back to back from byte 0 and cover the data exactly, as safetensors requires."""
+    at = 0
+    for name, t in sorted(tensors.items(), key=lambda kv: (kv[1].start, kv[1].end)):
+        if t.start != at:
+            what = "overlaps the tensor before it" if t.start < at else f"leaves a gap at byte {at}"
+            raise FormatError(f"{url}: corrupted header (tensor {name!r} {what})")
+        at = t.end
+    if at > data_len:
+        raise FormatError(
+            f"{url}: truncated file (the tensors need {at} data bytes, the file has {data_len})"
+        )
+    if at < data_len:
+        raise FormatError(
+            f"{url}: {data_len - at} unexpected bytes after the tensors (corrupted file)"
+        )
+
+
+def _check_tensors(tensors: dict[str, TensorInfo], url: str) -> None:
+    """states [rows, seq, d] floating point; input_ids and positions [rows, seq] int32."""
+    missing = [n for n in REQUIRED if n not in tensors]
+    if missing:
+        raise FormatError(
+            f"{url}: no {', '.join(map(repr, missing))} tensor; not an activault megabatch"
+        )
+    states, ids, pos = (tensors[n] for n in REQUIRED)
+    if len(states.shape) != 3 or states.dtype not in STATE_DTYPES:
+        raise FormatError(
+            f"{url}: 'states' is {list(states.shape)} {dtype_name(states.dtype)}, "
+            "expected [rows, seq, d] floating point"
+        )
+    for name, t in (("input_ids", ids), ("positions", pos)):
+        if t.shape != states.shape[:2] or t.dtype != torch.int32:
+            raise FormatError(
+                f"{url}: {name!r} is {list(t.shape)} {dtype_name(t.dtype)}, "
+                f"expected {list(states.shape[:2])} int32 like 'states'"
+            )
+    if 0 in states.shape:
+        raise FormatError(
+            f"{url}: holds no data (states {list(states.shape)}); activault never writes one"
+        )
+
+
+def _check_metadata(meta: Any, tensors: dict[str, TensorInfo], url: str) -> dict[str, str]:
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise FormatError(f"{url}: corrupted header (__metadata__ must map names to strings)")
+    version = meta.get("format_version")
+    if version is not None:
+        if not (version.isascii() and version.isdigit() and len(version) < 6):
+            raise FormatError(f"{url}: corrupted header (format_version {version[:20]!r})")
+        if int(version) > FORMAT_VERSION:
+            raise FormatError(
+                f"{url}: written by a newer activault (format version {version}, this one reads "
+                f"up to {FORMAT_VERSION}); upgrade activault"
+            )
+    sums = {k: v for k, v in meta.items() if k.startswith(CHECKSUM_KEY)}
+    algorithm = meta.get("checksum")
+    if sums or algorithm is not None or (version is not None and int(version) >= 2):
+        if algorithm != CHECKSUM:
+            raise FormatError(
+                f"{url}: header names checksum {str(algorithm)[:20]!r}, expected {CHECKSUM!r} "
+                "(corrupted header, or a newer activault: upgrade)"
+            )
+        for name in tensors:
+            v = sums.get(CHECKSUM_KEY + name)
+            if v is None or len(v) != 16 or not all(c in "0123456789abcdef" for c in v):
+                raise FormatError(
+                    f"{url}: corrupted header (no valid checksum for tensor {name!r})"
+                )
+        if len(sums) != len(tensors):
+            raise FormatError(f"{url}: corrupted header (checksums for tensors it does not hold)")
+    return dict(meta)
+
+
+def parse_header(buf: bytes | bytearray | memoryview, url: str, size: int | None = None) -> Header:
+    """Validate a megabatch header (every reader's one check) and return it.
+
+    Args:
+        buf: the file's first bytes, at least the length prefix and the whole JSON header.
+        size: the file's length in bytes (default: `len(buf)`, the whole file).
+    Raises FormatError naming `url` for anything but a complete, consistent megabatch.
+    """
+    mv = memoryview(buf).cast("B")
+    start = header_length(mv[:8], url)
+    if mv.nbytes < start:
+        raise FormatError(f"{url}: truncated file (header needs {start} bytes, got {mv.nbytes})")
+    size = mv.nbytes if size is None else size
+    try:
+        raw = json.loads(bytes(mv[8:start]).decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise FormatError(f"{url}: corrupted header (not JSON: {str(e)[:80]})") from None
+    if not isinstance(raw, dict):
+        raise FormatError(f"{url}: corrupted header (not a JSON object)")
+    tensors = {n: _tensor_info(n, e, url) for n, e in raw.items() if n != "__metadata__"}
+    _check_layout(tensors, size - start, url)
+    meta = _check_metadata(raw.get("__metadata__"), tensors, url)
+    packed = _packed(meta, tensors, url)
+    logical = {
+        n: TensorInfo(packed[n].dtype, tuple(packed[n].shape), t.start, t.end) if n in packed else t
+        for n, t in tensors.items()
+    }
+    _check_tensors(logical, url)
+    return Header(url, tensors, meta, start, packed)
+
+
+def _packed(meta: dict[str, str], tensors: dict[str, TensorInfo], url: str) -> dict[str, codecs.Packed]:
+    """The compressed tensors the metadata describes, checked against how they are stored."""
+    raw = meta.get(CODECS_KEY)
+    if raw is None:
+        return {}
+    try:
+        described = json.loads(raw)
+        if not isinstance(described, dict):
+            raise ValueError("not an object")
+    except (ValueError, RecursionError):
+        raise FormatError(f"{url}: corrupted codec description in the header") from None
+    out = {}
+    for name, desc in described.items():
+        t = tensors.get(name)
+        if name not in COMPRESSIBLE or t is None or t.dtype != torch.uint8 or len(t.shape) != 1:
+            raise FormatError(f"{url}: the header's codecs name {str(name)[:40]!r}, not a uint8 blob")
+        out[name] = codecs.parse(desc, t.nbytes, DTYPES, f"{url} {name!r}")
+    return out
+
+
+def fetch_header(store: Store, key: str, size: int | None = None) -> Header:
+    """A stored file's validated header from one small read (two for a header over 4 KiB).
+
+    Args:
+        size: the file's length from a listing (else one more request asks the store).
+    """
+    url = store.url(key)
+    if size is None:
+        size = store.size(key)
+        if size is None:
+            raise NotFoundError(f"{url} does not exist")
+    if size < 8:  # also spares the store an empty ranged read, which S3 refuses
+        raise FormatError(f"{url}: truncated file ({size} bytes, not even a header length)")
+    head = store.get_range(key, 0, min(size, HEAD_READ))
+    n = header_length(head[:8], url)
+    if n > head.nbytes and n <= size:
+        head = store.get_range(key, 0, n)
+    return parse_header(head, url, size)
+
+
+# ---- writing -------------------------------------------------------------------------------------
 
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -82,217 +368,178 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
-def encode(
-    tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], compression: codecs.Codec | None = None
-) -> list[memoryview]:
-    """The file as buffers: the header, then each tensor's memory (no copy of the data).
+def checksum(name: str, dtype: torch.dtype, shape: Iterable[int], data: Buffer | Sequence[Buffer]) -> str:
+    """A tensor's checksum as 16 hex digits: of its name, dtype and shape, then its bytes (in place).
 
-    With `compression`, `states` is stored as a uint8 tensor of zstd frames and described in the
-    header metadata under `codecs` (docs/format.md); the file stays a valid safetensors file.
+    Hashing the description too means a header edited to read the same bytes as another dtype or
+    shape fails the check like a flipped bit in the data does.
+    """
+    h = xxhash.xxh3_64(f"{name}|{CODES[dtype]}|{','.join(map(str, shape))}|".encode())
+    for part in [data] if isinstance(data, bytes | bytearray | memoryview) else data:
+        h.update(part)
+    return f"{h.intdigest():016x}"
+
+
+def encode(
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    checksums: bool = True,
+    compression: codecs.Codec | None = None,
+) -> list[memoryview]:
+    """The file as buffers: the header, then each tensor's memory (raw tensors are not copied).
+
+    Args:
+        checksums: store each stored tensor's checksum in the header (what `check_checksums` verifies).
+        compression: store `states` as a uint8 tensor of zstd frames, described in the header
+            metadata under `codecs` (docs/format.md); the file stays a valid safetensors file.
     """
     meta = {k: str(v) for k, v in metadata.items()}
-    # name -> (dtype code, shape, buffers, item size)
-    stored: dict[str, tuple[str, list[int], list[memoryview], int]] = {}
+    # name -> (dtype, shape, buffers) as stored
+    stored: dict[str, tuple[torch.dtype, list[int], list[memoryview]]] = {}
     packed: dict[str, Any] = {}
     for name, t in tensors.items():
         if compression is not None and name in COMPRESSIBLE:
             p, frames = codecs.pack(t, compression)
             packed[name] = p.entry(CODES[t.dtype])
-            stored[name] = ("U8", [sum(p.chunks)], [memoryview(f) for f in frames], 1)
+            stored[name] = (torch.uint8, [sum(p.chunks)], [memoryview(f) for f in frames])
         else:
-            stored[name] = (CODES[t.dtype], list(t.shape), [tensor_bytes(t)], t.element_size())
+            stored[name] = (t.dtype, list(t.shape), [tensor_bytes(t)])
     if packed:
         meta[CODECS_KEY] = json.dumps(packed, separators=(",", ":"))
     # Widest items first keeps every tensor aligned to its item size after an 8-aligned header.
-    names = sorted(stored, key=lambda n: -stored[n][3])
+    names = sorted(stored, key=lambda n: -stored[n][0].itemsize)
+    if checksums:
+        meta["checksum"] = CHECKSUM
+        meta.update({CHECKSUM_KEY + n: checksum(n, *stored[n]) for n in names})
     header: dict[str, Any] = {"__metadata__": meta}
     offset = 0
     for name in names:
-        code, shape, bufs, _ = stored[name]
+        dtype, shape, bufs = stored[name]
         nbytes = sum(b.nbytes for b in bufs)
-        header[name] = {"dtype": code, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        header[name] = {"dtype": CODES[dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     return [memoryview(struct.pack("<Q", len(raw)) + raw)] + [b for n in names for b in stored[n][2]]
 
 
-def read_header(buf: bytes | bytearray | memoryview, name: str) -> tuple[dict[str, Any], int]:
-    """The parsed header and the offset where tensor data starts; validates sizes."""
-    mv = memoryview(buf)
-    if mv.nbytes < 8:
-        raise FormatError(f"{name}: truncated file ({mv.nbytes} bytes); delete it and collect again")
-    (n,) = struct.unpack_from("<Q", mv, 0)
-    if n > MAX_HEADER or 8 + n > mv.nbytes:
-        raise FormatError(
-            f"{name}: corrupted or truncated header (declares {n} bytes, file has {mv.nbytes}); "
-            "delete it and collect again"
-        )
-    try:
-        header = json.loads(bytes(mv[8 : 8 + n]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise FormatError(f"{name}: corrupted header ({e}); delete it and collect again") from None
-    if not isinstance(header, dict):
-        raise FormatError(f"{name}: corrupted header (not a JSON object)")
-    return header, 8 + n
+# ---- reading -------------------------------------------------------------------------------------
 
 
-def header_length(first8: bytes, name: str) -> int:
-    """Total bytes of length prefix and header, from the file's first 8 bytes."""
-    if len(first8) < 8:
-        raise FormatError(f"{name}: truncated file ({len(first8)} bytes)")
-    (n,) = struct.unpack_from("<Q", first8, 0)
-    if n > MAX_HEADER:
-        raise FormatError(f"{name}: corrupted header length {n}")
-    return 8 + n
+@dataclass(frozen=True)
+class Megabatch:
+    """A decoded file: its tensors (views of the read buffer) and its header (None for legacy .pt)."""
+
+    tensors: dict[str, torch.Tensor]
+    header: Header | None
+
+    @property
+    def states(self) -> torch.Tensor:
+        """[rows, seq, d]"""
+        return self.tensors["states"]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """[rows, seq] int32 (legacy files: as stored)"""
+        return self.tensors["input_ids"]
+
+    @property
+    def positions(self) -> torch.Tensor | None:
+        """[rows, seq] int32, the token's index in its document, -1 = padding; None in legacy files."""
+        return self.tensors.get("positions")
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        return self.header.metadata if self.header is not None else {}
 
 
-def fetch_header(store: Store, key: str, size: int | None = None) -> tuple[dict[str, Any], int]:
-    """A stored file's header and data offset from two ranged reads (no tensor bytes fetched)."""
-    name = store.url(key)
-    first = bytes(store.get_range(key, 0, 8 if size is None else min(size, 8)))
-    n = header_length(first, name)
-    return read_header(store.get_range(key, 0, n if size is None else min(size, n)), name)
+def check_checksums(
+    header: Header, buf: bytes | bytearray | memoryview, url: str | None = None
+) -> bool:
+    """Check every tensor's bytes in `buf` (the whole file) against the header's checksums.
 
-
-def megabatch_files(entries: Iterable[Entry]) -> dict[str, int]:
-    """Megabatch file name -> size, from a folder's listing (in listing order)."""
-    return {e.key.rsplit("/", 1)[-1]: e.size for e in entries if is_megabatch(e.key)}
-
-
-def tensor_specs(header: Mapping[str, Any], data_len: int, name: str) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
-    """Validate the header's tensors against the data length: name -> (dtype, shape, start, end)."""
-    specs: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype = DTYPES[info["dtype"]]
-            shape = [int(s) for s in info["shape"]]
-            start, end = (int(o) for o in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise FormatError(f"{name}: corrupted header entry for {key!r}") from None
-        expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if any(s < 0 for s in shape) or end - start != expected or start < 0:
-            raise FormatError(f"{name}: tensor {key!r} has inconsistent shape and offsets")
-        if end > data_len:
+    Returns False when the file has none to check (written before checksums, format version 1).
+    Raises FormatError naming the file and the tensor whose bytes differ.
+    """
+    sums = header.checksums
+    if not sums:
+        return False
+    mv = memoryview(buf).cast("B")
+    url = url or header.url
+    if mv.nbytes != header.size:
+        raise FormatError(f"{url}: {mv.nbytes} bytes, the header describes {header.size}")
+    for name, want in sums.items():
+        a, b = header.byte_range(name)
+        t = header.tensors[name]
+        got = checksum(name, t.dtype, t.shape, mv[a:b])
+        if got != want:
             raise FormatError(
-                f"{name}: truncated file (tensor {key!r} needs {end} data bytes, file has {data_len}); "
-                "delete it and collect again"
+                f"{url}: the bytes of tensor {name!r} do not match their checksum ({CHECKSUM} {got}, "
+                f"stored {want}): the file was corrupted after it was written"
             )
-        specs[key] = (dtype, shape, start, end)
-    end = max((s[3] for s in specs.values()), default=0)
-    if end != data_len:
-        raise FormatError(f"{name}: {data_len - end} unexpected bytes after the tensors (corrupted file)")
-    return specs
+    return True
 
 
 def decode(
-    buf: bytes | bytearray | memoryview, name: str, empty: Callable[..., torch.Tensor] = torch.empty
-) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors (views of `buf`, no copy) and header metadata of one megabatch file.
+    buf: bytes | bytearray | memoryview,
+    url: str,
+    header: Header | None = None,
+    verify_checksums: bool = False,
+    empty: Callable[..., torch.Tensor] = torch.empty,
+) -> Megabatch:
+    """Tensors of one whole megabatch file, as views of `buf` (no copy; compressed ones decoded).
 
-    Compressed tensors are decoded into new buffers from `empty(shape, dtype=...)`.
+    Args:
+        header: the file's header when already fetched and validated (`fetch_header`).
+        verify_checksums: check each tensor's bytes against the header (FormatError if they differ).
+        empty: allocates the buffer a compressed tensor is decoded into (`empty(shape, dtype=...)`).
     """
-    if name.endswith(LEGACY_SUFFIX):
-        return decode_legacy(buf, name), {}
-    header, start = read_header(buf, name)
-    mv = memoryview(buf)[start:]
-    specs = tensor_specs(header, mv.nbytes, name)
+    if url.endswith(LEGACY_SUFFIX):
+        return decode_legacy(buf, url)
+    mv = memoryview(buf).cast("B")
+    if header is None:
+        header = parse_header(mv, url)
+    elif mv.nbytes != header.size:
+        raise FormatError(f"{url}: {mv.nbytes} bytes, the header describes {header.size}")
+    if verify_checksums:
+        check_checksums(header, mv, url)
     out = {}
-    with warnings.catch_warnings():
-        # Object-store buffers are read-only; tensors over them are only ever read.
-        warnings.simplefilter("ignore", UserWarning)
-        for key, (dtype, shape, s, e) in specs.items():
-            if e == s:
-                out[key] = torch.empty(shape, dtype=dtype)
+    # Object-store buffers are read-only (torch warns); tensors over them are only ever read.
+    # catch_warnings swaps the process-wide filters, so it is entered only when needed: readers'
+    # own buffers are writable, and a reader thread inside it would hide other threads' warnings.
+    with warnings.catch_warnings() if mv.readonly else contextlib.nullcontext():
+        if mv.readonly:
+            warnings.simplefilter("ignore", UserWarning)
+        for name, t in header.tensors.items():
+            a, b = header.byte_range(name)
+            if name in header.packed:
+                out[name] = codecs.unpack(mv[a:b], header.packed[name], f"{url} {name!r}", empty)
+            elif a == b:
+                out[name] = torch.empty(t.shape, dtype=t.dtype)
             else:
-                out[key] = torch.frombuffer(mv[s:e], dtype=dtype).view(shape)
-    for key, p in packed_specs(header, name).items():
-        out[key] = codecs.unpack(mv[specs[key][2] : specs[key][3]], p, f"{name} {key!r}", empty)
-    meta = header.get("__metadata__") or {}
-    return out, dict(meta)
+                out[name] = torch.frombuffer(mv[a:b], dtype=t.dtype).view(t.shape)
+    return Megabatch(out, header)
 
 
-def packed_specs(header: Mapping[str, Any], name: str) -> dict[str, codecs.Packed]:
-    """The compressed tensors a header describes, checked against their stored sizes."""
-    raw = (header.get("__metadata__") or {}).get(CODECS_KEY)
-    if raw is None:
-        return {}
-    try:
-        described = json.loads(raw)
-        stored = {k: header[k] for k in described}
-        sizes = {k: int(v["data_offsets"][1]) - int(v["data_offsets"][0]) for k, v in stored.items() if v["dtype"] == "U8"}
-    except (TypeError, KeyError, ValueError, json.JSONDecodeError):
-        raise FormatError(f"{name}: corrupted codec description in the header") from None
-    if len(sizes) != len(described):
-        raise FormatError(f"{name}: the header's codecs name tensors not stored as uint8 (corrupted header)")
-    return {k: codecs.parse(v, sizes[k], DTYPES, f"{name} {k!r}") for k, v in described.items()}
+def decode_legacy(buf: bytes | bytearray | memoryview, url: str) -> Megabatch:
+    """A megabatch of the original project (`torch.save`d dict), loaded without running pickled code.
 
-
-def logical_specs(header: Mapping[str, Any], name: str) -> dict[str, tuple[torch.dtype, list[int]]]:
-    """Each tensor's dtype and shape once decoded (a compressed tensor's original ones), from the header."""
-    out = {}
-    for key, info in header.items():
-        if key != "__metadata__":
-            try:
-                out[key] = (DTYPES[info["dtype"]], [int(s) for s in info["shape"]])
-            except (KeyError, TypeError, ValueError):
-                raise FormatError(f"{name}: corrupted header entry for {key!r}") from None
-    out.update({k: (p.dtype, p.shape) for k, p in packed_specs(header, name).items()})
-    return out
-
-
-def decode_legacy(buf: bytes | bytearray | memoryview, name: str) -> dict[str, torch.Tensor]:
-    """A megabatch of the original project (`torch.save`d dict), loaded without running pickled code."""
+    It has `states [rows, seq, d]` and `input_ids [rows, seq]` but no positions (`Megabatch.positions`
+    is None): readers that need them treat every token as real.
+    """
     try:
         obj = torch.load(io.BytesIO(bytes(buf)), map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-        raise FormatError(f"{name}: not a loadable tensor file ({type(e).__name__}: {e})") from None
-    if not isinstance(obj, dict) or "states" not in obj:
-        raise FormatError(f"{name}: legacy file has no 'states' tensor")
-    return {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def hook_metadata(
-    *,
-    run_name: str,
-    hook: str,
-    d_model: int,
-    dtype: torch.dtype,
-    seq_length: int,
-    rows_per_file: int,
-    batch_size: int,
-    batches_per_upload: int,
-    model: str,
-    compression: codecs.Codec | None = None,
-) -> dict[str, Any]:
-    """Contents of `{run}/{hook}/metadata.json`; `compression` is how new files are written."""
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    per_file = rows_per_file * seq_length * (d_model * itemsize + 8)
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "run_name": run_name,
-        "hook": hook,
-        "model": model,
-        "shape": [rows_per_file, seq_length, d_model],
-        "dtype": dtype_name(dtype),
-        "d_model": d_model,
-        "seq_length": seq_length,
-        "batch_size": batch_size,
-        "batches_per_upload": batches_per_upload,
-        "rows_per_file": rows_per_file,
-        "bytes_per_file": per_file,
-        "tensors": {
-            "states": {"dtype": dtype_name(dtype), "shape": ["rows", seq_length, d_model]},
-            "input_ids": {"dtype": "int32", "shape": ["rows", seq_length]},
-            "positions": {"dtype": "int32", "shape": ["rows", seq_length]},
-        },
-        "file_pattern": "m{machine:05d}-{index:06d}.safetensors",
-        "compression": codecs.describe(compression),
-    }
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+        raise FormatError(f"{url}: not a loadable tensor file ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise FormatError(f"{url}: legacy file holds a {type(obj).__name__}, not a dict of tensors")
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    states, ids = tensors.get("states"), tensors.get("input_ids")
+    if states is None or states.dim() != 3 or not states.is_floating_point() or 0 in states.shape:
+        raise FormatError(f"{url}: legacy file has no 'states' tensor of shape [rows, seq, d]")
+    if ids is None or tuple(ids.shape) != tuple(states.shape[:2]):
+        raise FormatError(
+            f"{url}: legacy file has no 'input_ids' tensor of shape {list(states.shape[:2])}"
+        )
+    tensors.pop("positions", None)  # the original never wrote them; never trust a stray one
+    return Megabatch(tensors, None)

@@ -1,103 +1,397 @@
-"""The records of a run besides its megabatches: cfg.json, per-machine progress, merged statistics.
+"""The layout of a run on storage and its records: keys, typed schemas, reading and writing.
 
-Each machine writes only its own progress record, after the files it counts; `statistics.json`
-is derived from the finished machines' records, so no record is ever shared between writers.
+```
+{run}/cfg.json                            RunRecord: config (no secrets), model, hooks, num_runs
+{run}/progress/machine-{i:05d}.json       ProgressRecord: machine i's files, data cursor, statistics
+{run}/{hook}/metadata.json                HookMetadata: shape, dtype, rows per file
+{run}/{hook}/statistics.json              HookStatistics: the exact merge over finished machines
+{run}/{hook}/m{i:05d}-{k:06d}.safetensors machine i's file k, the same name in every hook folder
+```
+Every record is read through `read_record`: invalid JSON, a wrong type, a missing field or an absurd
+value is one FormatError naming the file, the field and the repair. How records are derived and
+rebuilt over a run's life is `runs.py`'s.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+import reprlib
+from typing import Annotated, Any, Literal, TypeVar
 
-from activault.errors import ConfigError, FormatError, NotFoundError
-from activault.storage import Store
-from activault.vault.stats import RunningStats, merge_all
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from activault.errors import FormatError, NotFoundError
+from activault.storage.base import Store, join
+from activault.vault import codec as codecs
+from activault.vault.megabatch import FORMAT, FORMAT_VERSION, SUFFIX, Header, dtype_name
+from activault.vault.stats import STATS_VERSION, RunningStats
 
 log = logging.getLogger(__name__)
 
-# How to repair a damaged record, for commands that only read them.
-RECOLLECT = "run the run's collect command again: it rewrites its records"
-REMERGE = "recompute it with `activault merge-stats RUN_URI`"
+# File names hold five digits of machine index, so that names sort by machine.
+MAX_MACHINES = 100_000
+MAX_COUNT = 1 << 62
+MAX_D = 1 << 20
+# A progress record of 10 hooks at d=16384 is ~10 MB; anything far larger is not a record.
+MAX_RECORD_BYTES = 64 << 20
+
+# The repairs that messages name; each has been checked to do what it says.
+REBUILD = (
+    "rerun the run's collect command (any one machine, e.g. --machine 0): it rebuilds cfg.json, "
+    "metadata.json and statistics.json from the progress records and file headers without "
+    "collecting again"
+)
+REMERGE = "or rewrite statistics.json alone with `activault merge-stats RUN`"
+
+
+def redo_machine(run_url: str, machine: int) -> str:
+    """The repair of a damaged progress record or file of `machine`: collect its share again."""
+    key = progress_key("", machine)
+    return (
+        f"delete {run_url.rstrip('/')}/{key} and rerun machine {machine}'s collect command: it "
+        "collects that machine's share again from the start, rewriting its files with the same bytes"
+    )
+
+
+def file_repair(run_url: str, name: str) -> str:
+    """The repair of a damaged or missing megabatch `name`: collect its machine's share again."""
+    parsed = parse_file_name(name)
+    if parsed is None:
+        return "not an activault file name: delete it if it does not belong to the run"
+    return redo_machine(run_url, parsed[0])
+
+
+# ---- keys ----------------------------------------------------------------------------------------
+
+
+def cfg_key(run: str) -> str:
+    return join(run, "cfg.json")
 
 
 def progress_key(run: str, machine: int) -> str:
-    return f"{run}/progress/machine-{machine:05d}.json"
+    return join(run, "progress", f"machine-{machine:05d}.json")
 
 
-def read_json(store: Store, key: str, fix: str = "delete it and run the same command again to rewrite it") -> dict[str, Any] | None:
-    """A JSON object, or None if absent; a damaged one raises FormatError naming it and `fix`."""
+def metadata_key(folder: str) -> str:
+    """`metadata.json` of a hook folder (`run/hook`, or "" when the store is rooted at it)."""
+    return join(folder, "metadata.json")
+
+
+def statistics_key(folder: str) -> str:
+    return join(folder, "statistics.json")
+
+
+def file_name(machine: int, index: int) -> str:
+    """Megabatch file name; the same in every hook folder for the same tokens."""
+    return f"m{machine:05d}-{index:06d}{SUFFIX}"
+
+
+def parse_file_name(name: str) -> tuple[int, int] | None:
+    """(machine, index) of one of our file names, else None."""
+    base = name.rsplit("/", 1)[-1]
+    if not (base.startswith("m") and base.endswith(SUFFIX)):
+        return None
+    machine, _, index = base[1 : -len(SUFFIX)].partition("-")
+    if not (machine.isascii() and machine.isdigit() and index.isascii() and index.isdigit()):
+        return None
+    return int(machine), int(index)
+
+
+def parse_progress_name(name: str) -> int | None:
+    """The machine of a progress record's file name, else None."""
+    base = name.rsplit("/", 1)[-1]
+    digits = base.removeprefix("machine-").removesuffix(".json")
+    if base == digits or not (digits.isascii() and digits.isdigit()):
+        return None
+    return int(digits)
+
+
+# ---- schemas -------------------------------------------------------------------------------------
+
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+Positive = Annotated[int, Field(gt=0, le=MAX_COUNT)]
+Floats = Annotated[list[float], Field(fail_fast=True)]
+StateDtype = Literal["float64", "float32", "float16", "bfloat16"]
+
+
+class Record(BaseModel):
+    """Strict: a string is not a number, a float not an int; unknown keys are ignored."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class Versioned(Record):
+    format: Literal["activault"] = FORMAT
+    format_version: int = Field(default=FORMAT_VERSION, ge=1)
+
+    @model_validator(mode="after")
+    def _not_newer(self) -> Versioned:
+        if self.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"format_version {self.format_version} is newer than this activault reads "
+                f"({FORMAT_VERSION}); upgrade activault"
+            )
+        return self
+
+
+class RunRecord(Versioned):
+    """cfg.json: what the run is; written by every machine at start, the same bytes from each."""
+
+    activault_version: str = ""
+    run_name: str = Field(min_length=1)
+    config: dict[str, Any] = Field(default_factory=dict)
+    model: dict[str, Any] = Field(default_factory=dict)
+    tokenizer: str | None = None
+    hooks: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
+    hook_dims: dict[str, Annotated[int, Field(gt=0, le=MAX_D)]] = Field(default_factory=dict)
+    num_runs: int = Field(ge=1, le=MAX_MACHINES)
+    progress: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _hooks(self) -> RunRecord:
+        if len(set(self.hooks)) != len(self.hooks) or any("/" in h for h in self.hooks):
+            raise ValueError(f"hooks {reprlib.repr(self.hooks)} repeat a name or hold a '/'")
+        return self
+
+
+class StatsRecord(Record):
+    """`RunningStats.to_dict()`: enough to merge exactly (count, mean, m2, norm sums)."""
+
+    stats_version: int = Field(default=STATS_VERSION, ge=1, le=STATS_VERSION)
+    count: Count
+    d_model: int = Field(gt=0, le=MAX_D)
+    mean: Floats
+    std: Floats
+    m2: Floats
+    norm: float
+    norm_sum: float
+    norm_sq_sum: float = 0.0
+    nonfinite: Count = 0
+
+    @model_validator(mode="after")
+    def _lengths(self) -> StatsRecord:
+        for name in ("mean", "std", "m2"):
+            n = len(getattr(self, name))
+            if n != self.d_model:
+                raise ValueError(f"{name} has {n} values, d_model is {self.d_model}")
+        # NaN passes: activations with NaN (upload_config.on_nonfinite: warn) give NaN statistics.
+        if any(v < 0 for v in self.m2) or any(v < 0 for v in self.std) or self.norm_sum < 0:
+            raise ValueError("a variance or norm is negative")
+        return self
+
+    def running(self, device: str = "cpu") -> RunningStats:
+        return RunningStats.from_dict(self.model_dump(), device)
+
+
+class HookStatistics(StatsRecord):
+    """{hook}/statistics.json: the merge over finished machines, and which machines those are."""
+
+    count: Positive
+    machines: list[Annotated[int, Field(ge=0, lt=MAX_MACHINES)]] = Field(min_length=1)
+    num_runs: int = Field(ge=1, le=MAX_MACHINES)
+
+    @model_validator(mode="after")
+    def _machines(self) -> HookStatistics:
+        if self.machines != sorted(set(self.machines)) or self.machines[-1] >= self.num_runs:
+            raise ValueError(
+                f"machines {reprlib.repr(self.machines)} are not distinct in 0..num_runs-1"
+            )
+        return self
+
+
+class ProgressRecord(Record):
+    """progress/machine-{i}.json: how far machine i got; written after the files it counts."""
+
+    machine: int = Field(ge=0, lt=MAX_MACHINES)
+    num_runs: int = Field(ge=1, le=MAX_MACHINES)
+    files_done: Count = 0
+    rows_done: Count = 0
+    tokens_done: Count = 0
+    data_state: dict[str, Any] | None = None
+    finished: bool = False
+    stats: dict[str, StatsRecord] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _machine(self) -> ProgressRecord:
+        if self.machine >= self.num_runs:
+            raise ValueError(f"machine {self.machine} is not below num_runs {self.num_runs}")
+        return self
+
+
+class HookMetadata(Versioned):
+    """{hook}/metadata.json: what every file of the hook holds."""
+
+    run_name: str = ""
+    hook: str = ""
+    model: str = ""
+    shape: list[int] = Field(min_length=3, max_length=3)
+    dtype: StateDtype
+    d_model: int = Field(gt=0, le=MAX_D)
+    seq_length: int = Field(gt=0, le=MAX_D)
+    batch_size: Positive
+    batches_per_upload: Positive
+    rows_per_file: Positive
+    bytes_per_file: Positive
+    tensors: dict[str, Any] = Field(default_factory=dict)
+    file_pattern: str = "m{machine:05d}-{index:06d}" + SUFFIX
+    compression: dict[str, Any] = Field(default_factory=lambda: {"codec": "none"})
+    """How new files are written (vault/codec.py `describe`); each file's header says how it is."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> HookMetadata:
+        if self.shape != [self.rows_per_file, self.seq_length, self.d_model]:
+            raise ValueError(f"shape {self.shape} is not [rows_per_file, seq_length, d_model]")
+        if self.rows_per_file != self.batch_size * self.batches_per_upload:
+            raise ValueError("rows_per_file is not batch_size * batches_per_upload")
+        return self
+
+    def disagreement(self, header: Header) -> str | None:
+        """How a file's header contradicts this metadata, or None when it fits."""
+        if (
+            (header.seq_len, header.d_model) != (self.seq_length, self.d_model)
+            or dtype_name(header.dtype) != self.dtype
+            or header.rows > self.rows_per_file
+        ):
+            return (
+                f"metadata.json says [rows <= {self.rows_per_file}, {self.seq_length}, "
+                f"{self.d_model}] {self.dtype}, the file holds [{header.rows}, {header.seq_len}, "
+                f"{header.d_model}] {dtype_name(header.dtype)}"
+            )
+        return None
+
+
+R = TypeVar("R", bound=Record)
+
+
+# ---- reading and writing -------------------------------------------------------------------------
+
+
+def _field_problem(e: ValidationError) -> str:
+    err = e.errors(include_url=False)[0]
+    field = ".".join(str(p) for p in err["loc"])
+    where = f"field {field!r}" if field else "the record"
+    if err["type"] == "missing":
+        return f"{where} is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    got = "" if not field else f" (got {reprlib.repr(err.get('input'))})"
+    return f"{where}: {msg}{got}"
+
+
+def parse_record(text: bytes | str, model: type[R], url: str, fix: str) -> R:
+    """A record from its JSON text; any problem is one FormatError naming `url`, the field and `fix`."""
     try:
-        obj = json.loads(store.get_text(key))
+        obj = json.loads(text)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise FormatError(f"{url} is not valid JSON ({str(e)[:80]}); {fix}") from None
+    if not isinstance(obj, dict):
+        raise FormatError(f"{url} is not a JSON object; {fix}")
+    try:
+        return model.model_validate(obj)
+    except ValidationError as e:
+        raise FormatError(f"{url}: {_field_problem(e)}; {fix}") from None
+
+
+def read_record(
+    store: Store, key: str, model: type[R], fix: str, size: int | None = None
+) -> R | None:
+    """A typed record, or None if absent.
+
+    Args:
+        size: the object's size from a listing (else the store is asked first).
+    """
+    url = store.url(key)
+    if size is not None and size > MAX_RECORD_BYTES:
+        raise FormatError(f"{url} is {size} bytes, far more than a record holds; {fix}")
+    try:
+        # One bounded ranged read, not a HEAD first: public buckets refuse HEAD of a missing key
+        # (403) where GET says 404, and a huge object costs no more than the bound.
+        data = store.get_range(key, 0, MAX_RECORD_BYTES + 1) if size is None else store.get(key)
     except NotFoundError:
         return None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise FormatError(f"{store.url(key)} is not valid JSON ({e}); {fix}") from None
-    if not isinstance(obj, dict):
-        raise FormatError(f"{store.url(key)} is not a JSON object; {fix}")
-    return obj
+    if data.nbytes > MAX_RECORD_BYTES:
+        raise FormatError(f"{url} is over {MAX_RECORD_BYTES} bytes, far more than a record holds; {fix}")
+    return parse_record(bytes(data), model, url, fix)
 
 
-def write_json(store: Store, key: str, obj: Any) -> None:
-    store.put_text(key, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+def write_record(store: Store, key: str, record: Record) -> None:
+    """Sorted keys, floats in their shortest exact form: equal records are equal bytes."""
+    store.put_text(key, json.dumps(record.model_dump(), indent=1, sort_keys=True) + "\n")
 
 
-class Progress:
-    """The per-machine progress record."""
-
-    def __init__(self, store: Store, run: str, machine: int, num_runs: int):
-        self.store, self.key = store, progress_key(run, machine)
-        self.machine, self.num_runs = machine, num_runs
-        rec = read_json(store, self.key) or {}
-        if rec and rec.get("num_runs") != num_runs:
-            raise ConfigError(
-                f"{store.url(self.key)} was written with num_runs={rec.get('num_runs')}, not {num_runs}; "
-                "use the run's num_runs or a new run_name"
-            )
-        self.files_done: int = rec.get("files_done", 0)
-        self.rows_done: int = rec.get("rows_done", 0)
-        self.tokens_done: int = rec.get("tokens_done", 0)
-        self.data_state: dict[str, Any] | None = rec.get("data_state")
-        self.finished: bool = rec.get("finished", False)
-        self.stats: dict[str, dict[str, Any]] = rec.get("stats", {})
-
-    def record(self, files: int, rows: int, tokens: int, data_state: dict[str, Any] | None,
-               stats: dict[str, dict[str, Any]], finished: bool) -> dict[str, Any]:
-        return {
-            "machine": self.machine, "num_runs": self.num_runs, "files_done": files, "rows_done": rows,
-            "tokens_done": tokens, "data_state": data_state, "finished": finished, "stats": stats,
-        }  # fmt: skip
+def read_run(store: Store, run: str) -> RunRecord | None:
+    return read_record(store, cfg_key(run), RunRecord, REBUILD)
 
 
-def merge_statistics(store: Store, run: str, hooks: list[str], num_runs: int) -> list[int]:
-    """Write each hook's statistics.json as the exact merge over finished machines; return them.
+def read_progress(
+    store: Store, run: str, machine: int, size: int | None = None
+) -> ProgressRecord | None:
+    rec = read_record(
+        store,
+        progress_key(run, machine),
+        ProgressRecord,
+        redo_machine(store.url(run), machine),
+        size,
+    )
+    if rec is not None and rec.machine != machine:
+        raise FormatError(
+            f"{store.url(progress_key(run, machine))}: field 'machine' is {rec.machine}, the name "
+            f"says {machine}; {redo_machine(store.url(run), machine)}"
+        )
+    return rec
 
-    Machines finishing together may race: each re-lists after writing and rewrites while the set
-    of finished machines grew, so the last writer always covers every finished machine, and the
-    sorted merge order makes every writer's bytes the same.
-    """
-    written: list[int] | None = None
-    while True:
-        records = {}
-        for m in range(num_runs):
-            try:
-                rec = read_json(store, progress_key(run, m))
-            except FormatError:  # another machine's broken record must not stop this one finishing
-                log.warning("skipping %s: not valid JSON; rerun machine %d to rewrite it",
-                            store.url(progress_key(run, m)), m)
-                continue
-            if rec and rec.get("finished"):
-                records[m] = rec
-        machines = sorted(records)
-        if machines == written:
-            return machines
-        for h in hooks:
-            parts = [RunningStats.from_dict(records[m]["stats"][h]) for m in machines if h in records[m]["stats"]]
-            total = merge_all(parts)
-            if total is None:
-                continue
-            out = total.to_dict()
-            out["machines"] = machines
-            out["num_runs"] = num_runs
-            write_json(store, f"{run}/{h}/statistics.json", out)
-        written = machines
+
+def read_metadata(store: Store, folder: str) -> HookMetadata | None:
+    """A hook folder's metadata.json (`folder` is `run/hook`, or "" at a hook folder's root)."""
+    return read_record(store, metadata_key(folder), HookMetadata, REBUILD)
+
+
+def read_statistics(store: Store, folder: str) -> HookStatistics | None:
+    return read_record(store, statistics_key(folder), HookStatistics, f"{REBUILD}, {REMERGE}")
+
+
+def header_metadata(
+    run_name: str, hook: str, machine: int, index: int, model: str
+) -> dict[str, str]:
+    """The `__metadata__` of a megabatch header (encode adds the checksums)."""
+    return {
+        "format": FORMAT, "format_version": str(FORMAT_VERSION), "run_name": run_name,
+        "hook": hook, "machine": str(machine), "file_index": str(index), "model": model,
+    }  # fmt: skip
+
+
+def hook_metadata(
+    *,
+    run_name: str,
+    hook: str,
+    d_model: int,
+    dtype: Any,
+    seq_length: int,
+    rows_per_file: int,
+    batch_size: int,
+    batches_per_upload: int,
+    model: str,
+    compression: codecs.Codec | None = None,
+) -> HookMetadata:
+    """The contents of `{run}/{hook}/metadata.json`; `dtype` a torch.dtype or its name."""
+    name = dtype if isinstance(dtype, str) else dtype_name(dtype)
+    itemsize = torch.empty((), dtype=getattr(torch, name)).element_size()
+    return HookMetadata(
+        run_name=run_name, hook=hook, model=model, shape=[rows_per_file, seq_length, d_model],
+        dtype=name, d_model=d_model, seq_length=seq_length, batch_size=batch_size,  # type: ignore[arg-type]
+        batches_per_upload=batches_per_upload, rows_per_file=rows_per_file,
+        bytes_per_file=rows_per_file * seq_length * (d_model * itemsize + 8),
+        tensors={
+            "states": {"dtype": name, "shape": ["rows", seq_length, d_model]},
+            "input_ids": {"dtype": "int32", "shape": ["rows", seq_length]},
+            "positions": {"dtype": "int32", "shape": ["rows", seq_length]},
+        },
+        compression=codecs.describe(compression),
+    )  # fmt: skip
+
+
+def statistics_record(total: RunningStats, machines: list[int], num_runs: int) -> HookStatistics:
+    # Built from our own computation: validated already by construction, so skip the pass over d floats.
+    d = total.to_dict()
+    return HookStatistics.model_construct(**d, machines=machines, num_runs=num_runs)

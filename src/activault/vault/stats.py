@@ -1,6 +1,7 @@
 """Exact, mergeable running statistics of activations (float64, Chan et al.'s parallel update).
 
-Per dimension: count, mean and M2 (sum of squared deviations); per token: the sum of L2 norms.
+Per dimension: count, mean and M2 (sum of squared deviations); per token: the sum of L2 norms, and
+how many tokens hold a NaN or Inf (their L2 norm is then not finite: counted at no extra pass).
 Merging two partial results is exact up to float64 rounding, so statistics of many batches and
 many machines equal a single float64 pass over every stored token. The batch term M2_b is kept
 (the original's running std dropped it and under-estimated the spread).
@@ -26,6 +27,13 @@ class RunningStats:
         self.m2 = torch.zeros(d, dtype=torch.float64, device=device)
         self.norm_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.norm_sq_sum = torch.zeros((), dtype=torch.float64, device=device)
+        # A device tensor: reading it would wait for the GPU, so callers read it once per file.
+        self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)
+
+    @property
+    def nonfinite_tokens(self) -> int:
+        """Tokens with a NaN or Inf in any dimension."""
+        return int(self.nonfinite)
 
     def update(self, x: torch.Tensor) -> None:
         """Add tokens `x: [n, d]` (any dtype; accumulated in float64 on x's device)."""
@@ -36,9 +44,17 @@ class RunningStats:
         mean_b = x64.mean(0)
         m2_b = ((x64 - mean_b) ** 2).sum(0)
         norms = torch.linalg.vector_norm(x64, dim=1)
+        self.nonfinite += (~torch.isfinite(norms)).sum()
         self._merge(n, mean_b, m2_b, norms.sum(), (norms**2).sum())
 
-    def _merge(self, n_b: int, mean_b: torch.Tensor, m2_b: torch.Tensor, ns: torch.Tensor, nss: torch.Tensor) -> None:
+    def _merge(
+        self,
+        n_b: int,
+        mean_b: torch.Tensor,
+        m2_b: torch.Tensor,
+        ns: torch.Tensor,
+        nss: torch.Tensor,
+    ) -> None:
         n_a = self.count
         n = n_a + n_b
         delta = mean_b.to(self.mean.device) - self.mean
@@ -54,6 +70,7 @@ class RunningStats:
             raise ValueError(f"cannot merge statistics of dimension {other.d} into {self.d}")
         if other.count:
             self._merge(other.count, other.mean, other.m2, other.norm_sum, other.norm_sq_sum)
+        self.nonfinite += other.nonfinite.to(self.nonfinite.device)
         return self
 
     @property
@@ -81,6 +98,7 @@ class RunningStats:
             "m2": self.m2.cpu().tolist(),
             "norm_sum": float(self.norm_sum),
             "norm_sq_sum": float(self.norm_sq_sum),
+            "nonfinite": self.nonfinite_tokens,
         }
 
     @classmethod
@@ -90,7 +108,10 @@ class RunningStats:
         s.mean = torch.tensor(d["mean"], dtype=torch.float64, device=device)
         s.m2 = torch.tensor(d["m2"], dtype=torch.float64, device=device)
         s.norm_sum = torch.tensor(float(d["norm_sum"]), dtype=torch.float64, device=device)
-        s.norm_sq_sum = torch.tensor(float(d.get("norm_sq_sum", 0.0)), dtype=torch.float64, device=device)
+        s.norm_sq_sum = torch.tensor(
+            float(d.get("norm_sq_sum", 0.0)), dtype=torch.float64, device=device
+        )
+        s.nonfinite = torch.tensor(int(d.get("nonfinite", 0)), dtype=torch.int64, device=device)
         return s
 
 

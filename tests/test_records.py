@@ -1,0 +1,267 @@
+"""Run records: every record through one schema, damage named with file, field and repair; merging."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from activault.errors import ConfigError, FormatError
+from activault.storage import LocalStore
+from activault.vault import records
+from activault.vault.records import (
+    MAX_RECORD_BYTES,
+    REBUILD,
+    HookMetadata,
+    HookStatistics,
+    ProgressRecord,
+    RunRecord,
+    file_name,
+    parse_file_name,
+    parse_record,
+    read_metadata,
+    read_progress,
+    read_record,
+    read_run,
+    read_statistics,
+    write_record,
+)
+from activault.vault.runs import join_run, merge_statistics
+from activault.vault.stats import merge_all
+from support.synth import SynthRun, write_synthetic_run
+
+HOOKS = ["h1", "h2"]
+URL = "/vault/run/record.json"
+
+
+@pytest.fixture
+def synth(local: LocalStore) -> SynthRun:
+    return write_synthetic_run(local, "run", HOOKS, machines=3, files=2)
+
+
+def test_file_names_sort_by_machine_then_index_and_parse_back():
+    names = [file_name(m, k) for m in (0, 1, 12) for k in (0, 1, 100)]
+    assert names == sorted(names)
+    assert [parse_file_name(n) for n in names] == [(m, k) for m in (0, 1, 12) for k in (0, 1, 100)]
+    assert parse_file_name("statistics.json") is None and parse_file_name("abc--1.pt") is None
+    assert parse_file_name("m٠١-000001.safetensors") is None  # non-ASCII digits are not ours
+
+
+def test_records_round_trip_through_their_readers_byte_for_byte(local: LocalStore, synth: SynthRun):
+    readers = {
+        "run/cfg.json": lambda: read_run(local, "run"),
+        "run/progress/machine-00002.json": lambda: read_progress(local, "run", 2),
+        "run/h1/metadata.json": lambda: read_metadata(local, "run/h1"),
+        "run/h2/statistics.json": lambda: read_statistics(local, "run/h2"),
+    }
+    for key, read in readers.items():
+        before = bytes(local.get(key))
+        write_record(local, key, read())
+        assert bytes(local.get(key)) == before, key
+    assert read_statistics(local, "run/h2").running().count == synth.stats["h2"].count
+
+
+def test_absent_records_are_none(local: LocalStore):
+    assert read_run(local, "nope") is None and read_metadata(local, "nope/h") is None
+
+
+VALID = {
+    RunRecord: {"run_name": "r", "hooks": ["h"], "num_runs": 2},
+    ProgressRecord: {"machine": 1, "num_runs": 2},
+    HookMetadata: {"shape": [4, 16, 8], "dtype": "bfloat16", "d_model": 8, "seq_length": 16,
+                   "batch_size": 2, "batches_per_upload": 2, "rows_per_file": 4, "bytes_per_file": 4096},
+    HookStatistics: {"count": 5, "d_model": 2, "mean": [0.0, 1.0], "std": [1.0, 1.0], "m2": [5.0, 5.0],
+                     "norm": 1.0, "norm_sum": 5.0, "machines": [0, 1], "num_runs": 2},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "model, change, message",
+    [
+        (
+            RunRecord,
+            {"num_runs": 10**10},
+            "field 'num_runs': Input should be less than or equal to 100000",
+        ),
+        (RunRecord, {"num_runs": "2"}, "field 'num_runs': Input should be a valid integer"),
+        (RunRecord, {"hooks": None}, "field 'hooks'"),
+        (RunRecord, {"hooks": ["a", "a"]}, "repeat a name"),
+        (RunRecord, {"format_version": 7}, "newer than this activault reads"),
+        (
+            ProgressRecord,
+            {"files_done": -1},
+            "field 'files_done': Input should be greater than or equal to 0",
+        ),
+        (ProgressRecord, {"machine": 2}, "machine 2 is not below num_runs 2"),
+        (ProgressRecord, {"finished": "yes"}, "field 'finished'"),
+        (ProgressRecord, {"stats": {"h": {"count": 1}}}, "field 'stats.h.d_model' is missing"),
+        (HookMetadata, {"rows_per_file": 0}, "field 'rows_per_file'"),
+        (HookMetadata, {"bytes_per_file": -5}, "field 'bytes_per_file'"),
+        (HookMetadata, {"dtype": "int8"}, "field 'dtype'"),
+        (HookMetadata, {"d_model": 9}, "is not [rows_per_file, seq_length, d_model]"),
+        (HookStatistics, {"count": 0}, "field 'count': Input should be greater than 0"),
+        (HookStatistics, {"count": -4}, "field 'count'"),
+        (HookStatistics, {"mean": [0.0]}, "mean has 1 values, d_model is 2"),
+        (HookStatistics, {"std": [1.0, 2.0, 3.0]}, "std has 3 values, d_model is 2"),
+        (HookStatistics, {"m2": [-1.0, 1.0]}, "a variance or norm is negative"),
+        (HookStatistics, {"mean": [0.0, "x"]}, "field 'mean.1'"),
+        (HookStatistics, {"machines": [1, 0]}, "machines [1, 0] are not distinct"),
+        (HookStatistics, {"machines": [0, 5]}, "machines [0, 5] are not distinct"),
+        (HookStatistics, {"d_model": None}, "field 'd_model'"),
+    ],
+)
+def test_a_bad_field_is_one_format_error_naming_file_field_and_fix(model, change, message):
+    data = {**VALID[model], **change}
+    with pytest.raises(FormatError) as e:
+        parse_record(json.dumps(data), model, URL, "FIX IT")
+    text = str(e.value)
+    assert text.startswith(f"{URL}: ") and message in text and text.endswith("; FIX IT")
+
+
+@pytest.mark.parametrize("model", list(VALID))
+@pytest.mark.parametrize(
+    "text, message",
+    [("{not json", "is not valid JSON"), ("[1]", "is not a JSON object"), (b"\xff\xfe", "is not valid JSON"),
+     ("[" * 100_000, "is not valid JSON"), ("{}", "is missing")],
+)  # fmt: skip
+def test_garbage_of_any_kind_is_one_format_error(model, text, message):
+    if model is ProgressRecord and text == "{}":
+        text = '{"machine": 0}'
+    with pytest.raises(FormatError, match=message) as e:
+        parse_record(text, model, URL, "FIX IT")
+    assert str(e.value).startswith(URL) and str(e.value).endswith("FIX IT")
+
+
+def test_valid_records_parse():
+    for model, data in VALID.items():
+        assert isinstance(parse_record(json.dumps(data), model, URL, ""), model)
+
+
+def test_a_huge_object_under_a_record_name_is_refused_without_reading_it(tmp_path: Path):
+    store = LocalStore(tmp_path)
+    path = tmp_path / "run" / "cfg.json"
+    path.parent.mkdir()
+    path.write_text("{")
+    os.truncate(path, 5 << 30)  # sparse
+    with pytest.raises(
+        FormatError, match=re.escape(f"is {5 << 30} bytes, far more than a record holds; {REBUILD}")
+    ):
+        read_run(store, "run")
+    assert MAX_RECORD_BYTES < 5 << 30
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=16,
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(list(VALID)), st.dictionaries(st.text(max_size=12), json_values, max_size=6),
+       st.booleans())  # fmt: skip
+def test_any_json_gives_a_record_or_a_format_error(model, mutation, start_valid):
+    data = {**VALID[model], **mutation} if start_valid else mutation
+    try:
+        text = json.dumps(data)
+    except ValueError:
+        return
+    try:
+        assert isinstance(parse_record(text, model, URL, "FIX"), model)
+    except FormatError as e:
+        assert str(e).startswith(URL)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(list(VALID)), st.binary(max_size=200))
+def test_any_bytes_give_a_record_or_a_format_error(model, raw):
+    try:
+        parse_record(raw, model, URL, "FIX")
+    except FormatError as e:
+        assert str(e).startswith(URL)
+
+
+# ---- merging statistics ----
+
+
+class CountingStore(LocalStore):
+    """A local store that counts whole-object reads per key."""
+
+    def __init__(self, root: Path):
+        super().__init__(root, fsync=False)
+        self.gets: dict[str, int] = {}
+
+    def get(self, key):
+        self.gets[key] = self.gets.get(key, 0) + 1
+        return super().get(key)
+
+
+def test_merge_reads_each_record_once_and_equals_one_merge(tmp_path: Path):
+    n = 12
+    synth = write_synthetic_run(
+        LocalStore(tmp_path, fsync=False), "run", HOOKS, machines=n, files=1
+    )
+    store = CountingStore(tmp_path)
+    for h in HOOKS:
+        store.delete(f"run/{h}/statistics.json")
+    assert merge_statistics(store, "run", HOOKS, n) == list(range(n))
+    progress = {k: c for k, c in store.gets.items() if "/progress/" in k}
+    assert len(progress) == n and set(progress.values()) == {1}  # not once per machine per machine
+    for h in HOOKS:
+        got = read_statistics(store, f"run/{h}")
+        assert got.machines == list(range(n)) and got.count == synth.stats[h].count
+        assert got.mean == synth.stats[h].mean.tolist()  # same order of merging: the same bits
+
+
+def test_merge_skips_another_machines_damaged_record_with_its_repair(local, synth, caplog):
+    local.put_text("run/progress/machine-00001.json", '{"machine": 1, "num_runs": 3, "stats": 5}')
+    with caplog.at_level(logging.WARNING):
+        assert merge_statistics(local, "run", HOOKS, 3) == [0, 2]
+    assert (
+        "machine-00001.json: field 'stats'" in caplog.text
+        and "rerun machine 1's collect" in caplog.text
+    )
+    assert read_statistics(local, "run/h1").machines == [0, 2]
+
+
+def test_merge_ignores_unfinished_machines(local, synth):
+    rec = read_progress(local, "run", 2)
+    write_record(local, records.progress_key("run", 2), rec.model_copy(update={"finished": False}))
+    assert merge_statistics(local, "run", HOOKS, 3) == [0, 1]
+    parts = [read_progress(local, "run", m).stats["h1"].running() for m in (0, 1)]
+    assert read_statistics(local, "run/h1").count == merge_all(parts).count
+
+
+# ---- joining a run ----
+
+
+def test_join_run_rebuilds_a_missing_or_damaged_cfg_and_refuses_another_num_runs(local, synth):
+    rec = read_run(local, "run")
+    for damage in (
+        lambda: local.delete("run/cfg.json"),
+        lambda: local.put_text("run/cfg.json", "{"),
+    ):
+        damage()
+        join_run(local, rec)
+        assert read_run(local, "run") == rec
+    with pytest.raises(ConfigError, match="num_runs=3, this config says num_runs=4"):
+        join_run(local, rec.model_copy(update={"num_runs": 4}))
+
+
+def test_progress_of_this_machine_damaged_names_the_repair(local, synth):
+    local.put_text(
+        "run/progress/machine-00000.json", '{"machine": 0, "num_runs": 3, "tokens_done": 1.5}'
+    )
+    with pytest.raises(
+        FormatError, match="field 'tokens_done'.*delete .*machine-00000.json and rerun machine 0"
+    ):
+        read_record(local, "run/progress/machine-00000.json", ProgressRecord,
+                    records.redo_machine(local.url("run"), 0))  # fmt: skip
