@@ -26,6 +26,7 @@ from activault.integrations.saelens_cache import add_subcommands, export_saelens
 from activault.integrations.sparsify import replay
 from activault.storage import LocalStore
 from activault.tools.verify import verify_run
+from activault.vault.records import statistics_record
 from support.synth import SynthRun
 
 HOOKS = ["h1", "h2"]
@@ -215,7 +216,8 @@ def sparse_run(
                 "input_ids": ids[a : a + per_file],
                 "positions": pos[a : a + per_file],
             }
-            store.put(f"{run}/{h}/{v.file_name(0, f)}", v.encode(part, {"hook": h}))
+            meta = v.header_metadata(run, h, 0, f, "synthetic")
+            store.put(f"{run}/{h}/{v.file_name(0, f)}", v.encode(part, meta))
             stats[h].update(part["states"].view(-1, d))
     for h in states:
         meta = v.hook_metadata(
@@ -229,8 +231,8 @@ def sparse_run(
             batches_per_upload=1,
             model="synthetic",
         )
-        v.write_json(store, f"{run}/{h}/metadata.json", meta)
-        v.write_json(store, f"{run}/{h}/statistics.json", stats[h].to_dict())
+        v.write_record(store, v.metadata_key(f"{run}/{h}"), meta)
+        v.write_record(store, f"{run}/{h}/statistics.json", statistics_record(stats[h], [0], 1))
 
 
 def dense_baselines(root: Path) -> tuple[float, float]:
@@ -436,8 +438,8 @@ def test_round_trip_vault_cache_vault_is_bit_identical(run: SynthRun, tmp_path: 
     assert torch.equal(
         pos2, torch.arange(16, dtype=torch.int32).expand_as(pos2)
     )  # one document per row
-    problems, _ = verify_run(LocalStore("/"), str(tmp_path / "vault/back").lstrip("/"))
-    assert problems == []
+    checked = verify_run(LocalStore("/"), str(tmp_path / "vault/back").lstrip("/"), deep=True)
+    assert checked.problems == [] and checked.tokens == back.tokens
     cfg = json.loads((tmp_path / "vault/back/cfg.json").read_text())
     assert cfg["imported_from"]["documents"] == "one per row" and cfg["hooks"] == HOOKS
     for h in HOOKS:  # statistics equal a float64 recomputation over the imported tokens

@@ -8,18 +8,29 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from activault.collection.writer import Writer
 from activault.errors import ConfigError, FormatError, NotFoundError
 from activault.storage import Store, open_store
-from activault.vault.megabatch import dtype_name, encode, file_name, hook_metadata
-from activault.vault.records import merge_statistics, progress_key, read_json, write_json
+from activault.vault.megabatch import dtype_name, encode
+from activault.vault.records import (
+    ProgressRecord,
+    cfg_key,
+    file_name,
+    header_metadata,
+    hook_metadata,
+    metadata_key,
+    progress_key,
+    write_record,
+)
+from activault.vault.runs import merge_statistics
 from activault.vault.stats import RunningStats, merge_all
 
 __all__ = [
-    "RunningStats", "Store", "Writer", "dtype_name", "encode", "file_name", "hook_metadata",
-    "merge_statistics", "open_store", "progress_key", "read_json", "run_statistics", "write_json",
-    "dist_rank",
+    "ProgressRecord", "RunningStats", "Store", "Writer", "cfg_key", "dist_rank", "dtype_name", "encode",
+    "file_name", "header_metadata", "hook_metadata", "merge_statistics", "metadata_key", "open_store",
+    "progress_key", "read_json", "run_statistics", "write_json", "write_record",
 ]  # fmt: skip
 
 Source = str | Path | Store
@@ -52,6 +63,26 @@ def run_statistics(uri: Source | Sequence[Source], hook: str) -> RunningStats:
             f"the statistics of {hook!r} count no tokens: the run holds no data for it"
         )
     return stats
+
+
+def read_json(store: Store, key: str) -> dict[str, Any] | None:
+    """A JSON object as stored, or None if absent (records compared as written, not as typed)."""
+    try:
+        obj = json.loads(store.get_text(key))
+    except NotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise FormatError(
+            f"{store.url(key)} is not valid JSON ({e}); delete the run and import again"
+        ) from None
+    if not isinstance(obj, dict):
+        raise FormatError(f"{store.url(key)} is not a JSON object; delete the run and import again")
+    return obj
+
+
+def write_json(store: Store, key: str, obj: Any) -> None:
+    """As `write_record` writes records: sorted keys, so equal contents are equal bytes."""
+    store.put_text(key, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def dist_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:

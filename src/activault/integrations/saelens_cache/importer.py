@@ -32,6 +32,7 @@ from activault.integrations.saelens_cache.layout import (
 from activault.storage.lock import MachineLock, hold
 
 FILE_BYTES = 256 << 20  # megabatch files written by import
+MODEL = "imported from SAELens cache"  # the `model` of the files' headers and metadata
 
 
 @dataclass
@@ -76,7 +77,7 @@ def import_saelens(
         "rows": cache.table.num_rows,
         "documents": "positions column" if cache.positions else "one per row",
     }
-    old = v.read_json(store, f"{run}/cfg.json")
+    old = v.read_json(store, v.cfg_key(run))
     if old is not None and old.get("imported_from") != source:
         raise ConfigError(
             f"{store.url(run)} already holds a run (not an import of this cache): choose a new run name"
@@ -100,7 +101,7 @@ def import_saelens(
             result.rows, result.tokens = cache.table.num_rows, int(progress["tokens_done"])
             result.files = int(progress["files_done"])
             return result
-        v.write_json(store, f"{run}/cfg.json", record)
+        v.write_json(store, v.cfg_key(run), record)
         for h in record["hooks"]:
             store.clear_partial(f"{run}/{h}", "m00000-")
         t0 = time.perf_counter()
@@ -182,8 +183,7 @@ def _import_files(
             futures, states = [], {}
             for c, h in cache.hooks.items():
                 states[h] = x = cols[c].view(rows, S, cache.dims[c]).to(cache.stored_dtypes[c])
-                meta = {"format": "activault", "format_version": "1", "run_name": run, "hook": h, "machine": "0",
-                        "file_index": str(k), "model": "imported from SAELens cache"}  # fmt: skip
+                meta = v.header_metadata(run, h, 0, k, MODEL)
                 parts = v.encode({"states": x, "input_ids": ids, "positions": pos}, meta)
                 futures.append(writer.write(f"{run}/{h}/{v.file_name(0, k)}", parts))
             for h, x in states.items():  # while the files are written
@@ -203,7 +203,7 @@ def _import_files(
         rec = {"machine": 0, "num_runs": 1, "files_done": result.files or k0, "rows_done": rows_done,
                "tokens_done": tokens, "data_state": {"row": cache.table.num_rows}, "finished": True,
                "stats": {h: s.to_dict() for h, s in stats.items()}}  # fmt: skip
-        v.write_json(store, v.progress_key(run, 0), rec)
+        v.write_record(store, v.progress_key(run, 0), v.ProgressRecord(**rec))
         writer.close()
         result.bytes_written = writer.bytes_written
         result.tokens, result.files, result.rows = tokens, rec["files_done"], rows_done
@@ -212,17 +212,19 @@ def _import_files(
         raise
 
 
-def _metadata(run: str, cache: CachedActivations, rpf: int) -> dict[str, dict[str, Any]]:
+def _metadata(run: str, cache: CachedActivations, rpf: int) -> dict[str, Any]:
     return {h: v.hook_metadata(run_name=run, hook=h, d_model=cache.dims[c], dtype=cache.stored_dtypes[c],
                                seq_length=cache.seq, rows_per_file=rpf, batch_size=rpf, batches_per_upload=1,
-                               model="imported from SAELens cache")
+                               model=MODEL)
             for c, h in cache.hooks.items()}  # fmt: skip
 
 
-def _committer(store: v.Store, run: str, rec: dict[str, Any], metas: dict[str, dict[str, Any]]):
+def _committer(store: v.Store, run: str, rec: dict[str, Any], metas: dict[str, Any]):
+    record = v.ProgressRecord(**rec)  # validated here, in the loop, not in the commit thread
+
     def commit() -> None:
         for h, meta in metas.items():
-            v.write_json(store, f"{run}/{h}/metadata.json", meta)
-        v.write_json(store, v.progress_key(run, 0), rec)
+            v.write_record(store, v.metadata_key(f"{run}/{h}"), meta)
+        v.write_record(store, v.progress_key(run, 0), record)
 
     return commit
