@@ -11,6 +11,7 @@ cd "$(dirname "$0")/.."
 if [ -z "${SKIP_SETUP:-}" ]; then
     EXTRAS="[test]" bash scripts/setup.sh
     bash scripts/install_s3rver.sh
+    PYTHON="${PYTHON:-$PWD/.venv/bin/python}" bash scripts/install_integrations.sh  # SAELens, sparsify, dictionary_learning
 fi
 PY=${PYTHON:-$PWD/.venv/bin/python}
 

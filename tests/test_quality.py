@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_ruff():
-    out = subprocess.run([sys.executable, "-m", "ruff", "check", "src", "tests", "bench", "scripts"],
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "src", "tests", "bench", "scripts", "support", "examples"],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 

@@ -183,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     est.set_defaults(func=_estimate)
 
     _add_launch(sub)
+    # export / import: SAELens activation caches
+    from activault.integrations.saelens_cache import add_subcommands
+
+    add_subcommands(sub)
     ms = sub.add_parser("merge-stats", help="recompute a run's statistics.json from its finished machines")
     ms.add_argument("run_uri", help="the run folder: PATH/RUN or s3://BUCKET[/PREFIX]/RUN")
     ms.set_defaults(func=_merge_stats)
