@@ -150,7 +150,7 @@ def test_a_huge_object_under_a_record_name_is_refused_without_reading_it(tmp_pat
     path.write_text("{")
     os.truncate(path, 5 << 30)  # sparse
     with pytest.raises(
-        FormatError, match=re.escape(f"is {5 << 30} bytes, far more than a record holds; {REBUILD}")
+        FormatError, match=re.escape(f"is over {MAX_RECORD_BYTES} bytes, far more than a record holds; {REBUILD}")
     ):
         read_run(store, "run")
     assert MAX_RECORD_BYTES < 5 << 30

@@ -127,6 +127,12 @@ class _Job:
     dtype: torch.dtype
     claim: MachineLock
 
+    def _records(self, progress: Progress) -> None:
+        """cfg.json (checked against this config before) and metadata.json are derived records:
+        rebuilt here when missing, damaged or out of date, without collecting again."""
+        join_run(self.store, self.record)
+        rebuild_metadata(self.store, self.cfg, self.machine, progress.files_done)
+
     def run(self, show_progress: bool) -> Result:
         from activault.collection.hooks import Capture
         from activault.collection.model import load_model
@@ -142,11 +148,8 @@ class _Job:
             log.warning("note: %s", note)
 
         result = Result(destination=store.url(run), files_planned=plan.files)
-        # cfg.json (checked against this config above) and metadata.json are derived records:
-        # rebuilt here when missing, damaged or out of date, without collecting again.
-        join_run(store, self.record)
-        rebuild_metadata(store, cfg, machine, progress.files_done)
         if progress.finished:
+            self._records(progress)
             log.info("machine %d already finished (%d files); its records are checked and "
                      "statistics merged", machine, progress.files_done)
             merge_statistics(store, run, uc.hooks, cfg.num_runs)
@@ -158,7 +161,8 @@ class _Job:
             log.info("machine %d: %s", machine, result.outcome())
             return result
         if not progress.files_done:
-            _require_documents(cfg, machine)
+            _require_documents(cfg, machine)  # before anything is written
+        self._records(progress)
 
         # Only this machine writes these names, and it holds the machine: leftover temps are stale.
         for h in uc.hooks:
