@@ -81,9 +81,15 @@ def bench_collect(work: Path, quick: bool) -> dict:
         nosums.append(r.tokens / r.seconds)
     a, b, c = statistics.median(alone), statistics.median(full), statistics.median(nosums)
     paired = statistics.median(f / x for f, x in zip(full, nosums, strict=True))  # run back to back
-    return {"forward_tok_s": a, "collect_tok_s": b, "ratio": b / a, "tokens": n * 8 * 256,
-            "collect_no_checksums_tok_s": c, "checksum_ratio": paired,
-            "model": "llama d=512, 8 layers (2 hooks, truncated after block 5), fp32, CPU"}
+    return {
+        "forward_tok_s": a,
+        "collect_tok_s": b,
+        "ratio": b / a,
+        "tokens": n * 8 * 256,
+        "collect_no_checksums_tok_s": c,
+        "checksum_ratio": paired,
+        "model": "llama d=512, 8 layers (2 hooks, truncated after block 5), fp32, CPU",
+    }
 
 
 def bench_writer(work: Path, quick: bool) -> dict:
@@ -160,9 +166,14 @@ def bench_checksums(work: Path, quick: bool) -> dict:
         ratios.append(got[True] / got[False])
     hash_s = (1 / encode_only(True) - 1 / encode_only(False)) * nbytes  # seconds spent hashing
     a, b = statistics.median(without_r), statistics.median(with_r)
-    return {"without_MB_s": a / 1e6, "with_MB_s": b / 1e6, "ratio": statistics.median(ratios),
-            "bytes": nbytes, "hash_GB_s": nbytes / max(hash_s, 1e-9) / 1e9,
-            "hash_share_of_write": hash_s / (nbytes / a)}  # fmt: skip
+    return {
+        "without_MB_s": a / 1e6,
+        "with_MB_s": b / 1e6,
+        "ratio": statistics.median(ratios),
+        "bytes": nbytes,
+        "hash_GB_s": nbytes / max(hash_s, 1e-9) / 1e9,
+        "hash_share_of_write": hash_s / (nbytes / a),
+    }
 
 
 def main() -> None:
@@ -178,13 +189,17 @@ def main() -> None:
         s = bench_checksums(work, args.quick)
     print(f"forward alone     {c['forward_tok_s']:>10,.0f} tok/s")
     print(f"full collection   {c['collect_tok_s']:>10,.0f} tok/s   ratio {c['ratio']:.3f} (goal >= 0.95)")
-    print(f"  no checksums    {c['collect_no_checksums_tok_s']:>10,.0f} tok/s   with/without {c['checksum_ratio']:.3f} "
-          "(goal >= 0.95)")
+    print(
+        f"  no checksums    {c['collect_no_checksums_tok_s']:>10,.0f} tok/s   with/without {c['checksum_ratio']:.3f} "
+        "(goal >= 0.95)"
+    )
     print(f"plain writes      {w['plain_MB_s']:>10,.0f} MB/s")
     print(f"writer            {w['writer_MB_s']:>10,.0f} MB/s   ratio {w['ratio']:.3f} (goal >= 0.9)")
     print(f"writes, no sums   {s['without_MB_s']:>10,.0f} MB/s")
-    print(f"writes, checksums {s['with_MB_s']:>10,.0f} MB/s   ratio {s['ratio']:.3f} (goal >= 0.95; "
-          f"xxh3 {s['hash_GB_s']:.1f} GB/s = {s['hash_share_of_write']:.1%} of the write time)")
+    print(
+        f"writes, checksums {s['with_MB_s']:>10,.0f} MB/s   ratio {s['ratio']:.3f} (goal >= 0.95; "
+        f"xxh3 {s['hash_GB_s']:.1f} GB/s = {s['hash_share_of_write']:.1%} of the write time)"
+    )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"collect": c, "writer": w, "checksums": s}, indent=1))
 

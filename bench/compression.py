@@ -68,12 +68,15 @@ def model_dir() -> str:
 
 def collect_real(work: Path, data: Path, dtype: str, compression: str, batches: int, name: str) -> tuple[float, Path]:
     """Collect with the real model; (tokens/s, run folder)."""
-    cfg = parse_config({
-        "run_name": name, "storage": str(work / "vault"),
-        "transformer_config": {"model_name": model_dir(), "dtype": dtype, "device": "cpu"},
-        "data_config": {"data_key": str(data), "n_batches": batches, "seq_length": SEQ, "batch_size": BATCH},
-        "upload_config": {"batches_per_upload": PER_FILE, "hooks": HOOKS, "compression": compression},
-    })  # fmt: skip
+    cfg = parse_config(
+        {
+            "run_name": name,
+            "storage": str(work / "vault"),
+            "transformer_config": {"model_name": model_dir(), "dtype": dtype, "device": "cpu"},
+            "data_config": {"data_key": str(data), "n_batches": batches, "seq_length": SEQ, "batch_size": BATCH},
+            "upload_config": {"batches_per_upload": PER_FILE, "hooks": HOOKS, "compression": compression},
+        }
+    )
     r = collect(cfg, show_progress=False)
     return r.tokens / r.seconds, work / "vault" / name
 
@@ -115,8 +118,15 @@ def sweep(x: torch.Tensor, levels: Iterable[int], chunks: Iterable[int]) -> list
                 t0 = time.perf_counter()
                 codecs.unpack(blob, packed, "bench", threads=1)
                 td.append(time.perf_counter() - t0)
-            rows.append({"level": level, "chunk_mib": chunk / 2**20, "ratio": len(blob) / raw,
-                         "compress_MB_s": raw / min(tc) / 1e6, "decompress_MB_s": raw / min(td) / 1e6})  # fmt: skip
+            rows.append(
+                {
+                    "level": level,
+                    "chunk_mib": chunk / 2**20,
+                    "ratio": len(blob) / raw,
+                    "compress_MB_s": raw / min(tc) / 1e6,
+                    "decompress_MB_s": raw / min(td) / 1e6,
+                }
+            )
     return rows
 
 
@@ -147,8 +157,12 @@ def train_topk_sae(x: torch.Tensor, k: int, width: int, epochs: int, seed: int =
     g = torch.Generator().manual_seed(seed)
     d = x.shape[1]
     w = torch.randn(d, width, generator=g) / d**0.5
-    p = {"enc": w.clone(), "dec": (w.T / w.T.norm(dim=1, keepdim=True)).clone(),
-         "b_enc": torch.zeros(width), "b_dec": x.mean(0)}  # fmt: skip
+    p = {
+        "enc": w.clone(),
+        "dec": (w.T / w.T.norm(dim=1, keepdim=True)).clone(),
+        "b_enc": torch.zeros(width),
+        "b_dec": x.mean(0),
+    }
     for t in p.values():
         t.requires_grad_()
     opt = torch.optim.Adam(p.values(), lr=2e-3)
@@ -202,8 +216,10 @@ def fp8_report(states: list[torch.Tensor], quick: bool) -> dict[str, Any]:
         t0 = time.perf_counter()
         p = train_topk_sae(norm(data), k, width, epochs)
         sae[name] = {**sae_scores(p, norm(held), k), "train_s": time.perf_counter() - t0}
-    sae["setup"] = (f"TopK SAE k={k}, {width} latents, {epochs} epoch(s) over {train.shape[0]:,} tokens; "
-                    f"scored on {held.shape[0]:,} held-out bf16 tokens")  # fmt: skip
+    sae["setup"] = (
+        f"TopK SAE k={k}, {width} latents, {epochs} epoch(s) over {train.shape[0]:,} tokens; "
+        f"scored on {held.shape[0]:,} held-out bf16 tokens"
+    )
     return {"token_relative_error": errors, "sae": sae}
 
 
@@ -221,7 +237,11 @@ def copies(store: Store, sources: list[Path], n: int, codec: codecs.Codec | None
         src = sources[i % len(sources)]
         mb = fmt.decode(src.read_bytes(), str(src))
         tensors, meta = mb.tensors, dict(mb.metadata)
-        meta = {k: v for k, v in meta.items() if k not in (fmt.CODECS_KEY, "checksum") and not k.startswith(fmt.CHECKSUM_KEY)}
+        meta = {
+            k: v
+            for k, v in meta.items()
+            if k not in (fmt.CODECS_KEY, "checksum") and not k.startswith(fmt.CHECKSUM_KEY)
+        }
         store.put(f"{prefix}/{records.file_name(0, i)}", fmt.encode(tensors, meta, compression=codec))
     store.put(f"{prefix}/metadata.json", (sources[0].parent / "metadata.json").read_bytes())
     store.put(f"{prefix}/statistics.json", (sources[0].parent / "statistics.json").read_bytes())
@@ -240,11 +260,19 @@ def read_ratios(uri: str, options: dict[str, Any], rounds: int, loader: bool) ->
                 make = lambda h=hook: TokenLoader(h, batch_tokens=4096, window=2, store_options=options)  # noqa: E731
                 res[f"loader_{kind}"].append(timed(make, tok))
     med = {k: statistics.median(v) for k, v in res.items() if v}
-    out: dict[str, Any] = {"rcache_raw_GB_s": med["rcache_raw"] / 1e9, "rcache_zstd_GB_s": med["rcache_zstd"] / 1e9,
-                           "rcache_ratio": med["rcache_zstd"] / med["rcache_raw"]}  # fmt: skip
+    out: dict[str, Any] = {
+        "rcache_raw_GB_s": med["rcache_raw"] / 1e9,
+        "rcache_zstd_GB_s": med["rcache_zstd"] / 1e9,
+        "rcache_ratio": med["rcache_zstd"] / med["rcache_raw"],
+    }
     if loader:
-        out.update({"loader_raw_tok_s": med["loader_raw"], "loader_zstd_tok_s": med["loader_zstd"],
-                    "loader_ratio": med["loader_zstd"] / med["loader_raw"]})  # fmt: skip
+        out.update(
+            {
+                "loader_raw_tok_s": med["loader_raw"],
+                "loader_zstd_tok_s": med["loader_zstd"],
+                "loader_ratio": med["loader_zstd"] / med["loader_raw"],
+            }
+        )
     return out
 
 
@@ -256,8 +284,12 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(0)
     batches = 2 * PER_FILE if args.quick else 3 * PER_FILE
-    out: dict[str, Any] = {"cpus": os.cpu_count(), "torch": torch.__version__, "zstandard": zstandard.__version__,
-                           "codec": codecs.describe(codecs.Codec("zstd"))}  # fmt: skip
+    out: dict[str, Any] = {
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "zstandard": zstandard.__version__,
+        "codec": codecs.describe(codecs.Codec("zstd")),
+    }
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
         work = Path(tmp)
         data = corpus(work / "licences.jsonl")
@@ -281,13 +313,19 @@ def main() -> None:
         # 1. stored ÷ raw bytes per dtype and hook
         ratios: dict[str, dict[str, Any]] = {}
         for dtype in ("bfloat16", "float16", "float32"):
-            folder = work / "vault" / "bf16-none-0" if dtype == "bfloat16" else collect_real(
-                work, data, dtype, "none", 2 * PER_FILE, f"{dtype}-none")[1]  # fmt: skip
+            folder = (
+                work / "vault" / "bf16-none-0"
+                if dtype == "bfloat16"
+                else collect_real(work, data, dtype, "none", 2 * PER_FILE, f"{dtype}-none")[1]
+            )
             for h in HOOKS:
                 x = torch.cat(load_states(folder / h))
-                ratios[f"{dtype} {h}"] = {"zstd": stored_ratio(x, codecs.Codec("zstd")),
-                                          "plain zstd (no planes)": plain_zstd_ratio(x),
-                                          "fp8": stored_ratio(x, codecs.Codec("fp8")), "tokens": x.shape[0]}  # fmt: skip
+                ratios[f"{dtype} {h}"] = {
+                    "zstd": stored_ratio(x, codecs.Codec("zstd")),
+                    "plain zstd (no planes)": plain_zstd_ratio(x),
+                    "fp8": stored_ratio(x, codecs.Codec("fp8")),
+                    "tokens": x.shape[0],
+                }
         out["ratios"] = ratios
         x = torch.cat(load_states(raw_files[HOOKS[0]]))[: (32 << 20) // (2 * 384)]
         out["sweep"] = sweep(x, [-1, 1, 2, 3], [1 << 20, 4 << 20, 16 << 20])
@@ -323,28 +361,52 @@ def report(out: dict[str, Any]) -> None:
     print("\nstored ÷ raw bytes of states (real activations, all-MiniLM-L6-v2 layer 3)")
     for name, r in out["ratios"].items():
         print(f"  {name:38} zstd {r['zstd']:.3f}   plain zstd {r['plain zstd (no planes)']:.3f}   fp8 {r['fp8']:.3f}")
-    print("  whole files, bf16 zstd collection ÷ raw: " + ", ".join(f"{h} {v:.3f}" for h, v in out["collect"]["file_ratio"].items()))
+    print(
+        "  whole files, bf16 zstd collection ÷ raw: "
+        + ", ".join(f"{h} {v:.3f}" for h, v in out["collect"]["file_ratio"].items())
+    )
     print("\nbf16 sweep (one thread):  level  chunk  ratio  compress MB/s  decompress MB/s")
     for s in out["sweep"]:
-        print(f"  {s['level']:>27} {s['chunk_mib']:5.0f}M  {s['ratio']:.4f} {s['compress_MB_s']:14.0f} {s['decompress_MB_s']:16.0f}")
+        print(
+            f"  {s['level']:>27} {s['chunk_mib']:5.0f}M  {s['ratio']:.4f} "
+            f"{s['compress_MB_s']:14.0f} {s['decompress_MB_s']:16.0f}"
+        )
     for h, f in out["fp8"].items():
         print(f"\nfp8 on {h}: relative error per token")
         print("  (and with one dimension made 100x the largest, the error on the other dimensions)")
         for name, e in f["token_relative_error"].items():
-            print(f"  {name:22} mean {e['mean']:.4f}  max {e['max']:.4f}   "
-                  f"massive: mean {e['massive_rest_mean']:.4f}  max {e['massive_rest_max']:.4f}")
+            print(
+                f"  {name:22} mean {e['mean']:.4f}  max {e['max']:.4f}   "
+                f"massive: mean {e['massive_rest_mean']:.4f}  max {e['massive_rest_max']:.4f}"
+            )
         s = f["sae"]
         print(f"  {s['setup']}")
         for name in ("bf16", "fp8"):
-            print(f"  trained on {name:4}: explained variance {s[name]['explained_variance']:.4f}, L0 {s[name]['l0']:.2f}")
-        print(f"  difference (fp8 - bf16): EV {s['fp8']['explained_variance'] - s['bf16']['explained_variance']:+.4f}, "
-              f"L0 {s['fp8']['l0'] - s['bf16']['l0']:+.2f}")
+            print(
+                f"  trained on {name:4}: explained variance {s[name]['explained_variance']:.4f}, L0 {s[name]['l0']:.2f}"
+            )
+        print(
+            f"  difference (fp8 - bf16): EV {s['fp8']['explained_variance'] - s['bf16']['explained_variance']:+.4f}, "
+            f"L0 {s['fp8']['l0'] - s['bf16']['l0']:+.2f}"
+        )
     c = out["collect"]
-    print(f"\ncollection  none {c['none_tok_s']:,.0f} tok/s, zstd {c['zstd_tok_s']:,.0f} tok/s   ratio {c['ratio']:.3f} (goal >= 0.95)")
+    print(
+        f"\ncollection  none {c['none_tok_s']:,.0f} tok/s, zstd "
+        f"{c['zstd_tok_s']:,.0f} tok/s   ratio {c['ratio']:.3f} (goal >= 0.95)"
+    )
     rl, rs = out["read_local"], out["read_s3"]
-    print(f"RCache page cache  raw {rl['rcache_raw_GB_s']:.2f} GB/s, zstd {rl['rcache_zstd_GB_s']:.2f} GB/s   ratio {rl['rcache_ratio']:.3f} (goal >= 0.9)")
-    print(f"RCache moto S3     raw {rs['rcache_raw_GB_s']:.3f} GB/s, zstd {rs['rcache_zstd_GB_s']:.3f} GB/s   ratio {rs['rcache_ratio']:.3f} (goal >= 1.3)")
-    print(f"TokenLoader        raw {rl['loader_raw_tok_s']:,.0f} tok/s, zstd {rl['loader_zstd_tok_s']:,.0f} tok/s   ratio {rl['loader_ratio']:.3f} (goal >= 0.9)")
+    print(
+        f"RCache page cache  raw {rl['rcache_raw_GB_s']:.2f} GB/s, zstd "
+        f"{rl['rcache_zstd_GB_s']:.2f} GB/s   ratio {rl['rcache_ratio']:.3f} (goal >= 0.9)"
+    )
+    print(
+        f"RCache moto S3     raw {rs['rcache_raw_GB_s']:.3f} GB/s, zstd "
+        f"{rs['rcache_zstd_GB_s']:.3f} GB/s   ratio {rs['rcache_ratio']:.3f} (goal >= 1.3)"
+    )
+    print(
+        f"TokenLoader        raw {rl['loader_raw_tok_s']:,.0f} tok/s, zstd "
+        f"{rl['loader_zstd_tok_s']:,.0f} tok/s   ratio {rl['loader_ratio']:.3f} (goal >= 0.9)"
+    )
 
 
 if __name__ == "__main__":

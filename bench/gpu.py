@@ -36,11 +36,19 @@ def build_model(path: Path, sz: Sizes) -> None:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     tok = tiny().build_tokenizer(path)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=sz.d, intermediate_size=sz.ffn,
-                      num_hidden_layers=sz.layers, num_attention_heads=sz.heads,
-                      num_key_value_heads=sz.kv_heads, max_position_embeddings=4096,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=sz.d,
+        intermediate_size=sz.ffn,
+        num_hidden_layers=sz.layers,
+        num_attention_heads=sz.heads,
+        num_key_value_heads=sz.kv_heads,
+        max_position_embeddings=4096,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     with torch.device(sz.device):  # initialising 0.8B weights on the CPU would take longer than the check
         model = AutoModelForCausalLM.from_config(cfg, dtype=sz.torch_dtype)
@@ -78,8 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path, help="folder for gpu_check.json and summary.md")
     ap.add_argument("--cpu", action="store_true", help="run the CPU mode even where CUDA is available")
-    ap.add_argument("--budget", type=float, default=360.0,
-                    help="seconds from the start; speed entries not started by then are skipped")
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=360.0,
+        help="seconds from the start; speed entries not started by then are skipped",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the work folder (model, stores)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -105,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
         report.write_json()
         report.write_summary()
-    log(f"wrote {args.out / 'gpu_check.json'} and {args.out / 'summary.md'}; correctness "
-        f"{'passed' if report.ok else 'FAILED'}")
+    log(
+        f"wrote {args.out / 'gpu_check.json'} and {args.out / 'summary.md'}; correctness "
+        f"{'passed' if report.ok else 'FAILED'}"
+    )
     return 0 if report.ok else 1
 
 

@@ -106,7 +106,9 @@ def mount_of(path: Path) -> dict[str, str]:
         target = str(path.resolve())
         for line in Path("/proc/mounts").read_text().splitlines():
             dev, mnt, fs = line.split()[:3]
-            if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best["mount"].strip("?")):
+            if (target == mnt or target.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(
+                best["mount"].strip("?")
+            ):
                 best = {"mount": mnt, "fs": fs, "device": dev}
     except OSError:
         pass
@@ -141,8 +143,16 @@ class Report:
         self.t0 = time.monotonic()
         out.mkdir(parents=True, exist_ok=True)
 
-    def run(self, section: str, name: str, fn: Callable[[], tuple[str, str, dict]], *, device: str,
-            gpu_only: bool = False, skip: str | None = None) -> Entry:
+    def run(
+        self,
+        section: str,
+        name: str,
+        fn: Callable[[], tuple[str, str, dict]],
+        *,
+        device: str,
+        gpu_only: bool = False,
+        skip: str | None = None,
+    ) -> Entry:
         """Run one check; `fn` returns (status, one-line summary, values). An exception is an error."""
         t = time.monotonic()
         if skip is not None:
@@ -153,8 +163,15 @@ class Report:
                 status, summary, values = fn()
                 entry = Entry(section, name, status, summary, gpu_only, device, values=values)
             except Exception as e:  # noqa: BLE001 - recorded, and the other checks still run
-                entry = Entry(section, name, "error", f"{type(e).__name__}: {e}", gpu_only, device,
-                              values={"traceback": traceback.format_exc()})
+                entry = Entry(
+                    section,
+                    name,
+                    "error",
+                    f"{type(e).__name__}: {e}",
+                    gpu_only,
+                    device,
+                    values={"traceback": traceback.format_exc()},
+                )
             gc.collect()  # models hold reference cycles: free their GPU memory before the next entry
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -169,8 +186,14 @@ class Report:
         return not any(e.section == "correctness" and e.status in ("failed", "error") for e in self.entries)
 
     def write_json(self) -> None:
-        doc = {"check": "activault gpu check", "version": 1, **self.info, "ok": self.ok,
-               "seconds": round(time.monotonic() - self.t0, 1), "entries": [asdict(e) for e in self.entries]}
+        doc = {
+            "check": "activault gpu check",
+            "version": 1,
+            **self.info,
+            "ok": self.ok,
+            "seconds": round(time.monotonic() - self.t0, 1),
+            "entries": [asdict(e) for e in self.entries],
+        }
         tmp = self.out / ".gpu_check.json.tmp"
         tmp.write_text(json.dumps(doc, indent=1, default=str))
         tmp.replace(self.out / "gpu_check.json")
@@ -178,13 +201,16 @@ class Report:
     def write_summary(self) -> None:
         info, lines = self.info, []
         dev = info["device"]
-        lines += [f"# activault GPU check, {info['date']}", "",
-                  f"- device: {dev['name']} ({dev['mode']}, {dev['gpus']} GPU(s)); {dev['cpus']} CPUs",
-                  f"- torch {info['versions']['torch']}, transformers {info['versions']['transformers']}, "
-                  f"Python {info['versions']['python']}",
-                  f"- model: {info['model']}",
-                  f"- total {time.monotonic() - self.t0:.0f} s; correctness "
-                  f"{'passed' if self.ok else 'FAILED'}", ""]
+        lines += [
+            f"# activault GPU check, {info['date']}",
+            "",
+            f"- device: {dev['name']} ({dev['mode']}, {dev['gpus']} GPU(s)); {dev['cpus']} CPUs",
+            f"- torch {info['versions']['torch']}, transformers {info['versions']['transformers']}, "
+            f"Python {info['versions']['python']}",
+            f"- model: {info['model']}",
+            f"- total {time.monotonic() - self.t0:.0f} s; correctness {'passed' if self.ok else 'FAILED'}",
+            "",
+        ]
         for section, title in (("correctness", "1. Correctness"), ("speed", "2. Speed (ratios in this run)")):
             lines += [f"## {title}", "", "| check | status | result |", "| --- | --- | --- |"]
             for e in self.entries:
@@ -202,19 +228,30 @@ def environment(sz: Sizes, forced_cpu: bool) -> dict[str, Any]:
 
     cuda = sz.device == "cuda"
     name = torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine()
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__,
-                "python": platform.python_version(), "cuda": torch.version.cuda}
+    versions = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "cuda": torch.version.cuda,
+    }
     for mod in ("datasets", "pyarrow", "numpy", "safetensors", "pydantic", "obstore", "flash_attn"):
         try:
             versions[mod] = importlib.import_module(mod).__version__
         except Exception:  # noqa: BLE001 - absent or broken: reported as such
             versions[mod] = None
     mode = "cuda" if cuda else ("cpu (--cpu)" if forced_cpu else "cpu (no CUDA)")
-    return {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "sizes": asdict(sz), "versions": versions,
-            "device": {"mode": mode, "name": name, "gpus": torch.cuda.device_count() if cuda else 0,
-                       "cpus": os.cpu_count()},
-            "model": f"random Llama, {sz.layers} layers, d_model {sz.d}, ffn {sz.ffn}, {sz.dtype}, sdpa"}
-
+    return {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "sizes": asdict(sz),
+        "versions": versions,
+        "device": {
+            "mode": mode,
+            "name": name,
+            "gpus": torch.cuda.device_count() if cuda else 0,
+            "cpus": os.cpu_count(),
+        },
+        "model": f"random Llama, {sz.layers} layers, d_model {sz.d}, ffn {sz.ffn}, {sz.dtype}, sdpa",
+    }
 
 
 # -- the run context ------------------------------------------------------------------------------
@@ -235,18 +272,38 @@ class Context:
     def cuda(self) -> bool:
         return self.sz.device == "cuda"
 
-    def config(self, run: str, *, shape: tuple[int, int, int], storage: Path, hooks: list[str] | None = None,
-               batches_per_upload: int = 1, attn: str = "sdpa", device: str | None = None,
-               **data: Any) -> Config:
+    def config(
+        self,
+        run: str,
+        *,
+        shape: tuple[int, int, int],
+        storage: Path,
+        hooks: list[str] | None = None,
+        batches_per_upload: int = 1,
+        attn: str = "sdpa",
+        device: str | None = None,
+        **data: Any,
+    ) -> Config:
         seq, batch, n = shape
-        return parse_config({
-            "run_name": run,
-            "storage": str(storage),
-            "transformer_config": {"model_name": str(self.model_dir), "dtype": self.sz.dtype,
-                                   "device": device or self.sz.device, "attn_implementation": attn},
-            "data_config": {"data_key": str(self.corpus), "n_batches": n, "seq_length": seq,
-                            "batch_size": batch, "seed": 0, **data},
-            "upload_config": {"batches_per_upload": batches_per_upload, "hooks": hooks or self.hooks},
-        }, "(gpu check)")
-
-
+        return parse_config(
+            {
+                "run_name": run,
+                "storage": str(storage),
+                "transformer_config": {
+                    "model_name": str(self.model_dir),
+                    "dtype": self.sz.dtype,
+                    "device": device or self.sz.device,
+                    "attn_implementation": attn,
+                },
+                "data_config": {
+                    "data_key": str(self.corpus),
+                    "n_batches": n,
+                    "seq_length": seq,
+                    "batch_size": batch,
+                    "seed": 0,
+                    **data,
+                },
+                "upload_config": {"batches_per_upload": batches_per_upload, "hooks": hooks or self.hooks},
+            },
+            "(gpu check)",
+        )

@@ -98,8 +98,13 @@ def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def compare_alone(ctx: Context, stored: dict[str, dict[str, torch.Tensor]], model: torch.nn.Module,
-                  segs: list[tuple[int, int, int]], leak: bool = False) -> dict[str, Any]:
+def compare_alone(
+    ctx: Context,
+    stored: dict[str, dict[str, torch.Tensor]],
+    model: torch.nn.Module,
+    segs: list[tuple[int, int, int]],
+    leak: bool = False,
+) -> dict[str, Any]:
     """Max and median relative error of the stored rows against each segment run alone by `model`;
     with `leak`, also how far the last hook moves when the row's earlier context is not masked."""
     dev, first, last = ctx.sz.device, ctx.hooks[0], ctx.hooks[-1]
@@ -120,8 +125,11 @@ def compare_alone(ctx: Context, stored: dict[str, dict[str, torch.Tensor]], mode
                     leaks.append(rel_err(taps.out[last][0, s:e], alone[last]))
     finally:
         taps.close()
-    out: dict[str, Any] = {"segments": len(segs), "tokens": sum(e - s for _, s, e in segs), "hooks": {
-        h: {"max": max(v), "median": sorted(v)[len(v) // 2]} for h, v in errs.items()}}
+    out: dict[str, Any] = {
+        "segments": len(segs),
+        "tokens": sum(e - s for _, s, e in segs),
+        "hooks": {h: {"max": max(v), "median": sorted(v)[len(v) // 2]} for h, v in errs.items()},
+    }
     out["max"] = max(v["max"] for v in out["hooks"].values())
     if leak:
         out["leak_min"] = min(leaks) if leaks else None
@@ -146,16 +154,40 @@ def correctness(report: Report, ctx: Context) -> None:
     report.run("correctness", "reader_cpu_equals_files", partial(check_reader, ctx, stored, "cpu"), device="cpu")
     report.run("correctness", "tokenloader_cpu_equals_files", partial(check_loader_files, ctx, stored), device="cpu")
     no_cuda = None if ctx.cuda else "needs CUDA"
-    report.run("correctness", "reader_cuda_equals_files", partial(check_reader, ctx, stored, "cuda"),
-               device="cuda", gpu_only=True, skip=no_cuda)
-    report.run("correctness", "tokenloader_cuda_equals_cpu", partial(check_loader_cuda, ctx),
-               device="cuda", gpu_only=True, skip=no_cuda)
+    report.run(
+        "correctness",
+        "reader_cuda_equals_files",
+        partial(check_reader, ctx, stored, "cuda"),
+        device="cuda",
+        gpu_only=True,
+        skip=no_cuda,
+    )
+    report.run(
+        "correctness",
+        "tokenloader_cuda_equals_cpu",
+        partial(check_loader_cuda, ctx),
+        device="cuda",
+        gpu_only=True,
+        skip=no_cuda,
+    )
     flash = no_cuda or (None if importlib.util.find_spec("flash_attn") else "flash_attn is not installed")
-    report.run("correctness", "flash_attention_2_equals_sdpa", partial(check_flash, ctx, stored, segs),
-               device="cuda", gpu_only=True, skip=flash)
+    report.run(
+        "correctness",
+        "flash_attention_2_equals_sdpa",
+        partial(check_flash, ctx, stored, segs),
+        device="cuda",
+        gpu_only=True,
+        skip=flash,
+    )
     multi = no_cuda or (None if torch.cuda.device_count() > 1 else "needs 2 or more GPUs (device_map)")
-    report.run("correctness", "device_map_equals_one_gpu", partial(check_device_map, ctx, stored, segs),
-               device="cuda", gpu_only=True, skip=multi)
+    report.run(
+        "correctness",
+        "device_map_equals_one_gpu",
+        partial(check_device_map, ctx, stored, segs),
+        device="cuda",
+        gpu_only=True,
+        skip=multi,
+    )
 
 
 def check_identical(ctx: Context) -> tuple[str, str, dict]:
@@ -163,8 +195,11 @@ def check_identical(ctx: Context) -> tuple[str, str, dict]:
     a, b = tree_digest(ctx.runs["a"]), tree_digest(ctx.runs["b"])
     differ = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     n = sum(k.endswith(".safetensors") for k in a)
-    return ("passed" if not differ else "failed"), f"{len(a)} files ({n} megabatches), {len(differ)} differ", {
-        "files": len(a), "differ": differ}
+    return (
+        ("passed" if not differ else "failed"),
+        f"{len(a)} files ({n} megabatches), {len(differ)} differ",
+        {"files": len(a), "differ": differ},
+    )
 
 
 def check_packed(ctx: Context, stored: dict, segs: list) -> tuple[str, str, dict]:
@@ -174,8 +209,11 @@ def check_packed(ctx: Context, stored: dict, segs: list) -> tuple[str, str, dict
     del model
     v["tolerance"] = ctx.sz.tol
     ok = v["max"] <= ctx.sz.tol
-    return ("passed" if ok else "failed"), (
-        f"max rel err {v['max']:.2e} (tol {ctx.sz.tol:g}) over {v['segments']} documents x {len(ctx.hooks)} hooks"), v
+    return (
+        ("passed" if ok else "failed"),
+        (f"max rel err {v['max']:.2e} (tol {ctx.sz.tol:g}) over {v['segments']} documents x {len(ctx.hooks)} hooks"),
+        v,
+    )
 
 
 def check_fp32(ctx: Context, stored: dict, segs: list) -> tuple[str, str, dict]:
@@ -189,8 +227,11 @@ def check_fp32(ctx: Context, stored: dict, segs: list) -> tuple[str, str, dict]:
     discriminates = leak is None or leak > 2 * ctx.sz.tol
     ok = v["max"] <= ctx.sz.tol and discriminates
     leak_txt = f"; an unmasked row would differ by >= {leak:.2f}" if leak is not None else ""
-    return ("passed" if ok else "failed"), (
-        f"max rel err {v['max']:.2e} (tol {ctx.sz.tol:g}) over {v['segments']} documents{leak_txt}"), v
+    return (
+        ("passed" if ok else "failed"),
+        (f"max rel err {v['max']:.2e} (tol {ctx.sz.tol:g}) over {v['segments']} documents{leak_txt}"),
+        v,
+    )
 
 
 def check_stats(ctx: Context) -> tuple[str, str, dict]:
@@ -200,9 +241,12 @@ def check_stats(ctx: Context) -> tuple[str, str, dict]:
         mean, std, norm, count = float64_stats(ctx.runs["a"] / h)
         st = json.loads((ctx.runs["a"] / h / "statistics.json").read_text())
         m, s = torch.tensor(st["mean"], dtype=torch.float64), torch.tensor(st["std"], dtype=torch.float64)
-        e = {"mean": float(((m - mean).abs() / torch.maximum(std, mean.abs()).clamp_min(1e-30)).max()),
-             "std": float(((s - std).abs() / std.clamp_min(1e-30)).max()),
-             "norm": abs(st["norm"] - norm) / norm, "count": st["count"] - count}
+        e = {
+            "mean": float(((m - mean).abs() / torch.maximum(std, mean.abs()).clamp_min(1e-30)).max()),
+            "std": float(((s - std).abs() / std.clamp_min(1e-30)).max()),
+            "norm": abs(st["norm"] - norm) / norm,
+            "count": st["count"] - count,
+        }
         out[h] = e
         worst = max(worst, e["mean"], e["std"], e["norm"], float(abs(e["count"]) > 0))
     return ("passed" if worst <= 1e-6 else "failed"), f"max rel err {worst:.1e} (tol 1e-6), {len(ctx.hooks)} hooks", out
@@ -274,8 +318,9 @@ def check_reader(ctx: Context, stored: dict, device: str) -> tuple[str, str, dic
 
 def _shuffled(ctx: Context, device: str, buffer_size: int, busy: Busy | None) -> list:
     out = []
-    with RCache(ctx.runs["a"], hooks=ctx.hooks, device=device, return_ids=True, shuffle=True, seed=3,
-                buffer_size=buffer_size) as c:
+    with RCache(
+        ctx.runs["a"], hooks=ctx.hooks, device=device, return_ids=True, shuffle=True, seed=3, buffer_size=buffer_size
+    ) as c:
         for item in c:
             out.append(item)
             if busy is not None:
@@ -306,8 +351,17 @@ def _diff_items(items: list, stored: dict, hooks: list[str], label: str) -> list
 def _loader_batches(ctx: Context, device: str, busy: Busy | None = None, **opts: Any) -> list:
     seq, batch, _ = ctx.sz.check
     out = []
-    with TokenLoader(ctx.runs["a"], hooks=ctx.hooks, batch_tokens=seq * batch // 2, window=2, seed=0,
-                     return_ids=True, drop_last=False, device=device, **opts) as loader:
+    with TokenLoader(
+        ctx.runs["a"],
+        hooks=ctx.hooks,
+        batch_tokens=seq * batch // 2,
+        window=2,
+        seed=0,
+        return_ids=True,
+        drop_last=False,
+        device=device,
+        **opts,
+    ) as loader:
         for b in loader:
             out.append(b)
             if busy is not None:
@@ -328,13 +382,19 @@ def check_loader_files(ctx: Context, stored: dict) -> tuple[str, str, dict]:
         want = s["states"].reshape(-1, s["states"].shape[-1])[real]
         got = torch.cat([b["states"][h] for b in batches])
         r = torch.randn(want.shape[1], dtype=torch.float64, generator=g)
-        if got.shape != want.shape or not torch.equal((got.double() @ r).sort().values, (want.double() @ r).sort().values):
+        if got.shape != want.shape or not torch.equal(
+            (got.double() @ r).sort().values, (want.double() @ r).sort().values
+        ):
             bad.append(h)
     ids = stored[ctx.hooks[0]]["input_ids"].reshape(-1)[stored[ctx.hooks[0]]["positions"].reshape(-1) >= 0]
     if not torch.equal(torch.cat([b["input_ids"] for b in batches]).sort().values, ids.long().sort().values):
         bad.append("input_ids")
     n = sum(b["input_ids"].numel() for b in batches)
-    return ("passed" if not bad else "failed"), f"{len(batches)} batches, {n} tokens, {len(bad)} hooks differ", {"differ": bad}
+    return (
+        ("passed" if not bad else "failed"),
+        f"{len(batches)} batches, {n} tokens, {len(bad)} hooks differ",
+        {"differ": bad},
+    )
 
 
 def check_loader_cuda(ctx: Context) -> tuple[str, str, dict]:
@@ -387,11 +447,23 @@ def check_device_map(ctx: Context, stored: dict, segs: list) -> tuple[str, str, 
     for h in ctx.hooks:
         mean, std, norm, count = float64_stats(run / h)
         st = json.loads((run / h / "statistics.json").read_text())
-        stats[h] = max(float(((torch.tensor(st["mean"], dtype=torch.float64) - mean).abs()
-                              / torch.maximum(std, mean.abs()).clamp_min(1e-30)).max()),
-                       abs(st["norm"] - norm) / norm, float(st["count"] != count))
+        stats[h] = max(
+            float(
+                (
+                    (torch.tensor(st["mean"], dtype=torch.float64) - mean).abs()
+                    / torch.maximum(std, mean.abs()).clamp_min(1e-30)
+                ).max()
+            ),
+            abs(st["norm"] - norm) / norm,
+            float(st["count"] != count),
+        )
     v["statistics"] = stats
     ok = v["max"] <= ctx.sz.tol and max(stats.values()) <= 1e-6
-    return ("passed" if ok else "failed"), (
-        f"{torch.cuda.device_count()} GPUs (cap {cap} each): max rel err {v['max']:.2e}, "
-        f"statistics {max(stats.values()):.1e}"), v
+    return (
+        ("passed" if ok else "failed"),
+        (
+            f"{torch.cuda.device_count()} GPUs (cap {cap} each): max rel err {v['max']:.2e}, "
+            f"statistics {max(stats.values()):.1e}"
+        ),
+        v,
+    )

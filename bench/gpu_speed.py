@@ -77,9 +77,14 @@ def disk_write(ctx: Context) -> tuple[str, str, dict]:
     shutil.rmtree(root, ignore_errors=True)
     ctx.measured["disk_bytes_s"] = rate
     where = mount_of(ctx.work)
-    return "measured", (f"{rate / 1e9:.2f} GB/s ({files} files of {size / 2**20:.1f} MiB, fsync + rename, "
-                        f"{where['fs']} at {where['mount']})"), {
-        "bytes_s": rate, "files": files, "file_bytes": size, "folder": str(ctx.work), **where}
+    return (
+        "measured",
+        (
+            f"{rate / 1e9:.2f} GB/s ({files} files of {size / 2**20:.1f} MiB, fsync + rename, "
+            f"{where['fs']} at {where['mount']})"
+        ),
+        {"bytes_s": rate, "files": files, "file_bytes": size, "folder": str(ctx.work), **where},
+    )
 
 
 def forward_alone(ctx: Context, cfg: Any, batches: list) -> float:
@@ -107,11 +112,12 @@ def collection_vs_forward(ctx: Context, hooks: list[str], skip_cache: bool) -> t
     """Best of two interleaved runs each, so drift on the machine hits both sides."""
     seq, batch, n = ctx.sz.speed
     store = ctx.work / ("speed" if not skip_cache else "speed-no-writes")
-    cfg = ctx.config(RUN, shape=ctx.sz.speed, storage=store, hooks=hooks, batches_per_upload=2,
-                     skip_cache=skip_cache)
+    cfg = ctx.config(RUN, shape=ctx.sz.speed, storage=store, hooks=hooks, batches_per_upload=2, skip_cache=skip_cache)
     packing = internal("activault.collection.packing", "activault.pack")
     model_mod = internal("activault.collection.model", "activault.model")
-    batches = list(itertools.islice(packing.iter_batches(cfg.data_config, model_mod.load_tokenizer(cfg.transformer_config)), n))
+    batches = list(
+        itertools.islice(packing.iter_batches(cfg.data_config, model_mod.load_tokenizer(cfg.transformer_config)), n)
+    )
     alone, full, produced = [], [], []
     for _ in range(2):
         alone.append(forward_alone(ctx, cfg, batches))
@@ -123,16 +129,28 @@ def collection_vs_forward(ctx: Context, hooks: list[str], skip_cache: bool) -> t
             torch.cuda.empty_cache()
     a, b = max(alone), max(full)
     act = max(produced)
-    values = {"forward_tok_s": alone, "collect_tok_s": full, "ratio": b / a, "goal": 0.95,
-              "activation_bytes_s": act, "tokens": sum(int(x.keep.sum()) for x in batches),
-              "batch": [batch, seq], "batches": n, "hooks": hooks, "writes": not skip_cache}
+    values = {
+        "forward_tok_s": alone,
+        "collect_tok_s": full,
+        "ratio": b / a,
+        "goal": 0.95,
+        "activation_bytes_s": act,
+        "tokens": sum(int(x.keep.sum()) for x in batches),
+        "batch": [batch, seq],
+        "batches": n,
+        "hooks": hooks,
+        "writes": not skip_cache,
+    }
     disk = ctx.measured.get("disk_bytes_s")
     note = ""
     if not skip_cache and disk is not None:
         values["disk_bytes_s"] = disk
         note = f"; disk {disk / 1e9:.2f} GB/s"
-    return "measured", (f"{b:,.0f} / {a:,.0f} tok/s = {b / a:.3f} (goal >= 0.95); activations "
-                        f"{act / 1e9:.2f} GB/s{note}"), values
+    return (
+        "measured",
+        (f"{b:,.0f} / {a:,.0f} tok/s = {b / a:.3f} (goal >= 0.95); activations {act / 1e9:.2f} GB/s{note}"),
+        values,
+    )
 
 
 def cuda_trace(ctx: Context, fn: Callable[[], Any], name: str) -> list[dict[str, Any]]:
@@ -150,8 +168,13 @@ def cuda_trace(ctx: Context, fn: Callable[[], Any], name: str) -> list[dict[str,
 
 
 def dtoh_copies(events: list[dict[str, Any]], min_bytes: int = 1 << 20) -> list[dict[str, Any]]:
-    return [e for e in events if "memcpy" in str(e.get("cat", "")).lower() and "DtoH" in str(e.get("name", ""))
-            and int((e.get("args") or {}).get("bytes", 0)) >= min_bytes]
+    return [
+        e
+        for e in events
+        if "memcpy" in str(e.get("cat", "")).lower()
+        and "DtoH" in str(e.get("name", ""))
+        and int((e.get("args") or {}).get("bytes", 0)) >= min_bytes
+    ]
 
 
 def gb_per_s(copies: list[dict[str, Any]]) -> float:
@@ -190,8 +213,9 @@ def d2h_vs_plain_copy(ctx: Context, hook: str) -> tuple[str, str, dict]:
     """The collector's device-to-host copies, as the CUDA profiler saw them in a real collection
     (without writes), against plain pinned non-blocking copies of the same size."""
     seq, batch, _ = ctx.sz.speed
-    cfg = ctx.config(RUN, shape=(seq, batch, 4), storage=ctx.work / "d2h", hooks=[hook],
-                     batches_per_upload=2, skip_cache=True)
+    cfg = ctx.config(
+        RUN, shape=(seq, batch, 4), storage=ctx.work / "d2h", hooks=[hook], batches_per_upload=2, skip_cache=True
+    )
     events = cuda_trace(ctx, lambda: collect(cfg), "collect")
     shutil.rmtree(ctx.work / "d2h", ignore_errors=True)
     copies = dtoh_copies(events)
@@ -206,8 +230,13 @@ def d2h_vs_plain_copy(ctx: Context, hook: str) -> tuple[str, str, dict]:
 
     ref = dtoh_copies(cuda_trace(ctx, plain, "plain"))
     names = sorted({str(e.get("name")) for e in copies})
-    values: dict[str, Any] = {"copies": len(copies), "copy_names": names, "bytes_per_copy": size,
-                              "reference_copies": len(ref), "goal": 0.9}
+    values: dict[str, Any] = {
+        "copies": len(copies),
+        "copy_names": names,
+        "bytes_per_copy": size,
+        "reference_copies": len(ref),
+        "goal": 0.9,
+    }
     if not copies or not ref:
         return "error", f"the profiler saw {len(copies)} collector and {len(ref)} reference copies of >= 1 MiB", values
     col_gb, ref_gb = gb_per_s(copies), gb_per_s(ref)
@@ -218,18 +247,30 @@ def d2h_vs_plain_copy(ctx: Context, hook: str) -> tuple[str, str, dict]:
     # host work between them (inputs, masks, statistics) during which the GPU may wait.
     first, last = min(float(e["ts"]) for e in copies), max(float(e["ts"]) + float(e["dur"]) for e in copies)
     gpu = [e for e in events if str(e.get("cat", "")).lower() in ("kernel", "gpu_memcpy", "gpu_memset")]
-    values.update({"collector_gb_s": col_gb, "plain_gb_s": ref_gb, "ratio": col_gb / ref_gb,
-                   "gpu_busy_between_batches": busy_fraction(gpu, first, last),
-                   "overlap_with_kernels": overlap_fraction(copies, kernels), "copy_streams": streams,
-                   "kernel_streams": kernel_streams,
-                   "copy_share_of_gpu_time": sum(float(e["dur"]) for e in copies) / max(busy, 1e-9),
-                   "pageable_destination": any("Pageable" in n for n in names)})
+    values.update(
+        {
+            "collector_gb_s": col_gb,
+            "plain_gb_s": ref_gb,
+            "ratio": col_gb / ref_gb,
+            "gpu_busy_between_batches": busy_fraction(gpu, first, last),
+            "overlap_with_kernels": overlap_fraction(copies, kernels),
+            "copy_streams": streams,
+            "kernel_streams": kernel_streams,
+            "copy_share_of_gpu_time": sum(float(e["dur"]) for e in copies) / max(busy, 1e-9),
+            "pageable_destination": any("Pageable" in n for n in names),
+        }
+    )
     waits = "the forward waits for them (same stream)" if set(streams) & set(kernel_streams) else "separate stream"
-    return "measured", (
-        f"{col_gb:.1f} / {ref_gb:.1f} GB/s = {col_gb / ref_gb:.2f} (goal >= 0.9); {len(copies)} copies, "
-        f"{values['overlap_with_kernels']:.0%} overlapped with kernels, "
-        f"{values['copy_share_of_gpu_time']:.1%} of GPU time; {waits}; GPU busy "
-        f"{values['gpu_busy_between_batches']:.0%} between batches; destinations {names}"), values
+    return (
+        "measured",
+        (
+            f"{col_gb:.1f} / {ref_gb:.1f} GB/s = {col_gb / ref_gb:.2f} (goal >= 0.9); {len(copies)} copies, "
+            f"{values['overlap_with_kernels']:.0%} overlapped with kernels, "
+            f"{values['copy_share_of_gpu_time']:.1%} of GPU time; {waits}; GPU busy "
+            f"{values['gpu_busy_between_batches']:.0%} between batches; destinations {names}"
+        ),
+        values,
+    )
 
 
 def rcache_vs_raw(ctx: Context, folder: Path) -> tuple[str, str, dict]:
@@ -268,6 +309,16 @@ def rcache_vs_raw(ctx: Context, folder: Path) -> tuple[str, str, dict]:
         b.append(rcache())
     limit = "host read + H2D copy" if ctx.cuda else "host read"
     ra, rb = max(a), max(b)
-    return "measured", f"{rb / 1e9:.2f} / {ra / 1e9:.2f} GB/s = {rb / ra:.2f} vs {limit} (goal >= 0.9)", {
-        "rcache_bytes_s": b, "raw_bytes_s": a, "ratio": rb / ra, "goal": 0.9, "files": len(files),
-        "bytes": total, "limit": limit}
+    return (
+        "measured",
+        f"{rb / 1e9:.2f} / {ra / 1e9:.2f} GB/s = {rb / ra:.2f} vs {limit} (goal >= 0.9)",
+        {
+            "rcache_bytes_s": b,
+            "raw_bytes_s": a,
+            "ratio": rb / ra,
+            "goal": 0.9,
+            "files": len(files),
+            "bytes": total,
+            "limit": limit,
+        },
+    )

@@ -24,29 +24,33 @@ def _client(env: dict[str, str], connections: int) -> Any:
     from botocore.config import Config
 
     return boto3.client(
-        "s3", endpoint_url=env["S3_ENDPOINT_URL"], region_name=env.get("AWS_REGION", "us-east-1"),
-        aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        "s3",
+        endpoint_url=env["S3_ENDPOINT_URL"],
+        region_name=env.get("AWS_REGION", "us-east-1"),
+        aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
         config=Config(max_pool_connections=connections, s3={"addressing_style": "path"}),
-    )  # fmt: skip
+    )
 
 
 def _download(
-    env: dict[str, str], bucket: str, files: list[tuple[str, int]], concurrency: int,
-    slots: list[torch.Tensor], free: Any, ready: Any,
-) -> None:  # fmt: skip
+    env: dict[str, str],
+    bucket: str,
+    files: list[tuple[str, int]],
+    concurrency: int,
+    slots: list[torch.Tensor],
+    free: Any,
+    ready: Any,
+) -> None:
     client = _client(env, concurrency)
 
     def get(key: str, start: int, end: int) -> bytes:
-        return client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")[
-            "Body"
-        ].read()
+        return client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{end - 1}")["Body"].read()
 
     with ThreadPoolExecutor(concurrency) as pool:
         for key, size in files:
             starts = range(0, size, CHUNK)
-            parts = pool.map(
-                lambda s, key=key, size=size: get(key, s, min(s + CHUNK, size)), starts
-            )
+            parts = pool.map(lambda s, key=key, size=size: get(key, s, min(s + CHUNK, size)), starts)
             mb = torch.load(io.BytesIO(b"".join(parts)), weights_only=True)
             i = free.get()
             if i is None:
@@ -57,18 +61,21 @@ def _download(
 
 
 def original_reader(
-    env: dict[str, str], bucket: str, files: list[tuple[str, int]], shape: list[int],
-    dtype: torch.dtype, buffer_size: int = 2, concurrency: int = 8,
-) -> Iterator[torch.Tensor]:  # fmt: skip
+    env: dict[str, str],
+    bucket: str,
+    files: list[tuple[str, int]],
+    shape: list[int],
+    dtype: torch.dtype,
+    buffer_size: int = 2,
+    concurrency: int = 8,
+) -> Iterator[torch.Tensor]:
     """States `[rows, seq, d]` of each file in turn, cloned out of the worker's shared slots."""
     ctx = mp.get_context("spawn")
     slots = [torch.empty(shape, dtype=dtype).share_memory_() for _ in range(buffer_size)]
     free, ready = ctx.Queue(), ctx.Queue()
     for i in range(buffer_size):
         free.put(i)
-    worker = ctx.Process(
-        target=_download, args=(env, bucket, files, concurrency, slots, free, ready)
-    )
+    worker = ctx.Process(target=_download, args=(env, bucket, files, concurrency, slots, free, ready))
     worker.start()
     try:
         while (i := ready.get()) is not None:

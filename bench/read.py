@@ -72,9 +72,7 @@ def raw(
     from activault.reading.stream import RANGE_WORKERS
     from activault.vault import megabatch as fmt
 
-    bufs = [
-        bytearray(size) for _ in range(buffer_size + 1)
-    ]  # touched before the clock starts, then reused
+    bufs = [bytearray(size) for _ in range(buffer_size + 1)]  # touched before the clock starts, then reused
     yield memoryview(bufs[0])[:0]
     keys = [(e.key, e.size) for e in store.list_dir(folder)[1] if fmt.is_megabatch(e.key)][:files]
 
@@ -123,13 +121,8 @@ def reader(case: dict[str, Any]) -> Iterable[Any]:
         from bench.original import original_reader
 
         meta = json.loads(store.get_text("run/hook/metadata.json"))
-        files = [
-            (f"legacy/hook/{e.key.rsplit('/', 1)[-1]}", e.size)
-            for e in store.list_dir("legacy/hook")[1]
-        ]
-        return original_reader(
-            case["env"], "bench", files, meta["shape"], torch.bfloat16, buffer_size
-        )
+        files = [(f"legacy/hook/{e.key.rsplit('/', 1)[-1]}", e.size) for e in store.list_dir("legacy/hook")[1]]
+        return original_reader(case["env"], "bench", files, meta["shape"], torch.bfloat16, buffer_size)
     keys = [e.key for e in store.list_dir("legacy/hook")[1]]
     return (torch.load(io.BytesIO(bytes(store.get(k))), weights_only=True)["states"] for k in keys)
 
@@ -162,8 +155,15 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     peak = rss("VmHWM")
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the original's worker
-    return {"bytes": total, "seconds": seconds, "gb_s": total / seconds / 1e9, "first_s": first,
-            "base_rss": base, "peak_rss": peak, "worker_peak_rss": workers}  # fmt: skip
+    return {
+        "bytes": total,
+        "seconds": seconds,
+        "gb_s": total / seconds / 1e9,
+        "first_s": first,
+        "base_rss": base,
+        "peak_rss": peak,
+        "worker_peak_rss": workers,
+    }
 
 
 # -- the parent: data, servers, interleaved runs, the table --------------------------------------
@@ -203,9 +203,7 @@ def spread(xs: list[float]) -> str:
     return f"{statistics.median(xs):.2f} ({min(xs):.2f}-{max(xs):.2f})"
 
 
-def summarise(
-    runs: list[dict[str, Any]], file_bytes: int, args: argparse.Namespace
-) -> list[dict[str, Any]]:
+def summarise(runs: list[dict[str, Any]], file_bytes: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Per case: median and range of GB/s, of the ratio to raw in the same repetition, first batch, RSS."""
     by: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for r in runs:
@@ -217,30 +215,41 @@ def summarise(
         if name == "raw-one":
             base = ""  # one file alone: the first-batch reference, not a throughput
         ratios = [
-            r["gb_s"] / ref[(store, cache, r["rep"], base)]["gb_s"]
-            for r in rs
-            if (store, cache, r["rep"], base) in ref
+            r["gb_s"] / ref[(store, cache, r["rep"], base)]["gb_s"] for r in rs if (store, cache, r["rep"], base) in ref
         ]
-        firsts = [r["first_s"] / ref[(store, cache, r["rep"], "raw-one")]["seconds"] for r in rs
-                  if (store, cache, r["rep"], "raw-one") in ref]  # fmt: skip
+        firsts = [
+            r["first_s"] / ref[(store, cache, r["rep"], "raw-one")]["seconds"]
+            for r in rs
+            if (store, cache, r["rep"], "raw-one") in ref
+        ]
         bound = None
         if name.startswith("tokens"):
             bound = (args.window + args.buffer_size + 1) * file_bytes + (512 << 20)
-        rows.append({
-            "store": store, "cache": cache, "reader": name, "reps": len(rs),
-            "gb_s": [r["gb_s"] for r in rs], "ratio_to_raw": ratios, "first_s": [r["first_s"] for r in rs],
-            "first_to_one_file": firsts, "peak_rss_mib": [r["peak_rss"] / 2**20 for r in rs],
-            "base_rss_mib": [r["base_rss"] / 2**20 for r in rs],
-            "worker_peak_rss_mib": [r["worker_peak_rss"] / 2**20 for r in rs],
-            "rss_bound_mib": bound / 2**20 if bound else None,
-        })  # fmt: skip
+        rows.append(
+            {
+                "store": store,
+                "cache": cache,
+                "reader": name,
+                "reps": len(rs),
+                "gb_s": [r["gb_s"] for r in rs],
+                "ratio_to_raw": ratios,
+                "first_s": [r["first_s"] for r in rs],
+                "first_to_one_file": firsts,
+                "peak_rss_mib": [r["peak_rss"] / 2**20 for r in rs],
+                "base_rss_mib": [r["base_rss"] / 2**20 for r in rs],
+                "worker_peak_rss_mib": [r["worker_peak_rss"] / 2**20 for r in rs],
+                "rss_bound_mib": bound / 2**20 if bound else None,
+            }
+        )
     order = [*READERS["local"], *READERS["moto"], *READERS["proxy"]]
     return sorted(rows, key=lambda r: (r["store"], r["cache"] != "warm", order.index(r["reader"])))
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'store':6} {'cache':5} {'reader':13} {'GB/s':>17} {'x raw':>17} {'first (s)':>17} "
-          f"{'first/1 file':>17} {'peak RSS MiB':>13} {'bound':>6}")  # fmt: skip
+    print(
+        f"{'store':6} {'cache':5} {'reader':13} {'GB/s':>17} {'x raw':>17} {'first (s)':>17} "
+        f"{'first/1 file':>17} {'peak RSS MiB':>13} {'bound':>6}"
+    )
     for r in rows:
         ratio = spread(r["ratio_to_raw"]) if r["ratio_to_raw"] else "-"
         first = spread(r["first_to_one_file"]) if r["first_to_one_file"] else "-"
@@ -256,17 +265,20 @@ def run_child(case: dict[str, Any]) -> dict[str, Any]:
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent.parent), *sys.path]),
     }
-    out = subprocess.run([sys.executable, "-m", "bench.read", "--child", json.dumps(case)],
-                         capture_output=True, text=True, env=env, timeout=900)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.read", "--child", json.dumps(case)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     if out.returncode != 0:
         raise RuntimeError(f"{case['store']}/{case['reader']} failed:\n{out.stderr[-3000:]}")
     return {**case, **json.loads(out.stdout.strip().splitlines()[-1])}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--files", type=int, default=8)
     ap.add_argument("--mib", type=int, default=64, help="states per file")
     ap.add_argument("--d", type=int, default=2048)
@@ -275,9 +287,7 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=4)
     ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument("--stores", default="local,moto,proxy")
-    ap.add_argument(
-        "--readers", default="", help="comma-separated subset of: " + ", ".join(READERS["local"])
-    )
+    ap.add_argument("--readers", default="", help="comma-separated subset of: " + ", ".join(READERS["local"]))
     ap.add_argument("--cache", default="warm,cold", help="local store page cache states")
     ap.add_argument("--rate-mb", type=float, default=90, help="proxy: MB/s per connection")
     ap.add_argument("--latency-ms", type=float, default=30, help="proxy: first-byte latency")
@@ -296,40 +306,74 @@ def main() -> None:
     wanted = set(args.readers.split(",")) if args.readers else None
     tmp = Path(tempfile.mkdtemp(prefix="activault-bench-"))
     server, proxy = None, None
-    common = {"range_size": RANGE_SIZE, "buffer_size": args.buffer_size, "window": args.window,
-              "batch_tokens": args.batch_tokens, "file_bytes": file_bytes}  # fmt: skip
+    common = {
+        "range_size": RANGE_SIZE,
+        "buffer_size": args.buffer_size,
+        "window": args.window,
+        "batch_tokens": args.batch_tokens,
+        "file_bytes": file_bytes,
+    }
     cases: list[dict[str, Any]] = []
     try:
         stores = args.stores.split(",")
         if "local" in stores:
             write_files(LocalStore(tmp, fsync=False), args.files, rows, args.d)
             for cache in args.cache.split(","):
-                cases += [{"store": "local", "cache": cache, "cold": cache == "cold", "root": str(tmp), "env": None,
-                           "reader": r, **common} for r in READERS["local"]]  # fmt: skip
+                cases += [
+                    {
+                        "store": "local",
+                        "cache": cache,
+                        "cold": cache == "cold",
+                        "root": str(tmp),
+                        "env": None,
+                        "reader": r,
+                        **common,
+                    }
+                    for r in READERS["local"]
+                ]
         if "moto" in stores or "proxy" in stores:
             server = MotoServer().start()
             server.create_bucket("bench")
             write_files(open_store("s3://bench", env=server.env()), args.files, rows, args.d)
             if "moto" in stores:
-                cases += [{"store": "moto", "cache": "-", "cold": False, "root": "s3://bench", "env": server.env(),
-                           "reader": r, **common} for r in READERS["moto"]]  # fmt: skip
+                cases += [
+                    {
+                        "store": "moto",
+                        "cache": "-",
+                        "cold": False,
+                        "root": "s3://bench",
+                        "env": server.env(),
+                        "reader": r,
+                        **common,
+                    }
+                    for r in READERS["moto"]
+                ]
             if "proxy" in stores:
-                proxy = ThrottleProxy(
-                    server.url, rate=args.rate_mb * 1e6, latency_s=args.latency_ms / 1e3
-                ).__enter__()
-                cases += [{"store": "proxy", "cache": "-", "cold": False, "root": "s3://bench",
-                           "env": server.env(proxy.url), "reader": r, **common} for r in READERS["proxy"]]  # fmt: skip
+                proxy = ThrottleProxy(server.url, rate=args.rate_mb * 1e6, latency_s=args.latency_ms / 1e3).__enter__()
+                cases += [
+                    {
+                        "store": "proxy",
+                        "cache": "-",
+                        "cold": False,
+                        "root": "s3://bench",
+                        "env": server.env(proxy.url),
+                        "reader": r,
+                        **common,
+                    }
+                    for r in READERS["proxy"]
+                ]
         if wanted:
             cases = [c for c in cases if c["reader"] in wanted or c["reader"] in ("raw", "raw-one")]
         runs = []
         for rep in range(args.reps):
-            random.Random(rep).shuffle(
-                cases
-            )  # interleaved: no reader always runs first or after another
+            random.Random(rep).shuffle(cases)  # interleaved: no reader always runs first or after another
             for case in cases:
                 runs.append({**run_child(case), "rep": rep})
-                print(f"rep {rep} {case['store']:5} {case['cache']:4} {case['reader']:13} "
-                      f"{runs[-1]['gb_s']:.2f} GB/s", file=sys.stderr, flush=True)  # fmt: skip
+                print(
+                    f"rep {rep} {case['store']:5} {case['cache']:4} {case['reader']:13} {runs[-1]['gb_s']:.2f} GB/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if proxy is not None:
@@ -337,16 +381,14 @@ def main() -> None:
         if server is not None:
             server.stop()
     table = summarise(runs, file_bytes, args)
-    print(f"{args.files} files x {file_bytes / 2**20:.0f} MiB (bf16 [{rows}, {SEQ}, {args.d}] + ids, positions), "
-          f"buffer_size={args.buffer_size}, window={args.window}, {args.reps} reps, {os.cpu_count()} CPUs; "
-          "median (min-max)")  # fmt: skip
+    print(
+        f"{args.files} files x {file_bytes / 2**20:.0f} MiB (bf16 [{rows}, {SEQ}, {args.d}] + ids, positions), "
+        f"buffer_size={args.buffer_size}, window={args.window}, {args.reps} reps, {os.cpu_count()} CPUs; "
+        "median (min-max)"
+    )
     print_table(table)
     OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(
-        json.dumps(
-            {"args": vars(args), "file_bytes": file_bytes, "rows": table, "runs": runs}, indent=1
-        )
-    )
+    OUT.write_text(json.dumps({"args": vars(args), "file_bytes": file_bytes, "rows": table, "runs": runs}, indent=1))
     print(f"wrote {OUT}", file=sys.stderr)
 
 

@@ -36,9 +36,14 @@ THREADS = 4
 def megabatches(n: int, mib: int) -> list[dict[str, torch.Tensor]]:
     rows = max(1, (mib << 20) // (SEQ * D * 2))
     g = torch.Generator().manual_seed(0)
-    return [{"states": torch.randn(rows, SEQ, D, generator=g).to(torch.bfloat16),
-             "input_ids": torch.randint(0, 50000, (rows, SEQ), generator=g, dtype=torch.int32),
-             "positions": torch.arange(SEQ, dtype=torch.int32).repeat(rows, 1)} for _ in range(n)]
+    return [
+        {
+            "states": torch.randn(rows, SEQ, D, generator=g).to(torch.bfloat16),
+            "input_ids": torch.randint(0, 50000, (rows, SEQ), generator=g, dtype=torch.int32),
+            "positions": torch.arange(SEQ, dtype=torch.int32).repeat(rows, 1),
+        }
+        for _ in range(n)
+    ]
 
 
 def bench_upload(store: S3Store, batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
@@ -49,9 +54,19 @@ def bench_upload(store: S3Store, batches: list[dict[str, torch.Tensor]]) -> dict
     for rnd in range(2):  # the first round warms the server; the second is reported
         t0 = time.perf_counter()
         with ThreadPoolExecutor(THREADS) as pool:
-            list(pool.map(lambda i, rnd=rnd: obstore.put(store._store, f"raw/{rnd}/{i}", raw[i], use_multipart=True,
-                                                chunk_size=PART_SIZE, max_concurrency=PART_CONCURRENCY),
-                          range(len(raw))))
+            list(
+                pool.map(
+                    lambda i, rnd=rnd: obstore.put(
+                        store._store,
+                        f"raw/{rnd}/{i}",
+                        raw[i],
+                        use_multipart=True,
+                        chunk_size=PART_SIZE,
+                        max_concurrency=PART_CONCURRENCY,
+                    ),
+                    range(len(raw)),
+                )
+            )
         t_raw = time.perf_counter() - t0
         t0 = time.perf_counter()
         writer = Writer(store, threads=THREADS)
@@ -65,12 +80,15 @@ def bench_upload(store: S3Store, batches: list[dict[str, torch.Tensor]]) -> dict
 
 def bench_collect(model: Path, storage: str, n_batches: int) -> dict[str, Any]:
     corpus = str(resources.files("activault").joinpath("demo_corpus.jsonl"))
-    cfg = parse_config({
-        "run_name": f"bench-{time.monotonic_ns()}", "storage": storage,
-        "transformer_config": {"model_name": str(model), "dtype": "float32", "device": "cpu"},
-        "data_config": {"data_key": corpus, "n_batches": n_batches, "seq_length": 128, "batch_size": 8},
-        "upload_config": {"batches_per_upload": 2, "hooks": ["models.layers.1.post", "models.layers.0.mlp.post"]},
-    })
+    cfg = parse_config(
+        {
+            "run_name": f"bench-{time.monotonic_ns()}",
+            "storage": storage,
+            "transformer_config": {"model_name": str(model), "dtype": "float32", "device": "cpu"},
+            "data_config": {"data_key": corpus, "n_batches": n_batches, "seq_length": 128, "batch_size": 8},
+            "upload_config": {"batches_per_upload": 2, "hooks": ["models.layers.1.post", "models.layers.0.mlp.post"]},
+        }
+    )
     r = collect(cfg, show_progress=False)
     return {"tokens": r.tokens, "seconds": r.seconds, "tokens_per_s": r.tokens / r.seconds, "bytes": r.bytes_written}
 
@@ -95,8 +113,13 @@ def main() -> None:
             s3 = bench_collect(model, "s3://bench/collect", args.batches)
     finally:
         server.stop()
-    result = {"server": "moto", "upload": upload, "collect_local": local, "collect_s3": s3,
-              "collect_ratio": s3["tokens_per_s"] / local["tokens_per_s"]}
+    result = {
+        "server": "moto",
+        "upload": upload,
+        "collect_local": local,
+        "collect_s3": s3,
+        "collect_ratio": s3["tokens_per_s"] / local["tokens_per_s"],
+    }
     rows = [
         ("raw obstore.put (bytes)", f"{upload['raw_MBps']:,.0f} MB/s", ""),
         ("Writer + format.encode", f"{upload['writer_MBps']:,.0f} MB/s", f"{upload['ratio']:.2f} of raw (goal >= 0.9)"),

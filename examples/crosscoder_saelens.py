@@ -30,9 +30,7 @@ D = 64
 def per_layer_explained_variance(sae: TopKTrainingSAE, uri: str) -> dict[str, float]:
     calcs = {h: ExplainedVarianceCalculator() for h in LAYERS}
     sae.eval()
-    with TokenLoader(
-        uri, hooks=LAYERS, batch_tokens=4096, drop_last=False, norm_target=D**0.5
-    ) as loader:
+    with TokenLoader(uri, hooks=LAYERS, batch_tokens=4096, drop_last=False, norm_target=D**0.5) as loader:
         for batch in loader:
             x = torch.cat([batch[h] for h in LAYERS], dim=1)
             out = sae.decode(sae.encode(x))
@@ -42,18 +40,15 @@ def per_layer_explained_variance(sae: TopKTrainingSAE, uri: str) -> dict[str, fl
     return {h: c.compute() for h, c in calcs.items()}
 
 
-def main(
-    workdir: str | Path = "examples-out", steps: int = 600, batch_tokens: int = 1024
-) -> dict[str, float]:
+def main(workdir: str | Path = "examples-out", steps: int = 600, batch_tokens: int = 1024) -> dict[str, float]:
     train, heldout = tiny_vault(workdir)
     torch.manual_seed(0)
     sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=2 * D, d_sae=1024, k=16))
-    cfg = SAETrainerConfig(total_training_samples=steps * batch_tokens, train_batch_size_samples=batch_tokens,
-                           lr=2e-3, lr_end=2e-3)  # fmt: skip
+    cfg = SAETrainerConfig(
+        total_training_samples=steps * batch_tokens, train_batch_size_samples=batch_tokens, lr=2e-3, lr_end=2e-3
+    )
     # Each layer to mean norm sqrt(d) from its statistics: the provider normalises, no scaler needed.
-    with VaultProvider(
-        train, LAYERS, batch_tokens=batch_tokens, concat=True, norm_target=D**0.5
-    ) as provider:
+    with VaultProvider(train, LAYERS, batch_tokens=batch_tokens, concat=True, norm_target=D**0.5) as provider:
         first = per_layer_explained_variance(sae, heldout)
         SAETrainer(cfg=cfg, sae=sae, data_provider=provider).fit()
     held = per_layer_explained_variance(sae, heldout)

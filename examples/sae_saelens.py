@@ -23,28 +23,21 @@ from activault.integrations.saelens import VaultProvider, evaluate, set_scaling_
 HOOK = "models.layers.1.post"
 
 
-def main(
-    workdir: str | Path = "examples-out", steps: int = 600, batch_tokens: int = 1024
-) -> dict[str, float]:
+def main(workdir: str | Path = "examples-out", steps: int = 600, batch_tokens: int = 1024) -> dict[str, float]:
     train, heldout = tiny_vault(workdir)
     torch.manual_seed(0)
     sae = TopKTrainingSAE(
-        TopKTrainingSAEConfig(
-            d_in=64, d_sae=512, k=8, normalize_activations="expected_average_only_in"
-        )
+        TopKTrainingSAEConfig(d_in=64, d_sae=512, k=8, normalize_activations="expected_average_only_in")
     )
-    cfg = SAETrainerConfig(total_training_samples=steps * batch_tokens, train_batch_size_samples=batch_tokens,
-                           lr=2e-3, lr_end=2e-3)  # fmt: skip
+    cfg = SAETrainerConfig(
+        total_training_samples=steps * batch_tokens, train_batch_size_samples=batch_tokens, lr=2e-3, lr_end=2e-3
+    )
     with VaultProvider(train, HOOK, batch_tokens=batch_tokens, seed=0) as provider:
         trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=provider)
-        set_scaling_factor(
-            trainer, provider
-        )  # sqrt(d_in) / exact mean norm; fit() skips its estimate
+        set_scaling_factor(trainer, provider)  # sqrt(d_in) / exact mean norm; fit() skips its estimate
         first = evaluate(sae, [next(provider)], scaler=trainer.activation_scaler)
         trainer.fit()  # folds the scaling factor into the weights at the end
-    with TokenLoader(
-        heldout, hooks=[HOOK], batch_tokens=4096, drop_last=False, dtype=torch.float32
-    ) as loader:
+    with TokenLoader(heldout, hooks=[HOOK], batch_tokens=4096, drop_last=False, dtype=torch.float32) as loader:
         held = evaluate(sae, (batch[HOOK] for batch in loader))
     return {"explained_variance_at_start": first["explained_variance"], **held}
 

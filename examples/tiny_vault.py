@@ -37,14 +37,22 @@ def tiny_vault(workdir: str | Path = "examples-out") -> tuple[str, str]:
         "heldout": (1000, TRAIN_BATCHES),
     }  # 1000: until the data runs out
     for name, (n_batches, skip) in runs.items():
-        cfg = parse_config({
-            "run_name": name,
-            "storage": str(work / "vault"),
-            "transformer_config": {"model_name": str(model), "dtype": "float32", "device": "cpu"},
-            "data_config": {"data_key": corpus, "n_batches": n_batches, "start_batch": skip,
-                            "seq_length": 128, "batch_size": 8, "seed": 0},
-            "upload_config": {"batches_per_upload": 4, "hooks": HOOKS},
-        })  # fmt: skip
+        cfg = parse_config(
+            {
+                "run_name": name,
+                "storage": str(work / "vault"),
+                "transformer_config": {"model_name": str(model), "dtype": "float32", "device": "cpu"},
+                "data_config": {
+                    "data_key": corpus,
+                    "n_batches": n_batches,
+                    "start_batch": skip,
+                    "seq_length": 128,
+                    "batch_size": 8,
+                    "seed": 0,
+                },
+                "upload_config": {"batches_per_upload": 4, "hooks": HOOKS},
+            }
+        )
         collect(cfg, show_progress=False)
     return str(work / "vault" / "train"), str(work / "vault" / "heldout")
 

@@ -26,9 +26,7 @@ PAIR = (f"{MLP}.pre", f"{MLP}.post")
 def explained_variance(coder: torch.nn.Module, uri: str) -> float:
     """1 - sum |y - y_hat|^2 / sum |y - mean y|^2 over every token of a run (float64 sums)."""
     err, sq, total, n = 0.0, 0.0, torch.zeros(64, dtype=torch.float64), 0
-    with TokenLoader(
-        uri, hooks=list(PAIR), batch_tokens=4096, drop_last=False, dtype=torch.float32
-    ) as loader:
+    with TokenLoader(uri, hooks=list(PAIR), batch_tokens=4096, drop_last=False, dtype=torch.float32) as loader:
         for batch in loader:
             x, y = batch[PAIR[0]], batch[PAIR[1]]
             y_hat = coder(x, y).sae_out
@@ -43,12 +41,18 @@ def main(
     workdir: str | Path = "examples-out", steps: int = 300, rows: int = 16, tokens_per_row: int = 64
 ) -> dict[str, float]:
     train, heldout = tiny_vault(workdir)
-    model, dataset = replay(
-        train, {MLP: PAIR}, num_tokens=steps * rows * tokens_per_row, tokens_per_row=tokens_per_row
+    model, dataset = replay(train, {MLP: PAIR}, num_tokens=steps * rows * tokens_per_row, tokens_per_row=tokens_per_row)
+    cfg = TrainConfig(
+        TranscoderConfig(k=8, num_latents=512),
+        batch_size=rows,
+        hookpoints=model.hookpoints,
+        optimizer="adam",
+        lr=2e-3,
+        lr_warmup_steps=10,
+        log_to_wandb=False,
+        save_dir=str(Path(workdir) / "sparsify"),
+        save_every=10**9,
     )
-    cfg = TrainConfig(TranscoderConfig(k=8, num_latents=512), batch_size=rows, hookpoints=model.hookpoints,
-                      optimizer="adam", lr=2e-3, lr_warmup_steps=10, log_to_wandb=False,
-                      save_dir=str(Path(workdir) / "sparsify"), save_every=10**9)  # fmt: skip
     trainer = Trainer(cfg, dataset, model)
     coder = trainer.saes[MLP]
     first = explained_variance(coder, heldout)

@@ -87,16 +87,25 @@ class S3Server:
         self.proc = None
 
     def env(self, url: str | None = None) -> dict[str, str]:
-        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-                "AWS_REGION": "us-east-1", "S3_ENDPOINT_URL": url or self.url}
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_REGION": "us-east-1",
+            "S3_ENDPOINT_URL": url or self.url,
+        }
 
     def client(self) -> Any:
         import boto3
         from botocore.config import Config
 
-        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
-                            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
-                            config=Config(retries={"max_attempts": 2}, s3={"addressing_style": "path"}))
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            config=Config(retries={"max_attempts": 2}, s3={"addressing_style": "path"}),
+        )
 
     def create_bucket(self, bucket: str) -> None:
         self.client().create_bucket(Bucket=bucket)
@@ -163,15 +172,25 @@ _HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te
 class FaultProxy:
     """An HTTP proxy on 127.0.0.1 in front of an S3 server that breaks a seeded fraction of requests.
 
-    Each request, after its body is read, is (with probability `rate`, kinds in turn): forward it; answer 503 SlowDown; reset the
-    connection (RST, no answer); or stall `stall_s` seconds (past the client's timeout) and close.
+    Each request, after its body is read, is (with probability `rate`, kinds in turn): forward it;
+    answer 503 SlowDown; reset the connection (RST, no answer); or stall `stall_s` seconds (past the
+    client's timeout) and close.
     `down = True` resets every connection (an outage). `counts` tallies what happened. Only requests
     for which `when(method, path)` holds draw faults; `on_request(method, path)` sees every request.
     """
 
-    def __init__(self, upstream: str, *, rate: float = 0.0, faults: tuple[str, ...] = FAULTS, seed: int = 0,
-                 stall_s: float = 3.0, skip: int = 0, when: Callable[[str, str], bool] | None = None,
-                 on_request: Callable[[str, str], None] | None = None):
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        rate: float = 0.0,
+        faults: tuple[str, ...] = FAULTS,
+        seed: int = 0,
+        stall_s: float = 3.0,
+        skip: int = 0,
+        when: Callable[[str, str], bool] | None = None,
+        on_request: Callable[[str, str], None] | None = None,
+    ):
         self.upstream = upstream.removeprefix("http://")
         self.rate, self.faults, self.stall_s = rate, faults, stall_s
         self.skip = skip  # requests forwarded untouched before faults start (e.g. the bucket check)
@@ -227,7 +246,9 @@ class FaultProxy:
             def _forward(self, body: bytes) -> None:
                 conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
                 try:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP and k.lower() != "content-length"}
+                    headers = {
+                        k: v for k, v in self.headers.items() if k.lower() not in _HOP and k.lower() != "content-length"
+                    }
                     if body or self.command in ("PUT", "POST"):
                         headers["Content-Length"] = str(len(body))
                     conn.request(self.command, self.path, body=body, headers=headers)

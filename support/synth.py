@@ -74,14 +74,28 @@ def write_synthetic_run(
                 out.files[h][name] = tensors
                 partial[m][h].update(states[pos != -1])
         progress = records.ProgressRecord(
-            machine=m, num_runs=machines, files_done=files, rows_done=files * rows,
-            tokens_done=files * rows * seq, data_state={}, finished=True,
+            machine=m,
+            num_runs=machines,
+            files_done=files,
+            rows_done=files * rows,
+            tokens_done=files * rows * seq,
+            data_state={},
+            finished=True,
             stats={h: records.StatsRecord(**partial[m][h].to_dict()) for h in hooks},
         )
         records.write_record(store, records.progress_key(run, m), progress)
     for h in hooks:
-        md = records.hook_metadata(run_name=run, hook=h, d_model=d, dtype=dtype, seq_length=seq, rows_per_file=rows,
-                                   batch_size=rows, batches_per_upload=1, model="synthetic")
+        md = records.hook_metadata(
+            run_name=run,
+            hook=h,
+            d_model=d,
+            dtype=dtype,
+            seq_length=seq,
+            rows_per_file=rows,
+            batch_size=rows,
+            batches_per_upload=1,
+            model="synthetic",
+        )
         records.write_record(store, records.metadata_key(f"{run}/{h}"), md)
         total = merge_all(partial[m][h] for m in range(machines))
         assert total is not None
@@ -89,9 +103,19 @@ def write_synthetic_run(
         stats = records.statistics_record(total, list(range(machines)), machines)
         records.write_record(store, records.statistics_key(f"{run}/{h}"), stats)
     cfg = records.RunRecord(
-        run_name=run, tokenizer="synthetic", hooks=list(hooks), num_runs=machines, activault_version="test",
-        model={"name": "synthetic", "architecture": "none", "model_type": "none", "d_model": d,
-               "n_layers": 1, "dtype": fmt.dtype_name(dtype)},
+        run_name=run,
+        tokenizer="synthetic",
+        hooks=list(hooks),
+        num_runs=machines,
+        activault_version="test",
+        model={
+            "name": "synthetic",
+            "architecture": "none",
+            "model_type": "none",
+            "d_model": d,
+            "n_layers": 1,
+            "dtype": fmt.dtype_name(dtype),
+        },
     )
     records.write_record(store, records.cfg_key(run), cfg)
     return out
@@ -114,20 +138,25 @@ def create_bucket(url: str, bucket: str) -> None:
     """Create `bucket` on the S3 server at `url` (boto3, test credentials)."""
     import boto3
 
-    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket=bucket)
+    boto3.client(
+        "s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+    ).create_bucket(Bucket=bucket)
 
 
 def make_public(url: str, bucket: str) -> None:
     """Let anonymous (unsigned) requests list and read `bucket`, like a public dataset bucket."""
     import boto3
 
-    policy = {"Version": "2012-10-17", "Statement": [
-        {"Effect": "Allow", "Principal": "*", "Action": ["s3:GetObject"], "Resource": f"arn:aws:s3:::{bucket}/*"},
-        {"Effect": "Allow", "Principal": "*", "Action": ["s3:ListBucket"], "Resource": f"arn:aws:s3:::{bucket}"},
-    ]}
-    boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow", "Principal": "*", "Action": ["s3:GetObject"], "Resource": f"arn:aws:s3:::{bucket}/*"},
+            {"Effect": "Allow", "Principal": "*", "Action": ["s3:ListBucket"], "Resource": f"arn:aws:s3:::{bucket}"},
+        ],
+    }
+    boto3.client(
+        "s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+    ).put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
 
 
 def s3_env(url: str) -> dict[str, str]:

@@ -75,9 +75,7 @@ def slurm() -> Iterator[None]:
     if subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0:
         yield
         return
-    out = subprocess.run(
-        ["bash", str(SLURM_LOCAL), "start"], capture_output=True, text=True, timeout=600
-    )
+    out = subprocess.run(["bash", str(SLURM_LOCAL), "start"], capture_output=True, text=True, timeout=600)
     if out.returncode != 0:
         pytest.fail(f"could not start the local Slurm cluster:\n{out.stdout}\n{out.stderr}")
     yield

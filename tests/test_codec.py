@@ -121,7 +121,9 @@ def test_corrupt_chunk_is_an_error_naming_file_and_chunk(run: SynthRun, local: L
     header = fmt.parse_header(data, key)
     described = json.loads(header.metadata[fmt.CODECS_KEY])["states"]
     bad = corrupt(data, described, 2, header.data_offset, header.tensors["states"].start)
-    with pytest.raises(FormatError, match=r"m00000-000000\.safetensors 'states': chunk 2 \(bytes \d+\.\.\d+\) is corrupted"):
+    with pytest.raises(
+        FormatError, match=r"m00000-000000\.safetensors 'states': chunk 2 \(bytes \d+\.\.\d+\) is corrupted"
+    ):
         fmt.decode(bad, key)
     local.put(key, bad)
     with RCache(tmp_path / "run" / "h1", buffer_size=1) as cache, pytest.raises(FormatError, match="chunk 2") as e:
@@ -246,8 +248,10 @@ def test_collect_with_compression_matches_raw(
 @pytest.mark.slow
 def test_resume_with_compression_is_byte_identical(tiny_model_dir, tmp_path: Path) -> None:
     model = tiny_model_dir("llama")
-    over = {"data": {"n_batches": 16, "seq_length": 128, "batch_size": 8},
-            "upload": {"batches_per_upload": 1, "compression": "zstd", "compression_chunk_kib": 16}}  # fmt: skip
+    over = {
+        "data": {"n_batches": 16, "seq_length": 128, "batch_size": 8},
+        "upload": {"batches_per_upload": 1, "compression": "zstd", "compression_chunk_kib": 16},
+    }
     collect(make_cfg(model, tmp_path / "ref", **over), show_progress=False)
     want = tree_bytes(tmp_path / "ref/run")
     path = tmp_path / "killed.yaml"
@@ -255,8 +259,11 @@ def test_resume_with_compression_is_byte_identical(tiny_model_dir, tmp_path: Pat
     progress = tmp_path / "killed/run/progress/machine-00000.json"
     kills = 0
     for target in (2, 6):  # kill after this many files, then resume
-        proc = subprocess.Popen([sys.executable, "-m", "activault", "collect", "--config", str(path), "--quiet"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "activault", "collect", "--config", str(path), "--quiet"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
             try:
@@ -270,8 +277,9 @@ def test_resume_with_compression_is_byte_identical(tiny_model_dir, tmp_path: Pat
             kills += 1
         proc.wait()
     assert kills >= 1, "the run finished before it could be killed; make it longer"
-    done = subprocess.run([sys.executable, "-m", "activault", "collect", "--config", str(path), "--quiet"],
-                          capture_output=True, text=True)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "activault", "collect", "--config", str(path), "--quiet"], capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stderr
     got = tree_bytes(tmp_path / "killed/run")
     assert sorted(got) == sorted(want) and [k for k in want if got[k] != want[k]] == []

@@ -206,14 +206,19 @@ def test_final_partial_megabatch_is_written(llama, tmp_path):
 
 
 def test_data_running_out_ends_cleanly_with_padding(llama, tmp_path, caplog):
-    cfg = make_cfg(llama, tmp_path, data={"n_batches": 10_000, "seq_length": 256, "batch_size": 8},
-                   upload={"batches_per_upload": 4})
+    cfg = make_cfg(
+        llama,
+        tmp_path,
+        data={"n_batches": 10_000, "seq_length": 256, "batch_size": 8},
+        upload={"batches_per_upload": 4},
+    )
     with caplog.at_level(logging.INFO, logger="activault.collection.pipeline"):
         r = collect(cfg, show_progress=False)
     assert 0 < r.files < r.files_planned == 2500
     last = caplog.records[-1].getMessage()
-    assert last == (f"machine 0: {r.files} of 2500 planned files written; "
-                    "the data ran out first (every document was collected)")
+    assert last == (
+        f"machine 0: {r.files} of 2500 planned files written; the data ran out first (every document was collected)"
+    )
     t = load_hook(tmp_path / "run", "models.layers.1.post")
     pos = t["positions"]
     assert (pos[:-1] >= 0).all()  # only the last row may hold padding
@@ -247,8 +252,11 @@ def test_resume_after_sigkill_is_byte_identical(tiny_model_dir, tmp_path):
     progress = tmp_path / "killed/run/progress/machine-00000.json"
     kills = 0
     for target in (2, 5, 9, 14):  # kill after this many files, then resume
-        proc = subprocess.Popen([sys.executable, "-m", "activault", "collect", "--config", str(path), "--quiet"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "activault", "collect", "--config", str(path), "--quiet"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         deadline = time.time() + 120
         while time.time() < deadline and proc.poll() is None:
             try:
@@ -363,7 +371,10 @@ BAD = [
     ({"run_name": "x", "bogus": 1}, "bogus: unknown key"),
     ({"data_config": {"seq_length": -1}}, "data_config.seq_length"),
     ({"data_config": {"batch_size": "many"}}, "data_config.batch_size"),
-    ({"transformer_config": {"dtype": "float8"}}, "unknown dtype 'float8'; use one of float32, float16, bfloat16, auto"),
+    (
+        {"transformer_config": {"dtype": "float8"}},
+        "unknown dtype 'float8'; use one of float32, float16, bfloat16, auto",
+    ),
     ({"upload_config": {"hooks": []}}, "upload_config.hooks"),
     ({"transformer_config": {"max_per_device_memory": "lots"}}, "is not a memory size"),
     ({"num_runs": 4, "data_config": {"n_batches": 2}}, "less than num_runs"),
@@ -434,7 +445,9 @@ def test_sizes_this_machine_or_model_cannot_run_are_refused_before_weights_load(
 
 def test_bad_data_key(llama, tmp_path):
     path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(make_cfg(llama, tmp_path, data={"data_key": "no-such-dataset"}).model_dump(mode="json")))
+    path.write_text(
+        yaml.safe_dump(make_cfg(llama, tmp_path, data={"data_key": "no-such-dataset"}).model_dump(mode="json"))
+    )
     out = _cli("collect", "--config", str(path))
     assert out.returncode == 2 and "no-such-dataset" in out.stderr and "edu" in out.stderr
 
@@ -556,9 +569,7 @@ def test_changes_that_store_nothing_different_are_allowed(collected):
     ],
     ids=["empty-file", "wrong-field", "empty-strings"],
 )
-def test_a_source_without_documents_fails_before_weights_load(
-    llama, tmp_path, monkeypatch, content, message
-):
+def test_a_source_without_documents_fails_before_weights_load(llama, tmp_path, monkeypatch, content, message):
     import activault.collection.model as model_module
 
     def no_weights(*a, **k):
@@ -568,8 +579,7 @@ def test_a_source_without_documents_fails_before_weights_load(
     data = tmp_path / "d.jsonl"
     data.write_bytes(content)
     with pytest.raises(DataError) as e:
-        collect(make_cfg(llama, tmp_path / "vault", data={"data_key": str(data)}),
-                show_progress=False)
+        collect(make_cfg(llama, tmp_path / "vault", data={"data_key": str(data)}), show_progress=False)
     assert message in str(e.value) and str(data) in str(e.value)
     assert not (tmp_path / "vault/run").exists(), "nothing written, no empty run folder left"
 
@@ -586,9 +596,7 @@ def test_bad_record_error_stops_the_run_naming_file_and_line(llama, tmp_path):
     assert done.bad_records == 1
 
 
-def test_filesystem_turning_read_only_is_one_message_then_resume_is_identical(
-    collected, llama, tmp_path, monkeypatch
-):
+def test_filesystem_turning_read_only_is_one_message_then_resume_is_identical(collected, llama, tmp_path, monkeypatch):
     _, ref, _ = collected
     real_replace, real_unlink = os.replace, Path.unlink
     state = {"files": 0, "read_only": False}
@@ -645,15 +653,15 @@ def hostile_copy(path: Path, every: int = 9, first: int = 120) -> Path:
 
 
 @pytest.mark.slow
-def test_killed_run_admits_one_collector_refuses_a_changed_config_resumes_identically(
-    tiny_model_dir, tmp_path
-):
+def test_killed_run_admits_one_collector_refuses_a_changed_config_resumes_identically(tiny_model_dir, tmp_path):
     """With bad records in the data: killed after its first file, the run refuses a second
     collector while it lives and a changed dtype after, then resumes to the same bytes."""
     model = tiny_model_dir("llama")
     data = hostile_copy(tmp_path / "hostile.jsonl")
-    over = {"data": {"data_key": str(data), "n_batches": 24, "seq_length": 128, "batch_size": 8},
-            "upload": {"batches_per_upload": 1}}
+    over = {
+        "data": {"data_key": str(data), "n_batches": 24, "seq_length": 128, "batch_size": 8},
+        "upload": {"batches_per_upload": 1},
+    }
     ref = collect(make_cfg(model, tmp_path / "ref", **over), show_progress=False)
     assert ref.bad_records > 0
     record = json.loads((tmp_path / "ref/run/progress/machine-00000.json").read_text())

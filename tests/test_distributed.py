@@ -39,10 +39,16 @@ def raw_config(model: Path, corpus: Path, storage: str, num_runs: int = N) -> di
         "storage": storage,
         "transformer_config": {"model_name": str(model), "dtype": "float32", "device": "cpu"},
         # n_batches far beyond the corpus: every machine's data runs out, so each collects all of its share
-        "data_config": {"data_key": str(corpus), "n_batches": 600, "seq_length": 32, "batch_size": 2,
-                        "clean_added_tokens": True, "clean_default_system_prompt": True},
+        "data_config": {
+            "data_key": str(corpus),
+            "n_batches": 600,
+            "seq_length": 32,
+            "batch_size": 2,
+            "clean_added_tokens": True,
+            "clean_default_system_prompt": True,
+        },
         "upload_config": {"batches_per_upload": 2, "hooks": HOOKS},
-    }  # fmt: skip
+    }
 
 
 def write_config(raw: dict, path: Path) -> Path:
@@ -73,10 +79,14 @@ def local_tree(root: Path) -> dict[str, bytes]:
 def s3_tree(url: str, bucket: str, run: str) -> dict[str, bytes]:
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing",
-                      aws_secret_access_key="testing")  # fmt: skip
-    keys = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{run}/")
-            for o in page.get("Contents", [])]  # fmt: skip
+    s3 = boto3.client(
+        "s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+    )
+    keys = [
+        o["Key"]
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{run}/")
+        for o in page.get("Contents", [])
+    ]
     return tree_bytes({k[len(run) + 1 :]: s3.get_object(Bucket=bucket, Key=k)["Body"].read() for k in keys})
 
 
@@ -150,8 +160,9 @@ def test_three_machines_collect_exactly_the_documents_of_one(one, three, llama, 
     expected: Counter[tuple[int, ...]] = Counter()
     tok = AutoTokenizer.from_pretrained(llama)
     for line in corpus.read_text().splitlines():
-        ids, keep = encode_document(json.loads(line)["text"], tok, clean_added_tokens=True,
-                                    clean_default_system_prompt=True)  # fmt: skip
+        ids, keep = encode_document(
+            json.loads(line)["text"], tok, clean_added_tokens=True, clean_default_system_prompt=True
+        )
         if any(keep):
             expected[tuple(i for i, k in zip(ids, keep, strict=True) if k)] += 1
     assert sum(expected.values()) == 60
@@ -176,8 +187,12 @@ def test_file_names_progress_and_run_record(three):
 def test_merged_statistics_equal_numpy_float64_over_all_machines(three):
     for hook in HOOKS:
         parts = [machine_tensors(three, hook, m) for m in range(N)]
-        x = np.concatenate([p["states"].reshape(-1, p["states"].shape[-1])[p["positions"].reshape(-1) >= 0]
-                            .double().numpy() for p in parts])  # fmt: skip
+        x = np.concatenate(
+            [
+                p["states"].reshape(-1, p["states"].shape[-1])[p["positions"].reshape(-1) >= 0].double().numpy()
+                for p in parts
+            ]
+        )
         st = json.loads((three / hook / "statistics.json").read_text())
         assert st["machines"] == [0, 1, 2] and st["count"] == len(x)
         np.testing.assert_allclose(st["mean"], x.mean(0), rtol=1e-6, atol=1e-9)
@@ -207,8 +222,11 @@ def test_killed_machine_reruns_alone_to_the_same_data(three, llama, corpus, tmp_
     for m in (0, 2):
         collect(cfg, machine=m, show_progress=False)
     progress = tmp_path / "dist/progress/machine-00001.json"
-    proc = subprocess.Popen([sys.executable, "-m", "activault", "collect", "--config", str(path), "--machine", "1",
-                             "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "activault", "collect", "--config", str(path), "--machine", "1", "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         try:
@@ -221,9 +239,12 @@ def test_killed_machine_reruns_alone_to_the_same_data(three, llama, corpus, tmp_
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not json.loads(progress.read_text())["finished"]
-    others = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in (tmp_path / "dist").rglob("*")
-              if p.is_file() and ("m00000" in p.name or "m00002" in p.name or "-00000.json" in p.name
-                                  or "-00002.json" in p.name)}  # fmt: skip
+    others = {
+        p: (p.read_bytes(), p.stat().st_mtime_ns)
+        for p in (tmp_path / "dist").rglob("*")
+        if p.is_file()
+        and ("m00000" in p.name or "m00002" in p.name or "-00000.json" in p.name or "-00002.json" in p.name)
+    }
     assert len(others) > 4
     done = cli("collect", "--config", str(path), "--machine", "1", "--quiet")
     assert done.returncode == 0, done.stderr
@@ -256,8 +277,10 @@ def test_joining_a_run_with_another_num_runs_is_refused(three, llama, corpus, tm
 def test_launchers_refuse_n_other_than_num_runs(llama, corpus, tmp_path):
     path = write_config(raw_config(llama, corpus, str(tmp_path)), tmp_path / "c.yaml")
     env = {**os.environ, "PYTHON": sys.executable}
-    for cmd in ([str(SCRIPTS / "run_slurm_jobs.sh"), str(path), "2", "0", "1"],
-                [sys.executable, str(SCRIPTS / "run_ray_jobs.py"), str(path), "2", "0", "1"]):
+    for cmd in (
+        [str(SCRIPTS / "run_slurm_jobs.sh"), str(path), "2", "0", "1"],
+        [sys.executable, str(SCRIPTS / "run_ray_jobs.py"), str(path), "2", "0", "1"],
+    ):
         out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
         assert out.returncode == 2, out.stderr
         assert "N=2 machines, but" in out.stderr and "has num_runs=3" in out.stderr
@@ -272,8 +295,7 @@ def ray_address():
     """A real local Ray cluster (this process is its driver); its GCS address for other drivers."""
     import ray
 
-    ctx = ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024 * 1024,
-                   logging_level="WARNING")  # fmt: skip
+    ctx = ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024 * 1024, logging_level="WARNING")
     address = ctx.address_info["gcs_address"]
     assert address.startswith("127.0.0.1:"), address  # conftest binds Ray to loopback
     yield address
@@ -289,9 +311,26 @@ def test_ray_failed_worker_is_reported_and_rerun_completes_the_run(ray_address, 
     # A record whose cursor is garbage: machine 1 fails with a traceback; 0 and 2 must carry on.
     bad.write_text(json.dumps({"machine": 1, "num_runs": 3, "files_done": 0, "data_state": "garbage"}))
     results = tmp_path / "results.json"
-    out = subprocess.run([sys.executable, str(SCRIPTS / "run_ray_jobs.py"), str(path), "3", "0", "2",
-                          "--address", ray_address, "--resources", '{"CPU": 1}', "--wait", "--results", str(results)],
-                         capture_output=True, text=True, cwd=tmp_path)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPTS / "run_ray_jobs.py"),
+            str(path),
+            "3",
+            "0",
+            "2",
+            "--address",
+            ray_address,
+            "--resources",
+            '{"CPU": 1}',
+            "--wait",
+            "--results",
+            str(results),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert out.returncode == 1 and results.exists(), out.stderr
     res = {r["machine"]: r for r in json.loads(results.read_text())["results"]}
     assert [res[m]["status"] for m in range(N)] == ["completed", "failed", "completed"]
@@ -300,8 +339,20 @@ def test_ray_failed_worker_is_reported_and_rerun_completes_the_run(ray_address, 
     assert "machine 0: completed" in out.stderr
 
     bad.unlink()
-    out = cli("launch", "ray", str(path), "3", "1", "1", "--address", ray_address, "--wait",
-              "--results", str(results), cwd=tmp_path)  # fmt: skip
+    out = cli(
+        "launch",
+        "ray",
+        str(path),
+        "3",
+        "1",
+        "1",
+        "--address",
+        ray_address,
+        "--wait",
+        "--results",
+        str(results),
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     assert [r["status"] for r in json.loads(results.read_text())["results"]] == ["completed"]
     assert_same_run(local_tree(tmp_path / "dist"), local_tree(three))
@@ -322,8 +373,7 @@ def test_ray_to_s3(ray_address, moto, three, llama, corpus, tmp_path):
 
     create_bucket(moto, "ray-run")
     path = write_config(raw_config(llama, corpus, "s3://ray-run"), tmp_path / "c.yaml")
-    results = launch_ray(path, N, 0, N - 1, env=s3_env(moto), wait=True, results_path=tmp_path / "r.json",
-                         poll=1.0)  # fmt: skip
+    results = launch_ray(path, N, 0, N - 1, env=s3_env(moto), wait=True, results_path=tmp_path / "r.json", poll=1.0)
     assert [r["status"] for r in results] == ["completed"] * N, results
     assert_same_run(s3_tree(moto, "ray-run", "dist"), local_tree(three))
 
@@ -331,16 +381,24 @@ def test_ray_to_s3(ray_address, moto, three, llama, corpus, tmp_path):
 # ---------------------------------------------------------------- Slurm
 
 
-SBATCH_LOCAL = ["--sbatch-arg=--gres=none", "--sbatch-arg=--mem=2G", "--sbatch-arg=--cpus-per-task=1",
-                "--sbatch-arg=--time=20"]  # fmt: skip
+SBATCH_LOCAL = [
+    "--sbatch-arg=--gres=none",
+    "--sbatch-arg=--mem=2G",
+    "--sbatch-arg=--cpus-per-task=1",
+    "--sbatch-arg=--time=20",
+]
 
 
 def run_slurm(path: Path, cwd: Path, *extra: str, env: dict[str, str] | None = None) -> dict[int, str]:
     from activault.tools.launch import wait_slurm
 
-    out = subprocess.run([str(SCRIPTS / "run_slurm_jobs.sh"), str(path), "3", "0", "2", *SBATCH_LOCAL, *extra],
-                         capture_output=True, text=True, cwd=cwd,
-                         env={**os.environ, "PYTHON": sys.executable, **(env or {})})  # fmt: skip
+    out = subprocess.run(
+        [str(SCRIPTS / "run_slurm_jobs.sh"), str(path), "3", "0", "2", *SBATCH_LOCAL, *extra],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "PYTHON": sys.executable, **(env or {})},
+    )
     assert out.returncode == 0, out.stderr
     (log,) = (cwd / "logs").glob("slurm_jobs_*.txt")
     jobs = {int(m): j for m, j in (line.split(" | ") for line in log.read_text().splitlines()[2:])}

@@ -13,9 +13,7 @@ import torch
 from activault import TokenLoader
 from activault.integrations.shared import run_statistics
 
-pytestmark = (
-    pytest.mark.slow
-)  # a collection and three short trainings: about two minutes on 2 cores
+pytestmark = pytest.mark.slow  # a collection and three short trainings: about two minutes on 2 cores
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -59,9 +57,7 @@ def test_sae_example(runs: tuple[str, str], workdir: Path) -> None:
     import sae_saelens
 
     out = sae_saelens.main(workdir, steps=80)
-    floor = pca_ev(
-        tokens(runs[0], sae_saelens.HOOK), tokens(runs[1], sae_saelens.HOOK), k=8
-    )  # ~0.35
+    floor = pca_ev(tokens(runs[0], sae_saelens.HOOK), tokens(runs[1], sae_saelens.HOOK), k=8)  # ~0.35
     assert out["explained_variance_at_start"] < 0.1 < floor < out["explained_variance"], (
         floor,
         out,
@@ -89,7 +85,5 @@ def test_crosscoder_example(runs: tuple[str, str], workdir: Path) -> None:
 
     out = ex.main(workdir, steps=60)
     for h in ex.LAYERS:  # a joint 16-dim code cannot beat one layer's own best 16-dim code on it
-        floor = pca_ev(
-            tokens(runs[0], h, norm_target=8.0), tokens(runs[1], h, norm_target=8.0), k=16
-        )
+        floor = pca_ev(tokens(runs[0], h, norm_target=8.0), tokens(runs[1], h, norm_target=8.0), k=16)
         assert out[f"{h} at start"] < 0.1 < floor < out[h], (h, floor, out)

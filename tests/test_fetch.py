@@ -221,20 +221,14 @@ def test_repeated_5xx_is_retried_visibly_then_named(
     bucket = moto_bucket(moto_url)
     write_synthetic_run(S3Store(f"s3://{bucket}", env=s3_env(moto_url)), "r", ["h"], files=2)
     # Listing works; every read of a megabatch is answered 503 SlowDown.
-    with FaultProxy(
-        moto_url, rate=1.0, faults=("503",), when=lambda method, path: ".safetensors" in path
-    ) as proxy:
+    with FaultProxy(moto_url, rate=1.0, faults=("503",), when=lambda method, path: ".safetensors" in path) as proxy:
         options: dict[str, Any] = {"env": s3_env(proxy.url), "retry_timeout": 2}
         cache = RCache(f"s3://{bucket}/r/h", store_options=options)
         with caplog.at_level(logging.WARNING, logger="activault.storage.s3"):
             name = f"s3://{bucket}/r/h/m00000-00000[01].safetensors"
-            with pytest.raises(
-                StorageError, match=f"{name}: the S3 endpoint {proxy.url} failed .*503"
-            ):
+            with pytest.raises(StorageError, match=f"{name}: the S3 endpoint {proxy.url} failed .*503"):
                 list(cache)
-    assert re.search(
-        f"S3 at {proxy.url}: .* s3://{bucket}/r/h/m00000-00000[01].safetensors failed", caplog.text
-    )
+    assert re.search(f"S3 at {proxy.url}: .* s3://{bucket}/r/h/m00000-00000[01].safetensors failed", caplog.text)
     assert proxy.counts["503"] >= 3
 
 

@@ -30,9 +30,7 @@ STANDARD = [
 
 
 def tcfg(path, attn="eager", **kw):
-    return TransformerConfig(
-        model_name=str(path), dtype="float32", attn_implementation=attn, device="cpu", **kw
-    )
+    return TransformerConfig(model_name=str(path), dtype="float32", attn_implementation=attn, device="cpu", **kw)
 
 
 def reference(path, arch, attn="eager"):
@@ -60,9 +58,7 @@ def cloned_io(model, specs, ids):
 
     def post(name):
         def hook(module, args, output):
-            got.setdefault(
-                name, (output if isinstance(output, torch.Tensor) else output[0]).clone()
-            )
+            got.setdefault(name, (output if isinstance(output, torch.Tensor) else output[0]).clone())
 
         return hook
 
@@ -121,12 +117,7 @@ def pack(docs, row_len):
 
 @pytest.mark.parametrize(
     "arch, attn",
-    [
-        (arch, attn)
-        for arch in [*CAUSAL, "bert"]
-        for attn in ("eager", "sdpa")
-        if (arch, attn) != ("gemma2", "sdpa")
-    ],
+    [(arch, attn) for arch in [*CAUSAL, "bert"] for attn in ("eager", "sdpa") if (arch, attn) != ("gemma2", "sdpa")],
 )
 def test_packed_documents_equal_documents_alone(tiny_model_dir, arch, attn):
     model = load_model(tcfg(tiny_model_dir(arch), attn), [])
@@ -266,10 +257,13 @@ def test_config_errors_name_the_fix(tmp_path, tiny_model_dir):
         load_tokenizer(tcfg(tmp_path / "missing"))
     with pytest.raises(ConfigError, match="float8"):
         parse_config(
-            {"run_name": "r", "transformer_config": {"model_name": "m", "dtype": "float8"},
-             "data_config": {"data_key": "x", "n_batches": 1, "seq_length": 8, "batch_size": 1},
-             "upload_config": {"batches_per_upload": 1, "hooks": ["models.layers.0.post"]}}
-        )  # fmt: skip
+            {
+                "run_name": "r",
+                "transformer_config": {"model_name": "m", "dtype": "float8"},
+                "data_config": {"data_key": "x", "n_batches": 1, "seq_length": 8, "batch_size": 1},
+                "upload_config": {"batches_per_upload": 1, "hooks": ["models.layers.0.post"]},
+            }
+        )
     with pytest.raises(ConfigError, match="attn_implementation"):
         load_model(tcfg(tiny_model_dir("gemma2"), "sdpa"), [])  # Gemma2 has no SDPA in transformers
     assert len(load_tokenizer(tcfg(tiny_model_dir("llama")))) == 512

@@ -62,15 +62,11 @@ def test_provider_is_endless_and_reshuffles_each_epoch(run: SynthRun, tmp_path: 
     want = row_counter(kept(run, "h1"))
     per_epoch = [torch.cat([b for e, b in got if e == k]) for k in range(3)]
     for x in per_epoch:
-        assert (
-            x.dtype == torch.float32 and row_counter(x) == want
-        )  # every kept token once per epoch
+        assert x.dtype == torch.float32 and row_counter(x) == want  # every kept token once per epoch
     assert not torch.equal(per_epoch[0], per_epoch[1])  # a new order each epoch
 
 
-@pytest.mark.parametrize(
-    "stop_after", [3, 14, 20]
-)  # mid-epoch, at the end of an epoch, in the next
+@pytest.mark.parametrize("stop_after", [3, 14, 20])  # mid-epoch, at the end of an epoch, in the next
 def test_provider_resumes_exactly(run: SynthRun, tmp_path: Path, stop_after: int) -> None:
     opts = dict(batch_tokens=27, window=2, seed=3)
     with VaultProvider(tmp_path / "run", HOOKS, **opts) as full:
@@ -86,9 +82,7 @@ def test_provider_resumes_exactly(run: SynthRun, tmp_path: Path, stop_after: int
             assert all(torch.equal(got[h], want[h]) for h in HOOKS)
 
 
-def test_provider_ranks_read_disjoint_files_that_cover_the_run(
-    run: SynthRun, tmp_path: Path
-) -> None:
+def test_provider_ranks_read_disjoint_files_that_cover_the_run(run: SynthRun, tmp_path: Path) -> None:
     seen = []
     for rank in range(2):
         # 3 files of 64 tokens per rank, minus 3 padding per machine: 3 divides every rank's count,
@@ -104,9 +98,11 @@ def test_provider_ranks_read_disjoint_files_that_cover_the_run(
 
 def test_provider_shapes_for_transcoders_and_crosscoders(run: SynthRun, tmp_path: Path) -> None:
     root = tmp_path / "run"
-    with VaultProvider(root, {"t": ("h1", "h2")}, batch_tokens=32, seed=1) as pairs, \
-         VaultProvider(root, HOOKS, batch_tokens=32, seed=1, concat=True) as cat, \
-         VaultProvider(root, HOOKS, batch_tokens=32, seed=1) as both:  # fmt: skip
+    with (
+        VaultProvider(root, {"t": ("h1", "h2")}, batch_tokens=32, seed=1) as pairs,
+        VaultProvider(root, HOOKS, batch_tokens=32, seed=1, concat=True) as cat,
+        VaultProvider(root, HOOKS, batch_tokens=32, seed=1) as both,
+    ):
         x, y = next(pairs)["t"]
         joined, d = next(cat), next(both)
     assert torch.equal(x, d["h1"]) and torch.equal(y, d["h2"])  # the same tokens, aligned
@@ -129,14 +125,13 @@ def test_scaling_factor_is_exact_and_set_on_trainers(run: SynthRun, tmp_path: Pa
     for h in HOOKS:  # float64 recomputation over every stored token of both machines
         want = math.sqrt(8) / kept(run, h, torch.float64).norm(dim=1).mean().item()
         assert scaling_factor(root, h) == pytest.approx(want, rel=1e-12)
-    cfg = SAETrainerConfig(total_training_samples=5 * 32, train_batch_size_samples=32, lr=1e-3, lr_end=1e-3,
-                           n_batches_for_norm_estimate=50)  # fmt: skip
+    cfg = SAETrainerConfig(
+        total_training_samples=5 * 32, train_batch_size_samples=32, lr=1e-3, lr_end=1e-3, n_batches_for_norm_estimate=50
+    )
 
     def sae(d: int = 8) -> TopKTrainingSAE:
         return TopKTrainingSAE(
-            TopKTrainingSAEConfig(
-                d_in=d, d_sae=32, k=2, normalize_activations="expected_average_only_in"
-            )
+            TopKTrainingSAEConfig(d_in=d, d_sae=32, k=2, normalize_activations="expected_average_only_in")
         )
 
     with VaultProvider(root, "h2", batch_tokens=32) as provider:
@@ -148,11 +143,14 @@ def test_scaling_factor_is_exact_and_set_on_trainers(run: SynthRun, tmp_path: Pa
         with pytest.raises(ConfigError, match="d_in=4"):
             set_scaling_factor(SAETrainer(cfg=cfg, sae=sae(4), data_provider=provider), root, "h2")
     with VaultProvider(root, HOOKS, batch_tokens=32) as provider:
-        multi = MultiSAETrainer(cfg=cfg, saes={"a": sae(), "b": sae()}, hook_names={"a": "h1", "b": "h2"},
-                                data_provider=provider)  # fmt: skip
+        multi = MultiSAETrainer(
+            cfg=cfg, saes={"a": sae(), "b": sae()}, hook_names={"a": "h1", "b": "h2"}, data_provider=provider
+        )
         set_scaling_factor(multi, root)
         assert [t.activation_scaler.scaling_factor for t in multi.trainers.values()] == [
-            scaling_factor(root, "h1"), scaling_factor(root, "h2")]  # fmt: skip
+            scaling_factor(root, "h1"),
+            scaling_factor(root, "h2"),
+        ]
 
 
 def test_saelens_checkpoints_hold_the_provider_position(run: SynthRun, tmp_path: Path) -> None:
@@ -161,13 +159,17 @@ def test_saelens_checkpoints_hold_the_provider_position(run: SynthRun, tmp_path:
     from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 
     root = tmp_path / "run"
-    cfg = SAETrainerConfig(total_training_samples=9 * 16, train_batch_size_samples=16, lr=1e-3, lr_end=1e-3,
-                           n_checkpoints=2, checkpoint_path=str(tmp_path / "ckpt"))  # fmt: skip
+    cfg = SAETrainerConfig(
+        total_training_samples=9 * 16,
+        train_batch_size_samples=16,
+        lr=1e-3,
+        lr_end=1e-3,
+        n_checkpoints=2,
+        checkpoint_path=str(tmp_path / "ckpt"),
+    )
     with VaultProvider(root, "h1", batch_tokens=16, seed=2) as provider:
         sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=8, d_sae=16, k=2))
-        SAETrainer(
-            cfg=cfg, sae=sae, data_provider=provider, save_checkpoint_fn=provider.save_to
-        ).fit()
+        SAETrainer(cfg=cfg, sae=sae, data_provider=provider, save_checkpoint_fn=provider.save_to).fit()
     with VaultProvider(root, "h1", batch_tokens=16, seed=2) as reference:
         stream = [next(reference) for _ in range(12)]
     checkpoints = sorted((tmp_path / "ckpt").iterdir(), key=lambda p: int(p.name))
@@ -175,9 +177,7 @@ def test_saelens_checkpoints_hold_the_provider_position(run: SynthRun, tmp_path:
     for ckpt in checkpoints:
         with VaultProvider(root, "h1", batch_tokens=16, seed=2) as again:
             again.load_from(ckpt)
-            assert torch.equal(
-                next(again), stream[int(ckpt.name) // 16]
-            )  # the batch after the checkpoint
+            assert torch.equal(next(again), stream[int(ckpt.name) // 16])  # the batch after the checkpoint
     with pytest.raises(NotFoundError, match="save_checkpoint_fn"):
         VaultProvider(root, "h1", batch_tokens=16).load_from(tmp_path)
 
@@ -238,9 +238,7 @@ def sparse_run(
 def dense_baselines(root: Path) -> tuple[float, float]:
     """FVU of the best dense codes the sparse ones must beat, fit and scored on every token (float64):
     PCA with k=4 components of h_in (an SAE's budget), and the least-squares affine map h_in -> h_out."""
-    with TokenLoader(
-        root, hooks=["h_in", "h_out"], batch_tokens=8192, dtype=torch.float64
-    ) as loader:
+    with TokenLoader(root, hooks=["h_in", "h_out"], batch_tokens=8192, dtype=torch.float64) as loader:
         batch = next(iter(loader))
     x, y = batch["h_in"], batch["h_out"]
     xc = x - x.mean(0)
@@ -256,12 +254,12 @@ def test_sparsify_trains_an_sae_and_a_transcoder_from_the_vault(tmp_path: Path) 
 
     sparse_run(LocalStore(tmp_path, fsync=False))
     pca_fvu, linear_fvu = dense_baselines(tmp_path / "sparse")
-    cases = ((["h_in"], SaeConfig(k=4, num_latents=64), 5e-3, pca_fvu),
-             ({"mlp": ("h_in", "h_out")}, TranscoderConfig(k=4, num_latents=64), 2e-2, linear_fvu))  # fmt: skip
+    cases = (
+        (["h_in"], SaeConfig(k=4, num_latents=64), 5e-3, pca_fvu),
+        ({"mlp": ("h_in", "h_out")}, TranscoderConfig(k=4, num_latents=64), 2e-2, linear_fvu),
+    )
     for points, coder_cfg, lr, floor in cases:
-        model, dataset = replay(
-            tmp_path / "sparse", points, num_tokens=60 * 8 * 32, tokens_per_row=32
-        )
+        model, dataset = replay(tmp_path / "sparse", points, num_tokens=60 * 8 * 32, tokens_per_row=32)
         cfg = TrainConfig(
             coder_cfg,
             batch_size=8,
@@ -276,9 +274,7 @@ def test_sparsify_trains_an_sae_and_a_transcoder_from_the_vault(tmp_path: Path) 
         trainer = Trainer(cfg, dataset, model)
         fvu: list[float] = []
         coder = next(iter(trainer.saes.values()))
-        coder.register_forward_hook(
-            lambda _m, _i, out, fvu=fvu: fvu.append(float(out.fvu.detach()))
-        )
+        coder.register_forward_hook(lambda _m, _i, out, fvu=fvu: fvu.append(float(out.fvu.detach())))
         trainer.fit()
         dataset.close()
         assert len(fvu) == 60 and dataset.position == 60 * 8
@@ -291,9 +287,7 @@ def test_sparsify_dataset_resumes_by_state_or_by_reading_forward(tmp_path: Path)
     sparse_run(LocalStore(tmp_path, fsync=False))
 
     def make():
-        return replay(
-            tmp_path / "sparse", ["h_in"], num_tokens=50 * 32, tokens_per_row=32, rows_per_read=3
-        )  # noqa: E731
+        return replay(tmp_path / "sparse", ["h_in"], num_tokens=50 * 32, tokens_per_row=32, rows_per_read=3)  # noqa: E731
 
     model, full = make()
     want = [full[i]["input_ids"] for i in range(50)]
@@ -306,28 +300,18 @@ def test_sparsify_dataset_resumes_by_state_or_by_reading_forward(tmp_path: Path)
     assert again.state_dict() == state  # saved again before reading: the same position
     assert all(torch.equal(again[i]["input_ids"], want[i]) for i in range(17, 50))
     model, forward = make()
-    rest = forward.select(
-        range(17, 50)
-    )  # what sparsify calls when resuming at step 17 // batch_size
-    assert len(rest) == 33 and all(
-        torch.equal(rest[j]["input_ids"], want[17 + j]) for j in range(33)
-    )
+    rest = forward.select(range(17, 50))  # what sparsify calls when resuming at step 17 // batch_size
+    assert len(rest) == 33 and all(torch.equal(rest[j]["input_ids"], want[17 + j]) for j in range(33))
     seen: list[torch.Tensor] = []
     model.get_submodule("h_in").register_forward_hook(lambda _m, inputs, _o: seen.append(inputs[0]))
     ids = torch.stack([want[17], want[18]])
     model(ids)  # what sparsify's Trainer does with a batch of the rows handed out
-    with TokenLoader(
-        tmp_path / "sparse", hooks=["h_in"], batch_tokens=8192, return_ids=True
-    ) as loader:
+    with TokenLoader(tmp_path / "sparse", hooks=["h_in"], batch_tokens=8192, return_ids=True) as loader:
         batch = next(iter(loader))
-    stored = {
-        (int(i), s.numpy().tobytes())
-        for i, s in zip(batch["input_ids"], batch["states"]["h_in"], strict=True)
-    }
+    stored = {(int(i), s.numpy().tobytes()) for i, s in zip(batch["input_ids"], batch["states"]["h_in"], strict=True)}
     assert seen[0].shape == (2, 32, 16)
     assert all(
-        (int(i), s.numpy().tobytes()) in stored
-        for i, s in zip(ids.reshape(-1), seen[0].reshape(-1, 16), strict=True)
+        (int(i), s.numpy().tobytes()) in stored for i, s in zip(ids.reshape(-1), seen[0].reshape(-1, 16), strict=True)
     )
     with pytest.raises(ActivaultError, match="not the ones"):
         model(ids)  # those rows were consumed: the next queued are rows 19 and 20
@@ -346,36 +330,37 @@ def test_dictionary_learning_trains_from_a_vault_buffer(tmp_path: Path) -> None:
     with TokenLoader(tmp_path / "sparse", hooks=["h_in"], batch_tokens=8192) as loader:
         every = next(iter(loader))["h_in"]  # all 8192 tokens
     buffer = VaultBuffer(tmp_path / "sparse", "h_in", out_batch_size=256, normalize=True, seed=0)
-    assert buffer.norm_factor == pytest.approx(
-        every.double().pow(2).sum(1).mean().sqrt().item(), rel=1e-9
-    )
+    assert buffer.norm_factor == pytest.approx(every.double().pow(2).sum(1).mean().sqrt().item(), rel=1e-9)
     assert next(buffer).double().pow(2).sum(1).mean().item() == pytest.approx(1.0, rel=0.15)
     steps = 80
-    cfg = {"trainer": TopKTrainer, "steps": steps, "activation_dim": 16, "dict_size": 64, "k": 4, "layer": 0,
-           "lm_name": "synthetic", "device": "cpu", "warmup_steps": 5, "seed": 0, "lr": 5e-3}  # fmt: skip
-    trainSAE(
-        data=buffer, trainer_configs=[cfg], steps=steps, device="cpu", save_dir=str(tmp_path / "dl")
-    )
-    assert (
-        buffer.loader.state_dict()["epoch"] >= 2
-    )  # 80 x 256 tokens: the 8192-token run twice and more
+    cfg = {
+        "trainer": TopKTrainer,
+        "steps": steps,
+        "activation_dim": 16,
+        "dict_size": 64,
+        "k": 4,
+        "layer": 0,
+        "lm_name": "synthetic",
+        "device": "cpu",
+        "warmup_steps": 5,
+        "seed": 0,
+        "lr": 5e-3,
+    }
+    trainSAE(data=buffer, trainer_configs=[cfg], steps=steps, device="cpu", save_dir=str(tmp_path / "dl"))
+    assert buffer.loader.state_dict()["epoch"] >= 2  # 80 x 256 tokens: the 8192-token run twice and more
     buffer.close()
     ae = AutoEncoderTopK(16, 64, 4)
     ae.load_state_dict(torch.load(tmp_path / "dl/trainer_0/ae.pt", weights_only=True))
     xs = every / buffer.norm_factor
     with torch.no_grad():
         ev = 1 - (xs - ae(xs)).pow(2).sum() / (xs - xs.mean(0)).pow(2).sum()
-    assert ev > 0.7, float(
-        ev
-    )  # k-sparse data, k=4 >= 3 true atoms: a trained TopK explains most of it
+    assert ev > 0.7, float(ev)  # k-sparse data, k=4 >= 3 true atoms: a trained TopK explains most of it
 
 
 # ---- SAELens cache export / import -------------------------------------------------------------
 
 
-def rows_of(
-    root: Path, hooks: list[str]
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+def rows_of(root: Path, hooks: list[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """Every stored row of a run in file order: ({hook: [rows, seq, d]}, ids [rows, seq], positions)."""
     from activault import RCache
 
@@ -389,9 +374,7 @@ def rows_of(
     )
 
 
-def saelens_cache(
-    out: Path, hook: str, acts: torch.Tensor, ids: torch.Tensor, shards: int = 2
-) -> Path:
+def saelens_cache(out: Path, hook: str, acts: torch.Tensor, ids: torch.Tensor, shards: int = 2) -> Path:
     """A cache written by SAELens's own code: `CacheActivationsRunner._create_shard` per shard,
     `save_to_disk(num_shards=1)`, then its `_consolidate_shards` (no model needed for these steps)."""
     from types import SimpleNamespace
@@ -401,17 +384,17 @@ def saelens_cache(
 
     rows, seq, d = acts.shape
     per = rows // shards
-    features = Features({hook: Array2D(shape=(seq, d), dtype="float32"),
-                         "token_ids": Sequence(Value(dtype="int32"), length=seq)})  # fmt: skip
-    runner = SimpleNamespace(cfg=SimpleNamespace(hook_name=hook, n_seq_in_buffer=per, d_in=d), context_size=seq,
-                             features=features)  # fmt: skip
+    features = Features(
+        {hook: Array2D(shape=(seq, d), dtype="float32"), "token_ids": Sequence(Value(dtype="int32"), length=seq)}
+    )
+    runner = SimpleNamespace(
+        cfg=SimpleNamespace(hook_name=hook, n_seq_in_buffer=per, d_in=d), context_size=seq, features=features
+    )
     tmp = out / ".tmp_shards"
     tmp.mkdir(parents=True)
     for i in range(shards):
         part = slice(i * per, (i + 1) * per)
-        shard = CacheActivationsRunner._create_shard(
-            runner, (acts[part].reshape(-1, d), ids[part].reshape(-1))
-        )  # type: ignore[arg-type]
+        shard = CacheActivationsRunner._create_shard(runner, (acts[part].reshape(-1, d), ids[part].reshape(-1)))  # type: ignore[arg-type]
         shard.save_to_disk(f"{tmp}/shard_{i:05d}", num_shards=1)
     CacheActivationsRunner._consolidate_shards(tmp, out, copy_files=False)
     return out
@@ -425,19 +408,14 @@ def test_round_trip_vault_cache_vault_is_bit_identical(run: SynthRun, tmp_path: 
     assert (res.padding_rows_dropped, res.real_tokens_dropped) == (2, 26)
     assert res.rows == int(full.sum()) and res.arrow_files > 1
     side = json.loads((tmp_path / "cache/activault.json").read_text())
-    assert (
-        side["columns"]["h1"] == {"hook": "h1", "dtype": "bfloat16"}
-        and side["padding_rows_dropped"] == 2
-    )
+    assert side["columns"]["h1"] == {"hook": "h1", "dtype": "bfloat16"} and side["padding_rows_dropped"] == 2
     back = import_saelens(tmp_path / "cache", str(tmp_path / "vault/back"), rows_per_file=5)
     assert back.rows == res.rows and back.files == math.ceil(res.rows / 5)
     states2, ids2, pos2 = rows_of(tmp_path / "vault/back", HOOKS)
     for h in HOOKS:
         assert states2[h].dtype == torch.bfloat16 and torch.equal(states2[h], states[h][full])
     assert torch.equal(ids2, ids[full])
-    assert torch.equal(
-        pos2, torch.arange(16, dtype=torch.int32).expand_as(pos2)
-    )  # one document per row
+    assert torch.equal(pos2, torch.arange(16, dtype=torch.int32).expand_as(pos2))  # one document per row
     checked = verify_run(LocalStore("/"), str(tmp_path / "vault/back").lstrip("/"), deep=True)
     assert checked.problems == [] and checked.tokens == back.tokens
     cfg = json.loads((tmp_path / "vault/back/cfg.json").read_text())
@@ -483,28 +461,39 @@ def test_export_has_saelens_layout_and_saelens_trains_from_it(tmp_path: Path) ->
     import_saelens(ref, str(tmp_path / "vault/run"))
     export_saelens(str(tmp_path / "vault/run"), "blocks.0.hook_resid_post", tmp_path / "ours")
     for name in ("dataset_info.json",):
-        assert json.loads((ref / name).read_text()) == json.loads(
-            (tmp_path / "ours" / name).read_text()
-        )
-    ref_state, our_state = (
-        json.loads((p / "state.json").read_text()) for p in (ref, tmp_path / "ours")
-    )
+        assert json.loads((ref / name).read_text()) == json.loads((tmp_path / "ours" / name).read_text())
+    ref_state, our_state = (json.loads((p / "state.json").read_text()) for p in (ref, tmp_path / "ours"))
     assert ref_state.keys() == our_state.keys() and our_state["_fingerprint"]
     assert [f["filename"] for f in our_state["_data_files"]] == ["data-00000-of-00001.arrow"]
     import pyarrow as pa
 
-    schemas = [pa.ipc.open_stream(pa.memory_map(str(p / "data-00000-of-00002.arrow" if p == ref else p / "data-00000-of-00001.arrow"))).schema
-               for p in (ref, tmp_path / "ours")]  # fmt: skip
+    schemas = [
+        pa.ipc.open_stream(
+            pa.memory_map(str(p / "data-00000-of-00002.arrow" if p == ref else p / "data-00000-of-00001.arrow"))
+        ).schema
+        for p in (ref, tmp_path / "ours")
+    ]
     assert schemas[0].equals(schemas[1], check_metadata=True)
-    store = ActivationsStore(model=None, dataset=None, streaming=False, hook_name="blocks.0.hook_resid_post",  # type: ignore[arg-type]
-                             hook_head_index=None, context_size=16, d_in=8, n_batches_in_buffer=2,
-                             total_training_tokens=96, store_batch_size_prompts=3, train_batch_size_tokens=16,
-                             prepend_bos=False, normalize_activations="none", device=torch.device("cpu"),
-                             dtype="float32", cached_activations_path=str(tmp_path / "ours"))  # fmt: skip
-    got, got_ids = store.get_raw_llm_batch()
-    assert torch.equal(got, acts[:3].reshape(-1, 8)) and torch.equal(
-        got_ids.int(), ids[:3].reshape(-1)
+    store = ActivationsStore(
+        model=None,
+        dataset=None,
+        streaming=False,
+        hook_name="blocks.0.hook_resid_post",  # type: ignore[arg-type]
+        hook_head_index=None,
+        context_size=16,
+        d_in=8,
+        n_batches_in_buffer=2,
+        total_training_tokens=96,
+        store_batch_size_prompts=3,
+        train_batch_size_tokens=16,
+        prepend_bos=False,
+        normalize_activations="none",
+        device=torch.device("cpu"),
+        dtype="float32",
+        cached_activations_path=str(tmp_path / "ours"),
     )
+    got, got_ids = store.get_raw_llm_batch()
+    assert torch.equal(got, acts[:3].reshape(-1, 8)) and torch.equal(got_ids.int(), ids[:3].reshape(-1))
 
 
 def test_import_of_a_cache_written_by_saelens(tmp_path: Path) -> None:
@@ -514,18 +503,26 @@ def test_import_of_a_cache_written_by_saelens(tmp_path: Path) -> None:
         torch.randint(0, 900, (8, 16), generator=g, dtype=torch.int32),
     )
     ref = saelens_cache(tmp_path / "ref", "blocks.2.hook_mlp_out", acts, ids)
-    res = import_saelens(ref, str(tmp_path / "vault/mlp"), hooks={"blocks.2.hook_mlp_out": "models.layers.2.mlp.post"},
-                         dtype="bfloat16", model="gpt2")  # fmt: skip
+    res = import_saelens(
+        ref,
+        str(tmp_path / "vault/mlp"),
+        hooks={"blocks.2.hook_mlp_out": "models.layers.2.mlp.post"},
+        dtype="bfloat16",
+        model="gpt2",
+    )
     assert (res.rows, res.tokens) == (8, 128)
     states, ids2, pos = rows_of(tmp_path / "vault/mlp", ["models.layers.2.mlp.post"])
-    assert torch.equal(states["models.layers.2.mlp.post"], acts.to(torch.bfloat16)) and torch.equal(
-        ids2, ids
-    )
+    assert torch.equal(states["models.layers.2.mlp.post"], acts.to(torch.bfloat16)) and torch.equal(ids2, ids)
     assert torch.equal(pos, torch.arange(16, dtype=torch.int32).expand(8, 16))
     cfg = json.loads((tmp_path / "vault/mlp/cfg.json").read_text())
     assert cfg["model"]["name"] == "gpt2" and cfg["config"]["data_config"]["seq_length"] == 16
-    again = import_saelens(ref, str(tmp_path / "vault/mlp"), hooks={"blocks.2.hook_mlp_out": "models.layers.2.mlp.post"},
-                           dtype="bfloat16", model="gpt2")  # fmt: skip
+    again = import_saelens(
+        ref,
+        str(tmp_path / "vault/mlp"),
+        hooks={"blocks.2.hook_mlp_out": "models.layers.2.mlp.post"},
+        dtype="bfloat16",
+        model="gpt2",
+    )
     assert again.files == res.files and again.bytes_written == 0  # finished: nothing written again
 
 
@@ -582,15 +579,14 @@ def test_bad_inputs_say_what_to_do(run: SynthRun, tmp_path: Path) -> None:
         import_saelens(tmp_path / "full", str(tmp_path / "v/r"))
     from datasets import Array2D, Dataset, Features
 
-    Dataset.from_dict({"h": torch.zeros(2, 4, 3)}, features=Features({"h": Array2D(shape=(4, 3), dtype="float32")})
-                      ).save_to_disk(str(tmp_path / "noids"))  # fmt: skip
+    Dataset.from_dict(
+        {"h": torch.zeros(2, 4, 3)}, features=Features({"h": Array2D(shape=(4, 3), dtype="float32")})
+    ).save_to_disk(str(tmp_path / "noids"))
     with pytest.raises(FormatError, match="token_ids"):
         import_saelens(tmp_path / "noids", str(tmp_path / "v/r"))
     export_saelens(str(tmp_path / "run"), "h1", tmp_path / "c")
     with pytest.raises(ConfigError, match="new run name"):
-        import_saelens(
-            tmp_path / "c", str(tmp_path / "run")
-        )  # a collected run is never overwritten
+        import_saelens(tmp_path / "c", str(tmp_path / "run"))  # a collected run is never overwritten
     with pytest.raises(ConfigError, match="run_name"):
         import_saelens(tmp_path / "c", LocalStore(tmp_path / "v"))
     import_saelens(tmp_path / "c", str(tmp_path / "v/r2"), rows_per_file=2)
@@ -603,13 +599,22 @@ def test_bad_inputs_say_what_to_do(run: SynthRun, tmp_path: Path) -> None:
 def test_cli_subcommands(run: SynthRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser(prog="activault")
     add_subcommands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["export", str(tmp_path / "run"), str(tmp_path / "c"), "--hook", "h1", "--hook", "h2",
-                              "--column", "h1=blocks.0.hook_resid_pre"])  # fmt: skip
+    args = parser.parse_args(
+        [
+            "export",
+            str(tmp_path / "run"),
+            str(tmp_path / "c"),
+            "--hook",
+            "h1",
+            "--hook",
+            "h2",
+            "--column",
+            "h1=blocks.0.hook_resid_pre",
+        ]
+    )
     assert args.func(args) == 0
     assert "dropped 2 rows holding padding (26 real tokens)" in capsys.readouterr().out
-    args = parser.parse_args(
-        ["import", str(tmp_path / "c"), str(tmp_path / "v/back"), "--rows-per-file", "4"]
-    )
+    args = parser.parse_args(["import", str(tmp_path / "c"), str(tmp_path / "v/back"), "--rows-per-file", "4"])
     assert args.func(args) == 0
     assert "imported 22 rows" in capsys.readouterr().out
     assert sorted(json.loads((tmp_path / "v/back/cfg.json").read_text())["hooks"]) == HOOKS
@@ -632,8 +637,11 @@ g = gen()
 next(g)
 print("left mid-epoch")
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                         env={**__import__("os").environ, "PYTHONPATH": ":".join(sys.path)})  # fmt: skip
-    assert out.returncode == 0 and out.stdout.strip() == "left mid-epoch" and out.stderr == "", (
-        out.stderr
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "PYTHONPATH": ":".join(sys.path)},
     )
+    assert out.returncode == 0 and out.stdout.strip() == "left mid-epoch" and out.stderr == "", out.stderr

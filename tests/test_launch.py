@@ -20,10 +20,14 @@ from activault.tools.launch import (
 
 @pytest.fixture
 def config(tmp_path):
-    raw = {"run_name": "r", "num_runs": 4, "storage": str(tmp_path),
-           "transformer_config": {"model_name": "m"},
-           "data_config": {"data_key": "x.jsonl", "n_batches": 8, "seq_length": 8, "batch_size": 1},
-           "upload_config": {"batches_per_upload": 1, "hooks": ["models.layers.0.post"]}}  # fmt: skip
+    raw = {
+        "run_name": "r",
+        "num_runs": 4,
+        "storage": str(tmp_path),
+        "transformer_config": {"model_name": "m"},
+        "data_config": {"data_key": "x.jsonl", "n_batches": 8, "seq_length": 8, "batch_size": 1},
+        "upload_config": {"batches_per_upload": 1, "hooks": ["models.layers.0.post"]},
+    }
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path

@@ -90,15 +90,8 @@ def test_foreign_objects_are_skipped_and_named(where: tuple[Store, str, dict[str
         cache = RCache(f"{root}/run/h", store_options=options)
     assert torch.equal(torch.cat(list(cache)), run.tensor("h"))
     reasons = {url.rsplit("/", 1)[-1]: why for url, why in cache.foreign_objects.items()}
-    assert (
-        reasons["m00000-000099.safetensors"] == "empty"
-        and reasons["notes.txt"] == "not a megabatch"
-    )
+    assert reasons["m00000-000099.safetensors"] == "empty" and reasons["notes.txt"] == "not a megabatch"
     assert cache.bad_files == 0
     with pytest.warns(UserWarning, match="skipping 3 object"):  # TokenLoader: the same listing
-        tokens = torch.cat(
-            list(
-                TokenLoader(f"{root}/run/h", batch_tokens=8, drop_last=False, store_options=options)
-            )
-        )
+        tokens = torch.cat(list(TokenLoader(f"{root}/run/h", batch_tokens=8, drop_last=False, store_options=options)))
     assert tokens.shape[0] == int((run.tensor("h", "positions") >= 0).sum())

@@ -33,9 +33,7 @@ def moto_url() -> Iterator[str]:
 
 @pytest.fixture
 def s3(moto_url: str, request: pytest.FixtureRequest) -> S3Store:
-    bucket = f"lock-{request.node.name.lower().replace('_', '-').replace('[', '-').rstrip(']')}"[
-        :60
-    ]
+    bucket = f"lock-{request.node.name.lower().replace('_', '-').replace('[', '-').rstrip(']')}"[:60]
     create_bucket(moto_url, bucket)
     return S3Store(f"s3://{bucket}/root", env=s3_env(moto_url))
 
@@ -63,9 +61,7 @@ def holder_process(store: Store, moto_url: str | None, lease: float = 120) -> su
             sys.exit(3)
     """)
     env = {**os.environ, **(s3_env(moto_url) if moto_url else {})}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env
-    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
     return proc
 
@@ -109,18 +105,14 @@ def test_s3_lease_is_renewed_while_its_holder_lives(s3: S3Store) -> None:
             hold(s3, "run", 0, lease_seconds=2.5)
 
 
-def test_s3_lease_of_a_killed_holder_on_this_machine_is_taken_over_at_once(
-    s3: S3Store, moto_url: str
-) -> None:
+def test_s3_lease_of_a_killed_holder_on_this_machine_is_taken_over_at_once(s3: S3Store, moto_url: str) -> None:
     proc = holder_process(s3, moto_url)
     with pytest.raises(LockedError) as e:
         hold(s3, "run", 0)
     assert f"pid {proc.pid}" in str(e.value) and "expires at" in str(e.value)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    with hold(
-        s3, "run", 0
-    ) as claim:  # its pid is gone from this machine: no need to wait for expiry
+    with hold(s3, "run", 0) as claim:  # its pid is gone from this machine: no need to wait for expiry
         claim.check()
 
 
@@ -172,9 +164,7 @@ def test_s3_holder_paused_past_its_lease_stops_after_a_takeover(s3: S3Store, mot
     assert "taken over" in out or "could not be renewed" in out
     claim.check()
     holder = bytes(s3.get(lock_key("run", 0)))
-    assert f'"pid": {os.getpid()}'.encode() in holder, (
-        "the woken holder did not remove the new lease"
-    )
+    assert f'"pid": {os.getpid()}'.encode() in holder, "the woken holder did not remove the new lease"
     claim.release()
 
 

@@ -141,9 +141,7 @@ def drop(entry: str):
 )
 def test_the_validator_names_each_inconsistency(change, message):
     raw, body = change()  # no checksums: each case reaches the check it is about
-    with pytest.raises(
-        FormatError, match=f"{NAME}: .*{message.replace('[', '.').replace(']', '.')}"
-    ):
+    with pytest.raises(FormatError, match=f"{NAME}: .*{message.replace('[', '.').replace(']', '.')}"):
         parse_header(with_header(raw, body), NAME)
 
 
@@ -192,9 +190,7 @@ def test_a_flipped_bit_in_any_tensor_is_found_naming_file_and_tensor():
         for at in (start, (start + end) // 2, end - 1):
             bad = bytearray(b)
             bad[at] ^= 0x10
-            with pytest.raises(
-                FormatError, match=f"{NAME}: the bytes of tensor '{name}' do not match"
-            ):
+            with pytest.raises(FormatError, match=f"{NAME}: the bytes of tensor '{name}' do not match"):
                 check_checksums(header, bad)
             with pytest.raises(FormatError, match=f"tensor '{name}'"):
                 decode(bad, NAME, verify_checksums=True)
@@ -268,9 +264,7 @@ def test_fetch_header_is_the_header_parse_header_gives(tmp_path: Path):
 FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
 
@@ -294,8 +288,7 @@ def test_random_bytes_give_a_header_or_a_format_error(b: bytes):
 
 
 @FAST
-@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4),
-       st.integers(-64, 64))  # fmt: skip
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=4), st.integers(-64, 64))
 def test_mutated_bytes_decode_to_the_stored_data_or_a_format_error(edits, resize: int):
     b = bytearray(blob())
     for at, value in edits:
@@ -305,9 +298,11 @@ def test_mutated_bytes_decode_to_the_stored_data_or_a_format_error(edits, resize
 
 
 @FAST
-@given(st.sampled_from(["states", "input_ids", "positions", "__metadata__", "other"]),
-       st.sampled_from(["dtype", "shape", "data_offsets", "checksum.states", "format_version", None]),
-       json_values)  # fmt: skip
+@given(
+    st.sampled_from(["states", "input_ids", "positions", "__metadata__", "other"]),
+    st.sampled_from(["dtype", "shape", "data_offsets", "checksum.states", "format_version", None]),
+    json_values,
+)
 def test_mutated_headers_decode_to_the_stored_data_or_a_format_error(entry, field, value):
     raw, body = split(blob())
     if field is None:

@@ -33,9 +33,7 @@ PUBLISHED = {
 
 def shipped(repo_id: str) -> dict:
     """The shipped config.json of `repo_id` (model_configs/{org}--{name}.json)."""
-    path = resources.files("activault").joinpath(
-        "model_configs", repo_id.replace("/", "--") + ".json"
-    )
+    path = resources.files("activault").joinpath("model_configs", repo_id.replace("/", "--") + ".json")
     return json.loads(path.read_text())
 
 

@@ -10,8 +10,20 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_ruff():
-    out = subprocess.run([sys.executable, "-m", "ruff", "check", "src", "tests", "bench", "scripts", "support", "examples"],
-                         cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "src", "tests", "bench", "scripts", "support", "examples"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_ruff_format():
+    paths = ["src", "tests", "bench", "scripts", "support", "examples"]
+    out = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", *paths], cwd=ROOT, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -41,9 +53,11 @@ def _import_graph() -> tuple[dict[str, set[str]], list[str]]:
                     target = sub if sub in modules else node.module
                     if target in modules and target != name:
                         graph[name].add(target)
-                private += [f"{name}: from {node.module} import {a.name}" for a in node.names
-                            if a.name.startswith("_") and not a.name.startswith("__")
-                            and node.module.startswith("activault")]  # fmt: skip
+                private += [
+                    f"{name}: from {node.module} import {a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__") and node.module.startswith("activault")
+                ]
             elif isinstance(node, ast.Import):
                 graph[name] |= {a.name for a in node.names if a.name in modules and a.name != name}
     return graph, private
@@ -59,7 +73,7 @@ def test_no_import_cycles_and_no_private_imports():
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                cycles.append(path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt])
+                cycles.append(path[path.index(nxt) :] + [nxt] if nxt in path else [node, nxt])
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = 2

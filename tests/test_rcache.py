@@ -52,8 +52,14 @@ def tokens(run: SynthRun, hook: str, names: list[str] | None = None) -> Counter[
 
 
 def triples(s: torch.Tensor, i: torch.Tensor, p: torch.Tensor) -> Counter[bytes]:
-    both = torch.cat([s.reshape(s.shape[0], -1).view(torch.uint8), i.to(torch.int64).view(-1, 1).view(torch.uint8),
-                      p.to(torch.int32).view(-1, 1).view(torch.uint8)], 1)
+    both = torch.cat(
+        [
+            s.reshape(s.shape[0], -1).view(torch.uint8),
+            i.to(torch.int64).view(-1, 1).view(torch.uint8),
+            p.to(torch.int32).view(-1, 1).view(torch.uint8),
+        ],
+        1,
+    )
     return rows(both)
 
 
@@ -79,7 +85,10 @@ def test_shuffle_keeps_ids_and_positions_with_states(run: SynthRun, tmp_path: Pa
     out = list(cache)
     assert [b["states"].shape for b in out] == [(4, 16, 8)] * 6
     assert not torch.equal(torch.cat([b["states"] for b in out]), run.tensor("h1"))
-    got = sum((triples(b["states"].reshape(-1, 8), b["input_ids"].reshape(-1), b["positions"].reshape(-1)) for b in out), Counter())
+    got = sum(
+        (triples(b["states"].reshape(-1, 8), b["input_ids"].reshape(-1), b["positions"].reshape(-1)) for b in out),
+        Counter(),
+    )
     s, i, p = (run.tensor("h1", k) for k in ("states", "input_ids", "positions"))
     assert got == triples(s.reshape(-1, 8), i.reshape(-1), p.reshape(-1))
     again = list(RCache(tmp_path / "run/h1", return_ids=True, shuffle=True, preserve_file_order=False, seed=3))
@@ -128,7 +137,9 @@ def test_ddp_shards_are_disjoint_and_cover(run: SynthRun, tmp_path: Path) -> Non
     assert sorted(seen) == run.names
     got: Counter[bytes] = Counter()
     for rank in range(3):
-        for b in TokenLoader(tmp_path / "run/h1", batch_tokens=16, window=1, rank=rank, world_size=3, drop_last=False, return_ids=True):
+        for b in TokenLoader(
+            tmp_path / "run/h1", batch_tokens=16, window=1, rank=rank, world_size=3, drop_last=False, return_ids=True
+        ):
             got += triples(b["states"], b["input_ids"], b["positions"])
     assert got == tokens(run, "h1")
 
@@ -137,11 +148,16 @@ def test_aligned_hooks(run: SynthRun, tmp_path: Path, local: LocalStore) -> None
     out = list(RCache(tmp_path / "run", hooks=["h1", "h2"], return_ids=True, shuffle=True))
     for h in ("h1", "h2"):
         assert rows(torch.cat([b["states"][h] for b in out]).reshape(-1, 8)) == rows(run.tensor(h).reshape(-1, 8))
-    pair = {bytes(a.view(torch.uint8).numpy()): bytes(b.view(torch.uint8).numpy())
-            for a, b in zip(run.tensor("h1").reshape(-1, 8), run.tensor("h2").reshape(-1, 8), strict=True)}
+    pair = {
+        bytes(a.view(torch.uint8).numpy()): bytes(b.view(torch.uint8).numpy())
+        for a, b in zip(run.tensor("h1").reshape(-1, 8), run.tensor("h2").reshape(-1, 8), strict=True)
+    }
     for b in TokenLoader(tmp_path / "run", hooks=["h1", "h2"], batch_tokens=40, window=2):
         assert b["h1"].shape == b["h2"].shape == (40, 8)
-        assert all(pair[bytes(x.view(torch.uint8).numpy())] == bytes(y.view(torch.uint8).numpy()) for x, y in zip(b["h1"], b["h2"], strict=True))
+        assert all(
+            pair[bytes(x.view(torch.uint8).numpy())] == bytes(y.view(torch.uint8).numpy())
+            for x, y in zip(b["h1"], b["h2"], strict=True)
+        )
     # A file whose tokens differ between hooks is an error naming it.
     name = run.names[1]
     t = dict(run.files["h2"][name])
@@ -204,7 +220,10 @@ def test_legacy_pt(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(0)
     saved = []
     for n in range(2):
-        mb = {"states": torch.randn(3, 5, 4, generator=g).to(torch.bfloat16), "input_ids": torch.randint(0, 9, (3, 5), generator=g)}
+        mb = {
+            "states": torch.randn(3, 5, 4, generator=g).to(torch.bfloat16),
+            "input_ids": torch.randint(0, 9, (3, 5), generator=g),
+        }
         torch.save(mb, folder / f"{uuid.UUID(int=n)}--{n}.pt")
         saved.append(mb)
     out = list(RCache(folder, return_ids=True))
@@ -251,10 +270,13 @@ def test_quick_usage_on_s3(bucket: str, small_ranges: None) -> None:
     cache = S3RCache.from_credentials(
         aws_access_key_id=os.environ["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=os.environ["AWS_SECRET_ACCESS_KEY"],
-        s3_prefix="run_name/hook_name", device=device, return_ids=True)
+        s3_prefix="run_name/hook_name",
+        device=device,
+        return_ids=True,
+    )
     got = []
     for batch in cache:
-        batch["states"]     # [n, seq_len, d_model]
+        batch["states"]  # [n, seq_len, d_model]
         batch["input_ids"]  # [n, seq_len]
         got.append(batch)
     cache.finalize()
@@ -291,7 +313,9 @@ def test_s3_dataloader_workers(bucket: str) -> None:
     assert rows(torch.cat(out)) == rows(run.tensor("h"))
 
 
-def test_cuda_device_without_cuda_is_one_clear_error(run: SynthRun, local: LocalStore, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cuda_device_without_cuda_is_one_clear_error(
+    run: SynthRun, local: LocalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on any machine
     with pytest.raises(ConfigError, match="no usable CUDA device; use device='cpu'"):
         RCache(local.url("run/h1"), device="cuda")

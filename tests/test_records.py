@@ -74,11 +74,28 @@ def test_absent_records_are_none(local: LocalStore):
 VALID = {
     RunRecord: {"run_name": "r", "hooks": ["h"], "num_runs": 2},
     ProgressRecord: {"machine": 1, "num_runs": 2},
-    HookMetadata: {"shape": [4, 16, 8], "dtype": "bfloat16", "d_model": 8, "seq_length": 16,
-                   "batch_size": 2, "batches_per_upload": 2, "rows_per_file": 4, "bytes_per_file": 4096},
-    HookStatistics: {"count": 5, "d_model": 2, "mean": [0.0, 1.0], "std": [1.0, 1.0], "m2": [5.0, 5.0],
-                     "norm": 1.0, "norm_sum": 5.0, "machines": [0, 1], "num_runs": 2},
-}  # fmt: skip
+    HookMetadata: {
+        "shape": [4, 16, 8],
+        "dtype": "bfloat16",
+        "d_model": 8,
+        "seq_length": 16,
+        "batch_size": 2,
+        "batches_per_upload": 2,
+        "rows_per_file": 4,
+        "bytes_per_file": 4096,
+    },
+    HookStatistics: {
+        "count": 5,
+        "d_model": 2,
+        "mean": [0.0, 1.0],
+        "std": [1.0, 1.0],
+        "m2": [5.0, 5.0],
+        "norm": 1.0,
+        "norm_sum": 5.0,
+        "machines": [0, 1],
+        "num_runs": 2,
+    },
+}
 
 
 @pytest.mark.parametrize(
@@ -127,9 +144,14 @@ def test_a_bad_field_is_one_format_error_naming_file_field_and_fix(model, change
 @pytest.mark.parametrize("model", list(VALID))
 @pytest.mark.parametrize(
     "text, message",
-    [("{not json", "is not valid JSON"), ("[1]", "is not a JSON object"), (b"\xff\xfe", "is not valid JSON"),
-     ("[" * 100_000, "is not valid JSON"), ("{}", "is missing")],
-)  # fmt: skip
+    [
+        ("{not json", "is not valid JSON"),
+        ("[1]", "is not a JSON object"),
+        (b"\xff\xfe", "is not valid JSON"),
+        ("[" * 100_000, "is not valid JSON"),
+        ("{}", "is missing"),
+    ],
+)
 def test_garbage_of_any_kind_is_one_format_error(model, text, message):
     if model is ProgressRecord and text == "{}":
         text = '{"machine": 0}'
@@ -158,16 +180,13 @@ def test_a_huge_object_under_a_record_name_is_refused_without_reading_it(tmp_pat
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=16,
 )
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.sampled_from(list(VALID)), st.dictionaries(st.text(max_size=12), json_values, max_size=6),
-       st.booleans())  # fmt: skip
+@given(st.sampled_from(list(VALID)), st.dictionaries(st.text(max_size=12), json_values, max_size=6), st.booleans())
 def test_any_json_gives_a_record_or_a_format_error(model, mutation, start_valid):
     data = {**VALID[model], **mutation} if start_valid else mutation
     try:
@@ -206,9 +225,7 @@ class CountingStore(LocalStore):
 
 def test_merge_reads_each_record_once_and_equals_one_merge(tmp_path: Path):
     n = 12
-    synth = write_synthetic_run(
-        LocalStore(tmp_path, fsync=False), "run", HOOKS, machines=n, files=1
-    )
+    synth = write_synthetic_run(LocalStore(tmp_path, fsync=False), "run", HOOKS, machines=n, files=1)
     store = CountingStore(tmp_path)
     for h in HOOKS:
         store.delete(f"run/{h}/statistics.json")
@@ -225,10 +242,7 @@ def test_merge_skips_another_machines_damaged_record_with_its_repair(local, synt
     local.put_text("run/progress/machine-00001.json", '{"machine": 1, "num_runs": 3, "stats": 5}')
     with caplog.at_level(logging.WARNING):
         assert merge_statistics(local, "run", HOOKS, 3) == [0, 2]
-    assert (
-        "machine-00001.json: field 'stats'" in caplog.text
-        and "rerun machine 1's collect" in caplog.text
-    )
+    assert "machine-00001.json: field 'stats'" in caplog.text and "rerun machine 1's collect" in caplog.text
     assert read_statistics(local, "run/h1").machines == [0, 2]
 
 
@@ -257,11 +271,6 @@ def test_join_run_rebuilds_a_missing_or_damaged_cfg_and_refuses_another_num_runs
 
 
 def test_progress_of_this_machine_damaged_names_the_repair(local, synth):
-    local.put_text(
-        "run/progress/machine-00000.json", '{"machine": 0, "num_runs": 3, "tokens_done": 1.5}'
-    )
-    with pytest.raises(
-        FormatError, match="field 'tokens_done'.*delete .*machine-00000.json and rerun machine 0"
-    ):
-        read_record(local, "run/progress/machine-00000.json", ProgressRecord,
-                    records.redo_machine(local.url("run"), 0))  # fmt: skip
+    local.put_text("run/progress/machine-00000.json", '{"machine": 0, "num_runs": 3, "tokens_done": 1.5}')
+    with pytest.raises(FormatError, match="field 'tokens_done'.*delete .*machine-00000.json and rerun machine 0"):
+        read_record(local, "run/progress/machine-00000.json", ProgressRecord, records.redo_machine(local.url("run"), 0))

@@ -172,8 +172,9 @@ def test_server_restart_during_collection(server, bucket, llama, reference, fast
     assert_same(server, bucket, reference)
 
 
-def test_permanent_error_stops_and_same_command_resumes(server, bucket, llama, reference, fast_retries,
-                                                        monkeypatch) -> None:
+def test_permanent_error_stops_and_same_command_resumes(
+    server, bucket, llama, reference, fast_retries, monkeypatch
+) -> None:
     monkeypatch.setattr(s3mod, "MAX_RETRIES", 2)
     monkeypatch.setattr(s3mod, "RETRY_TIMEOUT", timedelta(seconds=3))
     puts = []
@@ -246,7 +247,9 @@ def test_bad_settings_give_one_clear_message(server, bucket, llama, tmp_path, mo
     rc, err, _ = _cli_collect(tmp_path, llama, "s3://no-such-bucket-x1", monkeypatch, capsys)
     assert rc == 2 and "bucket 'no-such-bucket-x1' does not exist" in err, err
     if server.name == "s3rver":  # moto accepts any credentials; s3rver checks the key id
-        use_env(monkeypatch, {**server.env(), "AWS_ACCESS_KEY_ID": "WRONGKEY", "AWS_SECRET_ACCESS_KEY": "wrong-secret-5a1e"})
+        use_env(
+            monkeypatch, {**server.env(), "AWS_ACCESS_KEY_ID": "WRONGKEY", "AWS_SECRET_ACCESS_KEY": "wrong-secret-5a1e"}
+        )
         rc, err, _ = _cli_collect(tmp_path, llama, f"s3://{bucket}", monkeypatch, capsys)
         assert rc == 2 and "refused" in err and "AWS_SECRET_ACCESS_KEY" in err, err
         assert "wrong-secret-5a1e" not in err
@@ -284,8 +287,9 @@ def moto_run(moto: S3Server, moto_bucket: str) -> tuple[S3Store, Any]:
 
 
 @pytest.mark.parametrize("fault", ["503", "unreachable"])
-def test_tools_say_they_are_retrying_then_end_in_one_message(moto, moto_bucket, moto_run, fault, monkeypatch,
-                                                             caplog, capsys) -> None:
+def test_tools_say_they_are_retrying_then_end_in_one_message(
+    moto, moto_bucket, moto_run, fault, monkeypatch, caplog, capsys
+) -> None:
     """ls, verify and inspect against repeated 503s or a closed port: a retry notice naming what and how
     many attempts, then one error naming the endpoint and the last error, within the env's budget."""
     store, run = moto_run
@@ -297,8 +301,11 @@ def test_tools_say_they_are_retrying_then_end_in_one_message(moto, moto_bucket, 
         endpoint = proxy.url if fault == "503" else f"http://127.0.0.1:{free_port()}"
         monkeypatch.setenv("S3_ENDPOINT_URL", endpoint)
         last = "503 Service Unavailable" if fault == "503" else "Connection refused"
-        for args in (["ls", f"s3://{moto_bucket}/run"], ["verify", f"s3://{moto_bucket}/run"],
-                     ["inspect", f"s3://{moto_bucket}/run/h1/{run.names[0]}"]):
+        for args in (
+            ["ls", f"s3://{moto_bucket}/run"],
+            ["verify", f"s3://{moto_bucket}/run"],
+            ["inspect", f"s3://{moto_bucket}/run/h1/{run.names[0]}"],
+        ):
             caplog.clear()
             rc = cli.main(args)
             err = capsys.readouterr().err
@@ -369,6 +376,8 @@ def test_foreign_keys_and_empty_megabatches_are_named_and_deletable(moto, moto_b
     for e in store.list("run"):
         store.delete(e.key)
     assert moto.objects(moto_bucket) == {}
+
+
 def test_uploads_send_the_object_checksum(moto, moto_bucket) -> None:
     """Each PUT names its body's SHA-256 (x-amz-checksum-sha256): S3 refuses a body that differs."""
     import base64

@@ -32,9 +32,7 @@ def live(names: tuple[str, ...] = DAEMONS) -> dict[int, str]:
 
 
 def slurm_local(cmd: str, **kw) -> subprocess.CompletedProcess[str]:
-    out = subprocess.run(
-        ["bash", str(SLURM_LOCAL), cmd], capture_output=True, text=True, timeout=600, **kw
-    )
+    out = subprocess.run(["bash", str(SLURM_LOCAL), cmd], capture_output=True, text=True, timeout=600, **kw)
     assert out.returncode == 0, f"slurm_local.sh {cmd}:\n{out.stdout}\n{out.stderr}"
     return out
 
@@ -91,9 +89,15 @@ def test_test_sh_ends_what_the_suite_left_running(slurm: None, tmp_path: Path) -
     r, w = os.pipe()
     env = {**os.environ, "SKIP_SETUP": "1", "PYTHON": sys.executable, "CALLER_FD": str(w)}
     env.pop("ACTIVAULT_TEST_RUN", None)
-    out = subprocess.run(["bash", str(ROOT / "scripts" / "test.sh"), str(tmp_path / "test_escape.py"),
-                          "-p", "no:cacheprovider", "-q"], env=env, pass_fds=(w,), cwd=tmp_path,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "test.sh"), str(tmp_path / "test_escape.py"), "-p", "no:cacheprovider", "-q"],
+        env=env,
+        pass_fds=(w,),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     os.close(w)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "ending what the suite left running" in out.stderr

@@ -29,8 +29,15 @@ TIMEOUT = 30
 
 def spawn(args: list[str], env: dict[str, str], cwd: Path) -> pexpect.spawn:
     full = {**os.environ, **env, "TERM": "dumb", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    child = pexpect.spawn(sys.executable, ["-m", "activault", "s3", *args], env=full, cwd=str(cwd),
-                          encoding="utf-8", timeout=TIMEOUT, dimensions=(50, 250))
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "activault", "s3", *args],
+        env=full,
+        cwd=str(cwd),
+        encoding="utf-8",
+        timeout=TIMEOUT,
+        dimensions=(50, 250),
+    )
     return child
 
 
@@ -68,8 +75,12 @@ def history(tmp_path: Path) -> Path:
     return tmp_path / "hist" / "history"
 
 
-def open_shell(root: str, tmp_path: Path, history: Path, env: dict[str, str] | None = None, args: list[str] | None = None) -> Session:
-    child = spawn(["--root", root] if args is None else args, {"ACTIVAULT_HISTORY": str(history), **(env or {})}, tmp_path)
+def open_shell(
+    root: str, tmp_path: Path, history: Path, env: dict[str, str] | None = None, args: list[str] | None = None
+) -> Session:
+    child = spawn(
+        ["--root", root] if args is None else args, {"ACTIVAULT_HISTORY": str(history), **(env or {})}, tmp_path
+    )
     s = Session(child, root)
     child.expect_exact(s.prompt())
     return s
@@ -230,8 +241,14 @@ def test_links_fifos_and_devices_reach_nothing_outside_the_root(local, tmp_path:
     s.run(f"cd run/{HOOKS[0]}", f"run/{HOOKS[0]}")
     out = s.run("ls", f"run/{HOOKS[0]}")
     assert re.search(r"out@\s+link, not followed", out) and re.search(r"fifo\s+FIFO/device", out)
-    for line, why in [("cat file.json", "symbolic link"), ("cat fifo", "FIFO"), ("cd out", "symbolic link"),
-                      ("cd loop", "symbolic link"), ("inspect loop", "symbolic link"), ("cd out/x", "symbolic link")]:
+    for line, why in [
+        ("cat file.json", "symbolic link"),
+        ("cat fifo", "FIFO"),
+        ("cd out", "symbolic link"),
+        ("cd loop", "symbolic link"),
+        ("inspect loop", "symbolic link"),
+        ("cd out/x", "symbolic link"),
+    ]:
         got = s.run(line, f"run/{HOOKS[0]}")
         assert why in got and "secret" not in got and len(got.strip().splitlines()) == 1, (line, got)
     s.child.sendline("rm out loop file.json fifo")
@@ -239,7 +256,9 @@ def test_links_fifos_and_devices_reach_nothing_outside_the_root(local, tmp_path:
     s.child.sendline("y")
     s.child.expect_exact(s.prompt(f"run/{HOOKS[0]}"))
     assert (outside / "secret.json").read_text() == '{"secret": 1}'
-    assert {e.key for e in store.list()} == before - {f"run/{HOOKS[0]}/{n}" for n in ("out", "loop", "file.json", "fifo")}
+    assert {e.key for e in store.list()} == before - {
+        f"run/{HOOKS[0]}/{n}" for n in ("out", "loop", "file.json", "fifo")
+    }
     # A folder holding a link to the run: `rm` of the folder deletes the link, not the run.
     os.symlink(store.root / "run", store.root / "run" / HOOKS[1] / "loop")
     s.run("cd ..", "run")
@@ -297,7 +316,9 @@ def moto() -> Iterator[str]:
 
 
 @pytest.fixture
-def s3(moto: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> tuple[Store, SynthRun, dict[str, str]]:
+def s3(
+    moto: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> tuple[Store, SynthRun, dict[str, str]]:
     bucket = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-")
     create_bucket(moto, bucket)
     env = s3_env(moto)
@@ -354,7 +375,6 @@ def test_s3_shell_rm_and_prefix_root(s3, tmp_path: Path, history: Path) -> None:
     assert bad.exitstatus == 2 and "does not exist" in (bad.before or "")
 
 
-
 @pytest.mark.s3
 def test_s3_shell_names_foreign_keys_and_rm_deletes_them(s3, moto: str, tmp_path: Path, history: Path) -> None:
     """Keys with `..` or an empty part (object_store refuses them) and a zero-byte megabatch: listed,
@@ -362,8 +382,9 @@ def test_s3_shell_names_foreign_keys_and_rm_deletes_them(s3, moto: str, tmp_path
     import boto3
 
     store, run, env = s3
-    client = boto3.client("s3", endpoint_url=moto, region_name="us-east-1", aws_access_key_id="testing",
-                          aws_secret_access_key="testing")
+    client = boto3.client(
+        "s3", endpoint_url=moto, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+    )
     bucket = store.uri.removeprefix("s3://")
     for key in (f"run/{HOOKS[0]}/../x", f"run/{HOOKS[0]}//y"):
         client.put_object(Bucket=bucket, Key=key, Body=b"odd")
@@ -392,13 +413,16 @@ def test_s3_shell_says_it_is_retrying_then_gives_one_line(s3, moto: str, tmp_pat
 
     store, run, env = s3
     with FaultProxy(moto) as proxy:
-        s = open_shell(store.uri, tmp_path, history, env={**env, "S3_ENDPOINT_URL": proxy.url,
-                                                          "ACTIVAULT_S3_RETRY_TIMEOUT": "8"})
+        s = open_shell(
+            store.uri, tmp_path, history, env={**env, "S3_ENDPOINT_URL": proxy.url, "ACTIVAULT_S3_RETRY_TIMEOUT": "8"}
+        )
         proxy.rate, proxy.faults = 1.0, ("503",)
         out = s.run("ls")
         lines = [ln for ln in out.strip().splitlines() if ln.strip()]
         assert len(lines) >= 2 and "Traceback" not in out, out
-        assert all(f"S3 at {proxy.url}: list {store.uri}" in ln and "retrying for up to" in ln for ln in lines[:-1]), out
+        assert all(f"S3 at {proxy.url}: list {store.uri}" in ln and "retrying for up to" in ln for ln in lines[:-1]), (
+            out
+        )
         assert lines[-1].startswith(f"cannot list {store.uri}: the S3 endpoint {proxy.url} failed"), out
         assert "last with: 503 Service Unavailable (SlowDown)" in lines[-1]
         proxy.rate = 0.0  # the store is back: the same shell goes on

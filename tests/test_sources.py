@@ -105,9 +105,7 @@ def expected_docs(tok, data_cfg, **doc_kw) -> list[tuple[list[int], list[bool]]]
         clean_default_system_prompt=getattr(data_cfg, "clean_default_system_prompt", True),
     )
     out = []
-    for doc in iter_documents(
-        spec, seed=data_cfg.seed, shuffle_buffer=data_cfg.shuffle_buffer, **doc_kw
-    ):
+    for doc in iter_documents(spec, seed=data_cfg.seed, shuffle_buffer=data_cfg.shuffle_buffer, **doc_kw):
         ids, keep = encode_document(doc, tok, **clean)
         if any(keep):
             out.append((ids, keep))
@@ -128,14 +126,10 @@ def test_packing_reproduces_every_document(tok, clean, seq_length):
     docs = reassemble(batches, seq_length)
     assert docs == expected_docs(tok, c)
     assert all(len(b.keep) == 4 for b in batches[:-1])
-    width = [
-        int((~b.keep[r] & (b.segment_ids[r] > 0)).sum()) + seq_length
-        for b in batches
-        for r in range(len(b.keep))
-    ]
-    assert [b.input_ids.shape[1] for b in batches] == [
-        max(width[i : i + 4]) for i in range(0, len(width), 4)
-    ], "forward length is seq_length plus the row's cleaned tokens"
+    width = [int((~b.keep[r] & (b.segment_ids[r] > 0)).sum()) + seq_length for b in batches for r in range(len(b.keep))]
+    assert [b.input_ids.shape[1] for b in batches] == [max(width[i : i + 4]) for i in range(0, len(width), 4)], (
+        "forward length is seq_length plus the row's cleaned tokens"
+    )
     if not clean:
         assert all(b.input_ids.shape[1] == seq_length for b in batches)
 
@@ -230,10 +224,7 @@ def test_machines_cover_every_document_once(request, tok, source, num_runs):
     spec = resolve_source(key)
     everything = Counter(doc_key(d) for d in iter_documents(spec))
     shares = [
-        Counter(
-            doc_key(d)
-            for d in iter_documents(spec, machine=m, num_runs=num_runs, shuffle_buffer=16)
-        )
+        Counter(doc_key(d) for d in iter_documents(spec, machine=m, num_runs=num_runs, shuffle_buffer=16))
         for m in range(num_runs)
     ]
     assert sum(shares, Counter()) == everything
@@ -269,9 +260,7 @@ def kept_text(tok, ids, keep) -> str:
 
 def test_plain_text_bos_is_cleaned(tok):
     text = demo_texts()[0]
-    ids, keep = encode_document(
-        text, tok, clean_added_tokens=True, clean_default_system_prompt=True
-    )
+    ids, keep = encode_document(text, tok, clean_added_tokens=True, clean_default_system_prompt=True)
     assert ids[0] == tok.bos_token_id and keep == [False] + [True] * (len(ids) - 1)
     assert kept_text(tok, ids, keep) == text
     _, keep = encode_document(text, tok, clean_added_tokens=False, clean_default_system_prompt=True)
@@ -281,37 +270,25 @@ def test_plain_text_bos_is_cleaned(tok):
 def test_default_system_prompt_is_cleaned_exactly(tok):
     rendered = tok.apply_chat_template(CHAT, tokenize=False)
     assert DEFAULT_SYSTEM in rendered
-    ids, keep = encode_document(
-        CHAT, tok, clean_added_tokens=False, clean_default_system_prompt=True
-    )
+    ids, keep = encode_document(CHAT, tok, clean_added_tokens=False, clean_default_system_prompt=True)
     assert ids == tok(rendered, add_special_tokens=False)["input_ids"]
     assert kept_text(tok, ids, keep) == rendered.replace(DEFAULT_SYSTEM, "")
-    ids, keep = encode_document(
-        CHAT, tok, clean_added_tokens=True, clean_default_system_prompt=True
-    )
+    ids, keep = encode_document(CHAT, tok, clean_added_tokens=True, clean_default_system_prompt=True)
     assert kept_text(tok, ids, keep) == "user\nWhat is a hook?\nassistant\nA callback.\n"
-    ids, keep = encode_document(
-        CHAT, tok, clean_added_tokens=False, clean_default_system_prompt=False
-    )
+    ids, keep = encode_document(CHAT, tok, clean_added_tokens=False, clean_default_system_prompt=False)
     assert all(keep)
 
 
 def test_explicit_system_prompt_is_kept(tok):
     chat = [{"role": "system", "content": "Be brief."}, *CHAT]
-    ids, keep = encode_document(
-        chat, tok, clean_added_tokens=False, clean_default_system_prompt=True
-    )
+    ids, keep = encode_document(chat, tok, clean_added_tokens=False, clean_default_system_prompt=True)
     assert all(keep) and "Be brief." in kept_text(tok, ids, keep)
-    ids, keep = encode_document(
-        chat, tok, clean_added_tokens=True, clean_default_system_prompt=True
-    )
+    ids, keep = encode_document(chat, tok, clean_added_tokens=True, clean_default_system_prompt=True)
     assert kept_text(tok, ids, keep).startswith("system\nBe brief.\nuser\n")
 
 
 def test_llama3_style_default_system_prompt(tok):
-    tok.add_special_tokens(
-        {"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]}
-    )
+    tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
     block = "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n\n<|eot_id|>"
     tok.chat_template = (
         "{{ bos_token }}{% if messages[0]['role'] != 'system' %}"
@@ -321,9 +298,7 @@ def test_llama3_style_default_system_prompt(tok):
     )
     rendered = tok.apply_chat_template(CHAT, tokenize=False)
     assert rendered.startswith("<s>" + block)
-    ids, keep = encode_document(
-        CHAT, tok, clean_added_tokens=False, clean_default_system_prompt=True
-    )
+    ids, keep = encode_document(CHAT, tok, clean_added_tokens=False, clean_default_system_prompt=True)
     assert kept_text(tok, ids, keep) == rendered.replace(block, "")
     chat = [{"role": "system", "content": "Be brief."}, *CHAT]
     _, keep = encode_document(chat, tok, clean_added_tokens=False, clean_default_system_prompt=True)
@@ -339,9 +314,7 @@ def test_template_without_default_system_is_untouched(tok):
 def test_failing_template_falls_back_with_a_warning(tok, caplog):
     tok.chat_template = "{{ raise_exception('no chats here') }}"
     with caplog.at_level(logging.WARNING, logger="activault.collection.packing"):
-        ids, keep = encode_document(
-            CHAT, tok, clean_added_tokens=True, clean_default_system_prompt=True
-        )
+        ids, keep = encode_document(CHAT, tok, clean_added_tokens=True, clean_default_system_prompt=True)
     assert "no chats here" in caplog.text
     assert kept_text(tok, ids, keep) == "user: What is a hook?\n\nassistant: A callback."
 
@@ -478,10 +451,7 @@ def test_packaged_registry():
     assert specs["edu"].kind == "text" and specs["edu"].name == "sample-100BT"
     assert all(s.kind == "chat" for k, s in specs.items() if k != "edu")
     assert specs["lmsys"].filters == {"language": "English"}
-    assert (
-        specs["infinity-instruct"].name == "0625"
-        and specs["infinity-instruct"].messages == "conversations"
-    )
+    assert specs["infinity-instruct"].name == "0625" and specs["infinity-instruct"].messages == "conversations"
 
 
 def test_custom_registry_columns_templates_and_filters(tmp_path, tok):

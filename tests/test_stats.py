@@ -1,6 +1,5 @@
 """Exact mergeable statistics against numpy float64."""
 
-
 from __future__ import annotations
 
 import json

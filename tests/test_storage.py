@@ -1,6 +1,5 @@
 """Storage: local store atomicity, write errors, URIs."""
 
-
 from __future__ import annotations
 
 import errno
@@ -45,7 +44,6 @@ def test_open_store_by_uri(tmp_path):
     assert open_store("s3://bucket/some/prefix").url("k") == "s3://bucket/some/prefix/k"
 
 
-
 # ---- links, FIFOs and devices: nothing outside the root is reachable ----
 
 
@@ -68,19 +66,34 @@ def hostile(tmp_path):
 def test_local_store_lists_links_and_special_files_as_such(hostile):
     store, _ = hostile
     kinds = {e.key: e.kind for e in store.list("run")}
-    assert kinds == {"run/cfg.json": "file", "run/h/a.bin": "file", "run/h/file.json": "link",
-                     "run/h/fifo": "special", "run/h/loop": "link", "run/h/out": "link"}
+    assert kinds == {
+        "run/cfg.json": "file",
+        "run/h/a.bin": "file",
+        "run/h/file.json": "link",
+        "run/h/fifo": "special",
+        "run/h/loop": "link",
+        "run/h/out": "link",
+    }
     dirs, files = store.list_dir("run/h")
     assert dirs == [] and {e.key.rsplit("/", 1)[-1]: e.kind for e in files} == {
-        "a.bin": "file", "file.json": "link", "fifo": "special", "loop": "link", "out": "link"}
+        "a.bin": "file",
+        "file.json": "link",
+        "fifo": "special",
+        "loop": "link",
+        "out": "link",
+    }
     assert all(e.size == 0 for e in files if e.kind != "file")
 
 
 @pytest.mark.parametrize("key", ["run/h/out/secret.json", "run/h/loop/cfg.json", "run/h/file.json", "run/h/out"])
 def test_local_store_never_reads_through_a_link(hostile, key):
     store, _ = hostile
-    for call in (lambda: store.get(key), lambda: store.get_range(key, 0, 4), lambda: store.size(key),
-                 lambda: store.read_into(key, 0, memoryview(bytearray(4)))):
+    for call in (
+        lambda: store.get(key),
+        lambda: store.get_range(key, 0, 4),
+        lambda: store.size(key),
+        lambda: store.read_into(key, 0, memoryview(bytearray(4))),
+    ):
         with pytest.raises(StorageError, match="symbolic link"):
             call()
     with pytest.raises(StorageError, match="symbolic link"):
@@ -89,8 +102,11 @@ def test_local_store_never_reads_through_a_link(hostile, key):
 
 def test_local_store_fifo_is_refused_without_blocking(hostile):
     store, _ = hostile
-    for call in (lambda: store.get("run/h/fifo"), lambda: store.size("run/h/fifo"),
-                 lambda: store.get_range("run/h/fifo", 0, 8)):
+    for call in (
+        lambda: store.get("run/h/fifo"),
+        lambda: store.size("run/h/fifo"),
+        lambda: store.get_range("run/h/fifo", 0, 8),
+    ):
         with pytest.raises(StorageError, match="not a regular file"):
             call()
     with pytest.raises(StorageError, match="not a regular file"):

@@ -48,12 +48,7 @@ def test_abandoned_readers_exit_silently(run: SynthRun, tmp_path: Path, how: str
 
 def test_order_per_epoch_and_rank(run: SynthRun, tmp_path: Path) -> None:
     def order(epoch: int, **kw: int) -> list[str]:
-        return [
-            f.name
-            for f in FileStream(tmp_path / "run/h1", preserve_file_order=False, seed=4, **kw).order(
-                epoch
-            )
-        ]
+        return [f.name for f in FileStream(tmp_path / "run/h1", preserve_file_order=False, seed=4, **kw).order(epoch)]
 
     assert sorted(order(0)) == run.names and order(0) != order(1) and order(0) == order(0)
     shards = [order(2, rank=r, world_size=4) for r in range(4)]

@@ -37,12 +37,18 @@ def test_resume_token_loader(run: SynthRun, tmp_path: Path, stop_after: int) -> 
 
 
 def test_token_loader_covers_kept_tokens(run: SynthRun, tmp_path: Path) -> None:
-    out = list(TokenLoader(tmp_path / "run/h1", batch_tokens=32, window=3, return_ids=True, drop_last=False, drop_positions_below=2))
+    out = list(
+        TokenLoader(
+            tmp_path / "run/h1", batch_tokens=32, window=3, return_ids=True, drop_last=False, drop_positions_below=2
+        )
+    )
     assert all(b["states"].shape == (32, 8) for b in out[:-1])
     s, i, p = (torch.cat([b[k] for b in out]) for k in ("states", "input_ids", "positions"))
     assert p.min() >= 2
     want = tokens(run, "h1")
-    assert triples(s, i, p) == Counter({k: v for k, v in want.items() if int.from_bytes(k[-4:], "little", signed=True) >= 2})
+    assert triples(s, i, p) == Counter(
+        {k: v for k, v in want.items() if int.from_bytes(k[-4:], "little", signed=True) >= 2}
+    )
     full = list(TokenLoader(tmp_path / "run/h1", batch_tokens=32, window=3, drop_positions_below=2))
     assert len(full) == len(out) - 1  # drop_last
 
@@ -59,7 +65,9 @@ def test_dataloader_workers(run: SynthRun, tmp_path: Path) -> None:
 
 def test_normalisation_matches_statistics(run: SynthRun, tmp_path: Path) -> None:
     target = 8**0.5
-    out = torch.cat(list(TokenLoader(tmp_path / "run/h2", batch_tokens=50, center=True, norm_target=target, drop_last=False)))
+    out = torch.cat(
+        list(TokenLoader(tmp_path / "run/h2", batch_tokens=50, center=True, norm_target=target, drop_last=False))
+    )
     assert out.dtype == torch.float32
     raw = run.tensor("h2").reshape(-1, 8)[run.tensor("h2", "positions").reshape(-1) >= 0].double()
     assert torch.allclose(out.double().mean(0), torch.zeros(8, dtype=torch.float64), atol=1e-5)
@@ -74,9 +82,7 @@ def test_normalisation_matches_statistics(run: SynthRun, tmp_path: Path) -> None
 def flat_tokens(batches: list[dict[str, torch.Tensor]]) -> list[bytes]:
     """Each token of the batches as bytes (state, id, position), in stream order."""
     s, i, p = (torch.cat([b[k] for b in batches]) for k in ("states", "input_ids", "positions"))
-    both = torch.cat(
-        [s.view(torch.uint8), i.view(-1, 1).view(torch.uint8), p.view(-1, 1).view(torch.uint8)], 1
-    )
+    both = torch.cat([s.view(torch.uint8), i.view(-1, 1).view(torch.uint8), p.view(-1, 1).view(torch.uint8)], 1)
     return [bytes(r.numpy()) for r in both]
 
 
@@ -85,9 +91,7 @@ def test_loop_runs_epochs_back_to_back_and_resumes_exactly(run: SynthRun, tmp_pa
     # One token per batch: the stream in its shuffled order (larger batches sort their tokens).
     one = TokenLoader(tmp_path / "run/h1", batch_tokens=1, **opts)
     epochs = [flat_tokens(list(one)) for _ in range(3)]  # each epoch in its own order
-    assert len({tuple(e) for e in epochs}) == 3 and all(
-        Counter(e) == Counter(epochs[0]) for e in epochs
-    )
+    assert len({tuple(e) for e in epochs}) == 3 and all(Counter(e) == Counter(epochs[0]) for e in epochs)
     per_epoch = len(epochs[0])
     assert per_epoch % 20 != 0  # so batches straddle epoch boundaries
     n = 3 * per_epoch // 20
@@ -120,9 +124,7 @@ def test_loop_without_tokens_is_an_error(run: SynthRun, tmp_path: Path) -> None:
         next(iter(loader))
 
 
-def test_dropped_tail_is_counted_and_logged(
-    run: SynthRun, tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_dropped_tail_is_counted_and_logged(run: SynthRun, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     kept = sum(tokens(run, "h1").values())
     with caplog.at_level(logging.INFO, logger="activault.reading.tokens"):
         loader = TokenLoader(tmp_path / "run/h1", batch_tokens=32, window=3)

@@ -26,16 +26,10 @@ def vault(tmp_path: Path) -> tuple[LocalStore, SynthRun]:
 def test_verify_clean_run_is_ok(vault, capsys) -> None:
     store, run = vault
     rc, out, _ = run_cli(["verify", str(store.root / "run")], capsys)
-    assert (
-        rc == 0 and out.startswith("OK") and "2 hooks, 4 files" in out and "machines [0, 1]" in out
-    )
+    assert rc == 0 and out.startswith("OK") and "2 hooks, 4 files" in out and "machines [0, 1]" in out
     assert f"{run.stats[HOOKS[0]].count:,} tokens" in out and "verify --deep" in out
     rc, out, _ = run_cli(["verify", "--deep", str(store.root / "run")], capsys)
-    assert (
-        rc == 0
-        and "checksums checked" in out
-        and "checksums verified in 8 of 8 readable files" in out
-    )
+    assert rc == 0 and "checksums checked" in out and "checksums verified in 8 of 8 readable files" in out
 
 
 def problems_of(store: LocalStore, deep: bool = False) -> list[str]:
@@ -50,9 +44,7 @@ def test_verify_finds_a_file_deleted_in_one_hook(vault, capsys) -> None:
     store, run = vault
     store.delete(f"run/{HOOKS[1]}/{run.names[2]}")
     problems = problems_of(store)
-    assert any(
-        HOOKS[1] in p and "missing" in p and run.names[2] in p and redo(1) in p for p in problems
-    )
+    assert any(HOOKS[1] in p and "missing" in p and run.names[2] in p and redo(1) in p for p in problems)
     rc, out, _ = run_cli(["verify", str(store.root / "run")], capsys)
     assert rc == 1 and run.names[2] in out and "problem" in out
 
@@ -62,9 +54,7 @@ def test_verify_finds_a_truncated_file(vault) -> None:
     key = f"run/{HOOKS[0]}/{run.names[1]}"
     store.put(key, bytes(store.get(key))[:-100])
     problems = problems_of(store)
-    assert any(
-        f"{HOOKS[0]}/{run.names[1]}" in p and "truncated" in p and redo(0) in p for p in problems
-    ), problems
+    assert any(f"{HOOKS[0]}/{run.names[1]}" in p and "truncated" in p and redo(0) in p for p in problems), problems
 
 
 def test_verify_finds_mismatched_ids(vault) -> None:
@@ -75,9 +65,7 @@ def test_verify_finds_mismatched_ids(vault) -> None:
     store.put(f"run/{HOOKS[1]}/{run.names[3]}", fmt.encode(t, {"hook": HOOKS[1]}))
     (problem,) = problems_of(store)
     assert (
-        problem.startswith(
-            f"{HOOKS[1]}/{run.names[3]}: token ids or positions differ from {HOOKS[0]}/{run.names[3]}; "
-        )
+        problem.startswith(f"{HOOKS[1]}/{run.names[3]}: token ids or positions differ from {HOOKS[0]}/{run.names[3]}; ")
         and redo(1) in problem
     )
 
@@ -92,9 +80,7 @@ def test_verify_finds_missing_or_wrong_statistics(vault) -> None:
     stats["machines"] = [0]
     store.put_text(f"run/{HOOKS[1]}/statistics.json", json.dumps(stats))
     problems = problems_of(store)
-    assert any("statistics.json counts" in p for p in problems) and any(
-        "covers machines [0]" in p for p in problems
-    )
+    assert any("statistics.json counts" in p for p in problems) and any("covers machines [0]" in p for p in problems)
 
 
 def test_a_file_of_another_dtype_is_named_not_metadata(vault) -> None:
@@ -103,9 +89,7 @@ def test_a_file_of_another_dtype_is_named_not_metadata(vault) -> None:
     t["states"] = t["states"].float()
     store.put(f"run/{HOOKS[0]}/{run.names[0]}", fmt.encode(t, {}))
     (problem,) = problems_of(store)
-    assert problem.startswith(
-        f"{HOOKS[0]}/{run.names[0]}: states are [rows, 16, 8] float32, most files"
-    )
+    assert problem.startswith(f"{HOOKS[0]}/{run.names[0]}: states are [rows, 16, 8] float32, most files")
     assert redo(0) in problem
 
 
@@ -116,9 +100,7 @@ def test_metadata_that_disagrees_with_every_file_is_named_as_the_broken_part(vau
     meta["shape"][2] = 9
     store.put_text(f"run/{HOOKS[1]}/metadata.json", json.dumps(meta))
     (problem,) = problems_of(store)
-    assert problem.startswith(
-        f"{HOOKS[1]}/metadata.json says [rows, 16, 9] bfloat16, the files hold [rows, 16, 8]"
-    )
+    assert problem.startswith(f"{HOOKS[1]}/metadata.json says [rows, 16, 9] bfloat16, the files hold [rows, 16, 8]")
     assert "metadata.json is out of date, not the files" in problem and REBUILD in problem
 
 
@@ -140,9 +122,7 @@ def test_metadata_that_disagrees_with_every_file_is_named_as_the_broken_part(vau
         ),
     ],
 )
-def test_damaged_records_are_named_with_file_field_and_repair(
-    vault, capsys, record, text, message
-) -> None:
+def test_damaged_records_are_named_with_file_field_and_repair(vault, capsys, record, text, message) -> None:
     store, _ = vault
     store.put_text(f"run/{record}", text)
     problems = problems_of(store)
@@ -166,9 +146,7 @@ def test_deep_verify_finds_a_single_flipped_bit_in_states(vault, capsys) -> None
     store.put(key, bytes(b))
     assert problems_of(store) == []  # headers, ids and positions are intact
     (problem,) = problems_of(store, deep=True)
-    assert problem.startswith(
-        f"{HOOKS[1]}/{run.names[2]}: the bytes of tensor 'states' do not match"
-    )
+    assert problem.startswith(f"{HOOKS[1]}/{run.names[2]}: the bytes of tensor 'states' do not match")
     assert redo(1) in problem
     rc, out, _ = run_cli(["verify", "--deep", str(store.root / "run")], capsys)
     assert rc == 1 and "checksums verified in 7 of 7 readable files" in out
@@ -191,14 +169,9 @@ def test_deep_verify_counts_tokens_with_nan_or_inf_per_hook(vault, capsys) -> No
     t["states"][0, 0, 0] = float("nan")
     t["states"][0, 0, 1] = float("inf")  # the same token: counted once
     t["states"][1, 2, 3] = float("-inf")
-    store.put(
-        f"run/{HOOKS[0]}/{run.names[1]}", fmt.encode(t, header_metadata("run", HOOKS[0], 0, 1, "s"))
-    )
+    store.put(f"run/{HOOKS[0]}/{run.names[1]}", fmt.encode(t, header_metadata("run", HOOKS[0], 0, 1, "s")))
     v = verify_run(store, "run", deep=True)
-    assert (
-        v.problems == []
-        and f"{HOOKS[0]}: 2 token(s) with NaN or Inf in 1 file(s), e.g. {run.names[1]}" in v.notes
-    )
+    assert v.problems == [] and f"{HOOKS[0]}: 2 token(s) with NaN or Inf in 1 file(s), e.g. {run.names[1]}" in v.notes
     assert not any(HOOKS[1] in n and "NaN" in n for n in v.notes)
     assert torch.isnan(t["states"]).any()  # (the file really holds them)
 
@@ -216,7 +189,8 @@ def test_verify_names_foreign_objects_and_checks_the_rest(vault, tmp_path: Path,
     problems = problems_of(store)
     assert sorted(problems) == [
         f"{HOOKS[0]}/fifo: foreign object (a FIFO, device or socket), skipped; delete it (`rm` in `activault s3`)",
-        f"{HOOKS[0]}/loop: foreign object (a symbolic link, never followed), skipped; delete it (`rm` in `activault s3`)",
+        f"{HOOKS[0]}/loop: foreign object (a symbolic link, never "
+        "followed), skipped; delete it (`rm` in `activault s3`)",
         f"{HOOKS[0]}/m00009-000000.safetensors: foreign object (0 bytes, too short for a megabatch), skipped; "
         "delete it (`rm` in `activault s3`)",
         f"{HOOKS[0]}/m00009-000001.safetensors: foreign object (a symbolic link, never followed), skipped; "

@@ -42,8 +42,10 @@ def test_pool_bounds_memory_and_blocks_producer(tmp_path):
     # 6 writes through 2 buffers take at least 3 rounds of the store's delay; unbounded would take ~1.
     assert time.perf_counter() - t0 >= 0.28
     for i in range(6):
-        assert torch.equal(torch.frombuffer(bytearray((tmp_path / f"f{i}").read_bytes()), dtype=torch.float32),
-                           torch.full((16,), float(i)))
+        assert torch.equal(
+            torch.frombuffer(bytearray((tmp_path / f"f{i}").read_bytes()), dtype=torch.float32),
+            torch.full((16,), float(i)),
+        )
 
 
 def test_failed_write_is_raised_and_commit_skipped(tmp_path):

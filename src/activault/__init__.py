@@ -2,7 +2,17 @@
 
 from activault.version import __version__
 
-__all__ = ["ActivationDataset", "Config", "RCache", "S3RCache", "TokenLoader", "__version__", "collect", "load_config", "open_store"]
+__all__ = [
+    "ActivationDataset",
+    "Config",
+    "RCache",
+    "S3RCache",
+    "TokenLoader",
+    "__version__",
+    "collect",
+    "load_config",
+    "open_store",
+]
 
 
 def __getattr__(name: str):

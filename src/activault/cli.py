@@ -75,17 +75,35 @@ def _end(args: argparse.Namespace) -> int:
 def _launch_ray(args: argparse.Namespace) -> int:
     from activault.tools.launch import launch_ray, parse_env, parse_resources
 
-    results = launch_ray(args.config, args.n, args.start, _end(args), address=args.address,
-                         resources=parse_resources(args.resources), env=parse_env(args.env),
-                         storage=args.storage, wait=args.wait, results_path=args.results)  # fmt: skip
+    results = launch_ray(
+        args.config,
+        args.n,
+        args.start,
+        _end(args),
+        address=args.address,
+        resources=parse_resources(args.resources),
+        env=parse_env(args.env),
+        storage=args.storage,
+        wait=args.wait,
+        results_path=args.results,
+    )
     return 1 if any(r["status"] == "failed" for r in results) else 0
 
 
 def _launch_slurm(args: argparse.Namespace) -> int:
     from activault.tools.launch import submit_slurm, wait_slurm
 
-    jobs = submit_slurm(args.config, args.n, args.start, _end(args), script=args.script, array=args.array,
-                        max_parallel=args.max_parallel, sbatch_args=args.sbatch_arg, log_dir=args.log_dir)  # fmt: skip
+    jobs = submit_slurm(
+        args.config,
+        args.n,
+        args.start,
+        _end(args),
+        script=args.script,
+        array=args.array,
+        max_parallel=args.max_parallel,
+        sbatch_args=args.sbatch_arg,
+        log_dir=args.log_dir,
+    )
     for m, j in jobs.items():
         print(f"{m} | {j}")
     if args.wait:
@@ -116,9 +134,16 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
         k.add_argument("--wait", action="store_true", help="wait for the machines and report each one's result")
         if name == "ray":
             k.add_argument("--address", default=None, help="Ray cluster address (default: auto-detect or start local)")
-            k.add_argument("--resources", default=None, help='per-worker resources as JSON, e.g. \'{"CPU": 8, "GPU": 1}\'')
-            k.add_argument("--env", action="append", default=None, metavar="NAME[=VALUE]",
-                           help="environment variable for the workers (NAME alone passes this one's value)")
+            k.add_argument(
+                "--resources", default=None, help='per-worker resources as JSON, e.g. \'{"CPU": 8, "GPU": 1}\''
+            )
+            k.add_argument(
+                "--env",
+                action="append",
+                default=None,
+                metavar="NAME[=VALUE]",
+                help="environment variable for the workers (NAME alone passes this one's value)",
+            )
             k.add_argument("--storage", default=None, help="override the destination (as for collect)")
             k.add_argument("--results", default=None, help="results JSON (default logs/ray_results_TIME.json)")
             k.set_defaults(func=_launch_ray)
@@ -126,8 +151,13 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
             k.add_argument("--script", default=None, help="the batch script (default: the packaged collect.slurm)")
             k.add_argument("--array", action="store_true", help="submit one job array instead of one job per machine")
             k.add_argument("--max-parallel", type=int, default=None, help="with --array: at most this many at once")
-            k.add_argument("--sbatch-arg", action="append", default=None, metavar="ARG",
-                           help="extra sbatch option, e.g. --sbatch-arg=--partition=gpu (repeatable)")
+            k.add_argument(
+                "--sbatch-arg",
+                action="append",
+                default=None,
+                metavar="ARG",
+                help="extra sbatch option, e.g. --sbatch-arg=--partition=gpu (repeatable)",
+            )
             k.add_argument("--log-dir", default="logs", help="job output and machine -> job id log (default logs)")
             k.set_defaults(func=_launch_slurm)
 
@@ -141,17 +171,25 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("collect", help="collect activations as a config says")
     c.add_argument("--config", required=True, help="YAML config (see configs/README.md)")
     c.add_argument("--machine", type=int, default=0, help="this machine's index, 0 <= i < num_runs")
-    c.add_argument("--storage", default=None, help="override the destination: PATH, file://PATH or s3://BUCKET[/PREFIX]")
+    c.add_argument(
+        "--storage", default=None, help="override the destination: PATH, file://PATH or s3://BUCKET[/PREFIX]"
+    )
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_collect)
 
     d = sub.add_parser("demo", help="offline demo: tiny model, local store, read back")
     d.add_argument("--storage", default="./vault", help="local store folder (default ./vault)")
-    d.add_argument("--keep", default=None, metavar="DIR",
-                   help="leave the tiny model, tokenizer, corpus and a config in DIR to start your own run from")
+    d.add_argument(
+        "--keep",
+        default=None,
+        metavar="DIR",
+        help="leave the tiny model, tokenizer, corpus and a config in DIR to start your own run from",
+    )
     d.set_defaults(func=_demo)
     sh = sub.add_parser("s3", help="interactive shell on the bucket $S3_BUCKET_NAME, or on --root")
-    sh.add_argument("--root", default=None, help="s3://BUCKET[/PREFIX] or a local store folder (default s3://$S3_BUCKET_NAME)")
+    sh.add_argument(
+        "--root", default=None, help="s3://BUCKET[/PREFIX] or a local store folder (default s3://$S3_BUCKET_NAME)"
+    )
     sh.set_defaults(func=_shell)
 
     ls = sub.add_parser("ls", help="list runs, hooks and files under a URI")
@@ -166,8 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ver = sub.add_parser("verify", help="check a stored run; exits 1 and lists the problems if any")
     ver.add_argument("uri", help="the run folder: PATH/RUN or s3://BUCKET[/PREFIX]/RUN")
-    ver.add_argument("--deep", action="store_true",
-                     help="read every file whole: check each tensor's checksum, count NaN/Inf per hook")
+    ver.add_argument(
+        "--deep",
+        action="store_true",
+        help="read every file whole: check each tensor's checksum, count NaN/Inf per hook",
+    )
     ver.set_defaults(func=_verify)
 
     st = sub.add_parser("stats", help="a hook's statistics; --plot draws mean, std and token norms")
@@ -193,8 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     rc = sub.add_parser("recompress", help="store a run's files with another codec, in place, verified, resumable")
     rc.add_argument("run_uri", help="the run folder: PATH/RUN or s3://BUCKET[/PREFIX]/RUN")
-    rc.add_argument("--compression", required=True, choices=["none", "zstd", "fp8"],
-                    help="zstd: lossless; fp8: LOSSY (e4m3, a scale per token); none: back to raw")
+    rc.add_argument(
+        "--compression",
+        required=True,
+        choices=["none", "zstd", "fp8"],
+        help="zstd: lossless; fp8: LOSSY (e4m3, a scale per token); none: back to raw",
+    )
     rc.add_argument("--level", type=int, default=None, help="zstd level (default 1, as for collect)")
     rc.add_argument("--chunk-kib", type=int, default=None, help="raw KiB per compressed chunk (default 4096)")
     rc.add_argument("--threads", type=int, default=2, help="files converted at once (default 2)")

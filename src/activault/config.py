@@ -194,9 +194,7 @@ class Config(_Section):
 def check_machine(machine: int, num_runs: int, flag: str = "--machine") -> None:
     """Refuse a machine index outside 0..num_runs-1, naming the range."""
     if not 0 <= machine < num_runs:
-        raise ConfigError(
-            f"{flag} {machine} is out of range: num_runs is {num_runs}, so use 0..{num_runs - 1}"
-        )
+        raise ConfigError(f"{flag} {machine} is out of range: num_runs is {num_runs}, so use 0..{num_runs - 1}")
 
 
 def _format_error(e: ValidationError, source: str) -> ConfigError:

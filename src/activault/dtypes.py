@@ -9,16 +9,32 @@ if TYPE_CHECKING:
 
 # What a user may write in a config -> the canonical name.
 ALIASES = {
-    "float32": "float32", "fp32": "float32", "torch.float32": "float32", "float": "float32",
-    "float16": "float16", "fp16": "float16", "half": "float16", "torch.float16": "float16",
-    "bfloat16": "bfloat16", "bf16": "bfloat16", "torch.bfloat16": "bfloat16",
+    "float32": "float32",
+    "fp32": "float32",
+    "torch.float32": "float32",
+    "float": "float32",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+    "torch.float16": "float16",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "torch.bfloat16": "bfloat16",
     "auto": "auto",
-}  # fmt: skip
+}
 # Canonical name -> safetensors code, for every dtype a megabatch may hold.
 CODES = {
-    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16",
-    "int64": "I64", "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL",
-}  # fmt: skip
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
 
 
 def canonical(name: str) -> str | None:
@@ -39,7 +55,7 @@ def to_torch(name: str) -> torch.dtype:
 
 
 def name(dtype: torch.dtype) -> str:
-    """"torch.bfloat16" -> "bfloat16"."""
+    """ "torch.bfloat16" -> "bfloat16"."""
     return str(dtype).removeprefix("torch.")
 
 

@@ -6,9 +6,23 @@ from typing import Any
 
 # Families whose checkpoints are encoders (bidirectional attention) unless config.is_decoder.
 ENCODER_TYPES = {
-    "bert", "roberta", "xlm-roberta", "xlm-roberta-xl", "distilbert", "albert", "electra", "camembert",
-    "deberta", "deberta-v2", "mpnet", "modernbert", "ernie", "nomic_bert", "megatron-bert", "esm",
-}  # fmt: skip
+    "bert",
+    "roberta",
+    "xlm-roberta",
+    "xlm-roberta-xl",
+    "distilbert",
+    "albert",
+    "electra",
+    "camembert",
+    "deberta",
+    "deberta-v2",
+    "mpnet",
+    "modernbert",
+    "ernie",
+    "nomic_bert",
+    "megatron-bert",
+    "esm",
+}
 
 
 def text_config(config: Any) -> Any:

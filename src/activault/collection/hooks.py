@@ -33,9 +33,7 @@ _ALIASES: dict[str, list[tuple[str, str]]] = {
     ],
 }
 _ALIAS_WORDS = {"self_attn": "attn", "attn": "attn", "attention": "attn", "mlp": "mlp"}
-_BLOCK_NAME = re.compile(
-    r"^models\.layers\.(-?\d+)(?:\.(self_attn|attn|attention|mlp))?\.(pre|post)$"
-)
+_BLOCK_NAME = re.compile(r"^models\.layers\.(-?\d+)(?:\.(self_attn|attn|attention|mlp))?\.(pre|post)$")
 
 
 @dataclass(frozen=True)
@@ -108,8 +106,12 @@ def closest_names(model: nn.Module, name: str, n: int = 3) -> list[str]:
     """The valid hook names nearest to a mistyped one (our block names and every module path)."""
     blocks_path, blocks = find_blocks(model)
     words = [w for w in ("self_attn", "mlp") if _alias(blocks[0], w, "post") is not None]
-    ours = [f"models.layers.{i}.{w}{k}" for i in range(len(blocks)) for w in ["", *(x + "." for x in words)]
-            for k in ("pre", "post")]  # fmt: skip
+    ours = [
+        f"models.layers.{i}.{w}{k}"
+        for i in range(len(blocks))
+        for w in ["", *(x + "." for x in words)]
+        for k in ("pre", "post")
+    ]
     paths = [f"{m}.{k}" for m, _ in model.named_modules() if m for k in ("pre", "post")]
     return difflib.get_close_matches(name, ours + paths, n=n, cutoff=0.6)
 
@@ -149,9 +151,7 @@ def resolve_hooks(model: nn.Module, names: list[str]) -> list[HookPoint]:
             continue
         path, dot, suffix = name.rpartition(".")
         if not dot or suffix not in ("pre", "post"):
-            raise _unknown(
-                model, name, "a hook name ends in '.pre' (module input) or '.post' (module output)"
-            )
+            raise _unknown(model, name, "a hook name ends in '.pre' (module input) or '.post' (module output)")
         kind = "pre" if suffix == "pre" else "post"
         path, block = _normalize_path(path, blocks_path, n, name)
         if path not in modules:
@@ -229,9 +229,7 @@ def attention_inputs(model: nn.Module, segment_ids: torch.Tensor) -> Any:
         return None
     dtype = _input_weight(model).dtype
     causal = is_causal_lm(config)
-    masks = {
-        t: packed_attention_mask(segment_ids, causal, dtype, w) for t, w in attention_windows(config).items()
-    }
+    masks = {t: packed_attention_mask(segment_ids, causal, dtype, w) for t, w in attention_windows(config).items()}
     return next(iter(masks.values())) if len(masks) == 1 else masks
 
 

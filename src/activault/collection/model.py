@@ -195,9 +195,7 @@ def truncate(model: nn.Module, specs: list[HookPoint]) -> nn.Module:
     hooked = [s.module for s in specs]
     if head is not None and not isinstance(head, nn.Identity):
         name = next(n for n, m in model.named_modules() if m is head)
-        if not any(
-            h == name or h.startswith(name + ".") or name.startswith(h + ".") for h in hooked
-        ):
+        if not any(h == name or h.startswith(name + ".") or name.startswith(h + ".") for h in hooked):
             # With tied embeddings the weight stays alive through the input embedding: only the
             # head module goes, the shared Parameter is untouched.
             parent_path, _, attr = name.rpartition(".")

@@ -85,10 +85,7 @@ def _default_system_span(tokenizer) -> tuple[str, int, int] | None:
         "AVPROBEUSERTWO",
         "AVPROBEASSISTANTTWO",
     )
-    conv = [
-        {"role": r, "content": c}
-        for r, c in zip(["user", "assistant"] * 2, [u1, a1, u2, a2], strict=True)
-    ]
+    conv = [{"role": r, "content": c} for r, c in zip(["user", "assistant"] * 2, [u1, a1, u2, a2], strict=True)]
     try:
         full = tokenizer.apply_chat_template(conv, tokenize=False)
         short = tokenizer.apply_chat_template(conv[:2], tokenize=False)
@@ -190,9 +187,7 @@ _Encoded = tuple[int, list[int], list[bool], list[int], int]
 class _Packer:
     """Cuts rows of exactly `seq_length` kept tokens out of a stream of encoded documents."""
 
-    def __init__(
-        self, docs: Iterable[Doc], encoder: _Encoder, first: int, offset: int, bad: BadRecords
-    ):
+    def __init__(self, docs: Iterable[Doc], encoder: _Encoder, first: int, offset: int, bad: BadRecords):
         self.docs_seen = first  # documents pulled from the stream, empty ones included
         self.bad = bad
         self.stream = self._encoded(iter(docs), encoder)
@@ -297,7 +292,11 @@ def iter_batches(
 
 
 def _batches(
-    docs: Iterator[Doc], encoder: _Encoder, state: DataState, seq_length: int, batch_size: int,
+    docs: Iterator[Doc],
+    encoder: _Encoder,
+    state: DataState,
+    seq_length: int,
+    batch_size: int,
     bad: BadRecords,
 ) -> Iterator[Batch]:
     if state.exhausted:

@@ -55,7 +55,6 @@ from activault.version import __version__
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class Result:
     """What a collection wrote."""
@@ -150,8 +149,11 @@ class _Job:
         result = Result(destination=store.url(run), files_planned=plan.files)
         if progress.finished:
             self._records(progress)
-            log.info("machine %d already finished (%d files); its records are checked and "
-                     "statistics merged", machine, progress.files_done)
+            log.info(
+                "machine %d already finished (%d files); its records are checked and statistics merged",
+                machine,
+                progress.files_done,
+            )
             merge_statistics(store, run, uc.hooks, cfg.num_runs)
             result.files, result.rows = progress.files_done, progress.rows_done
             result.tokens = progress.tokens_done
@@ -172,15 +174,15 @@ class _Job:
         if progress.files_done:
             log.info("resuming machine %d after %d files", machine, progress.files_done)
         state = DataState.from_dict(progress.data_state) if progress.data_state else None
-        batches = iter_batches(dc, self.tokenizer, machine=machine, num_runs=cfg.num_runs,
-                               state=state)
+        batches = iter_batches(dc, self.tokenizer, machine=machine, num_runs=cfg.num_runs, state=state)
         if state is None:
             for _ in range(dc.start_batch):
                 if next(batches, None) is None:
                     break
 
-        loop = _Collector(cfg, machine, store, Capture(model, self.specs), dims, progress,
-                          MeasuredRatio(plan, log), self.claim.check)
+        loop = _Collector(
+            cfg, machine, store, Capture(model, self.specs), dims, progress, MeasuredRatio(plan, log), self.claim.check
+        )
         t0 = time.perf_counter()
         # Pinned in the data thread, so the model's thread copies batches to the GPU without waiting.
         ahead = prefetch((b.pin() for b in batches) if loop.cuda else batches)
@@ -194,11 +196,15 @@ class _Job:
         result.stats, result.bad_records = loop.stats, loop.bad_records
         result.nonfinite = {h: s.nonfinite_tokens for h, s in loop.stats.items()}
         if any(result.nonfinite.values()):
-            log.warning("tokens with NaN or Inf stored (upload_config.on_nonfinite: warn): %s",
-                        result.nonfinite)
-        log.info("wrote %d files (%s) to %s in %.1fs; statistics cover machines %s",
-                 loop.files - progress.files_done, human_bytes(result.bytes_written),
-                 result.destination, result.seconds, merged)
+            log.warning("tokens with NaN or Inf stored (upload_config.on_nonfinite: warn): %s", result.nonfinite)
+        log.info(
+            "wrote %d files (%s) to %s in %.1fs; statistics cover machines %s",
+            loop.files - progress.files_done,
+            human_bytes(result.bytes_written),
+            result.destination,
+            result.seconds,
+            merged,
+        )
         log.info("machine %d: %s", machine, result.outcome())
         return result
 
@@ -236,9 +242,16 @@ class _Collector:
     """Runs the model over batches, keeps statistics, fills megabatches and hands them to the writer."""
 
     def __init__(
-        self, cfg: Config, machine: int, store: Store, capture: Any, dims: dict[str, int], progress: Progress,
-        measured: Callable[[str, int, int], None] | None = None, check_claim: Callable[[], None] | None = None,
-    ):  # fmt: skip
+        self,
+        cfg: Config,
+        machine: int,
+        store: Store,
+        capture: Any,
+        dims: dict[str, int],
+        progress: Progress,
+        measured: Callable[[str, int, int], None] | None = None,
+        check_claim: Callable[[], None] | None = None,
+    ):
         self.cfg, self.machine, self.store, self.capture, self.progress = cfg, machine, store, capture, progress
         # Raises once another collector may hold this machine (an expired lease).
         self.check_claim = check_claim or (lambda: None)
@@ -252,10 +265,9 @@ class _Collector:
         self.cuda = any(p.device.type == "cuda" for p in capture.model.parameters())
         self.copy_streams: dict[torch.device, Any] = {}  # one D2H stream per GPU, off the compute stream
         self.stats = {
-            h: progress.stats[h].running(self.device) if h in progress.stats
-            else RunningStats(dims[h], self.device)
+            h: progress.stats[h].running(self.device) if h in progress.stats else RunningStats(dims[h], self.device)
             for h in self.hooks
-        }  # fmt: skip
+        }
         self.nonfinite = {h: s.nonfinite for h, s in progress.stats.items()}  # as of the last file
         self.writer = Writer(store, threads=cfg.upload_config.write_threads)
         self.pools: dict[str, BufferPool] = {}
@@ -412,12 +424,20 @@ class _Collector:
     def _metadata(self) -> dict[str, HookMetadata]:
         dc, uc = self.cfg.data_config, self.cfg.upload_config
         return {
-            h: hook_metadata(run_name=self.cfg.run_name, hook=h, d_model=p.shape[-1], dtype=p.dtype,
-                             seq_length=dc.seq_length, rows_per_file=self.cfg.rows_per_file,
-                             batch_size=dc.batch_size, batches_per_upload=uc.batches_per_upload,
-                             model=self.cfg.transformer_config.model_name, compression=self.codec)
+            h: hook_metadata(
+                run_name=self.cfg.run_name,
+                hook=h,
+                d_model=p.shape[-1],
+                dtype=p.dtype,
+                seq_length=dc.seq_length,
+                rows_per_file=self.cfg.rows_per_file,
+                batch_size=dc.batch_size,
+                batches_per_upload=uc.batches_per_upload,
+                model=self.cfg.transformer_config.model_name,
+                compression=self.codec,
+            )
             for h, p in self.pools.items()
-        }  # fmt: skip
+        }
 
 
 def _tokenizer_ref(model_name: str) -> str:

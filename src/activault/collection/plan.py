@@ -54,9 +54,11 @@ class Plan:
         if self.compression == "none":
             return None
         ratio = self.total_bytes / max(self.raw_bytes, 1)
-        return (f"compression  {self.compression}: assumed {ratio:.2f} of raw bytes for {self.dtype} "
-                f"(measured on real activations; the run logs its own ratio after the first file); "
-                f"raw {human_bytes(self.raw_bytes)}")  # fmt: skip
+        return (
+            f"compression  {self.compression}: assumed {ratio:.2f} of raw bytes for {self.dtype} "
+            f"(measured on real activations; the run logs its own ratio after the first file); "
+            f"raw {human_bytes(self.raw_bytes)}"
+        )
 
     @property
     def monthly_cost(self) -> float:
@@ -85,8 +87,17 @@ def make_plan(
     dtype = dtype or (torch.float32 if itemsize == 4 else torch.bfloat16)
     raw = {h: tokens * (dim * itemsize + 8) for h, dim in dims.items()}  # + int32 id and int32 position
     stored = {h: round(tokens * (dim * itemsize * states_ratio(codec, dtype, dim) + 8)) for h, dim in dims.items()}
-    return Plan(tokens, files, cfg.rows_per_file, stored, cfg.upload_config.price_per_gb_month,
-                buffer_bytes(cfg, dims, itemsize), raw, codec, dtype_name(dtype))
+    return Plan(
+        tokens,
+        files,
+        cfg.rows_per_file,
+        stored,
+        cfg.upload_config.price_per_gb_month,
+        buffer_bytes(cfg, dims, itemsize),
+        raw,
+        codec,
+        dtype_name(dtype),
+    )
 
 
 class MeasuredRatio:
@@ -109,8 +120,12 @@ class MeasuredRatio:
                 return
         total = sum(b * self.ratios[h] for h, b in self.plan.raw_bytes_per_hook.items())
         each = ", ".join(f"{h} {self.ratios[h]:.3f}" for h in self.plan.raw_bytes_per_hook)
-        self.log.info("compression  measured on the first file: %s of raw bytes; this machine will store ~%s "
-                      "(~$%.2f/month)", each, human_bytes(total), total / GB * self.plan.price_per_gb_month)  # fmt: skip
+        self.log.info(
+            "compression  measured on the first file: %s of raw bytes; this machine will store ~%s (~$%.2f/month)",
+            each,
+            human_bytes(total),
+            total / GB * self.plan.price_per_gb_month,
+        )
 
 
 def buffer_bytes(cfg: Config, dims: dict[str, int], itemsize: int) -> int:
@@ -120,7 +135,11 @@ def buffer_bytes(cfg: Config, dims: dict[str, int], itemsize: int) -> int:
 
 
 def check_feasible(
-    cfg: Config, dims: dict[str, int], itemsize: int, model_config: Any, memory: int | None,
+    cfg: Config,
+    dims: dict[str, int],
+    itemsize: int,
+    model_config: Any,
+    memory: int | None,
     pinned_limit: int | None = None,
 ) -> None:
     """Refuse sizes this machine or model cannot run, before any weights load.
@@ -175,12 +194,15 @@ def available_memory() -> int | None:
     return None
 
 
-def summary_lines(cfg: Config, plan: Plan, dims: dict[str, int], info: dict[str, Any], dest: str, machine: int) -> list[str]:
+def summary_lines(
+    cfg: Config, plan: Plan, dims: dict[str, int], info: dict[str, Any], dest: str, machine: int
+) -> list[str]:
     lines = [
         f"model        {cfg.transformer_config.model_name} ({info.get('model_type', '?')}, "
         f"{info.get('n_layers', '?')} layers, d_model {info.get('d_model', '?')})",
         f"machine      {machine} of {cfg.num_runs}",
-        f"tokens       {plan.tokens:,} in {plan.files} files of {plan.rows_per_file} rows x {cfg.data_config.seq_length}",
+        f"tokens       {plan.tokens:,} in {plan.files} files of "
+        f"{plan.rows_per_file} rows x {cfg.data_config.seq_length}",
     ]
     for h, b in plan.bytes_per_hook.items():
         lines.append(f"hook         {h}  d={dims[h]}  {human_bytes(b)}")
@@ -220,7 +242,9 @@ def estimate_lines(cfg: Any, price: float | None = None, bandwidth: str = "1Gbps
         f"cost         ${plan.monthly_cost:,.2f}/month at ${plan.price_per_gb_month}/GB-month",
         f"buffers      {human_bytes(plan.buffer_bytes)} of host memory per machine for megabatches in flight",
         f"upload time  {duration(plan.total_bytes / rate)} at {bandwidth.strip()}"
-        + (f" ({duration(plan.total_bytes / rate / cfg.num_runs)} per machine in parallel)" if cfg.num_runs > 1 else ""),
+        + (
+            f" ({duration(plan.total_bytes / rate / cfg.num_runs)} per machine in parallel)" if cfg.num_runs > 1 else ""
+        ),
     ]
     return lines
 

@@ -105,9 +105,7 @@ def _lookup(tree: Mapping[str, Any], path: str) -> Any:
     return node
 
 
-def changed_fields(
-    stored: Mapping[str, Any], record: Mapping[str, Any]
-) -> list[tuple[str, Any, Any]]:
+def changed_fields(stored: Mapping[str, Any], record: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
     """(field, stored value, new value) for each data-shaping difference of two cfg.json records."""
     old_cfg, new_cfg = stored.get("config"), record.get("config", {})
     diffs = []

@@ -46,9 +46,7 @@ BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "t
 CHAT_COLUMNS = ("messages", "conversation", "conversations")
 USER, ASSISTANT = ("user", "human", "prompter"), ("assistant", "gpt", "bot", "model", "chatgpt")
 ROLES = {"system": "system", **dict.fromkeys(USER, "user"), **dict.fromkeys(ASSISTANT, "assistant")}
-ENTRY_KEYS = set(
-    "path name split kind data_files text template messages turns roles filters".split()
-)
+ENTRY_KEYS = set("path name split kind data_files text template messages turns roles filters".split())
 # A bad record travels through sharding and shuffling as a row of its own (so it belongs to one
 # machine and keeps its place in the order): {BAD: "file:line: why"}.
 BAD = "__activault_bad_record__"
@@ -84,9 +82,7 @@ def _load_registry(registry: str | None) -> dict[str, dict]:
             text = Path(registry).expanduser().read_text()
         return json.loads(text)
     except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(
-            f"cannot read dataset registry {registry!r}: {e}; pass a JSON file of entries"
-        ) from e
+        raise ConfigError(f"cannot read dataset registry {registry!r}: {e}; pass a JSON file of entries") from e
 
 
 def _spec_from_entry(key: str, e: dict) -> DataSource:
@@ -143,7 +139,10 @@ def resolve_source(
             f"({sorted({Path(f).suffix for f in files})}); use only one of {sorted(BUILDERS)}"
         )
     return DataSource(
-        path=builders.pop() or "json", kind="auto", data_files=tuple(files), text=text_field or "text",
+        path=builders.pop() or "json",
+        kind="auto",
+        data_files=tuple(files),
+        text=text_field or "text",
         messages=messages_field,
     )
 
@@ -295,9 +294,7 @@ def _documents(rows: Iterable[dict], spec: DataSource, bad: BadRecords) -> Itera
             yield doc
 
 
-def require_documents(
-    spec: DataSource, source: str, *, machine: int = 0, num_runs: int = 1
-) -> None:
+def require_documents(spec: DataSource, source: str, *, machine: int = 0, num_runs: int = 1) -> None:
     """Fail before any work unless this machine's share yields a non-empty document.
 
     Reads at most PROBE_ROWS rows; the error names the field looked for and the fields found.
@@ -324,23 +321,18 @@ def require_documents(
             hint = "fewer files or rows than num_runs: lower num_runs"
         raise DataError(f"{source} has no rows{share}: {hint}")
     if bad == n:
-        raise DataError(
-            f"{source}: {read}{share} are bad records (the first: {first_bad}); check the files"
-        )
+        raise DataError(f"{source}: {read}{share} are bad records (the first: {first_bad}); check the files")
     fields = ", ".join(repr(f) for f in found) or "none"
     raise DataError(
         f"{source} yields no documents{share}: {read} have no non-empty {_looked_for(spec)}; "
         f"their fields are {fields}. Name the field with data_config.text_field or "
         "messages_field (a registry entry: text, messages, template or turns), or point data_key "
-        "at other data"
-        + (f"; its filters {dict(spec.filters)} may exclude every row" if spec.filters else "")
+        "at other data" + (f"; its filters {dict(spec.filters)} may exclude every row" if spec.filters else "")
     )
 
 
 def _looked_for(spec: DataSource) -> str:
-    text = (
-        f"template {spec.template!r}" if spec.template else f"string field {spec.text!r}"
-    )
+    text = f"template {spec.template!r}" if spec.template else f"string field {spec.text!r}"
     if spec.turns:
         chat = f"turns {[t for _, t in spec.turns]}"
     else:

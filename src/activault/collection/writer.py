@@ -72,7 +72,10 @@ class Writer:
         return fut
 
     def write(
-        self, key: str, parts: Sequence[Buffer] | Callable[[], Sequence[Buffer]], on_done: Callable[[], None] | None = None
+        self,
+        key: str,
+        parts: Sequence[Buffer] | Callable[[], Sequence[Buffer]],
+        on_done: Callable[[], None] | None = None,
     ) -> Future[None]:
         """Queue one object; `on_done` runs after it is written or has failed (e.g. to free a buffer).
 

@@ -41,21 +41,13 @@ def _parse_hooks(hooks: Hooks) -> tuple[list[str], str]:
             raise ConfigError("no transcoder pairs given: pass {name: (input_hook, output_hook)}")
         read: list[str] = []
         for name, pair in hooks.items():
-            if not (
-                isinstance(pair, tuple | list)
-                and len(pair) == 2
-                and all(isinstance(h, str) for h in pair)
-            ):
-                raise ConfigError(
-                    f"transcoder {name!r}: expected (input_hook, output_hook), got {pair!r}"
-                )
+            if not (isinstance(pair, tuple | list) and len(pair) == 2 and all(isinstance(h, str) for h in pair)):
+                raise ConfigError(f"transcoder {name!r}: expected (input_hook, output_hook), got {pair!r}")
             read += [h for h in pair if h not in read]
         return read, "pairs"
     names = list(hooks)
     if not names or not all(isinstance(h, str) for h in names):
-        raise ConfigError(
-            f"hooks must be a hook name, a list of them or {{name: (in, out)}}, got {hooks!r}"
-        )
+        raise ConfigError(f"hooks must be a hook name, a list of them or {{name: (in, out)}}, got {hooks!r}")
     if len(set(names)) != len(names):
         raise ConfigError(f"hooks listed twice: {sorted({h for h in names if names.count(h) > 1})}")
     return names, "dict"
@@ -96,9 +88,7 @@ class VaultProvider(Iterator[Any]):
         self.read, self.kind = _parse_hooks(hooks)
         self.pairs = dict(hooks) if isinstance(hooks, Mapping) else {}
         if concat and self.kind != "dict":
-            raise ConfigError(
-                "concat=True needs a list of hooks (their states are concatenated per token)"
-            )
+            raise ConfigError("concat=True needs a list of hooks (their states are concatenated per token)")
         self.concat = concat
         self.rank, self.world_size = dist_rank(rank, world_size)
         self.loader = TokenLoader(
@@ -151,9 +141,7 @@ class VaultProvider(Iterator[Any]):
             ("world_size", self.world_size),
         ):
             if state.get(key) != mine:
-                raise ConfigError(
-                    f"state was saved with {key}={state.get(key)!r}, this provider has {mine!r}"
-                )
+                raise ConfigError(f"state was saved with {key}={state.get(key)!r}, this provider has {mine!r}")
         self._close_stream()
         self.loader.load_state_dict(state["loader"])
         self.batches = 0
@@ -171,9 +159,7 @@ class VaultProvider(Iterator[Any]):
         """Resume at the position saved in a checkpoint folder by `save_to`."""
         path = Path(checkpoint_path) / STATE_FILE
         if not path.is_file():
-            raise NotFoundError(
-                f"{path} does not exist: was the trainer given save_checkpoint_fn=provider.save_to?"
-            )
+            raise NotFoundError(f"{path} does not exist: was the trainer given save_checkpoint_fn=provider.save_to?")
         self.load_state_dict(json.loads(path.read_text()))
 
     def _close_stream(self) -> None:
@@ -201,15 +187,11 @@ def scaling_factor(uri: Source | Sequence[Source], hook: str) -> float:
     """
     stats = run_statistics(uri, hook)
     if stats.mean_norm <= 0:
-        raise ConfigError(
-            f"the mean norm of {hook!r} is {stats.mean_norm}: its activations are all zero"
-        )
+        raise ConfigError(f"the mean norm of {hook!r} is {stats.mean_norm}: its activations are all zero")
     return math.sqrt(stats.d) / stats.mean_norm
 
 
-def set_scaling_factor(
-    trainer: Any, uri: Source | Sequence[Source] | VaultProvider, hook: str | None = None
-) -> None:
+def set_scaling_factor(trainer: Any, uri: Source | Sequence[Source] | VaultProvider, hook: str | None = None) -> None:
     """Set a trainer's norm scaling factor from the run's statistics, so `fit()` skips its estimate.
 
     `trainer` is an `SAETrainer` (the hook defaults to the provider's, when `uri` is a
@@ -233,9 +215,7 @@ def _set_one(trainer: Any, uri: Source | Sequence[Source], hook: str) -> None:
     d_in = int(trainer.sae.cfg.d_in)
     stats_d = run_statistics(uri, hook).d
     if d_in != stats_d:
-        raise ConfigError(
-            f"the SAE has d_in={d_in} but hook {hook!r} is {stats_d} wide: wrong hook?"
-        )
+        raise ConfigError(f"the SAE has d_in={d_in} but hook {hook!r} is {stats_d} wide: wrong hook?")
     trainer.activation_scaler.scaling_factor = scaling_factor(uri, hook)
 
 

@@ -28,10 +28,26 @@ from activault.vault.runs import merge_statistics
 from activault.vault.stats import RunningStats, merge_all
 
 __all__ = [
-    "ProgressRecord", "RunningStats", "Store", "Writer", "cfg_key", "dist_rank", "dtype_name", "encode",
-    "file_name", "header_metadata", "hook_metadata", "merge_statistics", "metadata_key", "open_store",
-    "progress_key", "read_json", "run_statistics", "write_json", "write_record",
-]  # fmt: skip
+    "ProgressRecord",
+    "RunningStats",
+    "Store",
+    "Writer",
+    "cfg_key",
+    "dist_rank",
+    "dtype_name",
+    "encode",
+    "file_name",
+    "header_metadata",
+    "hook_metadata",
+    "merge_statistics",
+    "metadata_key",
+    "open_store",
+    "progress_key",
+    "read_json",
+    "run_statistics",
+    "write_json",
+    "write_record",
+]
 
 Source = str | Path | Store
 
@@ -59,9 +75,7 @@ def run_statistics(uri: Source | Sequence[Source], hook: str) -> RunningStats:
             ) from None
     stats = merge_all(parts)
     if stats is None or stats.count == 0:
-        raise ConfigError(
-            f"the statistics of {hook!r} count no tokens: the run holds no data for it"
-        )
+        raise ConfigError(f"the statistics of {hook!r} count no tokens: the run holds no data for it")
     return stats
 
 
@@ -72,9 +86,7 @@ def read_json(store: Store, key: str) -> dict[str, Any] | None:
     except NotFoundError:
         return None
     except (ValueError, UnicodeDecodeError) as e:
-        raise FormatError(
-            f"{store.url(key)} is not valid JSON ({e}); delete the run and import again"
-        ) from None
+        raise FormatError(f"{store.url(key)} is not valid JSON ({e}); delete the run and import again") from None
     if not isinstance(obj, dict):
         raise FormatError(f"{store.url(key)} is not a JSON object; delete the run and import again")
     return obj

@@ -68,9 +68,7 @@ class VaultReplay(nn.Module):
                     child = nn.Module()
                     parent.add_module(part, child)
                 elif isinstance(child, _Point):
-                    raise ConfigError(
-                        f"hookpoint {name!r} lies under hookpoint {part!r}: rename one of them"
-                    )
+                    raise ConfigError(f"hookpoint {name!r} lies under hookpoint {part!r}: rename one of them")
                 parent = child
             if leaf in parent._modules:
                 raise ConfigError(f"hookpoint {name!r} is given twice or has hookpoints under it")
@@ -114,9 +112,7 @@ class VaultReplay(nn.Module):
         rows = [self._rows.popleft() for _ in range(n)]
         ids = torch.stack([r[0] for r in rows])
         if not torch.equal(ids, input_ids.to(ids.device, ids.dtype)):
-            raise ActivaultError(
-                "the token ids given to the replay model are not the ones the dataset handed out"
-            )
+            raise ActivaultError("the token ids given to the replay model are not the ones the dataset handed out")
         return {h: torch.stack([r[1][h] for r in rows]).to(self._device) for h in self.dims}
 
 
@@ -129,9 +125,7 @@ class VaultTokens(Dataset):
     after `load_state_dict`, else by reading forward.
     """
 
-    def __init__(
-        self, batches: Any, loader: Any, length: int, tokens_per_row: int, rows: deque[Row]
-    ):
+    def __init__(self, batches: Any, loader: Any, length: int, tokens_per_row: int, rows: deque[Row]):
         self._batches, self.loader = batches, loader
         self.length, self.tokens_per_row = length, tokens_per_row
         self._rows = rows
@@ -146,9 +140,7 @@ class VaultTokens(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         if index < self.position:
-            raise ActivaultError(
-                f"row {index} was already read (next is {self.position}): rows are read in order only"
-            )
+            raise ActivaultError(f"row {index} was already read (next is {self.position}): rows are read in order only")
         while self.position < index:  # resuming without a saved state: read forward
             self._next_row()
             self._rows.pop()
@@ -173,9 +165,7 @@ class VaultTokens(Dataset):
     def select(self, rows: range) -> Dataset:
         """Rows `rows.start` on (sparsify resumes with `select(range(step * batch_size, len))`)."""
         if rows.step != 1 or rows.stop > self.length:
-            raise ConfigError(
-                f"select({rows}) is not a contiguous range of this dataset's {self.length} rows"
-            )
+            raise ConfigError(f"select({rows}) is not a contiguous range of this dataset's {self.length} rows")
         return _From(self, rows.start, len(rows))
 
     def state_dict(self) -> dict[str, Any]:
@@ -266,9 +256,7 @@ def replay(
         world_size=world_size,
         **options,
     )
-    dims = {
-        h: shape.d_model for h, shape in zip(read, loader.shapes, strict=True) if shape is not None
-    }
+    dims = {h: shape.d_model for h, shape in zip(read, loader.shapes, strict=True) if shape is not None}
     if len(dims) != len(read):
         raise ConfigError(
             f"cannot tell the width of {read} before reading (legacy .pt files): use a run with metadata.json"

@@ -70,11 +70,7 @@ class BufferPool:
         if not self.recycle:
             return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
         with self._lock:
-            free = [
-                s
-                for s in self._slots
-                if s.mem.nbytes >= nbytes and (s.given is None or s.given() is None)
-            ]
+            free = [s for s in self._slots if s.mem.nbytes >= nbytes and (s.given is None or s.given() is None)]
             slot = min(free, key=lambda s: s.mem.nbytes, default=None)
             if slot is None:
                 self._largest = max(self._largest, nbytes)
@@ -85,9 +81,7 @@ class BufferPool:
                     else np.empty(size, np.uint8)
                 )
                 slot = _Slot(mem)
-                if (
-                    len(self._slots) >= self.keep
-                ):  # forget one: a free one, else the oldest (its user frees it)
+                if len(self._slots) >= self.keep:  # forget one: a free one, else the oldest (its user frees it)
                     unused = [s for s in self._slots if s.given is None or s.given() is None]
                     self._slots.remove(unused[0] if unused else self._slots[0])
                 self._slots.append(slot)
@@ -126,8 +120,7 @@ class Workers:
         self._lock = threading.Lock()
         self._closed = False
         self._threads = [
-            threading.Thread(target=_work, args=(self._queue,), name=f"{name}-{i}", daemon=True)
-            for i in range(workers)
+            threading.Thread(target=_work, args=(self._queue,), name=f"{name}-{i}", daemon=True) for i in range(workers)
         ]
         for t in self._threads:
             t.start()
@@ -175,8 +168,14 @@ class ObjectReader:
     """Reads one stored object for a FileStream: `head()` (checked by the caller), then `body()`."""
 
     def __init__(
-        self, store: Store, key: str, size: int, *, stop: threading.Event, range_size: int,
-    ):  # fmt: skip
+        self,
+        store: Store,
+        key: str,
+        size: int,
+        *,
+        stop: threading.Event,
+        range_size: int,
+    ):
         self.store, self.key, self.size = store, key, size
         self.url = store.url(key)
         self.stop, self.step = stop, range_size
@@ -189,9 +188,7 @@ class ObjectReader:
         try:
             got = self.store.read_into(self.key, start, out)
         except NotFoundError:
-            raise NotFoundError(
-                f"{self.url} does not exist (it was listed: deleted since?)"
-            ) from None
+            raise NotFoundError(f"{self.url} does not exist (it was listed: deleted since?)") from None
         if got < want:
             raise FormatError(
                 f"{self.url}: truncated file (ends at byte {start + got}, listed with "
@@ -237,8 +234,7 @@ class ObjectReader:
         view[: len(head)] = head
         step = self.step
         futures = [
-            ranges.submit((*priority, s), self.read, s, view[s : s + step])
-            for s in range(len(head), self.size, step)
+            ranges.submit((*priority, s), self.read, s, view[s : s + step]) for s in range(len(head), self.size, step)
         ]
 
         def wait() -> torch.Tensor:

@@ -92,20 +92,15 @@ class Catalog:
         self.hooks = [h.strip("/") for h in hooks] if hooks else None
         self.skip_bad_files = skip_bad_files
         folders = tuple(self.hooks) if self.hooks else ("",)
-        self.prefixes = [
-            Prefix(u if isinstance(u, Store) else open_store(u, **options), folders) for u in uris
-        ]
+        self.prefixes = [Prefix(u if isinstance(u, Store) else open_store(u, **options), folders) for u in uris]
         self.blocks: list[list[FileRef]] = []
         self.incomplete: dict[str, list[str]] = {}  # url of a file -> hooks that lack it (skipped)
-        self.foreign: dict[
-            str, str
-        ] = {}  # url of an object that is not a megabatch -> why (skipped)
+        self.foreign: dict[str, str] = {}  # url of an object that is not a megabatch -> why (skipped)
         self._seen: set[tuple[int, str]] = set()
         if not self.sync():
             where = ", ".join(p.store.url(p.folders[0]) for p in self.prefixes)
             raise NotFoundError(
-                f"no megabatch files under {where}; the URI should name a hook folder (run/hook), "
-                "or pass hooks="
+                f"no megabatch files under {where}; the URI should name a hook folder (run/hook), or pass hooks="
             )
         self.shapes: list[StatesShape | None] = self._check_compatible()
 
@@ -140,9 +135,7 @@ class Catalog:
                 self.foreign[url] = (
                     why
                     if e.kind == "file"
-                    else {"badkey": "a key with an empty, . or .. segment"}.get(
-                        e.kind, f"a {e.kind}"
-                    )
+                    else {"badkey": "a key with an empty, . or .. segment"}.get(e.kind, f"a {e.kind}")
                 )
                 odd.append(f"{url} ({self.foreign[url]})")
         if odd:
@@ -153,9 +146,7 @@ class Catalog:
             )
         return files
 
-    def _partial(
-        self, si: int, prefix: Prefix, per_hook: list[dict[str, int]], names: set[str]
-    ) -> None:
+    def _partial(self, si: int, prefix: Prefix, per_hook: list[dict[str, int]], names: set[str]) -> None:
         """Files in some hooks only: being written (wait), else an error, or skipped and counted."""
         hooks = self.hooks or [""]
         missing = {}
@@ -177,9 +168,7 @@ class Catalog:
             )
         for name, lacking in missing.items():
             self.incomplete[prefix.store.url(name)] = lacking
-        warnings.warn(
-            f"skipping {len(missing)} file(s) not in every hook: {lines}{more}", stacklevel=4
-        )
+        warnings.warn(f"skipping {len(missing)} file(s) not in every hook: {lines}{more}", stacklevel=4)
 
     def _in_flight(self, prefix: Prefix, name: str) -> bool:
         """Whether its machine is still writing the file (its progress record does not count it)."""
@@ -213,18 +202,12 @@ class Catalog:
     def _check_compatible(self) -> list[StatesShape | None]:
         shapes: list[StatesShape | None] = []
         for h in range(len(self.prefixes[0].folders)):
-            found = [
-                (p.store.url(p.folders[h]), self._shape(si, h))
-                for si, p in enumerate(self.prefixes)
-            ]
+            found = [(p.store.url(p.folders[h]), self._shape(si, h)) for si, p in enumerate(self.prefixes)]
             known = [(u, s) for u, s in found if s is not None]
             if len({s for _, s in known}) > 1:
                 lines = "; ".join(
-                    f"{u}: seq_len={s.seq_len}, d_model={s.d_model}, dtype={dtypes.name(s.dtype)}"
-                    for u, s in known
+                    f"{u}: seq_len={s.seq_len}, d_model={s.d_model}, dtype={dtypes.name(s.dtype)}" for u, s in known
                 )
-                raise ConfigError(
-                    f"cannot read these prefixes together, their activations differ: {lines}"
-                )
+                raise ConfigError(f"cannot read these prefixes together, their activations differ: {lines}")
             shapes.append(known[0][1] if known else None)
         return shapes

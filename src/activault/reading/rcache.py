@@ -68,11 +68,20 @@ class RCache(Reader):
         self.device = check_device(device)
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
         files = FileStream(
-            uri, hooks=hooks, buffer_size=buffer_size, preserve_file_order=preserve_file_order,
-            seed=seed, rank=rank, world_size=world_size, skip_bad_files=skip_bad_files,
-            store_options=store_options, range_size=range_size, pin=self._pin,
-            verify_checksums=verify_checksums, transform=self._shuffle,
-        )  # fmt: skip
+            uri,
+            hooks=hooks,
+            buffer_size=buffer_size,
+            preserve_file_order=preserve_file_order,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            skip_bad_files=skip_bad_files,
+            store_options=store_options,
+            range_size=range_size,
+            pin=self._pin,
+            verify_checksums=verify_checksums,
+            transform=self._shuffle,
+        )
         super().__init__(files)
         self.return_ids = return_ids
         self.shuffle = shuffle
@@ -139,15 +148,18 @@ class RCache(Reader):
         self._next = index
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "file_index": self._next, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size}  # fmt: skip
+        return {
+            "epoch": self.epoch,
+            "file_index": self._next,
+            "seed": self.seed,
+            "rank": self.rank,
+            "world_size": self.world_size,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k in ("seed", "rank", "world_size"):
             if state[k] != getattr(self, k):
-                raise ConfigError(
-                    f"state was saved with {k}={state[k]}, this reader has {k}={getattr(self, k)}"
-                )
+                raise ConfigError(f"state was saved with {k}={state[k]}, this reader has {k}={getattr(self, k)}")
         self.epoch = int(state["epoch"])
         self.set_file_index(int(state["file_index"]))
 

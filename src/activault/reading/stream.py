@@ -39,9 +39,19 @@ from activault.vault import megabatch as fmt
 Source = str | Path | Store
 
 __all__ = [
-    "BufferPool", "Catalog", "FileRef", "FileStream", "Megabatch", "Prefetch", "Prefix", "Reader",
-    "Source", "StatesShape", "check_device", "mix_seed",
-]  # fmt: skip
+    "BufferPool",
+    "Catalog",
+    "FileRef",
+    "FileStream",
+    "Megabatch",
+    "Prefetch",
+    "Prefix",
+    "Reader",
+    "Source",
+    "StatesShape",
+    "check_device",
+    "mix_seed",
+]
 
 
 @dataclass
@@ -57,9 +67,7 @@ def check_device(device: str | torch.device) -> torch.device:
     """The device to deliver tensors on; a CUDA device on a machine without one is refused now."""
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"device={str(device)!r} but this machine has no usable CUDA device; use device='cpu'"
-        )
+        raise ConfigError(f"device={str(device)!r} but this machine has no usable CUDA device; use device='cpu'")
     return dev
 
 
@@ -100,16 +108,13 @@ class FileStream:
         pin: bool = False,
         held: int = 1,
         verify_checksums: bool = False,
-        transform: Callable[[FileRef, int, Megabatch], Megabatch]
-        | None = None,  # (file, epoch, item)
+        transform: Callable[[FileRef, int, Megabatch], Megabatch] | None = None,  # (file, epoch, item)
     ):
         if buffer_size < 1:
             raise ConfigError(f"buffer_size must be >= 1, got {buffer_size}")
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        self.catalog = Catalog(
-            uri, hooks=hooks, store_options=store_options, skip_bad_files=skip_bad_files
-        )
+        self.catalog = Catalog(uri, hooks=hooks, store_options=store_options, skip_bad_files=skip_bad_files)
         self.hooks = self.catalog.hooks
         self.buffer_size = buffer_size
         self.preserve_file_order = preserve_file_order
@@ -157,9 +162,7 @@ class FileStream:
 
     # -- one file ----------------------------------------------------------------------------------
 
-    def load(
-        self, f: FileRef, epoch: int, seq: int, ranges: Workers, stop: threading.Event
-    ) -> Megabatch:
+    def load(self, f: FileRef, epoch: int, seq: int, ranges: Workers, stop: threading.Event) -> Megabatch:
         """Every hook's file `f.name` of source `f.source`, decoded and checked against the others.
 
         Every hook's header is read and checked before any body is requested; then all bodies
@@ -198,8 +201,7 @@ class FileStream:
                 ids, pos = i, p
             elif not torch.equal(ids, i):
                 raise FormatError(
-                    f"{r.url}: input_ids differ from {readers[0].url}: these hooks do not hold "
-                    "the same tokens"
+                    f"{r.url}: input_ids differ from {readers[0].url}: these hooks do not hold the same tokens"
                 )
             states.append(s)
         assert ids is not None and pos is not None
@@ -210,9 +212,7 @@ class FileStream:
         with self._shape_lock:
             expected = self.catalog.shapes[h] = self.catalog.shapes[h] or shape
         if shape != expected:
-            raise FormatError(
-                f"{url}: states are {shape}, the other files {expected}: it does not belong here"
-            )
+            raise FormatError(f"{url}: states are {shape}, the other files {expected}: it does not belong here")
 
     def _check(
         self, tensors: dict[str, torch.Tensor], url: str, h: int
@@ -228,9 +228,7 @@ class FileStream:
         if pos is None:  # legacy files: position within the row
             pos = torch.arange(states.shape[1], dtype=torch.int32).expand(states.shape[0], -1)
         elif pos.shape != states.shape[:2]:
-            raise FormatError(
-                f"{url}: 'positions' has shape {list(pos.shape)}, expected {list(states.shape[:2])}"
-            )
+            raise FormatError(f"{url}: 'positions' has shape {list(pos.shape)}, expected {list(states.shape[:2])}")
         return states, ids, pos
 
 
@@ -260,9 +258,7 @@ class Prefetch(Iterator[tuple[int, Megabatch]]):
         order = self.stream.order(self.epoch)  # re-read: sync() may have appended files
         while len(self._pending) < self.stream.buffer_size and self._next < len(order):
             i = self._next
-            fut = self._files.submit(
-                (i,), self.stream.load, order[i], self.epoch, i, self._ranges, self._stop
-            )
+            fut = self._files.submit((i,), self.stream.load, order[i], self.epoch, i, self._ranges, self._stop)
             self._pending.append((i, fut))
             self._next += 1
 

@@ -53,20 +53,14 @@ class _Window:
     """The kept tokens of a window of megabatches, indexed 0..n-1 without copying them together."""
 
     def __init__(self, items: list[Megabatch], drop_below: int):
-        self.states: list[list[torch.Tensor]] = [
-            [] for _ in items[0].states
-        ]  # per hook, per file: [tokens, d]
-        self.rows: list[list[np.ndarray]] = [
-            [] for _ in items[0].states
-        ]  # the same as [tokens, row_bytes] uint8
+        self.states: list[list[torch.Tensor]] = [[] for _ in items[0].states]  # per hook, per file: [tokens, d]
+        self.rows: list[list[np.ndarray]] = [[] for _ in items[0].states]  # the same as [tokens, row_bytes] uint8
         self.ids, self.pos, self.kept = [], [], []
         counts = []
         for item in items:
             p = item.positions.reshape(-1)
             keep = p >= drop_below
-            kept = (
-                None if bool(keep.all()) else keep.nonzero().squeeze(1)
-            )  # padding and dropped positions
+            kept = None if bool(keep.all()) else keep.nonzero().squeeze(1)  # padding and dropped positions
             counts.append(p.numel() if kept is None else kept.numel())
             self.kept.append(kept)
             self.ids.append(item.input_ids.reshape(-1))
@@ -102,12 +96,8 @@ class _Window:
                     mode="clip",
                 )
             if batch.input_ids is not None and batch.positions is not None:
-                torch.index_select(
-                    self.ids[f], 0, local, out=batch.input_ids[start + lo : start + hi]
-                )
-                torch.index_select(
-                    self.pos[f], 0, local, out=batch.positions[start + lo : start + hi]
-                )
+                torch.index_select(self.ids[f], 0, local, out=batch.input_ids[start + lo : start + hi])
+                torch.index_select(self.pos[f], 0, local, out=batch.positions[start + lo : start + hi])
         batch.filled += index.numel()
 
 
@@ -156,9 +146,7 @@ class TokenLoader(Reader):
         **options: Any,
     ):
         if batch_tokens < 1 or window < 1:
-            raise ConfigError(
-                f"batch_tokens and window must be >= 1, got {batch_tokens} and {window}"
-            )
+            raise ConfigError(f"batch_tokens and window must be >= 1, got {batch_tokens} and {window}")
         self.device = check_device(device)
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
         # The window's files and those read ahead are held at once: their buffers are reused.
@@ -178,13 +166,9 @@ class TokenLoader(Reader):
         self._window = self._offset = 0
         norm = [self._norm_params(h, center, norm_target) for h in range(len(self.hooks or [""]))]
         self._norm = [(None if m is None else m.to(self.device), scale) for m, scale in norm]
-        self.dtype = (
-            dtype if dtype is not None else (torch.float32 if center or norm_target else None)
-        )
+        self.dtype = dtype if dtype is not None else (torch.float32 if center or norm_target else None)
 
-    def _norm_params(
-        self, h: int, center: bool, target: float | None
-    ) -> tuple[torch.Tensor | None, float]:
+    def _norm_params(self, h: int, center: bool, target: float | None) -> tuple[torch.Tensor | None, float]:
         if not center and target is None:
             return None, 1.0
         parts = []
@@ -206,11 +190,7 @@ class TokenLoader(Reader):
 
     def _batch(self, states: list[torch.Tensor], buffers: BufferPool) -> _Batch:
         B = self.batch_tokens
-        ids = (
-            [buffers.empty((B,), torch.int32) for _ in range(2)]
-            if self.return_ids
-            else [None, None]
-        )
+        ids = [buffers.empty((B,), torch.int32) for _ in range(2)] if self.return_ids else [None, None]
         return _Batch([buffers.empty((B, s.shape[-1]), s.dtype) for s in states], *ids)
 
     def _normalise(self, s: torch.Tensor, h: int, buffers: BufferPool | None) -> torch.Tensor:
@@ -220,9 +200,7 @@ class TokenLoader(Reader):
         if mean is None and scale == 1.0:
             if self.dtype is None or self.dtype == s.dtype:
                 return s
-            return (
-                s.to(self.dtype) if buffers is None else buffers.empty(s.shape, self.dtype).copy_(s)
-            )
+            return s.to(self.dtype) if buffers is None else buffers.empty(s.shape, self.dtype).copy_(s)
         out = (
             torch.empty(s.shape, dtype=torch.float32, device=s.device)
             if buffers is None
@@ -244,20 +222,13 @@ class TokenLoader(Reader):
             pos = None if batch.positions is None else batch.positions[:n]
         else:  # the stored dtype goes through the pinned batch buffer; the device normalises
             nb = self._pin
-            out = [
-                self._normalise(s[:n].to(self.device, non_blocking=nb), h, None)
-                for h, s in enumerate(batch.states)
-            ]
+            out = [self._normalise(s[:n].to(self.device, non_blocking=nb), h, None) for h, s in enumerate(batch.states)]
             ids = (
                 None
                 if batch.input_ids is None
                 else batch.input_ids[:n].to(self.device, non_blocking=nb).to(torch.int64)
             )
-            pos = (
-                None
-                if batch.positions is None
-                else batch.positions[:n].to(self.device, non_blocking=nb)
-            )
+            pos = None if batch.positions is None else batch.positions[:n].to(self.device, non_blocking=nb)
             if nb:  # the batch buffers are reused only once these copies are done
                 done = torch.cuda.Event()
                 done.record()
@@ -268,9 +239,7 @@ class TokenLoader(Reader):
             return st
         return {"states": st, "input_ids": ids, "positions": pos}
 
-    def _windows(
-        self, files: Iterator[tuple[int, Megabatch]]
-    ) -> Iterator[tuple[int, list[Megabatch]]]:
+    def _windows(self, files: Iterator[tuple[int, Megabatch]]) -> Iterator[tuple[int, list[Megabatch]]]:
         """(window index, its items): a window is complete at its last file (not the next one's)."""
         W = self.window
         items: list[Megabatch] = []
@@ -294,9 +263,7 @@ class TokenLoader(Reader):
         # batch while the next is gathered.
         buffers = BufferPool(self._pin, keep=4 * (2 + len(self._norm)))
         epoch, start, skip = self.epoch, self._window, self._offset
-        batch: _Batch | None = (
-            None  # filled across windows (and epochs, with loop): tokens stay in place
-        )
+        batch: _Batch | None = None  # filled across windows (and epochs, with loop): tokens stay in place
         while True:
             taken = 0
             with self.files.prefetch(epoch, start * self.window, eager=True) as files:
@@ -305,9 +272,7 @@ class TokenLoader(Reader):
                     del items
                     perm = torch.randperm(
                         win.n,
-                        generator=torch.Generator().manual_seed(
-                            mix_seed(self.seed, epoch, "window", w)
-                        ),
+                        generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch, "window", w)),
                     )
                     a, skip = skip, 0
                     taken += win.n - a
@@ -345,14 +310,21 @@ class TokenLoader(Reader):
             self.dropped_tokens = batch.filled
             log.info(
                 "dropped the last %d tokens of epoch %d (fewer than batch_tokens=%d); "
-                "drop_last=False yields them as a short batch", batch.filled, epoch - 1, B,
-            )  # fmt: skip
+                "drop_last=False yields them as a short batch",
+                batch.filled,
+                epoch - 1,
+                B,
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "epoch": self.epoch, "window": self._window, "offset": self._offset,
-            "seed": self.seed, "window_files": self.window, "batch_tokens": self.batch_tokens,
-        }  # fmt: skip
+            "epoch": self.epoch,
+            "window": self._window,
+            "offset": self._offset,
+            "seed": self.seed,
+            "window_files": self.window,
+            "batch_tokens": self.batch_tokens,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         for k, mine in (
@@ -405,9 +377,7 @@ class ActivationDataset(IterableDataset):
 
     def _check_fork(self) -> None:
         uris = [self.uri] if isinstance(self.uri, str | Path | Store) else list(self.uri)
-        s3 = any(
-            str(u).startswith("s3://") or type(u).__module__ == "activault.storage.s3" for u in uris
-        )
+        s3 = any(str(u).startswith("s3://") or type(u).__module__ == "activault.storage.s3" for u in uris)
         if s3 and not self._pickled and "activault.storage.s3" in sys.modules:
             raise ConfigError(
                 "DataLoader workers were forked from a process that already used S3, and "

@@ -112,7 +112,9 @@ class LocalStore(Store):
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise StorageError(f"cannot create the local store {self.root}: {e.strerror}; choose a writable path with --storage") from None
+            raise StorageError(
+                f"cannot create the local store {self.root}: {e.strerror}; choose a writable path with --storage"
+            ) from None
         if not os.access(self.root, os.W_OK):
             raise StorageError(f"the local store {self.root} is not writable; choose another path with --storage")
 

@@ -62,15 +62,18 @@ class MachineLock:
     def __enter__(self) -> MachineLock:
         return self
 
-    def __exit__(
-        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None) -> None:
         self.release()
 
 
 def _holder() -> dict[str, Any]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _iso(time.time()),
-            "token": uuid.uuid4().hex, "pids": _pid_space()}  # fmt: skip
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": _iso(time.time()),
+        "token": uuid.uuid4().hex,
+        "pids": _pid_space(),
+    }
 
 
 def _pid_space() -> str | None:
@@ -134,8 +137,7 @@ class FileLock(MachineLock):
             os.pwrite(self.fd, info, 0)
         except OSError as e:
             raise StorageError(
-                f"cannot create the lock file {path}: {e.strerror or e}; "
-                "make the store writable and run again"
+                f"cannot create the lock file {path}: {e.strerror or e}; make the store writable and run again"
             ) from e
 
     def _lock(self) -> int:

@@ -68,6 +68,7 @@ CHECK_RETRIES = 1
 # endpoint that refuses the header.
 CHECKSUM = "sha256"
 
+
 def s3_settings(env: dict[str, str] | None = None) -> dict[str, str]:
     """S3 connection settings from the environment (the original's names and the standard AWS_* ones)."""
     env = dict(os.environ if env is None else env)
@@ -89,7 +90,6 @@ def s3_settings(env: dict[str, str] | None = None) -> dict[str, str]:
     return out
 
 
-
 def _retry(max_retries: int, total: timedelta) -> dict[str, Any]:
     # object_store's backoff is "decorrelated jitter" (AWS's recommendation): random in [init, last*base].
     return {
@@ -99,8 +99,9 @@ def _retry(max_retries: int, total: timedelta) -> dict[str, Any]:
     }
 
 
-def retry_budget(env: dict[str, str] | None = None, max_retries: int | None = None,
-                 retry_timeout: float | timedelta | None = None) -> tuple[int, float]:
+def retry_budget(
+    env: dict[str, str] | None = None, max_retries: int | None = None, retry_timeout: float | timedelta | None = None
+) -> tuple[int, float]:
     """(attempts after the first, seconds) of `_call`: the options, else the environment, else the defaults."""
     env = dict(os.environ if env is None else env)
     if max_retries is None:
@@ -120,8 +121,10 @@ def _env_number(env: dict[str, str], name: str, default: float, integer: bool = 
     try:
         value = int(text) if integer else float(text.removesuffix("s"))
     except ValueError:
-        raise ConfigError(f"{name}={text!r} is not {'a whole number' if integer else 'a number of seconds'}; "
-                          f"set e.g. {name}={int(default)} or unset it") from None
+        raise ConfigError(
+            f"{name}={text!r} is not {'a whole number' if integer else 'a number of seconds'}; "
+            f"set e.g. {name}={int(default)} or unset it"
+        ) from None
     if value < 0:
         raise ConfigError(f"{name}={text!r} is negative; set e.g. {name}={int(default)} or unset it")
     return value
@@ -146,7 +149,9 @@ def _transient(e: BaseException) -> bool:
     if status is not None:
         return status >= 500 or status in (408, 429)
     low = text.lower()
-    return any(s in low for s in ("error sending request", "timed out", "timedout", "connection", "reset", "broken pipe"))
+    return any(
+        s in low for s in ("error sending request", "timed out", "timedout", "connection", "reset", "broken pipe")
+    )
 
 
 def _cause(e: BaseException) -> str:
@@ -205,7 +210,9 @@ class S3Store(Store):
             del self._config["checksum_algorithm"]
         self.max_retries, self.retry_timeout = retry_budget(env, max_retries, retry_timeout)
         self._store = self._client(timeout or TIMEOUT, CONNECT_TIMEOUT, _retry(INNER_RETRIES, timedelta(seconds=5)))
-        creds = {} if unsigned else {k: settings.get(k) for k in ("access_key_id", "secret_access_key", "session_token")}
+        creds = (
+            {} if unsigned else {k: settings.get(k) for k in ("access_key_id", "secret_access_key", "session_token")}
+        )
         self._raw = RawS3(self.endpoint, self.region, self.bucket, **creds)
         self._notice_lock = threading.Lock()
         self._last_notice = -NOTICE_EVERY_S
@@ -268,13 +275,21 @@ class S3Store(Store):
             self._last_notice = now
         log.warning(
             "S3 at %s: %s failed %d time(s) in %.0f s (last: %s); retrying for up to %.0f s more (Ctrl-C to stop)",
-            self.where, what, attempt, elapsed, _cause(e), max(0.0, self.retry_timeout - elapsed),
+            self.where,
+            what,
+            attempt,
+            elapsed,
+            _cause(e),
+            max(0.0, self.retry_timeout - elapsed),
         )
 
     def check(self, write: bool = False) -> None:
         """Fail in seconds with one precise message: credentials, endpoint, bucket, write access."""
         if self._has_key and not self._has_secret:
-            raise StorageError("AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not: set both (or neither, to read a public bucket)")
+            raise StorageError(
+                "AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is "
+                "not: set both (or neither, to read a public bucket)"
+            )
         if self._has_secret and not self._has_key:
             raise StorageError("AWS_SECRET_ACCESS_KEY is set but AWS_ACCESS_KEY_ID is not: set both")
         if write and self.unsigned:
@@ -308,10 +323,13 @@ class S3Store(Store):
             r"\b(401|403)\b(?!\.)", re.sub(r"https?://\S+", "", text)
         ):
             return StorageError(
-                f"{self.where} refused access to s3://{self.bucket} with these credentials: check AWS_ACCESS_KEY_ID and "
+                f"{self.where} refused access to s3://{self.bucket} "
+                "with these credentials: check AWS_ACCESS_KEY_ID and "
                 "AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary credentials)"
             )
-        if any(s in low for s in ("connect", "dns", "timed out", "timeout", "reset", "refused", "error sending request")):
+        if any(
+            s in low for s in ("connect", "dns", "timed out", "timeout", "reset", "refused", "error sending request")
+        ):
             return StorageError(
                 f"cannot reach the S3 endpoint {self.where}: {_first_line(e)}; check S3_ENDPOINT_URL "
                 "(http:// or https://, host and port) and the network"
@@ -329,8 +347,14 @@ class S3Store(Store):
             else:
                 # Parts upload in parallel, each retried on its own; on failure object_store aborts
                 # the upload, so no hidden parts are left to pay for (and _call starts it again).
-                obstore.put(self._store, key, iter(parts), use_multipart=True, chunk_size=self.part_size,
-                            max_concurrency=self.part_concurrency)  # fmt: skip
+                obstore.put(
+                    self._store,
+                    key,
+                    iter(parts),
+                    use_multipart=True,
+                    chunk_size=self.part_size,
+                    max_concurrency=self.part_concurrency,
+                )
 
         try:
             self._call("upload", key, send)
@@ -367,12 +391,19 @@ class S3Store(Store):
     def get_range(self, key: str, start: int, end: int) -> memoryview:
         if end <= start:  # S3 has no empty range (416): nothing to fetch
             return memoryview(b"")
-        return self._call("download", key, lambda: memoryview(obstore.get_range(self._store, key, start=start, end=end)))
+        return self._call(
+            "download", key, lambda: memoryview(obstore.get_range(self._store, key, start=start, end=end))
+        )
 
     def get_ranges(self, key: str, starts: list[int], ends: list[int]) -> list[memoryview]:
         want = [i for i, (s, e) in enumerate(zip(starts, ends, strict=True)) if e > s]
-        got = self._call("download", key, lambda: obstore.get_ranges(
-            self._store, key, starts=[starts[i] for i in want], ends=[ends[i] for i in want]))  # fmt: skip
+        got = self._call(
+            "download",
+            key,
+            lambda: obstore.get_ranges(
+                self._store, key, starts=[starts[i] for i in want], ends=[ends[i] for i in want]
+            ),
+        )
         out = [memoryview(b"")] * len(starts)
         for i, b in zip(want, got, strict=True):
             out[i] = memoryview(b)
@@ -400,7 +431,9 @@ class S3Store(Store):
             if delimiter:
                 res = obstore.list_with_delimiter(self._store, prefix or None)
                 return list(res["common_prefixes"]), [Entry(m["path"], int(m["size"])) for m in res["objects"]]
-            return [], [Entry(m["path"], int(m["size"])) for chunk in obstore.list(self._store, prefix or None) for m in chunk]
+            return [], [
+                Entry(m["path"], int(m["size"])) for chunk in obstore.list(self._store, prefix or None) for m in chunk
+            ]
         except InvalidPathError:
             pass
         base = join(self.prefix, prefix)

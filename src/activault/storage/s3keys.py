@@ -78,12 +78,16 @@ class RawS3:
             objs = "".join(f"<Object><Key>{escape(k)}</Key></Object>" for k in keys[i : i + 1000])
             body = f'<?xml version="1.0" encoding="UTF-8"?><Delete><Quiet>true</Quiet>{objs}</Delete>'.encode()
             md5 = base64.b64encode(hashlib.md5(body).digest()).decode()  # noqa: S324 - required by S3
-            root = ET.fromstring(self._request("POST", {"delete": ""}, body, {"content-md5": md5, "content-type": "application/xml"}))
+            root = ET.fromstring(
+                self._request("POST", {"delete": ""}, body, {"content-md5": md5, "content-type": "application/xml"})
+            )
             for el in root:
                 if el.tag.rsplit("}", 1)[-1] == "Error":
                     raise RawS3Error(f"cannot delete {_text(el, 'Key')!r}: {_text(el, 'Code')} {_text(el, 'Message')}")
 
-    def _request(self, method: str, query: dict[str, str], body: bytes = b"", headers: dict[str, str] | None = None) -> bytes:
+    def _request(
+        self, method: str, query: dict[str, str], body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> bytes:
         base, path = self._base()
         qs = "&".join(f"{_quote(k)}={_quote(v)}" for k, v in sorted(query.items()))
         url = f"{base}{path or '/'}?{qs}"
@@ -104,13 +108,26 @@ class RawS3:
             return {}
         now = datetime.datetime.now(datetime.timezone.utc)
         stamp, day = now.strftime("%Y%m%dT%H%M%SZ"), now.strftime("%Y%m%d")
-        headers = {**{k.lower(): v for k, v in extra.items()}, "host": urllib.parse.urlsplit(base).netloc,
-                   "x-amz-date": stamp, "x-amz-content-sha256": hashlib.sha256(body).hexdigest()}  # fmt: skip
+        headers = {
+            **{k.lower(): v for k, v in extra.items()},
+            "host": urllib.parse.urlsplit(base).netloc,
+            "x-amz-date": stamp,
+            "x-amz-content-sha256": hashlib.sha256(body).hexdigest(),
+        }
         if self.session_token:
             headers["x-amz-security-token"] = self.session_token
         names = sorted(headers)
-        canonical = "\n".join([method, path, qs, *(f"{n}:{headers[n].strip()}" for n in names), "",
-                               ";".join(names), headers["x-amz-content-sha256"]])  # fmt: skip
+        canonical = "\n".join(
+            [
+                method,
+                path,
+                qs,
+                *(f"{n}:{headers[n].strip()}" for n in names),
+                "",
+                ";".join(names),
+                headers["x-amz-content-sha256"],
+            ]
+        )
         scope = f"{day}/{self.region}/s3/aws4_request"
         to_sign = f"AWS4-HMAC-SHA256\n{stamp}\n{scope}\n{hashlib.sha256(canonical.encode()).hexdigest()}"
         key = ("AWS4" + self.secret_access_key).encode()
@@ -118,7 +135,8 @@ class RawS3:
             key = hmac.new(key, part.encode(), hashlib.sha256).digest()
         signature = hmac.new(key, to_sign.encode(), hashlib.sha256).hexdigest()
         headers["authorization"] = (
-            f"AWS4-HMAC-SHA256 Credential={self.access_key_id}/{scope}, SignedHeaders={';'.join(names)}, Signature={signature}"
+            f"AWS4-HMAC-SHA256 Credential={self.access_key_id}/{scope}, "
+            f"SignedHeaders={';'.join(names)}, Signature={signature}"
         )
         del headers["host"]  # urllib sends it
         return headers

@@ -37,8 +37,7 @@ def parse_uri(uri: str | Path) -> StoreURI:
     if "://" in text:
         scheme = text.split("://", 1)[0]
         raise ConfigError(
-            f"unsupported storage scheme {scheme!r} in {text!r}; use a local path, file://PATH or "
-            "s3://BUCKET/PREFIX"
+            f"unsupported storage scheme {scheme!r} in {text!r}; use a local path, file://PATH or s3://BUCKET/PREFIX"
         )
     if not text:
         raise ConfigError("empty storage path; give a folder, file://PATH or s3://BUCKET/PREFIX")

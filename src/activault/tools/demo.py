@@ -88,10 +88,18 @@ def run_demo(storage: str = "./vault", keep: str | None = None) -> None:
     print(f"  row 0 holds {len(docs)} documents; the first:")
     print(f"    {docs[0][:300]!r}{'...' if len(docs[0]) > 300 else ''}")
     print(f"statistics of {hook} over {stats.count:,} tokens:")
-    print(f"  mean norm {stats.mean_norm:.4f}; |mean| {float(stats.mean.norm()):.4f}; mean std {float(stats.std.mean()):.4f}")
-    print(f"  value range in this megabatch [{float(states.min()):.3f}, {float(states.max()):.3f}], "
-          f"finite: {bool(torch.isfinite(states).all())}")
-    print(f"\n{result.files} files, {result.tokens:,} tokens, {result.bytes_written / 1e6:.1f} MB in {result.seconds:.1f}s")
+    print(
+        f"  mean norm {stats.mean_norm:.4f}; |mean| "
+        f"{float(stats.mean.norm()):.4f}; mean std {float(stats.std.mean()):.4f}"
+    )
+    print(
+        f"  value range in this megabatch [{float(states.min()):.3f}, {float(states.max()):.3f}], "
+        f"finite: {bool(torch.isfinite(states).all())}"
+    )
+    print(
+        f"\n{result.files} files, {result.tokens:,} tokens, "
+        f"{result.bytes_written / 1e6:.1f} MB in {result.seconds:.1f}s"
+    )
     if keep:
         print(f"\nkept in {keep}: model/ (weights and tokenizer), corpus.jsonl, config.yaml and vault/.")
         print(f"Edit {cfg_path} (hooks, data_key, sizes, run_name) and run: activault collect --config {cfg_path}")

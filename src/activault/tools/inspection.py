@@ -128,10 +128,17 @@ class Inspection:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "file": self.url, "model": self.model, "tokenizer": self.tokenizer, "tensors": self.tensors,
-            "metadata": self.metadata, "checks": self.checks, "rows": len(self.rows),
-            "decoded": self.decoded, "decode_note": self.decode_note, "preview": self.preview(),
-        }  # fmt: skip
+            "file": self.url,
+            "model": self.model,
+            "tokenizer": self.tokenizer,
+            "tensors": self.tensors,
+            "metadata": self.metadata,
+            "checks": self.checks,
+            "rows": len(self.rows),
+            "decoded": self.decoded,
+            "decode_note": self.decode_note,
+            "preview": self.preview(),
+        }
 
     def lines(self) -> list[str]:
         def mark(ok: bool) -> str:
@@ -139,8 +146,10 @@ class Inspection:
 
         c = self.checks
         out = [f"Inspecting file: {self.url}", "-" * 40, f"Model: {self.model}", "", "Tensor Shapes:"]
-        out += [f"  {k}: {v['shape']} {v['dtype']}" + (f"  (stored {v['stored']})" if "stored" in v else "")
-                for k, v in self.tensors.items()]  # fmt: skip
+        out += [
+            f"  {k}: {v['shape']} {v['dtype']}" + (f"  (stored {v['stored']})" if "stored" in v else "")
+            for k, v in self.tensors.items()
+        ]
         out += ["", "States Tensor Check:", f"  No NaNs: {mark(not c['nan'])}", f"  No Infs: {mark(not c['inf'])}"]
         if c["nonfinite_tokens"]:
             out.append(f"  Tokens with NaN/Inf: {c['nonfinite_tokens']:,}")
@@ -182,9 +191,12 @@ def _value_checks(states: torch.Tensor) -> dict[str, Any]:
     nan, inf = bool(torch.isnan(finite).any()), bool(torch.isinf(finite).any())
     ok = finite[torch.isfinite(finite)]
     return {
-        "nan": nan, "inf": inf, "nonfinite_tokens": nonfinite_tokens(states),
-        "min": float(ok.min()) if ok.numel() else None, "max": float(ok.max()) if ok.numel() else None,
-    }  # fmt: skip
+        "nan": nan,
+        "inf": inf,
+        "nonfinite_tokens": nonfinite_tokens(states),
+        "min": float(ok.min()) if ok.numel() else None,
+        "max": float(ok.max()) if ok.numel() else None,
+    }
 
 
 def _token_rows(ids: torch.Tensor, pos: torch.Tensor | None) -> list[list[int]]:
@@ -203,8 +215,10 @@ def _stored(meta: dict[str, str], key: str) -> dict[str, str]:
     if c is None:
         return {}
     raw = math.prod(c["shape"]) * DTYPES[c["dtype"]].itemsize
-    return {"stored": f"{c['codec']} level {c['level']}, {len(c['chunks'])} chunk(s), "
-                      f"{human_bytes(sum(c['chunks']))} = {sum(c['chunks']) / max(raw, 1):.3f} of raw"}  # fmt: skip
+    return {
+        "stored": f"{c['codec']} level {c['level']}, {len(c['chunks'])} chunk(s), "
+        f"{human_bytes(sum(c['chunks']))} = {sum(c['chunks']) / max(raw, 1):.3f} of raw"
+    }
 
 
 def inspect_file(store: Store, key: str, tokenizers: Tokenizers | None = None) -> Inspection:
@@ -217,10 +231,16 @@ def inspect_file(store: Store, key: str, tokenizers: Tokenizers | None = None) -
     checks = _value_checks(mb.states)
     checks["checksums"] = "verified" if mb.header and mb.header.checksums else "none (written before checksums)"
     insp = Inspection(
-        url=store.url(key), model=model, tokenizer=tok_name,
-        tensors={k: {"shape": list(t.shape), "dtype": dtype_name(t.dtype), **_stored(meta, k)} for k, t in mb.tensors.items()},
-        metadata=meta, checks=checks, rows=_token_rows(mb.input_ids, mb.positions),
-    )  # fmt: skip
+        url=store.url(key),
+        model=model,
+        tokenizer=tok_name,
+        tensors={
+            k: {"shape": list(t.shape), "dtype": dtype_name(t.dtype), **_stored(meta, k)} for k, t in mb.tensors.items()
+        },
+        metadata=meta,
+        checks=checks,
+        rows=_token_rows(mb.input_ids, mb.positions),
+    )
     tok, why = (tokenizers or Tokenizers()).get(tok_name)
     if tok is None:
         insp.decode_note = why
@@ -248,7 +268,6 @@ def foreign(e: Entry) -> str | None:
     return None
 
 
-
 def list_lines(store: Store, key: str, files: bool = False) -> list[str]:
     """Runs, hooks (file counts and sizes) and other files under `key`; every file with `files`."""
     size = store.size(key) if key else None
@@ -265,7 +284,11 @@ def list_lines(store: Store, key: str, files: bool = False) -> list[str]:
             strange.append(f"    {rel}  ({why})")
         else:
             by_dir.setdefault(parent(rel), []).append((rel, e.size))
-    hooks = {d for d, fs in by_dir.items() if any(is_megabatch(r) or r.endswith("/metadata.json") or r == "metadata.json" for r, _ in fs)}
+    hooks = {
+        d
+        for d, fs in by_dir.items()
+        if any(is_megabatch(r) or r.endswith("/metadata.json") or r == "metadata.json" for r, _ in fs)
+    }
     out = [f"{store.url(key)}"]
     for d in sorted(by_dir):
         fs = by_dir[d]
@@ -277,8 +300,10 @@ def list_lines(store: Store, key: str, files: bool = False) -> list[str]:
             shown = fs
         out += [f"    {r}  {human_bytes(s)}" if d in hooks else f"  {r}  {human_bytes(s)}" for r, s in shown]
     if strange:
-        out += ["  foreign objects, skipped (activault never writes these; delete them with `rm` in `activault s3`):",
-                *strange]
+        out += [
+            "  foreign objects, skipped (activault never writes these; delete them with `rm` in `activault s3`):",
+            *strange,
+        ]
     return out
 
 
@@ -335,8 +360,7 @@ def stats_figure(stats: HookStatistics, norms: torch.Tensor, title: str = "") ->
         from matplotlib.figure import Figure
     except ImportError:
         raise ConfigError(
-            "--plot needs matplotlib, which is not installed: pip install 'activault[plot]' "
-            "(or pip install matplotlib)"
+            "--plot needs matplotlib, which is not installed: pip install 'activault[plot]' (or pip install matplotlib)"
         ) from None
 
     fig = Figure(figsize=(10, 8), layout="constrained")

@@ -53,8 +53,7 @@ def default_slurm_script() -> Path:
 
 def collect_command(config: str | Path, machine: int, storage: str | None = None) -> list[str]:
     """The command every worker runs, the same as on a laptop."""
-    cmd = [sys.executable, "-m", "activault", "collect", "--config", str(config), "--machine", str(machine),
-           "--quiet"]  # fmt: skip
+    cmd = [sys.executable, "-m", "activault", "collect", "--config", str(config), "--machine", str(machine), "--quiet"]
     return cmd + (["--storage", storage] if storage else [])
 
 
@@ -100,7 +99,9 @@ def submit_slurm(
     check_launch(config, n, start, end)
     script = Path(script) if script is not None else default_slurm_script()
     if not script.is_file():
-        raise ConfigError(f"Slurm script {script} does not exist; pass --script PATH, or leave it out for the packaged one")
+        raise ConfigError(
+            f"Slurm script {script} does not exist; pass --script PATH, or leave it out for the packaged one"
+        )
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     config = str(Path(config).absolute())
@@ -114,8 +115,16 @@ def submit_slurm(
     else:
         out = str(log_dir.absolute() / "activault-%j.out")
         for m in range(start, end + 1):
-            jobs[m] = _sbatch([*base, f"--job-name=activault-m{m}", f"--export=ALL,MACHINE={m}",
-                               f"--output={out}", str(script), config])  # fmt: skip
+            jobs[m] = _sbatch(
+                [
+                    *base,
+                    f"--job-name=activault-m{m}",
+                    f"--export=ALL,MACHINE={m}",
+                    f"--output={out}",
+                    str(script),
+                    config,
+                ]
+            )
             log.info("machine %d: job %s", m, jobs[m])
     mapping = log_dir / f"slurm_jobs_{_stamp()}.txt"
     lines = ["MACHINE | JOB", "---------------", *(f"{m} | {j}" for m, j in jobs.items())]
@@ -128,7 +137,9 @@ def _sbatch(cmd: list[str]) -> str:
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     except FileNotFoundError:
-        raise ConfigError("sbatch not found: run this on a Slurm login node (or start one: scripts/slurm_local.sh start)") from None
+        raise ConfigError(
+            "sbatch not found: run this on a Slurm login node (or start one: scripts/slurm_local.sh start)"
+        ) from None
     if out.returncode != 0:
         raise ConfigError(f"sbatch failed ({shlex.join(cmd)}): {out.stderr.strip()}")
     return out.stdout.strip().split(";")[0]
@@ -148,8 +159,17 @@ def slurm_states(job_ids: list[str]) -> dict[str, str]:
     return {j: states.get(j, "UNKNOWN") for j in job_ids}
 
 
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
-         "DEADLINE"}  # fmt: skip
+FINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 def wait_slurm(jobs: dict[int, str], timeout: float | None = None, poll: float = 2.0) -> dict[int, str]:
@@ -264,12 +284,17 @@ def launch_ray(
             else:
                 log.error("machine %d: FAILED (exit %s)\n%s", m, r["returncode"], r["error"])
         if pending:
-            log.info("progress: %s", "; ".join(f"machine {refs[p]} {machine_progress(store, cfg, refs[p])}"
-                                                for p in pending))  # fmt: skip
+            log.info(
+                "progress: %s", "; ".join(f"machine {refs[p]} {machine_progress(store, cfg, refs[p])}" for p in pending)
+            )
     out = [results[m] for m in sorted(results)]
     failed = [r["machine"] for r in out if r["status"] != "completed"]
-    log.info("%d completed, %d failed%s", len(out) - len(failed), len(failed),
-             f" (rerun machines {failed} to finish the run)" if failed else "")  # fmt: skip
+    log.info(
+        "%d completed, %d failed%s",
+        len(out) - len(failed),
+        len(failed),
+        f" (rerun machines {failed} to finish the run)" if failed else "",
+    )
     path = Path(results_path or f"logs/ray_results_{_stamp()}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"config": config, "num_runs": n, "results": out}, indent=1) + "\n")

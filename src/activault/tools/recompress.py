@@ -60,7 +60,9 @@ def _is_stored_as(store: Store, key: str, size: int, codec: codecs.Codec | None)
 def _check(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], codec: codecs.Codec | None, url: str) -> None:
     """The converted file holds the same data (fp8: within its bound); else FormatError, nothing written."""
     if old.keys() != new.keys():
-        raise FormatError(f"{url}: conversion changed the tensors ({sorted(old)} -> {sorted(new)}); file left as it was")
+        raise FormatError(
+            f"{url}: conversion changed the tensors ({sorted(old)} -> {sorted(new)}); file left as it was"
+        )
     for k, t in old.items():
         n = new[k]
         if n.dtype != t.dtype or n.shape != t.shape:
@@ -69,8 +71,10 @@ def _check(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], codec: co
             finite = t.reshape(-1, t.shape[-1]).isfinite().all(1) if t.numel() else torch.ones(0, dtype=torch.bool)
             worst = codecs.token_errors(t, n)[finite].max().item() if bool(finite.any()) else 0.0
             if worst > codecs.FP8_MAX_TOKEN_ERROR:
-                raise FormatError(f"{url}: fp8 relative error {worst:.4f} on a token exceeds "
-                                  f"{codecs.FP8_MAX_TOKEN_ERROR}; file left as it was")  # fmt: skip
+                raise FormatError(
+                    f"{url}: fp8 relative error {worst:.4f} on a token exceeds "
+                    f"{codecs.FP8_MAX_TOKEN_ERROR}; file left as it was"
+                )
         elif not torch.equal(t.reshape(-1).view(torch.uint8), n.reshape(-1).view(torch.uint8)):
             raise FormatError(f"{url}: {k!r} does not decode bit for bit after conversion; file left as it was")
 
@@ -125,8 +129,10 @@ def recompress_run(
     if not hooks:
         raise ConfigError(f"{store.url(run)} holds no run (no cfg.json, no hook folder with a metadata.json)")
     if (waiting := _unfinished(store, run, cfg.num_runs if cfg else None)) and not force:
-        raise ConfigError(f"machines {waiting} of {store.url(run)} have not finished collecting; recompress once "
-                          "collection has ended (or pass --force)")  # fmt: skip
+        raise ConfigError(
+            f"machines {waiting} of {store.url(run)} have not finished collecting; recompress once "
+            "collection has ended (or pass --force)"
+        )
     summary = Summary()
     for h in hooks:
         files = {n: s for n, s in megabatch_files(list_dir(store, join(run, h))[1]).items() if n.endswith(SUFFIX)}
@@ -150,20 +156,30 @@ def recompress_run(
                     on_file(f"{h}/{name}", "converted" if converted else "skipped")
         meta = read_metadata(store, join(run, h))
         if meta is not None:
-            write_record(store, metadata_key(join(run, h)), meta.model_copy(update={"compression": codecs.describe(codec)}))
+            write_record(
+                store, metadata_key(join(run, h)), meta.model_copy(update={"compression": codecs.describe(codec)})
+            )
     return summary
 
 
 def run_recompress(
-    uri: str, compression: str, level: int | None = None, chunk_kib: int | None = None, threads: int = 2, force: bool = False
+    uri: str,
+    compression: str,
+    level: int | None = None,
+    chunk_kib: int | None = None,
+    threads: int = 2,
+    force: bool = False,
 ) -> int:
     """`activault recompress RUN_URI --compression ...`: convert and print what changed."""
     store, run = locate(uri)
     chunk = codecs.CHUNK_BYTES if chunk_kib is None else chunk_kib << 10
     codec = codecs.from_config(compression, codecs.LEVEL if level is None else level, chunk)  # type: ignore[arg-type]
-    s = recompress_run(store, run, codec, threads=threads, force=force,
-                       on_file=lambda f, what: print(f"  {what:9s} {f}", flush=True))  # fmt: skip
+    s = recompress_run(
+        store, run, codec, threads=threads, force=force, on_file=lambda f, what: print(f"  {what:9s} {f}", flush=True)
+    )
     ratio = s.bytes_after / max(s.bytes_before, 1)
-    print(f"{store.url(run)}: {s.converted} file(s) converted, {s.skipped} already {compression}; "
-          f"{human_bytes(s.bytes_before)} -> {human_bytes(s.bytes_after)} ({ratio:.3f})")  # fmt: skip
+    print(
+        f"{store.url(run)}: {s.converted} file(s) converted, {s.skipped} already {compression}; "
+        f"{human_bytes(s.bytes_before)} -> {human_bytes(s.bytes_after)} ({ratio:.3f})"
+    )
     return 0

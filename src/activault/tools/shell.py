@@ -58,7 +58,9 @@ def default_root(env: dict[str, str] | None = None) -> str:
     env = dict(os.environ if env is None else env)
     bucket = env.get("S3_BUCKET_NAME")
     if not bucket:
-        raise ConfigError("S3_BUCKET_NAME is not set; export it, or pass --root URI (s3://BUCKET[/PREFIX] or a local folder)")
+        raise ConfigError(
+            "S3_BUCKET_NAME is not set; export it, or pass --root URI (s3://BUCKET[/PREFIX] or a local folder)"
+        )
     return bucket if bucket.startswith("s3://") else f"s3://{bucket}"
 
 
@@ -94,10 +96,16 @@ class Shell:
         self.tokenizers = Tokenizers()
         self._listing: tuple[list[str], list[Entry]] | None = None
         self.commands: dict[str, Callable[[list[str]], None]] = {
-            "ls": self.do_ls, "cd": self.do_cd, "cat": self.do_cat, "rm": self.do_rm,
-            "filecount": self.do_filecount, "sizecheck": self.do_sizecheck, "inspect": self.do_inspect,
-            "help": self.do_help, "?": self.do_help,
-        }  # fmt: skip
+            "ls": self.do_ls,
+            "cd": self.do_cd,
+            "cat": self.do_cat,
+            "rm": self.do_rm,
+            "filecount": self.do_filecount,
+            "sizecheck": self.do_sizecheck,
+            "inspect": self.do_inspect,
+            "help": self.do_help,
+            "?": self.do_help,
+        }
 
     @property
     def prompt(self) -> str:
@@ -189,7 +197,11 @@ class Shell:
                 e = files[i - len(dirs)]
                 return e.kind, e.key
             total = len(dirs) + len(files)
-            raise UsageError(f"no entry {i} here (0..{total - 1}); type `ls` to see the numbers" if total else f"no entry {i}: this folder is empty")
+            raise UsageError(
+                f"no entry {i} here (0..{total - 1}); type `ls` to see the numbers"
+                if total
+                else f"no entry {i}: this folder is empty"
+            )
         name = arg.rstrip("/")
         if name in dirs:
             return "dir", join(self.cwd, name)
@@ -269,7 +281,9 @@ class Shell:
             raise UsageError("that is a megabatch; use `inspect` to look inside it")
         size = self.store.size(key) or 0
         if size > CAT_LIMIT:
-            raise UsageError(f"{human_bytes(size)} is too large to print; cat shows files up to {human_bytes(CAT_LIMIT)}")
+            raise UsageError(
+                f"{human_bytes(size)} is too large to print; cat shows files up to {human_bytes(CAT_LIMIT)}"
+            )
         try:
             text = bytes(self.store.get(key)).decode()
         except UnicodeDecodeError:
@@ -286,7 +300,9 @@ class Shell:
             # A link is deleted itself (the store never follows it), like a file.
             entries += self.store.list(key + "/") if kind == "dir" else [here[key]]
         names = ", ".join(k.rsplit("/", 1)[-1] + ("/" if kind == "dir" else "") for kind, k in targets)
-        answer = self.confirm(f"delete {names} ({len(entries)} files, {human_bytes(sum(e.size for e in entries))})? [y/N] ")
+        answer = self.confirm(
+            f"delete {names} ({len(entries)} files, {human_bytes(sum(e.size for e in entries))})? [y/N] "
+        )
         if answer.strip().lower() not in ("y", "yes"):
             self.say("nothing deleted")
             return
@@ -338,10 +354,15 @@ class Shell:
             codec = meta.compression.get("codec", "none") if meta else "none"
             if codec != "none":  # compressed files differ in size by nature
                 sizes = megabatch_files(entries).values()
-                self.say(f"{where + '/':<40} {n:>6} megabatches of {human_bytes(min(sizes))} to {human_bytes(max(sizes))} "
-                         f"({codec}-compressed: sizes vary; `activault verify` checks them)")  # fmt: skip
+                self.say(
+                    f"{where + '/':<40} {n:>6} megabatches of {human_bytes(min(sizes))} to {human_bytes(max(sizes))} "
+                    f"({codec}-compressed: sizes vary; `activault verify` checks them)"
+                )
                 continue
-            self.say(f"{where + '/':<40} {n:>6} megabatches of {human_bytes(common)}" + ("" if not odd else f"  ({len(odd)} differ)"))
+            self.say(
+                f"{where + '/':<40} {n:>6} megabatches of {human_bytes(common)}"
+                + ("" if not odd else f"  ({len(odd)} differ)")
+            )
             for name, size, why in odd:
                 mark = "⚠️ " if why.startswith("last") else "❌"
                 self.say(f"    {mark} {name}  {human_bytes(size)}  {why}")

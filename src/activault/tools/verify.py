@@ -82,13 +82,9 @@ def _check_file(store: Store, run: str, hook: str, name: str, size: int, deep: b
                 bytes(mb.tensors["positions"].numpy()),
             )
         else:
-            ids, pos = (
-                bytes(store.get_range(key, *h.byte_range(t))) for t in ("input_ids", "positions")
-            )
+            ids, pos = (bytes(store.get_range(key, *h.byte_range(t))) for t in ("input_ids", "positions"))
     except FormatError as e:
-        check.problems.append(
-            f"{hook}/{name}: {str(e).split(': ', 1)[-1]}; {file_repair(store.url(run), name)}"
-        )
+        check.problems.append(f"{hook}/{name}: {str(e).split(': ', 1)[-1]}; {file_repair(store.url(run), name)}")
         return check
     fmeta = h.metadata
     if fmeta.get("hook", hook) != hook:
@@ -102,9 +98,7 @@ def _spec(h: Header) -> tuple[int, int, str]:
     return h.seq_len, h.d_model, dtype_name(h.dtype)
 
 
-def _against_metadata(
-    hook: str, meta: HookMetadata | None, checks: list[FileCheck], run_url: str
-) -> list[str]:
+def _against_metadata(hook: str, meta: HookMetadata | None, checks: list[FileCheck], run_url: str) -> list[str]:
     """Files that differ from most files of their hook; metadata.json when it is what differs."""
     headers = [(c.name, c.header) for c in checks if c.header is not None]
     if not headers:
@@ -166,11 +160,14 @@ def _progress(store: Store, run: str, num_runs: int | None, out: Verification) -
             out.problems.append(str(err))
             continue
         if rec is not None and num_runs is not None and rec.num_runs != num_runs:
-            out.problems.append(f"progress/{e.key.rsplit('/', 1)[-1]}: num_runs {rec.num_runs}, cfg.json "
-                                f"says {num_runs}; {redo_machine(store.url(run), m)}")  # fmt: skip
+            out.problems.append(
+                f"progress/{e.key.rsplit('/', 1)[-1]}: num_runs {rec.num_runs}, cfg.json "
+                f"says {num_runs}; {redo_machine(store.url(run), m)}"
+            )
         elif rec is not None and not rec.finished:
-            out.notes.append(f"machine {m} has not finished ({rec.files_done} files so far): run its "
-                             "collect command to finish it")  # fmt: skip
+            out.notes.append(
+                f"machine {m} has not finished ({rec.files_done} files so far): run its collect command to finish it"
+            )
 
 
 def _statistics(store: Store, run: str, hooks: list[str], total: int, want: list[int]) -> list[str]:
@@ -186,11 +183,15 @@ def _statistics(store: Store, run: str, hooks: list[str], total: int, want: list
             problems.append(f"{h}: statistics.json is missing; {REBUILD}, {REMERGE}")
             continue
         if stats.count != total:
-            problems.append(f"{h}: statistics.json counts {stats.count} tokens, the files hold {total} "
-                            f"non-padding tokens; {REBUILD}, {REMERGE}")  # fmt: skip
+            problems.append(
+                f"{h}: statistics.json counts {stats.count} tokens, the files hold {total} "
+                f"non-padding tokens; {REBUILD}, {REMERGE}"
+            )
         if stats.machines != want:
-            problems.append(f"{h}: statistics.json covers machines {stats.machines}, expected {want}; "
-                            f"finish the missing machines, then {REMERGE.removeprefix('or ')}")  # fmt: skip
+            problems.append(
+                f"{h}: statistics.json covers machines {stats.machines}, expected {want}; "
+                f"finish the missing machines, then {REMERGE.removeprefix('or ')}"
+            )
     return problems
 
 
@@ -226,9 +227,7 @@ def verify_run(store: Store, run: str = "", threads: int = 8, deep: bool = False
             )
     jobs = [(h, n) for h in names for n in sorted(names[h])]
     with ThreadPoolExecutor(min(threads, DEEP_THREADS) if deep else threads) as pool:
-        checks = list(
-            pool.map(lambda j: _check_file(store, run, j[0], j[1], names[j[0]][j[1]], deep), jobs)
-        )
+        checks = list(pool.map(lambda j: _check_file(store, run, j[0], j[1], names[j[0]][j[1]], deep), jobs))
     ref: dict[str, FileCheck] = {}
     for c in checks:
         out.problems += c.problems
@@ -236,12 +235,12 @@ def verify_run(store: Store, run: str = "", threads: int = 8, deep: bool = False
             continue
         first = ref.setdefault(c.name, c)
         if first.tokens != c.tokens:
-            out.problems.append(f"{c.hook}/{c.name}: token ids or positions differ from "
-                                f"{first.hook}/{c.name}; {file_repair(out.run, c.name)}")  # fmt: skip
+            out.problems.append(
+                f"{c.hook}/{c.name}: token ids or positions differ from "
+                f"{first.hook}/{c.name}; {file_repair(out.run, c.name)}"
+            )
     for h in names:
-        out.problems += _against_metadata(
-            h, metas.get(h), [c for c in checks if c.hook == h], out.run
-        )
+        out.problems += _against_metadata(h, metas.get(h), [c for c in checks if c.hook == h], out.run)
     out.tokens = sum(c.real for c in ref.values())  # the same tokens in every hook count once
     out.machines = sorted({m[0] for n in every if (m := parse_file_name(n))})
     want = list(range(cfg.num_runs)) if cfg else out.machines
@@ -256,22 +255,22 @@ def verify_run(store: Store, run: str = "", threads: int = 8, deep: bool = False
 
 def _integrity_notes(checks: list[FileCheck], hooks: list[str], deep: bool) -> list[str]:
     if not deep:
-        return [
-            "checksums and NaN/Inf not checked: `activault verify --deep` reads every file whole"
-        ]
+        return ["checksums and NaN/Inf not checked: `activault verify --deep` reads every file whole"]
     read = [c for c in checks if c.header is not None and not c.problems]
-    notes = [
-        f"checksums verified in {sum(c.checksummed for c in read)} of {len(read)} readable files"
-    ]
+    notes = [f"checksums verified in {sum(c.checksummed for c in read)} of {len(read)} readable files"]
     unsummed = sum(not c.checksummed for c in read)
     if unsummed:
-        notes.append(f"{unsummed} file(s) have no checksums (format version 1, written before "
-                     "checksums): their bytes could not be checked")  # fmt: skip
+        notes.append(
+            f"{unsummed} file(s) have no checksums (format version 1, written before "
+            "checksums): their bytes could not be checked"
+        )
     for h in hooks:
         bad = [c for c in read if c.hook == h and c.nonfinite]
         if bad:
-            notes.append(f"{h}: {sum(c.nonfinite for c in bad):,} token(s) with NaN or Inf in "
-                         f"{len(bad)} file(s), e.g. {bad[0].name}")  # fmt: skip
+            notes.append(
+                f"{h}: {sum(c.nonfinite for c in bad):,} token(s) with NaN or Inf in "
+                f"{len(bad)} file(s), e.g. {bad[0].name}"
+            )
     return notes
 
 
@@ -308,8 +307,10 @@ def run_verify(uri: str, deep: bool = False) -> int:
         print(f"{v.run}: {len(v.problems)} problem(s)")
         print("\n".join(f"  - {p}" for p in v.problems))
     else:
-        print(f"OK  {v.run}: {v.hooks} hooks, {v.files} files per hook, {v.tokens:,} tokens, "
-              f"{human_bytes(v.bytes)}, machines {v.machines}" + (", checksums checked" if deep else ""))  # fmt: skip
+        print(
+            f"OK  {v.run}: {v.hooks} hooks, {v.files} files per hook, {v.tokens:,} tokens, "
+            f"{human_bytes(v.bytes)}, machines {v.machines}" + (", checksums checked" if deep else "")
+        )
     for n in v.notes:
         print(f"  note: {n}")
     return 1 if v.problems else 0

@@ -226,11 +226,15 @@ def decompress_into(
                 got = r.readinto(payload)
                 extra = r.read(1)  # also reads the frame's end, where its checksum is checked
         except zstandard.ZstdError as e:
-            raise FormatError(f"{where}: chunk {i} (bytes {starts[i]}..{starts[i + 1]}) is corrupted ({e}); "
-                              "restore the file or collect it again") from None  # fmt: skip
+            raise FormatError(
+                f"{where}: chunk {i} (bytes {starts[i]}..{starts[i + 1]}) is corrupted ({e}); "
+                "restore the file or collect it again"
+            ) from None
         if got != want or extra:
-            raise FormatError(f"{where}: chunk {i} decodes to the wrong size ({got}{'+' if extra else ''} bytes, "
-                              f"expected {want}); restore the file or collect it again")  # fmt: skip
+            raise FormatError(
+                f"{where}: chunk {i} decodes to the wrong size ({got}{'+' if extra else ''} bytes, "
+                f"expected {want}); restore the file or collect it again"
+            )
         if codec == "fp8":
             scale = np.empty(n, np.float32)
             _merge(payload[: 4 * n], 4, scale.view(np.uint8))
@@ -256,14 +260,25 @@ class Packed:
 
     def entry(self, dtype_code: str) -> dict[str, Any]:
         """The JSON the header stores for this tensor."""
-        return {"codec": self.codec, "version": CODEC_VERSION, "dtype": dtype_code, "shape": self.shape,
-                "level": self.level, "chunk_tokens": self.chunk_tokens, "chunks": self.chunks}  # fmt: skip
+        return {
+            "codec": self.codec,
+            "version": CODEC_VERSION,
+            "dtype": dtype_code,
+            "shape": self.shape,
+            "level": self.level,
+            "chunk_tokens": self.chunk_tokens,
+            "chunks": self.chunks,
+        }
 
     def matches(self, codec: Codec) -> bool:
         """Whether this tensor is already stored as `codec` would store it (same bytes)."""
         itemsize = self.dtype.itemsize
         width = self.shape[-1] if self.shape else 1
-        return (self.codec, self.level, self.chunk_tokens) == (codec.name, codec.level, codec.chunk_tokens(width, itemsize))
+        return (self.codec, self.level, self.chunk_tokens) == (
+            codec.name,
+            codec.level,
+            codec.chunk_tokens(width, itemsize),
+        )
 
 
 def pack(t: torch.Tensor, codec: Codec, threads: int | None = None) -> tuple[Packed, list[bytes]]:
@@ -282,16 +297,19 @@ def parse(raw: Any, stored_bytes: int, dtypes: Mapping[str, torch.dtype], where:
     except (KeyError, TypeError, ValueError):
         raise FormatError(f"{where}: corrupted codec description in the header") from None
     if codec not in ("zstd", "fp8") or version > CODEC_VERSION:
-        raise FormatError(f"{where}: stored with codec {codec!r} version {version}, which this activault cannot "
-                          "decode; upgrade activault")  # fmt: skip
+        raise FormatError(
+            f"{where}: stored with codec {codec!r} version {version}, which this activault cannot "
+            "decode; upgrade activault"
+        )
     if codec == "fp8" and not dtype.is_floating_point:
         raise FormatError(f"{where}: fp8 codec for a {dtype} tensor (corrupted header)")
     tokens = math.prod(shape[:-1]) if shape else 1
     if any(s < 0 for s in shape) or per < 1 or any(c < 0 for c in chunks) or len(chunks) != -(-tokens // per):
         raise FormatError(f"{where}: inconsistent shape and chunk table in the header (corrupted header)")
     if sum(chunks) != stored_bytes:
-        raise FormatError(f"{where}: chunk table covers {sum(chunks)} bytes, the tensor holds {stored_bytes} "
-                          "(corrupted file)")  # fmt: skip
+        raise FormatError(
+            f"{where}: chunk table covers {sum(chunks)} bytes, the tensor holds {stored_bytes} (corrupted file)"
+        )
     return Packed(codec, dtype, shape, level, per, chunks)
 
 

@@ -3,7 +3,8 @@
 A file is `u64 header length | JSON header | raw tensor bytes`, the safetensors layout, so
 `safetensors.safe_open` reads our files and we read theirs. The header's `__metadata__` says what
 the file is (format, version, run, hook, machine, file index) and holds a checksum of each
-tensor's stored bytes; a compressed `states` is a uint8 tensor described under `codecs` (vault/codec.py). `parse_header` is the one validator every reader uses, on the header alone, before
+tensor's stored bytes; a compressed `states` is a uint8 tensor described under `codecs` (vault/codec.py).
+`parse_header` is the one validator every reader uses, on the header alone, before
 any tensor byte is fetched. Nothing is ever unpickled: legacy `.pt` files of the original project
 load with `torch.load(weights_only=True)`.
 """
@@ -165,8 +166,7 @@ def header_length(first8: bytes | bytearray | memoryview, url: str) -> int:
     (n,) = struct.unpack_from("<Q", first8, 0)
     if not 2 <= n <= MAX_HEADER:
         raise FormatError(
-            f"{url}: not a megabatch: corrupted or truncated header (it declares {n} bytes; "
-            "ours are under 1 KiB)"
+            f"{url}: not a megabatch: corrupted or truncated header (it declares {n} bytes; ours are under 1 KiB)"
         )
     return 8 + n
 
@@ -186,17 +186,9 @@ def _tensor_info(name: str, entry: Any, url: str) -> TensorInfo:
     code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not isinstance(code, str) or code not in DTYPES:
         raise FormatError(f"{bad} (unknown dtype {str(code)[:20]!r})")
-    if (
-        not isinstance(shape, list)
-        or len(shape) > MAX_DIMS
-        or not all(_is_int(s, MAX_DIM) for s in shape)
-    ):
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_is_int(s, MAX_DIM) for s in shape):
         raise FormatError(f"{bad} (shape must be at most {MAX_DIMS} non-negative integers)")
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(_is_int(o, 1 << 62) for o in offsets)
-    ):
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o, 1 << 62) for o in offsets):
         raise FormatError(f"{bad} (data_offsets must be two non-negative integers)")
     start, end = offsets
     if end - start != math.prod(shape) * ITEMSIZE[code]:
@@ -217,22 +209,16 @@ def _check_layout(tensors: dict[str, TensorInfo], data_len: int, url: str) -> No
             raise FormatError(f"{url}: corrupted header (tensor {name!r} {what})")
         at = t.end
     if at > data_len:
-        raise FormatError(
-            f"{url}: truncated file (the tensors need {at} data bytes, the file has {data_len})"
-        )
+        raise FormatError(f"{url}: truncated file (the tensors need {at} data bytes, the file has {data_len})")
     if at < data_len:
-        raise FormatError(
-            f"{url}: {data_len - at} unexpected bytes after the tensors (corrupted file)"
-        )
+        raise FormatError(f"{url}: {data_len - at} unexpected bytes after the tensors (corrupted file)")
 
 
 def _check_tensors(tensors: dict[str, TensorInfo], url: str) -> None:
     """states [rows, seq, d] floating point; input_ids and positions [rows, seq] int32."""
     missing = [n for n in REQUIRED if n not in tensors]
     if missing:
-        raise FormatError(
-            f"{url}: no {', '.join(map(repr, missing))} tensor; not an activault megabatch"
-        )
+        raise FormatError(f"{url}: no {', '.join(map(repr, missing))} tensor; not an activault megabatch")
     states, ids, pos = (tensors[n] for n in REQUIRED)
     if len(states.shape) != 3 or states.dtype not in STATE_DTYPES:
         raise FormatError(
@@ -246,9 +232,7 @@ def _check_tensors(tensors: dict[str, TensorInfo], url: str) -> None:
                 f"expected {list(states.shape[:2])} int32 like 'states'"
             )
     if 0 in states.shape:
-        raise FormatError(
-            f"{url}: holds no data (states {list(states.shape)}); activault never writes one"
-        )
+        raise FormatError(f"{url}: holds no data (states {list(states.shape)}); activault never writes one")
 
 
 def _check_metadata(meta: Any, tensors: dict[str, TensorInfo], url: str) -> dict[str, str]:
@@ -276,9 +260,7 @@ def _check_metadata(meta: Any, tensors: dict[str, TensorInfo], url: str) -> dict
         for name in tensors:
             v = sums.get(CHECKSUM_KEY + name)
             if v is None or len(v) != 16 or not all(c in "0123456789abcdef" for c in v):
-                raise FormatError(
-                    f"{url}: corrupted header (no valid checksum for tensor {name!r})"
-                )
+                raise FormatError(f"{url}: corrupted header (no valid checksum for tensor {name!r})")
         if len(sums) != len(tensors):
             raise FormatError(f"{url}: corrupted header (checksums for tensors it does not hold)")
     return dict(meta)
@@ -453,9 +435,7 @@ class Megabatch:
         return self.header.metadata if self.header is not None else {}
 
 
-def check_checksums(
-    header: Header, buf: bytes | bytearray | memoryview, url: str | None = None
-) -> bool:
+def check_checksums(header: Header, buf: bytes | bytearray | memoryview, url: str | None = None) -> bool:
     """Check every tensor's bytes in `buf` (the whole file) against the header's checksums.
 
     Returns False when the file has none to check (written before checksums, format version 1).
@@ -538,8 +518,6 @@ def decode_legacy(buf: bytes | bytearray | memoryview, url: str) -> Megabatch:
     if states is None or states.dim() != 3 or not states.is_floating_point() or 0 in states.shape:
         raise FormatError(f"{url}: legacy file has no 'states' tensor of shape [rows, seq, d]")
     if ids is None or tuple(ids.shape) != tuple(states.shape[:2]):
-        raise FormatError(
-            f"{url}: legacy file has no 'input_ids' tensor of shape {list(states.shape[:2])}"
-        )
+        raise FormatError(f"{url}: legacy file has no 'input_ids' tensor of shape {list(states.shape[:2])}")
     tensors.pop("positions", None)  # the original never wrote them; never trust a stray one
     return Megabatch(tensors, None)

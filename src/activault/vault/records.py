@@ -195,9 +195,7 @@ class HookStatistics(StatsRecord):
     @model_validator(mode="after")
     def _machines(self) -> HookStatistics:
         if self.machines != sorted(set(self.machines)) or self.machines[-1] >= self.num_runs:
-            raise ValueError(
-                f"machines {reprlib.repr(self.machines)} are not distinct in 0..num_runs-1"
-            )
+            raise ValueError(f"machines {reprlib.repr(self.machines)} are not distinct in 0..num_runs-1")
         return self
 
 
@@ -293,9 +291,7 @@ def parse_record(text: bytes | str, model: type[R], url: str, fix: str) -> R:
         raise FormatError(f"{url}: {_field_problem(e)}; {fix}") from None
 
 
-def read_record(
-    store: Store, key: str, model: type[R], fix: str, size: int | None = None
-) -> R | None:
+def read_record(store: Store, key: str, model: type[R], fix: str, size: int | None = None) -> R | None:
     """A typed record, or None if absent.
 
     Args:
@@ -324,9 +320,7 @@ def read_run(store: Store, run: str) -> RunRecord | None:
     return read_record(store, cfg_key(run), RunRecord, REBUILD)
 
 
-def read_progress(
-    store: Store, run: str, machine: int, size: int | None = None
-) -> ProgressRecord | None:
+def read_progress(store: Store, run: str, machine: int, size: int | None = None) -> ProgressRecord | None:
     rec = read_record(
         store,
         progress_key(run, machine),
@@ -351,14 +345,17 @@ def read_statistics(store: Store, folder: str) -> HookStatistics | None:
     return read_record(store, statistics_key(folder), HookStatistics, f"{REBUILD}, {REMERGE}")
 
 
-def header_metadata(
-    run_name: str, hook: str, machine: int, index: int, model: str
-) -> dict[str, str]:
+def header_metadata(run_name: str, hook: str, machine: int, index: int, model: str) -> dict[str, str]:
     """The `__metadata__` of a megabatch header (encode adds the checksums)."""
     return {
-        "format": FORMAT, "format_version": str(FORMAT_VERSION), "run_name": run_name,
-        "hook": hook, "machine": str(machine), "file_index": str(index), "model": model,
-    }  # fmt: skip
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "run_name": run_name,
+        "hook": hook,
+        "machine": str(machine),
+        "file_index": str(index),
+        "model": model,
+    }
 
 
 def hook_metadata(
@@ -378,9 +375,16 @@ def hook_metadata(
     name = dtype if isinstance(dtype, str) else dtype_name(dtype)
     itemsize = torch.empty((), dtype=getattr(torch, name)).element_size()
     return HookMetadata(
-        run_name=run_name, hook=hook, model=model, shape=[rows_per_file, seq_length, d_model],
-        dtype=name, d_model=d_model, seq_length=seq_length, batch_size=batch_size,  # type: ignore[arg-type]
-        batches_per_upload=batches_per_upload, rows_per_file=rows_per_file,
+        run_name=run_name,
+        hook=hook,
+        model=model,
+        shape=[rows_per_file, seq_length, d_model],
+        dtype=name,  # type: ignore[arg-type]  # validated by the model
+        d_model=d_model,
+        seq_length=seq_length,
+        batch_size=batch_size,
+        batches_per_upload=batches_per_upload,
+        rows_per_file=rows_per_file,
         bytes_per_file=rows_per_file * seq_length * (d_model * itemsize + 8),
         tensors={
             "states": {"dtype": name, "shape": ["rows", seq_length, d_model]},
@@ -388,7 +392,7 @@ def hook_metadata(
             "positions": {"dtype": "int32", "shape": ["rows", seq_length]},
         },
         compression=codecs.describe(compression),
-    )  # fmt: skip
+    )
 
 
 def statistics_record(total: RunningStats, machines: list[int], num_runs: int) -> HookStatistics:

@@ -41,18 +41,33 @@ from activault.vault.stats import RunningStats
 log = logging.getLogger(__name__)
 
 # Fields of data_config that decide which tokens each file holds.
-DATA_FIELDS = ("data_key", "seq_length", "batch_size", "seed", "shuffle_buffer",
-               "clean_added_tokens", "clean_default_system_prompt", "start_batch")  # fmt: skip
+DATA_FIELDS = (
+    "data_key",
+    "seq_length",
+    "batch_size",
+    "seed",
+    "shuffle_buffer",
+    "clean_added_tokens",
+    "clean_default_system_prompt",
+    "start_batch",
+)
 
 
-def run_record(cfg: Config, model: dict[str, Any], tokenizer: str, hook_dims: dict[str, int],
-               version: str) -> RunRecord:  # fmt: skip
+def run_record(
+    cfg: Config, model: dict[str, Any], tokenizer: str, hook_dims: dict[str, int], version: str
+) -> RunRecord:
     """cfg.json of a run collected with `cfg`."""
     return RunRecord(
-        activault_version=version, run_name=cfg.run_name, config=cfg.to_public_dict(), model=model,
-        tokenizer=tokenizer, hooks=list(cfg.upload_config.hooks), hook_dims=dict(hook_dims),
-        num_runs=cfg.num_runs, progress=[progress_key("", m) for m in range(cfg.num_runs)],
-    )  # fmt: skip
+        activault_version=version,
+        run_name=cfg.run_name,
+        config=cfg.to_public_dict(),
+        model=model,
+        tokenizer=tokenizer,
+        hooks=list(cfg.upload_config.hooks),
+        hook_dims=dict(hook_dims),
+        num_runs=cfg.num_runs,
+        progress=[progress_key("", m) for m in range(cfg.num_runs)],
+    )
 
 
 def _check_same_run(url: str, old: RunRecord, new: RunRecord) -> None:
@@ -130,14 +145,26 @@ class Progress:
     def stats(self) -> dict[str, StatsRecord]:
         return self.last.stats
 
-    def record(self, files: int, rows: int, tokens: int, data_state: dict[str, Any] | None,
-               stats: dict[str, RunningStats], finished: bool) -> ProgressRecord:  # fmt: skip
+    def record(
+        self,
+        files: int,
+        rows: int,
+        tokens: int,
+        data_state: dict[str, Any] | None,
+        stats: dict[str, RunningStats],
+        finished: bool,
+    ) -> ProgressRecord:
         # Our own numbers: constructed without a validation pass over every statistic.
         return ProgressRecord.model_construct(
-            machine=self.machine, num_runs=self.last.num_runs, files_done=files, rows_done=rows,
-            tokens_done=tokens, data_state=data_state, finished=finished,
+            machine=self.machine,
+            num_runs=self.last.num_runs,
+            files_done=files,
+            rows_done=rows,
+            tokens_done=tokens,
+            data_state=data_state,
+            finished=finished,
             stats={h: StatsRecord.model_construct(**s.to_dict()) for h, s in stats.items()},
-        )  # fmt: skip
+        )
 
     def write(self, record: ProgressRecord) -> None:
         write_record(self.store, self.key, record)
@@ -179,16 +206,20 @@ def rebuild_metadata(store: Store, cfg: Config, machine: int, files_done: int) -
         if header is None:
             continue
         want = hook_metadata(
-            run_name=cfg.run_name, hook=h, d_model=header.d_model, dtype=header.dtype,
-            seq_length=header.seq_len, rows_per_file=cfg.rows_per_file, batch_size=dc.batch_size,
-            batches_per_upload=uc.batches_per_upload, model=cfg.transformer_config.model_name,
-        )  # fmt: skip
+            run_name=cfg.run_name,
+            hook=h,
+            d_model=header.d_model,
+            dtype=header.dtype,
+            seq_length=header.seq_len,
+            rows_per_file=cfg.rows_per_file,
+            batch_size=dc.batch_size,
+            batches_per_upload=uc.batches_per_upload,
+            model=cfg.transformer_config.model_name,
+        )
         if have == want:
             continue
         if have is not None:
-            why = (
-                "out of date (" + (have.disagreement(header) or "batch sizes or model differ") + ")"
-            )
+            why = "out of date (" + (have.disagreement(header) or "batch sizes or model differ") + ")"
         write_record(store, metadata_key(folder), want)
         log.warning("%s was %s: rebuilt from %s", store.url(metadata_key(folder)), why, header.url)
         rebuilt.append(h)
@@ -210,8 +241,7 @@ def _finished(store: Store, run: str, num_runs: int, skip: set[int]) -> Iterator
         if rec is None or not rec.finished:
             continue
         if rec.num_runs != num_runs:
-            log.warning("skipping machine %d: its record says num_runs=%d, the run %d", m,
-                        rec.num_runs, num_runs)  # fmt: skip
+            log.warning("skipping machine %d: its record says num_runs=%d, the run %d", m, rec.num_runs, num_runs)
             continue
         yield rec
 
@@ -233,9 +263,12 @@ def merge_statistics(store: Store, run: str, hooks: list[str], num_runs: int) ->
             parts = {h: rec.stats[h].running() for h in hooks if h in rec.stats}
             odd = [h for h, s in parts.items() if h in totals and s.d != totals[h].d]
             if odd:
-                log.warning("skipping machine %d: its statistics of %s have another d_model than "
-                            "the other machines'; %s", rec.machine, odd[0],
-                            redo_machine(store.url(run), rec.machine))  # fmt: skip
+                log.warning(
+                    "skipping machine %d: its statistics of %s have another d_model than the other machines'; %s",
+                    rec.machine,
+                    odd[0],
+                    redo_machine(store.url(run), rec.machine),
+                )
                 continue
             for h, s in parts.items():
                 totals[h] = totals[h].merge(s) if h in totals else RunningStats(s.d).merge(s)

@@ -108,9 +108,7 @@ class RunningStats:
         s.mean = torch.tensor(d["mean"], dtype=torch.float64, device=device)
         s.m2 = torch.tensor(d["m2"], dtype=torch.float64, device=device)
         s.norm_sum = torch.tensor(float(d["norm_sum"]), dtype=torch.float64, device=device)
-        s.norm_sq_sum = torch.tensor(
-            float(d.get("norm_sq_sum", 0.0)), dtype=torch.float64, device=device
-        )
+        s.norm_sq_sum = torch.tensor(float(d.get("norm_sq_sum", 0.0)), dtype=torch.float64, device=device)
         s.nonfinite = torch.tensor(int(d.get("nonfinite", 0)), dtype=torch.int64, device=device)
         return s
 

@@ -34,13 +34,9 @@ def __getattr__(name: str) -> Any:
 
 def add_subcommands(sub: argparse._SubParsersAction) -> None:
     """`activault export` and `activault import`, for the CLI's subparsers."""
-    ex = sub.add_parser(
-        "export", help="write hooks of a run as a SAELens activation cache (HF datasets folder)"
-    )
+    ex = sub.add_parser("export", help="write hooks of a run as a SAELens activation cache (HF datasets folder)")
     ex.add_argument("run_uri", help="the run folder: PATH/RUN or s3://BUCKET[/PREFIX]/RUN")
-    ex.add_argument(
-        "out_dir", help="a new folder for the cache (SAELens's cached_activations_path)"
-    )
+    ex.add_argument("out_dir", help="a new folder for the cache (SAELens's cached_activations_path)")
     ex.add_argument(
         "--hook",
         action="append",
@@ -68,9 +64,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     ex.add_argument("--shard-mb", type=int, default=500, help="MiB per Arrow file (default 500)")
     ex.set_defaults(func=_export_cmd)
 
-    im = sub.add_parser(
-        "import", help="write a SAELens activation cache as a run (resumes if killed)"
-    )
+    im = sub.add_parser("import", help="write a SAELens activation cache as a run (resumes if killed)")
     im.add_argument("cache_dir", help="the cache folder (SAELens's cached_activations_path)")
     im.add_argument("run_uri", help="the new run: PATH/RUN or s3://BUCKET[/PREFIX]/RUN")
     im.add_argument(
@@ -80,9 +74,7 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
         metavar="COLUMN[=HOOK]",
         help="a column to import, optionally renamed (default: every activation column)",
     )
-    im.add_argument(
-        "--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="stored dtype"
-    )
+    im.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None, help="stored dtype")
     im.add_argument(
         "--rows-per-file",
         type=int,

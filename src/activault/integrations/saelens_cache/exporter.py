@@ -80,14 +80,10 @@ def export_saelens(
 
     hooks = [hooks] if isinstance(hooks, str) else list(hooks)
     names, out = _destination(hooks, columns, out_dir)
-    cache = RCache(
-        run_uri, hooks=hooks, return_ids=True, preserve_file_order=True, store_options=store_options
-    )
+    cache = RCache(run_uri, hooks=hooks, return_ids=True, preserve_file_order=True, store_options=store_options)
     shapes = cache.shapes
     if any(s is None for s in shapes):
-        raise FormatError(
-            f"{run_uri}: no metadata.json for {hooks}; export reads runs written by collect or import"
-        )
+        raise FormatError(f"{run_uri}: no metadata.json for {hooks}; export reads runs written by collect or import")
     seq = shapes[0].seq_len  # type: ignore[union-attr]
     d = {h: s.d_model for h, s in zip(hooks, shapes, strict=True)}  # type: ignore[union-attr]
     stored = {h: s.dtype for h, s in zip(hooks, shapes, strict=True)}  # type: ignore[union-attr]
@@ -100,9 +96,7 @@ def export_saelens(
         tmp.mkdir(parents=True)
         files = _write_shards(cache, tmp, hooks, names, want, feats, positions, shard_bytes, result)
         if not files:
-            raise ConfigError(
-                f"{run_uri}: no rows to export (every row holds padding, or the run is empty)"
-            )
+            raise ConfigError(f"{run_uri}: no rows to export (every row holds padding, or the run is empty)")
         finish_dataset(tmp, files, feats)
         result.arrow_files = len(files)
         columns_info = {names[h]: {"hook": h, "dtype": v.dtype_name(stored[h])} for h in hooks}
@@ -137,15 +131,11 @@ def _destination(
         )
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(
-            f"{out} exists and is not an empty folder: SAELens caches are written to a new folder"
-        )
+        raise ConfigError(f"{out} exists and is not an empty folder: SAELens caches are written to a new folder")
     return names, out
 
 
-def _write_sidecar(
-    tmp: Path, run_uri: str, columns: dict[str, Any], positions: bool, result: ExportResult
-) -> None:
+def _write_sidecar(tmp: Path, run_uri: str, columns: dict[str, Any], positions: bool, result: ExportResult) -> None:
     """activault.json: where the cache came from, each column's hook and stored dtype, what was dropped."""
     sidecar = {
         "format": "activault-saelens-cache",
@@ -205,16 +195,11 @@ def _write_shards(
                 writer = ArrowWriter(features=feats, path=str(tmp / files[-1]))
                 written = 0
             ids = item["input_ids"] if rows is None else item["input_ids"][rows]
-            states = {
-                h: (s if rows is None else s[rows]).to(want[h]) for h, s in item["states"].items()
-            }
+            states = {h: (s if rows is None else s[rows]).to(want[h]) for h, s in item["states"].items()}
             # An Arrow list holds < 2^31 values: write rows in chunks that stay below it.
             step = max(1, (2**31 - 1) // (ids.shape[1] * max(s.shape[2] for s in states.values())))
             for a in range(0, ids.shape[0], step):
-                cols = {
-                    names[h]: arrow_2d(feats[names[h]](), states[h][a : a + step].contiguous())
-                    for h in hooks
-                }
+                cols = {names[h]: arrow_2d(feats[names[h]](), states[h][a : a + step].contiguous()) for h in hooks}
                 cols[TOKEN_IDS] = arrow_ids(ids[a : a + step])
                 if positions:
                     cols[POSITIONS] = arrow_ids((pos if rows is None else pos[rows])[a : a + step])

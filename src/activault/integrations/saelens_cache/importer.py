@@ -79,9 +79,7 @@ def import_saelens(
     }
     old = v.read_json(store, v.cfg_key(run))
     if old is not None and old.get("imported_from") != source:
-        raise ConfigError(
-            f"{store.url(run)} already holds a run (not an import of this cache): choose a new run name"
-        )
+        raise ConfigError(f"{store.url(run)} already holds a run (not an import of this cache): choose a new run name")
     if old is not None and rows_per_file is None:  # resuming: the files already written fix it
         rows_per_file = int(old["config"]["data_config"]["batch_size"])
     itemsize = max(cache.stored_dtypes[c].itemsize * cache.dims[c] for c in cache.hooks)
@@ -94,9 +92,7 @@ def import_saelens(
         )
     with hold(store, run, 0) as claim:  # one writer per run, as collect holds one per machine
         progress = v.read_json(store, v.progress_key(run, 0)) or {}
-        result = ImportResult(
-            store.url(run), resumed_at_row=int((progress.get("data_state") or {}).get("row", 0))
-        )
+        result = ImportResult(store.url(run), resumed_at_row=int((progress.get("data_state") or {}).get("row", 0)))
         if progress.get("finished"):
             result.rows, result.tokens = cache.table.num_rows, int(progress["tokens_done"])
             result.files = int(progress["files_done"])
@@ -120,20 +116,35 @@ def _run_record(
 
     hooks, first = list(cache.hooks.values()), next(iter(cache.hooks))
     dtype = v.dtype_name(cache.stored_dtypes[first])
-    cfg = parse_config({
-        "run_name": run, "num_runs": 1,
-        "transformer_config": {"model_name": model or "unknown", "dtype": dtype},
-        "data_config": {"data_key": str(cache.path), "n_batches": math.ceil(cache.table.num_rows / rpf),
-                        "seq_length": cache.seq, "batch_size": rpf},
-        "upload_config": {"batches_per_upload": 1, "hooks": hooks},
-    }, f"(import of {cache.path})")  # fmt: skip
+    cfg = parse_config(
+        {
+            "run_name": run,
+            "num_runs": 1,
+            "transformer_config": {"model_name": model or "unknown", "dtype": dtype},
+            "data_config": {
+                "data_key": str(cache.path),
+                "n_batches": math.ceil(cache.table.num_rows / rpf),
+                "seq_length": cache.seq,
+                "batch_size": rpf,
+            },
+            "upload_config": {"batches_per_upload": 1, "hooks": hooks},
+        },
+        f"(import of {cache.path})",
+    )
     return {
-        "format": "activault", "format_version": 1, "activault_version": __version__, "run_name": run,
-        "config": cfg.to_public_dict(), "hooks": hooks, "num_runs": 1, "tokenizer": model,
+        "format": "activault",
+        "format_version": 1,
+        "activault_version": __version__,
+        "run_name": run,
+        "config": cfg.to_public_dict(),
+        "hooks": hooks,
+        "num_runs": 1,
+        "tokenizer": model,
         "model": {"name": model or "unknown", "d_model": max(cache.dims.values()), "dtype": dtype},
-        "hook_dims": {cache.hooks[c]: d for c, d in cache.dims.items()}, "imported_from": source,
+        "hook_dims": {cache.hooks[c]: d for c, d in cache.dims.items()},
+        "imported_from": source,
         "progress": [v.progress_key(run, 0).split("/", 1)[1]],
-    }  # fmt: skip
+    }
 
 
 def _destination(dest: str | v.Store, run_name: str | None) -> tuple[v.Store, str]:
@@ -144,9 +155,7 @@ def _destination(dest: str | v.Store, run_name: str | None) -> tuple[v.Store, st
     uri = str(dest).rstrip("/")
     parent, _, run = uri.rpartition("/")
     if not run or run in (".", "..") or (uri.startswith("s3://") and parent.count("/") < 2):
-        raise ConfigError(
-            f"{dest!r} names no run folder: write PATH/RUN or s3://BUCKET[/PREFIX]/RUN"
-        )
+        raise ConfigError(f"{dest!r} names no run folder: write PATH/RUN or s3://BUCKET[/PREFIX]/RUN")
     store = v.open_store(parent or ".")
     store.check(write=True)
     return store, run_name or run
@@ -162,8 +171,12 @@ def _import_files(
     claim: MachineLock,
 ) -> None:
     """Write megabatch k of every hook, then the progress record counting it (collect's protocol)."""
-    stats = {h: v.RunningStats.from_dict(progress["stats"][h]) if h in progress.get("stats", {})
-             else v.RunningStats(cache.dims[c]) for c, h in cache.hooks.items()}  # fmt: skip
+    stats = {
+        h: v.RunningStats.from_dict(progress["stats"][h])
+        if h in progress.get("stats", {})
+        else v.RunningStats(cache.dims[c])
+        for c, h in cache.hooks.items()
+    }
     k0, start = int(progress.get("files_done", 0)), result.resumed_at_row
     tokens, rows_done = int(progress.get("tokens_done", 0)), int(progress.get("rows_done", 0))
     writer = v.Writer(store, threads=4)
@@ -191,18 +204,32 @@ def _import_files(
                 stats[h].update(flat if bool(real.all()) else flat[real])
             tokens += int(real.sum())
             rows_done += rows
-            rec = {"machine": 0, "num_runs": 1, "files_done": k + 1, "rows_done": rows_done, "tokens_done": tokens,
-                   "data_state": {"row": a + rows}, "finished": False,
-                   "stats": {h: s.to_dict() for h, s in stats.items()}}  # fmt: skip
+            rec = {
+                "machine": 0,
+                "num_runs": 1,
+                "files_done": k + 1,
+                "rows_done": rows_done,
+                "tokens_done": tokens,
+                "data_state": {"row": a + rows},
+                "finished": False,
+                "stats": {h: s.to_dict() for h, s in stats.items()},
+            }
             metas = _metadata(run, cache, rpf) if k == 0 else {}
             inflight.append(writer.commit(futures, _committer(store, run, rec, metas)))
             while len(inflight) > 1:  # bounded memory: this file and the one before it in flight
                 inflight.popleft().result()
             result.files, result.rows = k + 1, rows_done
         writer.flush()  # every file and its record written: the finished record comes last
-        rec = {"machine": 0, "num_runs": 1, "files_done": result.files or k0, "rows_done": rows_done,
-               "tokens_done": tokens, "data_state": {"row": cache.table.num_rows}, "finished": True,
-               "stats": {h: s.to_dict() for h, s in stats.items()}}  # fmt: skip
+        rec = {
+            "machine": 0,
+            "num_runs": 1,
+            "files_done": result.files or k0,
+            "rows_done": rows_done,
+            "tokens_done": tokens,
+            "data_state": {"row": cache.table.num_rows},
+            "finished": True,
+            "stats": {h: s.to_dict() for h, s in stats.items()},
+        }
         v.write_record(store, v.progress_key(run, 0), v.ProgressRecord(**rec))
         writer.close()
         result.bytes_written = writer.bytes_written
@@ -213,10 +240,20 @@ def _import_files(
 
 
 def _metadata(run: str, cache: CachedActivations, rpf: int) -> dict[str, Any]:
-    return {h: v.hook_metadata(run_name=run, hook=h, d_model=cache.dims[c], dtype=cache.stored_dtypes[c],
-                               seq_length=cache.seq, rows_per_file=rpf, batch_size=rpf, batches_per_upload=1,
-                               model=MODEL)
-            for c, h in cache.hooks.items()}  # fmt: skip
+    return {
+        h: v.hook_metadata(
+            run_name=run,
+            hook=h,
+            d_model=cache.dims[c],
+            dtype=cache.stored_dtypes[c],
+            seq_length=cache.seq,
+            rows_per_file=rpf,
+            batch_size=rpf,
+            batches_per_upload=1,
+            model=MODEL,
+        )
+        for c, h in cache.hooks.items()
+    }
 
 
 def _committer(store: v.Store, run: str, rec: dict[str, Any], metas: dict[str, Any]):

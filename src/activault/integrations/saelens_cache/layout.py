@@ -36,9 +36,7 @@ def features(
 ):
     from datasets import Array2D, Features, Sequence, Value
 
-    feats: dict[str, Any] = {
-        columns[h]: Array2D(shape=(seq, d[h]), dtype=dtypes[h]) for h in columns
-    }
+    feats: dict[str, Any] = {columns[h]: Array2D(shape=(seq, d[h]), dtype=dtypes[h]) for h in columns}
     feats[TOKEN_IDS] = Sequence(Value(dtype="int32"), length=seq)
     if positions:
         feats[POSITIONS] = Sequence(Value(dtype="int32"), length=seq)
@@ -51,21 +49,15 @@ def arrow_2d(ftype: Any, x: torch.Tensor) -> Any:
 
     rows, seq, d = x.shape
     values = pa.array(x.reshape(-1).numpy())
-    inner = pa.ListArray.from_arrays(
-        pa.array(np.arange(0, rows * seq * d + 1, d, dtype=np.int32)), values
-    )
-    outer = pa.ListArray.from_arrays(
-        pa.array(np.arange(0, rows * seq + 1, seq, dtype=np.int32)), inner
-    )
+    inner = pa.ListArray.from_arrays(pa.array(np.arange(0, rows * seq * d + 1, d, dtype=np.int32)), values)
+    outer = pa.ListArray.from_arrays(pa.array(np.arange(0, rows * seq + 1, seq, dtype=np.int32)), inner)
     return pa.ExtensionArray.from_storage(ftype, outer)
 
 
 def arrow_ids(x: torch.Tensor) -> Any:
     import pyarrow as pa
 
-    return pa.FixedSizeListArray.from_arrays(
-        pa.array(x.reshape(-1).to(torch.int32).numpy()), x.shape[1]
-    )
+    return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1).to(torch.int32).numpy()), x.shape[1])
 
 
 def finish_dataset(tmp: Path, files: list[str], feats: Any) -> None:
@@ -125,9 +117,7 @@ def open_cache(
     try:
         ds = load_from_disk(str(path))
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds for a damaged folder
-        raise FormatError(
-            f"{path}: cannot be loaded with datasets.load_from_disk ({type(e).__name__}: {e})"
-        ) from None
+        raise FormatError(f"{path}: cannot be loaded with datasets.load_from_disk ({type(e).__name__}: {e})") from None
     if not isinstance(ds, Dataset):
         raise ConfigError(f"{path} holds several splits ({list(ds)}): pass one split's folder")
     arrays = {c: f for c, f in ds.features.items() if isinstance(f, Array2D)}
@@ -146,9 +136,7 @@ def open_cache(
         mapping = {c: side_cols.get(c, {}).get("hook", c) for c in hooks}
     missing = [c for c in mapping if c not in arrays]
     if missing or not mapping:
-        raise ConfigError(
-            f"{path}: no activation column {missing or ''}; its activation columns are {sorted(arrays)}"
-        )
+        raise ConfigError(f"{path}: no activation column {missing or ''}; its activation columns are {sorted(arrays)}")
     shapes = {tuple(arrays[c].shape) for c in mapping}
     seq = next(iter(shapes))[0]
     if len({s[0] for s in shapes}) != 1 or list_length(ds.features[TOKEN_IDS]) != seq:
@@ -182,9 +170,7 @@ def list_length(feature: Any) -> int | None:
 def torch_dtype(name: str, where: Path) -> torch.dtype:
     dt = getattr(torch, str(name).removeprefix("torch."), None)
     if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
-        raise ConfigError(
-            f"{where}: activation dtype {name!r} is not a float type activault stores"
-        )
+        raise ConfigError(f"{where}: activation dtype {name!r} is not a float type activault stores")
     return dt
 
 
@@ -200,15 +186,11 @@ def read_column(table: Any, name: str, rows: slice) -> torch.Tensor:
         parts.append(values.to_numpy(zero_copy_only=True))
     flat = parts[0] if len(parts) == 1 else np.concatenate(parts)
     with warnings.catch_warnings():
-        warnings.simplefilter(
-            "ignore", UserWarning
-        )  # a read-only mapping: these tensors are only read
+        warnings.simplefilter("ignore", UserWarning)  # a read-only mapping: these tensors are only read
         return torch.from_numpy(flat)
 
 
-def chunks(
-    cache: CachedActivations, start: int, rows_per_file: int
-) -> Iterator[tuple[int, dict[str, Any]]]:
+def chunks(cache: CachedActivations, start: int, rows_per_file: int) -> Iterator[tuple[int, dict[str, Any]]]:
     """(first row, {column: tensor}) per megabatch, from row `start` on."""
     n = cache.table.num_rows
     cols = [*cache.hooks, TOKEN_IDS] + ([POSITIONS] if cache.positions else [])
