@@ -55,13 +55,6 @@ class FileRef:
     sizes: tuple[int, ...]  # bytes, one per hook
 
 
-def _dtype(name: str) -> torch.dtype:
-    try:
-        return dtypes.to_torch(name)
-    except KeyError:
-        raise FormatError(f"unknown dtype {name!r} in metadata.json") from None
-
-
 class Catalog:
     """The megabatch files of one or more sources, in blocks: `sync()` appends, never reorders.
 

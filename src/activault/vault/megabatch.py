@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Final
 import torch
 import xxhash
 
+from activault import dtypes
 from activault.errors import FormatError, NotFoundError
 from activault.vault import codec as codecs
 
@@ -54,18 +55,8 @@ CODECS_KEY = "codecs"
 # Tensors a codec applies to; ids and positions stay raw (verify reads them by range; 1% of bytes).
 COMPRESSIBLE = ("states",)
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+# safetensors code -> torch dtype, from the one table (activault/dtypes.py).
+DTYPES: dict[str, torch.dtype] = {code: dtypes.to_torch(code) for code in dtypes.CODES.values()}
 CODES = {v: k for k, v in DTYPES.items()}
 STATE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 ITEMSIZE = {code: torch.empty((), dtype=dt).element_size() for code, dt in DTYPES.items()}
