@@ -6,12 +6,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -29,6 +26,7 @@ from activault.tools.recompress import convert_file, recompress_run
 from activault.tools.verify import verify_run
 from activault.vault import codec as codecs
 from activault.vault import megabatch as fmt
+from support.killing import kill_after_files
 from support.synth import SynthRun
 
 ZSTD_SMALL = codecs.Codec("zstd", chunk_bytes=256)  # many chunks in a tiny file, the last one partial
@@ -257,25 +255,7 @@ def test_resume_with_compression_is_byte_identical(tiny_model_dir, tmp_path: Pat
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump(make_cfg(model, tmp_path / "killed", **over).model_dump(mode="json")))
     progress = tmp_path / "killed/run/progress/machine-00000.json"
-    kills = 0
-    for target in (2, 6):  # kill after this many files, then resume
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "activault", "collect", "--config", str(path), "--quiet"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if json.loads(progress.read_text())["files_done"] >= target:
-                    break
-            except (FileNotFoundError, json.JSONDecodeError, KeyError):
-                pass
-            time.sleep(0.005)
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            kills += 1
-        proc.wait()
+    kills = kill_after_files(path, progress, (2, 6))  # kill after this many files, then resume
     assert kills >= 1, "the run finished before it could be killed; make it longer"
     done = subprocess.run(
         [sys.executable, "-m", "activault", "collect", "--config", str(path), "--quiet"], capture_output=True, text=True

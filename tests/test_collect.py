@@ -38,6 +38,7 @@ from activault.storage import LocalStore
 from activault.tools.verify import verify_run
 from activault.vault.megabatch import decode
 from activault.vault.records import REBUILD
+from support.killing import kill_after_files
 
 CORPUS = str(resources.files("activault").joinpath("demo_corpus.jsonl"))
 
@@ -250,25 +251,7 @@ def test_resume_after_sigkill_is_byte_identical(tiny_model_dir, tmp_path):
     path = tmp_path / "killed.yaml"
     path.write_text(yaml.safe_dump(killed.model_dump(mode="json")))
     progress = tmp_path / "killed/run/progress/machine-00000.json"
-    kills = 0
-    for target in (2, 5, 9, 14):  # kill after this many files, then resume
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "activault", "collect", "--config", str(path), "--quiet"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            try:
-                if json.loads(progress.read_text())["files_done"] >= target:
-                    break
-            except (FileNotFoundError, json.JSONDecodeError, KeyError):
-                pass
-            time.sleep(0.005)
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGKILL)
-            kills += 1
-        proc.wait()
+    kills = kill_after_files(path, progress, (2, 5, 9, 14))  # kill after this many files, then resume
     assert kills >= 2, "the run finished before it could be killed; make it longer"
     done = _cli("collect", "--config", str(path), "--quiet")
     assert done.returncode == 0, done.stderr

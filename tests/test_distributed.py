@@ -308,7 +308,7 @@ def test_ray_failed_worker_is_reported_and_rerun_completes_the_run(ray_address, 
     path = write_config(raw_config(llama, corpus, str(tmp_path)), tmp_path / "c.yaml")
     bad = tmp_path / "dist/progress/machine-00001.json"
     bad.parent.mkdir(parents=True)
-    # A record whose cursor is garbage: machine 1 fails with a traceback; 0 and 2 must carry on.
+    # A record whose cursor is garbage: machine 1 fails (one message naming the record); 0 and 2 carry on.
     bad.write_text(json.dumps({"machine": 1, "num_runs": 3, "files_done": 0, "data_state": "garbage"}))
     results = tmp_path / "results.json"
     out = subprocess.run(
@@ -334,7 +334,7 @@ def test_ray_failed_worker_is_reported_and_rerun_completes_the_run(ray_address, 
     assert out.returncode == 1 and results.exists(), out.stderr
     res = {r["machine"]: r for r in json.loads(results.read_text())["results"]}
     assert [res[m]["status"] for m in range(N)] == ["completed", "failed", "completed"]
-    assert "Traceback" in res[1]["error"] and "AttributeError" in res[1]["error"]
+    assert "machine-00001.json" in res[1]["error"] and "Traceback" not in res[1]["error"]
     assert "machine 1: FAILED" in out.stderr and "rerun machines [1]" in out.stderr
     assert "machine 0: completed" in out.stderr
 

@@ -57,8 +57,11 @@ def collect_command(config: str | Path, machine: int, storage: str | None = None
     return cmd + (["--storage", storage] if storage else [])
 
 
-def run_store(cfg: Config, storage: str | None = None) -> Store:
-    return open_store(resolve_storage(cfg, storage))
+def run_store(cfg: Config, storage: str | None = None, env: dict[str, str] | None = None) -> Store:
+    """The run's store as the workers see it: their environment (`env`) over this process's."""
+    merged = {**os.environ, **(env or {})}
+    uri = resolve_storage(cfg, storage, merged)
+    return open_store(uri, env=merged) if uri.startswith("s3://") else open_store(uri)
 
 
 def machine_progress(store: Store, cfg: Config, machine: int) -> str:
@@ -267,7 +270,7 @@ def launch_ray(
     if not wait:
         return [{"machine": m, "status": "submitted", "task": ref.hex()} for ref, m in refs.items()]
 
-    store = run_store(cfg, storage)
+    store = run_store(cfg, storage, env)
     results: dict[int, dict[str, Any]] = {}
     pending = list(refs)
     while pending:
