@@ -36,6 +36,7 @@ MAX_COUNT = 1 << 62
 MAX_D = 1 << 20
 # A progress record of 10 hooks at d=16384 is ~10 MB; anything far larger is not a record.
 MAX_RECORD_BYTES = 64 << 20
+FIRST_READ = 1 << 20  # a record's first read; statistics.json of d=16384 is ~1 MB
 
 # The repairs that messages name; each has been checked to do what it says.
 REBUILD = (
@@ -303,7 +304,12 @@ def read_record(store: Store, key: str, model: type[R], fix: str, size: int | No
     try:
         # One bounded ranged read, not a HEAD first: public buckets refuse HEAD of a missing key
         # (403) where GET says 404, and a huge object costs no more than the bound.
-        data = store.get_range(key, 0, MAX_RECORD_BYTES + 1) if size is None else store.get(key)
+        if size is not None:
+            data = store.get(key)
+        else:  # records are KBs: one small read, a second one only for a big (or hostile) object
+            data = store.get_range(key, 0, FIRST_READ)
+            if data.nbytes == FIRST_READ:
+                data = store.get_range(key, 0, MAX_RECORD_BYTES + 1)
     except NotFoundError:
         return None
     if data.nbytes > MAX_RECORD_BYTES:
