@@ -2,12 +2,14 @@
 
 1. tokens/s of the hooked forward pass alone (same batches, same truncated model) vs a full
    collection to the local store (data, capture, cleaning, statistics, background writes): goal >= 0.95.
-2. The writer alone (synthetic megabatches through Writer + format.encode) vs plain sequential
-   writes of the same bytes to the same disk (same fsync + rename per file): goal >= 0.9.
+2. The writer alone (synthetic megabatches through Writer + format.encode, 4 threads) vs plain
+   writes of the same bytes to the same disk by 4 threads (same fsync + rename per file): goal >= 0.9.
 3. Checksums at write: encode + store.put of the same megabatches with and without a checksum of
    each tensor in the header: goal >= 0.95 (checksums cost <= 5%).
 
-Usage: python -m bench.collect [--out bench/out/collect.json] [--quick]
+Each comparison runs its two sides back to back, `--reps` times; figures are medians (min-max).
+
+Usage: python -m bench.collect [--out bench/out/collect.json] [--reps 5] [--quick]
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import os
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
@@ -53,7 +56,7 @@ def forward_alone(cfg, batches) -> float:
     return sum(int(b.keep.sum()) for b in batches) / dt
 
 
-def bench_collect(work: Path, quick: bool) -> dict:
+def bench_collect(work: Path, quick: bool, reps: int) -> dict:
     model_dir = work / "model"
     build_tiny(model_dir, "llama", layers=8, d=512)
     corpus = str(resources.files("activault").joinpath("demo_corpus.jsonl"))
@@ -68,7 +71,7 @@ def bench_collect(work: Path, quick: bool) -> dict:
     tok = load_tokenizer(cfg.transformer_config)
     batches = list(iter_batches(cfg.data_config, tok))[:n]
     alone, full, nosums = [], [], []
-    for i in range(2):  # interleaved, so drift on a shared machine hits both sides
+    for i in range(reps):  # interleaved, so drift on a shared machine hits both sides
         alone.append(forward_alone(cfg, batches))
         r = collect(cfg, storage=str(work / f"vault{i}"), show_progress=False)
         full.append(r.tokens / r.seconds)
@@ -80,11 +83,13 @@ def bench_collect(work: Path, quick: bool) -> dict:
             pipeline.encode = encode
         nosums.append(r.tokens / r.seconds)
     a, b, c = statistics.median(alone), statistics.median(full), statistics.median(nosums)
-    paired = statistics.median(f / x for f, x in zip(full, nosums, strict=True))  # run back to back
+    ratios = [f / x for f, x in zip(full, alone, strict=True)]  # each pair run back to back
+    paired = statistics.median(f / x for f, x in zip(full, nosums, strict=True))
     return {
         "forward_tok_s": a,
         "collect_tok_s": b,
-        "ratio": b / a,
+        "ratio": statistics.median(ratios),
+        "ratio_range": [min(ratios), max(ratios)],
         "tokens": n * 8 * 256,
         "collect_no_checksums_tok_s": c,
         "checksum_ratio": paired,
@@ -92,7 +97,7 @@ def bench_collect(work: Path, quick: bool) -> dict:
     }
 
 
-def bench_writer(work: Path, quick: bool) -> dict:
+def bench_writer(work: Path, quick: bool, reps: int) -> dict:
     files, rows, seq, d = (6 if quick else 16), 16, 256, 4096  # 32 MiB of bf16 states per file
     states = torch.randn(rows, seq, d).to(torch.bfloat16)
     ids = torch.randint(0, 50000, (rows, seq), dtype=torch.int32)
@@ -103,14 +108,18 @@ def bench_writer(work: Path, quick: bool) -> dict:
 
     def plain(root: Path) -> float:
         root.mkdir(parents=True)
-        t0 = time.perf_counter()
-        for k in range(files):
+
+        def one(k: int) -> None:
             tmp, dst = root / f".{k}.tmp", root / f"{k}.bin"
             with open(tmp, "wb") as f:
                 f.write(blob)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, dst)
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(4) as pool:  # the writer's concurrency
+            list(pool.map(one, range(files)))
         return nbytes / (time.perf_counter() - t0)
 
     def through_writer(root: Path) -> float:
@@ -122,16 +131,23 @@ def bench_writer(work: Path, quick: bool) -> dict:
             buf = pool.acquire(writer._check)
             buf.copy_(states)  # the collect loop's copy into a host buffer
             p = encode({"states": buf, "input_ids": ids, "positions": pos}, {"format": "activault"})
-            writer.write(f"run/h/{file_name(0, k)}", p, on_done=lambda b=buf: pool.release(b))
+            writer.write(f"run/h/{file_name(0, k)}", p, on_done=functools.partial(pool.release, buf))
         writer.close()
         return nbytes / (time.perf_counter() - t0)
 
     plain_r, writer_r = [], []
-    for i in range(2):
+    for i in range(reps):
         plain_r.append(plain(work / f"plain{i}"))
         writer_r.append(through_writer(work / f"writer{i}"))
     a, b = statistics.median(plain_r), statistics.median(writer_r)
-    return {"plain_MB_s": a / 1e6, "writer_MB_s": b / 1e6, "ratio": b / a, "bytes": nbytes}
+    ratios = [w / p for w, p in zip(writer_r, plain_r, strict=True)]
+    return {
+        "plain_MB_s": a / 1e6,
+        "writer_MB_s": b / 1e6,
+        "ratio": statistics.median(ratios),
+        "ratio_range": [min(ratios), max(ratios)],
+        "bytes": nbytes,
+    }
 
 
 def bench_checksums(work: Path, quick: bool) -> dict:
@@ -180,21 +196,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/out/collect.json")
     ap.add_argument("--quick", action="store_true", help="fewer batches and files")
+    ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
         work = Path(tmp)
-        c = bench_collect(work, args.quick)
-        w = bench_writer(work, args.quick)
+        c = bench_collect(work, args.quick, args.reps)
+        w = bench_writer(work, args.quick, args.reps)
         s = bench_checksums(work, args.quick)
     print(f"forward alone     {c['forward_tok_s']:>10,.0f} tok/s")
-    print(f"full collection   {c['collect_tok_s']:>10,.0f} tok/s   ratio {c['ratio']:.3f} (goal >= 0.95)")
+    lo, hi = c["ratio_range"]
+    print(
+        f"full collection   {c['collect_tok_s']:>10,.0f} tok/s   "
+        f"ratio {c['ratio']:.3f} ({lo:.3f}-{hi:.3f}; goal >= 0.95)"
+    )
     print(
         f"  no checksums    {c['collect_no_checksums_tok_s']:>10,.0f} tok/s   with/without {c['checksum_ratio']:.3f} "
         "(goal >= 0.95)"
     )
     print(f"plain writes      {w['plain_MB_s']:>10,.0f} MB/s")
-    print(f"writer            {w['writer_MB_s']:>10,.0f} MB/s   ratio {w['ratio']:.3f} (goal >= 0.9)")
+    lo, hi = w["ratio_range"]
+    print(
+        f"writer            {w['writer_MB_s']:>10,.0f} MB/s   ratio {w['ratio']:.3f} ({lo:.3f}-{hi:.3f}; goal >= 0.9)"
+    )
     print(f"writes, no sums   {s['without_MB_s']:>10,.0f} MB/s")
     print(
         f"writes, checksums {s['with_MB_s']:>10,.0f} MB/s   ratio {s['ratio']:.3f} (goal >= 0.95; "

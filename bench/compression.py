@@ -20,6 +20,7 @@ Usage: python -m bench.compression [--quick] [--out bench/out/compression.json]
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import os
@@ -97,7 +98,7 @@ def stored_ratio(x: torch.Tensor, codec: codecs.Codec) -> float:
 
 def plain_zstd_ratio(x: torch.Tensor, chunk: int = codecs.CHUNK_BYTES) -> float:
     """zstd -1 on the raw bytes, no byte planes (the issue's baseline)."""
-    raw = memoryview(x.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    raw = x.reshape(-1).view(torch.uint8).numpy().data.cast("B")
     c = zstandard.ZstdCompressor(level=codecs.LEVEL)
     return sum(len(c.compress(raw[i : i + chunk])) for i in range(0, raw.nbytes, chunk)) / raw.nbytes
 
@@ -211,7 +212,7 @@ def fp8_report(states: list[torch.Tensor], quick: bool) -> dict[str, Any]:
     scale = float(((train.float() - mu).pow(2).sum(1).mean() / train.shape[1]).sqrt())
     norm = lambda t: (t.float() - mu) / scale  # noqa: E731 - the same normalisation for both inputs
     k, width, epochs = 32, 4 * x.shape[1], 1 if quick else 3
-    sae = {}
+    sae: dict[str, Any] = {}
     for name, data in (("bf16", train), ("fp8", train8)):
         t0 = time.perf_counter()
         p = train_topk_sae(norm(data), k, width, epochs)
@@ -255,7 +256,7 @@ def read_ratios(uri: str, options: dict[str, Any], rounds: int, loader: bool) ->
     for _ in range(rounds):
         for kind in ("raw", "zstd"):
             hook = f"{uri.rstrip('/')}/{kind}"
-            res[f"rcache_{kind}"].append(timed(lambda h=hook: RCache(h, store_options=options), nbytes))
+            res[f"rcache_{kind}"].append(timed(functools.partial(RCache, hook, store_options=options), nbytes))
             if loader:
                 make = lambda h=hook: TokenLoader(h, batch_tokens=4096, window=2, store_options=options)  # noqa: E731
                 res[f"loader_{kind}"].append(timed(make, tok))

@@ -2,16 +2,18 @@
 
 Every measurement runs in its own process (peak RSS is that process's), cases are interleaved in
 a new order each repetition, and each figure is the median over `--reps` with its range. Ratios
-compare a reader with the raw read of the same repetition, store and cache state.
+compare a reader with the raw read of the same repetition, store and cache state: over the whole
+run (readers: from construction) and steady (after the first item, the rate a long run settles at).
 
-- raw: the files' bytes at the reader's concurrency (`buffer_size` files ahead, RANGE_WORKERS
-  ranged reads each) into reused buffers, through the same Store; `raw-one`: one file alone.
-- stores: local (warm page cache, and cold: posix_fadvise DONTNEED before each run), a moto S3
+- raw: the files' bytes at the reader's concurrency (`buffer_size` files ahead, the same ranges,
+  RANGE_WORKERS threads) into reused buffers, through the same Store; `raw-one`: one file alone,
+  into a new buffer (the first-batch reference).
+- stores: local (warm: every file read just before; cold: posix_fadvise DONTNEED), a moto S3
   server, and moto behind a proxy that paces each connection like AWS (~90 MB/s, first-byte latency).
 - original: the original project's reader (bench/original.py: boto3 ranged GETs, a prefetch
   worker process, its torch.load, copy and clone); on the local store a whole-file torch.load.
 
-    python -m bench.read [--files 8] [--mib 64] [--reps 5] [--stores local,moto,proxy]
+    python -m bench.read [--files 16] [--mib 64] [--reps 5] [--stores local,moto,proxy]
 """
 
 from __future__ import annotations
@@ -66,46 +68,61 @@ def drop_cache(root: Path) -> None:
 
 
 def raw(
-    store: Any, folder: str, files: int | None, buffer_size: int, range_size: int, size: int
+    store: Any, folder: str, files: int | None, buffer_size: int, range_size: int | None, size: int
 ) -> Iterator[memoryview]:
-    """Each file's bytes, `buffer_size` files ahead, each as parallel ranged reads into a reused buffer."""
-    from activault.reading.stream import RANGE_WORKERS
+    """Each file's bytes, `buffer_size` files ahead, in the readers' ranges (`fetch.range_step`),
+    into reused buffers. `files=1` (one file alone, the first-batch reference): a new buffer, as
+    any program reading one file allocates one."""
+    import numpy as np
+
+    from activault.reading.fetch import RANGE_WORKERS, range_step
     from activault.vault import megabatch as fmt
 
-    bufs = [bytearray(size) for _ in range(buffer_size + 1)]  # touched before the clock starts, then reused
-    yield memoryview(bufs[0])[:0]
+    # Reused buffers are touched before the clock starts (the first next()).
+    bufs = [np.ones(size, np.uint8) for _ in range(buffer_size + 1)] if files != 1 else []
+    yield memoryview(b"")
     keys = [(e.key, e.size) for e in store.list_dir(folder)[1] if fmt.is_megabatch(e.key)][:files]
 
-    def fetch(key: str, n: int, buf: bytearray) -> memoryview:
-        view = memoryview(buf)[:n]
-        starts = range(0, n, range_size)
-        list(ranges.map(lambda s: store.read_into(key, s, view[s : s + range_size]), starts))
+    def fetch(key: str, n: int, k: int) -> memoryview:
+        view = (bufs[k % len(bufs)] if bufs else np.empty(n, np.uint8)).data.cast("B")[:n]
+        step = range_step(n, range_size)
+        list(ranges.map(lambda s: store.read_into(key, s, view[s : s + step]), range(0, n, step)))
         return view
 
     with ThreadPoolExecutor(buffer_size) as pool, ThreadPoolExecutor(RANGE_WORKERS) as ranges:
-        pending = [pool.submit(fetch, k, n, bufs[i]) for i, (k, n) in enumerate(keys[:buffer_size])]
+        pending = [pool.submit(fetch, k, n, i) for i, (k, n) in enumerate(keys[:buffer_size])]
         for i in range(len(keys)):
             view = pending[i].result()
             if i + buffer_size < len(keys):
                 k, n = keys[i + buffer_size]
-                pending.append(pool.submit(fetch, k, n, bufs[(i + buffer_size) % len(bufs)]))
+                pending.append(pool.submit(fetch, k, n, i + buffer_size))
             yield view
+
+
+def warm_cache(root: Path) -> None:
+    """Read every file once: the page cache holds them (this VM's DAMON pages out idle memory)."""
+    buf = bytearray(16 << 20)
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            with open(p, "rb", buffering=0) as f:
+                while f.readinto(buf):
+                    pass
 
 
 def reader(case: dict[str, Any]) -> Iterable[Any]:
     import torch
 
     from activault import RCache, TokenLoader
-    from activault.reading import stream
+    from activault.reading import fetch
     from activault.storage import open_store
 
     options = {"env": case["env"]} if case["env"] else {}
     store = open_store(case["root"], **options)
     name, range_size, buffer_size = case["reader"], case["range_size"], case["buffer_size"]
     if name.endswith("-fresh"):  # buffers allocated per file and batch instead of recycled
-        stream.RECYCLE_BUFFERS = False
+        fetch.RECYCLE_BUFFERS = False
     if name.endswith("-1get"):
-        range_size = 1 << 40
+        range_size = 1 << 40  # larger than any file: one GET each
     common = {"buffer_size": buffer_size, "store_options": options, "range_size": range_size}
     uri = f"{case['root'].rstrip('/')}/run/hook"
     if name.startswith("raw"):
@@ -121,8 +138,8 @@ def reader(case: dict[str, Any]) -> Iterable[Any]:
         from bench.original import original_reader
 
         meta = json.loads(store.get_text("run/hook/metadata.json"))
-        files = [(f"legacy/hook/{e.key.rsplit('/', 1)[-1]}", e.size) for e in store.list_dir("legacy/hook")[1]]
-        return original_reader(case["env"], "bench", files, meta["shape"], torch.bfloat16, buffer_size)
+        legacy = [(f"legacy/hook/{e.key.rsplit('/', 1)[-1]}", e.size) for e in store.list_dir("legacy/hook")[1]]
+        return original_reader(case["env"], "bench", legacy, meta["shape"], torch.bfloat16, buffer_size)
     keys = [e.key for e in store.list_dir("legacy/hook")[1]]
     return (torch.load(io.BytesIO(bytes(store.get(k))), weights_only=True)["states"] for k in keys)
 
@@ -139,27 +156,35 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
 
     if case["cold"]:
         drop_cache(Path(case["root"]))
+    elif case["store"] == "local":
+        warm_cache(Path(case["root"]))
     base = rss()
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     if case["reader"].startswith("raw"):
         items = reader(case)  # its buffers are set up before the clock starts
         t0 = time.perf_counter()
     else:
         items = reader(case)  # construction (listing, metadata) is timed
-    first, total = None, 0
+    stamps, sizes = [], []
     for item in items:
-        if first is None:
-            first = time.perf_counter() - t0
-        total += nbytes(item)
+        stamps.append(time.perf_counter() - t0)
+        sizes.append(nbytes(item))
         del item
-    seconds = time.perf_counter() - t0
+    seconds = stamps[-1]
+    cpu = time.process_time() - cpu0
+    total = sum(sizes)
     peak = rss("VmHWM")
     workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the original's worker
     return {
         "bytes": total,
         "seconds": seconds,
         "gb_s": total / seconds / 1e9,
-        "first_s": first,
+        # After the first item: the rate a long run settles at, without the start (threads,
+        # first buffers, the first file read alone).
+        "steady_gb_s": (total - sizes[0]) / (seconds - stamps[0]) / 1e9 if len(stamps) > 1 else None,
+        "first_s": stamps[0],
+        "cpu_s_per_gb": cpu / (total / 1e9),
         "base_rss": base,
         "peak_rss": peak,
         "worker_peak_rss": workers,
@@ -185,7 +210,7 @@ def write_files(store: Any, n: int, rows: int, d: int) -> None:
         buf = io.BytesIO()
         torch.save({"states": states, "input_ids": ids.long()}, buf)
         store.put(f"legacy/hook/{k:04d}--{k}.pt", buf.getbuffer())
-    md = fmt.hook_metadata(
+    md = records.hook_metadata(
         run_name="run",
         hook="hook",
         d_model=d,
@@ -196,7 +221,7 @@ def write_files(store: Any, n: int, rows: int, d: int) -> None:
         batches_per_upload=1,
         model="bench",
     )
-    store.put_text("run/hook/metadata.json", json.dumps(md))
+    records.write_record(store, records.metadata_key("run/hook"), md)
 
 
 def spread(xs: list[float]) -> str:
@@ -217,6 +242,13 @@ def summarise(runs: list[dict[str, Any]], file_bytes: int, args: argparse.Namesp
         ratios = [
             r["gb_s"] / ref[(store, cache, r["rep"], base)]["gb_s"] for r in rs if (store, cache, r["rep"], base) in ref
         ]
+        steady = [
+            r["steady_gb_s"] / ref[(store, cache, r["rep"], base)]["steady_gb_s"]
+            for r in rs
+            if (store, cache, r["rep"], base) in ref
+            and r["steady_gb_s"]
+            and ref[(store, cache, r["rep"], base)]["steady_gb_s"]
+        ]
         firsts = [
             r["first_s"] / ref[(store, cache, r["rep"], "raw-one")]["seconds"]
             for r in rs
@@ -233,8 +265,11 @@ def summarise(runs: list[dict[str, Any]], file_bytes: int, args: argparse.Namesp
                 "reps": len(rs),
                 "gb_s": [r["gb_s"] for r in rs],
                 "ratio_to_raw": ratios,
+                "steady_gb_s": [r["steady_gb_s"] for r in rs if r["steady_gb_s"]],
+                "steady_ratio_to_raw": steady,
                 "first_s": [r["first_s"] for r in rs],
                 "first_to_one_file": firsts,
+                "cpu_s_per_gb": [r["cpu_s_per_gb"] for r in rs],
                 "peak_rss_mib": [r["peak_rss"] / 2**20 for r in rs],
                 "base_rss_mib": [r["base_rss"] / 2**20 for r in rs],
                 "worker_peak_rss_mib": [r["worker_peak_rss"] / 2**20 for r in rs],
@@ -245,18 +280,32 @@ def summarise(runs: list[dict[str, Any]], file_bytes: int, args: argparse.Namesp
     return sorted(rows, key=lambda r: (r["store"], r["cache"] != "warm", order.index(r["reader"])))
 
 
+def ms(xs: list[float]) -> str:
+    return f"{statistics.median(xs) * 1e3:.0f} ({min(xs) * 1e3:.0f}-{max(xs) * 1e3:.0f})"
+
+
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(
-        f"{'store':6} {'cache':5} {'reader':13} {'GB/s':>17} {'x raw':>17} {'first (s)':>17} "
-        f"{'first/1 file':>17} {'peak RSS MiB':>13} {'bound':>6}"
-    )
+    cols = ("GB/s", "x raw", "steady GB/s", "steady x raw", "first (ms)", "first/1 file", "CPU s/GB")
+    print(f"{'store':6} {'cache':5} {'reader':13} " + " ".join(f"{c:>17}" for c in cols) + " peak RSS MiB  bound")
     for r in rows:
-        ratio = spread(r["ratio_to_raw"]) if r["ratio_to_raw"] else "-"
-        first = spread(r["first_to_one_file"]) if r["first_to_one_file"] else "-"
+        cells = [
+            spread(r[k]) if r[k] else "-"
+            for k in (
+                "gb_s",
+                "ratio_to_raw",
+                "steady_gb_s",
+                "steady_ratio_to_raw",
+                "first_s",
+                "first_to_one_file",
+                "cpu_s_per_gb",
+            )
+        ]
+        cells[4] = ms(r["first_s"])
         bound = f"{r['rss_bound_mib']:.0f}" if r["rss_bound_mib"] else ""
         print(
-            f"{r['store']:6} {r['cache']:5} {r['reader']:13} {spread(r['gb_s']):>17} {ratio:>17} "
-            f"{spread(r['first_s']):>17} {first:>17} {statistics.median(r['peak_rss_mib']):13.0f} {bound:>6}"
+            f"{r['store']:6} {r['cache']:5} {r['reader']:13} "
+            + " ".join(f"{c:>17}" for c in cells)
+            + f" {statistics.median(r['peak_rss_mib']):12.0f} {bound:>6}"
         )
 
 
@@ -279,7 +328,7 @@ def run_child(case: dict[str, Any]) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--files", type=int, default=8)
+    ap.add_argument("--files", type=int, default=16)
     ap.add_argument("--mib", type=int, default=64, help="states per file")
     ap.add_argument("--d", type=int, default=2048)
     ap.add_argument("--reps", type=int, default=5)
@@ -291,23 +340,23 @@ def main() -> None:
     ap.add_argument("--cache", default="warm,cold", help="local store page cache states")
     ap.add_argument("--rate-mb", type=float, default=90, help="proxy: MB/s per connection")
     ap.add_argument("--latency-ms", type=float, default=30, help="proxy: first-byte latency")
+    ap.add_argument("--out", type=Path, default=OUT, help="where the JSON results go")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
 
-    from activault.reading.stream import RANGE_SIZE
     from activault.storage import LocalStore, open_store
     from support.s3servers import MotoServer, ThrottleProxy
 
     rows = max(1, (args.mib << 20) // (SEQ * args.d * 2))
     file_bytes = rows * SEQ * (args.d * 2 + 8)
     wanted = set(args.readers.split(",")) if args.readers else None
-    tmp = Path(tempfile.mkdtemp(prefix="activault-bench-"))
+    tmp = Path(tempfile.mkdtemp(prefix="activault-bench-", dir=os.environ.get("BENCH_DIR")))
     server, proxy = None, None
     common = {
-        "range_size": RANGE_SIZE,
+        "range_size": None,  # the readers' default plan (fetch.range_step)
         "buffer_size": args.buffer_size,
         "window": args.window,
         "batch_tokens": args.batch_tokens,
@@ -350,6 +399,9 @@ def main() -> None:
                 ]
             if "proxy" in stores:
                 proxy = ThrottleProxy(server.url, rate=args.rate_mb * 1e6, latency_s=args.latency_ms / 1e3).__enter__()
+                through = open_store("s3://bench", env=server.env(proxy.url))
+                for e in through.list():  # each object fetched from moto before any run is timed
+                    through.get_range(e.key, 0, 1)
                 cases += [
                     {
                         "store": "proxy",
@@ -387,9 +439,10 @@ def main() -> None:
         "median (min-max)"
     )
     print_table(table)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps({"args": vars(args), "file_bytes": file_bytes, "rows": table, "runs": runs}, indent=1))
-    print(f"wrote {OUT}", file=sys.stderr)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    results = {"args": {**vars(args), "out": str(args.out)}, "file_bytes": file_bytes, "rows": table, "runs": runs}
+    args.out.write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ needs it fails, it is not skipped): install s3rver with `scripts/install_s3rver.
 from __future__ import annotations
 
 import http.client
+import io
 import os
 import random
 import shutil
@@ -22,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 REPO = Path(__file__).resolve().parent.parent
 S3RVER_BIN = REPO / ".ci" / "node_modules" / ".bin" / "s3rver"
@@ -66,7 +67,7 @@ class S3Server:
     def ready_url(self) -> str:
         return self.url + "/"
 
-    def start(self, timeout: float = 30.0) -> S3Server:
+    def start(self, timeout: float = 30.0) -> Self:
         self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             _wait_http(self.ready_url(), self.proc, timeout, self.name)
@@ -309,13 +310,17 @@ class ThrottleProxy:
 
     Each response starts after `latency_s` (first-byte latency) and its body streams at most
     `rate` bytes/s, per request and so per connection (AWS serves ~90 MB/s per connection).
-    moto reads a whole object for every ranged GET; this proxy makes the client's request pattern,
-    not moto's copies, the limit.
+    moto reads a whole object for every ranged GET, so a ranged read costs it the object's size:
+    the proxy fetches each object whole once (objects are immutable here) and serves ranges of it
+    itself, so that, as on a real endpoint, a range costs its own bytes.
     """
 
     def __init__(self, upstream: str, *, rate: float = 90e6, latency_s: float = 0.03, chunk: int = 256 << 10):
         self.upstream = upstream.removeprefix("http://")
         self.rate, self.latency_s, self.chunk = rate, latency_s, chunk
+        self._objects: dict[str, tuple[int, str, list[tuple[str, str]], bytes]] = {}
+        self._fetching: dict[str, threading.Lock] = {}
+        self._lock = threading.Lock()
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -324,32 +329,63 @@ class ThrottleProxy:
             def log_message(self, format: str, *args: Any) -> None:
                 pass
 
+            def _send(self, status: int, reason: str, headers: list[tuple[str, str]], data: Any) -> None:
+                time.sleep(proxy.latency_s)
+                self.send_response_only(status, reason)
+                for k, v in headers:
+                    if k.lower() not in _HOP:
+                        self.send_header(k, v)
+                self.end_headers()
+                if self.command == "HEAD":
+                    return
+                start, sent = time.monotonic(), 0
+                while chunk := data(proxy.chunk):
+                    self.wfile.write(chunk)
+                    sent += len(chunk)
+                    ahead = start + sent / proxy.rate - time.monotonic()
+                    if ahead > 0:
+                        time.sleep(ahead)
+
+            def _ranged(self, first: int, last: int | None) -> None:
+                status, reason, headers, body = proxy._object(self.path, self.headers)
+                if status != 200:  # e.g. 404: passed on as it came
+                    self._send(status, reason, headers, io.BytesIO(body).read)
+                    return
+                last = len(body) - 1 if last is None else min(last, len(body) - 1)
+                if first > last:
+                    self._send(416, "Range Not Satisfiable", [("Content-Length", "0")], lambda n: b"")
+                    return
+                view = memoryview(body)[first : last + 1]
+                keep = [(k, v) for k, v in headers if k.lower() not in ("content-length", "content-range")]
+                keep += [("Content-Length", str(view.nbytes)), ("Content-Range", f"bytes {first}-{last}/{len(body)}")]
+                pos = 0
+
+                def data(n: int) -> bytes:
+                    nonlocal pos
+                    pos += n
+                    return bytes(view[pos - n : pos])
+
+                self._send(206, "Partial Content", keep, data)
+
             def _handle(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                conn = http.client.HTTPConnection(proxy.upstream, timeout=120)
+                wanted = self.headers.get("Range", "")
                 try:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
-                    conn.request(self.command, self.path, body=body, headers=headers)
-                    resp = conn.getresponse()
-                    time.sleep(proxy.latency_s)
-                    self.send_response_only(resp.status, resp.reason)
-                    for k, v in resp.getheaders():
-                        if k.lower() not in _HOP:
-                            self.send_header(k, v)
-                    self.end_headers()
-                    if self.command == "HEAD":
-                        return
-                    start, sent = time.monotonic(), 0
-                    while data := resp.read(proxy.chunk):
-                        self.wfile.write(data)
-                        sent += len(data)
-                        ahead = start + sent / proxy.rate - time.monotonic()
-                        if ahead > 0:
-                            time.sleep(ahead)
+                    if self.command == "GET" and "?" not in self.path and wanted.startswith("bytes="):
+                        first, _, last = wanted.removeprefix("bytes=").partition("-")
+                        if first:
+                            self._ranged(int(first), int(last) if last else None)
+                            return
+                    conn = http.client.HTTPConnection(proxy.upstream, timeout=120)
+                    try:
+                        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
+                        conn.request(self.command, self.path, body=body, headers=headers)
+                        resp = conn.getresponse()
+                        self._send(resp.status, resp.reason, resp.getheaders(), resp.read)
+                    finally:
+                        conn.close()
                 except OSError:
                     self.close_connection = True
-                finally:
-                    conn.close()
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
@@ -358,6 +394,25 @@ class ThrottleProxy:
         self.port = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def _object(self, path: str, request: Any) -> tuple[int, str, list[tuple[str, str]], bytes]:
+        """Upstream's answer to a GET of the whole object at `path` (unpaced; kept once it is a 200)."""
+        with self._lock:
+            lock = self._fetching.setdefault(path, threading.Lock())
+        with lock:
+            if path not in self._objects:
+                conn = http.client.HTTPConnection(self.upstream, timeout=120)
+                try:
+                    skip = _HOP | {"range", "content-length"}
+                    conn.request("GET", path, headers={k: v for k, v in request.items() if k.lower() not in skip})
+                    resp = conn.getresponse()
+                    answer = (resp.status, resp.reason, resp.getheaders(), resp.read())
+                finally:
+                    conn.close()
+                if answer[0] != 200:
+                    return answer
+                self._objects[path] = answer
+            return self._objects[path]
 
     def __enter__(self) -> ThrottleProxy:
         self._thread.start()

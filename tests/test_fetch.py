@@ -35,17 +35,21 @@ class Counting(Store):
     def __init__(self, inner: Store):
         self.inner, self.uri = inner, inner.uri
         self.asked: Counter[str] = Counter()
+        self.requests: Counter[str] = Counter()
 
     def read_into(self, key: str, offset: int, out: memoryview) -> int:
         self.asked[key] += out.nbytes
+        self.requests[key] += 1
         return self.inner.read_into(key, offset, out)
 
     def get_range(self, key: str, start: int, end: int) -> memoryview:
         self.asked[key] += end - start
+        self.requests[key] += 1
         return self.inner.get_range(key, start, end)
 
     def get(self, key: str) -> memoryview:
         self.asked[key] += self.inner.size(key) or 0
+        self.requests[key] += 1
         return self.inner.get(key)
 
     def put(self, key: str, data: Buffer | Sequence[Buffer]) -> None:
@@ -115,6 +119,50 @@ def test_tensors_are_views_of_the_file_buffer(tmp_path: Path) -> None:
     for name, t in tensors.items():
         assert torch.equal(t, run.files["h"][run.names[0]][name])
         assert t.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()  # same allocation
+
+
+def test_a_file_is_split_over_every_worker_in_whole_pages() -> None:
+    size = 64 << 20
+    step = fetch.range_step(size)
+    assert step % 4096 == 0 and -(-size // step) == fetch.RANGE_WORKERS  # every worker on this file
+    assert fetch.range_step(1 << 34) == fetch.RANGE_SIZE  # big files: ranges capped
+    assert fetch.range_step(100_000) == fetch.MIN_RANGE  # small files: one request covers them
+    assert fetch.range_step(size, 12_345) == 12_345  # the caller's range size wins
+
+
+def test_a_file_one_request_covers_is_read_whole_by_it(tmp_path: Path) -> None:
+    run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=3)
+    hook = tmp_path / "r/h"
+    (hook / "m00000-000090.safetensors").write_bytes(struct.pack("<Q", 10**12) + os.urandom(3000))
+    counting = Counting(LocalStore(hook, fsync=False))
+    with pytest.warns(UserWarning, match="skipping a bad file"):
+        cache = RCache(counting, skip_bad_files=True)
+        out = list(cache)
+    assert torch.equal(torch.cat(out), run.tensor("h")) and cache.bad_files == 1
+    for name in [*run.names, "m00000-000090.safetensors"]:  # the junk costs its one request too
+        assert (counting.requests[name], counting.asked[name]) == (1, (hook / name).stat().st_size)
+    # metadata.json: one plain read (its size came with the listing); when absent, no request at all.
+    assert counting.requests["metadata.json"] == 1
+    (hook / "metadata.json").unlink()
+    counting.requests.clear()
+    with pytest.warns(UserWarning, match="skipping a bad file"):
+        assert torch.equal(torch.cat(list(RCache(counting, skip_bad_files=True))), run.tensor("h"))
+    assert counting.requests["metadata.json"] == 0
+
+
+def test_a_big_file_costs_its_header_then_one_request_per_range(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(fetch, "RANGE_SIZE", 4096)
+    monkeypatch.setattr(fetch, "MIN_RANGE", 4096)
+    monkeypatch.setattr(fetch, "HEAD_BYTES", 1024)
+    run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=2, d=64)
+    counting = Counting(LocalStore(tmp_path / "r/h", fsync=False))
+    assert torch.equal(torch.cat(list(RCache(counting))), run.tensor("h"))
+    for name in run.names:
+        size = (tmp_path / "r/h" / name).stat().st_size
+        assert size > 4096 and counting.asked[name] == size  # every byte asked once
+        assert counting.requests[name] == 1 + -(-(size - 1024) // 4096)
 
 
 @pytest.fixture(scope="module")

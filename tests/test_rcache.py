@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from activault.errors import ConfigError, FormatError, NotFoundError
-from activault.reading import stream as reader
+from activault.reading import fetch
 from activault.reading.rcache import RCache, S3RCache
 from activault.reading.tokens import ActivationDataset, TokenLoader
 from activault.storage import LocalStore
@@ -34,8 +34,9 @@ from support.synth import (
 
 @pytest.fixture
 def small_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Files here are a few KiB: 1 KiB ranges exercise the parallel ranged reads.
-    monkeypatch.setattr(reader, "RANGE_SIZE", 1024)
+    # Files here are a few KiB: ranges of 256 B to 1 KiB exercise the parallel ranged reads.
+    monkeypatch.setattr(fetch, "RANGE_SIZE", 1024)
+    monkeypatch.setattr(fetch, "MIN_RANGE", 256)
 
 
 def rows(t: torch.Tensor) -> Counter[bytes]:

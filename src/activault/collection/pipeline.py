@@ -319,6 +319,7 @@ class _Collector:
         B, S, r = batch.input_ids.shape[0], self.cfg.data_config.seq_length, mb.rows
         acts = self.capture(batch.input_ids, batch.position_ids, batch.segment_ids)
         flat = batch.keep.reshape(-1).nonzero().squeeze(1)  # [B*S] forward positions of stored tokens
+        every = flat.numel() == batch.keep.numel()  # every forward position stored: no gather needed
         mb.ids[r : r + B] = batch.input_ids.reshape(-1)[flat].view(B, S)
         doc_pos = batch.doc_positions.reshape(-1)[flat].view(B, S)
         mb.pos[r : r + B] = doc_pos
@@ -333,7 +334,9 @@ class _Collector:
                     (x.pin_memory() if cuda else x).to(a.device, non_blocking=cuda) for x in (flat, real)
                 )
             flat_d, real_d = on[a.device]
-            kept = a.reshape(-1, a.shape[-1]).index_select(0, flat_d)  # [B*S, d]
+            kept = a.reshape(-1, a.shape[-1])  # [B*S, d]
+            if not every:
+                kept = kept.index_select(0, flat_d)
             if padded:
                 kept = torch.where(real_d.unsqueeze(1), kept, 0)  # padding is stored as zeros
             self.stats[h].update(kept[real_d] if padded else kept)

@@ -23,12 +23,27 @@ from activault.storage import Store
 from activault.vault import codec as codecs
 from activault.vault import megabatch as fmt
 
-# 16 MiB ranges: one connection to AWS moves ~90 MB/s, so 8 in flight fill a 5 Gbit/s NIC.
+# At most 16 MiB per ranged read: one connection to AWS moves ~90 MB/s, so 8 in flight fill a
+# 5 Gbit/s NIC. A file is split over all the workers (ranges of at least MIN_RANGE), so its ranges
+# run together and it arrives before the next file's (first batch: one file's time, not two).
 RANGE_SIZE = 16 << 20
+MIN_RANGE = 4 << 20
 RANGE_WORKERS = 8
 # The header (a few hundred bytes) comes first in one small read: a junk multi-GB object in a hook
-# folder costs this much before it is refused, never its size.
+# folder costs this much before it is refused, never its size. A file that one request covers
+# (at most the range size) is read whole, in that one request, and its header checked from it.
 HEAD_BYTES = 64 << 10
+
+
+def range_step(size: int, range_size: int | None = None) -> int:
+    """Bytes per ranged read of a `size`-byte file: `range_size` if set, else the file split over
+    RANGE_WORKERS in ranges of MIN_RANGE to RANGE_SIZE (whole pages)."""
+    if range_size:
+        return range_size
+    share = -(-size // RANGE_WORKERS)
+    return min(RANGE_SIZE, max(MIN_RANGE, -(-share // 4096) * 4096))
+
+
 # Recycle read and batch buffers (BufferPool); bench/read.py measures it off.
 RECYCLE_BUFFERS = True
 
@@ -174,11 +189,12 @@ class ObjectReader:
         size: int,
         *,
         stop: threading.Event,
-        range_size: int,
+        range_size: int | None = None,
     ):
         self.store, self.key, self.size = store, key, size
         self.url = store.url(key)
-        self.stop, self.step = stop, range_size
+        self.stop, self.step = stop, range_step(size, range_size)
+        self._whole: torch.Tensor | None = None  # the file, when one request read all of it
 
     def read(self, start: int, out: memoryview) -> None:
         """Fill `out` with bytes [start, start + len(out)); a short read means a truncated file."""
@@ -196,45 +212,54 @@ class ObjectReader:
                 "delete it and collect again"
             )
 
-    def head(self) -> tuple[bytearray, fmt.Header | None, int]:
-        """The first bytes, the validated header and where the data starts (header None: legacy).
+    def head(self, buffers: BufferPool) -> tuple[memoryview, fmt.Header | None]:
+        """The first bytes and the validated header (None: a legacy file).
 
         The header is checked (`megabatch.parse_header`, every reader's one validator) against
-        the listed size before any tensor byte is requested.
+        the listed size before any other tensor byte is requested. A file that fits one request
+        is read whole by it, into a recycled buffer: one round trip instead of two.
         """
         if self.size == 0:
             raise FormatError(f"{self.url}: empty file (0 bytes); delete it and collect again")
-        head = bytearray(min(self.size, HEAD_BYTES, self.step))
-        self.read(0, memoryview(head))
+        if self.size <= self.step:
+            self._whole = buffers.bytes(self.size)
+            head = self._whole.numpy().data.cast("B")
+            self.read(0, head)
+        else:
+            head = memoryview(bytearray(min(self.size, HEAD_BYTES)))
+            self.read(0, head)
         if self.key.endswith(fmt.LEGACY_SUFFIX):
-            return head, None, 0
-        n = fmt.header_length(bytes(head[:8]), self.url)
+            return head, None
+        n = fmt.header_length(head[:8], self.url)
         if n > self.size:
             raise FormatError(
                 f"{self.url}: corrupted header (declares {n - 8} bytes, the file has {self.size}); "
                 "delete it and collect again"
             )
-        if n > len(head):  # a header over HEAD_BYTES: read the rest of it, still no tensor bytes
-            more = bytearray(n - len(head))
-            self.read(len(head), memoryview(more))
-            head += more
-        header = fmt.parse_header(head, self.url, self.size)
-        return head, header, header.data_offset
+        if n > head.nbytes:  # a header over HEAD_BYTES: read the rest of it, still no tensor bytes
+            more = bytearray(n)
+            more[: head.nbytes] = head
+            self.read(head.nbytes, memoryview(more)[head.nbytes :])
+            head = memoryview(more)
+        return head, fmt.parse_header(head, self.url, self.size)
 
     def body(
-        self, head: bytearray, buffers: BufferPool, ranges: Workers, priority: tuple[int, ...]
+        self, head: memoryview, buffers: BufferPool, ranges: Workers, priority: tuple[int, ...]
     ) -> Callable[[], torch.Tensor]:
         """Start reading the rest into a recycled buffer; returns a call that waits for the bytes.
 
         Each range goes to `ranges` with `priority` (file, hook) first, so an earlier file is
         never starved by a later one.
         """
+        if self._whole is not None:  # head() read it all
+            whole, self._whole = self._whole, None
+            return lambda: whole
         buf = buffers.bytes(self.size)
         view = buf.numpy().data.cast("B")
-        view[: len(head)] = head
+        view[: head.nbytes] = head
         step = self.step
         futures = [
-            ranges.submit((*priority, s), self.read, s, view[s : s + step]) for s in range(len(head), self.size, step)
+            ranges.submit((*priority, s), self.read, s, view[s : s + step]) for s in range(head.nbytes, self.size, step)
         ]
 
         def wait() -> torch.Tensor:

@@ -109,7 +109,8 @@ class RCache(Reader):
 
     def _deliver(self, item: Megabatch) -> Any:
         if self.device.type == "cpu":
-            states, ids, pos = item.states, item.input_ids.to(torch.int64), item.positions
+            states, pos = item.states, item.positions
+            ids = item.input_ids.to(torch.int64) if self.return_ids else item.input_ids  # widened only if yielded
         else:  # from pinned buffers, asynchronously; ids widened on the device
             nb = self._pin
             states = [s.to(self.device, non_blocking=nb) for s in item.states]

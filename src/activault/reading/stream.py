@@ -25,7 +25,6 @@ import torch
 
 from activault.errors import ConfigError, FormatError, StorageError
 from activault.reading.fetch import (
-    RANGE_SIZE,
     RANGE_WORKERS,
     BufferPool,
     ObjectReader,
@@ -166,31 +165,32 @@ class FileStream:
         """Every hook's file `f.name` of source `f.source`, decoded and checked against the others.
 
         Every hook's header is read and checked before any body is requested; then all bodies
-        are read at once (ranges of this file before those of later files).
+        are read at once (ranges of this file before those of later files). A file that one
+        request covers comes whole with its header (fetch.py).
         """
         prefix = self.catalog.prefixes[f.source]
-        step = self.range_size or RANGE_SIZE
         readers = [
-            ObjectReader(
-                prefix.store,
-                prefix.key(h, f.name),
-                size,
-                stop=stop,
-                range_size=step,
-            )
+            ObjectReader(prefix.store, prefix.key(h, f.name), size, stop=stop, range_size=self.range_size)
             for h, size in enumerate(f.sizes)
         ]
-        heads = [r.head() for r in readers]
-        for h, (r, (_, header, _)) in enumerate(zip(readers, heads, strict=True)):
+        # The hooks' headers (or whole small files) in parallel, ahead of any body range.
+        asked = [ranges.submit((seq, h, -1), r.head, self.buffers) for h, r in enumerate(readers)]
+        try:
+            heads = [a.result() for a in asked]
+        finally:
+            for a in asked:
+                a.cancel()
+        for h, (r, (_, header)) in enumerate(zip(readers, heads, strict=True)):
             if header is not None:
                 self._expect(StatesShape(header.seq_len, header.d_model, header.dtype), r.url, h)
         bodies = [
             r.body(head, self.buffers, ranges, (seq, h))
-            for h, (r, (head, _, _)) in enumerate(zip(readers, heads, strict=True))
+            for h, (r, (head, _)) in enumerate(zip(readers, heads, strict=True))
         ]
+        headers = [header for _, header in heads]
         states: list[torch.Tensor] = []
         ids = pos = None
-        for h, (r, (_, header, _), body) in enumerate(zip(readers, heads, bodies, strict=True)):
+        for h, (r, header, body) in enumerate(zip(readers, headers, bodies, strict=True)):
             buf = body()
             if header is None:
                 tensors = fmt.decode_legacy(buf.numpy().data, r.url).tensors
