@@ -42,7 +42,9 @@ class RCache(Reader):
         skip_bad_files: warn about, count (`bad_files`) and skip unreadable files, and files some
             hooks lack, instead of raising.
         store_options: passed to `open_store` (e.g. `{"unsigned": True}` for a public bucket).
-        range_size: bytes per ranged read (default 16 MiB); larger than any file: one GET each.
+        range_size: bytes per ranged read (default: each file split over the 8 range workers, in
+            ranges of 4 to 16 MiB; a file of at most 4 MiB in one request); larger than any file:
+            one GET each.
         verify_checksums: check every file's bytes against the checksums in its header (a
             FormatError names the file and tensor); costs a hash pass (README: Benchmarks).
     """
