@@ -36,6 +36,7 @@ from activault.storage import Store
 from activault.vault import megabatch as fmt
 
 Source = str | Path | Store
+HEAD, BODY = 0, 1  # priority classes of the range workers' jobs
 
 __all__ = [
     "BufferPool",
@@ -174,7 +175,9 @@ class FileStream:
             for h, size in enumerate(f.sizes)
         ]
         # The hooks' headers (or whole small files) in parallel, ahead of any body range.
-        asked = [ranges.submit((seq, h, -1), r.head, self.buffers) for h, r in enumerate(readers)]
+        # Heads go before every body range (HEAD first in the priority), so a later file's ranges
+        # are queued while this file's still run instead of after them.
+        asked = [ranges.submit((HEAD, seq, h), r.head, self.buffers) for h, r in enumerate(readers)]
         try:
             heads = [a.result() for a in asked]
         finally:
@@ -184,7 +187,7 @@ class FileStream:
             if header is not None:
                 self._expect(StatesShape(header.seq_len, header.d_model, header.dtype), r.url, h)
         bodies = [
-            r.body(head, self.buffers, ranges, (seq, h))
+            r.body(head, self.buffers, ranges, (BODY, seq, h))
             for h, (r, (head, _)) in enumerate(zip(readers, heads, strict=True))
         ]
         headers = [header for _, header in heads]
