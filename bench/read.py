@@ -5,6 +5,8 @@ a new order each repetition, and each figure is the median over `--reps` with it
 compare a reader with the raw read of the same repetition, store and cache state: over the whole
 run (readers: from construction) and steady (after the first item, the rate a long run settles at).
 
+- raw-gather (for TokenLoader): raw reads held a window at a time, each window's tokens permuted
+  and gathered into batches, a copy TokenLoader cannot avoid: the floor of any shuffling loader.
 - raw: the files' bytes at the reader's concurrency (`buffer_size` files ahead, the same ranges,
   RANGE_WORKERS threads) into reused buffers, through the same Store; `raw-one`: one file alone,
   into a new buffer (the first-batch reference).
@@ -38,9 +40,9 @@ from typing import Any
 OUT = Path(__file__).parent / "out" / "read.json"
 SEQ = 1024
 READERS = {
-    "local": ["raw-one", "raw", "rcache", "rcache-fresh", "tokens", "tokens-fresh", "original"],
+    "local": ["raw-one", "raw", "raw-gather", "rcache", "rcache-fresh", "tokens", "tokens-fresh", "original"],
     "moto": ["raw-one", "raw", "rcache", "tokens", "raw-1get", "rcache-1get"],
-    "proxy": ["raw-one", "raw", "rcache", "tokens", "original"],
+    "proxy": ["raw-one", "raw", "raw-gather", "rcache", "tokens", "original"],
 }
 
 
@@ -68,18 +70,24 @@ def drop_cache(root: Path) -> None:
 
 
 def raw(
-    store: Any, folder: str, files: int | None, buffer_size: int, range_size: int | None, size: int
+    store: Any,
+    folder: str,
+    files: int | None,
+    buffer_size: int,
+    range_size: int | None,
+    size: int,
+    held: int = 1,
 ) -> Iterator[memoryview]:
     """Each file's bytes, `buffer_size` files ahead, in the readers' ranges (`fetch.range_step`),
-    into reused buffers. `files=1` (one file alone, the first-batch reference): a new buffer, as
-    any program reading one file allocates one."""
+    into reused buffers (`held`: files the consumer keeps at once). `files=1` (one file alone, the
+    first-batch reference): a new buffer, as any program reading one file allocates one."""
     import numpy as np
 
     from activault.reading.fetch import RANGE_WORKERS, range_step
     from activault.vault import megabatch as fmt
 
     # Reused buffers are touched before the clock starts (the first next()).
-    bufs = [np.ones(size, np.uint8) for _ in range(buffer_size + 1)] if files != 1 else []
+    bufs = [np.ones(size, np.uint8) for _ in range(buffer_size + held)] if files != 1 else []
     yield memoryview(b"")
     keys = [(e.key, e.size) for e in store.list_dir(folder)[1] if fmt.is_megabatch(e.key)][:files]
 
@@ -109,6 +117,42 @@ def warm_cache(root: Path) -> None:
                     pass
 
 
+def raw_gather(files: Iterator[memoryview], window: int, batch_tokens: int) -> Iterator[memoryview]:
+    """The floor of any shuffling loader: `raw` files, a window at a time, their tokens' states
+    permuted and gathered into a reused batch (one np.take per file and batch, as TokenLoader)."""
+    import numpy as np
+
+    from activault.vault import megabatch as fmt
+
+    rng = np.random.default_rng(0)
+    batch: np.ndarray | None = None
+
+    def gather(held: list[np.ndarray]) -> Iterator[memoryview]:
+        nonlocal batch
+        rows = held[0].shape[0]
+        perm = rng.permutation(rows * len(held))
+        for start in range(0, perm.size - batch_tokens + 1, batch_tokens):
+            index = np.sort(perm[start : start + batch_tokens])
+            if batch is None:
+                batch = np.empty((batch_tokens, held[0].shape[1]), np.uint8)
+            bounds = np.searchsorted(index, np.arange(len(held) + 1) * rows)
+            for f, part in enumerate(held):
+                lo, hi = bounds[f], bounds[f + 1]
+                np.take(part, index[lo:hi] - f * rows, axis=0, out=batch[lo:hi], mode="clip")
+            yield batch.data.cast("B")
+
+    held: list[np.ndarray] = []
+    for view in files:
+        header = fmt.parse_header(view, "raw")
+        a, b = header.byte_range("states")
+        held.append(np.frombuffer(view[a:b], np.uint8).reshape(-1, header.d_model * header.dtype.itemsize))
+        if len(held) == window:
+            yield from gather(held)
+            held = []
+    if held:
+        yield from gather(held)
+
+
 def reader(case: dict[str, Any]) -> Iterable[Any]:
     import torch
 
@@ -127,9 +171,10 @@ def reader(case: dict[str, Any]) -> Iterable[Any]:
     uri = f"{case['root'].rstrip('/')}/run/hook"
     if name.startswith("raw"):
         files = 1 if name == "raw-one" else None
-        it = raw(store, "run/hook", files, buffer_size, range_size, case["file_bytes"] + (1 << 20))
+        held = case["window"] if name == "raw-gather" else 1
+        it = raw(store, "run/hook", files, buffer_size, range_size, case["file_bytes"] + (1 << 20), held)
         next(it)  # its buffers: allocated and touched outside the timed part
-        return it
+        return raw_gather(it, case["window"], case["batch_tokens"]) if name == "raw-gather" else it
     if name.startswith("rcache"):
         return RCache(uri, **common)
     if name.startswith("tokens"):
@@ -242,6 +287,11 @@ def summarise(runs: list[dict[str, Any]], file_bytes: int, args: argparse.Namesp
         ratios = [
             r["gb_s"] / ref[(store, cache, r["rep"], base)]["gb_s"] for r in rs if (store, cache, r["rep"], base) in ref
         ]
+        gathered = [  # a shuffling loader against raw reads + one gather (the two-copy floor)
+            (r["gb_s"] / ref[k]["gb_s"], r["steady_gb_s"] / ref[k]["steady_gb_s"])
+            for r in rs
+            if name.startswith("tokens") and (k := (store, cache, r["rep"], "raw-gather")) in ref
+        ]
         steady = [
             r["steady_gb_s"] / ref[(store, cache, r["rep"], base)]["steady_gb_s"]
             for r in rs
@@ -267,6 +317,8 @@ def summarise(runs: list[dict[str, Any]], file_bytes: int, args: argparse.Namesp
                 "ratio_to_raw": ratios,
                 "steady_gb_s": [r["steady_gb_s"] for r in rs if r["steady_gb_s"]],
                 "steady_ratio_to_raw": steady,
+                "ratio_to_raw_gather": [g[0] for g in gathered],
+                "steady_ratio_to_raw_gather": [g[1] for g in gathered],
                 "first_s": [r["first_s"] for r in rs],
                 "first_to_one_file": firsts,
                 "cpu_s_per_gb": [r["cpu_s_per_gb"] for r in rs],
@@ -285,7 +337,7 @@ def ms(xs: list[float]) -> str:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    cols = ("GB/s", "x raw", "steady GB/s", "steady x raw", "first (ms)", "first/1 file", "CPU s/GB")
+    cols = ("GB/s", "x raw", "steady GB/s", "steady x raw", "first (ms)", "first/1 file", "CPU s/GB", "steady x gather")
     print(f"{'store':6} {'cache':5} {'reader':13} " + " ".join(f"{c:>17}" for c in cols) + " peak RSS MiB  bound")
     for r in rows:
         cells = [
@@ -298,6 +350,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
                 "first_s",
                 "first_to_one_file",
                 "cpu_s_per_gb",
+                "steady_ratio_to_raw_gather",
             )
         ]
         cells[4] = ms(r["first_s"])
@@ -415,7 +468,8 @@ def main() -> None:
                     for r in READERS["proxy"]
                 ]
         if wanted:
-            cases = [c for c in cases if c["reader"] in wanted or c["reader"] in ("raw", "raw-one")]
+            kept = {"raw", "raw-one", *(["raw-gather"] if any(w.startswith("tokens") for w in wanted) else [])}
+            cases = [c for c in cases if c["reader"] in wanted or c["reader"] in kept]
         runs = []
         for rep in range(args.reps):
             random.Random(rep).shuffle(cases)  # interleaved: no reader always runs first or after another

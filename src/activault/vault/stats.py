@@ -41,8 +41,8 @@ class RunningStats:
         if n == 0:
             return
         x64 = x.to(torch.float64)
-        mean_b = x64.mean(0)
-        m2_b = ((x64 - mean_b) ** 2).sum(0)
+        var_b, mean_b = torch.var_mean(x64, dim=0, correction=0)  # one fused pass, not three
+        m2_b = var_b * n
         norms = torch.linalg.vector_norm(x64, dim=1)
         self.nonfinite += (~torch.isfinite(norms)).sum()
         self._merge(n, mean_b, m2_b, norms.sum(), (norms**2).sum())
