@@ -68,7 +68,12 @@ class S3Server:
         return self.url + "/"
 
     def start(self, timeout: float = 30.0) -> Self:
-        self.proc = subprocess.Popen(self.command(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # setpriv --pdeathsig: the server gets SIGTERM when this process dies, even by SIGKILL, so a
+        # killed test or benchmark leaves no server behind (util-linux; without it, stop() only).
+        guard = ["setpriv", "--pdeathsig", "TERM", "--"] if shutil.which("setpriv") else []
+        self.proc = subprocess.Popen(
+            [*guard, *self.command()], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True
+        )
         try:
             _wait_http(self.ready_url(), self.proc, timeout, self.name)
         except RuntimeError:

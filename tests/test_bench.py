@@ -1,4 +1,4 @@
-"""The benchmarks still run (at toy sizes), and the pacing proxy they read through serves exact bytes."""
+"""The benchmarks still run (at toy sizes); the servers they start serve exact bytes and die with them."""
 
 from __future__ import annotations
 
@@ -69,3 +69,30 @@ def test_pacing_proxy_serves_exact_ranges_at_its_pace() -> None:
                 store.get_range("missing", 0, 10)
     finally:
         server.stop()
+
+
+@pytest.mark.s3
+def test_a_server_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    script = (
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        "from support.s3servers import MotoServer\n"
+        "print(MotoServer().start().proc.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        server = int(parent.stdout.readline())
+        os.kill(server, 0)  # running
+    finally:
+        parent.kill()  # SIGKILL: no finally, no atexit in the parent
+        parent.wait()
+    for _ in range(100):
+        try:
+            os.kill(server, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(server, 9)
+    pytest.fail("the S3 server outlived the process that started it")
