@@ -40,19 +40,9 @@ from typing import Any
 OUT = Path(__file__).parent / "out" / "read.json"
 SEQ = 1024
 READERS = {
-    "local": [
-        "raw-one",
-        "raw",
-        "raw-gather",
-        "rcache",
-        "rcache-fresh",
-        "rcache-together",
-        "tokens",
-        "tokens-fresh",
-        "original",
-    ],
+    "local": ["raw-one", "raw", "raw-gather", "rcache", "rcache-fresh", "tokens", "tokens-fresh", "original"],
     "moto": ["raw-one", "raw", "rcache", "tokens", "raw-1get", "rcache-1get"],
-    "proxy": ["raw-one", "raw", "raw-gather", "rcache", "rcache-together", "tokens", "original"],
+    "proxy": ["raw-one", "raw", "raw-gather", "rcache", "tokens", "original"],
 }
 
 
@@ -167,7 +157,7 @@ def reader(case: dict[str, Any]) -> Iterable[Any]:
     import torch
 
     from activault import RCache, TokenLoader
-    from activault.reading import fetch, stream
+    from activault.reading import fetch
     from activault.storage import open_store
 
     options = {"env": case["env"]} if case["env"] else {}
@@ -175,8 +165,6 @@ def reader(case: dict[str, Any]) -> Iterable[Any]:
     name, range_size, buffer_size = case["reader"], case["range_size"], case["buffer_size"]
     if name.endswith("-fresh"):  # buffers allocated per file and batch instead of recycled
         fetch.RECYCLE_BUFFERS = False
-    if name.endswith("-together"):  # the first file read together with the next ones
-        stream.FIRST_ALONE = False
     if name.endswith("-1get"):
         range_size = 1 << 40  # larger than any file: one GET each
     common = {"buffer_size": buffer_size, "store_options": options, "range_size": range_size}

@@ -37,8 +37,6 @@ from activault.storage import Store
 from activault.vault import megabatch as fmt
 
 Source = str | Path | Store
-# Read an iterator's first file alone before reading ahead (Prefetch); bench/read.py measures it off.
-FIRST_ALONE = True
 HEAD, BODY = 0, 1  # priority classes of the range workers' jobs
 
 __all__ = [
@@ -257,7 +255,7 @@ class Prefetch(Iterator[tuple[int, Megabatch]]):
         self._pending: deque[tuple[int, Future[Megabatch]]] = deque()
         # The first file is read alone, the others start once it is in: its ranges get every
         # worker and core, so the first batch takes one file's time, not two files' at once.
-        self._opening = FIRST_ALONE
+        self._opening = True
         self._lock = threading.RLock()  # _refill runs on the consumer and on the first file's callback
         self._stop = threading.Event()
         self._files = Workers(stream.buffer_size, "activault-read")
