@@ -9,7 +9,6 @@ read-ahead; its threads stop on `close()`, when it is dropped, and at interprete
 
 from __future__ import annotations
 
-import functools
 import random
 import threading
 import warnings
@@ -253,26 +252,22 @@ class Prefetch(Iterator[tuple[int, Megabatch]]):
         self.stream, self.epoch, self.eager = stream, epoch, eager
         self._next = start
         self._pending: deque[tuple[int, Future[Megabatch]]] = deque()
-        # The first file is read alone, the others start once it is in: its ranges get every
-        # worker and core, so the first batch takes one file's time, not two files' at once.
-        self._opening = True
-        self._lock = threading.RLock()  # _refill runs on the consumer and on the first file's callback
         self._stop = threading.Event()
         self._files = Workers(stream.buffer_size, "activault-read")
         self._ranges = Workers(RANGE_WORKERS, "activault-range")
         self._closer = weakref.finalize(self, _close, self._stop, [self._files, self._ranges])
 
     def _refill(self) -> None:
-        with self._lock:
-            order = self.stream.order(self.epoch)  # re-read: sync() may have appended files
-            limit = 1 if self._opening else self.stream.buffer_size
-            while len(self._pending) < limit and self._next < len(order):
-                i = self._next
-                fut = self._files.submit((i,), self.stream.load, order[i], self.epoch, i, self._ranges, self._stop)
-                self._pending.append((i, fut))
-                self._next += 1
-                if self._opening:
-                    fut.add_done_callback(functools.partial(_opened, weakref.ref(self)))
+        # Files start together, the first with the next ones: reading the first one alone was
+        # measured (bench/read.py, 2 A/B runs) to bring the first file sooner from a cold disk
+        # (57-66 ms against 81-102) but to slow steady reads from the page cache by a third, with
+        # no gain through the pacing proxy.
+        order = self.stream.order(self.epoch)  # re-read: sync() may have appended files
+        while len(self._pending) < self.stream.buffer_size and self._next < len(order):
+            i = self._next
+            fut = self._files.submit((i,), self.stream.load, order[i], self.epoch, i, self._ranges, self._stop)
+            self._pending.append((i, fut))
+            self._next += 1
 
     def __next__(self) -> tuple[int, Megabatch]:
         while True:
@@ -303,15 +298,6 @@ class Prefetch(Iterator[tuple[int, Megabatch]]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _opened(prefetch: weakref.ref[Prefetch], _: Future[Megabatch]) -> None:
-    """The first file is in (or failed): start reading ahead the others."""
-    p = prefetch()
-    if p is not None:
-        with p._lock:
-            p._opening = False
-            p._refill()
 
 
 class Reader:
