@@ -70,7 +70,10 @@ class S3Server:
     def start(self, timeout: float = 30.0) -> Self:
         # setpriv --pdeathsig: the server gets SIGTERM when this process dies, even by SIGKILL, so a
         # killed test or benchmark leaves no server behind (util-linux; without it, stop() only).
-        guard = ["setpriv", "--pdeathsig", "TERM", "--"] if shutil.which("setpriv") else []
+        # The signal follows the thread that started it, so only the main thread (which lives as
+        # long as the process) asks for it: a restart from a timer thread must outlive that thread.
+        main = threading.current_thread() is threading.main_thread()
+        guard = ["setpriv", "--pdeathsig", "TERM", "--"] if main and shutil.which("setpriv") else []
         self.proc = subprocess.Popen(
             [*guard, *self.command()], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True
         )

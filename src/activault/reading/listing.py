@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -90,19 +91,27 @@ class Catalog:
         self.incomplete: dict[str, list[str]] = {}  # url of a file -> hooks that lack it (skipped)
         self.foreign: dict[str, str] = {}  # url of an object that is not a megabatch -> why (skipped)
         self._seen: set[tuple[int, str]] = set()
-        self._records: dict[tuple[int, str], Entry] = {}  # (source, record key) -> its listing entry
-        if not self.sync():
-            where = ", ".join(p.store.url(p.folders[0]) for p in self.prefixes)
-            raise NotFoundError(
-                f"no megabatch files under {where}; the URI should name a hook folder (run/hook), or pass hooks="
-            )
+        # Each hook's metadata.json is read while the folders are listed: one round trip, not two.
+        pairs = [(si, h) for si, p in enumerate(self.prefixes) for h in range(len(p.folders))]
+        with ThreadPoolExecutor(min(len(pairs), 16), thread_name_prefix="activault-records") as pool:
+            asked = {
+                (si, h): pool.submit(records.read_metadata, self.prefixes[si].store, self.prefixes[si].folders[h])
+                for si, h in pairs
+            }
+            found = self.sync()
+            if not found:
+                where = ", ".join(p.store.url(p.folders[0]) for p in self.prefixes)
+                raise NotFoundError(
+                    f"no megabatch files under {where}; the URI should name a hook folder (run/hook), or pass hooks="
+                )
+            self._metadata = {k: f.result() for k, f in asked.items()}  # a damaged record raises here
         self.shapes: list[StatesShape | None] = self._check_compatible()
 
     def sync(self) -> int:
         """List again; files not seen before are appended as a new block. Returns how many."""
         new: list[FileRef] = []
         for si, prefix in enumerate(self.prefixes):
-            per_hook = [self._list(si, prefix, folder) for folder in prefix.folders]
+            per_hook = [self._list(prefix, folder) for folder in prefix.folders]
             complete = set.intersection(*(set(p) for p in per_hook))
             self._partial(si, prefix, per_hook, set.union(*(set(p) for p in per_hook)) - complete)
             for name in sorted(complete):
@@ -113,14 +122,13 @@ class Catalog:
             self.blocks.append(new)
         return len(new)
 
-    def _list(self, si: int, prefix: Prefix, folder: str) -> dict[str, int]:
+    def _list(self, prefix: Prefix, folder: str) -> dict[str, int]:
         """Megabatch name -> size in one hook folder; anything else is reported once as foreign."""
         entries: list[Entry] = prefix.store.list_dir(folder)[1]
         files, odd = {}, []
         for e in entries:
             name = e.key.rsplit("/", 1)[-1]
             if name in RECORDS:
-                self._records[(si, e.key)] = e
                 continue
             ok_key = e.kind == "file" and ".." not in e.key.split("/")
             if fmt.is_megabatch(name) and e.size > 0 and ok_key:
@@ -181,12 +189,7 @@ class Catalog:
     def _shape(self, si: int, h: int) -> StatesShape | None:
         """From metadata.json, else the first file's header; None for legacy `.pt` only."""
         prefix = self.prefixes[si]
-        listed = self._records.get((si, records.metadata_key(prefix.folders[h])))
-        # Listed: read with its size (one request); not listed: absent, nothing to ask.
-        meta = None
-        if listed is not None:
-            size = listed.size if listed.kind == "file" else None  # a link or the like: refused by the read
-            meta = records.read_metadata(prefix.store, prefix.folders[h], size)
+        meta = self._metadata[(si, h)]
         if meta is not None:
             return StatesShape(meta.seq_length, meta.d_model, dtypes.to_torch(meta.dtype))
         first = next(
