@@ -65,8 +65,8 @@ class BufferPool:
     A fresh buffer costs a page fault per page on first touch: on this project's VM, filling a
     fresh 64 MiB buffer took 26 ms median (numpy, huge pages) to 136 ms (torch, 4 KiB pages).
     Measured by bench/read.py (`--readers rcache,rcache-fresh`, 16 files of 64 MiB, page cache,
-    steady rate): RCache read at 0.56-0.95x raw with recycled buffers, 0.16x with a fresh buffer
-    per file. A tensor made from a numpy array keeps that array alive, so once the weak
+    steady rate): RCache read at 0.6-1.1x raw across runs with recycled buffers, 0.15x with a fresh
+    buffer per file. A tensor made from a numpy array keeps that array alive, so once the weak
     reference to the array given out is dead, no tensor (or view of one) uses the memory any more.
     Pinned buffers (for CUDA) are kept the same way, sized to the largest request (the caching
     host allocator rounds each allocation up to a power of two and never frees it); a buffer
