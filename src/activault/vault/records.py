@@ -342,10 +342,9 @@ def read_progress(store: Store, run: str, machine: int, size: int | None = None)
     return rec
 
 
-def read_metadata(store: Store, folder: str, size: int | None = None) -> HookMetadata | None:
-    """A hook folder's metadata.json (`folder` is `run/hook`, or "" at a hook folder's root);
-    `size` from a listing saves a request."""
-    return read_record(store, metadata_key(folder), HookMetadata, REBUILD, size)
+def read_metadata(store: Store, folder: str) -> HookMetadata | None:
+    """A hook folder's metadata.json (`folder` is `run/hook`, or "" at a hook folder's root)."""
+    return read_record(store, metadata_key(folder), HookMetadata, REBUILD)
 
 
 def read_statistics(store: Store, folder: str) -> HookStatistics | None:
