@@ -287,10 +287,14 @@ def summarise(runs: list[dict[str, Any]], file_bytes: int, args: argparse.Namesp
         ratios = [
             r["gb_s"] / ref[(store, cache, r["rep"], base)]["gb_s"] for r in rs if (store, cache, r["rep"], base) in ref
         ]
-        gathered = [  # a shuffling loader against raw reads + one gather (the two-copy floor)
-            (r["gb_s"] / ref[k]["gb_s"], r["steady_gb_s"] / ref[k]["steady_gb_s"])
+        floor = [  # a shuffling loader against raw reads + one gather (the two-copy floor)
+            (r, ref[k])
             for r in rs
             if name.startswith("tokens") and (k := (store, cache, r["rep"], "raw-gather")) in ref
+        ]
+        gathered = [r["gb_s"] / g["gb_s"] for r, g in floor]
+        gathered_steady = [
+            r["steady_gb_s"] / g["steady_gb_s"] for r, g in floor if r["steady_gb_s"] and g["steady_gb_s"]
         ]
         steady = [
             r["steady_gb_s"] / ref[(store, cache, r["rep"], base)]["steady_gb_s"]
@@ -317,8 +321,8 @@ def summarise(runs: list[dict[str, Any]], file_bytes: int, args: argparse.Namesp
                 "ratio_to_raw": ratios,
                 "steady_gb_s": [r["steady_gb_s"] for r in rs if r["steady_gb_s"]],
                 "steady_ratio_to_raw": steady,
-                "ratio_to_raw_gather": [g[0] for g in gathered],
-                "steady_ratio_to_raw_gather": [g[1] for g in gathered],
+                "ratio_to_raw_gather": gathered,
+                "steady_ratio_to_raw_gather": gathered_steady,
                 "first_s": [r["first_s"] for r in rs],
                 "first_to_one_file": firsts,
                 "cpu_s_per_gb": [r["cpu_s_per_gb"] for r in rs],
