@@ -178,7 +178,41 @@ FAULTS = ("503", "reset", "stall")
 _HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"}
 
 
-class FaultProxy:
+class _Proxy:
+    """An HTTP server on a free loopback port, run on a daemon thread between `with` and its end."""
+
+    def _serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _request_body(handler: BaseHTTPRequestHandler) -> bytes:
+    """The request's body, sent with Content-Length or chunked."""
+    if handler.headers.get("Transfer-Encoding", "").lower() == "chunked":
+        chunks: list[bytes] = []
+        while True:
+            n = int(handler.rfile.readline().split(b";")[0], 16)
+            data = handler.rfile.read(n + 2)[:n]
+            if n == 0:
+                while handler.rfile.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                return b"".join(chunks)
+            chunks.append(data)
+    return handler.rfile.read(int(handler.headers.get("Content-Length") or 0))
+
+
+class FaultProxy(_Proxy):
     """An HTTP proxy on 127.0.0.1 in front of an S3 server that breaks a seeded fraction of requests.
 
     Each request, after its body is read, is (with probability `rate`, kinds in turn): forward it;
@@ -217,7 +251,7 @@ class FaultProxy:
                 pass
 
             def _handle(self) -> None:
-                body = self._body()
+                body = _request_body(self)
                 if proxy.on_request is not None:
                     proxy.on_request(self.command, self.path)
                 fault = proxy._draw(self.command, self.path)
@@ -238,19 +272,6 @@ class FaultProxy:
                     self.wfile.write(msg)
                     return
                 self._forward(body)
-
-            def _body(self) -> bytes:
-                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    chunks: list[bytes] = []
-                    while True:
-                        n = int(self.rfile.readline().split(b";")[0], 16)
-                        data = self.rfile.read(n + 2)[:n]
-                        if n == 0:
-                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                                pass
-                            return b"".join(chunks)
-                        chunks.append(data)
-                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
             def _forward(self, body: bytes) -> None:
                 conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
@@ -285,11 +306,7 @@ class FaultProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._serve(Handler)
 
     def _draw(self, method: str, path: str) -> str | None:
         with self._lock:
@@ -304,16 +321,8 @@ class FaultProxy:
             self.counts[fault] += 1
             return fault
 
-    def __enter__(self) -> FaultProxy:
-        self._thread.start()
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-
-
-class ThrottleProxy:
+class ThrottleProxy(_Proxy):
     """An HTTP proxy on 127.0.0.1 in front of an S3 server that paces answers like a real endpoint.
 
     Each response starts after `latency_s` (first-byte latency) and its body streams at most
@@ -376,7 +385,7 @@ class ThrottleProxy:
                 self._send(206, "Partial Content", keep, data)
 
             def _handle(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                body = _request_body(self)
                 wanted = self.headers.get("Range", "")
                 try:
                     if self.command == "GET" and "?" not in self.path and wanted.startswith("bytes="):
@@ -397,11 +406,7 @@ class ThrottleProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self._server.daemon_threads = True
-        self.port = self._server.server_address[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._serve(Handler)
 
     def _object(self, path: str, request: Any) -> tuple[int, str, list[tuple[str, str]], bytes]:
         """Upstream's answer to a GET of the whole object at `path` (unpaced; kept once it is a 200)."""
@@ -421,14 +426,6 @@ class ThrottleProxy:
                     return answer
                 self._objects[path] = answer
             return self._objects[path]
-
-    def __enter__(self) -> ThrottleProxy:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
 
 
 def _reset(sock: socket.socket) -> None:

@@ -224,10 +224,9 @@ class ObjectReader:
         if self.size <= self.step:
             self._whole = buffers.bytes(self.size)
             head = self._whole.numpy().data.cast("B")
-            self.read(0, head)
         else:
             head = memoryview(bytearray(min(self.size, HEAD_BYTES)))
-            self.read(0, head)
+        self.read(0, head)
         if self.key.endswith(fmt.LEGACY_SUFFIX):
             return head, None
         n = fmt.header_length(head[:8], self.url)
