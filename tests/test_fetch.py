@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from activault import RCache, TokenLoader
-from activault.errors import FormatError, StorageError
+from activault.errors import ConfigError, FormatError, StorageError
 from activault.reading import fetch
 from activault.reading.fetch import BufferPool
 from activault.storage import Buffer, Entry, LocalStore, Store
@@ -128,6 +128,15 @@ def test_a_file_is_split_over_every_worker_in_whole_pages() -> None:
     assert fetch.range_step(1 << 34) == fetch.RANGE_SIZE  # big files: ranges capped
     assert fetch.range_step(100_000) == fetch.MIN_RANGE  # small files: one request covers them
     assert fetch.range_step(size, 12_345) == 12_345  # the caller's range size wins
+
+
+@pytest.mark.parametrize("bad", [0, -4096, 2.5, "16MiB"])
+def test_a_range_size_that_is_not_a_positive_byte_count_is_refused(tmp_path: Path, bad: Any) -> None:
+    write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=1)
+    with pytest.raises(ConfigError, match="range_size must be a positive number of bytes"):
+        RCache(str(tmp_path / "r/h"), range_size=bad)
+    with pytest.raises(ConfigError, match="range_size must be a positive number of bytes"):
+        TokenLoader(str(tmp_path / "r/h"), batch_tokens=8, range_size=bad)
 
 
 def test_a_file_one_request_covers_is_read_whole_by_it(tmp_path: Path) -> None:

@@ -38,7 +38,7 @@ HEAD_BYTES = 64 << 10
 def range_step(size: int, range_size: int | None = None) -> int:
     """Bytes per ranged read of a `size`-byte file: `range_size` if set, else the file split over
     RANGE_WORKERS in ranges of MIN_RANGE to RANGE_SIZE (whole pages)."""
-    if range_size:
+    if range_size is not None:
         return range_size
     share = -(-size // RANGE_WORKERS)
     return min(RANGE_SIZE, max(MIN_RANGE, -(-share // 4096) * 4096))

@@ -112,6 +112,10 @@ class FileStream:
     ):
         if buffer_size < 1:
             raise ConfigError(f"buffer_size must be >= 1, got {buffer_size}")
+        if range_size is not None and (not isinstance(range_size, int) or range_size < 1):
+            raise ConfigError(
+                f"range_size must be a positive number of bytes (or None: the default), got {range_size!r}"
+            )
         if not 0 <= rank < world_size:
             raise ConfigError(f"rank must be in [0, world_size={world_size}), got {rank}")
         self.catalog = Catalog(uri, hooks=hooks, store_options=store_options, skip_bad_files=skip_bad_files)
