@@ -9,7 +9,10 @@ run (readers: from construction) and steady (after the first item, the rate a lo
   and gathered into batches, a copy TokenLoader cannot avoid: the floor of any shuffling loader.
 - raw: the files' bytes at the reader's concurrency (`buffer_size` files ahead, the same ranges,
   RANGE_WORKERS threads) into reused buffers, through the same Store; `raw-one`: one file alone,
-  into a new buffer (the first-batch reference).
+  into a new buffer (the first-batch reference). raw-map, raw-map-gather (local): the files mapped
+  and populated by the same threads instead (`Store.map`, what the readers do there), no copy.
+- `-read` readers (local): `map_reads=False`, files read into recycled buffers; `-fresh`: read
+  into a new buffer per file.
 - stores: local (warm: every file read just before; cold: posix_fadvise DONTNEED), a moto S3
   server, and moto behind a proxy that paces each connection like AWS (~90 MB/s, first-byte latency).
 - original: the original project's reader (bench/original.py: boto3 ranged GETs, a prefetch
@@ -40,7 +43,10 @@ from typing import Any
 OUT = Path(__file__).parent / "out" / "read.json"
 SEQ = 1024
 READERS = {
-    "local": ["raw-one", "raw", "raw-gather", "rcache", "rcache-fresh", "tokens", "tokens-fresh", "original"],
+    "local": [
+        *("raw-one", "raw", "raw-gather", "raw-map", "raw-map-gather"),
+        *("rcache", "rcache-read", "rcache-fresh", "tokens", "tokens-read", "original"),
+    ],
     "moto": ["raw-one", "raw", "rcache", "tokens", "raw-1get", "rcache-1get"],
     "proxy": ["raw-one", "raw", "raw-gather", "rcache", "tokens", "original"],
 }
@@ -77,23 +83,30 @@ def raw(
     range_size: int | None,
     size: int,
     held: int = 1,
+    mapped: bool = False,
 ) -> Iterator[memoryview]:
     """Each file's bytes, `buffer_size` files ahead, in the readers' ranges (`fetch.range_step`),
     into reused buffers (`held`: files the consumer keeps at once). `files=1` (one file alone, the
-    first-batch reference): a new buffer, as any program reading one file allocates one."""
+    first-batch reference): a new buffer, as any program reading one file allocates one. `mapped`:
+    each file mapped (`Store.map`) and its ranges populated instead of copied."""
     import numpy as np
 
     from activault.reading.fetch import RANGE_WORKERS, range_step
+    from activault.storage.base import populate
     from activault.vault import megabatch as fmt
 
     # Reused buffers are touched before the clock starts (the first next()).
-    bufs = [np.ones(size, np.uint8) for _ in range(buffer_size + held)] if files != 1 else []
+    bufs = [np.ones(size, np.uint8) for _ in range(buffer_size + held)] if files != 1 and not mapped else []
     yield memoryview(b"")
     keys = [(e.key, e.size) for e in store.list_dir(folder)[1] if fmt.is_megabatch(e.key)][:files]
 
     def fetch(key: str, n: int, k: int) -> memoryview:
-        view = (bufs[k % len(bufs)] if bufs else np.empty(n, np.uint8)).data.cast("B")[:n]
         step = range_step(n, range_size)
+        if mapped:
+            mapping = store.map(key)
+            list(ranges.map(lambda s: populate(mapping, s, min(s + step, n)), range(0, n, step)))
+            return memoryview(mapping)[:n]
+        view = (bufs[k % len(bufs)] if bufs else np.empty(n, np.uint8)).data.cast("B")[:n]
         list(ranges.map(lambda s: store.read_into(key, s, view[s : s + step]), range(0, n, step)))
         return view
 
@@ -160,9 +173,11 @@ def reader(case: dict[str, Any]) -> Iterable[Any]:
     from activault.reading import fetch
     from activault.storage import open_store
 
-    options = {"env": case["env"]} if case["env"] else {}
-    store = open_store(case["root"], **options)
     name, range_size, buffer_size = case["reader"], case["range_size"], case["buffer_size"]
+    options: dict[str, Any] = {"env": case["env"]} if case["env"] else {}
+    if name.endswith(("-read", "-fresh")):  # local files read into buffers, not mapped
+        options["map_reads"] = False
+    store = open_store(case["root"], **options)
     if name.endswith("-fresh"):  # buffers allocated per file and batch instead of recycled
         fetch.RECYCLE_BUFFERS = False
     if name.endswith("-1get"):
@@ -171,10 +186,11 @@ def reader(case: dict[str, Any]) -> Iterable[Any]:
     uri = f"{case['root'].rstrip('/')}/run/hook"
     if name.startswith("raw"):
         files = 1 if name == "raw-one" else None
-        held = case["window"] if name == "raw-gather" else 1
-        it = raw(store, "run/hook", files, buffer_size, range_size, case["file_bytes"] + (1 << 20), held)
+        gather = name.endswith("-gather")
+        size, held = case["file_bytes"] + (1 << 20), case["window"] if gather else 1
+        it = raw(store, "run/hook", files, buffer_size, range_size, size, held, mapped=name.startswith("raw-map"))
         next(it)  # its buffers: allocated and touched outside the timed part
-        return raw_gather(it, case["window"], case["batch_tokens"]) if name == "raw-gather" else it
+        return raw_gather(it, case["window"], case["batch_tokens"]) if gather else it
     if name.startswith("rcache"):
         return RCache(uri, **common)
     if name.startswith("tokens"):
@@ -287,10 +303,12 @@ def summarise(runs: list[dict[str, Any]], file_bytes: int, args: argparse.Namesp
         ratios = [
             r["gb_s"] / ref[(store, cache, r["rep"], base)]["gb_s"] for r in rs if (store, cache, r["rep"], base) in ref
         ]
-        floor = [  # a shuffling loader against raw reads + one gather (the two-copy floor)
-            (r, ref[k])
-            for r in rs
-            if name.startswith("tokens") and (k := (store, cache, r["rep"], "raw-gather")) in ref
+        # A shuffling loader against raw reads + one gather (two copies), or mapped files + one
+        # gather (local files, mapped by the readers: one copy).
+        mapped = store == "local" and not name.endswith(("-read", "-fresh"))
+        floor_name = "raw-map-gather" if mapped else "raw-gather"
+        floor = [
+            (r, ref[k]) for r in rs if name.startswith("tokens") and (k := (store, cache, r["rep"], floor_name)) in ref
         ]
         gathered = [r["gb_s"] / g["gb_s"] for r, g in floor]
         gathered_steady = [
@@ -472,7 +490,8 @@ def main() -> None:
                     for r in READERS["proxy"]
                 ]
         if wanted:
-            kept = {"raw", "raw-one", *(["raw-gather"] if any(w.startswith("tokens") for w in wanted) else [])}
+            gathers = ["raw-gather", "raw-map-gather"] if any(w.startswith("tokens") for w in wanted) else []
+            kept = {"raw", "raw-one", *gathers}
             cases = [c for c in cases if c["reader"] in wanted or c["reader"] in kept]
         runs = []
         for rep in range(args.reps):

@@ -296,3 +296,51 @@ def test_pool_forgets_a_free_buffer_beyond_keep() -> None:
     del b  # free, but too small for the next request: forgotten to stay within `keep`
     c = pool.bytes(128)
     assert c.data_ptr() != a.data_ptr() and c.numel() == 128
+
+
+def _file_mapped_at(address: int) -> str | None:
+    """The file whose mapping holds `address` in this process, from /proc/self/maps."""
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, *rest = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in span.split("-"))
+        if lo <= address < hi:
+            return rest[4] if len(rest) == 5 else None
+    return None
+
+
+@pytest.mark.skipif(not LocalStore(".").map_reads, reason="needs Linux >= 5.14 (MADV_POPULATE_READ)")
+def test_local_files_are_read_in_place_and_writes_never_reach_them(tmp_path: Path) -> None:
+    run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=3)
+    hook = tmp_path / "r/h"
+    before = {name: (hook / name).read_bytes() for name in run.names}
+    got = list(RCache(str(hook), return_ids=True))
+    for name, item in zip(run.names, got, strict=True):
+        states = item["states"]
+        assert torch.equal(states, run.files["h"][name]["states"])
+        assert _file_mapped_at(states.data_ptr()) == str(hook / name)  # no copy of the file was made
+        states.fill_(7)  # the tensors are the caller's to write: copy-on-write, the file unchanged
+        assert (hook / name).read_bytes() == before[name]
+    # map_reads=False reads into buffers instead: the same tensors
+    plain = list(RCache(str(hook), store_options={"map_reads": False}))
+    assert torch.equal(torch.cat(plain), run.tensor("h"))
+    assert _file_mapped_at(plain[0].data_ptr()) != str(hook / run.names[0])
+
+
+@pytest.mark.skipif(not LocalStore(".").map_reads, reason="needs Linux >= 5.14 (MADV_POPULATE_READ)")
+def test_a_file_truncated_while_mapped_is_named_not_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=2, d=512)  # 66 KiB files
+    hook = tmp_path / "r/h"
+    victim = hook / run.names[1]
+    mapped = LocalStore.map
+
+    def map_then_truncate(self: LocalStore, key: str) -> Any:
+        mapping = mapped(self, key)
+        if key.endswith(victim.name):
+            os.truncate(victim, 8192)  # a second writer shortens the file in place once it is mapped
+        return mapping
+
+    monkeypatch.setattr(LocalStore, "map", map_then_truncate)
+    cache = iter(RCache(str(hook)))
+    assert torch.equal(next(cache), run.files["h"][run.names[0]]["states"])
+    with pytest.raises(FormatError, match=f"{victim.name}: truncated file .*delete it and collect again"):
+        next(cache)  # touching the lost pages would be SIGBUS: the reader populates them first

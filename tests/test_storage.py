@@ -93,6 +93,7 @@ def test_local_store_never_reads_through_a_link(hostile, key):
         lambda: store.get_range(key, 0, 4),
         lambda: store.size(key),
         lambda: store.read_into(key, 0, memoryview(bytearray(4))),
+        lambda: store.map(key),
     ):
         with pytest.raises(StorageError, match="symbolic link"):
             call()
@@ -106,6 +107,7 @@ def test_local_store_fifo_is_refused_without_blocking(hostile):
         lambda: store.get("run/h/fifo"),
         lambda: store.size("run/h/fifo"),
         lambda: store.get_range("run/h/fifo", 0, 8),
+        lambda: store.map("run/h/fifo"),
     ):
         with pytest.raises(StorageError, match="not a regular file"):
             call()
@@ -177,3 +179,18 @@ def test_read_only_filesystem_is_one_message_from_every_cleanup(tmp_path, monkey
         store.clear_partial("run/h", "m00000-")
     with pytest.raises(StorageError, match="cannot delete .*Read-only file system"):
         store.delete("run/h/.m00000-000001.safetensors.1234.tmp")
+
+
+def test_local_store_maps_files_copy_on_write(tmp_path):
+    store = LocalStore(tmp_path)
+    store.put("a.bin", b"0123456789")
+    store.put("empty.bin", b"")
+    mapping = store.map("a.bin")
+    assert mapping is not None and bytes(mapping) == b"0123456789"
+    mapping[0:2] = b"xx"  # a reader may write into what it was given: the file never changes
+    assert store.get_text("a.bin") == "0123456789"
+    assert store.map("empty.bin") is None  # nothing to map: read instead
+    with pytest.raises(NotFoundError):
+        store.map("missing.bin")
+    assert LocalStore(tmp_path, map_reads=False).map("a.bin") is None
+    assert open_store(str(tmp_path), map_reads=False).map("a.bin") is None

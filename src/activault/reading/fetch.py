@@ -1,4 +1,5 @@
-"""How a megabatch file's bytes are read: header first, then parallel ranges into a recycled buffer.
+"""How a megabatch file's bytes are read: header first, then parallel ranges into a recycled buffer,
+or, for a file the store maps (local files), read in place: one copy fewer from the page cache.
 
 Transient storage failures are retried by the store itself (S3Store: visibly, within the budget
 of its `retry_timeout` / `max_retries` options, then one error naming the endpoint).
@@ -6,7 +7,9 @@ of its `retry_timeout` / `max_retries` options, then one error naming the endpoi
 
 from __future__ import annotations
 
+import errno
 import itertools
+import mmap
 import queue
 import threading
 import weakref
@@ -18,8 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from activault.errors import FormatError, NotFoundError
+from activault.errors import FormatError, NotFoundError, StorageError
 from activault.storage import Store
+from activault.storage.base import populate
 from activault.vault import codec as codecs
 from activault.vault import megabatch as fmt
 
@@ -195,6 +199,7 @@ class ObjectReader:
         self.url = store.url(key)
         self.stop, self.step = stop, range_step(size, range_size)
         self._whole: torch.Tensor | None = None  # the file, when one request read all of it
+        self._map: mmap.mmap | None = None  # the file, when the store maps it
 
     def read(self, start: int, out: memoryview) -> None:
         """Fill `out` with bytes [start, start + len(out)); a short read means a truncated file."""
@@ -216,17 +221,24 @@ class ObjectReader:
         """The first bytes and the validated header (None: a legacy file).
 
         The header is checked (`megabatch.parse_header`, every reader's one validator) against
-        the listed size before any other tensor byte is requested. A file that fits one request
-        is read whole by it, into a recycled buffer: one round trip instead of two.
+        the listed size before any other tensor byte is requested. A file the store maps
+        (`Store.map`: local files, unless pinned buffers are wanted for CUDA) is read in place;
+        else a file that fits one request is read whole by it, into a recycled buffer: one
+        round trip instead of two.
         """
         if self.size == 0:
             raise FormatError(f"{self.url}: empty file (0 bytes); delete it and collect again")
-        if self.size <= self.step:
-            self._whole = buffers.bytes(self.size)
-            head = self._whole.numpy().data.cast("B")
+        if not buffers.pin:  # pinned buffers copy to the GPU asynchronously: read into those
+            self._map = self._mapped()
+        if self._map is not None:
+            head = self._view(0, min(self.size, HEAD_BYTES))
         else:
-            head = memoryview(bytearray(min(self.size, HEAD_BYTES)))
-        self.read(0, head)
+            if self.size <= self.step:
+                self._whole = buffers.bytes(self.size)
+                head = self._whole.numpy().data.cast("B")
+            else:
+                head = memoryview(bytearray(min(self.size, HEAD_BYTES)))
+            self.read(0, head)
         if self.key.endswith(fmt.LEGACY_SUFFIX):
             return head, None
         n = fmt.header_length(head[:8], self.url)
@@ -236,11 +248,45 @@ class ObjectReader:
                 "delete it and collect again"
             )
         if n > head.nbytes:  # a header over HEAD_BYTES: read the rest of it, still no tensor bytes
-            more = bytearray(n)
-            more[: head.nbytes] = head
-            self.read(head.nbytes, memoryview(more)[head.nbytes :])
-            head = memoryview(more)
+            if self._map is not None:
+                head = self._view(0, n)
+            else:
+                more = bytearray(n)
+                more[: head.nbytes] = head
+                self.read(head.nbytes, memoryview(more)[head.nbytes :])
+                head = memoryview(more)
         return head, fmt.parse_header(head, self.url, self.size)
+
+    def _mapped(self) -> mmap.mmap | None:
+        try:
+            mapping = self.store.map(self.key)
+        except NotFoundError:
+            raise NotFoundError(f"{self.url} does not exist (it was listed: deleted since?)") from None
+        if mapping is not None and len(mapping) < self.size:
+            raise self._truncated(len(mapping))
+        return mapping
+
+    def _view(self, start: int, end: int) -> memoryview:
+        """Bytes [start, end) of the mapped file, read in now (`populate`: an error, never SIGBUS)."""
+        assert self._map is not None
+        self._populate(self._map, start, end)
+        return memoryview(self._map)[start:end]
+
+    def _populate(self, mapping: mmap.mmap, start: int, end: int) -> None:
+        if self.stop.is_set():
+            raise Stopped
+        try:
+            populate(mapping, start, end)
+        except OSError as e:
+            if e.errno == errno.EFAULT:  # the file no longer reaches `end`
+                raise self._truncated(None) from None
+            raise StorageError(f"cannot read {self.url}: {e.strerror or e}") from e
+
+    def _truncated(self, ends_at: int | None) -> FormatError:
+        where = "ends early" if ends_at is None else f"ends at byte {ends_at}"
+        return FormatError(
+            f"{self.url}: truncated file ({where}, listed with {self.size}); delete it and collect again"
+        )
 
     def body(
         self, head: memoryview, buffers: BufferPool, ranges: Workers, priority: tuple[int, ...]
@@ -253,24 +299,37 @@ class ObjectReader:
         if self._whole is not None:  # head() read it all
             whole, self._whole = self._whole, None
             return lambda: whole
+        step = self.step
+        if self._map is not None:  # mapped: the ranges are read in place, on the range workers
+            mapping, self._map = self._map, None
+            size = self.size
+            futures = [
+                ranges.submit((*priority, s), self._populate, mapping, s, min(s + step, size))
+                for s in range(head.nbytes, size, step)
+            ]
+            return _waiter(futures, lambda: torch.frombuffer(mapping, dtype=torch.uint8, count=size))
         buf = buffers.bytes(self.size)
         view = buf.numpy().data.cast("B")
         view[: head.nbytes] = head
-        step = self.step
         futures = [
             ranges.submit((*priority, s), self.read, s, view[s : s + step]) for s in range(head.nbytes, self.size, step)
         ]
+        return _waiter(futures, lambda: buf)
 
-        def wait() -> torch.Tensor:
-            try:
-                for fut in futures:
-                    fut.result()
-            finally:
-                for fut in futures:
-                    fut.cancel()
-            return buf
 
-        return wait
+def _waiter(futures: list[Future[Any]], result: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    """A call that waits for every range (cancelling the rest on the first error), then gives the bytes."""
+
+    def wait() -> torch.Tensor:
+        try:
+            for fut in futures:
+                fut.result()
+        finally:
+            for fut in futures:
+                fut.cancel()
+        return result()
+
+    return wait
 
 
 def tensors_of(

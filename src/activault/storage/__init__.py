@@ -20,7 +20,7 @@ def open_store(uri: str | Path, **options: Any) -> Store:
         from activault.storage.s3 import S3Store  # obstore only when S3 is used
 
         return S3Store(str(parsed), **options)
-    return LocalStore(parsed.path, **{k: v for k, v in options.items() if k == "fsync"})
+    return LocalStore(parsed.path, **{k: v for k, v in options.items() if k in ("fsync", "map_reads")})
 
 
 def locate(uri: str | Path) -> tuple[Store, str]:

@@ -7,6 +7,7 @@ one (storage/uri.py). `put` is atomic in both: a reader sees the whole object or
 from __future__ import annotations
 
 import builtins
+import mmap
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +60,12 @@ class Store(ABC):
         out[: data.nbytes] = data
         return data.nbytes
 
+    def map(self, key: str) -> mmap.mmap | None:
+        """The whole object mapped into memory copy-on-write (writes to it never reach the store),
+        or None where the store cannot map it (object stores, an empty file). Pages are read when
+        first touched, or ahead with `populate`."""
+        return None
+
     @abstractmethod
     def size(self, key: str) -> int | None:
         """Size in bytes, or None if the object does not exist."""
@@ -101,6 +108,22 @@ class Store(ABC):
     def clear_partial(self, folder: str, name_prefix: str) -> int:
         """Remove leftovers of writes that were killed mid-way (only the local store has any)."""
         return 0
+
+
+# MADV_POPULATE_READ (Linux 5.14): fault a range in with one call, or fail with EFAULT where the
+# file no longer reaches (never SIGBUS, as touching such a page would).
+_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
+
+
+def populate(mapping: mmap.mmap, start: int, end: int) -> None:
+    """Read bytes [start, end) of a `Store.map` mapping into memory now, on this thread.
+
+    Raises OSError: EFAULT where the file is shorter than the mapping (shrunk since it was
+    mapped), EIO for a read error, EINVAL where the kernel cannot populate (then `map` is None).
+    """
+    a = start - start % mmap.PAGESIZE
+    if end > a:
+        mapping.madvise(_POPULATE_READ, a, end - a)
 
 
 def join(*parts: str) -> str:
