@@ -194,3 +194,32 @@ def test_local_store_maps_files_copy_on_write(tmp_path):
         store.map("missing.bin")
     assert LocalStore(tmp_path, map_reads=False).map("a.bin") is None
     assert open_store(str(tmp_path), map_reads=False).map("a.bin") is None
+
+
+def _cached_pages(path: Path) -> int:
+    """How many of the file's pages are in the page cache (mincore of a mapping, which reads nothing)."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        mapping = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+    pages = -(-size // mmap.PAGESIZE)
+    vec = (ctypes.c_ubyte * pages)()
+    anchor = ctypes.c_char.from_buffer(mapping)
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), vec) == 0
+    del anchor
+    mapping.close()
+    return sum(v & 1 for v in vec)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise is Linux's")
+def test_written_files_leave_the_page_cache_once_durable(tmp_path):
+    """A collection writes more than memory: what it fsynced is dropped from the cache, not kept."""
+    data = os.urandom(4 << 20)
+    LocalStore(tmp_path).put("a.bin", data)
+    assert _cached_pages(tmp_path / "a.bin") == 0
+    LocalStore(tmp_path, fsync=False).put("b.bin", data)  # not durable yet: the cache holds it
+    assert _cached_pages(tmp_path / "b.bin") == (4 << 20) // 4096
+    assert (tmp_path / "a.bin").read_bytes() == data

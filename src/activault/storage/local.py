@@ -149,6 +149,12 @@ class LocalStore(Store):
                     view = view[n:]
             if self.fsync:
                 os.fsync(fd)
+                # Written pages are clean now: drop them from the page cache. A collection writes
+                # far more than memory, and keeping what it wrote would evict what is read (the
+                # model, the data); new cached pages also cost a first touch each, which on this
+                # project's VM made writing 16 MiB take 44 ms of CPU instead of 3 (bench.collect).
+                if hasattr(os, "posix_fadvise"):
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
 
