@@ -6,7 +6,8 @@ compare a reader with the raw read of the same repetition, store and cache state
 run (readers: from construction) and steady (after the first item, the rate a long run settles at).
 
 - raw-gather (for TokenLoader): raw reads held a window at a time, each window's tokens permuted
-  and gathered into batches, a copy TokenLoader cannot avoid: the floor of any shuffling loader.
+  and gathered into batches on TokenLoader's gather threads, a copy TokenLoader cannot avoid: the
+  floor of any shuffling loader.
 - raw: the files' bytes at the reader's concurrency (`buffer_size` files ahead, the same ranges,
   RANGE_WORKERS threads) into reused buffers, through the same Store; `raw-one`: one file alone,
   into a new buffer (the first-batch reference). raw-map, raw-map-gather (local): the files mapped
@@ -132,13 +133,17 @@ def warm_cache(root: Path) -> None:
 
 def raw_gather(files: Iterator[memoryview], window: int, batch_tokens: int) -> Iterator[memoryview]:
     """The floor of any shuffling loader: `raw` files, a window at a time, their tokens' states
-    permuted and gathered into a reused batch (one np.take per file and batch, as TokenLoader)."""
+    permuted and gathered into a reused batch (np.take per file and batch, split over the same
+    threads as TokenLoader's)."""
     import numpy as np
 
+    from activault.reading.fetch import Workers
+    from activault.reading.tokens import GATHER_THREADS, take_rows
     from activault.vault import megabatch as fmt
 
     rng = np.random.default_rng(0)
     batch: np.ndarray | None = None
+    workers = Workers(GATHER_THREADS - 1, "gather") if GATHER_THREADS > 1 else None
 
     def gather(held: list[np.ndarray]) -> Iterator[memoryview]:
         nonlocal batch
@@ -149,21 +154,28 @@ def raw_gather(files: Iterator[memoryview], window: int, batch_tokens: int) -> I
             if batch is None:
                 batch = np.empty((batch_tokens, held[0].shape[1]), np.uint8)
             bounds = np.searchsorted(index, np.arange(len(held) + 1) * rows)
-            for f, part in enumerate(held):
-                lo, hi = bounds[f], bounds[f + 1]
-                np.take(part, index[lo:hi] - f * rows, axis=0, out=batch[lo:hi], mode="clip")
+            takes = [
+                (part, index[bounds[f] : bounds[f + 1]] - f * rows, batch[bounds[f] : bounds[f + 1]])
+                for f, part in enumerate(held)
+                if bounds[f] < bounds[f + 1]
+            ]
+            take_rows(takes, workers)
             yield batch.data.cast("B")
 
     held: list[np.ndarray] = []
-    for view in files:
-        header = fmt.parse_header(view, "raw")
-        a, b = header.byte_range("states")
-        held.append(np.frombuffer(view[a:b], np.uint8).reshape(-1, header.d_model * header.dtype.itemsize))
-        if len(held) == window:
+    try:
+        for view in files:
+            header = fmt.parse_header(view, "raw")
+            a, b = header.byte_range("states")
+            held.append(np.frombuffer(view[a:b], np.uint8).reshape(-1, header.d_model * header.dtype.itemsize))
+            if len(held) == window:
+                yield from gather(held)
+                held = []
+        if held:
             yield from gather(held)
-            held = []
-    if held:
-        yield from gather(held)
+    finally:
+        if workers is not None:
+            workers.close()
 
 
 def reader(case: dict[str, Any]) -> Iterable[Any]:

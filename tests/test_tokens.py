@@ -133,3 +133,19 @@ def test_dropped_tail_is_counted_and_logged(run: SynthRun, tmp_path: Path, caplo
     assert f"dropped the last {loader.dropped_tokens} tokens" in caplog.text
     tail = list(TokenLoader(tmp_path / "run/h1", batch_tokens=32, window=3, drop_last=False))
     assert len(tail) == len(batches) + 1 and tail[-1].shape == (loader.dropped_tokens, 8)
+
+
+def test_batches_do_not_depend_on_the_gather_threads(
+    run: SynthRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from activault.reading import tokens as tokens_module
+
+    opts = dict(batch_tokens=40, window=3, return_ids=True, seed=3, drop_last=False)
+    got = {}
+    for threads in (1, 2, 4):
+        monkeypatch.setattr(tokens_module, "GATHER_THREADS", threads)
+        got[threads] = list(TokenLoader(tmp_path / "run/h1", **opts))
+    for threads in (2, 4):
+        assert len(got[threads]) == len(got[1])
+        for x, y in zip(got[threads], got[1], strict=True):
+            assert all(torch.equal(x[k], y[k]) for k in ("states", "input_ids", "positions"))

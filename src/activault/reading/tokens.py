@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from activault.errors import ConfigError, NotFoundError
+from activault.reading.fetch import Workers
 from activault.reading.rcache import RCache
 from activault.reading.stream import (
     BufferPool,
@@ -71,11 +73,13 @@ class _Window:
         self.offsets = torch.tensor([0, *counts]).cumsum(0)
         self.n = int(self.offsets[-1])
 
-    def gather(self, index: torch.Tensor, batch: _Batch) -> None:
-        """Append tokens `index` to the batch: one copy, file by file (in storage order)."""
+    def gather(self, index: torch.Tensor, batch: _Batch, workers: Workers | None = None) -> None:
+        """Append tokens `index` to the batch: one copy, file by file (in storage order), split
+        over `workers` (and this thread) when given."""
         index = index.sort().values
         bounds = torch.searchsorted(index, self.offsets).tolist()
         start = batch.filled
+        takes: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (rows of, which, into)
         for f, kept in enumerate(self.kept):
             lo, hi = bounds[f], bounds[f + 1]
             if lo == hi:
@@ -83,22 +87,45 @@ class _Window:
             local = index[lo:hi] - self.offsets[f]
             if kept is not None:
                 local = kept[local]
-            # np.take: one thread, GIL released. index_select's OpenMP team contended with the
-            # reader threads and gathered at a third of the speed on 2 cores. mode="clip": "raise"
-            # buffers `out`.
             rows = local.numpy()
             for h, per_file in enumerate(self.rows):
-                np.take(
-                    per_file[f],
-                    rows,
-                    axis=0,
-                    out=_bytes(batch.states[h][start + lo : start + hi]),
-                    mode="clip",
-                )
+                takes.append((per_file[f], rows, _bytes(batch.states[h][start + lo : start + hi])))
             if batch.input_ids is not None and batch.positions is not None:
                 torch.index_select(self.ids[f], 0, local, out=batch.input_ids[start + lo : start + hi])
                 torch.index_select(self.pos[f], 0, local, out=batch.positions[start + lo : start + hi])
+        take_rows(takes, workers)
         batch.filled += index.numel()
+
+
+# Threads that gather a batch (with the consumer's own): one thread copies rows at about half the
+# rate two cores read files (bench/read.py, page cache: one-thread gather 0.63x raw reads).
+GATHER_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+def take_rows(takes: list[tuple[np.ndarray, np.ndarray, np.ndarray]], workers: Workers | None) -> None:
+    """np.take of every (source rows, which, into), each split in equal parts over the workers and
+    this thread. np.take: one thread per call, GIL released (index_select's OpenMP team contended
+    with the reader threads and gathered at a third of the speed on 2 cores); mode="clip": "raise"
+    buffers `out`."""
+    parts = 1 if workers is None else GATHER_THREADS
+    jobs = []
+    for src, rows, out in takes:
+        step = -(-rows.size // parts)
+        jobs += [(src, rows[a : a + step], out[a : a + step]) for a in range(0, rows.size, step)]
+    if workers is None or len(jobs) < 2:
+        _take_group(jobs)
+        return
+    share = -(-len(jobs) // parts)
+    groups = [jobs[i : i + share] for i in range(0, len(jobs), share)]
+    futures = [workers.submit((0,), _take_group, g) for g in groups[1:]]
+    _take_group(groups[0])
+    for fut in futures:
+        fut.result()
+
+
+def _take_group(jobs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+    for src, rows, out in jobs:
+        np.take(src, rows, axis=0, out=out, mode="clip")
 
 
 class TokenLoader(Reader):
@@ -258,6 +285,14 @@ class TokenLoader(Reader):
             yield w, items
 
     def _iterate(self) -> Generator[Any, None, None]:
+        gatherers = Workers(GATHER_THREADS - 1, "activault-gather") if GATHER_THREADS > 1 else None
+        try:
+            yield from self._batches(gatherers)
+        finally:
+            if gatherers is not None:
+                gatherers.close()
+
+    def _batches(self, gatherers: Workers | None) -> Generator[Any, None, None]:
         B = self.batch_tokens
         # Staged in pinned memory for CUDA (the device normalises); 4: a consumer may hold the last
         # batch while the next is gathered.
@@ -280,7 +315,7 @@ class TokenLoader(Reader):
                         if batch is None:
                             batch = self._batch([per_file[0] for per_file in win.states], buffers)
                         take = min(B - batch.filled, win.n - a)
-                        win.gather(perm[a : a + take], batch)
+                        win.gather(perm[a : a + take], batch, gatherers)
                         a += take
                         if batch.filled == B:
                             # The position of the next token: what state_dict() resumes from.
