@@ -162,7 +162,8 @@ def bench_writer(work: Path, quick: bool, reps: int) -> dict:
         writer.close()
         return nbytes / (time.perf_counter() - t0)
 
-    plain_r, writer_r = [], []
+    plain_r: list[float] = []
+    writer_r: list[float] = []
     for i in range(reps):  # each side first in every other pair
         for side in ("plain", "writer") if i % 2 == 0 else ("writer", "plain"):
             folder = work / f"{side}{i}"
