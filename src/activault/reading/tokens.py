@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import sys
+import weakref
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,39 +63,39 @@ class _Window:
         for item in items:
             p = item.positions.reshape(-1)
             keep = p >= drop_below
-            kept = None if bool(keep.all()) else keep.nonzero().squeeze(1)  # padding and dropped positions
-            counts.append(p.numel() if kept is None else kept.numel())
+            kept = None if bool(keep.all()) else keep.nonzero().squeeze(1).numpy()  # padding, dropped positions
+            counts.append(p.numel() if kept is None else kept.size)
             self.kept.append(kept)
             self.ids.append(item.input_ids.reshape(-1))
             self.pos.append(p)
             for h, s in enumerate(item.states):
                 self.states[h].append(s.reshape(p.numel(), -1))
                 self.rows[h].append(_bytes(self.states[h][-1]))
-        self.offsets = torch.tensor([0, *counts]).cumsum(0)
+        self.offsets = np.cumsum([0, *counts])
         self.n = int(self.offsets[-1])
 
-    def gather(self, index: torch.Tensor, batch: _Batch, workers: Workers | None = None) -> None:
+    def gather(self, index: np.ndarray, batch: _Batch, workers: Workers | None = None) -> None:
         """Append tokens `index` to the batch: one copy, file by file (in storage order), split
         over `workers` (and this thread) when given."""
-        index = index.sort().values
-        bounds = torch.searchsorted(index, self.offsets).tolist()
+        index = np.sort(index)  # 15 us for 4,096 indices; torch.sort took 130 us (a 2.5 ms batch here)
+        bounds = np.searchsorted(index, self.offsets).tolist()
         start = batch.filled
         takes: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (rows of, which, into)
         for f, kept in enumerate(self.kept):
             lo, hi = bounds[f], bounds[f + 1]
             if lo == hi:
                 continue
-            local = index[lo:hi] - self.offsets[f]
+            rows = index[lo:hi] - self.offsets[f]
             if kept is not None:
-                local = kept[local]
-            rows = local.numpy()
+                rows = kept[rows]
             for h, per_file in enumerate(self.rows):
                 takes.append((per_file[f], rows, _bytes(batch.states[h][start + lo : start + hi])))
             if batch.input_ids is not None and batch.positions is not None:
+                local = torch.from_numpy(rows)
                 torch.index_select(self.ids[f], 0, local, out=batch.input_ids[start + lo : start + hi])
                 torch.index_select(self.pos[f], 0, local, out=batch.positions[start + lo : start + hi])
         take_rows(takes, workers)
-        batch.filled += index.numel()
+        batch.filled += index.size
 
 
 # Threads that gather a batch (with the consumer's own): one thread copies rows at about half the
@@ -286,11 +287,14 @@ class TokenLoader(Reader):
 
     def _iterate(self) -> Generator[Any, None, None]:
         gatherers = Workers(GATHER_THREADS - 1, "activault-gather") if GATHER_THREADS > 1 else None
+        # Stopped when the batches end or are abandoned, and at interpreter exit before modules are
+        # torn down (an abandoned generator may be collected only after that).
+        stop = weakref.finalize(self, Workers.close, gatherers) if gatherers is not None else None
         try:
             yield from self._batches(gatherers)
         finally:
-            if gatherers is not None:
-                gatherers.close()
+            if stop is not None:
+                stop()
 
     def _batches(self, gatherers: Workers | None) -> Generator[Any, None, None]:
         B = self.batch_tokens
@@ -308,7 +312,7 @@ class TokenLoader(Reader):
                     perm = torch.randperm(
                         win.n,
                         generator=torch.Generator().manual_seed(mix_seed(self.seed, epoch, "window", w)),
-                    )
+                    ).numpy()
                     a, skip = skip, 0
                     taken += win.n - a
                     while a < win.n:
