@@ -36,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -112,9 +113,9 @@ def raw(
         return view
 
     with ThreadPoolExecutor(buffer_size) as pool, ThreadPoolExecutor(RANGE_WORKERS) as ranges:
-        pending = [pool.submit(fetch, k, n, i) for i, (k, n) in enumerate(keys[:buffer_size])]
+        pending = deque(pool.submit(fetch, k, n, i) for i, (k, n) in enumerate(keys[:buffer_size]))
         for i in range(len(keys)):
-            view = pending[i].result()
+            view = pending.popleft().result()  # done with: a mapped file is unmapped once the consumer drops it
             if i + buffer_size < len(keys):
                 k, n = keys[i + buffer_size]
                 pending.append(pool.submit(fetch, k, n, i + buffer_size))
