@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from activault.errors import NotFoundError, StorageError
+from activault.errors import ConfigError, NotFoundError, StorageError
 from activault.storage import Entry, LocalStore, locate, open_store
 
 
@@ -194,6 +194,9 @@ def test_local_store_maps_files_copy_on_write(tmp_path):
         store.map("missing.bin")
     assert LocalStore(tmp_path, map_reads=False).map("a.bin") is None
     assert open_store(str(tmp_path), map_reads=False).map("a.bin") is None
+    for bad in ("false", 0, None):  # not a bool: refused, never read as True or False
+        with pytest.raises(ConfigError, match="map_reads must be True or False"):
+            open_store(str(tmp_path), map_reads=bad)
 
 
 def _cached_pages(path: Path) -> int:

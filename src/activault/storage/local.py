@@ -21,7 +21,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from activault.errors import NotFoundError, StorageError
+from activault.errors import ConfigError, NotFoundError, StorageError
 from activault.storage.base import Buffer, Entry, EntryKind, Store, as_parts, join, populate
 
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -40,6 +40,9 @@ class LocalStore(Store):
     """A folder on the local filesystem; files appear only when complete (temp name, fsync, rename)."""
 
     def __init__(self, root: str | Path, fsync: bool = True, map_reads: bool = True):
+        for name, value in (("fsync", fsync), ("map_reads", map_reads)):
+            if not isinstance(value, bool):  # a string such as "false" would count as True
+                raise ConfigError(f"local store option {name} must be True or False, got {value!r}")
         self.root = Path(root).expanduser().absolute()
         self.uri = str(self.root)
         self.fsync = fsync
