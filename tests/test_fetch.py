@@ -159,19 +159,83 @@ def test_a_file_one_request_covers_is_read_whole_by_it(tmp_path: Path) -> None:
     assert counting.requests["metadata.json"] == 1
 
 
-def test_a_big_file_costs_its_header_then_one_request_per_range(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+class Logging(Counting):
+    """Also records each read's (key, offset, length) in order."""
+
+    def __init__(self, inner: Store):
+        super().__init__(inner)
+        self.reads: list[tuple[str, int, int]] = []
+
+    def read_into(self, key: str, offset: int, out: memoryview) -> int:
+        self.reads.append((key, offset, out.nbytes))
+        return super().read_into(key, offset, out)
+
+
+@pytest.fixture
+def small_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fetch, "RANGE_SIZE", 4096)
     monkeypatch.setattr(fetch, "MIN_RANGE", 4096)
     monkeypatch.setattr(fetch, "HEAD_BYTES", 1024)
+
+
+def test_a_file_of_the_expected_size_is_requested_whole_at_once(tmp_path: Path, small_ranges: None) -> None:
     run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=2, d=64)
+    logging_ = Logging(LocalStore(tmp_path / "r/h", fsync=False))
+    assert torch.equal(torch.cat(list(RCache(logging_))), run.tensor("h")), "same data"
+    for name in run.names:
+        size = (tmp_path / "r/h" / name).stat().st_size
+        assert size > 4096 and logging_.asked[name] == size  # every byte asked once
+        mine = sorted((o, n) for k, o, n in logging_.reads if k == name)
+        # No separate header read: the ranges of the whole file, the header checked from the first.
+        assert mine == [(o, min(4096, size - o)) for o in range(0, size, 4096)]
+
+
+def test_without_metadata_a_big_file_costs_its_header_then_one_request_per_range(
+    tmp_path: Path, small_ranges: None
+) -> None:
+    run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=2, d=64)
+    (tmp_path / "r/h/metadata.json").unlink()  # no size to expect: nothing is read before the header
     counting = Counting(LocalStore(tmp_path / "r/h", fsync=False))
-    assert torch.equal(torch.cat(list(RCache(counting))), run.tensor("h"))
+    cache = RCache(counting)  # reads the first file's header for the shape metadata.json would give
+    counting.asked.clear(), counting.requests.clear()
+    assert torch.equal(torch.cat(list(cache)), run.tensor("h"))
     for name in run.names:
         size = (tmp_path / "r/h" / name).stat().st_size
         assert size > 4096 and counting.asked[name] == size  # every byte asked once
         assert counting.requests[name] == 1 + -(-(size - 1024) // 4096)
+
+
+def test_a_bad_file_of_the_expected_size_is_refused_and_costs_at_most_its_size(
+    tmp_path: Path, small_ranges: None
+) -> None:
+    run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=3, d=64)
+    hook = tmp_path / "r/h"
+    good = (hook / run.names[0]).stat().st_size
+    # Within the expected size: garbage, and a valid header for another shape (the bytes are there).
+    (hook / "m00000-000090.safetensors").write_bytes(struct.pack("<Q", 10**12) + os.urandom(good - 8))
+    misfit = misfit_header(2, 16, 8)
+    (hook / "m00000-000091.safetensors").write_bytes(misfit + bytes(2 * 16 * 8 * 2 + 2 * 2 * 16 * 4))
+    # Over the expected size by more than HEAD_BYTES: only its header is read.
+    (hook / "m00000-000092.safetensors").write_bytes(struct.pack("<Q", 10**12) + os.urandom(good + 8192))
+    logging_ = Logging(LocalStore(hook, fsync=False))
+    cache = RCache(logging_, buffer_size=1)
+    for index, name, error in (
+        (3, "m00000-000090", "corrupted"),
+        (4, "m00000-000091", "it does not belong here"),
+        (5, "m00000-000092", "corrupted"),
+    ):
+        logging_.asked.clear()
+        cache.set_file_index(index)
+        with pytest.raises(FormatError, match=f"{name}.safetensors: .*{error}"):
+            list(cache)
+        size = (hook / f"{name}.safetensors").stat().st_size
+        assert 0 < logging_.asked[f"{name}.safetensors"] <= (size if index < 5 else fetch.HEAD_BYTES)
+    with pytest.warns(UserWarning, match="skipping a bad file"):
+        skipping = RCache(logging_, skip_bad_files=True)
+        assert torch.equal(torch.cat(list(skipping)), run.tensor("h")) and skipping.bad_files == 3
+    with pytest.warns(UserWarning, match="skipping a bad file"):
+        loader = TokenLoader(logging_, batch_tokens=8, skip_bad_files=True, drop_last=False)
+        assert sum(b.shape[0] for b in loader) == int((run.tensor("h", "positions") >= 0).sum())
 
 
 @pytest.fixture(scope="module")

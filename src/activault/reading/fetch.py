@@ -36,6 +36,10 @@ RANGE_WORKERS = 8
 # The header (a few hundred bytes) comes first in one small read: a junk multi-GB object in a hook
 # folder costs this much before it is refused, never its size. A file that one request covers
 # (at most the range size) is read whole, in that one request, and its header checked from it.
+# A file no bigger than a full file of its hook (the tensor bytes its metadata gives, `expect`, plus
+# HEAD_BYTES) is requested whole at once, its header checked from the first range: one round trip
+# instead of two (on moto, whose ranged GETs each read the whole object, the header's small read
+# cost as much as the file), and junk costs at most one well-formed file's bytes.
 HEAD_BYTES = 64 << 10
 
 
@@ -194,11 +198,14 @@ class ObjectReader:
         *,
         stop: threading.Event,
         range_size: int | None = None,
+        expect: int | None = None,
     ):
         self.store, self.key, self.size = store, key, size
         self.url = store.url(key)
         self.stop, self.step = stop, range_step(size, range_size)
-        self._whole: torch.Tensor | None = None  # the file, when one request read all of it
+        self.expect = expect  # tensor bytes of a full file of this hook (None: unknown)
+        self._whole: torch.Tensor | None = None  # the file, when requested whole with its header
+        self._rest: list[Future[Any]] = []  # its other ranges, when requested with the header
         self._map: mmap.mmap | None = None  # the file, when the store maps it
 
     def read(self, start: int, out: memoryview) -> None:
@@ -217,25 +224,45 @@ class ObjectReader:
                 "delete it and collect again"
             )
 
-    def head(self, buffers: BufferPool) -> tuple[memoryview, fmt.Header | None]:
+    def head(
+        self, buffers: BufferPool, ranges: Workers | None = None, priority: tuple[int, ...] = ()
+    ) -> tuple[memoryview, fmt.Header | None]:
         """The first bytes and the validated header (None: a legacy file).
 
         The header is checked (`megabatch.parse_header`, every reader's one validator) against
-        the listed size before any other tensor byte is requested. A file the store maps
-        (`Store.map`: local files, unless pinned buffers are wanted for CUDA) is read in place;
-        else a file that fits one request is read whole by it, into a recycled buffer: one
-        round trip instead of two.
+        the listed size before the file's bytes are used. A file the store maps (`Store.map`:
+        local files, unless pinned buffers are wanted for CUDA) is read in place; else a file
+        that fits one request is read whole by it, into a recycled buffer; else a file no bigger
+        than `expect` allows is requested whole (its other ranges go to `ranges` with `priority`);
+        else only its header is read first, and no tensor byte is requested before it is valid.
         """
         if self.size == 0:
             raise FormatError(f"{self.url}: empty file (0 bytes); delete it and collect again")
         if not buffers.pin:  # pinned buffers copy to the GPU asynchronously: read into those
             self._map = self._mapped()
+        try:
+            return self._head(buffers, ranges, priority)
+        except BaseException:
+            self.abandon()
+            raise
+
+    def _head(
+        self, buffers: BufferPool, ranges: Workers | None, priority: tuple[int, ...]
+    ) -> tuple[memoryview, fmt.Header | None]:
         if self._map is not None:
             head = self._view(0, min(self.size, HEAD_BYTES))
         else:
-            if self.size <= self.step:
+            expected = self.expect is not None and self.size <= self.expect + HEAD_BYTES
+            whole = self.size <= self.step or (ranges is not None and expected)
+            if whole:
                 self._whole = buffers.bytes(self.size)
-                head = self._whole.numpy().data.cast("B")
+                view = self._whole.numpy().data.cast("B")
+                head = view[: self.step]
+                if ranges is not None:
+                    self._rest = [
+                        ranges.submit((*priority, s), self.read, s, view[s : s + self.step])
+                        for s in range(self.step, self.size, self.step)
+                    ]
             else:
                 head = memoryview(bytearray(min(self.size, HEAD_BYTES)))
             self.read(0, head)
@@ -247,7 +274,7 @@ class ObjectReader:
                 f"{self.url}: corrupted header (declares {n - 8} bytes, the file has {self.size}); "
                 "delete it and collect again"
             )
-        if n > head.nbytes:  # a header over HEAD_BYTES: read the rest of it, still no tensor bytes
+        if n > head.nbytes:  # a header over the first read: read the rest of it, still no tensor bytes
             if self._map is not None:
                 head = self._view(0, n)
             else:
@@ -256,6 +283,12 @@ class ObjectReader:
                 self.read(head.nbytes, memoryview(more)[head.nbytes :])
                 head = memoryview(more)
         return head, fmt.parse_header(head, self.url, self.size)
+
+    def abandon(self) -> None:
+        """Cancel the ranges requested with the header (the file was refused, or its read failed)."""
+        for fut in self._rest:
+            fut.cancel()
+        self._rest, self._whole = [], None
 
     def _mapped(self) -> mmap.mmap | None:
         try:
@@ -296,9 +329,9 @@ class ObjectReader:
         Each range goes to `ranges` with `priority` (file, hook) first, so an earlier file is
         never starved by a later one.
         """
-        if self._whole is not None:  # head() read it all
-            whole, self._whole = self._whole, None
-            return lambda: whole
+        if self._whole is not None:  # head() read it all, or requested it all
+            whole, rest, self._whole, self._rest = self._whole, self._rest, None, []
+            return _waiter(rest, lambda: whole)
         step = self.step
         if self._map is not None:  # mapped: the ranges are read in place, on the range workers
             mapping, self._map = self._map, None

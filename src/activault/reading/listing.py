@@ -186,6 +186,11 @@ class Catalog:
             return False
         return rec is not None and not rec.finished and rec.files_done <= index
 
+    def tensor_bytes(self, si: int, h: int) -> int | None:
+        """The tensor bytes of a full file of source `si`, hook `h`, from its metadata (or None)."""
+        meta = self._metadata[(si, h)]
+        return None if meta is None else meta.bytes_per_file
+
     def _shape(self, si: int, h: int) -> StatesShape | None:
         """From metadata.json, else the first file's header; None for legacy `.pt` only."""
         prefix = self.prefixes[si]

@@ -1,10 +1,11 @@
 """The streaming layer under RCache and TokenLoader: which files, in which order, read how.
 
 `FileStream` lists the megabatch files of one or more sources (listing.py: present in every
-hook), orders them per epoch, seed and rank, and reads them (fetch.py): each file's header first,
-checked before any tensor byte is fetched, then its body by parallel ranged reads into a recycled
-buffer, decoded in place (the tensors are views of that buffer). `Prefetch` is the bounded
-read-ahead; its threads stop on `close()`, when it is dropped, and at interpreter exit.
+hook), orders them per epoch, seed and rank, and reads them (fetch.py): each file's header checked
+before its bytes are used (a file bigger than its hook's metadata allows: before any tensor byte is
+requested), its body by parallel ranged reads into a recycled buffer, decoded in place (the
+tensors are views of that buffer). `Prefetch` is the bounded read-ahead; its threads stop on
+`close()`, when it is dropped, and at interpreter exit.
 """
 
 from __future__ import annotations
@@ -169,27 +170,39 @@ class FileStream:
     def load(self, f: FileRef, epoch: int, seq: int, ranges: Workers, stop: threading.Event) -> Megabatch:
         """Every hook's file `f.name` of source `f.source`, decoded and checked against the others.
 
-        Every hook's header is read and checked before any body is requested; then all bodies
-        are read at once (ranges of this file before those of later files). A file that one
-        request covers comes whole with its header (fetch.py).
+        Every hook's header is read and checked before any body is used; then all bodies are
+        read at once (ranges of this file before those of later files). A file that one request
+        covers, or no bigger than its hook's metadata allows, is requested whole with its header
+        (fetch.py); a bigger one's body only once its header is valid.
         """
         prefix = self.catalog.prefixes[f.source]
         readers = [
-            ObjectReader(prefix.store, prefix.key(h, f.name), size, stop=stop, range_size=self.range_size)
+            ObjectReader(
+                prefix.store,
+                prefix.key(h, f.name),
+                size,
+                stop=stop,
+                range_size=self.range_size,
+                expect=self.catalog.tensor_bytes(f.source, h),
+            )
             for h, size in enumerate(f.sizes)
         ]
-        # The hooks' headers (or whole small files) in parallel, ahead of any body range.
-        # Heads go before every body range (HEAD first in the priority), so a later file's ranges
-        # are queued while this file's still run instead of after them.
-        asked = [ranges.submit((HEAD, seq, h), r.head, self.buffers) for h, r in enumerate(readers)]
+        # The hooks' headers (or whole small files, or files of the expected size) in parallel,
+        # ahead of any body range. Heads go before every body range (HEAD first in the priority),
+        # so a later file's ranges are queued while this file's still run instead of after them.
+        asked = [
+            ranges.submit((HEAD, seq, h), r.head, self.buffers, ranges, (HEAD, seq, h)) for h, r in enumerate(readers)
+        ]
         try:
             heads = [a.result() for a in asked]
-        finally:
-            for a in asked:
+            for h, (r, (_, header)) in enumerate(zip(readers, heads, strict=True)):
+                if header is not None:
+                    self._expect(StatesShape(header.seq_len, header.d_model, header.dtype), r.url, h)
+        except BaseException:
+            for a, r in zip(asked, readers, strict=True):
                 a.cancel()
-        for h, (r, (_, header)) in enumerate(zip(readers, heads, strict=True)):
-            if header is not None:
-                self._expect(StatesShape(header.seq_len, header.d_model, header.dtype), r.url, h)
+                r.abandon()
+            raise
         bodies = [
             r.body(head, self.buffers, ranges, (BODY, seq, h))
             for h, (r, (head, _)) in enumerate(zip(readers, heads, strict=True))
