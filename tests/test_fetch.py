@@ -8,6 +8,8 @@ import logging
 import os
 import re
 import struct
+import threading
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -188,6 +190,31 @@ def test_a_file_of_the_expected_size_is_requested_whole_at_once(tmp_path: Path, 
         mine = sorted((o, n) for k, o, n in logging_.reads if k == name)
         # No separate header read: the ranges of the whole file, the header checked from the first.
         assert mine == [(o, min(4096, size - o)) for o in range(0, size, 4096)]
+
+
+def test_a_later_file_reads_nothing_before_an_earlier_file_has_its_ranges_queued(
+    tmp_path: Path, small_ranges: None
+) -> None:
+    run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=3, d=64)
+    events: list[tuple[str, str, int]] = []
+    lock = threading.Lock()
+
+    class Slow(Counting):
+        def read_into(self, key: str, offset: int, out: memoryview) -> int:
+            with lock:
+                events.append(("start", key, offset))
+            if offset == 0:
+                time.sleep(0.05)  # a slow first byte: without turns, the next file's head starts meanwhile
+            got = super().read_into(key, offset, out)
+            with lock:
+                events.append(("end", key, offset))
+            return got
+
+    assert torch.equal(
+        torch.cat(list(RCache(Slow(LocalStore(tmp_path / "r/h", fsync=False)), buffer_size=3))), run.tensor("h")
+    )
+    for before, after in zip(run.names, run.names[1:], strict=False):
+        assert events.index(("start", after, 0)) > events.index(("end", before, 0))
 
 
 def test_without_metadata_a_big_file_costs_its_header_then_one_request_per_range(

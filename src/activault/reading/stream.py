@@ -29,6 +29,7 @@ from activault.reading.fetch import (
     RANGE_WORKERS,
     BufferPool,
     ObjectReader,
+    Stopped,
     Workers,
     tensors_of,
 )
@@ -167,14 +168,36 @@ class FileStream:
 
     # -- one file ----------------------------------------------------------------------------------
 
-    def load(self, f: FileRef, epoch: int, seq: int, ranges: Workers, stop: threading.Event) -> Megabatch:
+    def load(
+        self,
+        f: FileRef,
+        epoch: int,
+        seq: int,
+        ranges: Workers,
+        stop: threading.Event,
+        turn: tuple[threading.Event | None, threading.Event] | None = None,
+    ) -> Megabatch:
         """Every hook's file `f.name` of source `f.source`, decoded and checked against the others.
 
         Every hook's header is read and checked before any body is used; then all bodies are
         read at once (ranges of this file before those of later files). A file that one request
         covers, or no bigger than its hook's metadata allows, is requested whole with its header
-        (fetch.py); a bigger one's body only once its header is valid.
+        (fetch.py); a bigger one's body only once its header is valid. `turn`: (the previous
+        file's ranges are queued, this file's are): heads start in file order, so a later file's
+        first range never runs ahead of an earlier file's ranges.
         """
+        before, queued = turn if turn is not None else (None, threading.Event())
+        try:
+            while before is not None and not before.wait(0.1):
+                if stop.is_set():
+                    raise Stopped
+            return self._load(f, epoch, seq, ranges, stop, queued)
+        finally:
+            queued.set()  # also when this file failed: the next one goes on
+
+    def _load(
+        self, f: FileRef, epoch: int, seq: int, ranges: Workers, stop: threading.Event, queued: threading.Event
+    ) -> Megabatch:
         prefix = self.catalog.prefixes[f.source]
         readers = [
             ObjectReader(
@@ -207,6 +230,7 @@ class FileStream:
             r.body(head, self.buffers, ranges, (BODY, seq, h))
             for h, (r, (head, _)) in enumerate(zip(readers, heads, strict=True))
         ]
+        queued.set()
         headers = [header for _, header in heads]
         states: list[torch.Tensor] = []
         ids = pos = None
@@ -269,6 +293,7 @@ class Prefetch(Iterator[tuple[int, Megabatch]]):
         self.stream, self.epoch, self.eager = stream, epoch, eager
         self._next = start
         self._pending: deque[tuple[int, Future[Megabatch]]] = deque()
+        self._queued: threading.Event | None = None  # set once the last file started has its ranges queued
         self._stop = threading.Event()
         self._files = Workers(stream.buffer_size, "activault-read")
         self._ranges = Workers(RANGE_WORKERS, "activault-range")
@@ -278,11 +303,14 @@ class Prefetch(Iterator[tuple[int, Megabatch]]):
         # Files start together, the first with the next ones: reading the first one alone was
         # measured (bench/read.py, 2 A/B runs) to bring the first file sooner from a cold disk
         # (57-66 ms against 81-102) but to slow steady reads from the page cache by a third, with
-        # no gain through the pacing proxy.
+        # no gain through the pacing proxy. Their heads take turns (`turn`), so a later file's
+        # first range, which can be a whole range of its bytes, queues behind an earlier file's.
         order = self.stream.order(self.epoch)  # re-read: sync() may have appended files
         while len(self._pending) < self.stream.buffer_size and self._next < len(order):
             i = self._next
-            fut = self._files.submit((i,), self.stream.load, order[i], self.epoch, i, self._ranges, self._stop)
+            turn = (self._queued, threading.Event())
+            self._queued = turn[1]
+            fut = self._files.submit((i,), self.stream.load, order[i], self.epoch, i, self._ranges, self._stop, turn)
             self._pending.append((i, fut))
             self._next += 1
 
