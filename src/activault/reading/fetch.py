@@ -225,7 +225,11 @@ class ObjectReader:
             )
 
     def head(
-        self, buffers: BufferPool, ranges: Workers | None = None, priority: tuple[int, ...] = ()
+        self,
+        buffers: BufferPool,
+        ranges: Workers | None = None,
+        priority: tuple[int, ...] = (),
+        started: Callable[[], None] = lambda: None,
     ) -> tuple[memoryview, fmt.Header | None]:
         """The first bytes and the validated header (None: a legacy file).
 
@@ -235,21 +239,23 @@ class ObjectReader:
         that fits one request is read whole by it, into a recycled buffer; else a file no bigger
         than `expect` allows is requested whole (its other ranges go to `ranges` with `priority`);
         else only its header is read first, and no tensor byte is requested before it is valid.
+        `started()` is called once the requests made before the header is checked are queued.
         """
         if self.size == 0:
             raise FormatError(f"{self.url}: empty file (0 bytes); delete it and collect again")
         if not buffers.pin:  # pinned buffers copy to the GPU asynchronously: read into those
             self._map = self._mapped()
         try:
-            return self._head(buffers, ranges, priority)
+            return self._head(buffers, ranges, priority, started)
         except BaseException:
             self.abandon()
             raise
 
     def _head(
-        self, buffers: BufferPool, ranges: Workers | None, priority: tuple[int, ...]
+        self, buffers: BufferPool, ranges: Workers | None, priority: tuple[int, ...], started: Callable[[], None]
     ) -> tuple[memoryview, fmt.Header | None]:
         if self._map is not None:
+            started()
             head = self._view(0, min(self.size, HEAD_BYTES))
         else:
             expected = self.expect is not None and self.size <= self.expect + HEAD_BYTES
@@ -265,6 +271,7 @@ class ObjectReader:
                     ]
             else:
                 head = memoryview(bytearray(min(self.size, HEAD_BYTES)))
+            started()
             self.read(0, head)
         if self.key.endswith(fmt.LEGACY_SUFFIX):
             return head, None

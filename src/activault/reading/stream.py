@@ -183,8 +183,8 @@ class FileStream:
         read at once (ranges of this file before those of later files). A file that one request
         covers, or no bigger than its hook's metadata allows, is requested whole with its header
         (fetch.py); a bigger one's body only once its header is valid. `turn`: (the previous
-        file's ranges are queued, this file's are): heads start in file order, so a later file's
-        first range never runs ahead of an earlier file's ranges.
+        file's first requests are queued, this file's are): files start in order, so a later
+        file's first request never runs ahead of an earlier file's ranges.
         """
         before, queued = turn if turn is not None else (None, threading.Event())
         try:
@@ -213,8 +213,17 @@ class FileStream:
         # The hooks' headers (or whole small files, or files of the expected size) in parallel,
         # ahead of any body range. Heads go before every body range (HEAD first in the priority),
         # so a later file's ranges are queued while this file's still run instead of after them.
+        waiting, lock = [len(readers)], threading.Lock()
+
+        def started() -> None:  # one more hook's first requests are queued
+            with lock:
+                waiting[0] -= 1
+                if not waiting[0]:
+                    queued.set()
+
         asked = [
-            ranges.submit((HEAD, seq, h), r.head, self.buffers, ranges, (HEAD, seq, h)) for h, r in enumerate(readers)
+            ranges.submit((HEAD, seq, h), r.head, self.buffers, ranges, (HEAD, seq, h), started)
+            for h, r in enumerate(readers)
         ]
         try:
             heads = [a.result() for a in asked]
@@ -230,7 +239,6 @@ class FileStream:
             r.body(head, self.buffers, ranges, (BODY, seq, h))
             for h, (r, (head, _)) in enumerate(zip(readers, heads, strict=True))
         ]
-        queued.set()
         headers = [header for _, header in heads]
         states: list[torch.Tensor] = []
         ids = pos = None
@@ -293,7 +301,7 @@ class Prefetch(Iterator[tuple[int, Megabatch]]):
         self.stream, self.epoch, self.eager = stream, epoch, eager
         self._next = start
         self._pending: deque[tuple[int, Future[Megabatch]]] = deque()
-        self._queued: threading.Event | None = None  # set once the last file started has its ranges queued
+        self._queued: threading.Event | None = None  # set once the last file started has its requests queued
         self._stop = threading.Event()
         self._files = Workers(stream.buffer_size, "activault-read")
         self._ranges = Workers(RANGE_WORKERS, "activault-range")
@@ -303,8 +311,9 @@ class Prefetch(Iterator[tuple[int, Megabatch]]):
         # Files start together, the first with the next ones: reading the first one alone was
         # measured (bench/read.py, 2 A/B runs) to bring the first file sooner from a cold disk
         # (57-66 ms against 81-102) but to slow steady reads from the page cache by a third, with
-        # no gain through the pacing proxy. Their heads take turns (`turn`), so a later file's
-        # first range, which can be a whole range of its bytes, queues behind an earlier file's.
+        # no gain through the pacing proxy. They take turns to queue their first requests (`turn`),
+        # so a later file's first range, which can be a whole range of its bytes, queues behind
+        # an earlier file's ranges instead of running beside them.
         order = self.stream.order(self.epoch)  # re-read: sync() may have appended files
         while len(self._pending) < self.stream.buffer_size and self._next < len(order):
             i = self._next
