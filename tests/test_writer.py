@@ -86,6 +86,34 @@ def test_no_threads_left_after_close(tmp_path):
     assert [t for t in threading.enumerate() if t not in before and t.name.startswith("activault")] == []
 
 
+def test_abort_while_a_commit_waits_for_a_dropped_write_returns(tmp_path):
+    # abort() drops queued writes; a commit waiting for one of them must give up, not wait forever
+    # (a cancelled future never wakes concurrent.futures.wait: the run hung instead of raising).
+    release = threading.Event()
+
+    class Blocking(LocalStore):
+        def put(self, key, data):
+            if key == "first":
+                release.wait(10)
+            super().put(key, data)
+
+    writer = Writer(Blocking(tmp_path, fsync=False), threads=1)
+    writer.write("first", [b"1"])  # running: holds the only write thread
+    second = writer.write("second", [b"2"])  # queued: dropped by abort()
+    committed = []
+    writer.commit([second], lambda: committed.append(True))
+    time.sleep(0.1)  # the commit thread is now waiting for `second`
+    aborting = threading.Thread(target=writer.abort)
+    aborting.start()
+    deadline = time.monotonic() + 10
+    while not second.cancelled() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    release.set()
+    aborting.join(10)
+    assert not aborting.is_alive(), "abort() hung on a commit waiting for a dropped write"
+    assert second.cancelled() and committed == [] and not (tmp_path / "second").exists()
+
+
 def test_prefetch_keeps_order_raises_errors_and_stops_its_thread():
     from activault.background import prefetch
 

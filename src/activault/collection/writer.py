@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 
 import torch
 
@@ -39,6 +39,16 @@ class BufferPool:
 
     def release(self, buf: torch.Tensor) -> None:
         self._free.put(buf)
+
+
+def _succeeded(fut: Future[None]) -> bool:
+    """Wait for `fut`; whether it ran without error. Also wakes when it is cancelled, which
+    `concurrent.futures.wait` does not: a future cancelled by `shutdown(cancel_futures=True)`
+    never notifies it, and a commit waiting on a dropped write would hang abort() forever."""
+    try:
+        return fut.exception() is None
+    except CancelledError:
+        return False
 
 
 class Writer:
@@ -101,12 +111,8 @@ class Writer:
         self._check()
 
         def run() -> None:
-            wait(after)
-            for f in after:
-                if f.exception() is not None:
-                    return  # the write's own error is what the caller sees
-            if self._error is None:
-                fn()
+            if all(_succeeded(f) for f in list(after)) and self._error is None:
+                fn()  # else: the write's own error is what the caller sees, or abort() dropped it
 
         return self._track(self._committer.submit(run))
 
@@ -117,7 +123,8 @@ class Writer:
                 pending = list(self._pending)
             if not pending:
                 break
-            wait(pending)
+            for f in pending:
+                _succeeded(f)
         self._check()
 
     def close(self) -> None:
