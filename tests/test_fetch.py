@@ -23,8 +23,10 @@ from activault import RCache, TokenLoader
 from activault.errors import ConfigError, FormatError, StorageError
 from activault.reading import fetch, stream
 from activault.reading.fetch import BufferPool
+from activault.reading.stream import FileStream
 from activault.storage import Buffer, Entry, LocalStore, Store
 from activault.storage import s3 as s3mod
+from activault.storage.base import resident
 from activault.storage.s3 import S3Store
 from activault.vault import megabatch as fmt
 from support.s3servers import FaultProxy, free_port
@@ -417,6 +419,45 @@ def test_local_files_are_read_in_place_and_writes_never_reach_them(tmp_path: Pat
     plain = list(RCache(str(hook), store_options={"map_reads": False}))
     assert torch.equal(torch.cat(plain), run.tensor("h"))
     assert _file_mapped_at(plain[0].data_ptr()) != str(hook / run.names[0])
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages stay cached
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not LocalStore(".").map_reads, reason="needs Linux >= 5.14 (MADV_POPULATE_READ)")
+def test_the_token_loaders_stream_maps_cached_files_and_reads_the_others(tmp_path: Path) -> None:
+    run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=3, d=512)
+    hook = tmp_path / "r/h"
+    mapping = LocalStore(hook).map(run.names[0])
+    assert mapping is not None
+    _evict(hook / run.names[0])
+    assert resident(mapping) == 0.0
+    (hook / run.names[0]).read_bytes()
+    assert resident(mapping) == 1.0
+    mapping.close()
+
+    def where(map_cold: bool) -> list[str | None]:
+        stream = FileStream(str(hook), map_cold=map_cold)
+        with stream.prefetch(0) as files:
+            items = [item for _, item in files]
+        assert torch.equal(torch.cat([i.states[0] for i in items]), run.tensor("h"))
+        return [_file_mapped_at(i.states[0].data_ptr()) for i in items]
+
+    files = [str(hook / n) for n in run.names]
+    for name in run.names:
+        _evict(hook / name)
+    cold = where(map_cold=False)
+    assert all(w != f for w, f in zip(cold, files, strict=True))  # read into buffers, not mapped
+    assert where(map_cold=False) == files  # read once, the page cache holds them: mapped
+    for name in run.names:
+        _evict(hook / name)
+    assert where(map_cold=True) == files  # RCache's stream maps cold files too
 
 
 @pytest.mark.skipif(not LocalStore(".").map_reads, reason="needs Linux >= 5.14 (MADV_POPULATE_READ)")

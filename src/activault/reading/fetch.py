@@ -23,7 +23,7 @@ import torch
 
 from activault.errors import FormatError, NotFoundError, StorageError
 from activault.storage import Store
-from activault.storage.base import populate
+from activault.storage.base import populate, resident
 from activault.vault import codec as codecs
 from activault.vault import megabatch as fmt
 
@@ -199,11 +199,13 @@ class ObjectReader:
         stop: threading.Event,
         range_size: int | None = None,
         expect: int | None = None,
+        map_cold: bool = True,
     ):
         self.store, self.key, self.size = store, key, size
         self.url = store.url(key)
         self.stop, self.step = stop, range_step(size, range_size)
         self.expect = expect  # tensor bytes of a full file of this hook (None: unknown)
+        self.map_cold = map_cold  # False: map the file only if the page cache holds most of it
         self._whole: torch.Tensor | None = None  # the file, when requested whole with its header
         self._rest: list[Future[Any]] = []  # its other ranges, when requested with the header
         self._map: mmap.mmap | None = None  # the file, when the store maps it
@@ -304,6 +306,9 @@ class ObjectReader:
             raise NotFoundError(f"{self.url} does not exist (it was listed: deleted since?)") from None
         if mapping is not None and len(mapping) < self.size:
             raise self._truncated(len(mapping))
+        if mapping is not None and not self.map_cold and resident(mapping) < 0.5:
+            mapping.close()  # from disk: read into a buffer instead (see TokenLoader)
+            return None
         return mapping
 
     def _view(self, start: int, end: int) -> memoryview:

@@ -91,7 +91,8 @@ class FileStream:
     Args: as RCache (`uri`, `hooks`, `buffer_size`, `preserve_file_order`, `seed`, `rank`,
         `world_size`, `skip_bad_files`, `store_options`, `range_size`);
         `pin`: read into pinned memory (for CUDA); `transform`: applied to each megabatch on the
-        reading thread; `held`: files the consumer holds at once (their buffers are kept for reuse).
+        reading thread; `held`: files the consumer holds at once (their buffers are kept for reuse);
+        `map_cold`: False maps a local file only where the page cache holds most of it, else reads it.
     """
 
     def __init__(
@@ -109,6 +110,7 @@ class FileStream:
         range_size: int | None = None,
         pin: bool = False,
         held: int = 1,
+        map_cold: bool = True,
         verify_checksums: bool = False,
         transform: Callable[[FileRef, int, Megabatch], Megabatch] | None = None,  # (file, epoch, item)
     ):
@@ -129,6 +131,7 @@ class FileStream:
         self.unreadable = 0  # files skipped while reading (skip_bad_files)
         self.range_size = range_size
         self.pin = pin
+        self.map_cold = map_cold
         self.verify_checksums = verify_checksums  # each file's bytes against its header's checksums
         self.transform = transform
         self.buffers = BufferPool(pin, keep=buffer_size + held + 1)
@@ -207,6 +210,7 @@ class FileStream:
                 stop=stop,
                 range_size=self.range_size,
                 expect=self.catalog.tensor_bytes(f.source, h),
+                map_cold=self.map_cold,
             )
             for h, size in enumerate(f.sizes)
         ]

@@ -7,11 +7,14 @@ one (storage/uri.py). `put` is atomic in both: a reader sees the whole object or
 from __future__ import annotations
 
 import builtins
+import ctypes
 import mmap
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
+
+import numpy as np
 
 Buffer = bytes | bytearray | memoryview
 # The store's own bookkeeping in a run (collector locks): never listed, like local dot-files.
@@ -124,6 +127,28 @@ def populate(mapping: mmap.mmap, start: int, end: int) -> None:
     a = start - start % mmap.PAGESIZE
     if end > a:
         mapping.madvise(_POPULATE_READ, a, end - a)
+
+
+def resident(mapping: mmap.mmap) -> float:
+    """The share of a `Store.map` mapping's pages already in memory (mincore: reads nothing);
+    1.0 where the kernel cannot tell."""
+    size = len(mapping)
+    pages = -(-size // mmap.PAGESIZE)
+    try:
+        mincore = ctypes.CDLL(None, use_errno=True).mincore
+    except (OSError, TypeError, AttributeError):  # no libc symbol to ask (not Linux or macOS)
+        return 1.0
+    if not pages:
+        return 1.0
+    vec = (ctypes.c_ubyte * pages)()
+    anchor = ctypes.c_char.from_buffer(mapping)  # its address; released before anyone closes it
+    try:
+        failed = mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), vec)
+    finally:
+        del anchor
+    if failed:
+        return 1.0
+    return float((np.frombuffer(bytes(vec), np.uint8) & 1).mean())
 
 
 def join(*parts: str) -> str:
