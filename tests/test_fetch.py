@@ -29,6 +29,7 @@ from activault.storage import s3 as s3mod
 from activault.storage.base import resident
 from activault.storage.s3 import S3Store
 from activault.vault import megabatch as fmt
+from activault.vault import records
 from support.s3servers import FaultProxy, free_port
 from support.synth import create_bucket, s3_env, start_moto, stop_moto, write_synthetic_run
 
@@ -253,6 +254,10 @@ def test_a_bad_file_of_the_expected_size_is_refused_and_costs_at_most_its_size(
     }
     for name, data in bad.items():
         store.put(f"r/h/{name}", data)
+    # The bound comes from the metadata's shape and dtype: a bytes_per_file that claims more is not trusted.
+    meta = records.read_metadata(store, "r/h")
+    assert meta is not None
+    records.write_record(store, records.metadata_key("r/h"), meta.model_copy(update={"bytes_per_file": 1 << 40}))
     logging_ = Logging(hook)
     cache = RCache(logging_, buffer_size=1)
     for index, (name, error) in enumerate(zip(bad, ("corrupted", "it does not belong here", "corrupted"), strict=True)):

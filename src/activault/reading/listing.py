@@ -187,9 +187,14 @@ class Catalog:
         return rec is not None and not rec.finished and rec.files_done <= index
 
     def tensor_bytes(self, si: int, h: int) -> int | None:
-        """The tensor bytes of a full file of source `si`, hook `h`, from its metadata (or None)."""
+        """The tensor bytes of a full file of source `si`, hook `h` (None without metadata): from
+        the metadata's validated shape and dtype (states, then int32 ids and positions), not its
+        `bytes_per_file`, which nothing checks against them."""
         meta = self._metadata[(si, h)]
-        return None if meta is None else meta.bytes_per_file
+        if meta is None:
+            return None
+        itemsize = dtypes.to_torch(meta.dtype).itemsize
+        return meta.rows_per_file * meta.seq_length * (meta.d_model * itemsize + 8)
 
     def _shape(self, si: int, h: int) -> StatesShape | None:
         """From metadata.json, else the first file's header; None for legacy `.pt` only."""
