@@ -10,6 +10,7 @@ import pytest
 
 from activault.errors import ConfigError, NotFoundError, StorageError
 from activault.storage import Entry, LocalStore, locate, open_store
+from activault.storage.base import resident
 
 
 def test_local_store_put_is_atomic_and_listings_hide_temp_files(tmp_path):
@@ -200,21 +201,16 @@ def test_local_store_maps_files_copy_on_write(tmp_path):
 
 
 def _cached_pages(path: Path) -> int:
-    """How many of the file's pages are in the page cache (mincore of a mapping, which reads nothing)."""
-    import ctypes
+    """How many of the file's pages are in the page cache (`resident`: mincore, reads nothing)."""
     import mmap
 
     size = path.stat().st_size
     with open(path, "rb") as f:
         mapping = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
-    pages = -(-size // mmap.PAGESIZE)
-    vec = (ctypes.c_ubyte * pages)()
-    anchor = ctypes.c_char.from_buffer(mapping)
-    libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(size), vec) == 0
-    del anchor
-    mapping.close()
-    return sum(v & 1 for v in vec)
+    try:
+        return round(resident(mapping) * -(-size // mmap.PAGESIZE))
+    finally:
+        mapping.close()
 
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise is Linux's")
