@@ -496,3 +496,58 @@ def test_a_file_truncated_while_mapped_is_named_not_a_crash(tmp_path: Path, monk
     assert torch.equal(next(cache), run.files["h"][run.names[0]]["states"])
     with pytest.raises(FormatError, match=f"{victim.name}: truncated file .*delete it and collect again"):
         next(cache)  # touching the lost pages would be SIGBUS: the reader populates them first
+
+
+@pytest.mark.skipif(not LocalStore(".").map_reads, reason="needs Linux >= 5.14 (MADV_POPULATE_READ)")
+def test_files_the_page_cache_holds_are_read_on_the_readers_own_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h1", "h2"], files=3, d=512)
+    jobs: Counter[str] = Counter()
+    submit = fetch.Workers.submit
+
+    def counting(self: fetch.Workers, priority: tuple[int, ...], fn: Any, *args: Any) -> Any:
+        jobs[fn.__name__] += 1
+        return submit(self, priority, fn, *args)
+
+    monkeypatch.setattr(fetch.Workers, "submit", counting)
+
+    def read() -> None:
+        jobs.clear()
+        got = list(RCache(str(tmp_path / "r"), hooks=["h1", "h2"], return_ids=True))
+        for h in ("h1", "h2"):
+            assert torch.equal(torch.cat([g["states"][h] for g in got]), run.tensor(h))
+
+    for name in run.names:  # written just now: the page cache holds every file
+        (tmp_path / "r/h1" / name).read_bytes()
+        (tmp_path / "r/h2" / name).read_bytes()
+    read()
+    assert jobs == {"load": 3}  # no header or range jobs: each file read by its load, in place
+    if _fs_type(tmp_path) in ("tmpfs", "ramfs"):
+        pytest.skip(f"{tmp_path} is on {_fs_type(tmp_path)}: its files are memory, none can be made cold")
+    for name in run.names:
+        _evict(tmp_path / "r/h2" / name)  # one hook's files on disk: both hooks' ranges go to the workers
+    read()
+    assert jobs["load"] == 3 and jobs["head"] == 6 and jobs["_populate"] > 0
+
+
+@pytest.mark.skipif(not LocalStore(".").map_reads, reason="needs Linux >= 5.14 (MADV_POPULATE_READ)")
+def test_a_cached_file_truncated_after_it_was_judged_is_named_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=2, d=512)
+    hook = tmp_path / "r/h"
+    victim = hook / run.names[1]
+    whole = victim.read_bytes()
+
+    def judge_then_truncate(mapping: Any) -> float:
+        if bytes(mapping) == whole:
+            os.truncate(victim, 8192)  # a second writer shortens it once it counts as in memory
+        return 1.0  # in memory: read on the loading thread
+
+    monkeypatch.setattr(fetch, "resident", judge_then_truncate)
+    for mode in ({}, {"batch_tokens": 16}):
+        victim.write_bytes(whole)
+        reader = TokenLoader(str(hook), **mode) if mode else RCache(str(hook))
+        with pytest.raises(FormatError, match=f"{victim.name}: truncated file .*delete it and collect again"):
+            list(reader)

@@ -10,7 +10,7 @@ import pytest
 
 from activault.errors import ConfigError, NotFoundError, StorageError
 from activault.storage import Entry, LocalStore, locate, open_store
-from activault.storage.base import resident
+from activault.storage.base import populate, resident
 
 
 def test_local_store_put_is_atomic_and_listings_hide_temp_files(tmp_path):
@@ -222,3 +222,24 @@ def test_written_files_leave_the_page_cache_once_durable(tmp_path):
     LocalStore(tmp_path, fsync=False).put("b.bin", data)  # not durable yet: the cache holds it
     assert _cached_pages(tmp_path / "b.bin") == (4 << 20) // 4096
     assert (tmp_path / "a.bin").read_bytes() == data
+
+
+@pytest.mark.skipif(not LocalStore(".").map_reads, reason="needs Linux >= 5.14 (MADV_POPULATE_READ)")
+def test_populate_reads_in_the_range_asked_and_names_what_it_cannot(tmp_path):
+    data = os.urandom(64 << 10)
+    LocalStore(tmp_path, fsync=False).put("a.bin", data)
+    mapping = LocalStore(tmp_path).map("a.bin")
+    assert mapping is not None
+    try:
+        populate(mapping, 100, len(data))  # not page-aligned: from its page on
+        populate(mapping, 5, 5)  # nothing asked: nothing read
+        assert resident(mapping) == 1.0 and bytes(mapping[:16]) == data[:16]
+        for start, end in ((-1, 10), (10, 5), (0, len(data) + 1)):
+            with pytest.raises(ValueError, match="outside a mapping"):
+                populate(mapping, start, end)
+        os.truncate(tmp_path / "a.bin", 8192)  # shortened in place after it was mapped
+        with pytest.raises(OSError) as info:
+            populate(mapping, 0, len(data))  # an error where touching the lost pages is SIGBUS
+        assert info.value.errno == errno.EFAULT
+    finally:
+        mapping.close()

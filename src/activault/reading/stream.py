@@ -187,7 +187,8 @@ class FileStream:
         covers, or no bigger than its hook's metadata allows, is requested whole with its header
         (fetch.py); a bigger one's body only once its header is valid. `turn`: (the previous
         file's first requests are queued, this file's are): files start in order, so a later
-        file's first request never runs ahead of an earlier file's ranges.
+        file's first request never runs ahead of an earlier file's ranges. Files the page cache
+        holds (every hook's, `ObjectReader.open`) are read on this thread, without requests.
         """
         before, queued = turn if turn is not None else (None, threading.Event())
         try:
@@ -225,18 +226,24 @@ class FileStream:
                 if not waiting[0]:
                     queued.set()
 
-        asked = [
-            ranges.submit((HEAD, seq, h), r.head, self.buffers, ranges, (HEAD, seq, h), started)
-            for h, r in enumerate(readers)
-        ]
+        asked: list[Future[tuple[memoryview, fmt.Header | None]]] = []
         try:
-            heads = [a.result() for a in asked]
+            if all(r.open(self.buffers) for r in readers):  # in the page cache: read on this thread
+                queued.set()
+                heads = [r.head(self.buffers) for r in readers]
+            else:
+                asked = [
+                    ranges.submit((HEAD, seq, h), r.head, self.buffers, ranges, (HEAD, seq, h), started)
+                    for h, r in enumerate(readers)
+                ]
+                heads = [a.result() for a in asked]
             for h, (r, (_, header)) in enumerate(zip(readers, heads, strict=True)):
                 if header is not None:
                     self._expect(StatesShape(header.seq_len, header.d_model, header.dtype), r.url, h)
         except BaseException:
-            for a, r in zip(asked, readers, strict=True):
+            for a in asked:
                 a.cancel()
+            for r in readers:
                 r.abandon()
             raise
         bodies = [
