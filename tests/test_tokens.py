@@ -149,3 +149,34 @@ def test_batches_do_not_depend_on_the_gather_threads(
         assert len(got[threads]) == len(got[1])
         for x, y in zip(got[threads], got[1], strict=True):
             assert all(torch.equal(x[k], y[k]) for k in ("states", "input_ids", "positions"))
+
+
+def test_a_state_from_another_shuffle_or_of_another_shape_is_refused_by_name(run: SynthRun, tmp_path: Path) -> None:
+    opts = dict(batch_tokens=20, window=2, seed=7)
+    first = TokenLoader(tmp_path / "run/h1", **opts)
+    with first:
+        for k, _ in enumerate(first):
+            if k == 2:
+                break
+        mid = first.state_dict()
+    assert mid["offset"] > 0 and mid["shuffle"] == "numpy-pcg64"
+    old = {k: v for k, v in mid.items() if k != "shuffle"}  # saved by a loader that used torch.randperm
+    with pytest.raises(ConfigError, match="shuffled with 'torch-randperm'.*window boundary \\(offset 0\\)"):
+        TokenLoader(tmp_path / "run/h1", **opts).load_state_dict(old)
+    # At a window boundary no token of the window was taken yet: resumed exactly.
+    boundary = {**old, "window": 1, "offset": 0}
+    again = TokenLoader(tmp_path / "run/h1", **opts)
+    again.load_state_dict(boundary)
+    fresh = TokenLoader(tmp_path / "run/h1", **opts)
+    fresh.load_state_dict({**mid, "window": 1, "offset": 0})
+    assert torch.equal(torch.cat(list(again)), torch.cat(list(fresh)))
+    for bad, match in (
+        ({}, "not a TokenLoader state_dict: no epoch, window, offset"),
+        ([1, 2], "not a TokenLoader state_dict"),
+        ({**mid, "offset": -1}, "whole numbers >= 0"),
+        ({**mid, "window": "1"}, "whole numbers >= 0"),
+        ({**mid, "epoch": True}, "whole numbers >= 0"),
+        ({**mid, "seed": 8}, "saved with seed=8, this loader has 7"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            TokenLoader(tmp_path / "run/h1", **opts).load_state_dict(bad)  # type: ignore[arg-type]
