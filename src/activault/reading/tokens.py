@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from numpy.random import PCG64
 from torch.utils.data import IterableDataset, get_worker_info
 
 from activault.errors import ConfigError, NotFoundError
@@ -62,8 +63,8 @@ class _Window:
         counts = []
         for item in items:
             p = item.positions.reshape(-1)
-            keep = p >= drop_below
-            kept = None if bool(keep.all()) else keep.nonzero().squeeze(1).numpy()  # padding, dropped positions
+            keep = p.numpy() >= drop_below  # numpy: no OpenMP team for a large file (see SHUFFLE)
+            kept = None if keep.all() else np.flatnonzero(keep)  # padding, dropped positions
             counts.append(p.numel() if kept is None else kept.size)
             self.kept.append(kept)
             self.ids.append(item.input_ids.reshape(-1))
@@ -139,7 +140,7 @@ SHUFFLE = "numpy-pcg64"
 
 def _permutation(n: int, seed: int) -> np.ndarray:
     """range(n) permuted by `seed`, on this thread alone."""
-    return np.random.Generator(np.random.PCG64(seed)).permutation(n)
+    return np.random.Generator(PCG64(seed)).permutation(n)
 
 
 class TokenLoader(Reader):
