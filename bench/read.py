@@ -11,7 +11,8 @@ run (readers: from construction) and steady (after the first item, the rate a lo
 - raw: the files' bytes at the reader's concurrency (`buffer_size` files ahead, the same ranges,
   RANGE_WORKERS threads) into reused buffers, through the same Store; `raw-one`: one file alone,
   into a new buffer (the first-batch reference). raw-map, raw-map-gather (local): the files mapped
-  and populated by the same threads instead (`Store.map`, what the readers do there), no copy.
+  (`Store.map`) and populated front to back, each by its file's thread, as the readers do there:
+  no copy.
 - `-read` readers (local): `map_reads=False`, files read into recycled buffers; `-fresh`: read
   into a new buffer per file.
 - stores: local (warm: every file read just before; cold: posix_fadvise DONTNEED), a moto S3
@@ -90,7 +91,7 @@ def raw(
     """Each file's bytes, `buffer_size` files ahead, in the readers' ranges (`fetch.range_step`),
     into reused buffers (`held`: files the consumer keeps at once). `files=1` (one file alone, the
     first-batch reference): a new buffer, as any program reading one file allocates one. `mapped`:
-    each file mapped (`Store.map`) and its ranges populated instead of copied."""
+    each file mapped (`Store.map`) and populated front to back by its thread instead of copied."""
     import numpy as np
 
     from activault.reading.fetch import RANGE_WORKERS, range_step
@@ -106,7 +107,8 @@ def raw(
         step = range_step(n, range_size)
         if mapped:
             mapping = store.map(key)
-            list(ranges.map(lambda s: populate(mapping, s, min(s + step, n)), range(0, n, step)))
+            for s in range(0, n, step):
+                populate(mapping, s, min(s + step, n))
             return memoryview(mapping)[:n]
         view = (bufs[k % len(bufs)] if bufs else np.empty(n, np.uint8)).data.cast("B")[:n]
         list(ranges.map(lambda s: store.read_into(key, s, view[s : s + step]), range(0, n, step)))

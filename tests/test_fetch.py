@@ -13,6 +13,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,10 @@ from activault.reading.fetch import BufferPool
 from activault.reading.stream import FileStream
 from activault.storage import Buffer, Entry, LocalStore, Store
 from activault.storage import s3 as s3mod
-from activault.storage.base import resident
 from activault.storage.s3 import S3Store
 from activault.vault import megabatch as fmt
 from activault.vault import records
+from support.pagecache import cached_pages, evict
 from support.s3servers import FaultProxy, free_port
 from support.synth import create_bucket, s3_env, start_moto, stop_moto, write_synthetic_run
 
@@ -436,50 +437,35 @@ def _fs_type(path: Path) -> str:
     return kind
 
 
-def _evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # dirty pages stay cached
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.skipif(not LocalStore(".").map_reads, reason="needs Linux >= 5.14 (MADV_POPULATE_READ)")
-def test_the_token_loaders_stream_maps_cached_files_and_reads_the_others(tmp_path: Path) -> None:
+def test_local_files_are_mapped_from_disk_and_from_the_page_cache_alike(tmp_path: Path) -> None:
     run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=3, d=512)
     hook = tmp_path / "r/h"
-    mapping = LocalStore(hook).map(run.names[0])
-    assert mapping is not None
+    files = [hook / n for n in run.names]
     if _fs_type(tmp_path) in ("tmpfs", "ramfs"):
-        mapping.close()
         pytest.skip(f"{tmp_path} is on {_fs_type(tmp_path)}: its files are memory, none can be made cold")
-    _evict(hook / run.names[0])
-    assert resident(mapping) == 0.0
-    (hook / run.names[0]).read_bytes()
-    assert resident(mapping) == 1.0
-    mapping.close()
 
-    def where(map_cold: bool) -> list[str | None]:
-        stream = FileStream(str(hook), map_cold=map_cold)
-        with stream.prefetch(0) as files:
-            items = [item for _, item in files]
+    def where(held: int) -> list[str | None]:  # held=4: as TokenLoader's stream (window 4)
+        stream = FileStream(str(hook), held=held)
+        with stream.prefetch(0) as got:
+            items = [item for _, item in got]
         assert torch.equal(torch.cat([i.states[0] for i in items]), run.tensor("h"))
         return [_file_mapped_at(i.states[0].data_ptr()) for i in items]
 
-    files = [str(hook / n) for n in run.names]
-    for name in run.names:
-        _evict(hook / name)
-    cold = where(map_cold=False)
-    assert all(w != f for w, f in zip(cold, files, strict=True))  # read into buffers, not mapped
-    assert where(map_cold=False) == files  # read once, the page cache holds them: mapped
-    for name in run.names:
-        _evict(hook / name)
-    assert where(map_cold=True) == files  # RCache's stream maps cold files too
+    for held in (1, 4):
+        for f in files:
+            evict(f)
+        assert sum(cached_pages(f) for f in files) == 0
+        assert where(held) == [str(f) for f in files]  # read in place from disk: no copy made
+        assert all(cached_pages(f) == -(-f.stat().st_size // 4096) for f in files)
+        assert where(held) == [str(f) for f in files]  # and from the page cache
 
 
 @pytest.mark.skipif(not LocalStore(".").map_reads, reason="needs Linux >= 5.14 (MADV_POPULATE_READ)")
-def test_a_file_truncated_while_mapped_is_named_not_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("reader", ["rcache", "tokens"])
+def test_a_file_truncated_while_mapped_is_named_not_a_crash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str
+) -> None:
     run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=2, d=512)  # 66 KiB files
     hook = tmp_path / "r/h"
     victim = hook / run.names[1]
@@ -492,62 +478,50 @@ def test_a_file_truncated_while_mapped_is_named_not_a_crash(tmp_path: Path, monk
         return mapping
 
     monkeypatch.setattr(LocalStore, "map", map_then_truncate)
-    cache = iter(RCache(str(hook)))
-    assert torch.equal(next(cache), run.files["h"][run.names[0]]["states"])
-    with pytest.raises(FormatError, match=f"{victim.name}: truncated file .*delete it and collect again"):
-        next(cache)  # touching the lost pages would be SIGBUS: the reader populates them first
+    if reader == "rcache":
+        cache = iter(RCache(str(hook)))
+        assert torch.equal(next(cache), run.files["h"][run.names[0]]["states"])
+        with pytest.raises(FormatError, match=f"{victim.name}: truncated file .*delete it and collect again"):
+            next(cache)  # touching the lost pages would be SIGBUS: the reader populates them first
+    else:
+        with pytest.raises(FormatError, match=f"{victim.name}: truncated file .*delete it and collect again"):
+            list(TokenLoader(str(hook), batch_tokens=16, window=1))
+    assert victim.stat().st_size == 8192
 
 
 @pytest.mark.skipif(not LocalStore(".").map_reads, reason="needs Linux >= 5.14 (MADV_POPULATE_READ)")
-def test_files_the_page_cache_holds_are_read_on_the_readers_own_thread(
+def test_mapped_files_are_read_in_place_front_to_back_by_their_loading_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h1", "h2"], files=3, d=512)
+    run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h1", "h2"], files=3, d=4096)  # 512 KiB
     jobs: Counter[str] = Counter()
-    submit = fetch.Workers.submit
+    reads: dict[int, list[tuple[str, int, int]]] = {}  # per mapping: (thread, start, end)
+    submit, populate = fetch.Workers.submit, fetch.populate
 
     def counting(self: fetch.Workers, priority: tuple[int, ...], fn: Any, *args: Any) -> Any:
         jobs[fn.__name__] += 1
         return submit(self, priority, fn, *args)
 
+    def recording(mapping: Any, start: int, end: int) -> None:
+        reads.setdefault(id(mapping), []).append((threading.current_thread().name, start, end))
+        populate(mapping, start, end)
+
     monkeypatch.setattr(fetch.Workers, "submit", counting)
-
-    def read() -> None:
+    monkeypatch.setattr(fetch, "populate", recording)
+    for cold in (False, True):
+        if cold and _fs_type(tmp_path) in ("tmpfs", "ramfs"):
+            pytest.skip(f"{tmp_path} is on {_fs_type(tmp_path)}: its files are memory, none can be made cold")
+        for name in run.names:
+            for h in ("h1", "h2"):
+                evict(tmp_path / "r" / h / name) if cold else (tmp_path / "r" / h / name).read_bytes()
         jobs.clear()
-        got = list(RCache(str(tmp_path / "r"), hooks=["h1", "h2"], return_ids=True))
+        reads.clear()
+        got = list(RCache(str(tmp_path / "r"), hooks=["h1", "h2"], range_size=16 << 10))
         for h in ("h1", "h2"):
-            assert torch.equal(torch.cat([g["states"][h] for g in got]), run.tensor(h))
-
-    for name in run.names:  # written just now: the page cache holds every file
-        (tmp_path / "r/h1" / name).read_bytes()
-        (tmp_path / "r/h2" / name).read_bytes()
-    read()
-    assert jobs == {"load": 3}  # no header or range jobs: each file read by its load, in place
-    if _fs_type(tmp_path) in ("tmpfs", "ramfs"):
-        pytest.skip(f"{tmp_path} is on {_fs_type(tmp_path)}: its files are memory, none can be made cold")
-    for name in run.names:
-        _evict(tmp_path / "r/h2" / name)  # one hook's files on disk: both hooks' ranges go to the workers
-    read()
-    assert jobs["load"] == 3 and jobs["head"] == 6 and jobs["_populate"] > 0
-
-
-@pytest.mark.skipif(not LocalStore(".").map_reads, reason="needs Linux >= 5.14 (MADV_POPULATE_READ)")
-def test_a_cached_file_truncated_after_it_was_judged_is_named_not_a_crash(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=2, d=512)
-    hook = tmp_path / "r/h"
-    victim = hook / run.names[1]
-    whole = victim.read_bytes()
-
-    def judge_then_truncate(mapping: Any) -> float:
-        if bytes(mapping) == whole:
-            os.truncate(victim, 8192)  # a second writer shortens it once it counts as in memory
-        return 1.0  # in memory: read on the loading thread
-
-    monkeypatch.setattr(fetch, "resident", judge_then_truncate)
-    for mode in ({}, {"batch_tokens": 16}):
-        victim.write_bytes(whole)
-        reader = TokenLoader(str(hook), **mode) if mode else RCache(str(hook))
-        with pytest.raises(FormatError, match=f"{victim.name}: truncated file .*delete it and collect again"):
-            list(reader)
+            assert torch.equal(torch.cat([g[h] for g in got]), run.tensor(h))
+        assert jobs == {"load": 3}  # no header or range requests: each file read by its load
+        assert len(reads) == 6
+        for calls in reads.values():  # one thread, consecutive ranges from the header on
+            assert len({t for t, _, _ in calls}) == 1 and calls[0][0].startswith("activault-read")
+            assert calls[0][1] == 0 and all(prev[2] == nxt[1] for prev, nxt in pairwise(calls))
+            assert len(calls) > 2  # the body in several ranges: a stop is seen between them

@@ -10,7 +10,8 @@ import pytest
 
 from activault.errors import ConfigError, NotFoundError, StorageError
 from activault.storage import Entry, LocalStore, locate, open_store
-from activault.storage.base import populate, resident
+from activault.storage.base import populate
+from support.pagecache import cached_pages
 
 
 def test_local_store_put_is_atomic_and_listings_hide_temp_files(tmp_path):
@@ -200,27 +201,14 @@ def test_local_store_maps_files_copy_on_write(tmp_path):
             open_store(str(tmp_path), map_reads=bad)
 
 
-def _cached_pages(path: Path) -> int:
-    """How many of the file's pages are in the page cache (`resident`: mincore, reads nothing)."""
-    import mmap
-
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        mapping = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
-    try:
-        return round(resident(mapping) * -(-size // mmap.PAGESIZE))
-    finally:
-        mapping.close()
-
-
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="posix_fadvise is Linux's")
 def test_written_files_leave_the_page_cache_once_durable(tmp_path):
     """A collection writes more than memory: what it fsynced is dropped from the cache, not kept."""
     data = os.urandom(4 << 20)
     LocalStore(tmp_path).put("a.bin", data)
-    assert _cached_pages(tmp_path / "a.bin") == 0
+    assert cached_pages(tmp_path / "a.bin") == 0
     LocalStore(tmp_path, fsync=False).put("b.bin", data)  # not durable yet: the cache holds it
-    assert _cached_pages(tmp_path / "b.bin") == (4 << 20) // 4096
+    assert cached_pages(tmp_path / "b.bin") == (4 << 20) // 4096
     assert (tmp_path / "a.bin").read_bytes() == data
 
 
@@ -233,7 +221,7 @@ def test_populate_reads_in_the_range_asked_and_names_what_it_cannot(tmp_path):
     try:
         populate(mapping, 100, len(data))  # not page-aligned: from its page on
         populate(mapping, 5, 5)  # nothing asked: nothing read
-        assert resident(mapping) == 1.0 and bytes(mapping[:16]) == data[:16]
+        assert cached_pages(tmp_path / "a.bin") == 16 and bytes(mapping[:16]) == data[:16]
         for start, end in ((-1, 10), (10, 5), (0, len(data) + 1)):
             with pytest.raises(ValueError, match="outside a mapping"):
                 populate(mapping, start, end)

@@ -23,7 +23,7 @@ import torch
 
 from activault.errors import FormatError, NotFoundError, StorageError
 from activault.storage import Store
-from activault.storage.base import populate, resident
+from activault.storage.base import populate
 from activault.vault import codec as codecs
 from activault.vault import megabatch as fmt
 
@@ -199,18 +199,15 @@ class ObjectReader:
         stop: threading.Event,
         range_size: int | None = None,
         expect: int | None = None,
-        map_cold: bool = True,
     ):
         self.store, self.key, self.size = store, key, size
         self.url = store.url(key)
         self.stop, self.step = stop, range_step(size, range_size)
         self.expect = expect  # tensor bytes of a full file of this hook (None: unknown)
-        self.map_cold = map_cold  # False: map the file only if the page cache holds most of it
         self._whole: torch.Tensor | None = None  # the file, when requested whole with its header
         self._rest: list[Future[Any]] = []  # its other ranges, when requested with the header
         self._map: mmap.mmap | None = None  # the file, when the store maps it
         self._opened = False
-        self.in_memory = False  # mapped, and the page cache holds (nearly) all of it: see open()
 
     def read(self, start: int, out: memoryview) -> None:
         """Fill `out` with bytes [start, start + len(out)); a short read means a truncated file."""
@@ -253,21 +250,22 @@ class ObjectReader:
             raise
 
     def open(self, buffers: BufferPool) -> bool:
-        """Map the file where the store can, reading none of it; True if the page cache holds (nearly)
-        all of it (`in_memory`): its head and body are then read on the calling thread.
+        """Map the file where the store can, reading none of it; True if it is mapped: its head and
+        body are then read in place on the calling thread, range after range.
 
-        From memory a populate is a fraction of a millisecond per 64 MiB: handing it to the range
-        workers in pieces cost more in thread hops than it saved (5 interleaved runs of 48 files
-        from the page cache: RCache 32 GB/s read here against 27, TokenLoader 6.2 against 6.0).
+        One thread reading a mapped file front to back beat its ranges split over the range
+        workers: from the page cache they cost more in thread hops than the reads themselves
+        (RCache 32 GB/s against 27, TokenLoader 6.2 against 6.0), and from disk the kernel's
+        read-ahead serves one sequential reader best (RCache from a cold disk: first file in
+        71-81 ms against 80-111, 1.8 GB/s against 1.6; 4-5 interleaved runs, bench/read.py data).
         """
-        if self._opened:
-            return self.in_memory
-        self._opened = True
-        if self.size == 0:
-            raise FormatError(f"{self.url}: empty file (0 bytes); delete it and collect again")
-        if not buffers.pin:  # pinned buffers copy to the GPU asynchronously: read into those
-            self._map = self._mapped()
-        return self.in_memory
+        if not self._opened:
+            self._opened = True
+            if self.size == 0:
+                raise FormatError(f"{self.url}: empty file (0 bytes); delete it and collect again")
+            if not buffers.pin:  # pinned buffers copy to the GPU asynchronously: read into those
+                self._map = self._mapped()
+        return self._map is not None
 
     def _head(
         self, buffers: BufferPool, ranges: Workers | None, priority: tuple[int, ...], started: Callable[[], None]
@@ -322,13 +320,6 @@ class ObjectReader:
             raise NotFoundError(f"{self.url} does not exist (it was listed: deleted since?)") from None
         if mapping is not None and len(mapping) < self.size:
             raise self._truncated(len(mapping))
-        if mapping is None:
-            return None
-        share = resident(mapping)
-        if not self.map_cold and share < 0.5:
-            mapping.close()  # from disk: read into a buffer instead (see TokenLoader)
-            return None
-        self.in_memory = share >= 0.9  # the few pages missing are read on the calling thread too
         return mapping
 
     def _view(self, start: int, end: int) -> memoryview:
@@ -365,17 +356,16 @@ class ObjectReader:
             whole, rest, self._whole, self._rest = self._whole, self._rest, None, []
             return _waiter(rest, lambda: whole)
         step = self.step
-        if self._map is not None:  # mapped: the ranges are read in place, on the range workers
+        if self._map is not None:  # mapped: read in place by the waiting thread, in order (see open)
             mapping, self._map = self._map, None
             size = self.size
-            if self.in_memory:  # all in the page cache: no range hops (see open)
-                self._populate(mapping, head.nbytes, size)
-                return lambda: torch.frombuffer(mapping, dtype=torch.uint8, count=size)
-            futures = [
-                ranges.submit((*priority, s), self._populate, mapping, s, min(s + step, size))
-                for s in range(head.nbytes, size, step)
-            ]
-            return _waiter(futures, lambda: torch.frombuffer(mapping, dtype=torch.uint8, count=size))
+
+            def in_place() -> torch.Tensor:
+                for s in range(head.nbytes, size, step):
+                    self._populate(mapping, s, min(s + step, size))
+                return torch.frombuffer(mapping, dtype=torch.uint8, count=size)
+
+            return in_place
         buf = buffers.bytes(self.size)
         view = buf.numpy().data.cast("B")
         view[: head.nbytes] = head

@@ -91,8 +91,7 @@ class FileStream:
     Args: as RCache (`uri`, `hooks`, `buffer_size`, `preserve_file_order`, `seed`, `rank`,
         `world_size`, `skip_bad_files`, `store_options`, `range_size`);
         `pin`: read into pinned memory (for CUDA); `transform`: applied to each megabatch on the
-        reading thread; `held`: files the consumer holds at once (their buffers are kept for reuse);
-        `map_cold`: False maps a local file only where the page cache holds most of it, else reads it.
+        reading thread; `held`: files the consumer holds at once (their buffers are kept for reuse).
     """
 
     def __init__(
@@ -110,7 +109,6 @@ class FileStream:
         range_size: int | None = None,
         pin: bool = False,
         held: int = 1,
-        map_cold: bool = True,
         verify_checksums: bool = False,
         transform: Callable[[FileRef, int, Megabatch], Megabatch] | None = None,  # (file, epoch, item)
     ):
@@ -131,7 +129,6 @@ class FileStream:
         self.unreadable = 0  # files skipped while reading (skip_bad_files)
         self.range_size = range_size
         self.pin = pin
-        self.map_cold = map_cold
         self.verify_checksums = verify_checksums  # each file's bytes against its header's checksums
         self.transform = transform
         self.buffers = BufferPool(pin, keep=buffer_size + held + 1)
@@ -187,8 +184,8 @@ class FileStream:
         covers, or no bigger than its hook's metadata allows, is requested whole with its header
         (fetch.py); a bigger one's body only once its header is valid. `turn`: (the previous
         file's first requests are queued, this file's are): files start in order, so a later
-        file's first request never runs ahead of an earlier file's ranges. Files the page cache
-        holds (every hook's, `ObjectReader.open`) are read on this thread, without requests.
+        file's first request never runs ahead of an earlier file's ranges. Mapped files (every
+        hook's, `ObjectReader.open`) are read in place on this thread, without requests.
         """
         before, queued = turn if turn is not None else (None, threading.Event())
         try:
@@ -211,7 +208,6 @@ class FileStream:
                 stop=stop,
                 range_size=self.range_size,
                 expect=self.catalog.tensor_bytes(f.source, h),
-                map_cold=self.map_cold,
             )
             for h, size in enumerate(f.sizes)
         ]
@@ -228,7 +224,7 @@ class FileStream:
 
         asked: list[Future[tuple[memoryview, fmt.Header | None]]] = []
         try:
-            if all(r.open(self.buffers) for r in readers):  # in the page cache: read on this thread
+            if all(r.open(self.buffers) for r in readers):  # mapped: read in place on this thread
                 queued.set()
                 heads = [r.head(self.buffers) for r in readers]
             else:

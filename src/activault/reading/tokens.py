@@ -192,16 +192,12 @@ class TokenLoader(Reader):
         self.device = check_device(device)
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
         # The window's files and those read ahead are held at once: their buffers are reused.
-        # Local files the page cache holds are mapped (no copy before the gather); files read from
-        # disk go into buffers: mapped, the loader ran at 0.63-0.86x raw reads from a cold disk,
-        # into buffers 0.82-0.95x (bench/read.py, 5 runs; RCache, without the gather, is faster mapped).
         files = FileStream(
             uri,
             hooks=hooks,
             seed=seed,
             preserve_file_order=preserve_file_order,
             held=window,
-            map_cold=False,
             **options,
         )
         super().__init__(files)

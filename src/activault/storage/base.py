@@ -15,8 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import numpy as np
-
 Buffer = bytes | bytearray | memoryview
 # The store's own bookkeeping in a run (collector locks): never listed, like local dot-files.
 LOCKS = ".locks"
@@ -122,22 +120,16 @@ _POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 def _libc() -> Any:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc if hasattr(libc, "madvise") and hasattr(libc, "mincore") else None
+        return libc if hasattr(libc, "madvise") else None
     except (OSError, TypeError):  # no C library to ask (not Linux or macOS)
         return None
 
 
-# madvise and mincore through ctypes, which lets go of the GIL: `mmap.madvise` holds it for the
-# whole call (0.5-2.5 ms per 64 MiB from the page cache, a disk read from a cold one), and the
-# consumer's thread waited on it: TokenLoader read 6.0 GB/s with ctypes against 5.6 (page cache,
-# 5 interleaved runs of 48 files).
+# madvise through ctypes, which lets go of the GIL: `mmap.madvise` holds it for the whole call
+# (0.5-2.5 ms per 64 MiB from the page cache, a disk read from a cold one) and the consumer's
+# thread waited on it: TokenLoader read 6.0 GB/s with ctypes against 5.6 (page cache, 5
+# interleaved runs of 48 files).
 _LIBC = _libc()
-
-
-def _address(mapping: mmap.mmap) -> tuple[Any, int]:
-    """(an export that keeps `mapping` open, the address of its first byte); drop the export at once."""
-    anchor = ctypes.c_char.from_buffer(mapping)
-    return anchor, ctypes.addressof(anchor)
 
 
 def populate(mapping: mmap.mmap, start: int, end: int) -> None:
@@ -154,32 +146,16 @@ def populate(mapping: mmap.mmap, start: int, end: int) -> None:
     if _LIBC is None:
         mapping.madvise(_POPULATE_READ, a, end - a)
         return
-    anchor, base = _address(mapping)
+    anchor = ctypes.c_char.from_buffer(mapping)  # its address; released before anyone closes it
     try:
-        failed = _LIBC.madvise(ctypes.c_void_p(base + a), ctypes.c_size_t(end - a), ctypes.c_int(_POPULATE_READ))
+        failed = _LIBC.madvise(
+            ctypes.c_void_p(ctypes.addressof(anchor) + a), ctypes.c_size_t(end - a), ctypes.c_int(_POPULATE_READ)
+        )
     finally:
         del anchor
     if failed:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
-
-
-def resident(mapping: mmap.mmap) -> float:
-    """The share of a `Store.map` mapping's pages already in memory (mincore: reads nothing);
-    1.0 where the kernel cannot tell."""
-    size = len(mapping)
-    pages = -(-size // mmap.PAGESIZE)
-    if _LIBC is None or not pages:
-        return 1.0
-    vec = np.empty(pages, np.uint8)
-    anchor, base = _address(mapping)
-    try:
-        failed = _LIBC.mincore(ctypes.c_void_p(base), ctypes.c_size_t(size), vec.ctypes.data_as(ctypes.c_void_p))
-    finally:
-        del anchor
-    if failed:
-        return 1.0
-    return int(np.count_nonzero(vec & 1)) / pages
 
 
 def join(*parts: str) -> str:
