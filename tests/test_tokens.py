@@ -7,6 +7,7 @@ from collections import Counter
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from test_rcache import rows, tokens, triples
@@ -164,7 +165,7 @@ def test_a_state_from_another_shuffle_or_of_another_shape_is_refused_by_name(run
     with pytest.raises(ConfigError, match="shuffled with 'torch-randperm'.*window boundary \\(offset 0\\)"):
         TokenLoader(tmp_path / "run/h1", **opts).load_state_dict(old)
     # At a window boundary no token of the window was taken yet: resumed exactly.
-    boundary = {**old, "window": 1, "offset": 0}
+    boundary = {**old, "window": np.int64(1), "offset": 0}  # numpy integers as well
     again = TokenLoader(tmp_path / "run/h1", **opts)
     again.load_state_dict(boundary)
     fresh = TokenLoader(tmp_path / "run/h1", **opts)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 import sys
 import weakref
@@ -392,8 +393,9 @@ class TokenLoader(Reader):
             if state[k] != mine:
                 raise ConfigError(f"state was saved with {k}={state[k]}, this loader has {mine}")
         position = [state[k] for k in ("epoch", "window", "offset")]
-        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in position):
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in position):
             raise ConfigError(f"state's epoch, window and offset must be whole numbers >= 0, got {position}")
+        position = [int(v) for v in position]  # numpy integers too (a state kept in an array)
         shuffle = state.get("shuffle", "torch-randperm")  # saved before the key existed
         if shuffle != SHUFFLE and state["offset"]:
             raise ConfigError(
