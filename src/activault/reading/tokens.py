@@ -393,9 +393,12 @@ class TokenLoader(Reader):
             if state[k] != mine:
                 raise ConfigError(f"state was saved with {k}={state[k]}, this loader has {mine}")
         position = [state[k] for k in ("epoch", "window", "offset")]
-        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in position):
+        if (
+            not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in position)
+            or min(int(v) for v in position) < 0
+        ):  # numpy integers too (a state kept in an array)
             raise ConfigError(f"state's epoch, window and offset must be whole numbers >= 0, got {position}")
-        position = [int(v) for v in position]  # numpy integers too (a state kept in an array)
+        position = [int(v) for v in position]
         shuffle = state.get("shuffle", "torch-randperm")  # saved before the key existed
         if shuffle != SHUFFLE and state["offset"]:
             raise ConfigError(
