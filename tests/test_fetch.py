@@ -496,6 +496,7 @@ def test_mapped_files_are_read_in_place_front_to_back_by_their_loading_thread(
     run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h1", "h2"], files=3, d=4096)  # 512 KiB
     jobs: Counter[str] = Counter()
     reads: dict[int, list[tuple[str, int, int]]] = {}  # per mapping: (thread, start, end)
+    order: list[int] = []  # the mapping of each read, in the order they began
     submit, populate = fetch.Workers.submit, fetch.populate
 
     def counting(self: fetch.Workers, priority: tuple[int, ...], fn: Any, *args: Any) -> Any:
@@ -504,6 +505,7 @@ def test_mapped_files_are_read_in_place_front_to_back_by_their_loading_thread(
 
     def recording(mapping: Any, start: int, end: int) -> None:
         reads.setdefault(id(mapping), []).append((threading.current_thread().name, start, end))
+        order.append(id(mapping))
         populate(mapping, start, end)
 
     monkeypatch.setattr(fetch.Workers, "submit", counting)
@@ -516,6 +518,7 @@ def test_mapped_files_are_read_in_place_front_to_back_by_their_loading_thread(
                 evict(tmp_path / "r" / h / name) if cold else (tmp_path / "r" / h / name).read_bytes()
         jobs.clear()
         reads.clear()
+        order.clear()
         got = list(RCache(str(tmp_path / "r"), hooks=["h1", "h2"], range_size=16 << 10))
         for h in ("h1", "h2"):
             assert torch.equal(torch.cat([g[h] for g in got]), run.tensor(h))
@@ -525,3 +528,5 @@ def test_mapped_files_are_read_in_place_front_to_back_by_their_loading_thread(
             assert len({t for t, _, _ in calls}) == 1 and calls[0][0].startswith("activault-read")
             assert calls[0][1] == 0 and all(prev[2] == nxt[1] for prev, nxt in pairwise(calls))
             assert len(calls) > 2  # the body in several ranges: a stop is seen between them
+        first = list(dict.fromkeys(order))[:2]  # the first file's two hooks: read alone, before any other
+        assert set(order[: len(reads[first[0]]) + len(reads[first[1]])]) == set(first)
