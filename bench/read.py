@@ -21,6 +21,9 @@ run (readers: from construction) and steady (after the first item, the rate a lo
   worker process, its torch.load, copy and clone); on the local store a whole-file torch.load.
 
     python -m bench.read [--files 16] [--mib 64] [--reps 5] [--stores local,moto,proxy]
+
+The local files go under $BENCH_DIR (default: the system's temporary folder): point it at another
+filesystem (NFS, Lustre) to see how the readers do there, mapped (`rcache`) against read (`rcache-read`).
 """
 
 from __future__ import annotations
