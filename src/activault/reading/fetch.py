@@ -350,7 +350,7 @@ class ObjectReader:
         """Start reading the rest into a recycled buffer; returns a call that waits for the bytes.
 
         Each range goes to `ranges` with `priority` (file, hook) first, so an earlier file is
-        never starved by a later one.
+        never starved by a later one. A mapped file is read by the call itself, in place.
         """
         if self._whole is not None:  # head() read it all, or requested it all
             whole, rest, self._whole, self._rest = self._whole, self._rest, None, []
