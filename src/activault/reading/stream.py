@@ -219,9 +219,10 @@ class FileStream:
             )
             for h, size in enumerate(f.sizes)
         ]
-        # The hooks' headers (or whole small files, or files of the expected size) in parallel,
-        # ahead of any body range. Heads go before every body range (HEAD first in the priority),
-        # so a later file's ranges are queued while this file's still run instead of after them.
+        # Mapped files: every hook's header read here, then its body. Otherwise the hooks' headers
+        # (or whole small files, or files of the expected size) are requested in parallel, ahead of
+        # any body range: heads go before every body range (HEAD first in the priority), so a later
+        # file's ranges are queued while this file's still run instead of after them.
         waiting, lock = [len(readers)], threading.Lock()
 
         def started() -> None:  # one more hook's first requests are queued
