@@ -224,6 +224,29 @@ def test_a_later_file_starts_reading_only_after_an_earlier_files_ranges(
         assert starts.index((after, 0)) > last, starts
 
 
+def test_the_first_file_is_read_alone_before_any_other_is_requested(tmp_path: Path, small_ranges: None) -> None:
+    run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=3, d=64)
+    events: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    class Logged(Counting):
+        def read_into(self, key: str, offset: int, out: memoryview) -> int:
+            with lock:
+                events.append(("start", key))
+            time.sleep(0.002)  # ranges overlap: a free worker could take another file's request
+            n = super().read_into(key, offset, out)
+            with lock:
+                events.append(("end", key))
+            return n
+
+    cache = RCache(Logged(LocalStore(tmp_path / "r/h", fsync=False)), buffer_size=3)
+    assert torch.equal(torch.cat(list(cache)), run.tensor("h"))
+    first = run.names[0]
+    assert sum(k == first for e, k in events if e == "start") > 2  # several ranges, run in parallel
+    done = max(i for i, (e, k) in enumerate(events) if e == "end" and k == first)
+    assert all(k == first for _, k in events[: done + 1]), events  # no other file requested before it is read
+
+
 def test_without_metadata_a_big_file_costs_its_header_then_one_request_per_range(
     tmp_path: Path, small_ranges: None
 ) -> None:
