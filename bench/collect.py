@@ -32,7 +32,7 @@ import torch
 
 from activault.collection import pipeline
 from activault.collection.hooks import Capture, resolve_hooks
-from activault.collection.model import load_model, load_skeleton, load_tokenizer
+from activault.collection.model import keep_freed_memory, load_model, load_skeleton, load_tokenizer
 from activault.collection.packing import iter_batches
 from activault.collection.pipeline import collect
 from activault.collection.writer import BufferPool, Writer
@@ -81,6 +81,9 @@ def bench_collect(work: Path, quick: bool, reps: int) -> dict:
         "upload_config": {"batches_per_upload": 2, "hooks": HOOKS},
     }
     cfg = parse_config(raw)
+    # A CPU collection keeps freed memory for reuse (model.keep_freed_memory, process-wide): set
+    # here, so the forward pass alone runs under the same allocator, before and after collections.
+    keep_freed_memory()
     tok = load_tokenizer(cfg.transformer_config)
     batches = list(iter_batches(cfg.data_config, tok))[:n]  # fewer where the corpus runs out
     tokens = sum(real_tokens(b) for b in batches)

@@ -235,6 +235,39 @@ def test_skip_cache_stores_no_megabatches(llama, tmp_path):
     assert (tmp_path / "run/models.layers.1.post/statistics.json").exists()
 
 
+_CHURN = """
+import resource, sys
+import numpy as np
+from activault.collection.model import keep_freed_memory
+
+def faults_per_round() -> int:  # a CPU forward's pattern: many blocks allocated, then freed together
+    xs = [np.ones(15 << 10) for _ in range(1000)]  # 1000 x 120 KiB
+    del xs
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        xs = [np.ones(15 << 10) for _ in range(1000)]
+        del xs
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+default = faults_per_round()
+kept = keep_freed_memory()
+print(default, kept, faults_per_round())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"), reason="glibc")
+def test_freed_memory_is_kept_so_the_next_batch_faults_no_page_in(llama, tmp_path, monkeypatch):
+    # Page faults, not time: by default glibc hands the freed heap back and every page faults in again.
+    out = subprocess.run([sys.executable, "-c", _CHURN], capture_output=True, text=True, check=True)
+    default, kept, after = out.stdout.split()
+    assert kept == "True"
+    assert int(default) > 50_000 and int(after) < int(default) // 100, out.stdout
+    calls = []
+    monkeypatch.setattr("activault.collection.model.keep_freed_memory", lambda: calls.append(1) or True)
+    collect(make_cfg(llama, tmp_path, data={"n_batches": 2}), show_progress=False)
+    assert calls == [1]  # a CPU collection sets it before its model loads
+
+
 def _cli(*args, **kw):
     return subprocess.run([sys.executable, "-m", "activault", *args], capture_output=True, text=True, **kw)
 

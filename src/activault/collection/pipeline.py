@@ -84,7 +84,14 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
     """Collect this machine's share of the run; resumes from its progress record."""
     from activault.collection.arch import text_config
     from activault.collection.hooks import hook_dims, resolve_hooks
-    from activault.collection.model import load_skeleton, load_tokenizer, model_info, stored_dtype
+    from activault.collection.model import (
+        keep_freed_memory,
+        load_skeleton,
+        load_tokenizer,
+        model_info,
+        runs_on_cpu,
+        stored_dtype,
+    )
     from activault.collection.sources import source_for
 
     cfg.check_machine(machine)
@@ -107,6 +114,8 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
     check_feasible(cfg, dims, itemsize, text_config(skeleton.config), available_memory(), pinned)
     record = run_record(cfg, info, _tokenizer_ref(tc.model_name), dims, __version__)
     check_resume(_stored_run(store, run), record.model_dump(mode="json"), store.url(cfg_key(run)))
+    if runs_on_cpu(tc):  # the forward's activations are then plain memory, freed every batch
+        keep_freed_memory()
     with hold(store, run, machine, uc.lease_seconds) as claim:  # one collector per (run, machine)
         job = _Job(cfg, machine, store, record, specs, dims, tokenizer, dtype, claim)
         return job.run(show_progress)
