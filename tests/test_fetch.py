@@ -177,6 +177,24 @@ class Logging(Counting):
         return super().read_into(key, offset, out)
 
 
+class Timeline(Counting):
+    """A store that logs when each ranged read starts and ends: ("start" | "end", key, offset)."""
+
+    def __init__(self, inner: Store, delay: float = 0.0):
+        super().__init__(inner)
+        self.events: list[tuple[str, str, int]] = []
+        self.delay, self._lock = delay, threading.Lock()
+
+    def read_into(self, key: str, offset: int, out: memoryview) -> int:
+        with self._lock:
+            self.events.append(("start", key, offset))
+        time.sleep(self.delay)
+        n = super().read_into(key, offset, out)
+        with self._lock:
+            self.events.append(("end", key, offset))
+        return n
+
+
 @pytest.fixture
 def small_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fetch, "RANGE_SIZE", 4096)
@@ -208,17 +226,9 @@ def test_a_later_file_starts_reading_only_after_an_earlier_files_ranges(
 
     monkeypatch.setattr(BufferPool, "bytes", slow)
     run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=3, d=64)
-    starts: list[tuple[str, int]] = []
-    lock = threading.Lock()
-
-    class Logged(Counting):
-        def read_into(self, key: str, offset: int, out: memoryview) -> int:
-            with lock:
-                starts.append((key, offset))
-            return super().read_into(key, offset, out)
-
-    cache = RCache(Logged(LocalStore(tmp_path / "r/h", fsync=False)), buffer_size=3)
-    assert torch.equal(torch.cat(list(cache)), run.tensor("h"))
+    logged = Timeline(LocalStore(tmp_path / "r/h", fsync=False))
+    assert torch.equal(torch.cat(list(RCache(logged, buffer_size=3))), run.tensor("h"))
+    starts = [(k, o) for e, k, o in logged.events if e == "start"]
     for before, after in zip(run.names, run.names[1:], strict=False):
         last = max(i for i, (k, _) in enumerate(starts) if k == before)
         assert starts.index((after, 0)) > last, starts
@@ -226,25 +236,13 @@ def test_a_later_file_starts_reading_only_after_an_earlier_files_ranges(
 
 def test_the_first_file_is_read_alone_before_any_other_is_requested(tmp_path: Path, small_ranges: None) -> None:
     run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=3, d=64)
-    events: list[tuple[str, str]] = []
-    lock = threading.Lock()
-
-    class Logged(Counting):
-        def read_into(self, key: str, offset: int, out: memoryview) -> int:
-            with lock:
-                events.append(("start", key))
-            time.sleep(0.002)  # ranges overlap: a free worker could take another file's request
-            n = super().read_into(key, offset, out)
-            with lock:
-                events.append(("end", key))
-            return n
-
-    cache = RCache(Logged(LocalStore(tmp_path / "r/h", fsync=False)), buffer_size=3)
-    assert torch.equal(torch.cat(list(cache)), run.tensor("h"))
-    first = run.names[0]
-    assert sum(k == first for e, k in events if e == "start") > 2  # several ranges, run in parallel
-    done = max(i for i, (e, k) in enumerate(events) if e == "end" and k == first)
-    assert all(k == first for _, k in events[: done + 1]), events  # no other file requested before it is read
+    # Each request lasts a while, so ranges overlap: a free worker could take another file's request.
+    logged = Timeline(LocalStore(tmp_path / "r/h", fsync=False), delay=0.002)
+    assert torch.equal(torch.cat(list(RCache(logged, buffer_size=3))), run.tensor("h"))
+    events, first = logged.events, run.names[0]
+    assert sum(k == first for e, k, _ in events if e == "start") > 2  # several ranges, run in parallel
+    done = max(i for i, (e, k, _) in enumerate(events) if e == "end" and k == first)
+    assert all(k == first for _, k, _ in events[: done + 1]), events  # no other file requested before it is read
 
 
 def test_without_metadata_a_big_file_costs_its_header_then_one_request_per_range(
