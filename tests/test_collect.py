@@ -236,7 +236,7 @@ def test_skip_cache_stores_no_megabatches(llama, tmp_path):
 
 
 _CHURN = """
-import resource, sys
+import resource
 import numpy as np
 from activault.collection.model import keep_freed_memory
 
