@@ -216,8 +216,9 @@ class FaultProxy(_Proxy):
     """An HTTP proxy on 127.0.0.1 in front of an S3 server that breaks a seeded fraction of requests.
 
     Each request, after its body is read, is (with probability `rate`, kinds in turn): forward it;
-    answer 503 SlowDown; reset the connection (RST, no answer); or stall `stall_s` seconds (past the
-    client's timeout) and close.
+    answer 503 SlowDown; reset the connection (RST, no answer); stall `stall_s` seconds (past the
+    client's timeout) and close; or ("cut", not among the defaults) forward it and reset the
+    connection halfway through the answer's body, after its headers promised all of it.
     `down = True` resets every connection (an outage). `counts` tallies what happened. Only requests
     for which `when(method, path)` holds draw faults; `on_request(method, path)` sees every request.
     """
@@ -271,9 +272,9 @@ class FaultProxy(_Proxy):
                     self.end_headers()
                     self.wfile.write(msg)
                     return
-                self._forward(body)
+                self._forward(body, cut=fault == "cut")
 
-            def _forward(self, body: bytes) -> None:
+            def _forward(self, body: bytes, cut: bool = False) -> None:
                 conn = http.client.HTTPConnection(proxy.upstream, timeout=60)
                 try:
                     headers = {
@@ -301,7 +302,12 @@ class FaultProxy(_Proxy):
                 elif resp.getheader("Content-Length"):
                     self.send_header("Content-Length", resp.getheader("Content-Length") or "0")
                 self.end_headers()
-                if self.command != "HEAD":
+                if cut and len(data) > 1:  # half the body, then a reset: a connection lost mid-answer
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    _reset(self.connection)
+                    self.close_connection = True
+                elif self.command != "HEAD":
                     self.wfile.write(data)
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle

@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -347,6 +349,57 @@ def test_permanent_errors_are_not_retried(moto, moto_bucket, moto_run, monkeypat
         with pytest.raises(StorageError, match="416"):
             s.get_range("run/cfg.json", 10**6, 10**6 + 8)
         assert bytes(s.get_range("run/cfg.json", 5, 5)) == b"" and proxy.counts["requests"] == 3
+
+
+def test_ranged_reads_arrive_whole_through_connections_lost_mid_answer(moto, moto_bucket) -> None:
+    """read_into streams a range into the caller's buffer: exact bytes, short at the object's end,
+    nothing asked for an empty buffer, and an answer cut halfway (headers sent, body not) started again."""
+    data = os.urandom((3 << 20) + 5)
+    S3Store(f"s3://{moto_bucket}", env=moto.env()).put("k", data)
+    with FaultProxy(moto.url, rate=0.5, faults=("cut",), seed=3, when=lambda m, p: m == "GET") as proxy:
+        s = S3Store(f"s3://{moto_bucket}", env=moto.env(proxy.url), retry_timeout=30)
+        for offset, n in [(0, len(data)), (7, (2 << 20) + 1), (len(data) - 9, 4096), (5, 0)]:
+            out = bytearray(b"\xee" * n)
+            got = s.read_into("k", offset, memoryview(out))
+            assert got == min(n, len(data) - offset) and bytes(out[:got]) == data[offset : offset + got]
+            assert out[got:] == b"\xee" * (n - got)  # past the object's end: untouched
+        assert proxy.counts["cut"] >= 2 and proxy.counts["requests"] == proxy.counts["forwarded"]
+        with pytest.raises(NotFoundError, match="does not exist"):
+            s.read_into("none", 0, memoryview(bytearray(8)))
+
+
+_FAULTS_PER_READ = """
+import json, resource, sys
+import numpy as np
+from activault.storage.base import Store
+from activault.storage.s3 import S3Store
+
+store = S3Store(sys.argv[1], env=json.loads(sys.argv[2]))
+out = np.ones(48 << 20, np.uint8).data.cast("B")
+
+def faults(read) -> int:
+    read(store, "big", 0, out)  # the first read sets up connections and the heap
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(3):
+        assert read(store, "big", 0, out) == out.nbytes
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+
+print(faults(Store.read_into), faults(S3Store.read_into))
+"""
+
+
+def test_ranged_reads_fault_in_no_memory_of_their_size(moto, moto_bucket) -> None:
+    # Page faults, not time: a range fetched whole is a new allocation of its size, and glibc maps one
+    # over 32 MiB afresh each time, faulted in page by page (12,288 pages for 48 MiB). Streamed into
+    # the caller's buffer, the pieces come from the heap and are reused.
+    S3Store(f"s3://{moto_bucket}", env=moto.env()).put("big", os.urandom(48 << 20))
+    args = [f"s3://{moto_bucket}", json.dumps(moto.env())]
+    env = {**os.environ, "PYTHONPATH": str(Path(s3mod.__file__).parents[2])}  # this activault, wherever it is
+    out = subprocess.run(
+        [sys.executable, "-c", _FAULTS_PER_READ, *args], capture_output=True, text=True, check=True, env=env
+    )
+    whole, streamed = map(int, out.stdout.split())
+    assert whole > 3 * 12288 * 0.9 and streamed < whole // 4, out.stdout
 
 
 def test_foreign_keys_and_empty_megabatches_are_named_and_deletable(moto, moto_bucket, moto_run, capsys) -> None:

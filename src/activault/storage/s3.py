@@ -45,6 +45,12 @@ T = TypeVar("T")
 PART_SIZE = 16 << 20
 PART_CONCURRENCY = 8
 MULTIPART_THRESHOLD = 32 << 20
+# Ranged reads into a caller's buffer arrive in pieces of this size. A range fetched whole is a new
+# allocation of its size, which glibc maps afresh (over 32 MiB, always) and the kernel faults in
+# page by page: 212,000 page faults for 12 files of 64 MiB from moto, against 12,000 in 1 MiB
+# pieces, which the heap reuses. bench/read.py, one GET per file on moto, 4 interleaved runs:
+# raw reads 1.21 GB/s against 0.92, RCache 1.10 against 0.83; with 8 ranges per file, no change.
+READ_CHUNK = 1 << 20
 # Data requests: a 16 MiB part at a slow 2 MB/s still finishes in 8 s.
 TIMEOUT = "120s"
 CONNECT_TIMEOUT = "5s"
@@ -394,6 +400,24 @@ class S3Store(Store):
         return self._call(
             "download", key, lambda: memoryview(obstore.get_range(self._store, key, start=start, end=end))
         )
+
+    def read_into(self, key: str, offset: int, out: memoryview) -> int:
+        """Stream the range into `out` in READ_CHUNK pieces (a retry starts the range again)."""
+        if not out.nbytes:
+            return 0
+
+        def fetch() -> int:
+            got = obstore.get(self._store, key, options={"range": (offset, offset + out.nbytes)})
+            n = 0
+            for chunk in got.stream(min_chunk_size=READ_CHUNK):
+                view = memoryview(chunk)[: out.nbytes - n]  # never past `out`, whatever the server sends
+                out[n : n + view.nbytes] = view
+                n += view.nbytes
+                if n == out.nbytes:
+                    break
+            return n
+
+        return self._call("download", key, fetch)
 
     def get_ranges(self, key: str, starts: list[int], ends: list[int]) -> list[memoryview]:
         want = [i for i, (s, e) in enumerate(zip(starts, ends, strict=True)) if e > s]
