@@ -54,7 +54,7 @@ READERS = {
         *("rcache", "rcache-read", "rcache-fresh", "tokens", "tokens-read", "original"),
     ],
     "moto": ["raw-one", "raw", "rcache", "tokens", "raw-1get", "rcache-1get"],
-    "proxy": ["raw-one", "raw", "raw-gather", "rcache", "tokens", "original"],
+    "proxy": ["raw-one", "raw", "raw-gather", "rcache", "tokens", "original", "raw-1get", "rcache-1get"],
 }
 
 

@@ -245,6 +245,16 @@ def test_the_first_file_is_read_alone_before_any_other_is_requested(tmp_path: Pa
     assert all(k == first for _, k, _ in events[: done + 1]), events  # no other file requested before it is read
 
 
+def test_a_first_file_of_one_request_is_read_beside_the_next(tmp_path: Path) -> None:
+    # One GET per file: reading the first alone would leave the other workers idle for a whole file.
+    run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=3, d=64)
+    logged = Timeline(LocalStore(tmp_path / "r/h", fsync=False, map_reads=False), delay=0.2)
+    assert torch.equal(torch.cat(list(RCache(logged, buffer_size=3, range_size=1 << 30))), run.tensor("h"))
+    events = logged.events
+    assert [(e, o) for e, _, o in events[:3]] == [("start", 0)] * 3, events  # one request each, all at once
+    assert [k for _, k, _ in events[:3]] == run.names and len(events) == 6, events
+
+
 def test_without_metadata_a_big_file_costs_its_header_then_one_request_per_range(
     tmp_path: Path, small_ranges: None
 ) -> None:
