@@ -388,6 +388,7 @@ print(faults(Store.read_into), faults(S3Store.read_into))
 """
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not os.confstr("CS_GNU_LIBC_VERSION"), reason="glibc")
 def test_ranged_reads_fault_in_no_memory_of_their_size(moto, moto_bucket) -> None:
     # Page faults, not time: a range fetched whole is a new allocation of its size, and glibc maps one
     # over 32 MiB afresh each time, faulted in page by page (12,288 pages for 48 MiB). Streamed into
