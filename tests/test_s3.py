@@ -368,6 +368,40 @@ def test_ranged_reads_arrive_whole_through_connections_lost_mid_answer(moto, mot
             s.read_into("none", 0, memoryview(bytearray(8)))
 
 
+def test_a_server_that_ignores_the_range_is_refused_never_read_as_it(moto) -> None:
+    """An endpoint answering a ranged GET with the whole object (200) must not fill the buffer with
+    the object's first bytes as if they were the range's."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = bytes(range(256)) * 64
+
+    class WholeObject(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("ETag", '"e"')
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), WholeObject)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        s = S3Store("s3://bkt", env=moto.env(f"http://127.0.0.1:{server.server_address[1]}"), retry_timeout=2)
+        out = bytearray(100)
+        with pytest.raises(StorageError, match="non-partial response"):
+            s.read_into("k", 1000, memoryview(out))
+        assert out == bytearray(100)  # nothing of the wrong bytes kept
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 _FAULTS_PER_READ = """
 import json, resource, sys
 import numpy as np
