@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -65,6 +66,19 @@ def test_records_round_trip_through_their_readers_byte_for_byte(local: LocalStor
         write_record(local, key, read())
         assert bytes(local.get(key)) == before, key
     assert read_statistics(local, "run/h2").running().count == synth.stats["h2"].count
+
+
+def test_a_record_is_one_sorted_field_per_line_with_floats_exact(local: LocalStore, synth: SynthRun):
+    text = local.get("run/progress/machine-00002.json").tobytes().decode()
+    lines = text.splitlines()
+    assert lines[0] == "{" and lines[-1] == "}" and text.endswith("}\n")
+    keys = [json.loads("{" + line.rstrip(",") + "}").popitem()[0] for line in lines[1:-1]]
+    assert keys == sorted(ProgressRecord.model_fields) and len(keys) == len(lines) - 2
+    floats = [math.pi * 10.0**e for e in range(-300, 300, 7)] + [5e-324, -0.0]
+    assert json.loads(records.record_text({"m": floats}))["m"] == floats  # shortest repr, exact
+    assert records.record_text({"b": [0.1, float("nan")], "a": {"y": 1, "x": "é\n"}}) == (
+        '{\n "a": {"x": "\\u00e9\\n", "y": 1},\n "b": [0.1, NaN]\n}\n'
+    )
 
 
 def test_absent_records_are_none(local: LocalStore):

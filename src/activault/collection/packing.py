@@ -244,10 +244,9 @@ def _collate(rows: list[dict[str, list[int]]], pad_id: int, state: DataState) ->
     width = max(len(r["ids"]) for r in rows)
 
     def stack(key: str, fill: int, dtype: torch.dtype) -> torch.Tensor:
-        out = torch.full((len(rows), width), fill, dtype=dtype)
-        for i, r in enumerate(rows):
-            out[i, : len(r[key])] = torch.tensor(r[key], dtype=dtype)
-        return out
+        # One tensor from padded lists, not one per row: the data thread holds the GIL while it
+        # packs, and the forward pass waits for the GIL between its ops.
+        return torch.tensor([r[key] + [fill] * (width - len(r[key])) for r in rows], dtype=dtype)
 
     return Batch(
         input_ids=stack("ids", pad_id, torch.int64),

@@ -319,7 +319,15 @@ def read_record(store: Store, key: str, model: type[R], fix: str, size: int | No
 
 def write_record(store: Store, key: str, record: Record) -> None:
     """Sorted keys, floats in their shortest exact form: equal records are equal bytes."""
-    store.put_text(key, json.dumps(record.model_dump(), indent=1, sort_keys=True) + "\n")
+    store.put_text(key, record_text(record.model_dump()))
+
+
+def record_text(fields: dict[str, Any]) -> str:
+    """One top-level field per line, each value on its line. Not `indent=`: that takes Python's
+    pure-Python encoder, 3.4 ms for a progress record's 3,072 floats, on the collector's commit
+    thread once per file (its CPU is taken from the forward pass on a CPU collection)."""
+    lines = (f" {json.dumps(k)}: {json.dumps(v, sort_keys=True)}" for k, v in sorted(fields.items()))
+    return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
 def read_run(store: Store, run: str) -> RunRecord | None:
