@@ -10,6 +10,7 @@
    each tensor in the header: goal >= 0.95 (checksums cost <= 5%).
 
 Each comparison runs its two sides back to back, `--reps` times; figures are medians (min-max).
+In (1) each collection is compared with the mean of the forward runs just before and after it.
 
 Usage: python -m bench.collect [--out bench/out/collect.json] [--reps 5] [--quick]
 """
@@ -87,27 +88,33 @@ def bench_collect(work: Path, quick: bool, reps: int) -> dict:
     tok = load_tokenizer(cfg.transformer_config)
     batches = list(iter_batches(cfg.data_config, tok))[:n]  # fewer where the corpus runs out
     tokens = sum(real_tokens(b) for b in batches)
-    alone, full, nosums = [], [], []
-    for i in range(reps):  # interleaved, so drift on a shared machine hits both sides
-        if i % 2 == 0:  # and each side goes first in every other pair
-            alone.append(forward_alone(cfg, batches))
-        r = collect(cfg, storage=str(work / f"vault{i}"), show_progress=False)
-        shutil.rmtree(work / f"vault{i}")
-        if r.tokens != tokens:  # both sides must count the same tokens of the same batches
-            raise RuntimeError(f"the collection stored {r.tokens} tokens, the forward pass counted {tokens}")
-        full.append(r.tokens / r.seconds)
-        if i % 2 == 1:
-            alone.append(forward_alone(cfg, batches))
+
+    def collection(i: int, checksums: bool) -> float:
+        folder = work / f"vault{i}-{checksums}"
         # The same collection writing no checksums: what they cost the whole pipeline.
-        pipeline.encode = functools.partial(encode, checksums=False)
+        pipeline.encode = encode if checksums else functools.partial(encode, checksums=False)
         try:
-            r = collect(cfg, storage=str(work / f"nosums{i}"), show_progress=False)
-            shutil.rmtree(work / f"nosums{i}")
+            r = collect(cfg, storage=str(folder), show_progress=False)
         finally:
             pipeline.encode = encode
-        nosums.append(r.tokens / r.seconds)
+        shutil.rmtree(folder)
+        if r.tokens != tokens:  # both sides must count the same tokens of the same batches
+            raise RuntimeError(f"the collection stored {r.tokens} tokens, the forward pass counted {tokens}")
+        return r.tokens / r.seconds
+
+    # Each collection sits between two runs of the forward pass alone and is compared with their
+    # mean: the speed of a shared machine drifts by several percent over a minute, and a drift
+    # that is linear over the three runs cancels. With and without checksums alternate who comes
+    # first, so each is as often next to the earlier forward run as to the later one.
+    alone = [forward_alone(cfg, batches)]
+    full: list[float] = []
+    nosums: list[float] = []
+    for i in range(reps):
+        for checksums in (True, False) if i % 2 == 0 else (False, True):
+            (full if checksums else nosums).append(collection(i, checksums))
+        alone.append(forward_alone(cfg, batches))
     a, b, c = statistics.median(alone), statistics.median(full), statistics.median(nosums)
-    ratios = [f / x for f, x in zip(full, alone, strict=True)]  # each pair run back to back
+    ratios = [f / ((x + y) / 2) for f, x, y in zip(full, alone[:-1], alone[1:], strict=True)]
     paired = statistics.median(f / x for f, x in zip(full, nosums, strict=True))
     return {
         "forward_tok_s": a,
