@@ -419,20 +419,6 @@ class S3Store(Store):
 
         return self._call("download", key, fetch)
 
-    def get_ranges(self, key: str, starts: list[int], ends: list[int]) -> list[memoryview]:
-        want = [i for i, (s, e) in enumerate(zip(starts, ends, strict=True)) if e > s]
-        got = self._call(
-            "download",
-            key,
-            lambda: obstore.get_ranges(
-                self._store, key, starts=[starts[i] for i in want], ends=[ends[i] for i in want]
-            ),
-        )
-        out = [memoryview(b"")] * len(starts)
-        for i, b in zip(want, got, strict=True):
-            out[i] = memoryview(b)
-        return out
-
     def size(self, key: str) -> int | None:
         try:
             return int(self._call("stat", key, lambda: obstore.head(self._store, key))["size"])
