@@ -387,6 +387,11 @@ class _Collector:
             stream.synchronize()  # the async copies into host buffers are done
         run, rows, tc = self.cfg.run_name, mb.rows, self.cfg.transformer_config
         self._check_nonfinite(k)
+        # The record first: once the writer threads run, each of its small torch calls here would
+        # hand them the GIL and wait for it back (5 ms a file instead of 0.2 on a CPU collection).
+        metas = self._metadata() if k == self.progress.files_done else {}
+        self.files, self.rows = k + 1, self.rows + rows
+        commit = _committer(self.store, run, self.progress, self._record(mb.data_state), metas)
         futures = []
         if self.cfg.data_config.skip_cache:
             self._release(mb)
@@ -397,9 +402,7 @@ class _Collector:
                 parts = self._encoding(h, tensors, meta, k)
                 release = _releaser(self.pools[h], mb.states[h])
                 futures.append(self.writer.write(f"{run}/{h}/{file_name(self.machine, k)}", parts, on_done=release))
-        self.files, self.rows = k + 1, self.rows + rows
-        metas = self._metadata() if k == self.progress.files_done else {}
-        self.writer.commit(futures, _committer(self.store, run, self.progress, self._record(mb.data_state), metas))
+        self.writer.commit(futures, commit)
 
     def _check_nonfinite(self, k: int) -> None:
         """Refuse (on_nonfinite: error) or report tokens with NaN/Inf that file k would store."""
