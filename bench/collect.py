@@ -10,7 +10,9 @@
    each tensor in the header: goal >= 0.95 (checksums cost <= 5%).
 
 Each comparison runs its two sides back to back, `--reps` times; figures are medians (min-max).
-In (1) each collection is compared with the mean of the forward runs just before and after it.
+In (1) each collection is compared with the mean of the forward runs just before and after it, and
+with a control between them: the forward pass alone while plain writes store the same bytes at the
+same points (the machine's own cost of writing, without any of activault's work).
 
 Usage: python -m bench.collect [--out bench/out/collect.json] [--reps 5] [--quick]
 """
@@ -25,6 +27,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
@@ -32,8 +35,8 @@ from pathlib import Path
 import torch
 
 from activault.collection import pipeline
-from activault.collection.hooks import Capture, resolve_hooks
-from activault.collection.model import keep_freed_memory, load_model, load_skeleton, load_tokenizer
+from activault.collection.hooks import Capture, hook_dims, resolve_hooks
+from activault.collection.model import keep_freed_memory, load_model, load_skeleton, load_tokenizer, stored_dtype
 from activault.collection.packing import iter_batches
 from activault.collection.pipeline import collect
 from activault.collection.writer import BufferPool, Writer
@@ -46,19 +49,55 @@ from activault.vault.records import file_name
 HOOKS = ["models.layers.3.post", "models.layers.5.mlp.post"]
 
 
-def forward_alone(cfg, batches) -> float:
+def forward_alone(cfg, batches, writes: Path | None = None) -> float:
     """Tokens/s of the hooked, truncated forward over pre-built batches (padding not counted, as in
-    a collection's figure: counting it credited the forward pass with ~3% more tokens here)."""
-    tc = cfg.transformer_config
-    specs = resolve_hooks(load_skeleton(tc), cfg.upload_config.hooks)
+    a collection's figure: counting it credited the forward pass with ~3% more tokens here).
+
+    With `writes` (a folder), the control: after every `batches_per_upload` batches, one file per
+    hook of a megabatch's encoded size is written there plainly by the writer's threads, and the
+    clock stops once the last is on disk, as a collection's does."""
+    tc, uc = cfg.transformer_config, cfg.upload_config
+    skeleton = load_skeleton(tc)
+    specs = resolve_hooks(skeleton, uc.hooks)
     model = load_model(tc, specs)
-    with Capture(model, specs) as cap:
+    dtype = stored_dtype(tc, skeleton.config)
+    files = _megabatch_bytes(cfg, hook_dims(skeleton, specs), dtype) if writes else {}
+    pool = ThreadPoolExecutor(uc.write_threads)
+    pending = []
+    with Capture(model, specs) as cap, pool:
         cap(batches[0].input_ids, batches[0].position_ids, batches[0].segment_ids)  # warm-up
         t0 = time.perf_counter()
-        for b in batches:
+        for i, b in enumerate(batches, 1):
             cap(b.input_ids, b.position_ids, b.segment_ids)
+            if writes and (i % uc.batches_per_upload == 0 or i == len(batches)):
+                pending += [pool.submit(plain_put, writes / f"{h}-{i}", blob) for h, blob in files.items()]
+        for f in pending:
+            f.result()
         dt = time.perf_counter() - t0
     return sum(real_tokens(b) for b in batches) / dt
+
+
+def _megabatch_bytes(cfg, dims: dict[str, int], dtype: torch.dtype) -> dict[str, bytes]:
+    """Per hook, a full megabatch file's bytes (random states: a disk may store zeros for less)."""
+    rows, seq = cfg.rows_per_file, cfg.data_config.seq_length
+    ids = torch.zeros(rows, seq, dtype=torch.int32)
+    return {
+        h: b"".join(encode({"states": torch.randn(rows, seq, d).to(dtype), "input_ids": ids, "positions": ids}, {}))
+        for h, d in dims.items()
+    }
+
+
+def plain_put(path: Path, blob: bytes) -> None:
+    """A file written as LocalStore writes one, with none of its checks: temp name, write, fsync,
+    page cache dropped, rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "wb") as f:
+        f.write(blob)
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    os.replace(tmp, path)
 
 
 def real_tokens(batch) -> int:
@@ -100,31 +139,57 @@ def bench_collect(work: Path, quick: bool, reps: int) -> dict:
         shutil.rmtree(folder)
         if r.tokens != tokens:  # both sides must count the same tokens of the same batches
             raise RuntimeError(f"the collection stored {r.tokens} tokens, the forward pass counted {tokens}")
+        written["collection"] = r.bytes_written
         return r.tokens / r.seconds
 
-    # Each collection sits between two runs of the forward pass alone and is compared with their
-    # mean: the speed of a shared machine drifts by several percent over a minute, and a drift
-    # that is linear over the three runs cancels. With and without checksums alternate who comes
-    # first, so each is as often next to the earlier forward run as to the later one.
+    def control(i: int) -> float:
+        folder = work / f"plain{i}"
+        try:
+            rate = forward_alone(cfg, batches, writes=folder)
+            written["control"] = sum(f.stat().st_size for f in folder.iterdir())
+            return rate
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    written: dict[str, int] = {}
+
+    # The runs of each rep sit between two runs of the forward pass alone and are compared with
+    # their mean: the speed of a shared machine drifts by several percent over a minute, and a
+    # drift that is linear over the rep cancels. The order within a rep rotates, so each side is
+    # as often next to the earlier forward run as to the later one.
+    sides: dict[str, Callable[[int], float]] = {
+        "full": functools.partial(collection, checksums=True),
+        "nosums": functools.partial(collection, checksums=False),
+        "plain": control,
+    }
+    got: dict[str, list[float]] = {k: [] for k in sides}
     alone = [forward_alone(cfg, batches)]
-    full: list[float] = []
-    nosums: list[float] = []
     for i in range(reps):
-        for checksums in (True, False) if i % 2 == 0 else (False, True):
-            (full if checksums else nosums).append(collection(i, checksums))
+        order = list(sides)[i % 3 :] + list(sides)[: i % 3]
+        for k in order:
+            got[k].append(sides[k](i))
         alone.append(forward_alone(cfg, batches))
-    a, b, c = statistics.median(alone), statistics.median(full), statistics.median(nosums)
-    ratios = [f / ((x + y) / 2) for f, x, y in zip(full, alone[:-1], alone[1:], strict=True)]
-    paired = statistics.median(f / x for f, x in zip(full, nosums, strict=True))
+    # The control must write what a collection writes (its headers differ by a few names).
+    if abs(written["control"] / written["collection"] - 1) > 0.01:
+        raise RuntimeError(f"the control wrote {written['control']:,} bytes, a collection {written['collection']:,}")
+    mids = [(x + y) / 2 for x, y in zip(alone[:-1], alone[1:], strict=True)]
+    ratios = [f / m for f, m in zip(got["full"], mids, strict=True)]
+    plain = [p / m for p, m in zip(got["plain"], mids, strict=True)]
+    over_plain = [f / p for f, p in zip(got["full"], got["plain"], strict=True)]
     return {
-        "forward_tok_s": a,
-        "collect_tok_s": b,
+        "forward_tok_s": statistics.median(alone),
+        "collect_tok_s": statistics.median(got["full"]),
         "ratio": statistics.median(ratios),
         "ratio_range": [min(ratios), max(ratios)],
+        "plain_writes_tok_s": statistics.median(got["plain"]),
+        "plain_writes_ratio": statistics.median(plain),
+        "plain_writes_ratio_range": [min(plain), max(plain)],
+        "collect_over_plain_writes": statistics.median(over_plain),
+        "collect_over_plain_writes_range": [min(over_plain), max(over_plain)],
         "tokens": tokens,
         "batches": len(batches),
-        "collect_no_checksums_tok_s": c,
-        "checksum_ratio": paired,
+        "collect_no_checksums_tok_s": statistics.median(got["nosums"]),
+        "checksum_ratio": statistics.median(f / x for f, x in zip(got["full"], got["nosums"], strict=True)),
         "model": "llama d=512, 8 layers (2 hooks, truncated after block 5), fp32, CPU",
     }
 
@@ -142,18 +207,9 @@ def bench_writer(work: Path, quick: bool, reps: int) -> dict:
     def plain(root: Path) -> float:
         root.mkdir(parents=True)
 
-        def one(k: int) -> None:
-            tmp, dst = root / f".{k}.tmp", root / f"{k}.bin"
-            with open(tmp, "wb") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-                os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)  # as LocalStore does
-            os.replace(tmp, dst)
-
         t0 = time.perf_counter()
         with ThreadPoolExecutor(4) as pool:  # the writer's concurrency
-            list(pool.map(one, range(files)))
+            list(pool.map(lambda k: plain_put(root / f"{k}.bin", blob), range(files)))
         return nbytes / (time.perf_counter() - t0)
 
     def through_writer(root: Path) -> float:
@@ -254,6 +310,13 @@ def main() -> None:
         f"  no checksums    {c['collect_no_checksums_tok_s']:>10,.0f} tok/s   with/without {c['checksum_ratio']:.3f} "
         "(goal >= 0.95)"
     )
+    lo, hi = c["plain_writes_ratio_range"]
+    print(
+        f"forward + plain writes of the same bytes {c['plain_writes_tok_s']:>10,.0f} tok/s   "
+        f"ratio {c['plain_writes_ratio']:.3f} ({lo:.3f}-{hi:.3f}: the disk's own cost)"
+    )
+    lo, hi = c["collect_over_plain_writes_range"]
+    print(f"  collection / (forward + plain writes) {c['collect_over_plain_writes']:.3f} ({lo:.3f}-{hi:.3f})")
     print(f"plain writes      {w['plain_MB_s']:>10,.0f} MB/s")
     lo, hi = w["ratio_range"]
     print(

@@ -47,6 +47,7 @@ def test_collect_benchmark_runs(tmp_path: Path) -> None:
     run_bench("bench.collect", "--quick", "--reps", "1", "--out", str(out), tmp_path=tmp_path)
     got = json.loads(out.read_text())
     assert got["collect"]["ratio"] > 0 and got["writer"]["ratio"] > 0 and got["checksums"]["ratio"] > 0
+    assert got["collect"]["plain_writes_ratio"] > 0 and got["collect"]["collect_over_plain_writes"] > 0
 
 
 @pytest.mark.s3
