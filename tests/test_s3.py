@@ -368,35 +368,49 @@ def test_ranged_reads_arrive_whole_through_connections_lost_mid_answer(moto, mot
             s.read_into("none", 0, memoryview(bytearray(8)))
 
 
-def test_a_server_that_ignores_the_range_is_refused_never_read_as_it(moto) -> None:
+DENIED = b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+
+
+@pytest.mark.parametrize(
+    ("status", "answer", "fix"),
+    [
+        (200, bytes(range(256)) * 64, "reading needs ranges: serve the run from an S3 server that honours Range"),
+        (403, DENIED, "refused these credentials for this object: check AWS_ACCESS_KEY_ID"),
+    ],
+    ids=["range ignored", "access denied"],
+)
+def test_a_refused_read_names_its_fix_and_fills_nothing(moto, status: int, answer: bytes, fix: str) -> None:
     """An endpoint answering a ranged GET with the whole object (200) must not fill the buffer with
-    the object's first bytes as if they were the range's."""
+    the object's first bytes as if they were the range's; one refusing the read (403) is not
+    retried. Either way the message names what to do."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    body = bytes(range(256)) * 64
+    requests = []
 
-    class WholeObject(BaseHTTPRequestHandler):
+    class Refusing(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
         def log_message(self, *args: Any) -> None:
             pass
 
         def do_GET(self) -> None:
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
+            requests.append(self.path)
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(answer)))
             self.send_header("ETag", '"e"')
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(answer)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), WholeObject)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
         s = S3Store("s3://bkt", env=moto.env(f"http://127.0.0.1:{server.server_address[1]}"), retry_timeout=2)
         out = bytearray(100)
-        with pytest.raises(StorageError, match="non-partial response"):
+        with pytest.raises(StorageError, match=f"cannot download s3://bkt/k at .*; {fix}.*, then try again$"):
             s.read_into("k", 1000, memoryview(out))
         assert out == bytearray(100)  # nothing of the wrong bytes kept
+        assert len(requests) == 1  # refused for good: not retried
     finally:
         server.shutdown()
         server.server_close()

@@ -160,6 +160,31 @@ def _transient(e: BaseException) -> bool:
     )
 
 
+def _denied(text: str) -> bool:
+    """Whether a refusal is about the credentials (status codes as whole words, not in a URL's port)."""
+    if any(s in text for s in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied")):
+        return True
+    return re.search(r"\b(401|403)\b(?!\.)", re.sub(r"https?://\S+", "", text)) is not None
+
+
+def _fix(e: BaseException) -> str:
+    """What to do about a request the endpoint refused for good (not retried): the fix of a known
+    cause, else to fix the one the endpoint named."""
+    text = str(e)
+    if "non-partial response" in text.lower():
+        return (
+            "the endpoint answered a ranged read with the whole object, and reading needs ranges: serve the "
+            "run from an S3 server that honours Range (AWS, MinIO, R2, Ceph), or copy it to a local folder "
+            "and read it there"
+        )
+    if _denied(text):
+        return (
+            "the endpoint refused these credentials for this object: check AWS_ACCESS_KEY_ID, "
+            "AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN) and the key's permissions on the bucket"
+        )
+    return "fix that"
+
+
 def _cause(e: BaseException) -> str:
     """The short reason of a failed request: '503 Service Unavailable (SlowDown)', 'Connection refused'."""
     text = str(e)
@@ -242,14 +267,15 @@ class S3Store(Store):
     def where(self) -> str:
         return self.endpoint or f"AWS ({self.region})"
 
-    def _err(self, e: Exception, key: str, action: str) -> StorageError:
+    def _err(self, e: Exception, key: str, action: str, again: str) -> StorageError:
         where = self.url(key)
         if isinstance(e, (_ObNotFound, FileNotFoundError)):
             return NotFoundError(f"{where} does not exist")
-        return StorageError(f"cannot {action} {where} at {self.where}: {_first_line(e)}")
+        return StorageError(f"cannot {action} {where} at {self.where}: {_first_line(e)}; {_fix(e)}, then {again}")
 
-    def _call(self, action: str, key: str, fn: Callable[[], T]) -> T:
-        """`fn()`, retried on transient errors within the budget; every store operation goes through here."""
+    def _call(self, action: str, key: str, fn: Callable[[], T], again: str = "try again") -> T:
+        """`fn()`, retried on transient errors within the budget; every store operation goes through
+        here. `again` ends each error's fix: what to do once the cause is fixed."""
         start = time.monotonic()
         attempt = 0
         while True:
@@ -258,14 +284,14 @@ class S3Store(Store):
                 return fn()
             except Exception as e:  # noqa: BLE001 - classified, then re-raised as a StorageError
                 if not _transient(e):
-                    raise self._err(e, key, action) from None
+                    raise self._err(e, key, action, again) from None
                 elapsed = time.monotonic() - start
                 if attempt > self.max_retries or elapsed >= self.retry_timeout:
                     raise StorageError(
                         f"cannot {action} {self.url(key)}: the S3 endpoint {self.where} failed {attempt} "
                         f"attempt(s) in {elapsed:.0f} s, last with: {_cause(e)}; check the endpoint and the network "
                         f"(ACTIVAULT_S3_RETRY_TIMEOUT={self.retry_timeout:g} and ACTIVAULT_S3_MAX_RETRIES="
-                        f"{self.max_retries} set how long to retry)"
+                        f"{self.max_retries} set how long to retry), then {again}"
                     ) from None
                 self._notice(f"{action} {self.url(key)}", attempt, elapsed, e)
                 # Backoff doubling from 0.25 s, with jitter; the last attempt comes at the deadline.
@@ -324,10 +350,7 @@ class S3Store(Store):
                 f"bucket {self.bucket!r} does not exist at {self.where}: create it, or name an existing one "
                 "with S3_BUCKET_NAME, data_config.bucket_name or --storage s3://BUCKET"
             )
-        # Status codes as whole words: a port such as 41403 in the message is not a 403.
-        if any(s in text for s in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied")) or re.search(
-            r"\b(401|403)\b(?!\.)", re.sub(r"https?://\S+", "", text)
-        ):
+        if _denied(text):  # a port such as 41403 in the message is not a 403
             return StorageError(
                 f"{self.where} refused access to s3://{self.bucket} "
                 "with these credentials: check AWS_ACCESS_KEY_ID and "
@@ -362,10 +385,7 @@ class S3Store(Store):
                     max_concurrency=self.part_concurrency,
                 )
 
-        try:
-            self._call("upload", key, send)
-        except StorageError as e:
-            raise StorageError(f"{e}; fix the cause and run the same command again to resume") from None
+        self._call("upload", key, send, again="run the same command again to resume")
 
     def swap(self, key: str, data: bytes, expect: bytes | None) -> bool:
         # If-None-Match: * to create, If-Match: {the ETag read} to replace (object_store's
