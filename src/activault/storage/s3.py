@@ -174,8 +174,7 @@ def _fix(e: BaseException) -> str:
     if "non-partial response" in text.lower():
         return (
             "the endpoint answered a ranged read with the whole object, and reading needs ranges: serve the "
-            "run from an S3 server that honours Range (AWS, MinIO, R2, Ceph), or copy it to a local folder "
-            "and read it there"
+            "run from an S3 server that honours Range (AWS, MinIO, R2, Ceph) or from a local copy"
         )
     if _denied(text):
         return (
