@@ -28,7 +28,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 
@@ -54,8 +54,9 @@ def forward_alone(cfg, batches, writes: Path | None = None) -> float:
     a collection's figure: counting it credited the forward pass with ~3% more tokens here).
 
     With `writes` (a folder), the control: after every `batches_per_upload` batches, one file per
-    hook of a megabatch's encoded size is written there plainly by the writer's threads, and the
-    clock stops once the last is on disk, as a collection's does."""
+    hook of a megabatch's encoded size is written there plainly by the writer's threads. As in a
+    collection, at most `max_pending + 1` megabatches are held (a new one waits for the oldest's
+    writes), and the clock stops once the last is on disk."""
     tc, uc = cfg.transformer_config, cfg.upload_config
     skeleton = load_skeleton(tc)
     specs = resolve_hooks(skeleton, uc.hooks)
@@ -63,15 +64,18 @@ def forward_alone(cfg, batches, writes: Path | None = None) -> float:
     dtype = stored_dtype(tc, skeleton.config)
     files = _megabatch_bytes(cfg, hook_dims(skeleton, specs), dtype) if writes else {}
     pool = ThreadPoolExecutor(uc.write_threads)
-    pending = []
+    held: list[list[Future[None]]] = []  # per megabatch handed over, its writes
     with Capture(model, specs) as cap, pool:
         cap(batches[0].input_ids, batches[0].position_ids, batches[0].segment_ids)  # warm-up
         t0 = time.perf_counter()
-        for i, b in enumerate(batches, 1):
+        for i, b in enumerate(batches):
+            if writes and i % uc.batches_per_upload == 0 and len(held) > uc.max_pending:
+                for f in held[len(held) - uc.max_pending - 1]:  # its buffer, free once written
+                    f.result()
             cap(b.input_ids, b.position_ids, b.segment_ids)
-            if writes and (i % uc.batches_per_upload == 0 or i == len(batches)):
-                pending += [pool.submit(plain_put, writes / f"{h}-{i}", blob) for h, blob in files.items()]
-        for f in pending:
+            if writes and ((i + 1) % uc.batches_per_upload == 0 or i + 1 == len(batches)):
+                held.append([pool.submit(plain_put, writes / f"{h}-{i}", blob) for h, blob in files.items()])
+        for f in (f for fs in held for f in fs):
             f.result()
         dt = time.perf_counter() - t0
     return sum(real_tokens(b) for b in batches) / dt
@@ -140,6 +144,7 @@ def bench_collect(work: Path, quick: bool, reps: int) -> dict:
         if r.tokens != tokens:  # both sides must count the same tokens of the same batches
             raise RuntimeError(f"the collection stored {r.tokens} tokens, the forward pass counted {tokens}")
         written["collection"] = r.bytes_written
+        waits.append(r.storage_wait / r.seconds)
         return r.tokens / r.seconds
 
     def control(i: int) -> float:
@@ -152,6 +157,7 @@ def bench_collect(work: Path, quick: bool, reps: int) -> dict:
             shutil.rmtree(folder, ignore_errors=True)
 
     written: dict[str, int] = {}
+    waits: list[float] = []  # per collection, the share of its time the model waited for storage
 
     # The runs of each rep sit between two runs of the forward pass alone and are compared with
     # their mean: the speed of a shared machine drifts by several percent over a minute, and a
@@ -190,6 +196,8 @@ def bench_collect(work: Path, quick: bool, reps: int) -> dict:
         "batches": len(batches),
         "collect_no_checksums_tok_s": statistics.median(got["nosums"]),
         "checksum_ratio": statistics.median(f / x for f, x in zip(got["full"], got["nosums"], strict=True)),
+        "storage_wait_share": [min(waits), statistics.median(waits), max(waits)],
+        "runs_tok_s": {"forward": alone, **got},  # in order; each rep between two forward runs
         "model": "llama d=512, 8 layers (2 hooks, truncated after block 5), fp32, CPU",
     }
 
@@ -317,6 +325,8 @@ def main() -> None:
     )
     lo, hi = c["collect_over_plain_writes_range"]
     print(f"  collection / (forward + plain writes) {c['collect_over_plain_writes']:.3f} ({lo:.3f}-{hi:.3f})")
+    lo, mid, hi = c["storage_wait_share"]
+    print(f"  the model waited for storage {mid:.2%} of a collection ({lo:.2%}-{hi:.2%})")
     print(f"plain writes      {w['plain_MB_s']:>10,.0f} MB/s")
     lo, hi = w["ratio_range"]
     print(

@@ -48,6 +48,9 @@ def test_collect_benchmark_runs(tmp_path: Path) -> None:
     got = json.loads(out.read_text())
     assert got["collect"]["ratio"] > 0 and got["writer"]["ratio"] > 0 and got["checksums"]["ratio"] > 0
     assert got["collect"]["plain_writes_ratio"] > 0 and got["collect"]["collect_over_plain_writes"] > 0
+    runs = got["collect"]["runs_tok_s"]
+    assert len(runs["forward"]) == 2 and all(len(runs[k]) == 1 for k in ("full", "nosums", "plain"))
+    assert 0 <= got["collect"]["storage_wait_share"][1] < 1
 
 
 @pytest.mark.s3

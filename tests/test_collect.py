@@ -199,6 +199,32 @@ def test_same_config_gives_byte_identical_files(collected, llama, tmp_path):
     assert tree_bytes(tmp_path / "run") == tree_bytes(root)
 
 
+def test_a_store_slower_than_the_model_is_waited_for_measured_and_named(
+    collected, llama, tmp_path, monkeypatch, caplog
+):
+    """Storage slower than the model: the model waits for a buffer (memory stays bounded), the
+    wait is measured and the warning names what helps; the files are the same bytes."""
+    _, root, _ = collected
+    put = LocalStore.put
+
+    def slow_put(self, key, data):
+        if key.endswith(".safetensors"):
+            time.sleep(0.3)
+        put(self, key, data)
+
+    monkeypatch.setattr(LocalStore, "put", slow_put)
+    cfg = make_cfg(llama, tmp_path, upload={"max_pending": 1, "write_threads": 1})
+    with caplog.at_level(logging.INFO, logger="activault.collection.pipeline"):
+        r = collect(cfg, show_progress=False)
+    # Megabatch 2 of a hook needs the buffer of its file 0, written 0.3 s or more after the start.
+    assert 0.25 <= r.storage_wait < r.seconds
+    warning = [m.getMessage() for m in caplog.records if m.levelno == logging.WARNING and "waited" in m.getMessage()]
+    assert len(warning) == 1 and "for storage" in warning[0] and "upload_config.write_threads (now 1)" in warning[0]
+    assert {k: v for k, v in tree_bytes(tmp_path / "run").items() if k.endswith(".safetensors")} == {
+        k: v for k, v in tree_bytes(root).items() if k.endswith(".safetensors")
+    }
+
+
 def test_final_partial_megabatch_is_written(llama, tmp_path):
     cfg = make_cfg(llama, tmp_path, data={"n_batches": 5})
     r = collect(cfg, show_progress=False)

@@ -41,6 +41,11 @@ def test_pool_bounds_memory_and_blocks_producer(tmp_path):
     writer.close()
     # 6 writes through 2 buffers take at least 3 rounds of the store's delay; unbounded would take ~1.
     assert time.perf_counter() - t0 >= 0.28
+    # Buffers 3-6 waited for writes: 3 and 4 for the first round, 5 and 6 for the second.
+    assert 0.18 <= pool.waited <= time.perf_counter() - t0
+    free = BufferPool((4, 4), torch.float32, count=2)
+    free.acquire(), free.acquire()
+    assert free.waited == 0.0  # a free buffer is not a wait
     for i in range(6):
         assert torch.equal(
             torch.frombuffer(bytearray((tmp_path / f"f{i}").read_bytes()), dtype=torch.float32),

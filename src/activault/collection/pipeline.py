@@ -69,6 +69,7 @@ class Result:
     files_planned: int = 0
     bad_records: int = 0  # skipped input records (data_config.on_bad_record: skip)
     nonfinite: dict[str, int] = field(default_factory=dict)  # hook -> stored tokens with NaN/Inf
+    storage_wait: float = 0.0  # seconds the model waited for a written megabatch's buffer
 
     def outcome(self) -> str:
         """One line: files written against the plan, and the bad records skipped."""
@@ -204,6 +205,8 @@ class _Job:
         result.bytes_written, result.seconds = loop.writer.bytes_written, time.perf_counter() - t0
         result.stats, result.bad_records = loop.stats, loop.bad_records
         result.nonfinite = {h: s.nonfinite_tokens for h, s in loop.stats.items()}
+        result.storage_wait = sum(p.waited for p in loop.pools.values())
+        _report_wait(result.storage_wait, result.seconds, cfg)
         if any(result.nonfinite.values()):
             log.warning("tokens with NaN or Inf stored (upload_config.on_nonfinite: warn): %s", result.nonfinite)
         log.info(
@@ -216,6 +219,25 @@ class _Job:
         )
         log.info("machine %d: %s", machine, result.outcome())
         return result
+
+
+def _report_wait(waited: float, seconds: float, cfg: Config) -> None:
+    """Say how long the model waited for storage; warn, with what helps, once it is a real share."""
+    share = waited / max(seconds, 1e-9)
+    if share < 0.05:
+        log.info("the model waited %.1f s (%.1f%% of the run) for storage", waited, 100 * share)
+        return
+    uc = cfg.upload_config
+    log.warning(
+        "the model waited %.1f s (%.0f%% of the run) for storage to take its files: storage is slower "
+        "than the model here. More upload_config.write_threads (now %d) help a remote store; a larger "
+        "max_pending (now %d; each holds one more megabatch per hook in memory) absorbs bursts; "
+        "compression writes fewer bytes",
+        waited,
+        100 * share,
+        uc.write_threads,
+        uc.max_pending,
+    )
 
 
 def _stored_run(store: Store, run: str) -> dict[str, Any] | None:

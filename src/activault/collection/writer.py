@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 
@@ -28,14 +29,23 @@ class BufferPool:
             self._free.put(torch.empty(tuple(shape), dtype=dtype, pin_memory=pin))
         self.shape = tuple(shape)
         self.dtype = dtype
+        self.waited = 0.0  # seconds `acquire` blocked: the caller waiting for storage
 
     def acquire(self, check: Callable[[], None] | None = None) -> torch.Tensor:
-        while True:
-            try:
-                return self._free.get(timeout=0.5)
-            except queue.Empty:
-                if check is not None:
-                    check()  # a failed write would otherwise leave us waiting for a buffer forever
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        t0 = time.perf_counter()
+        try:
+            while True:
+                try:
+                    return self._free.get(timeout=0.5)
+                except queue.Empty:
+                    if check is not None:
+                        check()  # a failed write would otherwise leave us waiting for a buffer forever
+        finally:
+            self.waited += time.perf_counter() - t0
 
     def release(self, buf: torch.Tensor) -> None:
         self._free.put(buf)
