@@ -51,7 +51,8 @@ HOOKS = ["models.layers.3.post", "models.layers.5.mlp.post"]
 
 def forward_alone(cfg, batches, writes: Path | None = None) -> float:
     """Tokens/s of the hooked, truncated forward over pre-built batches (padding not counted, as in
-    a collection's figure: counting it credited the forward pass with ~3% more tokens here).
+    a collection's figure: counting it credited the forward pass with ~3% more tokens here). The
+    clock starts on a freshly loaded model, as a collection's does: both count the first call.
 
     With `writes` (a folder), the control: after every `batches_per_upload` batches, one file per
     hook of a megabatch's encoded size is written there plainly by the writer's threads. As in a
@@ -66,7 +67,6 @@ def forward_alone(cfg, batches, writes: Path | None = None) -> float:
     pool = ThreadPoolExecutor(uc.write_threads)
     held: list[list[Future[None]]] = []  # per megabatch handed over, its writes
     with Capture(model, specs) as cap, pool:
-        cap(batches[0].input_ids, batches[0].position_ids, batches[0].segment_ids)  # warm-up
         t0 = time.perf_counter()
         for i, b in enumerate(batches):
             if writes and i % uc.batches_per_upload == 0 and len(held) > uc.max_pending:
