@@ -14,6 +14,13 @@ In (1) each collection is compared with the mean of the forward runs just before
 with a control between them: the forward pass alone while plain writes store the same bytes at the
 same points (the machine's own cost of writing, without any of activault's work).
 
+The ratios carry the machine's noise: here two runs of the forward pass alone a minute apart can
+differ by a third. So (1) also accounts for each run's time, which that noise barely moves: the
+main thread's time outside the model's calls, and the CPU time of every thread the run started
+(data, writers, records). On a CPU collection, whose forward pass keeps every core busy, each of
+those seconds is taken from the model, so 1 - their share of the run is what the ratio comes to
+without the noise.
+
 Usage: python -m bench.collect [--out bench/out/collect.json] [--reps 5] [--quick]
 """
 
@@ -23,12 +30,16 @@ import argparse
 import functools
 import json
 import os
+import re
 import shutil
 import statistics
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections import defaultdict
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -64,7 +75,7 @@ def forward_alone(cfg, batches, writes: Path | None = None) -> float:
     model = load_model(tc, specs)
     dtype = stored_dtype(tc, skeleton.config)
     files = _megabatch_bytes(cfg, hook_dims(skeleton, specs), dtype) if writes else {}
-    pool = ThreadPoolExecutor(uc.write_threads)
+    pool = ThreadPoolExecutor(uc.write_threads, thread_name_prefix="plain-write")
     held: list[list[Future[None]]] = []  # per megabatch handed over, its writes
     with Capture(model, specs) as cap, pool:
         t0 = time.perf_counter()
@@ -104,6 +115,52 @@ def plain_put(path: Path, blob: bytes) -> None:
     os.replace(tmp, path)
 
 
+class Accounting:
+    """While active: the wall time spent inside the model's calls (`Capture.__call__`), and the CPU
+    time of each thread that ends after the first of them, read as it ends, summed per thread name
+    without its numbers. What runs before the first call (loading the weights, the shape probe on
+    the meta device) is before a run's clock starts and not counted. OpenMP's workers are not
+    Python threads and are not counted: they are the forward pass."""
+
+    def __init__(self) -> None:
+        self.forward = 0.0
+        self.started = False  # the model's first real call has begun
+        self.threads: dict[str, float] = defaultdict(float)
+
+    @contextmanager
+    def active(self) -> Iterator[Accounting]:
+        call, run = Capture.__call__, threading.Thread.run
+        account = self
+
+        def timed_call(cap, input_ids, *args):
+            if input_ids.device.type == "meta":
+                return call(cap, input_ids, *args)
+            account.started = True
+            t0 = time.perf_counter()
+            try:
+                return call(cap, input_ids, *args)
+            finally:
+                account.forward += time.perf_counter() - t0
+
+        def timed_run(thread: threading.Thread) -> None:
+            try:
+                run(thread)
+            finally:
+                if account.started:
+                    account.threads[re.sub(r"[-_]\d+", "", thread.name)] += time.thread_time()
+
+        Capture.__call__, threading.Thread.run = timed_call, timed_run  # type: ignore[method-assign,assignment]
+        try:
+            yield self
+        finally:
+            Capture.__call__, threading.Thread.run = call, run  # type: ignore[method-assign]
+
+    def shares(self, seconds: float) -> dict[str, float]:
+        """Per part, its share of a run of `seconds`: "main" is the main thread outside the model."""
+        parts = {"main": seconds - self.forward, **self.threads}
+        return {k: v / seconds for k, v in sorted(parts.items())}
+
+
 def real_tokens(batch) -> int:
     """The batch's stored tokens that are not padding: what a collection's tokens/s counts."""
     return int((batch.doc_positions[batch.keep] >= 0).sum())
@@ -137,9 +194,12 @@ def bench_collect(work: Path, quick: bool, reps: int) -> dict:
         # The same collection writing no checksums: what they cost the whole pipeline.
         pipeline.encode = encode if checksums else functools.partial(encode, checksums=False)
         try:
-            r = collect(cfg, storage=str(folder), show_progress=False)
+            with Accounting().active() as acc:
+                r = collect(cfg, storage=str(folder), show_progress=False)
         finally:
             pipeline.encode = encode
+        if checksums:
+            accounts["collection"].append(acc.shares(r.seconds))
         shutil.rmtree(folder)
         if r.tokens != tokens:  # both sides must count the same tokens of the same batches
             raise RuntimeError(f"the collection stored {r.tokens} tokens, the forward pass counted {tokens}")
@@ -150,14 +210,17 @@ def bench_collect(work: Path, quick: bool, reps: int) -> dict:
     def control(i: int) -> float:
         folder = work / f"plain{i}"
         try:
-            rate = forward_alone(cfg, batches, writes=folder)
+            with Accounting().active() as acc:
+                rate = forward_alone(cfg, batches, writes=folder)
             written["control"] = sum(f.stat().st_size for f in folder.iterdir())
+            accounts["control"].append(acc.shares(tokens / rate))
             return rate
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
     written: dict[str, int] = {}
     waits: list[float] = []  # per collection, the share of its time the model waited for storage
+    accounts: dict[str, list[dict[str, float]]] = {"collection": [], "control": []}  # per run, Accounting.shares
 
     # The runs of each rep sit between two runs of the forward pass alone and are compared with
     # their mean: the speed of a shared machine drifts by several percent over a minute, and a
@@ -182,6 +245,9 @@ def bench_collect(work: Path, quick: bool, reps: int) -> dict:
     ratios = [f / m for f, m in zip(got["full"], mids, strict=True)]
     plain = [p / m for p, m in zip(got["plain"], mids, strict=True)]
     over_plain = [f / p for f, p in zip(got["full"], got["plain"], strict=True)]
+    own = [sum(a.values()) for a in accounts["collection"]]  # activault's time and the writes'
+    writes = [sum(a.values()) for a in accounts["control"]]  # the plain writes' own time
+    drift = [y / x for x, y in zip(alone[:-1], alone[1:], strict=True)]
     return {
         "forward_tok_s": statistics.median(alone),
         "collect_tok_s": statistics.median(got["full"]),
@@ -197,6 +263,16 @@ def bench_collect(work: Path, quick: bool, reps: int) -> dict:
         "collect_no_checksums_tok_s": statistics.median(got["nosums"]),
         "checksum_ratio": statistics.median(f / x for f, x in zip(got["full"], got["nosums"], strict=True)),
         "storage_wait_share": [min(waits), statistics.median(waits), max(waits)],
+        # Noise-free counterparts of the ratios: 1 - the share of a run not spent in the model.
+        "accounted_ratio": 1 - statistics.median(own),
+        "accounted_ratio_range": [1 - max(own), 1 - min(own)],
+        "accounted_control_ratio": 1 - statistics.median(writes),
+        "accounted_shares": {
+            side: {k: statistics.median(a.get(k, 0.0) for a in runs) for k in runs[0]}
+            for side, runs in accounts.items()
+        },
+        # The machine's own noise: each run of the forward pass alone over the one before it.
+        "forward_run_to_run": [min(drift), max(drift)],
         "runs_tok_s": {"forward": alone, **got},  # in order; each rep between two forward runs
         "model": "llama d=512, 8 layers (2 hooks, truncated after block 5), fp32, CPU",
     }
@@ -327,6 +403,13 @@ def main() -> None:
     print(f"  collection / (forward + plain writes) {c['collect_over_plain_writes']:.3f} ({lo:.3f}-{hi:.3f})")
     lo, mid, hi = c["storage_wait_share"]
     print(f"  the model waited for storage {mid:.2%} of a collection ({lo:.2%}-{hi:.2%})")
+    lo, hi = c["forward_run_to_run"]
+    print(f"  the machine's noise: forward alone, each run over the one before, {lo:.3f}-{hi:.3f}")
+    lo, hi = c["accounted_ratio_range"]
+    parts = ", ".join(f"{k} {v:.2%}" for k, v in c["accounted_shares"]["collection"].items())
+    print(f"accounted: collection {c['accounted_ratio']:.3f} ({lo:.3f}-{hi:.3f}; goal >= 0.95): {parts}")
+    parts = ", ".join(f"{k} {v:.2%}" for k, v in c["accounted_shares"]["control"].items())
+    print(f"  control {c['accounted_control_ratio']:.3f}: {parts}")
     print(f"plain writes      {w['plain_MB_s']:>10,.0f} MB/s")
     lo, hi = w["ratio_range"]
     print(

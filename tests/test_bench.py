@@ -51,6 +51,59 @@ def test_collect_benchmark_runs(tmp_path: Path) -> None:
     runs = got["collect"]["runs_tok_s"]
     assert len(runs["forward"]) == 2 and all(len(runs[k]) == 1 for k in ("full", "nosums", "plain"))
     assert 0 <= got["collect"]["storage_wait_share"][1] < 1
+    shares = got["collect"]["accounted_shares"]
+    # Every thread of a collection is accounted for under its name, and nothing before the clock
+    # (the weights' loading threads) is.
+    assert set(shares["collection"]) == {"main", "activault-data", "activault-write", "activault-commit"}
+    assert set(shares["control"]) == {"main", "plain-write"}
+    assert all(0 < v < 1 for side in shares.values() for v in side.values())
+    assert got["collect"]["accounted_ratio"] == pytest.approx(1 - sum(shares["collection"].values()))
+    assert 0 < got["collect"]["forward_run_to_run"][0] <= got["collect"]["forward_run_to_run"][1]
+
+
+def test_accounting_counts_the_time_outside_the_model_and_the_threads_ending_after_its_first_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import threading
+
+    import torch
+
+    from activault.collection.hooks import Capture
+    from bench.collect import Accounting
+
+    def model_call(self: Capture, input_ids: torch.Tensor, *_: torch.Tensor) -> dict[str, torch.Tensor]:
+        time.sleep(0.05)
+        return {}
+
+    def spin(seconds: float) -> None:
+        end = time.thread_time() + seconds
+        while time.thread_time() < end:
+            pass
+
+    def run_thread(name: str, seconds: float) -> None:
+        t = threading.Thread(target=spin, args=(seconds,), name=name)
+        t.start()
+        t.join()
+
+    monkeypatch.setattr(Capture, "__call__", model_call)  # the model: 50 ms a call
+    run = threading.Thread.run
+    cap = Capture.__new__(Capture)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    acc = Accounting()
+    t0 = time.perf_counter()
+    with acc.active():
+        cap(ids.to("meta"), ids, ids)  # the shape probe: not the model's time
+        run_thread("loader_0", 0.05)  # ends before the model's first call: before the clock
+        cap(ids, ids, ids)
+        run_thread("worker_0", 0.05)
+        run_thread("worker_1", 0.05)
+    seconds = time.perf_counter() - t0
+    assert set(acc.threads) == {"worker"} and acc.threads["worker"] == pytest.approx(0.1, abs=0.03)
+    assert acc.forward == pytest.approx(0.05, abs=0.03)
+    shares = acc.shares(seconds)
+    assert shares["main"] == pytest.approx((seconds - acc.forward) / seconds)
+    assert shares["worker"] == pytest.approx(acc.threads["worker"] / seconds)
+    assert Capture.__call__ is model_call and threading.Thread.run is run  # both restored
 
 
 @pytest.mark.s3
