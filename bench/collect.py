@@ -263,12 +263,13 @@ def bench_collect(work: Path, quick: bool, reps: int) -> dict:
         "collect_no_checksums_tok_s": statistics.median(got["nosums"]),
         "checksum_ratio": statistics.median(f / x for f, x in zip(got["full"], got["nosums"], strict=True)),
         "storage_wait_share": [min(waits), statistics.median(waits), max(waits)],
-        # Noise-free counterparts of the ratios: 1 - the share of a run not spent in the model.
+        # Counterparts of the ratios that the machine's noise barely moves: 1 - the share of a run
+        # not spent in the model.
         "accounted_ratio": 1 - statistics.median(own),
         "accounted_ratio_range": [1 - max(own), 1 - min(own)],
         "accounted_control_ratio": 1 - statistics.median(writes),
         "accounted_shares": {
-            side: {k: statistics.median(a.get(k, 0.0) for a in runs) for k in runs[0]}
+            side: {k: statistics.median(a.get(k, 0.0) for a in runs) for k in sorted(set().union(*runs))}
             for side, runs in accounts.items()
         },
         # The machine's own noise: each run of the forward pass alone over the one before it.
