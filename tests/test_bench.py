@@ -72,7 +72,7 @@ def test_accounting_counts_the_time_outside_the_model_and_the_threads_ending_aft
     from bench.collect import Accounting
 
     def model_call(self: Capture, input_ids: torch.Tensor, *_: torch.Tensor) -> dict[str, torch.Tensor]:
-        time.sleep(0.05)
+        time.sleep(0.5 if input_ids.device.type == "meta" else 0.05)  # told apart without timing
         return {}
 
     def spin(seconds: float) -> None:
@@ -85,7 +85,7 @@ def test_accounting_counts_the_time_outside_the_model_and_the_threads_ending_aft
         t.start()
         t.join()
 
-    monkeypatch.setattr(Capture, "__call__", model_call)  # the model: 50 ms a call
+    monkeypatch.setattr(Capture, "__call__", model_call)  # the model: 50 ms a call, the probe 0.5 s
     run = threading.Thread.run
     cap = Capture.__new__(Capture)
     ids = torch.zeros(1, 4, dtype=torch.long)
@@ -98,8 +98,8 @@ def test_accounting_counts_the_time_outside_the_model_and_the_threads_ending_aft
         run_thread("worker_0", 0.05)
         run_thread("worker_1", 0.05)
     seconds = time.perf_counter() - t0
-    assert set(acc.threads) == {"worker"} and acc.threads["worker"] == pytest.approx(0.1, abs=0.03)
-    assert acc.forward == pytest.approx(0.05, abs=0.03)
+    assert set(acc.threads) == {"worker"} and 0.1 <= acc.threads["worker"] < 0.13  # CPU seconds
+    assert 0.05 <= acc.forward < 0.5  # the real call, not the probe
     shares = acc.shares(seconds)
     assert shares["main"] == pytest.approx((seconds - acc.forward) / seconds)
     assert shares["worker"] == pytest.approx(acc.threads["worker"] / seconds)
