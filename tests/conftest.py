@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +11,12 @@ import pytest
 
 from activault.storage import LocalStore
 from activault.tools.tiny import build_tiny
+from support.stopsignals import (  # noqa: F401 - pytest hooks: registered by being in this module
+    pytest_configure,
+    pytest_runtest_call,
+    pytest_runtest_setup,
+    pytest_runtest_teardown,
+)
 from support.synth import SynthRun, write_synthetic_run
 
 SLURM_LOCAL = Path(__file__).resolve().parent.parent / "scripts" / "slurm_local.sh"
@@ -21,28 +26,6 @@ SLURM_LOCAL = Path(__file__).resolve().parent.parent / "scripts" / "slurm_local.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """SIGINT and SIGTERM end the session like Ctrl-C, once: the fixtures' teardown stops the servers.
-
-    scripts/test.sh runs pytest in the background (so that its traps run at once), where SIGINT starts
-    out ignored, and would stay ignored in every process a test starts; it stops pytest with SIGTERM.
-    """
-    main = os.getpid()
-    stopping = False
-
-    def interrupt(signum: int, frame: object) -> None:
-        nonlocal stopping
-        if os.getpid() != main:  # a forked worker inherited this handler: end as the signal would
-            os._exit(128 + signum)
-        if stopping:  # Ctrl-C reaches pytest and test.sh, which forwards it: one must not cut teardown
-            return
-        stopping = True
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, interrupt)
-    signal.signal(signal.SIGTERM, interrupt)
 
 
 @pytest.fixture(scope="session")
