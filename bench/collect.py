@@ -130,24 +130,23 @@ class Accounting:
     @contextmanager
     def active(self) -> Iterator[Accounting]:
         call, run = Capture.__call__, threading.Thread.run
-        account = self
 
         def timed_call(cap, input_ids, *args):
             if input_ids.device.type == "meta":
                 return call(cap, input_ids, *args)
-            account.started = True
+            self.started = True
             t0 = time.perf_counter()
             try:
                 return call(cap, input_ids, *args)
             finally:
-                account.forward += time.perf_counter() - t0
+                self.forward += time.perf_counter() - t0
 
         def timed_run(thread: threading.Thread) -> None:
             try:
                 run(thread)
             finally:
-                if account.started:
-                    account.threads[re.sub(r"[-_]\d+", "", thread.name)] += time.thread_time()
+                if self.started:
+                    self.threads[re.sub(r"[-_]\d+", "", thread.name)] += time.thread_time()
 
         Capture.__call__, threading.Thread.run = timed_call, timed_run  # type: ignore[method-assign,assignment]
         try:

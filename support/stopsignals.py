@@ -44,28 +44,14 @@ _stop = _Stop()
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    _stop.main = os.getpid()
     _stop.install()
 
 
-def _after(item: pytest.Item) -> None:
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, None, None]:
+    """After each phase (setup, call, teardown) of each test."""
+    yield
     _stop.install()
     if _stop.signum is not None:
         item.session.shouldstop = f"stopped by {signal.Signals(_stop.signum).name}"
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
-    yield
-    _after(item)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_call(item: pytest.Item) -> Generator[None, None, None]:
-    yield
-    _after(item)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
-    yield
-    _after(item)

@@ -13,9 +13,7 @@ from activault.storage import LocalStore
 from activault.tools.tiny import build_tiny
 from support.stopsignals import (  # noqa: F401 - pytest hooks: registered by being in this module
     pytest_configure,
-    pytest_runtest_call,
-    pytest_runtest_setup,
-    pytest_runtest_teardown,
+    pytest_runtest_makereport,
 )
 from support.synth import SynthRun, write_synthetic_run
 
