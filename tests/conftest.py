@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 
 from activault.storage import LocalStore
 from activault.tools.tiny import build_tiny
+from support.s3servers import MotoServer
 from support.stopsignals import (  # noqa: F401 - pytest hooks: registered by being in this module
     pytest_configure,
     pytest_runtest_makereport,
@@ -61,3 +63,26 @@ def slurm() -> Iterator[None]:
         pytest.fail(f"could not start the local Slurm cluster:\n{out.stdout}\n{out.stderr}")
     yield
     subprocess.run(["bash", str(SLURM_LOCAL), "stop"], check=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def moto() -> Iterator[MotoServer]:
+    """The one moto S3 server of the session, on a free loopback port; stopped at the end."""
+    server = MotoServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def moto_url(moto: MotoServer) -> str:
+    return moto.url
+
+
+@pytest.fixture
+def moto_bucket(moto: MotoServer) -> str:
+    """A fresh, empty bucket on the session's moto server: tests never see each other's objects."""
+    name = f"b-{uuid.uuid4().hex[:12]}"
+    moto.create_bucket(name)
+    return name

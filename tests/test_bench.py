@@ -107,26 +107,20 @@ def test_accounting_counts_the_time_outside_the_model_and_the_threads_ending_aft
 
 
 @pytest.mark.s3
-def test_pacing_proxy_serves_exact_ranges_at_its_pace() -> None:
-    server = MotoServer().start()
-    try:
-        server.create_bucket("paced")
-        data = os.urandom(3 << 20)
-        open_store("s3://paced", env=server.env()).put("k", data)
-        with ThrottleProxy(server.url, rate=20e6, latency_s=0.05) as proxy:
-            store = open_store("s3://paced", env=server.env(proxy.url))
-            assert bytes(store.get_range("k", 10, 5000)) == data[10:5000]
-            assert bytes(store.get_range("k", (3 << 20) - 7, 3 << 20)) == data[-7:]
-            t0 = time.perf_counter()
-            assert bytes(store.get_range("k", 0, 2 << 20)) == data[: 2 << 20]
-            # Not a speed check: the proxy's sleeps set a floor (latency, then all but its last chunk paced).
-            assert time.perf_counter() - t0 >= 0.95 * (0.05 + ((2 << 20) - proxy.chunk) / 20e6)
-            assert bytes(store.get("k")) == data and store.size("k") == len(data)
-            with pytest.raises(NotFoundError):
-                store.get_range("missing", 0, 10)
-    finally:
-        server.stop()
-
+def test_pacing_proxy_serves_exact_ranges_at_its_pace(moto: MotoServer, moto_bucket: str) -> None:
+    data = os.urandom(3 << 20)
+    open_store(f"s3://{moto_bucket}", env=moto.env()).put("k", data)
+    with ThrottleProxy(moto.url, rate=20e6, latency_s=0.05) as proxy:
+        store = open_store(f"s3://{moto_bucket}", env=moto.env(proxy.url))
+        assert bytes(store.get_range("k", 10, 5000)) == data[10:5000]
+        assert bytes(store.get_range("k", (3 << 20) - 7, 3 << 20)) == data[-7:]
+        t0 = time.perf_counter()
+        assert bytes(store.get_range("k", 0, 2 << 20)) == data[: 2 << 20]
+        # Not a speed check: the proxy's sleeps set a floor (latency, then all but its last chunk paced).
+        assert time.perf_counter() - t0 >= 0.95 * (0.05 + ((2 << 20) - proxy.chunk) / 20e6)
+        assert bytes(store.get("k")) == data and store.size("k") == len(data)
+        with pytest.raises(NotFoundError):
+            store.get_range("missing", 0, 10)
 
 @pytest.mark.s3
 def test_a_server_dies_with_the_process_that_started_it(tmp_path: Path) -> None:

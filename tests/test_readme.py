@@ -27,17 +27,14 @@ def test_every_snippet_is_covered() -> None:
 
 
 @pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch):
-    url, server = start_moto()
-    try:
-        env = s3_env(url)
-        for bucket in ("bucket", "readme-bucket"):
-            create_bucket(url, bucket)
-        for k, v in {**env, "S3_BUCKET_NAME": "readme-bucket"}.items():
-            monkeypatch.setenv(k, v)
-        yield env
-    finally:
-        stop_moto(server)
+def s3(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The README's bucket names on the session's moto server, and the environment pointing at it."""
+    env = s3_env(moto_url)
+    for bucket in ("bucket", "readme-bucket"):
+        create_bucket(moto_url, bucket)
+    for k, v in {**env, "S3_BUCKET_NAME": "readme-bucket"}.items():
+        monkeypatch.setenv(k, v)
+    return env
 
 
 @pytest.mark.s3

@@ -6,7 +6,7 @@ unseen. Anything longer comes back to `S3Store._call`, the one loop every operat
 retries with backoff within a budget (ACTIVAULT_S3_MAX_RETRIES attempts, ACTIVAULT_S3_RETRY_TIMEOUT
 seconds, or the store options `max_retries` and `retry_timeout`), logs what it is retrying and how
 many attempts failed once that has lasted a few seconds, and ends with one message naming the
-endpoint and the last error. tests/test_s3.py proves both through a fault-injecting proxy. A
+endpoint and the last error. tests/storage/test_s3.py proves both through a fault-injecting proxy. A
 multipart upload that fails is aborted by object_store (DELETE ?uploadId) before it comes back.
 
 Keys that object_store cannot name (`..`, `.` or empty segments; activault never writes them) are

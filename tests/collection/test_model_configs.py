@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from activault.collection.hooks import find_blocks, hook_dims, resolve_hooks
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 YAMLS = sorted(CONFIGS.glob("*.yaml"))
 
 # Parameter counts the Hub shows for each model (safetensors): an independent check of the numbers.

@@ -57,20 +57,11 @@ def server(request, tmp_path_factory) -> Iterator[S3Server]:
     srv.stop()
 
 
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory) -> Iterator[S3Server]:
-    """A moto server of its own, for the tests that need moto's ListMultipartUploads."""
-    srv = start_server("moto", tmp_path_factory.mktemp("moto-only"))
-    yield srv
-    srv.stop()
-
-
 @pytest.fixture
-def moto_bucket(moto: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
-    name = f"b-{uuid.uuid4().hex[:12]}"
-    moto.create_bucket(name)
+def moto_bucket(moto: S3Server, moto_bucket: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The session's fresh moto bucket, with this process's environment pointing at moto."""
     use_env(monkeypatch, moto.env())
-    return name
+    return moto_bucket
 
 
 def use_env(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> None:

@@ -26,7 +26,7 @@ from activault.tools.tiny import demo_texts
 from activault.vault.megabatch import decode
 from support.synth import create_bucket, s3_env, start_moto, stop_moto
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "scripts"
 HOOKS = ["models.layers.1.post", "models.layers.0.mlp.post"]
 N = 3
@@ -358,24 +358,17 @@ def test_ray_failed_worker_is_reported_and_rerun_completes_the_run(ray_address, 
     assert_same_run(local_tree(tmp_path / "dist"), local_tree(three))
 
 
-@pytest.fixture(scope="module")
-def moto():
-    url, proc = start_moto()
-    yield url
-    stop_moto(proc)
-
-
 @pytest.mark.ray
 @pytest.mark.s3
 @pytest.mark.slow
-def test_ray_to_s3(ray_address, moto, three, llama, corpus, tmp_path):
+def test_ray_to_s3(ray_address, moto_url, three, llama, corpus, tmp_path):
     from activault.tools.launch import launch_ray
 
-    create_bucket(moto, "ray-run")
+    create_bucket(moto_url, "ray-run")
     path = write_config(raw_config(llama, corpus, "s3://ray-run"), tmp_path / "c.yaml")
-    results = launch_ray(path, N, 0, N - 1, env=s3_env(moto), wait=True, results_path=tmp_path / "r.json", poll=1.0)
+    results = launch_ray(path, N, 0, N - 1, env=s3_env(moto_url), wait=True, results_path=tmp_path / "r.json", poll=1.0)
     assert [r["status"] for r in results] == ["completed"] * N, results
-    assert_same_run(s3_tree(moto, "ray-run", "dist"), local_tree(three))
+    assert_same_run(s3_tree(moto_url, "ray-run", "dist"), local_tree(three))
 
 
 # ---------------------------------------------------------------- Slurm
@@ -421,9 +414,9 @@ def test_slurm_jobs_to_local_store(slurm, three, llama, corpus, tmp_path):
 @pytest.mark.slurm
 @pytest.mark.s3
 @pytest.mark.slow
-def test_slurm_job_array_to_s3(slurm, moto, three, llama, corpus, tmp_path):
-    create_bucket(moto, "slurm-run")
+def test_slurm_job_array_to_s3(slurm, moto_url, three, llama, corpus, tmp_path):
+    create_bucket(moto_url, "slurm-run")
     path = write_config(raw_config(llama, corpus, "s3://slurm-run"), tmp_path / "c.yaml")
-    jobs = run_slurm(path, tmp_path, "--array", env=s3_env(moto))
+    jobs = run_slurm(path, tmp_path, "--array", env=s3_env(moto_url))
     assert len({j.split("_")[0] for j in jobs.values()}) == 1  # one array job
-    assert_same_run(s3_tree(moto, "slurm-run", "dist"), local_tree(three))
+    assert_same_run(s3_tree(moto_url, "slurm-run", "dist"), local_tree(three))

@@ -19,13 +19,6 @@ from activault.vault import megabatch as fmt
 from support.synth import create_bucket, s3_env, start_moto, stop_moto, write_synthetic_run
 
 
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    url, server = start_moto()
-    yield url
-    stop_moto(server)
-
-
 @pytest.fixture(params=["local", pytest.param("moto", marks=pytest.mark.s3)])
 def where(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Store, str, dict[str, Any]]:
     """(store, its URI, store_options) on the local store and on a fresh moto bucket."""

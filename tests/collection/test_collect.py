@@ -495,14 +495,14 @@ def test_bad_data_key(llama, tmp_path):
 
 
 def test_shipped_configs_are_valid():
-    for p in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml")):
+    for p in sorted(Path(__file__).resolve().parents[2].joinpath("configs").glob("*.yaml")):
         parse_config(yaml.safe_load(p.read_text()), str(p))
 
 
 def test_configs_readme_documents_every_field():
     from activault.config import Config, DataConfig, TransformerConfig, UploadConfig
 
-    text = Path(__file__).parent.parent.joinpath("configs/README.md").read_text()
+    text = Path(__file__).resolve().parents[2].joinpath("configs/README.md").read_text()
     for cls in (Config, TransformerConfig, DataConfig, UploadConfig):
         for name, f in cls.model_fields.items():
             assert f"`{name}`" in text, name

@@ -246,13 +246,6 @@ def test_sync_picks_up_new_files(local: LocalStore, tmp_path: Path) -> None:
 # -- S3 (moto server) ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def moto_url() -> Iterator[str]:
-    url, proc = start_moto()
-    yield url
-    stop_moto(proc)
-
-
 @pytest.fixture
 def bucket(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
     name = f"b-{uuid.uuid4().hex[:12]}"

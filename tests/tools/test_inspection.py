@@ -213,17 +213,6 @@ def test_verify_inspect_and_stats_on_a_collected_run(tiny_model_dir, tmp_path: P
     assert rc == 0 and "d_model     64" in out and "machines    [0]" in out
 
 
-@pytest.fixture(scope="module")
-def moto_url():
-    from support.synth import start_moto, stop_moto
-
-    url, proc = start_moto()
-    try:
-        yield url
-    finally:
-        stop_moto(proc)
-
-
 @pytest.mark.s3
 def test_commands_on_s3(moto_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys) -> None:
     from activault.storage import open_store

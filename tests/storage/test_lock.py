@@ -24,13 +24,6 @@ from support.synth import create_bucket, s3_env, start_moto, stop_moto
 HOST_ROOT = os.uname().nodename
 
 
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    url, server = start_moto()
-    yield url
-    stop_moto(server)
-
-
 @pytest.fixture
 def s3(moto_url: str, request: pytest.FixtureRequest) -> S3Store:
     bucket = f"lock-{request.node.name.lower().replace('_', '-').replace('[', '-').rstrip(']')}"[:60]

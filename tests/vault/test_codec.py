@@ -304,7 +304,7 @@ def test_the_documented_layout_decodes_without_activault(tmp_path: Path) -> None
     tensors = {"states": states, "input_ids": torch.zeros(5, 16, dtype=torch.int32)}
     path = tmp_path / "f.safetensors"
     path.write_bytes(b"".join(fmt.encode(tensors, {}, compression=codecs.Codec("zstd", chunk_bytes=1000))))
-    doc = (Path(__file__).parent.parent / "docs/format.md").read_text()
+    doc = (Path(__file__).resolve().parents[2] / "docs/format.md").read_text()
     snippet = re.search(r"```python\n(.*?)```", doc[doc.index("## Compressed states") :], re.S)
     assert snippet is not None
     scope: dict = {"path": str(path)}

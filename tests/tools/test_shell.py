@@ -306,15 +306,6 @@ def test_missing_root_and_bucket_are_one_line_errors(tmp_path: Path, history: Pa
 # ---- S3 (moto) ----
 
 
-@pytest.fixture(scope="module")
-def moto() -> Iterator[str]:
-    url, proc = start_moto()
-    try:
-        yield url
-    finally:
-        stop_moto(proc)
-
-
 @pytest.fixture
 def s3(
     moto: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest

@@ -306,26 +306,13 @@ def test_a_bad_file_of_the_expected_size_is_refused_and_costs_at_most_its_size(
         assert sum(b.shape[0] for b in loader) == int((run.tensor("h", "positions") >= 0).sum())
 
 
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    url, server = start_moto()
-    yield url
-    stop_moto(server)
-
-
-def moto_bucket(url: str) -> str:
-    bucket = f"b-{uuid.uuid4().hex[:12]}"
-    create_bucket(url, bucket)
-    return bucket
-
-
 @pytest.fixture(params=["local", pytest.param("moto", marks=pytest.mark.s3)])
 def hook_store(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Store, Store]:
     """(the store rooted at the run, the same rooted at hook folder `h`), local and on moto."""
     if request.param == "local":
         return LocalStore(tmp_path, fsync=False), LocalStore(tmp_path / "r/h", fsync=False)
     bucket, env = (
-        moto_bucket(request.getfixturevalue("moto_url")),
+        request.getfixturevalue("moto_bucket"),
         s3_env(request.getfixturevalue("moto_url")),
     )
     return S3Store(f"s3://{bucket}", env=env), S3Store(f"s3://{bucket}/r/h", env=env)
@@ -406,9 +393,9 @@ def test_unreachable_endpoint_is_retried_visibly_then_named(
 
 @pytest.mark.s3
 def test_repeated_5xx_is_retried_visibly_then_named(
-    moto_url: str, fast_reports: None, caplog: pytest.LogCaptureFixture
+    moto_url: str, moto_bucket: str, fast_reports: None, caplog: pytest.LogCaptureFixture
 ) -> None:
-    bucket = moto_bucket(moto_url)
+    bucket = moto_bucket
     write_synthetic_run(S3Store(f"s3://{bucket}", env=s3_env(moto_url)), "r", ["h"], files=2)
     # Listing works; every read of a megabatch is answered 503 SlowDown.
     with FaultProxy(moto_url, rate=1.0, faults=("503",), when=lambda method, path: ".safetensors" in path) as proxy:
