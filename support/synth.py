@@ -1,4 +1,4 @@
-"""Synthetic runs written exactly as `collect` writes them, and a moto S3 server, for reader tests."""
+"""Synthetic runs written exactly as `collect` writes them, and S3 helpers, for reader tests."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from activault import dtypes
 from activault.storage import Store
 from activault.vault import megabatch as fmt
 from activault.vault import records
 from activault.vault.stats import RunningStats, merge_all
-from support.s3servers import MotoServer
 
 
 @dataclass
@@ -114,21 +114,11 @@ def write_synthetic_run(
             "model_type": "none",
             "d_model": d,
             "n_layers": 1,
-            "dtype": fmt.dtype_name(dtype),
+            "dtype": dtypes.name(dtype),
         },
     )
     records.write_record(store, records.cfg_key(run), cfg)
     return out
-
-
-def start_moto() -> tuple[str, MotoServer]:
-    """A moto S3 server on a free loopback port: (endpoint URL, server). Stop it with stop_moto."""
-    server = MotoServer().start()
-    return server.url, server
-
-
-def stop_moto(server: MotoServer) -> None:
-    server.stop()
 
 
 MOTO_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}

@@ -122,6 +122,7 @@ def test_pacing_proxy_serves_exact_ranges_at_its_pace(moto: MotoServer, moto_buc
         with pytest.raises(NotFoundError):
             store.get_range("missing", 0, 10)
 
+
 @pytest.mark.s3
 def test_a_server_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
     script = (

@@ -9,7 +9,7 @@ import pytest
 
 from activault.cli import main
 from activault.storage.s3 import S3Store
-from support.synth import create_bucket, s3_env, start_moto, stop_moto, write_synthetic_run
+from support.synth import create_bucket, s3_env, write_synthetic_run
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 SNIPPETS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)

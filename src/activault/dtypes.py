@@ -54,6 +54,15 @@ def to_torch(name: str) -> torch.dtype:
     return dt
 
 
+def lookup(text: str) -> torch.dtype | None:
+    """The torch dtype a file or record names ("bfloat16", "torch.bfloat16", "BF16"), or None if it is
+    not one a megabatch may hold."""
+    try:
+        return to_torch(str(text).removeprefix("torch."))
+    except KeyError:
+        return None
+
+
 def name(dtype: torch.dtype) -> str:
     """ "torch.bfloat16" -> "bfloat16"."""
     return str(dtype).removeprefix("torch.")

@@ -10,9 +10,8 @@ import re
 import struct
 import threading
 import time
-import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from activault.vault import megabatch as fmt
 from activault.vault import records
 from support.pagecache import cached_pages, evict
 from support.s3servers import FaultProxy, free_port
-from support.synth import create_bucket, s3_env, start_moto, stop_moto, write_synthetic_run
+from support.synth import s3_env, write_synthetic_run
 
 
 class Counting(Store):

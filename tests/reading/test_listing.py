@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from activault.errors import FormatError
 from activault.storage import LocalStore, Store
 from activault.storage.s3 import S3Store
 from activault.vault import megabatch as fmt
-from support.synth import create_bucket, s3_env, start_moto, stop_moto, write_synthetic_run
+from support.synth import create_bucket, s3_env, write_synthetic_run
 
 
 @pytest.fixture(params=["local", pytest.param("moto", marks=pytest.mark.s3)])

@@ -6,7 +6,6 @@ import os
 import threading
 import uuid
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,8 +25,6 @@ from support.synth import (
     create_bucket,
     make_public,
     s3_env,
-    start_moto,
-    stop_moto,
     write_synthetic_run,
 )
 

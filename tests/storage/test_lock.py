@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -19,7 +18,7 @@ from activault.errors import LockedError
 from activault.storage import LocalStore, Store
 from activault.storage.lock import hold, lock_key
 from activault.storage.s3 import S3Store
-from support.synth import create_bucket, s3_env, start_moto, stop_moto
+from support.synth import create_bucket, s3_env
 
 HOST_ROOT = os.uname().nodename
 

@@ -24,7 +24,7 @@ from activault.collection.pipeline import collect
 from activault.config import parse_config
 from activault.tools.tiny import demo_texts
 from activault.vault.megabatch import decode
-from support.synth import create_bucket, s3_env, start_moto, stop_moto
+from support.synth import create_bucket, s3_env
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "scripts"

@@ -6,7 +6,6 @@ import errno
 import os
 import re
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pexpect
@@ -18,8 +17,6 @@ from support.synth import (
     SynthRun,
     create_bucket,
     s3_env,
-    start_moto,
-    stop_moto,
     write_synthetic_run,
 )
 

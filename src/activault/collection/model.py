@@ -131,7 +131,7 @@ def stored_dtype(tcfg: TransformerConfig, config: Any) -> torch.dtype:
         return dtype
     found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(found, str):
-        found = getattr(torch, found, None)
+        found = dtypes.lookup(found)
     return found if isinstance(found, torch.dtype) else torch.float32
 
 
@@ -316,5 +316,5 @@ def model_info(model: nn.Module) -> dict[str, Any]:
         "vocab_size": int(getattr(text, "vocab_size", 0) or 0),
         "causal": is_causal_lm(config),
         "attn_implementation": getattr(config, "_attn_implementation", None),
-        "dtype": str(emb.weight.dtype).removeprefix("torch."),
+        "dtype": dtypes.name(emb.weight.dtype),
     }

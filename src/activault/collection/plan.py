@@ -11,11 +11,11 @@ from urllib.parse import urlparse
 
 import torch
 
+from activault import dtypes
 from activault.config import Config
 from activault.errors import ConfigError
 from activault.storage import Store
 from activault.units import duration, human_bytes, parse_bandwidth
-from activault.vault.megabatch import dtype_name
 
 GB = 1e9
 # Stored ÷ raw bytes of states before a run's first file is measured: bench/compression.py on real
@@ -68,7 +68,7 @@ class Plan:
 def states_ratio(compression: str, dtype: torch.dtype, d: int) -> float:
     """Assumed stored ÷ raw bytes of `states` [.., d] of `dtype` under a codec."""
     if compression == "zstd":
-        return ASSUMED_RATIO.get(dtype_name(dtype), 1.0)
+        return ASSUMED_RATIO.get(dtypes.name(dtype), 1.0)
     if compression == "fp8":
         return (1 + 4 / max(d, 1)) / dtype.itemsize * ASSUMED_FP8_ZSTD
     return 1.0
@@ -96,7 +96,7 @@ def make_plan(
         buffer_bytes(cfg, dims, itemsize),
         raw,
         codec,
-        dtype_name(dtype),
+        dtypes.name(dtype),
     )
 
 
@@ -230,7 +230,7 @@ def estimate_lines(cfg: Any, price: float | None = None, bandwidth: str = "1Gbps
         plan = replace(plan, price_per_gb_month=price)
     d = cfg.data_config
     lines = [
-        f"model        {cfg.transformer_config.model_name}  ({dtype_name(next(skeleton.parameters()).dtype)})",
+        f"model        {cfg.transformer_config.model_name}  ({dtypes.name(next(skeleton.parameters()).dtype)})",
         f"tokens       {plan.tokens:,}  ({d.n_batches} batches x {d.batch_size} rows x {d.seq_length})",
         f"files        {plan.files} per hook, {plan.files * len(dims)} in total "
         f"({plan.rows_per_file} rows each, {cfg.num_runs} machine(s))",

@@ -13,7 +13,7 @@ from typing import Any
 from activault.collection.writer import Writer
 from activault.errors import ConfigError, FormatError, NotFoundError
 from activault.storage import Store, open_store
-from activault.vault.megabatch import dtype_name, encode
+from activault.vault.megabatch import encode
 from activault.vault.records import (
     ProgressRecord,
     cfg_key,
@@ -34,7 +34,6 @@ __all__ = [
     "Writer",
     "cfg_key",
     "dist_rank",
-    "dtype_name",
     "encode",
     "file_name",
     "header_metadata",

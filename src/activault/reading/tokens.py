@@ -35,6 +35,7 @@ from activault.reading.stream import (
     mix_seed,
 )
 from activault.storage import Store
+from activault.storage.uri import is_s3
 from activault.vault import records
 from activault.vault.stats import merge_all
 
@@ -445,7 +446,7 @@ class ActivationDataset(IterableDataset):
 
     def _check_fork(self) -> None:
         uris = [self.uri] if isinstance(self.uri, str | Path | Store) else list(self.uri)
-        s3 = any(str(u).startswith("s3://") or type(u).__module__ == "activault.storage.s3" for u in uris)
+        s3 = any(is_s3(u) or type(u).__module__ == "activault.storage.s3" for u in uris)
         if s3 and not self._pickled and "activault.storage.s3" in sys.modules:
             raise ConfigError(
                 "DataLoader workers were forked from a process that already used S3, and "

@@ -11,6 +11,8 @@ from typing import Literal
 
 from activault.errors import ConfigError
 
+S3 = "s3://"
+
 
 @dataclass(frozen=True)
 class StoreURI:
@@ -24,11 +26,16 @@ class StoreURI:
         return self.path
 
 
+def is_s3(uri: object) -> bool:
+    """Whether `uri` (a string or path) names object storage rather than a local folder."""
+    return isinstance(uri, str | Path) and str(uri).startswith(S3)
+
+
 def parse_uri(uri: str | Path) -> StoreURI:
     """Parse a store URI; an unknown scheme or an s3 URI without a bucket is a ConfigError."""
     text = str(uri)
-    if text.startswith("s3://"):
-        bucket, _, prefix = text[len("s3://") :].partition("/")
+    if text.startswith(S3):
+        bucket, _, prefix = text[len(S3) :].partition("/")
         if not bucket:
             raise ConfigError(f"storage URI {text!r} names no bucket; write s3://BUCKET[/PREFIX]")
         return StoreURI("s3", bucket, prefix.strip("/"))

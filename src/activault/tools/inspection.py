@@ -17,15 +17,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from activault import dtypes
 from activault.errors import ConfigError, FormatError, NotFoundError
 from activault.storage import Entry, Store, locate
+from activault.storage.base import join
 from activault.units import human_bytes
 from activault.vault.megabatch import (
     CODECS_KEY,
     DTYPES,
     Megabatch,
     decode,
-    dtype_name,
     fetch_header,
     is_megabatch,
     megabatch_files,
@@ -47,10 +48,6 @@ def parent(key: str, levels: int = 1) -> str:
     for _ in range(levels):
         key = key.rsplit("/", 1)[0] if "/" in key else ""
     return key
-
-
-def join(*parts: str) -> str:
-    return "/".join(p.strip("/") for p in parts if p.strip("/"))
 
 
 def list_dir(store: Store, key: str) -> tuple[list[str], list[Entry]]:
@@ -235,7 +232,8 @@ def inspect_file(store: Store, key: str, tokenizers: Tokenizers | None = None) -
         model=model,
         tokenizer=tok_name,
         tensors={
-            k: {"shape": list(t.shape), "dtype": dtype_name(t.dtype), **_stored(meta, k)} for k, t in mb.tensors.items()
+            k: {"shape": list(t.shape), "dtype": dtypes.name(t.dtype), **_stored(meta, k)}
+            for k, t in mb.tensors.items()
         },
         metadata=meta,
         checks=checks,

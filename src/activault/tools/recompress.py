@@ -18,7 +18,8 @@ import torch
 
 from activault.errors import ConfigError, FormatError
 from activault.storage import Store, locate
-from activault.tools.inspection import join, list_dir
+from activault.storage.base import join
+from activault.tools.inspection import list_dir
 from activault.units import human_bytes
 from activault.vault import codec as codecs
 from activault.vault.megabatch import (

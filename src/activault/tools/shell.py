@@ -19,7 +19,9 @@ from typing import IO, Any
 
 from activault.errors import ActivaultError, ConfigError
 from activault.storage import Entry, Store, open_store
-from activault.tools.inspection import Tokenizers, foreign, inspect_file, join, parent
+from activault.storage.base import join
+from activault.storage.uri import is_s3
+from activault.tools.inspection import Tokenizers, foreign, inspect_file, parent
 from activault.tools.output import unwritable, write_whole
 from activault.units import human_bytes
 from activault.vault.megabatch import is_megabatch, megabatch_files
@@ -61,7 +63,7 @@ def default_root(env: dict[str, str] | None = None) -> str:
         raise ConfigError(
             "S3_BUCKET_NAME is not set; export it, or pass --root URI (s3://BUCKET[/PREFIX] or a local folder)"
         )
-    return bucket if bucket.startswith("s3://") else f"s3://{bucket}"
+    return bucket if is_s3(bucket) else f"s3://{bucket}"
 
 
 def megabatch_sizes(entries: list[Entry]) -> tuple[int | None, list[tuple[str, int, str]]]:
@@ -448,7 +450,7 @@ def run_shell(root: str | None = None) -> int:
     """Open the shell on `root` (default: s3://$S3_BUCKET_NAME) and run it until exit or Ctrl-D."""
     uri = str(root or default_root())
     store = open_store(uri)
-    if uri.startswith("s3://"):
+    if is_s3(uri):
         store.check()
     elif not Path(store.uri).is_dir():
         raise ConfigError(f"{store.uri} is not a folder; pass --root an existing local store or s3://BUCKET[/PREFIX]")

@@ -17,11 +17,13 @@ from dataclasses import dataclass, field
 import torch
 import xxhash
 
+from activault import dtypes
 from activault.errors import FormatError, NotFoundError
 from activault.storage import Store, locate
-from activault.tools.inspection import foreign, join, list_dir, nonfinite_tokens
+from activault.storage.base import join
+from activault.tools.inspection import foreign, list_dir, nonfinite_tokens
 from activault.units import human_bytes
-from activault.vault.megabatch import Header, decode, dtype_name, fetch_header, megabatch_files
+from activault.vault.megabatch import Header, decode, fetch_header, megabatch_files
 from activault.vault.records import (
     REBUILD,
     REMERGE,
@@ -95,7 +97,7 @@ def _check_file(store: Store, run: str, hook: str, name: str, size: int, deep: b
 
 
 def _spec(h: Header) -> tuple[int, int, str]:
-    return h.seq_len, h.d_model, dtype_name(h.dtype)
+    return h.seq_len, h.d_model, dtypes.name(h.dtype)
 
 
 def _against_metadata(hook: str, meta: HookMetadata | None, checks: list[FileCheck], run_url: str) -> list[str]:
@@ -106,7 +108,7 @@ def _against_metadata(hook: str, meta: HookMetadata | None, checks: list[FileChe
     common = Counter(_spec(h) for _, h in headers).most_common(1)[0][0]
     seq, d, dtype = common
     problems = [
-        f"{hook}/{n}: states are [rows, {h.seq_len}, {h.d_model}] {dtype_name(h.dtype)}, most files of "
+        f"{hook}/{n}: states are [rows, {h.seq_len}, {h.d_model}] {dtypes.name(h.dtype)}, most files of "
         f"this hook [rows, {seq}, {d}] {dtype}: it does not belong here; {file_repair(run_url, n)}"
         for n, h in headers
         if _spec(h) != common

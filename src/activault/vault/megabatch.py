@@ -62,10 +62,6 @@ STATE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 ITEMSIZE = {code: torch.empty((), dtype=dt).element_size() for code, dt in DTYPES.items()}
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 def is_megabatch(name: str) -> bool:
     """Whether a key names a megabatch file (ours, or the original's `.pt`)."""
     return name.endswith(SUFFIX) or name.endswith(LEGACY_SUFFIX)
@@ -213,13 +209,13 @@ def _check_tensors(tensors: dict[str, TensorInfo], url: str) -> None:
     states, ids, pos = (tensors[n] for n in REQUIRED)
     if len(states.shape) != 3 or states.dtype not in STATE_DTYPES:
         raise FormatError(
-            f"{url}: 'states' is {list(states.shape)} {dtype_name(states.dtype)}, "
+            f"{url}: 'states' is {list(states.shape)} {dtypes.name(states.dtype)}, "
             "expected [rows, seq, d] floating point"
         )
     for name, t in (("input_ids", ids), ("positions", pos)):
         if t.shape != states.shape[:2] or t.dtype != torch.int32:
             raise FormatError(
-                f"{url}: {name!r} is {list(t.shape)} {dtype_name(t.dtype)}, "
+                f"{url}: {name!r} is {list(t.shape)} {dtypes.name(t.dtype)}, "
                 f"expected {list(states.shape[:2])} int32 like 'states'"
             )
     if 0 in states.shape:

@@ -19,13 +19,13 @@ import logging
 import reprlib
 from typing import Annotated, Any, Literal, TypeVar
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from activault import dtypes
 from activault.errors import FormatError, NotFoundError
 from activault.storage.base import Store, join
 from activault.vault import codec as codecs
-from activault.vault.megabatch import FORMAT, FORMAT_VERSION, SUFFIX, Header, dtype_name
+from activault.vault.megabatch import FORMAT, FORMAT_VERSION, SUFFIX, Header
 from activault.vault.stats import STATS_VERSION, RunningStats
 
 log = logging.getLogger(__name__)
@@ -250,13 +250,13 @@ class HookMetadata(Versioned):
         """How a file's header contradicts this metadata, or None when it fits."""
         if (
             (header.seq_len, header.d_model) != (self.seq_length, self.d_model)
-            or dtype_name(header.dtype) != self.dtype
+            or dtypes.name(header.dtype) != self.dtype
             or header.rows > self.rows_per_file
         ):
             return (
                 f"metadata.json says [rows <= {self.rows_per_file}, {self.seq_length}, "
                 f"{self.d_model}] {self.dtype}, the file holds [{header.rows}, {header.seq_len}, "
-                f"{header.d_model}] {dtype_name(header.dtype)}"
+                f"{header.d_model}] {dtypes.name(header.dtype)}"
             )
         return None
 
@@ -386,8 +386,8 @@ def hook_metadata(
     compression: codecs.Codec | None = None,
 ) -> HookMetadata:
     """The contents of `{run}/{hook}/metadata.json`; `dtype` a torch.dtype or its name."""
-    name = dtype if isinstance(dtype, str) else dtype_name(dtype)
-    itemsize = torch.empty((), dtype=getattr(torch, name)).element_size()
+    name = dtype if isinstance(dtype, str) else dtypes.name(dtype)
+    itemsize = dtypes.to_torch(name).itemsize
     return HookMetadata(
         run_name=run_name,
         hook=hook,

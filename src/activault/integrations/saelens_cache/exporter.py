@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
+from activault import dtypes
 from activault.errors import ConfigError, FormatError
-from activault.integrations import shared as v
 from activault.integrations.saelens_cache.layout import (
     ARROW_DTYPES,
     POSITIONS,
@@ -99,7 +99,7 @@ def export_saelens(
             raise ConfigError(f"{run_uri}: no rows to export (every row holds padding, or the run is empty)")
         finish_dataset(tmp, files, feats)
         result.arrow_files = len(files)
-        columns_info = {names[h]: {"hook": h, "dtype": v.dtype_name(stored[h])} for h in hooks}
+        columns_info = {names[h]: {"hook": h, "dtype": dtypes.name(stored[h])} for h in hooks}
         _write_sidecar(tmp, run_uri, columns_info, positions, result)
         if out.exists():
             out.rmdir()  # empty, checked above
@@ -154,8 +154,8 @@ def _write_sidecar(tmp: Path, run_uri: str, columns: dict[str, Any], positions: 
 def _export_dtype(stored: torch.dtype, dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype is None:
         return stored if stored in ARROW_DTYPES else torch.float32
-    want = getattr(torch, dtype.removeprefix("torch.")) if isinstance(dtype, str) else dtype
-    if want not in ARROW_DTYPES:
+    want = dtypes.lookup(dtype) if isinstance(dtype, str) else dtype
+    if want is None or want not in ARROW_DTYPES:
         raise ConfigError(f"dtype {dtype!r} cannot be stored in Arrow; use float32 or float16")
     return want
 

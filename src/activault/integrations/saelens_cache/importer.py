@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from activault import dtypes
 from activault.errors import ConfigError
 from activault.integrations import shared as v
 from activault.integrations.saelens_cache.layout import (
@@ -30,6 +31,7 @@ from activault.integrations.saelens_cache.layout import (
     open_cache,
 )
 from activault.storage.lock import MachineLock, hold
+from activault.storage.uri import is_s3
 
 FILE_BYTES = 256 << 20  # megabatch files written by import
 MODEL = "imported from SAELens cache"  # the `model` of the files' headers and metadata
@@ -115,7 +117,7 @@ def _run_record(
     from activault.config import parse_config
 
     hooks, first = list(cache.hooks.values()), next(iter(cache.hooks))
-    dtype = v.dtype_name(cache.stored_dtypes[first])
+    dtype = dtypes.name(cache.stored_dtypes[first])
     cfg = parse_config(
         {
             "run_name": run,
@@ -154,7 +156,7 @@ def _destination(dest: str | v.Store, run_name: str | None) -> tuple[v.Store, st
         return dest, run_name
     uri = str(dest).rstrip("/")
     parent, _, run = uri.rpartition("/")
-    if not run or run in (".", "..") or (uri.startswith("s3://") and parent.count("/") < 2):
+    if not run or run in (".", "..") or (is_s3(uri) and parent.count("/") < 2):
         raise ConfigError(f"{dest!r} names no run folder: write PATH/RUN or s3://BUCKET[/PREFIX]/RUN")
     store = v.open_store(parent or ".")
     store.check(write=True)

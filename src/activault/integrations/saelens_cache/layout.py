@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from activault import dtypes
 from activault.errors import ConfigError, FormatError, NotFoundError
 
 SIDECAR = "activault.json"
@@ -168,8 +169,8 @@ def list_length(feature: Any) -> int | None:
 
 
 def torch_dtype(name: str, where: Path) -> torch.dtype:
-    dt = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+    dt = dtypes.lookup(name)
+    if dt is None or not dt.is_floating_point:
         raise ConfigError(f"{where}: activation dtype {name!r} is not a float type activault stores")
     return dt
 
