@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from activault.errors import ActivaultError
 from activault.version import __version__
@@ -68,50 +69,27 @@ def _recompress(args: argparse.Namespace) -> int:
     return run_recompress(args.run_uri, args.compression, args.level, args.chunk_kib, args.threads, args.force)
 
 
-def _end(args: argparse.Namespace) -> int:
-    return args.n - 1 if args.end is None else int(args.end)
-
-
-def _launch_ray(args: argparse.Namespace) -> int:
-    from activault.tools.launch import launch_ray, parse_env, parse_resources
-
-    results = launch_ray(
-        args.config,
-        args.n,
-        args.start,
-        _end(args),
-        address=args.address,
-        resources=parse_resources(args.resources),
-        env=parse_env(args.env),
-        storage=args.storage,
-        wait=args.wait,
-        results_path=args.results,
+def _launch(args: argparse.Namespace) -> int:
+    from activault.tools.launch import (
+        RayLauncher,
+        SlurmLauncher,
+        check_launch,
+        parse_env,
+        parse_resources,
+        run_launch,
     )
-    return 1 if any(r["status"] == "failed" for r in results) else 0
 
-
-def _launch_slurm(args: argparse.Namespace) -> int:
-    from activault.tools.launch import submit_slurm, wait_slurm
-
-    jobs = submit_slurm(
-        args.config,
-        args.n,
-        args.start,
-        _end(args),
-        script=args.script,
-        array=args.array,
-        max_parallel=args.max_parallel,
-        sbatch_args=args.sbatch_arg,
-        log_dir=args.log_dir,
-    )
-    for m, j in jobs.items():
-        print(f"{m} | {j}")
-    if args.wait:
-        states = wait_slurm(jobs)
-        for m, st in states.items():
-            print(f"machine {m}: {st}")
-        return 0 if all(st == "COMPLETED" for st in states.values()) else 1
-    return 0
+    launcher: RayLauncher | SlurmLauncher
+    if args.launcher == "ray":
+        launcher = RayLauncher(args.address, parse_resources(args.resources), Path(args.log_dir))
+    else:
+        launcher = SlurmLauncher(args.script, args.array, args.max_parallel, args.sbatch_arg or [], Path(args.log_dir))
+    launch = check_launch(args.config, args.n, args.start, args.end, env=parse_env(args.env), storage=args.storage)
+    results = run_launch(launcher, launch, wait=args.wait, results_path=args.results)
+    for r in results:
+        if r.status == "submitted":
+            print(f"{r.machine} | {r.handle}")
+    return 1 if any(r.status == "failed" for r in results) else 0
 
 
 def _merge_stats(args: argparse.Namespace) -> int:
@@ -126,27 +104,32 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
     la = sub.add_parser("launch", help="run machines START..END of N on Slurm or Ray (N must equal num_runs)")
     kinds = la.add_subparsers(dest="launcher", required=True)
     for name in ("ray", "slurm"):
-        k = kinds.add_parser(name, help=f"one {name} worker per machine, each running `activault collect`")
+        k = kinds.add_parser(name, help=f"one {name} rank per machine, each running `activault collect --machine i`")
         k.add_argument("config", help="YAML config (the same path must be readable by the workers)")
         k.add_argument("n", type=int, help="machines in the run: must equal the config's num_runs")
         k.add_argument("start", type=int, nargs="?", default=0, help="first machine (default 0)")
         k.add_argument("end", type=int, nargs="?", default=None, help="last machine, inclusive (default N-1)")
-        k.add_argument("--wait", action="store_true", help="wait for the machines and report each one's result")
+        k.add_argument(
+            "--wait",
+            action="store_true",
+            help="wait for the machines and report each one's result (Ray always waits: it ends a driver's tasks)",
+        )
+        k.add_argument(
+            "--env",
+            action="append",
+            default=None,
+            metavar="NAME[=VALUE]",
+            help="environment variable for the workers (NAME alone passes this one's value; repeatable)",
+        )
+        k.add_argument("--storage", default=None, help="override the destination (as for collect)")
+        k.add_argument("--log-dir", default="logs", help="machine -> job list, results and job output (default logs)")
+        k.add_argument("--results", default=None, help="results JSON (default LOG_DIR/{ray,slurm}_results_TIME.json)")
+        k.set_defaults(func=_launch)
         if name == "ray":
             k.add_argument("--address", default=None, help="Ray cluster address (default: auto-detect or start local)")
             k.add_argument(
                 "--resources", default=None, help='per-worker resources as JSON, e.g. \'{"CPU": 8, "GPU": 1}\''
             )
-            k.add_argument(
-                "--env",
-                action="append",
-                default=None,
-                metavar="NAME[=VALUE]",
-                help="environment variable for the workers (NAME alone passes this one's value)",
-            )
-            k.add_argument("--storage", default=None, help="override the destination (as for collect)")
-            k.add_argument("--results", default=None, help="results JSON (default logs/ray_results_TIME.json)")
-            k.set_defaults(func=_launch_ray)
         else:
             k.add_argument("--script", default=None, help="the batch script (default: the packaged collect.slurm)")
             k.add_argument("--array", action="store_true", help="submit one job array instead of one job per machine")
@@ -158,8 +141,6 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
                 metavar="ARG",
                 help="extra sbatch option, e.g. --sbatch-arg=--partition=gpu (repeatable)",
             )
-            k.add_argument("--log-dir", default="logs", help="job output and machine -> job id log (default logs)")
-            k.set_defaults(func=_launch_slurm)
 
 
 def build_parser() -> argparse.ArgumentParser:

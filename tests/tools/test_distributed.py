@@ -26,8 +26,6 @@ from activault.tools.tiny import demo_texts
 from activault.vault.megabatch import decode
 from support.synth import create_bucket, s3_env
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPTS = ROOT / "scripts"
 HOOKS = ["models.layers.1.post", "models.layers.0.mlp.post"]
 N = 3
 
@@ -276,12 +274,8 @@ def test_joining_a_run_with_another_num_runs_is_refused(three, llama, corpus, tm
 
 def test_launchers_refuse_n_other_than_num_runs(llama, corpus, tmp_path):
     path = write_config(raw_config(llama, corpus, str(tmp_path)), tmp_path / "c.yaml")
-    env = {**os.environ, "PYTHON": sys.executable}
-    for cmd in (
-        [str(SCRIPTS / "run_slurm_jobs.sh"), str(path), "2", "0", "1"],
-        [sys.executable, str(SCRIPTS / "run_ray_jobs.py"), str(path), "2", "0", "1"],
-    ):
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path)
+    for kind in ("slurm", "ray"):
+        out = cli("launch", kind, str(path), "2", "0", "1", cwd=tmp_path)
         assert out.returncode == 2, out.stderr
         assert "N=2 machines, but" in out.stderr and "has num_runs=3" in out.stderr
     assert not (tmp_path / "logs").exists() and not (tmp_path / "dist").exists()
@@ -311,24 +305,19 @@ def test_ray_failed_worker_is_reported_and_rerun_completes_the_run(ray_address, 
     # A record whose cursor is garbage: machine 1 fails (one message naming the record); 0 and 2 carry on.
     bad.write_text(json.dumps({"machine": 1, "num_runs": 3, "files_done": 0, "data_state": "garbage"}))
     results = tmp_path / "results.json"
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPTS / "run_ray_jobs.py"),
-            str(path),
-            "3",
-            "0",
-            "2",
-            "--address",
-            ray_address,
-            "--resources",
-            '{"CPU": 1}',
-            "--wait",
-            "--results",
-            str(results),
-        ],
-        capture_output=True,
-        text=True,
+    out = cli(
+        "launch",
+        "ray",
+        str(path),
+        "3",
+        "0",
+        "2",
+        "--address",
+        ray_address,
+        "--resources",
+        '{"CPU": 1}',
+        "--results",
+        str(results),
         cwd=tmp_path,
     )
     assert out.returncode == 1 and results.exists(), out.stderr
@@ -337,6 +326,7 @@ def test_ray_failed_worker_is_reported_and_rerun_completes_the_run(ray_address, 
     assert "machine-00001.json" in res[1]["error"] and "Traceback" not in res[1]["error"]
     assert "machine 1: FAILED" in out.stderr and "rerun machines [1]" in out.stderr
     assert "machine 0: completed" in out.stderr
+    assert "waiting for them: ray ends a driver's tasks" in out.stderr  # no --wait: Ray waits all the same
 
     bad.unlink()
     out = cli(
@@ -366,8 +356,8 @@ def test_ray_to_s3(ray_address, moto_url, three, llama, corpus, tmp_path):
 
     create_bucket(moto_url, "ray-run")
     path = write_config(raw_config(llama, corpus, "s3://ray-run"), tmp_path / "c.yaml")
-    results = launch_ray(path, N, 0, N - 1, env=s3_env(moto_url), wait=True, results_path=tmp_path / "r.json", poll=1.0)
-    assert [r["status"] for r in results] == ["completed"] * N, results
+    results = launch_ray(path, N, env=s3_env(moto_url), results_path=tmp_path / "r.json", log_dir=tmp_path, poll=1.0)
+    assert [(r.machine, r.status) for r in results] == [(m, "completed") for m in range(N)], results
     assert_same_run(s3_tree(moto_url, "ray-run", "dist"), local_tree(three))
 
 
@@ -382,32 +372,39 @@ SBATCH_LOCAL = [
 ]
 
 
-def run_slurm(path: Path, cwd: Path, *extra: str, env: dict[str, str] | None = None) -> dict[int, str]:
-    from activault.tools.launch import wait_slurm
-
-    out = subprocess.run(
-        [str(SCRIPTS / "run_slurm_jobs.sh"), str(path), "3", "0", "2", *SBATCH_LOCAL, *extra],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env={**os.environ, "PYTHON": sys.executable, **(env or {})},
-    )
-    assert out.returncode == 0, out.stderr
-    (log,) = (cwd / "logs").glob("slurm_jobs_*.txt")
-    jobs = {int(m): j for m, j in (line.split(" | ") for line in log.read_text().splitlines()[2:])}
-    assert sorted(jobs) == [0, 1, 2]
-    states = wait_slurm(jobs, timeout=300, poll=1.0)
-    outputs = "\n".join(p.read_text() for p in (cwd / "logs").glob("activault-*.out"))
-    assert set(states.values()) == {"COMPLETED"}, f"{states}\n{outputs}"
-    return jobs
+def run_slurm(path: Path, cwd: Path, start: int, end: int, *extra: str) -> tuple[int, list[dict], str]:
+    """`activault launch slurm --wait` on machines START..END: its exit code, results (handle: the job in
+    the machine -> job list) and log."""
+    logs = cwd / f"logs-{start}-{end}"
+    args = [str(path), str(N), str(start), str(end), *SBATCH_LOCAL, *extra, "--wait", "--log-dir", str(logs)]
+    out = cli("launch", "slurm", *args, cwd=cwd, timeout=300)
+    assert list(logs.glob("slurm_results_*.json")), out.stderr
+    (jobs,) = logs.glob("slurm_jobs_*.txt")
+    (res,) = logs.glob("slurm_results_*.json")
+    results = json.loads(res.read_text())["results"]
+    assert [f"{r['machine']} | {r['handle']}" for r in results] == jobs.read_text().splitlines()[2:]
+    return out.returncode, results, out.stderr
 
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_slurm_jobs_to_local_store(slurm, three, llama, corpus, tmp_path):
+def test_slurm_failed_job_is_reported_and_rerun_completes_the_run(slurm, three, llama, corpus, tmp_path):
     path = write_config(raw_config(llama, corpus, str(tmp_path / "vault")), tmp_path / "c.yaml")
-    jobs = run_slurm(path, tmp_path)
-    assert len(set(jobs.values())) == N  # one job per machine
+    bad = tmp_path / "vault/dist/progress/machine-00001.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text(json.dumps({"machine": 1, "num_runs": 3, "files_done": 0, "data_state": "garbage"}))
+    code, results, log = run_slurm(path, tmp_path, 0, 2)
+    assert code == 1, log
+    assert [r["status"] for r in results] == ["completed", "failed", "completed"], results
+    assert len({r["handle"] for r in results}) == N  # one job per machine
+    job, error = results[1]["handle"], results[1]["error"]
+    assert error.startswith(f"job {job} ended FAILED; the end of") and "machine-00001.json" in error, error
+    assert results[1]["returncode"] == 2 and "Traceback" not in error
+    assert "machine 1: FAILED" in log and "rerun machines [1]" in log
+
+    bad.unlink()
+    code, results, log = run_slurm(path, tmp_path, 1, 1)
+    assert code == 0 and [r["status"] for r in results] == ["completed"], log
     assert_same_run(local_tree(tmp_path / "vault/dist"), local_tree(three))
 
 
@@ -417,6 +414,8 @@ def test_slurm_jobs_to_local_store(slurm, three, llama, corpus, tmp_path):
 def test_slurm_job_array_to_s3(slurm, moto_url, three, llama, corpus, tmp_path):
     create_bucket(moto_url, "slurm-run")
     path = write_config(raw_config(llama, corpus, "s3://slurm-run"), tmp_path / "c.yaml")
-    jobs = run_slurm(path, tmp_path, "--array", env=s3_env(moto_url))
-    assert len({j.split("_")[0] for j in jobs.values()}) == 1  # one array job
+    env = [f"--env={k}={v}" for k, v in s3_env(moto_url).items()]  # through sbatch's environment
+    code, results, log = run_slurm(path, tmp_path, 0, N - 1, "--array", *env)
+    assert code == 0 and [r["status"] for r in results] == ["completed"] * N, log
+    assert len({r["handle"].split("_")[0] for r in results}) == 1  # one array job
     assert_same_run(s3_tree(moto_url, "slurm-run", "dist"), local_tree(three))
