@@ -22,6 +22,7 @@ from typing import ClassVar, Literal
 from activault.config import Config, load_config, resolve_storage
 from activault.errors import ActivaultError, ConfigError
 from activault.storage import open_store
+from activault.storage.uri import is_s3
 from activault.vault.records import read_progress
 
 log = logging.getLogger(__name__)
@@ -218,7 +219,7 @@ def progress_reader(launch: Launch) -> Callable[[int], str]:
     try:
         env = {**os.environ, **launch.env}
         uri = resolve_storage(launch.cfg, launch.storage, env)
-        store = open_store(uri, env=env) if uri.startswith("s3://") else open_store(uri)
+        store = open_store(uri, env=env) if is_s3(uri) else open_store(uri)
     except ActivaultError as e:
         reason = str(e).split("; ")[0]
         return lambda m: f"progress unknown ({reason})"
