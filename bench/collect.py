@@ -45,17 +45,17 @@ from pathlib import Path
 
 import torch
 
-from activault.collection import pipeline
 from activault.collection.hooks import Capture, hook_dims, resolve_hooks
 from activault.collection.model import keep_freed_memory, load_model, load_skeleton, load_tokenizer, stored_dtype
 from activault.collection.packing import iter_batches
 from activault.collection.pipeline import collect
-from activault.collection.writer import BufferPool, Writer
 from activault.config import parse_config
 from activault.storage import LocalStore
 from activault.tools.tiny import build_tiny
+from activault.vault import writer as run_writer
 from activault.vault.megabatch import encode
 from activault.vault.records import file_name
+from activault.vault.writer import StagingBuffers, Writer
 
 HOOKS = ["models.layers.3.post", "models.layers.5.mlp.post"]
 
@@ -191,12 +191,12 @@ def bench_collect(work: Path, quick: bool, reps: int) -> dict:
     def collection(i: int, checksums: bool) -> float:
         folder = work / f"vault{i}-{checksums}"
         # The same collection writing no checksums: what they cost the whole pipeline.
-        pipeline.encode = encode if checksums else functools.partial(encode, checksums=False)
+        run_writer.encode = encode if checksums else functools.partial(encode, checksums=False)
         try:
             with Accounting().active() as acc:
                 r = collect(cfg, storage=str(folder), show_progress=False)
         finally:
-            pipeline.encode = encode
+            run_writer.encode = encode
         if checksums:
             accounts["collection"].append(acc.shares(r.seconds))
         shutil.rmtree(folder)
@@ -299,14 +299,14 @@ def bench_writer(work: Path, quick: bool, reps: int) -> dict:
     def through_writer(root: Path) -> float:
         store = LocalStore(root)
         writer = Writer(store, threads=4)
-        pool = BufferPool(states.shape, states.dtype, count=3)
+        pool = StagingBuffers(states.shape, states.dtype, count=3)
         filled = [pool.acquire() for _ in range(3)]
         for buf in filled:  # the collect loop's copy into a host buffer: its cost, not the writer's
             buf.copy_(states)  # (it is in collection / forward); it took ~25% of this run here
             pool.release(buf)
         t0 = time.perf_counter()
         for k in range(files):
-            buf = pool.acquire(writer._check)
+            buf = pool.acquire(writer.check)
             p = encode({"states": buf, "input_ids": ids, "positions": pos}, {"format": "activault"})
             writer.write(f"run/h/{file_name(0, k)}", p, on_done=functools.partial(pool.release, buf))
         writer.close()

@@ -188,7 +188,7 @@ def reader(case: dict[str, Any]) -> Iterable[Any]:
     import torch
 
     from activault import RCache, TokenLoader
-    from activault.reading import fetch
+    from activault.reading.options import ReadOptions
     from activault.storage import open_store
 
     name, range_size, buffer_size = case["reader"], case["range_size"], case["buffer_size"]
@@ -196,11 +196,11 @@ def reader(case: dict[str, Any]) -> Iterable[Any]:
     if name.endswith(("-read", "-fresh")):  # local files read into buffers, not mapped
         options["map_reads"] = False
     store = open_store(case["root"], **options)
-    if name.endswith("-fresh"):  # buffers allocated per file and batch instead of recycled
-        fetch.RECYCLE_BUFFERS = False
     if name.endswith("-1get"):
         range_size = 1 << 40  # larger than any file: one GET each
-    common = {"buffer_size": buffer_size, "store_options": options, "range_size": range_size}
+    # -fresh: buffers allocated per file and batch instead of recycled
+    recycle = not name.endswith("-fresh")
+    read = ReadOptions(buffer_size=buffer_size, store_options=options, range_size=range_size, recycle=recycle)
     uri = f"{case['root'].rstrip('/')}/run/hook"
     if name.startswith("raw"):
         files = 1 if name == "raw-one" else None
@@ -210,9 +210,9 @@ def reader(case: dict[str, Any]) -> Iterable[Any]:
         next(it)  # its buffers: allocated and touched outside the timed part
         return raw_gather(it, case["window"], case["batch_tokens"]) if gather else it
     if name.startswith("rcache"):
-        return RCache(uri, **common)
+        return RCache(uri, options=read)
     if name.startswith("tokens"):
-        return TokenLoader(uri, batch_tokens=case["batch_tokens"], window=case["window"], **common)
+        return TokenLoader(uri, batch_tokens=case["batch_tokens"], window=case["window"], options=read)
     if name == "original" and case["env"]:
         from bench.original import original_reader
 
@@ -274,21 +274,13 @@ def child(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def write_files(store: Any, n: int, rows: int, d: int) -> None:
+    """A run of `n` files through the run writer (as collect writes them), and the same tensors as
+    the original project's `.pt` files."""
     import torch
 
-    from activault.vault import megabatch as fmt
     from activault.vault import records
+    from activault.vault.writer import RunWriter
 
-    g = torch.Generator().manual_seed(0)
-    states = torch.randn(rows, SEQ, d, generator=g).to(torch.bfloat16)
-    for k in range(n):
-        ids = torch.randint(0, 50_000, (rows, SEQ), generator=g, dtype=torch.int32)
-        pos = torch.arange(SEQ, dtype=torch.int32).expand(rows, SEQ).contiguous()
-        tensors = {"states": states, "input_ids": ids, "positions": pos}
-        store.put(f"run/hook/{records.file_name(0, k)}", fmt.encode(tensors, {}))
-        buf = io.BytesIO()
-        torch.save({"states": states, "input_ids": ids.long()}, buf)
-        store.put(f"legacy/hook/{k:04d}--{k}.pt", buf.getbuffer())
     md = records.hook_metadata(
         run_name="run",
         hook="hook",
@@ -300,7 +292,19 @@ def write_files(store: Any, n: int, rows: int, d: int) -> None:
         batches_per_upload=1,
         model="bench",
     )
-    records.write_record(store, records.metadata_key("run/hook"), md)
+    writer = RunWriter(store, records.RunRecord(run_name="run", hooks=["hook"], num_runs=1), {"hook": md})
+    writer.join()
+    g = torch.Generator().manual_seed(0)
+    states = torch.randn(rows, SEQ, d, generator=g).to(torch.bfloat16)
+    for k in range(n):
+        ids = torch.randint(0, 50_000, (rows, SEQ), generator=g, dtype=torch.int32)
+        pos = torch.arange(SEQ, dtype=torch.int32).expand(rows, SEQ).contiguous()
+        # No statistics: the readers measured here do not normalise.
+        writer.write_file({"hook": states}, ids, pos, tokens=rows * SEQ, data_state=None, stats={})
+        buf = io.BytesIO()
+        torch.save({"states": states, "input_ids": ids.long()}, buf)
+        store.put(f"legacy/hook/{k:04d}--{k}.pt", buf.getbuffer())
+    writer.finish(None, {})
 
 
 def spread(xs: list[float]) -> str:

@@ -1,4 +1,5 @@
-"""Synthetic runs written exactly as `collect` writes them, and S3 helpers, for reader tests."""
+"""Synthetic runs written exactly as `collect` writes them (through the run writer), and S3 helpers,
+for reader tests."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ import torch
 
 from activault import dtypes
 from activault.storage import Store
-from activault.vault import megabatch as fmt
 from activault.vault import records
 from activault.vault.stats import RunningStats, merge_all
+from activault.vault.writer import RunWriter
 
 
 @dataclass
@@ -22,7 +23,7 @@ class SynthRun:
     hooks: list[str]
     names: list[str]  # file names, sorted (machine, then index)
     files: dict[str, dict[str, dict[str, torch.Tensor]]]  # hook -> name -> states/input_ids/positions
-    stats: dict[str, RunningStats] = field(default_factory=dict)
+    stats: dict[str, RunningStats] = field(default_factory=dict)  # hook -> merged over machines
 
     def tensor(self, hook: str, key: str = "states", names: list[str] | None = None) -> torch.Tensor:
         """`key` of the given files (default all, in name order) concatenated along rows."""
@@ -50,75 +51,72 @@ def write_synthetic_run(
     """
     g = torch.Generator().manual_seed(seed)
     out = SynthRun(run, list(hooks), [], {h: {} for h in hooks})
+    record = _run_record(run, hooks, machines, d, dtype)
+    meta = records.hook_metadata(
+        run_name=run,
+        hook=hooks[0],
+        d_model=d,
+        dtype=dtype,
+        seq_length=seq,
+        rows_per_file=rows,
+        batch_size=rows,
+        batches_per_upload=1,
+        model="synthetic",
+    )
+    metadata = {h: meta.model_copy(update={"hook": h}) for h in hooks}
     partial: dict[int, dict[str, RunningStats]] = {}
     for m in range(machines):
+        writer = RunWriter(store, record, metadata, m, threads=2)
+        writer.join()
         partial[m] = {h: RunningStats(d) for h in hooks}
-        for k in range(files):
-            name = records.file_name(m, k)
-            out.names.append(name)
-            ids = torch.randint(0, 1000, (rows, seq), generator=g, dtype=torch.int32)
-            # Documents of random lengths packed back to back: position restarts at each start.
-            starts = torch.rand(rows * seq, generator=g) < 0.15
-            starts[0] = True
-            idx = torch.arange(rows * seq)
-            last_start = torch.cummax(torch.where(starts, idx, 0), 0).values
-            pos = (idx - last_start).to(torch.int32).view(rows, seq)
-            if k == files - 1 and pad:
-                pos[-1, -pad:] = -1
-            for hi, h in enumerate(hooks):
-                states = (torch.randn(rows, seq, d, generator=g) * (1 + hi) + 0.5 * (hi + 1)).to(dtype)
-                states[pos == -1] = 0
-                tensors = {"states": states, "input_ids": ids, "positions": pos}
-                meta = records.header_metadata(run, h, m, k, "synthetic")
-                store.put(f"{run}/{h}/{name}", fmt.encode(tensors, meta))
-                out.files[h][name] = tensors
-                partial[m][h].update(states[pos != -1])
-        progress = records.ProgressRecord(
-            machine=m,
-            num_runs=machines,
-            files_done=files,
-            rows_done=files * rows,
-            tokens_done=files * rows * seq,
-            data_state={},
-            finished=True,
-            stats={h: records.StatsRecord(**partial[m][h].to_dict()) for h in hooks},
-        )
-        records.write_record(store, records.progress_key(run, m), progress)
+        try:
+            for k in range(files):
+                name = records.file_name(m, k)
+                out.names.append(name)
+                ids, pos = _packed_rows(g, rows, seq, pad if k == files - 1 else 0)
+                states = {}
+                for hi, h in enumerate(hooks):
+                    states[h] = (torch.randn(rows, seq, d, generator=g) * (1 + hi) + 0.5 * (hi + 1)).to(dtype)
+                    states[h][pos == -1] = 0
+                    out.files[h][name] = {"states": states[h], "input_ids": ids, "positions": pos}
+                    partial[m][h].update(states[h][pos != -1])
+                # Every token counts in tokens_done, as in the records these tests were written against.
+                writer.write_file(states, ids, pos, tokens=rows * seq, data_state={}, stats=partial[m])
+            writer.finish({}, partial[m])
+        except BaseException:
+            writer.abort()
+            raise
     for h in hooks:
-        md = records.hook_metadata(
-            run_name=run,
-            hook=h,
-            d_model=d,
-            dtype=dtype,
-            seq_length=seq,
-            rows_per_file=rows,
-            batch_size=rows,
-            batches_per_upload=1,
-            model="synthetic",
-        )
-        records.write_record(store, records.metadata_key(f"{run}/{h}"), md)
         total = merge_all(partial[m][h] for m in range(machines))
         assert total is not None
         out.stats[h] = total
-        stats = records.statistics_record(total, list(range(machines)), machines)
-        records.write_record(store, records.statistics_key(f"{run}/{h}"), stats)
-    cfg = records.RunRecord(
+    return out
+
+
+def _run_record(run: str, hooks: list[str], machines: int, d: int, dtype: torch.dtype) -> records.RunRecord:
+    model = {"name": "synthetic", "architecture": "none", "model_type": "none", "d_model": d, "n_layers": 1}
+    return records.RunRecord(
         run_name=run,
         tokenizer="synthetic",
         hooks=list(hooks),
         num_runs=machines,
         activault_version="test",
-        model={
-            "name": "synthetic",
-            "architecture": "none",
-            "model_type": "none",
-            "d_model": d,
-            "n_layers": 1,
-            "dtype": dtypes.name(dtype),
-        },
+        model={**model, "dtype": dtypes.name(dtype)},
     )
-    records.write_record(store, records.cfg_key(run), cfg)
-    return out
+
+
+def _packed_rows(g: torch.Generator, rows: int, seq: int, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, positions) [rows, seq] int32: documents of random lengths packed back to back
+    (position restarts at each start); the last `pad` tokens are padding (position -1)."""
+    ids = torch.randint(0, 1000, (rows, seq), generator=g, dtype=torch.int32)
+    starts = torch.rand(rows * seq, generator=g) < 0.15
+    starts[0] = True
+    idx = torch.arange(rows * seq)
+    last_start = torch.cummax(torch.where(starts, idx, 0), 0).values
+    pos = (idx - last_start).to(torch.int32).view(rows, seq)
+    if pad:
+        pos[-1, -pad:] = -1
+    return ids, pos
 
 
 MOTO_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}

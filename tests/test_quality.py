@@ -83,3 +83,43 @@ def test_no_import_cycles_and_no_private_imports():
         if module not in state:
             visit(module, [module])
     assert not cycles, cycles
+
+
+# Subpackages are nodes of their own; the top-level modules (config, errors, dtypes, units, background,
+# version) are "core"; `activault` is the package's public __init__, `cli` the command line.
+PACKAGES = ("storage", "vault", "collection", "reading", "tools", "integrations", "cli", "__main__")
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    if len(parts) == 1:
+        return "activault"
+    return parts[1] if parts[1] in PACKAGES else "core"
+
+
+def package_dependencies() -> dict[str, set[str]]:
+    """Which package imports which, derived from every import in src/activault."""
+    graph, _ = _import_graph()
+    deps: dict[str, set[str]] = {}
+    for module, targets in graph.items():
+        deps.setdefault(_package(module), set())
+        deps[_package(module)] |= {_package(t) for t in targets} - {_package(module)}
+    return deps
+
+
+def documented_dependencies() -> dict[str, set[str]]:
+    """The `package -> packages` lines of docs/internals.md's dependency block."""
+    text = (ROOT / "docs" / "internals.md").read_text()
+    block = text.split("<!-- package-dependencies -->", 2)
+    assert len(block) == 3, "docs/internals.md has no <!-- package-dependencies --> block"
+    deps: dict[str, set[str]] = {}
+    for line in block[1].splitlines():
+        if "->" in line:
+            name, _, targets = line.strip().partition("->")
+            deps[name.strip()] = {t.strip() for t in targets.split(",") if t.strip() and t.strip() != "-"}
+    return deps
+
+
+def test_internals_doc_shows_every_package_dependency() -> None:
+    """docs/internals.md's picture of the packages is the one the imports draw, edge for edge."""
+    assert documented_dependencies() == package_dependencies()

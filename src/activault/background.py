@@ -12,7 +12,15 @@ T = TypeVar("T")
 
 def prefetch(items: Iterator[T], depth: int = 2) -> Generator[T, None, None]:
     """Produce `items` on a background thread, `depth` ahead: tokenizing and packing the next
-    batches overlaps the forward pass. An error in the producer is raised here, in order."""
+    batches overlaps the forward pass. An error in the producer is raised here, in order.
+
+    A `depth` below 1 is a ValueError at the call (queue.Queue(0) would read ahead without bound)."""
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"prefetch depth must be a whole number >= 1 (items read ahead), got {depth!r}")
+    return _prefetch(items, depth)
+
+
+def _prefetch(items: Iterator[T], depth: int) -> Generator[T, None, None]:
     q: queue.Queue[tuple[str, Any]] = queue.Queue(depth)
     stop = threading.Event()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import reprlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,22 @@ from activault import dtypes
 from activault.errors import ConfigError
 
 MEMORY_RE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.IGNORECASE)
+# run_name and each hook name become folder names on every store, and a file name holds 255 bytes
+# (with a temp name's 14 added for a write): 200 leaves room.
+NAME_MAX = 200
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` cannot name a run's folder or a hook's (the one check of both), or None."""
+    if not name or "/" in name or name.startswith("."):
+        return "a folder name: not empty, no '/', no leading '.'"
+    if not name.isprintable():
+        bad = next(c for c in name if not c.isprintable())
+        return f"a folder name: no control character (it holds {bad!r})"
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > NAME_MAX:
+        return f"a folder name: at most {NAME_MAX} bytes (UTF-8), it has {size}"
+    return None
 
 
 class _Section(BaseModel):
@@ -89,8 +106,9 @@ class DataConfig(_Section):
     registry: str | None = None
     """Path of a dataset registry JSON to use instead of the packaged datasets.json."""
     on_bad_record: Literal["skip", "error"] = "skip"
-    """A local JSON line that is not UTF-8, not JSON or not an object: skip it (counted, and logged
-    with its file and line), or stop the run naming them."""
+    """A local JSON line that is not UTF-8, not JSON, not an object or not text (a lone surrogate
+    escape such as "\\ud800"): skip it (counted, and logged with its file and line), or stop the
+    run naming them."""
     text_field: str | None = None
     """Local files: the field holding plain text (default `text`)."""
     messages_field: str | None = None
@@ -132,9 +150,9 @@ class UploadConfig(_Section):
         dup = sorted({h for h in v if v.count(h) > 1})
         if dup:
             raise ValueError(f"hooks listed twice: {dup}")
-        bad = [h for h in v if not h or "/" in h or h.startswith(".")]
+        bad = [h for h in v if name_problem(h)]
         if bad:
-            raise ValueError(f"invalid hook names {bad}: no '/', no leading '.'")
+            raise ValueError(f"invalid hook names {reprlib.repr(bad)}: each becomes {name_problem(bad[0])}")
         return v
 
 
@@ -157,6 +175,8 @@ class Config(_Section):
     def _run_name(cls, v: str) -> str:
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=-]*", v):
             raise ValueError("use letters, digits, '.', '_', '=' and '-' (it becomes a folder name)")
+        if problem := name_problem(v):
+            raise ValueError(f"it becomes {problem}; shorten it")
         return v
 
     @model_validator(mode="after")
@@ -230,11 +250,18 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist; pass an existing YAML file with --config (see configs/)")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_bytes().decode("utf-8")) or {}
+    except OSError as e:
+        raise ConfigError(f"config file {p} cannot be read: {e.strerror or e}; fix its permissions") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {p} is not UTF-8 text (byte {e.start + 1} is {e.object[e.start : e.start + 1]!r}); "
+            "save it as UTF-8"
+        ) from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
-    for key, value in (overrides or {}).items():
-        data[key] = value
+    if overrides and isinstance(data, dict):
+        data = {**data, **overrides}
     return parse_config(data, str(p))
 
 

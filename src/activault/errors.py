@@ -27,3 +27,8 @@ class DataError(ActivaultError):
 
 class NotFoundError(StorageError, FileNotFoundError):
     """A key, file or folder does not exist in the store."""
+
+
+def shown(text: str) -> str:
+    """`text` quoted for a message; a long one (a 5000-character name) cut, with its length."""
+    return repr(text) if len(text) <= 120 else f"{text[:80]!r}...{text[-20:]!r} ({len(text)} characters)"

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from activault.collection.packing import encode_document
 from activault.collection.pipeline import collect
-from activault.collection.resume import FIELDS, config_fields
+from activault.collection.resume import FIELDS, check_resume, config_fields
 from activault.collection.sources import iter_documents, resolve_source
 from activault.config import parse_config
 from activault.errors import (
@@ -37,49 +36,15 @@ from activault.errors import (
 from activault.storage import LocalStore
 from activault.tools.verify import verify_run
 from activault.vault.megabatch import decode
-from activault.vault.records import REBUILD
+from activault.vault.records import REBUILD, RunRecord
+from support.collecting import CORPUS, make_cfg, tree_bytes
 from support.killing import kill_after_files
-
-CORPUS = str(resources.files("activault").joinpath("demo_corpus.jsonl"))
-
-
-def make_cfg(model: Path, storage: Path, **over):
-    data = {
-        "data_key": CORPUS,
-        "n_batches": 6,
-        "seq_length": 64,
-        "batch_size": 4,
-        "clean_added_tokens": True,
-        "clean_default_system_prompt": True,
-    }
-    data.update(over.pop("data", {}))
-    upload = {"batches_per_upload": 2, "hooks": ["models.layers.1.post", "models.layers.0.mlp.post"]}
-    upload.update(over.pop("upload", {}))
-    raw = {
-        "run_name": "run",
-        "storage": str(storage),
-        "transformer_config": {"model_name": str(model), "dtype": "float32", "device": "cpu"},
-        "data_config": data,
-        "upload_config": upload,
-    }
-    raw.update(over)
-    return parse_config(raw)
 
 
 def load_hook(root: Path, hook: str) -> dict[str, torch.Tensor]:
     files = sorted((root / hook).glob("*.safetensors"))
     parts = [decode(f.read_bytes(), f.name, verify_checksums=True).tensors for f in files]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-
-def tree_bytes(root: Path) -> dict[str, bytes]:
-    """Every file of a run; cfg.json without its `storage` (the one thing that differs between copies)."""
-    out = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-    if "cfg.json" in out:
-        rec = json.loads(out["cfg.json"])
-        rec["config"].pop("storage")
-        out["cfg.json"] = json.dumps(rec).encode()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -524,6 +489,26 @@ def test_demo_runs_and_runs_again(tmp_path):
 
 def test_every_config_field_is_classified_for_resume():
     assert sorted(FIELDS) == sorted(config_fields()), "classify it in collection/resume.py"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"num_runs": 3}, "num_runs: stored 2, this config 3"),
+        ({"hooks": ["b"]}, "upload_config.hooks: stored ['a'], this config ['b']"),
+        ({"tokenizer": "/elsewhere/m"}, "tokenizer (transformer_config.model_name, resolved): stored '/m'"),
+        ({"model": {"d_model": 9}}, "model.d_model (read from the checkpoint): stored 8, this config 9"),
+    ],
+    ids=["num_runs", "hooks", "tokenizer", "model"],
+)
+def test_a_cfg_without_its_config_still_refuses_another_run(change, message):
+    """The one list (resume.py) also covers a cfg.json that holds no config (an import's, an older
+    one's): its own num_runs and hooks, the tokenizer and the model's facts are compared."""
+    stored = RunRecord(run_name="r", hooks=["a"], num_runs=2, tokenizer="/m", model={"d_model": 8})
+    check_resume(stored, stored, "here")
+    with pytest.raises(ConfigError) as e:
+        check_resume(stored, stored.model_copy(update=change), "here")
+    assert message in str(e.value) and "new run_name" in str(e.value)
 
 
 def changed(cfg, path: str, value):

@@ -1,8 +1,9 @@
-"""Sources, chat repair, cleaning and packing: every property that a wrong batch would break."""
+"""Sources, sharding by machine, chat repair, hostile text: every property that a wrong batch would break.
+
+Packing and cleaning are tested in test_packing.py (whose checkers of packed rows are used here too)."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 from collections import Counter
@@ -11,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_packing import expected_docs, reassemble
 from transformers import AutoTokenizer
 
-from activault.collection.packing import Batch, DataState, encode_document, iter_batches
+from activault.collection.packing import DataState, iter_batches
 from activault.collection.sources import (
     BadRecords,
     iter_documents,
@@ -27,11 +29,6 @@ from activault.errors import ConfigError, DataError
 from activault.tools.tiny import build_tokenizer, demo_texts
 
 CORPUS = str(resources.files("activault").joinpath("demo_corpus.jsonl"))
-DEFAULT_SYSTEM = "<|im_start|>system\nYou are a tiny helpful model.<|im_end|>\n"
-CHAT = [
-    {"role": "user", "content": "What is a hook?"},
-    {"role": "assistant", "content": "A callback."},
-]
 
 
 @pytest.fixture(scope="module")
@@ -64,138 +61,7 @@ def doc_key(doc) -> str:
     return json.dumps(doc, sort_keys=True)
 
 
-def reassemble(batches: list[Batch], seq_length: int) -> list[tuple[list[int], list[bool]]]:
-    """Documents rebuilt from the packed rows, checking the row invariants on the way."""
-    docs: list[tuple[list[int], list[bool]]] = []
-    for b in batches:
-        assert b.input_ids.dtype == torch.int64 and b.position_ids.dtype == torch.int64
-        assert b.segment_ids.dtype == torch.int32 and b.doc_positions.dtype == torch.int32
-        assert b.keep.dtype == torch.bool
-        for r in range(b.input_ids.shape[0]):
-            seg, keep, dpos = b.segment_ids[r], b.keep[r], b.doc_positions[r]
-            pos, ids = b.position_ids[r], b.input_ids[r]
-            assert int(keep.sum()) == seq_length
-            n = int((seg > 0).sum())
-            assert (seg[:n] > 0).all() and (seg[n:] == 0).all(), "padding only at the row's end"
-            assert (dpos[n:] == -1).all() and (pos[n:] == 0).all()
-            assert n > 0, "rows without a real token are not emitted"
-            n_seg = int(seg.max())
-            assert seg[:n].tolist() == sorted(seg[:n].tolist())
-            assert set(seg[:n].tolist()) == set(range(1, n_seg + 1))
-            for s in range(1, n_seg + 1):
-                m = seg == s
-                d = dpos[m].tolist()
-                assert pos[m].tolist() == list(range(len(d))), "positions restart per segment"
-                assert d == list(range(d[0], d[0] + len(d))), "doc positions are contiguous"
-                if d[0] == 0:
-                    docs.append(([], []))
-                else:  # a split document continues as the first segment of the next row
-                    assert s == 1
-                    assert d[0] == len(docs[-1][0])
-                assert keep[m][0] or d[0] == 0, "a continued piece starts with a stored token"
-                docs[-1][0].extend(ids[m].tolist())
-                docs[-1][1].extend(keep[m].tolist())
-    return docs
-
-
-def expected_docs(tok, data_cfg, **doc_kw) -> list[tuple[list[int], list[bool]]]:
-    spec = resolve_source(data_cfg.data_key)
-    clean = dict(
-        clean_added_tokens=getattr(data_cfg, "clean_added_tokens", True),
-        clean_default_system_prompt=getattr(data_cfg, "clean_default_system_prompt", True),
-    )
-    out = []
-    for doc in iter_documents(spec, seed=data_cfg.seed, shuffle_buffer=data_cfg.shuffle_buffer, **doc_kw):
-        ids, keep = encode_document(doc, tok, **clean)
-        if any(keep):
-            out.append((ids, keep))
-    return out
-
-
-# ---------------------------------------------------------------- packing
-
-
-@pytest.mark.parametrize(
-    "clean,seq_length",
-    [(True, 48), (False, 48), (True, 7), (True, 400)],
-    ids=["clean", "raw", "short", "long"],
-)
-def test_packing_reproduces_every_document(tok, clean, seq_length):
-    c = cfg(seq_length=seq_length, clean_added_tokens=clean, clean_default_system_prompt=clean)
-    batches = list(iter_batches(c, tok))
-    docs = reassemble(batches, seq_length)
-    assert docs == expected_docs(tok, c)
-    assert all(len(b.keep) == 4 for b in batches[:-1])
-    width = [int((~b.keep[r] & (b.segment_ids[r] > 0)).sum()) + seq_length for b in batches for r in range(len(b.keep))]
-    assert [b.input_ids.shape[1] for b in batches] == [max(width[i : i + 4]) for i in range(0, len(width), 4)], (
-        "forward length is seq_length plus the row's cleaned tokens"
-    )
-    if not clean:
-        assert all(b.input_ids.shape[1] == seq_length for b in batches)
-
-
-def test_split_documents_and_padding_at_the_end(tok):
-    c = cfg(seq_length=16, batch_size=3)
-    batches = list(iter_batches(c, tok))
-    assert any(b.state.token_offset > 0 for b in batches), "some documents are split across batches"
-    continued = [b.doc_positions[r, 0] > 0 for b in batches for r in range(len(b.keep))]
-    assert sum(continued) > 10
-    last = batches[-1]
-    assert last.state.exhausted and not any(b.state.exhausted for b in batches[:-1])
-    assert last.state.docs_done == len(list(iter_documents(resolve_source(CORPUS))))
-    row = last.keep.shape[0] - 1
-    stored_pad = last.keep[row] & (last.doc_positions[row] == -1)
-    assert int(last.keep[row].sum()) == 16
-    assert (last.input_ids[row][stored_pad] == tok.pad_token_id).all()
-    assert (last.segment_ids[row][stored_pad] == 0).all()
-    assert list(iter_batches(c, tok, state=last.state)) == []
-
-
-def test_last_batch_may_be_short_and_padding_is_stored(tmp_path, tok):
-    path = write_jsonl(tmp_path / "few.jsonl", [{"text": "one two three"}, {"text": "four"}])
-    batches = list(iter_batches(cfg(str(path), seq_length=64, batch_size=4, clean_added_tokens=True), tok))
-    assert len(batches) == 1 and batches[0].keep.shape == (1, 66), "64 stored + 2 cleaned BOS"
-    b = batches[0]
-    real = int((b.segment_ids[0] > 0).sum())
-    assert int(b.keep[0].sum()) == 64 and (b.doc_positions[0, real:] == -1).all()
-    assert b.state == DataState(2, 0, True)
-
-
-def test_empty_documents_are_skipped_but_counted(tmp_path, tok):
-    rows: list[dict] = [
-        {"text": ""},
-        {"text": "alpha beta"},
-        {"text": ""},
-        {"messages": []},
-        {"text": "gamma"},
-        {"text": ""},
-    ]
-    path = write_jsonl(tmp_path / "e.jsonl", rows)
-    assert len(list(iter_documents(resolve_source(str(path))))) == 5, "an empty chat is no document"
-    batches = list(iter_batches(cfg(str(path), seq_length=4, batch_size=1, clean_added_tokens=True), tok))
-    assert batches[-1].state == DataState(5, 0, True)
-    assert len(reassemble(batches, 4)) == 2
-
-
-def test_resume_from_every_batch_is_bitwise_equal(tmp_path, tok):
-    rows = corpus_rows()
-    path = write_jsonl(tmp_path / "small.jsonl", rows[:40] + [r for r in rows if "messages" in r])
-    c = cfg(str(path), seq_length=40, batch_size=3, shuffle_buffer=20, seed=3)
-    batches = list(iter_batches(c, tok))
-    assert any(b.state.token_offset > 0 for b in batches)
-
-    def same(a: Batch, b: Batch) -> bool:
-        keys = ("input_ids", "position_ids", "segment_ids", "keep", "doc_positions")
-        return a.state == b.state and all(torch.equal(getattr(a, k), getattr(b, k)) for k in keys)
-
-    for i, b in enumerate(batches):
-        state = DataState.from_dict(json.loads(json.dumps(b.state.to_dict())))
-        resumed = list(itertools.islice(iter_batches(c, tok, state=state), 2))
-        assert len(resumed) == len(batches[i + 1 : i + 3])
-        assert all(same(x, y) for x, y in zip(resumed, batches[i + 1 : i + 3], strict=True))
-    for i in (0, len(batches) // 2):
-        rest = list(iter_batches(c, tok, state=batches[i].state))
-        assert len(rest) == len(batches) - i - 1 and all(map(same, rest, batches[i + 1 :]))
+# ---------------------------------------------------------------- the seeded shuffle
 
 
 def test_deterministic_and_seeded(tok):
@@ -249,74 +115,6 @@ def test_three_files_on_three_machines_split_by_file(tok, three_files):
 def test_machine_out_of_range(tok):
     with pytest.raises(ConfigError, match="machine 3"):
         iter_documents(resolve_source(CORPUS), machine=3, num_runs=3)
-
-
-# ---------------------------------------------------------------- cleaning
-
-
-def kept_text(tok, ids, keep) -> str:
-    return tok.decode([i for i, k in zip(ids, keep, strict=True) if k])
-
-
-def test_plain_text_bos_is_cleaned(tok):
-    text = demo_texts()[0]
-    ids, keep = encode_document(text, tok, clean_added_tokens=True, clean_default_system_prompt=True)
-    assert ids[0] == tok.bos_token_id and keep == [False] + [True] * (len(ids) - 1)
-    assert kept_text(tok, ids, keep) == text
-    _, keep = encode_document(text, tok, clean_added_tokens=False, clean_default_system_prompt=True)
-    assert all(keep)
-
-
-def test_default_system_prompt_is_cleaned_exactly(tok):
-    rendered = tok.apply_chat_template(CHAT, tokenize=False)
-    assert DEFAULT_SYSTEM in rendered
-    ids, keep = encode_document(CHAT, tok, clean_added_tokens=False, clean_default_system_prompt=True)
-    assert ids == tok(rendered, add_special_tokens=False)["input_ids"]
-    assert kept_text(tok, ids, keep) == rendered.replace(DEFAULT_SYSTEM, "")
-    ids, keep = encode_document(CHAT, tok, clean_added_tokens=True, clean_default_system_prompt=True)
-    assert kept_text(tok, ids, keep) == "user\nWhat is a hook?\nassistant\nA callback.\n"
-    ids, keep = encode_document(CHAT, tok, clean_added_tokens=False, clean_default_system_prompt=False)
-    assert all(keep)
-
-
-def test_explicit_system_prompt_is_kept(tok):
-    chat = [{"role": "system", "content": "Be brief."}, *CHAT]
-    ids, keep = encode_document(chat, tok, clean_added_tokens=False, clean_default_system_prompt=True)
-    assert all(keep) and "Be brief." in kept_text(tok, ids, keep)
-    ids, keep = encode_document(chat, tok, clean_added_tokens=True, clean_default_system_prompt=True)
-    assert kept_text(tok, ids, keep).startswith("system\nBe brief.\nuser\n")
-
-
-def test_llama3_style_default_system_prompt(tok):
-    tok.add_special_tokens({"additional_special_tokens": ["<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
-    block = "<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n\n<|eot_id|>"
-    tok.chat_template = (
-        "{{ bos_token }}{% if messages[0]['role'] != 'system' %}"
-        + block.replace("\n", "\\n").join(["{{ '", "' }}"])
-        + "{% endif %}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-        "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-    )
-    rendered = tok.apply_chat_template(CHAT, tokenize=False)
-    assert rendered.startswith("<s>" + block)
-    ids, keep = encode_document(CHAT, tok, clean_added_tokens=False, clean_default_system_prompt=True)
-    assert kept_text(tok, ids, keep) == rendered.replace(block, "")
-    chat = [{"role": "system", "content": "Be brief."}, *CHAT]
-    _, keep = encode_document(chat, tok, clean_added_tokens=False, clean_default_system_prompt=True)
-    assert all(keep)
-
-
-def test_template_without_default_system_is_untouched(tok):
-    tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    _, keep = encode_document(CHAT, tok, clean_added_tokens=False, clean_default_system_prompt=True)
-    assert all(keep)
-
-
-def test_failing_template_falls_back_with_a_warning(tok, caplog):
-    tok.chat_template = "{{ raise_exception('no chats here') }}"
-    with caplog.at_level(logging.WARNING, logger="activault.collection.packing"):
-        ids, keep = encode_document(CHAT, tok, clean_added_tokens=True, clean_default_system_prompt=True)
-    assert "no chats here" in caplog.text
-    assert kept_text(tok, ids, keep) == "user: What is a hook?\n\nassistant: A callback."
 
 
 # ---------------------------------------------------------------- chat repair
@@ -508,23 +306,6 @@ def test_custom_registry_columns_templates_and_filters(tmp_path, tok):
     assert batches[-1].state.exhausted
 
 
-def test_data_state_round_trip():
-    s = DataState(docs_done=7, token_offset=3)
-    assert DataState.from_dict(s.to_dict()) == s and DataState.from_dict({}) == DataState()
-
-
-def test_encode_document_repairs_raw_chats(tok):
-    raw = [{"from": "gpt", "value": "x"}, {"from": "human", "value": "What is a hook?"}]
-    raw += [{"from": "gpt", "value": "A callback."}]
-    assert encode_document(raw, tok, clean_added_tokens=True, clean_default_system_prompt=True) == (
-        encode_document(CHAT, tok, clean_added_tokens=True, clean_default_system_prompt=True)
-    )
-    assert encode_document([], tok, clean_added_tokens=True, clean_default_system_prompt=True) == (
-        [],
-        [],
-    )
-
-
 def test_text_and_messages_fields_name_other_columns(tmp_path, tok):
     path = write_jsonl(tmp_path / "own.jsonl", [{"body": "first document"}, {"body": "second one"}])
     assert list(iter_documents(source_for(cfg(str(path), text_field="body")))) == ["first document", "second one"]
@@ -658,3 +439,53 @@ def test_require_documents_names_the_registry_field_and_machine(tmp_path):
     require_documents(resolve_source(str(one)), "one", machine=0, num_runs=2)
     with pytest.raises(DataError, match="for machine 1 of 2: .*lower num_runs"):
         require_documents(resolve_source(str(one)), "one", machine=1, num_runs=2)
+
+
+@pytest.mark.parametrize(
+    "data_key", ["y" * 5000, "/".join(["y" * 200] * 30), "a\x00b"], ids=["long-part", "long-path", "nul"]
+)
+def test_a_data_key_no_path_can_have_is_one_config_error_naming_the_field(data_key):
+    # A part over 255 bytes made Path.is_dir raise a raw OSError (ENAMETOOLONG).
+    with pytest.raises(ConfigError) as e:
+        resolve_source(data_key)
+    text = str(e.value)
+    assert text.startswith(f"data_config.data_key {data_key[:80]!r}") and "is neither a key of the dataset" in text
+    assert len(text) < 1000, "a long key is shown cut"
+
+
+LONE = [
+    '{"text": "bad \\ud800 here"}',  # a high half alone
+    '{"text": "bad \\udc00"}',  # a low half alone
+    '{"messages": [{"role": "user", "content": "hi \\uDBFF"}, {"role": "assistant", "content": "yo"}]}',
+    '{"text": "fine", "\\ud800": 1}',  # in a key: the row is still no text
+]
+
+
+def test_a_lone_surrogate_is_a_bad_record_named_by_line_not_a_tokenizer_error(tmp_path, tok):
+    # The tokenizer raised a raw TypeError for the whole chunk of documents.
+    good = [json.dumps({"text": t}) for t in ("first", "emoji \U0001f600 escaped as a pair", "last")]
+    lines = [good[0], *LONE, good[1], good[2]]
+    path = tmp_path / "s.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    assert "\\ud83d\\ude00" in good[1], "json.dumps escapes the emoji as a surrogate pair"
+    clean = tmp_path / "clean.jsonl"
+    clean.write_text("\n".join(good) + "\n")
+    bad = BadRecords()
+    docs = list(iter_documents(resolve_source(str(path)), bad=bad))
+    assert docs == list(iter_documents(resolve_source(str(clean)))) and bad.count == len(LONE)
+    batches = list(iter_batches(cfg(str(path), seq_length=16, batch_size=2), tok))
+    expected = list(iter_batches(cfg(str(clean), seq_length=16, batch_size=2), tok))
+    assert all(torch.equal(a.input_ids, b.input_ids) for a, b in zip(batches, expected, strict=True))
+    assert batches[-1].state.bad_records == len(LONE)
+    with pytest.raises(DataError) as e:
+        list(iter_batches(cfg(str(path), on_bad_record="error"), tok))
+    assert f"{path}:2: not Unicode text (a lone UTF-16 surrogate '\\ud800'" in str(e.value)
+
+
+def test_a_lone_surrogate_in_a_json_array_is_a_bad_item(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text('[{"text": "ok"}, {"text": "bad \\ud800"}, {"text": "ok too"}]')
+    bad = BadRecords()
+    assert list(iter_documents(resolve_source(str(path)), bad=bad)) == ["ok", "ok too"] and bad.count == 1
+    with pytest.raises(DataError, match=r"a.json: item 1: not Unicode text"):
+        list(iter_documents(resolve_source(str(path)), bad=BadRecords("error")))

@@ -26,7 +26,9 @@ from activault.integrations.saelens_cache import add_subcommands, export_saelens
 from activault.integrations.sparsify import replay
 from activault.storage import LocalStore
 from activault.tools.verify import verify_run
-from activault.vault.records import statistics_record
+from activault.vault import records
+from activault.vault import writer as run_writer
+from activault.vault.megabatch import FORMAT_VERSION
 from support.synth import SynthRun
 
 HOOKS = ["h1", "h2"]
@@ -94,6 +96,40 @@ def test_provider_ranks_read_disjoint_files_that_cover_the_run(run: SynthRun, tm
     assert row_counter(torch.cat(seen)) == row_counter(kept(run, "h1"))
     with pytest.raises(ConfigError, match="world_size"):
         next(VaultProvider(tmp_path / "run", "h1", batch_tokens=16, rank=7, world_size=8))
+
+
+def test_options_are_checked_once_and_travel_as_one_value(run: SynthRun, tmp_path: Path) -> None:
+    """Each integration checks its loader's options when it is made: a mistyped one is named with what
+    it accepts (the integration's own arguments and TokenLoader's); `options=ReadOptions(...)` passes
+    through, its rank and world_size too unless the integration is given its own."""
+    root = tmp_path / "run"
+    for make, owner, typo in (
+        (lambda: VaultProvider(root, "h1", batch_tokens=8, windw=2), "VaultProvider", "window"),
+        (lambda: VaultProvider(root, "h1", batch_tokens=8, loop=False), "VaultProvider", "None"),
+        (lambda: VaultBuffer(root, "h1", out_batch_size=8, bufer_size=3), "VaultBuffer", "buffer_size"),
+        (lambda: replay(root, ["h1"], num_tokens=64, tokens_per_row=8, sed=1), "replay", "seed"),
+    ):
+        with pytest.raises(ConfigError, match=f"^{owner} has no option") as e:
+            make()
+        assert (f"did you mean {typo!r}" in str(e.value)) == (typo != "None")
+        assert "drop_positions_below" in str(e.value) and "verify_checksums" in str(e.value)
+    for make, message in (
+        (lambda: VaultBuffer(root, "h1", out_batch_size=0), "out_batch_size=0 is not accepted"),
+        (lambda: replay(root, ["h1"], num_tokens=64, tokens_per_row=2.5), "tokens_per_row=2.5 is not accepted"),
+        (lambda: replay(root, ["h1"], num_tokens=4, tokens_per_row=8), "num_tokens=4 is not accepted"),
+        (lambda: VaultProvider(root, "h1", batch_tokens=8, buffer_size=0), "buffer_size=0 is not accepted"),
+        (lambda: VaultProvider(root, "h1", batch_tokens=8, store_options={"fsnyc": 1}), "'fsnyc'"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            make()
+    shard = v.ReadOptions(rank=1, world_size=2, seed=3, buffer_size=1)
+    with VaultProvider(root, "h1", batch_tokens=8, options=shard) as p:
+        assert (p.rank, p.world_size, p.loader.rank, p.loader.seed, p.loader.files.buffer_size) == (1, 2, 1, 3, 1)
+    with VaultProvider(root, "h1", batch_tokens=8, options=shard, rank=0, world_size=1, seed=4) as p:
+        assert (p.rank, p.world_size, p.loader.seed) == (0, 1, 4)  # its own arguments and keywords win
+    model, dataset = replay(root, ["h1"], num_tokens=64, tokens_per_row=8, options=shard)
+    assert dataset.loader.rank == 1 and dataset.loader.world_size == 2
+    dataset.close()
 
 
 def test_provider_shapes_for_transcoders_and_crosscoders(run: SynthRun, tmp_path: Path) -> None:
@@ -208,19 +244,8 @@ def sparse_run(
     ids = torch.randint(0, 500, (rows, seq), generator=g, dtype=torch.int32)
     pos = torch.arange(seq, dtype=torch.int32).expand(rows, seq).contiguous()
     per_file = 32
-    stats = {h: v.RunningStats(d) for h in states}
-    for f, a in enumerate(range(0, rows, per_file)):
-        for h, s in states.items():
-            part = {
-                "states": s[a : a + per_file].contiguous(),
-                "input_ids": ids[a : a + per_file],
-                "positions": pos[a : a + per_file],
-            }
-            meta = v.header_metadata(run, h, 0, f, "synthetic")
-            store.put(f"{run}/{h}/{v.file_name(0, f)}", v.encode(part, meta))
-            stats[h].update(part["states"].view(-1, d))
-    for h in states:
-        meta = v.hook_metadata(
+    metadata = {
+        h: v.hook_metadata(
             run_name=run,
             hook=h,
             d_model=d,
@@ -231,8 +256,20 @@ def sparse_run(
             batches_per_upload=1,
             model="synthetic",
         )
-        v.write_record(store, v.metadata_key(f"{run}/{h}"), meta)
-        v.write_record(store, f"{run}/{h}/statistics.json", statistics_record(stats[h], [0], 1))
+        for h in states
+    }
+    writer = v.RunWriter(store, v.RunRecord(run_name=run, hooks=list(states), num_runs=1), metadata)
+    writer.join()
+    stats = {h: v.RunningStats(d) for h in states}
+    for a in range(0, rows, per_file):
+        part = {h: s[a : a + per_file].contiguous() for h, s in states.items()}
+        for h, x in part.items():
+            stats[h].update(x.view(-1, d))
+        tokens = per_file * seq
+        writer.write_file(
+            part, ids[a : a + per_file], pos[a : a + per_file], tokens=tokens, data_state=None, stats=stats
+        )
+    writer.finish(None, stats)
 
 
 def dense_baselines(root: Path) -> tuple[float, float]:
@@ -420,6 +457,14 @@ def test_round_trip_vault_cache_vault_is_bit_identical(run: SynthRun, tmp_path: 
     assert checked.problems == [] and checked.tokens == back.tokens
     cfg = json.loads((tmp_path / "vault/back/cfg.json").read_text())
     assert cfg["imported_from"]["documents"] == "one per row" and cfg["hooks"] == HOOKS
+    back_store = LocalStore(tmp_path / "vault")  # every record the import wrote validates
+    record = records.read_run(back_store, "back")
+    assert record.format_version == FORMAT_VERSION and record.imported_from.rows == res.rows
+    assert records.read_progress(back_store, "back", 0).finished
+    assert all(
+        records.read_metadata(back_store, f"back/{h}") and records.read_statistics(back_store, f"back/{h}")
+        for h in HOOKS
+    )
     for h in HOOKS:  # statistics equal a float64 recomputation over the imported tokens
         want = states2[h].reshape(-1, 8).double()
         got = v.run_statistics(str(tmp_path / "vault/back"), h)
@@ -539,18 +584,18 @@ def test_import_resumes_after_a_crash_to_the_same_bytes(
 ) -> None:
     export_saelens(str(tmp_path / "run"), HOOKS, tmp_path / "cache")
     import_saelens(tmp_path / "cache", str(tmp_path / "a/run"), rows_per_file=3)
-    real, calls = v.encode, []
+    real, calls = run_writer.encode, []
 
     def failing(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 5:  # file 2 of the first hook
+        if len(calls) == 5:  # file 2 of a hook, or file 1's last on a slow thread
             raise OSError("disk full")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(v, "encode", failing)
+    monkeypatch.setattr(run_writer, "encode", failing)
     with pytest.raises(OSError):
         import_saelens(tmp_path / "cache", str(tmp_path / "b/run"), rows_per_file=3)
-    monkeypatch.setattr(v, "encode", real)
+    monkeypatch.setattr(run_writer, "encode", real)
     done = json.loads((tmp_path / "b/run/progress/machine-00000.json").read_text())["files_done"]
     assert done in (1, 2)  # file 1's record may or may not have landed before the failure
     res = import_saelens(tmp_path / "cache", str(tmp_path / "b/run"), rows_per_file=3)
@@ -645,3 +690,13 @@ print("left mid-epoch")
         env={**__import__("os").environ, "PYTHONPATH": ":".join(sys.path)},
     )
     assert out.returncode == 0 and out.stdout.strip() == "left mid-epoch" and out.stderr == "", out.stderr
+
+
+def test_run_statistics_names_a_missing_or_damaged_record_and_its_repair(run: SynthRun, tmp_path: Path) -> None:
+    with pytest.raises(NotFoundError, match=r"h9/statistics.json does not exist.*activault merge-stats"):
+        v.run_statistics(tmp_path / "run", "h9")
+    (tmp_path / "run/h1/statistics.json").write_text('{"count": "many"}')
+    with pytest.raises(FormatError, match=r"h1/statistics.json: field 'count'.*merge-stats"):
+        v.run_statistics(tmp_path / "run", "h1")
+    both = v.run_statistics([tmp_path / "run", LocalStore(tmp_path / "run")], "h2")
+    assert both.count == 2 * run.stats["h2"].count

@@ -22,11 +22,13 @@ import torch
 from activault import RCache, TokenLoader
 from activault.errors import ConfigError, FormatError, StorageError
 from activault.reading import fetch, stream
-from activault.reading.fetch import BufferPool
+from activault.reading.fetch import ReadBuffers
 from activault.reading.stream import FileStream
 from activault.storage import Buffer, Entry, LocalStore, Store
 from activault.storage import s3 as s3mod
 from activault.storage.s3 import S3Store
+from activault.tools.recompress import convert_file
+from activault.vault import codec as codecs
 from activault.vault import megabatch as fmt
 from activault.vault import records
 from support.pagecache import cached_pages, evict
@@ -82,8 +84,8 @@ class Counting(Store):
         return self.inner.url(key)
 
 
-def test_buffer_pool_hands_out_memory_again_only_once_unused() -> None:
-    pool = BufferPool(keep=2)
+def test_read_buffers_hand_out_memory_again_only_once_unused() -> None:
+    pool = ReadBuffers(keep=2)
     a = pool.empty((4, 8), torch.float32)
     view = a[1:3]  # a view keeps the buffer in use
     del a
@@ -106,7 +108,7 @@ def test_a_buffer_is_reused_only_after_its_recorded_copy() -> None:
         def synchronize(self) -> None:
             Event.synced += 1
 
-    pool = BufferPool(keep=2)
+    pool = ReadBuffers(keep=2)
     a = pool.bytes(64)
     ptr = a.data_ptr()
     pool.copied([a[8:16]], Event())  # a view inside the buffer names it
@@ -120,10 +122,39 @@ def test_tensors_are_views_of_the_file_buffer(tmp_path: Path) -> None:
     raw = (tmp_path / "r/h" / run.names[0]).read_bytes()
     buf = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
     header = fmt.parse_header(raw, "f")
-    tensors = fetch.tensors_of(buf, header, "f", BufferPool(), verify_checksums=True)
+    tensors = fmt.decode(buf, "f", header, verify_checksums=True, alloc=ReadBuffers().empty).tensors
     for name, t in tensors.items():
         assert torch.equal(t, run.files["h"][run.names[0]][name])
         assert t.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()  # same allocation
+
+
+def test_without_recycling_every_request_gets_new_memory() -> None:
+    fresh, kept = ReadBuffers(recycle=False), ReadBuffers()
+    a = kept.bytes(64)
+    first = a.data_ptr()
+    del a
+    assert kept.bytes(64).data_ptr() == first
+    assert fresh.bytes(64).numel() == 64 and fresh.empty((2, 4), torch.float32).shape == (2, 4)
+    assert not fresh._slots  # nothing kept to hand out again
+
+
+def test_a_compressed_file_is_decoded_into_the_readers_buffers(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path, fsync=False)
+    run = write_synthetic_run(store, "r", ["h"], files=2)
+    for name in run.names:
+        convert_file(store, f"r/h/{name}", codecs.Codec("zstd", chunk_bytes=256))
+    cache = RCache(tmp_path / "r/h", buffer_size=1)
+    taken = []
+    empty = cache.files.buffers.empty
+
+    def alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        taken.append((shape, dtype))
+        return empty(shape, dtype)
+
+    cache.files.buffers.empty = alloc  # type: ignore[method-assign]
+    assert torch.equal(torch.cat(list(cache)), run.tensor("h"))
+    want = run.files["h"][run.names[0]]["states"]
+    assert taken == [(tuple(want.shape), want.dtype)] * 2
 
 
 def test_a_file_is_split_over_every_worker_in_whole_pages() -> None:
@@ -217,13 +248,13 @@ def test_a_later_file_starts_reading_only_after_an_earlier_files_ranges(
     tmp_path: Path, small_ranges: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(stream, "RANGE_WORKERS", 2)
-    bytes_ = BufferPool.bytes
+    bytes_ = ReadBuffers.bytes
 
-    def slow(pool: BufferPool, nbytes: int) -> torch.Tensor:
+    def slow(pool: ReadBuffers, nbytes: int) -> torch.Tensor:
         time.sleep(0.05)  # a file's head is slow to request its ranges: the other worker is free meanwhile
         return bytes_(pool, nbytes)
 
-    monkeypatch.setattr(BufferPool, "bytes", slow)
+    monkeypatch.setattr(ReadBuffers, "bytes", slow)
     run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=3, d=64)
     logged = Timeline(LocalStore(tmp_path / "r/h", fsync=False))
     assert torch.equal(torch.cat(list(RCache(logged, buffer_size=3))), run.tensor("h"))
@@ -408,8 +439,8 @@ def test_repeated_5xx_is_retried_visibly_then_named(
     assert proxy.counts["503"] >= 3
 
 
-def test_pool_forgets_a_free_buffer_beyond_keep() -> None:
-    pool = BufferPool(keep=2)
+def test_read_buffers_forget_a_free_buffer_beyond_keep() -> None:
+    pool = ReadBuffers(keep=2)
     a, b = pool.bytes(64), pool.bytes(64)
     del b  # free, but too small for the next request: forgotten to stay within `keep`
     c = pool.bytes(128)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from activault.reading.options import ReadOptions
 from activault.reading.stream import FileStream
 from support.synth import SynthRun
 
@@ -48,9 +49,17 @@ def test_abandoned_readers_exit_silently(run: SynthRun, tmp_path: Path, how: str
 
 def test_order_per_epoch_and_rank(run: SynthRun, tmp_path: Path) -> None:
     def order(epoch: int, **kw: int) -> list[str]:
-        return [f.name for f in FileStream(tmp_path / "run/h1", preserve_file_order=False, seed=4, **kw).order(epoch)]
+        options = ReadOptions(preserve_file_order=False, seed=4, **kw)
+        return [f.name for f in FileStream(tmp_path / "run/h1", options).order(epoch)]
 
     assert sorted(order(0)) == run.names and order(0) != order(1) and order(0) == order(0)
     shards = [order(2, rank=r, world_size=4) for r in range(4)]
     assert sorted(sum(shards, [])) == run.names
     assert [f.name for f in FileStream(tmp_path / "run/h1").order(5)] == run.names
+
+
+def test_prefetch_from_an_index_yields_each_file_of_the_order_from_there(run: SynthRun, tmp_path: Path) -> None:
+    stream = FileStream(tmp_path / "run/h1", ReadOptions(preserve_file_order=False, seed=3, buffer_size=2))
+    with stream.prefetch(1, start=2) as files:
+        got = [(index, item.file) for index, item in files]
+    assert got == list(enumerate(stream.order(1)))[2:] and len(got) == len(run.names) - 2

@@ -20,18 +20,19 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from test_collect import make_cfg, tree_bytes
 
 from activault import cli
 from activault.collection.pipeline import collect
 from activault.collection.plan import cost_notes, is_local_endpoint
 from activault.errors import ConfigError, NotFoundError, StorageError
 from activault.reading.rcache import RCache
+from activault.storage import LocalStore, open_store
 from activault.storage import s3 as s3mod
 from activault.storage.s3 import S3Store
 from activault.vault.megabatch import decode
+from support.collecting import make_cfg, tree_bytes
 from support.s3servers import FaultProxy, S3Server, free_port, start_server
-from support.synth import write_synthetic_run
+from support.synth import s3_env, write_synthetic_run
 
 pytestmark = pytest.mark.s3
 HOOKS = ["models.layers.1.post", "models.layers.0.mlp.post"]
@@ -327,6 +328,57 @@ def test_retry_budget_from_options_then_env_then_defaults(monkeypatch) -> None:
     for bad in ({"ACTIVAULT_S3_MAX_RETRIES": "many"}, {"ACTIVAULT_S3_RETRY_TIMEOUT": "-1"}):
         with pytest.raises(ConfigError, match=next(iter(bad))):
             s3mod.retry_budget(bad)
+
+
+GARBAGE = [
+    *(("max_retries", bad) for bad in (-1, 2.5, True, "3")),
+    *(("retry_timeout", bad) for bad in (-1, "5", True)),
+    *(("timeout", bad) for bad in (120, " ")),
+    *(("unsigned", bad) for bad in ("yes", 1)),
+    *(("part_size", bad) for bad in (1024, 0, 8.0 * 2**20)),
+    *(("multipart_threshold", bad) for bad in (0, -5)),
+    *(("part_concurrency", bad) for bad in (0, 1.5, False)),
+]
+
+
+def test_store_options_are_checked_by_name_type_and_range(moto_url: str, moto_bucket: str) -> None:
+    """A mistyped option is named with those the S3 store takes (it used to vanish into `**_`); a value of
+    the wrong type or range is one ConfigError naming it; the credentials are never shown."""
+    env, uri = s3_env(moto_url), f"s3://{moto_bucket}"
+    takes = "the S3 store takes env, unsigned, max_retries, retry_timeout, timeout, part_size, multipart"
+    with pytest.raises(ConfigError, match=rf"unknown store option\(s\) 'retry_timout': {takes}"):
+        open_store(uri, env=env, retry_timout=3)
+    with pytest.raises(ConfigError, match=r"'map_reads' \(map_reads: for another kind of store\): the S3 store"):
+        open_store(uri, env=env, map_reads=False)
+    with pytest.raises(TypeError, match="retry_timout"):  # the constructor itself takes no catch-all
+        S3Store(uri, env=env, retry_timout=3)  # type: ignore[call-arg]
+    for name, bad in GARBAGE:
+        with pytest.raises(ConfigError, match=f"^{re.escape(f'{name}={bad!r}')} is not accepted: the S3 store"):
+            open_store(uri, env=env, **{name: bad})
+    for bad_env in ({**env, "AWS_SECRET_ACCESS_KEY": 123}, "AWS_SECRET_ACCESS_KEY=moto-secret"):
+        with pytest.raises(ConfigError, match=r"^env=\{\.\.\.\} is not accepted") as e:
+            S3Store(uri, env=bad_env)  # type: ignore[arg-type]
+        assert "secret" not in str(e.value)
+    store = open_store(uri, env=env, max_retries=0, retry_timeout=timedelta(seconds=1), part_concurrency=2)
+    assert (store.max_retries, store.retry_timeout, store.part_concurrency) == (0, 1.0, 2)  # type: ignore[attr-defined]
+
+
+def test_readers_check_store_options_per_source(moto_url: str, moto_bucket: str, tmp_path: Path) -> None:
+    """Sources of both kinds share one store_options: each store takes its own; a name no store takes, or
+    a bad value, is refused before anything is read."""
+    env = s3_env(moto_url)
+    remote = write_synthetic_run(S3Store(f"s3://{moto_bucket}", env=env), "run", ["h"], files=2)
+    local = write_synthetic_run(LocalStore(tmp_path, fsync=False), "run", ["h"], machines=2, files=1)
+    sources = [str(tmp_path / "run/h"), f"s3://{moto_bucket}/run/h"]
+    with RCache(sources, store_options={"env": env, "map_reads": False, "max_retries": 2}) as cache:
+        got = torch.cat(list(cache))
+    assert torch.equal(got, torch.cat([local.tensor("h"), remote.tensor("h")]))
+    with pytest.raises(ConfigError, match=r"^max_retries=-1 is not accepted: the S3 store option max_retries"):
+        RCache(sources[1], store_options={"env": env, "max_retries": -1})
+    with pytest.raises(ConfigError, match=r"'part_size' \(part_size: for another kind of store\): the local store"):
+        RCache(sources[0], store_options={"part_size": 8 << 20})
+    with pytest.raises(ConfigError, match="'retries'.*the local store takes fsync, map_reads; the S3 store takes env"):
+        RCache(sources, store_options={"env": env, "retries": 2})
 
 
 def test_permanent_errors_are_not_retried(moto, moto_bucket, moto_run, monkeypatch) -> None:

@@ -14,13 +14,12 @@ import pytest
 import torch
 import yaml
 
-from activault.cli import main
 from activault.storage import LocalStore, Store
 from activault.tools.inspection import inspect_file, sample_norms, stats_figure
 from activault.tools.tiny import demo_texts
-from activault.units import parse_bandwidth
 from activault.vault import megabatch as fmt
 from activault.vault.records import file_name, read_statistics
+from support.collecting import run_cli
 from support.synth import SynthRun, write_synthetic_run
 
 HOOKS = ["models.layers.0.post", "models.layers.1.mlp.post"]
@@ -59,12 +58,6 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 def vault(tmp_path: Path) -> tuple[LocalStore, SynthRun]:
     store = LocalStore(tmp_path / "vault", fsync=False)
     return store, write_synthetic_run(store, "run", HOOKS, machines=2, files=2)
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    rc = main(args)
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 # ---- inspect ----
@@ -168,11 +161,6 @@ def test_stats_table_and_plot(vault, tmp_path: Path, capsys) -> None:
 
 
 # ---- estimate ----
-
-
-def test_parse_bandwidth() -> None:
-    assert parse_bandwidth("1Gbps") == 125e6 and parse_bandwidth("100MB/s") == 100e6
-    assert parse_bandwidth("500 Mbit/s") == 62.5e6
 
 
 def test_estimate_from_config_without_weights(tiny_model_dir, tmp_path: Path, capsys) -> None:

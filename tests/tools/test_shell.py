@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import sys
@@ -305,11 +304,11 @@ def test_missing_root_and_bucket_are_one_line_errors(tmp_path: Path, history: Pa
 
 @pytest.fixture
 def s3(
-    moto: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+    moto_url: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
 ) -> tuple[Store, SynthRun, dict[str, str]]:
     bucket = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-")
-    create_bucket(moto, bucket)
-    env = s3_env(moto)
+    create_bucket(moto_url, bucket)
+    env = s3_env(moto_url)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     store = open_store(f"s3://{bucket}")
@@ -364,14 +363,18 @@ def test_s3_shell_rm_and_prefix_root(s3, tmp_path: Path, history: Path) -> None:
 
 
 @pytest.mark.s3
-def test_s3_shell_names_foreign_keys_and_rm_deletes_them(s3, moto: str, tmp_path: Path, history: Path) -> None:
+def test_s3_shell_names_foreign_keys_and_rm_deletes_them(s3, moto_url: str, tmp_path: Path, history: Path) -> None:
     """Keys with `..` or an empty part (object_store refuses them) and a zero-byte megabatch: listed,
     never read, and deleted with the run."""
     import boto3
 
     store, run, env = s3
     client = boto3.client(
-        "s3", endpoint_url=moto, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing"
+        "s3",
+        endpoint_url=moto_url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
     )
     bucket = store.uri.removeprefix("s3://")
     for key in (f"run/{HOOKS[0]}/../x", f"run/{HOOKS[0]}//y"):
@@ -396,11 +399,11 @@ def test_s3_shell_names_foreign_keys_and_rm_deletes_them(s3, moto: str, tmp_path
 
 
 @pytest.mark.s3
-def test_s3_shell_says_it_is_retrying_then_gives_one_line(s3, moto: str, tmp_path: Path, history: Path) -> None:
+def test_s3_shell_says_it_is_retrying_then_gives_one_line(s3, moto_url: str, tmp_path: Path, history: Path) -> None:
     from support.s3servers import FaultProxy
 
     store, run, env = s3
-    with FaultProxy(moto) as proxy:
+    with FaultProxy(moto_url) as proxy:
         s = open_shell(
             store.uri, tmp_path, history, env={**env, "S3_ENDPOINT_URL": proxy.url, "ACTIVAULT_S3_RETRY_TIMEOUT": "8"}
         )
@@ -416,18 +419,3 @@ def test_s3_shell_says_it_is_retrying_then_gives_one_line(s3, moto: str, tmp_pat
         proxy.rate = 0.0  # the store is back: the same shell goes on
         assert re.search(r"^\s+0\s+run/", s.run("ls"), re.M)
         s.close()
-
-
-def test_write_whole_never_blocks_on_a_fifo_and_keeps_the_mode(tmp_path: Path) -> None:
-    from activault.tools.output import write_whole
-
-    os.mkfifo(tmp_path / "pipe")
-    with pytest.raises(OSError) as e:  # nobody reads it: ENXIO at once, not a hang
-        write_whole(str(tmp_path / "pipe"), "x")
-    assert e.value.errno == errno.ENXIO
-    target = tmp_path / "out.txt"
-    target.write_text("old")
-    target.chmod(0o600)
-    write_whole(str(target), "new")
-    assert target.read_text() == "new" and (target.stat().st_mode & 0o777) == 0o600
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.txt", "pipe"]  # no temp file left

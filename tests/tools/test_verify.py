@@ -8,12 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_inspection import HOOKS, run_cli
+from test_inspection import HOOKS
 
 from activault.storage import LocalStore
 from activault.tools.verify import verify_run
 from activault.vault import megabatch as fmt
 from activault.vault.records import REBUILD, header_metadata
+from support.collecting import run_cli
 from support.synth import SynthRun, write_synthetic_run
 
 

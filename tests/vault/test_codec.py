@@ -15,17 +15,17 @@ import pytest
 import torch
 import yaml
 from safetensors import safe_open
-from test_collect import make_cfg, tree_bytes
 
 from activault import RCache, TokenLoader
 from activault.collection.pipeline import collect
-from activault.collection.writer import Writer
 from activault.errors import ConfigError, FormatError
 from activault.storage import LocalStore
 from activault.tools.recompress import convert_file, recompress_run
 from activault.tools.verify import verify_run
 from activault.vault import codec as codecs
 from activault.vault import megabatch as fmt
+from activault.vault.writer import Writer
+from support.collecting import make_cfg, run_cli, tree_bytes
 from support.killing import kill_after_files
 from support.synth import SynthRun
 
@@ -281,7 +281,6 @@ def test_config_and_estimate_name_the_codec(tiny_model_dir, tmp_path: Path) -> N
 
 
 def test_inspect_and_shell_describe_compressed_files(run: SynthRun, local: LocalStore, tmp_path: Path, capsys) -> None:
-    from test_inspection import run_cli
 
     from activault.tools.shell import Shell
 

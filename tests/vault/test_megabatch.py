@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ from safetensors import safe_open
 
 from activault.errors import FormatError
 from activault.storage import LocalStore
+from activault.vault import codec as codecs
 from activault.vault.megabatch import (
     FORMAT_VERSION,
     HEAD_READ,
@@ -83,6 +85,57 @@ def test_encode_does_not_copy_the_states():
     states_part = next(p for p in parts if p.nbytes == tensors["states"].numel() * 4)
     tensors["states"][0, 0, 0] = 42.0  # the buffer handed to the writer is the tensor's own memory
     assert np.frombuffer(states_part, dtype=np.float32)[0] == 42.0
+
+
+def inside(t: torch.Tensor, buf: torch.Tensor) -> bool:
+    return buf.data_ptr() <= t.data_ptr() < buf.data_ptr() + buf.numel()
+
+
+def test_decoded_tensors_are_views_of_the_buffer_given_whether_bytes_or_a_tensor():
+    tensors = megabatch(torch.float32)
+    data = bytearray(blob(tensors))
+    buf = torch.frombuffer(data, dtype=torch.uint8)
+    for passed in (data, memoryview(data), buf):
+        mb = decode(passed, NAME, verify_checksums=True)
+        assert equal(mb.tensors, tensors) and all(inside(t, buf) for t in mb.tensors.values())
+    # Read-only bytes (an object store's answer) decode without torch's warning about them.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert equal(decode(bytes(data), NAME).tensors, tensors)
+
+
+def test_compressed_tensors_are_decoded_into_the_callers_buffers():
+    tensors = megabatch(torch.bfloat16, rows=4, seq=8, d=16)
+    parts = encode(tensors, {}, compression=codecs.Codec("zstd", chunk_bytes=256))
+    buf = torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8)
+    taken: list[torch.Tensor] = []
+
+    def alloc(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        taken.append(torch.full(shape, 7, dtype=dtype))  # a recycled buffer: old contents
+        return taken[-1]
+
+    mb = decode(buf, NAME, verify_checksums=True, alloc=alloc)
+    assert equal(mb.tensors, tensors)
+    assert [(tuple(t.shape), t.dtype) for t in taken] == [((4, 8, 16), torch.bfloat16)]
+    assert mb.states.data_ptr() == taken[0].data_ptr()  # decoded in place, not copied after
+    assert inside(mb.input_ids, buf) and inside(mb.positions, buf)  # raw ones: still views
+
+
+def test_a_foreign_file_with_an_unaligned_tensor_reads_by_one_copy():
+    # safetensors allows any offsets: three bytes before `states` put it off its 4-byte alignment.
+    want = megabatch(torch.float32, rows=1, seq=2, d=2)
+    body = [("odd", "U8", [3], b"abc")] + [
+        (n, {torch.float32: "F32", torch.int32: "I32"}[t.dtype], list(t.shape), t.numpy().tobytes())
+        for n, t in want.items()
+    ]
+    raw, at = {}, 0
+    for name, code, shape, data in body:
+        raw[name] = {"dtype": code, "shape": shape, "data_offsets": [at, at + len(data)]}
+        at += len(data)
+    head = json.dumps(raw).encode()
+    head += b" " * (-len(head) % 8)
+    got = decode(struct.pack("<Q", len(head)) + head + b"".join(d for *_, d in body), NAME).tensors
+    assert equal({k: v for k, v in got.items() if k != "odd"}, want) and bytes(got["odd"].numpy()) == b"abc"
 
 
 @pytest.mark.parametrize(

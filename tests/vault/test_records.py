@@ -1,9 +1,8 @@
-"""Run records: every record through one schema, damage named with file, field and repair; merging."""
+"""Run records: every record through one schema, damage named with file, field and repair."""
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import re
@@ -13,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from activault.errors import ConfigError, FormatError
+from activault.errors import FormatError
 from activault.storage import LocalStore
 from activault.vault import records
 from activault.vault.records import (
@@ -33,8 +32,6 @@ from activault.vault.records import (
     read_statistics,
     write_record,
 )
-from activault.vault.runs import join_run, merge_statistics
-from activault.vault.stats import merge_all
 from support.synth import SynthRun, write_synthetic_run
 
 HOOKS = ["h1", "h2"]
@@ -222,69 +219,30 @@ def test_any_bytes_give_a_record_or_a_format_error(model, raw):
         assert str(e).startswith(URL)
 
 
-# ---- merging statistics ----
-
-
-class CountingStore(LocalStore):
-    """A local store that counts whole-object reads per key."""
-
-    def __init__(self, root: Path):
-        super().__init__(root, fsync=False)
-        self.gets: dict[str, int] = {}
-
-    def get(self, key):
-        self.gets[key] = self.gets.get(key, 0) + 1
-        return super().get(key)
-
-
-def test_merge_reads_each_record_once_and_equals_one_merge(tmp_path: Path):
-    n = 12
-    synth = write_synthetic_run(LocalStore(tmp_path, fsync=False), "run", HOOKS, machines=n, files=1)
-    store = CountingStore(tmp_path)
-    for h in HOOKS:
-        store.delete(f"run/{h}/statistics.json")
-    assert merge_statistics(store, "run", HOOKS, n) == list(range(n))
-    progress = {k: c for k, c in store.gets.items() if "/progress/" in k}
-    assert len(progress) == n and set(progress.values()) == {1}  # not once per machine per machine
-    for h in HOOKS:
-        got = read_statistics(store, f"run/{h}")
-        assert got.machines == list(range(n)) and got.count == synth.stats[h].count
-        assert got.mean == synth.stats[h].mean.tolist()  # same order of merging: the same bits
-
-
-def test_merge_skips_another_machines_damaged_record_with_its_repair(local, synth, caplog):
-    local.put_text("run/progress/machine-00001.json", '{"machine": 1, "num_runs": 3, "stats": 5}')
-    with caplog.at_level(logging.WARNING):
-        assert merge_statistics(local, "run", HOOKS, 3) == [0, 2]
-    assert "machine-00001.json: field 'stats'" in caplog.text and "rerun machine 1's collect" in caplog.text
-    assert read_statistics(local, "run/h1").machines == [0, 2]
-
-
-def test_merge_ignores_unfinished_machines(local, synth):
-    rec = read_progress(local, "run", 2)
-    write_record(local, records.progress_key("run", 2), rec.model_copy(update={"finished": False}))
-    assert merge_statistics(local, "run", HOOKS, 3) == [0, 1]
-    parts = [read_progress(local, "run", m).stats["h1"].running() for m in (0, 1)]
-    assert read_statistics(local, "run/h1").count == merge_all(parts).count
-
-
-# ---- joining a run ----
-
-
-def test_join_run_rebuilds_a_missing_or_damaged_cfg_and_refuses_another_num_runs(local, synth):
-    rec = read_run(local, "run")
-    for damage in (
-        lambda: local.delete("run/cfg.json"),
-        lambda: local.put_text("run/cfg.json", "{"),
-    ):
-        damage()
-        join_run(local, rec)
-        assert read_run(local, "run") == rec
-    with pytest.raises(ConfigError, match="num_runs=3, this config says num_runs=4"):
-        join_run(local, rec.model_copy(update={"num_runs": 4}))
-
-
 def test_progress_of_this_machine_damaged_names_the_repair(local, synth):
     local.put_text("run/progress/machine-00000.json", '{"machine": 0, "num_runs": 3, "tokens_done": 1.5}')
     with pytest.raises(FormatError, match="field 'tokens_done'.*delete .*machine-00000.json and rerun machine 0"):
         read_record(local, "run/progress/machine-00000.json", ProgressRecord, records.redo_machine(local.url("run"), 0))
+
+
+def test_an_optional_field_added_later_is_left_out_while_unset(local: LocalStore):
+    plain = RunRecord(run_name="r", hooks=["h"], num_runs=1)
+    write_record(local, "a.json", plain)
+    assert "imported_from" not in local.get_text("a.json")  # a collection's cfg.json keeps its bytes
+    source = records.ImportSource(format="saelens", path="/c", fingerprint="f", rows=3, documents="one per row")
+    write_record(local, "b.json", plain.model_copy(update={"imported_from": source}))
+    got = parse_record(local.get_text("b.json"), RunRecord, "b.json", "")
+    assert got.imported_from == source and got.format_version == records.FORMAT_VERSION
+
+
+def test_an_import_written_by_an_older_version_still_reads():
+    old = {
+        "format": "activault",
+        "format_version": 1,
+        "run_name": "r",
+        "hooks": ["h"],
+        "num_runs": 1,
+        "imported_from": {"format": "x", "path": "/c", "fingerprint": "f", "rows": 3, "documents": "one per row"},
+    }
+    rec = parse_record(json.dumps(old, indent=1), RunRecord, URL, "")
+    assert rec.format_version == 1 and rec.imported_from is not None and rec.imported_from.rows == 3

@@ -23,7 +23,7 @@ from torch import nn
 from activault import dtypes
 from activault.collection.arch import is_causal_lm, n_layers, text_config
 from activault.collection.hooks import HookPoint, find_blocks
-from activault.errors import ConfigError
+from activault.errors import ConfigError, shown
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -34,9 +34,18 @@ log = logging.getLogger(__name__)
 _UNSET = object()
 
 
+def _is_folder(name: str) -> bool:
+    """Whether `name` is an existing local folder; a name no path can have (a part over 255 bytes,
+    a NUL) is none, rather than an OSError: it is then tried as a hub id, and refused as one."""
+    try:
+        return Path(name).is_dir()
+    except (OSError, ValueError):
+        return False
+
+
 def _opts(tcfg: TransformerConfig) -> dict[str, Any]:
     opts: dict[str, Any] = {"cache_dir": tcfg.cache_dir, **tcfg.kwargs}
-    if not Path(tcfg.model_name).is_dir() and hub_offline():
+    if not _is_folder(tcfg.model_name) and hub_offline():
         opts["local_files_only"] = True  # the cache or nothing: no minute of retries
     return opts
 
@@ -61,24 +70,31 @@ def hub_offline() -> bool:
 
 def shipped_config(model_name: str) -> dict[str, Any] | None:
     """The config.json shipped with activault for a model of the shipped configs (numbers, no weights)."""
+    if "/" not in model_name:
+        return None
     entry = resources.files("activault").joinpath("model_configs", model_name.replace("/", "--") + ".json")
-    if "/" not in model_name or not entry.is_file():
+    try:
+        if not entry.is_file():
+            return None
+    except (OSError, ValueError):  # a name no file can have (too long, a NUL): not a shipped one
         return None
     data: dict[str, Any] = json.loads(entry.read_text())
     return data
 
 
 def _not_found(tcfg: TransformerConfig, what: str, err: Exception) -> ConfigError:
-    if not Path(tcfg.model_name).is_dir() and hub_offline():
+    name = shown(tcfg.model_name)
+    if not _is_folder(tcfg.model_name) and hub_offline():
         return ConfigError(
-            f"transformer_config.model_name={tcfg.model_name!r}: the {what} is not in the local "
+            f"transformer_config.model_name={name}: the {what} is not in the local "
             "Hugging Face cache and the Hub is unreachable (or HF_HUB_OFFLINE is set). Fix: download it "
             "on a connected machine (`hf download <id>`) into the cache or a folder, and point "
             "model_name (or transformer_config.cache_dir) at it."
         )
+    cause = (str(err).strip().splitlines() or [""])[0][:300]
     return ConfigError(
-        f"transformer_config.model_name={tcfg.model_name!r}: cannot load the {what} "
-        f"({type(err).__name__}: {err}). Fix: give an existing local folder holding config.json and "
+        f"transformer_config.model_name={name}: cannot load the {what} "
+        f"({type(err).__name__}: {cause}). Fix: give an existing local folder holding config.json and "
         "weights, or a hub id that is already in transformer_config.cache_dir (or the Hugging Face "
         "cache), or download it first with `hf download <id>`; pass trust_remote_code via "
         "transformer_config.kwargs if the model needs it."
@@ -96,7 +112,7 @@ def load_tokenizer(tcfg: TransformerConfig) -> PreTrainedTokenizerBase:
 
     try:
         return AutoTokenizer.from_pretrained(tcfg.model_name, **_opts(tcfg))
-    except (OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - a damaged folder raises many kinds (TypeError for a config.json list)
         raise _not_found(tcfg, "tokenizer", err) from err
 
 
@@ -106,9 +122,9 @@ def load_config(tcfg: TransformerConfig) -> Any:
 
     try:
         config = AutoConfig.from_pretrained(tcfg.model_name, **_opts(tcfg))
-    except (OSError, ValueError) as err:
+    except Exception as err:  # noqa: BLE001 - a damaged folder raises many kinds (TypeError, hub validation)
         shipped = shipped_config(tcfg.model_name)
-        if shipped is None or Path(tcfg.model_name).is_dir():
+        if shipped is None or _is_folder(tcfg.model_name):
             raise _not_found(tcfg, "config", err) from err
         # Enough for hook names, widths and the estimate; the weights still need the Hub or a cache.
         fields = {k: v for k, v in shipped.items() if k != "model_type"}
@@ -171,10 +187,8 @@ def keep_freed_memory() -> bool:
 
     A forward pass on the CPU allocates and frees its activations every batch, and glibc hands
     much of it back to the kernel (heap trimmed, blocks unmapped), so the next batch faults those
-    pages in again, at 4-5 us a page on this project's VM. bench/collect.py's collection (54
-    batches) took 0.6-1.5 million page faults, 21,000-35,000 with freed memory kept (3 interleaved
-    runs each). Process-wide and never undone (glibc has no way back to its adaptive defaults); a
-    no-op off glibc (musl, macOS): False.
+    pages in again, a fault per page (docs/benchmarks.md has the counts). Process-wide and never
+    undone (glibc has no way back to its adaptive defaults); a no-op off glibc (musl, macOS): False.
     """
     try:
         libc = ctypes.CDLL(None)
@@ -184,7 +198,7 @@ def keep_freed_memory() -> bool:
     except (AttributeError, OSError, ValueError):
         return False
     # Both at once: setting either turns glibc's adaptive thresholds off, and the trim threshold
-    # alone left every block over 128 KiB unmapped on free (10 million faults per 54 batches).
+    # alone left every block over 128 KiB unmapped on free (more faults than the defaults).
     return bool(mallopt(_M_MMAP_THRESHOLD, _HEAP_BLOCKS)) and bool(mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED))
 
 

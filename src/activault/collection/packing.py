@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import itertools
 import logging
+import reprlib
 from bisect import bisect_left
-from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
 
 import torch
 
@@ -28,6 +30,7 @@ from activault.collection.sources import (
     source_for,
 )
 from activault.config import DataConfig
+from activault.errors import FormatError
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +50,35 @@ class DataState:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> DataState:
-        return cls(
-            int(d.get("docs_done", 0)),
-            int(d.get("token_offset", 0)),
-            bool(d.get("exhausted", False)),
-            int(d.get("bad_records", 0)),
-        )
+    def from_dict(cls, d: Any) -> DataState:
+        """The cursor of a progress record's `data_state`, checked field by field: a damaged one would
+        resume at a wrong place, or as finished. FormatError naming the field; the caller names the file.
+        A missing field takes its default (records written before it existed)."""
+        if not isinstance(d, Mapping):
+            raise FormatError(f"data_state is a JSON {type(d).__name__}, not an object of {_STATE_FIELDS}")
+        unknown = sorted(map(str, set(d) - set(_STATE_FIELDS)))
+        if unknown:
+            raise FormatError(f"data_state has unknown field(s) {unknown}; a collection's cursor holds {_STATE_FIELDS}")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            v = d.get(f.name, f.default)
+            if isinstance(f.default, bool):
+                if not isinstance(v, bool):
+                    raise FormatError(f"data_state field {f.name!r} is {reprlib.repr(v)}, not true/false")
+            elif isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= _MAX_COUNT:
+                raise FormatError(f"data_state field {f.name!r} is {reprlib.repr(v)}, not a whole number in 0..2**62")
+            values[f.name] = v
+        state = cls(**values)
+        if state.exhausted and state.token_offset:
+            raise FormatError(
+                f"data_state is exhausted with token_offset {state.token_offset}: a finished cursor has none"
+            )
+        return state
+
+
+_STATE_FIELDS = [f.name for f in fields(DataState)]
+# Cursor counts stay below 2**62, as a record's counts do (itertools.islice takes up to 2**63 - 1).
+_MAX_COUNT = 1 << 62
 
 
 @dataclass

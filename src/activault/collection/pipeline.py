@@ -1,9 +1,9 @@
 """The collection loop: documents → model → cleaned activations → statistics → megabatch files.
 
-Commit protocol, per megabatch k of machine i: the file `{hook}/m{i}-{k}` of every hook is
-written (atomically), then `progress/machine-{i}.json` records k+1 files, the data cursor and the
-statistics so far. A restart reads that record and continues at file k+1 with the same data and
-statistics, so a run killed at any point and resumed ends with the same bytes as one that was not.
+Everything is written through `vault.writer.RunWriter` (the commit protocol: file k of every hook,
+then the progress record counting k+1 files, the data cursor and the statistics so far). A restart
+reads that record and continues at file k+1 with the same data and statistics, so a run killed at
+any point and resumed ends with the same bytes as one that was not.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ import torch
 from activault.background import prefetch
 from activault.collection.plan import (
     MeasuredRatio,
+    Plan,
     available_memory,
     check_feasible,
     cost_notes,
@@ -27,29 +27,16 @@ from activault.collection.plan import (
     pinned_limit,
     summary_lines,
 )
-from activault.collection.resume import check_resume
-from activault.collection.writer import BufferPool, Writer
+from activault.collection.resume import check_resume, hook_metadata, run_record, tokenizer_ref
 from activault.config import Config, resolve_storage
 from activault.errors import ActivaultError, FormatError
 from activault.storage import Store, open_store
 from activault.storage.lock import MachineLock, hold
 from activault.units import human_bytes
 from activault.vault import codec as codecs
-from activault.vault.megabatch import encode
-from activault.vault.records import (
-    HookMetadata,
-    ProgressRecord,
-    RunRecord,
-    cfg_key,
-    file_name,
-    header_metadata,
-    hook_metadata,
-    metadata_key,
-    read_run,
-    write_record,
-)
-from activault.vault.runs import Progress, join_run, merge_statistics, rebuild_metadata, run_record
+from activault.vault.records import RunRecord, cfg_key, read_run
 from activault.vault.stats import RunningStats
+from activault.vault.writer import RunWriter, StagingBuffers
 from activault.version import __version__
 
 log = logging.getLogger(__name__)
@@ -113,8 +100,8 @@ def collect(cfg: Config, machine: int = 0, storage: str | None = None, show_prog
     itemsize = dtype.itemsize
     pinned = pinned_limit() if tc.device != "cpu" else None
     check_feasible(cfg, dims, itemsize, text_config(skeleton.config), available_memory(), pinned)
-    record = run_record(cfg, info, _tokenizer_ref(tc.model_name), dims, __version__)
-    check_resume(_stored_run(store, run), record.model_dump(mode="json"), store.url(cfg_key(run)))
+    record = run_record(cfg, info, tokenizer_ref(tc.model_name), dims, __version__)
+    check_resume(_stored_run(store, run), record, store.url(cfg_key(run)))
     if runs_on_cpu(tc):  # the forward's activations are then plain memory, freed every batch
         keep_freed_memory()
     with hold(store, run, machine, uc.lease_seconds) as claim:  # one collector per (run, machine)
@@ -136,11 +123,26 @@ class _Job:
     dtype: torch.dtype
     claim: MachineLock
 
-    def _records(self, progress: Progress) -> None:
-        """cfg.json (checked against this config before) and metadata.json are derived records:
+    def _writer(self, plan: Plan) -> RunWriter:
+        """The run's writer: cfg.json and metadata.json from this config, this machine's files."""
+        uc, dc = self.cfg.upload_config, self.cfg.data_config
+        codec = codecs.from_config(uc.compression, uc.compression_level, uc.compression_chunk_kib << 10)
+        return RunWriter(
+            self.store,
+            self.record,
+            hook_metadata(self.cfg, self.dims, self.dtype, codec),
+            self.machine,
+            codec=codec,
+            threads=uc.write_threads,
+            store_files=not dc.skip_cache,
+            measured=MeasuredRatio(plan, log),
+        )
+
+    def _join(self, writer: RunWriter) -> None:
+        """cfg.json (checked again, now the machine is held) and metadata.json are derived records:
         rebuilt here when missing, damaged or out of date, without collecting again."""
-        join_run(self.store, self.record)
-        rebuild_metadata(self.store, self.cfg, self.machine, progress.files_done)
+        where = self.store.url(cfg_key(self.cfg.run_name))
+        writer.join(lambda stored: check_resume(stored, self.record, where))
 
     def run(self, show_progress: bool) -> Result:
         from activault.collection.hooks import Capture
@@ -148,23 +150,24 @@ class _Job:
         from activault.collection.packing import DataState, iter_batches
 
         cfg, machine, store, dims = self.cfg, self.machine, self.store, self.dims
-        tc, dc, uc, run = cfg.transformer_config, cfg.data_config, cfg.upload_config, cfg.run_name
-        progress = Progress(store, run, machine, cfg.num_runs)
+        tc, dc = cfg.transformer_config, cfg.data_config
         plan = make_plan(cfg, dims, self.dtype.itemsize, machine, self.dtype)
+        writer = self._writer(plan)
+        progress = writer.resumed  # this machine's record: where it continues
         for line in summary_lines(cfg, plan, dims, self.record.model, store.uri, machine):
             log.info(line)
         for note in cost_notes(store, 0 if dc.skip_cache else plan.total_bytes):
             log.warning("note: %s", note)
 
-        result = Result(destination=store.url(run), files_planned=plan.files)
+        result = Result(destination=store.url(cfg.run_name), files_planned=plan.files)
         if progress.finished:
-            self._records(progress)
+            self._join(writer)
             log.info(
                 "machine %d already finished (%d files); its records are checked and statistics merged",
                 machine,
                 progress.files_done,
             )
-            merge_statistics(store, run, uc.hooks, cfg.num_runs)
+            writer.merge_statistics()
             result.files, result.rows = progress.files_done, progress.rows_done
             result.tokens = progress.tokens_done
             result.bad_records = int((progress.data_state or {}).get("bad_records", 0))
@@ -174,12 +177,8 @@ class _Job:
             return result
         if not progress.files_done:
             _require_documents(cfg, machine)  # before anything is written
-        self._records(progress)
-
-        # Only this machine writes these names, and it holds the machine: leftover temps are stale.
-        for h in uc.hooks:
-            store.clear_partial(f"{run}/{h}", f"m{machine:05d}-")
-        store.clear_partial(f"{run}/progress", f"machine-{machine:05d}")
+        self._join(writer)
+        writer.begin()
         model = load_model(tc, self.specs)
         if progress.files_done:
             log.info("resuming machine %d after %d files", machine, progress.files_done)
@@ -190,28 +189,30 @@ class _Job:
                 if next(batches, None) is None:
                     break
 
-        loop = _Collector(
-            cfg, machine, store, Capture(model, self.specs), dims, progress, MeasuredRatio(plan, log), self.claim.check
-        )
+        loop = _Collector(cfg, machine, writer, Capture(model, self.specs), dims, self.dtype, self.claim.check)
         t0 = time.perf_counter()
         # Pinned in the data thread, so the model's thread copies batches to the GPU without waiting.
         ahead = prefetch((b.pin() for b in batches) if loop.cuda else batches)
         try:
-            loop.run(ahead, show_progress)
+            merged = loop.run(ahead, show_progress)
         finally:
             ahead.close()
-        merged = merge_statistics(store, run, uc.hooks, cfg.num_runs)
-        result.files, result.rows, result.tokens = loop.files, loop.rows, loop.tokens
-        result.bytes_written, result.seconds = loop.writer.bytes_written, time.perf_counter() - t0
+        return self._report(result, writer, loop, time.perf_counter() - t0, merged)
+
+    def _report(self, result: Result, writer: RunWriter, loop: _Collector, seconds: float, merged: list[int]) -> Result:
+        """Fill `result` from a finished collection and log it; `merged`: the machines statistics cover."""
+        cfg, machine = self.cfg, self.machine
+        result.files, result.rows, result.tokens = writer.files, writer.rows, writer.tokens
+        result.bytes_written, result.seconds = writer.bytes_written, seconds
         result.stats, result.bad_records = loop.stats, loop.bad_records
         result.nonfinite = {h: s.nonfinite_tokens for h, s in loop.stats.items()}
-        result.storage_wait = sum(p.waited for p in loop.pools.values())
+        result.storage_wait = sum(b.waited for b in loop.staging.values())
         _report_wait(result.storage_wait, result.seconds, cfg)
         if any(result.nonfinite.values()):
             log.warning("tokens with NaN or Inf stored (upload_config.on_nonfinite: warn): %s", result.nonfinite)
         log.info(
             "wrote %d files (%s) to %s in %.1fs; statistics cover machines %s",
-            loop.files - progress.files_done,
+            writer.files - writer.resumed.files_done,
             human_bytes(result.bytes_written),
             result.destination,
             result.seconds,
@@ -240,14 +241,13 @@ def _report_wait(waited: float, seconds: float, cfg: Config) -> None:
     )
 
 
-def _stored_run(store: Store, run: str) -> dict[str, Any] | None:
+def _stored_run(store: Store, run: str) -> RunRecord | None:
     """The stored cfg.json to check a rerun against; a damaged one is rebuilt later, not checked."""
     try:
-        stored = read_run(store, run)
+        return read_run(store, run)
     except FormatError as e:
         log.warning("%s: rebuilding it from this config", str(e).split("; ")[0])
         return None
-    return stored.model_dump(mode="json") if stored is not None else None
 
 
 def _require_documents(cfg: Config, machine: int) -> None:
@@ -259,60 +259,59 @@ def _require_documents(cfg: Config, machine: int) -> None:
 
 
 @dataclass
-class _Megabatch:
-    """One file's rows, for every hook, filled batch by batch."""
+class _Filling:
+    """The rows of the file being filled, for every hook, batch by batch."""
 
     ids: torch.Tensor  # [rows_per_file, S] int32
     pos: torch.Tensor  # [rows_per_file, S] int32, index in document, -1 = padding
-    states: dict[str, torch.Tensor] = field(default_factory=dict)  # hook -> pooled [rows_per_file, S, d]
+    states: dict[str, torch.Tensor] = field(default_factory=dict)  # hook -> staged [rows_per_file, S, d]
     rows: int = 0
+    tokens: int = 0  # real (not padding) tokens
     data_state: dict[str, Any] | None = None  # the data cursor after its last batch
 
 
 class _Collector:
-    """Runs the model over batches, keeps statistics, fills megabatches and hands them to the writer."""
+    """Runs the model over batches, keeps running statistics, fills files and hands them to the writer."""
 
     def __init__(
         self,
         cfg: Config,
         machine: int,
-        store: Store,
+        writer: RunWriter,
         capture: Any,
         dims: dict[str, int],
-        progress: Progress,
-        measured: Callable[[str, int, int], None] | None = None,
+        dtype: torch.dtype,
         check_claim: Callable[[], None] | None = None,
     ):
-        self.cfg, self.machine, self.store, self.capture, self.progress = cfg, machine, store, capture, progress
+        self.cfg, self.machine, self.writer, self.capture = cfg, machine, writer, capture
+        self.dims, self.dtype = dims, dtype  # what is stored: [rows, S, dims[h]] in dtype
         # Raises once another collector may hold this machine (an expired lease).
         self.check_claim = check_claim or (lambda: None)
-        self.data_state = progress.data_state  # the cursor after the last batch collected
+        resumed = writer.resumed
+        self.data_state = resumed.data_state  # the cursor after the last batch collected
         self.hooks = cfg.upload_config.hooks
-        uc = cfg.upload_config
-        self.codec = codecs.from_config(uc.compression, uc.compression_level, uc.compression_chunk_kib << 10)
-        self.measured = measured  # told (hook, raw, stored bytes) of the first compressed file
         self.device = next(capture.model.parameters()).device
         # With a device map the first parameter may sit on the CPU while hooks fire on GPUs.
         self.cuda = any(p.device.type == "cuda" for p in capture.model.parameters())
         self.copy_streams: dict[torch.device, Any] = {}  # one D2H stream per GPU, off the compute stream
-        self.stats = {
-            h: progress.stats[h].running(self.device) if h in progress.stats else RunningStats(dims[h], self.device)
+        self.stats = {  # running statistics per hook, over every file so far
+            h: resumed.stats[h].running(self.device) if h in resumed.stats else RunningStats(dims[h], self.device)
             for h in self.hooks
         }
-        self.nonfinite = {h: s.nonfinite for h, s in progress.stats.items()}  # as of the last file
-        self.writer = Writer(store, threads=cfg.upload_config.write_threads)
-        self.pools: dict[str, BufferPool] = {}
-        self.files, self.rows, self.tokens = progress.files_done, progress.rows_done, progress.tokens_done
+        self.nonfinite = {h: s.nonfinite for h, s in resumed.stats.items()}  # as of the last file
+        self.staging: dict[str, StagingBuffers] = {}
+        self.tokens = resumed.tokens_done
 
-    def run(self, batches: Any, show_progress: bool) -> None:
-        """Collect the remaining files of this machine, then write the final progress record."""
-        cfg, uc = self.cfg, self.cfg.upload_config
+    def run(self, batches: Any, show_progress: bool) -> list[int]:
+        """Collect the remaining files of this machine, then write the final progress record and
+        merge statistics; returns the machines statistics.json covers."""
+        cfg, uc, first = self.cfg, self.cfg.upload_config, self.writer.resumed.files_done
         n_batches, n_files = cfg.machine_batches(self.machine), cfg.machine_files(self.machine)
-        bar = _bar(show_progress, total=n_batches, initial=self.files * uc.batches_per_upload)
+        bar = _bar(show_progress, total=n_batches, initial=first * uc.batches_per_upload)
         t0, tokens0 = time.perf_counter(), self.tokens
         try:
-            for k in range(self.progress.files_done, n_files):
-                mb = _Megabatch(self._rows_buffer(), self._rows_buffer())
+            for k in range(first, n_files):
+                mb = _Filling(self._rows_buffer(), self._rows_buffer())
                 for _ in range(min(uc.batches_per_upload, n_batches - k * uc.batches_per_upload)):
                     batch = next(batches, None)
                     if batch is None:
@@ -326,11 +325,10 @@ class _Collector:
                 self.check_claim()
                 self._submit(k, mb)
                 if mb.rows < cfg.rows_per_file and k < n_files - 1:
-                    break  # the data ran out: this partial megabatch is the last
+                    break  # the data ran out: this partial file is the last
             self.writer.flush()
             self.check_claim()
-            self.progress.write(self._record(self.data_state, finished=True))
-            self.writer.close()
+            return self.writer.finish(self.data_state, self.stats)
         except BaseException:
             self.writer.abort()
             raise
@@ -345,8 +343,8 @@ class _Collector:
     def _rows_buffer(self) -> torch.Tensor:
         return torch.empty(self.cfg.rows_per_file, self.cfg.data_config.seq_length, dtype=torch.int32)
 
-    def _add(self, mb: _Megabatch, batch: Any) -> None:
-        """Forward one batch and append its stored tokens to the megabatch."""
+    def _add(self, mb: _Filling, batch: Any) -> None:
+        """Forward one batch and append its stored tokens to the file being filled."""
         B, S, r = batch.input_ids.shape[0], self.cfg.data_config.seq_length, mb.rows
         acts = self.capture(batch.input_ids, batch.position_ids, batch.segment_ids)
         flat = batch.keep.reshape(-1).nonzero().squeeze(1)  # [B*S] forward positions of stored tokens
@@ -368,15 +366,19 @@ class _Collector:
             kept = a.reshape(-1, a.shape[-1])  # [B*S, d]
             if not every:
                 kept = kept.index_select(0, flat_d)
+            if kept.dtype != self.dtype:  # a module kept in another precision: statistics of what is stored
+                kept = kept.to(self.dtype)
             if padded:
                 kept = torch.where(real_d.unsqueeze(1), kept, 0)  # padding is stored as zeros
             self.stats[h].update(kept[real_d] if padded else kept)
             if h not in mb.states:
-                mb.states[h] = self._pool(h, kept).acquire(self.writer._check)
+                mb.states[h] = self._staging(h).acquire(self.writer.check)
             self._copy(mb.states[h][r : r + B], kept.view(B, S, -1))
         mb.rows += B
         mb.data_state = self.data_state = batch.state.to_dict()
-        self.tokens += int(real.sum())
+        n = int(real.sum())
+        mb.tokens += n
+        self.tokens += n
 
     def _copy(self, host: torch.Tensor, acts: torch.Tensor) -> None:
         """Device to host: on CUDA, asynchronous on a copy stream into pinned memory, so the next
@@ -392,39 +394,32 @@ class _Collector:
             host.copy_(acts, non_blocking=True)
         acts.record_stream(stream)  # not reused by the allocator before the copy is done
 
-    def _pool(self, hook: str, kept: torch.Tensor) -> BufferPool:
-        if hook not in self.pools:
-            shape = (self.cfg.rows_per_file, self.cfg.data_config.seq_length, kept.shape[-1])
+    def _staging(self, hook: str) -> StagingBuffers:
+        if hook not in self.staging:
+            shape = (self.cfg.rows_per_file, self.cfg.data_config.seq_length, self.dims[hook])
             count = self.cfg.upload_config.max_pending + 1
-            self.pools[hook] = BufferPool(shape, kept.dtype, count, pin=self.cuda)
-        return self.pools[hook]
+            self.staging[hook] = StagingBuffers(shape, self.dtype, count, pin=self.cuda)
+        return self.staging[hook]
 
-    def _release(self, mb: _Megabatch) -> None:
+    def _release(self, mb: _Filling) -> None:
         for h, buf in mb.states.items():
-            self.pools[h].release(buf)
+            self.staging[h].release(buf)
 
-    def _submit(self, k: int, mb: _Megabatch) -> None:
-        """Queue file k of every hook, then the progress record that counts it."""
+    def _submit(self, k: int, mb: _Filling) -> None:
+        """Hand file k of every hook to the writer; it writes the progress record counting it after."""
         for stream in self.copy_streams.values():
             stream.synchronize()  # the async copies into host buffers are done
-        run, rows, tc = self.cfg.run_name, mb.rows, self.cfg.transformer_config
         self._check_nonfinite(k)
-        # The record first: once the writer threads run Python, each small torch call building it
-        # hands them the GIL and waits for it back (5.7 ms a file instead of 0.7, CPU collection).
-        metas = self._metadata() if k == self.progress.files_done else {}
-        self.files, self.rows = k + 1, self.rows + rows
-        rec = self._record(mb.data_state)
-        futures = []
-        if self.cfg.data_config.skip_cache:
-            self._release(mb)
-        else:
-            for h in self.hooks:
-                meta = header_metadata(run, h, self.machine, k, tc.model_name)
-                tensors = {"states": mb.states[h][:rows], "input_ids": mb.ids[:rows], "positions": mb.pos[:rows]}
-                parts = self._encoding(h, tensors, meta, k)
-                release = _releaser(self.pools[h], mb.states[h])
-                futures.append(self.writer.write(f"{run}/{h}/{file_name(self.machine, k)}", parts, on_done=release))
-        self.writer.commit(futures, _committer(self.store, run, self.progress, rec, metas))
+        rows = mb.rows
+        self.writer.write_file(
+            {h: mb.states[h][:rows] for h in self.hooks},
+            mb.ids[:rows],
+            mb.pos[:rows],
+            tokens=mb.tokens,
+            data_state=mb.data_state,
+            stats=self.stats,
+            on_written={h: _releaser(self.staging[h], mb.states[h]) for h in self.hooks},
+        )
 
     def _check_nonfinite(self, k: int) -> None:
         """Refuse (on_nonfinite: error) or report tokens with NaN/Inf that file k would store."""
@@ -442,58 +437,9 @@ class _Collector:
             log.warning("%s (stored; counted in the progress record and statistics.json)", where)
             self.nonfinite[h] = s.nonfinite_tokens
 
-    def _encoding(self, hook: str, tensors: dict[str, torch.Tensor], meta: dict[str, str], k: int):
-        """The file's parts as a function: a writer thread hashes (checksums) and compresses, never
-        the model's thread (xxh3 and zstd release the GIL)."""
 
-        def build() -> list[memoryview]:
-            parts = encode(tensors, meta, compression=self.codec)
-            if self.codec is not None and self.measured is not None and k == self.progress.files_done:
-                raw = sum(t.numel() * t.element_size() for t in tensors.values())
-                self.measured(hook, raw, sum(p.nbytes for p in parts))
-            return parts
-
-        return build
-
-    def _record(self, data_state: dict[str, Any] | None, finished: bool = False) -> ProgressRecord:
-        return self.progress.record(self.files, self.rows, self.tokens, data_state, self.stats, finished)
-
-    def _metadata(self) -> dict[str, HookMetadata]:
-        dc, uc = self.cfg.data_config, self.cfg.upload_config
-        return {
-            h: hook_metadata(
-                run_name=self.cfg.run_name,
-                hook=h,
-                d_model=p.shape[-1],
-                dtype=p.dtype,
-                seq_length=dc.seq_length,
-                rows_per_file=self.cfg.rows_per_file,
-                batch_size=dc.batch_size,
-                batches_per_upload=uc.batches_per_upload,
-                model=self.cfg.transformer_config.model_name,
-                compression=self.codec,
-            )
-            for h, p in self.pools.items()
-        }
-
-
-def _tokenizer_ref(model_name: str) -> str:
-    """How cfg.json names the tokenizer: a local folder absolutely (readers run from anywhere), else the hub id."""
-    path = Path(model_name).expanduser()
-    return str(path.resolve()) if path.is_dir() else model_name
-
-
-def _committer(store: Store, run: str, progress: Progress, rec: ProgressRecord, metas: dict[str, HookMetadata]):
-    def commit() -> None:
-        for h, meta in metas.items():
-            write_record(store, metadata_key(f"{run}/{h}"), meta)
-        progress.write(rec)
-
-    return commit
-
-
-def _releaser(pool: BufferPool, buf: torch.Tensor):
-    return lambda: pool.release(buf)
+def _releaser(buffers: StagingBuffers, buf: torch.Tensor) -> Callable[[], None]:
+    return lambda: buffers.release(buf)
 
 
 def _rate(tokens: int, nbytes: int, t0: float) -> str:

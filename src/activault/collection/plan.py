@@ -260,11 +260,17 @@ def run_estimate(config: str, price: float | None = None, bandwidth: str = "1Gbp
 AWS_EGRESS_PER_GB = 0.09
 
 
+def _host(endpoint: str) -> str:
+    """The host of an endpoint URL (a scheme optional); "" for one that names none or does not parse."""
+    try:
+        return urlparse(endpoint if "://" in endpoint else f"http://{endpoint}").hostname or ""
+    except ValueError:  # e.g. "http://[bad": an unclosed IPv6 bracket
+        return ""
+
+
 def is_local_endpoint(endpoint: str) -> bool:
     """Whether an endpoint is this machine or a private network (no transfer costs, no egress)."""
-    if not endpoint:
-        return False
-    host = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}").hostname or ""
+    host = _host(endpoint)
     if host == "localhost" or host.endswith((".localhost", ".local", ".internal")):
         return True
     try:
@@ -280,7 +286,7 @@ def cost_notes(store: Store, nbytes: int) -> list[str]:
     if endpoint is None or is_local_endpoint(endpoint):
         return []
     gb = nbytes / 1e9
-    host = urlparse(endpoint).hostname or endpoint
+    host = _host(endpoint) or endpoint
     if not endpoint or host.endswith(".amazonaws.com"):
         region = getattr(store, "region", "us-east-1")
         return [

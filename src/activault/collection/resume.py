@@ -1,21 +1,29 @@
-"""Refuse to continue a run with a config that would change what it stores.
+"""What a run's records say of its config, and refusing to continue a run with a config that would
+change what it stores.
 
 Every config field is classified once, here. A field that *shapes the data* decides the stored
 bytes or which tokens come next: resuming with another value would put two datasets under one
 run name (float32 and bfloat16 files in one hook folder, a second tokenizer's ids, rows of another
 length). A *runtime* field only changes how the work is done, so it may differ between attempts.
 tests/collection/test_collect.py asserts every Config field is in `FIELDS`: a new field cannot be forgotten.
+The records a collection writes (`run_record`, `hook_metadata`) are built from the config here too;
+the vault's writer gets them as typed values and never sees a Config.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel
 
 from activault.config import Config
 from activault.errors import ConfigError
+from activault.vault import codec as codecs
+from activault.vault import records
+from activault.vault.records import HookMetadata, RunRecord
 
 Kind = Literal["data", "runtime"]
 
@@ -66,6 +74,53 @@ FIELDS: dict[str, Kind] = {
 
 # Facts cfg.json records about the model: another checkpoint at the same path changes them.
 MODEL_FACTS = ("architecture", "model_type", "d_model", "n_layers", "vocab_size")
+# cfg.json's own copies of data fields, compared when it holds no config (an import's, or older).
+RECORD_FIELDS = {"num_runs": "num_runs", "upload_config.hooks": "hooks"}
+
+
+def run_record(
+    cfg: Config, model: dict[str, Any], tokenizer: str, hook_dims: dict[str, int], version: str
+) -> RunRecord:
+    """cfg.json of a run collected with `cfg` (`model`: the checkpoint's facts; `tokenizer`: `tokenizer_ref`)."""
+    return RunRecord(
+        activault_version=version,
+        run_name=cfg.run_name,
+        config=cfg.to_public_dict(),
+        model=model,
+        tokenizer=tokenizer,
+        hooks=list(cfg.upload_config.hooks),
+        hook_dims=dict(hook_dims),
+        num_runs=cfg.num_runs,
+        progress=[records.progress_key("", m) for m in range(cfg.num_runs)],
+    )
+
+
+def tokenizer_ref(model_name: str) -> str:
+    """How cfg.json names the tokenizer: a local folder absolutely (readers run from anywhere), else the hub id."""
+    path = Path(model_name).expanduser()
+    return str(path.resolve()) if path.is_dir() else model_name
+
+
+def hook_metadata(
+    cfg: Config, hook_dims: Mapping[str, int], dtype: torch.dtype, codec: codecs.Codec | None
+) -> dict[str, HookMetadata]:
+    """Each hook's metadata.json of a run collected with `cfg`, storing `dtype`."""
+    dc, uc = cfg.data_config, cfg.upload_config
+    return {
+        h: records.hook_metadata(
+            run_name=cfg.run_name,
+            hook=h,
+            d_model=hook_dims[h],
+            dtype=dtype,
+            seq_length=dc.seq_length,
+            rows_per_file=cfg.rows_per_file,
+            batch_size=dc.batch_size,
+            batches_per_upload=uc.batches_per_upload,
+            model=cfg.transformer_config.model_name,
+            compression=codec,
+        )
+        for h in uc.hooks
+    }
 
 
 def config_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
@@ -105,38 +160,41 @@ def _lookup(tree: Mapping[str, Any], path: str) -> Any:
     return node
 
 
-def changed_fields(stored: Mapping[str, Any], record: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+def changed_fields(stored: RunRecord, record: RunRecord) -> list[tuple[str, Any, Any]]:
     """(field, stored value, new value) for each data-shaping difference of two cfg.json records."""
-    old_cfg, new_cfg = stored.get("config"), record.get("config", {})
+    old_cfg, new_cfg = stored.config, record.config
     diffs = []
-    if isinstance(old_cfg, Mapping) and old_cfg:
+    if old_cfg:
         for path, kind in FIELDS.items():
             old, new = _lookup(old_cfg, path), _lookup(new_cfg, path)
             if kind == "data" and old is not _MISSING and old != new:
                 diffs.append((path, old, new))
-    old_model, new_model = stored.get("model"), record.get("model", {})
-    if isinstance(old_model, Mapping):
-        for fact in MODEL_FACTS:
-            if fact in old_model and old_model[fact] != new_model.get(fact):
-                name = f"model.{fact} (read from the checkpoint)"
-                diffs.append((name, old_model[fact], new_model.get(fact)))
+    else:
+        for path, name in RECORD_FIELDS.items():
+            if getattr(stored, name) != getattr(record, name):
+                diffs.append((path, getattr(stored, name), getattr(record, name)))
+    for fact in MODEL_FACTS:
+        if fact in stored.model and stored.model[fact] != record.model.get(fact):
+            diffs.append((f"model.{fact} (read from the checkpoint)", stored.model[fact], record.model.get(fact)))
+    # The tokenizer is model_name resolved: a relative path from another folder is another tokenizer.
+    if stored.tokenizer != record.tokenizer and not any(p == "transformer_config.model_name" for p, _, _ in diffs):
+        diffs.append(("tokenizer (transformer_config.model_name, resolved)", stored.tokenizer, record.tokenizer))
     return diffs
 
 
-def check_resume(stored: Mapping[str, Any] | None, record: Mapping[str, Any], where: str) -> None:
+def check_resume(stored: RunRecord | None, record: RunRecord, where: str) -> None:
     """Refuse to continue the run of `stored` (its cfg.json, at `where`) with `record`'s config.
 
     Raises ConfigError naming every field that shapes the data and differs, with both values.
     """
-    if not stored:
+    if stored is None:
         return
     diffs = changed_fields(stored, record)
     if not diffs:
         return
-    run = record.get("run_name", "?")
     lines = [f"  {path}: stored {old!r}, this config {new!r}" for path, old, new in diffs]
     raise ConfigError(
-        f"run {run!r} at {where} was collected with another config; resuming would mix two kinds "
-        "of data in one run:\n" + "\n".join(lines) + "\nrestore the stored value(s) to continue "
+        f"run {record.run_name!r} at {where} was collected with another config; resuming would mix two "
+        "kinds of data in one run:\n" + "\n".join(lines) + "\nrestore the stored value(s) to continue "
         "this run, or set a new run_name to collect a separate run"
     )

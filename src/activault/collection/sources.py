@@ -16,9 +16,10 @@ entry is a small JSON object::
 Local files are read as kind "auto": a row with a string "text" is plain text, otherwise its
 "messages"/"conversation"/"conversations" column is a chat. ``.txt`` files hold one document per
 blank-line-separated paragraph. Everything, hub or local, streams through ``datasets``; local JSON
-files are parsed here, line by line, so that one bad line (not UTF-8, not JSON, not an object) is
-a bad record named by file and line, skipped and counted (or an error, `on_bad_record: error`),
-instead of a parser error that names neither and stops the run.
+files are parsed here, line by line, so that one bad line (not UTF-8, not JSON, not an object, or
+a string with a lone surrogate escape, which no tokenizer takes) is a bad record named by file and
+line, skipped and counted (or an error, `on_bad_record: error`), instead of a parser or tokenizer
+error that names neither and stops the run.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import glob
 import itertools
 import json
 import logging
+import re
 import string
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -36,7 +38,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from activault.config import DataConfig, check_machine
-from activault.errors import ConfigError, DataError
+from activault.errors import ConfigError, DataError, shown
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +111,15 @@ def _spec_from_entry(key: str, e: dict) -> DataSource:
 
 
 def _local_files(data_key: str) -> list[str]:
+    """The files a path, folder or glob names; none for a name no path can have (too long, a NUL)."""
     p = Path(data_key).expanduser()
-    if p.is_dir():
-        return sorted(str(f) for f in p.rglob("*") if f.suffix in BUILDERS and f.is_file())
-    if p.is_file():
-        return [str(p)]
+    try:
+        if p.is_dir():
+            return sorted(str(f) for f in p.rglob("*") if f.suffix in BUILDERS and f.is_file())
+        if p.is_file():
+            return [str(p)]
+    except (OSError, ValueError):  # ENAMETOOLONG and the like: no such file
+        return []
     return sorted(f for f in glob.glob(str(p), recursive=True) if Path(f).is_file())
 
 
@@ -127,7 +133,7 @@ def resolve_source(
     files = _local_files(data_key)
     if not files:
         raise ConfigError(
-            f"data_key {data_key!r} is neither a key of the dataset registry "
+            f"data_config.data_key {shown(data_key)} is neither a key of the dataset registry "
             f"({registry or 'activault/datasets.json'}: {', '.join(sorted(entries))}) nor an existing "
             f"local file, directory or glob; use one of those keys, add an entry to a registry JSON "
             f"passed as data_config.registry, or point data_key at .jsonl/.json/.parquet/.txt files"
@@ -194,6 +200,8 @@ def _json_lines(name: str, f: IO[bytes]) -> Iterator[dict[str, Any]]:
             continue
         if not isinstance(row, dict):
             row = {BAD: f"{name}:{n}: a JSON {type(row).__name__}, not an object"}
+        elif _SURROGATE_ESCAPE.search(raw) and (half := _lone_surrogate(row)):
+            row = {BAD: f"{name}:{n}: {half}"}
         yield row
 
 
@@ -207,8 +215,30 @@ def _json_array(name: str, data: bytes) -> Iterator[dict[str, Any]]:
         where = f"{name}:{e.lineno}" if isinstance(e, json.JSONDecodeError) else name
         yield {BAD: f"{where}: not JSON; the whole file (one array) is skipped"}
         return
+    suspect = _SURROGATE_ESCAPE.search(data) is not None
     for i, row in enumerate(rows):
-        yield row if isinstance(row, dict) else {BAD: f"{name}: item {i} is not an object"}
+        if not isinstance(row, dict):
+            yield {BAD: f"{name}: item {i} is not an object"}
+        elif suspect and (half := _lone_surrogate(row)):
+            yield {BAD: f"{name}: item {i}: {half}"}
+        else:
+            yield row
+
+
+# JSON may escape half of a UTF-16 pair alone ("\ud800"), which parses to a str that is no Unicode
+# text: tokenizers refuse it, failing the whole chunk of documents. Rows whose line holds such an
+# escape (pairs match too: emoji written with ensure_ascii) are checked.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
+
+
+def _lone_surrogate(row: dict[str, Any]) -> str | None:
+    """Why a parsed row is no text (a lone surrogate in it), or None."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        half = e.object[e.start : e.end]
+        return f"not Unicode text (a lone UTF-16 surrogate {half!r}, half of an escaped pair)"
+    return None
 
 
 class BadRecords:

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from activault.integrations.shared import Source, dist_rank, run_statistics
+from activault.integrations.shared import ReadOptions, Source, loader_options, run_statistics, whole
 
 
 class VaultBuffer(Iterator[torch.Tensor]):
@@ -37,8 +37,9 @@ class VaultBuffer(Iterator[torch.Tensor]):
     Args:
         normalize: divide by `norm_factor` so tokens have unit mean squared norm (the paper's
             convention that trainSAE follows).
-        Other options as `TokenLoader` (seed, window, drop_positions_below, ...); rank and
-        world_size default to torch.distributed's.
+        Other options as `TokenLoader` (seed, window, drop_positions_below, ...,
+        `options=ReadOptions(...)`), checked here; rank and world_size default to
+        torch.distributed's.
     """
 
     def __init__(
@@ -52,22 +53,20 @@ class VaultBuffer(Iterator[torch.Tensor]):
         normalize: bool = False,
         rank: int | None = None,
         world_size: int | None = None,
-        **options: Any,
+        options: ReadOptions | None = None,
+        **kwargs: Any,
     ):
         from activault import TokenLoader
 
-        self.uri, self.hook, self.out_batch_size, self.device = (
-            uri,
-            hook,
-            out_batch_size,
-            str(device),
-        )
+        fixed = ("loop", "hooks", "batch_tokens", "dtype", "device", "norm_target")
+        read, rest = loader_options(VaultBuffer.__init__, fixed, options, kwargs, rank, world_size)
+        out_batch_size = whole("out_batch_size", out_batch_size)
+        self.uri, self.hook, self.out_batch_size, self.device = uri, hook, out_batch_size, str(device)
         stats = run_statistics(uri, hook)
         self.d_submodule = stats.d
         # sqrt(E ||x||^2) over every stored token: trainSAE's `get_norm_factor`, exactly.
         self.norm_factor = math.sqrt(float(stats.norm_sq_sum) / stats.count)
         self.normalize = normalize
-        rank, world_size = dist_rank(rank, world_size)
         self.loader = TokenLoader(
             uri,
             loop=True,
@@ -76,9 +75,8 @@ class VaultBuffer(Iterator[torch.Tensor]):
             dtype=dtype,
             device=device,
             norm_target=stats.mean_norm / self.norm_factor if normalize else None,
-            rank=rank,
-            world_size=world_size,
-            **options,
+            options=read,
+            **rest,
         )
         self._it: Iterator[Any] | None = None
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from activault.errors import ConfigError, NotFoundError
-from activault.integrations.shared import Source, dist_rank, run_statistics
+from activault.integrations.shared import ReadOptions, Source, loader_options, run_statistics
 
 Hooks = str | Sequence[str] | Mapping[str, tuple[str, str]]
 STATE_FILE = "activault_provider.json"  # in a SAELens checkpoint folder
@@ -67,7 +67,8 @@ class VaultProvider(Iterator[Any]):
         uri: the run folder (`PATH/RUN`, `s3://BUCKET/RUN`), a Store, or a list of runs.
         rank, world_size: disjoint files per DDP rank; default torch.distributed's, if initialised.
         dtype: delivered dtype (SAELens SAEs default to float32).
-        Other options as `TokenLoader` (window, seed, drop_positions_below, center, norm_target, ...).
+        Other options as `TokenLoader` (window, seed, drop_positions_below, center, norm_target, ...,
+        `options=ReadOptions(...)`), checked here: an unknown name is a ConfigError listing them.
     """
 
     def __init__(
@@ -80,26 +81,22 @@ class VaultProvider(Iterator[Any]):
         rank: int | None = None,
         world_size: int | None = None,
         dtype: torch.dtype | None = torch.float32,
-        **options: Any,
+        options: ReadOptions | None = None,
+        **kwargs: Any,
     ):
         from activault import TokenLoader
 
+        fixed = ("loop", "hooks", "batch_tokens", "dtype")
+        read, rest = loader_options(VaultProvider.__init__, fixed, options, kwargs, rank, world_size)
         self.uri = uri
         self.read, self.kind = _parse_hooks(hooks)
         self.pairs = dict(hooks) if isinstance(hooks, Mapping) else {}
         if concat and self.kind != "dict":
             raise ConfigError("concat=True needs a list of hooks (their states are concatenated per token)")
         self.concat = concat
-        self.rank, self.world_size = dist_rank(rank, world_size)
+        self.rank, self.world_size = read.rank, read.world_size
         self.loader = TokenLoader(
-            uri,
-            loop=True,
-            hooks=self.read,
-            batch_tokens=batch_tokens,
-            dtype=dtype,
-            rank=self.rank,
-            world_size=self.world_size,
-            **options,
+            uri, loop=True, hooks=self.read, batch_tokens=batch_tokens, dtype=dtype, options=read, **rest
         )
         self._it: Iterator[Any] | None = None
         self.batches = 0  # delivered since construction or the last load_state_dict

@@ -1,54 +1,49 @@
-"""What the integrations share: a run's exact statistics and the DDP rank.
+"""What the integrations share: a run's exact statistics, the DDP rank and the loaders' options.
 
-Also the one place they import activault's internals from (records, megabatch format, writer).
+Also the one place they import activault's internals from (records, the run writer).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from activault.collection.writer import Writer
-from activault.errors import ConfigError, FormatError, NotFoundError
+from activault.errors import ConfigError, NotFoundError
+from activault.reading.options import ReadOptions, keywords, read_options, whole
+from activault.reading.stream import Source
 from activault.storage import Store, open_store
-from activault.vault.megabatch import encode
 from activault.vault.records import (
-    ProgressRecord,
-    cfg_key,
-    file_name,
-    header_metadata,
+    HookMetadata,
+    ImportSource,
+    RunRecord,
     hook_metadata,
-    metadata_key,
     progress_key,
-    write_record,
+    read_run,
+    read_statistics,
+    statistics_key,
 )
-from activault.vault.runs import merge_statistics
 from activault.vault.stats import RunningStats, merge_all
+from activault.vault.writer import RunWriter
 
 __all__ = [
-    "ProgressRecord",
+    "HookMetadata",
+    "ImportSource",
+    "ReadOptions",
+    "RunRecord",
+    "RunWriter",
     "RunningStats",
     "Store",
-    "Writer",
-    "cfg_key",
     "dist_rank",
-    "encode",
-    "file_name",
-    "header_metadata",
     "hook_metadata",
-    "merge_statistics",
-    "metadata_key",
+    "loader_options",
     "open_store",
     "progress_key",
-    "read_json",
+    "read_run",
     "run_statistics",
-    "write_json",
-    "write_record",
+    "whole",
 ]
-
-Source = str | Path | Store
 
 
 def _sources(uri: Source | Sequence[Source]) -> list[Source]:
@@ -56,44 +51,24 @@ def _sources(uri: Source | Sequence[Source]) -> list[Source]:
 
 
 def run_statistics(uri: Source | Sequence[Source], hook: str) -> RunningStats:
-    """A hook's exact statistics over one run, or merged over several (as `TokenLoader` reads them)."""
+    """A hook's exact statistics over one run, or merged over several (as `TokenLoader` reads them).
+
+    A damaged statistics.json is a FormatError naming the file, the field and the repair.
+    """
     parts = []
     for src in _sources(uri):
         store = src if isinstance(src, Store) else open_store(src)
-        key = f"{hook}/statistics.json"
-        try:
-            parts.append(RunningStats.from_dict(json.loads(store.get_text(key))))
-        except NotFoundError:
+        record = read_statistics(store, hook)
+        if record is None:
             raise NotFoundError(
-                f"{store.url(key)} does not exist: the run has no hook {hook!r}, or its collection has not "
-                "finished (`activault merge-stats RUN_URI` rebuilds it from finished machines)"
-            ) from None
-        except (ValueError, KeyError) as e:
-            raise FormatError(
-                f"{store.url(key)} is unreadable ({e}); rebuild it with `activault merge-stats RUN_URI`"
-            ) from None
-    stats = merge_all(parts)
-    if stats is None or stats.count == 0:
+                f"{store.url(statistics_key(hook))} does not exist: the run has no hook {hook!r}, or its "
+                "collection has not finished (`activault merge-stats RUN_URI` rebuilds it from finished machines)"
+            )
+        parts.append(record.running())
+    total = merge_all(parts)
+    if total is None or total.count == 0:
         raise ConfigError(f"the statistics of {hook!r} count no tokens: the run holds no data for it")
-    return stats
-
-
-def read_json(store: Store, key: str) -> dict[str, Any] | None:
-    """A JSON object as stored, or None if absent (records compared as written, not as typed)."""
-    try:
-        obj = json.loads(store.get_text(key))
-    except NotFoundError:
-        return None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise FormatError(f"{store.url(key)} is not valid JSON ({e}); delete the run and import again") from None
-    if not isinstance(obj, dict):
-        raise FormatError(f"{store.url(key)} is not a JSON object; delete the run and import again")
-    return obj
-
-
-def write_json(store: Store, key: str, obj: Any) -> None:
-    """As `write_record` writes records: sorted keys, so equal contents are equal bytes."""
-    store.put_text(key, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    return total
 
 
 def dist_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
@@ -107,3 +82,27 @@ def dist_rank(rank: int | None, world_size: int | None) -> tuple[int, int]:
             dist.get_world_size() if world_size is None else world_size
         )
     return rank or 0, world_size or 1
+
+
+def loader_options(
+    owner: Callable[..., Any],
+    fixed: Collection[str],
+    options: ReadOptions | None,
+    kwargs: Mapping[str, Any],
+    rank: int | None,
+    world_size: int | None,
+) -> tuple[ReadOptions, dict[str, Any]]:
+    """(ReadOptions, TokenLoader keywords) of an integration's loader, checked once, here.
+
+    `owner`: the integration's constructor (its name and keywords go into the error for an unknown
+    option); `fixed`: the TokenLoader arguments it sets itself. Rank and world_size are its own
+    arguments, else `options`' (when not 0 and 1), else torch.distributed's.
+    """
+    from activault.reading.tokens import TokenLoader
+
+    own = [*keywords(owner, "uri", "options"), *keywords(TokenLoader.__init__, "uri", "options", *fixed)]
+    read, rest = read_options(owner.__qualname__.split(".")[0], options, kwargs, own)
+    if rank is None and world_size is None and (read.rank, read.world_size) != (0, 1):
+        rank, world_size = read.rank, read.world_size
+    rank, world_size = dist_rank(rank, world_size)
+    return replace(read, rank=rank, world_size=world_size), rest

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from activault.errors import ActivaultError, ConfigError
-from activault.integrations.shared import Source, dist_rank
+from activault.integrations.shared import ReadOptions, Source, loader_options, whole
 
 Row = tuple[torch.Tensor, dict[str, torch.Tensor]]  # ids [seq], {hook: states [seq, d]}
 
@@ -218,7 +218,8 @@ def replay(
     device: str | torch.device = "cpu",
     rank: int | None = None,
     world_size: int | None = None,
-    **options: Any,
+    options: ReadOptions | None = None,
+    **kwargs: Any,
 ) -> tuple[VaultReplay, VaultTokens]:
     """(model, dataset) for `sparsify.Trainer(cfg, dataset, model)`, training on `num_tokens` tokens.
 
@@ -227,10 +228,15 @@ def replay(
         tokens_per_row: tokens per dataset row; sparsify's `batch_size` counts rows, so a step
             trains on `batch_size * tokens_per_row` tokens.
         rows_per_read: rows gathered per loader batch.
-        Other options as `TokenLoader` (seed, window, drop_positions_below, ...); rank and
-        world_size default to torch.distributed's.
+        Other options as `TokenLoader` (seed, window, drop_positions_below, ...,
+        `options=ReadOptions(...)`), checked here; rank and world_size default to
+        torch.distributed's.
     """
     from activault import TokenLoader
+
+    fixed = ("loop", "hooks", "batch_tokens", "return_ids", "dtype")
+    read_opts, rest = loader_options(replay, fixed, options, kwargs, rank, world_size)
+    tokens_per_row, rows_per_read = whole("tokens_per_row", tokens_per_row), whole("rows_per_read", rows_per_read)
 
     if isinstance(hookpoints, Mapping):
         points: dict[str, tuple[str, str | None]] = {n: (a, b) for n, (a, b) in hookpoints.items()}
@@ -239,12 +245,7 @@ def replay(
     if not points:
         raise ConfigError("no hookpoints given")
     read = list(dict.fromkeys(h for pair in points.values() for h in pair if h is not None))
-    if tokens_per_row < 1 or rows_per_read < 1 or num_tokens < tokens_per_row:
-        raise ConfigError(
-            f"need tokens_per_row >= 1, rows_per_read >= 1, num_tokens >= tokens_per_row; got "
-            f"{tokens_per_row}, {rows_per_read}, {num_tokens}"
-        )
-    rank, world_size = dist_rank(rank, world_size)
+    num_tokens = whole("num_tokens", num_tokens, tokens_per_row, f"a whole number >= tokens_per_row={tokens_per_row}")
     loader = TokenLoader(
         uri,
         loop=True,
@@ -252,9 +253,8 @@ def replay(
         batch_tokens=tokens_per_row * rows_per_read,
         return_ids=True,
         dtype=torch.float32,
-        rank=rank,
-        world_size=world_size,
-        **options,
+        options=read_opts,
+        **rest,
     )
     dims = {h: shape.d_model for h, shape in zip(read, loader.shapes, strict=True) if shape is not None}
     if len(dims) != len(read):

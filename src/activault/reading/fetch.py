@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from activault.errors import FormatError, NotFoundError, StorageError
+from activault.reading.order import range_priority
 from activault.storage import Store
 from activault.storage.base import populate
-from activault.vault import codec as codecs
 from activault.vault import megabatch as fmt
 
 # At most 16 MiB per ranged read: one connection to AWS moves ~90 MB/s, so 8 in flight fill a
@@ -52,10 +52,6 @@ def range_step(size: int, range_size: int | None = None) -> int:
     return min(RANGE_SIZE, max(MIN_RANGE, -(-share // 4096) * 4096))
 
 
-# Recycle read and batch buffers (BufferPool); bench/read.py measures it off.
-RECYCLE_BUFFERS = True
-
-
 class Stopped(Exception):
     """Background work cancelled because the stream was closed."""
 
@@ -67,23 +63,26 @@ class _Slot:
     copied: Any = None  # a CUDA event recorded after non_blocking copies from this memory
 
 
-class BufferPool:
+class ReadBuffers:
     """Byte buffers handed out as tensors and handed out again once nothing uses them.
 
-    A fresh buffer costs a page fault per page on first touch: on this project's VM, filling a
-    fresh 64 MiB buffer took 26 ms median (numpy, huge pages) to 136 ms (torch, 4 KiB pages).
-    Measured by bench/read.py (`--readers rcache,rcache-fresh`, 16 files of 64 MiB, page cache,
-    steady rate): RCache read at 0.6-1.1x raw across runs with recycled buffers, 0.15x with a fresh
-    buffer per file. A tensor made from a numpy array keeps that array alive, so once the weak
-    reference to the array given out is dead, no tensor (or view of one) uses the memory any more.
+    A fresh buffer costs a page fault per page on first touch, which makes reading into a new
+    buffer per file much slower than reading into recycled ones (bench/read.py's `rcache-fresh`;
+    docs/benchmarks.md has the figures). A tensor made from a numpy array keeps that array alive,
+    so once the weak reference to the array given out is dead, no tensor (or view of one) uses the
+    memory any more.
     Pinned buffers (for CUDA) are kept the same way, sized to the largest request (the caching
     host allocator rounds each allocation up to a power of two and never frees it); a buffer
     whose copy to the GPU may still be in flight is reused only after its recorded event.
+
+    Args:
+        pin: page-locked memory, for non_blocking copies to CUDA.
+        keep: buffers kept for reuse at most.
+        recycle: False allocates a new buffer for every request (bench/read.py's `-fresh` readers).
     """
 
-    def __init__(self, pin: bool = False, keep: int = 4, recycle: bool | None = None):
-        self.pin, self.keep = pin, keep
-        self.recycle = RECYCLE_BUFFERS if recycle is None else recycle
+    def __init__(self, pin: bool = False, keep: int = 4, recycle: bool = True):
+        self.pin, self.keep, self.recycle = pin, keep, recycle
         self._slots: list[_Slot] = []
         self._largest = 0
         self._lock = threading.Lock()
@@ -227,7 +226,7 @@ class ObjectReader:
 
     def head(
         self,
-        buffers: BufferPool,
+        buffers: ReadBuffers,
         ranges: Workers | None = None,
         priority: tuple[int, ...] = (),
         started: Callable[[], None] = lambda: None,
@@ -249,15 +248,13 @@ class ObjectReader:
             self.abandon()
             raise
 
-    def open(self, buffers: BufferPool) -> bool:
+    def open(self, buffers: ReadBuffers) -> bool:
         """Map the file where the store can, reading none of it; True if it is mapped: its head and
         body are then read in place on the calling thread, range after range.
 
         One thread reading a mapped file front to back beat its ranges split over the range
-        workers: from the page cache they cost more in thread hops than the reads themselves
-        (RCache 32 GB/s against 27, TokenLoader 6.2 against 6.0), and from disk the kernel's
-        read-ahead serves one sequential reader best (RCache from a cold disk: first file in
-        71-81 ms against 80-111, 1.8 GB/s against 1.6; 4-5 interleaved runs, bench/read.py data).
+        workers: from the page cache they cost more in thread hops than the reads themselves, and
+        from disk the kernel's read-ahead serves one sequential reader best (docs/benchmarks.md).
         """
         if not self._opened:
             self._opened = True
@@ -268,7 +265,7 @@ class ObjectReader:
         return self._map is not None
 
     def _head(
-        self, buffers: BufferPool, ranges: Workers | None, priority: tuple[int, ...], started: Callable[[], None]
+        self, buffers: ReadBuffers, ranges: Workers | None, priority: tuple[int, ...], started: Callable[[], None]
     ) -> tuple[memoryview, fmt.Header | None]:
         if self._map is not None:
             started()
@@ -282,7 +279,7 @@ class ObjectReader:
                 head = view[: self.step]
                 if ranges is not None:
                     self._rest = [
-                        ranges.submit((*priority, s), self.read, s, view[s : s + self.step])
+                        ranges.submit(range_priority(priority, s), self.read, s, view[s : s + self.step])
                         for s in range(self.step, self.size, self.step)
                     ]
             else:
@@ -345,7 +342,7 @@ class ObjectReader:
         )
 
     def body(
-        self, head: memoryview, buffers: BufferPool, ranges: Workers, priority: tuple[int, ...]
+        self, head: memoryview, buffers: ReadBuffers, ranges: Workers, priority: tuple[int, ...]
     ) -> Callable[[], torch.Tensor]:
         """Start reading the rest into a recycled buffer; returns a call that waits for the bytes.
 
@@ -370,7 +367,8 @@ class ObjectReader:
         view = buf.numpy().data.cast("B")
         view[: head.nbytes] = head
         futures = [
-            ranges.submit((*priority, s), self.read, s, view[s : s + step]) for s in range(head.nbytes, self.size, step)
+            ranges.submit(range_priority(priority, s), self.read, s, view[s : s + step])
+            for s in range(head.nbytes, self.size, step)
         ]
         return _waiter(futures, lambda: buf)
 
@@ -388,32 +386,3 @@ def _waiter(futures: list[Future[Any]], result: Callable[[], torch.Tensor]) -> C
         return result()
 
     return wait
-
-
-def tensors_of(
-    buf: torch.Tensor, header: fmt.Header, url: str, buffers: BufferPool, verify_checksums: bool = False
-) -> dict[str, torch.Tensor]:
-    """The header's tensors as views of the file's bytes `buf: [size] uint8` (no copy); compressed
-    ones (vault/codec.py) decoded into a recycled buffer.
-
-    Slices of the tensor itself, not of a buffer protocol view: a non_blocking copy from pinned
-    memory then keeps that memory's allocation alive until the copy is done.
-    """
-    if verify_checksums:
-        fmt.check_checksums(header, buf.numpy().data, url)
-    out = {}
-    for name, info in header.tensors.items():
-        a, b = header.byte_range(name)
-        raw = buf[a:b]
-        if name in header.packed:
-            out[name] = codecs.unpack(
-                raw.numpy().data,
-                header.packed[name],
-                f"{url} {name!r}",
-                lambda shape, dtype: buffers.empty(tuple(shape), dtype),
-            )
-            continue
-        if a % info.dtype.itemsize:  # not aligned (not written by activault): one copy
-            raw = raw.clone()
-        out[name] = raw.view(info.dtype).view(info.shape)
-    return out

@@ -7,13 +7,13 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from activault import dtypes
 from activault.errors import ConfigError, FormatError, NotFoundError
-from activault.storage import Entry, Store, open_store
+from activault.reading.options import ReadOptions
+from activault.storage import Entry, Store, open_stores
 from activault.vault import megabatch as fmt
 from activault.vault import records
 
@@ -68,7 +68,7 @@ class Catalog:
     Args:
         uri: a hook folder, a Store, or a list of them (concatenated in order; they must agree on
             d_model, dtype and seq_len). With `hooks`, the run folder(s) instead.
-        store_options: for `open_store` (S3: `retry_timeout`, `max_retries` bound the retries).
+        options: its `store_options` open the stores of URIs (open_stores); `skip_bad_files`.
     """
 
     def __init__(
@@ -76,17 +76,18 @@ class Catalog:
         uri: str | Path | Store | Sequence[str | Path | Store],
         *,
         hooks: Sequence[str] | None = None,
-        store_options: dict[str, Any] | None = None,
-        skip_bad_files: bool = False,
+        options: ReadOptions | None = None,
     ):
         uris = [uri] if isinstance(uri, str | Path | Store) else list(uri)
         if not uris:
             raise ConfigError("a reader needs at least one URI")
-        options = dict(store_options or {})
+        options = options if options is not None else ReadOptions()
+        if isinstance(hooks, str) or not all(isinstance(h, str) and h.strip("/") for h in hooks or ()):
+            raise ConfigError(f"hooks={hooks!r} is not accepted: hooks must be a list of hook folder names")
         self.hooks = [h.strip("/") for h in hooks] if hooks else None
-        self.skip_bad_files = skip_bad_files
+        self.skip_bad_files = options.skip_bad_files
         folders = tuple(self.hooks) if self.hooks else ("",)
-        self.prefixes = [Prefix(u if isinstance(u, Store) else open_store(u, **options), folders) for u in uris]
+        self.prefixes = [Prefix(s, folders) for s in open_stores(uris, options.store_options or {})]
         self.blocks: list[list[FileRef]] = []
         self.incomplete: dict[str, list[str]] = {}  # url of a file -> hooks that lack it (skipped)
         self.foreign: dict[str, str] = {}  # url of an object that is not a megabatch -> why (skipped)

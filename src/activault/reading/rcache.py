@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import os
 from collections.abc import Generator, Sequence
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from activault.errors import ConfigError
-from activault.reading.stream import (
-    FileRef,
-    FileStream,
-    Megabatch,
-    Reader,
-    Source,
-    check_device,
-    mix_seed,
-)
+from activault.reading.device import check_device, to_device
+from activault.reading.options import ReadArgs, ReadOptions, flag, keywords, read_options
+from activault.reading.order import mix_seed
+from activault.reading.stream import FileRef, FileStream, LoadedFile, Reader, Source
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 
 class RCache(Reader):
@@ -35,18 +34,13 @@ class RCache(Reader):
             (concatenated in order; they must agree on d_model, dtype and seq_len). With `hooks`,
             the run folder(s) instead, and each item holds every hook's states for the same tokens.
         return_ids: yield `{"states", "input_ids" (int64), "positions" (int32, -1 = padding)}`.
-        buffer_size: files read ahead while the consumer works on the current one.
         shuffle: permute tokens within each megabatch (seeded; ids and positions move along).
-        preserve_file_order: False shuffles the file order with the seed (and the epoch).
-        rank, world_size: read every world_size-th file from `rank` (DDP; disjoint, covering).
-        skip_bad_files: warn about, count (`bad_files`) and skip unreadable files, and files some
-            hooks lack, instead of raising.
-        store_options: passed to `open_store` (e.g. `{"unsigned": True}` for a public bucket).
-        range_size: bytes per ranged read (default: each file split over the 8 range workers, in
-            ranges of 4 to 16 MiB; a file of at most 4 MiB in one request); larger than any file:
-            one GET each.
-        verify_checksums: check every file's bytes against the checksums in its header (a
-            FormatError names the file and tensor); costs a hash pass (README: Benchmarks).
+        options, **read: how the files are read (ReadOptions, whose fields are documented there):
+            `buffer_size`, `preserve_file_order` (default True here), `seed`, `rank`,
+            `world_size`, `skip_bad_files`, `store_options` (e.g. `{"unsigned": True}` for a
+            public bucket), `range_size`, `verify_checksums`; as keywords, or in
+            `options=ReadOptions(...)` (keywords override its fields). A name that is none of
+            these is a ConfigError listing them.
     """
 
     def __init__(
@@ -56,34 +50,15 @@ class RCache(Reader):
         hooks: Sequence[str] | None = None,
         device: str | torch.device = "cpu",
         return_ids: bool = False,
-        buffer_size: int = 2,
         shuffle: bool = False,
-        preserve_file_order: bool = True,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        skip_bad_files: bool = False,
-        store_options: dict[str, Any] | None = None,
-        range_size: int | None = None,
-        verify_checksums: bool = False,
+        options: ReadOptions | None = None,
+        **read: Unpack[ReadArgs],
     ):
+        opts, _ = read_options(type(self).__name__, options, read, own=keywords(RCache.__init__, "uri", "options"))
+        return_ids, shuffle = flag("return_ids", return_ids), flag("shuffle", shuffle)
         self.device = check_device(device)
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
-        files = FileStream(
-            uri,
-            hooks=hooks,
-            buffer_size=buffer_size,
-            preserve_file_order=preserve_file_order,
-            seed=seed,
-            rank=rank,
-            world_size=world_size,
-            skip_bad_files=skip_bad_files,
-            store_options=store_options,
-            range_size=range_size,
-            pin=self._pin,
-            verify_checksums=verify_checksums,
-            transform=self._shuffle,
-        )
+        files = FileStream(uri, opts.ordered(True), hooks=hooks, pin=self._pin, transform=self._shuffle)
         super().__init__(files)
         self.return_ids = return_ids
         self.shuffle = shuffle
@@ -94,7 +69,7 @@ class RCache(Reader):
         """Files this rank reads per epoch."""
         return len(self.files.order(self.epoch))
 
-    def _shuffle(self, f: FileRef, epoch: int, item: Megabatch) -> Megabatch:
+    def _shuffle(self, f: FileRef, epoch: int, item: LoadedFile) -> LoadedFile:
         """Tokens permuted within the megabatch (on the reading thread), seeded by file, epoch."""
         if not self.shuffle:
             return item
@@ -107,25 +82,18 @@ class RCache(Reader):
             out = self.files.buffers.empty(tuple(flat.shape), flat.dtype)
             states.append(torch.index_select(flat, 0, perm, out=out).view(rows, seq, -1))
         ids, pos = item.input_ids.reshape(-1)[perm], item.positions.reshape(-1)[perm]
-        return Megabatch(states, ids.view(rows, seq), pos.view(rows, seq))
+        return replace(item, states=states, input_ids=ids.view(rows, seq), positions=pos.view(rows, seq))
 
-    def _deliver(self, item: Megabatch) -> Any:
-        if self.device.type == "cpu":
-            states, pos = item.states, item.positions
-            ids = item.input_ids.to(torch.int64) if self.return_ids else item.input_ids  # widened only if yielded
-        else:  # from pinned buffers, asynchronously; ids widened on the device
-            nb = self._pin
-            states = [s.to(self.device, non_blocking=nb) for s in item.states]
-            ids = item.input_ids.to(self.device, non_blocking=nb).to(torch.int64)
-            pos = item.positions.to(self.device, non_blocking=nb)
-            if nb:  # the buffers are reused only once these copies are done
-                done = torch.cuda.Event()
-                done.record()
-                self.files.buffers.copied([*item.states, item.input_ids, item.positions], done)
+    def _deliver(self, item: LoadedFile) -> Any:
+        # On the device (from pinned buffers, asynchronously); ids and positions only if yielded.
+        extra = [item.input_ids, item.positions] if self.return_ids else []
+        moved = to_device([*item.states, *extra], self.device, self.files.buffers)
+        states = moved[: len(item.states)]
         out: Any = dict(zip(self.hooks, states, strict=True)) if self.hooks else states[0]
         if not self.return_ids:
             return out
-        return {"states": out, "input_ids": ids, "positions": pos}
+        ids, pos = moved[len(item.states) :]
+        return {"states": out, "input_ids": ids.to(torch.int64), "positions": pos}  # ids widened on the device
 
     def _iterate(self) -> Generator[Any, None, None]:
         with self.files.prefetch(self.epoch, self._next) as files:
@@ -182,8 +150,12 @@ class S3RCache(RCache):
         aws_access_key_id: str | None = None,
         aws_secret_access_key: str | None = None,
         unsigned: bool | None = None,
-        **options: Any,
+        **kwargs: Any,
     ):
+        """Args: as RCache's (`options=ReadOptions(...)` or its fields as keywords, `hooks`, ...);
+        `endpoint`, the credentials and `unsigned` go into `store_options`."""
+        own = [*keywords(S3RCache.__init__, "s3_prefix"), *keywords(RCache.__init__, "uri", "options")]
+        opts, rest = read_options("S3RCache", kwargs.pop("options", None), kwargs, own)
         bucket = bucket_name or os.environ.get("S3_BUCKET_NAME")
         if not bucket:
             raise ConfigError("no bucket: pass bucket_name= or set S3_BUCKET_NAME")
@@ -195,14 +167,10 @@ class S3RCache(RCache):
                 aws_access_key_id,
                 aws_secret_access_key,
             )
-        store_options = {"env": env, **({"unsigned": unsigned} if unsigned is not None else {})}
-        store_options.update(options.pop("store_options", None) or {})
+        store = {"env": env, **({"unsigned": unsigned} if unsigned is not None else {}), **(opts.store_options or {})}
         prefixes = [s3_prefix] if isinstance(s3_prefix, str) else list(s3_prefix)
-        super().__init__(
-            [f"s3://{bucket}/{p.strip('/')}" for p in prefixes],
-            store_options=store_options,
-            **options,
-        )
+        uris: list[Source] = [f"s3://{bucket}/{p.strip('/')}" for p in prefixes]
+        super().__init__(uris, options=replace(opts, store_options=store), **rest)
 
     @classmethod
     def from_credentials(

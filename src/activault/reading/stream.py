@@ -1,20 +1,18 @@
 """The streaming layer under RCache and TokenLoader: which files, in which order, read how.
 
 `FileStream` lists the megabatch files of one or more sources (listing.py: present in every
-hook), orders them per epoch, seed and rank, and reads them (fetch.py): each file's header checked
-before its bytes are used (a file bigger than its hook's metadata allows: before any tensor byte is
-requested), its body by parallel ranged reads into a recycled buffer, decoded in place (the
-tensors are views of that buffer). `Prefetch` is the bounded read-ahead; its threads stop on
-`close()`, when it is dropped, and at interpreter exit.
+hook), orders them per epoch, seed and rank (order.py), and reads them (fetch.py): each file's
+header checked before its bytes are used (a file bigger than its hook's metadata allows: before any
+tensor byte is requested), its body by parallel ranged reads into a recycled buffer, decoded in
+place (`megabatch.decode`: the tensors are views of that buffer). `Prefetch` is the bounded
+read-ahead; its threads stop on `close()`, when it is dropped, and at interpreter exit.
 """
 
 from __future__ import annotations
 
-import random
 import threading
 import warnings
 import weakref
-import zlib
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future
@@ -24,59 +22,46 @@ from typing import Any
 
 import torch
 
-from activault.errors import ConfigError, FormatError, StorageError
-from activault.reading.fetch import (
-    RANGE_WORKERS,
-    BufferPool,
-    ObjectReader,
-    Stopped,
-    Workers,
-    tensors_of,
-)
+from activault.errors import FormatError, StorageError
+from activault.reading.fetch import RANGE_WORKERS, ObjectReader, ReadBuffers, Stopped, Workers
 from activault.reading.listing import Catalog, FileRef, Prefix, StatesShape
+from activault.reading.options import ReadOptions
+from activault.reading.order import (
+    BODY,
+    HEAD,
+    file_order,
+    file_priority,
+    next_file_starts,
+    read_ahead,
+    request_priority,
+)
 from activault.storage import Store
 from activault.vault import megabatch as fmt
 
+# What a reader reads from: a local folder or URI (`s3://bucket/run/hook`), or a Store.
 Source = str | Path | Store
-HEAD, BODY = 0, 1  # priority classes of the range workers' jobs
 
 __all__ = [
-    "BufferPool",
     "Catalog",
     "FileRef",
     "FileStream",
-    "Megabatch",
+    "LoadedFile",
     "Prefetch",
     "Prefix",
     "Reader",
     "Source",
     "StatesShape",
-    "check_device",
-    "mix_seed",
 ]
 
 
 @dataclass
-class Megabatch:
-    """One file's tensors, every hook's states for the same tokens."""
+class LoadedFile:
+    """One megabatch file read from every hook folder: each hook's states for the same tokens."""
 
+    file: FileRef
     states: list[torch.Tensor]  # per hook: [rows, seq, d]
     input_ids: torch.Tensor  # [rows, seq] (int32 as stored)
     positions: torch.Tensor  # [rows, seq] int32, -1 = padding
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """The device to deliver tensors on; a CUDA device on a machine without one is refused now."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device={str(device)!r} but this machine has no usable CUDA device; use device='cpu'")
-    return dev
-
-
-def mix_seed(*parts: int | str) -> int:
-    """A stable 63-bit seed from several parts (Python's hash() of a str is salted per process)."""
-    text = ":".join(map(str, parts)).encode()
-    return zlib.crc32(text) | (zlib.adler32(repr(parts).encode()) << 32)
 
 
 def _close(stop: threading.Event, pools: list[Workers]) -> None:
@@ -88,8 +73,8 @@ def _close(stop: threading.Event, pools: list[Workers]) -> None:
 class FileStream:
     """Megabatch files of one or more sources, listed, ordered and read (RCache and TokenLoader).
 
-    Args: as RCache (`uri`, `hooks`, `buffer_size`, `preserve_file_order`, `seed`, `rank`,
-        `world_size`, `skip_bad_files`, `store_options`, `range_size`);
+    Args: `uri`, `hooks` as RCache; `options`: how they are read (ReadOptions; its fields are
+        attributes here too; preserve_file_order None: the stored order);
         `pin`: read into pinned memory (for CUDA); `transform`: applied to each megabatch on the
         reading thread; `held`: files the consumer holds at once (their buffers are kept for reuse).
     """
@@ -97,41 +82,23 @@ class FileStream:
     def __init__(
         self,
         uri: Source | Sequence[Source],
+        options: ReadOptions | None = None,
         *,
         hooks: Sequence[str] | None = None,
-        buffer_size: int = 2,
-        preserve_file_order: bool = True,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        skip_bad_files: bool = False,
-        store_options: dict[str, Any] | None = None,
-        range_size: int | None = None,
         pin: bool = False,
         held: int = 1,
-        verify_checksums: bool = False,
-        transform: Callable[[FileRef, int, Megabatch], Megabatch] | None = None,  # (file, epoch, item)
+        transform: Callable[[FileRef, int, LoadedFile], LoadedFile] | None = None,  # (file, epoch, item)
     ):
-        if buffer_size < 1:
-            raise ConfigError(f"buffer_size must be >= 1, got {buffer_size}")
-        if range_size is not None and (not isinstance(range_size, int) or range_size < 1):
-            raise ConfigError(
-                f"range_size must be a positive number of bytes (or None: the default), got {range_size!r}"
-            )
-        if not 0 <= rank < world_size:
-            raise ConfigError(f"rank must be in [0, world_size={world_size}), got {rank}")
-        self.catalog = Catalog(uri, hooks=hooks, store_options=store_options, skip_bad_files=skip_bad_files)
+        o = self.options = (options if options is not None else ReadOptions()).ordered(True)
+        self.catalog = Catalog(uri, hooks=hooks, options=o)
         self.hooks = self.catalog.hooks
-        self.buffer_size = buffer_size
-        self.preserve_file_order = preserve_file_order
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.skip_bad_files = skip_bad_files
+        self.buffer_size, self.preserve_file_order = o.buffer_size, bool(o.preserve_file_order)
+        self.seed, self.rank, self.world_size = o.seed, o.rank, o.world_size
+        self.skip_bad_files, self.range_size, self.verify_checksums = o.skip_bad_files, o.range_size, o.verify_checksums
         self.unreadable = 0  # files skipped while reading (skip_bad_files)
-        self.range_size = range_size
         self.pin = pin
-        self.verify_checksums = verify_checksums  # each file's bytes against its header's checksums
         self.transform = transform
-        self.buffers = BufferPool(pin, keep=buffer_size + held + 1)
+        self.buffers = ReadBuffers(pin, keep=o.buffer_size + held + 1, recycle=o.recycle)
         self._shape_lock = threading.Lock()
         self._order_cache: tuple[tuple[int, int], list[FileRef]] | None = None
 
@@ -153,13 +120,11 @@ class FileStream:
         """This rank's files in reading order for `epoch`."""
         key = (epoch, len(self.catalog.blocks))
         if self._order_cache is None or self._order_cache[0] != key:
-            out: list[FileRef] = []
-            for b, block in enumerate(self.catalog.blocks):
-                block = list(block)
-                if not self.preserve_file_order:
-                    random.Random(mix_seed(self.seed, epoch, b)).shuffle(block)
-                out += block
-            self._order_cache = (key, out[self.rank :: self.world_size])
+            shuffle = not self.preserve_file_order
+            order = file_order(
+                self.catalog.blocks, epoch, seed=self.seed, shuffle=shuffle, rank=self.rank, world_size=self.world_size
+            )
+            self._order_cache = (key, order)
         return self._order_cache[1]
 
     def prefetch(self, epoch: int, start: int = 0, eager: bool = False) -> Prefetch:
@@ -176,18 +141,15 @@ class FileStream:
         ranges: Workers,
         stop: threading.Event,
         turn: tuple[threading.Event | None, threading.Event] | None = None,
-    ) -> Megabatch:
+    ) -> LoadedFile:
         """Every hook's file `f.name` of source `f.source`, decoded and checked against the others.
 
         Every hook's header is read and checked before any body is used; then all bodies are
         read at once (ranges of this file before those of later files). A file that one request
         covers, or no bigger than its hook's metadata allows, is requested whole with its header
         (fetch.py); a bigger one's body only once its header is valid. `turn`: (the previous
-        file's first requests are queued, this file's are): files start in order, so a later
-        file's first request never runs ahead of an earlier file's ranges. The stream's first
-        file (no `before`) is read alone, the next one starting once it is read, unless it is one
-        request per hook. Mapped files (every hook's, `ObjectReader.open`) are read in place on
-        this thread, without requests.
+        file's first requests are queued, this file's are; when it is set: order.next_file_starts).
+        Mapped files (every hook's, `ObjectReader.open`) are read in place on this thread.
         """
         before, queued = turn if turn is not None else (None, threading.Event())
         try:
@@ -207,9 +169,19 @@ class FileStream:
         stop: threading.Event,
         queued: threading.Event,
         alone: bool = False,
-    ) -> Megabatch:
+    ) -> LoadedFile:
+        readers = self._readers(f, stop)
+        heads = self._heads(readers, seq, ranges, queued, alone)
+        bodies = [
+            r.body(head, self.buffers, ranges, request_priority(BODY, seq, h))
+            for h, (r, (head, _)) in enumerate(zip(readers, heads, strict=True))
+        ]
+        item = self._decode(f, readers, [header for _, header in heads], bodies)
+        return self.transform(f, epoch, item) if self.transform is not None else item
+
+    def _readers(self, f: FileRef, stop: threading.Event) -> list[ObjectReader]:
         prefix = self.catalog.prefixes[f.source]
-        readers = [
+        return [
             ObjectReader(
                 prefix.store,
                 prefix.key(h, f.name),
@@ -220,36 +192,39 @@ class FileStream:
             )
             for h, size in enumerate(f.sizes)
         ]
-        # Mapped files: every hook's header read here, then its body. Otherwise the hooks' headers
-        # (or whole small files, or files of the expected size) are requested in parallel, ahead of
-        # any body range: heads go before every body range (HEAD first in the priority), so a later
-        # file's ranges are queued while this file's still run instead of after them.
+
+    def _heads(
+        self, readers: list[ObjectReader], seq: int, ranges: Workers, queued: threading.Event, alone: bool
+    ) -> list[tuple[memoryview, fmt.Header | None]]:
+        """Every hook's first bytes and checked header; `queued` is set when the next file may start
+        (order.next_file_starts).
+
+        Mapped files: every hook's header read here, then its body. Otherwise the hooks' headers
+        (or whole small files, or files of the expected size) are requested in parallel, ahead of
+        any body range (`request_priority`), so a later file's ranges are queued while this
+        file's still run instead of after them.
+        """
         waiting, lock = [len(readers)], threading.Lock()
-        # A first file requested in one request per hook is not read alone: it leaves the other
-        # range workers idle, and where each connection has its own limit (real endpoints;
-        # bench/read.py's pacing proxy) reading it alone only delays the next file by a whole file.
-        # One GET per file through the proxy: 0.88 x raw alone against 0.99 beside the next, first
-        # item the same (6 interleaved runs); on moto, whose Python server shares this machine's
-        # cores, the first item came later (0.61 x one file against 0.33), the whole run the same.
-        requested_alone = alone and any(r.size > r.step for r in readers)
-
-        def started() -> None:  # one more hook's first requests are queued
-            with lock:
-                waiting[0] -= 1
-                if not waiting[0] and not requested_alone:
-                    queued.set()
-
         asked: list[Future[tuple[memoryview, fmt.Header | None]]] = []
         try:
-            if all(r.open(self.buffers) for r in readers):  # mapped: read in place on this thread
-                if not alone:  # the next file reads beside this one
+            mapped = all(r.open(self.buffers) for r in readers)  # mapped: read in place on this thread
+            when = next_file_starts(alone, mapped, all(r.size <= r.step for r in readers))
+            if mapped:
+                if when == "now":
                     queued.set()
                 heads = [r.head(self.buffers) for r in readers]
             else:
-                asked = [
-                    ranges.submit((HEAD, seq, h), r.head, self.buffers, ranges, (HEAD, seq, h), started)
-                    for h, r in enumerate(readers)
-                ]
+
+                def started() -> None:  # one more hook's first requests are queued
+                    with lock:
+                        waiting[0] -= 1
+                        if not waiting[0] and when == "queued":
+                            queued.set()
+
+                asked = []
+                for h, r in enumerate(readers):
+                    prio = request_priority(HEAD, seq, h)
+                    asked.append(ranges.submit(prio, r.head, self.buffers, ranges, prio, started))
                 heads = [a.result() for a in asked]
             for h, (r, (_, header)) in enumerate(zip(readers, heads, strict=True)):
                 if header is not None:
@@ -260,20 +235,22 @@ class FileStream:
             for r in readers:
                 r.abandon()
             raise
-        bodies = [
-            r.body(head, self.buffers, ranges, (BODY, seq, h))
-            for h, (r, (head, _)) in enumerate(zip(readers, heads, strict=True))
-        ]
-        headers = [header for _, header in heads]
+        return heads
+
+    def _decode(
+        self,
+        f: FileRef,
+        readers: list[ObjectReader],
+        headers: list[fmt.Header | None],
+        bodies: list[Callable[[], torch.Tensor]],
+    ) -> LoadedFile:
+        """Each hook's file decoded (`megabatch.decode`, into this stream's buffers) and checked
+        against the first: the same tokens in every hook."""
         states: list[torch.Tensor] = []
         ids = pos = None
         for h, (r, header, body) in enumerate(zip(readers, headers, bodies, strict=True)):
-            buf = body()
-            if header is None:
-                tensors = fmt.decode_legacy(buf.numpy().data, r.url).tensors
-            else:
-                tensors = tensors_of(buf, header, r.url, self.buffers, self.verify_checksums)
-            s, i, p = self._check(tensors, r.url, h)
+            decoded = fmt.decode(body(), r.url, header, self.verify_checksums, self.buffers.empty)
+            s, i, p = self._check(decoded.tensors, r.url, h)
             if ids is None:
                 ids, pos = i, p
             elif not torch.equal(ids, i):
@@ -282,8 +259,7 @@ class FileStream:
                 )
             states.append(s)
         assert ids is not None and pos is not None
-        item = Megabatch(states, ids, pos)
-        return self.transform(f, epoch, item) if self.transform is not None else item
+        return LoadedFile(f, states, ids, pos)
 
     def _expect(self, shape: StatesShape, url: str, h: int) -> None:
         with self._shape_lock:
@@ -309,8 +285,8 @@ class FileStream:
         return states, ids, pos
 
 
-class Prefetch(Iterator[tuple[int, Megabatch]]):
-    """(index in the epoch's order, megabatch) from file `start` on, `buffer_size` files read ahead.
+class Prefetch(Iterator[tuple[int, LoadedFile]]):
+    """(index in the epoch's order, LoadedFile) from file `start` on, `buffer_size` files read ahead.
 
     Args:
         eager: start the next reads before returning a file, so `buffer_size` files are in flight
@@ -325,7 +301,7 @@ class Prefetch(Iterator[tuple[int, Megabatch]]):
     def __init__(self, stream: FileStream, epoch: int, start: int, eager: bool):
         self.stream, self.epoch, self.eager = stream, epoch, eager
         self._next = start
-        self._pending: deque[tuple[int, Future[Megabatch]]] = deque()
+        self._pending: deque[tuple[int, Future[LoadedFile]]] = deque()
         self._queued: threading.Event | None = None  # set once the last file started has its requests queued
         self._stop = threading.Event()
         self._files = Workers(stream.buffer_size, "activault-read")
@@ -333,24 +309,18 @@ class Prefetch(Iterator[tuple[int, Megabatch]]):
         self._closer = weakref.finalize(self, _close, self._stop, [self._files, self._ranges])
 
     def _refill(self) -> None:
-        # Files start together, the first with the next ones, and take turns to queue their first
-        # requests (`turn`), so a later file's first range, which can be a whole range of its
-        # bytes, queues behind an earlier file's ranges instead of running beside them. The first
-        # file is read alone, so the first item waits for one file, not for a share of two: a cold
-        # disk served it in 43 ms against 79 beside the second (mapped), moto in 0.67-0.74 s
-        # against 0.82-1.01 (5 interleaved runs each). After it, two files read at once moved more
-        # from disk for TokenLoader (1.63 GB/s against 1.48 one at a time). A first file of one
-        # request per hook reads beside the next (FileStream._load says why).
+        # The files of the read-ahead plan start together and take turns to queue their first
+        # requests (`turn`: order.next_file_starts says when the next one may), so a later file's
+        # first range, which can be a whole range of its bytes, queues behind an earlier file's.
         order = self.stream.order(self.epoch)  # re-read: sync() may have appended files
-        while len(self._pending) < self.stream.buffer_size and self._next < len(order):
-            i = self._next
+        for i in read_ahead(self._next, len(self._pending), len(order), self.stream.buffer_size):
             turn = (self._queued, threading.Event())
             self._queued = turn[1]
-            fut = self._files.submit((i,), self.stream.load, order[i], self.epoch, i, self._ranges, self._stop, turn)
-            self._pending.append((i, fut))
-            self._next += 1
+            args = (order[i], self.epoch, i, self._ranges, self._stop, turn)
+            self._pending.append((i, self._files.submit(file_priority(i), self.stream.load, *args)))
+            self._next = i + 1
 
-    def __next__(self) -> tuple[int, Megabatch]:
+    def __next__(self) -> tuple[int, LoadedFile]:
         while True:
             self._refill()
             if not self._pending:

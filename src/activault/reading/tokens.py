@@ -13,9 +13,9 @@ import os
 import sys
 import weakref
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,21 +23,28 @@ from numpy.random import PCG64
 from torch.utils.data import IterableDataset, get_worker_info
 
 from activault.errors import ConfigError, NotFoundError
-from activault.reading.fetch import Workers
-from activault.reading.rcache import RCache
-from activault.reading.stream import (
-    BufferPool,
-    FileStream,
-    Megabatch,
-    Reader,
-    Source,
-    check_device,
-    mix_seed,
+from activault.reading.device import check_device, to_device
+from activault.reading.fetch import ReadBuffers, Workers
+from activault.reading.options import (
+    ReadArgs,
+    ReadOptions,
+    flag,
+    invalid,
+    keywords,
+    positive,
+    read_options,
+    whole,
 )
+from activault.reading.order import first_file, mix_seed, position_after, windows
+from activault.reading.rcache import RCache
+from activault.reading.stream import FileStream, LoadedFile, Reader, Source
 from activault.storage import Store
 from activault.storage.uri import is_s3
 from activault.vault import records
 from activault.vault.stats import merge_all
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +65,7 @@ def _bytes(x: torch.Tensor) -> np.ndarray:
 class _Window:
     """The kept tokens of a window of megabatches, indexed 0..n-1 without copying them together."""
 
-    def __init__(self, items: list[Megabatch], drop_below: int):
+    def __init__(self, items: list[LoadedFile], drop_below: int):
         self.states: list[list[torch.Tensor]] = [[] for _ in items[0].states]  # per hook, per file: [tokens, d]
         self.rows: list[list[np.ndarray]] = [[] for _ in items[0].states]  # the same as [tokens, row_bytes] uint8
         self.ids, self.pos, self.kept = [], [], []
@@ -102,7 +109,7 @@ class _Window:
 
 
 # Threads that gather a batch (with the consumer's own): one thread copies rows at about half the
-# rate two cores read files (bench/read.py, page cache: one-thread gather 0.63x raw reads).
+# rate two cores read files from the page cache.
 GATHER_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
@@ -134,9 +141,8 @@ def _take_group(jobs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
 
 # How a window is shuffled: state_dict() records it, as a resume mid-window needs the same order.
 # numpy's PCG64, not torch.randperm: randperm fills its range with an OpenMP team whose idle thread
-# then spins for milliseconds on a core the gather needs (page cache, two cores: the loader read
-# 6.6 GB/s against 6.2, 8 interleaved runs). State dicts without the key were saved by loaders
-# that used torch.randperm.
+# then spins for milliseconds on a core the gather needs. State dicts without the key were saved
+# by loaders that used torch.randperm.
 SHUFFLE = "numpy-pcg64"
 
 
@@ -166,8 +172,9 @@ class TokenLoader(Reader):
         loop: epochs without end, each in a new order (file order and windows seeded with the
             epoch); batches run across epoch boundaries and `state_dict()` stays exact.
         dtype: output dtype; default the stored one, or float32 when normalising.
-        Other options as RCache (buffer_size, rank, world_size, skip_bad_files, store_options,
-        range_size, verify_checksums); preserve_file_order defaults to False here.
+        options, **read: how the files are read, as RCache's (ReadOptions: `seed`, `buffer_size`,
+            `rank`, `world_size`, `skip_bad_files`, `store_options`, `range_size`,
+            `verify_checksums`); `preserve_file_order` defaults to False here.
     """
 
     def __init__(
@@ -178,8 +185,6 @@ class TokenLoader(Reader):
         hooks: Sequence[str] | None = None,
         window: int = 4,
         return_ids: bool = False,
-        seed: int = 0,
-        preserve_file_order: bool = False,
         drop_positions_below: int = 0,
         center: bool = False,
         norm_target: float | None = None,
@@ -187,24 +192,24 @@ class TokenLoader(Reader):
         loop: bool = False,
         dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
-        **options: Any,
+        options: ReadOptions | None = None,
+        **read: Unpack[ReadArgs],
     ):
-        if batch_tokens < 1 or window < 1:
-            raise ConfigError(f"batch_tokens and window must be >= 1, got {batch_tokens} and {window}")
+        opts, _ = read_options("TokenLoader", options, read, own=keywords(TokenLoader.__init__, "uri", "options"))
+        batch_tokens, window = whole("batch_tokens", batch_tokens), whole("window", window)
+        drop_below = whole("drop_positions_below", drop_positions_below, 0)
+        norm_target = None if norm_target is None else positive("norm_target", norm_target)
+        return_ids, center = flag("return_ids", return_ids), flag("center", center)
+        drop_last, loop = flag("drop_last", drop_last), flag("loop", loop)
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise invalid("dtype", dtype, "a torch.dtype such as torch.float32, or None (the stored one)")
         self.device = check_device(device)
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
         # The window's files and those read ahead are held at once: their buffers are reused.
-        files = FileStream(
-            uri,
-            hooks=hooks,
-            seed=seed,
-            preserve_file_order=preserve_file_order,
-            held=window,
-            **options,
-        )
+        files = FileStream(uri, opts.ordered(False), hooks=hooks, held=window)
         super().__init__(files)
         self.batch_tokens, self.window, self.return_ids = batch_tokens, window, return_ids
-        self.drop_below, self.drop_last, self.loop = max(drop_positions_below, 0), drop_last, loop
+        self.drop_below, self.drop_last, self.loop = drop_below, drop_last, loop
         self.epoch = 0
         self.dropped_tokens = 0  # the last epoch's short final batch, dropped (drop_last)
         self._window = self._offset = 0
@@ -232,12 +237,12 @@ class TokenLoader(Reader):
         ref = math.sqrt(float(stats.var.sum())) if center else stats.mean_norm
         return mean, target / ref
 
-    def _batch(self, states: list[torch.Tensor], buffers: BufferPool) -> _Batch:
+    def _batch(self, states: list[torch.Tensor], buffers: ReadBuffers) -> _Batch:
         B = self.batch_tokens
         ids = [buffers.empty((B,), torch.int32) for _ in range(2)] if self.return_ids else [None, None]
         return _Batch([buffers.empty((B, s.shape[-1]), s.dtype) for s in states], *ids)
 
-    def _normalise(self, s: torch.Tensor, h: int, buffers: BufferPool | None) -> torch.Tensor:
+    def _normalise(self, s: torch.Tensor, h: int, buffers: ReadBuffers | None) -> torch.Tensor:
         """`s: [tokens, d]` centred, scaled and cast as asked, in as few passes as give the same
         float32 values (into recycled CPU buffers, or new tensors on the device)."""
         mean, scale = self._norm[h]
@@ -258,48 +263,22 @@ class TokenLoader(Reader):
             out.mul_(scale)
         return out if self.dtype in (None, torch.float32) else out.to(self.dtype)
 
-    def _deliver(self, batch: _Batch, buffers: BufferPool) -> Any:
+    def _deliver(self, batch: _Batch, buffers: ReadBuffers) -> Any:
         n = batch.filled
-        if self.device.type == "cpu":
-            out = [self._normalise(s[:n], h, buffers) for h, s in enumerate(batch.states)]
-            ids = None if batch.input_ids is None else batch.input_ids[:n].to(torch.int64)
-            pos = None if batch.positions is None else batch.positions[:n]
-        else:  # the stored dtype goes through the pinned batch buffer; the device normalises
-            nb = self._pin
-            out = [self._normalise(s[:n].to(self.device, non_blocking=nb), h, None) for h, s in enumerate(batch.states)]
-            ids = (
-                None
-                if batch.input_ids is None
-                else batch.input_ids[:n].to(self.device, non_blocking=nb).to(torch.int64)
-            )
-            pos = None if batch.positions is None else batch.positions[:n].to(self.device, non_blocking=nb)
-            if nb:  # the batch buffers are reused only once these copies are done
-                done = torch.cuda.Event()
-                done.record()
-                kept = [t for t in (batch.input_ids, batch.positions) if t is not None]
-                buffers.copied([*batch.states, *kept], done)
+        states = [s[:n] for s in batch.states]
+        cpu = self.device.type == "cpu"
+        if cpu:  # normalised into recycled buffers
+            states = [self._normalise(s, h, buffers) for h, s in enumerate(states)]
+        extra = [t[:n] for t in (batch.input_ids, batch.positions) if t is not None]
+        moved = to_device([*states, *extra], self.device, buffers)
+        out = moved[: len(states)]
+        if not cpu:  # the stored dtype went through the pinned batch buffer; the device normalises
+            out = [self._normalise(s, h, None) for h, s in enumerate(out)]
         st: Any = dict(zip(self.hooks, out, strict=True)) if self.hooks else out[0]
-        if ids is None or pos is None:
+        if not extra:
             return st
-        return {"states": st, "input_ids": ids, "positions": pos}
-
-    def _windows(self, files: Iterator[tuple[int, Megabatch]]) -> Iterator[tuple[int, list[Megabatch]]]:
-        """(window index, its items): a window is complete at its last file (not the next one's)."""
-        W = self.window
-        items: list[Megabatch] = []
-        w = -1
-        for index, item in files:
-            if items and index // W != w:  # the window's last file was skipped as bad
-                yield w, items
-                items = []
-            w = index // W
-            items.append(item)
-            del item
-            if index % W == W - 1:
-                yield w, items
-                items = []  # dropped before the next file is awaited
-        if items:
-            yield w, items
+        ids, pos = moved[len(states) :]
+        return {"states": st, "input_ids": ids.to(torch.int64), "positions": pos}
 
     def _iterate(self) -> Generator[Any, None, None]:
         gatherers = Workers(GATHER_THREADS - 1, "activault-gather") if GATHER_THREADS > 1 else None
@@ -316,13 +295,13 @@ class TokenLoader(Reader):
         B = self.batch_tokens
         # Staged in pinned memory for CUDA (the device normalises); 4: a consumer may hold the last
         # batch while the next is gathered.
-        buffers = BufferPool(self._pin, keep=4 * (2 + len(self._norm)))
+        buffers = ReadBuffers(self._pin, keep=4 * (2 + len(self._norm)), recycle=self.files.buffers.recycle)
         epoch, start, skip = self.epoch, self._window, self._offset
         batch: _Batch | None = None  # filled across windows (and epochs, with loop): tokens stay in place
         while True:
             taken = 0
-            with self.files.prefetch(epoch, start * self.window, eager=True) as files:
-                for w, items in self._windows(files):
+            with self.files.prefetch(epoch, first_file(start, self.window), eager=True) as files:
+                for w, items in windows(files, self.window):
                     win = _Window(items, self.drop_below)
                     del items
                     perm = _permutation(win.n, mix_seed(self.seed, epoch, "window", w))
@@ -336,10 +315,7 @@ class TokenLoader(Reader):
                         a += take
                         if batch.filled == B:
                             # The position of the next token: what state_dict() resumes from.
-                            self.epoch, (self._window, self._offset) = (
-                                epoch,
-                                ((w, a) if a < win.n else (w + 1, 0)),
-                            )
+                            self.epoch, (self._window, self._offset) = epoch, position_after(w, a, win.n)
                             full, batch = batch, None
                             yield self._deliver(full, buffers)
                             del full
@@ -427,17 +403,18 @@ class ActivationDataset(IterableDataset):
         uri: Source | Sequence[Source],
         *,
         batch_tokens: int | None = None,
-        rank: int = 0,
-        world_size: int = 1,
-        **options: Any,
+        options: ReadOptions | None = None,
+        **kwargs: Any,
     ):
-        self.uri, self.batch_tokens, self.rank, self.world_size, self.options = (
-            uri,
-            batch_tokens,
-            rank,
-            world_size,
-            options,
-        )
+        """Args: `batch_tokens` (None: megabatches); `rank`, `world_size` and the other reading
+        options (ReadOptions, or keywords) and the reader's own keywords, as RCache's or
+        TokenLoader's. They are checked here, not first in a DataLoader worker."""
+        reader = RCache if batch_tokens is None else TokenLoader
+        own = keywords(reader.__init__, "uri", "options", "batch_tokens")
+        self.options, self.reader_options = read_options("ActivationDataset", options, kwargs, own)
+        self.uri = uri
+        self.batch_tokens = None if batch_tokens is None else whole("batch_tokens", batch_tokens)
+        self.rank, self.world_size = self.options.rank, self.options.world_size
         self.epoch = 0
         self._pickled = False  # False in a forked worker: it shares the parent's memory
 
@@ -462,18 +439,12 @@ class ActivationDataset(IterableDataset):
         n, i = (info.num_workers, info.id) if info is not None else (1, 0)
         if info is not None:
             self._check_fork()
-        rank, world_size = self.rank * n + i, self.world_size * n
+        opts = replace(self.options, rank=self.rank * n + i, world_size=self.world_size * n)
         reader: RCache | TokenLoader
         if self.batch_tokens is None:
-            reader = RCache(self.uri, rank=rank, world_size=world_size, **self.options)
+            reader = RCache(self.uri, options=opts, **self.reader_options)
         else:
-            reader = TokenLoader(
-                self.uri,
-                batch_tokens=self.batch_tokens,
-                rank=rank,
-                world_size=world_size,
-                **self.options,
-            )
+            reader = TokenLoader(self.uri, batch_tokens=self.batch_tokens, options=opts, **self.reader_options)
         reader.epoch = self.epoch
         with reader:
             yield from reader

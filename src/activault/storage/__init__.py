@@ -3,24 +3,90 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from activault.errors import ConfigError
 from activault.storage.base import Buffer, Entry, Store
 from activault.storage.local import LocalStore
 from activault.storage.uri import StoreURI, parse_uri
 
-__all__ = ["Buffer", "Entry", "LocalStore", "Store", "StoreURI", "locate", "open_store", "parse_uri"]
+__all__ = [
+    "STORE_OPTIONS",
+    "Buffer",
+    "Entry",
+    "LocalStore",
+    "Store",
+    "StoreURI",
+    "check_store_options",
+    "locate",
+    "open_store",
+    "open_stores",
+    "parse_uri",
+]
+
+# The options `open_store` takes, per scheme: the stores' keyword arguments. S3Store's are named
+# here (storage.s3 imports obstore, only once S3 is used); tests/storage checks both lists against
+# the signatures.
+STORE_OPTIONS: dict[str, tuple[str, ...]] = {
+    "file": ("fsync", "map_reads"),
+    "s3": (
+        "env",
+        "unsigned",
+        "max_retries",
+        "retry_timeout",
+        "timeout",
+        "part_size",
+        "multipart_threshold",
+        "part_concurrency",
+    ),
+}
+_NAMES = {"file": "the local store", "s3": "the S3 store"}
+
+
+def check_store_options(options: Mapping[str, Any], schemes: Collection[str] = tuple(STORE_OPTIONS)) -> None:
+    """A ConfigError naming the options that no store of these schemes takes, and what they take."""
+    bad = [k for k in options if not any(k in STORE_OPTIONS[s] for s in schemes)]
+    if not bad:
+        return
+    if not schemes:
+        raise ConfigError(
+            f"store options {', '.join(map(repr, bad))} apply to the stores a reader opens from URIs, and every "
+            "source here is a Store already: pass them to its constructor instead"
+        )
+    takes = "; ".join(f"{_NAMES[s]} takes {', '.join(STORE_OPTIONS[s])}" for s in schemes)
+    other = [k for k in bad if any(k in names for names in STORE_OPTIONS.values())]
+    note = f" ({', '.join(other)}: for another kind of store)" if other else ""
+    raise ConfigError(f"unknown store option(s) {', '.join(map(repr, bad))}{note}: {takes}")
 
 
 def open_store(uri: str | Path, **options: Any) -> Store:
-    """The store rooted at a URI: a path or file:// (local) or s3://bucket/prefix (object storage)."""
+    """The store rooted at a URI: a path or file:// (local) or s3://bucket/prefix (object storage).
+
+    `options`: the store's own (STORE_OPTIONS); any other name is a ConfigError listing them.
+    """
     parsed = parse_uri(uri)
+    check_store_options(options, [parsed.scheme])
     if parsed.scheme == "s3":
         from activault.storage.s3 import S3Store  # obstore only when S3 is used
 
         return S3Store(str(parsed), **options)
-    return LocalStore(parsed.path, **{k: v for k, v in options.items() if k in ("fsync", "map_reads")})
+    return LocalStore(parsed.path, **options)
+
+
+def open_stores(sources: Sequence[str | Path | Store], options: Mapping[str, Any]) -> list[Store]:
+    """A store per source (a Store is kept as it is), sharing `options`: each store opened from a URI
+    takes those of its kind, and a name that none of them takes is a ConfigError."""
+    schemes = {parse_uri(s).scheme: None for s in sources if not isinstance(s, Store)}
+    check_store_options(options, list(schemes))
+    out: list[Store] = []
+    for s in sources:
+        if not isinstance(s, Store):
+            scheme = parse_uri(s).scheme
+            s = open_store(s, **{k: v for k, v in options.items() if k in STORE_OPTIONS[scheme]})
+        out.append(s)
+    return out
 
 
 def locate(uri: str | Path) -> tuple[Store, str]:

@@ -126,9 +126,8 @@ def _libc() -> Any:
 
 
 # madvise through ctypes, which lets go of the GIL: `mmap.madvise` holds it for the whole call
-# (0.5-2.5 ms per 64 MiB from the page cache, a disk read from a cold one) and the consumer's
-# thread waited on it: TokenLoader read 6.0 GB/s with ctypes against 5.6 (page cache, 5
-# interleaved runs of 48 files).
+# (0.5-2.5 ms per 64 MiB from the page cache, a disk read from a cold one), and the consumer's
+# thread would wait on it.
 _LIBC = _libc()
 
 

@@ -1,11 +1,12 @@
 """The local filesystem store: files appear only when complete (temp name, fsync, rename).
 
 Nothing outside the root is read, listed or deleted. Every method finds its path through one guard,
-`_path`, which refuses `..` and any symbolic link between the root and the key's last part; the last
-part is examined with `lstat`, so a link is never followed: it is listed as a link, reads of it are
-refused, and `delete` removes the link itself. Only regular files are opened (a FIFO or a device
-would block or never end), with O_NOFOLLOW and O_NONBLOCK, and checked again once open. The root
-itself may be a link: it is the user's choice of folder.
+`_path`, which refuses `..`, a key no file can have (a NUL, a name over 255 bytes, a path over 4096;
+for a write, the root itself) before touching the filesystem, and any symbolic link between the root
+and the key's last part; the last part is examined with `lstat`, so a link is never followed: it is
+listed as a link, reads of it are refused, and `delete` removes the link itself. Only regular files
+are opened (a FIFO or a device would block or never end), with O_NOFOLLOW and O_NONBLOCK, and
+checked again once open. The root itself may be a link: it is the user's choice of folder.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from activault.errors import ConfigError, NotFoundError, StorageError
+from activault.errors import ConfigError, NotFoundError, StorageError, shown
 from activault.storage.base import Buffer, Entry, EntryKind, Store, as_parts, join, populate
 
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
@@ -51,11 +52,15 @@ class LocalStore(Store):
 
     # ---- the guard ----
 
-    def _path(self, key: str) -> Path:
-        """The path of `key`; StorageError for `..` or a symbolic link on the way to its last part."""
+    def _path(self, key: str, write: bool = False) -> Path:
+        """The path of `key`, before the filesystem is touched; StorageError for a key no file can
+        have (`_key_problem`), one that names the root itself for a write, or a symbolic link on
+        the way to its last part."""
         parts = [p for p in key.split("/") if p not in ("", ".")]
         if ".." in parts:
-            raise StorageError(f"key {key!r} escapes the store root {self.root}")
+            raise StorageError(f"key {shown(key)} escapes the store root {self.root}")
+        if problem := _key_problem(key, parts, self.root, write):
+            raise StorageError(f"key {shown(key)} cannot be a file of the local store {self.root}: {problem}")
         path = self.root
         for part in parts[:-1]:
             path = path / part
@@ -110,6 +115,13 @@ class LocalStore(Store):
             raise err
         return path, fd
 
+    def _check_range(self, key: str, start: int, end: int) -> None:
+        # preadv reads offset -1 as "the current position": a negative start would read other bytes.
+        if not 0 <= start <= end:
+            raise StorageError(
+                f"bytes [{start}, {end}) of {self.url(key)} are not a range: a read needs 0 <= start <= end"
+            )
+
     def path_of(self, key: str) -> Path:
         """The filesystem path of `key`, through the guard (no `..`, no link on the way)."""
         return self._path(key)
@@ -127,7 +139,7 @@ class LocalStore(Store):
             raise StorageError(f"the local store {self.root} is not writable; choose another path with --storage")
 
     def put(self, key: str, data: Buffer | Sequence[Buffer]) -> None:
-        path = self._path(key)
+        path = self._path(key, write=True)
         # Hidden temp names are skipped by list(): a reader never sees a partial file. The rename
         # replaces a link at `path` rather than writing through it.
         tmp = _temp_name(path)
@@ -154,15 +166,15 @@ class LocalStore(Store):
                 os.fsync(fd)
                 # Written pages are clean now: drop them from the page cache. A collection writes
                 # far more than memory, and keeping what it wrote would evict what is read (the
-                # model, the data); new cached pages also cost a first touch each, which on this
-                # project's VM made writing 16 MiB take 44 ms of CPU instead of 3 (bench.collect).
+                # model, the data); new cached pages also cost a first touch each (~15x the CPU of
+                # writing into reused ones, docs/benchmarks.md), taken from the model.
                 if hasattr(os, "posix_fadvise"):
                     os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
 
     def swap(self, key: str, data: bytes, expect: bytes | None) -> bool:
-        path = self._path(key)
+        path = self._path(key, write=True)
         try:
             if expect is None:
                 return self._create(path, data)
@@ -212,10 +224,12 @@ class LocalStore(Store):
             os.close(fd)
 
     def get_range(self, key: str, start: int, end: int) -> memoryview:
-        view = memoryview(bytearray(max(0, end - start)))
+        self._check_range(key, start, end)
+        view = memoryview(bytearray(end - start))
         return view[: self.read_into(key, start, view)]
 
     def read_into(self, key: str, offset: int, out: memoryview) -> int:
+        self._check_range(key, offset, offset + out.nbytes)
         # Straight into the caller's buffer (os.preadv releases the GIL): no intermediate copy.
         path, fd = self._open(key)
         try:
@@ -371,6 +385,34 @@ def _can_populate() -> bool:
         return False
     finally:
         probe.close()
+
+
+# Linux's limits, which macOS and the common filesystems share: bytes in one name, and in a whole
+# path with its terminating NUL. A key beyond them is refused by name, not by a raw OSError.
+NAME_MAX, PATH_MAX = 255, 4096
+# A write's temp name adds `.` and `.{8 hex}.tmp` to the key's last part (see put).
+_TEMP_EXTRA = len(".") + len(".12345678.tmp")
+
+
+def _key_problem(key: str, parts: list[str], root: Path, write: bool) -> str | None:
+    """Why no file can be named `key` below `root` (or, with `write`, be written there), or None."""
+    if "\0" in key:
+        return "it holds a NUL character, which no file name can"
+    if write and not parts:
+        return "it names the store root itself, not a file in it"
+    try:
+        sizes = [len(os.fsencode(p)) for p in parts]
+        total = len(os.fsencode(root)) + sum(n + 1 for n in sizes)
+    except UnicodeEncodeError as e:  # a lone surrogate: no bytes on this filesystem
+        return f"character {e.object[e.start : e.end]!r} has no encoding in file names ({e.encoding})"
+    extra = _TEMP_EXTRA if write else 0
+    room = f" ({NAME_MAX - extra} for a write, which adds {extra} to it for its temp name)" if write else ""
+    for part, n in zip(parts, sizes, strict=True):
+        if n > NAME_MAX - extra:
+            return f"its part {shown(part)} is {n} bytes; a file name holds at most {NAME_MAX}{room}: shorten it"
+    if total + extra >= PATH_MAX:
+        return f"its path is {total} bytes, and a path holds fewer than {PATH_MAX}: use shorter names or fewer folders"
+    return None
 
 
 def _temp_name(path: Path) -> Path:

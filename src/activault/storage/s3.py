@@ -23,7 +23,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -47,9 +47,8 @@ PART_CONCURRENCY = 8
 MULTIPART_THRESHOLD = 32 << 20
 # Ranged reads into a caller's buffer arrive in pieces of this size. A range fetched whole is a new
 # allocation of its size, which glibc maps afresh (over 32 MiB, always) and the kernel faults in
-# page by page: 212,000 page faults for 12 files of 64 MiB from moto, against 12,000 in 1 MiB
-# pieces, which the heap reuses. bench/read.py, one GET per file on moto, 4 interleaved runs:
-# raw reads 1.21 GB/s against 0.92, RCache 1.10 against 0.83; with 8 ranges per file, no change.
+# page by page; pieces of 1 MiB come from the heap, which reuses them (docs/benchmarks.md:
+# Reading has the faults and rates).
 READ_CHUNK = 1 << 20
 # Data requests: a 16 MiB part at a slow 2 MB/s still finishes in 8 s.
 TIMEOUT = "120s"
@@ -197,6 +196,38 @@ def _cause(e: BaseException) -> str:
     return _first_line(e)
 
 
+def _whole(least: int) -> Callable[[Any], bool]:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _seconds(v: Any) -> bool:
+    return isinstance(v, timedelta) or (isinstance(v, int | float) and not isinstance(v, bool) and v >= 0)
+
+
+# S3Store's options: what each accepts (None is always the default).
+_OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "env": (lambda v: isinstance(v, Mapping) and all(isinstance(x, str) for x in (*v, *v.values())), "str -> str"),
+    "unsigned": (lambda v: isinstance(v, bool), "True or False"),
+    "max_retries": (_whole(0), "a whole number >= 0"),
+    "retry_timeout": (_seconds, "seconds >= 0 or a timedelta"),
+    "timeout": (lambda v: isinstance(v, str) and bool(v.strip()), 'a duration such as "120s"'),
+    "part_size": (_whole(5 << 20), "a whole number of bytes >= 5 MiB (S3's minimum part)"),
+    "multipart_threshold": (_whole(1), "a whole number of bytes >= 1"),
+    "part_concurrency": (_whole(1), "a whole number >= 1"),
+}
+
+
+def _check_options(options: dict[str, Any]) -> None:
+    """A ConfigError naming the first S3 store option of the wrong type or range."""
+    for name, value in options.items():
+        ok, accepted = _OPTIONS[name]
+        if value is not None and not ok(value):
+            shown = "{...}" if name == "env" else repr(value)  # env may hold credentials
+            raise ConfigError(
+                f"{name}={shown} is not accepted: the S3 store option {name} must be {accepted} (or None: the default)"
+            )
+
+
 class S3Store(Store):
     """`s3://bucket/prefix` on any S3-compatible endpoint (AWS, R2, MinIO, Ceph, moto, s3rver, ...)."""
 
@@ -212,11 +243,11 @@ class S3Store(Store):
         part_size: int | None = None,
         multipart_threshold: int | None = None,
         part_concurrency: int | None = None,
-        **_: Any,
     ):
         parsed = parse_uri(uri)
         if parsed.scheme != "s3":
             raise ConfigError(f"{uri!r} is not an s3://BUCKET[/PREFIX] URI")
+        _check_options({k: v for k, v in locals().items() if k in _OPTIONS})  # the keyword arguments
         self.bucket, self.prefix = parsed.bucket, parsed.path
         self.uri = f"s3://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
         settings = s3_settings(env)

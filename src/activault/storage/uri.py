@@ -32,8 +32,13 @@ def is_s3(uri: object) -> bool:
 
 
 def parse_uri(uri: str | Path) -> StoreURI:
-    """Parse a store URI; an unknown scheme or an s3 URI without a bucket is a ConfigError."""
+    """Parse a store URI; an unknown scheme, an s3 URI without a bucket or a NUL is a ConfigError."""
     text = str(uri)
+    if "\0" in text:
+        raise ConfigError(
+            f"storage URI {text!r} holds a NUL character, which no path or bucket can; "
+            "give a folder, file://PATH or s3://BUCKET/PREFIX without it"
+        )
     if text.startswith(S3):
         bucket, _, prefix = text[len(S3) :].partition("/")
         if not bucket:

@@ -10,6 +10,8 @@ from pathlib import Path
 import yaml
 
 from activault.config import Config, parse_config
+from activault.errors import ConfigError
+from activault.storage.uri import parse_uri
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +41,26 @@ def demo_config(model_dir: Path, storage: str, run_name: str = "demo", corpus: s
     )
 
 
+def _local_folder(storage: str) -> str:
+    """The absolute folder of a local store URI (PATH or file://PATH); ConfigError for S3 or garbage."""
+    parsed = parse_uri(storage)
+    if parsed.scheme != "file":
+        raise ConfigError(
+            f"--storage {storage}: the demo is offline and collects into a local folder (its tiny model is "
+            "built there); pass --storage PATH or file://PATH. To collect into S3, keep the demo's model and "
+            "config with --keep DIR, then run `activault collect --config DIR/config.yaml --storage s3://...`"
+        )
+    return parsed.path
+
+
 def prepare(storage: str, keep: str | None = None) -> tuple[Config, Path]:
     """The demo's model, tokenizer and config; with `keep`, all of it (and the corpus) in that folder."""
+    folder = _local_folder(storage)  # refused before anything is built, even where `keep` replaces it
     from activault.tools.tiny import build_tiny
 
     # Absolute, so the run's record names the same tokenizer whichever way the storage path is written.
     home = Path(keep).expanduser().absolute() if keep else None
-    model_dir = (home / "model") if home else (Path(storage).expanduser() / ".demo-model").absolute()
+    model_dir = (home / "model") if home else Path(folder) / ".demo-model"
     if not (model_dir / "config.json").exists():
         log.info("building a tiny Llama-style model and tokenizer in %s (no download)", model_dir)
         build_tiny(model_dir, "llama", layers=4, d=64)

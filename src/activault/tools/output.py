@@ -10,11 +10,24 @@ from pathlib import Path
 
 
 def unwritable(target: str) -> str | None:
-    """Why `target` cannot be written (checked before the command runs), or None."""
-    folder = Path(os.path.realpath(Path(target).expanduser())).parent
+    """Why `write_whole(target)` would fail (checked before the command runs), or None: the same
+    cases as it, a folder, a device or FIFO written in place, a regular file through a temp name."""
+    path = Path(os.path.realpath(Path(target).expanduser()))
+    try:
+        st: os.stat_result | None = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        st = None
+    except OSError as e:  # e.g. a name too long, a permission on the way
+        return f"{path}: {e.strerror or e}"
+    if st is not None and stat.S_ISDIR(st.st_mode):
+        return f"{path} is a folder; name a file in it"
+    if st is not None and not stat.S_ISREG(st.st_mode):
+        return None if os.access(path, os.W_OK) else f"{path} is not writable"
+    folder = path.parent
     if not folder.is_dir():
         return f"{folder} is not a folder"
-    return None if os.access(folder, os.W_OK) or Path(target).exists() else f"{folder} is not writable"
+    # A regular file is replaced by a temp file renamed over it: the folder must be writable.
+    return None if os.access(folder, os.W_OK) else f"{folder} is not writable"
 
 
 def write_whole(target: str, text: str) -> None:

@@ -3,9 +3,10 @@
 Each file is read and decoded, encoded with the new codec, decoded again from the new bytes and
 checked against the original (bit for bit; for fp8, ids and positions bit for bit and every
 finite token within fp8's error bound), and only then written over the original in one atomic
-put. A file already stored as asked is skipped (one header read), so an interrupted conversion
-resumes where it stopped, and a reader sees either the old file or the new one, both valid.
-When every file of a hook is converted, its metadata.json records the codec.
+put (the run writer's `replace_file`). A file already stored as asked is skipped (one header
+read), so an interrupted conversion resumes where it stopped, and a reader sees either the old
+file or the new one, both valid. When every file of a hook is converted, its metadata.json records
+the codec (`record_compression`).
 """
 
 from __future__ import annotations
@@ -26,18 +27,14 @@ from activault.vault.megabatch import (
     CHECKSUM_KEY,
     CODECS_KEY,
     SUFFIX,
+    Megabatch,
     decode,
     encode,
     fetch_header,
     megabatch_files,
 )
-from activault.vault.records import (
-    metadata_key,
-    read_metadata,
-    read_progress,
-    read_run,
-    write_record,
-)
+from activault.vault.records import metadata_key, read_progress, read_run
+from activault.vault.writer import record_compression, replace_file
 
 
 @dataclass
@@ -88,12 +85,13 @@ def convert_file(store: Store, key: str, codec: codecs.Codec | None) -> tuple[in
     tensors, meta = old.tensors, _described(old.metadata)
     parts = encode({k: t.contiguous() for k, t in tensors.items()}, meta, compression=codec)
     data = b"".join(parts)  # the exact bytes written, decoded once more to check them
-    new = decode(data, url, verify_checksums=True)
-    again, again_meta = new.tensors, _described(new.metadata)
-    if again_meta != meta:
-        raise FormatError(f"{url}: conversion changed the header metadata; file left as it was")
-    _check(tensors, again, codec, url)
-    store.put(key, data)
+
+    def same(new: Megabatch) -> None:
+        if _described(new.metadata) != meta:
+            raise FormatError(f"{url}: conversion changed the header metadata; file left as it was")
+        _check(tensors, new.tensors, codec, url)
+
+    replace_file(store, key, data, same)
     return buf.nbytes, len(data)
 
 
@@ -126,7 +124,7 @@ def recompress_run(
     """
     cfg = read_run(store, run)
     dirs, _ = list_dir(store, run)
-    hooks = list(cfg.hooks) if cfg else [d for d in dirs if store.exists(join(run, d, "metadata.json"))]
+    hooks = list(cfg.hooks) if cfg else [d for d in dirs if store.exists(metadata_key(join(run, d)))]
     if not hooks:
         raise ConfigError(f"{store.url(run)} holds no run (no cfg.json, no hook folder with a metadata.json)")
     if (waiting := _unfinished(store, run, cfg.num_runs if cfg else None)) and not force:
@@ -155,11 +153,7 @@ def recompress_run(
                 summary.bytes_after += after
                 if on_file is not None:
                     on_file(f"{h}/{name}", "converted" if converted else "skipped")
-        meta = read_metadata(store, join(run, h))
-        if meta is not None:
-            write_record(
-                store, metadata_key(join(run, h)), meta.model_copy(update={"compression": codecs.describe(codec)})
-            )
+        record_compression(store, join(run, h), codec)
     return summary
 
 

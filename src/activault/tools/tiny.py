@@ -88,19 +88,9 @@ def model_config(arch: str, vocab_size: int = 512, layers: int = 4, d: int = 64)
         return AutoConfig.for_model(arch, **common, **extra)
     if arch == "gpt2":
         return AutoConfig.for_model("gpt2", **common, n_embd=d, n_layer=layers, n_head=4, n_positions=2048)
-    if arch == "gpt_neox":
+    if arch in ("gpt_neox", "bert"):
         return AutoConfig.for_model(
-            "gpt_neox",
-            **common,
-            hidden_size=d,
-            intermediate_size=2 * d,
-            num_hidden_layers=layers,
-            num_attention_heads=4,
-            max_position_embeddings=2048,
-        )
-    if arch == "bert":
-        return AutoConfig.for_model(
-            "bert",
+            arch,
             **common,
             hidden_size=d,
             intermediate_size=2 * d,

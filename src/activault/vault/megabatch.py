@@ -447,44 +447,68 @@ def check_checksums(header: Header, buf: bytes | bytearray | memoryview, url: st
     return True
 
 
+# A buffer for a decoded (decompressed) tensor: `alloc(shape, dtype)`; readers pass their recycled
+# or pinned buffers (reading/fetch.py ReadBuffers.empty).
+Alloc = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+
+
 def decode(
-    buf: bytes | bytearray | memoryview,
+    buf: bytes | bytearray | memoryview | torch.Tensor,
     url: str,
     header: Header | None = None,
     verify_checksums: bool = False,
-    empty: Callable[..., torch.Tensor] = torch.empty,
+    alloc: Alloc | None = None,
 ) -> Megabatch:
-    """Tensors of one whole megabatch file, as views of `buf` (no copy; compressed ones decoded).
+    """One whole megabatch file's tensors: every reader's one decoder.
+
+    Raw tensors are views of `buf` (no copy, unless a foreign file stores one unaligned);
+    compressed ones (vault/codec.py) are decoded into `alloc`'s buffers. A `.pt` url is a legacy
+    file (`decode_legacy`).
 
     Args:
-        header: the file's header when already fetched and validated (`fetch_header`).
+        buf: the file's bytes, or a `[size] uint8` CPU tensor over them (a reader's buffer: the
+            tensors are then slices of that tensor, so a non_blocking copy from pinned memory
+            keeps the memory's allocation alive until the copy is done).
+        header: the file's header when already fetched and validated (`fetch_header`,
+            `parse_header`); else it is parsed from `buf`.
         verify_checksums: check each tensor's bytes against the header (FormatError if they differ).
-        empty: allocates the buffer a compressed tensor is decoded into (`empty(shape, dtype=...)`).
+        alloc: allocates a decoded tensor's buffer (default: `torch.empty`).
     """
+    data: torch.Tensor | None = None
+    if isinstance(buf, torch.Tensor):
+        data, mv = buf, buf.numpy().data
+    else:
+        mv = memoryview(buf).cast("B")
     if url.endswith(LEGACY_SUFFIX):
-        return decode_legacy(buf, url)
-    mv = memoryview(buf).cast("B")
+        return decode_legacy(mv, url)
     if header is None:
         header = parse_header(mv, url)
     elif mv.nbytes != header.size:
         raise FormatError(f"{url}: {mv.nbytes} bytes, the header describes {header.size}")
     if verify_checksums:
         check_checksums(header, mv, url)
+    if data is None:
+        # Object-store buffers are read-only (torch warns); tensors over them are only ever read.
+        # catch_warnings swaps the process-wide filters, so it is entered only when needed: readers'
+        # own buffers are writable, and a reader thread inside it would hide other threads' warnings.
+        with warnings.catch_warnings() if mv.readonly else contextlib.nullcontext():
+            if mv.readonly:
+                warnings.simplefilter("ignore", UserWarning)
+            data = torch.frombuffer(mv, dtype=torch.uint8)  # not empty: it holds a valid header
+
+    def empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype) if alloc is None else alloc(tuple(shape), dtype)
+
     out = {}
-    # Object-store buffers are read-only (torch warns); tensors over them are only ever read.
-    # catch_warnings swaps the process-wide filters, so it is entered only when needed: readers'
-    # own buffers are writable, and a reader thread inside it would hide other threads' warnings.
-    with warnings.catch_warnings() if mv.readonly else contextlib.nullcontext():
-        if mv.readonly:
-            warnings.simplefilter("ignore", UserWarning)
-        for name, t in header.tensors.items():
-            a, b = header.byte_range(name)
-            if name in header.packed:
-                out[name] = codecs.unpack(mv[a:b], header.packed[name], f"{url} {name!r}", empty)
-            elif a == b:
-                out[name] = torch.empty(t.shape, dtype=t.dtype)
-            else:
-                out[name] = torch.frombuffer(mv[a:b], dtype=t.dtype).view(t.shape)
+    for name, t in header.tensors.items():
+        a, b = header.byte_range(name)
+        raw = data[a:b]
+        if name in header.packed:
+            out[name] = codecs.unpack(raw.numpy().data, header.packed[name], f"{url} {name!r}", empty)
+            continue
+        if a % t.dtype.itemsize:  # not aligned (not written by activault): one copy
+            raw = raw.clone()
+        out[name] = raw.view(t.dtype).view(t.shape)
     return Megabatch(out, header)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import reprlib
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -121,6 +121,9 @@ class Record(BaseModel):
     """Strict: a string is not a number, a float not an int; unknown keys are ignored."""
 
     model_config = ConfigDict(strict=True, extra="ignore")
+    # Optional fields added after a record's first version: left out while unset, so a record
+    # without them keeps the bytes it had.
+    omit_unset: ClassVar[tuple[str, ...]] = ()
 
 
 class Versioned(Record):
@@ -137,8 +140,20 @@ class Versioned(Record):
         return self
 
 
+class ImportSource(Record):
+    """Where an imported run's rows came from: an import resumes only from the same source."""
+
+    format: str
+    path: str
+    fingerprint: str
+    rows: Count
+    documents: str
+
+
 class RunRecord(Versioned):
     """cfg.json: what the run is; written by every machine at start, the same bytes from each."""
+
+    omit_unset = ("imported_from",)
 
     activault_version: str = ""
     run_name: str = Field(min_length=1)
@@ -149,6 +164,8 @@ class RunRecord(Versioned):
     hook_dims: dict[str, Annotated[int, Field(gt=0, le=MAX_D)]] = Field(default_factory=dict)
     num_runs: int = Field(ge=1, le=MAX_MACHINES)
     progress: list[str] = Field(default_factory=list)
+    imported_from: ImportSource | None = None
+    """Set by `activault import`: the run holds a SAELens cache's rows, not a collection's."""
 
     @model_validator(mode="after")
     def _hooks(self) -> RunRecord:
@@ -319,7 +336,8 @@ def read_record(store: Store, key: str, model: type[R], fix: str, size: int | No
 
 def write_record(store: Store, key: str, record: Record) -> None:
     """Sorted keys, floats in their shortest exact form: equal records are equal bytes."""
-    store.put_text(key, record_text(record.model_dump()))
+    unset = {name for name in record.omit_unset if getattr(record, name) is None}
+    store.put_text(key, record_text(record.model_dump(exclude=unset)))
 
 
 def record_text(fields: dict[str, Any]) -> str:

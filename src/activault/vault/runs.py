@@ -1,33 +1,31 @@
-"""A run's records over its life: joining a run, progress, rebuilding records, merging statistics.
+"""A run's derived records: cfg.json joined, metadata.json rebuilt, statistics merged.
 
 Each machine writes only its own progress record. cfg.json, metadata.json and statistics.json are
-derived (from the config, the file headers and the finished machines' progress records), so any
-machine's collect rebuilds them when missing, damaged or out of date, without collecting again.
+derived (from the run's record, the file headers and the finished machines' progress records), so
+any machine's writer rebuilds them when missing, damaged or out of date, without collecting again.
+`writer.RunWriter` calls these in the commit protocol's order; nothing else writes them.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
 
-from activault.config import Config
-from activault.errors import ConfigError, FormatError, NotFoundError
+from activault.errors import FormatError, NotFoundError
 from activault.storage import Store, locate
 from activault.storage.base import join
 from activault.vault.megabatch import SUFFIX, Header, fetch_header, megabatch_files
 from activault.vault.records import (
     REBUILD,
+    HookMetadata,
     ProgressRecord,
     RunRecord,
-    StatsRecord,
     cfg_key,
     file_name,
     hook_metadata,
     metadata_key,
     parse_progress_name,
-    progress_key,
     read_metadata,
     read_progress,
     read_run,
@@ -40,134 +38,23 @@ from activault.vault.stats import RunningStats
 
 log = logging.getLogger(__name__)
 
-# Fields of data_config that decide which tokens each file holds.
-DATA_FIELDS = (
-    "data_key",
-    "seq_length",
-    "batch_size",
-    "seed",
-    "shuffle_buffer",
-    "clean_added_tokens",
-    "clean_default_system_prompt",
-    "start_batch",
-)
 
+def join_run(store: Store, record: RunRecord, check: Callable[[RunRecord | None], None] | None = None) -> None:
+    """Write cfg.json unless the stored one is the same; a missing or damaged one is rebuilt.
 
-def run_record(
-    cfg: Config, model: dict[str, Any], tokenizer: str, hook_dims: dict[str, int], version: str
-) -> RunRecord:
-    """cfg.json of a run collected with `cfg`."""
-    return RunRecord(
-        activault_version=version,
-        run_name=cfg.run_name,
-        config=cfg.to_public_dict(),
-        model=model,
-        tokenizer=tokenizer,
-        hooks=list(cfg.upload_config.hooks),
-        hook_dims=dict(hook_dims),
-        num_runs=cfg.num_runs,
-        progress=[progress_key("", m) for m in range(cfg.num_runs)],
-    )
-
-
-def _check_same_run(url: str, old: RunRecord, new: RunRecord) -> None:
-    """Refuse to join a run whose stored config differs in what shapes the data."""
-    if old.num_runs != new.num_runs:
-        raise ConfigError(
-            f"run {new.run_name!r} at {url} was started with num_runs={old.num_runs}, this config "
-            f"says num_runs={new.num_runs}: machines would collect overlapping data. "
-            "Use the same num_runs, or a new run_name"
-        )
-    for name in ("hooks", "tokenizer"):
-        if getattr(old, name) != getattr(new, name):
-            raise ConfigError(
-                f"run {new.run_name!r} was started with {name}={getattr(old, name)!r}, this config "
-                f"has {getattr(new, name)!r}; use the same config, or a new run_name"
-            )
-    old_data, new_data = old.config.get("data_config") or {}, new.config.get("data_config") or {}
-    for k in DATA_FIELDS:
-        if k in old_data and old_data[k] != new_data.get(k):
-            raise ConfigError(
-                f"run {new.run_name!r} was started with data_config.{k}={old_data[k]!r}, this config "
-                f"has {new_data.get(k)!r}; resuming would mix different data. Use the same config, "
-                "or a new run_name"
-            )
-
-
-def join_run(store: Store, record: RunRecord) -> None:
-    """Check `record` against the stored cfg.json, then write it; a missing or damaged one is rebuilt."""
-    key = cfg_key(record.run_name)
+    Args:
+        check: given the stored record (None when absent or damaged); raises to refuse the join.
+            What may differ is the caller's to say (collection/resume.py for a collection).
+    """
     try:
         old = read_run(store, record.run_name)
     except FormatError as e:
         log.warning("%s: rebuilding it from this config", str(e).split("; ")[0])
         old = None
-    if old is not None:
-        _check_same_run(store.url(key), old, record)
+    if check is not None:
+        check(old)
     if old != record:
-        write_record(store, key, record)
-
-
-class Progress:
-    """This machine's progress record: read at start, rewritten after every file it counts."""
-
-    def __init__(self, store: Store, run: str, machine: int, num_runs: int):
-        self.store, self.key, self.machine = store, progress_key(run, machine), machine
-        rec = read_progress(store, run, machine)
-        if rec is not None and rec.num_runs != num_runs:
-            raise ConfigError(
-                f"{store.url(self.key)} was written with num_runs={rec.num_runs}, not {num_runs}; "
-                "use the run's num_runs or a new run_name"
-            )
-        self.last = rec or ProgressRecord(machine=machine, num_runs=num_runs)
-
-    @property
-    def files_done(self) -> int:
-        return self.last.files_done
-
-    @property
-    def rows_done(self) -> int:
-        return self.last.rows_done
-
-    @property
-    def tokens_done(self) -> int:
-        return self.last.tokens_done
-
-    @property
-    def finished(self) -> bool:
-        return self.last.finished
-
-    @property
-    def data_state(self) -> dict[str, Any] | None:
-        return self.last.data_state
-
-    @property
-    def stats(self) -> dict[str, StatsRecord]:
-        return self.last.stats
-
-    def record(
-        self,
-        files: int,
-        rows: int,
-        tokens: int,
-        data_state: dict[str, Any] | None,
-        stats: dict[str, RunningStats],
-        finished: bool,
-    ) -> ProgressRecord:
-        # Our own numbers: constructed without a validation pass over every statistic.
-        return ProgressRecord.model_construct(
-            machine=self.machine,
-            num_runs=self.last.num_runs,
-            files_done=files,
-            rows_done=rows,
-            tokens_done=tokens,
-            data_state=data_state,
-            finished=finished,
-            stats={h: StatsRecord.model_construct(**s.to_dict()) for h, s in stats.items()},
-        )
-
-    def write(self, record: ProgressRecord) -> None:
-        write_record(self.store, self.key, record)
+        write_record(store, cfg_key(record.run_name), record)
 
 
 def _sample_header(store: Store, folder: str, machine: int, files_done: int) -> Header | None:
@@ -186,16 +73,18 @@ def _sample_header(store: Store, folder: str, machine: int, files_done: int) -> 
         return None
 
 
-def rebuild_metadata(store: Store, cfg: Config, machine: int, files_done: int) -> list[str]:
+def rebuild_metadata(
+    store: Store, run: str, metadata: Mapping[str, HookMetadata], machine: int, files_done: int
+) -> list[str]:
     """Rewrite each hook's metadata.json that is missing, damaged or contradicts the stored files.
 
-    What the files hold comes from a file's header, the batch sizes from the config. A hook with no
-    file yet is left alone: its first file writes its metadata. Returns the hooks rewritten.
+    What the files hold (shape, dtype) comes from a file's header, the rest from `metadata` (what
+    the writer would write; a stored description of how files are compressed is kept). A hook with
+    no file yet is left alone: its first file writes its metadata. Returns the hooks rewritten.
     """
     rebuilt = []
-    dc, uc = cfg.data_config, cfg.upload_config
-    for h in uc.hooks:
-        folder = join(cfg.run_name, h)
+    for h, spec in metadata.items():
+        folder = join(run, h)
         try:
             have, why = read_metadata(store, folder), "missing"
         except FormatError as e:
@@ -205,17 +94,7 @@ def rebuild_metadata(store: Store, cfg: Config, machine: int, files_done: int) -
         header = _sample_header(store, folder, machine, files_done)
         if header is None:
             continue
-        want = hook_metadata(
-            run_name=cfg.run_name,
-            hook=h,
-            d_model=header.d_model,
-            dtype=header.dtype,
-            seq_length=header.seq_len,
-            rows_per_file=cfg.rows_per_file,
-            batch_size=dc.batch_size,
-            batches_per_upload=uc.batches_per_upload,
-            model=cfg.transformer_config.model_name,
-        )
+        want = _describing(spec, header, have)
         if have == want:
             continue
         if have is not None:
@@ -224,6 +103,23 @@ def rebuild_metadata(store: Store, cfg: Config, machine: int, files_done: int) -
         log.warning("%s was %s: rebuilt from %s", store.url(metadata_key(folder)), why, header.url)
         rebuilt.append(h)
     return rebuilt
+
+
+def _describing(spec: HookMetadata, header: Header, have: HookMetadata | None) -> HookMetadata:
+    """`spec` with the shape and dtype of the file `header`, and `have`'s compression if stored."""
+    want = hook_metadata(
+        run_name=spec.run_name,
+        hook=spec.hook,
+        d_model=header.d_model,
+        dtype=header.dtype,
+        seq_length=header.seq_len,
+        rows_per_file=spec.rows_per_file,
+        batch_size=spec.batch_size,
+        batches_per_upload=spec.batches_per_upload,
+        model=spec.model,
+    )
+    # Files say how each is stored; metadata.json only how new ones will be (recompress changes it).
+    return want.model_copy(update={"compression": (have or spec).compression})
 
 
 def _finished(store: Store, run: str, num_runs: int, skip: set[int]) -> Iterator[ProgressRecord]:
@@ -275,8 +171,8 @@ def merge_statistics(store: Store, run: str, hooks: list[str], num_runs: int) ->
             machines.append(rec.machine)
         for h, total in totals.items():
             if total.count > 0:
-                stats = statistics_record(total, machines, num_runs)
-                write_record(store, statistics_key(join(run, h)), stats)
+                record = statistics_record(total, machines, num_runs)
+                write_record(store, statistics_key(join(run, h)), record)
         if next(_finished(store, run, num_runs, seen), None) is None:
             return machines
 

@@ -1,10 +1,10 @@
 """Import: a SAELens activation cache into a normal run, resumable.
 
 The run gets cfg.json, metadata.json, statistics.json, a progress record and megabatch files,
-written with collect's commit protocol (each file, then the record counting it), so a killed
-import run again resumes at the next file. A SAELens cache has no document boundaries: each row
-becomes one document (positions 0..context_size-1), unless the cache has the `positions` column
-that `export_saelens(positions=True)` adds.
+written by the run writer (vault/writer.py) as collect writes them (each file, then the record
+counting it), so a killed import run again resumes at the next file. A SAELens cache has no
+document boundaries: each row becomes one document (positions 0..context_size-1), unless the cache
+has the `positions` column that `export_saelens(positions=True)` adds.
 """
 
 from __future__ import annotations
@@ -16,12 +16,11 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from activault import dtypes
-from activault.errors import ConfigError
+from activault.errors import ConfigError, FormatError
 from activault.integrations import shared as v
 from activault.integrations.saelens_cache.layout import (
     POSITIONS,
@@ -72,46 +71,52 @@ def import_saelens(
     cache = open_cache(cache_dir, hooks, dtype)
     if cache.table.num_rows == 0:
         raise ConfigError(f"{cache.path} holds no rows")
-    source = {
-        "format": "saelens-cached-activations",
-        "path": str(cache.path),
-        "fingerprint": cache.fingerprint,
-        "rows": cache.table.num_rows,
-        "documents": "positions column" if cache.positions else "one per row",
-    }
-    old = v.read_json(store, v.cfg_key(run))
-    if old is not None and old.get("imported_from") != source:
+    source = v.ImportSource(
+        format="saelens-cached-activations",
+        path=str(cache.path),
+        fingerprint=cache.fingerprint,
+        rows=cache.table.num_rows,
+        documents="positions column" if cache.positions else "one per row",
+    )
+    old = _stored(store, run)
+    if old is not None and old.imported_from != source:
         raise ConfigError(f"{store.url(run)} already holds a run (not an import of this cache): choose a new run name")
     if old is not None and rows_per_file is None:  # resuming: the files already written fix it
-        rows_per_file = int(old["config"]["data_config"]["batch_size"])
+        rows_per_file = int(old.config["data_config"]["batch_size"])
     itemsize = max(cache.stored_dtypes[c].itemsize * cache.dims[c] for c in cache.hooks)
     rpf = rows_per_file or max(1, FILE_BYTES // (cache.seq * itemsize))
     record = _run_record(run, cache, rpf, model, source)
-    if old is not None and old != record:
+    # Versions aside (an import written by an older activault resumes and is upgraded).
+    versions = {"format_version": record.format_version, "activault_version": record.activault_version}
+    if old is not None and old.model_copy(update=versions) != record:
         raise ConfigError(
             f"{store.url(run)} was imported with other options (hooks, dtype, rows_per_file or model): "
             "run the same import again to resume it, or choose a new run name"
         )
     with hold(store, run, 0) as claim:  # one writer per run, as collect holds one per machine
-        progress = v.read_json(store, v.progress_key(run, 0)) or {}
-        result = ImportResult(store.url(run), resumed_at_row=int((progress.get("data_state") or {}).get("row", 0)))
-        if progress.get("finished"):
-            result.rows, result.tokens = cache.table.num_rows, int(progress["tokens_done"])
-            result.files = int(progress["files_done"])
+        writer = v.RunWriter(store, record, _metadata(run, cache, rpf), threads=4)
+        done = writer.resumed
+        result = ImportResult(store.url(run), resumed_at_row=int((done.data_state or {}).get("row", 0)))
+        if done.finished:
+            result.rows, result.tokens, result.files = cache.table.num_rows, done.tokens_done, done.files_done
             return result
-        v.write_json(store, v.cfg_key(run), record)
-        for h in record["hooks"]:
-            store.clear_partial(f"{run}/{h}", "m00000-")
+        writer.join()
+        writer.begin()
         t0 = time.perf_counter()
-        _import_files(store, run, cache, rpf, progress, result, claim)
-        v.merge_statistics(store, run, record["hooks"], 1)
+        _import_files(writer, cache, rpf, result, claim)
         result.seconds = time.perf_counter() - t0
     return result
 
 
-def _run_record(
-    run: str, cache: CachedActivations, rpf: int, model: str | None, source: dict[str, Any]
-) -> dict[str, Any]:
+def _stored(store: v.Store, run: str) -> v.RunRecord | None:
+    """The run's stored cfg.json; a damaged one is an error naming the repair of an import."""
+    try:
+        return v.read_run(store, run)
+    except FormatError as e:
+        raise FormatError(f"{str(e).split('; ')[0]}; delete {store.url(run)} and import again") from None
+
+
+def _run_record(run: str, cache: CachedActivations, rpf: int, model: str | None, source: v.ImportSource) -> v.RunRecord:
     """cfg.json of the imported run: a valid config describing the files, and where they came from."""
     from activault import __version__
     from activault.config import parse_config
@@ -133,20 +138,18 @@ def _run_record(
         },
         f"(import of {cache.path})",
     )
-    return {
-        "format": "activault",
-        "format_version": 1,
-        "activault_version": __version__,
-        "run_name": run,
-        "config": cfg.to_public_dict(),
-        "hooks": hooks,
-        "num_runs": 1,
-        "tokenizer": model,
-        "model": {"name": model or "unknown", "d_model": max(cache.dims.values()), "dtype": dtype},
-        "hook_dims": {cache.hooks[c]: d for c, d in cache.dims.items()},
-        "imported_from": source,
-        "progress": [v.progress_key(run, 0).split("/", 1)[1]],
-    }
+    return v.RunRecord(
+        activault_version=__version__,
+        run_name=run,
+        config=cfg.to_public_dict(),
+        hooks=hooks,
+        num_runs=1,
+        tokenizer=model,
+        model={"name": model or "unknown", "d_model": max(cache.dims.values()), "dtype": dtype},
+        hook_dims={cache.hooks[c]: d for c, d in cache.dims.items()},
+        imported_from=source,
+        progress=[v.progress_key("", 0)],
+    )
 
 
 def _destination(dest: str | v.Store, run_name: str | None) -> tuple[v.Store, str]:
@@ -164,28 +167,18 @@ def _destination(dest: str | v.Store, run_name: str | None) -> tuple[v.Store, st
 
 
 def _import_files(
-    store: v.Store,
-    run: str,
-    cache: CachedActivations,
-    rpf: int,
-    progress: dict[str, Any],
-    result: ImportResult,
-    claim: MachineLock,
+    writer: v.RunWriter, cache: CachedActivations, rpf: int, result: ImportResult, claim: MachineLock
 ) -> None:
-    """Write megabatch k of every hook, then the progress record counting it (collect's protocol)."""
-    stats = {
-        h: v.RunningStats.from_dict(progress["stats"][h])
-        if h in progress.get("stats", {})
-        else v.RunningStats(cache.dims[c])
+    """Every remaining file of every hook through the writer, then the finished record and statistics."""
+    resumed = writer.resumed
+    stats = {  # running statistics per hook, over every file so far
+        h: resumed.stats[h].running() if h in resumed.stats else v.RunningStats(cache.dims[c])
         for c, h in cache.hooks.items()
     }
-    k0, start = int(progress.get("files_done", 0)), result.resumed_at_row
-    tokens, rows_done = int(progress.get("tokens_done", 0)), int(progress.get("rows_done", 0))
-    writer = v.Writer(store, threads=4)
     inflight: deque[Future[None]] = deque()
     S = cache.seq
     try:
-        for k, (a, cols) in enumerate(chunks(cache, start, rpf), start=k0):
+        for a, cols in chunks(cache, result.resumed_at_row, rpf):
             claim.check()  # stop before writing if another importer took the run over
             rows = cols[TOKEN_IDS].numel() // S
             ids = cols[TOKEN_IDS].to(torch.int32).view(rows, S)
@@ -195,53 +188,27 @@ def _import_files(
                 else torch.arange(S, dtype=torch.int32).expand(rows, S).contiguous()
             )
             real = (pos >= 0).reshape(-1)
-            futures, states = [], {}
-            for c, h in cache.hooks.items():
-                states[h] = x = cols[c].view(rows, S, cache.dims[c]).to(cache.stored_dtypes[c])
-                meta = v.header_metadata(run, h, 0, k, MODEL)
-                parts = v.encode({"states": x, "input_ids": ids, "positions": pos}, meta)
-                futures.append(writer.write(f"{run}/{h}/{v.file_name(0, k)}", parts))
-            for h, x in states.items():  # while the files are written
+            states = {
+                h: cols[c].view(rows, S, cache.dims[c]).to(cache.stored_dtypes[c]) for c, h in cache.hooks.items()
+            }
+            for h, x in states.items():
                 flat = x.view(rows * S, -1)
                 stats[h].update(flat if bool(real.all()) else flat[real])
-            tokens += int(real.sum())
-            rows_done += rows
-            rec = {
-                "machine": 0,
-                "num_runs": 1,
-                "files_done": k + 1,
-                "rows_done": rows_done,
-                "tokens_done": tokens,
-                "data_state": {"row": a + rows},
-                "finished": False,
-                "stats": {h: s.to_dict() for h, s in stats.items()},
-            }
-            metas = _metadata(run, cache, rpf) if k == 0 else {}
-            inflight.append(writer.commit(futures, _committer(store, run, rec, metas)))
+            done = writer.write_file(
+                states, ids, pos, tokens=int(real.sum()), data_state={"row": a + rows}, stats=stats
+            )
+            inflight.append(done)
             while len(inflight) > 1:  # bounded memory: this file and the one before it in flight
                 inflight.popleft().result()
-            result.files, result.rows = k + 1, rows_done
-        writer.flush()  # every file and its record written: the finished record comes last
-        rec = {
-            "machine": 0,
-            "num_runs": 1,
-            "files_done": result.files or k0,
-            "rows_done": rows_done,
-            "tokens_done": tokens,
-            "data_state": {"row": cache.table.num_rows},
-            "finished": True,
-            "stats": {h: s.to_dict() for h, s in stats.items()},
-        }
-        v.write_record(store, v.progress_key(run, 0), v.ProgressRecord(**rec))
-        writer.close()
-        result.bytes_written = writer.bytes_written
-        result.tokens, result.files, result.rows = tokens, rec["files_done"], rows_done
+        writer.finish({"row": cache.table.num_rows}, stats)
     except BaseException:
         writer.abort()
         raise
+    result.files, result.rows, result.tokens = writer.files, writer.rows, writer.tokens
+    result.bytes_written = writer.bytes_written
 
 
-def _metadata(run: str, cache: CachedActivations, rpf: int) -> dict[str, Any]:
+def _metadata(run: str, cache: CachedActivations, rpf: int) -> dict[str, v.HookMetadata]:
     return {
         h: v.hook_metadata(
             run_name=run,
@@ -256,14 +223,3 @@ def _metadata(run: str, cache: CachedActivations, rpf: int) -> dict[str, Any]:
         )
         for c, h in cache.hooks.items()
     }
-
-
-def _committer(store: v.Store, run: str, rec: dict[str, Any], metas: dict[str, Any]):
-    record = v.ProgressRecord(**rec)  # validated here, in the loop, not in the commit thread
-
-    def commit() -> None:
-        for h, meta in metas.items():
-            v.write_record(store, v.metadata_key(f"{run}/{h}"), meta)
-        v.write_record(store, v.progress_key(run, 0), record)
-
-    return commit

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import reprlib
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -127,8 +128,7 @@ def open_cache(
             f"{path} has no {TOKEN_IDS!r} column: a vault keeps every token's id; re-cache it with a "
             "SAELens version that writes token ids"
         )
-    side = json.loads((path / SIDECAR).read_text()) if (path / SIDECAR).is_file() else {}
-    side_cols = side.get("columns", {})
+    side_cols = read_sidecar(path)
     if hooks is None:
         mapping = {c: side_cols.get(c, {}).get("hook", c) for c in arrays}
     elif isinstance(hooks, Mapping):
@@ -164,13 +164,57 @@ def open_cache(
     )
 
 
+def read_sidecar(path: Path) -> dict[str, dict[str, str]]:
+    """The columns `activault.json` records ({column: {"hook", "dtype"}}, each optional), {} without
+    one; a damaged one is one FormatError naming it, the field and the repair."""
+    file = path / SIDECAR
+    if not file.is_file():
+        return {}
+    fix = (
+        "repair it, or delete it: it only records what an export came from, and without it columns "
+        "are imported under their own names, in the cache's dtypes (or as the hooks and dtype given)"
+    )
+    try:
+        side = json.loads(file.read_bytes())
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise FormatError(f"{file} is not valid JSON ({str(e)[:80]}); {fix}") from None
+    if not isinstance(side, dict):
+        raise FormatError(f"{file} is a JSON {type(side).__name__}, not an object; {fix}")
+    columns = side.get("columns", {})
+    if not isinstance(columns, dict):
+        raise FormatError(f"{file}: field 'columns' is {reprlib.repr(columns)}, not an object of columns; {fix}")
+    out: dict[str, dict[str, str]] = {}
+    for column, entry in columns.items():
+        if not isinstance(entry, dict):
+            raise FormatError(f"{file}: columns.{column} is {reprlib.repr(entry)}, not an object; {fix}")
+        out[column] = {}
+        for key in ("hook", "dtype"):
+            value = entry.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, str) or not value:
+                raise FormatError(f"{file}: columns.{column}.{key} is {reprlib.repr(value)}, not a name; {fix}")
+            if key == "dtype" and _float_dtype(value) is None:
+                raise FormatError(
+                    f"{file}: columns.{column}.dtype {reprlib.repr(value)} is not a float type activault stores; {fix}"
+                )
+            out[column][key] = value
+    return out
+
+
 def list_length(feature: Any) -> int | None:
     return getattr(feature, "length", None)
 
 
-def torch_dtype(name: str, where: Path) -> torch.dtype:
+def _float_dtype(name: str) -> torch.dtype | None:
+    """The float dtype `name` names, or None: the one check of an activation dtype's name."""
     dt = dtypes.lookup(name)
-    if dt is None or not dt.is_floating_point:
+    return dt if dt is not None and dt.is_floating_point else None
+
+
+def torch_dtype(name: str, where: Path) -> torch.dtype:
+    dt = _float_dtype(name)
+    if dt is None:
         raise ConfigError(f"{where}: activation dtype {name!r} is not a float type activault stores")
     return dt
 

@@ -1,0 +1,411 @@
+"""Writing a run: `RunWriter`, the one owner of the commit protocol, over a bounded background writer.
+
+Every path that creates or rewrites a run (collect, import, recompress, test data) goes through
+here, so the order readers rely on (docs/format.md, "Commit protocol") exists once: cfg.json
+checked and written; file k of every hook, encoded and written on the writer threads; then, on the
+single commit thread, metadata.json (first file of a session) and the progress record counting k+1
+files; at the end the finished record and the statistics merged over finished machines.
+
+Memory is bounded by `StagingBuffers`: the producer cannot fill a new megabatch until a written one
+comes back, so when storage is slower than the model the model waits. A failed write is raised at
+the next `write`, `commit`, `flush` or `close`: the run stops with the error instead of losing data.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from typing import Any
+
+import torch
+
+from activault import dtypes
+from activault.errors import ConfigError, FormatError
+from activault.storage.base import Buffer, Store, join
+from activault.vault import codec as codecs
+from activault.vault.megabatch import Megabatch, decode, encode
+from activault.vault.records import (
+    HookMetadata,
+    ProgressRecord,
+    RunRecord,
+    StatsRecord,
+    file_name,
+    header_metadata,
+    metadata_key,
+    progress_key,
+    read_metadata,
+    read_progress,
+    write_record,
+)
+from activault.vault.runs import join_run, merge_statistics, rebuild_metadata
+from activault.vault.stats import RunningStats
+
+
+class StagingBuffers:
+    """A fixed set of reusable host buffers a megabatch is filled in; `acquire` blocks until one is free."""
+
+    def __init__(self, shape: Sequence[int], dtype: torch.dtype, count: int, pin: bool = False):
+        self._free: queue.Queue[torch.Tensor] = queue.Queue()
+        for _ in range(count):
+            self._free.put(torch.empty(tuple(shape), dtype=dtype, pin_memory=pin))
+        self.shape = tuple(shape)
+        self.dtype = dtype
+        self.waited = 0.0  # seconds `acquire` blocked: the caller waiting for storage
+
+    def acquire(self, check: Callable[[], None] | None = None) -> torch.Tensor:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        t0 = time.perf_counter()
+        try:
+            while True:
+                try:
+                    return self._free.get(timeout=0.5)
+                except queue.Empty:
+                    if check is not None:
+                        check()  # a failed write would otherwise leave us waiting for a buffer forever
+        finally:
+            self.waited += time.perf_counter() - t0
+
+    def release(self, buf: torch.Tensor) -> None:
+        self._free.put(buf)
+
+
+def _succeeded(fut: Future[None]) -> bool:
+    """Wait for `fut`; whether it ran without error. Also wakes when it is cancelled, which
+    `concurrent.futures.wait` does not: a future cancelled by `shutdown(cancel_futures=True)`
+    never notifies it, and a commit waiting on a dropped write would hang abort() forever."""
+    try:
+        return fut.exception() is None
+    except CancelledError:
+        return False
+
+
+class Writer:
+    """Writes objects on a thread pool and runs commit callbacks in submission order."""
+
+    def __init__(self, store: Store, threads: int = 4):
+        self.store = store
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="activault-write")
+        # One thread: commits (progress records) land in order, each after the data it counts.
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="activault-commit")
+        self._pending: set[Future[None]] = set()
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self.bytes_written = 0
+
+    def check(self) -> None:
+        """Raise the first failed write's error, if any."""
+        if self._error is not None:
+            raise self._error
+
+    def _track(self, fut: Future[None]) -> Future[None]:
+        with self._lock:
+            self._pending.add(fut)
+
+        def done(f: Future[None]) -> None:
+            with self._lock:
+                self._pending.discard(f)
+                if f.exception() is not None and self._error is None:
+                    self._error = f.exception()
+
+        fut.add_done_callback(done)
+        return fut
+
+    def write(
+        self,
+        key: str,
+        parts: Sequence[Buffer] | Callable[[], Sequence[Buffer]],
+        on_done: Callable[[], None] | None = None,
+    ) -> Future[None]:
+        """Queue one object; `on_done` runs after it is written or has failed (e.g. to free a buffer).
+
+        `parts` may be a function that builds them: it runs on a writer thread (compression), never
+        on the caller's.
+        """
+        self.check()
+
+        def run() -> None:
+            try:
+                data = parts() if callable(parts) else parts
+                self.store.put(key, data)
+                with self._lock:
+                    self.bytes_written += sum(memoryview(p).nbytes for p in data)
+            finally:
+                if on_done is not None:
+                    on_done()
+
+        return self._track(self._pool.submit(run))
+
+    def commit(self, after: Sequence[Future[None]], fn: Callable[[], None]) -> Future[None]:
+        """Run `fn` once every future in `after` succeeded and every earlier commit ran."""
+        self.check()
+
+        def run() -> None:
+            if all(_succeeded(f) for f in list(after)) and self._error is None:
+                fn()  # else: the write's own error is what the caller sees, or abort() dropped it
+
+        return self._track(self._committer.submit(run))
+
+    def flush(self) -> None:
+        """Wait for everything queued so far; raise the first error."""
+        while True:
+            with self._lock:
+                pending = list(self._pending)
+            if not pending:
+                break
+            for f in pending:
+                _succeeded(f)
+        self.check()
+
+    def close(self) -> None:
+        """Finish queued work and stop the threads; raise the first error."""
+        try:
+            self.flush()
+        finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._committer.shutdown(wait=True, cancel_futures=True)
+
+    def abort(self) -> None:
+        """Stop without raising: drop queued work, wait for running writes to end."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._committer.shutdown(wait=True, cancel_futures=True)
+
+
+class RunWriter:
+    """Writes one machine's files of a run and every record of the run, in the commit protocol's order.
+
+    Args:
+        record: cfg.json, built by the caller (collection/resume.py `run_record` for a collection).
+        metadata: hook -> what its files hold (metadata.json); each file is checked against it.
+        codec: how `states` are compressed (None: raw); metadata.json says so.
+        store_files: False writes the records only (`data_config.skip_cache`).
+        measured: told (hook, raw bytes, stored bytes) of each hook's first compressed file.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        record: RunRecord,
+        metadata: Mapping[str, HookMetadata],
+        machine: int = 0,
+        *,
+        codec: codecs.Codec | None = None,
+        threads: int = 4,
+        store_files: bool = True,
+        measured: Callable[[str, int, int], None] | None = None,
+    ):
+        self.store, self.record, self.machine, self.run = store, record, machine, record.run_name
+        _check_specs(store.url(self.run), record, metadata, machine)
+        described = codecs.describe(codec)
+        self.metadata = {h: metadata[h].model_copy(update={"compression": described}) for h in record.hooks}
+        self.codec, self.store_files, self.measured = codec, store_files, measured
+        self.threads = threads
+        self.resumed = self._read_progress()  # this machine's record when the writer opened
+        self.files, self.rows, self.tokens = self.resumed.files_done, self.resumed.rows_done, self.resumed.tokens_done
+        self._writer: Writer | None = None
+
+    def _read_progress(self) -> ProgressRecord:
+        rec = read_progress(self.store, self.run, self.machine)
+        if rec is not None and rec.num_runs != self.record.num_runs:
+            raise ConfigError(
+                f"{self.store.url(progress_key(self.run, self.machine))} was written with num_runs="
+                f"{rec.num_runs}, not {self.record.num_runs}; use the run's num_runs or a new run_name"
+            )
+        return rec or ProgressRecord(machine=self.machine, num_runs=self.record.num_runs)
+
+    # ---- the run's records -----------------------------------------------------------------------
+
+    def join(self, check: Callable[[RunRecord | None], None] | None = None) -> None:
+        """cfg.json written unless the stored one is the same (`check` sees it first and may refuse);
+        each hook's metadata.json rebuilt when missing, damaged or out of date."""
+        join_run(self.store, self.record, check)
+        rebuild_metadata(self.store, self.run, self.metadata, self.machine, self.resumed.files_done)
+
+    def begin(self) -> None:
+        """Clear this machine's leftover temp files: only it writes these names, and it holds the machine."""
+        for h in self.record.hooks:
+            self.store.clear_partial(join(self.run, h), file_name(self.machine, 0).rpartition("-")[0] + "-")
+        name = progress_key("", self.machine).rpartition("/")[2].removesuffix(".json")
+        self.store.clear_partial(join(self.run, "progress"), name)
+
+    def merge_statistics(self) -> list[int]:
+        """Each hook's statistics.json as the merge over finished machines; returns those machines."""
+        return merge_statistics(self.store, self.run, self.record.hooks, self.record.num_runs)
+
+    # ---- files -----------------------------------------------------------------------------------
+
+    def write_file(
+        self,
+        states: Mapping[str, torch.Tensor],
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        *,
+        tokens: int,
+        data_state: dict[str, Any] | None,
+        stats: Mapping[str, RunningStats],
+        on_written: Mapping[str, Callable[[], None]] | None = None,
+    ) -> Future[None]:
+        """Queue the next file of every hook, then the progress record counting it; returns the commit.
+
+        Args:
+            states: hook -> [rows, seq, d] in the hook's dtype; input_ids, positions: [rows, seq] int32.
+            tokens: real (not padding) tokens of this file; data_state: the data cursor after it.
+            stats: hook -> running statistics including this file (read now, on the caller's thread).
+            on_written: hook -> called once its file is written or has failed (frees its buffer).
+        """
+        k, rows = self.files, self._check_file(states, input_ids, positions)
+        # The record first: once the writer threads run Python, each small torch call building it
+        # hands them the GIL and waits for it back (docs/benchmarks.md: Collection).
+        record = self._record(k + 1, self.rows + rows, self.tokens + tokens, data_state, stats, finished=False)
+        metas = self.metadata if k == self.resumed.files_done else {}
+        writer, done = self._background(), on_written or {}
+        futures = []
+        for h in self.record.hooks:
+            if not self.store_files:
+                if h in done:
+                    done[h]()
+                continue
+            tensors = {"states": states[h], "input_ids": input_ids, "positions": positions}
+            key = join(self.run, h, file_name(self.machine, k))
+            futures.append(writer.write(key, self._encoding(h, k, tensors), on_done=done.get(h)))
+        self.files, self.rows, self.tokens = k + 1, self.rows + rows, self.tokens + tokens
+        return writer.commit(futures, lambda: self._commit(metas, record))
+
+    def _check_file(self, states: Mapping[str, torch.Tensor], ids: torch.Tensor, pos: torch.Tensor) -> int:
+        """The file's rows; a FormatError, before anything is written, when it does not fit the run."""
+        where = f"{self.store.url(self.run)}: file {self.files} of machine {self.machine}"
+        if set(states) != set(self.metadata):
+            raise FormatError(f"{where} has hooks {sorted(states)}, the run {self.record.hooks}; nothing written")
+        meta = next(iter(self.metadata.values()))
+        for name, t in (("input_ids", ids), ("positions", pos)):
+            if t.dtype != torch.int32 or t.dim() != 2 or t.shape[1] != meta.seq_length or t.shape != ids.shape:
+                raise FormatError(
+                    f"{where}: {name} is {list(t.shape)} {dtypes.name(t.dtype)}, the run stores "
+                    f"[rows, {meta.seq_length}] int32 (the same rows for both); nothing written"
+                )
+        rows = ids.shape[0]
+        for h, meta in self.metadata.items():
+            x = states[h]
+            if (
+                not 0 < rows <= meta.rows_per_file
+                or list(x.shape) != [rows, meta.seq_length, meta.d_model]
+                or dtypes.name(x.dtype) != meta.dtype
+            ):
+                raise FormatError(
+                    f"{where}: states of hook {h!r} are {list(x.shape)} {dtypes.name(x.dtype)} with "
+                    f"{rows} rows of ids, the run stores [1..{meta.rows_per_file}, {meta.seq_length}, "
+                    f"{meta.d_model}] {meta.dtype} (its metadata.json); nothing written"
+                )
+        return rows
+
+    def _encoding(self, hook: str, k: int, tensors: dict[str, torch.Tensor]) -> Callable[[], list[memoryview]]:
+        """The file's parts as a function: a writer thread hashes (checksums) and compresses, never
+        the producer's thread (xxh3 and zstd release the GIL)."""
+        meta = header_metadata(self.run, hook, self.machine, k, self.metadata[hook].model)
+
+        def build() -> list[memoryview]:
+            parts = encode(tensors, meta, compression=self.codec)
+            if self.codec is not None and self.measured is not None and k == self.resumed.files_done:
+                raw = sum(t.numel() * t.element_size() for t in tensors.values())
+                self.measured(hook, raw, sum(p.nbytes for p in parts))
+            return parts
+
+        return build
+
+    def _commit(self, metas: Mapping[str, HookMetadata], record: ProgressRecord) -> None:
+        """On the commit thread, after the files it counts: metadata.json, then the progress record."""
+        for h, meta in metas.items():
+            write_record(self.store, metadata_key(join(self.run, h)), meta)
+        write_record(self.store, progress_key(self.run, self.machine), record)
+
+    def _record(
+        self,
+        files: int,
+        rows: int,
+        tokens: int,
+        data_state: dict[str, Any] | None,
+        stats: Mapping[str, RunningStats],
+        finished: bool,
+    ) -> ProgressRecord:
+        # Our own numbers: constructed without a validation pass over every statistic.
+        return ProgressRecord.model_construct(
+            machine=self.machine,
+            num_runs=self.record.num_runs,
+            files_done=files,
+            rows_done=rows,
+            tokens_done=tokens,
+            data_state=data_state,
+            finished=finished,
+            stats={h: StatsRecord.model_construct(**s.to_dict()) for h, s in stats.items()},
+        )
+
+    def _background(self) -> Writer:
+        if self._writer is None:
+            self._writer = Writer(self.store, threads=self.threads)
+        return self._writer
+
+    # ---- ending ----------------------------------------------------------------------------------
+
+    @property
+    def bytes_written(self) -> int:
+        return self._writer.bytes_written if self._writer is not None else 0
+
+    def check(self) -> None:
+        """Raise a failed write's error now (e.g. while waiting for a staging buffer)."""
+        if self._writer is not None:
+            self._writer.check()
+
+    def flush(self) -> None:
+        """Wait until every queued file and record is written; raise the first error."""
+        if self._writer is not None:
+            self._writer.flush()
+
+    def finish(self, data_state: dict[str, Any] | None, stats: Mapping[str, RunningStats]) -> list[int]:
+        """After every queued file and record: the finished record, then statistics merged over the
+        finished machines (returned)."""
+        writer = self._background()
+        writer.flush()
+        record = self._record(self.files, self.rows, self.tokens, data_state, stats, finished=True)
+        write_record(self.store, progress_key(self.run, self.machine), record)
+        writer.close()
+        return self.merge_statistics()
+
+    def abort(self) -> None:
+        """Stop without raising: queued files are dropped, and no record counts them."""
+        if self._writer is not None:
+            self._writer.abort()
+
+
+def _check_specs(url: str, record: RunRecord, metadata: Mapping[str, HookMetadata], machine: int) -> None:
+    """Refuse a writer whose record, metadata and machine do not describe one run."""
+    if set(metadata) != set(record.hooks):
+        raise ConfigError(f"{url}: metadata for hooks {sorted(metadata)}, the run has {record.hooks}")
+    odd = [h for h, m in metadata.items() if (m.run_name, m.hook) != (record.run_name, h)]
+    if odd:
+        raise ConfigError(f"{url}: the metadata of hook {odd[0]!r} names another run or hook")
+    if not 0 <= machine < record.num_runs:
+        raise ConfigError(f"{url}: machine {machine} is not in 0..{record.num_runs - 1} (num_runs)")
+
+
+# ---- rewriting a stored run ------------------------------------------------------------------------
+
+
+def replace_file(store: Store, key: str, data: bytes, check: Callable[[Megabatch], None] | None = None) -> None:
+    """Overwrite the stored megabatch `key` with `data` in one atomic put, only once `data` decodes
+    (checksums verified) and `check` accepts it: a reader sees the old file or the new one."""
+    new = decode(data, store.url(key), verify_checksums=True)
+    if check is not None:
+        check(new)
+    store.put(key, data)
+
+
+def record_compression(store: Store, folder: str, codec: codecs.Codec | None) -> None:
+    """Say in a hook folder's metadata.json (if any) that new files are stored with `codec`."""
+    meta = read_metadata(store, folder)
+    if meta is not None:
+        write_record(store, metadata_key(folder), meta.model_copy(update={"compression": codecs.describe(codec)}))

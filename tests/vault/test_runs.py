@@ -1,0 +1,161 @@
+"""A run's derived records (vault/runs.py): cfg.json joined, metadata.json rebuilt, statistics merged."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from activault.errors import ConfigError, NotFoundError
+from activault.storage import LocalStore
+from activault.vault import records
+from activault.vault.records import read_metadata, read_progress, read_run, read_statistics, write_record
+from activault.vault.runs import join_run, locate_run, merge_run_statistics, merge_statistics, rebuild_metadata
+from activault.vault.stats import merge_all
+from support.synth import SynthRun, write_synthetic_run
+
+HOOKS = ["h1", "h2"]
+
+
+@pytest.fixture
+def synth(local: LocalStore) -> SynthRun:
+    return write_synthetic_run(local, "run", HOOKS, machines=3, files=2)
+
+
+# ---- merging statistics ----
+
+
+class CountingStore(LocalStore):
+    """A local store that counts whole-object reads per key."""
+
+    def __init__(self, root: Path):
+        super().__init__(root, fsync=False)
+        self.gets: dict[str, int] = {}
+
+    def get(self, key):
+        self.gets[key] = self.gets.get(key, 0) + 1
+        return super().get(key)
+
+
+def test_merge_reads_each_record_once_and_equals_one_merge(tmp_path: Path):
+    n = 12
+    synth = write_synthetic_run(LocalStore(tmp_path, fsync=False), "run", HOOKS, machines=n, files=1)
+    store = CountingStore(tmp_path)
+    for h in HOOKS:
+        store.delete(f"run/{h}/statistics.json")
+    assert merge_statistics(store, "run", HOOKS, n) == list(range(n))
+    progress = {k: c for k, c in store.gets.items() if "/progress/" in k}
+    assert len(progress) == n and set(progress.values()) == {1}  # not once per machine per machine
+    for h in HOOKS:
+        got = read_statistics(store, f"run/{h}")
+        assert got.machines == list(range(n)) and got.count == synth.stats[h].count
+        assert got.mean == synth.stats[h].mean.tolist()  # same order of merging: the same bits
+
+
+def test_merge_skips_another_machines_damaged_record_with_its_repair(local, synth, caplog):
+    local.put_text("run/progress/machine-00001.json", '{"machine": 1, "num_runs": 3, "stats": 5}')
+    with caplog.at_level(logging.WARNING):
+        assert merge_statistics(local, "run", HOOKS, 3) == [0, 2]
+    assert "machine-00001.json: field 'stats'" in caplog.text and "rerun machine 1's collect" in caplog.text
+    assert read_statistics(local, "run/h1").machines == [0, 2]
+
+
+def test_merge_ignores_unfinished_machines(local, synth):
+    rec = read_progress(local, "run", 2)
+    write_record(local, records.progress_key("run", 2), rec.model_copy(update={"finished": False}))
+    assert merge_statistics(local, "run", HOOKS, 3) == [0, 1]
+    parts = [read_progress(local, "run", m).stats["h1"].running() for m in (0, 1)]
+    assert read_statistics(local, "run/h1").count == merge_all(parts).count
+
+
+# ---- joining a run ----
+
+
+def test_join_rebuilds_a_missing_or_damaged_cfg_and_lets_the_caller_refuse(local, synth, caplog):
+    rec = read_run(local, "run")
+    for damage in (lambda: local.delete("run/cfg.json"), lambda: local.put_text("run/cfg.json", "{")):
+        damage()
+        seen = []
+        with caplog.at_level(logging.WARNING):
+            join_run(local, rec, seen.append)
+        assert seen == [None] and read_run(local, "run") == rec  # the caller saw nothing to check
+    before = local.get("run/cfg.json").tobytes()
+
+    def refuse(stored):
+        assert stored == rec
+        raise ConfigError("not this run")
+
+    with pytest.raises(ConfigError, match="not this run"):
+        join_run(local, rec.model_copy(update={"num_runs": 4}), refuse)
+    assert local.get("run/cfg.json").tobytes() == before, "a refused join writes nothing"
+
+
+def test_join_writes_cfg_only_when_it_differs(tmp_path: Path, synth):
+    puts: list[str] = []
+
+    class Counting(LocalStore):
+        def put(self, key, data):
+            puts.append(key)
+            super().put(key, data)
+
+    store = Counting(tmp_path, fsync=False)
+    rec = read_run(store, "run")
+    join_run(store, rec)
+    assert puts == []
+    join_run(store, rec.model_copy(update={"activault_version": "9"}))
+    assert puts == ["run/cfg.json"]
+
+
+# ---- rebuilding metadata.json ----
+
+
+def wanted(synth_meta: records.HookMetadata, **change) -> dict[str, records.HookMetadata]:
+    return {h: synth_meta.model_copy(update={"hook": h, **change}) for h in HOOKS}
+
+
+def test_rebuild_metadata_restores_missing_damaged_or_contradicting_records(local, synth, caplog):
+    meta = read_metadata(local, "run/h1")
+    want = wanted(meta)
+    before = {h: local.get(f"run/{h}/metadata.json").tobytes() for h in HOOKS}
+    assert rebuild_metadata(local, "run", want, 0, 2) == []  # all fine: nothing written
+    local.delete("run/h1/metadata.json")
+    local.put_text("run/h2/metadata.json", '{"shape": 5}')
+    with caplog.at_level(logging.WARNING):
+        assert rebuild_metadata(local, "run", want, 0, 2) == HOOKS
+    assert {h: local.get(f"run/{h}/metadata.json").tobytes() for h in HOOKS} == before
+    assert "was missing" in caplog.text and "was damaged" in caplog.text
+    # What the files hold comes from their header, not from what the caller believed.
+    wrong = meta.model_copy(update={"d_model": 99, "shape": [4, 16, 99], "dtype": "float32"})
+    write_record(local, "run/h1/metadata.json", wrong)
+    assert rebuild_metadata(local, "run", wanted(wrong), 0, 2) == ["h1"]
+    assert local.get("run/h1/metadata.json").tobytes() == before["h1"]
+
+
+def test_rebuild_metadata_keeps_the_stored_compression_and_leaves_hooks_without_files(local, synth):
+    meta = read_metadata(local, "run/h1")
+    zstd = {"codec": "zstd", "level": 3, "chunk_bytes": 4096, "lossless": True}
+    write_record(local, "run/h1/metadata.json", meta.model_copy(update={"compression": zstd}))
+    assert rebuild_metadata(local, "run", wanted(meta), 0, 2) == []  # how new files are stored is not a contradiction
+    assert read_metadata(local, "run/h1").compression == zstd
+    empty = write_synthetic_run(local, "other", ["h"], files=1)
+    for name in empty.names:
+        local.delete(f"other/h/{name}")
+    local.delete("other/h/metadata.json")
+    assert rebuild_metadata(local, "other", {"h": meta.model_copy(update={"hook": "h"})}, 0, 0) == []
+    assert read_metadata(local, "other/h") is None  # no file yet: its first file writes it
+
+
+# ---- a run by its URI ----
+
+
+def test_locate_and_merge_a_stored_run_by_uri(tmp_path: Path, synth):
+    for h in HOOKS:
+        (tmp_path / "run" / h / "statistics.json").unlink()
+    assert locate_run(str(tmp_path / "run")).record.hooks == HOOKS
+    assert merge_run_statistics(str(tmp_path / "run")) == [0, 1, 2]
+    assert read_statistics(LocalStore(tmp_path), "run/h1").count == synth.stats["h1"].count
+    with pytest.raises(NotFoundError, match="holds no cfg.json"):
+        locate_run(str(tmp_path / "nothing"))
+    assert json.loads((tmp_path / "run/h2/statistics.json").read_text())["machines"] == [0, 1, 2]
