@@ -331,6 +331,28 @@ def test_a_damaged_progress_record_names_a_repair_that_works(collected, llama, t
     assert tree_bytes(run) == tree_bytes(root)
 
 
+def test_a_damaged_data_cursor_is_refused_before_weights_load(collected, llama, tmp_path, monkeypatch):
+    """A progress record whose data_state says exhausted "false" would resume as finished and collect
+    nothing; it is refused, naming the record and a repair that gives the same bytes back."""
+    from activault.collection import model
+
+    _, root, _ = collected
+    run = copy_run(root, tmp_path)
+    key = run / "progress/machine-00000.json"
+    rec = json.loads(key.read_text())
+    rec.update(finished=False, files_done=1, data_state={**rec["data_state"], "exhausted": "false"})
+    key.write_text(json.dumps(rec))
+    loaded = []
+    monkeypatch.setattr(model, "load_model", lambda *a, **k: loaded.append(1))
+    with pytest.raises(FormatError, match="machine-00000.json: data_state field 'exhausted'.*rerun machine 0"):
+        collect(make_cfg(llama, tmp_path), show_progress=False)
+    assert not loaded
+    monkeypatch.undo()
+    key.unlink()
+    collect(make_cfg(llama, tmp_path), show_progress=False)
+    assert tree_bytes(run) == tree_bytes(root)
+
+
 @pytest.fixture
 def nan_in_first_batch(monkeypatch):
     """Every activation of the first hook's first forward pass becomes NaN."""

@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -34,10 +34,13 @@ from activault.storage import Store, open_store
 from activault.storage.lock import MachineLock, hold
 from activault.units import human_bytes
 from activault.vault import codec as codecs
-from activault.vault.records import RunRecord, cfg_key, read_run
+from activault.vault.records import RunRecord, cfg_key, progress_key, read_run, redo_machine
 from activault.vault.stats import RunningStats
 from activault.vault.writer import RunWriter, StagingBuffers
 from activault.version import __version__
+
+if TYPE_CHECKING:
+    from activault.collection.packing import DataState
 
 log = logging.getLogger(__name__)
 
@@ -147,13 +150,14 @@ class _Job:
     def run(self, show_progress: bool) -> Result:
         from activault.collection.hooks import Capture
         from activault.collection.model import load_model
-        from activault.collection.packing import DataState, iter_batches
+        from activault.collection.packing import iter_batches
 
         cfg, machine, store, dims = self.cfg, self.machine, self.store, self.dims
         tc, dc = cfg.transformer_config, cfg.data_config
         plan = make_plan(cfg, dims, self.dtype.itemsize, machine, self.dtype)
         writer = self._writer(plan)
         progress = writer.resumed  # this machine's record: where it continues
+        state = _cursor(store, cfg.run_name, machine, progress.data_state)  # checked before weights load
         for line in summary_lines(cfg, plan, dims, self.record.model, store.uri, machine):
             log.info(line)
         for note in cost_notes(store, 0 if dc.skip_cache else plan.total_bytes):
@@ -170,7 +174,7 @@ class _Job:
             writer.merge_statistics()
             result.files, result.rows = progress.files_done, progress.rows_done
             result.tokens = progress.tokens_done
-            result.bad_records = int((progress.data_state or {}).get("bad_records", 0))
+            result.bad_records = state.bad_records if state is not None else 0
             result.stats = {h: s.running() for h, s in progress.stats.items()}
             result.nonfinite = {h: s.nonfinite for h, s in progress.stats.items()}
             log.info("machine %d: %s", machine, result.outcome())
@@ -182,7 +186,6 @@ class _Job:
         model = load_model(tc, self.specs)
         if progress.files_done:
             log.info("resuming machine %d after %d files", machine, progress.files_done)
-        state = DataState.from_dict(progress.data_state) if progress.data_state else None
         batches = iter_batches(dc, self.tokenizer, machine=machine, num_runs=cfg.num_runs, state=state)
         if state is None:
             for _ in range(dc.start_batch):
@@ -248,6 +251,20 @@ def _stored_run(store: Store, run: str) -> RunRecord | None:
     except FormatError as e:
         log.warning("%s: rebuilding it from this config", str(e).split("; ")[0])
         return None
+
+
+def _cursor(store: Store, run: str, machine: int, data_state: dict[str, Any] | None) -> DataState | None:
+    """The data cursor of this machine's progress record; a damaged one is a FormatError naming the
+    record and the repair (it would resume at the wrong document, or as finished)."""
+    from activault.collection.packing import DataState
+
+    if not data_state:
+        return None
+    try:
+        return DataState.from_dict(data_state)
+    except FormatError as e:
+        url = store.url(progress_key(run, machine))
+        raise FormatError(f"{url}: {e}; {redo_machine(store.url(run), machine)}") from None
 
 
 def _require_documents(cfg: Config, machine: int) -> None:
@@ -338,7 +355,8 @@ class _Collector:
 
     @property
     def bad_records(self) -> int:
-        return int((self.data_state or {}).get("bad_records", 0))
+        state = _cursor(self.writer.store, self.cfg.run_name, self.machine, self.data_state)
+        return state.bad_records if state is not None else 0
 
     def _rows_buffer(self) -> torch.Tensor:
         return torch.empty(self.cfg.rows_per_file, self.cfg.data_config.seq_length, dtype=torch.int32)
