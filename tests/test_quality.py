@@ -153,3 +153,19 @@ def test_internals_doc_names_every_module() -> None:
     modules = {p.relative_to(src).as_posix() for p in src.rglob("*.py")} - {"__main__.py", "__init__.py"}
     missing = sorted(m for m in modules if m not in named and not m.endswith("/__init__.py"))
     assert not missing, f"docs/internals.md does not name {missing}"
+
+
+def test_every_module_has_its_test_file() -> None:
+    """src/activault/<pkg>/<name>.py is tested in tests/<pkg>/test_<name>.py (a top-level module in
+    tests/test_<name>.py), nested packages alike. A package's __init__.py is tested under the package's
+    own name (tests/storage/test_storage.py) or by the tests of what it exports."""
+    src = ROOT / "src" / "activault"
+    missing = []
+    for path in sorted(src.rglob("*.py")):
+        if path.name in ("__init__.py", "__main__.py"):
+            continue
+        rel = path.relative_to(src)
+        test = ROOT / "tests" / rel.parent / f"test_{rel.name}"
+        if not test.is_file():
+            missing.append(f"{rel.as_posix()} -> {test.relative_to(ROOT).as_posix()}")
+    assert not missing, "modules without their test file:\n" + "\n".join(missing)

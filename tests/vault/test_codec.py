@@ -1,6 +1,6 @@
 """Compressed megabatches: bit-exact round trips, valid safetensors, fp8's error bound, corrupt
-chunks named, mixed runs read transparently, in-place recompression, and collection with
-compression (off the model's thread, statistics unchanged, resume byte-identical)."""
+chunks named, mixed runs read transparently, and collection with compression (off the model's
+thread, statistics unchanged, resume byte-identical). In-place recompression: tests/tools/test_recompress.py."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from activault import RCache, TokenLoader
 from activault.collection.pipeline import collect
 from activault.errors import ConfigError, FormatError
 from activault.storage import LocalStore
-from activault.tools.recompress import convert_file, recompress_run
+from activault.tools.recompress import convert_file
 from activault.tools.verify import verify_run
 from activault.vault import codec as codecs
 from activault.vault import megabatch as fmt
@@ -157,45 +157,6 @@ def test_mixed_run_reads_as_uncompressed(run: SynthRun, local: LocalStore, tmp_p
     assert len(got) == len(want) and all(torch.equal(g[h], w[h]) for g, w in zip(got, want, strict=True) for h in g)
     problems = verify_run(local, "run", deep=True).problems
     assert problems == []
-
-
-def test_recompress_in_place_is_verified_resumable_and_reversible(
-    run: SynthRun, local: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    original = {p: p.read_bytes() for p in sorted((tmp_path / "run").rglob("*.safetensors"))}
-    puts = 0
-    real_put = LocalStore.put
-
-    def failing_put(self: LocalStore, key: str, data: object) -> None:
-        nonlocal puts
-        if key.endswith(".safetensors"):
-            puts += 1
-            if puts == 4:
-                raise OSError("disk full (injected)")
-        real_put(self, key, data)  # type: ignore[arg-type]
-
-    monkeypatch.setattr(LocalStore, "put", failing_put)
-    with pytest.raises(OSError, match="injected"):
-        recompress_run(local, "run", ZSTD_SMALL, threads=1)
-    monkeypatch.setattr(LocalStore, "put", real_put)
-    seen: list[str] = []
-    s = recompress_run(local, "run", ZSTD_SMALL, on_file=lambda f, what: seen.append(what))
-    assert s.files == len(original) and s.skipped >= 3 and s.converted + s.skipped == s.files  # the 3 done before
-    assert sorted(seen) == sorted(["converted"] * s.converted + ["skipped"] * s.skipped)
-    assert all(fmt.CODECS_KEY.encode() in p.read_bytes()[:4096] for p in original)
-    meta = json.loads((tmp_path / "run/h1/metadata.json").read_text())
-    assert meta["compression"]["codec"] == "zstd"
-    assert verify_run(local, "run", deep=True).problems == []
-    assert recompress_run(local, "run", ZSTD_SMALL).skipped == len(original)
-    recompress_run(local, "run", None)  # back to raw: the very bytes collect wrote
-    assert {p: p.read_bytes() for p in original} == original
-
-
-def test_recompress_refuses_a_run_still_collecting(run: SynthRun, local: LocalStore, tmp_path: Path) -> None:
-    path = tmp_path / "run/progress/machine-00001.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), "finished": False}))
-    with pytest.raises(ConfigError, match=r"machines \[1\] .* have not finished"):
-        recompress_run(local, "run", ZSTD_SMALL)
 
 
 def test_writer_runs_a_builder_on_its_own_threads(local: LocalStore) -> None:

@@ -5,7 +5,7 @@ Every config field is classified once, here. A field that *shapes the data* deci
 bytes or which tokens come next: resuming with another value would put two datasets under one
 run name (float32 and bfloat16 files in one hook folder, a second tokenizer's ids, rows of another
 length). A *runtime* field only changes how the work is done, so it may differ between attempts.
-tests/collection/test_collect.py asserts every Config field is in `FIELDS`: a new field cannot be forgotten.
+tests/collection/test_resume.py asserts every Config field is in `FIELDS`: a new field cannot be forgotten.
 The records a collection writes (`run_record`, `hook_metadata`) are built from the config here too;
 the vault's writer gets them as typed values and never sees a Config.
 """

@@ -9,10 +9,16 @@ from activault.reading.fetch import ReadBuffers
 
 
 def check_device(device: str | torch.device) -> torch.device:
-    """The device to deliver tensors on; a CUDA device on a machine without one is refused now."""
-    dev = torch.device(device)
+    """The device to deliver tensors on; one torch does not know, or a CUDA device this machine does
+    not have, is refused now (a ConfigError naming what to pass)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):  # torch's own message lists every backend it was built with
+        raise ConfigError(f"device={device!r} is not a device; use device='cpu', 'cuda' or 'cuda:N'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={str(device)!r} but this machine has no usable CUDA device; use device='cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= (n := torch.cuda.device_count()):
+        raise ConfigError(f"device={str(device)!r} but this machine has {n} CUDA device(s); use cuda:0..cuda:{n - 1}")
     return dev
 
 

@@ -1,6 +1,7 @@
 """integrations/saelens_cache/exporter.py: a run's hooks as a SAELens activation cache, read back here
 with `datasets` itself: the same states (bfloat16 exactly as float32), ids and positions, padding rows
-dropped and counted, the sidecar, and atomic: a refused or failed export leaves nothing."""
+dropped and counted, the sidecar, and atomic: a refused or failed export leaves nothing. Its layout is
+the one SAELens writes, and SAELens's ActivationsStore trains from it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from datasets import load_from_disk
 
 from activault.errors import ConfigError, FormatError, NotFoundError
 from activault.integrations.saelens_cache.exporter import export_saelens
+from activault.integrations.saelens_cache.importer import import_saelens
 from activault.storage import LocalStore
+from support.integrations import HOOKS, saelens_cache
 from support.synth import SynthRun
 
 COLUMNS = {"h1": "blocks.0.hook_resid_post", "h2": "blocks.0.hook_mlp_out"}
@@ -150,3 +153,61 @@ def test_a_damaged_file_fails_the_export_and_leaves_nothing(run: SynthRun, local
     with pytest.raises(FormatError):
         export_saelens(str(local.root / "run"), "h1", tmp_path / "out")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+# ---- against SAELens's own cache layout and trainer, and a truncated file
+
+
+def test_export_has_saelens_layout_and_saelens_trains_from_it(tmp_path: Path) -> None:
+    from sae_lens.training.activations_store import ActivationsStore
+
+    g = torch.Generator().manual_seed(0)
+    acts, ids = (
+        torch.randn(6, 16, 8, generator=g),
+        torch.randint(0, 900, (6, 16), generator=g, dtype=torch.int32),
+    )
+    ref = saelens_cache(tmp_path / "ref", "blocks.0.hook_resid_post", acts, ids)
+    import_saelens(ref, str(tmp_path / "vault/run"))
+    export_saelens(str(tmp_path / "vault/run"), "blocks.0.hook_resid_post", tmp_path / "ours")
+    for name in ("dataset_info.json",):
+        assert json.loads((ref / name).read_text()) == json.loads((tmp_path / "ours" / name).read_text())
+    ref_state, our_state = (json.loads((p / "state.json").read_text()) for p in (ref, tmp_path / "ours"))
+    assert ref_state.keys() == our_state.keys() and our_state["_fingerprint"]
+    assert [f["filename"] for f in our_state["_data_files"]] == ["data-00000-of-00001.arrow"]
+    import pyarrow as pa
+
+    schemas = [
+        pa.ipc.open_stream(
+            pa.memory_map(str(p / "data-00000-of-00002.arrow" if p == ref else p / "data-00000-of-00001.arrow"))
+        ).schema
+        for p in (ref, tmp_path / "ours")
+    ]
+    assert schemas[0].equals(schemas[1], check_metadata=True)
+    store = ActivationsStore(
+        model=None,
+        dataset=None,
+        streaming=False,
+        hook_name="blocks.0.hook_resid_post",  # type: ignore[arg-type]
+        hook_head_index=None,
+        context_size=16,
+        d_in=8,
+        n_batches_in_buffer=2,
+        total_training_tokens=96,
+        store_batch_size_prompts=3,
+        train_batch_size_tokens=16,
+        prepend_bos=False,
+        normalize_activations="none",
+        device=torch.device("cpu"),
+        dtype="float32",
+        cached_activations_path=str(tmp_path / "ours"),
+    )
+    got, got_ids = store.get_raw_llm_batch()
+    assert torch.equal(got, acts[:3].reshape(-1, 8)) and torch.equal(got_ids.int(), ids[:3].reshape(-1))
+
+
+def test_export_is_atomic_when_a_file_is_damaged(run: SynthRun, tmp_path: Path) -> None:
+    victim = tmp_path / "run/h2" / run.names[-1]
+    victim.write_bytes(victim.read_bytes()[:-100])
+    with pytest.raises(FormatError, match="truncated"):
+        export_saelens(str(tmp_path / "run"), HOOKS, tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() and not list(tmp_path.glob(".cache*"))

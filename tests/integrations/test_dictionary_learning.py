@@ -1,0 +1,79 @@
+"""integrations/dictionary_learning.py: dictionary_learning's trainSAE trains a TopK SAE from a
+VaultBuffer (normalised, epochs on), and it explains most of the k-sparse data."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from activault import TokenLoader
+from activault.errors import DataError
+from activault.integrations.dictionary_learning import VaultBuffer
+from activault.storage import LocalStore
+from support.integrations import sparse_run
+from support.synth import as_stats_version_1, write_synthetic_run
+
+
+def test_dictionary_learning_trains_from_a_vault_buffer(tmp_path: Path) -> None:
+    from dictionary_learning.trainers import TopKTrainer
+    from dictionary_learning.trainers.top_k import AutoEncoderTopK
+    from dictionary_learning.training import trainSAE
+
+    sparse_run(LocalStore(tmp_path, fsync=False))
+    with TokenLoader(tmp_path / "sparse", hooks=["h_in"], batch_tokens=8192) as loader:
+        every = next(iter(loader))["h_in"]  # all 8192 tokens
+    buffer = VaultBuffer(tmp_path / "sparse", "h_in", out_batch_size=256, normalize=True, seed=0)
+    assert buffer.norm_factor == pytest.approx(every.double().pow(2).sum(1).mean().sqrt().item(), rel=1e-9)
+    assert next(buffer).double().pow(2).sum(1).mean().item() == pytest.approx(1.0, rel=0.15)
+    steps = 80
+    cfg = {
+        "trainer": TopKTrainer,
+        "steps": steps,
+        "activation_dim": 16,
+        "dict_size": 64,
+        "k": 4,
+        "layer": 0,
+        "lm_name": "synthetic",
+        "device": "cpu",
+        "warmup_steps": 5,
+        "seed": 0,
+        "lr": 5e-3,
+    }
+    trainSAE(data=buffer, trainer_configs=[cfg], steps=steps, device="cpu", save_dir=str(tmp_path / "dl"))
+    assert buffer.loader.state_dict()["epoch"] >= 2  # 80 x 256 tokens: the 8192-token run twice and more
+    buffer.close()
+    ae = AutoEncoderTopK(16, 64, 4)
+    ae.load_state_dict(torch.load(tmp_path / "dl/trainer_0/ae.pt", weights_only=True))
+    xs = every / buffer.norm_factor
+    with torch.no_grad():
+        ev = 1 - (xs - ae(xs)).pow(2).sum() / (xs - xs.mean(0)).pow(2).sum()
+    assert ev > 0.7, float(ev)  # k-sparse data, k=4 >= 3 true atoms: a trained TopK explains most of it
+
+
+def test_norm_factor_leaves_out_tokens_with_nan_and_refuses_statistics_that_counted_them(tmp_path: Path) -> None:
+    local = LocalStore(tmp_path, fsync=False)
+    run = write_synthetic_run(local, "bad", ["h1"], machines=2, files=3, nonfinite=[("h1", 3, 2, 5, math.nan)])
+    x = run.tensor("h1").reshape(-1, 8)[run.tensor("h1", "positions").reshape(-1) >= 0].double()
+    finite = x[torch.isfinite(x).all(1)]
+    assert finite.shape[0] == x.shape[0] - 1
+    with VaultBuffer(tmp_path / "bad", "h1", out_batch_size=29, normalize=True, drop_nonfinite=True) as buffer:
+        assert buffer.norm_factor == pytest.approx(finite.pow(2).sum(1).mean().sqrt().item(), rel=1e-12)
+        batches = torch.cat([next(buffer) for _ in range(13)]).double()  # one epoch: 377 tokens
+    assert torch.isfinite(batches).all()
+    assert batches.pow(2).sum(1).mean().item() == pytest.approx(1.0, rel=1e-5)  # every delivered token finite
+    as_stats_version_1(local, "bad")  # statistics.json as written before stats_version 2
+    with pytest.raises(DataError) as e:
+        VaultBuffer(tmp_path / "bad", "h1", out_batch_size=29, normalize=True)
+    msg = str(e.value)
+    for part in (
+        f"hook 'h1' of run {tmp_path / 'bad'}",
+        "1 token(s) with NaN or Inf",
+        "merge-stats RUN",
+        "drop_nonfinite",
+    ):
+        assert part in msg, msg
+    with VaultBuffer(tmp_path / "bad", "h1", out_batch_size=29, drop_nonfinite=True) as raw:  # not normalising
+        assert torch.isfinite(next(raw)).all()

@@ -1,0 +1,229 @@
+"""integrations/saelens.py: VaultProvider (endless, reshuffled each epoch, exact resume, disjoint
+ranks, transcoder and crosscoder shapes, checkpoints through SAELens), the exact scaling factor set on
+SAELens trainers, and providers abandoned mid-epoch. SAELens is imported for real."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from activault.errors import ConfigError, DataError, NotFoundError
+from activault.integrations.saelens import VaultProvider, scaling_factor, set_scaling_factor
+from activault.storage import LocalStore
+from support.integrations import HOOKS
+from support.synth import SynthRun, as_stats_version_1, write_synthetic_run
+
+
+def kept(run: SynthRun, hook: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Every non-padding token of a synthetic run's hook, `[tokens, d]`, in file order."""
+    s = run.tensor(hook)
+    return s.reshape(-1, s.shape[-1])[run.tensor(hook, "positions").reshape(-1) >= 0].to(dtype)
+
+
+def row_counter(x: torch.Tensor) -> Counter[bytes]:
+    return Counter(bytes(r.numpy().tobytes()) for r in x.contiguous())
+
+
+def epochs_of(provider: VaultProvider, n: int) -> list[tuple[int, torch.Tensor]]:
+    """n batches, each with the epoch it belongs to (the loader counts an epoch once the next starts)."""
+    out = []
+    for _ in range(n):
+        batch = next(provider)
+        out.append((provider.loader.epoch, batch))
+    return out
+
+
+def test_provider_is_endless_and_reshuffles_each_epoch(run: SynthRun, tmp_path: Path) -> None:
+    # 2 machines x 3 files x 64 tokens, 3 padding per machine: 378 kept = 14 batches of 27.
+    with VaultProvider(tmp_path / "run", "h1", batch_tokens=27, window=2) as provider:
+        got = epochs_of(provider, 14 * 3 + 2)
+    assert [e for e, _ in got] == [0] * 14 + [1] * 14 + [2] * 14 + [3] * 2
+    want = row_counter(kept(run, "h1"))
+    per_epoch = [torch.cat([b for e, b in got if e == k]) for k in range(3)]
+    for x in per_epoch:
+        assert x.dtype == torch.float32 and row_counter(x) == want  # every kept token once per epoch
+    assert not torch.equal(per_epoch[0], per_epoch[1])  # a new order each epoch
+
+
+@pytest.mark.parametrize("stop_after", [3, 14, 20])  # mid-epoch, at the end of an epoch, in the next
+def test_provider_resumes_exactly(run: SynthRun, tmp_path: Path, stop_after: int) -> None:
+    opts = dict(batch_tokens=27, window=2, seed=3)
+    with VaultProvider(tmp_path / "run", HOOKS, **opts) as full:
+        stream = [next(full) for _ in range(34)]
+    with VaultProvider(tmp_path / "run", HOOKS, **opts) as first:
+        for _ in range(stop_after):
+            next(first)
+        state = json.loads(json.dumps(first.state_dict()))  # survives a checkpoint file
+    with VaultProvider(tmp_path / "run", HOOKS, **opts) as again:
+        again.load_state_dict(state)
+        for want in stream[stop_after:]:
+            got = next(again)
+            assert all(torch.equal(got[h], want[h]) for h in HOOKS)
+
+
+def test_provider_ranks_read_disjoint_files_that_cover_the_run(run: SynthRun, tmp_path: Path) -> None:
+    seen = []
+    for rank in range(2):
+        # 3 files of 64 tokens per rank, minus 3 padding per machine: 3 divides every rank's count,
+        # so no batch straddles two epochs.
+        with VaultProvider(tmp_path / "run", "h1", batch_tokens=3, rank=rank, world_size=2) as p:
+            got = epochs_of(p, 70)
+        seen.append(torch.cat([b for e, b in got if e == 0]))
+    assert not set(row_counter(seen[0])) & set(row_counter(seen[1]))
+    assert row_counter(torch.cat(seen)) == row_counter(kept(run, "h1"))
+    with pytest.raises(ConfigError, match="world_size"):
+        next(VaultProvider(tmp_path / "run", "h1", batch_tokens=16, rank=7, world_size=8))
+
+
+def test_provider_shapes_for_transcoders_and_crosscoders(run: SynthRun, tmp_path: Path) -> None:
+    root = tmp_path / "run"
+    with (
+        VaultProvider(root, {"t": ("h1", "h2")}, batch_tokens=32, seed=1) as pairs,
+        VaultProvider(root, HOOKS, batch_tokens=32, seed=1, concat=True) as cat,
+        VaultProvider(root, HOOKS, batch_tokens=32, seed=1) as both,
+    ):
+        x, y = next(pairs)["t"]
+        joined, d = next(cat), next(both)
+    assert torch.equal(x, d["h1"]) and torch.equal(y, d["h2"])  # the same tokens, aligned
+    assert torch.equal(joined, torch.cat([d["h1"], d["h2"]], dim=1)) and joined.shape == (32, 16)
+    with pytest.raises(ConfigError, match="input_hook, output_hook"):
+        VaultProvider(root, {"t": ("h1",)}, batch_tokens=32)  # type: ignore[dict-item]
+    with pytest.raises(ConfigError, match="concat"):
+        VaultProvider(root, "h1", batch_tokens=32, concat=True)
+    with pytest.raises(NotFoundError):
+        VaultProvider(root, "nope", batch_tokens=32)
+
+
+def test_scaling_factor_is_exact_and_set_on_trainers(run: SynthRun, tmp_path: Path) -> None:
+    from sae_lens import SAETrainer
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+    from sae_lens.training.multi_sae_trainer import MultiSAETrainer
+
+    root = tmp_path / "run"
+    for h in HOOKS:  # float64 recomputation over every stored token of both machines
+        want = math.sqrt(8) / kept(run, h, torch.float64).norm(dim=1).mean().item()
+        assert scaling_factor(root, h) == pytest.approx(want, rel=1e-12)
+    cfg = SAETrainerConfig(
+        total_training_samples=5 * 32, train_batch_size_samples=32, lr=1e-3, lr_end=1e-3, n_batches_for_norm_estimate=50
+    )
+
+    def sae(d: int = 8) -> TopKTrainingSAE:
+        return TopKTrainingSAE(
+            TopKTrainingSAEConfig(d_in=d, d_sae=32, k=2, normalize_activations="expected_average_only_in")
+        )
+
+    with VaultProvider(root, "h2", batch_tokens=32) as provider:
+        trainer = SAETrainer(cfg=cfg, sae=sae(), data_provider=provider)
+        set_scaling_factor(trainer, provider)
+        assert trainer.activation_scaler.scaling_factor == scaling_factor(root, "h2")
+        trainer.fit()
+        assert provider.batches == 5  # no estimation pass (it would have taken 50 batches)
+        with pytest.raises(ConfigError, match="d_in=4"):
+            set_scaling_factor(SAETrainer(cfg=cfg, sae=sae(4), data_provider=provider), root, "h2")
+    with VaultProvider(root, HOOKS, batch_tokens=32) as provider:
+        multi = MultiSAETrainer(
+            cfg=cfg, saes={"a": sae(), "b": sae()}, hook_names={"a": "h1", "b": "h2"}, data_provider=provider
+        )
+        set_scaling_factor(multi, root)
+        assert [t.activation_scaler.scaling_factor for t in multi.trainers.values()] == [
+            scaling_factor(root, "h1"),
+            scaling_factor(root, "h2"),
+        ]
+
+
+def test_saelens_checkpoints_hold_the_provider_position(run: SynthRun, tmp_path: Path) -> None:
+    from sae_lens import SAETrainer
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    root = tmp_path / "run"
+    cfg = SAETrainerConfig(
+        total_training_samples=9 * 16,
+        train_batch_size_samples=16,
+        lr=1e-3,
+        lr_end=1e-3,
+        n_checkpoints=2,
+        checkpoint_path=str(tmp_path / "ckpt"),
+    )
+    with VaultProvider(root, "h1", batch_tokens=16, seed=2) as provider:
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=8, d_sae=16, k=2))
+        SAETrainer(cfg=cfg, sae=sae, data_provider=provider, save_checkpoint_fn=provider.save_to).fit()
+    with VaultProvider(root, "h1", batch_tokens=16, seed=2) as reference:
+        stream = [next(reference) for _ in range(12)]
+    checkpoints = sorted((tmp_path / "ckpt").iterdir(), key=lambda p: int(p.name))
+    assert [int(p.name) for p in checkpoints] == [64, 112]  # SAELens names them by samples seen
+    for ckpt in checkpoints:
+        with VaultProvider(root, "h1", batch_tokens=16, seed=2) as again:
+            again.load_from(ckpt)
+            assert torch.equal(next(again), stream[int(ckpt.name) // 16])  # the batch after the checkpoint
+    with pytest.raises(NotFoundError, match="save_checkpoint_fn"):
+        VaultProvider(root, "h1", batch_tokens=16).load_from(tmp_path)
+
+
+def test_abandoned_providers_exit_silently(run: SynthRun, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    script = f"""
+from activault.integrations.saelens import VaultProvider
+from activault.integrations.dictionary_learning import VaultBuffer
+p = VaultProvider({str(tmp_path / "run")!r}, ["h1", "h2"], batch_tokens=8, window=1)
+b = VaultBuffer({str(tmp_path / "run")!r}, "h1", out_batch_size=8)
+for _ in range(3):
+    next(p), next(b)
+def gen():
+    yield from VaultProvider({str(tmp_path / "run")!r}, "h1", batch_tokens=8)
+g = gen()
+next(g)
+print("left mid-epoch")
+"""
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**__import__("os").environ, "PYTHONPATH": ":".join(sys.path)},
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "left mid-epoch" and out.stderr == "", out.stderr
+
+
+def test_scaling_factor_leaves_out_tokens_with_nan_and_refuses_statistics_that_counted_them(
+    local: LocalStore, tmp_path: Path
+) -> None:
+    from sae_lens import SAETrainer
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    poisoned = write_synthetic_run(local, "bad", HOOKS, machines=2, files=3, nonfinite=[("h1", 3, 2, 5, math.nan)])
+    root = tmp_path / "bad"
+    x = kept(poisoned, "h1", torch.float64)
+    finite = x[torch.isfinite(x).all(1)]
+    assert finite.shape[0] == x.shape[0] - 1
+    assert scaling_factor(root, "h1") == pytest.approx(math.sqrt(8) / finite.norm(dim=1).mean().item(), rel=1e-12)
+    with VaultProvider(root, "h1", batch_tokens=32, drop_nonfinite=True) as provider:
+        batches = [next(provider) for _ in range(12)]  # one epoch of 377 tokens and more
+    assert all(torch.isfinite(b).all() for b in batches)
+    cfg = SAETrainerConfig(total_training_samples=32, train_batch_size_samples=32, lr=1e-3, lr_end=1e-3)
+    sae = TopKTrainingSAE(
+        TopKTrainingSAEConfig(d_in=8, d_sae=16, k=2, normalize_activations="expected_average_only_in")
+    )
+    with VaultProvider(root, "h1", batch_tokens=32, drop_nonfinite=True) as provider:
+        trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=provider)
+        set_scaling_factor(trainer, provider)
+        assert trainer.activation_scaler.scaling_factor == scaling_factor(root, "h1")
+        as_stats_version_1(local, "bad")  # statistics.json as written before stats_version 2
+        for call in (lambda: scaling_factor(root, "h1"), lambda: set_scaling_factor(trainer, provider)):
+            with pytest.raises(DataError) as e:
+                call()
+            msg = str(e.value)
+            for part in (f"hook 'h1' of run {root}", "1 token(s) with NaN or Inf", "merge-stats RUN", "drop_nonfinite"):
+                assert part in msg, msg
+    assert scaling_factor(root, "h2") == pytest.approx(
+        math.sqrt(8) / kept(poisoned, "h2", torch.float64).norm(dim=1).mean().item(), rel=1e-12
+    )
