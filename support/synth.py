@@ -4,6 +4,8 @@ for reader tests."""
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -43,11 +45,14 @@ def write_synthetic_run(
     dtype: torch.dtype = torch.bfloat16,
     seed: int = 0,
     pad: int = 3,
+    nonfinite: Sequence[tuple[str, int, int, int, float]] = (),
 ) -> SynthRun:
     """cfg.json, progress, metadata.json, statistics.json and megabatches of `run`, as collect writes them.
 
     Documents are packed into rows (positions restart at 0); the last row of each machine ends
-    with `pad` padding tokens (position -1, zero states, not in the statistics).
+    with `pad` padding tokens (position -1, zero states, not in the statistics). `nonfinite`:
+    (hook, file number in name order, row, seq, value) of values to store, e.g. NaN, in the token's
+    first dimension (collect's `on_nonfinite: warn`: stored, left out of the statistics).
     """
     g = torch.Generator().manual_seed(seed)
     out = SynthRun(run, list(hooks), [], {h: {} for h in hooks})
@@ -78,6 +83,9 @@ def write_synthetic_run(
                 for hi, h in enumerate(hooks):
                     states[h] = (torch.randn(rows, seq, d, generator=g) * (1 + hi) + 0.5 * (hi + 1)).to(dtype)
                     states[h][pos == -1] = 0
+                    for hook, f, r, t, value in nonfinite:
+                        if (hook, f) == (h, len(out.names) - 1):
+                            states[h][r, t, 0] = value
                     out.files[h][name] = {"states": states[h], "input_ids": ids, "positions": pos}
                     partial[m][h].update(states[h][pos != -1])
                 # Every token counts in tokens_done, as in the records these tests were written against.
@@ -91,6 +99,24 @@ def write_synthetic_run(
         assert total is not None
         out.stats[h] = total
     return out
+
+
+def as_stats_version_1(store: Store, run: str) -> None:
+    """Rewrite `run`'s progress records and statistics.json as activault wrote them before statistics
+    left out tokens with NaN or Inf (stats_version 1): such tokens counted in, their statistics NaN."""
+    _, progress = store.list_dir(f"{run}/progress")
+    keys = [e.key for e in progress] + [f"{run}/{h}/statistics.json" for h in store.list_dir(run)[0]]
+    for key in keys:
+        if not store.exists(key):
+            continue
+        rec = json.loads(bytes(store.get(key)))
+        for s in rec["stats"].values() if "stats" in rec else [rec]:
+            if s["nonfinite"]:
+                s.update(stats_version=1, count=s["count"] + s["nonfinite"], norm=math.nan)
+                s.update(norm_sum=math.nan, norm_sq_sum=math.nan)
+                for name in ("mean", "std", "m2"):
+                    s[name][0] = math.nan
+        store.put(key, json.dumps(rec).encode())
 
 
 def _run_record(run: str, hooks: list[str], machines: int, d: int, dtype: torch.dtype) -> records.RunRecord:

@@ -209,7 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     from activault.integrations.saelens_cache import add_subcommands
 
     add_subcommands(sub)
-    ms = sub.add_parser("merge-stats", help="recompute a run's statistics.json from its finished machines")
+    ms = sub.add_parser(
+        "merge-stats",
+        help="recompute a run's statistics.json from its finished machines (recounting from their files "
+        "statistics that counted NaN/Inf tokens in)",
+    )
     ms.add_argument("run_uri", help="the run folder: PATH/RUN or s3://BUCKET[/PREFIX]/RUN")
     ms.set_defaults(func=_merge_stats)
 

@@ -141,8 +141,9 @@ class UploadConfig(_Section):
     compression_chunk_kib: int = Field(default=4096, ge=1, le=1 << 20)
     """Raw KiB of states per independently compressed chunk (rounded to whole tokens)."""
     on_nonfinite: Literal["error", "warn"] = "warn"
-    """Tokens whose activations hold NaN or Inf: `warn` stores them and counts them (progress record,
-    statistics.json, the final log line); `error` stops before the file that would hold them."""
+    """Tokens whose activations hold NaN or Inf: `warn` stores them, leaves them out of the statistics
+    and counts them (`nonfinite` in the progress record and statistics.json, the final log line;
+    readers drop them with `drop_nonfinite=True`); `error` stops before the file that would hold them."""
 
     @field_validator("hooks")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import uuid
@@ -20,6 +21,7 @@ from activault.storage import LocalStore
 from activault.storage.s3 import S3Store
 from activault.vault import megabatch as fmt
 from activault.vault import records
+from support.original import OriginalVault, write_original_vault
 from support.synth import (
     SynthRun,
     create_bucket,
@@ -230,6 +232,55 @@ def test_legacy_pt(tmp_path: Path) -> None:
         assert torch.equal(b["positions"][1], torch.arange(5, dtype=torch.int32))
 
 
+def original_tokens(vault: OriginalVault, hook: str) -> Counter[bytes]:
+    """Multiset of (state, input_id, position in its row) of every token of an original vault."""
+    s, i = vault.tensor(hook), vault.tensor(hook, "input_ids")
+    p = torch.arange(s.shape[1], dtype=torch.int32).expand(s.shape[0], -1)
+    return triples(s.reshape(-1, s.shape[-1]), i.reshape(-1), p.reshape(-1))
+
+
+def read_original(uri: str, vault: OriginalVault) -> None:
+    """RCache and TokenLoader give exactly the tensors the original saved, in every hook."""
+    h0, h1 = vault.hooks
+    with RCache(f"{uri}/{h0}", return_ids=True) as cache:
+        out = list(cache)
+    assert torch.equal(torch.cat([b["states"] for b in out]), vault.tensor(h0))
+    assert torch.equal(torch.cat([b["input_ids"] for b in out]), vault.tensor(h0, "input_ids"))
+    assert all(torch.equal(b["positions"][0], torch.arange(out[0]["states"].shape[1], dtype=torch.int32)) for b in out)
+    both = list(RCache(uri, hooks=vault.hooks, shuffle=True, preserve_file_order=False, seed=1))
+    d = vault.tensor(h1).shape[-1]
+    assert rows(torch.cat([b[h1] for b in both]).reshape(-1, d)) == rows(vault.tensor(h1).reshape(-1, d))
+    tl = TokenLoader(f"{uri}/{h1}", batch_tokens=10, drop_last=False, return_ids=True)
+    got = sum((triples(b["states"], b["input_ids"], b["positions"]) for b in tl), Counter())
+    assert got == original_tokens(vault, h1)
+    with pytest.raises(
+        FormatError, match="statistics.json holds the original Activault's statistics, which are not exact"
+    ):
+        TokenLoader(f"{uri}/{h0}", batch_tokens=10, center=True)
+
+
+def test_an_original_activault_vault_reads_as_it_was_saved(local: LocalStore, tmp_path: Path) -> None:
+    vault = write_original_vault(local, "run", ["models.layers.24.mlp.post", "models.layers.36.mlp.post"], files=3)
+    read_original(str(tmp_path / "run"), vault)
+
+
+def test_an_original_vaults_metadata_that_lies_is_named(local: LocalStore, tmp_path: Path) -> None:
+    vault = write_original_vault(local, "run", ["h", "g"], files=2, batch_size=2, batches_per_file=2, seq=8, d=16)
+    meta = json.loads(local.get_text("run/h/metadata.json"))
+    local.put_text("run/h/metadata.json", json.dumps({**meta, "shape": [4, 8, 32]}))
+    with pytest.raises(FormatError, match="shape .4, 8, 32. is not .batch_size, sequence_length, d_in.") as e:
+        RCache(tmp_path / "run/h")
+    assert str(e.value).startswith(local.url("run/h/metadata.json")) and "rerun" not in str(e.value)
+    # A lie that holds together is caught by the first file, naming metadata.json as well.
+    local.put_text("run/h/metadata.json", json.dumps({**meta, "d_in": 32, "shape": [4, 8, 32]}))
+    with pytest.raises(FormatError) as e:
+        list(RCache(tmp_path / "run/h"))
+    assert local.url("run/h/metadata.json") in str(e.value) and vault.names[0] in str(e.value)
+    assert "original Activault" in str(e.value) and "rerun" not in str(e.value)
+    local.delete("run/h/metadata.json")  # not needed: the first file gives the shape
+    assert torch.equal(torch.cat(list(RCache(tmp_path / "run/h"))), vault.tensor("h"))
+
+
 def test_sync_picks_up_new_files(local: LocalStore, tmp_path: Path) -> None:
     first = write_synthetic_run(local, "live", ["h"], files=2)
     cache = RCache(tmp_path / "live/h")
@@ -274,6 +325,25 @@ def test_quick_usage_on_s3(bucket: str, small_ranges: None) -> None:
     assert torch.equal(torch.cat([b["states"].cpu() for b in got]), run.tensor("hook_name"))
     assert torch.equal(torch.cat([b["input_ids"].cpu() for b in got]), run.tensor("hook_name", "input_ids").long())
     assert active_threads() == []
+
+
+@pytest.mark.s3
+def test_an_original_activault_vault_on_s3(bucket: str, small_ranges: None) -> None:
+    hooks = ["models.layers.24.mlp.post", "models.layers.36.mlp.post"]
+    vault = write_original_vault(S3Store(f"s3://{bucket}"), "run_name", hooks, files=3, dtype=torch.bfloat16)
+    read_original(f"s3://{bucket}/run_name", vault)
+    # The original's own README snippet, against the vault it wrote.
+    cache = S3RCache.from_credentials(
+        aws_access_key_id=os.environ["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=os.environ["AWS_SECRET_ACCESS_KEY"],
+        s3_prefix=f"run_name/{hooks[0]}",
+        device="cpu",
+        return_ids=True,
+    )
+    got = list(cache)
+    cache.finalize()
+    d = vault.tensor(hooks[0]).shape[-1]
+    assert rows(torch.cat([b["states"] for b in got]).reshape(-1, d)) == rows(vault.tensor(hooks[0]).reshape(-1, d))
 
 
 @pytest.mark.s3

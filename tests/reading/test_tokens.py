@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from itertools import islice
 from pathlib import Path
@@ -13,9 +14,13 @@ import torch
 from test_rcache import rows, tokens, triples
 from torch.utils.data import DataLoader
 
-from activault.errors import ConfigError
+from activault.errors import ConfigError, DataError
+from activault.reading.options import ReadOptions
+from activault.reading.rcache import RCache
 from activault.reading.tokens import ActivationDataset, TokenLoader
-from support.synth import SynthRun
+from activault.storage import LocalStore
+from activault.vault.runs import merge_run_statistics
+from support.synth import SynthRun, as_stats_version_1, write_synthetic_run
 
 
 @pytest.mark.parametrize("stop_after", [1, 5, 9])
@@ -181,3 +186,100 @@ def test_a_state_from_another_shuffle_or_of_another_shape_is_refused_by_name(run
     ):
         with pytest.raises(ConfigError, match=match):
             TokenLoader(tmp_path / "run/h1", **opts).load_state_dict(bad)  # type: ignore[arg-type]
+
+
+# ---- tokens with NaN or Inf ----
+
+# One token of h1 holds NaN (machine 1's first file), another token of h2 +Inf (machine 0's second).
+POISON = [("h1", 3, 2, 5, math.nan), ("h2", 1, 0, 0, math.inf)]
+
+
+@pytest.fixture
+def poisoned(local: LocalStore) -> SynthRun:
+    return write_synthetic_run(local, "bad", ["h1", "h2"], machines=2, files=3, nonfinite=POISON)
+
+
+def aligned(s1: torch.Tensor, s2: torch.Tensor, i: torch.Tensor, p: torch.Tensor) -> Counter[bytes]:
+    """Multiset of tokens as (h1 state, h2 state, id, position): a token's hooks stay together."""
+    return triples(torch.cat([s1.view(torch.uint8), s2.view(torch.uint8)], 1), i, p)
+
+
+def test_drop_nonfinite_delivers_exactly_the_finite_tokens_with_hooks_aligned(
+    poisoned: SynthRun, tmp_path: Path
+) -> None:
+    s1, s2 = (poisoned.tensor(h).reshape(-1, 8) for h in ("h1", "h2"))
+    i, p = (poisoned.tensor("h1", k).reshape(-1) for k in ("input_ids", "positions"))
+    finite = torch.isfinite(s1).all(1) & torch.isfinite(s2).all(1)
+    keep = (p >= 0) & finite
+    assert int(((p >= 0) & ~finite).sum()) == 2  # the two bad tokens are real tokens
+    opts = dict(hooks=["h1", "h2"], batch_tokens=25, window=2, return_ids=True, drop_last=False)
+    loader = TokenLoader(tmp_path / "bad", drop_nonfinite=True, **opts)
+    batches = list(loader)
+    assert all(torch.isfinite(b["states"][h]).all() for b in batches for h in ("h1", "h2"))
+    got = sum(
+        (aligned(b["states"]["h1"], b["states"]["h2"], b["input_ids"], b["positions"]) for b in batches), Counter()
+    )
+    assert got == aligned(s1[keep], s2[keep], i[keep], p[keep]) and sum(got.values()) == int(keep.sum())
+    assert loader.nonfinite_dropped == 2
+    # Without it the two tokens are delivered as stored, in both hooks.
+    every = list(TokenLoader(tmp_path / "bad", **opts))
+    assert sum(int((~torch.isfinite(b["states"][h])).any(1).sum()) for b in every for h in ("h1", "h2")) == 2
+    # A resume must drop the same tokens: a state of the other setting is refused.
+    state = TokenLoader(tmp_path / "bad", **opts).state_dict()
+    with pytest.raises(ConfigError, match="saved with drop_nonfinite=False, this loader has True"):
+        TokenLoader(tmp_path / "bad", drop_nonfinite=True, **opts).load_state_dict(state)
+
+
+def test_one_bad_token_leaves_the_other_tokens_normalised(
+    poisoned: SynthRun, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The statistics leave the bad tokens out: centring delivers them (only them) as NaN or Inf,
+    # and with drop_nonfinite every token is finite and centred on the statistics' exact mean.
+    opts = dict(hooks=["h1", "h2"], batch_tokens=25, center=True, norm_target=8**0.5, drop_last=False)
+    with caplog.at_level(logging.WARNING, logger="activault.reading.tokens"):
+        batches = list(TokenLoader(tmp_path / "bad", **opts))
+    assert "1 token(s) with NaN or Inf are left out of the statistics but still delivered" in caplog.text
+    bad = [int((~torch.isfinite(b[h])).any(1).sum()) for b in batches for h in ("h1", "h2")]
+    assert sum(bad) == 2 and sum(n > 0 for n in bad) <= 2
+    dropped = TokenLoader(tmp_path / "bad", drop_nonfinite=True, **opts)
+    out = {h: torch.cat([b[h] for b in dropped]) for h in ("h1", "h2")}
+    s = {h: poisoned.tensor(h).reshape(-1, 8) for h in ("h1", "h2")}
+    keep = (poisoned.tensor("h1", "positions").reshape(-1) >= 0) & torch.isfinite(s["h1"] + s["h2"]).all(1)
+    for h, x in out.items():
+        # Centred and scaled with the statistics of every finite token of h (float64, exact).
+        finite = s[h][(poisoned.tensor(h, "positions").reshape(-1) >= 0) & torch.isfinite(s[h]).all(1)].double()
+        mean, var = finite.mean(0), finite.var(0, unbiased=False)
+        want = (s[h][keep].double() - mean) * (8**0.5 / var.sum().sqrt())
+        assert torch.isfinite(x).all() and x.shape == want.shape
+        assert torch.allclose(x.double().sort(0).values, want.sort(0).values, atol=1e-5)
+
+
+def test_statistics_that_counted_nan_in_are_refused_for_normalising(poisoned: SynthRun, tmp_path: Path) -> None:
+    as_stats_version_1(LocalStore(tmp_path, fsync=False), "bad")  # as written before stats_version 2
+    for uri, hooks in ((tmp_path / "bad", ["h1", "h2"]), (tmp_path / "bad/h1", None)):
+        for norm in (dict(center=True), dict(norm_target=1.0)):
+            with pytest.raises(DataError) as e:
+                TokenLoader(uri, hooks=hooks, batch_tokens=8, **norm)
+            msg = str(e.value)
+            for part in (f"hook 'h1' of run {tmp_path / 'bad'}", "1 token(s) with NaN or Inf", "merge-stats RUN"):
+                assert part in msg, msg
+            assert "drop_nonfinite=True" in msg
+    assert len(list(TokenLoader(tmp_path / "bad/h1", batch_tokens=8))) > 0  # not normalising: read as stored
+    merge_run_statistics(str(tmp_path / "bad"))  # the fix the message names
+    x = torch.cat(list(TokenLoader(tmp_path / "bad/h1", batch_tokens=8, center=True, drop_nonfinite=True)))
+    assert torch.isfinite(x).all()
+
+
+def test_megabatch_readers_refuse_drop_nonfinite(run: SynthRun, tmp_path: Path) -> None:
+    # RCache yields whole megabatches: dropping tokens would change their shape, so it is refused.
+    for make in (
+        lambda: RCache(tmp_path / "run/h1", drop_nonfinite=True),
+        lambda: RCache(tmp_path / "run/h1", options=ReadOptions(drop_nonfinite=True)),
+        lambda: ActivationDataset(tmp_path / "run/h1", drop_nonfinite=True),
+    ):
+        with pytest.raises(ConfigError, match="drop_nonfinite=True is not accepted.*TokenLoader"):
+            make()
+    with pytest.raises(ConfigError, match="drop_nonfinite='yes' is not accepted: drop_nonfinite must be True or False"):
+        ReadOptions(drop_nonfinite="yes")  # type: ignore[arg-type]
+    ds = ActivationDataset(tmp_path / "run/h1", batch_tokens=8, drop_nonfinite=True)
+    assert sum(b.shape[0] for b in ds) == 8 * (sum(tokens(run, "h1").values()) // 8)

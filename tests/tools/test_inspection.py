@@ -226,3 +226,32 @@ def test_commands_on_s3(moto_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path
     assert rc == 1 and f"{HOOKS[0]}: 1 file(s) missing" in out and f"{HOOKS[1]}/{run.names[1]}: truncated file" in out
     rc, _, err = run_cli(["inspect", f"{base}/{HOOKS[0]}/{run.names[0]}"], capsys)
     assert rc == 2 and "does not exist" in err
+
+
+# ---- a vault of the original Activault ----
+
+
+def test_ls_inspect_and_stats_on_an_original_activault_vault(tmp_path: Path, capsys) -> None:
+    from support.original import MODEL, write_original_vault
+
+    store = LocalStore(tmp_path / "vault", fsync=False)
+    old = write_original_vault(store, "run", HOOKS, files=2, batch_size=2, batches_per_file=2, seq=8, d=16)
+    rc, out, _ = run_cli(["ls", str(store.root / "run")], capsys)
+    assert rc == 0 and f"{HOOKS[0]}/  2 files" in out and f"{HOOKS[1]}/  2 files" in out
+    rc, out, _ = run_cli(["ls", "--files", str(store.root / "run" / HOOKS[0])], capsys)
+    assert rc == 0 and all(n in out for n in old.names)
+
+    name = old.names[1]
+    rc, out, _ = run_cli(["inspect", "--json", str(store.root / "run" / HOOKS[1] / name)], capsys)
+    got = json.loads(out)
+    assert rc == 0 and got["model"] == MODEL and got["tokenizer"] == MODEL and got["rows"] == 4
+    assert got["tensors"]["states"] == {"shape": [4, 8, 16], "dtype": "float16"}
+    assert got["tensors"]["input_ids"] == {"shape": [4, 8], "dtype": "int64"}
+    assert got["checks"]["checksums"] == "none (a .pt file of the original Activault)" and not got["decoded"]
+    ids = old.files[HOOKS[1]][name]["input_ids"][0].tolist()
+    assert got["preview"][0] == " ".join(map(str, ids))
+
+    out_png = tmp_path / "stats.png"
+    rc, out, _ = run_cli(["stats", str(store.root / "run" / HOOKS[0]), "--plot", str(out_png)], capsys)
+    assert rc == 0 and "NOT EXACT, written by the original Activault" in out and "count       unknown" in out
+    assert "machine 0's tokens only" in out and out_png.read_bytes()[:8] == PNG_SIGNATURE

@@ -246,3 +246,23 @@ def test_an_import_written_by_an_older_version_still_reads():
     }
     rec = parse_record(json.dumps(old, indent=1), RunRecord, URL, "")
     assert rec.format_version == 1 and rec.imported_from is not None and rec.imported_from.rows == 3
+
+
+def test_the_original_activaults_records_are_told_apart_from_ours(local: LocalStore, synth: SynthRun):
+    """Its metadata.json reads as ours ("torch.float16" and all); damage says whose record it is."""
+    from support.original import write_original_vault
+
+    write_original_vault(local, "old", ["h"], batch_size=4, batches_per_file=2, seq=8, d=16)
+    meta = read_metadata(local, "old/h")
+    assert meta is not None and meta.original is not None and meta.original.dtype == "torch.float16"
+    assert (meta.shape, meta.dtype, meta.rows_per_file, meta.batch_size) == ([8, 8, 16], "float16", 8, 4)
+    local.put_text("run/h1/metadata.json", "{oops")
+    local.put_text("old/h/metadata.json", "{oops")
+    with pytest.raises(FormatError) as ours:
+        read_metadata(local, "run/h1")
+    with pytest.raises(FormatError) as theirs:
+        read_metadata(local, "old/h")
+    assert REBUILD in str(ours.value) and "original Activault" not in str(ours.value)
+    assert "collect" not in str(theirs.value) and "original Activault" in str(theirs.value)
+    # Our own records keep their bytes: `original` is never written.
+    assert "original" not in local.get_text("run/cfg.json") and "original" not in local.get_text("run/h2/metadata.json")

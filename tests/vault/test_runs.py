@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import pytest
 
 from activault.errors import ConfigError, NotFoundError
 from activault.storage import LocalStore
+from activault.tools.verify import verify_run
 from activault.vault import records
 from activault.vault.records import read_metadata, read_progress, read_run, read_statistics, write_record
 from activault.vault.runs import join_run, locate_run, merge_run_statistics, merge_statistics, rebuild_metadata
 from activault.vault.stats import merge_all
-from support.synth import SynthRun, write_synthetic_run
+from support.synth import SynthRun, as_stats_version_1, write_synthetic_run
 
 HOOKS = ["h1", "h2"]
 
@@ -159,3 +161,30 @@ def test_locate_and_merge_a_stored_run_by_uri(tmp_path: Path, synth):
     with pytest.raises(NotFoundError, match="holds no cfg.json"):
         locate_run(str(tmp_path / "nothing"))
     assert json.loads((tmp_path / "run/h2/statistics.json").read_text())["machines"] == [0, 1, 2]
+
+
+def test_merge_stats_recounts_statistics_that_counted_nan_in(tmp_path: Path, caplog) -> None:
+    # A run as activault wrote it before statistics left out tokens with NaN (stats_version 1):
+    # `activault merge-stats` recounts the machines concerned from their files, the others as stored.
+    local = LocalStore(tmp_path, fsync=False)
+    poison = [("h1", 3, 2, 5, math.nan)]  # machine 1 of 2, its first file
+    synth = write_synthetic_run(local, "run", HOOKS, machines=2, files=3, nonfinite=poison)
+    want = {h: read_statistics(local, f"run/{h}") for h in HOOKS}
+    untouched = {m: read_progress(local, "run", m) for m in (0, 1)}
+    as_stats_version_1(local, "run")
+    old = read_statistics(local, "run/h1")
+    assert old.stats_version == 1 and not old.running().finite and old.count == want["h1"].count + 1
+    (problem,) = verify_run(local, "run").problems
+    assert problem.startswith("h1: statistics.json counts 1 token(s) with NaN or Inf in") and "merge-stats" in problem
+    with caplog.at_level(logging.WARNING):
+        assert merge_run_statistics(str(tmp_path / "run")) == [0, 1]
+    assert "machine 1, hook h1: statistics counted 1 token(s) with NaN or Inf in; recounted from its 3 files" in (
+        caplog.text
+    )
+    for h in HOOKS:
+        got = read_statistics(local, f"run/{h}")
+        assert got.model_dump() == want[h].model_dump()  # the same bits as collected with this version
+    assert read_progress(local, "run", 0) == untouched[0]  # machine 0 held no NaN: not reread
+    assert read_progress(local, "run", 1).stats["h1"] == untouched[1].stats["h1"]
+    assert synth.stats["h1"].nonfinite_tokens == 1
+    assert verify_run(local, "run").problems == []  # count + nonfinite: the files' tokens

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
-from activault.vault.stats import RunningStats, merge_all
+from activault.errors import DataError
+from activault.storage import LocalStore
+from activault.vault.records import read_statistics
+from activault.vault.stats import RunningStats, check_normalisable, finite_rows, merge_all
+from support.synth import SynthRun, write_synthetic_run
 
 
 def test_statistics_merge_in_any_split_equals_numpy():
@@ -34,3 +39,92 @@ def test_statistics_keep_the_within_batch_variance():
     s.update(torch.tensor([[-1.0], [1.0]]))
     s.update(torch.tensor([[-1.0], [1.0]]))
     assert float(s.std[0]) == pytest.approx(1.0)
+
+
+def test_statistics_leave_out_tokens_with_nan_or_inf_and_count_them():
+    # Tokens with a NaN or an Inf anywhere, in any split: the merge equals numpy float64 over the rest.
+    rng = np.random.default_rng(1)
+    x = rng.normal(1.0, 3.0, size=(3000, 8))
+    bad = [5, 6, 1000, 2999]
+    x[5, 3], x[6, 0], x[1000, 7], x[2999, :] = np.nan, np.inf, -np.inf, np.nan
+    ok = np.ones(3000, bool)
+    ok[bad] = False
+    parts = []
+    for a, b in [(0, 6), (6, 7), (7, 2000), (2000, 3000)]:  # one part is a single bad token
+        s = RunningStats(8)
+        for chunk in np.array_split(x[a:b], 2):
+            s.update(torch.from_numpy(chunk).float())
+        parts.append(RunningStats.from_dict(json.loads(json.dumps(s.to_dict()))))
+    total = merge_all(parts)
+    assert total is not None and total.finite
+    finite = x[ok].astype(np.float32).astype(np.float64)  # what float32 tokens hold
+    assert total.count == ok.sum() and total.nonfinite_tokens == len(bad)
+    np.testing.assert_allclose(total.mean.numpy(), finite.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(total.std.numpy(), finite.std(0), rtol=1e-10)
+    np.testing.assert_allclose(total.mean_norm, np.linalg.norm(finite, axis=1).mean(), rtol=1e-12)
+    np.testing.assert_allclose(float(total.norm_sq_sum), (finite**2).sum(), rtol=1e-12)
+    d = total.to_dict()
+    assert d["stats_version"] == 2 and d["count"] == ok.sum() and d["nonfinite"] == len(bad)
+    assert all(np.isfinite(d[k]).all() for k in ("mean", "std", "m2", "norm", "norm_sum", "norm_sq_sum"))
+
+
+def test_statistics_of_only_bad_tokens_count_none():
+    s = RunningStats(2)
+    s.update(torch.full((3, 2), float("nan")))
+    assert (s.count, s.nonfinite_tokens, s.finite) == (0, 3, True)
+    assert s.to_dict()["mean"] == [0.0, 0.0]
+
+
+def test_version_1_statistics_with_nan_are_refused_for_normalising():
+    # Written before tokens with NaN were left out: they counted in, the statistics are NaN.
+    s = RunningStats(2)
+    s.update(torch.tensor([[1.0, 2.0], [3.0, 4.0]]))
+    old = {**s.to_dict(), "stats_version": 1, "count": 3, "nonfinite": 1, "norm_sum": math.nan}
+    old["mean"] = [math.nan, 3.0]
+    stale = RunningStats.from_dict(json.loads(json.dumps(old)))
+    assert not stale.finite and stale.to_dict()["stats_version"] == 1
+    merged = RunningStats(2).merge(s).merge(stale)
+    assert not merged.finite and merged.to_dict()["stats_version"] == 1  # NaN stays NaN, and says so
+    with pytest.raises(DataError) as e:
+        check_normalisable(merged, "s3://bucket/runs/my-run/layer.6")
+    msg = str(e.value)
+    for part in ("hook 'layer.6'", "run s3://bucket/runs/my-run", "1 token(s) with NaN or Inf", "merge-stats RUN"):
+        assert part in msg, msg
+    assert "drop_nonfinite=True" in msg
+    assert check_normalisable(s, "x/run/h") is s
+
+
+def test_finite_rows_read_the_exponent_bits_of_every_float_dtype():
+    x = torch.randn(7, 5, dtype=torch.float64) * 1e3
+    x[1, 2], x[3, 0], x[6, 4] = math.nan, math.inf, -math.inf
+    want = torch.isfinite(x).all(1).numpy()
+    for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16):
+        assert (finite_rows(x.to(dtype)) == want).all(), dtype
+    big = torch.full((3, 2), 65504.0, dtype=torch.float16)  # float16's largest finite value
+    assert finite_rows(big).all()
+
+
+# ---- a run's statistics.json ----
+
+# One token of h1 holds NaN (machine 1's first file, row 2, seq 5), one of h2 +Inf (machine 0).
+POISON = [("h1", 3, 2, 5, math.nan), ("h2", 1, 0, 0, math.inf)]
+
+
+def finite_tokens(run: SynthRun, hook: str) -> np.ndarray:
+    """The stored non-padding tokens of `hook` without NaN or Inf, float64 `[tokens, d]`."""
+    x = run.tensor(hook).reshape(-1, 8)[run.tensor(hook, "positions").reshape(-1) >= 0].double()
+    return x[torch.isfinite(x).all(1)].numpy()
+
+
+def test_a_run_with_one_bad_token_has_the_statistics_of_the_others(local: LocalStore) -> None:
+    run = write_synthetic_run(local, "run", ["h1", "h2"], machines=2, files=3, nonfinite=POISON)
+    for h in run.hooks:
+        got = read_statistics(local, f"run/{h}")
+        assert got is not None and got.stats_version == 2 and got.machines == [0, 1]
+        want = finite_tokens(run, h)
+        kept = int((run.tensor(h, "positions") >= 0).sum())
+        assert (got.count, got.nonfinite) == (kept - 1, 1) == (len(want), 1)
+        np.testing.assert_allclose(got.mean, want.mean(0), rtol=1e-12)
+        np.testing.assert_allclose(got.std, want.std(0), rtol=1e-10)
+        np.testing.assert_allclose(got.norm, np.linalg.norm(want, axis=1).mean(), rtol=1e-12)
+        np.testing.assert_allclose(got.norm_sq_sum, (want**2).sum(), rtol=1e-12)

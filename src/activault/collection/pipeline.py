@@ -452,7 +452,7 @@ class _Collector:
                     "model is broken: try transformer_config.dtype bfloat16 or float32, or set "
                     "upload_config.on_nonfinite: warn to store them and count them"
                 )
-            log.warning("%s (stored; counted in the progress record and statistics.json)", where)
+            log.warning("%s (stored; left out of the statistics, counted in their `nonfinite`)", where)
             self.nonfinite[h] = s.nonfinite_tokens
 
 

@@ -36,7 +36,9 @@ class VaultBuffer(Iterator[torch.Tensor]):
 
     Args:
         normalize: divide by `norm_factor` so tokens have unit mean squared norm (the paper's
-            convention that trainSAE follows).
+            convention that trainSAE follows). The factor leaves out tokens with NaN or Inf
+            (`drop_nonfinite=True` drops the tokens too); statistics that counted them in
+            (before stats_version 2) are a DataError naming the fix.
         Other options as `TokenLoader` (seed, window, drop_positions_below, ...,
         `options=ReadOptions(...)`), checked here; rank and world_size default to
         torch.distributed's.
@@ -62,10 +64,11 @@ class VaultBuffer(Iterator[torch.Tensor]):
         read, rest = loader_options(VaultBuffer.__init__, fixed, options, kwargs, rank, world_size)
         out_batch_size = whole("out_batch_size", out_batch_size)
         self.uri, self.hook, self.out_batch_size, self.device = uri, hook, out_batch_size, str(device)
-        stats = run_statistics(uri, hook)
+        stats = run_statistics(uri, hook, normalise=normalize)
         self.d_submodule = stats.d
-        # sqrt(E ||x||^2) over every stored token: trainSAE's `get_norm_factor`, exactly.
-        self.norm_factor = math.sqrt(float(stats.norm_sq_sum) / stats.count)
+        # sqrt(E ||x||^2) over every finite stored token: trainSAE's `get_norm_factor`, exactly
+        # (NaN when the statistics counted NaN in: refused above when normalising).
+        self.norm_factor = math.sqrt(float(stats.norm_sq_sum) / max(stats.count, 1))
         self.normalize = normalize
         self.loader = TokenLoader(
             uri,

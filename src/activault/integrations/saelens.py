@@ -180,9 +180,11 @@ def scaling_factor(uri: Source | Sequence[Source], hook: str) -> float:
     """SAELens's `expected_average_only_in` factor, `sqrt(d_in) / mean token norm`, from exact statistics.
 
     SAELens estimates the mean norm from `n_batches_for_norm_estimate` batches; `statistics.json`
-    holds it over every stored token (float64, merged over machines), so nothing is read.
+    holds it over every finite stored token (float64, merged over machines), so nothing is read.
+    Statistics that counted tokens with NaN or Inf in (before stats_version 2) are a DataError
+    naming the fix.
     """
-    stats = run_statistics(uri, hook)
+    stats = run_statistics(uri, hook, normalise=True)
     if stats.mean_norm <= 0:
         raise ConfigError(f"the mean norm of {hook!r} is {stats.mean_norm}: its activations are all zero")
     return math.sqrt(stats.d) / stats.mean_norm
@@ -210,7 +212,7 @@ def set_scaling_factor(trainer: Any, uri: Source | Sequence[Source] | VaultProvi
 
 def _set_one(trainer: Any, uri: Source | Sequence[Source], hook: str) -> None:
     d_in = int(trainer.sae.cfg.d_in)
-    stats_d = run_statistics(uri, hook).d
+    stats_d = run_statistics(uri, hook, normalise=True).d
     if d_in != stats_d:
         raise ConfigError(f"the SAE has d_in={d_in} but hook {hook!r} is {stats_d} wide: wrong hook?")
     trainer.activation_scaler.scaling_factor = scaling_factor(uri, hook)

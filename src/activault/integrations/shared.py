@@ -24,7 +24,7 @@ from activault.vault.records import (
     read_statistics,
     statistics_key,
 )
-from activault.vault.stats import RunningStats, merge_all
+from activault.vault.stats import RunningStats, check_normalisable, merge_all
 from activault.vault.writer import RunWriter
 
 __all__ = [
@@ -50,10 +50,12 @@ def _sources(uri: Source | Sequence[Source]) -> list[Source]:
     return [uri] if isinstance(uri, str | Path | Store) else list(uri)
 
 
-def run_statistics(uri: Source | Sequence[Source], hook: str) -> RunningStats:
+def run_statistics(uri: Source | Sequence[Source], hook: str, normalise: bool = False) -> RunningStats:
     """A hook's exact statistics over one run, or merged over several (as `TokenLoader` reads them).
 
     A damaged statistics.json is a FormatError naming the file, the field and the repair.
+    `normalise`: the statistics will scale activations, so statistics that are not finite (they
+    counted tokens with NaN or Inf in) are a DataError naming the run, the hook and the fix.
     """
     parts = []
     for src in _sources(uri):
@@ -64,9 +66,10 @@ def run_statistics(uri: Source | Sequence[Source], hook: str) -> RunningStats:
                 f"{store.url(statistics_key(hook))} does not exist: the run has no hook {hook!r}, or its "
                 "collection has not finished (`activault merge-stats RUN_URI` rebuilds it from finished machines)"
             )
-        parts.append(record.running())
+        stats = record.running()
+        parts.append(check_normalisable(stats, store.url(hook)) if normalise else stats)
     total = merge_all(parts)
-    if total is None or total.count == 0:
+    if total is None or total.count + total.nonfinite_tokens == 0:
         raise ConfigError(f"the statistics of {hook!r} count no tokens: the run holds no data for it")
     return total
 

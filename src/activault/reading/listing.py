@@ -15,6 +15,7 @@ from activault.errors import ConfigError, FormatError, NotFoundError
 from activault.reading.options import ReadOptions
 from activault.storage import Entry, Store, open_stores
 from activault.vault import megabatch as fmt
+from activault.vault import original as orig
 from activault.vault import records
 
 # Records kept beside the megabatches in a hook folder.
@@ -197,12 +198,24 @@ class Catalog:
         itemsize = dtypes.to_torch(meta.dtype).itemsize
         return meta.rows_per_file * meta.seq_length * (meta.d_model * itemsize + 8)
 
+    def mismatch(self, h: int, url: str, shape: StatesShape, expected: StatesShape) -> str:
+        """Why a file of hook `h` whose states are `shape` is refused (the hook's are `expected`)."""
+        for si, p in enumerate(self.prefixes):
+            meta = self._metadata[(si, h)]
+            if meta is not None and meta.original is not None and _meta_shape(meta) == expected:
+                # The original's metadata.json says what one uploader last saw: it may be what is wrong.
+                return (
+                    f"{url}: states are {shape}, {p.url(h, 'metadata.json')} says {expected}: one of them is "
+                    f"wrong; if it is metadata.json, {orig.METADATA_FIX}"
+                )
+        return f"{url}: states are {shape}, the other files {expected}: it does not belong here"
+
     def _shape(self, si: int, h: int) -> StatesShape | None:
         """From metadata.json, else the first file's header; None for legacy `.pt` only."""
         prefix = self.prefixes[si]
         meta = self._metadata[(si, h)]
         if meta is not None:
-            return StatesShape(meta.seq_length, meta.d_model, dtypes.to_torch(meta.dtype))
+            return _meta_shape(meta)
         first = next(
             (f for b in self.blocks for f in b if f.source == si and f.name.endswith(fmt.SUFFIX)),
             None,
@@ -225,3 +238,7 @@ class Catalog:
                 raise ConfigError(f"cannot read these prefixes together, their activations differ: {lines}")
             shapes.append(known[0][1] if known else None)
         return shapes
+
+
+def _meta_shape(meta: records.HookMetadata) -> StatesShape:
+    return StatesShape(meta.seq_length, meta.d_model, dtypes.to_torch(meta.dtype))

@@ -86,6 +86,12 @@ class ReadOptions:
     """Read files and gather batches into buffers handed out again once nothing uses them; False:
     a new buffer each time, page faults included (what bench/read.py's `-fresh` readers measure)."""
 
+    drop_nonfinite: bool = False
+    """Leave out of token batches (TokenLoader, and the integrations built on it) every token with
+    a NaN or Inf in any hook's states: dropped for every hook at once, so hooks stay aligned, and
+    counted in the loader's `nonfinite_dropped`. Costs a pass over the states' exponent bits. RCache
+    yields whole megabatches and refuses it (mask with `torch.isfinite(states).all(-1)` there)."""
+
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalised once, here
         set_(self, "buffer_size", whole("buffer_size", self.buffer_size, 1, "a whole number >= 1 (files read ahead)"))
@@ -100,6 +106,7 @@ class ReadOptions:
         flag("skip_bad_files", self.skip_bad_files)
         flag("verify_checksums", self.verify_checksums)
         flag("recycle", self.recycle)
+        flag("drop_nonfinite", self.drop_nonfinite)
         if self.range_size is not None:
             accepted = "a positive number of bytes (a whole number >= 1), or None (the default)"
             set_(self, "range_size", whole("range_size", self.range_size, 1, accepted))
@@ -129,6 +136,7 @@ class ReadArgs(TypedDict, total=False):
     range_size: int | None
     verify_checksums: bool
     recycle: bool
+    drop_nonfinite: bool
 
 
 FIELDS = tuple(f.name for f in fields(ReadOptions))

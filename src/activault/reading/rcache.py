@@ -18,12 +18,23 @@ import torch
 
 from activault.errors import ConfigError
 from activault.reading.device import check_device, to_device
-from activault.reading.options import ReadArgs, ReadOptions, flag, keywords, read_options
+from activault.reading.options import ReadArgs, ReadOptions, flag, invalid, keywords, read_options
 from activault.reading.order import mix_seed
 from activault.reading.stream import FileRef, FileStream, LoadedFile, Reader, Source
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
+
+
+def check_whole(options: ReadOptions) -> None:
+    """Refuse `drop_nonfinite` for megabatches: they are yielded whole, so nothing is dropped."""
+    if options.drop_nonfinite:
+        raise invalid(
+            "drop_nonfinite",
+            True,
+            "False for megabatches (RCache yields them whole: mask tokens with "
+            "torch.isfinite(states).all(-1)); TokenLoader, or batch_tokens=, drops them from token batches",
+        )
 
 
 class RCache(Reader):
@@ -38,7 +49,8 @@ class RCache(Reader):
         options, **read: how the files are read (ReadOptions, whose fields are documented there):
             `buffer_size`, `preserve_file_order` (default True here), `seed`, `rank`,
             `world_size`, `skip_bad_files`, `store_options` (e.g. `{"unsigned": True}` for a
-            public bucket), `range_size`, `verify_checksums`; as keywords, or in
+            public bucket), `range_size`, `verify_checksums` (`drop_nonfinite` is refused:
+            megabatches are whole); as keywords, or in
             `options=ReadOptions(...)` (keywords override its fields). A name that is none of
             these is a ConfigError listing them.
     """
@@ -55,6 +67,7 @@ class RCache(Reader):
         **read: Unpack[ReadArgs],
     ):
         opts, _ = read_options(type(self).__name__, options, read, own=keywords(RCache.__init__, "uri", "options"))
+        check_whole(opts)
         return_ids, shuffle = flag("return_ids", return_ids), flag("shuffle", shuffle)
         self.device = check_device(device)
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()

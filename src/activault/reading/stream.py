@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from activault import dtypes
 from activault.errors import FormatError, StorageError
 from activault.reading.fetch import RANGE_WORKERS, ObjectReader, ReadBuffers, Stopped, Workers
 from activault.reading.listing import Catalog, FileRef, Prefix, StatesShape
@@ -265,7 +266,7 @@ class FileStream:
         with self._shape_lock:
             expected = self.catalog.shapes[h] = self.catalog.shapes[h] or shape
         if shape != expected:
-            raise FormatError(f"{url}: states are {shape}, the other files {expected}: it does not belong here")
+            raise FormatError(self.catalog.mismatch(h, url, shape, expected))
 
     def _check(
         self, tensors: dict[str, torch.Tensor], url: str, h: int
@@ -277,6 +278,10 @@ class FileStream:
         ids = tensors.get("input_ids")
         if ids is None or ids.shape != states.shape[:2]:
             raise FormatError(f"{url}: no 'input_ids' tensor of shape {list(states.shape[:2])}")
+        if ids.dtype != torch.int32:  # the original's .pt files: int64, as its tokenizer gave them
+            if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+                raise FormatError(f"{url}: 'input_ids' are {dtypes.name(ids.dtype)}, not token ids")
+            ids = ids.to(torch.int32)
         pos = tensors.get("positions")
         if pos is None:  # legacy files: position within the row
             pos = torch.arange(states.shape[1], dtype=torch.int32).expand(states.shape[0], -1)

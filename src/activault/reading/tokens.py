@@ -36,12 +36,12 @@ from activault.reading.options import (
     whole,
 )
 from activault.reading.order import first_file, mix_seed, position_after, windows
-from activault.reading.rcache import RCache
+from activault.reading.rcache import RCache, check_whole
 from activault.reading.stream import FileStream, LoadedFile, Reader, Source
 from activault.storage import Store
 from activault.storage.uri import is_s3
 from activault.vault import records
-from activault.vault.stats import merge_all
+from activault.vault.stats import check_normalisable, finite_rows, merge_all
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -65,22 +65,27 @@ def _bytes(x: torch.Tensor) -> np.ndarray:
 class _Window:
     """The kept tokens of a window of megabatches, indexed 0..n-1 without copying them together."""
 
-    def __init__(self, items: list[LoadedFile], drop_below: int):
+    def __init__(self, items: list[LoadedFile], drop_below: int, drop_nonfinite: bool = False):
         self.states: list[list[torch.Tensor]] = [[] for _ in items[0].states]  # per hook, per file: [tokens, d]
         self.rows: list[list[np.ndarray]] = [[] for _ in items[0].states]  # the same as [tokens, row_bytes] uint8
         self.ids, self.pos, self.kept = [], [], []
+        self.nonfinite = 0  # tokens dropped for a NaN or Inf in some hook (drop_nonfinite)
         counts = []
         for item in items:
             p = item.positions.reshape(-1)
             keep = p.numpy() >= drop_below  # numpy: no OpenMP team for a large file (see SHUFFLE)
-            kept = None if keep.all() else np.flatnonzero(keep)  # padding, dropped positions
-            counts.append(p.numel() if kept is None else kept.size)
-            self.kept.append(kept)
             self.ids.append(item.input_ids.reshape(-1))
             self.pos.append(p)
             for h, s in enumerate(item.states):
                 self.states[h].append(s.reshape(p.numel(), -1))
                 self.rows[h].append(_bytes(self.states[h][-1]))
+            if drop_nonfinite:  # a token bad in one hook is dropped from all: hooks stay aligned
+                finite = np.logical_and.reduce([finite_rows(per_file[-1]) for per_file in self.states])
+                self.nonfinite += int(np.count_nonzero(keep & ~finite))
+                keep &= finite
+            kept = None if keep.all() else np.flatnonzero(keep)  # padding, dropped positions and tokens
+            counts.append(p.numel() if kept is None else kept.size)
+            self.kept.append(kept)
         self.offsets = np.cumsum([0, *counts])
         self.n = int(self.offsets[-1])
 
@@ -166,7 +171,9 @@ class TokenLoader(Reader):
         center: subtract the per-dimension mean from `statistics.json`.
         norm_target: scale so the tokens' mean L2 norm equals this (e.g. `d ** 0.5`): from the
             exact mean norm in `statistics.json`, or, with `center`, the RMS norm of centred tokens
-            (sqrt of the total variance, exact for the mean squared norm).
+            (sqrt of the total variance, exact for the mean squared norm). Statistics leave out
+            tokens with NaN or Inf (pass `drop_nonfinite=True` to drop the tokens too); statistics
+            that counted them in (before stats_version 2) are a DataError naming the fix.
         drop_last: drop an epoch's last batch when it is short (`dropped_tokens` counts them);
             False yields it.
         loop: epochs without end, each in a new order (file order and windows seeded with the
@@ -174,7 +181,9 @@ class TokenLoader(Reader):
         dtype: output dtype; default the stored one, or float32 when normalising.
         options, **read: how the files are read, as RCache's (ReadOptions: `seed`, `buffer_size`,
             `rank`, `world_size`, `skip_bad_files`, `store_options`, `range_size`,
-            `verify_checksums`); `preserve_file_order` defaults to False here.
+            `verify_checksums`), and `drop_nonfinite`: tokens with NaN or Inf in any hook are
+            left out of the batches (counted in `nonfinite_dropped`); `preserve_file_order`
+            defaults to False here.
     """
 
     def __init__(
@@ -210,8 +219,10 @@ class TokenLoader(Reader):
         super().__init__(files)
         self.batch_tokens, self.window, self.return_ids = batch_tokens, window, return_ids
         self.drop_below, self.drop_last, self.loop = drop_below, drop_last, loop
+        self.drop_nonfinite = opts.drop_nonfinite
         self.epoch = 0
         self.dropped_tokens = 0  # the last epoch's short final batch, dropped (drop_last)
+        self.nonfinite_dropped = 0  # tokens with NaN or Inf left out so far (drop_nonfinite)
         self._window = self._offset = 0
         norm = [self._norm_params(h, center, norm_target) for h in range(len(self.hooks or [""]))]
         self._norm = [(None if m is None else m.to(self.device), scale) for m, scale in norm]
@@ -228,9 +239,16 @@ class TokenLoader(Reader):
                 raise NotFoundError(
                     f"{url} does not exist; normalisation needs the run's statistics ({records.REMERGE})"
                 )
-            parts.append(found.running())
+            parts.append(check_normalisable(found.running(), prefix.store.url(prefix.folders[h])))
         stats = merge_all(parts)
         assert stats is not None
+        if stats.nonfinite_tokens and not self.drop_nonfinite:
+            log.warning(
+                "%s: %d token(s) with NaN or Inf are left out of the statistics but still delivered "
+                "(as NaN or Inf); drop_nonfinite=True drops them",
+                ", ".join(p.store.url(p.folders[h]) for p in self.files.catalog.prefixes),
+                stats.nonfinite_tokens,
+            )
         mean = stats.mean.to(torch.float32) if center else None
         if target is None:
             return mean, 1.0
@@ -302,8 +320,9 @@ class TokenLoader(Reader):
             taken = 0
             with self.files.prefetch(epoch, first_file(start, self.window), eager=True) as files:
                 for w, items in windows(files, self.window):
-                    win = _Window(items, self.drop_below)
+                    win = _Window(items, self.drop_below, self.drop_nonfinite)
                     del items
+                    self.nonfinite_dropped += win.nonfinite
                     perm = _permutation(win.n, mix_seed(self.seed, epoch, "window", w))
                     a, skip = skip, 0
                     taken += win.n - a
@@ -352,6 +371,7 @@ class TokenLoader(Reader):
             "seed": self.seed,
             "window_files": self.window,
             "batch_tokens": self.batch_tokens,
+            "drop_nonfinite": self.drop_nonfinite,
             "shuffle": SHUFFLE,
         }
 
@@ -366,8 +386,9 @@ class TokenLoader(Reader):
             ("seed", self.seed),
             ("window_files", self.window),
             ("batch_tokens", self.batch_tokens),
+            ("drop_nonfinite", self.drop_nonfinite),
         ):
-            if state[k] != mine:
+            if state.get(k, False) != mine:  # drop_nonfinite is absent from states saved before it
                 raise ConfigError(f"state was saved with {k}={state[k]}, this loader has {mine}")
         position = [state[k] for k in ("epoch", "window", "offset")]
         if (
@@ -412,6 +433,8 @@ class ActivationDataset(IterableDataset):
         reader = RCache if batch_tokens is None else TokenLoader
         own = keywords(reader.__init__, "uri", "options", "batch_tokens")
         self.options, self.reader_options = read_options("ActivationDataset", options, kwargs, own)
+        if batch_tokens is None:
+            check_whole(self.options)
         self.uri = uri
         self.batch_tokens = None if batch_tokens is None else whole("batch_tokens", batch_tokens)
         self.rank, self.world_size = self.options.rank, self.options.world_size

@@ -22,6 +22,7 @@ from activault.errors import ConfigError, FormatError, NotFoundError
 from activault.storage import Entry, Store, locate
 from activault.storage.base import join
 from activault.units import human_bytes
+from activault.vault import original as orig
 from activault.vault.megabatch import (
     CODECS_KEY,
     DTYPES,
@@ -31,8 +32,10 @@ from activault.vault.megabatch import (
     is_megabatch,
     megabatch_files,
 )
+from activault.vault.original import OriginalStatistics
 from activault.vault.records import (
     HookStatistics,
+    read_original_statistics,
     read_run,
     read_statistics,
 )
@@ -222,11 +225,17 @@ def inspect_file(store: Store, key: str, tokenizers: Tokenizers | None = None) -
     """Read one megabatch whole and describe it."""
     mb = read_megabatch(store, key)
     meta = mb.metadata
-    cfg = read_run(store, parent(key, 2)) if "/" in key else None
+    cfg = read_run(store, parent(key, 2), original_ok=True) if "/" in key else None
     tok_name = (cfg.tokenizer if cfg else None) or meta.get("model")
     model = meta.get("model") or (cfg.model.get("name") if cfg else None) or "(unknown)"
     checks = _value_checks(mb.states)
-    checks["checksums"] = "verified" if mb.header and mb.header.checksums else "none (written before checksums)"
+    checks["checksums"] = (
+        "none (a .pt file of the original Activault)"
+        if mb.header is None
+        else "verified"
+        if mb.header.checksums
+        else "none (written before checksums)"
+    )
     insp = Inspection(
         url=store.url(key),
         model=model,
@@ -330,7 +339,8 @@ def stats_lines(stats: HookStatistics, where: str) -> list[str]:
         f"  machines    {stats.machines}",
     ]
     if stats.nonfinite:
-        lines.append(f"  NaN/Inf     {stats.nonfinite:,} tokens (the statistics include them)")
+        left = "left out of the statistics" if stats.stats_version > 1 else "counted in: NaN statistics"
+        lines.append(f"  NaN/Inf     {stats.nonfinite:,} tokens ({left})")
     return lines
 
 
@@ -352,7 +362,23 @@ def sample_norms(store: Store, hook: str, files: int = 4) -> torch.Tensor:
     return torch.cat(norms)
 
 
-def stats_figure(stats: HookStatistics, norms: torch.Tensor, title: str = "") -> Figure:
+def original_stats_lines(stats: OriginalStatistics, where: str) -> list[str]:
+    """The original Activault's statistics, shown as what they are: not exact."""
+    mean, std = torch.tensor(stats.mean), torch.tensor(stats.std)
+    norm = "unknown" if stats.norm is None else f"{stats.norm:.4f}"
+    return [
+        f"statistics of {where}: NOT EXACT, written by the original Activault",
+        "  count       unknown (it stores none)",
+        f"  d_model     {mean.numel()}",
+        f"  mean norm   {norm}",
+        f"  mean range  [{float(mean.min()):.4f}, {float(mean.max()):.4f}]  (|mean| {float(mean.norm()):.4f})",
+        f"  std range   [{float(std.min()):.4f}, {float(std.max()):.4f}]  (average {float(std.mean()):.4f})",
+        "  machines    0 only",
+        f"  note: {orig.NOT_EXACT}",
+    ]
+
+
+def stats_figure(stats: HookStatistics | OriginalStatistics, norms: torch.Tensor, title: str = "") -> Figure:
     """Per-dimension mean and std, and a histogram of token norms (Agg backend, no display)."""
     try:
         from matplotlib.figure import Figure
@@ -392,10 +418,16 @@ def run_inspect(uri: str, as_json: bool = False) -> int:
 
 def run_stats(uri: str, plot: str | None = None, sample_files: int = 4) -> int:
     store, key = locate(uri)
-    stats = hook_statistics(store, key)
-    print("\n".join(stats_lines(stats, store.url(key))))
+    stats: HookStatistics | OriginalStatistics
+    if (old := read_original_statistics(store, key)) is not None:  # shown as not exact
+        stats, lines = old, original_stats_lines(old, store.url(key))
+    else:
+        stats = exact = hook_statistics(store, key)
+        lines = stats_lines(exact, store.url(key))
+    print("\n".join(lines))
     if plot:
-        fig = stats_figure(stats, sample_norms(store, key, sample_files), title=store.url(key))
+        title = store.url(key) + (" (the original Activault's statistics: not exact)" if old is not None else "")
+        fig = stats_figure(stats, sample_norms(store, key, sample_files), title=title)
         fig.savefig(plot, dpi=100)
         print(f"plot written to {plot}")
     return 0

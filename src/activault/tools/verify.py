@@ -6,6 +6,10 @@ files); token ids and positions are equal across hooks; statistics.json counts t
 and covers every machine. Only headers, ids and positions are read (ranged reads), unless `deep`:
 then every file is read whole, each tensor's bytes are checked against its checksum, and tokens
 with NaN or Inf are counted per hook. Each problem names its repair.
+
+A vault of the original Activault (vault/original.py) has no headers, positions, checksums,
+progress or exact statistics: its records are checked, its `.pt` files are named alike in every
+hook and, with `deep`, each is loaded (no pickled code runs) and checked against metadata.json.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from activault.storage import Store, locate
 from activault.storage.base import join
 from activault.tools.inspection import foreign, list_dir, nonfinite_tokens
 from activault.units import human_bytes
+from activault.vault import original as orig
 from activault.vault.megabatch import Header, decode, fetch_header, megabatch_files
 from activault.vault.records import (
     REBUILD,
@@ -34,6 +39,7 @@ from activault.vault.records import (
     parse_file_name,
     parse_progress_name,
     read_metadata,
+    read_original_statistics,
     read_progress,
     read_run,
     read_statistics,
@@ -41,6 +47,7 @@ from activault.vault.records import (
 )
 
 DEEP_THREADS = 4  # whole files in flight at once with --deep (memory: 4 files)
+RESTORE = "restore it from a copy of the vault (activault cannot rebuild the original's files)"
 
 
 @dataclass
@@ -69,6 +76,7 @@ class Verification:
     tokens: int = 0
     bytes: int = 0
     machines: list[int] = field(default_factory=list)
+    original: bool = False  # a vault of the original Activault
 
 
 def _check_file(store: Store, run: str, hook: str, name: str, size: int, deep: bool) -> FileCheck:
@@ -130,15 +138,12 @@ def _against_metadata(hook: str, meta: HookMetadata | None, checks: list[FileChe
     return problems
 
 
-def _run_record(store: Store, run: str, out: Verification) -> RunRecord | None:
+def _run_record(store: Store, run: str) -> tuple[RunRecord | None, str | None]:
+    """cfg.json (the original Activault's too), or why it cannot be read."""
     try:
-        cfg = read_run(store, run)
+        return read_run(store, run, original_ok=True), None
     except FormatError as e:
-        out.problems.append(str(e))
-        return None
-    if cfg is None:
-        out.problems.append(f"cfg.json is missing; {REBUILD}")
-    return cfg
+        return None, str(e)
 
 
 def _hooks(store: Store, run: str, cfg: RunRecord | None, dirs: list[str]) -> list[str]:
@@ -184,10 +189,16 @@ def _statistics(store: Store, run: str, hooks: list[str], total: int, want: list
         if stats is None:
             problems.append(f"{h}: statistics.json is missing; {REBUILD}, {REMERGE}")
             continue
-        if stats.count != total:
+        if not stats.running().finite:
             problems.append(
-                f"{h}: statistics.json counts {stats.count} tokens, the files hold {total} "
-                f"non-padding tokens; {REBUILD}, {REMERGE}"
+                f"{h}: statistics.json counts {stats.nonfinite} token(s) with NaN or Inf in (stats_version "
+                f"{stats.stats_version}: written before they were left out); recount them with "
+                "`activault merge-stats RUN`"
+            )
+        elif stats.count + stats.nonfinite != total:
+            problems.append(
+                f"{h}: statistics.json counts {stats.count} tokens and {stats.nonfinite} with NaN or Inf, "
+                f"the files hold {total} non-padding tokens; {REBUILD}, {REMERGE}"
             )
         if stats.machines != want:
             problems.append(
@@ -200,9 +211,17 @@ def _statistics(store: Store, run: str, hooks: list[str], total: int, want: list
 def verify_run(store: Store, run: str = "", threads: int = 8, deep: bool = False) -> Verification:
     """Problems and notes of a stored run (no problems: it is sound) and a summary."""
     out = Verification(store.url(run))
-    cfg = _run_record(store, run, out)
+    cfg, damaged = _run_record(store, run)
     dirs, _ = list_dir(store, run)
     hooks = _hooks(store, run, cfg, dirs)
+    if damaged:
+        out.problems.append(damaged)
+    if cfg.original is not None if cfg else orig.is_original_run(store, run):
+        if cfg is None and not damaged:
+            out.notes.append("cfg.json is missing: the hooks are the folders with a metadata.json")
+        return _verify_original(store, run, hooks, dirs, deep, out)
+    if cfg is None and not damaged:
+        out.problems.append(f"cfg.json is missing; {REBUILD}")
     metas: dict[str, HookMetadata | None] = {}
     names: dict[str, dict[str, int]] = {}
     for h in hooks:
@@ -253,6 +272,86 @@ def verify_run(store: Store, run: str = "", threads: int = 8, deep: bool = False
     out.hooks, out.files = len(hooks), len(every)
     out.bytes = sum(sum(fs.values()) for fs in names.values())
     return out
+
+
+def _verify_original(
+    store: Store, run: str, hooks: list[str], dirs: list[str], deep: bool, out: Verification
+) -> Verification:
+    """An original vault: its records parse, every hook holds the same `.pt` files; `deep` loads them."""
+    out.original, inexact = True, False
+    names: dict[str, dict[str, int]] = {}
+    metas: dict[str, HookMetadata | None] = {}
+    for h in hooks:
+        if h not in dirs:
+            out.problems.append(f"{h}: hook folder is missing; {RESTORE}")
+            continue
+        folder = join(run, h)
+        names[h] = megabatch_files(f for f in list_dir(store, folder)[1] if foreign(f) is None)
+        metas[h] = None
+        try:
+            metas[h] = meta = read_metadata(store, folder)
+            stats = read_original_statistics(store, folder)
+        except FormatError as e:
+            out.problems.append(str(e))
+            continue
+        inexact |= stats is not None
+        if meta is None:
+            out.notes.append(f"{h}: metadata.json is missing: the files' shape is the first file's")
+        elif stats is not None and len(stats.mean) != meta.d_model:
+            out.problems.append(
+                f"{h}: statistics.json has {len(stats.mean)} means, metadata.json says d_in {meta.d_model}"
+            )
+    every = sorted(set().union(*names.values())) if names else []
+    for h, fs in names.items():
+        if missing := [n for n in every if n not in fs]:
+            listed = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+            out.problems.append(f"{h}: {len(missing)} file(s) missing that other hooks have: {listed}; {RESTORE}")
+    if deep:
+        _load_original(store, run, names, metas, out)
+    else:
+        out.notes.append("the original's .pt files have no header or checksums: `activault verify --deep` loads each")
+    if inexact:
+        out.notes.append(f"statistics.json holds {orig.NOT_EXACT}")
+    out.problems += foreign_objects(store, run)
+    out.hooks, out.files = len(hooks), len(every)
+    out.bytes = sum(sum(fs.values()) for fs in names.values())
+    return out
+
+
+def _load_original(
+    store: Store, run: str, names: dict[str, dict[str, int]], metas: dict[str, HookMetadata | None], out: Verification
+) -> None:
+    """Each `.pt` file loaded: its states agree with metadata.json, its ids with the other hooks'."""
+    ids: dict[str, tuple[str, bytes]] = {}
+    for h, fs in names.items():
+        meta, nonfinite = metas.get(h), 0
+        for n in sorted(fs):
+            key = join(run, h, n)
+            try:
+                mb = decode(store.get(key), store.url(key))
+            except FormatError as e:
+                out.problems.append(f"{h}/{n}: {str(e).split(': ', 1)[-1]}; {RESTORE}")
+                continue
+            rows, seq, d = mb.states.shape
+            if meta is not None and (
+                (seq, d, dtypes.name(mb.states.dtype)) != (meta.seq_length, meta.d_model, meta.dtype)
+                or rows > meta.rows_per_file
+            ):
+                out.problems.append(
+                    f"{h}/{n}: states are [{rows}, {seq}, {d}] {dtypes.name(mb.states.dtype)}, metadata.json says "
+                    f"[rows <= {meta.rows_per_file}, {meta.seq_length}, {meta.d_model}] {meta.dtype}"
+                )
+            nonfinite += nonfinite_tokens(mb.states)
+            digest = xxhash.xxh3_128_digest(mb.input_ids.to(torch.int64).contiguous().numpy().tobytes())
+            first = ids.setdefault(n, (h, digest))
+            if first[1] != digest:
+                out.problems.append(
+                    f"{h}/{n}: token ids differ from {first[0]}/{n}: these hooks do not hold the same tokens"
+                )
+            elif first[0] == h:
+                out.tokens += rows * seq
+        if nonfinite:
+            out.notes.append(f"{h}: {nonfinite:,} token(s) with NaN or Inf")
 
 
 def _integrity_notes(checks: list[FileCheck], hooks: list[str], deep: bool) -> list[str]:
@@ -308,6 +407,9 @@ def run_verify(uri: str, deep: bool = False) -> int:
     if v.problems:
         print(f"{v.run}: {len(v.problems)} problem(s)")
         print("\n".join(f"  - {p}" for p in v.problems))
+    elif v.original:
+        tokens = f"{v.tokens:,} tokens, files loaded" if deep else "tokens not counted (--deep loads the files)"
+        print(f"OK  {v.run}: {orig.WHAT}, {v.hooks} hooks, {v.files} files per hook, {tokens}, {human_bytes(v.bytes)}")
     else:
         print(
             f"OK  {v.run}: {v.hooks} hooks, {v.files} files per hook, {v.tokens:,} tokens, "

@@ -9,7 +9,8 @@
 ```
 Every record is read through `read_record`: invalid JSON, a wrong type, a missing field or an absurd
 value is one FormatError naming the file, the field and the repair. How records are derived and
-rebuilt over a run's life is `runs.py`'s.
+rebuilt over a run's life is `runs.py`'s. The records of a vault written by the original Activault
+(`original.py`) are recognised here and read as what the readers need; they are never written.
 """
 
 from __future__ import annotations
@@ -17,15 +18,20 @@ from __future__ import annotations
 import json
 import logging
 import reprlib
+from collections.abc import Callable
+from functools import partial
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from activault import dtypes
-from activault.errors import FormatError, NotFoundError
+from activault.errors import ActivaultError, FormatError, NotFoundError
 from activault.storage.base import Store, join
 from activault.vault import codec as codecs
+from activault.vault import original as orig
 from activault.vault.megabatch import FORMAT, FORMAT_VERSION, SUFFIX, Header
+from activault.vault.original import OriginalConfig, OriginalMetadata, OriginalStatistics
 from activault.vault.stats import STATS_VERSION, RunningStats
 
 log = logging.getLogger(__name__)
@@ -45,6 +51,8 @@ REBUILD = (
     "collecting again"
 )
 REMERGE = "or rewrite statistics.json alone with `activault merge-stats RUN`"
+# A repair, or what finds it only once a record has turned out bad (the original's, or ours).
+Fix = str | Callable[[], str]
 
 
 def redo_machine(run_url: str, machine: int) -> str:
@@ -153,7 +161,7 @@ class ImportSource(Record):
 class RunRecord(Versioned):
     """cfg.json: what the run is; written by every machine at start, the same bytes from each."""
 
-    omit_unset = ("imported_from",)
+    omit_unset = ("imported_from", "original")
 
     activault_version: str = ""
     run_name: str = Field(min_length=1)
@@ -166,6 +174,8 @@ class RunRecord(Versioned):
     progress: list[str] = Field(default_factory=list)
     imported_from: ImportSource | None = None
     """Set by `activault import`: the run holds a SAELens cache's rows, not a collection's."""
+    original: OriginalConfig | None = None
+    """Set when read from the original Activault's cfg.json (`read_run(original_ok=True)`)."""
 
     @model_validator(mode="after")
     def _hooks(self) -> RunRecord:
@@ -194,7 +204,8 @@ class StatsRecord(Record):
             n = len(getattr(self, name))
             if n != self.d_model:
                 raise ValueError(f"{name} has {n} values, d_model is {self.d_model}")
-        # NaN passes: activations with NaN (upload_config.on_nonfinite: warn) give NaN statistics.
+        # NaN passes: version 1 records counted tokens with NaN or Inf in (readers refuse to
+        # normalise with them, `activault merge-stats` recounts them).
         if any(v < 0 for v in self.m2) or any(v < 0 for v in self.std) or self.norm_sum < 0:
             raise ValueError("a variance or norm is negative")
         return self
@@ -206,9 +217,18 @@ class StatsRecord(Record):
 class HookStatistics(StatsRecord):
     """{hook}/statistics.json: the merge over finished machines, and which machines those are."""
 
-    count: Positive
     machines: list[Annotated[int, Field(ge=0, lt=MAX_MACHINES)]] = Field(min_length=1)
     num_runs: int = Field(ge=1, le=MAX_MACHINES)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _some_token(cls, data: Any) -> Any:
+        """count 0 only when every token held NaN or Inf; named before the other fields' problems."""
+        if isinstance(data, dict) and data.get("count") == 0 and not data.get("nonfinite"):
+            msg = "Input should be greater than 0 (0 only when nonfinite > 0: every token held NaN or Inf)"
+            err = InitErrorDetails(type=PydanticCustomError("greater_than", msg), loc=("count",), input=0)
+            raise ValidationError.from_exception_data(cls.__name__, [err])
+        return data
 
     @model_validator(mode="after")
     def _machines(self) -> HookStatistics:
@@ -239,6 +259,8 @@ class ProgressRecord(Record):
 class HookMetadata(Versioned):
     """{hook}/metadata.json: what every file of the hook holds."""
 
+    omit_unset = ("original",)
+
     run_name: str = ""
     hook: str = ""
     model: str = ""
@@ -254,6 +276,8 @@ class HookMetadata(Versioned):
     file_pattern: str = "m{machine:05d}-{index:06d}" + SUFFIX
     compression: dict[str, Any] = Field(default_factory=lambda: {"codec": "none"})
     """How new files are written (vault/codec.py `describe`); each file's header says how it is."""
+    original: OriginalMetadata | None = None
+    """Set when read from the original Activault's metadata.json (its files are `.pt`)."""
 
     @model_validator(mode="after")
     def _consistent(self) -> HookMetadata:
@@ -279,6 +303,7 @@ class HookMetadata(Versioned):
 
 
 R = TypeVar("R", bound=Record)
+M = TypeVar("M", bound=BaseModel)
 
 
 # ---- reading and writing -------------------------------------------------------------------------
@@ -295,29 +320,50 @@ def _field_problem(e: ValidationError) -> str:
     return f"{where}: {msg}{got}"
 
 
-def parse_record(text: bytes | str, model: type[R], url: str, fix: str) -> R:
-    """A record from its JSON text; any problem is one FormatError naming `url`, the field and `fix`."""
+def _fix(fix: Fix) -> str:
+    return fix() if callable(fix) else fix
+
+
+def parse_json(text: bytes | str, url: str, fix: Fix) -> dict[str, Any]:
+    """A record's JSON object; not JSON, or not an object, is one FormatError naming `url` and `fix`."""
     try:
         obj = json.loads(text)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise FormatError(f"{url} is not valid JSON ({str(e)[:80]}); {fix}") from None
+        raise FormatError(f"{url} is not valid JSON ({str(e)[:80]}); {_fix(fix)}") from None
     if not isinstance(obj, dict):
-        raise FormatError(f"{url} is not a JSON object; {fix}")
+        raise FormatError(f"{url} is not a JSON object; {_fix(fix)}")
+    return obj
+
+
+def validate(obj: dict[str, Any], model: type[M], url: str, fix: Fix) -> M:
+    """`obj` as a `model`; any problem is one FormatError naming `url`, the field and `fix`."""
     try:
         return model.model_validate(obj)
     except ValidationError as e:
-        raise FormatError(f"{url}: {_field_problem(e)}; {fix}") from None
+        raise FormatError(f"{url}: {_field_problem(e)}; {_fix(fix)}") from None
 
 
-def read_record(store: Store, key: str, model: type[R], fix: str, size: int | None = None) -> R | None:
+def parse_record(text: bytes | str, model: type[R], url: str, fix: Fix) -> R:
+    """A record from its JSON text; any problem is one FormatError naming `url`, the field and `fix`."""
+    return validate(parse_json(text, url, fix), model, url, fix)
+
+
+def read_record(store: Store, key: str, model: type[R], fix: Fix, size: int | None = None) -> R | None:
     """A typed record, or None if absent.
 
     Args:
+        fix: the repair a message names (a callable: found only when the record is bad).
         size: the object's size from a listing (else the store is asked first).
     """
+    obj = read_json(store, key, fix, size)
+    return None if obj is None else validate(obj, model, store.url(key), fix)
+
+
+def read_json(store: Store, key: str, fix: Fix, size: int | None = None) -> dict[str, Any] | None:
+    """A record's JSON object, read with one bounded read, or None if absent."""
     url = store.url(key)
     if size is not None and size > MAX_RECORD_BYTES:
-        raise FormatError(f"{url} is {size} bytes, far more than a record holds; {fix}")
+        raise FormatError(f"{url} is {size} bytes, far more than a record holds; {_fix(fix)}")
     try:
         # One bounded ranged read, not a HEAD first: public buckets refuse HEAD of a missing key
         # (403) where GET says 404, and a huge object costs no more than the bound.
@@ -330,12 +376,17 @@ def read_record(store: Store, key: str, model: type[R], fix: str, size: int | No
     except NotFoundError:
         return None
     if data.nbytes > MAX_RECORD_BYTES:
-        raise FormatError(f"{url} is over {MAX_RECORD_BYTES} bytes, far more than a record holds; {fix}")
-    return parse_record(bytes(data), model, url, fix)
+        raise FormatError(f"{url} is over {MAX_RECORD_BYTES} bytes, far more than a record holds; {_fix(fix)}")
+    return parse_json(bytes(data), url, fix)
 
 
 def write_record(store: Store, key: str, record: Record) -> None:
-    """Sorted keys, floats in their shortest exact form: equal records are equal bytes."""
+    """Sorted keys, floats in their shortest exact form: equal records are equal bytes.
+
+    A record read from an original vault is never written back (ConfigError): activault does not
+    write into such a vault."""
+    if getattr(record, "original", None) is not None:
+        raise orig.refuse_write(store.url(key).rsplit("/", 1)[0])
     unset = {name for name in record.omit_unset if getattr(record, name) is None}
     store.put_text(key, record_text(record.model_dump(exclude=unset)))
 
@@ -348,8 +399,18 @@ def record_text(fields: dict[str, Any]) -> str:
     return "{\n" + ",\n".join(lines) + "\n}\n"
 
 
-def read_run(store: Store, run: str) -> RunRecord | None:
-    return read_record(store, cfg_key(run), RunRecord, REBUILD)
+def read_run(store: Store, run: str, *, original_ok: bool = False) -> RunRecord | None:
+    """The run's cfg.json. The original Activault's is a ConfigError (nothing may write into its
+    vault), unless `original_ok`: then it is read as a RunRecord with `original` set."""
+    key = cfg_key(run)
+    fix = partial(_fix_of, orig.is_original_run, store, run, orig.CONFIG_FIX, REBUILD)
+    obj = read_json(store, key, fix)
+    if obj is None or not orig.is_config(obj):
+        return None if obj is None else validate(obj, RunRecord, store.url(key), fix)
+    if not original_ok:
+        raise orig.refuse_write(store.url(run))
+    cfg = validate(obj, OriginalConfig, store.url(key), orig.CONFIG_FIX)
+    return validate(orig.run_fields(cfg, obj), RunRecord, store.url(key), orig.CONFIG_FIX)
 
 
 def read_progress(store: Store, run: str, machine: int, size: int | None = None) -> ProgressRecord | None:
@@ -369,12 +430,52 @@ def read_progress(store: Store, run: str, machine: int, size: int | None = None)
 
 
 def read_metadata(store: Store, folder: str) -> HookMetadata | None:
-    """A hook folder's metadata.json (`folder` is `run/hook`, or "" at a hook folder's root)."""
-    return read_record(store, metadata_key(folder), HookMetadata, REBUILD)
+    """A hook folder's metadata.json (`folder` is `run/hook`, or "" at a hook folder's root).
+
+    The original Activault's is read as what it says of the files (`original` set): shape, dtype
+    (`"torch.float16"`), rows per file; any problem with it names the file and never `collect`.
+    """
+    key = metadata_key(folder)
+    url = store.url(key)
+    fix = partial(_fix_of, orig.holds_original_files, store, folder, orig.METADATA_FIX, REBUILD)
+    obj = read_json(store, key, fix)
+    if obj is None or not orig.is_metadata(obj):
+        return None if obj is None else validate(obj, HookMetadata, url, fix)
+    meta = validate(obj, OriginalMetadata, url, orig.METADATA_FIX)
+    return validate(orig.hook_fields(meta), HookMetadata, url, orig.METADATA_FIX)
 
 
 def read_statistics(store: Store, folder: str) -> HookStatistics | None:
-    return read_record(store, statistics_key(folder), HookStatistics, f"{REBUILD}, {REMERGE}")
+    """A hook folder's statistics.json: exact. The original Activault's are not, and are refused
+    with why (FormatError); `read_original_statistics` reads them to show as what they are."""
+    key = statistics_key(folder)
+    fix = _statistics_fix(store, folder)
+    obj = read_json(store, key, fix)
+    if obj is not None and orig.is_statistics(obj):
+        raise FormatError(f"{store.url(key)} holds {orig.STATISTICS_FIX}")
+    return None if obj is None else validate(obj, HookStatistics, store.url(key), fix)
+
+
+def read_original_statistics(store: Store, folder: str) -> OriginalStatistics | None:
+    """The original Activault's statistics.json, as it wrote it; None if absent or activault's."""
+    key = statistics_key(folder)
+    obj = read_json(store, key, _statistics_fix(store, folder))
+    if obj is None or not orig.is_statistics(obj):
+        return None
+    return validate(obj, OriginalStatistics, store.url(key), orig.STATISTICS_DAMAGED_FIX)
+
+
+def _statistics_fix(store: Store, folder: str) -> Fix:
+    ours = f"{REBUILD}, {REMERGE}"
+    return partial(_fix_of, orig.holds_original_files, store, folder, orig.STATISTICS_DAMAGED_FIX, ours)
+
+
+def _fix_of(is_original: Callable[[Store, str], bool], store: Store, key: str, original: str, ours: str) -> str:
+    """The repair of a bad record under `key`: the original Activault's vault's, or ours."""
+    try:
+        return original if is_original(store, key) else ours
+    except ActivaultError:  # the folder cannot be listed: the record's own problem is what to report
+        return ours
 
 
 def header_metadata(run_name: str, hook: str, machine: int, index: int, model: str) -> dict[str, str]:

@@ -12,20 +12,22 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-from activault.errors import FormatError, NotFoundError
+from activault.errors import ConfigError, FormatError, NotFoundError
 from activault.storage import Store, locate
 from activault.storage.base import join
-from activault.vault.megabatch import SUFFIX, Header, fetch_header, megabatch_files
+from activault.vault.megabatch import SUFFIX, Header, decode, fetch_header, megabatch_files
 from activault.vault.records import (
     REBUILD,
     HookMetadata,
     ProgressRecord,
     RunRecord,
+    StatsRecord,
     cfg_key,
     file_name,
     hook_metadata,
     metadata_key,
     parse_progress_name,
+    progress_key,
     read_metadata,
     read_progress,
     read_run,
@@ -89,6 +91,11 @@ def rebuild_metadata(
             have, why = read_metadata(store, folder), "missing"
         except FormatError as e:
             have, why = None, f"damaged ({str(e).split('; ')[0]})"
+        if have is not None and have.original is not None:
+            raise ConfigError(
+                f"{store.url(folder)} holds files of the original Activault (its metadata.json): activault "
+                "reads such a vault but never writes into it; choose a new run_name"
+            )
         if have is not None and not files_done:
             continue  # nothing stored here to contradict it without listing the folder
         header = _sample_header(store, folder, machine, files_done)
@@ -170,7 +177,7 @@ def merge_statistics(store: Store, run: str, hooks: list[str], num_runs: int) ->
                 totals[h] = totals[h].merge(s) if h in totals else RunningStats(s.d).merge(s)
             machines.append(rec.machine)
         for h, total in totals.items():
-            if total.count > 0:
+            if total.count + total.nonfinite_tokens > 0:
                 record = statistics_record(total, machines, num_runs)
                 write_record(store, statistics_key(join(run, h)), record)
         if next(_finished(store, run, num_runs, seen), None) is None:
@@ -199,6 +206,54 @@ def locate_run(run_uri: str) -> StoredRun:
 
 
 def merge_run_statistics(run_uri: str) -> list[int]:
-    """Rewrite every hook's statistics.json of a stored run from its finished machines' records."""
+    """Rewrite every hook's statistics.json of a stored run from its finished machines' records,
+    recounting first the statistics that counted tokens with NaN or Inf in (`recount_nonfinite`)."""
     found = locate_run(run_uri)
+    recount_nonfinite(found.store, found.run, found.record.hooks, found.record.num_runs)
     return merge_statistics(found.store, found.run, found.record.hooks, found.record.num_runs)
+
+
+def recount_nonfinite(store: Store, run: str, hooks: list[str], num_runs: int) -> list[int]:
+    """Recompute from its files each finished machine's statistics that are not finite (version 1
+    records counted tokens with NaN or Inf in) and rewrite its progress record; returns those machines.
+
+    The machine has finished, so nothing else writes its record; its files are read whole, once.
+    """
+    redone = []
+    for rec in _finished(store, run, num_runs, set()):
+        stale = [h for h in hooks if h in rec.stats and not rec.stats[h].running().finite]
+        if not stale:
+            continue
+        stats = dict(rec.stats)
+        for h in stale:
+            s = _recount(store, run, h, rec)
+            stats[h] = StatsRecord.model_construct(**s.to_dict())
+            log.warning(
+                "machine %d, hook %s: statistics counted %d token(s) with NaN or Inf in; recounted "
+                "from its %d files without them",
+                rec.machine,
+                h,
+                s.nonfinite_tokens,
+                rec.files_done,
+            )
+        write_record(store, progress_key(run, rec.machine), rec.model_copy(update={"stats": stats}))
+        redone.append(rec.machine)
+    return redone
+
+
+def _recount(store: Store, run: str, hook: str, rec: ProgressRecord) -> RunningStats:
+    """Statistics of machine `rec.machine`'s files of `hook`, over the non-padding tokens, as collected."""
+    s = RunningStats(rec.stats[hook].d_model)
+    for k in range(rec.files_done):
+        key = join(run, hook, file_name(rec.machine, k))
+        try:
+            mb = decode(store.get(key), store.url(key))
+        except NotFoundError as e:
+            raise NotFoundError(
+                f"cannot recount machine {rec.machine}'s statistics of {hook}: {e} (a run collected "
+                f"with data_config.skip_cache stores no files); {redo_machine(store.url(run), rec.machine)}"
+            ) from e
+        states = mb.states.reshape(-1, s.d)  # [rows * seq, d]
+        pos = mb.positions
+        s.update(states if pos is None else states[pos.reshape(-1) >= 0])
+    return s
