@@ -687,6 +687,38 @@ def test_filesystem_turning_read_only_is_one_message_then_resume_is_identical(co
     assert {k: v for k, v in got.items() if k not in hidden} == tree_bytes(ref)
 
 
+def test_a_collector_that_lost_its_lock_writes_nothing_over_the_new_holders_run(
+    collected, llama, tmp_path, monkeypatch
+):
+    """Issue 28: while this collector's second record is in flight (it was partitioned past its
+    lease), another collector takes the machine over and finishes it. The late record is refused,
+    the run stops with LockedError, and the other's run stands byte for byte, finished."""
+    _, ref, _ = collected
+    real_put, real_swap, records = LocalStore.put, LocalStore.swap, []
+
+    def landing(key):
+        if key.endswith("progress/machine-00000.json"):
+            records.append(key)
+            if len(records) == 2:  # the other collector's whole run lands first
+                shutil.copytree(ref, tmp_path / "run", dirs_exist_ok=True)
+
+    def put(self, key, data):
+        landing(key)
+        real_put(self, key, data)
+
+    def swap(self, key, data, expect):
+        landing(key)
+        return real_swap(self, key, data, expect)
+
+    monkeypatch.setattr(LocalStore, "put", put)
+    monkeypatch.setattr(LocalStore, "swap", swap)
+    with pytest.raises(LockedError, match=r"run 'run' machine 0 was taken over: .* counts 3 files, finished"):
+        collect(make_cfg(llama, tmp_path), show_progress=False)
+    assert tree_bytes(tmp_path / "run") == tree_bytes(ref)
+    checked = verify_run(LocalStore(tmp_path), "run")
+    assert not checked.problems and not [n for n in checked.notes if "has not finished" in n]
+
+
 def hostile_copy(path: Path, every: int = 9, first: int = 120) -> Path:
     """The demo corpus with a bad line (not UTF-8, not JSON, not an object) after every
     `every`-th of its `first` rows."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from activault import TokenLoader
-from activault.errors import DataError
+from activault.errors import ConfigError, DataError, FormatError
 from activault.integrations.dictionary_learning import VaultBuffer
 from activault.storage import LocalStore
 from support.integrations import sparse_run
@@ -77,3 +77,26 @@ def test_norm_factor_leaves_out_tokens_with_nan_and_refuses_statistics_that_coun
         assert part in msg, msg
     with VaultBuffer(tmp_path / "bad", "h1", out_batch_size=29, drop_nonfinite=True) as raw:  # not normalising
         assert torch.isfinite(next(raw)).all()
+
+
+def test_a_state_of_another_hook_or_a_tampered_one_is_refused(tmp_path: Path) -> None:
+    sparse_run(LocalStore(tmp_path, fsync=False))
+    with VaultBuffer(tmp_path / "sparse", "h_in", out_batch_size=256) as buffer:
+        next(buffer)
+        state = buffer.state_dict()
+        for change, problem in (
+            ({"hook": "h_out"}, "state was saved with hook='h_out', this buffer has 'h_in'"),  # was: accepted
+            ({"loader": None}, "field 'loader' is None"),  # was: a TypeError
+            ({"loader": {**state["loader"], "offset": -3}}, "must be whole numbers >= 0"),
+        ):
+            with pytest.raises(ConfigError) as e:
+                buffer.load_state_dict({**state, **change})
+            assert problem in str(e.value), str(e.value)
+        assert buffer.state_dict() == state
+
+
+def test_a_file_lost_from_its_hook_is_named_not_skipped(tmp_path: Path) -> None:
+    sparse_run(LocalStore(tmp_path, fsync=False))
+    (tmp_path / "sparse/h_in/m00000-000001.safetensors").unlink()  # h_out and the progress record have it
+    with pytest.raises(FormatError, match="m00000-000001.safetensors lacks h_in"):  # was: read without it
+        VaultBuffer(tmp_path / "sparse", "h_in", out_batch_size=256)

@@ -8,11 +8,12 @@ import json
 import math
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-from activault.errors import ConfigError, DataError, NotFoundError
+from activault.errors import ConfigError, DataError, FormatError, NotFoundError
 from activault.integrations.saelens import VaultProvider, scaling_factor, set_scaling_factor
 from activault.storage import LocalStore
 from support.integrations import HOOKS
@@ -64,6 +65,38 @@ def test_provider_resumes_exactly(run: SynthRun, tmp_path: Path, stop_after: int
         for want in stream[stop_after:]:
             got = next(again)
             assert all(torch.equal(got[h], want[h]) for h in HOOKS)
+
+
+@pytest.mark.parametrize(
+    "change,problem",
+    [
+        ({"loader": None}, "field 'loader' is None"),  # was: a TypeError
+        ({"rank": -1}, "field 'rank' is -1"),
+        ({"world_size": 0}, "field 'world_size' is 0"),
+        ({"hooks": ["h2"]}, "hooks=['h2']"),
+        ({"loader": {"epoch": 0}}, "not a TokenLoader state_dict"),
+    ],
+)
+def test_a_tampered_provider_state_is_one_error_naming_the_field(
+    run: SynthRun, tmp_path: Path, change: dict[str, Any], problem: str
+) -> None:
+    with VaultProvider(tmp_path / "run", "h1", batch_tokens=27) as provider:
+        first = next(provider)
+        state = provider.state_dict()
+        with pytest.raises(ConfigError) as e:
+            provider.load_state_dict({**state, **change})
+        assert problem in str(e.value), str(e.value)
+        with pytest.raises(ConfigError, match="not a mapping"):  # was: AttributeError
+            provider.load_state_dict([state])  # type: ignore[arg-type]
+        assert provider.state_dict() == state and not torch.equal(next(provider), first)  # reading goes on
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt/activault_provider.json").write_text("{garbage")
+    with VaultProvider(tmp_path / "run", "h1", batch_tokens=27) as provider:
+        with pytest.raises(FormatError, match="activault_provider.json is not valid JSON"):  # was: JSONDecodeError
+            provider.load_from(tmp_path / "ckpt")
+        (tmp_path / "ckpt/activault_provider.json").write_text(json.dumps({**state, "rank": -1}))
+        with pytest.raises(FormatError, match="activault_provider.json: VaultProvider state: field 'rank'"):
+            provider.load_from(tmp_path / "ckpt")
 
 
 def test_provider_ranks_read_disjoint_files_that_cover_the_run(run: SynthRun, tmp_path: Path) -> None:

@@ -4,12 +4,13 @@ best dense code of the same budget, and its dataset resumes by state or by readi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from activault import TokenLoader
-from activault.errors import ActivaultError
+from activault.errors import ActivaultError, ConfigError
 from activault.integrations.sparsify import replay
 from activault.storage import LocalStore
 from support.integrations import sparse_run
@@ -98,4 +99,34 @@ def test_sparsify_dataset_resumes_by_state_or_by_reading_forward(tmp_path: Path)
     with pytest.raises(ActivaultError, match="already read"):
         forward[3]
     for d in (full, first, again, forward):
+        d.close()
+
+
+@pytest.mark.parametrize(
+    "change,problem",
+    [
+        ({"in_chunk": -3}, "field 'in_chunk' is -3, not a whole number 0..3"),  # was: repeated rows
+        ({"in_chunk": 4}, "field 'in_chunk' is 4, not a whole number 0..3"),  # was: an IndexError later
+        ({"position": -1}, "field 'position' is -1"),
+        ({"in_chunk": 1.0}, "field 'in_chunk' is 1.0"),
+        ({"loader": None}, "field 'loader' is None"),
+        ({"loader": {"epoch": 0}}, "not a TokenLoader state_dict"),
+    ],
+)
+def test_a_tampered_dataset_state_is_one_error_naming_the_field(
+    tmp_path: Path, change: dict[str, Any], problem: str
+) -> None:
+    sparse_run(LocalStore(tmp_path, fsync=False))
+    _, dataset = replay(tmp_path / "sparse", ["h_in"], num_tokens=50 * 32, tokens_per_row=32, rows_per_read=3)
+    for i in range(4):
+        dataset[i]
+    state = dataset.state_dict()
+    with pytest.raises(ConfigError) as e:
+        dataset.load_state_dict({**state, **change})
+    assert problem in str(e.value), str(e.value)
+    assert dataset.state_dict() == state  # refused before anything changed: reading goes on
+    _, fresh = replay(tmp_path / "sparse", ["h_in"], num_tokens=50 * 32, tokens_per_row=32, rows_per_read=3)
+    want = [fresh[i]["input_ids"] for i in range(6)]
+    assert all(torch.equal(dataset[i]["input_ids"], want[i]) for i in (4, 5))
+    for d in (dataset, fresh):
         d.close()

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from obstore.exceptions import PreconditionError
 
 from activault import RCache, TokenLoader
 from activault.errors import ConfigError, FormatError, StorageError
@@ -517,15 +518,15 @@ def test_a_file_truncated_while_mapped_is_named_not_a_crash(
     run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=2, d=512)  # 66 KiB files
     hook = tmp_path / "r/h"
     victim = hook / run.names[1]
-    mapped = LocalStore.map
+    opened = fetch.ObjectReader.open
 
-    def map_then_truncate(self: LocalStore, key: str) -> Any:
-        mapping = mapped(self, key)
-        if key.endswith(victim.name):
+    def map_then_truncate(self: fetch.ObjectReader, buffers: ReadBuffers) -> bool:
+        mapped = opened(self, buffers)
+        if self.key.endswith(victim.name) and victim.stat().st_size > 8192:
             os.truncate(victim, 8192)  # a second writer shortens the file in place once it is mapped
-        return mapping
+        return mapped
 
-    monkeypatch.setattr(LocalStore, "map", map_then_truncate)
+    monkeypatch.setattr(fetch.ObjectReader, "open", map_then_truncate)
     if reader == "rcache":
         cache = iter(RCache(str(hook)))
         assert torch.equal(next(cache), run.files["h"][run.names[0]]["states"])
@@ -578,3 +579,82 @@ def test_mapped_files_are_read_in_place_front_to_back_by_their_loading_thread(
             assert len(calls) > 2  # the body in several ranges: a stop is seen between them
         first = list(dict.fromkeys(order))[:2]  # the first file's two hooks: read alone, before any other
         assert set(order[: len(reads[first[0]]) + len(reads[first[1]])]) == set(first)
+
+
+# ---- files replaced while they are read (recompress: one atomic put per file) ----
+
+
+def replacement(tmp_path: Path, name: str) -> tuple[bytes, torch.Tensor]:
+    """A valid file `name` of another run (other data), compressed: another size. (bytes, states)"""
+    other = LocalStore(tmp_path / "other", fsync=False)
+    run = write_synthetic_run(other, "r", ["h"], files=2, d=64, seed=1)
+    convert_file(other, f"r/h/{name}", codecs.Codec("zstd", chunk_bytes=256))
+    return bytes(other.get(f"r/h/{name}")), run.files["h"][name]["states"]
+
+
+@pytest.mark.parametrize("map_reads", [True, False], ids=["mapped", "read"])
+def test_a_file_replaced_after_it_was_listed_is_read_as_it_is_now(tmp_path: Path, map_reads: bool) -> None:
+    store = LocalStore(tmp_path, fsync=False)
+    run = write_synthetic_run(store, "r", ["h"], files=2, d=64)
+    victim = run.names[1]
+    new, states = replacement(tmp_path, victim)
+    assert len(new) < (tmp_path / "r/h" / victim).stat().st_size
+    cache = RCache(str(tmp_path / "r/h"), store_options={"map_reads": map_reads})  # listed here
+    store.put(f"r/h/{victim}", new)  # a valid file of another size, renamed over the listed one
+    got = list(cache)  # not "truncated file": the listed size is not the file's any more
+    assert torch.equal(got[0], run.files["h"][run.names[0]]["states"]) and torch.equal(got[1], states)
+
+
+def test_a_file_replaced_between_its_header_and_its_body_is_read_whole_as_it_was(
+    tmp_path: Path, small_ranges: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = LocalStore(tmp_path, fsync=False)
+    run = write_synthetic_run(store, "r", ["h"], files=2, d=64)
+    (tmp_path / "r/h/metadata.json").unlink()  # nothing expected: the header is read alone, first
+    victim = run.names[1]
+    new, _ = replacement(tmp_path, victim)
+    body, replaced = fetch.ObjectReader.body, []
+
+    def replace_then_body(self: fetch.ObjectReader, *args: Any) -> Any:
+        if self.key.endswith(victim) and not replaced:
+            replaced.append(store.put(f"r/h/{victim}", new))  # after the header, before any body range
+        return body(self, *args)
+
+    monkeypatch.setattr(fetch.ObjectReader, "body", replace_then_body)
+    got = list(RCache(str(tmp_path / "r/h"), store_options={"map_reads": False}))
+    assert replaced and (tmp_path / "r/h" / victim).read_bytes() == new
+    assert torch.equal(torch.cat(got), run.tensor("h")), "the version whose header was read, whole"
+
+
+@pytest.mark.s3
+def test_an_object_overwritten_between_ranges_is_read_again_whole(
+    moto_url: str, moto_bucket: str, tmp_path: Path, small_ranges: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On S3 the old version is gone: the body's ranges carry If-Match with the header's ETag, the
+    server refuses them (412), and the file is read again from the start, its size asked anew."""
+    store = S3Store(f"s3://{moto_bucket}", env=s3_env(moto_url))
+    run = write_synthetic_run(store, "r", ["h"], files=2, d=64)
+    store.delete("r/h/metadata.json")  # nothing expected: the header is read alone, first
+    victim = run.names[1]
+    new, states = replacement(tmp_path, victim)
+    body, get = fetch.ObjectReader.body, s3mod.obstore.get
+    refused: list[dict[str, Any]] = []
+    replaced: list[None] = []
+
+    def replace_then_body(self: fetch.ObjectReader, *args: Any) -> Any:
+        if self.key.endswith(victim) and not replaced:
+            replaced.append(store.put(f"r/h/{victim}", new))  # after the header, before any body range
+        return body(self, *args)
+
+    def spying(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return get(*args, **kwargs)
+        except PreconditionError:
+            refused.append(kwargs["options"])
+            raise
+
+    monkeypatch.setattr(fetch.ObjectReader, "body", replace_then_body)
+    monkeypatch.setattr(s3mod.obstore, "get", spying)
+    got = list(RCache(S3Store(f"s3://{moto_bucket}/r/h", env=s3_env(moto_url))))
+    assert refused and all("if_match" in options for options in refused)
+    assert torch.equal(got[0], run.files["h"][run.names[0]]["states"]) and torch.equal(got[1], states)

@@ -54,6 +54,30 @@ def test_file_missing_from_a_hook_is_named_or_skipped(
         assert torch.equal(torch.cat([b[h] for b in out]), run.tensor(h, names=kept))
 
 
+def test_a_reader_of_one_hook_checks_its_files_against_the_progress_records(
+    where: tuple[Store, str, dict[str, Any]],
+) -> None:
+    store, root, options = where
+    run = write_synthetic_run(store, "run", ["h1", "h2"], machines=2, files=3)
+    gone = run.names[4]
+    store.delete(f"run/h1/{gone}")  # h2 and machine 1's progress record still have it
+    for make in (
+        lambda **kw: RCache(f"{root}/run", hooks=["h1"], **kw),  # was: read without it, in silence
+        lambda **kw: TokenLoader(f"{root}/run", hooks=["h1"], batch_tokens=8, **kw),
+    ):
+        with pytest.raises(FormatError, match=f"{gone} lacks h1.*skip_bad_files=True"):
+            make(store_options=options)
+    store.delete(f"run/h2/{gone}")  # now lost from every hook: the record still counts it
+    with pytest.raises(FormatError, match=f"{gone} lacks h1, h2"):
+        RCache(f"{root}/run", hooks=["h1", "h2"], store_options=options)
+    with pytest.warns(UserWarning, match=f"skipping 1 file.*{gone} lacks h1"):
+        cache = RCache(f"{root}/run", hooks=["h1"], skip_bad_files=True, store_options=options)
+    kept = [n for n in run.names if n != gone]
+    assert cache.bad_files == 1 and torch.equal(torch.cat([b["h1"] for b in cache]), run.tensor("h1", names=kept))
+    store.put_text("run/progress/machine-00001.json", "{garbage")  # a damaged record tells nothing
+    assert len(RCache(f"{root}/run", hooks=["h1"], store_options=options)) == len(kept)
+
+
 def test_file_being_written_waits_for_sync(where: tuple[Store, str, dict[str, Any]]) -> None:
     store, root, options = where
     run = write_synthetic_run(store, "run", ["h1", "h2"], files=3)

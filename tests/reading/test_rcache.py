@@ -8,6 +8,7 @@ import threading
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -126,6 +127,33 @@ def test_resume_rcache(run: SynthRun, tmp_path: Path) -> None:
     third.finalize()
     # A finished epoch starts the next one, in a new order.
     assert again.epoch == 1 and again.current_file_index == 0
+
+
+@pytest.mark.parametrize(
+    "change,problem",
+    [
+        ({"file_index": -3}, "field 'file_index' is -3, not a whole number 0..6"),  # was: accepted
+        ({"file_index": 7}, "field 'file_index' is 7, not a whole number 0..6"),
+        ({"epoch": -1}, "field 'epoch' is -1, not a whole number >= 0"),  # was: accepted
+        ({"epoch": 1.5}, "field 'epoch' is 1.5"),  # was: int() made it 1
+        ({"epoch": "2"}, "field 'epoch' is '2'"),
+        ({"file_index": True}, "field 'file_index' is True"),
+        ({"epoch": None}, "field 'epoch' is None"),
+    ],
+)
+def test_a_tampered_rcache_state_is_one_error_naming_the_field(
+    run: SynthRun, tmp_path: Path, change: dict[str, Any], problem: str
+) -> None:
+    cache = RCache(tmp_path / "run/h1")
+    state = cache.state_dict()
+    with pytest.raises(ConfigError) as e:
+        cache.load_state_dict({**state, **change})
+    assert str(e.value).startswith("RCache state: ") and problem in str(e.value), str(e.value)
+    for bad, why in (([1], "a list, not a mapping"), ({"epoch": 0}, "no file_index, seed, rank, world_size")):
+        with pytest.raises(ConfigError, match=why):  # was: KeyError, TypeError
+            cache.load_state_dict(bad)  # type: ignore[arg-type]
+    assert cache.state_dict() == state  # nothing changed by a refused state
+    cache.finalize()
 
 
 def test_ddp_shards_are_disjoint_and_cover(run: SynthRun, tmp_path: Path) -> None:

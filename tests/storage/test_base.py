@@ -10,7 +10,7 @@ import pytest
 
 from activault.errors import NotFoundError
 from activault.storage import LocalStore
-from activault.storage.base import Entry, Store, as_parts, join, populate
+from activault.storage.base import Entry, ObjectChanged, Store, as_parts, join, populate
 from support.pagecache import cached_pages
 
 
@@ -88,6 +88,27 @@ def test_default_helpers():
     store.put("bin", b"\xff\xfe")
     with pytest.raises(UnicodeDecodeError):
         store.get_text("bin")
+
+
+def test_the_default_open_calls_a_replaced_object_changed_never_short():
+    """A store that cannot pin a version: a read that ends before the size the object was opened
+    (or listed) with asks the size again, and a different size is ObjectChanged, not a truncation."""
+    store = MemoryStore()
+    store.put("k", b"0123456789")
+    obj = store.open("k")  # no listed size: asked
+    assert (obj.size, obj.version, obj.url) == (10, None, "mem://root/k")
+    assert bytes(obj.read(2, 6)) == b"2345" and store.ranges[-1] == ("k", 2, 6)
+    assert bytes(obj.read(8, 20)) == b"89", "short at its own end: no question"
+    listed = store.open("k", size=10)  # listed: not asked
+    store.put("k", b"01234")  # replaced by a shorter one since it was listed
+    with pytest.raises(ObjectChanged, match="mem://root/k was replaced while it was read"):
+        listed.read(0, 10)
+    store.put("k", b"abcdefghij")  # the same size again: reads go on, nothing to tell
+    assert bytes(listed.read(0, 10)) == b"abcdefghij"
+    with listed as same:
+        assert same is listed and same.map() is None  # this store maps nothing
+    with pytest.raises(NotFoundError, match="mem://root/gone does not exist"):
+        store.open("gone")
 
 
 def test_put_accepts_one_buffer_or_several_without_copying_them():

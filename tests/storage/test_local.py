@@ -215,6 +215,29 @@ def test_a_file_being_replaced_reads_whole_old_until_the_new_one_is_complete(loc
     assert local.get_text("cfg.json") == '{"new": "a longer record"}'
 
 
+def test_an_opened_file_reads_one_version_while_a_new_one_is_renamed_over_it(local):
+    """`open` holds the version it found: its size, reads and mapping stay the old file's after a
+    put (temp name + rename) of a different size, and a new `open` finds the new one."""
+    old, new = os.urandom(10_000), os.urandom(3_000)
+    local.put("run/h/m.safetensors", old)
+    with local.open("run/h/m.safetensors", size=123) as obj:  # a listed size is not needed locally
+        assert obj.size == len(old) and obj.version is not None
+        head = obj.read(0, 100)
+        local.put("run/h/m.safetensors", new)  # replaced between the header and the body
+        assert bytes(head) + bytes(obj.read(100, len(old))) == old
+        out = memoryview(bytearray(len(old) + 10))
+        assert obj.read_into(0, out) == len(old) and bytes(out[: len(old)]) == old  # short at its own end
+        mapping = obj.map()
+        if local.map_reads:
+            assert mapping is not None and bytes(mapping) == old
+        with local.open("run/h/m.safetensors") as now:
+            assert now.size == len(new) and now.version != obj.version and bytes(now.read(0, now.size)) == new
+    with pytest.raises(StorageError):  # closed: its descriptor is gone
+        obj.read(0, 10)
+    with pytest.raises(NotFoundError):
+        local.open("run/h/missing")
+
+
 def test_a_write_failing_midway_leaves_the_old_file_and_no_temp_file(local, monkeypatch):
     local.put("run/h/m.bin", b"complete old bytes")
     real_write = os.write
@@ -448,3 +471,17 @@ def test_concurrent_swaps_have_exactly_one_winner(local):
     for t in threads:
         t.join()
     assert len(created) == 1 and local.get_text("fresh") == str(created[0])
+
+
+def test_swap_creates_on_a_filesystem_without_hard_links(local, monkeypatch):
+    """Some FUSE mounts refuse link(): the record is still created whole, and never over another."""
+
+    def no_links(src: str, dst: str) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    assert local.swap("progress/a.json", b"first", None)
+    assert bytes(local.get("progress/a.json")) == b"first"
+    assert not local.swap("progress/a.json", b"second", None)  # exists: create-if-absent refuses
+    assert bytes(local.get("progress/a.json")) == b"first"
+    assert sorted(p.name for p in (local.root / "progress").iterdir()) == ["a.json"]  # no temp left

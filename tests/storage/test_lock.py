@@ -1,6 +1,7 @@
 """One collector per (run, machine): the local flock and the S3 lease refuse a second holder while
-the first lives, name it, and never let a killed holder block a resume. Store.swap is the
-conditional write the lease is built on."""
+the first lives, name it, and never let a killed holder block a resume; a holder that lost the
+machine (partitioned past its lease) cannot write over the new holder's records. Store.swap is the
+conditional write the lease and the progress record are built on."""
 
 from __future__ import annotations
 
@@ -10,14 +11,22 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Sequence
 
 import pytest
+import torch
 
 from activault.errors import LockedError
 from activault.storage import LocalStore, Store
-from activault.storage.lock import hold, lock_key
+from activault.storage.base import LOCKS, Buffer
+from activault.storage.lock import MachineLock, hold, lock_key
 from activault.storage.s3 import S3Store
+from activault.tools.verify import verify_run
+from activault.vault.records import RunRecord, hook_metadata, progress_key, read_progress
+from activault.vault.stats import RunningStats
+from activault.vault.writer import RunWriter
 from support.synth import create_bucket, s3_env
 
 HOST_ROOT = os.uname().nodename
@@ -169,3 +178,135 @@ def test_swap_is_a_conditional_write(store: Store) -> None:
     assert not store.swap("absent", b"x", b"anything")
     assert store.size("absent") is None
     assert [e.key for e in store.list()] == ["k"], "no temp files or side files listed"
+
+
+class Partition:
+    """One collector's side of a network partition: while cut, its lease renewals and progress
+    records wait until `healed` is set (requests in flight through the cut, landing late); files go
+    through."""
+
+    def __init__(self) -> None:
+        self.cut = False
+        self.healed = threading.Event()
+        self.record_waiting = threading.Event()  # a progress record is in flight through the cut
+
+    def through(self, key: str) -> None:
+        if self.cut and (f"/{LOCKS}/" in key or "/progress/" in key):
+            if "/progress/" in key:
+                self.record_waiting.set()
+            assert self.healed.wait(60)
+
+
+class _Cut:
+    partition: Partition
+
+    def put(self, key: str, data: Buffer | Sequence[Buffer]) -> None:
+        self.partition.through(key)
+        super().put(key, data)  # type: ignore[misc]
+
+    def swap(self, key: str, data: bytes, expect: bytes | None) -> bool:
+        self.partition.through(key)
+        return super().swap(key, data, expect)  # type: ignore[misc]
+
+
+class CutLocal(_Cut, LocalStore):
+    pass
+
+
+class CutS3(_Cut, S3Store):
+    pass
+
+
+HOOKS, ROWS, SEQ, D = ["h1", "h2"], 2, 4, 3
+
+
+def collector(store: Store, claim: MachineLock) -> RunWriter:
+    record = RunRecord(run_name="run", hooks=HOOKS, num_runs=1, tokenizer="t", model={"d_model": D})
+    meta = {
+        h: hook_metadata(
+            run_name="run",
+            hook=h,
+            d_model=D,
+            dtype=torch.float32,
+            seq_length=SEQ,
+            rows_per_file=ROWS,
+            batch_size=ROWS,
+            batches_per_upload=1,
+            model="m",
+        )
+        for h in HOOKS
+    }
+    writer = RunWriter(store, record, meta, claim=claim, threads=2)
+    writer.join()
+    return writer
+
+
+def write_file(writer: RunWriter, stats: dict[str, RunningStats]) -> None:
+    """File `writer.files`, the same bytes from any collector (collection is deterministic)."""
+    k = writer.files
+    g = torch.Generator().manual_seed(k)
+    states = {h: torch.randn(ROWS, SEQ, D, generator=g) for h in HOOKS}
+    for h in HOOKS:
+        stats[h].update(states[h].reshape(-1, D))
+    ids = torch.randint(0, 100, (ROWS, SEQ), generator=g, dtype=torch.int32)
+    pos = torch.arange(SEQ, dtype=torch.int32).expand(ROWS, SEQ).contiguous()
+    writer.write_file(states, ids, pos, tokens=ROWS * SEQ, data_state={"k": k + 1}, stats=stats)
+
+
+def take_over(store: Store) -> MachineLock:
+    """B claims machine 0 while A believes it still holds it."""
+    if isinstance(store, LocalStore):  # an flock holds while its process lives: its lock file removed
+        store.path_of(lock_key("run", 0)).unlink()
+        return hold(store, "run", 0)
+    deadline = time.monotonic() + 60
+    while True:  # A's renewals are cut off: B takes over once A's lease expires
+        try:
+            return hold(store, "run", 0, lease_seconds=30)
+        except LockedError:
+            assert time.monotonic() < deadline, "A's lease was never taken over"
+            time.sleep(0.1)
+
+
+def test_a_holder_partitioned_past_its_lease_cannot_undo_the_run_its_taker_finished(
+    store: Store, request: pytest.FixtureRequest
+) -> None:
+    """Issue 28: A's record in flight when it is cut off from the store lands after B took over and
+    finished. It is refused, naming the machine and B; B's finished record stands; verify agrees."""
+    partition = Partition()
+    if isinstance(store, LocalStore):
+        a_store: Store = CutLocal(store.root, fsync=False)
+    else:
+        a_store = CutS3(store.uri, env=s3_env(request.getfixturevalue("moto_url")))
+    a_store.partition = partition  # type: ignore[attr-defined]
+    a_claim = hold(a_store, "run", 0, lease_seconds=3)  # renewed each 0.75 s until the cut
+    a = collector(a_store, a_claim)
+    a_stats = {h: RunningStats(D) for h in HOOKS}
+    for _ in range(2):
+        write_file(a, a_stats)
+    a.flush()
+    partition.cut = True
+    write_file(a, a_stats)  # file 2 is written; its record waits in the cut
+    assert partition.record_waiting.wait(30)
+
+    with take_over(store) as b_claim:
+        b = collector(store, b_claim)
+        assert b.resumed.files_done == 2
+        b_stats = {h: b.resumed.stats[h].running() for h in HOOKS}
+        for _ in range(2):
+            write_file(b, b_stats)
+        assert b.finish({"k": 4}, b_stats) == [0]
+        finished = bytes(store.get(progress_key("run", 0)))
+        partition.healed.set()
+        with pytest.raises(LockedError) as e:
+            a.flush()
+        msg = str(e.value)
+        assert "run 'run' machine 0 was taken over" in msg and "counts 4 files, finished" in msg
+        assert f"pid {os.getpid()}" in msg and "(this collector)" not in msg, "names B, the holder now"
+        a.abort()
+        a_claim.release()
+        assert bytes(store.get(progress_key("run", 0))) == finished, "B's finished record, byte for byte"
+    rec = read_progress(store, "run", 0)
+    assert rec is not None and rec.finished and rec.files_done == 4
+    checked = verify_run(store, "run")
+    assert not checked.problems, checked.problems
+    assert not [n for n in checked.notes if "has not finished" in n], checked.notes

@@ -28,6 +28,7 @@ from activault.errors import ConfigError, NotFoundError, StorageError
 from activault.reading.rcache import RCache
 from activault.storage import LocalStore, open_store
 from activault.storage import s3 as s3mod
+from activault.storage.base import ObjectChanged
 from activault.storage.s3 import S3Store
 from activault.vault.megabatch import decode
 from support.collecting import make_cfg, tree_bytes
@@ -409,6 +410,35 @@ def test_ranged_reads_arrive_whole_through_connections_lost_mid_answer(moto, mot
         assert proxy.counts["cut"] >= 2 and proxy.counts["requests"] == proxy.counts["forwarded"]
         with pytest.raises(NotFoundError, match="does not exist"):
             s.read_into("none", 0, memoryview(bytearray(8)))
+
+
+def test_an_opened_object_reads_one_version_or_says_it_changed(moto, moto_bucket) -> None:
+    """`open` pins the object's ETag and sends it as If-Match with every read: once the object is
+    overwritten, a read is refused (412: ObjectChanged), never answered with the new bytes at the
+    old offsets. Opened with a listed size (no HEAD), the first answer pins the version, and an
+    object that is no longer the listed size is ObjectChanged, not a short file."""
+    store = S3Store(f"s3://{moto_bucket}", env=moto.env())
+    old, new = os.urandom(10_000), os.urandom(3_000)
+    store.put("k", old)
+    obj = store.open("k")
+    assert obj.size == len(old) and obj.version and obj.url == f"s3://{moto_bucket}/k"
+    assert bytes(obj.read(0, 100)) == old[:100]
+    store.put("k", new)  # overwritten between two ranged reads
+    with pytest.raises(ObjectChanged, match=f"s3://{moto_bucket}/k was replaced while it was read .*412"):
+        obj.read(100, 200)
+    now = store.open("k")
+    assert now.size == len(new) and now.version != obj.version and bytes(now.read(0, now.size)) == new
+    stale = store.open("k", size=len(old))  # a listing from before the overwrite
+    with pytest.raises(ObjectChanged, match=f"it had {len(old)} bytes.*now {len(new)} bytes"):
+        stale.read(0, 10)
+    listed = store.open("k", size=len(new))
+    assert listed.version is None  # not asked: the first answer tells
+    assert bytes(listed.read(0, 10)) == new[:10] and listed.version == now.version
+    store.put("k", old)
+    with pytest.raises(ObjectChanged, match="412"):
+        listed.read(10, 20)
+    with pytest.raises(NotFoundError):
+        store.open("none")
 
 
 DENIED = b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"

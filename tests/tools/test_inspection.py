@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,7 +17,9 @@ import yaml
 
 from activault.storage import LocalStore, Store
 from activault.tools.inspection import inspect_file, sample_norms, stats_figure
+from activault.tools.recompress import convert_file
 from activault.tools.tiny import demo_texts
+from activault.vault import codec as codecs
 from activault.vault import megabatch as fmt
 from activault.vault.records import file_name, read_statistics
 from support.collecting import run_cli
@@ -47,6 +50,29 @@ def retokenize(store: Store, run: SynthRun, tokenizer_dir: Path) -> list[list[in
     store.put_text(f"{run.run}/cfg.json", json.dumps(cfg))
     first = run.files[run.hooks[0]][run.names[0]]
     return [r[p >= 0].tolist() for r, p in zip(first["input_ids"], first["positions"], strict=True)]
+
+
+def compress_and_edit(store: Store, key: str, **change: object) -> bytes:
+    """Store `key` zstd-compressed, then change fields of its `states` codec description (as a hostile
+    or careless edit of the JSON header would, the length prefix rewritten); the edited bytes."""
+    convert_file(store, key, codecs.Codec("zstd", chunk_bytes=256))
+    data = bytes(store.get(key))
+    (n,) = struct.unpack_from("<Q", data)
+    raw = json.loads(data[8 : 8 + n])
+    described = json.loads(raw["__metadata__"][fmt.CODECS_KEY])
+    described["states"].update(change)
+    raw["__metadata__"][fmt.CODECS_KEY] = json.dumps(described)
+    head = json.dumps(raw).encode()
+    head += b" " * (-len(head) % 8)
+    edited = struct.pack("<Q", len(head)) + head + data[8 + n :]
+    store.put(key, edited)
+    return edited
+
+
+def with_hook_dims(store: Store, run: str, dims: dict[str, int]) -> None:
+    """Give a synthetic run's cfg.json the hook widths collect records."""
+    cfg = json.loads(store.get_text(f"{run}/cfg.json"))
+    store.put_text(f"{run}/cfg.json", json.dumps({**cfg, "hook_dims": dims}))
 
 
 @pytest.fixture(autouse=True)
@@ -255,3 +281,28 @@ def test_ls_inspect_and_stats_on_an_original_activault_vault(tmp_path: Path, cap
     rc, out, _ = run_cli(["stats", str(store.root / "run" / HOOKS[0]), "--plot", str(out_png)], capsys)
     assert rc == 0 and "NOT EXACT, written by the original Activault" in out and "count       unknown" in out
     assert "machine 0's tokens only" in out and out_png.read_bytes()[:8] == PNG_SIGNATURE
+
+
+# ---- hostile headers ----
+
+
+def test_inspect_refuses_a_codec_shape_beyond_the_file_before_allocating(vault, capsys) -> None:
+    store, run = vault
+    key = f"run/{HOOKS[0]}/{run.names[0]}"
+    compress_and_edit(store, key, shape=[4, 16, 2**33])  # 128 TiB, said by ~1 KiB
+    rc, out, err = run_cli(["inspect", str(store.root / key)], capsys)
+    assert rc == 2 and "Traceback" not in out + err
+    assert f"{store.root / key} 'states': the header says chunk 0" in err and "more than zstd can produce" in err
+
+
+def test_inspect_refuses_an_edited_dtype_and_shape_naming_the_file(vault, capsys) -> None:
+    """bf16 [4, 16, 8] read as f32 [4, 16, 4]: the same bytes, a valid header, garbage numbers."""
+    store, run = vault
+    key = f"run/{HOOKS[0]}/{run.names[0]}"
+    compress_and_edit(store, key, dtype="F32", shape=[4, 16, 4])
+    rc, out, err = run_cli(["inspect", str(store.root / key)], capsys)
+    assert rc == 2 and "Checksums: verified" not in out
+    assert f"{store.root / key}: the bytes of tensor 'states' do not match their checksum" in err
+    with_hook_dims(store, "run", dict.fromkeys(HOOKS, 8))  # with the run's record: refused before decoding
+    rc, out, err = run_cli(["inspect", str(store.root / key)], capsys)
+    assert rc == 2 and f"{store.root / key}: its header says states are [4, 16, 4] float32, cfg.json's" in err

@@ -7,8 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
+from test_inspection import compress_and_edit
 
-from activault.errors import ConfigError
+from activault.errors import ConfigError, FormatError
 from activault.storage import LocalStore
 from activault.tools.recompress import recompress_run
 from activault.tools.verify import verify_run
@@ -56,3 +57,21 @@ def test_recompress_refuses_a_run_still_collecting(run: SynthRun, local: LocalSt
     path.write_text(json.dumps({**json.loads(path.read_text()), "finished": False}))
     with pytest.raises(ConfigError, match=r"machines \[1\] .* have not finished"):
         recompress_run(local, "run", ZSTD_SMALL)
+
+
+def test_recompress_refuses_an_edited_codec_description(run: SynthRun, local: LocalStore) -> None:
+    key = f"run/h1/{run.names[0]}"
+    edited = compress_and_edit(local, key, dtype="F16")  # bf16 bits read as f16: a valid header
+    with pytest.raises(FormatError, match=f"{run.names[0]}: the bytes of tensor 'states' do not match"):
+        recompress_run(local, "run", None, threads=1)
+    assert bytes(local.get(key)) == edited  # never rewritten with fresh checksums
+
+
+def test_recompress_rewrites_a_version_2_file_under_the_current_rule(run: SynthRun, local: LocalStore) -> None:
+    key = f"run/h1/{run.names[0]}"
+    mb = fmt.decode(local.get(key), key)
+    local.put(key, fmt.encode(mb.tensors, {**mb.metadata, "format_version": "2"}, compression=ZSTD_SMALL))
+    assert fmt.fetch_header(local, key).version == 2
+    recompress_run(local, "run", codecs.Codec("zstd"))
+    header = fmt.fetch_header(local, key)
+    assert header.version == fmt.FORMAT_VERSION and verify_run(local, "run", deep=True).problems == []

@@ -9,14 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_inspection import HOOKS
+from test_inspection import HOOKS, compress_and_edit, with_hook_dims
 
-from activault.storage import LocalStore
+from activault.storage import LocalStore, Store
+from activault.storage.s3 import S3Store
+from activault.tools.recompress import convert_file
 from activault.tools.verify import verify_run
+from activault.vault import codec as codecs
 from activault.vault import megabatch as fmt
 from activault.vault.records import REBUILD, header_metadata
 from support.collecting import run_cli
-from support.synth import SynthRun, write_synthetic_run
+from support.synth import SynthRun, s3_env, write_synthetic_run
 
 
 @pytest.fixture
@@ -240,3 +243,67 @@ def test_verify_an_original_activault_vault(tmp_path: Path, capsys) -> None:
     assert f"{HOOKS[1]}: 1 file(s) missing that other hooks have: {old.names[0]}; restore it" in out
     assert f"{HOOKS[1]}/{old.names[1]}: token ids differ from {HOOKS[0]}/{old.names[1]}" in out
     assert f"{HOOKS[0]}/metadata.json: field 'batch_size' is missing" in out and "original Activault" in out
+
+
+# ---- hostile headers: the file is the broken part ----
+
+
+def test_an_edited_codec_description_names_the_files_never_metadata(vault, capsys) -> None:
+    """Every file of a hook edited from bf16 [4, 16, 8] to f32 [4, 16, 4] (the same bytes)."""
+    store, run = vault
+    for name in run.names:
+        compress_and_edit(store, f"run/{HOOKS[0]}/{name}", dtype="F32", shape=[4, 16, 4])
+    # --deep: each file fails its checksum, and none speaks for metadata.json.
+    problems = problems_of(store, deep=True)
+    assert len(problems) == len(run.names) and not any("metadata.json" in p for p in problems), problems
+    for name, p in zip(sorted(run.names), problems, strict=True):
+        assert p.startswith(f"{HOOKS[0]}/{name}: the bytes of tensor 'states' do not match")
+        assert redo(int(name[1:6])) in p
+    # With cfg.json's hook_dims, the headers alone are enough, and nothing is decoded from them.
+    with_hook_dims(store, "run", dict.fromkeys(HOOKS, 8))
+    for deep in (False, True):
+        problems = problems_of(store, deep=deep)
+        assert len(problems) == len(run.names) and not any(REBUILD in p for p in problems), problems
+        for name, p in zip(sorted(run.names), problems, strict=True):
+            assert p.startswith(f"{HOOKS[0]}/{name}: its header says states are [4, 16, 4] float32, cfg.json's")
+            assert "not the run's records" in p and redo(int(name[1:6])) in p
+    rc, out, _ = run_cli(["verify", str(store.root / "run")], capsys)
+    assert rc == 1 and "metadata.json" not in out
+
+
+def test_deep_verify_refuses_a_codec_shape_beyond_the_file_naming_it(vault) -> None:
+    store, run = vault
+    compress_and_edit(store, f"run/{HOOKS[1]}/{run.names[3]}", shape=[4, 16, 2**33])
+    for deep in (False, True):
+        (problem,) = problems_of(store, deep=deep)
+        assert problem.startswith(f"{HOOKS[1]}/{run.names[3]}: the header says chunk 0")
+        assert "more than zstd can produce" in problem and redo(1) in problem
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("moto", marks=pytest.mark.s3)])
+def test_a_file_recompressed_while_verify_reads_it_is_checked_whole(
+    where: str, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """recompress replaces a file (new offsets) between verify's header read and its ids read: the
+    ids come from the version whose header was read (local: the file held open), or the file is
+    read again (S3: If-Match refused), never from the other; so no "ids differ", no repair."""
+    if where == "local":
+        store: Store = LocalStore(tmp_path / "vault", fsync=False)
+    else:
+        moto_url, bucket = request.getfixturevalue("moto_url"), request.getfixturevalue("moto_bucket")
+        store = S3Store(f"s3://{bucket}", env=s3_env(moto_url))
+    run = write_synthetic_run(store, "run", HOOKS, machines=2, files=2)
+    victim = f"run/{HOOKS[1]}/{run.names[2]}"
+    byte_range, sizes = fmt.Header.byte_range, []
+
+    def recompress_then_range(self: fmt.Header, name: str) -> tuple[int, int]:
+        if self.url == store.url(victim) and not sizes:
+            sizes.append(None)  # once: convert_file decodes the file too
+            sizes.append(convert_file(store, victim, codecs.Codec("zstd", chunk_bytes=256)))
+        return byte_range(self, name)
+
+    monkeypatch.setattr(fmt.Header, "byte_range", recompress_then_range)
+    v = verify_run(store, "run")
+    assert sizes[1][1] != sizes[1][0]  # replaced by a file of another size (and layout) after its header was read
+    assert v.problems == [], v.problems
+    assert verify_run(store, "run", deep=True).problems == []

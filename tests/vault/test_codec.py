@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import subprocess
 import sys
 import threading
@@ -134,6 +135,35 @@ def test_corrupt_chunk_is_an_error_naming_file_and_chunk(run: SynthRun, local: L
     # and the checksum finds the flipped byte even before the chunk is decoded
     with pytest.raises(FormatError, match="checksum"):
         fmt.decode(bad, key, verify_checksums=True)
+
+
+def test_a_codec_shape_beyond_the_file_is_named_by_readers(run: SynthRun, local: LocalStore, tmp_path: Path) -> None:
+    """d = 2^33 in the codec description (128 TiB from ~1 KiB), metadata.json gone: one FormatError
+    naming the file and the chunk, before anything is allocated."""
+    key = f"run/h1/{run.names[0]}"  # the first file: the one a reader sizes its buffers from
+    convert_file(local, key, ZSTD_SMALL)
+    raw, body = split_file(bytes(local.get(key)))
+    described = json.loads(raw["__metadata__"][fmt.CODECS_KEY])
+    described["states"]["shape"][-1] = 2**33
+    raw["__metadata__"][fmt.CODECS_KEY] = json.dumps(described)
+    head = json.dumps(raw).encode()
+    local.put(key, struct.pack("<Q", len(head)) + head + body)
+    local.delete("run/h1/metadata.json")
+    want = f"{tmp_path / key} 'states': the header says chunk 0 .* more than zstd can produce"
+    with pytest.raises(FormatError, match=want), RCache(tmp_path / "run" / "h1", buffer_size=1) as cache:
+        list(cache)
+    with pytest.raises(FormatError, match=want):
+        fmt.fetch_header(local, key)
+    with (
+        pytest.raises(FormatError, match=want),
+        TokenLoader(tmp_path / "run", hooks=["h1", "h2"], batch_tokens=16) as tl,
+    ):
+        list(tl)
+
+
+def split_file(data: bytes) -> tuple[dict, bytes]:
+    (n,) = struct.unpack_from("<Q", data)
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
 
 
 def read_all(uri: Path, **kw) -> dict[str, torch.Tensor]:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -262,6 +263,92 @@ def test_files_without_checksums_still_read():
     mb = decode(v1, NAME, verify_checksums=True)
     assert mb.header.checksums == {} and check_checksums(mb.header, v1) is False
     assert equal(mb.tensors, megabatch())
+
+
+ZSTD_SMALL = codecs.Codec("zstd", chunk_bytes=256)  # `compressed()`: 8 chunks of 8 tokens (float32)
+
+
+def compressed(version: str = str(FORMAT_VERSION), dtype: torch.dtype = torch.float32) -> bytes:
+    """A zstd file of states [4, 16, 8] labelled with format `version`."""
+    meta = {"format": "activault", "format_version": version}
+    return b"".join(encode(megabatch(dtype, rows=4, seq=16, d=8), meta, compression=ZSTD_SMALL))
+
+
+def edit_codec(b: bytes, **change) -> bytes:
+    """The file `b` with fields of its `states` codec description changed."""
+    raw, body = split(b)
+    described = json.loads(raw["__metadata__"]["codecs"])
+    described["states"].update(change)
+    raw["__metadata__"]["codecs"] = json.dumps(described)
+    return with_header(raw, body)
+
+
+@pytest.mark.parametrize(
+    "dtype,change",
+    [
+        (torch.float32, {"dtype": "F64", "shape": [4, 16, 4]}),  # the same bytes as 4 doubles a token
+        (torch.float32, {"dtype": "F16", "shape": [4, 16, 16]}),
+        (torch.bfloat16, {"dtype": "F16"}),  # the same bits as another 2-byte float
+        (torch.float32, {"dtype": "F16"}),  # half the bytes: the frames would say so, but later
+        (torch.float32, {"level": 9}),
+        (torch.float32, {"chunk_tokens": 16, "chunks": None}),  # the same frames, two by two
+    ],
+)
+def test_an_edited_codec_description_fails_the_checksum_like_a_flipped_bit(dtype, change):
+    b = compressed(dtype=dtype)
+    if "chunks" in change:
+        c = json.loads(split(b)[0]["__metadata__"]["codecs"])["states"]["chunks"]
+        change = {**change, "chunks": [x + y for x, y in zip(c[::2], c[1::2], strict=True)]}
+    bad = edit_codec(b, **change)
+    parse_header(bad, NAME)  # a valid header: only the checksum can tell
+    with pytest.raises(FormatError, match=f"{NAME}: the bytes of tensor 'states' do not match their checksum"):
+        decode(bad, NAME, verify_checksums=True)
+    relabelled = split(bad)
+    relabelled[0]["__metadata__"]["format_version"] = "2"  # the old rule does not switch the check off
+    with pytest.raises(FormatError, match="tensor 'states' do not match"):
+        decode(with_header(*relabelled), NAME, verify_checksums=True)
+
+
+def test_version_2_files_keep_their_rule_and_still_read():
+    b = compressed(version="2")
+    header = parse_header(b, NAME)
+    start, end = header.byte_range("states")
+    # Version 2 hashed a compressed tensor as the uint8 blob it is stored as.
+    want = xxhash.xxh3_64(f"states|U8|{end - start}|".encode() + b[start:end]).hexdigest()
+    assert header.checksums["states"] == want
+    assert equal(decode(b, NAME, verify_checksums=True).tensors, megabatch(torch.float32, rows=4, seq=16, d=8))
+
+
+@pytest.mark.parametrize(
+    "version,checksums,compress,message",
+    [
+        ("1", False, True, "labelled format version 1, .* yet it holds compressed tensors"),
+        ("1", True, False, "labelled format version 1, .* yet it holds checksums"),
+        ("0", False, False, "format_version '0'"),
+    ],
+)
+def test_a_version_1_label_on_newer_fields_is_refused(version, checksums, compress, message):
+    meta = {"format": "activault", "format_version": version}
+    b = b"".join(encode(megabatch(), meta, checksums=checksums, compression=ZSTD_SMALL if compress else None))
+    with pytest.raises(FormatError, match=f"{NAME}: corrupted header .{message}"):
+        parse_header(b, NAME)
+
+
+def test_a_codec_shape_beyond_the_stored_bytes_is_refused_before_anything_is_allocated():
+    def alloc(shape, dtype):
+        raise AssertionError(f"allocated {shape} {dtype}")
+
+    huge = edit_codec(compressed(), shape=[4, 16, 2**33])  # 128 TiB from ~1 KiB
+    with pytest.raises(FormatError, match=f"{NAME} 'states': the header says chunk 0 .* more than zstd can produce"):
+        parse_header(huge, NAME)
+    # Within zstd's ratio, the frames' declared sizes refuse it before the decoded tensor is allocated.
+    wide = edit_codec(compressed(), shape=[4, 16, 32])
+    want = f"{NAME} 'states': chunk 0 holds a frame of 256 bytes, the header describes 1024"
+    with pytest.raises(FormatError, match=want):
+        decode(wide, NAME, alloc=alloc)
+    for bad in ({"shape": [4, 16, 8.0]}, {"shape": [4, True, 8]}, {"version": "1"}, {"chunk_tokens": 0}):
+        with pytest.raises(FormatError, match=f"{NAME} 'states': corrupted codec description"):
+            parse_header(edit_codec(compressed(), **bad), NAME)
 
 
 def test_checksums_cannot_be_stripped_from_a_version_2_file():

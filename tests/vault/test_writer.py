@@ -1,5 +1,6 @@
 """Writing a run: the background writer (bounded memory, errors surfaced, commits after the data
-they count) and the run writer (the commit protocol, one cfg.json, equal bytes, refused garbage)."""
+they count) and the run writer (the commit protocol, one cfg.json, equal bytes, refused garbage,
+no record written over another writer's)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from activault.errors import ConfigError, FormatError, StorageError
+from activault.errors import ConfigError, FormatError, LockedError, StorageError
 from activault.storage import LocalStore
 from activault.vault import codec as codecs
 from activault.vault.megabatch import encode
@@ -41,6 +42,13 @@ class SlowStore(LocalStore):
         super().put(key, data)
         with self.lock:
             self.order.append(key)
+
+    def swap(self, key, data, expect):
+        wrote = super().swap(key, data, expect)  # a replace goes through put, a create does not
+        if wrote and expect is None:
+            with self.lock:
+                self.order.append(key)
+        return wrote
 
 
 def test_pool_bounds_memory_and_blocks_producer(tmp_path):
@@ -244,6 +252,51 @@ def test_a_failed_file_is_never_counted(tmp_path):
     rec = read_progress(store, "run", 0)
     assert rec.files_done == 2 and not rec.finished  # file 2 of h1 may exist: nothing counts it
     assert not (tmp_path / "run" / bad).exists() and read_statistics(store, "run/h1") is None
+
+
+def test_a_writer_that_lost_the_machine_writes_no_record_over_the_new_holders(tmp_path):
+    """A and B both believe they hold machine 0 (A was partitioned past its lease): once B has
+    finished, neither A's pending record nor its finished record nor its statistics land."""
+    store = LocalStore(tmp_path, fsync=False)
+    record, metadata = run_specs()
+    a, a_stats = RunWriter(store, record, metadata), {h: RunningStats(D) for h in HOOKS}
+    a.join()
+    write_files(a, range(2), a_stats)
+    a.flush()
+    late = RunWriter(store, record, metadata)  # opened with A's record, its next one still pending
+    late_stats = {h: late.resumed.stats[h].running() for h in HOOKS}
+
+    b = RunWriter(store, record, metadata)
+    b_stats = {h: b.resumed.stats[h].running() for h in HOOKS}
+    write_files(b, range(2, 4), b_stats)
+    b.finish({"k": 4}, b_stats)
+    before = tree(tmp_path)
+
+    with pytest.raises(LockedError, match=r"machine 0 was taken over: .* counts 4 files, finished"):
+        a.finish({"k": 2}, a_stats)
+    write_files(late, [2], late_stats)
+    with pytest.raises(LockedError, match="nothing counts the files it wrote since"):
+        late.flush()
+    late.abort()
+    assert tree(tmp_path) == before, "B's records, statistics and files, byte for byte"
+    assert read_progress(store, "run", 0).finished
+
+
+def test_a_record_written_but_reported_failed_counts_once(tmp_path):
+    """A conditional put that landed but whose reply was lost (S3 retries it, and the retry is
+    refused) is the writer's own record: taken as written, not as a takeover."""
+
+    class LostReply(LocalStore):
+        def swap(self, key, data, expect):
+            return super().swap(key, data, expect) and False
+
+    record, metadata = run_specs()
+    writer = RunWriter(LostReply(tmp_path, fsync=False), record, metadata)
+    writer.join()
+    stats = {h: RunningStats(D) for h in HOOKS}
+    write_files(writer, range(2), stats)
+    assert writer.finish({"k": 2}, stats) == [0]
+    assert read_progress(LocalStore(tmp_path), "run", 0).files_done == 2
 
 
 def test_runs_written_twice_or_resumed_are_the_same_bytes(tmp_path):

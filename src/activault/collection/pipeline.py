@@ -139,6 +139,7 @@ class _Job:
             threads=uc.write_threads,
             store_files=not dc.skip_cache,
             measured=MeasuredRatio(plan, log),
+            claim=self.claim,  # each record checks it; a lost machine's record is refused
         )
 
     def _join(self, writer: RunWriter) -> None:

@@ -28,7 +28,8 @@ from typing import Any
 
 import torch
 
-from activault.integrations.shared import ReadOptions, Source, loader_options, run_statistics, whole
+from activault.errors import ConfigError
+from activault.integrations.shared import ReadOptions, Source, check_state, loader_options, run_statistics, whole
 
 
 class VaultBuffer(Iterator[torch.Tensor]):
@@ -108,10 +109,16 @@ class VaultBuffer(Iterator[torch.Tensor]):
         return {"loader": self.loader.state_dict(), "hook": self.hook}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume where `state` was saved; a field that does not fit is a ConfigError naming it."""
+        state = check_state(state, "VaultBuffer", {})
+        if state.get("hook") != self.hook:
+            raise ConfigError(f"state was saved with hook={state.get('hook')!r}, this buffer has {self.hook!r}")
+        if not isinstance(state.get("loader"), dict):
+            raise ConfigError(f"VaultBuffer state: field 'loader' is {state.get('loader')!r}, not a loader state_dict")
+        self.loader.load_state_dict(state["loader"])  # checked there before anything changes
         if self._it is not None:
             self._it.close()  # type: ignore[attr-defined]
             self._it = None
-        self.loader.load_state_dict(state["loader"])
 
     def close(self) -> None:
         if self._it is not None:

@@ -25,8 +25,8 @@ from typing import Any
 
 import torch
 
-from activault.errors import ConfigError, NotFoundError
-from activault.integrations.shared import ReadOptions, Source, loader_options, run_statistics
+from activault.errors import ConfigError, FormatError, NotFoundError
+from activault.integrations.shared import ReadOptions, Source, check_state, loader_options, run_statistics
 
 Hooks = str | Sequence[str] | Mapping[str, tuple[str, str]]
 STATE_FILE = "activault_provider.json"  # in a SAELens checkpoint folder
@@ -132,6 +132,12 @@ class VaultProvider(Iterator[Any]):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume where `state` was saved; a field that does not fit is a ConfigError naming it."""
+        state = check_state(state, "VaultProvider", {"rank": (0, None), "world_size": (1, None)})
+        if not isinstance(state.get("loader"), dict):
+            raise ConfigError(
+                f"VaultProvider state: field 'loader' is {state.get('loader')!r}, not a loader state_dict"
+            )
         for key, mine in (
             ("hooks", self.read),
             ("rank", self.rank),
@@ -139,8 +145,8 @@ class VaultProvider(Iterator[Any]):
         ):
             if state.get(key) != mine:
                 raise ConfigError(f"state was saved with {key}={state.get(key)!r}, this provider has {mine!r}")
+        self.loader.load_state_dict(state["loader"])  # checked there before anything changes
         self._close_stream()
-        self.loader.load_state_dict(state["loader"])
         self.batches = 0
 
     def save_to(self, checkpoint_path: str | Path | None) -> None:
@@ -157,7 +163,14 @@ class VaultProvider(Iterator[Any]):
         path = Path(checkpoint_path) / STATE_FILE
         if not path.is_file():
             raise NotFoundError(f"{path} does not exist: was the trainer given save_checkpoint_fn=provider.save_to?")
-        self.load_state_dict(json.loads(path.read_text()))
+        try:
+            state = json.loads(path.read_bytes())
+        except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError
+            raise FormatError(f"{path} is not valid JSON ({str(e)[:80]}): save the checkpoint again") from None
+        try:
+            self.load_state_dict(state)
+        except ConfigError as e:
+            raise FormatError(f"{path}: {e}") from None
 
     def _close_stream(self) -> None:
         if self._it is not None:

@@ -12,14 +12,17 @@ from typing import Any
 
 from activault.errors import ConfigError, NotFoundError
 from activault.reading.options import ReadOptions, keywords, read_options, whole
+from activault.reading.rcache import check_state
 from activault.reading.stream import Source
 from activault.storage import Store, open_store
 from activault.vault.records import (
     HookMetadata,
     ImportSource,
+    ProgressRecord,
     RunRecord,
     hook_metadata,
     progress_key,
+    read_progress,
     read_run,
     read_statistics,
     statistics_key,
@@ -30,16 +33,19 @@ from activault.vault.writer import RunWriter
 __all__ = [
     "HookMetadata",
     "ImportSource",
+    "ProgressRecord",
     "ReadOptions",
     "RunRecord",
     "RunWriter",
     "RunningStats",
     "Store",
+    "check_state",
     "dist_rank",
     "hook_metadata",
     "loader_options",
     "open_store",
     "progress_key",
+    "read_progress",
     "read_run",
     "run_statistics",
     "whole",

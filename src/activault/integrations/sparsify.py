@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from activault.errors import ActivaultError, ConfigError
-from activault.integrations.shared import ReadOptions, Source, loader_options, whole
+from activault.integrations.shared import ReadOptions, Source, check_state, loader_options, whole
 
 Row = tuple[torch.Tensor, dict[str, torch.Tensor]]  # ids [seq], {hook: states [seq, d]}
 
@@ -178,12 +178,19 @@ class VaultTokens(Dataset):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume where `state` (from `state_dict()` of a dataset of the same replay() options) was
+        saved; a field out of its bounds is a ConfigError naming it, and nothing changes."""
+        per_chunk = self.loader.batch_tokens // self.tokens_per_row  # rows of a loader batch
+        bounds = {"in_chunk": (0, per_chunk), "position": (0, None), "tokens_per_row": (1, None)}
+        state = check_state(state, "VaultTokens", bounds)
         if state["tokens_per_row"] != self.tokens_per_row:
             raise ConfigError(
                 f"state was saved with tokens_per_row={state['tokens_per_row']}, not {self.tokens_per_row}"
             )
+        if "loader" not in state or not isinstance(state["loader"], dict):
+            raise ConfigError(f"VaultTokens state: field 'loader' is {state.get('loader')!r}, not a loader state_dict")
+        self.loader.load_state_dict(state["loader"])  # checked there before this dataset changes
         self._batches.close()
-        self.loader.load_state_dict(state["loader"])
         self._batches = iter(self.loader)
         self._chunk, self._chunk_state = None, dict(state["loader"])
         self._in_chunk = self._skip = int(state["in_chunk"])

@@ -1,6 +1,9 @@
 """How a megabatch file's bytes are read: header first, then parallel ranges into a recycled buffer,
 or, for a file the store maps (local files), read in place: one copy fewer from the page cache.
 
+Header and body come from one version of the file (`Store.open`): a file replaced meanwhile
+(recompress) is read old or new, never mixed; where the old one is gone (S3), the read starts again.
+
 Transient storage failures are retried by the store itself (S3Store: visibly, within the budget
 of its `retry_timeout` / `max_retries` options, then one error naming the endpoint).
 """
@@ -24,7 +27,7 @@ import torch
 from activault.errors import FormatError, NotFoundError, StorageError
 from activault.reading.order import range_priority
 from activault.storage import Store
-from activault.storage.base import populate
+from activault.storage.base import REREADS, ObjectChanged, ObjectHandle, populate
 from activault.vault import megabatch as fmt
 
 # At most 16 MiB per ranged read: one connection to AWS moves ~90 MB/s, so 8 in flight fill a
@@ -187,7 +190,9 @@ def _work(jobs: queue.PriorityQueue[Job]) -> None:
 
 
 class ObjectReader:
-    """Reads one stored object for a FileStream: `head()` (checked by the caller), then `body()`."""
+    """Reads one stored object for a FileStream: `head()` (checked by the caller), then `body()`,
+    both from the version `open()` found. A body that raises ObjectChanged (S3: the version is
+    gone) is read again from the start by the caller, with a new reader."""
 
     def __init__(
         self,
@@ -199,30 +204,30 @@ class ObjectReader:
         range_size: int | None = None,
         expect: int | None = None,
     ):
-        self.store, self.key, self.size = store, key, size
+        self.store, self.key, self.size = store, key, size  # the listed size, until opened
         self.url = store.url(key)
-        self.stop, self.step = stop, range_step(size, range_size)
+        self.stop, self.range_size, self.step = stop, range_size, range_step(size, range_size)
         self.expect = expect  # tensor bytes of a full file of this hook (None: unknown)
         self._whole: torch.Tensor | None = None  # the file, when requested whole with its header
         self._rest: list[Future[Any]] = []  # its other ranges, when requested with the header
         self._map: mmap.mmap | None = None  # the file, when the store maps it
-        self._opened = False
+        self._obj: ObjectHandle | None = None  # the version read, once opened
+        self._listed: int | None = size  # trusted until the store says otherwise
 
-    def read(self, start: int, out: memoryview) -> None:
-        """Fill `out` with bytes [start, start + len(out)); a short read means a truncated file."""
+    def read(self, start: int, out: memoryview, obj: ObjectHandle | None = None) -> None:
+        """Fill `out` with bytes [start, start + len(out)) of the version opened (`obj`: the one
+        this range was requested from); a short read means a truncated file."""
         if self.stop.is_set():
             raise Stopped
+        obj = obj or self._obj
+        assert obj is not None, "open() first"
         want = out.nbytes
         try:
-            got = self.store.read_into(self.key, start, out)
+            got = obj.read_into(start, out)
         except NotFoundError:
             raise NotFoundError(f"{self.url} does not exist (it was listed: deleted since?)") from None
-        if got < want:
-            raise FormatError(
-                f"{self.url}: truncated file (ends at byte {start + got}, listed with "
-                f"{self.size}); "
-                "delete it and collect again"
-            )
+        if got < want:  # the version opened ends early: a short file, not a replaced one
+            raise self._truncated(start + got)
 
     def head(
         self,
@@ -234,19 +239,35 @@ class ObjectReader:
         """The first bytes and the validated header (None: a legacy file).
 
         The header is checked (`megabatch.parse_header`, every reader's one validator) against
-        the listed size before the file's bytes are used. A file the store maps (`Store.map`:
-        local files, unless pinned buffers are wanted for CUDA) is read in place; else a file
-        that fits one request is read whole by it, into a recycled buffer; else a file no bigger
-        than `expect` allows is requested whole (its other ranges go to `ranges` with `priority`);
-        else only its header is read first, and no tensor byte is requested before it is valid.
+        the size of the version opened (not the listing's) before the file's bytes are used. A
+        file the store maps (`Store.map`: local files, unless pinned buffers are wanted for CUDA)
+        is read in place; else a file that fits one request is read whole by it, into a recycled
+        buffer; else a file no bigger than `expect` allows is requested whole (its other ranges
+        go to `ranges` with `priority`); else only its header is read first, and no tensor byte
+        is requested before it is valid.
         `started()` is called once the requests made before the header is checked are queued.
+        A file replaced before its header is read (it is not the listed size, or a new version
+        came between the header's reads) is opened again, up to REREADS times.
         """
-        try:
-            self.open(buffers)
-            return self._head(buffers, ranges, priority, started)
-        except BaseException:
-            self.abandon()
-            raise
+        pending = [started]
+
+        def once() -> None:  # the caller counts this file's first requests once, not per attempt
+            while pending:
+                pending.pop()()
+
+        for attempt in range(1, REREADS + 1):
+            try:
+                self.open(buffers)
+                return self._head(buffers, ranges, priority, once)
+            except ObjectChanged:
+                self.abandon()
+                if attempt == REREADS:
+                    raise self._changed() from None
+                self._obj, self._listed = None, None  # its size as the store has it now
+            except BaseException:
+                self.abandon()
+                raise
+        raise AssertionError("unreachable")
 
     def open(self, buffers: ReadBuffers) -> bool:
         """Map the file where the store can, reading none of it; True if it is mapped: its head and
@@ -256,12 +277,18 @@ class ObjectReader:
         workers: from the page cache they cost more in thread hops than the reads themselves, and
         from disk the kernel's read-ahead serves one sequential reader best (docs/benchmarks.md).
         """
-        if not self._opened:
-            self._opened = True
+        if self._obj is None:
+            try:
+                self._obj = obj = self.store.open(self.key, self._listed)
+            except NotFoundError:
+                raise NotFoundError(f"{self.url} does not exist (it was listed: deleted since?)") from None
+            self.size, self.step = obj.size, range_step(obj.size, self.range_size)
             if self.size == 0:
                 raise FormatError(f"{self.url}: empty file (0 bytes); delete it and collect again")
             if not buffers.pin:  # pinned buffers copy to the GPU asynchronously: read into those
-                self._map = self._mapped()
+                self._map = obj.map()
+                if self._map is not None:
+                    obj.close()  # the mapping holds the version now
         return self._map is not None
 
     def _head(
@@ -279,7 +306,7 @@ class ObjectReader:
                 head = view[: self.step]
                 if ranges is not None:
                     self._rest = [
-                        ranges.submit(range_priority(priority, s), self.read, s, view[s : s + self.step])
+                        ranges.submit(range_priority(priority, s), self.read, s, view[s : s + self.step], self._obj)
                         for s in range(self.step, self.size, self.step)
                     ]
             else:
@@ -305,19 +332,17 @@ class ObjectReader:
         return head, fmt.parse_header(head, self.url, self.size)
 
     def abandon(self) -> None:
-        """Cancel the ranges requested with the header (the file was refused, or its read failed)."""
+        """Cancel the ranges requested (the file was refused, or its read failed). The version
+        is let go of once the ranges already running are done with it."""
         for fut in self._rest:
             fut.cancel()
-        self._rest, self._whole = [], None
+        self._rest, self._whole, self._map = [], None, None
 
-    def _mapped(self) -> mmap.mmap | None:
-        try:
-            mapping = self.store.map(self.key)
-        except NotFoundError:
-            raise NotFoundError(f"{self.url} does not exist (it was listed: deleted since?)") from None
-        if mapping is not None and len(mapping) < self.size:
-            raise self._truncated(len(mapping))
-        return mapping
+    def _changed(self) -> ObjectChanged:
+        return ObjectChanged(
+            f"{self.url} was replaced {REREADS} times while it was read: something keeps rewriting it; "
+            "read it again once that is done"
+        )
 
     def _view(self, start: int, end: int) -> memoryview:
         """Bytes [start, end) of the mapped file, read in now (`populate`: an error, never SIGBUS)."""
@@ -336,9 +361,10 @@ class ObjectReader:
             raise StorageError(f"cannot read {self.url}: {e.strerror or e}") from e
 
     def _truncated(self, ends_at: int | None) -> FormatError:
+        """The version opened is shorter than it said: truncated in place (activault never does)."""
         where = "ends early" if ends_at is None else f"ends at byte {ends_at}"
         return FormatError(
-            f"{self.url}: truncated file ({where}, listed with {self.size}); delete it and collect again"
+            f"{self.url}: truncated file ({where}, {self.size} bytes when opened); delete it and collect again"
         )
 
     def body(
@@ -350,8 +376,8 @@ class ObjectReader:
         never starved by a later one. A mapped file is read by the call itself, in place.
         """
         if self._whole is not None:  # head() read it all, or requested it all
-            whole, rest, self._whole, self._rest = self._whole, self._rest, None, []
-            return _waiter(rest, lambda: whole)
+            whole, self._whole = self._whole, None
+            return _waiter(self._rest, lambda: whole, self._done)
         step = self.step
         if self._map is not None:  # mapped: read in place by the waiting thread, in order (see open)
             mapping, self._map = self._map, None
@@ -360,21 +386,31 @@ class ObjectReader:
             def in_place() -> torch.Tensor:
                 for s in range(head.nbytes, size, step):
                     self._populate(mapping, s, min(s + step, size))
+                self._done()
                 return torch.frombuffer(mapping, dtype=torch.uint8, count=size)
 
             return in_place
         buf = buffers.bytes(self.size)
         view = buf.numpy().data.cast("B")
         view[: head.nbytes] = head
-        futures = [
-            ranges.submit(range_priority(priority, s), self.read, s, view[s : s + step])
+        self._rest = [
+            ranges.submit(range_priority(priority, s), self.read, s, view[s : s + step], self._obj)
             for s in range(head.nbytes, self.size, step)
         ]
-        return _waiter(futures, lambda: buf)
+        return _waiter(self._rest, lambda: buf, self._done)
+
+    def _done(self) -> None:
+        """Every byte is read: let go of the version (a local file's descriptor)."""
+        self._rest = []
+        if self._obj is not None:
+            self._obj.close()
 
 
-def _waiter(futures: list[Future[Any]], result: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-    """A call that waits for every range (cancelling the rest on the first error), then gives the bytes."""
+def _waiter(
+    futures: list[Future[Any]], result: Callable[[], torch.Tensor], done: Callable[[], None]
+) -> Callable[[], torch.Tensor]:
+    """A call that waits for every range (cancelling the rest on the first error), then calls
+    `done` and gives the bytes."""
 
     def wait() -> torch.Tensor:
         try:
@@ -383,6 +419,7 @@ def _waiter(futures: list[Future[Any]], result: Callable[[], torch.Tensor]) -> C
         finally:
             for fut in futures:
                 fut.cancel()
+        done()
         return result()
 
     return wait

@@ -63,6 +63,8 @@ class Catalog:
     A file must be in every hook: one missing from some hooks is an error naming it and them
     (with `skip_bad_files`, it is skipped, counted in `incomplete` and warned about), unless its
     machine's progress record says it is still being written (then a later `sync()` adds it).
+    Read from a run folder (`hooks`), a file its machine's progress record counts is expected in
+    every hook too, so a reader of one hook does not skip a lost file in silence.
     Objects that are not megabatches (other names, empty objects) are skipped and listed in
     `foreign`, with a warning.
 
@@ -114,8 +116,11 @@ class Catalog:
         new: list[FileRef] = []
         for si, prefix in enumerate(self.prefixes):
             per_hook = [self._list(prefix, folder) for folder in prefix.folders]
+            listed = set.union(*(set(p) for p in per_hook))
+            progress = self._progress(prefix) if listed else {}  # none listed: the NotFoundError says so
+            counted = {records.file_name(m, k) for m, rec in progress.items() if rec for k in range(rec.files_done)}
             complete = set.intersection(*(set(p) for p in per_hook))
-            self._partial(si, prefix, per_hook, set.union(*(set(p) for p in per_hook)) - complete)
+            self._partial(si, prefix, per_hook, (listed | counted) - complete, progress)
             for name in sorted(complete):
                 if (si, name) not in self._seen:
                     self._seen.add((si, name))
@@ -151,12 +156,20 @@ class Catalog:
             )
         return files
 
-    def _partial(self, si: int, prefix: Prefix, per_hook: list[dict[str, int]], names: set[str]) -> None:
-        """Files in some hooks only: being written (wait), else an error, or skipped and counted."""
+    def _partial(
+        self,
+        si: int,
+        prefix: Prefix,
+        per_hook: list[dict[str, int]],
+        names: set[str],
+        progress: dict[int, records.ProgressRecord | None],
+    ) -> None:
+        """Files some hooks lack (that other hooks or the progress records have): being written
+        (wait), else an error, or skipped and counted. One hook is checked against the records."""
         hooks = self.hooks or [""]
         missing = {}
         for name in sorted(names):
-            if (si, name) in self._seen or self._in_flight(prefix, name):
+            if (si, name) in self._seen or _in_flight(name, progress):
                 continue
             self._seen.add((si, name))  # decided once: skipped, or the error below
             missing[name] = [h for h, p in zip(hooks, per_hook, strict=True) if name not in p]
@@ -166,8 +179,8 @@ class Catalog:
         more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
         if not self.skip_bad_files:
             raise FormatError(
-                f"{len(missing)} file(s) under {prefix.store.uri} are not in every hook: "
-                f"{lines}{more}. "
+                f"{len(missing)} file(s) under {prefix.store.uri} are not in every hook (other hooks or "
+                f"the progress records have them): {lines}{more}. "
                 "Their tokens would be missing from the other hooks: restore them, or pass "
                 "skip_bad_files=True to skip them"
             )
@@ -175,18 +188,24 @@ class Catalog:
             self.incomplete[prefix.store.url(name)] = lacking
         warnings.warn(f"skipping {len(missing)} file(s) not in every hook: {lines}{more}", stacklevel=4)
 
-    def _in_flight(self, prefix: Prefix, name: str) -> bool:
-        """Whether its machine is still writing the file (its progress record does not count it)."""
-        parsed = records.parse_file_name(name)
-        if parsed is None or not self.hooks:
-            return False
-        machine, index = parsed
-        # The prefix is the run folder: its progress records sit beside the hook folders.
-        try:
-            rec = records.read_progress(prefix.store, "", machine)
-        except FormatError:
-            return False
-        return rec is not None and not rec.finished and rec.files_done <= index
+    def _progress(self, prefix: Prefix) -> dict[int, records.ProgressRecord | None]:
+        """Machine -> its progress record (None: damaged, so it tells nothing), when the prefix is a
+        run folder (`hooks` given): the records sit beside the hook folders."""
+        if not self.hooks:
+            return {}
+        entries = prefix.store.list_dir(records.progress_key("", 0).rpartition("/")[0])[1]
+        machines = [m for e in entries if (m := records.parse_progress_name(e.key)) is not None]
+
+        def read(machine: int) -> records.ProgressRecord | None:
+            try:
+                return records.read_progress(prefix.store, "", machine)
+            except FormatError:
+                return None
+
+        if len(machines) <= 1:
+            return {m: read(m) for m in machines}
+        with ThreadPoolExecutor(min(len(machines), 16), thread_name_prefix="activault-records") as pool:
+            return dict(zip(machines, pool.map(read, machines), strict=True))
 
     def tensor_bytes(self, si: int, h: int) -> int | None:
         """The tensor bytes of a full file of source `si`, hook `h` (None without metadata): from
@@ -238,6 +257,15 @@ class Catalog:
                 raise ConfigError(f"cannot read these prefixes together, their activations differ: {lines}")
             shapes.append(known[0][1] if known else None)
         return shapes
+
+
+def _in_flight(name: str, progress: dict[int, records.ProgressRecord | None]) -> bool:
+    """Whether its machine is still writing the file (its progress record does not count it)."""
+    parsed = records.parse_file_name(name)
+    if parsed is None:
+        return False
+    rec = progress.get(parsed[0])
+    return rec is not None and not rec.finished and rec.files_done <= parsed[1]
 
 
 def _meta_shape(meta: records.HookMetadata) -> StatesShape:

@@ -9,8 +9,9 @@ repeats nor skips data.
 
 from __future__ import annotations
 
+import numbers
 import os
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,27 @@ def check_whole(options: ReadOptions) -> None:
             "False for megabatches (RCache yields them whole: mask tokens with "
             "torch.isfinite(states).all(-1)); TokenLoader, or batch_tokens=, drops them from token batches",
         )
+
+
+def check_state(state: Any, owner: str, bounds: Mapping[str, tuple[int, int | None]]) -> dict[str, Any]:
+    """`state` (a saved `state_dict()`), once each field in `bounds` is a whole number in [lo, hi]
+    (hi None: no upper bound); else one ConfigError naming the field. Numpy integers pass (a state
+    kept in an array); bools, floats and strings do not."""
+    if not isinstance(state, Mapping):
+        raise ConfigError(f"not a {owner} state_dict: a {type(state).__name__}, not a mapping of fields")
+    missing = [k for k in bounds if k not in state]
+    if missing:
+        raise ConfigError(f"not a {owner} state_dict: no {', '.join(missing)}")
+    for key, (lo, hi) in bounds.items():
+        v = state[key]
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, numbers.Integral)
+            or not lo <= int(v) <= (hi if hi is not None else int(v))
+        ):
+            span = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+            raise ConfigError(f"{owner} state: field {key!r} is {v!r}, not a whole number {span}")
+    return dict(state)
 
 
 class RCache(Reader):
@@ -141,6 +163,10 @@ class RCache(Reader):
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume where `state` (from `state_dict()` of a reader with the same seed, rank and
+        world_size) was saved; a field out of its bounds is a ConfigError naming it."""
+        bounds = {"epoch": (0, None), "file_index": (0, len(self)), "seed": (-(2**63), None)}
+        state = check_state(state, "RCache", {**bounds, "rank": (0, None), "world_size": (1, None)})
         for k in ("seed", "rank", "world_size"):
             if state[k] != getattr(self, k):
                 raise ConfigError(f"state was saved with {k}={state[k]}, this reader has {k}={getattr(self, k)}")

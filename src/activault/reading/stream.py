@@ -37,6 +37,7 @@ from activault.reading.order import (
     request_priority,
 )
 from activault.storage import Store
+from activault.storage.base import REREADS, ObjectChanged
 from activault.vault import megabatch as fmt
 
 # What a reader reads from: a local folder or URI (`s3://bucket/run/hook`), or a Store.
@@ -171,13 +172,21 @@ class FileStream:
         queued: threading.Event,
         alone: bool = False,
     ) -> LoadedFile:
-        readers = self._readers(f, stop)
-        heads = self._heads(readers, seq, ranges, queued, alone)
-        bodies = [
-            r.body(head, self.buffers, ranges, request_priority(BODY, seq, h))
-            for h, (r, (head, _)) in enumerate(zip(readers, heads, strict=True))
-        ]
-        item = self._decode(f, readers, [header for _, header in heads], bodies)
+        for attempt in range(1, REREADS + 1):
+            readers = self._readers(f, stop)
+            try:
+                heads = self._heads(readers, seq, ranges, queued, alone)
+                bodies = [
+                    r.body(head, self.buffers, ranges, request_priority(BODY, seq, h))
+                    for h, (r, (head, _)) in enumerate(zip(readers, heads, strict=True))
+                ]
+                item = self._decode(f, readers, [header for _, header in heads], bodies)
+                break
+            except ObjectChanged:  # a file replaced between its header and its body (S3): read it again
+                for r in readers:
+                    r.abandon()
+                if attempt == REREADS:
+                    raise
         return self.transform(f, epoch, item) if self.transform is not None else item
 
     def _readers(self, f: FileRef, stop: threading.Event) -> list[ObjectReader]:

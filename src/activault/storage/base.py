@@ -2,6 +2,8 @@
 
 Backends: `LocalStore` (storage/local.py, the default) and `S3Store` (storage/s3.py); a URI picks
 one (storage/uri.py). `put` is atomic in both: a reader sees the whole object or none of it.
+A reader that reads an object in several requests opens it (`Store.open`): every read of the
+`ObjectHandle` sees one version of it, or raises ObjectChanged, never a mix of two.
 """
 
 from __future__ import annotations
@@ -15,10 +17,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from activault.errors import NotFoundError, StorageError
+
 Buffer = bytes | bytearray | memoryview
 # The store's own bookkeeping in a run (collector locks): never listed, like local dot-files.
 LOCKS = ".locks"
 EntryKind = Literal["file", "link", "special", "badkey"]
+# Attempts at reading one whole version of an object that writers keep replacing (recompress
+# rewrites each file once, so a second attempt reads the new version).
+REREADS = 3
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,77 @@ class Entry:
     key: str
     size: int
     kind: EntryKind = "file"
+
+
+class ObjectChanged(StorageError):
+    """The version being read was replaced (or is not the size it was listed with): read it again,
+    from the start, through a new `Store.open`."""
+
+
+class ObjectHandle(ABC):
+    """One version of one object: `size` and every read are that version's, whatever is written
+    to the key meanwhile; a read raises ObjectChanged where that version is gone. Close it after
+    the last read (`with`)."""
+
+    def __init__(self, url: str, size: int, version: str | None):
+        self.url = url
+        self.size = size
+        self.version = version  # the store's name for this version (local: inode, S3: ETag); None: unknown
+        self.closed = False
+
+    @abstractmethod
+    def read_into(self, offset: int, out: memoryview) -> int:
+        """Fill `out` with this version's bytes from `offset`; return how many (short at its end)."""
+
+    def read(self, start: int, end: int) -> memoryview:
+        """Bytes [start, end) of this version (short at its end)."""
+        view = memoryview(bytearray(max(0, end - start)))
+        return view[: self.read_into(start, view)] if view.nbytes else view
+
+    def map(self) -> mmap.mmap | None:
+        """This version mapped copy-on-write (as `Store.map`), or None where the store cannot."""
+        return None
+
+    def close(self) -> None:
+        """Let go of the version (a local file's descriptor: reads after it fail)."""
+        self.closed = True
+
+    def __enter__(self) -> ObjectHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _KeyHandle(ObjectHandle):
+    """A store that cannot pin a version: each read asks for the key, and a read that ends before
+    the size it was opened with asks the size again: ObjectChanged if it differs, so a file
+    replaced since it was listed is never called truncated."""
+
+    def __init__(self, store: Store, key: str, size: int):
+        super().__init__(store.url(key), size, None)
+        self.store, self.key = store, key
+
+    def read_into(self, offset: int, out: memoryview) -> int:
+        n = self.store.read_into(self.key, offset, out)
+        if n < out.nbytes and offset + n < self.size:
+            self._recheck()
+        return n
+
+    def map(self) -> mmap.mmap | None:
+        mapping = self.store.map(self.key)
+        if mapping is not None and len(mapping) != self.size:  # the key's file now is another
+            now = len(mapping)
+            mapping.close()
+            raise self._changed(now)
+        return mapping
+
+    def _recheck(self) -> None:
+        if (now := self.store.size(self.key)) != self.size:
+            raise self._changed(now)
+
+    def _changed(self, now: int | None) -> ObjectChanged:
+        return ObjectChanged(f"{self.url} was replaced while it was read (it had {self.size} bytes, now {now})")
 
 
 def as_parts(data: Buffer | Sequence[Buffer]) -> list[memoryview]:
@@ -61,6 +139,21 @@ class Store(ABC):
         data = self.get_range(key, offset, offset + out.nbytes)
         out[: data.nbytes] = data
         return data.nbytes
+
+    def open(self, key: str, size: int | None = None) -> ObjectHandle:
+        """One version of the object to read in several requests; NotFoundError if it is missing.
+
+        Args:
+            size: its size from a listing, which a store may use instead of asking (it then
+                raises ObjectChanged at the first read if the object is no longer that size).
+
+        This default pins no version (a store that can overrides it): it checks sizes only.
+        """
+        if size is None:
+            size = self.size(key)
+            if size is None:
+                raise NotFoundError(f"{self.url(key)} does not exist")
+        return _KeyHandle(self, key, size)
 
     def map(self, key: str) -> mmap.mmap | None:
         """The whole object mapped into memory copy-on-write (writes to it never reach the store),

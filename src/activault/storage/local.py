@@ -12,6 +12,7 @@ checked again once open. The root itself may be a link: it is the user's choice 
 from __future__ import annotations
 
 import builtins
+import errno
 import fcntl
 import functools
 import mmap
@@ -19,11 +20,12 @@ import os
 import stat
 import sys
 import uuid
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from activault.errors import ConfigError, NotFoundError, StorageError, shown
-from activault.storage.base import Buffer, Entry, EntryKind, Store, as_parts, join, populate
+from activault.storage.base import Buffer, Entry, EntryKind, ObjectHandle, Store, as_parts, join, populate
 
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
 
@@ -187,7 +189,16 @@ class LocalStore(Store):
         tmp = _temp_name(path)
         try:
             self._write(tmp, data)
-            os.link(tmp, path)
+            try:
+                os.link(tmp, path)
+            except OSError as e:
+                if e.errno not in _NO_LINKS:
+                    raise
+                # A filesystem without hard links (some FUSE mounts): check, then rename. Not atomic
+                # against a second creator, but the local collector holds the machine's flock.
+                if os.path.lexists(path):
+                    return False
+                os.rename(tmp, path)
             return True
         except FileExistsError:
             return False
@@ -230,12 +241,14 @@ class LocalStore(Store):
 
     def read_into(self, key: str, offset: int, out: memoryview) -> int:
         self._check_range(key, offset, offset + out.nbytes)
-        # Straight into the caller's buffer (os.preadv releases the GIL): no intermediate copy.
+        with self.open(key) as obj:
+            return obj.read_into(offset, out)
+
+    def open(self, key: str, size: int | None = None) -> ObjectHandle:
+        """The file as it is now, held open: a file renamed over it later (every write) leaves
+        the open one whole, so every read sees one version. `size` is not needed (fstat)."""
         path, fd = self._open(key)
-        try:
-            return self._read(path, fd, offset, out)
-        finally:
-            os.close(fd)
+        return _LocalFile(self, key, path, fd)
 
     @staticmethod
     def _read(path: Path, fd: int, offset: int, out: memoryview) -> int:
@@ -260,14 +273,8 @@ class LocalStore(Store):
         """
         if not self.map_reads:
             return None
-        path, fd = self._open(key)
-        try:
-            size = os.fstat(fd).st_size
-            return mmap.mmap(fd, size, access=mmap.ACCESS_COPY) if size else None
-        except OSError:  # ENODEV and the like: this filesystem does not map; read it instead
-            return None
-        finally:
-            os.close(fd)
+        with self.open(key) as obj:
+            return obj.map()
 
     def size(self, key: str) -> int | None:
         path, st = self._lstat(key)
@@ -372,6 +379,41 @@ class LocalStore(Store):
         return len(stale)
 
 
+class _LocalFile(ObjectHandle):
+    """One version of a local file: its descriptor, held until closed (or collected)."""
+
+    def __init__(self, store: LocalStore, key: str, path: Path, fd: int):
+        st = os.fstat(fd)
+        super().__init__(store.url(key), st.st_size, f"{st.st_dev}:{st.st_ino}:{st.st_mtime_ns}")
+        self.store, self.key, self.path, self.fd = store, key, path, fd
+        # A reader abandoned mid-file (an error elsewhere) may still have reads in flight: the
+        # descriptor is closed when the last of them lets go of this handle, or by close().
+        self._closer = weakref.finalize(self, os.close, fd)
+
+    def read_into(self, offset: int, out: memoryview) -> int:
+        self.store._check_range(self.key, offset, offset + out.nbytes)
+        # Straight into the caller's buffer (os.preadv releases the GIL): no intermediate copy.
+        return LocalStore._read(self.path, self._fd(), offset, out)
+
+    def map(self) -> mmap.mmap | None:
+        """None for an empty file, a filesystem that cannot map, or `map_reads=False`."""
+        if not self.store.map_reads or not self.size:
+            return None
+        try:  # the mapping keeps the file (a descriptor of its own): close this handle at will
+            return mmap.mmap(self._fd(), self.size, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError):  # ENODEV and the like (this filesystem does not map), or
+            return None  # truncated in place since it was opened: read it instead (and find it short)
+
+    def close(self) -> None:
+        super().close()
+        self._closer()
+
+    def _fd(self) -> int:
+        if not self._closer.alive:  # its number may be another file's by now
+            raise StorageError(f"{self.url} was read after it was closed")
+        return self.fd
+
+
 @functools.cache
 def _can_populate() -> bool:
     """Whether this kernel populates mappings (Linux >= 5.14); elsewhere files are read, not mapped."""
@@ -413,6 +455,10 @@ def _key_problem(key: str, parts: list[str], root: Path, write: bool) -> str | N
     if total + extra >= PATH_MAX:
         return f"its path is {total} bytes, and a path holds fewer than {PATH_MAX}: use shorter names or fewer folders"
     return None
+
+
+# What link() says on a filesystem that has no hard links.
+_NO_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV}
 
 
 def _temp_name(path: Path) -> Path:

@@ -9,10 +9,12 @@ taken over once its holder has not renewed it for `lease_seconds`, or at once wh
 process of this machine that no longer exists (If-Match on the version read, so of two collectors
 taking over, one wins). Expiry compares the holder's clock with the taker's: machines are assumed
 to agree to within a small part of `lease_seconds` (NTP does). The holder stops before its own
-lease could have expired (`check`, called before each file); a write already in flight when a
-stalled holder (a paused VM) wakes may still land after a takeover. It writes the same bytes under
-the same name as the taker (collection is deterministic), and the taker rewrites the progress
-record after its next file.
+lease could have expired (`check`, called before each file and each record). A write already in
+flight when a stalled or partitioned holder wakes may still land after a takeover: a file then
+holds the same bytes under the same name as the taker's (collection is deterministic), and the
+progress record, the one object that counts files, is written only over the bytes its writer last
+saw there (`Store.swap`, vault/writer.py), so a holder that lost the claim counts nothing and
+never writes over the taker's record.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ class MachineLock:
 
     def check(self) -> None:
         """Raise LockedError if another collector may now hold the claim."""
+
+    def current_holder(self) -> str:
+        """Who holds the claim now, read from the store, as messages name them."""
+        return "another collector"
 
     def release(self) -> None: ...
 
@@ -116,6 +122,12 @@ def _describe(holder: dict[str, Any] | None) -> str:
     return f"host {host}, pid {pid}, running since {since}"
 
 
+def _named(holder: dict[str, Any] | None, token: str) -> str:
+    """A holder's description, saying when it is the claim asking."""
+    mine = holder is not None and holder.get("token") == token
+    return _describe(holder) + (" (this collector)" if mine else "")
+
+
 def _parse(raw: bytes) -> dict[str, Any] | None:
     try:
         obj = json.loads(raw)
@@ -132,7 +144,9 @@ class FileLock(MachineLock):
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.fd = self._lock()
-            info = json.dumps(_holder()).encode()
+            holder = _holder()
+            self.token = holder["token"]
+            info = json.dumps(holder).encode()
             os.ftruncate(self.fd, 0)
             os.pwrite(self.fd, info, 0)
         except OSError as e:
@@ -158,6 +172,16 @@ class FileLock(MachineLock):
             except FileNotFoundError:
                 pass
             os.close(fd)  # the previous holder removed the file as we opened it: lock the new one
+
+    def current_holder(self) -> str:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError:
+            return f"no collector (the lock file {self.path} is gone)"
+        try:
+            return _named(_parse(os.pread(fd, 4096, 0)), self.token)
+        finally:
+            os.close(fd)
 
     def release(self) -> None:
         if self.fd < 0:
@@ -253,6 +277,15 @@ class Lease(MachineLock):
                 f"{self.seconds:g}s, so another collector may have taken over; this one stopped. "
                 "Run the same command again to resume"
             )
+
+    def current_holder(self) -> str:
+        try:
+            current = bytes(self.store.get(self.key))
+        except NotFoundError:
+            return "no collector (the lease was released)"
+        except StorageError as e:
+            return f"a collector not known now (the lease cannot be read: {e})"
+        return _named(_parse(current), self.holder["token"])
 
     def release(self) -> None:
         if self._stop.is_set():

@@ -9,6 +9,10 @@ many attempts failed once that has lasted a few seconds, and ends with one messa
 endpoint and the last error. tests/storage/test_s3.py proves both through a fault-injecting proxy. A
 multipart upload that fails is aborted by object_store (DELETE ?uploadId) before it comes back.
 
+An opened object (`S3Store.open`) is read from one version: every ranged GET carries If-Match with
+the ETag of the first answer (or of a HEAD), so an overwrite in between is a 412 (ObjectChanged,
+never retried), not new bytes at old offsets.
+
 Keys that object_store cannot name (`..`, `.` or empty segments; activault never writes them) are
 listed and deleted through plain signed requests (storage/s3keys.py) as "badkey" entries.
 Secrets never leave the client: messages name the endpoint, bucket and key only.
@@ -33,7 +37,7 @@ from obstore.exceptions import NotFoundError as _ObNotFound
 from obstore.store import S3Store as _ObS3Store
 
 from activault.errors import ConfigError, NotFoundError, StorageError
-from activault.storage.base import LOCKS, Buffer, Entry, Store, as_parts, join
+from activault.storage.base import LOCKS, Buffer, Entry, ObjectChanged, ObjectHandle, Store, as_parts, join
 from activault.storage.s3keys import RawS3, RawS3Error, bad_key
 from activault.storage.uri import parse_uri
 
@@ -146,6 +150,8 @@ def _first_line(e: BaseException) -> str:
 def _transient(e: BaseException) -> bool:
     """Whether a request that failed may succeed if sent again: 5xx, 408, 429, or no answer."""
     if isinstance(e, (_ObNotFound, FileNotFoundError, InvalidPathError, ValueError, TypeError)):
+        return False
+    if isinstance(e, (PreconditionError, ObjectChanged)):  # 412 or another ETag: a new version, for good
         return False
     text = str(e)
     status = e.status if isinstance(e, RawS3Error) and e.status else None
@@ -301,6 +307,10 @@ class S3Store(Store):
         where = self.url(key)
         if isinstance(e, (_ObNotFound, FileNotFoundError)):
             return NotFoundError(f"{where} does not exist")
+        if isinstance(e, ObjectChanged):
+            return e
+        if isinstance(e, PreconditionError):
+            return ObjectChanged(f"{where} was replaced while it was read (412 Precondition Failed on If-Match)")
         return StorageError(f"cannot {action} {where} at {self.where}: {_first_line(e)}; {_fix(e)}, then {again}")
 
     def _call(self, action: str, key: str, fn: Callable[[], T], again: str = "try again") -> T:
@@ -453,11 +463,21 @@ class S3Store(Store):
 
     def read_into(self, key: str, offset: int, out: memoryview) -> int:
         """Stream the range into `out` in READ_CHUNK pieces (a retry starts the range again)."""
+        return self._read_into(key, offset, out, None)
+
+    def _read_into(self, key: str, offset: int, out: memoryview, version: _S3Object | None) -> int:
+        """`read_into`; with `version`, only from that version (If-Match; its answer confirmed
+        before any byte is kept)."""
         if not out.nbytes:
             return 0
 
         def fetch() -> int:
-            got = obstore.get(self._store, key, options={"range": (offset, offset + out.nbytes)})
+            options: dict[str, Any] = {"range": (offset, offset + out.nbytes)}
+            if version is not None and version.version is not None:
+                options["if_match"] = version.version
+            got = obstore.get(self._store, key, options=options)  # type: ignore[arg-type]
+            if version is not None:
+                version.confirm(got.meta)
             n = 0
             for chunk in got.stream(min_chunk_size=READ_CHUNK):
                 view = memoryview(chunk)[: out.nbytes - n]  # never past `out`, whatever the server sends
@@ -468,6 +488,15 @@ class S3Store(Store):
             return n
 
         return self._call("download", key, fetch)
+
+    def open(self, key: str, size: int | None = None) -> ObjectHandle:
+        """The object's version now: its size and ETag from a HEAD, or, given its listed `size`,
+        from the first read's answer (no extra request; ObjectChanged if the size differs). Every
+        later read sends If-Match with that ETag: a new version is a 412, never mixed bytes."""
+        if size is not None:
+            return _S3Object(self, key, size, None)
+        meta = self._call("stat", key, lambda: obstore.head(self._store, key))
+        return _S3Object(self, key, int(meta["size"]), meta.get("e_tag"))
 
     def size(self, key: str) -> int | None:
         try:
@@ -517,3 +546,31 @@ class S3Store(Store):
 
     def url(self, key: str = "") -> str:
         return f"s3://{join(self.bucket, self.prefix, key)}"
+
+
+class _S3Object(ObjectHandle):
+    """One version of an S3 object: its ETag, from the HEAD of `S3Store.open` or the first
+    answer, sent as If-Match with every read (a server that ignores it is caught by comparing
+    each answer's ETag)."""
+
+    def __init__(self, store: S3Store, key: str, size: int, etag: str | None):
+        super().__init__(store.url(key), size, etag)
+        self.store, self.key = store, key
+        self._confirmed = etag is not None  # the size and ETag are the object's, not a listing's
+        self._lock = threading.Lock()
+
+    def read_into(self, offset: int, out: memoryview) -> int:
+        return self.store._read_into(self.key, offset, out, self)
+
+    def confirm(self, meta: Mapping[str, Any]) -> None:
+        """ObjectChanged unless an answer's object (`meta`: its size and ETag) is this version."""
+        size, tag = int(meta["size"]), meta.get("e_tag")
+        with self._lock:
+            if not self._confirmed and size == self.size:  # the first answer: the version to read
+                self._confirmed, self.version = True, tag
+            pinned = self.version
+        if size != self.size or tag != pinned:
+            had = f"{self.size} bytes" + (f", ETag {pinned}" if pinned else " listed")
+            raise ObjectChanged(
+                f"{self.url} was replaced while it was read (it had {had}; now {size} bytes, ETag {tag})"
+            )

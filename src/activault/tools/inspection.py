@@ -165,8 +165,15 @@ class Inspection:
         return out
 
 
-def read_megabatch(store: Store, key: str, size: int | None = None, verify: bool = True) -> Megabatch:
-    """A whole megabatch, its header validated before the body is fetched, checksums checked."""
+def read_megabatch(
+    store: Store, key: str, size: int | None = None, verify: bool = True, d_model: int | None = None
+) -> Megabatch:
+    """A whole megabatch, its header validated before the body is fetched, checksums checked.
+
+    Args:
+        d_model: the hook's width from cfg.json's hook_dims, if known: a header that says otherwise
+            is refused before anything is decoded from it.
+    """
     name = store.url(key)
     if not is_megabatch(key):
         raise FormatError(f"{name} is not a megabatch (.safetensors or .pt); inspect a file inside a hook folder")
@@ -177,6 +184,12 @@ def read_megabatch(store: Store, key: str, size: int | None = None, verify: bool
             raise FormatError(f"{name} is a folder; inspect a megabatch file inside it")
         raise NotFoundError(f"{name} does not exist; list the folder with `activault ls`")
     header = None if key.endswith(".pt") else fetch_header(store, key, size)
+    if header is not None and d_model is not None and header.d_model != d_model:
+        raise FormatError(
+            f"{name}: its header says states are [{header.rows}, {header.seq_len}, {header.d_model}] "
+            f"{dtypes.name(header.dtype)}, cfg.json's hook_dims give this hook d = {d_model}: the file's "
+            "header is damaged or edited; restore the file or collect it again"
+        )
     return decode(store.get(key), name, header, verify_checksums=verify)
 
 
@@ -223,9 +236,10 @@ def _stored(meta: dict[str, str], key: str) -> dict[str, str]:
 
 def inspect_file(store: Store, key: str, tokenizers: Tokenizers | None = None) -> Inspection:
     """Read one megabatch whole and describe it."""
-    mb = read_megabatch(store, key)
-    meta = mb.metadata
     cfg = read_run(store, parent(key, 2), original_ok=True) if "/" in key else None
+    hook = parent(key).rsplit("/", 1)[-1]
+    mb = read_megabatch(store, key, d_model=cfg.hook_dims.get(hook) if cfg else None)
+    meta = mb.metadata
     tok_name = (cfg.tokenizer if cfg else None) or meta.get("model")
     model = meta.get("model") or (cfg.model.get("name") if cfg else None) or "(unknown)"
     checks = _value_checks(mb.states)

@@ -32,6 +32,7 @@ from activault.vault.megabatch import (
     encode,
     fetch_header,
     megabatch_files,
+    relabelled,
 )
 from activault.vault.records import metadata_key, read_progress, read_run
 from activault.vault.writer import record_compression, replace_file
@@ -48,8 +49,15 @@ class Summary:
     bytes_after: int = 0
 
 
-def _is_stored_as(store: Store, key: str, size: int, codec: codecs.Codec | None) -> bool:
-    packed = fetch_header(store, key, size).packed
+def _is_stored_as(store: Store, key: str, size: int, codec: codecs.Codec | None, d_model: int | None) -> bool:
+    """Whether a file is already stored as asked; FormatError if its header contradicts cfg.json's `d_model`."""
+    header = fetch_header(store, key, size)
+    if d_model is not None and header.d_model != d_model:
+        raise FormatError(
+            f"{header.url}: its header says d = {header.d_model}, cfg.json's hook_dims {d_model}: the file's "
+            "header is damaged or edited; file left as it was (restore it or collect it again)"
+        )
+    packed = header.packed
     if codec is None:
         return not packed
     return "states" in packed and packed["states"].matches(codec)
@@ -82,7 +90,8 @@ def convert_file(store: Store, key: str, codec: codecs.Codec | None) -> tuple[in
     url = store.url(key)
     buf = store.get(key)
     old = decode(buf, url, verify_checksums=True)  # never convert a file that is already damaged
-    tensors, meta = old.tensors, _described(old.metadata)
+    # Rewritten by this version's rules (checksums, codec description), so labelled with its version.
+    tensors, meta = old.tensors, relabelled(_described(old.metadata))
     parts = encode({k: t.contiguous() for k, t in tensors.items()}, meta, compression=codec)
     data = b"".join(parts)  # the exact bytes written, decoded once more to check them
 
@@ -139,7 +148,7 @@ def recompress_run(
         def one(item: tuple[str, int], h: str = h) -> tuple[str, int, int, bool]:
             name, size = item
             key = join(run, h, name)
-            if _is_stored_as(store, key, size, codec):
+            if _is_stored_as(store, key, size, codec, cfg.hook_dims.get(h) if cfg else None):
                 return name, size, size, False
             before, after = convert_file(store, key, codec)
             return name, before, after, True

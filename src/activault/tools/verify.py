@@ -24,11 +24,11 @@ import xxhash
 from activault import dtypes
 from activault.errors import FormatError, NotFoundError
 from activault.storage import Store, locate
-from activault.storage.base import join
+from activault.storage.base import REREADS, ObjectChanged, ObjectHandle, join
 from activault.tools.inspection import foreign, list_dir, nonfinite_tokens
 from activault.units import human_bytes
 from activault.vault import original as orig
-from activault.vault.megabatch import Header, decode, fetch_header, megabatch_files
+from activault.vault.megabatch import HEAD_READ, Header, decode, header_length, megabatch_files, parse_header
 from activault.vault.records import (
     REBUILD,
     REMERGE,
@@ -79,12 +79,56 @@ class Verification:
     original: bool = False  # a vault of the original Activault
 
 
-def _check_file(store: Store, run: str, hook: str, name: str, size: int, deep: bool) -> FileCheck:
-    key, check = join(run, hook, name), FileCheck(hook, name)
+def _check_file(
+    store: Store, run: str, hook: str, name: str, size: int, deep: bool, d_model: int | None = None
+) -> FileCheck:
+    """One file: its header (and `d_model`, cfg.json's width of the hook, if known); `deep`: its bytes.
+
+    Everything is read from one version of the file (`Store.open`): a file replaced meanwhile
+    (recompress) is checked old or new, and read again where the old one is gone (S3).
+    """
+    key = join(run, hook, name)
+    for attempt in range(1, REREADS + 1):
+        check = FileCheck(hook, name)
+        try:
+            with store.open(key, size if attempt == 1 else None) as obj:  # then: its size as it is now
+                return _check_version(obj, store.url(run), check, deep, d_model)
+        except ObjectChanged:
+            continue
+    check.problems.append(
+        f"{hook}/{name}: replaced {REREADS} times while verify read it: run verify again once "
+        "whatever rewrites the run (recompress, a collect) is done"
+    )
+    return check
+
+
+def _fetch_header(obj: ObjectHandle) -> Header:
+    """A version's validated header from one small read (two for a header over HEAD_READ)."""
+    if obj.size < 8:
+        raise FormatError(f"{obj.url}: truncated file ({obj.size} bytes, not even a header length)")
+    head = obj.read(0, min(obj.size, HEAD_READ))
+    n = header_length(head[:8], obj.url)
+    if head.nbytes < n <= obj.size:
+        head = obj.read(0, n)
+    return parse_header(head, obj.url, obj.size)
+
+
+def _check_version(obj: ObjectHandle, run_url: str, check: FileCheck, deep: bool, d_model: int | None) -> FileCheck:
+    """`_check_file` of one version of the file."""
+    hook, name = check.hook, check.name
     try:
-        check.header = h = fetch_header(store, key, size)
+        check.header = h = _fetch_header(obj)
+        if d_model is not None and h.d_model != d_model:
+            # cfg.json says what the hook produced: a header that disagrees is the broken part, and
+            # nothing is decoded (or allocated) from it.
+            check.problems.append(
+                f"{hook}/{name}: its header says states are [{h.rows}, {h.seq_len}, {h.d_model}] "
+                f"{dtypes.name(h.dtype)}, cfg.json's hook_dims give this hook d = {d_model}: the file's "
+                f"header is damaged or edited, not the run's records; {file_repair(run_url, name)}"
+            )
+            deep = False
         if deep:
-            mb = decode(store.get(key), store.url(key), h, verify_checksums=True)
+            mb = decode(obj.read(0, obj.size), obj.url, h, verify_checksums=True)
             check.checksummed = bool(h.checksums)
             check.nonfinite = nonfinite_tokens(mb.states)
             ids, pos = (
@@ -92,9 +136,9 @@ def _check_file(store: Store, run: str, hook: str, name: str, size: int, deep: b
                 bytes(mb.tensors["positions"].numpy()),
             )
         else:
-            ids, pos = (bytes(store.get_range(key, *h.byte_range(t))) for t in ("input_ids", "positions"))
+            ids, pos = (bytes(obj.read(*h.byte_range(t))) for t in ("input_ids", "positions"))
     except FormatError as e:
-        check.problems.append(f"{hook}/{name}: {str(e).split(': ', 1)[-1]}; {file_repair(store.url(run), name)}")
+        check.problems.append(f"{hook}/{name}: {str(e).split(': ', 1)[-1]}; {file_repair(run_url, name)}")
         return check
     fmeta = h.metadata
     if fmeta.get("hook", hook) != hook:
@@ -109,8 +153,11 @@ def _spec(h: Header) -> tuple[int, int, str]:
 
 
 def _against_metadata(hook: str, meta: HookMetadata | None, checks: list[FileCheck], run_url: str) -> list[str]:
-    """Files that differ from most files of their hook; metadata.json when it is what differs."""
-    headers = [(c.name, c.header) for c in checks if c.header is not None]
+    """Files that differ from most files of their hook; metadata.json when it is what differs.
+
+    Files already found damaged (a checksum, cfg.json's hook_dims) never speak for the hook.
+    """
+    headers = [(c.name, c.header) for c in checks if c.header is not None and not c.problems]
     if not headers:
         return []
     common = Counter(_spec(h) for _, h in headers).most_common(1)[0][0]
@@ -247,8 +294,11 @@ def verify_run(store: Store, run: str = "", threads: int = 8, deep: bool = False
                 + f"; {file_repair(out.run, missing[0])}"
             )
     jobs = [(h, n) for h in names for n in sorted(names[h])]
+    dims = cfg.hook_dims if cfg else {}
     with ThreadPoolExecutor(min(threads, DEEP_THREADS) if deep else threads) as pool:
-        checks = list(pool.map(lambda j: _check_file(store, run, j[0], j[1], names[j[0]][j[1]], deep), jobs))
+        checks = list(
+            pool.map(lambda j: _check_file(store, run, j[0], j[1], names[j[0]][j[1]], deep, dims.get(j[0])), jobs)
+        )
     ref: dict[str, FileCheck] = {}
     for c in checks:
         out.problems += c.problems

@@ -47,6 +47,13 @@ E4M3_MAX = 448.0  # largest finite float8 e4m3fn
 # Bound on fp8's relative L2 error per finite token: e4m3 rounds to 3 mantissa bits (at most 2^-4
 # relative per value), plus bf16's rounding of the decoded value (2^-9) and subnormals' share.
 FP8_MAX_TOKEN_ERROR = 0.07
+# The most bytes a zstd frame can decode to, per stored byte: every block takes at least 4 bytes
+# (an RLE block: 3 of header, 1 repeated) and yields at most 128 KiB (RFC 8878 3.1.1.2), so a
+# header declaring more than this of a chunk describes bytes that cannot be there.
+MAX_RATIO = (128 << 10) // 4
+# Bounds on the numbers of a codec description, checked before any arithmetic on them.
+MAX_DIMS = 8
+MAX_DIM = 1 << 48
 
 
 @dataclass(frozen=True)
@@ -257,12 +264,13 @@ class Packed:
     level: int
     chunk_tokens: int
     chunks: list[int]  # compressed bytes of each chunk, in order
+    version: int = CODEC_VERSION
 
     def entry(self, dtype_code: str) -> dict[str, Any]:
         """The JSON the header stores for this tensor."""
         return {
             "codec": self.codec,
-            "version": CODEC_VERSION,
+            "version": self.version,
             "dtype": dtype_code,
             "shape": self.shape,
             "level": self.level,
@@ -287,30 +295,82 @@ def pack(t: torch.Tensor, codec: Codec, threads: int | None = None) -> tuple[Pac
     return Packed(codec.name, t.dtype, list(t.shape), codec.level, per, [len(f) for f in frames]), frames
 
 
+def _int(x: Any, low: int = 0, high: int = MAX_DIM) -> bool:
+    return type(x) is int and low <= x < high
+
+
 def parse(raw: Any, stored_bytes: int, dtypes: Mapping[str, torch.dtype], where: str) -> Packed:
-    """Validate a header's description of a compressed tensor stored in `stored_bytes` bytes."""
-    try:
-        codec, version, dtype = str(raw["codec"]), int(raw["version"]), dtypes[raw["dtype"]]
-        shape = [int(s) for s in raw["shape"]]
-        level, per = int(raw["level"]), int(raw["chunk_tokens"])
-        chunks = [int(c) for c in raw["chunks"]]
-    except (KeyError, TypeError, ValueError):
-        raise FormatError(f"{where}: corrupted codec description in the header") from None
+    """Validate a header's description of a compressed tensor stored in `stored_bytes` bytes.
+
+    Every number is checked for type and bounds, and each chunk may not decode to more than zstd
+    can produce from its bytes (`MAX_RATIO`), so a hostile description is refused before anything
+    is allocated for it.
+    """
+    bad = f"{where}: corrupted codec description in the header"
+    if not isinstance(raw, dict):
+        raise FormatError(f"{bad} (not an object)")
+    fields: list[Any] = [raw.get(k) for k in ("codec", "version", "dtype", "shape", "level", "chunk_tokens", "chunks")]
+    codec, version, code, shape, level, per, chunks = fields
+    if not isinstance(codec, str) or not _int(version, 1, 1 << 31):
+        raise FormatError(f"{bad} (codec must be a name, version a positive integer)")
     if codec not in ("zstd", "fp8") or version > CODEC_VERSION:
         raise FormatError(
-            f"{where}: stored with codec {codec!r} version {version}, which this activault cannot "
+            f"{where}: stored with codec {codec[:20]!r} version {version}, which this activault cannot "
             "decode; upgrade activault"
         )
+    if not isinstance(code, str) or code not in dtypes:
+        raise FormatError(f"{bad} (unknown dtype {str(code)[:20]!r})")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(_int(s) for s in shape):
+        raise FormatError(f"{bad} (shape must be at most {MAX_DIMS} non-negative integers below 2^48)")
+    if not _int(level, -(1 << 31), 1 << 31) or not _int(per, 1):
+        raise FormatError(f"{bad} (level and chunk_tokens must be integers, chunk_tokens at least 1)")
+    if not isinstance(chunks, list) or not all(_int(c, 0, 1 << 62) for c in chunks):
+        raise FormatError(f"{bad} (chunks must be a list of non-negative integers)")
+    dtype = dtypes[code]
     if codec == "fp8" and not dtype.is_floating_point:
         raise FormatError(f"{where}: fp8 codec for a {dtype} tensor (corrupted header)")
     tokens = math.prod(shape[:-1]) if shape else 1
-    if any(s < 0 for s in shape) or per < 1 or any(c < 0 for c in chunks) or len(chunks) != -(-tokens // per):
+    if len(chunks) != -(-tokens // per):
         raise FormatError(f"{where}: inconsistent shape and chunk table in the header (corrupted header)")
     if sum(chunks) != stored_bytes:
         raise FormatError(
             f"{where}: chunk table covers {sum(chunks)} bytes, the tensor holds {stored_bytes} (corrupted file)"
         )
-    return Packed(codec, dtype, shape, level, per, chunks)
+    width, k = (shape[-1] if shape else 1), dtype.itemsize
+    for i, c in enumerate(chunks):
+        want = payload_size(codec, min(per, tokens - i * per), width, k)
+        if want > c * MAX_RATIO:
+            raise FormatError(
+                f"{where}: the header says chunk {i} ({c} bytes) decodes to {want} bytes ({code} {shape}), "
+                f"more than zstd can produce from it ({MAX_RATIO} per byte): corrupted or edited header; "
+                "restore the file or collect it again"
+            )
+    return Packed(codec, dtype, shape, level, per, chunks, version)
+
+
+def check_frames(blob: bytes | bytearray | memoryview, packed: Packed, where: str) -> None:
+    """Each chunk is a zstd frame declaring the size the header's description gives its payload."""
+    mv = memoryview(blob).cast("B")
+    tokens = math.prod(packed.shape[:-1]) if packed.shape else 1
+    width = packed.shape[-1] if packed.shape else 1
+    at = 0
+    for i, c in enumerate(packed.chunks):
+        n = min(packed.chunk_tokens, tokens - i * packed.chunk_tokens)
+        want = payload_size(packed.codec, n, width, packed.dtype.itemsize)
+        try:
+            got = zstandard.frame_content_size(mv[at : at + c])
+        except zstandard.ZstdError as e:
+            raise FormatError(
+                f"{where}: chunk {i} (bytes {at}..{at + c}) is not a zstd frame ({e}); "
+                "restore the file or collect it again"
+            ) from None
+        if got != want:
+            raise FormatError(
+                f"{where}: chunk {i} holds a frame of {got} bytes, the header describes {want} "
+                f"({packed.codec} {list(packed.shape)}): corrupted or edited header; "
+                "restore the file or collect it again"
+            )
+        at += c
 
 
 def unpack(
@@ -320,6 +380,11 @@ def unpack(
     empty: Callable[..., torch.Tensor] = torch.empty,
     threads: int | None = None,
 ) -> torch.Tensor:
-    """The tensor, decoded into a new buffer from `empty(shape, dtype=...)` (e.g. pinned memory)."""
+    """The tensor, decoded into a new buffer from `empty(shape, dtype=...)` (e.g. pinned memory).
+
+    Each frame's declared content size is checked against the header first, so a description
+    that does not fit the frames costs no allocation.
+    """
+    check_frames(blob, packed, where)
     out = empty(packed.shape, dtype=packed.dtype)
     return decompress_into(blob, packed.chunks, packed.chunk_tokens, packed.codec, out, where, threads)

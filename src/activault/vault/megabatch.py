@@ -3,7 +3,9 @@
 A file is `u64 header length | JSON header | raw tensor bytes`, the safetensors layout, so
 `safetensors.safe_open` reads our files and we read theirs. The header's `__metadata__` says what
 the file is (format, version, run, hook, machine, file index) and holds a checksum of each
-tensor's stored bytes; a compressed `states` is a uint8 tensor described under `codecs` (vault/codec.py).
+tensor's stored bytes and of what they mean (dtype, shape; for a compressed tensor, from format
+version 3, its decoded dtype and shape and its codec description); a compressed `states` is a
+uint8 tensor described under `codecs` (vault/codec.py).
 `parse_header` is the one validator every reader uses, on the header alone, before
 any tensor byte is fetched. Nothing is ever unpickled: legacy `.pt` files of the original project
 load with `torch.load(weights_only=True)`.
@@ -35,7 +37,12 @@ Buffer = bytes | bytearray | memoryview
 
 FORMAT: Final = "activault"
 # 1: states, input_ids, positions. 2: plus a checksum of each tensor in the header metadata.
-FORMAT_VERSION = 2
+# 3: a compressed tensor's checksum also covers its decoded dtype and shape and its codec
+# description, so an edit of any of them fails like a flipped bit (docs/format.md, Checksums).
+FORMAT_VERSION = 3
+# The version each rule came with (a file follows the rules of the version it is labelled with).
+CHECKSUMS_SINCE = 2
+DESCRIBED_SINCE = 3
 SUFFIX = ".safetensors"
 LEGACY_SUFFIX = ".pt"
 # Our headers are under 1 KiB; a larger one is not ours and is refused before the body is read.
@@ -229,7 +236,7 @@ def _check_metadata(meta: Any, tensors: dict[str, TensorInfo], url: str) -> dict
         raise FormatError(f"{url}: corrupted header (__metadata__ must map names to strings)")
     version = meta.get("format_version")
     if version is not None:
-        if not (version.isascii() and version.isdigit() and len(version) < 6):
+        if not (version.isascii() and version.isdigit() and len(version) < 6 and int(version) >= 1):
             raise FormatError(f"{url}: corrupted header (format_version {version[:20]!r})")
         if int(version) > FORMAT_VERSION:
             raise FormatError(
@@ -238,7 +245,14 @@ def _check_metadata(meta: Any, tensors: dict[str, TensorInfo], url: str) -> dict
             )
     sums = {k: v for k, v in meta.items() if k.startswith(CHECKSUM_KEY)}
     algorithm = meta.get("checksum")
-    if sums or algorithm is not None or (version is not None and int(version) >= 2):
+    held = ["checksums"] * bool(sums or algorithm is not None) + ["compressed tensors"] * (CODECS_KEY in meta)
+    if version is not None and int(version) < CHECKSUMS_SINCE and held:
+        # Version 1 had neither: such a label on them is an edit (it would switch checks off).
+        raise FormatError(
+            f"{url}: corrupted header (labelled format version {version}, which has no checksums or "
+            f"compressed tensors, yet it holds {' and '.join(held)})"
+        )
+    if sums or algorithm is not None or (version is not None and int(version) >= CHECKSUMS_SINCE):
         if algorithm != CHECKSUM:
             raise FormatError(
                 f"{url}: header names checksum {str(algorithm)[:20]!r}, expected {CHECKSUM!r} "
@@ -337,16 +351,42 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
-def checksum(name: str, dtype: torch.dtype, shape: Iterable[int], data: Buffer | Sequence[Buffer]) -> str:
+def checksum(
+    name: str, dtype: torch.dtype, shape: Iterable[int], data: Buffer | Sequence[Buffer], codec: str = ""
+) -> str:
     """A tensor's checksum as 16 hex digits: of its name, dtype and shape, then its bytes (in place).
 
     Hashing the description too means a header edited to read the same bytes as another dtype or
     shape fails the check like a flipped bit in the data does.
+
+    Args:
+        codec: a compressed tensor's codec description (`described`); `dtype` and `shape` are then
+            the decoded ones.
     """
-    h = xxhash.xxh3_64(f"{name}|{CODES[dtype]}|{','.join(map(str, shape))}|".encode())
+    tail = f"{codec}|" if codec else ""
+    h = xxhash.xxh3_64(f"{name}|{CODES[dtype]}|{','.join(map(str, shape))}|{tail}".encode())
     for part in [data] if isinstance(data, bytes | bytearray | memoryview) else data:
         h.update(part)
     return f"{h.intdigest():016x}"
+
+
+def described(packed: codecs.Packed) -> str:
+    """A compressed tensor's codec description as its checksum covers it: canonical JSON."""
+    return json.dumps(packed.entry(CODES[packed.dtype]), sort_keys=True, separators=(",", ":"))
+
+
+def _covers(
+    version: int | None, dtype: torch.dtype, shape: Sequence[int], packed: codecs.Packed | None
+) -> tuple[torch.dtype, Sequence[int], str]:
+    """What a tensor's checksum describes: (dtype, shape, codec) under the rule of format `version`."""
+    if packed is None or (version is not None and version < DESCRIBED_SINCE):
+        return dtype, shape, ""  # raw, or a version 2 file: the stored description
+    return packed.dtype, packed.shape, described(packed)
+
+
+def relabelled(metadata: Mapping[str, str]) -> dict[str, str]:
+    """A file's metadata labelled with this format version, for a file rewritten under its rules."""
+    return {**metadata, "format_version": str(FORMAT_VERSION)}
 
 
 def encode(
@@ -358,28 +398,36 @@ def encode(
     """The file as buffers: the header, then each tensor's memory (raw tensors are not copied).
 
     Args:
-        checksums: store each stored tensor's checksum in the header (what `check_checksums` verifies).
+        checksums: store each stored tensor's checksum in the header (what `check_checksums` verifies),
+            under the rule of the format version `metadata` labels the file with (default: this one's).
         compression: store `states` as a uint8 tensor of zstd frames, described in the header
             metadata under `codecs` (docs/format.md); the file stays a valid safetensors file.
     """
     meta = {k: str(v) for k, v in metadata.items()}
     # name -> (dtype, shape, buffers) as stored
     stored: dict[str, tuple[torch.dtype, list[int], list[memoryview]]] = {}
-    packed: dict[str, Any] = {}
+    packed: dict[str, codecs.Packed] = {}
     for name, t in tensors.items():
         if compression is not None and name in COMPRESSIBLE:
             p, frames = codecs.pack(t, compression)
-            packed[name] = p.entry(CODES[t.dtype])
+            packed[name] = p
             stored[name] = (torch.uint8, [sum(p.chunks)], [memoryview(f) for f in frames])
         else:
             stored[name] = (t.dtype, list(t.shape), [tensor_bytes(t)])
     if packed:
-        meta[CODECS_KEY] = json.dumps(packed, separators=(",", ":"))
+        entries = {n: p.entry(CODES[p.dtype]) for n, p in packed.items()}
+        meta[CODECS_KEY] = json.dumps(entries, separators=(",", ":"))
     # Widest items first keeps every tensor aligned to its item size after an 8-aligned header.
     names = sorted(stored, key=lambda n: -stored[n][0].itemsize)
     if checksums:
+        # The rule of the version the caller labels the file with (none: this version's).
+        label = meta.get("format_version")
+        version = int(label) if label is not None and label.isdigit() else None
         meta["checksum"] = CHECKSUM
-        meta.update({CHECKSUM_KEY + n: checksum(n, *stored[n]) for n in names})
+        for n in names:
+            dtype, shape, bufs = stored[n]
+            dt, sh, codec = _covers(version, dtype, shape, packed.get(n))
+            meta[CHECKSUM_KEY + n] = checksum(n, dt, sh, bufs, codec)
     header: dict[str, Any] = {"__metadata__": meta}
     offset = 0
     for name in names:
@@ -438,11 +486,13 @@ def check_checksums(header: Header, buf: bytes | bytearray | memoryview, url: st
     for name, want in sums.items():
         a, b = header.byte_range(name)
         t = header.tensors[name]
-        got = checksum(name, t.dtype, t.shape, mv[a:b])
+        dtype, shape, codec = _covers(header.version, t.dtype, t.shape, header.packed.get(name))
+        got = checksum(name, dtype, shape, mv[a:b], codec)
         if got != want:
             raise FormatError(
                 f"{url}: the bytes of tensor {name!r} do not match their checksum ({CHECKSUM} {got}, "
-                f"stored {want}): the file was corrupted after it was written"
+                f"stored {want}): the file (its bytes, or the header's description of them) was corrupted "
+                "after it was written"
             )
     return True
 

@@ -6,6 +6,13 @@ checked and written; file k of every hook, encoded and written on the writer thr
 single commit thread, metadata.json (first file of a session) and the progress record counting k+1
 files; at the end the finished record and the statistics merged over finished machines.
 
+The progress record is the one object that counts files, and its writer fences it: each record is
+written only over the bytes this writer last read or wrote there (`Store.swap`: If-Match on S3, a
+compare under flock locally). A collector that lost its machine to another (its lease expired in a
+network partition, and the other took over) is refused with LockedError when its pending record
+lands, instead of writing an old count over the new holder's, or over its finished record; the
+files it wrote meanwhile hold the same bytes as the new holder's and nothing counts them twice.
+
 Memory is bounded by `StagingBuffers`: the producer cannot fill a new megabatch until a written one
 comes back, so when storage is slower than the model the model waits. A failed write is raised at
 the next `write`, `commit`, `flush` or `close`: the run stops with the error instead of losing data.
@@ -13,6 +20,7 @@ the next `write`, `commit`, `flush` or `close`: the run stops with the error ins
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
@@ -23,8 +31,9 @@ from typing import Any
 import torch
 
 from activault import dtypes
-from activault.errors import ConfigError, FormatError
+from activault.errors import ConfigError, FormatError, LockedError, NotFoundError
 from activault.storage.base import Buffer, Store, join
+from activault.storage.lock import MachineLock
 from activault.vault import codec as codecs
 from activault.vault.megabatch import Megabatch, decode, encode
 from activault.vault.records import (
@@ -35,9 +44,11 @@ from activault.vault.records import (
     file_name,
     header_metadata,
     metadata_key,
+    parse_record,
     progress_key,
     read_metadata,
-    read_progress,
+    record_text,
+    redo_machine,
     write_record,
 )
 from activault.vault.runs import join_run, merge_statistics, rebuild_metadata
@@ -185,6 +196,8 @@ class RunWriter:
         codec: how `states` are compressed (None: raw); metadata.json says so.
         store_files: False writes the records only (`data_config.skip_cache`).
         measured: told (hook, raw bytes, stored bytes) of each hook's first compressed file.
+        claim: the held claim on this machine (storage/lock.py): checked before each record, and
+            named when another collector has rewritten the progress record.
     """
 
     def __init__(
@@ -198,25 +211,80 @@ class RunWriter:
         threads: int = 4,
         store_files: bool = True,
         measured: Callable[[str, int, int], None] | None = None,
+        claim: MachineLock | None = None,
     ):
         self.store, self.record, self.machine, self.run = store, record, machine, record.run_name
+        self.claim = claim
         _check_specs(store.url(self.run), record, metadata, machine)
         described = codecs.describe(codec)
         self.metadata = {h: metadata[h].model_copy(update={"compression": described}) for h in record.hooks}
         self.codec, self.store_files, self.measured = codec, store_files, measured
         self.threads = threads
+        self._seen: bytes | None = None  # the progress record's bytes as last read or written here
         self.resumed = self._read_progress()  # this machine's record when the writer opened
         self.files, self.rows, self.tokens = self.resumed.files_done, self.resumed.rows_done, self.resumed.tokens_done
         self._writer: Writer | None = None
 
     def _read_progress(self) -> ProgressRecord:
-        rec = read_progress(self.store, self.run, self.machine)
-        if rec is not None and rec.num_runs != self.record.num_runs:
+        """This machine's record, read once: its bytes are what the next record is written over."""
+        self._seen = self._stored_progress()
+        if self._seen is None:
+            return ProgressRecord(machine=self.machine, num_runs=self.record.num_runs)
+        key = progress_key(self.run, self.machine)
+        url, fix = self.store.url(key), redo_machine(self.store.url(self.run), self.machine)
+        rec = parse_record(self._seen, ProgressRecord, url, fix)
+        if rec.machine != self.machine:
+            raise FormatError(f"{url}: field 'machine' is {rec.machine}, the name says {self.machine}; {fix}")
+        if rec.num_runs != self.record.num_runs:
             raise ConfigError(
-                f"{self.store.url(progress_key(self.run, self.machine))} was written with num_runs="
-                f"{rec.num_runs}, not {self.record.num_runs}; use the run's num_runs or a new run_name"
+                f"{url} was written with num_runs={rec.num_runs}, not {self.record.num_runs}; use the "
+                "run's num_runs or a new run_name"
             )
-        return rec or ProgressRecord(machine=self.machine, num_runs=self.record.num_runs)
+        return rec
+
+    def _stored_progress(self) -> bytes | None:
+        try:
+            return bytes(self.store.get(progress_key(self.run, self.machine)))
+        except NotFoundError:
+            return None
+
+    def _write_progress(self, record: ProgressRecord) -> None:
+        """Write the progress record over the bytes this writer last saw there, or raise LockedError."""
+        if self.claim is not None:
+            self.claim.check()
+        data = record_text(record.model_dump()).encode()  # write_record's bytes
+        if not self.store.swap(progress_key(self.run, self.machine), data, self._seen):
+            now = self._stored_progress()
+            if now != data:  # equal: ours, its reply lost and the retry refused (S3), or the same count
+                raise LockedError(self._taken_over(now))
+        self._seen = data
+
+    def _check_record(self) -> None:
+        """Raise LockedError if the claim is lost, or the progress record is not the one last seen here."""
+        if self.claim is not None:
+            self.claim.check()
+        now = self._stored_progress()
+        if now != self._seen:
+            raise LockedError(self._taken_over(now))
+
+    def _taken_over(self, now: bytes | None) -> str:
+        """Why this writer stops: another collector rewrote (or removed) the machine's progress record."""
+        url = self.store.url(progress_key(self.run, self.machine))
+        try:
+            fields = json.loads(now) if now is not None else {}
+        except ValueError:
+            fields = {}
+        fields = fields if isinstance(fields, dict) else {}
+        state = "is gone" if now is None else f"counts {fields.get('files_done', '?')} files"
+        state += ", finished" if fields.get("finished") is True else ""
+        return (
+            f"run {self.run!r} machine {self.machine} was taken over: its progress record {url} "
+            f"{state}, not what this collector last wrote; the machine is held now by "
+            f"{self.claim.current_holder() if self.claim is not None else 'another collector'}. This "
+            "collector stopped without writing over that record, and nothing counts the files it wrote "
+            "since. Nothing to repair: once the other collector has stopped, the same command resumes "
+            "from that record (a finished machine stays finished)"
+        )
 
     # ---- the run's records -----------------------------------------------------------------------
 
@@ -319,9 +387,11 @@ class RunWriter:
 
     def _commit(self, metas: Mapping[str, HookMetadata], record: ProgressRecord) -> None:
         """On the commit thread, after the files it counts: metadata.json, then the progress record."""
+        if metas:  # once a session: a collector that lost the machine rewrites no metadata either
+            self._check_record()
         for h, meta in metas.items():
             write_record(self.store, metadata_key(join(self.run, h)), meta)
-        write_record(self.store, progress_key(self.run, self.machine), record)
+        self._write_progress(record)
 
     def _record(
         self,
@@ -367,11 +437,11 @@ class RunWriter:
 
     def finish(self, data_state: dict[str, Any] | None, stats: Mapping[str, RunningStats]) -> list[int]:
         """After every queued file and record: the finished record, then statistics merged over the
-        finished machines (returned)."""
+        finished machines (returned). LockedError, and nothing written, if the machine was taken over."""
         writer = self._background()
         writer.flush()
         record = self._record(self.files, self.rows, self.tokens, data_state, stats, finished=True)
-        write_record(self.store, progress_key(self.run, self.machine), record)
+        self._write_progress(record)
         writer.close()
         return self.merge_statistics()
 

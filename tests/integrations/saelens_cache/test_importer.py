@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -185,3 +188,187 @@ def test_bad_inputs_say_what_to_do(run: SynthRun, tmp_path: Path) -> None:
         import_saelens(tmp_path / "c", str(tmp_path / "v/r2"), rows_per_file=3)
     with pytest.raises(ConfigError, match="no activation column"):
         import_saelens(tmp_path / "c", str(tmp_path / "v/r"), hooks=["h9"])
+
+
+def rewrite_column(cache: Path, column: str, change: Callable[[Any], Any]) -> None:
+    """Rewrite the cache's Arrow file with `change(list storage) -> list storage` applied to `column`
+    (its type, and so dataset_info.json and the schema, unchanged)."""
+    import pyarrow as pa
+
+    (file,) = cache.glob("*.arrow")
+    with pa.memory_map(str(file)) as src:
+        table = pa.ipc.open_stream(src).read_all()
+    i = table.schema.get_field_index(column)
+    col = table.column(i).combine_chunks()
+    ext = isinstance(col, pa.ExtensionArray)
+    new = change(col.storage if ext else col)
+    table = table.set_column(i, table.schema.field(i), pa.ExtensionArray.from_storage(col.type, new) if ext else new)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as out:
+        out.write_table(table)
+    tmp = file.with_suffix(".tmp")
+    tmp.write_bytes(sink.getvalue().to_pybytes())
+    os.replace(tmp, file)
+
+
+def misaligned(rows: Any) -> Any:
+    """Row 0 one token longer, row 1 one shorter: the same values in all, each row after them whole."""
+    import pyarrow as pa
+
+    offsets = rows.offsets.to_numpy().copy()
+    offsets[1] += 1
+    return pa.ListArray.from_arrays(pa.array(offsets), rows.values)
+
+
+def null_row(rows: Any) -> Any:
+    import pyarrow as pa
+
+    mask = pa.array([i == 2 for i in range(len(rows))])
+    return pa.ListArray.from_arrays(rows.offsets, rows.values, mask=mask)
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_a_cache_with_misaligned_or_null_rows_is_refused_before_anything_is_written(
+    run: SynthRun, tmp_path: Path
+) -> None:
+    for name, change, problem in (
+        # was: imported with exit 0, every token of row 0 on states of another token
+        ("misaligned", misaligned, "row 0 of column 'h2' holds 17 tokens, dataset_info.json says 16"),
+        ("null", null_row, "row 2 of column 'h2' is null"),  # was: misaligned or a view error after files
+    ):
+        cache = tmp_path / name
+        export_saelens(str(tmp_path / "run"), HOOKS, cache)
+        rewrite_column(cache, "h2", change)
+        with pytest.raises(FormatError) as e:
+            import_saelens(cache, str(tmp_path / f"v/{name}"))
+        assert str(e.value).startswith(str(next(cache.glob("*.arrow")))) and problem in str(e.value), str(e.value)
+        assert not (tmp_path / f"v/{name}").exists()
+    export_saelens(str(tmp_path / "run"), HOOKS, tmp_path / "tokens")
+    rewrite_column(
+        tmp_path / "tokens", "h1", lambda rows: rows.__class__.from_arrays(rows.offsets, misaligned(rows.values))
+    )
+    with pytest.raises(
+        FormatError, match="row 0, token 0, of column 'h1' holds 9 values per token, dataset_info.json says 8"
+    ):
+        import_saelens(tmp_path / "tokens", str(tmp_path / "v/tokens"))
+
+
+@pytest.mark.timeout(60)  # was: blocked forever opening the FIFO
+def test_a_fifo_as_the_arrow_file_is_never_opened(run: SynthRun, tmp_path: Path) -> None:
+    export_saelens(str(tmp_path / "run"), HOOKS, tmp_path / "c")
+    (file,) = (tmp_path / "c").glob("*.arrow")
+    file.unlink()
+    os.mkfifo(file)
+    with pytest.raises(FormatError, match=f"{file} is a FIFO, not a regular file: it is not opened"):
+        import_saelens(tmp_path / "c", str(tmp_path / "v/r"))
+    assert not (tmp_path / "v/r").exists()
+
+
+def damage_sidecar(text: str) -> Callable[[Path], None]:
+    return lambda cache: (cache / "activault.json").write_text(text)
+
+
+def damage_info(cache: Path) -> None:
+    """dataset_info.json says h2 is 4 wide; its rows hold 8 values a token."""
+    info = json.loads((cache / "dataset_info.json").read_text())
+    info["features"]["h2"]["shape"] = [16, 4]
+    (cache / "dataset_info.json").write_text(json.dumps(info))
+
+
+@pytest.mark.parametrize(
+    "damage,error,where,problem",
+    [
+        (damage_sidecar("{garbage"), FormatError, "activault.json", "is not valid JSON"),
+        (damage_sidecar("[1, 2]"), FormatError, "activault.json", "is a JSON list, not an object"),
+        (
+            damage_sidecar(json.dumps({"columns": {"h1": {"hook": "a\0b"}}})),
+            FormatError,
+            "activault.json",
+            "columns.h1.hook 'a\\x00b' is not a folder name: no control character",
+        ),
+        (
+            damage_sidecar(json.dumps({"columns": {"h1": {"hook": "x" * 300}}})),
+            FormatError,
+            "activault.json",
+            "at most 200 bytes (UTF-8), it has 300",
+        ),
+        (  # was: a KeyError after cfg.json and one file were written
+            damage_sidecar(json.dumps({"columns": {"h2": {"dtype": "float8_e4m3fn"}}})),
+            FormatError,
+            "activault.json",
+            "columns.h2.dtype 'float8_e4m3fn' is not a float type activault stores",
+        ),
+        (damage_info, FormatError, "dataset_info.json", ""),
+        (lambda c: (c / "state.json").write_text("[]"), FormatError, "state.json", "is a JSON list"),
+    ],
+)
+def test_a_damaged_cache_is_one_error_naming_the_file_before_anything_is_written(
+    run: SynthRun, tmp_path: Path, damage: Callable[[Path], None], error: type[Exception], where: str, problem: str
+) -> None:
+    export_saelens(str(tmp_path / "run"), HOOKS, tmp_path / "c")
+    damage(tmp_path / "c")
+    with pytest.raises(error) as e:
+        import_saelens(tmp_path / "c", str(tmp_path / "v/r"))
+    assert where in str(e.value) and problem in str(e.value), str(e.value)
+    assert not (tmp_path / "v/r").exists()
+
+
+def test_hook_names_and_dtypes_given_are_checked_before_anything_is_written(run: SynthRun, tmp_path: Path) -> None:
+    export_saelens(str(tmp_path / "run"), HOOKS, tmp_path / "c")
+    for hooks, dtype, problem in (
+        ({"h1": "a\0b"}, None, "hook name 'a\\x00b' (of column 'h1') is not a folder name"),
+        ({"h1": "x" * 300}, None, "(300 characters) (of column 'h1') is not a folder name: at most 200 bytes"),
+        (None, torch.float8_e4m3fn, "activation dtype 'float8_e4m3fn' is not a float type"),  # was: accepted
+    ):
+        with pytest.raises(ConfigError) as e:
+            import_saelens(tmp_path / "c", str(tmp_path / "v/r"), hooks=hooks, dtype=dtype)
+        assert problem in str(e.value), str(e.value)
+        assert not (tmp_path / "v/r").exists()
+
+
+@pytest.mark.parametrize(
+    "record,damage,problem",
+    [
+        ("cfg.json", "{garbage", "cfg.json"),
+        ("progress/machine-00000.json", "{garbage", "machine-00000.json"),  # was: after taking the lock
+        ("progress/machine-00000.json", [], "machine-00000.json"),
+        ("progress/machine-00000.json", {"row": -3}, "field 'data_state.row' is -3, but its 1 file(s) of 3 rows"),
+        ("progress/machine-00000.json", {"row": 1}, "field 'data_state.row' is 1"),  # was: rows 1-2 twice
+    ],
+)
+def test_a_damaged_record_on_resume_is_one_error_naming_it(
+    run: SynthRun, tmp_path: Path, record: str, damage: Any, problem: str
+) -> None:
+    export_saelens(str(tmp_path / "run"), HOOKS, tmp_path / "c")
+    import_saelens(tmp_path / "c", str(tmp_path / "v/r"), rows_per_file=3)
+    target = tmp_path / "v/r" / record
+    if isinstance(damage, str):
+        target.write_text(damage)
+    elif isinstance(damage, list):
+        target.write_text(json.dumps(damage))
+    else:  # as if killed after file 0, with the cursor tampered
+        rec = json.loads(target.read_text())
+        target.write_text(json.dumps({**rec, "files_done": 1, "finished": False, "data_state": damage}))
+    before = tree(tmp_path / "v/r")
+    with pytest.raises(FormatError) as e:
+        import_saelens(tmp_path / "c", str(tmp_path / "v/r"), rows_per_file=3)
+    text = str(e.value)
+    assert problem in text and f"delete {tmp_path / 'v/r'} and import again" in text, text
+    assert tree(tmp_path / "v/r") == before  # nothing written, not even the lock
+
+
+def test_tokens_with_nan_are_stored_and_counted_as_collect_counts_them(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(2)
+    acts, ids = torch.randn(8, 16, 8, generator=g), torch.randint(0, 900, (8, 16), generator=g, dtype=torch.int32)
+    acts[3, 5, 2] = math.nan
+    acts[6, 0] = math.inf
+    ref = saelens_cache(tmp_path / "ref", "blocks.2.hook_mlp_out", acts, ids)
+    res = import_saelens(ref, str(tmp_path / "v/r"), rows_per_file=3)
+    assert res.nonfinite == {"blocks.2.hook_mlp_out": 2}  # was: not reported
+    states, _, _ = rows_of(tmp_path / "v/r", ["blocks.2.hook_mlp_out"])
+    assert torch.equal(states["blocks.2.hook_mlp_out"].isnan(), acts.isnan())  # stored as they are
+    stats = v.run_statistics(str(tmp_path / "v/r"), "blocks.2.hook_mlp_out")
+    assert (stats.count, stats.nonfinite_tokens) == (8 * 16 - 2, 2)

@@ -127,8 +127,10 @@ def _import_cmd(args: argparse.Namespace) -> int:
         rows_per_file=args.rows_per_file,
         model=args.model,
     )
+    bad = {h: n for h, n in r.nonfinite.items() if n}  # as collect's on_nonfinite: warn reports them
     print(
         f"imported {r.rows:,} rows ({r.tokens:,} tokens) into {r.run}: {r.files} files"
         + (f", resumed at row {r.resumed_at_row:,}" if r.resumed_at_row else "")
+        + (f"; tokens with NaN or Inf stored (left out of the statistics): {bad}" if bad else "")
     )
     return 0

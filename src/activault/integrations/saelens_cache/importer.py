@@ -14,7 +14,7 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,6 +45,7 @@ class ImportResult:
     bytes_written: int = 0
     seconds: float = 0.0
     resumed_at_row: int = 0
+    nonfinite: dict[str, int] = field(default_factory=dict)  # hook -> stored tokens with NaN/Inf, as collect counts
 
 
 def import_saelens(
@@ -78,7 +79,7 @@ def import_saelens(
         rows=cache.table.num_rows,
         documents="positions column" if cache.positions else "one per row",
     )
-    old = _stored(store, run)
+    old, progress = _stored(store, run)
     if old is not None and old.imported_from != source:
         raise ConfigError(f"{store.url(run)} already holds a run (not an import of this cache): choose a new run name")
     if old is not None and rows_per_file is None:  # resuming: the files already written fix it
@@ -93,6 +94,7 @@ def import_saelens(
             f"{store.url(run)} was imported with other options (hooks, dtype, rows_per_file or model): "
             "run the same import again to resume it, or choose a new run name"
         )
+    _check_resume(store, run, progress, rpf, cache.table.num_rows)
     with hold(store, run, 0) as claim:  # one writer per run, as collect holds one per machine
         writer = v.RunWriter(store, record, _metadata(run, cache, rpf), threads=4)
         done = writer.resumed
@@ -108,12 +110,28 @@ def import_saelens(
     return result
 
 
-def _stored(store: v.Store, run: str) -> v.RunRecord | None:
-    """The run's stored cfg.json; a damaged one is an error naming the repair of an import."""
+def _stored(store: v.Store, run: str) -> tuple[v.RunRecord | None, v.ProgressRecord | None]:
+    """The run's stored cfg.json and progress record, read before anything is written; a damaged
+    one is an error naming it and the repair of an import."""
     try:
-        return v.read_run(store, run)
+        record = v.read_run(store, run)
+        return record, (v.read_progress(store, run, 0) if record is not None else None)
     except FormatError as e:
         raise FormatError(f"{str(e).split('; ')[0]}; delete {store.url(run)} and import again") from None
+
+
+def _check_resume(store: v.Store, run: str, progress: v.ProgressRecord | None, rpf: int, rows: int) -> None:
+    """Refuse a progress record whose cursor is not where its files end: resuming from it would
+    import rows twice or skip them."""
+    if progress is None:
+        return
+    row = (progress.data_state or {}).get("row", 0)
+    want = min(progress.files_done * rpf, rows)
+    if isinstance(row, bool) or row != want:
+        raise FormatError(
+            f"{store.url(v.progress_key(run, 0))}: field 'data_state.row' is {row!r}, but its "
+            f"{progress.files_done} file(s) of {rpf} rows end at row {want}; delete {store.url(run)} and import again"
+        )
 
 
 def _run_record(run: str, cache: CachedActivations, rpf: int, model: str | None, source: v.ImportSource) -> v.RunRecord:
@@ -205,6 +223,7 @@ def _import_files(
         writer.abort()
         raise
     result.files, result.rows, result.tokens = writer.files, writer.rows, writer.tokens
+    result.nonfinite = {h: s.nonfinite_tokens for h, s in stats.items()}
     result.bytes_written = writer.bytes_written
 
 

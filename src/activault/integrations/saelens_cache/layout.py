@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import reprlib
+import stat
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 
 from activault import dtypes
-from activault.errors import ConfigError, FormatError, NotFoundError
+from activault.config import name_problem
+from activault.errors import ConfigError, FormatError, NotFoundError, shown
 
 SIDECAR = "activault.json"
 TOKEN_IDS, POSITIONS = "token_ids", "positions"
@@ -111,15 +113,21 @@ def open_cache(
     from datasets import Array2D, Dataset, load_from_disk
 
     path = Path(cache_dir).expanduser().absolute()
-    if not (path / "state.json").is_file():
+    if not os.path.lexists(path / "state.json"):
         raise NotFoundError(
             f"{path} is not a saved HF dataset (no state.json): pass the folder SAELens's "
             "CacheActivationsRunner wrote (its cached_activations_path)"
         )
+    files = data_files(path)
     try:
         ds = load_from_disk(str(path))
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds for a damaged folder
-        raise FormatError(f"{path}: cannot be loaded with datasets.load_from_disk ({type(e).__name__}: {e})") from None
+        what = f"{type(e).__name__}: {str(e)[:300]}"
+        if "External features info" in str(e) or "dataset_info.json" in str(e):
+            raise FormatError(
+                f"{path / 'dataset_info.json'} does not describe the Arrow files ({what}); {REMAKE}"
+            ) from None
+        raise FormatError(f"{path}: cannot be loaded with datasets.load_from_disk ({what})") from None
     if not isinstance(ds, Dataset):
         raise ConfigError(f"{path} holds several splits ({list(ds)}): pass one split's folder")
     arrays = {c: f for c, f in ds.features.items() if isinstance(f, Array2D)}
@@ -138,6 +146,12 @@ def open_cache(
     missing = [c for c in mapping if c not in arrays]
     if missing or not mapping:
         raise ConfigError(f"{path}: no activation column {missing or ''}; its activation columns are {sorted(arrays)}")
+    for c, h in mapping.items():
+        if problem := name_problem(h):
+            raise ConfigError(
+                f"{path}: hook name {shown(h)} (of column {c!r}) is not {problem}; name it with "
+                "hooks={column: hook} (--hook COLUMN=HOOK)"
+            )
     shapes = {tuple(arrays[c].shape) for c in mapping}
     seq = next(iter(shapes))[0]
     if len({s[0] for s in shapes}) != 1 or list_length(ds.features[TOKEN_IDS]) != seq:
@@ -149,9 +163,9 @@ def open_cache(
     stored = {}
     for c in mapping:
         want = dtype or side_cols.get(c, {}).get("dtype") or source[c]
-        stored[c] = torch_dtype(want, path) if isinstance(want, str) else want
-    fingerprint = str(json.loads((path / "state.json").read_text()).get("_fingerprint"))
-    return CachedActivations(
+        stored[c] = torch_dtype(want if isinstance(want, str) else dtypes.name(want), path)
+    fingerprint = str(_json_object(path / "state.json").get("_fingerprint"))
+    cache = CachedActivations(
         path,
         ds.data.table,
         fingerprint,
@@ -162,20 +176,131 @@ def open_cache(
         int(seq),
         POSITIONS in ds.features and list_length(ds.features[POSITIONS]) == seq,
     )
+    if files is not None:
+        check_rows(cache, files)
+    return cache
+
+
+REMAKE = "re-create the cache (SAELens's CacheActivationsRunner, or `activault export`)"
+
+
+def _regular(file: Path) -> Path:
+    """`file`, once it is a regular file (a link to one too): a FIFO or device is never opened (a
+    FIFO would block the reader forever)."""
+    try:
+        st = os.stat(file)
+    except FileNotFoundError:
+        raise NotFoundError(f"{file} does not exist: the cache is incomplete; {REMAKE}") from None
+    except OSError as e:
+        raise FormatError(f"{file} cannot be read ({e.strerror}); {REMAKE}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "not a file"
+        raise FormatError(f"{file} is {kind}, not a regular file: it is not opened; {REMAKE}")
+    return file
+
+
+def _json_object(file: Path) -> dict[str, Any]:
+    """A JSON object file of the cache; anything else is one FormatError naming it."""
+    try:
+        obj = json.loads(_regular(file).read_bytes())
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise FormatError(f"{file} is not valid JSON ({str(e)[:80]}); {REMAKE}") from None
+    if not isinstance(obj, dict):
+        raise FormatError(f"{file} is a JSON {type(obj).__name__}, not an object; {REMAKE}")
+    return obj
+
+
+def data_files(path: Path) -> list[Path] | None:
+    """The Arrow files state.json lists, in order, each checked a regular file before datasets
+    opens any; None for a folder of several splits (refused once loaded)."""
+    info = path / "dataset_info.json"
+    if not os.path.lexists(info) and os.path.lexists(path / "dataset_dict.json"):
+        return None
+    _json_object(info)
+    listed = _json_object(path / "state.json").get("_data_files")
+    names = [f.get("filename") if isinstance(f, dict) else None for f in listed] if isinstance(listed, list) else []
+    if not names or not all(isinstance(n, str) and n and "/" not in n and n not in (".", "..") for n in names):
+        raise FormatError(
+            f"{path / 'state.json'}: field '_data_files' is {reprlib.repr(listed)}, not a list of "
+            f"{{'filename': NAME}} of files in the folder; {REMAKE}"
+        )
+    return [_regular(path / str(n)) for n in names]
+
+
+def check_rows(cache: CachedActivations, files: list[Path]) -> None:
+    """Every row of every imported column holds what dataset_info.json says (seq tokens of d
+    values, no nulls), checked from the Arrow list offsets before any file is written: the import
+    views the flat values as [rows, seq, d], so a row of another length would misalign every row
+    after it with its token ids. An error names the Arrow file and the row."""
+    import pyarrow as pa
+
+    lengths: dict[str, tuple[int, ...]] = {c: (cache.seq, d) for c, d in cache.dims.items()}
+    lengths[TOKEN_IDS] = (cache.seq,)
+    if cache.positions:
+        lengths[POSITIONS] = (cache.seq,)
+    first = 0
+    for file in files:
+        try:
+            with pa.memory_map(str(file)) as source:
+                rows = pa.ipc.open_stream(source).read_all().num_rows
+        except (OSError, pa.ArrowException) as e:
+            raise FormatError(f"{file} is not an Arrow stream ({str(e)[:80]}); {REMAKE}") from None
+        for c, want in lengths.items():
+            _check_column(file, c, cache.table.column(c).slice(first, rows), want)
+        first += rows
+    if first != cache.table.num_rows:
+        raise FormatError(f"{cache.path}: its Arrow files hold {first} rows, the dataset {cache.table.num_rows}")
+
+
+def _check_column(file: Path, name: str, column: Any, lengths: tuple[int, ...]) -> None:
+    """One file's rows of a column: `lengths` lists per row at each level, then values; no nulls."""
+    import pyarrow as pa
+
+    start = 0  # the chunk's first row in the file
+    for chunk in column.chunks:
+        arr = chunk.storage if isinstance(chunk, pa.ExtensionArray) else chunk
+        per = 1  # items of this level per row
+        for level, want in enumerate([*lengths, None]):
+            unit = "tokens" if level == 0 else "values per token"
+            if arr.null_count:
+                i = int(np.flatnonzero(arr.is_null().to_numpy(zero_copy_only=False))[0]) // per
+                raise FormatError(
+                    f"{file}: row {start + i} of column {name!r} is null or holds nulls: it cannot be "
+                    f"imported; {REMAKE}"
+                )
+            if want is None:
+                break
+            if pa.types.is_fixed_size_list(arr.type):
+                got = np.full(1, arr.type.list_size) if len(arr) else np.zeros(0, int)
+            elif pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+                got = np.diff(arr.offsets.to_numpy())
+            else:
+                raise FormatError(f"{file}: column {name!r} holds {arr.type}, not lists of {unit}; {REMAKE}")
+            bad = np.flatnonzero(got != want)
+            if bad.size:
+                i = int(bad[0])
+                where = f"row {start + i // per}" + (f", token {i % per}," if level else "")
+                raise FormatError(
+                    f"{file}: {where} of column {name!r} holds {int(got[i])} {unit}, dataset_info.json says "
+                    f"{want}: the rows would be misaligned with their token ids; {REMAKE}"
+                )
+            arr = arr.flatten()
+            per *= want
+        start += len(chunk)
 
 
 def read_sidecar(path: Path) -> dict[str, dict[str, str]]:
     """The columns `activault.json` records ({column: {"hook", "dtype"}}, each optional), {} without
     one; a damaged one is one FormatError naming it, the field and the repair."""
     file = path / SIDECAR
-    if not file.is_file():
+    if not os.path.lexists(file):
         return {}
     fix = (
         "repair it, or delete it: it only records what an export came from, and without it columns "
         "are imported under their own names, in the cache's dtypes (or as the hooks and dtype given)"
     )
     try:
-        side = json.loads(file.read_bytes())
+        side = json.loads(_regular(file).read_bytes())
     except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise FormatError(f"{file} is not valid JSON ({str(e)[:80]}); {fix}") from None
     if not isinstance(side, dict):
@@ -194,6 +319,8 @@ def read_sidecar(path: Path) -> dict[str, dict[str, str]]:
                 continue
             if not isinstance(value, str) or not value:
                 raise FormatError(f"{file}: columns.{column}.{key} is {reprlib.repr(value)}, not a name; {fix}")
+            if key == "hook" and (problem := name_problem(value)):
+                raise FormatError(f"{file}: columns.{column}.hook {shown(value)} is not {problem}; {fix}")
             if key == "dtype" and _float_dtype(value) is None:
                 raise FormatError(
                     f"{file}: columns.{column}.dtype {reprlib.repr(value)} is not a float type activault stores; {fix}"
