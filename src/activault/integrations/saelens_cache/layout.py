@@ -199,14 +199,14 @@ def _regular(file: Path) -> Path:
     return file
 
 
-def _json_object(file: Path) -> dict[str, Any]:
-    """A JSON object file of the cache; anything else is one FormatError naming it."""
+def _json_object(file: Path, fix: str = REMAKE) -> dict[str, Any]:
+    """A JSON object file of the cache; anything else is one FormatError naming it and `fix`."""
     try:
         obj = json.loads(_regular(file).read_bytes())
     except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise FormatError(f"{file} is not valid JSON ({str(e)[:80]}); {REMAKE}") from None
+        raise FormatError(f"{file} is not valid JSON ({str(e)[:80]}); {fix}") from None
     if not isinstance(obj, dict):
-        raise FormatError(f"{file} is a JSON {type(obj).__name__}, not an object; {REMAKE}")
+        raise FormatError(f"{file} is a JSON {type(obj).__name__}, not an object; {fix}")
     return obj
 
 
@@ -299,12 +299,7 @@ def read_sidecar(path: Path) -> dict[str, dict[str, str]]:
         "repair it, or delete it: it only records what an export came from, and without it columns "
         "are imported under their own names, in the cache's dtypes (or as the hooks and dtype given)"
     )
-    try:
-        side = json.loads(_regular(file).read_bytes())
-    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise FormatError(f"{file} is not valid JSON ({str(e)[:80]}); {fix}") from None
-    if not isinstance(side, dict):
-        raise FormatError(f"{file} is a JSON {type(side).__name__}, not an object; {fix}")
+    side = _json_object(file, fix)
     columns = side.get("columns", {})
     if not isinstance(columns, dict):
         raise FormatError(f"{file}: field 'columns' is {reprlib.repr(columns)}, not an object of columns; {fix}")
