@@ -6,6 +6,7 @@ __all__ = [
     "ActivationDataset",
     "Config",
     "RCache",
+    "ReadOptions",
     "S3RCache",
     "TokenLoader",
     "__version__",
@@ -33,6 +34,10 @@ def __getattr__(name: str):
         import activault.reading.rcache as reader
 
         return getattr(reader, name)
+    if name == "ReadOptions":
+        from activault.reading.options import ReadOptions
+
+        return ReadOptions
     if name in ("TokenLoader", "ActivationDataset"):
         import activault.reading.tokens as loader
 

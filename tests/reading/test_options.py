@@ -177,3 +177,9 @@ def test_store_option_lists_match_the_store_signatures() -> None:
 
     assert tuple(keywords(LocalStore.__init__, "root")) == STORE_OPTIONS["file"]
     assert tuple(keywords(S3Store.__init__, "uri")) == STORE_OPTIONS["s3"]
+
+
+def test_read_options_are_public() -> None:
+    import activault
+
+    assert activault.ReadOptions is ReadOptions and "ReadOptions" in activault.__all__
