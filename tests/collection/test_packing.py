@@ -10,7 +10,6 @@ import logging
 import math
 import random
 import tempfile
-from importlib import resources
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,47 +17,19 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import AutoTokenizer
 
 from activault.collection.packing import Batch, DataState, encode_document, iter_batches, pad_token_id
 from activault.collection.sources import iter_documents, resolve_source
-from activault.config import DataConfig
 from activault.errors import FormatError
-from activault.tools.tiny import build_tokenizer, demo_texts
+from activault.tools.tiny import demo_texts
+from support.packing import CORPUS, cfg, corpus_rows, write_jsonl
 
-CORPUS = str(resources.files("activault").joinpath("demo_corpus.jsonl"))
 DEFAULT_SYSTEM = "<|im_start|>system\nYou are a tiny helpful model.<|im_end|>\n"
 CHAT = [
     {"role": "user", "content": "What is a hook?"},
     {"role": "assistant", "content": "A callback."},
 ]
 TENSORS = ("input_ids", "position_ids", "segment_ids", "keep", "doc_positions")
-
-
-def cfg(data_key: str = CORPUS, **kw) -> DataConfig:
-    base = dict(data_key=data_key, n_batches=1, seq_length=48, batch_size=4, seed=0, shuffle_buffer=0)
-    return DataConfig(**{**base, **kw})
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def corpus_rows() -> list[dict]:
-    return [json.loads(line) for line in Path(CORPUS).read_text().splitlines()]
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tok")
-    build_tokenizer(path)
-    return path
-
-
-@pytest.fixture
-def tok(tok_dir):
-    return AutoTokenizer.from_pretrained(tok_dir)  # fresh per test: some tests change its template
 
 
 def reassemble(batches: list[Batch], seq_length: int) -> list[tuple[list[int], list[bool]]]:

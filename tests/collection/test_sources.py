@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 from test_packing import expected_docs, reassemble
-from transformers import AutoTokenizer
 
 from activault.collection.packing import DataState, iter_batches
 from activault.collection.sources import (
@@ -24,37 +23,9 @@ from activault.collection.sources import (
     resolve_source,
     source_for,
 )
-from activault.config import DataConfig
 from activault.errors import ConfigError, DataError
-from activault.tools.tiny import build_tokenizer, demo_texts
-
-CORPUS = str(resources.files("activault").joinpath("demo_corpus.jsonl"))
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tok")
-    build_tokenizer(path)
-    return path
-
-
-@pytest.fixture
-def tok(tok_dir):
-    return AutoTokenizer.from_pretrained(tok_dir)  # fresh per test: some tests change its template
-
-
-def cfg(data_key: str = CORPUS, **kw) -> DataConfig:
-    base = dict(data_key=data_key, n_batches=1, seq_length=48, batch_size=4, seed=0, shuffle_buffer=0)
-    return DataConfig(**{**base, **kw})
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
-def corpus_rows() -> list[dict]:
-    return [json.loads(line) for line in Path(CORPUS).read_text().splitlines()]
+from activault.tools.tiny import demo_texts
+from support.packing import CORPUS, cfg, corpus_rows, write_jsonl
 
 
 def doc_key(doc) -> str:
