@@ -10,8 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from test_hooks import reference, tcfg
 from torch import nn
-from transformers import AutoModel, AutoModelForCausalLM
 
 from activault.collection.hooks import Capture, HookPoint, find_blocks, resolve_hooks
 from activault.collection.model import (
@@ -30,16 +30,6 @@ from activault.config import TransformerConfig, parse_config
 from activault.errors import ConfigError
 
 SHIPPED = sorted(p.name for p in resources.files("activault").joinpath("model_configs").iterdir())
-
-
-def tcfg(path, attn="eager", **kw):
-    return TransformerConfig(model_name=str(path), dtype="float32", attn_implementation=attn, device="cpu", **kw)
-
-
-def reference(path, arch, attn="eager"):
-    """The full model, loaded by transformers directly."""
-    cls = AutoModel if arch == "bert" else AutoModelForCausalLM
-    return cls.from_pretrained(str(path), dtype=torch.float32, attn_implementation=attn).eval()
 
 
 def test_truncated_model_equals_full_model(tiny_model_dir):
