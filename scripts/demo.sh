@@ -3,5 +3,6 @@
 # then collect with a tiny local model into ./vault and read it back. PYTHON= uses your own interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/prereqs.sh demo
 EXTRAS="${EXTRAS:-[plot]}" bash scripts/setup.sh  # [plot]: the README's `activault stats --plot`
 exec "${PYTHON:-$PWD/.venv/bin/python}" -m activault demo "$@"

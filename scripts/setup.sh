@@ -37,8 +37,14 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
         "" | cuda) index=${TORCH_INDEX_URL:-} ;;
         *) echo "setup.sh: TORCH=${TORCH} is not cpu or cuda" >&2; exit 2 ;;
     esac
-    echo "installing torch==${TORCH_VERSION}${index:+ from $index}"
-    "$PY" -m pip install -q "torch==${TORCH_VERSION}" ${index:+--index-url "$index"}
+    if [ "${TORCH:-}" = cpu ]; then
+        echo "installing torch==${TORCH_VERSION}, the CPU-only build (~190 MB download)${index:+ from $index}"
+    else
+        echo "installing torch==${TORCH_VERSION}, the CUDA build (~4.5 GB installed; TORCH=cpu takes the" \
+            "190 MB CPU-only build, enough for the demo and the tests)${index:+ from $index}"
+    fi
+    # Not -q: this is the long download, and a silent one looks hung.
+    "$PY" -m pip install --progress-bar on "torch==${TORCH_VERSION}" ${index:+--index-url "$index"}
 fi
 echo "installing activault${EXTRAS:-} (editable)"
 "$PY" -m pip install -q -e ".${EXTRAS:-}"

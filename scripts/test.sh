@@ -8,6 +8,7 @@
 # ACTIVAULT_TEST_RUN in its environment and is ended at exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+bash scripts/prereqs.sh test  # npm, Slurm or root: named before a long install, not after
 if [ -z "${SKIP_SETUP:-}" ]; then
     EXTRAS="[test]" bash scripts/setup.sh
     bash scripts/install_s3rver.sh

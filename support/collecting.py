@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from activault.cli import main
 from activault.config import Config, parse_config
+from activault.vault.megabatch import decode
 
 CORPUS = str(resources.files("activault").joinpath("demo_corpus.jsonl"))
 
@@ -48,6 +50,13 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
         rec["config"].pop("storage")
         out["cfg.json"] = json.dumps(rec).encode()
     return out
+
+
+def load_hook(root: Path, hook: str) -> dict[str, torch.Tensor]:
+    """Every file of a hook folder, decoded (checksums verified) and concatenated in file order."""
+    files = sorted((root / hook).glob("*.safetensors"))
+    parts = [decode(f.read_bytes(), f.name, verify_checksums=True).tensors for f in files]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:

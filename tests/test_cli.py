@@ -16,6 +16,7 @@ from activault.config import TransformerConfig, load_config
 from activault.errors import ConfigError
 from activault.tools.launch import default_slurm_script
 from activault.version import __version__
+from support.collecting import make_cfg, run_cli
 from support.synth import write_synthetic_run
 
 
@@ -79,3 +80,17 @@ def test_demo_keep_leaves_a_runnable_first_own_run(tmp_path, capsys) -> None:
     assert main(["collect", "--config", str(keep / "config.yaml"), "--quiet"]) == 0
     assert Path(keep / "vault" / "mine" / "cfg.json").is_file()
     assert "activault collect --config" in capsys.readouterr().out
+
+
+def test_collect_repair_collects_a_damaged_file_again(tiny_model_dir, tmp_path, capsys) -> None:
+    from activault.collection.pipeline import collect
+
+    cfg = make_cfg(tiny_model_dir("llama"), tmp_path)
+    collect(cfg, show_progress=False)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    file = tmp_path / "run" / cfg.upload_config.hooks[1] / "m00000-000000.safetensors"
+    want = file.read_bytes()
+    file.write_bytes(b"")
+    rc, _, err = run_cli(["collect", "--config", str(path), "--machine", "0", "--repair", "--quiet"], capsys)
+    assert rc == 0 and file.read_bytes() == want and "repaired file(s) [0]" in err, err

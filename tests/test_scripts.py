@@ -1,5 +1,6 @@
 """The shell scripts leave nothing behind: the local Slurm cluster's daemons keep none of the caller's
-descriptors and `stop` ends them all; scripts/test.sh ends whatever the suite left running."""
+descriptors and `stop` ends them all; scripts/test.sh ends whatever the suite left running; a missing
+system prerequisite is named before anything is installed."""
 
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SLURM_LOCAL = ROOT / "scripts" / "slurm_local.sh"
 DAEMONS = ("munged", "slurmctld", "slurmd", "slurmscriptd", "slurmstepd")
-
-pytestmark = pytest.mark.slurm
 
 
 def live(names: tuple[str, ...] = DAEMONS) -> dict[int, str]:
@@ -46,6 +45,7 @@ def holds_writer(read_end: int) -> bool:
         return True
 
 
+@pytest.mark.slurm
 def test_slurm_local_daemons_keep_no_caller_descriptor_and_stop_ends_them(tmp_path: Path) -> None:
     was_up = subprocess.run(["sinfo", "-h"], capture_output=True).returncode == 0
     slurm_local("stop")  # the daemons must be started by the call below, holding our descriptors
@@ -83,6 +83,7 @@ def test_leaves_a_daemon():
 """
 
 
+@pytest.mark.slurm
 def test_test_sh_ends_what_the_suite_left_running(slurm: None, tmp_path: Path) -> None:
     """The cluster is up (`slurm`), so the inner test.sh neither starts nor stops it."""
     (tmp_path / "test_escape.py").write_text(ESCAPE)
@@ -103,3 +104,54 @@ def test_test_sh_ends_what_the_suite_left_running(slurm: None, tmp_path: Path) -
     assert "ending what the suite left running" in out.stderr
     assert not holds_writer(r), "the escaped process still runs"
     os.close(r)
+
+
+def prereqs(tmp_path: Path, what: str, tools: dict[str, str], **env: str) -> subprocess.CompletedProcess[str]:
+    """scripts/prereqs.sh in a checkout with no .venv yet, on a PATH holding only `tools` (name: script)."""
+    (tmp_path / "scripts").mkdir(parents=True)
+    (tmp_path / "scripts" / "prereqs.sh").write_text((ROOT / "scripts" / "prereqs.sh").read_text())
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for name in ("dirname", "id", "sh"):  # what bash needs to get going
+        os.symlink(subprocess.run(["which", name], capture_output=True, text=True).stdout.strip(), bin_ / name)
+    for name, body in tools.items():
+        (bin_ / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_ / name).chmod(0o755)
+    bash = subprocess.run(["which", "bash"], capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        [bash, str(tmp_path / "scripts" / "prereqs.sh"), what],
+        env={"PATH": str(bin_), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+PYTHON_OK = f'exec {sys.executable} "$@"'
+
+
+def test_prereqs_names_every_missing_piece_with_its_fix_before_installing(tmp_path: Path) -> None:
+    """No npm, no Slurm, no apt-get: all three named at once (as root, or not), nothing else run."""
+    out = prereqs(tmp_path, "test", {"python3": PYTHON_OK})
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Before installing anything" in out.stderr
+    assert "apt-get install npm" in out.stderr
+    assert "slurm-wlm" in out.stderr
+    assert not (tmp_path / ".venv").exists() and not (tmp_path / ".ci").exists()
+
+
+def test_prereqs_passes_when_everything_is_there(tmp_path: Path) -> None:
+    ok = {"python3": PYTHON_OK, "npm": "true", "sinfo": "true", "slurmd": "true"}
+    out = prereqs(tmp_path, "test", ok)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == ""
+
+
+def test_prereqs_catches_a_python_without_venv_or_too_old(tmp_path: Path) -> None:
+    no_ensurepip = f'case "$*" in *ensurepip*) exit 1 ;; esac; exec {sys.executable} "$@"'
+    out = prereqs(tmp_path / "a", "demo", {"python3": no_ensurepip})
+    assert out.returncode == 1 and "apt-get install python3-venv" in out.stderr
+    out = prereqs(tmp_path / "b", "demo", {"python3": "exit 1"})
+    assert out.returncode == 1 and "Python >= 3.10" in out.stderr
+    out = prereqs(tmp_path / "c", "demo", {})
+    assert out.returncode == 1 and "python3: not found" in out.stderr

@@ -16,7 +16,7 @@ def _collect(args: argparse.Namespace) -> int:
     from activault.config import load_config
 
     cfg = load_config(args.config)
-    collect(cfg, machine=args.machine, storage=args.storage, show_progress=not args.quiet)
+    collect(cfg, machine=args.machine, storage=args.storage, show_progress=not args.quiet, repair=args.repair)
     return 0
 
 
@@ -95,7 +95,7 @@ def _launch(args: argparse.Namespace) -> int:
 def _merge_stats(args: argparse.Namespace) -> int:
     from activault.vault.runs import merge_run_statistics
 
-    machines = merge_run_statistics(args.run_uri)
+    machines = merge_run_statistics(args.run_uri, finished_only=args.finished_only)
     print(f"statistics merged over finished machines {machines}")
     return 0
 
@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--storage", default=None, help="override the destination: PATH, file://PATH or s3://BUCKET[/PREFIX]"
     )
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    c.add_argument(
+        "--repair",
+        action="store_true",
+        help="collect again exactly this machine's counted files that are damaged or missing (the same "
+        "bytes), leaving intact files untouched",
+    )
     c.set_defaults(func=_collect)
 
     d = sub.add_parser("demo", help="offline demo: tiny model, local store, read back")
@@ -215,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
         "statistics that counted NaN/Inf tokens in)",
     )
     ms.add_argument("run_uri", help="the run folder: PATH/RUN or s3://BUCKET[/PREFIX]/RUN")
+    ms.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="merge the finished machines alone (statistics.json lists them); without it, a machine that has "
+        "not finished or whose record is damaged is an error naming it",
+    )
     ms.set_defaults(func=_merge_stats)
 
     rc = sub.add_parser("recompress", help="store a run's files with another codec, in place, verified, resumable")

@@ -210,6 +210,25 @@ def test_the_hub_is_off_limits_in_tests():
     assert hub_offline() is True  # HF_HUB_OFFLINE: nothing is ever fetched
 
 
+def test_a_hub_mirror_is_probed_on_its_own_port(monkeypatch):
+    """HF_ENDPOINT=http://127.0.0.1:PORT: a mirror listening there is reachable; closed, it is not."""
+    import socket
+
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+    try:
+        hub_offline.cache_clear()
+        assert hub_offline() is False
+        server.close()
+        hub_offline.cache_clear()
+        assert hub_offline() is True
+    finally:
+        server.close()
+        hub_offline.cache_clear()
+
+
 def test_a_shipped_model_has_a_config_without_the_hub():
     config = load_config(TransformerConfig(model_name="HuggingFaceTB/SmolLM2-135M", attn_implementation="eager"))
     shipped = shipped_config("HuggingFaceTB/SmolLM2-135M")

@@ -26,7 +26,6 @@ from activault.collection.resume import FIELDS, check_resume, config_fields
 from activault.collection.sources import iter_documents, resolve_source
 from activault.config import parse_config
 from activault.errors import (
-    ActivaultError,
     ConfigError,
     DataError,
     FormatError,
@@ -35,16 +34,9 @@ from activault.errors import (
 )
 from activault.storage import LocalStore
 from activault.tools.verify import verify_run
-from activault.vault.megabatch import decode
 from activault.vault.records import REBUILD, RunRecord
-from support.collecting import CORPUS, make_cfg, tree_bytes
+from support.collecting import CORPUS, load_hook, make_cfg, run_cli, tree_bytes
 from support.killing import kill_after_files
-
-
-def load_hook(root: Path, hook: str) -> dict[str, torch.Tensor]:
-    files = sorted((root / hook).glob("*.safetensors"))
-    parts = [decode(f.read_bytes(), f.name, verify_checksums=True).tensors for f in files]
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 @pytest.fixture(scope="module")
@@ -190,42 +182,6 @@ def test_a_store_slower_than_the_model_is_waited_for_measured_and_named(
     }
 
 
-def test_final_partial_megabatch_is_written(llama, tmp_path):
-    cfg = make_cfg(llama, tmp_path, data={"n_batches": 5})
-    r = collect(cfg, show_progress=False)
-    t = load_hook(tmp_path / "run", "models.layers.1.post")
-    assert r.files == 3 and t["states"].shape[0] == 20
-
-
-def test_data_running_out_ends_cleanly_with_padding(llama, tmp_path, caplog):
-    cfg = make_cfg(
-        llama,
-        tmp_path,
-        data={"n_batches": 10_000, "seq_length": 256, "batch_size": 8},
-        upload={"batches_per_upload": 4},
-    )
-    with caplog.at_level(logging.INFO, logger="activault.collection.pipeline"):
-        r = collect(cfg, show_progress=False)
-    assert 0 < r.files < r.files_planned == 2500
-    last = caplog.records[-1].getMessage()
-    assert last == (
-        f"machine 0: {r.files} of 2500 planned files written; the data ran out first (every document was collected)"
-    )
-    t = load_hook(tmp_path / "run", "models.layers.1.post")
-    pos = t["positions"]
-    assert (pos[:-1] >= 0).all()  # only the last row may hold padding
-    pad = pos[-1] < 0
-    assert pad.any() and (t["states"][-1][pad] == 0).all()
-    st = json.loads((tmp_path / "run/models.layers.1.post/statistics.json").read_text())
-    assert st["count"] == int((pos >= 0).sum())
-
-
-def test_skip_cache_stores_no_megabatches(llama, tmp_path):
-    collect(make_cfg(llama, tmp_path, data={"skip_cache": True}), show_progress=False)
-    assert not list((tmp_path / "run").rglob("*.safetensors"))
-    assert (tmp_path / "run/models.layers.1.post/statistics.json").exists()
-
-
 _CHURN = """
 import resource
 import numpy as np
@@ -353,47 +309,27 @@ def test_a_damaged_data_cursor_is_refused_before_weights_load(collected, llama, 
     assert tree_bytes(run) == tree_bytes(root)
 
 
-@pytest.fixture
-def nan_in_first_batch(monkeypatch):
-    """Every activation of the first hook's first forward pass becomes NaN."""
-    from activault.collection import hooks
+def test_a_progress_record_counting_more_files_than_planned_is_refused(collected, llama, tmp_path, monkeypatch, capsys):
+    """A record saying 99 files of a 3-file share was reported as written and left so; it is refused,
+    by collect and by repair alike, before weights load, naming the record and the fix."""
+    from activault.collection import model
 
-    calls = []
-
-    class Poisoned(hooks.Capture):
-        def __call__(self, *args, **kwargs):
-            acts = super().__call__(*args, **kwargs)
-            h = next(iter(acts))
-            if acts[h].device.type == "meta":  # hook_dims' forward on the weightless skeleton
-                return acts
-            if not calls:
-                acts[h] = torch.full_like(acts[h], float("nan"))
-            calls.append(1)
-            return acts
-
-    monkeypatch.setattr(hooks, "Capture", Poisoned)
-
-
-def test_nonfinite_activations_are_counted_with_warn(llama, tmp_path, nan_in_first_batch, caplog):
-    cfg = make_cfg(llama, tmp_path)
-    h0, h1 = cfg.upload_config.hooks
-    with caplog.at_level(logging.WARNING):
-        result = collect(cfg, show_progress=False)
-    n = int((load_hook(tmp_path / "run", h0)["states"].isnan().any(-1)).sum())
-    assert n > 0 and result.nonfinite == {h0: n, h1: 0}
-    assert f"machine 0, file 0, hook {h0}: {n} token(s) hold NaN or Inf" in caplog.text
-    assert json.loads((tmp_path / f"run/{h0}/statistics.json").read_text())["nonfinite"] == n
-    progress = json.loads((tmp_path / "run/progress/machine-00000.json").read_text())
-    assert progress["stats"][h0]["nonfinite"] == n and progress["stats"][h1]["nonfinite"] == 0
-    notes = verify_run(LocalStore(tmp_path), "run", deep=True).notes
-    assert any(note.startswith(f"{h0}: {n} token(s) with NaN or Inf in 1 file(s)") for note in notes)
-
-
-def test_nonfinite_activations_stop_the_run_with_error(llama, tmp_path, nan_in_first_batch):
-    cfg = make_cfg(llama, tmp_path, upload={"on_nonfinite": "error"})
-    with pytest.raises(ActivaultError, match="machine 0, file 0, hook .*hold NaN or Inf; nothing of this file"):
-        collect(cfg, show_progress=False)
-    assert list((tmp_path / "run").rglob("*.safetensors")) == []
+    _, root, _ = collected
+    run = copy_run(root, tmp_path)
+    key = run / "progress/machine-00000.json"
+    key.write_text(key.read_text().replace('"files_done": 3', '"files_done": 99'))
+    monkeypatch.setattr(model, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(make_cfg(llama, tmp_path).model_dump(mode="json")))
+    for repair in ([], ["--repair"]):
+        rc, _, err = run_cli(["collect", "--config", str(path), "--quiet", *repair], capsys)
+        assert rc == 2 and err.count("\n") == 1, err
+        assert f"{key}: field 'files_done' is 99, more than the 3 file(s) machine 0 is planned to write" in err
+        assert f"the record is damaged; delete {key} and rerun machine 0's collect command" in err
+    monkeypatch.undo()
+    key.unlink()  # what the message says, the config being the run's
+    collect(make_cfg(llama, tmp_path), show_progress=False)
+    assert tree_bytes(run) == tree_bytes(root)
 
 
 BAD = [

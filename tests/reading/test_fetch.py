@@ -22,7 +22,7 @@ from obstore.exceptions import PreconditionError
 
 from activault import RCache, TokenLoader
 from activault.errors import ConfigError, FormatError, StorageError
-from activault.reading import fetch, stream
+from activault.reading import fetch
 from activault.reading.fetch import ReadBuffers
 from activault.reading.stream import FileStream
 from activault.storage import Buffer, Entry, LocalStore, Store
@@ -85,39 +85,6 @@ class Counting(Store):
         return self.inner.url(key)
 
 
-def test_read_buffers_hand_out_memory_again_only_once_unused() -> None:
-    pool = ReadBuffers(keep=2)
-    a = pool.empty((4, 8), torch.float32)
-    view = a[1:3]  # a view keeps the buffer in use
-    del a
-    b = pool.empty((4, 8), torch.float32)
-    assert b.data_ptr() != view.data_ptr() - 32
-    first = view.data_ptr() - 32
-    del view
-    c = pool.empty((4, 8), torch.float32)
-    assert c.data_ptr() == first
-    assert pool.empty((2, 8), torch.float32).data_ptr() not in (
-        first,
-        b.data_ptr(),
-    )  # other sizes: new
-
-
-def test_a_buffer_is_reused_only_after_its_recorded_copy() -> None:
-    class Event:
-        synced = 0
-
-        def synchronize(self) -> None:
-            Event.synced += 1
-
-    pool = ReadBuffers(keep=2)
-    a = pool.bytes(64)
-    ptr = a.data_ptr()
-    pool.copied([a[8:16]], Event())  # a view inside the buffer names it
-    del a
-    b = pool.bytes(48)  # a smaller request reuses the free buffer, after its copy is done
-    assert b.data_ptr() == ptr and Event.synced == 1
-
-
 def test_tensors_are_views_of_the_file_buffer(tmp_path: Path) -> None:
     run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=1)
     raw = (tmp_path / "r/h" / run.names[0]).read_bytes()
@@ -127,16 +94,6 @@ def test_tensors_are_views_of_the_file_buffer(tmp_path: Path) -> None:
     for name, t in tensors.items():
         assert torch.equal(t, run.files["h"][run.names[0]][name])
         assert t.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()  # same allocation
-
-
-def test_without_recycling_every_request_gets_new_memory() -> None:
-    fresh, kept = ReadBuffers(recycle=False), ReadBuffers()
-    a = kept.bytes(64)
-    first = a.data_ptr()
-    del a
-    assert kept.bytes(64).data_ptr() == first
-    assert fresh.bytes(64).numel() == 64 and fresh.empty((2, 4), torch.float32).shape == (2, 4)
-    assert not fresh._slots  # nothing kept to hand out again
 
 
 def test_a_compressed_file_is_decoded_into_the_readers_buffers(tmp_path: Path) -> None:
@@ -248,7 +205,7 @@ def test_a_file_of_the_expected_size_is_requested_whole_at_once(tmp_path: Path, 
 def test_a_later_file_starts_reading_only_after_an_earlier_files_ranges(
     tmp_path: Path, small_ranges: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(stream, "RANGE_WORKERS", 2)
+    monkeypatch.setattr(fetch, "MAX_RANGE_WORKERS", 2)  # two range workers at most
     bytes_ = ReadBuffers.bytes
 
     def slow(pool: ReadBuffers, nbytes: int) -> torch.Tensor:
@@ -438,14 +395,6 @@ def test_repeated_5xx_is_retried_visibly_then_named(
                 list(cache)
     assert re.search(f"S3 at {proxy.url}: .* s3://{bucket}/r/h/m00000-00000[01].safetensors failed", caplog.text)
     assert proxy.counts["503"] >= 3
-
-
-def test_read_buffers_forget_a_free_buffer_beyond_keep() -> None:
-    pool = ReadBuffers(keep=2)
-    a, b = pool.bytes(64), pool.bytes(64)
-    del b  # free, but too small for the next request: forgotten to stay within `keep`
-    c = pool.bytes(128)
-    assert c.data_ptr() != a.data_ptr() and c.numel() == 128
 
 
 def _file_mapped_at(address: int) -> str | None:
@@ -658,3 +607,77 @@ def test_an_object_overwritten_between_ranges_is_read_again_whole(
     got = list(RCache(S3Store(f"s3://{moto_bucket}/r/h", env=s3_env(moto_url))))
     assert refused and all("if_match" in options for options in refused)
     assert torch.equal(got[0], run.files["h"][run.names[0]]["states"]) and torch.equal(got[1], states)
+
+
+# ---- threads and ranges in flight ----
+
+
+def test_workers_start_threads_only_as_jobs_need_them() -> None:
+    workers = fetch.Workers(4, "activault-test")
+    assert workers.started == 0  # none before the first job
+    assert workers.submit((0,), lambda: 1).result() == 1 and workers.started == 1
+    assert workers.submit((0,), lambda: 2).result() == 2 and workers.started == 1  # the idle one took it
+    gate = threading.Event()
+    futures = [workers.submit((0,), gate.wait, 30) for _ in range(6)]
+    assert workers.started == 4  # one per waiting job, up to the bound
+    workers.grow(6)
+    assert workers.started == 6
+    gate.set()
+    assert all(f.result() for f in futures)
+    workers.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("activault-test")]
+
+
+def test_ranges_in_flight_grow_with_the_file_and_its_first_byte() -> None:
+    mib = 1 << 20
+    remote, slow = 0.010, 0.030  # seconds to the first byte
+    assert fetch.range_workers(256 * mib) == fetch.RANGE_WORKERS  # not measured yet: as before
+    assert fetch.range_workers(64 * mib, remote) == fetch.RANGE_WORKERS  # 8 ranges of 8 MiB
+    assert fetch.range_workers(256 * mib, remote) == 16  # one per 16 MiB: a capped connection each
+    assert fetch.range_workers(256 * mib, slow) == 32  # a slow first byte: more, smaller
+    assert fetch.range_workers(256 * mib, 0.0001) == fetch.RANGE_WORKERS  # local: more are thread hops
+    assert fetch.range_workers(1 << 40, remote) == fetch.MAX_RANGE_WORKERS  # bounded
+    assert fetch.range_step(256 * mib, first_byte=remote) == 16 * mib
+    assert fetch.range_step(256 * mib, first_byte=slow) == 8 * mib
+
+
+def test_the_first_byte_estimate_is_the_least_seen_less_the_transfer() -> None:
+    fb = fetch.FirstByte()
+    assert fb.seconds is None
+    fb.observe(0.040 + (16 << 20) / fetch.LINK_RATE, 16 << 20)  # 30 ms to the first byte, plus queueing
+    fb.observe(0.031, 64 << 10)
+    assert fb.seconds is not None and 0.030 < fb.seconds < 0.031
+    fb.observe(0.001, 16 << 20)  # a transfer faster than one capped connection: local
+    assert fb.seconds == 0.0
+
+
+def test_a_big_file_from_slow_storage_is_read_in_more_ranges_than_the_floor(tmp_path: Path, small_ranges: None) -> None:
+    run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=3, d=1024)  # 128 KiB
+    logged = Timeline(LocalStore(tmp_path / "r/h", fsync=False, map_reads=False), delay=0.02)
+    assert torch.equal(torch.cat(list(RCache(logged, buffer_size=1))), run.tensor("h"))
+    running = most = 0
+    for e, _, _ in logged.events:
+        running += 1 if e == "start" else -1
+        most = max(most, running)
+    assert most > fetch.RANGE_WORKERS  # the first file measured 20 ms to a first byte: remote, one range per 4 KiB
+
+
+def test_a_local_store_is_measured_local_and_read_in_the_floors_ranges(tmp_path: Path) -> None:
+    write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=3, d=64)
+    cache = RCache(LocalStore(tmp_path / "r/h", fsync=False, map_reads=False))
+    list(cache)
+    seconds = cache.files.first_byte.seconds
+    assert seconds is not None and seconds < fetch.REMOTE_FIRST_BYTE
+    assert fetch.range_workers(256 << 20, seconds) == fetch.RANGE_WORKERS
+
+
+@pytest.mark.skipif(not LocalStore(".").map_reads, reason="needs Linux >= 5.14 (MADV_POPULATE_READ)")
+def test_a_mapped_local_read_starts_no_range_worker(tmp_path: Path) -> None:
+    run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h1", "h2"], files=4, d=64)
+    it = iter(RCache(str(tmp_path / "r"), hooks=["h1", "h2"], buffer_size=2))
+    first = next(it)
+    names = [t.name for t in threading.enumerate() if t.name.startswith("activault-")]
+    assert not [n for n in names if n.startswith("activault-range")], names
+    assert len([n for n in names if n.startswith("activault-read")]) <= 2, names  # one per file in flight
+    got = [first, *it]
+    assert torch.equal(torch.cat([g["h1"] for g in got]), run.tensor("h1"))

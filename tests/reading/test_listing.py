@@ -111,3 +111,58 @@ def test_foreign_objects_are_skipped_and_named(where: tuple[Store, str, dict[str
     with pytest.warns(UserWarning, match="skipping 3 object"):  # TokenLoader: the same listing
         tokens = torch.cat(list(TokenLoader(f"{root}/run/h", batch_tokens=8, drop_last=False, store_options=options)))
     assert tokens.shape[0] == int((run.tensor("h", "positions") >= 0).sum())
+
+
+def test_a_counted_file_emptied_in_a_hook_is_an_error_naming_it(where: tuple[Store, str, dict[str, Any]]) -> None:
+    store, root, options = where
+    run = write_synthetic_run(store, "run", ["h1", "h2"], machines=2, files=3)
+    lost = run.names[4]  # machine 1's progress record counts it
+    store.put(f"run/h1/{lost}", b"")
+    for make in (
+        lambda: RCache(f"{root}/run", hooks=["h1", "h2"], store_options=options),
+        lambda: RCache(f"{root}/run", hooks=["h1"], store_options=options),
+        lambda: RCache(f"{root}/run/h1", store_options=options),  # was: skipped as a foreign object
+    ):
+        with pytest.raises(FormatError, match=rf"{lost} is empty \(0 bytes\) in h1.*skip_bad_files=True"):
+            make()
+    with pytest.warns(UserWarning, match=rf"skipping 1 file.*{lost} is empty \(0 bytes\) in h1"):
+        cache = RCache(f"{root}/run/h1", skip_bad_files=True, store_options=options)
+    assert cache.bad_files == 1 and not cache.foreign_objects
+    kept = [n for n in run.names if n != lost]
+    assert torch.equal(torch.cat(list(cache)), run.tensor("h1", names=kept))
+
+
+def test_a_reader_of_a_hook_folder_checks_its_files_against_the_runs_progress_records(
+    where: tuple[Store, str, dict[str, Any]],
+) -> None:
+    store, root, options = where
+    run = write_synthetic_run(store, "run", ["h1", "h2"], machines=2, files=3)
+    gone = run.names[1]
+    store.delete(f"run/h1/{gone}")
+    with pytest.raises(FormatError, match=f"{gone} lacks h1.*skip_bad_files=True"):
+        RCache(f"{root}/run/h1", store_options=options)  # was: read without it, in silence
+    with pytest.warns(UserWarning, match=f"skipping 1 file.*{gone} lacks h1"):
+        cache = RCache(f"{root}/run/h1", skip_bad_files=True, store_options=options)
+    kept = [n for n in run.names if n != gone]
+    assert torch.equal(torch.cat(list(cache)), run.tensor("h1", names=kept))
+    assert torch.equal(torch.cat(list(RCache(f"{root}/run/h2", store_options=options))), run.tensor("h2"))
+    # A file its machine is still writing (the record does not count it yet) is waited for.
+    record = json.loads(store.get_text("run/progress/machine-00000.json"))
+    store.put_text("run/progress/machine-00000.json", json.dumps({**record, "files_done": 1, "finished": False}))
+    assert len(RCache(f"{root}/run/h1", store_options=options)) == len(kept)
+
+
+def test_a_reader_refuses_a_progress_record_counting_more_files_than_planned(
+    where: tuple[Store, str, dict[str, Any]],
+) -> None:
+    from support.runstate import edit_progress, with_plan
+
+    store, root, options = where
+    run = write_synthetic_run(store, "run", ["h1", "h2"], machines=2, files=3)
+    with_plan(store, "run", n_batches=6)
+    edit_progress(store, "run", 1, files_done=99)
+    for uri, hooks in ((f"{root}/run", ["h1", "h2"]), (f"{root}/run/h2", None)):
+        # was: 96 files "lacking" from every hook, an error about files that never existed
+        with pytest.warns(UserWarning, match="damaged progress record.*'files_done' is 99, more than the 3"):
+            cache = RCache(uri, hooks=hooks, store_options=options)
+        assert len(cache) == len(run.names) and cache.bad_files == 0

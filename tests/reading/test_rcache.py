@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import threading
@@ -15,7 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from activault.errors import ConfigError, FormatError, NotFoundError
-from activault.reading import fetch
+from activault.reading import buffers, fetch
 from activault.reading.rcache import RCache, S3RCache
 from activault.reading.tokens import ActivationDataset, TokenLoader
 from activault.storage import LocalStore
@@ -65,7 +66,8 @@ def triples(s: torch.Tensor, i: torch.Tensor, p: torch.Tensor) -> Counter[bytes]
 
 
 def active_threads() -> list[str]:
-    return [t.name for t in threading.enumerate() if t.name.startswith("activault")]
+    """The readers' threads (not vault/codec.py's decode pool: process-wide, it outlives readers)."""
+    return [t.name for t in threading.enumerate() if t.name.startswith("activault") and "codec" not in t.name]
 
 
 def test_round_trip(run: SynthRun, tmp_path: Path, small_ranges: None) -> None:
@@ -408,3 +410,22 @@ def test_cuda_device_without_cuda_is_one_clear_error(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on any machine
     with pytest.raises(ConfigError, match="no usable CUDA device; use device='cpu'"):
         RCache(local.url("run/h1"), device="cuda")
+
+
+def test_a_second_reader_reads_into_the_first_readers_warm_buffers(
+    run: SynthRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gc.collect()  # earlier tests' streams retire their buffers now, not into this test's pool
+    monkeypatch.setattr(buffers, "_spare", [])
+    monkeypatch.setattr(buffers, "PREFAULT_BYTES", 1024)  # these files are a few KiB
+    first = RCache(tmp_path / "run/h1", store_options={"map_reads": False})
+    used = {s.untyped_storage().data_ptr() for s in first}
+    assert torch.equal(torch.cat(list(first)), run.tensor("h1"))  # a second iteration: the same buffers
+    del first
+    gc.collect()
+    again = RCache(tmp_path / "run/h1", store_options={"map_reads": False})
+    it = iter(again)
+    assert next(it).untyped_storage().data_ptr() in used  # no new memory to fault in
+    assert torch.equal(
+        torch.cat([*[s.clone() for s in it]]), run.tensor("h1")[len(run.files["h1"][run.names[0]]["states"]) :]
+    )

@@ -5,13 +5,21 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
+from activault.reading import fetch
 from activault.reading.options import ReadOptions
 from activault.reading.stream import FileStream
-from support.synth import SynthRun
+from activault.storage import LocalStore
+from activault.tools.recompress import convert_file
+from activault.vault import codec as codecs
+from activault.vault import megabatch as fmt
+from support.synth import SynthRun, write_synthetic_run
 
 ABANDON = """
 import sys
@@ -63,3 +71,36 @@ def test_prefetch_from_an_index_yields_each_file_of_the_order_from_there(run: Sy
     with stream.prefetch(1, start=2) as files:
         got = [(index, item.file) for index, item in files]
     assert got == list(enumerate(stream.order(1)))[2:] and len(got) == len(run.names) - 2
+
+
+@pytest.mark.parametrize("map_reads", [True, False], ids=["mapped", "read"])
+def test_a_files_decode_runs_off_the_consumer_while_the_next_file_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, map_reads: bool
+) -> None:
+    store = LocalStore(tmp_path, fsync=False, map_reads=map_reads)
+    run = write_synthetic_run(store, "r", ["h"], files=3)
+    for name in run.names:
+        convert_file(store, f"r/h/{name}", codecs.Codec("zstd", chunk_bytes=256))
+    opened: dict[str, threading.Event] = {name: threading.Event() for name in run.names}
+    decoders: list[str] = []
+    overlapped: list[bool] = []
+    open_, decode = fetch.ObjectReader.open, fmt.decode
+
+    def opening(self: fetch.ObjectReader, buffers: Any) -> bool:
+        opened[self.key.rsplit("/", 1)[-1]].set()
+        return open_(self, buffers)
+
+    def decoding(buf: Any, url: str, *args: Any, **kw: Any) -> Any:
+        decoders.append(threading.current_thread().name)
+        if url.endswith(run.names[0]):  # the first file, read alone: the second is fetched meanwhile
+            overlapped.append(opened[run.names[1]].wait(30))
+        return decode(buf, url, *args, **kw)
+
+    monkeypatch.setattr(fetch.ObjectReader, "open", opening)
+    monkeypatch.setattr(fmt, "decode", decoding)
+    stream = FileStream(LocalStore(tmp_path / "r/h", fsync=False, map_reads=map_reads), ReadOptions(buffer_size=2))
+    with stream.prefetch(0) as files:
+        got = [item.states[0].clone() for _, item in files]
+    assert torch.equal(torch.cat(got), run.tensor("h"))  # decoded exactly
+    assert overlapped == [True]
+    assert len(decoders) == 3 and all(n.startswith("activault-read") for n in decoders), decoders

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections import Counter
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -15,12 +17,18 @@ from test_rcache import rows, tokens, triples
 from torch.utils.data import DataLoader
 
 from activault.errors import ConfigError, DataError
+from activault.reading import window as window_module
 from activault.reading.options import ReadOptions
 from activault.reading.rcache import RCache
 from activault.reading.tokens import ActivationDataset, TokenLoader
-from activault.storage import LocalStore
+from activault.reading.window import same_source_pairs
+from activault.storage import LocalStore, Store
+from activault.storage.s3 import S3Store
+from activault.vault import codec as codecs
+from activault.vault import records
 from activault.vault.runs import merge_run_statistics
-from support.synth import SynthRun, as_stats_version_1, write_synthetic_run
+from activault.vault.writer import RunWriter
+from support.synth import SynthRun, as_stats_version_1, s3_env, write_synthetic_run
 
 
 @pytest.mark.parametrize("stop_after", [1, 5, 9])
@@ -145,11 +153,13 @@ def test_batches_do_not_depend_on_the_gather_threads(
     run: SynthRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from activault.reading import tokens as tokens_module
+    from activault.reading import window as window_module
 
     opts = dict(batch_tokens=40, window=3, return_ids=True, seed=3, drop_last=False)
     got = {}
     for threads in (1, 2, 4):
         monkeypatch.setattr(tokens_module, "GATHER_THREADS", threads)
+        monkeypatch.setattr(window_module, "GATHER_THREADS", threads)
         got[threads] = list(TokenLoader(tmp_path / "run/h1", **opts))
     for threads in (2, 4):
         assert len(got[threads]) == len(got[1])
@@ -178,14 +188,55 @@ def test_a_state_from_another_shuffle_or_of_another_shape_is_refused_by_name(run
     assert torch.equal(torch.cat(list(again)), torch.cat(list(fresh)))
     for bad, match in (
         ({}, "not a TokenLoader state_dict: no epoch, window, offset"),
-        ([1, 2], "not a TokenLoader state_dict"),
-        ({**mid, "offset": -1}, "whole numbers >= 0"),
-        ({**mid, "window": "1"}, "whole numbers >= 0"),
-        ({**mid, "epoch": True}, "whole numbers >= 0"),
-        ({**mid, "seed": 8}, "saved with seed=8, this loader has 7"),
+        ([1, 2], "not a TokenLoader state_dict: a list"),
+        ({**mid, "offset": -1}, "field 'offset' is -1, not a whole number >= 0"),
+        ({**mid, "window": "1"}, "field 'window' is '1', not a whole number"),
+        ({**mid, "epoch": True}, "field 'epoch' is True, not a whole number"),
+        ({**mid, "seed": 8}, "saved with seed=8, this loader has 7: make the loader with seed=8"),
+        ({**mid, "window_files": 3}, "saved with window_files=3, this loader has 2: make the loader with window=3"),
     ):
         with pytest.raises(ConfigError, match=match):
             TokenLoader(tmp_path / "run/h1", **opts).load_state_dict(bad)  # type: ignore[arg-type]
+
+
+def test_every_position_field_has_an_upper_bound(run: SynthRun, tmp_path: Path) -> None:
+    # 6 files, window 2 with the ramp: windows [0], [1, 2], [3, 4], [5]; 64 tokens a file, less padding.
+    opts = dict(batch_tokens=20, window=2, seed=7)
+    state = TokenLoader(tmp_path / "run/h1", **opts).state_dict()
+    for bad, match in (
+        ({**state, "epoch": 2**63}, f"field 'epoch' is {2**63}, not a whole number 0..{2**63 - 1}"),
+        ({**state, "window": 5}, "field 'window' is 5, not a whole number 0..4"),
+        ({**state, "window": 4, "offset": 1}, "field 'offset' is 1, not a whole number 0..0"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            TokenLoader(tmp_path / "run/h1", **opts).load_state_dict(bad)
+    end = TokenLoader(tmp_path / "run/h1", **opts)
+    end.load_state_dict({**state, "window": 4, "offset": 0})  # the epoch's end: nothing left
+    assert list(end) == []
+    # The offset's bound is the window's kept tokens, known once it is read: refused then, by name.
+    over = TokenLoader(tmp_path / "run/h1", **opts)
+    over.load_state_dict({**state, "window": 1, "offset": 128})
+    with pytest.raises(ConfigError, match=r"field 'offset' is 128, not a whole number 0\.\.127 \(window 1 of epoch 0"):
+        next(iter(over))
+
+
+def test_a_state_saved_before_the_ramp_resumes_exactly_without_it(run: SynthRun, tmp_path: Path) -> None:
+    opts = dict(batch_tokens=20, window=4, seed=5, return_ids=True)
+    old = TokenLoader(tmp_path / "run/h1", ramp=False, **opts)  # windows of 4 files from the start
+    full = list(old)
+    first = TokenLoader(tmp_path / "run/h1", ramp=False, **opts)
+    with first:
+        for k, _ in enumerate(first):
+            if k == 3:
+                break
+        state = {k: v for k, v in first.state_dict().items() if k != "ramp"}  # as saved before the key
+    with pytest.raises(
+        ConfigError, match="saved with ramp=False, this loader has True: make the loader with ramp=False"
+    ):
+        TokenLoader(tmp_path / "run/h1", **opts).load_state_dict(state)
+    again = TokenLoader(tmp_path / "run/h1", ramp=False, **opts)
+    again.load_state_dict(state)
+    assert flat_tokens(list(again)) == flat_tokens(full[4:])
 
 
 # ---- tokens with NaN or Inf ----
@@ -283,3 +334,161 @@ def test_megabatch_readers_refuse_drop_nonfinite(run: SynthRun, tmp_path: Path) 
         ReadOptions(drop_nonfinite="yes")  # type: ignore[arg-type]
     ds = ActivationDataset(tmp_path / "run/h1", batch_tokens=8, drop_nonfinite=True)
     assert sum(b.shape[0] for b in ds) == 8 * (sum(tokens(run, "h1").values()) // 8)
+
+
+# ---- the ramp: the first batch after one file ----
+
+
+def test_the_first_batch_is_yielded_once_one_file_is_loaded(
+    run: SynthRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opts = dict(batch_tokens=20, window=4, seed=1, return_ids=True)
+    loader = TokenLoader(tmp_path / "run/h1", **opts)
+    gate, loaded = threading.Event(), []
+    load = loader.files.load
+
+    def gated(f: Any, epoch: int, seq: int, *args: Any) -> Any:
+        if seq > 0:  # later files wait until the first batch is out (bounded: a loader that waits
+            gate.wait(30)  # for a whole window gets them late, and the assertion below says so)
+        item = load(f, epoch, seq, *args)
+        loaded.append(seq)
+        return item
+
+    monkeypatch.setattr(loader.files, "load", gated)
+    it = iter(loader)
+    try:
+        first = next(it)
+        assert loaded == [0], f"files loaded when the first batch came: {loaded}"
+    finally:
+        gate.set()
+    got = [first, *it]
+    assert flat_tokens(got) == flat_tokens(list(TokenLoader(tmp_path / "run/h1", **opts)))
+
+
+def file_of(run: SynthRun, hook: str) -> dict[bytes, int]:
+    """Each stored token, as flat_tokens writes it, -> its file's index in name order."""
+    out = {}
+    for k, name in enumerate(run.names):
+        f = run.files[hook][name]
+        batch = {"states": f["states"].reshape(-1, 8), "input_ids": f["input_ids"].reshape(-1).long()}
+        batch["positions"] = f["positions"].reshape(-1)
+        out.update(dict.fromkeys(flat_tokens([batch]), k))
+    return out
+
+
+def test_the_ramp_is_seeded_sharded_and_resumes_exactly(run: SynthRun, tmp_path: Path) -> None:
+    # window 4: windows of 1, 2, then 3 files (of 6); 16-token batches: 4 come from the first file alone.
+    opts = dict(batch_tokens=16, window=4, seed=11, return_ids=True, drop_positions_below=1)
+    full = list(TokenLoader(tmp_path / "run/h1", **opts))
+    assert flat_tokens(full) == flat_tokens(list(TokenLoader(tmp_path / "run/h1", **opts)))  # seeded
+    assert flat_tokens(full) != flat_tokens(list(TokenLoader(tmp_path / "run/h1", **{**opts, "seed": 12})))
+    # The shuffle-quality cost: a ramp batch from one file has every pair from one file (1.0);
+    # full windows mix (an ideal shuffle of 6 files: about 1/6).
+    where = file_of(run, "h1")
+    quality = [same_source_pairs(np.array([where[t] for t in flat_tokens([b])])) for b in full]
+    first_file = sum(1 for b in full if len({where[t] for t in flat_tokens([b])}) == 1)
+    assert first_file >= 3 and quality[:first_file] == [1.0] * first_file
+    assert max(quality[-4:]) < 1.0 and np.mean(quality[-4:]) < 0.6
+    for k in range(1, len(full)):  # resumed after every batch, the ramp's included
+        first = TokenLoader(tmp_path / "run/h1", **opts)
+        with first:
+            for j, _ in enumerate(first):
+                if j + 1 == k:
+                    break
+            state = first.state_dict()
+        again = TokenLoader(tmp_path / "run/h1", **opts)
+        again.load_state_dict(state)
+        assert flat_tokens(list(again)) == flat_tokens(full[k:]), k
+    # Ranks: disjoint shares that together hold every token, each with its own ramp.
+    shares = [
+        flat_tokens(list(TokenLoader(tmp_path / "run/h1", rank=r, world_size=2, drop_last=False, **opts)))
+        for r in (0, 1)
+    ]
+    assert not set(shares[0]) & set(shares[1])
+    assert Counter(shares[0] + shares[1]) == Counter(
+        flat_tokens(list(TokenLoader(tmp_path / "run/h1", **{**opts, "drop_last": False})))
+    )
+
+
+# ---- the gather reads the fetched buffers; compressed bytes are let go of ----
+
+
+@pytest.fixture(params=["local", pytest.param("moto", marks=pytest.mark.s3)])
+def copying_run(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str | Store, dict[str, Any], SynthRun]:
+    """(where the run is, its store options, the run): local files read into buffers (not mapped),
+    or on moto."""
+    if request.param == "local":
+        run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=3)
+        return str(tmp_path / "r/h"), {"map_reads": False}, run
+    store = S3Store(f"s3://{request.getfixturevalue('moto_bucket')}", env=s3_env(request.getfixturevalue("moto_url")))
+    run = write_synthetic_run(store, "r", ["h"], files=3)
+    return S3Store(f"{store.url('r/h')}", env=s3_env(request.getfixturevalue("moto_url"))), {}, run
+
+
+def test_the_gather_reads_the_fetched_buffers(
+    copying_run: tuple[str | Store, dict[str, Any], SynthRun], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri, store_options, run = copying_run
+    loader = TokenLoader(uri, batch_tokens=20, window=2, drop_last=False, return_ids=True, store_options=store_options)
+    fetched: list[tuple[int, int]] = []  # (address, bytes) of every buffer the reads filled
+    bytes_, take = loader.files.buffers.bytes, window_module.take_rows
+
+    def recorded(nbytes: int) -> torch.Tensor:
+        t = bytes_(nbytes)
+        fetched.append((t.data_ptr(), nbytes))
+        return t
+
+    sources: list[tuple[int, int]] = []
+
+    def spy(takes: list[tuple[np.ndarray, np.ndarray, np.ndarray]], workers: Any) -> None:
+        sources.extend((src.ctypes.data, src.nbytes) for src, _, _ in takes)
+        take(takes, workers)
+
+    monkeypatch.setattr(loader.files.buffers, "bytes", recorded)
+    monkeypatch.setattr(window_module, "take_rows", spy)
+    batches = list(loader)
+    assert sources and all(any(a <= p and p + n <= a + m for a, m in fetched) for p, n in sources), (
+        "the gather read from memory the reads did not fill: a copy in between"
+    )
+    got = sum((triples(b["states"], b["input_ids"], b["positions"]) for b in batches), Counter())
+    assert got == tokens(run, "h")
+
+
+def write_compressed_run(store: LocalStore, run: str, files: int) -> SynthRun:
+    """A one-hook run of zstd-compressed files (and the tensors it stores)."""
+    meta = records.hook_metadata(
+        run_name=run, hook="h", d_model=8, dtype=torch.bfloat16, seq_length=16, rows_per_file=4,
+        batch_size=4, batches_per_upload=1, model="synthetic",
+    )  # fmt: skip
+    writer = RunWriter(
+        store, records.RunRecord(run_name=run, hooks=["h"], num_runs=1), {"h": meta}, codec=codecs.from_config("zstd")
+    )
+    writer.join()
+    out = SynthRun(run, ["h"], [], {"h": {}})
+    g = torch.Generator().manual_seed(3)
+    for k in range(files):
+        states = torch.randn(4, 16, 8, generator=g).to(torch.bfloat16)
+        ids = torch.randint(0, 1000, (4, 16), generator=g, dtype=torch.int32)
+        pos = torch.arange(16, dtype=torch.int32).expand(4, 16).contiguous()
+        writer.write_file({"h": states}, ids, pos, tokens=64, data_state={}, stats={})
+        name = records.file_name(0, k)
+        out.names.append(name)
+        out.files["h"][name] = {"states": states, "input_ids": ids, "positions": pos}
+    writer.finish({}, {})
+    return out
+
+
+def test_held_compressed_files_keep_their_decoded_states_alone(tmp_path: Path) -> None:
+    run = write_compressed_run(LocalStore(tmp_path, fsync=False), "z", files=3)
+    loader = TokenLoader(tmp_path / "z/h", batch_tokens=20, drop_last=False, return_ids=True)
+    with loader.files.prefetch(0) as files:
+        for _, item in files:  # ids and positions no longer views of the compressed bytes
+            assert item.input_ids.untyped_storage().data_ptr() != item.states[0].untyped_storage().data_ptr()
+            assert item.input_ids.untyped_storage().nbytes() == 64 * 4  # their own memory, nothing more
+    got = sum((triples(b["states"], b["input_ids"], b["positions"]) for b in loader), Counter())
+    assert got == tokens(run, "h")
+    plain = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=1)
+    with TokenLoader(tmp_path / "r/h", batch_tokens=20).files.prefetch(0) as files:
+        for _, item in files:  # stored raw: still views of the one fetched buffer, no copy
+            assert item.input_ids.untyped_storage().data_ptr() == item.states[0].untyped_storage().data_ptr()
+    assert plain.names

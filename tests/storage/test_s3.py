@@ -33,7 +33,7 @@ from activault.storage.s3 import S3Store
 from activault.vault.megabatch import decode
 from support.collecting import make_cfg, tree_bytes
 from support.s3servers import FaultProxy, S3Server, free_port, start_server
-from support.synth import s3_env, write_synthetic_run
+from support.synth import make_public, s3_env, write_synthetic_run
 
 pytestmark = pytest.mark.s3
 HOOKS = ["models.layers.1.post", "models.layers.0.mlp.post"]
@@ -256,6 +256,47 @@ def test_bad_settings_give_one_clear_message(server, bucket, llama, tmp_path, mo
     assert rc == 2 and "cannot reach the S3 endpoint" in err and seconds < 15, (err, seconds)
     if server.name == "moto":
         assert secret not in err
+
+
+def test_no_credentials_are_named_before_any_request(moto, moto_bucket, tmp_path, monkeypatch, capsys) -> None:
+    """No AWS_* keys, no ~/.aws: one message naming what is missing and how to give it, and no request
+    sent (they used to go out unsigned, a 503 retried for the whole budget); anonymous access, asked
+    for by the store option or AWS_SKIP_SIGNATURE, still works."""
+    S3Store(f"s3://{moto_bucket}", env=moto.env()).put("run/cfg.json", b"{}")
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("ACTIVAULT_S3_RETRY_TIMEOUT", "1")
+    with FaultProxy(moto.url, rate=1.0, faults=("503",)) as proxy:
+        use_env(monkeypatch, {"S3_ENDPOINT_URL": proxy.url})
+        missing = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are not set; set both in the environment"
+        with pytest.raises(StorageError, match=f"no S3 credentials for s3://{moto_bucket} at {proxy.url}: {missing}"):
+            open_store(f"s3://{moto_bucket}").list("run")
+        for args in (["ls", f"s3://{moto_bucket}/run"], ["verify", f"s3://{moto_bucket}/run"]):
+            assert cli.main(args) == 2
+            err = capsys.readouterr().err
+            assert err.count("activault: error:") == 1 and missing in err and "Traceback" not in err, err
+            assert "AWS_SKIP_SIGNATURE=true or the store option unsigned=True" in err and ".aws" not in err
+        with pytest.raises(StorageError, match="no S3 credentials"):
+            open_store(f"s3://{moto_bucket}", unsigned=False).get("run/cfg.json")  # signed by nothing
+        assert proxy.counts["requests"] == 0
+        (home / ".aws").mkdir()
+        (home / ".aws" / "credentials").write_text("[default]\n")
+        with pytest.raises(StorageError, match=r"credentials are not read: export the keys, e.g. `eval"):
+            open_store(f"s3://{moto_bucket}").size("run/cfg.json")
+    use_env(monkeypatch, {"S3_ENDPOINT_URL": moto.url})
+    with pytest.raises(StorageError, match="the bucket refuses anonymous .unsigned. requests: set AWS_ACCESS_KEY_ID"):
+        open_store(f"s3://{moto_bucket}", unsigned=True).get("run/cfg.json")
+    make_public(moto.url, moto_bucket)
+    assert bytes(open_store(f"s3://{moto_bucket}", unsigned=True).get("run/cfg.json")) == b"{}"
+    monkeypatch.setenv("AWS_SKIP_SIGNATURE", "true")
+    assert [e.key for e in open_store(f"s3://{moto_bucket}").list("run")] == ["run/cfg.json"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")  # half a key pair: one message, no traceback
+    monkeypatch.delenv("AWS_SKIP_SIGNATURE")
+    with pytest.raises(StorageError, match="AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is not: set both"):
+        open_store(f"s3://{moto_bucket}")
+    with pytest.raises(StorageError, match="cannot set up S3 for .*: Missing SecretAccessKey; fix the AWS_"):
+        open_store(f"s3://{moto_bucket}", unsigned=True)  # obstore reads the environment's half pair itself
 
 
 def test_cost_notes() -> None:

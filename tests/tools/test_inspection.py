@@ -23,6 +23,7 @@ from activault.vault import codec as codecs
 from activault.vault import megabatch as fmt
 from activault.vault.records import file_name, read_statistics
 from support.collecting import run_cli
+from support.s3servers import free_port
 from support.synth import SynthRun, write_synthetic_run
 
 HOOKS = ["models.layers.0.post", "models.layers.1.mlp.post"]
@@ -123,7 +124,39 @@ def test_inspect_flags_nan_and_inf_and_shows_ids_without_tokenizer(vault, capsys
     store.put(f"run/{HOOKS[0]}/bad.safetensors", fmt.encode(t, {}))
     rc, out, _ = run_cli(["inspect", str(store.root / "run" / HOOKS[0] / "bad.safetensors")], capsys)
     assert rc == 0 and "No NaNs: ❌" in out and "No Infs: ❌" in out
-    assert "cannot load tokenizer 'synthetic'" in out and "showing ids" in out
+    assert "tokenizer 'synthetic' is not in the local Hugging Face cache" in out and "showing ids" in out
+    ids = run.files[HOOKS[0]][run.names[0]]["input_ids"][0][:5].tolist()
+    assert "Row 0: " + " ".join(map(str, ids)) in out
+
+
+def test_inspect_of_a_hub_tokenizer_without_the_hub_shows_ids_and_says_why(vault, monkeypatch, capsys) -> None:
+    """No HF_HUB_OFFLINE, the Hub at a closed port: the quick check says offline, so the Hub is never
+    asked (its client retried for ~49 s); the rows are ids, with the reason and the fix."""
+    from transformers import AutoTokenizer
+
+    from activault.collection.model import hub_offline
+
+    store, run = vault
+    cfg = json.loads(store.get_text("run/cfg.json"))
+    store.put_text("run/cfg.json", json.dumps({**cfg, "tokenizer": "no-org/no-such-tokenizer"}))
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    hub_offline.cache_clear()
+    asked: list[dict[str, object]] = []
+
+    def from_pretrained(name: str, **kwargs: object) -> None:
+        asked.append(kwargs)
+        raise OSError(f"{name} is not in the cache" if kwargs.get("local_files_only") else "the Hub was asked")
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", from_pretrained)
+    try:
+        rc, out, _ = run_cli(["inspect", str(store.root / "run" / HOOKS[0] / run.names[0])], capsys)
+        assert hub_offline() is True
+    finally:
+        hub_offline.cache_clear()
+    assert rc == 0 and asked == [{"local_files_only": True}]
+    assert "tokenizer 'no-org/no-such-tokenizer' is not in the local Hugging Face cache and the Hub is" in out
+    assert "`hf download no-org/no-such-tokenizer`" in out and "HF_HUB_OFFLINE unset" in out and "showing ids" in out
     ids = run.files[HOOKS[0]][run.names[0]]["input_ids"][0][:5].tolist()
     assert "Row 0: " + " ".join(map(str, ids)) in out
 

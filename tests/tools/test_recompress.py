@@ -1,23 +1,42 @@
-"""tools/recompress.py: in-place recompression of a run, verified, resumable after a failure and
-reversible to the very bytes collect wrote; a run still collecting is refused."""
+"""tools/recompress.py: in-place recompression of a run, verified, resumable after a failure or a
+SIGKILL and reversible to the very bytes collect wrote; every hook checked before anything is
+converted (foreign objects skipped and counted, holes refused); a run still collecting is refused."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
+import torch
 from test_inspection import compress_and_edit
 
 from activault.errors import ConfigError, FormatError
-from activault.storage import LocalStore
-from activault.tools.recompress import recompress_run
+from activault.storage import LocalStore, Store
+from activault.storage.s3 import S3Store
+from activault.tools.recompress import recompress_run, run_recompress
 from activault.tools.verify import verify_run
 from activault.vault import codec as codecs
 from activault.vault import megabatch as fmt
-from support.synth import SynthRun
+from support.interrupted import kill_when_reached
+from support.synth import SynthRun, s3_env, write_synthetic_run
 
 ZSTD_SMALL = codecs.Codec("zstd", chunk_bytes=256)  # many chunks in a tiny file, the last one partial
+HOOKS3 = ["h1", "h2", "h3"]
+
+
+@pytest.fixture(params=["local", pytest.param("moto", marks=pytest.mark.s3)])
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Store, Store]:
+    """Two empty stores of one kind (local folders, or two prefixes of a fresh moto bucket)."""
+    if request.param == "local":
+        return LocalStore(tmp_path / "a", fsync=False), LocalStore(tmp_path / "b", fsync=False)
+    url, bucket = request.getfixturevalue("moto_url"), request.getfixturevalue("moto_bucket")
+    return S3Store(f"s3://{bucket}/a", env=s3_env(url)), S3Store(f"s3://{bucket}/b", env=s3_env(url))
+
+
+def contents(store: Store, run: str = "run") -> dict[str, bytes]:
+    return {e.key: bytes(store.get(e.key)) for e in store.list(run)}
 
 
 def test_recompress_in_place_is_verified_resumable_and_reversible(
@@ -75,3 +94,136 @@ def test_recompress_rewrites_a_version_2_file_under_the_current_rule(run: SynthR
     recompress_run(local, "run", codecs.Codec("zstd"))
     header = fmt.fetch_header(local, key)
     assert header.version == fmt.FORMAT_VERSION and verify_run(local, "run", deep=True).problems == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zstd_then_none_gives_back_the_very_bytes_collect_wrote(stores: tuple[Store, Store], dtype: torch.dtype):
+    """float32 too: a compressed file lists `states` last, the writer first (equal widths keep their order)."""
+    store = stores[0]
+    run = write_synthetic_run(store, "run", HOOKS3, machines=2, files=2, dtype=dtype)
+    keys = [f"run/{h}/{n}" for h in HOOKS3 for n in run.names]
+    original = {k: bytes(store.get(k)) for k in keys}
+    assert recompress_run(store, "run", ZSTD_SMALL).converted == len(keys)
+    assert all(bytes(store.get(k)) != original[k] for k in keys)
+    assert recompress_run(store, "run", None).converted == len(keys)
+    assert {k: bytes(store.get(k)) for k in keys} == original
+
+
+def test_foreign_objects_are_skipped_and_counted(stores: tuple[Store, Store], tmp_path: Path):
+    store = stores[0]
+    run = write_synthetic_run(store, "run", ["h1", "h2"], machines=2, files=2)
+    store.put("run/h2/empty.safetensors", b"")
+    store.put("run/h2/m00000-000009.safetensors", b"")  # empty, and no progress record counts it
+    store.put("run/h2/notes.txt", b"not a megabatch")
+    foreign = {"empty.safetensors": "empty", "m00000-000009.safetensors": "empty", "notes.txt": "not a megabatch"}
+    if isinstance(store, LocalStore):
+        (tmp_path / "a/run/h1/link.safetensors").symlink_to(tmp_path / "a/run/h1" / run.names[0])
+        foreign["link.safetensors"] = "a link"
+    s = recompress_run(store, "run", ZSTD_SMALL)
+    assert s.converted == s.files == 2 * len(run.names)
+    assert s.foreign == {
+        store.url(f"run/{'h1' if n.startswith('link') else 'h2'}/{n}"): why for n, why in foreign.items()
+    }
+    assert bytes(store.get("run/h2/notes.txt")) == b"not a megabatch" and store.size("run/h2/empty.safetensors") == 0
+    if isinstance(store, LocalStore):
+        assert (tmp_path / "a/run/h1/link.safetensors").is_symlink()
+    problems = verify_run(store, "run", deep=True).problems  # the converted files pass; verify names the rest
+    assert problems and {p.split(":")[0].split("/")[-1] for p in problems} <= set(foreign)
+
+
+def test_nothing_is_converted_until_every_hook_is_checked(stores: tuple[Store, Store], tmp_path: Path):
+    store = stores[0]
+    run = write_synthetic_run(store, "run", ["h1", "h2"], machines=2, files=2)
+    before = contents(store)
+    store.put("run/h2/zz.safetensors", b"\x08" + bytes(40))  # a megabatch by name, in the last hook
+    with pytest.raises(FormatError, match="zz.safetensors"):
+        recompress_run(store, "run", ZSTD_SMALL, threads=1)
+    store.delete("run/h2/zz.safetensors")
+    assert contents(store) == before  # h1 was not converted first
+    hole = f"run/h2/{run.names[3]}"  # counted by machine 1's progress record
+    store.put(hole, b"")
+    message = (
+        f"{store.url(hole)} is empty, yet machine 1's progress record counts it: a hole in the run; "
+        "nothing converted. Restore the file from a copy, or delete"
+    )
+    with pytest.raises(FormatError, match=re.escape(message)):
+        recompress_run(store, "run", ZSTD_SMALL, threads=1)
+    assert contents(store) == {**before, hole: b""}
+
+
+def test_a_counted_file_that_is_a_link_or_missing_is_a_hole(run: SynthRun, local: LocalStore, tmp_path: Path):
+    victim = tmp_path / "run/h2" / run.names[1]
+    victim.unlink()
+    before = contents(local)
+    with pytest.raises(FormatError, match=f"{run.names[1]} is missing, yet machine 0's progress record counts it"):
+        recompress_run(local, "run", ZSTD_SMALL)
+    victim.symlink_to(tmp_path / "run/h1" / run.names[1])
+    with pytest.raises(FormatError, match=f"{run.names[1]} is a link, not a file, yet machine 0's"):
+        recompress_run(local, "run", ZSTD_SMALL)
+    victim.unlink()
+    assert contents(local) == before  # nothing converted
+
+
+KILLED_RECOMPRESS = """
+    import sys
+    from activault.storage import open_store
+    from activault.storage.local import LocalStore
+    from activault.storage.s3 import S3Store
+    from activault.tools.recompress import recompress_run, run_recompress
+    from activault.vault import codec
+
+    files = 0
+
+    def stop_on_third(data):
+        global files
+        files += 1
+        return files == 3
+
+    real_write, real_put = LocalStore._write, S3Store.put
+
+    def write(self, path, data):
+        if ".safetensors" in path.name and stop_on_third(data):
+            blob = b"".join(bytes(p) for p in (data if isinstance(data, list) else [data]))
+            path.write_bytes(blob[: len(blob) // 2])  # the temp file, half written
+            stop_here()
+        real_write(self, path, data)
+
+    def put(self, key, data):
+        if key.endswith(".safetensors") and stop_on_third(data):
+            stop_here()
+        real_put(self, key, data)
+
+    LocalStore._write, S3Store.put = write, put
+    recompress_run(open_store(sys.argv[1]), "run", codec.Codec("zstd", chunk_bytes=256), threads=1)
+"""
+
+
+def test_a_killed_recompress_is_finished_by_a_rerun_byte_identical(
+    stores: tuple[Store, Store], tmp_path: Path, request: pytest.FixtureRequest
+):
+    killed, whole = stores
+    for store in stores:
+        write_synthetic_run(store, "run", ["h1", "h2"], machines=2, files=2, dtype=torch.float32)
+    env = s3_env(request.getfixturevalue("moto_url")) if isinstance(killed, S3Store) else {}
+    code = KILLED_RECOMPRESS.replace("sys.argv[1]", repr(killed.uri))
+    kill_when_reached(code, tmp_path / "reached", env)
+    left = sorted(p.name for p in (tmp_path / "a").rglob(".m*.tmp"))
+    assert len(left) == isinstance(killed, LocalStore)  # the half-written temp file of the third file
+    s = recompress_run(killed, "run", ZSTD_SMALL)
+    assert s.leftovers == len(left) and s.skipped == 2 and s.converted == s.files - 2
+    recompress_run(whole, "run", ZSTD_SMALL)
+    assert contents(killed) == contents(whole) and not list((tmp_path / "a").rglob("*.tmp"))
+    assert verify_run(killed, "run", deep=True).problems == []
+
+
+def test_the_command_names_foreign_objects_and_removed_leftovers(
+    run: SynthRun, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+):
+    (tmp_path / "run/h1/notes.txt").write_text("mine")
+    (tmp_path / f"run/h2/.{run.names[0]}.0123abcd.tmp").write_bytes(b"half a file")  # a killed put's
+    assert run_recompress(str(tmp_path / "run"), "zstd") == 0
+    out = capsys.readouterr().out
+    assert f"foreign   {tmp_path / 'run/h1/notes.txt'} (not a megabatch: not read)" in out
+    assert "removed 1 unfinished temp file(s) of an earlier, killed attempt" in out
+    assert f"{2 * len(run.names)} file(s) converted, 0 already zstd, 1 other object(s) skipped" in out
+    assert not list(tmp_path.rglob("*.tmp")) and (tmp_path / "run/h1/notes.txt").read_text() == "mine"

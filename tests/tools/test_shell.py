@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import sys
@@ -12,6 +13,8 @@ import pytest
 from test_inspection import retokenize
 
 from activault.storage import LocalStore, Store, open_store
+from activault.storage.s3 import S3Store
+from activault.tools.shell import Shell
 from support.synth import (
     SynthRun,
     create_bucket,
@@ -87,19 +90,19 @@ def test_navigation_listing_cat_help_and_history(local, tmp_path: Path, history:
     root = str(store.root)
     s = open_shell(root, tmp_path, history)
     out = s.run("ls")
-    assert re.search(r"^\s+0\s+run/\s*$", out, re.M)
-    assert s.run("cd 0", "run") == ""
+    assert re.search(r"^\s+#0\s+run/\s*$", out, re.M)
+    assert s.run("cd #0", "run") == ""
     out = s.run("ls", "run")
     # folders first (numbered), then files with sizes
-    assert re.search(rf"^\s+0\s+{re.escape(HOOKS[0])}/", out, re.M) and re.search(r"^\s+2\s+progress/", out, re.M)
-    assert re.search(r"^\s+3\s+cfg\.json\s+\d+ B", out, re.M)
-    out = s.run("cat 3", "run")
+    assert re.search(rf"^\s+#0\s+{re.escape(HOOKS[0])}/", out, re.M) and re.search(r"^\s+#2\s+progress/", out, re.M)
+    assert re.search(r"^\s+#3\s+cfg\.json\s+\d+ B", out, re.M)
+    out = s.run("cat #3", "run")
     assert '"tokenizer": "synthetic"' in out
     s.run(f"cd {HOOKS[1]}", f"run/{HOOKS[1]}")
     out = s.run("ls", f"run/{HOOKS[1]}")
     assert all(n in out for n in run.names) and re.search(r"\d\.\d KB", out)
     s.run("cd ..", "run")
-    s.run("cd 0", f"run/{HOOKS[0]}")
+    s.run("cd #0", f"run/{HOOKS[0]}")
     s.run("cd", "")
     s.run(f"cd /run/{HOOKS[0]}", f"run/{HOOKS[0]}")
     s.run(f"cd ../{HOOKS[1]}", f"run/{HOOKS[1]}")
@@ -108,7 +111,7 @@ def test_navigation_listing_cat_help_and_history(local, tmp_path: Path, history:
     out = s.run("help")
     assert all(c in out for c in ("ls", "cd", "cat", "rm", "filecount", "sizecheck", "inspect", "exit"))
     s.close()
-    assert "cd 0" in history.read_text() and "help" in history.read_text()
+    assert "cd #0" in history.read_text() and "help" in history.read_text()
     # history is read back by the next session: Ctrl-P (previous line) recalls earlier commands
     s = open_shell(root, tmp_path, history)
     s.child.send("\x10\x10\r")  # Ctrl-P twice: past `exit` to `help`
@@ -121,16 +124,16 @@ def test_bad_input_prints_one_line_hints(local, tmp_path: Path, history: Path) -
     store, run = local
     s = open_shell(str(store.root), tmp_path, history)
     assert "unknown command 'frobnicate'" in s.run("frobnicate")
-    assert "no entry 7 here" in s.run("cd 7")
+    assert "no entry #7 here" in s.run("cd #7")
     s.run("cd run", "run")
-    out = s.run("cd 3", "run")
+    out = s.run("cd #3", "run")
     assert "cfg.json is a file, not a folder" in out
     out = s.run("rm", "run")
     assert "usage: rm" in out
     assert "is not here" in s.run("cat nothing.json", "run")
-    assert "is a folder" in s.run("inspect 0", "run")
+    assert "is a folder" in s.run("inspect #0", "run")
     assert "usage: inspect" in s.run("inspect", "run")
-    for out in (s.run(c, "run") for c in ("frobnicate", "cd 7", "cd 3", "rm", "cat 1 2")):
+    for out in (s.run(c, "run") for c in ("frobnicate", "cd #7", "cd 7", "cd #3", "rm", "cat #1 #2")):
         assert "Traceback" not in out and len(out.strip().splitlines()) == 1
     s.child.sendintr()  # Ctrl-C at the prompt: a fresh prompt, still running
     s.child.expect_exact(s.prompt("run"))
@@ -146,7 +149,7 @@ def test_redirect_filecount_and_sizecheck(local, tmp_path: Path, history: Path) 
     key = f"run/{HOOKS[0]}/{run.names[2]}"
     store.put(key, bytes(store.get(key)) + b"extra")  # an odd size
     s = open_shell(str(store.root), tmp_path, history)
-    s.run("cd 0", "run")
+    s.run("cd #0", "run")
     out = s.run("filecount", "run")
     line1 = next(ln for ln in out.splitlines() if HOOKS[1] in ln)
     assert "3 megabatches" in line1 and "❌" in line1 and run.names[1] in line1
@@ -187,7 +190,7 @@ def test_inspect_in_the_shell_shows_rows_and_full_text(local, tmp_path: Path, hi
     assert "enter a number from 0 to 3" in (s.child.before or "")
     s.child.sendline("q")
     s.child.expect_exact(s.prompt(f"run/{HOOKS[0]}"))
-    s.child.sendline("inspect 1")
+    s.child.sendline("inspect #1")
     s.child.expect_exact("'q' to quit: ")
     s.child.sendintr()  # Ctrl-C cancels the command, not the shell
     s.child.expect_exact(s.prompt(f"run/{HOOKS[0]}"))
@@ -200,13 +203,13 @@ def test_rm_asks_first_then_deletes(local, tmp_path: Path, history: Path) -> Non
     s = open_shell(str(store.root), tmp_path, history)
     s.run("cd run", "run")
     s.run(f"cd {HOOKS[0]}", f"run/{HOOKS[0]}")
-    s.child.sendline("rm 0 1")
+    s.child.sendline("rm #0 #1")
     s.child.expect(r"delete .*\(2 files, .*\)\? \[y/N\] ")
     s.child.sendline("n")
     s.child.expect_exact(s.prompt(f"run/{HOOKS[0]}"))
     assert "nothing deleted" in (s.child.before or "")
     assert store.exists(f"run/{HOOKS[0]}/{run.names[0]}")
-    s.child.sendline("rm 0 1")
+    s.child.sendline("rm #0 #1")
     s.child.expect_exact("[y/N] ")
     s.child.sendline("y")
     s.child.expect_exact(s.prompt(f"run/{HOOKS[0]}"))
@@ -282,7 +285,7 @@ def test_redirect_keeps_the_target_when_a_command_fails(local, tmp_path: Path, h
     assert "output written to /dev/null" in s.run("ls > /dev/null")
     out = s.run("ls > no/such/folder.txt")
     assert "cannot write no/such/folder.txt" in out and "nothing run" in out
-    assert re.search(r"^\s+0\s+run/", s.run("ls"), re.M)
+    assert re.search(r"^\s+#0\s+run/", s.run("ls"), re.M)
     s.close()
 
 
@@ -297,6 +300,87 @@ def test_missing_root_and_bucket_are_one_line_errors(tmp_path: Path, history: Pa
     child.close()
     assert child.exitstatus == 2 and "S3_BUCKET_NAME is not set" in (child.before or "")
     assert "Traceback" not in (child.before or "")
+
+
+# ---- names and numbers, in process, on both stores ----
+
+
+@pytest.fixture(params=["local", "moto"])
+def bare(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """An empty store of each kind."""
+    if request.param == "local":
+        return LocalStore(tmp_path / "vault", fsync=False)
+    url, bucket = request.getfixturevalue("moto_url"), request.getfixturevalue("moto_bucket")
+    return S3Store(f"s3://{bucket}", env=s3_env(url))
+
+
+def in_process(store: Store, answers: list[str] | None = None) -> tuple[Shell, io.StringIO, list[str]]:
+    """A Shell writing to a buffer; its questions are recorded and answered from `answers`."""
+    out, asked, left = io.StringIO(), [], list(answers or [])
+
+    def ask(question: str) -> str:
+        asked.append(question)
+        return left.pop(0)
+
+    return Shell(store, out=out, ask=ask), out, asked
+
+
+def said(shell: Shell, out: io.StringIO, line: str) -> str:
+    """What one command line printed (to the shell's output; errors go there too)."""
+    out.seek(0), out.truncate()
+    shell.run_line(line)
+    return out.getvalue()
+
+
+def test_a_folder_named_3_is_reached_by_name_and_entry_3_only_as_hash_3(bare: Store, capsys) -> None:
+    """`3` used to mean entry 3 of the listing even where a folder is named 3: `rm 3` deleted folder b."""
+    for folder in ("1", "3", "a", "b"):  # listed #0 1/, #1 3/, #2 a/, #3 b/
+        bare.put(f"{folder}/x.json", folder.encode())
+    shell, out, asked = in_process(bare, ["y"])
+    assert [ln.split() for ln in said(shell, out, "ls").splitlines()] == [
+        ["#0", "1/"],
+        ["#1", "3/"],
+        ["#2", "a/"],
+        ["#3", "b/"],
+    ]
+    assert said(shell, out, "cd 3") == "" and shell.cwd == "3" and said(shell, out, "cat x.json").strip() == "3"
+    assert said(shell, out, "cd ..") == "" and said(shell, out, "cd #3") == "" and shell.cwd == "b"
+    said(shell, out, "cd")
+    said(shell, out, "rm 3")
+    assert asked == ["delete 3/ (1 files, 1 B)? [y/N] "]
+    assert not bare.exists("3/x.json") and all(bare.exists(f"{f}/x.json") for f in ("1", "a", "b"))
+    # A number that names nothing is never taken for an entry: refused, naming the form that is.
+    for line in ("rm 2", "cd 2", "cat 2", "inspect 2"):
+        assert said(shell, out, line).strip() == "nothing here is named '2'; entry 2 of the listing is #2"
+    assert said(shell, out, "rm #9").strip() == "no entry #9 here (#0..#2); type `ls` to see the numbers"
+    assert asked == ["delete 3/ (1 files, 1 B)? [y/N] "] and len(bare.list()) == 3
+
+
+def test_names_with_control_characters_are_printed_escaped_and_reachable(tmp_path: Path, capsys) -> None:
+    """A newline in a name used to split its listing line in two (and an escape sequence reached the
+    terminal); printed as repr, the name is typed back in that form. Local only: on S3, object_store
+    refuses such keys (and a listing holding ESC is not XML 1.0)."""
+    bare = LocalStore(tmp_path / "vault", fsync=False)
+    bare.put("a\nb/x.json", b"{}")
+    bare.put("run/tab\there.json", b"0123")
+    bare.put("run/m\x1b[2J.safetensors", b"")
+    shell, out, asked = in_process(bare, ["n", "y"])
+    assert said(shell, out, "ls").splitlines() == ["   #0  'a\\nb'/", "   #1  run/"]
+    assert said(shell, out, "cd 'a\\nb'") == "" and shell.cwd == "a\nb" and shell.prompt.startswith("'")
+    assert "\n" not in shell.prompt and said(shell, out, "cat x.json").strip() == "{}"
+    said(shell, out, "cd")
+    assert said(shell, out, "cd \"'a\\nb'\"") == "" and shell.cwd == "a\nb"  # as printed, quotes and all
+    said(shell, out, "cd /run")
+    listing = said(shell, out, "ls")
+    assert "\x1b" not in listing and "\t" not in listing and len(listing.splitlines()) == 2, listing
+    assert "'m\\x1b[2J.safetensors'" in listing and "'tab\\there.json'" in listing
+    assert said(shell, out, "rm 'tab\\there.json' 'm\\x1b[2J.safetensors'").strip() == "nothing deleted"
+    assert asked[-1] == "delete 'tab\\there.json', 'm\\x1b[2J.safetensors' (2 files, 4 B)? [y/N] "
+    said(shell, out, "cd /")
+    counted = said(shell, out, "filecount")
+    assert counted.startswith("'a\\nb'/ ") and len(counted.splitlines()) == 2, counted
+    said(shell, out, "rm #0")
+    assert not bare.exists("a\nb/x.json") and bare.exists("run/tab\there.json")
 
 
 # ---- S3 (moto) ----
@@ -319,7 +403,7 @@ def s3(
 def test_s3_shell_on_the_default_bucket(s3, tmp_path: Path, history: Path) -> None:
     store, run, env = s3
     s = open_shell(store.uri, tmp_path, history, env=env, args=[])  # no --root: s3://$S3_BUCKET_NAME
-    assert re.search(r"^\s+0\s+run/", s.run("ls"), re.M)
+    assert re.search(r"^\s+#0\s+run/", s.run("ls"), re.M)
     s.run("cd run", "run")
     assert "2 megabatches" in s.run("filecount", "run")
     s.run(f"cd {HOOKS[0]}", f"run/{HOOKS[0]}")
@@ -327,13 +411,13 @@ def test_s3_shell_on_the_default_bucket(s3, tmp_path: Path, history: Path) -> No
     assert "2 megabatches" in out and "❌" not in out
     out = s.run("cat metadata.json", f"run/{HOOKS[0]}")
     assert '"d_model": 8' in out
-    s.child.sendline("inspect 0")
+    s.child.sendline("inspect #0")
     s.child.expect_exact("'q' to quit: ")
     out = s.child.before or ""
     assert "No NaNs: ✅" in out and "states: [4, 16, 8] bfloat16" in out and "showing ids" in out
     s.child.sendline("q")
     s.child.expect_exact(s.prompt(f"run/{HOOKS[0]}"))
-    assert "is a file, not a folder" in s.run("cd 0", f"run/{HOOKS[0]}")
+    assert "is a file, not a folder" in s.run("cd #0", f"run/{HOOKS[0]}")
     s.close()
 
 
@@ -342,7 +426,7 @@ def test_s3_shell_rm_and_prefix_root(s3, tmp_path: Path, history: Path) -> None:
     store, run, env = s3
     s = open_shell(store.url("run"), tmp_path, history, env=env)
     s.run(f"cd {HOOKS[1]}", HOOKS[1])
-    s.child.sendline("rm 0")
+    s.child.sendline("rm #0")
     s.child.expect_exact("[y/N] ")
     s.child.sendline("")
     s.child.expect_exact(s.prompt(HOOKS[1]))
@@ -417,5 +501,5 @@ def test_s3_shell_says_it_is_retrying_then_gives_one_line(s3, moto_url: str, tmp
         assert lines[-1].startswith(f"cannot list {store.uri}: the S3 endpoint {proxy.url} failed"), out
         assert "last with: 503 Service Unavailable (SlowDown)" in lines[-1]
         proxy.rate = 0.0  # the store is back: the same shell goes on
-        assert re.search(r"^\s+0\s+run/", s.run("ls"), re.M)
+        assert re.search(r"^\s+#0\s+run/", s.run("ls"), re.M)
         s.close()

@@ -42,14 +42,21 @@ def problems_of(store: LocalStore, deep: bool = False) -> list[str]:
 
 
 def redo(machine: int) -> str:
-    return f"rerun machine {machine}'s collect command"
+    """The repair of a damaged progress record."""
+    command = f"`activault collect --config <the run's config> --machine {machine}`"
+    return f"rerun machine {machine}'s collect command ({command})"
+
+
+def repair(machine: int) -> str:
+    """The repair of a damaged or missing file: exactly the machine's bad files collected again."""
+    return f"`activault collect --config <the run's config> --machine {machine} --repair`"
 
 
 def test_verify_finds_a_file_deleted_in_one_hook(vault, capsys) -> None:
     store, run = vault
     store.delete(f"run/{HOOKS[1]}/{run.names[2]}")
     problems = problems_of(store)
-    assert any(HOOKS[1] in p and "missing" in p and run.names[2] in p and redo(1) in p for p in problems)
+    assert any(HOOKS[1] in p and "missing" in p and run.names[2] in p and repair(1) in p for p in problems)
     rc, out, _ = run_cli(["verify", str(store.root / "run")], capsys)
     assert rc == 1 and run.names[2] in out and "problem" in out
 
@@ -59,7 +66,7 @@ def test_verify_finds_a_truncated_file(vault) -> None:
     key = f"run/{HOOKS[0]}/{run.names[1]}"
     store.put(key, bytes(store.get(key))[:-100])
     problems = problems_of(store)
-    assert any(f"{HOOKS[0]}/{run.names[1]}" in p and "truncated" in p and redo(0) in p for p in problems), problems
+    assert any(f"{HOOKS[0]}/{run.names[1]}" in p and "truncated" in p and repair(0) in p for p in problems), problems
 
 
 def test_verify_finds_mismatched_ids(vault) -> None:
@@ -71,7 +78,7 @@ def test_verify_finds_mismatched_ids(vault) -> None:
     (problem,) = problems_of(store)
     assert (
         problem.startswith(f"{HOOKS[1]}/{run.names[3]}: token ids or positions differ from {HOOKS[0]}/{run.names[3]}; ")
-        and redo(1) in problem
+        and repair(1) in problem
     )
 
 
@@ -95,7 +102,7 @@ def test_a_file_of_another_dtype_is_named_not_metadata(vault) -> None:
     store.put(f"run/{HOOKS[0]}/{run.names[0]}", fmt.encode(t, {}))
     (problem,) = problems_of(store)
     assert problem.startswith(f"{HOOKS[0]}/{run.names[0]}: states are [rows, 16, 8] float32, most files")
-    assert redo(0) in problem
+    assert repair(0) in problem
 
 
 def test_metadata_that_disagrees_with_every_file_is_named_as_the_broken_part(vault) -> None:
@@ -152,7 +159,7 @@ def test_deep_verify_finds_a_single_flipped_bit_in_states(vault, capsys) -> None
     assert problems_of(store) == []  # headers, ids and positions are intact
     (problem,) = problems_of(store, deep=True)
     assert problem.startswith(f"{HOOKS[1]}/{run.names[2]}: the bytes of tensor 'states' do not match")
-    assert redo(1) in problem
+    assert repair(1) in problem
     rc, out, _ = run_cli(["verify", "--deep", str(store.root / "run")], capsys)
     assert rc == 1 and "checksums verified in 7 of 7 readable files" in out
 
@@ -258,7 +265,7 @@ def test_an_edited_codec_description_names_the_files_never_metadata(vault, capsy
     assert len(problems) == len(run.names) and not any("metadata.json" in p for p in problems), problems
     for name, p in zip(sorted(run.names), problems, strict=True):
         assert p.startswith(f"{HOOKS[0]}/{name}: the bytes of tensor 'states' do not match")
-        assert redo(int(name[1:6])) in p
+        assert repair(int(name[1:6])) in p
     # With cfg.json's hook_dims, the headers alone are enough, and nothing is decoded from them.
     with_hook_dims(store, "run", dict.fromkeys(HOOKS, 8))
     for deep in (False, True):
@@ -266,7 +273,7 @@ def test_an_edited_codec_description_names_the_files_never_metadata(vault, capsy
         assert len(problems) == len(run.names) and not any(REBUILD in p for p in problems), problems
         for name, p in zip(sorted(run.names), problems, strict=True):
             assert p.startswith(f"{HOOKS[0]}/{name}: its header says states are [4, 16, 4] float32, cfg.json's")
-            assert "not the run's records" in p and redo(int(name[1:6])) in p
+            assert "not the run's records" in p and repair(int(name[1:6])) in p
     rc, out, _ = run_cli(["verify", str(store.root / "run")], capsys)
     assert rc == 1 and "metadata.json" not in out
 
@@ -277,7 +284,7 @@ def test_deep_verify_refuses_a_codec_shape_beyond_the_file_naming_it(vault) -> N
     for deep in (False, True):
         (problem,) = problems_of(store, deep=deep)
         assert problem.startswith(f"{HOOKS[1]}/{run.names[3]}: the header says chunk 0")
-        assert "more than zstd can produce" in problem and redo(1) in problem
+        assert "more than zstd can produce" in problem and repair(1) in problem
 
 
 @pytest.mark.parametrize("where", ["local", pytest.param("moto", marks=pytest.mark.s3)])
@@ -307,3 +314,28 @@ def test_a_file_recompressed_while_verify_reads_it_is_checked_whole(
     assert sizes[1][1] != sizes[1][0]  # replaced by a file of another size (and layout) after its header was read
     assert v.problems == [], v.problems
     assert verify_run(store, "run", deep=True).problems == []
+
+
+# ---- what the progress records say ----
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("moto", marks=pytest.mark.s3)])
+def test_a_counted_file_emptied_or_lost_everywhere_is_named_with_its_repair(where, request, tmp_path: Path) -> None:
+    from support.runstate import store_at
+
+    store, _, _ = store_at(where, request, tmp_path)
+    run = write_synthetic_run(store, "run", HOOKS, machines=2, files=2)
+    store.put(f"run/{HOOKS[0]}/{run.names[2]}", b"")  # counted by machine 1's record
+    store.put(f"run/{HOOKS[0]}/m00001-000007.safetensors", b"")  # counted by none: foreign, as before
+    for h in HOOKS:
+        store.delete(f"run/{h}/{run.names[1]}")  # lost from every hook: only machine 0's record has it
+    problems = problems_of(store)
+    assert any(
+        p.startswith(f"{HOOKS[0]}/{run.names[2]}: 0 bytes, but machine 1's progress record counts it")
+        and repair(1) in p
+        for p in problems
+    ), problems
+    assert not any(run.names[2] in p and "foreign" in p for p in problems)  # named once, as lost
+    assert any(p.startswith(f"{HOOKS[0]}/m00001-000007.safetensors: foreign object") for p in problems)
+    for h in HOOKS:
+        assert any(p.startswith(f"{h}: 1 file(s) missing") and run.names[1] in p and repair(0) in p for p in problems)

@@ -6,6 +6,7 @@ import json
 import os
 import struct
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +121,22 @@ def test_compressed_tensors_are_decoded_into_the_callers_buffers():
     assert [(tuple(t.shape), t.dtype) for t in taken] == [((4, 8, 16), torch.bfloat16)]
     assert mb.states.data_ptr() == taken[0].data_ptr()  # decoded in place, not copied after
     assert inside(mb.input_ids, buf) and inside(mb.positions, buf)  # raw ones: still views
+
+
+def test_compressed_chunks_decode_on_the_callers_executor():
+    tensors = megabatch(torch.bfloat16, rows=4, seq=8, d=16)
+    parts = encode(tensors, {}, compression=codecs.Codec("zstd", chunk_bytes=256))
+    submitted: list[object] = []
+
+    class Spy(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):  # type: ignore[override]
+            submitted.append(fn)
+            return super().submit(fn, *args, **kwargs)
+
+    with Spy(2) as pool:
+        mb = decode(b"".join(parts), NAME, verify_checksums=True, threads=pool)
+    assert equal(mb.tensors, tensors)
+    assert len(submitted) == len(parse_header(b"".join(parts), NAME).packed["states"].chunks) == 4
 
 
 def test_a_foreign_file_with_an_unaligned_tensor_reads_by_one_copy():

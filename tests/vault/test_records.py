@@ -266,3 +266,38 @@ def test_the_original_activaults_records_are_told_apart_from_ours(local: LocalSt
     assert "collect" not in str(theirs.value) and "original Activault" in str(theirs.value)
     # Our own records keep their bytes: `original` is never written.
     assert "original" not in local.get_text("run/cfg.json") and "original" not in local.get_text("run/h2/metadata.json")
+
+
+# ---- a progress record against the plan in cfg.json ----
+
+
+@pytest.mark.parametrize("n_batches, num_runs, per_file", [(6, 1, 2), (7, 3, 2), (10, 4, 3), (5, 5, 1), (9, 2, 4)])
+def test_planned_files_are_the_configs_share_of_each_machine(tmp_path: Path, n_batches, num_runs, per_file):
+    from support.collecting import make_cfg
+
+    cfg = make_cfg(
+        tmp_path, tmp_path, num_runs=num_runs, data={"n_batches": n_batches}, upload={"batches_per_upload": per_file}
+    )
+    rec = RunRecord(run_name="run", hooks=["h"], num_runs=num_runs, config=cfg.to_public_dict())
+    assert [records.planned_files(rec, m) for m in range(num_runs)] == [cfg.machine_files(m) for m in range(num_runs)]
+    assert records.planned_files(rec.model_copy(update={"config": {}}), 0) is None  # no plan: nothing to check
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("moto", marks=pytest.mark.s3)])
+def test_a_progress_record_counting_more_files_than_planned_is_refused(where, request, tmp_path: Path):
+    from support.runstate import edit_progress, store_at, with_plan
+
+    store, _, _ = store_at(where, request, tmp_path)
+    write_synthetic_run(store, "run", HOOKS, machines=3, files=3)
+    with_plan(store, "run", n_batches=9)  # 3 files per machine
+    plan = read_run(store, "run")
+    assert read_progress(store, "run", 1, plan=plan).files_done == 3  # its share exactly: fine
+    edit_progress(store, "run", 1, files_done=99)
+    assert read_progress(store, "run", 1).files_done == 99  # without the plan nothing says otherwise
+    with pytest.raises(FormatError) as e:
+        read_progress(store, "run", 1, plan=plan)
+    text = str(e.value)
+    assert text.startswith(f"{store.url('run/progress/machine-00001.json')}: field 'files_done' is 99, more than the 3")
+    assert "delete " in text and "rerun machine 1's collect command" in text
+    with pytest.raises(FormatError, match="files_done' is 99"):  # what the collection pipeline calls
+        records.check_against_plan(read_progress(store, "run", 1), 3, store, "run")

@@ -8,14 +8,24 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
-from activault.errors import ConfigError, NotFoundError
+from activault.errors import ConfigError, FormatError, NotFoundError
 from activault.storage import LocalStore
 from activault.tools.verify import verify_run
 from activault.vault import records
+from activault.vault.megabatch import encode
 from activault.vault.records import read_metadata, read_progress, read_run, read_statistics, write_record
-from activault.vault.runs import join_run, locate_run, merge_run_statistics, merge_statistics, rebuild_metadata
+from activault.vault.runs import (
+    check_every_machine,
+    join_run,
+    locate_run,
+    merge_run_statistics,
+    merge_statistics,
+    rebuild_metadata,
+)
 from activault.vault.stats import merge_all
+from support.collecting import run_cli
 from support.synth import SynthRun, as_stats_version_1, write_synthetic_run
 
 HOOKS = ["h1", "h2"]
@@ -188,3 +198,91 @@ def test_merge_stats_recounts_statistics_that_counted_nan_in(tmp_path: Path, cap
     assert read_progress(local, "run", 1).stats["h1"] == untouched[1].stats["h1"]
     assert synth.stats["h1"].nonfinite_tokens == 1
     assert verify_run(local, "run").problems == []  # count + nonfinite: the files' tokens
+
+
+# ---- merge-stats leaves out no machine in silence ----
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("moto", marks=pytest.mark.s3)])
+@pytest.mark.parametrize(
+    "damage, error, message",
+    [
+        ({"finished": False}, FormatError, "machine 1 has not finished ("),
+        ({"stats": {}}, FormatError, "field 'stats' has no statistics of hook(s) h1, h2 although the machine finished"),
+        ({"files_done": 99}, FormatError, "field 'files_done' is 99, more than the 2"),
+        ({"stats": 5}, FormatError, "machine-00001.json: field 'stats'"),
+        (None, NotFoundError, "machine 1 has no progress record ("),
+    ],
+)
+def test_merge_stats_refuses_a_machine_it_cannot_merge_naming_it_and_the_fix(
+    where, request, tmp_path: Path, damage, error, message
+):
+    from support.runstate import edit_progress, store_at, with_plan
+
+    store, _, _ = store_at(where, request, tmp_path)
+    write_synthetic_run(store, "run", HOOKS, machines=3, files=2)
+    with_plan(store, "run", n_batches=6)
+    before = store.get_text("run/h1/statistics.json")
+    if damage is None:
+        store.delete("run/progress/machine-00001.json")
+    else:
+        edit_progress(store, "run", 1, **damage)
+    with pytest.raises(error) as e:
+        check_every_machine(store, "run", read_run(store, "run"))
+    text = str(e.value)
+    assert text.startswith("cannot merge statistics over every machine: machine 1") and message in text
+    fix = "rerun machine 1's collect command" if damage and damage.get("finished") is not False else "--finished-only"
+    assert fix in text and "--machine 1" in text
+    assert store.get_text("run/h1/statistics.json") == before
+
+
+def test_merge_stats_finished_only_merges_the_finished_machines_and_says_which(local, synth, capsys):
+    from support.runstate import edit_progress
+
+    edit_progress(local, "run", 1, finished=False)
+    with pytest.raises(FormatError, match="machine 1 has not finished"):
+        merge_run_statistics(str(local.root / "run"))
+    rc, _, err = run_cli(["merge-stats", str(local.root / "run")], capsys)
+    assert rc == 2 and "machine 1 has not finished" in err and "--finished-only" in err
+    assert merge_run_statistics(str(local.root / "run"), finished_only=True) == [0, 2]
+    rc, out, _ = run_cli(["merge-stats", "--finished-only", str(local.root / "run")], capsys)
+    assert rc == 0 and "[0, 2]" in out
+    got = read_statistics(local, "run/h1")
+    parts = [read_progress(local, "run", m).stats["h1"].running() for m in (0, 2)]
+    assert got.machines == [0, 2] and got.count == merge_all(parts).count
+
+
+def test_a_finished_record_without_a_hooks_statistics_is_never_merged_as_if_complete(local, synth, caplog):
+    from support.runstate import edit_progress
+
+    rec = read_progress(local, "run", 2)
+    edit_progress(local, "run", 2, stats={"h1": rec.stats["h1"].model_dump()})  # h2's are gone
+    with caplog.at_level(logging.WARNING):
+        assert merge_statistics(local, "run", HOOKS, 3) == [0, 1]  # was [0, 1, 2], h2 without machine 2
+    assert "no statistics of hook(s) h2" in caplog.text and "rerun machine 2's collect" in caplog.text
+    assert read_statistics(local, "run/h2").machines == [0, 1] == read_statistics(local, "run/h1").machines
+
+
+# ---- metadata.json never rebuilt from a header that contradicts cfg.json ----
+
+
+def test_rebuild_metadata_refuses_a_header_that_contradicts_cfg_json(local, synth, caplog):
+    cfg = json.loads(local.get_text("run/cfg.json"))
+    local.put_text("run/cfg.json", json.dumps({**cfg, "hook_dims": dict.fromkeys(HOOKS, 8)}))
+    meta = read_metadata(local, "run/h1")
+    before = local.get_text("run/h1/metadata.json")
+    # Machine 0's first file of h1, rewritten with a header of d = 4 float32 (its own tensors, consistent).
+    edited = {k: v.clone() for k, v in synth.files["h1"][synth.names[0]].items()}
+    edited["states"] = torch.zeros(4, 16, 4)
+    local.put("run/h1/" + synth.names[0], encode(edited, records.header_metadata("run", "h1", 0, 0, "synthetic")))
+    with caplog.at_level(logging.WARNING):
+        assert rebuild_metadata(local, "run", wanted(meta), 0, 2) == []  # was ["h1"]: rebuilt to d = 4
+    assert local.get_text("run/h1/metadata.json") == before
+    assert "its header says states of d = 4 in float32, cfg.json says hook h1 holds d = 8 in bfloat16" in caplog.text
+    assert "--machine 0 --repair" in caplog.text
+    local.delete("run/h1/metadata.json")  # now nothing right to keep: refused, naming the file
+    with pytest.raises(FormatError) as e:
+        rebuild_metadata(local, "run", wanted(meta), 0, 2)
+    assert str(e.value).startswith(f"{local.url('run/h1/' + synth.names[0])}: its header says states of d = 4")
+    assert "is not rebuilt from it" in str(e.value) and "--machine 0 --repair" in str(e.value)
+    assert read_metadata(local, "run/h1") is None

@@ -50,9 +50,14 @@ def _opts(tcfg: TransformerConfig) -> dict[str, Any]:
     return opts
 
 
-def _hub_host() -> str:
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    return urlparse(endpoint).hostname or "huggingface.co"
+def _hub_address() -> tuple[str, int]:
+    """HF_ENDPOINT's host and port (a mirror may listen on any port; the Hub itself on 443)."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        port = url.port
+    except ValueError:  # a port that is not a number: the Hub client fails on it too
+        port = None
+    return url.hostname or "huggingface.co", port or (80 if url.scheme == "http" else 443)
 
 
 @functools.cache
@@ -61,9 +66,9 @@ def hub_offline() -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return True
     try:
-        socket.create_connection((_hub_host(), 443), timeout=2).close()
+        socket.create_connection(_hub_address(), timeout=2).close()
     except OSError:
-        log.info("the Hugging Face Hub (%s) is unreachable: using local files only", _hub_host())
+        log.info("the Hugging Face Hub (%s:%d) is unreachable: using local files only", *_hub_address())
         return True
     return False
 

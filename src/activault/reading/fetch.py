@@ -11,31 +11,39 @@ of its `retry_timeout` / `max_retries` options, then one error naming the endpoi
 from __future__ import annotations
 
 import errno
+import heapq
 import itertools
 import mmap
-import queue
 import threading
-import weakref
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from activault.errors import FormatError, NotFoundError, StorageError
+from activault.reading.buffers import ReadBuffers
 from activault.reading.order import range_priority
 from activault.storage import Store
 from activault.storage.base import REREADS, ObjectChanged, ObjectHandle, populate
 from activault.vault import megabatch as fmt
 
-# At most 16 MiB per ranged read: one connection to AWS moves ~90 MB/s, so 8 in flight fill a
-# 5 Gbit/s NIC. A file is split over all the workers (ranges of at least MIN_RANGE), so its ranges
-# run together and it arrives before the next file's (first batch: one file's time, not two).
+# At most 16 MiB per ranged read: one connection to AWS moves ~90 MB/s (LINK_RATE). A file is split
+# over its range workers (ranges of at least MIN_RANGE), so its ranges run together and it arrives
+# before the next file's (first batch: one file's time, not two). Local storage (a first byte in
+# under REMOTE_FIRST_BYTE) reads in RANGE_WORKERS ranges: more only add thread hops. Remote storage
+# caps each connection, so a big file gets one range per RANGE_SIZE, up to MAX_RANGE_WORKERS (the
+# original opened 16 per 256 MB file), and ranges of half that size where the first byte takes
+# SLOW_FIRST_BYTE or more (more connections hide it: 8 MiB at 90 MB/s + 30 ms is 76% busy per
+# connection, 32 of them move 1.8x what 16 ranges of 16 MiB do).
 RANGE_SIZE = 16 << 20
 MIN_RANGE = 4 << 20
 RANGE_WORKERS = 8
+MAX_RANGE_WORKERS = 32
+LINK_RATE = 90e6
+REMOTE_FIRST_BYTE = 0.005
+SLOW_FIRST_BYTE = 0.025
 # The header (a few hundred bytes) comes first in one small read: a junk multi-GB object in a hook
 # folder costs this much before it is refused, never its size. A file that one request covers
 # (at most the range size) is read whole, in that one request, and its header checked from it.
@@ -46,147 +54,125 @@ RANGE_WORKERS = 8
 HEAD_BYTES = 64 << 10
 
 
-def range_step(size: int, range_size: int | None = None) -> int:
+def range_workers(size: int, first_byte: float | None = None) -> int:
+    """Ranges of a `size`-byte file in flight at once, given the storage's first-byte latency in
+    seconds (None: not measured yet: RANGE_WORKERS, so a local stream's first file never starts
+    threads it will not use; its reads measure it for the next file)."""
+    if first_byte is None or first_byte < REMOTE_FIRST_BYTE:
+        return min(MAX_RANGE_WORKERS, RANGE_WORKERS)
+    per = RANGE_SIZE // 2 if first_byte >= SLOW_FIRST_BYTE else RANGE_SIZE
+    return min(MAX_RANGE_WORKERS, max(RANGE_WORKERS, -(-size // per)))
+
+
+def range_step(size: int, range_size: int | None = None, first_byte: float | None = None) -> int:
     """Bytes per ranged read of a `size`-byte file: `range_size` if set, else the file split over
-    RANGE_WORKERS in ranges of MIN_RANGE to RANGE_SIZE (whole pages)."""
+    `range_workers` in ranges of MIN_RANGE to RANGE_SIZE (whole pages)."""
     if range_size is not None:
         return range_size
-    share = -(-size // RANGE_WORKERS)
+    share = -(-size // range_workers(size, first_byte))
     return min(RANGE_SIZE, max(MIN_RANGE, -(-share // 4096) * 4096))
+
+
+class FirstByte:
+    """A stream's estimate of its storage's first-byte latency: the least (seconds - bytes /
+    LINK_RATE) over its reads (None before the first). The least, because queueing and a busy CPU
+    only ever add to a read's time."""
+
+    def __init__(self) -> None:
+        self.seconds: float | None = None
+        self._lock = threading.Lock()
+
+    def observe(self, seconds: float, nbytes: int) -> None:
+        estimate = max(0.0, seconds - nbytes / LINK_RATE)
+        with self._lock:
+            self.seconds = estimate if self.seconds is None else min(self.seconds, estimate)
 
 
 class Stopped(Exception):
     """Background work cancelled because the stream was closed."""
 
 
-@dataclass(eq=False)  # slots are compared by identity (list.remove), never by their arrays
-class _Slot:
-    mem: np.ndarray
-    given: weakref.ref[np.ndarray] | None = None  # the array handed out; dead = free
-    copied: Any = None  # a CUDA event recorded after non_blocking copies from this memory
-
-
-class ReadBuffers:
-    """Byte buffers handed out as tensors and handed out again once nothing uses them.
-
-    A fresh buffer costs a page fault per page on first touch, which makes reading into a new
-    buffer per file much slower than reading into recycled ones (bench/read.py's `rcache-fresh`;
-    docs/benchmarks.md has the figures). A tensor made from a numpy array keeps that array alive,
-    so once the weak reference to the array given out is dead, no tensor (or view of one) uses the
-    memory any more.
-    Pinned buffers (for CUDA) are kept the same way, sized to the largest request (the caching
-    host allocator rounds each allocation up to a power of two and never frees it); a buffer
-    whose copy to the GPU may still be in flight is reused only after its recorded event.
-
-    Args:
-        pin: page-locked memory, for non_blocking copies to CUDA.
-        keep: buffers kept for reuse at most.
-        recycle: False allocates a new buffer for every request (bench/read.py's `-fresh` readers).
-    """
-
-    def __init__(self, pin: bool = False, keep: int = 4, recycle: bool = True):
-        self.pin, self.keep, self.recycle = pin, keep, recycle
-        self._slots: list[_Slot] = []
-        self._largest = 0
-        self._lock = threading.Lock()
-
-    def bytes(self, nbytes: int) -> torch.Tensor:
-        """A uint8 tensor of `nbytes`, contents undefined."""
-        if not self.recycle:
-            return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
-        with self._lock:
-            free = [s for s in self._slots if s.mem.nbytes >= nbytes and (s.given is None or s.given() is None)]
-            slot = min(free, key=lambda s: s.mem.nbytes, default=None)
-            if slot is None:
-                self._largest = max(self._largest, nbytes)
-                size = self._largest if self.pin else nbytes
-                mem = (
-                    torch.empty(size, dtype=torch.uint8, pin_memory=True).numpy()
-                    if self.pin
-                    else np.empty(size, np.uint8)
-                )
-                slot = _Slot(mem)
-                if len(self._slots) >= self.keep:  # forget one: a free one, else the oldest (its user frees it)
-                    unused = [s for s in self._slots if s.given is None or s.given() is None]
-                    self._slots.remove(unused[0] if unused else self._slots[0])
-                self._slots.append(slot)
-            given = slot.mem[:nbytes]
-            slot.given, copied, slot.copied = weakref.ref(given), slot.copied, None
-        if copied is not None:
-            copied.synchronize()  # the last copy out of this memory has finished
-        return torch.from_numpy(given)
-
-    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        n = 1
-        for s in shape:
-            n *= s
-        return self.bytes(n * dtype.itemsize).view(dtype).view(shape)
-
-    def copied(self, tensors: list[torch.Tensor], event: Any) -> None:
-        """Non_blocking copies from these tensors were queued before `event`: reuse after it."""
-        with self._lock:
-            for t in tensors:
-                ptr = t.data_ptr()
-                for s in self._slots:
-                    base = s.mem.ctypes.data
-                    if base <= ptr < base + s.mem.nbytes:
-                        s.copied = event
-
-
 Job = tuple[tuple[int, ...], int, Any]
 
 
 class Workers:
-    """Daemon threads running submitted calls, lowest priority first; close() cancels the rest."""
+    """Daemon threads running submitted calls, lowest priority first; close() cancels the rest.
+
+    Threads start as the jobs need them, up to `workers` (`grow` raises the bound): a stream of
+    mapped files, which never submits a range, starts none (starting one took ~0.7 ms on this
+    project's busy VM, 10 of them a fifth of a 256 MB file's read from the page cache).
+    """
 
     def __init__(self, workers: int, name: str):
-        self._queue: queue.PriorityQueue[Job] = queue.PriorityQueue()
+        self.limit, self.name = workers, name
+        self._jobs: list[Job] = []  # a heap
         self._count = itertools.count()
-        self._lock = threading.Lock()
+        self._cond = threading.Condition()
+        self._idle = 0  # threads waiting for a job
         self._closed = False
-        self._threads = [
-            threading.Thread(target=_work, args=(self._queue,), name=f"{name}-{i}", daemon=True) for i in range(workers)
-        ]
-        for t in self._threads:
-            t.start()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def started(self) -> int:
+        """Threads started so far."""
+        return len(self._threads)
+
+    def grow(self, workers: int) -> None:
+        """Allow up to `workers` threads (never fewer than now)."""
+        with self._cond:
+            self.limit = max(self.limit, workers)
+            self._spawn()
 
     def submit(self, priority: tuple[int, ...], fn: Callable[..., Any], *args: Any) -> Future[Any]:
         future: Future[Any] = Future()
-        with self._lock:
+        with self._cond:
             if self._closed:
                 future.cancel()
             else:
-                self._queue.put((priority, next(self._count), (future, fn, args)))
+                heapq.heappush(self._jobs, (priority, next(self._count), (future, fn, args)))
+                self._spawn()
+                self._cond.notify()
         return future
 
-    def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            while True:  # cancel what has not started: its waiters wake up with CancelledError
+    def _spawn(self) -> None:
+        """Start threads for the jobs no idle thread will take, within the bound (lock held)."""
+        while len(self._jobs) > self._idle and len(self._threads) < self.limit:
+            t = threading.Thread(target=self._work, name=f"{self.name}-{len(self._threads)}", daemon=True)
+            self._threads.append(t)
+            self._idle += 1  # counted idle until it takes a job, so the next submit counts it
+            t.start()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._jobs and not self._closed:
+                    self._cond.wait()
+                if not self._jobs:  # closed
+                    self._idle -= 1
+                    return
+                job = heapq.heappop(self._jobs)[2]
+                self._idle -= 1
+            future, fn, args = job
+            if future.set_running_or_notify_cancel():
                 try:
-                    self._queue.get_nowait()[2][0].cancel()
-                except queue.Empty:
-                    break
-            for _ in self._threads:
-                self._queue.put(((-1,), next(self._count), None))
-        for t in self._threads:
+                    future.set_result(fn(*args))
+                except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+                    future.set_exception(e)
+            del job, future, fn, args  # the result (a file's buffers) is the waiter's alone
+            with self._cond:
+                self._idle += 1
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            for job in self._jobs:  # cancel what has not started: its waiters wake up with CancelledError
+                job[2][0].cancel()
+            self._jobs.clear()
+            self._cond.notify_all()
+            threads = list(self._threads)
+        for t in threads:
             if t is not threading.current_thread():
                 t.join()
-
-
-def _work(jobs: queue.PriorityQueue[Job]) -> None:
-    while True:
-        job = jobs.get()[2]
-        if job is None:
-            return
-        future, fn, args = job
-        if not future.set_running_or_notify_cancel():
-            continue
-        try:
-            future.set_result(fn(*args))
-        except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
-            future.set_exception(e)
-        del job, future, fn, args  # the result (a file's buffers) is the waiter's alone
 
 
 class ObjectReader:
@@ -203,10 +189,13 @@ class ObjectReader:
         stop: threading.Event,
         range_size: int | None = None,
         expect: int | None = None,
+        first_byte: FirstByte | None = None,
     ):
         self.store, self.key, self.size = store, key, size  # the listed size, until opened
         self.url = store.url(key)
-        self.stop, self.range_size, self.step = stop, range_size, range_step(size, range_size)
+        self.first_byte = first_byte if first_byte is not None else FirstByte()  # shared by a stream's readers
+        self.stop, self.range_size = stop, range_size
+        self.step = range_step(size, range_size, self.first_byte.seconds)
         self.expect = expect  # tensor bytes of a full file of this hook (None: unknown)
         self._whole: torch.Tensor | None = None  # the file, when requested whole with its header
         self._rest: list[Future[Any]] = []  # its other ranges, when requested with the header
@@ -223,7 +212,9 @@ class ObjectReader:
         assert obj is not None, "open() first"
         want = out.nbytes
         try:
+            began = time.perf_counter()
             got = obj.read_into(start, out)
+            self.first_byte.observe(time.perf_counter() - began, got)
         except NotFoundError:
             raise NotFoundError(f"{self.url} does not exist (it was listed: deleted since?)") from None
         if got < want:  # the version opened ends early: a short file, not a replaced one
@@ -282,7 +273,7 @@ class ObjectReader:
                 self._obj = obj = self.store.open(self.key, self._listed)
             except NotFoundError:
                 raise NotFoundError(f"{self.url} does not exist (it was listed: deleted since?)") from None
-            self.size, self.step = obj.size, range_step(obj.size, self.range_size)
+            self.size, self.step = obj.size, range_step(obj.size, self.range_size, self.first_byte.seconds)
             if self.size == 0:
                 raise FormatError(f"{self.url}: empty file (0 bytes); delete it and collect again")
             if not buffers.pin:  # pinned buffers copy to the GPU asynchronously: read into those
@@ -290,6 +281,12 @@ class ObjectReader:
                 if self._map is not None:
                     obj.close()  # the mapping holds the version now
         return self._map is not None
+
+    @property
+    def workers(self) -> int:
+        """Range workers for this file (`range_workers`; the files read ahead request their heads
+        together, so never fewer than RANGE_WORKERS)."""
+        return range_workers(self.size, self.first_byte.seconds)
 
     def _head(
         self, buffers: ReadBuffers, ranges: Workers | None, priority: tuple[int, ...], started: Callable[[], None]

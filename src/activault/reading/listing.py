@@ -13,7 +13,7 @@ import torch
 from activault import dtypes
 from activault.errors import ConfigError, FormatError, NotFoundError
 from activault.reading.options import ReadOptions
-from activault.storage import Entry, Store, open_stores
+from activault.storage import STORE_OPTIONS, Entry, Store, open_store, open_stores, parse_uri
 from activault.vault import megabatch as fmt
 from activault.vault import original as orig
 from activault.vault import records
@@ -40,6 +40,10 @@ class Prefix:
 
     store: Store
     folders: tuple[str, ...]
+    # Where the run's cfg.json and progress records are: the store itself for a run folder, the
+    # folder above for a hook folder's URI (None: a Store given as it is, or no folder above).
+    records: Store | None = None
+    hooks: tuple[str, ...] = ("",)  # hook names, for messages
 
     def key(self, h: int, name: str) -> str:
         return f"{self.folders[h]}/{name}" if self.folders[h] else name
@@ -90,7 +94,10 @@ class Catalog:
         self.hooks = [h.strip("/") for h in hooks] if hooks else None
         self.skip_bad_files = options.skip_bad_files
         folders = tuple(self.hooks) if self.hooks else ("",)
-        self.prefixes = [Prefix(s, folders) for s in open_stores(uris, options.store_options or {})]
+        stores = open_stores(uris, options.store_options or {})
+        self.prefixes = [self._prefix(u, s, folders, options) for u, s in zip(uris, stores, strict=True)]
+        self._plans: dict[int, records.RunRecord | None] = {}  # source -> its run's cfg.json
+        self._damaged: set[str] = set()  # progress records warned about
         self.blocks: list[list[FileRef]] = []
         self.incomplete: dict[str, list[str]] = {}  # url of a file -> hooks that lack it (skipped)
         self.foreign: dict[str, str] = {}  # url of an object that is not a megabatch -> why (skipped)
@@ -111,16 +118,36 @@ class Catalog:
             self._metadata = {k: f.result() for k, f in asked.items()}  # a damaged record raises here
         self.shapes: list[StatesShape | None] = self._check_compatible()
 
+    def _prefix(self, uri: str | Path | Store, store: Store, folders: tuple[str, ...], options: ReadOptions) -> Prefix:
+        """A source; a hook folder's URI reads its run's progress records in the folder above."""
+        if self.hooks:
+            return Prefix(store, folders, store, tuple(self.hooks))
+        if isinstance(uri, Store):
+            return Prefix(store, folders)
+        parsed = parse_uri(uri)
+        if not parsed.path.strip("/"):
+            return Prefix(store, folders)  # a bucket or the filesystem's root: nothing above
+        parent, _, hook = str(parsed).rstrip("/").rpartition("/")
+        own = {k: v for k, v in (options.store_options or {}).items() if k in STORE_OPTIONS[parsed.scheme]}
+        return Prefix(store, folders, open_store(parent or "/", **own), (hook,))
+
     def sync(self) -> int:
         """List again; files not seen before are appended as a new block. Returns how many."""
         new: list[FileRef] = []
         for si, prefix in enumerate(self.prefixes):
-            per_hook = [self._list(prefix, folder) for folder in prefix.folders]
+            # The records first: a file they count was written before them, so it is listed below.
+            progress = self._progress(si, prefix)
+            per_hook, empty, odd = zip(*(self._list(prefix, folder) for folder in prefix.folders), strict=True)
             listed = set.union(*(set(p) for p in per_hook))
-            progress = self._progress(prefix) if listed else {}  # none listed: the NotFoundError says so
+            if not listed:
+                progress = {}  # none listed: the NotFoundError says so (or a run stored no files)
             counted = {records.file_name(m, k) for m, rec in progress.items() if rec for k in range(rec.files_done)}
+            self._foreign(
+                [o for os in odd for o in os] + [(u, "empty") for e in empty for n, u in e.items() if n not in counted]
+            )
+            lost = [{n for n in e if n in counted} for e in empty]
             complete = set.intersection(*(set(p) for p in per_hook))
-            self._partial(si, prefix, per_hook, (listed | counted) - complete, progress)
+            self._partial(si, prefix, per_hook, lost, (listed | counted) - complete, progress)
             for name in sorted(complete):
                 if (si, name) not in self._seen:
                     self._seen.add((si, name))
@@ -129,83 +156,110 @@ class Catalog:
             self.blocks.append(new)
         return len(new)
 
-    def _list(self, prefix: Prefix, folder: str) -> dict[str, int]:
-        """Megabatch name -> size in one hook folder; anything else is reported once as foreign."""
+    def _list(self, prefix: Prefix, folder: str) -> tuple[dict[str, int], dict[str, str], list[tuple[str, str]]]:
+        """One hook folder: megabatch name -> size, empty megabatch name -> url (foreign unless a
+        progress record counts it: `sync`), and (url, why) of every other object (foreign)."""
         entries: list[Entry] = prefix.store.list_dir(folder)[1]
-        files, odd = {}, []
+        files, empty, odd = {}, {}, []
         for e in entries:
             name = e.key.rsplit("/", 1)[-1]
             if name in RECORDS:
                 continue
             ok_key = e.kind == "file" and ".." not in e.key.split("/")
-            if fmt.is_megabatch(name) and e.size > 0 and ok_key:
-                files[name] = e.size
-            elif (url := prefix.store.url(e.key)) not in self.foreign:
+            if fmt.is_megabatch(name) and ok_key:
+                if e.size > 0:
+                    files[name] = e.size
+                else:
+                    empty[name] = prefix.store.url(e.key)
+            else:
                 why = "empty" if e.size == 0 else "not a megabatch"
-                self.foreign[url] = (
-                    why
-                    if e.kind == "file"
-                    else {"badkey": "a key with an empty, . or .. segment"}.get(e.kind, f"a {e.kind}")
-                )
-                odd.append(f"{url} ({self.foreign[url]})")
-        if odd:
-            warnings.warn(
-                f"skipping {len(odd)} object(s) that are not megabatch files: {', '.join(odd[:3])}"
-                + (", ..." if len(odd) > 3 else ""),
-                stacklevel=4,
-            )
-        return files
+                if e.kind != "file":
+                    why = {"badkey": "a key with an empty, . or .. segment"}.get(e.kind, f"a {e.kind}")
+                odd.append((prefix.store.url(e.key), why))
+        return files, empty, odd
+
+    def _foreign(self, odd: list[tuple[str, str]]) -> None:
+        """Skip objects that are not megabatch files: each named once in `foreign` and a warning."""
+        odd = [(url, why) for url, why in odd if url not in self.foreign]
+        if not odd:
+            return
+        self.foreign.update(odd)
+        lines = [f"{url} ({why})" for url, why in odd]
+        warnings.warn(
+            f"skipping {len(odd)} object(s) that are not megabatch files: {', '.join(lines[:3])}"
+            + (", ..." if len(odd) > 3 else ""),
+            stacklevel=4,
+        )
 
     def _partial(
         self,
         si: int,
         prefix: Prefix,
-        per_hook: list[dict[str, int]],
+        per_hook: Sequence[dict[str, int]],
+        lost: list[set[str]],
         names: set[str],
         progress: dict[int, records.ProgressRecord | None],
     ) -> None:
-        """Files some hooks lack (that other hooks or the progress records have): being written
-        (wait), else an error, or skipped and counted. One hook is checked against the records."""
-        hooks = self.hooks or [""]
-        missing = {}
+        """Files some hooks lack, or hold empty (that other hooks or the progress records have):
+        being written (wait), else an error, or skipped and counted. One hook is checked against
+        the records."""
+        missing: dict[str, list[str]] = {}
+        lines = []
         for name in sorted(names):
             if (si, name) in self._seen or _in_flight(name, progress):
                 continue
             self._seen.add((si, name))  # decided once: skipped, or the error below
-            missing[name] = [h for h, p in zip(hooks, per_hook, strict=True) if name not in p]
+            where = list(zip(prefix.hooks, per_hook, lost, strict=True))
+            missing[name] = [h for h, p, _ in where if name not in p]
+            gone, empty = (
+                [h for h, p, e in where if name not in p and name not in e],
+                [h for h, _, e in where if name in e],
+            )
+            said = [f"lacks {', '.join(gone)}"] if gone else []
+            said += [f"is empty (0 bytes) in {', '.join(empty)}"] if empty else []
+            lines.append(f"{name} {' and '.join(said)}")
         if not missing:
             return
-        lines = "; ".join(f"{n} lacks {', '.join(h)}" for n, h in list(missing.items())[:3])
-        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+        shown = "; ".join(lines[:3]) + (f" (and {len(lines) - 3} more)" if len(lines) > 3 else "")
         if not self.skip_bad_files:
             raise FormatError(
                 f"{len(missing)} file(s) under {prefix.store.uri} are not in every hook (other hooks or "
-                f"the progress records have them): {lines}{more}. "
-                "Their tokens would be missing from the other hooks: restore them, or pass "
-                "skip_bad_files=True to skip them"
+                f"the progress records have them): {shown}. "
+                "Their tokens would be missing from the other hooks: restore them (`activault verify` on the run "
+                "names the repair), or pass skip_bad_files=True to skip them"
             )
         for name, lacking in missing.items():
             self.incomplete[prefix.store.url(name)] = lacking
-        warnings.warn(f"skipping {len(missing)} file(s) not in every hook: {lines}{more}", stacklevel=4)
+        warnings.warn(f"skipping {len(missing)} file(s) not in every hook: {shown}", stacklevel=4)
 
-    def _progress(self, prefix: Prefix) -> dict[int, records.ProgressRecord | None]:
-        """Machine -> its progress record (None: damaged, so it tells nothing), when the prefix is a
-        run folder (`hooks` given): the records sit beside the hook folders."""
-        if not self.hooks:
+    def _progress(self, si: int, prefix: Prefix) -> dict[int, records.ProgressRecord | None]:
+        """Machine -> its progress record (None: damaged, so it tells nothing, with a warning), when
+        the source has records: a run folder (`hooks` given) or a hook folder of a run."""
+        store = prefix.records
+        if store is None:
             return {}
-        entries = prefix.store.list_dir(records.progress_key("", 0).rpartition("/")[0])[1]
+        entries = store.list_dir(records.progress_key("", 0).rpartition("/")[0])[1]
         machines = [m for e in entries if (m := records.parse_progress_name(e.key)) is not None]
-
-        def read(machine: int) -> records.ProgressRecord | None:
+        if machines and si not in self._plans:
             try:
-                return records.read_progress(prefix.store, "", machine)
+                self._plans[si] = records.read_run(store, "", original_ok=True)
             except FormatError:
-                return None
+                self._plans[si] = None  # checked against nothing, as the records of a run without one
+        plan = self._plans.get(si)
 
-        if len(machines) <= 1:
-            return {m: read(m) for m in machines}
-        with ThreadPoolExecutor(min(len(machines), 16), thread_name_prefix="activault-records") as pool:
-            return dict(zip(machines, pool.map(read, machines), strict=True))
+        def read(machine: int) -> records.ProgressRecord | FormatError | None:
+            try:
+                return records.read_progress(store, "", machine, plan=plan)
+            except FormatError as e:
+                return e
+
+        with ThreadPoolExecutor(min(len(machines), 16) or 1, thread_name_prefix="activault-records") as pool:
+            found = dict(zip(machines, pool.map(read, machines), strict=True))
+        for m, rec in found.items():
+            if isinstance(rec, FormatError) and (url := store.url(records.progress_key("", m))) not in self._damaged:
+                self._damaged.add(url)
+                warnings.warn(f"reading without a damaged progress record: {rec}", stacklevel=4)
+        return {m: None if isinstance(rec, FormatError) else rec for m, rec in found.items()}
 
     def tensor_bytes(self, si: int, h: int) -> int | None:
         """The tensor bytes of a full file of source `si`, hook `h` (None without metadata): from

@@ -24,7 +24,7 @@ import torch
 
 from activault import dtypes
 from activault.errors import FormatError, StorageError
-from activault.reading.fetch import RANGE_WORKERS, ObjectReader, ReadBuffers, Stopped, Workers
+from activault.reading.fetch import FirstByte, ObjectReader, ReadBuffers, Stopped, Workers
 from activault.reading.listing import Catalog, FileRef, Prefix, StatesShape
 from activault.reading.options import ReadOptions
 from activault.reading.order import (
@@ -101,6 +101,7 @@ class FileStream:
         self.pin = pin
         self.transform = transform
         self.buffers = ReadBuffers(pin, keep=o.buffer_size + held + 1, recycle=o.recycle)
+        self.first_byte = FirstByte()  # the storage's, as this stream's reads measure it (range plan)
         self._shape_lock = threading.Lock()
         self._order_cache: tuple[tuple[int, int], list[FileRef]] | None = None
 
@@ -180,7 +181,7 @@ class FileStream:
                     r.body(head, self.buffers, ranges, request_priority(BODY, seq, h))
                     for h, (r, (head, _)) in enumerate(zip(readers, heads, strict=True))
                 ]
-                item = self._decode(f, readers, [header for _, header in heads], bodies)
+                item = self._decode(f, readers, [header for _, header in heads], bodies, queued.set)
                 break
             except ObjectChanged:  # a file replaced between its header and its body (S3): read it again
                 for r in readers:
@@ -199,6 +200,7 @@ class FileStream:
                 stop=stop,
                 range_size=self.range_size,
                 expect=self.catalog.tensor_bytes(f.source, h),
+                first_byte=self.first_byte,
             )
             for h, size in enumerate(f.sizes)
         ]
@@ -224,6 +226,7 @@ class FileStream:
                     queued.set()
                 heads = [r.head(self.buffers) for r in readers]
             else:
+                ranges.grow(max(r.workers for r in readers))  # threads start as ranges are queued
 
                 def started() -> None:  # one more hook's first requests are queued
                     with lock:
@@ -253,13 +256,20 @@ class FileStream:
         readers: list[ObjectReader],
         headers: list[fmt.Header | None],
         bodies: list[Callable[[], torch.Tensor]],
+        fetched: Callable[[], None] = lambda: None,
     ) -> LoadedFile:
         """Each hook's file decoded (`megabatch.decode`, into this stream's buffers) and checked
-        against the first: the same tokens in every hook."""
+        against the first: the same tokens in every hook. `fetched()` is called once every byte is
+        in, before the last decode: the next file's reads overlap it (a compressed file's decode
+        is CPU work, as long as its fetch)."""
         states: list[torch.Tensor] = []
         ids = pos = None
         for h, (r, header, body) in enumerate(zip(readers, headers, bodies, strict=True)):
-            decoded = fmt.decode(body(), r.url, header, self.verify_checksums, self.buffers.empty)
+            data = body()
+            if h == len(bodies) - 1:
+                fetched()
+            decoded = fmt.decode(data, r.url, header, self.verify_checksums, self.buffers.empty)
+            del data  # the decoded tensors hold what they need of it
             s, i, p = self._check(decoded.tensors, r.url, h)
             if ids is None:
                 ids, pos = i, p
@@ -319,7 +329,7 @@ class Prefetch(Iterator[tuple[int, LoadedFile]]):
         self._queued: threading.Event | None = None  # set once the last file started has its requests queued
         self._stop = threading.Event()
         self._files = Workers(stream.buffer_size, "activault-read")
-        self._ranges = Workers(RANGE_WORKERS, "activault-range")
+        self._ranges = Workers(1, "activault-range")  # grown to each file's ranges (fetch.range_workers)
         self._closer = weakref.finalize(self, _close, self._stop, [self._files, self._ranges])
 
     def _refill(self) -> None:

@@ -8,18 +8,14 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
-import os
 import sys
 import weakref
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
-from numpy.random import PCG64
 from torch.utils.data import IterableDataset, get_worker_info
 
 from activault.errors import ConfigError, NotFoundError
@@ -35,13 +31,23 @@ from activault.reading.options import (
     read_options,
     whole,
 )
-from activault.reading.order import first_file, mix_seed, position_after, windows
-from activault.reading.rcache import RCache, check_whole
-from activault.reading.stream import FileStream, LoadedFile, Reader, Source
+from activault.reading.order import mix_seed, position_after
+from activault.reading.rcache import RCache, check_state, check_whole
+from activault.reading.stream import FileRef, FileStream, LoadedFile, Reader, Source
+from activault.reading.window import (
+    GATHER_THREADS,
+    SHUFFLE,
+    Batch,
+    Window,
+    permutation,
+    ramp_windows,
+    window_count,
+    window_start,
+)
 from activault.storage import Store
 from activault.storage.uri import is_s3
 from activault.vault import records
-from activault.vault.stats import check_normalisable, finite_rows, merge_all
+from activault.vault.stats import check_normalisable, merge_all
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -49,121 +55,28 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class _Batch:
-    states: list[torch.Tensor]  # per hook [batch_tokens, d]
-    input_ids: torch.Tensor | None  # [batch_tokens] int32; None unless return_ids
-    positions: torch.Tensor | None  # [batch_tokens] int32; None unless return_ids
-    filled: int = 0
-
-
-def _bytes(x: torch.Tensor) -> np.ndarray:
-    """`x: [n, ...]` as a numpy view `[n, row_bytes]` of uint8 (numpy has no bfloat16)."""
-    return x.reshape(x.shape[0], -1).view(torch.uint8).numpy()
-
-
-class _Window:
-    """The kept tokens of a window of megabatches, indexed 0..n-1 without copying them together."""
-
-    def __init__(self, items: list[LoadedFile], drop_below: int, drop_nonfinite: bool = False):
-        self.states: list[list[torch.Tensor]] = [[] for _ in items[0].states]  # per hook, per file: [tokens, d]
-        self.rows: list[list[np.ndarray]] = [[] for _ in items[0].states]  # the same as [tokens, row_bytes] uint8
-        self.ids, self.pos, self.kept = [], [], []
-        self.nonfinite = 0  # tokens dropped for a NaN or Inf in some hook (drop_nonfinite)
-        counts = []
-        for item in items:
-            p = item.positions.reshape(-1)
-            keep = p.numpy() >= drop_below  # numpy: no OpenMP team for a large file (see SHUFFLE)
-            self.ids.append(item.input_ids.reshape(-1))
-            self.pos.append(p)
-            for h, s in enumerate(item.states):
-                self.states[h].append(s.reshape(p.numel(), -1))
-                self.rows[h].append(_bytes(self.states[h][-1]))
-            if drop_nonfinite:  # a token bad in one hook is dropped from all: hooks stay aligned
-                finite = np.logical_and.reduce([finite_rows(per_file[-1]) for per_file in self.states])
-                self.nonfinite += int(np.count_nonzero(keep & ~finite))
-                keep &= finite
-            kept = None if keep.all() else np.flatnonzero(keep)  # padding, dropped positions and tokens
-            counts.append(p.numel() if kept is None else kept.size)
-            self.kept.append(kept)
-        self.offsets = np.cumsum([0, *counts])
-        self.n = int(self.offsets[-1])
-
-    def gather(self, index: np.ndarray, batch: _Batch, workers: Workers | None = None) -> None:
-        """Append tokens `index` to the batch: one copy, file by file (in storage order), split
-        over `workers` (and this thread) when given."""
-        index = np.sort(index)  # 15 us for 4,096 indices; torch.sort took 130 us (a 2.5 ms batch here)
-        bounds = np.searchsorted(index, self.offsets).tolist()
-        start = batch.filled
-        takes: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (rows of, which, into)
-        for f, kept in enumerate(self.kept):
-            lo, hi = bounds[f], bounds[f + 1]
-            if lo == hi:
-                continue
-            rows = index[lo:hi] - self.offsets[f]
-            if kept is not None:
-                rows = kept[rows]
-            for h, per_file in enumerate(self.rows):
-                takes.append((per_file[f], rows, _bytes(batch.states[h][start + lo : start + hi])))
-            if batch.input_ids is not None and batch.positions is not None:
-                local = torch.from_numpy(rows)
-                torch.index_select(self.ids[f], 0, local, out=batch.input_ids[start + lo : start + hi])
-                torch.index_select(self.pos[f], 0, local, out=batch.positions[start + lo : start + hi])
-        take_rows(takes, workers)
-        batch.filled += index.size
-
-
-# Threads that gather a batch (with the consumer's own): one thread copies rows at about half the
-# rate two cores read files from the page cache.
-GATHER_THREADS = max(1, min(4, os.cpu_count() or 1))
-
-
-def take_rows(takes: list[tuple[np.ndarray, np.ndarray, np.ndarray]], workers: Workers | None) -> None:
-    """np.take of every (source rows, which, into), each split in equal parts over the workers and
-    this thread. np.take: one thread per call, GIL released (index_select's OpenMP team contended
-    with the reader threads and gathered at a third of the speed on 2 cores); mode="clip": "raise"
-    buffers `out`."""
-    parts = 1 if workers is None else GATHER_THREADS
-    jobs = []
-    for src, rows, out in takes:
-        step = -(-rows.size // parts)
-        jobs += [(src, rows[a : a + step], out[a : a + step]) for a in range(0, rows.size, step)]
-    if workers is None or len(jobs) < 2:
-        _take_group(jobs)
-        return
-    share = -(-len(jobs) // parts)
-    groups = [jobs[i : i + share] for i in range(0, len(jobs), share)]
-    futures = [workers.submit((0,), _take_group, g) for g in groups[1:]]
-    _take_group(groups[0])
-    for fut in futures:
-        fut.result()
-
-
-def _take_group(jobs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
-    for src, rows, out in jobs:
-        np.take(src, rows, axis=0, out=out, mode="clip")
-
-
-# How a window is shuffled: state_dict() records it, as a resume mid-window needs the same order.
-# numpy's PCG64, not torch.randperm: randperm fills its range with an OpenMP team whose idle thread
-# then spins for milliseconds on a core the gather needs. State dicts without the key were saved
-# by loaders that used torch.randperm.
-SHUFFLE = "numpy-pcg64"
-
-
-def _permutation(n: int, seed: int) -> np.ndarray:
-    """range(n) permuted by `seed`, on this thread alone."""
-    return np.random.Generator(PCG64(seed)).permutation(n)
+def _let_go_of_packed(f: FileRef, epoch: int, item: LoadedFile) -> LoadedFile:
+    """A compressed file's ids and positions copied out of its compressed bytes (8 bytes a token),
+    which are then let go of once decoded: a held file costs its decoded buffer alone."""
+    if item.input_ids.untyped_storage().data_ptr() == item.states[0].untyped_storage().data_ptr():
+        return item  # stored raw: every tensor is a view of the one fetched (or mapped) buffer
+    return replace(item, input_ids=item.input_ids.clone(), positions=item.positions.clone())
 
 
 class TokenLoader(Reader):
     """Fixed-size batches of tokens `[batch_tokens, d]`, shuffled across a window of megabatches.
 
-    Files are grouped in windows of `window` consecutive files (in the reader's order); a window's
-    kept tokens are permuted with a seed, and batches are cut from the concatenation of permuted
-    windows, so the stream is the same whether read in one go or resumed from `state_dict()`.
-    Which tokens form a batch is random; within a batch they come in storage order (the gather
-    is then one sequential copy).
+    Files are grouped in windows of `window` consecutive files (in the reader's order; with
+    `ramp`, an epoch's first windows hold 1, 2, 4, ... files, so its first batch waits for one
+    file, not `window`); a window's kept tokens are permuted with a seed, and batches are cut from
+    the concatenation of permuted windows, so the stream is the same whether read in one go or
+    resumed from `state_dict()`. Which tokens form a batch is random; within a batch they come in
+    storage order (the gather is then one sequential copy, from the fetched, mapped or decoded
+    buffers themselves).
+
+    Memory: the window's files and `buffer_size` read ahead, one buffer each (a compressed file's
+    decoded states; its compressed bytes are let go once decoded): at most
+    (window + buffer_size + 1) x a decoded file, plus the batches, compressed or not.
 
     Args:
         drop_positions_below: drop tokens whose position in their document is below this (e.g. 1
@@ -174,6 +87,9 @@ class TokenLoader(Reader):
             (sqrt of the total variance, exact for the mean squared norm). Statistics leave out
             tokens with NaN or Inf (pass `drop_nonfinite=True` to drop the tokens too); statistics
             that counted them in (before stats_version 2) are a DataError naming the fix.
+        ramp: start each epoch with windows of 1, 2, 4, ... files up to `window` (the first
+            batch after one file's read; those batches mix fewer files: docs/benchmarks.md);
+            False: `window` files from the start (as loaders before the ramp cut them).
         drop_last: drop an epoch's last batch when it is short (`dropped_tokens` counts them);
             False yields it.
         loop: epochs without end, each in a new order (file order and windows seeded with the
@@ -193,6 +109,7 @@ class TokenLoader(Reader):
         batch_tokens: int,
         hooks: Sequence[str] | None = None,
         window: int = 4,
+        ramp: bool = True,
         return_ids: bool = False,
         drop_positions_below: int = 0,
         center: bool = False,
@@ -209,15 +126,16 @@ class TokenLoader(Reader):
         drop_below = whole("drop_positions_below", drop_positions_below, 0)
         norm_target = None if norm_target is None else positive("norm_target", norm_target)
         return_ids, center = flag("return_ids", return_ids), flag("center", center)
+        ramp = flag("ramp", ramp)
         drop_last, loop = flag("drop_last", drop_last), flag("loop", loop)
         if dtype is not None and not isinstance(dtype, torch.dtype):
             raise invalid("dtype", dtype, "a torch.dtype such as torch.float32, or None (the stored one)")
         self.device = check_device(device)
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
         # The window's files and those read ahead are held at once: their buffers are reused.
-        files = FileStream(uri, opts.ordered(False), hooks=hooks, held=window)
+        files = FileStream(uri, opts.ordered(False), hooks=hooks, held=window, transform=_let_go_of_packed)
         super().__init__(files)
-        self.batch_tokens, self.window, self.return_ids = batch_tokens, window, return_ids
+        self.batch_tokens, self.window, self.ramp, self.return_ids = batch_tokens, window, ramp, return_ids
         self.drop_below, self.drop_last, self.loop = drop_below, drop_last, loop
         self.drop_nonfinite = opts.drop_nonfinite
         self.epoch = 0
@@ -255,10 +173,10 @@ class TokenLoader(Reader):
         ref = math.sqrt(float(stats.var.sum())) if center else stats.mean_norm
         return mean, target / ref
 
-    def _batch(self, states: list[torch.Tensor], buffers: ReadBuffers) -> _Batch:
+    def _batch(self, states: list[torch.Tensor], buffers: ReadBuffers) -> Batch:
         B = self.batch_tokens
         ids = [buffers.empty((B,), torch.int32) for _ in range(2)] if self.return_ids else [None, None]
-        return _Batch([buffers.empty((B, s.shape[-1]), s.dtype) for s in states], *ids)
+        return Batch([buffers.empty((B, s.shape[-1]), s.dtype) for s in states], *ids)
 
     def _normalise(self, s: torch.Tensor, h: int, buffers: ReadBuffers | None) -> torch.Tensor:
         """`s: [tokens, d]` centred, scaled and cast as asked, in as few passes as give the same
@@ -281,7 +199,7 @@ class TokenLoader(Reader):
             out.mul_(scale)
         return out if self.dtype in (None, torch.float32) else out.to(self.dtype)
 
-    def _deliver(self, batch: _Batch, buffers: ReadBuffers) -> Any:
+    def _deliver(self, batch: Batch, buffers: ReadBuffers) -> Any:
         n = batch.filled
         states = [s[:n] for s in batch.states]
         cpu = self.device.type == "cpu"
@@ -315,15 +233,21 @@ class TokenLoader(Reader):
         # batch while the next is gathered.
         buffers = ReadBuffers(self._pin, keep=4 * (2 + len(self._norm)), recycle=self.files.buffers.recycle)
         epoch, start, skip = self.epoch, self._window, self._offset
-        batch: _Batch | None = None  # filled across windows (and epochs, with loop): tokens stay in place
+        batch: Batch | None = None  # filled across windows (and epochs, with loop): tokens stay in place
         while True:
             taken = 0
-            with self.files.prefetch(epoch, first_file(start, self.window), eager=True) as files:
-                for w, items in windows(files, self.window):
-                    win = _Window(items, self.drop_below, self.drop_nonfinite)
+            with self.files.prefetch(epoch, window_start(start, self.window, self.ramp), eager=True) as files:
+                for w, items in ramp_windows(files, self.window, self.ramp):
+                    win = Window(items, self.drop_below, self.drop_nonfinite)
                     del items
                     self.nonfinite_dropped += win.nonfinite
-                    perm = _permutation(win.n, mix_seed(self.seed, epoch, "window", w))
+                    if skip and skip >= win.n:  # the offset's bound, known now: the window's kept tokens
+                        raise ConfigError(
+                            f"TokenLoader state: field 'offset' is {skip}, not a whole number 0..{max(win.n - 1, 0)}"
+                            f" (window {w} of epoch {epoch} holds {win.n} tokens): the state was saved by a loader "
+                            "of other files, or with other drop_positions_below or drop_nonfinite"
+                        )
+                    perm = permutation(win.n, mix_seed(self.seed, epoch, "window", w))
                     a, skip = skip, 0
                     taken += win.n - a
                     while a < win.n:
@@ -370,33 +294,40 @@ class TokenLoader(Reader):
             "offset": self._offset,
             "seed": self.seed,
             "window_files": self.window,
+            "ramp": self.ramp,
             "batch_tokens": self.batch_tokens,
             "drop_nonfinite": self.drop_nonfinite,
             "shuffle": SHUFFLE,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume where `state` (from `state_dict()` of a loader with the same seed, window and
-        batch_tokens) was saved."""
-        keys = ("epoch", "window", "offset", "seed", "window_files", "batch_tokens")
-        missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
-        if missing:
-            raise ConfigError(f"not a TokenLoader state_dict: no {', '.join(missing)}")
+        """Resume where `state` (from `state_dict()` of a loader with the same seed, window, ramp
+        and batch_tokens) was saved. Each position field is bounded: `epoch` by 2**63 - 1,
+        `window` by the epoch's windows, `offset` by the window's tokens (checked once the window
+        is read: its kept tokens are known only then)."""
+        check_state(state, "TokenLoader", {k: (0, None) for k in ("epoch", "window", "offset")})
+        for k in ("seed", "window_files", "batch_tokens"):
+            if k not in state:
+                raise ConfigError(f"not a TokenLoader state_dict: no {k}")
         for k, mine in (
             ("seed", self.seed),
             ("window_files", self.window),
+            ("ramp", self.ramp),
             ("batch_tokens", self.batch_tokens),
             ("drop_nonfinite", self.drop_nonfinite),
         ):
-            if state.get(k, False) != mine:  # drop_nonfinite is absent from states saved before it
-                raise ConfigError(f"state was saved with {k}={state[k]}, this loader has {mine}")
-        position = [state[k] for k in ("epoch", "window", "offset")]
-        if (
-            not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in position)
-            or min(int(v) for v in position) < 0
-        ):  # numpy integers too (a state kept in an array)
-            raise ConfigError(f"state's epoch, window and offset must be whole numbers >= 0, got {position}")
-        position = [int(v) for v in position]
+            saved = state.get(k, False)  # ramp and drop_nonfinite are absent from states saved before them
+            if saved != mine:
+                arg = "window" if k == "window_files" else k
+                raise ConfigError(
+                    f"state was saved with {k}={saved}, this loader has {mine}: "
+                    f"make the loader with {arg}={saved} to resume it"
+                )
+        epoch = int(check_state(state, "TokenLoader", {"epoch": (0, 2**63 - 1)})["epoch"])
+        count = window_count(len(self.files.order(epoch)), self.window, self.ramp)
+        check_state(state, "TokenLoader", {"window": (0, count)})
+        # At the epoch's end (window == count) no token is left: only offset 0 can follow.
+        check_state(state, "TokenLoader", {"offset": (0, 0 if int(state["window"]) == count else 2**63 - 1)})
         shuffle = state.get("shuffle", "torch-randperm")  # saved before the key existed
         if shuffle != SHUFFLE and state["offset"]:
             raise ConfigError(
@@ -404,7 +335,7 @@ class TokenLoader(Reader):
                 f"{SHUFFLE!r}, so the rest of that window would repeat and skip tokens: resume from a "
                 "state saved at a window boundary (offset 0), or with the activault that saved it"
             )
-        self.epoch, self._window, self._offset = position
+        self.epoch, self._window, self._offset = epoch, int(state["window"]), int(state["offset"])
 
     def __enter__(self) -> TokenLoader:
         return self

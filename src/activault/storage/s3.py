@@ -91,6 +91,7 @@ def s3_settings(env: dict[str, str] | None = None) -> dict[str, str]:
         "session_token": ("AWS_SESSION_TOKEN",),
         "region": ("AWS_REGION", "AWS_DEFAULT_REGION"),
         "checksum_algorithm": ("AWS_CHECKSUM_ALGORITHM",),
+        "skip_signature": ("AWS_SKIP_SIGNATURE",),  # object_store's name: anonymous requests, asked for
     }.items():
         for n in names:
             if env.get(n):
@@ -172,10 +173,15 @@ def _denied(text: str) -> bool:
     return re.search(r"\b(401|403)\b(?!\.)", re.sub(r"https?://\S+", "", text)) is not None
 
 
-def _fix(e: BaseException) -> str:
+def _fix(e: BaseException, unsigned: bool = False) -> str:
     """What to do about a request the endpoint refused for good (not retried): the fix of a known
     cause, else to fix the one the endpoint named."""
     text = str(e)
+    if unsigned and _denied(text):
+        return (
+            "the bucket refuses anonymous (unsigned) requests: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(and drop AWS_SKIP_SIGNATURE / unsigned=True)"
+        )
     if "non-partial response" in text.lower():
         return (
             "the endpoint answered a ranged read with the whole object, and reading needs ranges: serve the "
@@ -200,6 +206,30 @@ def _cause(e: BaseException) -> str:
     if "TimedOut" in text or "timed out" in text.lower():
         return "no answer in time (timed out)"
     return _first_line(e)
+
+
+def _half_set(has_key: bool) -> str:
+    given, absent = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")[:: 1 if has_key else -1]
+    return f"{given} is set but {absent} is not: set both (or, for a public bucket, AWS_SKIP_SIGNATURE=true)"
+
+
+def _no_credentials(uri: str, where: str) -> str:
+    """What is missing to reach `uri`, and the ways to provide it."""
+    home = os.path.expanduser("~/.aws")
+    unread = [n for n in ("AWS_PROFILE",) if os.environ.get(n)]
+    unread += [p for p in (f"{home}/credentials", f"{home}/config") if os.path.isfile(p)]
+    note = (
+        f" ({' and '.join(unread)} are not read: export the keys, e.g. "
+        '`eval "$(aws configure export-credentials --format env)"`)'
+        if unread
+        else ""
+    )
+    return (
+        f"no S3 credentials for {uri} at {where}: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY are not set{note}; "
+        "set both in the environment (and AWS_SESSION_TOKEN for temporary credentials) or in the store option "
+        "env (store_options={'env': {...}}), or, for a public bucket, ask for anonymous access with "
+        "AWS_SKIP_SIGNATURE=true or the store option unsigned=True"
+    )
 
 
 def _whole(least: int) -> Callable[[Any], bool]:
@@ -261,8 +291,15 @@ class S3Store(Store):
         self.region = settings.get("region", "us-east-1")
         self._has_key = "access_key_id" in settings
         self._has_secret = "secret_access_key" in settings
-        if unsigned is None:
-            unsigned = not self._has_key
+        asked = settings.pop("skip_signature", "").strip().lower() in ("1", "true", "yes", "on")
+        anonymous = asked if unsigned is None else unsigned
+        if self._has_key != self._has_secret and not anonymous:  # obstore would refuse it with a traceback
+            raise StorageError(_half_set(self._has_key))
+        # No credentials and no request for anonymous access: refused at the first request, not
+        # sent unsigned (a private bucket answers 403) or signed by nothing (object_store then asks
+        # the EC2 metadata service, retrying for minutes).
+        self._missing = None if anonymous or self._has_key else _no_credentials(self.uri, self.where)
+        unsigned = anonymous or not self._has_key
         self.unsigned = unsigned
         # Module constants are read here, not as defaults, so tests and benchmarks can tune them.
         self.part_size = part_size or PART_SIZE
@@ -270,9 +307,9 @@ class S3Store(Store):
         self.part_concurrency = part_concurrency or PART_CONCURRENCY
         self._config: dict[str, Any] = dict(settings)
         self._config["region"] = self.region
+        self._config["skip_signature"] = unsigned  # also over AWS_SKIP_SIGNATURE, which obstore reads itself
         if unsigned:
-            self._config = {k: v for k, v in self._config.items() if k in ("endpoint", "region")}
-            self._config["skip_signature"] = True
+            self._config = {k: v for k, v in self._config.items() if k in ("endpoint", "region", "skip_signature")}
         elif self._config.setdefault("checksum_algorithm", CHECKSUM).lower() == "none":
             del self._config["checksum_algorithm"]
         self.max_retries, self.retry_timeout = retry_budget(env, max_retries, retry_timeout)
@@ -288,13 +325,16 @@ class S3Store(Store):
         client: dict[str, Any] = {"timeout": timeout, "connect_timeout": connect_timeout}
         if self.endpoint.startswith("http://"):
             client["allow_http"] = True
-        return _ObS3Store(
-            self.bucket,
-            prefix=self.prefix or None,
-            client_options=client,  # type: ignore[arg-type]
-            retry_config=retry,  # type: ignore[arg-type]
-            **self._config,
-        )
+        try:
+            return _ObS3Store(
+                self.bucket,
+                prefix=self.prefix or None,
+                client_options=client,  # type: ignore[arg-type]
+                retry_config=retry,  # type: ignore[arg-type]
+                **self._config,
+            )
+        except BaseError as e:  # obstore also reads AWS_* from the environment itself
+            raise StorageError(f"cannot set up S3 for {self.uri}: {_first_line(e)}; fix the AWS_* settings") from None
 
     def __repr__(self) -> str:  # never the credentials
         return f"S3Store({self.uri!r}, endpoint={self.endpoint or 'AWS'!r})"
@@ -311,11 +351,14 @@ class S3Store(Store):
             return e
         if isinstance(e, PreconditionError):
             return ObjectChanged(f"{where} was replaced while it was read (412 Precondition Failed on If-Match)")
-        return StorageError(f"cannot {action} {where} at {self.where}: {_first_line(e)}; {_fix(e)}, then {again}")
+        fix = _fix(e, self.unsigned)
+        return StorageError(f"cannot {action} {where} at {self.where}: {_first_line(e)}; {fix}, then {again}")
 
     def _call(self, action: str, key: str, fn: Callable[[], T], again: str = "try again") -> T:
         """`fn()`, retried on transient errors within the budget; every store operation goes through
         here. `again` ends each error's fix: what to do once the cause is fixed."""
+        if self._missing:
+            raise StorageError(self._missing)
         start = time.monotonic()
         attempt = 0
         while True:
@@ -357,18 +400,13 @@ class S3Store(Store):
 
     def check(self, write: bool = False) -> None:
         """Fail in seconds with one precise message: credentials, endpoint, bucket, write access."""
-        if self._has_key and not self._has_secret:
-            raise StorageError(
-                "AWS_ACCESS_KEY_ID is set but AWS_SECRET_ACCESS_KEY is "
-                "not: set both (or neither, to read a public bucket)"
-            )
-        if self._has_secret and not self._has_key:
-            raise StorageError("AWS_SECRET_ACCESS_KEY is set but AWS_ACCESS_KEY_ID is not: set both")
         if write and self.unsigned:
             raise StorageError(
                 f"no S3 credentials for writing to {self.uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
                 "(and S3_ENDPOINT_URL for a non-AWS endpoint), or pass --storage PATH for the local store"
             )
+        if self._missing:
+            raise StorageError(self._missing)
         fast = self._client(CHECK_TIMEOUT, CHECK_CONNECT_TIMEOUT, _retry(CHECK_RETRIES, timedelta(seconds=10)))
         probe = ".activault-write-check"
         try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from activault import dtypes
+from activault.collection.model import hub_offline
 from activault.errors import ConfigError, FormatError, NotFoundError
 from activault.storage import Entry, Store, locate
 from activault.storage.base import join
@@ -53,6 +53,12 @@ def parent(key: str, levels: int = 1) -> str:
     return key
 
 
+def printable(name: str) -> str:
+    """A name as printed: as it is, or escaped in quotes (repr) when it holds a newline or another
+    character a terminal would act on rather than show."""
+    return name if name.isprintable() else repr(name)
+
+
 def list_dir(store: Store, key: str) -> tuple[list[str], list[Entry]]:
     """`Store.list_dir` with its types spelled out (inside `Store`, `list` names the method)."""
     dirs, files = store.list_dir(key)
@@ -85,13 +91,31 @@ class Tokenizers:
             hf_logging.set_verbosity_error()
             try:
                 return AutoTokenizer.from_pretrained(name, local_files_only=True), ""
-            except Exception:  # noqa: BLE001 - not local: try the hub unless offline
-                if os.environ.get("HF_HUB_OFFLINE") or Path(name).is_absolute():
+            except Exception:  # noqa: BLE001 - not local: try the hub unless it is off limits
+                if _local_path(name):  # a damaged folder's own error says more than "offline"
                     raise
+                if hub_offline():  # checked in 2 s: the hub client itself retries for ~50 s
+                    return None, offline_note(name)
                 return AutoTokenizer.from_pretrained(name), ""
         except Exception as e:  # noqa: BLE001 - any failure: show ids instead
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             return None, f"cannot load tokenizer {name!r} ({msg[:160]})"
+
+
+def _local_path(name: str) -> bool:
+    try:
+        return Path(name).is_absolute() or Path(name).exists()
+    except (OSError, ValueError):  # a name no path can have: a hub id, refused as one
+        return False
+
+
+def offline_note(name: str) -> str:
+    """Why a hub tokenizer cannot decode the rows here, and how to get the text."""
+    return (
+        f"cannot decode the text: tokenizer {name!r} is not in the local Hugging Face cache and the Hub is "
+        f"unreachable (or HF_HUB_OFFLINE is set); to see text, fill the cache here (`hf download {name}` on "
+        "a connected machine, then copy its HF_HOME), or run with network and HF_HUB_OFFLINE unset"
+    )
 
 
 # ---- inspect ------------------------------------------------------------------------------------
@@ -145,7 +169,7 @@ class Inspection:
             return "✅" if ok else "❌"
 
         c = self.checks
-        out = [f"Inspecting file: {self.url}", "-" * 40, f"Model: {self.model}", "", "Tensor Shapes:"]
+        out = [f"Inspecting file: {printable(self.url)}", "-" * 40, f"Model: {self.model}", "", "Tensor Shapes:"]
         out += [
             f"  {k}: {v['shape']} {v['dtype']}" + (f"  (stored {v['stored']})" if "stored" in v else "")
             for k, v in self.tensors.items()

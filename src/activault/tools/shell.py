@@ -1,8 +1,10 @@
 """`activault s3`: an interactive shell over a store (S3 bucket, prefix, or local folder).
 
-Navigation by number or name, `cat`, `rm` with confirmation, `filecount`, `sizecheck`,
-`inspect`; readline history across sessions; `> file` after a command writes its output there.
-Every store access goes through `Store`; a bad command prints a one-line hint, never a traceback.
+Navigation by name or listing number (`#3`: a bare `3` is always a name), `cat`, `rm` with
+confirmation, `filecount`, `sizecheck`, `inspect`; readline history across sessions; `> file` after a
+command writes its output there. Names holding control characters are printed escaped (repr) and
+accepted in that form. Every store access goes through `Store`; a bad command prints a one-line hint,
+never a traceback.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from activault.errors import ActivaultError, ConfigError
 from activault.storage import Entry, Store, open_store
 from activault.storage.base import join
 from activault.storage.uri import is_s3
-from activault.tools.inspection import Tokenizers, foreign, inspect_file, parent
+from activault.tools.inspection import Tokenizers, foreign, inspect_file, parent, printable
 from activault.tools.output import unwritable, write_whole
 from activault.units import human_bytes
 from activault.vault.megabatch import is_megabatch, megabatch_files
@@ -29,13 +31,13 @@ from activault.vault.records import parse_file_name, read_metadata
 
 CAT_LIMIT = 1 << 20  # `cat` refuses files above 1 MB: megabatches are for `inspect`
 HELP = {  # command: (usage, what it does)
-    "ls": ("ls", "list folders (numbered first) and files with sizes"),
-    "cd": ("cd N|NAME|..|A/B", "enter a folder by number, name or path; bare `cd` goes to the root"),
-    "cat": ("cat N|NAME", "print a small text or JSON file"),
-    "rm": ("rm N|NAME ...", "delete files or folders (asks first)"),
+    "ls": ("ls", "list folders (numbered #0, #1, ... first) and files with sizes"),
+    "cd": ("cd #N|NAME|..|A/B", "enter a folder by number, name or path; bare `cd` goes to the root"),
+    "cat": ("cat #N|NAME", "print a small text or JSON file"),
+    "rm": ("rm #N|NAME ...", "delete files or folders (asks first)"),
     "filecount": ("filecount", "files per subfolder, flagging folders that differ"),
     "sizecheck": ("sizecheck", "megabatch sizes here and one level down, flagging odd sizes"),
-    "inspect": ("inspect N|NAME", "a megabatch: model, shapes, NaN/Inf checks, range, rows as text"),
+    "inspect": ("inspect #N|NAME", "a megabatch: model, shapes, NaN/Inf checks, range, rows as text"),
     "help": ("help", "this list"),
     "exit": ("exit", "leave (or Ctrl-D)"),
 }
@@ -46,6 +48,14 @@ _NOT_READ = {  # why an Entry of this kind is listed but never read
 }
 _MARK = {"link": "link, not followed", "special": "FIFO/device, not read", "badkey": "foreign key"}
 _REDIRECT = re.compile(r"^(.*?)\s*>\s*(\S+)\s*$")
+# `#3` is entry 3 of the listing, always; any other word is a name, so a folder named `3` is `3`
+# and `rm` never takes a number for a name or a name for a number.
+_INDEX = re.compile(r"#(\d+)")
+
+
+def _escaped(name: str) -> set[str]:
+    """How a name that is printed escaped can be typed: as printed, or without its quotes."""
+    return set() if name.isprintable() else {printable(name), repr(name)[1:-1]}
 
 
 class UsageError(ActivaultError):
@@ -111,7 +121,7 @@ class Shell:
 
     @property
     def prompt(self) -> str:
-        return f"{self.store.url(self.cwd)}> "
+        return f"{printable(self.store.url(self.cwd))}> "
 
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
@@ -188,33 +198,34 @@ class Shell:
         return e.key[len(self.cwd) :].removeprefix("/") if self.cwd else e.key
 
     def pick(self, arg: str) -> tuple[str, str]:
-        """(kind, key) of a listing number or a name here; kind is 'dir' or an `Entry.kind`."""
+        """(kind, key) of `#N` (entry N of the listing) or a name here, as stored or as printed
+        (escaped); kind is 'dir' or an `Entry.kind`."""
         dirs, files = self.listing()
-        names = [self.name(e) for e in files]
-        if arg.isdigit():
-            i = int(arg)
+        if m := _INDEX.fullmatch(arg):
+            i, total = int(m.group(1)), len(dirs) + len(files)
             if i < len(dirs):
                 return "dir", join(self.cwd, dirs[i])
-            if i < len(dirs) + len(files):
+            if i < total:
                 e = files[i - len(dirs)]
                 return e.kind, e.key
-            total = len(dirs) + len(files)
             raise UsageError(
-                f"no entry {i} here (0..{total - 1}); type `ls` to see the numbers"
+                f"no entry #{i} here (#0..#{total - 1}); type `ls` to see the numbers"
                 if total
-                else f"no entry {i}: this folder is empty"
+                else f"no entry #{i}: this folder is empty"
             )
-        name = arg.rstrip("/")
-        if name in dirs:
-            return "dir", join(self.cwd, name)
-        if arg in names or name in names:
-            e = files[names.index(arg if arg in names else name)]
-            return e.kind, e.key
+        here = [("dir", join(self.cwd, d), d) for d in dirs] + [(e.kind, e.key, self.name(e)) for e in files]
+        typed = {arg, arg.rstrip("/") or arg}
+        # As stored first; then as printed, for a name holding a newline (typed inside quotes or not).
+        found = [h for h in here if h[2] in typed] or [h for h in here if typed & _escaped(h[2])]
+        if found:
+            return found[0][0], found[0][1]
+        if arg.isdigit():
+            raise UsageError(f"nothing here is named {arg!r}; entry {arg} of the listing is #{arg}")
         raise UsageError(f"{arg!r} is not here; type `ls` to see the folders and files")
 
     def readable(self, kind: str, key: str, then: str) -> None:
         """UsageError unless `key` is a file that can be read (not a folder, link, device or bad key)."""
-        name = key.rsplit("/", 1)[-1]
+        name = printable(key.rsplit("/", 1)[-1])
         if kind == "dir":
             raise UsageError(f"{name} is a folder; {then}")
         if kind != "file":
@@ -239,18 +250,18 @@ class Shell:
         if not dirs and not files:
             self.say("(empty)")
         for i, d in enumerate(dirs):
-            self.say(f"{i:>4}  {d}/")
+            self.say(f"{f'#{i}':>5}  {printable(d)}/")
         for i, e in enumerate(files, len(dirs)):
             what = human_bytes(e.size) if e.kind == "file" else _MARK[e.kind]
-            name = self.name(e) + ("@" if e.kind == "link" else "")
+            name = printable(self.name(e)) + ("@" if e.kind == "link" else "")
             odd = f"  ⚠️ foreign: {why}" if e.kind == "file" and (why := foreign(e)) else ""
-            self.say(f"{i:>4}  {name:<40} {what:>10}{odd}")
+            self.say(f"{f'#{i}':>5}  {name:<40} {what:>10}{odd}")
 
     def do_cd(self, args: list[str]) -> None:
         if not args:
             self.cwd = ""
         elif len(args) > 1:
-            raise UsageError("usage: cd N|NAME|..")
+            raise UsageError("usage: cd #N|NAME|..")
         elif args[0] == "..":
             self.cwd = parent(self.cwd)
         else:
@@ -258,7 +269,7 @@ class Shell:
         self._listing = None
 
     def _walk(self, path: str) -> str:
-        """The folder that `path` (a number, a name, or names joined by `/`; `/` first = from the root) names."""
+        """The folder that `path` (`#N`, a name, or those joined by `/`; `/` first = from the root) names."""
         start, self.cwd = self.cwd, "" if path.startswith("/") else self.cwd
         try:
             for part in [p for p in path.split("/") if p and p != "."]:
@@ -266,10 +277,11 @@ class Shell:
                     self.cwd = parent(self.cwd)
                 else:
                     kind, key = self.pick(part)
+                    name = printable(key.rsplit("/", 1)[-1])
                     if kind == "file":
-                        raise UsageError(f"{key.rsplit('/', 1)[-1]} is a file, not a folder; use `cat` or `inspect`")
+                        raise UsageError(f"{name} is a file, not a folder; use `cat` or `inspect`")
                     if kind != "dir":
-                        raise UsageError(f"{key.rsplit('/', 1)[-1]} {_NOT_READ[kind]}")
+                        raise UsageError(f"{name} {_NOT_READ[kind]}")
                     self.cwd = key
                 self._listing = None
             return self.cwd
@@ -277,7 +289,7 @@ class Shell:
             self.cwd, self._listing = start, None
 
     def do_cat(self, args: list[str]) -> None:
-        kind, key = self.pick(self.need(args, "cat N|NAME"))
+        kind, key = self.pick(self.need(args, "cat #N|NAME"))
         self.readable(kind, key, "`cd` into it")
         if is_megabatch(key):
             raise UsageError("that is a megabatch; use `inspect` to look inside it")
@@ -294,14 +306,14 @@ class Shell:
 
     def do_rm(self, args: list[str]) -> None:
         if not args:
-            raise UsageError("usage: rm N|NAME ... (numbers from `ls`)")
-        targets = [self.pick(a) for a in args]
+            raise UsageError("usage: rm #N|NAME ... (numbers from `ls`)")
+        targets = list(dict.fromkeys(self.pick(a) for a in args))  # `rm #0 run`: one target, once
         here = {e.key: e for e in self.listing()[1]}
         entries: list[Entry] = []
         for kind, key in targets:
             # A link is deleted itself (the store never follows it), like a file.
             entries += self.store.list(key + "/") if kind == "dir" else [here[key]]
-        names = ", ".join(k.rsplit("/", 1)[-1] + ("/" if kind == "dir" else "") for kind, k in targets)
+        names = ", ".join(printable(k.rsplit("/", 1)[-1]) + ("/" if kind == "dir" else "") for kind, k in targets)
         answer = self.confirm(
             f"delete {names} ({len(entries)} files, {human_bytes(sum(e.size for e in entries))})? [y/N] "
         )
@@ -330,12 +342,12 @@ class Shell:
         common = Counter(c[1] for c in compared.values()).most_common(1)[0][0] if compared else 0
         union = set().union(*(c[2] for c in compared.values())) if compared else set()
         for d, (n_all, n_mb, names) in counts.items():
-            line = f"{d + '/':<40} {n_all:>6} files  {n_mb:>6} megabatches"
+            line = f"{printable(d) + '/':<40} {n_all:>6} files  {n_mb:>6} megabatches"
             if d in compared and (n_mb != common or names != union):
                 missing = sorted(union - names)
                 line += f"  ❌ differs (expected {common})"
                 if missing:
-                    line += f"; missing {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else "")
+                    line += f"; missing {', '.join(map(printable, missing[:3]))}" + (" ..." if len(missing) > 3 else "")
             self.say(line)
 
     def do_sizecheck(self, args: list[str]) -> None:
@@ -348,7 +360,7 @@ class Shell:
                 continue
             found = True
             n = len(megabatch_files(entries))
-            where = key[len(self.cwd) :].strip("/") or "."
+            where = printable(key[len(self.cwd) :].strip("/") or ".")
             try:
                 meta = read_metadata(self.store, key)
             except ActivaultError:
@@ -367,12 +379,12 @@ class Shell:
             )
             for name, size, why in odd:
                 mark = "⚠️ " if why.startswith("last") else "❌"
-                self.say(f"    {mark} {name}  {human_bytes(size)}  {why}")
+                self.say(f"    {mark} {printable(name)}  {human_bytes(size)}  {why}")
         if not found:
             self.say("no megabatches here or one level down")
 
     def do_inspect(self, args: list[str]) -> None:
-        kind, key = self.pick(self.need(args, "inspect N|NAME"))
+        kind, key = self.pick(self.need(args, "inspect #N|NAME"))
         self.readable(kind, key, "`cd` into it and inspect a megabatch")
         insp = inspect_file(self.store, key, self.tokenizers)
         for line in insp.lines():
@@ -394,9 +406,14 @@ class Shell:
             self.say(f"Row {answer}:\n{insp.row_text(int(answer))}")
 
     def do_help(self, args: list[str]) -> None:
-        self.say("commands (numbers come from `ls`; append `> FILE` to write the output to a file):")
+        self.say("commands (append `> FILE` to write the output to a file):")
         for usage, text in HELP.values():
             self.say(f"  {usage:<20} {text}")
+        self.say(
+            "#N is entry N of `ls` (an entry named #N is reached by its own number); any other word is a name, "
+            "so `3` names a folder called 3. Names with control characters are shown and typed escaped, "
+            "e.g. 'a\\nb'."
+        )
 
 
 def _completer(shell: Shell) -> Callable[[str, int], str | None]:
@@ -411,7 +428,7 @@ def _completer(shell: Shell) -> Callable[[str, int], str | None]:
                 dirs, files = shell.listing()
             except ActivaultError:
                 return None
-            names = [d + "/" for d in dirs] + [shell.name(e) for e in files]
+            names = [printable(d) + "/" for d in dirs] + [printable(shell.name(e)) for e in files]
             options = [n for n in names if n.startswith(text)]
         return options[state] if state < len(options) else None
 

@@ -15,6 +15,7 @@ hook and, with `deep`, each is loaded (no pickled code runs) and checked against
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -26,24 +27,21 @@ from activault.errors import FormatError, NotFoundError
 from activault.storage import Store, locate
 from activault.storage.base import REREADS, ObjectChanged, ObjectHandle, join
 from activault.tools.inspection import foreign, list_dir, nonfinite_tokens
+from activault.tools.verify_records import check_statistics, read_records, unfinished_machines
 from activault.units import human_bytes
 from activault.vault import original as orig
 from activault.vault.megabatch import HEAD_READ, Header, decode, header_length, megabatch_files, parse_header
 from activault.vault.records import (
     REBUILD,
-    REMERGE,
     HookMetadata,
     RunRecord,
+    collect_command,
     file_repair,
     metadata_key,
     parse_file_name,
-    parse_progress_name,
     read_metadata,
     read_original_statistics,
-    read_progress,
     read_run,
-    read_statistics,
-    redo_machine,
 )
 
 DEEP_THREADS = 4  # whole files in flight at once with --deep (memory: 4 files)
@@ -76,6 +74,7 @@ class Verification:
     tokens: int = 0
     bytes: int = 0
     machines: list[int] = field(default_factory=list)
+    unfinished: list[int] = field(default_factory=list)  # machines still collecting, or not started
     original: bool = False  # a vault of the original Activault
 
 
@@ -201,62 +200,28 @@ def _hooks(store: Store, run: str, cfg: RunRecord | None, dirs: list[str]) -> li
     return [d for d in dirs if store.exists(metadata_key(join(run, d)))]
 
 
-def _progress(store: Store, run: str, num_runs: int | None, out: Verification) -> None:
-    """Every progress record parses; machines that have not finished are noted."""
-    _, entries = list_dir(store, join(run, "progress"))
-    for e in entries:
-        m = parse_progress_name(e.key)
-        if m is None:
-            continue
-        try:
-            rec = read_progress(store, run, m, e.size)
-        except FormatError as err:
-            out.problems.append(str(err))
-            continue
-        if rec is not None and num_runs is not None and rec.num_runs != num_runs:
+def _hook_files(
+    store: Store, run: str, hook: str, counted: dict[str, int], out: Verification, claimed: set[str]
+) -> dict[str, int]:
+    """The hook's megabatch files (name -> size); one too short to be a file that a record counts
+    is a problem (it was lost), added to `claimed` so that it is not named as a foreign object too."""
+    files = {}
+    for e in list_dir(store, join(run, hook))[1]:
+        name = e.key.rsplit("/", 1)[-1]
+        if foreign(e) is None:
+            files.update(megabatch_files([e]))
+        elif e.kind == "file" and name in counted:
+            claimed.add(e.key)
             out.problems.append(
-                f"progress/{e.key.rsplit('/', 1)[-1]}: num_runs {rec.num_runs}, cfg.json "
-                f"says {num_runs}; {redo_machine(store.url(run), m)}"
+                f"{hook}/{name}: {e.size} bytes, but machine {counted[name]}'s progress record counts it: the "
+                f"file is lost (truncated to nothing); {file_repair(out.run, name)}"
             )
-        elif rec is not None and not rec.finished:
-            out.notes.append(
-                f"machine {m} has not finished ({rec.files_done} files so far): run its collect command to finish it"
-            )
-
-
-def _statistics(store: Store, run: str, hooks: list[str], total: int, want: list[int]) -> list[str]:
-    """statistics.json of each hook: parses, counts `total` tokens, covers machines `want`."""
-    problems = []
-    for h in hooks:
-        try:
-            stats = read_statistics(store, join(run, h))
-        except FormatError as e:
-            problems.append(str(e))
-            continue
-        if stats is None:
-            problems.append(f"{h}: statistics.json is missing; {REBUILD}, {REMERGE}")
-            continue
-        if not stats.running().finite:
-            problems.append(
-                f"{h}: statistics.json counts {stats.nonfinite} token(s) with NaN or Inf in (stats_version "
-                f"{stats.stats_version}: written before they were left out); recount them with "
-                "`activault merge-stats RUN`"
-            )
-        elif stats.count + stats.nonfinite != total:
-            problems.append(
-                f"{h}: statistics.json counts {stats.count} tokens and {stats.nonfinite} with NaN or Inf, "
-                f"the files hold {total} non-padding tokens; {REBUILD}, {REMERGE}"
-            )
-        if stats.machines != want:
-            problems.append(
-                f"{h}: statistics.json covers machines {stats.machines}, expected {want}; "
-                f"finish the missing machines, then {REMERGE.removeprefix('or ')}"
-            )
-    return problems
+    return files
 
 
 def verify_run(store: Store, run: str = "", threads: int = 8, deep: bool = False) -> Verification:
-    """Problems and notes of a stored run (no problems: it is sound) and a summary."""
+    """Problems and notes of a stored run (no problems: it is sound) and a summary; `unfinished`
+    names the machines still collecting."""
     out = Verification(store.url(run))
     cfg, damaged = _run_record(store, run)
     dirs, _ = list_dir(store, run)
@@ -269,8 +234,12 @@ def verify_run(store: Store, run: str = "", threads: int = 8, deep: bool = False
         return _verify_original(store, run, hooks, dirs, deep, out)
     if cfg is None and not damaged:
         out.problems.append(f"cfg.json is missing; {REBUILD}")
+    recs = read_records(store, run, cfg, out.problems)  # before the listing: a file it counts is listed then
+    stored = not (cfg and isinstance(data := cfg.config.get("data_config"), dict) and data.get("skip_cache"))
+    counted = recs.counted() if stored else {}
     metas: dict[str, HookMetadata | None] = {}
     names: dict[str, dict[str, int]] = {}
+    claimed: set[str] = set()
     for h in hooks:
         if h not in dirs:
             out.problems.append(f"{h}: hook folder is missing")
@@ -283,13 +252,15 @@ def verify_run(store: Store, run: str = "", threads: int = 8, deep: bool = False
         else:
             if metas[h] is None:
                 out.problems.append(f"{h}: metadata.json is missing; {REBUILD}")
-        names[h] = megabatch_files(f for f in list_dir(store, join(run, h))[1] if foreign(f) is None)
-    every = sorted(set().union(*names.values())) if names else []
+        names[h] = _hook_files(store, run, h, counted, out, claimed)
+    every = sorted(set(counted).union(*names.values())) if names else []
     for h, fs in names.items():
-        missing = [n for n in every if n not in fs]
+        lost = {k.rsplit("/", 1)[-1] for k in claimed if k.startswith(join(run, h) + "/")}
+        missing = [n for n in every if n not in fs and n not in lost and not recs.in_flight(n)]
         if missing:
             out.problems.append(
-                f"{h}: {len(missing)} file(s) missing that other hooks have: {', '.join(missing[:5])}"
+                f"{h}: {len(missing)} file(s) missing that other hooks or the progress records have: "
+                + ", ".join(missing[:5])
                 + (" ..." if len(missing) > 5 else "")
                 + f"; {file_repair(out.run, missing[0])}"
             )
@@ -314,11 +285,15 @@ def verify_run(store: Store, run: str = "", threads: int = 8, deep: bool = False
         out.problems += _against_metadata(h, metas.get(h), [c for c in checks if c.hook == h], out.run)
     out.tokens = sum(c.real for c in ref.values())  # the same tokens in every hook count once
     out.machines = sorted({m[0] for n in every if (m := parse_file_name(n))})
-    want = list(range(cfg.num_runs)) if cfg else out.machines
-    _progress(store, run, cfg.num_runs if cfg else None, out)
-    out.problems += _statistics(store, run, list(names), out.tokens, want)
+    out.unfinished = unfinished_machines(store, run, recs, set(out.machines), out.problems) if cfg else []
+    if out.unfinished:
+        want = recs.finished()
+        total = sum(c.real for n, c in ref.items() if (m := parse_file_name(n)) and m[0] in want)
+    else:
+        want, total = list(range(cfg.num_runs)) if cfg else out.machines, out.tokens
+    out.problems += check_statistics(store, run, list(names), total, want, not out.unfinished)
     out.notes += _integrity_notes(checks, list(names), deep)
-    out.problems += foreign_objects(store, run)
+    out.problems += foreign_objects(store, run, claimed)
     out.hooks, out.files = len(hooks), len(every)
     out.bytes = sum(sum(fs.values()) for fs in names.values())
     return out
@@ -425,11 +400,12 @@ def _integrity_notes(checks: list[FileCheck], hooks: list[str], deep: bool) -> l
     return notes
 
 
-def foreign_objects(store: Store, run: str) -> list[str]:
-    """The run's objects that activault never writes (links, devices, bad keys, empty megabatches)."""
+def foreign_objects(store: Store, run: str, claimed: Collection[str] = ()) -> list[str]:
+    """The run's objects that activault never writes (links, devices, bad keys, empty megabatches),
+    but those in `claimed` (keys named already as a lost file)."""
     out = []
     for e in store.list(run):
-        if (why := foreign(e)) is not None:
+        if (why := foreign(e)) is not None and e.key not in claimed:
             rel = e.key[len(run) :].lstrip("/") if run else e.key
             out.append(f"{rel}: foreign object ({why}), skipped; delete it (`rm` in `activault s3`)")
     return out
@@ -445,18 +421,32 @@ def store_runs(store: Store, key: str) -> list[str]:
     return [d for d in dirs if store.exists(join(key, d, "cfg.json")) or list_dir(store, join(key, d, "progress"))[1]]
 
 
+UNFINISHED = 3  # verify's exit status for a run whose machines are still collecting, nothing wrong so far
+
+
 def run_verify(uri: str, deep: bool = False) -> int:
-    """`activault verify`: print the problems (exit 1) or a one-line summary (exit 0), then notes;
-    on a store's root, its runs (exit 2)."""
+    """`activault verify`: print the problems (exit 1), or that the run is unfinished (exit 3,
+    `UNFINISHED`), or a one-line summary (exit 0), then notes; on a store's root, its runs (exit 2)."""
     store, key = locate(uri)
     if runs := store_runs(store, key):
         print(f"{store.url(key)} is a store, not a run; verify one of its {len(runs)} run(s):")
         print("\n".join(f"  activault verify {store.url(join(key, r))}" for r in runs))
         return 2
     v = verify_run(store, key, deep=deep)
+    waiting = (
+        f"run unfinished: machines {v.unfinished} still collecting; rerun verify when they finish (a machine "
+        f"that stopped resumes with its collect command, {collect_command(v.unfinished[0])})"
+        if v.unfinished
+        else ""
+    )
     if v.problems:
         print(f"{v.run}: {len(v.problems)} problem(s)")
         print("\n".join(f"  - {p}" for p in v.problems))
+        if waiting:
+            v.notes.insert(0, waiting)
+    elif waiting:
+        print(f"{v.run}: {waiting}")
+        print(f"  so far: {v.hooks} hooks, {v.files} files per hook, {v.tokens:,} tokens, no problem found")
     elif v.original:
         tokens = f"{v.tokens:,} tokens, files loaded" if deep else "tokens not counted (--deep loads the files)"
         print(f"OK  {v.run}: {orig.WHAT}, {v.hooks} hooks, {v.files} files per hook, {tokens}, {human_bytes(v.bytes)}")
@@ -467,4 +457,4 @@ def run_verify(uri: str, deep: bool = False) -> int:
         )
     for n in v.notes:
         print(f"  note: {n}")
-    return 1 if v.problems else 0
+    return 1 if v.problems else UNFINISHED if v.unfinished else 0

@@ -23,8 +23,9 @@ from __future__ import annotations
 import math
 import os
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -112,8 +113,16 @@ class _Scratch(threading.local):
 
     def get(self, n: int) -> np.ndarray:
         if self.buf is None or self.buf.size < n:
+            if n > KEEP_SCRATCH:
+                return np.empty(n, np.uint8)  # an unusual chunk size: not held by the thread afterwards
             self.buf = np.empty(n, np.uint8)
         return self.buf[:n]
+
+
+# Payloads up to this stay allocated on each thread that decoded one (the pool's: one per core).
+KEEP_SCRATCH = 16 << 20
+# Decoding's scratch, kept across calls: the pool's threads outlive them.
+_decode_scratch = _Scratch()
 
 
 def _split(raw: np.ndarray, k: int, scratch: _Scratch) -> np.ndarray:
@@ -129,18 +138,23 @@ def _split(raw: np.ndarray, k: int, scratch: _Scratch) -> np.ndarray:
 
 
 def _merge(planes: np.ndarray, k: int, out: np.ndarray) -> None:
-    """Inverse of `_split`, into `out` (`[k * n]` uint8)."""
+    """Inverse of `_split`, into `out` (`[k * n]` uint8), with no intermediate array."""
     if k == 1:
         np.copyto(out, planes)
         return
-    n, u = out.size // k, UINTS[k]
-    x = out.view(u)
-    np.left_shift(planes[(k - 1) * n :], 8 * (k - 1), out=x, dtype=u)
-    tmp = np.empty(n if k > 2 else 0, u)
-    for p in range(k - 2, 0, -1):
-        np.left_shift(planes[p * n : (p + 1) * n], 8 * p, out=tmp, dtype=u)
-        np.bitwise_or(x, tmp, out=x)
-    np.bitwise_or(x, planes[:n], out=x)
+    n = out.size // k
+    if k == 2:
+        # bf16/fp16: the high plane shifted in as whole uint16 writes, then the low plane OR-ed in
+        # (numpy casts in cache-sized blocks): 7 GB/s here, 2x the byte-strided writes below.
+        x = out.view(UINTS[2])
+        np.left_shift(planes[n:], 8, out=x, dtype=UINTS[2])
+        np.bitwise_or(x, planes[:n], out=x, casting="unsafe")
+        return
+    # Wider items: each plane written straight into its byte column (1.4-1.8x the shift-and-or of
+    # 4 planes through a temporary; docs/benchmarks.md, "Decode at the limit").
+    cols = out.reshape(n, k)
+    for p in range(k):
+        cols[:, p] = planes[p * n : (p + 1) * n]
 
 
 def _fp8_payload(x: torch.Tensor, scratch: _Scratch) -> np.ndarray:
@@ -174,16 +188,73 @@ def _compress_chunk(x: torch.Tensor, codec: Codec, scratch: _Scratch) -> bytes:
     return zstandard.ZstdCompressor(level=codec.level, write_checksum=True).compress(payload.data)
 
 
-def _map(fn: Callable[[int], object], n: int, threads: int | None) -> list[object]:
-    """fn(0..n-1) on up to `threads` threads (default: one per core); errors re-raised in order."""
-    workers = min(n, threads or os.cpu_count() or 1)
-    if workers <= 1:
+# Threads: an explicit count (a pool for that call), an executor, or None for the process-wide pool.
+Threads = int | Executor | None
+
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+_worker = threading.local()  # `busy` on the codec's own threads: nested work runs inline there
+
+
+def _mark_worker() -> None:
+    _worker.busy = True
+
+
+def _forget_pool() -> None:
+    """In a forked child: the parent's threads are not there, so a new pool is started on demand."""
+    global _pool
+    _pool = None
+
+
+def cores() -> int:
+    """The cores this process may run on."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
+
+
+def decode_pool() -> Executor:
+    """The process-wide codec pool, one thread per core, started on first use.
+
+    Every decode and compress without an explicit `threads` shares it, so chunks of several files
+    (a reader's hooks, the next file decoding while another is fetched) queue on the same cores
+    instead of each call starting threads of its own. Submit whole-file decodes to it freely:
+    codec work started on its threads runs inline there instead of waiting on the pool.
+    """
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            if not hasattr(_forget_pool, "registered"):
+                os.register_at_fork(after_in_child=_forget_pool)
+                _forget_pool.registered = True  # type: ignore[attr-defined]
+            _pool = ThreadPoolExecutor(cores(), thread_name_prefix="activault-codec", initializer=_mark_worker)
+        return _pool
+
+
+def _map(fn: Callable[[int], object], n: int, threads: Threads) -> list[object]:
+    """fn(0..n-1) on `threads` (see `Threads`); returns only once no call is left running.
+
+    The first error (in index order) is re-raised after the others finished or were cancelled:
+    a caller's buffer is never written to after this returns, even on an error.
+    """
+    if n <= 1 or threads == 1 or getattr(_worker, "busy", False):
         return [fn(i) for i in range(n)]
-    with ThreadPoolExecutor(workers, thread_name_prefix="activault-codec") as pool:
-        return list(pool.map(fn, range(n)))
+    if isinstance(threads, int):
+        with ThreadPoolExecutor(min(n, threads), "activault-codec", initializer=_mark_worker) as own:
+            return _map(fn, n, own)
+    pool = decode_pool() if threads is None else threads
+    futures: list[Future[object]] = [pool.submit(fn, i) for i in range(n)]
+    done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+    if pending and any(f.exception() is not None for f in done):
+        for f in pending:
+            f.cancel()
+        wait(pending)
+    for f in futures:
+        if not f.cancelled() and f.exception() is not None:
+            raise f.exception()  # type: ignore[misc]
+    return [f.result() for f in futures]
 
 
-def compress(t: torch.Tensor, codec: Codec, threads: int | None = None) -> tuple[list[bytes], int]:
+def compress(t: torch.Tensor, codec: Codec, threads: Threads = None) -> tuple[list[bytes], int]:
     """`t: [..., d]` (contiguous, CPU) as zstd frames, one per chunk of whole tokens; and tokens per chunk."""
     if t.device.type != "cpu" or not t.is_contiguous():
         raise ValueError("tensor must be contiguous and on the CPU")
@@ -202,6 +273,37 @@ def payload_size(codec: str, tokens: int, width: int, itemsize: int) -> int:
     return tokens * (4 + width) if codec == "fp8" else tokens * width * itemsize
 
 
+def _decode_chunk(
+    frame: memoryview, i: int, at: int, rows: torch.Tensor, codec: str, scratch: _Scratch, where: str
+) -> None:
+    """Frame `i` (at byte `at` of the tensor's blob) decoded into `rows: [n, d]`, checked for size."""
+    n, width = rows.shape
+    k = rows.element_size()
+    want = payload_size(codec, n, width, k)
+    payload = scratch.get(want)
+    end = at + frame.nbytes
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(frame) as r:
+            got = r.readinto(payload)
+            extra = r.read(1)  # also reads the frame's end, where its checksum is checked
+    except zstandard.ZstdError as e:
+        raise FormatError(
+            f"{where}: chunk {i} (bytes {at}..{end}) is corrupted ({e}); restore the file or collect it again"
+        ) from None
+    if got != want or extra:
+        raise FormatError(
+            f"{where}: chunk {i} decodes to the wrong size ({got}{'+' if extra else ''} bytes, "
+            f"expected {want}); restore the file or collect it again"
+        )
+    if codec == "fp8":
+        scale = np.empty(n, np.float32)
+        _merge(payload[: 4 * n], 4, scale.view(np.uint8))
+        q = torch.from_numpy(payload[4 * n :]).view(torch.float8_e4m3fn).view(n, width)
+        rows.copy_(q.float().mul_(torch.from_numpy(scale).unsqueeze(1)))
+    else:
+        _merge(payload, k, _bytes(rows))
+
+
 def decompress_into(
     blob: bytes | bytearray | memoryview,
     sizes: Sequence[int],
@@ -209,49 +311,64 @@ def decompress_into(
     codec: str,
     out: torch.Tensor,
     where: str,
-    threads: int | None = None,
+    threads: Threads = None,
 ) -> torch.Tensor:
     """Decode the frames in `blob` (their `sizes` in order) into `out: [..., d]`, the original dtype and shape.
+
+    Each chunk is decoded straight into its rows of `out` (through one reused per-thread scratch
+    of the frame's payload), on `threads`: by default the process-wide `decode_pool()`.
 
     Args:
         where: names the file and tensor in errors, e.g. "s3://b/run/hook/m00000-000003.safetensors 'states'".
     """
     tokens, width = _rows(out)
     flat = out.reshape(tokens, width)
-    k = out.element_size()
     starts = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).tolist()
     mv = memoryview(blob).cast("B")
-    scratch = _Scratch()
 
     def chunk(i: int) -> None:
         rows = flat[i * chunk_tokens : (i + 1) * chunk_tokens]
-        n = rows.shape[0]
-        want = payload_size(codec, n, width, k)
-        payload = scratch.get(want)
-        try:
-            with zstandard.ZstdDecompressor().stream_reader(mv[starts[i] : starts[i + 1]]) as r:
-                got = r.readinto(payload)
-                extra = r.read(1)  # also reads the frame's end, where its checksum is checked
-        except zstandard.ZstdError as e:
-            raise FormatError(
-                f"{where}: chunk {i} (bytes {starts[i]}..{starts[i + 1]}) is corrupted ({e}); "
-                "restore the file or collect it again"
-            ) from None
-        if got != want or extra:
-            raise FormatError(
-                f"{where}: chunk {i} decodes to the wrong size ({got}{'+' if extra else ''} bytes, "
-                f"expected {want}); restore the file or collect it again"
-            )
-        if codec == "fp8":
-            scale = np.empty(n, np.float32)
-            _merge(payload[: 4 * n], 4, scale.view(np.uint8))
-            q = torch.from_numpy(payload[4 * n :]).view(torch.float8_e4m3fn).view(n, width)
-            rows.copy_(q.float().mul_(torch.from_numpy(scale).unsqueeze(1)))
-        else:
-            _merge(payload, k, _bytes(rows))
+        _decode_chunk(mv[starts[i] : starts[i + 1]], i, starts[i], rows, codec, _decode_scratch, where)
 
     _map(chunk, len(sizes), threads)
     return out
+
+
+def decode_chunk(frame: bytes | bytearray | memoryview, packed: Packed, i: int, out: torch.Tensor, where: str) -> None:
+    """Decode chunk `i` alone, from its frame's bytes (`packed.spans()[i]` of the blob), into its rows of `out`.
+
+    For a reader that decodes chunks as their ranges arrive, e.g. by submitting this to
+    `decode_pool()`; `out` is the whole decoded tensor (`packed.dtype`, `packed.shape`).
+    """
+    if out.dtype != packed.dtype or list(out.shape) != list(packed.shape) or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {packed.dtype} tensor of shape {packed.shape}")
+    if not 0 <= i < len(packed.chunks):
+        raise IndexError(f"chunk {i} of {len(packed.chunks)}")
+    mv = memoryview(frame).cast("B")
+    at, end = packed.spans()[i]
+    if mv.nbytes != end - at:
+        raise ValueError(f"chunk {i} is {end - at} bytes, got {mv.nbytes}")
+    tokens, width = _rows(out)
+    rows = out.reshape(tokens, width)[i * packed.chunk_tokens : (i + 1) * packed.chunk_tokens]
+    _decode_chunk(mv, i, at, rows, packed.codec, _decode_scratch, where)
+
+
+def decode_limit(
+    blob: bytes | bytearray | memoryview, packed: Packed, threads: Threads = None, rounds: int = 1
+) -> float:
+    """The machine's decode limit: decoded bytes/s of these chunks on `threads` (all cores), no I/O.
+
+    The output is allocated and first touched by one untimed decode, as a reader's reused buffer
+    is; the figure is the fastest of `rounds` decodes.
+    """
+    out = torch.empty(packed.shape, dtype=packed.dtype)
+    decompress_into(blob, packed.chunks, packed.chunk_tokens, packed.codec, out, "decode_limit", threads)
+    best = math.inf
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        decompress_into(blob, packed.chunks, packed.chunk_tokens, packed.codec, out, "decode_limit", threads)
+        best = min(best, time.perf_counter() - t0)
+    return out.numel() * out.element_size() / best
 
 
 @dataclass(frozen=True)
@@ -278,6 +395,11 @@ class Packed:
             "chunks": self.chunks,
         }
 
+    def spans(self) -> list[tuple[int, int]]:
+        """Each chunk's frame as bytes [start, end) of the stored blob."""
+        ends = np.cumsum(self.chunks, dtype=np.int64).tolist()
+        return list(zip([0, *ends][:-1], ends, strict=True))
+
     def matches(self, codec: Codec) -> bool:
         """Whether this tensor is already stored as `codec` would store it (same bytes)."""
         itemsize = self.dtype.itemsize
@@ -289,7 +411,7 @@ class Packed:
         )
 
 
-def pack(t: torch.Tensor, codec: Codec, threads: int | None = None) -> tuple[Packed, list[bytes]]:
+def pack(t: torch.Tensor, codec: Codec, threads: Threads = None) -> tuple[Packed, list[bytes]]:
     """Compress `t` and describe it for the header."""
     frames, per = compress(t, codec, threads)
     return Packed(codec.name, t.dtype, list(t.shape), codec.level, per, [len(f) for f in frames]), frames
@@ -378,7 +500,7 @@ def unpack(
     packed: Packed,
     where: str,
     empty: Callable[..., torch.Tensor] = torch.empty,
-    threads: int | None = None,
+    threads: Threads = None,
 ) -> torch.Tensor:
     """The tensor, decoded into a new buffer from `empty(shape, dtype=...)` (e.g. pinned memory).
 

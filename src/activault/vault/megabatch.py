@@ -508,6 +508,7 @@ def decode(
     header: Header | None = None,
     verify_checksums: bool = False,
     alloc: Alloc | None = None,
+    threads: codecs.Threads = None,
 ) -> Megabatch:
     """One whole megabatch file's tensors: every reader's one decoder.
 
@@ -523,6 +524,8 @@ def decode(
             `parse_header`); else it is parsed from `buf`.
         verify_checksums: check each tensor's bytes against the header (FormatError if they differ).
         alloc: allocates a decoded tensor's buffer (default: `torch.empty`).
+        threads: where compressed chunks decode (default: the process-wide `codec.decode_pool()`;
+            an executor, or a thread count).
     """
     data: torch.Tensor | None = None
     if isinstance(buf, torch.Tensor):
@@ -554,7 +557,7 @@ def decode(
         a, b = header.byte_range(name)
         raw = data[a:b]
         if name in header.packed:
-            out[name] = codecs.unpack(raw.numpy().data, header.packed[name], f"{url} {name!r}", empty)
+            out[name] = codecs.unpack(raw.numpy().data, header.packed[name], f"{url} {name!r}", empty, threads)
             continue
         if a % t.dtype.itemsize:  # not aligned (not written by activault): one copy
             raw = raw.clone()

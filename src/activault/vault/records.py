@@ -55,21 +55,33 @@ REMERGE = "or rewrite statistics.json alone with `activault merge-stats RUN`"
 Fix = str | Callable[[], str]
 
 
+def collect_command(machine: int, repair: bool = False) -> str:
+    """The command that collects machine `machine` (again); the config is the one the run used."""
+    return f"`activault collect --config <the run's config> --machine {machine}{' --repair' if repair else ''}`"
+
+
 def redo_machine(run_url: str, machine: int) -> str:
-    """The repair of a damaged progress record or file of `machine`: collect its share again."""
+    """The repair of a damaged progress record of `machine`: collect its share again.
+
+    Only the damaged record is deleted: nothing in it can be trusted, and every file it counted is
+    rewritten with the same bytes."""
     key = progress_key("", machine)
     return (
-        f"delete {run_url.rstrip('/')}/{key} and rerun machine {machine}'s collect command: it "
-        "collects that machine's share again from the start, rewriting its files with the same bytes"
+        f"delete {run_url.rstrip('/')}/{key} and rerun machine {machine}'s collect command "
+        f"({collect_command(machine)}): it collects that machine's share again from the start, "
+        "rewriting its files with the same bytes"
     )
 
 
 def file_repair(run_url: str, name: str) -> str:
-    """The repair of a damaged or missing megabatch `name`: collect its machine's share again."""
+    """The repair of a damaged or missing megabatch `name`: collect exactly its machine's bad files again."""
     parsed = parse_file_name(name)
     if parsed is None:
         return "not an activault file name: delete it if it does not belong to the run"
-    return redo_machine(run_url, parsed[0])
+    return (
+        f"collect it again with {collect_command(parsed[0], repair=True)}: it collects exactly machine "
+        f"{parsed[0]}'s damaged or missing files again, byte-identical, leaving its good files untouched"
+    )
 
 
 # ---- keys ----------------------------------------------------------------------------------------
@@ -413,20 +425,47 @@ def read_run(store: Store, run: str, *, original_ok: bool = False) -> RunRecord 
     return validate(orig.run_fields(cfg, obj), RunRecord, store.url(key), orig.CONFIG_FIX)
 
 
-def read_progress(store: Store, run: str, machine: int, size: int | None = None) -> ProgressRecord | None:
-    rec = read_record(
-        store,
-        progress_key(run, machine),
-        ProgressRecord,
-        redo_machine(store.url(run), machine),
-        size,
-    )
+def read_progress(
+    store: Store, run: str, machine: int, size: int | None = None, plan: RunRecord | None = None
+) -> ProgressRecord | None:
+    """Machine `machine`'s progress record; with `plan` (cfg.json), one that counts more files than
+    the machine's planned share is a FormatError too (`check_against_plan`)."""
+    fix = redo_machine(store.url(run), machine)
+    rec = read_record(store, progress_key(run, machine), ProgressRecord, fix, size)
     if rec is not None and rec.machine != machine:
         raise FormatError(
-            f"{store.url(progress_key(run, machine))}: field 'machine' is {rec.machine}, the name "
-            f"says {machine}; {redo_machine(store.url(run), machine)}"
+            f"{store.url(progress_key(run, machine))}: field 'machine' is {rec.machine}, the name says {machine}; {fix}"
         )
+    if rec is not None and plan is not None:
+        check_against_plan(rec, planned_files(plan, machine), store, run)
     return rec
+
+
+def planned_files(run: RunRecord, machine: int) -> int | None:
+    """The files machine `machine` writes at most, from cfg.json's copy of the config (n_batches
+    shared among num_runs machines, batches_per_upload per file: `Config.machine_files`); None
+    when cfg.json holds no config (the original Activault's, or a record built by hand)."""
+    data, upload = run.config.get("data_config"), run.config.get("upload_config")
+    if not isinstance(data, dict) or not isinstance(upload, dict):
+        return None
+    n, per = data.get("n_batches"), upload.get("batches_per_upload")
+    if type(n) is not int or type(per) is not int or n <= 0 or per <= 0:
+        return None
+    batches = n // run.num_runs + (1 if machine < n % run.num_runs else 0)
+    return -(-batches // per)
+
+
+def check_against_plan(record: ProgressRecord, planned: int | None, store: Store, run: str) -> None:
+    """A FormatError when `record` counts more files than its machine's `planned` share (None: no
+    plan to check against): such a record is damaged, whatever files are there."""
+    if planned is None or record.files_done <= planned:
+        return
+    m = record.machine
+    raise FormatError(
+        f"{store.url(progress_key(run, m))}: field 'files_done' is {record.files_done}, more than the "
+        f"{planned} file(s) machine {m} is planned to write (cfg.json: n_batches, batches_per_upload, "
+        f"num_runs): the record is damaged; {redo_machine(store.url(run), m)}"
+    )
 
 
 def read_metadata(store: Store, folder: str) -> HookMetadata | None:

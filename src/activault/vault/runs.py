@@ -12,7 +12,8 @@ import logging
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 
-from activault.errors import ConfigError, FormatError, NotFoundError
+from activault import dtypes
+from activault.errors import ActivaultError, ConfigError, FormatError, NotFoundError
 from activault.storage import Store, locate
 from activault.storage.base import join
 from activault.vault.megabatch import SUFFIX, Header, decode, fetch_header, megabatch_files
@@ -23,10 +24,13 @@ from activault.vault.records import (
     RunRecord,
     StatsRecord,
     cfg_key,
+    collect_command,
     file_name,
+    file_repair,
     hook_metadata,
     metadata_key,
     parse_progress_name,
+    planned_files,
     progress_key,
     read_metadata,
     read_progress,
@@ -81,9 +85,12 @@ def rebuild_metadata(
     """Rewrite each hook's metadata.json that is missing, damaged or contradicts the stored files.
 
     What the files hold (shape, dtype) comes from a file's header, the rest from `metadata` (what
-    the writer would write; a stored description of how files are compressed is kept). A hook with
-    no file yet is left alone: its first file writes its metadata. Returns the hooks rewritten.
+    the writer would write; a stored description of how files are compressed is kept). A header
+    that contradicts cfg.json's width or dtype of the hook is the broken part: it never rewrites a
+    metadata.json (a FormatError naming the file when one is needed). A hook with no file yet is
+    left alone: its first file writes its metadata. Returns the hooks rewritten.
     """
+    plan = _stored_run(store, run)
     rebuilt = []
     for h, spec in metadata.items():
         folder = join(run, h)
@@ -101,6 +108,13 @@ def rebuild_metadata(
         header = _sample_header(store, folder, machine, files_done)
         if header is None:
             continue
+        if (odd := _against_run(plan, h, header)) is not None:
+            fix = file_repair(store.url(run), header.url)
+            if have is not None and _against_run(plan, h, have) is None:
+                # metadata.json agrees with cfg.json: kept; the file is for verify and `--repair`
+                log.warning("%s, so %s is kept as it is; %s", odd, store.url(metadata_key(folder)), fix)
+                continue
+            raise FormatError(f"{odd}, so {store.url(metadata_key(folder))} is not rebuilt from it; {fix}")
         want = _describing(spec, header, have)
         if have == want:
             continue
@@ -110,6 +124,31 @@ def rebuild_metadata(
         log.warning("%s was %s: rebuilt from %s", store.url(metadata_key(folder)), why, header.url)
         rebuilt.append(h)
     return rebuilt
+
+
+def _stored_run(store: Store, run: str) -> RunRecord | None:
+    """cfg.json when it can be read (what checks against it need), else None."""
+    try:
+        return read_run(store, run)
+    except ActivaultError:  # damaged or the original's: the caller's own read names it
+        return None
+
+
+def _against_run(plan: RunRecord | None, hook: str, held: Header | HookMetadata) -> str | None:
+    """How a file's header (or a metadata.json) contradicts cfg.json's width and dtype of `hook`."""
+    if plan is None:
+        return None
+    d, dtype = plan.hook_dims.get(hook), dtypes.canonical(str(plan.model.get("dtype", "")))
+    if isinstance(held, Header):
+        what, has_d, has_dtype = f"{held.url}: its header says", held.d_model, dtypes.name(held.dtype)
+    else:
+        what, has_d, has_dtype = "metadata.json says", held.d_model, held.dtype
+    if (d is None or has_d == d) and (dtype is None or has_dtype == dtype):
+        return None
+    return (
+        f"{what} states of d = {has_d} in {has_dtype}, cfg.json says hook {hook} holds d = "
+        f"{d if d is not None else has_d} in {dtype or has_dtype}: the file is damaged or edited, not the run's records"
+    )
 
 
 def _describing(spec: HookMetadata, header: Header, have: HookMetadata | None) -> HookMetadata:
@@ -129,49 +168,70 @@ def _describing(spec: HookMetadata, header: Header, have: HookMetadata | None) -
     return want.model_copy(update={"compression": (have or spec).compression})
 
 
-def _finished(store: Store, run: str, num_runs: int, skip: set[int]) -> Iterator[ProgressRecord]:
-    """Finished machines' records in machine order, each read once; damaged ones are skipped."""
+def _finished(
+    store: Store, run: str, hooks: list[str], num_runs: int, plan: RunRecord | None, skip: set[int]
+) -> Iterator[ProgressRecord]:
+    """Finished machines' records in machine order, each read once; a damaged one (also: one that
+    counts more files than planned, or lacks a hook's statistics) is skipped with a warning."""
     _, entries = store.list_dir(join(run, "progress"))
     named = sorted((m, e.size) for e in entries if (m := parse_progress_name(e.key)) is not None)
     for m, size in named:
         if m >= num_runs or m in skip:
             continue
         try:
-            rec = read_progress(store, run, m, size)
+            rec = read_progress(store, run, m, size, plan)
+            if rec is not None and rec.finished:
+                _check_complete(store, run, rec, hooks, num_runs)
         except FormatError as e:  # another machine's damage must not stop this one finishing
             log.warning("skipping machine %d's statistics: %s", m, e)
             continue
-        if rec is None or not rec.finished:
-            continue
-        if rec.num_runs != num_runs:
-            log.warning("skipping machine %d: its record says num_runs=%d, the run %d", m, rec.num_runs, num_runs)
-            continue
-        yield rec
+        if rec is not None and rec.finished:
+            yield rec
 
 
-def merge_statistics(store: Store, run: str, hooks: list[str], num_runs: int) -> list[int]:
+def _check_complete(store: Store, run: str, rec: ProgressRecord, hooks: list[str], num_runs: int) -> None:
+    """A FormatError when a finished record cannot be merged: another num_runs, a hook's statistics missing."""
+    url, fix = store.url(progress_key(run, rec.machine)), redo_machine(store.url(run), rec.machine)
+    if rec.num_runs != num_runs:
+        raise FormatError(f"{url}: field 'num_runs' is {rec.num_runs}, cfg.json says {num_runs}; {fix}")
+    if lacking := [h for h in hooks if h not in rec.stats]:
+        raise FormatError(
+            f"{url}: field 'stats' has no statistics of hook(s) {', '.join(lacking)} although the machine "
+            f"finished: the record is damaged; {fix}"
+        )
+
+
+def merge_statistics(
+    store: Store, run: str, hooks: list[str], num_runs: int, *, plan: RunRecord | None = None, strict: bool = False
+) -> list[int]:
     """Write each hook's statistics.json as the exact merge over finished machines; return them.
 
     One pass lists progress/ once and reads each record once, folding it into one running total
     per hook in machine order, so every writer writes the same bytes. Machines finishing together
     may race: after writing, the records of machines not yet merged are read again, and the merge
-    is redone while any of them has finished since.
+    is redone while any of them has finished since. A machine that cannot be merged is skipped with
+    a warning, or, when `strict`, is a FormatError (nothing written).
+
+    Args:
+        plan: cfg.json, to check each record against (read from the store when not given).
     """
+    plan = plan if plan is not None else _stored_run(store, run)
     while True:
         totals: dict[str, RunningStats] = {}
         machines: list[int] = []
         seen: set[int] = set()
-        for rec in _finished(store, run, num_runs, set()):
+        for rec in _finished(store, run, hooks, num_runs, plan, set()):
             seen.add(rec.machine)
-            parts = {h: rec.stats[h].running() for h in hooks if h in rec.stats}
+            parts = {h: rec.stats[h].running() for h in hooks}
             odd = [h for h, s in parts.items() if h in totals and s.d != totals[h].d]
             if odd:
-                log.warning(
-                    "skipping machine %d: its statistics of %s have another d_model than the other machines'; %s",
-                    rec.machine,
-                    odd[0],
-                    redo_machine(store.url(run), rec.machine),
+                why = (
+                    f"machine {rec.machine}'s statistics of {odd[0]} have another d_model than the other "
+                    f"machines'; {redo_machine(store.url(run), rec.machine)}"
                 )
+                if strict:
+                    raise FormatError(f"cannot merge statistics: {why}")
+                log.warning("skipping %s", why)
                 continue
             for h, s in parts.items():
                 totals[h] = totals[h].merge(s) if h in totals else RunningStats(s.d).merge(s)
@@ -180,7 +240,7 @@ def merge_statistics(store: Store, run: str, hooks: list[str], num_runs: int) ->
             if total.count + total.nonfinite_tokens > 0:
                 record = statistics_record(total, machines, num_runs)
                 write_record(store, statistics_key(join(run, h)), record)
-        if next(_finished(store, run, num_runs, seen), None) is None:
+        if next(_finished(store, run, hooks, num_runs, plan, seen), None) is None:
             return machines
 
 
@@ -205,23 +265,65 @@ def locate_run(run_uri: str) -> StoredRun:
     return StoredRun(store, key, rec)
 
 
-def merge_run_statistics(run_uri: str) -> list[int]:
-    """Rewrite every hook's statistics.json of a stored run from its finished machines' records,
-    recounting first the statistics that counted tokens with NaN or Inf in (`recount_nonfinite`)."""
+FINISHED_ONLY = (
+    "or merge only the finished machines with `activault merge-stats RUN --finished-only` "
+    "(statistics.json then lists the machines it covers)"
+)
+
+
+def merge_run_statistics(run_uri: str, finished_only: bool = False) -> list[int]:
+    """Rewrite every hook's statistics.json of a stored run from its machines' records, recounting
+    first the statistics that counted tokens with NaN or Inf in (`recount_nonfinite`).
+
+    Every machine must have finished with a sound record, else one error names the first one that
+    has not and its fix; `finished_only` merges the finished machines alone (statistics.json lists them).
+    """
     found = locate_run(run_uri)
-    recount_nonfinite(found.store, found.run, found.record.hooks, found.record.num_runs)
-    return merge_statistics(found.store, found.run, found.record.hooks, found.record.num_runs)
+    store, run, record = found.store, found.run, found.record
+    if not finished_only:
+        check_every_machine(store, run, record)
+    recount_nonfinite(store, run, record.hooks, record.num_runs, record)
+    return merge_statistics(store, run, record.hooks, record.num_runs, plan=record, strict=not finished_only)
 
 
-def recount_nonfinite(store: Store, run: str, hooks: list[str], num_runs: int) -> list[int]:
+def check_every_machine(store: Store, run: str, record: RunRecord) -> None:
+    """An error naming the first machine whose statistics cannot be merged (no record, a damaged
+    one, not finished) and its fix; nothing when every machine has finished."""
+    head = "cannot merge statistics over every machine"
+    for m in range(record.num_runs):
+        url = store.url(progress_key(run, m))
+        try:
+            rec = read_progress(store, run, m, plan=record)
+            if rec is not None and rec.finished:
+                _check_complete(store, run, rec, record.hooks, record.num_runs)
+        except FormatError as e:
+            raise FormatError(f"{head}: machine {m}'s progress record is damaged: {e}") from None
+        if rec is None:
+            raise NotFoundError(
+                f"{head}: machine {m} has no progress record ({url}): it has not started, or its record is "
+                f"lost. Run its collect command ({collect_command(m)}; files it wrote already are written "
+                f"again with the same bytes), then merge again; {FINISHED_ONLY}"
+            )
+        if not rec.finished:
+            planned = planned_files(record, m)
+            raise FormatError(
+                f"{head}: machine {m} has not finished ({url} counts {rec.files_done}"
+                f"{'' if planned is None else f' of {planned}'} files). Let it finish, or resume it with "
+                f"its collect command ({collect_command(m)}), then merge again; {FINISHED_ONLY}"
+            )
+
+
+def recount_nonfinite(
+    store: Store, run: str, hooks: list[str], num_runs: int, plan: RunRecord | None = None
+) -> list[int]:
     """Recompute from its files each finished machine's statistics that are not finite (version 1
     records counted tokens with NaN or Inf in) and rewrite its progress record; returns those machines.
 
     The machine has finished, so nothing else writes its record; its files are read whole, once.
     """
     redone = []
-    for rec in _finished(store, run, num_runs, set()):
-        stale = [h for h in hooks if h in rec.stats and not rec.stats[h].running().finite]
+    for rec in _finished(store, run, hooks, num_runs, plan, set()):
+        stale = [h for h in hooks if not rec.stats[h].running().finite]
         if not stale:
             continue
         stats = dict(rec.stats)
@@ -251,7 +353,7 @@ def _recount(store: Store, run: str, hook: str, rec: ProgressRecord) -> RunningS
         except NotFoundError as e:
             raise NotFoundError(
                 f"cannot recount machine {rec.machine}'s statistics of {hook}: {e} (a run collected "
-                f"with data_config.skip_cache stores no files); {redo_machine(store.url(run), rec.machine)}"
+                f"with data_config.skip_cache stores no files); {file_repair(store.url(run), key)}"
             ) from e
         states = mb.states.reshape(-1, s.d)  # [rows * seq, d]
         pos = mb.positions

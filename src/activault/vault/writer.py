@@ -24,7 +24,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
 from typing import Any
 
@@ -344,9 +344,42 @@ class RunWriter:
         self.files, self.rows, self.tokens = k + 1, self.rows + rows, self.tokens + tokens
         return writer.commit(futures, lambda: self._commit(metas, record))
 
-    def _check_file(self, states: Mapping[str, torch.Tensor], ids: torch.Tensor, pos: torch.Tensor) -> int:
+    def rewrite_file(
+        self,
+        k: int,
+        states: Mapping[str, torch.Tensor],
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        hooks: Collection[str],
+        on_written: Mapping[str, Callable[[], None]] | None = None,
+    ) -> None:
+        """Queue file k of `hooks` again (`collect --repair`: a damaged copy collected again, the
+        same bytes); no record changes, since the progress record already counts the file.
+        LockedError, and nothing queued, once another collector has the machine."""
+        if not 0 <= k < self.resumed.files_done:
+            raise ValueError(f"file {k} is not one of the {self.resumed.files_done} files the record counts")
+        self._check_file(states, input_ids, positions, k)
+        self._check_record()
+        writer, done = self._background(), on_written or {}
+        for h in self.record.hooks:
+            if h not in hooks or not self.store_files:
+                if h in done:
+                    done[h]()
+                continue
+            tensors = {"states": states[h], "input_ids": input_ids, "positions": positions}
+            key = join(self.run, h, file_name(self.machine, k))
+            writer.write(key, self._encoding(h, k, tensors), on_done=done.get(h))
+
+    def close(self) -> None:
+        """Wait for every queued write and stop the writer threads, writing no record (`rewrite_file`)."""
+        if self._writer is not None:
+            self._writer.close()
+
+    def _check_file(
+        self, states: Mapping[str, torch.Tensor], ids: torch.Tensor, pos: torch.Tensor, k: int | None = None
+    ) -> int:
         """The file's rows; a FormatError, before anything is written, when it does not fit the run."""
-        where = f"{self.store.url(self.run)}: file {self.files} of machine {self.machine}"
+        where = f"{self.store.url(self.run)}: file {self.files if k is None else k} of machine {self.machine}"
         if set(states) != set(self.metadata):
             raise FormatError(f"{where} has hooks {sorted(states)}, the run {self.record.hooks}; nothing written")
         meta = next(iter(self.metadata.values()))

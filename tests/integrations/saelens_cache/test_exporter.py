@@ -1,12 +1,17 @@
 """integrations/saelens_cache/exporter.py: a run's hooks as a SAELens activation cache, read back here
 with `datasets` itself: the same states (bfloat16 exactly as float32), ids and positions, padding rows
-dropped and counted, the sidecar, and atomic: a refused or failed export leaves nothing. Its layout is
-the one SAELens writes, and SAELens's ActivationsStore trains from it."""
+dropped and counted, the sidecar, and atomic: a refused or failed export leaves nothing, a link as
+destination is refused before the run is read, and a killed export's folder is removed by the rerun,
+which writes the same bytes. Its layout is the one SAELens writes, and SAELens's ActivationsStore
+trains from it."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,11 +19,13 @@ import torch
 from datasets import load_from_disk
 
 from activault.errors import ConfigError, FormatError, NotFoundError
-from activault.integrations.saelens_cache.exporter import export_saelens
+from activault.integrations.saelens_cache.exporter import _clear_leftovers, export_saelens
 from activault.integrations.saelens_cache.importer import import_saelens
-from activault.storage import LocalStore
+from activault.storage import LocalStore, Store
+from activault.storage.s3 import S3Store
 from support.integrations import HOOKS, saelens_cache
-from support.synth import SynthRun
+from support.interrupted import kill_when_reached
+from support.synth import SynthRun, s3_env, write_synthetic_run
 
 COLUMNS = {"h1": "blocks.0.hook_resid_post", "h2": "blocks.0.hook_mlp_out"}
 
@@ -211,3 +218,116 @@ def test_export_is_atomic_when_a_file_is_damaged(run: SynthRun, tmp_path: Path) 
     with pytest.raises(FormatError, match="truncated"):
         export_saelens(str(tmp_path / "run"), HOOKS, tmp_path / "cache")
     assert not (tmp_path / "cache").exists() and not list(tmp_path.glob(".cache*"))
+
+
+# ---- a link as destination; a killed export
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_a_link_as_destination_is_refused_before_anything_is_read(
+    run: SynthRun, local: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dangling: bool
+):
+    import activault
+
+    def no_reading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the run was opened")
+
+    monkeypatch.setattr(activault, "RCache", no_reading)
+    target = tmp_path / "elsewhere"
+    if not dangling:
+        target.mkdir()
+    (tmp_path / "out").symlink_to(target)
+    tail = f"pass the folder it points to ({target})" if not dangling else ", which does not exist): an export"
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'out'} is a symbolic link (to {target}")) as e:
+        export_saelens(str(local.root / "run"), "h1", tmp_path / "out")
+    assert tail in str(e.value) and "never follows a link" in str(e.value)
+    assert os.readlink(tmp_path / "out") == str(target) and leftovers(tmp_path) == []
+    assert dangling or list(target.iterdir()) == []
+
+
+KILLED_EXPORT = """
+    import sys
+    from datasets.arrow_writer import ArrowWriter
+    from activault.integrations.saelens_cache.exporter import export_saelens
+
+    real, shards = ArrowWriter.finalize, []
+
+    def finalize(self, *args, **kwargs):
+        out = real(self, *args, **kwargs)
+        shards.append(self)
+        if len(shards) == 2:
+            stop_here()  # two Arrow files written, the cache not finished
+        return out
+
+    ArrowWriter.finalize = finalize
+    export_saelens(sys.argv[1], ["h1", "h2"], sys.argv[2], positions=True, shard_bytes=1, store_options=OPTIONS)
+"""
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("moto", marks=pytest.mark.s3)])
+def test_a_killed_export_is_cleaned_up_by_the_rerun_and_the_same_bytes(
+    tmp_path: Path, request: pytest.FixtureRequest, where: str
+):
+    if where == "local":
+        store: Store = LocalStore(tmp_path / "vault", fsync=False)
+        options: dict[str, Any] | None = None
+    else:
+        env = s3_env(request.getfixturevalue("moto_url"))
+        store, options = S3Store(f"s3://{request.getfixturevalue('moto_bucket')}", env=env), {"env": env}
+    write_synthetic_run(store, "run", ["h1", "h2"], machines=2, files=2, dtype=torch.float32)
+    uri, out = store.url("run"), tmp_path / "out" / "cache"
+    code = KILLED_EXPORT.replace("sys.argv[1]", repr(uri)).replace("sys.argv[2]", repr(str(out)))
+
+    def a_live_exports_folder_is_kept() -> None:
+        (held,) = [p for p in out.parent.iterdir() if p.name.startswith(".cache.tmp-")]
+        assert _clear_leftovers(out) == 0 and sorted(p.name for p in held.iterdir()) == [
+            "part-00000.arrow",
+            "part-00001.arrow",
+        ]
+
+    kill_when_reached(
+        code.replace("OPTIONS", repr(options)), tmp_path / "reached", while_stopped=a_live_exports_folder_is_kept
+    )
+    assert len(leftovers(out.parent)) == 1 and not out.exists()  # what the killed export left
+    export_saelens(uri, ["h1", "h2"], out, positions=True, shard_bytes=1, store_options=options)
+    export_saelens(uri, ["h1", "h2"], tmp_path / "whole", positions=True, shard_bytes=1, store_options=options)
+    assert leftovers(out.parent) == [] and leftovers(tmp_path) == []
+    files = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    assert len(files) == 2 + 4 + 1 and files == {p.name: p.read_bytes() for p in sorted((tmp_path / "whole").iterdir())}
+
+
+def test_the_fingerprint_follows_the_content(run: SynthRun, local: LocalStore, tmp_path: Path):
+    """datasets' own fingerprint hashes paths and times: two exports of the same rows would differ."""
+    fingerprints = []
+    for out, hook in (("a", "h1"), ("b", "h1"), ("c", "h2")):
+        export_saelens(str(local.root / "run"), hook, tmp_path / out, columns={hook: "x"})
+        fingerprints.append(json.loads((tmp_path / out / "state.json").read_text())["_fingerprint"])
+    assert fingerprints[0] == fingerprints[1] != fingerprints[2] and len(fingerprints[0]) == 16
+    assert (tmp_path / "a/data-00000-of-00001.arrow").read_bytes() == (
+        tmp_path / "b/data-00000-of-00001.arrow"
+    ).read_bytes()
+
+
+def test_only_unheld_folders_named_as_an_exports_temp_folder_are_removed(tmp_path: Path):
+    out = tmp_path / "cache"
+    for name in (".cache.tmp-0123abcd", ".cache.tmp-zzzzzzzz", ".other.tmp-0123abcd", ".cache.tmp-0123abcd0"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "part-00000.arrow").write_bytes(b"x")
+    (tmp_path / ".cache.tmp-4567abcd").write_text("a file, not an export's folder")
+    (tmp_path / ".cache.tmp-89abcdef").symlink_to(tmp_path / ".other.tmp-0123abcd")
+    assert _clear_leftovers(out) == 1
+    assert leftovers(tmp_path) == [
+        ".cache.tmp-0123abcd0",
+        ".cache.tmp-4567abcd",
+        ".cache.tmp-89abcdef",
+        ".cache.tmp-zzzzzzzz",
+        ".other.tmp-0123abcd",
+    ]
+    assert (tmp_path / ".other.tmp-0123abcd/part-00000.arrow").exists()  # never through the link
+
+
+def test_a_destination_that_cannot_be_created_is_one_config_error(run: SynthRun, local: LocalStore, tmp_path: Path):
+    (tmp_path / "a-file").write_text("keep me")
+    with pytest.raises(ConfigError, match=r"cannot create .*a-file/\.cache\.tmp-.*; choose a destination in a folder"):
+        export_saelens(str(local.root / "run"), "h1", tmp_path / "a-file" / "cache")
+    assert (tmp_path / "a-file").read_text() == "keep me"

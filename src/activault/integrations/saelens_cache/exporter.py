@@ -1,8 +1,12 @@
 """Export: hooks of a run into a new SAELens activation cache, atomically.
 
 The run is streamed file by file into a temporary folder beside `out_dir`, renamed into place when
-complete: a failed export leaves nothing. Rows holding padding (position -1: only in the last row
-of a machine that ran out of data) are dropped and counted, since SAELens rows have no padding.
+complete: a failed export leaves nothing. A killed one leaves its temporary folder, locked (flock)
+while its export lived: the next export to the same `out_dir` removes the ones no process holds.
+The dataset's fingerprint is a hash of what is written, so an export is the same bytes each time.
+A destination that is a symbolic link is refused before anything is read. Rows holding padding
+(position -1: only in the last row of a machine that ran out of data) are dropped and counted,
+since SAELens rows have no padding.
 Arrow has no bfloat16, so bfloat16 states are exported as float32 (exact); `activault.json`
 records each column's hook and stored dtype, and import restores them, so vault -> cache -> vault
 gives back the same states and token ids bit for bit.
@@ -10,9 +14,12 @@ gives back the same states and token ids bit for bit.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
+import re
 import shutil
 import time
 import uuid
@@ -22,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 
 from activault import dtypes
 from activault.errors import ConfigError, FormatError
@@ -81,23 +89,37 @@ def export_saelens(
     hooks = [hooks] if isinstance(hooks, str) else list(hooks)
     names, out = _destination(hooks, columns, out_dir)
     cache = RCache(run_uri, hooks=hooks, return_ids=True, preserve_file_order=True, store_options=store_options)
-    shapes = cache.shapes
-    if any(s is None for s in shapes):
-        raise FormatError(f"{run_uri}: no metadata.json for {hooks}; export reads runs written by collect or import")
-    seq = shapes[0].seq_len  # type: ignore[union-attr]
-    d = {h: s.d_model for h, s in zip(hooks, shapes, strict=True)}  # type: ignore[union-attr]
-    stored = {h: s.dtype for h, s in zip(hooks, shapes, strict=True)}  # type: ignore[union-attr]
-    want = {h: _export_dtype(stored[h], dtype) for h in hooks}
-    feats = features(names, seq, d, {h: ARROW_DTYPES[want[h]] for h in hooks}, positions)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     result = ExportResult(str(out))
     t0 = time.perf_counter()
+    tmp: Path | None = None
+    claim: int | None = None
     try:
-        tmp.mkdir(parents=True)
-        files = _write_shards(cache, tmp, hooks, names, want, feats, positions, shard_bytes, result)
+        shapes = cache.shapes
+        if any(s is None for s in shapes):
+            raise FormatError(
+                f"{run_uri}: no metadata.json for {hooks}; export reads runs written by collect or import"
+            )
+        seq = shapes[0].seq_len  # type: ignore[union-attr]
+        d = {h: s.d_model for h, s in zip(hooks, shapes, strict=True)}  # type: ignore[union-attr]
+        stored = {h: s.dtype for h, s in zip(hooks, shapes, strict=True)}  # type: ignore[union-attr]
+        want = {h: _export_dtype(stored[h], dtype) for h in hooks}
+        feats = features(names, seq, d, {h: ARROW_DTYPES[want[h]] for h in hooks}, positions)
+        _clear_leftovers(out)
+        new = out.parent / f"{_temp_prefix(out)}{uuid.uuid4().hex[:8]}"
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            new.mkdir()
+        except OSError as e:
+            raise ConfigError(
+                f"cannot create {new}, where the cache is written before it is renamed to {out}: "
+                f"{e.strerror or e}; choose a destination in a folder you can write to"
+            ) from None
+        tmp, claim = new, _claim(new)
+        digest = xxhash.xxh3_64(json.dumps(feats.to_dict(), sort_keys=True).encode())
+        files = _write_shards(cache, tmp, hooks, names, want, feats, positions, shard_bytes, result, digest)
         if not files:
             raise ConfigError(f"{run_uri}: no rows to export (every row holds padding, or the run is empty)")
-        finish_dataset(tmp, files, feats)
+        finish_dataset(tmp, files, feats, digest.hexdigest())
         result.arrow_files = len(files)
         columns_info = {names[h]: {"hook": h, "dtype": dtypes.name(stored[h])} for h in hooks}
         _write_sidecar(tmp, run_uri, columns_info, positions, result)
@@ -105,9 +127,12 @@ def export_saelens(
             out.rmdir()  # empty, checked above
         os.rename(tmp, out)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:
+        if claim is not None:
+            os.close(claim)
         cache.finalize()
     result.seconds = time.perf_counter() - t0
     if result.padding_rows_dropped:
@@ -130,9 +155,71 @@ def _destination(
             f"column names {sorted(names.values())} repeat or use the reserved {sorted(clash)}: pass columns="
         )
     out = Path(out_dir).expanduser().absolute()
+    if out.is_symlink():
+        # The finished cache is renamed into place: a link would be replaced, never written through.
+        target = os.readlink(out)
+        where = f"the folder it points to ({out.parent / target})" if out.exists() else "another path"
+        raise ConfigError(
+            f"{out} is a symbolic link (to {target}{'' if out.exists() else ', which does not exist'}): "
+            f"an export writes a new folder and never follows a link; pass {where} as the destination"
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"{out} exists and is not an empty folder: SAELens caches are written to a new folder")
     return names, out
+
+
+def _temp_prefix(out: Path) -> str:
+    """The temporary folders of exports to `out` are `.{name}.tmp-{8 hex}` beside it."""
+    return f".{out.name}.tmp-"
+
+
+def _claim(tmp: Path) -> int | None:
+    """Hold an flock on the temporary folder while the export lives (the kernel drops it however
+    the process ends): a rerun removes only folders no process holds. None where the filesystem
+    has no flock (that folder is then never removed by a rerun)."""
+    fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _clear_leftovers(out: Path) -> int:
+    """Remove the temporary folders that killed exports to `out` left: its name pattern, a real
+    folder (not a link), and no process holds its flock. Returns how many were removed."""
+    pattern = re.compile(re.escape(_temp_prefix(out)) + "[0-9a-f]{8}")
+    removed = 0
+    try:
+        names = os.listdir(out.parent)
+    except OSError:
+        return 0  # no folder yet, or not readable: creating the export's own folder says why
+    for p in [out.parent / n for n in names if pattern.fullmatch(n)]:
+        try:
+            fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)  # a real folder, not a link
+        except OSError:
+            continue  # not a folder (then not ours), or removed meanwhile
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                log.warning("%s: cannot tell whether an export still writes it (%s); left as it is", p, e.strerror)
+            os.close(fd)
+            continue  # another export to the same folder is writing it
+        try:
+            shutil.rmtree(p)
+            removed += 1
+        except OSError as e:
+            raise ConfigError(
+                f"cannot remove {p}, the unfinished folder of an earlier, killed export to {out}: "
+                f"{e.strerror or e}; make {out.parent} writable, then run the export again"
+            ) from None
+        finally:
+            os.close(fd)
+    if removed:
+        log.info("removed %d unfinished folder(s) of earlier, killed exports to %s", removed, out)
+    return removed
 
 
 def _write_sidecar(tmp: Path, run_uri: str, columns: dict[str, Any], positions: bool, result: ExportResult) -> None:
@@ -170,8 +257,10 @@ def _write_shards(
     positions: bool,
     shard_bytes: int,
     result: ExportResult,
+    digest: Any,
 ) -> list[str]:
-    """Stream every megabatch into Arrow files of about `shard_bytes`; return their temporary names."""
+    """Stream every megabatch into Arrow files of about `shard_bytes`; return their temporary names.
+    `digest` (the dataset's fingerprint) takes every file's name and every value written to it."""
     import pyarrow as pa
     from datasets.arrow_writer import ArrowWriter
 
@@ -192,6 +281,7 @@ def _write_shards(
                 continue
             if writer is None:
                 files.append(f"part-{len(files):05d}.arrow")
+                digest.update(files[-1].encode())
                 writer = ArrowWriter(features=feats, path=str(tmp / files[-1]))
                 written = 0
             ids = item["input_ids"] if rows is None else item["input_ids"][rows]
@@ -199,10 +289,15 @@ def _write_shards(
             # An Arrow list holds < 2^31 values: write rows in chunks that stay below it.
             step = max(1, (2**31 - 1) // (ids.shape[1] * max(s.shape[2] for s in states.values())))
             for a in range(0, ids.shape[0], step):
-                cols = {names[h]: arrow_2d(feats[names[h]](), states[h][a : a + step].contiguous()) for h in hooks}
-                cols[TOKEN_IDS] = arrow_ids(ids[a : a + step])
+                parts = {names[h]: states[h][a : a + step].contiguous() for h in hooks}
+                cols = {c: arrow_2d(feats[c](), x) for c, x in parts.items()}
+                parts[TOKEN_IDS] = ids[a : a + step].to(torch.int32).contiguous()
+                cols[TOKEN_IDS] = arrow_ids(parts[TOKEN_IDS])
                 if positions:
-                    cols[POSITIONS] = arrow_ids((pos if rows is None else pos[rows])[a : a + step])
+                    parts[POSITIONS] = (pos if rows is None else pos[rows])[a : a + step].to(torch.int32).contiguous()
+                    cols[POSITIONS] = arrow_ids(parts[POSITIONS])
+                for x in parts.values():
+                    digest.update(x.reshape(-1).view(torch.uint8).numpy())
                 writer.write_table(pa.table(cols))
             result.rows += ids.shape[0]
             result.tokens += ids.numel()

@@ -64,10 +64,11 @@ def arrow_ids(x: torch.Tensor) -> Any:
     return pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1).to(torch.int32).numpy()), x.shape[1])
 
 
-def finish_dataset(tmp: Path, files: list[str], feats: Any) -> None:
-    """Name the Arrow files and write state.json and dataset_info.json as SAELens's consolidation does."""
-    from datasets import Dataset, DatasetInfo
-    from datasets.fingerprint import generate_fingerprint
+def finish_dataset(tmp: Path, files: list[str], feats: Any, fingerprint: str) -> None:
+    """Name the Arrow files and write state.json and dataset_info.json as SAELens's consolidation
+    does; `fingerprint` is a hash of the content (datasets' own hashes paths and mtimes, so two
+    exports of the same rows would differ)."""
+    from datasets import DatasetInfo
     from datasets.utils.py_utils import asdict
 
     n = len(files)
@@ -78,15 +79,13 @@ def finish_dataset(tmp: Path, files: list[str], feats: Any) -> None:
     (tmp / "dataset_info.json").write_text(json.dumps({k: info[k] for k in sorted(info)}, indent=2))
     state: dict[str, Any] = {
         "_data_files": [{"filename": f} for f in final],
-        "_fingerprint": None,
+        "_fingerprint": fingerprint,
         "_format_columns": None,
         "_format_kwargs": {},
         "_format_type": None,
         "_output_all_columns": False,
         "_split": None,
     }
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    state["_fingerprint"] = generate_fingerprint(Dataset.load_from_disk(str(tmp)))
     (tmp / "state.json").write_text(json.dumps(state, indent=2))
 
 

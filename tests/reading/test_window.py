@@ -1,0 +1,53 @@
+"""TokenLoader's windows: the ramp's partition of an epoch's files and the shuffle-quality measure."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from activault.reading.order import first_file, windows
+from activault.reading.window import (
+    ramp_length,
+    ramp_windows,
+    same_source_pairs,
+    uniform_same_source_pairs,
+    window_count,
+    window_of,
+    window_start,
+)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 8])
+def test_the_ramp_doubles_from_one_file_to_the_window(size: int) -> None:
+    files = 40
+    cut = list(ramp_windows(((i, i) for i in range(files)), size, True))
+    sizes = [len(items) for _, items in cut]
+    ramp = [2**w for w in range(ramp_length(size, True))]
+    assert all(s < size for s in ramp) and sizes[: len(ramp)] == ramp  # 1, 2, 4, ... each under size
+    assert set(sizes[len(ramp) : -1]) <= {size} and sizes[0] == 1  # then full windows; the first: one file
+    assert [w for w, _ in cut] == list(range(len(cut))) == list(range(window_count(files, size, True)))
+    for w, items in cut:  # window_start and window_of agree with the cut (what a resume starts from)
+        assert window_start(w, size, True) == items[0] and {window_of(i, size, True) for i in items} == {w}
+
+
+def test_without_the_ramp_the_windows_are_the_old_ones() -> None:
+    # ramp=False cuts what loaders cut before the ramp: states they saved resume exactly.
+    for size in (1, 3, 4):
+        files = [(i, f"f{i}") for i in range(11)]
+        assert list(ramp_windows(files, size, False)) == list(windows(files, size))
+        assert [window_start(w, size, False) for w in range(5)] == [first_file(w, size) for w in range(5)]
+    skipped = [(0, "f0"), (2, "f2"), (5, "f5"), (6, "f6")]  # bad files skipped: windows end where the next begins
+    assert list(ramp_windows(skipped, 4, True)) == [(0, ["f0"]), (1, ["f2"]), (2, ["f5", "f6"])]
+    assert window_count(0, 4, True) == 0 and window_count(3, 4, True) == 2 and window_count(4, 4, True) == 3
+
+
+def test_same_source_pairs_counts_pairs_from_one_source() -> None:
+    assert same_source_pairs(np.zeros(10, np.int64)) == 1.0  # one file: every pair
+    assert same_source_pairs(np.arange(10)) == 0.0  # all different
+    assert same_source_pairs(np.array([0, 0, 1, 1])) == pytest.approx(2 / 6)  # 2 of the 6 pairs
+    assert same_source_pairs(np.array([3])) == 0.0
+    # A uniform shuffle of 4 equal files: a pair is from one file a bit under 1/4 of the time.
+    assert uniform_same_source_pairs(np.array([100] * 4)) == pytest.approx(4 * 100 * 99 / (400 * 399))
+    rng = np.random.default_rng(0)
+    draws = [same_source_pairs(rng.permutation(np.repeat(np.arange(4), 100))[:50]) for _ in range(200)]
+    assert float(np.mean(draws)) == pytest.approx(uniform_same_source_pairs(np.array([100] * 4)), abs=0.02)
