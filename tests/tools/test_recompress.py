@@ -12,8 +12,9 @@ import pytest
 import torch
 from test_inspection import compress_and_edit
 
-from activault.errors import ConfigError, FormatError
+from activault.errors import ConfigError, FormatError, LockedError
 from activault.storage import LocalStore, Store
+from activault.storage.lock import hold_task
 from activault.storage.s3 import S3Store
 from activault.tools.recompress import recompress_run, run_recompress
 from activault.tools.verify import verify_run
@@ -76,6 +77,18 @@ def test_recompress_refuses_a_run_still_collecting(run: SynthRun, local: LocalSt
     path.write_text(json.dumps({**json.loads(path.read_text()), "finished": False}))
     with pytest.raises(ConfigError, match=r"machines \[1\] .* have not finished"):
         recompress_run(local, "run", ZSTD_SMALL)
+
+
+def test_a_second_recompress_of_a_run_is_refused_while_the_first_runs(stores: tuple[Store, Store]) -> None:
+    """Two at once would remove each other's temp files: the second is told who holds the run."""
+    store, _ = stores
+    write_synthetic_run(store, "run", ["h1"], machines=1, files=2)
+    before = contents(store)
+    with hold_task(store, "run", "recompress", "being recompressed"):
+        with pytest.raises(LockedError, match=r"run 'run' is being recompressed by .*pid"):
+            recompress_run(store, "run", ZSTD_SMALL, threads=1)
+    assert contents(store) == before  # nothing converted
+    recompress_run(store, "run", ZSTD_SMALL, threads=1)  # released: the next one runs
 
 
 def test_recompress_refuses_an_edited_codec_description(run: SynthRun, local: LocalStore) -> None:

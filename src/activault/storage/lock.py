@@ -45,6 +45,19 @@ def lock_key(run: str, machine: int) -> str:
     return f"{run}/{LOCKS}/machine-{machine:05d}.lock"
 
 
+def hold_task(store: Store, run: str, task: str, doing: str, lease_seconds: float = LEASE_SECONDS) -> MachineLock:
+    """Claim `run` for a whole-run task, one at a time, as `hold` claims a machine.
+
+    Args:
+        task: names the lock, e.g. "recompress".
+        doing: what a refused second one is told, e.g. "being recompressed".
+    """
+    key = f"{run}/{LOCKS}/{task}.lock"
+    if isinstance(store, LocalStore):
+        return FileLock(store.path_of(key), f"run {run!r}", doing)
+    return Lease(store, key, f"run {run!r}", lease_seconds, doing)
+
+
 def hold(store: Store, run: str, machine: int, lease_seconds: float = LEASE_SECONDS) -> MachineLock:
     """Claim machine `machine` of `run`, or raise LockedError naming the collector that holds it."""
     key = lock_key(run, machine)
@@ -139,8 +152,8 @@ def _parse(raw: bytes) -> dict[str, Any] | None:
 class FileLock(MachineLock):
     """An exclusive flock on a file; the holder's host, pid and start time are its content."""
 
-    def __init__(self, path: Path, what: str):
-        self.path, self.what = path, what
+    def __init__(self, path: Path, what: str, doing: str = "being collected"):
+        self.path, self.what, self.doing = path, what, doing
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.fd = self._lock()
@@ -163,7 +176,7 @@ class FileLock(MachineLock):
                 holder = _parse(os.pread(fd, 4096, 0))
                 os.close(fd)
                 raise LockedError(
-                    f"{self.what} is being collected by {_describe(holder)} (lock {self.path}); "
+                    f"{self.what} is {self.doing} by {_describe(holder)} (lock {self.path}); "
                     "wait for it to finish, or stop it, then run the same command again to resume"
                 ) from None
             try:
@@ -200,8 +213,10 @@ class FileLock(MachineLock):
 class Lease(MachineLock):
     """A lease object, created if absent, renewed in the background, taken over once expired."""
 
-    def __init__(self, store: Store, key: str, what: str, seconds: float = LEASE_SECONDS):
-        self.store, self.key, self.what, self.seconds = store, key, what, seconds
+    def __init__(
+        self, store: Store, key: str, what: str, seconds: float = LEASE_SECONDS, doing: str = "being collected"
+    ):
+        self.store, self.key, self.what, self.seconds, self.doing = store, key, what, seconds, doing
         self.holder = _holder()
         self.body = b""
         self.expires = 0.0
@@ -237,7 +252,7 @@ class Lease(MachineLock):
             if time.time() <= deadline and not _is_dead(other):
                 renewed = other.get("renewed", "?")
                 raise LockedError(
-                    f"{self.what} is being collected by {_describe(other)} "
+                    f"{self.what} is {self.doing} by {_describe(other)} "
                     f"(lease {self.store.url(self.key)}, renewed {renewed}); wait "
                     "for it to finish or stop it. If that process is dead, its lease expires at "
                     f"{_iso(deadline)}: run the same command again after that"

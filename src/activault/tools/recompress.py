@@ -26,6 +26,7 @@ import torch
 from activault.errors import ConfigError, FormatError
 from activault.storage import Entry, Store, locate
 from activault.storage.base import join
+from activault.storage.lock import hold_task
 from activault.tools.inspection import list_dir
 from activault.units import human_bytes
 from activault.vault import codec as codecs
@@ -44,6 +45,7 @@ from activault.vault.megabatch import (
 )
 from activault.vault.records import (
     ProgressRecord,
+    RunRecord,
     file_name,
     metadata_key,
     read_progress,
@@ -245,6 +247,20 @@ def recompress_run(
     hooks = list(cfg.hooks) if cfg else [d for d in dirs if store.exists(metadata_key(join(run, d)))]
     if not hooks:
         raise ConfigError(f"{store.url(run)} holds no run (no cfg.json, no hook folder with a metadata.json)")
+    with hold_task(store, run, "recompress", "being recompressed"):
+        return _recompress(store, run, cfg, hooks, codec, threads, force, on_file)
+
+
+def _recompress(
+    store: Store,
+    run: str,
+    cfg: RunRecord | None,
+    hooks: list[str],
+    codec: codecs.Codec | None,
+    threads: int,
+    force: bool,
+    on_file: Callable[[str, str], None] | None,
+) -> Summary:
     progress = _progress(store, run, cfg.num_runs if cfg else None)
     if (waiting := [m for m, rec in progress.items() if not (rec and rec.finished)]) and not force:
         raise ConfigError(
