@@ -112,10 +112,26 @@ def as_stats_version_1(store: Store, run: str) -> None:
         rec = json.loads(bytes(store.get(key)))
         for s in rec["stats"].values() if "stats" in rec else [rec]:
             if s["nonfinite"]:
+                s.pop("norm_hist", None)  # added in stats_version 3
                 s.update(stats_version=1, count=s["count"] + s["nonfinite"], norm=math.nan)
                 s.update(norm_sum=math.nan, norm_sq_sum=math.nan)
                 for name in ("mean", "std", "m2"):
                     s[name][0] = math.nan
+        store.put(key, json.dumps(rec).encode())
+
+
+def as_stats_version_2(store: Store, run: str) -> None:
+    """Rewrite `run`'s progress records and statistics.json as activault wrote them before the norm
+    histogram (stats_version 2)."""
+    _, progress = store.list_dir(f"{run}/progress")
+    keys = [e.key for e in progress] + [f"{run}/{h}/statistics.json" for h in store.list_dir(run)[0]]
+    for key in keys:
+        if not store.exists(key):
+            continue
+        rec = json.loads(bytes(store.get(key)))
+        for s in rec["stats"].values() if "stats" in rec else [rec]:
+            s.pop("norm_hist", None)
+            s["stats_version"] = min(s["stats_version"], 2)
         store.put(key, json.dumps(rec).encode())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,24 @@ def test_collect_repair_collects_a_damaged_file_again(tiny_model_dir, tmp_path, 
     file.write_bytes(b"")
     rc, _, err = run_cli(["collect", "--config", str(path), "--machine", "0", "--repair", "--quiet"], capsys)
     assert rc == 0 and file.read_bytes() == want and "repaired file(s) [0]" in err, err
+
+
+@pytest.mark.parametrize("name", ["shell", "s3"])
+def test_the_shell_is_called_shell_and_s3_still_names_it(tmp_path, name) -> None:
+    (tmp_path / "vault" / "run1").mkdir(parents=True)
+    env = {**os.environ, "ACTIVAULT_HISTORY": str(tmp_path / "history"), "HF_HUB_OFFLINE": "1"}
+    argv = [sys.executable, "-m", "activault", name, "--root", str(tmp_path / "vault")]
+    out = subprocess.run(argv, input="ls\nexit\n", capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0 and "activault shell on" in out.stdout and "run1/" in out.stdout, out
+
+
+def test_the_help_starts_a_newcomer_with_demo_then_estimate_then_collect(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    start = text.index("Start here:")
+    assert start < text.index("positional arguments")
+    order = [text.index(f"`activault {c}", start) for c in ("demo", "estimate --config", "collect --config")]
+    assert order == sorted(order)
+    assert "shell (s3) interactive shell" in text and "`s3` is another name for it" in text
+    assert "hooks the hook names a config may use on a model" in text

@@ -16,6 +16,7 @@ from activault.config import (
     UploadConfig,
     check_machine,
     load_config,
+    memory_bytes,
     parse_config,
     resolve_storage,
 )
@@ -303,3 +304,13 @@ def test_a_file_that_is_not_a_mapping_is_refused_with_overrides_too(tmp_path, te
     (tmp_path / "c.yaml").write_text(text)
     with pytest.raises(ConfigError, match=r"c.yaml must be a mapping of keys to values"):
         load_config(tmp_path / "c.yaml", {"run_name": "other"})
+
+
+@pytest.mark.parametrize("text,n", [("70GiB", 70 << 30), (" 80 GB ", 80 * 10**9), ("1.5KiB", 1536), ("3b", 3)])
+def test_memory_bytes(text, n):
+    assert memory_bytes(text) == n
+
+
+def test_memory_bytes_refuses_what_the_config_refuses():
+    with pytest.raises(ValueError, match="is not a memory size"):
+        memory_bytes("lots")

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from activault.cli import main
+from activault.storage import LocalStore
 from activault.storage.s3 import S3Store
 from support.synth import create_bucket, s3_env, write_synthetic_run
 
@@ -22,7 +23,7 @@ def snippet(marker: str) -> str:
 
 
 def test_every_snippet_is_covered() -> None:
-    markers = ("S3RCache.from_credentials", "TokenLoader(", "VaultProvider(")
+    markers = ("S3RCache.from_credentials", "TokenLoader(", "VaultProvider(")  # RCache( is with TokenLoader(
     assert len(SNIPPETS) == len(markers) and all(any(m in s for s in SNIPPETS) for m in markers)
 
 
@@ -40,14 +41,32 @@ def s3(moto_url: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
 @pytest.mark.s3
 def test_reading_snippets_run_as_written(s3) -> None:
     write_synthetic_run(S3Store("s3://readme-bucket", env=s3), "run_name", ["hook_name"], files=2)
-    hooks = ["models.layers.40.mlp.pre", "models.layers.40.mlp.post"]
-    write_synthetic_run(S3Store("s3://bucket", env=s3), "run", hooks, files=2)
     scope: dict = {}
     exec(snippet("S3RCache.from_credentials"), scope)  # noqa: S102 - the README's own code
     assert tuple(scope["batch"]["states"].shape[1:]) == (16, 8)
-    scope = {}
-    exec(snippet("TokenLoader("), scope)  # noqa: S102
-    assert scope["rank"] == 0 and scope["world_size"] == 1 and scope["state"]["epoch"] == 1
+
+
+def test_local_reading_snippet_runs_as_written_on_the_demo_vault(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`./vault/demo` as `activault demo` lays it out (its hooks, d_model 64), with a NaN token."""
+    monkeypatch.chdir(tmp_path)
+    hooks = ["models.layers.1.post", "models.layers.2.mlp.post", "models.layers.3.self_attn.pre"]
+    write_synthetic_run(
+        LocalStore(tmp_path / "vault"),
+        "demo",
+        hooks,
+        files=3,
+        rows=8,
+        seq=128,
+        d=64,
+        nonfinite=[("models.layers.1.post", 0, 2, 40, float("nan"))],
+    )
+    scope: dict = {}
+    exec(snippet("TokenLoader("), scope)  # noqa: S102 - the README's own code
+    assert tuple(scope["batch"]["models.layers.1.post"].shape) == (1024, 64)
+    assert scope["state"]["epoch"] == 1 and scope["loader"].filtered["first"] > 0
+    assert scope["loader"].filtered["nonfinite"] == 1
 
 
 @pytest.mark.slow

@@ -8,6 +8,7 @@ __all__ = [
     "RCache",
     "ReadOptions",
     "S3RCache",
+    "TokenFilter",
     "TokenLoader",
     "__version__",
     "collect",
@@ -34,10 +35,10 @@ def __getattr__(name: str):
         import activault.reading.rcache as reader
 
         return getattr(reader, name)
-    if name == "ReadOptions":
-        from activault.reading.options import ReadOptions
+    if name in ("ReadOptions", "TokenFilter"):
+        import activault.reading.options as options
 
-        return ReadOptions
+        return getattr(options, name)
     if name in ("TokenLoader", "ActivationDataset"):
         import activault.reading.tokens as loader
 

@@ -33,6 +33,12 @@ def _shell(args: argparse.Namespace) -> int:
     return run_shell(args.root)
 
 
+def _hooks(args: argparse.Namespace) -> int:
+    from activault.tools.hook_names import run_hooks
+
+    return run_hooks(args.model, dtype=args.dtype, as_json=args.json)
+
+
 def _ls(args: argparse.Namespace) -> int:
     from activault.tools.inspection import run_ls
 
@@ -51,6 +57,12 @@ def _verify(args: argparse.Namespace) -> int:
     return run_verify(args.uri, deep=args.deep)
 
 
+def _context(args: argparse.Namespace) -> int:
+    from activault.tools.context import run_context
+
+    return run_context(args.run_uri, args.hook, args.file, args.row, args.column, args.window, args.json)
+
+
 def _stats(args: argparse.Namespace) -> int:
     from activault.tools.inspection import run_stats
 
@@ -58,9 +70,15 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _estimate(args: argparse.Namespace) -> int:
-    from activault.collection.plan import run_estimate
+    from activault.collection.preflight import run_estimate
 
-    return run_estimate(args.config, price=args.price, bandwidth=args.bandwidth)
+    return run_estimate(args.config, price=args.price, bandwidth=args.bandwidth, storage=args.storage)
+
+
+def _shuffle(args: argparse.Namespace) -> int:
+    from activault.tools.shuffle import run_shuffle
+
+    return run_shuffle(args.src, args.dst, seed=args.seed, memory=int(args.memory_gib * (1 << 30)))
 
 
 def _recompress(args: argparse.Namespace) -> int:
@@ -144,7 +162,12 @@ def _add_launch(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="activault", description="Collect, store and stream LLM activations.")
+    p = argparse.ArgumentParser(
+        prog="activault",
+        description="Collect, store and stream LLM activations. Start here: `activault demo` (offline, on a "
+        "CPU), then `activault estimate --config YOUR.yaml` (tokens, bytes, cost; no weights load), then "
+        "`activault collect --config YOUR.yaml`; `activault hooks MODEL` lists the hook names a config may use.",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--version", action="version", version=f"activault {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
@@ -173,11 +196,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave the tiny model, tokenizer, corpus and a config in DIR to start your own run from",
     )
     d.set_defaults(func=_demo)
-    sh = sub.add_parser("s3", help="interactive shell on the bucket $S3_BUCKET_NAME, or on --root")
+    sh = sub.add_parser(
+        "shell",
+        aliases=["s3"],
+        help="interactive shell (ls, cd, cat, rm, inspect) on --root, a local folder or s3://BUCKET[/PREFIX] "
+        "(default s3://$S3_BUCKET_NAME); `s3` is another name for it",
+    )
     sh.add_argument(
         "--root", default=None, help="s3://BUCKET[/PREFIX] or a local store folder (default s3://$S3_BUCKET_NAME)"
     )
     sh.set_defaults(func=_shell)
+
+    hk = sub.add_parser(
+        "hooks",
+        help="the hook names a config may use on a model, with width, bytes per token and module (no weights load)",
+    )
+    hk.add_argument(
+        "model",
+        help="a local folder holding config.json, a shipped config's hub id (e.g. HuggingFaceTB/SmolLM2-135M), "
+        "or a hub id in the Hugging Face cache",
+    )
+    hk.add_argument("--dtype", default="bfloat16", help="the config's transformer_config.dtype (default bfloat16)")
+    hk.add_argument("--json", action="store_true", help="print JSON: every hook of every block")
+    hk.set_defaults(func=_hooks)
 
     ls = sub.add_parser("ls", help="list runs, hooks and files under a URI")
     ls.add_argument("uri", help="PATH, file://PATH or s3://BUCKET[/PREFIX]")
@@ -198,6 +239,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ver.set_defaults(func=_verify)
 
+    cx = sub.add_parser("context", help="a stored token's document text around it, the token marked")
+    cx.add_argument("run_uri", help="the run folder: PATH/RUN or s3://BUCKET[/PREFIX]/RUN")
+    cx.add_argument("hook", help="the hook folder's name")
+    cx.add_argument("file", help="the megabatch, e.g. m00000-000003.safetensors")
+    cx.add_argument("row", type=int, help="the token's row in the file")
+    cx.add_argument("column", type=int, help="the token's column in the row")
+    cx.add_argument("--window", type=int, default=32, help="tokens shown on each side (default 32)")
+    cx.add_argument("--json", action="store_true", help="print JSON")
+    cx.set_defaults(func=_context)
+
     st = sub.add_parser("stats", help="a hook's statistics; --plot draws mean, std and token norms")
     st.add_argument("uri", help="the hook folder: PATH/RUN/HOOK or s3://BUCKET/RUN/HOOK")
     st.add_argument("--plot", default=None, help="write a PNG here")
@@ -208,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     est.add_argument("--config", required=True, help="YAML config")
     est.add_argument("--price", type=float, default=None, help="USD per GB-month (default: the config's)")
     est.add_argument("--bandwidth", default="1Gbps", help="upload bandwidth, e.g. 1Gbps, 500Mbps, 100MB/s")
+    est.add_argument("--storage", default=None, help="the destination collect would use (its free space is checked)")
     est.set_defaults(func=_estimate)
 
     _add_launch(sub)
@@ -242,6 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--threads", type=int, default=2, help="files converted at once (default 2)")
     rc.add_argument("--force", action="store_true", help="convert even while machines are still collecting")
     rc.set_defaults(func=_recompress)
+
+    sh = sub.add_parser("shuffle", help="a new run: a uniform random permutation of a run's tokens, bounded memory")
+    sh.add_argument("src", help="the run: PATH/RUN or s3://BUCKET[/PREFIX]/RUN")
+    sh.add_argument("dst", help="the new run (empty, or a killed shuffle of SRC to resume)")
+    sh.add_argument("--seed", type=int, default=0, help="the permutation's seed (default 0)")
+    sh.add_argument("--memory-gib", type=float, default=4.0, help="GiB of tokens held at once (default 4)")
+    sh.set_defaults(func=_shuffle)
     return p
 
 

@@ -24,6 +24,18 @@ MEMORY_RE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$",
 NAME_MAX = 200
 
 
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20}
+_UNITS.update({"gib": 1 << 30, "tib": 1 << 40})
+
+
+def memory_bytes(text: str) -> int:
+    """Bytes of a memory size as MEMORY_RE accepts it ("70GiB", "80 GB"); ValueError otherwise."""
+    if not MEMORY_RE.match(str(text)):
+        raise ValueError(f"{text!r} is not a memory size; write e.g. 70GiB or 80GB")
+    number, unit = re.findall(r"[\d.]+|[A-Za-z]+", str(text))
+    return int(float(number) * _UNITS[unit.lower()])
+
+
 def name_problem(name: str) -> str | None:
     """Why `name` cannot name a run's folder or a hook's (the one check of both), or None."""
     if not name or "/" in name or name.startswith("."):

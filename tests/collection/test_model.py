@@ -303,3 +303,14 @@ def test_a_model_name_no_path_can_have_is_one_config_error_not_an_oserror(name):
             text.startswith(f"transformer_config.model_name={name[:80]!r}...") and f"({len(name)} characters)" in text
         )
         assert len(text) < 1500, "the name is shown cut"
+
+
+def test_local_config_reads_a_folders_config_json_without_transformers(tmp_path):
+    from activault.collection.model import local_config
+
+    assert local_config(str(tmp_path)) is None  # no config.json
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "hidden_size": 8}')
+    assert local_config(str(tmp_path)) == {"model_type": "llama", "hidden_size": 8}
+    (tmp_path / "config.json").write_text("[1, 2]")
+    assert local_config(str(tmp_path)) is None  # transformers names that problem when it loads it
+    assert local_config("meta-llama/Llama-3.3-70B-Instruct") is None  # a hub id, not a folder

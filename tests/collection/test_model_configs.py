@@ -84,7 +84,9 @@ def test_estimate_runs_offline_and_matches_a_hand_computation(path: Path, monkey
     assert cfg["transformer_config"]["dtype"] == "bfloat16"
     tokens = data["n_batches"] * data["batch_size"] * data["seq_length"]
     want = tokens * len(hooks) * (d * 2 + 4 + 4)
-    assert main(["estimate", "--config", str(path)]) == 0
+    # Planned for a GPU node and S3: this machine's memory and disk are not what the preflight would check there.
+    monkeypatch.setattr("activault.collection.preflight.available_memory", lambda: None)
+    assert main(["estimate", "--config", str(path), "--storage", "s3://main"]) == 0
     out = capsys.readouterr().out
     assert f"total        {human_bytes(want)}" in out, out
     assert f"{tokens:,}" in out

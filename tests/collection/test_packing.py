@@ -18,7 +18,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from activault.collection.packing import Batch, DataState, encode_document, iter_batches, pad_token_id
+from activault.collection.packing import (
+    Batch,
+    DataState,
+    document_at,
+    encode_document,
+    iter_batches,
+    pad_token_id,
+)
 from activault.collection.sources import iter_documents, resolve_source
 from activault.errors import FormatError
 from activault.tools.tiny import demo_texts
@@ -153,7 +160,7 @@ def test_resume_from_every_batch_is_bitwise_equal(tmp_path, tok):
     assert any(b.state.token_offset > 0 for b in batches)
 
     def same(a: Batch, b: Batch) -> bool:
-        keys = ("input_ids", "position_ids", "segment_ids", "keep", "doc_positions")
+        keys = ("input_ids", "position_ids", "segment_ids", "keep", "doc_positions", "documents")
         return a.state == b.state and all(torch.equal(getattr(a, k), getattr(b, k)) for k in keys)
 
     for i, b in enumerate(batches):
@@ -274,7 +281,7 @@ def random_doc(rng: random.Random) -> dict:
 
 
 def same(a: Batch, b: Batch) -> bool:
-    return a.state == b.state and all(torch.equal(getattr(a, k), getattr(b, k)) for k in TENSORS)
+    return a.state == b.state and all(torch.equal(getattr(a, k), getattr(b, k)) for k in (*TENSORS, "documents"))
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -444,3 +451,34 @@ def test_control_characters_and_long_documents_survive_packing(tmp_path, tok):
     )
     docs = reassemble(list(iter_batches(c, tok)), 32)
     assert [tok.decode([i for i, k in zip(ids, keep, strict=True) if k]) for ids, keep in docs] == texts
+
+
+# ---------------------------------------------------------------- provenance
+
+
+@pytest.mark.parametrize("num_runs", [1, 2])
+def test_each_token_names_its_document_in_the_machines_stream(tmp_path, tok, num_runs):
+    rows = [{"text": ""}, {"text": "alpha beta gamma delta"}, {"messages": []}, {"text": "epsilon"}]
+    rows += corpus_rows()[:30]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    c = cfg(str(path), seq_length=16, batch_size=3, shuffle_buffer=8, seed=5)
+    for machine in range(num_runs):
+        spec = resolve_source(str(path))
+        stream = list(iter_documents(spec, machine=machine, num_runs=num_runs, seed=5, shuffle_buffer=8))
+        batches = list(iter_batches(c, tok, machine=machine, num_runs=num_runs))
+        seen: dict[int, list[tuple[int, int]]] = {}
+        for b in batches:
+            assert b.documents.dtype == torch.int64
+            assert torch.equal(b.documents < 0, b.doc_positions < 0), "padding is -1 in both"
+            for r in range(len(b.keep)):
+                row = (b.documents[r].tolist(), b.doc_positions[r].tolist(), b.input_ids[r].tolist())
+                for d, p, i in zip(*row, strict=True):
+                    if d >= 0:
+                        seen.setdefault(d, []).append((p, i))
+        assert seen, "some document was stored"
+        for d, tokens in seen.items():  # the ordinal finds the document again, ids at their positions
+            doc = document_at(c, d, machine=machine, num_runs=num_runs)
+            assert doc == stream[d]
+            ids, _ = encode_document(doc, tok, clean_added_tokens=True, clean_default_system_prompt=True)
+            assert [ids[p] for p, _ in tokens] == [i for _, i in tokens]
+        assert document_at(c, len(stream), machine=machine, num_runs=num_runs) is None

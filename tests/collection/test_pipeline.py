@@ -21,7 +21,7 @@ import yaml
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from activault.collection.packing import encode_document
-from activault.collection.pipeline import collect
+from activault.collection.pipeline import _report_wait, collect
 from activault.collection.resume import FIELDS, check_resume, config_fields
 from activault.collection.sources import iter_documents, resolve_source
 from activault.config import parse_config
@@ -57,6 +57,8 @@ def test_layout_and_shapes(collected):
     assert (root / "cfg.json").exists()
     rec = json.loads((root / "cfg.json").read_text())
     assert rec["num_runs"] == 1 and rec["hooks"] == cfg.upload_config.hooks
+    # Hooks up to block 1 of 4: the 2 blocks loaded and run (was: 4, the skeleton's).
+    assert (rec["model"]["n_layers"], rec["model"]["n_layers_kept"]) == (4, 2)
     names = None
     for hook in cfg.upload_config.hooks:
         meta = json.loads((root / hook / "metadata.json").read_text())
@@ -173,10 +175,19 @@ def test_a_store_slower_than_the_model_is_waited_for_measured_and_named(
     cfg = make_cfg(llama, tmp_path, upload={"max_pending": 1, "write_threads": 1})
     with caplog.at_level(logging.INFO, logger="activault.collection.pipeline"):
         r = collect(cfg, show_progress=False)
-    # Megabatch 2 of a hook needs the buffer of its file 0, written 0.3 s or more after the start.
-    assert 0.25 <= r.storage_wait < r.seconds
-    warning = [m.getMessage() for m in caplog.records if m.levelno == logging.WARNING and "waited" in m.getMessage()]
-    assert len(warning) == 1 and "for storage" in warning[0] and "upload_config.write_threads (now 1)" in warning[0]
+    # Megabatch 2 of a hook needs the buffer of its file 0, still being written (0.3 s): a wait
+    # (how long depends on how fast the model ran meanwhile, so no bound on it here).
+    assert 0 < r.storage_wait < r.seconds
+    said = [m.getMessage() for m in caplog.records if "waited" in m.getMessage()]
+    assert len(said) == 1 and f"waited {r.storage_wait:.1f} s" in said[0] and "for storage" in said[0]
+    # Whether that is a warning depends on its share of the run, i.e. on how fast the model ran here:
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="activault.collection.pipeline"):
+        _report_wait(10.0, 100.0, cfg)  # 10%: a warning naming what helps
+        _report_wait(1.0, 100.0, cfg)  # 1%: said, not warned
+    (warned, told) = caplog.records
+    assert warned.levelno == logging.WARNING and "upload_config.write_threads (now 1)" in warned.getMessage()
+    assert told.levelno == logging.INFO and "waited 1.0 s" in told.getMessage()
     assert {k: v for k, v in tree_bytes(tmp_path / "run").items() if k.endswith(".safetensors")} == {
         k: v for k, v in tree_bytes(root).items() if k.endswith(".safetensors")
     }
@@ -208,7 +219,10 @@ def test_freed_memory_is_kept_so_the_next_batch_faults_no_page_in(llama, tmp_pat
     out = subprocess.run([sys.executable, "-c", _CHURN], capture_output=True, text=True, check=True)
     default, kept, after = out.stdout.split()
     assert kept == "True"
-    assert int(default) > 50_000 and int(after) < int(default) // 100, out.stdout
+    # A round touches 3 x 1000 x 120 KiB = 90,000 pages; kept memory faults in under 1% of them. How
+    # many the default faults depends on the Python build's allocator (36,564 to over 50,000 seen).
+    touched = 3 * 1000 * (120 << 10) // 4096
+    assert int(after) < touched // 100 and int(after) < int(default), out.stdout
     calls = []
     monkeypatch.setattr("activault.collection.model.keep_freed_memory", lambda: calls.append(1) or True)
     collect(make_cfg(llama, tmp_path, data={"n_batches": 2}), show_progress=False)

@@ -20,7 +20,7 @@ from activault.collection.plan import (
     buffer_bytes,
     check_feasible,
     cost_notes,
-    estimate_lines,
+    feasibility_problems,
     is_local_endpoint,
     make_plan,
     states_ratio,
@@ -28,7 +28,6 @@ from activault.collection.plan import (
 )
 from activault.config import parse_config
 from activault.errors import ConfigError
-from activault.tools.demo import demo_config
 from activault.units import human_bytes
 
 DIMS = {"models.layers.1.post": 64, "models.layers.0.mlp.pre": 256}
@@ -63,7 +62,11 @@ def written_files(cfg) -> list[dict[str, tuple[tuple[int, ...], torch.dtype]]]:
         while batches > 0:
             rows = min(batches, cfg.upload_config.batches_per_upload) * d.batch_size
             files.append(
-                {"input_ids": ((rows, d.seq_length), torch.int32), "positions": ((rows, d.seq_length), torch.int32)}
+                {
+                    "input_ids": ((rows, d.seq_length), torch.int32),
+                    "positions": ((rows, d.seq_length), torch.int32),
+                    "documents": ((rows, d.seq_length), torch.int64),
+                }
             )
             batches -= cfg.upload_config.batches_per_upload
     return files
@@ -85,7 +88,11 @@ def test_files_tokens_and_bytes_equal_what_a_collection_writes(n_batches, num_ru
     assert p.tokens == sum(math.prod(f["input_ids"][0]) for f in files)
     for hook, d in DIMS.items():
         raw = sum(
-            nbytes((*f["input_ids"][0], d), dtype) + nbytes(*f["input_ids"]) + nbytes(*f["positions"]) for f in files
+            nbytes((*f["input_ids"][0], d), dtype)
+            + nbytes(*f["input_ids"])
+            + nbytes(*f["positions"])
+            + nbytes(*f["documents"])
+            for f in files
         )
         assert p.raw_bytes_per_hook[hook] == raw == p.bytes_per_hook[hook], "no codec: stored is raw"
     assert p.total_bytes == p.raw_bytes == sum(p.bytes_per_hook.values())
@@ -110,7 +117,7 @@ def test_compressed_sizes_are_the_assumed_ratios_and_say_so():
     tokens = raw.tokens
     for hook, d in DIMS.items():
         assert z.raw_bytes_per_hook[hook] == raw.bytes_per_hook[hook]
-        assert z.bytes_per_hook[hook] == round(tokens * (d * 2 * ASSUMED_RATIO["bfloat16"] + 8))
+        assert z.bytes_per_hook[hook] == round(tokens * (d * 2 * ASSUMED_RATIO["bfloat16"] + 16))
     line = z.compression_line()
     assert line is not None and "zstd: assumed" in line and "bfloat16" in line and "measured" in line
     assert raw.compression_line() is None
@@ -118,7 +125,7 @@ def test_compressed_sizes_are_the_assumed_ratios_and_say_so():
     for hook, d in DIMS.items():
         # fp8: one byte per value and a float32 scale per token, then zstd keeps ASSUMED_FP8_ZSTD of it.
         states = tokens * (d + 4) * ASSUMED_FP8_ZSTD
-        assert fp8.bytes_per_hook[hook] == pytest.approx(states + tokens * 8, abs=1)
+        assert fp8.bytes_per_hook[hook] == pytest.approx(states + tokens * 16, abs=1)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -165,6 +172,27 @@ def test_buffers_beyond_four_fifths_of_memory_are_refused_naming_what_to_lower()
         check_feasible(cfg, DIMS, 4, None, memory=None, pinned_limit=need - 1)
 
 
+def test_every_infeasible_size_is_listed_at_once():
+    cfg = config(seq_length=17)
+    need = buffer_bytes(cfg, DIMS, 4)
+    problems = feasibility_problems(cfg, DIMS, 4, 16, memory=need, pinned_limit=need - 1)
+    assert len(problems) == 3
+    assert "exceeds the model's max_position_embeddings (16)" in problems[0]
+    assert "of host memory" in problems[1] and "pinned host memory" in problems[2]
+    assert feasibility_problems(cfg, DIMS, 4, True, None) == []  # a bool is no position count
+
+
+def test_pinned_limit_without_torch_is_half_the_ram_on_cuda():
+    with open("/proc/meminfo") as f:
+        total = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemTotal:"))
+    assert plan.pinned_limit(cuda=True) == total // 2 and plan.pinned_limit(cuda=False) is None
+
+
+def test_plans_take_dtype_names():
+    assert make_plan(config(), DIMS, 2, dtype="bfloat16") == make_plan(config(), DIMS, 2, dtype=torch.bfloat16)
+    assert states_ratio("fp8", "float16", 64) == states_ratio("fp8", torch.float16, 64)
+
+
 def test_memory_limits_read_this_machine():
     with open("/proc/meminfo") as f:
         info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
@@ -208,21 +236,6 @@ def test_summary_lines_show_the_plan():
     assert "machine      1 of 2" in text and f"tokens       {p.tokens:,} in {p.files} files" in text
     assert "(llama, 4 layers, d_model 64)" in text and "destination  /vault/r" in text
     assert sum(line.startswith("hook ") for line in lines) == len(DIMS)
-
-
-def test_estimate_from_the_model_config_alone(tiny_model_dir, tmp_path):
-    cfg = demo_config(tiny_model_dir("llama"), str(tmp_path))
-    lines = estimate_lines(cfg, price=2.0, bandwidth="8Mbps")
-    text = "\n".join(lines)
-    d = cfg.data_config
-    tokens = d.n_batches * d.batch_size * d.seq_length
-    assert f"tokens       {tokens:,}" in text and "(float32)" in text
-    assert f"files        {cfg.machine_files(0)} per hook, {3 * cfg.machine_files(0)} in total" in text
-    total = 3 * tokens * (64 * 4 + 8)  # three hooks of width 64 in float32, plus id and position
-    assert f"cost         ${total / 1e9 * 2.0:,.2f}/month at $2.0/GB-month" in text
-    assert text.count("d=64") == 3
-    with pytest.raises(ConfigError, match="bandwidth 'soon' not understood"):
-        estimate_lines(cfg, bandwidth="soon")
 
 
 # ---- where the bytes go ----

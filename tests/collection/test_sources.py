@@ -18,6 +18,7 @@ from activault.collection.packing import DataState, iter_batches
 from activault.collection.sources import (
     BadRecords,
     iter_documents,
+    probe_local,
     repair_messages,
     require_documents,
     resolve_source,
@@ -460,3 +461,17 @@ def test_a_lone_surrogate_in_a_json_array_is_a_bad_item(tmp_path):
     assert list(iter_documents(resolve_source(str(path)), bad=bad)) == ["ok", "ok too"] and bad.count == 1
     with pytest.raises(DataError, match=r"a.json: item 1: not Unicode text"):
         list(iter_documents(resolve_source(str(path)), bad=BadRecords("error")))
+
+
+def test_the_local_probe_reads_json_without_datasets_and_says_what_require_documents_says(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"content": "a"}\n{"content": "b"}\n')
+    with pytest.raises(DataError) as probed:
+        probe_local(resolve_source(str(data)), "src")
+    with pytest.raises(DataError) as required:
+        require_documents(resolve_source(str(data)), "src")
+    assert str(probed.value) == str(required.value) and "their fields are 'content'" in str(probed.value)
+    assert probe_local(resolve_source(str(data), text_field="content"), "src") is True
+    text = tmp_path / "d.txt"
+    text.write_text("a paragraph\n")
+    assert probe_local(resolve_source(str(text)), "src") is False  # not JSON: checked when collect starts

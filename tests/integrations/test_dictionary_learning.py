@@ -1,5 +1,6 @@
 """integrations/dictionary_learning.py: dictionary_learning's trainSAE trains a TopK SAE from a
-VaultBuffer (normalised, epochs on), and it explains most of the k-sparse data."""
+VaultBuffer (normalised, epochs on), it explains most of the k-sparse data, and the saved SAE,
+loaded the library's own way, works on raw activations."""
 
 from __future__ import annotations
 
@@ -11,25 +12,16 @@ import torch
 
 from activault import TokenLoader
 from activault.errors import ConfigError, DataError, FormatError
-from activault.integrations.dictionary_learning import VaultBuffer
+from activault.integrations.dictionary_learning import RESCALED, VaultBuffer, finish, train
 from activault.storage import LocalStore
 from support.integrations import sparse_run
 from support.synth import as_stats_version_1, write_synthetic_run
 
 
-def test_dictionary_learning_trains_from_a_vault_buffer(tmp_path: Path) -> None:
+def _topk(steps: int) -> dict:
     from dictionary_learning.trainers import TopKTrainer
-    from dictionary_learning.trainers.top_k import AutoEncoderTopK
-    from dictionary_learning.training import trainSAE
 
-    sparse_run(LocalStore(tmp_path, fsync=False))
-    with TokenLoader(tmp_path / "sparse", hooks=["h_in"], batch_tokens=8192) as loader:
-        every = next(iter(loader))["h_in"]  # all 8192 tokens
-    buffer = VaultBuffer(tmp_path / "sparse", "h_in", out_batch_size=256, normalize=True, seed=0)
-    assert buffer.norm_factor == pytest.approx(every.double().pow(2).sum(1).mean().sqrt().item(), rel=1e-9)
-    assert next(buffer).double().pow(2).sum(1).mean().item() == pytest.approx(1.0, rel=0.15)
-    steps = 80
-    cfg = {
+    return {
         "trainer": TopKTrainer,
         "steps": steps,
         "activation_dim": 16,
@@ -42,15 +34,80 @@ def test_dictionary_learning_trains_from_a_vault_buffer(tmp_path: Path) -> None:
         "seed": 0,
         "lr": 5e-3,
     }
-    trainSAE(data=buffer, trainer_configs=[cfg], steps=steps, device="cpu", save_dir=str(tmp_path / "dl"))
+
+
+def _explained(ae: torch.nn.Module, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float(1 - (x - ae(x)).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+def _every_token(tmp_path: Path) -> torch.Tensor:
+    with TokenLoader(tmp_path / "sparse", hooks=["h_in"], batch_tokens=8192) as loader:
+        return next(iter(loader))["h_in"]  # all 8192 tokens, raw: [8192, 16]
+
+
+def test_dictionary_learning_trains_from_a_vault_buffer(tmp_path: Path) -> None:
+    from dictionary_learning.utils import load_dictionary
+
+    sparse_run(LocalStore(tmp_path, fsync=False))
+    every = _every_token(tmp_path)
+    buffer = VaultBuffer(tmp_path / "sparse", "h_in", out_batch_size=256, normalize=True, seed=0)
+    assert buffer.norm_factor == pytest.approx(every.double().pow(2).sum(1).mean().sqrt().item(), rel=1e-9)
+    assert next(buffer).double().pow(2).sum(1).mean().item() == pytest.approx(1.0, rel=0.15)
+    folders = train(buffer, [_topk(80)], steps=80, device="cpu", save_dir=tmp_path / "dl")
+    assert folders == [tmp_path / "dl/trainer_0"]
     assert buffer.loader.state_dict()["epoch"] >= 2  # 80 x 256 tokens: the 8192-token run twice and more
     buffer.close()
-    ae = AutoEncoderTopK(16, 64, 4)
-    ae.load_state_dict(torch.load(tmp_path / "dl/trainer_0/ae.pt", weights_only=True))
-    xs = every / buffer.norm_factor
-    with torch.no_grad():
-        ev = 1 - (xs - ae(xs)).pow(2).sum() / (xs - xs.mean(0)).pow(2).sum()
-    assert ev > 0.7, float(ev)  # k-sparse data, k=4 >= 3 true atoms: a trained TopK explains most of it
+    ae, config = load_dictionary(str(folders[0]), device="cpu")
+    assert config[RESCALED] == buffer.norm_factor and config["buffer"]["norm_factor"] == buffer.norm_factor
+    # k-sparse data, k=4 >= 3 true atoms: a trained TopK explains most of it, on RAW activations
+    assert _explained(ae, every) > 0.7
+
+
+def test_finish_rescales_the_saved_sae_and_checkpoints_to_raw_activations_once(tmp_path: Path) -> None:
+    from dictionary_learning.trainers.top_k import AutoEncoderTopK
+    from dictionary_learning.training import trainSAE
+    from dictionary_learning.utils import load_dictionary
+
+    sparse_run(LocalStore(tmp_path, fsync=False))
+    every = _every_token(tmp_path)
+    with VaultBuffer(tmp_path / "sparse", "h_in", out_batch_size=256, normalize=True, seed=0) as buffer:
+        trainSAE(
+            data=buffer,
+            trainer_configs=[_topk(60)],
+            steps=60,
+            device="cpu",
+            save_dir=str(tmp_path / "dl"),
+            save_steps=[30],
+        )
+    folder, nf = tmp_path / "dl/trainer_0", buffer.norm_factor
+    normalised, _ = load_dictionary(str(folder), device="cpu")
+    on_normalised = _explained(normalised, every / nf)  # what training measured
+    stale = _explained(normalised, every)  # the old advice forgotten: biases in normalised units
+    checkpoint = torch.load(folder / "checkpoints/ae_30.pt", weights_only=True)
+    assert finish(folder, buffer) == folder
+    ae, config = load_dictionary(str(folder), device="cpu")
+    assert config[RESCALED] == nf
+    assert _explained(ae, every) == pytest.approx(on_normalised, abs=1e-4)
+    assert _explained(ae, every) > stale + 0.02, (stale, on_normalised)  # was: the stale SAE was saved
+    torch.testing.assert_close(ae.b_dec, normalised.b_dec * nf)
+    torch.testing.assert_close(ae.encoder.weight, normalised.encoder.weight, rtol=0, atol=0)
+    rescaled = AutoEncoderTopK.from_pretrained(str(folder / "checkpoints/ae_30.pt"), k=4)
+    torch.testing.assert_close(rescaled.b_dec, checkpoint["b_dec"] * nf)
+    saved = (folder / "ae.pt").read_bytes()
+    assert finish(folder, buffer) == folder and (folder / "ae.pt").read_bytes() == saved  # once, not twice
+    assert sorted(p.name for p in folder.iterdir()) == ["ae.pt", "checkpoints", "config.json"]
+    with pytest.raises(ConfigError, match=f"already rescaled by {nf}"):
+        finish(folder, 2.0)
+
+
+def test_train_refuses_a_second_normalisation_and_finish_a_folder_without_an_sae(tmp_path: Path) -> None:
+    sparse_run(LocalStore(tmp_path, fsync=False))
+    with VaultBuffer(tmp_path / "sparse", "h_in", out_batch_size=256, normalize=True) as buffer:
+        with pytest.raises(ConfigError, match="normalize_activations= / data="):
+            train(buffer, [_topk(1)], steps=1, save_dir=tmp_path / "dl", normalize_activations=True)
+        with pytest.raises(ConfigError, match="holds no ae.pt and config.json"):
+            finish(tmp_path, buffer)
 
 
 def test_norm_factor_leaves_out_tokens_with_nan_and_refuses_statistics_that_counted_them(tmp_path: Path) -> None:
@@ -87,7 +144,7 @@ def test_a_state_of_another_hook_or_a_tampered_one_is_refused(tmp_path: Path) ->
         for change, problem in (
             ({"hook": "h_out"}, "state was saved with hook='h_out', this buffer has 'h_in'"),  # was: accepted
             ({"loader": None}, "field 'loader' is None"),  # was: a TypeError
-            ({"loader": {**state["loader"], "offset": -3}}, "must be whole numbers >= 0"),
+            ({"loader": {**state["loader"], "offset": -3}}, "whole number"),
         ):
             with pytest.raises(ConfigError) as e:
                 buffer.load_state_dict({**state, **change})

@@ -14,7 +14,14 @@ import pytest
 import torch
 
 from activault.errors import ConfigError, DataError, FormatError, NotFoundError
-from activault.integrations.saelens import VaultProvider, scaling_factor, set_scaling_factor
+from activault.integrations.saelens import (
+    VaultProvider,
+    fill_metadata,
+    sae_metadata,
+    scaling_factor,
+    set_scaling_factor,
+    transformer_lens_name,
+)
 from activault.storage import LocalStore
 from support.integrations import HOOKS
 from support.synth import SynthRun, as_stats_version_1, write_synthetic_run
@@ -260,3 +267,60 @@ def test_scaling_factor_leaves_out_tokens_with_nan_and_refuses_statistics_that_c
     assert scaling_factor(root, "h2") == pytest.approx(
         math.sqrt(8) / kept(poisoned, "h2", torch.float64).norm(dim=1).mean().item(), rel=1e-12
     )
+
+
+@pytest.mark.parametrize(
+    "hook,model_type,want",
+    [
+        ("models.layers.3.post", "llama", "blocks.3.hook_resid_post"),
+        ("models.layers.0.pre", "gpt2", "blocks.0.hook_resid_pre"),
+        ("models.layers.2.self_attn.post", "qwen2", "blocks.2.hook_attn_out"),
+        ("models.layers.2.attention.post", "gpt_neox", "blocks.2.hook_attn_out"),
+        ("models.layers.2.mlp.post", "mistral", "blocks.2.hook_mlp_out"),
+        ("models.layers.-1.post", "llama", "blocks.5.hook_resid_post"),  # of 6 blocks
+        ("models.layers.3.post", "bert", "blocks.3.hook_normalized_resid_post"),  # post-norm: after ln2
+        ("models.layers.3.attention.post", "bert", None),  # BERT's attention module adds and normalises
+        ("models.layers.3.mlp.post", "gemma2", None),  # TransformerLens normalises before its hook
+        ("models.layers.3.mlp.pre", "llama", None),  # the normalised input: no hook holds it unprocessed
+        ("models.layers.3.post", "t5", None),  # an architecture not in the table
+        ("model.layers.3.mlp", "llama", None),  # a module path, not a block hook
+    ],
+)
+def test_transformer_lens_names_where_the_values_are_the_same(hook: str, model_type: str, want: str | None) -> None:
+    assert transformer_lens_name(hook, model_type, n_layers=6) == want
+
+
+def test_the_sae_metadata_comes_from_the_run(tiny_model_dir: Any, tmp_path: Path) -> None:
+    """model name, context size and TransformerLens hook name from cfg.json (was: left empty)."""
+    from sae_lens import SAETrainer
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    from activault.collection.pipeline import collect
+    from support.collecting import make_cfg
+
+    llama = tiny_model_dir("llama")
+    collect(make_cfg(llama, tmp_path, data={"n_batches": 2}), show_progress=False)
+    root = tmp_path / "run"
+    cfg = SAETrainerConfig(total_training_samples=32, train_batch_size_samples=32, lr=1e-3, lr_end=1e-3)
+    with VaultProvider(root, "models.layers.1.post", batch_tokens=32) as provider:
+        sae = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=64, d_sae=32, k=2))
+        set_scaling_factor(SAETrainer(cfg=cfg, sae=sae, data_provider=provider), provider)
+    saved = sae.cfg.to_dict()["metadata"]
+    assert (saved["hook_name"], saved["model_name"], saved["context_size"]) == (
+        "blocks.1.hook_resid_post",
+        str(llama),
+        64,
+    )
+    assert saved["activault_hook"] == "models.layers.1.post"
+    mine = TopKTrainingSAE(TopKTrainingSAEConfig(d_in=64, d_sae=32, k=2))
+    mine.cfg.metadata.hook_name = "blocks.0.hook_mlp_out"  # set by hand: kept
+    assert fill_metadata(mine, root, "models.layers.0.mlp.post") == {
+        "activault_hook": "models.layers.0.mlp.post",
+        "model_name": str(llama),
+        "context_size": 64,
+    }
+    assert mine.cfg.metadata.hook_name == "blocks.0.hook_mlp_out"
+    assert sae_metadata(root, "models.layers.0.mlp.post")["hook_name"] == "blocks.0.hook_mlp_out"
+    with pytest.raises(NotFoundError, match="cfg.json does not exist"):
+        sae_metadata(tmp_path, "models.layers.1.post")

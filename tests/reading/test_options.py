@@ -16,7 +16,7 @@ import torch
 from activault import ActivationDataset, RCache, S3RCache, TokenLoader
 from activault.errors import ConfigError
 from activault.reading import options as options_module
-from activault.reading.options import FIELDS, ReadArgs, ReadOptions, keywords, read_options
+from activault.reading.options import FIELDS, ReadArgs, ReadOptions, TokenFilter, keywords, read_options
 from activault.storage import STORE_OPTIONS, LocalStore
 from support.synth import SynthRun
 
@@ -183,3 +183,26 @@ def test_read_options_are_public() -> None:
     import activault
 
     assert activault.ReadOptions is ReadOptions and "ReadOptions" in activault.__all__
+
+
+def test_token_filters_are_validated_and_fold_in_the_aliases() -> None:
+    f = TokenFilter(positions_below=1, first=2, drop_ids=[1, 2, 2], max_norm_ratio=50)
+    assert f.drop_ids == frozenset({1, 2}) and f.max_norm_ratio == 50.0 and f.active and not TokenFilter().active
+    assert f.describe() == {"positions_below": 1, "first": 2, "drop_ids": [1, 2], "max_norm_ratio": 50.0}
+    assert ReadOptions(token_filter={"first": 2}).token_filter == TokenFilter(first=2)  # from YAML
+    assert ReadOptions(drop_nonfinite=True).tokens == TokenFilter(nonfinite=True)  # the alias, folded in
+    assert ReadOptions(drop_nonfinite=True, token_filter=f).tokens == dataclasses.replace(f, nonfinite=True)
+    for bad, match in [
+        (dict(first=-1), "first=-1 is not accepted"),
+        (dict(drop_ids="12"), "drop_ids='12' is not accepted: drop_ids must be a set of token ids"),
+        (dict(drop_ids=[3, -1]), "drop_ids=-1 is not accepted"),
+        (dict(positions_below=4, positions_from=4), "positions_from=4 is not accepted: .*> positions_below=4"),
+        (dict(max_norm_ratio=0), "max_norm_ratio=0 is not accepted: max_norm_ratio must be a finite number > 0"),
+        (dict(nonfinite="yes"), "nonfinite='yes' is not accepted"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            TokenFilter(**bad)
+    with pytest.raises(ConfigError, match="token_filter has no field 'frist'; a TokenFilter has positions_below"):
+        ReadOptions(token_filter={"frist": 1})
+    with pytest.raises(ConfigError, match="token_filter=3 is not accepted"):
+        ReadOptions(token_filter=3)  # type: ignore[arg-type]

@@ -635,3 +635,36 @@ def test_uploads_send_the_object_checksum(moto, moto_bucket) -> None:
     store.put("big", [memoryview(data)])
     head = moto.client().head_object(Bucket=moto_bucket, Key="p/big", ChecksumMode="ENABLED")
     assert head.get("ChecksumSHA256")
+
+
+def test_a_missing_bucket_is_named_with_the_command_that_creates_it(moto, moto_bucket, tmp_path, capsys) -> None:
+    """ls, verify, RCache and every store operation on a bucket that does not exist say so (not a
+    `404 Not Found: <?xml` cut before its NoSuchBucket code), with a command that creates it; running
+    that command makes the same URI an empty bucket."""
+    missing = f"no-such-{uuid.uuid4().hex[:10]}"
+    said = f"bucket '{missing}' does not exist at {moto.url}: create it with `aws s3 mb s3://{missing} --endpoint-url"
+    for argv in (["ls", f"s3://{missing}/run"], ["verify", f"s3://{missing}/run"]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert said in err and "<?xml" not in err and "Traceback" not in err, err
+    with pytest.raises(StorageError, match=re.escape(said)):
+        RCache(f"s3://{missing}/run/{HOOKS[0]}")
+    store = S3Store(f"s3://{missing}/run", env=moto.env())
+    for op in (
+        lambda: store.get("k"),
+        lambda: store.put("k", b"x"),
+        lambda: store.list("k"),
+        lambda: store.delete("k"),
+    ):
+        with pytest.raises(StorageError, match=re.escape(said)) as e:
+            op()
+        assert not isinstance(e.value, NotFoundError), "a missing bucket is no missing object"
+    with pytest.raises(StorageError, match=re.escape(said)):
+        store.check()
+    python = re.search(r'`python -c "(.+?)"`', str(e.value))
+    assert python, e.value
+    subprocess.run([sys.executable, "-c", python.group(1)], env={**os.environ, **moto.env()}, check=True)
+    assert store.list() == [] and cli.main(["ls", f"s3://{missing}/run"]) == 2
+    assert "does not exist" in capsys.readouterr().err and missing in [
+        b["Name"] for b in moto.client().list_buckets()["Buckets"]
+    ]

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import re
 import shutil
+import textwrap
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
+from activault.cli import main
 from activault.collection.hooks import resolve_hooks
 from activault.collection.model import load_skeleton
-from activault.config import load_config
+from activault.config import Config, DataConfig, TransformerConfig, UploadConfig, load_config
 from activault.errors import ConfigError
 from activault.tools.demo import HOOKS, demo_config, prepare, run_demo
 from activault.vault.megabatch import decode
@@ -44,35 +47,49 @@ def test_the_demo_hooks_exist_in_the_demo_model(tiny_model_dir):
 
 def test_prepare_builds_the_model_once_and_writes_a_config_that_loads_back(tmp_path, tiny_model_dir):
     storage = tmp_path / "vault"
-    model_dir = storage / ".demo-model"
+    model_dir = tmp_path / "vault-demo" / "model"  # beside the store, visible, never inside it
     shutil.copytree(tiny_model_dir("llama"), model_dir)  # the demo's model: tiny llama, 4 layers, d=64
     before = {p.name: p.stat().st_mtime_ns for p in model_dir.iterdir()}
     cfg, path = prepare(str(storage))
-    assert path == model_dir / "demo.yaml"
-    assert {p.name: p.stat().st_mtime_ns for p in model_dir.iterdir() if p.name != "demo.yaml"} == before
-    assert load_config(path) == cfg
+    assert path == tmp_path / "vault-demo" / "config.yaml"
+    assert {p.name: p.stat().st_mtime_ns for p in model_dir.iterdir()} == before
+    assert load_config(path) == cfg and not storage.exists()
     assert Path(cfg.transformer_config.model_name) == model_dir and cfg.storage == str(storage)
 
 
-def test_prepare_builds_a_missing_model(tmp_path, monkeypatch):
+def test_prepare_builds_a_missing_model_and_names_it_relative_to_the_working_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg, path = prepare("rel/vault")
-    model_dir = tmp_path / "rel/vault/.demo-model"
-    assert Path(cfg.transformer_config.model_name) == model_dir, "absolute, whichever way storage is written"
+    model_dir = tmp_path / "rel/vault-demo/model"
+    assert (
+        cfg.transformer_config.model_name == "rel/vault-demo/model" and path == tmp_path / "rel/vault-demo/config.yaml"
+    )
     assert {"config.json", "tokenizer.json", "model.safetensors"} <= {p.name for p in model_dir.iterdir()}
     skeleton = load_skeleton(cfg.transformer_config)
     assert [s.name for s in resolve_hooks(skeleton, HOOKS)] == HOOKS
+    text = path.read_text()
+    assert f"Run it from {tmp_path} with: activault collect --config rel/vault-demo/config.yaml" in text
+
+
+def test_a_vault_of_an_earlier_demo_keeps_its_hidden_model(tmp_path, tiny_model_dir):
+    # Its run names that model (a data-shaping field): another path would refuse to resume it.
+    storage = tmp_path / "vault"
+    shutil.copytree(tiny_model_dir("llama"), storage / ".demo-model")
+    cfg, path = prepare(str(storage))
+    assert cfg.transformer_config.model_name == str(storage / ".demo-model")
+    assert path == tmp_path / "vault-demo" / "config.yaml" and load_config(path) == cfg
+    assert not (tmp_path / "vault-demo" / "model").exists()
 
 
 def test_a_file_uri_is_the_same_folder_as_its_path(tmp_path, tiny_model_dir, monkeypatch):
     # It used to build in ./file:/... (Path("file:///x") is a relative path).
     monkeypatch.chdir(tmp_path)
     storage = tmp_path / "vault"
-    shutil.copytree(tiny_model_dir("llama"), storage / ".demo-model")
+    shutil.copytree(tiny_model_dir("llama"), tmp_path / "vault-demo" / "model")
     cfg, path = prepare(f"file://{storage}")
-    assert path == storage / ".demo-model" / "demo.yaml" and load_config(path) == cfg
-    assert Path(cfg.transformer_config.model_name) == storage / ".demo-model"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["vault"], "nothing under ./file:"
+    assert path == tmp_path / "vault-demo" / "config.yaml" and load_config(path) == cfg
+    assert cfg.transformer_config.model_name == "vault-demo/model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["vault-demo"], "nothing under ./file:"
 
 
 @pytest.mark.parametrize("keep", [None, "mine"])
@@ -93,15 +110,49 @@ def test_keep_leaves_model_corpus_config_and_vault_in_one_folder(tmp_path, tiny_
     cfg, path = prepare(str(tmp_path / "ignored"), keep=str(keep))
     assert path == keep / "config.yaml" and load_config(path) == cfg
     assert (keep / "corpus.jsonl").read_bytes() == CORPUS.read_bytes()
+    # Outside the working folder: absolute paths, runnable from anywhere.
     assert cfg.data_config.data_key == str(keep / "corpus.jsonl")
     assert cfg.transformer_config.model_name == str(keep / "model") and cfg.storage == str(keep / "vault")
     assert not (tmp_path / "ignored").exists(), "with keep, nothing goes to the storage argument"
+    assert "Run it with: activault collect --config" in path.read_text()
+
+
+def test_the_kept_config_is_short_commented_and_relative_to_the_working_folder(tmp_path, tiny_model_dir, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_model_dir("llama"), tmp_path / "mine" / "model")
+    cfg, path = prepare("ignored", keep="mine")
+    assert load_config(path) == cfg
+    assert (cfg.transformer_config.model_name, cfg.data_config.data_key, cfg.storage) == (
+        "mine/model",
+        "mine/corpus.jsonl",
+        "mine/vault",
+    )
+    lines = path.read_text().splitlines()
+    assert str(tmp_path) not in "\n".join(ln for ln in lines if not ln.startswith("#"))
+    raw = yaml.safe_load(path.read_text())
+    defaults = {
+        "": Config,
+        "transformer_config": TransformerConfig,
+        "data_config": DataConfig,
+        "upload_config": UploadConfig,
+    }
+    for section, model in defaults.items():
+        fields = raw if not section else raw[section]
+        for name, value in fields.items():
+            if name in defaults:
+                continue
+            info = model.model_fields[name]
+            assert info.is_required() or value != info.get_default(call_default_factory=True), (section, name)
+            at = next(i for i, ln in enumerate(lines) if ln.strip().startswith(f"{name}:"))
+            assert lines[at - 1].strip().startswith("#"), f"{name} has its help above it"
+    assert set(raw["data_config"]) < set(DataConfig.model_fields) and "max_pending" not in raw["upload_config"]
+    assert "`activault hooks MODEL` lists every hook of a model" in path.read_text()
 
 
 @pytest.mark.slow
 def test_the_demo_prints_what_the_stored_files_hold(tmp_path, tiny_model_dir, capsys):
     storage = tmp_path / "vault"
-    shutil.copytree(tiny_model_dir("llama"), storage / ".demo-model")
+    shutil.copytree(tiny_model_dir("llama"), tmp_path / "vault-demo" / "model")
     run_demo(str(storage))
     out = capsys.readouterr().out
     files = sorted((storage / "demo" / HOOKS[0]).glob("*.safetensors"))
@@ -128,3 +179,16 @@ def test_the_demo_prints_what_the_stored_files_hold(tmp_path, tiny_model_dir, ca
         first_states.max(), abs=6e-4
     )
     assert "finite: True" in out and "3 files, 12,288 tokens" in out
+    # The next steps it prints run as printed, on this run.
+    commands = re.findall(r"^  (activault (?:ls|verify|stats|hooks) \S+(?: --dtype \S+)?)\s+#", out, re.M)
+    assert [c.split()[1] for c in commands] == ["ls", "verify", "stats", "hooks"], out
+    for command in commands:
+        assert main(command.split()[1:]) == 0, command
+    snippet = out.split("read it in Python:\n", 1)[1].split("\n  a run of your own")[0]
+    exec(textwrap.dedent(snippet), {})
+    assert f"activault collect --config {tmp_path / 'vault-demo' / 'config.yaml'}" in out
+    capsys.readouterr()
+    run_demo(str(storage))  # again: the run is complete, nothing is collected, and it says so
+    again = capsys.readouterr().out
+    assert f"the run {storage}/demo was already complete, so nothing was collected this time" in again
+    assert "(it holds 3 files, 12,288 tokens)" in again and " MB in " not in again and "next steps:" in again

@@ -17,7 +17,7 @@ from activault.tools.recompress import convert_file
 from activault.tools.verify import verify_run
 from activault.vault import codec as codecs
 from activault.vault import megabatch as fmt
-from activault.vault.records import REBUILD, header_metadata
+from activault.vault.records import REBUILD, header_metadata, parse_file_name
 from support.collecting import run_cli
 from support.synth import SynthRun, s3_env, write_synthetic_run
 
@@ -339,3 +339,27 @@ def test_a_counted_file_emptied_or_lost_everywhere_is_named_with_its_repair(wher
     assert any(p.startswith(f"{HOOKS[0]}/m00001-000007.safetensors: foreign object") for p in problems)
     for h in HOOKS:
         assert any(p.startswith(f"{h}: 1 file(s) missing") and run.names[1] in p and repair(0) in p for p in problems)
+
+
+def with_documents(store: LocalStore, run: SynthRun, name: str, first: int) -> None:
+    """File `name` of every hook rewritten with documents `first`, `first + 1`, ... one per row."""
+    for h in HOOKS:
+        t = dict(run.files[h][name])
+        rows, seq = t["input_ids"].shape
+        t["documents"] = (first + torch.arange(rows, dtype=torch.int64)).repeat_interleave(seq).view(rows, seq)
+        t["positions"] = torch.arange(seq, dtype=torch.int32).repeat(rows, 1)
+        m = parse_file_name(name)
+        assert m is not None
+        store.put(f"run/{h}/{name}", fmt.encode(t, header_metadata("run", h, m[0], m[1], "s", provenance=True)))
+
+
+def test_deep_verify_checks_provenance_order_across_a_machines_files(vault) -> None:
+    store, run = vault
+    mine = sorted(n for n in run.names if n.startswith("m00000"))
+    with_documents(store, run, mine[0], 0)
+    with_documents(store, run, mine[1], 100)
+    assert not [p for p in problems_of(store, deep=True) if "provenance" in p]
+    with_documents(store, run, mine[0], 500)  # machine 0's first file now after its second
+    found = [p for p in problems_of(store, deep=True) if "provenance" in p]
+    assert len(found) == len(HOOKS) and f"{mine[1]}: provenance starts at (document, position) (100, 0)" in found[0]
+    assert repair(0) in found[0]

@@ -263,7 +263,7 @@ def test_resume_with_compression_is_byte_identical(tiny_model_dir, tmp_path: Pat
 
 
 def test_config_and_estimate_name_the_codec(tiny_model_dir, tmp_path: Path) -> None:
-    from activault.collection.plan import estimate_lines
+    from activault.collection.preflight import estimate_lines
 
     model = tiny_model_dir("llama")
     with pytest.raises(ConfigError, match="upload_config.compression"):

@@ -23,12 +23,15 @@ from activault.vault import codec as codecs
 from activault.vault.megabatch import (
     FORMAT_VERSION,
     HEAD_READ,
+    PROVENANCE_SINCE,
     Header,
     check_checksums,
+    check_provenance,
     decode,
     encode,
     fetch_header,
     parse_header,
+    relabelled,
 )
 
 NAME = "m00001-000002.safetensors"
@@ -44,8 +47,11 @@ def megabatch(dtype=torch.bfloat16, rows=3, seq=5, d=4):
 
 
 def blob(tensors=None, meta=None, checksums=True) -> bytes:
-    meta = {"format": "activault", "format_version": str(FORMAT_VERSION)} if meta is None else meta
-    return b"".join(encode(tensors or megabatch(), meta, checksums=checksums))
+    """A file of `tensors`, labelled this version (the last one without provenance unless they hold documents)."""
+    tensors = tensors or megabatch()
+    version = FORMAT_VERSION if "documents" in tensors else PROVENANCE_SINCE - 1
+    meta = {"format": "activault", "format_version": str(version)} if meta is None else meta
+    return b"".join(encode(tensors, meta, checksums=checksums))
 
 
 def with_header(raw: dict, body: bytes) -> bytes:
@@ -285,7 +291,7 @@ def test_files_without_checksums_still_read():
 ZSTD_SMALL = codecs.Codec("zstd", chunk_bytes=256)  # `compressed()`: 8 chunks of 8 tokens (float32)
 
 
-def compressed(version: str = str(FORMAT_VERSION), dtype: torch.dtype = torch.float32) -> bytes:
+def compressed(version: str = str(PROVENANCE_SINCE - 1), dtype: torch.dtype = torch.float32) -> bytes:
     """A zstd file of states [4, 16, 8] labelled with format `version`."""
     meta = {"format": "activault", "format_version": version}
     return b"".join(encode(megabatch(dtype, rows=4, seq=16, d=8), meta, compression=ZSTD_SMALL))
@@ -475,3 +481,82 @@ def test_an_empty_object_is_named_without_a_ranged_read(tmp_path: Path):
     with pytest.raises(FormatError, match=f"{NAME}: truncated file .0 bytes"):
         fetch_header(store, f"h/{NAME}")
     assert store.read == 0
+
+
+# ---- provenance: the documents tensor (format version 4) ----
+
+
+def with_documents(rows=3, seq=5) -> dict[str, torch.Tensor]:
+    t = megabatch(rows=rows, seq=seq)
+    t["documents"] = torch.arange(rows, dtype=torch.int64).repeat_interleave(seq).view(rows, seq)
+    return t
+
+
+def test_documents_round_trip_and_files_without_them_still_read():
+    mb = decode(blob(with_documents()), NAME, verify_checksums=True)
+    assert mb.header.version == FORMAT_VERSION == PROVENANCE_SINCE
+    assert torch.equal(mb.documents, with_documents()["documents"])
+    old = decode(blob(), NAME, verify_checksums=True)  # format version 3: no documents
+    assert old.header.version == 3 and old.documents is None and equal(old.tensors, megabatch())
+
+
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda t: t.pop("documents"), "labelled format version 4 but has no 'documents' tensor"),
+        (lambda t: t.update(documents=t["documents"].to(torch.int32)), r"'documents' is \[3, 5\] int32"),
+        (lambda t: t.update(documents=t["documents"][:2].contiguous()), r"'documents' is \[2, 5\] int64"),
+    ],
+)
+def test_a_version_4_file_without_a_valid_documents_tensor_is_refused(edit, message):
+    t = with_documents()
+    edit(t)
+    with pytest.raises(FormatError, match=f"{NAME}: {message}"):
+        parse_header(blob(t, meta={"format": "activault", "format_version": "4"}), NAME)
+
+
+def test_a_file_labelled_before_provenance_holding_documents_is_refused():
+    with pytest.raises(FormatError, match="labelled format version 3, which has no 'documents'"):
+        parse_header(blob(with_documents(), meta={"format": "activault", "format_version": "3"}), NAME)
+
+
+def test_tampered_documents_fail_their_checksum():
+    b = bytearray(blob(with_documents()))
+    h = parse_header(b, NAME)
+    a, _ = h.byte_range("documents")
+    b[a] ^= 1  # document 0 -> 1 in the first token
+    with pytest.raises(FormatError, match=f"{NAME}: the bytes of tensor 'documents' do not match"):
+        decode(bytes(b), NAME, verify_checksums=True)
+
+
+def test_relabelling_keeps_files_without_documents_below_version_4():
+    assert relabelled({"format_version": "2"})["format_version"] == "3"
+    assert relabelled({"format_version": "4"})["format_version"] == str(FORMAT_VERSION)
+
+
+def prov(docs: list[list[int]], pos: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor(docs, dtype=torch.int64), torch.tensor(pos, dtype=torch.int32)
+
+
+def test_provenance_in_collection_order_passes_and_carries_to_the_next_file():
+    # document 7 split across rows (and cleaning skipped its position 3), then 8, then padding
+    docs, pos = prov([[7, 7, 7], [7, 8, 8], [8, -1, -1]], [[0, 1, 2], [4, 1, 2], [3, -1, -1]])
+    assert check_provenance(docs, pos, NAME, after=(6, 40)) == (8, 3)
+    assert check_provenance(*prov([[-1, -1]], [[-1, -1]]), NAME, after=(8, 3)) == (8, 3)
+
+
+@pytest.mark.parametrize(
+    "docs,pos,after,message",
+    [
+        ([[3, 2]], [[0, 0]], None, "out of order at row 0, column 1: document 2 position 0 follows document 3"),
+        ([[3, 3]], [[1, 1]], None, "out of order at row 0, column 1"),
+        ([[3, 4], [3, 3]], [[0, 0], [1, 2]], None, "out of order at row 1, column 0"),  # not contiguous
+        ([[3, 3]], [[0, 1]], (4, 0), "out of order at row 0, column 0: document 3 position 0 follows document 4"),
+        ([[3, -1]], [[0, 5]], None, "row 0, column 1 is document -1, position 5: padding is -1 in both"),
+        ([[-1, 3]], [[-1, 0]], None, "padding at row 0, column 0 before real tokens"),
+        ([[-5, 3]], [[-1, 0]], None, "document -5"),
+    ],
+)
+def test_provenance_out_of_order_or_with_odd_padding_is_refused(docs, pos, after, message):
+    with pytest.raises(FormatError, match=f"{NAME}: .*{message}"):
+        check_provenance(*prov(docs, pos), NAME, after=after)

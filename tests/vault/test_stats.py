@@ -12,7 +12,17 @@ import torch
 from activault.errors import DataError
 from activault.storage import LocalStore
 from activault.vault.records import read_statistics
-from activault.vault.stats import RunningStats, check_normalisable, finite_rows, merge_all
+from activault.vault.stats import (
+    NORM_BINS_PER_OCTAVE,
+    STATS_VERSION,
+    RunningStats,
+    bin_value,
+    check_histogram,
+    check_normalisable,
+    finite_rows,
+    merge_all,
+    norm_bins,
+)
 from support.synth import SynthRun, write_synthetic_run
 
 
@@ -64,7 +74,8 @@ def test_statistics_leave_out_tokens_with_nan_or_inf_and_count_them():
     np.testing.assert_allclose(total.mean_norm, np.linalg.norm(finite, axis=1).mean(), rtol=1e-12)
     np.testing.assert_allclose(float(total.norm_sq_sum), (finite**2).sum(), rtol=1e-12)
     d = total.to_dict()
-    assert d["stats_version"] == 2 and d["count"] == ok.sum() and d["nonfinite"] == len(bad)
+    assert d["stats_version"] == STATS_VERSION == 3 and d["count"] == ok.sum() and d["nonfinite"] == len(bad)
+    assert sum(d["norm_hist"]) == ok.sum()  # the bad tokens are in no norm bin
     assert all(np.isfinite(d[k]).all() for k in ("mean", "std", "m2", "norm", "norm_sum", "norm_sq_sum"))
 
 
@@ -120,7 +131,7 @@ def test_a_run_with_one_bad_token_has_the_statistics_of_the_others(local: LocalS
     run = write_synthetic_run(local, "run", ["h1", "h2"], machines=2, files=3, nonfinite=POISON)
     for h in run.hooks:
         got = read_statistics(local, f"run/{h}")
-        assert got is not None and got.stats_version == 2 and got.machines == [0, 1]
+        assert got is not None and got.stats_version == STATS_VERSION and got.machines == [0, 1]
         want = finite_tokens(run, h)
         kept = int((run.tensor(h, "positions") >= 0).sum())
         assert (got.count, got.nonfinite) == (kept - 1, 1) == (len(want), 1)
@@ -128,3 +139,44 @@ def test_a_run_with_one_bad_token_has_the_statistics_of_the_others(local: LocalS
         np.testing.assert_allclose(got.std, want.std(0), rtol=1e-10)
         np.testing.assert_allclose(got.norm, np.linalg.norm(want, axis=1).mean(), rtol=1e-12)
         np.testing.assert_allclose(got.norm_sq_sum, (want**2).sum(), rtol=1e-12)
+
+
+def test_norm_histogram_of_two_machines_equals_one_machine_and_gives_the_median_within_a_bin():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4001, 32, generator=g) * torch.exp(torch.randn(4001, 1, generator=g))  # norms over decades
+    x[:5] *= 1e-9  # under the histogram's range
+    x[5:8] *= 1e9  # over it
+    one = RunningStats(32)
+    one.update(x)
+    machines = [RunningStats(32), RunningStats(32)]
+    for i, chunk in enumerate(torch.split(x, [1500, 1000, 1501])):
+        machines[i % 2].update(chunk)
+    parts = [RunningStats.from_dict(json.loads(json.dumps(m.to_dict()))) for m in machines]  # as stored
+    total = merge_all(parts)
+    assert total is not None and one.norm_hist is not None and total.norm_hist is not None
+    assert torch.equal(total.norm_hist, one.norm_hist) and int(one.norm_hist.sum()) == 4001
+    assert int(one.norm_hist[0]) == 5 and int(one.norm_hist[-1]) == 3
+    norms = torch.linalg.vector_norm(x.double(), dim=1)
+    exact = float(norms.median())  # the lower median, as quantile's rank
+    assert abs(math.log2(total.median_norm() / exact)) <= 1 / NORM_BINS_PER_OCTAVE
+    for q in (0.1, 0.9):
+        rank = math.ceil(q * 4001)
+        exact_q = float(norms.sort().values[rank - 1])
+        assert abs(math.log2(total.quantile(q) / exact_q)) <= 1 / NORM_BINS_PER_OCTAVE
+    assert total.quantile(0.0) == bin_value(0) and total.quantile(1.0) == bin_value(int(norm_bins(norms.max().view(1))))
+
+
+def test_statistics_without_a_histogram_stay_without_one_and_say_so():
+    s = RunningStats(4)
+    s.update(torch.ones(10, 4))
+    old = s.to_dict()
+    del old["norm_hist"]
+    old["stats_version"] = 2
+    merged = RunningStats(4).merge(RunningStats.from_dict(old)).merge(s)  # a version 2 machine in the merge
+    merged.update(torch.ones(3, 4))
+    assert merged.norm_hist is None and merged.to_dict()["stats_version"] == 2 and "norm_hist" not in merged.to_dict()
+    with pytest.raises(DataError, match="hook 'h' of run /v/r have no norm histogram .stats_version 2.*merge-stats"):
+        check_histogram(merged, "/v/r/h")
+    with pytest.raises(DataError, match="no norm histogram"):
+        merged.median_norm()
+    assert check_histogram(s, "/v/r/h") is s and s.median_norm() == pytest.approx(2.0, rel=0.012)

@@ -27,6 +27,7 @@ class Filling:
 
     ids: torch.Tensor  # [rows_per_file, S] int32
     pos: torch.Tensor  # [rows_per_file, S] int32, index in document, -1 = padding
+    docs: torch.Tensor  # [rows_per_file, S] int64, document ordinal in the machine's stream, -1 = padding
     states: dict[str, torch.Tensor] = field(default_factory=dict)  # hook -> staged [rows_per_file, S, d]
     rows: int = 0
     tokens: int = 0  # real (not padding) tokens
@@ -74,7 +75,7 @@ class Collector:
         t0, tokens0 = time.perf_counter(), self.tokens
         try:
             for k in range(first, n_files):
-                mb = Filling(self._rows_buffer(), self._rows_buffer())
+                mb = self._filling()
                 for _ in range(min(uc.batches_per_upload, n_batches - k * uc.batches_per_upload)):
                     batch = next(batches, None)
                     if batch is None:
@@ -108,7 +109,7 @@ class Collector:
                 broken = damage.broken.get(k)
                 if not broken:
                     continue
-                mb = Filling(self._rows_buffer(), self._rows_buffer())
+                mb = self._filling()
                 for batch in group:
                     self._add(mb, batch, count=False)
                 for stream in self.copy_streams.values():
@@ -121,6 +122,7 @@ class Collector:
                     mb.pos[:rows],
                     hooks=broken,
                     on_written={h: _releaser(self.staging[h], mb.states[h]) for h in self.hooks},
+                    documents=mb.docs[:rows],
                 )
                 repaired.append(k)
             self.writer.close()
@@ -138,8 +140,10 @@ class Collector:
         # Our own cursor, checked when the run resumed or written by this loop.
         return DataState.from_dict(self.data_state).bad_records if self.data_state else 0
 
-    def _rows_buffer(self) -> torch.Tensor:
-        return torch.empty(self.cfg.rows_per_file, self.cfg.data_config.seq_length, dtype=torch.int32)
+    def _filling(self) -> Filling:
+        shape = (self.cfg.rows_per_file, self.cfg.data_config.seq_length)
+        ids, pos = torch.empty(shape, dtype=torch.int32), torch.empty(shape, dtype=torch.int32)
+        return Filling(ids, pos, torch.empty(shape, dtype=torch.int64))
 
     def _add(self, mb: Filling, batch: Any, count: bool = True) -> None:
         """Forward one batch and append its stored tokens to the file being filled; `count`: into
@@ -149,6 +153,7 @@ class Collector:
         ids, doc_pos, flat = stored_tokens(batch, S)  # flat: [B*S] forward positions of stored tokens
         every = flat.numel() == batch.keep.numel()  # every forward position stored: no gather needed
         mb.ids[r : r + B], mb.pos[r : r + B] = ids, doc_pos
+        mb.docs[r : r + B] = batch.documents.reshape(-1)[flat].view(B, S)
         real = (doc_pos >= 0).reshape(-1)
         padded = not bool(real.all())
         on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -213,6 +218,7 @@ class Collector:
             {h: mb.states[h][:rows] for h in self.hooks},
             mb.ids[:rows],
             mb.pos[:rows],
+            documents=mb.docs[:rows],
             tokens=mb.tokens,
             data_state=mb.data_state,
             stats=self.stats,

@@ -233,6 +233,16 @@ def attention_inputs(model: nn.Module, segment_ids: torch.Tensor) -> Any:
     return next(iter(masks.values())) if len(masks) == 1 else masks
 
 
+def _forward(model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, segment_ids: torch.Tensor) -> None:
+    """One forward of a packed batch, for its hooks; a hook may end it early (_StopForward)."""
+    with torch.inference_mode():
+        mask = attention_inputs(model, segment_ids)
+        try:
+            model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False)
+        except _StopForward:
+            pass
+
+
 class Capture:
     """Records the hooked modules' inputs/outputs during one forward; stops after the last one."""
 
@@ -281,17 +291,7 @@ class Capture:
             t.to(device, non_blocking=t.is_pinned()) for t in (input_ids, position_ids, segment_ids)
         )
         self._out = {}
-        with torch.inference_mode():
-            mask = attention_inputs(self.model, segment_ids)
-            try:
-                self.model(
-                    input_ids=input_ids,
-                    position_ids=position_ids,
-                    attention_mask=mask,
-                    use_cache=False,
-                )
-            except _StopForward:
-                pass
+        _forward(self.model, input_ids, position_ids, segment_ids)
         out, self._out = self._out, {}
         missing = [s.name for s in self.specs if s.name not in out]
         if missing:
@@ -320,3 +320,75 @@ def hook_dims(skeleton: nn.Module, specs: list[HookPoint], seq_len: int = 4) -> 
     with Capture(skeleton, specs) as cap:
         out = cap(ids, pos, seg)
     return {name: int(t.shape[-1]) for name, t in out.items()}
+
+
+def hook_points(model: nn.Module) -> list[HookPoint]:
+    """Every hook name a config may try on `model`: our block names, then each module path.
+
+    Not all of them fire or give one vector per token (a ModuleList is never called, rotary
+    embeddings give one per position): `storable_widths` tells which do.
+    """
+    blocks_path, blocks = find_blocks(model)
+    kinds: tuple[Literal["pre", "post"], ...] = ("pre", "post")
+    out = []
+    for i, block in enumerate(blocks):
+        for kind in kinds:
+            out.append(HookPoint(f"models.layers.{i}.{kind}", f"{blocks_path}.{i}", kind, i))
+        for word in ("self_attn", "mlp"):
+            for kind in kinds:
+                if (rel := _alias(block, word, kind)) is not None:
+                    out.append(HookPoint(f"models.layers.{i}.{word}.{kind}", f"{blocks_path}.{i}.{rel}", kind, i))
+    for path in dict(model.named_modules()):
+        if path:
+            index = _normalize_path(path, blocks_path, len(blocks), path)[1]
+            out += [HookPoint(f"{path}.{kind}", path, kind, index) for kind in kinds]
+    return out
+
+
+def storable_widths(skeleton: nn.Module, specs: list[HookPoint]) -> dict[str, int]:
+    """Width of each hook a collection can store: it fires in a forward and sees [rows, seq, d].
+
+    One forward on the skeleton (meta device: no weights, no memory) with every hook attached;
+    a hook that never fires, or sees no tensor or another shape, is left out.
+    """
+    rows, seq = 2, 3  # distinct, and unlike any head count: [rows, seq, d] is recognised
+    seen: dict[tuple[str, str], torch.Tensor | None] = {}
+    modules = dict(skeleton.named_modules())
+    handles = []
+
+    def keep(key: tuple[str, str], get: Callable[[], torch.Tensor]) -> None:
+        if key not in seen:  # the first call, as Capture keeps it
+            try:
+                seen[key] = get()
+            except RuntimeError:
+                seen[key] = None
+
+    for path, kind in dict.fromkeys((s.module, s.kind) for s in specs):
+        key = (path, kind)
+        if kind == "pre":
+            handles.append(
+                modules[path].register_forward_pre_hook(
+                    lambda m, a, kw, key=key: keep(key, lambda: _first_tensor(a, kw)), with_kwargs=True
+                )
+            )
+        else:
+            handles.append(
+                modules[path].register_forward_hook(lambda m, a, o, key=key: keep(key, lambda: _output_tensor(o)))
+            )
+    device = _input_weight(skeleton).device
+    try:
+        _forward(
+            skeleton,
+            torch.zeros(rows, seq, dtype=torch.long, device=device),
+            torch.arange(seq, device=device).expand(rows, seq),
+            torch.ones(rows, seq, dtype=torch.int32, device=device),
+        )
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for s in specs:
+        t = seen.get((s.module, s.kind))
+        if t is not None and t.ndim == 3 and tuple(t.shape[:2]) == (rows, seq):
+            out[s.name] = int(t.shape[-1])
+    return out

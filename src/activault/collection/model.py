@@ -1,5 +1,9 @@
 """Loading the tokenizer and model (dtype, device map, memory caps), a weightless skeleton for
-validation, and truncation after the last hooked block."""
+validation, and truncation after the last hooked block.
+
+torch and the hook machinery are imported where they are used: `estimate` reads the shipped and
+local model configs through this module and imports neither.
+"""
 
 from __future__ import annotations
 
@@ -17,17 +21,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-import torch
-from torch import nn
-
 from activault import dtypes
 from activault.collection.arch import is_causal_lm, n_layers, text_config
-from activault.collection.hooks import HookPoint, find_blocks
 from activault.errors import ConfigError, shown
 
 if TYPE_CHECKING:
+    import torch
+    from torch import nn
     from transformers import PreTrainedTokenizerBase
 
+    from activault.collection.hooks import HookPoint
     from activault.config import TransformerConfig
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,18 @@ def hub_offline() -> bool:
         log.info("the Hugging Face Hub (%s:%d) is unreachable: using local files only", *_hub_address())
         return True
     return False
+
+
+def local_config(model_name: str) -> dict[str, Any] | None:
+    """The config.json of a local model folder, or None when `model_name` is no such folder."""
+    path = Path(model_name) / "config.json"
+    if not _is_folder(model_name) or not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # damaged: transformers names the problem when it loads it
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def shipped_config(model_name: str) -> dict[str, Any] | None:
@@ -147,6 +162,8 @@ def _auto_class(config: Any) -> Any:
 
 def stored_dtype(tcfg: TransformerConfig, config: Any) -> torch.dtype:
     """The dtype of weights and stored activations: the configured one, or the checkpoint's for auto."""
+    import torch
+
     dtype = _dtype(tcfg)
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -158,6 +175,8 @@ def stored_dtype(tcfg: TransformerConfig, config: Any) -> torch.dtype:
 
 def load_skeleton(tcfg: TransformerConfig) -> nn.Module:
     """The model built from its config on the meta device (no weights): for hook names and dims."""
+    import torch
+
     config = load_config(tcfg)
     cls = _auto_class(config)
     try:
@@ -178,6 +197,8 @@ def _attention_error(tcfg: TransformerConfig, config: Any, err: Exception) -> Co
 
 def runs_on_cpu(tcfg: TransformerConfig) -> bool:
     """Whether the forward pass runs on the CPU (device cpu, or auto without CUDA)."""
+    import torch
+
     return tcfg.device == "cpu" or (tcfg.device == "auto" and not torch.cuda.is_available())
 
 
@@ -208,6 +229,8 @@ def keep_freed_memory() -> bool:
 
 
 def _device_map(tcfg: TransformerConfig) -> dict[str, Any]:
+    import torch
+
     device = tcfg.device  # validated by the config: auto, cpu, mps, cuda or cuda:N
     if runs_on_cpu(tcfg):
         return {}
@@ -235,6 +258,10 @@ def _truncate_config(config: Any, keep: int) -> None:
 
 def truncate(model: nn.Module, specs: list[HookPoint]) -> nn.Module:
     """Drop the blocks after the last hooked one and the LM head when no hook needs them."""
+    from torch import nn
+
+    from activault.collection.hooks import find_blocks
+
     blocks_path, blocks = find_blocks(model)
     n = len(blocks)
     keep = keep_layers(specs, n)
@@ -318,12 +345,19 @@ def load_model(tcfg: TransformerConfig, hooks: list[HookPoint]) -> nn.Module:
     return model
 
 
-def model_info(model: nn.Module) -> dict[str, Any]:
-    """Facts about the model stored with the run: name, architecture, dims, dtype."""
+def model_info(model: nn.Module, hooks: list[HookPoint] | None = None) -> dict[str, Any]:
+    """Facts about the model stored with the run: name, architecture, dims, dtype.
+
+    `hooks`: those the run captures; a skeleton (not truncated) then records the blocks that
+    `load_model` will load and run, not all of its own.
+    """
+    from activault.collection.hooks import find_blocks
+
     config: Any = model.config
     text = text_config(config)
     _, blocks = find_blocks(model)
-    layers = getattr(model, "activault_layers", {"kept": len(blocks), "of": len(blocks)})
+    kept = keep_layers(hooks, len(blocks)) if hooks is not None else len(blocks)
+    layers = getattr(model, "activault_layers", {"kept": kept, "of": len(blocks)})
     emb = model.get_input_embeddings()  # type: ignore[operator]
     return {
         "name": getattr(config, "_name_or_path", "") or type(model).__name__,

@@ -8,6 +8,12 @@ kept token that does not fit; its remainder opens the next row as a new segment 
 positions restart at 0 (the model sees it without its earlier context, as a fresh document would
 be seen), while ``doc_positions`` keep counting so the document can be reassembled. When the data
 runs out, the last row is completed with kept padding (``doc_positions == -1``).
+
+Provenance. ``documents`` holds each token's document ordinal: its index in the stream of documents
+`sources.iter_documents` yields for this machine (documents with no stored token are counted too),
+the same count `DataState.docs_done` keeps. That stream is the same on every run and resume (the
+source reads its files in order, shards by machine and shuffles with the seed), so the ordinal finds
+the document again (`document_at`).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 
 from activault.collection.sources import (
     BadRecords,
+    DataSource,
     Doc,
     iter_documents,
     repair_messages,
@@ -88,6 +95,7 @@ class Batch:
     segment_ids: torch.Tensor  # [B, L] int32; 1, 2, ... per segment, 0 = padding
     keep: torch.Tensor  # [B, L] bool; exactly seq_length True per row
     doc_positions: torch.Tensor  # [B, L] int32; index in the document's token list, -1 = padding
+    documents: torch.Tensor  # [B, L] int64; document ordinal in this machine's stream, -1 = padding
     state: DataState  # cursor after this batch
 
     def pin(self) -> Batch:
@@ -95,7 +103,7 @@ class Batch:
         return replace(self, **{f: getattr(self, f).pin_memory() for f in _TENSOR_FIELDS})
 
 
-_TENSOR_FIELDS = ("input_ids", "position_ids", "segment_ids", "keep", "doc_positions")
+_TENSOR_FIELDS = ("input_ids", "position_ids", "segment_ids", "keep", "doc_positions", "documents")
 
 
 def _default_system_span(tokenizer) -> tuple[str, int, int] | None:
@@ -237,10 +245,10 @@ class _Packer:
         return DataState(self.cur[0], self.offset, False, self.cur[4])
 
     def row(self, seq_length: int, pad_id: int) -> dict[str, list[int]]:
-        r: dict[str, list[int]] = {k: [] for k in ("ids", "pos", "seg", "keep", "dpos")}
+        r: dict[str, list[int]] = {k: [] for k in ("ids", "pos", "seg", "keep", "dpos", "doc")}
         n_kept = segment = 0
         while n_kept < seq_length and self.cur is not None:
-            _, ids, keep, kept, _ = self.cur
+            ordinal, ids, keep, kept, _ = self.cur
             first = bisect_left(kept, self.offset)  # kept tokens of this document already stored
             room = seq_length - n_kept
             # the piece ends just before the first kept token that does not fit
@@ -251,6 +259,7 @@ class _Packer:
             r["seg"] += [segment] * (end - self.offset)
             r["keep"] += keep[self.offset : end]
             r["dpos"] += range(self.offset, end)
+            r["doc"] += [ordinal] * (end - self.offset)
             n_kept += min(room, len(kept) - first)
             if end == len(ids):
                 self.cur, self.offset = next(self.stream, None), 0
@@ -262,6 +271,7 @@ class _Packer:
         r["seg"] += [0] * pad
         r["keep"] += [True] * pad
         r["dpos"] += [-1] * pad
+        r["doc"] += [-1] * pad
         return r
 
 
@@ -279,6 +289,7 @@ def _collate(rows: list[dict[str, list[int]]], pad_id: int, state: DataState) ->
         segment_ids=stack("seg", 0, torch.int32),
         keep=stack("keep", 0, torch.bool),
         doc_positions=stack("dpos", -1, torch.int32),
+        documents=stack("doc", -1, torch.int64),
         state=state,
     )
 
@@ -332,3 +343,23 @@ def _batches(
         while len(rows) < batch_size and packer.cur is not None:
             rows.append(packer.row(seq_length, pad_id))
         yield _collate(rows, pad_id, packer.state())
+
+
+def document_at(
+    data_cfg: DataConfig, ordinal: int, *, machine: int = 0, num_runs: int = 1, spec: DataSource | None = None
+) -> Doc | None:
+    """Document `ordinal` of this machine's stream (what `Batch.documents` counts), None past its end.
+
+    Reads the source (`spec`, else the one `data_cfg` names) again from its start up to that
+    document; bad records are skipped, not raised.
+    """
+    docs = iter_documents(
+        spec or source_for(data_cfg),
+        machine=machine,
+        num_runs=num_runs,
+        seed=data_cfg.seed,
+        shuffle_buffer=data_cfg.shuffle_buffer,
+        skip=ordinal,
+        bad=BadRecords("skip", log_them=False),
+    )
+    return next(docs, None)

@@ -23,12 +23,12 @@ from activault.collection.plan import (
     MeasuredRatio,
     Plan,
     available_memory,
-    check_feasible,
     cost_notes,
     make_plan,
     pinned_limit,
     summary_lines,
 )
+from activault.collection.preflight import Preflight, device_lines, preflight, skeleton_shape
 from activault.collection.repair import check_data, file_batches, scan, summary
 from activault.collection.resume import check_resume, hook_metadata, run_record, tokenizer_ref
 from activault.config import Config, resolve_storage
@@ -84,8 +84,7 @@ def collect(
         repair: instead, collect again exactly the files the progress record counts that are
             damaged or missing (byte-identical), leaving intact files and the records as they are.
     """
-    from activault.collection.arch import text_config
-    from activault.collection.hooks import hook_dims, resolve_hooks
+    from activault.collection.hooks import resolve_hooks
     from activault.collection.model import (
         keep_freed_memory,
         load_skeleton,
@@ -94,32 +93,31 @@ def collect(
         runs_on_cpu,
         stored_dtype,
     )
-    from activault.collection.sources import source_for
 
     cfg.check_machine(machine)
-    tc, dc, uc = cfg.transformer_config, cfg.data_config, cfg.upload_config
+    tc, uc = cfg.transformer_config, cfg.upload_config
     run = cfg.run_name
 
     # Everything that can be wrong is checked before any weights load.
     dest = resolve_storage(cfg, storage)
     store = open_store(dest)
     store.check(write=True)
-    source_for(dc)
     skeleton = load_skeleton(tc)
+    shape = skeleton_shape(skeleton, tc, uc.hooks)
+    pinned = pinned_limit() if tc.device != "cpu" else None
+    found = preflight(cfg, shape, store, machine, pinned, available_memory())  # the checks estimate runs too
+    found.check()
     specs = resolve_hooks(skeleton, uc.hooks)
-    dims = hook_dims(skeleton, specs)
-    info = model_info(skeleton)
+    dims = shape.dims
+    info = model_info(skeleton, specs)
     tokenizer = load_tokenizer(tc)
     dtype = stored_dtype(tc, skeleton.config)
-    itemsize = dtype.itemsize
-    pinned = pinned_limit() if tc.device != "cpu" else None
-    check_feasible(cfg, dims, itemsize, text_config(skeleton.config), available_memory(), pinned)
     record = run_record(cfg, info, tokenizer_ref(tc.model_name), dims, __version__)
     check_resume(_stored_run(store, run), record, store.url(cfg_key(run)))
     if runs_on_cpu(tc):  # the forward's activations are then plain memory, freed every batch
         keep_freed_memory()
     with hold(store, run, machine, uc.lease_seconds) as claim:  # one collector per (run, machine)
-        job = _Job(cfg, machine, store, record, specs, dims, tokenizer, dtype, claim)
+        job = _Job(cfg, machine, store, record, specs, dims, tokenizer, dtype, claim, found)
         return job.run(show_progress, repair)
 
 
@@ -136,6 +134,7 @@ class _Job:
     tokenizer: Any
     dtype: torch.dtype
     claim: MachineLock
+    found: Preflight | None = None  # what the preflight said: device, weights, notes
 
     def _writer(self, plan: Plan) -> RunWriter:
         """The run's writer: cfg.json and metadata.json from this config, this machine's files."""
@@ -176,6 +175,11 @@ class _Job:
             return self._repair(writer, Result(destination=store.url(cfg.run_name), files_planned=plan.files))
         for line in summary_lines(cfg, plan, dims, self.record.model, store.uri, machine):
             log.info(line)
+        if self.found is not None:
+            for line in device_lines(tc, self.found.shape):
+                log.info(line)
+            for note in self.found.notes:
+                log.warning("note: %s", note)
         for note in cost_notes(store, 0 if dc.skip_cache else plan.total_bytes):
             log.warning("note: %s", note)
 

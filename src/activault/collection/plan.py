@@ -5,17 +5,15 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
-
-import torch
 
 from activault import dtypes
 from activault.config import Config
 from activault.errors import ConfigError
 from activault.storage import Store
-from activault.units import duration, human_bytes, parse_bandwidth
+from activault.units import human_bytes
 
 GB = 1e9
 # Stored ÷ raw bytes of states before a run's first file is measured: bench/compression.py on real
@@ -65,28 +63,44 @@ class Plan:
         return self.total_bytes / GB * self.price_per_gb_month
 
 
-def states_ratio(compression: str, dtype: torch.dtype, d: int) -> float:
-    """Assumed stored ÷ raw bytes of `states` [.., d] of `dtype` under a codec."""
+# Bytes per value of the dtypes weights and states may have (names, so planning needs no torch).
+ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+TOKEN_BYTES = 16  # beside each token's states: int32 id, int32 position, int64 document (format 4)
+
+
+def _name(dtype: Any) -> str:
+    """A dtype's canonical name, from the name itself or a torch dtype."""
+    return dtype if isinstance(dtype, str) else dtypes.name(dtype)
+
+
+def states_ratio(compression: str, dtype: Any, d: int) -> float:
+    """Assumed stored ÷ raw bytes of `states` [.., d] of `dtype` (a torch dtype or its name) under a codec."""
     if compression == "zstd":
-        return ASSUMED_RATIO.get(dtypes.name(dtype), 1.0)
+        return ASSUMED_RATIO.get(_name(dtype), 1.0)
     if compression == "fp8":
-        return (1 + 4 / max(d, 1)) / dtype.itemsize * ASSUMED_FP8_ZSTD
+        return (1 + 4 / max(d, 1)) / ITEMSIZE[_name(dtype)] * ASSUMED_FP8_ZSTD
     return 1.0
 
 
-def make_plan(
-    cfg: Config, dims: dict[str, int], itemsize: int, machine: int | None = None, dtype: torch.dtype | None = None
-) -> Plan:
-    """Tokens, files and bytes for one machine (or the whole run when machine is None)."""
+def make_plan(cfg: Config, dims: dict[str, int], itemsize: int, machine: int | None = None, dtype: Any = None) -> Plan:
+    """Tokens, files and bytes for one machine (or the whole run when machine is None).
+
+    Args:
+        dtype: of states, a torch dtype or its name (default: float32 or bfloat16 by itemsize).
+    """
     d = cfg.data_config
     batches = d.n_batches if machine is None else cfg.machine_batches(machine)
     machines = range(cfg.num_runs) if machine is None else [machine]
     files = sum(cfg.machine_files(m) for m in machines)
     tokens = batches * d.batch_size * d.seq_length
     codec = cfg.upload_config.compression
-    dtype = dtype or (torch.float32 if itemsize == 4 else torch.bfloat16)
-    raw = {h: tokens * (dim * itemsize + 8) for h, dim in dims.items()}  # + int32 id and int32 position
-    stored = {h: round(tokens * (dim * itemsize * states_ratio(codec, dtype, dim) + 8)) for h, dim in dims.items()}
+    dtype = _name(dtype) if dtype is not None else ("float32" if itemsize == 4 else "bfloat16")
+    raw = {h: tokens * (dim * itemsize + TOKEN_BYTES) for h, dim in dims.items()}
+    stored = {
+        h: round(tokens * (dim * itemsize * states_ratio(codec, dtype, dim) + TOKEN_BYTES)) for h, dim in dims.items()
+    }
     return Plan(
         tokens,
         files,
@@ -96,7 +110,7 @@ def make_plan(
         buffer_bytes(cfg, dims, itemsize),
         raw,
         codec,
-        dtypes.name(dtype),
+        dtype,
     )
 
 
@@ -142,37 +156,61 @@ def check_feasible(
     memory: int | None,
     pinned_limit: int | None = None,
 ) -> None:
-    """Refuse sizes this machine or model cannot run, before any weights load.
+    """Refuse sizes this machine or model cannot run, before any weights load (the first problem)."""
+    limit = getattr(model_config, "max_position_embeddings", None)
+    problems = feasibility_problems(cfg, dims, itemsize, limit, memory, pinned_limit)
+    if problems:
+        raise ConfigError(problems[0])
+
+
+def feasibility_problems(
+    cfg: Config,
+    dims: dict[str, int],
+    itemsize: int,
+    max_positions: Any,
+    memory: int | None,
+    pinned_limit: int | None = None,
+) -> list[str]:
+    """Every size this machine or model cannot run, each with its fix.
 
     Args:
+        max_positions: the model's max_position_embeddings; anything but an int is not checked.
         pinned_limit: on CUDA the buffers are pinned (never swapped): at most this many bytes.
     """
-    limit = getattr(model_config, "max_position_embeddings", None)
-    if isinstance(limit, int) and cfg.data_config.seq_length > limit:
-        raise ConfigError(
+    problems = []
+    limit = max_positions
+    if isinstance(limit, int) and not isinstance(limit, bool) and cfg.data_config.seq_length > limit:
+        problems.append(
             f"data_config.seq_length={cfg.data_config.seq_length} exceeds the model's max_position_embeddings "
             f"({limit}); use seq_length <= {limit}"
         )
     need = buffer_bytes(cfg, dims, itemsize)
     if memory is not None and need > 0.8 * memory:
-        raise ConfigError(
+        problems.append(
             f"megabatch buffers need {human_bytes(need)} of host memory ((max_pending + 1) x {len(dims)} hooks x "
             f"{cfg.rows_per_file} rows x {cfg.data_config.seq_length} tokens), but {human_bytes(memory)} is "
             "available: lower upload_config.batches_per_upload, data_config.batch_size or upload_config.max_pending"
         )
     if pinned_limit is not None and need > pinned_limit:
-        raise ConfigError(
+        problems.append(
             f"megabatch buffers need {human_bytes(need)} of pinned host memory (page-locked for GPU copies), "
             f"more than half of this machine's RAM ({human_bytes(2 * pinned_limit)}) would starve the "
             "system: lower upload_config.batches_per_upload, data_config.batch_size or upload_config.max_pending"
         )
+    return problems
 
 
-def pinned_limit() -> int | None:
-    """Page-locked bytes a collection may hold: half the machine's RAM (Linux), None without CUDA."""
-    import torch
+def pinned_limit(cuda: bool | None = None) -> int | None:
+    """Page-locked bytes a collection may hold: half the machine's RAM (Linux), None without CUDA.
 
-    if not torch.cuda.is_available():
+    Args:
+        cuda: whether the model runs on CUDA; None asks torch.
+    """
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if not cuda:
         return None
     try:
         with open("/proc/meminfo") as f:
@@ -214,46 +252,6 @@ def summary_lines(
         f"destination  {dest}/{cfg.run_name}",
     ]
     return lines
-
-
-def estimate_lines(cfg: Any, price: float | None = None, bandwidth: str = "1Gbps") -> list[str]:
-    """What a config would store and cost, from the model's config alone (no weights load)."""
-    from activault.collection.hooks import hook_dims, resolve_hooks
-    from activault.collection.model import load_skeleton
-
-    rate = parse_bandwidth(bandwidth)
-    skeleton = load_skeleton(cfg.transformer_config)
-    dims = hook_dims(skeleton, resolve_hooks(skeleton, cfg.upload_config.hooks))
-    itemsize = next(skeleton.parameters()).element_size()
-    plan = make_plan(cfg, dims, itemsize, dtype=next(skeleton.parameters()).dtype)
-    if price is not None:
-        plan = replace(plan, price_per_gb_month=price)
-    d = cfg.data_config
-    lines = [
-        f"model        {cfg.transformer_config.model_name}  ({dtypes.name(next(skeleton.parameters()).dtype)})",
-        f"tokens       {plan.tokens:,}  ({d.n_batches} batches x {d.batch_size} rows x {d.seq_length})",
-        f"files        {plan.files} per hook, {plan.files * len(dims)} in total "
-        f"({plan.rows_per_file} rows each, {cfg.num_runs} machine(s))",
-    ]
-    lines += [f"hook         {h}  d={dims[h]}  {human_bytes(b)}" for h, b in plan.bytes_per_hook.items()]
-    lines += [note] if (note := plan.compression_line()) else []
-    lines += [
-        f"total        {human_bytes(plan.total_bytes)}",
-        f"cost         ${plan.monthly_cost:,.2f}/month at ${plan.price_per_gb_month}/GB-month",
-        f"buffers      {human_bytes(plan.buffer_bytes)} of host memory per machine for megabatches in flight",
-        f"upload time  {duration(plan.total_bytes / rate)} at {bandwidth.strip()}"
-        + (
-            f" ({duration(plan.total_bytes / rate / cfg.num_runs)} per machine in parallel)" if cfg.num_runs > 1 else ""
-        ),
-    ]
-    return lines
-
-
-def run_estimate(config: str, price: float | None = None, bandwidth: str = "1Gbps") -> int:
-    from activault.config import load_config
-
-    print("\n".join(estimate_lines(load_config(config), price, bandwidth)))
-    return 0
 
 
 # AWS charges for data leaving a region (internet egress, first tier, USD per GB).

@@ -12,14 +12,17 @@ the vault's writer gets them as typed values and never sees a Config.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel
 
-from activault.config import Config
+from activault.collection.sources import DataSource, source_for
+from activault.config import Config, DataConfig
 from activault.errors import ConfigError
 from activault.vault import codec as codecs
 from activault.vault import records
@@ -81,7 +84,8 @@ RECORD_FIELDS = {"num_runs": "num_runs", "upload_config.hooks": "hooks"}
 def run_record(
     cfg: Config, model: dict[str, Any], tokenizer: str, hook_dims: dict[str, int], version: str
 ) -> RunRecord:
-    """cfg.json of a run collected with `cfg` (`model`: the checkpoint's facts; `tokenizer`: `tokenizer_ref`)."""
+    """cfg.json of a run collected with `cfg` (`model`: the checkpoint's facts; `tokenizer`: `tokenizer_ref`,
+    its revision is `config.transformer_config.kwargs`'s)."""
     return RunRecord(
         activault_version=version,
         run_name=cfg.run_name,
@@ -92,7 +96,39 @@ def run_record(
         hook_dims=dict(hook_dims),
         num_runs=cfg.num_runs,
         progress=[records.progress_key("", m) for m in range(cfg.num_runs)],
+        source=_source_or_none(cfg.data_config),
     )
+
+
+def _source_or_none(data_cfg: DataConfig) -> dict[str, Any] | None:
+    # collect resolves the source before this (its error is reported there); a record built
+    # elsewhere from a config whose files are not here simply leaves it out.
+    try:
+        return source_record(data_cfg)
+    except ConfigError:
+        return None
+
+
+def source_record(data_cfg: DataConfig) -> dict[str, Any]:
+    """cfg.json's `source`: the source `data_cfg` resolves to, local files named absolutely (readers
+    of the run, such as `activault context`, run from anywhere)."""
+    spec = source_for(data_cfg)
+    files = spec.data_files
+    if files is not None:
+        files = tuple(str(Path(f).resolve()) if Path(f).is_file() else f for f in files)
+    return json.loads(json.dumps(asdict(replace(spec, data_files=files))))
+
+
+def source_from_record(source: Mapping[str, Any]) -> DataSource:
+    """The DataSource cfg.json's `source` describes; ConfigError if it does not describe one."""
+    try:
+        fields = dict(source)
+        for name in ("data_files", "turns"):
+            if fields.get(name) is not None:
+                fields[name] = tuple(tuple(t) if name == "turns" else t for t in fields[name])
+        return DataSource(**fields)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"cfg.json's source {source!r} does not describe a text source ({e})") from None
 
 
 def tokenizer_ref(model_name: str) -> str:

@@ -329,11 +329,30 @@ def require_documents(spec: DataSource, source: str, *, machine: int = 0, num_ru
 
     Reads at most PROBE_ROWS rows; the error names the field looked for and the fields found.
     """
-    rows = itertools.islice(_rows(spec, machine, num_runs), PROBE_ROWS)
+    share = f" for machine {machine} of {num_runs}" if num_runs > 1 else ""
+    hint = "fewer files or rows than num_runs: lower num_runs" if num_runs > 1 else "it is empty"
+    _check_rows(_rows(spec, machine, num_runs), spec, source, share, hint)
+
+
+def probe_local(spec: DataSource, source: str) -> bool:
+    """`require_documents` over every machine's rows of local JSON files, read here without
+    `datasets` (cheap enough for `estimate`); False for other sources, which are not probed."""
+    files = _local_json(spec)
+    if files is None:
+        return False
+    rows: Iterable[dict] = json_rows(files)
+    if spec.filters:
+        rows = (r for r in rows if BAD in r or _matches(r, spec.filters))
+    _check_rows(rows, spec, source, "", "it is empty")
+    return True
+
+
+def _check_rows(rows: Iterable[dict], spec: DataSource, source: str, share: str, hint: str) -> None:
+    """Return at the first row that is a non-empty document; else the DataError saying why none is."""
     found: dict[str, None] = {}  # field names in first-seen order
     n = bad = 0
     first_bad = ""
-    for row in rows:
+    for row in itertools.islice(rows, PROBE_ROWS):
         n += 1
         if BAD in row:
             bad += 1
@@ -344,11 +363,7 @@ def require_documents(spec: DataSource, source: str, *, machine: int = 0, num_ru
             return
         found.update(dict.fromkeys(row))
     read = f"the first {n:,} rows" if n == PROBE_ROWS else f"all {n:,} rows"
-    share = f" for machine {machine} of {num_runs}" if num_runs > 1 else ""
     if n == 0:
-        hint = "it is empty"
-        if num_runs > 1:
-            hint = "fewer files or rows than num_runs: lower num_runs"
         raise DataError(f"{source} has no rows{share}: {hint}")
     if bad == n:
         raise DataError(f"{source}: {read}{share} are bad records (the first: {first_bad}); check the files")

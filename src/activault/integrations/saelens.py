@@ -9,6 +9,10 @@ set_scaling_factor(trainer, "./vault/run", "models.layers.6.post")  # no estimat
 trainer.fit()
 ```
 
+`set_scaling_factor` also fills the SAE's empty metadata from the run's cfg.json (`fill_metadata`:
+model name, context size, and the hook's TransformerLens name where `transformer_lens_name` knows
+it), so the saved SAE names where it applies.
+
 `SAETrainer` calls `next()` on its provider forever: `VaultProvider` runs the loader's epochs one
 after another, each reshuffled, and `state_dict()` says exactly where it is
 (`SAETrainer(..., save_checkpoint_fn=provider.save_to)` puts it in each checkpoint;
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +31,16 @@ from typing import Any
 import torch
 
 from activault.errors import ConfigError, FormatError, NotFoundError
-from activault.integrations.shared import ReadOptions, Source, check_state, loader_options, run_statistics
+from activault.integrations.shared import (
+    ReadOptions,
+    Source,
+    Store,
+    check_state,
+    loader_options,
+    open_store,
+    read_run,
+    run_statistics,
+)
 
 Hooks = str | Sequence[str] | Mapping[str, tuple[str, str]]
 STATE_FILE = "activault_provider.json"  # in a SAELens checkpoint folder
@@ -229,6 +243,87 @@ def _set_one(trainer: Any, uri: Source | Sequence[Source], hook: str) -> None:
     if d_in != stats_d:
         raise ConfigError(f"the SAE has d_in={d_in} but hook {hook!r} is {stats_d} wide: wrong hook?")
     trainer.activation_scaler.scaling_factor = scaling_factor(uri, hook)
+    fill_metadata(trainer.sae, uri, hook)
+
+
+# activault's block hooks -> TransformerLens's, per model_type, where HookedTransformer (loaded
+# without weight processing, as SAELens loads it) computes the same values there. Pre-norm decoders
+# add attention and MLP outputs to the residual stream; BERT normalises after each addition, so a
+# block's output is TransformerLens's `hook_normalized_resid_post`.
+_DECODER = {
+    "pre": "hook_resid_pre",
+    "post": "hook_resid_post",
+    "attn.post": "hook_attn_out",
+    "mlp.post": "hook_mlp_out",
+}
+TRANSFORMER_LENS_HOOKS: dict[str, dict[str, str]] = {
+    **{t: _DECODER for t in ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma")},
+    # Gemma 2 and 3 normalise attention and MLP outputs after the module activault hooks.
+    **{t: {"pre": "hook_resid_pre", "post": "hook_resid_post"} for t in ("gemma2", "gemma3", "gemma3_text")},
+    "bert": {"pre": "hook_resid_pre", "post": "hook_normalized_resid_post", "mlp.post": "hook_mlp_out"},
+}
+_BLOCK_HOOK = re.compile(r"^models\.layers\.(-?\d+)(?:\.(self_attn|attn|attention|mlp))?\.(pre|post)$")
+
+
+def transformer_lens_name(hook: str, model_type: str, n_layers: int | None = None) -> str | None:
+    """TransformerLens's name of an activault hook (`models.layers.3.post` -> `blocks.3.hook_resid_post`
+    for a llama), or None where its values would differ or the architecture is not in the table.
+
+    Args:
+        n_layers: the model's blocks, to resolve a negative index (`models.layers.-1.post`).
+    """
+    m = _BLOCK_HOOK.match(hook)
+    table = TRANSFORMER_LENS_HOOKS.get(model_type, {})
+    if m is None or not table:
+        return None
+    i = int(m.group(1))
+    if i < 0:
+        if n_layers is None or i + n_layers < 0:
+            return None
+        i += n_layers
+    part = {None: "", "mlp": "mlp."}.get(m.group(2), "attn.")
+    kind = part + m.group(3)
+    name = table.get(kind)
+    return f"blocks.{i}.{name}" if name else None
+
+
+def sae_metadata(uri: Source | Sequence[Source] | VaultProvider, hook: str | None = None) -> dict[str, Any]:
+    """SAELens metadata of an SAE trained on `hook` of a run, from its cfg.json: `model_name`,
+    `context_size`, `hook_name` (TransformerLens's name where known, else the activault hook), and
+    `activault_hook`. A list of runs: the first run's (they hold the same hook)."""
+    if isinstance(uri, VaultProvider):
+        hook, uri = hook or uri.hook, uri.uri
+    if hook is None:
+        raise ConfigError("which hook? pass hook=, or a VaultProvider of one hook")
+    src = uri if isinstance(uri, str | Path | Store) else next(iter(uri))
+    store = src if isinstance(src, Store) else open_store(src)
+    record = read_run(store, "", original_ok=True)
+    if record is None:
+        raise NotFoundError(f"{store.url('cfg.json')} does not exist: pass the run's folder (PATH/RUN)")
+    model = record.model
+    data = record.config.get("data_config") or {}
+    out: dict[str, Any] = {"activault_hook": hook, "hook_name": hook}
+    if model.get("name") and model["name"] != "unknown":
+        out["model_name"] = model["name"]
+    if isinstance(data.get("seq_length"), int):
+        out["context_size"] = data["seq_length"]
+    tl = transformer_lens_name(hook, str(model.get("model_type", "")), model.get("n_layers"))
+    if tl is not None:
+        out["hook_name"] = tl
+    return out
+
+
+def fill_metadata(sae: Any, uri: Source | Sequence[Source] | VaultProvider, hook: str | None = None) -> dict[str, Any]:
+    """Set the SAELens SAE's metadata fields that are still empty from `sae_metadata`; returns them.
+
+    A field the user set is kept, so a hook name given by hand wins.
+    """
+    meta = sae.cfg.metadata
+    found = sae_metadata(uri, hook)
+    filled = {k: v for k, v in found.items() if meta.get(k) is None}
+    for k, v in filled.items():
+        meta[k] = v
+    return filled
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """How a megabatch file's bytes are read: header first, then parallel ranges into a recycled buffer,
-or, for a file the store maps (local files), read in place: one copy fewer from the page cache.
+or, for a file the store maps (local files) that the page cache holds, read in place: one copy fewer.
 
 Header and body come from one version of the file (`Store.open`): a file replaced meanwhile
 (recompress) is read old or new, never mixed; where the old one is gone (S3), the read starts again.
@@ -25,9 +25,11 @@ import torch
 from activault.errors import FormatError, NotFoundError, StorageError
 from activault.reading.buffers import ReadBuffers
 from activault.reading.order import range_priority
+from activault.reading.residency import resident
 from activault.storage import Store
 from activault.storage.base import REREADS, ObjectChanged, ObjectHandle, populate
 from activault.vault import megabatch as fmt
+from activault.vault import records
 
 # At most 16 MiB per ranged read: one connection to AWS moves ~90 MB/s (LINK_RATE). A file is split
 # over its range workers (ranges of at least MIN_RANGE), so its ranges run together and it arrives
@@ -52,6 +54,15 @@ SLOW_FIRST_BYTE = 0.025
 # instead of two (on moto, whose ranged GETs each read the whole object, the header's small read
 # cost as much as the file), and junk costs at most one well-formed file's bytes.
 HEAD_BYTES = 64 << 10
+# A reader that gathers across the files it holds (TokenLoader: `read_cold`) maps a file only where
+# the page cache holds at least RESIDENT of it (`residency.resident`), and reads a colder one by
+# parallel preads into recycled buffers: mapped, its loading thread faults it in front to back
+# while the gather takes the cores, and the disk idles (TokenLoader from a cold disk: 1.4-4.8x).
+# RCache, which hands each file over whole, keeps mapping: the kernel's read-ahead serves its one
+# sequential reader well (its cold preads moved 0.22-0.66 of that; docs/benchmarks.md, "the fetch path").
+# Warm pages cost a copy read (~4 GB/s here) against 25+ GB/s mapped, cold ones ~0.8 GB/s mapped
+# beside a gather against ~1.3-1.7 read in parallel: mapping wins from ~70% resident.
+RESIDENT = 0.75
 
 
 def range_workers(size: int, first_byte: float | None = None) -> int:
@@ -190,6 +201,7 @@ class ObjectReader:
         range_size: int | None = None,
         expect: int | None = None,
         first_byte: FirstByte | None = None,
+        read_cold: bool = False,
     ):
         self.store, self.key, self.size = store, key, size  # the listed size, until opened
         self.url = store.url(key)
@@ -197,6 +209,8 @@ class ObjectReader:
         self.stop, self.range_size = stop, range_size
         self.step = range_step(size, range_size, self.first_byte.seconds)
         self.expect = expect  # tensor bytes of a full file of this hook (None: unknown)
+        self.read_cold = read_cold  # a file the page cache lacks is read, not mapped (RESIDENT)
+        self._local = False  # the store maps it: local storage, whose first byte is no network's
         self._whole: torch.Tensor | None = None  # the file, when requested whole with its header
         self._rest: list[Future[Any]] = []  # its other ranges, when requested with the header
         self._map: mmap.mmap | None = None  # the file, when the store maps it
@@ -261,12 +275,12 @@ class ObjectReader:
         raise AssertionError("unreachable")
 
     def open(self, buffers: ReadBuffers) -> bool:
-        """Map the file where the store can, reading none of it; True if it is mapped: its head and
-        body are then read in place on the calling thread, range after range.
+        """Map the file where the store can (and, with `read_cold`, the page cache holds it: RESIDENT),
+        reading none of it; True if it is mapped: its head and body are then read in place on the
+        calling thread, range after range.
 
         One thread reading a mapped file front to back beat its ranges split over the range
-        workers: from the page cache they cost more in thread hops than the reads themselves, and
-        from disk the kernel's read-ahead serves one sequential reader best (docs/benchmarks.md).
+        workers: from the page cache they cost more in thread hops than the reads themselves.
         """
         if self._obj is None:
             try:
@@ -275,18 +289,26 @@ class ObjectReader:
                 raise NotFoundError(f"{self.url} does not exist (it was listed: deleted since?)") from None
             self.size, self.step = obj.size, range_step(obj.size, self.range_size, self.first_byte.seconds)
             if self.size == 0:
-                raise FormatError(f"{self.url}: empty file (0 bytes); delete it and collect again")
+                raise FormatError(f"{self.url}: empty file (0 bytes); {self._fix()}")
             if not buffers.pin:  # pinned buffers copy to the GPU asynchronously: read into those
-                self._map = obj.map()
-                if self._map is not None:
+                mapping = obj.map()
+                if mapping is not None:
+                    # A slow cold disk is no slow network: its ranges stay RANGE_WORKERS (more only
+                    # seek); measured as remote, a cold 256 MiB file went to 32 ranges at 0.2 GB/s.
+                    self._local, self.step = True, range_step(obj.size, self.range_size)
+                if mapping is not None and self.read_cold and resident(mapping) < RESIDENT:
+                    mapping.close()  # mostly on disk: parallel preads keep it busy (RESIDENT)
+                    mapping = None
+                self._map = mapping
+                if mapping is not None:
                     obj.close()  # the mapping holds the version now
         return self._map is not None
 
     @property
     def workers(self) -> int:
         """Range workers for this file (`range_workers`; the files read ahead request their heads
-        together, so never fewer than RANGE_WORKERS)."""
-        return range_workers(self.size, self.first_byte.seconds)
+        together, so never fewer than RANGE_WORKERS; a local file RANGE_WORKERS)."""
+        return range_workers(self.size, None if self._local else self.first_byte.seconds)
 
     def _head(
         self, buffers: ReadBuffers, ranges: Workers | None, priority: tuple[int, ...], started: Callable[[], None]
@@ -315,8 +337,7 @@ class ObjectReader:
         n = fmt.header_length(head[:8], self.url)
         if n > self.size:
             raise FormatError(
-                f"{self.url}: corrupted header (declares {n - 8} bytes, the file has {self.size}); "
-                "delete it and collect again"
+                f"{self.url}: corrupted header (declares {n - 8} bytes, the file has {self.size}); {self._fix()}"
             )
         if n > head.nbytes:  # a header over the first read: read the rest of it, still no tensor bytes
             if self._map is not None:
@@ -360,9 +381,13 @@ class ObjectReader:
     def _truncated(self, ends_at: int | None) -> FormatError:
         """The version opened is shorter than it said: truncated in place (activault never does)."""
         where = "ends early" if ends_at is None else f"ends at byte {ends_at}"
-        return FormatError(
-            f"{self.url}: truncated file ({where}, {self.size} bytes when opened); delete it and collect again"
-        )
+        return FormatError(f"{self.url}: truncated file ({where}, {self.size} bytes when opened); {self._fix()}")
+
+    def _fix(self) -> str:
+        """The repair of this damaged file: its machine's damaged files collected again (`records`)."""
+        if records.parse_file_name(self.key) is None:  # the original Activault's: nothing here rewrites it
+            return "read the other files with skip_bad_files=True"
+        return records.file_repair(self.url.rsplit("/", 2)[0], self.key)
 
     def body(
         self, head: memoryview, buffers: ReadBuffers, ranges: Workers, priority: tuple[int, ...]

@@ -264,12 +264,13 @@ class Catalog:
     def tensor_bytes(self, si: int, h: int) -> int | None:
         """The tensor bytes of a full file of source `si`, hook `h` (None without metadata): from
         the metadata's validated shape and dtype (states, then int32 ids and positions), not its
-        `bytes_per_file`, which nothing checks against them."""
+        `bytes_per_file`, which nothing checks against them; int64 documents too where it lists them)."""
         meta = self._metadata[(si, h)]
         if meta is None:
             return None
         itemsize = dtypes.to_torch(meta.dtype).itemsize
-        return meta.rows_per_file * meta.seq_length * (meta.d_model * itemsize + 8)
+        per_token = meta.d_model * itemsize + 8 + (8 if fmt.DOCUMENTS in meta.tensors else 0)
+        return meta.rows_per_file * meta.seq_length * per_token
 
     def mismatch(self, h: int, url: str, shape: StatesShape, expected: StatesShape) -> str:
         """Why a file of hook `h` whose states are `shape` is refused (the hook's are `expected`)."""

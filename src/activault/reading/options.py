@@ -45,6 +45,93 @@ def positive(name: str, value: Any) -> float:
     return float(value)
 
 
+def _ids(value: Any) -> frozenset[int]:
+    accepted = "a set of token ids (whole numbers >= 0)"
+    if isinstance(value, str | bytes) or not isinstance(value, Collection):
+        raise invalid("drop_ids", value, accepted)
+    bad = [v for v in value if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 0]
+    if bad:
+        raise invalid("drop_ids", bad[0], accepted)
+    return frozenset(int(v) for v in value)
+
+
+@dataclass(frozen=True)
+class TokenFilter:
+    """Stored tokens a TokenLoader leaves out of its batches, chosen at read time (the vault is not
+    rewritten). Filters compose: a token any of them drops is dropped, for every hook at once (hooks
+    stay aligned); the loader counts each filter's drops in `filtered`, a token going to the first
+    filter of FILTERS that drops it. Padding (position -1) is always dropped and never counted."""
+
+    positions_below: int = 0
+    """Drop tokens whose position in their document's token list is below this. Positions count
+    the tokens cleaning left out: after `clean_added_tokens` a document's first stored token is
+    at 1 (its BOS at 0 was not stored); `first` counts stored tokens instead."""
+
+    positions_from: int | None = None
+    """Drop tokens whose position is this or more (None: no end): [positions_below, positions_from)
+    is the position range kept."""
+
+    first: int = 0
+    """Drop each document's first `first` stored tokens, whatever cleaning did (filters.py
+    `document_ranks` says how a document's stored tokens are found)."""
+
+    drop_ids: frozenset[int] = frozenset()
+    """Drop tokens with these ids (e.g. `filters.special_token_ids(run)`: BOS and the run's special
+    tokens, from its tokenizer)."""
+
+    nonfinite: bool = False
+    """Drop tokens with a NaN or Inf in any hook (`drop_nonfinite` is this)."""
+
+    max_norm_ratio: float | None = None
+    """Drop tokens whose L2 norm in some hook exceeds this times the hook's median norm (attention
+    sinks), from the norm histogram of `statistics.json` (stats_version 3; within 2.2%)."""
+
+    max_norm: float | None = None
+    """Drop tokens whose L2 norm in some hook exceeds this (absolute; needs no statistics)."""
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalised once, here
+        set_(self, "positions_below", whole("positions_below", self.positions_below, 0))
+        if self.positions_from is not None:
+            accepted = f"a whole number > positions_below={self.positions_below}, or None (no end)"
+            set_(
+                self, "positions_from", whole("positions_from", self.positions_from, self.positions_below + 1, accepted)
+            )
+        set_(self, "first", whole("first", self.first, 0))
+        set_(self, "drop_ids", _ids(self.drop_ids))
+        flag("nonfinite", self.nonfinite)
+        for name in ("max_norm_ratio", "max_norm"):
+            if getattr(self, name) is not None:
+                set_(self, name, positive(name, getattr(self, name)))
+
+    @property
+    def active(self) -> bool:
+        """Whether the filter can drop a token (padding aside)."""
+        return self != TokenFilter()
+
+    def describe(self) -> dict[str, Any]:
+        """The fields set (JSON-ready, ids sorted): what a state_dict records."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) != f.default}
+        if "drop_ids" in out:
+            out["drop_ids"] = sorted(out["drop_ids"])
+        return out
+
+
+FILTER_FIELDS = tuple(f.name for f in fields(TokenFilter))
+
+
+def token_filter(value: Any) -> TokenFilter | None:
+    """`value` as a TokenFilter: one already, a dict of its fields (from YAML), or None."""
+    if value is None or isinstance(value, TokenFilter):
+        return value
+    if not isinstance(value, Mapping):
+        raise invalid("token_filter", value, "a TokenFilter, a dict of its fields, or None")
+    unknown = [k for k in value if k not in FILTER_FIELDS]
+    if unknown:
+        raise ConfigError(f"token_filter has no field {unknown[0]!r}; a TokenFilter has {', '.join(FILTER_FIELDS)}")
+    return TokenFilter(**value)
+
+
 @dataclass(frozen=True)
 class ReadOptions:
     """Which part of the sources a reader reads, in which order, and how (validated on construction)."""
@@ -90,7 +177,13 @@ class ReadOptions:
     """Leave out of token batches (TokenLoader, and the integrations built on it) every token with
     a NaN or Inf in any hook's states: dropped for every hook at once, so hooks stay aligned, and
     counted in the loader's `nonfinite_dropped`. Costs a pass over the states' exponent bits. RCache
-    yields whole megabatches and refuses it (mask with `torch.isfinite(states).all(-1)` there)."""
+    yields whole megabatches and refuses it (mask with `torch.isfinite(states).all(-1)` there).
+    The same as `token_filter=TokenFilter(nonfinite=True)`."""
+
+    token_filter: TokenFilter | None = None
+    """Tokens left out of token batches (TokenLoader and the integrations built on it), at read
+    time: a TokenFilter or a dict of its fields. RCache yields whole megabatches with a `keep`
+    mask instead."""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalised once, here
@@ -107,6 +200,7 @@ class ReadOptions:
         flag("verify_checksums", self.verify_checksums)
         flag("recycle", self.recycle)
         flag("drop_nonfinite", self.drop_nonfinite)
+        set_(self, "token_filter", token_filter(self.token_filter))
         if self.range_size is not None:
             accepted = "a positive number of bytes (a whole number >= 1), or None (the default)"
             set_(self, "range_size", whole("range_size", self.range_size, 1, accepted))
@@ -117,6 +211,12 @@ class ReadOptions:
             raise ConfigError(f"store_options key {odd[0]!r} is not accepted: store options are named by strings")
         check_store_options(store)
         set_(self, "store_options", dict(store))
+
+    @property
+    def tokens(self) -> TokenFilter:
+        """The token filter in effect: `token_filter` with `drop_nonfinite` folded in."""
+        f = self.token_filter if self.token_filter is not None else TokenFilter()
+        return replace(f, nonfinite=True) if self.drop_nonfinite and not f.nonfinite else f
 
     def ordered(self, default: bool) -> ReadOptions:
         """These options with `preserve_file_order` set: the reader's `default` where it is None."""
@@ -137,6 +237,7 @@ class ReadArgs(TypedDict, total=False):
     verify_checksums: bool
     recycle: bool
     drop_nonfinite: bool
+    token_filter: TokenFilter | Mapping[str, Any] | None
 
 
 FIELDS = tuple(f.name for f in fields(ReadOptions))

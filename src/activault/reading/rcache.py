@@ -19,6 +19,7 @@ import torch
 
 from activault.errors import ConfigError
 from activault.reading.device import check_device, to_device
+from activault.reading.filters import FILTERS, FilteredFile, TokenMask, norm_limits
 from activault.reading.options import ReadArgs, ReadOptions, flag, invalid, keywords, read_options
 from activault.reading.order import mix_seed
 from activault.reading.stream import FileRef, FileStream, LoadedFile, Reader, Source
@@ -67,12 +68,15 @@ class RCache(Reader):
             (concatenated in order; they must agree on d_model, dtype and seq_len). With `hooks`,
             the run folder(s) instead, and each item holds every hook's states for the same tokens.
         return_ids: yield `{"states", "input_ids" (int64), "positions" (int32, -1 = padding)}`.
+            With a `token_filter` the item is such a dict with `"keep"` too: `[rows, seq]` bool,
+            False for padding and the tokens the filter drops (megabatches stay whole, so they are
+            masked, not dropped; `filtered` counts each filter's drops, as TokenLoader's).
         shuffle: permute tokens within each megabatch (seeded; ids and positions move along).
         options, **read: how the files are read (ReadOptions, whose fields are documented there):
             `buffer_size`, `preserve_file_order` (default True here), `seed`, `rank`,
             `world_size`, `skip_bad_files`, `store_options` (e.g. `{"unsigned": True}` for a
-            public bucket), `range_size`, `verify_checksums` (`drop_nonfinite` is refused:
-            megabatches are whole); as keywords, or in
+            public bucket), `range_size`, `verify_checksums`, `token_filter` (`drop_nonfinite` is
+            refused: megabatches are whole); as keywords, or in
             `options=ReadOptions(...)` (keywords override its fields). A name that is none of
             these is a ConfigError listing them.
     """
@@ -93,9 +97,14 @@ class RCache(Reader):
         return_ids, shuffle = flag("return_ids", return_ids), flag("shuffle", shuffle)
         self.device = check_device(device)
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
-        files = FileStream(uri, opts.ordered(True), hooks=hooks, pin=self._pin, transform=self._shuffle)
+        files = FileStream(uri, opts.ordered(True), hooks=hooks, pin=self._pin, transform=self._load)
         super().__init__(files)
-        self.return_ids = return_ids
+        spec = opts.token_filter
+        self._mask = None
+        if spec is not None and spec.active:
+            self._mask = TokenMask(spec, norm_limits(files.catalog.prefixes, spec, len(self.hooks or [""])))
+        self.filtered = dict.fromkeys(FILTERS, 0)  # tokens each filter masked out so far (token_filter)
+        self.return_ids = return_ids or self._mask is not None
         self.shuffle = shuffle
         self.epoch = 0
         self._next = 0
@@ -119,16 +128,28 @@ class RCache(Reader):
         ids, pos = item.input_ids.reshape(-1)[perm], item.positions.reshape(-1)[perm]
         return replace(item, states=states, input_ids=ids.view(rows, seq), positions=pos.view(rows, seq))
 
+    def _load(self, f: FileRef, epoch: int, item: LoadedFile) -> LoadedFile:
+        """On the reading thread: tokens shuffled, then (with a filter) the kept ones found."""
+        item = self._shuffle(f, epoch, item)
+        return item if self._mask is None else self._mask.apply(item)
+
     def _deliver(self, item: LoadedFile) -> Any:
         # On the device (from pinned buffers, asynchronously); ids and positions only if yielded.
         extra = [item.input_ids, item.positions] if self.return_ids else []
+        if isinstance(item, FilteredFile):
+            keep = torch.zeros(item.positions.shape, dtype=torch.bool)
+            keep.view(-1)[torch.from_numpy(item.kept) if item.kept is not None else slice(None)] = True
+            extra.append(keep)
+            for name, n in item.dropped.items():
+                self.filtered[name] += n
         moved = to_device([*item.states, *extra], self.device, self.files.buffers)
         states = moved[: len(item.states)]
         out: Any = dict(zip(self.hooks, states, strict=True)) if self.hooks else states[0]
         if not self.return_ids:
             return out
-        ids, pos = moved[len(item.states) :]
-        return {"states": out, "input_ids": ids.to(torch.int64), "positions": pos}  # ids widened on the device
+        ids, pos, *mask = moved[len(item.states) :]
+        got = {"states": out, "input_ids": ids.to(torch.int64), "positions": pos}  # ids widened on the device
+        return {**got, "keep": mask[0]} if mask else got
 
     def _iterate(self) -> Generator[Any, None, None]:
         with self.files.prefetch(self.epoch, self._next) as files:

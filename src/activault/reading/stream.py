@@ -78,7 +78,8 @@ class FileStream:
     Args: `uri`, `hooks` as RCache; `options`: how they are read (ReadOptions; its fields are
         attributes here too; preserve_file_order None: the stored order);
         `pin`: read into pinned memory (for CUDA); `transform`: applied to each megabatch on the
-        reading thread; `held`: files the consumer holds at once (their buffers are kept for reuse).
+        reading thread; `held`: files the consumer holds at once (their buffers are kept for reuse;
+        more than one: a gathering reader, whose local files on disk are read, not mapped: fetch.RESIDENT).
     """
 
     def __init__(
@@ -98,7 +99,7 @@ class FileStream:
         self.seed, self.rank, self.world_size = o.seed, o.rank, o.world_size
         self.skip_bad_files, self.range_size, self.verify_checksums = o.skip_bad_files, o.range_size, o.verify_checksums
         self.unreadable = 0  # files skipped while reading (skip_bad_files)
-        self.pin = pin
+        self.pin, self.held = pin, held
         self.transform = transform
         self.buffers = ReadBuffers(pin, keep=o.buffer_size + held + 1, recycle=o.recycle)
         self.first_byte = FirstByte()  # the storage's, as this stream's reads measure it (range plan)
@@ -201,6 +202,7 @@ class FileStream:
                 range_size=self.range_size,
                 expect=self.catalog.tensor_bytes(f.source, h),
                 first_byte=self.first_byte,
+                read_cold=self.held > 1,
             )
             for h, size in enumerate(f.sizes)
         ]

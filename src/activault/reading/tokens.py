@@ -13,7 +13,7 @@ import weakref
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
@@ -21,6 +21,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from activault.errors import ConfigError, NotFoundError
 from activault.reading.device import check_device, to_device
 from activault.reading.fetch import ReadBuffers, Workers
+from activault.reading.filters import FILTERS, FilteredFile, TokenMask, norm_limits
 from activault.reading.options import (
     ReadArgs,
     ReadOptions,
@@ -78,15 +79,26 @@ class TokenLoader(Reader):
     decoded states; its compressed bytes are let go once decoded): at most
     (window + buffer_size + 1) x a decoded file, plus the batches, compressed or not.
 
+    Filters (`token_filter=TokenFilter(...)`, a reading option: filters.py) leave tokens out of the
+    batches at read time, by position range, a document's first stored tokens, token id, NaN or
+    Inf, or L2 norm over k x the hook's median; `filtered` counts each filter's drops so far. The
+    mask is computed once per file as it is loaded, so a filtered loader reads at the speed of an
+    unfiltered one (docs/benchmarks.md), and `state_dict()` resumes exactly with filters on.
+
     Args:
         drop_positions_below: drop tokens whose position in their document is below this (e.g. 1
-            drops each document's first token); padding (position -1) is always dropped.
+            drops each document's first token, 2 after `clean_added_tokens`: `TokenFilter(first=1)`
+            drops it either way); `TokenFilter(positions_below=...)`. Padding (position -1) is
+            always dropped.
         center: subtract the per-dimension mean from `statistics.json`.
         norm_target: scale so the tokens' mean L2 norm equals this (e.g. `d ** 0.5`): from the
             exact mean norm in `statistics.json`, or, with `center`, the RMS norm of centred tokens
             (sqrt of the total variance, exact for the mean squared norm). Statistics leave out
             tokens with NaN or Inf (pass `drop_nonfinite=True` to drop the tokens too); statistics
-            that counted them in (before stats_version 2) are a DataError naming the fix.
+            that counted them in (before stats_version 2) are a DataError naming the fix. The
+            statistics are those of every finite stored token, whatever the filters drop: a filter
+            is this reader's choice, the stored statistics describe the stored tokens, exactly and
+            for every reader alike (an SAE trained on filtered tokens keeps the scale of the data).
         ramp: start each epoch with windows of 1, 2, 4, ... files up to `window` (the first
             batch after one file's read; those batches mix fewer files: docs/benchmarks.md);
             False: `window` files from the start (as loaders before the ramp cut them).
@@ -97,9 +109,9 @@ class TokenLoader(Reader):
         dtype: output dtype; default the stored one, or float32 when normalising.
         options, **read: how the files are read, as RCache's (ReadOptions: `seed`, `buffer_size`,
             `rank`, `world_size`, `skip_bad_files`, `store_options`, `range_size`,
-            `verify_checksums`), and `drop_nonfinite`: tokens with NaN or Inf in any hook are
-            left out of the batches (counted in `nonfinite_dropped`); `preserve_file_order`
-            defaults to False here.
+            `verify_checksums`), `token_filter`, and `drop_nonfinite` (`TokenFilter(nonfinite=True)`:
+            tokens with NaN or Inf in any hook are left out of the batches, counted in
+            `nonfinite_dropped`); `preserve_file_order` defaults to False here.
     """
 
     def __init__(
@@ -133,18 +145,31 @@ class TokenLoader(Reader):
         self.device = check_device(device)
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
         # The window's files and those read ahead are held at once: their buffers are reused.
-        files = FileStream(uri, opts.ordered(False), hooks=hooks, held=window, transform=_let_go_of_packed)
+        files = FileStream(uri, opts.ordered(False), hooks=hooks, held=window, transform=self._load)
         super().__init__(files)
         self.batch_tokens, self.window, self.ramp, self.return_ids = batch_tokens, window, ramp, return_ids
-        self.drop_below, self.drop_last, self.loop = drop_below, drop_last, loop
-        self.drop_nonfinite = opts.drop_nonfinite
+        self.drop_last, self.loop = drop_last, loop
+        spec = opts.tokens
+        self.token_filter = replace(spec, positions_below=max(spec.positions_below, drop_below))
+        self.drop_below, self.drop_nonfinite = self.token_filter.positions_below, self.token_filter.nonfinite
+        self.norm_limits = norm_limits(self.files.catalog.prefixes, self.token_filter, len(self.hooks or [""]))
+        self._mask = TokenMask(self.token_filter, self.norm_limits)
         self.epoch = 0
         self.dropped_tokens = 0  # the last epoch's short final batch, dropped (drop_last)
-        self.nonfinite_dropped = 0  # tokens with NaN or Inf left out so far (drop_nonfinite)
+        self.filtered = dict.fromkeys(FILTERS, 0)  # tokens each filter left out so far
         self._window = self._offset = 0
         norm = [self._norm_params(h, center, norm_target) for h in range(len(self.hooks or [""]))]
         self._norm = [(None if m is None else m.to(self.device), scale) for m, scale in norm]
         self.dtype = dtype if dtype is not None else (torch.float32 if center or norm_target else None)
+
+    @property
+    def nonfinite_dropped(self) -> int:
+        """Tokens with NaN or Inf left out so far (drop_nonfinite)."""
+        return self.filtered["nonfinite"]
+
+    def _load(self, f: FileRef, epoch: int, item: LoadedFile) -> FilteredFile:
+        """On the reading thread: the file's packed bytes let go of, and its tokens filtered."""
+        return self._mask.apply(_let_go_of_packed(f, epoch, item))
 
     def _norm_params(self, h: int, center: bool, target: float | None) -> tuple[torch.Tensor | None, float]:
         if not center and target is None:
@@ -238,14 +263,15 @@ class TokenLoader(Reader):
             taken = 0
             with self.files.prefetch(epoch, window_start(start, self.window, self.ramp), eager=True) as files:
                 for w, items in ramp_windows(files, self.window, self.ramp):
-                    win = Window(items, self.drop_below, self.drop_nonfinite)
+                    win = Window(cast(list[FilteredFile], items))  # FilteredFile: made by self._load
                     del items
-                    self.nonfinite_dropped += win.nonfinite
+                    for name, n in win.dropped.items():
+                        self.filtered[name] += n
                     if skip and skip >= win.n:  # the offset's bound, known now: the window's kept tokens
                         raise ConfigError(
                             f"TokenLoader state: field 'offset' is {skip}, not a whole number 0..{max(win.n - 1, 0)}"
                             f" (window {w} of epoch {epoch} holds {win.n} tokens): the state was saved by a loader "
-                            "of other files, or with other drop_positions_below or drop_nonfinite"
+                            "of other files, or with other filters (drop_positions_below, drop_nonfinite, token_filter)"
                         )
                     perm = permutation(win.n, mix_seed(self.seed, epoch, "window", w))
                     a, skip = skip, 0
@@ -297,6 +323,8 @@ class TokenLoader(Reader):
             "ramp": self.ramp,
             "batch_tokens": self.batch_tokens,
             "drop_nonfinite": self.drop_nonfinite,
+            "token_filter": self.token_filter.describe(),
+            "norm_limits": self.norm_limits,
             "shuffle": SHUFFLE,
         }
 
@@ -323,6 +351,7 @@ class TokenLoader(Reader):
                     f"state was saved with {k}={saved}, this loader has {mine}: "
                     f"make the loader with {arg}={saved} to resume it"
                 )
+        self._check_filters(state)
         epoch = int(check_state(state, "TokenLoader", {"epoch": (0, 2**63 - 1)})["epoch"])
         count = window_count(len(self.files.order(epoch)), self.window, self.ramp)
         check_state(state, "TokenLoader", {"window": (0, count)})
@@ -336,6 +365,25 @@ class TokenLoader(Reader):
                 "state saved at a window boundary (offset 0), or with the activault that saved it"
             )
         self.epoch, self._window, self._offset = epoch, int(state["window"]), int(state["offset"])
+
+    def _check_filters(self, state: dict[str, Any]) -> None:
+        """The same tokens kept as when `state` was saved (states saved before filters: unchecked)."""
+        if "token_filter" not in state:
+            return
+        saved, mine = state["token_filter"], self.token_filter.describe()
+        if saved != mine:
+            raise ConfigError(
+                f"state was saved with token_filter={saved}, this loader has {mine}: make the loader "
+                "with the same filters (token_filter, drop_positions_below, drop_nonfinite) to resume it"
+            )
+        limits = state.get("norm_limits", [])
+        if limits != self.norm_limits:
+            raise ConfigError(
+                f"state was saved with norm limits {limits} (max_norm_ratio x each hook's median norm), "
+                f"this loader has {self.norm_limits}: the run's statistics changed since (machines merged "
+                "in), so resuming would drop other tokens than the saved loader did: start a new loader (no "
+                "load_state_dict) to read with the new statistics"
+            )
 
     def __enter__(self) -> TokenLoader:
         return self

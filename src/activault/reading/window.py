@@ -18,8 +18,7 @@ import torch
 from numpy.random import PCG64
 
 from activault.reading.fetch import Workers
-from activault.reading.stream import LoadedFile
-from activault.vault.stats import finite_rows
+from activault.reading.filters import FILTERS, FilteredFile
 
 T = TypeVar("T")
 
@@ -125,29 +124,27 @@ def _bytes(x: torch.Tensor) -> np.ndarray:
 
 class Window:
     """The kept tokens of a window of megabatches, indexed 0..n-1 without copying them together:
-    the gather reads the files' own buffers (the fetched or mapped bytes, or the decoded states)."""
+    the gather reads the files' own buffers (the fetched or mapped bytes, or the decoded states).
+    Which tokens are kept was decided per file on loading (filters.py: `FilteredFile.kept`)."""
 
-    def __init__(self, items: list[LoadedFile], drop_below: int, drop_nonfinite: bool = False):
+    def __init__(self, items: list[FilteredFile]):
         self.states: list[list[torch.Tensor]] = [[] for _ in items[0].states]  # per hook, per file: [tokens, d]
         self.rows: list[list[np.ndarray]] = [[] for _ in items[0].states]  # the same as [tokens, row_bytes] uint8
-        self.ids, self.pos, self.kept = [], [], []
-        self.nonfinite = 0  # tokens dropped for a NaN or Inf in some hook (drop_nonfinite)
+        self.ids, self.pos = [], []
+        self.kept: list[np.ndarray | None] = []
+        self.dropped = dict.fromkeys(FILTERS, 0)  # tokens each filter dropped from the window's files
         counts = []
         for item in items:
             p = item.positions.reshape(-1)
-            keep = p.numpy() >= drop_below  # numpy: no OpenMP team for a large file (see SHUFFLE)
             self.ids.append(item.input_ids.reshape(-1))
             self.pos.append(p)
             for h, s in enumerate(item.states):
                 self.states[h].append(s.reshape(p.numel(), -1))
                 self.rows[h].append(_bytes(self.states[h][-1]))
-            if drop_nonfinite:  # a token bad in one hook is dropped from all: hooks stay aligned
-                finite = np.logical_and.reduce([finite_rows(per_file[-1]) for per_file in self.states])
-                self.nonfinite += int(np.count_nonzero(keep & ~finite))
-                keep &= finite
-            kept = None if keep.all() else np.flatnonzero(keep)  # padding, dropped positions and tokens
-            counts.append(p.numel() if kept is None else kept.size)
-            self.kept.append(kept)
+            for name, n in item.dropped.items():
+                self.dropped[name] += n
+            counts.append(p.numel() if item.kept is None else item.kept.size)
+            self.kept.append(item.kept)
         self.offsets = np.cumsum([0, *counts])
         self.n = int(self.offsets[-1])
 

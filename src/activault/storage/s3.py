@@ -166,6 +166,11 @@ def _transient(e: BaseException) -> bool:
     )
 
 
+def _no_such_bucket(text: str) -> bool:
+    """Whether the endpoint answered NoSuchBucket (its code is in the XML body of the 404)."""
+    return "<Code>NoSuchBucket</Code>" in text
+
+
 def _denied(text: str) -> bool:
     """Whether a refusal is about the credentials (status codes as whole words, not in a URL's port)."""
     if any(s in text for s in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied")):
@@ -343,8 +348,25 @@ class S3Store(Store):
     def where(self) -> str:
         return self.endpoint or f"AWS ({self.region})"
 
+    def _no_bucket(self) -> str:
+        """The bucket is missing: where, and the one command that creates it."""
+        client, extra = f"'s3', region_name={self.region!r}", ""
+        mb = f" --endpoint-url {self.endpoint}" if self.endpoint else f" --region {self.region}"
+        if self.endpoint:
+            client = f"'s3', endpoint_url={self.endpoint!r}"
+        elif self.region != "us-east-1":  # AWS wants the region named again outside us-east-1
+            extra = f", CreateBucketConfiguration={{'LocationConstraint': {self.region!r}}}"
+        return (
+            f"bucket {self.bucket!r} does not exist at {self.where}: create it with "
+            f'`aws s3 mb s3://{self.bucket}{mb}` or `python -c "import boto3; boto3.client({client})'
+            f'.create_bucket(Bucket={self.bucket!r}{extra})"`, or, if the name is mistyped, name an '
+            "existing bucket (S3_BUCKET_NAME, data_config.bucket_name or --storage s3://BUCKET/PREFIX)"
+        )
+
     def _err(self, e: Exception, key: str, action: str, again: str) -> StorageError:
         where = self.url(key)
+        if _no_such_bucket(str(e)):  # a 404 like a missing key's, but no key of this bucket exists
+            return StorageError(f"cannot {action} {where}: {self._no_bucket()}; then {again}")
         if isinstance(e, (_ObNotFound, FileNotFoundError)):
             return NotFoundError(f"{where} does not exist")
         if isinstance(e, ObjectChanged):
@@ -424,10 +446,7 @@ class S3Store(Store):
         text = str(e)
         low = text.lower()
         if "NoSuchBucket" in text or "bucket does not exist" in low or "specified bucket" in low:
-            return StorageError(
-                f"bucket {self.bucket!r} does not exist at {self.where}: create it, or name an existing one "
-                "with S3_BUCKET_NAME, data_config.bucket_name or --storage s3://BUCKET"
-            )
+            return StorageError(self._no_bucket())
         if _denied(text):  # a port such as 41403 in the message is not a 403
             return StorageError(
                 f"{self.where} refused access to s3://{self.bucket} "

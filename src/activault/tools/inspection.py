@@ -134,6 +134,7 @@ class Inspection:
     rows: list[list[int]] = field(repr=False)
     decoded: bool = False
     decode_note: str = ""
+    provenance: str = ""  # an imported run's source, and whether its documents attended to each other
     _decode: Callable[[list[int]], str] | None = field(default=None, repr=False)
 
     def row_text(self, i: int) -> str:
@@ -161,6 +162,7 @@ class Inspection:
             "rows": len(self.rows),
             "decoded": self.decoded,
             "decode_note": self.decode_note,
+            "provenance": self.provenance,
             "preview": self.preview(),
         }
 
@@ -169,7 +171,9 @@ class Inspection:
             return "✅" if ok else "❌"
 
         c = self.checks
-        out = [f"Inspecting file: {printable(self.url)}", "-" * 40, f"Model: {self.model}", "", "Tensor Shapes:"]
+        out = [f"Inspecting file: {printable(self.url)}", "-" * 40, f"Model: {self.model}"]
+        out += [f"Provenance: {self.provenance}"] if self.provenance else []
+        out += ["", "Tensor Shapes:"]
         out += [
             f"  {k}: {v['shape']} {v['dtype']}" + (f"  (stored {v['stored']})" if "stored" in v else "")
             for k, v in self.tensors.items()
@@ -285,6 +289,7 @@ def inspect_file(store: Store, key: str, tokenizers: Tokenizers | None = None) -
         metadata=meta,
         checks=checks,
         rows=_token_rows(mb.input_ids, mb.positions),
+        provenance=cfg.imported_from.provenance() if cfg and cfg.imported_from else "",
     )
     tok, why = (tokenizers or Tokenizers()).get(tok_name)
     if tok is None:

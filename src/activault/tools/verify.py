@@ -30,7 +30,17 @@ from activault.tools.inspection import foreign, list_dir, nonfinite_tokens
 from activault.tools.verify_records import check_statistics, read_records, unfinished_machines
 from activault.units import human_bytes
 from activault.vault import original as orig
-from activault.vault.megabatch import HEAD_READ, Header, decode, header_length, megabatch_files, parse_header
+from activault.vault.megabatch import (
+    HEAD_READ,
+    Cursor,
+    Header,
+    Megabatch,
+    check_provenance,
+    decode,
+    header_length,
+    megabatch_files,
+    parse_header,
+)
 from activault.vault.records import (
     REBUILD,
     HookMetadata,
@@ -60,6 +70,7 @@ class FileCheck:
     real: int = 0  # non-padding tokens
     checksummed: bool = False  # (deep) its checksums were checked
     nonfinite: int = 0  # (deep) tokens with NaN or Inf
+    span: tuple[Cursor, Cursor, bool] | None = None  # (deep) first and last real (document, position), padded
 
 
 @dataclass
@@ -130,6 +141,7 @@ def _check_version(obj: ObjectHandle, run_url: str, check: FileCheck, deep: bool
             mb = decode(obj.read(0, obj.size), obj.url, h, verify_checksums=True)
             check.checksummed = bool(h.checksums)
             check.nonfinite = nonfinite_tokens(mb.states)
+            check.span = _span(mb, obj.url)
             ids, pos = (
                 bytes(mb.tensors["input_ids"].numpy()),
                 bytes(mb.tensors["positions"].numpy()),
@@ -145,6 +157,44 @@ def _check_version(obj: ObjectHandle, run_url: str, check: FileCheck, deep: bool
     check.tokens = xxhash.xxh3_128_digest(ids + pos)
     check.real = int((torch.frombuffer(bytearray(pos), dtype=torch.int32) >= 0).sum())
     return check
+
+
+def _span(mb: Megabatch, url: str) -> tuple[Cursor, Cursor, bool] | None:
+    """A file's provenance, checked within it (FormatError), as its first and last real tokens."""
+    docs, pos = mb.documents, mb.positions
+    if docs is None or pos is None:
+        return None  # written before provenance
+    last = check_provenance(docs, pos, url)
+    real = (docs >= 0).reshape(-1).nonzero()
+    if last is None:
+        return None
+    i = int(real[0])
+    return (int(docs.reshape(-1)[i]), int(pos.reshape(-1)[i])), last, bool((docs < 0).any())
+
+
+def _provenance_order(checks: list[FileCheck], run_url: str) -> list[str]:
+    """(deep) Each machine's files continue its document stream: ordinals never decrease from one
+    file to the next, a document's positions keep increasing, and only its last file is padded."""
+    problems = []
+    prev: dict[tuple[str, int], tuple[str, Cursor, bool]] = {}
+    for c in sorted(checks, key=lambda c: (c.hook, c.name)):
+        m = parse_file_name(c.name)
+        if c.span is None or m is None:
+            continue
+        first, last, padded = c.span
+        before = prev.get((c.hook, m[0]))
+        if before is not None and (before[2] or first <= before[1]):
+            why = (
+                "follows a padded file"
+                if before[2]
+                else f"starts at (document, position) {first}, not after {before[1]}"
+            )
+            problems.append(
+                f"{c.hook}/{c.name}: provenance {why} of {before[0]}: the machine's files are out of order or "
+                f"damaged; {file_repair(run_url, c.name)}"
+            )
+        prev[(c.hook, m[0])] = (c.name, last, padded)
+    return problems
 
 
 def _spec(h: Header) -> tuple[int, int, str]:
@@ -292,7 +342,10 @@ def verify_run(store: Store, run: str = "", threads: int = 8, deep: bool = False
     else:
         want, total = list(range(cfg.num_runs)) if cfg else out.machines, out.tokens
     out.problems += check_statistics(store, run, list(names), total, want, not out.unfinished)
+    out.problems += _provenance_order(checks, out.run) if deep else []
     out.notes += _integrity_notes(checks, list(names), deep)
+    if cfg is not None and cfg.imported_from is not None:
+        out.notes.append(cfg.imported_from.provenance())
     out.problems += foreign_objects(store, run, claimed)
     out.hooks, out.files = len(hooks), len(every)
     out.bytes = sum(sum(fs.values()) for fs in names.values())

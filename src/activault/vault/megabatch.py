@@ -39,10 +39,13 @@ FORMAT: Final = "activault"
 # 1: states, input_ids, positions. 2: plus a checksum of each tensor in the header metadata.
 # 3: a compressed tensor's checksum also covers its decoded dtype and shape and its codec
 # description, so an edit of any of them fails like a flipped bit (docs/format.md, Checksums).
-FORMAT_VERSION = 3
+# 4: a `documents` tensor, each token's document ordinal in its machine's stream (provenance);
+# required from 4 on, so it cannot be stripped from a file silently.
+FORMAT_VERSION = 4
 # The version each rule came with (a file follows the rules of the version it is labelled with).
 CHECKSUMS_SINCE = 2
 DESCRIBED_SINCE = 3
+PROVENANCE_SINCE = 4
 SUFFIX = ".safetensors"
 LEGACY_SUFFIX = ".pt"
 # Our headers are under 1 KiB; a larger one is not ours and is refused before the body is read.
@@ -57,6 +60,8 @@ CHECKSUM_KEY = "checksum."  # metadata key prefix: `checksum.states` = 16 hex di
 MAX_DIMS = 8
 MAX_DIM = 1 << 48
 REQUIRED = ("states", "input_ids", "positions")
+# [rows, seq] int64: the token's document ordinal in its machine's document stream, -1 = padding.
+DOCUMENTS = "documents"
 # Header metadata key: JSON {tensor: codec description} of the compressed tensors (docs/format.md).
 CODECS_KEY = "codecs"
 # Tensors a codec applies to; ids and positions stay raw (verify reads them by range; 1% of bytes).
@@ -208,8 +213,9 @@ def _check_layout(tensors: dict[str, TensorInfo], data_len: int, url: str) -> No
         raise FormatError(f"{url}: {data_len - at} unexpected bytes after the tensors (corrupted file)")
 
 
-def _check_tensors(tensors: dict[str, TensorInfo], url: str) -> None:
-    """states [rows, seq, d] floating point; input_ids and positions [rows, seq] int32."""
+def _check_tensors(tensors: dict[str, TensorInfo], url: str, version: int | None) -> None:
+    """states [rows, seq, d] floating point; input_ids and positions [rows, seq] int32; documents
+    [rows, seq] int64, required from format version 4 on and refused before it."""
     missing = [n for n in REQUIRED if n not in tensors]
     if missing:
         raise FormatError(f"{url}: no {', '.join(map(repr, missing))} tensor; not an activault megabatch")
@@ -227,6 +233,24 @@ def _check_tensors(tensors: dict[str, TensorInfo], url: str) -> None:
             )
     if 0 in states.shape:
         raise FormatError(f"{url}: holds no data (states {list(states.shape)}); activault never writes one")
+    docs = tensors.get(DOCUMENTS)
+    if docs is None:
+        if version is not None and version >= PROVENANCE_SINCE:
+            raise FormatError(
+                f"{url}: labelled format version {version} but has no {DOCUMENTS!r} tensor (every file of "
+                f"that version has one): the file was edited or damaged after it was written"
+            )
+        return
+    if version is not None and version < PROVENANCE_SINCE:
+        raise FormatError(
+            f"{url}: corrupted header (labelled format version {version}, which has no {DOCUMENTS!r} tensor, yet "
+            "it holds one)"
+        )
+    if docs.shape != states.shape[:2] or docs.dtype != torch.int64:
+        raise FormatError(
+            f"{url}: {DOCUMENTS!r} is {list(docs.shape)} {dtypes.name(docs.dtype)}, "
+            f"expected {list(states.shape[:2])} int64 like 'states'"
+        )
 
 
 def _check_metadata(meta: Any, tensors: dict[str, TensorInfo], url: str) -> dict[str, str]:
@@ -294,7 +318,8 @@ def parse_header(buf: bytes | bytearray | memoryview, url: str, size: int | None
         n: TensorInfo(packed[n].dtype, tuple(packed[n].shape), t.start, t.end) if n in packed else t
         for n, t in tensors.items()
     }
-    _check_tensors(logical, url)
+    version = meta.get("format_version")
+    _check_tensors(logical, url, int(version) if version is not None else None)
     return Header(url, tensors, meta, start, packed)
 
 
@@ -385,8 +410,11 @@ def _covers(
 
 
 def relabelled(metadata: Mapping[str, str]) -> dict[str, str]:
-    """A file's metadata labelled with this format version, for a file rewritten under its rules."""
-    return {**metadata, "format_version": str(FORMAT_VERSION)}
+    """A file's metadata labelled with this format version, for a file rewritten under its rules;
+    one labelled before provenance (no `documents`) gets the last version without it."""
+    label = metadata.get("format_version")
+    old = label is not None and label.isdigit() and int(label) < PROVENANCE_SINCE
+    return {**metadata, "format_version": str(PROVENANCE_SINCE - 1 if old else FORMAT_VERSION)}
 
 
 def encode(
@@ -466,8 +494,65 @@ class Megabatch:
         return self.tensors.get("positions")
 
     @property
+    def documents(self) -> torch.Tensor | None:
+        """[rows, seq] int64, the token's document ordinal in its machine's stream, -1 = padding;
+        None in files written before provenance (format version 3 and older, legacy files)."""
+        return self.tensors.get(DOCUMENTS)
+
+    @property
     def metadata(self) -> dict[str, str]:
         return self.header.metadata if self.header is not None else {}
+
+
+# (document ordinal, position) of the last real token of a machine's files so far.
+Cursor = tuple[int, int]
+
+
+def check_provenance(
+    documents: torch.Tensor, positions: torch.Tensor, url: str, after: Cursor | None = None
+) -> Cursor | None:
+    """Check a file's provenance in collection order (row-major) and return its last real token's
+    (document, position), or `after` when it holds none.
+
+    Padding is -1 in both tensors and only ends the file; each document's tokens are contiguous
+    with positions increasing (cleaning may skip some), ordinals never decrease, also from `after`
+    (the previous file of the machine). FormatError naming the file and the first bad token.
+    """
+    docs, pos = documents.reshape(-1), positions.reshape(-1).to(torch.int64)
+    seq = positions.shape[-1] if positions.dim() else 1
+    where = lambda i: f"row {i // seq}, column {i % seq}"  # noqa: E731
+    pad = docs < 0
+    odd = (pad != (pos < 0)) | (docs < -1)
+    if bool(odd.any()):
+        i = int(odd.nonzero()[0])
+        raise FormatError(
+            f"{url}: provenance of {where(i)} is document {int(docs[i])}, position {int(pos[i])}: padding "
+            "is -1 in both and a real token in neither; the file is damaged"
+        )
+    n = int((~pad).sum())
+    if bool(pad[:n].any()):
+        i = int(pad.nonzero()[0])
+        raise FormatError(f"{url}: padding at {where(i)} before real tokens: padding only ends a machine's data")
+    if n == 0:
+        return after
+    d, p = docs[:n], pos[:n]
+    prev_d, prev_p = d[:-1], p[:-1]
+    if after is not None:
+        prev_d = torch.cat([torch.tensor([after[0]]), prev_d])
+        prev_p = torch.cat([torch.tensor([after[1]]), prev_p])
+        d_next, p_next = d, p
+    else:
+        d_next, p_next = d[1:], p[1:]
+    bad = (d_next < prev_d) | ((d_next == prev_d) & (p_next <= prev_p))
+    if bool(bad.any()):
+        j = int(bad.nonzero()[0])
+        i = j if after is not None else j + 1
+        raise FormatError(
+            f"{url}: provenance out of order at {where(i)}: document {int(d_next[j])} position "
+            f"{int(p_next[j])} follows document {int(prev_d[j])} position {int(prev_p[j])} (documents "
+            "never decrease and a document's positions increase, in collection order); the file is damaged"
+        )
+    return int(d[-1]), int(p[-1])
 
 
 def check_checksums(header: Header, buf: bytes | bytearray | memoryview, url: str | None = None) -> bool:

@@ -30,9 +30,9 @@ from activault.errors import ActivaultError, FormatError, NotFoundError
 from activault.storage.base import Store, join
 from activault.vault import codec as codecs
 from activault.vault import original as orig
-from activault.vault.megabatch import FORMAT, FORMAT_VERSION, SUFFIX, Header
+from activault.vault.megabatch import DOCUMENTS, FORMAT, FORMAT_VERSION, PROVENANCE_SINCE, SUFFIX, Header
 from activault.vault.original import OriginalConfig, OriginalMetadata, OriginalStatistics
-from activault.vault.stats import STATS_VERSION, RunningStats
+from activault.vault.stats import NORM_HIST_LENGTH, STATS_VERSION, RunningStats
 
 log = logging.getLogger(__name__)
 
@@ -168,12 +168,29 @@ class ImportSource(Record):
     fingerprint: str
     rows: Count
     documents: str
+    packing: str = "unknown"
+    """How the source packed documents into rows: "unknown" (SAELens packs contexts), or as collected."""
+    cross_document_attention: str = "unknown"
+    """Whether a row's documents attended to each other: "unknown", or "none" (a collection's export)."""
+
+    def provenance(self) -> str:
+        """One line for inspect and verify: where the rows came from, and what that means."""
+        line = (
+            f"imported from {self.format} at {self.path}: packing {self.packing}, "
+            f"cross-document attention {self.cross_document_attention}"
+        )
+        if self.cross_document_attention != "none":
+            line += (
+                "; a row may hold documents that attended to each other, so a token's activations may "
+                "depend on what it was packed with (a collection's never do)"
+            )
+        return line
 
 
 class RunRecord(Versioned):
     """cfg.json: what the run is; written by every machine at start, the same bytes from each."""
 
-    omit_unset = ("imported_from", "original")
+    omit_unset = ("imported_from", "original", "source")
 
     activault_version: str = ""
     run_name: str = Field(min_length=1)
@@ -184,6 +201,9 @@ class RunRecord(Versioned):
     hook_dims: dict[str, Annotated[int, Field(gt=0, le=MAX_D)]] = Field(default_factory=dict)
     num_runs: int = Field(ge=1, le=MAX_MACHINES)
     progress: list[str] = Field(default_factory=list)
+    source: dict[str, Any] | None = None
+    """The text source its documents came from, resolved (path, name, split, data_files, columns):
+    what `activault context` reads again. Unset in runs collected before provenance, and imports."""
     imported_from: ImportSource | None = None
     """Set by `activault import`: the run holds a SAELens cache's rows, not a collection's."""
     original: OriginalConfig | None = None
@@ -209,6 +229,9 @@ class StatsRecord(Record):
     norm_sum: float
     norm_sq_sum: float = 0.0
     nonfinite: Count = 0
+    # Left out while None (in progress records too): a record without it keeps its bytes.
+    norm_hist: list[Count] | None = Field(default=None, exclude_if=lambda v: v is None)
+    """stats_version 3: finite tokens per L2-norm bin (vault/stats.py has the bins)."""
 
     @model_validator(mode="after")
     def _lengths(self) -> StatsRecord:
@@ -216,6 +239,11 @@ class StatsRecord(Record):
             n = len(getattr(self, name))
             if n != self.d_model:
                 raise ValueError(f"{name} has {n} values, d_model is {self.d_model}")
+        if self.norm_hist is not None and (len(self.norm_hist), sum(self.norm_hist)) != (NORM_HIST_LENGTH, self.count):
+            raise ValueError(
+                f"norm_hist has {len(self.norm_hist)} bins counting {sum(self.norm_hist)} tokens, not "
+                f"{NORM_HIST_LENGTH} bins counting count={self.count}"
+            )
         # NaN passes: version 1 records counted tokens with NaN or Inf in (readers refuse to
         # normalise with them, `activault merge-stats` recounts them).
         if any(v < 0 for v in self.m2) or any(v < 0 for v in self.std) or self.norm_sum < 0:
@@ -517,11 +545,14 @@ def _fix_of(is_original: Callable[[Store, str], bool], store: Store, key: str, o
         return ours
 
 
-def header_metadata(run_name: str, hook: str, machine: int, index: int, model: str) -> dict[str, str]:
-    """The `__metadata__` of a megabatch header (encode adds the checksums)."""
+def header_metadata(
+    run_name: str, hook: str, machine: int, index: int, model: str, provenance: bool = False
+) -> dict[str, str]:
+    """The `__metadata__` of a megabatch header (encode adds the checksums); `provenance`: the file
+    holds `documents` (else it is labelled with the last version without them)."""
     return {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": str(FORMAT_VERSION if provenance else PROVENANCE_SINCE - 1),
         "run_name": run_name,
         "hook": hook,
         "machine": str(machine),
@@ -542,10 +573,19 @@ def hook_metadata(
     batches_per_upload: int,
     model: str,
     compression: codecs.Codec | None = None,
+    provenance: bool = False,
 ) -> HookMetadata:
-    """The contents of `{run}/{hook}/metadata.json`; `dtype` a torch.dtype or its name."""
+    """The contents of `{run}/{hook}/metadata.json`; `dtype` a torch.dtype or its name;
+    `provenance`: its files hold `documents` (int64, 8 bytes a token more)."""
     name = dtype if isinstance(dtype, str) else dtypes.name(dtype)
     itemsize = dtypes.to_torch(name).itemsize
+    tensors: dict[str, Any] = {
+        "states": {"dtype": name, "shape": ["rows", seq_length, d_model]},
+        "input_ids": {"dtype": "int32", "shape": ["rows", seq_length]},
+        "positions": {"dtype": "int32", "shape": ["rows", seq_length]},
+    }
+    if provenance:
+        tensors[DOCUMENTS] = {"dtype": "int64", "shape": ["rows", seq_length]}
     return HookMetadata(
         run_name=run_name,
         hook=hook,
@@ -557,12 +597,8 @@ def hook_metadata(
         batch_size=batch_size,
         batches_per_upload=batches_per_upload,
         rows_per_file=rows_per_file,
-        bytes_per_file=rows_per_file * seq_length * (d_model * itemsize + 8),
-        tensors={
-            "states": {"dtype": name, "shape": ["rows", seq_length, d_model]},
-            "input_ids": {"dtype": "int32", "shape": ["rows", seq_length]},
-            "positions": {"dtype": "int32", "shape": ["rows", seq_length]},
-        },
+        bytes_per_file=rows_per_file * seq_length * (d_model * itemsize + 8 + 8 * provenance),
+        tensors=tensors,
         compression=codecs.describe(compression),
     )
 

@@ -163,6 +163,7 @@ def _describing(spec: HookMetadata, header: Header, have: HookMetadata | None) -
         batch_size=spec.batch_size,
         batches_per_upload=spec.batches_per_upload,
         model=spec.model,
+        provenance="documents" in spec.tensors,  # as the writer writes new files
     )
     # Files say how each is stored; metadata.json only how new ones will be (recompress changes it).
     return want.model_copy(update={"compression": (have or spec).compression})

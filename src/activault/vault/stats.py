@@ -7,10 +7,22 @@ makes the statistics NaN. Merging two partial results is exact up to float64 rou
 statistics of many batches and many machines equal a single float64 pass over every finite stored
 token. The batch term M2_b is kept (the original's running std dropped it and under-estimated the
 spread).
+
+Norm histogram (stats_version 3): per token L2 norm counted in fixed log-spaced bins, 32 per
+octave from 2**-16 to 2**24 (each bin 2.2% wide: a quantile read from it is within one bin, i.e.
+within 2.2%, of the exact one), with an underflow bin (norms below 2**-16, zero included) and an
+overflow bin (2**24 and above). The counts are integers in bins fixed by the version, so merging
+machines adds counts and equals one machine's histogram exactly. It gives the median norm the
+norm-outlier filter scales by (`quantile`, `median_norm`).
+
+These statistics describe the stored finite tokens, all of them: read-time token filters (a choice
+of each reader) never change them, so normalising with `center` or `norm_target` uses the same
+mean and scale whatever a reader drops, and two readers with other filters see the same scale.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from typing import Any
 
@@ -21,8 +33,40 @@ from activault.errors import DataError
 
 # 2: count, mean, m2 and the norm sums cover finite tokens only. Version 1 records counted tokens
 # with NaN or Inf in, so when `nonfinite` > 0 their statistics are NaN (`finite` is False).
-STATS_VERSION = 2
+# 3: adds `norm_hist`, the histogram of finite tokens' L2 norms (records of version 2 lack it).
+STATS_VERSION = 3
+HISTOGRAM_VERSION = 3
 MERGE_STATS = "`activault merge-stats RUN`"
+
+# The norm histogram's fixed bins (changing them needs a new stats_version: counts of other bins
+# cannot be added). Bin i in 1..NORM_BINS holds norms in [2**(LO + (i-1)/PER_OCTAVE), 2**(LO + i/PER_OCTAVE));
+# bin 0 the norms below 2**LO (zero too), bin NORM_BINS + 1 those of 2**HI and above.
+NORM_LOG2_MIN, NORM_LOG2_MAX, NORM_BINS_PER_OCTAVE = -16, 24, 32
+NORM_BINS = (NORM_LOG2_MAX - NORM_LOG2_MIN) * NORM_BINS_PER_OCTAVE
+NORM_HIST_LENGTH = NORM_BINS + 2  # with the underflow and overflow bins
+NO_HISTOGRAM = (
+    f"a norm quantile needs stats_version {HISTOGRAM_VERSION} statistics, which hold a histogram of the "
+    "tokens' norms; an older activault wrote these (stats_version 2), and "
+    f"{MERGE_STATS} cannot add it (it merges the machines' progress records, which lack it too). Collect "
+    "the run again under a new run name with this activault to get it, or filter by an absolute norm "
+    "instead: TokenFilter(max_norm=...) (`activault stats` shows the mean norm)"
+)
+
+
+def norm_bins(norms: torch.Tensor) -> torch.Tensor:
+    """The histogram bin (0..NORM_BINS + 1) of each L2 norm in `norms: [n]` (float64), int64."""
+    v = (torch.log2(norms) - NORM_LOG2_MIN) * NORM_BINS_PER_OCTAVE + 1  # log2(0) = -inf: underflow
+    return v.clamp_(0, NORM_BINS + 1).floor_().to(torch.int64)
+
+
+def bin_value(b: int) -> float:
+    """The norm bin `b` stands for: its geometric centre; the range's edge for the under- and
+    overflow bins (an upper and a lower bound)."""
+    if b <= 0:
+        return 2.0**NORM_LOG2_MIN
+    if b > NORM_BINS:
+        return 2.0**NORM_LOG2_MAX
+    return 2.0 ** (NORM_LOG2_MIN + (b - 0.5) / NORM_BINS_PER_OCTAVE)
 
 
 class RunningStats:
@@ -37,6 +81,9 @@ class RunningStats:
         self.norm_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.norm_sq_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # tokens left out
+        # [NORM_HIST_LENGTH] finite tokens per norm bin; None when merged from (or resumed after)
+        # a record without one (stats_version <= 2): a histogram of some tokens only would mislead.
+        self.norm_hist: torch.Tensor | None = torch.zeros(NORM_HIST_LENGTH, dtype=torch.int64, device=device)
 
     @property
     def count(self) -> int:
@@ -82,6 +129,13 @@ class RunningStats:
         if masked:
             x64.masked_fill_(rows, 0.0)
         m2_b = x64.square_().sum(dim=0)
+        if self.norm_hist is not None:
+            bins = norm_bins(norms)
+            if masked:  # the bad tokens into one extra bin, cut off: bincount has no mask
+                bins.masked_fill_(bad, NORM_HIST_LENGTH)
+            self.norm_hist += torch.bincount(bins, minlength=NORM_HIST_LENGTH + 1)[:NORM_HIST_LENGTH].to(
+                self.norm_hist.device
+            )
         self._merge(n_b, mean_b, m2_b, norms.sum(), norms.square().sum())
 
     def _merge(
@@ -109,6 +163,10 @@ class RunningStats:
             raise ValueError(f"cannot merge statistics of dimension {other.d} into {self.d}")
         self._merge(other.n, other.mean, other.m2, other.norm_sum, other.norm_sq_sum)
         self.nonfinite += other.nonfinite.to(self.nonfinite.device)
+        if self.norm_hist is None or other.norm_hist is None:
+            self.norm_hist = None  # exact over every token, or absent
+        else:
+            self.norm_hist += other.norm_hist.to(self.norm_hist.device)
         return self
 
     @property
@@ -124,11 +182,37 @@ class RunningStats:
     def mean_norm(self) -> float:
         return float(self.norm_sum) / max(self.count, 1)
 
+    def quantile(self, q: float) -> float:
+        """The `q`-quantile (0..1) of the finite tokens' L2 norms, from the histogram: the norm of
+        rank ceil(q * count) (the lower median for q = 0.5, as torch.median), within one bin
+        (2.2%) of the exact one. A DataError when the statistics have no histogram or no token."""
+        if not 0 <= q <= 1:
+            raise ValueError(f"quantile q={q!r} is not in [0, 1]")
+        if self.norm_hist is None:
+            raise DataError(f"these statistics have no norm histogram; {NO_HISTOGRAM}")
+        cum = torch.cumsum(self.norm_hist.cpu(), 0)
+        total = int(cum[-1])
+        if total == 0:
+            raise DataError("these statistics count no finite token: their norms have no quantile")
+        rank = max(1, math.ceil(q * total))
+        return bin_value(int(torch.searchsorted(cum, torch.tensor(rank))))
+
+    def median_norm(self) -> float:
+        """The median L2 norm of the finite tokens (lower median), within one bin (2.2%)."""
+        return self.quantile(0.5)
+
+    @property
+    def version(self) -> int:
+        """The stats_version these statistics are written with: what they hold."""
+        if not self.finite:
+            return 1  # merged from a version 1 record: NaN, and they keep saying so
+        return STATS_VERSION if self.norm_hist is not None else 2
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready; floats round-trip exactly (Python writes the shortest repr)."""
+        hist = {} if self.norm_hist is None else {"norm_hist": self.norm_hist.cpu().tolist()}
         return {
-            # Statistics merged from a version 1 record stay NaN: they keep saying so.
-            "stats_version": STATS_VERSION if self.finite else 1,
+            "stats_version": self.version,
             "count": self.count,
             "d_model": self.d,
             "mean": self.mean.cpu().tolist(),
@@ -138,6 +222,7 @@ class RunningStats:
             "norm_sum": float(self.norm_sum),
             "norm_sq_sum": float(self.norm_sq_sum),
             "nonfinite": self.nonfinite_tokens,
+            **hist,
         }
 
     @classmethod
@@ -149,6 +234,8 @@ class RunningStats:
         s.norm_sum = torch.tensor(float(d["norm_sum"]), dtype=torch.float64, device=device)
         s.norm_sq_sum = torch.tensor(float(d.get("norm_sq_sum", 0.0)), dtype=torch.float64, device=device)
         s.nonfinite = torch.tensor(int(d.get("nonfinite", 0)), dtype=torch.int64, device=device)
+        hist = d.get("norm_hist")
+        s.norm_hist = None if hist is None else torch.tensor(hist, dtype=torch.int64, device=device)
         return s
 
 
@@ -184,6 +271,18 @@ def check_normalisable(stats: RunningStats, folder_url: str) -> RunningStats:
         "with; the activations overflow or the model is broken, so collect this hook again (e.g. in "
         "bfloat16 or float32)"
     )
+
+
+def check_histogram(stats: RunningStats, folder_url: str) -> RunningStats:
+    """`stats` of the hook folder `folder_url`, if they hold a norm histogram with a finite token;
+    else a DataError naming the run, the hook and what to do."""
+    run, _, hook = folder_url.rstrip("/").rpartition("/")
+    where = f"the statistics of hook {hook!r} of run {run}"
+    if stats.norm_hist is None:
+        raise DataError(f"{where} have no norm histogram (stats_version {stats.version}): {NO_HISTOGRAM}")
+    if stats.count == 0:
+        raise DataError(f"{where} count no finite token: there is no median norm to filter by")
+    return stats
 
 
 # The exponent bits of each float dtype a file may hold: all of them set is a NaN or an Inf.

@@ -35,7 +35,7 @@ from activault.errors import ConfigError, FormatError, LockedError, NotFoundErro
 from activault.storage.base import Buffer, Store, join
 from activault.storage.lock import MachineLock
 from activault.vault import codec as codecs
-from activault.vault.megabatch import Megabatch, decode, encode
+from activault.vault.megabatch import DOCUMENTS, Megabatch, decode, encode
 from activault.vault.records import (
     HookMetadata,
     ProgressRecord,
@@ -317,6 +317,7 @@ class RunWriter:
         data_state: dict[str, Any] | None,
         stats: Mapping[str, RunningStats],
         on_written: Mapping[str, Callable[[], None]] | None = None,
+        documents: torch.Tensor | None = None,
     ) -> Future[None]:
         """Queue the next file of every hook, then the progress record counting it; returns the commit.
 
@@ -325,8 +326,10 @@ class RunWriter:
             tokens: real (not padding) tokens of this file; data_state: the data cursor after it.
             stats: hook -> running statistics including this file (read now, on the caller's thread).
             on_written: hook -> called once its file is written or has failed (frees its buffer).
+            documents: [rows, seq] int64, each token's document ordinal in the machine's stream, -1 =
+                padding (a collection's provenance; without it the file is labelled format version 3).
         """
-        k, rows = self.files, self._check_file(states, input_ids, positions)
+        k, rows = self.files, self._check_file(states, input_ids, positions, documents=documents)
         # The record first: once the writer threads run Python, each small torch call building it
         # hands them the GIL and waits for it back (docs/benchmarks.md: Collection).
         record = self._record(k + 1, self.rows + rows, self.tokens + tokens, data_state, stats, finished=False)
@@ -338,7 +341,7 @@ class RunWriter:
                 if h in done:
                     done[h]()
                 continue
-            tensors = {"states": states[h], "input_ids": input_ids, "positions": positions}
+            tensors = _tensors(states[h], input_ids, positions, documents)
             key = join(self.run, h, file_name(self.machine, k))
             futures.append(writer.write(key, self._encoding(h, k, tensors), on_done=done.get(h)))
         self.files, self.rows, self.tokens = k + 1, self.rows + rows, self.tokens + tokens
@@ -352,13 +355,14 @@ class RunWriter:
         positions: torch.Tensor,
         hooks: Collection[str],
         on_written: Mapping[str, Callable[[], None]] | None = None,
+        documents: torch.Tensor | None = None,
     ) -> None:
         """Queue file k of `hooks` again (`collect --repair`: a damaged copy collected again, the
         same bytes); no record changes, since the progress record already counts the file.
         LockedError, and nothing queued, once another collector has the machine."""
         if not 0 <= k < self.resumed.files_done:
             raise ValueError(f"file {k} is not one of the {self.resumed.files_done} files the record counts")
-        self._check_file(states, input_ids, positions, k)
+        self._check_file(states, input_ids, positions, k, documents)
         self._check_record()
         writer, done = self._background(), on_written or {}
         for h in self.record.hooks:
@@ -366,7 +370,7 @@ class RunWriter:
                 if h in done:
                     done[h]()
                 continue
-            tensors = {"states": states[h], "input_ids": input_ids, "positions": positions}
+            tensors = _tensors(states[h], input_ids, positions, documents)
             key = join(self.run, h, file_name(self.machine, k))
             writer.write(key, self._encoding(h, k, tensors), on_done=done.get(h))
 
@@ -376,18 +380,24 @@ class RunWriter:
             self._writer.close()
 
     def _check_file(
-        self, states: Mapping[str, torch.Tensor], ids: torch.Tensor, pos: torch.Tensor, k: int | None = None
+        self,
+        states: Mapping[str, torch.Tensor],
+        ids: torch.Tensor,
+        pos: torch.Tensor,
+        k: int | None = None,
+        documents: torch.Tensor | None = None,
     ) -> int:
         """The file's rows; a FormatError, before anything is written, when it does not fit the run."""
         where = f"{self.store.url(self.run)}: file {self.files if k is None else k} of machine {self.machine}"
         if set(states) != set(self.metadata):
             raise FormatError(f"{where} has hooks {sorted(states)}, the run {self.record.hooks}; nothing written")
         meta = next(iter(self.metadata.values()))
-        for name, t in (("input_ids", ids), ("positions", pos)):
-            if t.dtype != torch.int32 or t.dim() != 2 or t.shape[1] != meta.seq_length or t.shape != ids.shape:
+        named = [("input_ids", ids, torch.int32), ("positions", pos, torch.int32)]
+        for name, t, dtype in named + ([(DOCUMENTS, documents, torch.int64)] if documents is not None else []):
+            if t.dtype != dtype or t.dim() != 2 or t.shape[1] != meta.seq_length or t.shape != ids.shape:
                 raise FormatError(
                     f"{where}: {name} is {list(t.shape)} {dtypes.name(t.dtype)}, the run stores "
-                    f"[rows, {meta.seq_length}] int32 (the same rows for both); nothing written"
+                    f"[rows, {meta.seq_length}] {dtypes.name(dtype)} (the same rows as input_ids); nothing written"
                 )
         rows = ids.shape[0]
         for h, meta in self.metadata.items():
@@ -407,7 +417,7 @@ class RunWriter:
     def _encoding(self, hook: str, k: int, tensors: dict[str, torch.Tensor]) -> Callable[[], list[memoryview]]:
         """The file's parts as a function: a writer thread hashes (checksums) and compresses, never
         the producer's thread (xxh3 and zstd release the GIL)."""
-        meta = header_metadata(self.run, hook, self.machine, k, self.metadata[hook].model)
+        meta = header_metadata(self.run, hook, self.machine, k, self.metadata[hook].model, DOCUMENTS in tensors)
 
         def build() -> list[memoryview]:
             parts = encode(tensors, meta, compression=self.codec)
@@ -482,6 +492,16 @@ class RunWriter:
         """Stop without raising: queued files are dropped, and no record counts them."""
         if self._writer is not None:
             self._writer.abort()
+
+
+def _tensors(
+    states: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, documents: torch.Tensor | None
+) -> dict[str, torch.Tensor]:
+    """One hook's file: states, ids, positions and, for a collection, the document ordinals."""
+    out = {"states": states, "input_ids": ids, "positions": pos}
+    if documents is not None:
+        out[DOCUMENTS] = documents
+    return out
 
 
 def _check_specs(url: str, record: RunRecord, metadata: Mapping[str, HookMetadata], machine: int) -> None:

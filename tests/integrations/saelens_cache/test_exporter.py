@@ -1,9 +1,9 @@
 """integrations/saelens_cache/exporter.py: a run's hooks as a SAELens activation cache, read back here
-with `datasets` itself: the same states (bfloat16 exactly as float32), ids and positions, padding rows
-dropped and counted, the sidecar, and atomic: a refused or failed export leaves nothing, a link as
-destination is refused before the run is read, and a killed export's folder is removed by the rerun,
-which writes the same bytes. Its layout is the one SAELens writes, and SAELens's ActivationsStore
-trains from it."""
+with `datasets` itself: the same states (bfloat16 exactly as float32), ids and positions, rows holding
+padding exported whole (every real token) and listed in the sidecar, and atomic: a refused or failed
+export leaves nothing, a link as destination is refused before the run is read, and a killed
+export's folder is removed by the rerun, which writes the same bytes. Its layout is the one SAELens
+writes, and SAELens's ActivationsStore trains from it."""
 
 from __future__ import annotations
 
@@ -31,9 +31,8 @@ COLUMNS = {"h1": "blocks.0.hook_resid_post", "h2": "blocks.0.hook_mlp_out"}
 
 
 def expected(run: SynthRun, hook: str, key: str = "states") -> torch.Tensor:
-    """`key` of the rows an export keeps: rows holding padding (position -1) are dropped."""
-    keep = (run.tensor(hook, "positions") >= 0).all(dim=1)
-    return run.tensor(hook, key)[keep]
+    """`key` of the rows an export writes: every row, padding included."""
+    return run.tensor(hook, key)
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -54,13 +53,22 @@ def test_the_cache_holds_the_runs_rows_bit_for_bit(run: SynthRun, local: LocalSt
     assert result.out_dir == str(out) and leftovers(tmp_path) == []
 
 
-def test_padding_rows_are_dropped_and_counted(run: SynthRun, local: LocalStore, tmp_path: Path):
+def test_rows_holding_padding_are_exported_whole_and_their_padding_listed(
+    run: SynthRun, local: LocalStore, tmp_path: Path
+):
     result = export_saelens(str(local.root / "run"), "h1", tmp_path / "cache")
     pos = run.tensor("h1", "positions")
     padded = ~(pos >= 0).all(dim=1)
-    assert result.padding_rows_dropped == int(padded.sum()) == 2, "one row per machine's last file"
-    assert result.real_tokens_dropped == int((pos[padded] >= 0).sum())
-    assert result.rows == pos.shape[0] - 2
+    assert result.padding_rows == int(padded.sum()) == 2, "one row per machine's last file"
+    assert result.padding_tokens == int((pos < 0).sum()) == 6
+    assert result.rows == pos.shape[0]  # was: the 2 rows dropped, with their 26 real tokens
+    want = [[r, int((pos[r] >= 0).sum()), pos.shape[1]] for r in padded.nonzero().flatten().tolist()]
+    assert result.padding == want  # trailing padding: [row, first, stop)
+    ds = load_from_disk(str(tmp_path / "cache")).with_format("torch")
+    for r, first, stop in want:  # as stored: the pad id, zero activations
+        assert torch.equal(ds[r]["token_ids"], run.tensor("h1", "input_ids")[r])
+        assert not ds[r]["h1"][first:stop].any() and ds[r]["h1"][:first].any()
+    assert json.loads((tmp_path / "cache/activault.json").read_text())["padding"] == want
     assert result.bytes_read == sum(
         run.tensor(h).numel() * run.tensor(h).element_size() + 8 * pos.numel() for h in ["h1"]
     )
@@ -77,8 +85,10 @@ def test_the_sidecar_says_where_the_cache_came_from(run: SynthRun, local: LocalS
         "rows": result.rows,
         "tokens": result.tokens,
         "positions": False,
-        "padding_rows_dropped": result.padding_rows_dropped,
-        "real_tokens_dropped": result.real_tokens_dropped,
+        "padding_tokens": result.padding_tokens,
+        "padding": result.padding,
+        # A synthetic run written by RunWriter, as a collection's: documents never attend to each other.
+        "provenance": {"packing": "isolated segments", "cross_document_attention": "none"},
     }
     assert set(load_from_disk(str(tmp_path / "c")).column_names) == {"a", "h2", "token_ids"}
 

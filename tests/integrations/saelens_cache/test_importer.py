@@ -43,20 +43,21 @@ def rows_of(root: Path, hooks: list[str]) -> tuple[dict[str, torch.Tensor], torc
 
 def test_round_trip_vault_cache_vault_is_bit_identical(run: SynthRun, tmp_path: Path) -> None:
     states, ids, pos = rows_of(tmp_path / "run", HOOKS)
-    full = (pos >= 0).all(1)
     res = export_saelens(str(tmp_path / "run"), HOOKS, tmp_path / "cache", shard_bytes=1000)
-    # One row per machine ends in 3 padding tokens: both are dropped, with their 13 real tokens.
-    assert (res.padding_rows_dropped, res.real_tokens_dropped) == (2, 26)
-    assert res.rows == int(full.sum()) and res.arrow_files > 1
+    # One row per machine ends in 3 padding tokens: exported whole, with their 13 real tokens each.
+    assert (res.padding_rows, res.padding_tokens) == (2, 6)
+    assert res.rows == pos.shape[0] and res.arrow_files > 1
     side = json.loads((tmp_path / "cache/activault.json").read_text())
-    assert side["columns"]["h1"] == {"hook": "h1", "dtype": "bfloat16"} and side["padding_rows_dropped"] == 2
+    assert side["columns"]["h1"] == {"hook": "h1", "dtype": "bfloat16"} and len(side["padding"]) == 2
     back = import_saelens(tmp_path / "cache", str(tmp_path / "vault/back"), rows_per_file=5)
     assert back.rows == res.rows and back.files == math.ceil(res.rows / 5)
+    assert back.tokens == int((pos >= 0).sum())  # every real token, padding not counted
     states2, ids2, pos2 = rows_of(tmp_path / "vault/back", HOOKS)
-    for h in HOOKS:
-        assert states2[h].dtype == torch.bfloat16 and torch.equal(states2[h], states[h][full])
-    assert torch.equal(ids2, ids[full])
-    assert torch.equal(pos2, torch.arange(16, dtype=torch.int32).expand_as(pos2))  # one document per row
+    for h in HOOKS:  # was: the padded rows' real tokens lost
+        assert states2[h].dtype == torch.bfloat16 and torch.equal(states2[h], states[h])
+    assert torch.equal(ids2, ids)
+    one_per_row = torch.arange(16, dtype=torch.int32).expand_as(pos2)
+    assert torch.equal(pos2, torch.where(pos >= 0, one_per_row, -1))  # one document per row, padding kept
     checked = verify_run(LocalStore("/"), str(tmp_path / "vault/back").lstrip("/"), deep=True)
     assert checked.problems == [] and checked.tokens == back.tokens
     cfg = json.loads((tmp_path / "vault/back/cfg.json").read_text())
@@ -70,7 +71,7 @@ def test_round_trip_vault_cache_vault_is_bit_identical(run: SynthRun, tmp_path: 
         for h in HOOKS
     )
     for h in HOOKS:  # statistics equal a float64 recomputation over the imported tokens
-        want = states2[h].reshape(-1, 8).double()
+        want = states2[h].reshape(-1, 8)[pos2.reshape(-1) >= 0].double()
         got = v.run_statistics(str(tmp_path / "vault/back"), h)
         assert got.count == want.shape[0]
         assert torch.allclose(got.mean, want.mean(0), rtol=0, atol=1e-12)
@@ -94,8 +95,28 @@ def test_positions_column_keeps_document_boundaries(run: SynthRun, tmp_path: Pat
     )
     import_saelens(tmp_path / "cache", str(tmp_path / "vault/back"))
     _, ids2, pos2 = rows_of(tmp_path / "vault/back", ["h1"])  # the sidecar restores the hook name
-    full = (pos >= 0).all(1)
-    assert torch.equal(pos2, pos[full]) and torch.equal(ids2, ids[full])
+    assert torch.equal(pos2, pos) and torch.equal(ids2, ids)  # the padded rows too
+
+
+@pytest.mark.parametrize(
+    "padding,problem",
+    [
+        ({"row": 1}, "field 'padding' is {'row': 1}, not a list"),
+        ([[99, 0, 3]], "padding[0] is [99, 0, 3], not [row, first, stop) with row < "),
+        ([[0, 3, 3]], "padding[0] is [0, 3, 3]"),
+        ([[0, 1.0, 3]], "padding[0] is [0, 1.0, 3]"),
+    ],
+)
+def test_padding_the_sidecar_cannot_mean_is_refused_naming_it(
+    run: SynthRun, tmp_path: Path, padding: object, problem: str
+) -> None:
+    export_saelens(str(tmp_path / "run"), "h1", tmp_path / "cache")
+    side = tmp_path / "cache/activault.json"
+    side.write_text(json.dumps({**json.loads(side.read_text()), "padding": padding}))
+    with pytest.raises(FormatError) as e:
+        import_saelens(tmp_path / "cache", str(tmp_path / "vault/back"))
+    assert problem in str(e.value) and "repair it, or delete it" in str(e.value), str(e.value)
+    assert not (tmp_path / "vault/back").exists()
 
 
 def test_import_of_a_cache_written_by_saelens(tmp_path: Path) -> None:
@@ -126,6 +147,39 @@ def test_import_of_a_cache_written_by_saelens(tmp_path: Path) -> None:
         model="gpt2",
     )
     assert again.files == res.files and again.bytes_written == 0  # finished: nothing written again
+
+
+def test_a_saelens_caches_packed_rows_are_recorded_and_shown_as_such(tmp_path: Path) -> None:
+    """SAELens packs documents into contexts where they attend to each other: the imported run says
+    so in cfg.json, and verify and inspect show it (was: rows recorded as documents, silently)."""
+    from activault.tools.inspection import inspect_file
+
+    g = torch.Generator().manual_seed(2)
+    acts, ids = torch.randn(4, 16, 8, generator=g), torch.randint(0, 900, (4, 16), generator=g, dtype=torch.int32)
+    res = import_saelens(saelens_cache(tmp_path / "ref", "h", acts, ids), str(tmp_path / "vault/packed"))
+    cfg = json.loads((tmp_path / "vault/packed/cfg.json").read_text())
+    assert cfg["imported_from"]["packing"] == cfg["imported_from"]["cross_document_attention"] == "unknown"
+    assert res.provenance.startswith(f"imported from saelens-cached-activations at {tmp_path / 'ref'}: ")
+    for part in ("packing unknown, cross-document attention unknown", "documents that attended to each other"):
+        assert part in res.provenance, res.provenance
+    store = LocalStore(tmp_path / "vault")
+    checked = verify_run(store, "packed")
+    assert checked.problems == [] and res.provenance in checked.notes
+    shown = inspect_file(store, "packed/h/m00000-000000.safetensors")
+    assert f"Provenance: {res.provenance}" in shown.lines() and shown.to_dict()["provenance"] == res.provenance
+
+
+def test_an_export_of_a_collection_keeps_its_isolation_through_import(run: SynthRun, tmp_path: Path) -> None:
+    export_saelens(str(tmp_path / "run"), "h1", tmp_path / "cache")
+    back = import_saelens(tmp_path / "cache", str(tmp_path / "vault/back"))
+    record = records.read_run(LocalStore(tmp_path / "vault"), "back")
+    assert record is not None and record.imported_from is not None
+    src = record.imported_from
+    assert (src.packing, src.cross_document_attention) == ("isolated segments", "none")
+    assert back.provenance.endswith("cross-document attention none")  # no warning: nothing attended across
+    export_saelens(str(tmp_path / "vault/back"), "h1", tmp_path / "cache2")  # an import's own, passed on
+    side = json.loads((tmp_path / "cache2/activault.json").read_text())
+    assert side["provenance"] == {"packing": "isolated segments", "cross_document_attention": "none"}
 
 
 def test_import_resumes_after_a_crash_to_the_same_bytes(

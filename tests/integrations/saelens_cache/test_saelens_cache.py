@@ -30,8 +30,11 @@ def test_cli_subcommands(run: SynthRun, tmp_path: Path, capsys: pytest.CaptureFi
         ]
     )
     assert args.func(args) == 0
-    assert "dropped 2 rows holding padding (26 real tokens)" in capsys.readouterr().out
+    assert "2 row(s) end in padding (6 tokens: pad id, zero activations" in capsys.readouterr().out
     args = parser.parse_args(["import", str(tmp_path / "c"), str(tmp_path / "v/back"), "--rows-per-file", "4"])
     assert args.func(args) == 0
-    assert "imported 22 rows" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "imported 24 rows (378 tokens)" in out  # every row, its padding not counted
+    assert "note: imported from saelens-cached-activations at " in out
+    assert "packing isolated segments, cross-document attention none\n" in out  # an export of a collection
     assert sorted(json.loads((tmp_path / "v/back/cfg.json").read_text())["hooks"]) == HOOKS

@@ -109,8 +109,13 @@ def _export_cmd(args: argparse.Namespace) -> int:
     )
     print(
         f"exported {r.rows:,} rows ({r.tokens:,} tokens) to {r.out_dir} in {r.arrow_files or 'its'} Arrow "
-        f"file(s), {r.seconds:.1f}s; dropped {r.padding_rows_dropped} rows holding padding "
-        f"({r.real_tokens_dropped} real tokens)"
+        f"file(s), {r.seconds:.1f}s"
+        + (
+            f"; {r.padding_rows} row(s) end in padding ({r.padding_tokens} tokens: pad id, zero activations; "
+            "SAELens skips them with exclude_special_tokens=True, import keeps them as padding)"
+            if r.padding_rows
+            else ""
+        )
     )
     return 0
 
@@ -133,4 +138,5 @@ def _import_cmd(args: argparse.Namespace) -> int:
         + (f", resumed at row {r.resumed_at_row:,}" if r.resumed_at_row else "")
         + (f"; tokens with NaN or Inf stored (left out of the statistics): {bad}" if bad else "")
     )
+    print(f"  note: {r.provenance}")
     return 0

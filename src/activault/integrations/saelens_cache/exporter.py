@@ -4,9 +4,14 @@ The run is streamed file by file into a temporary folder beside `out_dir`, renam
 complete: a failed export leaves nothing. A killed one leaves its temporary folder, locked (flock)
 while its export lived: the next export to the same `out_dir` removes the ones no process holds.
 The dataset's fingerprint is a hash of what is written, so an export is the same bytes each time.
-A destination that is a symbolic link is refused before anything is read. Rows holding padding
-(position -1: only in the last row of a machine that ran out of data) are dropped and counted,
-since SAELens rows have no padding.
+A destination that is a symbolic link is refused before anything is read.
+
+Padding: every row is exported, so every real token is. A SAELens row has exactly context_size
+tokens, so the last row of a machine that ran out of data (position -1 in the vault) keeps its
+padding as stored: the tokenizer's pad id (else its EOS) and zero activations. SAELens drops
+those tokens with `exclude_special_tokens=True` (its default, False, trains on them);
+`activault.json` lists them (`padding`: [row, first, stop) token ranges), and import stores
+them as padding again, with or without the `positions` column.
 Arrow has no bfloat16, so bfloat16 states are exported as float32 (exact); `activault.json`
 records each column's hook and stored dtype, and import restores them, so vault -> cache -> vault
 gives back the same states and token ids bit for bit.
@@ -24,7 +29,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +38,7 @@ import xxhash
 
 from activault import dtypes
 from activault.errors import ConfigError, FormatError
+from activault.integrations import shared as v
 from activault.integrations.saelens_cache.layout import (
     ARROW_DTYPES,
     POSITIONS,
@@ -54,8 +60,9 @@ class ExportResult:
     out_dir: str
     rows: int = 0
     tokens: int = 0
-    padding_rows_dropped: int = 0  # rows holding padding (position -1), not exported
-    real_tokens_dropped: int = 0  # non-padding tokens in those rows
+    padding_rows: int = 0  # rows holding padding (position -1), exported whole
+    padding_tokens: int = 0  # padding tokens in them (pad id, zero activations)
+    padding: list[list[int]] = field(default_factory=list, repr=False)  # [row, first, stop) per padded run
     arrow_files: int = 0
     bytes_read: int = 0  # states, ids and positions read from the run
     seconds: float = 0.0
@@ -99,6 +106,7 @@ def export_saelens(
             raise FormatError(
                 f"{run_uri}: no metadata.json for {hooks}; export reads runs written by collect or import"
             )
+        provenance = _provenance(run_uri, store_options)  # cfg.json read before anything is written
         seq = shapes[0].seq_len  # type: ignore[union-attr]
         d = {h: s.d_model for h, s in zip(hooks, shapes, strict=True)}  # type: ignore[union-attr]
         stored = {h: s.dtype for h, s in zip(hooks, shapes, strict=True)}  # type: ignore[union-attr]
@@ -118,11 +126,11 @@ def export_saelens(
         digest = xxhash.xxh3_64(json.dumps(feats.to_dict(), sort_keys=True).encode())
         files = _write_shards(cache, tmp, hooks, names, want, feats, positions, shard_bytes, result, digest)
         if not files:
-            raise ConfigError(f"{run_uri}: no rows to export (every row holds padding, or the run is empty)")
+            raise ConfigError(f"{run_uri}: no rows to export (the run is empty)")
         finish_dataset(tmp, files, feats, digest.hexdigest())
         result.arrow_files = len(files)
         columns_info = {names[h]: {"hook": h, "dtype": dtypes.name(stored[h])} for h in hooks}
-        _write_sidecar(tmp, run_uri, columns_info, positions, result)
+        _write_sidecar(tmp, run_uri, columns_info, positions, result, provenance)
         if out.exists():
             out.rmdir()  # empty, checked above
         os.rename(tmp, out)
@@ -135,12 +143,6 @@ def export_saelens(
             os.close(claim)
         cache.finalize()
     result.seconds = time.perf_counter() - t0
-    if result.padding_rows_dropped:
-        log.warning(
-            "dropped %d rows holding padding (%d real tokens in them): SAELens rows have no padding",
-            result.padding_rows_dropped,
-            result.real_tokens_dropped,
-        )
     return result
 
 
@@ -222,8 +224,22 @@ def _clear_leftovers(out: Path) -> int:
     return removed
 
 
-def _write_sidecar(tmp: Path, run_uri: str, columns: dict[str, Any], positions: bool, result: ExportResult) -> None:
-    """activault.json: where the cache came from, each column's hook and stored dtype, what was dropped."""
+def _provenance(run_uri: str, store_options: dict[str, Any] | None) -> dict[str, str]:
+    """How the run's rows were made, for an import to record: a collection packs documents into
+    isolated segments (none attends to another); an import says what its source said."""
+    record = v.read_run(v.open_store(run_uri, **(store_options or {})), "", original_ok=True)
+    if record is not None and record.imported_from is not None:
+        src = record.imported_from
+        return {"packing": src.packing, "cross_document_attention": src.cross_document_attention}
+    if record is not None and record.original is None:
+        return {"packing": "isolated segments", "cross_document_attention": "none"}
+    return {"packing": "unknown", "cross_document_attention": "unknown"}
+
+
+def _write_sidecar(
+    tmp: Path, run_uri: str, columns: dict[str, Any], positions: bool, result: ExportResult, provenance: dict[str, str]
+) -> None:
+    """activault.json: where the cache came from, each column's hook and stored dtype, its padding."""
     sidecar = {
         "format": "activault-saelens-cache",
         "format_version": 1,
@@ -232,8 +248,9 @@ def _write_sidecar(tmp: Path, run_uri: str, columns: dict[str, Any], positions: 
         "rows": result.rows,
         "tokens": result.tokens,
         "positions": positions,
-        "padding_rows_dropped": result.padding_rows_dropped,
-        "real_tokens_dropped": result.real_tokens_dropped,
+        "padding_tokens": result.padding_tokens,
+        "padding": result.padding,
+        "provenance": provenance,
     }
     (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=1) + "\n")
 
@@ -272,20 +289,14 @@ def _write_shards(
             pos = item["positions"]
             result.bytes_read += sum(s.numel() * s.element_size() for s in item["states"].values())
             result.bytes_read += 8 * pos.numel()
-            keep = (pos >= 0).all(dim=1)  # [rows]
-            if not bool(keep.all()):
-                result.padding_rows_dropped += int((~keep).sum())
-                result.real_tokens_dropped += int((pos[~keep] >= 0).sum())
-            rows = keep.nonzero().squeeze(1) if not bool(keep.all()) else None
-            if rows is not None and rows.numel() == 0:
-                continue
+            _note_padding(pos, result)
             if writer is None:
                 files.append(f"part-{len(files):05d}.arrow")
                 digest.update(files[-1].encode())
                 writer = ArrowWriter(features=feats, path=str(tmp / files[-1]))
                 written = 0
-            ids = item["input_ids"] if rows is None else item["input_ids"][rows]
-            states = {h: (s if rows is None else s[rows]).to(want[h]) for h, s in item["states"].items()}
+            ids = item["input_ids"]
+            states = {h: s.to(want[h]) for h, s in item["states"].items()}
             # An Arrow list holds < 2^31 values: write rows in chunks that stay below it.
             step = max(1, (2**31 - 1) // (ids.shape[1] * max(s.shape[2] for s in states.values())))
             for a in range(0, ids.shape[0], step):
@@ -294,7 +305,7 @@ def _write_shards(
                 parts[TOKEN_IDS] = ids[a : a + step].to(torch.int32).contiguous()
                 cols[TOKEN_IDS] = arrow_ids(parts[TOKEN_IDS])
                 if positions:
-                    parts[POSITIONS] = (pos if rows is None else pos[rows])[a : a + step].to(torch.int32).contiguous()
+                    parts[POSITIONS] = pos[a : a + step].to(torch.int32).contiguous()
                     cols[POSITIONS] = arrow_ids(parts[POSITIONS])
                 for x in parts.values():
                     digest.update(x.reshape(-1).view(torch.uint8).numpy())
@@ -310,3 +321,16 @@ def _write_shards(
         if writer is not None:
             writer.finalize()
     return files
+
+
+def _note_padding(pos: torch.Tensor, result: ExportResult) -> None:
+    """Count the padding (position -1) of the next rows `pos: [rows, seq]` of the cache and note each
+    run of it as [row, first, stop) (only the last row of a machine that ran out holds any)."""
+    pad = pos < 0
+    for r in pad.any(dim=1).nonzero().flatten().tolist():
+        zero = torch.zeros(1, dtype=torch.int8)
+        edges = torch.diff(pad[r].to(torch.int8), prepend=zero, append=zero)  # +1 where padding starts, -1 after
+        starts, stops = (edges == 1).nonzero().flatten(), (edges == -1).nonzero().flatten()
+        result.padding += [[result.rows + r, int(a), int(b)] for a, b in zip(starts, stops, strict=True)]
+        result.padding_rows += 1
+        result.padding_tokens += int(pad[r].sum())

@@ -4,7 +4,8 @@ The run gets cfg.json, metadata.json, statistics.json, a progress record and meg
 written by the run writer (vault/writer.py) as collect writes them (each file, then the record
 counting it), so a killed import run again resumes at the next file. A SAELens cache has no
 document boundaries: each row becomes one document (positions 0..context_size-1), unless the cache
-has the `positions` column that `export_saelens(positions=True)` adds.
+has the `positions` column that `export_saelens(positions=True)` adds; the padding an export's
+`activault.json` lists stays padding (position -1).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ class ImportResult:
     seconds: float = 0.0
     resumed_at_row: int = 0
     nonfinite: dict[str, int] = field(default_factory=dict)  # hook -> stored tokens with NaN/Inf, as collect counts
+    provenance: str = ""  # where the rows came from and whether their documents attended to each other
 
 
 def import_saelens(
@@ -78,17 +80,23 @@ def import_saelens(
         fingerprint=cache.fingerprint,
         rows=cache.table.num_rows,
         documents="positions column" if cache.positions else "one per row",
+        **cache.provenance,  # else unknown: a SAELens cache packs documents that attend to each other
     )
     old, progress = _stored(store, run)
-    if old is not None and old.imported_from != source:
+    known = {"packing": source.packing, "cross_document_attention": source.cross_document_attention}
+    if old is not None and (old.imported_from is None or old.imported_from.model_copy(update=known) != source):
         raise ConfigError(f"{store.url(run)} already holds a run (not an import of this cache): choose a new run name")
     if old is not None and rows_per_file is None:  # resuming: the files already written fix it
         rows_per_file = int(old.config["data_config"]["batch_size"])
     itemsize = max(cache.stored_dtypes[c].itemsize * cache.dims[c] for c in cache.hooks)
     rpf = rows_per_file or max(1, FILE_BYTES // (cache.seq * itemsize))
     record = _run_record(run, cache, rpf, model, source)
-    # Versions aside (an import written by an older activault resumes and is upgraded).
-    versions = {"format_version": record.format_version, "activault_version": record.activault_version}
+    # Versions and provenance aside (an import written by an older activault resumes and is upgraded).
+    versions = {
+        "format_version": record.format_version,
+        "activault_version": record.activault_version,
+        "imported_from": source,
+    }
     if old is not None and old.model_copy(update=versions) != record:
         raise ConfigError(
             f"{store.url(run)} was imported with other options (hooks, dtype, rows_per_file or model): "
@@ -99,6 +107,7 @@ def import_saelens(
         writer = v.RunWriter(store, record, _metadata(run, cache, rpf), threads=4)
         done = writer.resumed
         result = ImportResult(store.url(run), resumed_at_row=int((done.data_state or {}).get("row", 0)))
+        result.provenance = source.provenance()
         if done.finished:
             result.rows, result.tokens, result.files = cache.table.num_rows, done.tokens_done, done.files_done
             return result
@@ -200,11 +209,13 @@ def _import_files(
             claim.check()  # stop before writing if another importer took the run over
             rows = cols[TOKEN_IDS].numel() // S
             ids = cols[TOKEN_IDS].to(torch.int32).view(rows, S)
-            pos = (
-                cols[POSITIONS].to(torch.int32).view(rows, S)
-                if cache.positions
-                else torch.arange(S, dtype=torch.int32).expand(rows, S).contiguous()
-            )
+            if cache.positions:
+                pos = cols[POSITIONS].to(torch.int32).view(rows, S)
+            else:
+                pos = torch.arange(S, dtype=torch.int32).expand(rows, S).contiguous()
+                for r in range(a, a + rows):
+                    for first, stop in cache.padding.get(r, ()):
+                        pos[r - a, first:stop] = -1
             real = (pos >= 0).reshape(-1)
             states = {
                 h: cols[c].view(rows, S, cache.dims[c]).to(cache.stored_dtypes[c]) for c, h in cache.hooks.items()

@@ -15,7 +15,7 @@ import reprlib
 import stat
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +102,8 @@ class CachedActivations:
     stored_dtypes: dict[str, torch.dtype]  # column -> dtype to store
     seq: int
     positions: bool
+    padding: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # row -> [first, stop) of padding
+    provenance: dict[str, str] = field(default_factory=dict)  # packing, cross_document_attention, if known
 
 
 def open_cache(
@@ -174,6 +176,8 @@ def open_cache(
         stored,
         int(seq),
         POSITIONS in ds.features and list_length(ds.features[POSITIONS]) == seq,
+        read_padding(path, ds.num_rows, int(seq)),
+        read_provenance(path),
     )
     if files is not None:
         check_rows(cache, files)
@@ -288,16 +292,20 @@ def _check_column(file: Path, name: str, column: Any, lengths: tuple[int, ...]) 
         start += len(chunk)
 
 
+SIDECAR_FIX = (
+    "repair it, or delete it: it only records what an export came from, and without it columns "
+    "are imported under their own names, in the cache's dtypes (or as the hooks and dtype given), "
+    "and padding tokens as real ones"
+)
+
+
 def read_sidecar(path: Path) -> dict[str, dict[str, str]]:
     """The columns `activault.json` records ({column: {"hook", "dtype"}}, each optional), {} without
     one; a damaged one is one FormatError naming it, the field and the repair."""
     file = path / SIDECAR
     if not os.path.lexists(file):
         return {}
-    fix = (
-        "repair it, or delete it: it only records what an export came from, and without it columns "
-        "are imported under their own names, in the cache's dtypes (or as the hooks and dtype given)"
-    )
+    fix = SIDECAR_FIX
     side = _json_object(file, fix)
     columns = side.get("columns", {})
     if not isinstance(columns, dict):
@@ -321,6 +329,42 @@ def read_sidecar(path: Path) -> dict[str, dict[str, str]]:
                 )
             out[column][key] = value
     return out
+
+
+def read_padding(path: Path, rows: int, seq: int) -> dict[int, list[tuple[int, int]]]:
+    """The padding `activault.json` lists ({row: [(first, stop), ...]}), {} without it; an entry
+    outside the cache's rows and tokens is one FormatError naming it and the repair."""
+    file = path / SIDECAR
+    if not os.path.lexists(file):
+        return {}
+    listed = _json_object(file, SIDECAR_FIX).get("padding", [])
+    if not isinstance(listed, list):
+        raise FormatError(f"{file}: field 'padding' is {reprlib.repr(listed)}, not a list; {SIDECAR_FIX}")
+    out: dict[int, list[tuple[int, int]]] = {}
+    for i, entry in enumerate(listed):
+        ok = isinstance(entry, list) and len(entry) == 3 and all(type(x) is int for x in entry)
+        if not ok or not (0 <= entry[0] < rows and 0 <= entry[1] < entry[2] <= seq):
+            raise FormatError(
+                f"{file}: padding[{i}] is {reprlib.repr(entry)}, not [row, first, stop) with row < {rows} "
+                f"and first < stop <= {seq}; {SIDECAR_FIX}"
+            )
+        out.setdefault(entry[0], []).append((entry[1], entry[2]))
+    return out
+
+
+def read_provenance(path: Path) -> dict[str, str]:
+    """What an export's `activault.json` says of how its rows were made ({"packing",
+    "cross_document_attention"}), {} without it; a damaged entry is one FormatError naming it."""
+    file = path / SIDECAR
+    if not os.path.lexists(file):
+        return {}
+    found = _json_object(file, SIDECAR_FIX).get("provenance", {})
+    keys = ("packing", "cross_document_attention")
+    if not isinstance(found, dict) or not all(isinstance(found.get(k, ""), str) for k in keys):
+        raise FormatError(
+            f"{file}: field 'provenance' is {reprlib.repr(found)}, not an object of {list(keys)} names; {SIDECAR_FIX}"
+        )
+    return {k: found[k] for k in keys if found.get(k)}
 
 
 def list_length(feature: Any) -> int | None:

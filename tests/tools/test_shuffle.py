@@ -1,0 +1,178 @@
+"""tools/shuffle.py: `activault shuffle` writes a seeded uniform permutation of a run's tokens (hooks
+aligned, statistics the source's, padding last) in bounded memory, resumes after SIGKILL with the
+same bytes, refuses bad inputs before writing."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from activault.cli import main
+from activault.errors import ConfigError, NotFoundError
+from activault.storage import LocalStore, Store
+from activault.storage.s3 import S3Store
+from activault.tools.shuffle import bucket_counts, labels, shuffle_run
+from activault.tools.verify import verify_run
+from activault.vault import megabatch as fmt
+from support.interrupted import kill_when_reached
+from support.synth import s3_env, write_synthetic_run
+
+HOOKS = ["h1", "h2"]
+
+
+@pytest.fixture(params=["local", pytest.param("moto", marks=pytest.mark.s3)])
+def stores(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Store, Store]:
+    """Two empty stores of one kind (local folders, or two prefixes of a fresh moto bucket)."""
+    if request.param == "local":
+        return LocalStore(tmp_path / "a", fsync=False), LocalStore(tmp_path / "b", fsync=False)
+    url, bucket = request.getfixturevalue("moto_url"), request.getfixturevalue("moto_bucket")
+    return S3Store(f"s3://{bucket}/a", env=s3_env(url)), S3Store(f"s3://{bucket}/b", env=s3_env(url))
+
+
+def tokens(store: Store, run: str) -> list[tuple[bytes, ...]]:
+    """Every stored token slot in file order: (each hook's state bytes, id, position)."""
+    _, progress = store.list_dir(f"{run}/progress")
+    names = sorted(e.key.rsplit("/", 1)[1] for e in store.list(f"{run}/{HOOKS[0]}") if e.key.endswith(fmt.SUFFIX))
+    out = []
+    for name in names:
+        mbs = [fmt.decode(store.get(f"{run}/{h}/{name}"), name, verify_checksums=True) for h in HOOKS]
+        ids, pos = mbs[0].input_ids.reshape(-1), mbs[0].positions.reshape(-1)
+        for mb in mbs[1:]:  # every hook's file holds the same tokens
+            assert torch.equal(mb.input_ids.reshape(-1), ids) and torch.equal(mb.positions.reshape(-1), pos)
+        states = [mb.states.reshape(ids.numel(), -1).view(torch.uint8).numpy() for mb in mbs]
+        for i in range(ids.numel()):
+            out.append((*(s[i].tobytes() for s in states), int(ids[i]), int(pos[i])))
+    return out
+
+
+def contents(store: Store, run: str) -> dict[str, bytes]:
+    """Every object of `run` but locks, the store's own URL (in cfg.json's provenance) left out."""
+    url = store.url().encode()
+    return {e.key: bytes(store.get(e.key)).replace(url, b"") for e in store.list(run) if "/.locks/" not in e.key}
+
+
+def make_source(store: Store) -> None:
+    write_synthetic_run(store, "run", HOOKS, machines=2, files=6, dtype=torch.float32)
+
+
+def test_shuffle_is_a_seeded_permutation_with_hooks_aligned(stores: tuple[Store, Store]) -> None:
+    a, b = stores
+    for s in stores:
+        make_source(s)
+    r = shuffle_run(a, "run", a, "dst", seed=1, buckets=8)
+    src, out = tokens(a, "run"), tokens(a, "dst")
+    # The same rows (every hook's state, id, position together: hooks stay aligned), in another order.
+    assert Counter(out) == Counter(src) and out != src and r.tokens == len(src)
+    # Real tokens mixed across files and documents; padding only ends the data.
+    pos = np.array([t[-1] for t in out])
+    pad = int((pos < 0).sum())
+    assert pad > 0 and (pos[-pad:] < 0).all() and (pos[:-pad] >= 0).all()
+    # Memory: the counted peak within the stated bound, far below the run.
+    assert 0 < r.peak_tokens <= r.bound_tokens <= r.tokens // 2
+    # Seeded: the same seed in another store gives the same bytes; another seed another order.
+    shuffle_run(b, "run", b, "dst", seed=1, buckets=8)
+    assert contents(b, "dst") == contents(a, "dst")
+    shuffle_run(a, "run", a, "other", seed=2, buckets=8)
+    assert tokens(a, "other") != out and Counter(tokens(a, "other")) == Counter(src)
+    # Statistics are the source's (the same tokens), provenance kept, the buckets removed.
+    for h in HOOKS:
+        got, want = (json.loads(a.get_text(f"{run}/{h}/statistics.json")) for run in ("dst", "run"))
+        assert {k: v for k, v in got.items() if k not in ("machines", "num_runs")} == {
+            k: v for k, v in want.items() if k not in ("machines", "num_runs")
+        }
+    cfg = json.loads(a.get_text("dst/cfg.json"))
+    assert cfg["config"]["shuffled_from"] == {"run": a.url("run"), "seed": 1, "buckets": 8}
+    assert cfg["num_runs"] == 1 and not [e for e in a.list("dst/.shuffle")]
+    assert verify_run(a, "dst").problems == []
+    # Run again: already finished, nothing written.
+    before = contents(a, "dst")
+    assert shuffle_run(a, "run", a, "dst", seed=1).already and contents(a, "dst") == before
+
+
+def test_buckets_are_uniform_and_labels_match_their_counts() -> None:
+    counts = bucket_counts([4000, 4000, 3], 4, seed=5)
+    assert counts.sum(1).tolist() == [4000, 4000, 3]
+    for j in range(3):
+        assert np.bincount(labels(counts[j], j, 5), minlength=4).tolist() == counts[j].tolist()
+    assert np.abs(counts[:2] / 1000 - 1).max() < 0.15  # each bucket about a quarter of a file
+    # A slot's bucket, over many seeds, is uniform: each bucket about a quarter of the time.
+    first = [labels(bucket_counts([3], 4, s)[0], 0, s)[0] for s in range(2000)]
+    assert np.abs(np.bincount(first, minlength=4) / 500 - 1).max() < 0.15
+
+
+KILLED = """
+import sys
+from activault.storage import open_store
+from activault.tools import shuffle
+from activault.vault.writer import RunWriter
+
+calls = 0
+real = RunWriter.write_file
+
+def counted(self, *a, **k):
+    global calls
+    if self.run == TARGET:
+        calls += 1
+        if calls == AT:
+            self.flush()
+            stop_here()
+    return real(self, *a, **k)
+
+RunWriter.write_file = counted
+store = open_store(sys.argv[1])
+shuffle.shuffle_run(store, "run", store, "dst", seed=4, buckets=5)
+"""
+
+
+@pytest.mark.parametrize(("target", "at"), [("dst/.shuffle", 7), ("dst", 4)], ids=["pass1", "pass2"])
+def test_a_killed_shuffle_resumes_to_the_same_bytes(
+    stores: tuple[Store, Store], tmp_path: Path, request: pytest.FixtureRequest, target: str, at: int
+) -> None:
+    killed, whole = stores
+    for s in stores:
+        make_source(s)
+    env = s3_env(request.getfixturevalue("moto_url")) if isinstance(killed, S3Store) else {}
+    code = KILLED.replace("TARGET", repr(target)).replace("AT", str(at)).replace("sys.argv[1]", repr(killed.uri))
+    kill_when_reached(code, tmp_path / "reached", env)
+    assert killed.exists("dst/cfg.json") and not killed.exists("dst/h1/statistics.json")  # killed mid-way
+    shuffle_run(killed, "run", killed, "dst", seed=4, buckets=5)
+    shuffle_run(whole, "run", whole, "dst", seed=4, buckets=5)
+    assert contents(killed, "dst") == contents(whole, "dst")
+    assert Counter(tokens(killed, "dst")) == Counter(tokens(killed, "run"))
+
+
+def test_bad_inputs_are_refused_before_anything_is_written(stores: tuple[Store, Store]) -> None:
+    store, _ = stores
+    make_source(store)
+    with pytest.raises(ConfigError, match="is SRC or inside it: the shuffle writes a new run; name another DST"):
+        shuffle_run(store, "run", store, "run")
+    store.put("dst/notes.txt", b"mine")
+    with pytest.raises(ConfigError, match="already holds other data: nothing written; name a new DST"):
+        shuffle_run(store, "run", store, "dst")
+    assert [e.key for e in store.list("dst")] == ["dst/notes.txt"]
+    shuffle_run(store, "run", store, "done", seed=3, buckets=2)
+    with pytest.raises(ConfigError, match="with seed 3, not 4: rerun with --seed 3 to resume it, or name a new DST"):
+        shuffle_run(store, "run", store, "done", seed=4)
+    with pytest.raises(ConfigError, match="already holds a run that is not a shuffle of"):
+        shuffle_run(store, "done", store, "run")
+    with pytest.raises(NotFoundError, match="holds no run"):
+        shuffle_run(store, "nothing", store, "new")
+    progress = json.loads(store.get_text("run/progress/machine-00001.json"))
+    store.put("run/progress/machine-00001.json", json.dumps({**progress, "finished": False}).encode())
+    with pytest.raises(ConfigError, match="machine 1 of .* has not finished collecting: shuffle once collection"):
+        shuffle_run(store, "run", store, "new")
+    assert not store.list("new")
+
+
+def test_the_command_shuffles_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_synthetic_run(LocalStore(tmp_path, fsync=False), "run", HOOKS, files=2)
+    assert main(["shuffle", str(tmp_path / "run"), str(tmp_path / "dst"), "--seed", "2"]) == 0
+    assert "uniformly permuted (seed 2, 1 bucket(s)" in capsys.readouterr().out
+    assert main(["shuffle", str(tmp_path / "run"), str(tmp_path / "dst"), "--seed", "2"]) == 0
+    assert "already a finished shuffle" in capsys.readouterr().out
+    assert main(["shuffle", str(tmp_path / "run"), str(tmp_path / "dst"), "--seed", "5"]) == 2
