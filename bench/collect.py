@@ -19,9 +19,11 @@ differ by a third. So (1) also accounts for each run's time, which that noise ba
 main thread's time outside the model's calls, and the CPU time of every thread the run started
 (data, writers, records). On a CPU collection, whose forward pass keeps every core busy, each of
 those seconds is taken from the model, so 1 - their share of the run is what the ratio comes to
-without the noise.
+without the noise. The main thread's share is split further (MAIN_PARTS: statistics, copies out of
+the hook, ids and positions, waiting for a staging buffer, handing files to the writer, the rest).
+The model runs on `--torch-threads` threads (2) on both sides.
 
-Usage: python -m bench.collect [--out bench/out/collect.json] [--reps 5] [--quick]
+Usage: python -m bench.collect [--out bench/out/collect.json] [--reps 5] [--quick] [--torch-threads 2]
 """
 
 from __future__ import annotations
@@ -42,9 +44,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from activault.collection import collector as collector_module
+from activault.collection.collector import Collector
 from activault.collection.hooks import Capture, hook_dims, resolve_hooks
 from activault.collection.model import keep_freed_memory, load_model, load_skeleton, load_tokenizer, stored_dtype
 from activault.collection.packing import iter_batches
@@ -55,9 +60,19 @@ from activault.tools.tiny import build_tiny
 from activault.vault import writer as run_writer
 from activault.vault.megabatch import encode
 from activault.vault.records import file_name
+from activault.vault.stats import RunningStats
 from activault.vault.writer import StagingBuffers, Writer
 
 HOOKS = ["models.layers.3.post", "models.layers.5.mlp.post"]
+# The main thread's work outside the model, timed call by call (wall seconds, outermost call only);
+# a name the collector no longer has is left out (`Accounting.missing`), its time in the rest.
+MAIN_PARTS: dict[str, tuple[Any, str]] = {
+    "statistics": (RunningStats, "update"),
+    "copies out of the hook": (Collector, "_copy"),
+    "ids and positions": (collector_module, "stored_tokens"),
+    "waiting for a staging buffer": (StagingBuffers, "acquire"),
+    "handing files to the writer": (Collector, "_submit"),
+}
 
 
 def forward_alone(cfg, batches, writes: Path | None = None) -> float:
@@ -122,10 +137,14 @@ class Accounting:
     the meta device) is before a run's clock starts and not counted. OpenMP's workers are not
     Python threads and are not counted: they are the forward pass."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
         self.forward = 0.0
         self.started = False  # the model's first real call has begun
         self.threads: dict[str, float] = defaultdict(float)
+        self.parts: dict[str, float] = defaultdict(float)  # MAIN_PARTS' wall seconds on the main thread
+        self._inside = False
+        self.missing: list[str] = []  # MAIN_PARTS the collector no longer has
 
     @contextmanager
     def active(self) -> Iterator[Accounting]:
@@ -135,11 +154,11 @@ class Accounting:
             if input_ids.device.type == "meta":
                 return call(cap, input_ids, *args)
             self.started = True
-            t0 = time.perf_counter()
+            t0 = self.clock()
             try:
                 return call(cap, input_ids, *args)
             finally:
-                self.forward += time.perf_counter() - t0
+                self.forward += self.clock() - t0
 
         def timed_run(thread: threading.Thread) -> None:
             try:
@@ -148,16 +167,42 @@ class Accounting:
                 if self.started:
                     self.threads[re.sub(r"[-_]\d+", "", thread.name)] += time.thread_time()
 
+        def timed_part(part: str, fn: Callable[..., object]) -> Callable[..., object]:
+            @functools.wraps(fn)
+            def timed(*args: object, **kwargs: object) -> object:
+                if not self.started or self._inside or threading.current_thread() is not threading.main_thread():
+                    return fn(*args, **kwargs)
+                self._inside = True
+                t0 = self.clock()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    self._inside = False
+                    self.parts[part] += self.clock() - t0
+
+            return timed
+
+        originals = {part: getattr(owner, name) for part, (owner, name) in MAIN_PARTS.items() if hasattr(owner, name)}
+        self.missing = sorted(set(MAIN_PARTS) - set(originals))
         Capture.__call__, threading.Thread.run = timed_call, timed_run  # type: ignore[method-assign,assignment]
+        for part, fn in originals.items():
+            setattr(*MAIN_PARTS[part], timed_part(part, fn))
         try:
             yield self
         finally:
             Capture.__call__, threading.Thread.run = call, run  # type: ignore[method-assign]
+            for part, fn in originals.items():
+                setattr(*MAIN_PARTS[part], fn)
 
     def shares(self, seconds: float) -> dict[str, float]:
         """Per part, its share of a run of `seconds`: "main" is the main thread outside the model."""
         parts = {"main": seconds - self.forward, **self.threads}
         return {k: v / seconds for k, v in sorted(parts.items())}
+
+    def breakdown(self, seconds: float) -> dict[str, float]:
+        """The main thread's share outside the model, split into MAIN_PARTS and the rest."""
+        rest = seconds - self.forward - sum(self.parts.values())
+        return {**{k: self.parts.get(k, 0.0) / seconds for k in MAIN_PARTS}, "rest of the main thread": rest / seconds}
 
 
 def real_tokens(batch) -> int:
@@ -199,6 +244,7 @@ def bench_collect(work: Path, quick: bool, reps: int) -> dict:
             run_writer.encode = encode
         if checksums:
             accounts["collection"].append(acc.shares(r.seconds))
+            breakdowns.append(acc.breakdown(r.seconds))
         shutil.rmtree(folder)
         if r.tokens != tokens:  # both sides must count the same tokens of the same batches
             raise RuntimeError(f"the collection stored {r.tokens} tokens, the forward pass counted {tokens}")
@@ -220,6 +266,7 @@ def bench_collect(work: Path, quick: bool, reps: int) -> dict:
     written: dict[str, int] = {}
     waits: list[float] = []  # per collection, the share of its time the model waited for storage
     accounts: dict[str, list[dict[str, float]]] = {"collection": [], "control": []}  # per run, Accounting.shares
+    breakdowns: list[dict[str, float]] = []  # per collection, Accounting.breakdown
 
     # The runs of each rep sit between two runs of the forward pass alone and are compared with
     # their mean: the speed of a shared machine drifts by several percent over a minute, and a
@@ -271,6 +318,8 @@ def bench_collect(work: Path, quick: bool, reps: int) -> dict:
             side: {k: statistics.median(a.get(k, 0.0) for a in runs) for k in sorted(set().union(*runs))}
             for side, runs in accounts.items()
         },
+        # The main thread's share split up: statistics, copies out of the hook, ...
+        "main_breakdown": {k: statistics.median(b[k] for b in breakdowns) for k in breakdowns[0]},
         # The machine's own noise: each run of the forward pass alone over the one before it.
         "forward_run_to_run": [min(drift), max(drift)],
         "runs_tok_s": {"forward": alone, **got},  # in order; each rep between two forward runs
@@ -377,7 +426,9 @@ def main() -> None:
     ap.add_argument("--out", default="bench/out/collect.json")
     ap.add_argument("--quick", action="store_true", help="fewer batches and files")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--torch-threads", type=int, default=2, help="the model's threads, on both sides")
     args = ap.parse_args()
+    torch.set_num_threads(args.torch_threads)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
         work = Path(tmp)
@@ -408,6 +459,8 @@ def main() -> None:
     lo, hi = c["accounted_ratio_range"]
     parts = ", ".join(f"{k} {v:.2%}" for k, v in c["accounted_shares"]["collection"].items())
     print(f"accounted: collection {c['accounted_ratio']:.3f} ({lo:.3f}-{hi:.3f}; goal >= 0.95): {parts}")
+    parts = ", ".join(f"{k} {v:.2%}" for k, v in c["main_breakdown"].items())
+    print(f"  main thread outside the model: {parts}")
     parts = ", ".join(f"{k} {v:.2%}" for k, v in c["accounted_shares"]["control"].items())
     print(f"  control {c['accounted_control_ratio']:.3f}: {parts}")
     print(f"plain writes      {w['plain_MB_s']:>10,.0f} MB/s")

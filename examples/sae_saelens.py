@@ -2,7 +2,9 @@
 
 No glue: `VaultProvider` is SAELens's `data_provider` (endless, reshuffled each epoch), the norm
 scaling factor comes from the run's exact statistics (no estimation pass), and the held-out
-explained variance and L0 are computed with SAELens's own evaluation code.
+explained variance and L0 are computed with SAELens's own evaluation code. Last, the saved SAE is
+evaluated the library-independent way (`activault evaluate`): with it spliced into the model, how
+much of the language-model loss it recovers against zero-ablation.
     python examples/sae_saelens.py [--steps 600] [--workdir examples-out]
 """
 
@@ -18,6 +20,7 @@ from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
 from tiny_vault import tiny_vault
 
 from activault import TokenLoader
+from activault.evaluation import evaluate as evaluate_saved
 from activault.integrations.saelens import VaultProvider, evaluate, set_scaling_factor
 
 HOOK = "models.layers.1.post"
@@ -39,7 +42,15 @@ def main(workdir: str | Path = "examples-out", steps: int = 600, batch_tokens: i
         trainer.fit()  # folds the scaling factor into the weights at the end
     with TokenLoader(heldout, hooks=[HOOK], batch_tokens=4096, drop_last=False, dtype=torch.float32) as loader:
         held = evaluate(sae, (batch[HOOK] for batch in loader))
-    return {"explained_variance_at_start": first["explained_variance"], **held}
+    sae.save_model(Path(workdir) / "sae")  # what `activault evaluate HELDOUT SAE --hook H` reads
+    spliced = evaluate_saved(heldout, Path(workdir) / "sae", hook=HOOK)
+    assert spliced.lm is not None  # the held-out run's cfg.json names the local tiny model
+    return {
+        "explained_variance_at_start": first["explained_variance"],
+        **held,
+        "ce_loss_recovered": spliced.lm.recovered,
+        "explained_variance_spliced_eval": spliced.reconstruction.explained_variance,
+    }
 
 
 if __name__ == "__main__":

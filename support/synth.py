@@ -46,6 +46,7 @@ def write_synthetic_run(
     seed: int = 0,
     pad: int = 3,
     nonfinite: Sequence[tuple[str, int, int, int, float]] = (),
+    documents: bool = False,
 ) -> SynthRun:
     """cfg.json, progress, metadata.json, statistics.json and megabatches of `run`, as collect writes them.
 
@@ -53,6 +54,7 @@ def write_synthetic_run(
     with `pad` padding tokens (position -1, zero states, not in the statistics). `nonfinite`:
     (hook, file number in name order, row, seq, value) of values to store, e.g. NaN, in the token's
     first dimension (collect's `on_nonfinite: warn`: stored, left out of the statistics).
+    `documents`: store provenance (format version 4), each document's ordinal in its machine's stream.
     """
     g = torch.Generator().manual_seed(seed)
     out = SynthRun(run, list(hooks), [], {h: {} for h in hooks})
@@ -74,11 +76,17 @@ def write_synthetic_run(
         writer = RunWriter(store, record, metadata, m, threads=2)
         writer.join()
         partial[m] = {h: RunningStats(d) for h in hooks}
+        ordinal = 0  # the machine's next document
         try:
             for k in range(files):
                 name = records.file_name(m, k)
                 out.names.append(name)
                 ids, pos = _packed_rows(g, rows, seq, pad if k == files - 1 else 0)
+                docs = None
+                if documents:  # every file starts a document (positions restart at 0)
+                    docs = torch.cumsum((pos == 0).reshape(-1), 0).view(rows, seq) - 1 + ordinal
+                    docs[pos == -1] = -1
+                    ordinal = int(docs.max()) + 1
                 states = {}
                 for hi, h in enumerate(hooks):
                     states[h] = (torch.randn(rows, seq, d, generator=g) * (1 + hi) + 0.5 * (hi + 1)).to(dtype)
@@ -87,9 +95,11 @@ def write_synthetic_run(
                         if (hook, f) == (h, len(out.names) - 1):
                             states[h][r, t, 0] = value
                     out.files[h][name] = {"states": states[h], "input_ids": ids, "positions": pos}
+                    if docs is not None:
+                        out.files[h][name]["documents"] = docs
                     partial[m][h].update(states[h][pos != -1])
                 # Every token counts in tokens_done, as in the records these tests were written against.
-                writer.write_file(states, ids, pos, tokens=rows * seq, data_state={}, stats=partial[m])
+                writer.write_file(states, ids, pos, tokens=rows * seq, data_state={}, stats=partial[m], documents=docs)
             writer.finish({}, partial[m])
         except BaseException:
             writer.abort()

@@ -26,20 +26,182 @@ def run_bench(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.mark.s3
-def test_read_benchmark_runs_every_reader(tmp_path: Path) -> None:
-    out = tmp_path / "read.json"
+def test_read_benchmark_appends_one_json_line_of_figures_from_every_new_mode(tmp_path: Path) -> None:
+    out = tmp_path / "read.jsonl"
+    out.write_text('{"earlier": 1}\n')
     run_bench(
         "bench.read",
-        *("--files", "3", "--mib", "1", "--d", "256", "--reps", "1", "--window", "2"),
-        *("--stores", "local,proxy", "--readers", "rcache,tokens,original", "--out", str(out)),
+        *("--files", "2", "--mib", "1", "--d", "256", "--reps", "1", "--window", "2", "--batch-tokens", "512"),
+        *("--stores", "local,proxy", "--cache", "warm", "--readers", "tokens-read,rcache-zstd,original"),
+        *("--cap-mbps", "200", "--first-byte-ms", "1", "--json", str(out)),
         tmp_path=tmp_path,
     )
-    rows = json.loads(out.read_text())["rows"]
-    seen = {(r["store"], r["cache"], r["reader"]) for r in rows}
-    for reader in ("raw-one", "raw", "rcache", "tokens", "original"):
-        assert ("local", "warm", reader) in seen and ("proxy", "-", reader) in seen
-    for r in rows:
-        assert r["gb_s"][0] > 0 and r["first_s"][0] > 0 and r["peak_rss_mib"][0] > 0
+    lines = out.read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0]) == {"earlier": 1}  # appended, nothing lost
+    got = json.loads(lines[1])
+    assert got["command"].startswith("python -m bench.read --files 2") and got["date"] and got["cpus"]
+    figures = {f["figure"]: f for f in got["figures"]}
+    for name in (  # every figure whose two cases ran
+        "TokenLoader map_reads=False / (pread + gather), page cache",
+        "TokenLoader map_reads=False first batch / one file pread",
+        "RCache zstd / decode limit, page cache",
+        "RCache zstd / RCache raw run, page cache",
+        "RCache zstd / raw reads of the raw run, throttled S3",
+        "RCache zstd / RCache raw run, throttled S3",
+        "RCache / original (16 connections per file), throttled S3",
+    ):
+        assert len(figures[name]["ratios"]) == 1 and figures[name]["ratios"][0] > 0, name
+    rows = {(r["store"], r["reader"]): r for r in got["readers"]}
+    assert len(got["runs"]) == 11  # only the cases asked for and their baselines
+    assert rows[("local", "raw-one")]["resident_before"] == [pytest.approx(1, abs=0.05)]  # warm, checked
+    assert rows[("proxy", "rcache")]["gets"][0] > 0 and rows[("proxy", "rcache")]["upstream_ms_per_get"][0] > 0
+    assert not any("env" in r for r in got["runs"])  # no credentials in the record
+
+
+def test_figures_pair_runs_of_the_same_repetition_only() -> None:
+    from bench.read import figures
+
+    def run(reader: str, rep: int, gb_s: float, first_s: float = 0.5, seconds: float = 1.0) -> dict:
+        common = {"store": "local", "cache": "warm", "steady_gb_s": gb_s}
+        return {**common, "reader": reader, "rep": rep, "gb_s": gb_s, "first_s": first_s, "seconds": seconds}
+
+    runs = [
+        run("rcache", 0, 2.0, first_s=0.1),
+        run("raw-map", 0, 4.0),
+        run("raw-one-map", 0, 1.0, seconds=0.05),
+        run("rcache", 1, 3.0),  # its baseline did not run in rep 1: no ratio
+        run("raw-map", 2, 100.0),
+    ]
+    got = {f["figure"]: f for f in figures(runs)}
+    assert got["RCache / (mmap + populate), page cache"]["ratios"] == [0.5]
+    assert got["RCache first item / one mapped file, page cache"]["ratios"] == [pytest.approx(2.0)]
+    assert "RCache / (pread, reused buffers), page cache" not in got
+
+
+def test_cold_runs_start_from_evicted_files_and_warm_ones_from_cached_ones(tmp_path: Path) -> None:
+    from activault.storage import LocalStore
+    from bench.read import SEQ, write_files
+    from bench.readers import child
+
+    write_files(LocalStore(tmp_path, fsync=False), 2, 1, 256)
+    case = {"store": "local", "root": str(tmp_path), "env": None, "reader": "raw", "range_size": None}
+    case |= {"buffer_size": 1, "window": 2, "batch_tokens": 256, "file_bytes": SEQ * (256 * 2 + 8)}
+    cold = child({**case, "cache": "cold", "cold": True})
+    warm = child({**case, "cache": "warm", "cold": False})
+    assert cold["resident_before"] < 0.05 and warm["resident_before"] > 0.95
+    assert cold["bytes"] == warm["bytes"] > 2 * SEQ * 256 * 2
+
+
+def test_the_decode_limit_decodes_the_stored_chunks_exactly(tmp_path: Path) -> None:
+    import torch
+
+    from activault import RCache
+    from activault.storage import LocalStore
+    from bench.read import write_files
+    from bench.readers import decode_limit
+
+    store = LocalStore(tmp_path, fsync=False)
+    write_files(store, 2, 2, 256)
+    it = decode_limit(store, "zrun/hook")
+    assert next(it).nbytes == 0  # the untimed set-up
+    decoded = [t.clone() for t in it]  # one reused output tensor
+    stored = list(RCache(str(tmp_path / "run" / "hook")))
+    assert len(decoded) == len(stored) == 2
+    for d, s in zip(decoded, stored, strict=True):
+        assert torch.equal(d, s)
+
+
+def test_accounting_splits_the_main_threads_time_outside_the_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    import torch
+
+    from activault.collection.collector import Collector
+    from activault.collection.hooks import Capture
+    from activault.vault.stats import RunningStats
+    from bench.collect import MAIN_PARTS, Accounting
+
+    ticks = iter(range(1000))  # a clock that moves one unit per reading: each timed call lasts 1
+    monkeypatch.setattr(Capture, "__call__", lambda self, ids, *_: {})
+    monkeypatch.setattr(RunningStats, "update", lambda self, x: None)
+    monkeypatch.setattr(Collector, "_copy", lambda self, host, acts: RunningStats.update(None, acts))  # nested
+    stats, cap, ids = RunningStats.__new__(RunningStats), Capture.__new__(Capture), torch.zeros(1, 2)
+    patched = {part: getattr(owner, name) for part, (owner, name) in MAIN_PARTS.items()}
+    acc = Accounting(clock=lambda: float(next(ticks)))
+    with acc.active():
+        stats.update(ids)  # before the model's first call: not counted
+        cap(ids)
+        stats.update(ids)
+        stats.update(ids)
+        Collector._copy(None, ids, ids)  # type: ignore[arg-type]  # counted once, as a copy
+        t = threading.Thread(target=stats.update, args=(ids,))  # not the main thread: not counted
+        t.start()
+        t.join()
+    assert acc.forward == 1 and acc.parts == {"statistics": 2, "copies out of the hook": 1}
+    got = acc.breakdown(10)
+    assert set(got) == {*MAIN_PARTS, "rest of the main thread"}
+    assert got["statistics"] == 0.2 and got["copies out of the hook"] == 0.1
+    assert got["rest of the main thread"] == pytest.approx((10 - 1 - 3) / 10)
+    assert patched == {part: getattr(owner, name) for part, (owner, name) in MAIN_PARTS.items()}  # restored
+    assert sum(got.values()) == pytest.approx(1 - acc.forward / 10)
+
+
+@pytest.mark.s3
+def test_throttled_proxy_forwards_ranges_paces_each_answer_and_stops(moto: MotoServer, moto_bucket: str) -> None:
+    import socket
+    import threading
+
+    from bench.proxy import ThrottledProxy
+
+    class Virtual:
+        """Time that moves only when the proxy sleeps: pacing checked without a timed assertion."""
+
+        def __init__(self) -> None:
+            self.now, self.sleeps = 0.0, []
+
+        def monotonic(self) -> float:
+            return self.now
+
+        def sleep(self, s: float) -> None:
+            self.sleeps.append(s)
+            self.now += s
+
+    data = os.urandom(3 << 20)
+    open_store(f"s3://{moto_bucket}", env=moto.env()).put("k", data)
+    before = threading.active_count()
+    clock = Virtual()
+    with ThrottledProxy(moto.url, cap=20e6, first_byte_s=0.05, clock=clock) as proxy:
+        store = open_store(f"s3://{moto_bucket}", env=moto.env(proxy.url))
+        assert bytes(store.get_range("k", 10, 5000)) == data[10:5000]
+        n = proxy.snapshot()
+        clock.sleeps.clear()
+        clock.now = 0.0
+        assert bytes(store.get_range("k", 1000, 1000 + (2 << 20))) == data[1000 : 1000 + (2 << 20)]
+        # The first byte after the latency, then the body no faster than the cap.
+        assert clock.sleeps[0] == 0.05 and clock.now == pytest.approx(0.05 + (2 << 20) / 20e6)
+        got = proxy.snapshot()
+        # Forwarded as a range: upstream sent the range's bytes, not the object.
+        assert got["ranged"] - n["ranged"] == 1 and got["body_bytes"] - n["body_bytes"] == 2 << 20
+        assert bytes(store.get("k")) == data
+        with pytest.raises(NotFoundError):
+            store.get_range("missing", 0, 10)
+        url = proxy.url
+    assert threading.active_count() == before  # every handler thread ended with it
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=1).close()
+
+
+@pytest.mark.s3
+def test_compression_benchmark_reads_against_the_decode_limit(tmp_path: Path) -> None:
+    out = tmp_path / "compression.json"
+    args = ("--sections", "read", "--read-mib", "3", "--read-files", "2", "--rounds", "1", "--s3-rate", "50")
+    run_bench("bench.compression", *args, "--out", str(out), tmp_path=tmp_path)
+    got = json.loads(out.read_text())
+    assert got["file_mib"] >= 3 and got["files"] == 2 and "ratios" not in got  # only the section asked for
+    for where in ("read_local", "read_s3"):
+        r = got[where]
+        assert r["limit_GB_s"] > 0 and r["rcache_zstd_over_limit"] > 0 and r["rcache_ratio"] > 0
+    assert got["read_s3"]["throttle"]["MB_s_per_connection"] == 50 and got["read_local"]["loader_ratio"] > 0
 
 
 def test_collect_benchmark_runs(tmp_path: Path) -> None:

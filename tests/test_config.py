@@ -30,6 +30,9 @@ BASE: dict[str, Any] = {
 }
 
 
+N_BATCHES = "use a whole number of batches > 0, or all to collect until the data runs out"
+
+
 def raw(**changes: Any) -> dict[str, Any]:
     """BASE with dotted paths set ("data_config.seq_length": 4)."""
     out = copy.deepcopy(BASE)
@@ -103,6 +106,17 @@ def test_machine_batches_and_files_equal_a_round_robin_deal(n_batches, num_runs)
     assert [cfg.machine_batches(m) for m in range(num_runs)] == dealt
     per_file = cfg.upload_config.batches_per_upload
     assert [cfg.machine_files(m) for m in range(num_runs)] == [(b + per_file - 1) // per_file for b in dealt]
+
+
+@pytest.mark.parametrize("num_runs", [1, 3, 16])
+def test_n_batches_all_collects_every_machines_share_until_the_data_runs_out(num_runs):
+    """`all`: no batch count and no file count for any machine (was: a made-up n_batches), and
+    more machines than any count would allow are fine."""
+    cfg = parse_config(raw(num_runs=num_runs, **{"data_config.n_batches": "all"}))
+    assert cfg.data_config.until_exhausted and not parse_config(raw()).data_config.until_exhausted
+    assert [cfg.machine_batches(m) for m in range(num_runs)] == [None] * num_runs
+    assert [cfg.machine_files(m) for m in range(num_runs)] == [None] * num_runs
+    assert parse_config(yaml.safe_load(yaml.safe_dump(cfg.to_public_dict()))) == cfg  # YAML round trip
 
 
 @pytest.mark.parametrize("machine,num_runs", [(-1, 2), (2, 2), (5, 1), (10**9, 3)])
@@ -184,10 +198,13 @@ GARBAGE = [
     ("transformer_config.max_per_device_memory", 70, "Input should be a valid string"),
     ("transformer_config.kwargs", "trust_remote_code", "transformer_config.kwargs: Input should be a valid dict"),
     ("data_config.data_key", "", "data_config.data_key: String should have at least 1 character"),
-    ("data_config.n_batches", 0, "data_config.n_batches: Input should be greater than 0"),
-    ("data_config.n_batches", -1, "data_config.n_batches: Input should be greater than 0"),
-    ("data_config.n_batches", 2.5, "data_config.n_batches: Input should be a valid integer"),
-    ("data_config.n_batches", "many", "data_config.n_batches: Input should be a valid integer"),
+    ("data_config.n_batches", 0, f"data_config.n_batches: {N_BATCHES} (got 0)"),
+    ("data_config.n_batches", -1, f"data_config.n_batches: {N_BATCHES} (got -1)"),
+    ("data_config.n_batches", 2.5, f"data_config.n_batches: {N_BATCHES} (got 2.5)"),
+    ("data_config.n_batches", "many", f"data_config.n_batches: {N_BATCHES} (got 'many')"),
+    ("data_config.n_batches", None, f"data_config.n_batches: {N_BATCHES} (got None)"),
+    ("data_config.n_batches", True, f"data_config.n_batches: {N_BATCHES} (got True)"),
+    ("data_config.n_batches", "ALL", f"data_config.n_batches: {N_BATCHES} (got 'ALL')"),
     ("data_config.seq_length", -1, "data_config.seq_length: Input should be greater than 0"),
     ("data_config.seq_length", (1 << 20) + 1, "data_config.seq_length: Input should be less than or equal"),
     ("data_config.batch_size", 0, "data_config.batch_size: Input should be greater than 0"),

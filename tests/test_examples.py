@@ -63,6 +63,9 @@ def test_sae_example(runs: tuple[str, str], workdir: Path) -> None:
         out,
     )
     assert out["l0"] == 8 and out["tokens"] > 5000
+    # activault's evaluation of the saved SAE agrees with SAELens's own, and the splice recovers loss
+    assert out["explained_variance_spliced_eval"] == pytest.approx(out["explained_variance"], abs=1e-3)
+    assert 0 < out["ce_loss_recovered"] <= 1.5
 
 
 def test_transcoder_example(runs: tuple[str, str], workdir: Path) -> None:

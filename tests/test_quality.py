@@ -88,7 +88,7 @@ def test_no_import_cycles_and_no_private_imports():
 
 # Subpackages are nodes of their own; the top-level modules (config, errors, dtypes, units, background,
 # version) are "core"; `activault` is the package's public __init__, `cli` the command line.
-PACKAGES = ("storage", "vault", "collection", "reading", "tools", "integrations", "cli", "__main__")
+PACKAGES = ("storage", "vault", "collection", "reading", "tools", "integrations", "evaluation", "cli", "__main__")
 
 
 def _package(module: str) -> str:

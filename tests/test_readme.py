@@ -23,7 +23,12 @@ def snippet(marker: str) -> str:
 
 
 def test_every_snippet_is_covered() -> None:
-    markers = ("S3RCache.from_credentials", "TokenLoader(", "VaultProvider(")  # RCache( is with TokenLoader(
+    markers = (
+        "S3RCache.from_credentials",
+        "batch_tokens=1024, seed=0",
+        "token_context(",
+        "VaultProvider(",
+    )  # RCache( is with TokenLoader(
     assert len(SNIPPETS) == len(markers) and all(any(m in s for s in SNIPPETS) for m in markers)
 
 
@@ -63,7 +68,7 @@ def test_local_reading_snippet_runs_as_written_on_the_demo_vault(
         nonfinite=[("models.layers.1.post", 0, 2, 40, float("nan"))],
     )
     scope: dict = {}
-    exec(snippet("TokenLoader("), scope)  # noqa: S102 - the README's own code
+    exec(snippet("batch_tokens=1024, seed=0"), scope)  # noqa: S102 - the README's own code
     assert tuple(scope["batch"]["models.layers.1.post"].shape) == (1024, 64)
     assert scope["state"]["epoch"] == 1 and scope["loader"].filtered["first"] > 0
     assert scope["loader"].filtered["nonfinite"] == 1
@@ -77,3 +82,17 @@ def test_training_snippet_runs_as_written(tmp_path: Path, monkeypatch: pytest.Mo
     exec(snippet("VaultProvider("), scope)  # noqa: S102
     fresh = scope["VaultProvider"]("./vault/demo", "models.layers.1.post", batch_tokens=4096)
     assert scope["provider"].state_dict() != fresh.state_dict()  # training consumed the vault
+
+
+@pytest.mark.slow
+def test_filtering_snippet_runs_as_written_on_the_demo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo"]) == 0
+    capsys.readouterr()
+    scope: dict = {}
+    exec(snippet("token_context("), scope)  # noqa: S102 - the README's own code
+    filtered, text = capsys.readouterr().out.splitlines()[-2:]
+    assert scope["train"].filtered["split"] > 0 and scope["train"].filtered["first"] > 0 and "split" in filtered
+    assert "[[" in text and "]]" in text  # the token, marked in its document's text

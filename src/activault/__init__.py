@@ -39,8 +39,12 @@ def __getattr__(name: str):
         import activault.reading.options as options
 
         return getattr(options, name)
-    if name in ("TokenLoader", "ActivationDataset"):
-        import activault.reading.tokens as loader
+    if name == "TokenLoader":
+        from activault.reading.tokens import TokenLoader
 
-        return getattr(loader, name)
+        return TokenLoader
+    if name == "ActivationDataset":
+        from activault.reading.dataset import ActivationDataset
+
+        return ActivationDataset
     raise AttributeError(f"module 'activault' has no attribute {name!r}")

@@ -87,6 +87,13 @@ def _recompress(args: argparse.Namespace) -> int:
     return run_recompress(args.run_uri, args.compression, args.level, args.chunk_kib, args.threads, args.force)
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from activault.evaluation.api import run_evaluate
+
+    lm = not args.no_lm
+    return run_evaluate(args.uri, args.sae, args.hook, args.max_tokens, lm, args.model, args.device, args.json)
+
+
 def _launch(args: argparse.Namespace) -> int:
     from activault.tools.launch import (
         RayLauncher,
@@ -301,6 +308,17 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("--seed", type=int, default=0, help="the permutation's seed (default 0)")
     sh.add_argument("--memory-gib", type=float, default=4.0, help="GiB of tokens held at once (default 4)")
     sh.set_defaults(func=_shuffle)
+
+    ev = sub.add_parser("evaluate", help="an SAE on a run's tokens: explained variance, L0, dead latents, CE recovered")
+    ev.add_argument("uri", help="the run (PATH/RUN, s3://BUCKET/RUN; then --hook) or a hook's folder (PATH/RUN/HOOK)")
+    ev.add_argument("sae", help="the folder a library saved the SAE in (SAELens, dictionary_learning, sparsify)")
+    ev.add_argument("--hook", help="the hook the SAE reads (needed for a run of several hooks)")
+    ev.add_argument("--max-tokens", type=int, help="at most this many tokens for each measure (default: all)")
+    ev.add_argument("--model", help="a local copy of the run's model, where cfg.json names one not on this machine")
+    ev.add_argument("--no-lm", action="store_true", help="skip the language-model loss (no model loaded)")
+    ev.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    ev.add_argument("--json", action="store_true", help="print the evaluation as JSON")
+    ev.set_defaults(func=_evaluate)
     return p
 
 

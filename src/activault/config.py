@@ -95,8 +95,9 @@ class TransformerConfig(_Section):
 class DataConfig(_Section):
     data_key: str = Field(min_length=1)
     """A key of the dataset registry (datasets.json) or a local file/glob (.jsonl, .json, .parquet, .txt)."""
-    n_batches: int = Field(gt=0)
-    """Batches for the whole run; with num_runs machines, each collects its share."""
+    n_batches: int | Literal["all"]
+    """Batches for the whole run; with num_runs machines, each collects its share. `all`: every
+    machine collects its whole share of the documents, until the data runs out."""
     seq_length: int = Field(gt=0, le=1 << 20)
     """Stored tokens per row."""
     batch_size: int = Field(gt=0)
@@ -126,6 +127,19 @@ class DataConfig(_Section):
     messages_field: str | None = None
     """Local files: the field holding a conversation, a list of {role, content} (default: the first
     of `messages`, `conversation`, `conversations` present)."""
+
+    @field_validator("n_batches", mode="before")
+    @classmethod
+    def _n_batches(cls, v: Any) -> Any:
+        # One message for both forms, not pydantic's two (one per member of the union).
+        if v == "all" or (isinstance(v, int) and not isinstance(v, bool) and v > 0):
+            return v
+        raise ValueError(f"use a whole number of batches > 0, or all to collect until the data runs out (got {v!r})")
+
+    @property
+    def until_exhausted(self) -> bool:
+        """Whether the run collects until the data runs out (`n_batches: all`)."""
+        return self.n_batches == "all"
 
 
 class UploadConfig(_Section):
@@ -195,7 +209,7 @@ class Config(_Section):
     @model_validator(mode="after")
     def _sizes(self) -> Config:
         d = self.data_config
-        if d.n_batches < self.num_runs:
+        if d.n_batches != "all" and d.n_batches < self.num_runs:
             raise ValueError(
                 f"data_config.n_batches ({d.n_batches}) is less than num_runs ({self.num_runs}): "
                 "some machines would collect nothing"
@@ -210,14 +224,18 @@ class Config(_Section):
         """The one check of a machine index: 0 <= machine < num_runs."""
         check_machine(machine, self.num_runs, flag)
 
-    def machine_batches(self, machine: int) -> int:
-        """Batches machine `machine` collects: n_batches split as evenly as possible."""
+    def machine_batches(self, machine: int) -> int | None:
+        """Batches machine `machine` collects: n_batches split as evenly as possible; None for
+        `n_batches: all` (until its share of the documents runs out)."""
         n, k = self.data_config.n_batches, self.num_runs
+        if n == "all":
+            return None
         return n // k + (1 if machine < n % k else 0)
 
-    def machine_files(self, machine: int) -> int:
+    def machine_files(self, machine: int) -> int | None:
+        """Files machine `machine` writes at most; None for `n_batches: all`."""
         b = self.machine_batches(machine)
-        return -(-b // self.upload_config.batches_per_upload)
+        return None if b is None else -(-b // self.upload_config.batches_per_upload)
 
     def to_public_dict(self) -> dict[str, Any]:
         """The config as stored in cfg.json (no secrets are in the config by construction)."""

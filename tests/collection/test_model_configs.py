@@ -80,10 +80,10 @@ def test_estimate_runs_offline_and_matches_a_hand_computation(path: Path, monkey
     d = shipped(cfg["transformer_config"]["model_name"])["hidden_size"]
     data, hooks = cfg["data_config"], cfg["upload_config"]["hooks"]
     # Every shipped hook is a residual, attention or MLP input/output: d_model wide, bf16 (2 bytes),
-    # plus an int32 token id and an int32 position per token.
+    # plus an int32 token id, an int32 position and an int64 document ordinal per token.
     assert cfg["transformer_config"]["dtype"] == "bfloat16"
     tokens = data["n_batches"] * data["batch_size"] * data["seq_length"]
-    want = tokens * len(hooks) * (d * 2 + 4 + 4)
+    want = tokens * len(hooks) * (d * 2 + 4 + 4 + 8)
     # Planned for a GPU node and S3: this machine's memory and disk are not what the preflight would check there.
     monkeypatch.setattr("activault.collection.preflight.available_memory", lambda: None)
     assert main(["estimate", "--config", str(path), "--storage", "s3://main"]) == 0

@@ -482,3 +482,38 @@ def test_each_token_names_its_document_in_the_machines_stream(tmp_path, tok, num
             ids, _ = encode_document(doc, tok, clean_added_tokens=True, clean_default_system_prompt=True)
             assert [ids[p] for p, _ in tokens] == [i for _, i in tokens]
         assert document_at(c, len(stream), machine=machine, num_runs=num_runs) is None
+
+
+# ---------------------------------------------------------------- tokenizer warnings
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_documents_longer_than_the_model_are_tokenized_without_a_length_warning(tmp_path, tok_dir):
+    """transformers warns "N > model_max_length" once per tokenizer; rows are seq_length long, so the
+    warning is wrong here and must not be printed (its logger does not propagate: a handler on it)."""
+    from transformers import AutoTokenizer
+
+    long_text = " ".join(demo_texts()[:20])
+    path = write_jsonl(tmp_path / "long.jsonl", [{"text": long_text}, {"messages": [*CHAT] * 30}])
+    seen = _Records()
+    logger = logging.getLogger("transformers")
+    logger.addHandler(seen)
+    try:
+        control = AutoTokenizer.from_pretrained(tok_dir, model_max_length=32)
+        assert len(control(long_text)["input_ids"]) > 32
+        assert any("> 32" in m for m in seen.messages), "the detector sees the warning of a plain call"
+        seen.messages.clear()
+        quiet = AutoTokenizer.from_pretrained(tok_dir, model_max_length=32)
+        batches = list(iter_batches(cfg(str(path), seq_length=16, batch_size=2), quiet))
+    finally:
+        logger.removeHandler(seen)
+    assert sum(int(b.keep.sum()) for b in batches) > 64  # both documents, longer than the model, were packed
+    assert [m for m in seen.messages if "sequence length" in m] == []

@@ -727,3 +727,59 @@ def test_killed_run_admits_one_collector_refuses_a_changed_config_resumes_identi
     done = collect(cfg, show_progress=False)
     assert done.bad_records == ref.bad_records
     assert tree_bytes(tmp_path / "killed/run") == tree_bytes(tmp_path / "ref/run")
+
+
+# ---- n_batches: all, until the data runs out ----
+
+ALL = {"data": {"n_batches": "all", "seq_length": 128, "batch_size": 8}, "upload": {"batches_per_upload": 1}}
+
+
+def test_n_batches_all_collects_until_the_data_runs_out_and_finishes(llama, tmp_path, caplog):
+    """The same files as a made-up n_batches larger than the data, a finished record with the
+    exhausted cursor, and a summary that plans from the data's size (was: 1000 made-up batches)."""
+    counted = make_cfg(llama, tmp_path / "counted", data={**ALL["data"], "n_batches": 10_000}, upload=ALL["upload"])
+    collect(counted, show_progress=False)
+    caplog.clear()  # the summary above is logged too where an earlier test left INFO on
+    with caplog.at_level(logging.INFO, logger="activault.collection.pipeline"):
+        r = collect(make_cfg(llama, tmp_path / "all", **ALL), show_progress=False)
+    want, got = tree_bytes(tmp_path / "counted/run"), tree_bytes(tmp_path / "all/run")
+    assert sorted(got) == sorted(want) and [k for k in want if k != "cfg.json" and got[k] != want[k]] == []
+    progress = json.loads((tmp_path / "all/run/progress/machine-00000.json").read_text())
+    assert progress["finished"] and progress["data_state"]["exhausted"] and progress["files_done"] == r.files > 1
+    messages = [rec.getMessage() for rec in caplog.records]
+    tokens = next(m for m in messages if m.startswith("tokens"))
+    assert tokens.startswith("tokens       at most ") and "until the data runs out" in tokens
+    assert int(tokens.split()[3].replace(",", "")) >= r.tokens  # a bound that holds
+    assert messages[-1] == (
+        f"machine 0: {r.files} files written; the data ran out (n_batches: all: every document was collected)"
+    )
+    assert verify_run(LocalStore(tmp_path / "all"), "run", deep=True).problems == []
+
+
+def test_n_batches_all_on_two_machines_stores_every_document_once(llama, tmp_path):
+    """Machines split documents as ever: together they store exactly one machine's tokens."""
+
+    def real_ids(root: Path) -> list[int]:
+        t = load_hook(root, "models.layers.1.post")
+        return sorted(t["input_ids"][t["positions"] >= 0].tolist())
+
+    collect(make_cfg(llama, tmp_path / "one", **ALL), show_progress=False)
+    two = make_cfg(llama, tmp_path / "two", num_runs=2, **ALL)
+    for m in range(2):
+        collect(two, machine=m, show_progress=False)
+    assert real_ids(tmp_path / "two/run") == real_ids(tmp_path / "one/run")
+
+
+@pytest.mark.slow
+def test_n_batches_all_resumes_after_sigkill_byte_identical(llama, tmp_path):
+    collect(make_cfg(llama, tmp_path / "ref", **ALL), show_progress=False)
+    want = tree_bytes(tmp_path / "ref/run")
+    path = tmp_path / "killed.yaml"
+    path.write_text(yaml.safe_dump(make_cfg(llama, tmp_path / "killed", **ALL).model_dump(mode="json")))
+    progress = tmp_path / "killed/run/progress/machine-00000.json"
+    assert kill_after_files(path, progress, (2, 5, 9)) >= 2, "the run finished before it could be killed"
+    done = _cli("collect", "--config", str(path), "--quiet")
+    assert done.returncode == 0, done.stderr
+    got = tree_bytes(tmp_path / "killed/run")
+    assert sorted(got) == sorted(want) and [k for k in want if got[k] != want[k]] == []
+    assert json.loads(progress.read_text())["finished"]

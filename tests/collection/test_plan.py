@@ -9,6 +9,8 @@ import threading
 from types import SimpleNamespace
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -282,3 +284,18 @@ def test_cost_notes_warn_only_when_bytes_leave_the_machine():
     assert "to the remote endpoint minio.example.com;" in bare
     (bad,) = cost_notes(SimpleNamespace(endpoint="http://[bad"), 5e9)  # the endpoint named as it is
     assert "5.0 GB to the remote endpoint http://[bad;" in bad
+
+
+def test_an_unknown_amount_is_said_not_planned_as_zero(tmp_path):
+    """n_batches all over data of unknown size: the summary and cost notes say unknown (was: 0 GB)."""
+    (aws,) = cost_notes(SimpleNamespace(endpoint="https://s3.eu-west-1.amazonaws.com", region="eu-west-1"), None)
+    assert "uploading an unknown amount (n_batches: all) to AWS S3" in aws and "per full read" not in aws
+    cfg = config()
+    cfg.data_config.data_key = str(tmp_path / "d.parquet")
+    pq.write_table(pa.table({"text": ["a b"]}), tmp_path / "d.parquet")
+    cfg.data_config.n_batches = "all"
+    p = make_plan(cfg, DIMS, 4)
+    assert (p.size, p.tokens, p.files) == ("unknown", 0, 0) and "compressed" in p.basis
+    text = "\n".join(summary_lines(cfg, p, DIMS, {}, "/vault", 0))
+    assert "tokens       unknown, in files of 12 rows x 16  (n_batches: all, until the data runs out:" in text
+    assert "total        unknown  (unknown/month" in text

@@ -245,3 +245,30 @@ def test_estimate_imports_no_torch(model, tiny_model_dir, tmp_path):
     out = subprocess.run([sys.executable, "-c", AUDIT, str(path)], capture_output=True, text=True, timeout=300)
     assert "rc 0" in out.stdout and "loaded []" in out.stdout, out.stdout + out.stderr
     assert "blocks       2 of " in out.stdout
+
+
+# ---- n_batches: all ----
+
+
+def test_the_estimate_of_n_batches_all_is_bounded_by_the_data_or_says_unknown(tiny_model_dir, tmp_path, monkeypatch):
+    """Planned from the data's size, labelled as a bound (was: n_batches made up, planned as if real);
+    a shortfall of free space against a bound is a note, not a refusal; an unknown size says why."""
+    llama = tiny_model_dir("llama")
+    lines = pf.estimate_lines(make_cfg(llama, str(tmp_path / "v"), {"n_batches": "all"}))
+    size = Path(CORPUS).stat().st_size
+    rows = -(-size // 32)
+    assert f"tokens       at most {rows * 32:,} in at most {-(-rows // 4)} files of 4 rows x 32" in "\n".join(lines)
+    assert any(line.startswith("total        at most ") for line in lines)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 1 << 20))
+    lines = pf.estimate_lines(make_cfg(llama, str(tmp_path / "v"), {"n_batches": "all"}))
+    assert any("1.0 MB free, and machine 0 may need up to" in line for line in lines)
+    registry = tmp_path / "registry.json"
+    registry.write_text(json.dumps({"hub": {"path": "org/corpus", "kind": "text"}}))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    cfg = make_cfg(llama, str(tmp_path / "v"), {"n_batches": "all", "data_key": "hub", "registry": str(registry)})
+    lines, found = pf.estimate(cfg)
+    assert found.problems == []
+    text = "\n".join(lines)
+    assert "tokens       unknown, in files of 4 rows x 32" in text and "'org/corpus' is not known" in text
+    assert "total        unknown" in text and "note: free space at" in text

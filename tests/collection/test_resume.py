@@ -177,6 +177,15 @@ def test_another_tokenizer_for_the_same_model_name_is_refused():
         check_resume(record(tokenizer="/a/models/tiny"), record(tokenizer="/b/models/tiny"), "here")
 
 
+def test_one_model_folder_named_by_two_paths_is_the_same_model():
+    """`vault-demo/model` from its folder, the absolute path from elsewhere: one resolved folder."""
+    rel = record(with_value("transformer_config.model_name", "vault-demo/model"), tokenizer="/w/vault-demo/model")
+    ab = record(with_value("transformer_config.model_name", "/w/vault-demo/model"), tokenizer="/w/vault-demo/model")
+    assert changed_fields(rel, ab) == []
+    other = record(with_value("transformer_config.model_name", "/x/vault-demo/model"), tokenizer="/x/vault-demo/model")
+    assert [p for p, _, _ in changed_fields(rel, other)] == ["transformer_config.model_name"]
+
+
 def test_a_field_missing_from_an_older_record_means_its_default():
     stored = record()
     del stored.config["upload_config"]["compression"]  # written before the field existed: "none"

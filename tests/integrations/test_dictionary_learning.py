@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -157,3 +158,31 @@ def test_a_file_lost_from_its_hook_is_named_not_skipped(tmp_path: Path) -> None:
     (tmp_path / "sparse/h_in/m00000-000001.safetensors").unlink()  # h_out and the progress record have it
     with pytest.raises(FormatError, match="m00000-000001.safetensors lacks h_in"):  # was: read without it
         VaultBuffer(tmp_path / "sparse", "h_in", out_batch_size=256)
+
+
+def test_the_saved_config_names_the_runs_model_and_hook(tiny_model_dir: Any, tmp_path: Path) -> None:
+    """trainSAE's config.json holds the run's model name, context size and hook names (was: only
+    the vault's path and the activault hook), read back with the library's own load_dictionary."""
+    from dictionary_learning.utils import load_dictionary
+
+    from activault.collection.pipeline import collect
+    from support.collecting import make_cfg
+
+    llama = tiny_model_dir("llama")
+    collect(make_cfg(llama, tmp_path, data={"n_batches": 2}), show_progress=False)
+    hook = "models.layers.1.post"
+    with VaultBuffer(tmp_path / "run", hook, out_batch_size=64, normalize=True, seed=0) as buffer:
+        trainer = {**_topk(8), "activation_dim": 64, "warmup_steps": 1}
+        folders = train(buffer, [trainer], steps=8, device="cpu", save_dir=tmp_path / "dl")
+    _, config = load_dictionary(str(folders[0]), device="cpu")
+    saved = config["buffer"]
+    assert (saved["model_name"], saved["context_size"]) == (str(llama), 64)
+    assert (saved["activault_hook"], saved["hook_name"]) == (hook, "blocks.1.hook_resid_post")
+
+
+def test_a_run_without_cfg_json_still_trains_with_the_hook_as_its_name(tmp_path: Path) -> None:
+    sparse_run(LocalStore(tmp_path, fsync=False))
+    (tmp_path / "sparse/cfg.json").unlink()
+    with VaultBuffer(tmp_path / "sparse", "h_in", out_batch_size=64) as buffer:
+        assert buffer.config["hook_name"] == buffer.config["activault_hook"] == "h_in"
+        assert "model_name" not in buffer.config

@@ -3,6 +3,7 @@ best dense code of the same budget, and its dataset resumes by state or by readi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import torch
 
 from activault import TokenLoader
 from activault.errors import ActivaultError, ConfigError
-from activault.integrations.sparsify import replay
+from activault.integrations.sparsify import replay, save_metadata
 from activault.storage import LocalStore
 from support.integrations import sparse_run
 
@@ -130,3 +131,49 @@ def test_a_tampered_dataset_state_is_one_error_naming_the_field(
     assert all(torch.equal(dataset[i]["input_ids"], want[i]) for i in (4, 5))
     for d in (dataset, fresh):
         d.close()
+
+
+def test_saved_coders_name_the_runs_model_and_hook(tiny_model_dir: Any, tmp_path: Path) -> None:
+    """Each coder's cfg.json holds the run's model name, context size and hook names (was: none of
+    them), and sparsify still loads the coder from it."""
+    from sparsify import SaeConfig, SparseCoder, TrainConfig, Trainer
+
+    from activault.collection.pipeline import collect
+    from support.collecting import make_cfg
+
+    llama = tiny_model_dir("llama")
+    collect(make_cfg(llama, tmp_path, data={"n_batches": 2}), show_progress=False)
+    hook = "models.layers.1.post"
+    model, dataset = replay(tmp_path / "run", [hook], num_tokens=4 * 4 * 32, tokens_per_row=32)
+    cfg = TrainConfig(
+        SaeConfig(k=4, num_latents=32),
+        batch_size=4,
+        hookpoints=model.hookpoints,
+        log_to_wandb=False,
+        save_dir=str(tmp_path / "ckpt"),
+        run_name="sae",
+    )
+    trainer = Trainer(cfg, dataset, model)
+    trainer.fit()
+    dataset.close()
+    files = save_metadata(trainer, model)
+    assert tmp_path / "ckpt/sae" / hook / "cfg.json" in files
+    for file in files:
+        saved = json.loads(file.read_text())
+        assert (saved["model_name"], saved["context_size"]) == (str(llama), 64)
+        assert (saved["activault_hook"], saved["hook_name"]) == (hook, "blocks.1.hook_resid_post")
+        assert SparseCoder.load_from_disk(file.parent).d_in == 64
+    with pytest.raises(ConfigError, match="call save_metadata after trainer.fit"):
+        save_metadata(tmp_path / "elsewhere", model)
+
+
+def test_a_transcoder_names_its_output_hook_too(tmp_path: Path) -> None:
+    sparse_run(LocalStore(tmp_path, fsync=False))
+    model, dataset = replay(tmp_path / "sparse", {"mlp": ("h_in", "h_out")}, num_tokens=64, tokens_per_row=32)
+    dataset.close()
+    assert model.metadata["mlp"] == {
+        "activault_hook": "h_in",
+        "hook_name": "h_in",
+        "activault_output_hook": "h_out",
+        "output_hook_name": "h_out",
+    }

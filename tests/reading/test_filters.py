@@ -254,7 +254,7 @@ def test_rcache_masks_what_the_loader_drops(sinks: tuple[str | Store, SynthRun])
     f = FILTER_CASES["composed"]
     cache = RCache(uri, hooks=["h1", "h2"], token_filter=f)
     got = list(cache)
-    assert all(set(m) == {"states", "input_ids", "positions", "keep"} for m in got)
+    assert all(set(m) == {"states", "input_ids", "positions", "documents", "keep"} for m in got)
     s, i, p, k = (
         torch.cat([m[key]["h1"] if key == "states" else m[key] for m in got])
         for key in ("states", "input_ids", "positions", "keep")

@@ -17,8 +17,9 @@ from torch.utils.data import DataLoader
 
 from activault.errors import ConfigError, FormatError, NotFoundError
 from activault.reading import buffers, fetch
+from activault.reading.dataset import ActivationDataset
 from activault.reading.rcache import RCache, S3RCache
-from activault.reading.tokens import ActivationDataset, TokenLoader
+from activault.reading.tokens import TokenLoader
 from activault.storage import LocalStore
 from activault.storage.s3 import S3Store
 from activault.vault import megabatch as fmt
@@ -429,3 +430,19 @@ def test_a_second_reader_reads_into_the_first_readers_warm_buffers(
     assert torch.equal(
         torch.cat([*[s.clone() for s in it]]), run.tensor("h1")[len(run.files["h1"][run.names[0]]["states"]) :]
     )
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_return_ids_yields_each_tokens_document(tmp_path: Path, shuffle: bool) -> None:
+    run = write_synthetic_run(LocalStore(tmp_path), "r", ["h1", "h2"], documents=True)
+    cache = RCache(tmp_path / "r", hooks=["h1", "h2"], return_ids=True, shuffle=shuffle, seed=3)
+    for name, item in zip(run.names, cache, strict=True):
+        stored = run.files["h1"][name]
+        assert item["documents"].dtype == torch.int64
+        # shuffled or not, each token keeps its own (id, position, document)
+        want = sorted(
+            zip(*(stored[k].reshape(-1).tolist() for k in ("input_ids", "positions", "documents")), strict=True)
+        )
+        got = sorted(zip(*(item[k].reshape(-1).tolist() for k in ("input_ids", "positions", "documents")), strict=True))
+        assert got == want
+        assert torch.equal(item["documents"], stored["documents"]) != shuffle

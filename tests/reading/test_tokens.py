@@ -1,9 +1,10 @@
-"""TokenLoader and ActivationDataset against synthetic runs in a local folder."""
+"""TokenLoader against synthetic runs in a local folder (and a collected tiny run for its index)."""
 
 from __future__ import annotations
 
 import logging
 import math
+import random
 import threading
 from collections import Counter
 from itertools import islice
@@ -13,21 +14,24 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_rcache import rows, tokens, triples
-from torch.utils.data import DataLoader
+from test_rcache import tokens, triples
 
+from activault.collection.pipeline import collect
 from activault.errors import ConfigError, DataError
 from activault.reading import window as window_module
+from activault.reading.dataset import ActivationDataset
 from activault.reading.options import ReadOptions
 from activault.reading.rcache import RCache
-from activault.reading.tokens import ActivationDataset, TokenLoader
+from activault.reading.tokens import TokenLoader
 from activault.reading.window import same_source_pairs
 from activault.storage import LocalStore, Store
 from activault.storage.s3 import S3Store
+from activault.tools.context import token_context
 from activault.vault import codec as codecs
 from activault.vault import records
 from activault.vault.runs import merge_run_statistics
 from activault.vault.writer import RunWriter
+from support.collecting import make_cfg
 from support.synth import SynthRun, as_stats_version_1, s3_env, write_synthetic_run
 
 
@@ -65,16 +69,6 @@ def test_token_loader_covers_kept_tokens(run: SynthRun, tmp_path: Path) -> None:
     )
     full = list(TokenLoader(tmp_path / "run/h1", batch_tokens=32, window=3, drop_positions_below=2))
     assert len(full) == len(out) - 1  # drop_last
-
-
-def test_dataloader_workers(run: SynthRun, tmp_path: Path) -> None:
-    ds = ActivationDataset(str(tmp_path / "run/h1"))
-    got = sum((rows(b) for b in DataLoader(ds, batch_size=None, num_workers=2)), Counter())
-    assert got == rows(run.tensor("h1"))
-    ds = ActivationDataset(str(tmp_path / "run/h1"), batch_tokens=24, drop_last=False, return_ids=True)
-    batches = list(DataLoader(ds, batch_size=None, num_workers=2))
-    got = sum((triples(b["states"], b["input_ids"], b["positions"]) for b in batches), Counter())
-    assert got == tokens(run, "h1")
 
 
 def test_normalisation_matches_statistics(run: SynthRun, tmp_path: Path) -> None:
@@ -492,3 +486,43 @@ def test_held_compressed_files_keep_their_decoded_states_alone(tmp_path: Path) -
         for _, item in files:  # stored raw: still views of the one fetched buffer, no copy
             assert item.input_ids.untyped_storage().data_ptr() == item.states[0].untyped_storage().data_ptr()
     assert plain.names
+
+
+# ---- return_index: each token's coordinates, for `activault context` ----
+
+
+def test_the_index_names_each_tokens_stored_coordinates(tmp_path: Path) -> None:
+    run = write_synthetic_run(LocalStore(tmp_path), "r", ["h1", "h2"], machines=2, documents=True)
+    loader = TokenLoader(
+        tmp_path / "r", hooks=["h1", "h2"], batch_tokens=24, return_ids=True, return_index=True, drop_last=False
+    )
+    seen = set()
+    for b in loader:
+        assert b["index"].shape == (b["input_ids"].shape[0], 3) and b["index"].dtype == torch.int64
+        for k, (f, r, c) in enumerate(b["index"].tolist()):
+            uri, name = loader.indexed_file(f)
+            stored = run.files["h2"][name]
+            assert uri == str(tmp_path / "r") and (name, r, c) not in seen
+            assert torch.equal(b["states"]["h2"][k], stored["states"][r, c])
+            assert b["input_ids"][k] == stored["input_ids"][r, c] and b["positions"][k] == stored["positions"][r, c]
+            seen.add((name, r, c))
+    assert len(seen) == sum(int((run.files["h1"][n]["positions"] >= 0).sum()) for n in run.names)
+    with pytest.raises(ConfigError, match="file 99 is not an index of this loader's files"):
+        loader.indexed_file(99)
+    only = next(iter(TokenLoader(tmp_path / "r/h1", batch_tokens=4, return_index=True)))
+    assert set(only) == {"states", "index"}  # a hook folder's URI: its run is the folder above
+    assert TokenLoader(tmp_path / "r/h1", batch_tokens=4).indexed_file(0)[0] == str(tmp_path / "r")
+
+
+def test_indexed_tokens_come_back_through_token_context(tiny_model_dir, tmp_path: Path) -> None:
+    cfg = make_cfg(tiny_model_dir("llama"), tmp_path / "vault", data={"n_batches": 4})
+    collect(cfg, show_progress=False)
+    hook = cfg.upload_config.hooks[0]
+    loader = TokenLoader(tmp_path / "vault/run", hooks=[hook], batch_tokens=64, return_ids=True, return_index=True)
+    batch = next(iter(loader))
+    for k in random.Random(0).sample(range(64), 8):
+        f, r, c = batch["index"][k].tolist()
+        run_uri, name = loader.indexed_file(f)
+        ctx = token_context(run_uri, hook, name, r, c, window=4)
+        assert ctx.token_id == int(batch["input_ids"][k]) and ctx.position == int(batch["positions"][k])
+        assert f"[[{ctx.token}]]" in ctx.text()

@@ -16,7 +16,7 @@ from activault.cli import main
 from activault.errors import ConfigError, NotFoundError
 from activault.storage import LocalStore, Store
 from activault.storage.s3 import S3Store
-from activault.tools.shuffle import bucket_counts, labels, shuffle_run
+from activault.tools.shuffle import shuffle_run
 from activault.tools.verify import verify_run
 from activault.vault import megabatch as fmt
 from support.interrupted import kill_when_reached
@@ -86,23 +86,12 @@ def test_shuffle_is_a_seeded_permutation_with_hooks_aligned(stores: tuple[Store,
             k: v for k, v in want.items() if k not in ("machines", "num_runs")
         }
     cfg = json.loads(a.get_text("dst/cfg.json"))
-    assert cfg["config"]["shuffled_from"] == {"run": a.url("run"), "seed": 1, "buckets": 8}
+    assert cfg["config"]["shuffled_from"] == {"run": a.url("run"), "seed": 1, "buckets": 8, "machines": 2}
     assert cfg["num_runs"] == 1 and not [e for e in a.list("dst/.shuffle")]
     assert verify_run(a, "dst").problems == []
     # Run again: already finished, nothing written.
     before = contents(a, "dst")
     assert shuffle_run(a, "run", a, "dst", seed=1).already and contents(a, "dst") == before
-
-
-def test_buckets_are_uniform_and_labels_match_their_counts() -> None:
-    counts = bucket_counts([4000, 4000, 3], 4, seed=5)
-    assert counts.sum(1).tolist() == [4000, 4000, 3]
-    for j in range(3):
-        assert np.bincount(labels(counts[j], j, 5), minlength=4).tolist() == counts[j].tolist()
-    assert np.abs(counts[:2] / 1000 - 1).max() < 0.15  # each bucket about a quarter of a file
-    # A slot's bucket, over many seeds, is uniform: each bucket about a quarter of the time.
-    first = [labels(bucket_counts([3], 4, s)[0], 0, s)[0] for s in range(2000)]
-    assert np.abs(np.bincount(first, minlength=4) / 500 - 1).max() < 0.15
 
 
 KILLED = """
@@ -176,3 +165,76 @@ def test_the_command_shuffles_a_run(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["shuffle", str(tmp_path / "run"), str(tmp_path / "dst"), "--seed", "2"]) == 0
     assert "already a finished shuffle" in capsys.readouterr().out
     assert main(["shuffle", str(tmp_path / "run"), str(tmp_path / "dst"), "--seed", "5"]) == 2
+
+
+@pytest.fixture(scope="module")
+def collected_two(tiny_model_dir, tmp_path_factory) -> Path:
+    """A run collected by 2 machines over a local corpus (documents, positions: provenance)."""
+    from activault.collection.pipeline import collect
+    from support.collecting import make_cfg
+    from support.packing import corpus_rows, write_jsonl
+
+    out = tmp_path_factory.mktemp("prov")
+    corpus = write_jsonl(out / "corpus.jsonl", corpus_rows()[:25])
+    cfg = make_cfg(tiny_model_dir("llama"), out, num_runs=2, data={"data_key": str(corpus), "n_batches": 12})
+    for m in range(2):
+        collect(cfg, machine=m, show_progress=False)
+    return out
+
+
+def by_token(root: Path, hook: str) -> dict[tuple[int, int, bytes], tuple[str, int, int]]:
+    """(token id, position, state bytes) -> (file, row, column) of every real token of a hook."""
+    out = {}
+    for f in sorted((root / hook).glob("*.safetensors")):
+        mb = fmt.decode(f.read_bytes(), f.name)
+        for r, c in (mb.positions >= 0).nonzero().tolist():
+            key = (int(mb.input_ids[r, c]), int(mb.positions[r, c]), mb.states[r, c].numpy().tobytes())
+            out[key] = (f.name, r, c)
+    return out
+
+
+def test_a_shuffled_token_keeps_its_documents_context(collected_two: Path) -> None:
+    from activault.tools.context import token_context
+
+    hook = "models.layers.1.post"
+    local = LocalStore(collected_two, fsync=False)
+    shuffle_run(local, "run", local, "dst", seed=3, buckets=3)
+    src, dst = by_token(collected_two / "run", hook), by_token(collected_two / "dst", hook)
+    assert set(src) == set(dst)
+    rng = np.random.default_rng(0)
+    keys = list(dst)
+    sample = [keys[i] for i in rng.choice(len(keys), 12, replace=False)]
+    machines = set()
+    for key in sample:
+        a = token_context(str(collected_two / "run"), hook, *src[key], window=6)
+        b = token_context(str(collected_two / "dst"), hook, *dst[key], window=6)
+        assert (b.machine, b.document, b.position, b.text(), b.ids) == (
+            a.machine,
+            a.document,
+            a.position,
+            a.text(),
+            a.ids,
+        )
+        machines.add(a.machine)
+    assert machines == {0, 1}  # tokens of both source machines traced back to their own stream
+
+
+def test_deep_verify_knows_a_shuffled_run_and_finds_tampering(collected_two: Path) -> None:
+    local = LocalStore(collected_two, fsync=False)
+    shuffle_run(local, "run", local, "dst2", seed=5, buckets=2)
+    assert verify_run(local, "dst2", deep=True).problems == []
+    # The same files under a record that does not say "shuffled": their order is refused.
+    cfg = json.loads(local.get_text("dst2/cfg.json"))
+    plain = {**cfg, "config": {k: v for k, v in cfg["config"].items() if k != "shuffled_from"}}
+    local.put("dst2/cfg.json", json.dumps(plain).encode())
+    assert any("provenance out of order" in p for p in verify_run(local, "dst2", deep=True).problems)
+    local.put("dst2/cfg.json", json.dumps(cfg).encode())
+    # A token's document duplicated onto another (checksums rewritten): named, in every hook.
+    for h in cfg["hooks"]:
+        key = f"dst2/{h}/m00000-000000.safetensors"
+        mb = fmt.decode(local.get(key), key)
+        t = {k: v.clone() for k, v in mb.tensors.items()}
+        t["documents"][0, 1], t["positions"][0, 1] = t["documents"][0, 0], t["positions"][0, 0]
+        local.put(key, b"".join(fmt.encode(t, mb.metadata)))
+    found = [p for p in verify_run(local, "dst2", deep=True).problems if "occurs more than once" in p]
+    assert len(found) == len(cfg["hooks"])

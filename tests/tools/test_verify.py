@@ -89,6 +89,8 @@ def test_verify_finds_missing_or_wrong_statistics(vault) -> None:
     assert problem.startswith(f"{HOOKS[0]}: statistics.json is missing; {REBUILD}")
     stats = json.loads(store.get_text(f"run/{HOOKS[1]}/statistics.json"))
     stats["count"] -= 1
+    hist = stats["norm_hist"]  # kept consistent with count: else the record itself is damaged
+    hist[next(i for i, c in enumerate(hist) if c)] -= 1
     stats["machines"] = [0]
     store.put_text(f"run/{HOOKS[1]}/statistics.json", json.dumps(stats))
     problems = problems_of(store)

@@ -4,6 +4,7 @@ repair's damaged files again (collection/repair.py says which)."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -70,13 +71,15 @@ class Collector:
         """Collect the remaining files of this machine, then write the final progress record and
         merge statistics; returns the machines statistics.json covers."""
         cfg, uc, first = self.cfg, self.cfg.upload_config, self.writer.resumed.files_done
+        # None (n_batches: all): until the data runs out, which ends every loop below.
         n_batches, n_files = cfg.machine_batches(self.machine), cfg.machine_files(self.machine)
-        bar = _bar(show_progress, total=n_batches, initial=first * uc.batches_per_upload)
+        per = uc.batches_per_upload
+        bar = _bar(show_progress, total=n_batches, initial=first * per)
         t0, tokens0 = time.perf_counter(), self.tokens
         try:
-            for k in range(first, n_files):
+            for k in itertools.count(first) if n_files is None else range(first, n_files):
                 mb = self._filling()
-                for _ in range(min(uc.batches_per_upload, n_batches - k * uc.batches_per_upload)):
+                for _ in range(per if n_batches is None else min(per, n_batches - k * per)):
                     batch = next(batches, None)
                     if batch is None:
                         break
@@ -88,7 +91,7 @@ class Collector:
                     break
                 self.check_claim()
                 self._submit(k, mb)
-                if mb.rows < cfg.rows_per_file and k < n_files - 1:
+                if mb.rows < cfg.rows_per_file and (n_files is None or k < n_files - 1):
                     break  # the data ran out: this partial file is the last
             self.writer.flush()
             self.check_claim()
@@ -257,7 +260,7 @@ class _NoBar:
     def close(self) -> None: ...
 
 
-def _bar(show: bool, total: int, initial: int) -> Any:
+def _bar(show: bool, total: int | None, initial: int) -> Any:
     if not show:
         return _NoBar()
     from tqdm import tqdm

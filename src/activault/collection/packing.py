@@ -179,14 +179,16 @@ class _Encoder:
         out: list[tuple[list[int], list[bool]]] = [([], [])] * len(docs)
         plain = [i for i, r in enumerate(rendered) if r.text is not None and not r.chat]
         chats = [i for i, r in enumerate(rendered) if r.chat]
+        # verbose=False: no "N > model_max_length tokens" warning. Documents are split into rows of
+        # seq_length (<= the model's positions, checked before weights load), never fed whole.
         if plain:
-            enc = self.tok([rendered[i].text for i in plain])
+            enc = self.tok([rendered[i].text for i in plain], verbose=False)
             for i, ids in zip(plain, enc["input_ids"], strict=True):
                 out[i] = ids, [t not in self.specials for t in ids]
         if chats:
             texts = [rendered[i].text or "" for i in chats]
             offsets = self.system is not None
-            enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=offsets)
+            enc = self.tok(texts, add_special_tokens=False, return_offsets_mapping=offsets, verbose=False)
             for n, i in enumerate(chats):
                 ids = enc["input_ids"][n]
                 keep = [t not in self.specials for t in ids]

@@ -59,7 +59,7 @@ class Result:
     bytes_written: int = 0
     seconds: float = 0.0
     stats: dict[str, RunningStats] = field(default_factory=dict)
-    files_planned: int = 0
+    files_planned: int | None = 0  # None: n_batches all, until the data runs out
     bad_records: int = 0  # skipped input records (data_config.on_bad_record: skip)
     nonfinite: dict[str, int] = field(default_factory=dict)  # hook -> stored tokens with NaN/Inf
     storage_wait: float = 0.0  # seconds the model waited for a written megabatch's buffer
@@ -67,8 +67,11 @@ class Result:
 
     def outcome(self) -> str:
         """One line: files written against the plan, and the bad records skipped."""
-        line = f"{self.files} of {self.files_planned} planned files written"
-        if self.files < self.files_planned:
+        if self.files_planned is None:
+            line = f"{self.files} files written; the data ran out (n_batches: all: every document was collected)"
+        else:
+            line = f"{self.files} of {self.files_planned} planned files written"
+        if self.files_planned is not None and self.files < self.files_planned:
             line += "; the data ran out first (every document was collected)"
         if self.bad_records:
             line += f"; {self.bad_records} bad input record(s) skipped (logged with file and line)"
@@ -169,21 +172,23 @@ class _Job:
         writer = self._writer(plan)
         progress = writer.resumed  # this machine's record: where it continues
         # Checked before weights load: the record's count against the plan, and its data cursor.
-        check_against_plan(progress, plan.files, store, cfg.run_name)
+        planned = cfg.machine_files(machine)  # None: until the data runs out
+        check_against_plan(progress, planned, store, cfg.run_name)
         state = _cursor(store, cfg.run_name, machine, progress.data_state)
         if repair:
-            return self._repair(writer, Result(destination=store.url(cfg.run_name), files_planned=plan.files))
+            return self._repair(writer, Result(destination=store.url(cfg.run_name), files_planned=planned))
         for line in summary_lines(cfg, plan, dims, self.record.model, store.uri, machine):
             log.info(line)
         if self.found is not None:
             for line in device_lines(tc, self.found.shape):
                 log.info(line)
-            for note in self.found.notes:
-                log.warning("note: %s", note)
-        for note in cost_notes(store, 0 if dc.skip_cache else plan.total_bytes):
+            for note in self.found.notes:  # what the checks could not check here: said, not warned
+                log.info("note: %s", note)
+        upload = None if plan.size == "unknown" else plan.total_bytes
+        for note in cost_notes(store, 0 if dc.skip_cache else upload):
             log.warning("note: %s", note)
 
-        result = Result(destination=store.url(cfg.run_name), files_planned=plan.files)
+        result = Result(destination=store.url(cfg.run_name), files_planned=planned)
         if progress.finished:
             self._join(writer)
             log.info(
@@ -252,7 +257,8 @@ class _Job:
             for _ in range(dc.start_batch):
                 if next(batches, None) is None:
                     break
-            n_batches = cfg.machine_batches(machine)
+            # n_batches all: no count ends a file early, and nothing past file `last` is read
+            n_batches = cfg.machine_batches(machine) or (last + 1) * uc.batches_per_upload
             return file_batches(batches, last, uc.batches_per_upload, n_batches, cfg.rows_per_file)
 
         # Packing only (no forward pass) is cheap next to the model: every file is checked first.

@@ -6,12 +6,12 @@ import ipaddress
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 from activault import dtypes
 from activault.config import Config
-from activault.errors import ConfigError
+from activault.errors import ActivaultError, ConfigError
 from activault.storage import Store
 from activault.units import human_bytes
 
@@ -37,6 +37,14 @@ class Plan:
     raw_bytes_per_hook: dict[str, int] = field(default_factory=dict)  # as if uncompressed
     compression: str = "none"
     dtype: str = ""  # of states
+    # planned: n_batches (the data may run out first); at most: n_batches all, bounded by the data's
+    # size; unknown: n_batches all over data of unknown size (then tokens, files and bytes are 0).
+    size: Literal["planned", "at most", "unknown"] = "planned"
+    basis: str = ""  # for all: how the data's size is known, or why it is not
+
+    def amount(self, text: str) -> str:
+        """A planned quantity as the plan knows it: `text`, `at most text` or `unknown`."""
+        return {"planned": text, "at most": f"at most {text}", "unknown": "unknown"}[self.size]
 
     @property
     def total_bytes(self) -> int:
@@ -91,10 +99,15 @@ def make_plan(cfg: Config, dims: dict[str, int], itemsize: int, machine: int | N
         dtype: of states, a torch dtype or its name (default: float32 or bfloat16 by itemsize).
     """
     d = cfg.data_config
-    batches = d.n_batches if machine is None else cfg.machine_batches(machine)
-    machines = range(cfg.num_runs) if machine is None else [machine]
-    files = sum(cfg.machine_files(m) for m in machines)
-    tokens = batches * d.batch_size * d.seq_length
+    size: Literal["planned", "at most", "unknown"] = "planned"
+    basis = ""
+    if d.n_batches == "all":
+        tokens, files, size, basis = _until_exhausted(cfg, machine)
+    else:
+        batches = d.n_batches if machine is None else cfg.machine_batches(machine)
+        machines = range(cfg.num_runs) if machine is None else [machine]
+        files = sum(cfg.machine_files(m) or 0 for m in machines)
+        tokens = (batches or 0) * d.batch_size * d.seq_length
     codec = cfg.upload_config.compression
     dtype = _name(dtype) if dtype is not None else ("float32" if itemsize == 4 else "bfloat16")
     raw = {h: tokens * (dim * itemsize + TOKEN_BYTES) for h, dim in dims.items()}
@@ -111,7 +124,31 @@ def make_plan(cfg: Config, dims: dict[str, int], itemsize: int, machine: int | N
         raw,
         codec,
         dtype,
+        size,
+        basis,
     )
+
+
+def _until_exhausted(cfg: Config, machine: int | None) -> tuple[int, int, Literal["at most", "unknown"], str]:
+    """(stored tokens, files, size, basis) of `n_batches: all`, bounded by the data's size.
+
+    A machine's share is bounded by the whole data (how documents split is known only by reading
+    them); rows are whole, so each machine's last row adds padding, and its last file is partial.
+    """
+    from activault.collection.datasize import data_size
+    from activault.collection.sources import source_for
+
+    d = cfg.data_config
+    try:
+        size = data_size(source_for(d))
+    except ActivaultError as e:  # the preflight names it with its fix
+        return 0, 0, "unknown", f"data_key does not resolve ({str(e).split('; ')[0]})"
+    if size.tokens is None:
+        return 0, 0, "unknown", size.basis
+    machines = cfg.num_runs if machine is None else 1
+    rows = -(-size.tokens // d.seq_length) + machines - 1
+    files = -(-rows // cfg.rows_per_file) + machines - 1
+    return rows * d.seq_length, files, "at most", size.basis
 
 
 class MeasuredRatio:
@@ -132,12 +169,16 @@ class MeasuredRatio:
             self.ratios[hook] = stored / max(raw, 1)
             if len(self.ratios) < len(self.plan.raw_bytes_per_hook):
                 return
+        if self.plan.size == "unknown":  # nothing to project onto
+            each = ", ".join(f"{h} {r:.3f}" for h, r in self.ratios.items())
+            self.log.info("compression  measured on the first file: %s of raw bytes", each)
+            return
         total = sum(b * self.ratios[h] for h, b in self.plan.raw_bytes_per_hook.items())
         each = ", ".join(f"{h} {self.ratios[h]:.3f}" for h in self.plan.raw_bytes_per_hook)
         self.log.info(
-            "compression  measured on the first file: %s of raw bytes; this machine will store ~%s (~$%.2f/month)",
+            "compression  measured on the first file: %s of raw bytes; this machine will store %s (~$%.2f/month)",
             each,
-            human_bytes(total),
+            self.plan.amount(f"~{human_bytes(total)}"),
             total / GB * self.plan.price_per_gb_month,
         )
 
@@ -235,23 +276,33 @@ def available_memory() -> int | None:
 def summary_lines(
     cfg: Config, plan: Plan, dims: dict[str, int], info: dict[str, Any], dest: str, machine: int
 ) -> list[str]:
+    """The job summary a collection logs before weights load."""
     lines = [
         f"model        {cfg.transformer_config.model_name} ({info.get('model_type', '?')}, "
         f"{info.get('n_layers', '?')} layers, d_model {info.get('d_model', '?')})",
         f"machine      {machine} of {cfg.num_runs}",
-        f"tokens       {plan.tokens:,} in {plan.files} files of "
-        f"{plan.rows_per_file} rows x {cfg.data_config.seq_length}",
+        tokens_line(plan, f"{plan.rows_per_file} rows x {cfg.data_config.seq_length}"),
     ]
     for h, b in plan.bytes_per_hook.items():
-        lines.append(f"hook         {h}  d={dims[h]}  {human_bytes(b)}")
+        lines.append(f"hook         {h}  d={dims[h]}  {plan.amount(human_bytes(b))}")
     lines += [note] if (note := plan.compression_line()) else []
     lines += [
-        f"total        {human_bytes(plan.total_bytes)}  (~${plan.monthly_cost:,.2f}/month at "
-        f"${plan.price_per_gb_month}/GB-month)",
+        f"total        {plan.amount(human_bytes(plan.total_bytes))}  ({plan.amount(f'~${plan.monthly_cost:,.2f}')}"
+        f"/month at ${plan.price_per_gb_month}/GB-month)",
         f"buffers      {human_bytes(plan.buffer_bytes)} of host memory for megabatches in flight",
         f"destination  {dest}/{cfg.run_name}",
     ]
     return lines
+
+
+def tokens_line(plan: Plan, rows: str) -> str:
+    """The tokens a plan stores, in files of `rows`, and for `n_batches: all` how that is known."""
+    if plan.size == "planned":
+        return f"tokens       {plan.tokens:,} in {plan.files} files of {rows}"
+    until = f"  (n_batches: all, until the data runs out: {plan.basis})"
+    if plan.size == "unknown":
+        return f"tokens       unknown, in files of {rows}{until}"
+    return f"tokens       at most {plan.tokens:,} in at most {plan.files} files of {rows}{until}"
 
 
 # AWS charges for data leaving a region (internet egress, first tier, USD per GB).
@@ -278,21 +329,27 @@ def is_local_endpoint(endpoint: str) -> bool:
     return ip.is_loopback or ip.is_private or ip.is_link_local
 
 
-def cost_notes(store: Store, nbytes: int) -> list[str]:
-    """Warnings for the job summary: data leaves this machine (and, read back from AWS, the region)."""
+def cost_notes(store: Store, nbytes: int | None) -> list[str]:
+    """Warnings for the job summary: data leaves this machine (and, read back from AWS, the region).
+
+    Args:
+        nbytes: what is uploaded; None: unknown (`n_batches: all` over data of unknown size).
+    """
     endpoint: str | None = getattr(store, "endpoint", None)  # only object stores have one
     if endpoint is None or is_local_endpoint(endpoint):
         return []
-    gb = nbytes / 1e9
+    gb = (nbytes or 0) / 1e9
+    amount = "an unknown amount (n_batches: all)" if nbytes is None else f"{gb:,.1f} GB"
     host = _host(endpoint) or endpoint
     if not endpoint or host.endswith(".amazonaws.com"):
         region = getattr(store, "region", "us-east-1")
+        per_read = "" if nbytes is None else f": ~${gb * AWS_EGRESS_PER_GB:,.2f} per full read"
         return [
-            f"uploading {gb:,.1f} GB to AWS S3 ({region}) over the network; uploads are free, but "
-            f"reading it back outside {region} costs egress (~${AWS_EGRESS_PER_GB}/GB: "
-            f"~${gb * AWS_EGRESS_PER_GB:,.2f} per full read); train in the same region to avoid it"
+            f"uploading {amount} to AWS S3 ({region}) over the network; uploads are free, but "
+            f"reading it back outside {region} costs egress (~${AWS_EGRESS_PER_GB}/GB{per_read}); "
+            "train in the same region to avoid it"
         ]
     return [
-        f"uploading {gb:,.1f} GB to the remote endpoint {host}; check its transfer, request and "
+        f"uploading {amount} to the remote endpoint {host}; check its transfer, request and "
         "egress prices, and its bandwidth from here"
     ]

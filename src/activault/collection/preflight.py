@@ -23,6 +23,7 @@ from activault.collection.plan import (
     feasibility_problems,
     make_plan,
     pinned_limit,
+    tokens_line,
 )
 from activault.config import Config, TransformerConfig, memory_bytes, resolve_storage
 from activault.errors import ActivaultError, ConfigError, StorageError
@@ -212,6 +213,11 @@ def space_check(cfg: Config, plan: Plan, store: Store, machine: int) -> tuple[st
     (its files already written, on resume, are not needed again)."""
     if cfg.data_config.skip_cache:
         return None, None
+    if plan.size == "unknown":
+        return None, (
+            f"free space at {store.uri} is not checked: n_batches: all stores an unknown amount "
+            f"({plan.basis}); make sure the data's activations fit there"
+        )
     root = getattr(store, "root", None)
     if not isinstance(root, Path):
         return None, (
@@ -229,6 +235,12 @@ def space_check(cfg: Config, plan: Plan, store: Store, machine: int) -> tuple[st
         return None, None
     whose = f"machine {machine}" + (f" of {cfg.num_runs}" if cfg.num_runs > 1 else "")
     done = f", {human_bytes(written)} of it already written" if written else ""
+    if plan.size == "at most":  # a bound, not a need: the run may well fit
+        return None, (
+            f"the local store {root} has {human_bytes(free)} free, and {whose} may need up to "
+            f"~{human_bytes(need)} more (n_batches: all, bounded by the data's size{done}); watch its free "
+            "space, or set upload_config.compression: zstd"
+        )
     return (
         f"the local store {root} has {human_bytes(free)} free, but {whose} needs ~{human_bytes(need)} more "
         f"(plan {human_bytes(plan.total_bytes)}{done}, +10% margin): free space on that disk, choose "
@@ -332,22 +344,25 @@ def estimate(
     found = preflight(cfg, shape, store, None, pinned, available_memory())
     plan = found.plan if price is None else replace(found.plan, price_per_gb_month=price)
     d = cfg.data_config
+    amount = plan.amount
     lines = [
         f"model        {cfg.transformer_config.model_name}  ({shape.dtype})",
         *device_lines(cfg.transformer_config, shape),
-        f"tokens       {plan.tokens:,}  ({d.n_batches} batches x {d.batch_size} rows x {d.seq_length})",
-        f"files        {plan.files} per hook, {plan.files * len(shape.dims)} in total "
+        tokens_line(plan, f"{plan.rows_per_file} rows x {d.seq_length}"),
+        f"files        {amount(str(plan.files))} per hook, {amount(str(plan.files * len(shape.dims)))} in total "
         f"({plan.rows_per_file} rows each, {cfg.num_runs} machine(s))",
     ]
-    lines += [f"hook         {h}  d={shape.dims[h]}  {human_bytes(b)}" for h, b in plan.bytes_per_hook.items()]
+    lines += [f"hook         {h}  d={shape.dims[h]}  {amount(human_bytes(b))}" for h, b in plan.bytes_per_hook.items()]
     lines += [note] if (note := plan.compression_line()) else []
     lines += [
-        f"total        {human_bytes(plan.total_bytes)}",
-        f"cost         ${plan.monthly_cost:,.2f}/month at ${plan.price_per_gb_month}/GB-month",
+        f"total        {amount(human_bytes(plan.total_bytes))}",
+        f"cost         {amount(f'${plan.monthly_cost:,.2f}')}/month at ${plan.price_per_gb_month}/GB-month",
         f"buffers      {human_bytes(plan.buffer_bytes)} of host memory per machine for megabatches in flight",
-        f"upload time  {duration(plan.total_bytes / rate)} at {bandwidth.strip()}"
+        f"upload time  {amount(duration(plan.total_bytes / rate))} at {bandwidth.strip()}"
         + (
-            f" ({duration(plan.total_bytes / rate / cfg.num_runs)} per machine in parallel)" if cfg.num_runs > 1 else ""
+            f" ({amount(duration(plan.total_bytes / rate / cfg.num_runs))} per machine in parallel)"
+            if cfg.num_runs > 1 and plan.size == "planned"
+            else ""
         ),
         f"destination  {store.uri}/{cfg.run_name}",
     ]

@@ -200,9 +200,14 @@ def changed_fields(stored: RunRecord, record: RunRecord) -> list[tuple[str, Any,
     """(field, stored value, new value) for each data-shaping difference of two cfg.json records."""
     old_cfg, new_cfg = stored.config, record.config
     diffs = []
+    # A local model folder named by another path to it (relative from elsewhere) is the same model:
+    # its resolved path, the recorded tokenizer, decides.
+    same_model = stored.tokenizer is not None and stored.tokenizer == record.tokenizer
     if old_cfg:
         for path, kind in FIELDS.items():
             old, new = _lookup(old_cfg, path), _lookup(new_cfg, path)
+            if path == "transformer_config.model_name" and same_model:
+                continue
             if kind == "data" and old is not _MISSING and old != new:
                 diffs.append((path, old, new))
     else:

@@ -110,7 +110,7 @@ def _spec_from_entry(key: str, e: dict) -> DataSource:
     )
 
 
-def _local_files(data_key: str) -> list[str]:
+def local_files(data_key: str) -> list[str]:
     """The files a path, folder or glob names; none for a name no path can have (too long, a NUL)."""
     p = Path(data_key).expanduser()
     try:
@@ -130,7 +130,7 @@ def resolve_source(
     entries = _load_registry(registry)
     if data_key in entries:
         return _spec_from_entry(data_key, entries[data_key])
-    files = _local_files(data_key)
+    files = local_files(data_key)
     if not files:
         raise ConfigError(
             f"data_config.data_key {shown(data_key)} is neither a key of the dataset registry "
@@ -165,7 +165,7 @@ def _local_json(spec: DataSource) -> list[str] | None:
     """The files of a JSON source on this machine, else None (hub data stays on datasets)."""
     if spec.path != "json" or not spec.data_files:
         return None
-    files = [f for pattern in spec.data_files for f in _local_files(pattern)]
+    files = [f for pattern in spec.data_files for f in local_files(pattern)]
     return files or None
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from activault.errors import ConfigError
+from activault.integrations.saelens import run_metadata
 from activault.integrations.shared import ReadOptions, Source, check_state, loader_options, run_statistics, whole
 
 
@@ -74,6 +75,8 @@ class VaultBuffer(Iterator[torch.Tensor]):
         # (NaN when the statistics counted NaN in: refused above when normalising).
         self.norm_factor = math.sqrt(float(stats.norm_sq_sum) / max(stats.count, 1))
         self.normalize = normalize
+        # Saved by trainSAE in each trainer's config.json: which model and hook the SAE applies to.
+        self.metadata = run_metadata(uri, hook)
         self.loader = TokenLoader(
             uri,
             loop=True,
@@ -97,8 +100,11 @@ class VaultBuffer(Iterator[torch.Tensor]):
 
     @property
     def config(self) -> dict[str, Any]:
-        """What trainSAE saves next to each trainer's config (as ActivationBuffer.config)."""
+        """What trainSAE saves next to each trainer's config (as ActivationBuffer.config), with the
+        run's metadata (`saelens.sae_metadata`: model_name, context_size, activault_hook and
+        hook_name, TransformerLens's name where known)."""
         return {
+            **self.metadata,
             "source": str(self.uri),
             "hook": self.hook,
             "d_submodule": self.d_submodule,

@@ -313,6 +313,15 @@ def sae_metadata(uri: Source | Sequence[Source] | VaultProvider, hook: str | Non
     return out
 
 
+def run_metadata(uri: Source | Sequence[Source], hook: str) -> dict[str, Any]:
+    """`sae_metadata` for the configs other libraries save; a run without cfg.json (a hook folder
+    read alone) gives only the hook's name: an SAE trains without it, so its absence is no error."""
+    try:
+        return sae_metadata(uri, hook)
+    except NotFoundError:
+        return {"activault_hook": hook, "hook_name": hook}
+
+
 def fill_metadata(sae: Any, uri: Source | Sequence[Source] | VaultProvider, hook: str | None = None) -> dict[str, Any]:
     """Set the SAELens SAE's metadata fields that are still empty from `sae_metadata`; returns them.
 

@@ -8,11 +8,13 @@ runs unchanged (initialisation, optimizers, dead-latent tracking, checkpoints, `
 
 ```python
 from sparsify import SaeConfig, TrainConfig, Trainer
-from activault.integrations.sparsify import replay
+from activault.integrations.sparsify import replay, save_metadata
 
 model, dataset = replay("./vault/run", ["models.layers.6.post"], num_tokens=2_000_000)
 cfg = TrainConfig(SaeConfig(k=32), batch_size=16, hookpoints=model.hookpoints, log_to_wandb=False)
-Trainer(cfg, dataset, model).fit()
+trainer = Trainer(cfg, dataset, model)
+trainer.fit()
+save_metadata(trainer, model)  # the run's model and hook names into each saved coder's cfg.json
 ```
 
 Transcoders: `replay(uri, {"models.layers.6.mlp": ("models.layers.6.mlp.pre", "models.layers.6.mlp.post")})`
@@ -22,8 +24,12 @@ returns the output hook's. Only `loss_fn="fvu"` (the default) works: a vault hol
 
 from __future__ import annotations
 
+import glob
+import json
+import os
 from collections import deque
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +37,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from activault.errors import ActivaultError, ConfigError
+from activault.integrations.saelens import run_metadata
 from activault.integrations.shared import ReadOptions, Source, check_state, loader_options, whole
 
 Row = tuple[torch.Tensor, dict[str, torch.Tensor]]  # ids [seq], {hook: states [seq, d]}
@@ -59,6 +66,7 @@ class VaultReplay(nn.Module):
         self.dims = dict(dims)
         self._rows = rows
         self._device = torch.device(device)
+        self.metadata: dict[str, dict[str, Any]] = {}  # hookpoint -> the run's metadata (replay fills it)
         for name in self.points:
             parent: nn.Module = self
             *path, leaf = name.split(".")
@@ -270,4 +278,40 @@ def replay(
         )
     rows: deque[Row] = deque()
     dataset = VaultTokens(iter(loader), loader, num_tokens // tokens_per_row, tokens_per_row, rows)
-    return VaultReplay(points, dims, rows, device), dataset
+    model = VaultReplay(points, dims, rows, device)
+    for name, (src, dst) in points.items():
+        meta = run_metadata(uri, src)
+        if dst is not None:  # a transcoder: what it predicts, named the same ways
+            out = run_metadata(uri, dst)
+            meta |= {"activault_output_hook": out["activault_hook"], "output_hook_name": out["hook_name"]}
+        model.metadata[name] = meta
+    return model, dataset
+
+
+def save_metadata(trainer: Any, model: VaultReplay) -> list[Path]:
+    """Add the run's metadata (`saelens.sae_metadata`: model_name, context_size, activault_hook,
+    hook_name) to every coder's cfg.json that sparsify saved under the trainer's folder (checkpoints
+    and `best/` included); `SparseCoder.load_from_disk` ignores the added keys. Returns the files.
+
+    Args:
+        trainer: the sparsify `Trainer` that ran `fit()`, or the folder it saved into
+            (`save_dir/run_name`).
+    """
+    if isinstance(trainer, str | Path):
+        root = Path(trainer)
+    else:
+        root = Path(trainer.cfg.save_dir) / (trainer.cfg.run_name or "unnamed")  # as Trainer.save names it
+    written = []
+    for name, meta in model.metadata.items():
+        for file in sorted(root.glob(f"**/{glob.escape(name)}/cfg.json")):
+            config = json.loads(file.read_text())
+            tmp = file.with_name(f".{file.name}.tmp")  # renamed over it: never half written
+            tmp.write_text(json.dumps({**config, **meta}))
+            os.replace(tmp, file)
+            written.append(file)
+    if not written:
+        raise ConfigError(
+            f"no saved coder of {model.hookpoints} under {root}: call save_metadata after trainer.fit(), "
+            "or pass the folder sparsify saved into (save_dir/run_name)"
+        )
+    return written

@@ -9,20 +9,22 @@ same with filters as the vault would give if rewritten without those tokens.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 
 from activault.errors import NotFoundError
 from activault.reading.options import TokenFilter
+from activault.reading.splits import Split
 from activault.reading.stream import LoadedFile, Prefix
 from activault.storage import locate
 from activault.vault import records
 from activault.vault.stats import check_histogram, finite_rows, merge_all
 
-# The order drops are counted in: a token goes to the first filter that drops it.
-FILTERS = ("positions", "first", "ids", "nonfinite", "norm")
+# The order drops are counted in: a token goes to the first filter that drops it. The held-out
+# split first: the filters' counts are then those of the split's own tokens.
+FILTERS = ("split", "positions", "first", "ids", "nonfinite", "norm")
 _CHUNK = 8 << 20  # bytes of rows whose norms are computed at once: the temporaries stay small
 
 
@@ -86,17 +88,23 @@ def row_norms_squared(x: torch.Tensor) -> np.ndarray:
 
 class TokenMask:
     """The mask of one filter over files of given hooks. Args: `limits`: per hook, the L2 norm
-    above which a token is dropped (None: no norm filter), from `norm_limits`."""
+    above which a token is dropped (None: no norm filter), from `norm_limits`; `split`: the side
+    of a held-out split kept (ReadOptions.held_out)."""
 
-    def __init__(self, spec: TokenFilter, limits: Sequence[float | None] = ()):
-        self.spec = spec
+    def __init__(self, spec: TokenFilter, limits: Sequence[float | None] = (), split: Split | None = None):
+        self.spec, self.split = spec, split
         self.limits = [None if v is None else v * v for v in limits]  # squared: no square roots
         self._ids = np.fromiter(spec.drop_ids, np.int64) if spec.drop_ids else None
 
     def keep(
-        self, states: Sequence[torch.Tensor], input_ids: torch.Tensor, positions: torch.Tensor
+        self,
+        states: Sequence[torch.Tensor],
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        side: np.ndarray | None = None,
     ) -> tuple[np.ndarray, dict[str, int]]:
-        """([n] bool kept, drops per filter) of a file's tokens (`states`: per hook [..., d])."""
+        """([n] bool kept, drops per filter) of a file's tokens (`states`: per hook [..., d]; `side`:
+        [n] bool, the tokens in the split read, from `Split.keep`)."""
         p = positions.reshape(-1).numpy()  # numpy: no OpenMP team for a large file
         keep = p >= 0
         dropped = dict.fromkeys(FILTERS, 0)
@@ -106,6 +114,9 @@ class TokenMask:
             bad &= keep
             dropped[name] += int(np.count_nonzero(bad))
             keep[bad] = False
+
+        if side is not None:
+            drop("split", ~side)
 
         if f.positions_below or f.positions_from is not None:
             bad = p < f.positions_below
@@ -138,13 +149,16 @@ class TokenMask:
                 drop("norm", sq > limit)
         return keep, dropped
 
-    def apply(self, item: LoadedFile) -> FilteredFile:
-        """`item` with its kept tokens (computed on the reading thread)."""
-        keep, dropped = self.keep(item.states, item.input_ids, item.positions)
+    def apply(self, item: LoadedFile, url: str = "") -> FilteredFile:
+        """`item` with its kept tokens (computed on the reading thread); `url` names the file in
+        the split's refusal of a file without provenance."""
+        side = None
+        if self.split is not None:
+            docs = None if item.documents is None else item.documents.reshape(-1).numpy()
+            side = self.split.keep(item.file.name, docs, url or item.file.name)
+        keep, dropped = self.keep(item.states, item.input_ids, item.positions, side)
         kept = None if keep.all() else np.flatnonzero(keep)
-        return FilteredFile(
-            **{k: getattr(item, k) for k in ("file", "states", "input_ids", "positions")}, kept=kept, dropped=dropped
-        )
+        return FilteredFile(**{f.name: getattr(item, f.name) for f in fields(LoadedFile)}, kept=kept, dropped=dropped)
 
 
 def norm_limits(prefixes: Sequence[Prefix], spec: TokenFilter, hooks: int) -> list[float | None]:

@@ -13,9 +13,10 @@ import math
 import numbers
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict
 
 from activault.errors import ConfigError
+from activault.reading.splits import SPLITS, Split
 from activault.storage import check_store_options
 
 
@@ -185,6 +186,19 @@ class ReadOptions:
     time: a TokenFilter or a dict of its fields. RCache yields whole megabatches with a `keep`
     mask instead."""
 
+    split: Literal["train", "test"] | None = None
+    """"train" or "test": read only the documents of this side of a held-out split (splits.py): a
+    document is in test iff a hash of (its machine, its ordinal), seeded with `split_seed`, falls
+    below `test_fraction`; the same for every reader, rank and resume. TokenLoader drops the other
+    side's tokens (counted in `filtered["split"]`); RCache masks them in `keep`. Needs files with
+    provenance (format version 4); None: every document."""
+
+    test_fraction: float = 0.01
+    """The fraction of documents in `test` (0 < test_fraction < 1), with `split`."""
+
+    split_seed: int = 0
+    """Seeds the split's hash: another seed, another choice of test documents."""
+
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalised once, here
         set_(self, "buffer_size", whole("buffer_size", self.buffer_size, 1, "a whole number >= 1 (files read ahead)"))
@@ -201,6 +215,15 @@ class ReadOptions:
         flag("recycle", self.recycle)
         flag("drop_nonfinite", self.drop_nonfinite)
         set_(self, "token_filter", token_filter(self.token_filter))
+        if self.split is not None and self.split not in SPLITS:
+            raise invalid("split", self.split, '"train", "test", or None (every document)')
+        f = self.test_fraction
+        if isinstance(f, bool) or not isinstance(f, numbers.Real) or not 0 < float(f) < 1:
+            raise invalid(
+                "test_fraction", f, "a number between 0 and 1, both excluded (the fraction of documents in test)"
+            )
+        set_(self, "test_fraction", float(f))
+        set_(self, "split_seed", whole("split_seed", self.split_seed, -(2**63), "a whole number"))
         if self.range_size is not None:
             accepted = "a positive number of bytes (a whole number >= 1), or None (the default)"
             set_(self, "range_size", whole("range_size", self.range_size, 1, accepted))
@@ -211,6 +234,11 @@ class ReadOptions:
             raise ConfigError(f"store_options key {odd[0]!r} is not accepted: store options are named by strings")
         check_store_options(store)
         set_(self, "store_options", dict(store))
+
+    @property
+    def held_out(self) -> Split | None:
+        """The side of the split read (None: every document)."""
+        return None if self.split is None else Split(self.split, self.test_fraction, self.split_seed)
 
     @property
     def tokens(self) -> TokenFilter:
@@ -238,6 +266,9 @@ class ReadArgs(TypedDict, total=False):
     recycle: bool
     drop_nonfinite: bool
     token_filter: TokenFilter | Mapping[str, Any] | None
+    split: Literal["train", "test"] | None
+    test_fraction: float
+    split_seed: int
 
 
 FIELDS = tuple(f.name for f in fields(ReadOptions))

@@ -67,16 +67,19 @@ class RCache(Reader):
         uri: a hook folder (local path or `s3://bucket/run/hook`), a Store, or a list of them
             (concatenated in order; they must agree on d_model, dtype and seq_len). With `hooks`,
             the run folder(s) instead, and each item holds every hook's states for the same tokens.
-        return_ids: yield `{"states", "input_ids" (int64), "positions" (int32, -1 = padding)}`.
-            With a `token_filter` the item is such a dict with `"keep"` too: `[rows, seq]` bool,
-            False for padding and the tokens the filter drops (megabatches stay whole, so they are
-            masked, not dropped; `filtered` counts each filter's drops, as TokenLoader's).
+        return_ids: yield `{"states", "input_ids" (int64), "positions" (int32, -1 = padding),
+            "documents"}`: int64, each token's document ordinal in its machine's stream (-1 =
+            padding; None for files written before provenance, format version 3 and older).
+            With a `token_filter` or a `split` the item is such a dict with `"keep"` too: `[rows,
+            seq]` bool, False for padding, the tokens the filter drops and those of the split's
+            other side (megabatches stay whole, so they are masked, not dropped; `filtered`
+            counts each filter's drops, as TokenLoader's).
         shuffle: permute tokens within each megabatch (seeded; ids and positions move along).
         options, **read: how the files are read (ReadOptions, whose fields are documented there):
             `buffer_size`, `preserve_file_order` (default True here), `seed`, `rank`,
             `world_size`, `skip_bad_files`, `store_options` (e.g. `{"unsigned": True}` for a
-            public bucket), `range_size`, `verify_checksums`, `token_filter` (`drop_nonfinite` is
-            refused: megabatches are whole); as keywords, or in
+            public bucket), `range_size`, `verify_checksums`, `token_filter`, `split` (with
+            `test_fraction`, `split_seed`; `drop_nonfinite` is refused: megabatches are whole); as keywords, or in
             `options=ReadOptions(...)` (keywords override its fields). A name that is none of
             these is a ConfigError listing them.
     """
@@ -99,10 +102,11 @@ class RCache(Reader):
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
         files = FileStream(uri, opts.ordered(True), hooks=hooks, pin=self._pin, transform=self._load)
         super().__init__(files)
-        spec = opts.token_filter
+        spec, self.split = opts.tokens, opts.held_out
         self._mask = None
-        if spec is not None and spec.active:
-            self._mask = TokenMask(spec, norm_limits(files.catalog.prefixes, spec, len(self.hooks or [""])))
+        if spec.active or self.split is not None:
+            limits = norm_limits(files.catalog.prefixes, spec, len(self.hooks or [""]))
+            self._mask = TokenMask(spec, limits, self.split)
         self.filtered = dict.fromkeys(FILTERS, 0)  # tokens each filter masked out so far (token_filter)
         self.return_ids = return_ids or self._mask is not None
         self.shuffle = shuffle
@@ -126,16 +130,22 @@ class RCache(Reader):
             out = self.files.buffers.empty(tuple(flat.shape), flat.dtype)
             states.append(torch.index_select(flat, 0, perm, out=out).view(rows, seq, -1))
         ids, pos = item.input_ids.reshape(-1)[perm], item.positions.reshape(-1)[perm]
-        return replace(item, states=states, input_ids=ids.view(rows, seq), positions=pos.view(rows, seq))
+        docs = None if item.documents is None else item.documents.reshape(-1)[perm].view(rows, seq)
+        return replace(
+            item, states=states, input_ids=ids.view(rows, seq), positions=pos.view(rows, seq), documents=docs
+        )
 
     def _load(self, f: FileRef, epoch: int, item: LoadedFile) -> LoadedFile:
         """On the reading thread: tokens shuffled, then (with a filter) the kept ones found."""
         item = self._shuffle(f, epoch, item)
-        return item if self._mask is None else self._mask.apply(item)
+        if self._mask is None:
+            return item
+        return self._mask.apply(item, self.files.catalog.prefixes[f.source].url(0, f.name))
 
     def _deliver(self, item: LoadedFile) -> Any:
         # On the device (from pinned buffers, asynchronously); ids and positions only if yielded.
-        extra = [item.input_ids, item.positions] if self.return_ids else []
+        docs = item.documents if self.return_ids else None
+        extra = [item.input_ids, item.positions, *([docs] if docs is not None else [])] if self.return_ids else []
         if isinstance(item, FilteredFile):
             keep = torch.zeros(item.positions.shape, dtype=torch.bool)
             keep.view(-1)[torch.from_numpy(item.kept) if item.kept is not None else slice(None)] = True
@@ -147,9 +157,10 @@ class RCache(Reader):
         out: Any = dict(zip(self.hooks, states, strict=True)) if self.hooks else states[0]
         if not self.return_ids:
             return out
-        ids, pos, *mask = moved[len(item.states) :]
+        ids, pos, *more = moved[len(item.states) :]
         got = {"states": out, "input_ids": ids.to(torch.int64), "positions": pos}  # ids widened on the device
-        return {**got, "keep": mask[0]} if mask else got
+        got["documents"] = more.pop(0) if docs is not None else None
+        return {**got, "keep": more[0]} if more else got
 
     def _iterate(self) -> Generator[Any, None, None]:
         with self.files.prefetch(self.epoch, self._next) as files:

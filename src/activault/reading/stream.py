@@ -64,6 +64,7 @@ class LoadedFile:
     states: list[torch.Tensor]  # per hook: [rows, seq, d]
     input_ids: torch.Tensor  # [rows, seq] (int32 as stored)
     positions: torch.Tensor  # [rows, seq] int32, -1 = padding
+    documents: torch.Tensor | None = None  # [rows, seq] int64, -1 = padding; None: format 3 and older
 
 
 def _close(stop: threading.Event, pools: list[Workers]) -> None:
@@ -265,7 +266,7 @@ class FileStream:
         in, before the last decode: the next file's reads overlap it (a compressed file's decode
         is CPU work, as long as its fetch)."""
         states: list[torch.Tensor] = []
-        ids = pos = None
+        ids = pos = docs = None
         for h, (r, header, body) in enumerate(zip(readers, headers, bodies, strict=True)):
             data = body()
             if h == len(bodies) - 1:
@@ -273,15 +274,22 @@ class FileStream:
             decoded = fmt.decode(data, r.url, header, self.verify_checksums, self.buffers.empty)
             del data  # the decoded tensors hold what they need of it
             s, i, p = self._check(decoded.tensors, r.url, h)
+            d = decoded.documents
+            if d is not None and d.shape != i.shape:  # parse_header checks it; a legacy file has none
+                raise FormatError(f"{r.url}: 'documents' has shape {list(d.shape)}, expected {list(i.shape)}")
             if ids is None:
-                ids, pos = i, p
+                ids, pos, docs = i, p, d
             elif not torch.equal(ids, i):
                 raise FormatError(
                     f"{r.url}: input_ids differ from {readers[0].url}: these hooks do not hold the same tokens"
                 )
+            elif docs is not None and d is not None and not torch.equal(docs, d):
+                raise FormatError(
+                    f"{r.url}: documents differ from {readers[0].url}: these hooks do not hold the same tokens"
+                )
             states.append(s)
         assert ids is not None and pos is not None
-        return LoadedFile(f, states, ids, pos)
+        return LoadedFile(f, states, ids, pos, docs)
 
     def _expect(self, shape: StatesShape, url: str, h: int) -> None:
         with self._shape_lock:

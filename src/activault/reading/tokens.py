@@ -1,4 +1,4 @@
-"""Token batches for training: TokenLoader (shuffled fixed-size batches), ActivationDataset.
+"""Token batches for training: TokenLoader (shuffled fixed-size batches; dataset.py wraps it).
 
 Built on the megabatch stream (stream.py): a window of files is permuted with a seed and batches
 are gathered from it with one copy, so a restarted loader resumes at the exact token.
@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import weakref
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
 
 from activault.errors import ConfigError, NotFoundError
 from activault.reading.device import check_device, to_device
@@ -33,7 +30,7 @@ from activault.reading.options import (
     whole,
 )
 from activault.reading.order import mix_seed, position_after
-from activault.reading.rcache import RCache, check_state, check_whole
+from activault.reading.rcache import check_state
 from activault.reading.stream import FileRef, FileStream, LoadedFile, Reader, Source
 from activault.reading.window import (
     GATHER_THREADS,
@@ -45,8 +42,6 @@ from activault.reading.window import (
     window_count,
     window_start,
 )
-from activault.storage import Store
-from activault.storage.uri import is_s3
 from activault.vault import records
 from activault.vault.stats import check_normalisable, merge_all
 
@@ -61,7 +56,8 @@ def _let_go_of_packed(f: FileRef, epoch: int, item: LoadedFile) -> LoadedFile:
     which are then let go of once decoded: a held file costs its decoded buffer alone."""
     if item.input_ids.untyped_storage().data_ptr() == item.states[0].untyped_storage().data_ptr():
         return item  # stored raw: every tensor is a view of the one fetched (or mapped) buffer
-    return replace(item, input_ids=item.input_ids.clone(), positions=item.positions.clone())
+    docs = None if item.documents is None else item.documents.clone()
+    return replace(item, input_ids=item.input_ids.clone(), positions=item.positions.clone(), documents=docs)
 
 
 class TokenLoader(Reader):
@@ -83,9 +79,15 @@ class TokenLoader(Reader):
     batches at read time, by position range, a document's first stored tokens, token id, NaN or
     Inf, or L2 norm over k x the hook's median; `filtered` counts each filter's drops so far. The
     mask is computed once per file as it is loaded, so a filtered loader reads at the speed of an
-    unfiltered one (docs/benchmarks.md), and `state_dict()` resumes exactly with filters on.
+    unfiltered one (docs/benchmarks.md), and `state_dict()` resumes exactly with filters on. A
+    held-out split (`split="train"|"test"`, a reading option: splits.py) drops the other side's
+    documents the same way, counted in `filtered["split"]`.
 
     Args:
+        return_index: yield `{"states", "index"}` (with the ids, if asked, too): `index` is
+            `[batch_tokens, 3]` int64, each token's (file, row, column), `file` an index into the
+            loader's files that `indexed_file` turns into (run URI, file name): the coordinates
+            `activault context RUN HOOK FILE ROW COL` (tools/context.py `token_context`) takes.
         drop_positions_below: drop tokens whose position in their document is below this (e.g. 1
             drops each document's first token, 2 after `clean_added_tokens`: `TokenFilter(first=1)`
             drops it either way); `TokenFilter(positions_below=...)`. Padding (position -1) is
@@ -123,6 +125,7 @@ class TokenLoader(Reader):
         window: int = 4,
         ramp: bool = True,
         return_ids: bool = False,
+        return_index: bool = False,
         drop_positions_below: int = 0,
         center: bool = False,
         norm_target: float | None = None,
@@ -138,6 +141,7 @@ class TokenLoader(Reader):
         drop_below = whole("drop_positions_below", drop_positions_below, 0)
         norm_target = None if norm_target is None else positive("norm_target", norm_target)
         return_ids, center = flag("return_ids", return_ids), flag("center", center)
+        self.return_index = flag("return_index", return_index)
         ramp = flag("ramp", ramp)
         drop_last, loop = flag("drop_last", drop_last), flag("loop", loop)
         if dtype is not None and not isinstance(dtype, torch.dtype):
@@ -153,7 +157,11 @@ class TokenLoader(Reader):
         self.token_filter = replace(spec, positions_below=max(spec.positions_below, drop_below))
         self.drop_below, self.drop_nonfinite = self.token_filter.positions_below, self.token_filter.nonfinite
         self.norm_limits = norm_limits(self.files.catalog.prefixes, self.token_filter, len(self.hooks or [""]))
-        self._mask = TokenMask(self.token_filter, self.norm_limits)
+        self.split = opts.held_out
+        self._mask = TokenMask(self.token_filter, self.norm_limits, self.split)
+        self._file_ids: dict[tuple[int, str], int] = {}  # (source, name) -> index (return_index)
+        self._indexed: list[FileRef] = []
+        self._blocks_indexed = 0
         self.epoch = 0
         self.dropped_tokens = 0  # the last epoch's short final batch, dropped (drop_last)
         self.filtered = dict.fromkeys(FILTERS, 0)  # tokens each filter left out so far
@@ -169,7 +177,34 @@ class TokenLoader(Reader):
 
     def _load(self, f: FileRef, epoch: int, item: LoadedFile) -> FilteredFile:
         """On the reading thread: the file's packed bytes let go of, and its tokens filtered."""
-        return self._mask.apply(_let_go_of_packed(f, epoch, item))
+        return self._mask.apply(_let_go_of_packed(f, epoch, item), self.files.catalog.prefixes[f.source].url(0, f.name))
+
+    def _index_files(self) -> list[FileRef]:
+        """Every file listed so far, in listing order (stable: `sync()` only appends blocks)."""
+        blocks = self.files.catalog.blocks
+        for block in blocks[self._blocks_indexed :]:
+            for ref in block:
+                self._file_ids[ref.source, ref.name] = len(self._indexed)
+                self._indexed.append(ref)
+        self._blocks_indexed = len(blocks)
+        return self._indexed
+
+    def _file_id(self, f: FileRef) -> int:
+        if (f.source, f.name) not in self._file_ids:
+            self._index_files()
+        return self._file_ids[f.source, f.name]
+
+    def indexed_file(self, file: int) -> tuple[str, str]:
+        """(run URI, file name) of `file`, the first coordinate of a batch's `index` (return_index):
+        with a hook and the row and column, what `token_context` takes. The URI is the store's own
+        for a Store given without `hooks` (it has no run folder above it)."""
+        files = self._index_files()
+        if isinstance(file, bool) or not 0 <= file < len(files):
+            raise ConfigError(f"file {file!r} is not an index of this loader's files (0..{len(files) - 1})")
+        ref = files[file]
+        prefix = self.files.catalog.prefixes[ref.source]
+        store = prefix.records if prefix.records is not None else prefix.store
+        return store.url(""), ref.name
 
     def _norm_params(self, h: int, center: bool, target: float | None) -> tuple[torch.Tensor | None, float]:
         if not center and target is None:
@@ -201,7 +236,8 @@ class TokenLoader(Reader):
     def _batch(self, states: list[torch.Tensor], buffers: ReadBuffers) -> Batch:
         B = self.batch_tokens
         ids = [buffers.empty((B,), torch.int32) for _ in range(2)] if self.return_ids else [None, None]
-        return Batch([buffers.empty((B, s.shape[-1]), s.dtype) for s in states], *ids)
+        index = buffers.empty((B, 3), torch.int64) if self.return_index else None
+        return Batch([buffers.empty((B, s.shape[-1]), s.dtype) for s in states], ids[0], ids[1], index=index)
 
     def _normalise(self, s: torch.Tensor, h: int, buffers: ReadBuffers | None) -> torch.Tensor:
         """`s: [tokens, d]` centred, scaled and cast as asked, in as few passes as give the same
@@ -230,7 +266,7 @@ class TokenLoader(Reader):
         cpu = self.device.type == "cpu"
         if cpu:  # normalised into recycled buffers
             states = [self._normalise(s, h, buffers) for h, s in enumerate(states)]
-        extra = [t[:n] for t in (batch.input_ids, batch.positions) if t is not None]
+        extra = [t[:n] for t in (batch.input_ids, batch.positions, batch.index) if t is not None]
         moved = to_device([*states, *extra], self.device, buffers)
         out = moved[: len(states)]
         if not cpu:  # the stored dtype went through the pinned batch buffer; the device normalises
@@ -238,8 +274,13 @@ class TokenLoader(Reader):
         st: Any = dict(zip(self.hooks, out, strict=True)) if self.hooks else out[0]
         if not extra:
             return st
-        ids, pos = moved[len(states) :]
-        return {"states": st, "input_ids": ids.to(torch.int64), "positions": pos}
+        got: dict[str, Any] = {"states": st}
+        rest = moved[len(states) :]
+        if self.return_ids:
+            got.update(input_ids=rest[0].to(torch.int64), positions=rest[1])
+        if self.return_index:
+            got["index"] = rest[-1]
+        return got
 
     def _iterate(self) -> Generator[Any, None, None]:
         gatherers = Workers(GATHER_THREADS - 1, "activault-gather") if GATHER_THREADS > 1 else None
@@ -263,7 +304,10 @@ class TokenLoader(Reader):
             taken = 0
             with self.files.prefetch(epoch, window_start(start, self.window, self.ramp), eager=True) as files:
                 for w, items in ramp_windows(files, self.window, self.ramp):
-                    win = Window(cast(list[FilteredFile], items))  # FilteredFile: made by self._load
+                    kept = cast(list[FilteredFile], items)  # FilteredFile: made by self._load
+                    ids = [self._file_id(item.file) for item in kept] if self.return_index else []
+                    win = Window(kept, ids)
+                    del kept
                     del items
                     for name, n in win.dropped.items():
                         self.filtered[name] += n
@@ -271,7 +315,8 @@ class TokenLoader(Reader):
                         raise ConfigError(
                             f"TokenLoader state: field 'offset' is {skip}, not a whole number 0..{max(win.n - 1, 0)}"
                             f" (window {w} of epoch {epoch} holds {win.n} tokens): the state was saved by a loader "
-                            "of other files, or with other filters (drop_positions_below, drop_nonfinite, token_filter)"
+                            "of other files, or with other filters (drop_positions_below, drop_nonfinite, "
+                            "token_filter, split)"
                         )
                     perm = permutation(win.n, mix_seed(self.seed, epoch, "window", w))
                     a, skip = skip, 0
@@ -325,6 +370,7 @@ class TokenLoader(Reader):
             "drop_nonfinite": self.drop_nonfinite,
             "token_filter": self.token_filter.describe(),
             "norm_limits": self.norm_limits,
+            "split": None if self.split is None else self.split.describe(),
             "shuffle": SHUFFLE,
         }
 
@@ -368,6 +414,12 @@ class TokenLoader(Reader):
 
     def _check_filters(self, state: dict[str, Any]) -> None:
         """The same tokens kept as when `state` was saved (states saved before filters: unchecked)."""
+        split = None if self.split is None else self.split.describe()
+        if state.get("split") != split:  # states saved before splits had none
+            raise ConfigError(
+                f"state was saved with split {state.get('split')}, this loader has {split}: make the loader "
+                "with the same split, test_fraction and split_seed to resume it"
+            )
         if "token_filter" not in state:
             return
         saved, mine = state["token_filter"], self.token_filter.describe()
@@ -387,66 +439,3 @@ class TokenLoader(Reader):
 
     def __enter__(self) -> TokenLoader:
         return self
-
-
-class ActivationDataset(IterableDataset):
-    """RCache megabatches, or TokenLoader batches with `batch_tokens`, for a DataLoader.
-
-    Each DataLoader worker reads its own files: shard `rank * num_workers + worker` of
-    `world_size * num_workers`. Call `set_epoch` before each epoch for a new file order.
-    With S3, a process that already used S3 must start workers with
-    `DataLoader(..., multiprocessing_context="spawn")`: obstore's I/O runtime does not survive fork.
-    """
-
-    def __init__(
-        self,
-        uri: Source | Sequence[Source],
-        *,
-        batch_tokens: int | None = None,
-        options: ReadOptions | None = None,
-        **kwargs: Any,
-    ):
-        """Args: `batch_tokens` (None: megabatches); `rank`, `world_size` and the other reading
-        options (ReadOptions, or keywords) and the reader's own keywords, as RCache's or
-        TokenLoader's. They are checked here, not first in a DataLoader worker."""
-        reader = RCache if batch_tokens is None else TokenLoader
-        own = keywords(reader.__init__, "uri", "options", "batch_tokens")
-        self.options, self.reader_options = read_options("ActivationDataset", options, kwargs, own)
-        if batch_tokens is None:
-            check_whole(self.options)
-        self.uri = uri
-        self.batch_tokens = None if batch_tokens is None else whole("batch_tokens", batch_tokens)
-        self.rank, self.world_size = self.options.rank, self.options.world_size
-        self.epoch = 0
-        self._pickled = False  # False in a forked worker: it shares the parent's memory
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _pickled=True)
-
-    def _check_fork(self) -> None:
-        uris = [self.uri] if isinstance(self.uri, str | Path | Store) else list(self.uri)
-        s3 = any(is_s3(u) or type(u).__module__ == "activault.storage.s3" for u in uris)
-        if s3 and not self._pickled and "activault.storage.s3" in sys.modules:
-            raise ConfigError(
-                "DataLoader workers were forked from a process that already used S3, and "
-                "obstore's I/O runtime does not survive fork (reads would hang): pass "
-                "multiprocessing_context='spawn' to DataLoader"
-            )
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[Any]:
-        info = get_worker_info()
-        n, i = (info.num_workers, info.id) if info is not None else (1, 0)
-        if info is not None:
-            self._check_fork()
-        opts = replace(self.options, rank=self.rank * n + i, world_size=self.world_size * n)
-        reader: RCache | TokenLoader
-        if self.batch_tokens is None:
-            reader = RCache(self.uri, options=opts, **self.reader_options)
-        else:
-            reader = TokenLoader(self.uri, batch_tokens=self.batch_tokens, options=opts, **self.reader_options)
-        reader.epoch = self.epoch
-        with reader:
-            yield from reader

@@ -9,7 +9,7 @@ measure the ramp is reported with (docs/benchmarks.md).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -115,6 +115,7 @@ class Batch:
     input_ids: torch.Tensor | None  # [batch_tokens] int32; None unless return_ids
     positions: torch.Tensor | None  # [batch_tokens] int32; None unless return_ids
     filled: int = 0
+    index: torch.Tensor | None = None  # [batch_tokens, 3] int64 (file, row, column); None unless return_index
 
 
 def _bytes(x: torch.Tensor) -> np.ndarray:
@@ -125,9 +126,12 @@ def _bytes(x: torch.Tensor) -> np.ndarray:
 class Window:
     """The kept tokens of a window of megabatches, indexed 0..n-1 without copying them together:
     the gather reads the files' own buffers (the fetched or mapped bytes, or the decoded states).
-    Which tokens are kept was decided per file on loading (filters.py: `FilteredFile.kept`)."""
+    Which tokens are kept was decided per file on loading (filters.py: `FilteredFile.kept`).
+    `file_ids`: each file's index in the reader's file list, for the batches' coordinates."""
 
-    def __init__(self, items: list[FilteredFile]):
+    def __init__(self, items: list[FilteredFile], file_ids: Sequence[int] = ()):
+        self.file_ids = list(file_ids)
+        self.seq = [item.input_ids.shape[-1] for item in items]
         self.states: list[list[torch.Tensor]] = [[] for _ in items[0].states]  # per hook, per file: [tokens, d]
         self.rows: list[list[np.ndarray]] = [[] for _ in items[0].states]  # the same as [tokens, row_bytes] uint8
         self.ids, self.pos = [], []
@@ -168,6 +172,10 @@ class Window:
                 local = torch.from_numpy(rows)
                 torch.index_select(self.ids[f], 0, local, out=batch.input_ids[start + lo : start + hi])
                 torch.index_select(self.pos[f], 0, local, out=batch.positions[start + lo : start + hi])
+            if batch.index is not None:  # a token's flat index in its file is (row, column)
+                at = batch.index[start + lo : start + hi].numpy()
+                at[:, 0] = self.file_ids[f]
+                np.divmod(rows, self.seq[f], out=(at[:, 1], at[:, 2]))
         take_rows(takes, workers)
         batch.filled += index.size
 

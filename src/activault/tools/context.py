@@ -22,7 +22,8 @@ from activault.collection.resume import source_from_record
 from activault.config import DataConfig
 from activault.errors import ConfigError, DataError, FormatError, NotFoundError
 from activault.storage.base import join
-from activault.vault.megabatch import check_provenance, decode
+from activault.tools.shuffle import shuffled_machines, source_document
+from activault.vault.megabatch import check_provenance, check_shuffled_provenance, decode
 from activault.vault.records import RunRecord, parse_file_name
 from activault.vault.runs import locate_run
 
@@ -99,20 +100,24 @@ def token_context(run_uri: str, hook: str, file: str, row: int, column: int, win
             f"{url} was written before provenance (format version {mb.metadata.get('format_version', '?')}): it "
             "holds no document ordinals, so its tokens cannot be traced; a run collected by this activault can be"
         )
-    check_provenance(docs, pos, url)
-    doc, p, tid = int(docs[row, column]), int(pos[row, column]), int(mb.input_ids[row, column])
-    if doc < 0:
+    if shuffled_machines(rec) is None:
+        check_provenance(docs, pos, url)
+    else:  # the run's record says its tokens were shuffled (`activault shuffle`): no order to check
+        check_shuffled_provenance(docs, pos, url)
+    stored, p, tid = int(docs[row, column]), int(pos[row, column]), int(mb.input_ids[row, column])
+    if stored < 0:
         raise DataError(
             f"row {row}, column {column} of {name} is padding (the end of machine {machine}'s data), no token"
         )
+    machine, doc, num_runs = source_document(rec, machine, stored)
     ctx = Context(found.record.run_name, hook, name, row, column, machine, doc, p, tid, None)
     tok = _tokenizer(rec)
     if tok is None:
-        return _ids_only(ctx, mb.input_ids[row], docs[row], window)
+        return _ids_only(ctx, mb.input_ids[row], docs[row] == stored, window)
     ctx.tokenizer = rec.tokenizer
     dc = _data_config(rec, run_uri)
     spec = source_from_record(rec.source) if rec.source is not None else None
-    text = document_at(dc, doc, machine=machine, num_runs=rec.num_runs, spec=spec)
+    text = document_at(dc, doc, machine=machine, num_runs=num_runs, spec=spec)
     if text is None:
         raise DataError(f"machine {machine}'s source has no document {doc}: {CHANGED}")
     ids, _ = encode_document(
@@ -129,9 +134,10 @@ def token_context(run_uri: str, hook: str, file: str, row: int, column: int, win
     return ctx
 
 
-def _ids_only(ctx: Context, ids: torch.Tensor, docs: torch.Tensor, window: int) -> Context:
-    """The stored ids of the token's document in its row, around it: what is known without a tokenizer."""
-    same = (docs == ctx.document).nonzero().squeeze(1).tolist()
+def _ids_only(ctx: Context, ids: torch.Tensor, same_doc: torch.Tensor, window: int) -> Context:
+    """The stored ids of the token's document in its row (`same_doc`: [seq] bool), around it: what is
+    known without a tokenizer."""
+    same = same_doc.nonzero().squeeze(1).tolist()
     at = same.index(ctx.column)
     shown = same[max(0, at - window) : at + window + 1]
     ctx.ids = [int(ids[c]) for c in shown]

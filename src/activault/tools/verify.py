@@ -27,6 +27,7 @@ from activault.errors import FormatError, NotFoundError
 from activault.storage import Store, locate
 from activault.storage.base import REREADS, ObjectChanged, ObjectHandle, join
 from activault.tools.inspection import foreign, list_dir, nonfinite_tokens
+from activault.tools.shuffle import shuffled_machines
 from activault.tools.verify_records import check_statistics, read_records, unfinished_machines
 from activault.units import human_bytes
 from activault.vault import original as orig
@@ -36,6 +37,7 @@ from activault.vault.megabatch import (
     Header,
     Megabatch,
     check_provenance,
+    check_shuffled_provenance,
     decode,
     header_length,
     megabatch_files,
@@ -90,7 +92,14 @@ class Verification:
 
 
 def _check_file(
-    store: Store, run: str, hook: str, name: str, size: int, deep: bool, d_model: int | None = None
+    store: Store,
+    run: str,
+    hook: str,
+    name: str,
+    size: int,
+    deep: bool,
+    d_model: int | None = None,
+    shuffled: bool = False,
 ) -> FileCheck:
     """One file: its header (and `d_model`, cfg.json's width of the hook, if known); `deep`: its bytes.
 
@@ -102,7 +111,7 @@ def _check_file(
         check = FileCheck(hook, name)
         try:
             with store.open(key, size if attempt == 1 else None) as obj:  # then: its size as it is now
-                return _check_version(obj, store.url(run), check, deep, d_model)
+                return _check_version(obj, store.url(run), check, deep, d_model, shuffled)
         except ObjectChanged:
             continue
     check.problems.append(
@@ -123,8 +132,10 @@ def _fetch_header(obj: ObjectHandle) -> Header:
     return parse_header(head, obj.url, obj.size)
 
 
-def _check_version(obj: ObjectHandle, run_url: str, check: FileCheck, deep: bool, d_model: int | None) -> FileCheck:
-    """`_check_file` of one version of the file."""
+def _check_version(
+    obj: ObjectHandle, run_url: str, check: FileCheck, deep: bool, d_model: int | None, shuffled: bool = False
+) -> FileCheck:
+    """`_check_file` of one version of the file; `shuffled`: cfg.json says the run is a shuffle."""
     hook, name = check.hook, check.name
     try:
         check.header = h = _fetch_header(obj)
@@ -141,7 +152,7 @@ def _check_version(obj: ObjectHandle, run_url: str, check: FileCheck, deep: bool
             mb = decode(obj.read(0, obj.size), obj.url, h, verify_checksums=True)
             check.checksummed = bool(h.checksums)
             check.nonfinite = nonfinite_tokens(mb.states)
-            check.span = _span(mb, obj.url)
+            check.span = _span(mb, obj.url, shuffled)
             ids, pos = (
                 bytes(mb.tensors["input_ids"].numpy()),
                 bytes(mb.tensors["positions"].numpy()),
@@ -159,11 +170,14 @@ def _check_version(obj: ObjectHandle, run_url: str, check: FileCheck, deep: bool
     return check
 
 
-def _span(mb: Megabatch, url: str) -> tuple[Cursor, Cursor, bool] | None:
-    """A file's provenance, checked within it (FormatError), as its first and last real tokens."""
+def _span(mb: Megabatch, url: str, shuffled: bool = False) -> tuple[Cursor, Cursor, bool] | None:
+    """A file's provenance, checked within it (FormatError), as its first and last real tokens.
+    A shuffled run's files have no order: only whether the file is padded counts (first = last)."""
     docs, pos = mb.documents, mb.positions
     if docs is None or pos is None:
         return None  # written before provenance
+    if shuffled:
+        return (-1, -1), (-1, -1), check_shuffled_provenance(docs, pos, url)
     last = check_provenance(docs, pos, url)
     real = (docs >= 0).reshape(-1).nonzero()
     if last is None:
@@ -172,9 +186,10 @@ def _span(mb: Megabatch, url: str) -> tuple[Cursor, Cursor, bool] | None:
     return (int(docs.reshape(-1)[i]), int(pos.reshape(-1)[i])), last, bool((docs < 0).any())
 
 
-def _provenance_order(checks: list[FileCheck], run_url: str) -> list[str]:
+def _provenance_order(checks: list[FileCheck], run_url: str, shuffled: bool = False) -> list[str]:
     """(deep) Each machine's files continue its document stream: ordinals never decrease from one
-    file to the next, a document's positions keep increasing, and only its last file is padded."""
+    file to the next, a document's positions keep increasing, and only its last file is padded
+    (a shuffled run's: only the last file is padded)."""
     problems = []
     prev: dict[tuple[str, int], tuple[str, Cursor, bool]] = {}
     for c in sorted(checks, key=lambda c: (c.hook, c.name)):
@@ -183,7 +198,7 @@ def _provenance_order(checks: list[FileCheck], run_url: str) -> list[str]:
             continue
         first, last, padded = c.span
         before = prev.get((c.hook, m[0]))
-        if before is not None and (before[2] or first <= before[1]):
+        if before is not None and (before[2] or (not shuffled and first <= before[1])):
             why = (
                 "follows a padded file"
                 if before[2]
@@ -316,9 +331,17 @@ def verify_run(store: Store, run: str = "", threads: int = 8, deep: bool = False
             )
     jobs = [(h, n) for h in names for n in sorted(names[h])]
     dims = cfg.hook_dims if cfg else {}
+    # The run's record, never a file, says whether its files are in collection order.
+    try:
+        shuffled = cfg is not None and shuffled_machines(cfg) is not None
+    except FormatError as e:
+        shuffled = True
+        out.problems.append(str(e))
     with ThreadPoolExecutor(min(threads, DEEP_THREADS) if deep else threads) as pool:
         checks = list(
-            pool.map(lambda j: _check_file(store, run, j[0], j[1], names[j[0]][j[1]], deep, dims.get(j[0])), jobs)
+            pool.map(
+                lambda j: _check_file(store, run, j[0], j[1], names[j[0]][j[1]], deep, dims.get(j[0]), shuffled), jobs
+            )
         )
     ref: dict[str, FileCheck] = {}
     for c in checks:
@@ -342,7 +365,7 @@ def verify_run(store: Store, run: str = "", threads: int = 8, deep: bool = False
     else:
         want, total = list(range(cfg.num_runs)) if cfg else out.machines, out.tokens
     out.problems += check_statistics(store, run, list(names), total, want, not out.unfinished)
-    out.problems += _provenance_order(checks, out.run) if deep else []
+    out.problems += _provenance_order(checks, out.run, shuffled) if deep else []
     out.notes += _integrity_notes(checks, list(names), deep)
     if cfg is not None and cfg.imported_from is not None:
         out.notes.append(cfg.imported_from.provenance())

@@ -555,6 +555,36 @@ def check_provenance(
     return int(d[-1]), int(p[-1])
 
 
+def check_shuffled_provenance(documents: torch.Tensor, positions: torch.Tensor, url: str) -> bool:
+    """Check a shuffled run's file (its cfg.json says so, never the file): padding is -1 in both
+    tensors and only ends the file, and no (document, position) occurs twice. Returns whether it
+    is padded. FormatError naming the file and the first bad token."""
+    docs, pos = documents.reshape(-1), positions.reshape(-1).to(torch.int64)
+    seq = positions.shape[-1] if positions.dim() else 1
+    where = lambda i: f"row {i // seq}, column {i % seq}"  # noqa: E731
+    pad = docs < 0
+    odd = (pad != (pos < 0)) | (docs < -1)
+    if bool(odd.any()):
+        i = int(odd.nonzero()[0])
+        raise FormatError(
+            f"{url}: provenance of {where(i)} is document {int(docs[i])}, position {int(pos[i])}: padding "
+            "is -1 in both and a real token in neither; the file is damaged"
+        )
+    n = int((~pad).sum())
+    if bool(pad[:n].any()):
+        i = int(pad.nonzero()[0])
+        raise FormatError(f"{url}: padding at {where(i)} before real tokens: padding only ends a shuffled run")
+    pairs = torch.stack([docs[:n], pos[:n]], 1)
+    unique, inverse, counts = torch.unique(pairs, dim=0, return_inverse=True, return_counts=True)
+    if unique.shape[0] != n:
+        i = int((counts[inverse] > 1).nonzero()[0])
+        raise FormatError(
+            f"{url}: document {int(docs[i])} position {int(pos[i])} occurs more than once (first at {where(i)}): "
+            "a shuffle moves each token once; the file is damaged"
+        )
+    return n < docs.numel()
+
+
 def check_checksums(header: Header, buf: bytes | bytearray | memoryview, url: str | None = None) -> bool:
     """Check every tensor's bytes in `buf` (the whole file) against the header's checksums.
 

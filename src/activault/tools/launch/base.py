@@ -231,7 +231,8 @@ def progress_reader(launch: Launch) -> Callable[[int], str]:
             return f"progress unreadable ({str(e).split('; ')[0]})"
         if rec is not None and rec.finished:
             return f"finished ({rec.files_done} files)"
-        return f"files {rec.files_done if rec else 0}/{launch.cfg.machine_files(machine)}"
+        planned = launch.cfg.machine_files(machine)  # None: until the data runs out
+        return f"files {rec.files_done if rec else 0}/{'?' if planned is None else planned}"
 
     return read
 

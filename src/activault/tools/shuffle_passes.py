@@ -1,0 +1,408 @@
+"""The two passes of `activault shuffle` (tools/shuffle.py): the plan of buckets and pieces from the
+seed, pass 1 (scatter each source file's slots into pieces by bucket) and pass 2 (gather each
+bucket, permuted, into the new run's files).
+
+Speed (docs/benchmarks.md, "Issue 31"): the buffers a pass fills are allocated once and reused (a
+fresh 4 MiB tensor costs a page fault per page, more than the gather into it); pass 2 reads the
+pieces ahead on a thread; the temporary run is written without fsync (tools/shuffle.py `scratch`)
+and its pieces written by this process are not verified again (a resumed shuffle's are). The
+source is always read with its checksums verified.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from activault import dtypes
+from activault.background import prefetch
+from activault.errors import FormatError
+from activault.reading.order import mix_seed
+from activault.reading.window import permutation
+from activault.storage import Store
+from activault.storage.base import join
+from activault.storage.lock import MachineLock
+from activault.vault.megabatch import decode, fetch_header
+from activault.vault.records import HookMetadata, RunRecord, file_name
+from activault.vault.stats import RunningStats
+from activault.vault.writer import RunWriter
+
+PIECES, PADDING = 0, 1  # the temporary run's two "machines": bucket pieces, and padding apart
+AHEAD = 2  # pass 2's pieces read ahead of the one being copied into its bucket
+
+
+@dataclass
+class Meter:
+    """Token slots held in memory at once, counted where they are allocated and let go."""
+
+    held: int = 0
+    peak: int = 0
+
+    def hold(self, n: int) -> None:
+        self.held += n
+        self.peak = max(self.peak, self.held)
+
+    def drop(self, n: int) -> None:
+        self.held -= n
+
+
+@dataclass
+class SourceRun:
+    """The source: its records, files (name order), each file's token slots and machine, and
+    whether every file carries provenance (`documents`)."""
+
+    store: Store
+    run: str
+    record: RunRecord
+    metadata: dict[str, HookMetadata]
+    names: list[str]
+    slots: list[int]
+    machines: list[int]
+    provenance: bool
+    stats: dict[str, RunningStats] = field(default_factory=dict)
+
+    @property
+    def seq(self) -> int:
+        return next(iter(self.metadata.values())).seq_length
+
+    @property
+    def token_bytes(self) -> int:
+        per = 16 if self.provenance else 8  # ids and positions int32, documents int64
+        return per + sum(m.d_model * dtypes.to_torch(m.dtype).itemsize for m in self.metadata.values())
+
+
+# ---- the plan: buckets and pieces, from the seed and the files' sizes -------------------------------
+
+
+def _rng(seed: int, *parts: int | str) -> np.random.Generator:
+    return np.random.Generator(np.random.PCG64(mix_seed(seed, "shuffle", *parts)))
+
+
+def bucket_counts(slots: Sequence[int], buckets: int, seed: int) -> np.ndarray:
+    """[files, buckets]: how many of each file's slots go to each bucket (a multinomial draw)."""
+    p = np.full(buckets, 1.0 / buckets)
+    return np.stack([_rng(seed, "file", j).multinomial(c, p) for j, c in enumerate(slots)])
+
+
+def labels(count: np.ndarray, j: int, seed: int) -> np.ndarray:
+    """Each slot's bucket in file j: the counts (first draw) arranged uniformly (second draw)."""
+    g = _rng(seed, "file", j)
+    g.multinomial(int(count.sum()), np.full(count.size, 1.0 / count.size))  # the counts' draw
+    return g.permutation(np.repeat(np.arange(count.size), count))
+
+
+def piece_index(counts: np.ndarray) -> np.ndarray:
+    """[files, buckets]: the temporary run's file index of each non-empty piece (-1: empty)."""
+    present = counts > 0
+    return np.where(present, np.cumsum(present.ravel()).reshape(counts.shape) - 1, -1)
+
+
+def piece_slots(counts: np.ndarray) -> int:
+    """Pass 2's pieces held at once at most: the one copied, `AHEAD` queued, the one being read."""
+    return (AHEAD + 2) * int(counts.max())
+
+
+def global_documents(docs: torch.Tensor, machine: int, machines: int) -> torch.Tensor:
+    """A source machine's document ordinals as a shuffled run stores them: `ordinal * machines +
+    machine` (one stream over every source machine), padding -1 kept."""
+    return torch.where(docs >= 0, docs * machines + machine, docs)
+
+
+def _rows(t: torch.Tensor) -> np.ndarray:
+    """A contiguous [n, ...] tensor's memory as n opaque numpy rows: gathers and copies are then one
+    memcpy per row on this thread (torch's thread pool costs ~50x on a loaded 2-core machine)."""
+    raw = t.reshape(t.shape[0], -1).view(torch.uint8).numpy()
+    return raw.view(np.dtype((np.void, raw.shape[1]))).reshape(t.shape[0])
+
+
+# ---- token slots --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tokens:
+    """Token slots of every hook, flat: states per hook [n, d], ids and positions [n] int32,
+    documents [n] int64 (None: the source has no provenance)."""
+
+    states: dict[str, torch.Tensor]
+    ids: torch.Tensor
+    pos: torch.Tensor
+    docs: torch.Tensor | None
+
+    @property
+    def n(self) -> int:
+        return int(self.ids.numel())
+
+    @staticmethod
+    def empty(like: Tokens, n: int) -> Tokens:
+        """Buffers for `n` slots shaped like `like`'s (allocated once, then reused)."""
+        return Tokens(
+            {h: torch.empty((n, s.shape[1]), dtype=s.dtype) for h, s in like.states.items()},
+            torch.empty(n, dtype=torch.int32),
+            torch.empty(n, dtype=torch.int32),
+            None if like.docs is None else torch.empty(n, dtype=torch.int64),
+        )
+
+    def view(self, a: int, b: int) -> Tokens:
+        docs = None if self.docs is None else self.docs[a:b]
+        return Tokens({h: s[a:b] for h, s in self.states.items()}, self.ids[a:b], self.pos[a:b], docs)
+
+    def columns(self) -> list[torch.Tensor]:
+        return [*self.states.values(), self.ids, self.pos] + ([self.docs] if self.docs is not None else [])
+
+    def gather(self, index: np.ndarray, out: Tokens) -> Tokens:
+        """self[index] into the first len(index) slots of `out` (no allocation); returns that view."""
+        dest = out.view(0, index.size)
+        for s, d in zip(self.columns(), dest.columns(), strict=True):
+            np.take(_rows(s), index, out=_rows(d))
+        return dest
+
+    def put(self, at: int, other: Tokens) -> None:
+        """Copy `other` into slots at..at+other.n."""
+        for s, d in zip(other.columns(), self.view(at, at + other.n).columns(), strict=True):
+            _rows(d)[...] = _rows(s)
+
+    def write(self, out: RunWriter, seq: int, data_state: dict[str, int]) -> Future[None]:
+        """These slots as the writer's next file ([rows, seq, d] and [rows, seq])."""
+        r = self.n // seq
+        states = {h: s.reshape(r, seq, -1) for h, s in self.states.items()}
+        docs = None if self.docs is None else self.docs.reshape(r, seq)
+        real = int((self.pos >= 0).sum())
+        return out.write_file(
+            states,
+            self.ids.reshape(r, seq),
+            self.pos.reshape(r, seq),
+            tokens=real,
+            data_state=data_state,
+            stats={},
+            documents=docs,
+        )
+
+
+def read_file(store: Store, run: str, hooks: list[str], name: str, provenance: bool, verify: bool = True) -> Tokens:
+    """One file of every hook (checksums verified unless `verify` is False: a piece this process
+    wrote); ids, positions and documents must agree across hooks."""
+    states, first = {}, None
+    for h in hooks:
+        url = store.url(join(run, h, name))
+        mb = decode(store.get(join(run, h, name)), url, verify_checksums=verify)
+        if mb.positions is None:
+            raise FormatError(f"{url} has no positions (a legacy file): not shuffled; nothing written")
+        docs = mb.documents.reshape(-1) if mb.documents is not None else None
+        if provenance and docs is None:
+            raise FormatError(f"{url} has no documents, other files of the run have: it changed; not shuffled")
+        mine = Tokens({}, mb.input_ids.reshape(-1), mb.positions.reshape(-1), docs if provenance else None)
+        if first is None:
+            first = mine
+        elif not (
+            torch.equal(first.ids, mine.ids)
+            and torch.equal(first.pos, mine.pos)
+            and (first.docs is None or mine.docs is None or torch.equal(first.docs, mine.docs))
+        ):
+            raise FormatError(f"{url}: its tokens differ from hook {hooks[0]!r}'s file of the same name; not shuffled")
+        states[h] = mb.states.reshape(mine.n, -1)
+    assert first is not None
+    return Tokens(states, first.ids, first.pos, first.docs)
+
+
+# ---- pass 1: scatter ----------------------------------------------------------------------------------
+
+
+def _read_source(src: SourceRun, j: int) -> Tokens:
+    """Source file j, verified, its documents as the shuffled run stores them."""
+    tokens = read_file(src.store, src.run, src.record.hooks, src.names[j], src.provenance)
+    if tokens.n != src.slots[j]:
+        raise FormatError(f"{src.store.url(src.run)}: {src.names[j]} changed while it was shuffled")
+    if tokens.docs is not None:
+        tokens.docs = global_documents(tokens.docs, src.machines[j], src.record.num_runs)
+    return tokens
+
+
+def scatter(
+    src: SourceRun,
+    store: Store,
+    temp: tuple[RunRecord, dict[str, HookMetadata]],
+    counts: np.ndarray,
+    seed: int,
+    meter: Meter,
+    claim: MachineLock,
+) -> int:
+    """Pass 1: every source file's slots as pieces by bucket, and its padding apart, resumed from
+    the temporary run's progress records. Returns the first piece this process wrote (the pieces
+    before it, if any, were written by a killed shuffle)."""
+    record, meta = temp
+    index = piece_index(counts)
+    pieces, pads = RunWriter(store, record, meta, PIECES), RunWriter(store, record, meta, PADDING, threads=1)
+    total = int((index >= 0).sum())
+    if pieces.files >= total:
+        return total
+    fresh = pieces.files
+    pieces.join()
+    pieces.begin()
+    pads.begin()
+    pad_from = int((pads.resumed.data_state or {}).get("source_file", 0))
+    start = int(np.argwhere(index == pieces.files)[0][0])
+    reader = ThreadPoolExecutor(1, thread_name_prefix="activault-shuffle-read")
+    inflight: deque[tuple[Future[None] | None, Tokens]] = deque()
+    most = max(src.slots)
+    free: list[Tokens] = []  # grouped buffers (2): this file's pieces, the previous file's in flight
+    try:
+        ahead = reader.submit(_read_source, src, start)
+        meter.hold(most)
+        for j in range(start, len(src.names)):
+            claim.check()
+            tokens = ahead.result()
+            if j + 1 < len(src.names):  # the next file read while this one is scattered
+                ahead = reader.submit(_read_source, src, j + 1)
+                meter.hold(most)
+            if not free:
+                free.append(Tokens.empty(tokens, most))
+                meter.hold(most)
+            buf = free.pop()
+            grouped = tokens.gather(np.argsort(labels(counts[j], j, seed), kind="stable"), buf)
+            pad = np.flatnonzero(tokens.pos.numpy() < 0)
+            if pad.size and j >= pad_from:
+                apart = tokens.gather(pad, Tokens.empty(tokens, pad.size))
+                meter.hold(apart.n)
+                apart.write(pads, 1, {"source_file": j + 1})
+                pads.flush()  # counted before the pieces that follow it: pass 1's end says both are done
+                meter.drop(apart.n)
+            del tokens
+            meter.drop(most)
+            ends = np.cumsum(counts[j])
+            last = None
+            for b in np.flatnonzero(counts[j]):
+                if index[j, b] < pieces.files:
+                    continue  # written before the kill
+                a = int(ends[b] - counts[j, b])
+                last = grouped.view(a, int(ends[b])).write(pieces, 1, {"source_file": j, "bucket": int(b) + 1})
+            inflight.append((last, buf))
+            while len(inflight) > 1:  # this file's pieces and the previous file's in flight
+                fut, done = inflight.popleft()
+                if fut is not None:
+                    fut.result()
+                free.append(done)  # reused once the writes that read it are done
+        pieces.flush()
+        pieces.close()
+        pads.close()
+    except BaseException:
+        pieces.abort()
+        pads.abort()
+        raise
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
+        meter.drop(meter.held)
+    return fresh
+
+
+# ---- pass 2: gather -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """Pass 2's inputs: the temporary run, the counts, the padding files and which pieces are fresh."""
+
+    temp: RunRecord
+    counts: np.ndarray
+    pad_files: int
+    seed: int
+    fresh: int  # pieces from this index on were written by this process (not verified again)
+    provenance: bool
+
+
+def _pieces(store: Store, plan: Plan, begin: int) -> Iterator[tuple[int, Tokens]]:
+    """(bucket, piece) from bucket `begin` on, read on a thread `AHEAD` pieces ahead; the padding
+    files last, as bucket `buckets`."""
+    index = piece_index(plan.counts)
+    buckets = plan.counts.shape[1]
+    hooks, run = plan.temp.hooks, plan.temp.run_name
+
+    def produce() -> Iterator[tuple[int, Tokens]]:
+        for b in range(begin, buckets):
+            for k in index[:, b][index[:, b] >= 0].tolist():
+                verify = k < plan.fresh
+                yield b, read_file(store, run, hooks, file_name(PIECES, k), plan.provenance, verify)
+        for k in range(plan.pad_files if begin <= buckets else 0):
+            yield buckets, read_file(store, run, hooks, file_name(PADDING, k), plan.provenance)
+
+    return prefetch(produce(), AHEAD)
+
+
+def _streams(store: Store, plan: Plan, meter: Meter, begin: int) -> Iterator[tuple[int, Tokens, np.ndarray]]:
+    """(bucket, its tokens, their order) from bucket `begin` on: each bucket's real tokens permuted,
+    then the padding (bucket `buckets`) in source order. The bucket's buffer is reused."""
+    sizes = plan.counts.sum(0).tolist()
+    if plan.pad_files:
+        head = lambda k: fetch_header(store, join(plan.temp.run_name, plan.temp.hooks[0], file_name(PADDING, k)))  # noqa: E731
+        sizes.append(sum(head(k).rows for k in range(plan.pad_files)))
+    buf: Tokens | None = None
+    b, at = begin, 0
+    for pb, piece in _pieces(store, plan, begin):
+        while pb > b:  # bucket b is complete
+            if b < len(sizes) and sizes[b]:
+                yield _finished(store, plan, b, buf, at, sizes[b])
+            b, at = b + 1, 0
+        if buf is None:
+            buf = Tokens.empty(piece, max(sizes[begin:]))
+            meter.hold(buf.n + piece_slots(plan.counts))  # the bucket, and the pieces in flight
+        buf.put(at, piece)
+        at += piece.n
+    while b < len(sizes):
+        if sizes[b]:
+            yield _finished(store, plan, b, buf, at, sizes[b])
+        b, at = b + 1, 0
+
+
+def _finished(store: Store, plan: Plan, b: int, buf: Tokens | None, at: int, n: int) -> tuple[int, Tokens, np.ndarray]:
+    if buf is None or at != n:
+        url = store.url(plan.temp.run_name)
+        raise FormatError(
+            f"{url}: bucket {b}'s files hold {at} tokens, not {n}: the temporary run is damaged (e.g. the "
+            f"machine stopped while it was written without fsync); remove the folder {url} (scratch, written "
+            "again from SRC) and run the same command again"
+        )
+    tokens = buf.view(0, n)
+    if b == plan.counts.shape[1]:
+        return b, tokens, np.arange(n)
+    real = np.flatnonzero(tokens.pos.numpy() >= 0)
+    return b, tokens, real[permutation(real.size, mix_seed(plan.seed, "shuffle", "bucket", b))]
+
+
+def gather(src: SourceRun, out: RunWriter, plan: Plan, meter: Meter, claim: MachineLock) -> None:
+    """Pass 2: DST's files from the buckets in order, resumed at the cursor of its progress record."""
+    seq, buckets = src.seq, plan.counts.shape[1]
+    per_file = next(iter(src.metadata.values())).rows_per_file * seq
+    cursor = out.resumed.data_state or {"bucket": 0, "offset": 0}
+    begin, skip = int(cursor["bucket"]), int(cursor["offset"])
+    free: list[Tokens] = []  # staging files (2): one filled while the other is written
+    staging: Tokens | None = None
+    filled = 0
+    inflight: deque[tuple[Future[None], Tokens]] = deque()
+    for b, tokens, order in _streams(out.store, plan, meter, begin):
+        a, skip = skip, 0
+        while a < order.size:
+            claim.check()
+            if staging is None:
+                if not free:
+                    free.append(Tokens.empty(tokens, per_file))
+                    meter.hold(per_file)
+                staging = free.pop()
+            take = min(per_file - filled, order.size - a)
+            tokens.gather(order[a : a + take], staging.view(filled, filled + take))
+            a, filled = a + take, filled + take
+            if filled == per_file:
+                at = {"bucket": b + 1, "offset": 0} if a == order.size else {"bucket": b, "offset": a}
+                inflight.append((staging.write(out, seq, at), staging))
+                staging, filled = None, 0
+                while len(inflight) > 1:  # this file and the one before it in flight
+                    fut, done = inflight.popleft()
+                    fut.result()
+                    free.append(done)  # refilled only once its write is done
+    if staging is not None and filled:  # the last file, short
+        staging.view(0, filled).write(out, seq, {"bucket": buckets + 1, "offset": 0})
+    out.flush()
+    meter.drop(meter.held)
