@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from activault import TokenLoader
+from activault import RCache, TokenLoader
 from activault.integrations.shared import run_statistics
 
 pytestmark = pytest.mark.slow  # a collection and three short trainings: about two minutes on 2 cores
@@ -90,3 +90,18 @@ def test_crosscoder_example(runs: tuple[str, str], workdir: Path) -> None:
     for h in ex.LAYERS:  # a joint 16-dim code cannot beat one layer's own best 16-dim code on it
         floor = pca_ev(tokens(runs[0], h, norm_target=8.0), tokens(runs[1], h, norm_target=8.0), k=16)
         assert out[f"{h} at start"] < 0.1 < floor < out[h], (h, floor, out)
+
+
+def test_crosscoder_example_across_two_aligned_models(runs: tuple[str, str], workdir: Path) -> None:
+    import crosscoder_saelens as ex
+
+    out = ex.main_two_models(workdir, steps=60)
+    for m in ("model 0", "model 1"):
+        assert out[f"{m} at start"] < 0.1 < out[m], (m, out)
+    # the second model's runs hold the first's tokens, file for file
+    for first, second in ex.aligned_vault(workdir).values():
+        ids = []
+        for run in (first, second):
+            with RCache(run, hooks=[ex.PAIR_HOOK], return_ids=True) as cache:
+                ids.append(torch.cat([item["input_ids"] for item in cache]))
+        assert torch.equal(ids[0], ids[1])

@@ -127,6 +127,18 @@ class DataConfig(_Section):
     messages_field: str | None = None
     """Local files: the field holding a conversation, a list of {role, content} (default: the first
     of `messages`, `conversation`, `conversations` present)."""
+    align_to: str | None = None
+    """A stored run (`PATH/RUN` or `s3://BUCKET[/PREFIX]/RUN`) to collect the same tokens as, with
+    this model: its data config is used (source, seq_length, batch_size, packing, seed, n_batches,
+    num_runs, batches_per_upload; a key set here to another value is refused), and this model's
+    tokenizer must give its stored token ids, so file k of both runs holds the same tokens."""
+
+    @field_validator("align_to")
+    @classmethod
+    def _align_to(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip("/ "):
+            raise ValueError("name a run folder, e.g. ./vault/base or s3://bucket/base")
+        return v
 
     @field_validator("n_batches", mode="before")
     @classmethod

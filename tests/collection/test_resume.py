@@ -56,6 +56,7 @@ OTHER: dict[str, Any] = {
     "data_config.clean_added_tokens": True,
     "data_config.clean_default_system_prompt": True,
     "data_config.shuffle_buffer": 16,
+    "data_config.align_to": "./vault/base",
     "data_config.on_bad_record": "error",
     "upload_config.batches_per_upload": 3,
     "upload_config.hooks": ["models.layers.1.post"],

@@ -134,7 +134,7 @@ def test_loop_without_tokens_is_an_error(run: SynthRun, tmp_path: Path) -> None:
 
 def test_dropped_tail_is_counted_and_logged(run: SynthRun, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     kept = sum(tokens(run, "h1").values())
-    with caplog.at_level(logging.INFO, logger="activault.reading.tokens"):
+    with caplog.at_level(logging.INFO, logger="activault.reading"):
         loader = TokenLoader(tmp_path / "run/h1", batch_tokens=32, window=3)
         batches = list(loader)
     assert loader.dropped_tokens == kept - 32 * len(batches) > 0
@@ -281,7 +281,7 @@ def test_one_bad_token_leaves_the_other_tokens_normalised(
     # The statistics leave the bad tokens out: centring delivers them (only them) as NaN or Inf,
     # and with drop_nonfinite every token is finite and centred on the statistics' exact mean.
     opts = dict(hooks=["h1", "h2"], batch_tokens=25, center=True, norm_target=8**0.5, drop_last=False)
-    with caplog.at_level(logging.WARNING, logger="activault.reading.tokens"):
+    with caplog.at_level(logging.WARNING, logger="activault.reading"):
         batches = list(TokenLoader(tmp_path / "bad", **opts))
     assert "1 token(s) with NaN or Inf are left out of the statistics but still delivered" in caplog.text
     bad = [int((~torch.isfinite(b[h])).any(1).sum()) for b in batches for h in ("h1", "h2")]

@@ -197,6 +197,16 @@ def test_ls_lists_runs_hooks_and_files(vault, capsys) -> None:
     assert rc == 2 and "does not exist" in err
 
 
+def test_ls_prints_names_with_control_characters_escaped(vault, capsys) -> None:
+    """A name holding a newline or an escape sequence would corrupt the listing or the terminal."""
+    store, _ = vault
+    (store.root / "run" / "notes\nfake line.txt").write_text("x")
+    (store.root / "run" / HOOKS[0] / "\x1b[2Jclear").write_text("x")
+    rc, out, _ = run_cli(["ls", str(store.root)], capsys)
+    assert rc == 0 and "\x1b" not in out and "\nfake line" not in out
+    assert repr("run/notes\nfake line.txt") in out and repr(f"run/{HOOKS[0]}/\x1b[2Jclear") in out
+
+
 # ---- stats ----
 
 

@@ -202,13 +202,13 @@ def test_verify_names_foreign_objects_and_checks_the_rest(vault, tmp_path: Path,
     os.mkfifo(hook / "fifo")
     problems = problems_of(store)
     assert sorted(problems) == [
-        f"{HOOKS[0]}/fifo: foreign object (a FIFO, device or socket), skipped; delete it (`rm` in `activault s3`)",
+        f"{HOOKS[0]}/fifo: foreign object (a FIFO, device or socket), skipped; delete it (`rm` in `activault shell`)",
         f"{HOOKS[0]}/loop: foreign object (a symbolic link, never "
-        "followed), skipped; delete it (`rm` in `activault s3`)",
+        "followed), skipped; delete it (`rm` in `activault shell`)",
         f"{HOOKS[0]}/m00009-000000.safetensors: foreign object (0 bytes, too short for a megabatch), skipped; "
-        "delete it (`rm` in `activault s3`)",
+        "delete it (`rm` in `activault shell`)",
         f"{HOOKS[0]}/m00009-000001.safetensors: foreign object (a symbolic link, never followed), skipped; "
-        "delete it (`rm` in `activault s3`)",
+        "delete it (`rm` in `activault shell`)",
     ]
     rc, out, _ = run_cli(["ls", str(store.root / "run")], capsys)
     assert rc == 0 and "foreign objects, skipped" in out and f"{HOOKS[0]}/loop  (a symbolic link" in out

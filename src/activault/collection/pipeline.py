@@ -87,6 +87,7 @@ def collect(
         repair: instead, collect again exactly the files the progress record counts that are
             damaged or missing (byte-identical), leaving intact files and the records as they are.
     """
+    from activault.collection.align import aligned_config, check_other, check_tokens, reference
     from activault.collection.hooks import resolve_hooks
     from activault.collection.model import (
         keep_freed_memory,
@@ -97,6 +98,9 @@ def collect(
         stored_dtype,
     )
 
+    ref = reference(cfg)  # data_config.align_to: the run whose tokens this one collects again
+    if ref is not None:
+        cfg = aligned_config(cfg, ref)  # num_runs too: the machine is checked against the reference's
     cfg.check_machine(machine)
     tc, uc = cfg.transformer_config, cfg.upload_config
     run = cfg.run_name
@@ -104,6 +108,8 @@ def collect(
     # Everything that can be wrong is checked before any weights load.
     dest = resolve_storage(cfg, storage)
     store = open_store(dest)
+    if ref is not None:
+        check_other(ref, store.url(run))
     store.check(write=True)
     skeleton = load_skeleton(tc)
     shape = skeleton_shape(skeleton, tc, uc.hooks)
@@ -114,8 +120,12 @@ def collect(
     dims = shape.dims
     info = model_info(skeleton, specs)
     tokenizer = load_tokenizer(tc)
+    aligned_to = None
+    if ref is not None:  # this tokenizer packs the reference's stored tokens, or nothing is written
+        check_tokens(cfg, tokenizer, ref, machine)
+        aligned_to = ref.store.url(ref.run)
     dtype = stored_dtype(tc, skeleton.config)
-    record = run_record(cfg, info, tokenizer_ref(tc.model_name), dims, __version__)
+    record = run_record(cfg, info, tokenizer_ref(tc.model_name), dims, __version__, aligned_to)
     check_resume(_stored_run(store, run), record, store.url(cfg_key(run)))
     if runs_on_cpu(tc):  # the forward's activations are then plain memory, freed every batch
         keep_freed_memory()

@@ -338,6 +338,11 @@ def estimate(
 ) -> tuple[list[str], Preflight]:
     """What a config would store and cost, and the preflight `collect` runs (no weights load)."""
     rate = parse_bandwidth(bandwidth)
+    if cfg.data_config.align_to is not None:  # the reference's data config, as collect uses it
+        from activault.collection.align import aligned_config, reference
+
+        ref = reference(cfg)
+        cfg = cfg if ref is None else aligned_config(cfg, ref)
     shape = model_shape(cfg.transformer_config, cfg.upload_config.hooks)
     store = open_store(resolve_storage(cfg, storage))
     pinned = pinned_limit(_cuda_likely(cfg.transformer_config))

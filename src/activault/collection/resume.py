@@ -58,6 +58,7 @@ FIELDS: dict[str, Kind] = {
     "data_config.clean_added_tokens": "data",
     "data_config.clean_default_system_prompt": "data",
     "data_config.shuffle_buffer": "data",
+    "data_config.align_to": "data",  # which run's tokens this one's files hold
     # Skipping or stopping at a bad record never changes what a good record becomes: a run
     # stopped by `error` continues with `skip` exactly as if it had skipped from the start.
     "data_config.on_bad_record": "runtime",
@@ -82,10 +83,15 @@ RECORD_FIELDS = {"num_runs": "num_runs", "upload_config.hooks": "hooks"}
 
 
 def run_record(
-    cfg: Config, model: dict[str, Any], tokenizer: str, hook_dims: dict[str, int], version: str
+    cfg: Config,
+    model: dict[str, Any],
+    tokenizer: str,
+    hook_dims: dict[str, int],
+    version: str,
+    aligned_to: str | None = None,
 ) -> RunRecord:
     """cfg.json of a run collected with `cfg` (`model`: the checkpoint's facts; `tokenizer`: `tokenizer_ref`,
-    its revision is `config.transformer_config.kwargs`'s)."""
+    its revision is `config.transformer_config.kwargs`'s; `aligned_to`: the URL of the run aligned to)."""
     return RunRecord(
         activault_version=version,
         run_name=cfg.run_name,
@@ -97,6 +103,7 @@ def run_record(
         num_runs=cfg.num_runs,
         progress=[records.progress_key("", m) for m in range(cfg.num_runs)],
         source=_source_or_none(cfg.data_config),
+        aligned_to=aligned_to,
     )
 
 
@@ -171,23 +178,24 @@ def config_fields(model: type[BaseModel] = Config, prefix: str = "") -> list[str
     return out
 
 
-_MISSING = object()
+MISSING = object()
 
 
 def _default(path: str) -> Any:
-    """The field's default (what a config written before the field existed meant), or _MISSING."""
+    """The field's default (what a config written before the field existed meant), or MISSING."""
     model: type[BaseModel] = Config
     *sections, leaf = path.split(".")
     for s in sections:
         model = model.model_fields[s].annotation  # type: ignore[assignment]
     info = model.model_fields[leaf]
     if info.is_required():
-        return _MISSING
+        return MISSING
     value = info.get_default(call_default_factory=True)
     return value.model_dump(mode="json") if isinstance(value, BaseModel) else value
 
 
-def _lookup(tree: Mapping[str, Any], path: str) -> Any:
+def lookup(tree: Mapping[str, Any], path: str) -> Any:
+    """The value at dotted `path` of a stored config, else the field's default (MISSING if required)."""
     node: Any = tree
     for part in path.split("."):
         if not isinstance(node, Mapping) or part not in node:
@@ -205,10 +213,10 @@ def changed_fields(stored: RunRecord, record: RunRecord) -> list[tuple[str, Any,
     same_model = stored.tokenizer is not None and stored.tokenizer == record.tokenizer
     if old_cfg:
         for path, kind in FIELDS.items():
-            old, new = _lookup(old_cfg, path), _lookup(new_cfg, path)
+            old, new = lookup(old_cfg, path), lookup(new_cfg, path)
             if path == "transformer_config.model_name" and same_model:
                 continue
-            if kind == "data" and old is not _MISSING and old != new:
+            if kind == "data" and old is not MISSING and old != new:
                 diffs.append((path, old, new))
     else:
         for path, name in RECORD_FIELDS.items():

@@ -7,18 +7,21 @@ are gathered from it with one copy, so a restarted loader resumes at the exact t
 from __future__ import annotations
 
 import logging
-import math
 import weakref
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from activault.errors import ConfigError, NotFoundError
+from activault.errors import ConfigError
 from activault.reading.device import check_device, to_device
 from activault.reading.fetch import ReadBuffers, Workers
 from activault.reading.filters import FILTERS, FilteredFile, TokenMask, norm_limits
+from activault.reading.listing import StatesShape
+from activault.reading.mixing import NORMALIZE, Feed, Normalize, check_mixable, mix_weights, norm_params, quotas
 from activault.reading.options import (
     ReadArgs,
     ReadOptions,
@@ -42,13 +45,14 @@ from activault.reading.window import (
     window_count,
     window_start,
 )
-from activault.vault import records
-from activault.vault.stats import check_normalisable, merge_all
+from activault.storage import Store
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 log = logging.getLogger(__name__)
+
+Parts = list[tuple[int, int, int]]  # (start, end, run) of each run's tokens in a batch
 
 
 def _let_go_of_packed(f: FileRef, epoch: int, item: LoadedFile) -> LoadedFile:
@@ -109,6 +113,16 @@ class TokenLoader(Reader):
         loop: epochs without end, each in a new order (file order and windows seeded with the
             epoch); batches run across epoch boundaries and `state_dict()` stays exact.
         dtype: output dtype; default the stored one, or float32 when normalising.
+        weights: read the runs in `uri` (one source, or a list of one run's prefixes, per weight) as a
+            mixture (mixing.py): batch k holds `quotas(k)` tokens of each run, in run order, so over
+            any span of whole batches each run's share is within 2 tokens of its weight; each run is
+            shuffled in its own windows, and one exhausted restarts its own next epoch (new order), so
+            the weights hold forever; `loop=False` ends once every run was read whole once. Runs
+            must share hook names, width and dtype (checked before reading). Without weights a list
+            is one dataset's prefixes, concatenated. `return_index` is not available with weights.
+        normalize: "per_run" (the default with weights: `center`/`norm_target` from each run's own
+            statistics, so two models' or datasets' activations each reach the target, none scaled
+            by the larger) or "pooled" (the runs' statistics merged).
         options, **read: how the files are read, as RCache's (ReadOptions: `seed`, `buffer_size`,
             `rank`, `world_size`, `skip_bad_files`, `store_options`, `range_size`,
             `verify_checksums`), `token_filter`, and `drop_nonfinite` (`TokenFilter(nonfinite=True)`:
@@ -133,6 +147,8 @@ class TokenLoader(Reader):
         loop: bool = False,
         dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
+        weights: Sequence[float] | None = None,
+        normalize: Normalize | None = None,
         options: ReadOptions | None = None,
         **read: Unpack[ReadArgs],
     ):
@@ -148,17 +164,39 @@ class TokenLoader(Reader):
             raise invalid("dtype", dtype, "a torch.dtype such as torch.float32, or None (the stored one)")
         self.device = check_device(device)
         self._pin = self.device.type == "cuda" and torch.cuda.is_available()
+        runs = self._runs_of(uri, weights)
         # The window's files and those read ahead are held at once: their buffers are reused.
-        files = FileStream(uri, opts.ordered(False), hooks=hooks, held=window, transform=self._load)
-        super().__init__(files)
+        self._runs = [
+            FileStream(u, opts.ordered(False), hooks=hooks, held=window, transform=partial(self._load, i))
+            for i, u in enumerate(runs)
+        ]
+        super().__init__(self._runs[0])
+        names = [self._run_name(r) for r in self._runs]
+        self.weights = None if weights is None else mix_weights(weights, len(runs), batch_tokens, names)
+        if normalize is not None and normalize not in NORMALIZE:
+            raise invalid("normalize", normalize, " or ".join(map(repr, NORMALIZE)))
+        if normalize == "per_run" and self.weights is None:
+            raise ConfigError(
+                "normalize='per_run' needs weights=: a list of URIs without weights is one dataset's prefixes, "
+                "normalised together; pass weights=[...] to read them as a mixture of runs"
+            )
+        # Per run by default: a mixture of two models' (or datasets') activations would otherwise be
+        # scaled by the larger one's statistics, and the smaller run's tokens would all but vanish.
+        self.normalize: Normalize = normalize or ("per_run" if self.weights is not None else "pooled")
+        if self.weights is not None:
+            if return_index:
+                raise ConfigError("return_index=True is not available with weights= (a mixture of runs) yet")
+            check_mixable(names, [r.catalog.prefixes[0].hooks for r in self._runs], [r.shapes for r in self._runs])
         self.batch_tokens, self.window, self.ramp, self.return_ids = batch_tokens, window, ramp, return_ids
         self.drop_last, self.loop = drop_last, loop
         spec = opts.tokens
         self.token_filter = replace(spec, positions_below=max(spec.positions_below, drop_below))
         self.drop_below, self.drop_nonfinite = self.token_filter.positions_below, self.token_filter.nonfinite
-        self.norm_limits = norm_limits(self.files.catalog.prefixes, self.token_filter, len(self.hooks or [""]))
+        n_hooks = len(self.hooks or [""])
+        self._limits = [norm_limits(r.catalog.prefixes, self.token_filter, n_hooks) for r in self._runs]
+        self.norm_limits = self._limits[0]  # a mixture's runs each have their own (state_dict: all)
         self.split = opts.held_out
-        self._mask = TokenMask(self.token_filter, self.norm_limits, self.split)
+        self._masks = [TokenMask(self.token_filter, lim, self.split) for lim in self._limits]
         self._file_ids: dict[tuple[int, str], int] = {}  # (source, name) -> index (return_index)
         self._indexed: list[FileRef] = []
         self._blocks_indexed = 0
@@ -166,18 +204,50 @@ class TokenLoader(Reader):
         self.dropped_tokens = 0  # the last epoch's short final batch, dropped (drop_last)
         self.filtered = dict.fromkeys(FILTERS, 0)  # tokens each filter left out so far
         self._window = self._offset = 0
-        norm = [self._norm_params(h, center, norm_target) for h in range(len(self.hooks or [""]))]
-        self._norm = [(None if m is None else m.to(self.device), scale) for m, scale in norm]
+        self._mixed = 0  # a mixture's batches so far: where its schedule is
+        self._positions = [(0, 0, 0)] * len(self._runs)  # a mixture's runs' (epoch, window, offset)
+        pooled = [p for r in self._runs for p in r.catalog.prefixes]
+        groups = [pooled] if self.normalize == "pooled" else [r.catalog.prefixes for r in self._runs]
+        self._norm = [  # [hook][run]: (mean on the device, scale)
+            [
+                (None if m is None else m.to(self.device), scale)
+                for m, scale in (norm_params(g, h, center, norm_target, self.drop_nonfinite) for g in groups)
+            ]
+            * (len(self._runs) if self.normalize == "pooled" else 1)
+            for h in range(n_hooks)
+        ]
         self.dtype = dtype if dtype is not None else (torch.float32 if center or norm_target else None)
+
+    @property
+    def bad_files(self) -> int:
+        return sum(r.bad_files for r in self._runs)
+
+    def sync(self) -> int:
+        return sum(r.sync() for r in self._runs)
 
     @property
     def nonfinite_dropped(self) -> int:
         """Tokens with NaN or Inf left out so far (drop_nonfinite)."""
         return self.filtered["nonfinite"]
 
-    def _load(self, f: FileRef, epoch: int, item: LoadedFile) -> FilteredFile:
+    @staticmethod
+    def _runs_of(uri: Source | Sequence[Source], weights: Sequence[float] | None) -> list[Any]:
+        """The sources of each run: the whole list is one run (several prefixes of one dataset)
+        unless `weights` are given; then each item is one run (a source, or a list of its prefixes)."""
+        if weights is None:
+            return [uri]
+        if isinstance(uri, str | Path | Store) or not isinstance(uri, Sequence):
+            raise invalid("uri", uri, "a list of runs (one URI, or a list of one run's URIs, per weight) with weights=")
+        return list(uri)
+
+    @staticmethod
+    def _run_name(files: FileStream) -> str:
+        return ", ".join(p.store.url(p.folders[0]) for p in files.catalog.prefixes)
+
+    def _load(self, run: int, f: FileRef, epoch: int, item: LoadedFile) -> FilteredFile:
         """On the reading thread: the file's packed bytes let go of, and its tokens filtered."""
-        return self._mask.apply(_let_go_of_packed(f, epoch, item), self.files.catalog.prefixes[f.source].url(0, f.name))
+        url = self._runs[run].catalog.prefixes[f.source].url(0, f.name)
+        return self._masks[run].apply(_let_go_of_packed(f, epoch, item), url)
 
     def _index_files(self) -> list[FileRef]:
         """Every file listed so far, in listing order (stable: `sync()` only appends blocks)."""
@@ -206,44 +276,18 @@ class TokenLoader(Reader):
         store = prefix.records if prefix.records is not None else prefix.store
         return store.url(""), ref.name
 
-    def _norm_params(self, h: int, center: bool, target: float | None) -> tuple[torch.Tensor | None, float]:
-        if not center and target is None:
-            return None, 1.0
-        parts = []
-        for prefix in self.files.catalog.prefixes:
-            found = records.read_statistics(prefix.store, prefix.folders[h])  # typed, errors named
-            if found is None:
-                url = prefix.store.url(records.statistics_key(prefix.folders[h]))
-                raise NotFoundError(
-                    f"{url} does not exist; normalisation needs the run's statistics ({records.REMERGE})"
-                )
-            parts.append(check_normalisable(found.running(), prefix.store.url(prefix.folders[h])))
-        stats = merge_all(parts)
-        assert stats is not None
-        if stats.nonfinite_tokens and not self.drop_nonfinite:
-            log.warning(
-                "%s: %d token(s) with NaN or Inf are left out of the statistics but still delivered "
-                "(as NaN or Inf); drop_nonfinite=True drops them",
-                ", ".join(p.store.url(p.folders[h]) for p in self.files.catalog.prefixes),
-                stats.nonfinite_tokens,
-            )
-        mean = stats.mean.to(torch.float32) if center else None
-        if target is None:
-            return mean, 1.0
-        ref = math.sqrt(float(stats.var.sum())) if center else stats.mean_norm
-        return mean, target / ref
-
-    def _batch(self, states: list[torch.Tensor], buffers: ReadBuffers) -> Batch:
+    def _batch(self, rows: list[tuple[int, torch.dtype]], buffers: ReadBuffers) -> Batch:
+        """An empty batch; `rows`: per hook (d, dtype)."""
         B = self.batch_tokens
         ids = [buffers.empty((B,), torch.int32) for _ in range(2)] if self.return_ids else [None, None]
         index = buffers.empty((B, 3), torch.int64) if self.return_index else None
-        return Batch([buffers.empty((B, s.shape[-1]), s.dtype) for s in states], ids[0], ids[1], index=index)
+        return Batch([buffers.empty((B, d), dt) for d, dt in rows], ids[0], ids[1], index=index)
 
-    def _normalise(self, s: torch.Tensor, h: int, buffers: ReadBuffers | None) -> torch.Tensor:
+    def _normalise(self, s: torch.Tensor, h: int, buffers: ReadBuffers | None, parts: Parts) -> torch.Tensor:
         """`s: [tokens, d]` centred, scaled and cast as asked, in as few passes as give the same
-        float32 values (into recycled CPU buffers, or new tensors on the device)."""
-        mean, scale = self._norm[h]
-        if mean is None and scale == 1.0:
+        float32 values (into recycled CPU buffers, or new tensors on the device); `parts`: (start,
+        end, run) of each run's tokens, normalised with that run's parameters."""
+        if all(self._norm[h][r][0] is None and self._norm[h][r][1] == 1.0 for _, _, r in parts):
             if self.dtype is None or self.dtype == s.dtype:
                 return s
             return s.to(self.dtype) if buffers is None else buffers.empty(s.shape, self.dtype).copy_(s)
@@ -252,25 +296,28 @@ class TokenLoader(Reader):
             if buffers is None
             else buffers.empty(s.shape, torch.float32)
         )
-        if mean is not None:
-            torch.sub(s, mean, out=out)  # bf16 - float32: promoted exactly, one pass
-        else:
-            out.copy_(s)
-        if scale != 1.0:
-            out.mul_(scale)
+        for a, b, r in parts:
+            mean, scale = self._norm[h][r]
+            if mean is not None:
+                torch.sub(s[a:b], mean, out=out[a:b])  # bf16 - float32: promoted exactly, one pass
+            else:
+                out[a:b].copy_(s[a:b])
+            if scale != 1.0:
+                out[a:b].mul_(scale)
         return out if self.dtype in (None, torch.float32) else out.to(self.dtype)
 
-    def _deliver(self, batch: Batch, buffers: ReadBuffers) -> Any:
+    def _deliver(self, batch: Batch, buffers: ReadBuffers, parts: Parts | None = None) -> Any:
         n = batch.filled
+        parts = parts if parts is not None else [(0, n, 0)]
         states = [s[:n] for s in batch.states]
         cpu = self.device.type == "cpu"
         if cpu:  # normalised into recycled buffers
-            states = [self._normalise(s, h, buffers) for h, s in enumerate(states)]
+            states = [self._normalise(s, h, buffers, parts) for h, s in enumerate(states)]
         extra = [t[:n] for t in (batch.input_ids, batch.positions, batch.index) if t is not None]
         moved = to_device([*states, *extra], self.device, buffers)
         out = moved[: len(states)]
         if not cpu:  # the stored dtype went through the pinned batch buffer; the device normalises
-            out = [self._normalise(s, h, None) for h, s in enumerate(out)]
+            out = [self._normalise(s, h, None, parts) for h, s in enumerate(out)]
         st: Any = dict(zip(self.hooks, out, strict=True)) if self.hooks else out[0]
         if not extra:
             return st
@@ -288,7 +335,7 @@ class TokenLoader(Reader):
         # torn down (an abandoned generator may be collected only after that).
         stop = weakref.finalize(self, Workers.close, gatherers) if gatherers is not None else None
         try:
-            yield from self._batches(gatherers)
+            yield from (self._batches(gatherers) if self.weights is None else self._mixture(gatherers))
         finally:
             if stop is not None:
                 stop()
@@ -323,7 +370,7 @@ class TokenLoader(Reader):
                     taken += win.n - a
                     while a < win.n:
                         if batch is None:
-                            batch = self._batch([per_file[0] for per_file in win.states], buffers)
+                            batch = self._batch([(f[0].shape[-1], f[0].dtype) for f in win.states], buffers)
                         take = min(B - batch.filled, win.n - a)
                         win.gather(perm[a : a + take], batch, gatherers)
                         a += take
@@ -358,28 +405,92 @@ class TokenLoader(Reader):
                 B,
             )
 
+    def _mixture(self, gatherers: Workers | None) -> Generator[Any, None, None]:
+        """A mixture's batches: batch k takes `quotas(k)` tokens of each run, in run order, each run
+        from its own shuffled windows (restarting its own epoch when exhausted)."""
+        assert self.weights is not None
+        buffers = ReadBuffers(self._pin, keep=4 * (2 + len(self._norm)), recycle=self.files.buffers.recycle)
+        rows = [(s.d_model, s.dtype) for s in cast(list[StatesShape], self.shapes)]  # check_mixable: known
+
+        def count(dropped: dict[str, int]) -> None:
+            for name, n in dropped.items():
+                self.filtered[name] += n
+
+        names = [self._run_name(r) for r in self._runs]
+        feeds = [Feed(r, names[i], self.window, self.ramp, self._positions[i], count) for i, r in enumerate(self._runs)]
+        try:
+            # loop=False: the batches end once every run has been read whole (epoch 0) at least once.
+            while self.loop or not all(f.done(0) for f in feeds):
+                batch, parts = self._batch(rows, buffers), []
+                for r, n in enumerate(quotas(self.weights, self.batch_tokens, self._mixed)):
+                    a = batch.filled
+                    feeds[r].take(batch, n, gatherers)
+                    parts.append((a, batch.filled, r))
+                self._mixed += 1
+                self._positions = [f.position for f in feeds]
+                yield self._deliver(batch, buffers, parts)
+                del batch
+        finally:
+            for f in feeds:
+                f.close()
+
     def state_dict(self) -> dict[str, Any]:
+        if self.weights is not None:
+            return {**self._common_state(), "mixture": self._mixture_state()}
         return {
             "epoch": self.epoch,
             "window": self._window,
             "offset": self._offset,
+            **self._common_state(),
+        }
+
+    def _common_state(self) -> dict[str, Any]:
+        return {
             "seed": self.seed,
             "window_files": self.window,
             "ramp": self.ramp,
             "batch_tokens": self.batch_tokens,
             "drop_nonfinite": self.drop_nonfinite,
             "token_filter": self.token_filter.describe(),
-            "norm_limits": self.norm_limits,
+            "norm_limits": self.norm_limits if self.weights is None else self._limits,
             "split": None if self.split is None else self.split.describe(),
             "shuffle": SHUFFLE,
+        }
+
+    def _mixture_state(self) -> dict[str, Any]:
+        assert self.weights is not None
+        return {
+            "weights": [str(w) for w in self.weights],  # exact fractions: the schedule depends on them
+            "batches": self._mixed,
+            "runs": [list(p) for p in self._positions],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume where `state` (from `state_dict()` of a loader with the same seed, window, ramp
         and batch_tokens) was saved. Each position field is bounded: `epoch` by 2**63 - 1,
         `window` by the epoch's windows, `offset` by the window's tokens (checked once the window
-        is read: its kept tokens are known only then)."""
+        is read: its kept tokens are known only then). A mixture's state has each run's position."""
+        if self.weights is not None or (isinstance(state, Mapping) and "mixture" in state):
+            self._load_mixture(state)
+            return
         check_state(state, "TokenLoader", {k: (0, None) for k in ("epoch", "window", "offset")})
+        self._check_common(state)
+        epoch = int(check_state(state, "TokenLoader", {"epoch": (0, 2**63 - 1)})["epoch"])
+        count = window_count(len(self.files.order(epoch)), self.window, self.ramp)
+        check_state(state, "TokenLoader", {"window": (0, count)})
+        # At the epoch's end (window == count) no token is left: only offset 0 can follow.
+        check_state(state, "TokenLoader", {"offset": (0, 0 if int(state["window"]) == count else 2**63 - 1)})
+        shuffle = state.get("shuffle", "torch-randperm")  # saved before the key existed
+        if shuffle != SHUFFLE and state["offset"]:
+            raise ConfigError(
+                f"state was saved mid-window by a loader that shuffled with {shuffle!r}; this one uses "
+                f"{SHUFFLE!r}, so the rest of that window would repeat and skip tokens: resume from a "
+                "state saved at a window boundary (offset 0), or with the activault that saved it"
+            )
+        self.epoch, self._window, self._offset = epoch, int(state["window"]), int(state["offset"])
+
+    def _check_common(self, state: Mapping[str, Any]) -> None:
+        """The fields every TokenLoader state has: the same seed, windows, batch and filters."""
         for k in ("seed", "window_files", "batch_tokens"):
             if k not in state:
                 raise ConfigError(f"not a TokenLoader state_dict: no {k}")
@@ -398,21 +509,42 @@ class TokenLoader(Reader):
                     f"make the loader with {arg}={saved} to resume it"
                 )
         self._check_filters(state)
-        epoch = int(check_state(state, "TokenLoader", {"epoch": (0, 2**63 - 1)})["epoch"])
-        count = window_count(len(self.files.order(epoch)), self.window, self.ramp)
-        check_state(state, "TokenLoader", {"window": (0, count)})
-        # At the epoch's end (window == count) no token is left: only offset 0 can follow.
-        check_state(state, "TokenLoader", {"offset": (0, 0 if int(state["window"]) == count else 2**63 - 1)})
-        shuffle = state.get("shuffle", "torch-randperm")  # saved before the key existed
-        if shuffle != SHUFFLE and state["offset"]:
-            raise ConfigError(
-                f"state was saved mid-window by a loader that shuffled with {shuffle!r}; this one uses "
-                f"{SHUFFLE!r}, so the rest of that window would repeat and skip tokens: resume from a "
-                "state saved at a window boundary (offset 0), or with the activault that saved it"
-            )
-        self.epoch, self._window, self._offset = epoch, int(state["window"]), int(state["offset"])
 
-    def _check_filters(self, state: dict[str, Any]) -> None:
+    def _load_mixture(self, state: Any) -> None:
+        """A mixture's state: the common fields, the weights, the batches so far and each run's position."""
+        if not isinstance(state, Mapping) or not isinstance(state.get("mixture"), Mapping):
+            raise ConfigError(
+                "state was not saved by a mixture of runs (no 'mixture' field): resume it with a loader of "
+                "the same URIs without weights="
+            )
+        if self.weights is None:
+            raise ConfigError(
+                "state was saved by a mixture of runs (weights=): make the loader with the same runs and "
+                "weights to resume it"
+            )
+        self._check_common(state)
+        mix, mine = state["mixture"], self._mixture_state()
+        if mix.get("weights") != mine["weights"]:
+            raise ConfigError(
+                f"state was saved with weights {mix.get('weights')} (normalised), this loader has "
+                f"{mine['weights']}: make the loader with the same runs and weights to resume it"
+            )
+        runs = mix.get("runs")
+        if not isinstance(runs, Sequence) or len(runs) != len(self._runs):
+            raise ConfigError(f"TokenLoader state: field 'mixture.runs' is {runs!r}, not one position per run")
+        batches = int(check_state(mix, "TokenLoader mixture", {"batches": (0, 2**63 - 1)})["batches"])
+        positions = []
+        for i, pos in enumerate(runs):
+            named = dict(zip(("epoch", "window", "offset"), pos, strict=False)) if isinstance(pos, Sequence) else pos
+            owner = f"TokenLoader mixture run {i}"
+            epoch = int(check_state(named, owner, {"epoch": (0, 2**63 - 1)})["epoch"])
+            count = window_count(len(self._runs[i].order(epoch)), self.window, self.ramp)
+            window = int(check_state(named, owner, {"window": (0, count)})["window"])
+            check_state(named, owner, {"offset": (0, 0 if window == count else 2**63 - 1)})
+            positions.append((epoch, window, int(named["offset"])))
+        self._mixed, self._positions = batches, positions
+
+    def _check_filters(self, state: Mapping[str, Any]) -> None:
         """The same tokens kept as when `state` was saved (states saved before filters: unchecked)."""
         split = None if self.split is None else self.split.describe()
         if state.get("split") != split:  # states saved before splits had none
@@ -428,11 +560,11 @@ class TokenLoader(Reader):
                 f"state was saved with token_filter={saved}, this loader has {mine}: make the loader "
                 "with the same filters (token_filter, drop_positions_below, drop_nonfinite) to resume it"
             )
-        limits = state.get("norm_limits", [])
-        if limits != self.norm_limits:
+        limits, mine = state.get("norm_limits", []), self._common_state()["norm_limits"]
+        if limits != mine:
             raise ConfigError(
                 f"state was saved with norm limits {limits} (max_norm_ratio x each hook's median norm), "
-                f"this loader has {self.norm_limits}: the run's statistics changed since (machines merged "
+                f"this loader has {mine}: the run's statistics changed since (machines merged "
                 "in), so resuming would drop other tokens than the saved loader did: start a new loader (no "
                 "load_state_dict) to read with the new statistics"
             )

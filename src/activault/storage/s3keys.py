@@ -1,7 +1,7 @@
 # Kept for one user case: a bucket where another tool wrote such a key beside a run (`aws s3 cp x
 # s3://b/run/h//x`, a prefix joined with a trailing slash). One such key fails object_store's whole
 # listing of the folder (InvalidPathError: "contained empty path segment"), so without this module
-# no reader, `ls` or `verify` could list that run at all, and `rm` in `activault s3` could not
+# no reader, `ls` or `verify` could list that run at all, and `rm` in `activault shell` could not
 # delete the key. With it, they name it as a foreign object and skip or delete it
 # (tests/storage/test_s3.py::test_foreign_keys_and_empty_megabatches_are_named_and_deletable,
 # tests/tools/test_shell.py::test_s3_shell_names_foreign_keys_and_rm_deletes_them,

@@ -331,7 +331,7 @@ def list_lines(store: Store, key: str, files: bool = False) -> list[str]:
     for e in entries:
         rel = e.key[len(key) :].strip("/") if key else e.key
         if (why := foreign(e)) is not None:
-            strange.append(f"    {rel}  ({why})")
+            strange.append(f"    {printable(rel)}  ({why})")
         else:
             by_dir.setdefault(parent(rel), []).append((rel, e.size))
     hooks = {
@@ -344,14 +344,15 @@ def list_lines(store: Store, key: str, files: bool = False) -> list[str]:
         fs = by_dir[d]
         if d in hooks:
             mb = [s for r, s in fs if is_megabatch(r)]
-            out.append(f"  {d or '.'}/  {len(mb)} files  {human_bytes(sum(mb))}")
+            out.append(f"  {printable(d or '.')}/  {len(mb)} files  {human_bytes(sum(mb))}")
             shown = fs if files else [(r, s) for r, s in fs if not is_megabatch(r)]
         else:
             shown = fs
-        out += [f"    {r}  {human_bytes(s)}" if d in hooks else f"  {r}  {human_bytes(s)}" for r, s in shown]
+        indent = "    " if d in hooks else "  "
+        out += [f"{indent}{printable(r)}  {human_bytes(s)}" for r, s in shown]
     if strange:
         out += [
-            "  foreign objects, skipped (activault never writes these; delete them with `rm` in `activault s3`):",
+            "  foreign objects, skipped (activault never writes these; delete them with `rm` in `activault shell`):",
             *strange,
         ]
     return out

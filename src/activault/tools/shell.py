@@ -1,4 +1,4 @@
-"""`activault s3`: an interactive shell over a store (S3 bucket, prefix, or local folder).
+"""`activault shell` (alias `activault s3`): an interactive shell over a store (S3 bucket, prefix, or local folder).
 
 Navigation by name or listing number (`#3`: a bare `3` is always a name), `cat`, `rm` with
 confirmation, `filecount`, `sizecheck`, `inspect`; readline history across sessions; `> file` after a

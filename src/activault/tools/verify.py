@@ -483,7 +483,7 @@ def foreign_objects(store: Store, run: str, claimed: Collection[str] = ()) -> li
     for e in store.list(run):
         if (why := foreign(e)) is not None and e.key not in claimed:
             rel = e.key[len(run) :].lstrip("/") if run else e.key
-            out.append(f"{rel}: foreign object ({why}), skipped; delete it (`rm` in `activault s3`)")
+            out.append(f"{rel}: foreign object ({why}), skipped; delete it (`rm` in `activault shell`)")
     return out
 
 

@@ -190,7 +190,7 @@ class ImportSource(Record):
 class RunRecord(Versioned):
     """cfg.json: what the run is; written by every machine at start, the same bytes from each."""
 
-    omit_unset = ("imported_from", "original", "source")
+    omit_unset = ("aligned_to", "imported_from", "original", "source")
 
     activault_version: str = ""
     run_name: str = Field(min_length=1)
@@ -204,6 +204,9 @@ class RunRecord(Versioned):
     source: dict[str, Any] | None = None
     """The text source its documents came from, resolved (path, name, split, data_files, columns):
     what `activault context` reads again. Unset in runs collected before provenance, and imports."""
+    aligned_to: str | None = None
+    """Set by a collection with `data_config.align_to`: the run (its URL) whose documents, packing and
+    token order this run shares, file for file."""
     imported_from: ImportSource | None = None
     """Set by `activault import`: the run holds a SAELens cache's rows, not a collection's."""
     original: OriginalConfig | None = None
