@@ -116,3 +116,23 @@ def test_the_help_starts_a_newcomer_with_demo_then_estimate_then_collect(capsys)
     assert order == sorted(order)
     assert "shell (s3) interactive shell" in text and "`s3` is another name for it" in text
     assert "hooks the hook names a config may use on a model" in text
+
+
+def test_a_closed_pipe_ends_a_command_quietly(tmp_path) -> None:
+    """`activault ls ... | head -1`: no BrokenPipeError traceback, the status a SIGPIPE'd command has."""
+    import subprocess
+    import sys
+
+    from activault.storage import LocalStore
+    from support.synth import write_synthetic_run
+
+    write_synthetic_run(LocalStore(tmp_path), "run", ["h1", "h2"], files=3)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "activault", "ls", str(tmp_path), "--files"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert p.stdout is not None and p.stderr is not None
+    p.stdout.close()  # before the listing is written, as `head` does once it has its lines
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and "Traceback" not in err and "BrokenPipe" not in err, err

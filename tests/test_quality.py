@@ -169,3 +169,15 @@ def test_every_module_has_its_test_file() -> None:
         if not test.is_file():
             missing.append(f"{rel.as_posix()} -> {test.relative_to(ROOT).as_posix()}")
     assert not missing, "modules without their test file:\n" + "\n".join(missing)
+
+
+def test_test_files_have_distinct_names() -> None:
+    """Test folders without an __init__.py import their files by basename (rootdir imports), so
+    pytest refuses two of one name in such folders: a module name repeated across packages needs
+    its test folder made a package (as tests/tools/launch is) or another name."""
+    seen: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        if not (path.parent / "__init__.py").exists():
+            seen.setdefault(path.name, []).append(path.relative_to(ROOT).as_posix())
+    twice = {name: paths for name, paths in seen.items() if len(paths) > 1}
+    assert not twice, f"test files sharing a name (rename a module or its test): {twice}"

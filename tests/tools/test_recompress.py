@@ -27,15 +27,6 @@ ZSTD_SMALL = codecs.Codec("zstd", chunk_bytes=256)  # many chunks in a tiny file
 HOOKS3 = ["h1", "h2", "h3"]
 
 
-@pytest.fixture(params=["local", pytest.param("moto", marks=pytest.mark.s3)])
-def stores(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Store, Store]:
-    """Two empty stores of one kind (local folders, or two prefixes of a fresh moto bucket)."""
-    if request.param == "local":
-        return LocalStore(tmp_path / "a", fsync=False), LocalStore(tmp_path / "b", fsync=False)
-    url, bucket = request.getfixturevalue("moto_url"), request.getfixturevalue("moto_bucket")
-    return S3Store(f"s3://{bucket}/a", env=s3_env(url)), S3Store(f"s3://{bucket}/b", env=s3_env(url))
-
-
 def contents(store: Store, run: str = "run") -> dict[str, bytes]:
     return {e.key: bytes(store.get(e.key)) for e in store.list(run)}
 

@@ -25,15 +25,6 @@ from support.synth import s3_env, write_synthetic_run
 HOOKS = ["h1", "h2"]
 
 
-@pytest.fixture(params=["local", pytest.param("moto", marks=pytest.mark.s3)])
-def stores(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Store, Store]:
-    """Two empty stores of one kind (local folders, or two prefixes of a fresh moto bucket)."""
-    if request.param == "local":
-        return LocalStore(tmp_path / "a", fsync=False), LocalStore(tmp_path / "b", fsync=False)
-    url, bucket = request.getfixturevalue("moto_url"), request.getfixturevalue("moto_bucket")
-    return S3Store(f"s3://{bucket}/a", env=s3_env(url)), S3Store(f"s3://{bucket}/b", env=s3_env(url))
-
-
 def tokens(store: Store, run: str) -> list[tuple[bytes, ...]]:
     """Every stored token slot in file order: (each hook's state bytes, id, position)."""
     _, progress = store.list_dir(f"{run}/progress")

@@ -1,5 +1,5 @@
 """`activault shuffle SRC DST`: a new run holding a uniform random permutation of a run's tokens,
-in bounded memory, resumable (tools/mixing.py measures how well a reader mixes).
+in bounded memory, resumable (tools/shuffle_quality.py measures how well a reader mixes).
 
 Two passes over storage (an external bucket shuffle). Pass 1 reads the source's files one at a
 time and gives each token slot a bucket, uniformly at random and independently (seeded by the

@@ -518,21 +518,7 @@ def check_provenance(
     with positions increasing (cleaning may skip some), ordinals never decrease, also from `after`
     (the previous file of the machine). FormatError naming the file and the first bad token.
     """
-    docs, pos = documents.reshape(-1), positions.reshape(-1).to(torch.int64)
-    seq = positions.shape[-1] if positions.dim() else 1
-    where = lambda i: f"row {i // seq}, column {i % seq}"  # noqa: E731
-    pad = docs < 0
-    odd = (pad != (pos < 0)) | (docs < -1)
-    if bool(odd.any()):
-        i = int(odd.nonzero()[0])
-        raise FormatError(
-            f"{url}: provenance of {where(i)} is document {int(docs[i])}, position {int(pos[i])}: padding "
-            "is -1 in both and a real token in neither; the file is damaged"
-        )
-    n = int((~pad).sum())
-    if bool(pad[:n].any()):
-        i = int(pad.nonzero()[0])
-        raise FormatError(f"{url}: padding at {where(i)} before real tokens: padding only ends a machine's data")
+    docs, pos, n, where = _real_tokens(documents, positions, url, "a machine's data")
     if n == 0:
         return after
     d, p = docs[:n], pos[:n]
@@ -555,13 +541,17 @@ def check_provenance(
     return int(d[-1]), int(p[-1])
 
 
-def check_shuffled_provenance(documents: torch.Tensor, positions: torch.Tensor, url: str) -> bool:
-    """Check a shuffled run's file (its cfg.json says so, never the file): padding is -1 in both
-    tensors and only ends the file, and no (document, position) occurs twice. Returns whether it
-    is padded. FormatError naming the file and the first bad token."""
+def _real_tokens(
+    documents: torch.Tensor, positions: torch.Tensor, url: str, ends: str
+) -> tuple[torch.Tensor, torch.Tensor, int, Callable[[int], str]]:
+    """(documents, positions flattened, real tokens n, where(i)) once padding is checked: -1 in both
+    tensors, in neither for a real token, and only after the n real tokens (it only ends `ends`)."""
     docs, pos = documents.reshape(-1), positions.reshape(-1).to(torch.int64)
     seq = positions.shape[-1] if positions.dim() else 1
-    where = lambda i: f"row {i // seq}, column {i % seq}"  # noqa: E731
+
+    def where(i: int) -> str:
+        return f"row {i // seq}, column {i % seq}"
+
     pad = docs < 0
     odd = (pad != (pos < 0)) | (docs < -1)
     if bool(odd.any()):
@@ -573,7 +563,15 @@ def check_shuffled_provenance(documents: torch.Tensor, positions: torch.Tensor, 
     n = int((~pad).sum())
     if bool(pad[:n].any()):
         i = int(pad.nonzero()[0])
-        raise FormatError(f"{url}: padding at {where(i)} before real tokens: padding only ends a shuffled run")
+        raise FormatError(f"{url}: padding at {where(i)} before real tokens: padding only ends {ends}")
+    return docs, pos, n, where
+
+
+def check_shuffled_provenance(documents: torch.Tensor, positions: torch.Tensor, url: str) -> bool:
+    """Check a shuffled run's file (its cfg.json says so, never the file): padding is -1 in both
+    tensors and only ends the file, and no (document, position) occurs twice. Returns whether it
+    is padded. FormatError naming the file and the first bad token."""
+    docs, pos, n, where = _real_tokens(documents, positions, url, "a shuffled run")
     pairs = torch.stack([docs[:n], pos[:n]], 1)
     unique, inverse, counts = torch.unique(pairs, dim=0, return_inverse=True, return_counts=True)
     if unique.shape[0] != n:

@@ -1,4 +1,4 @@
-"""tools/mixing.py: the same-document pair rate of a reader's batches against an ideal shuffle's,
+"""tools/shuffle_quality.py: the same-document pair rate of a reader's batches against an ideal shuffle's,
 before and after `activault shuffle`."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 from activault.errors import ConfigError
 from activault.reading.tokens import TokenLoader
 from activault.storage import LocalStore
-from activault.tools.mixing import shuffle_quality
 from activault.tools.shuffle import shuffle_run
+from activault.tools.shuffle_quality import shuffle_quality
 from support.synth import write_synthetic_run
 
 HOOKS = ["h1", "h2"]
