@@ -7,6 +7,7 @@ import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -202,3 +203,11 @@ def make_public(url: str, bucket: str) -> None:
 def s3_env(url: str) -> dict[str, str]:
     """Environment for activault's S3Store against the server at `url`."""
     return {**MOTO_ENV, "S3_ENDPOINT_URL": url}
+
+
+def copy_tree(root: Path, store: Store, prefix: str) -> None:
+    """Every file under the local folder `root` put at `prefix/<its relative path>` of `store` (e.g. a
+    run collected locally, onto moto)."""
+    for p in root.rglob("*"):
+        if p.is_file():
+            store.put(f"{prefix}/{p.relative_to(root).as_posix()}", [memoryview(p.read_bytes())])

@@ -15,7 +15,7 @@ from activault.errors import ConfigError, NotFoundError
 from activault.evaluation import evaluate
 from activault.storage.s3 import S3Store
 from support.collecting import load_hook, run_cli
-from support.synth import s3_env
+from support.synth import copy_tree, s3_env
 
 HOOK = "models.layers.1.post"
 
@@ -70,10 +70,7 @@ def test_max_tokens_bounds_both_measures(collected) -> None:
 def test_a_run_on_s3_evaluates_as_the_local_one(collected, moto_url, moto_bucket, monkeypatch) -> None:
     _, root = collected
     env = s3_env(moto_url)
-    store = S3Store(f"s3://{moto_bucket}", env=env)
-    for p in root.rglob("*"):
-        if p.is_file():
-            store.put(f"run/{p.relative_to(root)}", [memoryview(p.read_bytes())])
+    copy_tree(root, S3Store(f"s3://{moto_bucket}", env=env), "run")
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     torch.manual_seed(0)

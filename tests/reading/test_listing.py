@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -12,22 +11,17 @@ import torch
 
 from activault import RCache, TokenLoader
 from activault.errors import FormatError
-from activault.storage import LocalStore, Store
+from activault.storage import Store
 from activault.storage.s3 import S3Store
 from activault.vault import megabatch as fmt
-from support.synth import create_bucket, s3_env, write_synthetic_run
+from support.runstate import store_at
+from support.synth import write_synthetic_run
 
 
 @pytest.fixture(params=["local", pytest.param("moto", marks=pytest.mark.s3)])
 def where(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Store, str, dict[str, Any]]:
     """(store, its URI, store_options) on the local store and on a fresh moto bucket."""
-    if request.param == "local":
-        return LocalStore(tmp_path, fsync=False), str(tmp_path), {}
-    url = request.getfixturevalue("moto_url")
-    bucket = f"b-{uuid.uuid4().hex[:12]}"
-    create_bucket(url, bucket)
-    env = s3_env(url)
-    return S3Store(f"s3://{bucket}", env=env), f"s3://{bucket}", {"env": env}
+    return store_at(request.param, request, tmp_path)
 
 
 def test_file_missing_from_a_hook_is_named_or_skipped(

@@ -19,7 +19,7 @@ from activault.tools.context import token_context
 from activault.vault.megabatch import decode, encode, relabelled
 from support.collecting import load_hook, make_cfg, run_cli
 from support.packing import corpus_rows, write_jsonl
-from support.synth import s3_env
+from support.synth import copy_tree, s3_env
 
 HOOK = "models.layers.1.post"
 
@@ -149,10 +149,7 @@ def test_a_source_changed_since_collection_is_named(collected, tmp_path):
 def test_context_of_a_run_on_s3(collected, moto_url, moto_bucket, monkeypatch):
     _, root = collected
     env = s3_env(moto_url)
-    store = S3Store(f"s3://{moto_bucket}", env=env)
-    for p in root.rglob("*"):
-        if p.is_file():
-            store.put(f"run/{p.relative_to(root)}", [memoryview(p.read_bytes())])
+    copy_tree(root, S3Store(f"s3://{moto_bucket}", env=env), "run")
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     name, r, c, tid = real_tokens(root)[7]
