@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -112,9 +113,9 @@ def write_synthetic_run(
     return out
 
 
-def as_stats_version_1(store: Store, run: str) -> None:
-    """Rewrite `run`'s progress records and statistics.json as activault wrote them before statistics
-    left out tokens with NaN or Inf (stats_version 1): such tokens counted in, their statistics NaN."""
+def _edit_stats(store: Store, run: str, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Apply `edit` to every statistics record of `run`: each hook's in the progress records and in
+    statistics.json, rewritten in place."""
     _, progress = store.list_dir(f"{run}/progress")
     keys = [e.key for e in progress] + [f"{run}/{h}/statistics.json" for h in store.list_dir(run)[0]]
     for key in keys:
@@ -122,28 +123,34 @@ def as_stats_version_1(store: Store, run: str) -> None:
             continue
         rec = json.loads(bytes(store.get(key)))
         for s in rec["stats"].values() if "stats" in rec else [rec]:
-            if s["nonfinite"]:
-                s.pop("norm_hist", None)  # added in stats_version 3
-                s.update(stats_version=1, count=s["count"] + s["nonfinite"], norm=math.nan)
-                s.update(norm_sum=math.nan, norm_sq_sum=math.nan)
-                for name in ("mean", "std", "m2"):
-                    s[name][0] = math.nan
+            edit(s)
         store.put(key, json.dumps(rec).encode())
+
+
+def as_stats_version_1(store: Store, run: str) -> None:
+    """Rewrite `run`'s progress records and statistics.json as activault wrote them before statistics
+    left out tokens with NaN or Inf (stats_version 1): such tokens counted in, their statistics NaN."""
+
+    def edit(s: dict[str, Any]) -> None:
+        if s["nonfinite"]:
+            s.pop("norm_hist", None)  # added in stats_version 3
+            s.update(stats_version=1, count=s["count"] + s["nonfinite"], norm=math.nan)
+            s.update(norm_sum=math.nan, norm_sq_sum=math.nan)
+            for name in ("mean", "std", "m2"):
+                s[name][0] = math.nan
+
+    _edit_stats(store, run, edit)
 
 
 def as_stats_version_2(store: Store, run: str) -> None:
     """Rewrite `run`'s progress records and statistics.json as activault wrote them before the norm
     histogram (stats_version 2)."""
-    _, progress = store.list_dir(f"{run}/progress")
-    keys = [e.key for e in progress] + [f"{run}/{h}/statistics.json" for h in store.list_dir(run)[0]]
-    for key in keys:
-        if not store.exists(key):
-            continue
-        rec = json.loads(bytes(store.get(key)))
-        for s in rec["stats"].values() if "stats" in rec else [rec]:
-            s.pop("norm_hist", None)
-            s["stats_version"] = min(s["stats_version"], 2)
-        store.put(key, json.dumps(rec).encode())
+
+    def edit(s: dict[str, Any]) -> None:
+        s.pop("norm_hist", None)
+        s["stats_version"] = min(s["stats_version"], 2)
+
+    _edit_stats(store, run, edit)
 
 
 def _run_record(run: str, hooks: list[str], machines: int, d: int, dtype: torch.dtype) -> records.RunRecord:
