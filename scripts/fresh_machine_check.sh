@@ -13,6 +13,10 @@
 # PYTEST_ARGS (passed to scripts/test.sh, default none), KEEP=1 keeps the root afterwards, and
 # CA_BUNDLE=FILE for a network behind a TLS-inspecting proxy: the certificates are copied into the
 # root and pip, npm and Python are told to trust them (PIP_CERT, NODE_EXTRA_CA_CERTS, SSL_CERT_FILE).
+# Reaching the registries as this machine does: PIP_INDEX_URL, PIP_EXTRA_INDEX_URL, npm_config_registry
+# and the proxy variables (http_proxy, https_proxy, no_proxy, in either case) pass through when set,
+# and WHEELS=DIR copies a folder of wheels into the root for pip (--find-links), e.g. torch's CPU build
+# where PyTorch's index is out of reach (then TORCH=cpu TORCH_INDEX_URL=https://pypi.org/simple).
 #
 # As in Debian's container images, a policy-rc.d stops apt from starting services (munge) inside the
 # root: there is no init in a chroot, and a daemon started by apt would outlive the check.
@@ -23,11 +27,12 @@ ROOT=$DIR/root
 SUITE=${SUITE:-bookworm}
 MIRROR=${MIRROR:-http://deb.debian.org/debian}
 REPO=$(git -C "$(dirname "$0")/.." rev-parse --show-toplevel)
-PACKAGES="python3 python3-venv npm git ca-certificates"  # what the README asks for, and git
+PACKAGES="python3 python3-venv npm"  # what the README asks for (the clone is made from outside: no git)
 
 die() { echo "fresh_machine_check.sh: $*" >&2; exit 1; }
 [ "$(id -u)" = 0 ] || die "run as root (debootstrap, chroot, mounts)"
 case "$DIR" in /|/tmp|/root|/home|/work) die "refusing DIR=$DIR: give a folder of its own" ;; esac
+[ -z "${WHEELS:-}" ] || [ -d "$WHEELS" ] || die "WHEELS=$WHEELS is not a folder: give a folder of .whl files, or unset it"
 
 mounts_under() { awk -v d="$1/" 'index($2 "/", d) == 1 {print $2}' /proc/self/mounts | sort -r; }
 
@@ -112,6 +117,16 @@ if [ -n "${CA_BUNDLE:-}" ]; then
         CA_ENV+=("$v=/etc/ssl/extra-ca.pem")
     done
 fi
+NET_ENV=()
+for v in PIP_INDEX_URL PIP_EXTRA_INDEX_URL npm_config_registry http_proxy https_proxy no_proxy \
+    HTTP_PROXY HTTPS_PROXY NO_PROXY; do
+    if [ -n "${!v:-}" ]; then NET_ENV+=("$v=${!v}"); fi
+done
+if [ -n "${WHEELS:-}" ]; then
+    mkdir -p "$ROOT/opt/wheels"
+    cp -r "$WHEELS"/. "$ROOT/opt/wheels/"
+    NET_ENV+=("PIP_FIND_LINKS=/opt/wheels")
+fi
 mount -t proc proc "$ROOT/proc"
 # /sys with what lies under it, as a booted machine has it: slurmd needs /sys/fs/cgroup.
 for d in sys dev; do
@@ -123,7 +138,7 @@ done
 inside() {
     chroot "$ROOT" /usr/bin/env -i HOME=/root LANG=C.UTF-8 TERM=dumb \
         PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin DEBIAN_FRONTEND=noninteractive \
-        ${TORCH:+TORCH=$TORCH} ${TORCH_INDEX_URL:+TORCH_INDEX_URL=$TORCH_INDEX_URL} "${CA_ENV[@]}" \
+        ${TORCH:+TORCH=$TORCH} ${TORCH_INDEX_URL:+TORCH_INDEX_URL=$TORCH_INDEX_URL} "${CA_ENV[@]}" "${NET_ENV[@]}" \
         bash -c "$1"
 }
 step packages inside "apt-get update -qq && apt-get install -y -qq --no-install-recommends $PACKAGES"

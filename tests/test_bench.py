@@ -310,3 +310,34 @@ def test_a_server_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
         time.sleep(0.1)
     os.kill(server, 9)
     pytest.fail("the S3 server outlived the process that started it")
+
+
+def test_mixing_benchmark_reads_the_same_tokens_both_ways_and_appends_one_json_line(tmp_path: Path) -> None:
+    out = tmp_path / "mixing.jsonl"
+    out.write_text('{"earlier": 1}\n')
+    args = ("--files", "4", "--mib", "1", "--d", "256", "--reps", "2", "--batch-tokens", "512", "--window", "2")
+    printed = run_bench("bench.mixing", *args, "--json", str(out), tmp_path=tmp_path).stdout.splitlines()
+    lines = out.read_text().splitlines()
+    assert len(lines) == 2 and json.loads(lines[0]) == {"earlier": 1}  # appended, nothing lost
+    got = json.loads(lines[1])
+    assert json.loads(printed[-1]) == got  # the same line printed
+    assert got["command"].startswith("python -m bench.mixing --files 4") and got["date"] and got["cpus"]
+    assert got["same_tokens"] and got["tokens"] == 4 * 2 * 1024  # 4 files of 2 rows of 1024 tokens
+    assert len(got["ratios"]) == len(got["cpu_ratios"]) == 2 and all(r > 0 for r in got["ratios"])
+    assert got["min"] <= got["median"] <= got["max"] and got["goal"] == ">= 0.95"
+    for r in got["runs"]:  # every token of the epoch read, both ways, in every repetition
+        assert r["single_tokens"] == r["mixed_tokens"] == got["tokens"]
+    assert [r["rep"] for r in got["runs"]] == [0, 1]
+    assert not list(tmp_path.glob("activault-bench-mixing-*"))  # the runs written are removed
+
+
+def test_shuffle_benchmark_pairs_a_copy_and_a_shuffle_in_each_repetition(tmp_path: Path) -> None:
+    out = tmp_path / "shuffle.jsonl"
+    args = ("--files", "24", "--rows", "4", "--seq", "16", "--d", "256", "--reps", "2", "--json", str(out))
+    printed = run_bench("bench.shuffle", *args, tmp_path=tmp_path).stdout.strip().splitlines()
+    got = json.loads(out.read_text())
+    assert json.loads(printed[-1]) == got and got["command"].startswith("python -m bench.shuffle --files 24")
+    assert [r["rep"] for r in got["runs"]] == [0, 1] and got["ratios"] == [r["ratio"] for r in got["runs"]]
+    for r in got["runs"]:  # memory half the run: several buckets, within the stated bound
+        assert r["copy_s"] > 0 and r["shuffle_s"] > 0 and r["buckets"] > 1 and r["peak_tokens"] <= r["bound_tokens"]
+    assert not list(tmp_path.glob("activault-bench-*"))  # its run, copies and shuffles removed

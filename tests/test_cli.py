@@ -118,8 +118,10 @@ def test_the_help_starts_a_newcomer_with_demo_then_estimate_then_collect(capsys)
     assert "hooks the hook names a config may use on a model" in text
 
 
-def test_a_closed_pipe_ends_a_command_quietly(tmp_path) -> None:
-    """`activault ls ... | head -1`: no BrokenPipeError traceback, the status a SIGPIPE'd command has."""
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_a_closed_pipe_ends_a_command_quietly(tmp_path, unbuffered: str) -> None:
+    """`activault ls ... | head -1`: no BrokenPipeError traceback, the status a SIGPIPE'd command has.
+    Buffered (Python's default on a pipe) the write fails only at the final flush."""
     import subprocess
     import sys
 
@@ -131,6 +133,7 @@ def test_a_closed_pipe_ends_a_command_quietly(tmp_path) -> None:
         [sys.executable, "-m", "activault", "ls", str(tmp_path), "--files"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"PYTHONUNBUFFERED": unbuffered},
     )
     assert p.stdout is not None and p.stderr is not None
     p.stdout.close()  # before the listing is written, as `head` does once it has its lines

@@ -96,10 +96,13 @@ def test_crosscoder_example_across_two_aligned_models(runs: tuple[str, str], wor
     import crosscoder_saelens as ex
 
     out = ex.main_two_models(workdir, steps=60)
-    for m in ("model 0", "model 1"):
-        assert out[f"{m} at start"] < 0.1 < out[m], (m, out)
+    pairs = ex.aligned_vault(workdir)
+    for i, m in enumerate(("model 0", "model 1")):  # a joint 16-dim code against one model's own best
+        train, held = (tokens(pairs[split][i], ex.PAIR_HOOK, norm_target=8.0) for split in ("train", "heldout"))
+        floor = pca_ev(train, held, k=16)  # ~0.63
+        assert out[f"{m} at start"] < 0.1 < floor < out[m], (m, floor, out)
     # the second model's runs hold the first's tokens, file for file
-    for first, second in ex.aligned_vault(workdir).values():
+    for first, second in pairs.values():
         ids = []
         for run in (first, second):
             with RCache(run, hooks=[ex.PAIR_HOOK], return_ids=True) as cache:

@@ -74,14 +74,56 @@ def test_local_reading_snippet_runs_as_written_on_the_demo_vault(
     assert scope["loader"].filtered["nonfinite"] == 1
 
 
+def section(title: str) -> str:
+    text = README.read_text()
+    start = text.index(f"## {title}\n")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def command(text: str, name: str) -> list[str]:
+    """The arguments of the one `activault NAME ...` given inline in `text`."""
+    (found,) = re.findall(rf"`activault ({name} [^`]+)`", text.replace("\n", " "))
+    return found.split()
+
+
 @pytest.mark.slow
-def test_training_snippet_runs_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_training_section_runs_as_written_on_the_demo(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """collect -> train on the train split -> evaluate on the test split -> load in SAELens, then the
+    section's evaluate and export commands."""
+    import torch
+
+    from activault import TokenLoader
+
+    text = section("Training on a vault")
     monkeypatch.chdir(tmp_path)
-    assert main(["demo"]) == 0
+    (shell,) = re.findall(r"```bash\n(.*?)```", text, re.S)
+    assert shell.split("#")[0].split() == ["activault", "demo", "--keep", "mine"]
+    assert main(["demo", "--keep", "mine"]) == 0
+    capsys.readouterr()
     scope: dict = {}
-    exec(snippet("VaultProvider("), scope)  # noqa: S102
-    fresh = scope["VaultProvider"]("./vault/demo", "models.layers.1.post", batch_tokens=4096)
-    assert scope["provider"].state_dict() != fresh.state_dict()  # training consumed the vault
+    exec(snippet("VaultProvider("), scope)  # noqa: S102 - the README's own code
+    assert "explained variance" in capsys.readouterr().out
+    ev, loaded, provider = scope["ev"], scope["loaded"], scope["provider"]
+    assert provider.loader.filtered["split"] > 0  # trained without the held-out documents
+    r = ev.reconstruction
+    assert ev.split == {"split": "test", "test_fraction": 0.1, "split_seed": 0} and ev.library == "saelens"
+    assert 0.5 < r.explained_variance < 1 and r.l0 == pytest.approx(16) and ev.lm is not None
+    meta = loaded.cfg.metadata
+    assert (meta.hook_name, meta.activault_hook, meta.context_size) == ("blocks.1.hook_resid_post", scope["hook"], 128)
+    assert meta.model_name == "mine/model"  # the run's model, as cfg.json names it
+    # SAELens's own loaded SAE on the raw held-out activations explains what evaluate measured
+    held_out = {"split": "test", "test_fraction": 0.1, "drop_last": False}
+    with TokenLoader(scope["run"], hooks=[scope["hook"]], batch_tokens=4096, **held_out) as test:
+        x = torch.cat([b[scope["hook"]] for b in test]).float()
+    with torch.no_grad():
+        x_hat = loaded.decode(loaded.encode(x))
+    explained = float(1 - (x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+    assert len(x) == r.tokens and explained == pytest.approx(r.explained_variance, abs=1e-4)
+    assert main(command(text, "evaluate") + ["--no-lm"]) == 0
+    assert f"explained variance  {r.explained_variance:.4f}" in capsys.readouterr().out
+    assert main(command(text, "export")) == 0 and (tmp_path / "mine" / "cache" / "state.json").is_file()
 
 
 @pytest.mark.slow

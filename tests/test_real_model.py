@@ -169,6 +169,13 @@ def test_a_normalised_dictionary_learning_sae_works_on_raw_activations(
     assert ev.library == "dictionary_learning" and ev.reconstruction.tokens == n
     assert ev.reconstruction.explained_variance == pytest.approx(on_raw, abs=1e-3)
     assert ev.reconstruction.l0 == pytest.approx(k)
+    # on one side of a held-out split: exactly that side's tokens, as the readers split them
+    held = evaluate(str(local_run), str(folder), hook=HOOK, split="test", test_fraction=0.2, lm=False)
+    split = {"split": "test", "test_fraction": 0.2, "drop_last": False}
+    with TokenLoader(str(local_run), hooks=[HOOK], batch_tokens=n, dtype=torch.float64, **split) as loader:
+        test = next(iter(loader))[HOOK]
+    assert 0 < held.reconstruction.tokens == len(test) < n
+    assert held.reconstruction.explained_variance == pytest.approx(_explained(ae, test), abs=1e-3)
     # an encoder has no next-token loss: a note, not an error
     assert ev.lm is None and ev.lm_note is not None and "not a causal language model" in ev.lm_note
     assert main(["evaluate", str(local_run), str(folder), "--hook", HOOK, "--json"]) == 0

@@ -155,3 +155,57 @@ def test_prereqs_catches_a_python_without_venv_or_too_old(tmp_path: Path) -> Non
     assert out.returncode == 1 and "Python >= 3.10" in out.stderr
     out = prereqs(tmp_path / "c", "demo", {})
     assert out.returncode == 1 and "python3: not found" in out.stderr
+
+
+def test_fresh_machine_check_reaches_registries_as_told_and_nothing_else_leaks_in(tmp_path: Path) -> None:
+    """The registry, proxy and WHEELS settings reach the root's commands; the host's own pip settings do not.
+    debootstrap, mount, chroot and git are stand-ins: chroot records the environment each command gets."""
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    (repo / "scripts" / "fresh_machine_check.sh").write_text((ROOT / "scripts" / "fresh_machine_check.sh").read_text())
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl").write_bytes(b"w")
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    calls = tmp_path / "chroot.calls"
+    stand_ins = {
+        "id": "echo 0",
+        "debootstrap": 'mkdir -p "$3/usr/sbin" "$3/etc"',
+        "mount": "true",
+        "umount": "true",
+        "chroot": f'printf "%s\\n" "$@" >>{calls}; echo ===== >>{calls}',
+        # the suite runs on a fresh root too, which has no git (the README does not ask for it)
+        "git": f'[ "$1" = -C ] && shift 2; case "$1" in rev-parse) echo {repo} ;; clone) mkdir -p "$5" ;; esac',
+    }
+    for name, body in stand_ins.items():
+        (bin_ / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_ / name).chmod(0o755)
+    settings = {
+        "PIP_INDEX_URL": "https://mirror.example/simple",
+        "npm_config_registry": "https://npm.example/",
+        "https_proxy": "http://proxy.example:3128",
+        "WHEELS": str(wheels),
+    }
+    host_only = {"PIP_FIND_LINKS": "/host/wheels", "PIP_NO_CACHE_DIR": "1"}  # this machine's, not the check's
+    work = tmp_path / "work"
+    out = subprocess.run(
+        ["bash", str(repo / "scripts" / "fresh_machine_check.sh"), str(work)],
+        env={"PATH": f"{bin_}:{os.environ['PATH']}", "KEEP": "1", **settings, **host_only},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    commands = calls.read_text().split("=====\n")[:-1]
+    assert len(commands) == 3, commands  # packages, demo, test
+    for command in commands:
+        args = command.splitlines()
+        assert args[1:3] == ["/usr/bin/env", "-i"], args
+        assert "PIP_INDEX_URL=https://mirror.example/simple" in args
+        assert "npm_config_registry=https://npm.example/" in args
+        assert "https_proxy=http://proxy.example:3128" in args
+        assert "PIP_FIND_LINKS=/opt/wheels" in args  # the copy inside the root, not the host's folder
+        assert "PIP_NO_CACHE_DIR=1" not in args
+    assert (work / "root" / "opt" / "wheels" / "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl").exists()
+    assert "no process left running in the root" in (work / "timings.txt").read_text()

@@ -92,7 +92,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     from activault.evaluation.api import run_evaluate
 
     lm = not args.no_lm
-    return run_evaluate(args.uri, args.sae, args.hook, args.max_tokens, lm, args.model, args.device, args.json)
+    split = (args.split, args.test_fraction, args.split_seed)
+    return run_evaluate(args.uri, args.sae, args.hook, args.max_tokens, lm, args.model, args.device, args.json, *split)
 
 
 def _launch(args: argparse.Namespace) -> int:
@@ -314,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("uri", help="the run (PATH/RUN, s3://BUCKET/RUN; then --hook) or a hook's folder (PATH/RUN/HOOK)")
     ev.add_argument("sae", help="the folder a library saved the SAE in (SAELens, dictionary_learning, sparsify)")
     ev.add_argument("--hook", help="the hook the SAE reads (needed for a run of several hooks)")
+    ev.add_argument("--split", choices=["test", "train"], help="only this side's documents (held out as readers split)")
+    ev.add_argument("--test-fraction", type=float, help="with --split: as trained with (default 0.01, as readers)")
+    ev.add_argument("--split-seed", type=int, help="with --split: as trained with (default 0, as readers)")
     ev.add_argument("--max-tokens", type=int, help="at most this many tokens for each measure (default: all)")
     ev.add_argument("--model", help="a local copy of the run's model, where cfg.json names one not on this machine")
     ev.add_argument("--no-lm", action="store_true", help="skip the language-model loss (no model loaded)")
@@ -341,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        return int(args.func(args) or 0)
+        rc = int(args.func(args) or 0)
+        sys.stdout.flush()  # a reader gone shows here, handled below, not in Python's flush at exit
+        return rc
     except ActivaultError as e:
         print(f"activault: error: {e}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from activault.collection.resume import (
     changed_fields,
     check_resume,
     config_fields,
+    hook_metadata,
     run_record,
 )
 from activault.config import Config, parse_config
@@ -226,3 +227,23 @@ def test_run_record_holds_the_config_and_what_was_loaded():
     assert rec.config == cfg.to_public_dict() and parse_config(rec.config) == cfg
     assert (rec.run_name, rec.num_runs, rec.hooks) == ("run", 1, cfg.upload_config.hooks)
     assert (rec.model, rec.tokenizer, rec.activault_version) == (MODEL, "/models/tiny", "1.2")
+
+
+def test_metadata_lists_every_tensor_collection_writes_so_one_request_fetches_a_file():
+    """documents and norms included: a reader sizes its one ranged GET of a file from metadata.json."""
+    import torch
+
+    from activault.vault.megabatch import encode
+    from activault.vault.records import header_metadata
+
+    cfg = parse_config(copy.deepcopy(BASE))
+    meta = hook_metadata(cfg, {h: 64 for h in cfg.upload_config.hooks}, torch.bfloat16, None)
+    m = meta["models.layers.1.post"]
+    assert set(m.tensors) == {"states", "input_ids", "positions", "documents", "norms"}
+    rows, seq = m.rows_per_file, m.seq_length
+    ids = torch.zeros(rows, seq, dtype=torch.int32)
+    tensors = {"states": torch.ones(rows, seq, 64, dtype=torch.bfloat16), "input_ids": ids, "positions": ids}
+    header, *data = encode(
+        {**tensors, "documents": ids.to(torch.int64)}, header_metadata("run", m.hook, 0, 0, "m", True)
+    )
+    assert m.bytes_per_file == sum(b.nbytes for b in data)

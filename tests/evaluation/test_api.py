@@ -1,11 +1,13 @@
 """evaluation/api.py: an identity SAE explains everything and recovers all the loss, a zero SAE none;
 SAEs trained a few steps by SAELens and dictionary_learning load from their saved folders and
-measure what float64 over every stored token measures; locally and on S3; one message per mistake."""
+measure what float64 over every stored token measures; a held-out split measures exactly its
+documents' tokens; locally and on S3; one message per mistake."""
 
 from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,23 @@ class Zero(torch.nn.Module):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return torch.zeros(z.shape[0], 64)
+
+
+class Recorder(Identity):
+    """An identity SAE that keeps every token it encodes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[torch.Tensor] = []
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.clone())
+        return x
+
+
+def _tokens(states: torch.Tensor) -> Counter:
+    """The multiset of token vectors [n, d]."""
+    return Counter(tuple(row) for row in states.tolist())
 
 
 def _float64_ev(sae: torch.nn.Module, root: Path) -> float:
@@ -66,6 +85,51 @@ def test_max_tokens_bounds_both_measures(collected) -> None:
         evaluate(str(root), Identity(), hook=HOOK, max_tokens=0)
 
 
+def test_a_held_out_split_measures_exactly_its_documents_tokens(collected, in_split) -> None:
+    _, root = collected
+    stored = load_hook(root, HOOK)
+    measured = {}
+    for side in ("test", "train"):
+        rec = Recorder()
+        ev = evaluate(str(root), rec, hook=HOOK, split=side, test_fraction=0.3, lm=False)
+        want = stored["states"][in_split(root, HOOK, side, 0.3)]
+        assert ev.reconstruction.tokens == len(want) > 100
+        assert ev.split == {"split": side, "test_fraction": 0.3, "split_seed": 0}
+        measured[side] = _tokens(torch.cat(rec.seen))
+        assert measured[side] == _tokens(want)
+    # Disjoint and covering, token for token (equal vectors, e.g. documents' first tokens, are counted).
+    test, train = in_split(root, HOOK, "test", 0.3), in_split(root, HOOK, "train", 0.3)
+    assert not (test & train).any() and torch.equal(test | train, stored["positions"] >= 0)
+    assert measured["test"] + measured["train"] == _tokens(stored["states"][stored["positions"] >= 0])
+
+
+def test_a_held_out_splits_lm_loss_is_its_documents_share_of_the_whole(collected) -> None:
+    # Documents are isolated: the other side's documents left out change nothing for those kept,
+    # so the predicted tokens and loss sums of test and train add up to those of the whole run.
+    _, root = collected
+    whole = evaluate(str(root), Identity(), hook=HOOK)
+    test = evaluate(str(root), Identity(), hook=HOOK, split="test", test_fraction=0.3)
+    train = evaluate(str(root), Identity(), hook=HOOK, split="train", test_fraction=0.3)
+    assert whole.lm is not None and test.lm is not None and train.lm is not None
+    assert test.lm.tokens + train.lm.tokens == whole.lm.tokens and 0 < test.lm.tokens < train.lm.tokens
+    for kind in ("clean", "zero"):
+        total = getattr(test.lm, kind) * test.lm.tokens + getattr(train.lm, kind) * train.lm.tokens
+        assert total == pytest.approx(getattr(whole.lm, kind) * whole.lm.tokens, rel=1e-5)
+    assert test.lm.recovered == 1.0
+    other_seed = evaluate(str(root), Identity(), hook=HOOK, split="test", test_fraction=0.3, split_seed=1, lm=False)
+    assert other_seed.reconstruction.tokens != test.reconstruction.tokens  # another choice of documents
+
+
+def test_a_split_with_no_tokens_or_options_without_a_split_name_the_fix(collected) -> None:
+    _, root = collected
+    with pytest.raises(ConfigError, match=r"no finite token .* split='test' .*: raise test_fraction"):
+        evaluate(str(root), Identity(), hook=HOOK, split="test", test_fraction=1e-12, lm=False)
+    with pytest.raises(ConfigError, match="test_fraction given without split: pass split='test'"):
+        evaluate(str(root), Identity(), hook=HOOK, test_fraction=0.3)
+    with pytest.raises(ConfigError, match="split='held' is not accepted"):
+        evaluate(str(root), Identity(), hook=HOOK, split="held")
+
+
 @pytest.mark.s3
 def test_a_run_on_s3_evaluates_as_the_local_one(collected, moto_url, moto_bucket, monkeypatch) -> None:
     _, root = collected
@@ -81,6 +145,9 @@ def test_a_run_on_s3_evaluates_as_the_local_one(collected, moto_url, moto_bucket
     local = evaluate(str(root), sae, hook=HOOK)
     remote = evaluate(f"s3://{moto_bucket}/run/{HOOK}", sae)
     assert remote.reconstruction == local.reconstruction and remote.lm == local.lm
+    local = evaluate(str(root), sae, hook=HOOK, split="test", test_fraction=0.3)
+    remote = evaluate(f"s3://{moto_bucket}/run/{HOOK}", sae, split="test", test_fraction=0.3)
+    assert remote.reconstruction == local.reconstruction and remote.lm == local.lm and remote.split == local.split
 
 
 def test_saelens_sae_trained_on_the_run_evaluates_from_its_folder(collected, tmp_path) -> None:
@@ -164,3 +231,12 @@ def test_the_command_prints_the_evaluation(collected, tmp_path, capsys) -> None:
     assert rc == 0 and "CE loss recovered" in out and "64 tokens" in out
     rc, _, err = run_cli(["evaluate", str(root / HOOK), str(tmp_path)], capsys)
     assert rc == 2 and "holds no saved SAE" in err
+    held = ["--split", "test", "--test-fraction", "0.3", "--no-lm"]
+    rc, out, _ = run_cli(["evaluate", str(root / HOOK), str(tmp_path / "sae"), *held], capsys)
+    want = evaluate(str(root), tmp_path / "sae", hook=HOOK, split="test", test_fraction=0.3, lm=False)
+    assert rc == 0 and f"{want.reconstruction.tokens:,} tokens of split test (test_fraction 0.3, split_seed 0)" in out
+    seeded = [*held, "--split-seed", "1", "--json"]
+    rc, out, _ = run_cli(["evaluate", str(root / HOOK), str(tmp_path / "sae"), *seeded], capsys)
+    assert rc == 0 and json.loads(out)["split"] == {"split": "test", "test_fraction": 0.3, "split_seed": 1}
+    rc, _, err = run_cli(["evaluate", str(root / HOOK), str(tmp_path / "sae"), "--split-seed", "1"], capsys)
+    assert rc == 2 and "split_seed given without split" in err

@@ -1,5 +1,6 @@
-"""evaluation/splice.py: stored rows run again as collected (the hook sees the stored states), the
-splice replaces a pre or post hook's tensor, and the loss compares the same predicted tokens."""
+"""evaluation/splice.py: stored rows run again as collected (the hook sees the stored states), also
+those of one side of a held-out split alone, the splice replaces a pre or post hook's tensor, and
+the loss compares the same predicted tokens."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from transformers import AutoModelForCausalLM
 from activault.collection.hooks import attention_inputs, resolve_hooks
 from activault.errors import ConfigError
 from activault.evaluation.splice import IGNORE, Splice, lm_loss, model_inputs, stored_rows
+from activault.reading.splits import Split
 from activault.storage import LocalStore
 from activault.storage.s3 import S3Store
 from support.collecting import load_hook
-from support.synth import s3_env
+from support.synth import copy_tree, s3_env
 
 HOOK = "models.layers.1.post"
 
@@ -69,6 +71,40 @@ def test_stored_rows_run_again_give_the_stored_states(collected_arch, arch, wher
     assert int((~real).sum()) > 0 and int((stored["positions"][:, 0] > 0).sum()) > 0  # padding, continued rows
     assert torch.equal(torch.cat(pieces), real)
     assert torch.allclose(torch.cat(seen)[real], stored["states"][real], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("moto", marks=pytest.mark.s3)])
+def test_a_splits_documents_run_alone_give_their_stored_states(collected, in_split, where, request) -> None:
+    model_dir, root = collected
+    if where == "local":
+        store = LocalStore(root.parent)
+    else:
+        env = s3_env(request.getfixturevalue("moto_url"))
+        store = S3Store(f"s3://{request.getfixturevalue('moto_bucket')}", env=env)
+        copy_tree(root, store, "run")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    (spec,) = resolve_hooks(model, [HOOK])
+    seen: list[torch.Tensor] = []
+
+    def record(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.clone())
+        return x
+
+    pieces = []
+    with torch.no_grad(), Splice(model, spec, record):
+        for rows in stored_rows(store, f"run/{HOOK}", None, Split("test", 0.3, 0)):
+            mask = attention_inputs(model, rows.segment_ids)
+            model(input_ids=rows.input_ids, position_ids=rows.position_ids, attention_mask=mask, use_cache=False)
+            pieces.append(rows.segment_ids > 0)
+    test, stored = in_split(root, HOOK, "test", 0.3), load_hook(root, HOOK)
+    some = test.any(1)  # rows holding only the other side's documents are not run
+    assert 0 < int(some.sum()) < len(some) and torch.equal(torch.cat(pieces), test[some])
+    # the other documents left out, the kept ones compute what collection stored for them
+    states = torch.cat(seen)[torch.cat(pieces)]
+    assert torch.allclose(states, stored["states"][test], atol=1e-5, rtol=1e-4)
+    # max_tokens counts the split's tokens: the rows up to the one that reaches 100 of them
+    few = torch.cat([r.segment_ids for r in stored_rows(store, f"run/{HOOK}", 100, Split("test", 0.3, 0))]) > 0
+    assert int(few.sum()) >= 100 > int(few[:-1].sum()) and torch.equal(few, test[some][: len(few)])
 
 
 class _Pair(torch.nn.Module):

@@ -1,6 +1,7 @@
 """integrations/saelens.py: VaultProvider (endless, reshuffled each epoch, exact resume, disjoint
 ranks, transcoder and crosscoder shapes, checkpoints through SAELens), the exact scaling factor set on
-SAELens trainers, and providers abandoned mid-epoch. SAELens is imported for real."""
+SAELens trainers, providers abandoned mid-epoch, and the SAE's metadata from the run, its hook named
+where TransformerLens computes the same values. SAELens and TransformerLens are imported for real."""
 
 from __future__ import annotations
 
@@ -288,6 +289,76 @@ def test_scaling_factor_leaves_out_tokens_with_nan_and_refuses_statistics_that_c
 )
 def test_transformer_lens_names_where_the_values_are_the_same(hook: str, model_type: str, want: str | None) -> None:
     assert transformer_lens_name(hook, model_type, n_layers=6) == want
+
+
+def _hooked_transformer(model: Any, arch: str) -> Any:
+    """TransformerLens's HookedTransformer of a tiny HF model, its weights converted unprocessed (as
+    SAELens loads a model for cached activations), built offline from the model's own config."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_gpt2_weights, convert_llama_weights
+
+    c = model.config
+    if arch == "gpt2":
+        cfg = HookedTransformerConfig(
+            n_layers=c.n_layer,
+            d_model=c.n_embd,
+            n_heads=c.n_head,
+            d_head=c.n_embd // c.n_head,
+            d_mlp=c.n_inner or 4 * c.n_embd,
+            n_ctx=c.n_positions,
+            d_vocab=c.vocab_size,
+            act_fn=c.activation_function,
+            normalization_type="LN",
+            eps=c.layer_norm_epsilon,
+            original_architecture="GPT2LMHeadModel",
+        )
+        weights = convert_gpt2_weights(model, cfg)
+    else:
+        d_head = c.hidden_size // c.num_attention_heads
+        cfg = HookedTransformerConfig(
+            n_layers=c.num_hidden_layers,
+            d_model=c.hidden_size,
+            n_heads=c.num_attention_heads,
+            d_head=d_head,
+            d_mlp=c.intermediate_size,
+            n_ctx=c.max_position_embeddings,
+            d_vocab=c.vocab_size,
+            act_fn=c.hidden_act,
+            normalization_type="RMS",
+            eps=c.rms_norm_eps,
+            positional_embedding_type="rotary",
+            rotary_dim=d_head,
+            rotary_base=c.rope_parameters["rope_theta"],
+            gated_mlp=True,
+            final_rms=True,
+            n_key_value_heads=c.num_key_value_heads,
+            original_architecture="LlamaForCausalLM",
+        )
+        weights = convert_llama_weights(model, cfg)
+    tl = HookedTransformer(cfg)
+    missing = tl.load_state_dict(weights, strict=False).missing_keys
+    # Only buffers TransformerLens computes itself (and gpt2's unembedding bias, which HF has not).
+    assert {k.rsplit(".", 1)[-1] for k in missing} <= {"IGNORE", "mask", "rotary_sin", "rotary_cos", "b_U"}
+    return tl.eval()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_transformer_lens_computes_the_stored_values_at_the_names_given(tiny_model_dir: Any, arch: str) -> None:
+    """The name a saved SAE carries is where TransformerLens (hence SAELens) holds the same values."""
+    from transformers import AutoModelForCausalLM
+
+    from activault.collection.hooks import Capture, resolve_hooks
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir(arch), dtype=torch.float32).eval()
+    hooks = ["models.layers.1.pre", "models.layers.1.post", "models.layers.1.attn.post", "models.layers.1.mlp.post"]
+    ids = torch.randint(5, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with Capture(model, resolve_hooks(model, hooks)) as capture:  # collection's own capture
+        stored = capture(ids, torch.arange(9).expand(2, 9), torch.ones(2, 9, dtype=torch.int32))
+    _, cache = _hooked_transformer(model, arch).run_with_cache(ids)
+    for hook in hooks:
+        name = transformer_lens_name(hook, model.config.model_type)
+        assert name is not None
+        torch.testing.assert_close(stored[hook].float(), cache[name], rtol=1e-4, atol=1e-5)
 
 
 def test_the_sae_metadata_comes_from_the_run(tiny_model_dir: Any, tmp_path: Path) -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 import torch
 
 from activault.errors import ConfigError, FormatError
 from activault.reading.aligned import AlignedLoader
+from activault.reading.options import TokenFilter
 from activault.reading.rcache import RCache
 from activault.storage import Store
 from activault.storage.s3 import S3Store
@@ -124,3 +127,140 @@ def test_refuses_what_cannot_stay_aligned(pair: tuple[Store, SynthRun]) -> None:
         AlignedLoader([a, a], HOOKS)
     with pytest.raises(ConfigError, match="batch_tokens"):
         AlignedLoader([a, b], HOOKS, batch_tokens=0)
+
+
+# -- resume ---------------------------------------------------------------------------------------
+
+
+def copy(item: Any) -> Any:
+    """`item` with its tensors cloned (a megabatch's are views of buffers the reader reuses)."""
+    return {k: copy(v) for k, v in item.items()} if isinstance(item, dict) else item if item is None else item.clone()
+
+
+def take(loader: AlignedLoader, n: int) -> list[Any]:
+    """The next `n` items, epoch after epoch (an epoch resumed at its end yields nothing)."""
+    out: list[Any] = []
+    for _ in range(4):
+        if len(out) == n:  # the state stays right after the last item taken
+            return out
+        for item in loader:
+            out.append(copy(item))
+            if len(out) == n:
+                break
+    assert len(out) == n, f"{len(out)} items, not {n}"
+    return out
+
+
+def same(a: Any, b: Any) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
+
+
+@pytest.mark.parametrize("batch_tokens", [None, 10, 100])  # megabatches; mid-file; spanning files
+def test_resume_gives_exactly_the_uninterrupted_batches(pair: tuple[Store, SynthRun], batch_tokens: int | None) -> None:
+    store, _ = pair
+    runs = [store.url("a"), store.url("b")]
+    kw: dict[str, Any] = {"batch_tokens": batch_tokens, "shuffle": True, "seed": 3, "return_ids": True}
+    with AlignedLoader(runs, HOOKS, **kw) as loader:
+        per_epoch = len(list(loader))
+    with AlignedLoader(runs, HOOKS, **kw) as loader:
+        whole = take(loader, 2 * per_epoch)
+    assert len(whole) == 2 * per_epoch > 3
+    for k in sorted({0, 1, 2, per_epoch - 1, per_epoch, per_epoch + 1}):
+        with AlignedLoader(runs, HOOKS, **kw) as first:
+            got = take(first, k)
+            state = json.loads(json.dumps(first.state_dict()))  # as a checkpoint keeps it
+        with AlignedLoader(runs, HOOKS, **kw) as second:
+            second.load_state_dict(state)
+            got += take(second, 2 * per_epoch - k)
+        assert all(same(a, b) for a, b in zip(got, whole, strict=True)), k
+
+
+def test_resume_is_per_rank_and_refuses_another_ranks_state(pair: tuple[Store, SynthRun]) -> None:
+    store, _ = pair
+    runs = [store.url("a"), store.url("b")]
+    kw: dict[str, Any] = {"batch_tokens": 20, "world_size": 2, "return_ids": True}
+    seen = []
+    for rank in (0, 1):
+        with AlignedLoader(runs, HOOKS, rank=rank, **kw) as loader:
+            whole = list(loader)
+        with AlignedLoader(runs, HOOKS, rank=rank, **kw) as first:
+            got = take(first, 2)
+            state = first.state_dict()
+        with AlignedLoader(runs, HOOKS, rank=rank, **kw) as second:
+            second.load_state_dict(state)
+            got += [copy(i) for i in second]
+        assert all(same(a, b) for a, b in zip(got, whole, strict=True)) and len(got) == len(whole)
+        seen.append(torch.cat([g["input_ids"] for g in whole]))
+    assert len(seen[0]) != len(seen[1]) or not torch.equal(seen[0], seen[1])  # the ranks read other files
+    with AlignedLoader(runs, HOOKS, rank=1, **kw) as other, pytest.raises(ConfigError) as e:
+        other.load_state_dict(state | {"rank": 0})
+    assert "rank=0" in str(e.value) and "make the loader with rank=0" in str(e.value)
+
+
+def test_a_state_of_other_runs_hooks_or_options_is_refused_by_name(pair: tuple[Store, SynthRun]) -> None:
+    store, _ = pair
+    a, b = store.url("a"), store.url("b")
+    with AlignedLoader([a, b], HOOKS, batch_tokens=10) as loader:
+        take(loader, 3)
+        state = loader.state_dict()
+    cases: list[tuple[list[str], list[str], dict[str, Any], str]] = [
+        ([b, a], HOOKS, {"batch_tokens": 10}, "the same runs, named as then and in the same order"),
+        ([a, b], ["h1"], {"batch_tokens": 10}, "hooks=['h1', 'h2']"),
+        ([a, b], HOOKS, {"batch_tokens": 12}, "batch_tokens=10"),
+        ([a, b], HOOKS, {"batch_tokens": 10, "shuffle": True}, "shuffle=False"),
+        ([a, b], HOOKS, {"batch_tokens": 10, "seed": 1}, "seed=0"),
+        ([a, b], HOOKS, {"batch_tokens": 10, "split": "train"}, "the same split, test_fraction and split_seed"),
+        ([a, b], HOOKS, {"batch_tokens": 10, "token_filter": TokenFilter(first=1)}, "the same token_filter"),
+    ]
+    for runs, hooks, kw, fix in cases:
+        with AlignedLoader(runs, hooks, **kw) as other, pytest.raises(ConfigError) as e:
+            other.load_state_dict(state)
+        assert fix in str(e.value) and "to resume it" in str(e.value), (kw, str(e.value))
+    with AlignedLoader([a, b], HOOKS) as megabatches:
+        with pytest.raises(ConfigError, match="AlignedLoader state_dict: no file_index"):
+            megabatches.load_state_dict({"epoch": 0, "window": 0, "offset": 0})  # a TokenLoader's
+        with pytest.raises(ConfigError, match="'offset' is 5, not a whole number 0..0"):
+            megabatches.load_state_dict({**state, "batch_tokens": None, "offset": 5})  # megabatches are whole
+        with pytest.raises(ConfigError, match="'file_index' is 99"):
+            megabatches.load_state_dict({**state, "batch_tokens": None, "file_index": 99})
+
+
+def test_an_offset_beyond_the_files_tokens_is_named_when_the_file_is_read(pair: tuple[Store, SynthRun]) -> None:
+    store, _ = pair
+    runs = [store.url("a"), store.url("b")]
+    with AlignedLoader(runs, HOOKS, batch_tokens=10) as loader:
+        loader.load_state_dict({**loader.state_dict(), "offset": 64})  # 4 rows x 16: one past the last
+        with pytest.raises(ConfigError, match="'offset' is 64, not a whole number 0..63 .* other filters"):
+            list(loader)
+
+
+def test_filters_drop_a_token_from_every_run_and_resume_exactly(pair: tuple[Store, SynthRun]) -> None:
+    store, run = pair
+    name = run.names[1]
+
+    def loud(t: dict[str, torch.Tensor]) -> None:
+        t["states"][0, 5] = 1e3  # run b's filter alone drops this token
+
+    for h in HOOKS:
+        rewrite(store, f"b/{h}/{name}", loud)
+    runs = [store.url("a"), store.url("b")]
+    kw: dict[str, Any] = {"token_filter": TokenFilter(first=1, max_norm=100.0), "split": "train", "seed": 5}
+    with AlignedLoader(runs, HOOKS, return_ids=True, **kw) as megabatches:
+        items = [copy(i) for i in megabatches]
+    with RCache(runs[0], hooks=HOOKS, **kw) as alone:
+        assert [bool(i["keep"][0, 5]) for i in alone][1]  # run a's own filter keeps the token
+    assert not items[1]["keep"][0, 5]
+    with AlignedLoader(runs, HOOKS, batch_tokens=10, return_ids=True, **kw) as loader:
+        whole = list(loader)
+    states = torch.cat([g["states"][runs[0]]["h1"] for g in whole])
+    assert len(states) == sum(int(i["keep"].sum()) for i in items)  # the joined mask, in both runs
+    assert not (torch.cat([g["states"][runs[1]]["h1"] for g in whole]).float().abs() >= 1e3).any()
+    with AlignedLoader(runs, HOOKS, batch_tokens=10, return_ids=True, **kw) as first:
+        got = take(first, 3)
+        state = first.state_dict()
+    with AlignedLoader(runs, HOOKS, batch_tokens=10, return_ids=True, **kw) as second:
+        second.load_state_dict(state)
+        got += list(second)
+    assert all(same(a, b) for a, b in zip(got, whole, strict=True)) and len(got) == len(whole)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ import torch
 from test_rcache import triples
 
 from activault.errors import ConfigError, DataError, NotFoundError
-from activault.reading.filters import FILTERS, TokenMask, document_ranks, row_norms_squared, special_token_ids
+from activault.reading import filters
+from activault.reading.filters import FILTERS, TokenMask, document_ranks, special_token_ids
 from activault.reading.options import ReadOptions, TokenFilter
 from activault.reading.rcache import RCache
 from activault.reading.tokens import TokenLoader
@@ -22,6 +24,8 @@ from activault.storage import LocalStore, Store
 from activault.storage.s3 import S3Store
 from activault.tools.tiny import build_tokenizer
 from activault.vault import records
+from activault.vault.norms import token_norms
+from support.norms import as_format_4
 from support.synth import SynthRun, as_stats_version_2, s3_env, write_synthetic_run
 
 # (hook, file, row, seq, value): two attention sinks (one per hook) and one NaN, in dimension 0.
@@ -31,14 +35,15 @@ IDS = frozenset(range(0, 1000, 7))
 
 @pytest.fixture(params=["local", pytest.param("moto", marks=pytest.mark.s3)])
 def sinks(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str | Store, SynthRun]:
-    """A two-hook run on two machines with planted sinks and a NaN: its folder, locally or on moto."""
+    """A two-hook run on two machines with planted sinks and a NaN, its files with stored norms
+    (format version 5): its folder, locally or on moto."""
     if request.param == "local":
         return str(tmp_path / "r"), write_synthetic_run(
-            LocalStore(tmp_path), "r", ["h1", "h2"], machines=2, nonfinite=PLANTED
+            LocalStore(tmp_path), "r", ["h1", "h2"], machines=2, nonfinite=PLANTED, documents=True
         )
     store = S3Store(f"s3://{request.getfixturevalue('moto_bucket')}", env=s3_env(request.getfixturevalue("moto_url")))
     return S3Store(store.url("r"), env=s3_env(request.getfixturevalue("moto_url"))), write_synthetic_run(
-        store, "r", ["h1", "h2"], machines=2, nonfinite=PLANTED
+        store, "r", ["h1", "h2"], machines=2, nonfinite=PLANTED, documents=True
     )
 
 
@@ -205,27 +210,21 @@ def test_a_file_starting_mid_document_continues_it() -> None:
     assert document_ranks(np.zeros(0, np.int32)).tolist() == []
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
-def test_row_norms_match_torch(dtype: torch.dtype) -> None:
-    x = (torch.randn(300, 64, generator=torch.Generator().manual_seed(0)) * 5).to(dtype)
-    x[7, 3] = float("inf")
-    got = row_norms_squared(x)
-    want = x.double().square().sum(1).numpy()
-    assert np.isinf(got[7]) and np.allclose(np.delete(got, 7), np.delete(want, 7), rtol=1e-5)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_a_finite_token_whose_squared_norm_overflows_is_not_called_nonfinite(dtype: torch.dtype) -> None:
-    """Norms are summed in float32 (3e38): a token of finite 1e20s overflows there, yet is finite."""
+    """Norms are float32 sums: a token of finite 1e20s overflows there, yet is finite; stored
+    norms (format version 5) or computed, the same tokens are dropped."""
     states = torch.randn(1, 4, 8).to(dtype)
     states[0, 1] = 1e20
     states[0, 2, 3] = float("nan")
     states[0, 3, 0] = float("-inf")
     ids, pos = torch.zeros(1, 4, dtype=torch.int32), torch.arange(4, dtype=torch.int32)[None]
-    keep, dropped = TokenMask(TokenFilter(nonfinite=True)).keep([states], ids, pos)
-    assert keep.tolist() == [True, True, False, False] and dropped["nonfinite"] == 2
-    keep, dropped = TokenMask(TokenFilter(nonfinite=True, max_norm=1e3), [1e3]).keep([states], ids, pos)
-    assert keep.tolist() == [True, False, False, False] and dropped["nonfinite"] == 2 and dropped["norm"] == 1
+    for norms in ([], [token_norms(states)]):
+        keep, dropped = TokenMask(TokenFilter(nonfinite=True)).keep([states], ids, pos, norms=norms)
+        assert keep.tolist() == [True, True, False, False] and dropped["nonfinite"] == 2
+        mask = TokenMask(TokenFilter(nonfinite=True, max_norm=1e3), [1e3])
+        keep, dropped = mask.keep([states], ids, pos, norms=norms)
+        assert keep.tolist() == [True, False, False, False] and dropped["nonfinite"] == 2 and dropped["norm"] == 1
 
 
 def test_the_norm_filter_names_statistics_without_a_histogram(tmp_path: Path) -> None:
@@ -277,3 +276,63 @@ def test_special_token_ids_come_from_the_runs_tokenizer(tmp_path: Path) -> None:
     records.write_record(store, records.cfg_key("r"), rec.model_copy(update={"tokenizer": str(tmp_path / "tok")}))
     ids = special_token_ids(str(tmp_path / "r"))
     assert ids == frozenset(tok.all_special_ids) and tok.bos_token_id in ids
+
+
+@pytest.fixture(params=["local", pytest.param("moto", marks=pytest.mark.s3)])
+def folders(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[Store, Callable[[str], str | Store]]:
+    """An empty store, and what a reader is given for its folder `key` (a path, or an S3Store)."""
+    if request.param == "local":
+        return LocalStore(tmp_path, fsync=False), lambda key: str(tmp_path / key)
+    env = s3_env(request.getfixturevalue("moto_url"))
+    root = S3Store(f"s3://{request.getfixturevalue('moto_bucket')}", env=env)
+    return root, lambda key: S3Store(root.url(key), env=env)
+
+
+@pytest.mark.parametrize("case", ["nonfinite", "norm", "composed"])
+def test_format_4_and_5_files_keep_the_same_tokens(
+    folders: tuple[Store, Callable[[str], str | Store]], case: str
+) -> None:
+    """The same run as format 5 (norms stored) and format 4 (norms computed from the states): the
+    same kept tokens and drop counts, from RCache's masks and TokenLoader's batches."""
+    store, at = folders
+    overflow = [("h2", 3, 0, 4, 1e20)]  # finite, its squares beyond float32: an Inf norm, kept by nonfinite
+    for run in ("new", "old"):  # the same seed: the same data
+        synth = write_synthetic_run(store, run, ["h1", "h2"], machines=2, nonfinite=PLANTED + overflow, documents=True)
+    as_format_4(store, "old", synth.hooks, synth.names)
+    f = FILTER_CASES[case]
+    caches = [RCache(at(run), hooks=["h1", "h2"], token_filter=f) for run in ("new", "old")]
+    masks = [[m["keep"] for m in cache] for cache in caches]
+    assert len(masks[0]) == len(synth.names) and all(torch.equal(a, b) for a, b in zip(*masks, strict=True))
+    loaders = [
+        TokenLoader(at(run), hooks=["h1", "h2"], batch_tokens=16, window=2, seed=1, return_ids=True, token_filter=f)
+        for run in ("new", "old")
+    ]
+    batches = [list(loader) for loader in loaders]
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(*batches, strict=True))
+    assert loaders[0].filtered == loaders[1].filtered == caches[0].filtered == caches[1].filtered
+    assert caches[0].filtered[case if case in FILTERS else "norm"] > 0
+    if case == "nonfinite":
+        assert caches[0].filtered["nonfinite"] == 1  # the NaN, not the overflowing finite token
+
+
+def test_stored_norms_spare_the_states_pass(
+    sinks: tuple[str | Store, SynthRun], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With norms stored, no norm is computed from the states, and only tokens whose stored norm is
+    not finite are looked at again."""
+    uri, _ = sinks
+    looked: list[int] = []
+
+    def refuse(states: torch.Tensor) -> torch.Tensor:
+        raise AssertionError("norms computed from the states of a file that stores them")
+
+    def finite_rows(x: torch.Tensor) -> np.ndarray:
+        looked.append(x.shape[0])
+        return torch.isfinite(x).all(dim=1).numpy()
+
+    monkeypatch.setattr(filters, "token_norms", refuse)
+    monkeypatch.setattr(filters, "finite_rows", finite_rows)
+    f = TokenFilter(nonfinite=True, max_norm_ratio=10.0)
+    loader = TokenLoader(uri, hooks=["h1", "h2"], batch_tokens=16, token_filter=f)
+    assert sum(1 for _ in loader) > 0 and loader.filtered["nonfinite"] == 1 and loader.filtered["norm"] == 2
+    assert sum(looked) == 1  # the one NaN token

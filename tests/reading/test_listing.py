@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ import torch
 
 from activault import RCache, TokenLoader
 from activault.errors import FormatError
+from activault.reading.listing import Catalog
+from activault.reading.options import ReadOptions
 from activault.storage import Store
 from activault.storage.s3 import S3Store
 from activault.vault import megabatch as fmt
@@ -160,3 +163,53 @@ def test_a_reader_refuses_a_progress_record_counting_more_files_than_planned(
         with pytest.warns(UserWarning, match="damaged progress record.*'files_done' is 99, more than the 3"):
             cache = RCache(uri, hooks=hooks, store_options=options)
         assert len(cache) == len(run.names) and cache.bad_files == 0
+
+
+def test_local_records_are_read_on_the_callers_thread_and_s3_ones_in_parallel(
+    where: tuple[Store, str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, root, options = where
+    run = write_synthetic_run(store, "run", ["h1", "h2"], machines=2, files=3)
+    started: list[str] = []
+    start = threading.Thread.start
+
+    def counted(thread: threading.Thread) -> None:
+        started.append(thread.name)
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", counted)
+    catalog = Catalog(f"{root}/run", hooks=["h1", "h2"], options=ReadOptions(store_options=options))
+    assert sorted(f.name for block in catalog.blocks for f in block) == sorted(run.names)
+    assert catalog.shapes[0] is not None and catalog.shapes[1] is not None
+    pools = [n for n in started if n.startswith("activault-records")]
+    # Was: a pool for the 2 metadata records, another for the 2 progress records, locally too.
+    assert pools if root.startswith("s3://") else not pools
+
+
+def test_a_full_files_bound_covers_its_documents_and_norms(tmp_path: Path) -> None:
+    """The bound a reader requests a file whole under (fetch.py `expect`) counts every tensor of a
+    format 5 file: each token's states, ids, positions, document and norm."""
+    from activault.storage import LocalStore
+    from activault.vault import records
+
+    KEPT = {
+        "run_name",
+        "hook",
+        "d_model",
+        "dtype",
+        "seq_length",
+        "rows_per_file",
+        "batch_size",
+        "batches_per_upload",
+        "model",
+    }
+
+    store = LocalStore(tmp_path, fsync=False)
+    run = write_synthetic_run(store, "run", ["h"], files=1, rows=8, seq=64, d=16, pad=0, documents=True)
+    meta = records.read_metadata(store, "run/h")
+    assert meta is not None
+    with_docs = records.hook_metadata(**{**meta.model_dump(include=KEPT), "provenance": True})  # as collect writes it
+    records.write_record(store, records.metadata_key("run/h"), with_docs)
+    catalog = Catalog(str(tmp_path / "run"), hooks=["h"])
+    header = fmt.fetch_header(store, f"run/h/{run.names[0]}")
+    assert header.version == 5 and catalog.tensor_bytes(0, 0) == header.size - header.data_offset

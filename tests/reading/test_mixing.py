@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from fractions import Fraction
 from itertools import islice
 from pathlib import Path
@@ -40,6 +41,19 @@ def test_quotas_are_exact_over_every_span_of_batches(weights: list[float], batch
         for end in range(start + 1, 301, 53):
             span = [sum(b[i] for b in q[start:end]) for i in range(len(w))]
             assert all(abs(n - (end - start) * batch * wi) < 2 for n, wi in zip(span, w, strict=True))
+
+
+def test_allocation_rounds_as_exact_fractions_do() -> None:
+    def reference(weights: list[Fraction], tokens: int) -> list[int]:  # largest remainder, in Fractions
+        exact = [tokens * w for w in weights]
+        out = [math.floor(x) for x in exact]
+        ranked = sorted(range(len(out)), key=lambda i: (-(exact[i] - out[i]), i))
+        return [o + (i in ranked[: tokens - sum(out)]) for i, o in enumerate(out)]
+
+    for weights in ([0.7, 0.3], [0.1, 0.2, 0.3, 0.4], [1.0, 1.0, 1.0], [1 / 3, 1 / 7, 0.5]):
+        w = mix_weights(weights, len(weights), 4096, [f"run{i}" for i in range(len(weights))])
+        for tokens in [0, 1, 2, 3, 7, 4095, 4096, 10**6 + 1, 2**40 + 3]:
+            assert allocation(w, tokens) == reference(w, tokens), (weights, tokens)
 
 
 def test_weights_are_checked() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from activault.reading import fetch
+from activault.errors import ConfigError
+from activault.reading import buffers, fetch
 from activault.reading.options import ReadOptions
 from activault.reading.stream import FileStream
 from activault.storage import LocalStore
@@ -104,3 +106,35 @@ def test_a_files_decode_runs_off_the_consumer_while_the_next_file_is_read(
     assert torch.equal(torch.cat(got), run.tensor("h"))  # decoded exactly
     assert overlapped == [True]
     assert len(decoders) == 3 and all(n.startswith("activault-read") for n in decoders), decoders
+
+
+@pytest.mark.parametrize("reader", ["rcache", "tokens"])
+def test_a_dropped_readers_buffers_serve_the_next_reader_without_waiting_for_gc(
+    run: SynthRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str
+) -> None:
+    from activault import RCache, TokenLoader
+
+    gc.collect()
+    monkeypatch.setattr(buffers, "_spare", [])
+    opts = ReadOptions(store_options={"map_reads": False})  # read into the stream's buffers
+    make = {
+        "rcache": lambda: RCache(str(tmp_path / "run"), hooks=["h1", "h2"], options=opts),
+        "tokens": lambda: TokenLoader(str(tmp_path / "run"), hooks=["h1", "h2"], batch_tokens=8, options=opts),
+    }[reader]
+    first = make()
+    assert sum(1 for _ in first) > 0
+    gc.disable()
+    try:
+        del first
+        # Was 0 until the cyclic collector ran: reader -> stream -> the reader's bound method.
+        assert buffers.spare_bytes() > 0
+    finally:
+        gc.enable()
+    assert sum(1 for _ in make()) > 0  # the next reader reads, from those buffers
+    reader = make()
+    files = reader.files.prefetch(0)
+    del reader
+    with files:
+        assert sum(1 for _ in files) > 0  # a Prefetch holds its reader while it reads
+    with pytest.raises(ConfigError, match="reader of these files was dropped: keep a reference"):
+        make().files.prefetch(0)  # the reader is gone before its files are asked for

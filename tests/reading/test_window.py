@@ -7,12 +7,15 @@ import pytest
 
 from activault.reading.order import first_file, windows
 from activault.reading.window import (
+    Draws,
     ramp_length,
     ramp_windows,
     same_source_pairs,
+    stratified,
     uniform_same_source_pairs,
     window_count,
     window_of,
+    window_stages,
     window_start,
 )
 
@@ -51,3 +54,43 @@ def test_same_source_pairs_counts_pairs_from_one_source() -> None:
     rng = np.random.default_rng(0)
     draws = [same_source_pairs(rng.permutation(np.repeat(np.arange(4), 100))[:50]) for _ in range(200)]
     assert float(np.mean(draws)) == pytest.approx(uniform_same_source_pairs(np.array([100] * 4)), abs=0.02)
+
+
+SIZES = [(0, 4), (1, 1), (7, 3), (100, 7), (1023, 256), (4096, 256), (5000, 4096), (9, 0)]
+
+
+@pytest.mark.parametrize(("n", "strata"), SIZES)
+def test_a_stratified_order_takes_each_of_any_strata_neighbours_from_another_stratum(n: int, strata: int) -> None:
+    order = stratified(n, strata, seed=3)
+    assert np.array_equal(np.sort(order), np.arange(n))  # every token once
+    assert np.array_equal(order, stratified(n, strata, seed=3)) and (
+        n < 4 or not np.array_equal(order, stratified(n, strata, seed=4))
+    )
+    q = max(1, n // max(strata, 1))  # tokens a stratum
+    for a in range(n):  # any `strata` consecutive entries, however a batch is cut: distinct strata
+        span = order[a : a + max(strata, 1)] // q
+        assert np.unique(span).size == span.size
+
+
+def test_a_window_drawn_as_its_files_arrive_draws_every_token_once() -> None:
+    files = [(i, f"f{i}") for i in range(10)]
+    # Progressive: window 0 handed over at each of its files, complete at its last; the others once.
+    stages = [(w, list(items), complete) for w, items, complete in window_stages(files, 4, True)]
+    assert stages[:4] == [
+        (0, ["f0"], False),
+        (0, ["f0", "f1"], False),
+        (0, ["f0", "f1", "f2"], False),
+        (0, ["f0", "f1", "f2", "f3"], True),
+    ]
+    assert stages[4:] == [(1, ["f4", "f5", "f6", "f7"], True), (2, ["f8", "f9"], True)]
+    assert [(w, items) for w, items, _ in window_stages(files, 4, False)] == list(windows(files, 4))
+    # Draws: 100 tokens a file, 4 files a window, 16-token batches: 25 tokens drawn at each of the
+    # first three files (of those loaded and left), the rest at the last; each token once.
+    draws, got = Draws(16, 4), []
+    for k in range(4):
+        got.append(draws.stage(100 * (k + 1), 100, k == 3, seed=k))
+        assert got[-1].max() < 100 * (k + 1)  # only from the files loaded so far
+    assert [g.size for g in got] == [25, 25, 25, 325]
+    assert np.array_equal(np.sort(np.concatenate(got)), np.arange(400))
+    # A window drawn in one stage is the stratified order itself (the state of an unramped loader).
+    assert np.array_equal(Draws(16, 4).stage(400, 100, True, seed=9), stratified(400, 16, 9))

@@ -232,3 +232,25 @@ def test_the_command_names_foreign_objects_and_removed_leftovers(
     assert "removed 1 unfinished temp file(s) of an earlier, killed attempt" in out
     assert f"{2 * len(run.names)} file(s) converted, 0 already zstd, 1 other object(s) skipped" in out
     assert not list(tmp_path.rglob("*.tmp")) and (tmp_path / "run/h1/notes.txt").read_text() == "mine"
+
+
+def test_recompress_gives_format_4_files_norms_and_fp8_files_the_norms_of_their_values(
+    stores: tuple[Store, Store],
+) -> None:
+    from activault.vault.norms import token_norms
+    from support.norms import as_format_4
+
+    store, _ = stores
+    run = write_synthetic_run(store, "run", ["h1"], files=2, documents=True)
+    collected = contents(store)
+    as_format_4(store, "run", ["h1"], run.names)
+    recompress_run(store, "run", codecs.Codec("zstd"))
+    recompress_run(store, "run", None)
+    assert contents(store) == collected  # format 4 files rewritten as collect writes format 5: the same bytes
+    recompress_run(store, "run", codecs.Codec("fp8"))
+    for name in run.names:
+        mb = fmt.decode(store.get(f"run/h1/{name}"), name, verify_checksums=True)
+        assert mb.header.version == fmt.FORMAT_VERSION and mb.norms is not None  # type: ignore[union-attr]
+        assert not torch.equal(mb.states, run.files["h1"][name]["states"])
+        assert torch.equal(mb.norms, token_norms(mb.states))
+    assert verify_run(store, "run", deep=True).problems == []

@@ -5,8 +5,10 @@ same bytes, refuses bad inputs before writing."""
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,9 +18,12 @@ from activault.cli import main
 from activault.errors import ConfigError, NotFoundError
 from activault.storage import LocalStore, Store
 from activault.storage.s3 import S3Store
-from activault.tools.shuffle import shuffle_run
+from activault.tools.shuffle import bound_tokens, choose_buckets, read_source, shuffle_run
+from activault.tools.shuffle_passes import PIECES
+from activault.tools.shuffle_plan import bucket_counts, permuted
 from activault.tools.verify import verify_run
 from activault.vault import megabatch as fmt
+from activault.vault.writer import RunWriter
 from support.interrupted import kill_when_reached
 from support.synth import s3_env, write_synthetic_run
 
@@ -48,7 +53,18 @@ def contents(store: Store, run: str) -> dict[str, bytes]:
 
 
 def make_source(store: Store) -> None:
-    write_synthetic_run(store, "run", HOOKS, machines=2, files=6, dtype=torch.float32)
+    write_synthetic_run(store, "run", HOOKS, machines=2, files=12, dtype=torch.float32)
+
+
+def check_order(store: Store, buckets: int, seed: int, dst: str = "dst") -> None:
+    """DST holds the source's slots in the order `permuted` states (random states: each real
+    token is one of a kind)."""
+    src = tokens(store, "run")
+    real = np.array([t[-1] >= 0 for t in src])
+    where = {t: i for i, t in enumerate(src) if t[-1] >= 0}
+    out = [where.get(t, -1) for t in tokens(store, dst)]
+    want = permuted([64] * 24, buckets, seed, real)  # 24 files of 4 rows x 16 slots
+    assert out[: int(real.sum())] == want[: int(real.sum())].tolist()
 
 
 def test_shuffle_is_a_seeded_permutation_with_hooks_aligned(stores: tuple[Store, Store]) -> None:
@@ -56,6 +72,7 @@ def test_shuffle_is_a_seeded_permutation_with_hooks_aligned(stores: tuple[Store,
     for s in stores:
         make_source(s)
     r = shuffle_run(a, "run", a, "dst", seed=1, buckets=8)
+    check_order(a, 8, 1)
     src, out = tokens(a, "run"), tokens(a, "dst")
     # The same rows (every hook's state, id, position together: hooks stay aligned), in another order.
     assert Counter(out) == Counter(src) and out != src and r.tokens == len(src)
@@ -77,12 +94,62 @@ def test_shuffle_is_a_seeded_permutation_with_hooks_aligned(stores: tuple[Store,
             k: v for k, v in want.items() if k not in ("machines", "num_runs")
         }
     cfg = json.loads(a.get_text("dst/cfg.json"))
-    assert cfg["config"]["shuffled_from"] == {"run": a.url("run"), "seed": 1, "buckets": 8, "machines": 2}
+    assert cfg["config"]["shuffled_from"] == {
+        "run": a.url("run"),
+        "seed": 1,
+        "buckets": 8,
+        "machines": 2,
+        "plan": 2,
+    }
     assert cfg["num_runs"] == 1 and not [e for e in a.list("dst/.shuffle")]
     assert verify_run(a, "dst").problems == []
     # Run again: already finished, nothing written.
     before = contents(a, "dst")
     assert shuffle_run(a, "run", a, "dst", seed=1).already and contents(a, "dst") == before
+
+
+def test_a_run_that_fits_one_bucket_is_shuffled_in_one_pass(
+    stores: tuple[Store, Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, _ = stores
+    make_source(store)
+    written: list[tuple[str, int]] = []
+    real = RunWriter.write_file
+
+    def spied(self: RunWriter, *a: Any, **k: Any) -> Any:
+        written.append((self.run, self.machine))
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(RunWriter, "write_file", spied)
+    # 1536 slots of 72 bytes (2 hooks x 8 float32 + ids, positions): the run, pass 1's 4 files of 64
+    # slots and the padding (2 x 16 slots) need 131,328 bytes; half of memory would not do.
+    r = shuffle_run(store, "run", store, "dst", seed=6, memory=150_000)
+    assert r.buckets == 1 and ("dst/.shuffle", PIECES) not in written  # no temporary pieces
+    assert written.count(("dst", 0)) == r.files == 24
+    check_order(store, 1, 6)
+    assert r.peak_tokens <= r.bound_tokens and r.bound_tokens * 72 <= 150_000
+
+
+def test_the_fewest_buckets_whose_bound_fits_memory_are_taken(stores: tuple[Store, Store]) -> None:
+    store, _ = stores
+    make_source(store)
+    src = read_source(store, "run")
+    assert src.token_bytes == 72  # 2 hooks x 8 float32, ids and positions int32
+
+    def bound(buckets: int) -> int:
+        return bound_tokens(src, bucket_counts(src.slots, buckets, 2)) * 72
+
+    for memory in (60_000, 90_000, 150_000):
+        b = choose_buckets(src, memory, seed=2)
+        assert bound(b) <= memory and (b == 1 or bound(b - 1) > memory)
+    r = shuffle_run(store, "run", store, "dst", seed=2, memory=60_000)
+    assert r.buckets == choose_buckets(src, 60_000, 2) and r.peak_tokens <= r.bound_tokens <= 60_000 // 72
+    with pytest.raises(ConfigError, match="memory=20000 bytes cannot hold the shuffle's files") as e:
+        choose_buckets(src, 20_000, 2)
+    found = re.search(r"pass memory >= (\d+)", str(e.value))
+    assert found is not None
+    need = int(found.group(1))
+    assert bound(choose_buckets(src, need, 2)) <= need  # the advice is enough
 
 
 KILLED = """
@@ -105,23 +172,34 @@ def counted(self, *a, **k):
 
 RunWriter.write_file = counted
 store = open_store(sys.argv[1])
-shuffle.shuffle_run(store, "run", store, "dst", seed=4, buckets=5)
+shuffle.shuffle_run(store, "run", store, "dst", seed=4, buckets=BUCKETS)
 """
 
 
-@pytest.mark.parametrize(("target", "at"), [("dst/.shuffle", 7), ("dst", 4)], ids=["pass1", "pass2"])
+@pytest.mark.parametrize(
+    ("target", "at", "buckets"),
+    [("dst/.shuffle", 7, 5), ("dst", 4, 5), ("dst", 12, 5), ("dst", 4, 1)],
+    ids=["pass1", "pass2-bucket0", "pass2-later", "one-pass"],
+)
 def test_a_killed_shuffle_resumes_to_the_same_bytes(
-    stores: tuple[Store, Store], tmp_path: Path, request: pytest.FixtureRequest, target: str, at: int
+    stores: tuple[Store, Store],
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    target: str,
+    at: int,
+    buckets: int,
 ) -> None:
+    """Killed in pass 1, in pass 2 within bucket 0 (kept in memory: gathered from SRC again) or
+    after it, and in a one-pass shuffle."""
     killed, whole = stores
     for s in stores:
         make_source(s)
     env = s3_env(request.getfixturevalue("moto_url")) if isinstance(killed, S3Store) else {}
     code = KILLED.replace("TARGET", repr(target)).replace("AT", str(at)).replace("sys.argv[1]", repr(killed.uri))
-    kill_when_reached(code, tmp_path / "reached", env)
+    kill_when_reached(code.replace("BUCKETS", str(buckets)), tmp_path / "reached", env)
     assert killed.exists("dst/cfg.json") and not killed.exists("dst/h1/statistics.json")  # killed mid-way
-    shuffle_run(killed, "run", killed, "dst", seed=4, buckets=5)
-    shuffle_run(whole, "run", whole, "dst", seed=4, buckets=5)
+    shuffle_run(killed, "run", killed, "dst", seed=4, buckets=buckets)
+    shuffle_run(whole, "run", whole, "dst", seed=4, buckets=buckets)
     assert contents(killed, "dst") == contents(whole, "dst")
     assert Counter(tokens(killed, "dst")) == Counter(tokens(killed, "run"))
 
@@ -140,6 +218,12 @@ def test_bad_inputs_are_refused_before_anything_is_written(stores: tuple[Store, 
         shuffle_run(store, "run", store, "done", seed=4)
     with pytest.raises(ConfigError, match="already holds a run that is not a shuffle of"):
         shuffle_run(store, "done", store, "run")
+    # Begun by a version that laid out its buckets otherwise (no plan 2): not resumed over.
+    cfg = json.loads(store.get_text("done/cfg.json"))
+    del cfg["config"]["shuffled_from"]["plan"]
+    store.put("done/cfg.json", json.dumps(cfg).encode())
+    with pytest.raises(ConfigError, match="begun by an earlier activault.*name a new DST"):
+        shuffle_run(store, "run", store, "done", seed=3)
     with pytest.raises(NotFoundError, match="holds no run"):
         shuffle_run(store, "nothing", store, "new")
     progress = json.loads(store.get_text("run/progress/machine-00001.json"))

@@ -1,23 +1,15 @@
-"""tools/shuffle_passes.py: the plan of buckets (uniform, labels matching their counts), the
-reused buffers' gathers, and documents carried as one stream over the source's machines."""
+"""tools/shuffle_passes.py: files read into reused buffers, the reused buffers' gathers, and
+documents carried as one stream over the source's machines."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from activault.tools.shuffle_passes import Tokens, bucket_counts, global_documents, labels
-
-
-def test_buckets_are_uniform_and_labels_match_their_counts() -> None:
-    counts = bucket_counts([4000, 4000, 3], 4, seed=5)
-    assert counts.sum(1).tolist() == [4000, 4000, 3]
-    for j in range(3):
-        assert np.bincount(labels(counts[j], j, 5), minlength=4).tolist() == counts[j].tolist()
-    assert np.abs(counts[:2] / 1000 - 1).max() < 0.15  # each bucket about a quarter of a file
-    # A slot's bucket, over many seeds, is uniform: each bucket about a quarter of the time.
-    first = [labels(bucket_counts([3], 4, s)[0], 0, s)[0] for s in range(2000)]
-    assert np.abs(np.bincount(first, minlength=4) / 500 - 1).max() < 0.15
+from activault.storage import Store
+from activault.tools.shuffle import listed_sizes
+from activault.tools.shuffle_passes import Buffers, Tokens, global_documents, read_file
+from support.synth import write_synthetic_run
 
 
 def test_gathers_fill_reused_buffers_and_documents_become_one_stream() -> None:
@@ -36,3 +28,17 @@ def test_gathers_fill_reused_buffers_and_documents_become_one_stream() -> None:
     assert global_documents(torch.tensor([4, 0, -1]), 1, 3).tolist() == [13, 1, -1]
     seen = {int(global_documents(torch.tensor([d]), m, 3)) for m in range(3) for d in range(5)}
     assert seen == set(range(15))
+
+
+def test_files_are_read_into_reused_buffers_in_turn(stores: tuple[Store, Store]) -> None:
+    store, _ = stores
+    run = write_synthetic_run(store, "run", ["h1", "h2"], files=3, documents=True)
+    sizes, into = listed_sizes(store, "run", run.hooks), Buffers(2)
+    got = []
+    for name in run.names:
+        t = read_file(store, "run", run.hooks, name, True, True, sizes, into)
+        want = read_file(store, "run", run.hooks, name, True)  # a fresh buffer per file
+        assert t.docs is not None and want.docs is not None and torch.equal(t.docs, want.docs)
+        assert torch.equal(t.ids, want.ids) and all(torch.equal(t.states[h], want.states[h]) for h in run.hooks)
+        got.append(t.states["h1"].data_ptr())
+    assert got[0] == got[2] != got[1]  # two buffers in turn: the third file read into the first's

@@ -365,3 +365,27 @@ def test_deep_verify_checks_provenance_order_across_a_machines_files(vault) -> N
     found = [p for p in problems_of(store, deep=True) if "provenance" in p]
     assert len(found) == len(HOOKS) and f"{mine[1]}: provenance starts at (document, position) (100, 0)" in found[0]
     assert repair(0) in found[0]
+
+
+# ---- stored norms (format version 5) ----
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("moto", marks=pytest.mark.s3)])
+def test_deep_verify_catches_norms_that_lie_under_a_valid_checksum(where, request, tmp_path: Path) -> None:
+    from activault.tools.recompress import recompress_run
+    from support.norms import lying_norms
+    from support.runstate import store_at
+
+    store, _, _ = store_at(where, request, tmp_path)
+    run = write_synthetic_run(store, "run", HOOKS, machines=2, files=2, documents=True)
+    key = f"run/{HOOKS[1]}/{run.names[2]}"
+    store.put(key, lying_norms(bytes(store.get(key)), key, (1, 4, 1e6)))  # a buggy writer: its checksum holds
+    assert problems_of(store) == []  # headers, ids and positions are intact
+    (problem,) = problems_of(store, deep=True)
+    assert problem.startswith(
+        f"{HOOKS[1]}/{run.names[2]}: its stored norms disagree with its states at row 1, column 4"
+    )
+    assert "checksums hold" in problem and f"`activault recompress {store.url('run')} --compression zstd`" in problem
+    assert "--repair" not in problem  # the data is intact: nothing to collect again
+    recompress_run(store, "run", codecs.Codec("zstd"))  # the advice: every file's norms computed again
+    assert problems_of(store, deep=True) == []

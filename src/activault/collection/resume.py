@@ -161,6 +161,7 @@ def hook_metadata(
             batches_per_upload=uc.batches_per_upload,
             model=cfg.transformer_config.model_name,
             compression=codec,
+            provenance=True,  # collection stores each token's document (format 4 on)
         )
         for h in uc.hooks
     }

@@ -18,6 +18,8 @@ from activault.errors import ConfigError, NotFoundError
 from activault.evaluation.metrics import Reconstruction, ReconstructionMeter
 from activault.evaluation.saved import check_coder, load_sae
 from activault.evaluation.splice import LMLoss, lm_loss, stored_rows
+from activault.reading.options import ReadOptions
+from activault.reading.splits import Split
 from activault.reading.tokens import TokenLoader
 from activault.storage import Store, locate
 from activault.vault.records import RunRecord, read_run
@@ -33,6 +35,7 @@ class Evaluation:
     reconstruction: Reconstruction
     lm: LMLoss | None  # None when skipped (lm=False) or impossible (lm_note says why)
     lm_note: str | None = None
+    split: dict[str, object] | None = None  # the held-out side measured (Split.describe()); None: every document
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -91,14 +94,26 @@ def reconstruct_fn(sae: Any) -> Any:
     return fn
 
 
+def read_options(split: str | None, test_fraction: float | None, split_seed: int | None) -> ReadOptions:
+    """How `evaluate` reads tokens: shuffled with seed 0, tokens with NaN or Inf left out (they would
+    make every sum NaN; statistics.json leaves them out too), and the split checked and defaulted as
+    every reader's."""
+    given = {k: v for k, v in (("test_fraction", test_fraction), ("split_seed", split_seed)) if v is not None}
+    if given and split is None:
+        raise ConfigError(
+            f"{' and '.join(given)} given without split: pass split='test' (--split test) to measure the "
+            "held-out documents, with the test_fraction and split_seed the SAE was trained with"
+        )
+    return ReadOptions(seed=0, drop_nonfinite=True, split=split, **given)  # type: ignore[arg-type]  # checked there
+
+
 def reconstruction(
-    run_uri: str, hook: str, sae: Any, max_tokens: int | None, batch_tokens: int, device: str
+    run_uri: str, hook: str, sae: Any, max_tokens: int | None, batch_tokens: int, device: str, options: ReadOptions
 ) -> Reconstruction:
-    """Explained variance, MSE, L0, dead latents and density over the run's tokens (shuffled, seed 0)."""
+    """Explained variance, MSE, L0, dead latents and density over the run's tokens read with `options`."""
     meter, dtype = ReconstructionMeter(), _coder_dtype(sae)
-    # Tokens with NaN or Inf would make every sum NaN: left out, as statistics.json leaves them out.
     loader = TokenLoader(
-        run_uri, hooks=[hook], batch_tokens=batch_tokens, drop_last=False, seed=0, device=device, drop_nonfinite=True
+        run_uri, hooks=[hook], batch_tokens=batch_tokens, drop_last=False, device=device, options=options
     )
     with loader, torch.no_grad():
         for batch in loader:
@@ -109,7 +124,20 @@ def reconstruction(
             meter.add(x, latents, sae.decode(latents))
             if max_tokens is not None and meter.tokens >= max_tokens:
                 break
+    if meter.tokens == 0:
+        split = options.held_out
+        where = "" if split is None else f" in split={split.name!r} ({_describe(split)})"
+        fix = ": the run holds no data" if split is None else ": raise test_fraction, or evaluate without split"
+        raise ConfigError(f"{run_uri} holds no finite token at {hook}{where} to evaluate on{fix}")
     return meter.result()
+
+
+def _describe(split: Split) -> str:
+    return _side(split.describe())
+
+
+def _side(described: dict[str, object]) -> str:
+    return f"test_fraction {described['test_fraction']}, split_seed {described['split_seed']}"
 
 
 def load_lm(record: RunRecord, model: str | None, device: str) -> nn.Module | str:
@@ -148,6 +176,9 @@ def evaluate(
     sae: Any,
     *,
     hook: str | None = None,
+    split: str | None = None,
+    test_fraction: float | None = None,
+    split_seed: int | None = None,
     max_tokens: int | None = None,
     lm: bool = True,
     model: str | None = None,
@@ -160,27 +191,36 @@ def evaluate(
     Args:
         sae: an object with encode(x) -> latents and decode(latents) -> x_hat, or the folder a
             library saved it in (SAELens, dictionary_learning, sparsify: told from its files).
+        split: "test" (or "train"): only that side's documents, for every measure, split as the
+            readers split them (reading/splits.py); `test_fraction` and `split_seed` default to
+            the readers' defaults: pass those the SAE was trained with.
         max_tokens: at most this many tokens for each measure (None: all of them).
         lm: also the language-model loss with the SAE spliced in (the run's model, local only).
         model: a local copy of the run's model, where cfg.json names one not on this machine.
     """
     if max_tokens is not None and max_tokens <= 0:
         raise ConfigError(f"max_tokens {max_tokens} is not a positive number of tokens")
+    options = read_options(split, test_fraction, split_seed)
+    side = options.held_out
     target = _target(uri, hook)
     library = None
     if isinstance(sae, (str, Path)):
         sae, library = load_sae(sae, device)
     check_coder(sae)
-    rec = reconstruction(target.run_uri, target.hook, sae, max_tokens, batch_tokens, device)
+    rec = reconstruction(target.run_uri, target.hook, sae, max_tokens, batch_tokens, device, options)
+
+    def result(loss: LMLoss | None, note: str | None = None) -> Evaluation:
+        described = None if side is None else side.describe()
+        return Evaluation(target.run_uri, target.hook, library, rec, loss, note, described)
+
     if not lm:
-        return Evaluation(target.run_uri, target.hook, library, rec, None, "not asked for")
+        return result(None, "not asked for")
     loaded = load_lm(target.record, model, device)
     if isinstance(loaded, str):
-        return Evaluation(target.run_uri, target.hook, library, rec, None, loaded)
+        return result(None, loaded)
     folder = f"{target.run}/{target.hook}" if target.run else target.hook
-    rows = stored_rows(target.store, folder, max_tokens)
-    loss = lm_loss(loaded, target.hook, reconstruct_fn(sae), rows, rows_per_forward)
-    return Evaluation(target.run_uri, target.hook, library, rec, loss)
+    rows = stored_rows(target.store, folder, max_tokens, side)
+    return result(lm_loss(loaded, target.hook, reconstruct_fn(sae), rows, rows_per_forward))
 
 
 def _fmt(x: float) -> str:
@@ -196,14 +236,29 @@ def run_evaluate(
     model: str | None,
     device: str,
     as_json: bool,
+    split: str | None = None,
+    test_fraction: float | None = None,
+    split_seed: int | None = None,
 ) -> int:
     """`activault evaluate`: print the evaluation (or JSON)."""
-    ev = evaluate(uri, sae_path, hook=hook, max_tokens=max_tokens, lm=lm, model=model, device=device)
+    ev = evaluate(
+        uri,
+        sae_path,
+        hook=hook,
+        split=split,
+        test_fraction=test_fraction,
+        split_seed=split_seed,
+        max_tokens=max_tokens,
+        lm=lm,
+        model=model,
+        device=device,
+    )
     if as_json:
         print(json.dumps(ev.to_dict(), indent=1))
         return 0
     r = ev.reconstruction
-    print(f"{ev.run} {ev.hook}: {ev.library or 'SAE'} {sae_path}, {r.tokens:,} tokens")
+    side = "" if ev.split is None else f" of split {ev.split['split']} ({_side(ev.split)})"
+    print(f"{ev.run} {ev.hook}: {ev.library or 'SAE'} {sae_path}, {r.tokens:,} tokens{side}")
     print(f"  explained variance  {_fmt(r.explained_variance)}   MSE {r.mse:.6g}   L0 {r.l0:.2f}")
     print(f"  dead latents        {r.dead:,} of {r.d_sae:,}   median density {r.density_median:.3g}")
     print("  density             " + "  ".join(f"{k}: {v}" for k, v in r.density.items()))

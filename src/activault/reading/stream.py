@@ -10,20 +10,22 @@ read-ahead; its threads stop on `close()`, when it is dropped, and at interprete
 
 from __future__ import annotations
 
+import inspect
 import threading
 import warnings
 import weakref
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from activault import dtypes
-from activault.errors import FormatError, StorageError
+from activault.errors import ConfigError, FormatError, StorageError
 from activault.reading.fetch import FirstByte, ObjectReader, ReadBuffers, Stopped, Workers
 from activault.reading.listing import Catalog, FileRef, Prefix, StatesShape
 from activault.reading.options import ReadOptions
@@ -65,6 +67,31 @@ class LoadedFile:
     input_ids: torch.Tensor  # [rows, seq] (int32 as stored)
     positions: torch.Tensor  # [rows, seq] int32, -1 = padding
     documents: torch.Tensor | None = None  # [rows, seq] int64, -1 = padding; None: format 3 and older
+    norms: list[torch.Tensor | None] = field(default_factory=list)  # per hook: [rows, seq] float32; None: format <= 4
+
+
+Transform = Callable[[FileRef, int, LoadedFile], LoadedFile]  # (file, epoch, item) -> item
+
+
+def _weak(transform: Transform) -> tuple[Transform, weakref.WeakMethod[Any] | None]:
+    """`transform` holding its reader weakly where it is the reader's method (or a partial of one),
+    and that weak method: reader -> stream -> reader would be a cycle, so a dropped reader's stream,
+    and the warm buffers it hands to the next stream (buffers.SPARE_BYTES), would wait for the
+    cyclic garbage collector. A `Prefetch` holds the reader while it reads."""
+    bound, args, kwargs = transform, (), {}
+    if isinstance(transform, partial):
+        bound, args, kwargs = transform.func, transform.args, transform.keywords
+    if not inspect.ismethod(bound):
+        return transform, None
+    ref = weakref.WeakMethod(bound)
+
+    def call(f: FileRef, epoch: int, item: LoadedFile) -> LoadedFile:
+        method = ref()
+        if method is None:  # the reader is gone, and no Prefetch holds it: nobody takes this file
+            raise Stopped
+        return method(*args, f, epoch, item, **kwargs)
+
+    return call, ref
 
 
 def _close(stop: threading.Event, pools: list[Workers]) -> None:
@@ -91,7 +118,7 @@ class FileStream:
         hooks: Sequence[str] | None = None,
         pin: bool = False,
         held: int = 1,
-        transform: Callable[[FileRef, int, LoadedFile], LoadedFile] | None = None,  # (file, epoch, item)
+        transform: Transform | None = None,
     ):
         o = self.options = (options if options is not None else ReadOptions()).ordered(True)
         self.catalog = Catalog(uri, hooks=hooks, options=o)
@@ -101,7 +128,10 @@ class FileStream:
         self.skip_bad_files, self.range_size, self.verify_checksums = o.skip_bad_files, o.range_size, o.verify_checksums
         self.unreadable = 0  # files skipped while reading (skip_bad_files)
         self.pin, self.held = pin, held
-        self.transform = transform
+        self.transform: Transform | None = None
+        self._owner: weakref.WeakMethod[Any] | None = None
+        if transform is not None:
+            self.transform, self._owner = _weak(transform)
         self.buffers = ReadBuffers(pin, keep=o.buffer_size + held + 1, recycle=o.recycle)
         self.first_byte = FirstByte()  # the storage's, as this stream's reads measure it (range plan)
         self._shape_lock = threading.Lock()
@@ -135,6 +165,11 @@ class FileStream:
     def prefetch(self, epoch: int, start: int = 0, eager: bool = False) -> Prefetch:
         """The files of `epoch` from index `start` on, read ahead (see Prefetch)."""
         return Prefetch(self, epoch, start, eager)
+
+    def owner(self) -> Any:
+        """The reader whose method `transform` is (None: none, or it is gone)."""
+        method = self._owner() if self._owner is not None else None
+        return method.__self__ if method is not None else None
 
     # -- one file ----------------------------------------------------------------------------------
 
@@ -266,6 +301,7 @@ class FileStream:
         in, before the last decode: the next file's reads overlap it (a compressed file's decode
         is CPU work, as long as its fetch)."""
         states: list[torch.Tensor] = []
+        norms: list[torch.Tensor | None] = []
         ids = pos = docs = None
         for h, (r, header, body) in enumerate(zip(readers, headers, bodies, strict=True)):
             data = body()
@@ -288,8 +324,9 @@ class FileStream:
                     f"{r.url}: documents differ from {readers[0].url}: these hooks do not hold the same tokens"
                 )
             states.append(s)
+            norms.append(decoded.norms)
         assert ids is not None and pos is not None
-        return LoadedFile(f, states, ids, pos, docs)
+        return LoadedFile(f, states, ids, pos, docs, norms)
 
     def _expect(self, shape: StatesShape, url: str, h: int) -> None:
         with self._shape_lock:
@@ -334,6 +371,12 @@ class Prefetch(Iterator[tuple[int, LoadedFile]]):
 
     def __init__(self, stream: FileStream, epoch: int, start: int, eager: bool):
         self.stream, self.epoch, self.eager = stream, epoch, eager
+        self._owner = stream.owner()  # the reader, kept while its files are read (FileStream's transform)
+        if self._owner is None and stream._owner is not None:
+            raise ConfigError(
+                "the reader of these files was dropped: keep a reference to the RCache or TokenLoader "
+                "while its files are read (`loader = TokenLoader(...)`, then `loader.files.prefetch(...)`)"
+            )
         self._next = start
         self._pending: deque[tuple[int, Future[LoadedFile]]] = deque()
         self._queued: threading.Event | None = None  # set once the last file started has its requests queued

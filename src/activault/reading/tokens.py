@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import weakref
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -17,10 +17,19 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 
 from activault.errors import ConfigError
-from activault.reading.device import check_device, to_device
+from activault.reading.batches import Delivery
+from activault.reading.device import check_device
 from activault.reading.fetch import ReadBuffers, Workers
 from activault.reading.filters import FILTERS, FilteredFile, TokenMask, norm_limits
 from activault.reading.listing import StatesShape
+from activault.reading.loader_state import (
+    PROGRESSIVE,
+    Settings,
+    load_mixture,
+    load_position,
+    mixture_state,
+    position_state,
+)
 from activault.reading.mixing import NORMALIZE, Feed, Normalize, check_mixable, mix_weights, norm_params, quotas
 from activault.reading.options import (
     ReadArgs,
@@ -32,16 +41,12 @@ from activault.reading.options import (
     read_options,
     whole,
 )
-from activault.reading.order import mix_seed, position_after
-from activault.reading.rcache import check_state
+from activault.reading.order import position_after
 from activault.reading.stream import FileRef, FileStream, LoadedFile, Reader, Source
 from activault.reading.window import (
     GATHER_THREADS,
-    SHUFFLE,
     Batch,
-    Window,
-    permutation,
-    ramp_windows,
+    drawn_windows,
     window_count,
     window_start,
 )
@@ -51,8 +56,6 @@ if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 log = logging.getLogger(__name__)
-
-Parts = list[tuple[int, int, int]]  # (start, end, run) of each run's tokens in a batch
 
 
 def _let_go_of_packed(f: FileRef, epoch: int, item: LoadedFile) -> LoadedFile:
@@ -64,16 +67,27 @@ def _let_go_of_packed(f: FileRef, epoch: int, item: LoadedFile) -> LoadedFile:
     return replace(item, input_ids=item.input_ids.clone(), positions=item.positions.clone(), documents=docs)
 
 
+def _no_ids(items: list[FilteredFile]) -> list[int]:
+    return []
+
+
 class TokenLoader(Reader):
     """Fixed-size batches of tokens `[batch_tokens, d]`, shuffled across a window of megabatches.
 
-    Files are grouped in windows of `window` consecutive files (in the reader's order; with
-    `ramp`, an epoch's first windows hold 1, 2, 4, ... files, so its first batch waits for one
-    file, not `window`); a window's kept tokens are permuted with a seed, and batches are cut from
-    the concatenation of permuted windows, so the stream is the same whether read in one go or
-    resumed from `state_dict()`. Which tokens form a batch is random; within a batch they come in
-    storage order (the gather is then one sequential copy, from the fetched, mapped or decoded
-    buffers themselves).
+    Files are grouped in windows of `window` consecutive files (in the reader's order); a window's
+    kept tokens are permuted with a seed, stratified so that a batch takes at most one token from
+    each `window tokens / batch_tokens` neighbours (window.py `stratified`: no two tokens of one
+    document while the window holds more documents than a batch has tokens), and batches are cut
+    from the concatenation of permuted windows, so the stream is the same whether read in one go or
+    resumed from `state_dict()`. With `ramp`, an epoch's first window is drawn as its files arrive,
+    so the first batch waits for one file, not `window`. Within a batch the tokens come in storage
+    order (the gather is then one sequential copy, from the fetched, mapped or decoded buffers
+    themselves).
+
+    Shuffle quality against memory: `window` is the knob. A batch mixes the documents of `window`
+    files; the same-document pair rate (tools/shuffle_quality.py) is under 2x an ideal shuffle's
+    with the defaults on a 16-file run, and grows with the run's size over the window's, which
+    `activault shuffle` removes (docs/benchmarks.md: TokenLoader: shuffle quality).
 
     Memory: the window's files and `buffer_size` read ahead, one buffer each (a compressed file's
     decoded states; its compressed bytes are let go once decoded): at most
@@ -105,9 +119,11 @@ class TokenLoader(Reader):
             statistics are those of every finite stored token, whatever the filters drop: a filter
             is this reader's choice, the stored statistics describe the stored tokens, exactly and
             for every reader alike (an SAE trained on filtered tokens keeps the scale of the data).
-        ramp: start each epoch with windows of 1, 2, 4, ... files up to `window` (the first
-            batch after one file's read; those batches mix fewer files: docs/benchmarks.md);
-            False: `window` files from the start (as loaders before the ramp cut them).
+        ramp: draw each epoch's first window as its files arrive (the first batch after one
+            file's read: max(a file's tokens // window, batch_tokens) tokens a file from those
+            loaded, the rest once the window is complete; those first batches mix fewer files);
+            False: wait for the whole window. A mixture's runs (weights=) cut windows of 1, 2, 4,
+            ... files instead.
         drop_last: drop an epoch's last batch when it is short (`dropped_tokens` counts them);
             False yields it.
         loop: epochs without end, each in a new order (file order and windows seeded with the
@@ -217,6 +233,9 @@ class TokenLoader(Reader):
             for h in range(n_hooks)
         ]
         self.dtype = dtype if dtype is not None else (torch.float32 if center or norm_target else None)
+        self._out = Delivery(
+            self.hooks, self._norm, self.dtype, self.device, batch_tokens, return_ids, self.return_index
+        )
 
     @property
     def bad_files(self) -> int:
@@ -259,6 +278,13 @@ class TokenLoader(Reader):
         self._blocks_indexed = len(blocks)
         return self._indexed
 
+    def _count(self, dropped: dict[str, int]) -> None:
+        for name, n in dropped.items():
+            self.filtered[name] += n
+
+    def _ids_of(self, items: list[FilteredFile]) -> list[int]:
+        return [self._file_id(item.file) for item in items]
+
     def _file_id(self, f: FileRef) -> int:
         if (f.source, f.name) not in self._file_ids:
             self._index_files()
@@ -275,59 +301,6 @@ class TokenLoader(Reader):
         prefix = self.files.catalog.prefixes[ref.source]
         store = prefix.records if prefix.records is not None else prefix.store
         return store.url(""), ref.name
-
-    def _batch(self, rows: list[tuple[int, torch.dtype]], buffers: ReadBuffers) -> Batch:
-        """An empty batch; `rows`: per hook (d, dtype)."""
-        B = self.batch_tokens
-        ids = [buffers.empty((B,), torch.int32) for _ in range(2)] if self.return_ids else [None, None]
-        index = buffers.empty((B, 3), torch.int64) if self.return_index else None
-        return Batch([buffers.empty((B, d), dt) for d, dt in rows], ids[0], ids[1], index=index)
-
-    def _normalise(self, s: torch.Tensor, h: int, buffers: ReadBuffers | None, parts: Parts) -> torch.Tensor:
-        """`s: [tokens, d]` centred, scaled and cast as asked, in as few passes as give the same
-        float32 values (into recycled CPU buffers, or new tensors on the device); `parts`: (start,
-        end, run) of each run's tokens, normalised with that run's parameters."""
-        if all(self._norm[h][r][0] is None and self._norm[h][r][1] == 1.0 for _, _, r in parts):
-            if self.dtype is None or self.dtype == s.dtype:
-                return s
-            return s.to(self.dtype) if buffers is None else buffers.empty(s.shape, self.dtype).copy_(s)
-        out = (
-            torch.empty(s.shape, dtype=torch.float32, device=s.device)
-            if buffers is None
-            else buffers.empty(s.shape, torch.float32)
-        )
-        for a, b, r in parts:
-            mean, scale = self._norm[h][r]
-            if mean is not None:
-                torch.sub(s[a:b], mean, out=out[a:b])  # bf16 - float32: promoted exactly, one pass
-            else:
-                out[a:b].copy_(s[a:b])
-            if scale != 1.0:
-                out[a:b].mul_(scale)
-        return out if self.dtype in (None, torch.float32) else out.to(self.dtype)
-
-    def _deliver(self, batch: Batch, buffers: ReadBuffers, parts: Parts | None = None) -> Any:
-        n = batch.filled
-        parts = parts if parts is not None else [(0, n, 0)]
-        states = [s[:n] for s in batch.states]
-        cpu = self.device.type == "cpu"
-        if cpu:  # normalised into recycled buffers
-            states = [self._normalise(s, h, buffers, parts) for h, s in enumerate(states)]
-        extra = [t[:n] for t in (batch.input_ids, batch.positions, batch.index) if t is not None]
-        moved = to_device([*states, *extra], self.device, buffers)
-        out = moved[: len(states)]
-        if not cpu:  # the stored dtype went through the pinned batch buffer; the device normalises
-            out = [self._normalise(s, h, None, parts) for h, s in enumerate(out)]
-        st: Any = dict(zip(self.hooks, out, strict=True)) if self.hooks else out[0]
-        if not extra:
-            return st
-        got: dict[str, Any] = {"states": st}
-        rest = moved[len(states) :]
-        if self.return_ids:
-            got.update(input_ids=rest[0].to(torch.int64), positions=rest[1])
-        if self.return_index:
-            got["index"] = rest[-1]
-        return got
 
     def _iterate(self) -> Generator[Any, None, None]:
         gatherers = Workers(GATHER_THREADS - 1, "activault-gather") if GATHER_THREADS > 1 else None
@@ -349,38 +322,29 @@ class TokenLoader(Reader):
         batch: Batch | None = None  # filled across windows (and epochs, with loop): tokens stay in place
         while True:
             taken = 0
-            with self.files.prefetch(epoch, window_start(start, self.window, self.ramp), eager=True) as files:
-                for w, items in ramp_windows(files, self.window, self.ramp):
-                    kept = cast(list[FilteredFile], items)  # FilteredFile: made by self._load
-                    ids = [self._file_id(item.file) for item in kept] if self.return_index else []
-                    win = Window(kept, ids)
-                    del kept
-                    del items
-                    for name, n in win.dropped.items():
-                        self.filtered[name] += n
-                    if skip and skip >= win.n:  # the offset's bound, known now: the window's kept tokens
-                        raise ConfigError(
-                            f"TokenLoader state: field 'offset' is {skip}, not a whole number 0..{max(win.n - 1, 0)}"
-                            f" (window {w} of epoch {epoch} holds {win.n} tokens): the state was saved by a loader "
-                            "of other files, or with other filters (drop_positions_below, drop_nonfinite, "
-                            "token_filter, split)"
-                        )
-                    perm = permutation(win.n, mix_seed(self.seed, epoch, "window", w))
-                    a, skip = skip, 0
-                    taken += win.n - a
-                    while a < win.n:
+            # The plain loader's windows are `window` files each; its ramp draws the first one's
+            # tokens as its files arrive (window.py: drawn_windows).
+            with self.files.prefetch(epoch, window_start(start, self.window, False), eager=True) as files:
+                kept = cast(Iterable[tuple[int, FilteredFile]], files)  # FilteredFile: made by self._load
+                ids = self._ids_of if self.return_index else _no_ids
+                for d in drawn_windows(kept, self.window, self.ramp, B, self.seed, epoch, skip, ids, self._count):
+                    taken += d.order.size - d.start
+                    a = d.start
+                    while a < d.order.size:
                         if batch is None:
-                            batch = self._batch([(f[0].shape[-1], f[0].dtype) for f in win.states], buffers)
-                        take = min(B - batch.filled, win.n - a)
-                        win.gather(perm[a : a + take], batch, gatherers)
+                            batch = self._out.empty([(f[0].shape[-1], f[0].dtype) for f in d.win.states], buffers)
+                        take = min(B - batch.filled, d.order.size - a)
+                        d.win.gather(d.order[a : a + take], batch, gatherers)
                         a += take
                         if batch.filled == B:
                             # The position of the next token: what state_dict() resumes from.
-                            self.epoch, (self._window, self._offset) = epoch, position_after(w, a, win.n)
-                            full, batch = batch, None
-                            yield self._deliver(full, buffers)
+                            at = d.done + a  # an incomplete window has tokens left past `at`
+                            self._window, self._offset = position_after(d.w, at, d.win.n if d.complete else at + 1)
+                            self.epoch, full, batch = epoch, batch, None
+                            yield self._out.deliver(full, buffers)
                             del full
-                    del win, perm  # free this window before the next one is assembled
+                    del d
+                skip = 0
             fresh = start == 0 and skip == 0
             epoch, start = epoch + 1, 0
             if not self.loop:
@@ -394,7 +358,7 @@ class TokenLoader(Reader):
         self.epoch, self._window, self._offset = epoch, 0, 0
         self.dropped_tokens = 0
         if batch is not None and not self.drop_last:
-            yield self._deliver(batch, buffers)
+            yield self._out.deliver(batch, buffers)
         elif batch is not None:
             self.dropped_tokens = batch.filled
             log.info(
@@ -412,23 +376,21 @@ class TokenLoader(Reader):
         buffers = ReadBuffers(self._pin, keep=4 * (2 + len(self._norm)), recycle=self.files.buffers.recycle)
         rows = [(s.d_model, s.dtype) for s in cast(list[StatesShape], self.shapes)]  # check_mixable: known
 
-        def count(dropped: dict[str, int]) -> None:
-            for name, n in dropped.items():
-                self.filtered[name] += n
-
         names = [self._run_name(r) for r in self._runs]
-        feeds = [Feed(r, names[i], self.window, self.ramp, self._positions[i], count) for i, r in enumerate(self._runs)]
+        feeds = [
+            Feed(r, names[i], self.window, self.ramp, self._positions[i], self._count) for i, r in enumerate(self._runs)
+        ]
         try:
             # loop=False: the batches end once every run has been read whole (epoch 0) at least once.
             while self.loop or not all(f.done(0) for f in feeds):
-                batch, parts = self._batch(rows, buffers), []
+                batch, parts = self._out.empty(rows, buffers), []
                 for r, n in enumerate(quotas(self.weights, self.batch_tokens, self._mixed)):
                     a = batch.filled
                     feeds[r].take(batch, n, gatherers)
                     parts.append((a, batch.filled, r))
                 self._mixed += 1
                 self._positions = [f.position for f in feeds]
-                yield self._deliver(batch, buffers, parts)
+                yield self._out.deliver(batch, buffers, parts)
                 del batch
         finally:
             for f in feeds:
@@ -436,138 +398,40 @@ class TokenLoader(Reader):
 
     def state_dict(self) -> dict[str, Any]:
         if self.weights is not None:
-            return {**self._common_state(), "mixture": self._mixture_state()}
-        return {
-            "epoch": self.epoch,
-            "window": self._window,
-            "offset": self._offset,
-            **self._common_state(),
-        }
+            return mixture_state(self._settings(), self.weights, self._mixed, self._positions)
+        return position_state(self._settings(), self.epoch, self._window, self._offset)
 
-    def _common_state(self) -> dict[str, Any]:
-        return {
-            "seed": self.seed,
-            "window_files": self.window,
-            "ramp": self.ramp,
-            "batch_tokens": self.batch_tokens,
-            "drop_nonfinite": self.drop_nonfinite,
-            "token_filter": self.token_filter.describe(),
-            "norm_limits": self.norm_limits if self.weights is None else self._limits,
-            "split": None if self.split is None else self.split.describe(),
-            "shuffle": SHUFFLE,
-        }
-
-    def _mixture_state(self) -> dict[str, Any]:
-        assert self.weights is not None
-        return {
-            "weights": [str(w) for w in self.weights],  # exact fractions: the schedule depends on them
-            "batches": self._mixed,
-            "runs": [list(p) for p in self._positions],
-        }
+    def _settings(self) -> Settings:
+        # A mixture's runs cut windows of 1, 2, 4, ... files (ramp True); the plain loader draws its
+        # first window as the files arrive.
+        return Settings(
+            seed=self.seed,
+            window=self.window,
+            ramp=PROGRESSIVE if self.ramp and self.weights is None else self.ramp,
+            batch_tokens=self.batch_tokens,
+            drop_nonfinite=self.drop_nonfinite,
+            token_filter=self.token_filter.describe(),
+            norm_limits=self.norm_limits if self.weights is None else self._limits,
+            split=None if self.split is None else self.split.describe(),
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume where `state` (from `state_dict()` of a loader with the same seed, window, ramp
         and batch_tokens) was saved. Each position field is bounded: `epoch` by 2**63 - 1,
         `window` by the epoch's windows, `offset` by the window's tokens (checked once the window
-        is read: its kept tokens are known only then). A mixture's state has each run's position."""
+        is read: its kept tokens are known only then). A mixture's state has each run's position
+        (loader_state.py)."""
         if self.weights is not None or (isinstance(state, Mapping) and "mixture" in state):
-            self._load_mixture(state)
+            windows = [partial(self._windows, r, self.ramp) for r in self._runs]
+            self._mixed, self._positions = load_mixture(state, self._settings(), self.weights, windows)
             return
-        check_state(state, "TokenLoader", {k: (0, None) for k in ("epoch", "window", "offset")})
-        self._check_common(state)
-        epoch = int(check_state(state, "TokenLoader", {"epoch": (0, 2**63 - 1)})["epoch"])
-        count = window_count(len(self.files.order(epoch)), self.window, self.ramp)
-        check_state(state, "TokenLoader", {"window": (0, count)})
-        # At the epoch's end (window == count) no token is left: only offset 0 can follow.
-        check_state(state, "TokenLoader", {"offset": (0, 0 if int(state["window"]) == count else 2**63 - 1)})
-        shuffle = state.get("shuffle", "torch-randperm")  # saved before the key existed
-        if shuffle != SHUFFLE and state["offset"]:
-            raise ConfigError(
-                f"state was saved mid-window by a loader that shuffled with {shuffle!r}; this one uses "
-                f"{SHUFFLE!r}, so the rest of that window would repeat and skip tokens: resume from a "
-                "state saved at a window boundary (offset 0), or with the activault that saved it"
-            )
-        self.epoch, self._window, self._offset = epoch, int(state["window"]), int(state["offset"])
+        # The plain loader's ramp cuts no windows.
+        self.epoch, self._window, self._offset = load_position(
+            state, self._settings(), partial(self._windows, self.files, False)
+        )
 
-    def _check_common(self, state: Mapping[str, Any]) -> None:
-        """The fields every TokenLoader state has: the same seed, windows, batch and filters."""
-        for k in ("seed", "window_files", "batch_tokens"):
-            if k not in state:
-                raise ConfigError(f"not a TokenLoader state_dict: no {k}")
-        for k, mine in (
-            ("seed", self.seed),
-            ("window_files", self.window),
-            ("ramp", self.ramp),
-            ("batch_tokens", self.batch_tokens),
-            ("drop_nonfinite", self.drop_nonfinite),
-        ):
-            saved = state.get(k, False)  # ramp and drop_nonfinite are absent from states saved before them
-            if saved != mine:
-                arg = "window" if k == "window_files" else k
-                raise ConfigError(
-                    f"state was saved with {k}={saved}, this loader has {mine}: "
-                    f"make the loader with {arg}={saved} to resume it"
-                )
-        self._check_filters(state)
-
-    def _load_mixture(self, state: Any) -> None:
-        """A mixture's state: the common fields, the weights, the batches so far and each run's position."""
-        if not isinstance(state, Mapping) or not isinstance(state.get("mixture"), Mapping):
-            raise ConfigError(
-                "state was not saved by a mixture of runs (no 'mixture' field): resume it with a loader of "
-                "the same URIs without weights="
-            )
-        if self.weights is None:
-            raise ConfigError(
-                "state was saved by a mixture of runs (weights=): make the loader with the same runs and "
-                "weights to resume it"
-            )
-        self._check_common(state)
-        mix, mine = state["mixture"], self._mixture_state()
-        if mix.get("weights") != mine["weights"]:
-            raise ConfigError(
-                f"state was saved with weights {mix.get('weights')} (normalised), this loader has "
-                f"{mine['weights']}: make the loader with the same runs and weights to resume it"
-            )
-        runs = mix.get("runs")
-        if not isinstance(runs, Sequence) or len(runs) != len(self._runs):
-            raise ConfigError(f"TokenLoader state: field 'mixture.runs' is {runs!r}, not one position per run")
-        batches = int(check_state(mix, "TokenLoader mixture", {"batches": (0, 2**63 - 1)})["batches"])
-        positions = []
-        for i, pos in enumerate(runs):
-            named = dict(zip(("epoch", "window", "offset"), pos, strict=False)) if isinstance(pos, Sequence) else pos
-            owner = f"TokenLoader mixture run {i}"
-            epoch = int(check_state(named, owner, {"epoch": (0, 2**63 - 1)})["epoch"])
-            count = window_count(len(self._runs[i].order(epoch)), self.window, self.ramp)
-            window = int(check_state(named, owner, {"window": (0, count)})["window"])
-            check_state(named, owner, {"offset": (0, 0 if window == count else 2**63 - 1)})
-            positions.append((epoch, window, int(named["offset"])))
-        self._mixed, self._positions = batches, positions
-
-    def _check_filters(self, state: Mapping[str, Any]) -> None:
-        """The same tokens kept as when `state` was saved (states saved before filters: unchecked)."""
-        split = None if self.split is None else self.split.describe()
-        if state.get("split") != split:  # states saved before splits had none
-            raise ConfigError(
-                f"state was saved with split {state.get('split')}, this loader has {split}: make the loader "
-                "with the same split, test_fraction and split_seed to resume it"
-            )
-        if "token_filter" not in state:
-            return
-        saved, mine = state["token_filter"], self.token_filter.describe()
-        if saved != mine:
-            raise ConfigError(
-                f"state was saved with token_filter={saved}, this loader has {mine}: make the loader "
-                "with the same filters (token_filter, drop_positions_below, drop_nonfinite) to resume it"
-            )
-        limits, mine = state.get("norm_limits", []), self._common_state()["norm_limits"]
-        if limits != mine:
-            raise ConfigError(
-                f"state was saved with norm limits {limits} (max_norm_ratio x each hook's median norm), "
-                f"this loader has {mine}: the run's statistics changed since (machines merged "
-                "in), so resuming would drop other tokens than the saved loader did: start a new loader (no "
-                "load_state_dict) to read with the new statistics"
-            )
+    def _windows(self, files: FileStream, ramp: bool, epoch: int) -> int:
+        return window_count(len(files.order(epoch)), self.window, ramp)
 
     def __enter__(self) -> TokenLoader:
         return self

@@ -1,15 +1,17 @@
-"""TokenLoader's shuffle window: which files form window w (a ramp from one file up), its tokens
-indexed without copying them together, the permutation, and the one gather into a batch.
+"""TokenLoader's shuffle window: which files form window w (`window_stages`: the first drawn as its
+files arrive; a mixture's runs: a ramp from one file up), its tokens indexed without copying them
+together, the stratified permutation, and the one gather into a batch.
 
-The partition into windows is a pure function of (file index, window size, ramp): a resumed
-loader cuts the same windows as an uninterrupted one. `same_source_pairs` is the shuffle-quality
-measure the ramp is reported with (docs/benchmarks.md).
+The partition into windows, and the order a window's tokens are drawn in, are pure functions of
+(file index, window size, ramp, the files' kept tokens, seed): a resumed loader cuts and draws the
+same windows as an uninterrupted one. `same_source_pairs` is the shuffle-quality measure
+(tools/shuffle_quality.py; docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -17,16 +19,20 @@ import numpy as np
 import torch
 from numpy.random import PCG64
 
+from activault.errors import ConfigError
 from activault.reading.fetch import Workers
 from activault.reading.filters import FILTERS, FilteredFile
+from activault.reading.order import mix_seed
 
 T = TypeVar("T")
 
 # How a window is shuffled: state_dict() records it, as a resume mid-window needs the same order.
 # numpy's PCG64, not torch.randperm: randperm fills its range with an OpenMP team whose idle thread
 # then spins for milliseconds on a core the gather needs. State dicts without the key were saved
-# by loaders that used torch.randperm.
+# by loaders that used torch.randperm. SHUFFLE: a uniform permutation of the window (a mixture's
+# runs); STRATIFIED: `stratified`, TokenLoader's own since the second shuffle-quality session.
 SHUFFLE = "numpy-pcg64"
+STRATIFIED = "numpy-pcg64-strata"
 
 # Threads that gather a batch (with the consumer's own): one thread copies rows at about half the
 # rate two cores read files from the page cache.
@@ -84,6 +90,105 @@ def ramp_windows(files: Iterable[tuple[int, T]], size: int, ramp: bool) -> Itera
             items = []  # dropped before the next file is awaited
     if items:
         yield w, items
+
+
+def window_stages(files: Iterable[tuple[int, T]], size: int, progressive: bool) -> Iterator[tuple[int, list[T], bool]]:
+    """(window, its items so far, complete) of (file index, item) pairs in order, `size` files a
+    window (as `ramp_windows` without the ramp). With `progressive`, an epoch's first window is also
+    handed over at each of its files before the last (complete False): its first tokens are drawn
+    from the files loaded so far (`Draws`), so the first batch waits for one file, not `size`.
+    """
+    items: list[T] = []
+    w = -1
+    for index, item in files:
+        if items and index // size != w:  # the window's last file was skipped as bad
+            yield w, items, True
+            items = []
+        w = index // size
+        items.append(item)
+        del item
+        if index % size == size - 1:
+            yield w, items, True
+            items = []  # dropped before the next file is awaited
+        elif progressive and w == 0:
+            yield w, items, False
+    if items:
+        yield w, items, True
+
+
+class Draws:
+    """The order one window's tokens are drawn in, stage by stage: while its files arrive (a
+    progressive first window), each file lets max(its tokens // size, strata) tokens be drawn from
+    those loaded and not drawn yet; once complete, every token left. Each stage's order is
+    `stratified`, so a window drawn in one stage is `stratified(n, strata, seed)` itself."""
+
+    def __init__(self, strata: int, size: int):
+        self.strata, self.size = strata, size
+        self.taken = np.zeros(0, bool)
+
+    def stage(self, n: int, newest: int, complete: bool, seed: int) -> np.ndarray:
+        """The window tokens drawn next, of the first `n` (the files so far; `newest`: the last's)."""
+        if not self.taken.any() and complete:
+            return stratified(n, self.strata, seed)
+        taken = np.zeros(n, bool)
+        taken[: self.taken.size] = self.taken
+        left = np.flatnonzero(~taken)
+        k = left.size if complete else min(left.size, max(newest // self.size, self.strata))
+        out = left[stratified(left.size, self.strata, seed)[:k]]
+        taken[out] = True
+        self.taken = taken
+        return out
+
+
+@dataclass
+class Drawn:
+    """One stage of a window: its files so far, the tokens drawn now (window indices, in order),
+    from `start` on (those before the state's offset skipped), `done` drawn before them."""
+
+    w: int
+    win: Window
+    order: np.ndarray
+    start: int
+    done: int
+    complete: bool
+
+
+def drawn_windows(
+    files: Iterable[tuple[int, FilteredFile]],
+    size: int,
+    progressive: bool,
+    strata: int,
+    seed: int,
+    epoch: int,
+    skip: int,
+    file_ids: Callable[[list[FilteredFile]], list[int]],
+    count: Callable[[dict[str, int]], None],
+) -> Iterator[Drawn]:
+    """An epoch's windows (from the one `files` starts at) stage by stage (`window_stages`), each
+    stage's tokens drawn by `Draws`, seeded by (seed, epoch, window, the files so far unless
+    complete). The first `skip` tokens of the window `files` starts at (a resumed state's offset)
+    are passed over; `count`: each file's drops, once, as it arrives."""
+    draws, at, seen = Draws(strata, size), 0, 0
+    for w, items, complete in window_stages(files, size, progressive):
+        for item in items[seen:]:
+            count(item.dropped)
+        win, seen = Window(items, file_ids(items)), 0 if complete else len(items)
+        del items
+        if complete and skip and skip >= win.n:  # the offset's bound, known now: the window's kept tokens
+            raise ConfigError(
+                f"TokenLoader state: field 'offset' is {skip}, not a whole number 0..{max(win.n - 1, 0)}"
+                f" (window {w} of epoch {epoch} holds {win.n} tokens): the state was saved by a loader "
+                "of other files, or with other filters (drop_positions_below, drop_nonfinite, "
+                "token_filter, split)"
+            )
+        newest = int(win.offsets[-1] - win.offsets[-2])
+        stage = (seed, epoch, "window", w) + (() if complete else ("stage", len(win.kept)))
+        order = draws.stage(win.n, newest, complete, mix_seed(*stage))
+        yield Drawn(w, win, order, min(max(skip - at, 0), order.size), at, complete)
+        at += order.size
+        if complete:
+            draws, at, skip = Draws(strata, size), 0, 0
+        del win, order  # free this window before the next one is assembled
 
 
 # -- shuffle quality -------------------------------------------------------------------------------
@@ -209,3 +314,30 @@ def _take_group(jobs: list[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
 def permutation(n: int, seed: int) -> np.ndarray:
     """range(n) permuted by `seed`, on this thread alone."""
     return np.random.Generator(PCG64(seed)).permutation(n)
+
+
+def stratified(n: int, strata: int, seed: int) -> np.ndarray:
+    """range(n) permuted by `seed` so that any `strata` consecutive entries come from distinct strata.
+
+    The window's tokens (in storage order, where a document's tokens lie together) are cut in
+    `strata` contiguous runs of q = n // strata tokens (at least 1); the permutation takes one
+    random token of every stratum, in one random order of the strata, then another of each, and so
+    on. A batch of up to `strata` tokens thus holds at most one token per q neighbours: no two of one
+    document shorter than q, where a uniform permutation of the window puts a document's tokens
+    together in a batch at the rate of the window's size (docs/benchmarks.md: TokenLoader: shuffle
+    quality). Every token comes once; with n < 2 x strata this is a uniform permutation.
+    """
+    if n < 2:
+        return np.arange(n)
+    g = np.random.Generator(PCG64(seed))
+    q = max(1, n // max(strata, 1))  # tokens per stratum
+    m = -(-n // q)  # strata (the last may be short)
+    # One random order within each stratum: argsort of random keys row by row (1.6 ms for 2**18
+    # tokens in rows of 64; Generator.permuted along the rows took 17 ms). A short last stratum's
+    # missing tokens get key 2.0, sort last, and are cut out below.
+    keys = g.random((m, q), dtype=np.float32)
+    keys[m - 1, n - (m - 1) * q :] = 2.0
+    within = np.argsort(keys, axis=1)
+    within += (g.permutation(m) * q)[:, None]  # [stratum in the rounds' order, k-th pick]
+    out = within.T.reshape(-1)  # round by round: one token of each stratum
+    return out if out.size == n else out[out < n]

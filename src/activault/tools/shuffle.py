@@ -4,25 +4,31 @@ in bounded memory, resumable (tools/shuffle_quality.py measures how well a reade
 Two passes over storage (an external bucket shuffle). Pass 1 reads the source's files one at a
 time and gives each token slot a bucket, uniformly at random and independently (seeded by the
 file): the counts per bucket are a multinomial draw, so every piece's size is known from the
-seed and the files' sizes alone. Each file's slots are written, grouped by bucket, as pieces of a
-temporary run inside DST (`DST/.shuffle`, through the run writer: checksums, commit protocol),
-and its padding (position -1) once more apart. Pass 2 loads one bucket at a time, permutes its
-real tokens uniformly (seeded by the bucket) and writes them to DST's files in order, the padding
-last (padding only ends a run's data). Independent uniform buckets, each permuted uniformly, make
-a uniform permutation of the whole. Every hook's states move with the same permutation, and so do
-token ids, positions and documents (as one stream over the source's machines: `source_document`
-traces them back). The passes are in tools/shuffle_passes.py.
+seed and the files' sizes alone. Bucket 0 is gathered in memory; each file's slots of the other
+buckets are written, grouped by bucket, as pieces of a temporary run inside DST (`DST/.shuffle`,
+through the run writer: checksums, commit protocol), and its padding (position -1) once more
+apart. Pass 2 permutes each bucket's real tokens uniformly (seeded by the bucket) and writes them
+to DST's files in order: bucket 0 at once, then the others loaded one at a time from their
+pieces, the padding last (padding only ends a run's data). Independent uniform buckets, each
+permuted uniformly, make a uniform permutation of the whole. A run that fits one bucket is one
+pass (no temporary bytes but its padding). Every hook's states move with the same permutation,
+and so do token ids, positions and documents (as one stream over the source's machines:
+`source_document` traces them back); each token's norms are computed again by the encoder. The
+passes are in tools/shuffle_passes.py.
 
-Memory: pass 1 holds at most 4 source files (the one scattered, its scattered copy, the previous
-copy still being written, the next one read ahead); pass 2 one bucket, one piece being read into
-it and 2 output files. Buckets are sized at half of `memory` (default 4 GiB), so a run of any size
-is shuffled in about `memory` (plus the files), whatever the run's size.
+Memory: one bucket (pass 1 gathers bucket 0 into it, pass 2 reuses it), plus in pass 1 at most 4
+source files (the one scattered, its scattered copy, the previous copy still being written, the
+next one read ahead), in pass 2 the pieces read ahead and 2 output files. The shuffle takes the
+fewest buckets whose bound (`bound_tokens`, from the seed's counts) fits `memory` (default 4 GiB):
+one bucket, one pass, for a run that fits beside pass 1's files; so a run of any size is shuffled
+within `memory`.
 
 Resume: both passes are deterministic for a seed, and each counts what it wrote in a progress
 record (pass 1: the temporary run's; pass 2: DST's, with the stream position as its cursor), so a
-killed shuffle run again writes the same bytes. DST's statistics are the source's (the same
-tokens), merged over the source's machines; its cfg.json is the source's with `config.shuffled_from`
-(source run, seed, buckets).
+killed shuffle run again writes the same bytes (bucket 0, kept in memory, is gathered again from
+the source while DST's cursor is in it). DST's statistics are the source's (the same tokens),
+merged over the source's machines; its cfg.json is the source's with `config.shuffled_from`
+(source run, seed, buckets, source machines, plan).
 """
 
 from __future__ import annotations
@@ -39,16 +45,8 @@ from activault.storage import LocalStore, Store, open_store
 from activault.storage.base import LOCKS, join
 from activault.storage.lock import hold_task
 from activault.storage.uri import is_s3
-from activault.tools.shuffle_passes import (
-    PADDING,
-    Meter,
-    Plan,
-    SourceRun,
-    bucket_counts,
-    gather,
-    piece_slots,
-    scatter,
-)
+from activault.tools.shuffle_passes import PADDING, Meter, Plan, SourceRun, gather, piece_slots, scatter
+from activault.tools.shuffle_plan import bucket_counts
 from activault.vault.megabatch import DOCUMENTS, fetch_header
 from activault.vault.records import (
     HookMetadata,
@@ -66,6 +64,7 @@ from activault.vault.writer import RunWriter
 TEMP = ".shuffle"  # the temporary bucket run, inside DST (hidden from local listings)
 MEMORY = 4 << 30  # default bound on the tokens held at once, in bytes
 PROVENANCE = "shuffled_from"  # cfg.json config key: {"run", "seed", "buckets", "machines"}
+PLAN = 2  # provenance "plan": 2 = bucket 0 kept in memory by pass 1 (no temporary pieces of it)
 DELETERS = 16  # the temporary run's objects deleted this many at once (one request each on S3)
 
 
@@ -95,7 +94,7 @@ def _place(uri: str) -> tuple[Store, str]:
     return open_store(parent or "."), run
 
 
-def _source(store: Store, run: str) -> SourceRun:
+def read_source(store: Store, run: str) -> SourceRun:
     """The source's records and files, once every machine has finished; else an error naming why."""
     url = store.url(run)
     record = read_run(store, run)
@@ -131,12 +130,19 @@ def _source(store: Store, run: str) -> SourceRun:
     # Provenance is carried when every file has it (a run resumed across versions may mix them).
     provenance = all(DOCUMENTS in hd.tensors for hd in headers)
     src = SourceRun(store, run, record, metadata, names, slots, machines, provenance)
+    src.sizes = listed_sizes(store, run, record.hooks)
     for h in record.hooks:
         merged = merge_all(p[h] for p in parts if h in p)
         if merged is None or any(h not in p for p in parts):
             raise FormatError(f"{url}: a finished progress record has no statistics of hook {h!r}; nothing written")
         src.stats[h] = merged
     return src
+
+
+def listed_sizes(store: Store, run: str, hooks: list[str]) -> dict[str, int]:
+    """key -> size of every object of the run's hook folders (one listing each: a file is then read
+    in one request, into a reused buffer)."""
+    return {e.key: e.size for h in hooks for e in store.list(join(run, h))}
 
 
 def _check_dest(store: Store, run: str, src_url: str, seed: int) -> RunRecord | None:
@@ -156,6 +162,11 @@ def _check_dest(store: Store, run: str, src_url: str, seed: int) -> RunRecord | 
         raise ConfigError(
             f"DST {url} already holds a run that is not a shuffle of {src_url}: nothing written; name a new DST"
         )
+    if prov.get("plan") != PLAN:
+        raise ConfigError(
+            f"DST {url} was begun by an earlier activault, whose buckets this one lays out otherwise: "
+            "nothing written; name a new DST (or finish this one with the version that began it)"
+        )
     if prov.get("seed") != seed:
         raise ConfigError(
             f"DST {url} is a shuffle of {src_url} with seed {prov.get('seed')}, not {seed}: rerun with "
@@ -164,22 +175,35 @@ def _check_dest(store: Store, run: str, src_url: str, seed: int) -> RunRecord | 
     return record
 
 
-def choose_buckets(src: SourceRun, memory: int) -> int:
-    """Buckets of about half of `memory` each; ConfigError when `memory` cannot hold the files."""
-    files = 4 * max(src.slots) * src.token_bytes
-    if memory < 2 * files:
-        raise ConfigError(
-            f"memory={memory} bytes cannot hold the shuffle's files (4 source files: {files} bytes) and a "
-            f"bucket: pass memory >= {2 * files}"
-        )
-    return max(1, math.ceil(sum(src.slots) * src.token_bytes / (memory // 2)))
+def choose_buckets(src: SourceRun, memory: int, seed: int) -> int:
+    """The fewest buckets whose stated bound (`bound_tokens`, from the seed's counts) fits `memory`:
+    one (one pass) when the run fits beside pass 1's files; ConfigError when none does."""
+    total, per, f = sum(src.slots), src.token_bytes, max(src.slots)
+    pads = src.record.num_runs * src.seq
+    files = 4 * f + pads  # pass 1's files and the padding
+    most = max(1, math.ceil(total / f))  # buckets of about a file: no gain beyond
+    if memory // per > files:
+        # The bound is about `files` plus the largest bucket: the estimate is off by the draw's spread.
+        start = min(most, math.ceil(total / (memory // per - files)))
+        doubled = {start << i for i in range(1, most.bit_length() + 1) if start << i < most}
+        for b in sorted({*range(start, min(start + 8, most) + 1), *doubled, most}):
+            if bound_tokens(src, bucket_counts(src.slots, b, seed)) * per <= memory:
+                return b
+    # Enough for buckets of 2 files at most beside pass 2's pieces (4 files) and 2 output files.
+    out = next(iter(src.metadata.values())).rows_per_file * src.seq
+    need = (6 * f + pads + 2 * out) * per
+    raise ConfigError(
+        f"memory={memory} bytes cannot hold the shuffle's files (4 source files and 2 output files of up "
+        f"to {f * per} bytes) and a bucket: pass memory >= {need}"
+    )
 
 
 def bound_tokens(src: SourceRun, counts: np.ndarray) -> int:
     """The most token slots the shuffle holds at once (see the module's docstring)."""
     out = next(iter(src.metadata.values())).rows_per_file * src.seq
     pads = src.record.num_runs * src.seq  # padding ends each machine's last row at most
-    return max(4 * max(src.slots) + pads, int(counts.sum(0).max()) + pads + piece_slots(counts) + 2 * out)
+    bucket = int(counts.sum(0).max()) + pads  # bucket 0 from pass 1 on, its buffer reused in pass 2
+    return bucket + max(4 * max(src.slots), piece_slots(counts) + 2 * out)
 
 
 # ---- records of the new run and of its temporary run -------------------------------------------------
@@ -189,6 +213,7 @@ def _dest_record(src: SourceRun, dst: str, seed: int, buckets: int) -> RunRecord
     from activault.version import __version__
 
     prov = {"run": src.store.url(src.run), "seed": seed, "buckets": buckets, "machines": src.record.num_runs}
+    prov["plan"] = PLAN
     return src.record.model_copy(
         update={
             "run_name": dst,
@@ -244,13 +269,13 @@ def shuffle_run(
         memory: bytes of tokens held at once (buckets are sized from it); `buckets` overrides it.
     """
     t0 = time.perf_counter()
-    source = _source(src_store, src)
+    source = read_source(src_store, src)
     src_url = src_store.url(src)
     stored = _check_dest(dst_store, dst, src_url, seed)
     if stored is not None:  # resuming: the stored plan, whatever the memory asked now
         buckets = int(stored.config[PROVENANCE]["buckets"])
     elif buckets is None:
-        buckets = choose_buckets(source, memory)
+        buckets = choose_buckets(source, memory, seed)
     if buckets < 1:
         raise ConfigError(f"buckets={buckets}: pass a whole number >= 1")
     counts = bucket_counts(source.slots, buckets, seed)
@@ -268,10 +293,12 @@ def shuffle_run(
             out.join()
             out.begin()
             try:
-                fresh = scatter(source, scratch, temp, counts, seed, meter, claim)
+                keep = int((out.resumed.data_state or {}).get("bucket", 0)) == 0  # bucket 0 still to write
+                fresh, first = scatter(source, scratch, temp, counts, seed, meter, claim, keep)
                 pads = read_progress(scratch, temp[0].run_name, PADDING)
-                plan = Plan(temp[0], counts, pads.files_done if pads else 0, seed, fresh, source.provenance)
-                gather(source, out, plan, meter, claim)
+                sizes = listed_sizes(scratch, temp[0].run_name, source.record.hooks)
+                plan = Plan(temp[0], counts, pads.files_done if pads else 0, seed, fresh, source.provenance, sizes)
+                gather(source, out, plan, meter, claim, first)
                 out.finish({"bucket": buckets + 1, "offset": 0}, source.stats)
             except BaseException:
                 out.abort()

@@ -12,7 +12,7 @@ source is always read with its checksums verified.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -27,6 +27,7 @@ from activault.reading.window import permutation
 from activault.storage import Store
 from activault.storage.base import join
 from activault.storage.lock import MachineLock
+from activault.tools.shuffle_plan import labels, piece_index
 from activault.vault.megabatch import decode, fetch_header
 from activault.vault.records import HookMetadata, RunRecord, file_name
 from activault.vault.stats import RunningStats
@@ -65,6 +66,7 @@ class SourceRun:
     machines: list[int]
     provenance: bool
     stats: dict[str, RunningStats] = field(default_factory=dict)
+    sizes: dict[str, int] = field(default_factory=dict)  # key -> listed size: one request per read
 
     @property
     def seq(self) -> int:
@@ -76,35 +78,10 @@ class SourceRun:
         return per + sum(m.d_model * dtypes.to_torch(m.dtype).itemsize for m in self.metadata.values())
 
 
-# ---- the plan: buckets and pieces, from the seed and the files' sizes -------------------------------
-
-
-def _rng(seed: int, *parts: int | str) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(mix_seed(seed, "shuffle", *parts)))
-
-
-def bucket_counts(slots: Sequence[int], buckets: int, seed: int) -> np.ndarray:
-    """[files, buckets]: how many of each file's slots go to each bucket (a multinomial draw)."""
-    p = np.full(buckets, 1.0 / buckets)
-    return np.stack([_rng(seed, "file", j).multinomial(c, p) for j, c in enumerate(slots)])
-
-
-def labels(count: np.ndarray, j: int, seed: int) -> np.ndarray:
-    """Each slot's bucket in file j: the counts (first draw) arranged uniformly (second draw)."""
-    g = _rng(seed, "file", j)
-    g.multinomial(int(count.sum()), np.full(count.size, 1.0 / count.size))  # the counts' draw
-    return g.permutation(np.repeat(np.arange(count.size), count))
-
-
-def piece_index(counts: np.ndarray) -> np.ndarray:
-    """[files, buckets]: the temporary run's file index of each non-empty piece (-1: empty)."""
-    present = counts > 0
-    return np.where(present, np.cumsum(present.ravel()).reshape(counts.shape) - 1, -1)
-
-
 def piece_slots(counts: np.ndarray) -> int:
-    """Pass 2's pieces held at once at most: the one copied, `AHEAD` queued, the one being read."""
-    return (AHEAD + 2) * int(counts.max())
+    """Pass 2's pieces held at once at most: the one copied, `AHEAD` queued, the one being read
+    (bucket 0 has none)."""
+    return (AHEAD + 2) * int(counts[:, 1:].max(initial=0))
 
 
 def global_documents(docs: torch.Tensor, machine: int, machines: int) -> torch.Tensor:
@@ -183,13 +160,51 @@ class Tokens:
         )
 
 
-def read_file(store: Store, run: str, hooks: list[str], name: str, provenance: bool, verify: bool = True) -> Tokens:
+class Buffers:
+    """Byte buffers a pass reads whole files into, `sets` of one per hook in turn, allocated once
+    (a fresh buffer per file costs a page fault per page): set k is read again only once the set
+    read `sets` files before it is no longer used."""
+
+    def __init__(self, sets: int):
+        self.sets: list[dict[str, bytearray]] = [{} for _ in range(sets)]
+        self.turn = 0
+
+    def next(self) -> dict[str, bytearray]:
+        self.turn = (self.turn + 1) % len(self.sets)
+        return self.sets[self.turn]
+
+
+def _get(store: Store, key: str, size: int | None, into: dict[str, bytearray] | None, hook: str) -> memoryview:
+    """The object's bytes, into `into[hook]` when its listed size is known (one request; a file
+    replaced since it was listed is read whole as it is now, or is ObjectChanged on S3)."""
+    if into is None or size is None:
+        return store.get(key)
+    with store.open(key, size) as obj:
+        if len(into.get(hook, b"")) < obj.size:
+            into[hook] = bytearray(obj.size)
+        view = memoryview(into[hook])[: obj.size]
+        return view[: obj.read_into(0, view)]
+
+
+def read_file(
+    store: Store,
+    run: str,
+    hooks: list[str],
+    name: str,
+    provenance: bool,
+    verify: bool = True,
+    sizes: dict[str, int] | None = None,
+    into: Buffers | None = None,
+) -> Tokens:
     """One file of every hook (checksums verified unless `verify` is False: a piece this process
-    wrote); ids, positions and documents must agree across hooks."""
+    wrote); ids, positions and documents must agree across hooks. Given the files' listed `sizes`,
+    read into the next set of `into` (the result's tensors are views of it)."""
     states, first = {}, None
+    bufs = into.next() if into is not None else None
     for h in hooks:
-        url = store.url(join(run, h, name))
-        mb = decode(store.get(join(run, h, name)), url, verify_checksums=verify)
+        key = join(run, h, name)
+        url = store.url(key)
+        mb = decode(_get(store, key, (sizes or {}).get(key), bufs, h), url, verify_checksums=verify)
         if mb.positions is None:
             raise FormatError(f"{url} has no positions (a legacy file): not shuffled; nothing written")
         docs = mb.documents.reshape(-1) if mb.documents is not None else None
@@ -212,9 +227,9 @@ def read_file(store: Store, run: str, hooks: list[str], name: str, provenance: b
 # ---- pass 1: scatter ----------------------------------------------------------------------------------
 
 
-def _read_source(src: SourceRun, j: int) -> Tokens:
+def _read_source(src: SourceRun, j: int, into: Buffers) -> Tokens:
     """Source file j, verified, its documents as the shuffled run stores them."""
-    tokens = read_file(src.store, src.run, src.record.hooks, src.names[j], src.provenance)
+    tokens = read_file(src.store, src.run, src.record.hooks, src.names[j], src.provenance, True, src.sizes, into)
     if tokens.n != src.slots[j]:
         raise FormatError(f"{src.store.url(src.run)}: {src.names[j]} changed while it was shuffled")
     if tokens.docs is not None:
@@ -230,40 +245,46 @@ def scatter(
     seed: int,
     meter: Meter,
     claim: MachineLock,
-) -> int:
+    keep: bool,
+) -> tuple[int, Tokens | None]:
     """Pass 1: every source file's slots as pieces by bucket, and its padding apart, resumed from
-    the temporary run's progress records. Returns the first piece this process wrote (the pieces
-    before it, if any, were written by a killed shuffle)."""
-    record, meta = temp
+    the temporary run's progress records; with `keep`, bucket 0 gathered in memory (a buffer big
+    enough for any bucket, pass 2's). Returns the first piece this process wrote (the pieces before
+    it, if any, were written by a killed shuffle) and bucket 0.
+
+    Without `keep` (DST is past bucket 0) pass 1 had finished: DST is written only after it."""
     index = piece_index(counts)
+    if not keep:
+        return int((index >= 0).sum()), None
+    record, meta = temp
     pieces, pads = RunWriter(store, record, meta, PIECES), RunWriter(store, record, meta, PADDING, threads=1)
-    total = int((index >= 0).sum())
-    if pieces.files >= total:
-        return total
     fresh = pieces.files
     pieces.join()
     pieces.begin()
     pads.begin()
     pad_from = int((pads.resumed.data_state or {}).get("source_file", 0))
-    start = int(np.argwhere(index == pieces.files)[0][0])
     reader = ThreadPoolExecutor(1, thread_name_prefix="activault-shuffle-read")
     inflight: deque[tuple[Future[None] | None, Tokens]] = deque()
-    most = max(src.slots)
+    most, into = max(src.slots), Buffers(2)  # the file scattered and the next one being read
     free: list[Tokens] = []  # grouped buffers (2): this file's pieces, the previous file's in flight
+    first: Tokens | None = None
+    at = 0  # bucket 0's slots gathered so far
     try:
-        ahead = reader.submit(_read_source, src, start)
+        ahead = reader.submit(_read_source, src, 0, into)
         meter.hold(most)
-        for j in range(start, len(src.names)):
+        for j in range(len(src.names)):
             claim.check()
             tokens = ahead.result()
             if j + 1 < len(src.names):  # the next file read while this one is scattered
-                ahead = reader.submit(_read_source, src, j + 1)
+                ahead = reader.submit(_read_source, src, j + 1, into)
                 meter.hold(most)
-            if not free:
-                free.append(Tokens.empty(tokens, most))
-                meter.hold(most)
-            buf = free.pop()
-            grouped = tokens.gather(np.argsort(labels(counts[j], j, seed), kind="stable"), buf)
+            if first is None:
+                first = Tokens.empty(tokens, int(counts.sum(0).max()))
+                meter.hold(first.n)
+            order = np.argsort(labels(counts[j], j, seed), kind="stable")
+            c0 = int(counts[j, 0])
+            tokens.gather(order[:c0], first.view(at, at + c0))
+            at += c0
             pad = np.flatnonzero(tokens.pos.numpy() < 0)
             if pad.size and j >= pad_from:
                 apart = tokens.gather(pad, Tokens.empty(tokens, pad.size))
@@ -271,15 +292,23 @@ def scatter(
                 apart.write(pads, 1, {"source_file": j + 1})
                 pads.flush()  # counted before the pieces that follow it: pass 1's end says both are done
                 meter.drop(apart.n)
+            todo = [int(b) for b in np.flatnonzero(index[j] >= pieces.files)]  # not written before a kill
+            if not todo:
+                del tokens
+                meter.drop(most)
+                continue
+            if not free:
+                free.append(Tokens.empty(tokens, most))
+                meter.hold(most)
+            buf = free.pop()
+            grouped = tokens.gather(order[c0:], buf)  # buckets 1.. in order
             del tokens
             meter.drop(most)
-            ends = np.cumsum(counts[j])
+            ends = np.cumsum(counts[j]) - c0
             last = None
-            for b in np.flatnonzero(counts[j]):
-                if index[j, b] < pieces.files:
-                    continue  # written before the kill
+            for b in todo:
                 a = int(ends[b] - counts[j, b])
-                last = grouped.view(a, int(ends[b])).write(pieces, 1, {"source_file": j, "bucket": int(b) + 1})
+                last = grouped.view(a, int(ends[b])).write(pieces, 1, {"source_file": j, "bucket": b + 1})
             inflight.append((last, buf))
             while len(inflight) > 1:  # this file's pieces and the previous file's in flight
                 fut, done = inflight.popleft()
@@ -296,7 +325,9 @@ def scatter(
     finally:
         reader.shutdown(wait=True, cancel_futures=True)
         meter.drop(meter.held)
-    return fresh
+    assert first is not None
+    meter.hold(first.n)  # bucket 0, kept for pass 2
+    return fresh, first
 
 
 # ---- pass 2: gather -----------------------------------------------------------------------------------
@@ -312,6 +343,7 @@ class Plan:
     seed: int
     fresh: int  # pieces from this index on were written by this process (not verified again)
     provenance: bool
+    sizes: dict[str, int]  # the temporary run's files' listed sizes
 
 
 def _pieces(store: Store, plan: Plan, begin: int) -> Iterator[tuple[int, Tokens]]:
@@ -321,36 +353,53 @@ def _pieces(store: Store, plan: Plan, begin: int) -> Iterator[tuple[int, Tokens]
     buckets = plan.counts.shape[1]
     hooks, run = plan.temp.hooks, plan.temp.run_name
 
+    # A piece is copied into its bucket before the one read AHEAD + 2 after it reuses its buffers.
+    into = Buffers(AHEAD + 2)
+
     def produce() -> Iterator[tuple[int, Tokens]]:
-        for b in range(begin, buckets):
+        for b in range(max(begin, 1), buckets):
             for k in index[:, b][index[:, b] >= 0].tolist():
                 verify = k < plan.fresh
-                yield b, read_file(store, run, hooks, file_name(PIECES, k), plan.provenance, verify)
+                name = file_name(PIECES, k)
+                yield b, read_file(store, run, hooks, name, plan.provenance, verify, plan.sizes, into)
         for k in range(plan.pad_files if begin <= buckets else 0):
             yield buckets, read_file(store, run, hooks, file_name(PADDING, k), plan.provenance)
 
     return prefetch(produce(), AHEAD)
 
 
-def _streams(store: Store, plan: Plan, meter: Meter, begin: int) -> Iterator[tuple[int, Tokens, np.ndarray]]:
+def _streams(
+    store: Store, plan: Plan, meter: Meter, begin: int, first: Tokens | None
+) -> Iterator[tuple[int, Tokens, np.ndarray]]:
     """(bucket, its tokens, their order) from bucket `begin` on: each bucket's real tokens permuted,
-    then the padding (bucket `buckets`) in source order. The bucket's buffer is reused."""
+    then the padding (bucket `buckets`) in source order. Bucket 0 is `first` (gathered by pass 1),
+    whose buffer is then reused for the others."""
     sizes = plan.counts.sum(0).tolist()
     if plan.pad_files:
         head = lambda k: fetch_header(store, join(plan.temp.run_name, plan.temp.hooks[0], file_name(PADDING, k)))  # noqa: E731
         sizes.append(sum(head(k).rows for k in range(plan.pad_files)))
-    buf: Tokens | None = None
-    b, at = begin, 0
-    for pb, piece in _pieces(store, plan, begin):
+    pieces = _pieces(store, plan, begin)
+    piece = next(pieces, None)  # started: the next buckets' pieces are read while bucket 0 is written
+    buf, b, at = first, begin, 0
+    if begin == 0:
+        if sizes[0]:
+            yield _finished(store, plan, 0, first, sizes[0], sizes[0])
+        b = 1
+    if piece is not None:
+        meter.hold(piece_slots(plan.counts))  # the pieces in flight
+    while piece is not None:
+        pb, tokens = piece
         while pb > b:  # bucket b is complete
             if b < len(sizes) and sizes[b]:
                 yield _finished(store, plan, b, buf, at, sizes[b])
             b, at = b + 1, 0
-        if buf is None:
-            buf = Tokens.empty(piece, max(sizes[begin:]))
-            meter.hold(buf.n + piece_slots(plan.counts))  # the bucket, and the pieces in flight
-        buf.put(at, piece)
-        at += piece.n
+        if buf is None or buf.n < max(sizes[b:]):
+            meter.drop(0 if buf is None else buf.n)
+            buf = Tokens.empty(tokens, max(sizes[b:]))
+            meter.hold(buf.n)
+        buf.put(at, tokens)
+        at += tokens.n
+        piece = next(pieces, None)
     while b < len(sizes):
         if sizes[b]:
             yield _finished(store, plan, b, buf, at, sizes[b])
@@ -372,8 +421,9 @@ def _finished(store: Store, plan: Plan, b: int, buf: Tokens | None, at: int, n: 
     return b, tokens, real[permutation(real.size, mix_seed(plan.seed, "shuffle", "bucket", b))]
 
 
-def gather(src: SourceRun, out: RunWriter, plan: Plan, meter: Meter, claim: MachineLock) -> None:
-    """Pass 2: DST's files from the buckets in order, resumed at the cursor of its progress record."""
+def gather(src: SourceRun, out: RunWriter, plan: Plan, meter: Meter, claim: MachineLock, first: Tokens | None) -> None:
+    """Pass 2: DST's files from the buckets in order (bucket 0 is `first`, kept by pass 1), resumed
+    at the cursor of its progress record."""
     seq, buckets = src.seq, plan.counts.shape[1]
     per_file = next(iter(src.metadata.values())).rows_per_file * seq
     cursor = out.resumed.data_state or {"bucket": 0, "offset": 0}
@@ -382,7 +432,7 @@ def gather(src: SourceRun, out: RunWriter, plan: Plan, meter: Meter, claim: Mach
     staging: Tokens | None = None
     filled = 0
     inflight: deque[tuple[Future[None], Tokens]] = deque()
-    for b, tokens, order in _streams(out.store, plan, meter, begin):
+    for b, tokens, order in _streams(out.store, plan, meter, begin, first):
         a, skip = skip, 0
         while a < order.size:
             claim.check()

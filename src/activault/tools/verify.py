@@ -43,6 +43,7 @@ from activault.vault.megabatch import (
     megabatch_files,
     parse_header,
 )
+from activault.vault.norms import check_norms
 from activault.vault.records import (
     REBUILD,
     HookMetadata,
@@ -153,6 +154,11 @@ def _check_version(
             check.checksummed = bool(h.checksums)
             check.nonfinite = nonfinite_tokens(mb.states)
             check.span = _span(mb, obj.url, shuffled)
+            if mb.norms is not None:
+                try:
+                    check_norms(mb.states, mb.norms, obj.url, run_url)
+                except FormatError as e:  # the data is intact: its own advice, not a re-collection
+                    check.problems.append(f"{hook}/{name}: {str(e).split(': ', 1)[-1]}")
             ids, pos = (
                 bytes(mb.tensors["input_ids"].numpy()),
                 bytes(mb.tensors["positions"].numpy()),

@@ -29,6 +29,7 @@ import xxhash
 from activault import dtypes
 from activault.errors import FormatError, NotFoundError
 from activault.vault import codec as codecs
+from activault.vault.norms import NORMS, NORMS_SINCE, token_norms
 
 if TYPE_CHECKING:
     from activault.storage.base import Entry, Store
@@ -41,7 +42,8 @@ FORMAT: Final = "activault"
 # description, so an edit of any of them fails like a flipped bit (docs/format.md, Checksums).
 # 4: a `documents` tensor, each token's document ordinal in its machine's stream (provenance);
 # required from 4 on, so it cannot be stripped from a file silently.
-FORMAT_VERSION = 4
+# 5: a `norms` tensor, each token's L2 norm (vault/norms.py), computed by `encode`; required from 5 on.
+FORMAT_VERSION = 5
 # The version each rule came with (a file follows the rules of the version it is labelled with).
 CHECKSUMS_SINCE = 2
 DESCRIBED_SINCE = 3
@@ -215,7 +217,8 @@ def _check_layout(tensors: dict[str, TensorInfo], data_len: int, url: str) -> No
 
 def _check_tensors(tensors: dict[str, TensorInfo], url: str, version: int | None) -> None:
     """states [rows, seq, d] floating point; input_ids and positions [rows, seq] int32; documents
-    [rows, seq] int64, required from format version 4 on and refused before it."""
+    [rows, seq] int64, required from format version 4 on and refused before it; norms [rows, seq]
+    float32, the same from version 5."""
     missing = [n for n in REQUIRED if n not in tensors]
     if missing:
         raise FormatError(f"{url}: no {', '.join(map(repr, missing))} tensor; not an activault megabatch")
@@ -233,23 +236,36 @@ def _check_tensors(tensors: dict[str, TensorInfo], url: str, version: int | None
             )
     if 0 in states.shape:
         raise FormatError(f"{url}: holds no data (states {list(states.shape)}); activault never writes one")
-    docs = tensors.get(DOCUMENTS)
-    if docs is None:
-        if version is not None and version >= PROVENANCE_SINCE:
+    for name, since, dtype in ((DOCUMENTS, PROVENANCE_SINCE, torch.int64), (NORMS, NORMS_SINCE, torch.float32)):
+        _check_since(tensors.get(name), name, since, dtype, states.shape[:2], url, version)
+
+
+def _check_since(
+    t: TensorInfo | None,
+    name: str,
+    since: int,
+    dtype: torch.dtype,
+    shape: tuple[int, ...],
+    url: str,
+    version: int | None,
+) -> None:
+    """A per-token tensor that came with format version `since`: required from it on, refused before it."""
+    if t is None:
+        if version is not None and version >= since:
             raise FormatError(
-                f"{url}: labelled format version {version} but has no {DOCUMENTS!r} tensor (every file of "
+                f"{url}: labelled format version {version} but has no {name!r} tensor (every file of "
                 f"that version has one): the file was edited or damaged after it was written"
             )
         return
-    if version is not None and version < PROVENANCE_SINCE:
+    if version is not None and version < since:
         raise FormatError(
-            f"{url}: corrupted header (labelled format version {version}, which has no {DOCUMENTS!r} tensor, yet "
+            f"{url}: corrupted header (labelled format version {version}, which has no {name!r} tensor, yet "
             "it holds one)"
         )
-    if docs.shape != states.shape[:2] or docs.dtype != torch.int64:
+    if t.shape != shape or t.dtype != dtype:
         raise FormatError(
-            f"{url}: {DOCUMENTS!r} is {list(docs.shape)} {dtypes.name(docs.dtype)}, "
-            f"expected {list(states.shape[:2])} int64 like 'states'"
+            f"{url}: {name!r} is {list(t.shape)} {dtypes.name(t.dtype)}, "
+            f"expected {list(shape)} {dtypes.name(dtype)} like 'states'"
         )
 
 
@@ -430,8 +446,14 @@ def encode(
             under the rule of the format version `metadata` labels the file with (default: this one's).
         compression: store `states` as a uint8 tensor of zstd frames, described in the header
             metadata under `codecs` (docs/format.md); the file stays a valid safetensors file.
+
+    A file labelled format version 5 or later gets `norms`, each token's L2 norm computed here from
+    the values it stores (vault/norms.py); a `norms` tensor passed in is never stored as given.
     """
     meta = {k: str(v) for k, v in metadata.items()}
+    label = meta.get("format_version")
+    version = int(label) if label is not None and label.isdigit() else None
+    tensors = {n: t for n, t in tensors.items() if n != NORMS}
     # name -> (dtype, shape, buffers) as stored
     stored: dict[str, tuple[torch.dtype, list[int], list[memoryview]]] = {}
     packed: dict[str, codecs.Packed] = {}
@@ -442,6 +464,9 @@ def encode(
             stored[name] = (torch.uint8, [sum(p.chunks)], [memoryview(f) for f in frames])
         else:
             stored[name] = (t.dtype, list(t.shape), [tensor_bytes(t)])
+    if version is not None and version >= NORMS_SINCE and "states" in tensors:
+        norms = token_norms(_stored_values(tensors["states"], packed.get("states"), stored["states"][2], compression))
+        stored[NORMS] = (norms.dtype, list(norms.shape), [tensor_bytes(norms)])
     if packed:
         entries = {n: p.entry(CODES[p.dtype]) for n, p in packed.items()}
         meta[CODECS_KEY] = json.dumps(entries, separators=(",", ":"))
@@ -449,8 +474,6 @@ def encode(
     names = sorted(stored, key=lambda n: -stored[n][0].itemsize)
     if checksums:
         # The rule of the version the caller labels the file with (none: this version's).
-        label = meta.get("format_version")
-        version = int(label) if label is not None and label.isdigit() else None
         meta["checksum"] = CHECKSUM
         for n in names:
             dtype, shape, bufs = stored[n]
@@ -466,6 +489,15 @@ def encode(
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     return [memoryview(struct.pack("<Q", len(raw)) + raw)] + [b for n in names for b in stored[n][2]]
+
+
+def _stored_values(
+    states: torch.Tensor, packed: codecs.Packed | None, frames: Sequence[memoryview], codec: codecs.Codec | None
+) -> torch.Tensor:
+    """The states a file stores: as given, or as a lossy codec (fp8) decodes them."""
+    if packed is None or codec is None or codec.lossless:
+        return states
+    return codecs.unpack(b"".join(frames), packed, "states")
 
 
 # ---- reading -------------------------------------------------------------------------------------
@@ -498,6 +530,12 @@ class Megabatch:
         """[rows, seq] int64, the token's document ordinal in its machine's stream, -1 = padding;
         None in files written before provenance (format version 3 and older, legacy files)."""
         return self.tensors.get(DOCUMENTS)
+
+    @property
+    def norms(self) -> torch.Tensor | None:
+        """[rows, seq] float32, each token's L2 norm (vault/norms.py); None in files written before
+        format version 5."""
+        return self.tensors.get(NORMS)
 
     @property
     def metadata(self) -> dict[str, str]:

@@ -31,6 +31,7 @@ from activault.storage.base import Store, join
 from activault.vault import codec as codecs
 from activault.vault import original as orig
 from activault.vault.megabatch import DOCUMENTS, FORMAT, FORMAT_VERSION, PROVENANCE_SINCE, SUFFIX, Header
+from activault.vault.norms import NORMS
 from activault.vault.original import OriginalConfig, OriginalMetadata, OriginalStatistics
 from activault.vault.stats import NORM_HIST_LENGTH, STATS_VERSION, RunningStats
 
@@ -577,9 +578,11 @@ def hook_metadata(
     model: str,
     compression: codecs.Codec | None = None,
     provenance: bool = False,
+    norms: bool = True,
 ) -> HookMetadata:
     """The contents of `{run}/{hook}/metadata.json`; `dtype` a torch.dtype or its name;
-    `provenance`: its files hold `documents` (int64, 8 bytes a token more)."""
+    `provenance`: its files hold `documents` (int64, 8 bytes a token more); `norms`: they hold each
+    token's norm (float32, 4 bytes more: every file written since format 5)."""
     name = dtype if isinstance(dtype, str) else dtypes.name(dtype)
     itemsize = dtypes.to_torch(name).itemsize
     tensors: dict[str, Any] = {
@@ -589,6 +592,8 @@ def hook_metadata(
     }
     if provenance:
         tensors[DOCUMENTS] = {"dtype": "int64", "shape": ["rows", seq_length]}
+    if norms:
+        tensors[NORMS] = {"dtype": "float32", "shape": ["rows", seq_length]}
     return HookMetadata(
         run_name=run_name,
         hook=hook,
@@ -600,7 +605,7 @@ def hook_metadata(
         batch_size=batch_size,
         batches_per_upload=batches_per_upload,
         rows_per_file=rows_per_file,
-        bytes_per_file=rows_per_file * seq_length * (d_model * itemsize + 8 + 8 * provenance),
+        bytes_per_file=rows_per_file * seq_length * (d_model * itemsize + 8 + 8 * provenance + 4 * norms),
         tensors=tensors,
         compression=codecs.describe(compression),
     )

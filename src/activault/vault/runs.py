@@ -17,6 +17,7 @@ from activault.errors import ActivaultError, ConfigError, FormatError, NotFoundE
 from activault.storage import Store, locate
 from activault.storage.base import join
 from activault.vault.megabatch import SUFFIX, Header, decode, fetch_header, megabatch_files
+from activault.vault.norms import NORMS
 from activault.vault.records import (
     REBUILD,
     HookMetadata,
@@ -164,6 +165,7 @@ def _describing(spec: HookMetadata, header: Header, have: HookMetadata | None) -
         batches_per_upload=spec.batches_per_upload,
         model=spec.model,
         provenance="documents" in spec.tensors,  # as the writer writes new files
+        norms=NORMS in spec.tensors,
     )
     # Files say how each is stored; metadata.json only how new ones will be (recompress changes it).
     return want.model_copy(update={"compression": (have or spec).compression})
