@@ -20,7 +20,8 @@ main thread's time outside the model's calls, and the CPU time of every thread t
 (data, writers, records). On a CPU collection, whose forward pass keeps every core busy, each of
 those seconds is taken from the model, so 1 - their share of the run is what the ratio comes to
 without the noise. The main thread's share is split further (MAIN_PARTS: statistics, copies out of
-the hook, ids and positions, waiting for a staging buffer, handing files to the writer, the rest).
+the hook, ids and positions, waiting for a staging buffer, handing files to the writer, the rest);
+the background threads' CPU in encode's norms and checksums is split out too (THREAD_PARTS).
 The model runs on `--torch-threads` threads (2) on both sides.
 
 Usage: python -m bench.collect [--out bench/out/collect.json] [--reps 5] [--quick] [--torch-threads 2]
@@ -57,11 +58,12 @@ from activault.collection.pipeline import collect
 from activault.config import parse_config
 from activault.storage import LocalStore
 from activault.tools.tiny import build_tiny
+from activault.vault import megabatch
 from activault.vault import writer as run_writer
 from activault.vault.megabatch import encode
 from activault.vault.records import file_name
 from activault.vault.stats import RunningStats
-from activault.vault.writer import StagingBuffers, Writer
+from activault.vault.writer_threads import StagingBuffers, Writer
 
 HOOKS = ["models.layers.3.post", "models.layers.5.mlp.post"]
 # The main thread's work outside the model, timed call by call (wall seconds, outermost call only);
@@ -72,6 +74,12 @@ MAIN_PARTS: dict[str, tuple[Any, str]] = {
     "ids and positions": (collector_module, "stored_tokens"),
     "waiting for a staging buffer": (StagingBuffers, "acquire"),
     "handing files to the writer": (Collector, "_submit"),
+}
+# The background threads' work, timed call by call in CPU seconds (time.thread_time: a writer
+# thread waits on the disk and on the GIL) on any thread but the main one, outermost call only.
+THREAD_PARTS: dict[str, tuple[Any, str]] = {
+    "norms in encode": (megabatch, "token_norms"),
+    "checksums in encode": (megabatch, "checksum"),
 }
 
 
@@ -137,12 +145,16 @@ class Accounting:
     the meta device) is before a run's clock starts and not counted. OpenMP's workers are not
     Python threads and are not counted: they are the forward pass."""
 
-    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
-        self.clock = clock
+    def __init__(
+        self, clock: Callable[[], float] = time.perf_counter, cpu_clock: Callable[[], float] = time.thread_time
+    ) -> None:
+        self.clock, self.cpu_clock = clock, cpu_clock  # cpu_clock: the calling thread's CPU seconds
         self.forward = 0.0
         self.started = False  # the model's first real call has begun
         self.threads: dict[str, float] = defaultdict(float)
         self.parts: dict[str, float] = defaultdict(float)  # MAIN_PARTS' wall seconds on the main thread
+        self.thread_parts: dict[str, float] = defaultdict(float)  # THREAD_PARTS' CPU seconds, other threads
+        self._busy = threading.local()  # in a THREAD_PARTS call on this thread
         self._inside = False
         self.missing: list[str] = []  # MAIN_PARTS the collector no longer has
 
@@ -182,17 +194,35 @@ class Accounting:
 
             return timed
 
-        originals = {part: getattr(owner, name) for part, (owner, name) in MAIN_PARTS.items() if hasattr(owner, name)}
-        self.missing = sorted(set(MAIN_PARTS) - set(originals))
+        def timed_thread_part(part: str, fn: Callable[..., object]) -> Callable[..., object]:
+            @functools.wraps(fn)
+            def timed(*args: object, **kwargs: object) -> object:
+                main = threading.current_thread() is threading.main_thread()
+                if not self.started or main or getattr(self._busy, "on", False):
+                    return fn(*args, **kwargs)
+                self._busy.on = True
+                t0 = self.cpu_clock()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    self._busy.on = False
+                    self.thread_parts[part] += self.cpu_clock() - t0
+
+            return timed
+
+        every = {**MAIN_PARTS, **THREAD_PARTS}
+        originals = {part: getattr(owner, name) for part, (owner, name) in every.items() if hasattr(owner, name)}
+        self.missing = sorted(set(every) - set(originals))
         Capture.__call__, threading.Thread.run = timed_call, timed_run  # type: ignore[method-assign,assignment]
         for part, fn in originals.items():
-            setattr(*MAIN_PARTS[part], timed_part(part, fn))
+            timer = timed_part if part in MAIN_PARTS else timed_thread_part
+            setattr(*every[part], timer(part, fn))
         try:
             yield self
         finally:
             Capture.__call__, threading.Thread.run = call, run  # type: ignore[method-assign]
             for part, fn in originals.items():
-                setattr(*MAIN_PARTS[part], fn)
+                setattr(*every[part], fn)
 
     def shares(self, seconds: float) -> dict[str, float]:
         """Per part, its share of a run of `seconds`: "main" is the main thread outside the model."""
@@ -203,6 +233,10 @@ class Accounting:
         """The main thread's share outside the model, split into MAIN_PARTS and the rest."""
         rest = seconds - self.forward - sum(self.parts.values())
         return {**{k: self.parts.get(k, 0.0) / seconds for k in MAIN_PARTS}, "rest of the main thread": rest / seconds}
+
+    def thread_breakdown(self, seconds: float) -> dict[str, float]:
+        """THREAD_PARTS' CPU, each as a share of a run of `seconds` (part of the threads' shares)."""
+        return {k: self.thread_parts.get(k, 0.0) / seconds for k in THREAD_PARTS}
 
 
 def real_tokens(batch) -> int:
@@ -245,6 +279,7 @@ def bench_collect(work: Path, quick: bool, reps: int) -> dict:
         if checksums:
             accounts["collection"].append(acc.shares(r.seconds))
             breakdowns.append(acc.breakdown(r.seconds))
+            thread_breakdowns.append(acc.thread_breakdown(r.seconds))
         shutil.rmtree(folder)
         if r.tokens != tokens:  # both sides must count the same tokens of the same batches
             raise RuntimeError(f"the collection stored {r.tokens} tokens, the forward pass counted {tokens}")
@@ -267,6 +302,7 @@ def bench_collect(work: Path, quick: bool, reps: int) -> dict:
     waits: list[float] = []  # per collection, the share of its time the model waited for storage
     accounts: dict[str, list[dict[str, float]]] = {"collection": [], "control": []}  # per run, Accounting.shares
     breakdowns: list[dict[str, float]] = []  # per collection, Accounting.breakdown
+    thread_breakdowns: list[dict[str, float]] = []  # per collection, Accounting.thread_breakdown
 
     # The runs of each rep sit between two runs of the forward pass alone and are compared with
     # their mean: the speed of a shared machine drifts by several percent over a minute, and a
@@ -320,6 +356,8 @@ def bench_collect(work: Path, quick: bool, reps: int) -> dict:
         },
         # The main thread's share split up: statistics, copies out of the hook, ...
         "main_breakdown": {k: statistics.median(b[k] for b in breakdowns) for k in breakdowns[0]},
+        # The background threads' CPU in encode's norms and checksums (within the threads' shares).
+        "thread_breakdown": {k: statistics.median(b[k] for b in thread_breakdowns) for k in thread_breakdowns[0]},
         # The machine's own noise: each run of the forward pass alone over the one before it.
         "forward_run_to_run": [min(drift), max(drift)],
         "runs_tok_s": {"forward": alone, **got},  # in order; each rep between two forward runs
@@ -461,6 +499,8 @@ def main() -> None:
     print(f"accounted: collection {c['accounted_ratio']:.3f} ({lo:.3f}-{hi:.3f}; goal >= 0.95): {parts}")
     parts = ", ".join(f"{k} {v:.2%}" for k, v in c["main_breakdown"].items())
     print(f"  main thread outside the model: {parts}")
+    parts = ", ".join(f"{k} {v:.2%}" for k, v in c["thread_breakdown"].items())
+    print(f"  of the threads' CPU: {parts}")
     parts = ", ".join(f"{k} {v:.2%}" for k, v in c["accounted_shares"]["control"].items())
     print(f"  control {c['accounted_control_ratio']:.3f}: {parts}")
     print(f"plain writes      {w['plain_MB_s']:>10,.0f} MB/s")

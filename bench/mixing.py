@@ -18,21 +18,19 @@ Local files go under $BENCH_DIR (default: the system's temporary folder).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.record import stamp
+
 OUT = Path(__file__).parent / "out" / "mixing.jsonl"
-ROOT = Path(__file__).resolve().parent.parent
 SEQ = 1024
 GOAL = 0.95
 
@@ -158,11 +156,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ratios = [r["ratio"] for r in runs]
     record = {
         "bench": "mixing",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": git("rev-parse", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "command": shlex.join(["python", "-m", "bench.mixing", *(sys.argv[1:] if argv is None else argv)]),
-        "cpus": os.cpu_count(),
+        **stamp("bench.mixing", sys.argv[1:] if argv is None else argv),
         "load_average": os.getloadavg(),
         "args": {**vars(args), "json": str(args.json)},
         "file_bytes": rows * SEQ * (args.d * 2 + 8),
@@ -187,11 +181,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f.write(line + "\n")
     print(line)
     return record
-
-
-def git(*args: str) -> str:
-    out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip() if out.returncode == 0 else ""
 
 
 if __name__ == "__main__":

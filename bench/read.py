@@ -26,12 +26,10 @@ filesystem (NFS, Lustre) to see the readers there, mapped (`rcache`) against rea
 from __future__ import annotations
 
 import argparse
-import datetime
 import io
 import json
 import os
 import random
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -39,6 +37,8 @@ import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from bench.record import stamp
 
 OUT = Path(__file__).parent / "out" / "read.jsonl"
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +94,7 @@ def write_files(store: Any, n: int, rows: int, d: int) -> None:
 
     from activault.vault import codec as codecs
     from activault.vault import records
+    from activault.vault.stats import RunningStats
     from activault.vault.writer import RunWriter
 
     def writer(run: str, codec: codecs.Codec | None) -> RunWriter:
@@ -114,18 +115,20 @@ def write_files(store: Any, n: int, rows: int, d: int) -> None:
         return w
 
     writers = [writer("run", None), writer("zrun", codecs.from_config("zstd"))]
+    stats = {"hook": RunningStats(d)}  # as collect records them: a record without them reads as damaged
     g = torch.Generator().manual_seed(0)
     for k in range(n):
         states = torch.randn(rows, SEQ, d, generator=g).to(torch.bfloat16)
         ids = torch.randint(0, 50_000, (rows, SEQ), generator=g, dtype=torch.int32)
         pos = torch.arange(SEQ, dtype=torch.int32).expand(rows, SEQ).contiguous()
-        for w in writers:  # no statistics: the readers measured here do not normalise
-            w.write_file({"hook": states}, ids, pos, tokens=rows * SEQ, data_state=None, stats={})
+        stats["hook"].update(states.reshape(-1, d))
+        for w in writers:
+            w.write_file({"hook": states}, ids, pos, tokens=rows * SEQ, data_state=None, stats=stats)
         buf = io.BytesIO()
         torch.save({"states": states, "input_ids": ids.long()}, buf)
         store.put(f"legacy/hook/{k:04d}--{k}.pt", buf.getbuffer())
     for w in writers:
-        w.finish(None, {})
+        w.finish(None, stats)
 
 
 def spread(xs: list[float], scale: float = 1.0, digits: int = 2) -> str:
@@ -311,11 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print_tables(figs, table)
     record = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": git("rev-parse", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "command": shlex.join(["python", "-m", "bench.read", *(sys.argv[1:] if argv is None else argv)]),
-        "cpus": os.cpu_count(),
+        **stamp("bench.read", sys.argv[1:] if argv is None else argv),
         "args": {**vars(args), "json": str(args.json)},
         "file_bytes": file_bytes,
         "figures": figs,
@@ -331,11 +330,6 @@ def main(argv: list[str] | None = None) -> None:
         for r in failed:
             print(f"\n{r['store']}/{r['cache']}/{r['reader']} (rep {r['rep']}) failed:\n{r['error']}", file=sys.stderr)
         sys.exit(f"{len(failed)} of {len(runs) + len(failed)} runs failed (above); their figures are left out")
-
-
-def git(*args: str) -> str:
-    out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip() if out.returncode == 0 else ""
 
 
 if __name__ == "__main__":

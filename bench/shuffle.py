@@ -14,21 +14,19 @@ Local files go under $BENCH_DIR (default: the system's temporary folder).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import shlex
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.record import stamp
+
 OUT = Path(__file__).parent / "out" / "shuffle.jsonl"
-ROOT = Path(__file__).resolve().parent.parent
 HOOKS = ["h1", "h2"]
 
 
@@ -109,11 +107,7 @@ def main(argv: list[str] | None = None) -> None:
         f"load {os.getloadavg()[0]:.1f}: shuffle / copy speed {summary(ratios)}, median (min-max)"
     )
     record = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "commit": git("rev-parse", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
-        "command": shlex.join(["python", "-m", "bench.shuffle", *(sys.argv[1:] if argv is None else argv)]),
-        "cpus": os.cpu_count(),
+        **stamp("bench.shuffle", sys.argv[1:] if argv is None else argv),
         "load": os.getloadavg()[0],
         "args": {**vars(args), "json": str(args.json)},
         "run_bytes": size,
@@ -127,11 +121,6 @@ def main(argv: list[str] | None = None) -> None:
     with open(args.json, "a") as f:
         f.write(json.dumps(record) + "\n")
     print(json.dumps(record))
-
-
-def git(*args: str) -> str:
-    out = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
-    return out.stdout.strip() if out.returncode == 0 else ""
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from activault.config import parse_config
 from activault.storage.s3 import PART_CONCURRENCY, PART_SIZE, S3Store
 from activault.tools.tiny import build_tiny
 from activault.vault import megabatch as fmt
-from activault.vault.writer import Writer
+from activault.vault.writer_threads import Writer
 from support.s3servers import MotoServer
 
 OUT = Path(__file__).parent / "out" / "storage.json"

@@ -92,6 +92,23 @@ def test_cold_runs_start_from_evicted_files_and_warm_ones_from_cached_ones(tmp_p
     assert cold["bytes"] == warm["bytes"] > 2 * SEQ * 256 * 2
 
 
+def test_the_read_benchmarks_runs_hold_statistics_as_collected_runs_do(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A progress record without a hook's statistics reads as damaged (and says to collect again)."""
+    from activault.storage import LocalStore
+    from activault.vault.records import read_statistics
+    from bench.read import SEQ, write_files
+
+    store = LocalStore(tmp_path, fsync=False)
+    with caplog.at_level("WARNING"):
+        write_files(store, 2, 1, 256)
+    assert "skipping machine" not in caplog.text
+    for run in ("run", "zrun"):
+        stats = read_statistics(store, f"{run}/hook")
+        assert stats is not None and stats.count == 2 * SEQ
+
+
 def test_the_decode_limit_decodes_the_stored_chunks_exactly(tmp_path: Path) -> None:
     import torch
 
@@ -144,6 +161,41 @@ def test_accounting_splits_the_main_threads_time_outside_the_model(monkeypatch: 
     assert got["rest of the main thread"] == pytest.approx((10 - 1 - 3) / 10)
     assert patched == {part: getattr(owner, name) for part, (owner, name) in MAIN_PARTS.items()}  # restored
     assert sum(got.values()) == pytest.approx(1 - acc.forward / 10)
+
+
+def test_accounting_times_the_threads_norms_and_checksums_in_cpu_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    from collections.abc import Callable
+
+    import torch
+
+    from activault.collection.hooks import Capture
+    from activault.vault import megabatch
+    from bench.collect import THREAD_PARTS, Accounting
+
+    ticks = iter(range(1000))  # a CPU clock that moves one unit per reading: each timed call lasts 1
+    monkeypatch.setattr(Capture, "__call__", lambda self, ids, *_: {})
+    monkeypatch.setattr(megabatch, "token_norms", lambda states: None)
+    monkeypatch.setattr(megabatch, "checksum", lambda *args: megabatch.token_norms(None))  # nested: counted once
+    patched = {part: getattr(owner, name) for part, (owner, name) in THREAD_PARTS.items()}
+    cap, ids = Capture.__new__(Capture), torch.zeros(1, 2)
+    acc = Accounting(cpu_clock=lambda: float(next(ticks)))
+
+    def on_a_thread(fn: Callable[[None], None]) -> None:
+        t = threading.Thread(target=fn, args=(None,), name="activault-write_0")
+        t.start()
+        t.join()
+
+    with acc.active():
+        on_a_thread(megabatch.token_norms)  # before the model's first call: not counted
+        cap(ids)
+        on_a_thread(megabatch.token_norms)
+        on_a_thread(megabatch.token_norms)
+        on_a_thread(megabatch.checksum)
+        megabatch.token_norms(None)  # the main thread: its time is the main thread's, not a thread's
+    assert acc.thread_parts == {"norms in encode": 2, "checksums in encode": 1}
+    assert acc.thread_breakdown(10) == {"norms in encode": 0.2, "checksums in encode": 0.1}
+    assert patched == {part: getattr(owner, name) for part, (owner, name) in THREAD_PARTS.items()}  # restored
 
 
 @pytest.mark.s3
@@ -341,3 +393,12 @@ def test_shuffle_benchmark_pairs_a_copy_and_a_shuffle_in_each_repetition(tmp_pat
     for r in got["runs"]:  # memory half the run: several buckets, within the stated bound
         assert r["copy_s"] > 0 and r["shuffle_s"] > 0 and r["buckets"] > 1 and r["peak_tokens"] <= r["bound_tokens"]
     assert not list(tmp_path.glob("activault-bench-*"))  # its run, copies and shuffles removed
+
+
+def test_a_benchmark_records_its_figures_without_git_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's commands need no git (a fresh machine may have none): the stamp says "" instead."""
+    from bench import record
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    got = record.stamp("bench.read", ["--files", "2"])
+    assert (got["commit"], got["dirty"], got["command"]) == ("", False, "python -m bench.read --files 2")

@@ -138,3 +138,54 @@ def test_filtering_snippet_runs_as_written_on_the_demo(
     filtered, text = capsys.readouterr().out.splitlines()[-2:]
     assert scope["train"].filtered["split"] > 0 and scope["train"].filtered["first"] > 0 and "split" in filtered
     assert "[[" in text and "]]" in text  # the token, marked in its document's text
+
+
+def test_the_readme_starts_short() -> None:
+    """Set-up first, then short sections: the long material lives in docs/ (issue 29)."""
+    text = README.read_text()
+    assert len(text.splitlines()) <= 220
+    first = text.index("```bash\n")
+    assert first < text.index("\n## ") and "bash scripts/demo.sh" in text[first : text.index("```\n", first + 1)]
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def links(path: Path) -> list[tuple[Path, str]]:
+    """The targets of a Markdown file's relative links: (file, anchor or "")."""
+    prose = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    found = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", prose):
+        if not re.match(r"[a-z]+://", target):
+            file, _, anchor = target.partition("#")
+            found.append(((path.parent / file).resolve() if file else path, anchor))
+    return found
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/setup.md", "docs/guarantees.md", "docs/benchmarks.md"])
+def test_every_link_of_the_readme_and_its_pages_reaches_a_file_and_heading(page: str) -> None:
+    path = README.parent / page
+    targets = links(path)
+    assert targets
+    for file, anchor in targets:
+        assert file.exists(), f"{page} links to {file}, which does not exist"
+        if anchor:
+            headings = re.findall(r"^#+ (.+)$", re.sub(r"```.*?```", "", file.read_text(), flags=re.S), re.M)
+            assert anchor in {slug(h) for h in headings}, f"{page} links to {file.name}#{anchor}: no such heading"
+
+
+def sentences(text: str) -> set[str]:
+    """The prose sentences of a Markdown text of at least 12 words, whitespace normalised."""
+    prose = re.sub(r"```.*?```", "", text, flags=re.S)
+    prose = "\n".join(line for line in prose.splitlines() if not line.startswith("|"))
+    return {s for s in (" ".join(s.split()) for s in re.split(r"(?<=[.:;])\s", prose)) if len(s.split()) >= 12}
+
+
+def test_no_readme_sentence_is_repeated_in_the_docs() -> None:
+    """What moved to docs/ is said there only: the README summarises and links."""
+    readme = sentences(README.read_text())
+    for page in sorted((README.parent / "docs").glob("*.md")):
+        repeated = readme & sentences(page.read_text())
+        assert not repeated, f"{page.name} repeats the README: {sorted(repeated)}"

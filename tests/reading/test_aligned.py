@@ -101,6 +101,51 @@ def test_token_batches_drop_padding_and_keep_the_runs_together(pair: tuple[Store
     assert bool((torch.cat([g["positions"] for g in got]) >= 0).all())
 
 
+def test_shuffled_token_batches_take_each_files_tokens_stratified(store: Store) -> None:
+    # As TokenLoader's windows: a batch takes at most one token of each `kept // batch_tokens`
+    # neighbours of a file, where a file's uniform permutation put a document's tokens together.
+    run = write_synthetic_run(store, "s", HOOKS, machines=2, files=2, rows=16, documents=True)
+    negated_copy(store, run, "t")
+    a, b, B = store.url("s"), store.url("t"), 32
+    where: dict[bytes, tuple[str, int, int]] = {}  # a token's states -> (its file, index among its kept, kept)
+    for name in run.names:
+        states, pos = run.tensor("h1", names=[name]).reshape(-1, 8), run.tensor("h1", "positions", [name]).reshape(-1)
+        kept = (pos >= 0).nonzero().flatten().tolist()
+        for k, i in enumerate(kept):
+            where[states[i].view(torch.uint8).numpy().tobytes()] = (name, k, len(kept))
+    with AlignedLoader([a, b], HOOKS, batch_tokens=B, shuffle=True, seed=2, return_ids=True) as loader:
+        got = list(loader)
+    assert sum(len(g["input_ids"]) for g in got) == len(where)
+    for g in got:
+        assert torch.equal(g["states"][b]["h1"], -g["states"][a]["h1"])  # one order for both runs
+        spots = [where[row.view(torch.uint8).numpy().tobytes()] for row in g["states"][a]["h1"]]
+        for name in {f for f, _, _ in spots}:
+            strata = [k // max(1, n // B) for f, k, n in spots if f == name]
+            assert len(set(strata)) == len(strata)
+    order = [where[row.view(torch.uint8).numpy().tobytes()][1] for row in got[0]["states"][a]["h1"]]
+    assert order != sorted(order)  # shuffled indeed
+
+
+def test_a_state_of_the_uniform_token_shuffle_resumes_only_at_a_file_boundary(pair: tuple[Store, SynthRun]) -> None:
+    store, _ = pair
+    runs = [store.url("a"), store.url("b")]
+    kw: dict[str, Any] = {"batch_tokens": 10, "shuffle": True, "seed": 3, "return_ids": True}
+    with AlignedLoader(runs, HOOKS, **kw) as first:
+        take(first, 2)
+        mid = first.state_dict()
+    assert mid["offset"] > 0 and mid["shuffle_order"] == "numpy-pcg64-strata"
+    old = {k: v for k, v in mid.items() if k != "shuffle_order"}  # saved by the uniform shuffle of each file
+    with AlignedLoader(runs, HOOKS, **kw) as again, pytest.raises(ConfigError) as e:
+        again.load_state_dict(old)
+    assert "saved mid-file" in str(e.value) and "file boundary (offset 0)" in str(e.value)
+    # At a file boundary no token of the file was taken: resumed as a state of this loader.
+    with AlignedLoader(runs, HOOKS, **kw) as again, AlignedLoader(runs, HOOKS, **kw) as fresh:
+        again.load_state_dict({**old, "file_index": 1, "offset": 0})
+        fresh.load_state_dict({**mid, "file_index": 1, "offset": 0})
+        rest = list(again)
+        assert rest and all(same(x, y) for x, y in zip(rest, list(fresh), strict=True))
+
+
 def test_a_file_whose_ids_differ_is_named(pair: tuple[Store, SynthRun]) -> None:
     store, run = pair
     name = run.names[2]

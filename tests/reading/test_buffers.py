@@ -21,30 +21,23 @@ def own_spare(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(buffers, "PREFAULT_BYTES", 4096)
 
 
-def settled() -> None:
-    """Wait for the background prefaults started so far."""
-    for t in threading.enumerate():
-        if t.name == "activault-prefault":
-            t.join()
-
-
 def test_a_big_buffer_faults_the_next_one_in_off_the_callers_thread() -> None:
     pool = ReadBuffers(keep=3)
     a = pool.bytes(8192)
-    settled()
+    pool.settle()
     assert pool.prefaulted() == 1  # one more, ready before it is asked for
     b = pool.bytes(8192)
-    settled()
+    pool.settle()
     assert b.data_ptr() != a.data_ptr() and pool.prefaulted() == 1  # and the next one
     c = pool.bytes(8192)
-    settled()
+    pool.settle()
     assert pool.prefaulted() == 0 and len({a.data_ptr(), b.data_ptr(), c.data_ptr()}) == 3  # keep=3: no more
 
 
 def test_small_buffers_are_not_faulted_ahead() -> None:
     pool = ReadBuffers(keep=3)
     pool.bytes(64)
-    settled()
+    pool.settle()
     assert pool.prefaulted() == 0
 
 
@@ -81,7 +74,7 @@ def test_tensors_read_into_a_prefaulted_buffer_keep_their_bytes() -> None:
         t = pool.bytes(8192)
         t.fill_(k)
         got.append(t)
-        settled()
+        pool.settle()
     assert [int(t.float().mean()) for t in got] == [0, 1, 2, 3]  # no buffer handed out twice
 
 
@@ -141,3 +134,27 @@ def test_spares_of_several_sizes_hand_out_the_smallest_that_fits() -> None:
     taken = buffers._take_spare(8192)
     assert taken is not None and taken.nbytes == 9000 and buffers.spare_bytes() == 15000
     assert buffers._take_spare(20000) is None  # none within twice the request
+
+
+def test_a_user_holding_two_buffers_of_a_size_gets_no_third_faulted_in_ahead() -> None:
+    # TokenLoader's batches: the consumer holds the last batch while the next is gathered.
+    pool = ReadBuffers(keep=12, ahead=2)
+    held = pool.bytes(8192)
+    pool.settle()
+    assert pool.prefaulted() == 1  # the second batch's, ready before it is asked for
+    ptrs = {held.data_ptr()}
+    for _ in range(6):
+        held = pool.bytes(8192)  # the one before is dropped once this one is handed out
+        pool.settle()
+        ptrs.add(held.data_ptr())
+        assert pool.prefaulted() == 0  # nothing faulted in that the consumer does not need
+    assert len(ptrs) == 2 and len(pool._slots) == 2
+
+
+def test_a_prefault_starts_without_waiting_for_its_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    started: list[str] = []
+    monkeypatch.setattr(threading.Thread, "start", lambda t: started.append(t.name))  # a blocking start()
+    pool = ReadBuffers(keep=3)
+    pool.bytes(8192)
+    pool.settle()
+    assert started == [] and pool.prefaulted() == 1  # faulted in, on a thread the caller never waited for

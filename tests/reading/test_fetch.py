@@ -34,7 +34,7 @@ from activault.vault import megabatch as fmt
 from activault.vault import records
 from support.pagecache import cached_pages, evict
 from support.s3servers import FaultProxy, free_port
-from support.synth import s3_env, write_synthetic_run
+from support.synth import copy_tree, s3_env, write_synthetic_run
 
 
 class Counting(Store):
@@ -168,14 +168,24 @@ class Logging(Counting):
 class Timeline(Counting):
     """A store that logs when each ranged read starts and ends: ("start" | "end", key, offset)."""
 
-    def __init__(self, inner: Store, delay: float = 0.0):
+    def __init__(self, inner: Store, delay: float = 0.0, meet: int = 0):
         super().__init__(inner)
         self.events: list[tuple[str, str, int]] = []
         self.delay, self._lock = delay, threading.Lock()
+        # meet: each read waits (10 s at most) until `meet` reads have started: "read beside each
+        # other" then holds however slowly a loaded machine schedules the threads.
+        self.meet, self._started = meet, threading.Semaphore(0)
 
     def read_into(self, key: str, offset: int, out: memoryview) -> int:
         with self._lock:
             self.events.append(("start", key, offset))
+            starts = sum(e == "start" for e, _, _ in self.events)
+        if starts <= self.meet:
+            if starts == self.meet:
+                for _ in range(self.meet - 1):
+                    self._started.release()
+            else:
+                self._started.acquire(timeout=10)
         time.sleep(self.delay)
         n = super().read_into(key, offset, out)
         with self._lock:
@@ -236,7 +246,7 @@ def test_the_first_file_is_read_alone_before_any_other_is_requested(tmp_path: Pa
 def test_a_first_file_of_one_request_is_read_beside_the_next(tmp_path: Path) -> None:
     # One GET per file: reading the first alone would leave the other workers idle for a whole file.
     run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=3, d=64)
-    logged = Timeline(LocalStore(tmp_path / "r/h", fsync=False, map_reads=False), delay=0.2)
+    logged = Timeline(LocalStore(tmp_path / "r/h", fsync=False, map_reads=False), meet=3)
     assert torch.equal(torch.cat(list(RCache(logged, buffer_size=3, range_size=1 << 30))), run.tensor("h"))
     events = logged.events
     assert [(e, o) for e, _, o in events[:3]] == [("start", 0)] * 3, events  # one request each, all at once
@@ -569,10 +579,12 @@ def test_mapped_files_are_read_in_place_front_to_back_by_their_loading_thread(
         if on_disk:
             assert jobs["read"] > 6 and len(reads) < 6  # some files in ranges on the range workers
             continue
-        assert jobs == {"load": 3}  # no header or range requests: each file read by its load
+        # No header or range requests: each file read by its load (the first on the consumer's thread).
+        assert jobs == {"load": 2}
         assert len(reads) == 6
         for calls in reads.values():  # one thread, consecutive ranges from the header on
-            assert len({t for t, _, _ in calls}) == 1 and calls[0][0].startswith("activault-read")
+            assert len({t for t, _, _ in calls}) == 1
+            assert calls[0][0].startswith("activault-read") or calls[0][0] == threading.current_thread().name
             assert calls[0][1] == 0 and all(prev[2] == nxt[1] for prev, nxt in pairwise(calls))
             assert len(calls) > 2  # the body in several ranges: a stop is seen between them
         first = list(dict.fromkeys(order))[:2]  # the first file's two hooks: read alone, before any other
@@ -756,3 +768,50 @@ def test_a_mapped_local_read_starts_no_range_worker(tmp_path: Path) -> None:
     assert len([n for n in names if n.startswith("activault-read")]) <= 2, names  # one per file in flight
     got = [first, *it]
     assert torch.equal(torch.cat([g["h1"] for g in got]), run.tensor("h1"))
+
+
+def test_a_local_file_read_by_copy_is_split_over_the_cores_in_big_ranges() -> None:
+    for size in (100_000, 64 << 20, (64 << 20) + 300_000):  # 64 MiB of states with its ids: one read
+        assert fetch.local_step(size) >= size and fetch.local_step(size) % 4096 == 0
+    for size in (1 << 36, (1 << 36) + 12_345):  # big files: at most one range per core, whole pages
+        step = fetch.local_step(size)
+        assert step % 4096 == 0 and -(-size // step) == min(os.cpu_count() or 1, size // fetch.LOCAL_RANGE)
+    assert fetch.local_step(1 << 36, 12_345) == 12_345  # the caller's range size wins
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("moto", marks=pytest.mark.s3)])
+def test_local_files_read_by_copy_take_one_request_each_and_s3_ones_parallel_ranges(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    small_ranges: None,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+) -> None:
+    run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=3, d=64)
+    sizes = {name: (tmp_path / "r/h" / name).stat().st_size for name in run.names}
+    if where == "local":  # map_reads=False: the copying path that pinned (CUDA) buffers take too
+        store: Store = LocalStore(tmp_path / "r/h", fsync=False, map_reads=False)
+    else:
+        bucket, env = request.getfixturevalue("moto_bucket"), s3_env(request.getfixturevalue("moto_url"))
+        copy_tree(tmp_path / "r", S3Store(f"s3://{bucket}", env=env), "r")
+        store = S3Store(f"s3://{bucket}/r/h", env=env)
+    requests: Counter[str] = Counter()
+    read = fetch.ObjectReader.read
+
+    def counted(self: fetch.ObjectReader, start: int, out: memoryview, obj: Any = None) -> None:
+        requests[self.key] += 1
+        read(self, start, out, obj)
+
+    monkeypatch.setattr(fetch.ObjectReader, "read", counted)
+    tokens = sum(int((run.files["h"][n]["positions"] >= 0).sum()) for n in run.names)  # padding dropped
+    for reader in (RCache(store), TokenLoader(store, batch_tokens=64, drop_last=False)):
+        requests.clear()
+        got = list(reader)
+        if isinstance(reader, RCache):
+            assert torch.equal(torch.cat(got), run.tensor("h"))
+        else:
+            assert sum(len(b) for b in got) == tokens
+        for name in run.names:
+            # Locally one pread per file (8 parallel ranges each faulted the buffer in: 10x slower);
+            # S3 keeps its ranges (here of 4 KiB), in parallel.
+            assert requests[name] == 1 if where == "local" else requests[name] >= sizes[name] // 4096 > 1, requests

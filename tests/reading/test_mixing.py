@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from activault.errors import ConfigError
-from activault.reading.mixing import allocation, mix_weights, quotas
+from activault.reading.mixing import allocation, feed_strata, mix_weights, quotas
 from activault.reading.tokens import TokenLoader
 from activault.storage import LocalStore, Store
 from activault.storage.s3 import S3Store
@@ -54,6 +54,16 @@ def test_allocation_rounds_as_exact_fractions_do() -> None:
         w = mix_weights(weights, len(weights), 4096, [f"run{i}" for i in range(len(weights))])
         for tokens in [0, 1, 2, 3, 7, 4095, 4096, 10**6 + 1, 2**40 + 3]:
             assert allocation(w, tokens) == reference(w, tokens), (weights, tokens)
+
+
+@pytest.mark.parametrize("weights", [[0.7, 0.3], [0.5, 0.25, 0.25], [1 / 3, 1 / 7, 0.5], [0.99, 0.01]])
+@pytest.mark.parametrize("batch", [100, 256, 4096])
+def test_a_runs_strata_bound_every_quota(weights: list[float], batch: int) -> None:
+    # A batch's share of a run is at most its strata: consecutive tokens of a run's stratified order
+    # that many at a time come from distinct strata (window.py `stratified`).
+    w = mix_weights(weights, len(weights), batch, [f"run{i}" for i in range(len(weights))])
+    most = [max(quotas(w, batch, k)[i] for k in range(500)) for i in range(len(w))]
+    assert all(m <= feed_strata(wi, batch) <= m + 2 for m, wi in zip(most, w, strict=True))
 
 
 def test_weights_are_checked() -> None:
@@ -143,7 +153,7 @@ def test_deterministic_for_a_seed(tmp_path: Path) -> None:
     assert not all(torch.equal(x, y) for x, y in zip(first, other, strict=True))
 
 
-@pytest.mark.parametrize("stop_after", [1, 7, 16, 23])
+@pytest.mark.parametrize("stop_after", [1, 2, 7, 16, 23])
 def test_resume_is_exact(where: tuple[Store, list[Any]], stop_after: int) -> None:
     store, uris = where
     _runs(store)
@@ -175,6 +185,35 @@ def test_resume_refuses_other_weights_and_single_run_states(tmp_path: Path) -> N
         single.load_state_dict(mixed.state_dict())
     with pytest.raises(ConfigError, match="not saved by a mixture of runs"):
         mixed.load_state_dict(single.state_dict())
+
+
+def test_a_state_of_the_old_mixture_order_is_refused_by_name(tmp_path: Path) -> None:
+    _runs(LocalStore(tmp_path, fsync=False))
+    uris = [tmp_path / "a", tmp_path / "b"]
+
+    def make(**kw: Any) -> TokenLoader:
+        return TokenLoader(uris, hooks=["h"], weights=[2, 1], batch_tokens=B, loop=True, seed=9, window=2, **kw)
+
+    first = make()
+    with first:
+        _take(first, 2)
+        mid = first.state_dict()
+    # Each run's windows are stratified, the first drawn as its files arrive, as a lone loader's.
+    assert mid["shuffle"] == "numpy-pcg64-strata" and mid["ramp"] == "first-window"
+    assert any(offset for _, _, offset in mid["mixture"]["runs"])
+    # Saved by the uniform shuffle of windows of 1, 2, 4, ... files: other windows, refused by name.
+    old = {**mid, "shuffle": "numpy-pcg64", "ramp": True}
+    with pytest.raises(ConfigError, match="ramp cut windows of 1, 2, 4, ... files.*start this loader afresh"):
+        make().load_state_dict(old)
+    # ramp=False cut the same windows then: refused mid-window, resumed exactly at window boundaries.
+    with pytest.raises(ConfigError, match="shuffled with 'numpy-pcg64'; this one uses 'numpy-pcg64-strata'"):
+        make(ramp=False).load_state_dict({**old, "ramp": False})
+    runs = [[e, w + 1, 0] for e, w, _ in mid["mixture"]["runs"]]
+    boundary = {**old, "ramp": False, "mixture": {**mid["mixture"], "runs": runs}}
+    again, fresh = make(ramp=False), make(ramp=False)
+    again.load_state_dict(boundary)
+    fresh.load_state_dict({**boundary, "shuffle": "numpy-pcg64-strata"})
+    assert all(torch.equal(x, y) for x, y in zip(_take(again, 12), _take(fresh, 12), strict=True))
 
 
 def test_ranks_read_disjoint_shares(tmp_path: Path) -> None:

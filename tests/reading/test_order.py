@@ -11,14 +11,12 @@ from activault.reading.order import (
     HEAD,
     file_order,
     file_priority,
-    first_file,
     mix_seed,
     next_file_starts,
     position_after,
     range_priority,
     read_ahead,
     request_priority,
-    windows,
 )
 
 BLOCKS = [list(range(8)), list(range(8, 12))]  # two listings: the second appended by sync()
@@ -112,29 +110,6 @@ def test_when_the_next_file_may_start(first: bool, mapped: bool, one_request_eac
     assert next_file_starts(first, mapped, one_request_each) == when
 
 
-def test_windows_end_at_their_last_file_or_where_the_next_window_begins() -> None:
-    files = [(i, f"f{i}") for i in range(7)]
-    assert list(windows(files, 3)) == [(0, ["f0", "f1", "f2"]), (1, ["f3", "f4", "f5"]), (2, ["f6"])]
-    skipped = [(i, f"f{i}") for i in (0, 1, 3, 4, 5, 8)]  # 2 and 6, 7 were bad files
-    assert list(windows(skipped, 3)) == [(0, ["f0", "f1"]), (1, ["f3", "f4", "f5"]), (2, ["f8"])]
-    assert list(windows([], 3)) == []
-
-
-def test_a_window_is_handed_over_before_the_next_file_is_awaited() -> None:
-    seen: list[int] = []
-
-    def files():
-        for i in range(4):
-            seen.append(i)
-            yield i, i
-
-    it = windows(files(), 2)
-    assert next(it) == (0, [0, 1]) and seen == [0, 1]
-
-
 def test_resuming_starts_at_the_saved_window_and_token() -> None:
     assert position_after(3, 5, 10) == (3, 5)  # mid-window: the same window, the next token
     assert position_after(3, 10, 10) == (4, 0)  # its last token: the next window's first
-    assert first_file(4, 3) == 12
-    resumed = [(i, i) for i in range(first_file(2, 3), 9)]
-    assert next(windows(resumed, 3))[0] == 2

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,33 @@ def test_a_files_decode_runs_off_the_consumer_while_the_next_file_is_read(
         got = [item.states[0].clone() for _, item in files]
     assert torch.equal(torch.cat(got), run.tensor("h"))  # decoded exactly
     assert overlapped == [True]
-    assert len(decoders) == 3 and all(n.startswith("activault-read") for n in decoders), decoders
+    # The first file, which the consumer waits for with nothing else in flight, is read and decoded
+    # on its own thread (no hand-off); the next ones off it, while it works on the one before.
+    assert decoders[0] == threading.current_thread().name, decoders
+    assert len(decoders) == 3 and all(n.startswith("activault-read") for n in decoders[1:]), decoders
+
+
+@pytest.mark.parametrize("map_reads", [True, False], ids=["mapped", "read"])
+def test_the_first_file_is_read_on_the_consumers_thread_and_the_next_requested_at_its_turn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, map_reads: bool
+) -> None:
+    run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=4)
+    loads: list[tuple[str, str, int]] = []  # (file, thread, file threads started by then)
+    stream = FileStream(LocalStore(tmp_path / "r/h", fsync=False, map_reads=map_reads), ReadOptions(buffer_size=3))
+    load = stream.load
+
+    def loading(f: Any, *args: Any) -> Any:
+        loads.append((f.name, threading.current_thread().name, files._files.started))
+        return load(f, *args)
+
+    monkeypatch.setattr(stream, "load", loading)
+    with stream.prefetch(0, eager=True) as files:
+        got = [item.states[0].clone() for _, item in files]
+    assert torch.equal(torch.cat(got), run.tensor("h"))
+    first, *rest = loads
+    # The first file: on the consumer's thread, before any file thread was started.
+    assert first == (run.names[0], threading.current_thread().name, 0), loads
+    assert [name for name, _, _ in rest] == run.names[1:] and all(t.startswith("activault-read") for _, t, _ in rest)
 
 
 @pytest.mark.parametrize("reader", ["rcache", "tokens"])
@@ -138,3 +165,26 @@ def test_a_dropped_readers_buffers_serve_the_next_reader_without_waiting_for_gc(
         assert sum(1 for _ in files) > 0  # a Prefetch holds its reader while it reads
     with pytest.raises(ConfigError, match="reader of these files was dropped: keep a reference"):
         make().files.prefetch(0)  # the reader is gone before its files are asked for
+
+
+def test_a_local_first_file_read_by_copy_is_read_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=3)
+    events: list[tuple[str, str]] = []
+    read = fetch.ObjectReader.read
+
+    def logged(self: fetch.ObjectReader, start: int, out: memoryview, obj: Any = None) -> None:
+        name = self.key.rsplit("/", 1)[-1]
+        events.append(("start", name))
+        if name == run.names[0]:
+            time.sleep(0.2)  # a slow first read: a second file read beside it would start meanwhile
+        read(self, start, out, obj)
+        events.append(("end", name))
+
+    monkeypatch.setattr(fetch.ObjectReader, "read", logged)
+    stream = FileStream(LocalStore(tmp_path / "r/h", fsync=False, map_reads=False), ReadOptions(buffer_size=3))
+    with stream.prefetch(0, eager=True) as files:
+        got = [item.states[0].clone() for _, item in files]
+    assert torch.equal(torch.cat(got), run.tensor("h"))
+    # One pread per local file, and the first alone: a second pread would take half the cores.
+    assert events[:2] == [("start", run.names[0]), ("end", run.names[0])], events
+    assert len(events) == 6, events

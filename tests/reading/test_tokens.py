@@ -18,7 +18,9 @@ from test_rcache import tokens, triples
 
 from activault.collection.pipeline import collect
 from activault.errors import ConfigError, DataError
+from activault.reading import buffers as buffers_module
 from activault.reading import window as window_module
+from activault.reading.buffers import ReadBuffers
 from activault.reading.dataset import ActivationDataset
 from activault.reading.options import ReadOptions
 from activault.reading.rcache import RCache
@@ -466,3 +468,31 @@ def test_a_resume_inside_the_first_windows_stages_continues_exactly(run: SynthRu
     assert Counter(flat_tokens(full)) == Counter(
         flat_tokens(list(TokenLoader(tmp_path / "run/h1", ramp=False, **opts)))
     )
+
+
+def test_a_consumer_holding_one_batch_gets_one_batch_buffer_faulted_in_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=3, rows=8, d=64)
+    monkeypatch.setattr(buffers_module, "PREFAULT_BYTES", 4096)  # a batch: 32 tokens x 64 x 2 bytes
+    warmed: list[int] = []
+    warm, take = ReadBuffers._warm, ReadBuffers.bytes
+
+    def counted(pool: ReadBuffers, nbytes: int) -> None:
+        warmed.append(nbytes)
+        warm(pool, nbytes)
+
+    def settled(pool: ReadBuffers, nbytes: int) -> torch.Tensor:
+        got = take(pool, nbytes)
+        pool.settle()  # each pre-fault done before the next request: the count does not race
+        return got
+
+    monkeypatch.setattr(ReadBuffers, "_warm", counted)
+    monkeypatch.setattr(ReadBuffers, "bytes", settled)
+    batches = 0
+    for batch in TokenLoader(tmp_path / "r/h", batch_tokens=32, window=2):
+        held = batch  # held while the next one is gathered, as a training step does  # noqa: F841
+        batches += 1
+    # The second batch's buffer, faulted in ahead; then the two are reused: never a third, which
+    # took the cores from the gather and the consumer (docs/benchmarks.md, third session).
+    assert batches > 3 and warmed == [32 * 64 * 2]

@@ -485,3 +485,26 @@ def test_swap_creates_on_a_filesystem_without_hard_links(local, monkeypatch):
     assert not local.swap("progress/a.json", b"second", None)  # exists: create-if-absent refuses
     assert bytes(local.get("progress/a.json")) == b"first"
     assert sorted(p.name for p in (local.root / "progress").iterdir()) == ["a.json"]  # no temp left
+
+
+def test_opening_a_file_stats_each_part_once_and_the_descriptor_once(local, monkeypatch):
+    # The per-file cost of a mapped read (docs/benchmarks.md, third session): one lstat per folder
+    # on the way and of the file itself, one open, one fstat, and no second fstat for the handle.
+    local.put("run/hook/f.bin", b"x" * 10)
+    calls: list[str] = []
+    for name in ("lstat", "stat", "fstat", "open"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    with local.open("run/hook/f.bin") as obj:
+        assert obj.size == 10
+    assert calls == ["lstat", "lstat", "lstat", "open", "fstat"]
+    calls.clear()
+    assert bytes(local.get("run/hook/f.bin")) == b"x" * 10
+    assert calls == ["lstat", "lstat", "lstat", "open", "fstat"]
+
+
+def test_the_guards_string_paths_are_the_paths_pathlib_gives(tmp_path):
+    for root in (tmp_path / "root", Path("/")):
+        store = LocalStore(root, fsync=False)
+        for key in ("a", "a/b/c.bin", "./a//b/", "", "/"):
+            assert store.path_of(key) == root.joinpath(*[p for p in key.split("/") if p not in ("", ".")])

@@ -49,3 +49,26 @@ def test_the_default_loader_is_within_2x_of_an_ideal_shuffle(tmp_path: Path) -> 
     # The knob: a larger window (more memory) mixes more documents into each batch.
     wider = shuffle_quality(TokenLoader(tmp_path / "run/h1", window=8, **opts), batches=10**6)
     assert wider.ratio < default.ratio
+
+
+def test_a_mixture_is_within_2x_of_an_ideal_shuffle(tmp_path: Path) -> None:
+    # Two runs as above, mixed 1:1 in 256-token batches: each run's windows stratified with the
+    # first drawn as its files arrive, as a lone loader's (their uniform shuffle and the ramp of 1,
+    # 2, 4 files scored 6x the ideal here).
+    local = LocalStore(tmp_path, fsync=False)
+    for name, seed in (("a", 1), ("b", 2)):
+        write_synthetic_run(local, name, ["h1"], machines=2, files=8, rows=64, seq=16, seed=seed)
+    runs = [tmp_path / "a/h1", tmp_path / "b/h1"]
+    opts = dict(batch_tokens=256, return_ids=True, seed=0)
+    mixed = shuffle_quality(TokenLoader(runs, weights=[1, 1], **opts), batches=10**6)
+    assert mixed.batches == 128 and mixed.unmatched == 0 and mixed.ratio <= 2.0
+    # The ideal: a uniform shuffle of each run at the batch's share of it (128 tokens of each here).
+    alone = [shuffle_quality(TokenLoader(r, **opts), batches=1).ideal for r in runs]
+    assert mixed.ideal == pytest.approx(128 * 127 * sum(alone) / (256 * 255))
+    unequal = shuffle_quality(TokenLoader(runs, weights=[0.7, 0.3], **opts), batches=10**6)
+    assert unequal.unmatched == 0 and unequal.ratio <= 2.0
+    # A mixture's reference: one per run, in the order of weights.
+    again = shuffle_quality(TokenLoader(runs, weights=[1, 1], **opts), batches=5, reference=runs)
+    assert again.rate == shuffle_quality(TokenLoader(runs, weights=[1, 1], **opts), batches=5).rate
+    with pytest.raises(ConfigError, match="a mixture of 2 runs needs a list of 2 references, one per run"):
+        shuffle_quality(TokenLoader(runs, weights=[1, 1], **opts), batches=1, reference=runs[0])

@@ -43,6 +43,33 @@ def test_statistics_merge_in_any_split_equals_numpy():
     np.testing.assert_allclose(total.mean_norm, np.linalg.norm(x, axis=1).mean(), rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_cpu_statistics_of_one_batch_equal_numpy_float64_to_the_bit(dtype: torch.dtype) -> None:
+    # The CPU path is numpy's own float64 passes: a batch's mean and variance are numpy's, bit for bit.
+    x = (torch.randn(2048, 96, generator=torch.Generator().manual_seed(0)) * 3 + 0.5).to(dtype)
+    x64 = x.to(torch.float64).numpy()
+    s = RunningStats(96)
+    s.update(x)
+    np.testing.assert_array_equal(s.mean.numpy(), x64.mean(0))
+    np.testing.assert_array_equal(s.var.numpy(), x64.var(0))
+    np.testing.assert_allclose(s.mean_norm, np.linalg.norm(x64, axis=1).mean(), rtol=1e-14)
+
+
+def test_cpu_statistics_equal_the_device_path_with_nan_and_inf_tokens() -> None:
+    # The GPU's torch path, run on CPU tensors: the same counts and histogram, the same sums to 1e-14.
+    x = torch.randn(700, 24, generator=torch.Generator().manual_seed(2)) * 5
+    x[3, 1], x[400, 0], x[699, 5] = float("nan"), float("inf"), -float("inf")
+    cpu, device = RunningStats(24), RunningStats(24)
+    for part in x.split(250):
+        cpu.update(part)
+        device._update_device(part)
+    assert (cpu.count, cpu.nonfinite_tokens) == (device.count, device.nonfinite_tokens) == (697, 3)
+    assert cpu.norm_hist is not None and device.norm_hist is not None
+    assert torch.equal(cpu.norm_hist, device.norm_hist)
+    for a, b in [(cpu.mean, device.mean), (cpu.m2, device.m2), (cpu.norm_sum, device.norm_sum)]:
+        torch.testing.assert_close(a, b, rtol=1e-14, atol=0)
+
+
 def test_statistics_keep_the_within_batch_variance():
     # Two batches with equal means: a running std that forgot the within-batch term would say 0.
     s = RunningStats(1)

@@ -17,7 +17,8 @@ from activault.collection.repair import Damage, stored_tokens
 from activault.config import Config
 from activault.errors import ActivaultError
 from activault.vault.stats import RunningStats
-from activault.vault.writer import RunWriter, StagingBuffers
+from activault.vault.writer import RunWriter
+from activault.vault.writer_threads import StagingBuffers
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,8 @@ a crosscoder's or a model diff's batches, `{run: {hook: states}}`.
 One RCache per run reads the same file names in the same order; each file's token ids and
 positions are checked to agree across runs before it is yielded (a FormatError naming the file
 otherwise), and a shuffle uses the same permutation in every run (it is seeded by the seed, the
-epoch and the file's name, which the runs share). A token filter's or split's masks are joined
+epoch and the file's name, which the runs share): token batches take each file's kept tokens in a
+stratified order, as TokenLoader's windows (window.py `stratified`). A token filter's or split's masks are joined
 (a token dropped in one run is dropped in all), so the runs stay aligned; `state_dict()` resumes
 at the exact file, or token with `batch_tokens`.
 """
@@ -19,8 +20,10 @@ import torch
 from activault.errors import ConfigError, FormatError
 from activault.reading.filters import norm_limits
 from activault.reading.options import ReadOptions, keywords, read_options
+from activault.reading.order import mix_seed
 from activault.reading.rcache import RCache, check_state
 from activault.reading.stream import Source
+from activault.reading.window import STRATIFIED, stratified
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -47,7 +50,9 @@ class AlignedLoader:
             the shared tokens: `{"states": {run: {hook: states}}, "input_ids", ...}`; with a
             `token_filter` or `split`, megabatches also carry `"keep"` ([rows, seq] bool, kept in
             every run).
-        shuffle: permute tokens within each megabatch, by the same permutation in every run.
+        shuffle: permute tokens within each megabatch, by the same permutation in every run; with
+            `batch_tokens`, each file's kept tokens stratified (a batch takes at most one token of
+            each `file tokens / batch_tokens` neighbours, so few pairs of one document).
         batch_tokens: yield token batches `[batch_tokens, d]` instead (padding and filtered tokens
             dropped, an epoch's last batch shorter), cut from the megabatches in order.
         options, **read: ReadOptions fields, as RCache takes them (`seed`, `rank`, `world_size`,
@@ -87,7 +92,11 @@ class AlignedLoader:
         # Megabatches stay whole: a filter's drops are the "keep" mask, yielded with the ids.
         self.return_ids = return_ids or (batch_tokens is None and (spec.active or split is not None))
         self.readers = [
-            RCache(r, hooks=self.hooks, device=device, return_ids=True, shuffle=shuffle, options=opts) for r in runs
+            # Token batches order each file's kept tokens themselves (`_tokens`), from storage order.
+            RCache(
+                r, hooks=self.hooks, device=device, return_ids=True, shuffle=shuffle and not batch_tokens, options=opts
+            )
+            for r in runs
         ]
         # What decides which tokens are kept: a resumed loader's offsets count the same tokens.
         self._kept = {
@@ -139,8 +148,8 @@ class AlignedLoader:
                         f"{self._url(i, name)}: its {key} differ from the first run's ({detail}); {NOT_ALIGNED}"
                     )
 
-    def _files(self) -> Generator[tuple[int, dict[str, Any]], None, None]:
-        """(index in this epoch's order, megabatch) of each file from the loader's position on."""
+    def _files(self) -> Generator[tuple[int, str, dict[str, Any]], None, None]:
+        """(index in this epoch's order, name, megabatch) of each file from the loader's position on."""
         for r in self.readers:
             r.load_state_dict({**r.state_dict(), "epoch": self.epoch, "file_index": self._file})
         order = self._order()
@@ -155,13 +164,13 @@ class AlignedLoader:
                 }
                 if "keep" in items[0]:  # each run's filter (norms differ by run): kept only where all keep
                     mb["keep"] = torch.stack([item["keep"] for item in items]).all(0)
-                yield index, mb
+                yield index, order[index], mb
         finally:
             for it in iters:
                 it.close()  # type: ignore[attr-defined]  # RCache iterates with generators
 
     def _megabatches(self) -> Iterator[dict[str, Any]]:
-        for index, mb in self._files():
+        for index, _, mb in self._files():
             self._file = index + 1
             yield mb
         self.epoch, self._file = self.epoch + 1, 0
@@ -172,30 +181,31 @@ class AlignedLoader:
         assert n is not None
         held: list[dict[str, Any]] = []  # flat pieces not yet yielded: states, ids, their file and start
         count, skip = 0, self._offset
-        for index, mb in self._files():
-            real = (mb["keep"] if "keep" in mb else mb["positions"] >= 0).reshape(-1)
+        for index, name, mb in self._files():
+            kept = (mb["keep"] if "keep" in mb else mb["positions"] >= 0).reshape(-1).nonzero().reshape(-1)
+            if self.shuffle:  # one order for every run: seeded by what they share
+                seed = mix_seed(self.readers[0].seed, self.epoch, "tokens", name)
+                kept = kept[torch.from_numpy(stratified(len(kept), n, seed)).to(kept.device)]
             if skip:  # resumed mid-file: its first `skip` kept tokens were yielded before
-                kept = real.nonzero().reshape(-1)
                 if skip >= len(kept):
                     raise ConfigError(
                         f"AlignedLoader state: field 'offset' is {skip}, not a whole number 0..{max(len(kept) - 1, 0)} "
                         f"(file {index} of epoch {self.epoch} keeps {len(kept)} tokens): the state was saved by a "
                         "loader of other files, or with other filters"
                     )
-                real = real.clone()
-                real[kept[:skip]] = False
+                kept = kept[skip:]
             held.append(
                 {
                     "states": {
-                        run: {h: s.reshape(-1, s.shape[-1])[real].clone() for h, s in hooks.items()}
+                        run: {h: s.reshape(-1, s.shape[-1])[kept] for h, s in hooks.items()}
                         for run, hooks in mb["states"].items()
                     },
-                    **{k: None if mb[k] is None else mb[k].reshape(-1)[real].clone() for k in IDS},
+                    **{k: None if mb[k] is None else mb[k].reshape(-1)[kept] for k in IDS},
                     "file": index,
                     "start": skip,
                 }
             )
-            count += int(real.sum())
+            count += len(kept)
             skip = 0
             while count >= n:
                 batch, held = _cut(held, n)
@@ -228,6 +238,8 @@ class AlignedLoader:
             "world_size": first.world_size,
             "shuffle": self.shuffle,
             "batch_tokens": self.batch_tokens,
+            # How token batches order a file's tokens (absent from states saved by their uniform shuffle).
+            "shuffle_order": STRATIFIED if self.shuffle and self.batch_tokens is not None else None,
             **self._kept,
         }
 
@@ -248,6 +260,14 @@ class AlignedLoader:
         # Megabatches are whole; and at the epoch's end no token is left: only offset 0 can follow.
         whole = self.batch_tokens is None or int(state["file_index"]) == files
         check_state(state, "AlignedLoader", {"offset": (0, 0 if whole else 2**63 - 1)})
+        saved = state.get("shuffle_order")
+        if saved != mine["shuffle_order"] and state["offset"]:
+            raise ConfigError(
+                f"state was saved mid-file by a loader that shuffled each file's tokens with "
+                f"{saved or 'a uniform permutation'}; this one uses {STRATIFIED!r}, so the rest of that file would "
+                "repeat and skip tokens: resume from a state saved at a file boundary (offset 0), or with the "
+                "activault that saved it"
+            )
         self.epoch, self._file, self._offset = epoch, int(state["file_index"]), int(state["offset"])
 
     def finalize(self) -> None:

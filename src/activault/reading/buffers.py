@@ -9,6 +9,7 @@ buffers to the next one in the process (`SPARE_BYTES`).
 
 from __future__ import annotations
 
+import _thread
 import threading
 import weakref
 from dataclasses import dataclass
@@ -90,13 +91,18 @@ class ReadBuffers:
         pin: page-locked memory, for non_blocking copies to CUDA.
         keep: buffers kept for reuse at most.
         recycle: False allocates a new buffer for every request (bench/read.py's `-fresh` readers).
+        ahead: buffers of one size the user holds at once at most (None: `keep`): no more of that
+            size are faulted in ahead (TokenLoader's batches: 2, the one delivered and the next),
+            so no pre-fault the user may never need takes the cores from its work.
     """
 
-    def __init__(self, pin: bool = False, keep: int = 4, recycle: bool = True):
+    def __init__(self, pin: bool = False, keep: int = 4, recycle: bool = True, ahead: int | None = None):
         self.pin, self.keep, self.recycle = pin, keep, recycle
+        self.ahead = keep if ahead is None else ahead
         self._slots: list[_Slot] = []
         self._largest = 0
         self._lock = threading.Lock()
+        self._settled = threading.Condition(self._lock)  # notified when a pre-fault ends
         self._warming = 0  # bytes of the buffer being faulted in (0: none)
         weakref.finalize(self, _retire, self._slots, pin)
 
@@ -132,20 +138,33 @@ class ReadBuffers:
         `keep` are held (called with the lock held)."""
         if self.pin or nbytes < PREFAULT_BYTES or self._warming or len(self._slots) >= self.keep:
             return
-        if any(s.mem.nbytes >= nbytes and s.free() for s in self._slots):
+        fits = [s for s in self._slots if s.mem.nbytes >= nbytes]
+        if len(fits) >= self.ahead or any(s.free() for s in fits):
             return
         self._warming = nbytes
-        threading.Thread(target=self._warm, args=(nbytes,), name="activault-prefault", daemon=True).start()
+        # A bare thread: threading.Thread.start() waits until the new thread runs, a scheduler
+        # slice on busy cores (13-63 ms for TokenLoader's second batch on this project's VM).
+        _thread.start_new_thread(self._warm, (nbytes,))
 
     def _warm(self, nbytes: int) -> None:
-        mem = _take_spare(nbytes)
-        mem = mem if mem is not None else _faulted(nbytes)
-        with self._lock:
-            self._warming = 0
-            if len(self._slots) < self.keep:
-                self._slots.append(_Slot(mem))
-                return
-        _give_spare([mem])  # the stream needed none: the next one may
+        mem: np.ndarray | None = None
+        try:
+            mem = _take_spare(nbytes)
+            mem = mem if mem is not None else _faulted(nbytes)
+        finally:  # failed (out of memory): the request that needs it allocates, and fails, itself
+            with self._lock:
+                self._warming = 0
+                self._settled.notify_all()
+                if mem is not None and len(self._slots) < self.keep:
+                    self._slots.append(_Slot(mem))
+                    mem = None
+        if mem is not None:
+            _give_spare([mem])  # the stream needed none: the next one may
+
+    def settle(self) -> None:
+        """Wait for the pre-fault in flight, if any."""
+        with self._settled:
+            self._settled.wait_for(lambda: not self._warming)
 
     def prefaulted(self) -> int:
         """Buffers faulted in ahead of use and not handed out yet."""

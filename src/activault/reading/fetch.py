@@ -14,6 +14,7 @@ import errno
 import heapq
 import itertools
 import mmap
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from activault.reading.order import range_priority
 from activault.reading.residency import resident
 from activault.storage import Store
 from activault.storage.base import REREADS, ObjectChanged, ObjectHandle, populate
+from activault.storage.local import LocalStore
 from activault.vault import megabatch as fmt
 from activault.vault import records
 
@@ -63,6 +65,22 @@ HEAD_BYTES = 64 << 10
 # Warm pages cost a copy read (~4 GB/s here) against 25+ GB/s mapped, cold ones ~0.8 GB/s mapped
 # beside a gather against ~1.3-1.7 read in parallel: mapping wins from ~70% resident.
 RESIDENT = 0.75
+# A local file the store does not map (`map_reads=False`, pinned buffers for CUDA) is read in ranges
+# of at least LOCAL_RANGE, one per core at most: from the page cache one 64 MiB pread took 40-54 ms
+# into a fresh buffer, 8 parallel 8 MiB ones 450-550 ms each (8 threads faulting one buffer in on
+# 2 cores), and every range is a hand-off to a range worker (docs/benchmarks.md, third session).
+LOCAL_RANGE = 64 << 20
+
+
+def local_step(size: int, range_size: int | None = None) -> int:
+    """Bytes per read of a `size`-byte local file read by copy: `range_size` if set, else the file
+    in one range per whole LOCAL_RANGE it holds, one per core at most (whole pages): a file of 64
+    MiB of states and its header, ids and positions in one read."""
+    if range_size is not None:
+        return range_size
+    ranges = max(1, min(os.cpu_count() or 1, size // LOCAL_RANGE))
+    share = -(-size // ranges)
+    return -(-share // 4096) * 4096
 
 
 def range_workers(size: int, first_byte: float | None = None) -> int:
@@ -210,7 +228,7 @@ class ObjectReader:
         self.step = range_step(size, range_size, self.first_byte.seconds)
         self.expect = expect  # tensor bytes of a full file of this hook (None: unknown)
         self.read_cold = read_cold  # a file the page cache lacks is read, not mapped (RESIDENT)
-        self._local = False  # the store maps it: local storage, whose first byte is no network's
+        self._local = False  # local storage (mapped or not), whose first byte is no network's
         self._whole: torch.Tensor | None = None  # the file, when requested whole with its header
         self._rest: list[Future[Any]] = []  # its other ranges, when requested with the header
         self._map: mmap.mmap | None = None  # the file, when the store maps it
@@ -302,7 +320,15 @@ class ObjectReader:
                 self._map = mapping
                 if mapping is not None:
                     obj.close()  # the mapping holds the version now
+            if self._map is None and not self._local and isinstance(self.store, LocalStore):
+                self._local, self.step = True, local_step(obj.size, self.range_size)  # read by copy
         return self._map is not None
+
+    @property
+    def local(self) -> bool:
+        """The store serves this file locally (mapped or read by copy): no network's first byte,
+        and its reads cost the CPU they share with the reader, not a connection's wait."""
+        return self._local
 
     @property
     def workers(self) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 
 from activault.errors import ConfigError
 from activault.reading.rcache import check_state
-from activault.reading.window import SHUFFLE, STRATIFIED
+from activault.reading.window import STRATIFIED
 
 # The state's `ramp` of a plain loader whose ramp draws its first window as the files arrive (a
 # mixture's runs, and loaders before this one, saved True: windows of 1, 2, 4, ... files).
@@ -56,13 +56,13 @@ def mixture_state(
     mine: Settings, weights: Sequence[Any], batches: int, runs: Sequence[Sequence[int]]
 ) -> dict[str, Any]:
     """A mixture's state: the settings, the weights, the batches so far and each run's position
-    (its runs are shuffled uniformly: mixing.py `Feed`)."""
+    (each run's windows stratified, as a plain loader's: mixing.py `Feed`)."""
     mix = {
         "weights": [str(w) for w in weights],  # exact fractions: the schedule depends on them
         "batches": batches,
         "runs": [list(p) for p in runs],
     }
-    return {**mine.fields(), "shuffle": SHUFFLE, "mixture": mix}
+    return {**mine.fields(), "shuffle": STRATIFIED, "mixture": mix}
 
 
 def load_position(state: Any, mine: Settings, windows: Callable[[int], int]) -> tuple[int, int, int]:
@@ -75,14 +75,20 @@ def load_position(state: Any, mine: Settings, windows: Callable[[int], int]) -> 
     check_state(state, "TokenLoader", {"window": (0, count)})
     # At the epoch's end (window == count) no token is left: only offset 0 can follow.
     check_state(state, "TokenLoader", {"offset": (0, 0 if int(state["window"]) == count else LAST)})
+    _check_shuffle(state, bool(state["offset"]))
+    return epoch, int(state["window"]), int(state["offset"])
+
+
+def _check_shuffle(state: Mapping[str, Any], mid_window: bool) -> None:
+    """A state saved mid-window by another shuffle than this loader's is refused (the rest of that
+    window would repeat and skip tokens); at a window boundary any shuffle resumes exactly."""
     shuffle = state.get("shuffle", "torch-randperm")  # saved before the key existed
-    if shuffle != STRATIFIED and state["offset"]:
+    if shuffle != STRATIFIED and mid_window:
         raise ConfigError(
             f"state was saved mid-window by a loader that shuffled with {shuffle!r}; this one uses "
             f"{STRATIFIED!r}, so the rest of that window would repeat and skip tokens: resume from a "
             "state saved at a window boundary (offset 0), or with the activault that saved it"
         )
-    return epoch, int(state["window"]), int(state["offset"])
 
 
 def load_mixture(
@@ -120,6 +126,8 @@ def load_mixture(
         window = int(check_state(named, owner, {"window": (0, count)})["window"])
         check_state(named, owner, {"offset": (0, 0 if window == count else LAST)})
         positions.append((epoch, window, int(named["offset"])))
+    # A state of the uniform shuffle of each run's window ('numpy-pcg64'): resumable at window boundaries.
+    _check_shuffle(state, any(offset for _, _, offset in positions))
     return batches, positions
 
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 import logging
 import math
 import numbers
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from fractions import Fraction
 from typing import Literal, cast
 
-import numpy as np
 import torch
 
 from activault import dtypes
@@ -25,9 +24,9 @@ from activault.reading.fetch import Workers
 from activault.reading.filters import FilteredFile
 from activault.reading.listing import Prefix, StatesShape
 from activault.reading.options import invalid
-from activault.reading.order import mix_seed, position_after
+from activault.reading.order import position_after
 from activault.reading.stream import FileStream
-from activault.reading.window import Batch, Window, permutation, ramp_windows, window_count, window_start
+from activault.reading.window import Batch, Drawn, drawn_windows, window_count, window_start
 from activault.vault import records
 from activault.vault.stats import check_normalisable, merge_all
 
@@ -107,9 +106,22 @@ def check_mixable(
                 )
 
 
+def feed_strata(weight: Fraction, batch_tokens: int) -> int:
+    """The strata of a run's windows (window.py `stratified`): at least the most tokens a run of
+    `weight` gives one batch, so a batch's share of the run takes at most one token of each."""
+    # A batch's quota is a difference of two allocations, each within one token of its exact share.
+    return min(batch_tokens, math.ceil(batch_tokens * weight) + 1)
+
+
+def _no_ids(items: list[FilteredFile]) -> list[int]:
+    return []  # a mixture's batches carry no file coordinates (return_index is refused)
+
+
 class Feed:
-    """One run of a mixture: its windows, shuffled as a lone TokenLoader's, epoch after epoch
-    without end (an exhausted run restarts its own next epoch, in a new order), `take(n)` at a time.
+    """One run of a mixture: its windows, shuffled as a lone TokenLoader's (`window` files each,
+    stratified, the first drawn as its files arrive with `ramp`: window.py `drawn_windows`), epoch
+    after epoch without end (an exhausted run restarts its own next epoch, in a new order), `take(n)`
+    at a time. `strata`: `feed_strata` of the run's weight.
 
     `position` is (epoch, window, offset) of its next token, what a mixture's state_dict saves.
     """
@@ -120,62 +132,57 @@ class Feed:
         name: str,
         size: int,
         ramp: bool,
+        strata: int,
         position: tuple[int, int, int],
         count: Callable[[dict[str, int]], None],
     ):
-        self.files, self.name, self.size, self.ramp = files, name, size, ramp
+        self.files, self.name, self.size, self.ramp, self.strata = files, name, size, ramp, strata
         self.position, self._count = position, count
-        self._windows: Generator[tuple[int, int, Window, np.ndarray, int], None, None] | None = None
-        self._win: Window | None = None
-        self._perm = np.empty(0, np.int64)
-        self._at = self._w = self._epoch = 0
+        self._stages: Generator[tuple[int, Drawn], None, None] | None = None
+        self._d: Drawn | None = None
+        self._at = self._epoch = 0
 
     def done(self, epoch: int) -> bool:
         """Whether every token of `epoch` has been taken."""
         e, w, _ = self.position
-        return e > epoch or (e == epoch and w >= window_count(len(self.files.order(e)), self.size, self.ramp))
+        return e > epoch or (e == epoch and w >= window_count(len(self.files.order(e)), self.size, False))
 
     def take(self, batch: Batch, n: int, gatherers: Workers | None) -> None:
         """Gather this run's next `n` tokens into `batch` (at `batch.filled`)."""
         while n:
-            if self._win is None or self._at == self._win.n:
-                self._win = None  # let go of the used window before the next is assembled
-                if self._windows is None:
-                    self._windows = self._iterate()
-                self._epoch, self._w, self._win, self._perm, self._at = next(self._windows)
-            take = min(n, self._win.n - self._at)
-            self._win.gather(self._perm[self._at : self._at + take], batch, gatherers)
+            if self._d is None or self._at == self._d.order.size:
+                self._d = None  # let go of the used window before the next is assembled
+                if self._stages is None:
+                    self._stages = self._iterate()
+                self._epoch, self._d = next(self._stages)
+                self._at = self._d.start
+                continue  # a stage may be empty, or passed over whole by a resumed offset
+            d = self._d
+            take = min(n, d.order.size - self._at)
+            d.win.gather(d.order[self._at : self._at + take], batch, gatherers)
             self._at += take
             n -= take
-            self.position = (self._epoch, *position_after(self._w, self._at, self._win.n))
+            at = d.done + self._at  # an incomplete window has tokens left past `at`
+            self.position = (self._epoch, *position_after(d.w, at, d.win.n if d.complete else at + 1))
 
     def close(self) -> None:
-        self._win = None
-        if self._windows is not None:
-            self._windows.close()
+        self._d = None
+        if self._stages is not None:
+            self._stages.close()
 
-    def _iterate(self) -> Generator[tuple[int, int, Window, np.ndarray, int], None, None]:
+    def _iterate(self) -> Generator[tuple[int, Drawn], None, None]:
         epoch, start, skip = self.position
+        seed = self.files.seed
         while True:
             taken = 0
             fresh = start == 0 and skip == 0
-            with self.files.prefetch(epoch, window_start(start, self.size, self.ramp), eager=True) as files:
-                for w, items in ramp_windows(files, self.size, self.ramp):
-                    win = Window(cast(list[FilteredFile], items))  # FilteredFile: TokenLoader's transform
-                    del items
-                    self._count(win.dropped)
-                    if skip and skip >= win.n:
-                        raise ConfigError(
-                            f"TokenLoader state: {self.name}'s offset is {skip}, not a whole number "
-                            f"0..{max(win.n - 1, 0)} (window {w} of epoch {epoch} holds {win.n} tokens): the state "
-                            "was saved by a loader of other files, or with other filters"
-                        )
-                    taken += win.n - skip
-                    perm = permutation(win.n, mix_seed(self.files.seed, epoch, "window", w))
-                    yield epoch, w, win, perm, skip
-                    skip = 0
-                    del perm
-                    del win
+            with self.files.prefetch(epoch, window_start(start, self.size, False), eager=True) as files:
+                kept = cast(Iterable[tuple[int, FilteredFile]], files)  # FilteredFile: TokenLoader's transform
+                stages = drawn_windows(kept, self.size, self.ramp, self.strata, seed, epoch, skip, _no_ids, self._count)
+                for d in stages:
+                    taken += d.order.size - d.start
+                    yield epoch, d
+                    del d  # free this window before the next one is assembled
             if taken == 0 and fresh:
                 raise ConfigError(
                     f"an epoch of {self.name} holds no tokens (rank {self.files.rank} of {self.files.world_size}): "

@@ -1,14 +1,15 @@
 """Which file a reader reads next, and which of its requests go first: small pure functions.
 
-FileStream and Prefetch (stream.py) ask these, then read the bytes (fetch.py); TokenLoader cuts its
-windows with them. Nothing here does I/O: tests/reading/test_order.py checks each decision alone.
+FileStream and Prefetch (stream.py) ask these, then read the bytes (fetch.py); TokenLoader resumes
+at `position_after` (its windows: window.py). Nothing here does I/O: tests/reading/test_order.py
+checks each decision alone.
 """
 
 from __future__ import annotations
 
 import random
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import Literal, TypeVar
 
 T = TypeVar("T")
@@ -89,34 +90,7 @@ def next_file_starts(first: bool, mapped: bool, one_request_each: bool) -> NextS
     return "read" if first and not one_request_each else "queued"
 
 
-def windows(files: Iterable[tuple[int, T]], size: int) -> Iterator[tuple[int, list[T]]]:
-    """(window index, its items) of (file index, item) pairs in order, `size` files a window.
-
-    A window is complete at its last file (not once the next one arrives); a window whose last
-    files are missing (skipped as bad, or the epoch's end) ends where the next window's file is.
-    """
-    items: list[T] = []
-    w = -1
-    for index, item in files:
-        if items and index // size != w:  # the window's last file was skipped as bad
-            yield w, items
-            items = []
-        w = index // size
-        items.append(item)
-        del item
-        if index % size == size - 1:
-            yield w, items
-            items = []  # dropped before the next file is awaited
-    if items:
-        yield w, items
-
-
 def position_after(window: int, taken: int, tokens: int) -> tuple[int, int]:
     """(window, offset) of the next token once `taken` of a window's `tokens` are used: what a
     TokenLoader's state_dict() resumes from."""
     return (window, taken) if taken < tokens else (window + 1, 0)
-
-
-def first_file(window: int, size: int) -> int:
-    """The index of a window's first file (in the epoch's order): where a resumed loader starts."""
-    return window * size

@@ -94,6 +94,22 @@ def _weak(transform: Transform) -> tuple[Transform, weakref.WeakMethod[Any] | No
     return call, ref
 
 
+class _Then(threading.Event):
+    """An event that calls `then` once, on the thread that first sets it."""
+
+    def __init__(self, then: Callable[[], None]):
+        super().__init__()
+        self._then: Callable[[], None] | None = then
+        self._once = threading.Lock()
+
+    def set(self) -> None:
+        super().set()
+        with self._once:
+            then, self._then = self._then, None
+        if then is not None:
+            then()
+
+
 def _close(stop: threading.Event, pools: list[Workers]) -> None:
     stop.set()
     for p in pools:
@@ -258,7 +274,10 @@ class FileStream:
         asked: list[Future[tuple[memoryview, fmt.Header | None]]] = []
         try:
             mapped = all(r.open(self.buffers) for r in readers)  # mapped: read in place on this thread
-            when = next_file_starts(alone, mapped, all(r.size <= r.step for r in readers))
+            # A local file of one request is read alone first all the same: its pread takes the
+            # cores a second file's would share (first batch 2x later), no connection sits idle.
+            one_each = all(r.size <= r.step and not r.local for r in readers)
+            when = next_file_starts(alone, mapped, one_each)
             if mapped:
                 if when == "now":
                     queued.set()
@@ -364,6 +383,11 @@ class Prefetch(Iterator[tuple[int, LoadedFile]]):
             while the consumer works (TokenLoader holds a whole window); else one of them starts on
             the next request, and a consumer holds buffer_size files at most (RCache).
 
+    A file asked for while none is in flight (the first) is read on the caller's thread, and the
+    files after it are requested once it lets them start (order.next_file_starts): a file thread's
+    start and the caller's wake-up were hand-offs of a scheduler slice each on busy cores, and the
+    others' thread starts came before the first file's first byte.
+
     A bad file raises (FormatError or StorageError naming it) unless the stream skips bad files.
     `close()` stops the threads; so does dropping the iterator, and interpreter exit (the threads
     are stopped before modules are torn down, so an abandoned iterator never prints at exit).
@@ -378,32 +402,59 @@ class Prefetch(Iterator[tuple[int, LoadedFile]]):
                 "while its files are read (`loader = TokenLoader(...)`, then `loader.files.prefetch(...)`)"
             )
         self._next = start
-        self._pending: deque[tuple[int, Future[LoadedFile]]] = deque()
+        # (index, its load, its arguments when the caller's thread is to run it, else None)
+        self._pending: deque[tuple[int, Future[LoadedFile], tuple[Any, ...] | None]] = deque()
+        self._lock = threading.Lock()  # _refill runs on the caller's thread and where a first file lets the next start
         self._queued: threading.Event | None = None  # set once the last file started has its requests queued
         self._stop = threading.Event()
         self._files = Workers(stream.buffer_size, "activault-read")
         self._ranges = Workers(1, "activault-range")  # grown to each file's ranges (fetch.range_workers)
         self._closer = weakref.finalize(self, _close, self._stop, [self._files, self._ranges])
 
-    def _refill(self) -> None:
+    def _refill(self, here: bool = False) -> None:
         # The files of the read-ahead plan start together and take turns to queue their first
         # requests (`turn`: order.next_file_starts says when the next one may), so a later file's
         # first range, which can be a whole range of its bytes, queues behind an earlier file's.
-        order = self.stream.order(self.epoch)  # re-read: sync() may have appended files
-        for i in read_ahead(self._next, len(self._pending), len(order), self.stream.buffer_size):
-            turn = (self._queued, threading.Event())
-            self._queued = turn[1]
-            args = (order[i], self.epoch, i, self._ranges, self._stop, turn)
-            self._pending.append((i, self._files.submit(file_priority(i), self.stream.load, *args)))
-            self._next = i + 1
+        # `here`: the caller waits for the next file: with none in flight, it reads that one itself
+        # and the rest are requested when that file's turn lets the next start.
+        with self._lock:
+            order = self.stream.order(self.epoch)  # re-read: sync() may have appended files
+            for i in read_ahead(self._next, len(self._pending), len(order), self.stream.buffer_size):
+                if here and not self._pending:
+                    turn: tuple[threading.Event | None, threading.Event] = (self._queued, _Then(self._refill))
+                    args = (order[i], self.epoch, i, self._ranges, self._stop, turn)
+                    self._queued, self._next = turn[1], i + 1
+                    self._pending.append((i, Future(), args))
+                    return
+                turn = (self._queued, threading.Event())
+                self._queued = turn[1]
+                args = (order[i], self.epoch, i, self._ranges, self._stop, turn)
+                self._pending.append((i, self._files.submit(file_priority(i), self.stream.load, *args), None))
+                self._next = i + 1
+
+    def _take(self) -> tuple[int, Future[LoadedFile]] | None:
+        """The next file's index and load (run here if it is this thread's to read), or None at the end."""
+        with self._lock:
+            if not self._pending:
+                return None
+            index, future, args = self._pending[0]
+        if args is not None and future.set_running_or_notify_cancel():
+            try:  # still pending meanwhile: the files it lets start count it as in flight
+                future.set_result(self.stream.load(*args))
+            except BaseException as e:  # noqa: BLE001 - raised below, as a file thread's would be
+                future.set_exception(e)
+        with self._lock:
+            self._pending.popleft()
+        return index, future
 
     def __next__(self) -> tuple[int, LoadedFile]:
         while True:
-            self._refill()
-            if not self._pending:
+            self._refill(here=True)
+            taken = self._take()
+            if taken is None:
                 self.close()
                 raise StopIteration
-            index, future = self._pending.popleft()
+            index, future = taken
             try:
                 item = future.result()
             except (FormatError, StorageError) as e:

@@ -30,7 +30,16 @@ from activault.reading.loader_state import (
     mixture_state,
     position_state,
 )
-from activault.reading.mixing import NORMALIZE, Feed, Normalize, check_mixable, mix_weights, norm_params, quotas
+from activault.reading.mixing import (
+    NORMALIZE,
+    Feed,
+    Normalize,
+    check_mixable,
+    feed_strata,
+    mix_weights,
+    norm_params,
+    quotas,
+)
 from activault.reading.options import (
     ReadArgs,
     ReadOptions,
@@ -122,8 +131,7 @@ class TokenLoader(Reader):
         ramp: draw each epoch's first window as its files arrive (the first batch after one
             file's read: max(a file's tokens // window, batch_tokens) tokens a file from those
             loaded, the rest once the window is complete; those first batches mix fewer files);
-            False: wait for the whole window. A mixture's runs (weights=) cut windows of 1, 2, 4,
-            ... files instead.
+            False: wait for the whole window. A mixture's runs (weights=) draw theirs the same way.
         drop_last: drop an epoch's last batch when it is short (`dropped_tokens` counts them);
             False yields it.
         loop: epochs without end, each in a new order (file order and windows seeded with the
@@ -238,6 +246,11 @@ class TokenLoader(Reader):
         )
 
     @property
+    def run_files(self) -> list[FileStream]:
+        """Each run's files, in the order of `weights` (one run without weights)."""
+        return list(self._runs)
+
+    @property
     def bad_files(self) -> int:
         return sum(r.bad_files for r in self._runs)
 
@@ -317,7 +330,7 @@ class TokenLoader(Reader):
         B = self.batch_tokens
         # Staged in pinned memory for CUDA (the device normalises); 4: a consumer may hold the last
         # batch while the next is gathered.
-        buffers = ReadBuffers(self._pin, keep=4 * (2 + len(self._norm)), recycle=self.files.buffers.recycle)
+        buffers = self._batch_buffers()
         epoch, start, skip = self.epoch, self._window, self._offset
         batch: Batch | None = None  # filled across windows (and epochs, with loop): tokens stay in place
         while True:
@@ -369,16 +382,26 @@ class TokenLoader(Reader):
                 B,
             )
 
+    def _batch_buffers(self) -> ReadBuffers:
+        """Recycled buffers for the batches: a consumer holds the last batch while the next is gathered,
+        so two batches' buffers (states, and their normalised copies) are faulted in ahead, no more."""
+        per_batch = len(self._norm) * (1 if self.dtype is None else 2)
+        return ReadBuffers(
+            self._pin, keep=4 * (2 + len(self._norm)), recycle=self.files.buffers.recycle, ahead=2 * per_batch
+        )
+
     def _mixture(self, gatherers: Workers | None) -> Generator[Any, None, None]:
         """A mixture's batches: batch k takes `quotas(k)` tokens of each run, in run order, each run
         from its own shuffled windows (restarting its own epoch when exhausted)."""
         assert self.weights is not None
-        buffers = ReadBuffers(self._pin, keep=4 * (2 + len(self._norm)), recycle=self.files.buffers.recycle)
+        buffers = self._batch_buffers()
         rows = [(s.d_model, s.dtype) for s in cast(list[StatesShape], self.shapes)]  # check_mixable: known
 
         names = [self._run_name(r) for r in self._runs]
+        strata = [feed_strata(w, self.batch_tokens) for w in self.weights]
         feeds = [
-            Feed(r, names[i], self.window, self.ramp, self._positions[i], self._count) for i, r in enumerate(self._runs)
+            Feed(r, names[i], self.window, self.ramp, strata[i], self._positions[i], self._count)
+            for i, r in enumerate(self._runs)
         ]
         try:
             # loop=False: the batches end once every run has been read whole (epoch 0) at least once.
@@ -402,12 +425,11 @@ class TokenLoader(Reader):
         return position_state(self._settings(), self.epoch, self._window, self._offset)
 
     def _settings(self) -> Settings:
-        # A mixture's runs cut windows of 1, 2, 4, ... files (ramp True); the plain loader draws its
-        # first window as the files arrive.
+        # The ramp draws an epoch's first window as the files arrive (a mixture's runs too).
         return Settings(
             seed=self.seed,
             window=self.window,
-            ramp=PROGRESSIVE if self.ramp and self.weights is None else self.ramp,
+            ramp=PROGRESSIVE if self.ramp else self.ramp,
             batch_tokens=self.batch_tokens,
             drop_nonfinite=self.drop_nonfinite,
             token_filter=self.token_filter.describe(),
@@ -422,7 +444,7 @@ class TokenLoader(Reader):
         is read: its kept tokens are known only then). A mixture's state has each run's position
         (loader_state.py)."""
         if self.weights is not None or (isinstance(state, Mapping) and "mixture" in state):
-            windows = [partial(self._windows, r, self.ramp) for r in self._runs]
+            windows = [partial(self._windows, r, False) for r in self._runs]
             self._mixed, self._positions = load_mixture(state, self._settings(), self.weights, windows)
             return
         # The plain loader's ramp cuts no windows.

@@ -4,7 +4,7 @@ Navigation by name or listing number (`#3`: a bare `3` is always a name), `cat`,
 confirmation, `filecount`, `sizecheck`, `inspect`; readline history across sessions; `> file` after a
 command writes its output there. Names holding control characters are printed escaped (repr) and
 accepted in that form. Every store access goes through `Store`; a bad command prints a one-line hint,
-never a traceback.
+never a traceback. The checks `filecount` and `sizecheck` print are `shell_checks.py`'s.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import os
 import re
 import shlex
 import sys
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -25,9 +24,9 @@ from activault.storage.base import join
 from activault.storage.uri import is_s3
 from activault.tools.inspection import Tokenizers, foreign, inspect_file, parent, printable
 from activault.tools.output import unwritable, write_whole
+from activault.tools.shell_checks import filecount, sizecheck
 from activault.units import human_bytes
-from activault.vault.megabatch import is_megabatch, megabatch_files
-from activault.vault.records import parse_file_name, read_metadata
+from activault.vault.megabatch import is_megabatch
 
 CAT_LIMIT = 1 << 20  # `cat` refuses files above 1 MB: megabatches are for `inspect`
 HELP = {  # command: (usage, what it does)
@@ -74,27 +73,6 @@ def default_root(env: dict[str, str] | None = None) -> str:
             "S3_BUCKET_NAME is not set; export it, or pass --root URI (s3://BUCKET[/PREFIX] or a local folder)"
         )
     return bucket if is_s3(bucket) else f"s3://{bucket}"
-
-
-def megabatch_sizes(entries: list[Entry]) -> tuple[int | None, list[tuple[str, int, str]]]:
-    """The common size of megabatches and those that differ: (name, size, why)."""
-    mb = megabatch_files(entries)
-    if not mb:
-        return None, []
-    common = Counter(mb.values()).most_common(1)[0][0]
-    last: dict[int, str] = {}
-    for n in mb:
-        p = parse_file_name(n)
-        if p:
-            last[p[0]] = max(last.get(p[0], n), n)
-    odd = []
-    for n, s in mb.items():
-        if s == common:
-            continue
-        p = parse_file_name(n)
-        partial = s < common and p is not None and last.get(p[0]) == n
-        odd.append((n, s, "last file of its machine (partial)" if partial else "odd size"))
-    return common, odd
 
 
 class Shell:
@@ -329,59 +307,12 @@ class Shell:
         self.say(f"deleted {len(entries)} files")
 
     def do_filecount(self, args: list[str]) -> None:
-        dirs, files = self.listing()
-        if not dirs:
-            self.say(f"no subfolders; {len(files)} files here")
-            return
-        counts: dict[str, tuple[int, int, set[str]]] = {}
-        for d in dirs:
-            entries = self.store.list(join(self.cwd, d) + "/")
-            names = set(megabatch_files(entries))
-            counts[d] = (len(entries), len(names), names)
-        compared = {d: c for d, c in counts.items() if c[1]}
-        common = Counter(c[1] for c in compared.values()).most_common(1)[0][0] if compared else 0
-        union = set().union(*(c[2] for c in compared.values())) if compared else set()
-        for d, (n_all, n_mb, names) in counts.items():
-            line = f"{printable(d) + '/':<40} {n_all:>6} files  {n_mb:>6} megabatches"
-            if d in compared and (n_mb != common or names != union):
-                missing = sorted(union - names)
-                line += f"  ❌ differs (expected {common})"
-                if missing:
-                    line += f"; missing {', '.join(map(printable, missing[:3]))}" + (" ..." if len(missing) > 3 else "")
+        for line in filecount(self.store, self.cwd, *self.listing()):
             self.say(line)
 
     def do_sizecheck(self, args: list[str]) -> None:
-        dirs, files = self.listing()
-        folders = [(self.cwd, files)] + [(join(self.cwd, d), self.store.list_dir(join(self.cwd, d))[1]) for d in dirs]
-        found = False
-        for key, entries in folders:
-            common, odd = megabatch_sizes(entries)
-            if common is None:
-                continue
-            found = True
-            n = len(megabatch_files(entries))
-            where = printable(key[len(self.cwd) :].strip("/") or ".")
-            try:
-                meta = read_metadata(self.store, key)
-            except ActivaultError:
-                meta = None
-            codec = meta.compression.get("codec", "none") if meta else "none"
-            if codec != "none":  # compressed files differ in size by nature
-                sizes = megabatch_files(entries).values()
-                self.say(
-                    f"{where + '/':<40} {n:>6} megabatches of {human_bytes(min(sizes))} to {human_bytes(max(sizes))} "
-                    f"({codec}-compressed: sizes vary; `activault verify` checks them)"
-                )
-                continue
-            self.say(
-                f"{where + '/':<40} {n:>6} megabatches of {human_bytes(common)}"
-                + ("" if not odd else f"  ({len(odd)} differ)")
-            )
-            for name, size, why in odd:
-                mark = "⚠️ " if why.startswith("last") else "❌"
-                self.say(f"    {mark} {printable(name)}  {human_bytes(size)}  {why}")
-        if not found:
-            self.say("no megabatches here or one level down")
+        for line in sizecheck(self.store, self.cwd, *self.listing()):
+            self.say(line)
 
     def do_inspect(self, args: list[str]) -> None:
         kind, key = self.pick(self.need(args, "inspect #N|NAME"))

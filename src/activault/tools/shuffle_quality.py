@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -17,6 +18,7 @@ from activault.reading.listing import Catalog
 from activault.reading.stream import Source
 from activault.reading.tokens import TokenLoader
 from activault.reading.window import same_source_pairs, uniform_same_source_pairs
+from activault.storage import Store
 from activault.vault.megabatch import decode
 from activault.vault.records import parse_file_name
 
@@ -29,7 +31,7 @@ class Quality:
     batches: int
     tokens: int
     rate: float  # mean over the batches of `same_source_pairs`
-    ideal: float  # `uniform_same_source_pairs` of the reference's sources
+    ideal: float  # an ideal uniform shuffle's rate (`uniform_same_source_pairs`; a mixture's: each run's)
     unmatched: int = 0  # batch tokens whose stored bytes occur in several sources (left out)
 
     @property
@@ -50,8 +52,8 @@ def _keys(states: Sequence[torch.Tensor], ids: torch.Tensor, pos: torch.Tensor) 
 
 
 def _sources(catalog: Catalog, by: str, drop_below: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(keys, source ids) of each file's delivered tokens, in name order: a document starts where
-    positions restart (a position that does not follow the previous token's), or each file is one."""
+    """(keys, source ids from 0) of each file's delivered tokens, in name order: a document starts
+    where positions restart (a position that does not follow the previous token's), or each file is one."""
     doc, prev, machine = -1, -2, None
     for fi, f in enumerate(sorted((r for block in catalog.blocks for r in block), key=lambda r: (r.source, r.name))):
         prefix = catalog.prefixes[f.source]
@@ -78,6 +80,21 @@ def _sources(catalog: Catalog, by: str, drop_below: int) -> Iterator[tuple[np.nd
         yield keys[keep], src[keep]
 
 
+def _references(loader: TokenLoader, reference: Source | Sequence[Source] | None) -> list[Catalog]:
+    """The catalog of each run whose documents the loader's tokens are matched to."""
+    runs = loader.run_files
+    if reference is None:
+        return [r.catalog for r in runs]
+    if loader.weights is None:
+        return [Catalog(reference, hooks=loader.hooks)]
+    if isinstance(reference, str | Path | Store) or len(reference) != len(runs):
+        raise ConfigError(
+            f"reference={reference!r}: a mixture of {len(runs)} runs needs a list of {len(runs)} references, "
+            "one per run (a source, or a list of its prefixes), in the order of weights"
+        )
+    return [Catalog(r, hooks=loader.hooks) for r in reference]
+
+
 def shuffle_quality(
     loader: TokenLoader,
     batches: int,
@@ -89,7 +106,9 @@ def shuffle_quality(
 
     Tokens are matched to their source by their stored bytes, so the loader must deliver them as
     stored (`return_ids=True`, no normalisation or dtype). Documents are those of `reference`
-    (default the loader's own files): give the source run for a run written by `activault shuffle`.
+    (default the loader's own files): give the source run for a run written by `activault shuffle`,
+    and for a mixture (weights=) one reference per run. A mixture's ideal is a uniform shuffle of
+    each run at the batch's share of it: sum over runs of n_i (n_i - 1) x run i's ideal, over n (n - 1).
     """
     if not loader.return_ids or loader.dtype is not None:
         raise ConfigError(
@@ -98,6 +117,7 @@ def shuffle_quality(
         )
     if batches < 1:
         raise ConfigError(f"batches={batches}: pass a whole number >= 1")
+    catalogs = _references(loader, reference)
     seen: list[np.ndarray] = []
     for i, batch in enumerate(loader):
         st = batch["states"]
@@ -105,24 +125,33 @@ def shuffle_quality(
         seen.append(_keys(states, batch["input_ids"], batch["positions"]))
         if i + 1 == batches:
             break
-    catalog = loader.files.catalog if reference is None else Catalog(reference, hooks=loader.hooks)
     wanted = np.unique(np.concatenate(seen))
-    where: dict[bytes, int] = {}
+    where: dict[bytes, int] = {}  # a token's stored bytes -> its source (ids unique over the runs)
     ambiguous: set[bytes] = set()
-    counts: dict[int, int] = {}
-    for keys, src in _sources(catalog, by, loader.drop_below):
-        ids, n = np.unique(src, return_counts=True)
-        for s, c in zip(ids.tolist(), n.tolist(), strict=True):
-            counts[s] = counts.get(s, 0) + c
-        hit = np.isin(keys, wanted)
-        for k, s in zip(keys[hit].tolist(), src[hit].tolist(), strict=True):
-            if where.setdefault(k, s) != s:
-                ambiguous.add(k)
-    rates, unmatched, tokens = [], 0, 0
+    run_of: list[int] = []  # each source's run
+    counts: list[list[int]] = [[] for _ in catalogs]  # each run's tokens per source
+    for run, catalog in enumerate(catalogs):
+        base = len(run_of)
+        for keys, local in _sources(catalog, by, loader.drop_below):
+            src = local + base
+            ids, n = np.unique(src, return_counts=True)
+            for s, c in zip(ids.tolist(), n.tolist(), strict=True):
+                while len(run_of) <= s:
+                    run_of.append(run)
+                    counts[run].append(0)
+                counts[run][s - base] += c
+            hit = np.isin(keys, wanted)
+            for k, s in zip(keys[hit].tolist(), src[hit].tolist(), strict=True):
+                if where.setdefault(k, s) != s:
+                    ambiguous.add(k)
+    uniform = np.array([uniform_same_source_pairs(np.array(c)) for c in counts])
+    rates, ideals, unmatched, tokens = [], [], 0, 0
     for keys in seen:
-        found = [where[k] for k in keys.tolist() if k in where and k not in ambiguous]
-        unmatched += keys.size - len(found)
+        found = np.array([where[k] for k in keys.tolist() if k in where and k not in ambiguous], np.int64)
+        unmatched += keys.size - found.size
         tokens += keys.size
-        rates.append(same_source_pairs(np.array(found)))
-    ideal = uniform_same_source_pairs(np.array(list(counts.values())))
-    return Quality(by, len(seen), tokens, float(np.mean(rates)), ideal, unmatched)
+        rates.append(same_source_pairs(found))
+        per_run = np.bincount(np.array(run_of, np.int64)[found], minlength=len(catalogs)).astype(np.float64)
+        pairs = found.size * (found.size - 1)
+        ideals.append(float((per_run * (per_run - 1) * uniform).sum() / pairs) if pairs else 0.0)
+    return Quality(by, len(seen), tokens, float(np.mean(rates)), float(np.mean(ideals)), unmatched)

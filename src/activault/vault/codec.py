@@ -21,11 +21,9 @@ file header says about them (dtype, shape, chunk table) is the megabatch format'
 from __future__ import annotations
 
 import math
-import os
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import FIRST_EXCEPTION, Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,6 +32,8 @@ import torch
 import zstandard
 
 from activault.errors import ConfigError, FormatError
+from activault.vault.codec_pool import Threads as Threads
+from activault.vault.codec_pool import map_range
 
 Compression = Literal["none", "zstd", "fp8"]
 CODEC_VERSION = 1
@@ -188,72 +188,6 @@ def _compress_chunk(x: torch.Tensor, codec: Codec, scratch: _Scratch) -> bytes:
     return zstandard.ZstdCompressor(level=codec.level, write_checksum=True).compress(payload.data)
 
 
-# Threads: an explicit count (a pool for that call), an executor, or None for the process-wide pool.
-Threads = int | Executor | None
-
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-_worker = threading.local()  # `busy` on the codec's own threads: nested work runs inline there
-
-
-def _mark_worker() -> None:
-    _worker.busy = True
-
-
-def _forget_pool() -> None:
-    """In a forked child: the parent's threads are not there, so a new pool is started on demand."""
-    global _pool
-    _pool = None
-
-
-def cores() -> int:
-    """The cores this process may run on."""
-    affinity = getattr(os, "sched_getaffinity", None)
-    return len(affinity(0)) if affinity is not None else os.cpu_count() or 1
-
-
-def decode_pool() -> Executor:
-    """The process-wide codec pool, one thread per core, started on first use.
-
-    Every decode and compress without an explicit `threads` shares it, so chunks of several files
-    (a reader's hooks, the next file decoding while another is fetched) queue on the same cores
-    instead of each call starting threads of its own. Submit whole-file decodes to it freely:
-    codec work started on its threads runs inline there instead of waiting on the pool.
-    """
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            if not hasattr(_forget_pool, "registered"):
-                os.register_at_fork(after_in_child=_forget_pool)
-                _forget_pool.registered = True  # type: ignore[attr-defined]
-            _pool = ThreadPoolExecutor(cores(), thread_name_prefix="activault-codec", initializer=_mark_worker)
-        return _pool
-
-
-def _map(fn: Callable[[int], object], n: int, threads: Threads) -> list[object]:
-    """fn(0..n-1) on `threads` (see `Threads`); returns only once no call is left running.
-
-    The first error (in index order) is re-raised after the others finished or were cancelled:
-    a caller's buffer is never written to after this returns, even on an error.
-    """
-    if n <= 1 or threads == 1 or getattr(_worker, "busy", False):
-        return [fn(i) for i in range(n)]
-    if isinstance(threads, int):
-        with ThreadPoolExecutor(min(n, threads), "activault-codec", initializer=_mark_worker) as own:
-            return _map(fn, n, own)
-    pool = decode_pool() if threads is None else threads
-    futures: list[Future[object]] = [pool.submit(fn, i) for i in range(n)]
-    done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-    if pending and any(f.exception() is not None for f in done):
-        for f in pending:
-            f.cancel()
-        wait(pending)
-    for f in futures:
-        if not f.cancelled() and f.exception() is not None:
-            raise f.exception()  # type: ignore[misc]
-    return [f.result() for f in futures]
-
-
 def compress(t: torch.Tensor, codec: Codec, threads: Threads = None) -> tuple[list[bytes], int]:
     """`t: [..., d]` (contiguous, CPU) as zstd frames, one per chunk of whole tokens; and tokens per chunk."""
     if t.device.type != "cpu" or not t.is_contiguous():
@@ -264,7 +198,9 @@ def compress(t: torch.Tensor, codec: Codec, threads: Threads = None) -> tuple[li
     flat = t.reshape(tokens, width)  # [tokens, d]
     per = codec.chunk_tokens(width, t.element_size())
     scratch = _Scratch()
-    frames = _map(lambda i: _compress_chunk(flat[i * per : (i + 1) * per], codec, scratch), -(-tokens // per), threads)
+    frames = map_range(
+        lambda i: _compress_chunk(flat[i * per : (i + 1) * per], codec, scratch), -(-tokens // per), threads
+    )
     return frames, per  # type: ignore[return-value]
 
 
@@ -316,7 +252,7 @@ def decompress_into(
     """Decode the frames in `blob` (their `sizes` in order) into `out: [..., d]`, the original dtype and shape.
 
     Each chunk is decoded straight into its rows of `out` (through one reused per-thread scratch
-    of the frame's payload), on `threads`: by default the process-wide `decode_pool()`.
+    of the frame's payload), on `threads`: by default the process-wide `codec_pool.decode_pool()`.
 
     Args:
         where: names the file and tensor in errors, e.g. "s3://b/run/hook/m00000-000003.safetensors 'states'".
@@ -330,7 +266,7 @@ def decompress_into(
         rows = flat[i * chunk_tokens : (i + 1) * chunk_tokens]
         _decode_chunk(mv[starts[i] : starts[i + 1]], i, starts[i], rows, codec, _decode_scratch, where)
 
-    _map(chunk, len(sizes), threads)
+    map_range(chunk, len(sizes), threads)
     return out
 
 
@@ -338,7 +274,7 @@ def decode_chunk(frame: bytes | bytearray | memoryview, packed: Packed, i: int, 
     """Decode chunk `i` alone, from its frame's bytes (`packed.spans()[i]` of the blob), into its rows of `out`.
 
     For a reader that decodes chunks as their ranges arrive, e.g. by submitting this to
-    `decode_pool()`; `out` is the whole decoded tensor (`packed.dtype`, `packed.shape`).
+    `codec_pool.decode_pool()`; `out` is the whole decoded tensor (`packed.dtype`, `packed.shape`).
     """
     if out.dtype != packed.dtype or list(out.shape) != list(packed.shape) or not out.is_contiguous():
         raise ValueError(f"out must be a contiguous {packed.dtype} tensor of shape {packed.shape}")
