@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.record import stamp
+from bench.record import run_writer, stamp
 
 OUT = Path(__file__).parent / "out" / "mixing.jsonl"
 SEQ = 1024
@@ -54,25 +54,11 @@ def write_runs(store: Any, files: int, rows: int, d: int) -> None:
     """Runs `one` (every file), `a` (the first half) and `b` (the second), the same tensors."""
     import torch
 
-    from activault.vault import records
     from activault.vault.stats import RunningStats
     from activault.vault.writer import RunWriter
 
     def writer(run: str) -> RunWriter:
-        md = records.hook_metadata(
-            run_name=run,
-            hook="hook",
-            d_model=d,
-            dtype=torch.bfloat16,
-            seq_length=SEQ,
-            rows_per_file=rows,
-            batch_size=rows,
-            batches_per_upload=1,
-            model="bench",
-        )
-        w = RunWriter(store, records.RunRecord(run_name=run, hooks=["hook"], num_runs=1), {"hook": md})
-        w.join()
-        return w
+        return run_writer(store, run, d, rows, SEQ)
 
     one, halves = writer("one"), [writer("a"), writer("b")]
     stats = {w: {"hook": RunningStats(d)} for w in (one, *halves)}  # each run's, as collect keeps them

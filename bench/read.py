@@ -38,7 +38,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.record import stamp
+from bench.record import run_writer, stamp
 
 OUT = Path(__file__).parent / "out" / "read.jsonl"
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,26 +93,11 @@ def write_files(store: Any, n: int, rows: int, d: int) -> None:
     import torch
 
     from activault.vault import codec as codecs
-    from activault.vault import records
     from activault.vault.stats import RunningStats
     from activault.vault.writer import RunWriter
 
     def writer(run: str, codec: codecs.Codec | None) -> RunWriter:
-        md = records.hook_metadata(
-            run_name=run,
-            hook="hook",
-            d_model=d,
-            dtype=torch.bfloat16,
-            seq_length=SEQ,
-            rows_per_file=rows,
-            batch_size=rows,
-            batches_per_upload=1,
-            model="bench",
-        )
-        record = records.RunRecord(run_name=run, hooks=["hook"], num_runs=1)
-        w = RunWriter(store, record, {"hook": md}, codec=codec)
-        w.join()
-        return w
+        return run_writer(store, run, d, rows, SEQ, codec)
 
     writers = [writer("run", None), writer("zrun", codecs.from_config("zstd"))]
     stats = {"hook": RunningStats(d)}  # as collect records them: a record without them reads as damaged

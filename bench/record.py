@@ -1,4 +1,5 @@
-"""What every benchmark's JSON line says about where it ran: date, commit, command, machine."""
+"""What the benchmarks share: the stamp of each JSON line (date, commit, command, machine) and the
+writer of their one-hook synthetic runs."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ import os
 import shlex
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from activault.storage import Store
+    from activault.vault.codec import Codec
+    from activault.vault.writer import RunWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,3 +37,26 @@ def stamp(module: str, argv: list[str]) -> dict[str, Any]:
         "command": shlex.join(["python", "-m", module, *argv]),
         "cpus": os.cpu_count(),
     }
+
+
+def run_writer(store: Store, run: str, d: int, rows: int, seq: int, codec: Codec | None = None) -> RunWriter:
+    """A joined RunWriter of a run with one hook, "hook", of bfloat16 [rows, seq, d] files."""
+    import torch
+
+    from activault.vault import records
+    from activault.vault.writer import RunWriter
+
+    md = records.hook_metadata(
+        run_name=run,
+        hook="hook",
+        d_model=d,
+        dtype=torch.bfloat16,
+        seq_length=seq,
+        rows_per_file=rows,
+        batch_size=rows,
+        batches_per_upload=1,
+        model="bench",
+    )
+    w = RunWriter(store, records.RunRecord(run_name=run, hooks=["hook"], num_runs=1), {"hook": md}, codec=codec)
+    w.join()
+    return w
