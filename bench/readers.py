@@ -141,8 +141,8 @@ def raw_gather(files: Iterator[memoryview], window: int, batch_tokens: int) -> I
     (np.take per file and batch, split over the same threads as TokenLoader's)."""
     import numpy as np
 
-    from activault.reading.fetch import Workers
     from activault.reading.window import GATHER_THREADS, take_rows
+    from activault.reading.workers import Workers
     from activault.vault import megabatch as fmt
 
     rng = np.random.default_rng(0)

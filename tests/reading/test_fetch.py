@@ -670,23 +670,7 @@ def test_an_object_overwritten_between_ranges_is_read_again_whole(
     assert torch.equal(got[0], run.files["h"][run.names[0]]["states"]) and torch.equal(got[1], states)
 
 
-# ---- threads and ranges in flight ----
-
-
-def test_workers_start_threads_only_as_jobs_need_them() -> None:
-    workers = fetch.Workers(4, "activault-test")
-    assert workers.started == 0  # none before the first job
-    assert workers.submit((0,), lambda: 1).result() == 1 and workers.started == 1
-    assert workers.submit((0,), lambda: 2).result() == 2 and workers.started == 1  # the idle one took it
-    gate = threading.Event()
-    futures = [workers.submit((0,), gate.wait, 30) for _ in range(6)]
-    assert workers.started == 4  # one per waiting job, up to the bound
-    workers.grow(6)
-    assert workers.started == 6
-    gate.set()
-    assert all(f.result() for f in futures)
-    workers.close()
-    assert not [t for t in threading.enumerate() if t.name.startswith("activault-test")]
+# ---- ranges in flight ----
 
 
 def test_ranges_in_flight_grow_with_the_file_and_its_first_byte() -> None:

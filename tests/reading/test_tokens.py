@@ -32,6 +32,7 @@ from activault.tools.context import token_context
 from activault.vault import codec as codecs
 from activault.vault import records
 from activault.vault.runs import merge_run_statistics
+from activault.vault.stats import RunningStats
 from activault.vault.writer import RunWriter
 from support.collecting import make_cfg
 from support.synth import SynthRun, as_stats_version_1, s3_env, write_synthetic_run
@@ -380,15 +381,17 @@ def write_compressed_run(store: LocalStore, run: str, files: int) -> SynthRun:
     writer.join()
     out = SynthRun(run, ["h"], [], {"h": {}})
     g = torch.Generator().manual_seed(3)
+    stats = {"h": RunningStats(8)}
     for k in range(files):
         states = torch.randn(4, 16, 8, generator=g).to(torch.bfloat16)
         ids = torch.randint(0, 1000, (4, 16), generator=g, dtype=torch.int32)
         pos = torch.arange(16, dtype=torch.int32).expand(4, 16).contiguous()
-        writer.write_file({"h": states}, ids, pos, tokens=64, data_state={}, stats={})
+        stats["h"].update(states.reshape(-1, 8))
+        writer.write_file({"h": states}, ids, pos, tokens=64, data_state={}, stats=stats)
         name = records.file_name(0, k)
         out.names.append(name)
         out.files["h"][name] = {"states": states, "input_ids": ids, "positions": pos}
-    writer.finish({}, {})
+    writer.finish({}, stats)
     return out
 
 

@@ -263,7 +263,7 @@ def test_a_writer_that_does_not_describe_one_run_is_refused(tmp_path):
         RunWriter(store, record, {**metadata, "h2": metadata["h1"]})
     with pytest.raises(ConfigError, match=r"machine 2 is not in 0..1 \(num_runs\)"):
         RunWriter(store, record, metadata, 2)
-    RunWriter(store, record, metadata, 1).finish(None, {})
+    RunWriter(store, record, metadata, 1).finish(None, {h: RunningStats(D) for h in HOOKS})
     with pytest.raises(ConfigError, match="was written with num_runs=2, not 3"):
         RunWriter(store, record.model_copy(update={"num_runs": 3}), metadata, 1)
 
@@ -302,3 +302,16 @@ def test_synthetic_runs_are_whole_runs_whose_records_validate(tmp_path):
         assert read_metadata(store, f"run/{h}").rows_per_file == 4
         stats = read_statistics(store, f"run/{h}")
         assert stats.machines == [0, 1] and stats.mean == synth.stats[h].mean.tolist()
+
+
+def test_a_finished_record_without_every_hooks_statistics_is_refused_before_anything_is_written(tmp_path):
+    """It would read as damaged, with advice to collect the machine again."""
+    store = LocalStore(tmp_path, fsync=False)
+    record, metadata = run_specs()
+    writer = RunWriter(store, record, metadata)
+    writer.join()
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match=r"every hook's statistics; none for \['h2'\]"):
+        writer.finish(None, {"h1": RunningStats(D)})
+    writer.abort()
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before

@@ -20,13 +20,13 @@ import torch
 
 from activault import dtypes
 from activault.errors import ConfigError, NotFoundError
-from activault.reading.fetch import Workers
 from activault.reading.filters import FilteredFile
 from activault.reading.listing import Prefix, StatesShape
 from activault.reading.options import invalid
 from activault.reading.order import position_after
 from activault.reading.stream import FileStream
 from activault.reading.window import Batch, Drawn, drawn_windows, window_count, window_start
+from activault.reading.workers import Workers
 from activault.vault import records
 from activault.vault.stats import check_normalisable, merge_all
 

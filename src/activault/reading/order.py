@@ -1,6 +1,6 @@
 """Which file a reader reads next, and which of its requests go first: small pure functions.
 
-FileStream and Prefetch (stream.py) ask these, then read the bytes (fetch.py); TokenLoader resumes
+FileStream (stream.py) and Prefetch (prefetch.py) ask these, then read the bytes (fetch.py); TokenLoader resumes
 at `position_after` (its windows: window.py). Nothing here does I/O: tests/reading/test_order.py
 checks each decision alone.
 """

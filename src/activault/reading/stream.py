@@ -4,17 +4,15 @@
 hook), orders them per epoch, seed and rank (order.py), and reads them (fetch.py): each file's
 header checked before its bytes are used (a file bigger than its hook's metadata allows: before any
 tensor byte is requested), its body by parallel ranged reads into a recycled buffer, decoded in
-place (`megabatch.decode`: the tensors are views of that buffer). `Prefetch` is the bounded
-read-ahead; its threads stop on `close()`, when it is dropped, and at interpreter exit.
+place (`megabatch.decode`: the tensors are views of that buffer). `prefetch()` reads ahead
+(prefetch.py); `Reader` is the base of both readers.
 """
 
 from __future__ import annotations
 
 import inspect
 import threading
-import warnings
 import weakref
-from collections import deque
 from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -25,19 +23,13 @@ from typing import Any
 import torch
 
 from activault import dtypes
-from activault.errors import ConfigError, FormatError, StorageError
-from activault.reading.fetch import FirstByte, ObjectReader, ReadBuffers, Stopped, Workers
+from activault.errors import ConfigError, FormatError
+from activault.reading.fetch import FirstByte, ObjectReader, ReadBuffers
 from activault.reading.listing import Catalog, FileRef, Prefix, StatesShape
 from activault.reading.options import ReadOptions
-from activault.reading.order import (
-    BODY,
-    HEAD,
-    file_order,
-    file_priority,
-    next_file_starts,
-    read_ahead,
-    request_priority,
-)
+from activault.reading.order import BODY, HEAD, file_order, next_file_starts, request_priority
+from activault.reading.prefetch import Prefetch
+from activault.reading.workers import Stopped, Workers
 from activault.storage import Store
 from activault.storage.base import REREADS, ObjectChanged
 from activault.vault import megabatch as fmt
@@ -92,28 +84,6 @@ def _weak(transform: Transform) -> tuple[Transform, weakref.WeakMethod[Any] | No
         return method(*args, f, epoch, item, **kwargs)
 
     return call, ref
-
-
-class _Then(threading.Event):
-    """An event that calls `then` once, on the thread that first sets it."""
-
-    def __init__(self, then: Callable[[], None]):
-        super().__init__()
-        self._then: Callable[[], None] | None = then
-        self._once = threading.Lock()
-
-    def set(self) -> None:
-        super().set()
-        with self._once:
-            then, self._then = self._then, None
-        if then is not None:
-            then()
-
-
-def _close(stop: threading.Event, pools: list[Workers]) -> None:
-    stop.set()
-    for p in pools:
-        p.close()
 
 
 class FileStream:
@@ -178,9 +148,15 @@ class FileStream:
             self._order_cache = (key, order)
         return self._order_cache[1]
 
-    def prefetch(self, epoch: int, start: int = 0, eager: bool = False) -> Prefetch:
+    def prefetch(self, epoch: int, start: int = 0, eager: bool = False) -> Prefetch[LoadedFile]:
         """The files of `epoch` from index `start` on, read ahead (see Prefetch)."""
-        return Prefetch(self, epoch, start, eager)
+        owner = self.owner()  # the reader, kept while its files are read (its method is `transform`)
+        if owner is None and self._owner is not None:
+            raise ConfigError(
+                "the reader of these files was dropped: keep a reference to the RCache or TokenLoader "
+                "while its files are read (`loader = TokenLoader(...)`, then `loader.files.prefetch(...)`)"
+            )
+        return Prefetch(self, epoch, start, eager, keep=owner)
 
     def owner(self) -> Any:
         """The reader whose method `transform` is (None: none, or it is gone)."""
@@ -373,110 +349,6 @@ class FileStream:
         elif pos.shape != states.shape[:2]:
             raise FormatError(f"{url}: 'positions' has shape {list(pos.shape)}, expected {list(states.shape[:2])}")
         return states, ids, pos
-
-
-class Prefetch(Iterator[tuple[int, LoadedFile]]):
-    """(index in the epoch's order, LoadedFile) from file `start` on, `buffer_size` files read ahead.
-
-    Args:
-        eager: start the next reads before returning a file, so `buffer_size` files are in flight
-            while the consumer works (TokenLoader holds a whole window); else one of them starts on
-            the next request, and a consumer holds buffer_size files at most (RCache).
-
-    A file asked for while none is in flight (the first) is read on the caller's thread, and the
-    files after it are requested once it lets them start (order.next_file_starts): a file thread's
-    start and the caller's wake-up were hand-offs of a scheduler slice each on busy cores, and the
-    others' thread starts came before the first file's first byte.
-
-    A bad file raises (FormatError or StorageError naming it) unless the stream skips bad files.
-    `close()` stops the threads; so does dropping the iterator, and interpreter exit (the threads
-    are stopped before modules are torn down, so an abandoned iterator never prints at exit).
-    """
-
-    def __init__(self, stream: FileStream, epoch: int, start: int, eager: bool):
-        self.stream, self.epoch, self.eager = stream, epoch, eager
-        self._owner = stream.owner()  # the reader, kept while its files are read (FileStream's transform)
-        if self._owner is None and stream._owner is not None:
-            raise ConfigError(
-                "the reader of these files was dropped: keep a reference to the RCache or TokenLoader "
-                "while its files are read (`loader = TokenLoader(...)`, then `loader.files.prefetch(...)`)"
-            )
-        self._next = start
-        # (index, its load, its arguments when the caller's thread is to run it, else None)
-        self._pending: deque[tuple[int, Future[LoadedFile], tuple[Any, ...] | None]] = deque()
-        self._lock = threading.Lock()  # _refill runs on the caller's thread and where a first file lets the next start
-        self._queued: threading.Event | None = None  # set once the last file started has its requests queued
-        self._stop = threading.Event()
-        self._files = Workers(stream.buffer_size, "activault-read")
-        self._ranges = Workers(1, "activault-range")  # grown to each file's ranges (fetch.range_workers)
-        self._closer = weakref.finalize(self, _close, self._stop, [self._files, self._ranges])
-
-    def _refill(self, here: bool = False) -> None:
-        # The files of the read-ahead plan start together and take turns to queue their first
-        # requests (`turn`: order.next_file_starts says when the next one may), so a later file's
-        # first range, which can be a whole range of its bytes, queues behind an earlier file's.
-        # `here`: the caller waits for the next file: with none in flight, it reads that one itself
-        # and the rest are requested when that file's turn lets the next start.
-        with self._lock:
-            order = self.stream.order(self.epoch)  # re-read: sync() may have appended files
-            for i in read_ahead(self._next, len(self._pending), len(order), self.stream.buffer_size):
-                if here and not self._pending:
-                    turn: tuple[threading.Event | None, threading.Event] = (self._queued, _Then(self._refill))
-                    args = (order[i], self.epoch, i, self._ranges, self._stop, turn)
-                    self._queued, self._next = turn[1], i + 1
-                    self._pending.append((i, Future(), args))
-                    return
-                turn = (self._queued, threading.Event())
-                self._queued = turn[1]
-                args = (order[i], self.epoch, i, self._ranges, self._stop, turn)
-                self._pending.append((i, self._files.submit(file_priority(i), self.stream.load, *args), None))
-                self._next = i + 1
-
-    def _take(self) -> tuple[int, Future[LoadedFile]] | None:
-        """The next file's index and load (run here if it is this thread's to read), or None at the end."""
-        with self._lock:
-            if not self._pending:
-                return None
-            index, future, args = self._pending[0]
-        if args is not None and future.set_running_or_notify_cancel():
-            try:  # still pending meanwhile: the files it lets start count it as in flight
-                future.set_result(self.stream.load(*args))
-            except BaseException as e:  # noqa: BLE001 - raised below, as a file thread's would be
-                future.set_exception(e)
-        with self._lock:
-            self._pending.popleft()
-        return index, future
-
-    def __next__(self) -> tuple[int, LoadedFile]:
-        while True:
-            self._refill(here=True)
-            taken = self._take()
-            if taken is None:
-                self.close()
-                raise StopIteration
-            index, future = taken
-            try:
-                item = future.result()
-            except (FormatError, StorageError) as e:
-                if not self.stream.skip_bad_files:
-                    self.close()
-                    raise
-                self.stream.unreadable += 1
-                warnings.warn(f"skipping a bad file: {e}", stacklevel=2)
-                continue
-            if self.eager:
-                self._refill()
-            return index, item
-
-    def close(self) -> None:
-        """Stop reading ahead now and wait for the threads to end."""
-        self._closer()
-
-    def __enter__(self) -> Prefetch:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class Reader:

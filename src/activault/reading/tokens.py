@@ -19,7 +19,7 @@ import torch
 from activault.errors import ConfigError
 from activault.reading.batches import Delivery
 from activault.reading.device import check_device
-from activault.reading.fetch import ReadBuffers, Workers
+from activault.reading.fetch import ReadBuffers
 from activault.reading.filters import FILTERS, FilteredFile, TokenMask, norm_limits
 from activault.reading.listing import StatesShape
 from activault.reading.loader_state import (
@@ -59,6 +59,7 @@ from activault.reading.window import (
     window_count,
     window_start,
 )
+from activault.reading.workers import Workers
 from activault.storage import Store
 
 if TYPE_CHECKING:

@@ -20,9 +20,9 @@ import torch
 from numpy.random import PCG64
 
 from activault.errors import ConfigError
-from activault.reading.fetch import Workers
 from activault.reading.filters import FILTERS, FilteredFile
 from activault.reading.order import mix_seed
+from activault.reading.workers import Workers
 
 T = TypeVar("T")
 

@@ -345,7 +345,11 @@ class RunWriter:
 
     def finish(self, data_state: dict[str, Any] | None, stats: Mapping[str, RunningStats]) -> list[int]:
         """After every queued file and record: the finished record, then statistics merged over the
-        finished machines (returned). LockedError, and nothing written, if the machine was taken over."""
+        finished machines (returned). LockedError, and nothing written, if the machine was taken over;
+        ValueError, and nothing written, without every hook's statistics (a finished record lacking
+        them reads as damaged)."""
+        if missing := [h for h in self.record.hooks if h not in stats]:
+            raise ValueError(f"a finished machine's record needs every hook's statistics; none for {missing}")
         writer = self._background()
         writer.flush()
         record = self._record(self.files, self.rows, self.tokens, data_state, stats, finished=True)
