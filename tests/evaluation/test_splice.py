@@ -40,18 +40,18 @@ def test_model_inputs_without_documents_cut_at_position_jumps() -> None:
     assert rows.labels.tolist() == [[1, IGNORE, 3, IGNORE]]
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: absolute positions, so they must be the collected ones
-@pytest.mark.parametrize("where", ["local", pytest.param("moto", marks=pytest.mark.s3)])
-def test_stored_rows_run_again_give_the_stored_states(collected_arch, arch, where, request) -> None:
-    model_dir, root = collected_arch(arch)
+def _store(root, where, request):
+    """The collected run's store: the local folder, or a copy of it on moto."""
     if where == "local":
-        store = LocalStore(root.parent)
-    else:
-        env = s3_env(request.getfixturevalue("moto_url"))
-        store = S3Store(f"s3://{request.getfixturevalue('moto_bucket')}", env=env)
-        for p in root.rglob("*"):
-            if p.is_file():
-                store.put(f"run/{p.relative_to(root)}", [memoryview(p.read_bytes())])
+        return LocalStore(root.parent)
+    env = s3_env(request.getfixturevalue("moto_url"))
+    store = S3Store(f"s3://{request.getfixturevalue('moto_bucket')}", env=env)
+    copy_tree(root, store, "run")
+    return store
+
+
+def _run_stored(model_dir, store, split: Split | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the hook's states, [rows, seq] real-token mask) of the stored rows run through the model again."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     (spec,) = resolve_hooks(model, [HOOK])
     seen: list[torch.Tensor] = []
@@ -62,45 +62,35 @@ def test_stored_rows_run_again_give_the_stored_states(collected_arch, arch, wher
 
     pieces = []
     with torch.no_grad(), Splice(model, spec, record):
-        for rows in stored_rows(store, f"run/{HOOK}", None):
+        for rows in stored_rows(store, f"run/{HOOK}", None, split):
             mask = attention_inputs(model, rows.segment_ids)  # collection's packed mask
             model(input_ids=rows.input_ids, position_ids=rows.position_ids, attention_mask=mask, use_cache=False)
             pieces.append(rows.segment_ids > 0)
+    return torch.cat(seen), torch.cat(pieces)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # gpt2: absolute positions, so they must be the collected ones
+@pytest.mark.parametrize("where", ["local", pytest.param("moto", marks=pytest.mark.s3)])
+def test_stored_rows_run_again_give_the_stored_states(collected_arch, arch, where, request) -> None:
+    model_dir, root = collected_arch(arch)
+    seen, pieces = _run_stored(model_dir, _store(root, where, request))
     stored = load_hook(root, HOOK)
     real = stored["positions"] >= 0
     assert int((~real).sum()) > 0 and int((stored["positions"][:, 0] > 0).sum()) > 0  # padding, continued rows
-    assert torch.equal(torch.cat(pieces), real)
-    assert torch.allclose(torch.cat(seen)[real], stored["states"][real], atol=1e-5, rtol=1e-4)
+    assert torch.equal(pieces, real)
+    assert torch.allclose(seen[real], stored["states"][real], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("where", ["local", pytest.param("moto", marks=pytest.mark.s3)])
 def test_a_splits_documents_run_alone_give_their_stored_states(collected, in_split, where, request) -> None:
     model_dir, root = collected
-    if where == "local":
-        store = LocalStore(root.parent)
-    else:
-        env = s3_env(request.getfixturevalue("moto_url"))
-        store = S3Store(f"s3://{request.getfixturevalue('moto_bucket')}", env=env)
-        copy_tree(root, store, "run")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    (spec,) = resolve_hooks(model, [HOOK])
-    seen: list[torch.Tensor] = []
-
-    def record(x: torch.Tensor) -> torch.Tensor:
-        seen.append(x.clone())
-        return x
-
-    pieces = []
-    with torch.no_grad(), Splice(model, spec, record):
-        for rows in stored_rows(store, f"run/{HOOK}", None, Split("test", 0.3, 0)):
-            mask = attention_inputs(model, rows.segment_ids)
-            model(input_ids=rows.input_ids, position_ids=rows.position_ids, attention_mask=mask, use_cache=False)
-            pieces.append(rows.segment_ids > 0)
+    store = _store(root, where, request)
+    seen, pieces = _run_stored(model_dir, store, Split("test", 0.3, 0))
     test, stored = in_split(root, HOOK, "test", 0.3), load_hook(root, HOOK)
     some = test.any(1)  # rows holding only the other side's documents are not run
-    assert 0 < int(some.sum()) < len(some) and torch.equal(torch.cat(pieces), test[some])
+    assert 0 < int(some.sum()) < len(some) and torch.equal(pieces, test[some])
     # the other documents left out, the kept ones compute what collection stored for them
-    states = torch.cat(seen)[torch.cat(pieces)]
+    states = seen[pieces]
     assert torch.allclose(states, stored["states"][test], atol=1e-5, rtol=1e-4)
     # max_tokens counts the split's tokens: the rows up to the one that reaches 100 of them
     few = torch.cat([r.segment_ids for r in stored_rows(store, f"run/{HOOK}", 100, Split("test", 0.3, 0))]) > 0
