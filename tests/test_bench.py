@@ -32,7 +32,8 @@ def test_read_benchmark_appends_one_json_line_of_figures_from_every_new_mode(tmp
     run_bench(
         "bench.read",
         *("--files", "2", "--mib", "1", "--d", "256", "--reps", "1", "--window", "2", "--batch-tokens", "512"),
-        *("--stores", "local,proxy", "--cache", "warm", "--readers", "tokens-read,rcache-zstd,original"),
+        *("--stores", "local,proxy", "--cache", "warm"),
+        *("--readers", "tokens-read,tokens-read-again,rcache-zstd,original"),
         *("--cap-mbps", "200", "--first-byte-ms", "1", "--json", str(out)),
         tmp_path=tmp_path,
     )
@@ -44,6 +45,7 @@ def test_read_benchmark_appends_one_json_line_of_figures_from_every_new_mode(tmp
     for name in (  # every figure whose two cases ran
         "TokenLoader map_reads=False / (pread + gather), page cache",
         "TokenLoader map_reads=False first batch / one file pread",
+        "TokenLoader map_reads=False, warm buffers / (pread + gather), page cache",
         "RCache zstd / decode limit, page cache",
         "RCache zstd / RCache raw run, page cache",
         "RCache zstd / raw reads of the raw run, throttled S3",
@@ -52,7 +54,8 @@ def test_read_benchmark_appends_one_json_line_of_figures_from_every_new_mode(tmp
     ):
         assert len(figures[name]["ratios"]) == 1 and figures[name]["ratios"][0] > 0, name
     rows = {(r["store"], r["reader"]): r for r in got["readers"]}
-    assert len(got["runs"]) == 11  # only the cases asked for and their baselines
+    assert len(got["runs"]) == 12  # only the cases asked for and their baselines
+    assert got["touch_ms_per_mib"] > 0  # what a fresh buffer costs here, which -again leaves out
     assert rows[("local", "raw-one")]["resident_before"] == [pytest.approx(1, abs=0.05)]  # warm, checked
     assert rows[("proxy", "rcache")]["gets"][0] > 0 and rows[("proxy", "rcache")]["upstream_ms_per_get"][0] > 0
     assert not any("env" in r for r in got["runs"])  # no credentials in the record
@@ -90,6 +93,20 @@ def test_cold_runs_start_from_evicted_files_and_warm_ones_from_cached_ones(tmp_p
     warm = child({**case, "cache": "warm", "cold": False})
     assert cold["resident_before"] < 0.05 and warm["resident_before"] > 0.95
     assert cold["bytes"] == warm["bytes"] > 2 * SEQ * 256 * 2
+
+
+def test_an_again_reader_reads_once_untimed_then_from_the_page_cache_state_asked(tmp_path: Path) -> None:
+    from activault.storage import LocalStore
+    from bench.read import SEQ, write_files
+    from bench.readers import child
+
+    write_files(LocalStore(tmp_path, fsync=False), 2, 1, 256)
+    case = {"store": "local", "root": str(tmp_path), "env": None, "range_size": None, "cache": "cold", "cold": True}
+    case |= {"buffer_size": 1, "window": 2, "batch_tokens": 256, "file_bytes": SEQ * (256 * 2 + 8)}
+    again = child({**case, "reader": "tokens-read-again"})
+    once = child({**case, "reader": "tokens-read"})
+    assert again["resident_before"] < 0.05  # its untimed pass read the files; evicted after it
+    assert again["bytes"] == once["bytes"] == 2 * SEQ * 256 * 2  # one pass timed, every token once
 
 
 def test_the_read_benchmarks_runs_hold_statistics_as_collected_runs_do(

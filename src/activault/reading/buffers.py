@@ -1,15 +1,19 @@
 """The readers' byte buffers: recycled per stream, faulted in ahead of the reads, kept warm process-wide.
 
 A fresh buffer costs a page fault per page on first touch: 4 x 256 MiB took ~2.3 s of CPU on this
-project's VM (huge pages zeroed, memory compacted), more than reading the bytes into it. So a
-stream hands the same buffers out again (`ReadBuffers`), faults the next one in on a background
-thread while the current file is read (`PREFAULT_BYTES`), and a dropped stream leaves its free
-buffers to the next one in the process (`SPARE_BYTES`).
+project's VM, more than reading the bytes into it. So a stream hands the same buffers out again
+(`ReadBuffers`), faults the next one in on a background thread while the current file is read
+(`PREFAULT_BYTES`), and a dropped stream leaves its free buffers to the next one in the process
+(`SPARE_BYTES`). Big buffers are anonymous mappings of small pages (`_anonymous`), not numpy's
+allocations, which ask for transparent huge pages: on a VM that hands freed memory back to its
+host (free page reporting) a huge page cost 1.2-2.4 ms per MiB to fault in against 0.4 for small
+pages, and the reads and gathers into either ran alike once touched (docs/benchmarks.md, "First touch").
 """
 
 from __future__ import annotations
 
 import _thread
+import mmap
 import threading
 import weakref
 from dataclasses import dataclass
@@ -53,9 +57,18 @@ def spare_bytes() -> int:
         return sum(m.nbytes for m in _spare)
 
 
+def _anonymous(nbytes: int) -> np.ndarray:
+    """`nbytes` of private anonymous memory in small pages (see the module's docstring), unmapped
+    once the array and every view of it are gone."""
+    return np.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS), np.uint8)
+
+
 def _faulted(nbytes: int) -> np.ndarray:
-    mem = np.empty(nbytes, np.uint8)
-    mem[::PAGE] = 0  # one write per page faults it in (numpy writes it without the GIL)
+    mem = _anonymous(nbytes)
+    # One write per page, by numpy without the GIL. Not MAP_POPULATE: it holds the memory map's
+    # lock for the whole buffer (~20 ms for 64 MiB here), and every page fault of the process
+    # queued behind an mmap waiting for it (the consumer's first batch 20-30 ms later).
+    mem[::PAGE] = 0
     return mem
 
 
@@ -130,8 +143,10 @@ class ReadBuffers:
         self._largest = max(self._largest, nbytes)
         if self.pin:
             return torch.empty(self._largest, dtype=torch.uint8, pin_memory=True).numpy()
-        spare = _take_spare(nbytes) if nbytes >= PREFAULT_BYTES else None
-        return spare if spare is not None else np.empty(nbytes, np.uint8)
+        if nbytes < PREFAULT_BYTES:
+            return np.empty(nbytes, np.uint8)
+        spare = _take_spare(nbytes)
+        return spare if spare is not None else _anonymous(nbytes)
 
     def _warm_next(self, nbytes: int) -> None:
         """Fault one more buffer of `nbytes` in, off the caller's thread, unless one is free or
