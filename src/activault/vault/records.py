@@ -24,6 +24,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar
 
+import pydantic_core
 from pydantic import BaseModel, ValidationError
 
 from activault.errors import ActivaultError, FormatError, NotFoundError
@@ -158,10 +159,23 @@ def _fix(fix: Fix) -> str:
     return fix() if callable(fix) else fix
 
 
+def loads(text: bytes | str) -> Any:
+    """`json.loads(text)`, about 3x faster on records of many floats (a progress record holds its
+    machine's statistics: ~130 KB at d=2048, read by every reader it lists files for).
+
+    pydantic_core's parser gives the same values (floats bit for bit; `tests/vault/test_records.py`);
+    whatever it refuses goes to `json.loads`, which accepts what it accepted before (a lone
+    surrogate, a byte order mark) and names the problem in its own words."""
+    try:
+        return pydantic_core.from_json(text)
+    except ValueError:
+        return json.loads(text)
+
+
 def parse_json(text: bytes | str, url: str, fix: Fix) -> dict[str, Any]:
     """A record's JSON object; not JSON, or not an object, is one FormatError naming `url` and `fix`."""
     try:
-        obj = json.loads(text)
+        obj = loads(text)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise FormatError(f"{url} is not valid JSON ({str(e)[:80]}); {_fix(fix)}") from None
     if not isinstance(obj, dict):
