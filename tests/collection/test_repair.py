@@ -14,10 +14,11 @@ import torch
 from activault.collection.packing import DataState
 from activault.collection.pipeline import collect
 from activault.collection.repair import Damage, check_data, check_tokens, file_batches, token_digest
-from activault.errors import ConfigError, DataError, LockedError
+from activault.errors import ConfigError, DataError, FormatError, LockedError
 from activault.storage import LocalStore, Store
 from activault.storage.lock import hold
 from activault.storage.s3 import S3Store
+from activault.vault import records
 from support.collecting import CORPUS, make_cfg
 from support.synth import s3_env
 
@@ -227,3 +228,61 @@ def test_check_data_refuses_data_ending_elsewhere_than_the_record():
         check_data(iter([(0, [packed(after)])]), Damage(files=2), after.to_dict(), 3, "here")
     with pytest.raises(DataError, match="here: file 0 packed again holds other tokens"):
         check_data(iter([(0, [packed(after)])]), Damage(files=1, tokens={0: b"x"}), after.to_dict(), 3, "here")
+
+
+def test_a_recompressed_run_is_repaired_in_the_codec_it_now_holds(llama, tmp_path, caplog):
+    """cfg.json keeps the config's codec, metadata.json says how new files are stored: a repaired
+    (or resumed) run follows metadata.json, so it stays one codec."""
+    from activault.tools.recompress import recompress_run
+    from activault.vault import codec as codecs
+
+    cfg = make_cfg(llama, tmp_path)
+    collect(cfg, show_progress=False)
+    store = LocalStore(tmp_path)
+    recompress_run(store, "run", codecs.Codec("zstd"))
+    before = objects(store)
+    lost = f"run/{H1}/m00000-000001.safetensors"
+    store.delete(lost)
+
+    with caplog.at_level(logging.INFO, logger="activault"):
+        assert collect(cfg, show_progress=False, repair=True).repaired == [1]
+
+    assert objects(store) == before  # zstd, byte for byte as recompress wrote it, not raw
+    assert "stores new files as zstd (its metadata.json" in caplog.text
+
+
+def test_hooks_recording_different_codecs_are_refused_before_anything_is_written(llama, tmp_path):
+    from activault.vault import codec as codecs
+    from activault.vault.writer import record_compression
+
+    cfg = make_cfg(llama, tmp_path)
+    collect(cfg, show_progress=False)
+    store = LocalStore(tmp_path)
+    record_compression(store, f"run/{H0}", codecs.Codec("zstd"))  # a recompress stopped after one hook
+    store.delete(f"run/{H1}/m00000-000001.safetensors")
+    before = objects(store)
+    for repair in (True, False):
+        with pytest.raises(ConfigError, match="different codecs") as e:
+            collect(cfg, show_progress=False, repair=repair)
+        assert f"{H0}: zstd" in str(e.value) and f"{H1}: none" in str(e.value)
+        assert "activault recompress" in str(e.value) and "fp8 is lossy" in str(e.value)
+        assert objects(store) == before
+
+
+@pytest.mark.parametrize(
+    "compression",
+    [{"codec": "evil"}, {"codec": "zstd", "level": 99}, {"codec": "zstd", "chunk_bytes": -1}, "zstd", None],
+)
+def test_a_garbage_codec_in_metadata_json_is_damage_the_collection_rebuilds(llama, tmp_path, compression, caplog):
+    cfg = make_cfg(llama, tmp_path)
+    collect(cfg, show_progress=False)
+    path = tmp_path / "run" / H0 / "metadata.json"
+    want = path.read_bytes()
+    meta = json.loads(want)
+    meta["compression"] = compression
+    path.write_text(json.dumps(meta))
+    with pytest.raises(FormatError, match=r"metadata.json: .*'compression'.*rebuilds"):
+        records.read_metadata(LocalStore(tmp_path), f"run/{H0}")  # the schema refuses it: damaged
+    with caplog.at_level(logging.WARNING, logger="activault"):
+        assert collect(cfg, show_progress=False, repair=True).repaired == []
+    assert path.read_bytes() == want and "metadata.json was damaged" in caplog.text

@@ -32,12 +32,21 @@ from activault.collection.preflight import Preflight, device_lines, preflight, s
 from activault.collection.repair import check_data, file_batches, scan, summary
 from activault.collection.resume import check_resume, hook_metadata, run_record, tokenizer_ref
 from activault.config import Config, resolve_storage
-from activault.errors import FormatError
+from activault.errors import ConfigError, FormatError
 from activault.storage import Store, open_store
+from activault.storage.base import join
 from activault.storage.lock import MachineLock, hold
 from activault.units import human_bytes
 from activault.vault import codec as codecs
-from activault.vault.records import RunRecord, cfg_key, check_against_plan, progress_key, read_run, redo_machine
+from activault.vault.records import (
+    RunRecord,
+    cfg_key,
+    check_against_plan,
+    progress_key,
+    read_metadata,
+    read_run,
+    redo_machine,
+)
 from activault.vault.stats import RunningStats
 from activault.vault.writer import RunWriter
 from activault.version import __version__
@@ -152,7 +161,7 @@ class _Job:
     def _writer(self, plan: Plan) -> RunWriter:
         """The run's writer: cfg.json and metadata.json from this config, this machine's files."""
         uc, dc = self.cfg.upload_config, self.cfg.data_config
-        codec = codecs.from_config(uc.compression, uc.compression_level, uc.compression_chunk_kib << 10)
+        codec = self._codec(codecs.from_config(uc.compression, uc.compression_level, uc.compression_chunk_kib << 10))
         return RunWriter(
             self.store,
             self.record,
@@ -164,6 +173,39 @@ class _Job:
             measured=MeasuredRatio(plan, log),
             claim=self.claim,  # each record checks it; a lost machine's record is refused
         )
+
+    def _codec(self, configured: codecs.Codec | None) -> codecs.Codec | None:
+        """How new files are stored: as the run's metadata.json says (`activault recompress` changes
+        it, cfg.json keeps the config's), so a resumed or repaired run stays one codec; the config's
+        for a new run, and for hooks without metadata yet."""
+        run, recorded = self.cfg.run_name, {}
+        for h in self.cfg.upload_config.hooks:
+            try:
+                meta = read_metadata(self.store, join(run, h))
+            except FormatError:  # damaged: the writer rebuilds it, as this config says
+                continue
+            if meta is not None:
+                recorded[h] = codecs.from_description(meta.compression)
+        codecs_found = set(recorded.values())
+        if not codecs_found or codecs_found == {configured}:
+            return configured
+        if len(codecs_found) > 1:
+            said = ", ".join(f"{h}: {codecs.name(c)}" for h, c in recorded.items())
+            raise ConfigError(
+                f"the hooks of {self.store.url(run)} store new files with different codecs ({said}): an "
+                f"`activault recompress` of it did not finish. Run it again with the codec you want "
+                f"(`activault recompress {self.store.url(run)} --compression zstd`, or none; fp8 is lossy), "
+                "then collect"
+            )
+        (codec,) = codecs_found
+        log.info(
+            "%s stores new files as %s (its metadata.json; activault recompress changed it), not as "
+            "upload_config.compression says (%s): new files follow the run",
+            self.store.url(run),
+            codecs.name(codec),
+            codecs.name(configured),
+        )
+        return codec
 
     def _join(self, writer: RunWriter) -> None:
         """cfg.json (checked again, now the machine is held) and metadata.json are derived records:

@@ -85,6 +85,30 @@ def from_config(compression: Compression, level: int = LEVEL, chunk_bytes: int =
     return None if compression == "none" else Codec(compression, level, chunk_bytes)
 
 
+def description_problem(described: Any) -> str | None:
+    """What is wrong with a codec's description as metadata.json records it (`describe`), or None."""
+    if not isinstance(described, dict) or described.get("codec") not in ("none", "zstd", "fp8"):
+        return f"'compression' is {str(described)[:80]}, not a codec's description"
+    level, chunk = described.get("level", LEVEL), described.get("chunk_bytes", CHUNK_BYTES)
+    if described["codec"] != "none" and not (_int(level, -(1 << 17), 23) and _int(chunk, 1, 1 << 30)):
+        return f"'compression' has level {level!r} and chunk_bytes {chunk!r}, not a zstd level and a chunk size"
+    return None
+
+
+def from_description(described: dict[str, Any]) -> Codec | None:
+    """The codec a metadata.json records for new files (checked by its schema: `description_problem`)."""
+    if described["codec"] == "none":
+        return None
+    return Codec(described["codec"], described.get("level", LEVEL), described.get("chunk_bytes", CHUNK_BYTES))
+
+
+def name(codec: Codec | None) -> str:
+    """The codec as a config names it: none, zstd or fp8 (with its level where not the default)."""
+    if codec is None:
+        return "none"
+    return codec.name if codec.level == LEVEL or codec.name == "fp8" else f"{codec.name} level {codec.level}"
+
+
 def describe(codec: Codec | None) -> dict[str, Any]:
     """The codec as metadata.json records it; each file's header says how that file is stored."""
     if codec is None:

@@ -221,6 +221,8 @@ class HookMetadata(Versioned):
             raise ValueError(f"shape {self.shape} is not [rows_per_file, seq_length, d_model]")
         if self.rows_per_file != self.batch_size * self.batches_per_upload:
             raise ValueError("rows_per_file is not batch_size * batches_per_upload")
+        if (problem := codecs.description_problem(self.compression)) is not None:
+            raise ValueError(problem)
         return self
 
     def disagreement(self, header: Header) -> str | None:
