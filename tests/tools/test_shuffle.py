@@ -19,10 +19,11 @@ from activault.errors import ConfigError, NotFoundError
 from activault.storage import LocalStore, Store
 from activault.storage.s3 import S3Store
 from activault.tools.shuffle import bound_tokens, choose_buckets, read_source, shuffle_run
-from activault.tools.shuffle_passes import PIECES
+from activault.tools.shuffle_passes import PIECES, Tokens
 from activault.tools.shuffle_plan import bucket_counts, permuted
 from activault.tools.verify import verify_run
 from activault.vault import megabatch as fmt
+from activault.vault.norms import token_norms
 from activault.vault.writer import RunWriter
 from support.interrupted import kill_when_reached
 from support.synth import s3_env, write_synthetic_run
@@ -121,10 +122,22 @@ def test_a_run_that_fits_one_bucket_is_shuffled_in_one_pass(
         return real(self, *a, **k)
 
     monkeypatch.setattr(RunWriter, "write_file", spied)
+    allocated: list[int] = []
+    empty = Tokens.empty
+
+    def counted(like: Tokens, n: int) -> Tokens:
+        allocated.append(n)
+        return empty(like, n)
+
+    monkeypatch.setattr(Tokens, "empty", staticmethod(counted))
     # 1536 slots of 72 bytes (2 hooks x 8 float32 + ids, positions): the run, pass 1's 4 files of 64
     # slots and the padding (2 x 16 slots) need 131,328 bytes; half of memory would not do.
     r = shuffle_run(store, "run", store, "dst", seed=6, memory=150_000)
     assert r.buckets == 1 and ("dst/.shuffle", PIECES) not in written  # no temporary pieces
+    # Where the store maps files (locally) they are the bucket: no buffer of the run's size (S3: read).
+    key = next(e.key for e in store.list("run/h1") if e.key.endswith(fmt.SUFFIX))
+    mapped = store.map(key) is not None  # a local store (where the kernel populates mappings)
+    assert (max(allocated) >= r.tokens) != mapped
     assert written.count(("dst", 0)) == r.files == 24
     check_order(store, 1, 6)
     assert r.peak_tokens <= r.bound_tokens and r.bound_tokens * 72 <= 150_000
@@ -313,3 +326,52 @@ def test_deep_verify_knows_a_shuffled_run_and_finds_tampering(collected_two: Pat
         local.put(key, b"".join(fmt.encode(t, mb.metadata)))
     found = [p for p in verify_run(local, "dst2", deep=True).problems if "occurs more than once" in p]
     assert len(found) == len(cfg["hooks"])
+
+
+def test_the_temporary_run_holds_no_norms_and_dsts_are_its_states_norms(
+    stores: tuple[Store, Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, _ = stores
+    write_synthetic_run(store, "run", HOOKS, machines=2, files=6, documents=True)
+    temp: list[tuple[str, bool]] = []  # (format version, holds norms) of each temporary file written
+    real = type(store).put
+
+    def spied(self: Store, key: str, data: Any) -> None:
+        if "/.shuffle/" in key and key.endswith(fmt.SUFFIX):
+            parts = [data] if isinstance(data, bytes | bytearray | memoryview) else data
+            mb = fmt.decode(b"".join(bytes(p) for p in parts), key, verify_checksums=True)
+            assert mb.header is not None
+            temp.append((mb.header.metadata["format_version"], fmt.NORMS in mb.tensors))
+        real(self, key, data)
+
+    monkeypatch.setattr(type(store), "put", spied)
+    r = shuffle_run(store, "run", store, "dst", seed=3, buckets=4)
+    assert r.buckets == 4 and len(temp) > 2 * 6 and set(temp) == {("4", False)}  # pieces: format 4, no norms
+    names = [e.key for e in store.list("dst/h1") if e.key.endswith(fmt.SUFFIX)]
+    assert len(names) == r.files > 0
+    for h in HOOKS:
+        for name in names:
+            mb = fmt.decode(store.get(name.replace("/h1/", f"/{h}/")), name, verify_checksums=True)
+            assert mb.header is not None and mb.header.metadata["format_version"] == str(fmt.FORMAT_VERSION)
+            assert mb.norms is not None and torch.equal(mb.norms, token_norms(mb.states))  # computed again
+
+
+def test_a_one_bucket_shuffle_whose_files_stop_mapping_reads_them_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file that cannot be mapped (e.g. out of descriptors) is read into a buffer of its own, never
+    into one reused while bucket 0 still holds it: the order is the same."""
+    from activault.storage import local
+
+    store = LocalStore(tmp_path, fsync=False)
+    make_source(store)
+    real, calls = local._LocalFile.map, [0]
+
+    def flaky(self: Any) -> Any:
+        calls[0] += 1
+        return real(self) if calls[0] % 3 else None
+
+    monkeypatch.setattr(local._LocalFile, "map", flaky)
+    r = shuffle_run(store, "run", store, "dst", seed=6, memory=150_000)
+    assert r.buckets == 1 and calls[0] >= 24 * len(HOOKS)  # every source file was to be mapped
+    check_order(store, 1, 6)

@@ -1,5 +1,5 @@
-"""tools/shuffle_passes.py: files read into reused buffers, the reused buffers' gathers, and
-documents carried as one stream over the source's machines."""
+"""tools/shuffle_passes.py: files read into reused buffers, the reused buffers' gathers (also from
+several parts read as one), and documents carried as one stream over the source's machines."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 
 from activault.storage import Store
 from activault.tools.shuffle import listed_sizes
-from activault.tools.shuffle_passes import Buffers, Tokens, global_documents, read_file
+from activault.tools.shuffle_passes import Buffers, Segments, Tokens, global_documents, read_file
 from support.synth import write_synthetic_run
 
 
@@ -42,3 +42,27 @@ def test_files_are_read_into_reused_buffers_in_turn(stores: tuple[Store, Store])
         assert torch.equal(t.ids, want.ids) and all(torch.equal(t.states[h], want.states[h]) for h in run.hooks)
         got.append(t.states["h1"].data_ptr())
     assert got[0] == got[2] != got[1]  # two buffers in turn: the third file read into the first's
+
+
+def test_a_gather_from_parts_equals_the_gather_from_their_concatenation() -> None:
+    g = torch.Generator().manual_seed(0)
+
+    def part(n: int, base: int) -> Tokens:
+        ids = torch.arange(base, base + n, dtype=torch.int32)
+        states = {h: torch.randn(n, 5, generator=g).to(torch.bfloat16) for h in ("a", "b")}
+        return Tokens(states, ids, ids % 7 - 1, ids.to(torch.int64) * 3)
+
+    parts = [part(n, sum((9, 1, 14)[:i])) for i, n in enumerate((9, 1, 14))]
+    whole = Tokens(
+        {h: torch.cat([p.states[h] for p in parts]) for h in ("a", "b")},
+        *(torch.cat([getattr(p, c) for p in parts]) for c in ("ids", "pos", "docs")),
+    )
+    seg = Segments(parts)
+    assert seg.n == 24 and torch.equal(seg.pos, whole.pos) and seg.view(0, 24) is seg
+    out, want = Tokens.empty(whole, 24), Tokens.empty(whole, 24)
+    for index in (np.random.default_rng(1).permutation(24), np.array([23, 9, 0, 9, 10])):
+        got = seg.gather(index, out)
+        whole.gather(index, want)
+        assert got.n == index.size and got.ids.data_ptr() == out.ids.data_ptr()  # into `out`
+        for a, b in zip(got.columns(), want.view(0, index.size).columns(), strict=True):
+            assert torch.equal(a, b)

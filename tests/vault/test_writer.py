@@ -315,3 +315,27 @@ def test_a_finished_record_without_every_hooks_statistics_is_refused_before_anyt
         writer.finish(None, {"h1": RunningStats(D)})
     writer.abort()
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_writer_without_norms_labels_its_files_before_norms_and_stores_none(tmp_path):
+    """`norms=False` (a scratch run): the same tensors, labelled format 4 with documents (3 without),
+    no norms computed; the default stores each token's norm of its states."""
+    from activault.vault.megabatch import decode
+    from activault.vault.norms import NORMS, token_norms
+
+    store = LocalStore(tmp_path, fsync=False)
+    states, ids, pos = file_tensors(0)
+    docs = torch.arange(ROWS * SEQ, dtype=torch.int64).view(ROWS, SEQ)
+    for run, norms, documents, label in [("a", False, docs, "4"), ("b", False, None, "3"), ("c", True, docs, "5")]:
+        record, metadata = run_specs(run)
+        writer = RunWriter(store, record, metadata, norms=norms)
+        writer.join()
+        writer.write_file(states, ids, pos, tokens=ROWS * SEQ, data_state=None, stats={}, documents=documents)
+        writer.close()
+        mb = decode(store.get(f"{run}/h1/{file_name(0, 0)}"), run, verify_checksums=True)
+        assert mb.header is not None and mb.header.metadata["format_version"] == label
+        assert torch.equal(mb.states, states["h1"]) and torch.equal(mb.input_ids, ids)
+        if norms:
+            assert mb.norms is not None and torch.equal(mb.norms, token_norms(states["h1"]))
+        else:
+            assert NORMS not in mb.tensors

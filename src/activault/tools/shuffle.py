@@ -16,12 +16,12 @@ and so do token ids, positions and documents (as one stream over the source's ma
 `source_document` traces them back); each token's norms are computed again by the encoder. The
 passes are in tools/shuffle_passes.py.
 
-Memory: one bucket (pass 1 gathers bucket 0 into it, pass 2 reuses it), plus in pass 1 at most 4
-source files (the one scattered, its scattered copy, the previous copy still being written, the
-next one read ahead), in pass 2 the pieces read ahead and 2 output files. The shuffle takes the
-fewest buckets whose bound (`bound_tokens`, from the seed's counts) fits `memory` (default 4 GiB):
-one bucket, one pass, for a run that fits beside pass 1's files; so a run of any size is shuffled
-within `memory`.
+Memory: one bucket (pass 1 gathers bucket 0 into it, pass 2 reuses it; one bucket of a local run
+is its mapped files, read where they lie), plus in pass 1 at most 4 source files (the one
+scattered, its scattered copy, the previous copy still being written, the next one read ahead), in
+pass 2 the pieces read ahead and 2 output files. The shuffle takes the fewest buckets whose bound
+(`bound_tokens`, from the seed's counts) fits `memory` (default 4 GiB): one bucket, one pass, for a
+run that fits beside pass 1's files; so a run of any size is shuffled within `memory`.
 
 Resume: both passes are deterministic for a seed, and each counts what it wrote in a progress
 record (pass 1: the temporary run's; pass 2: DST's, with the stream position as its cursor), so a
@@ -230,7 +230,8 @@ def _dest_metadata(src: SourceRun, dst: str) -> dict[str, HookMetadata]:
 
 
 def _temp(src: SourceRun, dst: str) -> tuple[RunRecord, dict[str, HookMetadata]]:
-    """The temporary run of pieces: one token a row (seq 1), a piece at most a source file."""
+    """The temporary run of pieces: one token a row (seq 1), a piece at most a source file, without
+    norms (its writers are `norms=False`)."""
     run, most = join(dst, TEMP), max(src.slots)
     record = RunRecord(run_name=run, hooks=src.record.hooks, num_runs=2, model=src.record.model)
     meta = {
@@ -244,6 +245,7 @@ def _temp(src: SourceRun, dst: str) -> tuple[RunRecord, dict[str, HookMetadata]]
             batch_size=most,
             batches_per_upload=1,
             model="activault shuffle buckets",
+            norms=False,  # scratch: DST's encoder computes every token's norm
         )
         for h, m in src.metadata.items()
     }

@@ -5,8 +5,10 @@ bucket, permuted, into the new run's files).
 Speed (docs/benchmarks.md, "Issue 31"): the buffers a pass fills are allocated once and reused (a
 fresh 4 MiB tensor costs a page fault per page, more than the gather into it); pass 2 reads the
 pieces ahead on a thread; the temporary run is written without fsync (tools/shuffle.py `scratch`)
-and its pieces written by this process are not verified again (a resumed shuffle's are). The
-source is always read with its checksums verified.
+and its pieces written by this process are not verified again (a resumed shuffle's are), nor
+given norms (DST's encoder computes them). The source is always read with its checksums verified.
+A one-bucket shuffle of a local run maps the source's files and gathers from them (`Segments`):
+no copy into a run-sized buffer, whose fresh pages cost more than the gather here.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from activault.errors import FormatError
 from activault.reading.order import mix_seed
 from activault.reading.window import permutation
 from activault.storage import Store
-from activault.storage.base import join
+from activault.storage.base import join, populate
 from activault.storage.lock import MachineLock
 from activault.tools.shuffle_plan import labels, piece_index
 from activault.vault.megabatch import decode, fetch_header
@@ -160,6 +162,49 @@ class Tokens:
         )
 
 
+class Segments(Tokens):
+    """Several Tokens read as one (a one-bucket shuffle's mapped source files): ids, positions and
+    documents concatenated (16 bytes a slot at most), states left where they are; `states` holds the first
+    part's (their shapes and dtypes). Only `gather` reads the parts' states."""
+
+    def __init__(self, parts: list[Tokens]):
+        cat = lambda cols: torch.cat(cols) if len(cols) > 1 else cols[0].clone()  # noqa: E731
+        docs = None if parts[0].docs is None else cat([p.docs for p in parts if p.docs is not None])
+        super().__init__(parts[0].states, cat([p.ids for p in parts]), cat([p.pos for p in parts]), docs)
+        self.starts = np.cumsum([0] + [p.n for p in parts])  # [parts + 1] slot offsets
+        self.rows = {h: [_rows(p.states[h]) for p in parts] for h in self.states}
+        self.scratch: dict[str, np.ndarray] = {}  # hook -> reused rows, in the parts' order
+
+    def view(self, a: int, b: int) -> Tokens:
+        if (a, b) != (0, self.n):
+            raise ValueError("a view of Segments is the whole of it")
+        return self
+
+    def gather(self, index: np.ndarray, out: Tokens) -> Tokens:
+        """self[index] into the first len(index) slots of `out`: each part's rows in storage order
+        into a scratch buffer (sequential reads of the mapped files), then put in place from it."""
+        dest = out.view(0, index.size)
+        small = [self.ids, self.pos] + ([self.docs] if self.docs is not None else [])
+        for s, d in zip(small, dest.columns()[len(self.states) :], strict=True):
+            np.take(_rows(s), index, out=_rows(d))
+        order = np.argsort(index, kind="stable")
+        where = np.empty_like(order)
+        where[order] = np.arange(order.size)  # index[i] is at scratch row where[i]
+        ranked = index[order]
+        cuts = np.searchsorted(ranked, self.starts)
+        for h, parts in self.rows.items():
+            scratch = self.scratch.get(h)
+            if scratch is None or scratch.size < index.size:
+                scratch = self.scratch[h] = np.empty(index.size, dtype=parts[0].dtype)
+            scratch = scratch[: index.size]
+            for k, rows in enumerate(parts):
+                a, b = int(cuts[k]), int(cuts[k + 1])
+                if a < b:
+                    np.take(rows, ranked[a:b] - self.starts[k], out=scratch[a:b])
+            np.take(scratch, where, out=_rows(dest.states[h]))
+        return dest
+
+
 class Buffers:
     """Byte buffers a pass reads whole files into, `sets` of one per hook in turn, allocated once
     (a fresh buffer per file costs a page fault per page): set k is read again only once the set
@@ -174,9 +219,19 @@ class Buffers:
         return self.sets[self.turn]
 
 
-def _get(store: Store, key: str, size: int | None, into: dict[str, bytearray] | None, hook: str) -> memoryview:
+def _get(
+    store: Store, key: str, size: int | None, into: dict[str, bytearray] | None, hook: str, mapped: bool = False
+) -> memoryview:
     """The object's bytes, into `into[hook]` when its listed size is known (one request; a file
-    replaced since it was listed is read whole as it is now, or is ObjectChanged on S3)."""
+    replaced since it was listed is read whole as it is now, or is ObjectChanged on S3); `mapped`:
+    mapped where the store can (no buffer: a local file in the page cache is not copied)."""
+    if mapped:
+        with store.open(key, size) as obj:
+            mapping = obj.map()
+        if mapping is None:  # not mapped after all (e.g. out of descriptors): a buffer of its own
+            return store.get(key)
+        populate(mapping, 0, len(mapping))  # an error now, not a SIGBUS later, if it shrank
+        return memoryview(mapping)
     if into is None or size is None:
         return store.get(key)
     with store.open(key, size) as obj:
@@ -195,16 +250,17 @@ def read_file(
     verify: bool = True,
     sizes: dict[str, int] | None = None,
     into: Buffers | None = None,
+    mapped: bool = False,
 ) -> Tokens:
     """One file of every hook (checksums verified unless `verify` is False: a piece this process
     wrote); ids, positions and documents must agree across hooks. Given the files' listed `sizes`,
-    read into the next set of `into` (the result's tensors are views of it)."""
+    read into the next set of `into`, or `mapped` (the result's tensors are views of them)."""
     states, first = {}, None
     bufs = into.next() if into is not None else None
     for h in hooks:
         key = join(run, h, name)
         url = store.url(key)
-        mb = decode(_get(store, key, (sizes or {}).get(key), bufs, h), url, verify_checksums=verify)
+        mb = decode(_get(store, key, (sizes or {}).get(key), bufs, h, mapped), url, verify_checksums=verify)
         if mb.positions is None:
             raise FormatError(f"{url} has no positions (a legacy file): not shuffled; nothing written")
         docs = mb.documents.reshape(-1) if mb.documents is not None else None
@@ -227,9 +283,24 @@ def read_file(
 # ---- pass 1: scatter ----------------------------------------------------------------------------------
 
 
-def _read_source(src: SourceRun, j: int, into: Buffers) -> Tokens:
+def _mappable(src: SourceRun) -> bool:
+    """Whether the source's files can all be mapped: a local store, and each mapping holds a
+    descriptor, so at most half of the process's limit on them (`ulimit -n`, often 1024)."""
+    import resource
+
+    if len(src.names) * len(src.record.hooks) > resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2:
+        return False
+    mapping = src.store.map(join(src.run, src.record.hooks[0], src.names[0]))
+    if mapping is None:
+        return False
+    mapping.close()
+    return True
+
+
+def _read_source(src: SourceRun, j: int, into: Buffers, mapped: bool = False) -> Tokens:
     """Source file j, verified, its documents as the shuffled run stores them."""
-    tokens = read_file(src.store, src.run, src.record.hooks, src.names[j], src.provenance, True, src.sizes, into)
+    hooks, name = src.record.hooks, src.names[j]
+    tokens = read_file(src.store, src.run, hooks, name, src.provenance, True, src.sizes, into, mapped)
     if tokens.n != src.slots[j]:
         raise FormatError(f"{src.store.url(src.run)}: {src.names[j]} changed while it was shuffled")
     if tokens.docs is not None:
@@ -249,15 +320,18 @@ def scatter(
 ) -> tuple[int, Tokens | None]:
     """Pass 1: every source file's slots as pieces by bucket, and its padding apart, resumed from
     the temporary run's progress records; with `keep`, bucket 0 gathered in memory (a buffer big
-    enough for any bucket, pass 2's). Returns the first piece this process wrote (the pieces before
-    it, if any, were written by a killed shuffle) and bucket 0.
+    enough for any bucket, pass 2's), or for one bucket on a store that maps files, the mapped
+    files themselves (`Segments`: no copy, no fresh memory). Returns the first piece this process
+    wrote (the pieces before it, if any, were written by a killed shuffle) and bucket 0.
 
     Without `keep` (DST is past bucket 0) pass 1 had finished: DST is written only after it."""
     index = piece_index(counts)
     if not keep:
         return int((index >= 0).sum()), None
     record, meta = temp
-    pieces, pads = RunWriter(store, record, meta, PIECES), RunWriter(store, record, meta, PADDING, threads=1)
+    # No norms: nobody filters the pieces (9.7 ms a 4 MiB file, the largest cost of encoding them).
+    pieces = RunWriter(store, record, meta, PIECES, norms=False)
+    pads = RunWriter(store, record, meta, PADDING, threads=1, norms=False)
     fresh = pieces.files
     pieces.join()
     pieces.begin()
@@ -269,21 +343,28 @@ def scatter(
     free: list[Tokens] = []  # grouped buffers (2): this file's pieces, the previous file's in flight
     first: Tokens | None = None
     at = 0  # bucket 0's slots gathered so far
+    mapped = counts.shape[1] == 1 and _mappable(src)
+    parts: list[Tokens] = []  # mapped: bucket 0's files
     try:
-        ahead = reader.submit(_read_source, src, 0, into)
+        ahead = reader.submit(_read_source, src, 0, into, mapped)
         meter.hold(most)
         for j in range(len(src.names)):
             claim.check()
             tokens = ahead.result()
             if j + 1 < len(src.names):  # the next file read while this one is scattered
-                ahead = reader.submit(_read_source, src, j + 1, into)
+                ahead = reader.submit(_read_source, src, j + 1, into, mapped)
                 meter.hold(most)
-            if first is None:
-                first = Tokens.empty(tokens, int(counts.sum(0).max()))
-                meter.hold(first.n)
-            order = np.argsort(labels(counts[j], j, seed), kind="stable")
             c0 = int(counts[j, 0])
-            tokens.gather(order[:c0], first.view(at, at + c0))
+            if mapped:
+                order = np.arange(c0)  # one bucket: every slot, in file order
+                parts.append(tokens)
+                meter.drop(most - tokens.n)  # held as bucket 0: its own slots
+            else:
+                if first is None:
+                    first = Tokens.empty(tokens, int(counts.sum(0).max()))
+                    meter.hold(first.n)
+                order = np.argsort(labels(counts[j], j, seed), kind="stable")
+                tokens.gather(order[:c0], first.view(at, at + c0))
             at += c0
             pad = np.flatnonzero(tokens.pos.numpy() < 0)
             if pad.size and j >= pad_from:
@@ -295,7 +376,7 @@ def scatter(
             todo = [int(b) for b in np.flatnonzero(index[j] >= pieces.files)]  # not written before a kill
             if not todo:
                 del tokens
-                meter.drop(most)
+                meter.drop(0 if mapped else most)  # a mapped file stays held, as bucket 0
                 continue
             if not free:
                 free.append(Tokens.empty(tokens, most))
@@ -325,6 +406,8 @@ def scatter(
     finally:
         reader.shutdown(wait=True, cancel_futures=True)
         meter.drop(meter.held)
+    if mapped:
+        first = Segments(parts)
     assert first is not None
     meter.hold(first.n)  # bucket 0, kept for pass 2
     return fresh, first
@@ -393,7 +476,7 @@ def _streams(
             if b < len(sizes) and sizes[b]:
                 yield _finished(store, plan, b, buf, at, sizes[b])
             b, at = b + 1, 0
-        if buf is None or buf.n < max(sizes[b:]):
+        if buf is None or isinstance(buf, Segments) or buf.n < max(sizes[b:]):  # mapped files: read only
             meter.drop(0 if buf is None else buf.n)
             buf = Tokens.empty(tokens, max(sizes[b:]))
             meter.hold(buf.n)

@@ -32,6 +32,7 @@ from activault.storage.base import Store, join
 from activault.storage.lock import MachineLock
 from activault.vault import codec as codecs
 from activault.vault.megabatch import DOCUMENTS, Megabatch, decode, encode
+from activault.vault.norms import NORMS_SINCE
 from activault.vault.records import (
     HookMetadata,
     ProgressRecord,
@@ -63,6 +64,8 @@ class RunWriter:
         measured: told (hook, raw bytes, stored bytes) of each hook's first compressed file.
         claim: the held claim on this machine (storage/lock.py): checked before each record, and
             named when another collector has rewritten the progress record.
+        norms: False labels files with the last format version before per-token norms, so the
+            encoder computes none (a scratch run no reader filters: the shuffle's buckets).
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class RunWriter:
         store_files: bool = True,
         measured: Callable[[str, int, int], None] | None = None,
         claim: MachineLock | None = None,
+        norms: bool = True,
     ):
         self.store, self.record, self.machine, self.run = store, record, machine, record.run_name
         self.claim = claim
@@ -84,7 +88,7 @@ class RunWriter:
         described = codecs.describe(codec)
         self.metadata = {h: metadata[h].model_copy(update={"compression": described}) for h in record.hooks}
         self.codec, self.store_files, self.measured = codec, store_files, measured
-        self.threads = threads
+        self.threads, self.norms = threads, norms
         self._seen: bytes | None = None  # the progress record's bytes as last read or written here
         self.resumed = self._read_progress()  # this machine's record when the writer opened
         self.files, self.rows, self.tokens = self.resumed.files_done, self.resumed.rows_done, self.resumed.tokens_done
@@ -283,6 +287,8 @@ class RunWriter:
         """The file's parts as a function: a writer thread hashes (checksums) and compresses, never
         the producer's thread (xxh3 and zstd release the GIL)."""
         meta = header_metadata(self.run, hook, self.machine, k, self.metadata[hook].model, DOCUMENTS in tensors)
+        if not self.norms:  # 4 with documents, 3 without: the same bytes but the norms
+            meta["format_version"] = str(min(int(meta["format_version"]), NORMS_SINCE - 1))
 
         def build() -> list[memoryview]:
             parts = encode(tensors, meta, compression=self.codec)
