@@ -19,8 +19,9 @@ from activault.errors import ConfigError, NotFoundError
 from activault.storage import LocalStore, Store
 from activault.storage.s3 import S3Store
 from activault.tools.shuffle import bound_tokens, choose_buckets, read_source, shuffle_run
-from activault.tools.shuffle_passes import PIECES, Tokens
+from activault.tools.shuffle_passes import PIECES
 from activault.tools.shuffle_plan import bucket_counts, permuted
+from activault.tools.shuffle_tokens import Tokens
 from activault.tools.verify import verify_run
 from activault.vault import megabatch as fmt
 from activault.vault.norms import token_norms

@@ -14,7 +14,7 @@ permuted uniformly, make a uniform permutation of the whole. A run that fits one
 pass (no temporary bytes but its padding). Every hook's states move with the same permutation,
 and so do token ids, positions and documents (as one stream over the source's machines:
 `source_document` traces them back); each token's norms are computed again by the encoder. The
-passes are in tools/shuffle_passes.py.
+passes are in tools/shuffle_passes.py, the token slots they read and gather in tools/shuffle_tokens.py.
 
 Memory: one bucket (pass 1 gathers bucket 0 into it, pass 2 reuses it; one bucket of a local run
 is its mapped files, read where they lie), plus in pass 1 at most 4 source files (the one
