@@ -153,6 +153,30 @@ def test_deterministic_for_a_seed(tmp_path: Path) -> None:
     assert not all(torch.equal(x, y) for x, y in zip(first, other, strict=True))
 
 
+def test_a_batch_is_gathered_in_one_split_of_every_runs_copies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each run's share is planned, then every copy of the batch split over the threads at once (one
+    hand-off per batch, not per run), from windows held by the copies until then: run b's window
+    ends mid-batch here, and its next one is read before the batch is copied."""
+    import activault.reading.mixing as mixing
+    import activault.reading.tokens as tokens
+
+    _runs(LocalStore(tmp_path, fsync=False))
+    uris = [tmp_path / "a", tmp_path / "b"]
+
+    def read() -> list[torch.Tensor]:
+        with TokenLoader(uris, hooks=["h"], weights=[0.7, 0.3], batch_tokens=B, loop=True, seed=5, window=2) as ld:
+            return _take(ld, 40)
+
+    calls: list[int] = []
+    real, take = tokens.take_rows, mixing.Feed.take
+    monkeypatch.setattr(tokens, "take_rows", lambda takes, workers: (calls.append(len(takes)), real(takes, workers)))
+    together = read()
+    assert len(calls) == 40 and min(calls) >= 2  # every batch: one call, with copies of both runs
+    monkeypatch.setattr(mixing.Feed, "take", lambda self, batch, n, g, defer=None: take(self, batch, n, g, None))
+    run_by_run = read()  # each run's share copied at once, as before
+    assert all(torch.equal(x, y) for x, y in zip(together, run_by_run, strict=True))
+
+
 @pytest.mark.parametrize("stop_after", [1, 2, 7, 16, 23])
 def test_resume_is_exact(where: tuple[Store, list[Any]], stop_after: int) -> None:
     store, uris = where

@@ -25,7 +25,7 @@ from activault.reading.listing import Prefix, StatesShape
 from activault.reading.options import invalid
 from activault.reading.order import position_after
 from activault.reading.stream import FileStream
-from activault.reading.window import Batch, Drawn, drawn_windows, window_count, window_start
+from activault.reading.window import Batch, Drawn, Take, drawn_windows, window_count, window_start
 from activault.reading.workers import Workers
 from activault.vault import records
 from activault.vault.stats import check_normalisable, merge_all
@@ -147,8 +147,9 @@ class Feed:
         e, w, _ = self.position
         return e > epoch or (e == epoch and w >= window_count(len(self.files.order(e)), self.size, False))
 
-    def take(self, batch: Batch, n: int, gatherers: Workers | None) -> None:
-        """Gather this run's next `n` tokens into `batch` (at `batch.filled`)."""
+    def take(self, batch: Batch, n: int, gatherers: Workers | None, defer: list[Take] | None = None) -> None:
+        """Gather this run's next `n` tokens into `batch` (at `batch.filled`); `defer`: the states'
+        copies left to the caller (`Window.gather`)."""
         while n:
             if self._d is None or self._at == self._d.order.size:
                 self._d = None  # let go of the used window before the next is assembled
@@ -159,7 +160,7 @@ class Feed:
                 continue  # a stage may be empty, or passed over whole by a resumed offset
             d = self._d
             take = min(n, d.order.size - self._at)
-            d.win.gather(d.order[self._at : self._at + take], batch, gatherers)
+            d.win.gather(d.order[self._at : self._at + take], batch, gatherers, defer)
             self._at += take
             n -= take
             at = d.done + self._at  # an incomplete window has tokens left past `at`

@@ -55,7 +55,9 @@ from activault.reading.stream import FileRef, FileStream, LoadedFile, Reader, So
 from activault.reading.window import (
     GATHER_THREADS,
     Batch,
+    Take,
     drawn_windows,
+    take_rows,
     window_count,
     window_start,
 )
@@ -408,10 +410,13 @@ class TokenLoader(Reader):
             # loop=False: the batches end once every run has been read whole (epoch 0) at least once.
             while self.loop or not all(f.done(0) for f in feeds):
                 batch, parts = self._out.empty(rows, buffers), []
+                takes: list[Take] = []
                 for r, n in enumerate(quotas(self.weights, self.batch_tokens, self._mixed)):
                     a = batch.filled
-                    feeds[r].take(batch, n, gatherers)
+                    feeds[r].take(batch, n, gatherers, takes)
                     parts.append((a, batch.filled, r))
+                take_rows(takes, gatherers)  # every run's share in one split over the threads
+                del takes
                 self._mixed += 1
                 self._positions = [f.position for f in feeds]
                 yield self._out.deliver(batch, buffers, parts)

@@ -214,6 +214,9 @@ def uniform_same_source_pairs(counts: np.ndarray) -> float:
 # -- the window's tokens and the gather ------------------------------------------------------------
 
 
+Take = tuple[np.ndarray, np.ndarray, np.ndarray]  # (source rows, which of them, into): one np.take
+
+
 @dataclass
 class Batch:
     states: list[torch.Tensor]  # per hook [batch_tokens, d]
@@ -257,13 +260,17 @@ class Window:
         self.offsets = np.cumsum([0, *counts])
         self.n = int(self.offsets[-1])
 
-    def gather(self, index: np.ndarray, batch: Batch, workers: Workers | None = None) -> None:
+    def gather(
+        self, index: np.ndarray, batch: Batch, workers: Workers | None = None, defer: list[Take] | None = None
+    ) -> None:
         """Append tokens `index` to the batch: one copy, file by file (in storage order), split
-        over `workers` (and this thread) when given."""
+        over `workers` (and this thread) when given; with `defer`, the states' copies are added to
+        it for one `take_rows` later (a mixture's runs: one split of the batch over the threads,
+        not one per run), the window's buffers held by them meanwhile."""
         index = np.sort(index)  # 15 us for 4,096 indices; torch.sort took 130 us (a 2.5 ms batch here)
         bounds = np.searchsorted(index, self.offsets).tolist()
         start = batch.filled
-        takes: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (rows of, which, into)
+        takes: list[Take] = []
         for f, kept in enumerate(self.kept):
             lo, hi = bounds[f], bounds[f + 1]
             if lo == hi:
@@ -281,11 +288,14 @@ class Window:
                 at = batch.index[start + lo : start + hi].numpy()
                 at[:, 0] = self.file_ids[f]
                 np.divmod(rows, self.seq[f], out=(at[:, 1], at[:, 2]))
-        take_rows(takes, workers)
+        if defer is None:
+            take_rows(takes, workers)
+        else:
+            defer += takes
         batch.filled += index.size
 
 
-def take_rows(takes: list[tuple[np.ndarray, np.ndarray, np.ndarray]], workers: Workers | None) -> None:
+def take_rows(takes: list[Take], workers: Workers | None) -> None:
     """np.take of every (source rows, which, into), each split in equal parts over the workers and
     this thread. np.take: one thread per call, GIL released (index_select's OpenMP team contended
     with the reader threads and gathered at a third of the speed on 2 cores); mode="clip": "raise"
