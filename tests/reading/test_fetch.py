@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import json
 import logging
+import mmap
 import os
 import re
 import struct
@@ -467,51 +468,77 @@ def test_local_files_are_read_in_place_and_writes_never_reach_them(tmp_path: Pat
 
 
 @pytest.mark.skipif(not LocalStore(".").map_reads, reason="needs Linux >= 5.14 (MADV_POPULATE_READ)")
-def test_a_gathering_reader_reads_local_files_on_disk_and_maps_those_in_the_page_cache(tmp_path: Path) -> None:
+def test_a_gathering_reader_maps_local_files_and_has_those_on_disk_read_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=3, d=512)  # 17 pages a file
     hook = tmp_path / "r/h"
     files = [hook / n for n in run.names]
     pages = [-(-f.stat().st_size // 4096) for f in files]
     assert max(pages) <= residency.SAMPLES  # every page probed: the expected choice is exact
+    asked: list[int] = []  # the size of each mapping read ahead
+    read_ahead = fetch.read_ahead
+    monkeypatch.setattr(fetch, "read_ahead", lambda m: (asked.append(len(m)), read_ahead(m)))
 
     def mapped(held: int) -> list[bool]:
         stream = FileStream(str(hook), held=held)
         with stream.prefetch(0) as got:
             items = [item for _, item in got]
-        assert torch.equal(torch.cat([i.states[0] for i in items]), run.tensor("h"))  # exact bytes either way
+        assert torch.equal(torch.cat([i.states[0] for i in items]), run.tensor("h"))  # exact bytes
         return [_file_mapped_at(i.states[0].data_ptr()) == str(f) for i, f in zip(items, files, strict=True)]
 
-    for held in (1, 4):  # 1: as RCache, which maps every local file; 4: as TokenLoader (window 4)
+    for held in (1, 4):  # 1: as RCache; 4: as TokenLoader (window 4)
         for f in files:
             evict(f)
-        # Measured, not assumed: ext4 drops the pages (read, not mapped), tmpfs cannot (mapped).
-        cached = [cached_pages(f) for f in files]
-        assert mapped(held) == [held == 1 or c >= fetch.RESIDENT * n for c, n in zip(cached, pages, strict=True)]
-        assert [cached_pages(f) for f in files] == pages  # reads go through the page cache: it holds them now
-        assert mapped(held) == [True] * len(files)  # and from there they are read in place
+        # Measured, not assumed: ext4 drops the pages, tmpfs cannot (its files are memory).
+        cold = [cached_pages(f) < fetch.RESIDENT * n for f, n in zip(files, pages, strict=True)]
+        asked.clear()
+        assert mapped(held) == [True] * len(files)  # every local file read in place, on disk or not
+        assert len(asked) == (sum(cold) if held > 1 else 0)  # those on disk read ahead by the kernel
+        assert [cached_pages(f) for f in files] == pages  # the page cache holds them now
+        asked.clear()
+        assert mapped(held) == [True] * len(files) and asked == []  # cached: nothing to read ahead
 
 
 @pytest.mark.parametrize("share", [0.0, 1.0], ids=["on-disk", "cached"])
-def test_the_page_cache_share_decides_how_a_gathering_reader_reads(
+def test_the_page_cache_share_decides_whether_a_gathering_reader_has_files_read_ahead(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, share: float
 ) -> None:
     run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h1", "h2"], files=3, d=1024)
     monkeypatch.setattr(fetch, "resident", lambda mapping: share)  # what mincore would say
+    asked: list[int] = []
+    monkeypatch.setattr(fetch, "read_ahead", lambda mapping: asked.append(len(mapping)))
     hooks = tmp_path / "r"
-    for held, mapped in ((1, True), (4, share >= fetch.RESIDENT)):  # RCache maps; a window of 4 reads cold files
+    for held in (1, 4):  # RCache maps as it is; a window of 4 has cold files read ahead
+        asked.clear()
         with FileStream(str(hooks), hooks=["h1", "h2"], held=held).prefetch(0) as got:
             items = [item for _, item in got]
+        assert len(asked) == (6 if held > 1 and share < fetch.RESIDENT else 0)  # 3 files x 2 hooks
         where = {
             _file_mapped_at(item.states[k].data_ptr()) == str(hooks / h / item.file.name)
             for item in items
             for k, h in enumerate(("h1", "h2"))
         }
-        assert where == {mapped}
+        assert where == {True}  # read in place either way
         for k, h in enumerate(("h1", "h2")):  # the same bytes either way
             assert torch.equal(torch.cat([item.states[k] for item in items]), run.tensor(h))
         assert torch.equal(torch.cat([item.input_ids for item in items]), run.tensor("h1", "input_ids"))
     loader = TokenLoader(str(hooks), hooks=["h1", "h2"], batch_tokens=16, window=2, drop_last=False)
     assert sum(b["h1"].shape[0] for b in loader) == int((run.tensor("h1", "positions") >= 0).sum())
+
+
+def test_read_ahead_is_a_hint_a_refusal_leaves_the_reads_to_fault_pages_in(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"x" * 8192)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapping:
+        fetch.read_ahead(mapping)  # asked of the kernel: no error, nothing read here
+        assert mapping[:1] == b"x"
+
+    class Refusing:
+        def madvise(self, *a: Any) -> None:
+            raise OSError(22, "Invalid argument")
+
+    fetch.read_ahead(Refusing())  # type: ignore[arg-type]
 
 
 @pytest.mark.skipif(not LocalStore(".").map_reads, reason="needs Linux >= 5.14 (MADV_POPULATE_READ)")
@@ -711,7 +738,6 @@ def test_a_slow_local_disk_is_read_in_the_floors_ranges_not_as_remote_storage(
     tmp_path: Path, small_ranges: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     run = write_synthetic_run(LocalStore(tmp_path, fsync=False), "r", ["h"], files=4, d=1024)  # 128 KiB
-    monkeypatch.setattr(fetch, "resident", lambda mapping: 0.0)  # on disk: a gathering reader reads it in ranges
     with LocalStore(tmp_path).open(f"r/h/{run.names[0]}") as obj:
         handle = type(obj)  # the local store's handle: every ranged read goes through its read_into
     read = handle.read_into
@@ -721,7 +747,7 @@ def test_a_slow_local_disk_is_read_in_the_floors_ranges_not_as_remote_storage(
         return read(self, offset, out)
 
     monkeypatch.setattr(handle, "read_into", seeking)
-    stream = FileStream(str(tmp_path / "r/h"), held=4)
+    stream = FileStream(LocalStore(tmp_path / "r/h", fsync=False, map_reads=False), held=4)  # read by copy
     items, ranges = [], 0  # range threads alive, the most seen
     with stream.prefetch(0) as got:
         for _, item in got:

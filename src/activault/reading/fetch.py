@@ -55,20 +55,31 @@ SLOW_FIRST_BYTE = 0.025
 # instead of two (on moto, whose ranged GETs each read the whole object, the header's small read
 # cost as much as the file), and junk costs at most one well-formed file's bytes.
 HEAD_BYTES = 64 << 10
-# A reader that gathers across the files it holds (TokenLoader: `read_cold`) maps a file only where
-# the page cache holds at least RESIDENT of it (`residency.resident`), and reads a colder one by
-# parallel preads into recycled buffers: mapped, its loading thread faults it in front to back
-# while the gather takes the cores, and the disk idles (TokenLoader from a cold disk: 1.4-4.8x).
-# RCache, which hands each file over whole, keeps mapping: the kernel's read-ahead serves its one
-# sequential reader well (its cold preads moved 0.22-0.66 of that; docs/benchmarks.md, "the fetch path").
-# Warm pages cost a copy read (~4 GB/s here) against 25+ GB/s mapped, cold ones ~0.8 GB/s mapped
-# beside a gather against ~1.3-1.7 read in parallel: mapping wins from ~70% resident.
+# A reader that gathers across the files it holds (TokenLoader: `read_cold`) asks the kernel to read
+# a mapped file ahead whole (MADV_WILLNEED) where the page cache holds less than RESIDENT of it
+# (`residency.resident`): mapped alone, its loading thread faults it in front to back while the
+# gather takes the cores, and the disk idles. Measured against reading such files by parallel
+# preads into recycled buffers, which this replaced (docs/benchmarks.md, "Cold files"): 4 files of
+# 64 / 256 MiB, quiet machine 1.55 / 2.29 GB/s against 1.16 / 1.20, with two CPU burners beside it
+# 1.55 / 2.12 against 1.02 / 1.23, the first batch in half the time (no fresh buffer to fault in).
+# RCache, which hands each file over whole, maps as it is: the kernel's read-ahead serves its one
+# sequential reader well.
 RESIDENT = 0.75
 # A local file the store does not map (`map_reads=False`, pinned buffers for CUDA) is read in ranges
 # of at least LOCAL_RANGE, one per core at most: from the page cache one 64 MiB pread took 40-54 ms
 # into a fresh buffer, 8 parallel 8 MiB ones 450-550 ms each (8 threads faulting one buffer in on
 # 2 cores), and every range is a hand-off to a range worker (docs/benchmarks.md, third session).
 LOCAL_RANGE = 64 << 20
+
+
+def read_ahead(mapping: mmap.mmap) -> None:
+    """Ask the kernel to read the whole mapped file into the page cache now, at the disk's queue
+    depth and without a thread of ours, while the loading thread reads it in place front to back
+    (a hint: refused, the reads fault the pages in as they come)."""
+    try:
+        mapping.madvise(mmap.MADV_WILLNEED)
+    except (AttributeError, OSError):
+        pass
 
 
 def local_step(size: int, range_size: int | None = None) -> int:
@@ -139,7 +150,7 @@ class ObjectReader:
         self.stop, self.range_size = stop, range_size
         self.step = range_step(size, range_size, self.first_byte.seconds)
         self.expect = expect  # tensor bytes of a full file of this hook (None: unknown)
-        self.read_cold = read_cold  # a file the page cache lacks is read, not mapped (RESIDENT)
+        self.read_cold = read_cold  # a mapped file the page cache lacks is read ahead whole (RESIDENT)
         self._local = False  # local storage (mapped or not), whose first byte is no network's
         self._whole: torch.Tensor | None = None  # the file, when requested whole with its header
         self._rest: list[Future[Any]] = []  # its other ranges, when requested with the header
@@ -205,9 +216,9 @@ class ObjectReader:
         raise AssertionError("unreachable")
 
     def open(self, buffers: ReadBuffers) -> bool:
-        """Map the file where the store can (and, with `read_cold`, the page cache holds it: RESIDENT),
-        reading none of it; True if it is mapped: its head and body are then read in place on the
-        calling thread, range after range.
+        """Map the file where the store can (with `read_cold`, one mostly on disk is read ahead by the
+        kernel: RESIDENT), reading none of it here; True if it is mapped: its head and body are then
+        read in place on the calling thread, range after range.
 
         One thread reading a mapped file front to back beat its ranges split over the range
         workers: from the page cache they cost more in thread hops than the reads themselves.
@@ -227,8 +238,7 @@ class ObjectReader:
                     # seek); measured as remote, a cold 256 MiB file went to 32 ranges at 0.2 GB/s.
                     self._local, self.step = True, range_step(obj.size, self.range_size)
                 if mapping is not None and self.read_cold and resident(mapping) < RESIDENT:
-                    mapping.close()  # mostly on disk: parallel preads keep it busy (RESIDENT)
-                    mapping = None
+                    read_ahead(mapping)  # mostly on disk (RESIDENT)
                 self._map = mapping
                 if mapping is not None:
                     obj.close()  # the mapping holds the version now

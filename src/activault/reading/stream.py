@@ -93,7 +93,7 @@ class FileStream:
         attributes here too; preserve_file_order None: the stored order);
         `pin`: read into pinned memory (for CUDA); `transform`: applied to each megabatch on the
         reading thread; `held`: files the consumer holds at once (their buffers are kept for reuse;
-        more than one: a gathering reader, whose local files on disk are read, not mapped: fetch.RESIDENT).
+        more than one: a gathering reader, whose mapped files on disk the kernel reads ahead: fetch.RESIDENT).
     """
 
     def __init__(
