@@ -286,3 +286,20 @@ def test_a_garbage_codec_in_metadata_json_is_damage_the_collection_rebuilds(llam
     with caplog.at_level(logging.WARNING, logger="activault"):
         assert collect(cfg, show_progress=False, repair=True).repaired == []
     assert path.read_bytes() == want and "metadata.json was damaged" in caplog.text
+
+
+def test_a_new_zstd_level_applies_to_new_files_of_a_zstd_run(llama, tmp_path):
+    """Level and chunk size are runtime settings: new files of a zstd run take the config's level
+    (only the codec itself follows metadata.json)."""
+    from activault.vault import megabatch as fmt
+
+    cfg = make_cfg(llama, tmp_path, upload={"compression": "zstd"})
+    collect(cfg, show_progress=False)
+    path = tmp_path / "run" / H0 / "m00000-000001.safetensors"
+    path.unlink()
+    collect(make_cfg(llama, tmp_path, upload={"compression": "zstd", "compression_level": 3}), repair=True)
+    levels = {
+        p.name: fmt.parse_header(p.read_bytes(), str(p)).packed["states"].level
+        for p in path.parent.glob("*.safetensors")
+    }
+    assert levels == {"m00000-000000.safetensors": 1, "m00000-000001.safetensors": 3, "m00000-000002.safetensors": 1}

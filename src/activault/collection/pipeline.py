@@ -175,9 +175,10 @@ class _Job:
         )
 
     def _codec(self, configured: codecs.Codec | None) -> codecs.Codec | None:
-        """How new files are stored: as the run's metadata.json says (`activault recompress` changes
-        it, cfg.json keeps the config's), so a resumed or repaired run stays one codec; the config's
-        for a new run, and for hooks without metadata yet."""
+        """How new files are stored: with the codec the run's metadata.json names (`activault
+        recompress` changes it, cfg.json keeps the config's), so a resumed or repaired run stays one
+        codec; the config's for a new run, for hooks without metadata yet, and where the names agree
+        (its level and chunk size are runtime settings: they may change on resume)."""
         run, recorded = self.cfg.run_name, {}
         for h in self.cfg.upload_config.hooks:
             try:
@@ -186,18 +187,18 @@ class _Job:
                 continue
             if meta is not None:
                 recorded[h] = codecs.from_description(meta.compression)
-        codecs_found = set(recorded.values())
-        if not codecs_found or codecs_found == {configured}:
-            return configured
-        if len(codecs_found) > 1:
-            said = ", ".join(f"{h}: {codecs.name(c)}" for h, c in recorded.items())
+        names = {h: "none" if c is None else c.name for h, c in recorded.items()}
+        if len(set(names.values())) > 1:
+            said = ", ".join(f"{h}: {n}" for h, n in names.items())
             raise ConfigError(
                 f"the hooks of {self.store.url(run)} store new files with different codecs ({said}): an "
                 f"`activault recompress` of it did not finish. Run it again with the codec you want "
                 f"(`activault recompress {self.store.url(run)} --compression zstd`, or none; fp8 is lossy), "
                 "then collect"
             )
-        (codec,) = codecs_found
+        if not recorded or set(names.values()) == {"none" if configured is None else configured.name}:
+            return configured
+        codec = next(iter(recorded.values()))
         log.info(
             "%s stores new files as %s (its metadata.json; activault recompress changed it), not as "
             "upload_config.compression says (%s): new files follow the run",
