@@ -187,7 +187,7 @@ class _Job:
                 continue
             if meta is not None:
                 recorded[h] = codecs.from_description(meta.compression)
-        names = {h: "none" if c is None else c.name for h, c in recorded.items()}
+        names = {h: codecs.describe(c)["codec"] for h, c in recorded.items()}
         if len(set(names.values())) > 1:
             said = ", ".join(f"{h}: {n}" for h, n in names.items())
             raise ConfigError(
@@ -196,7 +196,7 @@ class _Job:
                 f"(`activault recompress {self.store.url(run)} --compression zstd`, or none; fp8 is lossy), "
                 "then collect"
             )
-        if not recorded or set(names.values()) == {"none" if configured is None else configured.name}:
+        if not recorded or set(names.values()) == {codecs.describe(configured)["codec"]}:
             return configured
         codec = next(iter(recorded.values()))
         log.info(
