@@ -395,3 +395,55 @@ def test_the_sae_metadata_comes_from_the_run(tiny_model_dir: Any, tmp_path: Path
     assert sae_metadata(root, "models.layers.0.mlp.post")["hook_name"] == "blocks.0.hook_mlp_out"
     with pytest.raises(NotFoundError, match="cfg.json does not exist"):
         sae_metadata(tmp_path, "models.layers.1.post")
+
+
+def test_transformer_lens_computes_bert_s_stored_values_at_the_names_given() -> None:
+    """BERT (the real all-MiniLM-L6-v2 weights), two documents packed in a row: TransformerLens's
+    HookedEncoder, run on each document alone, holds the stored values at the names given (post-norm
+    blocks: `post` is `hook_normalized_resid_post`, the MLP's output before its residual and LayerNorm
+    is `hook_mlp_out`); the attention module's output (added and normalised) has no name."""
+    from transformer_lens import HookedEncoder, HookedTransformerConfig
+    from transformer_lens.pretrained.weight_conversions import convert_bert_weights
+    from transformers import AutoModel, BertForPreTraining
+
+    from activault.collection.hooks import Capture, resolve_hooks
+    from support.realmodel import MODEL
+
+    model = AutoModel.from_pretrained(MODEL, dtype=torch.float32).eval()
+    c = model.config
+    with_heads = BertForPreTraining(c)  # the converter reads the MLM and NSP heads too; no hook uses them
+    with_heads.bert.load_state_dict(model.state_dict())
+    cfg = HookedTransformerConfig(
+        n_layers=c.num_hidden_layers,
+        d_model=c.hidden_size,
+        n_heads=c.num_attention_heads,
+        d_head=c.hidden_size // c.num_attention_heads,
+        d_mlp=c.intermediate_size,
+        n_ctx=c.max_position_embeddings,
+        d_vocab=c.vocab_size,
+        act_fn=c.hidden_act,
+        normalization_type="LN",
+        eps=c.layer_norm_eps,
+        attention_dir="bidirectional",
+        original_architecture="BertForMaskedLM",
+    )
+    tl = HookedEncoder(cfg)
+    missing = tl.load_state_dict(convert_bert_weights(with_heads, cfg), strict=False).missing_keys
+    assert {k.rsplit(".", 1)[-1] for k in missing} <= {"IGNORE", "mask"}
+    tl.eval()
+    hooks = ["models.layers.0.pre", "models.layers.2.pre", "models.layers.2.post", "models.layers.2.mlp.post"]
+    hooks += ["models.layers.-1.post", "models.layers.2.attention.post"]
+    ids = torch.randint(1000, c.vocab_size, (1, 9), generator=torch.Generator().manual_seed(0))
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3]])
+    segments = torch.tensor([[1, 1, 1, 1, 1, 2, 2, 2, 2]], dtype=torch.int32)
+    with Capture(model, resolve_hooks(model, hooks)) as capture:
+        stored = capture(ids, positions, segments)
+    docs = [slice(0, 5), slice(5, 9)]
+    caches = [tl.run_with_cache(ids[:, doc])[1] for doc in docs]
+    names = {h: transformer_lens_name(h, c.model_type, c.num_hidden_layers) for h in hooks}
+    assert names["models.layers.-1.post"] == "blocks.5.hook_normalized_resid_post"
+    assert names["models.layers.2.attention.post"] is None
+    for hook, name in names.items():
+        for doc, cache in zip(docs, caches, strict=True):
+            if name is not None:
+                torch.testing.assert_close(stored[hook][:, doc].float(), cache[name], rtol=1e-4, atol=1e-4)

@@ -249,7 +249,9 @@ def _set_one(trainer: Any, uri: Source | Sequence[Source], hook: str) -> None:
 # activault's block hooks -> TransformerLens's, per model_type, where HookedTransformer (loaded
 # without weight processing, as SAELens loads it) computes the same values there. Pre-norm decoders
 # add attention and MLP outputs to the residual stream; BERT normalises after each addition, so a
-# block's output is TransformerLens's `hook_normalized_resid_post`.
+# block's output is TransformerLens's `hook_normalized_resid_post` (HookedEncoder, bidirectional).
+# Each entry is checked against TransformerLens in tests/integrations/test_saelens.py: gpt2 and
+# llama on tiny models, bert on the real all-MiniLM-L6-v2 weights.
 _DECODER = {
     "pre": "hook_resid_pre",
     "post": "hook_resid_post",
