@@ -28,6 +28,7 @@ from activault.vault.records import (
     parse_record,
     read_metadata,
     read_progress,
+    read_progress_count,
     read_record,
     read_run,
     read_statistics,
@@ -224,6 +225,71 @@ def test_planned_files_are_the_configs_share_of_each_machine(tmp_path: Path, n_b
     assert records.planned_files(rec.model_copy(update={"config": {}}), 0) is None  # no plan: nothing to check
 
 
+# ---- the reader's count of a progress record (read_progress_count: the statistics skipped) ----
+
+_SKIPPED = ("'stats", "'rows_done'", "'tokens_done'", "'data_state'")  # fields the count does not parse
+
+
+def _count_or_error(read, store, machine=0, plan=None):
+    try:
+        rec = read(store, "run", machine, plan=plan)
+    except FormatError as e:
+        return ("error", str(e))
+    return None if rec is None else (rec.machine, rec.num_runs, rec.files_done, rec.finished)
+
+
+def _progress_texts(synth_text: bytes) -> list[bytes]:
+    head = '"machine": 0, "num_runs": 3'
+    texts = [synth_text, b"\xef\xbb\xbf" + synth_text, synth_text + b" x", synth_text[: len(synth_text) // 2]]
+    texts += [
+        t.encode()
+        for t in [
+            "{" + head + ', "files_done": 2, "finished": true}',
+            "{" + head + ', "files_done": 1, "files_done": 2}',  # a repeated key: the last, as json.loads
+            "{" + head + ', "files_done": 1.5}',
+            "{" + head + ', "files_done": -1}',
+            "{" + head + ', "files_done": "2"}',
+            "{" + head + ', "finished": "yes"}',
+            "{" + head + ', "data_state": {"s": "\\ud800"}}',  # a lone surrogate: json.loads takes it
+            "{" + head + ', "files_done": NaN}',
+            '{"machine": 1, "num_runs": 3}',  # the name says machine 0
+            '{"machine": 3, "num_runs": 3}',
+            '{"machine": 0}',
+            "{not json",
+            "[1]",
+            "null",
+            "",
+            "[" * 100_000,
+        ]
+    ]
+    return texts
+
+
+def test_the_readers_count_of_a_progress_record_is_the_whole_records(local: LocalStore, synth: SynthRun):
+    """Every text gives the count the whole record gives, or the same error; one that is damaged
+    only in what the count skips is counted (the whole record's readers still refuse it)."""
+    key = "run/progress/machine-00000.json"
+    for text in _progress_texts(local.get(key).tobytes()):
+        local.put(key, text)
+        assert _count_or_error(read_progress_count, local) == _count_or_error(read_progress, local), text[:200]
+    local.put(key, b'{"machine": 0, "num_runs": 3, "files_done": 2, "stats": {"h1": {"mean": "junk"}}}')
+    assert _count_or_error(read_progress_count, local) == (0, 3, 2, False)
+    with pytest.raises(FormatError, match="field 'stats"):
+        read_progress(local, "run", 0)
+    local.delete(key)
+    assert read_progress_count(local, "run", 0) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=120) | st.builds(lambda b: b'{"machine": 0, "num_runs": 3' + b, st.binary(max_size=60)))
+def test_any_bytes_give_the_count_the_whole_record_gives_or_its_error(tmp_path_factory, raw):
+    store = LocalStore(tmp_path_factory.mktemp("count"))
+    store.put("run/progress/machine-00000.json", raw)
+    count, whole = _count_or_error(read_progress_count, store), _count_or_error(read_progress, store)
+    skipped_only = isinstance(whole, tuple) and whole[0] == "error" and any(f in whole[1] for f in _SKIPPED)
+    assert count == whole or (skipped_only and count[0] != "error"), (raw, count, whole)
+
+
 @pytest.mark.parametrize("where", ["local", pytest.param("moto", marks=pytest.mark.s3)])
 def test_a_progress_record_counting_more_files_than_planned_is_refused(where, request, tmp_path: Path):
     from support.runstate import edit_progress, store_at, with_plan
@@ -242,3 +308,4 @@ def test_a_progress_record_counting_more_files_than_planned_is_refused(where, re
     assert "delete " in text and "rerun machine 1's collect command" in text
     with pytest.raises(FormatError, match="files_done' is 99"):  # what the collection pipeline calls
         records.check_against_plan(read_progress(store, "run", 1), 3, store, "run")
+    assert _count_or_error(read_progress_count, store, 1, plan) == ("error", text)  # what a reader lists by

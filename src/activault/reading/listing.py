@@ -223,7 +223,7 @@ class Catalog:
         per_hook: Sequence[dict[str, int]],
         lost: list[set[str]],
         names: set[str],
-        progress: dict[int, records.ProgressRecord | None],
+        progress: dict[int, records.ProgressCount | None],
     ) -> None:
         """Files some hooks lack, or hold empty (that other hooks or the progress records have):
         being written (wait), else an error, or skipped and counted. One hook is checked against
@@ -257,7 +257,7 @@ class Catalog:
             self.incomplete[prefix.store.url(name)] = lacking
         warnings.warn(f"skipping {len(missing)} file(s) not in every hook: {shown}", stacklevel=4)
 
-    def _progress(self, si: int, prefix: Prefix) -> dict[int, records.ProgressRecord | None]:
+    def _progress(self, si: int, prefix: Prefix) -> dict[int, records.ProgressCount | None]:
         """Machine -> its progress record (None: damaged, so it tells nothing, with a warning), when
         the source has records: a run folder (`hooks` given) or a hook folder of a run."""
         store = prefix.records
@@ -272,9 +272,9 @@ class Catalog:
                 self._plans[si] = None  # checked against nothing, as the records of a run without one
         plan = self._plans.get(si)
 
-        def read(machine: int) -> records.ProgressRecord | FormatError | None:
+        def read(machine: int) -> records.ProgressCount | FormatError | None:
             try:
-                return records.read_progress(store, "", machine, plan=plan)
+                return records.read_progress_count(store, "", machine, plan=plan)
             except FormatError as e:
                 return e
 
@@ -341,7 +341,7 @@ class Catalog:
         return shapes
 
 
-def _in_flight(name: str, progress: dict[int, records.ProgressRecord | None]) -> bool:
+def _in_flight(name: str, progress: dict[int, records.ProgressCount | None]) -> bool:
     """Whether its machine is still writing the file (its progress record does not count it)."""
     parsed = records.parse_file_name(name)
     if parsed is None:

@@ -7,7 +7,7 @@ the repair.
 from __future__ import annotations
 
 import reprlib
-from typing import Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
@@ -16,6 +16,9 @@ from activault import dtypes
 from activault.vault import codec as codecs
 from activault.vault.megabatch import DOCUMENTS, FORMAT, FORMAT_VERSION, PROVENANCE_SINCE, SUFFIX, Header
 from activault.vault.norms import NORMS
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 from activault.vault.original import OriginalConfig, OriginalMetadata
 from activault.vault.stats import NORM_HIST_LENGTH, STATS_VERSION, RunningStats
 
@@ -173,23 +176,28 @@ class HookStatistics(StatsRecord):
         return self
 
 
-class ProgressRecord(Record):
-    """progress/machine-{i}.json: how far machine i got; written after the files it counts."""
+class ProgressCount(Record):
+    """The fields of a progress record a reader lists files by (records.read_progress_count)."""
 
     machine: int = Field(ge=0, lt=MAX_MACHINES)
     num_runs: int = Field(ge=1, le=MAX_MACHINES)
     files_done: Count = 0
-    rows_done: Count = 0
-    tokens_done: Count = 0
-    data_state: dict[str, Any] | None = None
     finished: bool = False
-    stats: dict[str, StatsRecord] = Field(default_factory=dict)
 
     @model_validator(mode="after")
-    def _machine(self) -> ProgressRecord:
+    def _machine(self) -> Self:
         if self.machine >= self.num_runs:
             raise ValueError(f"machine {self.machine} is not below num_runs {self.num_runs}")
         return self
+
+
+class ProgressRecord(ProgressCount):
+    """progress/machine-{i}.json: how far machine i got; written after the files it counts."""
+
+    rows_done: Count = 0
+    tokens_done: Count = 0
+    data_state: dict[str, Any] | None = None
+    stats: dict[str, StatsRecord] = Field(default_factory=dict)
 
 
 class HookMetadata(Versioned):
