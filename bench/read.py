@@ -43,7 +43,7 @@ from bench.record import run_writer, stamp
 OUT = Path(__file__).parent / "out" / "read.jsonl"
 ROOT = Path(__file__).resolve().parent.parent
 SEQ = 1024
-ZSTD = ("decode-limit", "rcache-zstd", "tokens-zstd")
+ZSTD = ("decode-limit", "rcache-zstd", "tokens-zstd", "rcache-zstd-again", "tokens-zstd-again")
 READERS = {
     "local": [
         *("raw-one", "raw-one-map", "raw", "raw-map", "raw-gather", "raw-map-gather"),
@@ -83,6 +83,10 @@ FIGURES = [
     ("RCache first item / one mapped file, page cache", "local", "warm", "rcache", "raw-one-map", "first", ""),
     ("RCache zstd / decode limit, page cache", "local", "warm", "rcache-zstd", "decode-limit", "rate", ">= 0.85"),
     ("TokenLoader zstd / decode limit, page cache", "local", "warm", "tokens-zstd", "decode-limit", "rate", ">= 0.85"),
+    ("RCache zstd, warm buffers / decode limit, page cache", "local", "warm")
+    + ("rcache-zstd-again", "decode-limit", "rate", ">= 0.85"),
+    ("TokenLoader zstd, warm buffers / decode limit, page cache", "local", "warm")
+    + ("tokens-zstd-again", "decode-limit", "rate", ">= 0.85"),
     ("RCache zstd / RCache raw run, page cache", "local", "warm", "rcache-zstd", "rcache", "rate", ""),
     ("RCache / raw, moto", "moto", "-", "rcache", "raw", "rate", ">= 0.9"),
     ("RCache / raw, throttled S3", "proxy", "-", "rcache", "raw", "rate", ">= 0.9"),
