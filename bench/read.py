@@ -14,7 +14,8 @@ of the SAME repetition, reported as its median (min-max) over `--reps`. Stores:
   moto's own time per GET stays in and is reported (`upstream ms/GET`).
 
 Two runs are written: `run` raw and `zrun` with zstd (bench/readers.py compares the decoders with
-the codec's own decode of the same chunks on every core: `decode-limit`). Each invocation appends
+the codec's own decode of the same chunks on every core, `decode-limit`, and TokenLoader with that
+decode followed by the same gather, `decode-gather`). Each invocation appends
 one JSON line (figures, per-reader rows, every run) to `--json` and prints two tables.
 
     python -m bench.read [--files 4] [--mib 64] [--reps 5] [--stores local,moto,proxy]
@@ -43,7 +44,7 @@ from bench.record import run_writer, stamp
 OUT = Path(__file__).parent / "out" / "read.jsonl"
 ROOT = Path(__file__).resolve().parent.parent
 SEQ = 1024
-ZSTD = ("decode-limit", "rcache-zstd", "tokens-zstd", "rcache-zstd-again", "tokens-zstd-again")
+ZSTD = ("decode-limit", "decode-gather", "rcache-zstd", "tokens-zstd", "rcache-zstd-again", "tokens-zstd-again")
 READERS = {
     "local": [
         *("raw-one", "raw-one-map", "raw", "raw-map", "raw-gather", "raw-map-gather"),
@@ -82,11 +83,12 @@ FIGURES = [
     + ("tokens-read-again", "raw-one", "first", "<= 1.5"),
     ("RCache first item / one mapped file, page cache", "local", "warm", "rcache", "raw-one-map", "first", ""),
     ("RCache zstd / decode limit, page cache", "local", "warm", "rcache-zstd", "decode-limit", "rate", ">= 0.85"),
-    ("TokenLoader zstd / decode limit, page cache", "local", "warm", "tokens-zstd", "decode-limit", "rate", ">= 0.85"),
     ("RCache zstd, warm buffers / decode limit, page cache", "local", "warm")
     + ("rcache-zstd-again", "decode-limit", "rate", ">= 0.85"),
-    ("TokenLoader zstd, warm buffers / decode limit, page cache", "local", "warm")
-    + ("tokens-zstd-again", "decode-limit", "rate", ">= 0.85"),
+    ("TokenLoader zstd / (decode limit + gather), page cache", "local", "warm", "tokens-zstd", "decode-gather")
+    + ("rate", ">= 0.85"),
+    ("TokenLoader zstd, warm buffers / (decode limit + gather), page cache", "local", "warm")
+    + ("tokens-zstd-again", "decode-gather", "rate", ">= 0.85"),
     ("RCache zstd / RCache raw run, page cache", "local", "warm", "rcache-zstd", "rcache", "rate", ""),
     ("RCache / raw, moto", "moto", "-", "rcache", "raw", "rate", ">= 0.9"),
     ("RCache / raw, throttled S3", "proxy", "-", "rcache", "raw", "rate", ">= 0.9"),

@@ -10,6 +10,9 @@ Baselines (their buffers are set up and touched before the clock starts):
   reference: not a first-touched fresh buffer, which flattered the readers 3-5x).
 - raw-gather, raw-map-gather: raw / raw-map held a window at a time, each window's tokens permuted
   and gathered into a reused batch on TokenLoader's gather threads: the floor of a shuffling loader.
+- decode-gather: decode-limit into a window of reused tensors, each window's tokens permuted and
+  gathered as raw-gather's: the floor of a shuffling reader of compressed files (the gather needs
+  the same cores as the decode).
 - decode-limit: the zstd run's `states` frames, read into memory before the clock, decoded with
   the codec's public `unpack` on its process-wide pool (a thread per core, started and warmed by
   one untimed decode) into one reused, touched output tensor: the most any reader of compressed
@@ -36,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-PREPARED = ("raw", "decode-limit")  # set up outside the clock; readers' construction is timed
+PREPARED = ("raw", "decode-limit", "decode-gather")  # set up outside the clock; readers' construction is timed
 
 
 def rss(field: str = "VmRSS") -> int:
@@ -141,14 +144,25 @@ def ahead(keys: list[tuple[str, int]], buffer_size: int, fetch: Any) -> Iterator
             yield view
 
 
-def raw_gather(files: Iterator[memoryview], window: int, batch_tokens: int) -> Iterator[memoryview]:
-    """`files` a window at a time, their tokens' states permuted and gathered into a reused batch
-    (np.take per file and batch, split over the same threads as TokenLoader's)."""
+def states_rows(files: Iterator[memoryview]) -> Iterator[Any]:
+    """Each raw file's `states` as rows of bytes `[tokens, d x itemsize]` (views, no copy)."""
+    import numpy as np
+
+    from activault.vault import megabatch as fmt
+
+    for view in files:
+        header = fmt.parse_header(view, "raw")
+        a, b = header.byte_range("states")
+        yield np.frombuffer(view[a:b], np.uint8).reshape(-1, header.d_model * header.dtype.itemsize)
+
+
+def raw_gather(files: Iterator[Any], window: int, batch_tokens: int) -> Iterator[memoryview]:
+    """`files` (`[tokens, row_bytes]` uint8 each) a window at a time, their tokens permuted and
+    gathered into a reused batch (np.take per file and batch, split over TokenLoader's threads)."""
     import numpy as np
 
     from activault.reading.window import GATHER_THREADS, take_rows
     from activault.reading.workers import Workers
-    from activault.vault import megabatch as fmt
 
     rng = np.random.default_rng(0)
     batch: np.ndarray | None = None
@@ -173,10 +187,8 @@ def raw_gather(files: Iterator[memoryview], window: int, batch_tokens: int) -> I
 
     held: list[np.ndarray] = []
     try:
-        for view in files:
-            header = fmt.parse_header(view, "raw")
-            a, b = header.byte_range("states")
-            held.append(np.frombuffer(view[a:b], np.uint8).reshape(-1, header.d_model * header.dtype.itemsize))
+        for rows in files:
+            held.append(rows)
             if len(held) == window:
                 yield from gather(held)
                 held = []
@@ -187,8 +199,9 @@ def raw_gather(files: Iterator[memoryview], window: int, batch_tokens: int) -> I
             workers.close()
 
 
-def decode_limit(store: Any, folder: str) -> Iterator[Any]:
-    """The stored `states` of each file decoded on every core into one reused tensor, no I/O."""
+def decode_limit(store: Any, folder: str, held: int = 1) -> Iterator[Any]:
+    """The stored `states` of each file decoded on every core into reused tensors (`held` of them,
+    in turn: the files a consumer holds at once), no I/O."""
     import torch
 
     from activault.vault import codec as codecs
@@ -202,15 +215,16 @@ def decode_limit(store: Any, folder: str) -> Iterator[Any]:
         blobs.append((key, memoryview(buf)[a:b], header.packed["states"]))
     if not blobs:
         raise RuntimeError(f"no compressed files under {folder}")
-    out = torch.ones(blobs[0][2].shape, dtype=blobs[0][2].dtype)  # touched: its pages are warm
+    outs = [torch.ones(blobs[0][2].shape, dtype=blobs[0][2].dtype) for _ in range(held)]  # touched: warm
     # One untimed decode first, on the process-wide codec pool the readers use: its threads started
     # and their scratch buffers touched, as a long decode finds them (a pool per call, as before,
     # started threads and faulted fresh scratch in for every file: 233k faults per GB).
     key, blob, packed = blobs[0]
-    codecs.unpack(blob, packed, key, empty=lambda *_, **__: out)
+    codecs.unpack(blob, packed, key, empty=lambda *_, **__: outs[0])
     yield memoryview(b"")
-    for key, blob, packed in blobs:
-        yield codecs.unpack(blob, packed, key, empty=lambda *_, **__: out)
+    for i, (key, blob, packed) in enumerate(blobs):
+        out = outs[i % held]
+        yield codecs.unpack(blob, packed, key, empty=lambda *_, o=out, **__: o)
 
 
 def reader(case: dict[str, Any]) -> Iterable[Any]:
@@ -235,6 +249,11 @@ def reader(case: dict[str, Any]) -> Iterable[Any]:
     uri = f"{case['root'].rstrip('/')}/{run}/hook"
     if name == "decode-limit":
         it: Iterator[Any] = decode_limit(store, "zrun/hook")
+    elif name == "decode-gather":  # the floor of a shuffling reader of compressed files
+        it = decode_limit(store, "zrun/hook", held=case["window"])
+        next(it)  # the untimed set-up
+        rows = (s.reshape(-1, s.shape[-1]).view(torch.uint8).numpy() for s in it)
+        return raw_gather(rows, case["window"], case["batch_tokens"])
     elif name.startswith("raw"):
         files = 1 if name.startswith("raw-one") else None
         if "-map" in name:
@@ -256,7 +275,7 @@ def reader(case: dict[str, Any]) -> Iterable[Any]:
         keys = [e.key for e in store.list_dir("legacy/hook")[1]]
         return (torch.load(io.BytesIO(bytes(store.get(k))), weights_only=True)["states"] for k in keys)
     next(it)  # the untimed set-up
-    return raw_gather(it, case["window"], case["batch_tokens"]) if name.endswith("-gather") else it
+    return raw_gather(states_rows(it), case["window"], case["batch_tokens"]) if name.endswith("-gather") else it
 
 
 def nbytes(item: Any) -> int:

@@ -109,6 +109,28 @@ def test_an_again_reader_reads_once_untimed_then_from_the_page_cache_state_asked
     assert again["bytes"] == once["bytes"] == 2 * SEQ * 256 * 2  # one pass timed, every token once
 
 
+def test_the_compressed_gather_floor_delivers_every_token_of_the_run_once(tmp_path: Path) -> None:
+    """decode-gather (TokenLoader zstd's baseline): the zstd run decoded and gathered, every token
+    once, the same rows as the raw run's gather floor."""
+    import numpy as np
+
+    from activault.storage import LocalStore
+    from bench.read import SEQ, write_files
+    from bench.readers import reader
+
+    write_files(LocalStore(tmp_path, fsync=False), 2, 1, 256)
+    case = {"store": "local", "root": str(tmp_path), "env": None, "range_size": None, "cache": "warm", "cold": False}
+    case |= {"buffer_size": 1, "window": 2, "batch_tokens": 256, "file_bytes": SEQ * (256 * 2 + 8)}
+
+    def rows(name: str) -> list[bytes]:
+        got = [np.frombuffer(b, np.uint8).reshape(256, -1).copy() for b in reader({**case, "reader": name})]
+        return sorted(r.tobytes() for batch in got for r in batch)
+
+    decoded = rows("decode-gather")
+    assert len(decoded) == 2 * SEQ and len(set(decoded)) == 2 * SEQ  # every token once
+    assert decoded == rows("raw-map-gather")  # the same states as the raw run's
+
+
 def test_the_read_benchmarks_runs_hold_statistics_as_collected_runs_do(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
