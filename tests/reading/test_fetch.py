@@ -251,7 +251,8 @@ def test_a_first_file_of_one_request_is_read_beside_the_next(tmp_path: Path) -> 
     assert torch.equal(torch.cat(list(RCache(logged, buffer_size=3, range_size=1 << 30))), run.tensor("h"))
     events = logged.events
     assert [(e, o) for e, _, o in events[:3]] == [("start", 0)] * 3, events  # one request each, all at once
-    assert [k for _, k, _ in events[:3]] == run.names and len(events) == 6, events
+    # Each file once (the order two threads log their starts in is the scheduler's), none ended first.
+    assert sorted(k for _, k, _ in events[:3]) == run.names and len(events) == 6, events
 
 
 def test_without_metadata_a_big_file_costs_its_header_then_one_request_per_range(

@@ -186,6 +186,33 @@ def test_local_records_are_read_on_the_callers_thread_and_s3_ones_in_parallel(
     assert pools if root.startswith("s3://") else not pools
 
 
+@pytest.mark.s3
+def test_s3_hooks_are_listed_beside_the_records_and_again_when_a_record_counts_what_they_lack(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each listing a round trip: the hook folders are listed while the progress records are read.
+    A file written between the two (listed in no hook, counted by its record) is not taken as lost:
+    the folders are listed again, after the records, and it is read."""
+    store, root, options = store_at("moto", request, tmp_path)
+    run = write_synthetic_run(store, "run", ["h1", "h2"], machines=2, files=3)
+    late, calls, hidden = run.names[-1], [], []
+    real = Catalog._list
+
+    def listing(self: Catalog, prefix: Any, folder: str) -> Any:
+        files, empty, odd = real(self, prefix, folder)
+        calls.append(folder.rsplit("/", 1)[-1])
+        if folder.endswith("h2") and not hidden:  # the first listing of h2: before `late` was written there
+            hidden.append(files.pop(late))
+        return files, empty, odd
+
+    monkeypatch.setattr(Catalog, "_list", listing)
+    catalog = Catalog(f"{root}/run", hooks=["h1", "h2"], options=ReadOptions(store_options=options))
+    assert sorted(f.name for block in catalog.blocks for f in block) == sorted(run.names)  # none lost, none refused
+    assert sorted(calls) == ["h1", "h1", "h2", "h2"]  # listed again, after the records
+    calls.clear()
+    assert catalog.sync() == 0 and sorted(calls) == ["h1", "h2"]  # once, when no counted file is missing
+
+
 def test_a_full_files_bound_covers_its_documents_and_norms(tmp_path: Path) -> None:
     """The bound a reader requests a file whole under (fetch.py `expect`) counts every tensor of a
     format 5 file: each token's states, ids, positions, document and norm."""

@@ -24,6 +24,7 @@ from activault.vault import records
 RECORDS = ("metadata.json", "statistics.json")
 P = ParamSpec("P")
 T = TypeVar("T")
+Progress = dict[int, records.ProgressCount | None]  # machine -> its progress record (None: damaged)
 
 
 class _Inline(Executor):
@@ -122,6 +123,7 @@ class Catalog:
         stores = open_stores(uris, options.store_options or {})
         self.prefixes = [self._prefix(u, s, folders, options) for u, s in zip(uris, stores, strict=True)]
         self._plans: dict[int, records.RunRecord | None] = {}  # source -> its run's cfg.json
+        self._plan_reads: dict[int, Future[records.RunRecord | None]] = {}  # cfg.json asked, not yet used
         self._damaged: set[str] = set()  # progress records warned about
         self.blocks: list[list[FileRef]] = []
         self.incomplete: dict[str, list[str]] = {}  # url of a file -> hooks that lack it (skipped)
@@ -129,10 +131,16 @@ class Catalog:
         self._seen: set[tuple[int, str]] = set()
         # Each hook's metadata.json is read while the folders are listed: one round trip, not two.
         pairs = [(si, h) for si, p in enumerate(self.prefixes) for h in range(len(p.folders))]
-        with _records_pool([p.store for p in self.prefixes], len(pairs)) as pool:
+        # cfg.json too, for the progress records' plan: on object storage each read is a round trip.
+        with _records_pool([p.store for p in self.prefixes], len(pairs) + len(self.prefixes)) as pool:
             asked = {
                 (si, h): pool.submit(records.read_metadata, self.prefixes[si].store, self.prefixes[si].folders[h])
                 for si, h in pairs
+            }
+            self._plan_reads = {
+                si: pool.submit(records.read_run, p.records, "", original_ok=True)
+                for si, p in enumerate(self.prefixes)
+                if p.records is not None and is_s3(p.records.uri)
             }
             found = self.sync()
             if not found:
@@ -160,13 +168,11 @@ class Catalog:
         """List again; files not seen before are appended as a new block. Returns how many."""
         new: list[FileRef] = []
         for si, prefix in enumerate(self.prefixes):
-            # The records first: a file they count was written before them, so it is listed below.
-            progress = self._progress(si, prefix)
-            per_hook, empty, odd = zip(*(self._list(prefix, folder) for folder in prefix.folders), strict=True)
+            per_hook, empty, odd, progress = self._listing(si, prefix)
             listed = set.union(*(set(p) for p in per_hook))
             if not listed:
                 progress = {}  # none listed: the NotFoundError says so (or a run stored no files)
-            counted = {records.file_name(m, k) for m, rec in progress.items() if rec for k in range(rec.files_done)}
+            counted = _counted(progress)
             self._foreign(
                 [o for os in odd for o in os] + [(u, "empty") for e in empty for n, u in e.items() if n not in counted]
             )
@@ -180,6 +186,30 @@ class Catalog:
         if new:
             self.blocks.append(new)
         return len(new)
+
+    def _listing(
+        self, si: int, prefix: Prefix
+    ) -> tuple[tuple[dict[str, int], ...], tuple[dict[str, str], ...], tuple[list[tuple[str, str]], ...], Progress]:
+        """Every hook folder's listing (`_list`) and the progress records, the records read first:
+        a file they count was written before them, so a listing made after them has it.
+
+        On object storage, where each is a round trip, the hook folders are listed while the
+        records are read (all at once), and listed again only if a record counts a file some hook's
+        listing lacks (written between the two); the listing kept is then one made after the records.
+        """
+        if not is_s3(prefix.store.uri):
+            progress = self._progress(si, prefix)
+            per_hook, empty, odd = zip(*(self._list(prefix, f) for f in prefix.folders), strict=True)
+            return per_hook, empty, odd, progress
+        with _records_pool([prefix.store], len(prefix.folders)) as pool:
+            early = [pool.submit(self._list, prefix, f) for f in prefix.folders]
+            progress = self._progress(si, prefix)
+            per_hook, empty, odd = zip(*(f.result() for f in early), strict=True)
+            counted = _counted(progress)
+            if any(n not in p and n not in e for p, e in zip(per_hook, empty, strict=True) for n in counted):
+                again = [pool.submit(self._list, prefix, f) for f in prefix.folders]
+                per_hook, empty, odd = zip(*(f.result() for f in again), strict=True)
+        return per_hook, empty, odd, progress
 
     def _list(self, prefix: Prefix, folder: str) -> tuple[dict[str, int], dict[str, str], list[tuple[str, str]]]:
         """One hook folder: megabatch name -> size, empty megabatch name -> url (foreign unless a
@@ -223,7 +253,7 @@ class Catalog:
         per_hook: Sequence[dict[str, int]],
         lost: list[set[str]],
         names: set[str],
-        progress: dict[int, records.ProgressCount | None],
+        progress: Progress,
     ) -> None:
         """Files some hooks lack, or hold empty (that other hooks or the progress records have):
         being written (wait), else an error, or skipped and counted. One hook is checked against
@@ -257,7 +287,7 @@ class Catalog:
             self.incomplete[prefix.store.url(name)] = lacking
         warnings.warn(f"skipping {len(missing)} file(s) not in every hook: {shown}", stacklevel=4)
 
-    def _progress(self, si: int, prefix: Prefix) -> dict[int, records.ProgressCount | None]:
+    def _progress(self, si: int, prefix: Prefix) -> Progress:
         """Machine -> its progress record (None: damaged, so it tells nothing, with a warning), when
         the source has records: a run folder (`hooks` given) or a hook folder of a run."""
         store = prefix.records
@@ -265,9 +295,10 @@ class Catalog:
             return {}
         entries = store.list_dir(records.progress_key("", 0).rpartition("/")[0])[1]
         machines = [m for e in entries if (m := records.parse_progress_name(e.key)) is not None]
+        asked = self._plan_reads.pop(si, None)  # read beside the metadata (object storage)
         if machines and si not in self._plans:
             try:
-                self._plans[si] = records.read_run(store, "", original_ok=True)
+                self._plans[si] = asked.result() if asked is not None else records.read_run(store, "", original_ok=True)
             except FormatError:
                 self._plans[si] = None  # checked against nothing, as the records of a run without one
         plan = self._plans.get(si)
@@ -341,7 +372,12 @@ class Catalog:
         return shapes
 
 
-def _in_flight(name: str, progress: dict[int, records.ProgressCount | None]) -> bool:
+def _counted(progress: Progress) -> set[str]:
+    """The file names the progress records count as written."""
+    return {records.file_name(m, k) for m, rec in progress.items() if rec for k in range(rec.files_done)}
+
+
+def _in_flight(name: str, progress: Progress) -> bool:
     """Whether its machine is still writing the file (its progress record does not count it)."""
     parsed = records.parse_file_name(name)
     if parsed is None:
