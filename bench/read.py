@@ -11,14 +11,18 @@ of the SAME repetition, reported as its median (min-max) over `--reps`. Stores:
 - moto: a moto S3 server as it is (it reads a whole object for every ranged GET).
 - proxy: moto behind bench/proxy.py, which caps each connection at `--cap-mbps` MB/s and delays
   each answer's first byte by `--first-byte-ms`, like AWS. Ranges go through to moto as asked, so
-  moto's own time per GET stays in and is reported (`upstream ms/GET`).
+  moto's own time per GET stays in and is reported (`upstream ms/GET`): moto reads the whole object
+  for every ranged GET, on the same two cores as the readers.
+- paced: the same pacing by support/s3servers.py's ThrottleProxy, which fetches each object from
+  moto once and serves its ranges itself, so that a range costs its own bytes, as on a real
+  endpoint whose servers are not on the reader's cores.
 
 Two runs are written: `run` raw and `zrun` with zstd (bench/readers.py compares the decoders with
 the codec's own decode of the same chunks on every core, `decode-limit`, and TokenLoader with that
 decode followed by the same gather, `decode-gather`). Each invocation appends
 one JSON line (figures, per-reader rows, every run) to `--json` and prints two tables.
 
-    python -m bench.read [--files 4] [--mib 64] [--reps 5] [--stores local,moto,proxy]
+    python -m bench.read [--files 4] [--mib 64] [--reps 5] [--stores local,moto,proxy,paced]
 
 Local files go under $BENCH_DIR (default: the system's temporary folder): point it at another
 filesystem (NFS, Lustre) to see the readers there, mapped (`rcache`) against read (`rcache-read`).
@@ -56,7 +60,12 @@ READERS = {
         *("raw-one", "raw", "raw-gather", "rcache", "tokens", "original"),
         *("rcache-zstd", "tokens-zstd", "raw-1get", "rcache-1get", "rcache-again", "tokens-again"),
     ],
+    "paced": [
+        *("raw-one", "raw", "raw-gather", "rcache", "tokens", "original"),
+        *("rcache-zstd", "tokens-zstd", "rcache-again", "tokens-again"),
+    ],
 }
+S3_STORES = ("moto", "proxy", "paced")
 # (figure, store, cache, reader, baseline, measure, goal): measure "rate" is the reader's
 # bytes/s over the baseline's, "first" the reader's first item over the baseline's whole time.
 FIGURES = [
@@ -101,6 +110,20 @@ FIGURES = [
     ("RCache zstd / raw reads of the raw run, throttled S3", "proxy", "-", "rcache-zstd", "raw", "rate", ">= 1.3"),
     ("TokenLoader zstd / TokenLoader raw run, throttled S3", "proxy", "-", "tokens-zstd", "tokens", "rate", ">= 1.3"),
     ("RCache / original (16 connections per file), throttled S3", "proxy", "-", "rcache", "original", "rate", ">= 2"),
+    ("RCache / raw, S3 paced, ranges served", "paced", "-", "rcache", "raw", "rate", ">= 0.9"),
+    ("TokenLoader / (raw + gather), S3 paced, ranges served", "paced", "-", "tokens", "raw-gather", "rate", ">= 0.8"),
+    ("TokenLoader first batch / one file's fetch, S3 paced, ranges served", "paced", "-", "tokens", "raw-one")
+    + ("first", "<= 1.5"),
+    ("RCache, warm buffers / raw, S3 paced, ranges served", "paced", "-", "rcache-again", "raw", "rate", ">= 0.9"),
+    ("TokenLoader, warm buffers / (raw + gather), S3 paced, ranges served", "paced", "-", "tokens-again")
+    + ("raw-gather", "rate", ">= 0.8"),
+    ("RCache zstd / RCache raw run, S3 paced, ranges served", "paced", "-", "rcache-zstd", "rcache", "rate", ">= 1.3"),
+    ("RCache zstd / raw reads of the raw run, S3 paced, ranges served", "paced", "-", "rcache-zstd", "raw")
+    + ("rate", ">= 1.3"),
+    ("TokenLoader zstd / TokenLoader raw run, S3 paced, ranges served", "paced", "-", "tokens-zstd", "tokens")
+    + ("rate", ">= 1.3"),
+    ("RCache / original (16 connections per file), S3 paced, ranges served", "paced", "-", "rcache", "original")
+    + ("rate", ">= 2"),
 ]
 
 
@@ -179,7 +202,7 @@ def per_reader(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         row["upstream_ms_per_get"] = [1e3 * p["upstream_s"] / p["requests"] for p in gets]
         row["gets"] = [p["requests"] for p in gets]
         rows.append(row)
-    order = [*READERS["local"], *READERS["moto"], *READERS["proxy"]]
+    order = [r for store in READERS.values() for r in store]
     return sorted(rows, key=lambda r: (r["store"], r["cache"] != "warm", order.index(r["reader"])))
 
 
@@ -222,7 +245,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--buffer-size", type=int, default=2)
     ap.add_argument("--window", type=int, default=4)
     ap.add_argument("--batch-tokens", type=int, default=4096)
-    ap.add_argument("--stores", default="local,moto,proxy")
+    ap.add_argument("--stores", default="local,moto,proxy,paced")
     ap.add_argument(
         "--readers", default="", help="subset (baselines of their figures added): " + ", ".join(READERS["local"])
     )
@@ -245,7 +268,7 @@ def cases_for(args: argparse.Namespace, roots: dict[str, str], envs: dict[str, A
         "batch_tokens": args.batch_tokens,
         "file_bytes": rows * SEQ * (args.d * 2 + 8),
     }
-    caches = {"local": args.cache.split(","), "moto": ["-"], "proxy": ["-"]}
+    caches = {"local": args.cache.split(","), **{s: ["-"] for s in S3_STORES}}
     cases = [
         {"store": s, "cache": c, "cold": c == "cold", "root": roots[s], "env": envs[s], "reader": r, **common}
         for s in args.stores.split(",")
@@ -266,26 +289,28 @@ def main(argv: list[str] | None = None) -> None:
     from activault.storage import LocalStore, open_store
     from bench.proxy import ThrottledProxy
     from bench.readers import touch_ms_per_mib
-    from support.s3servers import MotoServer
+    from support.s3servers import MotoServer, ThrottleProxy
 
     rows = max(1, (args.mib << 20) // (SEQ * args.d * 2))
     stores = args.stores.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="activault-bench-", dir=os.environ.get("BENCH_DIR")))
-    server, proxy = None, None
-    roots = {"local": str(tmp), "moto": "s3://bench", "proxy": "s3://bench"}
+    server, proxy, paced = None, None, None
+    roots = {"local": str(tmp), **{s: "s3://bench" for s in S3_STORES}}
     envs: dict[str, Any] = {"local": None}
     runs: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     try:
         if "local" in stores:
             write_files(LocalStore(tmp, fsync=False), args.files, rows, args.d)
-        if "moto" in stores or "proxy" in stores:
+        if set(stores) & set(S3_STORES):
             server = MotoServer().start()
             server.create_bucket("bench")
             write_files(open_store("s3://bench", env=server.env()), args.files, rows, args.d)
             envs["moto"] = server.env()
             proxy = ThrottledProxy(server.url, cap=args.cap_mbps * 1e6, first_byte_s=args.first_byte_ms / 1e3).start()
             envs["proxy"] = server.env(proxy.url)
+            paced = ThrottleProxy(server.url, rate=args.cap_mbps * 1e6, latency_s=args.first_byte_ms / 1e3)
+            envs["paced"] = server.env(paced.__enter__().url)
         cases = cases_for(args, roots, envs)
         for rep in range(args.reps):
             random.Random(rep).shuffle(cases)  # interleaved: no case always runs first or after another
@@ -306,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         if proxy is not None:
             proxy.close()
+        if paced is not None:
+            paced.__exit__()
         if server is not None:
             server.stop()
     figs, table = figures(runs), per_reader(runs)
