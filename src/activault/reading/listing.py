@@ -22,6 +22,7 @@ from activault.vault import records
 
 # Records kept beside the megabatches in a hook folder.
 RECORDS = ("metadata.json", "statistics.json")
+RECORD_THREADS = 64  # object storage: records read at once (`_records_pool`)
 P = ParamSpec("P")
 T = TypeVar("T")
 Progress = dict[int, records.ProgressCount | None]  # machine -> its progress record (None: damaged)
@@ -42,9 +43,11 @@ class _Inline(Executor):
 def _records_pool(stores: Sequence[Store], jobs: int) -> Executor:
     """Where records are read: on threads for object storage (a round trip each, overlapped), else
     inline: a local record reads in ~0.1 ms, a thread's start and hand-off took 1-8 ms on this
-    project's VM (most of a local reader's construction)."""
+    project's VM (most of a local reader's construction). Up to RECORD_THREADS at once: a run
+    from 64 machines had its progress records read in 195 ms on 16 threads, 130 ms on 64 (30 ms
+    a round trip)."""
     if any(is_s3(s.uri) for s in stores):
-        return ThreadPoolExecutor(min(jobs, 16) or 1, thread_name_prefix="activault-records")
+        return ThreadPoolExecutor(min(jobs, RECORD_THREADS) or 1, thread_name_prefix="activault-records")
     return _Inline()
 
 
