@@ -16,11 +16,11 @@ from activault import dtypes
 from activault.vault import codec as codecs
 from activault.vault.megabatch import DOCUMENTS, FORMAT, FORMAT_VERSION, PROVENANCE_SINCE, SUFFIX, Header
 from activault.vault.norms import NORMS
+from activault.vault.original import OriginalConfig, OriginalMetadata
+from activault.vault.stats import NORM_HIST_LENGTH, STATS_VERSION, RunningStats
 
 if TYPE_CHECKING:
     from typing_extensions import Self
-from activault.vault.original import OriginalConfig, OriginalMetadata
-from activault.vault.stats import NORM_HIST_LENGTH, STATS_VERSION, RunningStats
 
 # File names hold five digits of machine index, so that names sort by machine.
 MAX_MACHINES = 100_000
