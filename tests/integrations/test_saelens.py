@@ -291,6 +291,20 @@ def test_transformer_lens_names_where_the_values_are_the_same(hook: str, model_t
     assert transformer_lens_name(hook, model_type, n_layers=6) == want
 
 
+def _dims(c: Any) -> dict[str, Any]:
+    """HookedTransformerConfig's sizes from a Llama- or BERT-style HF config."""
+    return {
+        "n_layers": c.num_hidden_layers,
+        "d_model": c.hidden_size,
+        "n_heads": c.num_attention_heads,
+        "d_head": c.hidden_size // c.num_attention_heads,
+        "d_mlp": c.intermediate_size,
+        "n_ctx": c.max_position_embeddings,
+        "d_vocab": c.vocab_size,
+        "act_fn": c.hidden_act,
+    }
+
+
 def _hooked_transformer(model: Any, arch: str) -> Any:
     """TransformerLens's HookedTransformer of a tiny HF model, its weights converted unprocessed (as
     SAELens loads a model for cached activations), built offline from the model's own config."""
@@ -314,20 +328,13 @@ def _hooked_transformer(model: Any, arch: str) -> Any:
         )
         weights = convert_gpt2_weights(model, cfg)
     else:
-        d_head = c.hidden_size // c.num_attention_heads
+        dims = _dims(c)
         cfg = HookedTransformerConfig(
-            n_layers=c.num_hidden_layers,
-            d_model=c.hidden_size,
-            n_heads=c.num_attention_heads,
-            d_head=d_head,
-            d_mlp=c.intermediate_size,
-            n_ctx=c.max_position_embeddings,
-            d_vocab=c.vocab_size,
-            act_fn=c.hidden_act,
+            **dims,
             normalization_type="RMS",
             eps=c.rms_norm_eps,
             positional_embedding_type="rotary",
-            rotary_dim=d_head,
+            rotary_dim=dims["d_head"],
             rotary_base=c.rope_parameters["rope_theta"],
             gated_mlp=True,
             final_rms=True,
@@ -414,14 +421,7 @@ def test_transformer_lens_computes_bert_s_stored_values_at_the_names_given() -> 
     with_heads = BertForPreTraining(c)  # the converter reads the MLM and NSP heads too; no hook uses them
     with_heads.bert.load_state_dict(model.state_dict())
     cfg = HookedTransformerConfig(
-        n_layers=c.num_hidden_layers,
-        d_model=c.hidden_size,
-        n_heads=c.num_attention_heads,
-        d_head=c.hidden_size // c.num_attention_heads,
-        d_mlp=c.intermediate_size,
-        n_ctx=c.max_position_embeddings,
-        d_vocab=c.vocab_size,
-        act_fn=c.hidden_act,
+        **_dims(c),
         normalization_type="LN",
         eps=c.layer_norm_eps,
         attention_dir="bidirectional",
