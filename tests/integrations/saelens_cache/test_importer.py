@@ -426,3 +426,122 @@ def test_tokens_with_nan_are_stored_and_counted_as_collect_counts_them(tmp_path:
     assert torch.equal(states["blocks.2.hook_mlp_out"].isnan(), acts.isnan())  # stored as they are
     stats = v.run_statistics(str(tmp_path / "v/r"), "blocks.2.hook_mlp_out")
     assert (stats.count, stats.nonfinite_tokens) == (8 * 16 - 2, 2)
+
+
+def test_an_arrow_file_cut_short_is_refused_before_anything_is_written(run: SynthRun, tmp_path: Path) -> None:
+    """A file cut between record batches reads as a whole shorter stream (was: imported with exit 0
+    and its last rows missing, or, with padding listed past them, blamed on activault.json with the
+    advice to delete it); one cut inside a batch fails to load: both say how to repair."""
+    import pyarrow as pa
+
+    export_saelens(str(tmp_path / "run"), HOOKS, tmp_path / "c")
+    (file,) = (tmp_path / "c").glob("*.arrow")
+    with pa.memory_map(str(file)) as src:
+        table = pa.ipc.open_stream(src).read_all()
+    sink, ends = pa.BufferOutputStream(), []
+    with pa.ipc.new_stream(sink, table.schema) as out:  # the same rows in record batches of 4
+        for batch in table.to_batches(max_chunksize=4):
+            out.write_batch(batch)
+            ends.append(sink.tell())
+    whole = sink.getvalue().to_pybytes()
+    file.write_bytes(whole)
+    for cut, problem in (
+        (ends[-2], f"{file}: its Arrow stream stops after {4 * (len(ends) - 1)} rows without its end marker"),
+        (ends[-2] + 10, "cannot be loaded with datasets.load_from_disk"),
+    ):
+        file.write_bytes(whole[:cut])
+        with pytest.raises(FormatError) as e:
+            import_saelens(tmp_path / "c", str(tmp_path / "v/r"))
+        assert problem in str(e.value) and str(e.value).endswith("`activault export`)"), str(e.value)
+        assert not (tmp_path / "v/r").exists()
+    file.write_bytes(whole)  # whole again: imported, every row
+    assert import_saelens(tmp_path / "c", str(tmp_path / "v/r")).rows == table.num_rows
+
+
+def test_files_without_cfg_json_at_the_destination_are_refused_and_kept(tmp_path: Path) -> None:
+    """A run folder whose cfg.json is gone holds files no import wrote (an import writes cfg.json
+    first): was taken as a finished import of another cache, reported imported, its rows kept."""
+    g = torch.Generator().manual_seed(3)
+    one, two = (
+        saelens_cache(
+            tmp_path / name, "h", torch.randn(4, 16, 8, generator=g), torch.randint(0, 9, (4, 16), generator=g)
+        )
+        for name in ("one", "two")
+    )
+    import_saelens(one, str(tmp_path / "v/r"), rows_per_file=2)
+    (tmp_path / "v/r/cfg.json").unlink()
+    before = tree(tmp_path / "v/r")
+    with pytest.raises(ConfigError) as e:
+        import_saelens(two, str(tmp_path / "v/r"), rows_per_file=2)
+    assert f"{tmp_path / 'v/r'} holds ['h', 'progress'] but no cfg.json" in str(e.value), str(e.value)
+    assert str(e.value).endswith("choose a new run name") and tree(tmp_path / "v/r") == before
+    (tmp_path / "v/empty").mkdir()  # an empty folder made beforehand is a new run
+    assert import_saelens(two, str(tmp_path / "v/empty")).rows == 4
+
+
+def test_an_import_killed_by_sigkill_resumes_to_the_same_bytes(tmp_path: Path) -> None:
+    """No cleanup runs on SIGKILL: the rerun gets past the dead importer's lock and temp files."""
+    import signal
+    import subprocess
+    import sys
+
+    g = torch.Generator().manual_seed(4)
+    cache = saelens_cache(
+        tmp_path / "c", "h", torch.randn(8, 16, 8, generator=g), torch.randint(0, 9, (8, 16), generator=g)
+    )
+    import_saelens(cache, str(tmp_path / "a/r"), rows_per_file=2)
+    killed = f"""
+import os, signal
+from activault.vault import writer
+from activault.integrations.saelens_cache.importer import import_saelens
+real, calls = writer.encode, []
+def encode(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:  # file 2, files 0 and 1 written
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*args, **kwargs)
+writer.encode = encode
+import_saelens({str(cache)!r}, {str(tmp_path / "b/r")!r}, rows_per_file=2)
+"""
+    proc = subprocess.run([sys.executable, "-c", killed], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert (tmp_path / "b/r/.locks").exists()
+    res = import_saelens(cache, str(tmp_path / "b/r"), rows_per_file=2)
+    assert res.resumed_at_row in (2, 4) and res.rows == 8
+
+    def files(root: Path) -> dict[str, bytes]:
+        return {k: b for k, b in tree(root).items() if not k.startswith(".locks/")}  # the lock names its holder
+
+    assert files(tmp_path / "a/r") == files(tmp_path / "b/r")  # no temp file left, every byte the same
+
+
+def test_a_collected_run_with_a_damaged_record_is_never_advised_deleted(run: SynthRun, tmp_path: Path) -> None:
+    """Importing over a collected run by mistake: its damaged progress record (was: "delete the run
+    and import again", a collection lost) is never read; a damaged cfg.json, which may be anyone's,
+    gets the advice to delete it only if it is an import of this cache."""
+    export_saelens(str(tmp_path / "run"), "h1", tmp_path / "c")
+    (tmp_path / "run/progress/machine-00000.json").write_text("{garbage")
+    before = tree(tmp_path / "run")
+    with pytest.raises(ConfigError, match="already holds a run \\(not an import of this cache\\): choose a new run"):
+        import_saelens(tmp_path / "c", str(tmp_path / "run"))
+    (tmp_path / "run/cfg.json").write_text("{garbage")
+    with pytest.raises(FormatError) as e:
+        import_saelens(tmp_path / "c", str(tmp_path / "run"))
+    assert "if the run is an earlier import of this cache, delete" in str(e.value), str(e.value)
+    assert str(e.value).endswith("else choose a new run name (collect rebuilds a collected run's cfg.json)")
+    assert tree(tmp_path / "run") == {**before, "cfg.json": b"{garbage"}
+
+
+def test_a_second_importer_into_a_held_run_is_refused_naming_the_holder(tmp_path: Path) -> None:
+    from activault.errors import LockedError
+    from activault.storage.lock import hold
+
+    g = torch.Generator().manual_seed(5)
+    cache = saelens_cache(
+        tmp_path / "c", "h", torch.randn(4, 16, 8, generator=g), torch.randint(0, 9, (4, 16), generator=g)
+    )
+    with hold(LocalStore(tmp_path / "v"), "r", 0):  # as an importer still running
+        with pytest.raises(LockedError, match=f"pid {os.getpid()}.*then run the same command again to resume"):
+            import_saelens(cache, str(tmp_path / "v/r"))
+        assert not (tmp_path / "v/r/cfg.json").exists()
+    assert import_saelens(cache, str(tmp_path / "v/r")).rows == 4  # once it is gone

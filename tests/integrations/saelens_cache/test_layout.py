@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -120,7 +121,8 @@ def test_the_sidecar_names_hooks_and_stored_dtypes_and_arguments_override_it(tmp
     assert open_cache(path, [cols[1]], None).hooks == {cols[1]: cols[1]}
     assert open_cache(path, {cols[0]: "renamed"}, "float16").hooks == {cols[0]: "renamed"}
     assert open_cache(path, None, "float16").stored_dtypes == {c: torch.float16 for c in cols}
-    assert open_cache(path, None, torch.float64).stored_dtypes == {c: torch.float64 for c in cols}
+    with pytest.raises(ConfigError, match="stored as float64, which activault does not store .*dtype='float32'"):
+        open_cache(path, None, torch.float64)  # was: accepted, then an "invalid config" error naming no fix
 
 
 @pytest.mark.parametrize(
@@ -237,3 +239,68 @@ def test_a_dataset_of_several_splits_asks_for_one(tmp_path):
     (tmp_path / "dd" / "state.json").write_text("{}")  # as if the folder were one dataset
     with pytest.raises(ConfigError, match=r"holds several splits \(\['train', 'test'\]\): pass one split's folder"):
         open_cache(tmp_path / "dd", None, None)
+
+
+def save_ids(path: Path, ids: list[list[Any]], dtype: str, column: str = TOKEN_IDS) -> Path:
+    """A cache whose `column` (token ids, or positions beside valid ids) holds `ids` as `dtype`."""
+    from datasets import Sequence, Value
+
+    data: dict[str, Any] = {k: v.tolist() for k, v in columns(positions=column == POSITIONS).items()}
+    feats = features({c: c for c in D}, SEQ, D, {c: "float32" for c in D}, column == POSITIONS)
+    data[column], feats[column] = ids, Sequence(Value(dtype), length=len(ids[0]))
+    Dataset.from_dict(data, features=feats).save_to_disk(str(path))
+    return path
+
+
+def rows_with(first: list[Any], rest: Any = 0) -> list[list[Any]]:
+    return [first] + [[rest] * SEQ for _ in range(ROWS - 1)]
+
+
+@pytest.mark.parametrize(
+    "column,ids,dtype,problem",
+    [  # each was stored: wrapped or truncated to another int32, or kept as a meaningless one
+        (TOKEN_IDS, rows_with([0, 0, 2**40 + 5, 0, 0, 0]), "int64", "row 0, token 2, of column 'token_ids' is 1099"),
+        (TOKEN_IDS, rows_with([0, 0, 0, 0, 0, -7]), "int32", "row 0, token 5, of column 'token_ids' is -7, not one"),
+        (TOKEN_IDS, rows_with([1.5] * SEQ, 1.0), "float32", "column 'token_ids' holds float values, not integer"),
+        (
+            TOKEN_IDS,
+            rows_with(["a"] * SEQ, "b"),
+            "string",
+            "column 'token_ids' holds string values",
+        ),  # was: ArrowInvalid
+        (POSITIONS, rows_with([2**33, 1, 2, 3, 4, 5]), "int64", "row 0, token 0, of column 'positions' is 8589934592"),
+        (
+            POSITIONS,
+            rows_with([-5, 1, 2, 3, 4, 5]),
+            "int32",
+            "of column 'positions' is -5, not one of the positions (-1",
+        ),
+        (
+            POSITIONS,
+            [[0, 1, 2]] * ROWS,
+            "int32",
+            "disagree on the context size ([(6, 3), (6, 4)], token_ids 6, positions 3)",
+        ),
+    ],
+)
+def test_token_ids_and_positions_a_vault_cannot_hold_as_int32_are_refused(tmp_path, column, ids, dtype, problem):
+    path = save_ids(tmp_path / "c", ids, dtype, column)
+    with pytest.raises(FormatError) as e:
+        open_cache(path, None, None)
+    assert problem in str(e.value) and "re-create the cache" in str(e.value), str(e.value)
+
+
+def test_activation_columns_without_values_are_refused(tmp_path):
+    feats = features({"a": "a"}, SEQ, {"a": 0}, {"a": "float32"}, False)
+    data = {"a": np.zeros((ROWS, SEQ, 0), np.float32).tolist(), TOKEN_IDS: np.zeros((ROWS, SEQ), np.int32).tolist()}
+    Dataset.from_dict(data, features=feats).save_to_disk(str(tmp_path / "c"))
+    with pytest.raises(FormatError, match=r"shape \[\(6, 0\)\] hold no values"):  # was: ZeroDivisionError
+        open_cache(tmp_path / "c", None, None)
+
+
+def test_a_cache_of_no_rows_says_so(tmp_path):
+    feats = features({c: c for c in D}, SEQ, D, {c: "float32" for c in D}, False)
+    empty = {k: v[:0].tolist() for k, v in columns().items()}
+    Dataset.from_dict(empty, features=feats).save_to_disk(str(tmp_path / "c"))
+    with pytest.raises(ConfigError, match="holds no rows \\(its state.json lists no Arrow files\\): there is nothing"):
+        open_cache(tmp_path / "c", None, None)  # was: state.json called damaged, "re-create the cache"

@@ -82,10 +82,11 @@ def import_saelens(
         documents="positions column" if cache.positions else "one per row",
         **cache.provenance,  # else unknown: a SAELens cache packs documents that attend to each other
     )
-    old, progress = _stored(store, run)
+    old = _stored(store, run)
     known = {"packing": source.packing, "cross_document_attention": source.cross_document_attention}
     if old is not None and (old.imported_from is None or old.imported_from.model_copy(update=known) != source):
         raise ConfigError(f"{store.url(run)} already holds a run (not an import of this cache): choose a new run name")
+    progress = _progress(store, run) if old is not None else None  # read once the run is known an import
     if old is not None and rows_per_file is None:  # resuming: the files already written fix it
         rows_per_file = int(old.config["data_config"]["batch_size"])
     itemsize = max(cache.stored_dtypes[c].itemsize * cache.dims[c] for c in cache.hooks)
@@ -119,12 +120,31 @@ def import_saelens(
     return result
 
 
-def _stored(store: v.Store, run: str) -> tuple[v.RunRecord | None, v.ProgressRecord | None]:
-    """The run's stored cfg.json and progress record, read before anything is written; a damaged
-    one is an error naming it and the repair of an import."""
+def _stored(store: v.Store, run: str) -> v.RunRecord | None:
+    """The run's stored cfg.json, read before anything is written; a damaged one, or files without
+    one, is an error naming it: it may be another run, so deleting it is advised only for an import."""
     try:
         record = v.read_run(store, run)
-        return record, (v.read_progress(store, run, 0) if record is not None else None)
+    except FormatError as e:  # was: "delete the run", which may be a collected run whose cfg.json collect rebuilds
+        raise FormatError(
+            f"{str(e).split('; ')[0]}; if the run is an earlier import of this cache, delete {store.url(run)} "
+            "and import again, else choose a new run name (collect rebuilds a collected run's cfg.json)"
+        ) from None
+    dirs, files = store.list_dir(run) if record is None else ([], [])
+    held = [n for n in [*dirs, *(f.key.rsplit("/", 1)[-1] for f in files)] if not n.startswith(".")]  # .locks
+    if held:  # was: another run's files and progress record taken as this import's, reported imported
+        raise ConfigError(
+            f"{store.url(run)} holds {sorted(held)[:5]} but no cfg.json: an import writes cfg.json before "
+            "anything else, so these are not one this can resume or write over; choose a new run name"
+        )
+    return record
+
+
+def _progress(store: v.Store, run: str) -> v.ProgressRecord | None:
+    """The progress record of an import of this cache; a damaged one is an error naming it and the
+    repair (importing again gives the same run)."""
+    try:
+        return v.read_progress(store, run, 0)
     except FormatError as e:
         raise FormatError(f"{str(e).split('; ')[0]}; delete {store.url(run)} and import again") from None
 

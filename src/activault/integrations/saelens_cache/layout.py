@@ -128,7 +128,7 @@ def open_cache(
             raise FormatError(
                 f"{path / 'dataset_info.json'} does not describe the Arrow files ({what}); {REMAKE}"
             ) from None
-        raise FormatError(f"{path}: cannot be loaded with datasets.load_from_disk ({what})") from None
+        raise FormatError(f"{path}: cannot be loaded with datasets.load_from_disk ({what}); {REMAKE}") from None
     if not isinstance(ds, Dataset):
         raise ConfigError(f"{path} holds several splits ({list(ds)}): pass one split's folder")
     arrays = {c: f for c, f in ds.features.items() if isinstance(f, Array2D)}
@@ -155,16 +155,24 @@ def open_cache(
             )
     shapes = {tuple(arrays[c].shape) for c in mapping}
     seq = next(iter(shapes))[0]
-    if len({s[0] for s in shapes}) != 1 or list_length(ds.features[TOKEN_IDS]) != seq:
+    lists = {c: list_length(ds.features[c]) for c in (TOKEN_IDS, POSITIONS) if c in ds.features}
+    if len({s[0] for s in shapes}) != 1 or any(n != seq for n in lists.values()):
         raise FormatError(
-            f"{path}: columns disagree on the context size ({sorted(shapes)}, token_ids "
-            f"{list_length(ds.features[TOKEN_IDS])})"
+            f"{path}: columns disagree on the context size ({sorted(shapes)}, "
+            f"{', '.join(f'{c} {n}' for c, n in lists.items())}); {REMAKE}"
         )
+    if not all(isinstance(n, int) and n > 0 for s in shapes for n in s):  # was: ZeroDivisionError
+        raise FormatError(f"{path}: activation columns of shape {sorted(shapes)} hold no values; {REMAKE}")
     source = {c: torch_dtype(arrays[c].dtype, path) for c in mapping}
     stored = {}
     for c in mapping:
         want = dtype or side_cols.get(c, {}).get("dtype") or source[c]
         stored[c] = torch_dtype(want if isinstance(want, str) else dtypes.name(want), path)
+        if dtypes.canonical(dtypes.name(stored[c])) is None:  # was: an "invalid config" error
+            raise ConfigError(
+                f"{path}: column {c!r} would be stored as {dtypes.name(stored[c])}, which activault does not "
+                "store (float32, float16, bfloat16): pass dtype='float32' (--dtype float32)"
+            )
     fingerprint = str(_json_object(path / "state.json").get("_fingerprint"))
     cache = CachedActivations(
         path,
@@ -175,12 +183,13 @@ def open_cache(
         source,
         stored,
         int(seq),
-        POSITIONS in ds.features and list_length(ds.features[POSITIONS]) == seq,
-        read_padding(path, ds.num_rows, int(seq)),
-        read_provenance(path),
+        POSITIONS in ds.features,
+        provenance=read_provenance(path),
     )
     if files is not None:
         check_rows(cache, files)
+    # After the rows: padding past a truncated file's rows is the file's fault, not the sidecar's.
+    cache.padding = read_padding(path, ds.num_rows, int(seq))
     return cache
 
 
@@ -221,6 +230,8 @@ def data_files(path: Path) -> list[Path] | None:
         return None
     _json_object(info)
     listed = _json_object(path / "state.json").get("_data_files")
+    if listed == []:  # as `datasets` saves no rows (was: state.json called damaged, the cache re-created)
+        raise ConfigError(f"{path} holds no rows (its state.json lists no Arrow files): there is nothing to import")
     names = [f.get("filename") if isinstance(f, dict) else None for f in listed] if isinstance(listed, list) else []
     if not names or not all(isinstance(n, str) and n and "/" not in n and n not in (".", "..") for n in names):
         raise FormatError(
@@ -234,7 +245,8 @@ def check_rows(cache: CachedActivations, files: list[Path]) -> None:
     """Every row of every imported column holds what dataset_info.json says (seq tokens of d
     values, no nulls), checked from the Arrow list offsets before any file is written: the import
     views the flat values as [rows, seq, d], so a row of another length would misalign every row
-    after it with its token ids. An error names the Arrow file and the row."""
+    after it with its token ids. Each file ends its stream, and its token ids and positions fit
+    the vault's int32. An error names the Arrow file and the row."""
     import pyarrow as pa
 
     lengths: dict[str, tuple[int, ...]] = {c: (cache.seq, d) for c, d in cache.dims.items()}
@@ -246,13 +258,55 @@ def check_rows(cache: CachedActivations, files: list[Path]) -> None:
         try:
             with pa.memory_map(str(file)) as source:
                 rows = pa.ipc.open_stream(source).read_all().num_rows
+                ended = _ends_stream(source)
         except (OSError, pa.ArrowException) as e:
             raise FormatError(f"{file} is not an Arrow stream ({str(e)[:80]}); {REMAKE}") from None
+        if not ended:  # was: a file cut between record batches imported without its last rows
+            raise FormatError(
+                f"{file}: its Arrow stream stops after {rows} rows without its end marker: the file is "
+                f"truncated and rows after them are lost; {REMAKE}"
+            )
         for c, want in lengths.items():
             _check_column(file, c, cache.table.column(c).slice(first, rows), want)
         first += rows
     if first != cache.table.num_rows:
         raise FormatError(f"{cache.path}: its Arrow files hold {first} rows, the dataset {cache.table.num_rows}")
+
+
+def _ends_stream(source: Any) -> bool:
+    """Whether the Arrow stream in `source` ends with its end-of-stream marker after its last
+    message, as every writer closes it; a stream cut between record batches reads as whole without."""
+    import pyarrow as pa
+
+    source.seek(0)
+    end = 0
+    for _ in pa.ipc.MessageReader.open_stream(source):
+        end = source.tell()
+    source.seek(end)
+    marker = source.read(8)
+    return marker == b"\xff\xff\xff\xff\x00\x00\x00\x00" or marker[:4] == b"\x00\x00\x00\x00"  # or pre-1.0
+
+
+BOUNDS = {TOKEN_IDS: (0, 2**31 - 1), POSITIONS: (-1, 2**31 - 1)}  # as the vault's int32 can hold them
+
+
+def _check_values(file: Path, name: str, values: Any, start: int, per: int) -> None:
+    """A file's token ids (from 0) or positions (-1 for padding, else from 0) as integers the vault's
+    int32 holds: was wrapped or truncated to other ids silently (an int64 2**40 + 5 stored as 5)."""
+    import pyarrow as pa
+
+    lo, hi = BOUNDS[name]
+    what = "token ids" if name == TOKEN_IDS else "positions (-1 for padding)"
+    if not pa.types.is_integer(values.type):
+        raise FormatError(f"{file}: column {name!r} holds {values.type} values, not integer {what}; {REMAKE}")
+    x = values.to_numpy()
+    bad = np.flatnonzero((x > hi) if x.dtype.kind == "u" else (x < lo) | (x > hi))
+    if bad.size:
+        i = int(bad[0])
+        raise FormatError(
+            f"{file}: row {start + i // per}, token {i % per}, of column {name!r} is {int(x[i])}, not one of "
+            f"the {what} from {lo} to {hi} a vault stores; {REMAKE}"
+        )
 
 
 def _check_column(file: Path, name: str, column: Any, lengths: tuple[int, ...]) -> None:
@@ -272,6 +326,8 @@ def _check_column(file: Path, name: str, column: Any, lengths: tuple[int, ...]) 
                     f"imported; {REMAKE}"
                 )
             if want is None:
+                if name in BOUNDS:
+                    _check_values(file, name, arr, start, per)
                 break
             if pa.types.is_fixed_size_list(arr.type):
                 got = np.full(1, arr.type.list_size) if len(arr) else np.zeros(0, int)
