@@ -222,6 +222,8 @@ GARBAGE = [
     ("upload_config.hooks", ["a/b"], "upload_config.hooks: invalid hook names ['a/b']"),
     ("upload_config.hooks", [""], "upload_config.hooks: invalid hook names ['']"),
     ("upload_config.hooks", [".."], "upload_config.hooks: invalid hook names ['..']"),
+    ("upload_config.hooks", ["a", "progress"], "hook names ['progress'] are the run folder's own entries"),
+    ("upload_config.hooks", ["cfg.json"], "hook names ['cfg.json'] are the run folder's own entries"),
     ("upload_config.hooks", ["a\x00b"], "invalid hook names ['a\\x00b']: each becomes a folder name: no control"),
     ("upload_config.hooks", ["a\nb"], "each becomes a folder name: no control character (it holds '\\n')"),
     ("upload_config.hooks", ["h" * 201], "each becomes a folder name: at most 200 bytes (UTF-8), it has 201"),

@@ -36,6 +36,10 @@ def memory_bytes(text: str) -> int:
     return int(float(number) * _UNITS[unit.lower()])
 
 
+# What a run folder holds beside its hook folders (vault/records.py): no hook may be named so.
+RUN_ENTRIES = ("cfg.json", "progress")
+
+
 def name_problem(name: str) -> str | None:
     """Why `name` cannot name a run's folder or a hook's (the one check of both), or None."""
     if not name or "/" in name or name.startswith("."):
@@ -192,6 +196,11 @@ class UploadConfig(_Section):
         bad = [h for h in v if name_problem(h)]
         if bad:
             raise ValueError(f"invalid hook names {reprlib.repr(bad)}: each becomes {name_problem(bad[0])}")
+        taken = [h for h in v if h in RUN_ENTRIES]
+        if taken:  # a hook folder named so would hold (or be) the run's own records
+            raise ValueError(
+                f"hook names {taken} are the run folder's own entries ({', '.join(RUN_ENTRIES)}): rename them"
+            )
         return v
 
 

@@ -545,3 +545,15 @@ def test_a_second_importer_into_a_held_run_is_refused_naming_the_holder(tmp_path
             import_saelens(cache, str(tmp_path / "v/r"))
         assert not (tmp_path / "v/r/cfg.json").exists()
     assert import_saelens(cache, str(tmp_path / "v/r")).rows == 4  # once it is gone
+
+
+@pytest.mark.parametrize("name", ["progress", "cfg.json"])
+def test_a_hook_named_as_the_runs_own_entries_is_refused_before_anything_is_written(tmp_path: Path, name: str):
+    """Was: a hook renamed `progress` stored its files among the progress records."""
+    g = torch.Generator().manual_seed(6)
+    cache = saelens_cache(
+        tmp_path / "c", "h", torch.randn(4, 16, 8, generator=g), torch.randint(0, 9, (4, 16), generator=g)
+    )
+    with pytest.raises(ConfigError, match=f"hook names \\['{name}'\\] are the run folder's own entries"):
+        import_saelens(cache, str(tmp_path / "v/r"), hooks={"h": name})
+    assert not (tmp_path / "v/r").exists()
