@@ -557,3 +557,15 @@ def test_a_hook_named_as_the_runs_own_entries_is_refused_before_anything_is_writ
     with pytest.raises(ConfigError, match=f"hook names \\['{name}'\\] are the run folder's own entries"):
         import_saelens(cache, str(tmp_path / "v/r"), hooks={"h": name})
     assert not (tmp_path / "v/r").exists()
+
+
+@pytest.mark.parametrize("rows", [0, -2, 1.5, True])
+def test_rows_per_file_that_is_not_a_count_is_refused_naming_it(tmp_path: Path, rows: Any) -> None:
+    """Was: 0 imported with the default, -2 an "invalid config" naming no option."""
+    g = torch.Generator().manual_seed(7)
+    cache = saelens_cache(
+        tmp_path / "c", "h", torch.randn(4, 16, 8, generator=g), torch.randint(0, 9, (4, 16), generator=g)
+    )
+    with pytest.raises(ConfigError, match=f"rows_per_file={rows!r}: give a whole number of rows of at least 1"):
+        import_saelens(cache, str(tmp_path / "v/r"), rows_per_file=rows)
+    assert not (tmp_path / "v/r").exists()

@@ -70,6 +70,13 @@ def import_saelens(
         rows_per_file: rows per megabatch file (default: about 256 MiB per file).
         model: the model's name or path, recorded in cfg.json (a cache does not say).
     """
+    if rows_per_file is not None and (
+        isinstance(rows_per_file, bool) or not isinstance(rows_per_file, int) or rows_per_file < 1
+    ):
+        # was: 0 silently meant the default, a negative count an "invalid config" naming no option
+        raise ConfigError(
+            f"rows_per_file={rows_per_file!r}: give a whole number of rows of at least 1, or leave it out"
+        )
     store, run = _destination(dest, run_name)
     cache = open_cache(cache_dir, hooks, dtype)
     if cache.table.num_rows == 0:
