@@ -36,7 +36,8 @@ def memory_bytes(text: str) -> int:
     return int(float(number) * _UNITS[unit.lower()])
 
 
-# What a run folder holds beside its hook folders (vault/records.py): no hook may be named so.
+# What a run folder holds beside its hook folders (vault/records.py `cfg_key`, `progress_key`): no
+# hook may be named so. Spelled here, not imported: the config stays free of the vault's torch imports.
 RUN_ENTRIES = ("cfg.json", "progress")
 
 
