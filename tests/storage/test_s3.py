@@ -322,6 +322,18 @@ def moto_run(moto: S3Server, moto_bucket: str) -> tuple[S3Store, Any]:
     return store, write_synthetic_run(store, "run", TOOL_HOOKS, machines=1, files=2)
 
 
+def test_writes_a_job_resumes_from_say_run_the_same_command_again(moto, moto_bucket, monkeypatch) -> None:
+    """A megabatch upload and a progress record's conditional write fail alike: whichever a dying
+    endpoint hits first, a collection stops with the advice that resumes it (CI saw the record's)."""
+    monkeypatch.setattr(s3mod, "MAX_RETRIES", 1)
+    with FaultProxy(moto.url, rate=1.0, faults=("503",)) as proxy:
+        store = S3Store(f"s3://{moto_bucket}/w", env=moto.env(proxy.url), retry_timeout=1)
+        for write in (lambda: store.put("mb", [memoryview(b"x")]), lambda: store.swap("rec", b"{}", None)):
+            resume = r"failed 2 attempt\(s\).*then run the same command again to resume$"
+            with pytest.raises(StorageError, match=resume):
+                write()
+
+
 @pytest.mark.parametrize("fault", ["503", "unreachable"])
 def test_tools_say_they_are_retrying_then_end_in_one_message(
     moto, moto_bucket, moto_run, fault, monkeypatch, caplog, capsys

@@ -506,7 +506,8 @@ class S3Store(Store):
             except (AlreadyExistsError, PreconditionError, _ObNotFound, FileNotFoundError):
                 return False
 
-        return self._call("conditionally write", key, attempt)
+        # Progress records and leases: the jobs that write them resume where they stopped.
+        return self._call("conditionally write", key, attempt, again="run the same command again to resume")
 
     def get(self, key: str) -> memoryview:
         return self._call("download", key, lambda: memoryview(obstore.get(self._store, key).bytes()))
