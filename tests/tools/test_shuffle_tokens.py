@@ -4,6 +4,7 @@ several parts read as one)."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from activault.storage import Store
@@ -24,6 +25,11 @@ def test_gathers_fill_reused_buffers() -> None:
     assert out.n == 3 and out.ids.data_ptr() == buf.ids.data_ptr()  # no new allocation
     assert out.ids.tolist() == [4, 0, 5] and out.states["h"][0].tolist() == [8.0, 9.0]
     assert out.docs is not None and out.docs.tolist() == [4, 3, -1]
+    # The gathers do not clip (np.take's mode="clip" skips numpy's buffered copy): a slot outside the
+    # source fails instead of repeating the last one, and the negative index is not read from the end.
+    for bad in ([0, 6], [-1, 2]):
+        with pytest.raises(IndexError, match="outside 0..5"):
+            src.gather(np.array(bad), buf)
 
 
 def test_files_are_read_into_reused_buffers_in_turn(stores: tuple[Store, Store]) -> None:
