@@ -1,10 +1,12 @@
 """Files as other writers would leave them: a run's files rewritten as format version 4 (no norms),
-and a file whose norms lie under a valid checksum (a buggy writer)."""
+a file whose norms lie under a valid checksum (a buggy writer), and files whose padding holds values
+(an `activault import` of an earlier version)."""
 
 from __future__ import annotations
 
 import json
 import struct
+from unittest import mock
 
 import torch
 
@@ -22,6 +24,20 @@ def as_format_4(store: Store, run: str, hooks: list[str], names: list[str]) -> N
             mb = fmt.decode(store.get(key), store.url(key), verify_checksums=True)
             meta = {k: v for k, v in mb.metadata.items() if k != "checksum" and not k.startswith(fmt.CHECKSUM_KEY)}
             store.put(key, fmt.encode(mb.tensors, {**meta, "format_version": "4"}))
+
+
+def with_padding_values(store: Store, run: str, hooks: list[str], names: list[str], value: float) -> None:
+    """Each file rewritten with `value` in its padding tokens' states (checksums and norms match them),
+    as an import that kept a cache's values at padding wrote it."""
+    for h in hooks:
+        for name in names:
+            key = join(run, h, name)
+            mb = fmt.decode(store.get(key), store.url(key), verify_checksums=True)
+            tensors = {k: t.clone() for k, t in mb.tensors.items()}
+            tensors["states"][tensors["positions"] < 0] = value
+            meta = {k: v for k, v in mb.metadata.items() if k != "checksum" and not k.startswith(fmt.CHECKSUM_KEY)}
+            with mock.patch.object(fmt, "padding_zeroed", lambda states, positions: states):
+                store.put(key, fmt.encode(tensors, meta))
 
 
 def lying_norms(data: bytes, url: str, edit: tuple[int, int, float]) -> bytes:

@@ -254,3 +254,24 @@ def test_recompress_gives_format_4_files_norms_and_fp8_files_the_norms_of_their_
         assert not torch.equal(mb.states, run.files["h1"][name]["states"])
         assert torch.equal(mb.norms, token_norms(mb.states))
     assert verify_run(store, "run", deep=True).problems == []
+
+
+def test_padding_holding_values_is_named_by_verify_and_zeroed_by_a_lossless_recompress(
+    stores: tuple[Store, Store],
+) -> None:
+    """A file whose padding holds values (an earlier import kept a cache's there; the format stores
+    zeros): verify --deep names it and the fix, and the fix gives back the bytes collect writes."""
+    from support.norms import with_padding_values
+
+    store, _ = stores
+    run = write_synthetic_run(store, "run", ["h1"], files=2, documents=True)  # 3 padding tokens at the end
+    collected, last = contents(store), run.names[-1]
+    with_padding_values(store, "run", ["h1"], [last], 1.5)
+    assert contents(store) != collected
+    problems = verify_run(store, "run", deep=True).problems
+    assert len(problems) == 1 and f"h1/{last}: 3 padding token(s) (position -1) hold non-zero states" in problems[0]
+    assert f"`activault recompress {store.url('run')} --compression zstd`" in problems[0]
+    recompress_run(store, "run", codecs.Codec("zstd"))
+    recompress_run(store, "run", None)
+    assert contents(store) == collected
+    assert verify_run(store, "run", deep=True).problems == []

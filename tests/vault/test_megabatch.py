@@ -20,6 +20,7 @@ from activault.vault.megabatch import (
     check_provenance,
     decode,
     encode,
+    padding_values,
     parse_header,
     relabelled,
 )
@@ -54,6 +55,32 @@ def test_encode_does_not_copy_the_states():
     states_part = next(p for p in parts if p.nbytes == tensors["states"].numel() * 4)
     tensors["states"][0, 0, 0] = 42.0  # the buffer handed to the writer is the tensor's own memory
     assert np.frombuffer(states_part, dtype=np.float32)[0] == 42.0
+
+
+@pytest.mark.parametrize("version", [None, str(FORMAT_VERSION)])
+def test_padding_is_stored_as_zeros_whatever_the_states_hold_there(version: str | None) -> None:
+    """Position -1 is padding, whose states the format stores as +0.0 (and whose norm is 0): a
+    caller's values there (an imported cache's, -0.0, NaN) become zeros in a copy; the caller's
+    tensor is untouched, and padding already zero is written from the caller's memory."""
+    tensors = megabatch(torch.bfloat16, d=8)
+    tensors["documents"] = torch.arange(3).repeat_interleave(5).view(3, 5)
+    tensors["positions"][2, 3:] = tensors["documents"][2, 3:] = -1
+    tensors["states"][2, 3, :4] = torch.tensor([-0.0, float("nan"), 1.0, 2.0])
+    before = tensors["states"].clone()
+    assert padding_values(tensors["states"], tensors["positions"]) == 2
+    meta = {} if version is None else {"format_version": version}
+    mb = decode(b"".join(encode(tensors, meta)), NAME, verify_checksums=True)
+    stored = mb.tensors["states"]
+    assert stored[2, 3:].view(torch.int16).eq(0).all() and padding_values(stored, mb.tensors["positions"]) == 0
+    assert torch.equal(stored[:2], before[:2]) and torch.equal(stored[2, :3], before[2, :3])
+    assert torch.equal(tensors["states"].view(torch.int16), before.view(torch.int16))  # not written into
+    if mb.norms is not None:
+        assert mb.norms[2, 3:].eq(0).all() and mb.norms[2, :3].gt(0).all()
+    tensors["states"][2, 3:] = 0
+    parts = encode(tensors, {})
+    states_part = next(p for p in parts if p.nbytes == tensors["states"].numel() * 2)
+    tensors["states"][0, 0, 0] = 42.0  # zero padding: the caller's own memory, no copy
+    assert torch.frombuffer(bytearray(states_part), dtype=torch.bfloat16)[0] == 42.0
 
 
 def inside(t: torch.Tensor, buf: torch.Tensor) -> bool:

@@ -41,6 +41,7 @@ from activault.vault.megabatch import (
     encode,
     fetch_header,
     is_megabatch,
+    padding_zeroed,
     relabelled,
 )
 from activault.vault.norms import NORMS
@@ -115,6 +116,8 @@ def convert_file(store: Store, key: str, codec: codecs.Codec | None) -> tuple[in
     old = decode(buf, url, verify_checksums=True)  # never convert a file that is already damaged
     # Rewritten by this version's rules (checksums, codec description), so labelled with its version.
     tensors, meta = _writer_order(old.tensors), relabelled(_described(old.metadata))
+    if "states" in tensors and "positions" in tensors:  # what encode stores: checked against that
+        tensors["states"] = padding_zeroed(tensors["states"], tensors["positions"])
     parts = encode({k: t.contiguous() for k, t in tensors.items()}, meta, compression=codec)
     data = b"".join(parts)  # the exact bytes written, decoded once more to check them
 

@@ -25,6 +25,7 @@ from activault.vault.megabatch import (
     check_shuffled_provenance,
     decode,
     header_length,
+    padding_values,
     parse_header,
 )
 from activault.vault.norms import check_norms
@@ -129,6 +130,14 @@ def _check_version(
                     check_norms(mb.states, mb.norms, obj.url, run_url)
                 except FormatError as e:  # the data is intact: its own advice, not a re-collection
                     check.problems.append(f"{hook}/{name}: {str(e).split(': ', 1)[-1]}")
+            if held := padding_values(mb.states, mb.tensors["positions"]):
+                check.problems.append(
+                    f"{hook}/{name}: {held} padding token(s) (position -1) hold non-zero states, where the "
+                    "format stores zeros (an `activault import` of an earlier version kept a cache's values "
+                    "there); readers leave padding out, so no batch is affected. Rewrite the files with a "
+                    f"lossless conversion, which stores zeros there: `activault recompress {run_url} "
+                    "--compression zstd` (for a run stored with zstd: `none`, then `zstd` again)"
+                )
             ids, pos = (
                 bytes(mb.tensors["input_ids"].numpy()),
                 bytes(mb.tensors["positions"].numpy()),

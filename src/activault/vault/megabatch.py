@@ -128,11 +128,14 @@ def encode(
 
     A file labelled format version 5 or later gets `norms`, each token's L2 norm computed here from
     the values it stores (vault/norms.py); a `norms` tensor passed in is never stored as given.
+    Padding tokens (position -1) are stored with zero states, whatever `states` holds there.
     """
     meta = {k: str(v) for k, v in metadata.items()}
     label = meta.get("format_version")
     version = int(label) if label is not None and label.isdigit() else None
     tensors = {n: t for n, t in tensors.items() if n != NORMS}
+    if "states" in tensors and "positions" in tensors:
+        tensors["states"] = padding_zeroed(tensors["states"], tensors["positions"])
     # name -> (dtype, shape, buffers) as stored
     stored: dict[str, tuple[torch.dtype, list[int], list[memoryview]]] = {}
     packed: dict[str, codecs.Packed] = {}
@@ -168,6 +171,26 @@ def encode(
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     return [memoryview(struct.pack("<Q", len(raw)) + raw)] + [b for n in names for b in stored[n][2]]
+
+
+def padding_zeroed(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """`states` ([rows, seq, d]) with every padding token's (position -1) values zero, as the format
+    stores padding: the same tensor when they are (a collection's padding), else a copy (e.g. a
+    SAELens cache's values at the positions its export listed as padding), never written into."""
+    if not padding_values(states, positions):
+        return states
+    out = states.clone()
+    out[positions < 0] = 0
+    return out
+
+
+def padding_values(states: torch.Tensor, positions: torch.Tensor) -> int:
+    """How many padding tokens (position -1) of `states` hold other bits than +0.0's (-0.0 too)."""
+    pad = positions < 0
+    if not bool(pad.any()):
+        return 0
+    held = states[pad]
+    return int(held.view(torch.uint8).reshape(held.shape[0], -1).any(1).sum())
 
 
 def _stored_values(

@@ -5,7 +5,8 @@ written by the run writer (vault/writer.py) as collect writes them (each file, t
 counting it), so a killed import run again resumes at the next file. A SAELens cache has no
 document boundaries: each row becomes one document (positions 0..context_size-1), unless the cache
 has the `positions` column that `export_saelens(positions=True)` adds; the padding an export's
-`activault.json` lists stays padding (position -1).
+`activault.json` lists stays padding (position -1), stored with zero states as collect stores it
+(the encoder's rule), whatever the cache holds there.
 """
 
 from __future__ import annotations
