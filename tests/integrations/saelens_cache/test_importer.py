@@ -428,6 +428,28 @@ def test_tokens_with_nan_are_stored_and_counted_as_collect_counts_them(tmp_path:
     assert (stats.count, stats.nonfinite_tokens) == (8 * 16 - 2, 2)
 
 
+def test_a_finite_value_the_stored_dtype_cannot_hold_is_refused_not_stored_as_inf(tmp_path: Path) -> None:
+    """float32 activations stored as float16: 70,000 would become Inf, which a reader takes for an
+    Inf the model computed; the import stops before that file, naming the value and the dtypes
+    that hold it, and what it wrote so far stays (a new run is the fix)."""
+    g = torch.Generator().manual_seed(3)
+    acts, ids = torch.randn(8, 16, 8, generator=g), torch.randint(0, 900, (8, 16), generator=g, dtype=torch.int32)
+    acts[4, 2, 5] = 70_000.0
+    acts[1, 0, 0] = math.inf  # an Inf already in the cache is stored as it is, as collect stores one
+    ref = saelens_cache(tmp_path / "ref", "h", acts, ids)
+    with pytest.raises(ConfigError) as e:
+        import_saelens(ref, str(tmp_path / "v/r"), dtype=torch.float16, rows_per_file=3)
+    msg = str(e.value)
+    assert "column 'h' holds 70000.0 at row 4, token 2 (1 value(s) of these rows)" in msg, msg
+    assert "beyond float16's largest (65504)" in msg and "with dtype bfloat16 or float32" in msg
+    assert "nothing of these rows was written" in msg
+    done = records.read_progress(LocalStore(tmp_path / "v"), "r", 0)
+    assert done is not None and done.files_done == 1 and not done.finished  # rows 0-2 kept, resumable
+    back = import_saelens(ref, str(tmp_path / "v/b"), dtype=torch.bfloat16)
+    states, _, _ = rows_of(tmp_path / "v/b", ["h"])
+    assert float(states["h"][4, 2, 5]) == 70_144.0 and back.nonfinite == {"h": 1}  # bf16 holds it, rounded
+
+
 def test_an_arrow_file_cut_short_is_refused_before_anything_is_written(run: SynthRun, tmp_path: Path) -> None:
     """A file cut between record batches reads as a whole shorter stream (was: imported with exit 0
     and its last rows missing, or, with padding listed past them, blamed on activault.json with the

@@ -246,7 +246,8 @@ def _import_files(
                         pos[r - a, first:stop] = -1
             real = (pos >= 0).reshape(-1)
             states = {
-                h: cols[c].view(rows, S, cache.dims[c]).to(cache.stored_dtypes[c]) for c, h in cache.hooks.items()
+                h: _narrowed(cols[c], cache.stored_dtypes[c], c, a, S, cache.dims[c]).view(rows, S, cache.dims[c])
+                for c, h in cache.hooks.items()
             }
             for h, x in states.items():
                 flat = x.view(rows * S, -1)
@@ -264,6 +265,34 @@ def _import_files(
     result.files, result.rows, result.tokens = writer.files, writer.rows, writer.tokens
     result.nonfinite = {h: s.nonfinite_tokens for h, s in stats.items()}
     result.bytes_written = writer.bytes_written
+
+
+def _narrowed(col: torch.Tensor, dtype: torch.dtype, name: str, row0: int, seq: int, d: int) -> torch.Tensor:
+    """`col` (a file's values of a column, flat) as `dtype`; ConfigError, before the file is written,
+    when a finite value becomes Inf there (float32 to float16 beyond 65504): a stored Inf would read
+    as one the model computed."""
+    out = col.to(dtype)
+    if not col.is_floating_point() or torch.finfo(dtype).max >= torch.finfo(col.dtype).max:
+        return out
+    lost = (out.isinf() & col.isfinite()).reshape(-1)
+    if bool(lost.any()):
+        i = int(lost.nonzero()[0])
+        big = float(col.reshape(-1)[lost].abs().max())
+        fits = [n for n in ("bfloat16", "float32") if torch.finfo(dtypes.to_torch(n)).max >= big]
+        fix = (
+            f"Import into another run with dtype {' or '.join(fits)} (this run's files so far are "
+            f"{dtypes.name(dtype)}, and an import resumes only with the dtype it began with)"
+            if fits
+            else "No dtype a run stores holds it (float32's largest is 3.40282e+38): the cache's values are "
+            "not activations a run can keep"
+        )
+        raise ConfigError(
+            f"column {name!r} holds {float(col.reshape(-1)[i])!r} at row {row0 + i // (seq * d)}, token "
+            f"{i % (seq * d) // d} ({int(lost.sum())} value(s) of these rows), beyond {dtypes.name(dtype)}'s "
+            f"largest ({torch.finfo(dtype).max:g}): stored, it would read as Inf. {fix}; nothing of these "
+            "rows was written"
+        )
+    return out
 
 
 def _metadata(run: str, cache: CachedActivations, rpf: int) -> dict[str, v.HookMetadata]:
