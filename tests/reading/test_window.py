@@ -9,41 +9,23 @@ import pytest
 
 from activault.reading.window import (
     Draws,
-    ramp_length,
-    ramp_windows,
     same_source_pairs,
     stratified,
     uniform_same_source_pairs,
     window_count,
-    window_of,
     window_stages,
     window_start,
 )
 
 
-@pytest.mark.parametrize("size", [1, 2, 3, 4, 5, 8])
-def test_the_ramp_doubles_from_one_file_to_the_window(size: int) -> None:
-    files = 40
-    cut = list(ramp_windows(((i, i) for i in range(files)), size, True))
-    sizes = [len(items) for _, items in cut]
-    ramp = [2**w for w in range(ramp_length(size, True))]
-    assert all(s < size for s in ramp) and sizes[: len(ramp)] == ramp  # 1, 2, 4, ... each under size
-    assert set(sizes[len(ramp) : -1]) <= {size} and sizes[0] == 1  # then full windows; the first: one file
-    assert [w for w, _ in cut] == list(range(len(cut))) == list(range(window_count(files, size, True)))
-    for w, items in cut:  # window_start and window_of agree with the cut (what a resume starts from)
-        assert window_start(w, size, True) == items[0] and {window_of(i, size, True) for i in items} == {w}
-
-
-def test_without_the_ramp_the_windows_are_the_old_ones() -> None:
-    # ramp=False cuts what loaders cut before the ramp: states they saved resume exactly.
+def test_windows_are_size_files_each_and_resume_where_they_begin() -> None:
+    # What loaders cut since before the first-window ramp: states they saved resume exactly.
     for size in (1, 3, 4):
-        files = [(i, f"f{i}") for i in range(11)]
         plain = [(w, [f"f{i}" for i in range(w * size, min(w * size + size, 11))]) for w in range(-(-11 // size))]
-        assert list(ramp_windows(files, size, False)) == plain
-        assert [window_start(w, size, False) for w in range(5)] == [w * size for w in range(5)]
-    skipped = [(0, "f0"), (2, "f2"), (5, "f5"), (6, "f6")]  # bad files skipped: windows end where the next begins
-    assert list(ramp_windows(skipped, 4, True)) == [(0, ["f0"]), (1, ["f2"]), (2, ["f5", "f6"])]
-    assert window_count(0, 4, True) == 0 and window_count(3, 4, True) == 2 and window_count(4, 4, True) == 3
+        cut = [(w, items) for w, items, _ in window_stages(((i, f"f{i}") for i in range(11)), size, False)]
+        assert cut == plain and window_count(11, size) == len(plain)
+        assert [window_start(w, size) for w in range(5)] == [w * size for w in range(5)]
+    assert window_count(0, 4) == 0 and window_count(3, 4) == 1 and window_count(4, 4) == 1 and window_count(5, 4) == 2
 
 
 def test_same_source_pairs_counts_pairs_from_one_source() -> None:

@@ -145,7 +145,7 @@ class Feed:
     def done(self, epoch: int) -> bool:
         """Whether every token of `epoch` has been taken."""
         e, w, _ = self.position
-        return e > epoch or (e == epoch and w >= window_count(len(self.files.order(e)), self.size, False))
+        return e > epoch or (e == epoch and w >= window_count(len(self.files.order(e)), self.size))
 
     def take(self, batch: Batch, n: int, gatherers: Workers | None, defer: list[Take] | None = None) -> None:
         """Gather this run's next `n` tokens into `batch` (at `batch.filled`); `defer`: the states'
@@ -177,7 +177,7 @@ class Feed:
         while True:
             taken = 0
             fresh = start == 0 and skip == 0
-            with self.files.prefetch(epoch, window_start(start, self.size, False), eager=True) as files:
+            with self.files.prefetch(epoch, window_start(start, self.size), eager=True) as files:
                 kept = cast(Iterable[tuple[int, FilteredFile]], files)  # FilteredFile: TokenLoader's transform
                 stages = drawn_windows(kept, self.size, self.ramp, self.strata, seed, epoch, skip, _no_ids, self._count)
                 for d in stages:

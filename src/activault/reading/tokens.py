@@ -340,7 +340,7 @@ class TokenLoader(Reader):
             taken = 0
             # The plain loader's windows are `window` files each; its ramp draws the first one's
             # tokens as its files arrive (window.py: drawn_windows).
-            with self.files.prefetch(epoch, window_start(start, self.window, False), eager=True) as files:
+            with self.files.prefetch(epoch, window_start(start, self.window), eager=True) as files:
                 kept = cast(Iterable[tuple[int, FilteredFile]], files)  # FilteredFile: made by self._load
                 ids = self._ids_of if self.return_index else _no_ids
                 for d in drawn_windows(kept, self.window, self.ramp, B, self.seed, epoch, skip, ids, self._count):
@@ -450,16 +450,16 @@ class TokenLoader(Reader):
         is read: its kept tokens are known only then). A mixture's state has each run's position
         (loader_state.py)."""
         if self.weights is not None or (isinstance(state, Mapping) and "mixture" in state):
-            windows = [partial(self._windows, r, False) for r in self._runs]
+            windows = [partial(self._windows, r) for r in self._runs]
             self._mixed, self._positions = load_mixture(state, self._settings(), self.weights, windows)
             return
-        # The plain loader's ramp cuts no windows.
+        # The ramp draws the first window as its files arrive: it cuts no windows of its own.
         self.epoch, self._window, self._offset = load_position(
-            state, self._settings(), partial(self._windows, self.files, False)
+            state, self._settings(), partial(self._windows, self.files)
         )
 
-    def _windows(self, files: FileStream, ramp: bool, epoch: int) -> int:
-        return window_count(len(files.order(epoch)), self.window, ramp)
+    def _windows(self, files: FileStream, epoch: int) -> int:
+        return window_count(len(files.order(epoch)), self.window)
 
     def __enter__(self) -> TokenLoader:
         return self

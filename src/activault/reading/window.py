@@ -42,59 +42,19 @@ GATHER_THREADS = max(1, min(4, os.cpu_count() or 1))
 # -- which files form a window ---------------------------------------------------------------------
 
 
-def ramp_length(size: int, ramp: bool) -> int:
-    """Windows of the ramp (1, 2, 4, ... files, each under `size`) before the full ones; 0 without."""
-    return (size - 1).bit_length() if ramp else 0
+def window_start(w: int, size: int) -> int:
+    """The index of window `w`'s first file in the epoch's order (where a resumed loader starts)."""
+    return w * size
 
 
-def window_start(w: int, size: int, ramp: bool) -> int:
-    """The index of window `w`'s first file in the epoch's order (where a resumed loader starts).
-
-    With `ramp`, window w < R holds 2**w files (R = ramp_length), so the first batch needs one
-    file; the ramp's windows hold 2**R - 1 files together, and `size` files each follow.
-    """
-    r = ramp_length(size, ramp)
-    return 2**w - 1 if w < r else 2**r - 1 + (w - r) * size
-
-
-def window_of(index: int, size: int, ramp: bool) -> int:
-    """The window that file `index` (in the epoch's order) belongs to."""
-    r = ramp_length(size, ramp)
-    if index < 2**r - 1:
-        return (index + 1).bit_length() - 1
-    return r + (index - (2**r - 1)) // size
-
-
-def window_count(files: int, size: int, ramp: bool) -> int:
-    """Windows of an epoch of `files` files (the last may be short)."""
-    return 0 if files <= 0 else window_of(files - 1, size, ramp) + 1
-
-
-def ramp_windows(files: Iterable[tuple[int, T]], size: int, ramp: bool) -> Iterator[tuple[int, list[T]]]:
-    """(window index, its items) of (file index, item) pairs in order.
-
-    A window is handed over at its last file (not once the next one arrives); one whose last
-    files are missing (skipped as bad, or the epoch's end) ends where the next window's file is.
-    """
-    items: list[T] = []
-    w = -1
-    for index, item in files:
-        if items and window_of(index, size, ramp) != w:  # the window's last file was skipped as bad
-            yield w, items
-            items = []
-        w = window_of(index, size, ramp)
-        items.append(item)
-        del item
-        if index + 1 == window_start(w + 1, size, ramp):
-            yield w, items
-            items = []  # dropped before the next file is awaited
-    if items:
-        yield w, items
+def window_count(files: int, size: int) -> int:
+    """Windows of an epoch of `files` files, `size` each (the last may be short)."""
+    return -(-max(files, 0) // size)
 
 
 def window_stages(files: Iterable[tuple[int, T]], size: int, progressive: bool) -> Iterator[tuple[int, list[T], bool]]:
     """(window, its items so far, complete) of (file index, item) pairs in order, `size` files a
-    window (as `ramp_windows` without the ramp). With `progressive`, an epoch's first window is also
+    window. With `progressive`, an epoch's first window is also
     handed over at each of its files before the last (complete False): its first tokens are drawn
     from the files loaded so far (`Draws`), so the first batch waits for one file, not `size`.
     """
