@@ -190,6 +190,8 @@ def padding_values(states: torch.Tensor, positions: torch.Tensor) -> int:
     if not bool(pad.any()):
         return 0
     held = states[pad]
+    if held.numel() == 0:  # no values to hold (a width of 0)
+        return 0
     return int(held.view(torch.uint8).reshape(held.shape[0], -1).any(1).sum())
 
 
