@@ -31,6 +31,7 @@ filesystem (NFS, Lustre) to see the readers there, mapped (`rcache`) against rea
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -294,23 +295,26 @@ def main(argv: list[str] | None = None) -> None:
     rows = max(1, (args.mib << 20) // (SEQ * args.d * 2))
     stores = args.stores.split(",")
     tmp = Path(tempfile.mkdtemp(prefix="activault-bench-", dir=os.environ.get("BENCH_DIR")))
-    server, proxy, paced = None, None, None
+    proxy = None
     roots = {"local": str(tmp), **{s: "s3://bench" for s in S3_STORES}}
     envs: dict[str, Any] = {"local": None}
     runs: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
-    try:
+    with contextlib.ExitStack() as stack:  # unwound last first: proxies, server, then the files
+        stack.callback(shutil.rmtree, tmp, ignore_errors=True)
         if "local" in stores:
             write_files(LocalStore(tmp, fsync=False), args.files, rows, args.d)
         if set(stores) & set(S3_STORES):
             server = MotoServer().start()
+            stack.callback(server.stop)
             server.create_bucket("bench")
             write_files(open_store("s3://bench", env=server.env()), args.files, rows, args.d)
             envs["moto"] = server.env()
             proxy = ThrottledProxy(server.url, cap=args.cap_mbps * 1e6, first_byte_s=args.first_byte_ms / 1e3).start()
+            stack.callback(proxy.close)
             envs["proxy"] = server.env(proxy.url)
             paced = ThrottleProxy(server.url, rate=args.cap_mbps * 1e6, latency_s=args.first_byte_ms / 1e3)
-            envs["paced"] = server.env(paced.__enter__().url)
+            envs["paced"] = server.env(stack.enter_context(paced).url)
         cases = cases_for(args, roots, envs)
         for rep in range(args.reps):
             random.Random(rep).shuffle(cases)  # interleaved: no case always runs first or after another
@@ -327,14 +331,6 @@ def main(argv: list[str] | None = None) -> None:
                     run["proxy"] = {k: after[k] - before.get(k, 0) for k in after}
                 runs.append(run)
                 print(f"rep {rep} {case['store']:5} {case['cache']:4} {case['reader']:14} {run['gb_s']:.2f} GB/s")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if proxy is not None:
-            proxy.close()
-        if paced is not None:
-            paced.__exit__()
-        if server is not None:
-            server.stop()
     figs, table = figures(runs), per_reader(runs)
     file_bytes = cases[0]["file_bytes"] if cases else 0
     touch = touch_ms_per_mib()  # this machine's cost of fresh memory, which the -again readers leave out
