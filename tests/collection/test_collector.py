@@ -98,3 +98,43 @@ def test_nonfinite_activations_stop_the_run_with_error(llama, tmp_path, nan_in_f
     with pytest.raises(ActivaultError, match="machine 0, file 0, hook .*hold NaN or Inf; nothing of this file"):
         collect(cfg, show_progress=False)
     assert list((tmp_path / "run").rglob("*.safetensors")) == []
+
+
+@pytest.fixture
+def float32_beyond_bfloat16(monkeypatch):
+    """The first hook's module returns float32 (a module kept in another precision) in a bfloat16
+    model, one value of each forward pass beyond bfloat16's largest (3.39e38)."""
+    from activault.collection import hooks
+
+    class Upcast(hooks.Capture):
+        def __call__(self, *args, **kwargs):
+            acts = super().__call__(*args, **kwargs)
+            h = next(iter(acts))
+            if acts[h].device.type == "meta":
+                return acts
+            acts[h] = acts[h].float()
+            acts[h][0, 1, 2] = 3.4e38  # float32 holds it; bfloat16 rounds it to Inf
+            return acts
+
+    monkeypatch.setattr(hooks, "Capture", Upcast)
+
+
+def test_a_value_the_stored_dtype_cannot_hold_is_counted_apart_from_the_models_own(
+    llama, tmp_path, float32_beyond_bfloat16, caplog
+):
+    """Stored as Inf (the bytes stay what the stored dtype can hold), counted with NaN/Inf, and the
+    warning says how many were finite where the module computed them; on_nonfinite: error stops."""
+    bf16 = {"model_name": str(llama), "dtype": "bfloat16", "device": "cpu"}
+    cfg = make_cfg(llama, tmp_path, transformer_config=bf16)
+    h0 = cfg.upload_config.hooks[0]
+    with caplog.at_level(logging.WARNING):
+        result = collect(cfg, show_progress=False)
+    assert result.nonfinite[h0] == 6 == int(load_hook(tmp_path / "run", h0)["states"].isinf().sum())  # 6 batches
+    for k in range(3):  # 2 batches a file
+        assert (
+            f"machine 0, file {k}, hook {h0}: 2 token(s) hold NaN or Inf (2 of them finite in the module's "
+            "float32 output, beyond bfloat16's largest value: stored as Inf)"
+        ) in caplog.text
+    stop = make_cfg(llama, tmp_path / "e", transformer_config=bf16, upload={"on_nonfinite": "error"})
+    with pytest.raises(ActivaultError, match=r"2 of them finite in the module's float32 output.*bfloat16 or float32"):
+        collect(stop, show_progress=False)

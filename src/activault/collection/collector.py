@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from activault import dtypes
 from activault.collection.repair import Damage, stored_tokens
 from activault.config import Config
 from activault.errors import ActivaultError
@@ -65,6 +66,9 @@ class Collector:
             for h in self.hooks
         }
         self.nonfinite = {h: s.nonfinite for h, s in resumed.stats.items()}  # as of the last file
+        # hook -> (the module's dtype, tokens since the last file that were finite there and hold
+        # an Inf once stored in `dtype`: counted on the device, read with the NaN/Inf counts).
+        self.overflow: dict[str, tuple[torch.dtype, torch.Tensor]] = {}
         self.staging: dict[str, StagingBuffers] = {}
         self.tokens = resumed.tokens_done
 
@@ -173,7 +177,13 @@ class Collector:
             if not every:
                 kept = kept.index_select(0, flat_d)
             if kept.dtype != self.dtype:  # a module kept in another precision: statistics of what is stored
-                kept = kept.to(self.dtype)
+                wide, kept = kept, kept.to(self.dtype)
+                if wide.is_floating_point() and torch.finfo(self.dtype).max < torch.finfo(wide.dtype).max:
+                    lost = (kept.isinf() & wide.isfinite()).any(-1)
+                    if padded:
+                        lost &= real_d
+                    before = self.overflow.get(h, (wide.dtype, 0))[1]
+                    self.overflow[h] = (wide.dtype, before + lost.sum())
             if padded:
                 kept = torch.where(real_d.unsqueeze(1), kept, 0)  # padding is stored as zeros
             if count:
@@ -233,9 +243,15 @@ class Collector:
         """Refuse (on_nonfinite: error) or report tokens with NaN/Inf that file k would store."""
         for h, s in self.stats.items():
             n = s.nonfinite_tokens - self.nonfinite.get(h, 0)  # read once per file: a GPU sync
+            wide, lost = self.overflow.pop(h, (None, 0))
             if not n:
                 continue
             where = f"machine {self.machine}, file {k}, hook {h}: {n} token(s) hold NaN or Inf"
+            if wide is not None and int(lost):
+                where += (
+                    f" ({int(lost)} of them finite in the module's {dtypes.name(wide)} output, beyond "
+                    f"{dtypes.name(self.dtype)}'s largest value: stored as Inf)"
+                )
             if self.cfg.upload_config.on_nonfinite == "error":
                 raise ActivaultError(
                     f"{where}; nothing of this file was stored. The activations overflow or the "
