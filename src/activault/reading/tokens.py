@@ -143,7 +143,9 @@ class TokenLoader(Reader):
         weights: read the runs in `uri` (one source, or a list of one run's prefixes, per weight) as a
             mixture (mixing.py): batch k holds `quotas(k)` tokens of each run, in run order, so over
             any span of whole batches each run's share is within 2 tokens of its weight; each run is
-            shuffled in its own windows, and one exhausted restarts its own next epoch (new order), so
+            shuffled in its own windows of `window` files (memory: runs x window files; a smaller
+            `window` reads faster and mixes fewer documents: docs/benchmarks.md, "Mixing: the cost
+            is the second window"), and one exhausted restarts its own next epoch (new order), so
             the weights hold forever; `loop=False` ends once every run was read whole once. Runs
             must share hook names, width and dtype (checked before reading). Without weights a list
             is one dataset's prefixes, concatenated. `return_index` is not available with weights.
