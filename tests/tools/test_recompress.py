@@ -5,6 +5,7 @@ converted (foreign objects skipped and counted, holes refused); a run still coll
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -275,3 +276,23 @@ def test_padding_holding_values_is_named_by_verify_and_zeroed_by_a_lossless_reco
     recompress_run(store, "run", None)
     assert contents(store) == collected
     assert verify_run(store, "run", deep=True).problems == []
+
+
+def test_fp8_keeps_every_non_finite_token_non_finite(stores: tuple[Store, Store]) -> None:
+    """Tokens holding Inf (collect's on_nonfinite: warn stores them) stay non-finite through fp8,
+    counted as before by verify and left out by the NaN/Inf filter (before: +Inf decoded as 0 and
+    -Inf as a finite value, under norms that said the tokens were finite)."""
+    from activault.vault.norms import token_norms
+
+    store, _ = stores
+    bad = [("h1", 0, 1, 3, math.inf), ("h1", 1, 2, 5, -math.inf), ("h1", 1, 0, 0, math.nan)]
+    run = write_synthetic_run(store, "run", ["h1"], files=2, documents=True, nonfinite=bad)
+    before = {n: run.files["h1"][n]["states"] for n in run.names}
+    counted = [note for note in verify_run(store, "run", deep=True).notes if "NaN or Inf" in note]
+    recompress_run(store, "run", codecs.Codec("fp8"))
+    for name in run.names:
+        mb = fmt.decode(store.get(f"run/h1/{name}"), name, verify_checksums=True)
+        assert torch.equal(mb.states.isfinite(), before[name].isfinite())
+        assert torch.equal(mb.norms.isfinite(), token_norms(before[name]).isfinite())  # type: ignore[union-attr]
+    after = verify_run(store, "run", deep=True)
+    assert after.problems == [] and [n for n in after.notes if "NaN or Inf" in n] == counted != []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import struct
 import subprocess
@@ -107,6 +108,27 @@ def test_fp8_error_is_bounded_and_bytes_halved() -> None:
     assert sum(packed.chunks) < 0.56 * x.numel() * 2
     with pytest.raises(ValueError, match="floating-point"):
         codecs.compress(torch.zeros(3, 4, dtype=torch.int32), codec)
+
+
+def test_fp8_keeps_a_non_finite_value_non_finite() -> None:
+    """e4m3fn has no Inf: an Inf is stored as NaN, never clamped to a finite value (a token of Infs
+    decoded as zeros, a lone -Inf as minus the token's largest magnitude: finite norms the NaN/Inf
+    filter passed); the token's finite values keep fp8's bound."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 4, 16, generator=g).to(torch.bfloat16)
+    x[0, 0] = math.inf
+    x[0, 1, 3] = -math.inf
+    x[0, 2, 5] = math.nan
+    x[1, 0, :] = torch.tensor([math.inf, -math.inf, math.nan] + [0.0] * 13)
+    packed, frames = codecs.pack(x, codecs.Codec("fp8"))
+    y = codecs.unpack(b"".join(frames), packed, "test")
+    assert torch.equal(y.isfinite(), x.isfinite())  # the same values non-finite, all now NaN
+    assert bool(y[~x.isfinite()].isnan().all())
+    finite = x.float().isfinite().all(-1)
+    assert float(codecs.token_errors(x[finite], y[finite]).max()) <= codecs.FP8_MAX_TOKEN_ERROR
+    kept = x[0, 1].float().isfinite()  # the -Inf's token: its other values keep the bound too
+    err = (y[0, 1].float()[kept] - x[0, 1].float()[kept]).norm() / x[0, 1].float()[kept].norm()
+    assert float(err) <= codecs.FP8_MAX_TOKEN_ERROR
 
 
 def corrupt(data: bytes, described: dict, chunk: int, data_start: int, blob_start: int) -> bytearray:

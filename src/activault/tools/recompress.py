@@ -98,6 +98,8 @@ def _check(old: dict[str, torch.Tensor], new: dict[str, torch.Tensor], codec: co
         if n.dtype != t.dtype or n.shape != t.shape:
             raise FormatError(f"{url}: conversion changed {k!r} to {list(n.shape)} {n.dtype}; file left as it was")
         if codec is not None and not codec.lossless and k == "states":
+            if not torch.equal(t.isfinite(), n.isfinite()):  # NaN and Inf stay non-finite, the rest finite
+                raise FormatError(f"{url}: fp8 changed which values are finite; file left as it was")
             finite = t.reshape(-1, t.shape[-1]).isfinite().all(1) if t.numel() else torch.ones(0, dtype=torch.bool)
             worst = codecs.token_errors(t, n)[finite].max().item() if bool(finite.any()) else 0.0
             if worst > codecs.FP8_MAX_TOKEN_ERROR:
