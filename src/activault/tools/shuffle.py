@@ -28,7 +28,10 @@ record (pass 1: the temporary run's; pass 2: DST's, with the stream position as 
 killed shuffle run again writes the same bytes (bucket 0, kept in memory, is gathered again from
 the source while DST's cursor is in it). DST's statistics are the source's (the same tokens),
 merged over the source's machines; its cfg.json is the source's with `config.shuffled_from`
-(source run, seed, buckets, source machines, plan).
+(source run, seed, buckets, source machines, plan). DST's files are stored with the codec the
+source's metadata.json names (one for every hook; else raw), a resumed shuffle with the one DST
+began with: zstd gives back the same bits, and fp8 the same values (a decoded fp8 token's largest
+magnitude is the one it was scaled by, so encoding it again picks the same scale and codes).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from activault.storage.lock import hold_task
 from activault.storage.uri import is_s3
 from activault.tools.shuffle_passes import PADDING, Meter, Plan, SourceRun, gather, piece_slots, scatter
 from activault.tools.shuffle_plan import bucket_counts
+from activault.vault import codec as codecs
 from activault.vault.megabatch import DOCUMENTS, fetch_header
 from activault.vault.records import (
     HookMetadata,
@@ -225,6 +229,14 @@ def _dest_record(src: SourceRun, dst: str, seed: int, buckets: int) -> RunRecord
     )
 
 
+def _dest_codec(src: SourceRun, store: Store, dst: str) -> codecs.Codec | None:
+    """The codec of DST's files: the one DST began with (its metadata.json, once a file is
+    written), else the one the source's metadata.json names for every hook (mixed: raw)."""
+    began = read_metadata(store, join(dst, src.record.hooks[0]))
+    named = [began.compression] if began is not None else [m.compression for m in src.metadata.values()]
+    return codecs.from_description(named[0]) if all(d == named[0] for d in named) else None
+
+
 def _dest_metadata(src: SourceRun, dst: str) -> dict[str, HookMetadata]:
     return {h: m.model_copy(update={"run_name": dst}) for h, m in src.metadata.items()}
 
@@ -288,7 +300,8 @@ def shuffle_run(
     temp = _temp(source, dst)
     scratch = scratch_store(dst_store)
     with hold_task(dst_store, dst, "shuffle", "being shuffled") as claim:
-        out = RunWriter(dst_store, record, _dest_metadata(source, dst), 0)
+        codec = _dest_codec(source, dst_store, dst)
+        out = RunWriter(dst_store, record, _dest_metadata(source, dst), 0, codec=codec)
         if out.resumed.finished:
             result.already, result.files = True, out.resumed.files_done
         else:
