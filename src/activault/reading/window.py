@@ -1,6 +1,7 @@
-"""TokenLoader's shuffle window: which files form window w (`window_stages`: the first drawn as its
-files arrive; a mixture's runs: a ramp from one file up), its tokens indexed without copying them
-together, the stratified permutation, and the one gather into a batch.
+"""TokenLoader's shuffle window: which files form window w (`window_stages`: `size` files each, an
+epoch's first drawn as its files arrive, for a lone loader and each run of a mixture alike), its
+tokens indexed without copying them together, the stratified permutation, and the one gather into
+a batch.
 
 The partition into windows, and the order a window's tokens are drawn in, are pure functions of
 (file index, window size, ramp, the files' kept tokens, seed): a resumed loader cuts and draws the
@@ -54,9 +55,9 @@ def window_count(files: int, size: int) -> int:
 
 def window_stages(files: Iterable[tuple[int, T]], size: int, progressive: bool) -> Iterator[tuple[int, list[T], bool]]:
     """(window, its items so far, complete) of (file index, item) pairs in order, `size` files a
-    window. With `progressive`, an epoch's first window is also
-    handed over at each of its files before the last (complete False): its first tokens are drawn
-    from the files loaded so far (`Draws`), so the first batch waits for one file, not `size`.
+    window. With `progressive`, an epoch's first window is also handed over at each of its files
+    before the last (complete False): its first tokens are drawn from the files loaded so far
+    (`Draws`), so the first batch waits for one file, not `size`.
     """
     items: list[T] = []
     w = -1
